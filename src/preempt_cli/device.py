@@ -1,0 +1,46 @@
+"""Choosing the compute device and CPU threads."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .errors import ConfigError
+
+__all__ = ["resolve_device", "default_cpu_threads"]
+
+
+def resolve_device(spec: str | torch.device = "auto") -> torch.device:
+    """``auto`` (CUDA if available, else CPU), ``cpu``, ``cuda`` or ``cuda:I``, ``mps``.
+
+    Raises:
+        ConfigError: the device is unknown or not available.
+    """
+    if isinstance(spec, torch.device):
+        return spec
+    spec = spec.strip().lower()
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError as e:
+        raise ConfigError(f"unknown device {spec!r}: use auto, cpu, cuda or cuda:I") from e
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {spec!r} requested but CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {spec!r} requested but only {torch.cuda.device_count()} GPU(s) exist")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device 'mps' requested but MPS is not available on this machine")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"unsupported device {spec!r}")
+    return device
+
+
+def default_cpu_threads() -> int:
+    """Threads for CPU work: the CPUs this process may use (cgroup/affinity aware)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)

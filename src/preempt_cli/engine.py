@@ -1,0 +1,227 @@
+"""The Fore-Back engine: Algorithm 1 of *Fast Preemption* (forward-backward cascade learning).
+
+Given images ``x`` in [0, 1] (NCHW, any size) and labels ``y`` (from a classifier, or ground truth), the
+backbone ``f_b`` shapes a perturbation inside the L-inf ball of radius ``eps`` around ``x``:
+
+* forward propagation (``forward_steps`` times): N noisy copies each take one FGSM step that *decreases*
+  ``CE(f_b(.), y)``; the iterate moves ``eta`` times the averaged step.
+* backward propagation (``backward_steps`` times): N noisy copies each take one FGSM step that
+  *increases* the loss (a predicted attack); the iterate moves ``eta`` times *against* the averaged step.
+
+The N samples of a step run as one batch (all images of a batch together), and gradients are taken with
+respect to the input only. Noise comes from one generator per image seeded by ``noise_seeds`` (derived
+from the image content by the file pipeline), so an image's result does not depend on which other images
+share its batch, nor on the batch size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from fractions import Fraction
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ConfigError
+
+__all__ = ["ForeBackConfig", "FastPreemption", "PRESETS", "parse_eps", "project"]
+
+#: Named settings. ``paper``: Table 3 of the paper. ``mspd``: the authors' later public code, which also
+#: projects each FGSM sample around the current iterate before the outer projection.
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": dict(eta=0.7, forward_steps=1, backward_steps=2, samples=20, sample_projection="original"),
+    "mspd": dict(eta=1.0, forward_steps=1, backward_steps=1, samples=20, sample_projection="iterate"),
+}
+
+
+def parse_eps(text: str | float) -> float:
+    """``8/255``, ``0.0314`` or ``8`` (read as 8/255 when > 1) -> a float in (0, 1].
+
+    Raises:
+        ConfigError: not a number or fraction, or out of range.
+    """
+    if isinstance(text, (int, float)):
+        value = float(text)
+    else:
+        try:
+            value = float(Fraction(text.strip()))
+        except (ValueError, ZeroDivisionError) as e:
+            raise ConfigError(f"invalid eps {text!r}: use a fraction like 8/255 or a number like 0.0314") from e
+    if value > 1:  # "8" almost certainly means 8/255
+        value = value / 255
+    if not 0 < value <= 1:
+        raise ConfigError(f"eps must be in (0, 1], got {text!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class ForeBackConfig:
+    """Settings of Algorithm 1. Defaults are the paper's (Table 3) for CIFAR-10."""
+
+    eps: float = 8 / 255
+    eta: float = 0.7
+    forward_steps: int = 1
+    backward_steps: int = 2
+    samples: int = 20
+    sample_projection: str = "original"  # "original" (paper) or "iterate" (mspd)
+    inner_steps: int = 1  # 1 = FGSM samples (the method); K > 1 = averaged PGD-K samples (ablation)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.eps <= 1:
+            raise ConfigError(f"eps must be in (0, 1], got {self.eps}")
+        if self.eta <= 0:
+            raise ConfigError(f"eta must be positive, got {self.eta}")
+        if self.forward_steps < 0 or self.backward_steps < 0:
+            raise ConfigError("forward and backward steps must be >= 0")
+        if self.forward_steps + self.backward_steps == 0:
+            raise ConfigError("at least one forward or backward step is needed")
+        if self.samples < 1:
+            raise ConfigError(f"samples must be >= 1, got {self.samples}")
+        if self.sample_projection not in ("original", "iterate"):
+            raise ConfigError("sample_projection must be 'original' or 'iterate'")
+        if self.inner_steps < 1:
+            raise ConfigError("inner_steps must be >= 1")
+
+    @classmethod
+    def from_preset(cls, preset: str = "paper", **overrides: Any) -> "ForeBackConfig":
+        """The named preset with some settings overridden (``None`` values are ignored)."""
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
+        settings = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
+        return cls(**settings)
+
+    def with_(self, **changes: Any) -> "ForeBackConfig":
+        return replace(self, **changes)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def passes_per_image(self) -> int:
+        """Forward+backward passes of the backbone per image."""
+        return (self.forward_steps + self.backward_steps) * self.samples * self.inner_steps
+
+
+def project(x: torch.Tensor, center: torch.Tensor, eps: float) -> torch.Tensor:
+    """Clip ``x`` to the L-inf ball of radius ``eps`` around ``center`` and to [0, 1]."""
+    return torch.minimum(torch.maximum(x, center - eps), center + eps).clamp_(0.0, 1.0)
+
+
+class FastPreemption:
+    """Fast Preemption (Algorithm 1) with a given backbone.
+
+    Construction is keyword-only and explicit (AutoAttack style); :meth:`perturb` maps NCHW images in
+    [0, 1] and their labels to protected images within ``eps`` of them.
+
+    Args:
+        backbone: a model taking [0, 1] images (normalization inside), e.g. ``load_model(...)``.
+        config: the algorithm's settings.
+        seed: base seed of the noise; combined with each image's noise seed.
+        device: where to compute (defaults to the backbone's device).
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        *,
+        config: ForeBackConfig | None = None,
+        seed: int = 0,
+        device: torch.device | str | None = None,
+    ) -> None:
+        self.backbone = backbone
+        self.config = config or ForeBackConfig()
+        self.seed = int(seed)
+        if device is None:
+            param = next(backbone.parameters(), None)
+            device = param.device if param is not None else torch.device("cpu")
+        self.device = torch.device(device)
+
+    # -- noise -----------------------------------------------------------------------------------------
+    def _generators(self, count: int, noise_seeds: Sequence[int] | None) -> list[torch.Generator]:
+        seeds = list(noise_seeds) if noise_seeds is not None else list(range(count))
+        if len(seeds) != count:
+            raise ValueError(f"{len(seeds)} noise seeds for {count} images")
+        gens = []
+        for s in seeds:
+            g = torch.Generator(device=self.device)
+            # Mix base seed and per-image seed into one 63-bit seed.
+            g.manual_seed((self.seed * 0x9E3779B97F4A7C15 + int(s)) % (1 << 63))
+            gens.append(g)
+        return gens
+
+    def _noise(self, like: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+        """U(-eps, eps) noise, [B, N, C, H, W], drawn per image from its own generator."""
+        n = self.config.samples
+        eps = self.config.eps
+        out = torch.empty((like.shape[0], n, *like.shape[1:]), device=self.device, dtype=like.dtype)
+        for i, g in enumerate(generators):
+            out[i].uniform_(-eps, eps, generator=g)
+        return out
+
+    # -- one step --------------------------------------------------------------------------------------
+    def _loss_grad(self, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+        xs = xs.detach().requires_grad_(True)
+        with torch.enable_grad():
+            loss = F.cross_entropy(self.backbone(xs), ys, reduction="sum")
+            (grad,) = torch.autograd.grad(loss, xs)
+        return grad
+
+    def _step(
+        self,
+        x_t: torch.Tensor,
+        x0: torch.Tensor,
+        y: torch.Tensor,
+        generators: list[torch.Generator],
+        direction: float,
+    ) -> torch.Tensor:
+        """One cascade step; ``direction`` -1 = forward (descend the loss), +1 = backward (attack)."""
+        cfg = self.config
+        b, n = x_t.shape[0], cfg.samples
+        shape = x_t.shape[1:]
+        x_rep = x_t.unsqueeze(1).expand(b, n, *shape).reshape(b * n, *shape)
+        x0_rep = x0.unsqueeze(1).expand(b, n, *shape).reshape(b * n, *shape)
+        y_rep = y.repeat_interleave(n)
+        start = (x_rep + self._noise(x_t, generators).reshape(b * n, *shape)).clamp_(0.0, 1.0)
+        sample = start
+        step_size = cfg.eps if cfg.inner_steps == 1 else 2.5 * cfg.eps / cfg.inner_steps
+        for _ in range(cfg.inner_steps):
+            grad = self._loss_grad(sample, y_rep)
+            sample = sample + direction * step_size * grad.sign()
+            if cfg.inner_steps > 1:  # PGD samples stay within eps of where they started
+                sample = project(sample, start, cfg.eps)
+        if cfg.sample_projection == "iterate":
+            sample = project(sample, x_rep, cfg.eps)
+        sample = project(sample, x0_rep, cfg.eps)
+        delta = sample.view(b, n, *shape).mean(dim=1) - x_t
+        # forward: x + eta * delta_r; backward: x - eta * delta_a  (delta points along the attack)
+        return project(x_t - direction * cfg.eta * delta, x0, cfg.eps)
+
+    @torch.no_grad()
+    def perturb(
+        self, x: torch.Tensor, y: torch.Tensor, *, noise_seeds: Sequence[int] | None = None
+    ) -> torch.Tensor:
+        """Protect a batch.
+
+        Args:
+            x: images, [B, C, H, W] float in [0, 1] (C = 1 or 3; any H, W the backbone accepts).
+            y: labels, [B] int64 (the classifier's, or ground truth).
+            noise_seeds: one int per image (default: the image's index in the batch).
+
+        Returns:
+            The protected images, same shape, within ``eps`` of ``x`` in L-inf and in [0, 1].
+        """
+        if x.ndim != 4:
+            raise ValueError(f"expected NCHW images, got shape {tuple(x.shape)}")
+        if y.shape != (x.shape[0],):
+            raise ValueError(f"expected {x.shape[0]} labels, got shape {tuple(y.shape)}")
+        x0 = x.to(self.device, torch.float32)
+        y = y.to(self.device, torch.long)
+        generators = self._generators(x0.shape[0], noise_seeds)
+        x_t = x0.clone()
+        for _ in range(self.config.forward_steps):
+            x_t = self._step(x_t, x0, y, generators, direction=-1.0)
+        for _ in range(self.config.backward_steps):
+            x_t = self._step(x_t, x0, y, generators, direction=+1.0)
+        return x_t

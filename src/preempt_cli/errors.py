@@ -1,0 +1,157 @@
+"""Every error that preempt raises on purpose.
+
+Each class derives from :class:`PreemptError` *and* from the standard exception a caller would expect
+(``FileNotFoundError``, ``ValueError``, ...), carries the fields that explain it, and says how to fix it.
+The CLI maps them to an ``Error:`` line and an exit code (see ``preempt_cli.cli``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = [
+    "PreemptError",
+    "ConfigError",
+    "RegistryError",
+    "UnknownModelError",
+    "WeightsNotFoundError",
+    "OfflineWeightsError",
+    "HashMismatchError",
+    "UnsafeWeightsError",
+    "WeightsMismatchError",
+    "ImageReadError",
+    "ImageWriteError",
+    "LabelError",
+    "MissingDependencyError",
+]
+
+
+class PreemptError(Exception):
+    """Base class of every error raised by preempt on purpose."""
+
+
+class ConfigError(PreemptError, ValueError):
+    """An option or setting is invalid (a usage error: exit code 2)."""
+
+
+class RegistryError(PreemptError, ValueError):
+    """A model registry file cannot be parsed or has an invalid entry."""
+
+    def __init__(self, path: Path | str, reason: str) -> None:
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"{path}: {reason}")
+
+
+class UnknownModelError(PreemptError, KeyError):
+    """A model name is not in any registry."""
+
+    def __init__(self, name: str, known: list[str]) -> None:
+        self.name = name
+        self.known = known
+        close = [k for k in known if name.lower() in k.lower() or k.lower() in name.lower()]
+        hint = f" Did you mean {', '.join(close[:3])}?" if close else ""
+        super().__init__(
+            f"unknown model {name!r}.{hint} Run 'preempt models list' to see the registered models, "
+            "or add one with --registry FILE."
+        )
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+class WeightsNotFoundError(PreemptError, FileNotFoundError):
+    """A local weights file does not exist."""
+
+    def __init__(self, model: str, path: Path, hint: str = "") -> None:
+        self.model = model
+        self.path = path
+        super().__init__(
+            f"weights of model {model!r} not found at {path}. "
+            + (hint or "Pass --models-dir DIR (or set PREEMPT_MODELS_DIR) to the folder holding them.")
+        )
+
+
+class OfflineWeightsError(PreemptError, FileNotFoundError):
+    """Remote weights are needed but the hub cannot be reached (offline, no cached copy)."""
+
+    def __init__(self, model: str, source: str, reason: str) -> None:
+        self.model = model
+        self.source = source
+        super().__init__(
+            f"weights of model {model!r} ({source}) are not in the local Hugging Face cache and cannot be "
+            f"downloaded ({reason}). Download them once with network access (unset HF_HUB_OFFLINE), "
+            "or point the model at a local file with --registry."
+        )
+
+
+class HashMismatchError(PreemptError, ValueError):
+    """A weights file does not match the sha256 pinned in the registry."""
+
+    def __init__(self, model: str, path: Path, expected: str, actual: str) -> None:
+        self.model = model
+        self.path = path
+        self.expected = expected
+        self.actual = actual
+        super().__init__(
+            f"weights of model {model!r} at {path} have sha256 {actual}, but the registry pins {expected}. "
+            "The file is corrupt or not the one registered: download it again, or fix the pin."
+        )
+
+
+class UnsafeWeightsError(PreemptError, ValueError):
+    """A weights file is a pickle (or otherwise not safetensors): we never unpickle untrusted files."""
+
+    def __init__(self, model: str, path: Path) -> None:
+        self.model = model
+        self.path = path
+        super().__init__(
+            f"weights of model {model!r} at {path} are not a safetensors file (it looks like a pickled "
+            "PyTorch checkpoint, which can run arbitrary code when loaded). Convert it once with "
+            f"'preempt models convert {path} OUT.safetensors' and register the safetensors file."
+        )
+
+
+class WeightsMismatchError(PreemptError, ValueError):
+    """A weights file does not fit the registered architecture."""
+
+    def __init__(self, model: str, path: Path, reason: str) -> None:
+        self.model = model
+        self.path = path
+        super().__init__(f"weights of model {model!r} at {path} do not fit its architecture: {reason}")
+
+
+class ImageReadError(PreemptError, OSError):
+    """An input file cannot be read as an image."""
+
+    def __init__(self, path: Path | str, reason: str) -> None:
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"{path}: {reason}")
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
+
+
+class ImageWriteError(PreemptError, OSError):
+    """An output file cannot be written."""
+
+    def __init__(self, path: Path | str, reason: str) -> None:
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"{path}: {reason}")
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
+
+
+class LabelError(PreemptError, ValueError):
+    """Ground-truth labels are missing or invalid."""
+
+
+class MissingDependencyError(PreemptError, ImportError):
+    """An optional package is needed for a feature."""
+
+    def __init__(self, package: str, feature: str) -> None:
+        self.package = package
+        super().__init__(f"{feature} needs the package {package!r}: pip install {package}")

@@ -1,0 +1,246 @@
+"""Reading images as they are, writing protected PNGs faithfully and atomically.
+
+A :class:`Picture` keeps what the perturbation must not touch (alpha, bit depth, mode, ICC profile) beside
+the colour channels it works on. Writes go to a temporary file in the destination folder, then are renamed
+over the target, so a crash never leaves a half-written output and never touches an original.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
+
+from .errors import ImageReadError, ImageWriteError
+
+__all__ = [
+    "Picture",
+    "read_image",
+    "write_png",
+    "read_png_text",
+    "quantize",
+    "IMAGE_SUFFIXES",
+    "DEFAULT_MAX_PIXELS",
+]
+
+#: File suffixes picked up when a folder is given (any file Pillow reads is accepted when named directly).
+IMAGE_SUFFIXES = frozenset(
+    {".png", ".jpg", ".jpeg", ".jpe", ".webp", ".tif", ".tiff", ".bmp", ".gif", ".ppm", ".pgm", ".pbm", ".tga"}
+)
+
+#: Pillow's own decompression-bomb threshold (about 89 megapixels).
+DEFAULT_MAX_PIXELS = int(Image.MAX_IMAGE_PIXELS or 89_478_485)
+
+_GRAY16_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
+
+
+@dataclass
+class Picture:
+    """An image as read from disk.
+
+    ``color`` holds the channels the defense may change (H x W x C, C = 1 or 3, uint8 or uint16), ``alpha``
+    the channel it must keep exactly. ``mode`` is the Pillow mode the PNG is written in.
+    """
+
+    path: Path
+    color: np.ndarray
+    alpha: np.ndarray | None
+    mode: str
+    source_mode: str
+    source_format: str
+    icc_profile: bytes | None = None
+    text: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def max_value(self) -> int:
+        return 65535 if self.color.dtype == np.uint16 else 255
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height)."""
+        return self.color.shape[1], self.color.shape[0]
+
+    @property
+    def channels(self) -> int:
+        return self.color.shape[2]
+
+    def to_tensor(self) -> torch.Tensor:
+        """The colour channels as float32 CHW in [0, 1]."""
+        t = torch.from_numpy(self.color.astype(np.float32, copy=False))
+        return t.permute(2, 0, 1).contiguous().div_(self.max_value)
+
+    def with_color(self, color: np.ndarray) -> "Picture":
+        """A copy with other colour values (same shape and dtype), everything else kept."""
+        if color.shape != self.color.shape or color.dtype != self.color.dtype:
+            raise ValueError(f"colour {color.shape}/{color.dtype} does not fit {self.color.shape}/{self.color.dtype}")
+        return Picture(self.path, color, self.alpha, self.mode, self.source_mode, self.source_format,
+                       self.icc_profile, dict(self.text))  # fmt: skip
+
+
+def _open(path: Path, max_pixels: int) -> Image.Image:
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise ImageReadError(path, "no such file") from None
+    except OSError as e:
+        raise ImageReadError(path, f"cannot access: {e.strerror or e}") from e
+    if path.is_dir():
+        raise ImageReadError(path, "is a directory")
+    if size == 0:
+        raise ImageReadError(path, "empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(path)
+    except UnidentifiedImageError:
+        raise ImageReadError(path, "not an image Pillow can read (unknown or corrupt format)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageReadError(path, f"refused as a possible decompression bomb ({e})") from None
+    except OSError as e:
+        raise ImageReadError(path, f"cannot open: {e}") from e
+    width, height = img.size
+    if width * height > max_pixels:
+        img.close()
+        raise ImageReadError(
+            path,
+            f"{width}x{height} = {width * height:,} pixels exceeds the limit of {max_pixels:,} "
+            "(decompression-bomb protection; raise it with --max-pixels if the file is trusted)",
+        )
+    if width == 0 or height == 0:
+        img.close()
+        raise ImageReadError(path, f"image has no pixels ({width}x{height})")
+    return img
+
+
+def read_image(path: Path | str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Picture:
+    """Read any image Pillow reads, upright (EXIF orientation applied), first frame of animations.
+
+    Grayscale stays grayscale, 16-bit grayscale stays 16-bit, alpha is split off and kept exactly,
+    palette images become RGB (RGBA if they have transparency), CMYK and other colour spaces become RGB.
+
+    Raises:
+        ImageReadError: missing, empty, not an image, truncated or corrupt, too many pixels.
+    """
+    path = Path(path)
+    img = _open(path, max_pixels)
+    try:
+        source_format = img.format or "unknown"
+        text = {k: v for k, v in getattr(img, "text", {}).items() if isinstance(v, str)}
+        icc = img.info.get("icc_profile")
+        img.seek(0)
+        img.load()
+        img = ImageOps.exif_transpose(img) or img
+        source_mode = img.mode
+        color, alpha, mode = _split(img, path)
+    except ImageReadError:
+        raise
+    except (OSError, SyntaxError, ValueError, EOFError) as e:  # Pillow's errors for broken data
+        raise ImageReadError(path, f"corrupt or truncated image data ({e})") from e
+    finally:
+        img.close()
+    return Picture(path, color, alpha, mode, source_mode, source_format, icc, text)
+
+
+def _split(img: Image.Image, path: Path) -> tuple[np.ndarray, np.ndarray | None, str]:
+    mode = img.mode
+    if mode in _GRAY16_MODES or mode == "I":
+        arr = np.asarray(img)
+        if mode == "I" and (arr.min() < 0 or arr.max() > 65535):
+            raise ImageReadError(path, "32-bit integer images with values outside 0..65535 are not supported")
+        return arr.astype(np.uint16)[:, :, None], None, "I;16"
+    if mode == "F":
+        raise ImageReadError(path, "floating-point images (mode F) are not supported")
+    if mode == "1":
+        img, mode = img.convert("L"), "L"
+    if mode in ("P", "PA"):
+        has_alpha = mode == "PA" or "transparency" in img.info
+        img = img.convert("RGBA" if has_alpha else "RGB")
+        mode = img.mode
+    if mode == "La":
+        img, mode = img.convert("LA"), "LA"
+    if mode in ("RGBa",):
+        img, mode = img.convert("RGBA"), "RGBA"
+    if mode not in ("L", "LA", "RGB", "RGBA"):
+        img, mode = img.convert("RGB"), "RGB"
+    arr = np.asarray(img)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if mode in ("LA", "RGBA"):
+        return np.ascontiguousarray(arr[:, :, :-1]), np.ascontiguousarray(arr[:, :, -1]), mode
+    return np.ascontiguousarray(arr), None, mode
+
+
+def quantize(x: torch.Tensor, reference: np.ndarray, eps: float) -> np.ndarray:
+    """Round ``x`` (CHW in [0, 1]) to the integer levels of ``reference`` (HWC), within ``eps`` of it.
+
+    Rounding can push a value half a level past the budget; the result is clipped back so that the L-inf
+    distance *in the saved file* is at most ``floor(eps * max_value)`` levels.
+    """
+    max_value = 65535 if reference.dtype == np.uint16 else 255
+    radius = int(np.floor(eps * max_value + 1e-6))
+    levels = torch.round(x.detach().float().cpu() * max_value).permute(1, 2, 0).numpy().astype(np.int64)
+    ref = reference.astype(np.int64)
+    levels = np.clip(levels, ref - radius, ref + radius)
+    return np.clip(levels, 0, max_value).astype(reference.dtype)
+
+
+def _to_pil(picture: Picture, color: np.ndarray) -> Image.Image:
+    if picture.mode == "I;16":
+        return Image.fromarray(color[:, :, 0].astype(np.uint16), mode="I;16")
+    planes = color if picture.alpha is None else np.concatenate([color, picture.alpha[:, :, None]], axis=2)
+    if planes.shape[2] == 1:
+        planes = planes[:, :, 0]
+    return Image.fromarray(np.ascontiguousarray(planes.astype(np.uint8)), mode=picture.mode)
+
+
+def write_png(
+    path: Path | str, picture: Picture, color: np.ndarray | None = None, text: Mapping[str, str] | None = None
+) -> None:
+    """Write ``picture`` (with ``color`` replacing its colour channels) as a lossless PNG, atomically.
+
+    The PNG goes to a temporary file beside ``path`` and is renamed over it only once complete.
+    ``text`` entries become PNG text chunks.
+
+    Raises:
+        ImageWriteError: the folder cannot be created or written.
+    """
+    path = Path(path)
+    color = picture.color if color is None else color
+    info = PngImagePlugin.PngInfo()
+    for key, value in (text or {}).items():
+        info.add_itxt(key, value)
+    tmp_name = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "wb") as f:
+            _to_pil(picture, color).save(f, format="PNG", pnginfo=info, icc_profile=picture.icc_profile)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+        tmp_name = None
+    except OSError as e:
+        raise ImageWriteError(path, f"cannot write: {e.strerror or e}") from e
+    finally:
+        if tmp_name is not None:
+            try:
+                os.unlink(tmp_name)
+            except OSError:
+                pass
+
+
+def read_png_text(path: Path | str) -> dict[str, str]:
+    """The text chunks of a PNG (empty for other formats or unreadable files)."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return {k: v for k, v in getattr(img, "text", {}).items() if isinstance(v, str)}
+    except (OSError, SyntaxError, ValueError):
+        return {}

@@ -1,0 +1,138 @@
+"""Turning command-line paths (files, folders, globs, ``-`` for stdin) into an ordered list of inputs."""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, TextIO
+
+from .errors import ConfigError
+from .imageio import IMAGE_SUFFIXES
+
+__all__ = ["InputFile", "collect_inputs", "output_path", "parse_shard", "in_shard", "OUTPUT_MARKERS"]
+
+#: Name parts of files preempt writes itself; folder walks skip them so re-runs never protect outputs.
+OUTPUT_MARKERS = (".protected", ".reverted")
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """One input: its path and the root it was found under (for --out-dir mirroring and folder labels)."""
+
+    path: Path
+    root: Path | None = None  # the folder argument it came from; None for files named directly
+
+    @property
+    def relative(self) -> Path:
+        return self.path.relative_to(self.root) if self.root is not None else Path(self.path.name)
+
+
+def _is_own_output(path: Path) -> bool:
+    return path.suffix.lower() == ".png" and any(path.stem.endswith(m) for m in OUTPUT_MARKERS)
+
+
+def _walk(folder: Path) -> list[Path]:
+    return sorted(
+        p for p in folder.rglob("*")
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not _is_own_output(p)
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )  # fmt: skip
+
+
+def collect_inputs(args: Iterable[str | Path], *, stdin: TextIO | None = None) -> list[InputFile]:
+    """Expand files, folders (recursive, sorted, hidden entries skipped), globs and ``-`` (paths on stdin).
+
+    A file named directly is kept even if it does not exist or is not an image, so that it gets its own
+    error later. Duplicates are dropped, first occurrence wins.
+
+    Raises:
+        ConfigError: a glob matches nothing, or no argument was given.
+    """
+    found: list[InputFile] = []
+    args = list(args)
+    if not args:
+        raise ConfigError("no input paths given")
+    for arg in args:
+        text = str(arg)
+        if text == "-":
+            stream = stdin if stdin is not None else sys.stdin
+            listed = [line.strip() for line in stream.read().splitlines() if line.strip()]
+            if listed:
+                found.extend(collect_inputs(listed, stdin=None))
+            continue
+        path = Path(text).expanduser()
+        if path.is_dir():
+            found.extend(InputFile(p, path) for p in _walk(path))
+        elif not path.exists() and glob.has_magic(text):
+            matches = sorted(Path(m) for m in glob.glob(text, recursive=True))
+            if not matches:
+                raise ConfigError(f"no files match {text!r}")
+            for m in matches:
+                if m.is_dir():
+                    found.extend(InputFile(p, m) for p in _walk(m))
+                elif m.is_file():
+                    found.append(InputFile(m))
+        else:
+            found.append(InputFile(path))
+    seen: set[Path] = set()
+    unique = []
+    for item in found:
+        key = item.path.resolve() if item.path.exists() else item.path.absolute()
+        if key not in seen:
+            seen.add(key)
+            unique.append(item)
+    return unique
+
+
+def output_path(item: InputFile, *, suffix: str, out_dir: Path | None, full_name: bool = False) -> Path:
+    """``<stem><suffix>.png`` beside the input, or under ``out_dir`` mirroring the input tree.
+
+    ``full_name`` keeps the input's extension in the name (``a.jpg`` -> ``a.jpg.protected.png``), used when
+    two inputs of one folder share a stem.
+    """
+    stem = item.path.name if full_name else item.path.stem
+    name = f"{stem}{suffix}.png"
+    if out_dir is None:
+        return item.path.parent / name
+    return out_dir / item.relative.parent / name
+
+
+def assign_outputs(items: list[InputFile], *, suffix: str, out_dir: Path | None) -> dict[InputFile, Path]:
+    """Output path of every input, disambiguating inputs that would write the same file."""
+    first = {item: output_path(item, suffix=suffix, out_dir=out_dir) for item in items}
+    counts: dict[Path, int] = {}
+    for p in first.values():
+        counts[p] = counts.get(p, 0) + 1
+    return {
+        item: output_path(item, suffix=suffix, out_dir=out_dir, full_name=True) if counts[p] > 1 else p
+        for item, p in first.items()
+    }
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """``K/N`` (1 <= K <= N) -> (K, N).
+
+    Raises:
+        ConfigError: malformed.
+    """
+    if text is None:
+        return None
+    try:
+        k, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise ConfigError(f"--shard must look like K/N (e.g. 1/4), got {text!r}") from None
+    if not 1 <= k <= n:
+        raise ConfigError(f"--shard K/N needs 1 <= K <= N, got {text!r}")
+    return k, n
+
+
+def in_shard(item: InputFile, shard: tuple[int, int] | None) -> bool:
+    """Whether ``item`` belongs to shard K of N: a stable hash of its path, the same on every machine."""
+    if shard is None:
+        return True
+    k, n = shard
+    digest = hashlib.sha256(item.relative.as_posix().encode() if item.root else str(item.path).encode())
+    return int.from_bytes(digest.digest()[:8], "big") % n == k - 1

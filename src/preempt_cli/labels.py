@@ -1,0 +1,112 @@
+"""Ground-truth labels: from a CSV or JSON file, or from ImageFolder folder names.
+
+Labels may be class indices or class names. A file's label is looked up by its path relative to the
+input folder, then by file name, then by stem, so that ``cat/00003.png``, ``00003.png`` and ``00003`` all
+work as keys.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from .errors import LabelError
+from .inputs import InputFile
+from .registry import ModelConfig
+
+__all__ = ["LabelMap", "read_label_file", "folder_label"]
+
+_FILE_COLUMNS = ("file", "path", "filename", "image", "name")
+_LABEL_COLUMNS = ("label", "class", "target", "y")
+
+
+class LabelMap:
+    """Labels keyed by relative path, file name and stem."""
+
+    def __init__(self, entries: dict[str, str | int], source: Path) -> None:
+        self.source = source
+        self._by_key: dict[str, str | int] = {}
+        for key, label in entries.items():
+            p = Path(key)
+            for k in (p.as_posix(), p.name, p.stem):
+                self._by_key.setdefault(k, label)
+
+    def __len__(self) -> int:
+        return len(self._by_key)
+
+    def lookup(self, item: InputFile) -> str | int:
+        """The label of ``item``. Raises ``LabelError`` when the file has none."""
+        for key in (item.relative.as_posix(), item.path.name, item.path.stem):
+            if key in self._by_key:
+                return self._by_key[key]
+        raise LabelError(f"no label for {item.path.name} in {self.source}")
+
+
+def read_label_file(path: Path | str) -> LabelMap:
+    """Read labels from CSV (columns file,label; a header row is optional) or JSON (``{file: label}`` or
+    a list of ``{"file": ..., "label": ...}``).
+
+    Raises:
+        LabelError: missing, unreadable or malformed file.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except OSError as e:
+        raise LabelError(f"cannot read label file {path}: {e.strerror or e}") from e
+    entries: dict[str, str | int] = {}
+    if path.suffix.lower() == ".json":
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise LabelError(f"{path}: not valid JSON ({e})") from e
+        if isinstance(doc, dict):
+            entries = {str(k): v for k, v in doc.items()}
+        elif isinstance(doc, list) and all(isinstance(r, dict) for r in doc):
+            for row in doc:
+                f = next((row[c] for c in _FILE_COLUMNS if c in row), None)
+                lab = next((row[c] for c in _LABEL_COLUMNS if c in row), None)
+                if f is None or lab is None:
+                    raise LabelError(f"{path}: each entry needs a file and a label field, got {row}")
+                entries[str(f)] = lab
+        else:
+            raise LabelError(f"{path}: expected an object {{file: label}} or a list of objects")
+    else:
+        rows = [r for r in csv.reader(text.splitlines()) if r and any(c.strip() for c in r)]
+        if rows and rows[0][0].strip().lower() in _FILE_COLUMNS:
+            header = [c.strip().lower() for c in rows[0]]
+            fi = header.index(rows[0][0].strip().lower())
+            li = next((header.index(c) for c in _LABEL_COLUMNS if c in header), 1)
+            rows = [[r[fi], r[li]] if len(r) > max(fi, li) else r for r in rows[1:]]
+        for n, row in enumerate(rows, 1):
+            if len(row) < 2:
+                raise LabelError(f"{path}: row {n} needs two columns (file,label), got {row}")
+            entries[row[0].strip()] = row[1].strip()
+    if not entries:
+        raise LabelError(f"{path}: no labels found")
+    for key, value in entries.items():
+        if not isinstance(value, (str, int)) or isinstance(value, bool):
+            raise LabelError(f"{path}: label of {key} must be a class index or name, got {value!r}")
+    return LabelMap(entries, path)
+
+
+def folder_label(item: InputFile) -> str:
+    """The ImageFolder label of ``item``: the name of its parent folder.
+
+    Raises:
+        LabelError: the file was not found inside a folder argument.
+    """
+    if item.root is None or item.relative.parent == Path("."):
+        raise LabelError(
+            f"{item.path}: --labels folders needs inputs inside class folders (ROOT/<class>/<file>)"
+        )
+    return item.relative.parts[0]
+
+
+def resolve_label(label: str | int, cfg: ModelConfig, where: str) -> int:
+    """Class index of ``label`` for the model ``cfg``. Raises ``LabelError``."""
+    try:
+        return cfg.class_index(label)
+    except ValueError as e:
+        raise LabelError(f"{where}: {e}") from None

@@ -1,0 +1,146 @@
+"""Build a registered model, load its weights safely, and wrap it to take [0, 1] images of any size."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError, OfflineWeightsError, WeightsMismatchError
+from ..hub import resolve_weights, sha256_file
+from ..registry import ModelConfig, get_model_config
+from ._registry import create_arch, is_arch
+
+__all__ = ["ImageModel", "load_model", "build_model"]
+
+_logger = logging.getLogger(__name__)
+
+
+class ImageModel(nn.Module):
+    """A classifier that takes NCHW float images in [0, 1], of any size, with 1 or 3 channels.
+
+    Normalization and resizing belong here, never to the caller: a grayscale batch is repeated to RGB, a
+    batch of another size is resized to the model's input size with antialiased bilinear interpolation
+    (differentiable, so gradients reach the image at its own resolution), then ``(x - mean) / std``.
+    """
+
+    def __init__(self, net: nn.Module, config: ModelConfig, weights_sha256: str | None = None) -> None:
+        super().__init__()
+        self.net = net
+        self.config = config
+        self.weights_sha256 = weights_sha256
+        channels = config.input_size[0]
+        if config.mean is not None and config.std is not None:
+            self.register_buffer("mean", torch.tensor(config.mean).view(1, channels, 1, 1), persistent=False)
+            self.register_buffer("std", torch.tensor(config.std).view(1, channels, 1, 1), persistent=False)
+        else:
+            self.mean = None
+            self.std = None
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def input_hw(self) -> tuple[int, int]:
+        return self.config.input_size[1], self.config.input_size[2]
+
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        """[0, 1] images of any size and 1 or 3 channels -> the net's normalized input."""
+        channels = self.config.input_size[0]
+        if x.shape[1] == 1 and channels == 3:
+            x = x.expand(-1, 3, -1, -1)
+        elif x.shape[1] != channels:
+            raise ValueError(f"{self.name} takes {channels}-channel images, got {x.shape[1]} channels")
+        if tuple(x.shape[-2:]) != self.input_hw:
+            x = F.interpolate(x, size=self.input_hw, mode="bilinear", align_corners=False, antialias=True)
+        if self.mean is not None:
+            x = (x - self.mean) / self.std
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.preprocess(x))
+
+
+def _build_net(cfg: ModelConfig, *, pretrained_timm: bool = False) -> nn.Module:
+    """The bare network of ``cfg``: a preempt architecture, or any timm model by name."""
+    if is_arch(cfg.arch):
+        return create_arch(cfg.arch, num_classes=cfg.num_classes, **cfg.arch_args)
+    try:
+        import timm
+    except ImportError as e:  # pragma: no cover - timm is a dependency
+        raise ConfigError(f"architecture {cfg.arch!r} needs timm: pip install timm") from e
+    if not timm.is_model(cfg.arch.split(".")[0]):
+        raise ConfigError(
+            f"model {cfg.name!r}: architecture {cfg.arch!r} is neither built into preempt nor known to timm "
+            f"{timm.__version__}."
+        )
+    name = cfg.source.location if pretrained_timm else cfg.arch
+    return timm.create_model(name, pretrained=pretrained_timm, num_classes=cfg.num_classes, **cfg.arch_args)
+
+
+def build_model(cfg: ModelConfig) -> ImageModel:
+    """The wrapped model of ``cfg`` with freshly initialized weights (tests, training from scratch)."""
+    return ImageModel(_build_net(cfg), cfg)
+
+
+def _load_timm_pretrained(cfg: ModelConfig) -> nn.Module:
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return _build_net(cfg, pretrained_timm=True)
+    except LocalEntryNotFoundError as e:
+        raise OfflineWeightsError(cfg.name, str(cfg.source), "no cached copy and the Hub cannot be reached") from e
+
+
+def load_model(
+    model: str | ModelConfig,
+    *,
+    device: torch.device | str = "cpu",
+    models_dir: Path | str | None = None,
+    registry: Sequence[Path | str] = (),
+    verify_hash: bool = True,
+) -> ImageModel:
+    """Load a registered model for inference: weights loaded, eval mode, parameters frozen.
+
+    Args:
+        model: a registry name or a config.
+        device: where the model lives.
+        models_dir: folder holding local weights files (else ``PREEMPT_MODELS_DIR``).
+        registry: extra registry files (override the built-in and user registries).
+        verify_hash: check the registry's sha256 pin.
+
+    Raises:
+        UnknownModelError, WeightsNotFoundError, OfflineWeightsError, HashMismatchError,
+        UnsafeWeightsError, WeightsMismatchError, ConfigError.
+    """
+    cfg = model if isinstance(model, ModelConfig) else get_model_config(model, registry)
+    models_dir = Path(models_dir).expanduser() if models_dir is not None else None
+    sha = None
+    if cfg.source.kind == "timm":
+        net = _load_timm_pretrained(cfg)
+    else:
+        path = resolve_weights(cfg, models_dir, verify_hash=verify_hash)
+        sha = cfg.sha256 if (verify_hash and cfg.sha256) else sha256_file(path)
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(path), device="cpu")
+        except Exception as e:  # safetensors raises its own SafetensorError for truncated/corrupt files
+            raise WeightsMismatchError(cfg.name, path, f"cannot read safetensors: {e}") from e
+        net = _build_net(cfg)
+        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+        try:
+            net.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()
+            raise WeightsMismatchError(cfg.name, path, " ".join(line.strip() for line in first[:3])) from e
+        _logger.debug("loaded %s from %s (sha256 %s)", cfg.name, path, sha)
+    wrapped = ImageModel(net, cfg, sha).eval()
+    for p in wrapped.parameters():
+        p.requires_grad_(False)
+    return wrapped.to(device)

@@ -1,0 +1,401 @@
+"""Protecting (and reverting) image files: the batch pipeline behind ``preempt protect`` and ``revert``.
+
+Files are decoded on worker threads ahead of the compute, grouped into batches of equal size, labelled,
+transformed on the device, rounded to the file's integer levels within the budget, and written as PNGs on
+worker threads while the next batch computes. Every input yields one :class:`FileResult`; a bad file
+fails alone and the batch goes on.
+
+Batch jobs use this module directly::
+
+    from preempt_cli import load_model, Protector, ForeBackConfig, collect_inputs, RunOptions
+    backbone = load_model("cifar10-resnet20-pgdat-a", models_dir="models/")
+    classifier = load_model("cifar10-resnet18-std", models_dir="models/")
+    protector = Protector(backbone, classifier, config=ForeBackConfig())
+    for result in protector.run(collect_inputs(["photos/"]), RunOptions()):
+        print(result.as_dict())
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import logging
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from . import __version__
+from .engine import FastPreemption, ForeBackConfig
+from .errors import ConfigError, ImageReadError, LabelError, PreemptError
+from .imageio import DEFAULT_MAX_PIXELS, Picture, quantize, read_image, write_png
+from .inputs import OUTPUT_MARKERS, InputFile, assign_outputs, in_shard
+from .labels import LabelMap, folder_label, resolve_label
+from .models import ImageModel
+
+__all__ = ["FileResult", "RunOptions", "Protector", "METADATA_KEY", "read_preempt_metadata"]
+
+_logger = logging.getLogger(__name__)
+
+#: PNG text chunk holding preempt's JSON metadata.
+METADATA_KEY = "preempt"
+
+#: Image elements (samples x C x H x W) per batch by default: 50 CIFAR images x 20 samples on CPU, where
+#: larger batches get memory-bound (see NOTES.md), and 16x that on a GPU.
+_CPU_BATCH_ELEMENTS = 50 * 20 * 3 * 32 * 32
+_GPU_BATCH_ELEMENTS = 16 * _CPU_BATCH_ELEMENTS
+
+
+@dataclass
+class FileResult:
+    """What happened to one input file."""
+
+    input: Path
+    status: str  # "done", "skipped" or "failed"
+    output: Path | None = None
+    reason: str = ""
+    label: int | None = None
+    label_name: str | None = None
+    confidence_before: float | None = None  # backbone's softmax probability of the label
+    confidence_after: float | None = None
+    linf: float | None = None  # L-inf distance of the written file to the input, in [0, 1] units
+    linf_levels: int | None = None  # the same in integer levels of the file (of 255 or 65535)
+    seconds: float | None = None  # compute time of this image (its share of its batch)
+
+    @property
+    def ok(self) -> bool:
+        return self.status != "failed"
+
+    def as_dict(self) -> dict[str, Any]:
+        d = {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
+        return {k: v for k, v in d.items() if v is not None and v != ""}
+
+
+@dataclass
+class RunOptions:
+    """How files are found, named and written."""
+
+    out_dir: Path | None = None
+    suffix: str = ".protected"
+    overwrite: bool = False
+    batch_size: int | None = None  # images per batch at the backbone's input size; None = automatic
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    workers: int = 2  # decode/encode threads
+    shard: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ConfigError("--batch-size must be >= 1")
+        if self.workers < 1:
+            raise ConfigError("--workers must be >= 1")
+        if not self.suffix or "/" in self.suffix or "\\" in self.suffix:
+            raise ConfigError(f"invalid --suffix {self.suffix!r}: it must be non-empty with no path separator")
+
+
+def read_preempt_metadata(picture: Picture) -> dict[str, Any] | None:
+    """preempt's metadata of a picture written by preempt, else None."""
+    raw = picture.text.get(METADATA_KEY)
+    if not raw:
+        return None
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError:
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def _noise_seed(picture: Picture) -> int:
+    """A per-image seed from its pixels: results do not depend on batch composition, order or sharding."""
+    return int.from_bytes(hashlib.sha256(picture.color.tobytes()).digest()[:8], "little") >> 1
+
+
+@dataclass
+class _Pending:
+    item: InputFile
+    output: Path
+    picture: Picture
+    label: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Protector:
+    """Fast Preemption applied to files (and tensors).
+
+    Args:
+        backbone: the robust model that shapes the perturbation (the user-side key).
+        classifier: labels the images (argmax); ``None`` with ``labels="classifier"`` uses the backbone.
+        config: Algorithm 1 settings.
+        seed: base seed; the same seed, device and input give the same output bits.
+        labels: ``"classifier"``, ``"backbone"``, ``"folders"`` (ImageFolder parent folder names), or a
+            :class:`~preempt_cli.labels.LabelMap` read from a CSV/JSON file.
+        preset: name of the preset the config came from (recorded in the metadata).
+    """
+
+    kind = "protected"
+
+    def __init__(
+        self,
+        backbone: ImageModel,
+        classifier: ImageModel | None = None,
+        *,
+        config: ForeBackConfig | None = None,
+        seed: int = 0,
+        labels: str | LabelMap = "classifier",
+        preset: str | None = None,
+    ) -> None:
+        self.backbone = backbone
+        self.classifier = classifier
+        self.config = config or ForeBackConfig()
+        self.seed = seed
+        self.preset = preset
+        if isinstance(labels, str) and labels not in ("classifier", "backbone", "folders"):
+            raise ConfigError(f"labels must be classifier, backbone, folders or a label file, got {labels!r}")
+        self.labels = labels
+        if labels == "classifier" and classifier is None:
+            self.labels = "backbone"
+        if classifier is not None and classifier.config.num_classes != backbone.config.num_classes:
+            raise ConfigError(
+                f"classifier {classifier.name} has {classifier.config.num_classes} classes but backbone "
+                f"{backbone.name} has {backbone.config.num_classes}: they must label the same classes"
+            )
+        self.device = next(backbone.parameters()).device
+        self.engine = FastPreemption(backbone, config=self.config, seed=seed, device=self.device)
+        self._batch_cap: dict[tuple[int, ...], int] = {}
+
+    # -- tensors ---------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Labels by the classifier (or the backbone when ``labels="backbone"``)."""
+        model = self.classifier if (self.labels == "classifier" and self.classifier is not None) else self.backbone
+        return model(x.to(self.device)).argmax(dim=1)
+
+    @torch.inference_mode()
+    def confidence(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Backbone softmax probability of ``y``."""
+        probs = self.backbone(x.to(self.device)).softmax(dim=1)
+        return probs.gather(1, y.to(self.device).view(-1, 1)).squeeze(1)
+
+    def transform(self, x: torch.Tensor, y: torch.Tensor, noise_seeds: Sequence[int] | None = None) -> torch.Tensor:
+        """The protected images of ``x`` with labels ``y``."""
+        return self.engine.perturb(x, y, noise_seeds=noise_seeds)
+
+    def protect(self, x: torch.Tensor, y: torch.Tensor | None = None, **kw: Any) -> torch.Tensor:
+        """Label (when ``y`` is None) and protect a batch of [0, 1] NCHW images."""
+        x = x.to(self.device)
+        y = self.predict(x) if y is None else y.to(self.device)
+        return self.transform(x, y, **kw)
+
+    # -- metadata --------------------------------------------------------------------------------------
+    def metadata(self, pending: _Pending) -> dict[str, Any]:
+        cfg = self.config
+        return {
+            "tool": "preempt",
+            "version": __version__,
+            "kind": self.kind,
+            "backbone": self.backbone.name,
+            "backbone_sha256": self.backbone.weights_sha256,
+            "classifier": self.classifier.name if (self.labels == "classifier" and self.classifier) else None,
+            "labels": self.labels if isinstance(self.labels, str) else f"file:{self.labels.source.name}",
+            "label": pending.label,
+            "label_name": self.backbone.config.class_name(pending.label) if pending.label is not None else None,
+            "preset": self.preset,
+            "eps": cfg.eps,
+            "eta": cfg.eta,
+            "forward_steps": cfg.forward_steps,
+            "backward_steps": cfg.backward_steps,
+            "samples": cfg.samples,
+            "sample_projection": cfg.sample_projection,
+            "inner_steps": cfg.inner_steps,
+            "seed": self.seed,
+            "source_file": pending.item.path.name,
+            **pending.extra,
+        }
+
+    # -- files -----------------------------------------------------------------------------------------
+    def _file_label(self, item: InputFile) -> int | None:
+        """Ground-truth label of a file (None when labels come from a model). Raises LabelError."""
+        if isinstance(self.labels, LabelMap):
+            raw = self.labels.lookup(item)
+        elif self.labels == "folders":
+            raw = folder_label(item)
+        else:
+            return None
+        return resolve_label(raw, self.backbone.config, str(item.path))
+
+    def _batch_limit(self, picture: Picture, options: RunOptions) -> int:
+        c, h, w = picture.channels, picture.size[1], picture.size[0]
+        key = (c, h, w)
+        if key in self._batch_cap:
+            return self._batch_cap[key]
+        bh, bw = self.backbone.input_hw
+        if options.batch_size is not None:
+            limit = max(1, options.batch_size * bh * bw // (h * w))
+        else:
+            budget = _GPU_BATCH_ELEMENTS if self.device.type == "cuda" else _CPU_BATCH_ELEMENTS
+            limit = max(1, min(1024, budget // (self.config.samples * 3 * h * w)))
+        self._batch_cap[key] = limit
+        return limit
+
+    def _skip_reason(self, item: InputFile, output: Path, options: RunOptions) -> str | None:
+        if options.overwrite:
+            return None
+        if any(item.path.stem.endswith(m) for m in OUTPUT_MARKERS) and item.path.suffix.lower() == ".png":
+            return f"already a preempt output (name ends with {item.path.stem[item.path.stem.rfind('.'):]}.png)"
+        if output.exists():
+            return f"output exists: {output} (use --overwrite to replace it)"
+        return None
+
+    def _prepare(self, item: InputFile, output: Path, options: RunOptions) -> _Pending | FileResult:
+        """Decode and label one file (on a worker thread)."""
+        try:
+            picture = read_image(item.path, max_pixels=options.max_pixels)
+            meta = read_preempt_metadata(picture)
+            if meta and meta.get("kind") == self.kind and not options.overwrite:
+                return FileResult(item.path, "skipped", reason=f"already {self.kind} by preempt")
+            return _Pending(item, output, picture, self._file_label(item), self._extra_metadata(meta))
+        except (ImageReadError, LabelError) as e:
+            return FileResult(item.path, "failed", reason=_reason(e, item.path))
+
+    def _extra_metadata(self, meta: dict[str, Any] | None) -> dict[str, Any]:
+        return {}
+
+    def _compute(self, batch: list[_Pending]) -> list[tuple[np.ndarray, float, float, int]]:
+        """Transform one equal-shape batch; returns per image (levels, conf before, conf after, label)."""
+        x = torch.stack([p.picture.to_tensor() for p in batch])
+        if self.device.type == "cuda":
+            x = x.pin_memory()
+        x = x.to(self.device, non_blocking=True)
+        known = [p.label for p in batch]
+        y = self.predict(x) if any(lab is None for lab in known) else None
+        y = torch.tensor([k if k is not None else int(y[i]) for i, k in enumerate(known)], device=self.device)
+        before = self.confidence(x, y)
+        x_new = self.transform(x, y, noise_seeds=[_noise_seed(p.picture) for p in batch])
+        levels = [quantize(x_new[i], p.picture.color, self.config.eps) for i, p in enumerate(batch)]
+        saved = torch.stack([torch.from_numpy(lv.astype(np.float32)).permute(2, 0, 1) / p.picture.max_value
+                             for lv, p in zip(levels, batch)])  # fmt: skip
+        after = self.confidence(saved, y)
+        return [(lv, float(b), float(a), int(lab)) for lv, b, a, lab in zip(levels, before, after, y.tolist())]
+
+    def _compute_with_backoff(self, batch: list[_Pending]) -> list[tuple[np.ndarray, float, float, int]]:
+        try:
+            return self._compute(batch)
+        except torch.cuda.OutOfMemoryError:
+            if len(batch) == 1:
+                raise
+            torch.cuda.empty_cache()
+            half = len(batch) // 2
+            p = batch[0].picture
+            self._batch_cap[(p.channels, p.size[1], p.size[0])] = half
+            _logger.warning("out of GPU memory with %d images per batch; retrying with %d", len(batch), half)
+            return self._compute_with_backoff(batch[:half]) + self._compute_with_backoff(batch[half:])
+
+    def _write(self, pending: _Pending, levels: np.ndarray, before: float, after: float, label: int,
+               seconds: float) -> FileResult:  # fmt: skip
+        pending.label = label
+        meta = self.metadata(pending)
+        text = {METADATA_KEY: json.dumps(meta, sort_keys=True), "Software": f"preempt {__version__}"}
+        try:
+            write_png(pending.output, pending.picture, levels, text)
+        except PreemptError as e:
+            return FileResult(pending.item.path, "failed", reason=_reason(e, pending.output))
+        diff = np.abs(levels.astype(np.int64) - pending.picture.color.astype(np.int64))
+        linf_levels = int(diff.max()) if diff.size else 0
+        return FileResult(
+            pending.item.path,
+            "done",
+            output=pending.output,
+            label=label,
+            label_name=self.backbone.config.class_name(label),
+            confidence_before=round(before, 6),
+            confidence_after=round(after, 6),
+            linf=linf_levels / pending.picture.max_value,
+            linf_levels=linf_levels,
+            seconds=round(seconds, 6),
+        )
+
+    def run(self, items: Iterable[InputFile], options: RunOptions | None = None) -> Iterator[FileResult]:
+        """Process files, yielding one result per input (done, skipped or failed), as they finish."""
+        options = options or RunOptions()
+        items = list(items)
+        outputs = assign_outputs(items, suffix=options.suffix, out_dir=options.out_dir)
+        todo: list[InputFile] = []
+        for item in items:
+            if not in_shard(item, options.shard):
+                continue
+            output = outputs[item]
+            if output.absolute() == item.path.absolute():
+                yield FileResult(item.path, "failed", reason="output would replace the input; change --suffix")
+                continue
+            reason = self._skip_reason(item, output, options)
+            if reason:
+                yield FileResult(item.path, "skipped", output=output, reason=reason)
+            else:
+                todo.append(item)
+        if not todo:
+            return
+        with ThreadPoolExecutor(options.workers, thread_name_prefix="preempt-io") as pool:
+            yield from self._run_pipeline(todo, outputs, options, pool)
+
+    def _run_pipeline(self, todo: list[InputFile], outputs: dict[InputFile, Path], options: RunOptions,
+                      pool: ThreadPoolExecutor) -> Iterator[FileResult]:  # fmt: skip
+        prefetch = max(64, 4 * options.workers)
+        decoded: collections.deque[Future] = collections.deque()
+        writes: collections.deque[Future] = collections.deque()
+        buckets: dict[tuple[int, ...], list[_Pending]] = {}
+        queue = iter(todo)
+
+        def submit_decodes() -> None:
+            while len(decoded) < prefetch:
+                item = next(queue, None)
+                if item is None:
+                    return
+                decoded.append(pool.submit(self._prepare, item, outputs[item], options))
+
+        def flush(batch: list[_Pending]) -> Iterator[FileResult]:
+            start = time.perf_counter()
+            try:
+                computed = self._compute_with_backoff(batch)
+            except Exception as e:  # a failing batch must not stop the run: report each of its files
+                _logger.debug("batch failed", exc_info=True)
+                for p in batch:
+                    yield FileResult(p.item.path, "failed", reason=f"processing failed: {type(e).__name__}: {e}")
+                return
+            seconds = (time.perf_counter() - start) / len(batch)
+            for p, (levels, before, after, label) in zip(batch, computed):
+                writes.append(pool.submit(self._write, p, levels, before, after, label, seconds))
+
+        def drain(block: bool) -> Iterator[FileResult]:
+            while writes and (block or writes[0].done()):
+                yield writes.popleft().result()
+
+        submit_decodes()
+        while decoded:
+            prepared = decoded.popleft().result()
+            submit_decodes()
+            if isinstance(prepared, FileResult):
+                yield prepared
+                continue
+            pic = prepared.picture
+            key = (pic.channels, pic.size[1], pic.size[0])
+            bucket = buckets.setdefault(key, [])
+            bucket.append(prepared)
+            if len(bucket) >= self._batch_limit(pic, options):
+                del buckets[key]
+                yield from flush(bucket)
+                yield from drain(block=False)
+        for bucket in buckets.values():
+            yield from flush(bucket)
+            yield from drain(block=False)
+        yield from drain(block=True)
+
+
+def _reason(error: Exception, path: Path) -> str:
+    """An error's message without a repeated path prefix."""
+    reason = getattr(error, "reason", None) or str(error)
+    prefix = f"{path}: "
+    return reason[len(prefix) :] if reason.startswith(prefix) else reason

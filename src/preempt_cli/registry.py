@@ -1,0 +1,319 @@
+"""The model registry: ``models.toml`` rows as frozen :class:`ModelConfig` objects.
+
+One row says where a model's weights come from *and* how to feed it (input size, normalization, classes),
+like timm's ``PretrainedCfg``. Registries are layered, later ones adding or overriding entries by name:
+
+1. the built-in ``models.toml`` shipped with preempt,
+2. the user registry in the platform's config dir (``$XDG_CONFIG_HOME/preempt/models.toml`` on Linux,
+   or the file named by ``PREEMPT_REGISTRY``),
+3. files passed explicitly (``--registry FILE``), in order.
+
+A row may name a ``base`` row and change only some fields (e.g. a private key trained from a public model).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from .errors import RegistryError, UnknownModelError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+__all__ = [
+    "ModelConfig",
+    "Source",
+    "parse_source",
+    "builtin_registry_path",
+    "user_registry_path",
+    "load_registry",
+    "list_models",
+    "get_model_config",
+]
+
+ROLES = ("backbone", "classifier", "victim", "any")
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where weights come from: ``kind`` is ``hf``, ``timm`` or ``file``."""
+
+    kind: str
+    location: str  # hf: "org/repo"; timm: model name; file: path as written
+    filename: str | None = None  # hf only
+    revision: str | None = None  # hf only
+
+    def __str__(self) -> str:
+        if self.kind == "hf":
+            rev = f"@{self.revision}" if self.revision else ""
+            return f"hf://{self.location}/{self.filename}{rev}"
+        if self.kind == "timm":
+            return f"timm:{self.location}"
+        return self.location
+
+
+def parse_source(text: str) -> Source:
+    """Parse ``hf://ORG/REPO/FILE@REVISION``, ``timm:MODEL``, ``file:PATH`` or a plain path.
+
+    Raises:
+        ValueError: the text is not a valid source.
+    """
+    text = text.strip()
+    if text.startswith("hf://"):
+        rest, _, revision = text[len("hf://") :].partition("@")
+        parts = rest.split("/")
+        if len(parts) < 3 or not all(parts):
+            raise ValueError(f"hf source must look like hf://ORG/REPO/FILE[@REVISION], got {text!r}")
+        return Source("hf", "/".join(parts[:2]), "/".join(parts[2:]), revision or None)
+    if text.startswith("timm:"):
+        name = text[len("timm:") :]
+        if not name:
+            raise ValueError(f"timm source must look like timm:MODEL_NAME, got {text!r}")
+        return Source("timm", name)
+    if text.startswith("file:"):
+        text = text[len("file:") :]
+    if not text:
+        raise ValueError("empty source")
+    return Source("file", text)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """One registry row: architecture, preprocessing, classes and weights source of a model."""
+
+    name: str
+    arch: str
+    source: Source
+    dataset: str = "unknown"
+    input_size: tuple[int, int, int] = (3, 32, 32)
+    mean: tuple[float, ...] | None = None  # None: the net takes raw [0, 1] RGB
+    std: tuple[float, ...] | None = None
+    num_classes: int = 10
+    classes: tuple[str, ...] | None = None
+    arch_args: Mapping[str, Any] = field(default_factory=dict)
+    sha256: str | None = None
+    role: str = "any"
+    description: str = ""
+    paper_name: str = ""  # the name under which the paper or RobustBench lists the model
+    notes: str = ""  # how to obtain the weights when no automatic source exists
+    registry_file: Path | None = None  # where this row was defined; relative paths resolve against it
+
+    def class_name(self, index: int) -> str:
+        """Human-readable class name of ``index`` (the index itself when names are unknown)."""
+        if self.classes and 0 <= index < len(self.classes):
+            return self.classes[index]
+        return str(index)
+
+    def class_index(self, label: str | int) -> int:
+        """Class index of a label given as index or name. Raises ``ValueError`` if unknown."""
+        if isinstance(label, int) or (isinstance(label, str) and label.strip().lstrip("-").isdigit()):
+            index = int(label)
+            if not 0 <= index < self.num_classes:
+                raise ValueError(f"class index {index} out of range 0..{self.num_classes - 1}")
+            return index
+        if self.classes:
+            lowered = [c.lower() for c in self.classes]
+            if label.strip().lower() in lowered:
+                return lowered.index(label.strip().lower())
+        raise ValueError(f"unknown class {label!r} for model {self.name} ({self.dataset})")
+
+
+def builtin_registry_path() -> Path:
+    """The ``models.toml`` shipped with preempt (package data, or the repository root in a checkout)."""
+    packaged = Path(__file__).with_name("models.toml")
+    if packaged.is_file():
+        return packaged
+    return Path(__file__).resolve().parents[2] / "models.toml"
+
+
+def user_config_dir() -> Path:
+    """The platform's per-user config directory for preempt."""
+    if sys.platform == "win32":
+        base = Path(os.environ.get("APPDATA", Path.home() / "AppData" / "Roaming"))
+    elif sys.platform == "darwin":
+        base = Path.home() / "Library" / "Application Support"
+    else:
+        base = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    return base / "preempt"
+
+
+def user_registry_path() -> Path:
+    """The user registry: ``$PREEMPT_REGISTRY`` or ``<config dir>/models.toml`` (may not exist)."""
+    env = os.environ.get("PREEMPT_REGISTRY")
+    return Path(env).expanduser() if env else user_config_dir() / "models.toml"
+
+
+def _floats(value: Any, path: Path, name: str, key: str) -> tuple[float, ...] | None:
+    if value is None or (isinstance(value, str) and value.lower() == "none"):
+        return None
+    if isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) for v in value):
+        return tuple(float(v) for v in value)
+    raise RegistryError(path, f"model {name!r}: {key} must be a list of numbers or \"none\", got {value!r}")
+
+
+def _parse_row(name: str, row: Mapping[str, Any], path: Path, class_sets: Mapping[str, Any]) -> ModelConfig:
+    known = {
+        "arch", "source", "dataset", "input_size", "mean", "std", "num_classes", "classes", "arch_args",
+        "sha256", "role", "description", "paper_name", "notes", "base",
+    }  # fmt: skip
+    unknown = set(row) - known
+    if unknown:
+        raise RegistryError(path, f"model {name!r}: unknown field(s) {', '.join(sorted(unknown))}")
+    for required in ("arch", "source"):
+        if required not in row:
+            raise RegistryError(path, f"model {name!r}: missing field {required!r}")
+    try:
+        source = parse_source(str(row["source"]))
+    except ValueError as e:
+        raise RegistryError(path, f"model {name!r}: {e}") from e
+    size = row.get("input_size", [3, 32, 32])
+    if isinstance(size, int):
+        size = [3, size, size]
+    if not (isinstance(size, list) and len(size) == 3 and all(isinstance(s, int) and s > 0 for s in size)):
+        raise RegistryError(path, f"model {name!r}: input_size must be [C, H, W] or an int, got {size!r}")
+    classes = row.get("classes")
+    if isinstance(classes, str):
+        if classes not in class_sets:
+            raise RegistryError(path, f"model {name!r}: unknown class set {classes!r}")
+        classes = class_sets[classes]
+    if classes is not None and not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+        raise RegistryError(path, f"model {name!r}: classes must be a list of names or a class-set name")
+    num_classes = int(row.get("num_classes", len(classes) if classes else 10))
+    if classes and len(classes) != num_classes:
+        raise RegistryError(path, f"model {name!r}: {len(classes)} class names for {num_classes} classes")
+    mean = _floats(row.get("mean"), path, name, "mean")
+    std = _floats(row.get("std"), path, name, "std")
+    if (mean is None) != (std is None):
+        raise RegistryError(path, f"model {name!r}: give both mean and std, or neither")
+    role = row.get("role", "any")
+    if role not in ROLES:
+        raise RegistryError(path, f"model {name!r}: role must be one of {', '.join(ROLES)}")
+    sha = row.get("sha256")
+    if sha is not None and (len(str(sha)) != 64 or any(c not in "0123456789abcdef" for c in str(sha).lower())):
+        raise RegistryError(path, f"model {name!r}: sha256 must be 64 hex digits")
+    return ModelConfig(
+        name=name,
+        arch=str(row["arch"]),
+        source=source,
+        dataset=str(row.get("dataset", "unknown")),
+        input_size=(size[0], size[1], size[2]),
+        mean=mean,
+        std=std,
+        num_classes=num_classes,
+        classes=tuple(classes) if classes else None,
+        arch_args=dict(row.get("arch_args", {})),
+        sha256=str(sha).lower() if sha else None,
+        role=role,
+        description=str(row.get("description", "")),
+        paper_name=str(row.get("paper_name", "")),
+        notes=str(row.get("notes", "")),
+        registry_file=path,
+    )
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError as e:
+        raise RegistryError(path, "registry file not found") from e
+    except tomllib.TOMLDecodeError as e:
+        raise RegistryError(path, f"not valid TOML: {e}") from e
+
+
+@lru_cache(maxsize=32)
+def _load_cached(paths: tuple[tuple[Path, float], ...]) -> dict[str, ModelConfig]:
+    models: dict[str, ModelConfig] = {}
+    class_sets: dict[str, Any] = {}
+    for path, _mtime in paths:
+        doc = _read_toml(path)
+        extra = set(doc) - {"classes", "models"}
+        if extra:
+            raise RegistryError(path, f"unknown top-level table(s) {', '.join(sorted(extra))}")
+        class_sets.update(doc.get("classes", {}))
+        for name, row in doc.get("models", {}).items():
+            if not isinstance(row, dict):
+                raise RegistryError(path, f"model {name!r}: expected a table")
+            if "base" in row:
+                base = models.get(row["base"])
+                if base is None:
+                    raise RegistryError(path, f"model {name!r}: base model {row['base']!r} is not defined")
+                row = {**_as_row(base), **{k: v for k, v in row.items() if k != "base"}}
+            models[name] = _parse_row(name, row, path, class_sets)
+    return models
+
+
+def _as_row(cfg: ModelConfig) -> dict[str, Any]:
+    """A config back as a registry row (for ``base`` inheritance)."""
+    return {
+        "arch": cfg.arch,
+        "source": str(cfg.source) if cfg.source.kind != "file" else cfg.source.location,
+        "dataset": cfg.dataset,
+        "input_size": list(cfg.input_size),
+        "mean": list(cfg.mean) if cfg.mean else "none",
+        "std": list(cfg.std) if cfg.std else "none",
+        "num_classes": cfg.num_classes,
+        "classes": list(cfg.classes) if cfg.classes else None,
+        "arch_args": dict(cfg.arch_args),
+        "sha256": cfg.sha256,
+        "role": cfg.role,
+        "description": cfg.description,
+        "paper_name": cfg.paper_name,
+        "notes": cfg.notes,
+    }
+
+
+def registry_files(extra: Iterable[Path | str] = ()) -> list[Path]:
+    """The registry files in effect, lowest precedence first."""
+    files = [builtin_registry_path()]
+    user = user_registry_path()
+    if user.is_file():
+        files.append(user)
+    for p in extra:
+        p = Path(p).expanduser()
+        if not p.is_file():
+            raise RegistryError(p, "registry file not found")
+        files.append(p)
+    return files
+
+
+def load_registry(extra: Sequence[Path | str] = ()) -> dict[str, ModelConfig]:
+    """All registered models by name (built-in, user, then ``extra`` files).
+
+    Raises:
+        RegistryError: a file is missing, not TOML, or has an invalid row.
+    """
+    files = registry_files(extra)
+    key = tuple((p.resolve(), p.stat().st_mtime) for p in files)
+    return dict(_load_cached(key))
+
+
+def list_models(extra: Sequence[Path | str] = (), *, role: str | None = None) -> list[str]:
+    """Registered model names, sorted; optionally only those of one role."""
+    models = load_registry(extra)
+    return sorted(n for n, c in models.items() if role is None or c.role in (role, "any"))
+
+
+def get_model_config(name: str, extra: Sequence[Path | str] = ()) -> ModelConfig:
+    """The config registered under ``name``.
+
+    Raises:
+        UnknownModelError: no registry has that name.
+    """
+    models = load_registry(extra)
+    try:
+        return models[name]
+    except KeyError:
+        raise UnknownModelError(name, sorted(models)) from None
+
+
+def with_source(cfg: ModelConfig, source: str) -> ModelConfig:
+    """A copy of ``cfg`` whose weights come from ``source`` instead."""
+    return replace(cfg, source=parse_source(source), sha256=None)
