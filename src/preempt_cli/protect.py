@@ -137,6 +137,8 @@ class Protector:
     """
 
     kind = "protected"
+    #: Names of files this class writes, never taken as inputs again (unless --overwrite).
+    skip_markers: tuple[str, ...] = OUTPUT_MARKERS
 
     def __init__(
         self,
@@ -244,8 +246,9 @@ class Protector:
     def _skip_reason(self, item: InputFile, output: Path, options: RunOptions) -> str | None:
         if options.overwrite:
             return None
-        if any(item.path.stem.endswith(m) for m in OUTPUT_MARKERS) and item.path.suffix.lower() == ".png":
-            return f"already a preempt output (name ends with {item.path.stem[item.path.stem.rfind('.'):]}.png)"
+        marker = next((m for m in self.skip_markers if item.path.stem.endswith(m)), None)
+        if marker and item.path.suffix.lower() == ".png":
+            return f"already a preempt output (name ends with {marker}.png)"
         if output.exists():
             return f"output exists: {output} (use --overwrite to replace it)"
         return None

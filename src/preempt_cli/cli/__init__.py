@@ -1,0 +1,56 @@
+"""The ``preempt`` command: a thin Typer layer over the library (each command parses, validates, makes
+one library call and prints; results on stdout, progress and errors on stderr)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from .. import __version__
+from . import _files, _models
+
+app = typer.Typer(
+    name="preempt",
+    help="Protect images against adversarial attacks before publishing them (Fast Preemption).",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.command("protect", epilog=_files.PROTECT_EPILOG)(_files.protect)
+app.command("revert", epilog=_files.REVERT_EPILOG)(_files.revert)
+app.add_typer(_models.app, name="models")
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"preempt {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")
+    ] = None,
+) -> None:
+    """preempt: Fast Preemption for your images.
+
+    [bold]Examples[/]
+
+      preempt protect ./photos --backbone preact18 --classifier resnext29-augmix
+
+      preempt revert ./photos --white-box
+
+      preempt models list
+    """
+
+
+def main() -> None:
+    """Console entry point."""
+    app()
+
+
+__all__ = ["app", "main"]

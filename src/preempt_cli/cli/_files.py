@@ -1,0 +1,318 @@
+"""``preempt protect`` and ``preempt revert``: parse, validate, one library call per group, print."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Annotated, Any, Iterable, Iterator, Optional
+
+import torch
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from ..device import default_cpu_threads, resolve_device
+from ..engine import PRESETS, ForeBackConfig, parse_eps
+from ..errors import ConfigError
+from ..imageio import DEFAULT_MAX_PIXELS, read_png_text
+from ..inputs import InputFile, collect_inputs, parse_shard
+from ..labels import LabelMap, read_label_file
+from ..models import ImageModel, load_model
+from ..protect import METADATA_KEY, FileResult, Protector, RunOptions
+from ..revert import Reverter, white_box_settings
+from . import _common as c
+
+_logger = logging.getLogger("preempt_cli.cli")
+
+PathsArg = Annotated[
+    list[str], typer.Argument(help="Image files, folders (recursive), globs, or - to read paths from stdin.")
+]
+BackboneOpt = Annotated[
+    Optional[str],
+    typer.Option("--backbone", "-b", envvar="PREEMPT_BACKBONE", show_envvar=True,
+                 help="Robust model that shapes the perturbation: your key (see 'preempt models list')."),
+]  # fmt: skip
+ClassifierOpt = Annotated[
+    Optional[str],
+    typer.Option("--classifier", "-c", envvar="PREEMPT_CLASSIFIER", show_envvar=True,
+                 help="Accurate model that labels the images (with --labels classifier)."),
+]  # fmt: skip
+LabelsOpt = Annotated[
+    str,
+    typer.Option("--labels", help="Where labels come from: classifier, backbone, folders (ImageFolder class "
+                 "folders), or a CSV/JSON file of file,label."),
+]  # fmt: skip
+PresetOpt = Annotated[
+    str, typer.Option("--preset", help=f"Named settings: {', '.join(PRESETS)} (paper: eta 0.7, F1-B2, N 20).")
+]
+EpsOpt = Annotated[Optional[str], typer.Option("--eps", help="L-inf budget, e.g. 8/255 or 0.0314 (default 8/255).")]
+EtaOpt = Annotated[Optional[float], typer.Option("--eta", help="Learning rate eta (default: from --preset).")]
+ForwardOpt = Annotated[Optional[int], typer.Option("--forward", help="Forward steps T-> (default: from --preset).")]
+BackwardOpt = Annotated[Optional[int], typer.Option("--backward", help="Backward steps T<- (default: from --preset).")]
+SamplesOpt = Annotated[Optional[int], typer.Option("--samples", "-n", help="Noise samples N per step (default: from --preset).")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the noise; same seed + device = same output.")]
+BatchOpt = Annotated[
+    Optional[int],
+    typer.Option("--batch-size", help="Images per batch at the backbone's input size (larger images: fewer) "
+                 "(default: automatic)."),
+]  # fmt: skip
+OutDirOpt = Annotated[
+    Optional[Path], typer.Option("--out-dir", "-o", help="Write outputs here, mirroring the input tree.")
+]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs; re-process outputs.")]
+MaxPixelsOpt = Annotated[
+    int, typer.Option("--max-pixels", help="Refuse larger images (decompression-bomb protection).")
+]
+WorkersOpt = Annotated[int, typer.Option("--workers", help="Threads decoding and encoding images.")]
+ShardOpt = Annotated[
+    Optional[str],
+    typer.Option("--shard", help="Process only shard K of N (K/N): a stable partition for job arrays."),
+]
+
+
+def _setup_torch(device_spec: str) -> torch.device:
+    device = resolve_device(device_spec)
+    if device.type == "cpu":
+        torch.set_num_threads(default_cpu_threads())
+    return device
+
+
+def _labels(value: str) -> str | LabelMap:
+    if value in ("classifier", "backbone", "folders"):
+        return value
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"--labels must be classifier, backbone, folders or a label file; {value!r} is none")
+    return read_label_file(path)
+
+
+def _config(preset: str, eps: str | None, eta: float | None, forward: int | None, backward: int | None,
+            samples: int | None) -> ForeBackConfig:  # fmt: skip
+    return ForeBackConfig.from_preset(
+        preset, eps=parse_eps(eps) if eps is not None else None, eta=eta, forward_steps=forward,
+        backward_steps=backward, samples=samples,
+    )  # fmt: skip
+
+
+def _load(name: str, device: torch.device, models_dir: Path | None, registry: list[Path] | None) -> ImageModel:
+    model = load_model(name, device=device, models_dir=models_dir, registry=registry or ())
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _drive(results: Iterable[FileResult], total: int, *, verb: str, json_out: bool, quiet: bool) -> int:
+    """Print results as they come (stdout), progress and summary (stderr); return the exit code."""
+    counts = {"done": 0, "skipped": 0, "failed": 0}
+    start = time.perf_counter()
+    show_progress = c.stderr.is_terminal and not quiet
+    progress = Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=c.stderr, transient=True,
+        disable=not show_progress,
+    )  # fmt: skip
+    with progress:
+        task = progress.add_task(verb.capitalize(), total=total, rate="")
+        for result in results:
+            counts[result.status] += 1
+            if json_out:
+                c.print_json(result.as_dict())
+            elif result.status == "done":
+                c.stdout.print(str(result.output), markup=False)
+            if result.status == "failed":
+                c.error_line(f"{result.input}: {result.reason}")
+            elif result.status == "skipped" and not quiet and not json_out:
+                _logger.info("skipped %s: %s", result.input, result.reason)
+            elapsed = time.perf_counter() - start
+            rate = counts["done"] / elapsed if elapsed > 0 else 0.0
+            progress.update(task, advance=1, rate=f"{rate:.1f} img/s")
+    elapsed = time.perf_counter() - start
+    if not quiet:
+        rate = f" ({counts['done'] / elapsed:.1f} images/s)" if counts["done"] and elapsed > 0 else ""
+        c.stderr.print(
+            f"{verb.capitalize()} {counts['done']}, skipped {counts['skipped']}, failed {counts['failed']} "
+            f"in {elapsed:.1f} s{rate}.",
+            markup=False,
+        )
+    return c.EXIT_FAILURES if counts["failed"] else c.EXIT_OK
+
+
+def _collect(paths: list[str]) -> list[InputFile]:
+    items = collect_inputs(paths)
+    if not items:
+        raise ConfigError("no images found in the given paths")
+    return items
+
+
+PROTECT_EPILOG = """\
+[bold]Examples[/]
+
+  preempt protect ./photos --backbone preact18 --classifier resnext29-augmix
+
+  preempt protect img.jpg -b cifar10-resnet20-pgdat-a -c cifar10-resnet18-std --models-dir ../shared/models
+
+  preempt protect ./dataset --labels folders -b cifar10-resnet20-pgdat-a --out-dir ./protected --json
+
+  find . -name '*.jpg' | preempt protect - -b my-key --labels backbone --shard 2/8 -q
+"""
+
+
+def protect(
+    paths: PathsArg,
+    backbone: BackboneOpt = None,
+    classifier: ClassifierOpt = None,
+    labels: LabelsOpt = "classifier",
+    preset: PresetOpt = "paper",
+    eps: EpsOpt = None,
+    eta: EtaOpt = None,
+    forward: ForwardOpt = None,
+    backward: BackwardOpt = None,
+    samples: SamplesOpt = None,
+    seed: SeedOpt = 0,
+    device: c.DeviceOpt = "auto",
+    batch_size: BatchOpt = None,
+    out_dir: OutDirOpt = None,
+    suffix: Annotated[str, typer.Option("--suffix", help="Output name: <stem><suffix>.png.")] = ".protected",
+    overwrite: OverwriteOpt = False,
+    shard: ShardOpt = None,
+    workers: WorkersOpt = 2,
+    max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
+    models_dir: c.ModelsDirOpt = None,
+    registry: c.RegistryOpt = None,
+    json_out: c.JsonOpt = False,
+    quiet: c.QuietOpt = False,
+    verbose: c.VerboseOpt = 0,
+) -> None:
+    """Protect images with Fast Preemption; writes <stem>.protected.png next to each original."""
+    c.setup_logging(verbose, quiet)
+    with c.handle_errors():
+        config = _config(preset, eps, eta, forward, backward, samples)
+        label_source = _labels(labels)
+        options = RunOptions(out_dir=out_dir, suffix=suffix, overwrite=overwrite, batch_size=batch_size,
+                             max_pixels=max_pixels, workers=workers, shard=parse_shard(shard))  # fmt: skip
+        if backbone is None:
+            raise ConfigError("no backbone: pass --backbone NAME (your key; 'preempt models list' shows them)")
+        if label_source == "classifier" and classifier is None:
+            raise ConfigError("no classifier: pass --classifier NAME, or --labels backbone|folders|FILE")
+        if classifier is not None and classifier == backbone:
+            _logger.warning("classifier and backbone are the same model; the method expects them to differ")
+        items = _collect(paths)
+        torch_device = _setup_torch(device)
+        backbone_model = _load(backbone, torch_device, models_dir, registry)
+        classifier_model = (
+            _load(classifier, torch_device, models_dir, registry) if label_source == "classifier" else None
+        )
+        protector = Protector(backbone_model, classifier_model, config=config, seed=seed, labels=label_source,
+                              preset=preset)  # fmt: skip
+        code = _drive(protector.run(items, options), len(items), verb="protected", json_out=json_out, quiet=quiet)
+    raise typer.Exit(code)
+
+
+REVERT_EPILOG = """\
+[bold]Examples[/]
+
+  preempt revert ./photos/*.protected.png --white-box
+
+  preempt revert img.protected.png --backbone cifar10-resnet20-pgdat-b --classifier cifar10-resnet18-std
+"""
+
+
+def _white_box_groups(items: list[InputFile]) -> Iterator[tuple[dict[str, Any] | None, list[InputFile]]]:
+    """Group inputs by the defense recorded in their metadata (None: no metadata)."""
+    import json
+
+    groups: dict[str, tuple[dict[str, Any] | None, list[InputFile]]] = {}
+    for item in items:
+        raw = read_png_text(item.path).get(METADATA_KEY)
+        meta = None
+        if raw:
+            try:
+                meta = json.loads(raw)
+            except json.JSONDecodeError:
+                meta = None
+        if meta is not None and meta.get("kind") != "protected":
+            meta = None
+        key = "none" if meta is None else json.dumps(
+            {k: meta.get(k) for k in ("backbone", "classifier", "labels", "seed", "preset")}
+            | white_box_settings(meta), sort_keys=True,
+        )  # fmt: skip
+        groups.setdefault(key, (meta, []))[1].append(item)
+    yield from groups.values()
+
+
+def revert(
+    paths: PathsArg,
+    white_box: Annotated[bool, typer.Option("--white-box", help="Use the backbone, classifier and settings "
+                                            "recorded in each protected PNG (the attacker holds the key).")] = False,
+    backbone: BackboneOpt = None,
+    classifier: ClassifierOpt = None,
+    labels: LabelsOpt = "classifier",
+    preset: PresetOpt = "paper",
+    eps: EpsOpt = None,
+    eta: EtaOpt = None,
+    forward: ForwardOpt = None,
+    backward: BackwardOpt = None,
+    samples: SamplesOpt = None,
+    seed: SeedOpt = 0,
+    device: c.DeviceOpt = "auto",
+    batch_size: BatchOpt = None,
+    out_dir: OutDirOpt = None,
+    suffix: Annotated[str, typer.Option("--suffix", help="Output name: <stem><suffix>.png.")] = ".reverted",
+    overwrite: OverwriteOpt = False,
+    shard: ShardOpt = None,
+    workers: WorkersOpt = 2,
+    max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
+    models_dir: c.ModelsDirOpt = None,
+    registry: c.RegistryOpt = None,
+    json_out: c.JsonOpt = False,
+    quiet: c.QuietOpt = False,
+    verbose: c.VerboseOpt = 0,
+) -> None:
+    """Preemptive Reversion (x~ = 2 x^r - D(x^r)): white-box with the same backbone, black-box with another."""
+    c.setup_logging(verbose, quiet)
+    with c.handle_errors():
+        options = RunOptions(out_dir=out_dir, suffix=suffix, overwrite=overwrite, batch_size=batch_size,
+                             max_pixels=max_pixels, workers=workers, shard=parse_shard(shard))  # fmt: skip
+        if white_box and backbone is not None:
+            raise ConfigError("--white-box takes the backbone from each file's metadata; drop --backbone")
+        if not white_box and backbone is None:
+            raise ConfigError("pass --white-box, or --backbone NAME for a black-box reversion")
+        items = _collect(paths)
+        torch_device = _setup_torch(device)
+        cache: dict[str, ImageModel] = {}
+
+        def model(name: str) -> ImageModel:
+            if name not in cache:
+                cache[name] = _load(name, torch_device, models_dir, registry)
+            return cache[name]
+
+        def runs() -> Iterator[FileResult]:
+            if not white_box:
+                label_source = _labels(labels)
+                if label_source == "classifier" and classifier is None:
+                    raise ConfigError("no classifier: pass --classifier NAME, or --labels backbone|folders|FILE")
+                config = _config(preset, eps, eta, forward, backward, samples)
+                clf = model(classifier) if label_source == "classifier" else None
+                yield from Reverter(model(backbone), clf, config=config, seed=seed, labels=label_source,
+                                    preset=preset).run(items, options)  # fmt: skip
+                return
+            for meta, group in _white_box_groups(items):
+                if meta is None:
+                    for item in group:
+                        yield FileResult(item.path, "failed", reason="no preempt metadata (not protected by "
+                                         "preempt?): revert it black-box with --backbone NAME")  # fmt: skip
+                    continue
+                bb = model(meta["backbone"])
+                if meta.get("backbone_sha256") and bb.weights_sha256 and meta["backbone_sha256"] != bb.weights_sha256:
+                    _logger.warning("backbone %s differs from the weights that protected %d file(s)",
+                                    bb.name, len(group))  # fmt: skip
+                # Ground-truth labels of the defender are not the attacker's to have: without a recorded
+                # classifier, the attacker labels with the backbone.
+                clf = model(meta["classifier"]) if meta.get("classifier") else None
+                label_source = "classifier" if clf is not None else "backbone"
+                config = ForeBackConfig(**white_box_settings(meta))
+                yield from Reverter(bb, clf, config=config, seed=seed, labels=label_source,
+                                    preset=meta.get("preset")).run(group, options)  # fmt: skip
+
+        code = _drive(runs(), len(items), verb="reverted", json_out=json_out, quiet=quiet)
+    raise typer.Exit(code)

@@ -1,0 +1,147 @@
+"""``preempt models``: list, show, verify and convert registered models."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import torch
+import typer
+from rich.table import Table
+
+from ..convert import convert_checkpoint
+from ..device import resolve_device
+from ..errors import PreemptError
+from ..hub import resolve_weights
+from ..models import load_model
+from ..registry import ModelConfig, get_model_config, load_registry, registry_files, user_registry_path
+from . import _common as c
+
+app = typer.Typer(
+    help="List, inspect, verify and convert the models of the registry (models.toml).",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+)
+
+
+def _row(cfg: ModelConfig) -> dict[str, Any]:
+    return {
+        "name": cfg.name,
+        "role": cfg.role,
+        "arch": cfg.arch,
+        "arch_args": dict(cfg.arch_args),
+        "dataset": cfg.dataset,
+        "input_size": list(cfg.input_size),
+        "mean": list(cfg.mean) if cfg.mean else None,
+        "std": list(cfg.std) if cfg.std else None,
+        "num_classes": cfg.num_classes,
+        "classes": list(cfg.classes) if cfg.classes else None,
+        "source": str(cfg.source),
+        "sha256": cfg.sha256,
+        "paper_name": cfg.paper_name or None,
+        "description": cfg.description,
+        "notes": cfg.notes or None,
+        "registry": str(cfg.registry_file) if cfg.registry_file else None,
+    }
+
+
+@app.command("list", epilog="[bold]Examples[/]\n\n  preempt models list\n\n  preempt models list --role backbone --json")
+def list_cmd(
+    role: Annotated[Optional[str], typer.Option("--role", help="Only backbone, classifier or victim.")] = None,
+    registry: c.RegistryOpt = None,
+    json_out: c.JsonOpt = False,
+) -> None:
+    """List registered models."""
+    with c.handle_errors():
+        models = load_registry(registry or ())
+        rows = [m for m in sorted(models.values(), key=lambda m: m.name) if role is None or m.role in (role, "any")]
+        if json_out:
+            for m in rows:
+                c.print_json(_row(m))
+            return
+        table = Table(title=None, show_edge=False, header_style="bold")
+        for col in ("name", "role", "arch", "dataset", "input", "source"):
+            table.add_column(col, overflow="fold")
+        for m in rows:
+            table.add_row(m.name, m.role, m.arch, m.dataset, "x".join(map(str, m.input_size)), str(m.source))
+        c.stdout.print(table)
+        files = ", ".join(str(p) for p in registry_files(registry or ()))
+        c.stderr.print(f"registries: {files} (user registry: {user_registry_path()})", markup=False)
+
+
+@app.command("show", epilog="[bold]Examples[/]\n\n  preempt models show cifar10-resnet20-pgdat-a")
+def show_cmd(
+    name: Annotated[str, typer.Argument(help="Registered model name.")],
+    registry: c.RegistryOpt = None,
+    json_out: c.JsonOpt = False,
+) -> None:
+    """Show one model's registry entry."""
+    with c.handle_errors():
+        row = _row(get_model_config(name, registry or ()))
+        if json_out:
+            c.print_json(row)
+            return
+        for key, value in row.items():
+            if value not in (None, "", [], {}):
+                c.stdout.print(f"{key:12} {value}", markup=False)
+
+
+@app.command(
+    "verify",
+    epilog="[bold]Examples[/]\n\n  preempt models verify cifar10-resnet20-pgdat-a --models-dir ../shared/models",
+)
+def verify_cmd(
+    names: Annotated[list[str], typer.Argument(help="Registered model names.")],
+    models_dir: c.ModelsDirOpt = None,
+    registry: c.RegistryOpt = None,
+    device: c.DeviceOpt = "cpu",
+    json_out: c.JsonOpt = False,
+) -> None:
+    """Check a model: find its weights, verify the sha256 pin, load them, run one forward pass."""
+    failed = 0
+    with c.handle_errors():
+        torch_device = resolve_device(device)
+        for name in names:
+            start = time.perf_counter()
+            try:
+                cfg = get_model_config(name, registry or ())
+                path = str(resolve_weights(cfg, models_dir)) if cfg.source.kind != "timm" else str(cfg.source)
+                model = load_model(cfg, device=torch_device, models_dir=models_dir)
+                with torch.inference_mode():
+                    logits = model(torch.rand(2, *cfg.input_size, generator=torch.Generator().manual_seed(0)).to(torch_device))
+                if logits.shape != (2, cfg.num_classes) or not torch.isfinite(logits).all():
+                    raise PreemptError(f"forward pass gave {tuple(logits.shape)} / non-finite logits")
+                row = {"name": name, "ok": True, "weights": path, "sha256": model.weights_sha256,
+                       "pinned": bool(cfg.sha256), "seconds": round(time.perf_counter() - start, 3)}  # fmt: skip
+                if json_out:
+                    c.print_json(row)
+                else:
+                    pin = "sha256 matches pin" if cfg.sha256 else "no sha256 pin"
+                    c.stdout.print(f"ok  {name}: {path} ({pin}; forward {tuple(logits.shape)})", markup=False)
+            except PreemptError as e:
+                failed += 1
+                if json_out:
+                    c.print_json({"name": name, "ok": False, "error": str(e)})
+                c.error_line(f"{name}: {e}")
+    raise typer.Exit(c.EXIT_FAILURES if failed else c.EXIT_OK)
+
+
+@app.command(
+    "convert",
+    epilog="[bold]Examples[/]\n\n  preempt models convert Gowal2021Improving_R18_ddpm_100m.pt preact18.safetensors",
+)
+def convert_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="A PyTorch checkpoint (.pt/.pth).")],
+    output: Annotated[Path, typer.Argument(help="The safetensors file to write.")],
+    key: Annotated[
+        Optional[str], typer.Option("--key", help="Entry holding the state dict (default: state_dict/model/…).")
+    ] = None,
+    strip_prefix: Annotated[
+        list[str], typer.Option("--strip-prefix", help="Prefix to remove from keys (default: module.).")
+    ] = ["module."],  # noqa: B006 - typer reads the default
+) -> None:
+    """Convert a PyTorch checkpoint to safetensors, loading it with torch.load(weights_only=True)."""
+    with c.handle_errors():
+        n, sha = convert_checkpoint(checkpoint, output, key=key, strip_prefixes=tuple(strip_prefix))
+        c.stdout.print(f"{output} ({n} tensors, sha256 {sha})", markup=False)

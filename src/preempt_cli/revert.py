@@ -1,0 +1,46 @@
+"""Preemptive Reversion (Algorithm 2): the adaptive attack on Fast Preemption.
+
+Given a protected image x^r, run the same defense again and subtract the second perturbation:
+``x~ = x^r - (D(x^r) - x^r) = 2 x^r - D(x^r)`` (Eq. 13). With the user's backbone and settings
+(white-box) this largely erases the protection; with another backbone (black-box) it should not.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from .protect import Protector
+
+__all__ = ["Reverter", "white_box_settings"]
+
+
+class Reverter(Protector):
+    """Preemptive Reversion of protected images, with the attacker's backbone, classifier and settings.
+
+    Takes the same arguments as :class:`~preempt_cli.protect.Protector`.
+    """
+
+    kind = "reverted"
+    skip_markers = (".reverted",)
+
+    def transform(self, x: torch.Tensor, y: torch.Tensor, noise_seeds: Sequence[int] | None = None) -> torch.Tensor:
+        """``2 x - D(x)``, clipped to [0, 1] (it stays within eps of ``x``, as D(x) does)."""
+        twice = self.engine.perturb(x, y, noise_seeds=noise_seeds)
+        return (2 * x - twice).clamp_(0.0, 1.0)
+
+    def _extra_metadata(self, meta: dict[str, Any] | None) -> dict[str, Any]:
+        if not meta:
+            return {}
+        return {"protected_with": {k: meta.get(k) for k in ("backbone", "backbone_sha256", "classifier", "preset")}}
+
+
+def white_box_settings(meta: dict[str, Any]) -> dict[str, Any]:
+    """The defense settings recorded in a protected PNG's metadata (for ``revert --white-box``).
+
+    Raises:
+        KeyError: the metadata lacks a setting.
+    """
+    keys = ("eps", "eta", "forward_steps", "backward_steps", "samples", "sample_projection", "inner_steps")
+    return {k: meta[k] for k in keys}

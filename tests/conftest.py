@@ -1,0 +1,245 @@
+"""Shared fixtures: the ``../shared`` folder, a tiny frozen backbone, real CIFAR-10 images, isolated config.
+
+The real weights and images live in ``/work/shared`` (``../shared`` from the repository root) and are never
+copied into the project: fixtures that need them skip with a clear reason when the folder is absent.
+
+Reusable helpers (importable from tests as ``from conftest import ...``):
+
+* :func:`make_tiny_model` builds a small 2-conv CNN wrapped in :class:`ImageModel` (any input size,
+  class count, optional mean/std), deterministically from a seed.
+* :func:`load_cifar_images` reads CIFAR-10 test PNGs from the shared folder into a float tensor + labels.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from preempt_cli.models import ImageModel
+from preempt_cli.registry import ModelConfig, Source
+
+#: ``../shared`` relative to the repository root.
+SHARED_DIR = Path(__file__).resolve().parents[1].parent / "shared"
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+#: The few CIFAR-10 test images of ``cifar_batch``: (class, index) pairs, one per class for the first 8.
+CIFAR_BATCH_FILES = (
+    ("airplane", "00003"),
+    ("automobile", "00006"),
+    ("bird", "00025"),
+    ("cat", "00000"),
+    ("deer", "00022"),
+    ("dog", "00012"),
+    ("frog", "00004"),
+    ("horse", "00013"),
+)
+
+
+def _missing_shared_reason(*parts: str) -> str:
+    where = SHARED_DIR.joinpath(*parts)
+    return f"shared test data not available: {where} is missing (real weights/images live in ../shared)"
+
+
+def require_shared(*parts: str) -> Path:
+    """``SHARED_DIR / parts``; skips the calling test when it does not exist."""
+    path = SHARED_DIR.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(_missing_shared_reason(*parts))
+    return path
+
+
+# -- tiny model --------------------------------------------------------------------------------------------
+
+
+class TinyCNN(nn.Module):
+    """conv3x3(C->8) - ReLU - conv3x3 stride 2 (8->16) - ReLU - global average pool - linear(16->classes)."""
+
+    def __init__(self, in_chs: int = 3, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_chs, 8, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv2d(8, 16, kernel_size=3, stride=2, padding=1)
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv1(x))
+        x = torch.relu(self.conv2(x))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def tiny_config(
+    name: str = "tiny-cnn",
+    *,
+    input_size: tuple[int, int, int] = (3, 32, 32),
+    num_classes: int = 10,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> ModelConfig:
+    """A hand-made registry row for :class:`TinyCNN` (its arch is not registered: only the wrapper uses it)."""
+    return ModelConfig(
+        name=name,
+        arch="tiny_cnn",
+        source=Source("file", f"{name}.safetensors"),
+        dataset="cifar10" if num_classes == 10 else "unknown",
+        input_size=input_size,
+        mean=tuple(mean) if mean is not None else None,
+        std=tuple(std) if std is not None else None,
+        num_classes=num_classes,
+        classes=CIFAR10_CLASSES if num_classes == 10 else None,
+    )
+
+
+def make_tiny_model(
+    seed: int = 0,
+    *,
+    input_size: tuple[int, int, int] = (3, 32, 32),
+    num_classes: int = 10,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    frozen: bool = True,
+    name: str = "tiny-cnn",
+) -> ImageModel:
+    """A tiny CNN in :class:`ImageModel`, initialised from ``seed`` (eval mode; params frozen if ``frozen``)."""
+    gen_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        net = TinyCNN(input_size[0], num_classes)
+    finally:
+        torch.random.set_rng_state(gen_state)
+    cfg = tiny_config(name, input_size=input_size, num_classes=num_classes, mean=mean, std=std)
+    model = ImageModel(net, cfg).eval()
+    for p in model.parameters():
+        p.requires_grad_(not frozen)
+    return model
+
+
+@pytest.fixture
+def tiny_backbone() -> ImageModel:
+    """A tiny CNN backbone (3x32x32 input, 10 classes, raw [0, 1] input), eval mode, params frozen, seed 0."""
+    return make_tiny_model(0)
+
+
+@pytest.fixture
+def tiny_classifier() -> ImageModel:
+    """Another tiny CNN (seed 1), e.g. as a classifier distinct from ``tiny_backbone``."""
+    return make_tiny_model(1, name="tiny-classifier")
+
+
+# -- shared data -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """``../shared`` (skips the test when absent)."""
+    if not SHARED_DIR.is_dir():
+        pytest.skip(_missing_shared_reason())
+    return SHARED_DIR
+
+
+@pytest.fixture(scope="session")
+def shared_models_dir(shared_dir: Path) -> Path:
+    """``../shared/models`` with the real pretrained CIFAR-10 weights (skips when absent)."""
+    return require_shared("models")
+
+
+@pytest.fixture(scope="session")
+def cifar_test_dir(shared_dir: Path) -> Path:
+    """``../shared/data/cifar10/test`` (ImageFolder layout; skips when absent)."""
+    return require_shared("data", "cifar10", "test")
+
+
+@pytest.fixture(scope="session")
+def photos_dir(shared_dir: Path) -> Path:
+    """``../shared/data/photos`` (real photographs of various sizes and modes; skips when absent)."""
+    return require_shared("data", "photos")
+
+
+def cifar_test_files(cifar_test_dir: Path) -> list[tuple[Path, int]]:
+    """Every (path, label) of the CIFAR-10 test folder, ordered by the image's index in the test set."""
+    files = [
+        (p, label)
+        for label, cls in enumerate(CIFAR10_CLASSES)
+        for p in (cifar_test_dir / cls).glob("*.png")
+    ]
+    return sorted(files, key=lambda item: item[0].stem)
+
+
+def load_cifar_images(paths: Sequence[Path]) -> torch.Tensor:
+    """32x32 RGB PNGs -> float32 NCHW in [0, 1]."""
+    arrays = []
+    for p in paths:
+        with Image.open(p) as img:
+            arrays.append(np.asarray(img.convert("RGB"), dtype=np.uint8))
+    stacked = torch.from_numpy(np.stack(arrays))
+    return stacked.permute(0, 3, 1, 2).float().div_(255.0).contiguous()
+
+
+@pytest.fixture(scope="session")
+def cifar_batch_paths(cifar_test_dir: Path) -> list[Path]:
+    """The paths of the images in ``cifar_batch``."""
+    paths = [cifar_test_dir / cls / f"{index}.png" for cls, index in CIFAR_BATCH_FILES]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        pytest.skip(f"shared CIFAR-10 test images missing: {', '.join(missing)}")
+    return paths
+
+
+@pytest.fixture
+def cifar_batch(cifar_batch_paths: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, y): 8 real CIFAR-10 test images, [8, 3, 32, 32] float32 in [0, 1], and their true labels [8] int64."""
+    x = load_cifar_images(cifar_batch_paths)
+    y = torch.tensor([CIFAR10_CLASSES.index(p.parent.name) for p in cifar_batch_paths], dtype=torch.long)
+    return x, y
+
+
+# -- environment isolation -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def isolated_config(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """No user registry, no models dir from the environment, the Hugging Face Hub offline on an empty cache.
+
+    Returns the (empty) ``XDG_CONFIG_HOME`` used; write ``<it>/preempt/models.toml`` for a user registry.
+    """
+    root = tmp_path_factory.mktemp("isolated")
+    config_home = root / "config"
+    config_home.mkdir()
+    hf_cache = root / "hf-cache"
+    hf_cache.mkdir()
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(config_home))
+    monkeypatch.delenv("PREEMPT_REGISTRY", raising=False)
+    monkeypatch.delenv("PREEMPT_MODELS_DIR", raising=False)
+    set_hf_cache(monkeypatch, hf_cache, offline=True)
+    return config_home
+
+
+def set_hf_cache(monkeypatch: pytest.MonkeyPatch, cache: Path, *, offline: bool = True) -> None:
+    """Point huggingface_hub at ``cache`` (env and its import-time constants) and set its offline mode."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1" if offline else "0")
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover - huggingface_hub is a dependency
+        return
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
+
+
+@pytest.fixture(autouse=True)
+def _no_network_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests never reach a model hub, whatever the environment says."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    if os.environ.get("HF_HUB_DISABLE_TELEMETRY") is None:
+        monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover
+        return
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
