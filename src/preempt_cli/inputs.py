@@ -30,23 +30,26 @@ class InputFile:
         return self.path.relative_to(self.root) if self.root is not None else Path(self.path.name)
 
 
-def _is_own_output(path: Path) -> bool:
-    return path.suffix.lower() == ".png" and any(path.stem.endswith(m) for m in OUTPUT_MARKERS)
+def _is_output(path: Path, markers: tuple[str, ...]) -> bool:
+    return path.suffix.lower() == ".png" and any(path.stem.endswith(m) for m in markers)
 
 
-def _walk(folder: Path) -> list[Path]:
+def _walk(folder: Path, markers: tuple[str, ...]) -> list[Path]:
     return sorted(
         p for p in folder.rglob("*")
-        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not _is_own_output(p)
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not _is_output(p, markers)
         and not any(part.startswith(".") for part in p.relative_to(folder).parts)
     )  # fmt: skip
 
 
-def collect_inputs(args: Iterable[str | Path], *, stdin: TextIO | None = None) -> list[InputFile]:
+def collect_inputs(
+    args: Iterable[str | Path], *, stdin: TextIO | None = None, skip_markers: tuple[str, ...] = OUTPUT_MARKERS
+) -> list[InputFile]:
     """Expand files, folders (recursive, sorted, hidden entries skipped), globs and ``-`` (paths on stdin).
 
     A file named directly is kept even if it does not exist or is not an image, so that it gets its own
-    error later. Duplicates are dropped, first occurrence wins.
+    error later. Folder walks leave out preempt's own outputs (names ending in one of ``skip_markers``
+    before ``.png``). Duplicates are dropped, first occurrence wins.
 
     Raises:
         ConfigError: a glob matches nothing, or no argument was given.
@@ -61,18 +64,18 @@ def collect_inputs(args: Iterable[str | Path], *, stdin: TextIO | None = None) -
             stream = stdin if stdin is not None else sys.stdin
             listed = [line.strip() for line in stream.read().splitlines() if line.strip()]
             if listed:
-                found.extend(collect_inputs(listed, stdin=None))
+                found.extend(collect_inputs(listed, stdin=None, skip_markers=skip_markers))
             continue
         path = Path(text).expanduser()
         if path.is_dir():
-            found.extend(InputFile(p, path) for p in _walk(path))
+            found.extend(InputFile(p, path) for p in _walk(path, skip_markers))
         elif not path.exists() and glob.has_magic(text):
             matches = sorted(Path(m) for m in glob.glob(text, recursive=True))
             if not matches:
                 raise ConfigError(f"no files match {text!r}")
             for m in matches:
                 if m.is_dir():
-                    found.extend(InputFile(p, m) for p in _walk(m))
+                    found.extend(InputFile(p, m) for p in _walk(m, skip_markers))
                 elif m.is_file():
                     found.append(InputFile(m))
         else:

@@ -17,6 +17,8 @@ app = typer.Typer(
     rich_markup_mode="rich",
     pretty_exceptions_enable=False,
     add_completion=False,
+    epilog="[bold]Examples[/]\n\n  preempt protect ./photos --backbone preact18 --classifier resnext29-augmix\n\n"
+    "  preempt revert ./photos --white-box\n\n  preempt models list",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.command("protect", epilog=_files.PROTECT_EPILOG)(_files.protect)
@@ -36,16 +38,7 @@ def _root(
         Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")
     ] = None,
 ) -> None:
-    """preempt: Fast Preemption for your images.
-
-    [bold]Examples[/]
-
-      preempt protect ./photos --backbone preact18 --classifier resnext29-augmix
-
-      preempt revert ./photos --white-box
-
-      preempt models list
-    """
+    """Protect images against adversarial attacks before publishing them (Fast Preemption)."""
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ from ..device import default_cpu_threads, resolve_device
 from ..engine import PRESETS, ForeBackConfig, parse_eps
 from ..errors import ConfigError
 from ..imageio import DEFAULT_MAX_PIXELS, read_png_text
-from ..inputs import InputFile, collect_inputs, parse_shard
+from ..inputs import OUTPUT_MARKERS, InputFile, collect_inputs, parse_shard
 from ..labels import LabelMap, read_label_file
 from ..models import ImageModel, load_model
 from ..protect import METADATA_KEY, FileResult, Protector, RunOptions
@@ -137,8 +137,8 @@ def _drive(results: Iterable[FileResult], total: int, *, verb: str, json_out: bo
     return c.EXIT_FAILURES if counts["failed"] else c.EXIT_OK
 
 
-def _collect(paths: list[str]) -> list[InputFile]:
-    items = collect_inputs(paths)
+def _collect(paths: list[str], skip_markers: tuple[str, ...] = OUTPUT_MARKERS) -> list[InputFile]:
+    items = collect_inputs(paths, skip_markers=skip_markers)
     if not items:
         raise ConfigError("no images found in the given paths")
     return items
@@ -277,7 +277,7 @@ def revert(
             raise ConfigError("--white-box takes the backbone from each file's metadata; drop --backbone")
         if not white_box and backbone is None:
             raise ConfigError("pass --white-box, or --backbone NAME for a black-box reversion")
-        items = _collect(paths)
+        items = _collect(paths, skip_markers=Reverter.skip_markers)
         torch_device = _setup_torch(device)
         cache: dict[str, ImageModel] = {}
 

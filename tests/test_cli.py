@@ -1,0 +1,281 @@
+"""The ``preempt`` command end to end, on tiny models registered in a temporary registry."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from preempt_cli.cli import app
+from preempt_cli.models import create_arch
+
+EPS_LEVELS = 8
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A registry with two small random-weight models (a backbone and a classifier) in local files."""
+    root = tmp_path_factory.mktemp("registry")
+    for i, name in enumerate(("key", "labeller")):
+        torch.manual_seed(i)
+        net = create_arch("cifar_resnet20", num_classes=10, shortcut="pad_end")
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(root / f"{name}.safetensors"))
+    sha = hashlib.sha256((root / "key.safetensors").read_bytes()).hexdigest()
+    (root / "models.toml").write_text(
+        f"""
+[models.tiny-key]
+arch = "cifar_resnet20"
+arch_args = {{ shortcut = "pad_end" }}
+classes = "cifar10"
+source = "file:key.safetensors"
+sha256 = "{sha}"
+role = "backbone"
+
+[models.tiny-labeller]
+base = "tiny-key"
+source = "file:labeller.safetensors"
+sha256 = "{"0" * 64}"
+role = "classifier"
+
+[models.tiny-labeller-unpinned]
+base = "tiny-key"
+source = "labeller.safetensors"
+sha256 = "{hashlib.sha256((root / "labeller.safetensors").read_bytes()).hexdigest()}"
+"""
+    )
+    return root / "models.toml"
+
+
+def _images(folder: Path, n: int = 4, size: tuple[int, int] = (32, 32)) -> list[Path]:
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        p = folder / f"img{i}.png"
+        Image.fromarray(rng.integers(0, 256, (*size[::-1], 3), dtype=np.uint8)).save(p)
+        paths.append(p)
+    return paths
+
+
+def _digest(paths: list[Path]) -> dict[Path, str]:
+    return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in paths}
+
+
+def run(args: list[str], registry: Path, **kw) -> "CliRunner.invoke":
+    runner = CliRunner()
+    return runner.invoke(app, [*args, "--registry", str(registry)], catch_exceptions=False, **kw)
+
+
+FAST = ["--samples", "3", "-b", "tiny-key", "--device", "cpu"]
+
+
+def test_protect_folder_writes_budgeted_pngs_and_keeps_originals(tmp_path: Path, registry: Path) -> None:
+    originals = _images(tmp_path / "photos")
+    before = _digest(originals)
+    result = run(["protect", str(tmp_path / "photos"), *FAST, "-c", "tiny-labeller-unpinned", "--json"], registry)
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert {Path(r["input"]) for r in lines} == set(originals)
+    assert _digest(originals) == before  # originals untouched
+    for r in lines:
+        assert r["status"] == "done"
+        out = Path(r["output"])
+        assert out.name.endswith(".protected.png")
+        a = np.asarray(Image.open(r["input"]), dtype=np.int64)
+        b = np.asarray(Image.open(out), dtype=np.int64)
+        assert a.shape == b.shape
+        assert np.abs(a - b).max() <= EPS_LEVELS
+        assert np.abs(a - b).max() == r["linf_levels"]
+        meta = json.loads(Image.open(out).text["preempt"])
+        assert meta["backbone"] == "tiny-key" and meta["classifier"] == "tiny-labeller-unpinned"
+        assert len(meta["backbone_sha256"]) == 64
+        assert meta["eps"] == pytest.approx(8 / 255) and meta["samples"] == 3 and meta["eta"] == 0.7
+        assert (meta["forward_steps"], meta["backward_steps"], meta["seed"]) == (1, 2, 0)
+    assert not list((tmp_path / "photos").glob(".*tmp"))  # no temp files left behind
+
+
+def test_rerun_skips_and_overwrite_redoes(tmp_path: Path, registry: Path) -> None:
+    _images(tmp_path / "p", n=2)
+    assert run(["protect", str(tmp_path / "p"), *FAST, "--labels", "backbone"], registry).exit_code == 0
+    again = run(["protect", str(tmp_path / "p"), *FAST, "--labels", "backbone", "--json"], registry)
+    assert again.exit_code == 0
+    assert [json.loads(x)["status"] for x in again.stdout.splitlines()] == ["skipped", "skipped"]
+    # An output named directly is recognised as already protected.
+    out = tmp_path / "p" / "img0.protected.png"
+    direct = run(["protect", str(out), *FAST, "--labels", "backbone", "--json"], registry)
+    assert json.loads(direct.stdout)["status"] == "skipped"
+    redo = run(["protect", str(tmp_path / "p"), *FAST, "--labels", "backbone", "--json", "--overwrite"], registry)
+    assert [json.loads(x)["status"] for x in redo.stdout.splitlines()] == ["done", "done"]
+
+
+def test_deterministic_for_a_seed(tmp_path: Path, registry: Path) -> None:
+    _images(tmp_path / "in", n=2)
+    outs = []
+    for seed, d in ((0, "a"), (0, "b"), (1, "c")):
+        args = ["protect", str(tmp_path / "in"), *FAST, "--labels", "backbone", "--seed", str(seed), "-o", str(tmp_path / d)]
+        assert run(args, registry).exit_code == 0
+        outs.append(np.asarray(Image.open(tmp_path / d / "img0.protected.png")))
+    assert np.array_equal(outs[0], outs[1])
+    assert not np.array_equal(outs[0], outs[2])
+
+
+def test_bad_inputs_fail_alone_with_named_reasons(tmp_path: Path, registry: Path) -> None:
+    folder = tmp_path / "mixed"
+    good = _images(folder, n=2)
+    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(200)))
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "notes.jpg").write_text("this is not an image")
+    Image.new("RGB", (400, 400)).save(folder / "big.png")
+    result = run(["protect", str(folder), *FAST, "--labels", "backbone", "--json", "--max-pixels", "100000"], registry)
+    assert result.exit_code == 1
+    by_name = {Path(r["input"]).name: r for r in map(json.loads, result.stdout.splitlines())}
+    assert {n for n, r in by_name.items() if r["status"] == "done"} == {p.name for p in good}
+    assert "empty" in by_name["empty.jpg"]["reason"]
+    assert "not an image" in by_name["notes.jpg"]["reason"]
+    assert by_name["corrupt.png"]["status"] == "failed"
+    assert "decompression" in by_name["big.png"]["reason"]
+    for name in ("corrupt.png", "empty.jpg", "notes.jpg", "big.png"):
+        assert f"{folder / name}:" in result.stderr  # one error line naming the file
+    assert not (folder / "corrupt.protected.png").exists()
+
+
+def test_missing_file_named_directly_fails_with_exit_1(tmp_path: Path, registry: Path) -> None:
+    (good,) = _images(tmp_path, n=1)
+    result = run(["protect", str(good), str(tmp_path / "nope.png"), *FAST, "--labels", "backbone"], registry)
+    assert result.exit_code == 1
+    assert "nope.png: no such file" in result.stderr
+    assert (tmp_path / "img0.protected.png").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["-b", "no-such-model", "--labels", "backbone"], "unknown model 'no-such-model'"),
+        (["-b", "tiny-key", "--eps", "abc"], "invalid eps"),
+        (["-b", "tiny-key", "--shard", "3/2"], "--shard"),
+        (["-b", "tiny-key", "--preset", "fancy"], "unknown preset"),
+        (["--labels", "backbone"], "no backbone"),
+        (["-b", "tiny-key"], "no classifier"),
+        (["-b", "tiny-key", "-c", "tiny-labeller"], "sha256"),
+        (["-b", "tiny-key", "--labels", "nofile.csv"], "--labels"),
+    ],
+)
+def test_usage_errors_exit_2_with_one_line(tmp_path: Path, registry: Path, args: list[str], message: str) -> None:
+    _images(tmp_path, n=1)
+    result = run(["protect", str(tmp_path), "--device", "cpu", *args], registry)
+    assert result.exit_code == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not list(tmp_path.glob("*.protected.png"))
+
+
+def test_stdin_out_dir_and_suffix(tmp_path: Path, registry: Path) -> None:
+    paths = _images(tmp_path / "src" / "sub", n=2)
+    listing = "\n".join(str(p) for p in paths) + "\n"
+    result = run(["protect", "-", *FAST, "--labels", "backbone", "--suffix", ".safe"], registry, input=listing)
+    assert result.exit_code == 0, result.stderr
+    assert all((p.parent / f"{p.stem}.safe.png").exists() for p in paths)
+    result = run(["protect", str(tmp_path / "src"), *FAST, "--labels", "backbone", "-o", str(tmp_path / "out")], registry)
+    assert result.exit_code == 0
+    assert sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*.png")) == [
+        "sub/img0.protected.png",
+        "sub/img1.protected.png",
+    ]
+
+
+def test_labels_from_folders_and_csv(tmp_path: Path, registry: Path) -> None:
+    _images(tmp_path / "data" / "cat", n=1)
+    _images(tmp_path / "data" / "ship", n=1)
+    result = run(["protect", str(tmp_path / "data"), *FAST, "--labels", "folders", "--json"], registry)
+    assert result.exit_code == 0
+    labels = {Path(r["input"]).parent.name: r["label_name"] for r in map(json.loads, result.stdout.splitlines())}
+    assert labels == {"cat": "cat", "ship": "ship"}
+    csv = tmp_path / "labels.csv"
+    csv.write_text("file,label\ncat/img0.png,frog\nship/img0.png,9\n")
+    result = run(["protect", str(tmp_path / "data"), *FAST, "--labels", str(csv), "--json", "--overwrite",
+                  "-o", str(tmp_path / "o")], registry)  # fmt: skip
+    labels = {Path(r["input"]).parent.name: r["label"] for r in map(json.loads, result.stdout.splitlines())}
+    assert labels == {"cat": 6, "ship": 9}
+
+
+def test_shards_partition_the_inputs(tmp_path: Path, registry: Path) -> None:
+    _images(tmp_path / "many", n=6)
+    seen = []
+    for k in (1, 2, 3):
+        r = run(["protect", str(tmp_path / "many"), *FAST, "--labels", "backbone", "--shard", f"{k}/3", "--json"],
+                registry)  # fmt: skip
+        assert r.exit_code == 0
+        seen.append({json.loads(x)["input"] for x in r.stdout.splitlines()})
+    assert sum(len(s) for s in seen) == 6 and len(set().union(*seen)) == 6
+
+
+def test_revert_white_box_uses_the_recorded_key(tmp_path: Path, registry: Path) -> None:
+    _images(tmp_path / "r", n=2)
+    assert run(["protect", str(tmp_path / "r"), *FAST, "-c", "tiny-labeller-unpinned"], registry).exit_code == 0
+    plain = tmp_path / "r" / "img0.png"
+    result = run(["revert", str(tmp_path / "r"), "--white-box", "--json", "--device", "cpu"], registry)
+    rows = {Path(r["input"]).name: r for r in map(json.loads, result.stdout.splitlines())}
+    # Originals (no metadata) fail with a reason; protected files are reverted within eps of them.
+    assert result.exit_code == 1 and rows[plain.name]["status"] == "failed"
+    assert "no preempt metadata" in rows[plain.name]["reason"]
+    for name in ("img0.protected.png", "img1.protected.png"):
+        assert rows[name]["status"] == "done"
+        out = Path(rows[name]["output"])
+        meta = json.loads(Image.open(out).text["preempt"])
+        assert meta["kind"] == "reverted" and meta["backbone"] == "tiny-key" and meta["samples"] == 3
+        a = np.asarray(Image.open(tmp_path / "r" / name), dtype=np.int64)
+        b = np.asarray(Image.open(out), dtype=np.int64)
+        assert 0 < np.abs(a - b).max() <= EPS_LEVELS
+
+
+def test_revert_needs_a_backbone_or_white_box(tmp_path: Path, registry: Path) -> None:
+    _images(tmp_path, n=1)
+    result = run(["revert", str(tmp_path)], registry)
+    assert result.exit_code == 2 and "--white-box" in result.stderr
+
+
+def test_models_commands(registry: Path) -> None:
+    listed = run(["models", "list", "--json"], registry)
+    names = {json.loads(x)["name"] for x in listed.stdout.splitlines()}
+    assert {"tiny-key", "cifar10-resnet20-pgdat-a", "preact18"} <= names
+    shown = json.loads(run(["models", "show", "tiny-labeller", "--json"], registry).stdout)
+    assert shown["arch"] == "cifar_resnet20" and shown["role"] == "classifier"
+    ok = run(["models", "verify", "tiny-key"], registry)
+    assert ok.exit_code == 0 and "sha256 matches pin" in ok.stdout
+    bad = run(["models", "verify", "tiny-labeller"], registry)
+    assert bad.exit_code == 1 and "sha256" in bad.stderr
+    assert run(["models", "show", "nope"], registry).exit_code == 2
+
+
+def test_models_convert_refuses_code_and_writes_safetensors(tmp_path: Path) -> None:
+    net = create_arch("cifar_resnet20", num_classes=10)
+    torch.save({"state_dict": {f"module.{k}": v for k, v in net.state_dict().items()}}, tmp_path / "ckpt.pt")
+    out = tmp_path / "converted.safetensors"
+    result = CliRunner().invoke(app, ["models", "convert", str(tmp_path / "ckpt.pt"), str(out)])
+    assert result.exit_code == 0, result.stderr
+    from safetensors.torch import load_file
+
+    assert set(load_file(str(out))) == set(net.state_dict())
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"x": Evil()}, tmp_path / "evil.pt")
+    result = CliRunner().invoke(app, ["models", "convert", str(tmp_path / "evil.pt"), str(tmp_path / "e.safetensors")])
+    assert result.exit_code == 2 and "weights_only" in result.stderr
+    assert not (tmp_path / "e.safetensors").exists()
+
+
+@pytest.mark.parametrize("command", [["protect"], ["revert"], ["models", "list"], ["models", "verify"], []])
+def test_help_shows_examples(command: list[str]) -> None:
+    result = CliRunner().invoke(app, [*command, "--help"])
+    assert result.exit_code == 0
+    assert "Examples" in result.stdout

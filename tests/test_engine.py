@@ -1,0 +1,368 @@
+"""The Fore-Back engine (Algorithm 1): budget, determinism, per-image invariance, step semantics, reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import make_tiny_model
+from preempt_cli.engine import PRESETS, FastPreemption, ForeBackConfig, parse_eps, project
+from preempt_cli.errors import ConfigError
+
+# float32 slack for "within eps": x0 +- eps is itself rounded to float32.
+TOL = 1e-6
+
+
+def _ce(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-image cross-entropy of ``model`` (no grad)."""
+    with torch.no_grad():
+        return F.cross_entropy(model(x), y, reduction="none")
+
+
+def _input_grad(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    xs = x.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        (grad,) = torch.autograd.grad(F.cross_entropy(model(xs), y, reduction="sum"), xs)
+    return grad
+
+
+def _clip(v: torch.Tensor, center: torch.Tensor, eps: float) -> torch.Tensor:
+    """Reference projection, written independently of ``engine.project``."""
+    return torch.max(torch.min(v, center + eps), center - eps).clamp(0.0, 1.0)
+
+
+def _saturated_batch() -> torch.Tensor:
+    """Images full of exact 0s and 1s (and a few mid values): the [0, 1] clip must act."""
+    g = torch.Generator().manual_seed(123)
+    x = (torch.rand(3, 3, 32, 32, generator=g) > 0.5).float()
+    x[2] = torch.rand(3, 32, 32, generator=g)
+    return x
+
+
+# -- budget and range ---------------------------------------------------------------------------------------
+
+BUDGET_CONFIGS = {
+    "paper-8/255": ForeBackConfig(samples=4),
+    "eps4-eta1.5-F2B0": ForeBackConfig(eps=4 / 255, eta=1.5, forward_steps=2, backward_steps=0, samples=4),
+    "eps16-eta0.3-F0B3": ForeBackConfig(eps=16 / 255, eta=0.3, forward_steps=0, backward_steps=3, samples=3),
+    "eps0.0314-F3B3": ForeBackConfig(eps=0.0314, eta=0.9, forward_steps=3, backward_steps=3, samples=2),
+    "mspd": ForeBackConfig.from_preset("mspd", samples=4),
+    "pgd-samples": ForeBackConfig(samples=2, inner_steps=3),
+}
+
+
+@pytest.mark.parametrize("cfg", list(BUDGET_CONFIGS.values()), ids=list(BUDGET_CONFIGS))
+def test_budget_and_range_hold(cfg: ForeBackConfig, tiny_backbone, cifar_batch) -> None:
+    x, y = cifar_batch
+    for images, labels, real in ((x, y, True), (_saturated_batch(), y[:3], False)):
+        out = FastPreemption(tiny_backbone, config=cfg, seed=7).perturb(images, labels)
+        assert out.shape == images.shape and out.dtype == torch.float32
+        assert torch.isfinite(out).all()
+        assert out.min() >= 0.0 and out.max() <= 1.0
+        delta = (out - images).abs()
+        assert delta.max() <= cfg.eps + TOL
+        # A real perturbation, not a no-op: some pixels move by a sizeable part of the budget, and on
+        # real images most pixels move (saturated 0/1 pixels pushed outward are clipped in place).
+        assert delta.max() > 0.25 * cfg.eps
+        if real:
+            assert (delta > 0).float().mean() > 0.5
+
+
+def test_mspd_preset_matches_documented_settings() -> None:
+    cfg = ForeBackConfig.from_preset("mspd")
+    assert (cfg.eta, cfg.forward_steps, cfg.backward_steps, cfg.samples) == (1.0, 1, 1, 20)
+    assert cfg.sample_projection == "iterate"
+    paper = ForeBackConfig.from_preset("paper")
+    assert paper == ForeBackConfig()  # the defaults are the paper's Table 3
+    assert (paper.eps, paper.eta, paper.forward_steps, paper.backward_steps, paper.samples) == (
+        8 / 255, 0.7, 1, 2, 20,
+    )  # fmt: skip
+    assert paper.eta * (paper.forward_steps + paper.backward_steps) > 1  # the paper's rule
+    # Overrides win, None overrides are ignored.
+    tuned = ForeBackConfig.from_preset("mspd", eps=4 / 255, samples=None)
+    assert tuned.eps == 4 / 255 and tuned.samples == 20 and tuned.sample_projection == "iterate"
+    assert set(PRESETS) >= {"paper", "mspd"}
+
+
+# -- determinism and per-image invariance ---------------------------------------------------------------------
+
+
+def test_same_seed_is_bitwise_equal_and_other_seed_differs(tiny_backbone, cifar_batch) -> None:
+    x, y = cifar_batch
+    cfg = ForeBackConfig(samples=4)
+    a = FastPreemption(tiny_backbone, config=cfg, seed=3).perturb(x, y)
+    b = FastPreemption(tiny_backbone, config=cfg, seed=3).perturb(x, y)
+    assert torch.equal(a, b)
+    c = FastPreemption(tiny_backbone, config=cfg, seed=4).perturb(x, y)
+    assert not torch.equal(a, c)
+    # Each image gets a different result with another seed (not just one of them).
+    assert all(not torch.equal(a[i], c[i]) for i in range(len(x)))
+    # Other noise seeds for the images also change the result.
+    d = FastPreemption(tiny_backbone, config=cfg, seed=3).perturb(x, y, noise_seeds=[s + 100 for s in range(len(x))])
+    assert not torch.equal(a, d)
+    # The global RNG plays no part.
+    torch.manual_seed(999)
+    e = FastPreemption(tiny_backbone, config=cfg, seed=3).perturb(x, y)
+    assert torch.equal(a, e)
+
+
+def test_image_alone_equals_image_in_batch(tiny_backbone, cifar_batch) -> None:
+    x, y = cifar_batch
+    cfg = ForeBackConfig(samples=4)
+    seeds = [1000 + 17 * i for i in range(len(x))]
+    engine = FastPreemption(tiny_backbone, config=cfg, seed=5)
+    batched = engine.perturb(x, y, noise_seeds=seeds)
+    for i in range(len(x)):
+        alone = engine.perturb(x[i : i + 1], y[i : i + 1], noise_seeds=[seeds[i]])
+        torch.testing.assert_close(alone[0], batched[i], atol=1e-6, rtol=0)
+    # Another batch composition (reversed, partial) gives the same per-image results.
+    order = [5, 2, 7, 0]
+    partial = engine.perturb(x[order], y[order], noise_seeds=[seeds[i] for i in order])
+    torch.testing.assert_close(partial, batched[order], atol=1e-6, rtol=0)
+    # Default noise seeds are the batch indices.
+    default = engine.perturb(x, y)
+    alone = engine.perturb(x[3:4], y[3:4], noise_seeds=[3])
+    torch.testing.assert_close(alone[0], default[3], atol=1e-6, rtol=0)
+
+
+def test_noise_is_uniform_in_budget_and_per_image(tiny_backbone) -> None:
+    cfg = ForeBackConfig(eps=8 / 255, samples=16)
+    engine = FastPreemption(tiny_backbone, config=cfg, seed=2)
+    like = torch.zeros(3, 3, 32, 32)
+    noise = engine._noise(like, engine._generators(3, [10, 11, 12]))
+    assert noise.shape == (3, 16, 3, 32, 32)
+    assert noise.abs().max() <= cfg.eps
+    assert noise.min() < -0.9 * cfg.eps and noise.max() > 0.9 * cfg.eps  # spans the whole interval
+    assert abs(noise.mean().item()) < 0.02 * cfg.eps
+    assert noise.std().item() == pytest.approx(cfg.eps / math.sqrt(3), rel=0.02)  # std of U(-eps, eps)
+    # The same per-image seed draws the same noise, whatever the batch.
+    single = engine._noise(like[:1], engine._generators(1, [11]))
+    assert torch.equal(single[0], noise[1])
+    with pytest.raises(ValueError, match="noise seeds"):
+        engine._generators(3, [1, 2])
+
+
+# -- the semantics of one step ------------------------------------------------------------------------------
+
+
+def test_forward_step_lowers_backbone_loss(tiny_backbone, cifar_batch) -> None:
+    x, y = cifar_batch
+    cfg = ForeBackConfig(forward_steps=1, backward_steps=0, samples=8)
+    out = FastPreemption(tiny_backbone, config=cfg).perturb(x, y)
+    before, after = _ce(tiny_backbone, x, y), _ce(tiny_backbone, out, y)
+    assert (after < before).all(), (before, after)
+    # The step goes down the loss: its delta has a negative inner product with the loss gradient.
+    grad = _input_grad(tiny_backbone, x, y)
+    assert ((out - x) * grad).flatten(1).sum(1).lt(0).all()
+
+
+def test_backward_step_moves_against_the_predicted_attack(tiny_backbone, cifar_batch) -> None:
+    x, y = cifar_batch
+    cfg = ForeBackConfig(forward_steps=0, backward_steps=1, samples=8)
+    engine = FastPreemption(tiny_backbone, config=cfg)
+    out = engine.perturb(x, y)
+    grad = _input_grad(tiny_backbone, x, y)
+    fgsm = project(x + cfg.eps * grad.sign(), x, cfg.eps)
+    assert (_ce(tiny_backbone, fgsm, y) > _ce(tiny_backbone, x, y)).all()  # the attack works...
+    assert (_ce(tiny_backbone, out, y) < _ce(tiny_backbone, fgsm, y)).all()  # ...the step goes the other way
+    assert ((out - x) * grad.sign()).flatten(1).sum(1).lt(0).all()
+
+    # Same from a later iterate x_t (after a forward step), one backward step taken by the engine.
+    x_t = FastPreemption(tiny_backbone, config=cfg.with_(forward_steps=1, backward_steps=0)).perturb(x, y)
+    x_next = engine._step(x_t, x, y, engine._generators(len(x), None), direction=+1.0)
+    grad_t = _input_grad(tiny_backbone, x_t, y)
+    fgsm_t = project(x_t + cfg.eps * grad_t.sign(), x, cfg.eps)
+    assert (_ce(tiny_backbone, x_next, y) < _ce(tiny_backbone, fgsm_t, y)).all()
+    assert ((x_next - x_t) * grad_t.sign()).flatten(1).sum(1).lt(0).all()
+    assert (x_next - x).abs().max() <= cfg.eps + TOL
+
+
+# -- the batched algorithm equals a per-sample loop -------------------------------------------------------------
+
+
+def _reference_perturb(model, x, y, cfg: ForeBackConfig, noises: list[torch.Tensor]) -> torch.Tensor:
+    """Algorithm 1 written as plain loops: one image, one sample, one gradient at a time."""
+    x0 = x.clone()
+    x_t = x.clone()
+    directions = [-1.0] * cfg.forward_steps + [+1.0] * cfg.backward_steps
+    assert len(noises) == len(directions)
+    step_size = cfg.eps if cfg.inner_steps == 1 else 2.5 * cfg.eps / cfg.inner_steps
+    for direction, noise in zip(directions, noises):
+        nxt = torch.empty_like(x_t)
+        for b in range(x.shape[0]):
+            samples = []
+            for n in range(cfg.samples):
+                s = (x_t[b] + noise[b, n]).clamp(0.0, 1.0)
+                start = s.clone()
+                for _ in range(cfg.inner_steps):
+                    grad = _input_grad(model, s[None], y[b : b + 1])[0]
+                    s = s + direction * step_size * grad.sign()
+                    if cfg.inner_steps > 1:
+                        s = _clip(s, start, cfg.eps)
+                if cfg.sample_projection == "iterate":
+                    s = _clip(s, x_t[b], cfg.eps)
+                samples.append(_clip(s, x0[b], cfg.eps))
+            delta = torch.stack(samples).mean(dim=0) - x_t[b]
+            # forward: x + eta * delta_r; backward: x - eta * delta_a
+            nxt[b] = _clip(x_t[b] - direction * cfg.eta * delta, x0[b], cfg.eps)
+        x_t = nxt
+    return x_t
+
+
+REFERENCE_CONFIGS = {
+    "paper": ForeBackConfig(samples=3),
+    "mspd": ForeBackConfig.from_preset("mspd", samples=3),
+    "F2B1-eta0.5": ForeBackConfig(eps=6 / 255, eta=0.5, forward_steps=2, backward_steps=1, samples=2),
+    "pgd2": ForeBackConfig(forward_steps=1, backward_steps=1, samples=2, inner_steps=2),
+}
+
+
+@pytest.mark.parametrize("cfg", list(REFERENCE_CONFIGS.values()), ids=list(REFERENCE_CONFIGS))
+def test_batched_samples_equal_per_sample_loop(cfg, tiny_backbone, cifar_batch, monkeypatch) -> None:
+    x, y = cifar_batch
+    x, y = x[:3], y[:3]
+    g = torch.Generator().manual_seed(42)
+    steps = cfg.forward_steps + cfg.backward_steps
+    noises = [torch.empty(3, cfg.samples, 3, 32, 32).uniform_(-cfg.eps, cfg.eps, generator=g) for _ in range(steps)]
+    served = iter(noises)
+
+    def fake_noise(self, like, generators):
+        noise = next(served)
+        assert noise.shape == (like.shape[0], self.config.samples, *like.shape[1:])
+        return noise.clone()
+
+    monkeypatch.setattr(FastPreemption, "_noise", fake_noise)
+    out = FastPreemption(tiny_backbone, config=cfg).perturb(x, y)
+    assert next(served, None) is None  # one noise draw per step, no more
+    ref = _reference_perturb(tiny_backbone, x, y, cfg, noises)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
+    assert not torch.equal(out, x)
+
+
+def test_backbone_runs_batched_once_per_step(tiny_backbone, cifar_batch) -> None:
+    x, y = cifar_batch
+    cfg = ForeBackConfig(samples=5)
+    rows: list[int] = []
+    handle = tiny_backbone.register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[0]))
+    try:
+        FastPreemption(tiny_backbone, config=cfg).perturb(x, y)
+    finally:
+        handle.remove()
+    assert rows == [len(x) * cfg.samples] * (cfg.forward_steps + cfg.backward_steps)
+    assert sum(rows) == len(x) * cfg.passes_per_image
+
+
+# -- gradients, inputs and shapes ---------------------------------------------------------------------------
+
+
+def test_gradients_only_with_respect_to_the_input(cifar_batch) -> None:
+    model = make_tiny_model(0, frozen=False)  # trainable params: perturb must still leave them alone
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = cifar_batch
+    x_copy = x.clone()
+    x.requires_grad_(False)
+    out = FastPreemption(model, config=ForeBackConfig(samples=3)).perturb(x, y)
+    assert all(p.grad is None for p in model.parameters())
+    assert all(p.requires_grad for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(x, x_copy)  # the input is not modified in place
+    assert x.grad is None and not out.requires_grad and out.grad_fn is None
+
+
+def test_resize_path_keeps_budget_at_full_resolution(tiny_backbone) -> None:
+    # A 64x48 (W x H) image through a 32x32 backbone: the model resizes inside, differentiably.
+    g = torch.Generator().manual_seed(0)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, 48), torch.linspace(0, 1, 64), indexing="ij")
+    x = torch.stack([xx, yy, (xx + yy) / 2]).unsqueeze(0)
+    x = (0.8 * x + 0.2 * torch.rand(1, 3, 48, 64, generator=g)).clamp(0, 1)
+    y = torch.tensor([3])
+    cfg = ForeBackConfig(samples=4)
+    out = FastPreemption(tiny_backbone, config=cfg).perturb(x, y)
+    assert out.shape == (1, 3, 48, 64)
+    delta = (out - x).abs()
+    assert delta.max() <= cfg.eps + TOL
+    assert out.min() >= 0 and out.max() <= 1
+    # Gradients reach every region of the full-resolution image, not only a 32x32 subset.
+    assert (delta > 0).float().mean() > 0.9
+    assert delta.max() > 0.5 * cfg.eps
+    # The forward half alone lowers the loss of the resized image, as at native size.
+    fwd = FastPreemption(tiny_backbone, config=cfg.with_(backward_steps=0, samples=8)).perturb(x, y)
+    assert _ce(tiny_backbone, fwd, y) < _ce(tiny_backbone, x, y)
+
+
+def test_grayscale_input_through_rgb_backbone(tiny_backbone) -> None:
+    x = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    cfg = ForeBackConfig(samples=3)
+    out = FastPreemption(tiny_backbone, config=cfg).perturb(x, torch.tensor([0, 1]))
+    assert out.shape == x.shape
+    assert (out - x).abs().max() <= cfg.eps + TOL and (out != x).float().mean() > 0.5
+
+
+def test_perturb_rejects_bad_shapes(tiny_backbone) -> None:
+    engine = FastPreemption(tiny_backbone, config=ForeBackConfig(samples=1))
+    with pytest.raises(ValueError, match="NCHW"):
+        engine.perturb(torch.rand(3, 32, 32), torch.tensor([0]))
+    with pytest.raises(ValueError, match="labels"):
+        engine.perturb(torch.rand(2, 3, 32, 32), torch.tensor([0]))
+    with pytest.raises(ValueError, match="noise seeds"):
+        engine.perturb(torch.rand(2, 3, 32, 32), torch.tensor([0, 1]), noise_seeds=[1])
+
+
+def test_project() -> None:
+    center = torch.tensor([0.0, 0.5, 1.0, 0.02])
+    v = torch.tensor([-0.3, 0.9, 0.5, 0.2])
+    assert torch.allclose(project(v, center, 0.1), torch.tensor([0.0, 0.6, 0.9, 0.12]))
+
+
+# -- parsing and validation ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("8/255", 8 / 255), ("0.0314", 0.0314), ("8", 8 / 255), (" 4/255 ", 4 / 255), ("1", 1.0), ("255", 1.0),
+     (0.03, 0.03), (16, 16 / 255)],
+)  # fmt: skip
+def test_parse_eps_accepts(text, expected) -> None:
+    assert parse_eps(text) == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("text", ["abc", "0", "-1", "", "1/0", "8/255/2", "300", "-8/255", "nan"])
+def test_parse_eps_rejects(text) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_eps(text)
+    assert "eps" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        dict(eps=0.0), dict(eps=-0.1), dict(eps=1.5), dict(eta=0.0), dict(eta=-1.0),
+        dict(forward_steps=-1), dict(backward_steps=-2), dict(forward_steps=0, backward_steps=0),
+        dict(samples=0), dict(sample_projection="nearest"), dict(inner_steps=0),
+    ],
+)  # fmt: skip
+def test_config_rejects_invalid_values(changes) -> None:
+    with pytest.raises(ConfigError):
+        ForeBackConfig(**changes)
+    with pytest.raises(ConfigError):
+        ForeBackConfig().with_(**changes)
+
+
+def test_unknown_preset_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="paper"):
+        ForeBackConfig.from_preset("fastest")
+
+
+def test_passes_per_image() -> None:
+    assert ForeBackConfig().passes_per_image == 60  # (1 + 2) * 20, as in the paper
+    assert ForeBackConfig.from_preset("mspd").passes_per_image == 40
+    assert ForeBackConfig(forward_steps=3, backward_steps=0, samples=7).passes_per_image == 21
+    assert ForeBackConfig(samples=4, inner_steps=5).passes_per_image == 3 * 4 * 5
+
+
+def test_config_round_trips_as_dict() -> None:
+    cfg = ForeBackConfig.from_preset("mspd", eps=4 / 255)
+    assert ForeBackConfig(**cfg.as_dict()) == cfg
