@@ -193,7 +193,9 @@ def quantize(x: torch.Tensor, reference: np.ndarray, eps: float) -> np.ndarray:
 
 def _to_pil(picture: Picture, color: np.ndarray) -> Image.Image:
     if picture.mode == "I;16":
-        return Image.fromarray(color[:, :, 0].astype(np.uint16), mode="I;16")
+        # No mode= here: Pillow >= 13 rejects fromarray(uint16, mode="I;16"); a little-endian uint16
+        # array is read as I;16 by every supported Pillow.
+        return Image.fromarray(np.ascontiguousarray(color[:, :, 0].astype("<u2")))
     planes = color if picture.alpha is None else np.concatenate([color, picture.alpha[:, :, None]], axis=2)
     if planes.shape[2] == 1:
         planes = planes[:, :, 0]

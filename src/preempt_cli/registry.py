@@ -245,7 +245,10 @@ def _load_cached(paths: tuple[tuple[Path, float], ...]) -> dict[str, ModelConfig
                 base = models.get(row["base"])
                 if base is None:
                     raise RegistryError(path, f"model {name!r}: base model {row['base']!r} is not defined")
-                row = {**_as_row(base), **{k: v for k, v in row.items() if k != "base"}}
+                inherited = _as_row(base)
+                if "source" in row and "sha256" not in row:
+                    inherited.pop("sha256")  # the base's pin describes the base's file, not this new one
+                row = {**inherited, **{k: v for k, v in row.items() if k != "base"}}
             models[name] = _parse_row(name, row, path, class_sets)
     return models
 

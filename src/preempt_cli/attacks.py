@@ -1,0 +1,573 @@
+"""Attacks that measure robust accuracy: PGD (ours) and AutoAttack (the reference code, wrapped).
+
+Every attack follows the house contract (AutoAttack's own): built keyword-only from the model and its
+settings (norm, eps, steps, step size, restarts, seed, device), then ``perturb(x, y) -> x_adv`` maps NCHW
+float images in [0, 1] and their integer labels to adversarial images of the same shape, within ``eps`` of
+``x`` in the attack's norm and inside [0, 1]. Models take [0, 1] images (normalization lives inside the
+model wrapper). Attacks keep no state between calls: the same inputs and seed give the same outputs.
+
+The registry maps names to attack classes (``ATTACKS``); :func:`create_attack` builds one by name, and
+:func:`robust_accuracy` runs one the way AutoAttack reports it (only clean-correct points are attacked).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import math
+from pathlib import Path
+from typing import Any, Iterator, Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ConfigError, LabelError, MissingDependencyError
+
+__all__ = [
+    "Attack",
+    "PGD",
+    "AutoAttack",
+    "ATTACKS",
+    "NORMS",
+    "AUTOATTACK_VERSIONS",
+    "list_attacks",
+    "create_attack",
+    "robust_accuracy",
+]
+
+_logger = logging.getLogger(__name__)
+
+#: Norms the attacks support, as AutoAttack spells them.
+NORMS: tuple[str, ...] = ("Linf", "L2")
+
+#: AutoAttack versions offered: ``standard`` (APGD-CE, APGD-T, FAB-T, Square) for deterministic models,
+#: ``rand`` (APGD-CE and APGD-DLR with EOT over 20 draws) for randomized defenses.
+AUTOATTACK_VERSIONS: tuple[str, ...] = ("standard", "rand")
+
+#: Levels of an 8-bit image (values k / 255).
+_LEVELS = 255
+#: Slack, in units of one 8-bit level, for float rounding when deciding which levels lie in the ball.
+_LEVEL_TOL = 1e-4
+
+
+@runtime_checkable
+class Attack(Protocol):
+    """What every registered attack provides."""
+
+    norm: str
+    eps: float
+    device: torch.device
+
+    def perturb(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Adversarial versions of ``x`` (NCHW in [0, 1]) for labels ``y``, within ``eps`` of ``x``."""
+        ...
+
+
+# -- validation helpers --------------------------------------------------------------------------------------
+
+
+def _check_norm(norm: str) -> str:
+    """``"Linf"``/``"L2"`` (any case) -> the canonical spelling.
+
+    Raises:
+        ConfigError: another norm.
+    """
+    canonical = {n.lower(): n for n in NORMS}.get(str(norm).lower()) if isinstance(norm, str) else None
+    if canonical is None:
+        raise ConfigError(f"unsupported norm {norm!r}: choose one of {', '.join(NORMS)}")
+    return canonical
+
+
+def _check_eps(eps: float, norm: str) -> float:
+    """A positive finite budget (at most 1 for L-inf, where a larger one would be the whole cube).
+
+    Raises:
+        ConfigError: not a number, not positive, not finite, or above 1 for L-inf.
+    """
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise ConfigError(f"eps must be a number, got {eps!r}")
+    value = float(eps)
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"eps must be positive and finite, got {eps!r}")
+    if norm == "Linf" and value > 1:
+        raise ConfigError(f"an L-inf eps must be in (0, 1] for [0, 1] images, got {eps!r} (did you mean {eps}/255?)")
+    return value
+
+
+def _check_int(name: str, value: int, minimum: int) -> int:
+    """An integer of at least ``minimum``.
+
+    Raises:
+        ConfigError: not an integer or too small.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    """Where the model's first parameter (or buffer) lives; the CPU for a model with neither."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _check_batch(x: torch.Tensor, y: torch.Tensor) -> None:
+    """Images NCHW floating point in [0, 1] and one integer label per image.
+
+    Raises:
+        ConfigError: wrong shapes or types, or values outside [0, 1].
+        LabelError: negative labels.
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
+        raise ConfigError("images must be a floating-point NCHW tensor")
+    if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.is_floating_point() or y.dtype == torch.bool:
+        raise ConfigError("labels must be a 1-D integer tensor")
+    if y.shape[0] != x.shape[0]:
+        raise ConfigError(f"got {x.shape[0]} images but {y.shape[0]} labels")
+    if x.numel() and (x.min() < 0 or x.max() > 1 or torch.isnan(x).any()):
+        raise ConfigError("images must hold values in [0, 1] (models normalize inside their wrapper)")
+    if y.numel() and y.min() < 0:
+        raise LabelError(f"labels must be class indices >= 0, got {int(y.min())}")
+
+
+def _check_num_classes(y: torch.Tensor, logits: torch.Tensor) -> None:
+    """Raises LabelError when a label is not a class of the model."""
+    if y.numel() and int(y.max()) >= logits.shape[1]:
+        raise LabelError(f"label {int(y.max())} is not a class of a model with {logits.shape[1]} outputs")
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Run with every submodule in eval mode; restore each one's own mode afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def _l2_norms(t: torch.Tensor) -> torch.Tensor:
+    """Per-image L2 norms, shaped [N, 1, 1, 1] for broadcasting."""
+    return t.flatten(1).norm(p=2, dim=1).view(-1, 1, 1, 1)
+
+
+# -- PGD ------------------------------------------------------------------------------------------------------
+
+
+class PGD:
+    """Projected gradient descent on the cross-entropy loss (Madry et al.), L-inf or L2.
+
+    Each restart starts from a random point of the ball (L-inf: uniform; L2: a random direction at a
+    uniform radius), takes ``steps`` signed (L-inf) or normalized (L2) gradient-ascent steps, projecting
+    onto the ball around ``x`` and onto [0, 1] after each. Across restarts each image keeps the first
+    adversarial example found, else the one with the highest loss, so more restarts never do worse; only
+    images not yet fooled run again. Gradients are taken with respect to the input only (no weight
+    gradients are computed, parameters are never touched) and the model runs in eval mode, its modes
+    restored afterwards. Random draws come from a ``torch.Generator`` on ``device`` seeded by ``seed`` at
+    every call, so results are reproducible and no global random state is used.
+
+    With ``quantize=True`` the result is rounded to 8-bit levels (k / 255), as the evaluation protocol
+    attacks 8-bit images: L-inf clips the rounded levels to those within ``eps`` of ``x`` (for ``x`` on the
+    8-bit grid: ``floor(eps * 255)`` levels); L2 rounds to the nearest levels, else rounds toward ``x``,
+    else (only possible when ``x`` is off the grid) keeps the unrounded image, whichever first lies
+    within ``eps``. Success and loss for the choice across restarts are judged on the rounded images.
+
+    Args:
+        model: a classifier taking [0, 1] images and returning logits.
+        norm: ``"Linf"`` or ``"L2"``.
+        eps: the budget (radius of the ball around ``x``).
+        steps: gradient steps per restart.
+        step_size: the step length; ``eps / 4`` by default (2/255 for L-inf 8/255).
+        restarts: random restarts (1 = a single run).
+        random_start: start from a random point of the ball (else from ``x``).
+        quantize: round the result to 8-bit levels, staying within the budget.
+        seed: seed of the random starts.
+        device: where to compute; the model's device by default.
+
+    Raises:
+        ConfigError: an invalid setting.
+    """
+
+    name = "pgd"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        norm: str = "Linf",
+        eps: float = 8 / 255,
+        steps: int = 20,
+        step_size: float | None = None,
+        restarts: int = 1,
+        random_start: bool = True,
+        quantize: bool = False,
+        seed: int = 0,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.norm = _check_norm(norm)
+        self.eps = _check_eps(eps, self.norm)
+        self.steps = _check_int("steps", steps, 1)
+        if step_size is None:
+            step_size = self.eps / 4
+        if isinstance(step_size, bool) or not isinstance(step_size, (int, float)):
+            raise ConfigError(f"step_size must be a number, got {step_size!r}")
+        if not math.isfinite(step_size) or step_size <= 0:
+            raise ConfigError(f"step_size must be positive and finite, got {step_size!r}")
+        self.step_size = float(step_size)
+        self.restarts = _check_int("restarts", restarts, 1)
+        self.random_start = bool(random_start)
+        self.quantize = bool(quantize)
+        self.seed = _check_int("seed", seed, 0)
+        self.device = torch.device(device) if device is not None else _model_device(model)
+
+    def __repr__(self) -> str:
+        return (
+            f"PGD(norm={self.norm!r}, eps={self.eps:.6g}, steps={self.steps}, step_size={self.step_size:.6g}, "
+            f"restarts={self.restarts}, random_start={self.random_start}, quantize={self.quantize}, "
+            f"seed={self.seed}, device={str(self.device)!r})"
+        )
+
+    def perturb(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Adversarial examples for ``x`` (NCHW in [0, 1]) and labels ``y``.
+
+        Returns a new tensor on ``x``'s device with ``x``'s dtype; ``x`` is not modified.
+
+        Raises:
+            ConfigError: ``x`` or ``y`` of the wrong shape or type, or ``x`` outside [0, 1].
+            LabelError: a label that is not a class of the model.
+        """
+        _check_batch(x, y)
+        if x.shape[0] == 0:
+            return x.detach().clone()
+        x0 = x.detach().to(self.device, torch.float32)
+        y0 = y.detach().to(self.device, torch.long)
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(self.seed)
+
+        best = x0.clone()
+        best_loss = torch.full((x0.shape[0],), -math.inf, device=self.device)
+        fooled = torch.zeros(x0.shape[0], dtype=torch.bool, device=self.device)
+        with _eval_mode(self.model), torch.enable_grad():
+            for restart in range(self.restarts):
+                todo = (~fooled).nonzero().squeeze(1)
+                if todo.numel() == 0:
+                    break
+                xs, ys = x0[todo], y0[todo]
+                adv = self._run(xs, ys, generator)
+                if self.quantize:
+                    adv = self._quantize(adv, xs)
+                with torch.no_grad():
+                    logits = self.model(adv)
+                    loss = F.cross_entropy(logits, ys, reduction="none")
+                    success = logits.argmax(dim=1) != ys
+                better = success | (loss > best_loss[todo])
+                best[todo[better]] = adv[better]
+                best_loss[todo[better]] = loss[better]
+                fooled[todo[success]] = True
+                _logger.debug(
+                    "PGD restart %d/%d: %d of %d images fooled so far",
+                    restart + 1,
+                    self.restarts,
+                    int(fooled.sum()),
+                    x0.shape[0],
+                )
+        return best.to(x.device, x.dtype)
+
+    def _run(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """One restart: random start, then ``steps`` projected ascent steps."""
+        adv = self._project(x + self._random_start(x, generator), x) if self.random_start else x.clone()
+        for step in range(self.steps):
+            adv.requires_grad_(True)
+            logits = self.model(adv)
+            if step == 0:
+                _check_num_classes(y, logits)
+            loss = F.cross_entropy(logits, y, reduction="sum")  # per-image gradients, batch-independent
+            (grad,) = torch.autograd.grad(loss, adv)
+            with torch.no_grad():
+                if self.norm == "Linf":
+                    adv = adv + self.step_size * grad.sign()
+                else:
+                    adv = adv + self.step_size * grad / _l2_norms(grad).clamp_min(1e-12)
+                adv = self._project(adv, x)
+        return adv.detach()
+
+    def _random_start(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """A random offset inside the ball."""
+        if self.norm == "Linf":
+            u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            return (2 * u - 1) * self.eps
+        direction = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        direction = direction / _l2_norms(direction).clamp_min(1e-12)
+        radius = torch.rand((x.shape[0], 1, 1, 1), generator=generator, device=x.device, dtype=x.dtype)
+        return direction * radius * self.eps
+
+    def _project(self, adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Onto the ball of radius ``eps`` around ``x``, then onto [0, 1] (which only shrinks the offset)."""
+        if self.norm == "Linf":
+            adv = torch.minimum(torch.maximum(adv, x - self.eps), x + self.eps)
+        else:
+            delta = adv - x
+            delta = delta * (self.eps / _l2_norms(delta).clamp_min(1e-12)).clamp(max=1.0)
+            adv = x + delta
+        return adv.clamp(0.0, 1.0)
+
+    def _quantize(self, adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Round ``adv`` to 8-bit levels while staying within ``eps`` of ``x`` (see the class docstring)."""
+        a = adv.double()
+        xd = x.double()
+        nearest = torch.round(a * _LEVELS)
+        if self.norm == "Linf":
+            low = torch.ceil((xd - self.eps) * _LEVELS - _LEVEL_TOL).clamp(min=0)
+            high = torch.floor((xd + self.eps) * _LEVELS + _LEVEL_TOL).clamp(max=_LEVELS)
+            clipped = torch.minimum(torch.maximum(nearest, low), high) / _LEVELS
+            # An empty interval (eps under one level and x off the grid) keeps the unrounded value.
+            return torch.where(low <= high, clipped, a).to(adv.dtype)
+        x_levels = torch.round(xd * _LEVELS)
+        toward_x = (x_levels + torch.trunc(a * _LEVELS - x_levels)).clamp(0, _LEVELS)
+        limit = self.eps * (1 + 1e-6)
+        out = a.clone()
+        pending = torch.ones(a.shape[0], dtype=torch.bool, device=a.device)
+        for candidate in (nearest / _LEVELS, toward_x / _LEVELS):
+            fits = pending & (_l2_norms(candidate - xd).view(-1) <= limit)
+            out[fits] = candidate[fits]
+            pending &= ~fits
+        if pending.any():
+            _logger.debug("quantize: %d images kept unrounded (not on the 8-bit grid)", int(pending.sum()))
+        return out.to(adv.dtype)
+
+
+# -- AutoAttack -------------------------------------------------------------------------------------------
+
+
+def _import_autoattack() -> Any:
+    """The ``pyautoattack`` module.
+
+    Raises:
+        MissingDependencyError: the package is not installed.
+    """
+    try:
+        import pyautoattack
+    except ImportError as e:
+        raise MissingDependencyError("pyautoattack", "AutoAttack") from e
+    return pyautoattack
+
+
+@contextlib.contextmanager
+def _own_rng(device: torch.device) -> Iterator[None]:
+    """Restore the global torch RNG states afterwards (the reference code reseeds them)."""
+    devices: list[int] = []
+    if torch.cuda.is_available():
+        devices = [torch.cuda.current_device()]
+        if device.type == "cuda" and device.index is not None and device.index not in devices:
+            devices.append(device.index)
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
+class AutoAttack:
+    """AutoAttack (Croce & Hein, 2020) through its reference implementation, the package ``pyautoattack``.
+
+    A thin wrapper: it builds ``pyautoattack.AutoAttack(model, norm=, eps=, version=, device=, seed=)`` at
+    each call and returns the first element of ``run_standard_evaluation(x, y, batch_size=, state_path=)``.
+    It only adds what the reference leaves to the caller: contiguous inputs, the model in eval mode
+    (modes restored afterwards), and the global torch RNG state restored afterwards (the reference
+    reseeds it). As in the reference, only points classified correctly are attacked, and each attack of
+    the version runs only on the points still robust; points that resist keep their clean value.
+
+    The reference logs through the standard logger named ``auto-attack`` (its progress at DEBUG level when
+    ``verbose``, its sanity-check warnings always); it never prints.
+
+    Args:
+        model: a classifier taking [0, 1] images and returning logits.
+        norm: ``"Linf"`` or ``"L2"``.
+        eps: the budget.
+        version: ``"standard"`` or ``"rand"`` (for randomized defenses: APGD-CE and APGD-DLR, EOT 20).
+        seed: the reference's seed.
+        device: where the reference computes; the model's device by default.
+        batch_size: images per batch inside the reference.
+        verbose: log the reference's progress.
+        state_path: a JSON file where the reference saves its progress (``None``: none). Note that
+            ``pyautoattack`` 0.2.0 cannot read back the state files it writes: resuming from an existing
+            file raises :class:`ConfigError`; delete the file to start over.
+
+    Raises:
+        ConfigError: an invalid setting.
+        MissingDependencyError: ``pyautoattack`` is not installed.
+    """
+
+    name = "autoattack"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        norm: str = "Linf",
+        eps: float = 8 / 255,
+        version: str = "standard",
+        seed: int = 0,
+        device: torch.device | str | None = None,
+        batch_size: int = 250,
+        verbose: bool = False,
+        state_path: Path | str | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.norm = _check_norm(norm)
+        self.eps = _check_eps(eps, self.norm)
+        if version not in AUTOATTACK_VERSIONS:
+            raise ConfigError(
+                f"unsupported AutoAttack version {version!r}: choose one of {', '.join(AUTOATTACK_VERSIONS)}"
+            )
+        self.version = version
+        self.seed = _check_int("seed", seed, 0)
+        self.device = torch.device(device) if device is not None else _model_device(model)
+        self.batch_size = _check_int("batch_size", batch_size, 1)
+        self.verbose = bool(verbose)
+        self.state_path = Path(state_path) if state_path is not None else None
+        self._reference = _import_autoattack()
+
+    def __repr__(self) -> str:
+        return (
+            f"AutoAttack(norm={self.norm!r}, eps={self.eps:.6g}, version={self.version!r}, seed={self.seed}, "
+            f"device={str(self.device)!r})"
+        )
+
+    def perturb(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Adversarial examples for ``x`` (NCHW in [0, 1]) and labels ``y``, from the reference AutoAttack.
+
+        Returns a new tensor on ``x``'s device with ``x``'s dtype.
+
+        Raises:
+            ConfigError: ``x`` or ``y`` of the wrong shape or type, ``x`` outside [0, 1], or a state file
+                the reference refuses to resume from.
+            LabelError: negative labels.
+        """
+        _check_batch(x, y)
+        if x.shape[0] == 0:
+            return x.detach().clone()
+        xc = x.detach().float().contiguous()
+        yc = y.detach().long().contiguous()
+        resuming = self.state_path is not None and self.state_path.exists()
+        with _eval_mode(self.model), _own_rng(self.device):
+            aa = self._reference.AutoAttack(
+                self.model, norm=self.norm, eps=self.eps, version=self.version, device=self.device, seed=self.seed
+            )
+            aa.verbose = self.verbose
+            try:
+                x_adv, _ = aa.run_standard_evaluation(xc, yc, batch_size=self.batch_size, state_path=self.state_path)
+            except ValueError as e:
+                if not resuming:
+                    raise
+                raise ConfigError(
+                    f"AutoAttack cannot resume from the state file {self.state_path}: {e} "
+                    "Delete the file to start the evaluation over."
+                ) from e
+        return x_adv.to(x.device, x.dtype)
+
+
+# -- registry ---------------------------------------------------------------------------------------------
+
+#: Attack classes by name.
+ATTACKS: dict[str, type] = {PGD.name: PGD, AutoAttack.name: AutoAttack}
+
+
+def list_attacks() -> list[str]:
+    """Names of the registered attacks, sorted."""
+    return sorted(ATTACKS)
+
+
+def create_attack(name: str, /, model: nn.Module, **kwargs: Any) -> Attack:
+    """Build the attack registered as ``name`` on ``model``.
+
+    Keyword arguments whose value is ``None`` are dropped (so a caller can pass every option it knows,
+    unset ones as ``None``); the others must be settings of that attack.
+
+    Raises:
+        ConfigError: an unknown attack, a setting that attack does not take, or an invalid setting.
+        MissingDependencyError: the attack needs a package that is not installed.
+    """
+    cls = ATTACKS.get(str(name).lower())
+    if cls is None:
+        raise ConfigError(f"unknown attack {name!r}: choose one of {', '.join(list_attacks())}")
+    settings = {k: v for k, v in kwargs.items() if v is not None}
+    accepted = [
+        p.name for p in inspect.signature(cls).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY
+    ]
+    unknown = sorted(set(settings) - set(accepted))
+    if unknown:
+        raise ConfigError(
+            f"attack {cls.name!r} does not take {', '.join(unknown)}; its settings are {', '.join(accepted)}"
+        )
+    return cls(model, **settings)
+
+
+# -- evaluation -------------------------------------------------------------------------------------------
+
+
+def robust_accuracy(
+    model: nn.Module,
+    attack: Attack,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int = 250,
+) -> tuple[float, float, torch.Tensor]:
+    """Clean and robust accuracy of ``model`` on ``(x, y)`` under ``attack``, as AutoAttack reports them.
+
+    Only the points ``model`` classifies correctly are attacked (in batches of ``batch_size``); a point is
+    robust when it is classified correctly both clean and after the attack. The attack usually targets
+    ``model`` itself, but may be built on another model (a transfer attack).
+
+    Returns:
+        ``(clean_acc, robust_acc, x_adv)``: fractions in [0, 1], and the adversarial images (the clean image
+        for points not attacked), on ``x``'s device.
+
+    Raises:
+        ConfigError: an invalid batch size, no images, or images/labels of the wrong shape or range.
+        LabelError: a label that is not a class of the model.
+    """
+    _check_int("batch_size", batch_size, 1)
+    _check_batch(x, y)
+    n = x.shape[0]
+    if n == 0:
+        raise ConfigError("robust accuracy needs at least one image")
+    device = _model_device(model)
+    y_cpu = y.detach().long().cpu()
+    clean_ok = torch.zeros(n, dtype=torch.bool)
+    with _eval_mode(model), torch.no_grad():
+        for start in range(0, n, batch_size):
+            logits = model(x[start : start + batch_size].detach().float().to(device))
+            labels = y_cpu[start : start + batch_size]
+            _check_num_classes(labels, logits)
+            clean_ok[start : start + batch_size] = logits.argmax(dim=1).cpu() == labels
+
+    robust_ok = torch.zeros(n, dtype=torch.bool)
+    x_adv = x.detach().clone()
+    for chunk in clean_ok.nonzero().squeeze(1).split(batch_size):
+        idx = chunk.to(x.device)
+        adv = attack.perturb(x[idx], y[idx.to(y.device)])
+        x_adv[idx] = adv.to(x_adv.device, x_adv.dtype)
+        with _eval_mode(model), torch.no_grad():
+            robust_ok[chunk] = model(adv.float().to(device)).argmax(dim=1).cpu() == y_cpu[chunk]
+
+    clean_acc = clean_ok.float().mean().item()
+    robust_acc = robust_ok.float().mean().item()
+    _logger.info(
+        "%s: clean %d/%d (%.2f%%), robust %d/%d (%.2f%%)",
+        getattr(attack, "name", type(attack).__name__),
+        int(clean_ok.sum()),
+        n,
+        100 * clean_acc,
+        int(robust_ok.sum()),
+        n,
+        100 * robust_acc,
+    )
+    return clean_acc, robust_acc, x_adv

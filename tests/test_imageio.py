@@ -1,0 +1,473 @@
+"""Image I/O: faithful reads of every mode, budget-safe quantization, atomic PNG writes, clear read errors."""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, features
+
+from preempt_cli import imageio
+from preempt_cli.errors import ImageReadError, ImageWriteError
+from preempt_cli.imageio import Picture, quantize, read_image, read_png_text, write_png
+
+#: Mode each shared photo must keep (the JPEGs are RGB).
+PHOTO_MODES = {
+    "astronaut.png": "RGB",
+    "camera.png": "L",
+    "chelsea.png": "RGB",
+    "coffee.png": "RGB",
+    "hubble_deep_field.jpg": "RGB",
+    "logo.png": "RGBA",
+    "motorcycle_left.png": "RGB",
+    "rocket.jpg": "RGB",
+}
+
+
+def _perturb(picture: Picture, eps: float, seed: int, overshoot: float = 1.0) -> torch.Tensor:
+    """The picture's tensor plus uniform noise of up to ``overshoot * eps`` (not clipped to the budget)."""
+    x = picture.to_tensor()
+    g = torch.Generator().manual_seed(seed)
+    noise = (torch.rand(x.shape, generator=g) * 2 - 1) * eps * overshoot
+    return (x + noise).clamp(0.0, 1.0)
+
+
+def _png_ihdr(path: Path) -> tuple[int, int, int, int]:
+    """(width, height, bit depth, colour type) from a PNG's IHDR chunk."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    width, height, depth, color_type = struct.unpack(">IIBB", data[16:26])
+    return width, height, depth, color_type
+
+
+def _png_bytes(width: int, height: int, *, depth: int = 8, color_type: int = 2, idat: bytes = b"") -> bytes:
+    """A PNG file with the given header (its pixel data need not match)."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, depth, color_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(idat)) + chunk(b"IEND", b"")
+
+
+def _temp_leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp") or p.name.startswith("."))
+
+
+# -- round trip of the real photos --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(PHOTO_MODES))
+@pytest.mark.parametrize("eps", [8 / 255, 0.0314])
+def test_photo_round_trip_keeps_size_mode_alpha_and_budget(name, eps, photos_dir, tmp_path) -> None:
+    src = photos_dir / name
+    if not src.is_file():
+        pytest.skip(f"{src} missing from the shared photos")
+    pic = read_image(src)
+    assert pic.mode == PHOTO_MODES[name]
+    with Image.open(src) as raw:
+        assert pic.source_format == raw.format
+        raw_size = raw.size
+    # Upright size: equal to the stored one, or swapped by an EXIF rotation.
+    assert pic.size in (raw_size, raw_size[::-1])
+    assert pic.color.dtype == np.uint8
+    assert pic.channels == (1 if pic.mode in ("L", "LA") else 3)
+    assert (pic.alpha is not None) == pic.mode.endswith("A")
+
+    perturbed = _perturb(pic, eps, seed=len(name), overshoot=1.3)  # overshoots: quantize must clip
+    color = quantize(perturbed, pic.color, eps)
+    assert color.shape == pic.color.shape and color.dtype == pic.color.dtype
+    out = tmp_path / "out" / (Path(name).stem + ".png")
+    text = {"preempt": f"eps={eps:.6f}; backbone=tiny", "Software": "preempt-cli tests ü"}
+    write_png(out, pic, color, text=text)
+    assert _temp_leftovers(out.parent) == []
+
+    back = read_image(out)
+    assert back.size == pic.size
+    assert back.mode == pic.mode
+    assert back.source_format == "PNG"
+    np.testing.assert_array_equal(back.color, color)  # lossless
+    if pic.alpha is None:
+        assert back.alpha is None
+    else:
+        np.testing.assert_array_equal(back.alpha, pic.alpha)
+    diff = np.abs(back.color.astype(np.int64) - pic.color.astype(np.int64))
+    limit = int(np.floor(eps * 255 + 1e-9))
+    assert diff.max() <= limit
+    assert diff.max() == limit  # the overshooting noise reaches the budget: quantize clipped, not shrank
+    assert read_png_text(out) == text
+    if pic.icc_profile:
+        with Image.open(out) as written:
+            assert written.info.get("icc_profile") == pic.icc_profile
+
+
+def test_photos_folder_has_the_documented_pictures(photos_dir) -> None:
+    assert set(PHOTO_MODES) <= {p.name for p in photos_dir.iterdir()}
+
+
+# -- EXIF orientation ---------------------------------------------------------------------------------------
+
+
+def test_exif_orientation_is_applied(tmp_path) -> None:
+    # Stored 40 wide x 20 high, left half red, right half blue; orientation 6 = rotate 90 deg clockwise.
+    arr = np.zeros((20, 40, 3), np.uint8)
+    arr[:, :20] = (255, 0, 0)
+    arr[:, 20:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "rotated.jpg"
+    Image.fromarray(arr).save(path, quality=95, exif=exif.tobytes())
+    with Image.open(path) as raw:
+        assert raw.size == (40, 20) and raw.getexif().get(0x0112) == 6
+
+    pic = read_image(path)
+    assert pic.size == (20, 40) and pic.mode == "RGB"
+    top, bottom = pic.color[:16].astype(int), pic.color[24:].astype(int)
+    assert (top[..., 0] > 200).all() and (top[..., 2] < 60).all()  # the left half is now on top: red
+    assert (bottom[..., 2] > 200).all() and (bottom[..., 0] < 60).all()
+
+    # The protected PNG is stored upright, with no orientation left to apply twice.
+    out = tmp_path / "rotated.png"
+    write_png(out, pic)
+    with Image.open(out) as written:
+        assert written.size == (20, 40)
+        assert written.getexif().get(0x0112) in (None, 1)
+    assert read_image(out).size == (20, 40)
+
+
+# -- modes and formats --------------------------------------------------------------------------------------
+
+
+def _gradient(h: int = 24, w: int = 32) -> np.ndarray:
+    yy, xx = np.mgrid[0:h, 0:w]
+    return np.stack([xx * 255 // (w - 1), yy * 255 // (h - 1), (xx + yy) * 255 // (h + w - 2)], -1).astype(np.uint8)
+
+
+def test_grayscale_png_stays_single_channel(tmp_path) -> None:
+    arr = _gradient()[..., 0]
+    Image.fromarray(arr, "L").save(tmp_path / "g.png")
+    pic = read_image(tmp_path / "g.png")
+    assert pic.mode == "L" and pic.channels == 1 and pic.alpha is None
+    np.testing.assert_array_equal(pic.color[..., 0], arr)
+    assert pic.to_tensor().shape == (1, 24, 32)
+    write_png(tmp_path / "out.png", pic)
+    assert _png_ihdr(tmp_path / "out.png")[2:] == (8, 0)  # 8-bit grayscale
+
+
+def test_bilevel_image_reads_as_grayscale(tmp_path) -> None:
+    arr = (_gradient()[..., 0] > 127)
+    Image.fromarray(arr).convert("1").save(tmp_path / "b.png")
+    pic = read_image(tmp_path / "b.png")
+    assert pic.mode == "L" and set(np.unique(pic.color)) <= {0, 255}
+
+
+def test_palette_becomes_rgb(tmp_path) -> None:
+    rgb = Image.fromarray(_gradient())
+    pal = rgb.quantize(colors=16)
+    pal.save(tmp_path / "p.png")
+    pic = read_image(tmp_path / "p.png")
+    assert pic.mode == "RGB" and pic.alpha is None and pic.channels == 3
+    np.testing.assert_array_equal(pic.color, np.asarray(pal.convert("RGB")))
+
+
+def test_palette_with_transparency_becomes_rgba(tmp_path) -> None:
+    idx = (np.arange(24 * 32).reshape(24, 32) % 4).astype(np.uint8)
+    img = Image.fromarray(idx, "P")
+    img.putpalette([255, 0, 0, 0, 255, 0, 0, 0, 255, 255, 255, 0] + [0] * (256 * 3 - 12))
+    img.save(tmp_path / "pt.png", transparency=2)
+    pic = read_image(tmp_path / "pt.png")
+    assert pic.mode == "RGBA" and pic.channels == 3
+    np.testing.assert_array_equal(pic.alpha, np.where(idx == 2, 0, 255).astype(np.uint8))
+    np.testing.assert_array_equal(pic.color[idx == 0], np.tile([255, 0, 0], ((idx == 0).sum(), 1)))
+    write_png(tmp_path / "out.png", pic, quantize(_perturb(pic, 8 / 255, 0), pic.color, 8 / 255))
+    back = read_image(tmp_path / "out.png")
+    assert back.mode == "RGBA"
+    np.testing.assert_array_equal(back.alpha, pic.alpha)
+
+
+def test_la_keeps_gray_and_alpha(tmp_path) -> None:
+    gray = _gradient()[..., 0]
+    alpha = _gradient()[..., 1]
+    Image.fromarray(np.stack([gray, alpha], -1), "LA").save(tmp_path / "la.png")
+    pic = read_image(tmp_path / "la.png")
+    assert pic.mode == "LA" and pic.channels == 1
+    np.testing.assert_array_equal(pic.color[..., 0], gray)
+    np.testing.assert_array_equal(pic.alpha, alpha)
+    color = quantize(_perturb(pic, 8 / 255, 1, overshoot=2), pic.color, 8 / 255)
+    write_png(tmp_path / "out.png", pic, color)
+    assert _png_ihdr(tmp_path / "out.png")[2:] == (8, 4)  # 8-bit gray + alpha
+    back = read_image(tmp_path / "out.png")
+    assert back.mode == "LA"
+    np.testing.assert_array_equal(back.alpha, alpha)
+    np.testing.assert_array_equal(back.color, color)
+
+
+def test_16bit_grayscale_is_kept_16bit_with_budget_in_65535_levels(tmp_path) -> None:
+    rng = np.random.default_rng(0)
+    arr = rng.integers(0, 65536, size=(24, 32), dtype=np.uint16)
+    arr[0, :4] = [0, 1, 65534, 65535]
+    Image.fromarray(arr.astype("<u2")).save(tmp_path / "g16.png")  # mode I;16 (Pillow 13 refuses mode=)
+    assert _png_ihdr(tmp_path / "g16.png")[2:] == (16, 0)
+    pic = read_image(tmp_path / "g16.png")
+    assert pic.mode == "I;16" and pic.color.dtype == np.uint16 and pic.max_value == 65535
+    np.testing.assert_array_equal(pic.color[..., 0], arr)
+    assert torch.allclose(pic.to_tensor()[0], torch.from_numpy(arr.astype(np.float32) / 65535))
+
+    eps = 8 / 255
+    color = quantize(_perturb(pic, eps, 2, overshoot=1.5), pic.color, eps)
+    assert color.dtype == np.uint16
+    out = tmp_path / "out.png"
+    write_png(out, pic, color, text={"preempt": "16-bit"})
+    assert _png_ihdr(out)[2:] == (16, 0)  # still 16-bit grayscale on disk
+    back = read_image(out)
+    assert back.mode == "I;16" and back.color.dtype == np.uint16
+    np.testing.assert_array_equal(back.color, color)
+    diff = np.abs(back.color.astype(np.int64) - arr[..., None].astype(np.int64))
+    assert diff.max() == int(np.floor(eps * 65535))  # 2056 levels of 65535, not 8 of 255
+    assert read_png_text(out) == {"preempt": "16-bit"}
+
+
+def test_gif_reads_first_frame(tmp_path) -> None:
+    frames = [Image.new("RGB", (16, 12), c) for c in ((255, 0, 0), (0, 0, 255), (0, 255, 0))]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:], duration=50, loop=0)
+    with Image.open(tmp_path / "anim.gif") as raw:
+        assert raw.n_frames == 3
+    pic = read_image(tmp_path / "anim.gif")
+    assert pic.source_format == "GIF" and pic.mode in ("RGB", "RGBA") and pic.size == (16, 12)
+    assert (pic.color.reshape(-1, 3) == [255, 0, 0]).all()
+
+
+@pytest.mark.parametrize(
+    ("suffix", "save_args"),
+    [
+        (".webp", dict(lossless=True)),
+        (".tif", dict()),
+        (".tiff", dict(compression="tiff_lzw")),
+        (".bmp", dict()),
+        (".ppm", dict()),
+        (".tga", dict()),
+    ],
+)
+def test_lossless_formats_read_exactly(suffix, save_args, tmp_path) -> None:
+    if suffix == ".webp" and not features.check("webp"):
+        pytest.skip("Pillow built without WebP support")
+    arr = _gradient()
+    path = tmp_path / f"img{suffix}"
+    Image.fromarray(arr).save(path, **save_args)
+    pic = read_image(path)
+    assert pic.mode == "RGB" and pic.size == (32, 24) and pic.alpha is None
+    np.testing.assert_array_equal(pic.color, arr)
+    assert suffix in imageio.IMAGE_SUFFIXES
+
+
+def test_rgba_webp_keeps_alpha(tmp_path) -> None:
+    if not features.check("webp"):
+        pytest.skip("Pillow built without WebP support")
+    arr = np.concatenate([_gradient(), _gradient()[..., :1]], -1)
+    Image.fromarray(arr, "RGBA").save(tmp_path / "a.webp", lossless=True, exact=True)
+    pic = read_image(tmp_path / "a.webp")
+    assert pic.mode == "RGBA"
+    np.testing.assert_array_equal(pic.alpha, arr[..., 3])
+
+
+def test_cmyk_becomes_rgb(tmp_path) -> None:
+    Image.fromarray(_gradient()).convert("CMYK").save(tmp_path / "c.tif")
+    pic = read_image(tmp_path / "c.tif")
+    assert pic.mode == "RGB" and pic.source_mode == "CMYK" and pic.channels == 3
+
+
+# -- quantize -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("eps", "levels"), [(8 / 255, 8), (4 / 255, 4), (0.0314, 8), (0.0335, 8), (0.02, 5), (1 / 255, 1)]
+)
+def test_quantize_never_exceeds_floor_eps_levels(eps, levels) -> None:
+    assert int(np.floor(eps * 255 + 1e-9)) == levels
+    rng = np.random.default_rng(1)
+    ref = rng.integers(0, 256, size=(16, 16, 3), dtype=np.uint8)
+    ref[0, 0] = (0, 128, 255)
+    x = torch.from_numpy(ref.astype(np.float32) / 255).permute(2, 0, 1)
+    for sign in (1.0, -1.0):
+        # Exactly eps away: eps * 255 may round up past the budget (0.0335 -> 8.54 -> 9 levels).
+        out = quantize((x + sign * eps).clamp(0, 1), ref, eps)
+        diff = out.astype(int) - ref.astype(int)
+        assert np.abs(diff).max() == levels
+        assert (np.sign(diff) * sign >= 0).all()
+    # Far outside the budget and outside [0, 1]: clipped to both.
+    wild = quantize(x + 5 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0)), ref, eps)
+    assert wild.dtype == np.uint8
+    assert np.abs(wild.astype(int) - ref.astype(int)).max() == levels
+    # Inside the budget: plain rounding.
+    small = quantize(x + 0.4 / 255, ref, eps)
+    np.testing.assert_array_equal(small, ref)
+
+
+def test_quantize_16bit() -> None:
+    ref = np.array([[[0]], [[30000]], [[65535]]], dtype=np.uint16).reshape(1, 3, 1)
+    x = torch.from_numpy(ref.astype(np.float32) / 65535).permute(2, 0, 1)
+    out = quantize(x + 0.0314, ref, 0.0314)
+    assert out.dtype == np.uint16
+    np.testing.assert_array_equal(out[0, :, 0], [int(np.floor(0.0314 * 65535)), 30000 + 2057, 65535])
+
+
+# -- read errors --------------------------------------------------------------------------------------------
+
+
+def _assert_read_error(path: Path, *words: str, **kwargs) -> ImageReadError:
+    with pytest.raises(ImageReadError) as info:
+        read_image(path, **kwargs)
+    message = str(info.value)
+    assert str(path) in message
+    reason = message[len(str(path)) :].strip(": ")
+    assert len(reason) > 5, message
+    for word in words:
+        assert word in message.lower(), message
+    assert info.value.path == path
+    assert isinstance(info.value, OSError)
+    return info.value
+
+
+def test_corrupt_file_is_a_read_error(tmp_path) -> None:
+    path = tmp_path / "noise.png"
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    _assert_read_error(path, "not an image")
+
+
+def test_text_file_named_jpg_is_a_read_error(tmp_path) -> None:
+    path = tmp_path / "notes.jpg"
+    path.write_text("this is not a picture\n" * 20)
+    _assert_read_error(path, "not an image")
+
+
+def test_empty_file_is_a_read_error(tmp_path) -> None:
+    path = tmp_path / "empty.png"
+    path.touch()
+    _assert_read_error(path, "empty")
+
+
+def test_missing_file_and_directory_are_read_errors(tmp_path) -> None:
+    _assert_read_error(tmp_path / "absent.png", "no such file")
+    (tmp_path / "dir.png").mkdir()
+    _assert_read_error(tmp_path / "dir.png", "directory")
+
+
+def test_truncated_png_is_a_read_error(tmp_path) -> None:
+    noise = np.random.default_rng(0).integers(0, 256, size=(64, 64, 3), dtype=np.uint8)  # incompressible
+    full = tmp_path / "full.png"
+    Image.fromarray(noise).save(full)
+    data = full.read_bytes()
+    path = tmp_path / "truncated.png"
+    path.write_bytes(data[: len(data) * 6 // 10])
+    _assert_read_error(path, "truncated")
+
+
+def test_decompression_bomb_is_refused(tmp_path) -> None:
+    # A tiny file that declares 100000 x 100000 pixels (Pillow's own hard limit).
+    huge = tmp_path / "bomb.png"
+    huge.write_bytes(_png_bytes(100_000, 100_000))
+    assert huge.stat().st_size < 200
+    _assert_read_error(huge, "decompression bomb")
+    # Above Pillow's warning threshold (~89 Mpx) but under its hard limit: still refused.
+    big = tmp_path / "big.png"
+    big.write_bytes(_png_bytes(10_000, 10_000))
+    _assert_read_error(big, "decompression")
+    # Our own limit, given explicitly, on an ordinary image.
+    small = tmp_path / "small.png"
+    Image.fromarray(_gradient()).save(small)
+    err = _assert_read_error(small, "exceeds", "--max-pixels", max_pixels=32 * 24 - 1)
+    assert "32x24" in err.reason
+    assert read_image(small, max_pixels=32 * 24).size == (32, 24)
+
+
+def test_read_png_text_of_other_files_is_empty(tmp_path) -> None:
+    assert read_png_text(tmp_path / "absent.png") == {}
+    (tmp_path / "junk.png").write_bytes(b"junk" * 10)
+    assert read_png_text(tmp_path / "junk.png") == {}
+    Image.fromarray(_gradient()).save(tmp_path / "plain.jpg")
+    assert read_png_text(tmp_path / "plain.jpg") == {}
+
+
+# -- atomic writes ------------------------------------------------------------------------------------------
+
+
+def _picture(tmp_path: Path) -> Picture:
+    Image.fromarray(_gradient()).save(tmp_path / "src.png")
+    return read_image(tmp_path / "src.png")
+
+
+def test_write_png_leaves_no_temp_files_and_replaces_atomically(tmp_path) -> None:
+    pic = _picture(tmp_path)
+    out_dir = tmp_path / "deep" / "out"
+    out = out_dir / "a.png"
+    write_png(out, pic)  # creates missing folders
+    np.testing.assert_array_equal(read_image(out).color, pic.color)
+    assert sorted(p.name for p in out_dir.iterdir()) == ["a.png"]
+    # Overwrite with other colours: the new content replaces the old, still no leftovers.
+    inverted = (255 - pic.color).astype(np.uint8)
+    write_png(out, pic, inverted, text={"k": "v"})
+    np.testing.assert_array_equal(read_image(out).color, inverted)
+    assert sorted(p.name for p in out_dir.iterdir()) == ["a.png"]
+    assert read_png_text(out) == {"k": "v"}
+
+
+def test_write_into_a_file_parent_fails_cleanly(tmp_path) -> None:
+    pic = _picture(tmp_path)
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file, not a folder")
+    target = blocker / "out.png"
+    with pytest.raises(ImageWriteError) as info:
+        write_png(target, pic)
+    assert str(target) in str(info.value) and "cannot write" in str(info.value)
+    assert isinstance(info.value, OSError)
+    assert blocker.read_text() == "a file, not a folder"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker", "src.png"]
+
+
+def test_failure_while_saving_keeps_the_old_file_and_no_partial_output(tmp_path, monkeypatch) -> None:
+    pic = _picture(tmp_path)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    target = out_dir / "a.png"
+    target.write_bytes(b"previous content")
+
+    class FailingImage:
+        def save(self, f, **kwargs):
+            f.write(b"\x89PNG partial data")
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(imageio, "_to_pil", lambda picture, color: FailingImage())
+    with pytest.raises(ImageWriteError) as info:
+        write_png(target, pic)
+    assert "No space left on device" in str(info.value) and str(target) in str(info.value)
+    assert target.read_bytes() == b"previous content"
+    assert sorted(p.name for p in out_dir.iterdir()) == ["a.png"]
+    # A new target that fails is never created at all.
+    with pytest.raises(ImageWriteError):
+        write_png(out_dir / "new.png", pic)
+    assert sorted(p.name for p in out_dir.iterdir()) == ["a.png"]
+
+
+def test_write_does_not_touch_the_original(tmp_path) -> None:
+    pic = _picture(tmp_path)
+    before = (tmp_path / "src.png").read_bytes()
+    mtime = os.stat(tmp_path / "src.png").st_mtime_ns
+    write_png(tmp_path / "protected.png", pic, (255 - pic.color).astype(np.uint8))
+    assert (tmp_path / "src.png").read_bytes() == before
+    assert os.stat(tmp_path / "src.png").st_mtime_ns == mtime
+
+
+def test_picture_with_color_checks_shape() -> None:
+    pic = Picture(Path("x.png"), np.zeros((4, 5, 3), np.uint8), None, "RGB", "RGB", "PNG")
+    assert pic.size == (5, 4) and pic.channels == 3 and pic.max_value == 255
+    other = pic.with_color(np.ones((4, 5, 3), np.uint8))
+    assert other.color.sum() == 60 and pic.color.sum() == 0
+    with pytest.raises(ValueError):
+        pic.with_color(np.ones((4, 5, 3), np.uint16))
+    with pytest.raises(ValueError):
+        pic.with_color(np.ones((5, 4, 3), np.uint8))

@@ -1,0 +1,376 @@
+"""The model registry: built-in rows, user and --registry layers, base inheritance, validation, sources."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from preempt_cli.errors import RegistryError, UnknownModelError
+from preempt_cli.models import create_arch, is_arch
+from preempt_cli.registry import (
+    ModelConfig,
+    Source,
+    builtin_registry_path,
+    get_model_config,
+    list_models,
+    load_registry,
+    parse_source,
+    registry_files,
+    user_registry_path,
+    with_source,
+)
+
+pytestmark = pytest.mark.usefixtures("isolated_config")
+
+CIFAR10 = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+DEV_MODELS = (
+    "cifar10-resnet20-pgdat-a", "cifar10-resnet20-pgdat-b", "cifar10-resnet20-pgdat-c", "cifar10-resnet18-std",
+    "cifar10-resnet20-std", "cifar10-resnet32-std", "cifar10-resnet44-std", "cifar10-resnet56-std",
+)  # fmt: skip
+
+
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+# -- the built-in registry ----------------------------------------------------------------------------------
+
+
+def test_builtin_registry_parses() -> None:
+    path = builtin_registry_path()
+    assert path.is_file()
+    models = load_registry()
+    assert set(DEV_MODELS) <= set(models)
+    assert {"preact18", "resnext29-augmix", "wrn-94-16", "deit-b", "convnext-l-convstem"} <= set(models)
+    assert registry_files() == [path]  # isolated: no user registry
+    for name, cfg in models.items():
+        assert cfg.name == name
+        assert cfg.registry_file == path
+        assert cfg.role in ("backbone", "classifier", "victim", "any")
+        assert len(cfg.input_size) == 3 and all(s > 0 for s in cfg.input_size)
+        assert cfg.description
+        if cfg.mean is not None:
+            assert len(cfg.mean) == len(cfg.std) == cfg.input_size[0]
+            assert all(s > 0 for s in cfg.std)
+        if cfg.classes is not None:
+            assert len(cfg.classes) == cfg.num_classes
+        if cfg.sha256 is not None:
+            assert re.fullmatch(r"[0-9a-f]{64}", cfg.sha256)
+        if cfg.source.kind == "file":
+            assert cfg.source.location.endswith(".safetensors"), name  # never a pickle
+
+
+def test_builtin_archs_are_known() -> None:
+    import timm
+
+    for name, cfg in load_registry().items():
+        if "not built into" in cfg.notes:
+            continue  # documented as unavailable in this version
+        if is_arch(cfg.arch):
+            # The registered arch_args are accepted and the head has num_classes outputs (meta: no memory).
+            with torch.device("meta"):
+                net = create_arch(cfg.arch, num_classes=cfg.num_classes, **cfg.arch_args)
+                out = net(torch.empty(2, *cfg.input_size))
+            assert tuple(out.shape) == (2, cfg.num_classes), name
+        else:
+            assert timm.is_model(cfg.arch), f"{name}: arch {cfg.arch!r} unknown to preempt and timm"
+
+
+def test_builtin_rows_are_the_documented_ones() -> None:
+    models = load_registry()
+    a = models["cifar10-resnet20-pgdat-a"]
+    assert (a.arch, dict(a.arch_args), a.mean, a.std, a.role) == (
+        "cifar_resnet20", {"shortcut": "pad_end"}, None, None, "backbone"
+    )  # fmt: skip
+    assert a.classes == CIFAR10 and a.num_classes == 10 and a.dataset == "cifar10"
+    assert a.source == Source("file", "cifar10_resnet20_pgdat_a.safetensors")
+    # base inheritance inside the built-in file: b keeps a's architecture, changes source, pin and role.
+    b = models["cifar10-resnet20-pgdat-b"]
+    assert (b.arch, dict(b.arch_args), b.mean, b.classes) == (a.arch, dict(a.arch_args), None, CIFAR10)
+    assert b.source.location == "cifar10_resnet20_pgdat_b.safetensors" and b.sha256 != a.sha256
+    assert b.role == "victim"
+    r32 = models["cifar10-resnet32-std"]
+    r20 = models["cifar10-resnet20-std"]
+    assert r32.arch == "cifar_resnet32" and r32.mean == r20.mean == (0.485, 0.456, 0.406)
+    assert r32.std == (0.229, 0.224, 0.225) and dict(r32.arch_args) == {"shortcut": "pad_both"}
+    assert r32.role == "any"  # inherited
+    deit = models["deit-b"]
+    assert deit.source == Source("timm", "deit_base_patch16_224.fb_in1k") and deit.num_classes == 1000
+    assert deit.input_size == (3, 224, 224)
+    # sha256 pins differ between all the development files
+    pins = [models[n].sha256 for n in DEV_MODELS]
+    assert None not in pins and len(set(pins)) == len(pins)
+
+
+def test_list_models_by_role() -> None:
+    names = list_models()
+    assert names == sorted(names)
+    backbones = list_models(role="backbone")
+    assert "cifar10-resnet20-pgdat-a" in backbones and "preact18" in backbones
+    assert "cifar10-resnet20-std" in backbones  # role "any" fits every role
+    assert "cifar10-resnet18-std" not in backbones  # a classifier
+    assert "cifar10-resnet18-std" in list_models(role="classifier")
+
+
+# -- user registry and --registry files ------------------------------------------------------------------------
+
+USER_ROWS = """
+[models.my-robust]
+arch = "cifar_resnet20"
+arch_args = { shortcut = "pad_end" }
+dataset = "cifar10"
+classes = "cifar10"
+source = "file:my_robust.safetensors"
+role = "backbone"
+description = "my own key"
+
+[models.cifar10-resnet20-std]
+arch = "cifar_resnet20"
+arch_args = { shortcut = "pad_both" }
+classes = ["a", "b", "c"]
+source = "hf://me/resnets/r20.safetensors@v1"
+description = "overridden by the user"
+"""
+
+
+def test_user_registry_in_xdg_config_adds_and_overrides(isolated_config: Path) -> None:
+    user_file = _write(isolated_config / "preempt" / "models.toml", USER_ROWS)
+    assert user_registry_path() == user_file
+    assert registry_files() == [builtin_registry_path(), user_file]
+    models = load_registry()
+    mine = models["my-robust"]
+    assert mine.registry_file == user_file and mine.role == "backbone" and mine.classes == CIFAR10
+    over = models["cifar10-resnet20-std"]
+    assert over.description == "overridden by the user"
+    assert over.classes == ("a", "b", "c") and over.num_classes == 3
+    assert over.source == Source("hf", "me/resnets", "r20.safetensors", "v1")
+    assert over.mean is None and over.sha256 is None  # a full row replaces the built-in one
+    assert models["cifar10-resnet20-pgdat-a"].registry_file == builtin_registry_path()  # others untouched
+
+
+def test_preempt_registry_env_names_the_user_registry(isolated_config: Path, tmp_path, monkeypatch) -> None:
+    _write(isolated_config / "preempt" / "models.toml", '[models.from-xdg]\narch = "x"\nsource = "a.safetensors"\n')
+    env_file = _write(tmp_path / "elsewhere" / "reg.toml", USER_ROWS)
+    monkeypatch.setenv("PREEMPT_REGISTRY", str(env_file))
+    assert user_registry_path() == env_file
+    models = load_registry()
+    assert "my-robust" in models and "from-xdg" not in models
+    # A PREEMPT_REGISTRY that does not exist is simply no user registry.
+    monkeypatch.setenv("PREEMPT_REGISTRY", str(tmp_path / "absent.toml"))
+    assert "my-robust" not in load_registry()
+
+
+def test_extra_registry_with_base_inheritance(isolated_config: Path, tmp_path) -> None:
+    _write(isolated_config / "preempt" / "models.toml", USER_ROWS)
+    extra = _write(
+        tmp_path / "team.toml",
+        """
+[models.team-key]
+base = "cifar10-resnet20-pgdat-a"
+source = "file:keys/team_key.safetensors"
+role = "backbone"
+description = "fine-tuned from pgdat-a"
+
+[models.team-key-imagenet-norm]
+base = "team-key"
+mean = [0.485, 0.456, 0.406]
+std = [0.229, 0.224, 0.225]
+
+[models.my-robust]
+base = "my-robust"
+description = "the extra file wins over the user registry"
+""",
+    )
+    models = load_registry([extra])
+    base = models["cifar10-resnet20-pgdat-a"]
+    key = models["team-key"]
+    assert (key.arch, dict(key.arch_args), key.classes, key.input_size, key.mean) == (
+        base.arch, dict(base.arch_args), base.classes, base.input_size, None,
+    )  # fmt: skip
+    assert key.source == Source("file", "keys/team_key.safetensors")
+    assert key.registry_file == extra  # relative paths resolve against the extra file
+    assert key.description == "fine-tuned from pgdat-a"
+    # A new weights file is not checked against the base's pin (it could never match).
+    assert key.sha256 is None
+    chained = models["team-key-imagenet-norm"]
+    assert chained.mean == (0.485, 0.456, 0.406) and chained.source == key.source and chained.arch == base.arch
+    assert models["my-robust"].description == "the extra file wins over the user registry"
+    assert models["my-robust"].arch_args == {"shortcut": "pad_end"}
+    assert get_model_config("team-key", [extra]) == key
+    # Without the extra file, its models are unknown.
+    with pytest.raises(UnknownModelError):
+        get_model_config("team-key")
+
+
+def test_base_keeps_pin_when_source_is_kept(tmp_path) -> None:
+    extra = _write(
+        tmp_path / "r.toml",
+        '[models.relabelled]\nbase = "cifar10-resnet20-pgdat-a"\nrole = "victim"\n',
+    )
+    cfg = get_model_config("relabelled", [extra])
+    base = get_model_config("cifar10-resnet20-pgdat-a")
+    assert cfg.sha256 == base.sha256 and cfg.source == base.source and cfg.role == "victim"
+
+
+def test_registry_sees_edits_to_a_file(tmp_path) -> None:
+    path = _write(tmp_path / "r.toml", '[models.m]\narch = "cifar_resnet20"\nsource = "a.safetensors"\n')
+    assert get_model_config("m", [path]).source.location == "a.safetensors"
+    import os
+    import time
+
+    path.write_text('[models.m]\narch = "cifar_resnet20"\nsource = "b.safetensors"\n')
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # mtimes can be coarse
+    time.sleep(0)
+    assert get_model_config("m", [path]).source.location == "b.safetensors"
+
+
+# -- unknown models and invalid files ------------------------------------------------------------------------------
+
+
+def test_unknown_model_is_a_helpful_error() -> None:
+    with pytest.raises(UnknownModelError) as info:
+        get_model_config("cifar10-resnet20")
+    message = str(info.value)
+    assert "'cifar10-resnet20'" in message
+    assert "Did you mean" in message and "cifar10-resnet20-pgdat-a" in message
+    assert "preempt models list" in message and "--registry" in message
+    assert isinstance(info.value, KeyError) and info.value.name == "cifar10-resnet20"
+    assert "cifar10-resnet56-std" in info.value.known
+    with pytest.raises(UnknownModelError) as info:
+        get_model_config("zzz-nothing-like-it")
+    assert "Did you mean" not in str(info.value)
+
+
+GOOD = 'arch = "cifar_resnet20"\nsource = "file:w.safetensors"\n'
+
+INVALID_ROWS = {
+    "missing-source": ('arch = "cifar_resnet20"\n', "missing field 'source'"),
+    "missing-arch": ('source = "w.safetensors"\n', "missing field 'arch'"),
+    "bad-sha-short": (GOOD + 'sha256 = "abc123"\n', "sha256"),
+    "bad-sha-nonhex": (GOOD + f'sha256 = "{"g" * 64}"\n', "sha256"),
+    "unknown-field": (GOOD + 'colour = "red"\n', "unknown field(s) colour"),
+    "input-size-2d": (GOOD + "input_size = [3, 32]\n", "input_size"),
+    "input-size-str": (GOOD + 'input_size = "big"\n', "input_size"),
+    "input-size-zero": (GOOD + "input_size = [3, 0, 32]\n", "input_size"),
+    "input-size-float": (GOOD + "input_size = [3.0, 32, 32]\n", "input_size"),
+    "mean-without-std": (GOOD + "mean = [0.5, 0.5, 0.5]\n", "mean and std"),
+    "bad-mean": (GOOD + 'mean = "grey"\nstd = [1, 1, 1]\n', "mean"),
+    "bad-role": (GOOD + 'role = "attacker"\n', "role"),
+    "unknown-class-set": (GOOD + 'classes = "cifar1000"\n', "class set"),
+    "classes-count": (GOOD + 'classes = ["a", "b"]\nnum_classes = 3\n', "2 class names for 3 classes"),
+    "bad-hf-source": ('arch = "x"\nsource = "hf://org/repo"\n', "hf://ORG/REPO/FILE"),
+    "empty-source": ('arch = "x"\nsource = ""\n', "empty source"),
+    "unknown-base": ('base = "no-such-model"\nsource = "w.safetensors"\n', "base model 'no-such-model'"),
+}
+
+
+@pytest.mark.parametrize("case", list(INVALID_ROWS))
+def test_invalid_rows_are_registry_errors_naming_the_file(case: str, tmp_path) -> None:
+    body, reason = INVALID_ROWS[case]
+    path = _write(tmp_path / f"{case}.toml", f"[models.bad-{case}]\n{body}")
+    with pytest.raises(RegistryError) as info:
+        load_registry([path])
+    message = str(info.value)
+    assert str(path) in message
+    assert f"bad-{case}" in message or case == "unknown-base"
+    assert reason in message, message
+    assert info.value.path == path
+    assert isinstance(info.value, ValueError)
+
+
+def test_invalid_files_are_registry_errors(tmp_path) -> None:
+    cases = {
+        "not-toml.toml": ("[models.x\narch = 1", "not valid TOML"),
+        "top-level.toml": ("[weights]\nx = 1\n", "unknown top-level table(s) weights"),
+        "not-a-table.toml": ("[models]\nx = 3\n", "expected a table"),
+    }
+    for name, (text, reason) in cases.items():
+        path = _write(tmp_path / name, text)
+        with pytest.raises(RegistryError) as info:
+            load_registry([path])
+        assert str(path) in str(info.value) and reason in str(info.value), str(info.value)
+    missing = tmp_path / "missing.toml"
+    with pytest.raises(RegistryError, match="registry file not found") as info:
+        load_registry([missing])
+    assert str(missing) in str(info.value)
+
+
+def test_invalid_user_registry_names_the_user_file(isolated_config: Path) -> None:
+    user_file = _write(isolated_config / "preempt" / "models.toml", "[models.x]\narch = 'a'\n")
+    with pytest.raises(RegistryError) as info:
+        load_registry()
+    assert str(user_file) in str(info.value) and "missing field 'source'" in str(info.value)
+
+
+def test_int_input_size_means_square_rgb(tmp_path) -> None:
+    path = _write(tmp_path / "r.toml", f"[models.sq]\n{GOOD}input_size = 64\nnum_classes = 100\n")
+    cfg = get_model_config("sq", [path])
+    assert cfg.input_size == (3, 64, 64) and cfg.num_classes == 100 and cfg.classes is None
+
+
+# -- sources -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("hf://org/repo/model.safetensors@abc123", Source("hf", "org/repo", "model.safetensors", "abc123")),
+        ("hf://org/repo/sub/dir/w.safetensors", Source("hf", "org/repo", "sub/dir/w.safetensors", None)),
+        ("hf://org/repo/w.safetensors@", Source("hf", "org/repo", "w.safetensors", None)),
+        (
+            "hf://org/repo/w.safetensors@0123456789abcdef0123456789abcdef01234567",
+            Source("hf", "org/repo", "w.safetensors", "0123456789abcdef0123456789abcdef01234567"),
+        ),
+        ("timm:resnet50.a1_in1k", Source("timm", "resnet50.a1_in1k")),
+        ("file:weights/w.safetensors", Source("file", "weights/w.safetensors")),
+        ("file:/abs/w.safetensors", Source("file", "/abs/w.safetensors")),
+        ("w.safetensors", Source("file", "w.safetensors")),
+        ("  ~/models/w.safetensors ", Source("file", "~/models/w.safetensors")),
+    ],
+)
+def test_parse_source(text: str, expected: Source) -> None:
+    src = parse_source(text)
+    assert src == expected
+    assert parse_source(str(src)) == src  # str() round-trips
+
+
+@pytest.mark.parametrize(
+    "text", ["hf://org/repo", "hf://org/repo/", "hf://org//w.safetensors", "hf://", "hf:///repo/w", "timm:", "", "file:"]
+)
+def test_parse_source_rejects(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_source(text)
+
+
+def test_source_str() -> None:
+    assert str(Source("hf", "org/repo", "w.safetensors", "main")) == "hf://org/repo/w.safetensors@main"
+    assert str(Source("hf", "org/repo", "w.safetensors")) == "hf://org/repo/w.safetensors"
+    assert str(Source("timm", "vit_base")) == "timm:vit_base"
+    assert str(Source("file", "a/b.safetensors")) == "a/b.safetensors"
+
+
+def test_with_source_drops_the_pin() -> None:
+    cfg = get_model_config("cifar10-resnet20-pgdat-a")
+    other = with_source(cfg, "hf://me/keys/k.safetensors@main")
+    assert other.sha256 is None and other.source.kind == "hf" and other.arch == cfg.arch
+    assert cfg.sha256 is not None  # the original is unchanged (frozen)
+
+
+def test_class_names_and_indices() -> None:
+    cfg = get_model_config("cifar10-resnet18-std")
+    assert cfg.class_name(3) == "cat" and cfg.class_name(42) == "42"
+    assert cfg.class_index("Cat") == 3 and cfg.class_index(" truck ") == 9
+    assert cfg.class_index("7") == 7 and cfg.class_index(0) == 0
+    for bad in ("unicorn", 10, "-1"):
+        with pytest.raises(ValueError):
+            cfg.class_index(bad)
+    bare = ModelConfig(name="n", arch="a", source=Source("file", "f"))
+    assert bare.class_name(2) == "2"
+    with pytest.raises(ValueError):
+        bare.class_index("cat")
