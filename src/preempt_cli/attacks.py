@@ -183,7 +183,7 @@ class PGD:
         eps: the budget (radius of the ball around ``x``).
         steps: gradient steps per restart.
         step_size: the step length; ``eps / 4`` by default (2/255 for L-inf 8/255).
-        restarts: random restarts (1 = a single run).
+        restarts: random restarts (1 = a single run; without a random start, always a single run).
         random_start: start from a random point of the ball (else from ``x``).
         quantize: round the result to 8-bit levels, staying within the budget.
         seed: seed of the random starts.
@@ -255,8 +255,9 @@ class PGD:
         best = x0.clone()
         best_loss = torch.full((x0.shape[0],), -math.inf, device=self.device)
         fooled = torch.zeros(x0.shape[0], dtype=torch.bool, device=self.device)
+        restarts = self.restarts if self.random_start else 1  # without a random start, restarts repeat
         with _eval_mode(self.model), torch.enable_grad():
-            for restart in range(self.restarts):
+            for restart in range(restarts):
                 todo = (~fooled).nonzero().squeeze(1)
                 if todo.numel() == 0:
                     break
@@ -275,7 +276,7 @@ class PGD:
                 _logger.debug(
                     "PGD restart %d/%d: %d of %d images fooled so far",
                     restart + 1,
-                    self.restarts,
+                    restarts,
                     int(fooled.sum()),
                     x0.shape[0],
                 )

@@ -26,6 +26,7 @@ __all__ = [
     "write_png",
     "read_png_text",
     "quantize",
+    "quantize_levels",
     "IMAGE_SUFFIXES",
     "DEFAULT_MAX_PIXELS",
 ]
@@ -177,18 +178,26 @@ def _split(img: Image.Image, path: Path) -> tuple[np.ndarray, np.ndarray | None,
     return np.ascontiguousarray(arr), None, mode
 
 
-def quantize(x: torch.Tensor, reference: np.ndarray, eps: float) -> np.ndarray:
-    """Round ``x`` (CHW in [0, 1]) to the integer levels of ``reference`` (HWC), within ``eps`` of it.
+def quantize_levels(x: torch.Tensor, reference: torch.Tensor, eps: float, max_value: int = 255) -> torch.Tensor:
+    """Round ``x`` (floats in [0, 1]) to integer levels within ``eps`` of ``reference`` (integer levels of
+    the same shape), as int64.
 
     Rounding can push a value half a level past the budget; the result is clipped back so that the L-inf
     distance *in the saved file* is at most ``floor(eps * max_value)`` levels.
     """
-    max_value = 65535 if reference.dtype == np.uint16 else 255
     radius = int(np.floor(eps * max_value + 1e-6))
-    levels = torch.round(x.detach().float().cpu() * max_value).permute(1, 2, 0).numpy().astype(np.int64)
-    ref = reference.astype(np.int64)
-    levels = np.clip(levels, ref - radius, ref + radius)
-    return np.clip(levels, 0, max_value).astype(reference.dtype)
+    levels = torch.round(x.detach().float() * max_value).long()
+    ref = reference.to(levels.device).long()
+    return torch.minimum(torch.maximum(levels, ref - radius), ref + radius).clamp_(0, max_value)
+
+
+def quantize(x: torch.Tensor, reference: np.ndarray, eps: float) -> np.ndarray:
+    """Round ``x`` (CHW in [0, 1]) to the integer levels of ``reference`` (an HWC picture array), within
+    ``eps`` of it (see :func:`quantize_levels`)."""
+    max_value = 65535 if reference.dtype == np.uint16 else 255
+    ref = torch.from_numpy(reference.astype(np.int64)).permute(2, 0, 1)
+    levels = quantize_levels(x.cpu(), ref, eps, max_value)
+    return levels.permute(1, 2, 0).numpy().astype(reference.dtype)
 
 
 def _to_pil(picture: Picture, color: np.ndarray) -> Image.Image:

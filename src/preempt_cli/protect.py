@@ -38,7 +38,7 @@ from .inputs import OUTPUT_MARKERS, InputFile, assign_outputs, in_shard
 from .labels import LabelMap, folder_label, resolve_label
 from .models import ImageModel
 
-__all__ = ["FileResult", "RunOptions", "Protector", "METADATA_KEY", "read_preempt_metadata"]
+__all__ = ["FileResult", "RunOptions", "Protector", "METADATA_KEY", "read_preempt_metadata", "content_seed"]
 
 _logger = logging.getLogger(__name__)
 
@@ -109,9 +109,10 @@ def read_preempt_metadata(picture: Picture) -> dict[str, Any] | None:
     return meta if isinstance(meta, dict) else None
 
 
-def _noise_seed(picture: Picture) -> int:
-    """A per-image seed from its pixels: results do not depend on batch composition, order or sharding."""
-    return int.from_bytes(hashlib.sha256(picture.color.tobytes()).digest()[:8], "little") >> 1
+def content_seed(color: np.ndarray) -> int:
+    """A per-image noise seed from its pixels (HWC integer levels, as ``Picture.color``): an image's result
+    then does not depend on batch composition, order or sharding, nor on going through files or tensors."""
+    return int.from_bytes(hashlib.sha256(np.ascontiguousarray(color).tobytes()).digest()[:8], "little") >> 1
 
 
 @dataclass
@@ -277,7 +278,7 @@ class Protector:
         y = self.predict(x) if any(lab is None for lab in known) else None
         y = torch.tensor([k if k is not None else int(y[i]) for i, k in enumerate(known)], device=self.device)
         before = self.confidence(x, y)
-        x_new = self.transform(x, y, noise_seeds=[_noise_seed(p.picture) for p in batch])
+        x_new = self.transform(x, y, noise_seeds=[content_seed(p.picture.color) for p in batch])
         levels = [quantize(x_new[i], p.picture.color, self.config.eps) for i, p in enumerate(batch)]
         saved = torch.stack([torch.from_numpy(lv.astype(np.float32)).permute(2, 0, 1) / p.picture.max_value
                              for lv, p in zip(levels, batch)])  # fmt: skip

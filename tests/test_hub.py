@@ -1,0 +1,382 @@
+"""Weights resolution: local files, the Hugging Face cache offline, sha256 pins, pickle refusal, load_model."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import set_hf_cache
+from preempt_cli.errors import (
+    HashMismatchError,
+    OfflineWeightsError,
+    UnsafeWeightsError,
+    WeightsMismatchError,
+    WeightsNotFoundError,
+)
+from preempt_cli.hub import check_safetensors_header, resolve_weights, sha256_file
+from preempt_cli.models import ImageModel, create_arch, load_model
+from preempt_cli.registry import ModelConfig, Source, get_model_config
+
+pytestmark = pytest.mark.usefixtures("isolated_config")
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+OTHER_COMMIT = "fedcba9876543210fedcba9876543210fedcba98"
+MEAN = (0.4914, 0.4822, 0.4465)
+STD = (0.2471, 0.2435, 0.2616)
+
+
+def _tiny_safetensors(path: Path, value: float = 1.0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"w": torch.full((2, 3), value)}, str(path))
+    return path
+
+
+def _cfg(location: str, *, sha256: str | None = None, registry_file: Path | None = None, notes: str = "") -> ModelConfig:
+    return ModelConfig(
+        name="tiny", arch="cifar_resnet20", source=Source("file", location), sha256=sha256,
+        registry_file=registry_file, notes=notes,
+    )  # fmt: skip
+
+
+def _hf_cfg(source: str, sha256: str | None = None) -> ModelConfig:
+    from preempt_cli.registry import parse_source
+
+    return ModelConfig(name="tiny-hf", arch="cifar_resnet20", source=parse_source(source), sha256=sha256)
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def make_hf_cache(
+    cache: Path, repo_id: str, filename: str, data: bytes, *, commit: str = COMMIT, symlink: bool = True,
+    refs: tuple[str, ...] = ("main",),
+) -> Path:  # fmt: skip
+    """Lay out ``data`` as huggingface_hub's cache does: blobs/<hash>, snapshots/<commit>/<file>, refs/<ref>."""
+    repo_dir = cache / ("models--" + repo_id.replace("/", "--"))
+    blob = repo_dir / "blobs" / hashlib.sha256(data).hexdigest()
+    blob.parent.mkdir(parents=True, exist_ok=True)
+    blob.write_bytes(data)
+    pointer = repo_dir / "snapshots" / commit / filename
+    pointer.parent.mkdir(parents=True, exist_ok=True)
+    if symlink:
+        pointer.symlink_to(os.path.relpath(blob, pointer.parent))
+    else:
+        pointer.write_bytes(data)
+    (repo_dir / "refs").mkdir(exist_ok=True)
+    for ref in refs:
+        (repo_dir / "refs" / ref).write_text(commit)  # no newline, as huggingface_hub writes it
+    return pointer
+
+
+@pytest.fixture
+def hf_cache(tmp_path, monkeypatch) -> Path:
+    """An empty Hugging Face cache in tmp, offline."""
+    cache = tmp_path / "hf" / "hub"
+    cache.mkdir(parents=True)
+    set_hf_cache(monkeypatch, cache, offline=True)
+    return cache
+
+
+# -- local files --------------------------------------------------------------------------------------------
+
+
+def test_local_file_from_models_dir(tmp_path) -> None:
+    weights = _tiny_safetensors(tmp_path / "models" / "w.safetensors")
+    assert resolve_weights(_cfg("w.safetensors"), tmp_path / "models") == weights
+    # Sub-folders of the models dir and absolute paths work too.
+    nested = _tiny_safetensors(tmp_path / "models" / "sub" / "n.safetensors")
+    assert resolve_weights(_cfg("sub/n.safetensors"), tmp_path / "models") == nested
+    assert resolve_weights(_cfg(str(nested))) == nested
+
+
+def test_local_file_from_env_models_dir(tmp_path, monkeypatch) -> None:
+    weights = _tiny_safetensors(tmp_path / "env-models" / "w.safetensors")
+    monkeypatch.setenv("PREEMPT_MODELS_DIR", str(tmp_path / "env-models"))
+    assert resolve_weights(_cfg("w.safetensors")) == weights
+    # An explicit models dir is looked in first.
+    explicit = _tiny_safetensors(tmp_path / "explicit" / "w.safetensors", 2.0)
+    assert resolve_weights(_cfg("w.safetensors"), tmp_path / "explicit") == explicit
+    # ... but the env dir is still a fallback when the explicit one lacks the file.
+    assert resolve_weights(_cfg("w.safetensors"), tmp_path / "empty") == weights
+
+
+def test_local_file_relative_to_the_registry_file(tmp_path, monkeypatch) -> None:
+    reg_dir = tmp_path / "team"
+    weights = _tiny_safetensors(reg_dir / "keys" / "k.safetensors")
+    registry = reg_dir / "models.toml"
+    registry.write_text('[models.team-key]\narch = "cifar_resnet20"\nsource = "file:keys/k.safetensors"\n')
+    monkeypatch.chdir(tmp_path)  # not the registry's folder
+    cfg = get_model_config("team-key", [registry])
+    assert resolve_weights(cfg) == weights
+    # models dir and env dir take precedence over the registry's folder.
+    env_w = _tiny_safetensors(tmp_path / "env" / "keys" / "k.safetensors", 3.0)
+    monkeypatch.setenv("PREEMPT_MODELS_DIR", str(tmp_path / "env"))
+    assert resolve_weights(cfg) == env_w
+    explicit = _tiny_safetensors(tmp_path / "explicit" / "keys" / "k.safetensors", 4.0)
+    assert resolve_weights(cfg, tmp_path / "explicit") == explicit
+
+
+def test_missing_local_file_says_to_pass_models_dir(tmp_path) -> None:
+    cfg = _cfg("absent.safetensors", notes="Ask the team for the key file.")
+    with pytest.raises(WeightsNotFoundError) as info:
+        resolve_weights(cfg, tmp_path / "models")
+    message = str(info.value)
+    assert "'tiny'" in message and "absent.safetensors" in message
+    assert "--models-dir" in message and "PREEMPT_MODELS_DIR" in message
+    assert str(tmp_path / "models") in message  # where it looked
+    assert "Ask the team for the key file." in message
+    assert isinstance(info.value, FileNotFoundError)
+    assert info.value.path == tmp_path / "models" / "absent.safetensors"
+
+
+def test_missing_shared_model_without_models_dir_is_explained() -> None:
+    with pytest.raises(WeightsNotFoundError, match="--models-dir"):
+        load_model("cifar10-resnet20-pgdat-a")
+
+
+# -- sha256 pins ----------------------------------------------------------------------------------------------
+
+
+def test_sha256_pin(tmp_path) -> None:
+    weights = _tiny_safetensors(tmp_path / "w.safetensors")
+    good = _sha(weights)
+    assert sha256_file(weights) == good
+    assert sha256_file(weights, chunk_size=7) == good
+    assert resolve_weights(_cfg(str(weights), sha256=good)) == weights
+    wrong = "0" * 64
+    with pytest.raises(HashMismatchError) as info:
+        resolve_weights(_cfg(str(weights), sha256=wrong))
+    message = str(info.value)
+    assert good in message and wrong in message and str(weights) in message
+    assert info.value.expected == wrong and info.value.actual == good
+    assert isinstance(info.value, ValueError)
+    assert resolve_weights(_cfg(str(weights), sha256=wrong), verify_hash=False) == weights
+
+
+def test_load_model_checks_the_pin_before_loading(tmp_path, monkeypatch) -> None:
+    net = create_arch("cifar_resnet20", shortcut="pad_end")
+    save_file(net.state_dict(), str(tmp_path / "r20.safetensors"))
+    registry = tmp_path / "r.toml"
+    registry.write_text(
+        f'[models.pinned]\narch = "cifar_resnet20"\narch_args = {{ shortcut = "pad_end" }}\n'
+        f'source = "file:r20.safetensors"\nsha256 = "{"a" * 64}"\n'
+    )
+    import safetensors.torch
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("weights were parsed before the pin was checked")
+
+    monkeypatch.setattr(safetensors.torch, "load_file", no_load)
+    with pytest.raises(HashMismatchError):
+        load_model("pinned", registry=[registry])
+
+
+# -- pickles are refused ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("zipfile_format", [True, False], ids=["zip", "legacy-pickle"])
+@pytest.mark.parametrize("filename", ["ckpt.pt", "disguised.safetensors"])
+def test_pickled_checkpoint_is_refused_without_unpickling(filename, zipfile_format, tmp_path, monkeypatch) -> None:
+    net = create_arch("cifar_resnet20", shortcut="pad_end")
+    path = tmp_path / "models" / filename
+    path.parent.mkdir()
+    torch.save(net.state_dict(), path, _use_new_zipfile_serialization=zipfile_format)
+    registry = tmp_path / "r.toml"
+    registry.write_text(
+        f'[models.pickled]\narch = "cifar_resnet20"\narch_args = {{ shortcut = "pad_end" }}\nsource = "file:{filename}"\n'
+    )
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("torch.load must never be called on registered weights")
+
+    import pickle
+
+    monkeypatch.setattr(torch, "load", forbidden)
+    monkeypatch.setattr(pickle, "load", forbidden)
+    monkeypatch.setattr(pickle, "loads", forbidden)
+    with pytest.raises(UnsafeWeightsError) as info:
+        load_model("pickled", registry=[registry], models_dir=tmp_path / "models")
+    message = str(info.value)
+    assert str(path) in message and "pickle" in message and "preempt models convert" in message
+    # Even with the hash check disabled (and a pin that matches), the file is refused.
+    cfg = replace(get_model_config("pickled", [registry]), sha256=_sha(path))
+    with pytest.raises(UnsafeWeightsError):
+        resolve_weights(cfg, tmp_path / "models", verify_hash=False)
+    with pytest.raises(UnsafeWeightsError):
+        resolve_weights(cfg, tmp_path / "models")
+
+
+@pytest.mark.parametrize("content", [b"", b"{}", b"\x08\x00\x00\x00\x00\x00\x00\x00[", b"PK\x03\x04" + b"\0" * 40])
+def test_non_safetensors_headers_are_refused(content, tmp_path) -> None:
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(UnsafeWeightsError):
+        check_safetensors_header("m", path)
+    check_safetensors_header("m", _tiny_safetensors(tmp_path / "ok.safetensors"))  # a real one passes
+
+
+def test_corrupt_or_wrong_safetensors_is_a_mismatch(tmp_path) -> None:
+    net = create_arch("cifar_resnet20", shortcut="pad_end")
+    save_file(net.state_dict(), str(tmp_path / "full.safetensors"))
+    data = (tmp_path / "full.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    _tiny_safetensors(tmp_path / "other.safetensors")
+    registry = tmp_path / "r.toml"
+    registry.write_text(
+        '[models.cut]\narch = "cifar_resnet20"\nsource = "cut.safetensors"\n'
+        '[models.other]\narch = "cifar_resnet20"\nsource = "other.safetensors"\n'
+    )
+    with pytest.raises(WeightsMismatchError, match="cannot read safetensors"):
+        load_model("cut", registry=[registry])
+    with pytest.raises(WeightsMismatchError) as info:
+        load_model("other", registry=[registry])
+    assert "'other'" in str(info.value) and "do not fit" in str(info.value)
+
+
+# -- the Hugging Face cache, offline ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("symlink", [True, False], ids=["symlink", "copy"])
+@pytest.mark.parametrize("revision", [f"@{COMMIT}", "@main", ""], ids=["commit", "main", "default"])
+def test_hf_source_loads_offline_from_the_cache(revision, symlink, hf_cache, tmp_path) -> None:
+    data = _tiny_safetensors(tmp_path / "src.safetensors").read_bytes()
+    pointer = make_hf_cache(hf_cache, "org/tiny", "weights/model.safetensors", data, symlink=symlink)
+    cfg = _hf_cfg(f"hf://org/tiny/weights/model.safetensors{revision}", sha256=hashlib.sha256(data).hexdigest())
+    path = resolve_weights(cfg)
+    assert Path(path) == pointer
+    assert Path(path).read_bytes() == data
+
+
+def test_hf_source_with_another_branch_and_commit(hf_cache, tmp_path) -> None:
+    old = _tiny_safetensors(tmp_path / "old.safetensors", 1.0).read_bytes()
+    new = _tiny_safetensors(tmp_path / "new.safetensors", 2.0).read_bytes()
+    make_hf_cache(hf_cache, "org/tiny", "m.safetensors", old, commit=OTHER_COMMIT, refs=("v1",))
+    make_hf_cache(hf_cache, "org/tiny", "m.safetensors", new, commit=COMMIT, refs=("main",))
+    assert resolve_weights(_hf_cfg("hf://org/tiny/m.safetensors@v1")).read_bytes() == old
+    assert resolve_weights(_hf_cfg(f"hf://org/tiny/m.safetensors@{OTHER_COMMIT}")).read_bytes() == old
+    assert resolve_weights(_hf_cfg("hf://org/tiny/m.safetensors")).read_bytes() == new
+
+
+def test_empty_cache_offline_says_what_to_do(hf_cache) -> None:
+    cfg = _hf_cfg("hf://org/absent/model.safetensors@main")
+    with pytest.raises(OfflineWeightsError) as info:
+        resolve_weights(cfg)
+    message = str(info.value)
+    assert "'tiny-hf'" in message and "hf://org/absent/model.safetensors@main" in message
+    assert "HF_HUB_OFFLINE" in message  # why, and what to unset
+    assert "--registry" in message  # the other way out: a local file
+    assert isinstance(info.value, FileNotFoundError)
+    with pytest.raises(OfflineWeightsError):
+        resolve_weights(_hf_cfg(f"hf://org/absent/model.safetensors@{COMMIT}"))
+
+
+def test_offline_cache_without_the_requested_file(hf_cache, tmp_path) -> None:
+    data = _tiny_safetensors(tmp_path / "src.safetensors").read_bytes()
+    make_hf_cache(hf_cache, "org/tiny", "a.safetensors", data)
+    with pytest.raises(OfflineWeightsError):
+        resolve_weights(_hf_cfg("hf://org/tiny/b.safetensors@main"))
+
+
+def test_hf_pickle_and_pin_mismatch_are_refused(hf_cache, tmp_path, monkeypatch) -> None:
+    torch.save({"w": torch.zeros(2)}, tmp_path / "ckpt.bin")
+    make_hf_cache(hf_cache, "org/pickled", "model.bin", (tmp_path / "ckpt.bin").read_bytes())
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load called"))
+    with pytest.raises(UnsafeWeightsError):
+        resolve_weights(_hf_cfg("hf://org/pickled/model.bin"))
+    data = _tiny_safetensors(tmp_path / "src.safetensors").read_bytes()
+    make_hf_cache(hf_cache, "org/tiny", "m.safetensors", data)
+    with pytest.raises(HashMismatchError):
+        resolve_weights(_hf_cfg("hf://org/tiny/m.safetensors", sha256="b" * 64))
+
+
+# -- load_model end to end ------------------------------------------------------------------------------------
+
+
+def _random_resnet20(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    net = create_arch("cifar_resnet20", num_classes=10, shortcut="pad_end")
+    with torch.no_grad():  # non-trivial BatchNorm statistics, so eval mode matters
+        for module in net.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.2, 0.2)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.1, 0.1)
+    return net.eval()
+
+
+@pytest.mark.parametrize("revision", [COMMIT, "main"])
+def test_load_model_from_hf_cache_matches_the_saved_net(revision, hf_cache, tmp_path) -> None:
+    net = _random_resnet20(0)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp_path / "r20.safetensors"))
+    data = (tmp_path / "r20.safetensors").read_bytes()
+    make_hf_cache(hf_cache, "someone/tiny-r20", "r20.safetensors", data)
+    digest = hashlib.sha256(data).hexdigest()
+    registry = tmp_path / "registry.toml"
+    registry.write_text(
+        f"""
+[models.tiny-r20]
+arch = "cifar_resnet20"
+arch_args = {{ shortcut = "pad_end" }}
+dataset = "cifar10"
+input_size = [3, 32, 32]
+mean = {list(MEAN)}
+std = {list(STD)}
+classes = "cifar10"
+source = "hf://someone/tiny-r20/r20.safetensors@{revision}"
+sha256 = "{digest}"
+role = "backbone"
+"""
+    )
+    model = load_model("tiny-r20", registry=[registry])
+    assert isinstance(model, ImageModel)
+    assert not model.training and all(not p.requires_grad for p in model.parameters())
+    assert model.weights_sha256 == digest and model.name == "tiny-r20"
+    assert model.config.classes[3] == "cat"  # class set from the built-in registry
+
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        expected = net((x - mean) / std)
+        got = model(x)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert expected.std() > 0.01  # the comparison is not between two constants
+
+    # Weights really came from the file: another random net disagrees.
+    other = _random_resnet20(1)
+    with torch.no_grad():
+        assert not torch.allclose(other((x - mean) / std), got, atol=1e-3)
+
+    # The wrapper resizes other sizes (before normalizing) and repeats grayscale to RGB.
+    flat_small = torch.full((2, 3, 32, 32), 0.3)
+    flat_small[1] = torch.tensor([0.9, 0.1, 0.5]).view(3, 1, 1)
+    flat_big = torch.nn.functional.interpolate(flat_small, size=(48, 80), mode="nearest")
+    gray = x[:, :1]
+    with torch.no_grad():
+        torch.testing.assert_close(model(flat_big), model(flat_small), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model(gray), net((gray.expand(-1, 3, -1, -1) - mean) / std), atol=1e-5, rtol=1e-5)
+
+
+def test_load_model_local_file_with_models_dir(tmp_path) -> None:
+    net = _random_resnet20(3)
+    (tmp_path / "models").mkdir()
+    save_file(net.state_dict(), str(tmp_path / "models" / "k.safetensors"))
+    registry = tmp_path / "r.toml"
+    registry.write_text(
+        '[models.k]\narch = "cifar_resnet20"\narch_args = { shortcut = "pad_end" }\nsource = "file:k.safetensors"\n'
+    )
+    model = load_model("k", registry=[registry], models_dir=tmp_path / "models")
+    assert model.weights_sha256 == _sha(tmp_path / "models" / "k.safetensors")  # computed when not pinned
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), net(x), atol=1e-5, rtol=1e-5)
+    # A config object works as well as a name.
+    cfg = get_model_config("k", [registry])
+    assert isinstance(load_model(cfg, models_dir=str(tmp_path / "models")), ImageModel)

@@ -1,0 +1,101 @@
+"""Fast Preemption with the real models of ../shared, end to end through the file pipeline.
+
+The headline check of issue 2: protecting the 932 CIFAR-10 test images with backbone
+``cifar10-resnet20-pgdat-a`` and classifier ``cifar10-resnet18-std`` must raise the clean accuracy of the
+unseen victim ``cifar10-resnet20-pgdat-b`` by >= 4 points and its PGD-20 (8/255) accuracy by >= 15 points
+(the thresholds of the issue; a reference run measured about +7 and +26). Nothing here is tuned to pass.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from preempt_cli import ForeBackConfig, Protector, RunOptions, collect_inputs, load_model
+from preempt_cli.attacks import PGD, robust_accuracy
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+CIFAR = SHARED / "data" / "cifar10" / "test"
+MODELS = SHARED / "models"
+PHOTOS = SHARED / "data" / "photos"
+
+pytestmark = [
+    pytest.mark.shared,
+    pytest.mark.skipif(not (CIFAR.is_dir() and MODELS.is_dir()), reason=f"{SHARED} (shared models/data) not found"),
+]
+
+
+def _load(paths: list[Path]) -> torch.Tensor:
+    return torch.stack([torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1) for p in paths]
+                       ).float().div(255)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def protected_cifar(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    torch.manual_seed(0)
+    backbone = load_model("cifar10-resnet20-pgdat-a", models_dir=MODELS)
+    classifier = load_model("cifar10-resnet18-std", models_dir=MODELS)
+    out = tmp_path_factory.mktemp("protected")
+    items = sorted(collect_inputs([CIFAR]), key=lambda i: i.path.name)  # the first 932 test images, by index
+    assert len(items) == 932
+    protector = Protector(backbone, classifier, config=ForeBackConfig.from_preset("paper"), seed=0)
+    results = list(protector.run(items, RunOptions(out_dir=out)))
+    assert [r.status for r in results].count("done") == 932, [r.reason for r in results if r.status != "done"][:3]
+    by_input = {r.input: r for r in results}
+    classes = backbone.config.classes
+    labels = torch.tensor([classes.index(i.path.parent.name) for i in items])
+    return {
+        "original": _load([i.path for i in items]),
+        "protected": _load([by_input[i.path].output for i in items]),
+        "labels": labels,
+        "results": [by_input[i.path] for i in items],
+    }
+
+
+def test_protected_files_hold_the_budget(protected_cifar: dict) -> None:
+    diff = (protected_cifar["protected"] - protected_cifar["original"]).abs().mul(255).round()
+    assert diff.max().item() <= 8
+    assert diff.mean().item() > 1  # a real perturbation, not a copy
+    assert all(r.linf_levels <= 8 for r in protected_cifar["results"])
+    # The backbone is more confident of the label after protection for almost every image.
+    gains = [r.confidence_after - r.confidence_before for r in protected_cifar["results"]]
+    assert np.mean([g > 0 for g in gains]) > 0.9
+
+
+def test_protection_raises_victim_clean_and_pgd_accuracy(protected_cifar: dict) -> None:
+    victim = load_model("cifar10-resnet20-pgdat-b", models_dir=MODELS)
+    y = protected_cifar["labels"]
+    accs = {}
+    for name in ("original", "protected"):
+        attack = PGD(victim, norm="Linf", eps=8 / 255, steps=20, step_size=2 / 255, quantize=True, seed=0)
+        accs[name] = robust_accuracy(victim, attack, protected_cifar[name], y, batch_size=200)[:2]
+    clean_gain = 100 * (accs["protected"][0] - accs["original"][0])
+    robust_gain = 100 * (accs["protected"][1] - accs["original"][1])
+    print(f"victim pgdat-b: clean {accs['original'][0]:.4f} -> {accs['protected'][0]:.4f} ({clean_gain:+.2f}), "
+          f"PGD-20 {accs['original'][1]:.4f} -> {accs['protected'][1]:.4f} ({robust_gain:+.2f})")  # fmt: skip
+    assert abs(accs["original"][0] - 0.8444) < 0.001  # the documented clean accuracy of the victim
+    assert clean_gain >= 4
+    assert robust_gain >= 15
+
+
+@pytest.mark.skipif(not PHOTOS.is_dir(), reason=f"{PHOTOS} not found")
+def test_every_photo_round_trips(tmp_path: Path) -> None:
+    backbone = load_model("cifar10-resnet20-pgdat-a", models_dir=MODELS)
+    classifier = load_model("cifar10-resnet18-std", models_dir=MODELS)
+    protector = Protector(backbone, classifier, config=ForeBackConfig.from_preset("paper", samples=2), seed=0)
+    results = list(protector.run(collect_inputs([PHOTOS]), RunOptions(out_dir=tmp_path)))
+    assert len(results) == len(list(PHOTOS.iterdir()))
+    for r in results:
+        assert r.status == "done", r.reason
+        src, out = Image.open(r.input), Image.open(r.output)
+        assert out.format == "PNG" and out.size == src.size
+        assert out.mode == src.mode  # RGB, L and RGBA kept
+        a, b = np.asarray(src, dtype=np.int64), np.asarray(out, dtype=np.int64)
+        if src.mode in ("RGBA", "LA"):
+            assert np.array_equal(a[..., -1], b[..., -1])  # alpha bit for bit
+            a, b = a[..., :-1], b[..., :-1]
+        assert 0 < np.abs(a - b).max() <= 8
