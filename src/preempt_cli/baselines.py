@@ -16,6 +16,7 @@ defaults, against 60 for Fast Preemption).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 
@@ -133,7 +134,7 @@ class BiLevel:
         self.optimizer = optimizer
         self.seed = _int_at_least("seed", seed, 0)
         if device is None:
-            tensor = next((*backbone.parameters(), *backbone.buffers()), None)
+            tensor = next(itertools.chain(backbone.parameters(), backbone.buffers()), None)
             device = tensor.device if tensor is not None else torch.device("cpu")
         self.device = torch.device(device)
 

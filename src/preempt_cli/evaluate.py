@@ -89,8 +89,6 @@ def load_dataset(
     pixels, labels = [], []
     for item in items:
         picture = read_image(item.path)
-        if picture.channels != 3:
-            picture = picture.with_color(np.repeat(picture.color, 3, axis=2)) if False else picture
         raw = label_map.lookup(item) if label_map else (item.relative.parts[0] if len(item.relative.parts) > 1 else None)
         if raw is None:
             raise LabelError(f"{item.path}: no label (use an ImageFolder layout ROOT/<class>/<file> or --labels-file)")

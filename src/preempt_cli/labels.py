@@ -92,7 +92,7 @@ def read_label_file(path: Path | str) -> LabelMap:
 
 
 def folder_label(item: InputFile) -> str:
-    """The ImageFolder label of ``item``: the name of its parent folder.
+    """The ImageFolder label of ``item``: the name of its class folder (the first folder under the root).
 
     Raises:
         LabelError: the file was not found inside a folder argument.

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from .. import __version__
-from . import _files, _models
+from . import _eval, _files, _models
 
 app = typer.Typer(
     name="preempt",
@@ -23,6 +23,7 @@ app = typer.Typer(
 )
 app.command("protect", epilog=_files.PROTECT_EPILOG)(_files.protect)
 app.command("revert", epilog=_files.REVERT_EPILOG)(_files.revert)
+app.command("eval", epilog=_eval.EVAL_EPILOG)(_eval.eval_cmd)
 app.add_typer(_models.app, name="models")
 
 

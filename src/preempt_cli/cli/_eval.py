@@ -1,0 +1,181 @@
+"""``preempt eval``: what protection buys, measured with the paper's protocol."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ..evaluate import AttackSpec, DefenseSpec, Evaluator, load_dataset, reversion_protocol
+from ..errors import ConfigError
+from ..models import ImageModel
+from . import _common as c
+from ._files import BackboneOpt, ClassifierOpt, SeedOpt, _load, _setup_torch
+
+EVAL_EPILOG = """\
+[bold]Examples[/]
+
+  preempt eval ../shared/data/cifar10/test --limit 200 -b cifar10-resnet20-pgdat-a -c cifar10-resnet18-std \\
+      --victim cifar10-resnet20-pgdat-b --defense none --defense fp --attack pgd --attack aa:limit=50
+
+  preempt eval DATA --victim V --defense fp:preset=mspd --defense bilevel:steps=100 --attack pgd:norm=L2,eps=0.5
+
+  preempt eval DATA --reversion --victim V -b KEY -c weak-classifier --reversion-backbone OTHER
+
+Defenses: none | fp[:backbone=,classifier=,labels=classifier|ground-truth|backbone,preset=,eps=,eta=,forward=,
+backward=,samples=,inner_steps=,seed=,name=] | bilevel[:steps=100,eta=0.1,inner_steps=20,optimizer=sign|rmsprop,...]
+| folder:PATH.  Attacks: pgd[:norm=Linf|L2,eps=,steps=20,step_size=,restarts=,limit=,seed=] |
+aa[:version=standard|rand,norm=,eps=,limit=,seed=].
+"""
+
+
+def _fmt(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _write_report(out: Path, rows: list[dict[str, Any]], evaluator: Evaluator, defenses: list[DefenseSpec],
+                  title: str) -> Path:  # fmt: skip
+    from ..quality import save_perturbation_figure
+
+    lines = [f"# {title}", "", f"Data: `{evaluator.dataset.root}` ({len(evaluator.dataset)} images). "
+             "Accuracies in %; robust accuracy on 8-bit adversarial examples crafted against each victim within "
+             "eps of the image they start from.", ""]  # fmt: skip
+    cols = ["victim", "defense", "attack", "n", "clean_acc", "robust_acc", "seconds_per_image", "linf", "ssim", "lpips"]
+    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_fmt(r.get(k)) for k in cols) + " |" for r in rows]
+    notes = sorted({r["lpips_note"] for r in rows if r.get("lpips_note")})
+    if notes:
+        lines += ["", *notes]
+    lines += ["", "## Perturbation maps", "", "Rows: original, defended, perturbation map (Eq. 14: delta mapped "
+              "from [-eps, eps] to [0, 1], NTSC gray).", ""]  # fmt: skip
+    for spec in defenses:
+        if spec.kind == "none":
+            continue
+        defended = evaluator.defend(spec)
+        name = f"perturbation_{spec.key}.png"
+        eps = defended.meta.get("eps") or max(defended.linf, 1 / 255)
+        save_perturbation_figure(out / name, evaluator.dataset.images[:8].float() / 255,
+                                 defended.images[:8].float() / 255, eps)  # fmt: skip
+        lines += [f"### {spec.name}", "", f"![{spec.name}]({name})", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def eval_cmd(
+    data: Annotated[Path, typer.Argument(help="ImageFolder directory, or a folder of files with --labels-file.")],
+    victim: Annotated[list[str], typer.Option("--victim", help="Victim model (repeatable).")],
+    defense: Annotated[
+        Optional[list[str]], typer.Option("--defense", help="Defense spec (repeatable; default: none and fp).")
+    ] = None,
+    attack: Annotated[
+        Optional[list[str]], typer.Option("--attack", help="Attack spec (repeatable; default: pgd).")
+    ] = None,
+    backbone: BackboneOpt = None,
+    classifier: ClassifierOpt = None,
+    labels_file: Annotated[Optional[Path], typer.Option("--labels-file", help="CSV/JSON of file,label.")] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="First N images, sorted by file name.")] = None,
+    out: Annotated[Path, typer.Option("--out", help="Folder for the report, results and the resume state.")] = Path(
+        "preempt-eval"
+    ),
+    resume: Annotated[bool, typer.Option("--resume", help="Reuse finished defenses and cells in --out.")] = False,
+    csv_path: Annotated[Optional[Path], typer.Option("--csv", help="Also write the rows as CSV.")] = None,
+    reversion: Annotated[bool, typer.Option("--reversion", help="Run the reversion protocol instead.")] = False,
+    reversion_backbone: Annotated[
+        Optional[str], typer.Option("--reversion-backbone", help="Black-box attacker's backbone.")
+    ] = None,
+    flip_fraction: Annotated[
+        float, typer.Option("--flip-fraction", help="Reversion: flip this fraction of ground-truth labels.")
+    ] = 0.0,
+    jpeg_quality: Annotated[int, typer.Option("--jpeg-quality", help="Quality of the blind JPEG reversion.")] = 50,
+    seed: SeedOpt = 0,
+    device: c.DeviceOpt = "auto",
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Images per defense batch.")] = None,
+    models_dir: c.ModelsDirOpt = None,
+    registry: c.RegistryOpt = None,
+    json_out: c.JsonOpt = False,
+    quiet: c.QuietOpt = False,
+    verbose: c.VerboseOpt = 0,
+) -> None:
+    """Measure victim clean and robust accuracy before/after protection, reversion, quality and time."""
+    c.setup_logging(verbose, quiet)
+    with c.handle_errors():
+        defaults = {"backbone": backbone, "classifier": classifier, "seed": str(seed)}
+        defenses = [DefenseSpec.parse(d, defaults) for d in (defense or (["fp"] if reversion else ["none", "fp"]))]
+        attacks = [AttackSpec.parse(a) for a in (attack or ["pgd"])]
+        if batch_size is not None and batch_size < 1:
+            raise ConfigError("--batch-size must be >= 1")
+        torch_device = _setup_torch(device)
+        cache: dict[str, ImageModel] = {}
+
+        def load(name: str) -> ImageModel:
+            if name not in cache:
+                cache[name] = _load(name, torch_device, models_dir, registry)
+            return cache[name]
+
+        first = load(victim[0])
+        dataset = load_dataset(data, classes=first.config.classes, labels_file=labels_file, limit=limit)
+        for name in victim:
+            load(name)
+        out.mkdir(parents=True, exist_ok=True)
+        evaluator = Evaluator(dataset, load=load, device=torch_device, out_dir=out, resume=resume,
+                              batch_size=batch_size)  # fmt: skip
+        if reversion:
+            if len(defenses) != 1 or defenses[0].kind != "fast-preemption":
+                raise ConfigError("--reversion takes exactly one fp defense")
+            result = reversion_protocol(evaluator, victims=victim, defense=defenses[0],
+                                        black_box_backbone=reversion_backbone, jpeg_quality=jpeg_quality,
+                                        flip_fraction=flip_fraction, seed=seed)  # fmt: skip
+            (out / "reversion.json").write_text(json.dumps(result, indent=1))
+            if json_out:
+                c.print_json(result)
+            else:
+                for name, res in result["victims"].items():
+                    table = Table(title=f"{name}: clean accuracy (%) — {result['labels']}", header_style="bold")
+                    table.add_column("stage")
+                    table.add_column("clean acc", justify="right")
+                    table.add_column("verdict")
+                    for stage, acc in res["clean_acc"].items():
+                        table.add_row(stage, f"{acc:.2f}", res["verdict"].get(stage, ""))
+                    c.stdout.print(table)
+            raise typer.Exit(c.EXIT_OK)
+
+        total = len(defenses) * len(victim) * len(attacks)
+        rows: list[dict[str, Any]] = []
+        progress = Progress(TextColumn("[bold]Evaluating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                            console=c.stderr, transient=True, disable=quiet or not c.stderr.is_terminal)  # fmt: skip
+        with progress:
+            task = progress.add_task("cells", total=total)
+            for row in evaluator.grid(victim, defenses, attacks):
+                rows.append(row)
+                if json_out:
+                    c.print_json(row)
+                progress.advance(task)
+        (out / "results.json").write_text(json.dumps(rows, indent=1))
+        if csv_path is not None:
+            with csv_path.open("w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows(rows)
+        report = _write_report(out, rows, evaluator, defenses, "preempt eval")
+        if not json_out:
+            table = Table(header_style="bold", show_edge=False)
+            cols = ["victim", "defense", "attack", "n", "clean_acc", "robust_acc", "seconds_per_image", "linf", "ssim"]
+            for col in cols:
+                table.add_column(col.replace("_", " "), justify="right" if col not in cols[:3] else "left")
+            for r in rows:
+                table.add_row(*(_fmt(r.get(k)) for k in cols))
+            c.stdout.print(table)
+        if not quiet:
+            c.stderr.print(f"Report: {report}", markup=False)
+    raise typer.Exit(c.EXIT_OK)
