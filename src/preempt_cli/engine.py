@@ -184,6 +184,7 @@ class FastPreemption:
         x0_rep = x0.unsqueeze(1).expand(b, n, *shape).reshape(b * n, *shape)
         y_rep = y.repeat_interleave(n)
         start = (x_rep + self._noise(x_t, generators).reshape(b * n, *shape)).clamp_(0.0, 1.0)
+        start = start.contiguous(memory_format=torch.channels_last)  # the layout oneDNN/cuDNN convs prefer
         sample = start
         step_size = cfg.eps if cfg.inner_steps == 1 else 2.5 * cfg.eps / cfg.inner_steps
         for _ in range(cfg.inner_steps):

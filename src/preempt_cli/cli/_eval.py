@@ -115,6 +115,10 @@ def eval_cmd(
         attacks = [AttackSpec.parse(a) for a in (attack or ["pgd"])]
         if batch_size is not None and batch_size < 1:
             raise ConfigError("--batch-size must be >= 1")
+        if limit is not None and limit < 1:
+            raise ConfigError("--limit must be >= 1")
+        if reversion and (len(defenses) != 1 or defenses[0].kind != "fast-preemption"):
+            raise ConfigError("--reversion takes exactly one fp defense")
         torch_device = _setup_torch(device)
         cache: dict[str, ImageModel] = {}
 
@@ -131,8 +135,6 @@ def eval_cmd(
         evaluator = Evaluator(dataset, load=load, device=torch_device, out_dir=out, resume=resume,
                               batch_size=batch_size)  # fmt: skip
         if reversion:
-            if len(defenses) != 1 or defenses[0].kind != "fast-preemption":
-                raise ConfigError("--reversion takes exactly one fp defense")
             result = reversion_protocol(evaluator, victims=victim, defense=defenses[0],
                                         black_box_backbone=reversion_backbone, jpeg_quality=jpeg_quality,
                                         flip_fraction=flip_fraction, seed=seed)  # fmt: skip

@@ -95,10 +95,7 @@ def _config(preset: str, eps: str | None, eta: float | None, forward: int | None
 
 
 def _load(name: str, device: torch.device, models_dir: Path | None, registry: list[Path] | None) -> ImageModel:
-    model = load_model(name, device=device, models_dir=models_dir, registry=registry or ())
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    return model
+    return load_model(name, device=device, models_dir=models_dir, registry=registry or ())
 
 
 def _drive(results: Iterable[FileResult], total: int, *, verb: str, json_out: bool, quiet: bool) -> int:

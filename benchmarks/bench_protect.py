@@ -1,0 +1,656 @@
+#!/usr/bin/env python
+"""Speed of ``preempt``'s Fast Preemption engine, measured in one run on one machine.
+
+What it measures (medians over ``--repeats`` timed runs, each after a warm-up):
+
+1. **engine vs reference**: our engine (``Protector.transform``: batched images x N samples, gradients
+   with respect to the input only, BatchNorm folded, channels-last) against a *reference* written below
+   that follows the authors' public code literally: one image at a time, its N noisy copies as one batch,
+   full autograd including weight gradients (``requires_grad=True`` parameters, ``loss.backward()``,
+   then ``x.grad``), fp32, NCHW, BatchNorm not folded. Both run Algorithm 1 with the paper's settings
+   (F1-B2, N = 20, eta = 0.7, eps = 8/255). Reported: ms/image, images/s, the speed-up, and a check that
+   both stay within the L-inf budget and in [0, 1].
+2. **backbones**: ``cifar10-resnet20-pgdat-a`` (real weights from ``--models-dir``) and a PreActResNet-18
+   (the paper's backbone architecture) with random weights, on the first ``--images`` CIFAR-10 test
+   images (the reference on the first ``--ref-images`` of them: it is slow).
+3. **photos**: the 512x512 photos ``astronaut.png`` (RGB) and ``camera.png`` (grayscale) through the
+   resize path (perturbed at full resolution, resized inside the model), engine vs reference.
+4. **end to end**: the file pipeline ``Protector.run`` (decode, label, protect, quantize, write PNGs) on a
+   temporary folder holding the same CIFAR-10 PNGs, against the engine alone on the same images; the
+   ratio of their rates says what I/O costs (target >= 0.8). Also the ``preempt protect`` command in a
+   subprocess (start-up included), unless ``--skip-cli``.
+5. **Bi-Level** (Moon et al. 2022, ``steps`` x PGD-``inner`` = 2000 passes per image by default) on
+   ``--bilevel-images`` images: the Bi-Level / Fast Preemption time ratio (the paper reports ~700x).
+6. **FLOPs**: one forward and one input-only backward of each backbone at 32x32 counted with
+   ``torch.utils.flop_counter.FlopCounterMode``; the engine's achieved GFLOP/s
+   ((T-> + T<-) x N x (forward + input backward) per image / time) as a fraction of the machine's fp32
+   matmul peak (median of several large matmuls).
+7. **bf16** (CUDA only): the engine under ``torch.autocast("cuda", dtype=torch.bfloat16)``.
+
+Output: a table on stdout, then ONE final line of JSON with every number and the machine (CPU model,
+cores, torch version, threads, GPU name). Progress goes to stderr.
+
+Run from the repository root::
+
+    . .venv/bin/activate
+    python benchmarks/bench_protect.py                      # full run (minutes on 2 CPU cores)
+    python benchmarks/bench_protect.py --images 8 --ref-images 2 --bilevel-images 1 --repeats 1 \\
+        --bilevel-steps 3 --bilevel-inner 2                 # smoke test (seconds)
+    python benchmarks/bench_protect.py --device cuda        # GPU (adds bf16 autocast)
+
+The engine's numbers depend on the batch size (``--batch-size``; default 16 images on CPU, 512 on CUDA).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from preempt_cli import ForeBackConfig, Protector, RunOptions, collect_inputs, load_model, read_image
+from preempt_cli.device import default_cpu_threads, resolve_device
+from preempt_cli.models import ImageModel, build_model
+from preempt_cli.models._load import fuse_conv_bn
+from preempt_cli.protect import content_seed
+from preempt_cli.registry import get_model_config
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+REAL_BACKBONE = "cifar10-resnet20-pgdat-a"
+BACKBONES = {"resnet20": REAL_BACKBONE, "preact18": "preact18 (random weights)"}
+PHOTOS = ("astronaut.png", "camera.png")
+BUDGET_TOL = 1e-6  # float slack when checking |x_adv - x| <= eps
+
+
+def log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+# -- timing ----------------------------------------------------------------------------------------------
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: Callable[[], Any] | None = None) -> list[float]:
+    """Seconds of each of ``repeats`` calls of ``fn``, after one call of ``warmup`` (default: ``fn``)."""
+    (warmup or fn)()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def rate(times: list[float], images: int) -> dict[str, Any]:
+    """Median seconds over runs of ``images`` images -> ms/image, images/s (plus the raw runs)."""
+    med = statistics.median(times)
+    return {
+        "images": images,
+        "runs_s": [round(t, 4) for t in times],
+        "median_s": round(med, 4),
+        "ms_per_image": round(1000 * med / images, 3),
+        "images_per_s": round(images / med, 3),
+    }
+
+
+def budget(x0: torch.Tensor, x_adv: torch.Tensor, eps: float) -> dict[str, Any]:
+    """Whether ``x_adv`` lies within ``eps`` of ``x0`` (L-inf) and in [0, 1]."""
+    d = (x_adv.float() - x0.float()).abs()
+    linf = float(d.max()) if d.numel() else 0.0
+    in_range = bool(x_adv.min() >= 0) and bool(x_adv.max() <= 1)
+    return {
+        "linf": round(linf, 6),
+        "linf_levels": round(linf * 255, 3),
+        "mean_abs": round(float(d.mean()), 6),
+        "within_budget": linf <= eps + BUDGET_TOL and in_range,
+    }
+
+
+# -- the reference: Algorithm 1 as the authors' public code writes it -----------------------------------
+def reference_protect_one(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: ForeBackConfig) -> torch.Tensor:
+    """Fast Preemption on ONE image ``x`` [1, C, H, W], the straightforward way: the N noisy copies are
+    one batch, ``loss.backward()`` through a model whose parameters require grad, then ``x.grad``."""
+    eps, n = cfg.eps, cfg.samples
+    x_ori = x.clone().detach()
+    x_t = x_ori.clone()
+    labels = y.repeat(n)
+    directions = [-1.0] * cfg.forward_steps + [1.0] * cfg.backward_steps  # -1 descend, +1 ascend the loss
+    for direction in directions:
+        x_rep = x_t.repeat(n, 1, 1, 1)
+        noise = torch.empty_like(x_rep).uniform_(-eps, eps)
+        x_noisy = torch.clamp(x_rep + noise, 0, 1).detach()
+        x_noisy.requires_grad = True
+        model.zero_grad()
+        loss = F.cross_entropy(model(x_noisy), labels)
+        loss.backward()
+        grad = x_noisy.grad.detach()
+        x_s = x_noisy.detach() + direction * eps * grad.sign()
+        x_s = torch.min(torch.max(x_s, x_ori - eps), x_ori + eps).clamp(0, 1)
+        delta = x_s.mean(dim=0, keepdim=True) - x_t
+        x_t = x_t - direction * cfg.eta * delta  # forward: x + eta*delta_r; backward: x - eta*delta_a
+        x_t = torch.min(torch.max(x_t, x_ori - eps), x_ori + eps).clamp(0, 1).detach()
+    return x_t
+
+
+def reference_protect(model: nn.Module, images: list[torch.Tensor], labels: list[torch.Tensor],
+                      cfg: ForeBackConfig) -> list[torch.Tensor]:  # fmt: skip
+    """The reference over a list of [1, C, H, W] images, one at a time."""
+    return [reference_protect_one(model, x, y, cfg) for x, y in zip(images, labels)]
+
+
+def as_reference_model(model: ImageModel) -> ImageModel:
+    """Unfused, NCHW, parameters requiring grad (the authors' setting)."""
+    model = model.eval()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model.to(memory_format=torch.contiguous_format)
+
+
+def as_engine_model(model: ImageModel, device: torch.device) -> ImageModel:
+    """What ``load_model`` gives the engine: BN folded, frozen, channels-last."""
+    model.net = fuse_conv_bn(model.net.eval())
+    model = model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.to(device, memory_format=torch.channels_last)
+
+
+# -- data and models -------------------------------------------------------------------------------------
+def cifar_paths(data_dir: Path, count: int) -> list[Path]:
+    """The first ``count`` CIFAR-10 test PNGs by index (``test/<class>/<index>.png``)."""
+    paths = sorted((data_dir / "test").glob("*/*.png"), key=lambda p: int(p.stem))
+    if len(paths) < count:
+        raise SystemExit(f"need {count} CIFAR-10 test images under {data_dir / 'test'}, found {len(paths)}")
+    return paths[:count]
+
+
+def load_images(paths: list[Path]) -> tuple[torch.Tensor, list[int]]:
+    """Equal-size images as one [B, C, H, W] tensor in [0, 1], and their content seeds."""
+    pictures = [read_image(p) for p in paths]
+    return torch.stack([p.to_tensor() for p in pictures]), [content_seed(p.color) for p in pictures]
+
+
+def load_backbones(keys: list[str], models_dir: Path, device: torch.device) -> dict[str, tuple[ImageModel, ImageModel]]:
+    """``key -> (engine model, reference model)``; the reference one is an unfused twin with the same weights."""
+    out = {}
+    for key in keys:
+        if key == "resnet20":
+            ours = load_model(REAL_BACKBONE, models_dir=models_dir, device=device)
+            ref = as_reference_model(load_model(REAL_BACKBONE, models_dir=models_dir, device=device, fuse=False))
+        elif key == "preact18":
+            torch.manual_seed(0)
+            base = build_model(get_model_config("preact18")).eval()
+            ref = as_reference_model(copy.deepcopy(base).to(device))
+            ours = as_engine_model(base, device)
+        else:
+            raise SystemExit(f"unknown backbone {key!r}: choose from {', '.join(BACKBONES)}")
+        out[key] = (ours, ref)
+    return out
+
+
+def make_protector(model: ImageModel, cfg: ForeBackConfig) -> Protector:
+    return Protector(model, None, labels="backbone", config=cfg)
+
+
+def engine_run(protector: Protector, x: torch.Tensor, y: torch.Tensor, seeds: list[int], batch: int,
+               autocast: bool = False) -> torch.Tensor:  # fmt: skip
+    """Our engine over ``x`` in batches of ``batch`` images."""
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else nullcontext()
+    outs = []
+    with ctx:
+        for i in range(0, x.shape[0], batch):
+            outs.append(protector.transform(x[i : i + batch], y[i : i + batch], noise_seeds=seeds[i : i + batch]))
+    return torch.cat(outs)
+
+
+def engine_warmup(protector: Protector, x: torch.Tensor, y: torch.Tensor, seeds: list[int], batch: int,
+                  autocast: bool = False) -> None:  # fmt: skip
+    """One call per batch shape the timed run will see (the full batch and the last, partial one)."""
+    n = x.shape[0]
+    sizes = {min(batch, n)} | ({n % batch} if n % batch else set())
+    for size in sorted(sizes):
+        engine_run(protector, x[-size:], y[-size:], seeds[-size:], batch, autocast)
+
+
+# -- 1-2. engine vs reference on CIFAR-10 ----------------------------------------------------------------
+def bench_engine_vs_reference(key: str, ours: ImageModel, ref: ImageModel, x: torch.Tensor, seeds: list[int],
+                              args: argparse.Namespace, cfg: ForeBackConfig, device: torch.device) -> dict[str, Any]:  # fmt: skip
+    protector = make_protector(ours, cfg)
+    x = x.to(device)
+    y = protector.predict(x).clone()  # a normal tensor (not an inference one)
+    log(f"{key}: engine on {x.shape[0]} images (batch {args.batch_size})")
+    result: dict[str, Any] = {"backbone": BACKBONES[key], "batch_size": args.batch_size}
+    out = None
+
+    def run_ours() -> None:
+        nonlocal out
+        out = engine_run(protector, x, y, seeds, args.batch_size)
+
+    result["engine"] = rate(timed(run_ours, device, args.repeats,
+                                  lambda: engine_warmup(protector, x, y, seeds, args.batch_size)), x.shape[0])  # fmt: skip
+    result["engine"]["check"] = budget(x, out, cfg.eps)
+    result["engine"]["backbone_keeps_label"] = round(float((protector.predict(out) == y).float().mean()), 4)
+
+    if device.type == "cuda" and args.bf16:
+        log(f"{key}: engine under bf16 autocast")
+        out16 = None
+
+        def run_bf16() -> None:
+            nonlocal out16
+            out16 = engine_run(protector, x, y, seeds, args.batch_size, autocast=True)
+
+        result["engine_bf16"] = rate(timed(run_bf16, device, args.repeats,
+                                           lambda: engine_warmup(protector, x, y, seeds, args.batch_size, True)),
+                                     x.shape[0])  # fmt: skip
+        result["engine_bf16"]["check"] = budget(x, out16, cfg.eps)
+        result["engine_bf16"]["speedup_vs_fp32"] = round(result["engine"]["median_s"] / result["engine_bf16"]["median_s"], 3)
+
+    if not args.skip_reference:
+        k = min(args.ref_images, x.shape[0])
+        imgs = [x[i : i + 1] for i in range(k)]
+        labs = [y[i : i + 1] for i in range(k)]
+        log(f"{key}: reference on {k} images, one at a time")
+        torch.manual_seed(0)
+        ref_out: list[torch.Tensor] = []
+
+        def run_ref() -> None:
+            nonlocal ref_out
+            ref_out = reference_protect(ref, imgs, labs, cfg)
+
+        result["reference"] = rate(timed(run_ref, device, args.repeats,
+                                         lambda: reference_protect(ref, imgs[:1], labs[:1], cfg)), k)  # fmt: skip
+        x_ref = torch.cat(ref_out)
+        result["reference"]["check"] = budget(x[:k], x_ref, cfg.eps)
+        result["reference"]["backbone_keeps_label"] = round(float((protector.predict(x_ref) == y[:k]).float().mean()), 4)
+        result["speedup"] = round(result["reference"]["ms_per_image"] / result["engine"]["ms_per_image"], 2)
+    return result
+
+
+# -- 3. 512x512 photos through the resize path -----------------------------------------------------------
+def bench_photos(ours: ImageModel, ref: ImageModel, args: argparse.Namespace, cfg: ForeBackConfig,
+                 device: torch.device) -> dict[str, Any]:  # fmt: skip
+    paths = [args.photos_dir / name for name in PHOTOS]
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        return {"skipped": f"missing {', '.join(missing)}"}
+    pictures = [read_image(p) for p in paths]
+    xs = [p.to_tensor().unsqueeze(0).to(device) for p in pictures]  # RGB and gray: one batch each
+    seeds = [[content_seed(p.color)] for p in pictures]
+    protector = make_protector(ours, cfg)
+    ys = [protector.predict(x).clone() for x in xs]
+    log(f"photos: engine on {len(xs)} images ({', '.join(f'{tuple(x.shape[1:])}' for x in xs)})")
+    outs: list[torch.Tensor] = []
+
+    def run_ours() -> None:
+        outs[:] = [protector.transform(x, y, noise_seeds=s) for x, y, s in zip(xs, ys, seeds)]
+
+    result: dict[str, Any] = {"backbone": REAL_BACKBONE, "photos": list(PHOTOS),
+                              "sizes": [list(x.shape[1:]) for x in xs]}  # fmt: skip
+    result["engine"] = rate(timed(run_ours, device, args.repeats), len(xs))
+    result["engine"]["check"] = [budget(x, o, cfg.eps) for x, o in zip(xs, outs)]
+    if not args.skip_reference:
+        log(f"photos: reference on {len(xs)} images")
+        torch.manual_seed(0)
+        ref_out: list[torch.Tensor] = []
+
+        def run_ref() -> None:
+            ref_out[:] = reference_protect(ref, xs, ys, cfg)
+
+        result["reference"] = rate(timed(run_ref, device, args.repeats,
+                                         lambda: reference_protect(ref, xs[:1], ys[:1], cfg)), len(xs))  # fmt: skip
+        result["reference"]["check"] = [budget(x, o, cfg.eps) for x, o in zip(xs, ref_out)]
+        result["speedup"] = round(result["reference"]["ms_per_image"] / result["engine"]["ms_per_image"], 2)
+    return result
+
+
+# -- 4. end to end: files in, PNGs out --------------------------------------------------------------------
+def bench_end_to_end(ours: ImageModel, paths: list[Path], args: argparse.Namespace, cfg: ForeBackConfig,
+                     device: torch.device) -> dict[str, Any]:  # fmt: skip
+    protector = make_protector(ours, cfg)
+    with tempfile.TemporaryDirectory(prefix="bench-protect-") as tmp:
+        src = Path(tmp) / "in"
+        src.mkdir()
+        for p in paths:
+            shutil.copy2(p, src / f"{p.parent.name}_{p.name}")
+        items = collect_inputs([src])
+        options = RunOptions(out_dir=Path(tmp) / "out", overwrite=True, batch_size=args.batch_size)
+
+        # the engine alone on the same images (decoded once, outside the timing)
+        x, seeds = load_images([i.path for i in items])
+        x = x.to(device)
+        y = protector.predict(x).clone()  # a normal tensor (not an inference one)
+        log(f"end to end: engine alone on {len(items)} images")
+        t_engine = timed(lambda: engine_run(protector, x, y, seeds, args.batch_size), device, args.repeats,
+                         lambda: engine_warmup(protector, x, y, seeds, args.batch_size))  # fmt: skip
+
+        log(f"end to end: Protector.run on a folder of {len(items)} PNGs")
+        statuses: list[str] = []
+
+        def run_pipeline() -> None:
+            statuses[:] = [r.status for r in protector.run(items, options)]
+
+        t_pipe = timed(run_pipeline, device, args.repeats)
+        written = sorted((Path(tmp) / "out").rglob("*.png"))
+        result: dict[str, Any] = {
+            "backbone": REAL_BACKBONE,
+            "engine_only": rate(t_engine, len(items)),
+            "pipeline": rate(t_pipe, len(items)),
+            "pipeline_done": statuses.count("done"),
+            "pngs_written": len(written),
+        }
+        result["pipeline_vs_engine"] = round(result["pipeline"]["images_per_s"] / result["engine_only"]["images_per_s"], 3)
+        result["target_met"] = result["pipeline_vs_engine"] >= 0.8
+
+        if not args.skip_cli:
+            cmd = [sys.executable, "-m", "preempt_cli", "protect", str(src), "--backbone", REAL_BACKBONE,
+                   "--labels", "backbone", "--models-dir", str(args.models_dir), "--out-dir", str(Path(tmp) / "cli"),
+                   "--overwrite", "--quiet", "--device", str(device), "--batch-size", str(args.batch_size)]  # fmt: skip
+            log(f"end to end: `preempt protect` subprocess ({len(items)} images)")
+
+            def run_cli() -> None:
+                subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+
+            t_cli: list[float] = []
+            for _ in range(args.repeats):  # no warm-up: every call pays the start-up, as a user does
+                start = time.perf_counter()
+                run_cli()
+                t_cli.append(time.perf_counter() - start)
+            result["cli"] = rate(t_cli, len(items))
+            result["cli_vs_engine"] = round(result["cli"]["images_per_s"] / result["engine_only"]["images_per_s"], 3)
+    return result
+
+
+# -- 5. Bi-Level baseline --------------------------------------------------------------------------------
+def bench_bilevel(key: str, ours: ImageModel, x: torch.Tensor, fp_ms_per_image: float | None,
+                  args: argparse.Namespace, cfg: ForeBackConfig, device: torch.device) -> dict[str, Any]:  # fmt: skip
+    from preempt_cli.baselines import BiLevel
+
+    x = x[: args.bilevel_images].to(device)
+    y = make_protector(ours, cfg).predict(x).clone()
+    bl = BiLevel(ours, eps=cfg.eps, eta=0.1, steps=args.bilevel_steps, inner_steps=args.bilevel_inner)
+    warm = BiLevel(ours, eps=cfg.eps, eta=0.1, steps=1, inner_steps=args.bilevel_inner)
+    log(f"{key}: Bi-Level {args.bilevel_steps} x PGD-{args.bilevel_inner} on {x.shape[0]} image(s) (one batch)")
+    out = None
+
+    def run() -> None:
+        nonlocal out
+        out = bl.perturb(x, y)
+
+    result: dict[str, Any] = {"backbone": BACKBONES[key], "steps": args.bilevel_steps, "inner_steps": args.bilevel_inner,
+                              "passes_per_image": bl.passes_per_image}  # fmt: skip
+    result.update(rate(timed(run, device, args.repeats, lambda: warm.perturb(x, y)), x.shape[0]))
+    result["check"] = budget(x, out, cfg.eps)
+    full_passes = 100 * 20
+    result["ms_per_image_at_100x20"] = round(result["ms_per_image"] * full_passes / bl.passes_per_image, 3)
+    if fp_ms_per_image:
+        result["bilevel_over_fp"] = round(result["ms_per_image_at_100x20"] / fp_ms_per_image, 1)
+        if bl.passes_per_image != full_passes:
+            result["note"] = "bilevel_over_fp extrapolated linearly to 100 x PGD-20 from the steps run"
+    return result
+
+
+# -- 6. FLOPs and the machine's peak ---------------------------------------------------------------------
+def count_flops(model: ImageModel, hw: tuple[int, int] = (32, 32)) -> dict[str, int]:
+    """FLOPs of one forward and of one backward (w.r.t. the input only, and with weight gradients) of one image."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    m = copy.deepcopy(model).cpu().to(memory_format=torch.contiguous_format).eval()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    x = torch.rand(1, 3, *hw, requires_grad=True)
+    y = torch.zeros(1, dtype=torch.long)
+    with FlopCounterMode(display=False) as fc:
+        loss = F.cross_entropy(m(x), y)
+    fwd = fc.get_total_flops()
+    with FlopCounterMode(display=False) as fc:
+        torch.autograd.grad(loss, x)
+    bwd_input = fc.get_total_flops()
+    for p in m.parameters():
+        p.requires_grad_(True)
+    loss = F.cross_entropy(m(x), y)
+    with FlopCounterMode(display=False) as fc:
+        loss.backward()
+    return {"forward": fwd, "backward_input": bwd_input, "backward_full": fc.get_total_flops()}
+
+
+def matmul_peak(device: torch.device, size: int, runs: int, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """GFLOP/s of a ``size`` x ``size`` matmul, median of ``runs`` (after a warm-up)."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    times = timed(lambda: a @ b, device, runs)
+    med = statistics.median(times)
+    return {"size": size, "dtype": str(dtype).replace("torch.", ""), "median_s": round(med, 5),
+            "gflops": round(2 * size**3 / med / 1e9, 1)}  # fmt: skip
+
+
+def bench_peak(device: torch.device, args: argparse.Namespace) -> dict[str, Any]:
+    size = args.matmul_size or (8192 if device.type == "cuda" else 2048)
+    runs = max(5, args.repeats)
+    log(f"peak: {size}x{size} matmuls on {device}")
+    peak: dict[str, Any] = {}
+    if device.type == "cuda":
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        try:
+            torch.backends.cuda.matmul.allow_tf32 = False
+            peak["fp32"] = matmul_peak(device, size, runs)
+            torch.backends.cuda.matmul.allow_tf32 = True
+            peak["tf32"] = matmul_peak(device, size, runs)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+        peak["bf16"] = matmul_peak(device, size, runs, torch.bfloat16)
+        peak["note"] = f"cuDNN convolutions may use TF32 (torch.backends.cudnn.allow_tf32={torch.backends.cudnn.allow_tf32})"
+    else:
+        peak["fp32"] = matmul_peak(device, size, runs)
+    return peak
+
+
+def achieved(flops: dict[str, int], cfg: ForeBackConfig, images_per_s: float, peak_gflops: float,
+             full_backward: bool = False) -> dict[str, Any]:  # fmt: skip
+    """GFLOP/s of the engine (input-only backward) or the reference (backward with weight gradients)."""
+    per_pass = flops["forward"] + flops["backward_full" if full_backward else "backward_input"]
+    per_image = (cfg.forward_steps + cfg.backward_steps) * cfg.samples * per_pass
+    gflops = per_image * images_per_s / 1e9
+    return {"gflop_per_image": round(per_image / 1e9, 3), "gflops": round(gflops, 2),
+            "fraction_of_fp32_peak": round(gflops / peak_gflops, 4) if peak_gflops else None}  # fmt: skip
+
+
+# -- machine and output ----------------------------------------------------------------------------------
+def machine_info(device: torch.device) -> dict[str, Any]:
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {
+        "cpu_model": cpu,
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": default_cpu_threads(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+    }
+    try:
+        info["load_avg_1m"] = round(os.getloadavg()[0], 2)
+    except OSError:
+        pass
+    return info
+
+
+def table_rows(results: dict[str, Any]) -> list[list[str]]:
+    """[measurement, backbone, images, ms/image, images/s, notes]."""
+    rows: list[list[str]] = []
+
+    def row(name: str, backbone: str, r: dict[str, Any], note: str = "") -> None:
+        rows.append([name, backbone, str(r["images"]), f"{r['ms_per_image']:.2f}", f"{r['images_per_s']:.2f}", note])
+
+    def check(r: dict[str, Any]) -> str:
+        c = r["check"]
+        checks = c if isinstance(c, list) else [c]
+        ok = all(cc["within_budget"] for cc in checks)
+        return f"{'ok' if ok else 'OUT OF BUDGET'} linf={max(cc['linf_levels'] for cc in checks):.2f}/255"
+
+    for key, r in results.get("engine_vs_reference", {}).items():
+        fl = results.get("flops", {}).get(key, {})
+        gf = f"; {fl['engine']['gflops']:.1f} GFLOP/s ({100 * fl['engine']['fraction_of_fp32_peak']:.1f}% of peak)" if fl.get("engine") else ""
+        row("engine", key, r["engine"], check(r["engine"]) + gf)
+        if "engine_bf16" in r:
+            row("engine bf16 autocast", key, r["engine_bf16"],
+                check(r["engine_bf16"]) + f"; {r['engine_bf16']['speedup_vs_fp32']}x vs fp32")  # fmt: skip
+        if "reference" in r:
+            row("reference (authors' style)", key, r["reference"], check(r["reference"]) + f"; engine {r['speedup']}x faster")
+    ph = results.get("photos", {})
+    if "engine" in ph:
+        row("photos 512x512: engine", "resnet20", ph["engine"], check(ph["engine"]))
+        if "reference" in ph:
+            row("photos 512x512: reference", "resnet20", ph["reference"], check(ph["reference"]) + f"; engine {ph['speedup']}x faster")
+    e2e = results.get("end_to_end", {})
+    if "pipeline" in e2e:
+        row("e2e: engine alone", "resnet20", e2e["engine_only"])
+        row("e2e: Protector.run (files)", "resnet20", e2e["pipeline"],
+            f"{e2e['pipeline_vs_engine']:.2f} of engine rate (target >= 0.8: {'met' if e2e['target_met'] else 'NOT met'})")
+        if "cli" in e2e:
+            row("e2e: preempt protect (CLI)", "resnet20", e2e["cli"], f"{e2e['cli_vs_engine']:.2f} of engine rate, start-up included")
+    for key, r in results.get("bilevel", {}).items():
+        note = f"{r['steps']}xPGD-{r['inner_steps']}; " + check(r)
+        if "bilevel_over_fp" in r:
+            note += f"; {r['ms_per_image_at_100x20'] / 1000:.2f} s/img at 100xPGD-20 = {r['bilevel_over_fp']}x Fast Preemption"
+        row("Bi-Level", key, r, note)
+    return rows
+
+
+def print_table(results: dict[str, Any]) -> None:
+    headers = ["measurement", "backbone", "images", "ms/image", "images/s", "notes"]
+    rows = table_rows(results)
+    m = results["machine"]
+    title = f"preempt protect benchmark: {m['cpu_model']} ({m['torch_threads']} threads), {m['device_name'] or 'CPU'}, torch {m['torch']}"
+    peak = results.get("peak", {})
+    caption = "; ".join(f"{k} matmul peak {v['gflops']} GFLOP/s" for k, v in peak.items() if isinstance(v, dict))
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:  # plain text
+        widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+        print(title)
+        print("  ".join(h.ljust(w) for h, w in zip(headers, widths)))
+        for r in rows:
+            print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+        print(caption)
+        return
+    table = Table(title=title, caption=caption)
+    for h in headers:
+        table.add_column(h, justify="right" if h in ("images", "ms/image", "images/s") else "left")
+    for r in rows:
+        table.add_row(*r)
+    Console(file=sys.stdout, width=max(160, shutil.get_terminal_size().columns)).print(table)
+
+
+# -- main ------------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the CPUs this process may use)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement; medians reported (default 3)")
+    p.add_argument("--images", type=int, default=None, help="CIFAR-10 images for the engine and end to end (default 64; 512 on CUDA)")
+    p.add_argument("--ref-images", type=int, default=8, help="images for the (slow) reference (default 8)")
+    p.add_argument("--batch-size", type=int, default=None, help="engine batch in images (default 16 on CPU, 512 on CUDA)")
+    p.add_argument("--backbones", default="resnet20,preact18", help="comma-separated: resnet20, preact18 (default both)")
+    p.add_argument("--bilevel-images", type=int, default=2, help="images for Bi-Level (default 2)")
+    p.add_argument("--bilevel-steps", type=int, default=100, help="Bi-Level outer steps (default 100; lower only to smoke-test)")
+    p.add_argument("--bilevel-inner", type=int, default=20, help="Bi-Level PGD iterations per step (default 20)")
+    p.add_argument("--bilevel-backbones", default="resnet20", help="backbones for Bi-Level (default resnet20)")
+    p.add_argument("--matmul-size", type=int, default=None, help="peak matmul size (default 2048 on CPU, 8192 on CUDA)")
+    p.add_argument("--models-dir", type=Path, default=SHARED / "models")
+    p.add_argument("--data-dir", type=Path, default=SHARED / "data" / "cifar10", help="CIFAR-10 folder holding test/<class>/<index>.png")
+    p.add_argument("--photos-dir", type=Path, default=SHARED / "data" / "photos")
+    p.add_argument("--skip-reference", action="store_true", help="no reference runs (engine, photos)")
+    p.add_argument("--skip-bilevel", action="store_true")
+    p.add_argument("--skip-photos", action="store_true")
+    p.add_argument("--skip-e2e", action="store_true")
+    p.add_argument("--skip-cli", action="store_true", help="in the end-to-end part, no `preempt protect` subprocess")
+    p.add_argument("--no-bf16", dest="bf16", action="store_false", help="on CUDA, do not time bf16 autocast")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = resolve_device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads or default_cpu_threads())
+    args.images = args.images or (512 if device.type == "cuda" else 64)
+    args.batch_size = args.batch_size or (512 if device.type == "cuda" else 16)
+    keys = [k.strip() for k in args.backbones.split(",") if k.strip()]
+    cfg = ForeBackConfig()  # the paper's settings: F1-B2, N 20, eta 0.7, eps 8/255
+    torch.manual_seed(0)
+
+    results: dict[str, Any] = {"benchmark": "bench_protect", "machine": machine_info(device)}
+    results["settings"] = {
+        "config": cfg.as_dict(), "passes_per_image": cfg.passes_per_image, "repeats": args.repeats,
+        "images": args.images, "ref_images": args.ref_images, "batch_size": args.batch_size, "backbones": keys,
+    }  # fmt: skip
+
+    paths = cifar_paths(args.data_dir, args.images)
+    x, seeds = load_images(paths)
+    models = load_backbones(sorted(set(keys) | ({"resnet20"} if not (args.skip_photos and args.skip_e2e) else set())),
+                            args.models_dir, device)  # fmt: skip
+
+    results["peak"] = bench_peak(device, args)
+    peak_fp32 = results["peak"]["fp32"]["gflops"]
+
+    results["engine_vs_reference"] = {}
+    results["flops"] = {}
+    for key in keys:
+        ours, ref = models[key]
+        r = bench_engine_vs_reference(key, ours, ref, x, seeds, args, cfg, device)
+        results["engine_vs_reference"][key] = r
+        flops = count_flops(ours)
+        fl: dict[str, Any] = {"per_image_pass": flops}
+        fl["engine"] = achieved(flops, cfg, r["engine"]["images_per_s"], peak_fp32)
+        if "reference" in r:
+            fl["reference"] = achieved(flops, cfg, r["reference"]["images_per_s"], peak_fp32, full_backward=True)
+        results["flops"][key] = fl
+
+    if not args.skip_photos:
+        results["photos"] = bench_photos(*models["resnet20"], args, cfg, device)
+    if not args.skip_e2e:
+        results["end_to_end"] = bench_end_to_end(models["resnet20"][0], paths, args, cfg, device)
+    if not args.skip_bilevel:
+        results["bilevel"] = {}
+        for key in [k.strip() for k in args.bilevel_backbones.split(",") if k.strip()]:
+            if key not in models:
+                models.update(load_backbones([key], args.models_dir, device))
+            fp = results["engine_vs_reference"].get(key, {}).get("engine", {}).get("ms_per_image")
+            results["bilevel"][key] = bench_bilevel(key, models[key][0], x, fp, args, cfg, device)
+
+    results["machine"]["load_avg_1m_end"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+    print_table(results)
+    print(json.dumps(results, sort_keys=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
