@@ -449,7 +449,8 @@ class Evaluator:
 
         orig = self.dataset.images.float().div(255)
         new = result.images.float().div(255)
-        result.linf = float((new - orig).abs().amax().item())
+        levels = (result.images.long() - self.dataset.images.long()).abs().amax().item()
+        result.linf = levels / 255  # exact: measured on the integer levels
         result.ssim = float(torch.cat([ssim(orig[i:i + 256], new[i:i + 256]) for i in range(0, len(orig), 256)]).mean())
         ok, why = lpips_status()
         if ok:
@@ -539,8 +540,8 @@ def reversion_protocol(
     everything; the black-box one is given the same labels, the worst case for the defender).
     """
     ds = evaluator.dataset
-    if not 0 <= flip_fraction < 1:
-        raise ConfigError("--flip-fraction must be in [0, 1)")
+    if not 0 <= flip_fraction <= 1:
+        raise ConfigError("--flip-fraction must be in [0, 1]")
     protector = evaluator._protector(defense)
     eps = protector.config.eps
     seeds = [content_seed(ds.hwc(i)) for i in range(len(ds))]
