@@ -23,7 +23,7 @@ import math
 import torch
 from torch import nn
 
-from .attacks import PGD
+from .attacks import _check_int, PGD
 from .engine import project
 from .errors import ConfigError
 
@@ -53,17 +53,6 @@ def _positive_float(name: str, value: float, *, maximum: float | None = None) ->
     if maximum is not None and out > maximum:
         raise ConfigError(f"{name} must be at most {maximum}, got {value!r}")
     return out
-
-
-def _int_at_least(name: str, value: int, minimum: int) -> int:
-    """An integer of at least ``minimum``.
-
-    Raises:
-        ConfigError: not an integer or too small.
-    """
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
 
 
 class BiLevel:
@@ -124,15 +113,15 @@ class BiLevel:
         self.backbone = backbone
         self.eps = _positive_float("eps", eps, maximum=1.0)
         self.eta = _positive_float("eta", eta)
-        self.steps = _int_at_least("steps", steps, 1)
-        self.inner_steps = _int_at_least("inner_steps", inner_steps, 1)
+        self.steps = _check_int("steps", steps, 1)
+        self.inner_steps = _check_int("inner_steps", inner_steps, 1)
         self.inner_step_size = (
             self.eps / 4 if inner_step_size is None else _positive_float("inner_step_size", inner_step_size)
         )
         if optimizer not in BILEVEL_OPTIMIZERS:
             raise ConfigError(f"unknown optimizer {optimizer!r}: choose one of {', '.join(BILEVEL_OPTIMIZERS)}")
         self.optimizer = optimizer
-        self.seed = _int_at_least("seed", seed, 0)
+        self.seed = _check_int("seed", seed, 0)
         if device is None:
             tensor = next(itertools.chain(backbone.parameters(), backbone.buffers()), None)
             device = tensor.device if tensor is not None else torch.device("cpu")

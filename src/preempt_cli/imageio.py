@@ -10,9 +10,10 @@ from __future__ import annotations
 import os
 import tempfile
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import BinaryIO, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -25,6 +26,7 @@ __all__ = [
     "read_image",
     "write_png",
     "read_png_text",
+    "atomic_write",
     "quantize",
     "quantize_levels",
     "IMAGE_SUFFIXES",
@@ -211,6 +213,34 @@ def _to_pil(picture: Picture, color: np.ndarray) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(planes.astype(np.uint8)), mode=picture.mode)
 
 
+@contextmanager
+def atomic_write(path: Path) -> Iterator[BinaryIO]:
+    """A binary file to write ``path`` through: a temporary file beside it, flushed to disk and renamed
+    over ``path`` only when the block completes, removed otherwise.
+
+    Raises:
+        ImageWriteError: the folder cannot be created or written.
+    """
+    tmp_name = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+        tmp_name = None
+    except OSError as e:
+        raise ImageWriteError(path, f"cannot write: {e.strerror or e}") from e
+    finally:
+        if tmp_name is not None:
+            try:
+                os.unlink(tmp_name)
+            except OSError:
+                pass
+
+
 def write_png(
     path: Path | str, picture: Picture, color: np.ndarray | None = None, text: Mapping[str, str] | None = None
 ) -> None:
@@ -227,24 +257,8 @@ def write_png(
     info = PngImagePlugin.PngInfo()
     for key, value in (text or {}).items():
         info.add_itxt(key, value)
-    tmp_name = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            _to_pil(picture, color).save(f, format="PNG", pnginfo=info, icc_profile=picture.icc_profile)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-        tmp_name = None
-    except OSError as e:
-        raise ImageWriteError(path, f"cannot write: {e.strerror or e}") from e
-    finally:
-        if tmp_name is not None:
-            try:
-                os.unlink(tmp_name)
-            except OSError:
-                pass
+    with atomic_write(path) as f:
+        _to_pil(picture, color).save(f, format="PNG", pnginfo=info, icc_profile=picture.icc_profile)
 
 
 def read_png_text(path: Path | str) -> dict[str, str]:

@@ -16,8 +16,6 @@ from __future__ import annotations
 import importlib
 import logging
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +25,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from .errors import ConfigError, ImageWriteError, MissingDependencyError
+from .errors import ConfigError, MissingDependencyError
+from .imageio import atomic_write
 
 __all__ = [
     "ssim",
@@ -357,23 +356,7 @@ def save_perturbation_figure(
             canvas[top : top + ch, left : left + cw] = cells[i]
 
     path = Path(path)
-    tmp_name = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(canvas).save(f, format="PNG")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-        tmp_name = None
-    except OSError as e:
-        raise ImageWriteError(path, f"cannot write: {e.strerror or e}") from e
-    finally:
-        if tmp_name is not None:
-            try:
-                os.unlink(tmp_name)
-            except OSError:
-                pass
+    with atomic_write(path) as f:
+        Image.fromarray(canvas).save(f, format="PNG")
     _logger.debug("perturbation figure of %d images written to %s", n, path)
     return path

@@ -14,9 +14,8 @@ from rich.table import Table
 
 from ..evaluate import AttackSpec, DefenseSpec, Evaluator, load_dataset, reversion_protocol
 from ..errors import ConfigError
-from ..models import ImageModel
 from . import _common as c
-from ._files import BackboneOpt, ClassifierOpt, SeedOpt, _load, _setup_torch
+from ._files import BackboneOpt, ClassifierOpt, SeedOpt, _model_cache, _setup_torch
 
 EVAL_EPILOG = """\
 [bold]Examples[/]
@@ -120,12 +119,7 @@ def eval_cmd(
         if reversion and (len(defenses) != 1 or defenses[0].kind != "fast-preemption"):
             raise ConfigError("--reversion takes exactly one fp defense")
         torch_device = _setup_torch(device)
-        cache: dict[str, ImageModel] = {}
-
-        def load(name: str) -> ImageModel:
-            if name not in cache:
-                cache[name] = _load(name, torch_device, models_dir, registry)
-            return cache[name]
+        load = _model_cache(torch_device, models_dir, registry)
 
         first = load(victim[0])
         dataset = load_dataset(data, classes=first.config.classes, labels_file=labels_file, limit=limit)

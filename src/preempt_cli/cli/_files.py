@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Annotated, Any, Iterable, Iterator, Optional
+from typing import Annotated, Any, Callable, Iterable, Iterator, Optional
 
 import torch
 import typer
@@ -96,6 +96,18 @@ def _config(preset: str, eps: str | None, eta: float | None, forward: int | None
 
 def _load(name: str, device: torch.device, models_dir: Path | None, registry: list[Path] | None) -> ImageModel:
     return load_model(name, device=device, models_dir=models_dir, registry=registry or ())
+
+
+def _model_cache(device: torch.device, models_dir: Path | None, registry: list[Path] | None) -> Callable[[str], ImageModel]:
+    """A loader that loads each registered model once."""
+    cache: dict[str, ImageModel] = {}
+
+    def load(name: str) -> ImageModel:
+        if name not in cache:
+            cache[name] = _load(name, device, models_dir, registry)
+        return cache[name]
+
+    return load
 
 
 def _drive(results: Iterable[FileResult], total: int, *, verb: str, json_out: bool, quiet: bool) -> int:
@@ -275,13 +287,7 @@ def revert(
         if not white_box and backbone is None:
             raise ConfigError("pass --white-box, or --backbone NAME for a black-box reversion")
         items = _collect(paths, skip_markers=Reverter.skip_markers)
-        torch_device = _setup_torch(device)
-        cache: dict[str, ImageModel] = {}
-
-        def model(name: str) -> ImageModel:
-            if name not in cache:
-                cache[name] = _load(name, torch_device, models_dir, registry)
-            return cache[name]
+        model = _model_cache(_setup_torch(device), models_dir, registry)
 
         def runs() -> Iterator[FileResult]:
             if not white_box:
