@@ -445,7 +445,7 @@ class Evaluator:
         return result
 
     def _quality(self, result: DefendedSet) -> None:
-        from .quality import lpips_distance, lpips_status, ssim
+        from .quality import load_lpips, lpips_distance, lpips_status, ssim
 
         orig = self.dataset.images.float().div(255)
         new = result.images.float().div(255)
@@ -454,7 +454,8 @@ class Evaluator:
         result.ssim = float(torch.cat([ssim(orig[i:i + 256], new[i:i + 256]) for i in range(0, len(orig), 256)]).mean())
         ok, why = lpips_status()
         if ok:
-            result.lpips = float(torch.cat([lpips_distance(orig[i:i + 64], new[i:i + 64])
+            net = load_lpips()  # built once, not per chunk
+            result.lpips = float(torch.cat([lpips_distance(orig[i:i + 64], new[i:i + 64], model=net)
                                             for i in range(0, len(orig), 64)]).mean())  # fmt: skip
         else:
             result.lpips_note = f"LPIPS unavailable: {why}"
