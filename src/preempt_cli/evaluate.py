@@ -385,13 +385,8 @@ class Evaluator:
         else:
             from .baselines import BiLevel
 
-            kwargs = {k: spec.get(k) for k in ("eta", "steps", "inner_steps", "optimizer") if spec.get(k) is not None}
-            for k in ("eta",):
-                if k in kwargs:
-                    kwargs[k] = float(kwargs[k])
-            for k in ("steps", "inner_steps"):
-                if k in kwargs:
-                    kwargs[k] = int(kwargs[k])
+            casts = {"eta": float, "steps": int, "inner_steps": int, "optimizer": str}
+            kwargs = {k: cast(spec.get(k)) for k, cast in casts.items() if spec.get(k) is not None}
             bilevel = BiLevel(protector.backbone, eps=eps, seed=int(spec.get("seed", 0)), device=self.device, **kwargs)
 
             def fn(x: torch.Tensor, sl: slice) -> torch.Tensor:
@@ -550,27 +545,25 @@ def reversion_protocol(
     if flip_fraction > 0:
         flip = torch.rand(len(ds), generator=gen) < flip_fraction
         offset = torch.randint(1, protector.backbone.config.num_classes, (len(ds),), generator=gen)
-        poor = torch.where(flip, (ds.labels + offset) % protector.backbone.config.num_classes, ds.labels)
-        label_fn: Callable[[torch.Tensor, slice], torch.Tensor] = lambda x, sl: poor[sl].to(evaluator.device)
+        labels = torch.where(flip, (ds.labels + offset) % protector.backbone.config.num_classes, ds.labels)
         label_note = f"ground truth with {flip_fraction:.0%} of labels flipped"
+        label_seconds = 0.0
     else:
-        computed: dict[int, torch.Tensor] = {}
-
-        def label_fn(x: torch.Tensor, sl: slice) -> torch.Tensor:
-            if sl.start not in computed:
-                computed[sl.start] = protector.predict(x)
-            return computed[sl.start]
-
+        start = time.perf_counter()
+        labels = torch.cat([protector.predict(_to_float(ds.images[lo : lo + evaluator.batch_size], evaluator.device)).cpu()
+                            for lo in range(0, len(ds), evaluator.batch_size)])  # fmt: skip
+        label_seconds = (time.perf_counter() - start) / len(ds)
         label_note = f"labels of classifier {defense.get('classifier') or protector.backbone.name}"
+    labels = labels.to(evaluator.device)
     protected, t_prot = evaluator._run_batches(
-        ds.images, lambda x, sl: protector.transform(x, label_fn(x, sl), noise_seeds=seeds[sl]), eps
+        ds.images, lambda x, sl: protector.transform(x, labels[sl], noise_seeds=seeds[sl]), eps
     )
-    label_cache = {lo: label_fn(None, slice(lo, lo + evaluator.batch_size)) for lo in range(0, len(ds), evaluator.batch_size)}  # type: ignore[arg-type]
+    t_prot += label_seconds
+    protected_seeds = [content_seed(protected[i].permute(1, 2, 0).contiguous().numpy()) for i in range(len(ds))]
 
     def revert_with(reverter: Protector) -> torch.Tensor:
-        prot_seeds = [content_seed(protected[i].permute(1, 2, 0).contiguous().numpy()) for i in range(len(ds))]
         images, _ = evaluator._run_batches(
-            protected, lambda x, sl: reverter.transform(x, label_cache[sl.start], noise_seeds=prot_seeds[sl]), eps
+            protected, lambda x, sl: reverter.transform(x, labels[sl], noise_seeds=protected_seeds[sl]), eps
         )
         return images
 

@@ -261,10 +261,16 @@ def write_png(
         _to_pil(picture, color).save(f, format="PNG", pnginfo=info, icc_profile=picture.icc_profile)
 
 
-def read_png_text(path: Path | str) -> dict[str, str]:
-    """The text chunks of a PNG (empty for other formats or unreadable files)."""
+def read_png_text(path: Path | str, *, key: str | None = None) -> dict[str, str]:
+    """The text chunks of a PNG (empty for other formats or unreadable files).
+
+    With ``key``, a file whose chunk ``key`` precedes the image data (as Pillow, and so preempt, writes
+    them) is answered without decoding its pixels.
+    """
     try:
         with Image.open(path) as img:
+            if key is not None and isinstance(img.info.get(key), str):
+                return {k: v for k, v in img.info.items() if isinstance(v, str)}
             img.load()
             return {k: v for k, v in getattr(img, "text", {}).items() if isinstance(v, str)}
     except (OSError, SyntaxError, ValueError):

@@ -232,7 +232,7 @@ def _white_box_groups(items: list[InputFile]) -> Iterator[tuple[dict[str, Any] |
 
     groups: dict[str, tuple[dict[str, Any] | None, list[InputFile]]] = {}
     for item in items:
-        raw = read_png_text(item.path).get(METADATA_KEY)
+        raw = read_png_text(item.path, key=METADATA_KEY).get(METADATA_KEY)
         meta = None
         if raw:
             try:
