@@ -25,7 +25,10 @@ What it measures (medians over ``--repeats`` timed runs, each after a warm-up):
    ``torch.utils.flop_counter.FlopCounterMode``; the engine's achieved GFLOP/s
    ((T-> + T<-) x N x (forward + input backward) per image / time) as a fraction of the machine's fp32
    matmul peak (the fastest of 10 large matmuls).
-7. **bf16** (CUDA only): the engine under ``torch.autocast("cuda", dtype=torch.bfloat16)``.
+7. **bf16** (where the device runs bf16 natively: GPUs, CPUs with AVX512-BF16 or AMX): the engine with
+   ``precision="bf16"`` (autocast for the backbone passes), its speed against fp32 and the reference, and
+   whether it keeps the result: the robust-accuracy gain (PGD-20 L-inf 8/255 on victims pgdat-b and
+   pgdat-c, ``--accuracy-images`` test images) of bf16 protection against fp32's (bar: within 0.5 point).
 
 Output: a table on stdout, then ONE final line of JSON with every number and the machine (CPU model,
 cores, torch version, threads, GPU name). Progress goes to stderr.
@@ -36,7 +39,7 @@ Run from the repository root::
     python benchmarks/bench_protect.py                      # full run (minutes on 2 CPU cores)
     python benchmarks/bench_protect.py --images 8 --ref-images 2 --bilevel-images 1 --repeats 1 \\
         --bilevel-steps 3 --bilevel-inner 2                 # smoke test (seconds)
-    python benchmarks/bench_protect.py --device cuda        # GPU (adds bf16 autocast)
+    python benchmarks/bench_protect.py --device cuda        # GPU
 
 The engine's numbers depend on the batch size (``--batch-size``; default 16 images on CPU, 512 on CUDA).
 """
@@ -54,7 +57,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
@@ -65,6 +67,7 @@ from torch import nn
 
 from preempt_cli import ForeBackConfig, Protector, RunOptions, collect_inputs, load_model, read_image
 from preempt_cli.device import default_cpu_threads, resolve_device
+from preempt_cli.engine import native_bf16
 from preempt_cli.models import ImageModel, build_model
 from preempt_cli.models._load import fuse_conv_bn
 from preempt_cli.protect import content_seed
@@ -212,28 +215,24 @@ def load_backbones(keys: list[str], models_dir: Path, device: torch.device) -> d
     return out
 
 
-def make_protector(model: ImageModel, cfg: ForeBackConfig) -> Protector:
-    return Protector(model, None, labels="backbone", config=cfg)
+def make_protector(model: ImageModel, cfg: ForeBackConfig, precision: str = "fp32") -> Protector:
+    return Protector(model, None, labels="backbone", config=cfg, precision=precision)
 
 
-def engine_run(protector: Protector, x: torch.Tensor, y: torch.Tensor, seeds: list[int], batch: int,
-               autocast: bool = False) -> torch.Tensor:  # fmt: skip
+def engine_run(protector: Protector, x: torch.Tensor, y: torch.Tensor, seeds: list[int], batch: int) -> torch.Tensor:
     """Our engine over ``x`` in batches of ``batch`` images."""
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else nullcontext()
     outs = []
-    with ctx:
-        for i in range(0, x.shape[0], batch):
-            outs.append(protector.transform(x[i : i + batch], y[i : i + batch], noise_seeds=seeds[i : i + batch]))
+    for i in range(0, x.shape[0], batch):
+        outs.append(protector.transform(x[i : i + batch], y[i : i + batch], noise_seeds=seeds[i : i + batch]))
     return torch.cat(outs)
 
 
-def engine_warmup(protector: Protector, x: torch.Tensor, y: torch.Tensor, seeds: list[int], batch: int,
-                  autocast: bool = False) -> None:  # fmt: skip
+def engine_warmup(protector: Protector, x: torch.Tensor, y: torch.Tensor, seeds: list[int], batch: int) -> None:
     """One call per batch shape the timed run will see (the full batch and the last, partial one)."""
     n = x.shape[0]
     sizes = {min(batch, n)} | ({n % batch} if n % batch else set())
     for size in sorted(sizes):
-        engine_run(protector, x[-size:], y[-size:], seeds[-size:], batch, autocast)
+        engine_run(protector, x[-size:], y[-size:], seeds[-size:], batch)
 
 
 # -- 1-2. engine vs reference on CIFAR-10 ----------------------------------------------------------------
@@ -263,15 +262,16 @@ def bench_engine_vs_reference(
     result["engine"]["check"] = budget(x, out, cfg.eps)
     result["engine"]["backbone_keeps_label"] = round(float((protector.predict(out) == y).float().mean()), 4)
 
-    if device.type == "cuda" and args.bf16:
-        log(f"{key}: engine under bf16 autocast")
+    if args.bf16 and native_bf16(device):
+        log(f"{key}: engine with --precision bf16 (autocast for the backbone passes)")
+        protector16 = make_protector(ours, cfg, "bf16")
         out16 = None
 
         def run_bf16() -> None:
             nonlocal out16
-            out16 = engine_run(protector, x, y, seeds, args.batch_size, autocast=True)
+            out16 = engine_run(protector16, x, y, seeds, args.batch_size)
 
-        warm16 = partial(engine_warmup, protector, x, y, seeds, args.batch_size, autocast=True)
+        warm16 = partial(engine_warmup, protector16, x, y, seeds, args.batch_size)
         r16 = rate(timed(run_bf16, device, args.repeats, warm16), x.shape[0])
         r16["check"] = budget(x, out16, cfg.eps)
         r16["speedup_vs_fp32"] = round(result["engine"]["median_s"] / r16["median_s"], 3)
@@ -296,7 +296,47 @@ def bench_engine_vs_reference(
         rr["backbone_keeps_label"] = round(float((protector.predict(x_ref) == y[:k]).float().mean()), 4)
         result["reference"] = rr
         result["speedup"] = round(result["reference"]["ms_per_image"] / result["engine"]["ms_per_image"], 2)
+        if "engine_bf16" in result:
+            result["speedup_bf16"] = round(result["reference"]["ms_per_image"] / result["engine_bf16"]["ms_per_image"], 2)
     return result
+
+
+# -- 1b. does bf16 keep the result? --------------------------------------------------------------------------
+def bench_precision_accuracy(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Robust-accuracy gain of protection made in fp32 vs bf16 (backbone cifar10-resnet20-pgdat-a, classifier
+    cifar10-resnet18-std, victims pgdat-b and pgdat-c, PGD-20 L-inf 8/255 on the first N test images): the
+    issue's bar is a gain within 0.5 point of fp32's."""
+    import tempfile
+
+    from preempt_cli.evaluate import AttackSpec, DefenseSpec, Evaluator, load_dataset
+    cache: dict[str, ImageModel] = {}
+
+    def load(name: str) -> ImageModel:
+        if name not in cache:
+            cache[name] = load_model(name, device=device, models_dir=args.models_dir)
+        return cache[name]
+
+    data = load_dataset(args.data_dir / "test", classes=load("cifar10-resnet20-pgdat-a").config.classes,
+                        limit=args.accuracy_images)  # fmt: skip
+    victims = ["cifar10-resnet20-pgdat-b", "cifar10-resnet20-pgdat-c"]
+    specs = [DefenseSpec("none")] + [
+        DefenseSpec("fast-preemption", tuple(sorted({"backbone": "cifar10-resnet20-pgdat-a", "classifier":
+                    "cifar10-resnet18-std", "precision": p, "name": p}.items()))) for p in ("fp32", "bf16")]  # fmt: skip
+    log(f"precision: fp32 vs bf16 protection of {len(data)} test images, PGD-20 on {', '.join(victims)}")
+    with tempfile.TemporaryDirectory() as tmp:
+        ev = Evaluator(data, load=load, device=device, out_dir=Path(tmp))
+        rows = list(ev.grid(victims, specs, [AttackSpec.parse("pgd")]))
+    out: dict[str, Any] = {"images": len(data), "victims": {}}
+    for v in victims:
+        acc = {r["defense"]: r for r in rows if r["victim"] == v}
+        gains = {p: round(acc[p]["robust_acc"] - acc["none"]["robust_acc"], 2) for p in ("fp32", "bf16")}
+        out["victims"][v] = {"robust_none": acc["none"]["robust_acc"], "robust_fp32": acc["fp32"]["robust_acc"],
+                             "robust_bf16": acc["bf16"]["robust_acc"], "gain_fp32": gains["fp32"],
+                             "gain_bf16": gains["bf16"], "gain_difference": round(gains["bf16"] - gains["fp32"], 2),
+                             "within_0_5": abs(gains["bf16"] - gains["fp32"]) <= 0.5,
+                             "seconds_per_image_fp32": acc["fp32"]["seconds_per_image"],
+                             "seconds_per_image_bf16": acc["bf16"]["seconds_per_image"]}  # fmt: skip
+    return out
 
 
 # -- 3. 512x512 photos through the resize path -----------------------------------------------------------
@@ -333,7 +373,47 @@ def bench_photos(ours: ImageModel, ref: ImageModel, args: argparse.Namespace, cf
                                          lambda: reference_protect(ref, xs[:1], ys[:1], cfg)), len(xs))  # fmt: skip
         result["reference"]["check"] = [budget(x, o, cfg.eps) for x, o in zip(xs, ref_out)]
         result["speedup"] = round(result["reference"]["ms_per_image"] / result["engine"]["ms_per_image"], 2)
+        if "engine_bf16" in result:
+            result["speedup_bf16"] = round(result["reference"]["ms_per_image"] / result["engine_bf16"]["ms_per_image"], 2)
     return result
+
+
+# -- 1b. does bf16 keep the result? --------------------------------------------------------------------------
+def bench_precision_accuracy(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Robust-accuracy gain of protection made in fp32 vs bf16 (backbone cifar10-resnet20-pgdat-a, classifier
+    cifar10-resnet18-std, victims pgdat-b and pgdat-c, PGD-20 L-inf 8/255 on the first N test images): the
+    issue's bar is a gain within 0.5 point of fp32's."""
+    import tempfile
+
+    from preempt_cli.evaluate import AttackSpec, DefenseSpec, Evaluator, load_dataset
+    cache: dict[str, ImageModel] = {}
+
+    def load(name: str) -> ImageModel:
+        if name not in cache:
+            cache[name] = load_model(name, device=device, models_dir=args.models_dir)
+        return cache[name]
+
+    data = load_dataset(args.data_dir / "test", classes=load("cifar10-resnet20-pgdat-a").config.classes,
+                        limit=args.accuracy_images)  # fmt: skip
+    victims = ["cifar10-resnet20-pgdat-b", "cifar10-resnet20-pgdat-c"]
+    specs = [DefenseSpec("none")] + [
+        DefenseSpec("fast-preemption", tuple(sorted({"backbone": "cifar10-resnet20-pgdat-a", "classifier":
+                    "cifar10-resnet18-std", "precision": p, "name": p}.items()))) for p in ("fp32", "bf16")]  # fmt: skip
+    log(f"precision: fp32 vs bf16 protection of {len(data)} test images, PGD-20 on {', '.join(victims)}")
+    with tempfile.TemporaryDirectory() as tmp:
+        ev = Evaluator(data, load=load, device=device, out_dir=Path(tmp))
+        rows = list(ev.grid(victims, specs, [AttackSpec.parse("pgd")]))
+    out: dict[str, Any] = {"images": len(data), "victims": {}}
+    for v in victims:
+        acc = {r["defense"]: r for r in rows if r["victim"] == v}
+        gains = {p: round(acc[p]["robust_acc"] - acc["none"]["robust_acc"], 2) for p in ("fp32", "bf16")}
+        out["victims"][v] = {"robust_none": acc["none"]["robust_acc"], "robust_fp32": acc["fp32"]["robust_acc"],
+                             "robust_bf16": acc["bf16"]["robust_acc"], "gain_fp32": gains["fp32"],
+                             "gain_bf16": gains["bf16"], "gain_difference": round(gains["bf16"] - gains["fp32"], 2),
+                             "within_0_5": abs(gains["bf16"] - gains["fp32"]) <= 0.5,
+                             "seconds_per_image_fp32": acc["fp32"]["seconds_per_image"],
+                             "seconds_per_image_bf16": acc["bf16"]["seconds_per_image"]}  # fmt: skip
+    return out
 
 
 # -- 4. end to end: files in, PNGs out --------------------------------------------------------------------
@@ -546,11 +626,17 @@ def table_rows(results: dict[str, Any]) -> list[list[str]]:
             gf = f"; {fl['engine']['gflops']:.1f} GFLOP/s ({100 * fl['engine']['fraction_of_fp32_peak']:.1f}% of peak)"
         row("engine", key, r["engine"], check(r["engine"]) + gf)
         if "engine_bf16" in r:
-            row("engine bf16 autocast", key, r["engine_bf16"],
-                check(r["engine_bf16"]) + f"; {r['engine_bf16']['speedup_vs_fp32']}x vs fp32")  # fmt: skip
+            vs_ref = f"; {r['speedup_bf16']}x the reference" if "speedup_bf16" in r else ""
+            row("engine --precision bf16", key, r["engine_bf16"],
+                check(r["engine_bf16"]) + f"; {r['engine_bf16']['speedup_vs_fp32']}x vs fp32" + vs_ref)  # fmt: skip
         if "reference" in r:
             note = check(r["reference"]) + f"; engine {r['speedup']}x faster"
             row("reference (authors' style)", key, r["reference"], note)
+    for victim, a in results.get("precision_accuracy", {}).get("victims", {}).items():
+        rows.append(["accuracy: PGD-20 gain fp32 vs bf16", victim.replace("cifar10-", ""),
+                     str(results["precision_accuracy"]["images"]), "", "",
+                     f"robust {a['robust_none']:.2f} -> fp32 {a['robust_fp32']:.2f} / bf16 {a['robust_bf16']:.2f}; "
+                     f"gain difference {a['gain_difference']:+.2f} (within 0.5: {'yes' if a['within_0_5'] else 'NO'})"])  # fmt: skip
     ph = results.get("photos", {})
     if "engine" in ph:
         row("photos 512x512: engine", "resnet20", ph["engine"], check(ph["engine"]))
@@ -634,7 +720,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-photos", action="store_true")
     p.add_argument("--skip-e2e", action="store_true")
     p.add_argument("--skip-cli", action="store_true", help="in the end-to-end part, no `preempt protect` subprocess")
-    p.add_argument("--no-bf16", dest="bf16", action="store_false", help="on CUDA, do not time bf16 autocast")
+    p.add_argument("--no-bf16", dest="bf16", action="store_false", help="do not time --precision bf16 (timed where native)")
+    p.add_argument("--accuracy-images", type=int, default=932,
+                   help="test images for the fp32-vs-bf16 robust-accuracy check (0: skip; default 932)")
     return p.parse_args(argv)
 
 
@@ -676,6 +764,8 @@ def main(argv: list[str] | None = None) -> int:
             fl["reference"] = achieved(flops, cfg, r["reference"]["images_per_s"], peak_fp32, full_backward=True)
         results["flops"][key] = fl
 
+    if args.bf16 and native_bf16(device) and args.accuracy_images > 0:
+        results["precision_accuracy"] = bench_precision_accuracy(args, device)
     if not args.skip_photos:
         results["photos"] = bench_photos(*models["resnet20"], args, cfg, device)
     if not args.skip_e2e:

@@ -235,6 +235,19 @@ def test_revert_white_box_uses_the_recorded_key(tmp_path: Path, registry: Path) 
         assert 0 < np.abs(a - b).max() <= EPS_LEVELS
 
 
+def test_precision_is_recorded_and_white_box_reversion_follows_it(tmp_path: Path, registry: Path) -> None:
+    _images(tmp_path / "p", n=1)
+    assert run(["protect", str(tmp_path / "p"), *FAST, "--labels", "backbone", "--precision", "bf16"], registry).exit_code == 0
+    meta = json.loads(Image.open(tmp_path / "p" / "img0.protected.png").text["preempt"])
+    assert meta["precision"] == "bf16"
+    result = run(["revert", str(tmp_path / "p" / "img0.protected.png"), "--white-box", "--device", "cpu"], registry)
+    assert result.exit_code == 0
+    reverted = json.loads(Image.open(tmp_path / "p" / "img0.protected.reverted.png").text["preempt"])
+    assert reverted["precision"] == "bf16"
+    bad = run(["protect", str(tmp_path / "p"), *FAST, "--labels", "backbone", "--precision", "fp8"], registry)
+    assert bad.exit_code == 2 and "precision" in bad.stderr
+
+
 def test_revert_needs_a_backbone_or_white_box(tmp_path: Path, registry: Path) -> None:
     _images(tmp_path, n=1)
     result = run(["revert", str(tmp_path)], registry)

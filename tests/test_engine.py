@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import make_tiny_model
-from preempt_cli.engine import PRESETS, FastPreemption, ForeBackConfig, parse_eps, project
+from preempt_cli.engine import PRESETS, FastPreemption, ForeBackConfig, native_bf16, parse_eps, project, resolve_precision
 from preempt_cli.errors import ConfigError
 
 # float32 slack for "within eps": x0 +- eps is itself rounded to float32.
@@ -366,3 +366,24 @@ def test_passes_per_image() -> None:
 def test_config_round_trips_as_dict() -> None:
     cfg = ForeBackConfig.from_preset("mspd", eps=4 / 255)
     assert ForeBackConfig(**cfg.as_dict()) == cfg
+
+
+# -- precision --------------------------------------------------------------------------------------------
+def test_bf16_keeps_budget_determinism_and_mostly_the_fp32_result(tiny_backbone, cifar_batch) -> None:
+    x, y = cifar_batch
+    fp32 = FastPreemption(tiny_backbone, precision="fp32").perturb(x, y)
+    bf16 = FastPreemption(tiny_backbone, precision="bf16").perturb(x, y)
+    again = FastPreemption(tiny_backbone, precision="bf16").perturb(x, y)
+    assert torch.equal(bf16, again)
+    assert (bf16 - x).abs().max() <= 8 / 255 + 1e-6 and bf16.min() >= 0 and bf16.max() <= 1
+    # bf16 changes the backbone's arithmetic, not the algorithm: the perturbations point the same way
+    d32, d16 = (fp32 - x).flatten(1), (bf16 - x).flatten(1)
+    assert F.cosine_similarity(d32, d16).min() > 0.8
+
+
+def test_precision_names_resolve() -> None:
+    cpu = torch.device("cpu")
+    assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
+    assert resolve_precision("auto", cpu) == ("bf16" if native_bf16(cpu) else "fp32")
+    with pytest.raises(ConfigError, match="precision"):
+        resolve_precision("fp8", cpu)

@@ -122,7 +122,7 @@ _DEFENSE_ALIASES = {"none": "none", "fp": "fast-preemption", "fast-preemption": 
 _DEFENSE_OPTIONS = {
     "none": set(),
     "fast-preemption": {"backbone", "classifier", "labels", "preset", "eps", "eta", "forward", "backward", "samples",
-                        "inner_steps", "seed", "name"},
+                        "inner_steps", "seed", "precision", "name"},
     "bi-level": {"backbone", "classifier", "labels", "eps", "eta", "steps", "inner_steps", "optimizer", "seed", "name"},
     "folder": {"path", "name"},
 }  # fmt: skip
@@ -133,7 +133,7 @@ class DefenseSpec:
     """A defense to compare: ``none``, ``fp[:k=v,...]``, ``bilevel[:k=v,...]`` or ``folder:PATH``.
 
     ``fp`` options: backbone, classifier, labels (classifier|ground-truth|backbone), preset, eps, eta,
-    forward, backward, samples, inner_steps, seed, name. ``bilevel``: backbone, classifier, labels, eps,
+    forward, backward, samples, inner_steps, seed, precision (fp32|bf16|auto), name. ``bilevel``: backbone, classifier, labels, eps,
     eta, steps, inner_steps, optimizer, seed, name.
     """
 
@@ -352,7 +352,8 @@ class Evaluator:
             inner_steps=int(spec.get("inner_steps")) if spec.get("inner_steps") else None,
         )
         return cls(backbone, classifier, config=config, seed=int(spec.get("seed", 0)),
-                   labels="backbone" if labels == "backbone" else "classifier", preset=spec.get("preset", "paper"))  # fmt: skip
+                   labels="backbone" if labels == "backbone" else "classifier", preset=spec.get("preset", "paper"),
+                   precision=spec.get("precision", "fp32"))  # fmt: skip
 
     def _run_batches(self, images: torch.Tensor, fn: Callable[[torch.Tensor, slice], torch.Tensor],
                      eps: float) -> tuple[torch.Tensor, float]:  # fmt: skip
@@ -522,14 +523,14 @@ def reversion_protocol(
     *,
     victims: Sequence[str],
     defense: DefenseSpec,
-    black_box_backbone: str | None,
+    black_box_backbone: str | Sequence[str] | None,
     jpeg_quality: int = 50,
     flip_fraction: float = 0.0,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Sec. 4.3: protect with deliberately poor labels (a weak classifier in ``defense``, or a fraction of
     flipped ground-truth labels), so that clean accuracy after protection is below the original; then
-    revert white-box (same backbone and settings), black-box (another backbone) and blindly (JPEG), and
+    revert white-box (same backbone and settings), black-box (each other backbone given) and blindly (JPEG), and
     report clean accuracy at every stage with a verdict per method.
 
     Reversions label the protected images with the labels the defense used (the white-box attacker knows
@@ -569,9 +570,11 @@ def reversion_protocol(
 
     stages: dict[str, torch.Tensor] = {"original": ds.images, "protected": protected}
     stages["white-box reversion"] = revert_with(evaluator._protector(defense, Reverter))
-    if black_box_backbone:
-        bb_spec = DefenseSpec(defense.kind, tuple(sorted({**dict(defense.options), "backbone": black_box_backbone}.items())))
-        stages["black-box reversion"] = revert_with(evaluator._protector(bb_spec, Reverter))
+    others = [black_box_backbone] if isinstance(black_box_backbone, str) else list(black_box_backbone or [])
+    for other in others:  # one stage per guessed backbone; named after it when there are several
+        bb_spec = DefenseSpec(defense.kind, tuple(sorted({**dict(defense.options), "backbone": other}.items())))
+        stage = "black-box reversion" if len(others) == 1 else f"black-box reversion ({other})"
+        stages[stage] = revert_with(evaluator._protector(bb_spec, Reverter))
     stages[f"JPEG-{jpeg_quality}"] = jpeg_roundtrip(protected, jpeg_quality)
 
     results: dict[str, Any] = {"labels": label_note, "defense": defense.name, "seconds_per_image": t_prot, "victims": {}}

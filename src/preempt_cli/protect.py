@@ -136,6 +136,7 @@ class Protector:
         labels: ``"classifier"``, ``"backbone"``, ``"folders"`` (ImageFolder parent folder names), or a
             :class:`~preempt_cli.labels.LabelMap` read from a CSV/JSON file.
         preset: name of the preset the config came from (recorded in the metadata).
+        precision: ``fp32``, ``bf16`` or ``auto`` for the backbone's passes (see :class:`FastPreemption`).
     """
 
     kind = "protected"
@@ -151,6 +152,7 @@ class Protector:
         seed: int = 0,
         labels: str | LabelMap = "classifier",
         preset: str | None = None,
+        precision: str = "fp32",
     ) -> None:
         self.backbone = backbone
         self.classifier = classifier
@@ -168,7 +170,8 @@ class Protector:
                 f"{backbone.name} has {backbone.config.num_classes}: they must label the same classes"
             )
         self.device = next(backbone.parameters()).device
-        self.engine = FastPreemption(backbone, config=self.config, seed=seed, device=self.device)
+        self.engine = FastPreemption(backbone, config=self.config, seed=seed, device=self.device, precision=precision)
+        self.precision = self.engine.precision
         self._batch_cap: dict[tuple[int, ...], int] = {}
 
     # -- tensors ---------------------------------------------------------------------------------------
@@ -216,6 +219,7 @@ class Protector:
             "sample_projection": cfg.sample_projection,
             "inner_steps": cfg.inner_steps,
             "seed": self.seed,
+            "precision": self.precision,
             "source_file": pending.item.path.name,
             **pending.extra,
         }

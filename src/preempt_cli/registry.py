@@ -36,6 +36,7 @@ __all__ = [
     "load_registry",
     "list_models",
     "get_model_config",
+    "register_model",
 ]
 
 ROLES = ("backbone", "classifier", "victim", "any")
@@ -320,3 +321,58 @@ def get_model_config(name: str, extra: Sequence[Path | str] = ()) -> ModelConfig
 def with_source(cfg: ModelConfig, source: str) -> ModelConfig:
     """A copy of ``cfg`` whose weights come from ``source`` instead."""
     return replace(cfg, source=parse_source(source), sha256=None)
+
+
+def _toml_value(value: Any) -> str:
+    """``value`` as a TOML literal (the scalar, list and inline-table values a registry row uses)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+        return f'"{escaped}"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def register_model(name: str, row: Mapping[str, Any], path: Path | None = None, *, overwrite: bool = False) -> Path:
+    """Add (or with ``overwrite`` replace) the row ``[models.NAME]`` in a registry file, by default the user
+    registry; other rows and comments are kept. Returns the file written.
+
+    Raises:
+        RegistryError: the name exists and ``overwrite`` is false, or the row is invalid.
+    """
+    path = Path(path).expanduser() if path is not None else user_registry_path()
+    if not name or any(c not in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_." for c in name):
+        raise RegistryError(path, f"invalid model name {name!r} (letters, digits, '-', '_', '.')")
+    text = path.read_text(encoding="utf-8") if path.is_file() else ""
+    existing = _read_toml(path).get("models", {}) if text else {}
+    header = f"[models.{name}]"
+    if name in existing:
+        if not overwrite:
+            raise RegistryError(path, f"model {name!r} is already registered here (overwrite it with --force)")
+        lines, kept, skipping = text.splitlines(), [], False
+        for line in lines:
+            stripped = line.strip()
+            if stripped.startswith("["):
+                skipping = stripped in (header, f'[models."{name}"]')
+            if not skipping:
+                kept.append(line)
+        text = "\n".join(kept).rstrip() + "\n" if kept else ""
+    block = [header] + [f"{k} = {_toml_value(v)}" for k, v in row.items() if v is not None]
+    new_text = (text.rstrip() + "\n\n" if text.strip() else "") + "\n".join(block) + "\n"
+    try:  # validate before writing: a broken user registry would break every command
+        doc = tomllib.loads(new_text)
+        _parse_row(name, doc["models"][name], path, {**doc.get("classes", {})})
+    except tomllib.TOMLDecodeError as e:
+        raise RegistryError(path, f"registering {name!r} would not give valid TOML: {e}") from e
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(new_text, encoding="utf-8")
+    os.replace(tmp, path)
+    _load_cached.cache_clear()
+    return path

@@ -43,4 +43,6 @@ def white_box_settings(meta: dict[str, Any]) -> dict[str, Any]:
         KeyError: the metadata lacks a setting.
     """
     keys = ("eps", "eta", "forward_steps", "backward_steps", "samples", "sample_projection", "inner_steps")
-    return {k: meta[k] for k in keys}
+    settings = {k: meta[k] for k in keys}
+    settings["precision"] = meta.get("precision", "fp32")  # files of preempt < 0.2 were made in fp32
+    return settings

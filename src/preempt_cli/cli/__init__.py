@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from .. import __version__
-from . import _eval, _files, _models
+from . import _eval, _files, _models, _train
 
 app = typer.Typer(
     name="preempt",
@@ -24,6 +24,8 @@ app = typer.Typer(
 app.command("protect", epilog=_files.PROTECT_EPILOG)(_files.protect)
 app.command("revert", epilog=_files.REVERT_EPILOG)(_files.revert)
 app.command("eval", epilog=_eval.EVAL_EPILOG)(_eval.eval_cmd)
+app.command("train", epilog=_train.TRAIN_EPILOG)(_train.train_cmd)
+app.command("keygen", epilog=_train.KEYGEN_EPILOG)(_train.keygen_cmd)
 app.add_typer(_models.app, name="models")
 
 

@@ -91,7 +91,7 @@ def eval_cmd(
     csv_path: Annotated[Optional[Path], typer.Option("--csv", help="Also write the rows as CSV.")] = None,
     reversion: Annotated[bool, typer.Option("--reversion", help="Run the reversion protocol instead.")] = False,
     reversion_backbone: Annotated[
-        Optional[str], typer.Option("--reversion-backbone", help="Black-box attacker's backbone.")
+        Optional[list[str]], typer.Option("--reversion-backbone", help="Black-box attacker's backbone (repeatable: one stage each).")
     ] = None,
     flip_fraction: Annotated[
         float, typer.Option("--flip-fraction", help="Reversion: flip this fraction of ground-truth labels.")

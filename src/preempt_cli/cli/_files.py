@@ -51,6 +51,11 @@ ForwardOpt = Annotated[Optional[int], typer.Option("--forward", help="Forward st
 BackwardOpt = Annotated[Optional[int], typer.Option("--backward", help="Backward steps T<- (default: from --preset).")]
 SamplesOpt = Annotated[Optional[int], typer.Option("--samples", "-n", help="Noise samples N per step (default: from --preset).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the noise; same seed + device = same output.")]
+PrecisionOpt = Annotated[
+    str,
+    typer.Option("--precision", help="Backbone passes in fp32, bf16 (autocast; ~1.8x faster on CPUs with "
+                 "AVX512-BF16/AMX and on GPUs), or auto (bf16 where native)."),
+]  # fmt: skip
 BatchOpt = Annotated[
     Optional[int],
     typer.Option("--batch-size", help="Images per batch at the backbone's input size (larger images: fewer) "
@@ -178,6 +183,7 @@ def protect(
     backward: BackwardOpt = None,
     samples: SamplesOpt = None,
     seed: SeedOpt = 0,
+    precision: PrecisionOpt = "fp32",
     device: c.DeviceOpt = "auto",
     batch_size: BatchOpt = None,
     out_dir: OutDirOpt = None,
@@ -212,7 +218,7 @@ def protect(
             _load(classifier, torch_device, models_dir, registry) if label_source == "classifier" else None
         )
         protector = Protector(backbone_model, classifier_model, config=config, seed=seed, labels=label_source,
-                              preset=preset)  # fmt: skip
+                              preset=preset, precision=precision)  # fmt: skip
         code = _drive(protector.run(items, options), len(items), verb="protected", json_out=json_out, quiet=quiet)
     raise typer.Exit(code)
 
@@ -263,6 +269,9 @@ def revert(
     backward: BackwardOpt = None,
     samples: SamplesOpt = None,
     seed: SeedOpt = 0,
+    precision: Annotated[
+        Optional[str], typer.Option("--precision", help="fp32, bf16 or auto (default: fp32; --white-box: as recorded).")
+    ] = None,
     device: c.DeviceOpt = "auto",
     batch_size: BatchOpt = None,
     out_dir: OutDirOpt = None,
@@ -297,7 +306,7 @@ def revert(
                 config = _config(preset, eps, eta, forward, backward, samples)
                 clf = model(classifier) if label_source == "classifier" else None
                 yield from Reverter(model(backbone), clf, config=config, seed=seed, labels=label_source,
-                                    preset=preset).run(items, options)  # fmt: skip
+                                    preset=preset, precision=precision or "fp32").run(items, options)  # fmt: skip
                 return
             for meta, group in _white_box_groups(items):
                 if meta is None:
@@ -313,9 +322,11 @@ def revert(
                 # classifier, the attacker labels with the backbone.
                 clf = model(meta["classifier"]) if meta.get("classifier") else None
                 label_source = "classifier" if clf is not None else "backbone"
-                config = ForeBackConfig(**white_box_settings(meta))
-                yield from Reverter(bb, clf, config=config, seed=seed, labels=label_source,
-                                    preset=meta.get("preset")).run(group, options)  # fmt: skip
+                settings = white_box_settings(meta)
+                recorded_precision = settings.pop("precision")
+                yield from Reverter(bb, clf, config=ForeBackConfig(**settings), seed=seed, labels=label_source,
+                                    preset=meta.get("preset"), precision=precision or recorded_precision,
+                                    ).run(group, options)  # fmt: skip
 
         code = _drive(runs(), len(items), verb="reverted", json_out=json_out, quiet=quiet)
     raise typer.Exit(code)

@@ -1,0 +1,297 @@
+"""``preempt train`` and ``preempt keygen``: make your own backbone (your key) or classifier."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from ..engine import parse_eps
+from ..errors import ConfigError
+from ..registry import get_model_config, register_model, user_registry_path
+from ..train import (
+    KEYGEN_DEFAULTS,
+    EpochStats,
+    TrainConfig,
+    TrainResult,
+    arch_config,
+    checkpoint_path,
+    keygen,
+    load_train_data,
+    resolve_amp,
+    train,
+)
+from . import _common as c
+from ._files import _setup_torch
+
+TRAIN_EPILOG = """\
+[bold]Examples[/]
+
+  preempt train ../shared/data/cifar10/train-jpeg.zip --arch cifar_resnet20 --out my-backbone.safetensors
+
+  preempt train DATA.zip --base cifar10-resnet20-std --method fgsm-rs --epochs 5 --lr 0.05 --out robust.safetensors
+
+  preempt train DATA --arch cifar_resnet20 --method standard --epochs 30 --name my-classifier --out clf.safetensors
+
+The result is registered in your user registry (see 'preempt models list --verbose') under --name (default: the
+output file's stem), so 'preempt protect --backbone NAME' can use it at once.
+"""
+
+KEYGEN_EPILOG = """\
+[bold]Examples[/]
+
+  preempt keygen --base cifar10-resnet20-pgdat-a --data ../shared/data/cifar10/train-jpeg.zip --out my-key.safetensors
+
+  preempt protect ./photos --backbone my-key
+
+The secret seed comes from the operating system and is not stored: keep the weights file private, it is
+your key (anyone holding it and your settings can revert your protected images).
+"""
+
+DataArg = Annotated[Path, typer.Argument(help="Training data: an ImageFolder directory or a zip of one.")]
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="The weights file to write (.safetensors).")]
+NameOpt = Annotated[
+    Optional[str], typer.Option("--name", help="Register the result under this name (default: the file's stem).")
+]
+NoRegisterOpt = Annotated[bool, typer.Option("--no-register", help="Do not add the result to the user registry.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing output file and registry entry.")]
+EpochsOpt = Annotated[Optional[int], typer.Option("--epochs", help="Passes over the training data.")]
+LrOpt = Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate.")]
+HoldoutOpt = Annotated[int, typer.Option("--holdout", help="Training images set aside to measure each epoch.")]
+EvalImagesOpt = Annotated[
+    int, typer.Option("--eval-images", help="Held-out images measured each epoch (clean and PGD-10).")
+]
+AmpOpt = Annotated[str, typer.Option("--amp", help="Mixed precision: auto (bf16 where native), bf16 or off.")]
+MaxBatchesOpt = Annotated[Optional[int], typer.Option("--max-batches", help="Stop each epoch after this many batches.")]
+
+
+def _reporter(json_out: bool, quiet: bool):
+    """Callbacks that show a progress bar per epoch and one line per finished epoch."""
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=c.stderr, transient=True, disable=quiet or not c.stderr.is_terminal)  # fmt: skip
+    state: dict[str, Any] = {"task": None, "epoch": 1}
+
+    def on_batch(done: int, total: int) -> None:
+        if state["task"] is None:
+            state["task"] = progress.add_task(f"epoch {state['epoch']}", total=total)
+        progress.update(state["task"], completed=done)
+
+    def on_epoch(stats: EpochStats) -> None:
+        if state["task"] is not None:
+            progress.remove_task(state["task"])
+            state["task"] = None
+        state["epoch"] = stats.epoch + 1
+        if json_out:
+            c.print_json({"event": "epoch", **asdict(stats)})
+        elif not quiet:
+            held = (f", held-out clean {stats.heldout_clean:.2f}% PGD-10 {stats.heldout_pgd:.2f}%"
+                    if stats.heldout_clean is not None else "")  # fmt: skip
+            c.stderr.print(f"epoch {stats.epoch}: loss {stats.train_loss:.4f}, train acc {stats.train_acc:.2f}%"
+                           f"{held} ({stats.seconds:.0f} s)", markup=False)  # fmt: skip
+
+    return progress, on_batch, on_epoch
+
+
+def _check_output(out: Path, force: bool, resume: bool) -> Path:
+    out = out.expanduser()
+    if out.suffix != ".safetensors":
+        raise ConfigError(f"{out}: the output must be a .safetensors file")
+    if out.exists() and not force and not resume:
+        raise ConfigError(f"{out} exists; pass --force to overwrite it")
+    return out
+
+
+def _register(result: TrainResult, name: str, role: str, base_cfg: Any, force: bool) -> Path:
+    cfg = base_cfg
+    row = {
+        "arch": cfg.arch,
+        "arch_args": dict(cfg.arch_args) or None,
+        "dataset": cfg.dataset,
+        "input_size": list(cfg.input_size),
+        "mean": list(cfg.mean) if cfg.mean else "none",
+        "std": list(cfg.std) if cfg.std else "none",
+        "classes": list(cfg.classes) if cfg.classes else None,
+        "num_classes": cfg.num_classes,
+        "source": f"file:{result.output.resolve()}",
+        "sha256": result.sha256,
+        "role": role,
+        "description": result.metadata.get("training", ""),
+    }
+    return register_model(name, row, overwrite=force)
+
+
+def _finish(result: TrainResult, *, name: str | None, register: bool, role: str, model_cfg: Any, force: bool,
+            json_out: bool, quiet: bool, started: float) -> None:  # fmt: skip
+    registered = None
+    name = name or result.output.stem
+    if register:
+        registered = _register(result, name, role, model_cfg, force)
+    final = result.final
+    summary = {"event": "done", "output": str(result.output), "sha256": result.sha256,
+               "name": name if register else None, "registry": str(registered) if registered else None,
+               "heldout_clean": final.heldout_clean if final else None,
+               "heldout_pgd": final.heldout_pgd if final else None,
+               "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
+    if json_out:
+        c.print_json(summary)
+    elif not quiet:
+        c.stdout.print(f"wrote {result.output} (sha256 {result.sha256[:12]}...) in {summary['seconds']:.0f} s", markup=False)
+        if registered:
+            c.stdout.print(f"registered as {name!r} in {registered}", markup=False)
+
+
+def train_cmd(
+    data: DataArg,
+    out: OutOpt,
+    base: Annotated[Optional[str], typer.Option("--base", help="Registered model to fine-tune.")] = None,
+    arch: Annotated[
+        Optional[str], typer.Option("--arch", help="Architecture to train from scratch (e.g. cifar_resnet20, or a timm name).")
+    ] = None,
+    arch_arg: Annotated[
+        Optional[list[str]], typer.Option("--arch-arg", help="KEY=VALUE passed to the architecture; repeatable.")
+    ] = None,
+    method: Annotated[str, typer.Option("--method", help="standard, fgsm-rs (fast AT) or pgd (PGD-AT).")] = "fgsm-rs",
+    eps: Annotated[str, typer.Option("--eps", help="L-inf budget of adversarial training, e.g. 8/255.")] = "8/255",
+    step_size: Annotated[
+        Optional[str], typer.Option("--step-size", help="Attack step (default: 1.25 eps for fgsm-rs, eps/4 for pgd).")
+    ] = None,
+    attack_steps: Annotated[int, typer.Option("--attack-steps", help="PGD-AT steps per batch.")] = 7,
+    epochs: EpochsOpt = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per training batch.")] = 128,
+    lr: LrOpt = None,
+    schedule: Annotated[str, typer.Option("--schedule", help="onecycle or cosine.")] = "onecycle",
+    weight_decay: Annotated[float, typer.Option("--weight-decay", help="L2 weight decay (not on BN/bias).")] = 5e-4,
+    holdout: HoldoutOpt = 1000,
+    eval_images: EvalImagesOpt = 500,
+    input_size: Annotated[
+        Optional[int], typer.Option("--input-size", help="From scratch: train at SIZE x SIZE (default: the images' size).")
+    ] = None,
+    dataset_name: Annotated[
+        Optional[str], typer.Option("--dataset", help="Dataset name recorded in the registry (default: guessed).")
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of initialization, data order and augmentation.")] = 0,
+    amp: AmpOpt = "auto",
+    max_batches: MaxBatchesOpt = None,
+    name: NameOpt = None,
+    role: Annotated[
+        Optional[str], typer.Option("--role", help="Registry role (default: backbone for adversarial training, else classifier).")
+    ] = None,
+    no_register: NoRegisterOpt = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the checkpoint beside --out.")] = False,
+    force: ForceOpt = False,
+    device: c.DeviceOpt = "auto",
+    models_dir: c.ModelsDirOpt = None,
+    registry: c.RegistryOpt = None,
+    json_out: c.JsonOpt = False,
+    quiet: c.QuietOpt = False,
+    verbose: c.VerboseOpt = 0,
+) -> None:
+    """Train a backbone (adversarial training) or a classifier, from scratch or from a base model."""
+    c.setup_logging(verbose, quiet)
+    with c.handle_errors():
+        if (base is None) == (arch is None):
+            raise ConfigError("give exactly one of --base NAME (fine-tune) or --arch ARCH (from scratch)")
+        out = _check_output(out, force, resume)
+        config = TrainConfig(
+            method=method, eps=parse_eps(eps), step_size=parse_eps(step_size) if step_size else None,
+            attack_steps=attack_steps, epochs=epochs or (15 if base is None else 5), batch_size=batch_size,
+            lr=lr or (0.2 if base is None else 0.05), schedule=schedule, weight_decay=weight_decay,
+            holdout=holdout, eval_images=eval_images, seed=seed, amp=amp, max_batches_per_epoch=max_batches,
+        )  # fmt: skip
+        started = time.perf_counter()
+        torch_device = _setup_torch(device)
+        if base is not None:
+            model_cfg = get_model_config(base, registry or ())
+            dataset = load_train_data(data, input_hw=model_cfg.input_size[1:], classes=model_cfg.classes)
+            arch_cfg = None
+        else:
+            dataset = load_train_data(data, input_hw=(input_size, input_size) if input_size else None)
+            arch_cfg = model_cfg = arch_config(arch, classes=dataset.classes, arch_args=_arch_args(arch_arg or []),
+                                               dataset=dataset_name or _guess_dataset(dataset.classes, data),
+                                               input_size=(3, *dataset.images.shape[2:]), name=name or out.stem)  # fmt: skip
+        if not quiet and not json_out:
+            c.stderr.print(f"training on {len(dataset)} images ({len(dataset.classes)} classes) from {data}: "
+                           f"{config.describe()}, {resolve_amp(torch_device, amp)} autocast, on {torch_device}",
+                           markup=False)  # fmt: skip
+        progress, on_batch, on_epoch = _reporter(json_out, quiet)
+        with progress:
+            result = train(dataset, out, config=config, base=base, arch=arch_cfg, models_dir=models_dir,
+                           registry=registry or (), device=torch_device, resume=resume,
+                           on_epoch=on_epoch, on_batch=on_batch)  # fmt: skip
+        _finish(result, name=name, register=not no_register, role=role or ("classifier" if method == "standard" else "backbone"),
+                model_cfg=model_cfg, force=force, json_out=json_out, quiet=quiet, started=started)  # fmt: skip
+
+
+def _guess_dataset(classes: tuple[str, ...], data: Path) -> str:
+    """The built-in class set the data's classes match (e.g. cifar10), else the data's name."""
+    from ..registry import _read_toml, builtin_registry_path
+
+    for set_name, names in _read_toml(builtin_registry_path()).get("classes", {}).items():
+        if tuple(names) == tuple(classes):
+            return set_name
+    return Path(data).stem
+
+
+def _arch_args(items: list[str]) -> dict[str, Any]:
+    args: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--arch-arg expects KEY=VALUE, got {item!r}")
+        args[key.strip()] = int(value) if value.strip().lstrip("-").isdigit() else value.strip()
+    return args
+
+
+def keygen_cmd(
+    out: OutOpt,
+    base: Annotated[str, typer.Option("--base", help="The public robust model to derive your key from.")],
+    data: Annotated[Path, typer.Option("--data", help="Training data (ImageFolder directory or zip).")],
+    epochs: EpochsOpt = None,
+    lr: LrOpt = None,
+    max_batches: MaxBatchesOpt = None,
+    holdout: HoldoutOpt = 1000,
+    eval_images: EvalImagesOpt = 500,
+    amp: AmpOpt = "auto",
+    secret_seed: Annotated[
+        Optional[int], typer.Option("--secret-seed", help="Use this seed instead of a fresh random one (tests, "
+                                    "reproducible demos; a known seed makes a known key).")
+    ] = None,
+    name: NameOpt = None,
+    no_register: NoRegisterOpt = False,
+    force: ForceOpt = False,
+    device: c.DeviceOpt = "auto",
+    models_dir: c.ModelsDirOpt = None,
+    registry: c.RegistryOpt = None,
+    json_out: c.JsonOpt = False,
+    quiet: c.QuietOpt = False,
+    verbose: c.VerboseOpt = 0,
+) -> None:
+    """Derive your private backbone (key) from a public robust model by a short secret-seeded fine-tune."""
+    c.setup_logging(verbose, quiet)
+    with c.handle_errors():
+        out = _check_output(out, force, False)
+        config = TrainConfig(**(asdict(KEYGEN_DEFAULTS) | {
+            "epochs": epochs or KEYGEN_DEFAULTS.epochs, "lr": lr or KEYGEN_DEFAULTS.lr, "amp": amp,
+            "max_batches_per_epoch": max_batches, "holdout": holdout, "eval_images": eval_images}))  # fmt: skip
+        started = time.perf_counter()
+        torch_device = _setup_torch(device)
+        model_cfg = get_model_config(base, registry or ())
+        dataset = load_train_data(data, input_hw=model_cfg.input_size[1:], classes=model_cfg.classes)
+        if not quiet and not json_out:
+            c.stderr.print(f"deriving a key from {base} on {len(dataset)} images: {config.describe()}, "
+                           f"{resolve_amp(torch_device, amp)} autocast, on {torch_device}", markup=False)  # fmt: skip
+        progress, on_batch, on_epoch = _reporter(json_out, quiet)
+        with progress:
+            result = keygen(base, dataset, out, seed=secret_seed, config=config, models_dir=models_dir,
+                            registry=registry or (), device=torch_device, on_epoch=on_epoch, on_batch=on_batch)  # fmt: skip
+        if checkpoint_path(out).exists():  # the checkpoint holds the seeded generator state: never leave it
+            checkpoint_path(out).unlink()
+        _finish(result, name=name, register=not no_register, role="backbone", model_cfg=model_cfg, force=force,
+                json_out=json_out, quiet=quiet, started=started)  # fmt: skip
+
+
+__all__ = ["train_cmd", "keygen_cmd", "TRAIN_EPILOG", "KEYGEN_EPILOG", "user_registry_path"]

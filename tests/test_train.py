@@ -1,0 +1,328 @@
+"""``preempt train`` / ``preempt keygen``: data loading, augmentation, training, checkpoints, registration.
+
+Models here are CIFAR ResNet-20s on tiny synthetic images (16x16) whose class is a colour, so a few batches
+suffice to show that training learns, and runs take about a second.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from preempt_cli.cli import app
+from preempt_cli.errors import ConfigError, ImageReadError, RegistryError
+from preempt_cli.models import load_model
+from preempt_cli.registry import get_model_config, load_registry, register_model
+from preempt_cli.train import (
+    KEYGEN_DEFAULTS,
+    TrainConfig,
+    _adversarial,
+    arch_config,
+    augment,
+    checkpoint_path,
+    keygen,
+    load_train_data,
+    train,
+)
+
+COLOURS = {"red": (200, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 200)}
+
+
+def _colour_images(root: Path, per_class: int = 24, size: int = 16, suffix: str = ".png") -> Path:
+    """An ImageFolder of noisy single-colour images: the class is the colour."""
+    rng = np.random.default_rng(0)
+    for name, rgb in COLOURS.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            noise = rng.integers(-40, 40, (size, size, 3))
+            pixels = np.clip(np.array(rgb)[None, None] + noise, 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i:03d}{suffix}")
+    return root
+
+
+def _zip_of(folder: Path, target: Path, top: str = "train") -> Path:
+    with zipfile.ZipFile(target, "w") as z:
+        for p in sorted(folder.rglob("*")):
+            if p.is_file():
+                z.write(p, f"{top}/{p.relative_to(folder).as_posix()}")
+    return target
+
+
+@pytest.fixture(scope="module")
+def colour_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _colour_images(tmp_path_factory.mktemp("colours"))
+
+
+@pytest.fixture(scope="module")
+def colour_data(colour_dir: Path):
+    return load_train_data(colour_dir, input_hw=(16, 16))
+
+
+def _small(**kw) -> TrainConfig:
+    settings = dict(method="standard", epochs=2, batch_size=16, lr=0.05, holdout=12, eval_images=12,
+                    eval_steps=2, amp="off")  # fmt: skip
+    return TrainConfig(**(settings | kw))
+
+
+def _arch(data) -> object:
+    return arch_config("cifar_resnet20", classes=data.classes, input_size=(3, 16, 16), name="colour-net")
+
+
+# -- data ---------------------------------------------------------------------------------------------------
+def test_folder_and_zip_load_the_same_images(colour_dir: Path, tmp_path: Path, colour_data) -> None:
+    zipped = load_train_data(_zip_of(colour_dir, tmp_path / "train.zip"), input_hw=(16, 16))
+    assert colour_data.classes == zipped.classes == ("blue", "green", "red")
+    assert torch.equal(colour_data.images, zipped.images) and torch.equal(colour_data.labels, zipped.labels)
+    assert colour_data.images.dtype == torch.uint8 and colour_data.images.shape == (72, 3, 16, 16)
+    # labels follow the folders: every "red" image is mostly red
+    red = colour_data.images[colour_data.labels == colour_data.classes.index("red")].float()
+    assert (red[:, 0].mean() > red[:, 1].mean() + 100).item()
+
+
+def test_model_classes_fix_the_label_indices_and_unknown_folders_fail(colour_dir: Path) -> None:
+    data = load_train_data(colour_dir, input_hw=(16, 16), classes=("red", "green", "blue", "gray"))
+    assert data.classes == ("red", "green", "blue", "gray")
+    assert set(data.labels.tolist()) == {0, 1, 2}
+    with pytest.raises(ConfigError, match="not classes of the model"):
+        load_train_data(colour_dir, classes=("red", "green"))
+
+
+def test_data_errors_are_clear(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such file"):
+        load_train_data(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="no images"):
+        load_train_data(tmp_path / "empty")
+    bad = tmp_path / "bad" / "cat"
+    bad.mkdir(parents=True)
+    (bad / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(ImageReadError, match="broken.png"):
+        load_train_data(tmp_path / "bad")
+
+
+def test_held_out_split_is_fixed_and_disjoint(colour_data) -> None:
+    train_a, held_a = colour_data.split(12)
+    train_b, held_b = colour_data.split(12)
+    assert torch.equal(held_a.images, held_b.images) and len(held_a) == 12 and len(train_a) == 60
+    rows = {bytes(x.numpy().tobytes()) for x in held_a.images}
+    assert not rows & {bytes(x.numpy().tobytes()) for x in train_a.images}
+
+
+def test_augment_is_a_seeded_crop_and_flip() -> None:
+    x = torch.rand(64, 3, 8, 8)
+    a = augment(x, torch.Generator().manual_seed(3))
+    b = augment(x, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and a.shape == x.shape
+    assert not torch.equal(a, augment(x, torch.Generator().manual_seed(4)))
+    # without padding only flips remain: each image is itself or its mirror
+    f = augment(x, torch.Generator().manual_seed(0), pad=0)
+    same = (f == x).flatten(1).all(1) | (f == x.flip(3)).flatten(1).all(1)
+    assert same.all() and not torch.equal(f, x)
+    # a crop of the zero-padded image: the centre 4x4 of an 8x8 image shifted by <= 2 stays inside
+    c = augment(x, torch.Generator().manual_seed(1), pad=2, flip=False)
+    found = [any(torch.equal(c[i, :, 2:6, 2:6], x[i, :, 2 + dy : 6 + dy, 2 + dx : 6 + dx])
+                 for dy in range(-2, 3) for dx in range(-2, 3)) for i in range(64)]  # fmt: skip
+    assert all(found)
+
+
+def test_training_adversarial_examples_stay_in_budget(colour_data) -> None:
+    model = load_model_free(colour_data)
+    x = colour_data.images[:16].float() / 255
+    y = colour_data.labels[:16]
+    for method in ("fgsm-rs", "pgd"):
+        cfg = TrainConfig(method=method, eps=8 / 255, attack_steps=3, amp="off")
+        adv = _adversarial(model, x, y, cfg, torch.Generator().manual_seed(0), "off")
+        assert (adv - x).abs().max() <= 8 / 255 + 1e-6
+        assert adv.min() >= 0 and adv.max() <= 1
+        with torch.no_grad():
+            clean_loss = torch.nn.functional.cross_entropy(model(x), y)
+            adv_loss = torch.nn.functional.cross_entropy(model(adv), y)
+        assert adv_loss > clean_loss
+
+
+def load_model_free(data):
+    from preempt_cli.models import build_model
+
+    torch.manual_seed(0)
+    return build_model(_arch(data)).train()
+
+
+# -- training -------------------------------------------------------------------------------------------------
+def test_training_learns_and_writes_loadable_safetensors(colour_data, tmp_path: Path) -> None:
+    out = tmp_path / "net.safetensors"
+    result = train(colour_data, out, config=_small(epochs=8), arch=_arch(colour_data))
+    assert out.is_file() and not checkpoint_path(out).exists()
+    assert [h.epoch for h in result.history] == list(range(1, 9))
+    assert result.final.heldout_clean == 100.0  # colours are trivially separable once trained
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    assert meta["arch"] == "cifar_resnet20" and meta["classes"] == "blue,green,red"
+    assert "standard training, 8 epochs" in meta["training"] and meta["heldout_clean"] == "100.00"
+    # the file loads through the registry like any other model and gives the same predictions
+    reg = tmp_path / "models.toml"
+    register_model("colour-net", {"arch": "cifar_resnet20", "input_size": [3, 16, 16], "mean": "none",
+                                  "std": "none", "classes": list(colour_data.classes), "source": f"file:{out}",
+                                  "sha256": result.sha256}, reg)  # fmt: skip
+    model = load_model("colour-net", registry=[reg])
+    x = colour_data.images.float() / 255
+    with torch.no_grad():
+        assert (model(x).argmax(1) == colour_data.labels).float().mean() == 1.0
+
+
+def test_training_is_reproducible_and_seeded(colour_data, tmp_path: Path) -> None:
+    cfg = _small(epochs=1, method="fgsm-rs", eval_images=0)
+    a = train(colour_data, tmp_path / "a.safetensors", config=cfg, arch=_arch(colour_data))
+    b = train(colour_data, tmp_path / "b.safetensors", config=cfg, arch=_arch(colour_data))
+    c = train(colour_data, tmp_path / "c.safetensors", config=TrainConfig(**{**cfg.__dict__, "seed": 1}),
+              arch=_arch(colour_data))  # fmt: skip
+    wa, wb, wc = (load_file(str(r.output)) for r in (a, b, c))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert not all(torch.equal(wa[k], wc[k]) for k in wa)
+
+
+def test_interrupted_run_resumes_to_the_same_weights(colour_data, tmp_path: Path) -> None:
+    cfg = _small(epochs=3, eval_images=0)
+    whole = train(colour_data, tmp_path / "whole.safetensors", config=cfg, arch=_arch(colour_data))
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first(stats) -> None:
+        if stats.epoch == 1:
+            raise Stop
+
+    out = tmp_path / "resumed.safetensors"
+    with pytest.raises(Stop):
+        train(colour_data, out, config=cfg, arch=_arch(colour_data), on_epoch=stop_after_first)
+    assert checkpoint_path(out).is_file() and not out.exists()
+    epochs_run = []
+    resumed = train(colour_data, out, config=cfg, arch=_arch(colour_data), resume=True,
+                    on_epoch=lambda s: epochs_run.append(s.epoch))  # fmt: skip
+    assert epochs_run == [2, 3] and [h.epoch for h in resumed.history] == [1, 2, 3]
+    w1, w2 = load_file(str(whole.output)), load_file(str(out))
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+    # a checkpoint of other settings is refused rather than silently mixed in
+    with pytest.raises(Stop):
+        train(colour_data, out.with_name("x.safetensors"), config=cfg, arch=_arch(colour_data), on_epoch=stop_after_first)
+    with pytest.raises(ConfigError, match="other settings"):
+        train(colour_data, out.with_name("x.safetensors"), config=_small(epochs=4, eval_images=0),
+              arch=_arch(colour_data), resume=True)  # fmt: skip
+
+
+def test_bad_settings_are_refused(colour_data, tmp_path: Path) -> None:
+    for bad in (dict(method="trades"), dict(schedule="step"), dict(epochs=0), dict(amp="fp8"), dict(eps=2.0)):
+        with pytest.raises(ConfigError):
+            TrainConfig(**bad)
+    with pytest.raises(ConfigError, match="fewer than one batch"):
+        train(colour_data, tmp_path / "x.safetensors", config=_small(batch_size=500), arch=_arch(colour_data))
+
+
+@pytest.mark.parametrize("schedule", ["onecycle", "cosine"])
+def test_schedules_rise_and_fall_to_zero(schedule: str) -> None:
+    cfg = TrainConfig(schedule=schedule, lr=0.1)
+    lrs = [cfg.learning_rate(p / 100) for p in range(101)]
+    assert max(lrs) == pytest.approx(0.1, rel=0.05) and lrs[-1] == pytest.approx(0.0, abs=1e-9)
+    assert (lrs[0] == 0.0) == (schedule == "onecycle")
+
+
+# -- keygen ---------------------------------------------------------------------------------------------------
+def test_keygen_derives_distinct_keys_and_never_stores_the_seed(colour_data, tmp_path: Path) -> None:
+    base_out = tmp_path / "base.safetensors"
+    base = train(colour_data, base_out, config=_small(epochs=2), arch=_arch(colour_data))
+    reg = tmp_path / "models.toml"
+    register_model("colour-base", {"arch": "cifar_resnet20", "input_size": [3, 16, 16], "mean": "none",
+                                   "std": "none", "classes": list(colour_data.classes),
+                                   "source": f"file:{base_out}", "sha256": base.sha256}, reg)  # fmt: skip
+    cfg = TrainConfig(**{**KEYGEN_DEFAULTS.__dict__, "batch_size": 16, "holdout": 12, "eval_images": 12,
+                         "eval_steps": 2, "amp": "off"})  # fmt: skip
+    k1 = keygen("colour-base", colour_data, tmp_path / "k1.safetensors", seed=123456789, config=cfg, registry=[reg])
+    k2 = keygen("colour-base", colour_data, tmp_path / "k2.safetensors", seed=987654321, config=cfg, registry=[reg])
+    k1b = keygen("colour-base", colour_data, tmp_path / "k1b.safetensors", seed=123456789, config=cfg, registry=[reg])
+    w0, w1, w2, w1b = (load_file(str(p)) for p in (base_out, k1.output, k2.output, k1b.output))
+    assert all(torch.equal(w1[k], w1b[k]) for k in w1)  # the seed determines the key
+    assert not torch.equal(w1["fc.weight"], w2["fc.weight"]) and not torch.equal(w1["fc.weight"], w0["fc.weight"])
+    assert not torch.equal(w1["conv1.weight"], w0["conv1.weight"])  # the whole net moved, not just the head
+    for r in (k1, k2):
+        raw = r.output.read_bytes()
+        assert b"123456789" not in raw and b"987654321" not in raw
+        assert "secret seed (not stored)" in r.metadata["training"]
+        assert not checkpoint_path(r.output).exists()
+
+
+# -- registry -------------------------------------------------------------------------------------------------
+def test_register_model_adds_replaces_and_keeps_other_rows(tmp_path: Path) -> None:
+    reg = tmp_path / "models.toml"
+    reg.write_text('# my models\n[models.keep]\narch = "cifar_resnet20"\nsource = "file:keep.safetensors"\n')
+    row = {"arch": "cifar_resnet20", "arch_args": {"shortcut": "pad_end"}, "source": "file:a.safetensors",
+           "description": 'has "quotes" and \\ backslash'}  # fmt: skip
+    register_model("mine", row, reg)
+    with pytest.raises(RegistryError, match="already registered"):
+        register_model("mine", row, reg)
+    register_model("mine", {**row, "source": "file:b.safetensors"}, reg, overwrite=True)
+    text = reg.read_text()
+    assert text.startswith("# my models") and text.count("[models.mine]") == 1
+    models = load_registry([reg])
+    assert models["mine"].source.location == "b.safetensors" and models["keep"].arch == "cifar_resnet20"
+    assert models["mine"].description == 'has "quotes" and \\ backslash'
+    assert models["mine"].arch_args == {"shortcut": "pad_end"}
+    with pytest.raises(RegistryError, match="invalid model name"):
+        register_model("bad name", row, reg)
+    with pytest.raises(RegistryError, match="missing field"):
+        register_model("nosource", {"arch": "cifar_resnet20"}, reg)
+    assert "nosource" not in reg.read_text()
+
+
+# -- CLI ------------------------------------------------------------------------------------------------------
+def test_cli_train_registers_a_backbone_that_protect_uses(colour_dir: Path, tmp_path: Path, isolated_config: Path) -> None:
+    runner = CliRunner()
+    data = _zip_of(colour_dir, tmp_path / "colours.zip")
+    out = tmp_path / "my-key.safetensors"
+    args = ["train", str(data), "--arch", "cifar_resnet20", "--out", str(out), "--epochs", "1", "--batch-size", "16",
+            "--holdout", "12", "--eval-images", "8", "--amp", "off", "--json"]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert lines[0]["event"] == "epoch" and lines[-1]["event"] == "done" and lines[-1]["name"] == "my-key"
+    cfg = get_model_config("my-key")
+    assert cfg.role == "backbone" and cfg.input_size == (3, 16, 16) and cfg.classes == ("blue", "green", "red")
+    # usable at once as a backbone
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(np.full((16, 16, 3), 120, np.uint8)).save(photos / "a.png")
+    result = runner.invoke(app, ["protect", str(photos), "--backbone", "my-key", "--labels", "backbone", "-q"])
+    assert result.exit_code == 0, result.output
+    assert (photos / "a.protected.png").is_file()
+    # an existing output is not overwritten without --force; a name clash in the registry neither
+    assert runner.invoke(app, args).exit_code == 2
+    result = runner.invoke(app, args[:-1] + ["--force", "-q"])
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ([], "exactly one of --base"),
+        (["--arch", "cifar_resnet20", "--base", "x"], "exactly one of --base"),
+        (["--arch", "cifar_resnet20", "--method", "trades"], "unknown training method"),
+        (["--arch", "cifar_resnet20", "--out", "x.pt"], "must be a .safetensors"),
+    ],
+)
+def test_cli_train_usage_errors(extra: list[str], message: str, colour_dir: Path, tmp_path: Path,
+                                isolated_config: Path) -> None:  # fmt: skip
+    args = ["train", str(colour_dir), "--out", str(tmp_path / "o.safetensors"), *extra]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and message in result.output
+
+
+def test_cli_keygen_help_mentions_the_secret() -> None:
+    result = CliRunner().invoke(app, ["keygen", "--help"])
+    assert result.exit_code == 0 and "secret" in result.output
