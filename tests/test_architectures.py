@@ -138,3 +138,24 @@ def test_key_names_match_shared_weights(name: str, kwargs: dict[str, str], stem:
     net = create_arch(name, **kwargs)
     assert set(net.state_dict()) == set(weights)
     net.load_state_dict(weights, strict=True)
+
+
+@pytest.mark.parametrize(("shape", "size"), [((2, 3, 512, 512), (32, 32)), ((1, 1, 300, 451), (32, 32)),
+                                             ((1, 3, 40, 700), (32, 32)), ((1, 3, 48, 48), (32, 32))])  # fmt: skip
+def test_resize_equals_antialiased_interpolate_with_its_gradient(shape, size) -> None:
+    from preempt_cli.models._load import resize
+
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    ref = torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+    out = resize(x, size)
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
+    w = torch.rand(ref.shape, generator=torch.Generator().manual_seed(1))
+    (g_ref,) = torch.autograd.grad((ref * w).sum(), x)
+    (g_out,) = torch.autograd.grad((out * w).sum(), x)
+    torch.testing.assert_close(g_out, g_ref, atol=1e-6, rtol=0)
+    with torch.inference_mode():  # matrices first built here must still work with autograd later
+        resize(torch.rand(1, 3, 96, 96), (16, 16))
+    y = torch.rand(1, 3, 96, 96, requires_grad=True)
+    resize(y, (16, 16)).sum().backward()
+    assert y.grad is not None

@@ -161,7 +161,6 @@ def test_missing_file_named_directly_fails_with_exit_1(tmp_path: Path, registry:
         (["-b", "tiny-key", "--eps", "abc"], "invalid eps"),
         (["-b", "tiny-key", "--shard", "3/2"], "--shard"),
         (["-b", "tiny-key", "--preset", "fancy"], "unknown preset"),
-        (["--labels", "backbone"], "no backbone"),
         (["-b", "tiny-key"], "no classifier"),
         (["-b", "tiny-key", "-c", "tiny-labeller"], "sha256"),
         (["-b", "tiny-key", "--labels", "nofile.csv"], "--labels"),

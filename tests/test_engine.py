@@ -172,7 +172,8 @@ def test_backward_step_moves_against_the_predicted_attack(tiny_backbone, cifar_b
 
     # Same from a later iterate x_t (after a forward step), one backward step taken by the engine.
     x_t = FastPreemption(tiny_backbone, config=cfg.with_(forward_steps=1, backward_steps=0)).perturb(x, y)
-    x_next = engine._step(x_t, x, y, engine._generators(len(x), None), direction=+1.0)
+    bounds = ((x - cfg.eps).clamp(min=0).unsqueeze(1), (x + cfg.eps).clamp(max=1).unsqueeze(1))
+    x_next = engine._step(x_t, bounds, y.repeat_interleave(cfg.samples), engine._generators(len(x), None), direction=+1.0)
     grad_t = _input_grad(tiny_backbone, x_t, y)
     fgsm_t = project(x_t + cfg.eps * grad_t.sign(), x, cfg.eps)
     assert (_ce(tiny_backbone, x_next, y) < _ce(tiny_backbone, fgsm_t, y)).all()

@@ -134,6 +134,17 @@ def project(x: torch.Tensor, center: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.minimum(torch.maximum(x, center - eps), center + eps).clamp_(0.0, 1.0)
 
 
+def _ball(center: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bounds of the L-inf ball of radius ``eps`` around ``center`` intersected with [0, 1]."""
+    return (center - eps).clamp_(min=0.0), (center + eps).clamp_(max=1.0)
+
+
+def _clip_(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """Clip ``x`` in place to [lo, hi] (broadcast); for a center in [0, 1] the same as :func:`project`."""
+    torch.maximum(x, lo, out=x)
+    return torch.minimum(x, hi, out=x)
+
+
 class FastPreemption:
     """Fast Preemption (Algorithm 1) with a given backbone.
 
@@ -207,33 +218,42 @@ class FastPreemption:
     def _step(
         self,
         x_t: torch.Tensor,
-        x0: torch.Tensor,
-        y: torch.Tensor,
+        bounds: tuple[torch.Tensor, torch.Tensor],
+        y_rep: torch.Tensor,
         generators: list[torch.Generator],
         direction: float,
     ) -> torch.Tensor:
-        """One cascade step; ``direction`` -1 = forward (descend the loss), +1 = backward (attack)."""
+        """One cascade step; ``direction`` -1 = forward (descend the loss), +1 = backward (attack).
+
+        The N samples of each image live in one [B, N, C, H, W] buffer that is updated in place, and the
+        per-image quantities (the iterate, the budget's bounds) broadcast over N instead of being copied N
+        times: at full resolution (photos) this elementwise traffic, not the backbone, is most of the time.
+        """
         cfg = self.config
         b, n = x_t.shape[0], cfg.samples
         shape = x_t.shape[1:]
-        x_rep = x_t.unsqueeze(1).expand(b, n, *shape).reshape(b * n, *shape)
-        x0_rep = x0.unsqueeze(1).expand(b, n, *shape).reshape(b * n, *shape)
-        y_rep = y.repeat_interleave(n)
-        start = (x_rep + self._noise(x_t, generators).reshape(b * n, *shape)).clamp_(0.0, 1.0)
-        start = start.contiguous(memory_format=torch.channels_last)  # the layout oneDNN/cuDNN convs prefer
-        sample = start
+        lo0, hi0 = bounds  # [B, 1, C, H, W]: the eps-ball around the original, intersected with [0, 1]
+        sample = self._noise(x_t, generators).add_(x_t.unsqueeze(1)).clamp_(0.0, 1.0)
         step_size = cfg.eps if cfg.inner_steps == 1 else 2.5 * cfg.eps / cfg.inner_steps
+        if cfg.inner_steps > 1:  # PGD samples stay within eps of where they started
+            start_lo, start_hi = _ball(sample, cfg.eps)
+        # channels-last is the layout oneDNN/cuDNN convolutions prefer; for inputs that the model resizes
+        # first, the copy would only cost time at full resolution
+        to_net = tuple(shape[-2:]) == tuple(getattr(self.backbone, "input_hw", ()))
         for _ in range(cfg.inner_steps):
-            grad = self._loss_grad(sample, y_rep)
-            sample = sample + direction * step_size * grad.sign()
-            if cfg.inner_steps > 1:  # PGD samples stay within eps of where they started
-                sample = project(sample, start, cfg.eps)
+            xs = sample.view(b * n, *shape)
+            if to_net:
+                xs = xs.contiguous(memory_format=torch.channels_last)
+            grad = self._loss_grad(xs, y_rep).view(b, n, *shape)
+            sample.add_(grad.sign_(), alpha=direction * step_size)
+            if cfg.inner_steps > 1:
+                _clip_(sample, start_lo, start_hi)
         if cfg.sample_projection == "iterate":
-            sample = project(sample, x_rep, cfg.eps)
-        sample = project(sample, x0_rep, cfg.eps)
-        delta = sample.view(b, n, *shape).mean(dim=1) - x_t
+            _clip_(sample, *_ball(x_t.unsqueeze(1), cfg.eps))
+        _clip_(sample, lo0, hi0)
+        delta = sample.mean(dim=1) - x_t
         # forward: x + eta * delta_r; backward: x - eta * delta_a  (delta points along the attack)
-        return project(x_t - direction * cfg.eta * delta, x0, cfg.eps)
+        return _clip_(x_t - direction * cfg.eta * delta, lo0.squeeze(1), hi0.squeeze(1))
 
     @torch.no_grad()
     def perturb(
@@ -254,11 +274,12 @@ class FastPreemption:
         if y.shape != (x.shape[0],):
             raise ValueError(f"expected {x.shape[0]} labels, got shape {tuple(y.shape)}")
         x0 = x.to(self.device, torch.float32)
-        y = y.to(self.device, torch.long)
+        y_rep = y.to(self.device, torch.long).repeat_interleave(self.config.samples)
         generators = self._generators(x0.shape[0], noise_seeds)
+        bounds = _ball(x0.unsqueeze(1), self.config.eps)
         x_t = x0.clone()
         for _ in range(self.config.forward_steps):
-            x_t = self._step(x_t, x0, y, generators, direction=-1.0)
+            x_t = self._step(x_t, bounds, y_rep, generators, direction=-1.0)
         for _ in range(self.config.backward_steps):
-            x_t = self._step(x_t, x0, y, generators, direction=+1.0)
+            x_t = self._step(x_t, bounds, y_rep, generators, direction=+1.0)
         return x_t

@@ -37,9 +37,17 @@ __all__ = [
     "list_models",
     "get_model_config",
     "register_model",
+    "DEFAULT_BACKBONE",
+    "DEFAULT_CLASSIFIER",
 ]
 
 ROLES = ("backbone", "classifier", "victim", "any")
+
+#: The built-in models used when no --backbone / --classifier is given: small CIFAR-10 ResNet-20s shipped as
+#: package data (``preempt_cli/weights/``), so ``preempt protect`` works offline on a fresh install. The
+#: default backbone is public, hence no secret: make your own key with ``preempt keygen``.
+DEFAULT_BACKBONE = "preempt-resnet20-at"
+DEFAULT_CLASSIFIER = "preempt-resnet20-std"
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from ..inputs import OUTPUT_MARKERS, InputFile, collect_inputs, parse_shard
 from ..labels import LabelMap, read_label_file
 from ..models import ImageModel, load_model
 from ..protect import METADATA_KEY, FileResult, Protector, RunOptions
+from ..registry import DEFAULT_BACKBONE, DEFAULT_CLASSIFIER, get_model_config
 from ..revert import Reverter, white_box_settings
 from . import _common as c
 
@@ -30,12 +31,14 @@ PathsArg = Annotated[
 BackboneOpt = Annotated[
     Optional[str],
     typer.Option("--backbone", "-b", envvar="PREEMPT_BACKBONE", show_envvar=True,
-                 help="Robust model that shapes the perturbation: your key (see 'preempt models list')."),
+                 help="Robust model that shapes the perturbation: your key (see 'preempt models list'; "
+                 "default for protect: the built-in preempt-resnet20-at, which is public)."),
 ]  # fmt: skip
 ClassifierOpt = Annotated[
     Optional[str],
     typer.Option("--classifier", "-c", envvar="PREEMPT_CLASSIFIER", show_envvar=True,
-                 help="Accurate model that labels the images (with --labels classifier)."),
+                 help="Accurate model that labels the images (with --labels classifier; default for protect: "
+                 "the built-in preempt-resnet20-std when the backbone is a CIFAR-10 model)."),
 ]  # fmt: skip
 LabelsOpt = Annotated[
     str,
@@ -97,6 +100,20 @@ def _config(preset: str, eps: str | None, eta: float | None, forward: int | None
         preset, eps=parse_eps(eps) if eps is not None else None, eta=eta, forward_steps=forward,
         backward_steps=backward, samples=samples,
     )  # fmt: skip
+
+
+def _defaults(backbone: str | None, classifier: str | None, label_source: Any,
+              registry: list[Path] | None) -> tuple[str, str | None]:  # fmt: skip
+    """The built-in backbone when none is given; the built-in classifier when labels come from a classifier,
+    none is given, and the backbone labels the same dataset (else a usage error)."""
+    if backbone is None:
+        backbone = DEFAULT_BACKBONE
+        _logger.info("no --backbone: using the built-in %s (public; make your own key with 'preempt keygen')", backbone)
+    if label_source == "classifier" and classifier is None:
+        if get_model_config(backbone, registry or ()).dataset != get_model_config(DEFAULT_CLASSIFIER, registry or ()).dataset:
+            raise ConfigError("no classifier: pass --classifier NAME, or --labels backbone|folders|FILE")
+        classifier = DEFAULT_CLASSIFIER
+    return backbone, classifier
 
 
 def _load(name: str, device: torch.device, models_dir: Path | None, registry: list[Path] | None) -> ImageModel:
@@ -205,10 +222,7 @@ def protect(
         label_source = _labels(labels)
         options = RunOptions(out_dir=out_dir, suffix=suffix, overwrite=overwrite, batch_size=batch_size,
                              max_pixels=max_pixels, workers=workers, shard=parse_shard(shard))  # fmt: skip
-        if backbone is None:
-            raise ConfigError("no backbone: pass --backbone NAME (your key; 'preempt models list' shows them)")
-        if label_source == "classifier" and classifier is None:
-            raise ConfigError("no classifier: pass --classifier NAME, or --labels backbone|folders|FILE")
+        backbone, classifier = _defaults(backbone, classifier, label_source, registry)
         if classifier is not None and classifier == backbone:
             _logger.warning("classifier and backbone are the same model; the method expects them to differ")
         items = _collect(paths)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
 
@@ -15,9 +16,43 @@ from ..hub import resolve_weights, sha256_file
 from ..registry import ModelConfig, get_model_config
 from ._registry import create_arch, is_arch
 
-__all__ = ["ImageModel", "load_model", "build_model", "fuse_conv_bn"]
+__all__ = ["ImageModel", "load_model", "build_model", "fuse_conv_bn", "resize"]
 
 _logger = logging.getLogger(__name__)
+
+
+@lru_cache(maxsize=64)
+def _resize_matrix(size_in: int, size_out: int, device: torch.device) -> torch.Tensor:
+    """[size_out, size_in]: the 1-D antialiased bilinear resize of ``F.interpolate`` as a matrix (read off
+    by resizing the identity along one axis)."""
+    with torch.inference_mode(False), torch.no_grad():  # a normal tensor: autograd may save it later
+        # one image per input row, two columns wide: a width of 1 would make the layout ambiguous
+        # (contiguous and channels-last at once) and send interpolate down another kernel
+        eye = torch.eye(size_in, device=device).view(size_in, 1, size_in, 1).expand(-1, -1, -1, 2).contiguous()
+        rows = F.interpolate(eye, size=(size_out, 2), mode="bilinear", align_corners=False, antialias=True)
+        return rows[:, 0, :, 0].t().contiguous()
+
+
+def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Antialiased bilinear resize of NCHW ``x`` to ``size`` (``F.interpolate(..., antialias=True)``).
+
+    Large downscales (a photo into a 32x32 or 224x224 model) run as two matrix products with the same
+    weights: the same function up to float rounding, but its backward pass is a matmul instead of
+    ``F.interpolate``'s scatter, about 10x faster on CPU at 512x512 -> 32x32 with N = 20 samples. The
+    resize stays in fp32 under autocast: bf16 would round the pixels themselves."""
+    h, w = x.shape[-2:]
+    if h * w < 4 * size[0] * size[1]:  # small changes: the direct kernel is as fast
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+    with torch.autocast(x.device.type, enabled=False):
+        x = x.float()
+        rows = _resize_matrix(h, size[0], x.device)  # [H', H]
+        cols = _resize_matrix(w, size[1], x.device)  # [W', W]
+        lead = x.shape[:-2]
+        # width first, as one large [N*C*H, W] x [W, W'] product (a single GEMM runs near peak, a batched
+        # one with a broadcast operand does not), then height on the much smaller result
+        narrow = x.reshape(-1, w).mm(cols.t()).view(*lead, h, size[1])
+        out = narrow.transpose(-1, -2).reshape(-1, h).mm(rows.t())
+        return out.view(*lead, size[1], size[0]).transpose(-1, -2)
 
 
 class ImageModel(nn.Module):
@@ -57,7 +92,7 @@ class ImageModel(nn.Module):
         elif x.shape[1] != channels:
             raise ValueError(f"{self.name} takes {channels}-channel images, got {x.shape[1]} channels")
         if tuple(x.shape[-2:]) != self.input_hw:
-            x = F.interpolate(x, size=self.input_hw, mode="bilinear", align_corners=False, antialias=True)
+            x = resize(x, self.input_hw)
         if self.mean is not None:
             x = (x - self.mean) / self.std
         return x
