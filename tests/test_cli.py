@@ -291,3 +291,40 @@ def test_help_shows_examples(command: list[str]) -> None:
     result = CliRunner().invoke(app, [*command, "--help"])
     assert result.exit_code == 0
     assert "Examples" in result.stdout
+
+
+def test_several_device_workers_split_the_inputs_once(tmp_path: Path, registry: Path) -> None:
+    _images(tmp_path / "one", n=5)
+    _images(tmp_path / "two", n=5)
+    single = run(["protect", str(tmp_path / "one"), *FAST, "--labels", "backbone", "--json"], registry)
+    multi = run(["protect", str(tmp_path / "two"), *FAST[:-2], "--device", "cpu,cpu", "--labels", "backbone",
+                 "--json"], registry)  # fmt: skip
+    assert single.exit_code == 0 and multi.exit_code == 0, multi.output
+    rows = [json.loads(line) for line in multi.stdout.splitlines()]
+    assert sorted(Path(r["input"]).name for r in rows) == [f"img{i}.png" for i in range(5)]
+    assert all(r["status"] == "done" for r in rows)
+    # each image is written once, and bit-identical to the single-worker output (noise is per image)
+    for i in range(5):
+        a = np.asarray(Image.open(tmp_path / "one" / f"img{i}.protected.png"))
+        b = np.asarray(Image.open(tmp_path / "two" / f"img{i}.protected.png"))
+        assert np.array_equal(a, b)
+    again = run(["protect", str(tmp_path / "two"), *FAST[:-2], "--device", "cpu,cpu", "--labels", "backbone",
+                 "--json"], registry)  # fmt: skip
+    assert {json.loads(line)["status"] for line in again.stdout.splitlines()} == {"skipped"}
+    bad = run(["protect", str(tmp_path / "two"), "-b", "tiny-key", "--device", "cuda:0,cuda:0", "--labels", "backbone"],
+              registry)  # fmt: skip
+    assert bad.exit_code == 2
+
+
+def test_resolve_devices() -> None:
+    from preempt_cli.device import resolve_devices
+    from preempt_cli.errors import ConfigError
+
+    assert resolve_devices("cpu") == [torch.device("cpu")]
+    assert resolve_devices("cpu, cpu") == [torch.device("cpu")] * 2
+    if not torch.cuda.is_available():
+        assert resolve_devices("all") == [torch.device("cpu")]
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            resolve_devices("cuda:0,cuda:1")
+    with pytest.raises(ConfigError):
+        resolve_devices(" , ")

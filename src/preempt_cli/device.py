@@ -8,7 +8,7 @@ import torch
 
 from .errors import ConfigError
 
-__all__ = ["resolve_device", "default_cpu_threads"]
+__all__ = ["resolve_device", "resolve_devices", "default_cpu_threads"]
 
 
 def resolve_device(spec: str | torch.device = "auto") -> torch.device:
@@ -36,6 +36,28 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
     elif device.type not in ("cpu", "cuda", "mps"):
         raise ConfigError(f"unsupported device {spec!r}")
     return device
+
+
+def resolve_devices(spec: str) -> list[torch.device]:
+    """One device or several: ``auto``, ``cpu``, ``cuda:0``, a comma-separated list (``cuda:0,cuda:1``),
+    or ``all`` (every GPU; the CPU where there is none).
+
+    Raises:
+        ConfigError: a device is unknown, unavailable or listed twice.
+    """
+    spec = spec.strip().lower()
+    if spec == "all":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return [torch.device("cuda", i) for i in range(count)] or [torch.device("cpu")]
+    devices = [resolve_device(part) for part in spec.split(",") if part.strip()]
+    if not devices:
+        raise ConfigError(f"no device in {spec!r}")
+    if len(devices) > 1 and any(d.type == "cuda" and d.index is None for d in devices):
+        raise ConfigError(f"name each GPU by index in a device list, e.g. cuda:0,cuda:1 (got {spec!r})")
+    gpus = [d for d in devices if d.type != "cpu"]
+    if len(set(gpus)) != len(gpus):
+        raise ConfigError(f"device listed twice in {spec!r}")
+    return devices
 
 
 def default_cpu_threads() -> int:

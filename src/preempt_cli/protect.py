@@ -38,7 +38,8 @@ from .inputs import OUTPUT_MARKERS, InputFile, assign_outputs, in_shard
 from .labels import LabelMap, folder_label, resolve_label
 from .models import ImageModel
 
-__all__ = ["FileResult", "RunOptions", "Protector", "METADATA_KEY", "read_preempt_metadata", "content_seed"]
+__all__ = ["FileResult", "RunOptions", "Protector", "METADATA_KEY", "read_preempt_metadata", "content_seed",
+           "run_on_devices"]
 
 _logger = logging.getLogger(__name__)
 
@@ -88,6 +89,8 @@ class RunOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS
     workers: int = 2  # decode/encode threads
     shard: tuple[int, int] | None = None
+    #: (i, k): of the inputs (after ``shard``), take every k-th starting at i (one device worker's share)
+    partition: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size is not None and self.batch_size < 1:
@@ -333,8 +336,8 @@ class Protector:
         items = list(items)
         outputs = assign_outputs(items, suffix=options.suffix, out_dir=options.out_dir)
         todo: list[InputFile] = []
-        for item in items:
-            if not in_shard(item, options.shard):
+        for position, item in enumerate(i for i in items if in_shard(i, options.shard)):
+            if options.partition and position % options.partition[1] != options.partition[0]:
                 continue
             output = outputs[item]
             if output.absolute() == item.path.absolute():
@@ -408,3 +411,58 @@ def _reason(error: Exception, path: Path) -> str:
     reason = getattr(error, "reason", None) or str(error)
     prefix = f"{path}: "
     return reason[len(prefix) :] if reason.startswith(prefix) else reason
+
+
+def run_on_devices(protectors: Sequence[Protector], items: Iterable[InputFile],
+                   options: RunOptions | None = None) -> Iterator[FileResult]:  # fmt: skip
+    """Process files with one worker thread per protector (typically one per GPU, each holding its own
+    copies of the models), yielding results as they finish.
+
+    Worker i takes every k-th input (after ``options.shard``) starting at i, so the split is deterministic
+    and each output is written exactly once; outputs, names and skips are as in :meth:`Protector.run`.
+    GPU kernels run outside the GIL, so threads keep several devices busy.
+    """
+    import queue
+    import threading
+    from dataclasses import replace
+
+    options = options or RunOptions()
+    items = list(items)
+    if len(protectors) == 1:
+        yield from protectors[0].run(items, options)
+        return
+    results: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=256)
+    stop = threading.Event()
+
+    def work(index: int, protector: Protector) -> None:
+        try:
+            for result in protector.run(items, replace(options, partition=(index, len(protectors)))):
+                if stop.is_set():
+                    return
+                results.put(("result", result))
+        except BaseException as e:  # re-raised in the caller's thread
+            results.put(("error", e))
+        finally:
+            results.put(("done", None))
+
+    threads = [threading.Thread(target=work, args=(i, p), name=f"preempt-device-{i}", daemon=True)
+               for i, p in enumerate(protectors)]  # fmt: skip
+    for t in threads:
+        t.start()
+    running = len(threads)
+    try:
+        while running:
+            kind, payload = results.get()
+            if kind == "done":
+                running -= 1
+            elif kind == "error":
+                raise payload
+            else:
+                yield payload
+    finally:
+        stop.set()
+        while any(t.is_alive() for t in threads):  # unblock workers waiting on a full queue
+            try:
+                results.get(timeout=0.1)
+            except queue.Empty:
+                pass

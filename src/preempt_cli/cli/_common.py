@@ -123,6 +123,11 @@ RegistryOpt = Annotated[
 DeviceOpt = Annotated[
     str, typer.Option("--device", help="auto, cpu, cuda or cuda:I.", envvar="PREEMPT_DEVICE", show_envvar=True)
 ]
+DevicesOpt = Annotated[
+    str,
+    typer.Option("--device", help="auto, cpu, cuda, cuda:I, a list cuda:0,cuda:1 or all (one worker per device).",
+                 envvar="PREEMPT_DEVICE", show_envvar=True),
+]  # fmt: skip
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object per result on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary; errors only.")]
 VerboseOpt = Annotated[int, typer.Option("--verbose", "-v", count=True, help="More log output (-vv: debug).")]

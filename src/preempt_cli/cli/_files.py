@@ -11,14 +11,14 @@ import torch
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from ..device import default_cpu_threads, resolve_device
+from ..device import default_cpu_threads, resolve_device, resolve_devices
 from ..engine import PRESETS, ForeBackConfig, parse_eps
 from ..errors import ConfigError
 from ..imageio import DEFAULT_MAX_PIXELS, read_png_text
 from ..inputs import OUTPUT_MARKERS, InputFile, collect_inputs, parse_shard
 from ..labels import LabelMap, read_label_file
 from ..models import ImageModel, load_model
-from ..protect import METADATA_KEY, FileResult, Protector, RunOptions
+from ..protect import METADATA_KEY, FileResult, Protector, RunOptions, run_on_devices
 from ..registry import DEFAULT_BACKBONE, DEFAULT_CLASSIFIER, get_model_config
 from ..revert import Reverter, white_box_settings
 from . import _common as c
@@ -201,7 +201,7 @@ def protect(
     samples: SamplesOpt = None,
     seed: SeedOpt = 0,
     precision: PrecisionOpt = "fp32",
-    device: c.DeviceOpt = "auto",
+    device: c.DevicesOpt = "auto",
     batch_size: BatchOpt = None,
     out_dir: OutDirOpt = None,
     suffix: Annotated[str, typer.Option("--suffix", help="Output name: <stem><suffix>.png.")] = ".protected",
@@ -226,14 +226,17 @@ def protect(
         if classifier is not None and classifier == backbone:
             _logger.warning("classifier and backbone are the same model; the method expects them to differ")
         items = _collect(paths)
-        torch_device = _setup_torch(device)
-        backbone_model = _load(backbone, torch_device, models_dir, registry)
-        classifier_model = (
-            _load(classifier, torch_device, models_dir, registry) if label_source == "classifier" else None
-        )
-        protector = Protector(backbone_model, classifier_model, config=config, seed=seed, labels=label_source,
-                              preset=preset, precision=precision)  # fmt: skip
-        code = _drive(protector.run(items, options), len(items), verb="protected", json_out=json_out, quiet=quiet)
+        devices = resolve_devices(device)
+        if any(d.type == "cpu" for d in devices):
+            torch.set_num_threads(default_cpu_threads())
+        protectors = [  # one worker per device, each with its own copies of the models
+            Protector(_load(backbone, d, models_dir, registry),
+                      _load(classifier, d, models_dir, registry) if label_source == "classifier" else None,
+                      config=config, seed=seed, labels=label_source, preset=preset, precision=precision)
+            for d in devices
+        ]  # fmt: skip
+        code = _drive(run_on_devices(protectors, items, options), len(items), verb="protected", json_out=json_out,
+                      quiet=quiet)  # fmt: skip
     raise typer.Exit(code)
 
 
