@@ -75,8 +75,11 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=932)
     ap.add_argument("--reversion-images", type=int, default=932)
     ap.add_argument("--only", default=",".join(RECIPES), help="comma-separated models to train/use")
+    ap.add_argument("--smoke", action="store_true", help="2 batches per epoch, 24 images: checks the script runs")
     args = ap.parse_args()
     torch.set_num_threads(len(os.sched_getaffinity(0)))
+    if args.smoke:
+        args.images = args.reversion_images = 24
     models_out = args.models_out or args.out / "models"
     models_out.mkdir(parents=True, exist_ok=True)
     reg = models_out / "models.toml"
@@ -88,6 +91,8 @@ def main() -> None:
     data = None
     for name in names:
         base, cfg, is_key = RECIPES[name]
+        if args.smoke:
+            cfg = replace(cfg, max_batches_per_epoch=2, eval_images=20, epochs=1)
         out = models_out / f"{name}.safetensors"
         info_path = models_out / f"{name}.json"
         if not out.exists() or not info_path.exists():

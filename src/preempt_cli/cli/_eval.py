@@ -15,7 +15,7 @@ from rich.table import Table
 from ..evaluate import AttackSpec, DefenseSpec, Evaluator, load_dataset, reversion_protocol
 from ..errors import ConfigError
 from . import _common as c
-from ._files import BackboneOpt, ClassifierOpt, SeedOpt, _model_cache, _setup_torch
+from ._files import BackboneOpt, ClassifierOpt, SeedOpt, _defaults, _model_cache, _setup_torch
 
 EVAL_EPILOG = """\
 [bold]Examples[/]
@@ -109,6 +109,7 @@ def eval_cmd(
     """Measure victim clean and robust accuracy before/after protection, reversion, quality and time."""
     c.setup_logging(verbose, quiet)
     with c.handle_errors():
+        backbone, classifier = _defaults(backbone, classifier, "classifier", registry, required=False)  # the built-in models
         defaults = {"backbone": backbone, "classifier": classifier, "seed": str(seed)}
         defenses = [DefenseSpec.parse(d, defaults) for d in (defense or (["fp"] if reversion else ["none", "fp"]))]
         attacks = [AttackSpec.parse(a) for a in (attack or ["pgd"])]

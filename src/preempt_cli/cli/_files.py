@@ -103,16 +103,17 @@ def _config(preset: str, eps: str | None, eta: float | None, forward: int | None
 
 
 def _defaults(backbone: str | None, classifier: str | None, label_source: Any,
-              registry: list[Path] | None) -> tuple[str, str | None]:  # fmt: skip
+              registry: list[Path] | None, *, required: bool = True) -> tuple[str, str | None]:  # fmt: skip
     """The built-in backbone when none is given; the built-in classifier when labels come from a classifier,
-    none is given, and the backbone labels the same dataset (else a usage error)."""
+    none is given, and the backbone labels the same dataset (else a usage error if ``required``)."""
     if backbone is None:
         backbone = DEFAULT_BACKBONE
         _logger.info("no --backbone: using the built-in %s (public; make your own key with 'preempt keygen')", backbone)
     if label_source == "classifier" and classifier is None:
-        if get_model_config(backbone, registry or ()).dataset != get_model_config(DEFAULT_CLASSIFIER, registry or ()).dataset:
+        if get_model_config(backbone, registry or ()).dataset == get_model_config(DEFAULT_CLASSIFIER, registry or ()).dataset:
+            classifier = DEFAULT_CLASSIFIER
+        elif required:
             raise ConfigError("no classifier: pass --classifier NAME, or --labels backbone|folders|FILE")
-        classifier = DEFAULT_CLASSIFIER
     return backbone, classifier
 
 
