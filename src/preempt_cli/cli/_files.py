@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ..device import default_cpu_threads, resolve_device, resolve_devices
 from ..engine import PRESETS, ForeBackConfig, parse_eps
-from ..errors import ConfigError
+from ..errors import ConfigError, UnknownModelError
 from ..imageio import DEFAULT_MAX_PIXELS, read_png_text
 from ..inputs import OUTPUT_MARKERS, InputFile, collect_inputs, parse_shard
 from ..labels import LabelMap, read_label_file
@@ -110,7 +110,13 @@ def _defaults(backbone: str | None, classifier: str | None, label_source: Any,
         backbone = DEFAULT_BACKBONE
         _logger.info("no --backbone: using the built-in %s (public; make your own key with 'preempt keygen')", backbone)
     if label_source == "classifier" and classifier is None:
-        if get_model_config(backbone, registry or ()).dataset == get_model_config(DEFAULT_CLASSIFIER, registry or ()).dataset:
+        try:
+            same = get_model_config(backbone, registry or ()).dataset == get_model_config(DEFAULT_CLASSIFIER, registry or ()).dataset
+        except UnknownModelError:
+            if required:
+                raise
+            return backbone, classifier  # reported where the model is loaded, after the other arguments
+        if same:
             classifier = DEFAULT_CLASSIFIER
         elif required:
             raise ConfigError("no classifier: pass --classifier NAME, or --labels backbone|folders|FILE")
