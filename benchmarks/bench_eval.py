@@ -79,6 +79,10 @@ def main() -> None:
     ap.add_argument("--ablation-images", type=int, default=200)
     ap.add_argument("--reversion-images", type=int, default=200)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--extra-victims", default="", help="comma-separated victims added to Table 1 (e.g. the robust "
+                    "victims trained by bench_keys.py: bench-resnet32-at,bench-resnet44-at)")
+    ap.add_argument("--registry", type=Path, action="append", default=[],
+                    help="extra registry file for --extra-victims (e.g. benchmarks/results/models/models.toml)")
     ap.add_argument("--resume", action="store_true", help="reuse cached defenses and cells in --out")
     args = ap.parse_args()
     sections = set(args.sections.split(","))
@@ -89,7 +93,7 @@ def main() -> None:
 
     def load(name: str):
         if name not in models:
-            models[name] = load_model(name, device=device, models_dir=SHARED / "models")
+            models[name] = load_model(name, device=device, models_dir=SHARED / "models", registry=args.registry)
         return models[name]
 
     full = load_dataset(SHARED / "data" / "cifar10" / "test", classes=load(BACKBONE).config.classes)
@@ -105,7 +109,8 @@ def main() -> None:
         return evaluators[n, tag]
 
     started = time.time()
-    results: dict[str, Any] = {"machine": machine(), "settings": vars(args) | {"out": str(args.out)}, "sections": {}}
+    results: dict[str, Any] = {"machine": machine(), "sections": {},
+                               "settings": vars(args) | {"out": str(args.out), "registry": [str(r) for r in args.registry]}}
     md = ["# The paper's tables in miniature", "",
           f"Backbone `{BACKBONE}`, classifier `{CLASSIFIER}`, CIFAR-10 test images in index order. "
           "Accuracies in %; attacks crafted against each victim within eps of the image they start from, "
@@ -120,16 +125,17 @@ def main() -> None:
 
     pgd = AttackSpec.parse("pgd")
     pgd_l2 = AttackSpec.parse("pgd:norm=L2,eps=0.5")
+    victims_t1 = VICTIMS + [v for v in args.extra_victims.split(",") if v]
     if "table1" in sections:
         ev = evaluator(args.images, "table1")
-        rows = list(ev.grid(VICTIMS, [DefenseSpec("none"), fp("Fast Preemption")], [pgd, pgd_l2]))
+        rows = list(ev.grid(victims_t1, [DefenseSpec("none"), fp("Fast Preemption")], [pgd, pgd_l2]))
         aa = AttackSpec.parse(f"aa:limit={args.aa_images}")
         rows += list(ev.grid(args.aa_victims.split(","), [DefenseSpec("none"), fp("Fast Preemption")], [aa]))
         bilevel = DefenseSpec.parse("bilevel:name=Bi-Level", {"backbone": BACKBONE, "classifier": CLASSIFIER})
         aa_bilevel = AttackSpec.parse(f"aa:limit={min(args.aa_images, args.bilevel_images)}")
         if args.bilevel_images >= args.images:
             # Bi-Level on the full set: its rows sit beside the others, same images, same attacks.
-            rows += list(ev.grid(VICTIMS, [bilevel], [pgd, pgd_l2]))
+            rows += list(ev.grid(victims_t1, [bilevel], [pgd, pgd_l2]))
             rows += list(ev.grid(args.aa_victims.split(","), [bilevel], [aa_bilevel]))
         else:
             # Bi-Level costs ~30x Fast Preemption: a prefix of the images, with its own none/FP baselines.
