@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .errors import ConfigError, ImageWriteError
-from .hub import sha256_file
+from .errors import ConfigError
+from .hub import save_safetensors, sha256_file
 
 __all__ = ["convert_checkpoint"]
 
@@ -44,8 +42,6 @@ def convert_checkpoint(
         ConfigError: unreadable checkpoint, or no state dict in it.
         ImageWriteError: the output cannot be written.
     """
-    from safetensors.torch import save_file
-
     try:
         obj = torch.load(checkpoint, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -59,15 +55,5 @@ def convert_checkpoint(
             if prefix and name.startswith(prefix):
                 name = name[len(prefix) :]
         clean[name] = tensor.detach().contiguous()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
-    os.close(fd)
-    try:
-        save_file(clean, tmp, metadata={"converted_from": checkpoint.name})
-        os.replace(tmp, output)
-    except OSError as e:
-        raise ImageWriteError(output, f"cannot write: {e}") from e
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    save_safetensors(clean, output, {"converted_from": checkpoint.name})
     return len(clean), sha256_file(output)

@@ -13,7 +13,7 @@ from pathlib import Path
 from .errors import HashMismatchError, OfflineWeightsError, UnsafeWeightsError, WeightsNotFoundError
 from .registry import ModelConfig
 
-__all__ = ["models_dir_from_env", "resolve_weights", "sha256_file", "check_safetensors_header"]
+__all__ = ["models_dir_from_env", "resolve_weights", "sha256_file", "check_safetensors_header", "save_safetensors"]
 
 MODELS_DIR_ENV = "PREEMPT_MODELS_DIR"
 
@@ -129,3 +129,29 @@ def resolve_weights(cfg: ModelConfig, models_dir: Path | None = None, *, verify_
         if actual != cfg.sha256:
             raise HashMismatchError(cfg.name, path, cfg.sha256, actual)
     return path
+
+
+def save_safetensors(tensors: dict, path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Write ``tensors`` to ``path`` as safetensors, atomically (a temporary file beside it, renamed into
+    place only once complete), so an interrupted write never leaves a truncated weights file.
+
+    Raises:
+        ImageWriteError: the file cannot be written.
+    """
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    from .errors import ImageWriteError
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise ImageWriteError(path, f"cannot write: {e}") from e
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

@@ -24,9 +24,7 @@ import io
 import json
 import logging
 import math
-import os
 import secrets
-import tempfile
 import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -42,8 +40,8 @@ from PIL import Image
 
 from .attacks import PGD
 from .engine import native_bf16
-from .errors import ConfigError, ImageReadError, ImageWriteError
-from .hub import sha256_file
+from .errors import ConfigError, ImageReadError
+from .hub import save_safetensors, sha256_file
 from .models import ImageModel, build_model, load_model
 from .registry import ModelConfig, Source
 
@@ -367,22 +365,6 @@ def _optimizer(model: ImageModel, cfg: TrainConfig) -> torch.optim.SGD:
                            lr=cfg.lr, momentum=cfg.momentum, nesterov=True)  # fmt: skip
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> None:
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise ImageWriteError(path, f"cannot write: {e}") from e
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def checkpoint_path(output: Path) -> Path:
     """Where the checkpoint of a run writing ``output`` lives (beside it)."""
     return output.with_name(output.name + ".ckpt")
@@ -399,7 +381,7 @@ def _save_checkpoint(path: Path, model: ImageModel, opt: torch.optim.Optimizer, 
                 tensors[f"momentum.{names[id(p)]}"] = buf
     tensors["rng"] = generator.get_state()
     meta = {"epoch": str(epoch), "history": json.dumps([asdict(h) for h in history]), "fingerprint": fingerprint}
-    _atomic_save(tensors, meta, path)
+    save_safetensors(tensors, path, meta)
 
 
 def _load_checkpoint(path: Path, model: ImageModel, opt: torch.optim.Optimizer, generator: torch.Generator,
@@ -558,7 +540,7 @@ def train(
 
     model.eval()
     meta = _metadata(model, config, getattr(base, "name", base), history, metadata or {})
-    _atomic_save(dict(model.net.state_dict()), meta, output)
+    save_safetensors(dict(model.net.state_dict()), output, meta)
     if not keep_checkpoint and ckpt.exists():
         ckpt.unlink()
     return TrainResult(output, sha256_file(output), config, history, meta)
