@@ -373,47 +373,7 @@ def bench_photos(ours: ImageModel, ref: ImageModel, args: argparse.Namespace, cf
                                          lambda: reference_protect(ref, xs[:1], ys[:1], cfg)), len(xs))  # fmt: skip
         result["reference"]["check"] = [budget(x, o, cfg.eps) for x, o in zip(xs, ref_out)]
         result["speedup"] = round(result["reference"]["ms_per_image"] / result["engine"]["ms_per_image"], 2)
-        if "engine_bf16" in result:
-            result["speedup_bf16"] = round(result["reference"]["ms_per_image"] / result["engine_bf16"]["ms_per_image"], 2)
     return result
-
-
-# -- 1b. does bf16 keep the result? --------------------------------------------------------------------------
-def bench_precision_accuracy(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    """Robust-accuracy gain of protection made in fp32 vs bf16 (backbone cifar10-resnet20-pgdat-a, classifier
-    cifar10-resnet18-std, victims pgdat-b and pgdat-c, PGD-20 L-inf 8/255 on the first N test images): the
-    issue's bar is a gain within 0.5 point of fp32's."""
-    import tempfile
-
-    from preempt_cli.evaluate import AttackSpec, DefenseSpec, Evaluator, load_dataset
-    cache: dict[str, ImageModel] = {}
-
-    def load(name: str) -> ImageModel:
-        if name not in cache:
-            cache[name] = load_model(name, device=device, models_dir=args.models_dir)
-        return cache[name]
-
-    data = load_dataset(args.data_dir / "test", classes=load("cifar10-resnet20-pgdat-a").config.classes,
-                        limit=args.accuracy_images)  # fmt: skip
-    victims = ["cifar10-resnet20-pgdat-b", "cifar10-resnet20-pgdat-c"]
-    specs = [DefenseSpec("none")] + [
-        DefenseSpec("fast-preemption", tuple(sorted({"backbone": "cifar10-resnet20-pgdat-a", "classifier":
-                    "cifar10-resnet18-std", "precision": p, "name": p}.items()))) for p in ("fp32", "bf16")]  # fmt: skip
-    log(f"precision: fp32 vs bf16 protection of {len(data)} test images, PGD-20 on {', '.join(victims)}")
-    with tempfile.TemporaryDirectory() as tmp:
-        ev = Evaluator(data, load=load, device=device, out_dir=Path(tmp))
-        rows = list(ev.grid(victims, specs, [AttackSpec.parse("pgd")]))
-    out: dict[str, Any] = {"images": len(data), "victims": {}}
-    for v in victims:
-        acc = {r["defense"]: r for r in rows if r["victim"] == v}
-        gains = {p: round(acc[p]["robust_acc"] - acc["none"]["robust_acc"], 2) for p in ("fp32", "bf16")}
-        out["victims"][v] = {"robust_none": acc["none"]["robust_acc"], "robust_fp32": acc["fp32"]["robust_acc"],
-                             "robust_bf16": acc["bf16"]["robust_acc"], "gain_fp32": gains["fp32"],
-                             "gain_bf16": gains["bf16"], "gain_difference": round(gains["bf16"] - gains["fp32"], 2),
-                             "within_0_5": abs(gains["bf16"] - gains["fp32"]) <= 0.5,
-                             "seconds_per_image_fp32": acc["fp32"]["seconds_per_image"],
-                             "seconds_per_image_bf16": acc["bf16"]["seconds_per_image"]}  # fmt: skip
-    return out
 
 
 # -- 4. end to end: files in, PNGs out --------------------------------------------------------------------
