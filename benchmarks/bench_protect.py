@@ -30,6 +30,9 @@ What it measures (medians over ``--repeats`` timed runs, each after a warm-up):
    whether it keeps the result: the robust-accuracy gain (PGD-20 L-inf 8/255 on victims pgdat-b and
    pgdat-c, ``--accuracy-images`` test images) of bf16 protection against fp32's (bar: within 0.5 point).
 
+8. **GPU variants** (on CUDA, or anywhere with ``--variants``): the engine over ``--batch-sweep`` in fp32 and
+   bf16 with its peak GPU memory; at the fastest bf16 batch, cuDNN autotuning and each ``torch.compile``
+   mode of ``--compile-modes`` (warm-up, i.e. compile, time apart; the share of pixels equal to eager's).
 Output: a table on stdout, then ONE final line of JSON with every number and the machine (CPU model,
 cores, torch version, threads, GPU name). Progress goes to stderr.
 
@@ -41,7 +44,7 @@ Run from the repository root::
         --bilevel-steps 3 --bilevel-inner 2                 # smoke test (seconds)
     python benchmarks/bench_protect.py --device cuda        # GPU
 
-The engine's numbers depend on the batch size (``--batch-size``; default 16 images on CPU, 512 on CUDA).
+The engine's numbers depend on the batch size (``--batch-size``; default 16 images on CPU, 256 on CUDA).
 """
 
 from __future__ import annotations
@@ -339,6 +342,104 @@ def bench_precision_accuracy(args: argparse.Namespace, device: torch.device) -> 
     return out
 
 
+# -- 1c. GPU: batch size, precision, cuDNN autotuning, torch.compile -----------------------------------------
+def _engine_rate(protector: Protector, x: torch.Tensor, y: torch.Tensor, seeds: list[int], batch: int,
+                 args: argparse.Namespace, device: torch.device) -> tuple[dict[str, Any], torch.Tensor]:  # fmt: skip
+    """Rate of the engine over ``x`` in batches of ``batch``, its peak GPU memory, and its output; the
+    warm-up (and so compiling and cuDNN autotuning) timed apart."""
+    out: list[torch.Tensor] = []
+
+    def run() -> None:
+        out[:] = [engine_run(protector, x, y, seeds, batch)]
+
+    on_gpu = device.type == "cuda"
+    if on_gpu:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    sync(device)
+    start = time.perf_counter()
+    engine_warmup(protector, x, y, seeds, batch)
+    sync(device)
+    warm_s = time.perf_counter() - start
+    r = rate(timed(run, device, args.repeats, warmup=lambda: None), x.shape[0])
+    r["warmup_s"] = round(warm_s, 2)
+    r["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if on_gpu else None
+    r["check"] = budget(x, out[0], protector.config.eps)
+    return r, out[0]
+
+
+def bench_gpu_variants(key: str, ours: ImageModel, x: torch.Tensor, seeds: list[int], args: argparse.Namespace,
+                       cfg: ForeBackConfig, device: torch.device, peak: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+    """The engine on a GPU over batch sizes and precisions; then, at the fastest bf16 batch, cuDNN autotuning
+    (``cudnn.benchmark``) and each ``torch.compile`` mode of ``--compile-modes`` (the compile time reported
+    apart, with the fraction of output pixels equal to eager's)."""
+    x = x.to(device)
+    y = make_protector(ours, cfg).predict(x).clone()
+    result: dict[str, Any] = {"backbone": BACKBONES[key], "images": x.shape[0], "sweep": []}
+    flops = count_flops(ours)
+    # fp32 convolutions run as TF32 on the GPU's matrix units unless cudnn.allow_tf32 is off
+    peak_of = {"fp32": (peak.get("tf32") or peak["fp32"])["gflops"], "bf16": (peak.get("bf16") or peak["fp32"])["gflops"]}
+
+    def add_flops(r: dict[str, Any], precision: str) -> None:
+        a = achieved(flops, cfg, r["images_per_s"], peak_of[precision])
+        r["gflops"], r["fraction_of_peak"] = a["gflops"], a["fraction_of_fp32_peak"]
+
+    eager_out: dict[tuple[str, int], torch.Tensor] = {}
+    for precision in ("fp32", "bf16"):
+        for batch in args.batch_sweep:
+            log(f"{key}: GPU engine {precision}, batch {batch}")
+            row: dict[str, Any] = {"precision": precision, "batch_size": batch}
+            try:
+                r, out = _engine_rate(make_protector(ours, cfg, precision), x, y, seeds, batch, args, device)
+                add_flops(r, precision)
+                row.update(r)
+                eager_out[(precision, batch)] = out
+            except torch.cuda.OutOfMemoryError:
+                row["error"] = "out of GPU memory"
+                torch.cuda.empty_cache()
+            result["sweep"].append(row)
+    ok = [r for r in result["sweep"] if "error" not in r]
+    for precision in ("fp32", "bf16"):
+        rows = [r for r in ok if r["precision"] == precision]
+        if rows:
+            result[f"best_{precision}"] = max(rows, key=lambda r: r["images_per_s"])
+    best = result.get("best_bf16") or result.get("best_fp32")
+    if not best:
+        return result
+    batch, precision = best["batch_size"], best["precision"]
+    ref_out = eager_out[(precision, batch)]
+
+    def agree(out: torch.Tensor) -> float:
+        return round(float(((out - ref_out).abs() <= 1e-5).float().mean()), 5)
+
+    saved = torch.backends.cudnn.benchmark
+    try:
+        torch.backends.cudnn.benchmark = True
+        log(f"{key}: GPU engine {precision}, batch {batch}, cudnn.benchmark")
+        r, out = _engine_rate(make_protector(ours, cfg, precision), x, y, seeds, batch, args, device)
+        r.update(precision=precision, batch_size=batch, pixels_equal_to_eager=agree(out),
+                 speedup_vs_eager=round(best["median_s"] / r["median_s"], 3))  # fmt: skip
+        add_flops(r, precision)
+        result["cudnn_benchmark"] = r
+    finally:
+        torch.backends.cudnn.benchmark = saved
+    result["compile"] = {}
+    if key in args.compile_backbones:
+        for mode in args.compile_modes:
+            log(f"{key}: GPU engine {precision}, batch {batch}, torch.compile mode {mode}")
+            try:
+                protector = Protector(ours, None, labels="backbone", config=cfg, precision=precision, compile=mode)
+                r, out = _engine_rate(protector, x, y, seeds, batch, args, device)
+                r.update(precision=precision, batch_size=batch, pixels_equal_to_eager=agree(out),
+                         speedup_vs_eager=round(best["median_s"] / r["median_s"], 3))  # fmt: skip
+                add_flops(r, precision)
+            except Exception as e:  # a compiler failure is a result to report, not a crash of the benchmark
+                r = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
+            result["compile"][mode] = r
+            torch._dynamo.reset()
+    return result
+
+
 # -- 3. 512x512 photos through the resize path -----------------------------------------------------------
 def bench_photos(ours: ImageModel, ref: ImageModel, args: argparse.Namespace, cfg: ForeBackConfig,
                  device: torch.device) -> dict[str, Any]:  # fmt: skip
@@ -592,6 +693,23 @@ def table_rows(results: dict[str, Any]) -> list[list[str]]:
         if "reference" in r:
             note = check(r["reference"]) + f"; engine {r['speedup']}x faster"
             row("reference (authors' style)", key, r["reference"], note)
+    for key, g in results.get("gpu", {}).items():
+        for r in g.get("sweep", []):
+            if "error" in r:
+                rows.append([f"GPU engine {r['precision']} batch {r['batch_size']}", key, "", "", "", r["error"]])
+            else:
+                row(f"GPU engine {r['precision']} batch {r['batch_size']}", key, r,
+                    check(r) + f"; {r['peak_memory_gib']} GiB peak; {r['gflops'] / 1000:.2f} TFLOP/s = "
+                    f"{100 * r['fraction_of_peak']:.1f}% of the {'TF32' if r['precision'] == 'fp32' else 'bf16'} matmul peak")  # fmt: skip
+        extra = [("cudnn.benchmark", g["cudnn_benchmark"])] if "cudnn_benchmark" in g else []
+        extra += [(f"torch.compile {m}", r) for m, r in g.get("compile", {}).items()]
+        for name, r in extra:
+            if "error" in r:
+                rows.append([f"GPU engine + {name}", key, "", "", "", r["error"]])
+                continue
+            row(f"GPU engine {r['precision']} b{r['batch_size']} + {name}", key, r,
+                check(r) + f"; {r['speedup_vs_eager']}x eager; warm-up {r['warmup_s']} s; "
+                f"{100 * r['pixels_equal_to_eager']:.2f}% pixels = eager")  # fmt: skip
     for victim, a in results.get("precision_accuracy", {}).get("victims", {}).items():
         rows.append(["accuracy: PGD-20 gain fp32 vs bf16", victim.replace("cifar10-", ""),
                      str(results["precision_accuracy"]["images"]), "", "",
@@ -619,6 +737,13 @@ def table_rows(results: dict[str, Any]) -> list[list[str]]:
             note += f"; {at_full:.2f} s/img at 100xPGD-20 = {r['bilevel_over_fp']}x Fast Preemption"
         row("Bi-Level", key, r, note)
     return rows
+
+
+def checkpoint(results: dict[str, Any], args: argparse.Namespace) -> None:
+    """Write the results so far to ``--json-out`` (a long GPU run keeps what it measured if cut short)."""
+    if args.json_out:
+        args.json_out.parent.mkdir(parents=True, exist_ok=True)
+        args.json_out.write_text(json.dumps(results, sort_keys=False) + "\n")
 
 
 def print_table(results: dict[str, Any]) -> None:
@@ -662,7 +787,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="CIFAR-10 images for the engine and end to end (default 64; 512 on CUDA)")  # fmt: skip
     p.add_argument("--ref-images", type=int, default=8, help="images for the (slow) reference (default 8)")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="engine batch in images (default 16 on CPU, 512 on CUDA)")  # fmt: skip
+                   help="engine batch in images (default 16 on CPU, 256 on CUDA)")  # fmt: skip
     p.add_argument("--backbones", default="resnet20,preact18",
                    help="comma-separated: resnet20, preact18 (default both)")  # fmt: skip
     p.add_argument("--bilevel-images", type=int, default=2, help="images for Bi-Level (default 2)")
@@ -681,6 +806,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-e2e", action="store_true")
     p.add_argument("--skip-cli", action="store_true", help="in the end-to-end part, no `preempt protect` subprocess")
     p.add_argument("--no-bf16", dest="bf16", action="store_false", help="do not time --precision bf16 (timed where native)")
+    p.add_argument("--batch-sweep", default="64,128,256,512",
+                   help="on CUDA: engine batch sizes (images) timed in fp32 and bf16 (default 64,128,256,512)")  # fmt: skip
+    p.add_argument("--compile-modes", default="default,reduce-overhead",
+                   help="on CUDA: torch.compile modes timed at the best batch ('' for none)")  # fmt: skip
+    p.add_argument("--compile-backbones", default="preact18",
+                   help="on CUDA: backbones whose compiled engine is timed (default preact18)")  # fmt: skip
+    p.add_argument("--variants", action="store_true",
+                   help="run the batch/precision/compile part on the CPU too (it runs on CUDA anyway)")
+    p.add_argument("--json-out", type=Path, default=None,
+                   help="also write the results here, rewritten after each part (kept if a later part fails)")  # fmt: skip
     p.add_argument("--accuracy-images", type=int, default=932,
                    help="test images for the fp32-vs-bf16 robust-accuracy check (0: skip; default 932)")
     return p.parse_args(argv)
@@ -692,8 +827,11 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cpu":
         torch.set_num_threads(args.threads or default_cpu_threads())
     args.images = args.images or (512 if device.type == "cuda" else 64)
-    args.batch_size = args.batch_size or (512 if device.type == "cuda" else 16)
+    args.batch_size = args.batch_size or (256 if device.type == "cuda" else 16)
     keys = [k.strip() for k in args.backbones.split(",") if k.strip()]
+    args.batch_sweep = [int(v) for v in args.batch_sweep.split(",") if v.strip()]
+    args.compile_modes = [m.strip() for m in args.compile_modes.split(",") if m.strip()]
+    args.compile_backbones = [k.strip() for k in args.compile_backbones.split(",") if k.strip()]
     cfg = ForeBackConfig()  # the paper's settings: F1-B2, N 20, eta 0.7, eps 8/255
     torch.manual_seed(0)
 
@@ -724,12 +862,17 @@ def main(argv: list[str] | None = None) -> int:
             fl["reference"] = achieved(flops, cfg, r["reference"]["images_per_s"], peak_fp32, full_backward=True)
         results["flops"][key] = fl
 
+    checkpoint(results, args)
+
     if args.bf16 and native_bf16(device) and args.accuracy_images > 0:
         results["precision_accuracy"] = bench_precision_accuracy(args, device)
+        checkpoint(results, args)
     if not args.skip_photos:
         results["photos"] = bench_photos(*models["resnet20"], args, cfg, device)
+        checkpoint(results, args)
     if not args.skip_e2e:
         results["end_to_end"] = bench_end_to_end(models["resnet20"][0], paths, args, cfg, device)
+        checkpoint(results, args)
     if not args.skip_bilevel:
         results["bilevel"] = {}
         for key in [k.strip() for k in args.bilevel_backbones.split(",") if k.strip()]:
@@ -737,8 +880,16 @@ def main(argv: list[str] | None = None) -> int:
                 models.update(load_backbones([key], args.models_dir, device))
             fp = results["engine_vs_reference"].get(key, {}).get("engine", {}).get("ms_per_image")
             results["bilevel"][key] = bench_bilevel(key, models[key][0], x, fp, args, cfg, device)
+        checkpoint(results, args)
+    # last: compiling takes minutes, and a time-limited GPU session keeps what came before
+    if device.type == "cuda" or args.variants:
+        results["gpu"] = {}
+        for key in keys:
+            results["gpu"][key] = bench_gpu_variants(key, models[key][0], x, seeds, args, cfg, device, results["peak"])
+            checkpoint(results, args)
 
     results["machine"]["load_avg_1m_end"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+    checkpoint(results, args)
     print_table(results)
     print(json.dumps(results, sort_keys=False))
     return 0

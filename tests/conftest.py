@@ -8,6 +8,11 @@ Reusable helpers (importable from tests as ``from conftest import ...``):
 * :func:`make_tiny_model` builds a small 2-conv CNN wrapped in :class:`ImageModel` (any input size,
   class count, optional mean/std), deterministically from a seed.
 * :func:`load_cifar_images` reads CIFAR-10 test PNGs from the shared folder into a float tensor + labels.
+
+The device the tests compute on is ``$PREEMPT_TEST_DEVICE`` (default ``cpu``): ``PREEMPT_TEST_DEVICE=cuda
+python -m pytest tests/test_engine.py ...`` runs the engine, attack, CLI and real-model checks on a GPU
+(``tests/test_cuda.py`` adds GPU-only ones). On CUDA the tests run in strict fp32 (no TF32) with
+deterministic cuDNN kernels: they check the algorithm, not the speed settings.
 """
 
 from __future__ import annotations
@@ -24,6 +29,24 @@ from torch import nn
 
 from preempt_cli.models import ImageModel
 from preempt_cli.registry import ModelConfig, Source
+
+def _test_device() -> torch.device:
+    spec = os.environ.get("PREEMPT_TEST_DEVICE", "cpu").strip().lower() or "cpu"
+    device = torch.device(spec)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise pytest.UsageError(f"PREEMPT_TEST_DEVICE={spec} but CUDA is not available")
+        device = torch.device("cuda", device.index or 0)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    return device
+
+
+#: Where the tests compute (``$PREEMPT_TEST_DEVICE``, default cpu); ``TEST_DEVICE_ARG`` is its ``--device``.
+TEST_DEVICE = _test_device()
+TEST_DEVICE_ARG = str(TEST_DEVICE)
 
 #: ``../shared`` relative to the repository root.
 SHARED_DIR = Path(__file__).resolve().parents[1].parent / "shared"
@@ -122,14 +145,15 @@ def make_tiny_model(
 
 @pytest.fixture
 def tiny_backbone() -> ImageModel:
-    """A tiny CNN backbone (3x32x32 input, 10 classes, raw [0, 1] input), eval mode, params frozen, seed 0."""
-    return make_tiny_model(0)
+    """A tiny CNN backbone (3x32x32 input, 10 classes, raw [0, 1] input), eval mode, params frozen, seed 0,
+    on the test device."""
+    return make_tiny_model(0).to(TEST_DEVICE)
 
 
 @pytest.fixture
 def tiny_classifier() -> ImageModel:
-    """Another tiny CNN (seed 1), e.g. as a classifier distinct from ``tiny_backbone``."""
-    return make_tiny_model(1, name="tiny-classifier")
+    """Another tiny CNN (seed 1), e.g. as a classifier distinct from ``tiny_backbone``; on the test device."""
+    return make_tiny_model(1, name="tiny-classifier").to(TEST_DEVICE)
 
 
 # -- shared data -------------------------------------------------------------------------------------------
@@ -193,10 +217,11 @@ def cifar_batch_paths(cifar_test_dir: Path) -> list[Path]:
 
 @pytest.fixture
 def cifar_batch(cifar_batch_paths: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x, y): 8 real CIFAR-10 test images, [8, 3, 32, 32] float32 in [0, 1], and their true labels [8] int64."""
+    """(x, y): 8 real CIFAR-10 test images, [8, 3, 32, 32] float32 in [0, 1], and their true labels [8] int64,
+    on the test device."""
     x = load_cifar_images(cifar_batch_paths)
     y = torch.tensor([CIFAR10_CLASSES.index(p.parent.name) for p in cifar_batch_paths], dtype=torch.long)
-    return x, y
+    return x.to(TEST_DEVICE), y.to(TEST_DEVICE)
 
 
 # -- environment isolation -----------------------------------------------------------------------------------

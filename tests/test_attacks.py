@@ -17,7 +17,7 @@ from typing import Iterator
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_tiny_model
+from conftest import TEST_DEVICE, make_tiny_model
 from torch import nn
 
 from preempt_cli.attacks import (
@@ -97,12 +97,13 @@ def trained() -> nn.Module:
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    return model
+    return model.to(TEST_DEVICE)  # trained on the CPU (the same weights everywhere), attacked on the test device
 
 
 @pytest.fixture(scope="module")
 def test_set(trained: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     x, y = color_data(48, seed=1)
+    x, y = x.to(TEST_DEVICE), y.to(TEST_DEVICE)
     assert accuracy(trained, x, y) >= 0.6, "the tiny model did not learn the synthetic task"
     return x, y
 
@@ -163,6 +164,7 @@ def test_pgd_lowers_accuracy_more_than_noise(trained: nn.Module, test_set, norm:
     else:
         noise = torch.randn(x.shape, generator=g)
         noise = noise / noise.flatten(1).norm(dim=1).view(-1, 1, 1, 1) * eps
+    noise = noise.to(x.device)
     noisy = accuracy(trained, (x + noise).clamp(0, 1), y)
     assert clean == pytest.approx(accuracy(trained, x, y))
     assert robust <= clean - 0.4
@@ -320,7 +322,7 @@ def test_autoattack_versions_and_norms(trained: nn.Module, test_set, version: st
 
 
 def test_autoattack_runs_in_eval_mode_and_restores_rng(trained: nn.Module, test_set) -> None:
-    net = nn.Sequential(nn.BatchNorm2d(3), trained)  # default BN stats: identity in eval mode
+    net = nn.Sequential(nn.BatchNorm2d(3), trained).to(TEST_DEVICE)  # default BN stats: identity in eval mode
     net.train()
     x, y = test_set
     before = {k: v.clone() for k, v in net.state_dict().items()}
@@ -414,7 +416,7 @@ def test_robust_accuracy_rejects_bad_arguments(trained: nn.Module, test_set) -> 
 def robust_resnet20(shared_models_dir: Path) -> nn.Module:
     from preempt_cli.models import load_model
 
-    return load_model("cifar10-resnet20-pgdat-a", models_dir=shared_models_dir)
+    return load_model("cifar10-resnet20-pgdat-a", models_dir=shared_models_dir, device=TEST_DEVICE)
 
 
 @pytest.mark.shared
@@ -423,7 +425,7 @@ def test_pgd_on_the_real_robust_model(robust_resnet20: nn.Module, cifar_batch) -
     assert on_8bit_grid(x)
     pgd = PGD(robust_resnet20, eps=LINF_EPS, steps=10, quantize=True)
     clean, robust, x_adv = robust_accuracy(robust_resnet20, pgd, x, y)
-    noise = torch.sign(torch.rand(x.shape, generator=torch.Generator().manual_seed(0)) - 0.5) * LINF_EPS
+    noise = torch.sign(torch.rand(x.shape, generator=torch.Generator().manual_seed(0)) - 0.5).to(x.device) * LINF_EPS
     noisy = accuracy(robust_resnet20, (x + noise).clamp(0, 1), y)
     assert clean >= 0.5
     assert robust < clean

@@ -163,7 +163,7 @@ def test_real_robust_backbone_lowers_loss(optimizer: str, cifar_batch: tuple[tor
         pytest.skip(f"real weights not available: {weights} is missing (they live in ../shared/models)")
     from preempt_cli.models import load_model
 
-    model = load_model("cifar10-resnet20-pgdat-a", models_dir=SHARED / "models")
+    model = load_model("cifar10-resnet20-pgdat-a", models_dir=SHARED / "models", device=cifar_batch[0].device)
     x, y = cifar_batch[0][:4], cifar_batch[1][:4]
     out = BiLevel(model, eta=0.5, steps=3, inner_steps=2, optimizer=optimizer).perturb(x, y)
     assert (out - x).abs().max() <= EPS + 1e-6

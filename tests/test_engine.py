@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import make_tiny_model
+from conftest import TEST_DEVICE, make_tiny_model
 from preempt_cli.engine import PRESETS, FastPreemption, ForeBackConfig, native_bf16, parse_eps, project, resolve_precision
 from preempt_cli.errors import ConfigError
 
@@ -57,7 +57,7 @@ BUDGET_CONFIGS = {
 @pytest.mark.parametrize("cfg", list(BUDGET_CONFIGS.values()), ids=list(BUDGET_CONFIGS))
 def test_budget_and_range_hold(cfg: ForeBackConfig, tiny_backbone, cifar_batch) -> None:
     x, y = cifar_batch
-    for images, labels, real in ((x, y, True), (_saturated_batch(), y[:3], False)):
+    for images, labels, real in ((x, y, True), (_saturated_batch().to(x.device), y[:3], False)):
         out = FastPreemption(tiny_backbone, config=cfg, seed=7).perturb(images, labels)
         assert out.shape == images.shape and out.dtype == torch.float32
         assert torch.isfinite(out).all()
@@ -227,7 +227,8 @@ def test_batched_samples_equal_per_sample_loop(cfg, tiny_backbone, cifar_batch, 
     x, y = x[:3], y[:3]
     g = torch.Generator().manual_seed(42)
     steps = cfg.forward_steps + cfg.backward_steps
-    noises = [torch.empty(3, cfg.samples, 3, 32, 32).uniform_(-cfg.eps, cfg.eps, generator=g) for _ in range(steps)]
+    noises = [torch.empty(3, cfg.samples, 3, 32, 32).uniform_(-cfg.eps, cfg.eps, generator=g).to(x.device)
+              for _ in range(steps)]  # fmt: skip
     served = iter(noises)
 
     def fake_noise(self, like, generators):
@@ -278,8 +279,8 @@ def test_resize_path_keeps_budget_at_full_resolution(tiny_backbone) -> None:
     g = torch.Generator().manual_seed(0)
     yy, xx = torch.meshgrid(torch.linspace(0, 1, 48), torch.linspace(0, 1, 64), indexing="ij")
     x = torch.stack([xx, yy, (xx + yy) / 2]).unsqueeze(0)
-    x = (0.8 * x + 0.2 * torch.rand(1, 3, 48, 64, generator=g)).clamp(0, 1)
-    y = torch.tensor([3])
+    x = (0.8 * x + 0.2 * torch.rand(1, 3, 48, 64, generator=g)).clamp(0, 1).to(TEST_DEVICE)
+    y = torch.tensor([3], device=TEST_DEVICE)
     cfg = ForeBackConfig(samples=4)
     out = FastPreemption(tiny_backbone, config=cfg).perturb(x, y)
     assert out.shape == (1, 3, 48, 64)
@@ -295,7 +296,7 @@ def test_resize_path_keeps_budget_at_full_resolution(tiny_backbone) -> None:
 
 
 def test_grayscale_input_through_rgb_backbone(tiny_backbone) -> None:
-    x = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    x = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(1)).to(TEST_DEVICE)
     cfg = ForeBackConfig(samples=3)
     out = FastPreemption(tiny_backbone, config=cfg).perturb(x, torch.tensor([0, 1]))
     assert out.shape == x.shape
@@ -388,3 +389,19 @@ def test_precision_names_resolve() -> None:
     assert resolve_precision("auto", cpu) == ("bf16" if native_bf16(cpu) else "fp32")
     with pytest.raises(ConfigError, match="precision"):
         resolve_precision("fp8", cpu)
+
+
+# -- torch.compile ------------------------------------------------------------------------------------------
+def test_compiled_backbone_gives_the_eager_result(tiny_backbone, cifar_batch) -> None:
+    """``compile="default"`` (Inductor; ~30 s to compile on 2 CPU cores) runs the same algorithm: within the
+    budget, reproducible, and equal to eager up to a rare gradient sign flipped by float rounding."""
+    x, y = cifar_batch
+    cfg = ForeBackConfig(samples=3)
+    eager = FastPreemption(tiny_backbone, config=cfg, seed=1).perturb(x, y)
+    engine = FastPreemption(tiny_backbone, config=cfg, seed=1, compile="default")
+    out = engine.perturb(x, y)
+    assert torch.equal(out, engine.perturb(x, y))
+    assert (out - x).abs().max() <= cfg.eps + TOL
+    assert ((out - eager).abs() <= 1e-5).float().mean() > 0.99
+    with pytest.raises(ConfigError, match="compile"):
+        FastPreemption(tiny_backbone, compile="fast")

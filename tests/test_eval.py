@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from conftest import TEST_DEVICE_ARG
 from preempt_cli.cli import app
 from preempt_cli.errors import ConfigError
 from preempt_cli.evaluate import AttackSpec, DefenseSpec
@@ -20,7 +21,7 @@ needs_shared = pytest.mark.skipif(
     not (CIFAR.is_dir() and MODELS.is_dir()), reason=f"{SHARED} (shared models/data) not found"
 )
 
-COMMON = ["--models-dir", str(MODELS), "--device", "cpu", "-b", "cifar10-resnet20-pgdat-a",
+COMMON = ["--models-dir", str(MODELS), "--device", TEST_DEVICE_ARG, "-b", "cifar10-resnet20-pgdat-a",
           "-c", "cifar10-resnet18-std"]  # fmt: skip
 
 

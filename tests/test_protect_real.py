@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import TEST_DEVICE
 from preempt_cli import ForeBackConfig, Protector, RunOptions, collect_inputs, load_model
 from preempt_cli.attacks import PGD, robust_accuracy
 
@@ -37,8 +38,8 @@ def _load(paths: list[Path]) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def protected_cifar(tmp_path_factory: pytest.TempPathFactory) -> dict:
     torch.manual_seed(0)
-    backbone = load_model("cifar10-resnet20-pgdat-a", models_dir=MODELS)
-    classifier = load_model("cifar10-resnet18-std", models_dir=MODELS)
+    backbone = load_model("cifar10-resnet20-pgdat-a", models_dir=MODELS, device=TEST_DEVICE)
+    classifier = load_model("cifar10-resnet18-std", models_dir=MODELS, device=TEST_DEVICE)
     out = tmp_path_factory.mktemp("protected")
     items = sorted(collect_inputs([CIFAR]), key=lambda i: i.path.name)  # the first 932 test images, by index
     assert len(items) == 932
@@ -67,7 +68,7 @@ def test_protected_files_hold_the_budget(protected_cifar: dict) -> None:
 
 
 def test_protection_raises_victim_clean_and_pgd_accuracy(protected_cifar: dict) -> None:
-    victim = load_model("cifar10-resnet20-pgdat-b", models_dir=MODELS)
+    victim = load_model("cifar10-resnet20-pgdat-b", models_dir=MODELS, device=TEST_DEVICE)
     y = protected_cifar["labels"]
     accs = {}
     for name in ("original", "protected"):
@@ -84,8 +85,8 @@ def test_protection_raises_victim_clean_and_pgd_accuracy(protected_cifar: dict) 
 
 @pytest.mark.skipif(not PHOTOS.is_dir(), reason=f"{PHOTOS} not found")
 def test_every_photo_round_trips(tmp_path: Path) -> None:
-    backbone = load_model("cifar10-resnet20-pgdat-a", models_dir=MODELS)
-    classifier = load_model("cifar10-resnet18-std", models_dir=MODELS)
+    backbone = load_model("cifar10-resnet20-pgdat-a", models_dir=MODELS, device=TEST_DEVICE)
+    classifier = load_model("cifar10-resnet18-std", models_dir=MODELS, device=TEST_DEVICE)
     protector = Protector(backbone, classifier, config=ForeBackConfig.from_preset("paper", samples=2), seed=0)
     results = list(protector.run(collect_inputs([PHOTOS]), RunOptions(out_dir=tmp_path)))
     assert len(results) == len(list(PHOTOS.iterdir()))

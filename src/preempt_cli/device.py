@@ -8,7 +8,7 @@ import torch
 
 from .errors import ConfigError
 
-__all__ = ["resolve_device", "resolve_devices", "default_cpu_threads"]
+__all__ = ["resolve_device", "resolve_devices", "default_cpu_threads", "default_io_workers"]
 
 
 def resolve_device(spec: str | torch.device = "auto") -> torch.device:
@@ -66,3 +66,9 @@ def default_cpu_threads() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover - not Linux
         return max(1, os.cpu_count() or 1)
+
+
+def default_io_workers() -> int:
+    """Threads decoding and encoding image files: one per usable CPU, at least 2 and at most 8 (Pillow
+    releases the GIL while it codes, so more threads help, but the compute thread needs the GIL too)."""
+    return min(8, max(2, default_cpu_threads()))

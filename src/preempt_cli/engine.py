@@ -26,7 +26,8 @@ from torch import nn
 
 from .errors import ConfigError
 
-__all__ = ["ForeBackConfig", "FastPreemption", "PRESETS", "PRECISIONS", "parse_eps", "project", "native_bf16", "resolve_precision"]
+__all__ = ["ForeBackConfig", "FastPreemption", "PRESETS", "PRECISIONS", "COMPILE_MODES", "parse_eps", "project",
+           "native_bf16", "resolve_precision"]
 
 #: Named settings. ``paper``: Table 3 of the paper. ``mspd``: the authors' later public code, which also
 #: projects each FGSM sample around the current iterate before the outer projection.
@@ -129,6 +130,13 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+#: ``compile`` settings of :class:`FastPreemption`: ``off`` (eager), or a ``torch.compile`` mode for the
+#: backbone's forward and (input-only) backward: ``default`` (Inductor: fused elementwise kernels),
+#: ``reduce-overhead`` (the same, replayed as CUDA graphs: fewer launches), ``max-autotune`` (also tunes
+#: the matmul/convolution kernels; long compiles).
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
+
+
 def project(x: torch.Tensor, center: torch.Tensor, eps: float) -> torch.Tensor:
     """Clip ``x`` to the L-inf ball of radius ``eps`` around ``center`` and to [0, 1]."""
     return torch.minimum(torch.maximum(x, center - eps), center + eps).clamp_(0.0, 1.0)
@@ -160,6 +168,10 @@ class FastPreemption:
             the averaging and the projections stay fp32; only the sign of each gradient is used, which bf16
             rarely flips); ``"auto"`` is bf16 where the hardware runs it natively (CUDA; CPUs with
             AVX512-BF16 or AMX), else fp32. See ``benchmarks/RESULTS.md`` for speed and accuracy.
+        compile: one of :data:`COMPILE_MODES`. Compiling costs seconds to minutes once per input shape
+            (the first batch, and again for a last, smaller one), so it pays only on long runs of
+            equal-size images; results match eager up to float rounding (a gradient sign near zero can
+            differ), not bit for bit.
     """
 
     def __init__(
@@ -170,6 +182,7 @@ class FastPreemption:
         seed: int = 0,
         device: torch.device | str | None = None,
         precision: str = "fp32",
+        compile: str = "off",
     ) -> None:
         self.backbone = backbone
         self.config = config or ForeBackConfig()
@@ -179,6 +192,13 @@ class FastPreemption:
             device = param.device if param is not None else torch.device("cpu")
         self.device = torch.device(device)
         self.precision = resolve_precision(precision, self.device)
+        if compile not in COMPILE_MODES:
+            raise ConfigError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {compile!r}")
+        self.compile = compile
+        self._net: nn.Module = backbone
+        if compile != "off":
+            # dynamic=False: one specialised graph per batch shape (a run sees one or two shapes)
+            self._net = torch.compile(backbone, mode=None if compile == "default" else compile, dynamic=False)
 
     # -- noise -----------------------------------------------------------------------------------------
     def _generators(self, count: int, noise_seeds: Sequence[int] | None) -> list[torch.Generator]:
@@ -205,12 +225,15 @@ class FastPreemption:
     # -- one step --------------------------------------------------------------------------------------
     def _loss_grad(self, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
         xs = xs.detach().requires_grad_(True)
+        if self.compile == "reduce-overhead":
+            # a new CUDA-graph step: the previous step's graph outputs (already consumed) may be reused
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.enable_grad():
             if self.precision == "bf16":
                 with torch.autocast(self.device.type, dtype=torch.bfloat16):
-                    logits = self.backbone(xs)
+                    logits = self._net(xs)
             else:
-                logits = self.backbone(xs)
+                logits = self._net(xs)
             loss = F.cross_entropy(logits.float(), ys, reduction="sum")
             (grad,) = torch.autograd.grad(loss, xs)
         return grad
@@ -245,7 +268,9 @@ class FastPreemption:
             if to_net:
                 xs = xs.contiguous(memory_format=torch.channels_last)
             grad = self._loss_grad(xs, y_rep).view(b, n, *shape)
-            sample.add_(grad.sign_(), alpha=direction * step_size)
+            # in place saves a buffer; a compiled graph's output is left alone (CUDA graphs own that memory)
+            sign = grad.sign_() if self.compile == "off" else grad.sign()
+            sample.add_(sign, alpha=direction * step_size)
             if cfg.inner_steps > 1:
                 _clip_(sample, start_lo, start_hi)
         if cfg.sample_projection == "iterate":

@@ -13,7 +13,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Iterator, Mapping
+from typing import BinaryIO, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -28,6 +28,7 @@ __all__ = [
     "read_png_text",
     "atomic_write",
     "quantize",
+    "quantize_batch",
     "quantize_levels",
     "IMAGE_SUFFIXES",
     "DEFAULT_MAX_PIXELS",
@@ -200,6 +201,28 @@ def quantize(x: torch.Tensor, reference: np.ndarray, eps: float) -> np.ndarray:
     ref = torch.from_numpy(reference.astype(np.int64)).permute(2, 0, 1)
     levels = quantize_levels(x.cpu(), ref, eps, max_value)
     return levels.permute(1, 2, 0).numpy().astype(reference.dtype)
+
+
+def quantize_batch(x: torch.Tensor, references: Sequence[np.ndarray], eps: float) -> tuple[list[np.ndarray], torch.Tensor]:
+    """:func:`quantize` for a batch ``x`` [B, C, H, W] (on any device) of equal-shape pictures: the rounding
+    runs where ``x`` is, with one transfer of the batch to the host instead of one per image.
+
+    Returns:
+        (the integer levels of each image, HWC like its reference; the same levels as [0, 1] floats,
+        [B, C, H, W] on ``x``'s device: what the written files will hold).
+    """
+    max_values = [65535 if r.dtype == np.uint16 else 255 for r in references]
+    if len(set(max_values)) > 1:  # 8- and 16-bit pictures of one size: round each on its own grid
+        levels = [quantize(x[i], r, eps) for i, r in enumerate(references)]
+        saved = torch.stack([torch.from_numpy(lv.astype(np.float32)).permute(2, 0, 1) / m
+                             for lv, m in zip(levels, max_values)])  # fmt: skip
+        return levels, saved.to(x.device)
+    max_value = max_values[0]
+    ref = torch.from_numpy(np.stack([r.astype(np.int32) for r in references])).permute(0, 3, 1, 2)
+    on_device = quantize_levels(x, ref.to(x.device, non_blocking=True), eps, max_value)
+    host = on_device.permute(0, 2, 3, 1).cpu().numpy()
+    levels = [host[i].astype(r.dtype) for i, r in enumerate(references)]
+    return levels, on_device.float().div_(max_value)
 
 
 def _to_pil(picture: Picture, color: np.ndarray) -> Image.Image:

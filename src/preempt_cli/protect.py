@@ -33,7 +33,8 @@ import torch
 from . import __version__
 from .engine import FastPreemption, ForeBackConfig
 from .errors import ConfigError, ImageReadError, LabelError, PreemptError
-from .imageio import DEFAULT_MAX_PIXELS, Picture, quantize, read_image, write_png
+from .device import default_io_workers
+from .imageio import DEFAULT_MAX_PIXELS, Picture, quantize_batch, read_image, write_png
 from .inputs import OUTPUT_MARKERS, InputFile, assign_outputs, in_shard
 from .labels import LabelMap, folder_label, resolve_label
 from .models import ImageModel
@@ -48,9 +49,10 @@ METADATA_KEY = "preempt"
 
 #: Image elements (samples x C x H x W) per batch by default: 16 CIFAR images x 20 samples on CPU, where
 #: larger batches get memory-bound (measured: 62 ms/image at 16, 76 at 32, 100+ at 50 with ResNet-20 on
-#: 2 cores), and 32x that on a GPU.
+#: 2 cores), and 16x that on a GPU (256 CIFAR images: PreActResNet-18 then needs ~36 GB in fp32; larger
+#: models run out of memory and back off to half the batch).
 _CPU_BATCH_ELEMENTS = 16 * 20 * 3 * 32 * 32
-_GPU_BATCH_ELEMENTS = 32 * _CPU_BATCH_ELEMENTS
+_GPU_BATCH_ELEMENTS = 16 * _CPU_BATCH_ELEMENTS
 
 
 @dataclass
@@ -87,7 +89,7 @@ class RunOptions:
     overwrite: bool = False
     batch_size: int | None = None  # images per batch at the backbone's input size; None = automatic
     max_pixels: int = DEFAULT_MAX_PIXELS
-    workers: int = 2  # decode/encode threads
+    workers: int = field(default_factory=default_io_workers)  # decode/encode threads
     shard: tuple[int, int] | None = None
     #: (i, k): of the inputs (after ``shard``), take every k-th starting at i (one device worker's share)
     partition: tuple[int, int] | None = None
@@ -140,6 +142,7 @@ class Protector:
             :class:`~preempt_cli.labels.LabelMap` read from a CSV/JSON file.
         preset: name of the preset the config came from (recorded in the metadata).
         precision: ``fp32``, ``bf16`` or ``auto`` for the backbone's passes (see :class:`FastPreemption`).
+        compile: ``off`` or a ``torch.compile`` mode for the backbone (see :class:`FastPreemption`).
     """
 
     kind = "protected"
@@ -156,6 +159,7 @@ class Protector:
         labels: str | LabelMap = "classifier",
         preset: str | None = None,
         precision: str = "fp32",
+        compile: str = "off",
     ) -> None:
         self.backbone = backbone
         self.classifier = classifier
@@ -173,7 +177,8 @@ class Protector:
                 f"{backbone.name} has {backbone.config.num_classes}: they must label the same classes"
             )
         self.device = next(backbone.parameters()).device
-        self.engine = FastPreemption(backbone, config=self.config, seed=seed, device=self.device, precision=precision)
+        self.engine = FastPreemption(backbone, config=self.config, seed=seed, device=self.device, precision=precision,
+                                     compile=compile)  # fmt: skip
         self.precision = self.engine.precision
         self._batch_cap: dict[tuple[int, ...], int] = {}
 
@@ -287,11 +292,9 @@ class Protector:
         y = torch.tensor([k if k is not None else int(y[i]) for i, k in enumerate(known)], device=self.device)
         before = self.confidence(x, y)
         x_new = self.transform(x, y, noise_seeds=[content_seed(p.picture.color) for p in batch])
-        levels = [quantize(x_new[i], p.picture.color, self.config.eps) for i, p in enumerate(batch)]
-        saved = torch.stack([torch.from_numpy(lv.astype(np.float32)).permute(2, 0, 1) / p.picture.max_value
-                             for lv, p in zip(levels, batch)])  # fmt: skip
+        levels, saved = quantize_batch(x_new, [p.picture.color for p in batch], self.config.eps)
         after = self.confidence(saved, y)
-        return [(lv, float(b), float(a), int(lab)) for lv, b, a, lab in zip(levels, before, after, y.tolist())]
+        return [(lv, b, a, lab) for lv, b, a, lab in zip(levels, before.tolist(), after.tolist(), y.tolist())]
 
     def _compute_with_backoff(self, batch: list[_Pending]) -> list[tuple[np.ndarray, float, float, int]]:
         try:
@@ -355,7 +358,10 @@ class Protector:
 
     def _run_pipeline(self, todo: list[InputFile], outputs: dict[InputFile, Path], options: RunOptions,
                       pool: ThreadPoolExecutor) -> Iterator[FileResult]:  # fmt: skip
-        prefetch = max(64, 4 * options.workers)
+        # decode at least two batches ahead, so that a GPU never waits for the next batch's files; the
+        # bound follows the batch size of the latest image (small for large photos: they are big)
+        min_prefetch = max(64, 4 * options.workers)
+        prefetch = min_prefetch
         decoded: collections.deque[Future] = collections.deque()
         writes: collections.deque[Future] = collections.deque()
         buckets: dict[tuple[int, ...], list[_Pending]] = {}
@@ -396,7 +402,9 @@ class Protector:
             key = (pic.channels, pic.size[1], pic.size[0])
             bucket = buckets.setdefault(key, [])
             bucket.append(prepared)
-            if len(bucket) >= self._batch_limit(pic, options):
+            limit = self._batch_limit(pic, options)
+            prefetch = max(min_prefetch, 2 * limit)
+            if len(bucket) >= limit:
                 del buckets[key]
                 yield from flush(bucket)
                 yield from drain(block=False)

@@ -71,7 +71,14 @@ OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existin
 MaxPixelsOpt = Annotated[
     int, typer.Option("--max-pixels", help="Refuse larger images (decompression-bomb protection).")
 ]
-WorkersOpt = Annotated[int, typer.Option("--workers", help="Threads decoding and encoding images.")]
+WorkersOpt = Annotated[
+    Optional[int], typer.Option("--workers", help="Threads decoding and encoding images (default: one per CPU, 2 to 8).")
+]
+CompileOpt = Annotated[
+    str,
+    typer.Option("--compile", help="torch.compile the backbone: off, default, reduce-overhead (CUDA graphs) or "
+                 "max-autotune. Compiling takes seconds to minutes per image size: worth it for large runs on GPU."),
+]  # fmt: skip
 ShardOpt = Annotated[
     Optional[str],
     typer.Option("--shard", help="Process only shard K of N (K/N): a stable partition for job arrays."),
@@ -175,6 +182,11 @@ def _drive(results: Iterable[FileResult], total: int, *, verb: str, json_out: bo
     return c.EXIT_FAILURES if counts["failed"] else c.EXIT_OK
 
 
+def _workers(workers: int | None) -> dict[str, int]:
+    """``RunOptions`` keyword for ``--workers`` (none: its default, one thread per CPU)."""
+    return {} if workers is None else {"workers": workers}
+
+
 def _collect(paths: list[str], skip_markers: tuple[str, ...] = OUTPUT_MARKERS) -> list[InputFile]:
     items = collect_inputs(paths, skip_markers=skip_markers)
     if not items:
@@ -208,13 +220,14 @@ def protect(
     samples: SamplesOpt = None,
     seed: SeedOpt = 0,
     precision: PrecisionOpt = "fp32",
+    compile: CompileOpt = "off",
     device: c.DevicesOpt = "auto",
     batch_size: BatchOpt = None,
     out_dir: OutDirOpt = None,
     suffix: Annotated[str, typer.Option("--suffix", help="Output name: <stem><suffix>.png.")] = ".protected",
     overwrite: OverwriteOpt = False,
     shard: ShardOpt = None,
-    workers: WorkersOpt = 2,
+    workers: WorkersOpt = None,
     max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
     models_dir: c.ModelsDirOpt = None,
     registry: c.RegistryOpt = None,
@@ -228,7 +241,7 @@ def protect(
         config = _config(preset, eps, eta, forward, backward, samples)
         label_source = _labels(labels)
         options = RunOptions(out_dir=out_dir, suffix=suffix, overwrite=overwrite, batch_size=batch_size,
-                             max_pixels=max_pixels, workers=workers, shard=parse_shard(shard))  # fmt: skip
+                             max_pixels=max_pixels, shard=parse_shard(shard), **_workers(workers))  # fmt: skip
         backbone, classifier = _defaults(backbone, classifier, label_source, registry)
         if classifier is not None and classifier == backbone:
             _logger.warning("classifier and backbone are the same model; the method expects them to differ")
@@ -239,7 +252,8 @@ def protect(
         protectors = [  # one worker per device, each with its own copies of the models
             Protector(_load(backbone, d, models_dir, registry),
                       _load(classifier, d, models_dir, registry) if label_source == "classifier" else None,
-                      config=config, seed=seed, labels=label_source, preset=preset, precision=precision)
+                      config=config, seed=seed, labels=label_source, preset=preset, precision=precision,
+                      compile=compile)
             for d in devices
         ]  # fmt: skip
         code = _drive(run_on_devices(protectors, items, options), len(items), verb="protected", json_out=json_out,
@@ -296,13 +310,14 @@ def revert(
     precision: Annotated[
         Optional[str], typer.Option("--precision", help="fp32, bf16 or auto (default: fp32; --white-box: as recorded).")
     ] = None,
+    compile: CompileOpt = "off",
     device: c.DeviceOpt = "auto",
     batch_size: BatchOpt = None,
     out_dir: OutDirOpt = None,
     suffix: Annotated[str, typer.Option("--suffix", help="Output name: <stem><suffix>.png.")] = ".reverted",
     overwrite: OverwriteOpt = False,
     shard: ShardOpt = None,
-    workers: WorkersOpt = 2,
+    workers: WorkersOpt = None,
     max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
     models_dir: c.ModelsDirOpt = None,
     registry: c.RegistryOpt = None,
@@ -314,7 +329,7 @@ def revert(
     c.setup_logging(verbose, quiet)
     with c.handle_errors():
         options = RunOptions(out_dir=out_dir, suffix=suffix, overwrite=overwrite, batch_size=batch_size,
-                             max_pixels=max_pixels, workers=workers, shard=parse_shard(shard))  # fmt: skip
+                             max_pixels=max_pixels, shard=parse_shard(shard), **_workers(workers))  # fmt: skip
         if white_box and backbone is not None:
             raise ConfigError("--white-box takes the backbone from each file's metadata; drop --backbone")
         if not white_box and backbone is None:
@@ -330,7 +345,7 @@ def revert(
                 config = _config(preset, eps, eta, forward, backward, samples)
                 clf = model(classifier) if label_source == "classifier" else None
                 yield from Reverter(model(backbone), clf, config=config, seed=seed, labels=label_source,
-                                    preset=preset, precision=precision or "fp32").run(items, options)  # fmt: skip
+                                    preset=preset, precision=precision or "fp32", compile=compile).run(items, options)  # fmt: skip
                 return
             for meta, group in _white_box_groups(items):
                 if meta is None:
@@ -350,7 +365,7 @@ def revert(
                 recorded_precision = settings.pop("precision")
                 yield from Reverter(bb, clf, config=ForeBackConfig(**settings), seed=seed, labels=label_source,
                                     preset=meta.get("preset"), precision=precision or recorded_precision,
-                                    ).run(group, options)  # fmt: skip
+                                    compile=compile).run(group, options)  # fmt: skip
 
         code = _drive(runs(), len(items), verb="reverted", json_out=json_out, quiet=quiet)
     raise typer.Exit(code)

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Everything a GPU session checks, in one run (device time is short; see benchmarks/RESULTS.md):
+#   1. the device-aware part of the test suite on CUDA (PREEMPT_TEST_DEVICE=cuda) and tests/test_cuda.py;
+#   2. benchmarks/bench_protect.py on CUDA (engine vs reference, batch/precision sweep, cudnn.benchmark,
+#      torch.compile, bf16 accuracy check, photos, end to end, Bi-Level).
+#
+# Usage, from the repository root:  bash benchmarks/gpu_check.sh OUT_DIR [SHARED_COPY]
+#   OUT_DIR      where logs, the JUnit XML and the benchmark's JSON go
+#   SHARED_COPY  a copy of ../shared to link as ../shared when the machine has none (a lent GPU machine
+#                gets only the repository); its site/ folder, if any, goes on PYTHONPATH (pyautoattack)
+# Runs from the source tree (PYTHONPATH=src): nothing is installed. Environment knobs, for a dry run on a
+# CPU: DEVICE (cuda), TESTS (the test files), BENCH_ARGS (extra benchmark arguments), TEST_TIMEOUT (210 s),
+# BENCH_TIMEOUT (330 s).
+set -u -o pipefail
+OUT=${1:?usage: gpu_check.sh OUT_DIR [SHARED_COPY]}
+SHARED_COPY=${2:-}
+DEVICE=${DEVICE:-cuda}
+TESTS=${TESTS:-tests/test_engine.py tests/test_cuda.py tests/test_protect_real.py tests/test_cli.py tests/test_eval.py tests/test_baselines.py tests/test_attacks.py}
+mkdir -p "$OUT"
+if [ -n "$SHARED_COPY" ] && [ ! -e ../shared ]; then
+    ln -s "$(realpath "$SHARED_COPY")" ../shared
+fi
+SITE=""
+if [ -n "$SHARED_COPY" ] && [ -d "$SHARED_COPY/site" ]; then SITE=":$(realpath "$SHARED_COPY/site")"; fi
+export PYTHONPATH="$PWD/src$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+PY=${PY:-python3}
+
+{
+    date -u
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv 2>&1 || true
+    "$PY" -c "import torch, timm, typer; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'timm', timm.__version__, 'typer', typer.__version__); print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no CUDA')"
+    nproc
+} 2>&1 | tee "$OUT/machine.txt"
+
+echo "== tests on $DEVICE: $TESTS"
+start=$(date +%s)
+# shellcheck disable=SC2086
+PREEMPT_TEST_DEVICE=$DEVICE timeout "${TEST_TIMEOUT:-210}" "$PY" -m pytest -q -p no:cacheprovider -rfEs \
+    --durations=12 --junitxml="$OUT/pytest-$DEVICE.xml" $TESTS 2>&1 | tee "$OUT/pytest-$DEVICE.log"
+echo "tests: exit ${PIPESTATUS[0]} after $(( $(date +%s) - start )) s" | tee -a "$OUT/pytest-$DEVICE.log"
+
+echo "== bench_protect on $DEVICE"
+start=$(date +%s)
+# shellcheck disable=SC2086
+timeout "${BENCH_TIMEOUT:-330}" "$PY" benchmarks/bench_protect.py --device "$DEVICE" \
+    --json-out "$OUT/bench_protect_$DEVICE.json" ${BENCH_ARGS:-} 2>"$OUT/bench_protect_$DEVICE.err" \
+    | tee "$OUT/bench_protect_$DEVICE.txt"
+echo "bench: exit ${PIPESTATUS[0]} after $(( $(date +%s) - start )) s" | tee -a "$OUT/bench_protect_$DEVICE.err"
+tail -5 "$OUT/bench_protect_$DEVICE.err"

@@ -1,0 +1,229 @@
+"""What only a GPU can check: CUDA against the CPU, bf16 autocast and ``torch.compile`` on CUDA, the file
+pipeline on a GPU (pinned memory, several devices, a real out-of-memory and its back-off).
+
+Skipped where CUDA is missing (CI has no GPU). On a GPU machine ``benchmarks/gpu_check.sh`` runs this file
+together with the device-aware part of the suite (``PREEMPT_TEST_DEVICE=cuda``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from conftest import CIFAR10_CLASSES, load_cifar_images, make_tiny_model
+from preempt_cli import ForeBackConfig, Protector, RunOptions, collect_inputs, load_model
+from preempt_cli.device import resolve_devices
+from preempt_cli.engine import FastPreemption
+from preempt_cli.protect import read_preempt_metadata, run_on_devices
+from preempt_cli.imageio import read_image
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="CUDA not available: GPU-only checks (benchmarks/gpu_check.sh runs them)"
+)
+
+CUDA = torch.device("cuda", 0)
+EPS = 8 / 255
+
+
+@pytest.fixture(autouse=True)
+def _strict_fp32() -> Iterator[None]:
+    """fp32 convolutions and matmuls without TF32, deterministic cuDNN: CUDA and the CPU then compute the
+    same function up to float rounding (the speed settings are the benchmark's business)."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)  # fmt: skip
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    yield
+    (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark) = saved  # fmt: skip
+
+
+@pytest.fixture
+def batch(cifar_batch_paths: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 8 real CIFAR-10 images of ``cifar_batch``, on the CPU."""
+    x = load_cifar_images(cifar_batch_paths)
+    y = torch.tensor([CIFAR10_CLASSES.index(p.parent.name) for p in cifar_batch_paths])
+    return x, y
+
+
+@pytest.fixture(scope="module")
+def resnet20(shared_models_dir: Path) -> dict[str, torch.nn.Module]:
+    """The real robust backbone on each device."""
+    return {str(d): load_model("cifar10-resnet20-pgdat-a", models_dir=shared_models_dir, device=d)
+            for d in ("cpu", "cuda:0")}  # fmt: skip
+
+
+def _same_noise(monkeypatch: pytest.MonkeyPatch, cfg: ForeBackConfig, count: int, steps: int) -> None:
+    """Serve both devices the same noise (CUDA's generators draw other numbers than the CPU's)."""
+    g = torch.Generator().manual_seed(0)
+    noises = [torch.empty(count, cfg.samples, 3, 32, 32).uniform_(-cfg.eps, cfg.eps, generator=g) for _ in range(steps)]
+    calls = {"cpu": 0, "cuda": 0}
+
+    def fake_noise(self: FastPreemption, like: torch.Tensor, generators: list) -> torch.Tensor:
+        i = calls[self.device.type]
+        calls[self.device.type] += 1
+        return noises[i].to(self.device)
+
+    monkeypatch.setattr(FastPreemption, "_noise", fake_noise)
+
+
+def _agree(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Fraction of pixels equal up to float rounding."""
+    return float(((a.cpu() - b.cpu()).abs() <= 1e-5).float().mean())
+
+
+def test_cuda_computes_what_the_cpu_computes(batch, resnet20, monkeypatch: pytest.MonkeyPatch) -> None:
+    x, y = batch
+    cfg = ForeBackConfig()
+    _same_noise(monkeypatch, cfg, len(x), cfg.forward_steps + cfg.backward_steps)
+    out = {d: FastPreemption(m, config=cfg).perturb(x, y) for d, m in resnet20.items()}
+    assert out["cuda:0"].device.type == "cuda"
+    # Only a gradient sign flipped by rounding can differ: one sample of 20 moves, so a pixel by 2 eps / 20.
+    share = _agree(out["cpu"], out["cuda:0"])
+    assert share > 0.99, share
+    assert (out["cpu"] - out["cuda:0"].cpu()).abs().max() <= 2 * EPS
+    for o in out.values():
+        assert (o.cpu() - x).abs().max() <= EPS + 1e-6 and o.min() >= 0 and o.max() <= 1
+
+
+def test_cuda_results_are_reproducible_and_batch_invariant(batch, resnet20) -> None:
+    x, y = batch
+    model = resnet20["cuda:0"]
+    seeds = [11 * i + 3 for i in range(len(x))]
+    engine = FastPreemption(model, seed=2)
+    a = engine.perturb(x, y, noise_seeds=seeds)
+    b = FastPreemption(model, seed=2).perturb(x, y, noise_seeds=seeds)
+    assert torch.equal(a, b)  # same seed, same device, same input: the same bits
+    # An image's noise does not depend on its batch; its result only up to float rounding of batched kernels.
+    gens = engine._generators(2, seeds[3:5])
+    alone = engine._noise(x[3:5].to(CUDA), gens)
+    together = engine._noise(x.to(CUDA), engine._generators(len(x), seeds))
+    assert torch.equal(alone, together[3:5])
+    single = torch.cat([engine.perturb(x[i : i + 1], y[i : i + 1], noise_seeds=[seeds[i]]) for i in range(len(x))])
+    share = _agree(single, a)
+    assert share > 0.99, share
+
+
+def test_bf16_autocast_on_cuda_keeps_the_budget_and_the_direction(batch, resnet20) -> None:
+    x, y = batch
+    model = resnet20["cuda:0"]
+    fp32 = FastPreemption(model, precision="fp32").perturb(x, y)
+    bf16 = FastPreemption(model, precision="bf16").perturb(x, y)
+    assert FastPreemption(model, precision="auto").precision == ("bf16" if torch.cuda.is_bf16_supported() else "fp32")
+    assert torch.equal(bf16, FastPreemption(model, precision="bf16").perturb(x, y))
+    assert (bf16.cpu() - x).abs().max() <= EPS + 1e-6
+    cos = F.cosine_similarity((fp32.cpu() - x).flatten(1), (bf16.cpu() - x).flatten(1))
+    assert cos.min() > 0.8, cos
+    # both lower the backbone's loss on the label (the protection's aim)
+    with torch.no_grad():
+        loss = {k: F.cross_entropy(model(v.to(CUDA)), y.to(CUDA)).item() for k, v in
+                (("x", x), ("fp32", fp32), ("bf16", bf16))}  # fmt: skip
+    assert loss["bf16"] < loss["x"] and loss["fp32"] < loss["x"]
+
+
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_compiled_backbone_on_cuda_matches_eager(mode: str, batch) -> None:
+    x, y = batch
+    model = make_tiny_model(0).to(CUDA)
+    cfg = ForeBackConfig(samples=4)
+    eager = FastPreemption(model, config=cfg).perturb(x, y)
+    engine = FastPreemption(model, config=cfg, compile=mode)
+    first = engine.perturb(x, y)
+    second = engine.perturb(x, y)  # a replay (CUDA graphs with reduce-overhead)
+    assert torch.equal(first, second)
+    assert (first.cpu() - x).abs().max() <= cfg.eps + 1e-6
+    shares = [_agree(first, eager)]
+    partial = engine.perturb(x[:3], y[:3])  # another batch shape: compiled again, same per-image results
+    shares.append(_agree(partial, first[:3]))
+    assert min(shares) > 0.99, shares
+
+
+def _pngs(folder: Path, n: int, size: tuple[int, int] = (32, 32), seed: int = 0) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        p = folder / f"img{i:02d}.png"
+        Image.fromarray(rng.integers(0, 256, (*size[::-1], 3), dtype=np.uint8)).save(p)
+        paths.append(p)
+    return paths
+
+
+def test_file_pipeline_on_cuda_writes_budgeted_pngs(tmp_path: Path, resnet20) -> None:
+    originals = _pngs(tmp_path / "in", 24)
+    before = {p: p.read_bytes() for p in originals}
+    protector = Protector(resnet20["cuda:0"], labels="backbone", config=ForeBackConfig(samples=4), precision="auto")
+    results = list(protector.run(collect_inputs([tmp_path / "in"]), RunOptions(out_dir=tmp_path / "out", batch_size=8)))
+    assert [r.status for r in results] == ["done"] * 24
+    assert {p: p.read_bytes() for p in originals} == before
+    for r in results:
+        a = np.asarray(Image.open(r.input), dtype=np.int64)
+        b = np.asarray(Image.open(r.output), dtype=np.int64)
+        assert 0 < np.abs(a - b).max() <= 8 and np.abs(a - b).max() == r.linf_levels
+        meta = read_preempt_metadata(read_image(r.output))
+        assert meta["precision"] == ("bf16" if torch.cuda.is_bf16_supported() else "fp32")
+
+
+def test_workers_on_cuda_and_cpu_write_each_file_once(tmp_path: Path, resnet20) -> None:
+    _pngs(tmp_path / "in", 10)
+    cfg = ForeBackConfig(samples=3)
+    both = [Protector(resnet20[d], labels="backbone", config=cfg) for d in ("cuda:0", "cpu")]
+    results = list(run_on_devices(both, collect_inputs([tmp_path / "in"]), RunOptions(out_dir=tmp_path / "two")))
+    assert sorted(r.input.name for r in results) == [f"img{i:02d}.png" for i in range(10)]
+    assert all(r.status == "done" for r in results)
+    # each worker's files are exactly what that device alone makes of them
+    for i, d in enumerate(("cuda:0", "cpu")):
+        alone = Protector(resnet20[d], labels="backbone", config=cfg)
+        list(alone.run(collect_inputs([tmp_path / "in"]), RunOptions(out_dir=tmp_path / d)))
+        for k in range(i, 10, 2):
+            name = f"img{k:02d}.protected.png"
+            assert np.array_equal(np.asarray(Image.open(tmp_path / "two" / name)),
+                                  np.asarray(Image.open(tmp_path / d / name)))  # fmt: skip
+
+
+def test_a_real_out_of_memory_halves_the_batch(tmp_path: Path, resnet20) -> None:
+    """Cap this process's share of the GPU so that 64 images x 20 samples do not fit but a few do."""
+    _pngs(tmp_path / "in", 64)
+    protector = Protector(resnet20["cuda:0"], labels="backbone", config=ForeBackConfig())
+    x4 = torch.rand(4, 3, 32, 32, device=CUDA)
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(CUDA)
+    base = torch.cuda.memory_allocated(CUDA)
+    protector.transform(x4, torch.zeros(4, dtype=torch.long, device=CUDA))
+    per_4_images = torch.cuda.max_memory_allocated(CUDA) - base
+    total = torch.cuda.get_device_properties(CUDA).total_memory
+    torch.cuda.empty_cache()
+    # room for about 16 images: 64 and 32 run out of memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, (base + 4.5 * per_4_images + 64e6) / total), CUDA)
+    try:
+        results = list(protector.run(collect_inputs([tmp_path / "in"]), RunOptions(out_dir=tmp_path / "out",
+                                                                                  batch_size=64)))  # fmt: skip
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, CUDA)
+        torch.cuda.empty_cache()
+    assert [r.status for r in results] == ["done"] * 64, [r.reason for r in results if r.status != "done"][:2]
+    cap = protector._batch_cap[(3, 32, 32)]
+    assert cap < 64  # it ran out of memory at 64 and went on with smaller batches
+
+
+def test_resize_inside_the_model_matches_the_cpu(photos_dir: Path, resnet20) -> None:
+    picture = read_image(photos_dir / "astronaut.png")
+    x = picture.to_tensor().unsqueeze(0)
+    with torch.no_grad():
+        cpu = resnet20["cpu"](x)
+        cuda = resnet20["cuda:0"](x.to(CUDA)).cpu()
+    torch.testing.assert_close(cuda, cpu, atol=1e-3, rtol=1e-3)
+
+
+def test_device_all_means_every_gpu() -> None:
+    assert resolve_devices("all") == [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    assert resolve_devices("cuda:0,cpu") == [CUDA, torch.device("cpu")]
