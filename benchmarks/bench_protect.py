@@ -322,9 +322,12 @@ def bench_precision_accuracy(args: argparse.Namespace, device: torch.device) -> 
     data = load_dataset(args.data_dir / "test", classes=load("cifar10-resnet20-pgdat-a").config.classes,
                         limit=args.accuracy_images)  # fmt: skip
     victims = ["cifar10-resnet20-pgdat-b", "cifar10-resnet20-pgdat-c"]
+    variants = {"fp32": {"precision": "fp32"}, "bf16": {"precision": "bf16"}}
+    for mode in [m.strip() for m in args.accuracy_compile.split(",") if m.strip()]:
+        variants[f"bf16+compile-{mode}"] = {"precision": "bf16", "compile": mode}
     specs = [DefenseSpec("none")] + [
         DefenseSpec("fast-preemption", tuple(sorted({"backbone": "cifar10-resnet20-pgdat-a", "classifier":
-                    "cifar10-resnet18-std", "precision": p, "name": p}.items()))) for p in ("fp32", "bf16")]  # fmt: skip
+                    "cifar10-resnet18-std", **v, "name": name}.items()))) for name, v in variants.items()]  # fmt: skip
     log(f"precision: fp32 vs bf16 protection of {len(data)} test images, PGD-20 on {', '.join(victims)}")
     with tempfile.TemporaryDirectory() as tmp:
         ev = Evaluator(data, load=load, device=device, out_dir=Path(tmp))
@@ -332,13 +335,19 @@ def bench_precision_accuracy(args: argparse.Namespace, device: torch.device) -> 
     out: dict[str, Any] = {"images": len(data), "victims": {}}
     for v in victims:
         acc = {r["defense"]: r for r in rows if r["victim"] == v}
-        gains = {p: round(acc[p]["robust_acc"] - acc["none"]["robust_acc"], 2) for p in ("fp32", "bf16")}
+        gains = {p: round(acc[p]["robust_acc"] - acc["none"]["robust_acc"], 2) for p in variants}
         out["victims"][v] = {"robust_none": acc["none"]["robust_acc"], "robust_fp32": acc["fp32"]["robust_acc"],
                              "robust_bf16": acc["bf16"]["robust_acc"], "gain_fp32": gains["fp32"],
                              "gain_bf16": gains["bf16"], "gain_difference": round(gains["bf16"] - gains["fp32"], 2),
                              "within_0_5": abs(gains["bf16"] - gains["fp32"]) <= 0.5,
                              "seconds_per_image_fp32": acc["fp32"]["seconds_per_image"],
                              "seconds_per_image_bf16": acc["bf16"]["seconds_per_image"]}  # fmt: skip
+        for name in variants:
+            if name not in ("fp32", "bf16"):
+                out["victims"][v][name] = {"robust": acc[name]["robust_acc"], "gain": gains[name],
+                                           "gain_difference": round(gains[name] - gains["fp32"], 2),
+                                           "within_0_5": abs(gains[name] - gains["fp32"]) <= 0.5,
+                                           "seconds_per_image": acc[name]["seconds_per_image"]}  # fmt: skip
     return out
 
 
@@ -484,8 +493,10 @@ def bench_end_to_end(ours: ImageModel, paths: list[Path], args: argparse.Namespa
     with tempfile.TemporaryDirectory(prefix="bench-protect-") as tmp:
         src = Path(tmp) / "in"
         src.mkdir()
-        for p in paths:
-            shutil.copy2(p, src / f"{p.parent.name}_{p.name}")
+        count = args.e2e_images or len(paths)
+        for i in range(count):  # more files than test images: copies under other names
+            p = paths[i % len(paths)]
+            shutil.copy2(p, src / (f"{p.parent.name}_{p.name}" if i < len(paths) else f"copy{i}_{p.parent.name}_{p.name}"))
         items = collect_inputs([src])
         options = RunOptions(out_dir=Path(tmp) / "out", overwrite=True, batch_size=args.batch_size)
 
@@ -715,6 +726,12 @@ def table_rows(results: dict[str, Any]) -> list[list[str]]:
                      str(results["precision_accuracy"]["images"]), "", "",
                      f"robust {a['robust_none']:.2f} -> fp32 {a['robust_fp32']:.2f} / bf16 {a['robust_bf16']:.2f}; "
                      f"gain difference {a['gain_difference']:+.2f} (within 0.5: {'yes' if a['within_0_5'] else 'NO'})"])  # fmt: skip
+        for name, c in a.items():
+            if isinstance(c, dict):
+                rows.append([f"accuracy: PGD-20 gain fp32 vs {name}", victim.replace("cifar10-", ""),
+                             str(results["precision_accuracy"]["images"]), "", "",
+                             f"robust {c['robust']:.2f}; gain difference {c['gain_difference']:+.2f} "
+                             f"(within 0.5: {'yes' if c['within_0_5'] else 'NO'})"])  # fmt: skip
     ph = results.get("photos", {})
     if "engine" in ph:
         row("photos 512x512: engine", "resnet20", ph["engine"], check(ph["engine"]))
@@ -812,6 +829,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="on CUDA: torch.compile modes timed at the best batch ('' for none)")  # fmt: skip
     p.add_argument("--compile-backbones", default="preact18",
                    help="on CUDA: backbones whose compiled engine is timed (default preact18)")  # fmt: skip
+    p.add_argument("--e2e-images", type=int, default=None,
+                   help="PNG files for the end-to-end part (default --images; beyond the 932 test images, copies)")
+    p.add_argument("--accuracy-compile", default="",
+                   help="torch.compile modes whose bf16 protection also gets the robust-accuracy check (default none)")
     p.add_argument("--variants", action="store_true",
                    help="run the batch/precision/compile part on the CPU too (it runs on CUDA anyway)")
     p.add_argument("--json-out", type=Path, default=None,
@@ -848,6 +869,8 @@ def main(argv: list[str] | None = None) -> int:
 
     results["peak"] = bench_peak(device, args)
     peak_fp32 = results["peak"]["fp32"]["gflops"]
+    if device.type == "cuda" and torch.backends.cudnn.allow_tf32:  # fp32 convolutions run as TF32
+        peak_fp32 = results["peak"]["tf32"]["gflops"]
 
     results["engine_vs_reference"] = {}
     results["flops"] = {}
@@ -871,7 +894,8 @@ def main(argv: list[str] | None = None) -> int:
         results["photos"] = bench_photos(*models["resnet20"], args, cfg, device)
         checkpoint(results, args)
     if not args.skip_e2e:
-        results["end_to_end"] = bench_end_to_end(models["resnet20"][0], paths, args, cfg, device)
+        e2e_paths = cifar_paths(args.data_dir, min(932, max(args.images, args.e2e_images or 0)))
+        results["end_to_end"] = bench_end_to_end(models["resnet20"][0], e2e_paths, args, cfg, device)
         checkpoint(results, args)
     if not args.skip_bilevel:
         results["bilevel"] = {}

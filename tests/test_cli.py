@@ -331,3 +331,30 @@ def test_resolve_devices() -> None:
             resolve_devices("cuda:0,cuda:1")
     with pytest.raises(ConfigError):
         resolve_devices(" , ")
+
+
+def test_out_of_memory_halves_the_batch_after_freeing_the_failed_attempt(tmp_path: Path, tiny_backbone,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    import weakref
+
+    from preempt_cli import ForeBackConfig, Protector, RunOptions, collect_inputs
+
+    _images(tmp_path / "in", n=8)
+    protector = Protector(tiny_backbone, labels="backbone", config=ForeBackConfig(samples=2))
+    real_compute = Protector._compute
+    failed: list[weakref.ref] = []
+
+    def compute(self: Protector, batch: list) -> list:
+        # what a failed attempt held (its activations) must be gone before the retry starts
+        assert all(ref() is None for ref in failed), "retried while the failed attempt's tensors were alive"
+        if len(batch) > 2:
+            activations = torch.empty(1024)
+            failed.append(weakref.ref(activations))
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_compute(self, batch)
+
+    monkeypatch.setattr(Protector, "_compute", compute)
+    results = list(protector.run(collect_inputs([tmp_path / "in"]), RunOptions(out_dir=tmp_path / "out", batch_size=8)))
+    assert [r.status for r in results] == ["done"] * 8
+    assert len(failed) == 3  # 8 -> 4 + 4 -> (2 + 2) + (2 + 2)
+    assert protector._batch_cap[(3, 32, 32)] == 2

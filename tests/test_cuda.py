@@ -70,7 +70,7 @@ def _same_noise(monkeypatch: pytest.MonkeyPatch, cfg: ForeBackConfig, count: int
     def fake_noise(self: FastPreemption, like: torch.Tensor, generators: list) -> torch.Tensor:
         i = calls[self.device.type]
         calls[self.device.type] += 1
-        return noises[i].to(self.device)
+        return noises[i].to(self.device, copy=True)  # the engine adds to it in place
 
     monkeypatch.setattr(FastPreemption, "_noise", fake_noise)
 

@@ -122,7 +122,7 @@ _DEFENSE_ALIASES = {"none": "none", "fp": "fast-preemption", "fast-preemption": 
 _DEFENSE_OPTIONS = {
     "none": set(),
     "fast-preemption": {"backbone", "classifier", "labels", "preset", "eps", "eta", "forward", "backward", "samples",
-                        "inner_steps", "seed", "precision", "name"},
+                        "inner_steps", "seed", "precision", "compile", "name"},
     "bi-level": {"backbone", "classifier", "labels", "eps", "eta", "steps", "inner_steps", "optimizer", "seed", "name"},
     "folder": {"path", "name"},
 }  # fmt: skip
@@ -133,7 +133,8 @@ class DefenseSpec:
     """A defense to compare: ``none``, ``fp[:k=v,...]``, ``bilevel[:k=v,...]`` or ``folder:PATH``.
 
     ``fp`` options: backbone, classifier, labels (classifier|ground-truth|backbone), preset, eps, eta,
-    forward, backward, samples, inner_steps, seed, precision (fp32|bf16|auto), name. ``bilevel``: backbone, classifier, labels, eps,
+    forward, backward, samples, inner_steps, seed, precision (fp32|bf16|auto), compile (off|default|
+    reduce-overhead|max-autotune), name. ``bilevel``: backbone, classifier, labels, eps,
     eta, steps, inner_steps, optimizer, seed, name.
     """
 
@@ -353,7 +354,7 @@ class Evaluator:
         )
         return cls(backbone, classifier, config=config, seed=int(spec.get("seed", 0)),
                    labels="backbone" if labels == "backbone" else "classifier", preset=spec.get("preset", "paper"),
-                   precision=spec.get("precision", "fp32"))  # fmt: skip
+                   precision=spec.get("precision", "fp32"), compile=spec.get("compile", "off"))  # fmt: skip
 
     def _run_batches(self, images: torch.Tensor, fn: Callable[[torch.Tensor, slice], torch.Tensor],
                      eps: float) -> tuple[torch.Tensor, float]:  # fmt: skip

@@ -302,12 +302,15 @@ class Protector:
         except torch.cuda.OutOfMemoryError:
             if len(batch) == 1:
                 raise
-            torch.cuda.empty_cache()
-            half = len(batch) // 2
-            p = batch[0].picture
-            self._batch_cap[(p.channels, p.size[1], p.size[0])] = half
-            _logger.warning("out of GPU memory with %d images per batch; retrying with %d", len(batch), half)
-            return self._compute_with_backoff(batch[:half]) + self._compute_with_backoff(batch[half:])
+        # Retry outside the except block: the exception's traceback holds the frames of the failed attempt,
+        # and with them its activations; inside the block the retry ran out of memory again, down to batch 1
+        # (seen on an H100 under a memory cap).
+        torch.cuda.empty_cache()
+        half = len(batch) // 2
+        p = batch[0].picture
+        self._batch_cap[(p.channels, p.size[1], p.size[0])] = half
+        _logger.warning("out of GPU memory with %d images per batch; retrying with %d", len(batch), half)
+        return self._compute_with_backoff(batch[:half]) + self._compute_with_backoff(batch[half:])
 
     def _write(self, pending: _Pending, levels: np.ndarray, before: float, after: float, label: int,
                seconds: float) -> FileResult:  # fmt: skip
