@@ -60,6 +60,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
@@ -516,6 +517,10 @@ def bench_end_to_end(ours: ImageModel, paths: list[Path], args: argparse.Namespa
 
         t_pipe = timed(run_pipeline, device, args.repeats)
         written = sorted((Path(tmp) / "out").rglob("*.png"))
+        log(f"end to end: Protector.run with fsync off ({len(items)} PNGs)")
+        no_sync = replace(options, fsync=False)
+        t_no_sync = timed(lambda: list(protector.run(items, no_sync)), device, args.repeats)
+        io_costs = file_costs([i.path for i in items[:200]], Path(tmp) / "io")
         result: dict[str, Any] = {
             "backbone": REAL_BACKBONE,
             "engine_only": rate(t_engine, len(items)),
@@ -526,6 +531,10 @@ def bench_end_to_end(ours: ImageModel, paths: list[Path], args: argparse.Namespa
         engine_rate = result["engine_only"]["images_per_s"]
         result["pipeline_vs_engine"] = round(result["pipeline"]["images_per_s"] / engine_rate, 3)
         result["target_met"] = result["pipeline_vs_engine"] >= 0.8
+        result["pipeline_no_fsync"] = rate(t_no_sync, len(items))
+        result["pipeline_no_fsync_vs_engine"] = round(result["pipeline_no_fsync"]["images_per_s"] / engine_rate, 3)
+        result["workers"] = options.workers
+        result["io_ms_per_file"] = io_costs
 
         if not args.skip_cli:
             cmd = [sys.executable, "-m", "preempt_cli", "protect", str(src), "--backbone", REAL_BACKBONE,
@@ -544,6 +553,22 @@ def bench_end_to_end(ours: ImageModel, paths: list[Path], args: argparse.Namespa
             result["cli"] = rate(t_cli, len(items))
             result["cli_vs_engine"] = round(result["cli"]["images_per_s"] / engine_rate, 3)
     return result
+
+
+def file_costs(paths: list[Path], folder: Path) -> dict[str, float]:
+    """Milliseconds per file, on one thread: decode, and write a PNG atomically with and without fsync."""
+    from preempt_cli.imageio import write_png
+
+    folder.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    pictures = [read_image(p) for p in paths]
+    costs = {"read": (time.perf_counter() - start) / len(paths)}
+    for fsync in (True, False):
+        start = time.perf_counter()
+        for i, pic in enumerate(pictures):
+            write_png(folder / f"{i}.png", pic, fsync=fsync)
+        costs[f"write_{'fsync' if fsync else 'no_fsync'}"] = (time.perf_counter() - start) / len(paths)
+    return {k: round(1000 * v, 4) for k, v in costs.items()}
 
 
 # -- 5. Bi-Level baseline --------------------------------------------------------------------------------
@@ -743,7 +768,13 @@ def table_rows(results: dict[str, Any]) -> list[list[str]]:
         row("e2e: engine alone", "resnet20", e2e["engine_only"])
         met = "met" if e2e["target_met"] else "NOT met"
         note = f"{e2e['pipeline_vs_engine']:.2f} of engine rate (target >= 0.8: {met})"
+        io = e2e.get("io_ms_per_file", {})
+        note += f"; {e2e.get('workers', '?')} I/O threads; per file on one thread: read {io.get('read', '?')} ms, "
+        note += f"write {io.get('write_fsync', '?')} ms ({io.get('write_no_fsync', '?')} without fsync)"
         row("e2e: Protector.run (files)", "resnet20", e2e["pipeline"], note)
+        if "pipeline_no_fsync" in e2e:
+            row("e2e: Protector.run --no-fsync", "resnet20", e2e["pipeline_no_fsync"],
+                f"{e2e['pipeline_no_fsync_vs_engine']:.2f} of engine rate")  # fmt: skip
         if "cli" in e2e:
             note = f"{e2e['cli_vs_engine']:.2f} of engine rate, start-up included"
             row("e2e: preempt protect (CLI)", "resnet20", e2e["cli"], note)

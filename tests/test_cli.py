@@ -358,3 +358,28 @@ def test_out_of_memory_halves_the_batch_after_freeing_the_failed_attempt(tmp_pat
     assert [r.status for r in results] == ["done"] * 8
     assert len(failed) == 3  # 8 -> 4 + 4 -> (2 + 2) + (2 + 2)
     assert protector._batch_cap[(3, 32, 32)] == 2
+
+
+def test_no_fsync_writes_the_same_files_and_empty_outputs_are_redone(tmp_path: Path, registry: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    import os
+
+    _images(tmp_path / "a", n=2)
+    _images(tmp_path / "b", n=2)
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    assert run(["protect", str(tmp_path / "a"), *FAST, "--labels", "backbone"], registry).exit_code == 0
+    assert len(synced) == 2  # one flush per output by default
+    assert run(["protect", str(tmp_path / "b"), *FAST, "--labels", "backbone", "--no-fsync"], registry).exit_code == 0
+    assert len(synced) == 2
+    for i in range(2):
+        a = np.asarray(Image.open(tmp_path / "a" / f"img{i}.protected.png"))
+        assert np.array_equal(a, np.asarray(Image.open(tmp_path / "b" / f"img{i}.protected.png")))
+    # an empty output (what a power loss can leave without fsync) is redone, not skipped as finished
+    (tmp_path / "b" / "img0.protected.png").write_bytes(b"")
+    again = run(["protect", str(tmp_path / "b"), *FAST, "--labels", "backbone", "--json"], registry)
+    status = {Path(r["input"]).name: r["status"] for r in map(json.loads, again.stdout.splitlines())}
+    assert status == {"img0.png": "done", "img1.png": "skipped"}
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "b" / "img0.protected.png")),
+                          np.asarray(Image.open(tmp_path / "a" / "img0.protected.png")))  # fmt: skip

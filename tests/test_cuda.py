@@ -86,9 +86,13 @@ def test_cuda_computes_what_the_cpu_computes(batch, resnet20, monkeypatch: pytes
     _same_noise(monkeypatch, cfg, len(x), cfg.forward_steps + cfg.backward_steps)
     out = {d: FastPreemption(m, config=cfg).perturb(x, y) for d, m in resnet20.items()}
     assert out["cuda:0"].device.type == "cuda"
-    # Only a gradient sign flipped by rounding can differ: one sample of 20 moves, so a pixel by 2 eps / 20.
+    # Only a gradient sign flipped by rounding can differ (one sample of 20 moves: a pixel by 2 eps / 20),
+    # and a flip in one step changes the next steps' gradients a little: 97.6% of the pixels came out equal
+    # on an H100 (2% when the two devices were wrongly served different noise).
     share = _agree(out["cpu"], out["cuda:0"])
-    assert share > 0.99, share
+    assert share > 0.95, share
+    mean_diff = (out["cpu"] - out["cuda:0"].cpu()).abs().mean().item()
+    assert mean_diff < 0.1 * EPS, mean_diff / EPS  # 5% of the pixels off by at most 2 eps
     assert (out["cpu"] - out["cuda:0"].cpu()).abs().max() <= 2 * EPS
     for o in out.values():
         assert (o.cpu() - x).abs().max() <= EPS + 1e-6 and o.min() >= 0 and o.max() <= 1

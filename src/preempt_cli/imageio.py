@@ -237,9 +237,10 @@ def _to_pil(picture: Picture, color: np.ndarray) -> Image.Image:
 
 
 @contextmanager
-def atomic_write(path: Path) -> Iterator[BinaryIO]:
-    """A binary file to write ``path`` through: a temporary file beside it, flushed to disk and renamed
-    over ``path`` only when the block completes, removed otherwise.
+def atomic_write(path: Path, *, fsync: bool = True) -> Iterator[BinaryIO]:
+    """A binary file to write ``path`` through: a temporary file beside it, flushed to disk (``fsync``) and
+    renamed over ``path`` only when the block completes, removed otherwise. Without ``fsync`` a power loss
+    right after the rename can leave ``path`` empty (never a half-written file under its name otherwise).
 
     Raises:
         ImageWriteError: the folder cannot be created or written.
@@ -251,7 +252,8 @@ def atomic_write(path: Path) -> Iterator[BinaryIO]:
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
-            os.fsync(f.fileno())
+            if fsync:
+                os.fsync(f.fileno())
         os.replace(tmp_name, path)
         tmp_name = None
     except OSError as e:
@@ -265,12 +267,17 @@ def atomic_write(path: Path) -> Iterator[BinaryIO]:
 
 
 def write_png(
-    path: Path | str, picture: Picture, color: np.ndarray | None = None, text: Mapping[str, str] | None = None
+    path: Path | str,
+    picture: Picture,
+    color: np.ndarray | None = None,
+    text: Mapping[str, str] | None = None,
+    *,
+    fsync: bool = True,
 ) -> None:
     """Write ``picture`` (with ``color`` replacing its colour channels) as a lossless PNG, atomically.
 
-    The PNG goes to a temporary file beside ``path`` and is renamed over it only once complete.
-    ``text`` entries become PNG text chunks.
+    The PNG goes to a temporary file beside ``path`` and is renamed over it only once complete (and, with
+    ``fsync``, on disk). ``text`` entries become PNG text chunks.
 
     Raises:
         ImageWriteError: the folder cannot be created or written.
@@ -280,7 +287,7 @@ def write_png(
     info = PngImagePlugin.PngInfo()
     for key, value in (text or {}).items():
         info.add_itxt(key, value)
-    with atomic_write(path) as f:
+    with atomic_write(path, fsync=fsync) as f:
         _to_pil(picture, color).save(f, format="PNG", pnginfo=info, icc_profile=picture.icc_profile)
 
 

@@ -90,6 +90,9 @@ class RunOptions:
     batch_size: int | None = None  # images per batch at the backbone's input size; None = automatic
     max_pixels: int = DEFAULT_MAX_PIXELS
     workers: int = field(default_factory=default_io_workers)  # decode/encode threads
+    #: flush each output to disk before it is renamed into place; off, a power loss can leave empty
+    #: outputs (which a re-run redoes), and slow disks stop limiting a fast GPU
+    fsync: bool = True
     shard: tuple[int, int] | None = None
     #: (i, k): of the inputs (after ``shard``), take every k-th starting at i (one device worker's share)
     partition: tuple[int, int] | None = None
@@ -263,7 +266,7 @@ class Protector:
         marker = next((m for m in self.skip_markers if item.path.stem.endswith(m)), None)
         if marker and item.path.suffix.lower() == ".png":
             return f"already a preempt output (name ends with {marker}.png)"
-        if output.exists():
+        if output.exists() and output.stat().st_size > 0:  # an empty one is what a crash can leave: redo it
             return f"output exists: {output} (use --overwrite to replace it)"
         return None
 
@@ -313,12 +316,12 @@ class Protector:
         return self._compute_with_backoff(batch[:half]) + self._compute_with_backoff(batch[half:])
 
     def _write(self, pending: _Pending, levels: np.ndarray, before: float, after: float, label: int,
-               seconds: float) -> FileResult:  # fmt: skip
+               seconds: float, fsync: bool = True) -> FileResult:  # fmt: skip
         pending.label = label
         meta = self.metadata(pending)
         text = {METADATA_KEY: json.dumps(meta, sort_keys=True), "Software": f"preempt {__version__}"}
         try:
-            write_png(pending.output, pending.picture, levels, text)
+            write_png(pending.output, pending.picture, levels, text, fsync=fsync)
         except PreemptError as e:
             return FileResult(pending.item.path, "failed", reason=_reason(e, pending.output))
         diff = np.abs(levels.astype(np.int64) - pending.picture.color.astype(np.int64))
@@ -388,7 +391,7 @@ class Protector:
                 return
             seconds = (time.perf_counter() - start) / len(batch)
             for p, (levels, before, after, label) in zip(batch, computed):
-                writes.append(pool.submit(self._write, p, levels, before, after, label, seconds))
+                writes.append(pool.submit(self._write, p, levels, before, after, label, seconds, options.fsync))
 
         def drain(block: bool) -> Iterator[FileResult]:
             while writes and (block or writes[0].done()):

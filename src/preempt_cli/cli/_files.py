@@ -74,6 +74,11 @@ MaxPixelsOpt = Annotated[
 WorkersOpt = Annotated[
     Optional[int], typer.Option("--workers", help="Threads decoding and encoding images (default: one per CPU, 2 to 8).")
 ]
+FsyncOpt = Annotated[
+    bool,
+    typer.Option("--fsync/--no-fsync", help="Flush each output to disk before renaming it into place. --no-fsync "
+                 "is faster on slow disks; a power loss may then leave empty outputs, which a re-run redoes."),
+]  # fmt: skip
 CompileOpt = Annotated[
     str,
     typer.Option("--compile", help="torch.compile the backbone: off, default, reduce-overhead (CUDA graphs) or "
@@ -228,6 +233,7 @@ def protect(
     overwrite: OverwriteOpt = False,
     shard: ShardOpt = None,
     workers: WorkersOpt = None,
+    fsync: FsyncOpt = True,
     max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
     models_dir: c.ModelsDirOpt = None,
     registry: c.RegistryOpt = None,
@@ -241,7 +247,7 @@ def protect(
         config = _config(preset, eps, eta, forward, backward, samples)
         label_source = _labels(labels)
         options = RunOptions(out_dir=out_dir, suffix=suffix, overwrite=overwrite, batch_size=batch_size,
-                             max_pixels=max_pixels, shard=parse_shard(shard), **_workers(workers))  # fmt: skip
+                             max_pixels=max_pixels, shard=parse_shard(shard), fsync=fsync, **_workers(workers))  # fmt: skip
         backbone, classifier = _defaults(backbone, classifier, label_source, registry)
         if classifier is not None and classifier == backbone:
             _logger.warning("classifier and backbone are the same model; the method expects them to differ")
@@ -318,6 +324,7 @@ def revert(
     overwrite: OverwriteOpt = False,
     shard: ShardOpt = None,
     workers: WorkersOpt = None,
+    fsync: FsyncOpt = True,
     max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
     models_dir: c.ModelsDirOpt = None,
     registry: c.RegistryOpt = None,
@@ -329,7 +336,7 @@ def revert(
     c.setup_logging(verbose, quiet)
     with c.handle_errors():
         options = RunOptions(out_dir=out_dir, suffix=suffix, overwrite=overwrite, batch_size=batch_size,
-                             max_pixels=max_pixels, shard=parse_shard(shard), **_workers(workers))  # fmt: skip
+                             max_pixels=max_pixels, shard=parse_shard(shard), fsync=fsync, **_workers(workers))  # fmt: skip
         if white_box and backbone is not None:
             raise ConfigError("--white-box takes the backbone from each file's metadata; drop --backbone")
         if not white_box and backbone is None:
