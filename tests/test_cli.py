@@ -15,7 +15,9 @@ from typer.testing import CliRunner
 
 from conftest import TEST_DEVICE_ARG
 from preempt_cli.cli import app
+from preempt_cli.errors import ConfigError
 from preempt_cli.models import create_arch
+from preempt_cli.protect import RunOptions
 
 EPS_LEVELS = 8
 
@@ -383,3 +385,24 @@ def test_no_fsync_writes_the_same_files_and_empty_outputs_are_redone(tmp_path: P
     assert status == {"img0.png": "done", "img1.png": "skipped"}
     assert np.array_equal(np.asarray(Image.open(tmp_path / "b" / "img0.protected.png")),
                           np.asarray(Image.open(tmp_path / "a" / "img0.protected.png")))  # fmt: skip
+
+
+def test_io_in_processes_writes_what_threads_write(tmp_path: Path, registry: Path) -> None:
+    for name in ("threads", "processes"):
+        _images(tmp_path / name, n=5)
+        (tmp_path / name / "broken.png").write_bytes(b"not a png")
+    rows = {}
+    for name in ("threads", "processes"):
+        result = run(["protect", str(tmp_path / name), *FAST, "--labels", "backbone", "--io", name, "--workers", "2",
+                      "--json"], registry)  # fmt: skip
+        assert result.exit_code == 1, result.output  # the broken file fails alone
+        rows[name] = {Path(r["input"]).name: r for r in map(json.loads, result.stdout.splitlines())}
+    assert rows["threads"].keys() == rows["processes"].keys()
+    for file, r in rows["threads"].items():
+        assert r["status"] == rows["processes"][file]["status"] and r.get("reason") == rows["processes"][file].get("reason")
+    assert rows["processes"]["broken.png"]["status"] == "failed"
+    for i in range(5):
+        name = f"img{i}.protected.png"
+        assert (tmp_path / "threads" / name).read_bytes() == (tmp_path / "processes" / name).read_bytes()
+    with pytest.raises(ConfigError, match="--io"):
+        RunOptions(io="fibers")

@@ -79,6 +79,11 @@ FsyncOpt = Annotated[
     typer.Option("--fsync/--no-fsync", help="Flush each output to disk before renaming it into place. --no-fsync "
                  "is faster on slow disks; a power loss may then leave empty outputs, which a re-run redoes."),
 ]  # fmt: skip
+IoOpt = Annotated[
+    str,
+    typer.Option("--io", help="Decode and encode files on threads, in processes (no shared GIL: faster for "
+                 "small images on a GPU), or auto (processes when computing on a GPU with 4+ workers)."),
+]  # fmt: skip
 CompileOpt = Annotated[
     str,
     typer.Option("--compile", help="torch.compile the backbone: off, default, reduce-overhead (CUDA graphs) or "
@@ -234,6 +239,7 @@ def protect(
     shard: ShardOpt = None,
     workers: WorkersOpt = None,
     fsync: FsyncOpt = True,
+    io: IoOpt = "auto",
     max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
     models_dir: c.ModelsDirOpt = None,
     registry: c.RegistryOpt = None,
@@ -247,7 +253,8 @@ def protect(
         config = _config(preset, eps, eta, forward, backward, samples)
         label_source = _labels(labels)
         options = RunOptions(out_dir=out_dir, suffix=suffix, overwrite=overwrite, batch_size=batch_size,
-                             max_pixels=max_pixels, shard=parse_shard(shard), fsync=fsync, **_workers(workers))  # fmt: skip
+                             max_pixels=max_pixels, shard=parse_shard(shard), fsync=fsync, io=io,
+                             **_workers(workers))  # fmt: skip
         backbone, classifier = _defaults(backbone, classifier, label_source, registry)
         if classifier is not None and classifier == backbone:
             _logger.warning("classifier and backbone are the same model; the method expects them to differ")
@@ -262,8 +269,12 @@ def protect(
                       compile=compile)
             for d in devices
         ]  # fmt: skip
-        code = _drive(run_on_devices(protectors, items, options), len(items), verb="protected", json_out=json_out,
-                      quiet=quiet)  # fmt: skip
+        try:
+            code = _drive(run_on_devices(protectors, items, options), len(items), verb="protected",
+                          json_out=json_out, quiet=quiet)  # fmt: skip
+        finally:
+            for protector in protectors:
+                protector.close()
     raise typer.Exit(code)
 
 
@@ -325,6 +336,7 @@ def revert(
     shard: ShardOpt = None,
     workers: WorkersOpt = None,
     fsync: FsyncOpt = True,
+    io: IoOpt = "auto",
     max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
     models_dir: c.ModelsDirOpt = None,
     registry: c.RegistryOpt = None,
@@ -336,7 +348,8 @@ def revert(
     c.setup_logging(verbose, quiet)
     with c.handle_errors():
         options = RunOptions(out_dir=out_dir, suffix=suffix, overwrite=overwrite, batch_size=batch_size,
-                             max_pixels=max_pixels, shard=parse_shard(shard), fsync=fsync, **_workers(workers))  # fmt: skip
+                             max_pixels=max_pixels, shard=parse_shard(shard), fsync=fsync, io=io,
+                             **_workers(workers))  # fmt: skip
         if white_box and backbone is not None:
             raise ConfigError("--white-box takes the backbone from each file's metadata; drop --backbone")
         if not white_box and backbone is None:
@@ -351,8 +364,12 @@ def revert(
                     raise ConfigError("no classifier: pass --classifier NAME, or --labels backbone|folders|FILE")
                 config = _config(preset, eps, eta, forward, backward, samples)
                 clf = model(classifier) if label_source == "classifier" else None
-                yield from Reverter(model(backbone), clf, config=config, seed=seed, labels=label_source,
-                                    preset=preset, precision=precision or "fp32", compile=compile).run(items, options)  # fmt: skip
+                reverter = Reverter(model(backbone), clf, config=config, seed=seed, labels=label_source,
+                                    preset=preset, precision=precision or "fp32", compile=compile)  # fmt: skip
+                try:
+                    yield from reverter.run(items, options)
+                finally:
+                    reverter.close()
                 return
             for meta, group in _white_box_groups(items):
                 if meta is None:
@@ -370,9 +387,13 @@ def revert(
                 label_source = "classifier" if clf is not None else "backbone"
                 settings = white_box_settings(meta)
                 recorded_precision = settings.pop("precision")
-                yield from Reverter(bb, clf, config=ForeBackConfig(**settings), seed=seed, labels=label_source,
+                reverter = Reverter(bb, clf, config=ForeBackConfig(**settings), seed=seed, labels=label_source,
                                     preset=meta.get("preset"), precision=precision or recorded_precision,
-                                    compile=compile).run(group, options)  # fmt: skip
+                                    compile=compile)  # fmt: skip
+                try:
+                    yield from reverter.run(group, options)
+                finally:
+                    reverter.close()
 
         code = _drive(runs(), len(items), verb="reverted", json_out=json_out, quiet=quiet)
     raise typer.Exit(code)
