@@ -371,9 +371,11 @@ def test_no_fsync_writes_the_same_files_and_empty_outputs_are_redone(tmp_path: P
     synced: list[int] = []
     real_fsync = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
-    assert run(["protect", str(tmp_path / "a"), *FAST, "--labels", "backbone"], registry).exit_code == 0
+    # on I/O threads, where this process sees the calls (--io auto picks worker processes on a GPU)
+    threads = ["--labels", "backbone", "--io", "threads"]
+    assert run(["protect", str(tmp_path / "a"), *FAST, *threads], registry).exit_code == 0
     assert len(synced) == 2  # one flush per output by default
-    assert run(["protect", str(tmp_path / "b"), *FAST, "--labels", "backbone", "--no-fsync"], registry).exit_code == 0
+    assert run(["protect", str(tmp_path / "b"), *FAST, *threads, "--no-fsync"], registry).exit_code == 0
     assert len(synced) == 2
     for i in range(2):
         a = np.asarray(Image.open(tmp_path / "a" / f"img{i}.protected.png"))
