@@ -1,0 +1,120 @@
+#!/usr/bin/env python
+"""How fast ``preempt protect``'s file pipeline can feed an engine of a given speed, on any machine.
+
+The end-to-end target (files in, PNGs out at >= 80% of the engine's rate) is hardest on a GPU, where the
+engine is fast and each small file still costs Python work. GPU time is scarce, so this benchmark puts a
+stand-in for the device in the real pipeline (``Protector.run``: decoding, labels, batching, rounding to
+the files' levels, metadata, atomic PNG writes): a "transform" that waits ``--engine-ms`` per image with
+the GIL released, as a thread waiting on a GPU does. The rest of ``Protector._compute`` runs for real on
+the CPU (the labelling and confidence models are stubbed: on a GPU they are part of the device's time).
+
+For each I/O mode (threads, processes) it reports files/s and the fraction of the stand-in engine's rate
+(``1000 / engine_ms`` images/s). Output: a table, then one JSON line.
+
+    python benchmarks/bench_pipeline.py --engine-ms 0.39 --files 2048     # ResNet-20 fp32 on an H100
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from preempt_cli import ForeBackConfig, Protector, RunOptions, collect_inputs
+from preempt_cli.device import default_io_workers
+from preempt_cli.models import ImageModel
+from preempt_cli.registry import ModelConfig, Source
+
+REPO = Path(__file__).resolve().parents[1]
+CIFAR = REPO.parent / "shared" / "data" / "cifar10" / "test"
+
+
+class StandInEngine(Protector):
+    """A Protector whose device work is a wait of ``engine_ms`` per image (GIL released)."""
+
+    def __init__(self, engine_ms: float) -> None:
+        net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(10))
+        net(torch.zeros(1, 3, 32, 32))
+        config = ModelConfig(name="stand-in", arch="stand_in", source=Source("file", "none"), dataset="cifar10",
+                             input_size=(3, 32, 32), num_classes=10)  # fmt: skip
+        super().__init__(ImageModel(net, config).eval(), labels="backbone", config=ForeBackConfig(samples=1))
+        self.engine_ms = engine_ms
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(x.shape[0], dtype=torch.long)
+
+    def confidence(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.ones(x.shape[0])
+
+    def transform(self, x: torch.Tensor, y: torch.Tensor, noise_seeds: Sequence[int] | None = None) -> torch.Tensor:
+        time.sleep(self.engine_ms * x.shape[0] / 1000)
+        return x
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    sources = sorted(CIFAR.glob("*/*.png"))
+    if not sources:
+        raise SystemExit(f"no CIFAR-10 test PNGs under {CIFAR}")
+    protector = StandInEngine(args.engine_ms)
+    engine_rate = 1000 / args.engine_ms
+    results: dict[str, Any] = {"benchmark": "bench_pipeline", "engine_ms": args.engine_ms,
+                               "engine_images_per_s": round(engine_rate, 1), "files": args.files,
+                               "batch_size": args.batch_size, "workers": args.workers,
+                               "cpus": len(os.sched_getaffinity(0)), "modes": {}}  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
+        folder = Path(tmp) / "in"
+        folder.mkdir()
+        for i in range(args.files):
+            shutil.copy2(sources[i % len(sources)], folder / f"{i:05d}.png")
+        items = collect_inputs([folder])
+        for io in args.io:
+            options = RunOptions(out_dir=Path(tmp) / io, overwrite=True, batch_size=args.batch_size,
+                                 workers=args.workers, io=io)  # fmt: skip
+            times = []
+            for run_index in range(args.repeats + 1):  # the first run warms up (and starts the processes)
+                start = time.perf_counter()
+                statuses = [r.status for r in protector.run(items, options)]
+                if run_index:
+                    times.append(time.perf_counter() - start)
+            assert statuses.count("done") == args.files, statuses[:3]
+            rate = args.files / statistics.median(times)
+            results["modes"][io] = {"files_per_s": round(rate, 1), "runs_s": [round(t, 3) for t in times],
+                                    "fraction_of_engine": round(rate / engine_rate, 3)}  # fmt: skip
+            print(f"[bench] {io}: {rate:.0f} files/s", file=sys.stderr, flush=True)
+    protector.close()
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--engine-ms", type=float, default=0.39, help="stand-in engine time per image (default 0.39: "
+                   "ResNet-20 fp32 on an H100)")  # fmt: skip
+    p.add_argument("--files", type=int, default=2048)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=default_io_workers())
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--io", default="threads,processes", help="comma-separated I/O modes")
+    args = p.parse_args(argv)
+    args.io = [m.strip() for m in args.io.split(",") if m.strip()]
+    torch.set_num_threads(1)  # the stand-in needs none; leave the CPUs to the pipeline
+    results = run(args)
+    print(f"pipeline vs a stand-in engine of {args.engine_ms} ms/image ({results['engine_images_per_s']} images/s), "
+          f"{args.files} 32x32 PNGs, batch {args.batch_size}, {args.workers} I/O workers, {results['cpus']} CPUs")
+    print(f"{'I/O':<10} {'files/s':>9} {'of engine':>10}")
+    for io, r in results["modes"].items():
+        print(f"{io:<10} {r['files_per_s']:>9.0f} {r['fraction_of_engine']:>10.2f}")
+    print(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
