@@ -408,3 +408,55 @@ def test_io_in_processes_writes_what_threads_write(tmp_path: Path, registry: Pat
         assert (tmp_path / "threads" / name).read_bytes() == (tmp_path / "processes" / name).read_bytes()
     with pytest.raises(ConfigError, match="--io"):
         RunOptions(io="fibers")
+
+
+@pytest.mark.parametrize("io", ["threads", "processes"])
+def test_a_failing_batch_fails_its_files_and_the_run_goes_on(tmp_path: Path, tiny_backbone, io: str,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    from preempt_cli import ForeBackConfig, Protector, collect_inputs
+
+    _images(tmp_path / "in" / "small", n=3, size=(32, 32))
+    _images(tmp_path / "in" / "large", n=2, size=(48, 40))  # another size: a batch of its own
+    real_compute = Protector._compute
+
+    def compute(self: Protector, batch: list) -> list:
+        if batch[0].picture.size == (48, 40):
+            raise RuntimeError("boom")
+        return real_compute(self, batch)
+
+    monkeypatch.setattr(Protector, "_compute", compute)
+    with Protector(tiny_backbone, labels="backbone", config=ForeBackConfig(samples=2)) as protector:
+        results = list(protector.run(collect_inputs([tmp_path / "in"]), RunOptions(out_dir=tmp_path / "out", io=io,
+                                                                                  workers=2)))  # fmt: skip
+    by_folder = {(r.input.parent.name, r.status) for r in results}
+    assert by_folder == {("small", "done"), ("large", "failed")} and len(results) == 5
+    assert all(r.reason == "processing failed: RuntimeError: boom" for r in results if r.status == "failed")
+    assert sorted(p.name for p in (tmp_path / "out").rglob("*.png")) == [f"img{i}.protected.png" for i in range(3)]
+    assert protector._processes is None  # closed on leaving the with block
+
+
+def test_io_auto_falls_back_to_threads_when_processes_cannot_start(tmp_path: Path, tiny_backbone,
+                                                                   monkeypatch: pytest.MonkeyPatch, caplog) -> None:  # fmt: skip
+    import preempt_cli.protect as protect_module
+    from preempt_cli import ForeBackConfig, Protector, collect_inputs
+
+    class NoProcesses:  # a sandbox that forbids new processes
+        def __init__(self, *args, **kwargs) -> None:
+            pass
+
+        def submit(self, *args, **kwargs):
+            raise PermissionError("operation not permitted")
+
+        def shutdown(self, **kwargs) -> None:
+            pass
+
+    monkeypatch.setattr(protect_module, "ProcessPoolExecutor", NoProcesses)
+    monkeypatch.setattr(Protector, "_io_processes", lambda self, options: options.io != "threads")  # as on a GPU
+    _images(tmp_path / "in", n=3)
+    protector = Protector(tiny_backbone, labels="backbone", config=ForeBackConfig(samples=2))
+    results = list(protector.run(collect_inputs([tmp_path / "in"]), RunOptions(out_dir=tmp_path / "out", io="auto")))
+    assert [r.status for r in results] == ["done"] * 3
+    assert "using threads" in caplog.text
+    with pytest.raises(ConfigError, match="cannot start worker processes"):
+        list(protector.run(collect_inputs([tmp_path / "in"]), RunOptions(out_dir=tmp_path / "out", io="processes",
+                                                                        overwrite=True)))  # fmt: skip

@@ -386,8 +386,9 @@ class Protector:
                 todo.append(item)
         if not todo:
             return
-        if self._io_processes(options):
-            yield from self._run_pipeline(todo, outputs, options, _ProcessIO(self, options, self._process_pool(options)))
+        processes = self._process_pool(options) if self._io_processes(options) else None
+        if processes is not None:
+            yield from self._run_pipeline(todo, outputs, options, _ProcessIO(self, options, processes))
             return
         with ThreadPoolExecutor(options.workers, thread_name_prefix="preempt-io") as pool:
             yield from self._run_pipeline(todo, outputs, options, _ThreadIO(self, options, pool))
@@ -397,18 +398,32 @@ class Protector:
             return self.device.type == "cuda" and options.workers >= 4
         return options.io == "processes"
 
-    def _process_pool(self, options: RunOptions) -> ProcessPoolExecutor:
-        """Worker processes for decoding and encoding, started once and kept for later runs."""
+    def _process_pool(self, options: RunOptions) -> ProcessPoolExecutor | None:
+        """Worker processes for decoding and encoding, started once and kept for later runs; None where
+        they cannot start and ``io`` is ``auto`` (the run then uses threads).
+
+        Raises:
+            ConfigError: ``io="processes"`` and no worker process starts.
+        """
         if self._processes is None or self._processes_size != options.workers:
             self.close()
             import multiprocessing
+            import os
 
             # forkserver: workers fork from a clean server process (no CUDA context, no threads of ours),
             # which imports the codecs once
             context = multiprocessing.get_context("forkserver")
             context.set_forkserver_preload(["preempt_cli.imageio"])
-            self._processes = ProcessPoolExecutor(options.workers, mp_context=context)
-            self._processes_size = options.workers
+            pool = ProcessPoolExecutor(options.workers, mp_context=context)
+            try:
+                pool.submit(os.getpid).result(timeout=300)  # started, or why not
+            except Exception as e:
+                pool.shutdown(wait=False, cancel_futures=True)
+                if options.io == "processes":
+                    raise ConfigError(f"--io processes: cannot start worker processes ({type(e).__name__}: {e})") from e
+                _logger.warning("cannot start I/O worker processes (%s: %s); using threads", type(e).__name__, e)
+                return None
+            self._processes, self._processes_size = pool, options.workers
         return self._processes
 
     def close(self) -> None:
@@ -416,6 +431,12 @@ class Protector:
         if self._processes is not None:
             self._processes.shutdown(wait=True, cancel_futures=True)
             self._processes = None
+
+    def __enter__(self) -> "Protector":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _run_pipeline(self, todo: list[InputFile], outputs: dict[InputFile, Path], options: RunOptions,
                       io: "_ThreadIO | _ProcessIO") -> Iterator[FileResult]:  # fmt: skip
