@@ -156,6 +156,19 @@ def tiny_classifier() -> ImageModel:
     return make_tiny_model(1, name="tiny-classifier").to(TEST_DEVICE)
 
 
+def write_random_pngs(folder: Path, n: int = 4, size: tuple[int, int] = (32, 32), *, name: str = "img{i}.png",
+                      seed: int = 0) -> list[Path]:  # fmt: skip
+    """``n`` RGB PNGs of random pixels, ``size`` = (width, height), named ``name.format(i=i)``, in ``folder``."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        p = folder / name.format(i=i)
+        Image.fromarray(rng.integers(0, 256, (*size[::-1], 3), dtype=np.uint8)).save(p)
+        paths.append(p)
+    return paths
+
+
 # -- shared data -------------------------------------------------------------------------------------------
 
 

@@ -13,7 +13,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from conftest import TEST_DEVICE_ARG
+from conftest import TEST_DEVICE_ARG, write_random_pngs
 from preempt_cli.cli import app
 from preempt_cli.errors import ConfigError
 from preempt_cli.models import create_arch
@@ -56,15 +56,7 @@ sha256 = "{hashlib.sha256((root / "labeller.safetensors").read_bytes()).hexdiges
     return root / "models.toml"
 
 
-def _images(folder: Path, n: int = 4, size: tuple[int, int] = (32, 32)) -> list[Path]:
-    rng = np.random.default_rng(0)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(n):
-        p = folder / f"img{i}.png"
-        Image.fromarray(rng.integers(0, 256, (*size[::-1], 3), dtype=np.uint8)).save(p)
-        paths.append(p)
-    return paths
+_images = write_random_pngs
 
 
 def _digest(paths: list[Path]) -> dict[Path, str]:

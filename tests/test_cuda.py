@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import CIFAR10_CLASSES, load_cifar_images, make_tiny_model
+from conftest import CIFAR10_CLASSES, load_cifar_images, make_tiny_model, write_random_pngs
 from preempt_cli import ForeBackConfig, Protector, RunOptions, collect_inputs, load_model
 from preempt_cli.device import resolve_devices
 from preempt_cli.engine import FastPreemption
@@ -150,15 +150,8 @@ def test_compiled_backbone_on_cuda_matches_eager(mode: str, batch) -> None:
     assert min(shares) > 0.99, shares
 
 
-def _pngs(folder: Path, n: int, size: tuple[int, int] = (32, 32), seed: int = 0) -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    paths = []
-    for i in range(n):
-        p = folder / f"img{i:02d}.png"
-        Image.fromarray(rng.integers(0, 256, (*size[::-1], 3), dtype=np.uint8)).save(p)
-        paths.append(p)
-    return paths
+def _pngs(folder: Path, n: int) -> list[Path]:
+    return write_random_pngs(folder, n, name="img{i:02d}.png")
 
 
 def test_file_pipeline_on_cuda_writes_budgeted_pngs(tmp_path: Path, resnet20) -> None:
