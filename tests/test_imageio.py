@@ -14,7 +14,7 @@ from PIL import Image, features
 
 from preempt_cli import imageio
 from preempt_cli.errors import ImageReadError, ImageWriteError
-from preempt_cli.imageio import Picture, quantize, read_image, read_png_text, write_png
+from preempt_cli.imageio import Picture, quantize, quantize_batch, read_image, read_png_text, write_png
 
 #: Mode each shared photo must keep (the JPEGs are RGB).
 PHOTO_MODES = {
@@ -471,3 +471,16 @@ def test_picture_with_color_checks_shape() -> None:
         pic.with_color(np.ones((4, 5, 3), np.uint16))
     with pytest.raises(ValueError):
         pic.with_color(np.ones((5, 4, 3), np.uint8))
+
+
+@pytest.mark.parametrize("dtypes", [("u1", "u1", "u1"), ("u2", "u2"), ("u1", "u2", "u1")], ids=["8-bit", "16-bit", "mixed"])
+def test_quantize_batch_equals_quantize_per_image(dtypes: tuple[str, ...]) -> None:
+    rng = np.random.default_rng(3)
+    refs = [rng.integers(0, np.iinfo(d).max + 1, (5, 7, 1), dtype=d) for d in dtypes]
+    x = torch.stack([torch.from_numpy(r.astype(np.float32) / np.iinfo(r.dtype).max).permute(2, 0, 1) for r in refs])
+    x = (x + torch.empty_like(x).uniform_(-0.05, 0.05, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    levels, saved = quantize_batch(x, refs, 8 / 255)
+    for i, r in enumerate(refs):
+        expected = quantize(x[i], r, 8 / 255)
+        assert levels[i].dtype == r.dtype and np.array_equal(levels[i], expected)
+        assert torch.equal(saved[i], torch.from_numpy(expected.astype(np.float32)).permute(2, 0, 1) / np.iinfo(r.dtype).max)
