@@ -52,8 +52,9 @@ METADATA_KEY = "preempt"
 
 #: Image elements (samples x C x H x W) per batch by default: 16 CIFAR images x 20 samples on CPU, where
 #: larger batches get memory-bound (measured: 62 ms/image at 16, 76 at 32, 100+ at 50 with ResNet-20 on
-#: 2 cores), and 16x that on a GPU (256 CIFAR images: PreActResNet-18 then needs ~36 GB in fp32; larger
-#: models run out of memory and back off to half the batch).
+#: 2 cores), and 16x that on a GPU (256 CIFAR images: PreActResNet-18 then took 17 GiB in fp32 on an
+#: H100, and the rate was flat from 64 to 512 images; larger models that run out of memory back off to
+#: half the batch).
 _CPU_BATCH_ELEMENTS = 16 * 20 * 3 * 32 * 32
 _GPU_BATCH_ELEMENTS = 16 * _CPU_BATCH_ELEMENTS
 
@@ -92,7 +93,7 @@ class RunOptions:
     overwrite: bool = False
     batch_size: int | None = None  # images per batch at the backbone's input size; None = automatic
     max_pixels: int = DEFAULT_MAX_PIXELS
-    workers: int = field(default_factory=default_io_workers)  # decode/encode threads
+    workers: int = field(default_factory=default_io_workers)  # decoding/encoding threads or processes
     #: flush each output to disk before it is renamed into place; off, a power loss can leave empty
     #: outputs (which a re-run redoes), and slow disks stop limiting a fast GPU
     fsync: bool = True
