@@ -72,7 +72,9 @@ MaxPixelsOpt = Annotated[
     int, typer.Option("--max-pixels", help="Refuse larger images (decompression-bomb protection).")
 ]
 WorkersOpt = Annotated[
-    Optional[int], typer.Option("--workers", help="Threads decoding and encoding images (default: one per CPU, 2 to 8).")
+    Optional[int],
+    typer.Option("--workers", help="Threads or processes (--io) decoding and encoding images (default: one per CPU, "
+                 "2 to 8)."),
 ]
 FsyncOpt = Annotated[
     bool,
