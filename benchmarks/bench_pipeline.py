@@ -9,7 +9,11 @@ the GIL released, as a thread waiting on a GPU does. The rest of ``Protector._co
 the CPU (the labelling and confidence models are stubbed: on a GPU they are part of the device's time).
 
 For each I/O mode (threads, processes) it reports files/s and the fraction of the stand-in engine's rate
-(``1000 / engine_ms`` images/s). Output: a table, then one JSON line.
+(``1000 / engine_ms`` images/s), and the CPU time per file of the main process (all its threads: they share
+one GIL) and, with ``--io processes``, of the worker processes. Those two say what a machine with more
+CPUs than this one can reach: at most ``1000 / main_ms`` files/s from the main process, and
+``workers * 1000 / worker_ms`` from the workers when each has a CPU of its own (a projection, printed as
+such, not a measurement). Output: a table, then one JSON line.
 
     python benchmarks/bench_pipeline.py --engine-ms 0.39 --files 2048     # ResNet-20 fp32 on an H100
 """
@@ -60,6 +64,21 @@ class StandInEngine(Protector):
         return x
 
 
+def workers_cpu_s(protector: Protector) -> float:
+    """CPU seconds (user + system) used so far by the protector's I/O worker processes (0 without any)."""
+    pool = protector._processes
+    if pool is None:
+        return 0.0
+    total = 0
+    for pid in list(getattr(pool, "_processes", None) or {}):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # not Linux, or the worker is gone
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     sources = sorted(CIFAR.glob("*/*.png"))
     if not sources:
@@ -79,16 +98,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for io in args.io:
             options = RunOptions(out_dir=Path(tmp) / io, overwrite=True, batch_size=args.batch_size,
                                  workers=args.workers, io=io)  # fmt: skip
-            times = []
+            times, main_cpu, worker_cpu = [], [], []
             for run_index in range(args.repeats + 1):  # the first run warms up (and starts the processes)
-                start = time.perf_counter()
+                workers_before = workers_cpu_s(protector)
+                cpu_start, start = time.process_time(), time.perf_counter()
                 statuses = [r.status for r in protector.run(items, options)]
                 if run_index:
                     times.append(time.perf_counter() - start)
+                    main_cpu.append(time.process_time() - cpu_start)
+                    worker_cpu.append(workers_cpu_s(protector) - workers_before)
             assert statuses.count("done") == args.files, statuses[:3]
             rate = args.files / statistics.median(times)
-            results["modes"][io] = {"files_per_s": round(rate, 1), "runs_s": [round(t, 3) for t in times],
-                                    "fraction_of_engine": round(rate / engine_rate, 3)}  # fmt: skip
+            main_ms = 1000 * statistics.median(main_cpu) / args.files
+            mode: dict[str, Any] = {"files_per_s": round(rate, 1), "runs_s": [round(t, 3) for t in times],
+                                    "fraction_of_engine": round(rate / engine_rate, 3),
+                                    "main_process_cpu_ms_per_file": round(main_ms, 4)}  # fmt: skip
+            if io == "processes":
+                worker_ms = 1000 * statistics.median(worker_cpu) / args.files
+                mode["workers_cpu_ms_per_file"] = round(worker_ms, 4)
+                # with a CPU per worker and one for the main process: the slower of the two sides
+                ceiling = min(1000 / main_ms, args.workers * 1000 / worker_ms if worker_ms else float("inf"))
+                mode["projected_files_per_s"] = round(min(ceiling, engine_rate), 1)
+                mode["projected_fraction_of_engine"] = round(mode["projected_files_per_s"] / engine_rate, 3)
+            results["modes"][io] = mode
             print(f"[bench] {io}: {rate:.0f} files/s", file=sys.stderr, flush=True)
     protector.close()
     return results
@@ -109,9 +141,16 @@ def main(argv: list[str] | None = None) -> int:
     results = run(args)
     print(f"pipeline vs a stand-in engine of {args.engine_ms} ms/image ({results['engine_images_per_s']} images/s), "
           f"{args.files} 32x32 PNGs, batch {args.batch_size}, {args.workers} I/O workers, {results['cpus']} CPUs")
-    print(f"{'I/O':<10} {'files/s':>9} {'of engine':>10}")
+    print(f"{'I/O':<10} {'files/s':>9} {'of engine':>10} {'main CPU ms/file':>17} {'workers CPU ms/file':>20}"
+          f" {'projected files/s':>18}")  # fmt: skip
     for io, r in results["modes"].items():
-        print(f"{io:<10} {r['files_per_s']:>9.0f} {r['fraction_of_engine']:>10.2f}")
+        workers = f"{r['workers_cpu_ms_per_file']:.3f}" if "workers_cpu_ms_per_file" in r else "-"
+        projected = (f"{r['projected_files_per_s']:.0f} ({r['projected_fraction_of_engine']:.2f})"
+                     if "projected_files_per_s" in r else "-")  # fmt: skip
+        print(f"{io:<10} {r['files_per_s']:>9.0f} {r['fraction_of_engine']:>10.2f} "
+              f"{r['main_process_cpu_ms_per_file']:>17.3f} {workers:>20} {projected:>18}")
+    print(f"projected: with a CPU for each of the {args.workers} workers and one for the main process "
+          "(engine rate the cap); not a measurement")
     print(json.dumps(results))
     return 0
 

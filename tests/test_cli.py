@@ -13,7 +13,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from conftest import TEST_DEVICE_ARG, write_random_pngs
+from conftest import TEST_DEVICE, TEST_DEVICE_ARG, write_random_pngs
 from preempt_cli.cli import app
 from preempt_cli.errors import ConfigError
 from preempt_cli.models import create_arch
@@ -400,6 +400,39 @@ def test_io_in_processes_writes_what_threads_write(tmp_path: Path, registry: Pat
         assert (tmp_path / "threads" / name).read_bytes() == (tmp_path / "processes" / name).read_bytes()
     with pytest.raises(ConfigError, match="--io"):
         RunOptions(io="fibers")
+
+
+def test_files_hold_what_the_tensor_api_gives_their_batch(tmp_path: Path, tiny_backbone) -> None:
+    """The file pipeline (integer levels sent to the device in one batch, rounded there) writes exactly
+    what the tensor API gives the same batch, for 8-bit colour and for a batch mixing 8- and 16-bit gray."""
+    from preempt_cli import ForeBackConfig, Protector, collect_inputs
+    from preempt_cli.imageio import quantize, read_image
+    from preempt_cli.protect import content_seed
+
+    rng = np.random.default_rng(7)
+    write_random_pngs(tmp_path / "in" / "rgb", n=3)
+    gray = tmp_path / "in" / "gray"
+    gray.mkdir()
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (32, 32), dtype=np.uint8)).save(gray / f"g8-{i}.png")
+        Image.fromarray(rng.integers(0, 65536, (32, 32), dtype=np.uint16)).save(gray / f"g16-{i}.png")
+    items = collect_inputs([tmp_path / "in"])
+    protector = Protector(tiny_backbone, labels="backbone", config=ForeBackConfig(samples=2), seed=4)
+    results = list(protector.run(items, RunOptions(out_dir=tmp_path / "out", batch_size=64, workers=2)))
+    assert [r.status for r in results] == ["done"] * 7
+
+    written = {r.input: read_image(r.output) for r in results}
+    for folder in ("rgb", "gray"):  # one batch each, in the order the files were found
+        pictures = [read_image(i.path) for i in items if i.path.parent.name == folder]
+        assert {p.color.dtype for p in pictures} == ({np.dtype("uint8")} if folder == "rgb" else
+                                                     {np.dtype("uint8"), np.dtype("uint16")})  # fmt: skip
+        x = torch.stack([p.to_tensor() for p in pictures]).to(TEST_DEVICE)
+        y = protector.predict(x).clone()
+        out = protector.transform(x, y, noise_seeds=[content_seed(p.color) for p in pictures])
+        for i, picture in enumerate(pictures):
+            expected = quantize(out[i], picture.color, protector.config.eps)
+            got = written[picture.path].color
+            assert got.dtype == picture.color.dtype and np.array_equal(got, expected), picture.path.name
 
 
 @pytest.mark.parametrize("io", ["threads", "processes"])

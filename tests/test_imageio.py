@@ -14,7 +14,16 @@ from PIL import Image, features
 
 from preempt_cli import imageio
 from preempt_cli.errors import ImageReadError, ImageWriteError
-from preempt_cli.imageio import Picture, quantize, quantize_batch, read_image, read_png_text, write_png
+from preempt_cli.imageio import (
+    Picture,
+    levels_to_float,
+    quantize,
+    quantize_batch,
+    read_image,
+    read_png_text,
+    stack_levels,
+    write_png,
+)
 
 #: Mode each shared photo must keep (the JPEGs are RGB).
 PHOTO_MODES = {
@@ -479,8 +488,22 @@ def test_quantize_batch_equals_quantize_per_image(dtypes: tuple[str, ...]) -> No
     refs = [rng.integers(0, np.iinfo(d).max + 1, (5, 7, 1), dtype=d) for d in dtypes]
     x = torch.stack([torch.from_numpy(r.astype(np.float32) / np.iinfo(r.dtype).max).permute(2, 0, 1) for r in refs])
     x = (x + torch.empty_like(x).uniform_(-0.05, 0.05, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
-    levels, saved = quantize_batch(x, refs, 8 / 255)
-    for i, r in enumerate(refs):
-        expected = quantize(x[i], r, 8 / 255)
-        assert levels[i].dtype == r.dtype and np.array_equal(levels[i], expected)
-        assert torch.equal(saved[i], torch.from_numpy(expected.astype(np.float32)).permute(2, 0, 1) / np.iinfo(r.dtype).max)
+    stacked = stack_levels(refs, "cpu")
+    assert (stacked is None) == (len(set(dtypes)) > 1)  # one integer width per batch
+    for reference_levels in (None, stacked):
+        levels, saved = quantize_batch(x, refs, 8 / 255, reference_levels=reference_levels)
+        for i, r in enumerate(refs):
+            expected = quantize(x[i], r, 8 / 255)
+            assert levels[i].dtype == r.dtype and np.array_equal(levels[i], expected)
+            assert torch.equal(saved[i], torch.from_numpy(expected.astype(np.float32)).permute(2, 0, 1) / np.iinfo(r.dtype).max)
+
+
+@pytest.mark.parametrize("dtype", ["u1", "u2"])
+def test_stacked_levels_give_the_pictures_tensors(dtype: str) -> None:
+    rng = np.random.default_rng(5)
+    pictures = [Picture(Path(f"{i}.png"), rng.integers(0, np.iinfo(dtype).max + 1, (6, 4, 3), dtype=dtype), None,
+                        "RGB", "RGB", "PNG") for i in range(3)]  # fmt: skip
+    stacked = stack_levels([p.color for p in pictures], "cpu")
+    assert stacked.shape == (3, 3, 6, 4) and not stacked.is_floating_point()
+    x = levels_to_float(stacked, pictures[0].max_value)
+    assert x.is_contiguous() and torch.equal(x, torch.stack([p.to_tensor() for p in pictures]))

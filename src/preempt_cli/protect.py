@@ -37,7 +37,7 @@ from . import __version__
 from .engine import FastPreemption, ForeBackConfig
 from .device import default_io_workers
 from .errors import ConfigError, ImageReadError, LabelError, PreemptError
-from .imageio import DEFAULT_MAX_PIXELS, Picture, quantize_batch, read_image, write_png
+from .imageio import DEFAULT_MAX_PIXELS, Picture, levels_to_float, quantize_batch, read_image, stack_levels, write_png
 from .inputs import OUTPUT_MARKERS, InputFile, assign_outputs, in_shard
 from .labels import LabelMap, folder_label, resolve_label
 from .models import ImageModel
@@ -308,16 +308,20 @@ class Protector:
 
     def _compute(self, batch: list[_Pending]) -> list[tuple[np.ndarray, float, float, int]]:
         """Transform one equal-shape batch; returns per image (levels, conf before, conf after, label)."""
-        x = torch.stack([p.picture.to_tensor() for p in batch])
-        if self.device.type == "cuda":
-            x = x.pin_memory()
-        x = x.to(self.device, non_blocking=True)
+        colors = [p.picture.color for p in batch]
+        reference = stack_levels(colors, self.device)  # None: 8- and 16-bit pictures of one size
+        if reference is not None:
+            x = levels_to_float(reference, batch[0].picture.max_value)
+        else:
+            x = torch.stack([p.picture.to_tensor() for p in batch]).to(self.device)
         known = [p.label for p in batch]
-        y = self.predict(x) if any(lab is None for lab in known) else None
-        y = torch.tensor([k if k is not None else int(y[i]) for i, k in enumerate(known)], device=self.device)
+        if None in known:  # labels from a model: for every file of a run (see _file_label)
+            y = self.predict(x).clone()  # a normal tensor (autograd refuses inference ones), left on the device
+        else:
+            y = torch.tensor(known, device=self.device)
         before = self.confidence(x, y)
-        x_new = self.transform(x, y, noise_seeds=[content_seed(p.picture.color) for p in batch])
-        levels, saved = quantize_batch(x_new, [p.picture.color for p in batch], self.config.eps)
+        x_new = self.transform(x, y, noise_seeds=[content_seed(c) for c in colors])
+        levels, saved = quantize_batch(x_new, colors, self.config.eps, reference_levels=reference)
         after = self.confidence(saved, y)
         return [(lv, b, a, lab) for lv, b, a, lab in zip(levels, before.tolist(), after.tolist(), y.tolist())]
 
