@@ -5,7 +5,7 @@ The Python API (the ``preempt`` command is a thin layer over it)::
     from preempt_cli import load_model, Protector, ForeBackConfig, collect_inputs, RunOptions
 """
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 from .engine import PRESETS, FastPreemption, ForeBackConfig, parse_eps  # noqa: E402
 from .errors import PreemptError  # noqa: E402
