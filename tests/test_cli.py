@@ -402,6 +402,42 @@ def test_io_in_processes_writes_what_threads_write(tmp_path: Path, registry: Pat
         RunOptions(io="fibers")
 
 
+_IMPORTED_IN_WORKER = "sorted(m for m in ('torch', 'preempt_cli.cli', 'preempt_cli.protect') if m in __import__('sys').modules)"
+
+
+def test_io_worker_processes_start_without_torch(tiny_backbone) -> None:
+    from preempt_cli import Protector
+
+    with Protector(tiny_backbone, labels="backbone") as protector:
+        pool = protector._process_pool(RunOptions(io="processes", workers=1))
+        assert pool.submit(eval, _IMPORTED_IN_WORKER).result(timeout=120) == []
+
+
+def test_the_preempt_launcher_is_not_run_again_in_io_workers(tmp_path: Path) -> None:
+    """pip's ``preempt`` launcher imports the CLI (and so torch): the I/O workers must not run it again."""
+    import subprocess
+    import sys
+
+    launcher = tmp_path / "preempt"  # what pip writes for [project.scripts], plus a look into a worker
+    launcher.write_text(f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from preempt_cli.cli import main
+if __name__ == "__main__":
+    from preempt_cli.cli import _launched_as_the_package
+    from conftest import make_tiny_model
+    from preempt_cli import Protector, RunOptions
+    _launched_as_the_package()  # what main() does first
+    with Protector(make_tiny_model(0), labels="backbone") as protector:
+        pool = protector._process_pool(RunOptions(io="processes", workers=1))
+        print(pool.submit(eval, {_IMPORTED_IN_WORKER!r}).result(timeout=120))
+    print(getattr(sys.modules["__main__"].__spec__, "name", None))
+""")
+    done = subprocess.run([sys.executable, str(launcher)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["[]", "preempt_cli.__main__"]
+
+
 def test_files_hold_what_the_tensor_api_gives_their_batch(tmp_path: Path, tiny_backbone) -> None:
     """The file pipeline (integer levels sent to the device in one batch, rounded there) writes exactly
     what the tensor API gives the same batch, for 8-bit colour and for a batch mixing 8- and 16-bit gray."""

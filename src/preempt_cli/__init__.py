@@ -3,36 +3,59 @@
 The Python API (the ``preempt`` command is a thin layer over it)::
 
     from preempt_cli import load_model, Protector, ForeBackConfig, collect_inputs, RunOptions
+
+The names below load their module on first use (PEP 562), so that importing one torch-free module of
+the package (``preempt_cli.imageio`` in the I/O worker processes) does not import torch.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.4.0"
 
-from .engine import PRESETS, FastPreemption, ForeBackConfig, parse_eps  # noqa: E402
-from .errors import PreemptError  # noqa: E402
-from .imageio import Picture, read_image, write_png  # noqa: E402
-from .inputs import InputFile, collect_inputs  # noqa: E402
-from .models import ImageModel, load_model  # noqa: E402
-from .protect import FileResult, Protector, RunOptions  # noqa: E402
-from .registry import ModelConfig, get_model_config, list_models  # noqa: E402
+#: public name -> the module that defines it
+_EXPORTS = {
+    "PRESETS": "engine",
+    "FastPreemption": "engine",
+    "ForeBackConfig": "engine",
+    "parse_eps": "engine",
+    "PreemptError": "errors",
+    "Picture": "imageio",
+    "read_image": "imageio",
+    "write_png": "imageio",
+    "InputFile": "inputs",
+    "collect_inputs": "inputs",
+    "ImageModel": "models",
+    "load_model": "models",
+    "FileResult": "protect",
+    "Protector": "protect",
+    "RunOptions": "protect",
+    "ModelConfig": "registry",
+    "get_model_config": "registry",
+    "list_models": "registry",
+}
 
-__all__ = [
-    "__version__",
-    "PRESETS",
-    "FastPreemption",
-    "ForeBackConfig",
-    "parse_eps",
-    "PreemptError",
-    "Picture",
-    "read_image",
-    "write_png",
-    "InputFile",
-    "collect_inputs",
-    "ImageModel",
-    "load_model",
-    "FileResult",
-    "Protector",
-    "RunOptions",
-    "ModelConfig",
-    "get_model_config",
-    "list_models",
-]
+__all__ = ["__version__", *_EXPORTS]
+
+if TYPE_CHECKING:
+    from .engine import PRESETS, FastPreemption, ForeBackConfig, parse_eps
+    from .errors import PreemptError
+    from .imageio import Picture, read_image, write_png
+    from .inputs import InputFile, collect_inputs
+    from .models import ImageModel, load_model
+    from .protect import FileResult, Protector, RunOptions
+    from .registry import ModelConfig, get_model_config, list_models
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

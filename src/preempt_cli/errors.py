@@ -23,6 +23,7 @@ __all__ = [
     "ImageWriteError",
     "LabelError",
     "MissingDependencyError",
+    "reason_of",
 ]
 
 
@@ -155,3 +156,10 @@ class MissingDependencyError(PreemptError, ImportError):
     def __init__(self, package: str, feature: str) -> None:
         self.package = package
         super().__init__(f"{feature} needs the package {package!r}: pip install {package}")
+
+
+def reason_of(error: Exception, path: Path) -> str:
+    """``error``'s message for a report line that already names ``path`` (its ``path: `` prefix removed)."""
+    reason = getattr(error, "reason", None) or str(error)
+    prefix = f"{path}: "
+    return reason[len(prefix) :] if reason.startswith(prefix) else reason

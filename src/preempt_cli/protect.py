@@ -36,8 +36,19 @@ import torch
 from . import __version__
 from .engine import FastPreemption, ForeBackConfig
 from .device import default_io_workers
-from .errors import ConfigError, ImageReadError, LabelError, PreemptError
-from .imageio import DEFAULT_MAX_PIXELS, Picture, levels_to_float, quantize_batch, read_image, stack_levels, write_png
+from .errors import ConfigError, ImageReadError, LabelError, PreemptError, reason_of
+from .imageio import (
+    DEFAULT_MAX_PIXELS,
+    Picture,
+    levels_to_float,
+    level_distance,
+    quantize_batch,
+    read_image,
+    read_images,
+    stack_levels,
+    write_png,
+    write_pngs,
+)
 from .inputs import OUTPUT_MARKERS, InputFile, assign_outputs, in_shard
 from .labels import LabelMap, folder_label, resolve_label
 from .models import ImageModel
@@ -288,7 +299,7 @@ class Protector:
         try:
             picture: Picture | str = read_image(item.path, max_pixels=options.max_pixels)
         except ImageReadError as e:
-            picture = _reason(e, item.path)
+            picture = reason_of(e, item.path)
         return self._decoded(item, output, options, picture)
 
     def _decoded(self, item: InputFile, output: Path, options: RunOptions, picture: Picture | str) -> _Pending | FileResult:
@@ -301,7 +312,7 @@ class Protector:
                 return FileResult(item.path, "skipped", reason=f"already {self.kind} by preempt")
             return _Pending(item, output, picture, self._file_label(item), self._extra_metadata(meta))
         except LabelError as e:
-            return FileResult(item.path, "failed", reason=_reason(e, item.path))
+            return FileResult(item.path, "failed", reason=reason_of(e, item.path))
 
     def _extra_metadata(self, meta: dict[str, Any] | None) -> dict[str, Any]:
         return {}
@@ -347,8 +358,8 @@ class Protector:
         try:
             write_png(pending.output, pending.picture, levels, text, fsync=fsync)
         except PreemptError as e:
-            return FileResult(pending.item.path, "failed", reason=_reason(e, pending.output))
-        return self._written(pending, label, before, after, seconds, _linf_levels(levels, pending.picture.color))
+            return FileResult(pending.item.path, "failed", reason=reason_of(e, pending.output))
+        return self._written(pending, label, before, after, seconds, level_distance(levels, pending.picture.color))
 
     def _output_text(self, pending: _Pending, label: int) -> dict[str, str]:
         """The PNG text chunks of an output: preempt's metadata as JSON."""
@@ -416,9 +427,10 @@ class Protector:
             import os
 
             # forkserver: workers fork from a clean server process (no CUDA context, no threads of ours),
-            # which imports the codecs once
+            # which imports the codecs once (without torch: see imageio), and the caller's main module
+            # once, not once per worker (not at all for the ``preempt`` command: see cli.main)
             context = multiprocessing.get_context("forkserver")
-            context.set_forkserver_preload(["preempt_cli.imageio"])
+            context.set_forkserver_preload(["__main__", "preempt_cli.imageio"])
             pool = ProcessPoolExecutor(options.workers, mp_context=context)
             try:
                 pool.submit(os.getpid).result(timeout=300)  # started, or why not
@@ -569,7 +581,7 @@ class _ProcessIO:
         self.protector, self.options, self.pool = protector, options, pool
 
     def decode(self, items: list[tuple[InputFile, Path]]) -> list[_Part]:
-        future = self.pool.submit(_decode_files, [str(item.path) for item, _ in items], self.options.max_pixels)
+        future = self.pool.submit(read_images, [str(item.path) for item, _ in items], self.options.max_pixels)
         return [_Part(future, i, partial(self.protector._decoded, item, output, self.options), item.path)
                 for i, (item, output) in enumerate(items)]  # fmt: skip
 
@@ -580,7 +592,7 @@ class _ProcessIO:
             chunk = jobs[start : start + size]
             tasks = [(p.output, p.picture, levels, self.protector._output_text(p, label), self.options.fsync)
                      for p, levels, _, _, label, _ in chunk]  # fmt: skip
-            future = self.pool.submit(_encode_files, tasks)
+            future = self.pool.submit(write_pngs, tasks)
             parts += [_Part(future, i, partial(self._finish_write, *job), job[0].item.path) for i, job in enumerate(chunk)]
         return parts
 
@@ -590,41 +602,6 @@ class _ProcessIO:
         if error is not None:
             return FileResult(p.item.path, "failed", reason=error)
         return self.protector._written(p, label, before, after, seconds, linf_levels)
-
-
-def _decode_files(paths: list[str], max_pixels: int) -> list[Picture | str]:
-    """(In a worker process.) Each file decoded, or the reason it could not be."""
-    out: list[Picture | str] = []
-    for name in paths:
-        try:
-            out.append(read_image(Path(name), max_pixels=max_pixels))
-        except ImageReadError as e:
-            out.append(_reason(e, Path(name)))
-    return out
-
-
-def _encode_files(tasks: list[tuple[Path, Picture, np.ndarray, dict[str, str], bool]]) -> list[tuple[str | None, int]]:
-    """(In a worker process.) Write each PNG; per file (the reason it failed or None, its L-inf in levels)."""
-    out: list[tuple[str | None, int]] = []
-    for output, picture, levels, text, fsync in tasks:
-        try:
-            write_png(output, picture, levels, text, fsync=fsync)
-            out.append((None, _linf_levels(levels, picture.color)))
-        except PreemptError as e:
-            out.append((_reason(e, output), 0))
-    return out
-
-
-def _linf_levels(levels: np.ndarray, color: np.ndarray) -> int:
-    diff = np.abs(levels.astype(np.int64) - color.astype(np.int64))
-    return int(diff.max()) if diff.size else 0
-
-
-def _reason(error: Exception, path: Path) -> str:
-    """An error's message without a repeated path prefix."""
-    reason = getattr(error, "reason", None) or str(error)
-    prefix = f"{path}: "
-    return reason[len(prefix) :] if reason.startswith(prefix) else reason
 
 
 def run_on_devices(protectors: Sequence[Protector], items: Iterable[InputFile],

@@ -3,6 +3,8 @@ one library call and prints; results on stdout, progress and errors on stderr)."
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from typing import Annotated, Optional
 
 import typer
@@ -46,7 +48,18 @@ def _root(
 
 def main() -> None:
     """Console entry point."""
+    _launched_as_the_package()
     app()
+
+
+def _launched_as_the_package() -> None:
+    # The ``preempt`` launcher script is ``python -m preempt_cli`` under another name. Saying so (a module
+    # spec on it) keeps multiprocessing from running the launcher again in each I/O worker process of
+    # ``--io processes``, where its ``import preempt_cli.cli`` would import torch: 1.5 s and hundreds of
+    # MB per worker that only read and write image files.
+    launcher = sys.modules.get("__main__")
+    if launcher is not None and getattr(launcher, "__spec__", None) is None and getattr(launcher, "main", None) is main:
+        launcher.__spec__ = importlib.util.find_spec("preempt_cli.__main__")
 
 
 __all__ = ["app", "main"]
