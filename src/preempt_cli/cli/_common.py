@@ -102,7 +102,13 @@ def handle_errors() -> Iterator[None]:
 
 def print_json(obj: Any) -> None:
     """One JSON object per line on stdout."""
-    sys.stdout.write(json.dumps(obj, sort_keys=False, default=str) + "\n")
+    print_line(json.dumps(obj, sort_keys=False, default=str))
+
+
+def print_line(text: str) -> None:
+    """One line on stdout, flushed (a pipeline downstream sees each result as it comes). Plain writes, not
+    rich's: rendering a line took ~35 us, a tenth of what an H100 spends on a small image."""
+    sys.stdout.write(text + "\n")
     sys.stdout.flush()
 
 

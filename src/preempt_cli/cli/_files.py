@@ -175,14 +175,15 @@ def _drive(results: Iterable[FileResult], total: int, *, verb: str, json_out: bo
             if json_out:
                 c.print_json(result.as_dict())
             elif result.status == "done":
-                c.stdout.print(str(result.output), markup=False)
+                c.print_line(str(result.output))
             if result.status == "failed":
                 c.error_line(f"{result.input}: {result.reason}")
             elif result.status == "skipped" and not quiet and not json_out:
                 _logger.info("skipped %s: %s", result.input, result.reason)
-            elapsed = time.perf_counter() - start
-            rate = counts["done"] / elapsed if elapsed > 0 else 0.0
-            progress.update(task, advance=1, rate=f"{rate:.1f} img/s")
+            if show_progress:
+                elapsed = time.perf_counter() - start
+                rate = counts["done"] / elapsed if elapsed > 0 else 0.0
+                progress.update(task, advance=1, rate=f"{rate:.1f} img/s")
     elapsed = time.perf_counter() - start
     if not quiet:
         rate = f" ({counts['done'] / elapsed:.1f} images/s)" if counts["done"] and elapsed > 0 else ""
