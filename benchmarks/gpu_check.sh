@@ -2,7 +2,8 @@
 # Everything a GPU session checks, in one run (device time is short; see benchmarks/RESULTS.md):
 #   1. the device-aware part of the test suite on CUDA (PREEMPT_TEST_DEVICE=cuda) and tests/test_cuda.py;
 #   2. benchmarks/bench_protect.py on CUDA (engine vs reference, batch/precision sweep, cudnn.benchmark,
-#      torch.compile, bf16 accuracy check, photos, end to end, Bi-Level).
+#      torch.compile, bf16 accuracy check, photos, end to end, Bi-Level);
+#   3. benchmarks/bench_pipeline.py (the file pipeline against a stand-in engine, on the machine's CPUs).
 #
 # Usage, from the repository root:  bash benchmarks/gpu_check.sh OUT_DIR [SHARED_COPY]
 #   OUT_DIR      where logs, the JUnit XML and the benchmark's JSON go
@@ -10,7 +11,7 @@
 #                gets only the repository); its site/ folder, if any, goes on PYTHONPATH (pyautoattack)
 # Runs from the source tree (PYTHONPATH=src): nothing is installed. Environment knobs, for a dry run on a
 # CPU: DEVICE (cuda), TESTS (the test files), BENCH_ARGS (extra benchmark arguments), TEST_TIMEOUT (210 s),
-# BENCH_TIMEOUT (330 s).
+# BENCH_TIMEOUT (330 s), PIPELINE_ARGS (bench_pipeline's arguments; "skip" for none).
 set -u -o pipefail
 OUT=${1:?usage: gpu_check.sh OUT_DIR [SHARED_COPY]}
 SHARED_COPY=${2:-}
@@ -47,3 +48,11 @@ timeout "${BENCH_TIMEOUT:-330}" "$PY" benchmarks/bench_protect.py --device "$DEV
     | tee "$OUT/bench_protect_$DEVICE.txt"
 echo "bench: exit ${PIPESTATUS[0]} after $(( $(date +%s) - start )) s" | tee -a "$OUT/bench_protect_$DEVICE.err"
 tail -5 "$OUT/bench_protect_$DEVICE.err"
+
+if [ "${PIPELINE_ARGS:-}" != "skip" ]; then
+    echo "== bench_pipeline (stand-in engine, this machine's CPUs)"
+    # shellcheck disable=SC2086
+    timeout 120 "$PY" benchmarks/bench_pipeline.py ${PIPELINE_ARGS:-} 2>"$OUT/bench_pipeline.err" \
+        | tee "$OUT/bench_pipeline.txt"
+    echo "pipeline: exit ${PIPESTATUS[0]}" | tee -a "$OUT/bench_pipeline.err"
+fi
