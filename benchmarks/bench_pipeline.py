@@ -64,6 +64,45 @@ class StandInEngine(Protector):
         return x
 
 
+class PipelineTrace:
+    """Where the wall time of ``Protector.run`` goes. The compute thread's spans split a run into: before
+    the first batch computes (``head``: decoding it), batches computing (``compute``), waits between
+    batches (``between``: the compute thread starved of full batches), and after the last batch
+    (``tail``: its files written). Wraps the protector's compute step on this one instance."""
+
+    def __init__(self, protector: Protector) -> None:
+        self.protector = protector
+        self.spans: list[tuple[float, float]] = []
+        compute = protector._timed_compute
+
+        def traced(batch: list) -> Any:
+            start = time.perf_counter()
+            try:
+                return compute(batch)
+            finally:
+                self.spans.append((start, time.perf_counter()))  # appends are atomic: no lock
+
+        protector._timed_compute = traced  # type: ignore[method-assign]
+
+    def run(self, items: list, options: RunOptions) -> tuple[list, dict[str, float]]:
+        """The run's results and its split in seconds (wall, head, compute, between, tail, batches)."""
+        self.spans.clear()
+        start = time.perf_counter()
+        results = list(self.protector.run(items, options))
+        end = time.perf_counter()
+        split = {"wall_s": end - start, "batches": len(self.spans)}
+        if self.spans:
+            compute = sum(e - s for s, e in self.spans)
+            first, last = self.spans[0][0], self.spans[-1][1]
+            split.update(head_s=first - start, compute_s=compute, between_s=(last - first) - compute, tail_s=end - last)
+        return results, {k: round(v, 4) if isinstance(v, float) else v for k, v in split.items()}
+
+
+def median_split(splits: list[dict[str, float]]) -> dict[str, float]:
+    """The split of the run of median wall time."""
+    return sorted(splits, key=lambda s: s["wall_s"])[len(splits) // 2]
+
+
 def workers_cpu_s(protector: Protector) -> float:
     """CPU seconds (user + system) used so far by the protector's I/O worker processes (0 without any)."""
     pool = protector._processes
@@ -84,6 +123,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not sources:
         raise SystemExit(f"no CIFAR-10 test PNGs under {CIFAR}")
     protector = StandInEngine(args.engine_ms)
+    trace = PipelineTrace(protector)
     engine_rate = 1000 / args.engine_ms
     results: dict[str, Any] = {"benchmark": "bench_pipeline", "engine_ms": args.engine_ms,
                                "engine_images_per_s": round(engine_rate, 1), "files": args.files,
@@ -98,13 +138,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for io in args.io:
             options = RunOptions(out_dir=Path(tmp) / io, overwrite=True, batch_size=args.batch_size,
                                  workers=args.workers, io=io)  # fmt: skip
-            times, main_cpu, worker_cpu = [], [], []
+            times, main_cpu, worker_cpu, splits = [], [], [], []
             for run_index in range(args.repeats + 1):  # the first run warms up (and starts the processes)
                 workers_before = workers_cpu_s(protector)
-                cpu_start, start = time.process_time(), time.perf_counter()
-                statuses = [r.status for r in protector.run(items, options)]
+                cpu_start = time.process_time()
+                outcomes, split = trace.run(items, options)
+                statuses = [r.status for r in outcomes]
                 if run_index:
-                    times.append(time.perf_counter() - start)
+                    times.append(split["wall_s"])
+                    splits.append(split)
                     main_cpu.append(time.process_time() - cpu_start)
                     worker_cpu.append(workers_cpu_s(protector) - workers_before)
             assert statuses.count("done") == args.files, statuses[:3]
@@ -112,7 +154,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             main_ms = 1000 * statistics.median(main_cpu) / args.files
             mode: dict[str, Any] = {"files_per_s": round(rate, 1), "runs_s": [round(t, 3) for t in times],
                                     "fraction_of_engine": round(rate / engine_rate, 3),
-                                    "main_process_cpu_ms_per_file": round(main_ms, 4)}  # fmt: skip
+                                    "main_process_cpu_ms_per_file": round(main_ms, 4),
+                                    "split_s": median_split(splits)}  # fmt: skip
             if io == "processes":
                 worker_ms = 1000 * statistics.median(worker_cpu) / args.files
                 mode["workers_cpu_ms_per_file"] = round(worker_ms, 4)
@@ -151,6 +194,12 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['main_process_cpu_ms_per_file']:>17.3f} {workers:>20} {projected:>18}")
     print(f"projected: with a CPU for each of the {args.workers} workers and one for the main process "
           "(engine rate the cap); not a measurement")
+    print(f"{'I/O':<10} {'wall s':>8} {'head':>7} {'compute':>8} {'between':>8} {'tail':>7}   (run of median wall time)")
+    for io, r in results["modes"].items():
+        sp = r["split_s"]
+        if "compute_s" in sp:
+            print(f"{io:<10} {sp['wall_s']:>8.3f} {sp['head_s']:>7.3f} {sp['compute_s']:>8.3f} {sp['between_s']:>8.3f} "
+                  f"{sp['tail_s']:>7.3f}")  # fmt: skip
     print(json.dumps(results))
     return 0
 

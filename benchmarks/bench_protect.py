@@ -69,6 +69,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench_pipeline import PipelineTrace, median_split  # noqa: E402 (benchmarks/ is on sys.path)
 from preempt_cli import ForeBackConfig, Protector, RunOptions, collect_inputs, load_model, read_image
 from preempt_cli.device import default_cpu_threads, resolve_device
 from preempt_cli.engine import native_bf16
@@ -511,18 +512,20 @@ def bench_end_to_end(ours: ImageModel, paths: list[Path], args: argparse.Namespa
 
         log(f"end to end: Protector.run on a folder of {len(items)} PNGs")
         statuses: list[str] = []
+        trace = PipelineTrace(protector)  # where each run's time goes (see bench_pipeline.py)
+        splits: dict[str, list[dict[str, float]]] = {"threads": [], "no_fsync": [], "processes": []}
 
-        def run_pipeline() -> None:
-            statuses[:] = [r.status for r in protector.run(items, options)]
+        def run_pipeline(variant: str, run_options: RunOptions) -> None:
+            outcomes, split = trace.run(items, run_options)
+            statuses[:] = [r.status for r in outcomes]
+            splits[variant].append(split)
 
-        t_pipe = timed(run_pipeline, device, args.repeats)
+        t_pipe = timed(partial(run_pipeline, "threads", options), device, args.repeats)
         written = sorted((Path(tmp) / "out").rglob("*.png"))
         log(f"end to end: Protector.run with fsync off ({len(items)} PNGs)")
-        no_sync = replace(options, fsync=False)
-        t_no_sync = timed(lambda: list(protector.run(items, no_sync)), device, args.repeats)
+        t_no_sync = timed(partial(run_pipeline, "no_fsync", replace(options, fsync=False)), device, args.repeats)
         log(f"end to end: Protector.run with --io processes ({len(items)} PNGs)")
-        in_processes = replace(options, io="processes")
-        t_processes = timed(lambda: list(protector.run(items, in_processes)), device, args.repeats)
+        t_processes = timed(partial(run_pipeline, "processes", replace(options, io="processes")), device, args.repeats)
         protector.close()
         io_costs = file_costs([i.path for i in items[:200]], Path(tmp) / "io")
         result: dict[str, Any] = {
@@ -542,6 +545,8 @@ def bench_end_to_end(ours: ImageModel, paths: list[Path], args: argparse.Namespa
         result["pipeline_no_fsync_vs_engine"] = round(result["pipeline_no_fsync"]["images_per_s"] / engine_rate, 3)
         result["workers"] = options.workers
         result["io_ms_per_file"] = io_costs
+        # the timed runs (not the warm-up): head, compute, between batches, tail of the median one
+        result["split_s"] = {k: median_split(v[1:]) for k, v in splits.items() if len(v) > 1}
 
         if not args.skip_cli:
             one = Path(tmp) / "one"
@@ -724,6 +729,14 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     return info
 
 
+def split_note(split: dict[str, float] | None) -> str:
+    """'; wall = head + compute + between + tail' of a traced pipeline run, in seconds."""
+    if not split or "compute_s" not in split:
+        return ""
+    return (f"; {split['wall_s']:.2f} s = {split['head_s']:.2f} before the first batch + {split['compute_s']:.2f} "
+            f"computing + {split['between_s']:.2f} between batches + {split['tail_s']:.2f} after the last")  # fmt: skip
+
+
 def table_rows(results: dict[str, Any]) -> list[list[str]]:
     """[measurement, backbone, images, ms/image, images/s, notes]."""
     rows: list[list[str]] = []
@@ -792,14 +805,16 @@ def table_rows(results: dict[str, Any]) -> list[list[str]]:
         io = e2e.get("io_ms_per_file", {})
         note += f"; {e2e.get('workers', '?')} I/O threads; per file on one thread: read {io.get('read', '?')} ms, "
         note += f"write {io.get('write_fsync', '?')} ms ({io.get('write_no_fsync', '?')} without fsync)"
-        row("e2e: Protector.run (files, I/O threads)", "resnet20", e2e["pipeline"], note)
+        splits = e2e.get("split_s", {})
+        row("e2e: Protector.run (files, I/O threads)", "resnet20", e2e["pipeline"], note + split_note(splits.get("threads")))
         if "pipeline_processes" in e2e:
             met = "met" if e2e["target_met_processes"] else "NOT met"
             row("e2e: Protector.run --io processes", "resnet20", e2e["pipeline_processes"],
-                f"{e2e['pipeline_processes_vs_engine']:.2f} of engine rate (target >= 0.8: {met})")  # fmt: skip
+                f"{e2e['pipeline_processes_vs_engine']:.2f} of engine rate (target >= 0.8: {met})"
+                + split_note(splits.get("processes")))  # fmt: skip
         if "pipeline_no_fsync" in e2e:
             row("e2e: Protector.run --no-fsync", "resnet20", e2e["pipeline_no_fsync"],
-                f"{e2e['pipeline_no_fsync_vs_engine']:.2f} of engine rate")  # fmt: skip
+                f"{e2e['pipeline_no_fsync_vs_engine']:.2f} of engine rate" + split_note(splits.get("no_fsync")))  # fmt: skip
         if "cli" in e2e:
             note = f"{e2e['cli_vs_engine']:.2f} of engine rate, start-up included ({e2e['cli_one_image_s']:.2f} s for one image)"
             if "cli_after_startup_images_per_s" in e2e:
