@@ -45,3 +45,32 @@ def test_bench_pipeline_splits_each_run_into_its_parts(bench_pipeline, capsys: p
     processes = report["modes"]["processes"]
     assert processes["workers_cpu_ms_per_file"] > 0  # the workers' CPU time is read from /proc
     assert processes["projected_files_per_s"] <= report["engine_images_per_s"]
+
+
+def test_bench_protect_runs_every_part_on_a_few_images(tmp_path: Path) -> None:
+    """Every part of bench_protect.py on 4-8 images (a minute's run cut to seconds): the outputs keep the
+    budget, the files get written, the pipeline split and the CLI's start-up are reported."""
+    import subprocess
+
+    require_shared("models", "cifar10_resnet20_pgdat_a.safetensors")
+    require_shared("data", "cifar10", "test")
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_protect.py"), "--backbones", "resnet20", "--images", "4",
+         "--ref-images", "1", "--bilevel-images", "1", "--bilevel-steps", "1", "--bilevel-inner", "1",
+         "--repeats", "1", "--accuracy-images", "0", "--e2e-images", "8", "--matmul-size", "256",
+         "--batch-size", "4", "--skip-photos", "--device", "cpu", "--json-out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == report  # the JSON line is the file's content
+    engine = report["engine_vs_reference"]["resnet20"]
+    assert engine["engine"]["check"]["within_budget"] and engine["speedup"] > 0
+    assert engine["reference"]["check"]["within_budget"]
+    e2e = report["end_to_end"]
+    assert e2e["pipeline_done"] == 8 and e2e["pngs_written"] == 8
+    assert {v["batches"] for v in e2e["split_s"].values()} == {2}  # 8 files in batches of 4
+    assert e2e["cli_one_image_s"] > 0 and e2e["cli"]["images"] == 8
+    assert report["bilevel"]["resnet20"]["check"]["within_budget"]
+    assert 0 < report["flops"]["resnet20"]["engine"]["fraction_of_fp32_peak"]
