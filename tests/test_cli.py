@@ -496,8 +496,11 @@ def test_a_failing_batch_fails_its_files_and_the_run_goes_on(tmp_path: Path, tin
     assert protector._processes is None  # closed on leaving the with block
 
 
-def test_io_auto_falls_back_to_threads_when_processes_cannot_start(tmp_path: Path, tiny_backbone,
+@pytest.mark.parametrize("why", ["sandbox", "no-forkserver"])
+def test_io_auto_falls_back_to_threads_when_processes_cannot_start(tmp_path: Path, tiny_backbone, why: str,
                                                                    monkeypatch: pytest.MonkeyPatch, caplog) -> None:  # fmt: skip
+    import multiprocessing
+
     import preempt_cli.protect as protect_module
     from preempt_cli import ForeBackConfig, Protector, collect_inputs
 
@@ -511,7 +514,13 @@ def test_io_auto_falls_back_to_threads_when_processes_cannot_start(tmp_path: Pat
         def shutdown(self, **kwargs) -> None:
             pass
 
-    monkeypatch.setattr(protect_module, "ProcessPoolExecutor", NoProcesses)
+    def no_forkserver(method: str | None = None):  # as on Windows
+        raise ValueError(f"cannot find context for {method!r}")
+
+    if why == "sandbox":
+        monkeypatch.setattr(protect_module, "ProcessPoolExecutor", NoProcesses)
+    else:
+        monkeypatch.setattr(multiprocessing, "get_context", no_forkserver)
     monkeypatch.setattr(Protector, "_io_processes", lambda self, options: options.io != "threads")  # as on a GPU
     _images(tmp_path / "in", n=3)
     protector = Protector(tiny_backbone, labels="backbone", config=ForeBackConfig(samples=2))

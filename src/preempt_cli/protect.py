@@ -429,13 +429,15 @@ class Protector:
             # forkserver: workers fork from a clean server process (no CUDA context, no threads of ours),
             # which imports the codecs once (without torch: see imageio), and the caller's main module
             # once, not once per worker (not at all for the ``preempt`` command: see cli.main)
-            context = multiprocessing.get_context("forkserver")
-            context.set_forkserver_preload(["__main__", "preempt_cli.imageio"])
-            pool = ProcessPoolExecutor(options.workers, mp_context=context)
+            pool = None
             try:
+                context = multiprocessing.get_context("forkserver")  # ValueError where there is none (Windows)
+                context.set_forkserver_preload(["__main__", "preempt_cli.imageio"])
+                pool = ProcessPoolExecutor(options.workers, mp_context=context)
                 pool.submit(os.getpid).result(timeout=300)  # started, or why not
             except Exception as e:
-                pool.shutdown(wait=False, cancel_futures=True)
+                if pool is not None:
+                    pool.shutdown(wait=False, cancel_futures=True)
                 if options.io == "processes":
                     raise ConfigError(f"--io processes: cannot start worker processes ({type(e).__name__}: {e})") from e
                 _logger.warning("cannot start I/O worker processes (%s: %s); using threads", type(e).__name__, e)
