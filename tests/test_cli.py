@@ -496,6 +496,26 @@ def test_a_failing_batch_fails_its_files_and_the_run_goes_on(tmp_path: Path, tin
     assert protector._processes is None  # closed on leaving the with block
 
 
+@pytest.mark.parametrize("io", ["threads", "processes"])
+def test_an_output_that_cannot_be_written_fails_its_file_alone(tmp_path: Path, tiny_backbone, io: str) -> None:
+    from preempt_cli import ForeBackConfig, Protector, collect_inputs
+
+    _images(tmp_path / "in" / "ok", n=2)
+    _images(tmp_path / "in" / "blocked", n=2)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "blocked").write_text("a file where the output folder would go")
+    with Protector(tiny_backbone, labels="backbone", config=ForeBackConfig(samples=2)) as protector:
+        results = list(protector.run(collect_inputs([tmp_path / "in"]), RunOptions(out_dir=tmp_path / "out", io=io,
+                                                                                  workers=2)))  # fmt: skip
+    by_folder = {r.input.parent.name: [] for r in results}
+    for r in results:
+        by_folder[r.input.parent.name].append(r)
+    assert [r.status for r in by_folder["ok"]] == ["done"] * 2
+    assert [r.status for r in by_folder["blocked"]] == ["failed"] * 2
+    assert all(r.reason.startswith("cannot write") and r.output is None for r in by_folder["blocked"])
+    assert sorted(p.name for p in (tmp_path / "out" / "ok").iterdir()) == ["img0.protected.png", "img1.protected.png"]
+
+
 @pytest.mark.parametrize("why", ["sandbox", "no-forkserver"])
 def test_io_auto_falls_back_to_threads_when_processes_cannot_start(tmp_path: Path, tiny_backbone, why: str,
                                                                    monkeypatch: pytest.MonkeyPatch, caplog) -> None:  # fmt: skip

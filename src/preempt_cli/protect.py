@@ -36,17 +36,14 @@ import torch
 from . import __version__
 from .engine import FastPreemption, ForeBackConfig
 from .device import default_io_workers
-from .errors import ConfigError, ImageReadError, LabelError, PreemptError, reason_of
+from .errors import ConfigError, LabelError, reason_of
 from .imageio import (
     DEFAULT_MAX_PIXELS,
     Picture,
     levels_to_float,
-    level_distance,
     quantize_batch,
-    read_image,
     read_images,
     stack_levels,
-    write_png,
     write_pngs,
 )
 from .inputs import OUTPUT_MARKERS, InputFile, assign_outputs, in_shard
@@ -296,11 +293,7 @@ class Protector:
 
     def _prepare(self, item: InputFile, output: Path, options: RunOptions) -> _Pending | FileResult:
         """Decode and label one file (on a worker thread)."""
-        try:
-            picture: Picture | str = read_image(item.path, max_pixels=options.max_pixels)
-        except ImageReadError as e:
-            picture = reason_of(e, item.path)
-        return self._decoded(item, output, options, picture)
+        return self._decoded(item, output, options, read_images([str(item.path)], options.max_pixels)[0])
 
     def _decoded(self, item: InputFile, output: Path, options: RunOptions, picture: Picture | str) -> _Pending | FileResult:
         """What to do with a decoded file (``picture``; a string: why it could not be read)."""
@@ -354,12 +347,13 @@ class Protector:
 
     def _write(self, pending: _Pending, levels: np.ndarray, before: float, after: float, label: int,
                seconds: float, fsync: bool = True) -> FileResult:  # fmt: skip
-        text = self._output_text(pending, label)
-        try:
-            write_png(pending.output, pending.picture, levels, text, fsync=fsync)
-        except PreemptError as e:
-            return FileResult(pending.item.path, "failed", reason=reason_of(e, pending.output))
-        return self._written(pending, label, before, after, seconds, level_distance(levels, pending.picture.color))
+        """Write one output (on a worker thread)."""
+        outcome = write_pngs([self._write_task(pending, levels, label, fsync)])[0]
+        return self._finish_write(pending, before, after, label, seconds, outcome)
+
+    def _write_task(self, pending: _Pending, levels: np.ndarray, label: int, fsync: bool) -> tuple:
+        """One task of :func:`~preempt_cli.imageio.write_pngs`: the output, its picture, levels and text."""
+        return pending.output, pending.picture, levels, self._output_text(pending, label), fsync
 
     def _output_text(self, pending: _Pending, label: int) -> dict[str, str]:
         """The PNG text chunks of an output: preempt's metadata as JSON."""
@@ -367,8 +361,12 @@ class Protector:
         meta = self.metadata(pending)
         return {METADATA_KEY: json.dumps(meta, sort_keys=True), "Software": f"preempt {__version__}"}
 
-    def _written(self, pending: _Pending, label: int, before: float, after: float, seconds: float,
-                 linf_levels: int) -> FileResult:  # fmt: skip
+    def _finish_write(self, pending: _Pending, before: float, after: float, label: int, seconds: float,
+                      outcome: tuple[str | None, int]) -> FileResult:  # fmt: skip
+        """The result of an output, from what :func:`~preempt_cli.imageio.write_pngs` said of it."""
+        error, linf_levels = outcome
+        if error is not None:
+            return FileResult(pending.item.path, "failed", reason=error)
         return FileResult(
             pending.item.path,
             "done",
@@ -592,18 +590,12 @@ class _ProcessIO:
         parts: list[_Part] = []
         for start in range(0, len(jobs), size):
             chunk = jobs[start : start + size]
-            tasks = [(p.output, p.picture, levels, self.protector._output_text(p, label), self.options.fsync)
-                     for p, levels, _, _, label, _ in chunk]  # fmt: skip
+            tasks = [self.protector._write_task(p, levels, label, self.options.fsync) for p, levels, _, _, label, _ in chunk]
             future = self.pool.submit(write_pngs, tasks)
-            parts += [_Part(future, i, partial(self._finish_write, *job), job[0].item.path) for i, job in enumerate(chunk)]
+            parts += [_Part(future, i, partial(self.protector._finish_write, p, before, after, label, seconds), p.item.path)
+                      for i, (p, _, before, after, label, seconds) in enumerate(chunk)]  # fmt: skip
         return parts
 
-    def _finish_write(self, p: _Pending, levels: np.ndarray, before: float, after: float, label: int, seconds: float,
-                      outcome: tuple[str | None, int]) -> FileResult:  # fmt: skip
-        error, linf_levels = outcome
-        if error is not None:
-            return FileResult(p.item.path, "failed", reason=error)
-        return self.protector._written(p, label, before, after, seconds, linf_levels)
 
 
 def run_on_devices(protectors: Sequence[Protector], items: Iterable[InputFile],
