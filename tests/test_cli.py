@@ -110,6 +110,31 @@ def test_rerun_skips_and_overwrite_redoes(tmp_path: Path, registry: Path) -> Non
     assert [json.loads(x)["status"] for x in redo.stdout.splitlines()] == ["done", "done"]
 
 
+def test_an_edited_original_or_another_file_of_the_same_name_is_not_skipped_as_done(tmp_path: Path,
+                                                                                   registry: Path) -> None:  # fmt: skip
+    a, b = _images(tmp_path / "cams/a", n=1)[0], _images(tmp_path / "cams/b", n=1, seed=7)[0]
+    assert a.name == b.name
+    out = tmp_path / "out"
+    # the same name twice into one flat --out-dir: both refused, nothing written in their place
+    both = run(["protect", str(a), str(b), "-o", str(out), *FAST, "--labels", "backbone", "--json"], registry)
+    assert both.exit_code == 1
+    assert [json.loads(x)["status"] for x in both.stdout.splitlines()] == ["failed", "failed"]
+    assert "would also be written for" in both.stderr and not (out / "img0.protected.png").exists()
+    # one after the other: the second run must not take the first one's output for its own
+    assert run(["protect", str(a), "-o", str(out), *FAST, "--labels", "backbone"], registry).exit_code == 0
+    made = (out / "img0.protected.png").read_bytes()
+    second = run(["protect", str(b), "-o", str(out), *FAST, "--labels", "backbone", "--json"], registry)
+    assert second.exit_code == 1 and json.loads(second.stdout)["status"] == "failed"
+    assert "made from other content" in second.stderr
+    assert (out / "img0.protected.png").read_bytes() == made
+    # the same original again is skipped; once edited, it is not
+    assert json.loads(run(["protect", str(a), "-o", str(out), *FAST, "--labels", "backbone", "--json"],
+                          registry).stdout)["status"] == "skipped"  # fmt: skip
+    a.write_bytes(b.read_bytes())
+    edited = run(["protect", str(a), "-o", str(out), *FAST, "--labels", "backbone", "--json"], registry)
+    assert edited.exit_code == 1 and "made from other content" in edited.stderr
+
+
 def test_deterministic_for_a_seed(tmp_path: Path, registry: Path) -> None:
     _images(tmp_path / "in", n=2)
     outs = []

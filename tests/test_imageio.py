@@ -284,6 +284,35 @@ def test_rgba_webp_keeps_alpha(tmp_path) -> None:
     np.testing.assert_array_equal(pic.alpha, arr[..., 3])
 
 
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_a_transparent_colour_png_keeps_its_transparency_as_alpha(mode: str, tmp_path) -> None:
+    arr = _gradient()[..., 0] if mode == "L" else _gradient()
+    key = 0 if mode == "L" else (0, 0, 0)  # the gradient's first pixel
+    Image.fromarray(arr, mode).save(tmp_path / "t.png", transparency=key)
+    pic = read_image(tmp_path / "t.png")
+    assert pic.mode == mode + "A" and pic.channels == (1 if mode == "L" else 3)
+    transparent = np.all(arr.reshape(*arr.shape[:2], -1) == np.array(key).reshape(-1), axis=-1)
+    assert 0 < transparent.sum() < transparent.size
+    np.testing.assert_array_equal(pic.alpha, np.where(transparent, 0, 255).astype(np.uint8))
+    write_png(tmp_path / "out.png", pic, quantize(_perturb(pic, 8 / 255, 0), pic.color, 8 / 255))
+    np.testing.assert_array_equal(read_image(tmp_path / "out.png").alpha, pic.alpha)
+
+
+def test_16bit_gray_with_a_transparent_level_is_refused_not_made_opaque(tmp_path) -> None:
+    Image.fromarray((_gradient()[..., 0].astype(np.uint16) * 257).astype("<u2")).save(tmp_path / "t.png", transparency=0)
+    _assert_read_error(tmp_path / "t.png", "transparen")
+
+
+def test_a_cmyk_colour_profile_is_not_attached_to_the_rgb_output(tmp_path) -> None:
+    from PIL import ImageCms
+
+    profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    Image.fromarray(_gradient()).convert("CMYK").save(tmp_path / "c.tif", icc_profile=profile)
+    Image.fromarray(_gradient()).save(tmp_path / "rgb.png", icc_profile=profile)
+    assert read_image(tmp_path / "c.tif").icc_profile is None
+    assert read_image(tmp_path / "rgb.png").icc_profile == profile  # same colour space: kept
+
+
 def test_cmyk_becomes_rgb(tmp_path) -> None:
     Image.fromarray(_gradient()).convert("CMYK").save(tmp_path / "c.tif")
     pic = read_image(tmp_path / "c.tif")
@@ -394,6 +423,21 @@ def test_decompression_bomb_is_refused(tmp_path) -> None:
     assert read_image(small, max_pixels=32 * 24).size == (32, 24)
 
 
+def test_max_pixels_can_allow_more_than_pillows_own_limit(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after the test
+    big = tmp_path / "big.png"  # 10000 x 10000 declared (over Pillow's ~89 Mpx), no pixel data
+    big.write_bytes(_png_bytes(10_000, 10_000))
+    err = _assert_read_error(big, max_pixels=10**8)
+    assert "decompression" not in str(err).lower() and "corrupt or truncated" in str(err)
+
+
+def test_reads_record_the_sha256_of_the_file(tmp_path) -> None:
+    import hashlib
+
+    Image.fromarray(_gradient()).save(tmp_path / "a.png")
+    assert read_image(tmp_path / "a.png").source_sha256 == hashlib.sha256((tmp_path / "a.png").read_bytes()).hexdigest()
+
+
 def test_read_png_text_of_other_files_is_empty(tmp_path) -> None:
     assert read_png_text(tmp_path / "absent.png") == {}
     (tmp_path / "junk.png").write_bytes(b"junk" * 10)
@@ -423,6 +467,16 @@ def test_write_png_leaves_no_temp_files_and_replaces_atomically(tmp_path) -> Non
     np.testing.assert_array_equal(read_image(out).color, inverted)
     assert sorted(p.name for p in out_dir.iterdir()) == ["a.png"]
     assert read_png_text(out) == {"k": "v"}
+
+
+def test_written_files_are_readable_as_umask_allows_not_private(tmp_path) -> None:
+    import stat
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    pic = Picture(Path("x.png"), np.zeros((4, 5, 3), np.uint8), None, "RGB", "RGB", "PNG")
+    write_png(tmp_path / "out.png", pic)
+    assert stat.S_IMODE((tmp_path / "out.png").stat().st_mode) == 0o666 & ~mask
 
 
 def test_write_into_a_file_parent_fails_cleanly(tmp_path) -> None:

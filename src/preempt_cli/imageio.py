@@ -11,6 +11,8 @@ start in a tenth of a second instead of the second and a half that importing tor
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import tempfile
 import warnings
@@ -72,6 +74,7 @@ class Picture:
     source_format: str
     icc_profile: bytes | None = None
     text: dict[str, str] = field(default_factory=dict)
+    source_sha256: str | None = None  # of the file's bytes as read: which original an output was made from
 
     @property
     def max_value(self) -> int:
@@ -98,24 +101,29 @@ class Picture:
         if color.shape != self.color.shape or color.dtype != self.color.dtype:
             raise ValueError(f"colour {color.shape}/{color.dtype} does not fit {self.color.shape}/{self.color.dtype}")
         return Picture(self.path, color, self.alpha, self.mode, self.source_mode, self.source_format,
-                       self.icc_profile, dict(self.text))  # fmt: skip
+                       self.icc_profile, dict(self.text), self.source_sha256)  # fmt: skip
 
 
-def _open(path: Path, max_pixels: int) -> Image.Image:
+def _open(path: Path, max_pixels: int) -> tuple[Image.Image, str]:
+    """The image, opened from the file's bytes read once, and the sha256 of those bytes."""
+    if path.is_dir():
+        raise ImageReadError(path, "is a directory")
     try:
-        size = path.stat().st_size
+        data = path.read_bytes()
     except FileNotFoundError:
         raise ImageReadError(path, "no such file") from None
     except OSError as e:
-        raise ImageReadError(path, f"cannot access: {e.strerror or e}") from e
-    if path.is_dir():
-        raise ImageReadError(path, "is a directory")
-    if size == 0:
+        raise ImageReadError(path, f"cannot read: {e.strerror or e}") from e
+    if not data:
         raise ImageReadError(path, "empty file (0 bytes)")
+    # Pillow's own bomb check reads a process-wide limit: lift it to ours (ours is checked below), so
+    # that --max-pixels can allow more than Pillow's default; only ever raised, so threads agree
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
+        Image.MAX_IMAGE_PIXELS = max_pixels
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(path)
+            img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise ImageReadError(path, "not an image Pillow can read (unknown or corrupt format)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -133,7 +141,7 @@ def _open(path: Path, max_pixels: int) -> Image.Image:
     if width == 0 or height == 0:
         img.close()
         raise ImageReadError(path, f"image has no pixels ({width}x{height})")
-    return img
+    return img, hashlib.sha256(data).hexdigest()
 
 
 def read_image(path: Path | str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Picture:
@@ -146,7 +154,7 @@ def read_image(path: Path | str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Pic
         ImageReadError: missing, empty, not an image, truncated or corrupt, too many pixels.
     """
     path = Path(path)
-    img = _open(path, max_pixels)
+    img, sha256 = _open(path, max_pixels)
     try:
         source_format = img.format or "unknown"
         text = {k: v for k, v in getattr(img, "text", {}).items() if isinstance(v, str)}
@@ -156,18 +164,33 @@ def read_image(path: Path | str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Pic
         img = ImageOps.exif_transpose(img) or img
         source_mode = img.mode
         color, alpha, mode = _split(img, path)
+        if _colour_space(source_mode) != _colour_space(mode):
+            # a CMYK (or Lab, YCbCr) profile describes the source's numbers, not the RGB ones written:
+            # kept, it would be an invalid iCCP chunk and shift colours in viewers that honour it
+            icc = None
     except ImageReadError:
         raise
     except (OSError, SyntaxError, ValueError, EOFError) as e:  # Pillow's errors for broken data
         raise ImageReadError(path, f"corrupt or truncated image data ({e})") from e
     finally:
         img.close()
-    return Picture(path, color, alpha, mode, source_mode, source_format, icc, text)
+    return Picture(path, color, alpha, mode, source_mode, source_format, icc, text, sha256)
+
+
+def _colour_space(mode: str) -> str:
+    if mode in ("1", "L", "LA", "La", "I", "F") or mode.startswith("I;16"):
+        return "gray"
+    if mode in ("RGB", "RGBA", "RGBa", "RGBX", "P", "PA"):
+        return "rgb"
+    return mode
 
 
 def _split(img: Image.Image, path: Path) -> tuple[np.ndarray, np.ndarray | None, str]:
     mode = img.mode
     if mode in _GRAY16_MODES or mode == "I":
+        if "transparency" in img.info:  # PNG tRNS: one grey level transparent; a 16-bit alpha has no mode
+            raise ImageReadError(path, "16-bit grayscale with a transparent level (tRNS) is not supported: "
+                                       "its transparency would be lost")  # fmt: skip
         arr = np.asarray(img)
         if mode == "I" and (arr.min() < 0 or arr.max() > 65535):
             raise ImageReadError(path, "32-bit integer images with values outside 0..65535 are not supported")
@@ -180,6 +203,9 @@ def _split(img: Image.Image, path: Path) -> tuple[np.ndarray, np.ndarray | None,
         has_alpha = mode == "PA" or "transparency" in img.info
         img = img.convert("RGBA" if has_alpha else "RGB")
         mode = img.mode
+    if mode in ("L", "RGB") and "transparency" in img.info:  # PNG tRNS: one colour transparent
+        img = img.convert(mode + "A")  # as an alpha channel, kept exactly: the perturbation must not move
+        mode = img.mode  # pixels into or out of the transparent colour
     if mode == "La":
         img, mode = img.convert("LA"), "LA"
     if mode in ("RGBa",):
@@ -298,6 +324,21 @@ def _to_pil(picture: Picture, color: np.ndarray) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(planes.astype(np.uint8)), mode=picture.mode)
 
 
+def _new_file_mode() -> int:
+    """The mode ``open()`` gives a new file (0o666 less the umask); mkstemp's temporary files are 0o600,
+    which would leave a published image unreadable to a web server running as another user."""
+    try:  # Linux reports the umask without changing it (os.umask would, for every thread, for a moment)
+        with open("/proc/self/status", encoding="ascii") as f:
+            mask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return 0o666 & ~mask
+
+
+_NEW_FILE_MODE = _new_file_mode()
+
+
 @contextmanager
 def atomic_write(path: Path, *, fsync: bool = True) -> Iterator[BinaryIO]:
     """A binary file to write ``path`` through: a temporary file beside it, flushed to disk (``fsync``) and
@@ -311,6 +352,7 @@ def atomic_write(path: Path, *, fsync: bool = True) -> Iterator[BinaryIO]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.chmod(tmp_name, _NEW_FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()

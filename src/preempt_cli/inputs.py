@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import collections
 import glob
 import hashlib
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,16 +105,40 @@ def output_path(item: InputFile, *, suffix: str, out_dir: Path | None, full_name
     return out_dir / item.relative.parent / name
 
 
-def assign_outputs(items: list[InputFile], *, suffix: str, out_dir: Path | None) -> dict[InputFile, Path]:
-    """Output path of every input, disambiguating inputs that would write the same file."""
+def assign_outputs(items: list[InputFile], *, suffix: str, out_dir: Path | None) -> dict[InputFile, Path | str]:
+    """Output path of every input, or why it gets none.
+
+    Inputs of one folder that share a stem (``a.jpg``, ``a.png``) keep their extension in the name
+    (``a.jpg.protected.png``). Names are compared case-folded, as case-insensitive file systems (macOS,
+    Windows) see them. An output that would still be written for two inputs (files of the same name named
+    directly or from stdin with ``--out-dir``) is refused for every input concerned: silently keeping the
+    last one written would lose the others' results. (An output can land on another input only if that
+    input is named like an output: those are skipped, or remade with ``--overwrite``.)
+    """
+
+    def key(path: Path) -> str:
+        return os.path.normcase(str(path.absolute())).casefold()
+
     first = {item: output_path(item, suffix=suffix, out_dir=out_dir) for item in items}
-    counts: dict[Path, int] = {}
-    for p in first.values():
-        counts[p] = counts.get(p, 0) + 1
-    return {
-        item: output_path(item, suffix=suffix, out_dir=out_dir, full_name=True) if counts[p] > 1 else p
+    counts = collections.Counter(key(p) for p in first.values())
+    chosen = {
+        item: output_path(item, suffix=suffix, out_dir=out_dir, full_name=True) if counts[key(p)] > 1 else p
         for item, p in first.items()
     }
+    owners: dict[str, list[InputFile]] = collections.defaultdict(list)
+    for item, p in chosen.items():
+        owners[key(p)].append(item)
+    result: dict[InputFile, Path | str] = {}
+    for item, p in chosen.items():
+        others = [o for o in owners[key(p)] if o is not item]
+        if key(p) == key(item.path):
+            result[item] = f"output {p} would replace the input; change --suffix"
+        elif others:
+            hint = "give their folders instead, to mirror the tree" if out_dir is not None else "rename one"
+            result[item] = f"output {p} would also be written for {others[0].path} ({hint})"
+        else:
+            result[item] = p
+    return result
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:

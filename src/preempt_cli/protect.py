@@ -43,6 +43,7 @@ from .imageio import (
     levels_to_float,
     quantize_batch,
     read_images,
+    read_png_text,
     stack_levels,
     write_pngs,
 )
@@ -135,6 +136,28 @@ def read_preempt_metadata(picture: Picture) -> dict[str, Any] | None:
     except json.JSONDecodeError:
         return None
     return meta if isinstance(meta, dict) else None
+
+
+def _recorded_source(output: Path) -> str | None:
+    """The sha256 of the original that preempt recorded in an existing output (None: not recorded)."""
+    raw = read_png_text(output, key=METADATA_KEY).get(METADATA_KEY)
+    try:
+        meta = json.loads(raw) if raw else None
+    except json.JSONDecodeError:
+        return None
+    found = meta.get("source_sha256") if isinstance(meta, dict) else None
+    return found if isinstance(found, str) else None
+
+
+def _file_sha256(path: Path) -> str | None:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except OSError:
+        return None
+    return digest.hexdigest()
 
 
 def content_seed(color: np.ndarray) -> int:
@@ -253,6 +276,7 @@ class Protector:
             "seed": self.seed,
             "precision": self.precision,
             "source_file": pending.item.path.name,
+            "source_sha256": pending.picture.source_sha256,
             **pending.extra,
         }
 
@@ -281,15 +305,27 @@ class Protector:
         self._batch_cap[key] = limit
         return limit
 
-    def _skip_reason(self, item: InputFile, output: Path, options: RunOptions) -> str | None:
+    def _skip_reason(self, item: InputFile, output: Path, options: RunOptions) -> FileResult | None:
+        """Why ``item`` is not processed (skipped, or failed when its output is another file's), else None."""
         if options.overwrite:
             return None
         marker = next((m for m in self.skip_markers if item.path.stem.endswith(m)), None)
         if marker and item.path.suffix.lower() == ".png":
-            return f"already a preempt output (name ends with {marker}.png)"
-        if output.exists() and output.stat().st_size > 0:  # an empty one is what a crash can leave: redo it
-            return f"output exists: {output} (use --overwrite to replace it)"
-        return None
+            return FileResult(item.path, "skipped", output=output,
+                              reason=f"already a preempt output (name ends with {marker}.png)")  # fmt: skip
+        try:
+            if output.stat().st_size == 0:  # what a crash (or a power loss without fsync) can leave: redo it
+                return None
+        except OSError:  # no output yet
+            return None
+        made_from, current = _recorded_source(output), _file_sha256(item.path)
+        if None not in (made_from, current) and made_from != current:
+            # a re-run after the original was edited, or another input of the same name in an earlier run
+            return FileResult(item.path, "failed", output=output, reason=(
+                f"output {output} exists but was made from other content (the original changed, or another "
+                "file of this name was protected into it): use --overwrite to replace it"))  # fmt: skip
+        return FileResult(item.path, "skipped", output=output,
+                          reason=f"output exists: {output} (use --overwrite to replace it)")  # fmt: skip
 
     def _prepare(self, item: InputFile, output: Path, options: RunOptions) -> _Pending | FileResult:
         """Decode and label one file (on a worker thread)."""
@@ -390,12 +426,12 @@ class Protector:
             if options.partition and position % options.partition[1] != options.partition[0]:
                 continue
             output = outputs[item]
-            if output.absolute() == item.path.absolute():
-                yield FileResult(item.path, "failed", reason="output would replace the input; change --suffix")
+            if isinstance(output, str):  # no output of its own (see assign_outputs)
+                yield FileResult(item.path, "failed", reason=output)
                 continue
-            reason = self._skip_reason(item, output, options)
-            if reason:
-                yield FileResult(item.path, "skipped", output=output, reason=reason)
+            not_done = self._skip_reason(item, output, options)
+            if not_done is not None:
+                yield not_done
             else:
                 todo.append(item)
         if not todo:
@@ -455,7 +491,7 @@ class Protector:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _run_pipeline(self, todo: list[InputFile], outputs: dict[InputFile, Path], options: RunOptions,
+    def _run_pipeline(self, todo: list[InputFile], outputs: dict[InputFile, Path | str], options: RunOptions,
                       io: "_ThreadIO | _ProcessIO") -> Iterator[FileResult]:  # fmt: skip
         # The batches compute on a thread of their own (kernels and GPU waits release the GIL), so that this
         # thread goes on collecting decoded files and written results meanwhile: on a GPU, that per-file
@@ -468,7 +504,7 @@ class Protector:
         computed = self._compute_with_backoff(batch)
         return computed, (time.perf_counter() - start) / len(batch)
 
-    def _pipeline(self, todo: list[InputFile], outputs: dict[InputFile, Path], options: RunOptions,
+    def _pipeline(self, todo: list[InputFile], outputs: dict[InputFile, Path | str], options: RunOptions,
                   io: "_ThreadIO | _ProcessIO", compute: ThreadPoolExecutor) -> Iterator[FileResult]:  # fmt: skip
         # decode at least two batches ahead, so that a GPU never waits for the next batch's files; the
         # bound follows the batch size of the latest image (small for large photos: they are big)

@@ -1,0 +1,53 @@
+"""Which files a run takes and where their outputs go (no models involved)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from preempt_cli.inputs import InputFile, assign_outputs
+
+
+def _outputs(items: list[InputFile], out_dir: Path | None = None) -> dict[str, Path | str]:
+    return {str(i.path): o for i, o in assign_outputs(items, suffix=".protected", out_dir=out_dir).items()}
+
+
+def test_outputs_of_one_folder_sharing_a_stem_keep_their_extension(tmp_path: Path) -> None:
+    items = [InputFile(tmp_path / "a.jpg", tmp_path), InputFile(tmp_path / "a.png", tmp_path),
+             InputFile(tmp_path / "b.png", tmp_path)]  # fmt: skip
+    out = _outputs(items)
+    assert out[str(tmp_path / "a.jpg")] == tmp_path / "a.jpg.protected.png"
+    assert out[str(tmp_path / "a.png")] == tmp_path / "a.png.protected.png"
+    assert out[str(tmp_path / "b.png")] == tmp_path / "b.protected.png"
+
+
+def test_names_differing_only_in_case_are_one_file_on_macos_and_windows(tmp_path: Path) -> None:
+    out = _outputs([InputFile(tmp_path / "A.jpg", tmp_path), InputFile(tmp_path / "a.png", tmp_path)])
+    assert out[str(tmp_path / "A.jpg")] == tmp_path / "A.jpg.protected.png"
+    assert out[str(tmp_path / "a.png")] == tmp_path / "a.png.protected.png"
+
+
+def test_same_names_from_several_folders_into_one_out_dir_are_refused_not_overwritten(tmp_path: Path) -> None:
+    # files named directly (or read from stdin) land flat in --out-dir: the same name twice is one output
+    a, b, c = tmp_path / "cams/a/IMG_1.jpg", tmp_path / "cams/b/IMG_1.jpg", tmp_path / "cams/b/IMG_2.jpg"
+    out = _outputs([InputFile(a), InputFile(b), InputFile(c)], out_dir=tmp_path / "out")
+    assert "would also be written for" in out[str(a)] and str(b) in out[str(a)]
+    assert "would also be written for" in out[str(b)] and str(a) in out[str(b)]
+    assert out[str(c)] == tmp_path / "out/IMG_2.protected.png"
+    # given as folders, the tree is mirrored and nothing collides
+    mirrored = _outputs([InputFile(a, tmp_path / "cams"), InputFile(b, tmp_path / "cams")], out_dir=tmp_path / "out")
+    assert mirrored == {str(a): tmp_path / "out/a/IMG_1.protected.png", str(b): tmp_path / "out/b/IMG_1.protected.png"}
+
+
+def test_a_fallback_name_that_collides_again_is_refused(tmp_path: Path) -> None:
+    # a.jpg and a.png share a stem -> a.jpg.protected.png, which is also the first choice of a.jpg.png
+    items = [InputFile(tmp_path / n, tmp_path) for n in ("a.jpg", "a.png", "a.jpg.png")]
+    out = _outputs(items)
+    assert isinstance(out[str(tmp_path / "a.jpg")], str) and isinstance(out[str(tmp_path / "a.jpg.png")], str)
+    assert out[str(tmp_path / "a.png")] == tmp_path / "a.png.protected.png"
+
+
+def test_preempt_outputs_among_the_inputs_do_not_block_their_originals(tmp_path: Path) -> None:
+    # a shell glob over a folder after a run names the outputs too: they are skipped, not originals
+    items = [InputFile(tmp_path / "photo.png"), InputFile(tmp_path / "photo.protected.png")]
+    assert _outputs(items)[str(tmp_path / "photo.png")] == tmp_path / "photo.protected.png"
+    assert _outputs([InputFile(tmp_path / "x.PNG")])[str(tmp_path / "x.PNG")] == tmp_path / "x.protected.png"
