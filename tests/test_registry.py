@@ -375,3 +375,156 @@ def test_class_names_and_indices() -> None:
     assert bare.class_name(2) == "2"
     with pytest.raises(ValueError):
         bare.class_index("cat")
+
+
+# -- values checked when the registry is read -------------------------------------------------------------------
+
+MORE_INVALID_ROWS = {
+    "num-classes-str": (GOOD + 'num_classes = "ten"\n', "num_classes must be a positive integer"),
+    "num-classes-float": (GOOD + "num_classes = 10.5\n", "num_classes must be a positive integer"),
+    "num-classes-zero": (GOOD + "num_classes = 0\n", "num_classes must be a positive integer"),
+    "num-classes-bool": (GOOD + "num_classes = true\n", "num_classes must be a positive integer"),
+    "arch-args-not-table": (GOOD + "arch_args = 3\n", "arch_args must be a table"),
+    "arch-args-list": (GOOD + "arch_args = [1, 2]\n", "arch_args must be a table"),
+    "mean-too-short": (GOOD + "mean = [0.5, 0.5]\nstd = [0.5, 0.5]\n", "one per input channel"),
+    "std-longer-than-gray": (GOOD + "input_size = [1, 28, 28]\nmean = [0.5]\nstd = [0.2, 0.2, 0.2]\n",
+                             "one per input channel"),  # fmt: skip
+    "std-zero": (GOOD + "mean = [0.5, 0.5, 0.5]\nstd = [0.2, 0, 0.2]\n", "std values must be positive"),
+    "timm-pin": ('arch = "resnet18"\nsource = "timm:resnet18.a1_in1k"\n' + f'sha256 = "{"a" * 64}"\n',
+                 "sha256 pin cannot be checked on a timm: source"),  # fmt: skip
+    "hf-bad-repo-id": ('arch = "x"\nsource = "hf://org/re..po/w.safetensors"\n', "not a valid Hub repo id"),
+}
+
+
+@pytest.mark.parametrize("case", list(MORE_INVALID_ROWS))
+def test_bad_values_are_registry_errors_naming_file_and_row(case: str, tmp_path) -> None:
+    body, reason = MORE_INVALID_ROWS[case]
+    path = _write(tmp_path / f"{case}.toml", f"[models.bad-{case}]\n{body}")
+    with pytest.raises(RegistryError) as info:
+        load_registry([path])
+    message = str(info.value)
+    assert str(path) in message and f"'bad-{case}'" in message and reason in message, message
+    assert "\n" not in message
+
+
+def test_timm_row_takes_classes_and_preprocessing_from_timm(tmp_path) -> None:
+    path = _write(tmp_path / "r.toml", '[models.r18]\narch = "resnet18"\nsource = "timm:resnet18.a1_in1k"\n'
+                                       '[models.r18-own-size]\narch = "resnet18"\nsource = "timm:resnet18.a1_in1k"\n'
+                                       "input_size = [3, 160, 160]\n")  # fmt: skip
+    cfg = get_model_config("r18", [path])
+    assert cfg.num_classes == 1000  # not a silent 10-way head
+    assert cfg.input_size == (3, 224, 224)
+    assert cfg.mean == pytest.approx((0.485, 0.456, 0.406)) and cfg.std == pytest.approx((0.229, 0.224, 0.225))
+    own = get_model_config("r18-own-size", [path])
+    assert own.input_size == (3, 160, 160) and own.num_classes == 1000  # what the row gives wins
+    # A class list that does not fit the pretrained head is an error, not a random 10-way head.
+    bad = _write(tmp_path / "bad.toml", '[models.r18-cifar]\narch = "resnet18"\nsource = "timm:resnet18.a1_in1k"\n'
+                                        'classes = "cifar10"\n')  # fmt: skip
+    with pytest.raises(RegistryError, match="10 class names for 1000 classes"):
+        load_registry([bad])
+    unknown = _write(tmp_path / "unknown.toml", '[models.u]\narch = "resnet18"\nsource = "timm:resnet18.no_such_tag"\n')
+    with pytest.raises(RegistryError, match="give num_classes"):
+        load_registry([unknown])
+
+
+def test_hf_pin_on_a_moving_revision_warns(tmp_path, caplog) -> None:
+    pin = "a" * 64
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    path = _write(tmp_path / "r.toml", f'[models.main]\narch = "x"\nsource = "hf://org/repo/w.safetensors"\nsha256 = "{pin}"\n'
+                                       f'[models.fixed]\narch = "x"\nsource = "hf://org/repo/w.safetensors@{commit}"\n'
+                                       f'sha256 = "{pin}"\n'
+                                       '[models.unpinned]\narch = "x"\nsource = "hf://org/repo/w.safetensors"\n')  # fmt: skip
+    with caplog.at_level("WARNING", logger="preempt_cli.registry"):
+        load_registry([path])
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1, lines
+    assert "'main'" in lines[0] and "main branch" in lines[0] and "pin a commit" in lines[0] and str(path) in lines[0]
+
+
+# -- layers: a row hiding a lower one ------------------------------------------------------------------------------
+
+
+def test_a_row_replacing_a_lower_one_warns_once(isolated_config: Path, tmp_path, caplog) -> None:
+    user_file = _write(isolated_config / "preempt" / "models.toml", USER_ROWS)
+    extra = _write(tmp_path / "team.toml", '[models.my-robust]\nbase = "my-robust"\nrole = "victim"\n')
+    with caplog.at_level("WARNING", logger="preempt_cli.registry"):
+        load_registry([extra])
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1, lines  # the user row hiding a built-in; a row based on its own name is deliberate
+    assert "'cifar10-resnet20-std'" in lines[0] and str(user_file) in lines[0]
+    assert str(builtin_registry_path()) in lines[0] and "\n" not in lines[0]
+
+
+def test_register_model_refuses_a_builtin_name_unless_forced(tmp_path) -> None:
+    from preempt_cli.registry import check_registrable, register_model
+
+    target = tmp_path / "user.toml"
+    row = {"arch": "cifar_resnet20", "source": "file:/keys/k.safetensors"}
+    with pytest.raises(RegistryError, match="built-in model") as info:
+        register_model("preempt-resnet20-at", row, target)
+    assert "--force" in str(info.value) and not target.exists()
+    with pytest.raises(RegistryError, match="built-in model"):
+        check_registrable("cifar10-resnet20-pgdat-a", target)
+    assert register_model("preempt-resnet20-at", row, target, overwrite=True) == target
+    assert load_registry([target])["preempt-resnet20-at"].source.location == "/keys/k.safetensors"
+
+
+@pytest.mark.parametrize("name", ["key.v2", "a.b.c", "v1.0-final"])
+def test_register_model_with_a_dotted_name_reads_back(name: str, tmp_path) -> None:
+    from preempt_cli.registry import register_model
+
+    target = tmp_path / "user.toml"
+    register_model("other", {"arch": "cifar_resnet20", "source": "file:/o.safetensors"}, target)
+    row = {"arch": "cifar_resnet20", "arch_args": {"shortcut": "pad_end"}, "source": "file:/k1.safetensors"}
+    assert register_model(name, row, target) == target
+    assert f'[models."{name}"]' in target.read_text()
+    models = load_registry([target])
+    assert models[name].source.location == "/k1.safetensors" and "other" in models
+    with pytest.raises(RegistryError, match="already registered"):
+        register_model(name, row, target)
+    register_model(name, {**row, "source": "file:/k2.safetensors"}, target, overwrite=True)
+    assert target.read_text().count(f'[models."{name}"]') == 1
+    assert load_registry([target])[name].source.location == "/k2.safetensors"
+
+
+@pytest.mark.parametrize("command", ["keygen", "train"])
+def test_keygen_and_train_refuse_a_builtin_name_before_training(command: str, tmp_path, monkeypatch) -> None:
+    from typer.testing import CliRunner
+
+    import preempt_cli.cli._train as train_cli
+    from preempt_cli.cli import app
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("training started")
+
+    for fn in ("load_train_data", "keygen", "train"):
+        monkeypatch.setattr(train_cli, fn, no_training)
+    out = tmp_path / "preempt-resnet20-at.safetensors"
+    args = (["keygen", "--base", "cifar10-resnet20-pgdat-a", "--data", str(tmp_path / "data")] if command == "keygen"
+            else ["train", str(tmp_path / "data"), "--arch", "cifar_resnet20"])  # fmt: skip
+    result = CliRunner().invoke(app, [*args, "--out", str(out), "--device", "cpu"])
+    assert result.exit_code == 2, result.output
+    assert "built-in model" in result.output and "preempt-resnet20-at" in result.output
+    assert "internal error" not in result.output
+
+
+# -- base rows and relative paths -----------------------------------------------------------------------------------
+
+
+def test_inherited_relative_source_resolves_against_the_base_registry(tmp_path) -> None:
+    from preempt_cli.hub import resolve_weights
+    from safetensors.torch import save_file
+
+    team = _write(tmp_path / "team" / "models.toml", '[models.team-key]\narch = "cifar_resnet20"\n'
+                                                     'source = "file:keys/k.safetensors"\n')  # fmt: skip
+    (tmp_path / "team" / "keys").mkdir()
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "team" / "keys" / "k.safetensors"))
+    mine = _write(tmp_path / "me" / "models.toml", '[models.my-view]\nbase = "team-key"\nrole = "victim"\n'
+                                                   '[models.my-own]\nbase = "team-key"\nsource = "file:keys/k.safetensors"\n')  # fmt: skip
+    view = get_model_config("my-view", [team, mine])
+    assert view.registry_file == mine and view.source_anchor == team
+    assert resolve_weights(view) == tmp_path / "team" / "keys" / "k.safetensors"
+    own = get_model_config("my-own", [team, mine])
+    assert own.source_anchor == mine  # a source written in this file is relative to this file
+    with pytest.raises(Exception, match="not found"):
+        resolve_weights(own)

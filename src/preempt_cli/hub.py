@@ -60,8 +60,8 @@ def _local_candidates(cfg: ModelConfig, models_dir: Path | None) -> list[Path]:
     env_dir = models_dir_from_env()
     if env_dir is not None and env_dir != models_dir:
         candidates.append(env_dir / raw)
-    if cfg.registry_file is not None:
-        candidates.append(cfg.registry_file.parent / raw)
+    if cfg.source_anchor is not None:  # the registry file whose row wrote this path (a base row's, if inherited)
+        candidates.append(cfg.source_anchor.parent / raw)
     packaged = Path(__file__).with_name("weights") / raw
     candidates.append(packaged)
     return candidates

@@ -13,7 +13,9 @@ A row may name a ``base`` row and change only some fields (e.g. a private key tr
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import sys
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
@@ -37,11 +39,19 @@ __all__ = [
     "list_models",
     "get_model_config",
     "register_model",
+    "check_registrable",
     "DEFAULT_BACKBONE",
     "DEFAULT_CLASSIFIER",
 ]
 
 ROLES = ("backbone", "classifier", "victim", "any")
+
+_logger = logging.getLogger(__name__)
+
+#: A TOML bare key: anything else (a dot, say) must be quoted in a table header.
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+#: A full git commit hash: the only Hub revision that cannot move.
+_COMMIT = re.compile(r"[0-9a-f]{40}")
 
 #: The built-in models used when no --backbone / --classifier is given: small CIFAR-10 ResNet-20s shipped as
 #: package data (``preempt_cli/weights/``), so ``preempt protect`` works offline on a fresh install. The
@@ -112,7 +122,15 @@ class ModelConfig:
     description: str = ""
     paper_name: str = ""  # the name under which the paper or RobustBench lists the model
     notes: str = ""  # how to obtain the weights when no automatic source exists
-    registry_file: Path | None = None  # where this row was defined; relative paths resolve against it
+    registry_file: Path | None = None  # where this row was defined
+    #: the registry file whose row set ``source`` (a ``base`` row's, when inherited): a relative ``file:`` path
+    #: resolves against its folder; None means ``registry_file``
+    source_registry: Path | None = None
+
+    @property
+    def source_anchor(self) -> Path | None:
+        """The registry file a relative ``file:`` source resolves against."""
+        return self.source_registry or self.registry_file
 
     def class_name(self, index: int) -> str:
         """Human-readable class name of ``index`` (the index itself when names are unknown)."""
@@ -167,7 +185,66 @@ def _floats(value: Any, path: Path, name: str, key: str) -> tuple[float, ...] | 
     raise RegistryError(path, f"model {name!r}: {key} must be a list of numbers or \"none\", got {value!r}")
 
 
-def _parse_row(name: str, row: Mapping[str, Any], path: Path, class_sets: Mapping[str, Any]) -> ModelConfig:
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _timm_pretrained_cfg(model: str) -> Any:
+    """timm's pretrained config of ``model`` (``name.tag``), offline; None when timm does not know it."""
+    try:
+        from timm.models import get_pretrained_cfg
+    except ImportError:  # pragma: no cover - timm is a dependency
+        return None
+    try:
+        return get_pretrained_cfg(model)
+    except Exception:  # an unknown tag raises RuntimeError
+        return None
+
+
+def _timm_defaults(name: str, row: Mapping[str, Any], source: Source, path: Path) -> dict[str, Any]:
+    """The classes, input size and normalization a ``timm:`` row leaves out, from timm's pretrained config:
+    timm drops a pretrained head of another size, so a guessed class count would be a random head."""
+    missing = [k for k in ("num_classes", "input_size", "mean", "std") if k not in row]
+    if not missing:
+        return {}
+    pretrained = _timm_pretrained_cfg(source.location)
+    if pretrained is None:
+        if "num_classes" in missing:
+            raise RegistryError(path, f"model {name!r}: timm has no pretrained config for {source.location!r} "
+                                      "to take num_classes from; give num_classes")  # fmt: skip
+        return {}
+    defaults: dict[str, Any] = {}
+    if "num_classes" in missing:
+        if not pretrained.num_classes:
+            raise RegistryError(path, f"model {name!r}: timm's {source.location!r} has no classifier head")
+        defaults["num_classes"] = int(pretrained.num_classes)
+    if "input_size" in missing and pretrained.input_size:
+        defaults["input_size"] = list(pretrained.input_size)
+    if "mean" in missing and "std" in missing and pretrained.mean and pretrained.std:
+        defaults["mean"], defaults["std"] = list(pretrained.mean), list(pretrained.std)
+    return defaults
+
+
+def _check_hf_source(name: str, source: Source, sha: Any, path: Path) -> None:
+    try:
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+    except ImportError:  # pragma: no cover - huggingface_hub is a dependency
+        return
+    try:
+        validate_repo_id(source.location)
+    except HFValidationError as e:
+        reason = str(e).strip().splitlines()[0]
+        raise RegistryError(path, f"model {name!r}: {source.location!r} is not a valid Hub repo id: {reason}") from e
+    if sha and not (source.revision and _COMMIT.fullmatch(source.revision)):
+        _logger.warning(
+            "%s: model %r pins a sha256 but its source %s follows %s, which can move: pin a commit (@<40-hex sha>)",
+            path, name, source, f"the revision {source.revision!r}" if source.revision else "the main branch",
+        )
+
+
+def _parse_row(
+    name: str, row: Mapping[str, Any], path: Path, class_sets: Mapping[str, Any], source_registry: Path | None = None
+) -> ModelConfig:
     known = {
         "arch", "source", "dataset", "input_size", "mean", "std", "num_classes", "classes", "arch_args",
         "sha256", "role", "description", "paper_name", "notes", "base",
@@ -182,10 +259,21 @@ def _parse_row(name: str, row: Mapping[str, Any], path: Path, class_sets: Mappin
         source = parse_source(str(row["source"]))
     except ValueError as e:
         raise RegistryError(path, f"model {name!r}: {e}") from e
+    sha = row.get("sha256")
+    if sha is not None and (len(str(sha)) != 64 or any(c not in "0123456789abcdef" for c in str(sha).lower())):
+        raise RegistryError(path, f"model {name!r}: sha256 must be 64 hex digits")
+    if source.kind == "timm":
+        if sha:
+            raise RegistryError(path, f"model {name!r}: a sha256 pin cannot be checked on a timm: source (timm "
+                                      "fetches and loads its own file); remove the pin, or register the weights "
+                                      "as an hf:// or file: source")  # fmt: skip
+        row = {**row, **_timm_defaults(name, row, source, path)}
+    elif source.kind == "hf":
+        _check_hf_source(name, source, sha, path)
     size = row.get("input_size", [3, 32, 32])
-    if isinstance(size, int):
+    if _is_int(size):
         size = [3, size, size]
-    if not (isinstance(size, list) and len(size) == 3 and all(isinstance(s, int) and s > 0 for s in size)):
+    if not (isinstance(size, list) and len(size) == 3 and all(_is_int(s) and s > 0 for s in size)):
         raise RegistryError(path, f"model {name!r}: input_size must be [C, H, W] or an int, got {size!r}")
     classes = row.get("classes")
     if isinstance(classes, str):
@@ -194,19 +282,27 @@ def _parse_row(name: str, row: Mapping[str, Any], path: Path, class_sets: Mappin
         classes = class_sets[classes]
     if classes is not None and not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
         raise RegistryError(path, f"model {name!r}: classes must be a list of names or a class-set name")
-    num_classes = int(row.get("num_classes", len(classes) if classes else 10))
+    num_classes = row.get("num_classes", len(classes) if classes else 10)
+    if not _is_int(num_classes) or num_classes < 1:
+        raise RegistryError(path, f"model {name!r}: num_classes must be a positive integer, got {num_classes!r}")
     if classes and len(classes) != num_classes:
         raise RegistryError(path, f"model {name!r}: {len(classes)} class names for {num_classes} classes")
     mean = _floats(row.get("mean"), path, name, "mean")
     std = _floats(row.get("std"), path, name, "std")
     if (mean is None) != (std is None):
         raise RegistryError(path, f"model {name!r}: give both mean and std, or neither")
+    if mean is not None and std is not None:
+        if len(mean) != size[0] or len(std) != size[0]:
+            raise RegistryError(path, f"model {name!r}: mean and std need {size[0]} values (one per input channel), "
+                                      f"got {len(mean)} and {len(std)}")  # fmt: skip
+        if any(s <= 0 for s in std):
+            raise RegistryError(path, f"model {name!r}: std values must be positive, got {list(std)}")
+    arch_args = row.get("arch_args", {})
+    if not isinstance(arch_args, Mapping):
+        raise RegistryError(path, f"model {name!r}: arch_args must be a table (e.g. {{ depth = 28 }}), got {arch_args!r}")
     role = row.get("role", "any")
     if role not in ROLES:
         raise RegistryError(path, f"model {name!r}: role must be one of {', '.join(ROLES)}")
-    sha = row.get("sha256")
-    if sha is not None and (len(str(sha)) != 64 or any(c not in "0123456789abcdef" for c in str(sha).lower())):
-        raise RegistryError(path, f"model {name!r}: sha256 must be 64 hex digits")
     return ModelConfig(
         name=name,
         arch=str(row["arch"]),
@@ -217,13 +313,14 @@ def _parse_row(name: str, row: Mapping[str, Any], path: Path, class_sets: Mappin
         std=std,
         num_classes=num_classes,
         classes=tuple(classes) if classes else None,
-        arch_args=dict(row.get("arch_args", {})),
+        arch_args=dict(arch_args),
         sha256=str(sha).lower() if sha else None,
         role=role,
         description=str(row.get("description", "")),
         paper_name=str(row.get("paper_name", "")),
         notes=str(row.get("notes", "")),
         registry_file=path,
+        source_registry=source_registry if source_registry is not None and source_registry != path else None,
     )
 
 
@@ -250,6 +347,11 @@ def _load_cached(paths: tuple[tuple[Path, float], ...]) -> dict[str, ModelConfig
         for name, row in doc.get("models", {}).items():
             if not isinstance(row, dict):
                 raise RegistryError(path, f"model {name!r}: expected a table")
+            replaced = models.get(name)
+            if replaced is not None and replaced.registry_file != path and row.get("base") != name:
+                # a row that names its own base extends the lower one on purpose; anything else hides it
+                _logger.warning("%s: model %r replaces the one defined in %s", path, name, replaced.registry_file)
+            source_registry = None
             if "base" in row:
                 base = models.get(row["base"])
                 if base is None:
@@ -257,8 +359,10 @@ def _load_cached(paths: tuple[tuple[Path, float], ...]) -> dict[str, ModelConfig
                 inherited = _as_row(base)
                 if "source" in row and "sha256" not in row:
                     inherited.pop("sha256")  # the base's pin describes the base's file, not this new one
+                if "source" not in row:
+                    source_registry = base.source_anchor  # a relative path stays relative to where it was written
                 row = {**inherited, **{k: v for k, v in row.items() if k != "base"}}
-            models[name] = _parse_row(name, row, path, class_sets)
+            models[name] = _parse_row(name, row, path, class_sets, source_registry)
     return models
 
 
@@ -331,6 +435,11 @@ def with_source(cfg: ModelConfig, source: str) -> ModelConfig:
     return replace(cfg, source=parse_source(source), sha256=None)
 
 
+def _toml_key(key: str) -> str:
+    """``key`` as a TOML key: bare when it can be, else quoted (a dot would otherwise nest tables)."""
+    return key if _BARE_KEY.fullmatch(key) else _toml_value(key)
+
+
 def _toml_value(value: Any) -> str:
     """``value`` as a TOML literal (the scalar, list and inline-table values a registry row uses)."""
     if isinstance(value, bool):
@@ -343,39 +452,67 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, Mapping):
-        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
+        return "{ " + ", ".join(f"{_toml_key(str(k))} = {_toml_value(v)}" for k, v in value.items()) + " }"
     raise TypeError(f"cannot write {type(value).__name__} to TOML")
 
 
-def register_model(name: str, row: Mapping[str, Any], path: Path | None = None, *, overwrite: bool = False) -> Path:
-    """Add (or with ``overwrite`` replace) the row ``[models.NAME]`` in a registry file, by default the user
-    registry; other rows and comments are kept. Returns the file written.
+def _builtin_names() -> set[str]:
+    return set(_read_toml(builtin_registry_path()).get("models", {}))
+
+
+def check_registrable(name: str, path: Path | str | None = None, *, overwrite: bool = False) -> Path:
+    """Check, before any work is done, that ``register_model(name, ..., path, overwrite=overwrite)`` can
+    succeed: a valid name, not a built-in model's (unless ``overwrite``), not already in ``path`` (unless
+    ``overwrite``). Returns the registry file that would be written (default: the user registry).
 
     Raises:
-        RegistryError: the name exists and ``overwrite`` is false, or the row is invalid.
+        RegistryError: the name is invalid, a built-in model's, or already registered there.
     """
     path = Path(path).expanduser() if path is not None else user_registry_path()
     if not name or any(c not in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_." for c in name):
         raise RegistryError(path, f"invalid model name {name!r} (letters, digits, '-', '_', '.')")
+    if overwrite:
+        return path
+    builtin = builtin_registry_path()
+    if name in _builtin_names() and not (path.is_file() and path.resolve() == builtin.resolve()):
+        raise RegistryError(path, f"{name!r} is a built-in model; registering it would hide the built-in one from "
+                                  "every command: choose another name (--name), or pass --force to replace it")  # fmt: skip
+    if path.is_file() and name in _read_toml(path).get("models", {}):
+        raise RegistryError(path, f"model {name!r} is already registered here (overwrite it with --force)")
+    return path
+
+
+def register_model(name: str, row: Mapping[str, Any], path: Path | None = None, *, overwrite: bool = False) -> Path:
+    """Add (or with ``overwrite`` replace) the row ``[models.NAME]`` in a registry file, by default the user
+    registry; other rows and comments are kept. Returns the file written. A name that is not a TOML bare key
+    (``key.v2``) is written quoted (``[models."key.v2"]``).
+
+    Raises:
+        RegistryError: the name is invalid, a built-in model's or already registered here and ``overwrite``
+            is false, or the row is invalid.
+    """
+    path = check_registrable(name, path, overwrite=overwrite)
     text = path.read_text(encoding="utf-8") if path.is_file() else ""
     existing = _read_toml(path).get("models", {}) if text else {}
-    header = f"[models.{name}]"
+    header = f"[models.{_toml_key(name)}]"
     if name in existing:
-        if not overwrite:
-            raise RegistryError(path, f"model {name!r} is already registered here (overwrite it with --force)")
         lines, kept, skipping = text.splitlines(), [], False
         for line in lines:
             stripped = line.strip()
             if stripped.startswith("["):
-                skipping = stripped in (header, f'[models."{name}"]')
+                skipping = stripped in (header, f"[models.{name}]", f'[models."{name}"]', f"[models.'{name}']")
             if not skipping:
                 kept.append(line)
         text = "\n".join(kept).rstrip() + "\n" if kept else ""
-    block = [header] + [f"{k} = {_toml_value(v)}" for k, v in row.items() if v is not None]
+    block = [header] + [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in row.items() if v is not None]
     new_text = (text.rstrip() + "\n\n" if text.strip() else "") + "\n".join(block) + "\n"
     try:  # validate before writing: a broken user registry would break every command
         doc = tomllib.loads(new_text)
-        _parse_row(name, doc["models"][name], path, {**doc.get("classes", {})})
+        written = doc.get("models", {}).get(name)
+        if not isinstance(written, dict):
+            raise RegistryError(path, f"registering {name!r} would not give a [models.{name}] table")
+        _parse_row(name, written, path, {**_read_toml(builtin_registry_path()).get("classes", {}),
+                                          **doc.get("classes", {})})  # fmt: skip
     except tomllib.TOMLDecodeError as e:
         raise RegistryError(path, f"registering {name!r} would not give valid TOML: {e}") from e
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ..engine import parse_eps
 from ..errors import ConfigError
-from ..registry import get_model_config, register_model, user_registry_path
+from ..registry import check_registrable, get_model_config, register_model, user_registry_path
 from ..train import (
     KEYGEN_DEFAULTS,
     EpochStats,
@@ -196,6 +196,8 @@ def train_cmd(
         if (base is None) == (arch is None):
             raise ConfigError("give exactly one of --base NAME (fine-tune) or --arch ARCH (from scratch)")
         out = _check_output(out, force, resume)
+        if not no_register:  # a name that cannot be registered fails now, not after training
+            check_registrable(name or out.stem, overwrite=force)
         config = TrainConfig(
             method=method, eps=parse_eps(eps), step_size=parse_eps(step_size) if step_size else None,
             attack_steps=attack_steps, epochs=epochs or (15 if base is None else 5), batch_size=batch_size,
@@ -274,6 +276,8 @@ def keygen_cmd(
     c.setup_logging(verbose, quiet)
     with c.handle_errors():
         out = _check_output(out, force, False)
+        if not no_register:  # a name that cannot be registered fails now, not after training
+            check_registrable(name or out.stem, overwrite=force)
         config = TrainConfig(**(asdict(KEYGEN_DEFAULTS) | {
             "epochs": epochs or KEYGEN_DEFAULTS.epochs, "lr": lr or KEYGEN_DEFAULTS.lr, "amp": amp,
             "max_batches_per_epoch": max_batches, "holdout": holdout, "eval_images": eval_images}))  # fmt: skip
