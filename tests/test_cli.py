@@ -575,3 +575,67 @@ def test_io_auto_falls_back_to_threads_when_processes_cannot_start(tmp_path: Pat
     with pytest.raises(ConfigError, match="cannot start worker processes"):
         list(protector.run(collect_inputs([tmp_path / "in"]), RunOptions(out_dir=tmp_path / "out", io="processes",
                                                                         overwrite=True)))  # fmt: skip
+
+
+def test_a_dead_io_worker_fails_only_the_files_it_held(tmp_path: Path, tiny_backbone) -> None:
+    import os
+    import signal
+    import time
+
+    from preempt_cli import ForeBackConfig, Protector, collect_inputs
+
+    _images(tmp_path / "in", n=160, size=(32, 32))  # chunks of 32 files, 8 per batch: decodes go on
+    with Protector(tiny_backbone, labels="backbone", config=ForeBackConfig(samples=1)) as protector:
+        options = RunOptions(out_dir=tmp_path / "out", io="processes", workers=2, batch_size=8)
+        results = protector.run(collect_inputs([tmp_path / "in"]), options)
+        seen = [next(results)]
+        pool = protector._processes
+        for pid in list(pool._processes):  # as the kernel's OOM killer would
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while not pool._broken and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert pool._broken
+        seen += list(results)  # the run goes on in new workers instead of stopping with BrokenProcessPool
+        assert protector._processes is not pool and not protector._processes._broken
+        # and a later run starts clean
+        again = list(protector.run(collect_inputs([tmp_path / "in"]), options))
+    assert len(seen) == 160 and len({r.input for r in seen}) == 160
+    failed = [r for r in seen if r.status == "failed"]
+    assert all(r.reason.startswith("worker process failed") for r in failed), {r.reason for r in failed}
+    assert sum(r.status == "done" for r in seen) >= 160 - 96  # at most what was in flight when it died
+    # the next run completes the job: it redoes only failed files (a write chunk can have written some of
+    # its files, whole, before its worker died: those are skipped) and skips what was done
+    assert all(r.status in ("done", "skipped") for r in again)
+    assert failed and {r.input for r in again if r.status == "done"} <= {r.input for r in failed}
+
+
+def test_images_of_many_sizes_are_computed_as_they_come_not_all_held_to_the_end(tmp_path: Path, tiny_backbone,
+                                                                                monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    from preempt_cli import ForeBackConfig, Protector, collect_inputs
+
+    sizes = [(w, h) for h in range(8, 18) for w in range(8, 18)]  # 100 sizes, one image each: no batch fills
+    rng = np.random.default_rng(0)
+    (tmp_path / "in").mkdir()
+    for i, (w, h) in enumerate(sizes):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / "in" / f"{i:03d}.png")
+    decoded, at_first_batch = [0], []
+    real_decoded, real_compute = Protector._decoded, Protector._timed_compute
+
+    def counting_decoded(self, *args, **kwargs):
+        decoded[0] += 1
+        return real_decoded(self, *args, **kwargs)
+
+    def noting_compute(self, batch):
+        at_first_batch.append(decoded[0])
+        return real_compute(self, batch)
+
+    monkeypatch.setattr(Protector, "_decoded", counting_decoded)
+    monkeypatch.setattr(Protector, "_timed_compute", noting_compute)
+    protector = Protector(tiny_backbone, labels="backbone", config=ForeBackConfig(samples=1, backward_steps=1))
+    # batch_size 1 at the backbone's 32x32: 2 to 16 of these small images per batch, 64 decoded ahead
+    options = RunOptions(out_dir=tmp_path / "out", io="threads", workers=2, batch_size=1)
+    results = list(protector.run(collect_inputs([tmp_path / "in"]), options))
+    assert [r.status for r in results] == ["done"] * len(sizes)
+    # computing starts once 16 sizes wait (plus the files decoding ahead), long before the last is decoded
+    assert at_first_batch[0] <= 17 + 64 < len(sizes)

@@ -404,6 +404,8 @@ def read_images(paths: Sequence[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> l
             out.append(read_image(Path(name), max_pixels=max_pixels))
         except ImageReadError as e:
             out.append(reason_of(e, Path(name)))
+        except Exception as e:  # a decoder's own error, or memory: this file fails, not the chunk around it
+            out.append(f"cannot decode: {type(e).__name__}: {e}")
     return out
 
 
@@ -417,6 +419,8 @@ def write_pngs(tasks: Sequence[tuple[Path, Picture, np.ndarray, Mapping[str, str
             out.append((None, level_distance(color, picture.color)))
         except PreemptError as e:
             out.append((reason_of(e, path), 0))
+        except Exception as e:  # an encoder's own error, or memory: this file fails, not the chunk around it
+            out.append((f"cannot encode: {type(e).__name__}: {e}", 0))
     return out
 
 

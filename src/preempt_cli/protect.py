@@ -25,6 +25,7 @@ import logging
 import math
 import time
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -66,6 +67,8 @@ METADATA_KEY = "preempt"
 #: half the batch).
 _CPU_BATCH_ELEMENTS = 16 * 20 * 3 * 32 * 32
 _GPU_BATCH_ELEMENTS = 16 * _CPU_BATCH_ELEMENTS
+#: Image sizes waiting at once for their batches to fill; beyond, the oldest partial batch is computed.
+_MAX_PARTIAL_BATCHES = 16
 
 
 @dataclass
@@ -455,7 +458,8 @@ class Protector:
         Raises:
             ConfigError: ``io="processes"`` and no worker process starts.
         """
-        if self._processes is None or self._processes_size != options.workers:
+        broken = self._processes is not None and getattr(self._processes, "_broken", False)
+        if self._processes is None or self._processes_size != options.workers or broken:
             self.close()
             import multiprocessing
             import os
@@ -482,7 +486,8 @@ class Protector:
     def close(self) -> None:
         """Stop the worker processes, if any (they also stop when the interpreter exits)."""
         if self._processes is not None:
-            self._processes.shutdown(wait=True, cancel_futures=True)
+            # a pool whose worker died cannot be waited for (its workers are being torn down already)
+            self._processes.shutdown(wait=not getattr(self._processes, "_broken", False), cancel_futures=True)
             self._processes = None
 
     def __enter__(self) -> "Protector":
@@ -513,7 +518,7 @@ class Protector:
         decoded: collections.deque[Any] = collections.deque()  # handles: .result() -> _Pending | FileResult
         writes: collections.deque[Any] = collections.deque()  # handles: .done(), .result() -> FileResult
         computing: collections.deque[tuple[list[_Pending], Future]] = collections.deque()
-        buckets: dict[tuple[int, ...], list[_Pending]] = {}
+        buckets: dict[tuple[int, ...], list[_Pending]] = {}  # partial batches, oldest first
         queue = iter(todo)
 
         def submit_decodes() -> None:
@@ -561,6 +566,12 @@ class Protector:
             if len(bucket) >= limit:
                 del buckets[key]
                 yield from flush(bucket)
+            # Many sizes, none filling its batch (web images): the oldest partial batches go now, so that
+            # memory stays bounded (two batches' worth at most wait) and outputs appear as the run goes
+            while len(buckets) > _MAX_PARTIAL_BATCHES or sum(
+                len(b) / self._batch_limit(b[0].picture, options) for b in buckets.values()
+            ) > 2:  # fmt: skip
+                yield from flush(buckets.pop(next(iter(buckets))))
             yield from collect(block=False)
             yield from drain(block=False)
         for bucket in buckets.values():
@@ -616,8 +627,23 @@ class _ProcessIO:
     def __init__(self, protector: Protector, options: RunOptions, pool: ProcessPoolExecutor) -> None:
         self.protector, self.options, self.pool = protector, options, pool
 
+    def _submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        try:
+            return self.pool.submit(fn, *args)
+        except BrokenProcessPool:
+            # A worker died (killed, out of memory, a crashing decoder): the files it held fail with that
+            # reason (see _Part), and the rest of the run goes on in new workers.
+            _logger.warning("an I/O worker process died; starting new ones")
+            pool = self.protector._process_pool(self.options)  # ConfigError if none start (--io processes)
+            if pool is None:  # none start (--io auto): the remaining files are done in this process
+                done: Future = Future()
+                done.set_result(fn(*args))
+                return done
+            self.pool = pool
+            return self.pool.submit(fn, *args)
+
     def decode(self, items: list[tuple[InputFile, Path]]) -> list[_Part]:
-        future = self.pool.submit(read_images, [str(item.path) for item, _ in items], self.options.max_pixels)
+        future = self._submit(read_images, [str(item.path) for item, _ in items], self.options.max_pixels)
         return [_Part(future, i, partial(self.protector._decoded, item, output, self.options), item.path)
                 for i, (item, output) in enumerate(items)]  # fmt: skip
 
@@ -627,7 +653,7 @@ class _ProcessIO:
         for start in range(0, len(jobs), size):
             chunk = jobs[start : start + size]
             tasks = [self.protector._write_task(p, levels, label, self.options.fsync) for p, levels, _, _, label, _ in chunk]
-            future = self.pool.submit(write_pngs, tasks)
+            future = self._submit(write_pngs, tasks)
             parts += [_Part(future, i, partial(self.protector._finish_write, p, before, after, label, seconds), p.item.path)
                       for i, (p, _, before, after, label, seconds) in enumerate(chunk)]  # fmt: skip
         return parts
