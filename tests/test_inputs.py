@@ -51,3 +51,36 @@ def test_preempt_outputs_among_the_inputs_do_not_block_their_originals(tmp_path:
     items = [InputFile(tmp_path / "photo.png"), InputFile(tmp_path / "photo.protected.png")]
     assert _outputs(items)[str(tmp_path / "photo.png")] == tmp_path / "photo.protected.png"
     assert _outputs([InputFile(tmp_path / "x.PNG")])[str(tmp_path / "x.PNG")] == tmp_path / "x.protected.png"
+
+
+def _label_file(tmp_path: Path, rows: str) -> Path:
+    path = tmp_path / "labels.csv"
+    path.write_text("file,label\n" + rows)
+    return path
+
+
+def test_labels_match_the_longest_listed_part_of_a_path_from_any_root(tmp_path: Path) -> None:
+    from preempt_cli.labels import read_label_file
+
+    labels = read_label_file(_label_file(tmp_path, "cat/001.png,cat\ndog/001.png,dog\n002.png,bird\n"))
+    data = tmp_path / "dataset" / "train"
+    assert labels.lookup(InputFile(data / "cat/001.png", data.parent)) == "cat"  # one level above the listing
+    assert labels.lookup(InputFile(data / "dog/001.png")) == "dog"  # named directly / from stdin
+    assert labels.lookup(InputFile(data / "x/002.png", data)) == "bird"
+    assert labels.lookup(InputFile(data / "x/002.jpg", data)) == "bird"  # by stem
+
+
+def test_a_name_shared_by_entries_with_different_labels_is_ambiguous_not_first_come(tmp_path: Path) -> None:
+    import pytest
+
+    from preempt_cli.errors import LabelError
+    from preempt_cli.labels import read_label_file
+
+    labels = read_label_file(_label_file(tmp_path, "cat/001.png,cat\ndog/001.png,dog\nx/7.png,3\ny/7.png,3\n"))
+    with pytest.raises(LabelError, match="ambiguous"):
+        labels.lookup(InputFile(tmp_path / "bird/001.png", tmp_path))
+    with pytest.raises(LabelError, match="ambiguous"):
+        labels.lookup(InputFile(tmp_path / "001.jpg"))  # the stem too
+    assert labels.lookup(InputFile(tmp_path / "z/7.png", tmp_path)) == "3"  # shared, but the same label
+    with pytest.raises(LabelError, match="an earlier row"):
+        read_label_file(_label_file(tmp_path, "a.png,cat\na.png,dog\n"))

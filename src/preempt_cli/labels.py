@@ -1,8 +1,8 @@
 """Ground-truth labels: from a CSV or JSON file, or from ImageFolder folder names.
 
-Labels may be class indices or class names. A file's label is looked up by its path relative to the
-input folder, then by file name, then by stem, so that ``cat/00003.png``, ``00003.png`` and ``00003`` all
-work as keys.
+Labels may be class indices or class names. A file's label is looked up by the longest trailing part of
+its path that the file lists, then by stem, so that ``cat/00003.png``, ``00003.png`` and ``00003`` all work
+as keys, whatever folder the files are given from.
 """
 
 from __future__ import annotations
@@ -21,25 +21,40 @@ _FILE_COLUMNS = ("file", "path", "filename", "image", "name")
 _LABEL_COLUMNS = ("label", "class", "target", "y")
 
 
+_AMBIGUOUS = object()
+
+
 class LabelMap:
-    """Labels keyed by relative path, file name and stem."""
+    """Labels keyed by path, matched on the longest trailing part of a file's path (``train/cat/1.png``
+    finds the entry ``cat/1.png``, then ``1.png``, then the stem ``1``). A shorter key that several entries
+    share with different labels (``cat/1.png`` and ``dog/1.png`` both end in ``1.png``) is ambiguous: a
+    file found only through it fails instead of getting the first entry's label."""
 
     def __init__(self, entries: dict[str, str | int], source: Path) -> None:
         self.source = source
-        self._by_key: dict[str, str | int] = {}
+        self._exact: dict[str, str | int] = {}
+        self._by_key: dict[str, object] = {}
         for key, label in entries.items():
-            p = Path(key)
-            for k in (p.as_posix(), p.name, p.stem):
-                self._by_key.setdefault(k, label)
+            p = Path(key.replace("\\", "/"))
+            self._exact[p.as_posix()] = label
+            for k in dict.fromkeys([Path(*p.parts[i:]).as_posix() for i in range(1, len(p.parts))] + [p.stem]):
+                known = self._by_key.setdefault(k, label)
+                if known is not _AMBIGUOUS and known != label:
+                    self._by_key[k] = _AMBIGUOUS
 
     def __len__(self) -> int:
-        return len(self._by_key)
+        return len(self._exact)
 
     def lookup(self, item: InputFile) -> str | int:
-        """The label of ``item``. Raises ``LabelError`` when the file has none."""
-        for key in (item.relative.as_posix(), item.path.name, item.path.stem):
-            if key in self._by_key:
-                return self._by_key[key]
+        """The label of ``item``. Raises ``LabelError`` when the file has none, or only an ambiguous one."""
+        parts = item.path.parts
+        for key in [Path(*parts[i:]).as_posix() for i in range(len(parts))] + [item.path.stem]:
+            found = self._exact.get(key, self._by_key.get(key))
+            if found is _AMBIGUOUS:
+                raise LabelError(f"label of {item.path} is ambiguous in {self.source}: several entries end in "
+                                 f"{key!r} with different labels (give the paths relative to the input folder)")  # fmt: skip
+            if found is not None:
+                return found  # type: ignore[return-value]
         raise LabelError(f"no label for {item.path.name} in {self.source}")
 
 
@@ -82,7 +97,10 @@ def read_label_file(path: Path | str) -> LabelMap:
         for n, row in enumerate(rows, 1):
             if len(row) < 2:
                 raise LabelError(f"{path}: row {n} needs two columns (file,label), got {row}")
-            entries[row[0].strip()] = row[1].strip()
+            file, label = row[0].strip(), row[1].strip()
+            if entries.get(file, label) != label:
+                raise LabelError(f"{path}: row {n} gives {file} the label {label!r}, an earlier row {entries[file]!r}")
+            entries[file] = label
     if not entries:
         raise LabelError(f"{path}: no labels found")
     for key, value in entries.items():
