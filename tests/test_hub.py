@@ -15,6 +15,8 @@ from conftest import set_hf_cache
 from preempt_cli.errors import (
     HashMismatchError,
     OfflineWeightsError,
+    PreemptError,
+    RegistryError,
     UnsafeWeightsError,
     WeightsMismatchError,
     WeightsNotFoundError,
@@ -174,6 +176,7 @@ def test_load_model_checks_the_pin_before_loading(tmp_path, monkeypatch) -> None
         raise AssertionError("weights were parsed before the pin was checked")
 
     monkeypatch.setattr(safetensors.torch, "load_file", no_load)
+    monkeypatch.setattr(safetensors.torch, "load", no_load)
     with pytest.raises(HashMismatchError):
         load_model("pinned", registry=[registry])
 
@@ -380,3 +383,258 @@ def test_load_model_local_file_with_models_dir(tmp_path) -> None:
     # A config object works as well as a name.
     cfg = get_model_config("k", [registry])
     assert isinstance(load_model(cfg, models_dir=str(tmp_path / "models")), ImageModel)
+
+
+# -- the bytes hashed are the bytes loaded ----------------------------------------------------------------------
+
+
+def test_weights_swapped_after_hashing_are_not_loaded(tmp_path, monkeypatch) -> None:
+    """The file is replaced between the pin check and the load (another process, a sync tool): the model
+    holds the weights that were checked, and its sha256 describes them."""
+    import safetensors.torch
+
+    good, evil = _random_resnet20(0), _random_resnet20(1)
+    path = tmp_path / "k.safetensors"
+    save_file(good.state_dict(), str(path))
+    pin = _sha(path)
+    save_file(evil.state_dict(), str(tmp_path / "evil.safetensors"))
+    evil_bytes = (tmp_path / "evil.safetensors").read_bytes()
+    registry = tmp_path / "r.toml"
+    registry.write_text(f'[models.k]\narch = "cifar_resnet20"\narch_args = {{ shortcut = "pad_end" }}\n'
+                        f'source = "file:k.safetensors"\nsha256 = "{pin}"\n')  # fmt: skip
+
+    def swapping(real):
+        def load(*args, **kwargs):
+            path.write_bytes(evil_bytes)  # the swap happens after the hash, before the parse
+            return real(*args, **kwargs)
+
+        return load
+
+    monkeypatch.setattr(safetensors.torch, "load_file", swapping(safetensors.torch.load_file))
+    monkeypatch.setattr(safetensors.torch, "load", swapping(safetensors.torch.load))
+    model = load_model("k", registry=[registry], fuse=False)
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), good(x), atol=1e-5, rtol=1e-5)
+    assert model.weights_sha256 == pin
+    assert model.pin_verified and model.weights_path == str(path)
+
+
+def test_weights_sha256_of_an_unpinned_file_describes_the_loaded_bytes(tmp_path, monkeypatch) -> None:
+    import safetensors.torch
+
+    import preempt_cli.hub as hub
+
+    net = _random_resnet20(2)
+    path = tmp_path / "k.safetensors"
+    save_file(net.state_dict(), str(path))
+    digest = _sha(path)
+    monkeypatch.setattr(hub, "sha256_file", lambda *a, **k: pytest.fail("the file was hashed separately"))
+    monkeypatch.setattr(safetensors.torch, "load_file", lambda *a, **k: pytest.fail("the file was opened again"))
+    model = load_model(ModelConfig(name="k", arch="cifar_resnet20", arch_args={"shortcut": "pad_end"},
+                                   source=Source("file", str(path))))  # fmt: skip
+    assert model.weights_sha256 == digest and not model.pin_verified
+
+
+# -- Hub errors: one line, the source as written ---------------------------------------------------------------
+
+
+def _http_error(cls, status: int, message: str = "Client Error"):
+    import httpx2
+
+    response = httpx2.Response(status, request=httpx2.Request("GET", "https://huggingface.co/org/repo/resolve/main/f"))
+    return cls(f"{status} {message}\n\nRequest ID: abc\nmore lines", response=response)
+
+
+def _hub_failures():
+    import httpx2
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        HFValidationError,
+        RemoteEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    return {
+        "private-401": (lambda: _http_error(RepositoryNotFoundError, 401), WeightsNotFoundError, "HF_TOKEN"),
+        "gated": (lambda: _http_error(GatedRepoError, 401), WeightsNotFoundError, "gated"),
+        "forbidden-403": (lambda: _http_error(HfHubHTTPError, 403), WeightsNotFoundError, "HTTP 403"),
+        "server-500": (lambda: _http_error(HfHubHTTPError, 500, "Server Error"), OfflineWeightsError, "HTTP 500"),
+        "revision": (lambda: _http_error(RevisionNotFoundError, 404), WeightsNotFoundError, "no revision 'v9'"),
+        "entry": (lambda: _http_error(RemoteEntryNotFoundError, 404), WeightsNotFoundError, "no such file"),
+        "proxy": (lambda: httpx2.ProxyError("407 Proxy Authentication Required"), OfflineWeightsError, "ProxyError"),
+        "connect": (lambda: httpx2.ConnectError("connection refused"), OfflineWeightsError, "cannot be reached"),
+        "bad-repo-id": (lambda: HFValidationError("Repo id must use alphanumeric chars"), RegistryError,
+                        "not a valid Hub source"),  # fmt: skip
+    }
+
+
+@pytest.mark.parametrize("case", ["private-401", "gated", "forbidden-403", "server-500", "revision", "entry", "proxy",
+                                  "connect", "bad-repo-id"])  # fmt: skip
+def test_hub_errors_are_one_line_naming_model_and_source(case, monkeypatch) -> None:
+    import huggingface_hub
+
+    make, expected, words = _hub_failures()[case]
+
+    def failing(*args, **kwargs):
+        raise make()
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", failing)
+    cfg = _hf_cfg("hf://org/repo/sub/model.safetensors@v9")
+    with pytest.raises(expected) as info:
+        load_model(cfg)
+    message = str(info.value)
+    assert "\n" not in message, message
+    assert "'tiny-hf'" in message and "hf://org/repo/sub/model.safetensors@v9" in message, message
+    assert words in message, message
+    assert isinstance(info.value, PreemptError)
+
+
+@pytest.mark.parametrize("case", ["private-401", "revision", "proxy", "server-500"])
+def test_timm_hub_errors_are_one_line(case, monkeypatch) -> None:
+    import timm
+
+    make, expected, words = _hub_failures()[case]
+
+    def failing(*args, **kwargs):
+        raise make()
+
+    monkeypatch.setattr(timm, "create_model", failing)
+    cfg = ModelConfig(name="tv", arch="resnet18", source=Source("timm", "resnet18.a1_in1k"), num_classes=1000,
+                      input_size=(3, 224, 224))  # fmt: skip
+    with pytest.raises(expected) as info:
+        load_model(cfg)
+    message = str(info.value)
+    assert "\n" not in message and "'tv'" in message and "timm:resnet18.a1_in1k" in message, message
+
+
+def test_hash_mismatch_on_a_moving_revision_says_upstream_may_have_changed(hf_cache, tmp_path) -> None:
+    data = _tiny_safetensors(tmp_path / "src.safetensors").read_bytes()
+    make_hf_cache(hf_cache, "org/tiny", "m.safetensors", data)
+    with pytest.raises(HashMismatchError, match="may have changed upstream") as info:
+        resolve_weights(_hf_cfg("hf://org/tiny/m.safetensors", sha256="b" * 64))
+    assert "main branch" in str(info.value)
+    with pytest.raises(HashMismatchError) as info:
+        resolve_weights(_hf_cfg(f"hf://org/tiny/m.safetensors@{COMMIT}", sha256="b" * 64))
+    assert "upstream" not in str(info.value) and "corrupt" in str(info.value)
+
+
+# -- timm rows -------------------------------------------------------------------------------------------------
+
+
+def test_timm_pin_is_refused_not_ignored(monkeypatch) -> None:
+    import timm
+
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: pytest.fail("loaded with an unchecked pin"))
+    cfg = ModelConfig(name="tv", arch="resnet18", source=Source("timm", "resnet18.a1_in1k"), num_classes=1000,
+                      sha256="a" * 64)  # fmt: skip
+    with pytest.raises(PreemptError, match="cannot be checked on a timm"):
+        load_model(cfg)
+
+
+def test_timm_num_classes_other_than_the_pretrained_head_is_refused(tmp_path, monkeypatch) -> None:
+    import timm
+
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: pytest.fail("a random head was built"))
+    registry = tmp_path / "r.toml"
+    registry.write_text('[models.r18-10]\narch = "resnet18"\nsource = "timm:resnet18.a1_in1k"\nnum_classes = 10\n')
+    with pytest.raises(RegistryError) as info:
+        load_model("r18-10", registry=[registry])
+    message = str(info.value)
+    assert str(registry) in message and "'r18-10'" in message and "1000 classes" in message, message
+
+
+# -- rows the architecture rejects ---------------------------------------------------------------------------------
+
+
+def test_arch_args_the_builder_rejects_are_registry_errors(tmp_path) -> None:
+    save_file(create_arch("cifar_resnet20").state_dict(), str(tmp_path / "w.safetensors"))
+    registry = tmp_path / "r.toml"
+    registry.write_text('[models.typo]\narch = "cifar_resnet20"\narch_args = { shortcutt = "pad_end" }\n'
+                        'source = "w.safetensors"\n'
+                        '[models.badvalue]\narch = "cifar_resnet20"\narch_args = { shortcut = "zeros" }\n'
+                        'source = "w.safetensors"\n'
+                        '[models.timmtypo]\narch = "resnet18"\narch_args = { colour = 1 }\nsource = "w.safetensors"\n')  # fmt: skip
+    for name in ("typo", "badvalue", "timmtypo"):
+        with pytest.raises(RegistryError) as info:
+            load_model(name, registry=[registry])
+        message = str(info.value)
+        assert str(registry) in message and f"'{name}'" in message and "rejects arch_args" in message, message
+
+
+def test_models_verify_reports_each_model_and_goes_on(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from preempt_cli.cli import app
+
+    net = _random_resnet20(0)
+    save_file(net.state_dict(), str(tmp_path / "w.safetensors"))
+    pin = _sha(tmp_path / "w.safetensors")
+    registry = tmp_path / "r.toml"
+    rows = 'arch = "cifar_resnet20"\narch_args = { shortcut = "pad_end" }\nsource = "w.safetensors"\n'
+    registry.write_text(f"[models.pinned]\n{rows}sha256 = \"{pin}\"\n[models.unpinned]\n{rows}"
+                        '[models.typo]\narch = "cifar_resnet20"\narch_args = { shortcutt = 1 }\nsource = "w.safetensors"\n')  # fmt: skip
+    runner = CliRunner()
+    result = runner.invoke(app, ["models", "verify", "typo", "pinned", "unpinned", "--registry", str(registry)])
+    assert result.exit_code == 1, result.output
+    assert "internal error" not in result.output
+    assert "typo" in result.stderr and "rejects arch_args" in result.stderr
+    assert "ok  pinned" in result.stdout and "sha256 matches pin" in result.stdout
+    unpinned = next(line for line in result.stdout.splitlines() if "unpinned" in line)
+    assert "no sha256 pin" in unpinned and "matches" not in unpinned
+    result = runner.invoke(app, ["models", "verify", "pinned", "unpinned", "--registry", str(registry), "--json"])
+    import json
+
+    rows_out = {r["name"]: r for r in map(json.loads, result.stdout.splitlines())}
+    assert rows_out["pinned"]["pinned"] is True and rows_out["pinned"]["sha256"] == pin
+    assert rows_out["unpinned"]["pinned"] is False and rows_out["unpinned"]["weights"] == str(tmp_path / "w.safetensors")
+
+
+# -- writing safetensors ------------------------------------------------------------------------------------------
+
+
+def test_convert_keeps_tied_weights(tmp_path) -> None:
+    from preempt_cli.convert import convert_checkpoint
+    from safetensors.torch import load_file
+
+    shared = torch.arange(6.0).view(2, 3)
+    state = {"module.embed.weight": shared, "module.head.weight": shared, "module.half": shared[0]}
+    torch.save({"state_dict": state}, tmp_path / "tied.pt")
+    n, sha = convert_checkpoint(tmp_path / "tied.pt", tmp_path / "tied.safetensors")
+    loaded = load_file(str(tmp_path / "tied.safetensors"))
+    assert n == 3 and set(loaded) == {"embed.weight", "head.weight", "half"}
+    torch.testing.assert_close(loaded["head.weight"], shared)
+    torch.testing.assert_close(loaded["half"], shared[0])
+    assert sha == _sha(tmp_path / "tied.safetensors")
+
+
+def test_convert_refuses_keys_that_collide_once_stripped(tmp_path) -> None:
+    from preempt_cli.convert import convert_checkpoint
+    from preempt_cli.errors import ConfigError
+
+    torch.save({"module.fc.weight": torch.zeros(2), "fc.weight": torch.ones(2)}, tmp_path / "c.pt")
+    with pytest.raises(ConfigError) as info:
+        convert_checkpoint(tmp_path / "c.pt", tmp_path / "c.safetensors")
+    message = str(info.value)
+    assert "'module.fc.weight'" in message and "'fc.weight'" in message and str(tmp_path / "c.pt") in message
+    assert not (tmp_path / "c.safetensors").exists()
+
+
+def test_save_safetensors_syncs_before_renaming_and_gives_normal_permissions(tmp_path, monkeypatch) -> None:
+    import preempt_cli.hub as hub
+    from preempt_cli.hub import save_safetensors
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(hub.os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(hub.os, "replace", lambda a, b: (events.append("replace"), real_replace(a, b))[1])
+    old = os.umask(0o027)
+    try:
+        save_safetensors({"w": torch.zeros(3)}, tmp_path / "w.safetensors")
+    finally:
+        os.umask(old)
+    assert events[:2] == ["fsync", "replace"], events
+    assert (tmp_path / "w.safetensors").stat().st_mode & 0o777 == 0o640
+    assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]

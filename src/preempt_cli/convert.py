@@ -37,9 +37,11 @@ def convert_checkpoint(
     """Write the state dict of ``checkpoint`` to ``output`` as safetensors; return (tensors, sha256).
 
     The checkpoint is read with ``torch.load(weights_only=True)``, which refuses arbitrary pickled objects.
+    Tensors that share memory (tied weights) are written as separate copies, so every key loads.
 
     Raises:
-        ConfigError: unreadable checkpoint, or no state dict in it.
+        ConfigError: unreadable checkpoint, no state dict in it, or two keys that are the same once a prefix
+            is stripped.
         ImageWriteError: the output cannot be written.
     """
     try:
@@ -49,11 +51,17 @@ def convert_checkpoint(
     except Exception as e:  # weights_only refusals are UnpicklingError; corrupt files vary
         raise ConfigError(f"{checkpoint}: cannot be loaded safely with weights_only=True ({e})") from e
     state = _find_state(obj, key)
-    clean = {}
-    for name, tensor in state.items():
+    clean: dict[str, torch.Tensor] = {}
+    origin: dict[str, str] = {}
+    for key, tensor in state.items():
+        name = key
         for prefix in strip_prefixes:
             if prefix and name.startswith(prefix):
                 name = name[len(prefix) :]
-        clean[name] = tensor.detach().contiguous()
+        if name in clean:
+            raise ConfigError(f"{checkpoint}: keys {origin[name]!r} and {key!r} both become {name!r} once "
+                              f"{', '.join(repr(p) for p in strip_prefixes if p)} is stripped; convert with "
+                              "--strip-prefix '' (or --key naming one state dict)")  # fmt: skip
+        clean[name], origin[name] = tensor.detach(), key
     save_safetensors(clean, output, {"converted_from": checkpoint.name})
     return len(clean), sha256_file(output)

@@ -64,9 +64,9 @@ class UnknownModelError(PreemptError, KeyError):
 class WeightsNotFoundError(PreemptError, FileNotFoundError):
     """A local weights file does not exist."""
 
-    def __init__(self, model: str, path: Path, hint: str = "") -> None:
+    def __init__(self, model: str, path: Path | str, hint: str = "") -> None:
         self.model = model
-        self.path = path
+        self.path = path  # a str for a remote source (hf://...), kept as written
         super().__init__(
             f"weights of model {model!r} not found at {path}. "
             + (hint or "Pass --models-dir DIR (or set PREEMPT_MODELS_DIR) to the folder holding them.")
@@ -89,14 +89,14 @@ class OfflineWeightsError(PreemptError, FileNotFoundError):
 class HashMismatchError(PreemptError, ValueError):
     """A weights file does not match the sha256 pinned in the registry."""
 
-    def __init__(self, model: str, path: Path, expected: str, actual: str) -> None:
+    def __init__(self, model: str, path: Path, expected: str, actual: str, hint: str = "") -> None:
         self.model = model
         self.path = path
         self.expected = expected
         self.actual = actual
         super().__init__(
             f"weights of model {model!r} at {path} have sha256 {actual}, but the registry pins {expected}. "
-            "The file is corrupt or not the one registered: download it again, or fix the pin."
+            + (hint or "The file is corrupt or not the one registered: download it again, or fix the pin.")
         )
 
 

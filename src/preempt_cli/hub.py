@@ -10,10 +10,28 @@ import hashlib
 import os
 from pathlib import Path
 
-from .errors import HashMismatchError, OfflineWeightsError, UnsafeWeightsError, WeightsNotFoundError
+import re
+from contextlib import contextmanager
+from typing import Iterator
+
+from .errors import (
+    HashMismatchError,
+    OfflineWeightsError,
+    RegistryError,
+    UnsafeWeightsError,
+    WeightsNotFoundError,
+)
 from .registry import ModelConfig
 
-__all__ = ["models_dir_from_env", "resolve_weights", "sha256_file", "check_safetensors_header", "save_safetensors"]
+__all__ = [
+    "models_dir_from_env",
+    "resolve_weights",
+    "read_weights",
+    "sha256_file",
+    "check_safetensors_header",
+    "save_safetensors",
+    "hub_errors",
+]
 
 MODELS_DIR_ENV = "PREEMPT_MODELS_DIR"
 
@@ -42,7 +60,10 @@ def check_safetensors_header(model: str, path: Path) -> None:
         UnsafeWeightsError: the file is not safetensors.
     """
     with path.open("rb") as f:
-        head = f.read(9)
+        _check_header(model, path, f.read(9))
+
+
+def _check_header(model: str, path: Path, head: bytes) -> None:
     if len(head) < 9:
         raise UnsafeWeightsError(model, path)
     header_len = int.from_bytes(head[:8], "little")
@@ -67,25 +88,86 @@ def _local_candidates(cfg: ModelConfig, models_dir: Path | None) -> list[Path]:
     return candidates
 
 
-def _hf_download(cfg: ModelConfig) -> Path:
-    from huggingface_hub import hf_hub_download
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0].strip() if lines else type(error).__name__
+
+
+def _is_network_error(error: BaseException) -> bool:
+    """Connection, proxy, TLS and timeout failures, whichever HTTP library huggingface_hub or timm uses."""
+    top = type(error).__module__.split(".")[0]
+    return isinstance(error, (ConnectionError, TimeoutError)) or top in {"httpx", "httpx2", "requests", "urllib", "urllib3"}
+
+
+@contextmanager
+def hub_errors(cfg: ModelConfig) -> Iterator[None]:
+    """Turn what ``hf_hub_download`` (directly, or inside timm) raises into one-line preempt errors naming
+    the model and its source as written.
+
+    Raises:
+        OfflineWeightsError: offline with nothing cached, or the Hub cannot be reached (proxy, TLS, timeout,
+            a server error).
+        WeightsNotFoundError: no such repository (or a private/gated one without access), revision or file.
+        RegistryError: the source is not a valid Hub repo id.
+    """
     from huggingface_hub.errors import (
         EntryNotFoundError,
+        GatedRepoError,
+        HfHubHTTPError,
+        HFValidationError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
 
-    src = cfg.source
+    src = str(cfg.source)
     try:
-        return Path(hf_hub_download(repo_id=src.location, filename=src.filename, revision=src.revision))
+        yield
     except LocalEntryNotFoundError as e:  # offline, or the hub cannot be reached, and nothing cached
-        reason = "HF_HUB_OFFLINE is set" if _hf_offline() else "the Hub cannot be reached"
-        raise OfflineWeightsError(cfg.name, str(src), reason) from e
-    except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as e:
-        raise WeightsNotFoundError(
-            cfg.name, Path(str(src)), hint=f"The Hub says: {type(e).__name__}. Check the registry's source."
-        ) from e
+        reason = "HF_HUB_OFFLINE is set" if _hf_offline() else f"the Hub cannot be reached: {_first_line(e)}"
+        raise OfflineWeightsError(cfg.name, src, reason) from e
+    except GatedRepoError as e:
+        raise WeightsNotFoundError(cfg.name, src, hint=(
+            "The repository is gated: accept its terms on the Hub, then log in ('hf auth login') or set HF_TOKEN."
+        )) from e  # fmt: skip
+    except RepositoryNotFoundError as e:  # the Hub answers 401 for a private repo without a token, too
+        raise WeightsNotFoundError(cfg.name, src, hint=(
+            "The Hub has no such repository, or it is private: check the registry's source, or log in "
+            "('hf auth login') or set HF_TOKEN."
+        )) from e  # fmt: skip
+    except RevisionNotFoundError as e:
+        rev = cfg.source.revision or "main"
+        raise WeightsNotFoundError(cfg.name, src, hint=f"The repository has no revision {rev!r}.") from e
+    except EntryNotFoundError as e:
+        raise WeightsNotFoundError(cfg.name, src, hint="The repository has no such file at that revision.") from e
+    except HfHubHTTPError as e:
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        if status in (401, 403):
+            raise WeightsNotFoundError(cfg.name, src, hint=(
+                f"The Hub refused access (HTTP {status}): log in ('hf auth login') or set HF_TOKEN with access "
+                "to the repository."
+            )) from e  # fmt: skip
+        reason = f"the Hub answered HTTP {status}" if status else f"the Hub failed: {_first_line(e)}"
+        raise OfflineWeightsError(cfg.name, src, reason) from e
+    except HFValidationError as e:
+        where = cfg.registry_file or "registry"
+        raise RegistryError(where, f"model {cfg.name!r}: {src} is not a valid Hub source: {_first_line(e)}") from e
+    except Exception as e:
+        if not _is_network_error(e):
+            raise
+        raise OfflineWeightsError(cfg.name, src, f"the Hub cannot be reached: {type(e).__name__}: {_first_line(e)}") from e
+
+
+def _hf_download(cfg: ModelConfig) -> Path:
+    from huggingface_hub import hf_hub_download
+
+    src = cfg.source
+    with hub_errors(cfg):
+        return Path(hf_hub_download(repo_id=src.location, filename=src.filename, revision=src.revision))
+    raise AssertionError("unreachable")  # pragma: no cover - hub_errors re-raises
 
 
 def _hf_offline() -> bool:
@@ -94,19 +176,7 @@ def _hf_offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
-def resolve_weights(cfg: ModelConfig, models_dir: Path | None = None, *, verify_hash: bool = True) -> Path:
-    """A local path to the weights file of ``cfg``, downloaded into the Hub cache if needed.
-
-    Local relative paths are looked up in ``models_dir``, then ``PREEMPT_MODELS_DIR``, then the folder of
-    the registry file that defined the model, then the weights shipped with preempt.
-
-    Raises:
-        WeightsNotFoundError: a local file is missing, or the Hub has no such file.
-        OfflineWeightsError: the weights are remote, not cached, and the Hub cannot be reached.
-        HashMismatchError: the file does not match the registry's sha256 pin.
-        UnsafeWeightsError: the file is not safetensors.
-        ValueError: the source kind is ``timm`` (timm resolves its own weights; see ``load_model``).
-    """
+def _find_weights(cfg: ModelConfig, models_dir: Path | None) -> Path:
     kind = cfg.source.kind
     if kind == "file":
         candidates = _local_candidates(cfg, models_dir)
@@ -119,21 +189,99 @@ def resolve_weights(cfg: ModelConfig, models_dir: Path | None = None, *, verify_
             if cfg.notes:
                 hint += f" How to get it: {cfg.notes}"
             raise WeightsNotFoundError(cfg.name, candidates[0], hint=hint)
-    elif kind == "hf":
-        path = _hf_download(cfg)
-    else:
-        raise ValueError(f"source kind {kind!r} has no weights file of its own")
+        return path
+    if kind == "hf":
+        return _hf_download(cfg)
+    raise ValueError(f"source kind {kind!r} has no weights file of its own")
+
+
+def _check_pin(cfg: ModelConfig, path: Path, actual: str) -> None:
+    if actual == cfg.sha256:
+        return
+    hint = ""
+    rev = cfg.source.revision
+    if cfg.source.kind == "hf" and not (rev and _COMMIT.fullmatch(rev)):
+        hint = (f"The source follows {f'the revision {rev!r}' if rev else 'the main branch'}, not a commit: "
+                "the file may have changed upstream; pin a commit (@<40-hex sha>) once you trust the new file.")  # fmt: skip
+    raise HashMismatchError(cfg.name, path, cfg.sha256 or "", actual, hint=hint)
+
+
+def resolve_weights(cfg: ModelConfig, models_dir: Path | None = None, *, verify_hash: bool = True) -> Path:
+    """A local path to the weights file of ``cfg``, downloaded into the Hub cache if needed.
+
+    Local relative paths are looked up in ``models_dir``, then ``PREEMPT_MODELS_DIR``, then the folder of
+    the registry file that wrote the path (a ``base`` row's, when inherited), then the weights shipped with
+    preempt. To load the weights, use :func:`read_weights`, which hashes the very bytes it returns.
+
+    Raises:
+        WeightsNotFoundError: a local file is missing, or the Hub has no such file.
+        OfflineWeightsError: the weights are remote, not cached, and the Hub cannot be reached.
+        HashMismatchError: the file does not match the registry's sha256 pin.
+        UnsafeWeightsError: the file is not safetensors.
+        ValueError: the source kind is ``timm`` (timm resolves its own weights; see ``load_model``).
+    """
+    path = _find_weights(cfg, models_dir)
     check_safetensors_header(cfg.name, path)
     if verify_hash and cfg.sha256:
-        actual = sha256_file(path)
-        if actual != cfg.sha256:
-            raise HashMismatchError(cfg.name, path, cfg.sha256, actual)
+        _check_pin(cfg, path, sha256_file(path))
     return path
 
 
+def read_weights(cfg: ModelConfig, models_dir: Path | None = None, *, verify_hash: bool = True) -> tuple[Path, bytes, str]:
+    """``(path, data, sha256)``: the weights file of ``cfg`` read once into memory, checked to be safetensors
+    and hashed; the pin (``verify_hash``) is checked against those same bytes, so what is loaded from ``data``
+    is exactly what was verified, whatever happens to the file meanwhile.
+
+    Raises:
+        The errors of :func:`resolve_weights`.
+    """
+    path = _find_weights(cfg, models_dir)
+    with path.open("rb") as f:
+        data = f.read()
+    _check_header(cfg.name, path, data[:9])
+    actual = hashlib.sha256(data).hexdigest()
+    if verify_hash and cfg.sha256:
+        _check_pin(cfg, path, actual)
+    return path, data, actual
+
+
+def _umask() -> int:
+    try:  # Linux: read it without changing it (os.umask would, for every thread, for a moment)
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _unshared(tensors: dict) -> dict:
+    """CPU, contiguous tensors, none sharing memory with another (safetensors refuses aliased tensors, e.g.
+    tied weights): a tensor whose storage another one already uses is cloned."""
+    import torch
+
+    seen: set[tuple[str, int]] = set()
+    out = {}
+    for name, tensor in tensors.items():
+        t = tensor.detach().cpu()
+        storage = t.untyped_storage()
+        key = (str(t.device), storage.data_ptr())
+        if t.numel() and (key in seen or not t.is_contiguous() or storage.nbytes() != t.numel() * t.element_size()):
+            t = t.clone(memory_format=torch.contiguous_format)
+        elif t.numel():
+            seen.add(key)
+        out[name] = t.contiguous()
+    return out
+
+
 def save_safetensors(tensors: dict, path: Path, metadata: dict[str, str] | None = None) -> None:
-    """Write ``tensors`` to ``path`` as safetensors, atomically (a temporary file beside it, renamed into
-    place only once complete), so an interrupted write never leaves a truncated weights file.
+    """Write ``tensors`` to ``path`` as safetensors, atomically (a temporary file beside it, flushed to disk and
+    renamed into place only once complete), so an interrupted write never leaves a truncated weights file.
+    Tensors sharing memory (tied weights) are written as copies; the file gets the permissions of a new file
+    (``0o666`` less the umask).
 
     Raises:
         ImageWriteError: the file cannot be written.
@@ -148,10 +296,31 @@ def save_safetensors(tensors: dict, path: Path, metadata: dict[str, str] | None 
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        save_file(_unshared(tensors), tmp, metadata=metadata)
+        os.chmod(tmp, 0o666 & ~_umask())  # after: save_file writes a new 0o600 file in the temporary's place
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     except OSError as e:
         raise ImageWriteError(path, f"cannot write: {e}") from e
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (best effort: not every platform opens directories)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError, OfflineWeightsError, WeightsMismatchError
-from ..hub import resolve_weights, sha256_file
+from ..errors import ConfigError, PreemptError, RegistryError, WeightsMismatchError
+from ..hub import hub_errors, read_weights
 from ..registry import ModelConfig, get_model_config
 from ._registry import create_arch, is_arch
 
@@ -63,11 +63,24 @@ class ImageModel(nn.Module):
     (differentiable, so gradients reach the image at its own resolution), then ``(x - mean) / std``.
     """
 
-    def __init__(self, net: nn.Module, config: ModelConfig, weights_sha256: str | None = None) -> None:
+    def __init__(
+        self,
+        net: nn.Module,
+        config: ModelConfig,
+        weights_sha256: str | None = None,
+        *,
+        weights_path: str | None = None,
+        pin_verified: bool = False,
+    ) -> None:
         super().__init__()
         self.net = net
         self.config = config
+        #: sha256 of the very bytes the weights were loaded from (None: timm's own weights, or none loaded)
         self.weights_sha256 = weights_sha256
+        #: where the weights came from: the local file read, or the timm source
+        self.weights_path = weights_path
+        #: whether ``weights_sha256`` was checked against the registry's pin
+        self.pin_verified = pin_verified
         channels = config.input_size[0]
         if config.mean is not None and config.std is not None:
             self.register_buffer("mean", torch.tensor(config.mean).view(1, channels, 1, 1), persistent=False)
@@ -101,10 +114,25 @@ class ImageModel(nn.Module):
         return self.net(self.preprocess(x))
 
 
+def _config_error(cfg: ModelConfig, reason: str) -> PreemptError:
+    """A bad registry row: a RegistryError naming its file when it has one."""
+    if cfg.registry_file is not None:
+        return RegistryError(cfg.registry_file, f"model {cfg.name!r}: {reason}")
+    return ConfigError(f"model {cfg.name!r}: {reason}")
+
+
 def _build_net(cfg: ModelConfig, *, pretrained_timm: bool = False) -> nn.Module:
-    """The bare network of ``cfg``: a preempt architecture, or any timm model by name."""
+    """The bare network of ``cfg``: a preempt architecture, or any timm model by name.
+
+    Raises:
+        RegistryError (ConfigError for a config not read from a file): the architecture is unknown, or it
+            rejects ``arch_args``.
+    """
     if is_arch(cfg.arch):
-        return create_arch(cfg.arch, num_classes=cfg.num_classes, **cfg.arch_args)
+        try:
+            return create_arch(cfg.arch, num_classes=cfg.num_classes, **cfg.arch_args)
+        except (TypeError, ValueError) as e:
+            raise _config_error(cfg, f"architecture {cfg.arch!r} rejects arch_args {dict(cfg.arch_args)}: {e}") from e
     try:
         import timm
     except ImportError as e:  # pragma: no cover - timm is a dependency
@@ -115,7 +143,10 @@ def _build_net(cfg: ModelConfig, *, pretrained_timm: bool = False) -> nn.Module:
             f"{timm.__version__}."
         )
     name = cfg.source.location if pretrained_timm else cfg.arch
-    return timm.create_model(name, pretrained=pretrained_timm, num_classes=cfg.num_classes, **cfg.arch_args)
+    try:
+        return timm.create_model(name, pretrained=pretrained_timm, num_classes=cfg.num_classes, **cfg.arch_args)
+    except TypeError as e:  # an unexpected keyword reaches the model's constructor
+        raise _config_error(cfg, f"timm's {name!r} rejects arch_args {dict(cfg.arch_args)}: {e}") from e
 
 
 def fuse_conv_bn(net: nn.Module) -> nn.Module:
@@ -136,13 +167,23 @@ def build_model(cfg: ModelConfig) -> ImageModel:
     return ImageModel(_build_net(cfg), cfg)
 
 
-def _load_timm_pretrained(cfg: ModelConfig) -> nn.Module:
-    from huggingface_hub.errors import LocalEntryNotFoundError
+def _load_timm_pretrained(cfg: ModelConfig, verify_hash: bool) -> nn.Module:
+    if cfg.sha256 and verify_hash:  # registry files refuse this; a hand-made config must not pass silently
+        raise _config_error(cfg, "a sha256 pin cannot be checked on a timm: source (timm fetches and loads its own "
+                                 "file); remove the pin, or use an hf:// or file: source")  # fmt: skip
+    from timm.models import get_pretrained_cfg
 
     try:
+        pretrained = get_pretrained_cfg(cfg.source.location)
+    except RuntimeError:  # an unknown tag: timm.create_model says so below
+        pretrained = None
+    if pretrained is not None and pretrained.num_classes and pretrained.num_classes != cfg.num_classes:
+        raise _config_error(cfg, f"num_classes = {cfg.num_classes}, but timm's pretrained {cfg.source.location!r} "
+                                 f"has {pretrained.num_classes} classes: timm would replace its head with a random "
+                                 "one. Remove num_classes (timm's is used) or fix it")  # fmt: skip
+    with hub_errors(cfg):
         return _build_net(cfg, pretrained_timm=True)
-    except LocalEntryNotFoundError as e:
-        raise OfflineWeightsError(cfg.name, str(cfg.source), "no cached copy and the Hub cannot be reached") from e
+    raise AssertionError("unreachable")  # pragma: no cover - hub_errors re-raises
 
 
 def load_model(
@@ -162,26 +203,32 @@ def load_model(
         device: where the model lives.
         models_dir: folder holding local weights files (else ``PREEMPT_MODELS_DIR``).
         registry: extra registry files (override the built-in and user registries).
-        verify_hash: check the registry's sha256 pin.
+        verify_hash: check the registry's sha256 pin (on the bytes loaded).
 
     Raises:
         UnknownModelError, WeightsNotFoundError, OfflineWeightsError, HashMismatchError,
-        UnsafeWeightsError, WeightsMismatchError, ConfigError.
+        UnsafeWeightsError, WeightsMismatchError, ConfigError, RegistryError (a row the architecture
+        rejects, or a timm row whose num_classes differs from timm's pretrained head).
     """
     cfg = model if isinstance(model, ModelConfig) else get_model_config(model, registry)
     models_dir = Path(models_dir).expanduser() if models_dir is not None else None
     sha = None
+    pin_verified = False
     if cfg.source.kind == "timm":
-        net = _load_timm_pretrained(cfg)
+        net = _load_timm_pretrained(cfg, verify_hash)
+        where = str(cfg.source)
     else:
-        path = resolve_weights(cfg, models_dir, verify_hash=verify_hash)
-        sha = cfg.sha256 if (verify_hash and cfg.sha256) else sha256_file(path)
-        from safetensors.torch import load_file
+        # one read: the bytes hashed (and checked against the pin) are the bytes loaded
+        path, data, sha = read_weights(cfg, models_dir, verify_hash=verify_hash)
+        pin_verified = bool(verify_hash and cfg.sha256)
+        where = str(path)
+        from safetensors.torch import load
 
         try:
-            state = load_file(str(path), device="cpu")
+            state = load(data)
         except Exception as e:  # safetensors raises its own SafetensorError for truncated/corrupt files
             raise WeightsMismatchError(cfg.name, path, f"cannot read safetensors: {e}") from e
+        del data
         net = _build_net(cfg)
         state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
         try:
@@ -191,7 +238,7 @@ def load_model(
             raise WeightsMismatchError(cfg.name, path, " ".join(line.strip() for line in first[:3])) from e
         _logger.debug("loaded %s from %s (sha256 %s)", cfg.name, path, sha)
     net = fuse_conv_bn(net) if fuse else net.eval()
-    wrapped = ImageModel(net, cfg, sha).eval()
+    wrapped = ImageModel(net, cfg, sha, weights_path=where, pin_verified=pin_verified).eval()
     for p in wrapped.parameters():
         p.requires_grad_(False)
     return wrapped.to(device, memory_format=torch.channels_last)
