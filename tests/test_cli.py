@@ -254,6 +254,29 @@ def test_revert_white_box_uses_the_recorded_key(tmp_path: Path, registry: Path) 
         assert 0 < np.abs(a - b).max() <= EPS_LEVELS
 
 
+def test_revert_white_box_fails_files_of_a_defense_it_cannot_rebuild_and_goes_on(tmp_path: Path,
+                                                                                   registry: Path) -> None:  # fmt: skip
+    from PIL import PngImagePlugin
+
+    _images(tmp_path / "r", n=1)
+    assert run(["protect", str(tmp_path / "r"), *FAST, "--labels", "backbone"], registry).exit_code == 0
+    good = tmp_path / "r" / "img0.protected.png"
+    meta = json.loads(Image.open(good).text["preempt"])
+    broken = {"unknown-key": {**meta, "backbone": "no-such-model"},
+              "no-eps": {k: v for k, v in meta.items() if k != "eps"}, "a-list": [meta]}  # fmt: skip
+    for name, doc in broken.items():
+        info = PngImagePlugin.PngInfo()
+        info.add_itxt("preempt", json.dumps(doc))
+        Image.open(good).save(tmp_path / "r" / f"{name}.protected.png", pnginfo=info)
+    result = run(["revert", str(tmp_path / "r"), "--white-box", "--json", "--device", TEST_DEVICE_ARG], registry)
+    rows = {Path(r["input"]).stem: r for r in map(json.loads, result.stdout.splitlines())}
+    assert result.exit_code == 1 and rows["img0.protected"]["status"] == "done"
+    assert "no-such-model" in rows["unknown-key.protected"]["reason"]
+    assert "'eps'" in rows["no-eps.protected"]["reason"]
+    assert "no preempt metadata" in rows["a-list.protected"]["reason"]
+    assert all(rows[f"{n}.protected"]["status"] == "failed" for n in broken)
+
+
 def test_precision_is_recorded_and_white_box_reversion_follows_it(tmp_path: Path, registry: Path) -> None:
     _images(tmp_path / "p", n=1)
     assert run(["protect", str(tmp_path / "p"), *FAST, "--labels", "backbone", "--precision", "bf16"], registry).exit_code == 0

@@ -442,5 +442,5 @@ def read_png_text(path: Path | str, *, key: str | None = None) -> dict[str, str]
                 return {k: v for k, v in img.info.items() if isinstance(v, str)}
             img.load()
             return {k: v for k, v in getattr(img, "text", {}).items() if isinstance(v, str)}
-    except (OSError, SyntaxError, ValueError):
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         return {}

@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ..device import default_cpu_threads, resolve_device, resolve_devices
 from ..engine import PRESETS, ForeBackConfig, parse_eps
-from ..errors import ConfigError, UnknownModelError
+from ..errors import ConfigError, PreemptError, UnknownModelError
 from ..imageio import DEFAULT_MAX_PIXELS, read_png_text
 from ..inputs import OUTPUT_MARKERS, InputFile, collect_inputs, parse_shard
 from ..labels import LabelMap, read_label_file
@@ -290,27 +290,53 @@ REVERT_EPILOG = """\
 """
 
 
-def _white_box_groups(items: list[InputFile]) -> Iterator[tuple[dict[str, Any] | None, list[InputFile]]]:
-    """Group inputs by the defense recorded in their metadata (None: no metadata)."""
+def _white_box_groups(items: list[InputFile]) -> Iterator[tuple[dict[str, Any] | None, str | None, list[InputFile]]]:
+    """Group inputs by the defense recorded in their metadata: (metadata, why it cannot be used, files)."""
     import json
 
-    groups: dict[str, tuple[dict[str, Any] | None, list[InputFile]]] = {}
+    groups: dict[str, tuple[dict[str, Any] | None, str | None, list[InputFile]]] = {}
     for item in items:
         raw = read_png_text(item.path, key=METADATA_KEY).get(METADATA_KEY)
-        meta = None
+        meta, problem = None, "no preempt metadata (not protected by preempt?): revert it black-box with --backbone NAME"
         if raw:
             try:
                 meta = json.loads(raw)
             except json.JSONDecodeError:
                 meta = None
-        if meta is not None and meta.get("kind") != "protected":
+        if not isinstance(meta, dict) or meta.get("kind") != "protected":
             meta = None
-        key = "none" if meta is None else json.dumps(
-            {k: meta.get(k) for k in ("backbone", "classifier", "labels", "seed", "preset")}
-            | white_box_settings(meta), sort_keys=True,
+        else:
+            try:
+                settings = white_box_settings(meta)
+                problem = None
+            except KeyError as e:
+                meta, problem = None, f"preempt metadata without the setting {e.args[0]!r}: revert it black-box"
+        key = problem if meta is None else json.dumps(
+            {k: meta.get(k) for k in ("backbone", "classifier", "labels", "seed", "preset")} | settings,
+            sort_keys=True, default=str,
         )  # fmt: skip
-        groups.setdefault(key, (meta, []))[1].append(item)
+        groups.setdefault(key, (meta, problem, []))[2].append(item)
     yield from groups.values()
+
+
+def _white_box_reverter(meta: dict[str, Any], model: Callable[[str], Any], seed: int, precision: str | None,
+                        compile: str, files: int) -> Reverter:  # fmt: skip
+    """The defense recorded in a protected file, as its attacker would run it again.
+
+    Raises:
+        PreemptError, TypeError, ValueError: a recorded model cannot be loaded, or a setting is not valid.
+    """
+    bb = model(meta["backbone"])
+    if meta.get("backbone_sha256") and bb.weights_sha256 and meta["backbone_sha256"] != bb.weights_sha256:
+        _logger.warning("backbone %s differs from the weights that protected %d file(s)", bb.name, files)
+    # Ground-truth labels of the defender are not the attacker's to have: without a recorded
+    # classifier, the attacker labels with the backbone.
+    clf = model(meta["classifier"]) if meta.get("classifier") else None
+    settings = white_box_settings(meta)
+    recorded_precision = settings.pop("precision")
+    return Reverter(bb, clf, config=ForeBackConfig(**settings), seed=seed,
+                    labels="classifier" if clf is not None else "backbone", preset=meta.get("preset"),
+                    precision=precision or recorded_precision, compile=compile)  # fmt: skip
 
 
 def revert(
@@ -374,25 +400,17 @@ def revert(
                 finally:
                     reverter.close()
                 return
-            for meta, group in _white_box_groups(items):
+            for meta, problem, group in _white_box_groups(items):
                 if meta is None:
                     for item in group:
-                        yield FileResult(item.path, "failed", reason="no preempt metadata (not protected by "
-                                         "preempt?): revert it black-box with --backbone NAME")  # fmt: skip
+                        yield FileResult(item.path, "failed", reason=problem)
                     continue
-                bb = model(meta["backbone"])
-                if meta.get("backbone_sha256") and bb.weights_sha256 and meta["backbone_sha256"] != bb.weights_sha256:
-                    _logger.warning("backbone %s differs from the weights that protected %d file(s)",
-                                    bb.name, len(group))  # fmt: skip
-                # Ground-truth labels of the defender are not the attacker's to have: without a recorded
-                # classifier, the attacker labels with the backbone.
-                clf = model(meta["classifier"]) if meta.get("classifier") else None
-                label_source = "classifier" if clf is not None else "backbone"
-                settings = white_box_settings(meta)
-                recorded_precision = settings.pop("precision")
-                reverter = Reverter(bb, clf, config=ForeBackConfig(**settings), seed=seed, labels=label_source,
-                                    preset=meta.get("preset"), precision=precision or recorded_precision,
-                                    compile=compile)  # fmt: skip
+                try:
+                    reverter = _white_box_reverter(meta, model, seed, precision, compile, len(group))
+                except (PreemptError, TypeError, ValueError) as e:  # these files fail; other defenses go on
+                    for item in group:
+                        yield FileResult(item.path, "failed", reason=f"cannot rebuild the recorded defense: {e}")
+                    continue
                 try:
                     yield from reverter.run(group, options)
                 finally:
