@@ -135,6 +135,21 @@ def test_an_edited_original_or_another_file_of_the_same_name_is_not_skipped_as_d
     assert edited.exit_code == 1 and "made from other content" in edited.stderr
 
 
+def test_ctrl_c_stops_with_exit_130_and_leaves_only_whole_files(tmp_path: Path, registry: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    from preempt_cli import Protector
+
+    _images(tmp_path / "in", n=3)
+
+    def interrupted(self, batch):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Protector, "_compute", interrupted)
+    result = run(["protect", str(tmp_path / "in"), *FAST, "--labels", "backbone"], registry)
+    assert result.exit_code == 130 and "interrupted" in result.stderr
+    assert sorted(p.name for p in (tmp_path / "in").iterdir()) == ["img0.png", "img1.png", "img2.png"]
+
+
 def test_deterministic_for_a_seed(tmp_path: Path, registry: Path) -> None:
     _images(tmp_path / "in", n=2)
     outs = []

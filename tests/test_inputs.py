@@ -84,3 +84,35 @@ def test_a_name_shared_by_entries_with_different_labels_is_ambiguous_not_first_c
     assert labels.lookup(InputFile(tmp_path / "z/7.png", tmp_path)) == "3"  # shared, but the same label
     with pytest.raises(LabelError, match="an earlier row"):
         read_label_file(_label_file(tmp_path, "a.png,cat\na.png,dog\n"))
+
+
+def test_a_pattern_matching_nothing_fails_alone_and_the_other_arguments_go_on(tmp_path: Path) -> None:
+    from preempt_cli.errors import ImageReadError
+    from preempt_cli.imageio import read_image
+    from preempt_cli.inputs import collect_inputs
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.jpg").write_bytes(b"")
+    found = collect_inputs([str(tmp_path / "a" / "*.jpg"), str(tmp_path / "b" / "*.png")])
+    assert [i.path for i in found] == [tmp_path / "a" / "x.jpg", tmp_path / "b" / "*.png"]
+    try:
+        read_image(found[1].path)
+    except ImageReadError as e:
+        assert "no file matches this pattern" in str(e)
+    else:
+        raise AssertionError("read an unmatched pattern")
+
+
+def test_paths_from_stdin_one_per_line_or_nul_separated(tmp_path: Path) -> None:
+    import io
+
+    from preempt_cli.inputs import collect_inputs
+
+    names = [" lead.png", "trail.png ", "plain.png"]
+    for n in names:
+        (tmp_path / n).write_bytes(b"x")
+    lines = f"{tmp_path}/ lead.png\n{tmp_path}/trail.png \n  {tmp_path}/plain.png  \n\n   \n"
+    assert [i.path.name for i in collect_inputs(["-"], stdin=io.StringIO(lines))] == names
+    nul = "\0".join(f"{tmp_path}/{n}" for n in names) + "\0"
+    assert [i.path.name for i in collect_inputs(["-"], stdin=io.StringIO(nul))] == names
+    assert collect_inputs(["-", str(tmp_path / "plain.png")], stdin=io.StringIO("")) != []

@@ -11,6 +11,7 @@ start in a tenth of a second instead of the second and a half that importing tor
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import io
 import os
@@ -43,6 +44,7 @@ __all__ = [
     "read_images",
     "write_pngs",
     "level_distance",
+    "ignore_interrupts",
     "IMAGE_SUFFIXES",
     "DEFAULT_MAX_PIXELS",
 ]
@@ -111,7 +113,7 @@ def _open(path: Path, max_pixels: int) -> tuple[Image.Image, str]:
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise ImageReadError(path, "no such file") from None
+        raise ImageReadError(path, "no file matches this pattern" if glob.has_magic(str(path)) else "no such file") from None
     except OSError as e:
         raise ImageReadError(path, f"cannot read: {e.strerror or e}") from e
     if not data:
@@ -422,6 +424,14 @@ def write_pngs(tasks: Sequence[tuple[Path, Picture, np.ndarray, Mapping[str, str
         except Exception as e:  # an encoder's own error, or memory: this file fails, not the chunk around it
             out.append((f"cannot encode: {type(e).__name__}: {e}", 0))
     return out
+
+
+def ignore_interrupts() -> None:
+    """Start of an I/O worker process: Ctrl-C reaches the whole process group, and the main process is
+    the one that stops the run (cancelling the queued work), not each worker with a traceback of its own."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def level_distance(levels: np.ndarray, color: np.ndarray) -> int:

@@ -44,17 +44,29 @@ def _walk(folder: Path, markers: tuple[str, ...]) -> list[Path]:
     )  # fmt: skip
 
 
+def _listed(text: str) -> list[str]:
+    """Paths read from stdin: NUL-separated (``find -print0``) or one per line, blank lines skipped. A line
+    is taken as it is, or without its surrounding blanks when only that names an existing file."""
+    if "\0" in text:
+        return [p for p in text.split("\0") if p]
+    paths = []
+    for line in text.splitlines():
+        if line.strip():
+            paths.append(line if Path(line).exists() or not Path(line.strip()).exists() else line.strip())
+    return paths
+
+
 def collect_inputs(
     args: Iterable[str | Path], *, stdin: TextIO | None = None, skip_markers: tuple[str, ...] = OUTPUT_MARKERS
 ) -> list[InputFile]:
     """Expand files, folders (recursive, sorted, hidden entries skipped), globs and ``-`` (paths on stdin).
 
-    A file named directly is kept even if it does not exist or is not an image, so that it gets its own
-    error later. Folder walks leave out preempt's own outputs (names ending in one of ``skip_markers``
+    A file named directly (or a pattern that matches nothing) is kept even if it does not exist or is not
+    an image, so that it gets its own error later. Folder walks leave out preempt's own outputs (names ending in one of ``skip_markers``
     before ``.png``). Duplicates are dropped, first occurrence wins.
 
     Raises:
-        ConfigError: a glob matches nothing, or no argument was given.
+        ConfigError: no argument was given.
     """
     found: list[InputFile] = []
     args = list(args)
@@ -63,8 +75,7 @@ def collect_inputs(
     for arg in args:
         text = str(arg)
         if text == "-":
-            stream = stdin if stdin is not None else sys.stdin
-            listed = [line.strip() for line in stream.read().splitlines() if line.strip()]
+            listed = _listed((stdin if stdin is not None else sys.stdin).read())
             if listed:
                 found.extend(collect_inputs(listed, stdin=None, skip_markers=skip_markers))
             continue
@@ -72,13 +83,13 @@ def collect_inputs(
         if path.is_dir():
             found.extend(InputFile(p, path) for p in _walk(path, skip_markers))
         elif not path.exists() and glob.has_magic(text):
-            matches = sorted(Path(m) for m in glob.glob(text, recursive=True))
-            if not matches:
-                raise ConfigError(f"no files match {text!r}")
+            # A pattern the shell passed on as is matched nothing: kept as an input of its own, it fails
+            # with that reason while the other arguments are processed.
+            matches = sorted(Path(m) for m in glob.glob(text, recursive=True)) or [path]
             for m in matches:
                 if m.is_dir():
                     found.extend(InputFile(p, m) for p in _walk(m, skip_markers))
-                elif m.is_file():
+                else:
                     found.append(InputFile(m))
         else:
             found.append(InputFile(path))

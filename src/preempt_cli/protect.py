@@ -41,6 +41,7 @@ from .errors import ConfigError, LabelError, reason_of
 from .imageio import (
     DEFAULT_MAX_PIXELS,
     Picture,
+    ignore_interrupts,
     levels_to_float,
     quantize_batch,
     read_images,
@@ -443,8 +444,11 @@ class Protector:
         if processes is not None:
             yield from self._run_pipeline(todo, outputs, options, _ProcessIO(self, options, processes))
             return
-        with ThreadPoolExecutor(options.workers, thread_name_prefix="preempt-io") as pool:
+        pool = ThreadPoolExecutor(options.workers, thread_name_prefix="preempt-io")
+        try:
             yield from self._run_pipeline(todo, outputs, options, _ThreadIO(self, options, pool))
+        finally:  # stopped early (Ctrl-C, an error, a caller that stops iterating): drop the queued work
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def _io_processes(self, options: RunOptions) -> bool:
         if options.io == "auto":  # a GPU outruns what threads (one GIL) decode and encode, given CPUs to spare
@@ -471,7 +475,7 @@ class Protector:
             try:
                 context = multiprocessing.get_context("forkserver")  # ValueError where there is none (Windows)
                 context.set_forkserver_preload(["__main__", "preempt_cli.imageio"])
-                pool = ProcessPoolExecutor(options.workers, mp_context=context)
+                pool = ProcessPoolExecutor(options.workers, mp_context=context, initializer=ignore_interrupts)
                 pool.submit(os.getpid).result(timeout=300)  # started, or why not
             except Exception as e:
                 if pool is not None:
@@ -501,8 +505,11 @@ class Protector:
         # The batches compute on a thread of their own (kernels and GPU waits release the GIL), so that this
         # thread goes on collecting decoded files and written results meanwhile: on a GPU, that per-file
         # bookkeeping otherwise adds to the compute time instead of hiding behind it.
-        with ThreadPoolExecutor(1, thread_name_prefix="preempt-compute") as compute:
+        compute = ThreadPoolExecutor(1, thread_name_prefix="preempt-compute")
+        try:
             yield from self._pipeline(todo, outputs, options, io, compute)
+        finally:
+            compute.shutdown(wait=True, cancel_futures=True)
 
     def _timed_compute(self, batch: list[_Pending]) -> tuple[list[tuple[np.ndarray, float, float, int]], float]:
         start = time.perf_counter()

@@ -35,6 +35,7 @@ from ..errors import (
 EXIT_OK = 0
 EXIT_FAILURES = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a command stopped by Ctrl-C
 
 #: One table maps library errors to exit codes (anything else is an internal error: 2, with a hint).
 ERROR_EXIT_CODES: dict[type[BaseException], int] = {
@@ -85,8 +86,12 @@ def handle_errors() -> Iterator[None]:
     """Turn library errors into one ``error:`` line on stderr and the table's exit code."""
     try:
         yield
-    except (typer.Exit, typer.Abort, KeyboardInterrupt):
+    except (typer.Exit, typer.Abort):
         raise
+    except KeyboardInterrupt:
+        # outputs written so far are complete (atomic writes); a re-run skips them and does the rest
+        error_line("interrupted: outputs written so far are complete; run again to do the rest")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     except PreemptError as e:
         if debug_enabled():
             raise

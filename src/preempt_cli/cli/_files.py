@@ -67,7 +67,8 @@ BatchOpt = Annotated[
 OutDirOpt = Annotated[
     Optional[Path], typer.Option("--out-dir", "-o", help="Write outputs here, mirroring the input tree.")
 ]
-OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs; re-process outputs.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs (also those made from other content); "
+                                  "process preempt outputs named directly (folder walks always leave them out).")]
 MaxPixelsOpt = Annotated[
     int, typer.Option("--max-pixels", help="Refuse larger images (decompression-bomb protection).")
 ]
