@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from preempt_cli.models import create_arch, is_arch, list_archs
 from preempt_cli.models.cifar_resnet import PadShortcut
@@ -109,6 +111,8 @@ def test_shortcut_variants_differ_with_the_same_weights() -> None:
     [
         ("cifar_resnet20", {"shortcut": "zeros"}),
         ("wide_resnet", {"depth": 27}),
+        ("dm_wide_resnet", {"depth": 27}),
+        ("dm_preact_resnet18", {"activation": "tanh"}),
     ],
 )
 def test_invalid_arguments_raise_value_error(name: str, kwargs: dict[str, object]) -> None:
@@ -159,3 +163,169 @@ def test_resize_equals_antialiased_interpolate_with_its_gradient(shape, size) ->
     y = torch.rand(1, 3, 96, 96, requires_grad=True)
     resize(y, (16, 16)).sum().backward()
     assert y.grad is not None
+
+
+# -- DeepMind nets as RobustBench builds them (DMWideResNet, DMPreActResNet) ------------------------------------------
+# The expected keys and shapes below are read off robustbench/model_zoo/architectures/dm_wide_resnet.py, so that a
+# converted RobustBench checkpoint (Bartoldson2024Adversarial_WRN-94-16, Gowal2021Improving_R18_ddpm_100m) loads
+# with strict=True.
+
+_BN = ("weight", "bias", "running_mean", "running_var")
+
+
+def _bn(prefix: str, chs: int) -> dict[str, tuple[int, ...]]:
+    return {**{f"{prefix}.{k}": (chs,) for k in _BN}, f"{prefix}.num_batches_tracked": ()}
+
+
+def _dm_wrn_10_1_keys() -> dict[str, tuple[int, ...]]:
+    """DMWideResNet(depth=10, width=1): one block per group; widths 16, 16, 32, 64 (the first block keeps its width:
+    no shortcut)."""
+    keys = {"mean": (3, 1, 1), "std": (3, 1, 1), "init_conv.weight": (16, 3, 3, 3)}
+    for g, (cin, cout) in enumerate([(16, 16), (16, 32), (32, 64)]):
+        p = f"layer.{g}.block.0"
+        keys |= _bn(f"{p}.batchnorm_0", cin) | {f"{p}.conv_0.weight": (cout, cin, 3, 3)}
+        keys |= _bn(f"{p}.batchnorm_1", cout) | {f"{p}.conv_1.weight": (cout, cout, 3, 3)}
+        if cin != cout:
+            keys[f"{p}.shortcut.weight"] = (cout, cin, 1, 1)
+    return keys | _bn("batchnorm", 64) | {"logits.weight": (10, 64), "logits.bias": (10,)}
+
+
+def test_dm_wide_resnet_keys_and_shapes_are_robustbench_s() -> None:
+    net = create_arch("dm_wide_resnet", depth=10, width=1)
+    got = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    assert got == _dm_wrn_10_1_keys()
+    deeper = create_arch("dm_wide_resnet", depth=16, width=2)  # two blocks per group; the second never projects
+    keys = set(deeper.state_dict())
+    assert "layer.0.block.0.shortcut.weight" in keys and "layer.0.block.1.shortcut.weight" not in keys
+    assert tuple(deeper.state_dict()["layer.2.block.1.conv_1.weight"].shape) == (128, 128, 3, 3)
+    # the paper's WRN-94-16: 15 blocks per group, 1024 features (on meta: no memory)
+    with torch.device("meta"):
+        big = create_arch("dm_wide_resnet", depth=94, width=16)
+    shapes = {k: tuple(v.shape) for k, v in big.state_dict().items()}
+    assert "layer.2.block.14.conv_1.weight" in shapes and "layer.2.block.15.conv_1.weight" not in shapes
+    assert shapes["logits.weight"] == (10, 1024) and shapes["layer.0.block.0.shortcut.weight"] == (256, 16, 1, 1)
+
+
+def test_dm_preact_resnet18_keys_and_shapes_are_robustbench_s() -> None:
+    with torch.device("meta"):
+        net = create_arch("dm_preact_resnet18")
+    got = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    expected = {"mean": (3, 1, 1), "std": (3, 1, 1), "conv_2d.weight": (64, 3, 3, 3)}
+    cin = 64
+    for s, cout in enumerate((64, 128, 256, 512)):
+        for i in range(2):
+            p = f"layer_{s}.{i}"
+            c_in = cin if i == 0 else cout
+            expected |= _bn(f"{p}.batchnorm_0", c_in) | {f"{p}.conv_2d_1.weight": (cout, c_in, 3, 3)}
+            expected |= _bn(f"{p}.batchnorm_1", cout) | {f"{p}.conv_2d_2.weight": (cout, cout, 3, 3)}
+            if i == 0 and s > 0:
+                expected[f"{p}.shortcut.weight"] = (cout, c_in, 3, 3)  # a 3x3 projection, not 1x1
+        cin = cout
+    expected |= _bn("batchnorm", 512) | {"logits.weight": (10, 512), "logits.bias": (10,)}
+    assert got == expected
+
+
+def _randomized(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Non-trivial BatchNorm statistics and affine parameters (eval mode matters); convolutions as initialised."""
+    gen = torch.Generator().manual_seed(seed)
+    ranges = {"weight": (0.5, 1.5), "bias": (-0.1, 0.1), "running_mean": (-0.2, 0.2), "running_var": (0.5, 2.0)}
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                for key, (lo, hi) in ranges.items():
+                    t = getattr(module, key)
+                    t.copy_(torch.rand(t.shape, generator=gen) * (hi - lo) + lo)
+    return net.eval()
+
+
+def _reference_dm_wrn_10_1(sd: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """DMWideResNet's forward written out with functional ops, from the reference's definition."""
+
+    def bn(p, t):
+        return F.batch_norm(t, sd[f"{p}.running_mean"], sd[f"{p}.running_var"], sd[f"{p}.weight"], sd[f"{p}.bias"])
+
+    out = F.conv2d((x - sd["mean"]) / sd["std"], sd["init_conv.weight"], padding=1)
+    for g, stride in enumerate((1, 2, 2)):
+        p = f"layer.{g}.block.0"
+        pre = F.silu(bn(f"{p}.batchnorm_0", out))
+        padded = F.pad(pre, (1, 1, 1, 1) if stride == 1 else (0, 1, 0, 1))  # TensorFlow SAME
+        h = F.conv2d(padded, sd[f"{p}.conv_0.weight"], stride=stride)
+        h = F.conv2d(F.silu(bn(f"{p}.batchnorm_1", h)), sd[f"{p}.conv_1.weight"], padding=1)
+        short = F.conv2d(pre, sd[f"{p}.shortcut.weight"], stride=stride) if f"{p}.shortcut.weight" in sd else out
+        out = short + h
+    out = F.avg_pool2d(F.silu(bn("batchnorm", out)), 8).flatten(1)
+    return F.linear(out, sd["logits.weight"], sd["logits.bias"])
+
+
+def test_dm_wide_resnet_computes_the_reference_function() -> None:
+    net = _randomized(create_arch("dm_wide_resnet", depth=10, width=1))
+    sd = net.state_dict()
+    net.load_state_dict({k: v.clone() for k, v in sd.items()}, strict=True)  # a checkpoint with these keys loads
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = net(x)
+        torch.testing.assert_close(out, _reference_dm_wrn_10_1(sd, x), atol=1e-4, rtol=1e-4)
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+    assert all(isinstance(m, torch.nn.SiLU) for n, m in net.named_modules() if n.endswith(("relu_0", "relu_1")))
+    # the normalization is the net's own, from its buffers (a checkpoint's values are used)
+    with torch.no_grad():
+        net.mean.zero_()
+        net.std.fill_(1.0)
+        assert not torch.allclose(net(x), out)
+
+
+def test_dm_preact_resnet18_shortcut_takes_the_raw_padded_input() -> None:
+    from preempt_cli.models.dm_resnet import DMPreActBlock
+
+    block = _randomized(DMPreActBlock(4, 8, stride=2, act=torch.nn.SiLU))
+    sd = block.state_dict()
+    x = torch.rand(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+
+    def bn(p, t):
+        return F.batch_norm(t, sd[f"{p}.running_mean"], sd[f"{p}.running_var"], sd[f"{p}.weight"], sd[f"{p}.bias"])
+
+    pre = F.silu(bn("batchnorm_0", x))
+    h = F.conv2d(F.pad(pre, (0, 1, 0, 1)), sd["conv_2d_1.weight"], stride=2)
+    h = F.conv2d(F.silu(bn("batchnorm_1", h)), sd["conv_2d_2.weight"], padding=1)
+    expected = h + F.conv2d(F.pad(x, (0, 1, 0, 1)), sd["shortcut.weight"], stride=2)
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_dm_preact_resnet18_forward_and_fusing() -> None:
+    from preempt_cli.models._load import fuse_conv_bn
+
+    torch.manual_seed(0)
+    net = _randomized(create_arch("dm_preact_resnet18", num_classes=10))
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        out = net(x)
+        assert out.shape == (2, 10) and torch.isfinite(out).all()
+        torch.testing.assert_close(fuse_conv_bn(copy.deepcopy(net))(x), out, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [({"depth": 27}, "6n\\+4"), ({"activation": "gelu"}, "activation"),
+                                                 ({"mean": (0.5,), "std": (0.5, 0.5)}, "one value per")])  # fmt: skip
+def test_dm_wide_resnet_invalid_arguments(kwargs, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        create_arch("dm_wide_resnet", **kwargs)
+
+
+@pytest.mark.parametrize("name", ["wrn-94-16", "preact18"])
+def test_paper_rows_build_robustbench_s_nets(name: str, isolated_config) -> None:
+    from preempt_cli.registry import get_model_config
+
+    cfg = get_model_config(name)
+    assert cfg.mean is None and cfg.std is None  # normalized inside the net: never twice
+    with torch.device("meta"):
+        net = create_arch(cfg.arch, num_classes=cfg.num_classes, **cfg.arch_args)
+    assert net.mean.shape == (3, 1, 1) and "mean" in net.state_dict()
+    assert all(isinstance(m, torch.nn.SiLU) for n, m in net.named_modules() if n.endswith(("relu_0", "relu_1")))
+    # RobustBench's CIFAR10_MEAN / CIFAR10_STD, which the weights file's buffers hold too
+    assert cfg.arch_args["mean"] == [0.4914, 0.4822, 0.4465] and cfg.arch_args["std"] == [0.2471, 0.2435, 0.2616]
+    keys = set(net.state_dict())
+    if name == "wrn-94-16":
+        assert (cfg.arch, cfg.arch_args["depth"], cfg.arch_args["width"]) == ("dm_wide_resnet", 94, 16)
+        assert "layer.2.block.14.conv_1.weight" in keys and net.logits.in_features == 1024
+    else:
+        assert cfg.arch == "dm_preact_resnet18" and "layer_3.1.conv_2d_2.weight" in keys

@@ -2,7 +2,7 @@
 ``load_model``, which builds a registered model, loads its weights safely and wraps it to take [0, 1]
 images of any size."""
 
-from . import cifar_resnet, preact_resnet, resnet_cifar, resnext, wide_resnet  # noqa: F401 (register)
+from . import cifar_resnet, dm_resnet, preact_resnet, resnet_cifar, resnext, wide_resnet  # noqa: F401 (register)
 from ._load import ImageModel, build_model, load_model
 from ._registry import create_arch, is_arch, list_archs, register_arch
 
