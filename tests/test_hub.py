@@ -638,3 +638,13 @@ def test_save_safetensors_syncs_before_renaming_and_gives_normal_permissions(tmp
     assert events[:2] == ["fsync", "replace"], events
     assert (tmp_path / "w.safetensors").stat().st_mode & 0o777 == 0o640
     assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]
+
+
+def test_a_hand_made_config_with_mean_for_other_channels_is_a_config_error() -> None:
+    from preempt_cli.errors import ConfigError
+
+    net = create_arch("cifar_resnet20")
+    cfg = ModelConfig(name="gray", arch="cifar_resnet20", source=Source("file", "w.safetensors"),
+                      input_size=(3, 32, 32), mean=(0.5,), std=(0.5,))  # fmt: skip
+    with pytest.raises(ConfigError, match="'gray'.*one per input channel"):
+        ImageModel(net, cfg)

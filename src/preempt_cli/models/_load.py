@@ -83,6 +83,9 @@ class ImageModel(nn.Module):
         self.pin_verified = pin_verified
         channels = config.input_size[0]
         if config.mean is not None and config.std is not None:
+            if len(config.mean) != channels or len(config.std) != channels:  # registry rows are checked when read
+                raise ConfigError(f"model {config.name!r}: mean and std need {channels} values (one per input "
+                                  f"channel), got {len(config.mean)} and {len(config.std)}")  # fmt: skip
             self.register_buffer("mean", torch.tensor(config.mean).view(1, channels, 1, 1), persistent=False)
             self.register_buffer("std", torch.tensor(config.std).view(1, channels, 1, 1), persistent=False)
         else:
