@@ -150,6 +150,14 @@ def test_ctrl_c_stops_with_exit_130_and_leaves_only_whole_files(tmp_path: Path, 
     assert sorted(p.name for p in (tmp_path / "in").iterdir()) == ["img0.png", "img1.png", "img2.png"]
 
 
+def test_the_default_budget_is_the_papers_for_the_backbones_dataset(registry: Path) -> None:
+    from preempt_cli.cli._files import _config
+
+    assert _config("paper", None, None, None, None, None, backbone="deit-b", registry=None).eps == 4 / 255
+    assert _config("paper", None, None, None, None, None, backbone="tiny-key", registry=[registry]).eps == 8 / 255
+    assert _config("paper", "2/255", None, None, None, None, backbone="deit-b", registry=None).eps == 2 / 255
+
+
 def test_deterministic_for_a_seed(tmp_path: Path, registry: Path) -> None:
     _images(tmp_path / "in", n=2)
     outs = []

@@ -405,3 +405,47 @@ def test_compiled_backbone_gives_the_eager_result(tiny_backbone, cifar_batch) ->
     assert ((out - eager).abs() <= 1e-5).float().mean() > 0.99
     with pytest.raises(ConfigError, match="compile"):
         FastPreemption(tiny_backbone, compile="fast")
+
+
+def test_a_backbone_left_in_train_mode_runs_in_eval_mode_and_gets_its_mode_back(cifar_batch) -> None:
+    from conftest import tiny_config
+    from preempt_cli.models import ImageModel, create_arch
+
+    torch.manual_seed(0)
+    net = create_arch("cifar_resnet20", num_classes=10, shortcut="pad_end")
+    for m in net.modules():  # non-trivial running statistics, as after training
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    model = ImageModel(net, tiny_config()).to(TEST_DEVICE).train()  # e.g. mid-training, in a library
+    stats = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = cifar_batch[0][:3], cifar_batch[1][:3]
+    engine = FastPreemption(model, config=ForeBackConfig(samples=2), device=TEST_DEVICE)
+    together = engine.perturb(x, y, noise_seeds=[1, 2, 3])
+    alone = engine.perturb(x[:1], y[:1], noise_seeds=[1])
+    # with batch statistics the first image's result would depend on the other two
+    torch.testing.assert_close(together[:1], alone, rtol=0, atol=1e-6)
+    assert all(torch.equal(v, stats[k]) for k, v in model.state_dict().items())  # running stats untouched
+    assert all(m.training for m in model.modules())
+
+
+def test_a_classifier_naming_the_classes_in_another_order_is_refused(tiny_backbone, tiny_classifier) -> None:
+    from dataclasses import replace
+
+    from preempt_cli.protect import Protector
+
+    Protector(tiny_backbone, tiny_classifier)  # the same classes, the same order
+    shuffled = tuple(reversed(tiny_classifier.config.classes))
+    tiny_classifier.config = replace(tiny_classifier.config, classes=shuffled)
+    with pytest.raises(ConfigError, match="different order"):
+        Protector(tiny_backbone, tiny_classifier)
+
+
+def test_the_library_default_budget_follows_the_backbones_dataset(tiny_backbone) -> None:
+    from dataclasses import replace
+
+    from preempt_cli.protect import Protector
+
+    assert Protector(tiny_backbone).config.eps == 8 / 255
+    tiny_backbone.config = replace(tiny_backbone.config, dataset="imagenet-1k")
+    assert Protector(tiny_backbone).config.eps == 4 / 255

@@ -16,9 +16,10 @@ share its batch, nor on the batch size.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass, replace
 from fractions import Fraction
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +27,7 @@ from torch import nn
 
 from .errors import ConfigError
 
-__all__ = ["ForeBackConfig", "FastPreemption", "PRESETS", "PRECISIONS", "COMPILE_MODES", "parse_eps", "project",
+__all__ = ["ForeBackConfig", "FastPreemption", "PRESETS", "PRECISIONS", "COMPILE_MODES", "parse_eps", "default_eps", "eval_mode", "project",
            "native_bf16", "resolve_precision"]
 
 #: Named settings. ``paper``: Table 3 of the paper. ``mspd``: the authors' later public code, which also
@@ -35,6 +36,26 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper": dict(eta=0.7, forward_steps=1, backward_steps=2, samples=20, sample_projection="original"),
     "mspd": dict(eta=1.0, forward_steps=1, backward_steps=1, samples=20, sample_projection="iterate"),
 }
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` with every submodule in eval mode (BatchNorm on its running statistics, never updating
+    them; dropout off), then give the modules that were training their mode back. A model already in eval
+    mode (as loaded) is not touched, so a compiled one is not specialised again."""
+    training = [m for m in model.modules() if m.training]
+    for m in training:
+        m.training = False
+    try:
+        yield
+    finally:
+        for m in training:
+            m.training = True
+
+
+def default_eps(dataset: str) -> float:
+    """The paper's budget for a backbone's dataset (Table 3): 4/255 on ImageNet, 8/255 otherwise (CIFAR-10)."""
+    return 4 / 255 if dataset.lower().startswith("imagenet") else 8 / 255
 
 
 def parse_eps(text: str | float) -> float:
@@ -303,8 +324,10 @@ class FastPreemption:
         generators = self._generators(x0.shape[0], noise_seeds)
         bounds = _ball(x0.unsqueeze(1), self.config.eps)
         x_t = x0.clone()
-        for _ in range(self.config.forward_steps):
-            x_t = self._step(x_t, bounds, y_rep, generators, direction=-1.0)
-        for _ in range(self.config.backward_steps):
-            x_t = self._step(x_t, bounds, y_rep, generators, direction=+1.0)
+        # in train mode, BatchNorm would mix the images of a batch (and update its statistics)
+        with eval_mode(self.backbone):
+            for _ in range(self.config.forward_steps):
+                x_t = self._step(x_t, bounds, y_rep, generators, direction=-1.0)
+            for _ in range(self.config.backward_steps):
+                x_t = self._step(x_t, bounds, y_rep, generators, direction=+1.0)
         return x_t

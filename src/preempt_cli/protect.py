@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .engine import FastPreemption, ForeBackConfig
+from .engine import FastPreemption, ForeBackConfig, default_eps, eval_mode
 from .device import default_io_workers
 from .errors import ConfigError, LabelError, reason_of
 from .imageio import (
@@ -212,7 +212,7 @@ class Protector:
     ) -> None:
         self.backbone = backbone
         self.classifier = classifier
-        self.config = config or ForeBackConfig()
+        self.config = config or ForeBackConfig(eps=default_eps(backbone.config.dataset))
         self.seed = seed
         self.preset = preset
         if isinstance(labels, str) and labels not in ("classifier", "backbone", "folders"):
@@ -225,6 +225,10 @@ class Protector:
                 f"classifier {classifier.name} has {classifier.config.num_classes} classes but backbone "
                 f"{backbone.name} has {backbone.config.num_classes}: they must label the same classes"
             )
+        if classifier is not None and None not in (classifier.config.classes, backbone.config.classes) and \
+                classifier.config.classes != backbone.config.classes:  # fmt: skip
+            raise ConfigError(f"classifier {classifier.name} and backbone {backbone.name} name their classes in a "
+                              "different order: a label of one would be another class for the other")  # fmt: skip
         self.device = next(backbone.parameters()).device
         self.engine = FastPreemption(backbone, config=self.config, seed=seed, device=self.device, precision=precision,
                                      compile=compile)  # fmt: skip
@@ -238,12 +242,14 @@ class Protector:
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Labels by the classifier (or the backbone when ``labels="backbone"``)."""
         model = self.classifier if (self.labels == "classifier" and self.classifier is not None) else self.backbone
-        return model(x.to(self.device)).argmax(dim=1)
+        with eval_mode(model):
+            return model(x.to(self.device)).argmax(dim=1)
 
     @torch.inference_mode()
     def confidence(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Backbone softmax probability of ``y``."""
-        probs = self.backbone(x.to(self.device)).softmax(dim=1)
+        with eval_mode(self.backbone):
+            probs = self.backbone(x.to(self.device)).softmax(dim=1)
         return probs.gather(1, y.to(self.device).view(-1, 1)).squeeze(1)
 
     def transform(self, x: torch.Tensor, y: torch.Tensor, noise_seeds: Sequence[int] | None = None) -> torch.Tensor:

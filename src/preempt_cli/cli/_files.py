@@ -12,7 +12,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ..device import default_cpu_threads, resolve_device, resolve_devices
-from ..engine import PRESETS, ForeBackConfig, parse_eps
+from ..engine import PRESETS, ForeBackConfig, default_eps, parse_eps
 from ..errors import ConfigError, PreemptError, UnknownModelError
 from ..imageio import DEFAULT_MAX_PIXELS, read_png_text
 from ..inputs import OUTPUT_MARKERS, InputFile, collect_inputs, parse_shard
@@ -48,7 +48,8 @@ LabelsOpt = Annotated[
 PresetOpt = Annotated[
     str, typer.Option("--preset", help=f"Named settings: {', '.join(PRESETS)} (paper: eta 0.7, F1-B2, N 20).")
 ]
-EpsOpt = Annotated[Optional[str], typer.Option("--eps", help="L-inf budget, e.g. 8/255 or 0.0314 (default 8/255).")]
+EpsOpt = Annotated[Optional[str], typer.Option("--eps", help="L-inf budget, e.g. 8/255 or 0.0314 (default: the "
+                                                "paper's for the backbone's dataset, 8/255 CIFAR-10, 4/255 ImageNet).")]
 EtaOpt = Annotated[Optional[float], typer.Option("--eta", help="Learning rate eta (default: from --preset).")]
 ForwardOpt = Annotated[Optional[int], typer.Option("--forward", help="Forward steps T-> (default: from --preset).")]
 BackwardOpt = Annotated[Optional[int], typer.Option("--backward", help="Backward steps T<- (default: from --preset).")]
@@ -115,11 +116,17 @@ def _labels(value: str) -> str | LabelMap:
 
 
 def _config(preset: str, eps: str | None, eta: float | None, forward: int | None, backward: int | None,
-            samples: int | None) -> ForeBackConfig:  # fmt: skip
-    return ForeBackConfig.from_preset(
-        preset, eps=parse_eps(eps) if eps is not None else None, eta=eta, forward_steps=forward,
-        backward_steps=backward, samples=samples,
-    )  # fmt: skip
+            samples: int | None, *, backbone: str, registry: list[Path] | None) -> ForeBackConfig:  # fmt: skip
+    """The settings of a run; without --eps, the paper's budget for the backbone's dataset."""
+    if eps is None:
+        try:
+            budget = default_eps(get_model_config(backbone, registry or ()).dataset)
+        except UnknownModelError:  # reported where the model is loaded
+            budget = None
+    else:
+        budget = parse_eps(eps)
+    return ForeBackConfig.from_preset(preset, eps=budget, eta=eta, forward_steps=forward,
+                                      backward_steps=backward, samples=samples)  # fmt: skip
 
 
 def _defaults(backbone: str | None, classifier: str | None, label_source: Any,
@@ -254,7 +261,8 @@ def protect(
     """Protect images with Fast Preemption; writes <stem>.protected.png next to each original."""
     c.setup_logging(verbose, quiet)
     with c.handle_errors():
-        config = _config(preset, eps, eta, forward, backward, samples)
+        config = _config(preset, eps, eta, forward, backward, samples, backbone=backbone or DEFAULT_BACKBONE,
+                         registry=registry)  # fmt: skip
         label_source = _labels(labels)
         options = RunOptions(out_dir=out_dir, suffix=suffix, overwrite=overwrite, batch_size=batch_size,
                              max_pixels=max_pixels, shard=parse_shard(shard), fsync=fsync, io=io,
@@ -392,7 +400,8 @@ def revert(
                 label_source = _labels(labels)
                 if label_source == "classifier" and classifier is None:
                     raise ConfigError("no classifier: pass --classifier NAME, or --labels backbone|folders|FILE")
-                config = _config(preset, eps, eta, forward, backward, samples)
+                config = _config(preset, eps, eta, forward, backward, samples, backbone=backbone,
+                                 registry=registry)  # fmt: skip
                 clf = model(classifier) if label_source == "classifier" else None
                 reverter = Reverter(model(backbone), clf, config=config, seed=seed, labels=label_source,
                                     preset=preset, precision=precision or "fp32", compile=compile)  # fmt: skip
