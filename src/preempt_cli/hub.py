@@ -139,8 +139,8 @@ def hub_errors(cfg: ModelConfig) -> Iterator[None]:
             "('hf auth login') or set HF_TOKEN."
         )) from e  # fmt: skip
     except RevisionNotFoundError as e:
-        rev = cfg.source.revision or "main"
-        raise WeightsNotFoundError(cfg.name, src, hint=f"The repository has no revision {rev!r}.") from e
+        rev = f" {cfg.source.revision or 'main'!r}" if cfg.source.kind == "hf" else ""
+        raise WeightsNotFoundError(cfg.name, src, hint=f"The repository has no revision{rev}.") from e
     except EntryNotFoundError as e:
         raise WeightsNotFoundError(cfg.name, src, hint="The repository has no such file at that revision.") from e
     except HfHubHTTPError as e:
