@@ -81,7 +81,11 @@ from preempt_cli.registry import get_model_config
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 REAL_BACKBONE = "cifar10-resnet20-pgdat-a"
-BACKBONES = {"resnet20": REAL_BACKBONE, "preact18": "preact18 (random weights)"}
+#: ``preact18``: the classic PreActResNet-18 (He et al., ReLU), which the GPU figures so far were measured
+#: on; ``dm-preact18``: the registry row ``preact18``, DeepMind's variant that the paper's backbone
+#: (Gowal et al. 2021) uses (SiLU, TensorFlow "SAME" padding, 3x3 shortcut convolutions).
+BACKBONES = {"resnet20": REAL_BACKBONE, "preact18": "PreActResNet-18 (ReLU; random weights)",
+             "dm-preact18": "preact18 (DeepMind PreActResNet-18, SiLU; random weights)"}  # fmt: skip
 PHOTOS = ("astronaut.png", "camera.png")
 BUDGET_TOL = 1e-6  # float slack when checking |x_adv - x| <= eps
 
@@ -209,9 +213,13 @@ def load_backbones(keys: list[str], models_dir: Path, device: torch.device) -> d
         if key == "resnet20":
             ours = load_model(REAL_BACKBONE, models_dir=models_dir, device=device)
             ref = as_reference_model(load_model(REAL_BACKBONE, models_dir=models_dir, device=device, fuse=False))
-        elif key == "preact18":
+        elif key in ("preact18", "dm-preact18"):
             torch.manual_seed(0)
-            base = build_model(get_model_config("preact18")).eval()
+            row = get_model_config("preact18")
+            if key == "preact18":  # the same row's preprocessing, on the classic network
+                row = replace(row, arch="preact_resnet18", arch_args={}, mean=(0.4914, 0.4822, 0.4465),
+                              std=(0.2471, 0.2435, 0.2616))  # fmt: skip
+            base = build_model(row).eval()
             ref = as_reference_model(copy.deepcopy(base).to(device))
             ours = as_engine_model(base, device)
         else:
@@ -880,7 +888,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=None,
                    help="engine batch in images (default 16 on CPU, 256 on CUDA)")  # fmt: skip
     p.add_argument("--backbones", default="resnet20,preact18",
-                   help="comma-separated: resnet20, preact18 (default both)")  # fmt: skip
+                   help="comma-separated: resnet20, preact18, dm-preact18 (default: resnet20,preact18)")  # fmt: skip
     p.add_argument("--bilevel-images", type=int, default=2, help="images for Bi-Level (default 2)")
     p.add_argument("--bilevel-steps", type=int, default=100,
                    help="Bi-Level outer steps (default 100; lower only to smoke-test)")  # fmt: skip
