@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-from pathlib import Path
-
 import re
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
 from .errors import (
@@ -21,6 +20,7 @@ from .errors import (
     UnsafeWeightsError,
     WeightsNotFoundError,
 )
+from .imageio import NEW_FILE_MODE
 from .registry import ModelConfig
 
 __all__ = [
@@ -245,19 +245,6 @@ def read_weights(cfg: ModelConfig, models_dir: Path | None = None, *, verify_has
     return path, data, actual
 
 
-def _umask() -> int:
-    try:  # Linux: read it without changing it (os.umask would, for every thread, for a moment)
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def _unshared(tensors: dict) -> dict:
     """CPU, contiguous tensors, none sharing memory with another (safetensors refuses aliased tensors, e.g.
     tied weights): a tensor whose storage another one already uses is cloned."""
@@ -297,7 +284,7 @@ def save_safetensors(tensors: dict, path: Path, metadata: dict[str, str] | None 
     os.close(fd)
     try:
         save_file(_unshared(tensors), tmp, metadata=metadata)
-        os.chmod(tmp, 0o666 & ~_umask())  # after: save_file writes a new 0o600 file in the temporary's place
+        os.chmod(tmp, NEW_FILE_MODE)  # after: save_file writes a new 0o600 file in the temporary's place
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)

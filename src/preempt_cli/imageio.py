@@ -338,7 +338,8 @@ def _new_file_mode() -> int:
     return 0o666 & ~mask
 
 
-_NEW_FILE_MODE = _new_file_mode()
+#: What a new file's mode is (0o666 less the umask), for files written through a temporary.
+NEW_FILE_MODE = _new_file_mode()
 
 
 @contextmanager
@@ -354,7 +355,7 @@ def atomic_write(path: Path, *, fsync: bool = True) -> Iterator[BinaryIO]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.chmod(tmp_name, _NEW_FILE_MODE)
+        os.chmod(tmp_name, NEW_FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
