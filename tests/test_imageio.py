@@ -472,11 +472,13 @@ def test_write_png_leaves_no_temp_files_and_replaces_atomically(tmp_path) -> Non
 def test_written_files_are_readable_as_umask_allows_not_private(tmp_path) -> None:
     import stat
 
-    mask = os.umask(0o022)
-    os.umask(mask)
     pic = Picture(Path("x.png"), np.zeros((4, 5, 3), np.uint8), None, "RGB", "RGB", "PNG")
-    write_png(tmp_path / "out.png", pic)
-    assert stat.S_IMODE((tmp_path / "out.png").stat().st_mode) == 0o666 & ~mask
+    old = os.umask(0o027)
+    try:
+        write_png(tmp_path / "out.png", pic)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "out.png").stat().st_mode) == 0o640
 
 
 def test_write_into_a_file_parent_fails_cleanly(tmp_path) -> None:

@@ -20,7 +20,7 @@ from .errors import (
     UnsafeWeightsError,
     WeightsNotFoundError,
 )
-from .imageio import NEW_FILE_MODE
+from .imageio import new_file_mode
 from .registry import ModelConfig
 
 __all__ = [
@@ -284,7 +284,7 @@ def save_safetensors(tensors: dict, path: Path, metadata: dict[str, str] | None 
     os.close(fd)
     try:
         save_file(_unshared(tensors), tmp, metadata=metadata)
-        os.chmod(tmp, NEW_FILE_MODE)  # after: save_file writes a new 0o600 file in the temporary's place
+        os.chmod(tmp, new_file_mode())  # after: save_file writes a new 0o600 file in the temporary's place
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)

@@ -326,20 +326,25 @@ def _to_pil(picture: Picture, color: np.ndarray) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(planes.astype(np.uint8)), mode=picture.mode)
 
 
-def _new_file_mode() -> int:
-    """The mode ``open()`` gives a new file (0o666 less the umask); mkstemp's temporary files are 0o600,
-    which would leave a published image unreadable to a web server running as another user."""
-    try:  # Linux reports the umask without changing it (os.umask would, for every thread, for a moment)
+def _umask_at_import() -> int:
+    mask = os.umask(0o022)  # the only portable way to read it sets it, for every thread, for a moment:
+    os.umask(mask)  # done once, at import, before any worker thread of ours exists
+    return mask
+
+
+_UMASK_AT_IMPORT = _umask_at_import()
+
+
+def new_file_mode() -> int:
+    """The mode ``open()`` gives a new file now (0o666 less the umask). Files written through a temporary
+    need it: mkstemp's are 0o600, which would leave a published image unreadable to a web server running
+    as another user."""
+    try:  # Linux reports the current umask without changing it
         with open("/proc/self/status", encoding="ascii") as f:
             mask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
     except (OSError, StopIteration, ValueError, IndexError):
-        mask = os.umask(0o022)
-        os.umask(mask)
+        mask = _UMASK_AT_IMPORT
     return 0o666 & ~mask
-
-
-#: What a new file's mode is (0o666 less the umask), for files written through a temporary.
-NEW_FILE_MODE = _new_file_mode()
 
 
 @contextmanager
@@ -355,7 +360,7 @@ def atomic_write(path: Path, *, fsync: bool = True) -> Iterator[BinaryIO]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.chmod(tmp_name, NEW_FILE_MODE)
+        os.chmod(tmp_name, new_file_mode())
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
