@@ -322,27 +322,36 @@ class PGD:
 
     def _quantize(self, adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Round ``adv`` to 8-bit levels while staying within ``eps`` of ``x`` (see the class docstring)."""
-        a = adv.double()
-        xd = x.double()
-        nearest = torch.round(a * _LEVELS)
-        if self.norm == "Linf":
-            low = torch.ceil((xd - self.eps) * _LEVELS - _LEVEL_TOL).clamp(min=0)
-            high = torch.floor((xd + self.eps) * _LEVELS + _LEVEL_TOL).clamp(max=_LEVELS)
-            clipped = torch.minimum(torch.maximum(nearest, low), high) / _LEVELS
-            # An empty interval (eps under one level and x off the grid) keeps the unrounded value.
-            return torch.where(low <= high, clipped, a).to(adv.dtype)
-        x_levels = torch.round(xd * _LEVELS)
-        toward_x = (x_levels + torch.trunc(a * _LEVELS - x_levels)).clamp(0, _LEVELS)
-        limit = self.eps * (1 + 1e-6)
-        out = a.clone()
-        pending = torch.ones(a.shape[0], dtype=torch.bool, device=a.device)
-        for candidate in (nearest / _LEVELS, toward_x / _LEVELS):
-            fits = pending & (_l2_norms(candidate - xd).view(-1) <= limit)
-            out[fits] = candidate[fits]
-            pending &= ~fits
-        if pending.any():
-            _logger.debug("quantize: %d images kept unrounded (not on the 8-bit grid)", int(pending.sum()))
-        return out.to(adv.dtype)
+        return _quantize_8bit(adv, x, self.norm, self.eps)
+
+
+def _quantize_8bit(adv: torch.Tensor, x: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
+    """Round ``adv`` to 8-bit levels (k / 255) while staying within ``eps`` of ``x`` in ``norm``.
+
+    L-inf clips the rounded levels to those within ``eps`` of ``x`` (an empty interval, only possible for
+    ``x`` off the grid and ``eps`` under one level, keeps the unrounded value); L2 takes the nearest levels,
+    else the levels rounded toward ``x``, else the unrounded image, whichever first lies within ``eps``.
+    """
+    a = adv.double()
+    xd = x.double()
+    nearest = torch.round(a * _LEVELS)
+    if norm == "Linf":
+        low = torch.ceil((xd - eps) * _LEVELS - _LEVEL_TOL).clamp(min=0)
+        high = torch.floor((xd + eps) * _LEVELS + _LEVEL_TOL).clamp(max=_LEVELS)
+        clipped = torch.minimum(torch.maximum(nearest, low), high) / _LEVELS
+        return torch.where(low <= high, clipped, a).to(adv.dtype)
+    x_levels = torch.round(xd * _LEVELS)
+    toward_x = (x_levels + torch.trunc(a * _LEVELS - x_levels)).clamp(0, _LEVELS)
+    limit = eps * (1 + 1e-6)
+    out = a.clone()
+    pending = torch.ones(a.shape[0], dtype=torch.bool, device=a.device)
+    for candidate in (nearest / _LEVELS, toward_x / _LEVELS):
+        fits = pending & (_l2_norms(candidate - xd).view(-1) <= limit)
+        out[fits] = candidate[fits]
+        pending &= ~fits
+    if pending.any():
+        _logger.debug("quantize: %d images kept unrounded (not on the 8-bit grid)", int(pending.sum()))
+    return out.to(adv.dtype)
 
 
 # -- AutoAttack -------------------------------------------------------------------------------------------
@@ -383,6 +392,17 @@ class AutoAttack:
     reseeds it). As in the reference, only points classified correctly are attacked, and each attack of
     the version runs only on the points still robust; points that resist keep their clean value.
 
+    With ``quantize=True`` the attack is an 8-bit one, judged as :class:`PGD` judges its restarts: after
+    each attack of the version's cascade (standard: APGD-CE, APGD-T, FAB-T, Square; rand: APGD-CE,
+    APGD-DLR), its outputs are rounded to 8-bit levels within the budget (as PGD rounds them) and a point
+    counts as fooled only if its *rounded* image fools the model; the next attack of the cascade runs on
+    every point not fooled that way. Rounding the cascade's finished result once instead would bias robust
+    accuracy upward: the reference stops attacking a point as soon as an unrounded output fools it, and
+    FAB and Square leave it just across the boundary, where rounding can restore it with no later attack
+    to retry it. The attacks themselves, their settings and seeds are the reference's, one call of
+    ``run_standard_evaluation`` per attack; where rounding never restores a point, the cascade attacks
+    the same points in the same batches as the reference would. ``state_path`` is not supported then.
+
     The reference logs through the standard logger named ``auto-attack`` (its progress at DEBUG level when
     ``verbose``, its sanity-check warnings always); it never prints.
 
@@ -398,9 +418,10 @@ class AutoAttack:
         state_path: a JSON file where the reference saves its progress (``None``: none). Note that
             ``pyautoattack`` 0.2.0 cannot read back the state files it writes: resuming from an existing
             file raises :class:`ConfigError`; delete the file to start over.
+        quantize: attack 8-bit images, rounding after every attack of the cascade (see above).
 
     Raises:
-        ConfigError: an invalid setting.
+        ConfigError: an invalid setting (``state_path`` with ``quantize``).
         MissingDependencyError: ``pyautoattack`` is not installed.
     """
 
@@ -418,6 +439,7 @@ class AutoAttack:
         batch_size: int = 250,
         verbose: bool = False,
         state_path: Path | str | None = None,
+        quantize: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -434,45 +456,123 @@ class AutoAttack:
         self.batch_size = _check_int("batch_size", batch_size, 1)
         self.verbose = bool(verbose)
         self.state_path = Path(state_path) if state_path is not None else None
+        self.quantize = bool(quantize)
+        if self.quantize and self.state_path is not None:
+            raise ConfigError("AutoAttack with quantize=True runs its attacks one by one and cannot keep a state file")
         self._reference = _import_autoattack()
 
     def __repr__(self) -> str:
         return (
             f"AutoAttack(norm={self.norm!r}, eps={self.eps:.6g}, version={self.version!r}, seed={self.seed}, "
-            f"device={str(self.device)!r})"
+            f"device={str(self.device)!r}, quantize={self.quantize})"
         )
 
     def perturb(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Adversarial examples for ``x`` (NCHW in [0, 1]) and labels ``y``, from the reference AutoAttack.
 
-        Returns a new tensor on ``x``'s device with ``x``'s dtype.
+        Returns a new tensor on ``x``'s device with ``x``'s dtype (8-bit levels with ``quantize``).
 
         Raises:
             ConfigError: ``x`` or ``y`` of the wrong shape or type, ``x`` outside [0, 1], or a state file
                 the reference refuses to resume from.
             LabelError: negative labels.
         """
+        return self._perturb(x, y, report=False)[0]
+
+    def perturb_report(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """:meth:`perturb`, with per-image flags (bool tensors on the CPU) for the same run:
+
+        * ``fooled``: the returned image fools the model;
+        * ``fooled_float``: some attack's unrounded output fooled it (the reference's criterion, on float
+          images);
+        * ``fooled_rounded_once``: the first unrounded output that fooled it still fools it once rounded,
+          i.e. what rounding the reference's finished result once would report (biased: see the class).
+
+        Without ``quantize`` the three are equal.
+        """
+        return self._perturb(x, y, report=True)
+
+    def _predict(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([self.model(images[i : i + self.batch_size].to(self.device)).argmax(dim=1).cpu()
+                              for i in range(0, images.shape[0], self.batch_size)])  # fmt: skip
+
+    def _reference_attack(self) -> Any:
+        aa = self._reference.AutoAttack(
+            self.model, norm=self.norm, eps=self.eps, version=self.version, device=self.device, seed=self.seed
+        )
+        aa.verbose = self.verbose
+        return aa
+
+    def _perturb(self, x: torch.Tensor, y: torch.Tensor, *, report: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         _check_batch(x, y)
         if x.shape[0] == 0:
-            return x.detach().clone()
+            empty = torch.zeros(0, dtype=torch.bool)
+            return x.detach().clone(), {"fooled": empty, "fooled_float": empty, "fooled_rounded_once": empty}
         xc = x.detach().float().contiguous()
         yc = y.detach().long().contiguous()
-        resuming = self.state_path is not None and self.state_path.exists()
         with _eval_mode(self.model), _own_rng(self.device):
-            aa = self._reference.AutoAttack(
-                self.model, norm=self.norm, eps=self.eps, version=self.version, device=self.device, seed=self.seed
-            )
-            aa.verbose = self.verbose
-            try:
-                x_adv, _ = aa.run_standard_evaluation(xc, yc, batch_size=self.batch_size, state_path=self.state_path)
-            except ValueError as e:
-                if not resuming:
-                    raise
-                raise ConfigError(
-                    f"AutoAttack cannot resume from the state file {self.state_path}: {e} "
-                    "Delete the file to start the evaluation over."
-                ) from e
-        return x_adv.to(x.device, x.dtype)
+            if self.quantize:
+                x_adv, flags = self._cascade_8bit(xc, yc)
+            else:
+                x_adv = self._run_reference(xc, yc)
+                flags = {}
+                if report:
+                    fooled = self._predict(x_adv) != yc.cpu()
+                    flags = {"fooled": fooled, "fooled_float": fooled, "fooled_rounded_once": fooled}
+        return x_adv.to(x.device, x.dtype), flags
+
+    def _run_reference(self, xc: torch.Tensor, yc: torch.Tensor) -> torch.Tensor:
+        resuming = self.state_path is not None and self.state_path.exists()
+        aa = self._reference_attack()
+        try:
+            x_adv, _ = aa.run_standard_evaluation(xc, yc, batch_size=self.batch_size, state_path=self.state_path)
+        except ValueError as e:
+            if not resuming:
+                raise
+            raise ConfigError(
+                f"AutoAttack cannot resume from the state file {self.state_path}: {e} "
+                "Delete the file to start the evaluation over."
+            ) from e
+        return x_adv
+
+    def _cascade_8bit(self, xc: torch.Tensor, yc: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The version's attacks one by one, each on the points its predecessors' rounded outputs left robust."""
+        n = xc.shape[0]
+        y_cpu = yc.cpu()
+        best = xc.clone()
+        pending = self._predict(xc) == y_cpu  # clean-correct and not fooled by a rounded output yet
+        fooled = torch.zeros(n, dtype=torch.bool)
+        fooled_float = torch.zeros(n, dtype=torch.bool)
+        fooled_once = torch.zeros(n, dtype=torch.bool)
+        aa = self._reference_attack()
+        robust_after = {"clean": pending.float().mean().item()}
+        for attack in list(aa.attacks_to_run):
+            todo = pending.nonzero().squeeze(1)
+            if todo.numel() == 0:
+                break
+            aa.attacks_to_run = [attack]
+            idx = todo.to(xc.device)
+            adv_float, _ = aa.run_standard_evaluation(xc[idx], yc[idx], batch_size=self.batch_size)
+            adv_float = adv_float.to(xc.device, xc.dtype)
+            adv = _quantize_8bit(adv_float, xc[idx], self.norm, self.eps)
+            hit_float = self._predict(adv_float) != y_cpu[todo]
+            hit = self._predict(adv) != y_cpu[todo]
+            first = hit_float & ~fooled_float[todo]
+            fooled_once[todo[first & hit]] = True
+            fooled_float[todo[hit_float]] = True
+            best[idx[hit.to(idx.device)]] = adv[hit.to(adv.device)]
+            fooled[todo[hit]] = True
+            pending[todo[hit]] = False
+            robust_after[attack] = pending.float().mean().item()
+            restored = int((hit_float & ~hit).sum())
+            _logger.debug("AutoAttack %s: %d of %d fooled after rounding to 8 bits, %d restored by the rounding%s",
+                          attack, int(hit.sum()), todo.numel(), restored,
+                          " (attacked again by the next attack)" if restored else "")  # fmt: skip
+        checks = getattr(self._reference, "checks", None)  # the reference's sanity check on Square, as in its run
+        if checks is not None and hasattr(checks, "check_square_sr"):
+            checks.check_square_sr(robust_after, logger=logging.getLogger("auto-attack"))
+        return best, {"fooled": fooled, "fooled_float": fooled_float, "fooled_rounded_once": fooled_once}
 
 
 # -- registry ---------------------------------------------------------------------------------------------
