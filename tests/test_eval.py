@@ -1,18 +1,34 @@
-"""``preempt eval``: small but real runs with the shared models, and its error handling."""
+"""``preempt eval``: small but real runs with the shared models, its error handling, and the protocol's rules
+(who labels a reversion, verdicts, resume keys, 8-bit AutoAttack, white-box warnings) on tiny models."""
 
 from __future__ import annotations
 
 import json
+import logging
+import types
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
+from torch import nn
 from typer.testing import CliRunner
 
-from conftest import TEST_DEVICE_ARG
+from conftest import TEST_DEVICE, TEST_DEVICE_ARG, make_tiny_model
+from preempt_cli import attacks as attacks_module
 from preempt_cli.cli import app
 from preempt_cli.errors import ConfigError
-from preempt_cli.evaluate import AttackSpec, DefenseSpec
+from preempt_cli.evaluate import (
+    AttackSpec,
+    Dataset,
+    DefenseSpec,
+    Evaluator,
+    mcnemar_exact,
+    reversion_protocol,
+    reversion_verdicts,
+)
+from preempt_cli.protect import Protector
+from preempt_cli.revert import Reverter
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 CIFAR = SHARED / "data" / "cifar10" / "test"
@@ -108,3 +124,302 @@ def test_specs_parse() -> None:
     pgd = AttackSpec.parse("pgd:norm=L2,eps=0.5,steps=5,limit=10")
     assert (pgd.norm, pgd.eps, pgd.limit) == ("L2", 0.5, 10)
     assert AttackSpec.parse("aa").name == "AA-standard Linf 8/255"
+
+
+# -- tiny, in-memory evaluations (no ../shared) ---------------------------------------------------------------
+
+
+
+def tiny_dataset(n: int = 6, seed: int = 0, *, labels: torch.Tensor | None = None, hw: int = 16) -> Dataset:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 3, hw, hw), generator=g, dtype=torch.uint8)
+    y = labels if labels is not None else torch.randint(0, 10, (n,), generator=g)
+    return Dataset(Path("mem"), [Path(f"mem/{i:03d}.png") for i in range(n)], images, y)
+
+
+def tiny_models(**extra: nn.Module) -> dict[str, nn.Module]:
+    models = {"bb": make_tiny_model(0, name="bb"), "clf": make_tiny_model(1, name="clf"),
+              "other": make_tiny_model(2, name="other"), "clf2": make_tiny_model(3, name="clf2"),
+              "victim": make_tiny_model(4, name="victim"), **extra}  # fmt: skip
+    return {k: m.to(TEST_DEVICE) for k, m in models.items()}
+
+
+def tiny_evaluator(ds: Dataset, models: dict[str, nn.Module], **kwargs) -> Evaluator:
+    return Evaluator(ds, load=models.__getitem__, device=TEST_DEVICE, batch_size=4, **kwargs)
+
+
+FP_FAST = {"backbone": "bb", "classifier": "clf", "samples": "2"}
+
+
+class _LevelSum(nn.Module):
+    """A classifier whose label moves with any change of the pixels: the sum of the 8-bit levels, mod 10."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        levels = torch.round(x * 255).flatten(1).sum(1).long()
+        return nn.functional.one_hot(levels % 10, 10).float()
+
+
+def level_sum_classifier(hw: int = 16) -> nn.Module:
+    from conftest import tiny_config
+    from preempt_cli.models import ImageModel
+
+    return ImageModel(_LevelSum(), tiny_config("clf", input_size=(3, hw, hw))).eval()
+
+
+def fp_spec(**options: str) -> DefenseSpec:
+    return DefenseSpec("fast-preemption", tuple(sorted({**FP_FAST, **options}.items())))
+
+
+def predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x.to(TEST_DEVICE)).argmax(1).cpu()
+
+
+class _Spy:
+    """Records (instance, images, labels) of every ``transform`` call of a class."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, cls: type) -> None:
+        self.calls: list[tuple[Protector, torch.Tensor, torch.Tensor]] = []
+        original = cls.transform
+
+        def transform(inner, x, y, noise_seeds=None):
+            self.calls.append((inner, x.detach().cpu().clone(), y.detach().cpu().clone()))
+            return original(inner, x, y, noise_seeds=noise_seeds)
+
+        monkeypatch.setattr(cls, "transform", transform)
+
+    def by_backbone(self, name: str) -> list[tuple[Protector, torch.Tensor, torch.Tensor]]:
+        """Per instance whose backbone is ``name``: (instance, images, labels) of all its batches together."""
+        instances = list(dict.fromkeys(c[0] for c in self.calls if c[0].backbone.name == name))
+        return [(inst, torch.cat([c[1] for c in self.calls if c[0] is inst]),
+                 torch.cat([c[2] for c in self.calls if c[0] is inst])) for inst in instances]  # fmt: skip
+
+
+@pytest.mark.parametrize("flip", [0.0, 1.0])
+def test_reversion_reverters_label_the_protected_images_themselves(monkeypatch: pytest.MonkeyPatch,
+                                                                   flip: float) -> None:  # fmt: skip
+    # Algorithm 2: the attacker runs the defense again on x^r, and the defense labels x^r itself. The
+    # defender's labels (here: ground truth, every label flipped; or its classifier's labels of the
+    # originals) are not the attacker's to have. The classifier's label changes with the pixels.
+    models = tiny_models(clf=level_sum_classifier())
+    ds = tiny_dataset(6)
+    spy = _Spy(monkeypatch, Reverter)
+    res = reversion_protocol(tiny_evaluator(ds, models), victims=["victim"], defense=fp_spec(),
+                             black_box_backbone=["other"], flip_fraction=flip)  # fmt: skip
+    # White-box: as `preempt revert --white-box` on such files: the classifier the defense labelled with,
+    # else (flipped ground truth: a label file, no classifier recorded) the backbone.
+    white_labeller = models["clf"] if flip == 0 else models["bb"]
+    (white,) = spy.by_backbone("bb")
+    assert torch.equal(white[2], predict(white_labeller, white[1]))
+    # Black-box: the white-box attacker with its own backbone.
+    (black,) = spy.by_backbone("other")
+    assert torch.equal(black[2], predict(models["clf"] if flip == 0 else models["other"], black[1]))
+    assert torch.equal(white[1], black[1])  # both revert the same protected images
+    expected = {"white-box reversion": "classifier clf" if flip == 0 else "backbone bb",
+                "black-box reversion": "classifier clf" if flip == 0 else "backbone other"}  # fmt: skip
+    assert res["reverter_labels"] == expected
+    if flip:
+        assert not torch.equal(white[2], ds.labels)  # nor the true labels
+    else:  # not the classifier's labels of the originals
+        assert not torch.equal(white[2], predict(models["clf"], ds.images.float() / 255))
+
+
+def test_reversion_black_box_classifier_and_the_oracle_option(monkeypatch: pytest.MonkeyPatch) -> None:
+    models = tiny_models()
+    ds = tiny_dataset(6)
+    spy = _Spy(monkeypatch, Reverter)
+    protector_spy = _Spy(monkeypatch, Protector)
+    ev = tiny_evaluator(ds, models)
+    reversion_protocol(ev, victims=["victim"], defense=fp_spec(), black_box_backbone="other", flip_fraction=1.0,
+                       black_box_classifier="clf2")  # fmt: skip
+    (black,) = spy.by_backbone("other")
+    assert torch.equal(black[2], predict(models["clf2"], black[1]))
+
+    spy.calls.clear()
+    protector_spy.calls.clear()
+    res = reversion_protocol(ev, victims=["victim"], defense=fp_spec(), black_box_backbone="other", flip_fraction=1.0,
+                             reverter_labels="defender")  # fmt: skip
+    (defended,) = protector_spy.by_backbone("bb")
+    reverters = spy.by_backbone("bb") + spy.by_backbone("other")
+    assert len(reverters) == 2 and all(torch.equal(r[2], defended[2]) for r in reverters)
+    assert all("oracle" in note for note in res["reverter_labels"].values())
+    with pytest.raises(ConfigError, match="reverter labels"):
+        reversion_protocol(ev, victims=["victim"], defense=fp_spec(), black_box_backbone=None,
+                           reverter_labels="truth")  # fmt: skip
+
+
+@pytest.mark.parametrize(("labels", "note"), [("ground-truth", "ground truth"), ("classifier", "labels of classifier clf"),
+                                              ("backbone", "labels of backbone bb")])  # fmt: skip
+def test_reversion_defender_labels_follow_the_declared_source(monkeypatch: pytest.MonkeyPatch, labels: str,
+                                                              note: str) -> None:  # fmt: skip
+    models = tiny_models()
+    ds0 = tiny_dataset(6)
+    # ground truth that neither model predicts, so each source gives different labels
+    truth = (torch.maximum(predict(models["bb"], ds0.images.float() / 255),
+                           predict(models["clf"], ds0.images.float() / 255)) + 1) % 10  # fmt: skip
+    truth[(truth == predict(models["bb"], ds0.images.float() / 255))] += 1
+    ds = tiny_dataset(6, labels=truth % 10)
+    spy = _Spy(monkeypatch, Protector)
+    res = reversion_protocol(tiny_evaluator(ds, models), victims=["victim"], defense=fp_spec(labels=labels),
+                             black_box_backbone=None)  # fmt: skip
+    (call,) = spy.by_backbone("bb")
+    x = ds.images.float() / 255
+    expected = {"ground-truth": ds.labels, "classifier": predict(models["clf"], x), "backbone": predict(models["bb"], x)}
+    assert torch.equal(call[2], expected[labels])
+    assert res["labels"] == note
+    # The white-box attacker has no ground truth: it labels with the backbone (as `preempt revert`).
+    assert res["reverter_labels"]["white-box reversion"] == ("classifier clf" if labels == "classifier" else "backbone bb")
+
+
+def test_mcnemar_exact_and_reversion_verdicts() -> None:
+    t, f = True, False
+    assert mcnemar_exact(torch.tensor([f] * 10), torch.tensor([t] * 10)) == (10, 0, pytest.approx(2 / 1024))
+    assert mcnemar_exact(torch.tensor([t, f]), torch.tensor([t, f])) == (0, 0, 1.0)
+    gained, lost, p = mcnemar_exact(torch.tensor([t, f, f, t]), torch.tensor([f, t, t, t]))
+    assert (gained, lost) == (2, 1) and p == pytest.approx(1.0)  # 2 * P(X <= 1 | n=3) = 2 * 4/8
+
+    n = 40
+    orig = torch.ones(n, dtype=torch.bool)
+    prot = torch.zeros(n, dtype=torch.bool)  # a significant drop: the precondition holds
+    one_back = prot.clone()
+    one_back[0] = True  # one image of 40 back: higher, but within noise
+    many_back = prot.clone()
+    many_back[:30] = True
+    worse = prot.clone()
+    verdicts, p_values, discordant, met = reversion_verdicts(
+        {"original": orig, "protected": prot, "one": one_back, "many": many_back, "worse": worse})
+    assert met and p_values["protected"] < 1e-9
+    assert verdicts["one"].startswith("within noise") and p_values["one"] == 1.0 and discordant["one"] == [1, 0]
+    assert verdicts["many"].startswith("reverted (75% of the drop recovered, p=")
+    assert verdicts["worse"].startswith("distorted")
+    # A drop of one image in 40 is no precondition.
+    prot_small = orig.clone()
+    prot_small[0] = False
+    verdicts, p_values, _, met = reversion_verdicts({"original": orig, "protected": prot_small, "one": orig})
+    assert not met and "within noise" in verdicts["one"] and verdicts["one"].startswith("protocol not met")
+
+
+def test_reversion_results_carry_p_values() -> None:
+    models = tiny_models()
+    res = reversion_protocol(tiny_evaluator(tiny_dataset(6), models), victims=["victim"], defense=fp_spec(),
+                             black_box_backbone="other", flip_fraction=1.0)  # fmt: skip
+    victim = res["victims"]["victim"]
+    assert set(victim["p_value"]) == {"protected", "white-box reversion", "black-box reversion", "JPEG-50"}
+    assert all(0 <= p <= 1 for p in victim["p_value"].values())
+    assert "McNemar" in res["test"] and isinstance(victim["precondition_met"], bool)
+    for stage, verdict in victim["verdict"].items():
+        assert verdict.startswith("protocol not met") or "p=" in verdict
+
+
+# -- resume keys ------------------------------------------------------------------------------------------
+
+
+def test_resume_does_not_reuse_cells_or_defenses_of_other_data_or_weights(tmp_path: Path) -> None:
+    models = tiny_models()
+    ds = tiny_dataset(6, seed=0)
+    x = ds.images.float() / 255
+    right = Dataset(ds.root, ds.paths, ds.images, predict(models["victim"], x))  # the victim is always right
+    wrong = Dataset(ds.root, ds.paths, ds.images, (right.labels + 1) % 10)  # same size, other labels
+    other_pixels = tiny_dataset(6, seed=1)
+    other_pixels = Dataset(ds.root, ds.paths, other_pixels.images, predict(models["victim"], other_pixels.images.float() / 255))
+    none = DefenseSpec("none")
+
+    def clean(dataset: Dataset, model_set: dict[str, nn.Module], spec: DefenseSpec = none) -> float:
+        return tiny_evaluator(dataset, model_set, out_dir=tmp_path, resume=True).cell("victim", spec, None)["clean_acc"]
+
+    assert clean(right, models) == 100.0
+    assert clean(wrong, models) == 0.0  # same size, other labels: not the cached cell
+    assert clean(other_pixels, models) == 100.0
+    # Retrained weights under the same name: recomputed (by the recorded sha256, or the state itself).
+    retrained = {**models, "victim": make_tiny_model(5, name="victim").to(TEST_DEVICE)}
+    assert clean(right, retrained) == pytest.approx(100 * (predict(retrained["victim"], x) == right.labels).float().mean().item(), abs=0.01)
+    assert clean(right, retrained) != 100.0
+    # The same weights under the same name and data: the cell is reused (resume still works).
+    cells = sorted((tmp_path / "cells").glob("*.json"))
+    assert clean(right, models) == 100.0 and sorted((tmp_path / "cells").glob("*.json")) == cells
+    # A recorded weights sha256 is what identifies loaded weights.
+    models["victim"].weights_sha256 = "a" * 64
+    clean(right, models)
+    assert len(list((tmp_path / "cells").glob("*.json"))) == len(cells) + 1
+
+    # Defended sets: another backbone under the same name is not the cached one.
+    spec, out = fp_spec(), tmp_path / "fp"
+    first = tiny_evaluator(right, models, out_dir=out, resume=True).defend(spec)
+    again = tiny_evaluator(right, models, out_dir=out, resume=True).defend(spec)
+    assert torch.equal(first.images, again.images) and len(list((out / "defenses").glob("*.pt"))) == 1
+    rekeyed = {**models, "bb": make_tiny_model(6, name="bb").to(TEST_DEVICE)}
+    other = tiny_evaluator(right, rekeyed, out_dir=out, resume=True).defend(spec)
+    assert not torch.equal(first.images, other.images)
+    assert len(list((out / "defenses").glob("*.pt"))) == 2
+
+
+# -- white-box victims ----------------------------------------------------------------------------------------
+
+
+def test_a_victim_that_is_a_defense_model_is_warned_about_once(caplog: pytest.LogCaptureFixture) -> None:
+    models = tiny_models(twin=make_tiny_model(1, name="twin"))  # the classifier's weights under another name
+    ev = tiny_evaluator(tiny_dataset(4), models)
+    with caplog.at_level(logging.WARNING, logger="preempt_cli"):
+        ev.cell("victim", fp_spec(), None)
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+        ev.cell("bb", fp_spec(), None)
+        ev.cell("bb", fp_spec(), None)
+        ev.cell("twin", fp_spec(), None)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2
+    assert "victim bb is the backbone" in warnings[0] and "white-box" in warnings[0]
+    assert "victim twin is the classifier" in warnings[1]
+
+
+# -- AutoAttack rounded to 8 bits -----------------------------------------------------------------------------
+
+
+class _Threshold(nn.Module):
+    """Class 1 when the mean pixel exceeds ``t`` (a steep margin), else class 0."""
+
+    def __init__(self, t: float) -> None:
+        super().__init__()
+        self.t = t
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = x.mean(dim=(1, 2, 3))
+        return torch.stack([self.t - m, m - self.t], dim=1) * 1000
+
+
+class _FakeReferenceAA:
+    """A stand-in for pyautoattack's AutoAttack with the reference's cascade: each attack runs on the points
+    still robust, and stops attacking a point once its (unrounded) output fools the model. ``nudge`` moves a
+    point 0.4 of a level (just across the threshold: FAB's minimal margin), ``push`` 4 levels."""
+
+    STEPS = {"nudge": 0.4 / 255, "push": 4 / 255}
+
+    def __init__(self, model, *, norm, eps, version, device, seed) -> None:
+        self.model = model
+        self.attacks_to_run = ["nudge", "push"]
+        self.verbose = False
+
+    def run_standard_evaluation(self, x, y, *, batch_size=250, state_path=None):
+        with torch.no_grad():
+            adv = x.clone()
+            robust = self.model(x).argmax(1) == y
+            for name in self.attacks_to_run:
+                candidate = (x + self.STEPS[name]).clamp(0, 1)
+                fooled = robust & (self.model(candidate).argmax(1) != y)
+                adv[fooled] = candidate[fooled]
+                robust &= ~fooled
+            return adv, self.model(adv).argmax(1)
+
+
+def test_autoattack_rounding_does_not_restore_points_no_later_attack_retries(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(attacks_module, "_import_autoattack", lambda: types.SimpleNamespace(AutoAttack=_FakeReferenceAA))
+    images = torch.full((4, 3, 16, 16), 100, dtype=torch.uint8)
+    ds = Dataset(Path("mem"), [Path(f"{i}.png") for i in range(4)], images, torch.zeros(4, dtype=torch.long))
+    ev = tiny_evaluator(ds, {"victim": _Threshold(100.3 / 255)})
+    row = ev.cell("victim", DefenseSpec("none"), AttackSpec.parse("aa"))
+    # The float "nudge" fools every point; rounded to 8 bits it is the clean image again. Rounding the
+    # cascade's result once reported 100% robust; the 8-bit cascade attacks them with "push" next.
+    assert row["clean_acc"] == 100.0
+    assert row["robust_acc"] == 0.0
+    assert row["robust_acc_float"] == 0.0 and row["robust_acc_rounded_once"] == 100.0

@@ -40,7 +40,9 @@ __all__ = [
     "DefendedSet",
     "Evaluator",
     "jpeg_roundtrip",
+    "mcnemar_exact",
     "reversion_protocol",
+    "reversion_verdicts",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -187,7 +189,11 @@ class DefenseSpec:
 class AttackSpec:
     """An attack: ``pgd[:norm=Linf,eps=8/255,steps=20,step_size=2/255,restarts=1]`` or
     ``autoattack[:version=standard,norm=Linf,eps=8/255]`` (alias ``aa``); both take ``limit=N`` (attack
-    only the first N images) and ``seed``."""
+    only the first N images) and ``seed``.
+
+    Both attack 8-bit images: PGD rounds each restart's result (both norms), AutoAttack (L-inf) rounds
+    after every attack of its cascade and attacks the points rounding restored again with the next one
+    (:class:`~preempt_cli.attacks.AutoAttack` ``quantize``); success is judged on the rounded images."""
 
     kind: str
     options: tuple[tuple[str, str], ...] = ()
@@ -258,7 +264,9 @@ class AttackSpec:
         _ = self.eps
         if check_only:
             return None
-        return AutoAttack(model, norm=self.norm, eps=self.eps, version=version, seed=seed, batch_size=batch_size)
+        # L-inf: an 8-bit attack, rounded after every attack of the cascade (not once at its end: see AutoAttack)
+        return AutoAttack(model, norm=self.norm, eps=self.eps, version=version, seed=seed, batch_size=batch_size,
+                          quantize=self.norm == "Linf")  # fmt: skip
 
 
 # -- defenses -------------------------------------------------------------------------------------------
@@ -296,6 +304,27 @@ def _to_float(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     return images.to(device).float().div_(255)
 
 
+def _state_sha256(model: torch.nn.Module) -> str:
+    """sha256 of a model's state (names, dtypes, shapes and bytes of every tensor)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(json.dumps([name, str(t.dtype), list(tensor.shape)]).encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _folder_fingerprint(folder: Path) -> list[list[Any]]:
+    """Relative path, size and modification time of every file under ``folder``."""
+    if not folder.is_dir():
+        return []
+    rows = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        stat = path.stat()
+        rows.append([path.relative_to(folder).as_posix(), stat.st_size, stat.st_mtime_ns])
+    return rows
+
+
 class Evaluator:
     """Runs the evaluation grid, caching defended sets and cells under ``out_dir`` (when given).
 
@@ -306,6 +335,15 @@ class Evaluator:
         out_dir: where defended sets (``defenses/``) and finished cells (``cells/``) are kept.
         resume: reuse what ``out_dir`` holds instead of recomputing it.
         batch_size: images per defense batch (default: 50 on CPU, 256 on GPU).
+
+    What ``out_dir`` keeps is keyed by everything that decides it: the spec, a fingerprint of the data
+    (sha256 of the pixels, their shape and the labels) and the weights of every model involved (the
+    ``weights_sha256`` a loaded model records, else a sha256 of its state), plus, for a ``folder``
+    defense, the names, sizes and modification times of the folder's files. Another data folder of the
+    same size, or retrained weights under the same name, are computed afresh, never reused.
+
+    A victim that is the defense's backbone or classifier (same name or same weights) is evaluated, with a
+    warning: that is a white-box setting, not the paper's transferable one.
     """
 
     def __init__(
@@ -327,6 +365,57 @@ class Evaluator:
         self.batch_size = batch_size or (256 if device.type == "cuda" else 50)
         self.attack_batch_size = attack_batch_size
         self._defended: dict[str, DefendedSet] = {}
+        self._data_fingerprint: str | None = None
+        self._model_fingerprints: dict[str, str] = {}
+        self._warned: set[tuple[str, str, str]] = set()
+
+    # -- fingerprints (what the resume state is keyed by) -----------------------------------------------------
+    @property
+    def data_fingerprint(self) -> str:
+        """sha256 (hex, 16 digits) of the dataset's pixels, their shape and its labels."""
+        if self._data_fingerprint is None:
+            ds = self.dataset
+            digest = hashlib.sha256(json.dumps([list(ds.images.shape), str(ds.images.dtype)]).encode())
+            digest.update(ds.images.contiguous().numpy().tobytes())
+            digest.update(ds.labels.to(torch.int64).contiguous().numpy().tobytes())
+            self._data_fingerprint = digest.hexdigest()[:16]
+        return self._data_fingerprint
+
+    def _model_fingerprint(self, name: str) -> str:
+        """The weights' sha256 a loaded model records, else a sha256 of its state (tests, in-memory models)."""
+        if name not in self._model_fingerprints:
+            model = self.load(name)
+            self._model_fingerprints[name] = getattr(model, "weights_sha256", None) or _state_sha256(model)
+        return self._model_fingerprints[name]
+
+    @staticmethod
+    def _defense_models(spec: DefenseSpec) -> list[tuple[str, str]]:
+        """(role, name) of the models a defense computes with."""
+        if spec.kind not in ("fast-preemption", "bi-level"):
+            return []
+        models = [("backbone", str(spec.get("backbone")))]
+        if spec.get("labels", "classifier") == "classifier" and spec.get("classifier"):
+            models.append(("classifier", str(spec.get("classifier"))))
+        return models
+
+    def defense_key(self, spec: DefenseSpec) -> str:
+        """The key of a defended set: spec, data and the weights of its models (and a folder's files)."""
+        parts: list[Any] = [spec.kind, spec.options, self.data_fingerprint,
+                            [[name, self._model_fingerprint(name)] for _, name in self._defense_models(spec)]]  # fmt: skip
+        if spec.kind == "folder":
+            parts.append(_folder_fingerprint(Path(spec.get("path"))))
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
+    def _warn_white_box(self, victim_name: str, spec: DefenseSpec) -> None:
+        """One warning per victim, defense and role when the victim is a model the defense computes with."""
+        for role, name in self._defense_models(spec):
+            if (victim_name, spec.key, role) in self._warned:
+                continue
+            if name == victim_name or self._model_fingerprint(name) == self._model_fingerprint(victim_name):
+                self._warned.add((victim_name, spec.key, role))
+                _logger.warning("victim %s is the %s of defense %s: a white-box setting, not the paper's "
+                                "transferable one (victim, backbone and classifier all differ)",
+                                victim_name, role, spec.name)  # fmt: skip
 
     # -- defended sets ------------------------------------------------------------------------------------
     def _labels_for(self, spec: DefenseSpec, protector: Protector) -> Callable[[torch.Tensor, slice], torch.Tensor]:
@@ -422,9 +511,10 @@ class Evaluator:
 
     def defend(self, spec: DefenseSpec) -> DefendedSet:
         """The defended images of ``spec`` (computed once, cached on disk when ``out_dir`` is set)."""
-        if spec.key in self._defended:
-            return self._defended[spec.key]
-        cache = self.out_dir / "defenses" / f"{spec.key}.pt" if self.out_dir else None
+        key = self.defense_key(spec)
+        if key in self._defended:
+            return self._defended[key]
+        cache = self.out_dir / "defenses" / f"{key}.pt" if self.out_dir else None
         if cache is not None and self.resume and cache.is_file():
             saved = torch.load(cache, map_location="cpu", weights_only=True)
             result = DefendedSet(spec, saved["images"], float(saved["seconds_per_image"]), 0.0)
@@ -438,7 +528,7 @@ class Evaluator:
                 torch.save({"images": result.images, "seconds_per_image": result.seconds_per_image}, tmp)
                 tmp.replace(cache)
         self._quality(result)
-        self._defended[spec.key] = result
+        self._defended[key] = result
         return result
 
     def _quality(self, result: DefendedSet) -> None:
@@ -459,9 +549,15 @@ class Evaluator:
 
     # -- cells ----------------------------------------------------------------------------------------------
     def cell(self, victim_name: str, spec: DefenseSpec, attack: AttackSpec | None) -> dict[str, Any]:
-        """Clean (and robust, with an attack) accuracy of one victim on one defense's images."""
-        key = hashlib.sha256(json.dumps([victim_name, spec.kind, spec.options, attack and [attack.kind, attack.options],
-                                         len(self.dataset)]).encode()).hexdigest()[:16]  # fmt: skip
+        """Clean (and robust, with an attack) accuracy of one victim on one defense's images.
+
+        An L-inf AutoAttack row also carries ``robust_acc_float`` (the reference's criterion: a point is
+        fooled once an unrounded output fools it) and ``robust_acc_rounded_once`` (the cascade's float result
+        rounded once at the end, as preempt <= 0.5 reported it: biased upward), from the same run.
+        """
+        self._warn_white_box(victim_name, spec)
+        key = hashlib.sha256(json.dumps([victim_name, self._model_fingerprint(victim_name), self.defense_key(spec),
+                                         attack and [attack.kind, attack.options]]).encode()).hexdigest()[:16]  # fmt: skip
         path = self.out_dir / "cells" / f"{key}.json" if self.out_dir else None
         if path is not None and self.resume and path.is_file():
             return json.loads(path.read_text())
@@ -471,15 +567,20 @@ class Evaluator:
         x = _to_float(defended.images[:n], self.device)
         y = self.dataset.labels[:n].to(self.device)
         start = time.perf_counter()
+        extra: dict[str, Any] = {}
         if attack is None:
             with torch.inference_mode():
                 correct = torch.cat([victim(x[i:i + 500]).argmax(1) == y[i:i + 500] for i in range(0, n, 500)])
             clean, robust = correct.float().mean().item(), None
         else:
             model_attack = attack.build(victim, batch_size=self.attack_batch_size)
-            if attack.kind == "autoattack" and attack.norm == "Linf":
-                model_attack = _QuantizedAttack(model_attack, attack.eps)
+            if getattr(model_attack, "quantize", False) and hasattr(model_attack, "perturb_report"):
+                model_attack = _Reporting(model_attack)
             clean, robust, _ = robust_accuracy(victim, model_attack, x, y, batch_size=self.attack_batch_size)
+            if isinstance(model_attack, _Reporting):
+                clean_count = round(clean * n)
+                for flag, column in (("fooled_float", "robust_acc_float"), ("fooled_rounded_once", "robust_acc_rounded_once")):
+                    extra[column] = round(100 * (clean_count - model_attack.count(flag)) / n, 2)
         row = {
             "victim": victim_name,
             "defense": spec.name,
@@ -487,6 +588,7 @@ class Evaluator:
             "n": n,
             "clean_acc": round(100 * clean, 2),
             "robust_acc": round(100 * robust, 2) if robust is not None else None,
+            **extra,
             "attack_seconds": round(time.perf_counter() - start, 2),
             **{k: v for k, v in defended.summary().items() if k != "defense"},
         }
@@ -504,21 +606,91 @@ class Evaluator:
                     yield self.cell(victim, spec, attack)
 
 
-class _QuantizedAttack:
-    """Rounds another attack's L-inf adversarial examples to 8-bit levels within the budget."""
+class _Reporting:
+    """Passes an attack's :meth:`perturb_report` flags through :func:`robust_accuracy`, chunk by chunk."""
 
-    def __init__(self, attack: Any, eps: float) -> None:
+    def __init__(self, attack: Any) -> None:
         self.attack = attack
-        self.eps = eps
         self.name = getattr(attack, "name", "attack")
+        self.flags: dict[str, list[torch.Tensor]] = {}
 
     def perturb(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        adv = self.attack.perturb(x, y)
-        ref = torch.round(x * 255).long()
-        return quantize_levels(adv, ref, self.eps).float().div(255).to(x.dtype)
+        adv, flags = self.attack.perturb_report(x, y)
+        for key, value in flags.items():
+            self.flags.setdefault(key, []).append(value)
+        return adv
+
+    def count(self, flag: str) -> int:
+        return int(sum(int(v.sum()) for v in self.flags.get(flag, [])))
 
 
 # -- reversion protocol -----------------------------------------------------------------------------------
+#: Significance level of the reversion verdicts.
+REVERSION_ALPHA = 0.05
+#: Who labels the protected images for a reversion: ``own`` (each reverter its own labeller, as ``preempt
+#: revert`` does) or ``defender`` (the defender's labels: an oracle, the worst case for the defender).
+REVERTER_LABELS = ("own", "defender")
+
+
+def mcnemar_exact(before: torch.Tensor, after: torch.Tensor) -> tuple[int, int, float]:
+    """Exact two-sided McNemar test (a sign test on the discordant pairs) of two per-image correctness
+    vectors on the same images.
+
+    Returns ``(gained, lost, p)``: images correct only ``after``, images correct only ``before``, and the
+    two-sided p-value of ``gained`` under Binomial(gained + lost, 1/2) (1.0 with no discordant image).
+    """
+    from math import comb
+
+    gained = int((after & ~before).sum())
+    lost = int((before & ~after).sum())
+    n = gained + lost
+    if n == 0:
+        return gained, lost, 1.0
+    tail = sum(comb(n, i) for i in range(min(gained, lost) + 1))
+    return gained, lost, min(1.0, 2 * tail / 2**n)
+
+
+def reversion_verdicts(
+    correct: dict[str, torch.Tensor], alpha: float = REVERSION_ALPHA
+) -> tuple[dict[str, str], dict[str, float], dict[str, list[int]], bool]:
+    """Verdicts of the reversion protocol from per-image correctness (bool tensors on the same images) of the
+    stages ``original``, ``protected`` and any others (see :func:`reversion_protocol`).
+
+    Returns ``(verdicts, p_values, discordant, precondition_met)``: a verdict and a p-value per stage
+    (``protected``: against ``original``; the others: against ``protected``), and per reversion stage the
+    discordant counts ``[gained, lost]`` (images correct only after it, only before it).
+    """
+    acc = {stage: 100 * c.float().mean().item() for stage, c in correct.items()}
+    orig, prot = acc["original"], acc["protected"]
+    _, _, p_drop = mcnemar_exact(correct["original"], correct["protected"])
+    met = prot < orig and p_drop < alpha
+    verdicts: dict[str, str] = {}
+    p_values: dict[str, float] = {"protected": p_drop}
+    discordant: dict[str, list[int]] = {}
+    for stage in correct:
+        if stage in ("original", "protected"):
+            continue
+        gained, lost, p = mcnemar_exact(correct["protected"], correct[stage])
+        p_values[stage], discordant[stage] = p, [gained, lost]
+        if not met:
+            why = "did not lower clean accuracy" if prot >= orig else f"lowered clean accuracy within noise, p={p_drop:.2g}"
+            verdicts[stage] = f"protocol not met (protection {why})"
+        elif acc[stage] > prot and p < alpha:
+            verdicts[stage] = f"reverted ({(acc[stage] - prot) / (orig - prot):.0%} of the drop recovered, p={p:.2g})"
+        elif acc[stage] > prot:
+            verdicts[stage] = f"within noise (+{acc[stage] - prot:.2f} points, p={p:.2g})"
+        else:
+            verdicts[stage] = f"distorted (accuracy did not climb back, p={p:.2g})"
+    return verdicts, p_values, discordant, met
+
+
+def _labeller(protector: Protector) -> str:
+    """The model ``protector.predict`` labels with."""
+    if protector.labels == "classifier" and protector.classifier is not None:
+        return f"classifier {protector.classifier.name}"
+    return f"backbone {protector.backbone.name}"
+
+
 def reversion_protocol(
     evaluator: Evaluator,
     *,
@@ -528,22 +700,47 @@ def reversion_protocol(
     jpeg_quality: int = 50,
     flip_fraction: float = 0.0,
     seed: int = 0,
+    black_box_classifier: str | None = None,
+    reverter_labels: str = "own",
+    alpha: float = REVERSION_ALPHA,
 ) -> dict[str, Any]:
     """Sec. 4.3: protect with deliberately poor labels (a weak classifier in ``defense``, or a fraction of
     flipped ground-truth labels), so that clean accuracy after protection is below the original; then
     revert white-box (same backbone and settings), black-box (each other backbone given) and blindly (JPEG), and
     report clean accuracy at every stage with a verdict per method.
 
-    Reversions label the protected images with the labels the defense used (the white-box attacker knows
-    everything; the black-box one is given the same labels, the worst case for the defender).
+    The defense labels the originals as ``defense`` declares (its classifier, its backbone or the ground
+    truth), or with ``flip_fraction`` > 0 with the ground truth, that fraction flipped.
+
+    A reversion runs the defense again on the protected image (Algorithm 2), and the defense labels its
+    input itself: each reverter labels the *protected* images with its own labeller, as ``preempt revert``
+    does (``reverter_labels="own"``, the default). The white-box reverter labels with what ``preempt revert
+    --white-box`` finds recorded in a file protected this way: the defense's classifier when the defense
+    labelled with it, else (labels from the backbone, the ground truth, or flipped ground truth: a label
+    file, no classifier recorded) the backbone. The ground truth or the defender's labels are not the
+    attacker's to have. A black-box reverter is the white-box one with another backbone: it labels with the
+    same (public) classifier when the white-box one does, else with its own backbone; with
+    ``black_box_classifier`` it labels with that classifier instead. ``reverter_labels="defender"`` hands
+    every reverter the defender's labels instead (an oracle: the worst case for the defender, the only
+    protocol of preempt <= 0.5).
+
+    Verdicts are tested, not read off the accuracies: an exact two-sided McNemar test (sign test on the
+    images whose correctness differs) of each stage against the protected stage, on the same images. The
+    protocol's precondition holds when protection lowered clean accuracy significantly (the same test,
+    original vs protected); a stage "reverted" when its accuracy is higher than the protected one's at
+    p < ``alpha``, is "within noise" when higher but not significantly, and "distorted" otherwise. The
+    p-values and discordant counts are in the results.
     """
     ds = evaluator.dataset
     if not 0 <= flip_fraction <= 1:
         raise ConfigError("--flip-fraction must be in [0, 1]")
+    if reverter_labels not in REVERTER_LABELS:
+        raise ConfigError(f"reverter labels must be one of {', '.join(REVERTER_LABELS)}, got {reverter_labels!r}")
     protector = evaluator._protector(defense)
     eps = protector.config.eps
     seeds = [content_seed(ds.hwc(i)) for i in range(len(ds))]
     gen = torch.Generator().manual_seed(seed)
+    source = defense.get("labels", "classifier")
     if flip_fraction > 0:
         flip = torch.rand(len(ds), generator=gen) < flip_fraction
         offset = torch.randint(1, protector.backbone.config.num_classes, (len(ds),), generator=gen)
@@ -551,11 +748,13 @@ def reversion_protocol(
         label_note = f"ground truth with {flip_fraction:.0%} of labels flipped"
         label_seconds = 0.0
     else:
+        labelled = evaluator._labels_for(defense, protector)
         start = time.perf_counter()
-        labels = torch.cat([protector.predict(_to_float(ds.images[lo : lo + evaluator.batch_size], evaluator.device)).cpu()
+        labels = torch.cat([labelled(_to_float(ds.images[lo : lo + evaluator.batch_size], evaluator.device),
+                                     slice(lo, lo + evaluator.batch_size)).cpu()
                             for lo in range(0, len(ds), evaluator.batch_size)])  # fmt: skip
         label_seconds = (time.perf_counter() - start) / len(ds)
-        label_note = f"labels of classifier {defense.get('classifier') or protector.backbone.name}"
+        label_note = "ground truth" if source in ("ground-truth", "gt", "truth") else f"labels of {_labeller(protector)}"
     labels = labels.to(evaluator.device)
     protected, t_prot = evaluator._run_batches(
         ds.images, lambda x, sl: protector.transform(x, labels[sl], noise_seeds=seeds[sl]), eps
@@ -564,40 +763,52 @@ def reversion_protocol(
     protected_seeds = [content_seed(protected[i].permute(1, 2, 0).contiguous().numpy()) for i in range(len(ds))]
 
     def revert_with(reverter: Protector) -> torch.Tensor:
-        images, _ = evaluator._run_batches(
-            protected, lambda x, sl: reverter.transform(x, labels[sl], noise_seeds=protected_seeds[sl]), eps
-        )
+        if reverter_labels == "defender":
+            fn = lambda x, sl: reverter.transform(x, labels[sl], noise_seeds=protected_seeds[sl])  # noqa: E731
+        else:  # the reverter's own labeller, on the protected images it is given
+            fn = lambda x, sl: reverter.transform(x, reverter.predict(x), noise_seeds=protected_seeds[sl])  # noqa: E731
+        images, _ = evaluator._run_batches(protected, fn, eps)
         return images
 
+    # The attacker's defense: the defender's, labelled as a protected file's metadata would let it label.
+    uses_classifier = source == "classifier" and flip_fraction == 0 and defense.get("classifier")
+    attacker = dict(defense.options) | ({} if uses_classifier else {"labels": "backbone"})
+    white_box = evaluator._protector(DefenseSpec(defense.kind, tuple(sorted(attacker.items()))), Reverter)
     stages: dict[str, torch.Tensor] = {"original": ds.images, "protected": protected}
-    stages["white-box reversion"] = revert_with(evaluator._protector(defense, Reverter))
+    reverter_notes: dict[str, str] = {}
+    defender_note = "the defender's labels (oracle: the worst case for the defender)"
+    stages["white-box reversion"] = revert_with(white_box)
+    reverter_notes["white-box reversion"] = defender_note if reverter_labels == "defender" else _labeller(white_box)
     others = [black_box_backbone] if isinstance(black_box_backbone, str) else list(black_box_backbone or [])
     for other in others:  # one stage per guessed backbone; named after it when there are several
-        bb_spec = DefenseSpec(defense.kind, tuple(sorted({**dict(defense.options), "backbone": other}.items())))
+        options = attacker | {"backbone": other}
+        if black_box_classifier:
+            options |= {"classifier": black_box_classifier, "labels": "classifier"}
+        bb_spec = DefenseSpec(defense.kind, tuple(sorted(options.items())))
         stage = "black-box reversion" if len(others) == 1 else f"black-box reversion ({other})"
-        stages[stage] = revert_with(evaluator._protector(bb_spec, Reverter))
+        reverter = evaluator._protector(bb_spec, Reverter)
+        stages[stage] = revert_with(reverter)
+        reverter_notes[stage] = defender_note if reverter_labels == "defender" else _labeller(reverter)
     stages[f"JPEG-{jpeg_quality}"] = jpeg_roundtrip(protected, jpeg_quality)
 
-    results: dict[str, Any] = {"labels": label_note, "defense": defense.name, "seconds_per_image": t_prot, "victims": {}}
+    results: dict[str, Any] = {
+        "labels": label_note, "defense": defense.name, "seconds_per_image": t_prot, "n": len(ds),
+        "reverter_labels": reverter_notes,
+        "test": f"exact two-sided McNemar test against the protected stage (original: the precondition), "
+                f"alpha {alpha:g}",
+        "victims": {},
+    }  # fmt: skip
     for victim_name in victims:
+        evaluator._warn_white_box(victim_name, defense)
         victim = evaluator.load(victim_name)
-        accs = {}
+        accs, correct = {}, {}
         for stage, images in stages.items():
             x = _to_float(images, evaluator.device)
             with torch.inference_mode():
                 pred = torch.cat([victim(x[i:i + 500]).argmax(1) for i in range(0, len(x), 500)])
-            accs[stage] = round(100 * (pred.cpu() == ds.labels).float().mean().item(), 2)
-        orig, prot = accs["original"], accs["protected"]
-        verdicts = {}
-        for stage in stages:
-            if stage in ("original", "protected"):
-                continue
-            if prot >= orig:
-                verdicts[stage] = "protocol not met (protection did not lower clean accuracy)"
-            elif accs[stage] > prot:
-                recovered = (accs[stage] - prot) / (orig - prot)
-                verdicts[stage] = f"reverted ({recovered:.0%} of the drop recovered)"
-            else:
-                verdicts[stage] = "distorted (accuracy did not climb back)"
-        results["victims"][victim_name] = {"clean_acc": accs, "verdict": verdicts}
+            correct[stage] = pred.cpu() == ds.labels
+            accs[stage] = round(100 * correct[stage].float().mean().item(), 2)
+        verdicts, p_values, discordant, met = reversion_verdicts(correct, alpha)
+        results["victims"][victim_name] = {"clean_acc": accs, "verdict": verdicts, "p_value": p_values,
+                                           "discordant": discordant, "precondition_met": met}  # fmt: skip
     return results

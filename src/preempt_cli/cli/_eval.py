@@ -93,6 +93,15 @@ def eval_cmd(
     reversion_backbone: Annotated[
         Optional[list[str]], typer.Option("--reversion-backbone", help="Black-box attacker's backbone (repeatable: one stage each).")
     ] = None,
+    reversion_classifier: Annotated[
+        Optional[str], typer.Option("--reversion-classifier", help="Black-box attacker's own classifier (default: "
+                                    "the white-box attacker's labeller, with its own backbone).")
+    ] = None,
+    reversion_labels: Annotated[
+        str, typer.Option("--reversion-labels", help="Who labels the protected images for a reversion: own (each "
+                          "reverter its own labeller, as `preempt revert`) or defender (the defender's labels: an "
+                          "oracle, the worst case for the defender).")
+    ] = "own",
     flip_fraction: Annotated[
         float, typer.Option("--flip-fraction", help="Reversion: flip this fraction of ground-truth labels.")
     ] = 0.0,
@@ -132,18 +141,25 @@ def eval_cmd(
         if reversion:
             result = reversion_protocol(evaluator, victims=victim, defense=defenses[0],
                                         black_box_backbone=reversion_backbone, jpeg_quality=jpeg_quality,
-                                        flip_fraction=flip_fraction, seed=seed)  # fmt: skip
+                                        flip_fraction=flip_fraction, seed=seed,
+                                        black_box_classifier=reversion_classifier,
+                                        reverter_labels=reversion_labels)  # fmt: skip
             (out / "reversion.json").write_text(json.dumps(result, indent=1))
             if json_out:
                 c.print_json(result)
             else:
                 for name, res in result["victims"].items():
-                    table = Table(title=f"{name}: clean accuracy (%) — {result['labels']}", header_style="bold")
+                    table = Table(title=f"{name}: clean accuracy (%) — {result['labels']}", header_style="bold",
+                                  caption=result["test"])  # fmt: skip
                     table.add_column("stage")
                     table.add_column("clean acc", justify="right")
+                    table.add_column("p", justify="right")
                     table.add_column("verdict")
+                    table.add_column("reverter labels")
                     for stage, acc in res["clean_acc"].items():
-                        table.add_row(stage, f"{acc:.2f}", res["verdict"].get(stage, ""))
+                        p_value = res["p_value"].get(stage)
+                        table.add_row(stage, f"{acc:.2f}", "" if p_value is None else f"{p_value:.2g}",
+                                      res["verdict"].get(stage, ""), result["reverter_labels"].get(stage, ""))  # fmt: skip
                     c.stdout.print(table)
             raise typer.Exit(c.EXIT_OK)
 
