@@ -7,12 +7,20 @@ Sections (each a markdown table in the output, all numbers also in one JSON file
 * ``fig9``    step ablation: F0-B3, F1-B2, F3-B0, F1-B1 (mspd preset), F0-B100;
 * ``table7``  optimizer ablation: averaged FGSM vs averaged PGD samples, N = 1 vs N = 20;
 * ``table5``  classifier ablation: ground truth vs cifar10-resnet18-std vs cifar10-resnet20-std;
-* ``table2``  reversion protocol: white-box, black-box, JPEG-50.
+* ``table2``  reversion protocol: white-box, black-box, JPEG-50, each reverter labelling the protected
+  images itself (as ``preempt revert``), with McNemar p-values; ``--reversion-labels own,defender`` adds
+  the old worst case (``table2_defender``: every reverter handed the defender's labels);
+* ``table1aa`` Table 1's AutoAttack rows alone (none and Fast Preemption), on 8-bit images with rounding
+  after every attack of the cascade, beside the float criterion and the old rounding (once at the end).
 
 Run from the repository root (minutes to an hour on 2 CPU cores, depending on the sizes)::
 
     python benchmarks/bench_eval.py --out benchmarks/results
     python benchmarks/bench_eval.py --sections fig9,table7 --ablation-images 100   # a part
+    python benchmarks/bench_eval.py --sections table2 --update   # re-measure a part, keep the rest
+
+``--update`` merges the sections run into the existing ``eval_tables.json``/``.md`` and leaves the others
+as they were measured (each section says when and with which sizes).
 
 Nothing here is tuned: the settings are the paper's (or the issue's) and the numbers are what they are.
 """
@@ -67,6 +75,38 @@ def table(rows: list[dict[str, Any]], cols: list[str]) -> list[str]:
 
 COLS = ["victim", "defense", "attack", "n", "clean_acc", "robust_acc", "seconds_per_image", "linf", "ssim"]
 
+#: Section order in the markdown, by the start of each section's title.
+ORDER = {"table1": "End to end", "table1aa": "AutoAttack on 8-bit", "fig9": "Step ablation",
+         "table7": "Optimizer ablation", "table5": "Classifier ablation", "table2": "Reversion (Table 2):",
+         "table2_defender": "Reversion (Table 2), the defender's"}  # fmt: skip
+#: The sizes each section was run with (said under its title).
+SIZES = {"table1aa": "First {aa_images} images, victims {aa_victims}.",
+         "table2": "First {reversion_images} images.", "table2_defender": "First {reversion_images} images."}  # fmt: skip
+
+
+def order(key: str) -> int:
+    return list(ORDER).index(key) if key in ORDER else len(ORDER)
+
+
+def read_blocks(text: str) -> tuple[dict[str, list[str]], list[str]]:
+    """The sections of an existing ``eval_tables.md`` by key, and its footer (run-time lines)."""
+    blocks: dict[str, list[str]] = {}
+    footer: list[str] = []
+    current: list[str] | None = None
+    for line in text.splitlines():
+        if line.startswith("## "):
+            title = line[3:]
+            key = max((k for k, start in ORDER.items() if title.startswith(start)), key=lambda k: len(ORDER[k]),
+                      default=title)  # fmt: skip
+            current = blocks.setdefault(key, [])
+        elif line.startswith(("Run time:", "Update ")):
+            footer.append(line)
+            current = None
+            continue
+        if current is not None:
+            current.append(line)
+    return blocks, footer
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -83,7 +123,10 @@ def main() -> None:
                     "victims trained by bench_keys.py: bench-resnet32-at,bench-resnet44-at)")
     ap.add_argument("--registry", type=Path, action="append", default=[],
                     help="extra registry file for --extra-victims (e.g. benchmarks/results/models/models.toml)")
+    ap.add_argument("--reversion-labels", default="own", help="comma-separated: own (each reverter labels the protected "
+                    "images itself, as `preempt revert`) and/or defender (the defender's labels: the old worst case)")
     ap.add_argument("--resume", action="store_true", help="reuse cached defenses and cells in --out")
+    ap.add_argument("--update", action="store_true", help="merge the sections run into the existing tables")
     args = ap.parse_args()
     sections = set(args.sections.split(","))
     device = resolve_device(args.device)
@@ -109,18 +152,35 @@ def main() -> None:
         return evaluators[n, tag]
 
     started = time.time()
+    stamp = time.strftime("%Y-%m-%d")
     results: dict[str, Any] = {"machine": machine(), "sections": {},
                                "settings": vars(args) | {"out": str(args.out), "registry": [str(r) for r in args.registry]}}
-    md = ["# The paper's tables in miniature", "",
-          f"Backbone `{BACKBONE}`, classifier `{CLASSIFIER}`, CIFAR-10 test images in index order. "
-          "Accuracies in %; attacks crafted against each victim within eps of the image they start from, "
-          "rounded to 8-bit levels (L-inf).", ""]  # fmt: skip
+    header = ["# The paper's tables in miniature", "",
+              f"Backbone `{BACKBONE}`, classifier `{CLASSIFIER}`, CIFAR-10 test images in index order. "
+              "Accuracies in %; attacks crafted against each victim within eps of the image they start from, "
+              "rounded to 8-bit levels (L-inf).", ""]  # fmt: skip
+    blocks: dict[str, list[str]] = {}  # section key -> its markdown, in the order of ORDER
+    footer: list[str] = []
+    json_path, md_path = args.out / "eval_tables.json", args.out / "eval_tables.md"
+    if args.update and json_path.is_file() and md_path.is_file():
+        previous = json.loads(json_path.read_text())
+        results["sections"] = previous.get("sections", {})
+        results["updates"] = previous.get("updates", []) + [{"date": stamp, "settings": results["settings"]}]
+        results["settings"] = previous.get("settings", {})
+        results["seconds"] = previous.get("seconds")
+        blocks, footer = read_blocks(md_path.read_text())
 
-    def section(key: str, title: str, rows: list[dict[str, Any]], cols: list[str] = COLS) -> None:
+    def write() -> None:
+        body = [line for key in sorted(blocks, key=order) for line in blocks[key]]
+        md_path.write_text("\n".join(header + body + footer) + "\n")
+        json_path.write_text(json.dumps(results, indent=1))
+
+    def section(key: str, title: str, rows: list[dict[str, Any]], cols: list[str] = COLS,
+                extra: list[str] | None = None) -> None:  # fmt: skip
         results["sections"][key] = rows
-        md.extend([f"## {title}", "", *table(rows, cols), ""])
-        (args.out / "eval_tables.json").write_text(json.dumps(results, indent=1))
-        (args.out / "eval_tables.md").write_text("\n".join(md) + "\n")
+        measured = f"Measured {stamp}." + (" " + SIZES[key].format(**vars(args)) if key in SIZES else "")
+        blocks[key] = [f"## {title}", "", measured, "", *table(rows, cols), "", *(extra or [])]
+        write()
         print(f"[bench_eval] {key} done after {time.time() - started:.0f} s", flush=True)
 
     pgd = AttackSpec.parse("pgd")
@@ -162,25 +222,59 @@ def main() -> None:
                  fp("classifier resnet20-std", classifier="cifar10-resnet20-std")]  # fmt: skip
         rows = list(ev.grid(VICTIMS[:2], specs, [pgd]))
         section("table5", "Classifier ablation (Table 5)", rows)
-    if "table2" in sections:
+    if "table1aa" in sections:
+        ev = evaluator(args.aa_images, "aa")
+        aa = AttackSpec.parse(f"aa:limit={args.aa_images}")
+        rows = list(ev.grid(args.aa_victims.split(","), [DefenseSpec("none"), fp("Fast Preemption")], [aa]))
+        section("table1aa", "AutoAttack on 8-bit images (Table 1's AutoAttack rows, re-measured)", rows,
+                ["victim", "defense", "attack", "n", "clean_acc", "robust_acc", "robust_acc_float",
+                 "robust_acc_rounded_once", "attack_seconds"],
+                ["`robust_acc`: rounded to 8-bit levels after every attack of the cascade, the points rounding "
+                 "restored attacked again by the next attack (what `preempt eval` reports since 0.6). "
+                 "`robust_acc_float`: the reference's criterion, a point fooled once an unrounded output fools it. "
+                 "`robust_acc_rounded_once`: the cascade's result rounded once at the end, as `preempt eval` <= 0.5 "
+                 "reported it (biased upward). All three from the same run.", ""])  # fmt: skip
+        if "table1" in blocks and "table1" not in sections and not any("AutoAttack rows above" in line
+                                                                         for line in blocks["table1"]):
+            blocks["table1"] += ["Note: the AutoAttack rows above were measured with the rounding of `preempt eval` "
+                                 "<= 0.5 (once, after the cascade: biased upward); see \"AutoAttack on 8-bit images\" "
+                                 "below for the re-measurement.", ""]  # fmt: skip
+            write()
+    for mode in [m for m in args.reversion_labels.split(",") if m] if "table2" in sections else []:
         ev = evaluator(args.reversion_images, "reversion")
         res = reversion_protocol(ev, victims=VICTIMS, defense=fp("Fast Preemption"),
-                                 black_box_backbone="cifar10-resnet20-pgdat-c", flip_fraction=1.0)  # fmt: skip
+                                 black_box_backbone="cifar10-resnet20-pgdat-c", flip_fraction=1.0,
+                                 reverter_labels=mode)  # fmt: skip
         rows = []
         for victim, r in res["victims"].items():
             rows.append({"victim": victim, **r["clean_acc"],
+                         **{f"p {k}": v for k, v in r["p_value"].items()},
                          **{f"verdict {k}": v for k, v in r["verdict"].items()}})  # fmt: skip
         stages = list(next(iter(res["victims"].values()))["clean_acc"])
-        section("table2", f"Reversion (Table 2): {res['labels']}, {args.reversion_images} images", rows,
-                ["victim", *stages])  # fmt: skip
-        results["sections"]["table2_raw"] = res
-    results["seconds"] = round(time.time() - started, 1)
-    md.append(f"Run time: {results['seconds']:.0f} s on {results['machine']['cpu']} "
-              f"({results['machine']['cores']} cores), torch {results['machine']['torch']}.")  # fmt: skip
-    (args.out / "eval_tables.md").write_text("\n".join(md) + "\n")
-    (args.out / "eval_tables.json").write_text(json.dumps(results, indent=1))
-    print("\n".join(md))
-    print(json.dumps({"benchmark": "bench_eval", "seconds": results["seconds"], "machine": results["machine"]}))
+        who = "; ".join(f"{k}: {v}" for k, v in res["reverter_labels"].items())
+        key = "table2" if mode == "own" else f"table2_{mode}"
+        title = "Reversion (Table 2)" + ("" if mode == "own" else ", the defender's labels handed to the reverters")
+        section(key, f"{title}: {res['labels']}, {args.reversion_images} images", rows, ["victim", *stages],
+                [f"Reverters label with: {who}. {res['test']}.", "",
+                 *table([{"victim": r["victim"], **{s: f"{r[f'p {s}']:.2g}" for s in stages if f"p {s}" in r}}
+                         for r in rows], ["victim", *[s for s in stages if s != "original"]]),
+                 "", "(p-values: protected against original; each reversion against protected.) Verdicts:", "",
+                 *[f"- {r['victim']}: " + "; ".join(f"{s}: {r[f'verdict {s}']}" for s in stages
+                                                     if f"verdict {s}" in r) for r in rows], ""])  # fmt: skip
+        results["sections"][f"{key}_raw"] = res
+        write()
+    seconds = round(time.time() - started, 1)
+    line = (f"{seconds:.0f} s on {results['machine']['cpu']} ({results['machine']['cores']} cores), "
+            f"torch {results['machine']['torch']}")  # fmt: skip
+    if args.update and results.get("updates"):
+        results["updates"][-1]["seconds"] = seconds
+        footer.append(f"Update {stamp} (sections {args.sections}): {line}.")
+    else:
+        results["seconds"] = seconds
+        footer[:] = [f"Run time: {line}."]
+    write()
+    print(md_path.read_text())
+    print(json.dumps({"benchmark": "bench_eval", "seconds": seconds, "machine": results["machine"]}))
 
 
 if __name__ == "__main__":

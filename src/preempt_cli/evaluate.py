@@ -794,7 +794,7 @@ def reversion_protocol(
     results: dict[str, Any] = {
         "labels": label_note, "defense": defense.name, "seconds_per_image": t_prot, "n": len(ds),
         "reverter_labels": reverter_notes,
-        "test": f"exact two-sided McNemar test against the protected stage (original: the precondition), "
+        "test": f"Exact two-sided McNemar test against the protected stage (original: the precondition), "
                 f"alpha {alpha:g}",
         "victims": {},
     }  # fmt: skip
