@@ -230,15 +230,15 @@ def main() -> None:
                 ["victim", "defense", "attack", "n", "clean_acc", "robust_acc", "robust_acc_float",
                  "robust_acc_rounded_once", "attack_seconds"],
                 ["`robust_acc`: rounded to 8-bit levels after every attack of the cascade, the points rounding "
-                 "restored attacked again by the next attack (what `preempt eval` reports since 0.6). "
+                 "restored attacked again by the next attack (what `preempt eval` reports after 0.4.0). "
                  "`robust_acc_float`: the reference's criterion, a point fooled once an unrounded output fools it. "
-                 "`robust_acc_rounded_once`: the cascade's result rounded once at the end, as `preempt eval` <= 0.5 "
-                 "reported it (biased upward). All three from the same run.", ""])  # fmt: skip
+                 "`robust_acc_rounded_once`: the cascade's result rounded once at the end, as `preempt eval` 0.4.0 "
+                 "and earlier reported it (biased upward). All three from the same run.", ""])  # fmt: skip
         if "table1" in blocks and "table1" not in sections and not any("AutoAttack rows above" in line
                                                                          for line in blocks["table1"]):
             blocks["table1"] += ["Note: the AutoAttack rows above were measured with the rounding of `preempt eval` "
-                                 "<= 0.5 (once, after the cascade: biased upward); see \"AutoAttack on 8-bit images\" "
-                                 "below for the re-measurement.", ""]  # fmt: skip
+                                 "0.4.0 and earlier (once, after the cascade, which can only bias robust accuracy upward); see "
+                                 "\"AutoAttack on 8-bit images\" below for the re-measurement.", ""]  # fmt: skip
             write()
     for mode in [m for m in args.reversion_labels.split(",") if m] if "table2" in sections else []:
         ev = evaluator(args.reversion_images, "reversion")

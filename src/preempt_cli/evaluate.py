@@ -553,7 +553,7 @@ class Evaluator:
 
         An L-inf AutoAttack row also carries ``robust_acc_float`` (the reference's criterion: a point is
         fooled once an unrounded output fools it) and ``robust_acc_rounded_once`` (the cascade's float result
-        rounded once at the end, as preempt <= 0.5 reported it: biased upward), from the same run.
+        rounded once at the end, as preempt 0.4.0 and earlier reported it: biased upward), from the same run.
         """
         self._warn_white_box(victim_name, spec)
         key = hashlib.sha256(json.dumps([victim_name, self._model_fingerprint(victim_name), self.defense_key(spec),
@@ -722,7 +722,7 @@ def reversion_protocol(
     same (public) classifier when the white-box one does, else with its own backbone; with
     ``black_box_classifier`` it labels with that classifier instead. ``reverter_labels="defender"`` hands
     every reverter the defender's labels instead (an oracle: the worst case for the defender, the only
-    protocol of preempt <= 0.5).
+    protocol of preempt 0.4.0 and earlier).
 
     Verdicts are tested, not read off the accuracies: an exact two-sided McNemar test (sign test on the
     images whose correctness differs) of each stage against the protected stage, on the same images. The

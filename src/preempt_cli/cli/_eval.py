@@ -177,7 +177,8 @@ def eval_cmd(
         (out / "results.json").write_text(json.dumps(rows, indent=1))
         if csv_path is not None:
             with csv_path.open("w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+                fields = list(dict.fromkeys(k for r in rows for k in r))  # AutoAttack rows have more columns
+                writer = csv.DictWriter(f, fieldnames=fields)
                 writer.writeheader()
                 writer.writerows(rows)
         report = _write_report(out, rows, evaluator, defenses, "preempt eval")
