@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .engine import eval_mode
 from .errors import ConfigError, LabelError, MissingDependencyError
 
 __all__ = [
@@ -139,18 +140,6 @@ def _check_num_classes(y: torch.Tensor, logits: torch.Tensor) -> None:
         raise LabelError(f"label {int(y.max())} is not a class of a model with {logits.shape[1]} outputs")
 
 
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Run with every submodule in eval mode; restore each one's own mode afterwards."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
-
-
 def _l2_norms(t: torch.Tensor) -> torch.Tensor:
     """Per-image L2 norms, shaped [N, 1, 1, 1] for broadcasting."""
     return t.flatten(1).norm(p=2, dim=1).view(-1, 1, 1, 1)
@@ -256,7 +245,7 @@ class PGD:
         best_loss = torch.full((x0.shape[0],), -math.inf, device=self.device)
         fooled = torch.zeros(x0.shape[0], dtype=torch.bool, device=self.device)
         restarts = self.restarts if self.random_start else 1  # without a random start, restarts repeat
-        with _eval_mode(self.model), torch.enable_grad():
+        with eval_mode(self.model), torch.enable_grad():
             for restart in range(restarts):
                 todo = (~fooled).nonzero().squeeze(1)
                 if todo.numel() == 0:
@@ -511,7 +500,7 @@ class AutoAttack:
             return x.detach().clone(), {"fooled": empty, "fooled_float": empty, "fooled_rounded_once": empty}
         xc = x.detach().float().contiguous()
         yc = y.detach().long().contiguous()
-        with _eval_mode(self.model), _own_rng(self.device):
+        with eval_mode(self.model), _own_rng(self.device):
             if self.quantize:
                 x_adv, flags = self._cascade_8bit(xc, yc)
             else:
@@ -643,7 +632,7 @@ def robust_accuracy(
     device = _model_device(model)
     y_cpu = y.detach().long().cpu()
     clean_ok = torch.zeros(n, dtype=torch.bool)
-    with _eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         for start in range(0, n, batch_size):
             logits = model(x[start : start + batch_size].detach().float().to(device))
             labels = y_cpu[start : start + batch_size]
@@ -656,7 +645,7 @@ def robust_accuracy(
         idx = chunk.to(x.device)
         adv = attack.perturb(x[idx], y[idx.to(y.device)])
         x_adv[idx] = adv.to(x_adv.device, x_adv.dtype)
-        with _eval_mode(model), torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             robust_ok[chunk] = model(adv.float().to(device)).argmax(dim=1).cpu() == y_cpu[chunk]
 
     clean_acc = clean_ok.float().mean().item()
