@@ -328,10 +328,11 @@ class Protector:
                 return None
         except OSError:  # no output yet
             return None
-        made_from, current = _recorded_source(output), _file_sha256(item.path)
-        if None not in (made_from, current) and made_from != current:
+        made_from = _recorded_source(output)  # None: not preempt's, or made before 0.5.0 recorded it
+        current = _file_sha256(item.path) if made_from is not None else None
+        if current is not None and made_from != current:
             # a re-run after the original was edited, or another input of the same name in an earlier run
-            return FileResult(item.path, "failed", output=output, reason=(
+            return FileResult(item.path, "failed", reason=(
                 f"output {output} exists but was made from other content (the original changed, or another "
                 "file of this name was protected into it): use --overwrite to replace it"))  # fmt: skip
         return FileResult(item.path, "skipped", output=output,
