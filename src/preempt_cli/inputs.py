@@ -128,21 +128,25 @@ def assign_outputs(items: list[InputFile], *, suffix: str, out_dir: Path | None)
     """
 
     def key(path: Path) -> str:
-        return os.path.normcase(str(path.absolute())).casefold()
+        return os.path.abspath(path).casefold()
 
     first = {item: output_path(item, suffix=suffix, out_dir=out_dir) for item in items}
-    counts = collections.Counter(key(p) for p in first.values())
-    chosen = {
-        item: output_path(item, suffix=suffix, out_dir=out_dir, full_name=True) if counts[key(p)] > 1 else p
-        for item, p in first.items()
-    }
+    first_keys = {item: key(p) for item, p in first.items()}
+    counts = collections.Counter(first_keys.values())
+    chosen: dict[InputFile, tuple[Path, str]] = {}
+    for item, p in first.items():
+        if counts[first_keys[item]] > 1:
+            p = output_path(item, suffix=suffix, out_dir=out_dir, full_name=True)
+            chosen[item] = (p, key(p))
+        else:
+            chosen[item] = (p, first_keys[item])
     owners: dict[str, list[InputFile]] = collections.defaultdict(list)
-    for item, p in chosen.items():
-        owners[key(p)].append(item)
+    for item, (_, k) in chosen.items():
+        owners[k].append(item)
     result: dict[InputFile, Path | str] = {}
-    for item, p in chosen.items():
-        others = [o for o in owners[key(p)] if o is not item]
-        if key(p) == key(item.path):
+    for item, (p, k) in chosen.items():
+        others = [o for o in owners[k] if o is not item]
+        if k == key(item.path):
             result[item] = f"output {p} would replace the input; change --suffix"
         elif others:
             hint = "give their folders instead, to mirror the tree" if out_dir is not None else "rename one"
