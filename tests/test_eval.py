@@ -437,3 +437,17 @@ def test_autoattack_rounding_does_not_restore_points_no_later_attack_retries(
     assert row["clean_acc"] == 100.0
     assert row["robust_acc"] == 0.0
     assert row["robust_acc_float"] == 0.0 and row["robust_acc_rounded_once"] == 100.0
+
+
+def test_defenses_default_to_the_papers_budget_for_their_backbones_dataset() -> None:
+    from dataclasses import replace
+
+    from preempt_cli.engine import FastPreemption
+
+    models = tiny_models()
+    models["bb"].config = replace(models["bb"].config, dataset="imagenet-1k")
+    ev = tiny_evaluator(tiny_dataset(), models)
+    assert ev._protector(DefenseSpec.parse("fp", FP_FAST)).config.eps == 4 / 255  # as `preempt protect` does
+    assert ev._protector(DefenseSpec.parse("fp:eps=8/255", FP_FAST)).config.eps == 8 / 255
+    assert FastPreemption(models["bb"]).config.eps == 4 / 255
+    assert FastPreemption(models["clf"]).config.eps == 8 / 255

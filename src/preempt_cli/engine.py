@@ -107,10 +107,13 @@ class ForeBackConfig:
             raise ConfigError("inner_steps must be >= 1")
 
     @classmethod
-    def from_preset(cls, preset: str = "paper", **overrides: Any) -> "ForeBackConfig":
-        """The named preset with some settings overridden (``None`` values are ignored)."""
+    def from_preset(cls, preset: str = "paper", *, dataset: str | None = None, **overrides: Any) -> "ForeBackConfig":
+        """The named preset with some settings overridden (``None`` values are ignored); without ``eps``,
+        the paper's budget for the backbone's ``dataset`` (:func:`default_eps`)."""
         if preset not in PRESETS:
             raise ConfigError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
+        if overrides.get("eps") is None and dataset is not None:
+            overrides["eps"] = default_eps(dataset)
         settings = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
         return cls(**settings)
 
@@ -206,7 +209,7 @@ class FastPreemption:
         compile: str = "off",
     ) -> None:
         self.backbone = backbone
-        self.config = config or ForeBackConfig()
+        self.config = config or ForeBackConfig.from_preset(dataset=getattr(getattr(backbone, "config", None), "dataset", None))
         self.seed = int(seed)
         if device is None:
             param = next(backbone.parameters(), None)

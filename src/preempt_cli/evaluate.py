@@ -434,6 +434,7 @@ class Evaluator:
             raise ConfigError(f"defense {spec.name} labels with a classifier: give --classifier or classifier=NAME")
         config = ForeBackConfig.from_preset(
             spec.get("preset", "paper"),
+            dataset=backbone.config.dataset,
             eps=parse_eps(spec.get("eps")) if spec.get("eps") else None,
             eta=float(spec.get("eta")) if spec.get("eta") else None,
             forward_steps=int(spec.get("forward")) if spec.get("forward") is not None else None,

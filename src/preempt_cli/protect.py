@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .engine import FastPreemption, ForeBackConfig, default_eps, eval_mode
+from .engine import FastPreemption, ForeBackConfig, eval_mode
 from .device import default_io_workers
 from .errors import ConfigError, LabelError, reason_of
 from .imageio import (
@@ -212,7 +212,7 @@ class Protector:
     ) -> None:
         self.backbone = backbone
         self.classifier = classifier
-        self.config = config or ForeBackConfig(eps=default_eps(backbone.config.dataset))
+        self.config = config or ForeBackConfig.from_preset(dataset=backbone.config.dataset)
         self.seed = seed
         self.preset = preset
         if isinstance(labels, str) and labels not in ("classifier", "backbone", "folders"):

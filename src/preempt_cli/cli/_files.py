@@ -12,7 +12,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ..device import default_cpu_threads, resolve_device, resolve_devices
-from ..engine import PRESETS, ForeBackConfig, default_eps, parse_eps
+from ..engine import PRESETS, ForeBackConfig, parse_eps
 from ..errors import ConfigError, PreemptError, UnknownModelError
 from ..imageio import DEFAULT_MAX_PIXELS, read_png_text
 from ..inputs import OUTPUT_MARKERS, InputFile, collect_inputs, parse_shard
@@ -118,15 +118,12 @@ def _labels(value: str) -> str | LabelMap:
 def _config(preset: str, eps: str | None, eta: float | None, forward: int | None, backward: int | None,
             samples: int | None, *, backbone: str, registry: list[Path] | None) -> ForeBackConfig:  # fmt: skip
     """The settings of a run; without --eps, the paper's budget for the backbone's dataset."""
-    if eps is None:
-        try:
-            budget = default_eps(get_model_config(backbone, registry or ()).dataset)
-        except UnknownModelError:  # reported where the model is loaded
-            budget = None
-    else:
-        budget = parse_eps(eps)
-    return ForeBackConfig.from_preset(preset, eps=budget, eta=eta, forward_steps=forward,
-                                      backward_steps=backward, samples=samples)  # fmt: skip
+    try:
+        dataset = get_model_config(backbone, registry or ()).dataset
+    except UnknownModelError:  # reported where the model is loaded
+        dataset = None
+    return ForeBackConfig.from_preset(preset, dataset=dataset, eps=parse_eps(eps) if eps is not None else None,
+                                      eta=eta, forward_steps=forward, backward_steps=backward, samples=samples)  # fmt: skip
 
 
 def _defaults(backbone: str | None, classifier: str | None, label_source: Any,
