@@ -38,6 +38,7 @@ from . import __version__
 from .engine import FastPreemption, ForeBackConfig, eval_mode
 from .device import default_io_workers
 from .errors import ConfigError, LabelError, reason_of
+from .hub import sha256_file
 from .imageio import (
     DEFAULT_MAX_PIXELS,
     Picture,
@@ -130,9 +131,7 @@ class RunOptions:
             raise ConfigError(f"invalid --suffix {self.suffix!r}: it must be non-empty with no path separator")
 
 
-def read_preempt_metadata(picture: Picture) -> dict[str, Any] | None:
-    """preempt's metadata of a picture written by preempt, else None."""
-    raw = picture.text.get(METADATA_KEY)
+def _parse_metadata(raw: str | None) -> dict[str, Any] | None:
     if not raw:
         return None
     try:
@@ -142,26 +141,30 @@ def read_preempt_metadata(picture: Picture) -> dict[str, Any] | None:
     return meta if isinstance(meta, dict) else None
 
 
-def _recorded_source(output: Path) -> str | None:
-    """The sha256 of the original that preempt recorded in an existing output (None: not recorded)."""
-    raw = read_png_text(output, key=METADATA_KEY).get(METADATA_KEY)
-    try:
-        meta = json.loads(raw) if raw else None
-    except json.JSONDecodeError:
-        return None
-    found = meta.get("source_sha256") if isinstance(meta, dict) else None
-    return found if isinstance(found, str) else None
+def read_preempt_metadata(picture: Picture) -> dict[str, Any] | None:
+    """preempt's metadata of a picture written by preempt, else None."""
+    return _parse_metadata(picture.text.get(METADATA_KEY))
 
 
-def _file_sha256(path: Path) -> str | None:
-    digest = hashlib.sha256()
+def read_preempt_metadata_file(path: Path) -> dict[str, Any] | None:
+    """preempt's metadata of a PNG file written by preempt (read without decoding its pixels), else None."""
+    return _parse_metadata(read_png_text(path, key=METADATA_KEY).get(METADATA_KEY))
+
+
+def _made_from_other_content(item: InputFile, output: Path) -> bool:
+    """Whether an existing ``output`` records another original than ``item``'s current bytes (False when
+    it records none: not preempt's, or made before 0.5.0)."""
+    meta = read_preempt_metadata_file(output)
+    recorded = meta.get("source_sha256") if meta else None
+    if not isinstance(recorded, str):
+        return False
     try:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    except OSError:
-        return None
-    return digest.hexdigest()
+        st = item.path.stat()
+        if [st.st_size, st.st_mtime_ns] == meta.get("source_stat"):  # unchanged since: no need to hash it
+            return False
+        return sha256_file(item.path) != recorded
+    except OSError:  # gone or unreadable: its own read reports that
+        return False
 
 
 def content_seed(color: np.ndarray) -> int:
@@ -287,6 +290,7 @@ class Protector:
             "precision": self.precision,
             "source_file": pending.item.path.name,
             "source_sha256": pending.picture.source_sha256,
+            "source_stat": list(pending.picture.source_stat) if pending.picture.source_stat else None,
             **pending.extra,
         }
 
@@ -328,9 +332,7 @@ class Protector:
                 return None
         except OSError:  # no output yet
             return None
-        made_from = _recorded_source(output)  # None: not preempt's, or made before 0.5.0 recorded it
-        current = _file_sha256(item.path) if made_from is not None else None
-        if current is not None and made_from != current:
+        if _made_from_other_content(item, output):
             # a re-run after the original was edited, or another input of the same name in an earlier run
             return FileResult(item.path, "failed", reason=(
                 f"output {output} exists but was made from other content (the original changed, or another "

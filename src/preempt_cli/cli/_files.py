@@ -14,11 +14,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from ..device import default_cpu_threads, resolve_device, resolve_devices
 from ..engine import PRESETS, ForeBackConfig, parse_eps
 from ..errors import ConfigError, PreemptError, UnknownModelError
-from ..imageio import DEFAULT_MAX_PIXELS, read_png_text
+from ..imageio import DEFAULT_MAX_PIXELS
 from ..inputs import OUTPUT_MARKERS, InputFile, collect_inputs, parse_shard
 from ..labels import LabelMap, read_label_file
 from ..models import ImageModel, load_model
-from ..protect import METADATA_KEY, FileResult, Protector, RunOptions, run_on_devices
+from ..protect import FileResult, Protector, RunOptions, read_preempt_metadata_file, run_on_devices
 from ..registry import DEFAULT_BACKBONE, DEFAULT_CLASSIFIER, get_model_config
 from ..revert import Reverter, white_box_settings
 from . import _common as c
@@ -302,14 +302,9 @@ def _white_box_groups(items: list[InputFile]) -> Iterator[tuple[dict[str, Any] |
 
     groups: dict[str, tuple[dict[str, Any] | None, str | None, list[InputFile]]] = {}
     for item in items:
-        raw = read_png_text(item.path, key=METADATA_KEY).get(METADATA_KEY)
-        meta, problem = None, "no preempt metadata (not protected by preempt?): revert it black-box with --backbone NAME"
-        if raw:
-            try:
-                meta = json.loads(raw)
-            except json.JSONDecodeError:
-                meta = None
-        if not isinstance(meta, dict) or meta.get("kind") != "protected":
+        meta = read_preempt_metadata_file(item.path)
+        problem = "no preempt metadata (not protected by preempt?): revert it black-box with --backbone NAME"
+        if meta is None or meta.get("kind") != "protected":
             meta = None
         else:
             try:
