@@ -47,6 +47,9 @@ __all__ = [
 
 _logger = logging.getLogger(__name__)
 
+#: The names of the ``labels=`` option that mean the dataset's own labels.
+GROUND_TRUTH = ("ground-truth", "gt", "truth")
+
 
 # -- data -------------------------------------------------------------------------------------------------
 @dataclass
@@ -367,6 +370,7 @@ class Evaluator:
         self._defended: dict[str, DefendedSet] = {}
         self._data_fingerprint: str | None = None
         self._model_fingerprints: dict[str, str] = {}
+        self._defense_keys: dict[str, str] = {}
         self._warned: set[tuple[str, str, str]] = set()
 
     # -- fingerprints (what the resume state is keyed by) -----------------------------------------------------
@@ -400,6 +404,11 @@ class Evaluator:
 
     def defense_key(self, spec: DefenseSpec) -> str:
         """The key of a defended set: spec, data and the weights of its models (and a folder's files)."""
+        if spec.key not in self._defense_keys:  # once per run: a folder defense's files are walked for it
+            self._defense_keys[spec.key] = self._compute_defense_key(spec)
+        return self._defense_keys[spec.key]
+
+    def _compute_defense_key(self, spec: DefenseSpec) -> str:
         parts: list[Any] = [spec.kind, spec.options, self.data_fingerprint,
                             [[name, self._model_fingerprint(name)] for _, name in self._defense_models(spec)]]  # fmt: skip
         if spec.kind == "folder":
@@ -420,7 +429,7 @@ class Evaluator:
     # -- defended sets ------------------------------------------------------------------------------------
     def _labels_for(self, spec: DefenseSpec, protector: Protector) -> Callable[[torch.Tensor, slice], torch.Tensor]:
         source = spec.get("labels", "classifier")
-        if source in ("ground-truth", "gt", "truth"):
+        if source in GROUND_TRUTH:
             return lambda x, sl: self.dataset.labels[sl].to(self.device)
         if source not in ("classifier", "backbone"):
             raise ConfigError(f"labels must be classifier, backbone or ground-truth, got {source!r}")
@@ -755,7 +764,7 @@ def reversion_protocol(
                                      slice(lo, lo + evaluator.batch_size)).cpu()
                             for lo in range(0, len(ds), evaluator.batch_size)])  # fmt: skip
         label_seconds = (time.perf_counter() - start) / len(ds)
-        label_note = "ground truth" if source in ("ground-truth", "gt", "truth") else f"labels of {_labeller(protector)}"
+        label_note = "ground truth" if source in GROUND_TRUTH else f"labels of {_labeller(protector)}"
     labels = labels.to(evaluator.device)
     protected, t_prot = evaluator._run_batches(
         ds.images, lambda x, sl: protector.transform(x, labels[sl], noise_seeds=seeds[sl]), eps

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -86,9 +85,6 @@ def _local_candidates(cfg: ModelConfig, models_dir: Path | None) -> list[Path]:
     packaged = Path(__file__).with_name("weights") / raw
     candidates.append(packaged)
     return candidates
-
-
-_COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
 def _first_line(error: BaseException) -> str:
@@ -200,7 +196,7 @@ def _check_pin(cfg: ModelConfig, path: Path, actual: str) -> None:
         return
     hint = ""
     rev = cfg.source.revision
-    if cfg.source.kind == "hf" and not (rev and _COMMIT.fullmatch(rev)):
+    if cfg.source.kind == "hf" and not cfg.source.pinned_to_commit:
         hint = (f"The source follows {f'the revision {rev!r}' if rev else 'the main branch'}, not a commit: "
                 "the file may have changed upstream; pin a commit (@<40-hex sha>) once you trust the new file.")  # fmt: skip
     raise HashMismatchError(cfg.name, path, cfg.sha256 or "", actual, hint=hint)

@@ -69,6 +69,11 @@ class Source:
     filename: str | None = None  # hf only
     revision: str | None = None  # hf only
 
+    @property
+    def pinned_to_commit(self) -> bool:
+        """An ``hf`` source whose revision is a commit (40 hex digits): its files cannot change upstream."""
+        return bool(self.revision and _COMMIT.fullmatch(self.revision))
+
     def __str__(self) -> str:
         if self.kind == "hf":
             rev = f"@{self.revision}" if self.revision else ""
@@ -189,7 +194,7 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _timm_pretrained_cfg(model: str) -> Any:
+def timm_pretrained_cfg(model: str) -> Any:
     """timm's pretrained config of ``model`` (``name.tag``), offline; None when timm does not know it."""
     try:
         from timm.models import get_pretrained_cfg
@@ -207,7 +212,7 @@ def _timm_defaults(name: str, row: Mapping[str, Any], source: Source, path: Path
     missing = [k for k in ("num_classes", "input_size", "mean", "std") if k not in row]
     if not missing:
         return {}
-    pretrained = _timm_pretrained_cfg(source.location)
+    pretrained = timm_pretrained_cfg(source.location)
     if pretrained is None:
         if "num_classes" in missing:
             raise RegistryError(path, f"model {name!r}: timm has no pretrained config for {source.location!r} "
@@ -233,9 +238,9 @@ def _check_hf_source(name: str, source: Source, sha: Any, path: Path) -> None:
     try:
         validate_repo_id(source.location)
     except HFValidationError as e:
-        reason = str(e).strip().splitlines()[0]
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise RegistryError(path, f"model {name!r}: {source.location!r} is not a valid Hub repo id: {reason}") from e
-    if sha and not (source.revision and _COMMIT.fullmatch(source.revision)):
+    if sha and not source.pinned_to_commit:
         _logger.warning(
             "%s: model %r pins a sha256 but its source %s follows %s, which can move: pin a commit (@<40-hex sha>)",
             path, name, source, f"the revision {source.revision!r}" if source.revision else "the main branch",

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .attacks import PGD
-from .engine import native_bf16
+from .engine import eval_mode, native_bf16
 from .errors import ConfigError, ImageReadError
 from .hub import save_safetensors, sha256_file
 from .models import ImageModel, build_model, load_model
@@ -320,9 +320,7 @@ def evaluate_accuracy(model: ImageModel, images: torch.Tensor, labels: torch.Ten
                       steps: int = 10, batch_size: int = 256, device: torch.device | str = "cpu") -> tuple[float, float]:  # fmt: skip
     """(clean, PGD) accuracy in % of ``model`` on uint8 ``images``: PGD L-inf ``eps``, ``steps`` steps of
     eps/4 from a random start, on 8-bit images."""
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         x = images.to(device).float().div_(255)
         y = labels.to(device)
         clean = _clean_accuracy(model, x, y, batch_size)
@@ -333,8 +331,6 @@ def evaluate_accuracy(model: ImageModel, images: torch.Tensor, labels: torch.Ten
             with torch.no_grad():
                 robust += int((model(adv).argmax(1) == y[i : i + batch_size]).sum())
         return clean, 100.0 * robust / max(1, len(y))
-    finally:
-        model.train(was_training)
 
 
 def _trainable(base: str | ModelConfig | None, arch_cfg: ModelConfig | None, models_dir: Path | None,

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..errors import ConfigError, PreemptError, RegistryError, WeightsMismatchError
 from ..hub import hub_errors, read_weights
-from ..registry import ModelConfig, get_model_config
+from ..registry import ModelConfig, get_model_config, timm_pretrained_cfg
 from ._registry import create_arch, is_arch
 
 __all__ = ["ImageModel", "load_model", "build_model", "fuse_conv_bn", "resize"]
@@ -174,12 +174,7 @@ def _load_timm_pretrained(cfg: ModelConfig, verify_hash: bool) -> nn.Module:
     if cfg.sha256 and verify_hash:  # registry files refuse this; a hand-made config must not pass silently
         raise _config_error(cfg, "a sha256 pin cannot be checked on a timm: source (timm fetches and loads its own "
                                  "file); remove the pin, or use an hf:// or file: source")  # fmt: skip
-    from timm.models import get_pretrained_cfg
-
-    try:
-        pretrained = get_pretrained_cfg(cfg.source.location)
-    except RuntimeError:  # an unknown tag: timm.create_model says so below
-        pretrained = None
+    pretrained = timm_pretrained_cfg(cfg.source.location)  # None for an unknown tag: timm.create_model says so
     if pretrained is not None and pretrained.num_classes and pretrained.num_classes != cfg.num_classes:
         raise _config_error(cfg, f"num_classes = {cfg.num_classes}, but timm's pretrained {cfg.source.location!r} "
                                  f"has {pretrained.num_classes} classes: timm would replace its head with a random "
