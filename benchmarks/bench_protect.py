@@ -75,6 +75,7 @@ from preempt_cli.device import default_cpu_threads, resolve_device
 from preempt_cli.engine import native_bf16
 from preempt_cli.models import ImageModel, build_model
 from preempt_cli.models._load import fuse_conv_bn
+from preempt_cli.models.dm_resnet import CIFAR10_MEAN, CIFAR10_STD
 from preempt_cli.protect import content_seed
 from preempt_cli.registry import get_model_config
 
@@ -216,9 +217,8 @@ def load_backbones(keys: list[str], models_dir: Path, device: torch.device) -> d
         elif key in ("preact18", "dm-preact18"):
             torch.manual_seed(0)
             row = get_model_config("preact18")
-            if key == "preact18":  # the same row's preprocessing, on the classic network
-                row = replace(row, arch="preact_resnet18", arch_args={}, mean=(0.4914, 0.4822, 0.4465),
-                              std=(0.2471, 0.2435, 0.2616))  # fmt: skip
+            if key == "preact18":  # the classic network, normalizing in the wrapper as the DeepMind one does inside
+                row = replace(row, arch="preact_resnet18", arch_args={}, mean=CIFAR10_MEAN, std=CIFAR10_STD)
             base = build_model(row).eval()
             ref = as_reference_model(copy.deepcopy(base).to(device))
             ours = as_engine_model(base, device)
