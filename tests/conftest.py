@@ -18,6 +18,7 @@ deterministic cuDNN kernels: they check the algorithm, not the speed settings.
 from __future__ import annotations
 
 import os
+import types
 from pathlib import Path
 from typing import Sequence
 
@@ -167,6 +168,47 @@ def write_random_pngs(folder: Path, n: int = 4, size: tuple[int, int] = (32, 32)
         Image.fromarray(rng.integers(0, 256, (*size[::-1], 3), dtype=np.uint8)).save(p)
         paths.append(p)
     return paths
+
+
+class ThresholdModel(nn.Module):
+    """Class 1 when the mean pixel exceeds ``t`` (a steep margin), else class 0."""
+
+    def __init__(self, t: float) -> None:
+        super().__init__()
+        self.t = t
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = x.mean(dim=(1, 2, 3))
+        return torch.stack([self.t - m, m - self.t], dim=1) * 1000
+
+
+class FakeReferenceAutoAttack:
+    """A stand-in for pyautoattack's ``AutoAttack`` with the reference's cascade: each attack runs on the
+    points still robust, and stops attacking a point once its (unrounded) output fools the model. ``nudge``
+    moves a point 0.4 of a level (just across a threshold: FAB's minimal margin), ``push`` 4 levels.
+    ``runs`` records each attack and how many points it was run on."""
+
+    STEPS = {"nudge": 0.4 / 255, "push": 4 / 255}
+    runs: list[tuple[str, int]] = []
+
+    def __init__(self, model, *, norm, eps, version, device, seed) -> None:
+        self.model, self.attacks_to_run, self.verbose = model, ["nudge", "push"], False
+
+    def run_standard_evaluation(self, x, y, *, batch_size=250, state_path=None):
+        with torch.no_grad():
+            adv = x.clone()
+            robust = self.model(x).argmax(1) == y
+            for name in self.attacks_to_run:
+                FakeReferenceAutoAttack.runs.append((name, int(robust.sum())))
+                candidate = (x + self.STEPS[name]).clamp(0, 1)
+                fooled = robust & (self.model(candidate).argmax(1) != y)
+                adv[fooled] = candidate[fooled]
+                robust &= ~fooled
+            return adv, self.model(adv).argmax(1)
+
+
+#: What ``import autoattack`` gives, with the stand-in.
+FAKE_AUTOATTACK_MODULE = types.SimpleNamespace(AutoAttack=FakeReferenceAutoAttack)
 
 
 # -- shared data -------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from typing import Iterator
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TEST_DEVICE, make_tiny_model
+from conftest import FAKE_AUTOATTACK_MODULE, TEST_DEVICE, FakeReferenceAutoAttack, ThresholdModel, make_tiny_model
 from torch import nn
 
 from preempt_cli.attacks import (
@@ -362,61 +362,24 @@ def test_autoattack_without_the_package_raises_missing_dependency(
     PGD(tiny_backbone)  # the rest of the module does not need it
 
 
-class _Threshold(nn.Module):
-    """Class 1 when the mean pixel exceeds ``t`` (a steep margin), else class 0."""
-
-    def __init__(self, t: float) -> None:
-        super().__init__()
-        self.t = t
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        m = x.mean(dim=(1, 2, 3))
-        return torch.stack([self.t - m, m - self.t], dim=1) * 1000
-
-
-class _FakeReference:
-    """pyautoattack's interface and cascade (each attack on the points still robust, a point dropped once an
-    unrounded output fools it), with two attacks: ``nudge`` moves a point 0.4 of a level (a minimal margin,
-    as FAB leaves), ``push`` 4 levels. Records the points each attack was run on."""
-
-    STEPS = {"nudge": 0.4 / 255, "push": 4 / 255}
-    runs: list[tuple[str, int]] = []
-
-    class AutoAttack:
-        def __init__(self, model, *, norm, eps, version, device, seed) -> None:
-            self.model, self.attacks_to_run, self.verbose = model, ["nudge", "push"], False
-
-        def run_standard_evaluation(self, x, y, *, batch_size=250, state_path=None):
-            with torch.no_grad():
-                adv = x.clone()
-                robust = self.model(x).argmax(1) == y
-                for name in self.attacks_to_run:
-                    _FakeReference.runs.append((name, int(robust.sum())))
-                    candidate = (x + _FakeReference.STEPS[name]).clamp(0, 1)
-                    fooled = robust & (self.model(candidate).argmax(1) != y)
-                    adv[fooled] = candidate[fooled]
-                    robust &= ~fooled
-                return adv, self.model(adv).argmax(1)
-
-
 def test_autoattack_quantize_attacks_again_the_points_rounding_restores() -> None:
-    model = _Threshold(100.3 / 255)
+    model = ThresholdModel(100.3 / 255)
     x = torch.full((3, 3, 8, 8), 100 / 255)
     x[2] = 90 / 255  # "nudge" does not reach the threshold: only "push" could, and it does not either
     y = torch.zeros(3, dtype=torch.long)
     plain = AutoAttack(model, eps=LINF_EPS)
-    plain._reference = _FakeReference
-    _FakeReference.runs.clear()
+    plain._reference = FAKE_AUTOATTACK_MODULE
+    FakeReferenceAutoAttack.runs.clear()
     rounded_once = torch.round(plain.perturb(x, y) * 255) / 255  # the reference's result, rounded at the end
     assert accuracy(model, rounded_once, y) == 1.0  # rounding restored every nudged point: biased upward
 
     attack = AutoAttack(model, eps=LINF_EPS, quantize=True)
-    attack._reference = _FakeReference
-    _FakeReference.runs.clear()
+    attack._reference = FAKE_AUTOATTACK_MODULE
+    FakeReferenceAutoAttack.runs.clear()
     x_adv, flags = attack.perturb_report(x, y)
     assert on_8bit_grid(x_adv) and accuracy(model, x_adv, y) == pytest.approx(1 / 3)
     assert_in_budget(x_adv, x, "Linf", LINF_EPS)
-    assert _FakeReference.runs == [("nudge", 3), ("push", 3)]  # the restored points were attacked again
+    assert FakeReferenceAutoAttack.runs == [("nudge", 3), ("push", 3)]  # the restored points were attacked again
     assert flags["fooled"].tolist() == [True, True, False]
     assert flags["fooled_float"].tolist() == [True, True, False]
     assert flags["fooled_rounded_once"].tolist() == [False, False, False]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import types
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ from PIL import Image
 from torch import nn
 from typer.testing import CliRunner
 
-from conftest import TEST_DEVICE, TEST_DEVICE_ARG, make_tiny_model
+from conftest import FAKE_AUTOATTACK_MODULE, TEST_DEVICE, TEST_DEVICE_ARG, ThresholdModel, make_tiny_model
 from preempt_cli import attacks as attacks_module
 from preempt_cli.cli import app
 from preempt_cli.errors import ConfigError
@@ -388,49 +387,13 @@ def test_a_victim_that_is_a_defense_model_is_warned_about_once(caplog: pytest.Lo
 # -- AutoAttack rounded to 8 bits -----------------------------------------------------------------------------
 
 
-class _Threshold(nn.Module):
-    """Class 1 when the mean pixel exceeds ``t`` (a steep margin), else class 0."""
-
-    def __init__(self, t: float) -> None:
-        super().__init__()
-        self.t = t
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        m = x.mean(dim=(1, 2, 3))
-        return torch.stack([self.t - m, m - self.t], dim=1) * 1000
-
-
-class _FakeReferenceAA:
-    """A stand-in for pyautoattack's AutoAttack with the reference's cascade: each attack runs on the points
-    still robust, and stops attacking a point once its (unrounded) output fools the model. ``nudge`` moves a
-    point 0.4 of a level (just across the threshold: FAB's minimal margin), ``push`` 4 levels."""
-
-    STEPS = {"nudge": 0.4 / 255, "push": 4 / 255}
-
-    def __init__(self, model, *, norm, eps, version, device, seed) -> None:
-        self.model = model
-        self.attacks_to_run = ["nudge", "push"]
-        self.verbose = False
-
-    def run_standard_evaluation(self, x, y, *, batch_size=250, state_path=None):
-        with torch.no_grad():
-            adv = x.clone()
-            robust = self.model(x).argmax(1) == y
-            for name in self.attacks_to_run:
-                candidate = (x + self.STEPS[name]).clamp(0, 1)
-                fooled = robust & (self.model(candidate).argmax(1) != y)
-                adv[fooled] = candidate[fooled]
-                robust &= ~fooled
-            return adv, self.model(adv).argmax(1)
-
-
 def test_autoattack_rounding_does_not_restore_points_no_later_attack_retries(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(attacks_module, "_import_autoattack", lambda: types.SimpleNamespace(AutoAttack=_FakeReferenceAA))
+    monkeypatch.setattr(attacks_module, "_import_autoattack", lambda: FAKE_AUTOATTACK_MODULE)
     images = torch.full((4, 3, 16, 16), 100, dtype=torch.uint8)
     ds = Dataset(Path("mem"), [Path(f"{i}.png") for i in range(4)], images, torch.zeros(4, dtype=torch.long))
-    ev = tiny_evaluator(ds, {"victim": _Threshold(100.3 / 255)})
+    ev = tiny_evaluator(ds, {"victim": ThresholdModel(100.3 / 255)})
     row = ev.cell("victim", DefenseSpec("none"), AttackSpec.parse("aa"))
     # The float "nudge" fools every point; rounded to 8 bits it is the clean image again. Rounding the
     # cascade's result once reported 100% robust; the 8-bit cascade attacks them with "push" next.
