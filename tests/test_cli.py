@@ -135,26 +135,6 @@ def test_an_edited_original_or_another_file_of_the_same_name_is_not_skipped_as_d
     assert edited.exit_code == 1 and "made from other content" in edited.stderr
 
 
-def test_a_rerun_hashes_an_original_only_when_its_size_or_time_changed(tmp_path: Path, registry: Path,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
-    import os
-
-    import preempt_cli.protect as protect_module
-
-    (img,) = _images(tmp_path / "p", n=1)
-    assert run(["protect", str(img), *FAST, "--labels", "backbone"], registry).exit_code == 0
-    hashed: list[Path] = []
-    real = protect_module.sha256_file
-    monkeypatch.setattr(protect_module, "sha256_file", lambda p: (hashed.append(p), real(p))[1])
-
-    def status() -> str:
-        return json.loads(run(["protect", str(img), *FAST, "--labels", "backbone", "--json"], registry).stdout)["status"]
-
-    assert status() == "skipped" and hashed == []  # unchanged since: the recorded size and time tell
-    os.utime(img, ns=(img.stat().st_atime_ns, img.stat().st_mtime_ns + 10**9))  # touched, same bytes
-    assert status() == "skipped" and hashed == [img]
-
-
 def test_ctrl_c_stops_with_exit_130_and_leaves_only_whole_files(tmp_path: Path, registry: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     from preempt_cli import Protector

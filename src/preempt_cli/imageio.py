@@ -77,7 +77,6 @@ class Picture:
     icc_profile: bytes | None = None
     text: dict[str, str] = field(default_factory=dict)
     source_sha256: str | None = None  # of the file's bytes as read: which original an output was made from
-    source_stat: tuple[int, int] | None = None  # (size, mtime_ns) of the file when read: a cheap first check
 
     @property
     def max_value(self) -> int:
@@ -104,16 +103,14 @@ class Picture:
         if color.shape != self.color.shape or color.dtype != self.color.dtype:
             raise ValueError(f"colour {color.shape}/{color.dtype} does not fit {self.color.shape}/{self.color.dtype}")
         return Picture(self.path, color, self.alpha, self.mode, self.source_mode, self.source_format,
-                       self.icc_profile, dict(self.text), self.source_sha256, self.source_stat)  # fmt: skip
+                       self.icc_profile, dict(self.text), self.source_sha256)  # fmt: skip
 
 
-def _open(path: Path, max_pixels: int) -> tuple[Image.Image, str, tuple[int, int]]:
-    """The image, opened from the file's bytes read once, the sha256 of those bytes, and the file's size
-    and modification time as they were before the read."""
+def _open(path: Path, max_pixels: int) -> tuple[Image.Image, str]:
+    """The image, opened from the file's bytes read once, and the sha256 of those bytes."""
     if path.is_dir():
         raise ImageReadError(path, "is a directory")
     try:
-        st = path.stat()
         data = path.read_bytes()
     except FileNotFoundError:
         raise ImageReadError(path, "no file matches this pattern" if glob.has_magic(str(path)) else "no such file") from None
@@ -146,7 +143,7 @@ def _open(path: Path, max_pixels: int) -> tuple[Image.Image, str, tuple[int, int
     if width == 0 or height == 0:
         img.close()
         raise ImageReadError(path, f"image has no pixels ({width}x{height})")
-    return img, hashlib.sha256(data).hexdigest(), (st.st_size, st.st_mtime_ns)
+    return img, hashlib.sha256(data).hexdigest()
 
 
 def read_image(path: Path | str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Picture:
@@ -159,7 +156,7 @@ def read_image(path: Path | str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Pic
         ImageReadError: missing, empty, not an image, truncated or corrupt, too many pixels.
     """
     path = Path(path)
-    img, sha256, stat = _open(path, max_pixels)
+    img, sha256 = _open(path, max_pixels)
     try:
         source_format = img.format or "unknown"
         text = {k: v for k, v in getattr(img, "text", {}).items() if isinstance(v, str)}
@@ -179,7 +176,7 @@ def read_image(path: Path | str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Pic
         raise ImageReadError(path, f"corrupt or truncated image data ({e})") from e
     finally:
         img.close()
-    return Picture(path, color, alpha, mode, source_mode, source_format, icc, text, sha256, stat)
+    return Picture(path, color, alpha, mode, source_mode, source_format, icc, text, sha256)
 
 
 def _colour_space(mode: str) -> str:

@@ -159,9 +159,6 @@ def _made_from_other_content(item: InputFile, output: Path) -> bool:
     if not isinstance(recorded, str):
         return False
     try:
-        st = item.path.stat()
-        if [st.st_size, st.st_mtime_ns] == meta.get("source_stat"):  # unchanged since: no need to hash it
-            return False
         return sha256_file(item.path) != recorded
     except OSError:  # gone or unreadable: its own read reports that
         return False
@@ -290,7 +287,6 @@ class Protector:
             "precision": self.precision,
             "source_file": pending.item.path.name,
             "source_sha256": pending.picture.source_sha256,
-            "source_stat": list(pending.picture.source_stat) if pending.picture.source_stat else None,
             **pending.extra,
         }
 
@@ -319,8 +315,9 @@ class Protector:
         self._batch_cap[key] = limit
         return limit
 
-    def _skip_reason(self, item: InputFile, output: Path, options: RunOptions) -> FileResult | None:
-        """Why ``item`` is not processed (skipped, or failed when its output is another file's), else None."""
+    def _skip_reason(self, item: InputFile, output: Path, options: RunOptions) -> FileResult | Path | None:
+        """Why ``item`` is not processed (skipped), None when it is, or its existing output, which
+        :meth:`_existing_output` judges (that reads the original: on a thread)."""
         if options.overwrite:
             return None
         marker = next((m for m in self.skip_markers if item.path.stem.endswith(m)), None)
@@ -332,6 +329,10 @@ class Protector:
                 return None
         except OSError:  # no output yet
             return None
+        return output
+
+    def _existing_output(self, item: InputFile, output: Path) -> FileResult:
+        """Skipped when ``output`` was made from ``item``'s bytes, failed when from other content."""
         if _made_from_other_content(item, output):
             # a re-run after the original was edited, or another input of the same name in an earlier run
             return FileResult(item.path, "failed", reason=(
@@ -434,19 +435,27 @@ class Protector:
         options = options or RunOptions()
         items = list(items)
         outputs = assign_outputs(items, suffix=options.suffix, out_dir=options.out_dir)
-        todo: list[InputFile] = []
+        verdicts: list[tuple[InputFile, FileResult | Path | None]] = []
         for position, item in enumerate(i for i in items if in_shard(i, options.shard)):
             if options.partition and position % options.partition[1] != options.partition[0]:
                 continue
             output = outputs[item]
             if isinstance(output, str):  # no output of its own (see assign_outputs)
-                yield FileResult(item.path, "failed", reason=output)
-                continue
-            not_done = self._skip_reason(item, output, options)
-            if not_done is not None:
-                yield not_done
+                verdicts.append((item, FileResult(item.path, "failed", reason=output)))
             else:
+                verdicts.append((item, self._skip_reason(item, output, options)))
+        existing = [(i, item, v) for i, (item, v) in enumerate(verdicts) if isinstance(v, Path)]
+        if existing:  # a re-run: each existing output's original is hashed, on threads (hashing frees the GIL)
+            with ThreadPoolExecutor(options.workers, thread_name_prefix="preempt-check") as pool:
+                judged = pool.map(lambda job: self._existing_output(job[1], job[2]), existing)
+                for (i, item, _), result in zip(existing, judged):
+                    verdicts[i] = (item, result)
+        todo: list[InputFile] = []
+        for item, verdict in verdicts:
+            if verdict is None:
                 todo.append(item)
+            else:
+                yield verdict  # type: ignore[misc]  # every Path was judged above
         if not todo:
             return
         processes = self._process_pool(options) if self._io_processes(options) else None
