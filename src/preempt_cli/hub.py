@@ -19,7 +19,7 @@ from .errors import (
     UnsafeWeightsError,
     WeightsNotFoundError,
 )
-from .imageio import new_file_mode
+from .imageio import atomic_write
 from .registry import ModelConfig
 
 __all__ = [
@@ -261,38 +261,21 @@ def _unshared(tensors: dict) -> dict:
 
 
 def save_safetensors(tensors: dict, path: Path, metadata: dict[str, str] | None = None) -> None:
-    """Write ``tensors`` to ``path`` as safetensors, atomically (a temporary file beside it, flushed to disk and
-    renamed into place only once complete), so an interrupted write never leaves a truncated weights file.
+    """Write ``tensors`` to ``path`` as safetensors, atomically (:func:`~preempt_cli.imageio.atomic_write`: a
+    temporary file beside it, flushed to disk and renamed into place only once complete, then the folder
+    flushed), so an interrupted write never leaves a truncated weights file.
     Tensors sharing memory (tied weights) are written as copies; the file gets the permissions of a new file
     (``0o666`` less the umask).
 
     Raises:
         ImageWriteError: the file cannot be written.
     """
-    import tempfile
+    from safetensors.torch import save
 
-    from safetensors.torch import save_file
-
-    from .errors import ImageWriteError
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(_unshared(tensors), tmp, metadata=metadata)
-        os.chmod(tmp, new_file_mode())  # after: save_file writes a new 0o600 file in the temporary's place
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except OSError as e:
-        raise ImageWriteError(path, f"cannot write: {e}") from e
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    data = save(_unshared(tensors), metadata=metadata)
+    with atomic_write(path) as f:
+        f.write(data)
+    _fsync_dir(path.parent)
 
 
 def _fsync_dir(folder: Path) -> None:
