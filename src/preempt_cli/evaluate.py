@@ -25,7 +25,7 @@ from PIL import Image
 from .attacks import PGD, AutoAttack, robust_accuracy
 from .engine import ForeBackConfig, parse_eps
 from .errors import ConfigError, LabelError
-from .imageio import quantize_levels, read_image
+from .imageio import atomic_write, quantize_levels, read_image
 from .inputs import collect_inputs
 from .labels import read_label_file
 from .models import ImageModel
@@ -533,10 +533,8 @@ class Evaluator:
             _logger.info("computing defense %s on %d images", spec.name, len(self.dataset))
             result = self._compute_defense(spec)
             if cache is not None:
-                cache.parent.mkdir(parents=True, exist_ok=True)
-                tmp = cache.with_suffix(".tmp")
-                torch.save({"images": result.images, "seconds_per_image": result.seconds_per_image}, tmp)
-                tmp.replace(cache)
+                with atomic_write(cache) as f:  # --resume must never find a truncated cache
+                    torch.save({"images": result.images, "seconds_per_image": result.seconds_per_image}, f)
         self._quality(result)
         self._defended[key] = result
         return result

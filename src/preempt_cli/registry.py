@@ -520,9 +520,9 @@ def register_model(name: str, row: Mapping[str, Any], path: Path | None = None, 
                                           **doc.get("classes", {})})  # fmt: skip
     except tomllib.TOMLDecodeError as e:
         raise RegistryError(path, f"registering {name!r} would not give valid TOML: {e}") from e
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(new_text, encoding="utf-8")
-    os.replace(tmp, path)
+    from .imageio import atomic_write  # not at the top: `preempt models list` need not import Pillow
+
+    with atomic_write(path) as f:  # a crash mid-write must not leave the user's registry truncated
+        f.write(new_text.encode("utf-8"))
     _load_cached.cache_clear()
     return path
