@@ -324,14 +324,17 @@ def test_project() -> None:
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("8/255", 8 / 255), ("0.0314", 0.0314), ("8", 8 / 255), (" 4/255 ", 4 / 255), ("1", 1.0), ("255", 1.0),
-     (0.03, 0.03), (16, 16 / 255)],
+    [("8/255", 8 / 255), ("0.0314", 0.0314), ("8", 8 / 255), (" 4/255 ", 4 / 255), ("255", 1.0),
+     (0.03, 0.03), (16, 16 / 255),
+     # a bare 1 is one level (it once meant the whole range and destroyed images); a written fraction is literal
+     ("1", 1 / 255), ("1.0", 1 / 255), (1, 1 / 255), ("255/255", 1.0), ("1/1", 1.0), ("2.5", 2.5 / 255)],
 )  # fmt: skip
 def test_parse_eps_accepts(text, expected) -> None:
     assert parse_eps(text) == pytest.approx(expected, rel=1e-12)
 
 
-@pytest.mark.parametrize("text", ["abc", "0", "-1", "", "1/0", "8/255/2", "300", "-8/255", "nan"])
+@pytest.mark.parametrize("text", ["abc", "0", "-1", "", "1/0", "8/255/2", "300", "-8/255", "nan", "inf", "300/255",
+                                  "2/1", float("nan"), float("inf")])
 def test_parse_eps_rejects(text) -> None:
     with pytest.raises(ConfigError) as info:
         parse_eps(text)
@@ -341,7 +344,8 @@ def test_parse_eps_rejects(text) -> None:
 @pytest.mark.parametrize(
     "changes",
     [
-        dict(eps=0.0), dict(eps=-0.1), dict(eps=1.5), dict(eta=0.0), dict(eta=-1.0),
+        dict(eps=0.0), dict(eps=-0.1), dict(eps=1.5), dict(eta=0.0), dict(eta=-1.0), dict(eta=float("nan")),
+        dict(eta=float("inf")), dict(eps=float("nan")),
         dict(forward_steps=-1), dict(backward_steps=-2), dict(forward_steps=0, backward_steps=0),
         dict(samples=0), dict(sample_projection="nearest"), dict(inner_steps=0),
     ],

@@ -346,6 +346,16 @@ def test_quantize_never_exceeds_floor_eps_levels(eps, levels) -> None:
     np.testing.assert_array_equal(small, ref)
 
 
+def test_quantize_keeps_the_budget_for_non_finite_values() -> None:
+    # A broken model (NaN weights) or a non-finite step gives NaN/inf pixels: they must land inside the
+    # budget like any other value, not at level 0 (torch.maximum passes NaN through).
+    ref = np.full((2, 3, 3), 128, dtype=np.uint8)
+    x = torch.full((3, 2, 3), 0.5)
+    x[0, 0, 0], x[1, 0, 1], x[2, 1, 2] = float("nan"), float("inf"), -float("inf")
+    out = quantize(x, ref, 8 / 255)
+    assert np.abs(out.astype(int) - 128).max() <= 8
+
+
 def test_quantize_16bit() -> None:
     ref = np.array([[[0]], [[30000]], [[65535]]], dtype=np.uint16).reshape(1, 3, 1)
     x = torch.from_numpy(ref.astype(np.float32) / 65535).permute(2, 0, 1)

@@ -17,6 +17,7 @@ share its batch, nor on the batch size.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import asdict, dataclass, replace
 from fractions import Fraction
 from typing import Any, Iterator, Sequence
@@ -59,22 +60,31 @@ def default_eps(dataset: str) -> float:
 
 
 def parse_eps(text: str | float) -> float:
-    """``8/255``, ``0.0314`` or ``8`` (read as 8/255 when > 1) -> a float in (0, 1].
+    """An L-inf budget as a float in (0, 1]: a fraction ``8/255`` (taken as written), a number below 1
+    (``0.0314``), or a number from 1 to 255 read as that many 8-bit levels (``8`` = 8/255, ``1`` = 1/255).
+
+    A bare ``1`` means one level, not the whole range: no one protects a photo with a budget that lets
+    every pixel take any value, and reading it as 1.0 destroyed images without a word.
 
     Raises:
-        ConfigError: not a number or fraction, or out of range.
+        ConfigError: not a number or fraction, or out of range (above 255 levels, or a fraction above 1).
     """
     if isinstance(text, (int, float)):
-        value = float(text)
+        value, written_as_fraction = float(text), False
     else:
         try:
             value = float(Fraction(text.strip()))
         except (ValueError, ZeroDivisionError) as e:
             raise ConfigError(f"invalid eps {text!r}: use a fraction like 8/255 or a number like 0.0314") from e
-    if value > 1:  # "8" almost certainly means 8/255
-        value = value / 255
-    if not 0 < value <= 1:
-        raise ConfigError(f"eps must be in (0, 1], got {text!r}")
+        written_as_fraction = "/" in text
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"eps must be positive, got {text!r}")
+    if value >= 1 and not written_as_fraction:  # "8" means 8/255
+        if value > 255:
+            raise ConfigError(f"eps {text!r} is more than 255 levels: use a fraction like 8/255")
+        value /= 255
+    if value > 1:
+        raise ConfigError(f"eps must be at most 1 (255/255), got {text!r}")
     return value
 
 
@@ -93,8 +103,8 @@ class ForeBackConfig:
     def __post_init__(self) -> None:
         if not 0 < self.eps <= 1:
             raise ConfigError(f"eps must be in (0, 1], got {self.eps}")
-        if self.eta <= 0:
-            raise ConfigError(f"eta must be positive, got {self.eta}")
+        if not (math.isfinite(self.eta) and self.eta > 0):  # NaN passes "<= 0" and then wrecks every pixel
+            raise ConfigError(f"eta must be a positive number, got {self.eta}")
         if self.forward_steps < 0 or self.backward_steps < 0:
             raise ConfigError("forward and backward steps must be >= 0")
         if self.forward_steps + self.backward_steps == 0:

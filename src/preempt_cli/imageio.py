@@ -240,8 +240,10 @@ def _clip_levels(x: torch.Tensor, reference: torch.Tensor, eps: float, max_value
     radius = float(np.floor(eps * max_value + 1e-6))
     levels = x.detach().float().mul(max_value).round_()
     ref = reference.to(levels.device, torch.float32, copy=True)  # changed in place below
-    levels = torch.maximum(levels, ref.sub(radius), out=levels)
-    return torch.minimum(levels, ref.add_(radius), out=levels).clamp_(0, max_value)
+    # fmax/fmin, not maximum/minimum: a NaN (a broken model's gradient) becomes the budget's bound instead
+    # of passing through to level 0, so the budget holds whatever the engine computed.
+    levels = torch.fmax(levels, ref.sub(radius), out=levels)
+    return torch.fmin(levels, ref.add_(radius), out=levels).clamp_(0, max_value)
 
 
 def quantize(x: torch.Tensor, reference: np.ndarray, eps: float) -> np.ndarray:
