@@ -29,7 +29,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -151,17 +151,45 @@ def read_preempt_metadata_file(path: Path) -> dict[str, Any] | None:
     return _parse_metadata(read_png_text(path, key=METADATA_KEY).get(METADATA_KEY))
 
 
-def _made_from_other_content(item: InputFile, output: Path) -> bool:
-    """Whether an existing ``output`` records another original than ``item``'s current bytes (False when
-    it records none: not preempt's, or made before 0.5.0)."""
-    meta = read_preempt_metadata_file(output)
-    recorded = meta.get("source_sha256") if meta else None
-    if not isinstance(recorded, str):
-        return False
+# What makes two runs' outputs of one original differ. A re-run with other values must not keep an output
+# made with the old ones: a protect with the public model, then with one's own key (the README's order),
+# would otherwise keep the public-key outputs, which anyone holding that model can attack. The backbone is
+# compared by its weights' sha256 where both runs know it. Left out: the precision (``--precision auto``
+# picks by hardware, and bf16 keeps the result: see benchmarks/RESULTS.md) and the preset's name (its
+# values are compared).
+_RUN_SETTINGS = ("backbone", "classifier", "labels", "eps", "eta", "forward_steps", "backward_steps", "samples",
+                 "sample_projection", "inner_steps", "seed")  # fmt: skip
+
+
+def differing_settings(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """The run settings (``_RUN_SETTINGS``) in which an output's recorded metadata differs from a run's, as
+    ``"name recorded -> current"``; a setting one side does not record (older versions) is not compared."""
+
+    def show(meta: Mapping[str, Any], key: str) -> str:
+        value = meta[key]
+        return f"{value * 255:.4g}/255" if key == "eps" and isinstance(value, float) else str(value)
+
+    changed = []
+    for key in _RUN_SETTINGS:
+        if key == "backbone" and recorded.get("backbone_sha256") and current.get("backbone_sha256"):
+            same = recorded["backbone_sha256"] == current["backbone_sha256"]  # a renamed model is the same key
+        elif key in recorded and key in current:
+            same = recorded[key] == current[key]
+        else:
+            continue
+        if not same:
+            was, now = show(recorded, key), show(current, key)
+            if was == now:  # one name, other weights (a retrained key): tell them apart by their hashes
+                was, now = f"{was} (sha256 {recorded['backbone_sha256'][:12]})", f"{now} (sha256 {current['backbone_sha256'][:12]})"
+            changed.append(f"{key} {was} -> {now}")
+    return changed
+
+
+def _sha256_or_none(path: Path) -> str | None:
     try:
-        return sha256_file(item.path) != recorded
+        return sha256_file(path)
     except OSError:  # gone or unreadable: its own read reports that
-        return False
+        return None
 
 
 def content_seed(color: np.ndarray) -> int:
@@ -263,18 +291,14 @@ class Protector:
         return self.transform(x, y, **kw)
 
     # -- metadata --------------------------------------------------------------------------------------
-    def metadata(self, pending: _Pending) -> dict[str, Any]:
+    def run_settings(self) -> dict[str, Any]:
+        """The settings this run records in each output (the part of :meth:`metadata` common to all files)."""
         cfg = self.config
         return {
-            "tool": "preempt",
-            "version": __version__,
-            "kind": self.kind,
             "backbone": self.backbone.name,
             "backbone_sha256": self.backbone.weights_sha256,
             "classifier": self.classifier.name if (self.labels == "classifier" and self.classifier) else None,
             "labels": self.labels if isinstance(self.labels, str) else f"file:{self.labels.source.name}",
-            "label": pending.label,
-            "label_name": self.backbone.config.class_name(pending.label) if pending.label is not None else None,
             "preset": self.preset,
             "eps": cfg.eps,
             "eta": cfg.eta,
@@ -285,6 +309,16 @@ class Protector:
             "inner_steps": cfg.inner_steps,
             "seed": self.seed,
             "precision": self.precision,
+        }
+
+    def metadata(self, pending: _Pending) -> dict[str, Any]:
+        return {
+            "tool": "preempt",
+            "version": __version__,
+            "kind": self.kind,
+            **self.run_settings(),
+            "label": pending.label,
+            "label_name": self.backbone.config.class_name(pending.label) if pending.label is not None else None,
             "source_file": pending.item.path.name,
             "source_sha256": pending.picture.source_sha256,
             **pending.extra,
@@ -332,14 +366,25 @@ class Protector:
         return output
 
     def _existing_output(self, item: InputFile, output: Path) -> FileResult:
-        """Skipped when ``output`` was made from ``item``'s bytes, failed when from other content."""
-        if _made_from_other_content(item, output):
+        """Skipped when ``output`` was made by this kind of run, with these settings, from ``item``'s
+        current bytes; failed otherwise (``--overwrite`` replaces it), saying why."""
+        meta = read_preempt_metadata_file(output)
+        redo = "use --overwrite to replace it"
+        if meta is None or meta.get("kind", self.kind) != self.kind:
+            # not ours (a file of the user's, a leftover): it does not show that this input was done
+            return FileResult(item.path, "failed", reason=f"output {output} exists and is not a file preempt "
+                                                          f"{self.kind}: move it, or {redo}")  # fmt: skip
+        recorded, current = meta.get("source_sha256"), _sha256_or_none(item.path)
+        if isinstance(recorded, str) and current is not None and recorded != current:
             # a re-run after the original was edited, or another input of the same name in an earlier run
             return FileResult(item.path, "failed", reason=(
                 f"output {output} exists but was made from other content (the original changed, or another "
-                "file of this name was protected into it): use --overwrite to replace it"))  # fmt: skip
-        return FileResult(item.path, "skipped", output=output,
-                          reason=f"output exists: {output} (use --overwrite to replace it)")  # fmt: skip
+                f"file of this name was {self.kind} into it): {redo}"))  # fmt: skip
+        changed = differing_settings(meta, self.run_settings())
+        if changed:
+            return FileResult(item.path, "failed", reason=f"output {output} exists but was made with other "
+                                                          f"settings ({'; '.join(changed)}): {redo}")  # fmt: skip
+        return FileResult(item.path, "skipped", output=output, reason=f"output exists: {output} ({redo})")
 
     def _prepare(self, item: InputFile, output: Path, options: RunOptions) -> _Pending | FileResult:
         """Decode and label one file (on a worker thread)."""

@@ -1,0 +1,95 @@
+"""Re-runs of ``Protector.run`` / ``Reverter.run`` over existing outputs: what is skipped as done, and what
+fails (kept, never silently taken for this run's result)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from conftest import TEST_DEVICE, make_tiny_model, write_random_pngs
+from preempt_cli import ForeBackConfig, Protector, RunOptions, collect_inputs
+from preempt_cli.protect import differing_settings
+from preempt_cli.revert import Reverter
+
+FAST = dict(samples=2)
+
+
+def _protector(seed: int = 0, *, name: str = "tiny-key", run_seed: int = 0, cls=Protector, **config) -> Protector:
+    backbone = make_tiny_model(seed, name=name).to(TEST_DEVICE)
+    # what load_model sets: the key is known by its weights' bytes
+    backbone.weights_sha256 = hashlib.sha256(f"weights {seed}".encode()).hexdigest()
+    return cls(backbone, labels="backbone", config=ForeBackConfig(**{**FAST, **config}), seed=run_seed)
+
+
+def _run(protector: Protector, folder: Path, **options) -> dict[str, tuple[str, str]]:
+    results = protector.run(collect_inputs([folder]), RunOptions(**options))
+    return {r.input.name: (r.status, r.reason or "") for r in results}
+
+
+def test_rerun_with_the_same_settings_skips(tmp_path: Path) -> None:
+    write_random_pngs(tmp_path, n=2)
+    assert {s for s, _ in _run(_protector(), tmp_path).values()} == {"done"}
+    again = _run(_protector(), tmp_path)
+    assert {s for s, _ in again.values()} == {"skipped"}, again
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        (dict(seed=1), "backbone"),  # another key: a protect with the public model, then with one's own
+        (dict(eps=4 / 255), "eps 8/255 -> 4/255"),
+        (dict(samples=3), "samples"),
+        (dict(run_seed=5), "seed"),
+        (dict(eta=1.0), "eta"),
+    ],
+)  # fmt: skip
+def test_rerun_with_other_settings_fails_and_keeps_the_old_output(tmp_path: Path, change: dict, named: str) -> None:
+    write_random_pngs(tmp_path, n=2)
+    _run(_protector(), tmp_path)
+    outputs = sorted(tmp_path.glob("*.protected.png"))
+    before = {p: p.read_bytes() for p in outputs}
+    again = _run(_protector(**change), tmp_path)
+    assert {s for s, _ in again.values()} == {"failed"}, again
+    assert all(named in reason and "--overwrite" in reason for _, reason in again.values()), again
+    assert {p: p.read_bytes() for p in outputs} == before
+    redone = _run(_protector(**change), tmp_path, overwrite=True)
+    assert {s for s, _ in redone.values()} == {"done"}
+    assert all(p.read_bytes() != before[p] for p in outputs)
+
+
+def test_a_renamed_model_with_the_same_weights_is_the_same_key(tmp_path: Path) -> None:
+    write_random_pngs(tmp_path, n=1)
+    _run(_protector(name="my-key"), tmp_path)
+    assert {s for s, _ in _run(_protector(name="my-key-v1"), tmp_path).values()} == {"skipped"}
+
+
+def test_a_foreign_file_in_the_outputs_place_fails(tmp_path: Path) -> None:
+    (image,) = write_random_pngs(tmp_path, n=1)
+    junk = tmp_path / f"{image.stem}.protected.png"
+    junk.write_bytes(b"not an image of ours")
+    result = _run(_protector(), tmp_path)
+    assert result[image.name][0] == "failed" and "not a file preempt protected" in result[image.name][1]
+    assert junk.read_bytes() == b"not an image of ours"
+    assert _run(_protector(), tmp_path, overwrite=True)[image.name][0] == "done"
+
+
+def test_a_reversion_output_is_judged_by_the_reverters_settings(tmp_path: Path) -> None:
+    (image,) = write_random_pngs(tmp_path, n=1)
+    _run(_protector(), tmp_path)
+    protected = tmp_path / f"{image.stem}.protected.png"
+    reverted = Reverter(make_tiny_model(3).to(TEST_DEVICE), labels="backbone", config=ForeBackConfig(**FAST))
+    first = list(reverted.run(collect_inputs([protected])))
+    assert [r.status for r in first] == ["done"]
+    assert [r.status for r in reverted.run(collect_inputs([protected]))] == ["skipped"]
+    other = Reverter(make_tiny_model(4).to(TEST_DEVICE), labels="backbone", config=ForeBackConfig(samples=3))
+    assert [r.status for r in other.run(collect_inputs([protected]))] == ["failed"]
+
+
+def test_differing_settings_ignores_what_an_older_output_does_not_record() -> None:
+    now = {"backbone": "k", "backbone_sha256": "a" * 64, "eps": 8 / 255, "samples": 20, "seed": 0}
+    assert differing_settings({"backbone": "k", "eps": 8 / 255}, now) == []
+    assert differing_settings({"backbone": "other", "backbone_sha256": "a" * 64}, now) == []
+    assert differing_settings({"backbone": "k", "backbone_sha256": "b" * 64}, now) == [f"backbone k (sha256 {'b' * 12}) -> k (sha256 {'a' * 12})"]
+    assert differing_settings({"eps": 4 / 255, "samples": 20}, now) == ["eps 4/255 -> 8/255"]
