@@ -38,6 +38,27 @@ def test_same_names_from_several_folders_into_one_out_dir_are_refused_not_overwr
     assert mirrored == {str(a): tmp_path / "out/a/IMG_1.protected.png", str(b): tmp_path / "out/b/IMG_1.protected.png"}
 
 
+def test_several_folders_into_one_out_dir_each_go_under_their_own_name(tmp_path: Path) -> None:
+    # `preempt protect day1 day2 -o out`: both hold IMG_1.jpg; as `cp -r day1 day2 out`, not one output
+    a, b = tmp_path / "day1/IMG_1.jpg", tmp_path / "day2/sub/IMG_1.jpg"
+    loose = tmp_path / "elsewhere/IMG_9.jpg"
+    items = [InputFile(a, tmp_path / "day1"), InputFile(b, tmp_path / "day2"), InputFile(loose)]
+    assert _outputs(items, out_dir=tmp_path / "out") == {
+        str(a): tmp_path / "out/day1/IMG_1.protected.png",
+        str(b): tmp_path / "out/day2/sub/IMG_1.protected.png",
+        str(loose): tmp_path / "out/IMG_9.protected.png",
+    }
+    # one folder: its tree is mirrored as before (no folder-name level)
+    assert _outputs(items[:1], out_dir=tmp_path / "out") == {str(a): tmp_path / "out/IMG_1.protected.png"}
+    # two folders of one name still meet: refused, naming the real clash and what to do
+    c = tmp_path / "other/day1/IMG_1.jpg"
+    clash = _outputs([InputFile(a, tmp_path / "day1"), InputFile(c, tmp_path / "other/day1")], out_dir=tmp_path / "out")
+    for mine, theirs in ((a, c), (c, a)):
+        reason = clash[str(mine)]
+        assert isinstance(reason, str) and str(tmp_path / "out/day1/IMG_1.protected.png") in reason
+        assert str(theirs) in reason and "two folders named 'day1'" in reason
+
+
 def test_a_fallback_name_that_collides_again_is_refused(tmp_path: Path) -> None:
     # a.jpg and a.png share a stem -> a.jpg.protected.png, which is also the first choice of a.jpg.png
     items = [InputFile(tmp_path / n, tmp_path) for n in ("a.jpg", "a.png", "a.jpg.png")]

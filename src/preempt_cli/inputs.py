@@ -103,40 +103,50 @@ def collect_inputs(
     return unique
 
 
-def output_path(item: InputFile, *, suffix: str, out_dir: Path | None, full_name: bool = False) -> Path:
+def output_path(item: InputFile, *, suffix: str, out_dir: Path | None, full_name: bool = False,
+                under_root_name: bool = False) -> Path:  # fmt: skip
     """``<stem><suffix>.png`` beside the input, or under ``out_dir`` mirroring the input tree.
 
     ``full_name`` keeps the input's extension in the name (``a.jpg`` -> ``a.jpg.protected.png``), used when
-    two inputs of one folder share a stem.
+    two inputs of one folder share a stem. ``under_root_name`` puts a folder's files under ``out_dir/<the
+    folder's name>`` (as ``cp -r a b DEST`` does), used when several folders are given.
     """
     stem = item.path.name if full_name else item.path.stem
     name = f"{stem}{suffix}.png"
     if out_dir is None:
         return item.path.parent / name
-    return out_dir / item.relative.parent / name
+    relative = item.relative.parent
+    if under_root_name and item.root is not None:
+        relative = Path(item.root.resolve().name) / relative
+    return out_dir / relative / name
 
 
 def assign_outputs(items: list[InputFile], *, suffix: str, out_dir: Path | None) -> dict[InputFile, Path | str]:
     """Output path of every input, or why it gets none.
 
-    Inputs of one folder that share a stem (``a.jpg``, ``a.png``) keep their extension in the name
-    (``a.jpg.protected.png``). Names are compared case-folded, as case-insensitive file systems (macOS,
-    Windows) see them. An output that would still be written for two inputs (files of the same name named
-    directly or from stdin with ``--out-dir``) is refused for every input concerned: silently keeping the
-    last one written would lose the others' results. (An output can land on another input only if that
-    input is named like an output: those are skipped, or remade with ``--overwrite``.)
+    With ``out_dir``, one folder's tree is mirrored in it; several folders each go under their own name
+    (``out_dir/photos/...``), so that their files of the same name do not meet. Inputs of one folder that
+    share a stem (``a.jpg``, ``a.png``) keep their extension in the name (``a.jpg.protected.png``). Names
+    are compared case-folded, as case-insensitive file systems (macOS, Windows) see them. An output that
+    would still be written for two inputs (files of the same name named directly or from stdin, or folders
+    of the same name, with ``--out-dir``) is refused for every input concerned: silently keeping the last
+    one written would lose the others' results. (An output can land on another input only if that input is
+    named like an output: those are skipped, or remade with ``--overwrite``.)
     """
 
     def key(path: Path) -> str:
         return os.path.abspath(path).casefold()
 
-    first = {item: output_path(item, suffix=suffix, out_dir=out_dir) for item in items}
+    # the folders given, not those of this shard's items: every shard of a job must name outputs alike
+    several_roots = len({item.root for item in items if item.root is not None}) > 1
+    first = {item: output_path(item, suffix=suffix, out_dir=out_dir, under_root_name=several_roots)
+             for item in items}  # fmt: skip
     first_keys = {item: key(p) for item, p in first.items()}
     counts = collections.Counter(first_keys.values())
     chosen: dict[InputFile, tuple[Path, str]] = {}
     for item, p in first.items():
         if counts[first_keys[item]] > 1:
-            p = output_path(item, suffix=suffix, out_dir=out_dir, full_name=True)
+            p = output_path(item, suffix=suffix, out_dir=out_dir, full_name=True, under_root_name=several_roots)
             chosen[item] = (p, key(p))
         else:
             chosen[item] = (p, first_keys[item])
@@ -149,8 +159,15 @@ def assign_outputs(items: list[InputFile], *, suffix: str, out_dir: Path | None)
         if k == key(item.path):
             result[item] = f"output {p} would replace the input; change --suffix"
         elif others:
-            hint = "give their folders instead, to mirror the tree" if out_dir is not None else "rename one"
-            result[item] = f"output {p} would also be written for {others[0].path} ({hint})"
+            other = others[0]
+            if out_dir is None:
+                hint = "rename one"
+            elif item.root is not None and other.root is not None:
+                hint = f"two folders named {item.root.resolve().name!r} were given: use one --out-dir for each"
+            else:
+                hint = "give their folders instead, to mirror the tree"
+            # the name that met first: the extension-keeping fallback, if tried, did not part them
+            result[item] = f"output {first[item]} would also be written for {other.path} ({hint})"
         else:
             result[item] = p
     return result
