@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from conftest import TEST_DEVICE, make_tiny_model
 from preempt_cli.engine import PRESETS, FastPreemption, ForeBackConfig, native_bf16, parse_eps, project, resolve_precision
+from preempt_cli import engine as engine_module
 from preempt_cli.errors import ConfigError
 
 # float32 slack for "within eps": x0 +- eps is itself rounded to float32.
@@ -293,6 +294,57 @@ def test_resize_path_keeps_budget_at_full_resolution(tiny_backbone) -> None:
     # The forward half alone lowers the loss of the resized image, as at native size.
     fwd = FastPreemption(tiny_backbone, config=cfg.with_(backward_steps=0, samples=8)).perturb(x, y)
     assert _ce(tiny_backbone, fwd, y) < _ce(tiny_backbone, x, y)
+
+
+def _photo_batch(b: int = 2, h: int = 40, w: int = 56) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(5)
+    return torch.rand(b, 3, h, w, generator=g).to(TEST_DEVICE), torch.arange(b, device=TEST_DEVICE) % 10
+
+
+@pytest.mark.parametrize("cfg", list(REFERENCE_CONFIGS.values()), ids=list(REFERENCE_CONFIGS))
+def test_images_the_model_resizes_go_in_chunks_that_equal_the_per_sample_loop(cfg, tiny_backbone,
+                                                                               monkeypatch) -> None:  # fmt: skip
+    # Photos take the chunked step: the same algorithm, with at most SAMPLE_CHUNK_ELEMENTS per pass.
+    x, y = _photo_batch()
+    monkeypatch.setattr(engine_module, "SAMPLE_CHUNK_ELEMENTS", 2 * x[0].numel() * len(x) - 1)  # 1 per chunk
+    g = torch.Generator().manual_seed(7)
+    steps = cfg.forward_steps + cfg.backward_steps
+    noises = [torch.empty(len(x), cfg.samples, *x.shape[1:]).uniform_(-cfg.eps, cfg.eps, generator=g).to(x.device)
+              for _ in range(steps)]  # fmt: skip
+    served = iter(noises)
+    current: list[torch.Tensor] = []
+
+    def fake_sample_noise(self, like, generators, samples):
+        if samples.start == 0:
+            current[:] = [next(served)]
+        return current[0][:, samples.start : samples.stop].clone()
+
+    monkeypatch.setattr(FastPreemption, "_sample_noise", fake_sample_noise)
+    rows: list[int] = []
+    handle = tiny_backbone.register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[0]))
+    try:
+        out = FastPreemption(tiny_backbone, config=cfg).perturb(x, y)
+    finally:
+        handle.remove()
+    assert next(served, None) is None
+    assert max(rows) == len(x)  # one sample of each image per pass, never all N
+    assert sum(rows) == len(x) * cfg.passes_per_image
+    torch.testing.assert_close(out, _reference_perturb(tiny_backbone, x, y, cfg, noises), atol=1e-6, rtol=0)
+
+
+def test_the_chunk_size_never_changes_a_photos_result(tiny_backbone, monkeypatch) -> None:
+    x, y = _photo_batch()
+    cfg = ForeBackConfig(samples=5)
+    whole = FastPreemption(tiny_backbone, config=cfg, seed=3).perturb(x, y, noise_seeds=[11, 12])
+    for per_chunk in (1, 2, 4):
+        monkeypatch.setattr(engine_module, "SAMPLE_CHUNK_ELEMENTS", per_chunk * x[0].numel() * len(x))
+        chunked = FastPreemption(tiny_backbone, config=cfg, seed=3).perturb(x, y, noise_seeds=[11, 12])
+        torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=0)
+    # an image's result does not depend on its batch either (its own noise streams)
+    alone = FastPreemption(tiny_backbone, config=cfg, seed=3).perturb(x[1:], y[1:], noise_seeds=[12])
+    torch.testing.assert_close(alone[0], whole[1], atol=1e-6, rtol=0)
+    other_seed = FastPreemption(tiny_backbone, config=cfg, seed=4).perturb(x, y, noise_seeds=[11, 12])
+    assert not torch.equal(other_seed, whole)
 
 
 def test_grayscale_input_through_rgb_backbone(tiny_backbone) -> None:

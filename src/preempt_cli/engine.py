@@ -38,6 +38,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "mspd": dict(eta=1.0, forward_steps=1, backward_steps=1, samples=20, sample_projection="iterate"),
 }
 
+#: Images the backbone resizes (photos) go through it this many elements (samples x C x H x W) at a time
+#: at most: their N samples at full resolution, with the gradients and the resize's intermediates, would
+#: otherwise need about 2.5 x N x the photo in memory (7 GB for one 12-megapixel photo at N = 20, and the
+#: kernel kills a CPU process that runs out). 2^25 float32 elements are 128 MiB per buffer.
+SAMPLE_CHUNK_ELEMENTS = 1 << 25
+
 
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[None]:
@@ -247,6 +253,32 @@ class FastPreemption:
             gens.append(g)
         return gens
 
+    def _sample_generators(self, count: int, noise_seeds: Sequence[int] | None) -> list[list[torch.Generator]]:
+        """One generator per image and sample (full-resolution images): any chunk of samples then draws
+        the same noise as the whole, so the chunk size (memory) never changes a result."""
+        seeds = list(noise_seeds) if noise_seeds is not None else list(range(count))
+        if len(seeds) != count:
+            raise ValueError(f"{len(seeds)} noise seeds for {count} images")
+        gens = []
+        for s in seeds:
+            row = []
+            for j in range(self.config.samples):
+                g = torch.Generator(device=self.device)
+                g.manual_seed((self.seed * 0x9E3779B97F4A7C15 + int(s) * 0xBF58476D1CE4E5B9 + j) % (1 << 63))
+                row.append(g)
+            gens.append(row)
+        return gens
+
+    def _sample_noise(self, like: torch.Tensor, generators: list[list[torch.Generator]],
+                      samples: range) -> torch.Tensor:  # fmt: skip
+        """U(-eps, eps) noise of ``samples`` (a range of sample indices), [B, len(samples), C, H, W]."""
+        eps = self.config.eps
+        out = torch.empty((like.shape[0], len(samples), *like.shape[1:]), device=self.device, dtype=like.dtype)
+        for i, row in enumerate(generators):
+            for k, j in enumerate(samples):
+                out[i, k].uniform_(-eps, eps, generator=row[j])
+        return out
+
     def _noise(self, like: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
         """U(-eps, eps) noise, [B, N, C, H, W], drawn per image from its own generator."""
         n = self.config.samples
@@ -272,6 +304,33 @@ class FastPreemption:
             (grad,) = torch.autograd.grad(loss, xs)
         return grad
 
+    def _move_samples(self, sample: torch.Tensor, y_rep: torch.Tensor, x_t: torch.Tensor,
+                      bounds: tuple[torch.Tensor, torch.Tensor], direction: float) -> None:  # fmt: skip
+        """The FGSM (or PGD-K) moves of samples [B, k, C, H, W] along ``direction``, then their projections,
+        in place."""
+        cfg = self.config
+        b, k, shape = sample.shape[0], sample.shape[1], sample.shape[2:]
+        step_size = cfg.eps if cfg.inner_steps == 1 else 2.5 * cfg.eps / cfg.inner_steps
+        if cfg.inner_steps > 1:  # PGD samples stay within eps of where they started
+            start_lo, start_hi = _ball(sample, cfg.eps)
+        # channels-last is the layout oneDNN/cuDNN convolutions prefer; for inputs that the model resizes
+        # first, the copy would only cost time at full resolution
+        to_net = tuple(shape[-2:]) == tuple(getattr(self.backbone, "input_hw", ()))
+        for _ in range(cfg.inner_steps):
+            xs = sample.view(b * k, *shape)
+            if to_net:
+                xs = xs.contiguous(memory_format=torch.channels_last)
+            grad = self._loss_grad(xs, y_rep).view(b, k, *shape)
+            # in place saves a buffer; a compiled graph's output is left alone (CUDA graphs own that memory)
+            sign = grad.sign_() if self.compile == "off" else grad.sign()
+            del grad
+            sample.add_(sign, alpha=direction * step_size)
+            if cfg.inner_steps > 1:
+                _clip_(sample, start_lo, start_hi)
+        if cfg.sample_projection == "iterate":
+            _clip_(sample, *_ball(x_t.unsqueeze(1), cfg.eps))
+        _clip_(sample, *bounds)
+
     def _step(
         self,
         x_t: torch.Tensor,
@@ -287,31 +346,35 @@ class FastPreemption:
         times: at full resolution (photos) this elementwise traffic, not the backbone, is most of the time.
         """
         cfg = self.config
-        b, n = x_t.shape[0], cfg.samples
-        shape = x_t.shape[1:]
         lo0, hi0 = bounds  # [B, 1, C, H, W]: the eps-ball around the original, intersected with [0, 1]
         sample = self._noise(x_t, generators).add_(x_t.unsqueeze(1)).clamp_(0.0, 1.0)
-        step_size = cfg.eps if cfg.inner_steps == 1 else 2.5 * cfg.eps / cfg.inner_steps
-        if cfg.inner_steps > 1:  # PGD samples stay within eps of where they started
-            start_lo, start_hi = _ball(sample, cfg.eps)
-        # channels-last is the layout oneDNN/cuDNN convolutions prefer; for inputs that the model resizes
-        # first, the copy would only cost time at full resolution
-        to_net = tuple(shape[-2:]) == tuple(getattr(self.backbone, "input_hw", ()))
-        for _ in range(cfg.inner_steps):
-            xs = sample.view(b * n, *shape)
-            if to_net:
-                xs = xs.contiguous(memory_format=torch.channels_last)
-            grad = self._loss_grad(xs, y_rep).view(b, n, *shape)
-            # in place saves a buffer; a compiled graph's output is left alone (CUDA graphs own that memory)
-            sign = grad.sign_() if self.compile == "off" else grad.sign()
-            sample.add_(sign, alpha=direction * step_size)
-            if cfg.inner_steps > 1:
-                _clip_(sample, start_lo, start_hi)
-        if cfg.sample_projection == "iterate":
-            _clip_(sample, *_ball(x_t.unsqueeze(1), cfg.eps))
-        _clip_(sample, lo0, hi0)
+        self._move_samples(sample, y_rep, x_t, bounds, direction)
         delta = sample.mean(dim=1) - x_t
         # forward: x + eta * delta_r; backward: x - eta * delta_a  (delta points along the attack)
+        return _clip_(x_t - direction * cfg.eta * delta, lo0.squeeze(1), hi0.squeeze(1))
+
+    def _step_in_chunks(
+        self,
+        x_t: torch.Tensor,
+        bounds: tuple[torch.Tensor, torch.Tensor],
+        y: torch.Tensor,
+        generators: list[list[torch.Generator]],
+        direction: float,
+    ) -> torch.Tensor:
+        """:meth:`_step` for images the backbone resizes: the samples go through in chunks of at most
+        ``SAMPLE_CHUNK_ELEMENTS`` elements and only their sum is kept, so memory does not grow with N."""
+        cfg = self.config
+        lo0, hi0 = bounds
+        per_sample = x_t.shape[0] * x_t[0].numel()
+        chunk = max(1, min(cfg.samples, SAMPLE_CHUNK_ELEMENTS // per_sample))
+        total = torch.zeros_like(x_t)
+        for first in range(0, cfg.samples, chunk):
+            samples = range(first, min(cfg.samples, first + chunk))
+            sample = self._sample_noise(x_t, generators, samples).add_(x_t.unsqueeze(1)).clamp_(0.0, 1.0)
+            self._move_samples(sample, y.repeat_interleave(len(samples)), x_t, bounds, direction)
+            total.add_(sample.sum(dim=1))
+            del sample
+        delta = total.div_(cfg.samples).sub_(x_t)
         return _clip_(x_t - direction * cfg.eta * delta, lo0.squeeze(1), hi0.squeeze(1))
 
     @torch.no_grad()
@@ -333,14 +396,20 @@ class FastPreemption:
         if y.shape != (x.shape[0],):
             raise ValueError(f"expected {x.shape[0]} labels, got shape {tuple(y.shape)}")
         x0 = x.to(self.device, torch.float32)
-        y_rep = y.to(self.device, torch.long).repeat_interleave(self.config.samples)
-        generators = self._generators(x0.shape[0], noise_seeds)
+        y = y.to(self.device, torch.long)
         bounds = _ball(x0.unsqueeze(1), self.config.eps)
         x_t = x0.clone()
+        input_hw = getattr(self.backbone, "input_hw", None)
+        if input_hw is not None and tuple(x0.shape[-2:]) != tuple(input_hw):  # resized by the model: photos
+            step, labels = self._step_in_chunks, y
+            generators: list = self._sample_generators(x0.shape[0], noise_seeds)
+        else:
+            step, labels = self._step, y.repeat_interleave(self.config.samples)
+            generators = self._generators(x0.shape[0], noise_seeds)
         # in train mode, BatchNorm would mix the images of a batch (and update its statistics)
         with eval_mode(self.backbone):
             for _ in range(self.config.forward_steps):
-                x_t = self._step(x_t, bounds, y_rep, generators, direction=-1.0)
+                x_t = step(x_t, bounds, labels, generators, direction=-1.0)
             for _ in range(self.config.backward_steps):
-                x_t = self._step(x_t, bounds, y_rep, generators, direction=+1.0)
+                x_t = step(x_t, bounds, labels, generators, direction=+1.0)
         return x_t
