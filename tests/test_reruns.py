@@ -91,5 +91,6 @@ def test_differing_settings_ignores_what_an_older_output_does_not_record() -> No
     now = {"backbone": "k", "backbone_sha256": "a" * 64, "eps": 8 / 255, "samples": 20, "seed": 0}
     assert differing_settings({"backbone": "k", "eps": 8 / 255}, now) == []
     assert differing_settings({"backbone": "other", "backbone_sha256": "a" * 64}, now) == []
-    assert differing_settings({"backbone": "k", "backbone_sha256": "b" * 64}, now) == [f"backbone k (sha256 {'b' * 12}) -> k (sha256 {'a' * 12})"]
+    retrained = differing_settings({"backbone": "k", "backbone_sha256": "b" * 64}, now)
+    assert retrained == [f"backbone k (sha256 {'b' * 12}) -> k (sha256 {'a' * 12})"]
     assert differing_settings({"eps": 4 / 255, "samples": 20}, now) == ["eps 4/255 -> 8/255"]

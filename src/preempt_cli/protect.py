@@ -180,7 +180,8 @@ def differing_settings(recorded: Mapping[str, Any], current: Mapping[str, Any]) 
         if not same:
             was, now = show(recorded, key), show(current, key)
             if was == now:  # one name, other weights (a retrained key): tell them apart by their hashes
-                was, now = f"{was} (sha256 {recorded['backbone_sha256'][:12]})", f"{now} (sha256 {current['backbone_sha256'][:12]})"
+                was = f"{was} (sha256 {recorded['backbone_sha256'][:12]})"
+                now = f"{now} (sha256 {current['backbone_sha256'][:12]})"
             changed.append(f"{key} {was} -> {now}")
     return changed
 
