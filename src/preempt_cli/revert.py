@@ -1,8 +1,10 @@
 """Preemptive Reversion (Algorithm 2): the adaptive attack on Fast Preemption.
 
 Given a protected image x^r, run the same defense again and subtract the second perturbation:
-``x~ = x^r - (D(x^r) - x^r) = 2 x^r - D(x^r)`` (Eq. 13). With the user's backbone and settings
-(white-box) this largely erases the protection; with another backbone (black-box) it should not.
+``x~ = x^r - (D(x^r) - x^r) = 2 x^r - D(x^r)`` (Eq. 13). The paper reports that with the user's backbone
+and settings (white-box) this largely erases the protection and with another backbone (black-box) it does
+not. Measured here (benchmarks/RESULTS.md), it erases it in neither case once the reverter labels the
+protected images itself, as this class does; handed the defender's labels, every backbone reverts alike.
 """
 
 from __future__ import annotations

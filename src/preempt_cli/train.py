@@ -1,8 +1,9 @@
 """Training backbones and classifiers: standard training, fast adversarial training and PGD-AT.
 
-A backbone is the user-side key of Fast Preemption: whoever holds its exact weights and settings can
-revert a protected image (white-box reversion), anyone else has to guess. This module lets users make
-their own keys instead of picking a public model an attacker can pick too:
+A backbone is the user-side key of Fast Preemption: in the paper's threat model whoever holds its exact
+weights and settings can revert a protected image (white-box reversion) and anyone else has to guess (on
+the models measured here reversion fails with or without the key: benchmarks/RESULTS.md). This module
+lets users make their own keys instead of picking a public model an attacker can pick too:
 
 * :func:`train` - training from scratch or fine-tuning from a registered model, with one of
   ``standard`` (clean cross-entropy), ``fgsm-rs`` (fast adversarial training: one FGSM step from a random
