@@ -207,6 +207,8 @@ def test_missing_file_named_directly_fails_with_exit_1(tmp_path: Path, registry:
         (["-b", "tiny-key"], "no classifier"),
         (["-b", "tiny-key", "-c", "tiny-labeller"], "sha256"),
         (["-b", "tiny-key", "--labels", "nofile.csv"], "--labels"),
+        (["-b", "tiny-key", "--labels", "backbone", "--max-pixels", "0"], "--max-pixels must be >= 1"),
+        (["-b", "tiny-key", "--labels", "backbone", "--max-pixels", "-5"], "--max-pixels must be >= 1"),
     ],
 )
 def test_usage_errors_exit_2_with_one_line(tmp_path: Path, registry: Path, args: list[str], message: str) -> None:
@@ -264,9 +266,12 @@ def test_revert_white_box_uses_the_recorded_key(tmp_path: Path, registry: Path) 
     plain = tmp_path / "r" / "img0.png"
     result = run(["revert", str(tmp_path / "r"), "--white-box", "--json", "--device", TEST_DEVICE_ARG], registry)
     rows = {Path(r["input"]).name: r for r in map(json.loads, result.stdout.splitlines())}
-    # Originals (no metadata) fail with a reason; protected files are reverted within eps of them.
-    assert result.exit_code == 1 and rows[plain.name]["status"] == "failed"
-    assert "no preempt metadata" in rows[plain.name]["reason"]
+    # Originals (no metadata) found by the folder walk are skipped; protected files are reverted within eps.
+    assert result.exit_code == 0 and rows[plain.name]["status"] == "skipped"
+    assert rows[plain.name]["reason"] == "not protected by preempt" and "error" not in result.stderr
+    # an original named directly fails with the reason
+    named = run(["revert", str(plain), "--white-box", "--json", "--device", TEST_DEVICE_ARG], registry)
+    assert named.exit_code == 1 and "no preempt metadata" in json.loads(named.stdout)["reason"]
     for name in ("img0.protected.png", "img1.protected.png"):
         assert rows[name]["status"] == "done"
         out = Path(rows[name]["output"])
@@ -685,3 +690,258 @@ def test_images_of_many_sizes_are_computed_as_they_come_not_all_held_to_the_end(
     assert [r.status for r in results] == ["done"] * len(sizes)
     # computing starts once 16 sizes wait (plus the files decoding ahead), long before the last is decoded
     assert at_first_batch[0] <= 17 + 64 < len(sizes)
+
+
+# -- streams: redirected stdout, pipes, unwrapped tables and logs, NUL-terminated paths -----------------------
+def _child_env() -> dict[str, str]:
+    """The environment of a ``preempt`` child process: no setting that would change what rich sees."""
+    import os
+
+    drop = {"FORCE_COLOR", "NO_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE", "COLUMNS", "PREEMPT_DEVICE",
+            "PREEMPT_BACKBONE", "PREEMPT_CLASSIFIER", "PREEMPT_DEBUG"}  # fmt: skip
+    return {**{k: v for k, v in os.environ.items() if k not in drop}, "TERM": "xterm-256color"}
+
+
+def test_results_stay_on_a_redirected_stdout_while_the_progress_bar_is_on_a_terminal(tmp_path: Path,
+                                                                                     registry: Path) -> None:  # fmt: skip
+    import os
+    import subprocess
+    import sys
+    import threading
+
+    pty = pytest.importorskip("pty")
+    _images(tmp_path / "in", n=2)
+    master, slave = pty.openpty()
+    terminal: list[bytes] = []
+
+    def drain() -> None:
+        while True:
+            try:
+                data = os.read(master, 4096)
+            except OSError:
+                return
+            if not data:
+                return
+            terminal.append(data)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "preempt_cli", "protect", str(tmp_path / "in"), *FAST,
+                               "--labels", "backbone", "--registry", str(registry)],
+                              stdin=slave, stdout=subprocess.PIPE, stderr=slave, env=_child_env(), timeout=300)  # fmt: skip
+    finally:
+        os.close(slave)
+        reader.join(10)
+        os.close(master)
+    shown = b"".join(terminal).decode(errors="replace")
+    assert proc.returncode == 0, shown
+    assert "\x1b[" in shown and "Protected 2" in shown  # stderr was a terminal: the bar was drawn there
+    assert proc.stdout.decode().splitlines() == [str(tmp_path / "in" / f"img{i}.protected.png") for i in (0, 1)]
+    assert ".protected.png" not in shown  # the results went to stdout, not to the terminal
+
+
+def test_the_progress_bar_moves_stdout_above_it_only_when_stdout_is_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+    import sys
+
+    from preempt_cli.cli import _common
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sys, "stdout", io.StringIO())
+    assert _common.progress_bar(quiet=False).live._redirect_stdout is False
+    monkeypatch.setattr(sys, "stdout", Tty())
+    assert _common.progress_bar(quiet=False).live._redirect_stdout is True
+
+
+def test_a_closed_pipe_stops_quietly_with_exit_141(tmp_path: Path, registry: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    import os
+    import subprocess
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # as `preempt ... | head -1` once head has exited
+    try:
+        proc = subprocess.run([sys.executable, "-m", "preempt_cli", "models", "list", "--json", "--registry",
+                               str(registry)], stdout=write_end, stderr=subprocess.PIPE, env=_child_env(),
+                              timeout=300)  # fmt: skip
+    finally:
+        os.close(write_end)
+    assert (proc.returncode, proc.stderr.decode()) == (141, "")
+    # a protect run stops at the first result it cannot print, with no error line
+    from preempt_cli.cli import _common
+
+    def closed(text: str, end: str = "\n") -> None:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    _images(tmp_path / "in", n=2)
+    monkeypatch.setattr(_common, "print_line", closed)
+    result = run(["protect", str(tmp_path / "in"), *FAST, "--labels", "backbone"], registry)
+    assert result.exit_code == 141 and "error" not in result.stderr
+
+
+def test_tables_and_logs_to_a_pipe_are_not_wrapped(tmp_path: Path, registry: Path) -> None:
+    names = [json.loads(x)["name"] for x in run(["models", "list", "--json"], registry).stdout.splitlines()]
+    table = run(["models", "list"], registry, env={"COLUMNS": "60"})
+    assert table.exit_code == 0
+    lines = table.stdout.splitlines()
+    assert len(lines) == 2 + len(names)  # header, rule, one line per model: nothing wrapped
+    assert [line.split()[0] for line in lines[2:]] == names  # names whole
+    assert all(line == line.rstrip() for line in lines)  # no padding to the table's width
+    # -v logs: one plain line each, paths whole
+    deep = tmp_path / ("a-rather-long-folder-name-" * 4) / "in"
+    (img,) = _images(deep, n=1)
+    assert run(["protect", str(deep), *FAST, "--labels", "backbone"], registry).exit_code == 0
+    again = run(["protect", str(deep), *FAST, "--labels", "backbone", "-v"], registry, env={"COLUMNS": "60"})
+    assert f"info: skipped {img}: " in again.stderr
+
+
+def test_print0_ends_output_paths_with_nul(tmp_path: Path, registry: Path) -> None:
+    _images(tmp_path / "in", n=2)
+    result = run(["protect", str(tmp_path / "in"), *FAST, "--labels", "backbone", "-0"], registry)
+    assert result.exit_code == 0
+    expected = [tmp_path / "in" / f"img{i}.protected.png" for i in (0, 1)]
+    assert result.stdout == "".join(f"{p}\0" for p in expected)
+    reverted = run(["revert", *map(str, expected), "--white-box", "--print0", "--device", TEST_DEVICE_ARG], registry)
+    assert reverted.exit_code == 0
+    assert reverted.stdout == "".join(f"{p.parent / p.stem}.reverted.png\0" for p in expected)
+    both = run(["protect", str(tmp_path / "in"), *FAST, "--labels", "backbone", "-0", "--json"], registry)
+    assert both.exit_code == 2 and "--print0" in both.stderr
+
+
+# -- revert --white-box: what comes from the metadata ---------------------------------------------------------
+def test_white_box_reversion_ignores_the_environments_backbone_and_refuses_given_settings(tmp_path: Path,
+                                                                                          registry: Path) -> None:  # fmt: skip
+    _images(tmp_path / "r", n=1)
+    assert run(["protect", str(tmp_path / "r"), *FAST, "--labels", "backbone"], registry).exit_code == 0
+    target = str(tmp_path / "r" / "img0.protected.png")
+    env = {"PREEMPT_BACKBONE": "no-such-model", "PREEMPT_CLASSIFIER": "no-such-model", "PREEMPT_DEVICE": "all"}
+    ok = run(["revert", target, "--white-box"], registry, env=env)  # protect's settings do not get in the way
+    assert ok.exit_code == 0, ok.stderr
+    for args, option in ((["--backbone", "tiny-key"], "--backbone"), (["-n", "2"], "--samples"),
+                         (["--eps", "4/255"], "--eps"), (["-c", "tiny-key"], "--classifier"),
+                         (["--preset", "paper"], "--preset"), (["--labels", "backbone"], "--labels")):  # fmt: skip
+        refused = run(["revert", target, "--white-box", "--overwrite", *args, "--device", TEST_DEVICE_ARG], registry)
+        assert refused.exit_code == 2, args
+        assert f"--white-box takes {option} from each file's metadata" in refused.stderr
+
+
+def test_white_box_reversion_uses_the_recorded_seed_unless_one_is_given(tmp_path: Path, registry: Path) -> None:
+    _images(tmp_path / "s", n=1)
+    assert run(["protect", str(tmp_path / "s"), *FAST, "--labels", "backbone", "--seed", "5"], registry).exit_code == 0
+    protected = tmp_path / "s" / "img0.protected.png"
+    reverted = tmp_path / "s" / "img0.protected.reverted.png"
+    assert run(["revert", str(protected), "--white-box", "--device", TEST_DEVICE_ARG], registry).exit_code == 0
+    assert json.loads(Image.open(reverted).text["preempt"])["seed"] == 5
+    assert run(["revert", str(protected), "--white-box", "--seed", "0", "--overwrite", "--device", TEST_DEVICE_ARG],
+               registry).exit_code == 0  # fmt: skip
+    assert json.loads(Image.open(reverted).text["preempt"])["seed"] == 0
+
+
+# -- outputs: own suffix, unusable --out-dir --------------------------------------------------------------------
+def test_a_folder_walk_leaves_out_outputs_of_the_chosen_suffix(tmp_path: Path, registry: Path) -> None:
+    _images(tmp_path / "sfx", n=1)
+    args = ["protect", str(tmp_path / "sfx"), *FAST, "--labels", "backbone", "--suffix", "_safe"]
+    assert run(args, registry).exit_code == 0
+    again = run([*args, "--overwrite", "--json"], registry)
+    assert [Path(json.loads(x)["input"]).name for x in again.stdout.splitlines()] == ["img0.png"]
+    assert sorted(p.name for p in (tmp_path / "sfx").iterdir()) == ["img0.png", "img0_safe.png"]
+
+
+@pytest.mark.parametrize("where", ["afile", "afile/sub"])
+def test_an_unusable_out_dir_is_refused_before_any_work(tmp_path: Path, registry: Path, where: str) -> None:
+    _images(tmp_path / "in", n=1)
+    (tmp_path / "afile").write_text("")
+    for command in (["protect", "--labels", "backbone"], ["revert", "--white-box"]):
+        # an unknown model would be the error if the models were loaded first
+        result = run([command[0], str(tmp_path / "in"), *command[1:], "-b" if command[0] == "protect" else "--seed",
+                      "no-such-model" if command[0] == "protect" else "0", "-o", str(tmp_path / where)], registry)  # fmt: skip
+        assert result.exit_code == 2
+        assert f"--out-dir {tmp_path / where}: not a folder" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+
+
+# -- models: convert, list --------------------------------------------------------------------------------------
+def test_models_convert_never_overwrites_its_input_and_replaces_an_output_only_with_force(tmp_path: Path) -> None:
+    net = create_arch("cifar_resnet20", num_classes=10)
+    ckpt = tmp_path / "ckpt.pt"
+    torch.save({"state_dict": net.state_dict()}, ckpt)
+    before = ckpt.read_bytes()
+    for args in ([str(ckpt), str(ckpt)], [str(ckpt), str(ckpt), "--force"], [str(ckpt), f"{tmp_path}/./ckpt.pt"]):
+        result = CliRunner().invoke(app, ["models", "convert", *args])
+        assert result.exit_code == 2 and "is the checkpoint itself" in result.stderr
+    assert ckpt.read_bytes() == before
+    out = tmp_path / "out.safetensors"
+    out.write_bytes(b"keep me")
+    result = CliRunner().invoke(app, ["models", "convert", str(ckpt), str(out)])
+    assert result.exit_code == 2 and "--force" in result.stderr and out.read_bytes() == b"keep me"
+    assert CliRunner().invoke(app, ["models", "convert", str(ckpt), str(out), "--force"]).exit_code == 0
+    assert out.read_bytes() != b"keep me"
+
+
+def test_models_convert_refuses_a_pickle_in_one_plain_line(tmp_path: Path) -> None:
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"x": Evil()}, tmp_path / "evil.pt")
+    result = CliRunner().invoke(app, ["models", "convert", str(tmp_path / "evil.pt"), str(tmp_path / "e.safetensors")])
+    assert result.exit_code == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert "\x1b" not in line and line.startswith(f"error: {tmp_path / 'evil.pt'}: ")
+    assert "weights_only" in line and "only if you trust the file" in line
+
+
+def test_models_list_verbose_and_roles(registry: Path) -> None:
+    verbose = run(["models", "list", "--verbose"], registry)
+    assert verbose.exit_code == 0
+    header = verbose.stdout.splitlines()[0].split()
+    assert {"sha256", "mean", "std", "revision", "registry"} <= set(header)
+    key_row = next(line for line in verbose.stdout.splitlines() if line.split()[0] == "tiny-key")
+    sha = json.loads(run(["models", "show", "tiny-key", "--json"], registry).stdout)["sha256"]
+    assert sha[:12] in key_row
+    bogus = run(["models", "list", "--role", "bogus"], registry)
+    assert bogus.exit_code == 2 and "backbone, classifier, victim" in bogus.stderr and not bogus.stdout
+
+
+def test_precision_help_gives_measured_figures() -> None:
+    result = CliRunner().invoke(app, ["protect", "--help"], env={"COLUMNS": "400"})
+    assert "1.8x" not in result.stdout and "H100" in result.stdout
+
+
+# -- eval: usage errors found before the work -------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--attack", "pgd:steps=abc"], "--attack pgd:steps=abc: invalid value"),
+        (["--attack", "fgsm"], "use pgd or aa"),
+        (["--csv", "{tmp}/afile/x.csv"], "--csv"),
+    ],
+)
+def test_eval_usage_errors_exit_2(tmp_path: Path, registry: Path, args: list[str], message: str) -> None:
+    (tmp_path / "afile").write_text("")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    result = run(["eval", str(tmp_path), "--victim", "no-such-model", "--out", str(tmp_path / "o"), *args], registry)
+    assert result.exit_code == 2 and message in result.stderr and "internal error" not in result.stderr
+    missing = run(["eval", str(tmp_path / "nope"), "--victim", "tiny-key"], registry)
+    assert missing.exit_code == 2 and f"{tmp_path / 'nope'}: no such folder" in missing.stderr
+
+
+def test_eval_csv_folder_is_created_and_victim_names_are_whole(tmp_path: Path, registry: Path) -> None:
+    _images(tmp_path / "data" / "cat", n=2)
+    victim = "tiny-victim-with-a-name-long-enough-to-be-cut-in-eighty-columns"
+    (tmp_path / "long.toml").write_text(f'[models.{victim}]\narch = "cifar_resnet20"\narch_args = {{ shortcut = '
+                                        f'"pad_end" }}\nclasses = "cifar10"\nsource = "file:{registry.parent}/'
+                                        'labeller.safetensors"\n')  # fmt: skip
+    csv_path = tmp_path / "new" / "sub" / "rows.csv"
+    result = run(["eval", str(tmp_path / "data"), "--victim", victim, "-b", "tiny-key", "--defense", "none",
+                  "--attack", "pgd:steps=1", "--csv", str(csv_path), "--out", str(tmp_path / "o"),
+                  "--device", TEST_DEVICE_ARG, "--registry", str(tmp_path / "long.toml")], registry)  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    assert csv_path.read_text().startswith("victim,")
+    (row,) = [line for line in result.stdout.splitlines() if "PGD" in line]
+    assert row.split()[0] == victim

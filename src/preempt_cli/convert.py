@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -31,25 +33,59 @@ def _find_state(obj: Any, key: str | None) -> dict[str, torch.Tensor]:
     return obj
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _load_refusal(checkpoint: Path, error: Exception) -> str:
+    """One plain line for a checkpoint ``torch.load(weights_only=True)`` refused: torch's own message spans
+    lines, with terminal escapes, and advises turning the protection off."""
+    text = _ANSI.sub("", str(error))
+    detail = text.partition("WeightsUnpickler error:")[2] or text
+    detail = next((line.strip() for line in detail.splitlines() if line.strip()), type(error).__name__)
+    detail = detail.split(". ")[0].rstrip(".")
+    if "Unsupported global" in detail:
+        return (f"{checkpoint}: refused by torch.load(weights_only=True): it holds pickled objects other than "
+                f"tensors ({detail}); only if you trust the file, load it with weights_only=False in Python, "
+                "torch.save its state dict alone and convert that file")  # fmt: skip
+    return f"{checkpoint}: cannot be loaded safely with weights_only=True ({detail}): not a PyTorch checkpoint?"
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist
+        return False
+
+
 def convert_checkpoint(
-    checkpoint: Path, output: Path, *, key: str | None = None, strip_prefixes: tuple[str, ...] = ("module.",)
+    checkpoint: Path,
+    output: Path,
+    *,
+    key: str | None = None,
+    strip_prefixes: tuple[str, ...] = ("module.",),
+    overwrite: bool = False,
 ) -> tuple[int, str]:
     """Write the state dict of ``checkpoint`` to ``output`` as safetensors; return (tensors, sha256).
 
     The checkpoint is read with ``torch.load(weights_only=True)``, which refuses arbitrary pickled objects.
-    Tensors that share memory (tied weights) are written as separate copies, so every key loads.
+    Tensors that share memory (tied weights) are written as separate copies, so every key loads. An existing
+    ``output`` is replaced only with ``overwrite``; the checkpoint itself never.
 
     Raises:
-        ConfigError: unreadable checkpoint, no state dict in it, or two keys that are the same once a prefix
-            is stripped.
+        ConfigError: ``output`` is the checkpoint, or exists without ``overwrite``; unreadable checkpoint, no
+            state dict in it, or two keys that are the same once a prefix is stripped.
         ImageWriteError: the output cannot be written.
     """
+    if _same_file(checkpoint, output) or (not output.exists() and checkpoint.absolute() == output.absolute()):
+        raise ConfigError(f"{output}: is the checkpoint itself; name another output file")
+    if output.exists() and not overwrite:
+        raise ConfigError(f"{output}: exists; pass --force to replace it")
     try:
         obj = torch.load(checkpoint, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise ConfigError(f"{checkpoint}: no such file") from None
     except Exception as e:  # weights_only refusals are UnpicklingError; corrupt files vary
-        raise ConfigError(f"{checkpoint}: cannot be loaded safely with weights_only=True ({e})") from e
+        raise ConfigError(_load_refusal(checkpoint, e)) from e
     state = _find_state(obj, key)
     clean: dict[str, torch.Tensor] = {}
     origin: dict[str, str] = {}

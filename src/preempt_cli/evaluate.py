@@ -206,7 +206,7 @@ class AttackSpec:
         head, _, rest = text.partition(":")
         kind = {"pgd": "pgd", "aa": "autoattack", "autoattack": "autoattack"}.get(head.strip().lower())
         if kind is None:
-            raise ConfigError(f"unknown attack {head!r}: use pgd or autoattack")
+            raise ConfigError(f"unknown attack {head!r}: use pgd or aa (also spelled autoattack)")
         options = _parse_options(rest)
         allowed = {"norm", "eps", "steps", "step_size", "restarts", "limit", "seed"} if kind == "pgd" else {
             "norm", "eps", "version", "limit", "seed"}  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -10,11 +11,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Iterator, Optional
 
+import torch
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
+from rich.progress import Progress
 
+from ..device import resolve_devices
 from ..errors import (
     ConfigError,
     HashMismatchError,
@@ -36,6 +40,11 @@ EXIT_OK = 0
 EXIT_FAILURES = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a command stopped by Ctrl-C
+# 128 + SIGPIPE: the reader of stdout went away (``preempt ... | head -1``). Python ignores SIGPIPE, so the
+# write fails with BrokenPipeError instead of killing the process; exiting quietly with the status a shell
+# reports for a tool killed by SIGPIPE (``find / | head -1``) keeps ``set -o pipefail`` scripts truthful
+# without claiming, as 1 would, that some inputs failed.
+EXIT_BROKEN_PIPE = 141
 
 #: One table maps library errors to exit codes (anything else is an internal error: 2, with a hint).
 ERROR_EXIT_CODES: dict[type[BaseException], int] = {
@@ -56,18 +65,42 @@ ERROR_EXIT_CODES: dict[type[BaseException], int] = {
 stdout = Console(soft_wrap=True, highlight=False)
 stderr = Console(stderr=True, soft_wrap=True, highlight=False)
 
+#: Width of tables written to a pipe or file: wide enough that no row is wrapped or cut (a terminal's own
+#: width is used on a terminal).
+UNWRAPPED_WIDTH = 10_000
+
 
 def debug_enabled() -> bool:
     return os.environ.get("PREEMPT_DEBUG", "") not in ("", "0")
 
 
+def _is_tty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):  # no isatty, or a closed stream
+        return False
+
+
+class _PlainFormatter(logging.Formatter):
+    """``level: message`` on one line, as the ``error:`` lines (for logs written to a pipe or a file)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{record.levelname.lower()}: {super().format(record)}"
+
+
 def setup_logging(verbose: int, quiet: bool) -> None:
-    """Route the library's logging to stderr through rich (the library itself never prints)."""
+    """Route the library's logging to stderr: through rich on a terminal, as plain unwrapped lines to a pipe
+    or a file (rich pads and wraps its log lines to 80 columns there, breaking long paths)."""
     level = logging.ERROR if quiet else logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
     root = logging.getLogger("preempt_cli")
     root.handlers.clear()
-    handler = RichHandler(console=stderr, show_time=False, show_path=False, markup=False)
-    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler: logging.Handler
+    if stderr.is_terminal:
+        handler = RichHandler(console=stderr, show_time=False, show_path=False, markup=False)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_PlainFormatter("%(message)s"))
     root.addHandler(handler)
     root.setLevel(level)
     root.propagate = False
@@ -88,6 +121,11 @@ def handle_errors() -> Iterator[None]:
         yield
     except (typer.Exit, typer.Abort):
         raise
+    except BrokenPipeError:
+        # The reader of stdout went away: stop quietly, as Unix tools do. Pointing stdout at /dev/null keeps
+        # the interpreter's final flush from failing again (the recipe of Python's signal module docs).
+        _silence_stdout()
+        raise typer.Exit(EXIT_BROKEN_PIPE) from None
     except KeyboardInterrupt:
         # outputs written so far are complete (atomic writes); a re-run skips them and does the rest
         error_line("interrupted: outputs written so far are complete; run again to do the rest")
@@ -105,15 +143,82 @@ def handle_errors() -> Iterator[None]:
         raise typer.Exit(EXIT_USAGE) from None
 
 
+def _silence_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (AttributeError, ValueError, OSError):  # stdout without a file descriptor (tests capture it)
+        pass
+
+
+def progress_bar(*columns: Any, quiet: bool) -> Progress:
+    """A progress bar on stderr, shown only on a terminal and without ``--quiet``.
+
+    Results printed while it runs stay on stdout: rich moves stdout writes above the bar only when stdout
+    is that terminal too; redirected (``> file``, ``| cat``), stdout is left alone, else its lines would go
+    to the terminal instead of the file. Writes to stderr are moved above the bar (the same stream).
+    """
+    return Progress(*columns, console=stderr, transient=True, disable=quiet or not stderr.is_terminal,
+                    redirect_stdout=_is_tty(sys.stdout), redirect_stderr=True)  # fmt: skip
+
+
+def print_table(table: Any) -> None:
+    """A rich table on stdout: fitted to a terminal; to a pipe or a file, unwrapped (cells kept whole) and
+    without the blanks that pad each line to the table's width."""
+    if stdout.is_terminal:
+        stdout.print(table)
+        return
+    wide = Console(file=io.StringIO(), width=UNWRAPPED_WIDTH, highlight=False, soft_wrap=True, color_system=None)
+    with wide.capture() as captured:
+        wide.print(table)
+    print_line("\n".join(line.rstrip() for line in captured.get().splitlines()))
+
+
+def check_out_dir(path: Path | None, option: str = "--out-dir") -> None:
+    """Refuse an output folder that cannot be used, before any work: a file of that name (or above it), or
+    a folder that cannot be written or created.
+
+    Raises:
+        ConfigError: the folder cannot hold outputs.
+    """
+    if path is None:
+        return
+    path = path.expanduser()
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        where = "" if existing == path else f" ({existing} is a file)"
+        raise ConfigError(f"{option} {path}: not a folder{where}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "cannot be written" if existing == path else f"cannot be created ({existing} is not writable)"
+        raise ConfigError(f"{option} {path}: {what}")
+
+
+def one_device(spec: str) -> torch.device:
+    """The device of a command that computes on one: ``spec`` as ``--device`` of protect takes it (a list, or
+    ``all``, as ``PREEMPT_DEVICE`` may hold for protect), its first device.
+
+    Raises:
+        ConfigError: a device is unknown or unavailable.
+    """
+    devices = resolve_devices(spec)
+    if len(devices) > 1:
+        logging.getLogger("preempt_cli.cli").info("computing on %s, the first device of %r", devices[0], spec)
+    return devices[0]
+
+
 def print_json(obj: Any) -> None:
     """One JSON object per line on stdout."""
     print_line(json.dumps(obj, sort_keys=False, default=str))
 
 
-def print_line(text: str) -> None:
-    """One line on stdout, flushed (a pipeline downstream sees each result as it comes). Plain writes, not
-    rich's: rendering a line took ~35 us, a tenth of what an H100 spends on a small image."""
-    sys.stdout.write(text + "\n")
+def print_line(text: str, end: str = "\n") -> None:
+    """One line on stdout (ended by ``end``: ``"\\0"`` for ``--print0``), flushed (a pipeline downstream sees
+    each result as it comes). Plain writes, not rich's: rendering a line took ~35 us, a tenth of what an
+    H100 spends on a small image."""
+    sys.stdout.write(text + end)
     sys.stdout.flush()
 
 
@@ -132,7 +237,8 @@ RegistryOpt = Annotated[
     typer.Option("--registry", help="Extra registry file (TOML) adding or overriding models; repeatable."),
 ]
 DeviceOpt = Annotated[
-    str, typer.Option("--device", help="auto, cpu, cuda or cuda:I.", envvar="PREEMPT_DEVICE", show_envvar=True)
+    str, typer.Option("--device", help="auto, cpu, cuda or cuda:I (a list or all, as protect takes: the first "
+                      "of them; this command computes on one device).", envvar="PREEMPT_DEVICE", show_envvar=True)
 ]
 DevicesOpt = Annotated[
     str,

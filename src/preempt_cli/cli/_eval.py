@@ -5,15 +5,16 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from ..evaluate import AttackSpec, DefenseSpec, Evaluator, load_dataset, reversion_protocol
-from ..errors import ConfigError
+from ..errors import ConfigError, PreemptError
 from . import _common as c
 from ._files import BackboneOpt, ClassifierOpt, SeedOpt, _defaults, _model_cache, _setup_torch
 
@@ -71,6 +72,44 @@ def _write_report(out: Path, rows: list[dict[str, Any]], evaluator: Evaluator, d
     return path
 
 
+def _attack(text: str) -> AttackSpec:
+    """``--attack TEXT`` parsed; a value that does not parse is a usage error naming the option.
+
+    Raises:
+        ConfigError: unknown attack, option or value.
+    """
+    try:
+        return AttackSpec.parse(text)
+    except PreemptError as e:
+        raise ConfigError(f"--attack {text}: {e}") from e
+    except (TypeError, ValueError) as e:  # a value of the wrong type (steps=abc)
+        raise ConfigError(f"--attack {text}: invalid value ({e})") from e
+
+
+def _check_outputs(data: Path, out: Path, csv_path: Path | None) -> None:
+    """Problems found before any model loads: a missing DATA folder, an output folder or CSV file that
+    cannot be written (the CSV's folder is created).
+
+    Raises:
+        ConfigError: one of them.
+    """
+    if not data.exists():
+        raise ConfigError(f"{data}: no such folder")
+    c.check_out_dir(out, "--out")
+    if csv_path is not None:
+        if csv_path.is_dir():
+            raise ConfigError(f"--csv {csv_path}: is a folder; name the CSV file to write")
+        try:
+            csv_path.parent.mkdir(parents=True, exist_ok=True)
+        except FileExistsError as e:
+            raise ConfigError(f"--csv {csv_path}: cannot create its folder: {csv_path.parent} or a folder above "
+                              "it is a file") from e  # fmt: skip
+        except OSError as e:
+            raise ConfigError(f"--csv {csv_path}: cannot create its folder ({e.strerror})") from e
+        if not os.access(csv_path.parent, os.W_OK | os.X_OK):
+            raise ConfigError(f"--csv {csv_path}: its folder cannot be written")
+
+
 def eval_cmd(
     data: Annotated[Path, typer.Argument(help="ImageFolder directory, or a folder of files with --labels-file.")],
     victim: Annotated[list[str], typer.Option("--victim", help="Victim model (repeatable).")],
@@ -121,13 +160,14 @@ def eval_cmd(
         backbone, classifier = _defaults(backbone, classifier, "classifier", registry, required=False)  # the built-in models
         defaults = {"backbone": backbone, "classifier": classifier, "seed": str(seed)}
         defenses = [DefenseSpec.parse(d, defaults) for d in (defense or (["fp"] if reversion else ["none", "fp"]))]
-        attacks = [AttackSpec.parse(a) for a in (attack or ["pgd"])]
+        attacks = [_attack(a) for a in (attack or ["pgd"])]
         if batch_size is not None and batch_size < 1:
             raise ConfigError("--batch-size must be >= 1")
         if limit is not None and limit < 1:
             raise ConfigError("--limit must be >= 1")
         if reversion and (len(defenses) != 1 or defenses[0].kind != "fast-preemption"):
             raise ConfigError("--reversion takes exactly one fp defense")
+        _check_outputs(data, out, csv_path)
         torch_device = _setup_torch(device)
         load = _model_cache(torch_device, models_dir, registry)
 
@@ -160,13 +200,13 @@ def eval_cmd(
                         p_value = res["p_value"].get(stage)
                         table.add_row(stage, f"{acc:.2f}", "" if p_value is None else f"{p_value:.2g}",
                                       res["verdict"].get(stage, ""), result["reverter_labels"].get(stage, ""))  # fmt: skip
-                    c.stdout.print(table)
+                    c.print_table(table)
             raise typer.Exit(c.EXIT_OK)
 
         total = len(defenses) * len(victim) * len(attacks)
         rows: list[dict[str, Any]] = []
-        progress = Progress(TextColumn("[bold]Evaluating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                            console=c.stderr, transient=True, disable=quiet or not c.stderr.is_terminal)  # fmt: skip
+        progress = c.progress_bar(TextColumn("[bold]Evaluating"), BarColumn(), MofNCompleteColumn(),
+                                  TimeElapsedColumn(), quiet=quiet)  # fmt: skip
         with progress:
             task = progress.add_task("cells", total=total)
             for row in evaluator.grid(victim, defenses, attacks):
@@ -185,11 +225,13 @@ def eval_cmd(
         if not json_out:
             table = Table(header_style="bold", show_edge=False)
             cols = ["victim", "defense", "attack", "n", "clean_acc", "robust_acc", "seconds_per_image", "linf", "ssim"]
-            for col in cols:
-                table.add_column(col.replace("_", " "), justify="right" if col not in cols[:3] else "left")
+            for col in cols:  # names (victim, defense, attack) whole, on one line: numbers give way first
+                name = col in cols[:3]
+                table.add_column(col.replace("_", " "), justify="left" if name else "right", no_wrap=name,
+                                 overflow="fold" if name else "ellipsis")  # fmt: skip
             for r in rows:
                 table.add_row(*(_fmt(r.get(k)) for k in cols))
-            c.stdout.print(table)
+            c.print_table(table)
         if not quiet:
             c.stderr.print(f"Report: {report}", markup=False)
     raise typer.Exit(c.EXIT_OK)

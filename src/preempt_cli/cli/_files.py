@@ -9,16 +9,16 @@ from typing import Annotated, Any, Callable, Iterable, Iterator, Optional
 
 import torch
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
-from ..device import default_cpu_threads, resolve_device, resolve_devices
+from ..device import default_cpu_threads, resolve_devices
 from ..engine import PRESETS, ForeBackConfig, parse_eps
 from ..errors import ConfigError, PreemptError, UnknownModelError
-from ..imageio import DEFAULT_MAX_PIXELS
-from ..inputs import OUTPUT_MARKERS, InputFile, collect_inputs, parse_shard
+from ..imageio import DEFAULT_MAX_PIXELS, read_png_text
+from ..inputs import OUTPUT_MARKERS, InputFile, collect_inputs, in_shard, parse_shard
 from ..labels import LabelMap, read_label_file
 from ..models import ImageModel, load_model
-from ..protect import FileResult, Protector, RunOptions, read_preempt_metadata_file, run_on_devices
+from ..protect import METADATA_KEY, FileResult, Protector, RunOptions, read_preempt_metadata_file, run_on_devices
 from ..registry import DEFAULT_BACKBONE, DEFAULT_CLASSIFIER, get_model_config
 from ..revert import Reverter, white_box_settings
 from . import _common as c
@@ -48,8 +48,9 @@ LabelsOpt = Annotated[
 PresetOpt = Annotated[
     str, typer.Option("--preset", help=f"Named settings: {', '.join(PRESETS)} (paper: eta 0.7, F1-B2, N 20).")
 ]
-EpsOpt = Annotated[Optional[str], typer.Option("--eps", help="L-inf budget, e.g. 8/255 or 0.0314 (default: the "
-                                                "paper's for the backbone's dataset, 8/255 CIFAR-10, 4/255 ImageNet).")]
+EpsOpt = Annotated[Optional[str], typer.Option("--eps", help="L-inf budget: 8/255, 0.0314, or a whole number of "
+                                                "levels (8 = 8/255; 1 = 1/255) (default: the paper's for the "
+                                                "backbone's dataset, 8/255 CIFAR-10, 4/255 ImageNet).")]
 EtaOpt = Annotated[Optional[float], typer.Option("--eta", help="Learning rate eta (default: from --preset).")]
 ForwardOpt = Annotated[Optional[int], typer.Option("--forward", help="Forward steps T-> (default: from --preset).")]
 BackwardOpt = Annotated[Optional[int], typer.Option("--backward", help="Backward steps T<- (default: from --preset).")]
@@ -57,8 +58,8 @@ SamplesOpt = Annotated[Optional[int], typer.Option("--samples", "-n", help="Nois
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the noise; same seed + device = same output.")]
 PrecisionOpt = Annotated[
     str,
-    typer.Option("--precision", help="Backbone passes in fp32, bf16 (autocast; ~1.8x faster on CPUs with "
-                 "AVX512-BF16/AMX and on GPUs), or auto (bf16 where native)."),
+    typer.Option("--precision", help="Backbone passes in fp32, bf16 (autocast; 1.4-1.6x the fp32 rate measured "
+                 "on an H100, 1.8-2.0x on a CPU with AVX512-BF16), or auto (bf16 where native)."),
 ]  # fmt: skip
 BatchOpt = Annotated[
     Optional[int],
@@ -73,6 +74,10 @@ OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existin
 MaxPixelsOpt = Annotated[
     int, typer.Option("--max-pixels", help="Refuse larger images (decompression-bomb protection).")
 ]
+Print0Opt = Annotated[
+    bool, typer.Option("--print0", "-0", help="End each output path with a NUL instead of a newline (as find "
+                       "-print0; for xargs -0 and names with newlines).")
+]  # fmt: skip
 WorkersOpt = Annotated[
     Optional[int],
     typer.Option("--workers", help="Threads or processes (--io) decoding and encoding images (default: one per CPU, "
@@ -100,7 +105,8 @@ ShardOpt = Annotated[
 
 
 def _setup_torch(device_spec: str) -> torch.device:
-    device = resolve_device(device_spec)
+    """The one device of revert, eval, train and keygen (of a list or ``all``: the first), with CPU threads set."""
+    device = c.one_device(device_spec)
     if device.type == "cpu":
         torch.set_num_threads(default_cpu_threads())
     return device
@@ -163,15 +169,16 @@ def _model_cache(device: torch.device, models_dir: Path | None, registry: list[P
     return load
 
 
-def _drive(results: Iterable[FileResult], total: int, *, verb: str, json_out: bool, quiet: bool) -> int:
-    """Print results as they come (stdout), progress and summary (stderr); return the exit code."""
+def _drive(results: Iterable[FileResult], total: int, *, verb: str, json_out: bool, quiet: bool,
+           print0: bool = False) -> int:  # fmt: skip
+    """Print results as they come (stdout: output paths, one a line or NUL-terminated with ``print0``, or
+    JSON lines), progress and summary (stderr); return the exit code."""
     counts = {"done": 0, "skipped": 0, "failed": 0}
     start = time.perf_counter()
     show_progress = c.stderr.is_terminal and not quiet
-    progress = Progress(
+    progress = c.progress_bar(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=c.stderr, transient=True,
-        disable=not show_progress,
+        TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), quiet=quiet,
     )  # fmt: skip
     with progress:
         task = progress.add_task(verb.capitalize(), total=total, rate="")
@@ -180,7 +187,7 @@ def _drive(results: Iterable[FileResult], total: int, *, verb: str, json_out: bo
             if json_out:
                 c.print_json(result.as_dict())
             elif result.status == "done":
-                c.print_line(str(result.output))
+                c.print_line(str(result.output), end="\0" if print0 else "\n")
             if result.status == "failed":
                 c.error_line(f"{result.input}: {result.reason}")
             elif result.status == "skipped" and not quiet and not json_out:
@@ -191,7 +198,10 @@ def _drive(results: Iterable[FileResult], total: int, *, verb: str, json_out: bo
                 progress.update(task, advance=1, rate=f"{rate:.1f} img/s")
     elapsed = time.perf_counter() - start
     if not quiet:
-        rate = f" ({counts['done'] / elapsed:.1f} images/s)" if counts["done"] and elapsed > 0 else ""
+        per_second = counts["done"] / elapsed if elapsed > 0 else 0.0
+        # photos on a CPU take seconds each: "0.0 images/s" would say nothing
+        rate = "" if not counts["done"] else (f" ({per_second:.1f} images/s)" if per_second >= 1
+                                              else f" ({elapsed / counts['done']:.1f} s per image)")  # fmt: skip
         c.stderr.print(
             f"{verb.capitalize()} {counts['done']}, skipped {counts['skipped']}, failed {counts['failed']} "
             f"in {elapsed:.1f} s{rate}.",
@@ -205,11 +215,28 @@ def _workers(workers: int | None) -> dict[str, int]:
     return {} if workers is None else {"workers": workers}
 
 
-def _collect(paths: list[str], skip_markers: tuple[str, ...] = OUTPUT_MARKERS) -> list[InputFile]:
+def _collect(paths: list[str], skip_markers: tuple[str, ...] = OUTPUT_MARKERS, *, suffix: str = "") -> list[InputFile]:
+    """The inputs; folder walks leave out preempt's outputs: the usual names and those of this run's
+    ``--suffix`` (else a second run with ``--suffix _safe --overwrite`` would protect ``a_safe.png`` again)."""
+    if suffix and suffix not in skip_markers:
+        skip_markers = (*skip_markers, suffix)
     items = collect_inputs(paths, skip_markers=skip_markers)
     if not items:
         raise ConfigError("no images found in the given paths")
     return items
+
+
+def _check_run(out_dir: Path | None, max_pixels: int, json_out: bool, print0: bool) -> None:
+    """Usage errors of protect and revert found before any model loads or image is computed.
+
+    Raises:
+        ConfigError: an option value that cannot work.
+    """
+    if max_pixels < 1:
+        raise ConfigError(f"--max-pixels must be >= 1 (got {max_pixels})")
+    if json_out and print0:
+        raise ConfigError("--print0 and --json exclude each other (JSON lines never hold a raw newline)")
+    c.check_out_dir(out_dir)
 
 
 PROTECT_EPILOG = """\
@@ -252,12 +279,14 @@ def protect(
     models_dir: c.ModelsDirOpt = None,
     registry: c.RegistryOpt = None,
     json_out: c.JsonOpt = False,
+    print0: Print0Opt = False,
     quiet: c.QuietOpt = False,
     verbose: c.VerboseOpt = 0,
 ) -> None:
     """Protect images with Fast Preemption; writes <stem>.protected.png next to each original."""
     c.setup_logging(verbose, quiet)
     with c.handle_errors():
+        _check_run(out_dir, max_pixels, json_out, print0)
         config = _config(preset, eps, eta, forward, backward, samples, backbone=backbone or DEFAULT_BACKBONE,
                          registry=registry)  # fmt: skip
         label_source = _labels(labels)
@@ -267,7 +296,7 @@ def protect(
         backbone, classifier = _defaults(backbone, classifier, label_source, registry)
         if classifier is not None and classifier == backbone:
             _logger.warning("classifier and backbone are the same model; the method expects them to differ")
-        items = _collect(paths)
+        items = _collect(paths, suffix=suffix)
         devices = resolve_devices(device)
         if any(d.type == "cpu" for d in devices):
             torch.set_num_threads(default_cpu_threads())
@@ -280,7 +309,7 @@ def protect(
         ]  # fmt: skip
         try:
             code = _drive(run_on_devices(protectors, items, options), len(items), verb="protected",
-                          json_out=json_out, quiet=quiet)  # fmt: skip
+                          json_out=json_out, quiet=quiet, print0=print0)  # fmt: skip
         finally:
             for protector in protectors:
                 protector.close()
@@ -290,39 +319,70 @@ def protect(
 REVERT_EPILOG = """\
 [bold]Examples[/]
 
+  preempt revert ./photos --white-box
+
   preempt revert ./photos/*.protected.png --white-box
 
   preempt revert img.protected.png --backbone cifar10-resnet20-pgdat-b --classifier cifar10-resnet18-std
+
+With --white-box, the backbone, classifier, settings and seed come from each file's metadata; a folder walk
+skips the files without it (the originals), while files named directly fail.
 """
 
 
-def _white_box_groups(items: list[InputFile]) -> Iterator[tuple[dict[str, Any] | None, str | None, list[InputFile]]]:
-    """Group inputs by the defense recorded in their metadata: (metadata, why it cannot be used, files)."""
+#: Why a file found by a folder walk is left out of a white-box reversion.
+NOT_PROTECTED = "not protected by preempt"
+
+
+def _not_protected(item: InputFile) -> bool:
+    """Whether ``item`` is no protected image at all, and so left out of a white-box reversion: found by a
+    folder walk (a file named directly is meant), without preempt metadata, and not named as protect's
+    outputs are (``*.protected.png``: one whose metadata was stripped fails with the reason instead)."""
+    if item.root is None or (item.path.suffix.lower() == ".png" and item.path.stem.endswith(".protected")):
+        return False
+    return METADATA_KEY not in read_png_text(item.path, key=METADATA_KEY)
+
+
+WhiteBoxGroup = tuple[dict[str, Any] | None, str | None, bool, list[InputFile]]
+
+
+def _white_box_groups(items: list[InputFile]) -> Iterator[WhiteBoxGroup]:
+    """Group inputs by the defense recorded in their metadata: (metadata, why it cannot be used, whether
+    its files are skipped rather than failed, files).
+
+    Files of a folder walk that are no protected images (the originals beside them, preempt's reverted
+    images) are skipped; files named directly fail with the reason."""
     import json
 
-    groups: dict[str, tuple[dict[str, Any] | None, str | None, list[InputFile]]] = {}
+    groups: dict[str, WhiteBoxGroup] = {}
     for item in items:
         meta = read_preempt_metadata_file(item.path)
         problem = "no preempt metadata (not protected by preempt?): revert it black-box with --backbone NAME"
-        if meta is None or meta.get("kind") != "protected":
-            meta = None
+        skip = False
+        if meta is None:
+            if _not_protected(item):
+                problem, skip = NOT_PROTECTED, True
+        elif meta.get("kind") != "protected":
+            problem = f"not a protected image (preempt metadata of a {meta.get('kind')!r} image)"
+            meta, skip = None, item.root is not None
         else:
             try:
                 settings = white_box_settings(meta)
                 problem = None
             except KeyError as e:
                 meta, problem = None, f"preempt metadata without the setting {e.args[0]!r}: revert it black-box"
-        key = problem if meta is None else json.dumps(
+        key = f"{skip}:{problem}" if meta is None else json.dumps(
             {k: meta.get(k) for k in ("backbone", "classifier", "labels", "seed", "preset")} | settings,
             sort_keys=True, default=str,
         )  # fmt: skip
-        groups.setdefault(key, (meta, problem, []))[2].append(item)
+        groups.setdefault(key, (meta, problem, skip, []))[3].append(item)
     yield from groups.values()
 
 
-def _white_box_reverter(meta: dict[str, Any], model: Callable[[str], Any], seed: int, precision: str | None,
+def _white_box_reverter(meta: dict[str, Any], model: Callable[[str], Any], seed: int | None, precision: str | None,
                         compile: str, files: int) -> Reverter:  # fmt: skip
-    """The defense recorded in a protected file, as its attacker would run it again.
+    """The defense recorded in a protected file, as its attacker would run it again: its models, settings
+    and seed (``seed`` and ``precision``, where given, replace the recorded ones).
 
     Raises:
         PreemptError, TypeError, ValueError: a recorded model cannot be loaded, or a setting is not valid.
@@ -335,12 +395,39 @@ def _white_box_reverter(meta: dict[str, Any], model: Callable[[str], Any], seed:
     clf = model(meta["classifier"]) if meta.get("classifier") else None
     settings = white_box_settings(meta)
     recorded_precision = settings.pop("precision")
+    if seed is None:  # files made before the seed was recorded: protect's default
+        seed = meta.get("seed", 0)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"recorded seed {seed!r} is not an integer")
     return Reverter(bb, clf, config=ForeBackConfig(**settings), seed=seed,
                     labels="classifier" if clf is not None else "backbone", preset=meta.get("preset"),
                     precision=precision or recorded_precision, compile=compile)  # fmt: skip
 
 
+#: Options a white-box reversion takes from each file's metadata instead (parameter: option).
+WHITE_BOX_RECORDED = {"backbone": "--backbone", "classifier": "--classifier", "labels": "--labels",
+                      "preset": "--preset", "eps": "--eps", "eta": "--eta", "forward": "--forward",
+                      "backward": "--backward", "samples": "--samples"}  # fmt: skip
+
+
+def _check_white_box(ctx: typer.Context) -> None:
+    """Refuse settings given on the command line that a white-box reversion would ignore (those of the
+    environment, ``PREEMPT_BACKBONE`` and ``PREEMPT_CLASSIFIER``, are for protect: they are ignored).
+
+    Raises:
+        ConfigError: such an option was given.
+    """
+    # by name: typer vendors its own copy of click, whose ParameterSource is not click's
+    given = [opt for name, opt in WHITE_BOX_RECORDED.items()
+             if getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"]  # fmt: skip
+    if given:
+        them = "it" if len(given) == 1 else "them"
+        raise ConfigError(f"--white-box takes {', '.join(given)} from each file's metadata; drop {them} "
+                          "(or revert black-box with --backbone NAME)")  # fmt: skip
+
+
 def revert(
+    ctx: typer.Context,
     paths: PathsArg,
     white_box: Annotated[bool, typer.Option("--white-box", help="Use the backbone, classifier and settings "
                                             "recorded in each protected PNG (the attacker holds the key).")] = False,
@@ -353,7 +440,8 @@ def revert(
     forward: ForwardOpt = None,
     backward: BackwardOpt = None,
     samples: SamplesOpt = None,
-    seed: SeedOpt = 0,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of the noise (default: 0; --white-box: the "
+                                                "seed recorded in each file).")] = None,
     precision: Annotated[
         Optional[str], typer.Option("--precision", help="fp32, bf16 or auto (default: fp32; --white-box: as recorded).")
     ] = None,
@@ -371,20 +459,22 @@ def revert(
     models_dir: c.ModelsDirOpt = None,
     registry: c.RegistryOpt = None,
     json_out: c.JsonOpt = False,
+    print0: Print0Opt = False,
     quiet: c.QuietOpt = False,
     verbose: c.VerboseOpt = 0,
 ) -> None:
     """Preemptive Reversion (x~ = 2 x^r - D(x^r)): white-box with the same backbone, black-box with another."""
     c.setup_logging(verbose, quiet)
     with c.handle_errors():
+        _check_run(out_dir, max_pixels, json_out, print0)
         options = RunOptions(out_dir=out_dir, suffix=suffix, overwrite=overwrite, batch_size=batch_size,
                              max_pixels=max_pixels, shard=parse_shard(shard), fsync=fsync, io=io,
                              **_workers(workers))  # fmt: skip
-        if white_box and backbone is not None:
-            raise ConfigError("--white-box takes the backbone from each file's metadata; drop --backbone")
-        if not white_box and backbone is None:
+        if white_box:
+            _check_white_box(ctx)
+        elif backbone is None:
             raise ConfigError("pass --white-box, or --backbone NAME for a black-box reversion")
-        items = _collect(paths, skip_markers=Reverter.skip_markers)
+        items = _collect(paths, skip_markers=Reverter.skip_markers, suffix=suffix)
         model = _model_cache(_setup_torch(device), models_dir, registry)
 
         def runs() -> Iterator[FileResult]:
@@ -395,17 +485,18 @@ def revert(
                 config = _config(preset, eps, eta, forward, backward, samples, backbone=backbone,
                                  registry=registry)  # fmt: skip
                 clf = model(classifier) if label_source == "classifier" else None
-                reverter = Reverter(model(backbone), clf, config=config, seed=seed, labels=label_source,
-                                    preset=preset, precision=precision or "fp32", compile=compile)  # fmt: skip
+                reverter = Reverter(model(backbone), clf, config=config, seed=0 if seed is None else seed,
+                                    labels=label_source, preset=preset, precision=precision or "fp32",
+                                    compile=compile)  # fmt: skip
                 try:
                     yield from reverter.run(items, options)
                 finally:
                     reverter.close()
                 return
-            for meta, problem, group in _white_box_groups(items):
+            for meta, problem, skip, group in _white_box_groups([i for i in items if in_shard(i, options.shard)]):
                 if meta is None:
                     for item in group:
-                        yield FileResult(item.path, "failed", reason=problem)
+                        yield FileResult(item.path, "skipped" if skip else "failed", reason=problem)
                     continue
                 try:
                     reverter = _white_box_reverter(meta, model, seed, precision, compile, len(group))
@@ -418,5 +509,5 @@ def revert(
                 finally:
                     reverter.close()
 
-        code = _drive(runs(), len(items), verb="reverted", json_out=json_out, quiet=quiet)
+        code = _drive(runs(), len(items), verb="reverted", json_out=json_out, quiet=quiet, print0=print0)
     raise typer.Exit(code)

@@ -11,10 +11,9 @@ import typer
 from rich.table import Table
 
 from ..convert import convert_checkpoint
-from ..device import resolve_device
-from ..errors import PreemptError
+from ..errors import ConfigError, PreemptError
 from ..models import load_model
-from ..registry import ModelConfig, get_model_config, load_registry, registry_files, user_registry_path
+from ..registry import ROLES, ModelConfig, get_model_config, load_registry, registry_files, user_registry_path
 from . import _common as c
 
 app = typer.Typer(
@@ -45,26 +44,55 @@ def _row(cfg: ModelConfig) -> dict[str, Any]:
     }
 
 
-@app.command("list", epilog="[bold]Examples[/]\n\n  preempt models list\n\n  preempt models list --role backbone --json")
+def _floats(values: tuple[float, ...] | None) -> str:
+    return ",".join(f"{v:g}" for v in values) if values else "-"
+
+
+#: ``models list`` columns: (header, value); the first ones always, the others with --verbose.
+_COLUMNS: list[tuple[str, Any]] = [
+    ("name", lambda m: m.name),
+    ("role", lambda m: m.role),
+    ("arch", lambda m: m.arch),
+    ("dataset", lambda m: m.dataset),
+    ("input", lambda m: "x".join(map(str, m.input_size))),
+    ("source", lambda m: str(m.source)),
+]
+_VERBOSE_COLUMNS: list[tuple[str, Any]] = [
+    ("classes", lambda m: str(m.num_classes)),
+    ("mean", lambda m: _floats(m.mean)),
+    ("std", lambda m: _floats(m.std)),
+    ("revision", lambda m: m.source.revision or "-"),
+    ("sha256", lambda m: m.sha256[:12] if m.sha256 else "-"),
+    ("registry", lambda m: str(m.registry_file) if m.registry_file else "-"),
+]
+
+
+@app.command("list", epilog="[bold]Examples[/]\n\n  preempt models list\n\n  preempt models list --role backbone --json"
+             "\n\n  preempt models list --verbose")
 def list_cmd(
     role: Annotated[Optional[str], typer.Option("--role", help="Only backbone, classifier or victim.")] = None,
     registry: c.RegistryOpt = None,
     json_out: c.JsonOpt = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="More columns: classes, mean/std, revision, "
+                                          "sha256 pin, registry file.")] = False,
 ) -> None:
     """List registered models."""
     with c.handle_errors():
+        if role is not None and role not in ROLES:
+            raise ConfigError(f"unknown --role {role!r}: use {', '.join(ROLES[:-1])} or {ROLES[-1]}")
         models = load_registry(registry or ())
         rows = [m for m in sorted(models.values(), key=lambda m: m.name) if role is None or m.role in (role, "any")]
         if json_out:
             for m in rows:
                 c.print_json(_row(m))
             return
+        columns = _COLUMNS + (_VERBOSE_COLUMNS if verbose else [])
         table = Table(title=None, show_edge=False, header_style="bold")
-        for col in ("name", "role", "arch", "dataset", "input", "source"):
-            table.add_column(col, overflow="fold")
+        for header, _ in columns:  # names whole, on one line; others fold on a narrow terminal
+            table.add_column(header, no_wrap=header == "name", overflow="fold")
         for m in rows:
-            table.add_row(m.name, m.role, m.arch, m.dataset, "x".join(map(str, m.input_size)), str(m.source))
-        c.stdout.print(table)
+            table.add_row(*(value(m) for _, value in columns))
+        c.print_table(table)
         files = ", ".join(str(p) for p in registry_files(registry or ()))
         c.stderr.print(f"registries: {files} (user registry: {user_registry_path()})", markup=False)
 
@@ -100,7 +128,7 @@ def verify_cmd(
     """Check a model: find its weights, verify the sha256 pin, load them, run one forward pass."""
     failed = 0
     with c.handle_errors():
-        torch_device = resolve_device(device)
+        torch_device = c.one_device(device)
         for name in names:  # each model is reported on its own; one broken row does not stop the others
             start = time.perf_counter()
             try:
@@ -147,8 +175,9 @@ def convert_cmd(
     strip_prefix: Annotated[
         list[str], typer.Option("--strip-prefix", help="Prefix to remove from keys (default: module.).")
     ] = ["module."],  # noqa: B006 - typer reads the default
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output (never the checkpoint).")] = False,
 ) -> None:
     """Convert a PyTorch checkpoint to safetensors, loading it with torch.load(weights_only=True)."""
     with c.handle_errors():
-        n, sha = convert_checkpoint(checkpoint, output, key=key, strip_prefixes=tuple(strip_prefix))
+        n, sha = convert_checkpoint(checkpoint, output, key=key, strip_prefixes=tuple(strip_prefix), overwrite=force)
         c.stdout.print(f"{output} ({n} tensors, sha256 {sha})", markup=False)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
 from ..engine import parse_eps
 from ..errors import ConfigError
@@ -71,8 +71,8 @@ MaxBatchesOpt = Annotated[Optional[int], typer.Option("--max-batches", help="Sto
 
 def _reporter(json_out: bool, quiet: bool):
     """Callbacks that show a progress bar per epoch and one line per finished epoch."""
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        console=c.stderr, transient=True, disable=quiet or not c.stderr.is_terminal)  # fmt: skip
+    progress = c.progress_bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                              TimeElapsedColumn(), quiet=quiet)  # fmt: skip
     state: dict[str, Any] = {"task": None, "epoch": 1}
 
     def on_batch(done: int, total: int) -> None:
@@ -155,7 +155,8 @@ def train_cmd(
         Optional[list[str]], typer.Option("--arch-arg", help="KEY=VALUE passed to the architecture; repeatable.")
     ] = None,
     method: Annotated[str, typer.Option("--method", help="standard, fgsm-rs (fast AT) or pgd (PGD-AT).")] = "fgsm-rs",
-    eps: Annotated[str, typer.Option("--eps", help="L-inf budget of adversarial training, e.g. 8/255.")] = "8/255",
+    eps: Annotated[str, typer.Option("--eps", help="L-inf budget of adversarial training, e.g. 8/255 (a whole "
+                                                   "number: levels, 8 = 8/255).")] = "8/255",
     step_size: Annotated[
         Optional[str], typer.Option("--step-size", help="Attack step (default: 1.25 eps for fgsm-rs, eps/4 for pgd).")
     ] = None,
