@@ -49,7 +49,8 @@ KEYGEN_EPILOG = """\
   preempt protect ./photos --backbone my-key
 
 The secret seed comes from the operating system and is not stored: keep the weights file private, it is
-your key (anyone holding it and your settings can revert your protected images).
+your key (in the paper's threat model, anyone holding it and your settings can revert your protected
+images; measured here, reversion fails with or without it: see benchmarks/RESULTS.md).
 """
 
 DataArg = Annotated[Path, typer.Argument(help="Training data: an ImageFolder directory or a zip of one.")]
