@@ -282,6 +282,39 @@ def test_revert_white_box_uses_the_recorded_key(tmp_path: Path, registry: Path) 
         assert 0 < np.abs(a - b).max() <= EPS_LEVELS
 
 
+def test_revert_white_box_reruns_the_recorded_defense_with_every_recorded_setting(tmp_path: Path,
+                                                                                  registry: Path) -> None:  # fmt: skip
+    # settings far from every default: a reverter that fell back to any default would differ
+    from preempt_cli import ForeBackConfig
+    from preempt_cli.imageio import quantize, read_image
+    from preempt_cli.models import load_model
+    from preempt_cli.protect import content_seed
+    from preempt_cli.revert import Reverter
+
+    _images(tmp_path / "r", n=1)
+    settings = ["--preset", "mspd", "--eta", "0.9", "--eps", "6/255", "--forward", "2", "--backward", "1",
+                "-n", "2", "--seed", "3", "-b", "tiny-key", "--labels", "backbone", "--device", TEST_DEVICE_ARG]  # fmt: skip
+    assert run(["protect", str(tmp_path / "r"), *settings], registry).exit_code == 0
+    protected = tmp_path / "r" / "img0.protected.png"
+    result = run(["revert", str(protected), "--white-box", "--json", "--device", TEST_DEVICE_ARG], registry)
+    assert result.exit_code == 0, result.output
+    out = Path(json.loads(result.stdout)["output"])
+    meta = json.loads(Image.open(out).text["preempt"])
+    assert (meta["eta"], meta["forward_steps"], meta["backward_steps"], meta["samples"], meta["seed"],
+            meta["sample_projection"]) == (0.9, 2, 1, 2, 3, "iterate")  # fmt: skip
+    assert meta["eps"] == pytest.approx(6 / 255)
+    # and the pixels are that defense's reversion, not only its label on the file
+    config = ForeBackConfig(eps=6 / 255, eta=0.9, forward_steps=2, backward_steps=1, samples=2,
+                            sample_projection="iterate")  # fmt: skip
+    key = load_model("tiny-key", registry=[registry], device=TEST_DEVICE)
+    reverter = Reverter(key, labels="backbone", config=config, seed=3)
+    picture = read_image(protected)
+    x = picture.to_tensor().unsqueeze(0).to(TEST_DEVICE)
+    expected = quantize(reverter.transform(x, reverter.predict(x).clone(), noise_seeds=[content_seed(picture.color)])[0],
+                        picture.color, config.eps)  # fmt: skip
+    assert np.array_equal(read_image(out).color, expected)
+
+
 def test_revert_white_box_fails_files_of_a_defense_it_cannot_rebuild_and_goes_on(tmp_path: Path,
                                                                                    registry: Path) -> None:  # fmt: skip
     from PIL import PngImagePlugin
@@ -516,7 +549,8 @@ if __name__ == "__main__":
 
 def test_files_hold_what_the_tensor_api_gives_their_batch(tmp_path: Path, tiny_backbone) -> None:
     """The file pipeline (integer levels sent to the device in one batch, rounded there) writes exactly
-    what the tensor API gives the same batch, for 8-bit colour and for a batch mixing 8- and 16-bit gray."""
+    what the tensor API gives the same batch, for 8-bit colour, for a batch mixing 8- and 16-bit gray, and
+    for a batch of 16-bit gray alone (its levels travel as int32, scaled by 65535)."""
     from preempt_cli import ForeBackConfig, Protector, collect_inputs
     from preempt_cli.imageio import quantize, read_image
     from preempt_cli.protect import content_seed
@@ -528,16 +562,20 @@ def test_files_hold_what_the_tensor_api_gives_their_batch(tmp_path: Path, tiny_b
     for i in range(2):
         Image.fromarray(rng.integers(0, 256, (32, 32), dtype=np.uint8)).save(gray / f"g8-{i}.png")
         Image.fromarray(rng.integers(0, 65536, (32, 32), dtype=np.uint16)).save(gray / f"g16-{i}.png")
+    deep = tmp_path / "in" / "deep"  # another size, so a batch of its own: 16-bit only
+    deep.mkdir()
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 65536, (40, 40), dtype=np.uint16)).save(deep / f"d16-{i}.png")
     items = collect_inputs([tmp_path / "in"])
     protector = Protector(tiny_backbone, labels="backbone", config=ForeBackConfig(samples=2), seed=4)
     results = list(protector.run(items, RunOptions(out_dir=tmp_path / "out", batch_size=64, workers=2)))
-    assert [r.status for r in results] == ["done"] * 7
+    assert [r.status for r in results] == ["done"] * 9
 
     written = {r.input: read_image(r.output) for r in results}
-    for folder in ("rgb", "gray"):  # one batch each, in the order the files were found
+    depths = {"rgb": {np.dtype("uint8")}, "gray": {np.dtype("uint8"), np.dtype("uint16")}, "deep": {np.dtype("uint16")}}
+    for folder in ("rgb", "gray", "deep"):  # one batch each, in the order the files were found
         pictures = [read_image(i.path) for i in items if i.path.parent.name == folder]
-        assert {p.color.dtype for p in pictures} == ({np.dtype("uint8")} if folder == "rgb" else
-                                                     {np.dtype("uint8"), np.dtype("uint16")})  # fmt: skip
+        assert {p.color.dtype for p in pictures} == depths[folder]
         x = torch.stack([p.to_tensor() for p in pictures]).to(TEST_DEVICE)
         y = protector.predict(x).clone()
         out = protector.transform(x, y, noise_seeds=[content_seed(p.color) for p in pictures])

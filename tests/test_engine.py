@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from conftest import TEST_DEVICE, make_tiny_model
-from preempt_cli.engine import PRESETS, FastPreemption, ForeBackConfig, native_bf16, parse_eps, project, resolve_precision
 from preempt_cli import engine as engine_module
+from preempt_cli.engine import PRESETS, FastPreemption, ForeBackConfig, native_bf16, parse_eps, project, resolve_precision
 from preempt_cli.errors import ConfigError
 
 # float32 slack for "within eps": x0 +- eps is itself rounded to float32.
@@ -144,6 +145,49 @@ def test_noise_is_uniform_in_budget_and_per_image(tiny_backbone) -> None:
     assert torch.equal(single[0], noise[1])
     with pytest.raises(ValueError, match="noise seeds"):
         engine._generators(3, [1, 2])
+
+
+@pytest.mark.parametrize("size", [32, 40], ids=["native", "resized-in-chunks"])
+def test_every_step_draws_fresh_noise_for_every_sample(tiny_backbone, monkeypatch, size: int) -> None:
+    # Algorithm 1 draws N new samples at each step: reusing one step's noise (or one sample's for all N)
+    # would still give a deterministic, in-budget result, so only the draws themselves can show it
+    cfg = ForeBackConfig(samples=3, forward_steps=1, backward_steps=2)
+    drawn: list[torch.Tensor] = []
+    real_noise, real_sample_noise = FastPreemption._noise, FastPreemption._sample_noise
+
+    def noise(self, like, generators):
+        drawn.append(real_noise(self, like, generators))
+        return drawn[-1].clone()
+
+    def sample_noise(self, like, generators, samples):
+        drawn.append(real_sample_noise(self, like, generators, samples))
+        return drawn[-1].clone()
+
+    monkeypatch.setattr(FastPreemption, "_noise", noise)
+    monkeypatch.setattr(FastPreemption, "_sample_noise", sample_noise)
+    x = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0)).to(TEST_DEVICE)
+    FastPreemption(tiny_backbone, config=cfg).perturb(x, torch.tensor([1, 2], device=TEST_DEVICE))
+    assert len(drawn) == cfg.forward_steps + cfg.backward_steps  # one draw per step (one chunk each here)
+    for i, a in enumerate(drawn):
+        assert a.shape == (2, cfg.samples, 3, size, size)
+        for j in range(cfg.samples):
+            for k in range(j):
+                assert not torch.equal(a[:, j], a[:, k])  # the N samples differ
+        for b in drawn[:i]:
+            assert not torch.equal(a, b)  # and each step's differ from the earlier steps'
+
+
+def test_content_seeds_tell_images_apart_and_only_by_their_pixels() -> None:
+    from preempt_cli.protect import content_seed
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(50)]
+    seeds = [content_seed(im) for im in images]
+    assert len(set(seeds)) == len(images)
+    assert content_seed(images[0].copy()) == seeds[0]
+    nudged = images[0].copy()
+    nudged[5, 5, 1] ^= 1
+    assert content_seed(nudged) != seeds[0]
 
 
 # -- the semantics of one step ------------------------------------------------------------------------------
