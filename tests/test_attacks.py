@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import types
 from pathlib import Path
 from typing import Iterator
 
@@ -219,6 +220,33 @@ def test_pgd_default_step_size_is_a_quarter_of_eps(tiny_backbone) -> None:
     assert PGD(tiny_backbone, norm="linf").norm == "Linf"
 
 
+@pytest.mark.parametrize("step_size", [0.3, 2.0])  # inside the ball; far outside it (the projection binds)
+def test_pgd_l2_step_is_the_normalized_gradient_projected(step_size: float) -> None:
+    """One L2 step without a random start, by hand: x + step * g / ||g||_2 per image, projected onto the
+    L2 ball of radius eps around x, then onto [0, 1]."""
+    model = make_tiny_model(5, input_size=(3, HW, HW))
+    g = torch.Generator().manual_seed(4)
+    x = torch.rand(3, 3, HW, HW, generator=g)
+    x[0, :, :4] = 0.0  # some pixels on the box, where the clamp binds
+    x[1, :, :4] = 1.0
+    y = torch.tensor([1, 4, 7])
+    eps = 0.5
+    x_adv = PGD(model, norm="L2", eps=eps, steps=1, step_size=step_size, random_start=False).perturb(x, y)
+
+    xg = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(F.cross_entropy(model(xg), y, reduction="sum"), xg)
+    norms = grad.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    assert (norms > 1e-6).all()
+    delta = step_size * grad / norms
+    delta = delta * (eps / delta.flatten(1).norm(dim=1)).clamp(max=1.0).view(-1, 1, 1, 1)
+    expected = (x + delta).clamp(0, 1)
+    torch.testing.assert_close(x_adv, expected, atol=1e-6, rtol=0)
+    # a real L2 step: not the signed (L-inf) step, whose direction differs once projected
+    signed = x + step_size * grad.sign()
+    signed = x + (signed - x) * (eps / (signed - x).flatten(1).norm(dim=1)).clamp(max=1.0).view(-1, 1, 1, 1)
+    assert (x_adv - signed.clamp(0, 1)).abs().max() > 1e-2
+
+
 # -- invalid settings and inputs -----------------------------------------------------------------------------
 
 
@@ -316,9 +344,49 @@ def test_every_registered_attack_keeps_budget_and_hurts(trained: nn.Module, test
 def test_autoattack_versions_and_norms(trained: nn.Module, test_set, version: str, norm: str, eps: float) -> None:
     x, y = test_set
     x, y = x[:4], y[:4]
-    x_adv = AutoAttack(trained, norm=norm, eps=eps, version=version, seed=0).perturb(x, y)
+    attack = AutoAttack(trained, norm=norm, eps=eps, version=version, seed=3)
+    built = []
+    reference = attack._reference.AutoAttack
+
+    def recording(model, **kwargs):  # the reference class, its settings recorded
+        built.append((model, kwargs))
+        return reference(model, **kwargs)
+
+    attack._reference = types.SimpleNamespace(AutoAttack=recording)
+    x_adv = attack.perturb(x, y)
+    assert len(built) == 1 and built[0][0] is trained
+    assert built[0][1] == dict(norm=norm, eps=eps, version=version, device=attack.device, seed=3)
     assert_in_budget(x_adv, x, norm, eps)
-    assert accuracy(trained, x_adv, y) <= accuracy(trained, x, y)
+    with torch.no_grad():
+        correct = trained(x).argmax(1) == y
+    assert 0 < correct.sum() < len(y)
+    # measured: it fools every point the model got right (3 of 4); the wrong one is not attacked
+    assert accuracy(trained, x_adv, y) == 0.0
+    assert torch.equal(x_adv[~correct], x[~correct])
+
+
+class _RecordingReference(FakeReferenceAutoAttack):
+    """The stand-in reference, recording the settings it is built with."""
+
+    built: list[dict] = []
+
+    def __init__(self, model, **kwargs) -> None:
+        _RecordingReference.built.append(kwargs)
+        super().__init__(model, **kwargs)
+
+
+@pytest.mark.parametrize("quantize", [False, True])
+@pytest.mark.parametrize(("version", "norm", "eps"), [("rand", "L2", 0.25), ("standard", "Linf", 3 / 255)])
+def test_autoattack_builds_the_reference_with_its_settings(version: str, norm: str, eps: float,
+                                                           quantize: bool) -> None:  # fmt: skip
+    model = ThresholdModel(100.3 / 255)
+    x = torch.full((2, 3, 8, 8), 100 / 255)
+    y = torch.zeros(2, dtype=torch.long)
+    attack = AutoAttack(model, norm=norm, eps=eps, version=version, seed=7, device="cpu", quantize=quantize)
+    attack._reference = types.SimpleNamespace(AutoAttack=_RecordingReference)
+    _RecordingReference.built.clear()
+    attack.perturb(x, y)
+    assert _RecordingReference.built == [dict(norm=norm, eps=eps, version=version, device=torch.device("cpu"), seed=7)]
 
 
 def test_autoattack_runs_in_eval_mode_and_restores_rng(trained: nn.Module, test_set) -> None:
@@ -421,7 +489,11 @@ def test_robust_accuracy_attacks_only_clean_correct_points(trained: nn.Module, t
 
     clean, robust, x_adv = robust_accuracy(trained, PGD(trained, eps=LINF_EPS, steps=5), x, y, batch_size=16)
     assert torch.equal(x_adv[~correct], x[~correct])  # wrong points are not attacked
-    assert robust <= clean
+    with torch.no_grad():
+        still = trained(x_adv).argmax(1) == y
+    # robust: right clean and still right after the attack, point by point
+    assert robust == pytest.approx((correct & still).float().mean().item())
+    assert robust < clean  # measured: PGD fools every point (robust 0)
 
 
 def test_robust_accuracy_rejects_bad_arguments(trained: nn.Module, test_set) -> None:
@@ -467,5 +539,6 @@ def test_autoattack_on_the_real_robust_model(robust_resnet20: nn.Module, cifar_b
     x, y = cifar_batch
     x, y = x[:4], y[:4]
     clean, robust, x_adv = robust_accuracy(robust_resnet20, AutoAttack(robust_resnet20, eps=LINF_EPS), x, y)
-    assert robust <= clean
+    assert clean == 1.0  # measured: all four right clean, all four broken
+    assert robust == 0.0 and accuracy(robust_resnet20, x_adv, y) == 0.0
     assert_in_budget(x_adv, x, "Linf", LINF_EPS)

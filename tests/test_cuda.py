@@ -93,7 +93,6 @@ def test_cuda_computes_what_the_cpu_computes(batch, resnet20, monkeypatch: pytes
     assert share > 0.95, share
     mean_diff = (out["cpu"] - out["cuda:0"].cpu()).abs().mean().item()
     assert mean_diff < 0.1 * EPS, mean_diff / EPS  # 5% of the pixels off by at most 2 eps
-    assert (out["cpu"] - out["cuda:0"].cpu()).abs().max() <= 2 * EPS
     for o in out.values():
         assert (o.cpu() - x).abs().max() <= EPS + 1e-6 and o.min() >= 0 and o.max() <= 1
 
