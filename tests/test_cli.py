@@ -315,6 +315,24 @@ def test_revert_white_box_reruns_the_recorded_defense_with_every_recorded_settin
     assert np.array_equal(read_image(out).color, expected)
 
 
+def test_revert_white_box_names_outputs_over_every_recorded_defense(tmp_path: Path, registry: Path) -> None:
+    # two folders protected with other seeds (two defenses, reverted in two groups) hold a file of one
+    # name: into one --out-dir each keeps its own output, as protect names them
+    for day, seed in (("day1", "1"), ("day2", "2")):
+        _images(tmp_path / day, n=1, seed=int(seed))
+        protected = run(["protect", str(tmp_path / day), *FAST, "--labels", "backbone", "--seed", seed], registry)
+        assert protected.exit_code == 0
+    out = tmp_path / "out"
+    result = run(["revert", str(tmp_path / "day1"), str(tmp_path / "day2"), "--white-box", "-o", str(out), "--json",
+                  "--device", TEST_DEVICE_ARG], registry)  # fmt: skip
+    rows = [json.loads(x) for x in result.stdout.splitlines() if json.loads(x)["status"] != "skipped"]
+    assert result.exit_code == 0 and [r["status"] for r in rows] == ["done", "done"]
+    assert sorted(str(Path(r["output"]).relative_to(out)) for r in rows) == [
+        "day1/img0.protected.reverted.png", "day2/img0.protected.reverted.png"]
+    seeds = {json.loads(Image.open(r["output"]).text["preempt"])["seed"] for r in rows}
+    assert seeds == {1, 2}
+
+
 def test_revert_white_box_fails_files_of_a_defense_it_cannot_rebuild_and_goes_on(tmp_path: Path,
                                                                                    registry: Path) -> None:  # fmt: skip
     from PIL import PngImagePlugin
@@ -888,6 +906,11 @@ def test_a_folder_walk_leaves_out_outputs_of_the_chosen_suffix(tmp_path: Path, r
     again = run([*args, "--overwrite", "--json"], registry)
     assert [Path(json.loads(x)["input"]).name for x in again.stdout.splitlines()] == ["img0.png"]
     assert sorted(p.name for p in (tmp_path / "sfx").iterdir()) == ["img0.png", "img0_safe.png"]
+    # an original that merely ends like the suffix is still an input (only preempt's own files are left out)
+    (tmp_path / "sfx" / "banner_safe.png").write_bytes((tmp_path / "sfx" / "img0.png").read_bytes())
+    third = run([*args, "--json"], registry)
+    statuses = {Path(json.loads(x)["input"]).name: json.loads(x)["status"] for x in third.stdout.splitlines()}
+    assert statuses == {"img0.png": "skipped", "banner_safe.png": "done"}
 
 
 @pytest.mark.parametrize("where", ["afile", "afile/sub"])

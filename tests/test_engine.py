@@ -350,7 +350,8 @@ def test_images_the_model_resizes_go_in_chunks_that_equal_the_per_sample_loop(cf
                                                                                monkeypatch) -> None:  # fmt: skip
     # Photos take the chunked step: the same algorithm, with at most SAMPLE_CHUNK_ELEMENTS per pass.
     x, y = _photo_batch()
-    monkeypatch.setattr(engine_module, "SAMPLE_CHUNK_ELEMENTS", 2 * x[0].numel() * len(x) - 1)  # 1 per chunk
+    one_per_chunk = 2 * x[0].numel() * len(x) - 1
+    monkeypatch.setitem(engine_module.SAMPLE_CHUNK_ELEMENTS, TEST_DEVICE.type, one_per_chunk)
     g = torch.Generator().manual_seed(7)
     steps = cfg.forward_steps + cfg.backward_steps
     noises = [torch.empty(len(x), cfg.samples, *x.shape[1:]).uniform_(-cfg.eps, cfg.eps, generator=g).to(x.device)
@@ -381,7 +382,7 @@ def test_the_chunk_size_never_changes_a_photos_result(tiny_backbone, monkeypatch
     cfg = ForeBackConfig(samples=5)
     whole = FastPreemption(tiny_backbone, config=cfg, seed=3).perturb(x, y, noise_seeds=[11, 12])
     for per_chunk in (1, 2, 4):
-        monkeypatch.setattr(engine_module, "SAMPLE_CHUNK_ELEMENTS", per_chunk * x[0].numel() * len(x))
+        monkeypatch.setitem(engine_module.SAMPLE_CHUNK_ELEMENTS, TEST_DEVICE.type, per_chunk * x[0].numel() * len(x))
         chunked = FastPreemption(tiny_backbone, config=cfg, seed=3).perturb(x, y, noise_seeds=[11, 12])
         torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=0)
     # an image's result does not depend on its batch either (its own noise streams)

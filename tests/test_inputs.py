@@ -59,6 +59,22 @@ def test_several_folders_into_one_out_dir_each_go_under_their_own_name(tmp_path:
         assert str(theirs) in reason and "two folders named 'day1'" in reason
 
 
+def test_a_clash_inside_one_folder_is_not_blamed_on_folders_of_one_name(tmp_path: Path) -> None:
+    items = [InputFile(tmp_path / "photos" / n, tmp_path / "photos") for n in ("a.jpg", "a.png", "a.jpg.png")]
+    out = _outputs(items, out_dir=tmp_path / "out")
+    reason = out[str(tmp_path / "photos" / "a.jpg")]
+    assert isinstance(reason, str) and "two folders" not in reason
+    assert str(tmp_path / "out" / "a.jpg.protected.png") in reason  # where they met, not a.protected.png
+
+
+def test_a_symlinked_folder_keeps_its_own_name_under_out_dir(tmp_path: Path) -> None:
+    (tmp_path / "day3").mkdir()
+    (tmp_path / "latest").symlink_to(tmp_path / "day3")
+    a, b = tmp_path / "latest" / "x.jpg", tmp_path / "day1" / "y.jpg"
+    out = _outputs([InputFile(a, tmp_path / "latest"), InputFile(b, tmp_path / "day1")], out_dir=tmp_path / "o")
+    assert out[str(a)] == tmp_path / "o" / "latest" / "x.protected.png"
+
+
 def test_a_fallback_name_that_collides_again_is_refused(tmp_path: Path) -> None:
     # a.jpg and a.png share a stem -> a.jpg.protected.png, which is also the first choice of a.jpg.png
     items = [InputFile(tmp_path / n, tmp_path) for n in ("a.jpg", "a.png", "a.jpg.png")]

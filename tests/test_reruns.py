@@ -94,3 +94,15 @@ def test_differing_settings_ignores_what_an_older_output_does_not_record() -> No
     retrained = differing_settings({"backbone": "k", "backbone_sha256": "b" * 64}, now)
     assert retrained == [f"backbone k (sha256 {'b' * 12}) -> k (sha256 {'a' * 12})"]
     assert differing_settings({"eps": 4 / 255, "samples": 20}, now) == ["eps 4/255 -> 8/255"]
+
+
+def test_differing_settings_shows_values_apart_and_never_fails() -> None:
+    # two budgets that print alike at 4 digits, with no backbone hashes (timm weights, older outputs)
+    recorded = {"backbone": "k", "backbone_sha256": None, "eps": 0.031372}
+    changed = differing_settings(recorded, {"backbone": "k", "backbone_sha256": None, "eps": 8 / 255})
+    assert changed == [f"eps {0.031372!r} -> {8 / 255!r}"]
+    # classifiers are compared by their weights too: renamed, the same; retrained under one name, not
+    now = {"classifier": "c", "classifier_sha256": "a" * 64}
+    assert differing_settings({"classifier": "c-renamed", "classifier_sha256": "a" * 64}, now) == []
+    assert differing_settings({"classifier": "c", "classifier_sha256": "b" * 64}, now) == [
+        f"classifier c (sha256 {'b' * 12}) -> c (sha256 {'a' * 12})"]

@@ -38,11 +38,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     "mspd": dict(eta=1.0, forward_steps=1, backward_steps=1, samples=20, sample_projection="iterate"),
 }
 
-#: Images the backbone resizes (photos) go through it this many elements (samples x C x H x W) at a time
-#: at most: their N samples at full resolution, with the gradients and the resize's intermediates, would
-#: otherwise need about 2.5 x N x the photo in memory (7 GB for one 12-megapixel photo at N = 20, and the
-#: kernel kills a CPU process that runs out). 2^25 float32 elements are 128 MiB per buffer.
-SAMPLE_CHUNK_ELEMENTS = 1 << 25
+#: Images the backbone resizes (photos) go through it this many elements (images x samples x C x H x W)
+#: at a time at most, per device type: their N samples at full resolution, with the gradients and the
+#: resize's intermediates, would otherwise need about 2.5 x N x the photo in memory (7 GB for one
+#: 12-megapixel photo at N = 20, and the kernel kills a CPU process that runs out). 2^25 float32 elements
+#: are 128 MiB per buffer; a GPU gets 8x that, so that a photo's samples still go through in batches (one
+#: sample per pass would leave it waiting on kernel launches). Results do not depend on these values.
+SAMPLE_CHUNK_ELEMENTS: dict[str, int] = {"cpu": 1 << 25, "cuda": 1 << 28}
 
 
 @contextlib.contextmanager
@@ -366,7 +368,8 @@ class FastPreemption:
         cfg = self.config
         lo0, hi0 = bounds
         per_sample = x_t.shape[0] * x_t[0].numel()
-        chunk = max(1, min(cfg.samples, SAMPLE_CHUNK_ELEMENTS // per_sample))
+        budget = SAMPLE_CHUNK_ELEMENTS.get(self.device.type, SAMPLE_CHUNK_ELEMENTS["cpu"])
+        chunk = max(1, min(cfg.samples, budget // per_sample))
         total = torch.zeros_like(x_t)
         for first in range(0, cfg.samples, chunk):
             samples = range(first, min(cfg.samples, first + chunk))

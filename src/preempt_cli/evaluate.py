@@ -317,6 +317,12 @@ def _state_sha256(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+#: Part of every resume key (defenses, and so the cells that attack them): raised when the same spec text
+#: computes something else. 2 (0.6.0): a bare ``eps=1`` is one level, no longer the whole range, and photos
+#: draw their noise per sample.
+_RESUME_FORMAT = 2
+
+
 def _folder_fingerprint(folder: Path) -> list[list[Any]]:
     """Relative path, size and modification time of every file under ``folder``."""
     if not folder.is_dir():
@@ -409,7 +415,7 @@ class Evaluator:
         return self._defense_keys[spec.key]
 
     def _compute_defense_key(self, spec: DefenseSpec) -> str:
-        parts: list[Any] = [spec.kind, spec.options, self.data_fingerprint,
+        parts: list[Any] = [_RESUME_FORMAT, spec.kind, spec.options, self.data_fingerprint,
                             [[name, self._model_fingerprint(name)] for _, name in self._defense_models(spec)]]  # fmt: skip
         if spec.kind == "folder":
             parts.append(_folder_fingerprint(Path(spec.get("path"))))
@@ -564,8 +570,9 @@ class Evaluator:
         rounded once at the end, as preempt 0.4.0 and earlier reported it: biased upward), from the same run.
         """
         self._warn_white_box(victim_name, spec)
-        key = hashlib.sha256(json.dumps([victim_name, self._model_fingerprint(victim_name), self.defense_key(spec),
-                                         attack and [attack.kind, attack.options]]).encode()).hexdigest()[:16]  # fmt: skip
+        parts = [_RESUME_FORMAT, victim_name, self._model_fingerprint(victim_name), self.defense_key(spec),
+                 attack and [attack.kind, attack.options]]  # fmt: skip
+        key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
         path = self.out_dir / "cells" / f"{key}.json" if self.out_dir else None
         if path is not None and self.resume and path.is_file():
             return json.loads(path.read_text())

@@ -456,6 +456,8 @@ def read_png_text(path: Path | str, *, key: str | None = None) -> dict[str, str]
     """
     try:
         with Image.open(path) as img:
+            if img.format != "PNG":  # no text chunks to find: do not decode a JPEG for nothing
+                return {}
             if key is not None and isinstance(img.info.get(key), str):
                 return {k: v for k, v in img.info.items() if isinstance(v, str)}
             img.load()

@@ -14,7 +14,7 @@ from typing import Iterable, TextIO
 from .errors import ConfigError
 from .imageio import IMAGE_SUFFIXES
 
-__all__ = ["InputFile", "collect_inputs", "output_path", "parse_shard", "in_shard", "OUTPUT_MARKERS"]
+__all__ = ["InputFile", "collect_inputs", "output_path", "assign_outputs", "parse_shard", "in_shard", "OUTPUT_MARKERS"]
 
 #: Name parts of files preempt writes itself; folder walks skip them so re-runs never protect outputs.
 OUTPUT_MARKERS = (".protected", ".reverted")
@@ -103,6 +103,12 @@ def collect_inputs(
     return unique
 
 
+def _root_name(root: Path) -> str:
+    """A folder argument's own name, as ``cp -r`` uses it (``.`` is the current folder's; a symlink keeps
+    its name, not its target's)."""
+    return Path(os.path.abspath(root)).name
+
+
 def output_path(item: InputFile, *, suffix: str, out_dir: Path | None, full_name: bool = False,
                 under_root_name: bool = False) -> Path:  # fmt: skip
     """``<stem><suffix>.png`` beside the input, or under ``out_dir`` mirroring the input tree.
@@ -117,7 +123,7 @@ def output_path(item: InputFile, *, suffix: str, out_dir: Path | None, full_name
         return item.path.parent / name
     relative = item.relative.parent
     if under_root_name and item.root is not None:
-        relative = Path(item.root.resolve().name) / relative
+        relative = Path(_root_name(item.root)) / relative
     return out_dir / relative / name
 
 
@@ -138,6 +144,7 @@ def assign_outputs(items: list[InputFile], *, suffix: str, out_dir: Path | None)
         return os.path.abspath(path).casefold()
 
     # the folders given, not those of this shard's items: every shard of a job must name outputs alike
+    # (a folder given without a single image counts as not given)
     several_roots = len({item.root for item in items if item.root is not None}) > 1
     first = {item: output_path(item, suffix=suffix, out_dir=out_dir, under_root_name=several_roots)
              for item in items}  # fmt: skip
@@ -162,12 +169,16 @@ def assign_outputs(items: list[InputFile], *, suffix: str, out_dir: Path | None)
             other = others[0]
             if out_dir is None:
                 hint = "rename one"
-            elif item.root is not None and other.root is not None:
-                hint = f"two folders named {item.root.resolve().name!r} were given: use one --out-dir for each"
-            else:
+            elif (item.root is not None and other.root is not None and item.root != other.root
+                  and _root_name(item.root) == _root_name(other.root)):  # fmt: skip
+                hint = f"two folders named {_root_name(item.root)!r} were given: use one --out-dir for each"
+            elif item.root is None or other.root is None:
                 hint = "give their folders instead, to mirror the tree"
-            # the name that met first: the extension-keeping fallback, if tried, did not part them
-            result[item] = f"output {first[item]} would also be written for {other.path} ({hint})"
+            else:
+                hint = "rename one"
+            # files of one name: the name they share, not the extension-keeping fallback that also met
+            clash = first[item] if first_keys[item] == first_keys[other] else p
+            result[item] = f"output {clash} would also be written for {other.path} ({hint})"
         else:
             result[item] = p
     return result

@@ -171,18 +171,22 @@ def differing_settings(recorded: Mapping[str, Any], current: Mapping[str, Any]) 
 
     changed = []
     for key in _RUN_SETTINGS:
-        if key == "backbone" and recorded.get("backbone_sha256") and current.get("backbone_sha256"):
-            same = recorded["backbone_sha256"] == current["backbone_sha256"]  # a renamed model is the same key
+        sha = f"{key}_sha256"
+        by_hash = key in ("backbone", "classifier") and bool(recorded.get(sha)) and bool(current.get(sha))
+        if by_hash:
+            same = recorded[sha] == current[sha]  # a renamed model is the same; retrained, another
         elif key in recorded and key in current:
             same = recorded[key] == current[key]
         else:
             continue
-        if not same:
-            was, now = show(recorded, key), show(current, key)
-            if was == now:  # one name, other weights (a retrained key): tell them apart by their hashes
-                was = f"{was} (sha256 {recorded['backbone_sha256'][:12]})"
-                now = f"{now} (sha256 {current['backbone_sha256'][:12]})"
-            changed.append(f"{key} {was} -> {now}")
+        if same:
+            continue
+        was, now = show(recorded, key), show(current, key)
+        if was == now and by_hash:  # one name, other weights: tell them apart by their hashes
+            was, now = f"{was} (sha256 {recorded[sha][:12]})", f"{now} (sha256 {current[sha][:12]})"
+        elif was == now:  # values too close to show apart (eps 0.031372 and 8/255)
+            was, now = repr(recorded[key]), repr(current[key])
+        changed.append(f"{key} {was} -> {now}")
     return changed
 
 
@@ -295,10 +299,12 @@ class Protector:
     def run_settings(self) -> dict[str, Any]:
         """The settings this run records in each output (the part of :meth:`metadata` common to all files)."""
         cfg = self.config
+        labeller = self.classifier if (self.labels == "classifier" and self.classifier) else None
         return {
             "backbone": self.backbone.name,
             "backbone_sha256": self.backbone.weights_sha256,
-            "classifier": self.classifier.name if (self.labels == "classifier" and self.classifier) else None,
+            "classifier": labeller.name if labeller is not None else None,
+            "classifier_sha256": getattr(labeller, "weights_sha256", None),
             "labels": self.labels if isinstance(self.labels, str) else f"file:{self.labels.source.name}",
             "preset": self.preset,
             "eps": cfg.eps,
@@ -476,11 +482,18 @@ class Protector:
             seconds=round(seconds, 6),
         )
 
-    def run(self, items: Iterable[InputFile], options: RunOptions | None = None) -> Iterator[FileResult]:
-        """Process files, yielding one result per input (done, skipped or failed), as they finish."""
+    def run(self, items: Iterable[InputFile], options: RunOptions | None = None, *,
+            outputs: Mapping[InputFile, Path | str] | None = None) -> Iterator[FileResult]:  # fmt: skip
+        """Process files, yielding one result per input (done, skipped or failed), as they finish.
+
+        ``outputs``: the output of each item (:func:`~preempt_cli.inputs.assign_outputs`), when the items are
+        part of a larger set run in several calls (``revert --white-box`` runs one per recorded defense):
+        names assigned within each part alone could give two parts' files one output.
+        """
         options = options or RunOptions()
         items = list(items)
-        outputs = assign_outputs(items, suffix=options.suffix, out_dir=options.out_dir)
+        if outputs is None:
+            outputs = assign_outputs(items, suffix=options.suffix, out_dir=options.out_dir)
         verdicts: list[tuple[InputFile, FileResult | Path | None]] = []
         for position, item in enumerate(i for i in items if in_shard(i, options.shard)):
             if options.partition and position % options.partition[1] != options.partition[0]:

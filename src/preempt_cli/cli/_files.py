@@ -15,7 +15,7 @@ from ..device import default_cpu_threads, resolve_devices
 from ..engine import PRESETS, ForeBackConfig, parse_eps
 from ..errors import ConfigError, PreemptError, UnknownModelError
 from ..imageio import DEFAULT_MAX_PIXELS, read_png_text
-from ..inputs import OUTPUT_MARKERS, InputFile, collect_inputs, in_shard, parse_shard
+from ..inputs import OUTPUT_MARKERS, InputFile, assign_outputs, collect_inputs, in_shard, parse_shard
 from ..labels import LabelMap, read_label_file
 from ..models import ImageModel, load_model
 from ..protect import METADATA_KEY, FileResult, Protector, RunOptions, read_preempt_metadata_file, run_on_devices
@@ -216,11 +216,15 @@ def _workers(workers: int | None) -> dict[str, int]:
 
 
 def _collect(paths: list[str], skip_markers: tuple[str, ...] = OUTPUT_MARKERS, *, suffix: str = "") -> list[InputFile]:
-    """The inputs; folder walks leave out preempt's outputs: the usual names and those of this run's
-    ``--suffix`` (else a second run with ``--suffix _safe --overwrite`` would protect ``a_safe.png`` again)."""
-    if suffix and suffix not in skip_markers:
-        skip_markers = (*skip_markers, suffix)
+    """The inputs; folder walks leave out preempt's outputs: the usual names, and PNGs named with this run's
+    ``--suffix`` that carry preempt's metadata (else a second run with ``--suffix _safe --overwrite`` would
+    protect ``a_safe.png`` again). Only those: an original that merely ends like the suffix
+    (``banner-v2.png`` with ``--suffix -v2``) is still an input."""
     items = collect_inputs(paths, skip_markers=skip_markers)
+    if suffix and suffix not in skip_markers:
+        items = [i for i in items if not (i.root is not None and i.path.suffix.lower() == ".png"
+                                          and i.path.stem.endswith(suffix)
+                                          and METADATA_KEY in read_png_text(i.path, key=METADATA_KEY))]  # fmt: skip
     if not items:
         raise ConfigError("no images found in the given paths")
     return items
@@ -493,6 +497,9 @@ def revert(
                 finally:
                     reverter.close()
                 return
+            # outputs named over every input (all shards, all defenses): per group, two groups' files of
+            # one name (two folders protected with other seeds) would get one output
+            outputs = assign_outputs(items, suffix=options.suffix, out_dir=options.out_dir)
             for meta, problem, skip, group in _white_box_groups([i for i in items if in_shard(i, options.shard)]):
                 if meta is None:
                     for item in group:
@@ -505,7 +512,7 @@ def revert(
                         yield FileResult(item.path, "failed", reason=f"cannot rebuild the recorded defense: {e}")
                     continue
                 try:
-                    yield from reverter.run(group, options)
+                    yield from reverter.run(group, options, outputs=outputs)
                 finally:
                     reverter.close()
 
