@@ -243,33 +243,26 @@ class FastPreemption:
             self._net = torch.compile(backbone, mode=None if compile == "default" else compile, dynamic=False)
 
     # -- noise -----------------------------------------------------------------------------------------
-    def _generators(self, count: int, noise_seeds: Sequence[int] | None) -> list[torch.Generator]:
-        seeds = list(noise_seeds) if noise_seeds is not None else list(range(count))
+    def _image_seeds(self, count: int, noise_seeds: Sequence[int] | None) -> list[int]:
+        seeds = [int(s) for s in noise_seeds] if noise_seeds is not None else list(range(count))
         if len(seeds) != count:
             raise ValueError(f"{len(seeds)} noise seeds for {count} images")
-        gens = []
-        for s in seeds:
-            g = torch.Generator(device=self.device)
-            # Mix base seed and per-image seed into one 63-bit seed.
-            g.manual_seed((self.seed * 0x9E3779B97F4A7C15 + int(s)) % (1 << 63))
-            gens.append(g)
-        return gens
+        return seeds
+
+    def _generator(self, seed: int) -> torch.Generator:
+        g = torch.Generator(device=self.device)
+        g.manual_seed(seed % (1 << 63))
+        return g
+
+    def _generators(self, count: int, noise_seeds: Sequence[int] | None) -> list[torch.Generator]:
+        # the base seed and the per-image seed mixed into one 63-bit seed
+        return [self._generator(self.seed * 0x9E3779B97F4A7C15 + s) for s in self._image_seeds(count, noise_seeds)]
 
     def _sample_generators(self, count: int, noise_seeds: Sequence[int] | None) -> list[list[torch.Generator]]:
         """One generator per image and sample (full-resolution images): any chunk of samples then draws
         the same noise as the whole, so the chunk size (memory) never changes a result."""
-        seeds = list(noise_seeds) if noise_seeds is not None else list(range(count))
-        if len(seeds) != count:
-            raise ValueError(f"{len(seeds)} noise seeds for {count} images")
-        gens = []
-        for s in seeds:
-            row = []
-            for j in range(self.config.samples):
-                g = torch.Generator(device=self.device)
-                g.manual_seed((self.seed * 0x9E3779B97F4A7C15 + int(s) * 0xBF58476D1CE4E5B9 + j) % (1 << 63))
-                row.append(g)
-            gens.append(row)
-        return gens
+        return [[self._generator(self.seed * 0x9E3779B97F4A7C15 + s * 0xBF58476D1CE4E5B9 + j)
+                 for j in range(self.config.samples)] for s in self._image_seeds(count, noise_seeds)]  # fmt: skip
 
     def _sample_noise(self, like: torch.Tensor, generators: list[list[torch.Generator]],
                       samples: range) -> torch.Tensor:  # fmt: skip
@@ -347,13 +340,17 @@ class FastPreemption:
         per-image quantities (the iterate, the budget's bounds) broadcast over N instead of being copied N
         times: at full resolution (photos) this elementwise traffic, not the backbone, is most of the time.
         """
-        cfg = self.config
-        lo0, hi0 = bounds  # [B, 1, C, H, W]: the eps-ball around the original, intersected with [0, 1]
+        # bounds: [B, 1, C, H, W], the eps-ball around the original intersected with [0, 1]
         sample = self._noise(x_t, generators).add_(x_t.unsqueeze(1)).clamp_(0.0, 1.0)
         self._move_samples(sample, y_rep, x_t, bounds, direction)
-        delta = sample.mean(dim=1) - x_t
+        return self._outer_step(x_t, sample.mean(dim=1), bounds, direction)
+
+    def _outer_step(self, x_t: torch.Tensor, mean_sample: torch.Tensor, bounds: tuple[torch.Tensor, torch.Tensor],
+                    direction: float) -> torch.Tensor:  # fmt: skip
+        """The iterate's move from the samples' mean, projected onto the budget around the original."""
+        delta = mean_sample - x_t
         # forward: x + eta * delta_r; backward: x - eta * delta_a  (delta points along the attack)
-        return _clip_(x_t - direction * cfg.eta * delta, lo0.squeeze(1), hi0.squeeze(1))
+        return _clip_(x_t - direction * self.config.eta * delta, bounds[0].squeeze(1), bounds[1].squeeze(1))
 
     def _step_in_chunks(
         self,
@@ -366,7 +363,6 @@ class FastPreemption:
         """:meth:`_step` for images the backbone resizes: the samples go through in chunks of at most
         ``SAMPLE_CHUNK_ELEMENTS`` elements and only their sum is kept, so memory does not grow with N."""
         cfg = self.config
-        lo0, hi0 = bounds
         per_sample = x_t.shape[0] * x_t[0].numel()
         budget = SAMPLE_CHUNK_ELEMENTS.get(self.device.type, SAMPLE_CHUNK_ELEMENTS["cpu"])
         chunk = max(1, min(cfg.samples, budget // per_sample))
@@ -377,8 +373,7 @@ class FastPreemption:
             self._move_samples(sample, y.repeat_interleave(len(samples)), x_t, bounds, direction)
             total.add_(sample.sum(dim=1))
             del sample
-        delta = total.div_(cfg.samples).sub_(x_t)
-        return _clip_(x_t - direction * cfg.eta * delta, lo0.squeeze(1), hi0.squeeze(1))
+        return self._outer_step(x_t, total.div_(cfg.samples), bounds, direction)
 
     @torch.no_grad()
     def perturb(
