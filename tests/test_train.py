@@ -314,6 +314,13 @@ def test_cli_train_registers_a_backbone_that_protect_uses(colour_dir: Path, tmp_
         (["--arch", "cifar_resnet20", "--base", "x"], "exactly one of --base"),
         (["--arch", "cifar_resnet20", "--method", "trades"], "unknown training method"),
         (["--arch", "cifar_resnet20", "--out", "x.pt"], "must be a .safetensors"),
+        # values that once silently became the defaults (--epochs 0 trained 15 epochs)
+        (["--arch", "cifar_resnet20", "--epochs", "0"], "epochs must be >= 1"),
+        (["--arch", "cifar_resnet20", "--lr", "0"], "lr must be positive"),
+        (["--arch", "cifar_resnet20", "--input-size", "0"], "--input-size must be >= 1"),
+        # options of a from-scratch model, which a --base ignored without a word
+        (["--base", "cifar10-resnet20-pgdat-a", "--input-size", "32"], "--input-size: only with --arch"),
+        (["--base", "cifar10-resnet20-pgdat-a", "--arch-arg", "shortcut=pad_end"], "--arch-arg: only with --arch"),
     ],
 )
 def test_cli_train_usage_errors(extra: list[str], message: str, colour_dir: Path, tmp_path: Path,
@@ -326,3 +333,50 @@ def test_cli_train_usage_errors(extra: list[str], message: str, colour_dir: Path
 def test_cli_keygen_help_mentions_the_secret() -> None:
     result = CliRunner().invoke(app, ["keygen", "--help"])
     assert result.exit_code == 0 and "secret" in result.output
+
+
+def test_cli_resume_never_retrains_a_finished_model(colour_dir: Path, tmp_path: Path, isolated_config: Path) -> None:
+    out = tmp_path / "done.safetensors"
+    out.write_bytes(b"a finished model")  # no checkpoint beside it: nothing to resume
+    args = ["train", str(colour_dir), "--arch", "cifar_resnet20", "--out", str(out), "--resume", "--no-register"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "is finished" in result.output and "--force" in result.output
+    assert out.read_bytes() == b"a finished model"
+
+
+def test_keygen_leaves_no_checkpoint_even_when_interrupted(colour_data, tmp_path: Path) -> None:
+    # a checkpoint holds the secret-seeded generator's state: an interrupted keygen must not leave one
+    base_out = tmp_path / "base.safetensors"
+    base = train(colour_data, base_out, config=_small(epochs=1), arch=_arch(colour_data))
+    reg = tmp_path / "models.toml"
+    register_model("colour-base", {"arch": "cifar_resnet20", "input_size": [3, 16, 16], "mean": "none",
+                                   "std": "none", "classes": list(colour_data.classes),
+                                   "source": f"file:{base_out}", "sha256": base.sha256}, reg)  # fmt: skip
+    cfg = TrainConfig(**{**KEYGEN_DEFAULTS.__dict__, "epochs": 2, "batch_size": 16, "holdout": 12,
+                         "eval_images": 12, "eval_steps": 2, "amp": "off"})  # fmt: skip
+
+    def interrupt(stats) -> None:
+        raise KeyboardInterrupt
+
+    key = tmp_path / "key.safetensors"
+    with pytest.raises(KeyboardInterrupt):
+        keygen("colour-base", colour_data, key, seed=123456789, config=cfg, registry=[reg], on_epoch=interrupt)
+    assert not key.exists() and not checkpoint_path(key).exists()
+    assert not [p for p in tmp_path.iterdir() if "key" in p.name]
+
+
+def test_zips_of_several_trees_are_refused_and_macos_extras_ignored(colour_dir: Path, tmp_path: Path,
+                                                                    colour_data) -> None:  # fmt: skip
+    both = tmp_path / "both.zip"
+    with zipfile.ZipFile(both, "w") as z:  # train/ and test/ in one zip: merged, the test set would be trained on
+        for top in ("train", "test"):
+            for p in sorted(colour_dir.rglob("*.png")):
+                z.write(p, f"{top}/{p.relative_to(colour_dir).as_posix()}")
+    with pytest.raises(ConfigError, match="several top folders"):
+        load_train_data(both, input_hw=(16, 16))
+    mac = _zip_of(colour_dir, tmp_path / "mac.zip")
+    with zipfile.ZipFile(mac, "a") as z:  # what macOS's archiver adds
+        z.writestr("__MACOSX/train/red/._000.png", b"resource fork")
+        z.writestr("train/red/._000.png", b"resource fork")
+    loaded = load_train_data(mac, input_hw=(16, 16))
+    assert torch.equal(loaded.images, colour_data.images) and torch.equal(loaded.labels, colour_data.labels)

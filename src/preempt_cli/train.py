@@ -132,10 +132,16 @@ def load_train_data(
         archive = None
     elif source.is_file() and zipfile.is_zipfile(source):
         archive = zipfile.ZipFile(source)
-        names = sorted(n for n in archive.namelist() if not n.endswith("/") and n.lower().endswith(IMAGE_SUFFIXES))
+        # macOS's archiver adds __MACOSX/ and ._name resource forks: not images of the set
+        names = sorted(n for n in archive.namelist() if not n.endswith("/") and n.lower().endswith(IMAGE_SUFFIXES)
+                       and not n.startswith("__MACOSX/") and not n.rsplit("/", 1)[-1].startswith("._"))  # fmt: skip
         depths = {len(n.split("/")) for n in names}
         if not names or not depths <= {2, 3} or len(depths) != 1:
             raise ConfigError(f"{source}: expected an ImageFolder layout <class>/<file> (or <top>/<class>/<file>)")
+        tops = {n.split("/")[0] for n in names} if depths == {3} else set()
+        if len(tops) > 1:  # train/ and test/ in one zip: merged by class name, the test set would be trained on
+            raise ConfigError(f"{source}: several top folders ({', '.join(sorted(tops))}); expected one "
+                              "<top>/<class>/<file> tree: zip the one to train on")  # fmt: skip
         entries = [(n.split("/")[-2], n) for n in names]
         read = archive.read
     elif source.exists():
@@ -436,6 +442,7 @@ def train(
     device: torch.device | str = "cpu",
     resume: bool = False,
     keep_checkpoint: bool = False,
+    checkpoints: bool = True,
     metadata: dict[str, str] | None = None,
     on_epoch: Callable[[EpochStats], None] | None = None,
     on_batch: Callable[[int, int], None] | None = None,
@@ -450,6 +457,8 @@ def train(
         arch: the config of a model to train from scratch (when ``base`` is None).
         resume: continue from the checkpoint beside ``output`` when its settings match.
         keep_checkpoint: keep the checkpoint after the run (else it is deleted once the weights are written).
+        checkpoints: write a checkpoint after every epoch (``keygen`` writes none: one holds the state of the
+            secret-seeded generator, and an interrupted run would leave it on disk).
         metadata: extra metadata entries for the weights file.
         on_epoch: called with each epoch's statistics.
         on_batch: called with (batch, batches) of the current epoch.
@@ -531,7 +540,8 @@ def train(
                                            steps=config.eval_steps, device=device)  # fmt: skip
         stats = EpochStats(epoch + 1, lr, loss_sum / seen, 100.0 * correct / seen, clean, pgd, time.perf_counter() - t0)
         history.append(stats)
-        _save_checkpoint(ckpt, model, opt, generator, epoch + 1, history, fingerprint)
+        if checkpoints:
+            _save_checkpoint(ckpt, model, opt, generator, epoch + 1, history, fingerprint)
         if on_epoch:
             on_epoch(stats)
 
@@ -582,6 +592,7 @@ def keygen(
     seed = new_secret_seed() if seed is None else seed
     config = replace(config, seed=seed)
     return train(data, output, config=config, base=base, models_dir=models_dir, registry=registry, device=device,
+                 checkpoints=False,
                  metadata={"training": f"preempt keygen: {config.describe()} from {getattr(base, 'name', base)}, "
                            "final layer re-initialized; secret seed (not stored)"},
                  on_epoch=on_epoch, on_batch=on_batch)  # fmt: skip

@@ -101,8 +101,12 @@ def _check_output(out: Path, force: bool, resume: bool) -> Path:
     out = out.expanduser()
     if out.suffix != ".safetensors":
         raise ConfigError(f"{out}: the output must be a .safetensors file")
-    if out.exists() and not force and not resume:
-        raise ConfigError(f"{out} exists; pass --force to overwrite it")
+    if out.exists() and not force:
+        if not resume:
+            raise ConfigError(f"{out} exists; pass --force to overwrite it")
+        if not checkpoint_path(out).is_file():  # a finished run deletes its checkpoint: training would restart
+            raise ConfigError(f"--resume: {out} is finished (no checkpoint {checkpoint_path(out).name} beside "
+                              "it); pass --force to train it again")  # fmt: skip
     return out
 
 
@@ -197,13 +201,20 @@ def train_cmd(
     with c.handle_errors():
         if (base is None) == (arch is None):
             raise ConfigError("give exactly one of --base NAME (fine-tune) or --arch ARCH (from scratch)")
+        if base is not None:  # a base brings its own architecture, input size and dataset
+            given = [o for o, v in (("--input-size", input_size), ("--dataset", dataset_name),
+                                    ("--arch-arg", arch_arg)) if v]  # fmt: skip
+            if given:
+                raise ConfigError(f"{', '.join(given)}: only with --arch (a --base model brings its own)")
+        if input_size is not None and input_size < 1:
+            raise ConfigError(f"--input-size must be >= 1, got {input_size}")
         out = _check_output(out, force, resume)
         if not no_register:  # a name that cannot be registered fails now, not after training
             check_registrable(name or out.stem, overwrite=force)
         config = TrainConfig(
             method=method, eps=parse_eps(eps), step_size=parse_eps(step_size) if step_size else None,
-            attack_steps=attack_steps, epochs=epochs or (15 if base is None else 5), batch_size=batch_size,
-            lr=lr or (0.2 if base is None else 0.05), schedule=schedule, weight_decay=weight_decay,
+            attack_steps=attack_steps, epochs=(15 if base is None else 5) if epochs is None else epochs,
+            batch_size=batch_size, lr=(0.2 if base is None else 0.05) if lr is None else lr, schedule=schedule, weight_decay=weight_decay,
             holdout=holdout, eval_images=eval_images, seed=seed, amp=amp, max_batches_per_epoch=max_batches,
         )  # fmt: skip
         started = time.perf_counter()
@@ -213,7 +224,7 @@ def train_cmd(
             dataset = load_train_data(data, input_hw=model_cfg.input_size[1:], classes=model_cfg.classes)
             arch_cfg = None
         else:
-            dataset = load_train_data(data, input_hw=(input_size, input_size) if input_size else None)
+            dataset = load_train_data(data, input_hw=(input_size, input_size) if input_size is not None else None)
             arch_cfg = model_cfg = arch_config(arch, classes=dataset.classes, arch_args=_arch_args(arch_arg or []),
                                                dataset=dataset_name or _guess_dataset(dataset.classes, data),
                                                input_size=(3, *dataset.images.shape[2:]), name=name or out.stem)  # fmt: skip
@@ -281,7 +292,8 @@ def keygen_cmd(
         if not no_register:  # a name that cannot be registered fails now, not after training
             check_registrable(name or out.stem, overwrite=force)
         config = TrainConfig(**(asdict(KEYGEN_DEFAULTS) | {
-            "epochs": epochs or KEYGEN_DEFAULTS.epochs, "lr": lr or KEYGEN_DEFAULTS.lr, "amp": amp,
+            "epochs": KEYGEN_DEFAULTS.epochs if epochs is None else epochs,
+            "lr": KEYGEN_DEFAULTS.lr if lr is None else lr, "amp": amp,
             "max_batches_per_epoch": max_batches, "holdout": holdout, "eval_images": eval_images}))  # fmt: skip
         started = time.perf_counter()
         torch_device = _setup_torch(device)
@@ -294,8 +306,6 @@ def keygen_cmd(
         with progress:
             result = keygen(base, dataset, out, seed=secret_seed, config=config, models_dir=models_dir,
                             registry=registry or (), device=torch_device, on_epoch=on_epoch, on_batch=on_batch)  # fmt: skip
-        if checkpoint_path(out).exists():  # the checkpoint holds the seeded generator state: never leave it
-            checkpoint_path(out).unlink()
         _finish(result, name=name, register=not no_register, role="backbone", model_cfg=model_cfg, force=force,
                 json_out=json_out, quiet=quiet, started=started)  # fmt: skip
 
