@@ -648,3 +648,24 @@ def test_a_hand_made_config_with_mean_for_other_channels_is_a_config_error() -> 
                       input_size=(3, 32, 32), mean=(0.5,), std=(0.5,))  # fmt: skip
     with pytest.raises(ConfigError, match="'gray'.*one per input channel"):
         ImageModel(net, cfg)
+
+
+def test_save_safetensors_writes_the_same_bytes_for_the_same_content(tmp_path) -> None:
+    # safetensors writes its metadata in a hash map's order: identical trainings gave files of other sha256
+    from safetensors import safe_open
+
+    from preempt_cli.hub import save_safetensors
+
+    tensors = {"conv.weight": torch.arange(24.0).reshape(2, 3, 4), "fc.bias": torch.ones(5, dtype=torch.bfloat16)}
+    metadata = {f"key{i}": f"value {i}" for i in range(12)}
+    digests = set()
+    for i in range(8):
+        order = dict(reversed(list(metadata.items()))) if i % 2 else metadata
+        save_safetensors(tensors, tmp_path / f"m{i}.safetensors", order)
+        digests.add(hashlib.sha256((tmp_path / f"m{i}.safetensors").read_bytes()).hexdigest())
+    assert len(digests) == 1
+    with safe_open(str(tmp_path / "m0.safetensors"), framework="pt") as f:  # still a valid file
+        assert f.metadata() == metadata
+        for name, t in tensors.items():
+            assert torch.equal(f.get_tensor(name), t)
+    assert int.from_bytes((tmp_path / "m0.safetensors").read_bytes()[:8], "little") % 8 == 0
