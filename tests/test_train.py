@@ -216,6 +216,11 @@ def test_interrupted_run_resumes_to_the_same_weights(colour_data, tmp_path: Path
     with pytest.raises(ConfigError, match="other settings"):
         train(colour_data, out.with_name("x.safetensors"), config=_small(epochs=4, eval_images=0),
               arch=_arch(colour_data), resume=True)  # fmt: skip
+    # and so is one made on other images, even as many of them
+    other = type(colour_data)(colour_data.source, colour_data.images.flip(0), colour_data.labels.flip(0),
+                              colour_data.classes)  # fmt: skip
+    with pytest.raises(ConfigError, match="other settings"):
+        train(other, out.with_name("x.safetensors"), config=cfg, arch=_arch(colour_data), resume=True)
 
 
 def test_bad_settings_are_refused(colour_data, tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ resuming never unpickles anything.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -489,8 +490,13 @@ def train(
             if fc.bias is not None:
                 fc.bias.copy_(torch.empty_like(fc.bias).uniform_(-bound, bound, generator=_cpu_like(generator, fc.bias)))
     opt = _optimizer(model, config)
-    fingerprint = json.dumps({"config": asdict(config), "base": str(getattr(base, "name", base)), "arch": mc.arch,
-                              "n": len(train_set)}, sort_keys=True)  # fmt: skip
+    # what a checkpoint must have been made with to be resumed: the settings (autocast as resolved on this
+    # device), the model, and the training images themselves (other data of the same size is another run)
+    data_digest = hashlib.sha256(train_set.images.numpy().tobytes())
+    data_digest.update(train_set.labels.numpy().tobytes())
+    fingerprint = json.dumps({"config": asdict(config) | {"amp": resolve_amp(torch.device(device), config.amp)},
+                              "base": str(getattr(base, "name", base)), "arch": mc.arch, "n": len(train_set),
+                              "data": data_digest.hexdigest()}, sort_keys=True)  # fmt: skip
     ckpt = checkpoint_path(output)
     start, history = 0, []
     if resume and ckpt.is_file():
