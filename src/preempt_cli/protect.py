@@ -131,7 +131,8 @@ class RunOptions:
             raise ConfigError(f"invalid --suffix {self.suffix!r}: it must be non-empty with no path separator")
 
 
-def _parse_metadata(raw: str | None) -> dict[str, Any] | None:
+def parse_preempt_metadata(raw: str | None) -> dict[str, Any] | None:
+    """preempt's metadata from the text of its PNG chunk, else None (absent or not a JSON object)."""
     if not raw:
         return None
     try:
@@ -143,12 +144,12 @@ def _parse_metadata(raw: str | None) -> dict[str, Any] | None:
 
 def read_preempt_metadata(picture: Picture) -> dict[str, Any] | None:
     """preempt's metadata of a picture written by preempt, else None."""
-    return _parse_metadata(picture.text.get(METADATA_KEY))
+    return parse_preempt_metadata(picture.text.get(METADATA_KEY))
 
 
 def read_preempt_metadata_file(path: Path) -> dict[str, Any] | None:
     """preempt's metadata of a PNG file written by preempt (read without decoding its pixels), else None."""
-    return _parse_metadata(read_png_text(path, key=METADATA_KEY).get(METADATA_KEY))
+    return parse_preempt_metadata(read_png_text(path, key=METADATA_KEY).get(METADATA_KEY))
 
 
 # What makes two runs' outputs of one original differ. A re-run with other values must not keep an output

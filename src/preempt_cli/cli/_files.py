@@ -18,7 +18,7 @@ from ..imageio import DEFAULT_MAX_PIXELS, read_png_text
 from ..inputs import OUTPUT_MARKERS, InputFile, assign_outputs, collect_inputs, in_shard, parse_shard
 from ..labels import LabelMap, read_label_file
 from ..models import ImageModel, load_model
-from ..protect import METADATA_KEY, FileResult, Protector, RunOptions, read_preempt_metadata_file, run_on_devices
+from ..protect import METADATA_KEY, FileResult, Protector, RunOptions, parse_preempt_metadata, run_on_devices
 from ..registry import DEFAULT_BACKBONE, DEFAULT_CLASSIFIER, get_model_config
 from ..revert import Reverter, white_box_settings
 from . import _common as c
@@ -338,13 +338,12 @@ skips the files without it (the originals), while files named directly fail.
 NOT_PROTECTED = "not protected by preempt"
 
 
-def _not_protected(item: InputFile) -> bool:
-    """Whether ``item`` is no protected image at all, and so left out of a white-box reversion: found by a
-    folder walk (a file named directly is meant), without preempt metadata, and not named as protect's
-    outputs are (``*.protected.png``: one whose metadata was stripped fails with the reason instead)."""
-    if item.root is None or (item.path.suffix.lower() == ".png" and item.path.stem.endswith(".protected")):
-        return False
-    return METADATA_KEY not in read_png_text(item.path, key=METADATA_KEY)
+def _may_be_an_original(item: InputFile) -> bool:
+    """Whether ``item``, when it carries no preempt metadata, is no protected image at all, and so left out
+    of a white-box reversion: found by a folder walk (a file named directly is meant), and not named as
+    protect's outputs are (``*.protected.png``: one whose metadata was stripped fails with the reason)."""
+    return item.root is not None and not (item.path.suffix.lower() == ".png"
+                                          and item.path.stem.endswith(".protected"))  # fmt: skip
 
 
 WhiteBoxGroup = tuple[dict[str, Any] | None, str | None, bool, list[InputFile]]
@@ -360,11 +359,12 @@ def _white_box_groups(items: list[InputFile]) -> Iterator[WhiteBoxGroup]:
 
     groups: dict[str, WhiteBoxGroup] = {}
     for item in items:
-        meta = read_preempt_metadata_file(item.path)
+        raw = read_png_text(item.path, key=METADATA_KEY).get(METADATA_KEY)  # read once: a PNG original is decoded
+        meta = parse_preempt_metadata(raw)
         problem = "no preempt metadata (not protected by preempt?): revert it black-box with --backbone NAME"
         skip = False
         if meta is None:
-            if _not_protected(item):
+            if raw is None and _may_be_an_original(item):
                 problem, skip = NOT_PROTECTED, True
         elif meta.get("kind") != "protected":
             problem = f"not a protected image (preempt metadata of a {meta.get('kind')!r} image)"
