@@ -240,15 +240,25 @@ def test_schedules_rise_and_fall_to_zero(schedule: str) -> None:
 
 
 # -- keygen ---------------------------------------------------------------------------------------------------
-def test_keygen_derives_distinct_keys_and_never_stores_the_seed(colour_data, tmp_path: Path) -> None:
+def _colour_base(colour_data, tmp_path: Path, epochs: int) -> tuple[Path, Path]:
+    """A base model trained on the colours and registered as ``colour-base``: (its weights, the registry)."""
     base_out = tmp_path / "base.safetensors"
-    base = train(colour_data, base_out, config=_small(epochs=2), arch=_arch(colour_data))
+    base = train(colour_data, base_out, config=_small(epochs=epochs), arch=_arch(colour_data))
     reg = tmp_path / "models.toml"
     register_model("colour-base", {"arch": "cifar_resnet20", "input_size": [3, 16, 16], "mean": "none",
                                    "std": "none", "classes": list(colour_data.classes),
                                    "source": f"file:{base_out}", "sha256": base.sha256}, reg)  # fmt: skip
-    cfg = TrainConfig(**{**KEYGEN_DEFAULTS.__dict__, "batch_size": 16, "holdout": 12, "eval_images": 12,
-                         "eval_steps": 2, "amp": "off"})  # fmt: skip
+    return base_out, reg
+
+
+def _keygen_config(**kw) -> TrainConfig:
+    small = dict(batch_size=16, holdout=12, eval_images=12, eval_steps=2, amp="off")
+    return TrainConfig(**{**KEYGEN_DEFAULTS.__dict__, **small, **kw})
+
+
+def test_keygen_derives_distinct_keys_and_never_stores_the_seed(colour_data, tmp_path: Path) -> None:
+    base_out, reg = _colour_base(colour_data, tmp_path, epochs=2)
+    cfg = _keygen_config()
     k1 = keygen("colour-base", colour_data, tmp_path / "k1.safetensors", seed=123456789, config=cfg, registry=[reg])
     k2 = keygen("colour-base", colour_data, tmp_path / "k2.safetensors", seed=987654321, config=cfg, registry=[reg])
     k1b = keygen("colour-base", colour_data, tmp_path / "k1b.safetensors", seed=123456789, config=cfg, registry=[reg])
@@ -351,14 +361,8 @@ def test_cli_resume_never_retrains_a_finished_model(colour_dir: Path, tmp_path: 
 
 def test_keygen_leaves_no_checkpoint_even_when_interrupted(colour_data, tmp_path: Path) -> None:
     # a checkpoint holds the secret-seeded generator's state: an interrupted keygen must not leave one
-    base_out = tmp_path / "base.safetensors"
-    base = train(colour_data, base_out, config=_small(epochs=1), arch=_arch(colour_data))
-    reg = tmp_path / "models.toml"
-    register_model("colour-base", {"arch": "cifar_resnet20", "input_size": [3, 16, 16], "mean": "none",
-                                   "std": "none", "classes": list(colour_data.classes),
-                                   "source": f"file:{base_out}", "sha256": base.sha256}, reg)  # fmt: skip
-    cfg = TrainConfig(**{**KEYGEN_DEFAULTS.__dict__, "epochs": 2, "batch_size": 16, "holdout": 12,
-                         "eval_images": 12, "eval_steps": 2, "amp": "off"})  # fmt: skip
+    _, reg = _colour_base(colour_data, tmp_path, epochs=1)
+    cfg = _keygen_config(epochs=2)
 
     def interrupt(stats) -> None:
         raise KeyboardInterrupt
