@@ -521,7 +521,7 @@ def bench_end_to_end(ours: ImageModel, paths: list[Path], args: argparse.Namespa
         log(f"end to end: Protector.run on a folder of {len(items)} PNGs")
         statuses: list[str] = []
         trace = PipelineTrace(protector)  # where each run's time goes (see bench_pipeline.py)
-        splits: dict[str, list[dict[str, float]]] = {"threads": [], "no_fsync": [], "processes": []}
+        splits: dict[str, list[dict[str, float]]] = {"threads": [], "no_fsync": [], "processes": [], "switch": []}
 
         def run_pipeline(variant: str, run_options: RunOptions) -> None:
             outcomes, split = trace.run(items, run_options)
@@ -534,6 +534,15 @@ def bench_end_to_end(ours: ImageModel, paths: list[Path], args: argparse.Namespa
         t_no_sync = timed(partial(run_pipeline, "no_fsync", replace(options, fsync=False)), device, args.repeats)
         log(f"end to end: Protector.run with --io processes ({len(items)} PNGs)")
         t_processes = timed(partial(run_pipeline, "processes", replace(options, io="processes")), device, args.repeats)
+        t_switch = None
+        if args.e2e_switch_interval:  # an experiment: a thread waiting for the GIL asks for it sooner
+            log(f"end to end: Protector.run --io processes, switch interval {args.e2e_switch_interval * 1000:g} ms")
+            default_interval = sys.getswitchinterval()
+            sys.setswitchinterval(args.e2e_switch_interval)
+            try:
+                t_switch = timed(partial(run_pipeline, "switch", replace(options, io="processes")), device, args.repeats)
+            finally:
+                sys.setswitchinterval(default_interval)
         protector.close()
         io_costs = file_costs([i.path for i in items[:200]], Path(tmp) / "io")
         result: dict[str, Any] = {
@@ -549,6 +558,10 @@ def bench_end_to_end(ours: ImageModel, paths: list[Path], args: argparse.Namespa
         result["pipeline_no_fsync"] = rate(t_no_sync, len(items))
         result["pipeline_processes"] = rate(t_processes, len(items))
         result["pipeline_processes_vs_engine"] = round(result["pipeline_processes"]["images_per_s"] / engine_rate, 3)
+        if t_switch is not None:
+            result["pipeline_processes_switch"] = rate(t_switch, len(items))
+            result["pipeline_processes_switch"]["switch_interval_s"] = args.e2e_switch_interval
+            result["pipeline_processes_switch_vs_engine"] = round(result["pipeline_processes_switch"]["images_per_s"] / engine_rate, 3)
         result["target_met_processes"] = result["pipeline_processes_vs_engine"] >= 0.8
         result["pipeline_no_fsync_vs_engine"] = round(result["pipeline_no_fsync"]["images_per_s"] / engine_rate, 3)
         result["workers"] = options.workers
@@ -820,6 +833,11 @@ def table_rows(results: dict[str, Any]) -> list[list[str]]:
             row("e2e: Protector.run --io processes", "resnet20", e2e["pipeline_processes"],
                 f"{e2e['pipeline_processes_vs_engine']:.2f} of engine rate (target >= 0.8: {met})"
                 + split_note(splits.get("processes")))  # fmt: skip
+        if "pipeline_processes_switch" in e2e:
+            sw = e2e["pipeline_processes_switch"]
+            row("e2e: --io processes, shorter GIL switch", "resnet20", sw,
+                f"{e2e['pipeline_processes_switch_vs_engine']:.2f} of engine rate; sys.setswitchinterval"
+                f"({sw['switch_interval_s']:g})" + split_note(splits.get("switch")))  # fmt: skip
         if "pipeline_no_fsync" in e2e:
             row("e2e: Protector.run --no-fsync", "resnet20", e2e["pipeline_no_fsync"],
                 f"{e2e['pipeline_no_fsync_vs_engine']:.2f} of engine rate" + split_note(splits.get("no_fsync")))  # fmt: skip
@@ -911,6 +929,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="on CUDA: torch.compile modes timed at the best batch ('' for none)")  # fmt: skip
     p.add_argument("--compile-backbones", default="preact18",
                    help="on CUDA: backbones whose compiled engine is timed (default preact18)")  # fmt: skip
+    p.add_argument("--e2e-switch-interval", type=float, default=None,
+                   help="also time --io processes end to end under this sys.setswitchinterval (seconds; an experiment)")
     p.add_argument("--e2e-images", type=int, default=None,
                    help="PNG files for the end-to-end part (default --images; beyond the 932 test images, copies)")
     p.add_argument("--accuracy-compile", default="",

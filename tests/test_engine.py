@@ -130,21 +130,57 @@ def test_image_alone_equals_image_in_batch(tiny_backbone, cifar_batch) -> None:
     torch.testing.assert_close(alone[0], default[3], atol=1e-6, rtol=0)
 
 
-def test_noise_is_uniform_in_budget_and_per_image(tiny_backbone) -> None:
+def test_noise_is_uniform_in_budget_and_per_image(tiny_backbone, monkeypatch) -> None:
     cfg = ForeBackConfig(eps=8 / 255, samples=16)
-    engine = FastPreemption(tiny_backbone, config=cfg, seed=2)
-    like = torch.zeros(3, 3, 32, 32)
-    noise = engine._noise(like, engine._generators(3, [10, 11, 12]))
-    assert noise.shape == (3, 16, 3, 32, 32)
+    engine = FastPreemption(tiny_backbone, config=cfg, seed=2, device=TEST_DEVICE)
+    like = torch.zeros(3, 3, 32, 32, device=TEST_DEVICE)
+    keys = engine._noise_keys(3, [10, 11, 12])  # [images, steps, samples]
+    assert keys.shape == (3, cfg.forward_steps + cfg.backward_steps, 16)
+    noise = engine._noise(like, keys[:, 0])
+    assert noise.shape == (3, 16, 3, 32, 32) and noise.dtype == torch.float32
     assert noise.abs().max() <= cfg.eps
-    assert noise.min() < -0.9 * cfg.eps and noise.max() > 0.9 * cfg.eps  # spans the whole interval
+    assert noise.min() < -0.999 * cfg.eps and noise.max() > 0.999 * cfg.eps  # spans the whole interval
     assert abs(noise.mean().item()) < 0.02 * cfg.eps
     assert noise.std().item() == pytest.approx(cfg.eps / math.sqrt(3), rel=0.02)  # std of U(-eps, eps)
-    # The same per-image seed draws the same noise, whatever the batch.
-    single = engine._noise(like[:1], engine._generators(1, [11]))
+    counts = torch.histc(noise.cpu(), bins=20, min=-cfg.eps, max=cfg.eps)
+    assert (counts - counts.mean()).abs().max() < 0.05 * counts.mean()  # flat: 2,458 values a bin expected
+    # Independent: 48 rows (3 images x 16 samples) and the next step's, pairwise uncorrelated (|r| ~ 0.018)
+    rows = torch.cat([noise, engine._noise(like, keys[:, 1])], dim=1).flatten(2).flatten(0, 1).cpu()
+    r = torch.corrcoef(rows.double()) - torch.eye(len(rows), dtype=torch.float64)
+    assert r.abs().max() < 0.1, r.abs().max()
+    # The same per-image seed draws the same noise whatever the batch, any samples of it alone the same,
+    # and the block size (memory) changes nothing.
+    single = engine._noise(like[:1], engine._noise_keys(1, [11])[:, 0])
     assert torch.equal(single[0], noise[1])
+    assert torch.equal(engine._noise(like, keys[:, 0, 5:9]), noise[:, 5:9])
+    monkeypatch.setitem(engine_module.NOISE_BLOCK_ELEMENTS, TEST_DEVICE.type, 1000)  # element and sample blocks
+    assert torch.equal(engine._noise(like, keys[:, 0]), noise)
+    # Other step, base seed or image seed: other noise
+    assert not torch.equal(engine._noise(like, keys[:, 1]), noise)
+    other_seed = FastPreemption(tiny_backbone, config=cfg, seed=3, device=TEST_DEVICE)
+    assert not torch.equal(other_seed._noise(like, other_seed._noise_keys(3, [10, 11, 12])[:, 0]), noise)
+    assert not torch.equal(engine._noise(like[:1], engine._noise_keys(1, [13])[:, 0])[0], noise[1])
     with pytest.raises(ValueError, match="noise seeds"):
-        engine._generators(3, [1, 2])
+        engine._noise_keys(3, [1, 2])
+
+
+def test_hash_noise_is_fixed_integer_arithmetic() -> None:
+    # The noise is a documented function of its inputs, the same bits on every device and torch version:
+    # a value computed by hand from lowbias32 (see engine.hash_noise) for key (lo, hi), step 2, sample 3
+    def mix(v: int) -> int:
+        v ^= v >> 16
+        v = (v * 0x21F0AAAD) & 0xFFFFFFFF
+        v ^= v >> 15
+        v = (v * 0x735A2D97) & 0xFFFFFFFF
+        return v ^ (v >> 15)
+
+    lo, hi, step, sample, element = 123456789, 987654321, 2, 3, 7
+    key = mix(mix(mix((sample + mix(step)) & 0xFFFFFFFF) ^ lo) ^ hi)
+    expected = ((mix(mix(element) ^ key) >> 8) * 2.0**-24) * 2 * 0.5 - 0.5
+    keys = engine_module.noise_keys(torch.tensor([[lo, hi]], device=TEST_DEVICE), step + 1, sample + 1)
+    assert keys[0, step, sample].item() == key
+    noise = engine_module.hash_noise(keys[:, step], 10, 0.5, block=1 << 20)
+    assert noise[0, sample, element].item() == pytest.approx(expected, abs=1e-7)
 
 
 @pytest.mark.parametrize("size", [32, 40], ids=["native", "resized-in-chunks"])
@@ -155,8 +191,8 @@ def test_every_step_draws_fresh_noise_for_every_sample(tiny_backbone, monkeypatc
     drawn: list[torch.Tensor] = []
     real_noise, real_sample_noise = FastPreemption._noise, FastPreemption._sample_noise
 
-    def noise(self, like, generators):
-        drawn.append(real_noise(self, like, generators))
+    def noise(self, like, keys):
+        drawn.append(real_noise(self, like, keys))
         return drawn[-1].clone()
 
     def sample_noise(self, like, generators, samples):
@@ -218,7 +254,7 @@ def test_backward_step_moves_against_the_predicted_attack(tiny_backbone, cifar_b
     # Same from a later iterate x_t (after a forward step), one backward step taken by the engine.
     x_t = FastPreemption(tiny_backbone, config=cfg.with_(forward_steps=1, backward_steps=0)).perturb(x, y)
     bounds = ((x - cfg.eps).clamp(min=0).unsqueeze(1), (x + cfg.eps).clamp(max=1).unsqueeze(1))
-    x_next = engine._step(x_t, bounds, y.repeat_interleave(cfg.samples), engine._generators(len(x), None), direction=+1.0)
+    x_next = engine._step(x_t, bounds, y.repeat_interleave(cfg.samples), engine._noise_keys(len(x), None)[:, 0], direction=+1.0)
     grad_t = _input_grad(tiny_backbone, x_t, y)
     fgsm_t = project(x_t + cfg.eps * grad_t.sign(), x, cfg.eps)
     assert (_ce(tiny_backbone, x_next, y) < _ce(tiny_backbone, fgsm_t, y)).all()
@@ -276,9 +312,9 @@ def test_batched_samples_equal_per_sample_loop(cfg, tiny_backbone, cifar_batch, 
               for _ in range(steps)]  # fmt: skip
     served = iter(noises)
 
-    def fake_noise(self, like, generators):
+    def fake_noise(self, like, keys):
         noise = next(served)
-        assert noise.shape == (like.shape[0], self.config.samples, *like.shape[1:])
+        assert noise.shape == (like.shape[0], self.config.samples, *like.shape[1:]) and keys.shape == noise.shape[:2]
         return noise.clone()
 
     monkeypatch.setattr(FastPreemption, "_noise", fake_noise)
