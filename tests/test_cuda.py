@@ -20,8 +20,8 @@ from conftest import CIFAR10_CLASSES, load_cifar_images, make_tiny_model, write_
 from preempt_cli import ForeBackConfig, Protector, RunOptions, collect_inputs, load_model
 from preempt_cli.device import resolve_devices
 from preempt_cli.engine import FastPreemption
-from preempt_cli.protect import read_preempt_metadata, run_on_devices
-from preempt_cli.imageio import read_image
+from preempt_cli.protect import content_seed, read_preempt_metadata, run_on_devices
+from preempt_cli.imageio import quantize_batch, read_image
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="CUDA not available: GPU-only checks (benchmarks/gpu_check.sh runs them)"
@@ -155,6 +155,25 @@ def test_file_pipeline_on_cuda_writes_budgeted_pngs(tmp_path: Path, resnet20) ->
         assert 0 < np.abs(a - b).max() <= 8 and np.abs(a - b).max() == r.linf_levels
         meta = read_preempt_metadata(read_image(r.output))
         assert meta["precision"] == ("bf16" if torch.cuda.is_bf16_supported() else "fp32")
+
+
+def test_pipeline_on_cuda_writes_what_each_batch_computes(tmp_path: Path, resnet20) -> None:
+    # On CUDA the pipeline queues batches while others compute and reads each one's results from pinned
+    # host memory after an event: read too early, a file would hold other levels than its batch computed
+    originals = _pngs(tmp_path / "in", 24)
+    cfg = ForeBackConfig(samples=20)
+    protector = Protector(resnet20["cuda:0"], labels="backbone", config=cfg)
+    results = list(protector.run(collect_inputs([tmp_path / "in"]), RunOptions(out_dir=tmp_path / "out", batch_size=8)))
+    assert [r.status for r in results] == ["done"] * 24
+    for first in range(0, 24, 8):  # the same batches (8 files each, in order), computed one at a time
+        pictures = [read_image(p) for p in originals[first : first + 8]]
+        x = torch.stack([p.to_tensor() for p in pictures]).to(CUDA)
+        y = protector.predict(x).clone()
+        x_new = protector.transform(x, y, noise_seeds=[content_seed(p.color) for p in pictures])
+        levels, _ = quantize_batch(x_new, [p.color for p in pictures], cfg.eps)
+        for path, expected in zip(originals[first : first + 8], levels):
+            written = np.asarray(Image.open(tmp_path / "out" / path.name.replace(".png", ".protected.png")))
+            assert np.array_equal(written, expected), path.name
 
 
 def test_workers_on_cuda_and_cpu_write_each_file_once(tmp_path: Path, resnet20) -> None:
