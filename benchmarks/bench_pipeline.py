@@ -79,12 +79,10 @@ class StandInEngine(Protector):
 
 
 class PipelineTrace:
-    """Where the wall time of ``Protector.run`` goes. Each batch's span runs from its start on the compute
-    thread to its results being read (on a GPU the two are apart: batches are queued while one computes,
-    so spans overlap). They split a run into: before the first batch starts (``head``: decoding it),
-    batches computing (``compute``: the union of the spans), time in between with no batch in flight
-    (``between``: the device starved of full batches), and after the last batch (``tail``: its files
-    written). Wraps the protector's compute step on this one instance."""
+    """Where the wall time of ``Protector.run`` goes. The compute thread's spans split a run into: before
+    the first batch computes (``head``: decoding it), batches computing (``compute``), waits between
+    batches (``between``: the compute thread starved of full batches), and after the last batch
+    (``tail``: its files written). Wraps the protector's compute step on this one instance."""
 
     def __init__(self, protector: Protector) -> None:
         self.protector = protector
@@ -94,20 +92,9 @@ class PipelineTrace:
         def traced(batch: list) -> Any:
             start = time.perf_counter()
             try:
-                started = compute(batch)
-            except BaseException:
-                self.spans.append((start, time.perf_counter()))
-                raise
-            read = started.result
-
-            def result() -> Any:
-                try:
-                    return read()
-                finally:
-                    self.spans.append((start, time.perf_counter()))  # appends are atomic: no lock
-
-            started.result = result
-            return started
+                return compute(batch)
+            finally:
+                self.spans.append((start, time.perf_counter()))  # appends are atomic: no lock
 
         protector._timed_compute = traced  # type: ignore[method-assign]
 
@@ -119,12 +106,8 @@ class PipelineTrace:
         end = time.perf_counter()
         split = {"wall_s": end - start, "batches": len(self.spans)}
         if self.spans:
-            covered, reach = 0.0, float("-inf")  # the union of the spans
-            for s, e in sorted(self.spans):
-                covered += max(0.0, e - max(s, reach))
-                reach = max(reach, e)
-            compute = covered
-            first, last = min(s for s, _ in self.spans), max(e for _, e in self.spans)
+            compute = sum(e - s for s, e in self.spans)
+            first, last = self.spans[0][0], self.spans[-1][1]
             split.update(head_s=first - start, compute_s=compute, between_s=(last - first) - compute, tail_s=end - last)
         return results, {k: round(v, 4) if isinstance(v, float) else v for k, v in split.items()}
 

@@ -748,29 +748,6 @@ def test_images_of_many_sizes_are_computed_as_they_come_not_all_held_to_the_end(
     assert at_first_batch[0] <= 17 + 64 < len(sizes)
 
 
-def test_the_first_batch_is_small_so_that_computing_starts_early(tmp_path: Path, tiny_backbone,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
-    # a GPU's batch of 256 would keep the device waiting until 256 files are decoded; the first batch
-    # holds a few, and the next batch decodes while it computes
-    from preempt_cli import ForeBackConfig, Protector, collect_inputs
-    from preempt_cli import protect as protect_module
-
-    write_random_pngs(tmp_path / "in", 100, name="img{i:03d}.png")
-    sizes: list[int] = []
-    real_compute = Protector._timed_compute
-
-    def noting_compute(self, batch):
-        sizes.append(len(batch))
-        return real_compute(self, batch)
-
-    monkeypatch.setattr(Protector, "_timed_compute", noting_compute)
-    protector = Protector(tiny_backbone, labels="backbone", config=ForeBackConfig(samples=1, backward_steps=1))
-    options = RunOptions(out_dir=tmp_path / "out", io="threads", workers=2, batch_size=40)
-    results = list(protector.run(collect_inputs([tmp_path / "in"]), options))
-    assert [r.status for r in results] == ["done"] * 100
-    assert protect_module._FIRST_BATCH < 40 and sizes == [protect_module._FIRST_BATCH, 40, 100 - 40 - protect_module._FIRST_BATCH]
-
-
 # -- streams: redirected stdout, pipes, unwrapped tables and logs, NUL-terminated paths -----------------------
 def _child_env() -> dict[str, str]:
     """The environment of a ``preempt`` child process: no setting that would change what rich sees."""

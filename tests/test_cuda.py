@@ -21,7 +21,7 @@ from preempt_cli import ForeBackConfig, Protector, RunOptions, collect_inputs, l
 from preempt_cli.device import resolve_devices
 from preempt_cli.engine import FastPreemption
 from preempt_cli.protect import content_seed, read_preempt_metadata, run_on_devices
-from preempt_cli.imageio import quantize_batch, read_image
+from preempt_cli.imageio import levels_to_float, quantize_batch, read_image, stack_levels
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="CUDA not available: GPU-only checks (benchmarks/gpu_check.sh runs them)"
@@ -158,8 +158,8 @@ def test_file_pipeline_on_cuda_writes_budgeted_pngs(tmp_path: Path, resnet20) ->
 
 
 def test_pipeline_on_cuda_writes_what_each_batch_computes(tmp_path: Path, resnet20) -> None:
-    # On CUDA the pipeline queues batches while others compute and reads each one's results from pinned
-    # host memory after an event: read too early, a file would hold other levels than its batch computed
+    # Each file holds exactly what its batch computed (the same batches, computed one at a time here):
+    # nothing of another batch, of a stale buffer, or rounded twice
     originals = _pngs(tmp_path / "in", 24)
     cfg = ForeBackConfig(samples=20)
     protector = Protector(resnet20["cuda:0"], labels="backbone", config=cfg)
@@ -167,7 +167,8 @@ def test_pipeline_on_cuda_writes_what_each_batch_computes(tmp_path: Path, resnet
     assert [r.status for r in results] == ["done"] * 24
     for first in range(0, 24, 8):  # the same batches (8 files each, in order), computed one at a time
         pictures = [read_image(p) for p in originals[first : first + 8]]
-        x = torch.stack([p.to_tensor() for p in pictures]).to(CUDA)
+        # the pipeline's inputs, built as it builds them (CUDA's x / 255 is one ulp off the CPU's)
+        x = levels_to_float(stack_levels([p.color for p in pictures], CUDA), 255)
         y = protector.predict(x).clone()
         x_new = protector.transform(x, y, noise_seeds=[content_seed(p.color) for p in pictures])
         levels, _ = quantize_batch(x_new, [p.color for p in pictures], cfg.eps)

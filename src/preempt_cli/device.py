@@ -1,4 +1,4 @@
-"""Choosing the compute device and CPU threads; moving host tensors to it without waiting for it."""
+"""Choosing the compute device and CPU threads."""
 
 from __future__ import annotations
 
@@ -8,16 +8,7 @@ import torch
 
 from .errors import ConfigError
 
-__all__ = ["resolve_device", "resolve_devices", "default_cpu_threads", "default_io_workers", "upload"]
-
-
-def upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on ``device``, queued behind the device's work instead of waiting for it: a copy
-    from ordinary (pageable) host memory to a GPU first waits for everything queued on its stream, which
-    would stall a pipeline that queues the next batch while one computes; from pinned memory it does not."""
-    if device.type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
+__all__ = ["resolve_device", "resolve_devices", "default_cpu_threads", "default_io_workers"]
 
 
 def resolve_device(spec: str | torch.device = "auto") -> torch.device:

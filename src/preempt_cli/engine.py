@@ -28,7 +28,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .device import upload
 from .errors import ConfigError
 
 __all__ = ["ForeBackConfig", "FastPreemption", "PRESETS", "PRECISIONS", "COMPILE_MODES", "parse_eps", "default_eps", "eval_mode", "project",
@@ -82,9 +81,9 @@ def hash_noise(keys: torch.Tensor, numel: int, eps: float, *, block: int,
 
     Each value depends on its own key and element alone, so any part of the noise (some images, some
     samples) is drawn alone the same as within the whole, in a fixed number of tensor operations per
-    ``block`` elements. The per-image generators this replaces cost a Python-level call per image and
-    step, and on a GPU each call takes the GIL back from the file pipeline's threads: about 1,800 calls per
-    batch of 256 made the engine 4.4x slower under ``preempt protect``'s I/O threads than alone (H100).
+    ``block`` elements, and integer arithmetic gives the same bits on every device. (Per-image generators
+    took two Python-level calls per image and step and drew other numbers on CUDA than on the CPU; the
+    fewer calls did not measurably change ``preempt protect``'s speed on an H200: see benchmarks/RESULTS.md.)
     """
     rows, count = keys.shape
     out = torch.empty((rows, count, numel), device=keys.device, dtype=dtype)
@@ -312,7 +311,7 @@ class FastPreemption:
         """The keys of the images' noise at every cascade step and sample, [B, steps, N] (:func:`noise_keys`),
         from the base seed and each image's noise seed mixed into 64 bits; one upload per batch."""
         keys = [(self.seed * 0x9E3779B97F4A7C15 + s) & ((1 << 64) - 1) for s in self._image_seeds(count, noise_seeds)]
-        image_keys = upload(torch.tensor([[k & _MASK32, k >> 32] for k in keys], dtype=torch.int64), self.device)
+        image_keys = torch.tensor([[k & _MASK32, k >> 32] for k in keys], dtype=torch.int64, device=self.device)
         return noise_keys(image_keys, self.config.forward_steps + self.config.backward_steps, self.config.samples)
 
     def _sample_generators(self, count: int, noise_seeds: Sequence[int] | None) -> list[list[torch.Generator]]:

@@ -38,8 +38,6 @@ __all__ = [
     "atomic_write",
     "quantize",
     "quantize_batch",
-    "quantize_batch_on_device",
-    "host_levels",
     "quantize_levels",
     "stack_levels",
     "levels_to_float",
@@ -307,32 +305,16 @@ def quantize_batch(x: torch.Tensor, references: Sequence[np.ndarray], eps: float
         saved = torch.stack([torch.from_numpy(lv.astype(np.float32)).permute(2, 0, 1) / m
                              for lv, m in zip(levels, max_values)])  # fmt: skip
         return levels, saved.to(x.device)
-    small, saved = quantize_batch_on_device(x, references, eps, reference_levels)
-    return host_levels(small.cpu()), saved
-
-
-def quantize_batch_on_device(x: torch.Tensor, references: Sequence[np.ndarray], eps: float,
-                             reference_levels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """:func:`quantize_batch` for equal-depth pictures, nothing read back: (the levels, [B, H, W, C] in
-    the files' integer width on ``x``'s device, for :func:`host_levels` once on the host; the same levels
-    as [0, 1] floats [B, C, H, W])."""
-    import torch
-
-    max_value = 65535 if references[0].dtype == np.uint16 else 255
+    max_value = max_values[0]
     if reference_levels is None:
         reference_levels = stack_levels(references, x.device)
     clipped = _clip_levels(x, reference_levels, eps, max_value)
-    # back to the host in the files' integer width (a byte per 8-bit level)
-    small = clipped.to(torch.uint8 if max_value == 255 else torch.int32).permute(0, 2, 3, 1).contiguous()
-    return small, clipped.div_(max_value)
-
-
-def host_levels(small: torch.Tensor) -> list[np.ndarray]:
-    """:func:`quantize_batch_on_device`'s levels, on the host, as one HWC array per image (uint8/uint16)."""
-    host = small.numpy()
-    if host.dtype != np.uint8:
+    # back to the host in the files' integer width (a byte per 8-bit level), then one array per image
+    small = clipped.to(torch.uint8 if max_value == 255 else torch.int32)
+    host = small.permute(0, 2, 3, 1).cpu().numpy()
+    if max_value != 255:
         host = host.astype(np.uint16)
-    return list(host)
+    return list(host), clipped.div_(max_value)
 
 
 def _to_pil(picture: Picture, color: np.ndarray) -> Image.Image:

@@ -36,17 +36,15 @@ import torch
 
 from . import __version__
 from .engine import FastPreemption, ForeBackConfig, eval_mode
-from .device import default_io_workers, upload
+from .device import default_io_workers
 from .errors import ConfigError, LabelError, reason_of
 from .hub import sha256_file
 from .imageio import (
     DEFAULT_MAX_PIXELS,
     Picture,
-    host_levels,
     ignore_interrupts,
     levels_to_float,
     quantize_batch,
-    quantize_batch_on_device,
     read_images,
     read_png_text,
     stack_levels,
@@ -73,9 +71,6 @@ _CPU_BATCH_ELEMENTS = 16 * 20 * 3 * 32 * 32
 _GPU_BATCH_ELEMENTS = 16 * _CPU_BATCH_ELEMENTS
 #: Image sizes waiting at once for their batches to fill; beyond, the oldest partial batch is computed.
 _MAX_PARTIAL_BATCHES = 16
-#: The first batch of a run holds at most this many images, so that the device starts once a few files
-#: are decoded, not a whole batch of them (256 on a GPU), and the next batch decodes while it computes.
-_FIRST_BATCH = 32
 
 
 @dataclass
@@ -418,38 +413,26 @@ class Protector:
     def _extra_metadata(self, meta: dict[str, Any] | None) -> dict[str, Any]:
         return {}
 
-    def _compute(self, batch: list[_Pending]) -> "_Computed":
-        """Start one equal-shape batch; its ``result()`` gives per image (levels, conf before, conf after,
-        label) and the device's seconds per image.
-
-        On a GPU nothing here waits for the device: the inputs go up from pinned memory and the outputs
-        come back into pinned memory behind an event, so that the next batch is queued while this one
-        computes and the device never idles while the host reads one batch and prepares the next.
-        """
-        timing = _DeviceTiming(self.device)
+    def _compute(self, batch: list[_Pending]) -> list[tuple[np.ndarray, float, float, int]]:
+        """Transform one equal-shape batch; returns per image (levels, conf before, conf after, label)."""
         colors = [p.picture.color for p in batch]
         reference = stack_levels(colors, self.device)  # None: 8- and 16-bit pictures of one size
         if reference is not None:
             x = levels_to_float(reference, batch[0].picture.max_value)
         else:
-            x = upload(torch.stack([p.picture.to_tensor() for p in batch]), self.device)
+            x = torch.stack([p.picture.to_tensor() for p in batch]).to(self.device)
         known = [p.label for p in batch]
         if None in known:  # labels from a model: for every file of a run (see _file_label)
             y = self.predict(x).clone()  # a normal tensor (autograd refuses inference ones), left on the device
         else:
-            y = upload(torch.tensor(known), self.device)
+            y = torch.tensor(known, device=self.device)
         before = self.confidence(x, y)
         x_new = self.transform(x, y, noise_seeds=[content_seed(c) for c in colors])
-        if reference is not None:
-            small, saved = quantize_batch_on_device(x_new, colors, self.config.eps, reference_levels=reference)
-            levels: list[np.ndarray] | _HostCopy = _HostCopy(small)
-        else:  # each picture rounded on its own grid, on the host
-            levels, saved = quantize_batch(x_new, colors, self.config.eps)
+        levels, saved = quantize_batch(x_new, colors, self.config.eps, reference_levels=reference)
         after = self.confidence(saved, y)
-        stats = _HostCopy(torch.stack([before.double(), after.double(), y.double()]))
-        return _Computed(levels, stats, timing.stop(), len(batch))
+        return [(lv, b, a, lab) for lv, b, a, lab in zip(levels, before.tolist(), after.tolist(), y.tolist())]
 
-    def _compute_with_backoff(self, batch: list[_Pending]) -> "_Computed | _Joined":
+    def _compute_with_backoff(self, batch: list[_Pending]) -> list[tuple[np.ndarray, float, float, int]]:
         try:
             return self._compute(batch)
         except torch.cuda.OutOfMemoryError:
@@ -463,7 +446,7 @@ class Protector:
         p = batch[0].picture
         self._batch_cap[(p.channels, p.size[1], p.size[0])] = half
         _logger.warning("out of GPU memory with %d images per batch; retrying with %d", len(batch), half)
-        return _Joined([self._compute_with_backoff(batch[:half]), self._compute_with_backoff(batch[half:])])
+        return self._compute_with_backoff(batch[:half]) + self._compute_with_backoff(batch[half:])
 
     def _write(self, pending: _Pending, levels: np.ndarray, before: float, after: float, label: int,
                seconds: float, fsync: bool = True) -> FileResult:  # fmt: skip
@@ -606,9 +589,10 @@ class Protector:
         finally:
             compute.shutdown(wait=True, cancel_futures=True)
 
-    def _timed_compute(self, batch: list[_Pending]) -> "_Computed | _Joined":
-        """One batch started on the compute thread (see :meth:`_compute`)."""
-        return self._compute_with_backoff(batch)
+    def _timed_compute(self, batch: list[_Pending]) -> tuple[list[tuple[np.ndarray, float, float, int]], float]:
+        start = time.perf_counter()
+        computed = self._compute_with_backoff(batch)
+        return computed, (time.perf_counter() - start) / len(batch)
 
     def _pipeline(self, todo: list[InputFile], outputs: dict[InputFile, Path | str], options: RunOptions,
                   io: "_ThreadIO | _ProcessIO", compute: ThreadPoolExecutor) -> Iterator[FileResult]:  # fmt: skip
@@ -621,7 +605,6 @@ class Protector:
         computing: collections.deque[tuple[list[_Pending], Future]] = collections.deque()
         buckets: dict[tuple[int, ...], list[_Pending]] = {}  # partial batches, oldest first
         queue = iter(todo)
-        started = False  # a first batch went to the device
 
         def submit_decodes() -> None:
             while len(decoded) < prefetch:
@@ -631,27 +614,16 @@ class Protector:
                 decoded.extend(io.decode([(item, outputs[item]) for item in chunk]))
 
         def flush(batch: list[_Pending]) -> Iterator[FileResult]:
-            nonlocal started
-            started = True
             computing.append((batch, compute.submit(self._timed_compute, batch)))
-            # one batch computing and one or two queued: the device never idles, and memory stays bounded
+            # one batch computing and one waiting: the device never idles, and memory stays bounded
             yield from collect(block=len(computing) > 2)
 
-        def finished(future: Future) -> bool:
-            """Started, and its device work done (or it failed: collect reports that)."""
-            if not future.done():
-                return False
-            try:
-                return future.result().done()
-            except Exception:
-                return True
-
         def collect(block: bool) -> Iterator[FileResult]:
-            while computing and (block or finished(computing[0][1])):
+            while computing and (block or computing[0][1].done()):
                 block = False  # wait for the oldest batch only
                 batch, future = computing.popleft()
                 try:
-                    computed, seconds = future.result().result()
+                    computed, seconds = future.result()
                 except Exception as e:  # a failing batch must not stop the run: report each of its files
                     _logger.debug("batch failed", exc_info=True)
                     for p in batch:
@@ -676,7 +648,7 @@ class Protector:
             bucket.append(prepared)
             limit = self._batch_limit(pic, options)
             prefetch = max(min_prefetch, 2 * limit)
-            if len(bucket) >= (limit if started else min(limit, _FIRST_BATCH)):
+            if len(bucket) >= limit:
                 del buckets[key]
                 yield from flush(bucket)
             # Many sizes, none filling its batch (web images): the oldest partial batches go now, so that
@@ -694,82 +666,6 @@ class Protector:
             yield from collect(block=True)
             yield from drain(block=False)
         yield from drain(block=True)
-
-
-class _DeviceTiming:
-    """The device's time for the work queued between construction and :meth:`stop` (CUDA events; on the
-    CPU, where the work runs as it is queued, the wall time)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.events: tuple[Any, Any] | None = None
-        self.start = time.perf_counter()
-        if device.type == "cuda":
-            self.events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-            self.events[0].record()
-
-    def stop(self) -> "_DeviceTiming":
-        if self.events is None:
-            self.seconds = time.perf_counter() - self.start
-        else:
-            self.events[1].record()
-        return self
-
-    def done(self) -> bool:
-        return self.events is None or self.events[1].query()
-
-    def wait(self) -> float:
-        """Seconds, once the work is done (waits for it; the GIL is released meanwhile)."""
-        if self.events is not None:
-            self.events[1].synchronize()
-            self.seconds = self.events[0].elapsed_time(self.events[1]) / 1000
-        return self.seconds
-
-
-class _HostCopy:
-    """A device tensor's copy on the host, queued (into pinned memory) without waiting for the device;
-    :meth:`get` is valid once the device's work queued before it is done (see :class:`_DeviceTiming`)."""
-
-    def __init__(self, t: torch.Tensor) -> None:
-        if t.device.type == "cuda":
-            self.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-            self.host.copy_(t, non_blocking=True)
-        else:
-            self.host = t.detach()
-
-    def get(self) -> torch.Tensor:
-        return self.host
-
-
-class _Computed:
-    """A batch started by :meth:`Protector._compute`: :meth:`result` waits for the device and gives per
-    image (levels, confidence before, confidence after, label), and the device's seconds per image."""
-
-    def __init__(self, levels: list[np.ndarray] | _HostCopy, stats: _HostCopy, timing: _DeviceTiming, size: int) -> None:
-        self.levels, self.stats, self.timing, self.size = levels, stats, timing, size
-
-    def done(self) -> bool:
-        return self.timing.done()
-
-    def result(self) -> tuple[list[tuple[np.ndarray, float, float, int]], float]:
-        seconds = self.timing.wait()  # before any host copy is read: they are complete only then
-        levels = host_levels(self.levels.get()) if isinstance(self.levels, _HostCopy) else self.levels
-        before, after, labels = self.stats.get().tolist()
-        return [(lv, b, a, int(lab)) for lv, b, a, lab in zip(levels, before, after, labels)], seconds / self.size
-
-
-class _Joined:
-    """Parts of a batch started separately (after running out of memory), read as one batch."""
-
-    def __init__(self, parts: list["_Computed | _Joined"]) -> None:
-        self.parts = parts
-
-    def done(self) -> bool:
-        return all(p.done() for p in self.parts)
-
-    def result(self) -> tuple[list[tuple[np.ndarray, float, float, int]], float]:
-        results = [p.result() for p in self.parts]
-        size = sum(len(r) for r, _ in results)
-        return [c for r, _ in results for c in r], sum(s * len(r) for r, s in results) / max(1, size)
 
 
 class _ThreadIO:
