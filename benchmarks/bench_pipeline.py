@@ -8,15 +8,6 @@ the files' levels, metadata, atomic PNG writes): a "transform" that waits ``--en
 the GIL released, as a thread waiting on a GPU does. The rest of ``Protector._compute`` runs for real on
 the CPU (the labelling and confidence models are stubbed: on a GPU they are part of the device's time).
 
-A GPU engine also needs the GIL: every tensor operation it launches from Python gives the GIL up and takes
-it back, and takes it back only when the file pipeline's threads let go of it. ``--engine-calls K`` makes
-the stand-in launch K tiny operations per batch before its wait (the GPU runs what was launched, so a batch
-takes the longer of the launches and the wait): the real engine launched about 1,900 per batch of 256
-until 0.7.0, and about 550 since (counted with a TorchFunctionMode on ResNet-20; ``--engine-calls 0``, the
-default, models a device thread that never needs the GIL). ``--switch-interval`` sets
-``sys.setswitchinterval`` (seconds; Python's default 0.005): how long a thread waiting for the GIL lets
-the holder run before it asks for it.
-
 For each I/O mode (threads, processes) it reports files/s and the fraction of the stand-in engine's rate
 (``1000 / engine_ms`` images/s), and the CPU time per file of the main process (all its threads: they share
 one GIL) and, with ``--io processes``, of the worker processes. Those two say what a machine with more
@@ -54,15 +45,13 @@ CIFAR = REPO.parent / "shared" / "data" / "cifar10" / "test"
 class StandInEngine(Protector):
     """A Protector whose device work is a wait of ``engine_ms`` per image (GIL released)."""
 
-    def __init__(self, engine_ms: float, engine_calls: int = 0) -> None:
+    def __init__(self, engine_ms: float) -> None:
         net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(10))
         net(torch.zeros(1, 3, 32, 32))
         config = ModelConfig(name="stand-in", arch="stand_in", source=Source("file", "none"), dataset="cifar10",
                              input_size=(3, 32, 32), num_classes=10)  # fmt: skip
         super().__init__(ImageModel(net, config).eval(), labels="backbone", config=ForeBackConfig(samples=1))
         self.engine_ms = engine_ms
-        self.engine_calls = engine_calls
-        self._scratch = torch.zeros(1)
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         return torch.zeros(x.shape[0], dtype=torch.long)
@@ -71,10 +60,7 @@ class StandInEngine(Protector):
         return torch.ones(x.shape[0])
 
     def transform(self, x: torch.Tensor, y: torch.Tensor, noise_seeds: Sequence[int] | None = None) -> torch.Tensor:
-        done = time.perf_counter() + self.engine_ms * x.shape[0] / 1000  # when the device would be done
-        for _ in range(self.engine_calls):  # each launch gives the GIL up and waits to take it back
-            torch.add(self._scratch, 1, out=self._scratch)
-        time.sleep(max(0.0, done - time.perf_counter()))
+        time.sleep(self.engine_ms * x.shape[0] / 1000)
         return x
 
 
@@ -136,12 +122,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     sources = sorted(CIFAR.glob("*/*.png"))
     if not sources:
         raise SystemExit(f"no CIFAR-10 test PNGs under {CIFAR}")
-    protector = StandInEngine(args.engine_ms, args.engine_calls)
+    protector = StandInEngine(args.engine_ms)
     trace = PipelineTrace(protector)
     engine_rate = 1000 / args.engine_ms
     results: dict[str, Any] = {"benchmark": "bench_pipeline", "engine_ms": args.engine_ms,
-                               "engine_images_per_s": round(engine_rate, 1), "engine_calls": args.engine_calls,
-                               "switch_interval_s": sys.getswitchinterval(), "files": args.files,
+                               "engine_images_per_s": round(engine_rate, 1), "files": args.files,
                                "batch_size": args.batch_size, "workers": args.workers,
                                "cpus": len(os.sched_getaffinity(0)), "modes": {}}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
@@ -188,8 +173,6 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--engine-ms", type=float, default=0.39, help="stand-in engine time per image (default 0.39: "
                    "ResNet-20 fp32 on an H100)")  # fmt: skip
-    p.add_argument("--engine-calls", type=int, default=0, help="GIL-taking launches per batch (default 0)")
-    p.add_argument("--switch-interval", type=float, default=None, help="sys.setswitchinterval, seconds")
     p.add_argument("--files", type=int, default=2048)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=default_io_workers())
@@ -198,11 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     args.io = [m.strip() for m in args.io.split(",") if m.strip()]
     torch.set_num_threads(1)  # the stand-in needs none; leave the CPUs to the pipeline
-    if args.switch_interval is not None:
-        sys.setswitchinterval(args.switch_interval)
     results = run(args)
-    print(f"pipeline vs a stand-in engine of {args.engine_ms} ms/image ({results['engine_images_per_s']} images/s, "
-          f"{args.engine_calls} launches per batch, switch interval {sys.getswitchinterval() * 1000:g} ms), "
+    print(f"pipeline vs a stand-in engine of {args.engine_ms} ms/image ({results['engine_images_per_s']} images/s), "
           f"{args.files} 32x32 PNGs, batch {args.batch_size}, {args.workers} I/O workers, {results['cpus']} CPUs")
     print(f"{'I/O':<10} {'files/s':>9} {'of engine':>10} {'main CPU ms/file':>17} {'workers CPU ms/file':>20}"
           f" {'projected files/s':>18}")  # fmt: skip

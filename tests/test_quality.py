@@ -96,6 +96,12 @@ def test_ssim_decreases_with_noise_and_is_symmetric() -> None:
     assert torch.allclose(ssim(x, y), ssim(y, x), atol=1e-7)
 
 
+def test_ssim_of_no_pairs_is_empty() -> None:
+    empty = torch.zeros(0, 3, 32, 32)
+    out = ssim(empty, empty)
+    assert out.shape == (0,) and out.dtype == empty.dtype
+
+
 def test_ssim_bad_inputs() -> None:
     x = _rand((1, 3, 16, 16))
     with pytest.raises(ConfigError):

@@ -99,6 +99,8 @@ def ssim(x: torch.Tensor, y: torch.Tensor, *, data_range: float = 1.0) -> torch.
     b, c, h, w = x.shape
     if h < _SSIM_WINDOW or w < _SSIM_WINDOW:
         raise ConfigError(f"SSIM needs images of at least {_SSIM_WINDOW}x{_SSIM_WINDOW} pixels, got {h}x{w}")
+    if b == 0:  # no pairs, no values (the maps below cannot be shaped for an empty batch)
+        return x.new_empty((0,))
     a = x.detach().to(torch.float64).reshape(b * c, 1, h, w)
     d = y.detach().to(a.device, torch.float64).reshape(b * c, 1, h, w)
     g = _gaussian_window(_SSIM_WINDOW, _SSIM_SIGMA, dtype=a.dtype, device=a.device)
