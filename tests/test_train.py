@@ -204,10 +204,11 @@ def test_interrupted_run_resumes_to_the_same_weights(colour_data, tmp_path: Path
     with pytest.raises(Stop):
         train(colour_data, out, config=cfg, arch=_arch(colour_data), on_epoch=stop_after_first)
     assert checkpoint_path(out).is_file() and not out.exists()
-    epochs_run = []
+    epochs_run, epochs_started = [], []
     resumed = train(colour_data, out, config=cfg, arch=_arch(colour_data), resume=True,
-                    on_epoch=lambda s: epochs_run.append(s.epoch))  # fmt: skip
+                    on_epoch=lambda s: epochs_run.append(s.epoch), on_epoch_start=epochs_started.append)  # fmt: skip
     assert epochs_run == [2, 3] and [h.epoch for h in resumed.history] == [1, 2, 3]
+    assert epochs_started == [2, 3]  # what a progress display names the epochs (it said 1, 2 after a resume)
     w1, w2 = load_file(str(whole.output)), load_file(str(out))
     assert all(torch.equal(w1[k], w2[k]) for k in w1)
     # a checkpoint of other settings is refused rather than silently mixed in
@@ -348,6 +349,15 @@ def test_cli_train_usage_errors(extra: list[str], message: str, colour_dir: Path
 def test_cli_keygen_help_mentions_the_secret() -> None:
     result = CliRunner().invoke(app, ["keygen", "--help"])
     assert result.exit_code == 0 and "secret" in result.output
+
+
+def test_cli_progress_names_the_epoch_a_resume_starts_at() -> None:
+    from preempt_cli.cli._train import _reporter
+
+    progress, on_batch, on_epoch, on_epoch_start = _reporter(json_out=False, quiet=False)
+    on_epoch_start(3)  # a run resumed after epoch 2
+    on_batch(1, 5)
+    assert [t.description for t in progress.tasks] == ["epoch 3"]
 
 
 def test_cli_resume_never_retrains_a_finished_model(colour_dir: Path, tmp_path: Path, isolated_config: Path) -> None:

@@ -447,6 +447,7 @@ def train(
     metadata: dict[str, str] | None = None,
     on_epoch: Callable[[EpochStats], None] | None = None,
     on_batch: Callable[[int, int], None] | None = None,
+    on_epoch_start: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """Train a model on ``data`` and write its weights to ``output`` (safetensors with metadata).
 
@@ -463,6 +464,8 @@ def train(
         metadata: extra metadata entries for the weights file.
         on_epoch: called with each epoch's statistics.
         on_batch: called with (batch, batches) of the current epoch.
+        on_epoch_start: called with each epoch's number (from 1; after a resume, the first epoch not done)
+            before its first batch.
 
     Raises:
         ConfigError: bad settings, or data whose classes the model does not have.
@@ -512,6 +515,8 @@ def train(
     total = per_epoch * config.epochs
     images = train_set.images.pin_memory() if device.type == "cuda" else train_set.images
     for epoch in range(start, config.epochs):
+        if on_epoch_start:
+            on_epoch_start(epoch + 1)
         t0 = time.perf_counter()
         order = torch.randperm(n, generator=generator)
         seen = correct = 0
@@ -591,6 +596,7 @@ def keygen(
     device: torch.device | str = "cpu",
     on_epoch: Callable[[EpochStats], None] | None = None,
     on_batch: Callable[[int, int], None] | None = None,
+    on_epoch_start: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """Derive a private backbone from the public ``base``: a short adversarial fine-tune whose data order,
     augmentation, attack starts and re-initialized final layer all come from a secret ``seed`` (a fresh
@@ -601,7 +607,7 @@ def keygen(
                  checkpoints=False,
                  metadata={"training": f"preempt keygen: {config.describe()} from {getattr(base, 'name', base)}, "
                            "final layer re-initialized; secret seed (not stored)"},
-                 on_epoch=on_epoch, on_batch=on_batch)  # fmt: skip
+                 on_epoch=on_epoch, on_batch=on_batch, on_epoch_start=on_epoch_start)  # fmt: skip
 
 
 def arch_config(arch: str, *, classes: Sequence[str], input_size: tuple[int, int, int] = (3, 32, 32),

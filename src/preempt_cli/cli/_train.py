@@ -71,10 +71,14 @@ MaxBatchesOpt = Annotated[Optional[int], typer.Option("--max-batches", help="Sto
 
 
 def _reporter(json_out: bool, quiet: bool):
-    """Callbacks that show a progress bar per epoch and one line per finished epoch."""
+    """Callbacks that show a progress bar per epoch and one line per finished epoch: (the progress display,
+    on_batch, on_epoch, on_epoch_start) for :func:`~preempt_cli.train.train`."""
     progress = c.progress_bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                               TimeElapsedColumn(), quiet=quiet)  # fmt: skip
     state: dict[str, Any] = {"task": None, "epoch": 1}
+
+    def on_epoch_start(epoch: int) -> None:  # after a resume, not 1
+        state["epoch"] = epoch
 
     def on_batch(done: int, total: int) -> None:
         if state["task"] is None:
@@ -94,7 +98,7 @@ def _reporter(json_out: bool, quiet: bool):
             c.stderr.print(f"epoch {stats.epoch}: loss {stats.train_loss:.4f}, train acc {stats.train_acc:.2f}%"
                            f"{held} ({stats.seconds:.0f} s)", markup=False)  # fmt: skip
 
-    return progress, on_batch, on_epoch
+    return progress, on_batch, on_epoch, on_epoch_start
 
 
 def _check_output(out: Path, force: bool, resume: bool) -> Path:
@@ -232,11 +236,11 @@ def train_cmd(
             c.stderr.print(f"training on {len(dataset)} images ({len(dataset.classes)} classes) from {data}: "
                            f"{config.describe()}, {resolve_amp(torch_device, amp)} autocast, on {torch_device}",
                            markup=False)  # fmt: skip
-        progress, on_batch, on_epoch = _reporter(json_out, quiet)
+        progress, on_batch, on_epoch, on_epoch_start = _reporter(json_out, quiet)
         with progress:
             result = train(dataset, out, config=config, base=base, arch=arch_cfg, models_dir=models_dir,
                            registry=registry or (), device=torch_device, resume=resume,
-                           on_epoch=on_epoch, on_batch=on_batch)  # fmt: skip
+                           on_epoch=on_epoch, on_batch=on_batch, on_epoch_start=on_epoch_start)  # fmt: skip
         _finish(result, name=name, register=not no_register, role=role or ("classifier" if method == "standard" else "backbone"),
                 model_cfg=model_cfg, force=force, json_out=json_out, quiet=quiet, started=started)  # fmt: skip
 
@@ -302,10 +306,11 @@ def keygen_cmd(
         if not quiet and not json_out:
             c.stderr.print(f"deriving a key from {base} on {len(dataset)} images: {config.describe()}, "
                            f"{resolve_amp(torch_device, amp)} autocast, on {torch_device}", markup=False)  # fmt: skip
-        progress, on_batch, on_epoch = _reporter(json_out, quiet)
+        progress, on_batch, on_epoch, on_epoch_start = _reporter(json_out, quiet)
         with progress:
             result = keygen(base, dataset, out, seed=secret_seed, config=config, models_dir=models_dir,
-                            registry=registry or (), device=torch_device, on_epoch=on_epoch, on_batch=on_batch)  # fmt: skip
+                            registry=registry or (), device=torch_device, on_epoch=on_epoch, on_batch=on_batch,
+                            on_epoch_start=on_epoch_start)  # fmt: skip
         _finish(result, name=name, register=not no_register, role="backbone", model_cfg=model_cfg, force=force,
                 json_out=json_out, quiet=quiet, started=started)  # fmt: skip
 
