@@ -354,9 +354,9 @@ def test_cli_keygen_help_mentions_the_secret() -> None:
 def test_cli_progress_names_the_epoch_a_resume_starts_at() -> None:
     from preempt_cli.cli._train import _reporter
 
-    progress, on_batch, on_epoch, on_epoch_start = _reporter(json_out=False, quiet=False)
-    on_epoch_start(3)  # a run resumed after epoch 2
-    on_batch(1, 5)
+    progress, callbacks = _reporter(json_out=False, quiet=False)
+    callbacks["on_epoch_start"](3)  # a run resumed after epoch 2
+    callbacks["on_batch"](1, 5)
     assert [t.description for t in progress.tasks] == ["epoch 3"]
 
 

@@ -417,7 +417,8 @@ class FastPreemption:
         """:meth:`_step` for images the backbone resizes: the samples go through in chunks of at most
         ``SAMPLE_CHUNK_ELEMENTS`` elements and only their sum is kept, so memory does not grow with N.
         Their noise comes from one generator per image and sample, whose streams carry on from step to
-        step: at full resolution a hash costs more than these generators' few calls per step."""
+        step: at full resolution :func:`hash_noise` costs more than these few calls per step save (one
+        sample of a 12-megapixel photo on the 2-core EPYC: 225-253 ms hashed, 150 ms from a generator)."""
         cfg = self.config
         per_sample = x_t.shape[0] * x_t[0].numel()
         budget = SAMPLE_CHUNK_ELEMENTS.get(self.device.type, SAMPLE_CHUNK_ELEMENTS["cpu"])

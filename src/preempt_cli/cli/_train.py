@@ -71,8 +71,8 @@ MaxBatchesOpt = Annotated[Optional[int], typer.Option("--max-batches", help="Sto
 
 
 def _reporter(json_out: bool, quiet: bool):
-    """Callbacks that show a progress bar per epoch and one line per finished epoch: (the progress display,
-    on_batch, on_epoch, on_epoch_start) for :func:`~preempt_cli.train.train`."""
+    """A progress bar per epoch and one line per finished epoch: (the progress display, the callbacks to
+    pass to :func:`~preempt_cli.train.train` by name)."""
     progress = c.progress_bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                               TimeElapsedColumn(), quiet=quiet)  # fmt: skip
     state: dict[str, Any] = {"task": None, "epoch": 1}
@@ -89,7 +89,6 @@ def _reporter(json_out: bool, quiet: bool):
         if state["task"] is not None:
             progress.remove_task(state["task"])
             state["task"] = None
-        state["epoch"] = stats.epoch + 1
         if json_out:
             c.print_json({"event": "epoch", **asdict(stats)})
         elif not quiet:
@@ -98,7 +97,7 @@ def _reporter(json_out: bool, quiet: bool):
             c.stderr.print(f"epoch {stats.epoch}: loss {stats.train_loss:.4f}, train acc {stats.train_acc:.2f}%"
                            f"{held} ({stats.seconds:.0f} s)", markup=False)  # fmt: skip
 
-    return progress, on_batch, on_epoch, on_epoch_start
+    return progress, {"on_batch": on_batch, "on_epoch": on_epoch, "on_epoch_start": on_epoch_start}
 
 
 def _check_output(out: Path, force: bool, resume: bool) -> Path:
@@ -236,11 +235,10 @@ def train_cmd(
             c.stderr.print(f"training on {len(dataset)} images ({len(dataset.classes)} classes) from {data}: "
                            f"{config.describe()}, {resolve_amp(torch_device, amp)} autocast, on {torch_device}",
                            markup=False)  # fmt: skip
-        progress, on_batch, on_epoch, on_epoch_start = _reporter(json_out, quiet)
+        progress, callbacks = _reporter(json_out, quiet)
         with progress:
             result = train(dataset, out, config=config, base=base, arch=arch_cfg, models_dir=models_dir,
-                           registry=registry or (), device=torch_device, resume=resume,
-                           on_epoch=on_epoch, on_batch=on_batch, on_epoch_start=on_epoch_start)  # fmt: skip
+                           registry=registry or (), device=torch_device, resume=resume, **callbacks)  # fmt: skip
         _finish(result, name=name, register=not no_register, role=role or ("classifier" if method == "standard" else "backbone"),
                 model_cfg=model_cfg, force=force, json_out=json_out, quiet=quiet, started=started)  # fmt: skip
 
@@ -306,11 +304,10 @@ def keygen_cmd(
         if not quiet and not json_out:
             c.stderr.print(f"deriving a key from {base} on {len(dataset)} images: {config.describe()}, "
                            f"{resolve_amp(torch_device, amp)} autocast, on {torch_device}", markup=False)  # fmt: skip
-        progress, on_batch, on_epoch, on_epoch_start = _reporter(json_out, quiet)
+        progress, callbacks = _reporter(json_out, quiet)
         with progress:
             result = keygen(base, dataset, out, seed=secret_seed, config=config, models_dir=models_dir,
-                            registry=registry or (), device=torch_device, on_epoch=on_epoch, on_batch=on_batch,
-                            on_epoch_start=on_epoch_start)  # fmt: skip
+                            registry=registry or (), device=torch_device, **callbacks)  # fmt: skip
         _finish(result, name=name, register=not no_register, role="backbone", model_cfg=model_cfg, force=force,
                 json_out=json_out, quiet=quiet, started=started)  # fmt: skip
 
