@@ -26,7 +26,7 @@ from .attacks import PGD, AutoAttack, robust_accuracy
 from .engine import ForeBackConfig, parse_eps
 from .errors import ConfigError, LabelError
 from .imageio import atomic_write, quantize_levels, read_image
-from .inputs import collect_inputs
+from .inputs import PROTECTED_SUFFIX, REVERTED_SUFFIX, collect_inputs
 from .labels import read_label_file
 from .models import ImageModel
 from .protect import Protector, content_seed
@@ -507,14 +507,15 @@ class Evaluator:
         if not folder.is_dir():
             raise ConfigError(f"folder defense: {folder} is not a folder")
         index: dict[str, Path] = {}
-        for item in collect_inputs([folder], skip_markers=(".reverted",)):
+        for item in collect_inputs([folder], skip_markers=(REVERTED_SUFFIX,)):
             for key in (item.relative.as_posix(), item.path.name, item.path.stem):
                 index.setdefault(key, item.path)
         images = []
         for path in self.dataset.paths:
             rel = path.relative_to(self.dataset.root)
-            candidates = [rel.with_name(f"{rel.stem}.protected.png").as_posix(), rel.as_posix(),
-                          f"{path.stem}.protected.png", path.name, f"{path.stem}.protected", path.stem]  # fmt: skip
+            protected = f"{path.stem}{PROTECTED_SUFFIX}"
+            candidates = [rel.with_name(f"{protected}.png").as_posix(), rel.as_posix(),
+                          f"{protected}.png", path.name, protected, path.stem]  # fmt: skip
             found = next((index[c] for c in candidates if c in index), None)
             if found is None:
                 raise ConfigError(f"folder defense: no image for {rel} in {folder}")

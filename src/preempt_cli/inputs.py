@@ -14,10 +14,13 @@ from typing import Iterable, TextIO
 from .errors import ConfigError
 from .imageio import IMAGE_SUFFIXES
 
-__all__ = ["InputFile", "collect_inputs", "output_path", "assign_outputs", "parse_shard", "in_shard", "OUTPUT_MARKERS"]
+__all__ = ["InputFile", "collect_inputs", "output_path", "assign_outputs", "parse_shard", "in_shard", "OUTPUT_MARKERS",
+           "PROTECTED_SUFFIX", "REVERTED_SUFFIX"]
 
+#: The default name parts of protect's and revert's outputs: ``<stem>.protected.png``, ``<stem>.reverted.png``.
+PROTECTED_SUFFIX, REVERTED_SUFFIX = ".protected", ".reverted"
 #: Name parts of files preempt writes itself; folder walks skip them so re-runs never protect outputs.
-OUTPUT_MARKERS = (".protected", ".reverted")
+OUTPUT_MARKERS = (PROTECTED_SUFFIX, REVERTED_SUFFIX)
 
 
 @dataclass(frozen=True)

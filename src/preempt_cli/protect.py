@@ -50,7 +50,7 @@ from .imageio import (
     stack_levels,
     write_pngs,
 )
-from .inputs import OUTPUT_MARKERS, InputFile, assign_outputs, in_shard
+from .inputs import OUTPUT_MARKERS, PROTECTED_SUFFIX, InputFile, assign_outputs, in_shard
 from .labels import LabelMap, folder_label, resolve_label
 from .models import ImageModel
 
@@ -103,7 +103,7 @@ class RunOptions:
     """How files are found, named and written."""
 
     out_dir: Path | None = None
-    suffix: str = ".protected"
+    suffix: str = PROTECTED_SUFFIX
     overwrite: bool = False
     batch_size: int | None = None  # images per batch at the backbone's input size; None = automatic
     max_pixels: int = DEFAULT_MAX_PIXELS

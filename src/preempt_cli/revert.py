@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 import torch
 
+from .inputs import REVERTED_SUFFIX
 from .protect import Protector
 
 __all__ = ["Reverter", "white_box_settings"]
@@ -25,7 +26,7 @@ class Reverter(Protector):
     """
 
     kind = "reverted"
-    skip_markers = (".reverted",)
+    skip_markers = (REVERTED_SUFFIX,)
 
     def transform(self, x: torch.Tensor, y: torch.Tensor, noise_seeds: Sequence[int] | None = None) -> torch.Tensor:
         """``2 x - D(x)``, clipped to [0, 1] (it stays within eps of ``x``, as D(x) does)."""

@@ -15,7 +15,8 @@ from ..device import default_cpu_threads, resolve_devices
 from ..engine import PRESETS, ForeBackConfig, parse_eps
 from ..errors import ConfigError, PreemptError, UnknownModelError
 from ..imageio import DEFAULT_MAX_PIXELS, read_png_text
-from ..inputs import OUTPUT_MARKERS, InputFile, assign_outputs, collect_inputs, in_shard, parse_shard
+from ..inputs import (OUTPUT_MARKERS, PROTECTED_SUFFIX, REVERTED_SUFFIX, InputFile, assign_outputs, collect_inputs,
+                      in_shard, parse_shard)  # fmt: skip
 from ..labels import LabelMap, read_label_file
 from ..models import ImageModel, load_model
 from ..protect import METADATA_KEY, FileResult, Protector, RunOptions, parse_preempt_metadata, run_on_devices
@@ -273,7 +274,7 @@ def protect(
     device: c.DevicesOpt = "auto",
     batch_size: BatchOpt = None,
     out_dir: OutDirOpt = None,
-    suffix: Annotated[str, typer.Option("--suffix", help="Output name: <stem><suffix>.png.")] = ".protected",
+    suffix: Annotated[str, typer.Option("--suffix", help="Output name: <stem><suffix>.png.")] = PROTECTED_SUFFIX,
     overwrite: OverwriteOpt = False,
     shard: ShardOpt = None,
     workers: WorkersOpt = None,
@@ -343,7 +344,7 @@ def _may_be_an_original(item: InputFile) -> bool:
     of a white-box reversion: found by a folder walk (a file named directly is meant), and not named as
     protect's outputs are (``*.protected.png``: one whose metadata was stripped fails with the reason)."""
     return item.root is not None and not (item.path.suffix.lower() == ".png"
-                                          and item.path.stem.endswith(".protected"))  # fmt: skip
+                                          and item.path.stem.endswith(PROTECTED_SUFFIX))  # fmt: skip
 
 
 WhiteBoxGroup = tuple[dict[str, Any] | None, str | None, bool, list[InputFile]]
@@ -453,7 +454,7 @@ def revert(
     device: c.DeviceOpt = "auto",
     batch_size: BatchOpt = None,
     out_dir: OutDirOpt = None,
-    suffix: Annotated[str, typer.Option("--suffix", help="Output name: <stem><suffix>.png.")] = ".reverted",
+    suffix: Annotated[str, typer.Option("--suffix", help="Output name: <stem><suffix>.png.")] = REVERTED_SUFFIX,
     overwrite: OverwriteOpt = False,
     shard: ShardOpt = None,
     workers: WorkersOpt = None,
