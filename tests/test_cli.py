@@ -603,6 +603,54 @@ def test_files_hold_what_the_tensor_api_gives_their_batch(tmp_path: Path, tiny_b
             assert got.dtype == picture.color.dtype and np.array_equal(got, expected), picture.path.name
 
 
+def test_a_run_freezes_the_long_lived_objects_once(tmp_path: Path, tiny_backbone) -> None:
+    import gc
+
+    from preempt_cli import ForeBackConfig, Protector, collect_inputs, protect
+
+    write_random_pngs(tmp_path / "in", n=2)
+    list(Protector(tiny_backbone, labels="backbone", config=ForeBackConfig(samples=1)).run(
+        collect_inputs([tmp_path / "in"]), RunOptions(out_dir=tmp_path / "out")))
+    frozen = gc.get_freeze_count()
+    assert protect._long_lived_objects_frozen and frozen > 0
+    list(Protector(tiny_backbone, labels="backbone", config=ForeBackConfig(samples=1)).run(
+        collect_inputs([tmp_path / "in"]), RunOptions(out_dir=tmp_path / "out", overwrite=True)))
+    assert gc.get_freeze_count() == frozen  # once per process: objects of later runs stay collectable
+
+
+@pytest.mark.parametrize("io", ["threads", "processes"])
+def test_the_last_batch_goes_in_pieces_that_write_what_one_batch_would(tmp_path: Path, tiny_backbone, io: str,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """The run's last batch is computed in up to 4 pieces (their files are written while the next piece
+    computes); the files are those of a run that computes it whole."""
+    import preempt_cli.protect as protect
+    from preempt_cli import ForeBackConfig, Protector, collect_inputs
+    from preempt_cli.imageio import read_image
+
+    write_random_pngs(tmp_path / "in", n=32)
+    items = collect_inputs([tmp_path / "in"])
+    written: dict[int, dict[str, np.ndarray]] = {}
+    for min_piece in (4, 1000):  # pieces of 4 images; none
+        monkeypatch.setattr(protect, "_MIN_LAST_PIECE", min_piece)
+        sizes: list[int] = []
+        real = Protector._compute
+
+        def compute(self: Protector, batch: list, sizes: list[int] = sizes) -> list:
+            sizes.append(len(batch))
+            return real(self, batch)
+
+        monkeypatch.setattr(Protector, "_compute", compute)
+        with Protector(tiny_backbone, labels="backbone", config=ForeBackConfig(samples=2)) as protector:
+            out = tmp_path / f"out{min_piece}"
+            results = list(protector.run(items, RunOptions(out_dir=out, batch_size=16, io=io, workers=2)))
+        assert [r.status for r in results] == ["done"] * 32
+        assert sizes == ([16, 4, 4, 4, 4] if min_piece == 4 else [16, 16])
+        written[min_piece] = {p.name: read_image(p).color for p in out.glob("*.png")}
+        monkeypatch.setattr(Protector, "_compute", real)
+    assert len(written[4]) == 32 and written[4].keys() == written[1000].keys()
+    assert all(np.array_equal(written[4][name], written[1000][name]) for name in written[4])
+
+
 @pytest.mark.parametrize("io", ["threads", "processes"])
 def test_a_failing_batch_fails_its_files_and_the_run_goes_on(tmp_path: Path, tiny_backbone, io: str,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip

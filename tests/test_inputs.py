@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-from preempt_cli.inputs import InputFile, assign_outputs
+import pytest
+
+from preempt_cli.inputs import InputFile, assign_outputs, output_path
 
 
 def _outputs(items: list[InputFile], out_dir: Path | None = None) -> dict[str, Path | str]:
@@ -153,3 +156,28 @@ def test_paths_from_stdin_one_per_line_or_nul_separated(tmp_path: Path) -> None:
     nul = "\0".join(f"{tmp_path}/{n}" for n in names) + "\0"
     assert [i.path.name for i in collect_inputs(["-"], stdin=io.StringIO(nul))] == names
     assert collect_inputs(["-", str(tmp_path / "plain.png")], stdin=io.StringIO("")) != []
+
+
+@pytest.mark.parametrize(
+    "path, root",
+    [("photos/a/b.png", "photos"), ("b.png", "."), ("/data/x/y/z.png", "/data"), ("/z.png", "/"),
+     ("photos/./a/b.png", "photos"), ("other/b.png", None)],
+)  # fmt: skip
+def test_relative_and_output_paths_are_what_pathlib_gives(path: str, root: str | None) -> None:
+    # relative and output names are built from strings (pathlib is slow on Python 3.12); they must be what
+    # pathlib's relative_to and joins give
+    item = InputFile(Path(path), Path(root) if root is not None else None)
+    expected = Path(path).relative_to(root) if root is not None else Path(Path(path).name)
+    assert item.relative == expected
+    for out_dir in (None, Path("out"), Path("/abs/out")):
+        for several in (False, True):
+            got = output_path(item, suffix=".protected", out_dir=out_dir, under_root_name=several)
+            if out_dir is None:
+                want = Path(path).parent / f"{Path(path).stem}.protected.png"
+            else:
+                folder = expected.parent
+                if several and root is not None:
+                    folder = Path(os.path.abspath(root)).name / folder
+                want = out_dir / folder / f"{Path(path).stem}.protected.png"
+            assert got == want, (out_dir, several)
+

@@ -38,6 +38,8 @@ __all__ = [
     "atomic_write",
     "quantize",
     "quantize_batch",
+    "quantize_batch_on_device",
+    "levels_to_host",
     "quantize_levels",
     "stack_levels",
     "levels_to_float",
@@ -308,13 +310,31 @@ def quantize_batch(x: torch.Tensor, references: Sequence[np.ndarray], eps: float
     max_value = max_values[0]
     if reference_levels is None:
         reference_levels = stack_levels(references, x.device)
+    small, saved = quantize_batch_on_device(x, reference_levels, eps, max_value)
+    return levels_to_host(small), saved
+
+
+def quantize_batch_on_device(x: torch.Tensor, reference_levels: torch.Tensor, eps: float,
+                             max_value: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The rounding of :func:`quantize_batch` for pictures of one depth, left on ``x``'s device (nothing
+    waits for it): the levels [B, C, H, W] in the files' integer width (uint8 for 8-bit, int32 for 16-bit),
+    and the same levels as [0, 1] floats. :func:`levels_to_host` brings the first back."""
+    import torch
+
     clipped = _clip_levels(x, reference_levels, eps, max_value)
-    # back to the host in the files' integer width (a byte per 8-bit level), then one array per image
     small = clipped.to(torch.uint8 if max_value == 255 else torch.int32)
-    host = small.permute(0, 2, 3, 1).cpu().numpy()
-    if max_value != 255:
+    return small, clipped.div_(max_value)
+
+
+def levels_to_host(levels: torch.Tensor) -> list[np.ndarray]:
+    """Levels from :func:`quantize_batch_on_device` as one HWC array per image (uint8, or uint16 for
+    16-bit), in one transfer: a byte per 8-bit level crosses from a GPU."""
+    import torch
+
+    host = levels.permute(0, 2, 3, 1).cpu().numpy()
+    if levels.dtype != torch.uint8:
         host = host.astype(np.uint16)
-    return list(host), clipped.div_(max_value)
+    return list(host)
 
 
 def _to_pil(picture: Picture, color: np.ndarray) -> Image.Image:

@@ -1,0 +1,304 @@
+#!/usr/bin/env python
+"""Where the end-to-end time of ``Protector.run`` goes on a device: a diagnostic, not a benchmark.
+
+``bench_protect.py`` shows that files in, PNGs out run at 0.55-0.60 of the engine's rate on an H100/H200
+(2048 32x32 PNGs, ResNet-20, ``--io processes``), and splits each run into head, compute and tail. This
+script asks why, on the same work, in one short run (device time is scarce):
+
+1. the engine alone, timed; and its device's busy time (kernels and copies, from the CUDA profiler);
+2. the pipeline, timed, with a trace of each run: when the first decode is submitted (after the run has
+   named every output) and the first file decoded, when the first batch starts, each batch's wall time in
+   the compute thread and the CPU time that thread used, the main thread's CPU time, the garbage
+   collector's pauses (full collections listed), and the device's busy time from the profiler;
+3. the engine alone again while another thread holds the GIL for a fixed share of the time (``--gil-duty``):
+   how much of the pipeline's slower compute a busy main thread explains;
+4. the pipeline with other numbers of I/O worker processes (``--workers``).
+
+``--gc-freeze on|off`` runs with the long-lived objects frozen beforehand, or keeps the pipeline from
+freezing them, for an A/B of that alone. Output: a summary on stdout and one JSON line (also ``--json-out``).
+Measured runs: ``results/gpu-h100/run6`` (see RESULTS.md).
+
+    PYTHONPATH=src python benchmarks/trace_e2e.py --device cuda --files 2048
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_protect import (  # noqa: E402
+    SHARED,
+    cifar_paths,
+    engine_run,
+    engine_warmup,
+    load_backbones,
+    load_images,
+    log,
+    make_protector,
+    rate,
+    sync,
+    timed,
+)
+from preempt_cli import ForeBackConfig, Protector, RunOptions, collect_inputs  # noqa: E402
+from preempt_cli.device import resolve_device  # noqa: E402
+import preempt_cli.protect as protect_module  # noqa: E402
+
+
+def device_busy(fn: Callable[[], Any], device: torch.device) -> dict[str, Any]:
+    """Run ``fn`` once under the CUDA profiler: wall seconds, the union of the device's kernel and copy
+    intervals (busy), and the idle gaps between them."""
+    if device.type != "cuda":
+        return {}
+    from torch.profiler import ProfilerActivity, profile
+
+    sync(device)
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        sync(device)
+    wall = time.perf_counter() - start
+    spans: list[tuple[float, float]] = []
+    try:
+        for e in prof.profiler.kineto_results.events():
+            if e.device_type() == torch.autograd.DeviceType.CUDA and e.duration_ns() > 0:
+                spans.append((e.start_ns() / 1e9, (e.start_ns() + e.duration_ns()) / 1e9))
+    except Exception as err:  # an API that moved between torch versions: say so, keep the rest
+        return {"wall_s": round(wall, 4), "error": f"{type(err).__name__}: {err}"}
+    if not spans:
+        return {"wall_s": round(wall, 4), "error": "no device events"}
+    spans.sort()
+    busy, gaps = 0.0, []
+    cur_s, cur_e = spans[0]
+    for s, e in spans[1:]:
+        if s > cur_e:
+            busy += cur_e - cur_s
+            gaps.append(s - cur_e)
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    busy += cur_e - cur_s
+    first, last = spans[0][0], max(e for _, e in spans)
+    big = sorted(gaps, reverse=True)
+    return {
+        "wall_s": round(wall, 4),
+        "busy_s": round(busy, 4),
+        "first_to_last_s": round(last - first, 4),
+        "idle_within_s": round(sum(gaps), 4),
+        "gaps_over_1ms": sum(g > 1e-3 for g in gaps),
+        "idle_in_gaps_over_1ms_s": round(sum(g for g in gaps if g > 1e-3), 4),
+        "idle_in_gaps_under_1ms_s": round(sum(g for g in gaps if g <= 1e-3), 4),
+        "largest_gaps_ms": [round(g * 1000, 2) for g in big[:12]],
+        "kernels_and_copies": len(spans),
+    }
+
+
+class RunTrace:
+    """Time stamps of one ``Protector.run``: decoded files, batches (wall and compute-thread CPU), and
+    the main thread's CPU time. Wraps the protector's methods on this one instance."""
+
+    def __init__(self, protector: Protector) -> None:
+        self.protector = protector
+        self.decoded: list[float] = []
+        self.batches: list[tuple[float, float, float, int]] = []  # start, end, thread CPU s, images
+        decoded, timed_compute = protector._decoded, protector._timed_compute
+
+        def traced_decoded(*args: Any) -> Any:
+            out = decoded(*args)
+            self.decoded.append(time.perf_counter())
+            return out
+
+        def traced_compute(batch: list) -> Any:
+            cpu, start = time.thread_time(), time.perf_counter()
+            try:
+                return timed_compute(batch)
+            finally:
+                self.batches.append((start, time.perf_counter(), time.thread_time() - cpu, len(batch)))
+
+        protector._decoded = traced_decoded  # type: ignore[method-assign]
+        protector._timed_compute = traced_compute  # type: ignore[method-assign]
+        self.decode_calls: list[float] = []
+        for io_class in (protect_module._ThreadIO, protect_module._ProcessIO):
+            if not hasattr(io_class, "_untraced_decode"):
+                io_class._untraced_decode = io_class.decode
+
+                def traced_decode(io: Any, items: list, _trace: RunTrace = self) -> Any:
+                    _trace.decode_calls.append(time.perf_counter())
+                    return io._untraced_decode(items)
+
+                io_class.decode = traced_decode
+        self.collections: list[tuple[int, float]] = []  # generation, seconds
+        self._gc_start = 0.0
+
+        def on_gc(phase: str, info: dict[str, int]) -> None:
+            if phase == "start":
+                self._gc_start = time.perf_counter()
+            else:
+                self.collections.append((info["generation"], time.perf_counter() - self._gc_start))
+
+        self.on_gc = on_gc
+
+    def run(self, items: list, options: RunOptions) -> dict[str, Any]:
+        self.decoded.clear()
+        self.batches.clear()
+        self.decode_calls.clear()
+        self.collections.clear()
+        gc.callbacks.append(self.on_gc)
+        try:
+            cpu, process_cpu, start = time.thread_time(), time.process_time(), time.perf_counter()
+            results = list(self.protector.run(items, options))
+            end = time.perf_counter()
+        finally:
+            gc.callbacks.remove(self.on_gc)
+        full = [t for g, t in self.collections if g == 2]
+        main_cpu, process_cpu = time.thread_time() - cpu, time.process_time() - process_cpu
+        done = sum(r.status == "done" for r in results)
+        walls = [e - s for s, e, _, _ in self.batches]
+        first_batch = self.batches[0][3] if self.batches else 0
+        out = {
+            "wall_s": end - start,
+            "done": done,
+            "main_thread_cpu_s": main_cpu,
+            "process_cpu_s": process_cpu,
+            "first_decode_submitted_s": self.decode_calls[0] - start if self.decode_calls else None,
+            "first_decoded_s": self.decoded[0] - start if self.decoded else None,
+            "first_batch_decoded_s": self.decoded[first_batch - 1] - start if len(self.decoded) >= first_batch > 0 else None,
+            "head_s": self.batches[0][0] - start if self.batches else None,
+            "tail_s": end - self.batches[-1][1] if self.batches else None,
+            "batches": len(self.batches),
+            "batch_sizes": sorted({n for *_, n in self.batches}),
+            "compute_wall_s": sum(walls),
+            "compute_thread_cpu_s": sum(c for _, _, c, _ in self.batches),
+            "batch_wall_ms": [round(w * 1000, 1) for w in walls],
+            "gc_collections": len(self.collections),
+            "gc_s": sum(t for _, t in self.collections),
+            "gc_full_ms": [round(t * 1000, 1) for t in full],
+        }
+        return {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
+
+
+def gil_holder(duty: float, stop: threading.Event, period_s: float = 0.001) -> None:
+    """Hold the GIL (a pure-Python loop) for ``duty`` of each ``period_s``, sleep the rest: a stand-in
+    for the main thread's per-file work."""
+    busy = duty * period_s
+    while not stop.is_set():
+        start = time.perf_counter()
+        while time.perf_counter() - start < busy:
+            pass
+        time.sleep(period_s - busy)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--files", type=int, default=2048)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--workers", default="8", help="comma-separated I/O worker counts for --io processes (first: traced)")
+    p.add_argument("--io", default="processes", help="comma-separated I/O modes traced with the first worker count")
+    p.add_argument("--gil-duty", default="0.1,0.25", help="comma-separated GIL shares held by a busy thread")
+    p.add_argument("--models-dir", type=Path, default=SHARED / "models")
+    p.add_argument("--data-dir", type=Path, default=SHARED / "data" / "cifar10")
+    p.add_argument("--json-out", type=Path, default=None)
+    p.add_argument("--gc-freeze", choices=["auto", "on", "off"], default="auto",
+                   help="on: gc.freeze() before the runs; off: keep the pipeline from freezing (where it does)")
+    args = p.parse_args(argv)
+    device = resolve_device(args.device)
+    if args.gc_freeze == "off" and hasattr(protect_module, "freeze_long_lived_objects"):
+        protect_module.freeze_long_lived_objects = lambda: None
+    workers = [int(w) for w in args.workers.split(",") if w.strip()]
+    cfg = ForeBackConfig()
+    model = load_backbones(["resnet20"], args.models_dir, device)["resnet20"][0]
+    protector = make_protector(model, cfg)
+    out: dict[str, Any] = {"benchmark": "trace_e2e", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                           "files": args.files, "batch_size": args.batch_size, "gc_freeze": args.gc_freeze,
+                           "source": str(Path(protect_module.__file__).parent)}  # fmt: skip
+
+    with tempfile.TemporaryDirectory(prefix="trace-e2e-") as tmp:
+        sources = cifar_paths(args.data_dir, min(932, args.files))
+        folder = Path(tmp) / "in"
+        folder.mkdir()
+        for i in range(args.files):
+            shutil.copy2(sources[i % len(sources)], folder / f"{i:05d}.png")
+        items = collect_inputs([folder])
+        x, seeds = load_images([i.path for i in items])
+        x = x.to(device)
+        y = protector.predict(x).clone()
+        if args.gc_freeze == "on":
+            gc.freeze()
+
+        def engine() -> None:
+            engine_run(protector, x, y, seeds, args.batch_size)
+
+        log("engine alone")
+        t_engine = timed(engine, device, args.repeats, lambda: engine_warmup(protector, x, y, seeds, args.batch_size))
+        out["engine"] = rate(t_engine, args.files)
+        out["engine"]["device"] = device_busy(engine, device)
+
+        out["engine_with_busy_thread"] = {}
+        for duty in [float(d) for d in args.gil_duty.split(",") if d.strip()]:
+            log(f"engine alone, another thread holding the GIL {duty:.0%} of the time")
+            stop = threading.Event()
+            holder = threading.Thread(target=gil_holder, args=(duty, stop), daemon=True)
+            holder.start()
+            try:
+                t = timed(engine, device, args.repeats)
+            finally:
+                stop.set()
+                holder.join()
+            r = rate(t, args.files)
+            r["vs_engine"] = round(r["images_per_s"] / out["engine"]["images_per_s"], 3)
+            out["engine_with_busy_thread"][f"{duty:g}"] = r
+
+        trace = RunTrace(protector)
+        out["pipeline"] = {}
+        runs = [(io, workers[0]) for io in args.io.split(",") if io.strip()] + [("processes", w) for w in workers[1:]]
+        for io, count in runs:
+            label = f"{io}-{count}"
+            log(f"pipeline: --io {io}, {count} workers")
+            options = RunOptions(out_dir=Path(tmp) / "out", overwrite=True, batch_size=args.batch_size, workers=count,
+                                 io=io)  # fmt: skip
+            trace.run(items, options)  # warm-up: starts the worker processes
+            traces = [trace.run(items, options) for _ in range(args.repeats)]
+            median = sorted(traces, key=lambda t: t["wall_s"])[len(traces) // 2]
+            entry = rate([t["wall_s"] for t in traces], args.files)
+            entry["vs_engine"] = round(entry["images_per_s"] / out["engine"]["images_per_s"], 3)
+            entry["trace"] = median
+            if io == args.io.split(",")[0].strip() and count == workers[0]:
+                entry["device"] = device_busy(lambda: trace.run(items, options), device)
+            out["pipeline"][label] = entry
+        protector.close()
+
+    print(f"trace_e2e on {out['device']}: {args.files} PNGs of 32x32, batch {args.batch_size}, ResNet-20 fp32")
+    e = out["engine"]
+    print(f"engine alone: {e['images_per_s']:.0f} images/s ({e['median_s']:.3f} s); device {e['device']}")
+    for duty, r in out["engine_with_busy_thread"].items():
+        print(f"engine, a thread holding the GIL {float(duty):.0%}: {r['images_per_s']:.0f} images/s = {r['vs_engine']:.2f}")
+    for label, r in out["pipeline"].items():
+        t = r["trace"]
+        print(f"pipeline {label}: {r['images_per_s']:.0f} images/s = {r['vs_engine']:.2f} of engine (runs {r['runs_s']}); "
+              f"median run: head {t['head_s']} (first decode submitted {t['first_decode_submitted_s']}, first decoded "
+              f"{t['first_decoded_s']}), compute {t['compute_wall_s']}, tail {t['tail_s']}, batches {t['batches']}, "
+              f"main thread CPU {t['main_thread_cpu_s']}, full collections {t['gc_full_ms']} ms")
+        if "device" in r:
+            d = r["device"]
+            print(f"   device: busy {d.get('busy_s')} of {d.get('wall_s')} s; idle in gaps > 1 ms {d.get('idle_in_gaps_over_1ms_s')} "
+                  f"({d.get('gaps_over_1ms')}), under {d.get('idle_in_gaps_under_1ms_s')}; largest {d.get('largest_gaps_ms', [])[:6]}")
+    print(json.dumps(out))
+    if args.json_out:
+        args.json_out.write_text(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
