@@ -14,7 +14,9 @@ script asks why, on the same work, in one short run (device time is scarce):
    how much of the pipeline's slower compute a busy main thread explains;
 4. the pipeline with other numbers of I/O worker processes (``--workers``).
 
-``--gc-freeze on|off`` runs with the long-lived objects frozen beforehand, or keeps the pipeline from
+``--host-trace`` adds one engine run and one pipeline run under ``torch.profiler`` with host activities: the
+CUDA runtime calls (and synchronisations) by thread, and what each thread was doing in the device's
+longest idle gaps. ``--gc-freeze on|off`` runs with the long-lived objects frozen beforehand, or keeps the pipeline from
 freezing them, for an A/B of that alone. Output: a summary on stdout and one JSON line (also ``--json-out``).
 Measured runs: ``results/gpu-h100/run6`` (see RESULTS.md).
 
@@ -53,6 +55,10 @@ from bench_protect import (  # noqa: E402
 from preempt_cli import ForeBackConfig, Protector, RunOptions, collect_inputs  # noqa: E402
 from preempt_cli.device import resolve_device  # noqa: E402
 import preempt_cli.protect as protect_module  # noqa: E402
+
+
+#: The name of a batch's span in :func:`host_trace`'s profile.
+BATCH_ANNOTATION = "preempt:batch"
 
 
 def device_busy(fn: Callable[[], Any], device: torch.device) -> dict[str, Any]:
@@ -103,6 +109,82 @@ def device_busy(fn: Callable[[], Any], device: torch.device) -> dict[str, Any]:
     }
 
 
+def host_trace(fn: Callable[[], Any], device: torch.device, top: int = 12) -> dict[str, Any]:
+    """Run ``fn`` once under ``torch.profiler`` with host activities too (every thread, CUDA sync events
+    where the torch version has them): the CUDA runtime calls by total time, and for the device's longest
+    idle gaps, what each thread was doing (the shortest host events that cover most of the gap). Threads:
+    ``compute`` (ran a batch), ``autograd`` (ran backward functions), else torch's thread number."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    config, enabled = None, []
+    try:
+        from torch._C._profiler import _ExperimentalConfig
+
+        for options in ({"profile_all_threads": True, "enable_cuda_sync_events": True},
+                        {"enable_cuda_sync_events": True}, {}):  # fmt: skip
+            try:
+                config, enabled = _ExperimentalConfig(**options), sorted(options)
+                break
+            except TypeError:  # an option this torch does not have
+                continue
+    except ImportError:
+        pass
+    sync(device)
+    start = time.perf_counter()
+    with profile(activities=activities, experimental_config=config) as prof:
+        fn()
+        sync(device)
+    wall = time.perf_counter() - start
+    events = prof.profiler.kineto_results.events()
+    host = [e for e in events if e.device_type() != torch.autograd.DeviceType.CUDA]
+    compute = {e.start_thread_id() for e in host if e.name() == BATCH_ANNOTATION}
+    backward = {e.start_thread_id() for e in host if e.name().startswith("autograd::engine::evaluate_function")}
+
+    def thread(e: Any) -> str:
+        tid = e.start_thread_id()
+        return "compute" if tid in compute else "autograd" if tid in backward else f"t{tid}"
+
+    calls: dict[tuple[str, str, str], list[float]] = {}
+    for e in host:
+        kind = str(e.activity_type())
+        if "runtime" in kind or "driver" in kind or "sync" in kind:
+            calls.setdefault((kind, e.name(), thread(e)), []).append(e.duration_ns() / 1e6)
+    runtime = sorted(({"activity": k, "name": n, "thread": t, "calls": len(v), "total_ms": round(sum(v), 2),
+                       "max_ms": round(max(v), 2)} for (k, n, t), v in calls.items()),
+                     key=lambda r: -r["total_ms"])  # fmt: skip
+    out: dict[str, Any] = {"wall_s": round(wall, 4), "experimental": enabled, "threads": {
+        "compute": sorted(compute), "autograd": sorted(backward - compute)}, "runtime_calls": runtime[:20]}
+    spans = sorted((e.start_ns(), e.start_ns() + e.duration_ns()) for e in events
+                   if e.device_type() == torch.autograd.DeviceType.CUDA and e.duration_ns() > 0)  # fmt: skip
+    if not spans:
+        return out
+    gaps, end = [], spans[0][1]
+    for s, e in spans[1:]:
+        if s > end:
+            gaps.append((end, s))
+        end = max(end, e)
+    busy = (end - spans[0][0]) - sum(b - a for a, b in gaps)
+    out.update(busy_s=round(busy / 1e9, 4), idle_s=round(sum(b - a for a, b in gaps) / 1e9, 4),
+               idle_in_gaps_over_1ms_s=round(sum(b - a for a, b in gaps if b - a > 1e6) / 1e9, 4))
+    first = spans[0][0]
+    report = []
+    for a, b in sorted(gaps, key=lambda g: g[0] - g[1])[:top]:
+        covering = []
+        for e in host:
+            s, t = e.start_ns(), e.start_ns() + e.duration_ns()
+            overlap = min(b, t) - max(a, s)
+            if overlap > 0.5 * (b - a) and e.name() != BATCH_ANNOTATION:
+                covering.append((e.duration_ns(), thread(e), e.name()))
+        by_thread: dict[str, tuple[int, str]] = {}
+        for duration, name_of_thread, name in sorted(covering):  # the shortest covering event per thread
+            by_thread.setdefault(name_of_thread, (duration, name))
+        report.append({"gap_ms": round((b - a) / 1e6, 2), "at_s": round((a - first) / 1e9, 4),
+                       "threads": {k: f"{n} ({d / 1e6:.1f} ms)" for k, (d, n) in by_thread.items()}})  # fmt: skip
+    out["largest_gaps"] = report
+    return out
+
+
 class RunTrace:
     """Time stamps of one ``Protector.run``: decoded files, batches (wall and compute-thread CPU), and
     the main thread's CPU time. Wraps the protector's methods on this one instance."""
@@ -121,7 +203,8 @@ class RunTrace:
         def traced_compute(batch: list) -> Any:
             cpu, start = time.thread_time(), time.perf_counter()
             try:
-                return timed_compute(batch)
+                with torch.profiler.record_function(BATCH_ANNOTATION):  # marks the compute thread for host_trace
+                    return timed_compute(batch)
             finally:
                 self.batches.append((start, time.perf_counter(), time.thread_time() - cpu, len(batch)))
 
@@ -210,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models-dir", type=Path, default=SHARED / "models")
     p.add_argument("--data-dir", type=Path, default=SHARED / "data" / "cifar10")
     p.add_argument("--json-out", type=Path, default=None)
+    p.add_argument("--host-trace", action="store_true",
+                   help="also run the engine and one pipeline run under the profiler with host activities "
+                        "(CUDA runtime calls, what each thread did in the device's longest idle gaps)")
     p.add_argument("--gc-freeze", choices=["auto", "on", "off"], default="auto",
                    help="on: gc.freeze() before the runs; off: keep the pipeline from freezing (where it does)")
     args = p.parse_args(argv)
@@ -244,6 +330,9 @@ def main(argv: list[str] | None = None) -> int:
         t_engine = timed(engine, device, args.repeats, lambda: engine_warmup(protector, x, y, seeds, args.batch_size))
         out["engine"] = rate(t_engine, args.files)
         out["engine"]["device"] = device_busy(engine, device)
+        if args.host_trace:
+            log("engine alone under the profiler with host activities")
+            out["engine"]["host_trace"] = host_trace(engine, device)
 
         out["engine_with_busy_thread"] = {}
         for duty in [float(d) for d in args.gil_duty.split(",") if d.strip()]:
@@ -276,6 +365,9 @@ def main(argv: list[str] | None = None) -> int:
             entry["trace"] = median
             if io == args.io.split(",")[0].strip() and count == workers[0]:
                 entry["device"] = device_busy(lambda: trace.run(items, options), device)
+                if args.host_trace:
+                    log(f"pipeline {label} under the profiler with host activities")
+                    entry["host_trace"] = host_trace(lambda: trace.run(items, options), device)
             out["pipeline"][label] = entry
         protector.close()
 
@@ -290,6 +382,15 @@ def main(argv: list[str] | None = None) -> int:
               f"median run: head {t['head_s']} (first decode submitted {t['first_decode_submitted_s']}, first decoded "
               f"{t['first_decoded_s']}), compute {t['compute_wall_s']}, tail {t['tail_s']}, batches {t['batches']}, "
               f"main thread CPU {t['main_thread_cpu_s']}, full collections {t['gc_full_ms']} ms")
+        if "host_trace" in r:
+            h = r["host_trace"]
+            print(f"   host trace ({h['experimental']}): threads {h['threads']}; idle {h.get('idle_s')} s of which "
+                  f"{h.get('idle_in_gaps_over_1ms_s')} in gaps over 1 ms")
+            for call in h["runtime_calls"][:8]:
+                print(f"     {call['thread']:>8} {call['name'][:40]:40s} {call['calls']:6d} calls {call['total_ms']:9.1f} ms "
+                      f"(max {call['max_ms']:.1f})")
+            for gap in h.get("largest_gaps", [])[:8]:
+                print(f"     gap {gap['gap_ms']} ms at {gap['at_s']} s: {gap['threads']}")
         if "device" in r:
             d = r["device"]
             print(f"   device: busy {d.get('busy_s')} of {d.get('wall_s')} s; idle in gaps > 1 ms {d.get('idle_in_gaps_over_1ms_s')} "
