@@ -74,3 +74,32 @@ def test_bench_protect_runs_every_part_on_a_few_images(tmp_path: Path) -> None:
     assert e2e["cli_one_image_s"] > 0 and e2e["cli"]["images"] == 8
     assert report["bilevel"]["resnet20"]["check"]["within_budget"]
     assert 0 < report["flops"]["resnet20"]["engine"]["fraction_of_fp32_peak"]
+
+
+def test_trace_e2e_traces_each_part_of_a_run(tmp_path: Path) -> None:
+    """trace_e2e.py on 8 images on the CPU: every traced run did all files, its time stamps come in the
+    order a run makes them, and the host trace finds the thread that computed the batches."""
+    import subprocess
+
+    require_shared("models", "cifar10_resnet20_pgdat_a.safetensors")
+    require_shared("data", "cifar10", "test")
+    out = tmp_path / "trace.json"
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "trace_e2e.py"), "--device", "cpu", "--files", "8", "--batch-size", "4",
+         "--repeats", "1", "--workers", "2", "--io", "processes,threads", "--gil-duty", "0.25", "--host-trace",
+         "--json-out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["engine"]["images"] == 8 and report["engine_with_busy_thread"]["0.25"]["vs_engine"] > 0
+    assert set(report["pipeline"]) == {"processes-2", "threads-2"}
+    for entry in report["pipeline"].values():
+        trace = entry["trace"]
+        assert trace["done"] == 8 and trace["batches"] == 2 and trace["batch_sizes"] == [4]
+        assert 0 <= trace["first_decode_submitted_s"] <= trace["first_decoded_s"] <= trace["head_s"]
+        assert trace["head_s"] + trace["compute_wall_s"] + trace["tail_s"] <= trace["wall_s"] + 1e-3
+        assert trace["gc_collections"] >= len(trace["gc_full_ms"]) >= 0
+    host = report["pipeline"]["processes-2"]["host_trace"]
+    if "profile_all_threads" in host["experimental"]:  # the compute thread starts after the profiler
+        assert len(host["threads"]["compute"]) == 1
