@@ -293,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models-dir", type=Path, default=SHARED / "models")
     p.add_argument("--data-dir", type=Path, default=SHARED / "data" / "cifar10")
     p.add_argument("--json-out", type=Path, default=None)
+    p.add_argument("--compute-streams", type=int, default=1,
+                   help="RunOptions.compute_streams for the pipeline runs (batches computing at once on a GPU)")
     p.add_argument("--host-trace", action="store_true",
                    help="also run the engine and one pipeline run under the profiler with host activities "
                         "(CUDA runtime calls, what each thread did in the device's longest idle gaps)")
@@ -308,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     protector = make_protector(model, cfg)
     out: dict[str, Any] = {"benchmark": "trace_e2e", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                            "files": args.files, "batch_size": args.batch_size, "gc_freeze": args.gc_freeze,
+                           "compute_streams": args.compute_streams,
                            "source": str(Path(protect_module.__file__).parent)}  # fmt: skip
 
     with tempfile.TemporaryDirectory(prefix="trace-e2e-") as tmp:
@@ -356,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
             label = f"{io}-{count}"
             log(f"pipeline: --io {io}, {count} workers")
             options = RunOptions(out_dir=Path(tmp) / "out", overwrite=True, batch_size=args.batch_size, workers=count,
-                                 io=io)  # fmt: skip
+                                 io=io, compute_streams=args.compute_streams)  # fmt: skip
             trace.run(items, options)  # warm-up: starts the worker processes
             traces = [trace.run(items, options) for _ in range(args.repeats)]
             median = sorted(traces, key=lambda t: t["wall_s"])[len(traces) // 2]

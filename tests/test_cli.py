@@ -618,6 +618,29 @@ def test_a_run_freezes_the_long_lived_objects_once(tmp_path: Path, tiny_backbone
     assert gc.get_freeze_count() == frozen  # once per process: objects of later runs stay collectable
 
 
+def test_compute_streams_are_checked_and_one_thread_computes_on_a_cpu(tmp_path: Path, tiny_backbone) -> None:
+    import threading
+
+    from preempt_cli import ForeBackConfig, Protector, collect_inputs
+
+    with pytest.raises(ConfigError, match="compute_streams"):
+        RunOptions(compute_streams=0)
+    write_random_pngs(tmp_path / "in", n=6)
+    protector = Protector(tiny_backbone, labels="backbone", config=ForeBackConfig(samples=1))
+    threads: set[str] = set()
+    real = protector._compute
+
+    def compute(batch: list) -> list:
+        threads.add(threading.current_thread().name)
+        return real(batch)
+
+    protector._compute = compute  # type: ignore[method-assign]
+    options = RunOptions(out_dir=tmp_path / "out", batch_size=2, compute_streams=3)
+    results = list(protector.run(collect_inputs([tmp_path / "in"]), options))
+    assert [r.status for r in results] == ["done"] * 6
+    assert len(threads) == (3 if protector.device.type == "cuda" else 1)  # streams are for CUDA only
+
+
 @pytest.mark.parametrize("io", ["threads", "processes"])
 def test_the_last_batch_goes_in_pieces_that_write_what_one_batch_would(tmp_path: Path, tiny_backbone, io: str,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip

@@ -177,6 +177,20 @@ def test_pipeline_on_cuda_writes_what_each_batch_computes(tmp_path: Path, resnet
             assert np.array_equal(written, expected), path.name
 
 
+def test_batches_on_two_cuda_streams_write_what_one_stream_writes(tmp_path: Path, resnet20) -> None:
+    # RunOptions.compute_streams: two compute threads, each on a stream of its own, compute batches at
+    # once; every file is the one a single stream writes, bit for bit
+    _pngs(tmp_path / "in", 40)
+    protector = Protector(resnet20["cuda:0"], labels="backbone", config=ForeBackConfig(samples=20))
+    items = collect_inputs([tmp_path / "in"])
+    for streams in (1, 2):
+        results = list(protector.run(items, RunOptions(out_dir=tmp_path / f"s{streams}", batch_size=8,
+                                                       compute_streams=streams)))  # fmt: skip
+        assert [r.status for r in results] == ["done"] * 40
+    for one in sorted((tmp_path / "s1").glob("*.png")):
+        assert np.array_equal(np.asarray(Image.open(one)), np.asarray(Image.open(tmp_path / "s2" / one.name))), one.name
+
+
 def test_workers_on_cuda_and_cpu_write_each_file_once(tmp_path: Path, resnet20) -> None:
     _pngs(tmp_path / "in", 10)
     cfg = ForeBackConfig(samples=3)

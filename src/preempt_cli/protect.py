@@ -18,12 +18,14 @@ Batch jobs use this module directly::
 from __future__ import annotations
 
 import collections
+import contextlib
 import gc
 import hashlib
 import itertools
 import json
 import logging
 import math
+import threading
 import time
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -124,6 +126,10 @@ class RunOptions:
     #: Processes start from a fork server that imports the ``__main__`` module again: a script that uses
     #: them needs the ``if __name__ == "__main__":`` guard, as with any multiprocessing code.
     io: str = "threads"
+    #: batches computing at once on a GPU, each from a thread of its own on a CUDA stream of its own, so
+    #: that one batch's kernels keep the device busy while another's thread waits or prepares (an
+    #: experiment: not yet measured on a GPU; each stream holds its own batch in memory). 1 on a CPU.
+    compute_streams: int = 1
     shard: tuple[int, int] | None = None
     #: (i, k): of the inputs (after ``shard``), take every k-th starting at i (one device worker's share)
     partition: tuple[int, int] | None = None
@@ -135,6 +141,8 @@ class RunOptions:
             raise ConfigError("--batch-size must be >= 1")
         if self.workers < 1:
             raise ConfigError("--workers must be >= 1")
+        if self.compute_streams < 1:
+            raise ConfigError("compute_streams must be >= 1")
         if not self.suffix or "/" in self.suffix or "\\" in self.suffix:
             raise ConfigError(f"invalid --suffix {self.suffix!r}: it must be non-empty with no path separator")
 
@@ -296,6 +304,7 @@ class Protector:
         self.precision = self.engine.precision
         self._batch_cap: dict[tuple[int, ...], int] = {}
         self._processes: ProcessPoolExecutor | None = None
+        self._compute_thread = threading.local()  # its CUDA stream, with several compute threads
         self._processes_size = 0
 
     # -- tensors ---------------------------------------------------------------------------------------
@@ -620,7 +629,9 @@ class Protector:
         # thread goes on collecting decoded files and written results meanwhile: on a GPU, that per-file
         # bookkeeping otherwise adds to the compute time instead of hiding behind it.
         freeze_long_lived_objects()
-        compute = ThreadPoolExecutor(1, thread_name_prefix="preempt-compute")
+        streams = self._compute_threads(options)
+        compute = ThreadPoolExecutor(streams, thread_name_prefix="preempt-compute", initializer=self._start_compute_thread,
+                                     initargs=(streams > 1,))  # fmt: skip
         try:
             yield from self._pipeline(todo, outputs, options, io, compute)
         finally:
@@ -628,8 +639,21 @@ class Protector:
 
     def _timed_compute(self, batch: list[_Pending]) -> tuple[list[tuple[np.ndarray, float, float, int]], float]:
         start = time.perf_counter()
-        computed = self._compute_with_backoff(batch)
+        with self._thread_stream():
+            computed = self._compute_with_backoff(batch)
         return computed, (time.perf_counter() - start) / len(batch)
+
+    def _compute_threads(self, options: RunOptions) -> int:
+        return options.compute_streams if self.device.type == "cuda" else 1
+
+    def _start_compute_thread(self, own_stream: bool) -> None:
+        """A compute thread's start: with several (``RunOptions.compute_streams``), a CUDA stream of its own,
+        so that a batch's copies, kernels and waits order only against that thread's batches."""
+        self._compute_thread.stream = torch.cuda.Stream(self.device) if own_stream else None
+
+    def _thread_stream(self) -> contextlib.AbstractContextManager[Any]:
+        stream = getattr(self._compute_thread, "stream", None)
+        return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
 
     def _pipeline(self, todo: list[InputFile], outputs: dict[InputFile, Path | str], options: RunOptions,
                   io: "_ThreadIO | _ProcessIO", compute: ThreadPoolExecutor) -> Iterator[FileResult]:  # fmt: skip
@@ -643,6 +667,7 @@ class Protector:
         buckets: dict[tuple[int, ...], list[_Pending]] = {}  # partial batches, oldest first
         queue = iter(todo)
         queued_all = False
+        in_flight = self._compute_threads(options) + 1
 
         def submit_decodes() -> None:
             nonlocal queued_all
@@ -659,8 +684,9 @@ class Protector:
             for start in range(0, len(batch), size):
                 piece = batch[start : start + size]
                 computing.append((piece, compute.submit(self._timed_compute, piece)))
-                # one batch computing and one waiting: the device never idles, and memory stays bounded
-                yield from collect(block=len(computing) > 2)
+                # each compute thread with a batch and one more waiting: the device never idles, and memory
+                # stays bounded
+                yield from collect(block=len(computing) > in_flight)
 
         def collect(block: bool) -> Iterator[FileResult]:
             while computing and (block or computing[0][1].done()):
