@@ -61,6 +61,19 @@ import preempt_cli.protect as protect_module  # noqa: E402
 BATCH_ANNOTATION = "preempt:batch"
 
 
+def idle_gaps(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (start, end) of each stretch between the first and the last of ``spans`` (intervals of device
+    work, in any order, overlapping or not) that none of them covers."""
+    gaps: list[tuple[float, float]] = []
+    ordered = sorted(spans)
+    end = ordered[0][1] if ordered else 0.0
+    for s, e in ordered[1:]:
+        if s > end:
+            gaps.append((end, s))
+        end = max(end, e)
+    return gaps
+
+
 def device_busy(fn: Callable[[], Any], device: torch.device) -> dict[str, Any]:
     """Run ``fn`` once under the CUDA profiler: wall seconds, the union of the device's kernel and copy
     intervals (busy), and the idle gaps between them."""
@@ -83,18 +96,9 @@ def device_busy(fn: Callable[[], Any], device: torch.device) -> dict[str, Any]:
         return {"wall_s": round(wall, 4), "error": f"{type(err).__name__}: {err}"}
     if not spans:
         return {"wall_s": round(wall, 4), "error": "no device events"}
-    spans.sort()
-    busy, gaps = 0.0, []
-    cur_s, cur_e = spans[0]
-    for s, e in spans[1:]:
-        if s > cur_e:
-            busy += cur_e - cur_s
-            gaps.append(s - cur_e)
-            cur_s, cur_e = s, e
-        else:
-            cur_e = max(cur_e, e)
-    busy += cur_e - cur_s
-    first, last = spans[0][0], max(e for _, e in spans)
+    gaps = [b - a for a, b in idle_gaps(spans)]
+    first, last = min(s for s, _ in spans), max(e for _, e in spans)
+    busy = last - first - sum(gaps)
     big = sorted(gaps, reverse=True)
     return {
         "wall_s": round(wall, 4),
@@ -159,12 +163,8 @@ def host_trace(fn: Callable[[], Any], device: torch.device, top: int = 12) -> di
                    if e.device_type() == torch.autograd.DeviceType.CUDA and e.duration_ns() > 0)  # fmt: skip
     if not spans:
         return out
-    gaps, end = [], spans[0][1]
-    for s, e in spans[1:]:
-        if s > end:
-            gaps.append((end, s))
-        end = max(end, e)
-    busy = (end - spans[0][0]) - sum(b - a for a, b in gaps)
+    gaps = idle_gaps(spans)
+    busy = max(e for _, e in spans) - spans[0][0] - sum(b - a for a, b in gaps)
     out.update(busy_s=round(busy / 1e9, 4), idle_s=round(sum(b - a for a, b in gaps) / 1e9, 4),
                idle_in_gaps_over_1ms_s=round(sum(b - a for a, b in gaps if b - a > 1e6) / 1e9, 4))
     first = spans[0][0]
