@@ -638,7 +638,10 @@ def test_compute_streams_are_checked_and_one_thread_computes_on_a_cpu(tmp_path: 
     options = RunOptions(out_dir=tmp_path / "out", batch_size=2, compute_streams=3)
     results = list(protector.run(collect_inputs([tmp_path / "in"]), options))
     assert [r.status for r in results] == ["done"] * 6
-    assert len(threads) == (3 if protector.device.type == "cuda" else 1)  # streams are for CUDA only
+    if protector.device.type == "cuda":  # a thread idle by the time the next batch comes takes it
+        assert 1 <= len(threads) <= 3
+    else:  # streams are for CUDA only
+        assert len(threads) == 1
 
 
 @pytest.mark.parametrize("io", ["threads", "processes"])
