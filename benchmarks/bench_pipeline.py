@@ -4,9 +4,10 @@
 The end-to-end target (files in, PNGs out at >= 80% of the engine's rate) is hardest on a GPU, where the
 engine is fast and each small file still costs Python work. GPU time is scarce, so this benchmark puts a
 stand-in for the device in the real pipeline (``Protector.run``: decoding, labels, batching, rounding to
-the files' levels, metadata, atomic PNG writes): a "transform" that waits ``--engine-ms`` per image with
-the GIL released, as a thread waiting on a GPU does. The rest of ``Protector._compute`` runs for real on
-the CPU (the labelling and confidence models are stubbed: on a GPU they are part of the device's time).
+the files' levels, metadata, atomic PNG writes): a device that runs ``--engine-ms`` per image after the
+batch is queued, asynchronously, as a GPU does (``--queued``: batches queued on it at once; the compute
+thread waits for a batch with the GIL released). The rest of ``Protector._compute`` runs for real on the
+CPU (the labelling and confidence models are stubbed: on a GPU they are part of the device's time).
 
 For each I/O mode (threads, processes) it reports files/s and the fraction of the stand-in engine's rate
 (``1000 / engine_ms`` images/s), and the CPU time per file of the main process (all its threads: they share
@@ -42,16 +43,28 @@ REPO = Path(__file__).resolve().parents[1]
 CIFAR = REPO.parent / "shared" / "data" / "cifar10" / "test"
 
 
-class StandInEngine(Protector):
-    """A Protector whose device work is a wait of ``engine_ms`` per image (GIL released)."""
+class _OnStandInDevice:
+    """A batch queued on the stand-in device: done at ``ready_at`` (``time.perf_counter``)."""
 
-    def __init__(self, engine_ms: float) -> None:
+    def __init__(self, launched: Any, ready_at: float) -> None:
+        self.launched, self.ready_at = launched, ready_at
+
+    def done(self) -> bool:
+        return time.perf_counter() >= self.ready_at
+
+
+class StandInEngine(Protector):
+    """A Protector whose device runs ``engine_ms`` per image of a batch, one batch after another, from
+    the time each is queued; waiting for a batch sleeps (the GIL released) until the device is done."""
+
+    def __init__(self, engine_ms: float, queued: int = 2) -> None:
         net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(10))
         net(torch.zeros(1, 3, 32, 32))
         config = ModelConfig(name="stand-in", arch="stand_in", source=Source("file", "none"), dataset="cifar10",
                              input_size=(3, 32, 32), num_classes=10)  # fmt: skip
         super().__init__(ImageModel(net, config).eval(), labels="backbone", config=ForeBackConfig(samples=1))
-        self.engine_ms = engine_ms
+        self.engine_ms, self.queued = engine_ms, queued
+        self._device_free_at = 0.0
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         return torch.zeros(x.shape[0], dtype=torch.long)
@@ -60,29 +73,46 @@ class StandInEngine(Protector):
         return torch.ones(x.shape[0])
 
     def transform(self, x: torch.Tensor, y: torch.Tensor, noise_seeds: Sequence[int] | None = None) -> torch.Tensor:
-        time.sleep(self.engine_ms * x.shape[0] / 1000)
+        # the device starts the batch when it is free (after the batches queued before) or now
+        self._device_free_at = max(time.perf_counter(), self._device_free_at) + self.engine_ms * x.shape[0] / 1000
         return x
+
+    def _queued_batches(self) -> int:
+        return self.queued
+
+    def _compute_with_backoff(self, batch: list) -> _OnStandInDevice:
+        return _OnStandInDevice(super()._compute_with_backoff(batch), self._device_free_at)
+
+    def _finish_batch(self, batch: list, launched: _OnStandInDevice) -> Any:
+        time.sleep(max(0.0, launched.ready_at - time.perf_counter()))
+        return super()._finish_batch(batch, launched.launched)
 
 
 class PipelineTrace:
-    """Where the wall time of ``Protector.run`` goes. The compute thread's spans split a run into: before
-    the first batch computes (``head``: decoding it), batches computing (``compute``), waits between
-    batches (``between``: the compute thread starved of full batches), and after the last batch
-    (``tail``: its files written). Wraps the protector's compute step on this one instance."""
+    """Where the wall time of ``Protector.run`` goes. Each batch's span, from its launch to its finish,
+    splits a run into: before the first batch computes (``head``: decoding it), batches computing
+    (``compute``: the time some batch's span covers; overlapping spans count once), waits between batches
+    (``between``: the compute thread starved of full batches), and after the last batch (``tail``: its
+    files written). Wraps the protector's compute steps on this one instance."""
 
     def __init__(self, protector: Protector) -> None:
         self.protector = protector
         self.spans: list[tuple[float, float]] = []
-        compute = protector._timed_compute
+        launch, finish = protector._compute_with_backoff, protector._finish_batch
+        starts: dict[int, float] = {}
 
-        def traced(batch: list) -> Any:
-            start = time.perf_counter()
+        def traced_launch(batch: list) -> Any:
+            starts[id(batch)] = time.perf_counter()
+            return launch(batch)
+
+        def traced_finish(batch: list, launched: Any) -> Any:
             try:
-                return compute(batch)
+                return finish(batch, launched)
             finally:
-                self.spans.append((start, time.perf_counter()))  # appends are atomic: no lock
+                self.spans.append((starts.pop(id(batch)), time.perf_counter()))  # one thread: no lock
 
-        protector._timed_compute = traced  # type: ignore[method-assign]
+        protector._compute_with_backoff = traced_launch  # type: ignore[method-assign]
+        protector._finish_batch = traced_finish  # type: ignore[method-assign]
 
     def run(self, items: list, options: RunOptions) -> tuple[list, dict[str, float]]:
         """The run's results and its split in seconds (wall, head, compute, between, tail, batches)."""
@@ -92,10 +122,20 @@ class PipelineTrace:
         end = time.perf_counter()
         split = {"wall_s": end - start, "batches": len(self.spans)}
         if self.spans:
-            compute = sum(e - s for s, e in self.spans)
-            first, last = self.spans[0][0], self.spans[-1][1]
+            compute = covered(self.spans)
+            first, last = min(s for s, _ in self.spans), max(e for _, e in self.spans)
             split.update(head_s=first - start, compute_s=compute, between_s=(last - first) - compute, tail_s=end - last)
         return results, {k: round(v, 4) if isinstance(v, float) else v for k, v in split.items()}
+
+
+def covered(spans: list[tuple[float, float]]) -> float:
+    """The time some span covers (overlaps counted once)."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(spans):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
 
 
 def median_split(splits: list[dict[str, float]]) -> dict[str, float]:
@@ -122,12 +162,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     sources = sorted(CIFAR.glob("*/*.png"))
     if not sources:
         raise SystemExit(f"no CIFAR-10 test PNGs under {CIFAR}")
-    protector = StandInEngine(args.engine_ms)
+    protector = StandInEngine(args.engine_ms, args.queued)
     trace = PipelineTrace(protector)
     engine_rate = 1000 / args.engine_ms
     results: dict[str, Any] = {"benchmark": "bench_pipeline", "engine_ms": args.engine_ms,
                                "engine_images_per_s": round(engine_rate, 1), "files": args.files,
-                               "batch_size": args.batch_size, "workers": args.workers,
+                               "batch_size": args.batch_size, "workers": args.workers, "queued": args.queued,
                                "cpus": len(os.sched_getaffinity(0)), "modes": {}}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         folder = Path(tmp) / "in"
@@ -178,12 +218,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=default_io_workers())
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--io", default="threads,processes", help="comma-separated I/O modes")
+    p.add_argument("--queued", type=int, choices=(1, 2), default=2, help="batches queued on the stand-in device "
+                   "at once (2: what a GPU gets; 1: each batch waited for before the next is queued)")  # fmt: skip
     args = p.parse_args(argv)
     args.io = [m.strip() for m in args.io.split(",") if m.strip()]
     torch.set_num_threads(1)  # the stand-in needs none; leave the CPUs to the pipeline
     results = run(args)
     print(f"pipeline vs a stand-in engine of {args.engine_ms} ms/image ({results['engine_images_per_s']} images/s), "
-          f"{args.files} 32x32 PNGs, batch {args.batch_size}, {args.workers} I/O workers, {results['cpus']} CPUs")
+          f"{args.files} 32x32 PNGs, batch {args.batch_size}, {args.queued} queued, {args.workers} I/O workers, "
+          f"{results['cpus']} CPUs")  # fmt: skip
     print(f"{'I/O':<10} {'files/s':>9} {'of engine':>10} {'main CPU ms/file':>17} {'workers CPU ms/file':>20}"
           f" {'projected files/s':>18}")  # fmt: skip
     for io, r in results["modes"].items():

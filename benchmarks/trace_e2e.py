@@ -12,7 +12,8 @@ script asks why, on the same work, in one short run (device time is scarce):
    collector's pauses (full collections listed), and the device's busy time from the profiler;
 3. the engine alone again while another thread holds the GIL for a fixed share of the time (``--gil-duty``):
    how much of the pipeline's slower compute a busy main thread explains;
-4. the pipeline with other numbers of I/O worker processes (``--workers``).
+4. the pipeline with other numbers of I/O worker processes (``--workers``), and with 1 or 2 batches queued
+   on the GPU at once (``--queued 1,2``: each batch waited for before the next is queued, or not).
 
 ``--host-trace`` adds one engine run and one pipeline run under ``torch.profiler`` with host activities: the
 CUDA runtime calls (and synchronisations) by thread, and what each thread was doing in the device's
@@ -186,30 +187,42 @@ def host_trace(fn: Callable[[], Any], device: torch.device, top: int = 12) -> di
 
 
 class RunTrace:
-    """Time stamps of one ``Protector.run``: decoded files, batches (wall and compute-thread CPU), and
-    the main thread's CPU time. Wraps the protector's methods on this one instance."""
+    """Time stamps of one ``Protector.run``: decoded files, batches (from launch to finish: with two
+    batches queued on a GPU these overlap; the host's time to queue each; the compute thread's CPU time),
+    and the main thread's CPU time. Wraps the protector's methods on this one instance."""
 
     def __init__(self, protector: Protector) -> None:
         self.protector = protector
         self.decoded: list[float] = []
-        self.batches: list[tuple[float, float, float, int]] = []  # start, end, thread CPU s, images
-        decoded, timed_compute = protector._decoded, protector._timed_compute
+        self.batches: list[tuple[float, float, float, int, float]] = []  # start, end, thread CPU s, images, launch s
+        decoded, launch, finish = protector._decoded, protector._compute_with_backoff, protector._finish_batch
+        launches: dict[int, tuple[float, float, float]] = {}  # id(batch): start, launch seconds, its CPU s
 
         def traced_decoded(*args: Any) -> Any:
             out = decoded(*args)
             self.decoded.append(time.perf_counter())
             return out
 
-        def traced_compute(batch: list) -> Any:
+        def traced_launch(batch: list) -> Any:
             cpu, start = time.thread_time(), time.perf_counter()
             try:
                 with torch.profiler.record_function(BATCH_ANNOTATION):  # marks the compute thread for host_trace
-                    return timed_compute(batch)
+                    return launch(batch)
             finally:
-                self.batches.append((start, time.perf_counter(), time.thread_time() - cpu, len(batch)))
+                launches[id(batch)] = (start, time.perf_counter() - start, time.thread_time() - cpu)
+
+        def traced_finish(batch: list, launched: Any) -> Any:
+            cpu = time.thread_time()
+            try:
+                with torch.profiler.record_function(BATCH_ANNOTATION):
+                    return finish(batch, launched)
+            finally:
+                start, launch_s, launch_cpu = launches.pop(id(batch))
+                self.batches.append((start, time.perf_counter(), launch_cpu + time.thread_time() - cpu, len(batch), launch_s))
 
         protector._decoded = traced_decoded  # type: ignore[method-assign]
-        protector._timed_compute = traced_compute  # type: ignore[method-assign]
+        protector._compute_with_backoff = traced_launch  # type: ignore[method-assign]
+        protector._finish_batch = traced_finish  # type: ignore[method-assign]
         self.decode_calls: list[float] = []
         for io_class in (protect_module._ThreadIO, protect_module._ProcessIO):
             if not hasattr(io_class, "_untraced_decode"):
@@ -246,7 +259,7 @@ class RunTrace:
         full = [t for g, t in self.collections if g == 2]
         main_cpu, process_cpu = time.thread_time() - cpu, time.process_time() - process_cpu
         done = sum(r.status == "done" for r in results)
-        walls = [e - s for s, e, _, _ in self.batches]
+        walls = [e - s for s, e, *_ in self.batches]
         first_batch = self.batches[0][3] if self.batches else 0
         out = {
             "wall_s": end - start,
@@ -257,17 +270,28 @@ class RunTrace:
             "first_decoded_s": self.decoded[0] - start if self.decoded else None,
             "first_batch_decoded_s": self.decoded[first_batch - 1] - start if len(self.decoded) >= first_batch > 0 else None,
             "head_s": self.batches[0][0] - start if self.batches else None,
-            "tail_s": end - self.batches[-1][1] if self.batches else None,
+            "tail_s": end - max(e for _, e, *_ in self.batches) if self.batches else None,
             "batches": len(self.batches),
-            "batch_sizes": sorted({n for *_, n in self.batches}),
-            "compute_wall_s": sum(walls),
-            "compute_thread_cpu_s": sum(c for _, _, c, _ in self.batches),
+            "batch_sizes": sorted({b[3] for b in self.batches}),
+            "compute_wall_s": covered([(s, e) for s, e, *_ in self.batches]),
+            "compute_thread_cpu_s": sum(b[2] for b in self.batches),
             "batch_wall_ms": [round(w * 1000, 1) for w in walls],
+            "launch_ms": [round(b[4] * 1000, 1) for b in self.batches],
             "gc_collections": len(self.collections),
             "gc_s": sum(t for _, t in self.collections),
             "gc_full_ms": [round(t * 1000, 1) for t in full],
         }
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
+
+
+def covered(spans: list[tuple[float, float]]) -> float:
+    """The time some span covers (overlaps counted once)."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(spans):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
 
 
 def gil_holder(duty: float, stop: threading.Event, period_s: float = 0.001) -> None:
@@ -293,8 +317,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models-dir", type=Path, default=SHARED / "models")
     p.add_argument("--data-dir", type=Path, default=SHARED / "data" / "cifar10")
     p.add_argument("--json-out", type=Path, default=None)
-    p.add_argument("--compute-streams", type=int, default=1,
-                   help="RunOptions.compute_streams for the pipeline runs (batches computing at once on a GPU)")
+    p.add_argument("--queued", default=str(protect_module._QUEUED_BATCHES),
+                   help="comma-separated numbers of batches queued on a GPU at once (1: each waited for before the "
+                        "next is queued), each with every pipeline configuration")  # fmt: skip
     p.add_argument("--host-trace", action="store_true",
                    help="also run the engine and one pipeline run under the profiler with host activities "
                         "(CUDA runtime calls, what each thread did in the device's longest idle gaps)")
@@ -310,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     protector = make_protector(model, cfg)
     out: dict[str, Any] = {"benchmark": "trace_e2e", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                            "files": args.files, "batch_size": args.batch_size, "gc_freeze": args.gc_freeze,
-                           "compute_streams": args.compute_streams,
+                           "queued": args.queued,
                            "source": str(Path(protect_module.__file__).parent)}  # fmt: skip
 
     with tempfile.TemporaryDirectory(prefix="trace-e2e-") as tmp:
@@ -355,18 +380,20 @@ def main(argv: list[str] | None = None) -> int:
         trace = RunTrace(protector)
         out["pipeline"] = {}
         runs = [(io, workers[0]) for io in args.io.split(",") if io.strip()] + [("processes", w) for w in workers[1:]]
-        for io, count in runs:
-            label = f"{io}-{count}"
-            log(f"pipeline: --io {io}, {count} workers")
+        queued = [int(q) for q in args.queued.split(",") if q.strip()]
+        for q, (io, count) in [(q, run) for run in runs for q in queued]:
+            protect_module._QUEUED_BATCHES = q
+            label = f"{io}-{count}" + (f"-q{q}" if len(queued) > 1 else "")
+            log(f"pipeline: --io {io}, {count} workers, {q} batches queued")
             options = RunOptions(out_dir=Path(tmp) / "out", overwrite=True, batch_size=args.batch_size, workers=count,
-                                 io=io, compute_streams=args.compute_streams)  # fmt: skip
+                                 io=io)  # fmt: skip
             trace.run(items, options)  # warm-up: starts the worker processes
             traces = [trace.run(items, options) for _ in range(args.repeats)]
             median = sorted(traces, key=lambda t: t["wall_s"])[len(traces) // 2]
             entry = rate([t["wall_s"] for t in traces], args.files)
             entry["vs_engine"] = round(entry["images_per_s"] / out["engine"]["images_per_s"], 3)
             entry["trace"] = median
-            if io == args.io.split(",")[0].strip() and count == workers[0]:
+            if io == args.io.split(",")[0].strip() and count == workers[0] and q == queued[0]:
                 entry["device"] = device_busy(lambda: trace.run(items, options), device)
                 if args.host_trace:
                     log(f"pipeline {label} under the profiler with host activities")
@@ -384,7 +411,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pipeline {label}: {r['images_per_s']:.0f} images/s = {r['vs_engine']:.2f} of engine (runs {r['runs_s']}); "
               f"median run: head {t['head_s']} (first decode submitted {t['first_decode_submitted_s']}, first decoded "
               f"{t['first_decoded_s']}), compute {t['compute_wall_s']}, tail {t['tail_s']}, batches {t['batches']}, "
-              f"main thread CPU {t['main_thread_cpu_s']}, full collections {t['gc_full_ms']} ms")
+              f"main thread CPU {t['main_thread_cpu_s']}, full collections {t['gc_full_ms']} ms; batches' wall ms "
+              f"{t['batch_wall_ms']}, host's time to queue each {t['launch_ms']}")
         if "host_trace" in r:
             h = r["host_trace"]
             print(f"   host trace ({h['experimental']}): threads {h['threads']}; idle {h.get('idle_s')} s of which "

@@ -28,15 +28,17 @@ def bench_pipeline():
         sys.path.remove(str(BENCHMARKS))
 
 
-def test_bench_pipeline_splits_each_run_into_its_parts(bench_pipeline, capsys: pytest.CaptureFixture) -> None:
+@pytest.mark.parametrize("queued", [1, 2])
+def test_bench_pipeline_splits_each_run_into_its_parts(bench_pipeline, capsys: pytest.CaptureFixture,
+                                                       queued: int) -> None:  # fmt: skip
     assert bench_pipeline.main(["--files", "40", "--batch-size", "16", "--repeats", "1", "--workers", "2",
-                                "--engine-ms", "2", "--io", "threads,processes"]) == 0  # fmt: skip
+                                "--engine-ms", "2", "--io", "threads,processes", "--queued", str(queued)]) == 0  # fmt: skip
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert set(report["modes"]) == {"threads", "processes"}
+    assert set(report["modes"]) == {"threads", "processes"} and report["queued"] == queued
     for mode in report["modes"].values():
         split = mode["split_s"]
         assert split["batches"] == 3  # 16 + 16 + 8 files
-        # one compute thread: its spans never overlap, and they lie inside the run
+        # the batches' spans (overlapping ones counted once) lie inside the run
         assert split["between_s"] >= -1e-3 and split["head_s"] > 0 and split["tail_s"] >= 0
         assert split["compute_s"] >= 40 * 2e-3 * 0.9  # the stand-in's waits happen inside the compute spans
         assert split["compute_s"] <= split["wall_s"]
@@ -87,19 +89,20 @@ def test_trace_e2e_traces_each_part_of_a_run(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, str(BENCHMARKS / "trace_e2e.py"), "--device", "cpu", "--files", "8", "--batch-size", "4",
          "--repeats", "1", "--workers", "2", "--io", "processes,threads", "--gil-duty", "0.25", "--host-trace",
-         "--json-out", str(out)],
+         "--queued", "1,2", "--json-out", str(out)],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(out.read_text())
     assert report["engine"]["images"] == 8 and report["engine_with_busy_thread"]["0.25"]["vs_engine"] > 0
-    assert set(report["pipeline"]) == {"processes-2", "threads-2"}
+    assert set(report["pipeline"]) == {f"{io}-2-q{q}" for io in ("processes", "threads") for q in (1, 2)}
     for entry in report["pipeline"].values():
         trace = entry["trace"]
         assert trace["done"] == 8 and trace["batches"] == 2 and trace["batch_sizes"] == [4]
+        assert len(trace["launch_ms"]) == 2 and all(0 < ms <= w for ms, w in zip(trace["launch_ms"], trace["batch_wall_ms"]))
         assert 0 <= trace["first_decode_submitted_s"] <= trace["first_decoded_s"] <= trace["head_s"]
         assert trace["head_s"] + trace["compute_wall_s"] + trace["tail_s"] <= trace["wall_s"] + 1e-3
         assert trace["gc_collections"] >= len(trace["gc_full_ms"]) >= 0
-    host = report["pipeline"]["processes-2"]["host_trace"]
+    host = report["pipeline"]["processes-2-q1"]["host_trace"]
     if "profile_all_threads" in host["experimental"]:  # the compute thread starts after the profiler
         assert len(host["threads"]["compute"]) == 1

@@ -618,30 +618,74 @@ def test_a_run_freezes_the_long_lived_objects_once(tmp_path: Path, tiny_backbone
     assert gc.get_freeze_count() == frozen  # once per process: objects of later runs stay collectable
 
 
-def test_compute_streams_are_checked_and_one_thread_computes_on_a_cpu(tmp_path: Path, tiny_backbone) -> None:
+class _OnTheDevice:
+    """A launched batch that the device finishes ``seconds`` after its launch (a stand-in for a GPU's
+    asynchronous work, on any machine)."""
+
+    def __init__(self, launched, seconds: float) -> None:
+        import time
+
+        self.launched, self.ready_at = launched, time.monotonic() + seconds
+
+    def done(self) -> bool:
+        import time
+
+        return time.monotonic() >= self.ready_at
+
+
+@pytest.mark.parametrize("queued", [1, 2])
+def test_batches_queued_on_the_device_before_the_previous_is_waited_for_write_the_same_files(
+        tmp_path: Path, tiny_backbone, monkeypatch: pytest.MonkeyPatch, queued: int) -> None:  # fmt: skip
+    """With 2 batches queued (what a GPU gets), the next batch is launched while the previous one is
+    still on the device, and the files are those of batches computed one at a time."""
     import threading
+    import time
 
     from preempt_cli import ForeBackConfig, Protector, collect_inputs
+    from preempt_cli.imageio import read_image
 
-    with pytest.raises(ConfigError, match="compute_streams"):
-        RunOptions(compute_streams=0)
-    write_random_pngs(tmp_path / "in", n=6)
-    protector = Protector(tiny_backbone, labels="backbone", config=ForeBackConfig(samples=1))
+    write_random_pngs(tmp_path / "in", n=12, name="img{i:02d}.png")
+    items = collect_inputs([tmp_path / "in"])
+    events: list[tuple[str, int]] = []
     threads: set[str] = set()
-    real = protector._compute
+    launch, finish = Protector._compute_with_backoff, Protector._finish_batch
 
-    def compute(batch: list) -> list:
+    def slow_launch(self: Protector, batch: list) -> _OnTheDevice:
         threads.add(threading.current_thread().name)
-        return real(batch)
+        events.append(("launch", int(batch[0].item.path.stem[3:])))
+        return _OnTheDevice(launch(self, batch), 0.3)
 
-    protector._compute = compute  # type: ignore[method-assign]
-    options = RunOptions(out_dir=tmp_path / "out", batch_size=2, compute_streams=3)
-    results = list(protector.run(collect_inputs([tmp_path / "in"]), options))
-    assert [r.status for r in results] == ["done"] * 6
-    if protector.device.type == "cuda":  # a thread idle by the time the next batch comes takes it
-        assert 1 <= len(threads) <= 3
-    else:  # streams are for CUDA only
-        assert len(threads) == 1
+    def slow_finish(self: Protector, batch: list, handle: _OnTheDevice) -> list:
+        while not handle.done():  # what waiting for a GPU's event does
+            time.sleep(0.01)
+        events.append(("finish", int(batch[0].item.path.stem[3:])))
+        return finish(self, batch, handle.launched)
+
+    monkeypatch.setattr(Protector, "_compute_with_backoff", slow_launch)
+    monkeypatch.setattr(Protector, "_finish_batch", slow_finish)
+    monkeypatch.setattr(Protector, "_queued_batches", lambda self: queued)
+    with Protector(tiny_backbone, labels="backbone", config=ForeBackConfig(samples=1)) as protector:
+        results = list(protector.run(items, RunOptions(out_dir=tmp_path / "out", batch_size=4, workers=2)))
+    assert [r.status for r in results] == ["done"] * 12 and len(threads) == 1
+    assert [e for e in events if e[0] == "launch"] == [("launch", 0), ("launch", 4), ("launch", 8)]
+    if queued == 2:  # each later batch launched while the one before it was on the device
+        assert events.index(("launch", 4)) < events.index(("finish", 0))
+        assert events.index(("launch", 8)) < events.index(("finish", 4))
+    else:
+        assert events == [(kind, i) for i in (0, 4, 8) for kind in ("launch", "finish")]
+    monkeypatch.undo()
+    with Protector(tiny_backbone, labels="backbone", config=ForeBackConfig(samples=1)) as protector:
+        plain = list(protector.run(items, RunOptions(out_dir=tmp_path / "plain", batch_size=4, workers=2)))
+    assert [r.status for r in plain] == ["done"] * 12
+    for r in plain:
+        other = tmp_path / "out" / r.output.name
+        assert np.array_equal(read_image(r.output).color, read_image(other).color), r.output.name
+
+
+def test_a_cpu_computes_one_batch_at_a_time(tiny_backbone) -> None:
+    from preempt_cli import Protector
+
+    assert Protector(tiny_backbone, labels="backbone")._queued_batches() == (2 if TEST_DEVICE.type == "cuda" else 1)
 
 
 @pytest.mark.parametrize("io", ["threads", "processes"])
@@ -801,7 +845,7 @@ def test_images_of_many_sizes_are_computed_as_they_come_not_all_held_to_the_end(
     for i, (w, h) in enumerate(sizes):
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / "in" / f"{i:03d}.png")
     decoded, at_first_batch = [0], []
-    real_decoded, real_compute = Protector._decoded, Protector._timed_compute
+    real_decoded, real_compute = Protector._decoded, Protector._compute_with_backoff
 
     def counting_decoded(self, *args, **kwargs):
         decoded[0] += 1
@@ -812,7 +856,7 @@ def test_images_of_many_sizes_are_computed_as_they_come_not_all_held_to_the_end(
         return real_compute(self, batch)
 
     monkeypatch.setattr(Protector, "_decoded", counting_decoded)
-    monkeypatch.setattr(Protector, "_timed_compute", noting_compute)
+    monkeypatch.setattr(Protector, "_compute_with_backoff", noting_compute)
     protector = Protector(tiny_backbone, labels="backbone", config=ForeBackConfig(samples=1, backward_steps=1))
     # batch_size 1 at the backbone's 32x32: 2 to 16 of these small images per batch, 64 decoded ahead
     options = RunOptions(out_dir=tmp_path / "out", io="threads", workers=2, batch_size=1)

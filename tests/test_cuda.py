@@ -177,18 +177,60 @@ def test_pipeline_on_cuda_writes_what_each_batch_computes(tmp_path: Path, resnet
             assert np.array_equal(written, expected), path.name
 
 
-def test_batches_on_two_cuda_streams_write_what_one_stream_writes(tmp_path: Path, resnet20) -> None:
-    # RunOptions.compute_streams: two compute threads, each on a stream of its own, compute batches at
-    # once; every file is the one a single stream writes, bit for bit
+@pytest.mark.parametrize("labels", ["backbone", "folders"])
+def test_queueing_a_batch_never_waits_for_the_device(tmp_path: Path, resnet20, labels: str) -> None:
+    """``Protector._compute`` queues a batch on the GPU without one synchronising call (labels from a
+    model or known, noise keys, levels and results all travel asynchronously): only then can the next
+    batch be queued while this one computes. Its results are those of the tensor API."""
+    from preempt_cli.protect import _Pending
+    from preempt_cli.imageio import read_images
+
+    _pngs(tmp_path / "in" / "airplane", 8)  # a class folder (--labels folders)
+    protector = Protector(resnet20["cuda:0"], labels=labels, config=ForeBackConfig(samples=4))
+    items = collect_inputs([tmp_path / "in"])
+    pictures = read_images([str(item.path) for item in items])
+    batch = [_Pending(item, tmp_path / f"{i}.out.png", pic, protector._file_label(item))
+             for i, (item, pic) in enumerate(zip(items, pictures))]  # fmt: skip
+    protector._compute(batch).results()  # warm-up: cuDNN and the allocator set themselves up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        launched = protector._compute(batch)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    computed = launched.results()
+    x = levels_to_float(stack_levels([p.color for p in pictures], CUDA), 255)
+    y = protector.predict(x).clone() if labels == "backbone" else torch.zeros(8, dtype=torch.long, device=CUDA)
+    x_new = protector.transform(x, y, noise_seeds=[content_seed(p.color) for p in pictures])
+    levels, _ = quantize_batch(x_new, [p.color for p in pictures], protector.config.eps)
+    for (got, before, after, label), expected, want in zip(computed, levels, y.tolist()):
+        assert np.array_equal(got, expected) and label == want and 0 <= before <= 1 and 0 <= after <= 1
+
+
+def test_batches_queued_two_at_a_time_write_what_one_at_a_time_writes(tmp_path: Path, resnet20,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    import preempt_cli.protect as protect
+
     _pngs(tmp_path / "in", 40)
     protector = Protector(resnet20["cuda:0"], labels="backbone", config=ForeBackConfig(samples=20))
     items = collect_inputs([tmp_path / "in"])
-    for streams in (1, 2):
-        results = list(protector.run(items, RunOptions(out_dir=tmp_path / f"s{streams}", batch_size=8,
-                                                       compute_streams=streams)))  # fmt: skip
+    for queued in (1, 2):
+        monkeypatch.setattr(protect, "_QUEUED_BATCHES", queued)
+        results = list(protector.run(items, RunOptions(out_dir=tmp_path / f"q{queued}", batch_size=8)))
         assert [r.status for r in results] == ["done"] * 40
-    for one in sorted((tmp_path / "s1").glob("*.png")):
-        assert np.array_equal(np.asarray(Image.open(one)), np.asarray(Image.open(tmp_path / "s2" / one.name))), one.name
+    for one in sorted((tmp_path / "q1").glob("*.png")):
+        assert np.array_equal(np.asarray(Image.open(one)), np.asarray(Image.open(tmp_path / "q2" / one.name))), one.name
+
+
+def test_a_transfer_from_the_gpu_waits_for_the_work_before_it() -> None:
+    from preempt_cli.batches import QueuedTransfer
+
+    a = torch.randn(2048, 2048, device=CUDA)
+    for _ in range(20):  # a few milliseconds of work queued before the copy
+        a = (a @ a).clamp_(-1, 1)
+    transfer = QueuedTransfer([a])
+    got = transfer.wait()[0]
+    assert transfer.done() and got.is_pinned() and torch.equal(got, a.cpu())
 
 
 def test_workers_on_cuda_and_cpu_write_each_file_once(tmp_path: Path, resnet20) -> None:

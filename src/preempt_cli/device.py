@@ -8,7 +8,7 @@ import torch
 
 from .errors import ConfigError
 
-__all__ = ["resolve_device", "resolve_devices", "default_cpu_threads", "default_io_workers"]
+__all__ = ["resolve_device", "resolve_devices", "default_cpu_threads", "default_io_workers", "to_device"]
 
 
 def resolve_device(spec: str | torch.device = "auto") -> torch.device:
@@ -72,3 +72,11 @@ def default_io_workers() -> int:
     """Threads decoding and encoding image files: one per usable CPU, at least 2 and at most 8 (Pillow
     releases the GIL while it codes, so more threads help, but the compute thread needs the GIL too)."""
     return min(8, max(2, default_cpu_threads()))
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device``. To a GPU it goes through pinned memory, without waiting: a copy from
+    ordinary (pageable) memory makes the host wait until the device has run everything queued before it."""
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .device import to_device
 from .errors import ConfigError
 
 __all__ = ["ForeBackConfig", "FastPreemption", "PRESETS", "PRECISIONS", "COMPILE_MODES", "parse_eps", "default_eps", "eval_mode", "project",
@@ -311,7 +312,7 @@ class FastPreemption:
         """The keys of the images' noise at every cascade step and sample, [B, steps, N] (:func:`noise_keys`),
         from the base seed and each image's noise seed mixed into 64 bits; one upload per batch."""
         keys = [(self.seed * 0x9E3779B97F4A7C15 + s) & ((1 << 64) - 1) for s in self._image_seeds(count, noise_seeds)]
-        image_keys = torch.tensor([[k & _MASK32, k >> 32] for k in keys], dtype=torch.int64, device=self.device)
+        image_keys = to_device(torch.tensor([[k & _MASK32, k >> 32] for k in keys], dtype=torch.int64), self.device)
         return noise_keys(image_keys, self.config.forward_steps + self.config.backward_steps, self.config.samples)
 
     def _sample_generators(self, count: int, noise_seeds: Sequence[int] | None) -> list[list[torch.Generator]]:

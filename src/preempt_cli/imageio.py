@@ -19,6 +19,7 @@ import tempfile
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Iterator, Mapping, Sequence
 
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Picture",
+    "content_seed",
     "read_image",
     "write_png",
     "read_png_text",
@@ -40,6 +42,7 @@ __all__ = [
     "quantize_batch",
     "quantize_batch_on_device",
     "levels_to_host",
+    "nhwc_levels_to_arrays",
     "quantize_levels",
     "stack_levels",
     "levels_to_float",
@@ -60,6 +63,12 @@ IMAGE_SUFFIXES = frozenset(
 DEFAULT_MAX_PIXELS = int(Image.MAX_IMAGE_PIXELS or 89_478_485)
 
 _GRAY16_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
+
+
+def content_seed(color: np.ndarray) -> int:
+    """A per-image noise seed from its pixels (HWC integer levels, as ``Picture.color``): an image's result
+    then does not depend on batch composition, order or sharding, nor on going through files or tensors."""
+    return int.from_bytes(hashlib.sha256(np.ascontiguousarray(color).tobytes()).digest()[:8], "little") >> 1
 
 
 @dataclass
@@ -99,6 +108,13 @@ class Picture:
 
         t = torch.from_numpy(self.color.astype(np.float32, copy=False))
         return t.permute(2, 0, 1).contiguous().div_(self.max_value)
+
+    @cached_property
+    def content_seed(self) -> int:
+        """:func:`content_seed` of the colour channels. Computed where the file is decoded (see
+        :func:`read_images`), it travels with the picture: the thread that feeds the device does not hash
+        each image of a batch between two batches."""
+        return content_seed(self.color)
 
     def with_color(self, color: np.ndarray) -> "Picture":
         """A copy with other colour values (same shape and dtype), everything else kept."""
@@ -329,12 +345,15 @@ def quantize_batch_on_device(x: torch.Tensor, reference_levels: torch.Tensor, ep
 def levels_to_host(levels: torch.Tensor) -> list[np.ndarray]:
     """Levels from :func:`quantize_batch_on_device` as one HWC array per image (uint8, or uint16 for
     16-bit), in one transfer: a byte per 8-bit level crosses from a GPU."""
+    return nhwc_levels_to_arrays(levels.permute(0, 2, 3, 1).contiguous().cpu())
+
+
+def nhwc_levels_to_arrays(levels: torch.Tensor) -> list[np.ndarray]:
+    """Integer levels [B, H, W, C] on the host (uint8, or int32 for 16-bit) as one HWC array per image
+    (uint8 or uint16), copied out of the tensor's memory (pinned memory goes back to its pool)."""
     import torch
 
-    host = levels.permute(0, 2, 3, 1).cpu().numpy()
-    if levels.dtype != torch.uint8:
-        host = host.astype(np.uint16)
-    return list(host)
+    return list(levels.numpy().astype(np.uint8 if levels.dtype == torch.uint8 else np.uint16))
 
 
 def _to_pil(picture: Picture, color: np.ndarray) -> Image.Image:
@@ -426,12 +445,14 @@ def write_png(
 
 
 def read_images(paths: Sequence[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> list[Picture | str]:
-    """Each file read (:func:`read_image`), or the reason it could not be: a chunk of an I/O worker
-    process's work (it needs no torch)."""
+    """Each file read (:func:`read_image`), with its :attr:`Picture.content_seed`, or the reason it could
+    not be: a chunk of an I/O worker's work (it needs no torch)."""
     out: list[Picture | str] = []
     for name in paths:
         try:
-            out.append(read_image(Path(name), max_pixels=max_pixels))
+            picture = read_image(Path(name), max_pixels=max_pixels)
+            picture.content_seed  # noqa: B018  # hashed here, on the worker (cached on the picture)
+            out.append(picture)
         except ImageReadError as e:
             out.append(reason_of(e, Path(name)))
         except Exception as e:  # a decoder's own error, or memory: this file fails, not the chunk around it

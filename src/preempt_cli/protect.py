@@ -18,15 +18,11 @@ Batch jobs use this module directly::
 from __future__ import annotations
 
 import collections
-import contextlib
 import gc
-import hashlib
 import itertools
 import json
 import logging
 import math
-import threading
-import time
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -39,15 +35,17 @@ import torch
 
 from . import __version__
 from .engine import FastPreemption, ForeBackConfig, eval_mode
-from .device import default_io_workers
+from .batches import ComputeThread, QueuedTransfer
+from .device import default_io_workers, to_device
 from .errors import ConfigError, LabelError, reason_of
 from .hub import sha256_file
 from .imageio import (
     DEFAULT_MAX_PIXELS,
     Picture,
+    content_seed,
     ignore_interrupts,
     levels_to_float,
-    levels_to_host,
+    nhwc_levels_to_arrays,
     quantize_batch,
     quantize_batch_on_device,
     read_images,
@@ -81,6 +79,10 @@ _MAX_PARTIAL_BATCHES = 16
 #: (on an H100, 2048 PNGs: the time after the last batch fell from 0.05-0.23 s to 0.03-0.12 s; ResNet-20
 #: computes batches of 64 at 92% of its rate at 256).
 _MIN_LAST_PIECE = 64
+#: Batches queued on a GPU at once: the next batch's work is queued before the previous one is waited
+#: for, so the device does not idle while the host prepares a batch (see batches.ComputeThread). 1 on a
+#: CPU, where queueing a batch is computing it.
+_QUEUED_BATCHES = 2
 
 
 @dataclass
@@ -126,10 +128,6 @@ class RunOptions:
     #: Processes start from a fork server that imports the ``__main__`` module again: a script that uses
     #: them needs the ``if __name__ == "__main__":`` guard, as with any multiprocessing code.
     io: str = "threads"
-    #: batches computing at once on a GPU, each from a thread of its own on a CUDA stream of its own, so
-    #: that one batch's kernels keep the device busy while another's thread waits or prepares (an
-    #: experiment: not yet measured on a GPU; each stream holds its own batch in memory). 1 on a CPU.
-    compute_streams: int = 1
     shard: tuple[int, int] | None = None
     #: (i, k): of the inputs (after ``shard``), take every k-th starting at i (one device worker's share)
     partition: tuple[int, int] | None = None
@@ -141,8 +139,6 @@ class RunOptions:
             raise ConfigError("--batch-size must be >= 1")
         if self.workers < 1:
             raise ConfigError("--workers must be >= 1")
-        if self.compute_streams < 1:
-            raise ConfigError("compute_streams must be >= 1")
         if not self.suffix or "/" in self.suffix or "\\" in self.suffix:
             raise ConfigError(f"invalid --suffix {self.suffix!r}: it must be non-empty with no path separator")
 
@@ -214,12 +210,6 @@ def _sha256_or_none(path: Path) -> str | None:
         return None
 
 
-def content_seed(color: np.ndarray) -> int:
-    """A per-image noise seed from its pixels (HWC integer levels, as ``Picture.color``): an image's result
-    then does not depend on batch composition, order or sharding, nor on going through files or tensors."""
-    return int.from_bytes(hashlib.sha256(np.ascontiguousarray(color).tobytes()).digest()[:8], "little") >> 1
-
-
 _long_lived_objects_frozen = False
 
 
@@ -237,6 +227,41 @@ def freeze_long_lived_objects() -> None:
     if not _long_lived_objects_frozen:
         gc.freeze()
         _long_lived_objects_frozen = True
+
+
+def _stats(before: torch.Tensor, after: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per image, the confidence before and after and the label, as one [3, B] float64 tensor (exact for
+    all three): one transfer from the device."""
+    return torch.stack([before.double(), after.double(), labels.double()])
+
+
+class _Launched:
+    """A batch's results on their way from the device (:meth:`Protector._compute`): per image the
+    confidence before and after and the label, and the rounded levels, NHWC (or, for a batch mixing 8- and
+    16-bit pictures, one array per image, already on the host). Several of them joined: a batch computed in
+    halves after running out of memory."""
+
+    def __init__(self, transfer: QueuedTransfer | None, levels: list[np.ndarray] | None = None,
+                 parts: Sequence["_Launched"] = ()) -> None:  # fmt: skip
+        self.transfer, self.levels, self.parts = transfer, levels, list(parts)
+
+    @classmethod
+    def joined(cls, parts: Sequence["_Launched"]) -> "_Launched":
+        return cls(None, parts=parts)
+
+    def done(self) -> bool:
+        if self.transfer is None:
+            return all(p.done() for p in self.parts)
+        return self.transfer.done()
+
+    def results(self) -> list[tuple[np.ndarray, float, float, int]]:
+        """Per image (levels HWC, confidence before, after, label), once they are on the host (waits)."""
+        if self.transfer is None:
+            return [r for p in self.parts for r in p.results()]
+        stats, *levels = self.transfer.wait()
+        arrays = self.levels if self.levels is not None else nhwc_levels_to_arrays(levels[0])
+        before, after, labels = stats.tolist()
+        return [(lv, b, a, int(lab)) for lv, b, a, lab in zip(arrays, before, after, labels)]
 
 
 @dataclass
@@ -304,7 +329,6 @@ class Protector:
         self.precision = self.engine.precision
         self._batch_cap: dict[tuple[int, ...], int] = {}
         self._processes: ProcessPoolExecutor | None = None
-        self._compute_thread = threading.local()  # its CUDA stream, with several compute threads
         self._processes_size = 0
 
     # -- tensors ---------------------------------------------------------------------------------------
@@ -449,35 +473,32 @@ class Protector:
     def _extra_metadata(self, meta: dict[str, Any] | None) -> dict[str, Any]:
         return {}
 
-    def _compute(self, batch: list[_Pending]) -> list[tuple[np.ndarray, float, float, int]]:
-        """Transform one equal-shape batch; returns per image (levels, conf before, conf after, label)."""
-        # The host's work first, then the whole batch queued on the device, then one wait at the end (the
-        # confidence after rounding is queued before the levels come back, not after: no second wait)
+    def _compute(self, batch: list[_Pending]) -> _Launched:
+        """Queue one equal-shape batch's work on the device (on a GPU nothing waits for it; see
+        :class:`~preempt_cli.batches.ComputeThread`); its results come from the returned handle."""
         colors = [p.picture.color for p in batch]
-        seeds = [content_seed(c) for c in colors]
+        seeds = [p.picture.content_seed for p in batch]  # hashed where the files were decoded
         reference = stack_levels(colors, self.device)  # None: 8- and 16-bit pictures of one size
         if reference is not None:
             max_value = batch[0].picture.max_value
             x = levels_to_float(reference, max_value)
         else:
-            x = torch.stack([p.picture.to_tensor() for p in batch]).to(self.device)
+            x = to_device(torch.stack([p.picture.to_tensor() for p in batch]), self.device)
         known = [p.label for p in batch]
         if None in known:  # labels from a model: for every file of a run (see _file_label)
             y = self.predict(x).clone()  # a normal tensor (autograd refuses inference ones), left on the device
         else:
-            y = torch.tensor(known, device=self.device)
+            y = to_device(torch.tensor(known), self.device)
         before = self.confidence(x, y)
         x_new = self.transform(x, y, noise_seeds=seeds)
-        if reference is not None:
-            device_levels, saved = quantize_batch_on_device(x_new, reference, self.config.eps, max_value)
-            after = self.confidence(saved, y)
-            levels = levels_to_host(device_levels)  # waits for the batch
-        else:
+        if reference is None:  # rounded image by image, on each one's grid (waits for the device)
             levels, saved = quantize_batch(x_new, colors, self.config.eps)
-            after = self.confidence(saved, y)
-        return [(lv, b, a, lab) for lv, b, a, lab in zip(levels, before.tolist(), after.tolist(), y.tolist())]
+            return _Launched(QueuedTransfer([_stats(before, self.confidence(saved, y), y)]), levels)
+        device_levels, saved = quantize_batch_on_device(x_new, reference, self.config.eps, max_value)
+        stats = _stats(before, self.confidence(saved, y), y)
+        return _Launched(QueuedTransfer([stats, device_levels.permute(0, 2, 3, 1).contiguous()]))
 
-    def _compute_with_backoff(self, batch: list[_Pending]) -> list[tuple[np.ndarray, float, float, int]]:
+    def _compute_with_backoff(self, batch: list[_Pending]) -> _Launched:
         try:
             return self._compute(batch)
         except torch.cuda.OutOfMemoryError:
@@ -491,7 +512,15 @@ class Protector:
         p = batch[0].picture
         self._batch_cap[(p.channels, p.size[1], p.size[0])] = half
         _logger.warning("out of GPU memory with %d images per batch; retrying with %d", len(batch), half)
-        return self._compute_with_backoff(batch[:half]) + self._compute_with_backoff(batch[half:])
+        return _Launched.joined([self._compute_with_backoff(batch[:half]), self._compute_with_backoff(batch[half:])])
+
+    def _finish_batch(self, batch: list[_Pending], launched: _Launched) -> list[tuple[np.ndarray, float, float, int]]:
+        """Per image of a batch queued by :meth:`_compute`: (levels, confidence before, after, label),
+        once the device has them."""
+        computed = launched.results()
+        if len(computed) != len(batch):
+            raise RuntimeError(f"{len(computed)} results for a batch of {len(batch)}")
+        return computed
 
     def _write(self, pending: _Pending, levels: np.ndarray, before: float, after: float, label: int,
                seconds: float, fsync: bool = True) -> FileResult:  # fmt: skip
@@ -629,34 +658,22 @@ class Protector:
         # thread goes on collecting decoded files and written results meanwhile: on a GPU, that per-file
         # bookkeeping otherwise adds to the compute time instead of hiding behind it.
         freeze_long_lived_objects()
-        streams = self._compute_threads(options)
-        compute = ThreadPoolExecutor(streams, thread_name_prefix="preempt-compute", initializer=self._start_compute_thread,
-                                     initargs=(streams > 1,))  # fmt: skip
+        compute = ComputeThread(self._compute_with_backoff, self._finish_batch, depth=self._queued_batches(),
+                                initializer=self._start_compute_thread)  # fmt: skip
         try:
             yield from self._pipeline(todo, outputs, options, io, compute)
         finally:
-            compute.shutdown(wait=True, cancel_futures=True)
+            compute.shutdown(cancel_futures=True)
 
-    def _timed_compute(self, batch: list[_Pending]) -> tuple[list[tuple[np.ndarray, float, float, int]], float]:
-        start = time.perf_counter()
-        with self._thread_stream():
-            computed = self._compute_with_backoff(batch)
-        return computed, (time.perf_counter() - start) / len(batch)
+    def _queued_batches(self) -> int:
+        return _QUEUED_BATCHES if self.device.type == "cuda" else 1
 
-    def _compute_threads(self, options: RunOptions) -> int:
-        return options.compute_streams if self.device.type == "cuda" else 1
-
-    def _start_compute_thread(self, own_stream: bool) -> None:
-        """A compute thread's start: with several (``RunOptions.compute_streams``), a CUDA stream of its own,
-        so that a batch's copies, kernels and waits order only against that thread's batches."""
-        self._compute_thread.stream = torch.cuda.Stream(self.device) if own_stream else None
-
-    def _thread_stream(self) -> contextlib.AbstractContextManager[Any]:
-        stream = getattr(self._compute_thread, "stream", None)
-        return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+    def _start_compute_thread(self) -> None:
+        if self.device.type == "cuda":  # what a library call leaves to the current device is on ours
+            torch.cuda.set_device(self.device)
 
     def _pipeline(self, todo: list[InputFile], outputs: dict[InputFile, Path | str], options: RunOptions,
-                  io: "_ThreadIO | _ProcessIO", compute: ThreadPoolExecutor) -> Iterator[FileResult]:  # fmt: skip
+                  io: "_ThreadIO | _ProcessIO", compute: ComputeThread) -> Iterator[FileResult]:  # fmt: skip
         # decode at least two batches ahead, so that a GPU never waits for the next batch's files; the
         # bound follows the batch size of the latest image (small for large photos: they are big)
         min_prefetch = max(64, 4 * options.workers)
@@ -667,7 +684,7 @@ class Protector:
         buckets: dict[tuple[int, ...], list[_Pending]] = {}  # partial batches, oldest first
         queue = iter(todo)
         queued_all = False
-        in_flight = self._compute_threads(options) + 1
+        in_flight = compute.depth + 1  # batches on the device, and the next one waiting
 
         def submit_decodes() -> None:
             nonlocal queued_all
@@ -683,8 +700,8 @@ class Protector:
             size = math.ceil(len(batch) / max(1, pieces))
             for start in range(0, len(batch), size):
                 piece = batch[start : start + size]
-                computing.append((piece, compute.submit(self._timed_compute, piece)))
-                # each compute thread with a batch and one more waiting: the device never idles, and memory
+                computing.append((piece, compute.submit(piece)))
+                # the batches the device holds and one more waiting: the device never idles, and memory
                 # stays bounded
                 yield from collect(block=len(computing) > in_flight)
 
