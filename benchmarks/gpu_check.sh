@@ -3,7 +3,8 @@
 #   1. the device-aware part of the test suite on CUDA (PREEMPT_TEST_DEVICE=cuda) and tests/test_cuda.py;
 #   2. benchmarks/bench_protect.py on CUDA (engine vs reference, batch/precision sweep, cudnn.benchmark,
 #      torch.compile, bf16 accuracy check, photos, end to end, Bi-Level);
-#   3. benchmarks/bench_pipeline.py (the file pipeline against a stand-in engine, on the machine's CPUs).
+#   3. benchmarks/bench_pipeline.py (the file pipeline against a stand-in engine, on the machine's CPUs);
+#   4. benchmarks/trace_e2e.py (where the end-to-end time goes; batches queued 2 at a time against 1).
 #
 # Usage, from the repository root:  bash benchmarks/gpu_check.sh OUT_DIR [SHARED_COPY]
 #   OUT_DIR      where logs, the JUnit XML and the benchmark's JSON go
@@ -11,7 +12,8 @@
 #                gets only the repository); its site/ folder, if any, goes on PYTHONPATH (pyautoattack)
 # Runs from the source tree (PYTHONPATH=src): nothing is installed. Environment knobs, for a dry run on a
 # CPU: DEVICE (cuda), TESTS (the test files), BENCH_ARGS (extra benchmark arguments), TEST_TIMEOUT (210 s),
-# BENCH_TIMEOUT (330 s), PIPELINE_ARGS (bench_pipeline's arguments; "skip" for none).
+# BENCH_TIMEOUT (330 s), PIPELINE_ARGS (bench_pipeline's arguments; "skip" for none), TRACE_ARGS
+# (trace_e2e's arguments; "skip" for none), TRACE_TIMEOUT (240 s).
 set -u -o pipefail
 OUT=${1:?usage: gpu_check.sh OUT_DIR [SHARED_COPY]}
 SHARED_COPY=${2:-}
@@ -55,4 +57,13 @@ if [ "${PIPELINE_ARGS:-}" != "skip" ]; then
     timeout 120 "$PY" benchmarks/bench_pipeline.py ${PIPELINE_ARGS:-} 2>"$OUT/bench_pipeline.err" \
         | tee "$OUT/bench_pipeline.txt"
     echo "pipeline: exit ${PIPESTATUS[0]}" | tee -a "$OUT/bench_pipeline.err"
+fi
+
+if [ "${TRACE_ARGS:-}" != "skip" ]; then
+    echo "== trace_e2e on $DEVICE (where the end-to-end time goes; 2 batches queued against 1)"
+    # shellcheck disable=SC2086
+    timeout "${TRACE_TIMEOUT:-240}" "$PY" benchmarks/trace_e2e.py --device "$DEVICE" \
+        ${TRACE_ARGS:---workers 4 --queued 2,1 --gil-duty 0.1} --json-out "$OUT/trace_e2e_$DEVICE.json" \
+        2>"$OUT/trace_e2e_$DEVICE.err" | grep -v '^{' | tee "$OUT/trace_e2e_$DEVICE.txt"
+    echo "trace: exit ${PIPESTATUS[0]}" | tee -a "$OUT/trace_e2e_$DEVICE.err"
 fi

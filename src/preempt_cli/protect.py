@@ -669,8 +669,8 @@ class Protector:
         return _QUEUED_BATCHES if self.device.type == "cuda" else 1
 
     def _start_compute_thread(self) -> None:
-        if self.device.type == "cuda":  # what a library call leaves to the current device is on ours
-            torch.cuda.set_device(self.device)
+        if self.device.type == "cuda" and self.device.index is not None:  # a call that uses the current
+            torch.cuda.set_device(self.device)  # device (a new thread's is cuda:0) uses ours
 
     def _pipeline(self, todo: list[InputFile], outputs: dict[InputFile, Path | str], options: RunOptions,
                   io: "_ThreadIO | _ProcessIO", compute: ComputeThread) -> Iterator[FileResult]:  # fmt: skip
