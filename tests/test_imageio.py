@@ -573,3 +573,19 @@ def test_stacked_levels_give_the_pictures_tensors(dtype: str) -> None:
     assert stacked.shape == (3, 3, 6, 4) and not stacked.is_floating_point()
     x = levels_to_float(stacked, pictures[0].max_value)
     assert x.is_contiguous() and torch.equal(x, torch.stack([p.to_tensor() for p in pictures]))
+
+
+def test_read_images_hashes_each_picture_where_it_decodes(tmp_path: Path) -> None:
+    """The noise seed is computed by read_images (an I/O worker's work) and travels with the picture
+    (pickled to the main process); a picture with other colours gets its own."""
+    import pickle
+
+    rng = np.random.default_rng(3)
+    Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    (picture,) = imageio.read_images([str(tmp_path / "a.png")])
+    assert "content_seed" in vars(picture)  # cached on the picture, not computed again where it lands
+    assert picture.content_seed == imageio.content_seed(picture.color)
+    travelled = pickle.loads(pickle.dumps(picture))
+    assert vars(travelled)["content_seed"] == picture.content_seed
+    other = picture.with_color(255 - picture.color)
+    assert other.content_seed == imageio.content_seed(255 - picture.color) != picture.content_seed
