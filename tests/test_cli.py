@@ -619,13 +619,16 @@ def test_a_run_freezes_the_long_lived_objects_once(tmp_path: Path, tiny_backbone
 
 
 class _OnTheDevice:
-    """A launched batch that the device finishes ``seconds`` after its launch (a stand-in for a GPU's
-    asynchronous work, on any machine)."""
+    """A launched batch that a stand-in device (a GPU's asynchronous work, on any machine) finishes
+    ``seconds`` after it starts it: at its launch, or when the batch launched before it is done."""
+
+    free_at = 0.0
 
     def __init__(self, launched, seconds: float) -> None:
         import time
 
-        self.launched, self.ready_at = launched, time.monotonic() + seconds
+        _OnTheDevice.free_at = self.ready_at = max(time.monotonic(), _OnTheDevice.free_at) + seconds
+        self.launched = launched
 
     def done(self) -> bool:
         import time
@@ -665,8 +668,12 @@ def test_batches_queued_on_the_device_before_the_previous_is_waited_for_write_th
     monkeypatch.setattr(Protector, "_finish_batch", slow_finish)
     monkeypatch.setattr(Protector, "_queued_batches", lambda self: queued)
     with Protector(tiny_backbone, labels="backbone", config=ForeBackConfig(samples=1)) as protector:
+        start = time.perf_counter()
         results = list(protector.run(items, RunOptions(out_dir=tmp_path / "out", batch_size=4, workers=2)))
+        wall = time.perf_counter() - start
     assert [r.status for r in results] == ["done"] * 12 and len(threads) == 1
+    # each file's seconds are its share of its batch's time: together, no more than the run took
+    assert 0.8 <= sum(r.seconds for r in results) <= wall  # 3 batches of 0.3 s on the device
     assert [e for e in events if e[0] == "launch"] == [("launch", 0), ("launch", 4), ("launch", 8)]
     if queued == 2:  # each later batch launched while the one before it was on the device
         assert events.index(("launch", 4)) < events.index(("finish", 0))

@@ -716,7 +716,8 @@ class Protector:
                     for p in batch:
                         yield FileResult(p.item.path, "failed", reason=f"processing failed: {type(e).__name__}: {e}")
                     continue
-                writes.extend(io.write([(p, *c, seconds) for p, c in zip(batch, computed)]))
+                per_image = seconds / len(batch)  # each file's share of its batch's time
+                writes.extend(io.write([(p, *c, per_image) for p, c in zip(batch, computed)]))
 
         def drain(block: bool) -> Iterator[FileResult]:
             while writes and (block or writes[0].done()):
