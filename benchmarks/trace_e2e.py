@@ -40,6 +40,7 @@ from typing import Any, Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_pipeline import covered  # noqa: E402
 from bench_protect import (  # noqa: E402
     SHARED,
     cifar_paths,
@@ -282,16 +283,6 @@ class RunTrace:
             "gc_full_ms": [round(t * 1000, 1) for t in full],
         }
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
-
-
-def covered(spans: list[tuple[float, float]]) -> float:
-    """The time some span covers (overlaps counted once)."""
-    total, reach = 0.0, float("-inf")
-    for start, end in sorted(spans):
-        if end > reach:
-            total += end - max(start, reach)
-            reach = end
-    return total
 
 
 def gil_holder(duty: float, stop: threading.Event, period_s: float = 0.001) -> None:

@@ -28,6 +28,11 @@ def bench_pipeline():
         sys.path.remove(str(BENCHMARKS))
 
 
+def test_overlapping_spans_count_once(bench_pipeline) -> None:
+    assert bench_pipeline.covered([(1.0, 3.0), (0.0, 2.0), (5.0, 6.0), (5.5, 5.7)]) == pytest.approx(4.0)
+    assert bench_pipeline.covered([]) == 0.0
+
+
 @pytest.mark.parametrize("queued", [1, 2])
 def test_bench_pipeline_splits_each_run_into_its_parts(bench_pipeline, capsys: pytest.CaptureFixture,
                                                        queued: int) -> None:  # fmt: skip
