@@ -696,19 +696,20 @@ def test_a_cpu_computes_one_batch_at_a_time(tiny_backbone) -> None:
 
 
 @pytest.mark.parametrize("io", ["threads", "processes"])
-def test_the_last_batch_goes_in_pieces_that_write_what_one_batch_would(tmp_path: Path, tiny_backbone, io: str,
-                                                                        monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
-    """The run's last batch is computed in up to 4 pieces (their files are written while the next piece
-    computes); the files are those of a run that computes it whole."""
+def test_the_first_and_last_batches_go_in_pieces_that_write_what_whole_batches_would(
+        tmp_path: Path, tiny_backbone, io: str, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """The run's first batch is computed in up to 4 pieces, each as soon as its files are decoded (the
+    device starts early), and so is its last (their files are written while the next piece computes); the
+    files are those of a run that computes whole batches."""
     import preempt_cli.protect as protect
     from preempt_cli import ForeBackConfig, Protector, collect_inputs
     from preempt_cli.imageio import read_image
 
-    write_random_pngs(tmp_path / "in", n=32)
+    write_random_pngs(tmp_path / "in", n=48)
     items = collect_inputs([tmp_path / "in"])
     written: dict[int, dict[str, np.ndarray]] = {}
     for min_piece in (4, 1000):  # pieces of 4 images; none
-        monkeypatch.setattr(protect, "_MIN_LAST_PIECE", min_piece)
+        monkeypatch.setattr(protect, "_MIN_PIECE", min_piece)
         sizes: list[int] = []
         real = Protector._compute
 
@@ -720,11 +721,11 @@ def test_the_last_batch_goes_in_pieces_that_write_what_one_batch_would(tmp_path:
         with Protector(tiny_backbone, labels="backbone", config=ForeBackConfig(samples=2)) as protector:
             out = tmp_path / f"out{min_piece}"
             results = list(protector.run(items, RunOptions(out_dir=out, batch_size=16, io=io, workers=2)))
-        assert [r.status for r in results] == ["done"] * 32
-        assert sizes == ([16, 4, 4, 4, 4] if min_piece == 4 else [16, 16])
+        assert [r.status for r in results] == ["done"] * 48
+        assert sizes == ([4, 4, 4, 4, 16, 4, 4, 4, 4] if min_piece == 4 else [16, 16, 16])
         written[min_piece] = {p.name: read_image(p).color for p in out.glob("*.png")}
         monkeypatch.setattr(Protector, "_compute", real)
-    assert len(written[4]) == 32 and written[4].keys() == written[1000].keys()
+    assert len(written[4]) == 48 and written[4].keys() == written[1000].keys()
     assert all(np.array_equal(written[4][name], written[1000][name]) for name in written[4])
 
 
