@@ -181,3 +181,28 @@ def test_relative_and_output_paths_are_what_pathlib_gives(path: str, root: str |
                 want = out_dir / folder / f"{Path(path).stem}.protected.png"
             assert got == want, (out_dir, several)
 
+
+
+def test_an_empty_folder_given_beside_another_counts_for_output_names(tmp_path: Path) -> None:
+    """Two folders given, one without images yet: the other's outputs go under its name (as with both
+    filled), so they stay where they are once the empty one gets images (a re-run finds them)."""
+    import io
+
+    from preempt_cli.inputs import collect_inputs
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.png").write_bytes(b"")
+    (tmp_path / "b").mkdir()
+    out = tmp_path / "out"
+
+    def named(*args: str, stdin: str = "") -> dict[str, Path | str]:
+        paths = [a if a == "-" else str(tmp_path / a) for a in args]
+        return _outputs(collect_inputs(paths, stdin=io.StringIO(stdin)), out_dir=out)
+
+    expected = out / "a" / "x.protected.png"
+    assert named("a", "b") == {str(tmp_path / "a" / "x.png"): expected}
+    assert named("a", "-", stdin=f"{tmp_path / 'b'}\n") == {str(tmp_path / "a" / "x.png"): expected}  # listed
+    (tmp_path / "b" / "y.png").write_bytes(b"")
+    assert named("a", "b")[str(tmp_path / "a" / "x.png")] == expected
+    # one folder (given twice, or alone): its tree is mirrored in out/ itself
+    assert named("a", "a") == named("a") == {str(tmp_path / "a" / "x.png"): out / "x.protected.png"}

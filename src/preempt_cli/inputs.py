@@ -29,6 +29,9 @@ class InputFile:
 
     path: Path
     root: Path | None = None  # the folder argument it came from; None for files named directly
+    #: several folders were given with it (counted even if some hold no image): with ``--out-dir``, each
+    #: folder's files go under the folder's name
+    among_folders: bool = False
 
     @property
     def relative(self) -> Path:
@@ -78,31 +81,15 @@ def collect_inputs(
     Raises:
         ConfigError: no argument was given.
     """
-    found: list[InputFile] = []
     args = list(args)
     if not args:
         raise ConfigError("no input paths given")
-    for arg in args:
-        text = str(arg)
-        if text == "-":
-            listed = _listed((stdin if stdin is not None else sys.stdin).read())
-            if listed:
-                found.extend(collect_inputs(listed, stdin=None, skip_markers=skip_markers))
-            continue
-        path = Path(text).expanduser()
-        if path.is_dir():
-            found.extend(InputFile(p, path) for p in _walk(path, skip_markers))
-        elif not path.exists() and glob.has_magic(text):
-            # A pattern the shell passed on as is matched nothing: kept as an input of its own, it fails
-            # with that reason while the other arguments are processed.
-            matches = sorted(Path(m) for m in glob.glob(text, recursive=True)) or [path]
-            for m in matches:
-                if m.is_dir():
-                    found.extend(InputFile(p, m) for p in _walk(m, skip_markers))
-                else:
-                    found.append(InputFile(m))
-        else:
-            found.append(InputFile(path))
+    folders: list[Path] = []
+    found = _collect(args, stdin, skip_markers, folders)
+    # Several folders given: an empty one counts too, so that its neighbours' outputs do not move once it
+    # holds images (a re-run would not find them)
+    if len({os.path.abspath(f) for f in folders}) > 1:
+        found = [InputFile(i.path, i.root, among_folders=True) if i.root is not None else i for i in found]
     seen: set[Path] = set()
     unique = []
     for item in found:
@@ -111,6 +98,35 @@ def collect_inputs(
             seen.add(key)
             unique.append(item)
     return unique
+
+
+def _collect(args: list[str | Path], stdin: TextIO | None, skip_markers: tuple[str, ...],
+             folders: list[Path]) -> list[InputFile]:  # fmt: skip
+    """The inputs of ``args`` (see :func:`collect_inputs`); the folders given are added to ``folders``."""
+    found: list[InputFile] = []
+    for arg in args:
+        text = str(arg)
+        if text == "-":
+            listed = _listed((stdin if stdin is not None else sys.stdin).read())
+            found.extend(_collect(listed, None, skip_markers, folders))
+            continue
+        path = Path(text).expanduser()
+        if path.is_dir():
+            folders.append(path)
+            found.extend(InputFile(p, path) for p in _walk(path, skip_markers))
+        elif not path.exists() and glob.has_magic(text):
+            # A pattern the shell passed on as is matched nothing: kept as an input of its own, it fails
+            # with that reason while the other arguments are processed.
+            matches = sorted(Path(m) for m in glob.glob(text, recursive=True)) or [path]
+            for m in matches:
+                if m.is_dir():
+                    folders.append(m)
+                    found.extend(InputFile(p, m) for p in _walk(m, skip_markers))
+                else:
+                    found.append(InputFile(m))
+        else:
+            found.append(InputFile(path))
+    return found
 
 
 def _root_name(root: Path) -> str:
@@ -175,8 +191,8 @@ def assign_outputs(items: list[InputFile], *, suffix: str, out_dir: Path | None)
         return os.path.join(absolute_folders[folder], name).casefold()
 
     # the folders given, not those of this shard's items: every shard of a job must name outputs alike
-    # (a folder given without a single image counts as not given)
-    several_roots = len({item.root for item in items if item.root is not None}) > 1
+    # (and those without images too: see collect_inputs)
+    several_roots = any(item.among_folders for item in items) or len({i.root for i in items if i.root is not None}) > 1
     first = {item: _output_text(item, suffix, out_dir, False, several_roots) for item in items}
     first_keys = {item: key(p) for item, p in first.items()}
     counts = collections.Counter(first_keys.values())
