@@ -48,6 +48,15 @@ CLASSIFIER = "cifar10-resnet18-std"
 VICTIMS = ["cifar10-resnet20-pgdat-b", "cifar10-resnet20-pgdat-c", "cifar10-resnet56-std"]
 
 
+def merge_update(results: dict[str, Any], previous: dict[str, Any], stamp: str) -> None:
+    """Make ``results`` (a partial re-run's) an update of ``previous`` (the tables on disk): their sections
+    kept (the re-run replaces its own as it goes), their settings and run time kept, and this run's
+    settings recorded among the updates, dated ``stamp``."""
+    results["sections"] = previous.get("sections", {})
+    results["updates"] = previous.get("updates", []) + [{"date": stamp, "settings": results["settings"]}]
+    results["settings"], results["seconds"] = previous.get("settings", {}), previous.get("seconds")
+
+
 def machine() -> dict[str, Any]:
     cpu = "unknown"
     try:
@@ -163,11 +172,7 @@ def main() -> None:
     footer: list[str] = []
     json_path, md_path = args.out / "eval_tables.json", args.out / "eval_tables.md"
     if args.update and json_path.is_file() and md_path.is_file():
-        previous = json.loads(json_path.read_text())
-        results["sections"] = previous.get("sections", {})
-        results["updates"] = previous.get("updates", []) + [{"date": stamp, "settings": results["settings"]}]
-        results["settings"] = previous.get("settings", {})
-        results["seconds"] = previous.get("seconds")
+        merge_update(results, json.loads(json_path.read_text()), stamp)
         blocks, footer = read_blocks(md_path.read_text())
 
     def write() -> None:

@@ -47,7 +47,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_eval import machine, table  # noqa: E402
+from bench_eval import machine, merge_update, table  # noqa: E402
 
 from preempt_cli.evaluate import AttackSpec, DefenseSpec, Evaluator, load_dataset, reversion_protocol  # noqa: E402
 from preempt_cli.models import load_model  # noqa: E402
@@ -154,12 +154,8 @@ def main() -> None:
 
     previous_md = ""
     if args.reversion_only:
-        previous = json.loads((args.out / "keys_tables.json").read_text())
+        merge_update(results, json.loads((args.out / "keys_tables.json").read_text()), time.strftime("%Y-%m-%d"))
         previous_md = (args.out / "keys_tables.md").read_text()
-        results["sections"] = previous.get("sections", {})
-        results["updates"] = previous.get("updates", []) + [{"date": time.strftime("%Y-%m-%d"),
-                                                              "settings": results["settings"]}]  # fmt: skip
-        results["settings"], results["seconds"] = previous.get("settings"), previous.get("seconds")
         md = previous_md.split("\n## Reversion protocol")[0].rstrip("\n").split("\n") + [""]
     ev = Evaluator(full.subset(args.images), load=load, device=device, out_dir=args.out / "cache" / f"keys-{args.images}")
     keys = [n for n in names if RECIPES[n][2]]

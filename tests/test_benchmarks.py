@@ -28,6 +28,24 @@ def bench_pipeline():
         sys.path.remove(str(BENCHMARKS))
 
 
+def test_a_partial_rerun_of_the_tables_keeps_what_it_does_not_redo() -> None:
+    """bench_eval.py --update and bench_keys.py --reversion-only: the sections, settings and run time of
+    the tables on disk are kept, and the re-run's settings are recorded as a dated update."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from bench_eval import merge_update
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    previous = {"sections": {"table2": [1], "reversion": [2]}, "settings": {"images": 932}, "seconds": 900,
+                "updates": [{"date": "2026-11-20", "settings": {"images": 100}}]}  # fmt: skip
+    rerun = {"sections": {}, "settings": {"images": 200}, "seconds": None}
+    merge_update(rerun, previous, "2026-11-26")
+    assert rerun["sections"] == {"table2": [1], "reversion": [2]}
+    assert rerun["settings"] == {"images": 932} and rerun["seconds"] == 900
+    assert rerun["updates"] == [{"date": "2026-11-20", "settings": {"images": 100}},
+                                {"date": "2026-11-26", "settings": {"images": 200}}]  # fmt: skip
+
+
 def test_overlapping_spans_count_once(bench_pipeline) -> None:
     assert bench_pipeline.covered([(1.0, 3.0), (0.0, 2.0), (5.0, 6.0), (5.5, 5.7)]) == pytest.approx(4.0)
     assert bench_pipeline.covered([]) == 0.0
