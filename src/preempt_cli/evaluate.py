@@ -25,11 +25,11 @@ from PIL import Image
 from .attacks import PGD, AutoAttack, robust_accuracy
 from .engine import ForeBackConfig, parse_eps
 from .errors import ConfigError, LabelError
-from .imageio import atomic_write, quantize_levels, read_image
+from .imageio import atomic_write, content_seed, quantize_levels, read_image
 from .inputs import PROTECTED_SUFFIX, REVERTED_SUFFIX, collect_inputs
 from .labels import read_label_file
 from .models import ImageModel
-from .protect import Protector, content_seed
+from .protect import Protector
 from .revert import Reverter
 
 __all__ = [

@@ -284,16 +284,14 @@ def stack_levels(colors: Sequence[np.ndarray], device: torch.device | str) -> to
     """
     import torch
 
+    from .device import to_device  # both import torch: not at this module's import (see its docstring)
+
     if len({c.dtype for c in colors}) != 1:
         return None
     host = np.stack(colors)
     if host.dtype == np.uint16:  # torch has no general-purpose uint16
         host = host.astype(np.int32)
-    levels = torch.from_numpy(host)
-    device = torch.device(device)
-    if device.type == "cuda":
-        levels = levels.pin_memory()
-    return levels.to(device, non_blocking=True).permute(0, 3, 1, 2)
+    return to_device(torch.from_numpy(host), torch.device(device)).permute(0, 3, 1, 2)
 
 
 def levels_to_float(levels: torch.Tensor, max_value: int) -> torch.Tensor:
