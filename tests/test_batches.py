@@ -106,6 +106,68 @@ def test_an_error_goes_to_its_batch_and_the_next_batches_go_on(where: str) -> No
     thread.shutdown()
 
 
+@pytest.mark.parametrize("where", ["launch", "finish"])
+def test_a_failed_batch_frees_what_it_held_before_the_next_batch_runs(where: str) -> None:
+    """An out-of-memory error's traceback holds the failed attempt's activations; kept alive in the batch's
+    future, they would crowd the device while the next batches run (and make those fail too)."""
+    import weakref
+
+    device = Device(0.01)
+    held: list[weakref.ref] = []
+    alive_during_next: list[bool] = []
+
+    def fail(batch: int) -> None:
+        activations = torch.empty(1000)  # what the failed attempt had allocated
+        held.append(weakref.ref(activations))
+        try:
+            raise RuntimeError("out of memory")
+        except RuntimeError:  # raised again from a handler: the chain's frames hold it as well
+            raise RuntimeError(f"batch {batch} failed") from None
+
+    def launch(batch: int) -> Handle:
+        if where == "launch" and batch == 0:
+            fail(batch)
+        return device.launch(batch)
+
+    def finish(batch: int, handle: Handle) -> int:
+        if batch == 0 and where == "finish":
+            fail(batch)
+        if batch == 1:
+            alive_during_next.append(held[0]() is not None)
+        return device.finish(batch, handle)
+
+    thread = ComputeThread(launch, finish, depth=2)
+    futures = [thread.submit(i) for i in range(2)]
+    with pytest.raises(RuntimeError, match="batch 0 failed"):
+        futures[0].result(timeout=10)
+    assert futures[1].result(timeout=10)[0] == 10
+    thread.shutdown()
+    assert alive_during_next == [False]
+
+
+def test_the_host_time_of_launching_a_batch_counts_for_that_batch() -> None:
+    """A launch that takes the host's time (a batch that must wait for the device to be prepared) happens
+    while an earlier batch is on the device; it is still the launched batch's time, not the earlier one's."""
+
+    def launch(batch: int) -> Handle:
+        time.sleep(0.2)
+        return Handle(time.monotonic() + 0.05)
+
+    def finish(batch: int, handle: Handle) -> int:
+        while not handle.done():
+            time.sleep(0.001)
+        return batch
+
+    thread = ComputeThread(launch, finish, depth=2)
+    start = time.monotonic()
+    futures = [thread.submit(i) for i in range(3)]
+    seconds = [f.result(timeout=10)[1] for f in futures]
+    wall = time.monotonic() - start
+    thread.shutdown()
+    assert all(0.15 <= s <= 0.5 for s in seconds), seconds  # were [0.4, 0.2, 0.05]
+    assert sum(seconds) <= wall + 0.01
+
+
 def test_shutdown_finishes_what_is_on_the_device_and_cancels_what_waits() -> None:
     release = threading.Event()
     device = Device(0.0)

@@ -14,6 +14,7 @@ import collections
 import queue
 import threading
 import time
+import traceback
 from concurrent.futures import Future
 from typing import Any, Callable, Generic, Protocol, Sequence, TypeVar
 
@@ -75,6 +76,30 @@ def _done(handle: Launched) -> bool:
         return True
 
 
+def _fail(future: Future, error: BaseException) -> None:
+    """Give ``error`` to ``future`` without what its finished frames hold: the tensors of a failed attempt
+    (an out-of-memory error's activations) must not stay alive on the device while the next batches run."""
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:  # the chain of causes holds frames too
+        seen.add(id(e))
+        traceback.clear_frames(e.__traceback__)
+        e = e.__cause__ or e.__context__
+    future.set_exception(error)
+
+
+class _InFlight:
+    """A launched batch: its future and device handle, when its launch started, and how long the host
+    spent launching it (``credit``, when that happened in an earlier batch's time) or later batches
+    within its time (``debit``)."""
+
+    __slots__ = ("batch", "future", "handle", "start", "credit", "debit")
+
+    def __init__(self, batch: Any, future: Future, handle: Any, start: float, credit: float) -> None:
+        self.batch, self.future, self.handle, self.start = batch, future, handle, start
+        self.credit, self.debit = credit, 0.0
+
+
 class ComputeThread(Generic[B, L, R]):
     """A thread that computes batches one after the other, in the order they are submitted.
 
@@ -87,9 +112,11 @@ class ComputeThread(Generic[B, L, R]):
     ``depth`` 1 each batch is finished before the next is launched.
 
     :meth:`submit` returns a future of ``(result, seconds)``: ``seconds`` is the batch's share of the
-    thread's time, from its launch (or the previous batch's finish, when later) to its finish. An exception
-    of ``launch`` or ``finish`` (any, ``KeyboardInterrupt`` included) goes to the batch's future, and the
-    thread goes on with the next batch.
+    thread's time, from its launch (or the previous batch's finish, when later) to its finish, with the
+    host's time launching a later batch meanwhile moved to that batch; the seconds of all batches add up
+    to the thread's busy time. An exception of ``launch`` or ``finish`` (any, ``KeyboardInterrupt``
+    included) goes to the batch's future, without the locals of its finished frames (a failed attempt's
+    tensors are freed at once), and the thread goes on with the next batch.
     """
 
     def __init__(self, launch: Callable[[B], L], finish: Callable[[B, L], R], *, depth: int = 2,
@@ -128,14 +155,14 @@ class ComputeThread(Generic[B, L, R]):
                 self._initializer()
         except BaseException as e:  # every batch fails with it (none would otherwise ever finish)
             failed_start = e
-        launched: collections.deque[tuple[B, Future, L, float]] = collections.deque()  # oldest first
+        launched: collections.deque[_InFlight] = collections.deque()  # oldest first
         last_finish = 0.0
         stopping = False
         while launched or not stopping:
-            if launched and (_done(launched[0][2]) or len(launched) >= self.depth or stopping):
+            if launched and (_done(launched[0].handle) or len(launched) >= self.depth or stopping):
                 last_finish = self._finish_oldest(launched, last_finish)
                 continue
-            job = self._jobs.get() if not launched else self._next_or_none(launched[0][2])
+            job = self._jobs.get() if not launched else self._next_or_none(launched[0].handle)
             if job is None:  # the oldest batch finished before another came
                 continue
             if job is _STOP:
@@ -151,9 +178,16 @@ class ComputeThread(Generic[B, L, R]):
                 continue
             start = time.perf_counter()
             try:
-                launched.append((batch, future, self._launch(batch), start))
+                handle = self._launch(batch)
             except BaseException as e:  # the caller's to handle (or to re-raise: KeyboardInterrupt)
-                future.set_exception(e)
+                _fail(future, e)
+                continue
+            launch_s = time.perf_counter() - start
+            if launched:  # launched within the oldest batch's time: the time is this batch's own
+                launched[0].debit += launch_s
+                launched.append(_InFlight(batch, future, handle, start, credit=launch_s))
+            else:
+                launched.append(_InFlight(batch, future, handle, start, credit=0.0))
         while True:  # what was submitted after the stop
             try:
                 job = self._jobs.get_nowait()
@@ -171,13 +205,14 @@ class ComputeThread(Generic[B, L, R]):
                 if _done(oldest):
                     return None
 
-    def _finish_oldest(self, launched: collections.deque[tuple[B, Future, L, float]], last_finish: float) -> float:
-        batch, future, handle, start = launched.popleft()
+    def _finish_oldest(self, launched: collections.deque[_InFlight], last_finish: float) -> float:
+        oldest = launched.popleft()
         try:
-            result = self._finish(batch, handle)
+            result = self._finish(oldest.batch, oldest.handle)
         except BaseException as e:
-            future.set_exception(e)
+            _fail(oldest.future, e)
             return time.perf_counter()
         end = time.perf_counter()
-        future.set_result((result, end - max(start, last_finish)))
+        seconds = end - max(oldest.start, last_finish) - oldest.debit + oldest.credit
+        oldest.future.set_result((result, seconds))
         return end
