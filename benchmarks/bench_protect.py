@@ -31,8 +31,9 @@ What it measures (medians over ``--repeats`` timed runs, each after a warm-up):
    pgdat-c, ``--accuracy-images`` test images) of bf16 protection against fp32's (bar: within 0.5 point).
 
 8. **GPU variants** (on CUDA, or anywhere with ``--variants``): the engine over ``--batch-sweep`` in fp32 and
-   bf16 with its peak GPU memory; at the fastest bf16 batch, cuDNN autotuning and each ``torch.compile``
-   mode of ``--compile-modes`` (warm-up, i.e. compile, time apart; the share of pixels equal to eager's).
+   bf16 with its peak GPU memory; at the fastest bf16 batch, cuDNN autotuning; at the fastest batch of each
+   of ``--compile-precisions`` (bf16 and fp32), each ``torch.compile`` mode of ``--compile-modes`` (warm-up,
+   i.e. compile, time apart; the share of pixels equal to eager's at that precision).
 Output: a table on stdout, then ONE final line of JSON with every number and the machine (CPU model,
 cores, torch version, threads, GPU name). Progress goes to stderr.
 
@@ -390,8 +391,9 @@ def _engine_rate(protector: Protector, x: torch.Tensor, y: torch.Tensor, seeds: 
 def bench_gpu_variants(key: str, ours: ImageModel, x: torch.Tensor, seeds: list[int], args: argparse.Namespace,
                        cfg: ForeBackConfig, device: torch.device, peak: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
     """The engine on a GPU over batch sizes and precisions; then, at the fastest bf16 batch, cuDNN autotuning
-    (``cudnn.benchmark``) and each ``torch.compile`` mode of ``--compile-modes`` (the compile time reported
-    apart, with the fraction of output pixels equal to eager's)."""
+    (``cudnn.benchmark``); and, at each precision's fastest batch (``--compile-precisions``), each
+    ``torch.compile`` mode of ``--compile-modes`` (the compile time reported apart, with the fraction of
+    output pixels equal to eager's at that precision)."""
     x = x.to(device)
     y = make_protector(ours, cfg).predict(x).clone()
     result: dict[str, Any] = {"backbone": BACKBONES[key], "images": x.shape[0], "sweep": []}
@@ -426,35 +428,44 @@ def bench_gpu_variants(key: str, ours: ImageModel, x: torch.Tensor, seeds: list[
     if not best:
         return result
     batch, precision = best["batch_size"], best["precision"]
-    ref_out = eager_out[(precision, batch)]
 
-    def agree(out: torch.Tensor) -> float:
-        return round(float(((out - ref_out).abs() <= 1e-5).float().mean()), 5)
+    def agree(out: torch.Tensor, eager: torch.Tensor) -> float:
+        """The fraction of output pixels equal to ``eager``'s."""
+        return round(float(((out - eager).abs() <= 1e-5).float().mean()), 5)
 
     saved = torch.backends.cudnn.benchmark
     try:
         torch.backends.cudnn.benchmark = True
         log(f"{key}: GPU engine {precision}, batch {batch}, cudnn.benchmark")
         r, out = _engine_rate(make_protector(ours, cfg, precision), x, y, seeds, batch, args, device)
-        r.update(precision=precision, batch_size=batch, pixels_equal_to_eager=agree(out),
+        r.update(precision=precision, batch_size=batch,
+                 pixels_equal_to_eager=agree(out, eager_out[(precision, batch)]),
                  speedup_vs_eager=round(best["median_s"] / r["median_s"], 3))  # fmt: skip
         add_flops(r, precision)
         result["cudnn_benchmark"] = r
     finally:
         torch.backends.cudnn.benchmark = saved
-    result["compile"] = {}
-    if key in args.compile_backbones:
+    # torch.compile at the best batch of each precision of --compile-precisions: bf16's under "compile"
+    # (as before 0.9.1), fp32's under "compile_fp32" (fused elementwise kernels, TF32 convolutions as eager's)
+    for compile_precision in args.compile_precisions if key in args.compile_backbones else ():
+        best_p = result.get(f"best_{compile_precision}")
+        if not best_p:
+            continue
+        batch_p, eager_p = best_p["batch_size"], eager_out[(compile_precision, best_p["batch_size"])]
+        compiled: dict[str, Any] = {}
+        result["compile" if compile_precision == "bf16" else f"compile_{compile_precision}"] = compiled
         for mode in args.compile_modes:
-            log(f"{key}: GPU engine {precision}, batch {batch}, torch.compile mode {mode}")
+            log(f"{key}: GPU engine {compile_precision}, batch {batch_p}, torch.compile mode {mode}")
             try:
-                protector = Protector(ours, None, labels="backbone", config=cfg, precision=precision, compile=mode)
-                r, out = _engine_rate(protector, x, y, seeds, batch, args, device)
-                r.update(precision=precision, batch_size=batch, pixels_equal_to_eager=agree(out),
-                         speedup_vs_eager=round(best["median_s"] / r["median_s"], 3))  # fmt: skip
-                add_flops(r, precision)
+                protector = Protector(ours, None, labels="backbone", config=cfg, precision=compile_precision,
+                                      compile=mode)  # fmt: skip
+                r, out = _engine_rate(protector, x, y, seeds, batch_p, args, device)
+                r.update(precision=compile_precision, batch_size=batch_p, pixels_equal_to_eager=agree(out, eager_p),
+                         speedup_vs_eager=round(best_p["median_s"] / r["median_s"], 3))  # fmt: skip
+                add_flops(r, compile_precision)
             except Exception as e:  # a compiler failure is a result to report, not a crash of the benchmark
                 r = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
-            result["compile"][mode] = r
+            compiled[mode] = r
             torch._dynamo.reset()
     return result
 
@@ -794,6 +805,7 @@ def table_rows(results: dict[str, Any]) -> list[list[str]]:
                     f"{100 * r['fraction_of_peak']:.1f}% of the {'TF32' if r['precision'] == 'fp32' else 'bf16'} matmul peak")  # fmt: skip
         extra = [("cudnn.benchmark", g["cudnn_benchmark"])] if "cudnn_benchmark" in g else []
         extra += [(f"torch.compile {m}", r) for m, r in g.get("compile", {}).items()]
+        extra += [(f"torch.compile {m}", r) for m, r in g.get("compile_fp32", {}).items()]
         for name, r in extra:
             if "error" in r:
                 rows.append([f"GPU engine + {name}", key, "", "", "", r["error"]])
@@ -927,6 +939,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="on CUDA: engine batch sizes (images) timed in fp32 and bf16 (default 64,128,256,512)")  # fmt: skip
     p.add_argument("--compile-modes", default="default,reduce-overhead",
                    help="on CUDA: torch.compile modes timed at the best batch ('' for none)")  # fmt: skip
+    p.add_argument("--compile-precisions", default="bf16,fp32",
+                   help="on CUDA: precisions whose compiled engine is timed, each at its best batch (default bf16,fp32)")  # fmt: skip
     p.add_argument("--compile-backbones", default="preact18",
                    help="on CUDA: backbones whose compiled engine is timed (default preact18)")  # fmt: skip
     p.add_argument("--e2e-switch-interval", type=float, default=None,
@@ -955,6 +969,10 @@ def main(argv: list[str] | None = None) -> int:
     args.batch_sweep = [int(v) for v in args.batch_sweep.split(",") if v.strip()]
     args.compile_modes = [m.strip() for m in args.compile_modes.split(",") if m.strip()]
     args.compile_backbones = [k.strip() for k in args.compile_backbones.split(",") if k.strip()]
+    args.compile_precisions = [q.strip() for q in args.compile_precisions.split(",") if q.strip()]
+    bad = sorted(set(args.compile_precisions) - {"fp32", "bf16"})
+    if bad:
+        raise SystemExit(f"bench_protect: --compile-precisions takes fp32 and bf16, got {', '.join(bad)}")
     cfg = ForeBackConfig()  # the paper's settings: F1-B2, N 20, eta 0.7, eps 8/255
     torch.manual_seed(0)
 

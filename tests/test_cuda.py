@@ -104,6 +104,23 @@ def test_cuda_results_are_reproducible_and_batch_invariant(batch, resnet20) -> N
     assert share > 0.99, share
 
 
+def test_cuda_results_are_reproducible_with_the_speed_settings_protect_runs_with(batch, resnet20) -> None:
+    """``preempt protect`` leaves PyTorch's defaults: TF32 convolutions and cuDNN's heuristic (not
+    necessarily deterministic) kernels. The same files and seed must still give the same bits twice."""
+    x, y = batch
+    model = resnet20["cuda:0"]
+    seeds = [11 * i + 3 for i in range(len(x))]
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cudnn.deterministic)
+    torch.backends.cudnn.allow_tf32, torch.backends.cudnn.deterministic = True, False  # torch's defaults
+    try:
+        a = FastPreemption(model, seed=2).perturb(x, y, noise_seeds=seeds)
+        b = FastPreemption(model, seed=2).perturb(x, y, noise_seeds=seeds)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cudnn.deterministic = saved
+    assert torch.equal(a, b)
+    assert (a.cpu() - x).abs().max() <= EPS + 1e-6
+
+
 def test_bf16_autocast_on_cuda_keeps_the_budget_and_the_direction(batch, resnet20) -> None:
     x, y = batch
     model = resnet20["cuda:0"]
