@@ -22,6 +22,7 @@ such, not a measurement). Output: a table, then one JSON line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -30,7 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ContextManager, NamedTuple, Sequence
 
 import torch
 
@@ -88,42 +89,73 @@ class StandInEngine(Protector):
         return super()._finish_batch(batch, launched.launched)
 
 
+class BatchSpan(NamedTuple):
+    """One batch as the compute thread ran it: from its launch to its finish (``time.perf_counter``; with
+    batches queued on a device, spans overlap), its images, the host's seconds to launch it, and the CPU
+    seconds the compute thread used on it (launch and finish)."""
+
+    start: float
+    end: float
+    images: int
+    launch_s: float
+    cpu_s: float
+
+
 class PipelineTrace:
     """Where the wall time of ``Protector.run`` goes. Each batch's span, from its launch to its finish,
     splits a run into: before the first batch computes (``head``: decoding it), batches computing
     (``compute``: the time some batch's span covers; overlapping spans count once), waits between batches
     (``between``: the compute thread starved of full batches), and after the last batch (``tail``: its
-    files written). Wraps the protector's compute steps on this one instance."""
+    files written). Wraps the protector's compute steps on this one instance; ``batches`` holds the
+    :class:`BatchSpan` of each batch of the last run, in the order they finished."""
 
     def __init__(self, protector: Protector) -> None:
         self.protector = protector
-        self.spans: list[tuple[float, float]] = []
+        self.batches: list[BatchSpan] = []
         launch, finish = protector._compute_with_backoff, protector._finish_batch
-        starts: dict[int, float] = {}
+        launches: dict[int, tuple[float, float, float]] = {}  # id(batch): start, launch seconds, its CPU s
 
         def traced_launch(batch: list) -> Any:
-            starts[id(batch)] = time.perf_counter()
-            return launch(batch)
+            cpu, start = time.thread_time(), time.perf_counter()
+            try:
+                with self._batch_step():
+                    return launch(batch)
+            finally:
+                launches[id(batch)] = (start, time.perf_counter() - start, time.thread_time() - cpu)
 
         def traced_finish(batch: list, launched: Any) -> Any:
+            cpu = time.thread_time()
             try:
-                return finish(batch, launched)
+                with self._batch_step():
+                    return finish(batch, launched)
             finally:
-                self.spans.append((starts.pop(id(batch)), time.perf_counter()))  # one thread: no lock
+                start, launch_s, launch_cpu = launches.pop(id(batch))
+                self.batches.append(BatchSpan(start, time.perf_counter(), len(batch), launch_s,
+                                              launch_cpu + time.thread_time() - cpu))  # one thread: no lock
 
         protector._compute_with_backoff = traced_launch  # type: ignore[method-assign]
         protector._finish_batch = traced_finish  # type: ignore[method-assign]
 
-    def run(self, items: list, options: RunOptions) -> tuple[list, dict[str, float]]:
-        """The run's results and its split in seconds (wall, head, compute, between, tail, batches)."""
-        self.spans.clear()
+    def _batch_step(self) -> ContextManager[Any]:
+        """What each launch and finish of a batch runs in (a subclass's marker for a profiler): nothing here,
+        so that the pipeline's numbers carry no cost of one."""
+        return contextlib.nullcontext()
+
+    def _timed_run(self, items: list, options: RunOptions) -> tuple[list, float, float]:
+        """The run's results, and when it started and ended (``time.perf_counter``)."""
+        self.batches.clear()
         start = time.perf_counter()
         results = list(self.protector.run(items, options))
-        end = time.perf_counter()
-        split = {"wall_s": end - start, "batches": len(self.spans)}
-        if self.spans:
-            compute = covered(self.spans)
-            first, last = min(s for s, _ in self.spans), max(e for _, e in self.spans)
+        return results, start, time.perf_counter()
+
+    def run(self, items: list, options: RunOptions) -> tuple[list, dict[str, Any]]:
+        """The run's results and its split in seconds (wall, head, compute, between, tail, batches)."""
+        results, start, end = self._timed_run(items, options)
+        spans = [(b.start, b.end) for b in self.batches]
+        split: dict[str, Any] = {"wall_s": end - start, "batches": len(spans)}
+        if spans:
+            compute = covered(spans)
+            first, last = min(s for s, _ in spans), max(e for _, e in spans)
             split.update(head_s=first - start, compute_s=compute, between_s=(last - first) - compute, tail_s=end - last)
         return results, {k: round(v, 4) if isinstance(v, float) else v for k, v in split.items()}
 

@@ -35,12 +35,12 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_pipeline import covered  # noqa: E402
+from bench_pipeline import PipelineTrace, covered  # noqa: E402
 from bench_protect import (  # noqa: E402
     SHARED,
     cifar_paths,
@@ -187,43 +187,23 @@ def host_trace(fn: Callable[[], Any], device: torch.device, top: int = 12) -> di
     return out
 
 
-class RunTrace:
-    """Time stamps of one ``Protector.run``: decoded files, batches (from launch to finish: with two
-    batches queued on a GPU these overlap; the host's time to queue each; the compute thread's CPU time),
-    and the main thread's CPU time. Wraps the protector's methods on this one instance."""
+class RunTrace(PipelineTrace):
+    """Time stamps of one ``Protector.run``: decoded files, batches (a :class:`PipelineTrace`'s spans: from
+    launch to finish, with two batches queued on a GPU these overlap; the host's time to queue each; the
+    compute thread's CPU time), the garbage collector's pauses, and the main thread's CPU time. Wraps the
+    protector's methods on this one instance; each batch step is marked for :func:`host_trace`."""
 
     def __init__(self, protector: Protector) -> None:
-        self.protector = protector
+        super().__init__(protector)
         self.decoded: list[float] = []
-        self.batches: list[tuple[float, float, float, int, float]] = []  # start, end, thread CPU s, images, launch s
-        decoded, launch, finish = protector._decoded, protector._compute_with_backoff, protector._finish_batch
-        launches: dict[int, tuple[float, float, float]] = {}  # id(batch): start, launch seconds, its CPU s
+        decoded = protector._decoded
 
         def traced_decoded(*args: Any) -> Any:
             out = decoded(*args)
             self.decoded.append(time.perf_counter())
             return out
 
-        def traced_launch(batch: list) -> Any:
-            cpu, start = time.thread_time(), time.perf_counter()
-            try:
-                with torch.profiler.record_function(BATCH_ANNOTATION):  # marks the compute thread for host_trace
-                    return launch(batch)
-            finally:
-                launches[id(batch)] = (start, time.perf_counter() - start, time.thread_time() - cpu)
-
-        def traced_finish(batch: list, launched: Any) -> Any:
-            cpu = time.thread_time()
-            try:
-                with torch.profiler.record_function(BATCH_ANNOTATION):
-                    return finish(batch, launched)
-            finally:
-                start, launch_s, launch_cpu = launches.pop(id(batch))
-                self.batches.append((start, time.perf_counter(), launch_cpu + time.thread_time() - cpu, len(batch), launch_s))
-
         protector._decoded = traced_decoded  # type: ignore[method-assign]
-        protector._compute_with_backoff = traced_launch  # type: ignore[method-assign]
-        protector._finish_batch = traced_finish  # type: ignore[method-assign]
         self.decode_calls: list[float] = []
         for io_class in (protect_module._ThreadIO, protect_module._ProcessIO):
             if not hasattr(io_class, "_untraced_decode"):
@@ -245,23 +225,25 @@ class RunTrace:
 
         self.on_gc = on_gc
 
-    def run(self, items: list, options: RunOptions) -> dict[str, Any]:
+    def _batch_step(self) -> ContextManager[Any]:
+        return torch.profiler.record_function(BATCH_ANNOTATION)  # marks the compute thread for host_trace
+
+    def run(self, items: list, options: RunOptions) -> tuple[list, dict[str, Any]]:
+        """The run's results and its time stamps (seconds from its start) and CPU times."""
         self.decoded.clear()
-        self.batches.clear()
         self.decode_calls.clear()
         self.collections.clear()
         gc.callbacks.append(self.on_gc)
         try:
-            cpu, process_cpu, start = time.thread_time(), time.process_time(), time.perf_counter()
-            results = list(self.protector.run(items, options))
-            end = time.perf_counter()
+            cpu, process_cpu = time.thread_time(), time.process_time()
+            results, start, end = self._timed_run(items, options)
         finally:
             gc.callbacks.remove(self.on_gc)
         full = [t for g, t in self.collections if g == 2]
         main_cpu, process_cpu = time.thread_time() - cpu, time.process_time() - process_cpu
         done = sum(r.status == "done" for r in results)
-        walls = [e - s for s, e, *_ in self.batches]
-        first_batch = self.batches[0][3] if self.batches else 0
+        batches = self.batches
+        first_batch = batches[0].images if batches else 0
         out = {
             "wall_s": end - start,
             "done": done,
@@ -270,19 +252,19 @@ class RunTrace:
             "first_decode_submitted_s": self.decode_calls[0] - start if self.decode_calls else None,
             "first_decoded_s": self.decoded[0] - start if self.decoded else None,
             "first_batch_decoded_s": self.decoded[first_batch - 1] - start if len(self.decoded) >= first_batch > 0 else None,
-            "head_s": self.batches[0][0] - start if self.batches else None,
-            "tail_s": end - max(e for _, e, *_ in self.batches) if self.batches else None,
-            "batches": len(self.batches),
-            "batch_sizes": sorted({b[3] for b in self.batches}),
-            "compute_wall_s": covered([(s, e) for s, e, *_ in self.batches]),
-            "compute_thread_cpu_s": sum(b[2] for b in self.batches),
-            "batch_wall_ms": [round(w * 1000, 1) for w in walls],
-            "launch_ms": [round(b[4] * 1000, 1) for b in self.batches],
+            "head_s": batches[0].start - start if batches else None,
+            "tail_s": end - max(b.end for b in batches) if batches else None,
+            "batches": len(batches),
+            "batch_sizes": sorted({b.images for b in batches}),
+            "compute_wall_s": covered([(b.start, b.end) for b in batches]),
+            "compute_thread_cpu_s": sum(b.cpu_s for b in batches),
+            "batch_wall_ms": [round((b.end - b.start) * 1000, 1) for b in batches],
+            "launch_ms": [round(b.launch_s * 1000, 1) for b in batches],
             "gc_collections": len(self.collections),
             "gc_s": sum(t for _, t in self.collections),
             "gc_full_ms": [round(t * 1000, 1) for t in full],
         }
-        return {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
+        return results, {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
 
 
 def gil_holder(duty: float, stop: threading.Event, period_s: float = 0.001) -> None:
@@ -379,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
             options = RunOptions(out_dir=Path(tmp) / "out", overwrite=True, batch_size=args.batch_size, workers=count,
                                  io=io)  # fmt: skip
             trace.run(items, options)  # warm-up: starts the worker processes
-            traces = [trace.run(items, options) for _ in range(args.repeats)]
+            traces = [trace.run(items, options)[1] for _ in range(args.repeats)]
             median = sorted(traces, key=lambda t: t["wall_s"])[len(traces) // 2]
             entry = rate([t["wall_s"] for t in traces], args.files)
             entry["vs_engine"] = round(entry["images_per_s"] / out["engine"]["images_per_s"], 3)

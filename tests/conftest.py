@@ -8,6 +8,9 @@ Reusable helpers (importable from tests as ``from conftest import ...``):
 * :func:`make_tiny_model` builds a small 2-conv CNN wrapped in :class:`ImageModel` (any input size,
   class count, optional mean/std), deterministically from a seed.
 * :func:`load_cifar_images` reads CIFAR-10 test PNGs from the shared folder into a float tensor + labels.
+* :class:`StandInDevice` stands in for a GPU's asynchronous work on any machine: ``queue(seconds, payload)``
+  returns a :class:`QueuedWork` (``done()``, ``ready_at``, ``payload``) at once, each queued piece runs after
+  the ones before it, and ``wait(work)`` sleeps until it is done.
 
 The device the tests compute on is ``$PREEMPT_TEST_DEVICE`` (default ``cpu``): ``PREEMPT_TEST_DEVICE=cuda
 python -m pytest tests/test_engine.py ...`` runs the engine, attack, CLI and real-model checks on a GPU
@@ -18,9 +21,11 @@ deterministic cuDNN kernels: they check the algorithm, not the speed settings.
 from __future__ import annotations
 
 import os
+import threading
+import time
 import types
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pytest
@@ -209,6 +214,45 @@ class FakeReferenceAutoAttack:
 
 #: What ``import autoattack`` gives, with the stand-in.
 FAKE_AUTOATTACK_MODULE = types.SimpleNamespace(AutoAttack=FakeReferenceAutoAttack)
+
+
+# -- a stand-in for a GPU's asynchronous work ---------------------------------------------------------------
+
+
+class QueuedWork:
+    """Work queued on a :class:`StandInDevice`: done at ``ready_at`` (``time.monotonic``); ``payload`` is
+    what the caller queued with it (e.g. the batch it launched)."""
+
+    def __init__(self, ready_at: float, payload: Any = None) -> None:
+        self.ready_at, self.payload = ready_at, payload
+
+    def done(self) -> bool:
+        return time.monotonic() >= self.ready_at
+
+
+class StandInDevice:
+    """A stand-in for a GPU, so that tests of the order of asynchronous work run on any machine: work queued
+    on it runs after the work queued before it (or at once when it is idle) and takes ``seconds`` (the
+    device's default, or the piece's own); the host is not held up until it waits for a piece.
+
+    Each instance has its own clock of when it is free: tests (and threads) do not share one device."""
+
+    def __init__(self, seconds: float = 0.0) -> None:
+        self.seconds = seconds
+        self._free_at = 0.0
+        self._lock = threading.Lock()  # work may be queued from more than one thread
+
+    def queue(self, seconds: float | None = None, payload: Any = None) -> QueuedWork:
+        """Queue a piece of ``seconds`` (default: the device's) and return its handle at once."""
+        with self._lock:
+            self._free_at = max(time.monotonic(), self._free_at) + (self.seconds if seconds is None else seconds)
+            return QueuedWork(self._free_at, payload)
+
+    @staticmethod
+    def wait(work: QueuedWork) -> None:
+        """Sleep until ``work`` is done (what waiting for a GPU's event does: the GIL released)."""
+        while not work.done():
+            time.sleep(max(0.0, work.ready_at - time.monotonic()))
 
 
 # -- shared data -------------------------------------------------------------------------------------------

@@ -10,39 +10,31 @@ import time
 import pytest
 import torch
 
+from conftest import QueuedWork, StandInDevice
 from preempt_cli.batches import ComputeThread, QueuedTransfer
 
 
-class Device:
-    """A stand-in for a GPU: runs launched batches one after another, ``seconds`` each, without the host."""
+class RecordedDevice(StandInDevice):
+    """A stand-in device driven as the compute thread drives one: ``launch(i)`` queues batch ``i`` (``seconds``
+    each), ``finish(i, work)`` waits for it and returns ``i * 10``; ``events`` records each step in the order
+    it happened, for the tests of that order."""
 
     def __init__(self, seconds: float) -> None:
-        self.seconds, self.free_at, self.events = seconds, 0.0, []
-        self.lock = threading.Lock()
+        super().__init__(seconds)
+        self.events: list[tuple[str, int]] = []
 
-    def launch(self, batch: int) -> "Handle":
-        with self.lock:
-            self.events.append(("launch", batch))
-            self.free_at = max(time.monotonic(), self.free_at) + self.seconds
-            return Handle(self.free_at)
+    def launch(self, batch: int) -> QueuedWork:
+        self.events.append(("launch", batch))
+        return self.queue()
 
-    def finish(self, batch: int, handle: "Handle") -> int:
-        while not handle.done():
-            time.sleep(0.001)
+    def finish(self, batch: int, work: QueuedWork) -> int:
+        self.wait(work)
         self.events.append(("finish", batch))
         return batch * 10
 
 
-class Handle:
-    def __init__(self, ready_at: float) -> None:
-        self.ready_at = ready_at
-
-    def done(self) -> bool:
-        return time.monotonic() >= self.ready_at
-
-
 def test_with_two_queued_each_batch_is_launched_before_the_previous_is_finished() -> None:
-    device = Device(0.05)
+    device = RecordedDevice(0.05)
     thread = ComputeThread(device.launch, device.finish, depth=2)
     futures = [thread.submit(i) for i in range(5)]
     results = [f.result(timeout=10) for f in futures]
@@ -60,7 +52,7 @@ def test_with_two_queued_each_batch_is_launched_before_the_previous_is_finished(
 
 
 def test_with_one_queued_each_batch_is_finished_before_the_next_is_launched() -> None:
-    device = Device(0.01)
+    device = RecordedDevice(0.01)
     thread = ComputeThread(device.launch, device.finish, depth=1)
     assert [f.result(timeout=10)[0] for f in [thread.submit(i) for i in range(3)]] == [0, 10, 20]
     thread.shutdown()
@@ -69,7 +61,7 @@ def test_with_one_queued_each_batch_is_finished_before_the_next_is_launched() ->
 
 def test_a_batch_done_on_the_device_is_finished_before_the_next_is_launched() -> None:
     """Where launching is computing (a CPU), the results of a batch must not wait for the next one."""
-    device = Device(0.0)
+    device = RecordedDevice(0.0)
     thread = ComputeThread(device.launch, device.finish, depth=2)
     assert [f.result(timeout=10)[0] for f in [thread.submit(i) for i in range(4)]] == [0, 10, 20, 30]
     thread.shutdown()
@@ -77,7 +69,7 @@ def test_a_batch_done_on_the_device_is_finished_before_the_next_is_launched() ->
 
 
 def test_without_a_next_batch_the_thread_finishes_the_one_on_the_device() -> None:
-    device = Device(0.05)
+    device = RecordedDevice(0.05)
     thread = ComputeThread(device.launch, device.finish, depth=2)
     assert thread.submit(7).result(timeout=10)[0] == 70  # no second batch ever comes: no deadlock
     thread.shutdown()
@@ -85,17 +77,17 @@ def test_without_a_next_batch_the_thread_finishes_the_one_on_the_device() -> Non
 
 @pytest.mark.parametrize("where", ["launch", "finish"])
 def test_an_error_goes_to_its_batch_and_the_next_batches_go_on(where: str) -> None:
-    device = Device(0.01)
+    device = RecordedDevice(0.01)
 
-    def launch(batch: int) -> Handle:
+    def launch(batch: int) -> QueuedWork:
         if where == "launch" and batch == 1:
             raise RuntimeError("boom")
         return device.launch(batch)
 
-    def finish(batch: int, handle: Handle) -> int:
+    def finish(batch: int, work: QueuedWork) -> int:
         if where == "finish" and batch == 1:
             raise KeyboardInterrupt  # any exception, Ctrl-C included, is the caller's to handle
-        return device.finish(batch, handle)
+        return device.finish(batch, work)
 
     thread = ComputeThread(launch, finish, depth=2)
     futures = [thread.submit(i) for i in range(3)]
@@ -112,7 +104,7 @@ def test_a_failed_batch_frees_what_it_held_before_the_next_batch_runs(where: str
     future, they would crowd the device while the next batches run (and make those fail too)."""
     import weakref
 
-    device = Device(0.01)
+    device = RecordedDevice(0.01)
     held: list[weakref.ref] = []
     alive_during_next: list[bool] = []
 
@@ -124,17 +116,17 @@ def test_a_failed_batch_frees_what_it_held_before_the_next_batch_runs(where: str
         except RuntimeError:  # raised again from a handler: the chain's frames hold it as well
             raise RuntimeError(f"batch {batch} failed") from None
 
-    def launch(batch: int) -> Handle:
+    def launch(batch: int) -> QueuedWork:
         if where == "launch" and batch == 0:
             fail(batch)
         return device.launch(batch)
 
-    def finish(batch: int, handle: Handle) -> int:
+    def finish(batch: int, work: QueuedWork) -> int:
         if batch == 0 and where == "finish":
             fail(batch)
         if batch == 1:
             alive_during_next.append(held[0]() is not None)
-        return device.finish(batch, handle)
+        return device.finish(batch, work)
 
     thread = ComputeThread(launch, finish, depth=2)
     futures = [thread.submit(i) for i in range(2)]
@@ -149,13 +141,14 @@ def test_the_host_time_of_launching_a_batch_counts_for_that_batch() -> None:
     """A launch that takes the host's time (a batch that must wait for the device to be prepared) happens
     while an earlier batch is on the device; it is still the launched batch's time, not the earlier one's."""
 
-    def launch(batch: int) -> Handle:
-        time.sleep(0.2)
-        return Handle(time.monotonic() + 0.05)
+    device = StandInDevice(0.05)
 
-    def finish(batch: int, handle: Handle) -> int:
-        while not handle.done():
-            time.sleep(0.001)
+    def launch(batch: int) -> QueuedWork:
+        time.sleep(0.2)
+        return device.queue()  # the device is idle by then: done 0.05 s after this launch
+
+    def finish(batch: int, work: QueuedWork) -> int:
+        device.wait(work)
         return batch
 
     thread = ComputeThread(launch, finish, depth=2)
@@ -170,9 +163,9 @@ def test_the_host_time_of_launching_a_batch_counts_for_that_batch() -> None:
 
 def test_shutdown_finishes_what_is_on_the_device_and_cancels_what_waits() -> None:
     release = threading.Event()
-    device = Device(0.0)
+    device = RecordedDevice(0.0)
 
-    def launch(batch: int) -> Handle:
+    def launch(batch: int) -> QueuedWork:
         if batch == 0:
             release.wait(10)
         return device.launch(batch)
@@ -197,7 +190,7 @@ def test_a_thread_that_cannot_start_fails_every_batch() -> None:
     def initializer() -> None:
         raise RuntimeError("no such device")
 
-    thread = ComputeThread(lambda b: Handle(0), lambda b, h: b, initializer=initializer)
+    thread = ComputeThread(lambda b: b, lambda b, h: b, initializer=initializer)
     for future in [thread.submit(i) for i in range(2)]:
         with pytest.raises(RuntimeError, match="no such device"):
             future.result(timeout=10)
@@ -205,7 +198,7 @@ def test_a_thread_that_cannot_start_fails_every_batch() -> None:
 
 
 def test_shutdown_without_cancelling_computes_every_batch_submitted() -> None:
-    device = Device(0.01)
+    device = RecordedDevice(0.01)
     thread = ComputeThread(device.launch, device.finish, depth=2)
     futures = [thread.submit(i) for i in range(4)]
     thread.shutdown(cancel_futures=False)

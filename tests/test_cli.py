@@ -13,7 +13,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from conftest import TEST_DEVICE, TEST_DEVICE_ARG, write_random_pngs
+from conftest import TEST_DEVICE, TEST_DEVICE_ARG, QueuedWork, StandInDevice, write_random_pngs
 from preempt_cli.cli import app
 from preempt_cli.errors import ConfigError
 from preempt_cli.models import create_arch
@@ -618,24 +618,6 @@ def test_a_run_freezes_the_long_lived_objects_once(tmp_path: Path, tiny_backbone
     assert gc.get_freeze_count() == frozen  # once per process: objects of later runs stay collectable
 
 
-class _OnTheDevice:
-    """A launched batch that a stand-in device (a GPU's asynchronous work, on any machine) finishes
-    ``seconds`` after it starts it: at its launch, or when the batch launched before it is done."""
-
-    free_at = 0.0
-
-    def __init__(self, launched, seconds: float) -> None:
-        import time
-
-        _OnTheDevice.free_at = self.ready_at = max(time.monotonic(), _OnTheDevice.free_at) + seconds
-        self.launched = launched
-
-    def done(self) -> bool:
-        import time
-
-        return time.monotonic() >= self.ready_at
-
-
 @pytest.mark.parametrize("queued", [1, 2])
 def test_batches_queued_on_the_device_before_the_previous_is_waited_for_write_the_same_files(
         tmp_path: Path, tiny_backbone, monkeypatch: pytest.MonkeyPatch, queued: int) -> None:  # fmt: skip
@@ -652,17 +634,17 @@ def test_batches_queued_on_the_device_before_the_previous_is_waited_for_write_th
     events: list[tuple[str, int]] = []
     threads: set[str] = set()
     launch, finish = Protector._compute_with_backoff, Protector._finish_batch
+    device = StandInDevice(0.3)  # each batch 0.3 s on the device, after the one queued before it
 
-    def slow_launch(self: Protector, batch: list) -> _OnTheDevice:
+    def slow_launch(self: Protector, batch: list) -> QueuedWork:
         threads.add(threading.current_thread().name)
         events.append(("launch", int(batch[0].item.path.stem[3:])))
-        return _OnTheDevice(launch(self, batch), 0.3)
+        return device.queue(payload=launch(self, batch))
 
-    def slow_finish(self: Protector, batch: list, handle: _OnTheDevice) -> list:
-        while not handle.done():  # what waiting for a GPU's event does
-            time.sleep(0.01)
+    def slow_finish(self: Protector, batch: list, work: QueuedWork) -> list:
+        device.wait(work)
         events.append(("finish", int(batch[0].item.path.stem[3:])))
-        return finish(self, batch, handle.launched)
+        return finish(self, batch, work.payload)
 
     monkeypatch.setattr(Protector, "_compute_with_backoff", slow_launch)
     monkeypatch.setattr(Protector, "_finish_batch", slow_finish)
