@@ -150,6 +150,82 @@ def test_ctrl_c_stops_with_exit_130_and_leaves_only_whole_files(tmp_path: Path, 
     assert sorted(p.name for p in (tmp_path / "in").iterdir()) == ["img0.png", "img1.png", "img2.png"]
 
 
+def test_ctrl_c_lists_every_output_it_leaves_on_disk(tmp_path: Path, registry: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """Interrupted after some batches, the run still finishes the files being written and prints each:
+    a pipeline reading stdout learns of every output on disk (a re-run skips them without a word)."""
+    from preempt_cli import Protector
+
+    write_random_pngs(tmp_path / "in", n=12, name="img{i:02d}.png")
+    compute, batches = Protector._compute, []
+
+    def interrupted_at_the_third_batch(self, batch):
+        batches.append(len(batch))
+        if len(batches) == 3:
+            raise KeyboardInterrupt
+        return compute(self, batch)
+
+    monkeypatch.setattr(Protector, "_compute", interrupted_at_the_third_batch)
+    out = tmp_path / "out"
+    result = run(["protect", str(tmp_path / "in"), "-o", str(out), *FAST, "--labels", "backbone", "--batch-size",
+                  "4", "--io", "threads", "--workers", "2"], registry)  # fmt: skip
+    assert result.exit_code == 130 and "interrupted" in result.stderr
+    on_disk = sorted(p.name for p in out.iterdir())
+    assert len(on_disk) == 8 and all(n.endswith(".protected.png") for n in on_disk)  # no temporary files
+    assert sorted(Path(line).name for line in result.stdout.splitlines()) == on_disk
+
+
+def test_an_interrupt_while_the_caller_holds_the_thread_still_reports_the_files_written(
+        tmp_path: Path, tiny_backbone) -> None:  # fmt: skip
+    """Ctrl-C lands wherever the main thread is: when that is the caller's own code (printing a result),
+    the run learns of it through ``finish_interrupted`` and stops as it would have, reporting what it
+    wrote."""
+    from preempt_cli import ForeBackConfig, Protector, collect_inputs
+    from preempt_cli.protect import finish_interrupted
+
+    write_random_pngs(tmp_path / "in", n=12, name="img{i:02d}.png")
+    out = tmp_path / "out"
+    with Protector(tiny_backbone, labels="backbone", config=ForeBackConfig(samples=1)) as protector:
+        run_ = protector.run(collect_inputs([tmp_path / "in"]), RunOptions(out_dir=out, batch_size=4, workers=2))
+        reported = [next(run_)]
+        reported += list(finish_interrupted(run_))
+        assert list(finish_interrupted(run_)) == []  # an ended run gives nothing more
+    assert all(r.status == "done" for r in reported)
+    on_disk = sorted(p.name for p in out.iterdir())
+    assert sorted(r.output.name for r in reported) == on_disk
+    assert all(n.endswith(".protected.png") for n in on_disk)
+
+
+def test_ctrl_c_in_stages_stops_then_waits_then_quits(tmp_path: Path) -> None:
+    """The first Ctrl-C stops the command; a second, while it finishes the files being written, only says
+    so (interrupting that clean-up aborted the interpreter: exit 134); a third quits at once, with 130."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "presses.py"
+    script.write_text("""
+import os, signal, time
+from preempt_cli.cli._common import _stop_on_interrupt
+
+with _stop_on_interrupt():
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)
+    except KeyboardInterrupt:
+        print("stopping", flush=True)
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.2)
+    print("still finishing", flush=True)
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(5)
+    print("never", flush=True)
+""")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 130, done.stderr
+    assert done.stdout.split("\n")[:2] == ["stopping", "still finishing"] and "never" not in done.stdout
+    assert "finishing the files being written" in done.stderr and "quit before" in done.stderr
+
+
 def test_the_default_budget_is_the_papers_for_the_backbones_dataset(registry: Path) -> None:
     from preempt_cli.cli._files import _config
 
@@ -549,7 +625,7 @@ def test_the_preempt_launcher_is_not_run_again_in_io_workers(tmp_path: Path) -> 
     launcher.write_text(f"""
 import sys
 sys.path.insert(0, {str(Path(__file__).parent)!r})
-from preempt_cli.cli import main
+from preempt_cli.__main__ import main
 if __name__ == "__main__":
     from preempt_cli.cli import _launched_as_the_package
     from conftest import make_tiny_model

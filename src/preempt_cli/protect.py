@@ -732,39 +732,48 @@ class Protector:
             while writes and (block or writes[0].done()):
                 yield writes.popleft().result()
 
-        submit_decodes()
-        while decoded:
-            prepared = decoded.popleft().result()
+        try:
             submit_decodes()
-            if isinstance(prepared, FileResult):
-                yield prepared
-                continue
-            pic = prepared.picture
-            key = (pic.channels, pic.size[1], pic.size[0])
-            bucket = buckets.setdefault(key, [])
-            bucket.append(prepared)
-            limit = self._batch_limit(pic, options)
-            prefetch = max(min_prefetch, 2 * limit)
-            if sent < limit:  # the run's first batch, in pieces: the device starts after the first piece
-                limit = _piece_size(limit)
-            if len(bucket) >= limit:
-                del buckets[key]
-                yield from flush(bucket, last=queued_all and not decoded and not buckets)
-            # Many sizes, none filling its batch (web images): the oldest partial batches go now, so that
-            # memory stays bounded (two batches' worth at most wait) and outputs appear as the run goes
-            while len(buckets) > _MAX_PARTIAL_BATCHES or sum(
-                len(b) / self._batch_limit(b[0].picture, options) for b in buckets.values()
-            ) > 2:  # fmt: skip
-                yield from flush(buckets.pop(next(iter(buckets))))
-            yield from collect(block=False)
-            yield from drain(block=False)
-        for bucket in buckets.values():
-            yield from flush(bucket, last=True)
-            yield from drain(block=False)
-        while computing:
-            yield from collect(block=True)
-            yield from drain(block=False)
-        yield from drain(block=True)
+            while decoded:
+                prepared = decoded.popleft().result()
+                submit_decodes()
+                if isinstance(prepared, FileResult):
+                    yield prepared
+                    continue
+                pic = prepared.picture
+                key = (pic.channels, pic.size[1], pic.size[0])
+                bucket = buckets.setdefault(key, [])
+                bucket.append(prepared)
+                limit = self._batch_limit(pic, options)
+                prefetch = max(min_prefetch, 2 * limit)
+                if sent < limit:  # the run's first batch, in pieces: the device starts after the first piece
+                    limit = _piece_size(limit)
+                if len(bucket) >= limit:
+                    del buckets[key]
+                    yield from flush(bucket, last=queued_all and not decoded and not buckets)
+                # Many sizes, none filling its batch (web images): the oldest partial batches go now, so that
+                # memory stays bounded (two batches' worth at most wait) and outputs appear as the run goes
+                while len(buckets) > _MAX_PARTIAL_BATCHES or sum(
+                    len(b) / self._batch_limit(b[0].picture, options) for b in buckets.values()
+                ) > 2:  # fmt: skip
+                    yield from flush(buckets.pop(next(iter(buckets))))
+                yield from collect(block=False)
+                yield from drain(block=False)
+            for bucket in buckets.values():
+                yield from flush(bucket, last=True)
+                yield from drain(block=False)
+            while computing:
+                yield from collect(block=True)
+                yield from drain(block=False)
+            yield from drain(block=True)
+        except KeyboardInterrupt:
+            # Ctrl-C: nothing more is decoded or computed, but the files already being written are finished
+            # and reported, so that the results name every output on disk (a re-run skips those silently)
+            for handle in decoded:
+                getattr(handle, "future", handle).cancel()  # a file's decode, or its worker's chunk
+            decoded.clear()
+            yield from drain(block=True)
+            raise
 
 
 class _ThreadIO:
@@ -844,6 +853,20 @@ class _ProcessIO:
 
 
 
+def finish_interrupted(run: Iterator[FileResult]) -> Iterator[FileResult]:
+    """The results a run (of :meth:`Protector.run`) still gives when interrupted (Ctrl-C) while its caller,
+    not the run, held the thread: the run gets the ``KeyboardInterrupt`` where it waits, finishes the files
+    being written and gives their results (a run that got the interrupt itself has ended, and gives none)."""
+    throw = getattr(run, "throw", None)
+    if throw is None:
+        return
+    try:
+        yield throw(KeyboardInterrupt())
+        yield from run
+    except (KeyboardInterrupt, StopIteration):
+        return
+
+
 def run_on_devices(protectors: Sequence[Protector], items: Iterable[InputFile],
                    options: RunOptions | None = None) -> Iterator[FileResult]:  # fmt: skip
     """Process files with one worker thread per protector (typically one per GPU, each holding its own
@@ -863,14 +886,19 @@ def run_on_devices(protectors: Sequence[Protector], items: Iterable[InputFile],
         yield from protectors[0].run(items, options)
         return
     results: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=256)
-    stop = threading.Event()
+    stop, interrupted = threading.Event(), threading.Event()
 
     def work(index: int, protector: Protector) -> None:
         try:
-            for result in protector.run(items, replace(options, partition=(index, len(protectors)))):
+            run = protector.run(items, replace(options, partition=(index, len(protectors))))
+            for result in run:
+                results.put(("result", result))
+                if interrupted.is_set():  # Ctrl-C: this device's run stops as a single one would
+                    for result in finish_interrupted(run):
+                        results.put(("result", result))
+                    return
                 if stop.is_set():
                     return
-                results.put(("result", result))
         except BaseException as e:  # re-raised in the caller's thread
             results.put(("error", e))
         finally:
@@ -890,6 +918,15 @@ def run_on_devices(protectors: Sequence[Protector], items: Iterable[InputFile],
                 raise payload
             else:
                 yield payload
+    except KeyboardInterrupt:
+        interrupted.set()  # each device's run finishes the files it is writing, and they are still reported
+        while running:
+            kind, payload = results.get()
+            if kind == "done":
+                running -= 1
+            elif kind == "result":
+                yield payload
+        raise
     finally:
         stop.set()
         while any(t.is_alive() for t in threads):  # unblock workers waiting on a full queue

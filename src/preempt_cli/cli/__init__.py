@@ -57,8 +57,12 @@ def _launched_as_the_package() -> None:
     # spec on it) keeps multiprocessing from running the launcher again in each I/O worker process of
     # ``--io processes``, where its ``import preempt_cli.cli`` would import torch: 1.5 s and hundreds of
     # MB per worker that only read and write image files.
+    from .. import __main__ as package_main
+
     launcher = sys.modules.get("__main__")
-    if launcher is not None and getattr(launcher, "__spec__", None) is None and getattr(launcher, "main", None) is main:
+    # pip's launcher calls the package's main (this one, in launchers written before 0.9.1)
+    launched = getattr(launcher, "main", None) in (main, package_main.main)
+    if launcher is not None and getattr(launcher, "__spec__", None) is None and launched:
         launcher.__spec__ = importlib.util.find_spec("preempt_cli.__main__")
 
 

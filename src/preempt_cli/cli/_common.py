@@ -6,7 +6,9 @@ import io
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Iterator, Optional
@@ -115,10 +117,45 @@ def error_line(message: str) -> None:
 
 
 @contextmanager
-def handle_errors() -> Iterator[None]:
-    """Turn library errors into one ``error:`` line on stderr and the table's exit code."""
+def _stop_on_interrupt() -> Iterator[None]:
+    """Ctrl-C in stages. The first stops the command (``KeyboardInterrupt``): a run finishes the files being
+    written, so that none is left half-written. Another press while it does so says that it is stopping,
+    instead of interrupting that clean-up (which left threads running into the interpreter's exit: a C++
+    abort, exit 134); a third quits at once (temporary files may be left; a re-run redoes those files)."""
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield
+        return
+    presses = 0
+
+    def on_interrupt(signum: int, frame: Any) -> None:
+        nonlocal presses
+        presses += 1
+        if presses == 1:
+            raise KeyboardInterrupt
+        # os.write, not print: a handler that prints while the main thread is printing raises "reentrant call"
+        if presses == 2:
+            os.write(2, b"preempt: stopping, finishing the files being written (Ctrl-C again to quit at once)\n")
+            return
+        restore_cursor = b"\x1b[?25h" if stderr.is_terminal else b""  # the progress bar hid it
+        os.write(2, restore_cursor + b"preempt: quit before the files being written were finished\n")
+        os._exit(EXIT_INTERRUPTED)
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
     try:
         yield
+    finally:
+        if not presses:  # once interrupted, the stages last until the process has exited (its threads joined)
+            signal.signal(signal.SIGINT, previous)
+
+
+@contextmanager
+def handle_errors(interrupted: str = "outputs written so far are complete; run again to do the rest",
+                  ) -> Iterator[None]:  # fmt: skip
+    """Turn library errors into one ``error:`` line on stderr and the table's exit code; Ctrl-C in stages
+    (see :func:`_stop_on_interrupt`), then ``interrupted`` says what a re-run does."""
+    try:
+        with _stop_on_interrupt():
+            yield
     except (typer.Exit, typer.Abort):
         raise
     except BrokenPipeError:
@@ -128,7 +165,7 @@ def handle_errors() -> Iterator[None]:
         raise typer.Exit(EXIT_BROKEN_PIPE) from None
     except KeyboardInterrupt:
         # outputs written so far are complete (atomic writes); a re-run skips them and does the rest
-        error_line("interrupted: outputs written so far are complete; run again to do the rest")
+        error_line(f"interrupted: {interrupted}")
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except PreemptError as e:
         if debug_enabled():

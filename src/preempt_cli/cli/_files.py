@@ -19,7 +19,15 @@ from ..inputs import (OUTPUT_MARKERS, PROTECTED_SUFFIX, REVERTED_SUFFIX, InputFi
                       in_shard, parse_shard)  # fmt: skip
 from ..labels import LabelMap, read_label_file
 from ..models import ImageModel, load_model
-from ..protect import METADATA_KEY, FileResult, Protector, RunOptions, parse_preempt_metadata, run_on_devices
+from ..protect import (
+    METADATA_KEY,
+    FileResult,
+    Protector,
+    RunOptions,
+    finish_interrupted,
+    parse_preempt_metadata,
+    run_on_devices,
+)
 from ..registry import DEFAULT_BACKBONE, DEFAULT_CLASSIFIER, get_model_config
 from ..revert import Reverter, white_box_settings
 from . import _common as c
@@ -183,7 +191,8 @@ def _drive(results: Iterable[FileResult], total: int, *, verb: str, json_out: bo
     )  # fmt: skip
     with progress:
         task = progress.add_task(verb.capitalize(), total=total, rate="")
-        for result in results:
+
+        def report(result: FileResult) -> None:
             counts[result.status] += 1
             if json_out:
                 c.print_json(result.as_dict())
@@ -197,6 +206,17 @@ def _drive(results: Iterable[FileResult], total: int, *, verb: str, json_out: bo
                 elapsed = time.perf_counter() - start
                 rate = counts["done"] / elapsed if elapsed > 0 else 0.0
                 progress.update(task, advance=1, rate=f"{rate:.1f} img/s")
+
+        results = iter(results)
+        try:
+            for result in results:
+                report(result)
+        except KeyboardInterrupt:
+            # Ctrl-C that came while this loop, not the run, held the thread: the run still has to stop as
+            # it does when the interrupt reaches it (finishing and reporting the files being written)
+            for result in finish_interrupted(results):
+                report(result)
+            raise
     elapsed = time.perf_counter() - start
     if not quiet:
         per_second = counts["done"] / elapsed if elapsed > 0 else 0.0
