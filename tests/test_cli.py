@@ -106,6 +106,13 @@ def test_rerun_skips_and_overwrite_redoes(tmp_path: Path, registry: Path) -> Non
     out = tmp_path / "p" / "img0.protected.png"
     direct = run(["protect", str(out), *FAST, "--labels", "backbone", "--json"], registry)
     assert json.loads(direct.stdout)["status"] == "skipped"
+    # ... by its metadata, not its name alone: a photo of the user's so named is an original
+    mine = tmp_path / "mine" / "holiday.protected.png"
+    mine.parent.mkdir()
+    mine.write_bytes((tmp_path / "p" / "img0.png").read_bytes())
+    named = run(["protect", str(mine), *FAST, "--labels", "backbone", "--json"], registry)
+    assert named.exit_code == 0 and json.loads(named.stdout)["status"] == "done"
+    assert (mine.parent / "holiday.protected.protected.png").is_file()
     redo = run(["protect", str(tmp_path / "p"), *FAST, "--labels", "backbone", "--json", "--overwrite"], registry)
     assert [json.loads(x)["status"] for x in redo.stdout.splitlines()] == ["done", "done"]
 
@@ -148,6 +155,14 @@ def test_ctrl_c_stops_with_exit_130_and_leaves_only_whole_files(tmp_path: Path, 
     result = run(["protect", str(tmp_path / "in"), *FAST, "--labels", "backbone"], registry)
     assert result.exit_code == 130 and "interrupted" in result.stderr
     assert sorted(p.name for p in (tmp_path / "in").iterdir()) == ["img0.png", "img1.png", "img2.png"]
+
+
+def test_a_folder_in_the_way_of_an_output_fails_without_advising_overwrite(tmp_path: Path, registry: Path) -> None:
+    _images(tmp_path / "p", n=1)
+    (tmp_path / "p" / "img0.protected.png").mkdir()  # --overwrite cannot replace a folder
+    result = run(["protect", str(tmp_path / "p" / "img0.png"), *FAST, "--labels", "backbone"], registry)
+    assert result.exit_code == 1
+    assert "is a folder: move it" in result.stderr and "--overwrite" not in result.stderr
 
 
 def test_ctrl_c_lists_every_output_it_leaves_on_disk(tmp_path: Path, registry: Path,
@@ -1108,6 +1123,35 @@ def test_an_unusable_out_dir_is_refused_before_any_work(tmp_path: Path, registry
         assert result.exit_code == 2
         assert f"--out-dir {tmp_path / where}: not a folder" in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_an_empty_or_dangling_out_dir_is_refused_before_any_work(tmp_path: Path, registry: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    _images(tmp_path / "in", n=1)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    for out, said in (("", "empty"), ("dangling", "symbolic link")):
+        result = run(["protect", str(tmp_path / "in"), "--labels", "backbone", "-b", "no-such-model", "-o", out],
+                     registry)  # fmt: skip
+        assert result.exit_code == 2 and said in result.output, result.output
+    assert not list(tmp_path.glob("*.png"))  # nothing written into the current folder
+
+
+def test_error_lines_stay_one_line_whatever_the_file_name(tmp_path: Path, registry: Path) -> None:
+    bad = tmp_path / "in" / "new\nline\x1b[31m.png"
+    bad.parent.mkdir()
+    bad.write_text("not an image")
+    result = run(["protect", str(bad), *FAST, "--labels", "backbone"], registry)
+    assert result.exit_code == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "new\\nline\\x1b[31m.png" in errors[0]
+    assert "\x1b" not in result.stderr
+
+
+def test_revert_help_describes_revert(registry: Path) -> None:
+    text = " ".join(run(["revert", "--help"], registry).output.replace("│", " ").split())
+    assert "reversion" in text and "folder walks always leave out *.reverted.png" in text
+    assert "shapes the perturbation" not in text  # protect's description of its key
 
 
 # -- models: convert, list --------------------------------------------------------------------------------------

@@ -165,6 +165,12 @@ def read_preempt_metadata_file(path: Path) -> dict[str, Any] | None:
     return parse_preempt_metadata(read_png_text(path, key=METADATA_KEY).get(METADATA_KEY))
 
 
+def _has_preempt_metadata(path: Path) -> bool:
+    """Whether ``path`` carries preempt's metadata (False for a file that cannot be read: it fails later,
+    with its reason, when it is decoded)."""
+    return read_preempt_metadata_file(path) is not None
+
+
 # What makes two runs' outputs of one original differ. A re-run with other values must not keep an output
 # made with the old ones: a protect with the public model, then with one's own key (the README's order),
 # would otherwise keep the public-key outputs, which anyone holding that model can attack. The backbone is
@@ -430,9 +436,11 @@ class Protector:
         if options.overwrite:
             return None
         marker = next((m for m in self.skip_markers if item.path.stem.endswith(m)), None)
-        if marker and item.path.suffix.lower() == ".png":
+        # the name alone does not make an output: a photo of the user's may be named holiday.protected.png
+        if marker and item.path.suffix.lower() == ".png" and _has_preempt_metadata(item.path):
             return FileResult(item.path, "skipped", output=output,
-                              reason=f"already a preempt output (name ends with {marker}.png)")  # fmt: skip
+                              reason=f"already a preempt output ({marker}.png with preempt's metadata; "
+                                     f"--overwrite processes it again)")  # fmt: skip
         try:
             if output.stat().st_size == 0:  # what a crash (or a power loss without fsync) can leave: redo it
                 return None
@@ -443,6 +451,9 @@ class Protector:
     def _existing_output(self, item: InputFile, output: Path) -> FileResult:
         """Skipped when ``output`` was made by this kind of run, with these settings, from ``item``'s
         current bytes; failed otherwise (``--overwrite`` replaces it), saying why."""
+        if output.is_dir():  # --overwrite cannot replace a folder: no advice to use it
+            return FileResult(item.path, "failed", reason=f"output {output} is a folder: move it, or write the "
+                                                          f"outputs elsewhere (--out-dir, --suffix)")  # fmt: skip
         meta = read_preempt_metadata_file(output)
         redo = "use --overwrite to replace it"
         if meta is None or meta.get("kind", self.kind) != self.kind:

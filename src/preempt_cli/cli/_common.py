@@ -108,8 +108,18 @@ def setup_logging(verbose: int, quiet: bool) -> None:
     root.propagate = False
 
 
+def one_line(text: str) -> str:
+    """``text`` with its control characters escaped (``\\n``, ``\\x1b``): a file name holding a newline
+    must not split an error into two lines for whoever parses them, nor an escape code reach a terminal."""
+    if not any(ord(ch) < 32 or ord(ch) == 127 for ch in text):
+        return text
+    return "".join(ch.encode("unicode_escape").decode("ascii") if ord(ch) < 32 or ord(ch) == 127 else ch
+                   for ch in text)  # fmt: skip
+
+
 def error_line(message: str) -> None:
-    """``error: MESSAGE`` on stderr (red on a terminal)."""
+    """``error: MESSAGE`` on stderr (red on a terminal), on one line."""
+    message = one_line(message)
     if stderr.is_terminal:
         stderr.print(f"[bold red]error[/]: {escape(message)}")
     else:
@@ -212,6 +222,14 @@ def print_table(table: Any) -> None:
     print_line("\n".join(line.rstrip() for line in captured.get().splitlines()))
 
 
+def folder_path(value: str) -> Path:
+    """An output folder's path as given. An empty value (``-o "$OUT"`` with ``OUT`` unset) is refused:
+    as ``Path("")`` it would silently mean the current folder."""
+    if not value:
+        raise typer.BadParameter("empty (an unset variable?): give a folder, or leave the option out")
+    return Path(value)
+
+
 def check_out_dir(path: Path | None, option: str = "--out-dir") -> None:
     """Refuse an output folder that cannot be used, before any work: a file of that name (or above it), or
     a folder that cannot be written or created.
@@ -224,6 +242,9 @@ def check_out_dir(path: Path | None, option: str = "--out-dir") -> None:
     path = path.expanduser()
     existing = path
     while not existing.exists() and existing != existing.parent:
+        if existing.is_symlink():  # a link to nowhere: creating the folder would fail on every file
+            raise ConfigError(f"{option} {path}: {existing} is a symbolic link to {os.readlink(existing)}, "
+                              f"which does not exist")  # fmt: skip
         existing = existing.parent
     if existing.exists() and not existing.is_dir():
         where = "" if existing == path else f" ({existing} is a file)"

@@ -76,10 +76,26 @@ BatchOpt = Annotated[
                  "(default: automatic)."),
 ]  # fmt: skip
 OutDirOpt = Annotated[
-    Optional[Path], typer.Option("--out-dir", "-o", help="Write outputs here, mirroring the input tree.")
+    Optional[Path],
+    typer.Option("--out-dir", "-o", parser=c.folder_path, help="Write outputs here, mirroring the input tree."),
 ]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs (also those made from other content); "
                                   "process preempt outputs named directly (folder walks always leave them out).")]
+RevertOverwriteOpt = Annotated[bool, typer.Option(
+    "--overwrite", help="Replace existing outputs (also those made from other content); revert files that are "
+    "reversions already when named directly (folder walks always leave out *.reverted.png).")]  # fmt: skip
+RevertBackboneOpt = Annotated[
+    Optional[str],
+    typer.Option("--backbone", "-b", envvar="PREEMPT_BACKBONE", show_envvar=True,
+                 help="Robust model of the reversion (black-box: one of the attacker's own; see 'preempt models "
+                 "list'). Refused with --white-box, which takes the one recorded in each file."),
+]  # fmt: skip
+RevertClassifierOpt = Annotated[
+    Optional[str],
+    typer.Option("--classifier", "-c", envvar="PREEMPT_CLASSIFIER", show_envvar=True,
+                 help="Model that labels the images (with --labels classifier). Refused with --white-box, which "
+                 "takes the one recorded in each file."),
+]  # fmt: skip
 MaxPixelsOpt = Annotated[
     int, typer.Option("--max-pixels", help="Refuse larger images (decompression-bomb protection).")
 ]
@@ -456,8 +472,8 @@ def revert(
     paths: PathsArg,
     white_box: Annotated[bool, typer.Option("--white-box", help="Use the backbone, classifier and settings "
                                             "recorded in each protected PNG (the attacker holds the key).")] = False,
-    backbone: BackboneOpt = None,
-    classifier: ClassifierOpt = None,
+    backbone: RevertBackboneOpt = None,
+    classifier: RevertClassifierOpt = None,
     labels: LabelsOpt = "classifier",
     preset: PresetOpt = "paper",
     eps: EpsOpt = None,
@@ -475,7 +491,7 @@ def revert(
     batch_size: BatchOpt = None,
     out_dir: OutDirOpt = None,
     suffix: Annotated[str, typer.Option("--suffix", help="Output name: <stem><suffix>.png.")] = REVERTED_SUFFIX,
-    overwrite: OverwriteOpt = False,
+    overwrite: RevertOverwriteOpt = False,
     shard: ShardOpt = None,
     workers: WorkersOpt = None,
     fsync: FsyncOpt = True,
