@@ -433,7 +433,8 @@ def test_revert_white_box_fails_files_of_a_defense_it_cannot_rebuild_and_goes_on
     good = tmp_path / "r" / "img0.protected.png"
     meta = json.loads(Image.open(good).text["preempt"])
     broken = {"unknown-key": {**meta, "backbone": "no-such-model"},
-              "no-eps": {k: v for k, v in meta.items() if k != "eps"}, "a-list": [meta]}  # fmt: skip
+              "no-eps": {k: v for k, v in meta.items() if k != "eps"}, "a-list": [meta],
+              "a-billion-samples": {**meta, "samples": 10**9}}  # fmt: skip
     for name, doc in broken.items():
         info = PngImagePlugin.PngInfo()
         info.add_itxt("preempt", json.dumps(doc))
@@ -444,6 +445,7 @@ def test_revert_white_box_fails_files_of_a_defense_it_cannot_rebuild_and_goes_on
     assert "no-such-model" in rows["unknown-key.protected"]["reason"]
     assert "'eps'" in rows["no-eps.protected"]["reason"]
     assert "no preempt metadata" in rows["a-list.protected"]["reason"]
+    assert "passes per image" in rows["a-billion-samples.protected"]["reason"]  # refused, not run out of memory
     assert all(rows[f"{n}.protected"]["status"] == "failed" for n in broken)
 
 

@@ -39,13 +39,28 @@ class Reverter(Protector):
         return {"protected_with": {k: meta.get(k) for k in ("backbone", "backbone_sha256", "classifier", "preset")}}
 
 
+#: The most backbone passes per image that ``revert --white-box`` takes from a file's metadata: 1,000x the
+#: paper's 60 (F1-B2, N 20). Metadata is the file's to say; edited to ``samples = 10**9`` it made one file
+#: allocate until the kernel killed the whole run, the other files with it.
+MAX_RECORDED_PASSES = 60_000
+
+
 def white_box_settings(meta: dict[str, Any]) -> dict[str, Any]:
     """The defense settings recorded in a protected PNG's metadata (for ``revert --white-box``).
 
     Raises:
         KeyError: the metadata lacks a setting.
+        ValueError: the settings ask for more than :data:`MAX_RECORDED_PASSES` passes per image.
     """
     keys = ("eps", "eta", "forward_steps", "backward_steps", "samples", "sample_projection", "inner_steps")
     settings = {k: meta[k] for k in keys}
+    try:
+        passes = (int(settings["forward_steps"]) + int(settings["backward_steps"])) * int(settings["samples"]) \
+            * int(settings["inner_steps"])  # fmt: skip
+    except (TypeError, ValueError, OverflowError):
+        passes = 0  # not numbers: the settings' own check says what is wrong with them
+    if passes > MAX_RECORDED_PASSES:
+        raise ValueError(f"its metadata asks for {passes:,} backbone passes per image (steps x samples), more "
+                         f"than the {MAX_RECORDED_PASSES:,} a white-box reversion takes from a file (edited?)")
     settings["precision"] = meta.get("precision", "fp32")  # files of preempt < 0.2 were made in fp32
     return settings

@@ -412,6 +412,8 @@ def _white_box_groups(items: list[InputFile]) -> Iterator[WhiteBoxGroup]:
                 problem = None
             except KeyError as e:
                 meta, problem = None, f"preempt metadata without the setting {e.args[0]!r}: revert it black-box"
+            except ValueError as e:
+                meta, problem = None, str(e)
         key = f"{skip}:{problem}" if meta is None else json.dumps(
             {k: meta.get(k) for k in ("backbone", "classifier", "labels", "seed", "preset")} | settings,
             sort_keys=True, default=str,
