@@ -416,15 +416,22 @@ def test_truncated_png_is_a_read_error(tmp_path) -> None:
 
 
 def test_decompression_bomb_is_refused(tmp_path) -> None:
-    # A tiny file that declares 100000 x 100000 pixels (Pillow's own hard limit).
+    # A tiny file that declares 100000 x 100000 pixels (over twice Pillow's limit: its DecompressionBombError)
+    # is refused in our words, with the effective --max-pixels, not Pillow's limit of twice as many.
     huge = tmp_path / "bomb.png"
     huge.write_bytes(_png_bytes(100_000, 100_000))
     assert huge.stat().st_size < 200
-    _assert_read_error(huge, "decompression bomb")
-    # Above Pillow's warning threshold (~89 Mpx) but under its hard limit: still refused.
+    limit = imageio.DEFAULT_MAX_PIXELS
+    err = _assert_read_error(huge, "decompression-bomb", "--max-pixels")
+    assert err.reason == (f"100000x100000 = 10,000,000,000 pixels exceeds the limit of {limit:,} (decompression-bomb "
+                          "protection; raise it with --max-pixels if the file is trusted)")  # fmt: skip
+    err = _assert_read_error(huge, max_pixels=1000)
+    assert "100000x100000 = 10,000,000,000 pixels exceeds the limit of 1,000 (" in err.reason
+    # Above Pillow's warning threshold (~89 Mpx) but under its hard limit: still refused, in the same words.
     big = tmp_path / "big.png"
     big.write_bytes(_png_bytes(10_000, 10_000))
-    _assert_read_error(big, "decompression")
+    err = _assert_read_error(big, "decompression")
+    assert err.reason.startswith(f"10000x10000 = 100,000,000 pixels exceeds the limit of {limit:,} (")
     # Our own limit, given explicitly, on an ordinary image.
     small = tmp_path / "small.png"
     Image.fromarray(_gradient()).save(small)
@@ -439,6 +446,136 @@ def test_max_pixels_can_allow_more_than_pillows_own_limit(tmp_path, monkeypatch)
     big.write_bytes(_png_bytes(10_000, 10_000))
     err = _assert_read_error(big, max_pixels=10**8)
     assert "decompression" not in str(err).lower() and "corrupt or truncated" in str(err)
+
+
+def test_a_pillow_bomb_check_while_decoding_is_refused_in_our_words(tmp_path, monkeypatch) -> None:
+    # Pillow checks some sizes only while decoding (a GIF frame, a TIFF tile): refused like any other
+    frame = tmp_path / "frame.png"
+    Image.fromarray(_gradient()).save(frame)
+
+    def bomb(self):
+        raise Image.DecompressionBombError("Image size (123456789 pixels) exceeds limit of 1 pixels, could be ...")
+
+    from PIL import ImageFile
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", bomb)
+    err = _assert_read_error(frame, max_pixels=5000)
+    assert err.reason.startswith("123,456,789 pixels exceeds the limit of 5,000 (") and "--max-pixels" in err.reason
+
+
+def test_a_file_larger_than_any_allowed_image_is_refused_unread(tmp_path) -> None:
+    # A small PNG padded (sparse) past the bytes any image within --max-pixels can take: refused from its
+    # size, nothing read (the tester's 6 GB file reached 6.8 GB of memory)
+    path = tmp_path / "padded.png"
+    Image.fromarray(_gradient()).save(path)
+    cap = imageio.max_file_bytes(32 * 24)
+    assert cap >= 64 << 20 and imageio.max_file_bytes(10**9) >= 8 * 10**9  # 16-bit RGBA, uncompressed
+    os.truncate(path, cap + 1)
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        err = _assert_read_error(path, "too large", "--max-pixels", max_pixels=32 * 24)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert f"{cap + 1:,} bytes" in err.reason and f"{cap:,}" in err.reason and "768" in err.reason
+    assert peak < 1 << 20  # not read into memory
+    # at the limit it is read (Pillow ignores what follows the PNG), and hashed as read
+    os.truncate(path, cap)
+    picture = read_image(path, max_pixels=32 * 24)
+    assert picture.size == (32, 24)
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    assert picture.source_sha256 == digest.hexdigest()
+
+
+@pytest.mark.skipif(not Path("/dev/null").exists() or not Path("/dev/zero").exists(), reason="no /dev")
+def test_a_device_is_refused_unread(monkeypatch) -> None:
+    # `preempt protect /dev/zero` read until the run was killed for memory
+    err = _assert_read_error(Path("/dev/null"), "character device")
+    assert err.reason == "is a character device, not an image file"
+
+    def endless(*args, **kwargs):  # reading /dev/zero would take all memory: the test fails instead
+        raise AssertionError("a device was opened")
+
+    monkeypatch.setattr(Path, "read_bytes", endless)
+    monkeypatch.setattr(imageio, "open", endless, raising=False)
+    err = _assert_read_error(Path("/dev/zero"), "character device")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes")
+def test_a_pipe_is_read_up_to_the_limit(tmp_path, monkeypatch) -> None:
+    import threading
+
+    monkeypatch.setattr(imageio, "_MIN_FILE_BYTES", 4096)
+    monkeypatch.setattr(imageio, "_FILE_METADATA_BYTES", 4096)
+    Image.fromarray(_gradient()).save(tmp_path / "a.png")
+    data = (tmp_path / "a.png").read_bytes()
+    cap = imageio.max_file_bytes(32 * 24)
+    assert cap > len(data)
+
+    def feed(fifo: Path, payload: bytes) -> None:
+        try:
+            with open(fifo, "wb") as f:
+                f.write(payload)
+        except BrokenPipeError:  # the reader stopped at the limit
+            pass
+
+    for name, payload in (("fits.png", data), ("endless.png", data + bytes(cap))):  # (bounded, for the test)
+        fifo = tmp_path / name
+        os.mkfifo(fifo)
+        writer = threading.Thread(target=feed, args=(fifo, payload), daemon=True)
+        writer.start()
+        if len(payload) > cap:
+            err = _assert_read_error(fifo, "--max-pixels", max_pixels=32 * 24)
+            assert f"more than {cap:,} bytes" in err.reason
+        else:
+            picture = read_image(fifo, max_pixels=32 * 24)
+            assert picture.size == (32, 24) and picture.source_sha256 == __import__("hashlib").sha256(data).hexdigest()
+        writer.join(10)
+        assert not writer.is_alive()
+
+
+def test_an_error_without_a_message_still_gives_a_reason(tmp_path, monkeypatch) -> None:
+    # the tester saw `cannot decode: MemoryError: ` (nothing after the colon)
+    Image.fromarray(_gradient()).save(tmp_path / "a.png")
+
+    def fail(path, *, max_pixels):
+        raise MemoryError()
+
+    monkeypatch.setattr(imageio, "read_image", fail)
+    (reason,) = imageio.read_images([str(tmp_path / "a.png")])
+    assert reason.startswith("cannot decode: MemoryError (out of memory") and "--max-pixels" in reason
+    monkeypatch.setattr(imageio, "read_image", lambda path, *, max_pixels: (_ for _ in ()).throw(KeyError()))
+    (reason,) = imageio.read_images([str(tmp_path / "a.png")])
+    assert reason == "cannot decode: KeyError (no details given)"
+    # a message over several lines stays one line
+    monkeypatch.setattr(imageio, "read_image", lambda path, *, max_pixels: (_ for _ in ()).throw(ValueError("a\nb")))
+    assert imageio.read_images([str(tmp_path / "a.png")]) == ["cannot decode: ValueError: a b"]
+
+
+def test_a_broken_symlink_says_so_and_quotes_an_odd_target(tmp_path) -> None:
+    link = tmp_path / "link.png"
+    link.symlink_to(tmp_path / "gone.png")
+    err = _assert_read_error(link, "broken symbolic link")
+    assert str(tmp_path / "gone.png") in err.reason
+    odd = tmp_path / "odd.png"
+    odd.symlink_to("new\nline.png")
+    err = _assert_read_error(odd, "broken symbolic link")
+    assert "\n" not in err.reason and "$'new\\nline.png'" in err.reason
+
+
+def test_display_name_quotes_only_names_with_control_characters() -> None:
+    assert imageio.display_name("plain name é.png") == "plain name é.png"
+    assert imageio.display_name("a\nb.png") == "$'a\\nb.png'"
+    assert imageio.display_name("it's\t\x01\x7f.png") == "$'it\\'s\\t\\x01\\x7f.png'"
+    assert imageio.display_name(os.fsdecode(b"caf\xe9\n.png")) == "$'caf\\xe9\\n.png'"  # not UTF-8
+    assert imageio.display_name(Path("x\u2028y")) == "$'x\\u2028y'"
 
 
 def test_reads_record_the_sha256_of_the_file(tmp_path) -> None:

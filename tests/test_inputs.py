@@ -206,3 +206,48 @@ def test_an_empty_folder_given_beside_another_counts_for_output_names(tmp_path: 
     assert named("a", "b")[str(tmp_path / "a" / "x.png")] == expected
     # one folder (given twice, or alone): its tree is mirrored in out/ itself
     assert named("a", "a") == named("a") == {str(tmp_path / "a" / "x.png"): out / "x.protected.png"}
+
+
+def test_a_broken_symlink_in_a_folder_fails_with_its_reason_not_silently(tmp_path: Path) -> None:
+    from preempt_cli.errors import ImageReadError
+    from preempt_cli.imageio import read_image
+    from preempt_cli.inputs import collect_inputs
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "x.png").write_bytes(b"")
+    (tmp_path / "in" / "gone.png").symlink_to(tmp_path / "in" / "deleted.png")
+    (tmp_path / "in" / "loop.png").symlink_to("loop.png")
+    (tmp_path / "in" / "notes.txt").symlink_to("deleted.txt")  # not an image's name: left out, as any .txt
+    (tmp_path / "in" / ".hidden.png").symlink_to("deleted.png")  # hidden: left out, as any hidden entry
+    found = collect_inputs([tmp_path / "in"])
+    assert [i.path.name for i in found] == ["gone.png", "loop.png", "x.png"]
+    with pytest.raises(ImageReadError, match="broken symbolic link: its target .*deleted.png does not exist"):
+        read_image(found[0].path)
+    with pytest.raises(ImageReadError, match="cannot read: Too many levels of symbolic links"):
+        read_image(found[1].path)
+
+
+def test_one_file_under_several_names_keeps_the_real_name(tmp_path: Path) -> None:
+    from preempt_cli.inputs import collect_inputs
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("real.png", "z.png"):
+        (folder / name).write_bytes(b"")
+    (folder / "link.png").symlink_to("real.png")  # sorts before its target
+    (folder / "a_link.png").symlink_to("link.png")  # a link to the link
+    (folder / "zz.png").symlink_to("z.png")  # sorts after its target
+    names = [i.path.name for i in collect_inputs([folder])]
+    assert names == ["real.png", "z.png"]
+    # named directly too; otherwise the first occurrence still wins, in its own place
+    assert [i.path.name for i in collect_inputs([folder / "link.png", folder / "z.png", folder / "real.png"])] == [
+        "z.png", "real.png"]  # fmt: skip
+    assert [i.path.name for i in collect_inputs([folder / "link.png", folder / "a_link.png"])] == ["link.png"]
+    assert [i.path.name for i in collect_inputs([folder / "z.png", folder, folder / "z.png"])] == ["z.png", "real.png"]
+    # only links to one file: the first one, as before
+    (folder / "real.png").unlink()
+    (folder / "z.png").unlink()
+    (tmp_path / "elsewhere.png").write_bytes(b"")
+    (folder / "b.png").symlink_to(tmp_path / "elsewhere.png")
+    (folder / "c.png").symlink_to(tmp_path / "elsewhere.png")
+    assert [i.path.name for i in collect_inputs([folder]) if i.path.exists()] == ["b.png"]

@@ -15,6 +15,8 @@ import glob
 import hashlib
 import io
 import os
+import re
+import stat
 import tempfile
 import warnings
 from contextlib import contextmanager
@@ -52,6 +54,8 @@ __all__ = [
     "ignore_interrupts",
     "IMAGE_SUFFIXES",
     "DEFAULT_MAX_PIXELS",
+    "max_file_bytes",
+    "display_name",
 ]
 
 #: File suffixes picked up when a folder is given (any file Pillow reads is accepted when named directly).
@@ -62,7 +66,117 @@ IMAGE_SUFFIXES = frozenset(
 #: Pillow's own decompression-bomb threshold (about 89 megapixels).
 DEFAULT_MAX_PIXELS = int(Image.MAX_IMAGE_PIXELS or 89_478_485)
 
+#: The most bytes one pixel of the largest image --max-pixels allows can take in a file: 16-bit RGBA stored
+#: uncompressed is 8; a quarter more covers the framing around it (a PNG row's filter byte, zlib's stored
+#: blocks, a TIFF's strip tables)...
+_FILE_BYTES_PER_PIXEL = 10
+#: ...plus this much metadata (ICC profile, EXIF, XMP, text chunks, thumbnails)...
+_FILE_METADATA_BYTES = 16 << 20
+#: ...and never less than this, so that a small --max-pixels refuses no ordinary file on its size alone.
+_MIN_FILE_BYTES = 64 << 20
+
 _GRAY16_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
+
+
+def max_file_bytes(max_pixels: int) -> int:
+    """The largest file read as an image of at most ``max_pixels`` pixels: larger ones are refused unread
+    (a padded or endless input must not take the memory of the whole run)."""
+    return max(_MIN_FILE_BYTES, max_pixels * _FILE_BYTES_PER_PIXEL + _FILE_METADATA_BYTES)
+
+
+#: Characters that must not reach a one-line message as they are: C0/C1 controls (a newline, an escape
+#: code), the Unicode line separators, and the stand-ins for bytes of a name that are not UTF-8.
+UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\udc80-\udcff]")
+
+
+def display_name(name: str | os.PathLike[str]) -> str:
+    """``name`` as it is, or, when it holds control characters (a newline would split a one-line error),
+    shell-quoted as ``$'...'``: escapes, bytes that are not UTF-8 as ``\\xHH``, pasteable into bash."""
+    text = os.fspath(name)
+    if not UNPRINTABLE.search(text):
+        return text
+
+    def escape(ch: str) -> str:
+        code = ord(ch)
+        if ch in "\\'":
+            return "\\" + ch
+        if ch in _SHELL_ESCAPES:
+            return _SHELL_ESCAPES[ch]
+        if 0xDC80 <= code <= 0xDCFF:  # a byte that is not UTF-8, as os.fsdecode keeps it
+            return f"\\x{code - 0xDC00:02x}"
+        if code < 0x20 or code == 0x7F:
+            return f"\\x{code:02x}"
+        if UNPRINTABLE.match(ch):
+            return f"\\u{code:04x}"
+        return ch
+
+    return "$'" + "".join(escape(ch) for ch in text) + "'"
+
+
+_SHELL_ESCAPES = {"\n": "\\n", "\t": "\\t", "\r": "\\r", "\a": "\\a", "\b": "\\b", "\f": "\\f", "\v": "\\v",
+                  "\x1b": "\\E"}  # fmt: skip
+
+#: What an exception without a message means, by type.
+_SILENT_ERRORS: dict[type[BaseException], str] = {
+    MemoryError: "out of memory: use fewer --workers or a lower --max-pixels, or free memory",
+    RecursionError: "nesting too deep",
+}
+
+
+def _error_text(e: BaseException) -> str:
+    """``e``'s message on one line; its type and what that means where it has none."""
+    message = " ".join(str(e).split())
+    if message:
+        return message
+    meaning = next((m for t, m in _SILENT_ERRORS.items() if isinstance(e, t)), "no details given")
+    return f"{type(e).__name__} ({meaning})"
+
+
+def _typed_error_text(e: BaseException) -> str:
+    """``TYPE: message`` on one line (the type and what it means where there is no message)."""
+    message = " ".join(str(e).split())
+    return f"{type(e).__name__}: {message}" if message else _error_text(e)
+
+
+def _too_many_pixels(pixels_text: str, max_pixels: int) -> str:
+    return (f"{pixels_text} exceeds the limit of {max_pixels:,} "
+            "(decompression-bomb protection; raise it with --max-pixels if the file is trusted)")  # fmt: skip
+
+
+_BOMB_PIXELS = re.compile(r"Image size \((\d+) pixels\)")
+
+
+def _bomb_reason(error: BaseException, max_pixels: int, data: bytes | None = None) -> str:
+    """The reason for an image Pillow's own bomb check refused, in our words with our limit: Pillow's
+    limit is never below ``max_pixels`` (see :func:`_open`), so what it refuses is over ours too."""
+    size = _declared_size(data) if data is not None else None
+    if size is not None:
+        return _too_many_pixels(f"{size[0]}x{size[1]} = {size[0] * size[1]:,} pixels", max_pixels)
+    found = _BOMB_PIXELS.search(str(error))
+    if found:
+        return _too_many_pixels(f"{int(found.group(1)):,} pixels", max_pixels)
+    return _too_many_pixels(f"more than {Image.MAX_IMAGE_PIXELS or max_pixels:,} pixels", max_pixels)
+
+
+def _declared_size(data: bytes) -> tuple[int, int] | None:
+    """The (width, height) a file's header declares, read as :func:`PIL.Image.open` does but without its
+    bomb check (which hides the size); None when no format reads it so."""
+    try:
+        Image.init()
+        prefix = data[:16]
+        for fmt in Image.ID:
+            factory, accept = Image.OPEN[fmt]
+            accepted = not accept or accept(prefix)
+            if not accepted or isinstance(accepted, str):
+                continue
+            try:
+                with factory(io.BytesIO(data), "") as img:
+                    return img.size
+            except Exception:  # not this format (or it checks for bombs itself): the next one
+                continue
+    except Exception:  # Pillow's internals moved: the message's pixel count serves
+        pass
+    return None
 
 
 def content_seed(color: np.ndarray) -> int:
@@ -124,16 +238,66 @@ class Picture:
                        self.icc_profile, dict(self.text), self.source_sha256)  # fmt: skip
 
 
-def _open(path: Path, max_pixels: int) -> tuple[Image.Image, str]:
-    """The image, opened from the file's bytes read once, and the sha256 of those bytes."""
-    if path.is_dir():
-        raise ImageReadError(path, "is a directory")
+def _read_capped(path: Path, max_pixels: int) -> bytes:
+    """The file's bytes, read once: refused unread when it is a device, or larger than any image of at
+    most ``max_pixels`` pixels (:func:`max_file_bytes`) needs; at most that many bytes read from a pipe."""
+    cap = max_file_bytes(max_pixels)
+    raise_it = "raise the limit with --max-pixels if the file is trusted"
     try:
-        data = path.read_bytes()
+        _refuse_special(path, os.stat(path).st_mode)  # before opening: a device is not even opened
+        with open(path, "rb", buffering=0) as f:
+            info = os.fstat(f.fileno())  # what was opened, should the name have changed meanwhile
+            _refuse_special(path, info.st_mode)
+            regular = stat.S_ISREG(info.st_mode)
+            if regular and info.st_size > cap:
+                raise ImageReadError(path, f"file too large: {info.st_size:,} bytes, more than an image within "
+                                           f"the pixel limit of {max_pixels:,} can take (at most {cap:,} bytes; {raise_it})")  # fmt: skip
+            chunks, total = [], 0
+            want = info.st_size + 1 if regular else 1 << 20  # a regular file in one read, and its end seen
+            while total <= cap:
+                chunk = f.read(min(max(want, 1 << 20), cap + 1 - total))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                total += len(chunk)
+                want = 0
+            if total > cap:
+                raise ImageReadError(path, f"{'file grew past' if regular else 'more than'} {cap:,} bytes, more "
+                                           f"than an image within the pixel limit of {max_pixels:,} can take "
+                                           f"({raise_it})")  # fmt: skip
+            return b"".join(chunks)  # one read: that same object, not a copy
+    except ImageReadError:
+        raise
     except FileNotFoundError:
-        raise ImageReadError(path, "no file matches this pattern" if glob.has_magic(str(path)) else "no such file") from None
+        if glob.has_magic(str(path)) and not os.path.lexists(path):
+            raise ImageReadError(path, "no file matches this pattern") from None
+        if os.path.islink(path):
+            try:
+                target = display_name(os.readlink(path))
+            except OSError:
+                target = "?"
+            raise ImageReadError(path, f"broken symbolic link: its target {target} does not exist") from None
+        raise ImageReadError(path, "no such file") from None
+    except IsADirectoryError:
+        raise ImageReadError(path, "is a directory") from None
     except OSError as e:
-        raise ImageReadError(path, f"cannot read: {e.strerror or e}") from e
+        raise ImageReadError(path, f"cannot read: {e.strerror or _error_text(e)}") from e
+
+
+def _refuse_special(path: Path, mode: int) -> None:
+    """Refuse what cannot hold an image of bounded size (a pipe can: it is read up to the cap)."""
+    if stat.S_ISDIR(mode):
+        raise ImageReadError(path, "is a directory")
+    kind = ("a character device" if stat.S_ISCHR(mode) else "a block device" if stat.S_ISBLK(mode)
+            else "a socket" if stat.S_ISSOCK(mode) else None)  # fmt: skip
+    if kind:
+        raise ImageReadError(path, f"is {kind}, not an image file")
+
+
+def _open(path: Path, max_pixels: int) -> tuple[Image.Image, str]:
+    """The image, opened from the file's bytes read once (see :func:`_read_capped`), and the sha256 of
+    those same bytes."""
+    data = _read_capped(path, max_pixels)
     if not data:
         raise ImageReadError(path, "empty file (0 bytes)")
     # Pillow's own bomb check reads a process-wide limit: lift it to ours (ours is checked below), so
@@ -147,17 +311,14 @@ def _open(path: Path, max_pixels: int) -> tuple[Image.Image, str]:
     except UnidentifiedImageError:
         raise ImageReadError(path, "not an image Pillow can read (unknown or corrupt format)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageReadError(path, f"refused as a possible decompression bomb ({e})") from None
+        # over Pillow's limit, which is at least ours: our words, our limit (not Pillow's twice-as-high one)
+        raise ImageReadError(path, _bomb_reason(e, max_pixels, data)) from None
     except OSError as e:
-        raise ImageReadError(path, f"cannot open: {e}") from e
+        raise ImageReadError(path, f"cannot open: {_error_text(e)}") from e
     width, height = img.size
     if width * height > max_pixels:
         img.close()
-        raise ImageReadError(
-            path,
-            f"{width}x{height} = {width * height:,} pixels exceeds the limit of {max_pixels:,} "
-            "(decompression-bomb protection; raise it with --max-pixels if the file is trusted)",
-        )
+        raise ImageReadError(path, _too_many_pixels(f"{width}x{height} = {width * height:,} pixels", max_pixels))
     if width == 0 or height == 0:
         img.close()
         raise ImageReadError(path, f"image has no pixels ({width}x{height})")
@@ -180,7 +341,7 @@ def read_image(path: Path | str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Pic
         text = {k: v for k, v in getattr(img, "text", {}).items() if isinstance(v, str)}
         icc = img.info.get("icc_profile")
         img.seek(0)
-        img.load()
+        img.load()  # may check a frame's or tile's size (GIF, TIFF, ICO) against Pillow's limit: see below
         img = ImageOps.exif_transpose(img) or img
         source_mode = img.mode
         color, alpha, mode = _split(img, path)
@@ -190,8 +351,10 @@ def read_image(path: Path | str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Pic
             icc = None
     except ImageReadError:
         raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # not an OSError: own words
+        raise ImageReadError(path, _bomb_reason(e, max_pixels)) from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:  # Pillow's errors for broken data
-        raise ImageReadError(path, f"corrupt or truncated image data ({e})") from e
+        raise ImageReadError(path, f"corrupt or truncated image data ({_error_text(e)})") from e
     finally:
         img.close()
     return Picture(path, color, alpha, mode, source_mode, source_format, icc, text, sha256)
@@ -454,7 +617,7 @@ def read_images(paths: Sequence[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> l
         except ImageReadError as e:
             out.append(reason_of(e, Path(name)))
         except Exception as e:  # a decoder's own error, or memory: this file fails, not the chunk around it
-            out.append(f"cannot decode: {type(e).__name__}: {e}")
+            out.append(f"cannot decode: {_typed_error_text(e)}")
     return out
 
 
@@ -469,7 +632,7 @@ def write_pngs(tasks: Sequence[tuple[Path, Picture, np.ndarray, Mapping[str, str
         except PreemptError as e:
             out.append((reason_of(e, path), 0))
         except Exception as e:  # an encoder's own error, or memory: this file fails, not the chunk around it
-            out.append((f"cannot encode: {type(e).__name__}: {e}", 0))
+            out.append((f"cannot encode: {_typed_error_text(e)}", 0))
     return out
 
 

@@ -50,11 +50,17 @@ def _is_output(path: Path, markers: tuple[str, ...]) -> bool:
 
 
 def _walk(folder: Path, markers: tuple[str, ...]) -> list[Path]:
+    """The image files under ``folder``, sorted. A symbolic link that leads nowhere (its target gone, or a
+    loop) is taken too, as a file it cannot read is: it fails with that reason instead of vanishing."""
     return sorted(
         p for p in folder.rglob("*")
-        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not _is_output(p, markers)
+        if p.suffix.lower() in IMAGE_SUFFIXES and (p.is_file() or _is_broken_link(p)) and not _is_output(p, markers)
         and not any(part.startswith(".") for part in p.relative_to(folder).parts)
     )  # fmt: skip
+
+
+def _is_broken_link(path: Path) -> bool:
+    return path.is_symlink() and not path.exists()
 
 
 def _listed(text: str) -> list[str]:
@@ -75,8 +81,10 @@ def collect_inputs(
     """Expand files, folders (recursive, sorted, hidden entries skipped), globs and ``-`` (paths on stdin).
 
     A file named directly (or a pattern that matches nothing) is kept even if it does not exist or is not
-    an image, so that it gets its own error later. Folder walks leave out preempt's own outputs (names ending in one of ``skip_markers``
-    before ``.png``). Duplicates are dropped, first occurrence wins.
+    an image, so that it gets its own error later; so is a broken symbolic link in a folder. Folder walks
+    leave out preempt's own outputs (names ending in one of ``skip_markers`` before ``.png``). Duplicates
+    (one file under several names) are dropped: a name that is not a symbolic link wins over one that is,
+    else the first occurrence wins, and it keeps its own place in the order.
 
     Raises:
         ConfigError: no argument was given.
@@ -90,14 +98,14 @@ def collect_inputs(
     # holds images (a re-run would not find them)
     if len({os.path.abspath(f) for f in folders}) > 1:
         found = [InputFile(i.path, i.root, among_folders=True) if i.root is not None else i for i in found]
-    seen: set[Path] = set()
-    unique = []
-    for item in found:
+    # one file found under several names (a folder's `link.png -> real.png`): the real name wins, so that
+    # its output is named after it, not after whichever link sorts first
+    chosen: dict[Path, int] = {}
+    for index, item in enumerate(found):
         key = item.path.resolve() if item.path.exists() else item.path.absolute()
-        if key not in seen:
-            seen.add(key)
-            unique.append(item)
-    return unique
+        if key not in chosen or (found[chosen[key]].path.is_symlink() and not item.path.is_symlink()):
+            chosen[key] = index
+    return [found[index] for index in sorted(chosen.values())]
 
 
 def _collect(args: list[str | Path], stdin: TextIO | None, skip_markers: tuple[str, ...],

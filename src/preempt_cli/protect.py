@@ -23,6 +23,7 @@ import itertools
 import json
 import logging
 import math
+import stat
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -211,7 +212,11 @@ def differing_settings(recorded: Mapping[str, Any], current: Mapping[str, Any]) 
 
 
 def _sha256_or_none(path: Path) -> str | None:
+    """The sha256 of a regular file's bytes; None for anything else (a device such as /dev/zero would be
+    read forever; its own read refuses it, with the reason) or a file gone or unreadable."""
     try:
+        if not stat.S_ISREG(path.stat().st_mode):
+            return None
         return sha256_file(path)
     except OSError:  # gone or unreadable: its own read reports that
         return None

@@ -21,6 +21,7 @@ from rich.markup import escape
 from rich.progress import Progress
 
 from ..device import resolve_devices
+from ..imageio import UNPRINTABLE
 from ..errors import (
     ConfigError,
     HashMismatchError,
@@ -111,10 +112,7 @@ def setup_logging(verbose: int, quiet: bool) -> None:
 def one_line(text: str) -> str:
     """``text`` with its control characters escaped (``\\n``, ``\\x1b``): a file name holding a newline
     must not split an error into two lines for whoever parses them, nor an escape code reach a terminal."""
-    if not any(ord(ch) < 32 or ord(ch) == 127 for ch in text):
-        return text
-    return "".join(ch.encode("unicode_escape").decode("ascii") if ord(ch) < 32 or ord(ch) == 127 else ch
-                   for ch in text)  # fmt: skip
+    return UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape", "backslashreplace").decode("ascii"), text)
 
 
 def error_line(message: str) -> None:
