@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +40,9 @@ __all__ = [
     "AttackSpec",
     "DefendedSet",
     "Evaluator",
+    "check_jpeg_quality",
     "jpeg_roundtrip",
+    "json_dumps",
     "mcnemar_exact",
     "reversion_protocol",
     "reversion_verdicts",
@@ -49,6 +52,22 @@ _logger = logging.getLogger(__name__)
 
 #: The names of the ``labels=`` option that mean the dataset's own labels.
 GROUND_TRUTH = ("ground-truth", "gt", "truth")
+
+#: The qualities Pillow's JPEG encoder is given by the blind reversion (libjpeg's scale; 0 means 1 there).
+JPEG_QUALITY_RANGE = (1, 100)
+
+
+def json_dumps(obj: Any, **kwargs: Any) -> str:
+    """``json.dumps`` for everything eval writes: strict JSON (``allow_nan=False``), so a value that was not
+    measured has to be ``None`` (``null``); a NaN or infinity raises ``ValueError`` instead of writing a
+    file no strict JSON reader can load."""
+    return json.dumps(obj, allow_nan=False, **kwargs)
+
+
+def _finite_or_none(row: dict[str, Any]) -> dict[str, Any]:
+    """``row`` with NaN and infinite floats as ``None`` (cells written by 0.9.0 and earlier stored NaN for
+    a value not measured)."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
 
 
 # -- data -------------------------------------------------------------------------------------------------
@@ -214,6 +233,7 @@ class AttackSpec:
         if unknown:
             raise ConfigError(f"attack {kind} does not take {', '.join(sorted(unknown))}")
         spec = cls(kind, tuple(sorted(options.items())))
+        _ = spec.limit
         spec.build(None, check_only=True)
         return spec
 
@@ -239,8 +259,21 @@ class AttackSpec:
 
     @property
     def limit(self) -> int | None:
+        """``limit=N``: attack only the first N images (None: all).
+
+        Raises:
+            ConfigError: N is not a whole number >= 1.
+        """
         value = self.get("limit")
-        return int(value) if value is not None else None
+        if value is None:
+            return None
+        try:
+            limit = int(value)
+        except ValueError:
+            raise ConfigError(f"limit must be a whole number >= 1, got {value!r}") from None
+        if limit < 1:
+            raise ConfigError(f"limit must be >= 1 (the number of images to attack), got {limit}")
+        return limit
 
     @property
     def name(self) -> str:
@@ -279,7 +312,7 @@ class DefendedSet:
 
     spec: DefenseSpec
     images: torch.Tensor
-    seconds_per_image: float
+    seconds_per_image: float | None  # None: not measured (a folder of images protected elsewhere)
     linf: float  # max over images, in [0, 1] units
     ssim: float | None = None
     lpips: float | None = None
@@ -291,8 +324,25 @@ class DefendedSet:
                 "ssim": self.ssim, "lpips": self.lpips, "lpips_note": self.lpips_note or None}  # fmt: skip
 
 
+def check_jpeg_quality(quality: int, option: str = "JPEG quality") -> None:
+    """Refuse a JPEG quality outside 1..100.
+
+    Raises:
+        ConfigError: ``quality`` is not a whole number in 1..100.
+    """
+    lo, hi = JPEG_QUALITY_RANGE
+    if isinstance(quality, bool) or not isinstance(quality, int) or not lo <= quality <= hi:
+        raise ConfigError(f"{option} must be a whole number in {lo}..{hi} (Pillow's JPEG quality scale), "
+                          f"got {quality!r}")  # fmt: skip
+
+
 def jpeg_roundtrip(images: torch.Tensor, quality: int = 50) -> torch.Tensor:
-    """Blind reversion: encode each uint8 NCHW image as JPEG at ``quality`` and decode it."""
+    """Blind reversion: encode each uint8 NCHW image as JPEG at ``quality`` (1..100) and decode it.
+
+    Raises:
+        ConfigError: ``quality`` out of 1..100 (libjpeg would clamp it, and the stage be misnamed).
+    """
+    check_jpeg_quality(quality)
     out = []
     for img in images:
         buf = io.BytesIO()
@@ -524,7 +574,7 @@ class Evaluator:
         stacked = torch.stack(images)
         if stacked.shape != self.dataset.images.shape:
             raise ConfigError(f"folder defense: images in {folder} do not match the dataset's size")
-        return DefendedSet(spec, stacked, float("nan"), 0.0)
+        return DefendedSet(spec, stacked, None, 0.0)  # protected elsewhere: its time is not measured here
 
     def defend(self, spec: DefenseSpec) -> DefendedSet:
         """The defended images of ``spec`` (computed once, cached on disk when ``out_dir`` is set)."""
@@ -532,9 +582,9 @@ class Evaluator:
         if key in self._defended:
             return self._defended[key]
         cache = self.out_dir / "defenses" / f"{key}.pt" if self.out_dir else None
-        if cache is not None and self.resume and cache.is_file():
-            saved = torch.load(cache, map_location="cpu", weights_only=True)
-            result = DefendedSet(spec, saved["images"], float(saved["seconds_per_image"]), 0.0)
+        saved = self._load_defense(cache) if (cache is not None and self.resume and cache.is_file()) else None
+        if saved is not None:
+            result = DefendedSet(spec, *saved, 0.0)
             _logger.info("resumed defense %s from %s", spec.name, cache)
         else:
             _logger.info("computing defense %s on %d images", spec.name, len(self.dataset))
@@ -545,6 +595,52 @@ class Evaluator:
         self._quality(result)
         self._defended[key] = result
         return result
+
+    def _load_defense(self, cache: Path) -> tuple[torch.Tensor, float | None] | None:
+        """The images and seconds per image a resume file holds; None, with a warning naming the file, when
+        it cannot be read or does not hold this dataset's defended images (the defense is then computed again
+        and the file replaced)."""
+        try:
+            saved = torch.load(cache, map_location="cpu", weights_only=True)
+            images, seconds = saved["images"], saved["seconds_per_image"]
+            if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8:
+                raise ValueError("no uint8 images in it")
+            if images.shape != self.dataset.images.shape:
+                raise ValueError(f"images of shape {tuple(images.shape)}, expected {tuple(self.dataset.images.shape)}")
+            if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, (int, float))):
+                raise ValueError(f"seconds_per_image is {seconds!r}")
+        except Exception as e:  # any damage (truncated zip, wrong content): the entry is recomputed
+            self._warn_broken(cache, e, "defense")
+            return None
+        seconds = None if seconds is None or not math.isfinite(seconds) else float(seconds)
+        return images, seconds
+
+    @staticmethod
+    def _warn_broken(path: Path, error: BaseException, what: str) -> None:
+        try:
+            empty = path.stat().st_size == 0
+        except OSError:
+            empty = False
+        reason = "empty file" if empty else str(error).splitlines()[0] if str(error).strip() else "no detail"
+        if len(reason) > 120:  # torch's own advice after the first sentence adds nothing here
+            reason = reason.split(". ")[0]
+        _logger.warning("--resume: %s is unreadable or damaged (%s: %s); computing that %s again and "
+                        "replacing the file", path, type(error).__name__, reason, what)  # fmt: skip
+
+    def _load_cell(self, path: Path) -> dict[str, Any] | None:
+        """A finished cell's row from its resume file; None, with a warning naming the file, when it cannot
+        be read or is not a row (the cell is then computed again and the file replaced)."""
+        try:
+            row = json.loads(path.read_text())
+            if not isinstance(row, dict):
+                raise ValueError(f"a JSON {type(row).__name__}, not a row")
+            missing = [k for k in ("victim", "defense", "attack", "n", "clean_acc", "robust_acc") if k not in row]
+            if missing:
+                raise ValueError(f"no {', '.join(missing)}")
+        except Exception as e:  # truncated or edited: the entry is recomputed
+            self._warn_broken(path, e, "cell")
+            return None
+        return _finite_or_none(row)
 
     def _quality(self, result: DefendedSet) -> None:
         from .quality import load_lpips, lpips_distance, lpips_status, ssim
@@ -576,7 +672,9 @@ class Evaluator:
         key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
         path = self.out_dir / "cells" / f"{key}.json" if self.out_dir else None
         if path is not None and self.resume and path.is_file():
-            return json.loads(path.read_text())
+            row = self._load_cell(path)
+            if row is not None:
+                return row
         defended = self.defend(spec)
         victim = self.load(victim_name)
         n = min(attack.limit, len(self.dataset)) if (attack and attack.limit) else len(self.dataset)
@@ -609,8 +707,9 @@ class Evaluator:
             **{k: v for k, v in defended.summary().items() if k != "defense"},
         }
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(row, indent=1))
+            text = json_dumps(row, indent=1)
+            with atomic_write(path) as f:  # --resume must never find a truncated cell
+                f.write(text.encode())
         return row
 
     def grid(self, victims: Sequence[str], defenses: Sequence[DefenseSpec],
@@ -750,6 +849,7 @@ def reversion_protocol(
     ds = evaluator.dataset
     if not 0 <= flip_fraction <= 1:
         raise ConfigError("--flip-fraction must be in [0, 1]")
+    check_jpeg_quality(jpeg_quality, "--jpeg-quality")
     if reverter_labels not in REVERTER_LABELS:
         raise ConfigError(f"reverter labels must be one of {', '.join(REVERTER_LABELS)}, got {reverter_labels!r}")
     protector = evaluator._protector(defense)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 from pathlib import Path
@@ -13,7 +12,16 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ..evaluate import AttackSpec, DefenseSpec, Evaluator, load_dataset, reversion_protocol
+from ..evaluate import (
+    REVERTER_LABELS,
+    AttackSpec,
+    DefenseSpec,
+    Evaluator,
+    check_jpeg_quality,
+    json_dumps,
+    load_dataset,
+    reversion_protocol,
+)
 from ..errors import ConfigError, PreemptError
 from . import _common as c
 from ._files import BackboneOpt, ClassifierOpt, SeedOpt, _defaults, _model_cache, _setup_torch
@@ -41,6 +49,11 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
+
+
+def _print_json(obj: Any) -> None:
+    """One strict JSON object on a line of stdout (a value not measured is ``null``, never ``NaN``)."""
+    c.print_line(json_dumps(obj, default=str))
 
 
 def _write_report(out: Path, rows: list[dict[str, Any]], evaluator: Evaluator, defenses: list[DefenseSpec],
@@ -86,6 +99,36 @@ def _attack(text: str) -> AttackSpec:
         raise ConfigError(f"--attack {text}: invalid value ({e})") from e
 
 
+#: Options of the reversion protocol only (parameter: option).
+REVERSION_ONLY = {"reversion_backbone": "--reversion-backbone", "reversion_classifier": "--reversion-classifier",
+                  "reversion_labels": "--reversion-labels", "flip_fraction": "--flip-fraction",
+                  "jpeg_quality": "--jpeg-quality"}  # fmt: skip
+#: Options of the evaluation grid that the reversion protocol does not use (parameter: option).
+GRID_ONLY = {"attack": "--attack", "csv_path": "--csv", "resume": "--resume"}
+
+
+def _check_ignored(ctx: typer.Context, reversion: bool) -> None:
+    """Refuse options given on the command line that this run would ignore: the reversion protocol's without
+    ``--reversion``; ``--attack``, ``--csv`` and ``--resume`` with it (it measures clean accuracy only, writes
+    ``reversion.json`` and computes everything afresh).
+
+    Raises:
+        ConfigError: such an option was given.
+    """
+    options = GRID_ONLY if reversion else REVERSION_ONLY
+    # by name: typer vendors its own copy of click, whose ParameterSource is not click's
+    given = [opt for name, opt in options.items()
+             if getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"]  # fmt: skip
+    if not given:
+        return
+    them = "it" if len(given) == 1 else "them"
+    if reversion:
+        raise ConfigError(f"--reversion does not use {', '.join(given)} (it measures clean accuracy only, writes "
+                          f"reversion.json and computes everything afresh); drop {them}")  # fmt: skip
+    verb = "applies" if len(given) == 1 else "apply"
+    raise ConfigError(f"{', '.join(given)} only {verb} with --reversion; drop {them} (or add --reversion)")
+
+
 def _check_outputs(data: Path, out: Path, csv_path: Path | None) -> None:
     """Problems found before any model loads: a missing DATA folder, an output folder or CSV file that
     cannot be written (the CSV's folder is created).
@@ -111,6 +154,7 @@ def _check_outputs(data: Path, out: Path, csv_path: Path | None) -> None:
 
 
 def eval_cmd(
+    ctx: typer.Context,
     data: Annotated[Path, typer.Argument(help="ImageFolder directory, or a folder of files with --labels-file.")],
     victim: Annotated[list[str], typer.Option("--victim", help="Victim model (repeatable).")],
     defense: Annotated[
@@ -142,9 +186,12 @@ def eval_cmd(
                           "oracle, the worst case for the defender).")
     ] = "own",
     flip_fraction: Annotated[
-        float, typer.Option("--flip-fraction", help="Reversion: flip this fraction of ground-truth labels.")
+        float, typer.Option("--flip-fraction", help="Reversion: flip this fraction (0 to 1) of ground-truth labels.")
     ] = 0.0,
-    jpeg_quality: Annotated[int, typer.Option("--jpeg-quality", help="Quality of the blind JPEG reversion.")] = 50,
+    jpeg_quality: Annotated[
+        int, typer.Option("--jpeg-quality", help="Reversion: quality (1-100, Pillow's scale) of the blind JPEG "
+                          "reversion, the stage JPEG-<quality>.")
+    ] = 50,
     seed: SeedOpt = 0,
     device: c.DeviceOpt = "auto",
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Images per defense batch.")] = None,
@@ -156,7 +203,11 @@ def eval_cmd(
 ) -> None:
     """Measure victim clean and robust accuracy before/after protection, reversion, quality and time."""
     c.setup_logging(verbose, quiet)
-    with c.handle_errors():
+    # what a re-run does: only --resume reuses the grid's finished cells (a plain run computes all again);
+    # the reversion protocol keeps nothing
+    hint = ("nothing is kept; run again" if reversion
+            else "finished cells are kept in --out; run again with --resume to do the rest")  # fmt: skip
+    with c.handle_errors(interrupted=hint):
         backbone, classifier = _defaults(backbone, classifier, "classifier", registry, required=False)  # the built-in models
         defaults = {"backbone": backbone, "classifier": classifier, "seed": str(seed)}
         defenses = [DefenseSpec.parse(d, defaults) for d in (defense or (["fp"] if reversion else ["none", "fp"]))]
@@ -167,6 +218,14 @@ def eval_cmd(
             raise ConfigError("--limit must be >= 1")
         if reversion and (len(defenses) != 1 or defenses[0].kind != "fast-preemption"):
             raise ConfigError("--reversion takes exactly one fp defense")
+        _check_ignored(ctx, reversion)
+        if reversion:
+            check_jpeg_quality(jpeg_quality, "--jpeg-quality")
+            if not 0 <= flip_fraction <= 1:
+                raise ConfigError(f"--flip-fraction must be in [0, 1], got {flip_fraction:g}")
+            if reversion_labels not in REVERTER_LABELS:
+                raise ConfigError(f"--reversion-labels must be one of {', '.join(REVERTER_LABELS)}, got "
+                                  f"{reversion_labels!r}")  # fmt: skip
         _check_outputs(data, out, csv_path)
         torch_device = _setup_torch(device)
         load = _model_cache(torch_device, models_dir, registry)
@@ -184,9 +243,9 @@ def eval_cmd(
                                         flip_fraction=flip_fraction, seed=seed,
                                         black_box_classifier=reversion_classifier,
                                         reverter_labels=reversion_labels)  # fmt: skip
-            (out / "reversion.json").write_text(json.dumps(result, indent=1))
+            (out / "reversion.json").write_text(json_dumps(result, indent=1))
             if json_out:
-                c.print_json(result)
+                _print_json(result)
             else:
                 for name, res in result["victims"].items():
                     table = Table(title=f"{name}: clean accuracy (%) — {result['labels']}", header_style="bold",
@@ -212,9 +271,9 @@ def eval_cmd(
             for row in evaluator.grid(victim, defenses, attacks):
                 rows.append(row)
                 if json_out:
-                    c.print_json(row)
+                    _print_json(row)
                 progress.advance(task)
-        (out / "results.json").write_text(json.dumps(rows, indent=1))
+        (out / "results.json").write_text(json_dumps(rows, indent=1))
         if csv_path is not None:
             with csv_path.open("w", newline="") as f:
                 fields = list(dict.fromkeys(k for r in rows for k in r))  # AutoAttack rows have more columns

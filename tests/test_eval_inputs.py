@@ -1,0 +1,217 @@
+"""``preempt eval``: what it writes (strict JSON, ``null`` for values not measured), the inputs it refuses
+(attack ``limit=``, ``--jpeg-quality``, options a run would ignore) and damaged ``--resume`` state, on tiny
+models (no ``../shared``)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from conftest import TEST_DEVICE, TEST_DEVICE_ARG, make_tiny_model, write_random_pngs
+from preempt_cli.cli import app
+from preempt_cli.errors import ConfigError
+from preempt_cli.evaluate import AttackSpec, Dataset, DefenseSpec, Evaluator, jpeg_roundtrip
+from preempt_cli.models import create_arch
+
+
+def strict_loads(text: str) -> Any:
+    """``json.loads`` that refuses ``NaN`` and ``Infinity`` (what strict JSON readers do)."""
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"not JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def invoke(args: list[str]):
+    return CliRunner().invoke(app, args, catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A registry with one small random-weight CIFAR-10 model, ``tiny-victim``."""
+    root = tmp_path_factory.mktemp("registry")
+    torch.manual_seed(0)
+    net = create_arch("cifar_resnet20", num_classes=10, shortcut="pad_end")
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(root / "victim.safetensors"))
+    (root / "models.toml").write_text('[models.tiny-victim]\narch = "cifar_resnet20"\narch_args = { shortcut = '
+                                      '"pad_end" }\nclasses = "cifar10"\nsource = "file:victim.safetensors"\n')  # fmt: skip
+    return root / "models.toml"
+
+
+# -- 1. values not measured are null, and every JSON eval writes is strict ---------------------------------------
+def test_a_folder_defense_time_is_null_not_nan_in_every_output(tmp_path: Path, registry: Path) -> None:
+    data, prot, out, csv_path = tmp_path / "data", tmp_path / "prot", tmp_path / "ev", tmp_path / "rows.csv"
+    for i, cls in enumerate(("cat", "dog")):
+        write_random_pngs(data / cls, n=2, seed=i)
+    shutil.copytree(data, prot)  # images "protected elsewhere": no time of theirs is measured here
+    args = ["eval", str(data), "--victim", "tiny-victim", "-b", "tiny-victim", "--defense", f"folder:{prot}",
+            "--attack", "pgd:steps=1", "--device", TEST_DEVICE_ARG, "--json", "--csv", str(csv_path), "--out",
+            str(out), "--registry", str(registry)]  # fmt: skip
+    result = invoke(args)
+    assert result.exit_code == 0, result.stderr
+    (line,) = result.stdout.splitlines()
+    assert strict_loads(line)["seconds_per_image"] is None
+    assert strict_loads((out / "results.json").read_text())[0]["seconds_per_image"] is None
+    (cell,) = (out / "cells").glob("*.json")
+    assert strict_loads(cell.read_text())["seconds_per_image"] is None
+    with csv_path.open(newline="") as f:
+        (row,) = csv.DictReader(f)
+    assert row["seconds_per_image"] == "" and "nan" not in csv_path.read_text().lower()
+    assert "| - |" in (out / "report.md").read_text()
+
+    # A cell written by 0.9.0 (NaN for the value not measured) is resumed as null, and so is the defense.
+    cell.write_text(cell.read_text().replace('"seconds_per_image": null', '"seconds_per_image": NaN'))
+    again = invoke([*args, "--resume"])
+    assert again.exit_code == 0, again.stderr
+    assert strict_loads(again.stdout.splitlines()[0])["seconds_per_image"] is None
+    assert strict_loads((out / "results.json").read_text())[0]["seconds_per_image"] is None
+
+
+def test_eval_json_refuses_nan() -> None:
+    from preempt_cli.evaluate import json_dumps
+
+    assert json_dumps({"seconds_per_image": None}) == '{"seconds_per_image": null}'
+    with pytest.raises(ValueError):
+        json_dumps({"seconds_per_image": float("nan")})
+
+
+# -- 2. an attack's own limit= --------------------------------------------------------------------------------
+@pytest.mark.parametrize("limit", ["-3", "0", "abc", "1.5"])
+def test_attack_limit_below_one_is_a_usage_error(tmp_path: Path, limit: str) -> None:
+    text = f"pgd:steps=1,limit={limit}"
+    with pytest.raises(ConfigError, match="limit must be"):
+        AttackSpec.parse(text)
+    with pytest.raises(ConfigError, match="limit must be"):
+        AttackSpec.parse(f"aa:limit={limit}")
+    result = invoke(["eval", str(tmp_path), "--victim", "x", "-b", "y", "--out", str(tmp_path / "o"), "--attack", text])
+    assert result.exit_code == 2
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"error: --attack {text}: limit must be") and "internal error" not in line
+
+
+def test_attack_limit_of_one_or_more_is_kept() -> None:
+    assert AttackSpec.parse("pgd:limit=1").limit == 1
+    assert AttackSpec.parse("aa:limit=50").name.endswith("(first 50)")
+    assert AttackSpec.parse("pgd").limit is None
+
+
+# -- 3. damaged resume state ---------------------------------------------------------------------------------
+def _evaluator(out: Path, resume: bool) -> Evaluator:
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (4, 3, 32, 32), generator=g, dtype=torch.uint8)
+    ds = Dataset(Path("mem"), [Path(f"mem/{i:03d}.png") for i in range(4)], images, torch.tensor([0, 1, 2, 3]))
+    models = {"victim": make_tiny_model(4, name="victim").to(TEST_DEVICE),
+              "bb": make_tiny_model(0, name="bb").to(TEST_DEVICE)}  # fmt: skip
+    return Evaluator(ds, load=models.__getitem__, device=TEST_DEVICE, batch_size=4, out_dir=out, resume=resume)
+
+
+FP = DefenseSpec("fast-preemption", (("backbone", "bb"), ("labels", "backbone"), ("samples", "2")))
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:100])
+
+
+def _wrong_images(path: Path) -> None:
+    torch.save({"images": torch.zeros(1, 3, 8, 8, dtype=torch.uint8), "seconds_per_image": 0.1}, path)
+
+
+@pytest.mark.parametrize(
+    ("folder", "damage"),
+    [
+        ("defenses", _truncate),
+        ("defenses", lambda p: p.write_bytes(b"")),
+        ("defenses", _wrong_images),
+        ("cells", _truncate),
+        ("cells", lambda p: p.write_text("[]")),
+        ("cells", lambda p: p.write_text('{"victim": "victim"}')),
+    ],
+)
+def test_a_damaged_resume_file_is_computed_again_with_a_warning_naming_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, folder: str, damage: Any
+) -> None:
+    first = _evaluator(tmp_path, resume=False)
+    row = first.cell("victim", FP, None)
+    images = first.defend(FP).images
+    (path,) = (tmp_path / folder).glob("*")
+    damage(path)
+    with caplog.at_level(logging.WARNING, logger="preempt_cli"):
+        again = _evaluator(tmp_path, resume=True)
+        resumed = again.defend(FP).images if folder == "defenses" else again.cell("victim", FP, None)
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert str(path) in warning and "computing that" in warning and "\n" not in warning
+    if folder == "defenses":
+        assert torch.equal(resumed, images)
+        assert torch.equal(torch.load(path, weights_only=True)["images"], images)  # the file is whole again
+    else:
+        assert {k: resumed[k] for k in ("n", "clean_acc", "robust_acc")} == {k: row[k] for k in ("n", "clean_acc", "robust_acc")}
+        assert strict_loads(path.read_text())["clean_acc"] == row["clean_acc"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="preempt_cli"):  # repaired: resumed without a word
+        _evaluator(tmp_path, resume=True).cell("victim", FP, None)
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+
+
+# -- 4. --jpeg-quality, and options a run would ignore --------------------------------------------------------
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--reversion", "--jpeg-quality", "500"], "--jpeg-quality must be a whole number in 1..100"),
+        (["--reversion", "--jpeg-quality", "-5"], "--jpeg-quality must be a whole number in 1..100"),
+        (["--reversion", "--jpeg-quality", "0"], "--jpeg-quality must be a whole number in 1..100"),
+        (["--flip-fraction", "0.5"], "--flip-fraction only applies with --reversion"),
+        (["--jpeg-quality", "60"], "--jpeg-quality only applies with --reversion"),
+        (["--reversion-backbone", "z", "--reversion-labels", "own"], "--reversion-backbone, --reversion-labels only "
+                                                                     "apply with --reversion"),
+        (["--reversion", "--attack", "pgd"], "--reversion does not use --attack"),
+        (["--reversion", "--csv", "{tmp}/x.csv", "--resume"], "--reversion does not use --csv, --resume"),
+        (["--reversion", "--flip-fraction", "2"], "--flip-fraction must be in [0, 1]"),
+    ],
+)
+def test_eval_refuses_out_of_range_and_ignored_options(tmp_path: Path, args: list[str], message: str) -> None:
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    result = invoke(["eval", str(tmp_path), "--victim", "x", "-b", "y", "--out", str(tmp_path / "o"), *args])
+    assert result.exit_code == 2
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("error: ") and message in line
+
+
+@pytest.mark.parametrize("quality", ["1", "100"])
+def test_eval_takes_jpeg_qualities_1_to_100(tmp_path: Path, quality: str) -> None:
+    result = invoke(["eval", str(tmp_path), "--victim", "no-such-model", "-b", "y", "--out", str(tmp_path / "o"),
+                     "--reversion", "--jpeg-quality", quality])  # fmt: skip
+    assert result.exit_code == 2 and "no-such-model" in result.stderr and "--jpeg-quality" not in result.stderr
+
+
+def test_jpeg_roundtrip_refuses_a_quality_pillow_would_clamp() -> None:
+    images = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    assert jpeg_roundtrip(images, 100).shape == images.shape
+    for quality in (0, 101, -5):
+        with pytest.raises(ConfigError, match="1..100"):
+            jpeg_roundtrip(images, quality)
+
+
+def test_an_interrupted_eval_says_that_resume_keeps_the_finished_cells(tmp_path: Path, registry: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """A plain re-run computes every cell again: the message must point at --resume, not at "run again"."""
+    data = tmp_path / "data"
+    write_random_pngs(data / "cat", n=2)
+
+    def interrupted(*args: Any, **kwargs: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Evaluator, "grid", interrupted)
+    result = CliRunner().invoke(app, ["eval", str(data), "--victim", "tiny-victim", "--defense", "none",
+                                      "--attack", "pgd:steps=1", "--device", TEST_DEVICE_ARG, "--out",
+                                      str(tmp_path / "ev"), "--registry", str(registry)])  # fmt: skip
+    assert result.exit_code == 130 and "--resume" in result.output, result.output
