@@ -1236,3 +1236,24 @@ def test_eval_csv_folder_is_created_and_victim_names_are_whole(tmp_path: Path, r
     assert csv_path.read_text().startswith("victim,")
     (row,) = [line for line in result.stdout.splitlines() if "PGD" in line]
     assert row.split()[0] == victim
+
+
+def test_results_that_cannot_reach_stdout_are_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``>&-`` (stdout closed) and ``> /dev/full`` were internal errors (AttributeError, OSError)."""
+    import errno
+    import io
+
+    from preempt_cli.cli import _common as c
+
+    class Full(io.StringIO):
+        def flush(self) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("sys.stdout", None)
+    with pytest.raises(ConfigError, match="stdout is closed"):
+        c.print_line("out.png")
+    monkeypatch.setattr("sys.stdout", Full())
+    with pytest.raises(ConfigError, match="cannot write the results to stdout: No space left on device"):
+        c.print_line("out.png")
+    monkeypatch.setattr("sys.stdout", io.StringIO())
+    c.print_line("out.png")  # and a working stdout gets the line

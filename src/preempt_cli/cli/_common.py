@@ -273,9 +273,20 @@ def print_json(obj: Any) -> None:
 def print_line(text: str, end: str = "\n") -> None:
     """One line on stdout (ended by ``end``: ``"\\0"`` for ``--print0``), flushed (a pipeline downstream sees
     each result as it comes). Plain writes, not rich's: rendering a line took ~35 us, a tenth of what an
-    H100 spends on a small image."""
-    sys.stdout.write(text + end)
-    sys.stdout.flush()
+    H100 spends on a small image.
+
+    Raises:
+        ConfigError: stdout is closed, or fails otherwise than by a reader gone (a full disk).
+    """
+    if sys.stdout is None:  # started with stdout closed (``>&-``)
+        raise ConfigError("stdout is closed: the results have nowhere to go (send them to /dev/null to drop them)")
+    try:
+        sys.stdout.write(text + end)
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader went away: handle_errors stops quietly
+        raise
+    except OSError as e:
+        raise ConfigError(f"cannot write the results to stdout: {e.strerror or e}") from e
 
 
 # -- options shared by several commands ---------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any, Callable, Iterable, Iterator, Optional
@@ -277,6 +278,8 @@ def _check_run(out_dir: Path | None, max_pixels: int, json_out: bool, print0: bo
         raise ConfigError(f"--max-pixels must be >= 1 (got {max_pixels})")
     if json_out and print0:
         raise ConfigError("--print0 and --json exclude each other (JSON lines never hold a raw newline)")
+    if sys.stdout is None:  # ``>&-``: found before any work, not at the first result
+        raise ConfigError("stdout is closed: the results have nowhere to go (send them to /dev/null to drop them)")
     c.check_out_dir(out_dir)
 
 
