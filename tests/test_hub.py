@@ -236,8 +236,9 @@ def test_corrupt_or_wrong_safetensors_is_a_mismatch(tmp_path) -> None:
         '[models.cut]\narch = "cifar_resnet20"\nsource = "cut.safetensors"\n'
         '[models.other]\narch = "cifar_resnet20"\nsource = "other.safetensors"\n'
     )
-    with pytest.raises(WeightsMismatchError, match="cannot read safetensors"):
+    with pytest.raises(UnsafeWeightsError, match="not a readable safetensors file") as info:  # damaged, not "mismatch"
         load_model("cut", registry=[registry])
+    assert str(tmp_path / "cut.safetensors") in str(info.value) and "convert" not in str(info.value)
     with pytest.raises(WeightsMismatchError) as info:
         load_model("other", registry=[registry])
     assert "'other'" in str(info.value) and "do not fit" in str(info.value)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -17,36 +18,70 @@ __all__ = ["convert_checkpoint"]
 _STATE_KEYS = ("state_dict", "model_state_dict", "model", "net", "ema")
 
 
-def _find_state(obj: Any, key: str | None) -> dict[str, torch.Tensor]:
+def _describe(obj: Any) -> str:
+    """What a checkpoint entry holds, for a message: its type, and a few of a dict's entries."""
+    if isinstance(obj, dict):
+        kinds = ", ".join(f"{k!r}: {type(v).__name__}" for k, v in list(obj.items())[:5])
+        return f"a dict of {len(obj)} entr{'y' if len(obj) == 1 else 'ies'} ({kinds}{', ...' if len(obj) > 5 else ''})"
+    return f"a {type(obj).__name__}"
+
+
+def _find_state(obj: Any, key: str | None, checkpoint: Path) -> dict[str, torch.Tensor]:
     if key is not None:
         if not isinstance(obj, dict) or key not in obj:
-            raise ConfigError(f"checkpoint has no entry {key!r}")
-        obj = obj[key]
+            entries = f" (entries: {', '.join(map(str, obj))})" if isinstance(obj, dict) else f" (it holds {_describe(obj)})"
+            raise ConfigError(f"{checkpoint}: no entry {key!r} in the checkpoint{entries}")
+        obj, where = obj[key], f"entry {key!r}"
     elif isinstance(obj, dict) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
         found = next((k for k in _STATE_KEYS if k in obj and isinstance(obj[k], dict)), None)
         if found is None:
-            raise ConfigError(f"cannot find the state dict in the checkpoint (entries: {', '.join(map(str, obj))}); "
-                              "name it with --key")  # fmt: skip
-        obj = obj[found]
+            raise ConfigError(f"{checkpoint}: cannot find the state dict in the checkpoint (entries: "
+                              f"{', '.join(map(str, obj))}); name it with --key")  # fmt: skip
+        obj, where = obj[found], f"entry {found!r}"
+    else:
+        where = "checkpoint"
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ConfigError("the checkpoint entry is not a state dict of tensors")
+        hint = "; name the entry holding the state dict with --key" if where == "checkpoint" and isinstance(obj, dict) else ""
+        raise ConfigError(f"{checkpoint}: the {where} is not a state dict of tensors (it holds {_describe(obj)}){hint}")
+    if not obj:
+        raise ConfigError(f"{checkpoint}: the {where} holds no tensors (an empty state dict): nothing to convert")
+    if not all(isinstance(k, str) for k in obj):
+        bad = next(k for k in obj if not isinstance(k, str))
+        raise ConfigError(f"{checkpoint}: the {where} has a key that is not a name ({bad!r}): not a state dict")
+    odd = next((k for k, v in obj.items() if v.layout != torch.strided), None)
+    if odd is not None:
+        raise ConfigError(f"{checkpoint}: tensor {odd!r} is {str(obj[odd].layout).removeprefix('torch.')}; "
+                          "safetensors holds dense tensors only: make it dense (.to_dense()) first")  # fmt: skip
     return obj
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
-def _load_refusal(checkpoint: Path, error: Exception) -> str:
+#: The global a weights-only load refused, as torch names it ("Unsupported global: GLOBAL numpy.x was not
+#: an allowed global", "Trying to load unsupported GLOBAL posix.system whose module posix is blocked").
+_GLOBAL = re.compile(r"GLOBAL\s+([\w.]+)")
+#: torch's warning about a checkpoint pickled with a protocol other than 2.
+_PROTOCOL = re.compile(r"Detected pickle protocol (\d+)")
+
+
+def _load_refusal(checkpoint: Path, error: Exception, protocol: str | None = None) -> str:
     """One plain line for a checkpoint ``torch.load(weights_only=True)`` refused: torch's own message spans
     lines, with terminal escapes, and advises turning the protection off."""
     text = _ANSI.sub("", str(error))
+    blocked = _GLOBAL.search(text)
+    if blocked:  # torch names the callable it refused to import: say which, not torch's advice
+        return (f"{checkpoint}: refused by torch.load(weights_only=True): it holds pickled objects other than "
+                f"tensors (it would import {blocked.group(1)}, which is not allowed); only if you trust the file, "
+                "load it with weights_only=False in Python, torch.save its state dict alone and convert that "
+                "file")  # fmt: skip
     detail = text.partition("WeightsUnpickler error:")[2] or text
     detail = next((line.strip() for line in detail.splitlines() if line.strip()), type(error).__name__)
     detail = detail.split(". ")[0].rstrip(".")
-    if "Unsupported global" in detail:
-        return (f"{checkpoint}: refused by torch.load(weights_only=True): it holds pickled objects other than "
-                f"tensors ({detail}); only if you trust the file, load it with weights_only=False in Python, "
-                "torch.save its state dict alone and convert that file")  # fmt: skip
+    if protocol is not None:
+        return (f"{checkpoint}: cannot be loaded safely with weights_only=True ({detail}): it was pickled with "
+                f"protocol {protocol}, which torch's safe loader does not fully read; re-save it with "
+                "torch.save (protocol 2) where you trust it, or it is no PyTorch checkpoint")  # fmt: skip
     return f"{checkpoint}: cannot be loaded safely with weights_only=True ({detail}): not a PyTorch checkpoint?"
 
 
@@ -80,13 +115,18 @@ def convert_checkpoint(
         raise ConfigError(f"{output}: is the checkpoint itself; name another output file")
     if output.exists() and not overwrite:
         raise ConfigError(f"{output}: exists; pass --force to replace it")
-    try:
-        obj = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ConfigError(f"{checkpoint}: no such file") from None
-    except Exception as e:  # weights_only refusals are UnpicklingError; corrupt files vary
-        raise ConfigError(_load_refusal(checkpoint, e)) from e
-    state = _find_state(obj, key)
+    if checkpoint.is_dir():
+        raise ConfigError(f"{checkpoint}: is a directory, not a checkpoint file")
+    with warnings.catch_warnings(record=True) as caught:  # torch's UserWarnings speak to developers, not users
+        warnings.simplefilter("always")
+        try:
+            obj = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise ConfigError(f"{checkpoint}: no such file") from None
+        except Exception as e:  # weights_only refusals are UnpicklingError; corrupt files vary
+            protocol = next((m.group(1) for w in caught if (m := _PROTOCOL.search(str(w.message)))), None)
+            raise ConfigError(_load_refusal(checkpoint, e, protocol)) from e
+    state = _find_state(obj, key, checkpoint)
     clean: dict[str, torch.Tensor] = {}
     origin: dict[str, str] = {}
     for key, tensor in state.items():

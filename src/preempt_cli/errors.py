@@ -18,6 +18,7 @@ __all__ = [
     "OfflineWeightsError",
     "HashMismatchError",
     "UnsafeWeightsError",
+    "UnreadableWeightsError",
     "WeightsMismatchError",
     "ImageReadError",
     "ImageWriteError",
@@ -110,6 +111,22 @@ class UnsafeWeightsError(PreemptError, ValueError):
             f"weights of model {model!r} at {path} are not a safetensors file (it looks like a pickled "
             "PyTorch checkpoint, which can run arbitrary code when loaded). Convert it once with "
             f"'preempt models convert {path} OUT.safetensors' and register the safetensors file."
+        )
+
+
+class UnreadableWeightsError(UnsafeWeightsError):
+    """A weights file that is not a readable safetensors file, nor a PyTorch checkpoint either: empty,
+    truncated, damaged or of another format. Refused as every file that is not safetensors is (so a caller
+    catching :class:`UnsafeWeightsError` catches it), with a reason of its own: converting cannot help."""
+
+    def __init__(self, model: str, path: Path, detail: str) -> None:
+        self.model = model
+        self.path = path
+        self.detail = detail
+        PreemptError.__init__(  # not UnsafeWeightsError's message, which advises converting a checkpoint
+            self,
+            f"weights of model {model!r} at {path} are not a readable safetensors file ({detail}): it is damaged "
+            "or truncated (an interrupted download or copy?) or of another format; fetch or copy it again",
         )
 
 

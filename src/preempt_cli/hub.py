@@ -16,6 +16,7 @@ from .errors import (
     HashMismatchError,
     OfflineWeightsError,
     RegistryError,
+    UnreadableWeightsError,
     UnsafeWeightsError,
     WeightsNotFoundError,
 )
@@ -50,24 +51,43 @@ def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+#: How PyTorch checkpoints start: a zip archive (``torch.save``'s default) or a pickle (protocol 2 to 5;
+#: the legacy ``torch.save`` format, and bare pickles).
+_ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE_STARTS = tuple(bytes([0x80, proto]) for proto in range(2, 6))
+
+
 def check_safetensors_header(model: str, path: Path) -> None:
-    """Refuse files that are not safetensors (pickles, zip checkpoints) before anything parses them.
+    """Refuse files that are not safetensors (pickles, zip checkpoints, damaged files) before anything parses
+    them.
 
     A safetensors file starts with an 8-byte little-endian header length followed by a JSON object.
 
     Raises:
-        UnsafeWeightsError: the file is not safetensors.
+        UnsafeWeightsError: the file is a pickle or zip checkpoint; :class:`UnreadableWeightsError` (a
+            subclass) when it is no checkpoint either (empty, truncated, damaged).
     """
     with path.open("rb") as f:
-        _check_header(model, path, f.read(9))
+        head = f.read(9)
+        size = os.fstat(f.fileno()).st_size
+    _check_header(model, path, head, size)
 
 
-def _check_header(model: str, path: Path, head: bytes) -> None:
-    if len(head) < 9:
-        raise UnsafeWeightsError(model, path)
+def _check_header(model: str, path: Path, head: bytes, size: int) -> None:
     header_len = int.from_bytes(head[:8], "little")
-    if head[8:9] != b"{" or header_len > 100_000_000:
-        raise UnsafeWeightsError(model, path)
+    if len(head) < 9 or head[8:9] != b"{" or header_len > 100_000_000:  # no safetensors header: what is it?
+        # (checked only now: a header length such as 0x280 starts with the bytes of a pickle's PROTO 2)
+        if head.startswith(_ZIP_MAGIC) or head.startswith(_PICKLE_STARTS):
+            raise UnsafeWeightsError(model, path)  # a PyTorch checkpoint: `preempt models convert` reads it
+        if size == 0:
+            raise UnreadableWeightsError(model, path, "the file is empty")
+        if len(head) < 9:
+            raise UnreadableWeightsError(model, path, f"the file is {size} byte{'s' * (size != 1)} long, too "
+                                                      "short for a safetensors header")  # fmt: skip
+        raise UnreadableWeightsError(model, path, "it does not start with a safetensors header")
+    if 8 + header_len > size:
+        raise UnreadableWeightsError(model, path, f"truncated: its header alone needs {8 + header_len} bytes, "
+                                                  f"the file has {size}")  # fmt: skip
 
 
 def _local_candidates(cfg: ModelConfig, models_dir: Path | None) -> list[Path]:
@@ -98,6 +118,29 @@ def _is_network_error(error: BaseException) -> bool:
     return isinstance(error, (ConnectionError, TimeoutError)) or top in {"httpx", "httpx2", "requests", "urllib", "urllib3"}
 
 
+def _unreachable(model: str, src: str, reason: str) -> OfflineWeightsError:
+    """The error for remote weights that cannot be fetched, with the way out that fits: unset
+    ``HF_HUB_OFFLINE`` where it is set, else network access (it is no use to unset what is not set)."""
+    error = OfflineWeightsError(model, src, reason)
+    if _hf_offline():
+        return error  # its own message says to unset HF_HUB_OFFLINE
+    error.args = (
+        f"weights of model {model!r} ({src}) are not in the local Hugging Face cache and cannot be downloaded "
+        f"({reason}). Check the network connection (or the proxy: HTTPS_PROXY) and try again, or point the "
+        "model at a local file with --registry.",
+    )
+    return error
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    """The innermost exception ``error`` was raised from (huggingface_hub wraps the connection error)."""
+    seen = {id(error)}
+    while (inner := error.__cause__ or error.__context__) is not None and id(inner) not in seen:
+        seen.add(id(inner))
+        error = inner
+    return error
+
+
 @contextmanager
 def hub_errors(cfg: ModelConfig) -> Iterator[None]:
     """Turn what ``hf_hub_download`` (directly, or inside timm) raises into one-line preempt errors naming
@@ -123,8 +166,13 @@ def hub_errors(cfg: ModelConfig) -> Iterator[None]:
     try:
         yield
     except LocalEntryNotFoundError as e:  # offline, or the hub cannot be reached, and nothing cached
-        reason = "HF_HUB_OFFLINE is set" if _hf_offline() else f"the Hub cannot be reached: {_first_line(e)}"
-        raise OfflineWeightsError(cfg.name, src, reason) from e
+        if _hf_offline():
+            reason = "HF_HUB_OFFLINE is set"
+        else:  # huggingface_hub's own message is a paragraph; the connection error it wraps says why
+            cause = _root_cause(e)
+            why = f"{type(cause).__name__}: {_first_line(cause)}" if cause is not e else _first_line(e)
+            reason = f"the Hub cannot be reached: {why}"
+        raise _unreachable(cfg.name, src, reason) from e
     except GatedRepoError as e:
         raise WeightsNotFoundError(cfg.name, src, hint=(
             "The repository is gated: accept its terms on the Hub, then log in ('hf auth login') or set HF_TOKEN."
@@ -147,14 +195,14 @@ def hub_errors(cfg: ModelConfig) -> Iterator[None]:
                 "to the repository."
             )) from e  # fmt: skip
         reason = f"the Hub answered HTTP {status}" if status else f"the Hub failed: {_first_line(e)}"
-        raise OfflineWeightsError(cfg.name, src, reason) from e
+        raise _unreachable(cfg.name, src, reason) from e
     except HFValidationError as e:
         where = cfg.registry_file or "registry"
         raise RegistryError(where, f"model {cfg.name!r}: {src} is not a valid Hub source: {_first_line(e)}") from e
     except Exception as e:
         if not _is_network_error(e):
             raise
-        raise OfflineWeightsError(cfg.name, src, f"the Hub cannot be reached: {type(e).__name__}: {_first_line(e)}") from e
+        raise _unreachable(cfg.name, src, f"the Hub cannot be reached: {type(e).__name__}: {_first_line(e)}") from e
 
 
 def _hf_download(cfg: ModelConfig) -> Path:
@@ -234,7 +282,7 @@ def read_weights(cfg: ModelConfig, models_dir: Path | None = None, *, verify_has
     path = _find_weights(cfg, models_dir)
     with path.open("rb") as f:
         data = f.read()
-    _check_header(cfg.name, path, data[:9])
+    _check_header(cfg.name, path, data[:9], len(data))
     actual = hashlib.sha256(data).hexdigest()
     if verify_hash and cfg.sha256:
         _check_pin(cfg, path, actual)

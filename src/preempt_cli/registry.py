@@ -52,6 +52,11 @@ _logger = logging.getLogger(__name__)
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 #: A full git commit hash: the only Hub revision that cannot move.
 _COMMIT = re.compile(r"[0-9a-f]{40}")
+#: ``scheme://`` at the start of a source: a URL, which (hf:// aside) is no local path.
+_URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+#: The source forms a registry row may use, for error messages.
+SOURCE_FORMS = ("use hf://ORG/REPO/FILE[@REVISION], timm:MODEL, file:PATH or a local path (absolute, or relative "
+                "to --models-dir or to the registry file)")  # fmt: skip
 
 #: The built-in models used when no --backbone / --classifier is given: small CIFAR-10 ResNet-20s shipped as
 #: package data (``preempt_cli/weights/``), so ``preempt protect`` works offline on a fresh install. The
@@ -103,8 +108,10 @@ def parse_source(text: str) -> Source:
         return Source("timm", name)
     if text.startswith("file:"):
         text = text[len("file:") :]
+    elif url := _URL_SCHEME.match(text):  # ftp://, https://, s3://...: not a path, and nothing preempt fetches
+        raise ValueError(f"unsupported source {text!r}: preempt does not fetch {url.group(0)} URLs; {SOURCE_FORMS}")
     if not text:
-        raise ValueError("empty source")
+        raise ValueError(f"empty source; {SOURCE_FORMS}")
     return Source("file", text)
 
 
@@ -190,8 +197,24 @@ def _floats(value: Any, path: Path, name: str, key: str) -> tuple[float, ...] | 
     raise RegistryError(path, f"model {name!r}: {key} must be a list of numbers or \"none\", got {value!r}")
 
 
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, cut to about ``limit`` characters for a one-line message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _text(row: Mapping[str, Any], key: str, default: str, path: Path, name: str, *, empty_ok: bool = False) -> str:
+    """The string field ``key`` of a row (``default`` when absent): refused when not a string, or empty where
+    a name is meant (``empty_ok`` for free text, where ``""`` clears an inherited value)."""
+    value = row.get(key, default)
+    if not isinstance(value, str) or not (empty_ok or value.strip()):
+        kind = "a string" if empty_ok else "a non-empty string"
+        raise RegistryError(path, f"model {name!r}: {key} must be {kind}, got {_short(value)}")
+    return value
 
 
 def timm_pretrained_cfg(model: str) -> Any:
@@ -260,13 +283,18 @@ def _parse_row(
     for required in ("arch", "source"):
         if required not in row:
             raise RegistryError(path, f"model {name!r}: missing field {required!r}")
+    arch = _text(row, "arch", "", path, name)
+    texts = {key: _text(row, key, default, path, name, empty_ok=key != "dataset")
+             for key, default in (("dataset", "unknown"), ("description", ""), ("paper_name", ""), ("notes", ""))}  # fmt: skip
+    if not isinstance(row["source"], str):
+        raise RegistryError(path, f"model {name!r}: source must be a string; {SOURCE_FORMS}")
     try:
-        source = parse_source(str(row["source"]))
+        source = parse_source(row["source"])
     except ValueError as e:
         raise RegistryError(path, f"model {name!r}: {e}") from e
     sha = row.get("sha256")
-    if sha is not None and (len(str(sha)) != 64 or any(c not in "0123456789abcdef" for c in str(sha).lower())):
-        raise RegistryError(path, f"model {name!r}: sha256 must be 64 hex digits")
+    if sha is not None and not (isinstance(sha, str) and re.fullmatch(r"[0-9a-fA-F]{64}", sha)):
+        raise RegistryError(path, f"model {name!r}: sha256 must be 64 hex digits (a string)")
     if source.kind == "timm":
         if sha:
             raise RegistryError(path, f"model {name!r}: a sha256 pin cannot be checked on a timm: source (timm "
@@ -306,13 +334,13 @@ def _parse_row(
     if not isinstance(arch_args, Mapping):
         raise RegistryError(path, f"model {name!r}: arch_args must be a table (e.g. {{ depth = 28 }}), got {arch_args!r}")
     role = row.get("role", "any")
-    if role not in ROLES:
+    if not isinstance(role, str) or role not in ROLES:
         raise RegistryError(path, f"model {name!r}: role must be one of {', '.join(ROLES)}")
     return ModelConfig(
         name=name,
-        arch=str(row["arch"]),
+        arch=arch,
         source=source,
-        dataset=str(row.get("dataset", "unknown")),
+        dataset=texts["dataset"],
         input_size=(size[0], size[1], size[2]),
         mean=mean,
         std=std,
@@ -321,22 +349,66 @@ def _parse_row(
         arch_args=dict(arch_args),
         sha256=str(sha).lower() if sha else None,
         role=role,
-        description=str(row.get("description", "")),
-        paper_name=str(row.get("paper_name", "")),
-        notes=str(row.get("notes", "")),
+        description=texts["description"],
+        paper_name=texts["paper_name"],
+        notes=texts["notes"],
         registry_file=path,
         source_registry=source_registry if source_registry is not None and source_registry != path else None,
     )
 
 
+def _binary_kind(data: bytes) -> str | None:
+    """What a file passed as a registry is, when it is recognisably weights rather than text."""
+    if len(data) > 9 and b"\0" in data[:8] and data[8:9] == b"{" and int.from_bytes(data[:8], "little") <= len(data) - 8:
+        return "a safetensors weights file"
+    if data[:4] == b"PK\x03\x04" or data[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05"):
+        return "a PyTorch checkpoint"
+    return None
+
+
+def _not_text(data: bytes, error: UnicodeDecodeError) -> str:
+    """Why ``data`` (not UTF-8) is no registry."""
+    where = f"byte 0x{data[error.start]:02x} at offset {error.start}" if error.start < len(data) else "its end"
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        return f"UTF-16 text, not UTF-8 ({where}): a TOML registry must be UTF-8; save it again as UTF-8"
+    return f"not UTF-8 text ({where}): a TOML registry must be UTF-8 text"
+
+
 def _read_toml(path: Path) -> dict[str, Any]:
+    """A registry file's TOML document, with its ``models`` and ``classes`` checked to be tables.
+
+    Raises:
+        RegistryError: the file is missing, a directory, unreadable, not UTF-8, not TOML, or not shaped as a
+            registry.
+    """
     try:
-        with path.open("rb") as f:
-            return tomllib.load(f)
+        data = path.read_bytes()
     except FileNotFoundError as e:
         raise RegistryError(path, "registry file not found") from e
+    except IsADirectoryError as e:
+        raise RegistryError(path, "is a directory, not a registry file (a TOML file)") from e
+    except OSError as e:
+        raise RegistryError(path, f"cannot be read: {e.strerror or e}") from e
+    binary = _binary_kind(data)
+    if binary:
+        raise RegistryError(path, f"not a TOML registry but {binary}: name weights in a registry row's source, "
+                                  "and pass the registry (.toml) with --registry")  # fmt: skip
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RegistryError(path, _not_text(data, e)) from e
+    try:
+        doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise RegistryError(path, f"not valid TOML: {e}") from e
+    for table, example in (("models", "[models.NAME]"), ("classes", "[classes] NAME = [...]")):
+        value = doc.get(table, {})
+        if not isinstance(value, dict):
+            raise RegistryError(path, f"{table!r} must be a table ({example}), got {_short(value)}")
+    for set_name, names in doc.get("classes", {}).items():
+        if not (isinstance(names, list) and names and all(isinstance(c, str) for c in names)):
+            raise RegistryError(path, f"class set {set_name!r} must be a list of class names, got {_short(names)}")
+    return doc
 
 
 @lru_cache(maxsize=32)
@@ -349,26 +421,63 @@ def _load_cached(paths: tuple[tuple[Path, float], ...]) -> dict[str, ModelConfig
         if extra:
             raise RegistryError(path, f"unknown top-level table(s) {', '.join(sorted(extra))}")
         class_sets.update(doc.get("classes", {}))
-        for name, row in doc.get("models", {}).items():
-            if not isinstance(row, dict):
-                raise RegistryError(path, f"model {name!r}: expected a table")
-            replaced = models.get(name)
-            if replaced is not None and replaced.registry_file != path and row.get("base") != name:
-                # a row that names its own base extends the lower one on purpose; anything else hides it
-                _logger.warning("%s: model %r replaces the one defined in %s", path, name, replaced.registry_file)
-            source_registry = None
-            if "base" in row:
-                base = models.get(row["base"])
-                if base is None:
-                    raise RegistryError(path, f"model {name!r}: base model {row['base']!r} is not defined")
-                inherited = _as_row(base)
-                if "source" in row and "sha256" not in row:
-                    inherited.pop("sha256")  # the base's pin describes the base's file, not this new one
-                if "source" not in row:
-                    source_registry = base.source_anchor  # a relative path stays relative to where it was written
-                row = {**inherited, **{k: v for k, v in row.items() if k != "base"}}
-            models[name] = _parse_row(name, row, path, class_sets, source_registry)
+        _load_file(path, doc.get("models", {}), models, class_sets)
     return models
+
+
+def _load_file(path: Path, rows: Mapping[str, Any], models: dict[str, ModelConfig], class_sets: Mapping[str, Any]) -> None:
+    """Add the rows of one registry file to ``models`` (the lower registries' models), in file order, each
+    ``base`` row after the row of this file it names (wherever it is written); a row naming itself as its
+    base extends the lower registries' row of that name.
+
+    Raises:
+        RegistryError: an invalid row, an undefined base, or bases that form a cycle.
+    """
+    lower = dict(models)
+    for name, row in rows.items():
+        if not isinstance(row, dict):
+            raise RegistryError(path, f"model {name!r}: expected a table")
+    done: set[str] = set()
+
+    def add(name: str, chain: tuple[str, ...]) -> None:
+        row = rows[name]
+        replaced = lower.get(name)
+        if replaced is not None and replaced.registry_file != path and row.get("base") != name:
+            # a row that names its own base extends the lower one on purpose; anything else hides it
+            _logger.warning("%s: model %r replaces the one defined in %s", path, name, replaced.registry_file)
+        source_registry = None
+        if "base" in row:
+            base_name = row["base"]
+            if not isinstance(base_name, str) or not base_name:
+                raise RegistryError(path, f"model {name!r}: base must be a model name (a string), got {_short(base_name)}")
+            if base_name == name:  # extends the row of that name in a lower registry
+                base = lower.get(name)
+                if base is None:
+                    raise RegistryError(path, f"model {name!r}: base is the model itself (a cycle: {name} -> {name}), "
+                                              f"and no lower registry defines {name!r} for it to extend")  # fmt: skip
+            elif base_name in rows:  # a row of this file: it comes first, wherever it is written
+                if base_name in chain:
+                    cycle = " -> ".join(chain[chain.index(base_name) :] + (name, base_name))
+                    raise RegistryError(path, f"model {name!r}: base models form a cycle: {cycle}")
+                if base_name not in done:
+                    add(base_name, chain + (name,))
+                base = models[base_name]
+            else:
+                base = models.get(base_name)
+                if base is None:
+                    raise RegistryError(path, f"model {name!r}: base model {base_name!r} is not defined")
+            inherited = _as_row(base)
+            if "source" in row and "sha256" not in row:
+                inherited.pop("sha256")  # the base's pin describes the base's file, not this new one
+            if "source" not in row:
+                source_registry = base.source_anchor  # a relative path stays relative to where it was written
+            row = {**inherited, **{k: v for k, v in row.items() if k != "base"}}
+        models[name] = _parse_row(name, row, path, class_sets, source_registry)
+        done.add(name)
+
+    for name in rows:
+        if name not in done:
+            add(name, ())
 
 
 def _as_row(cfg: ModelConfig) -> dict[str, Any]:
@@ -399,8 +508,10 @@ def registry_files(extra: Iterable[Path | str] = ()) -> list[Path]:
         files.append(user)
     for p in extra:
         p = Path(p).expanduser()
+        if p.is_dir():
+            raise RegistryError(p, "is a directory, not a registry file (a TOML file)")
         if not p.is_file():
-            raise RegistryError(p, "registry file not found")
+            raise RegistryError(p, "registry file not found" if not p.exists() else "not a regular file")
         files.append(p)
     return files
 

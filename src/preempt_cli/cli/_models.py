@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from ..convert import convert_checkpoint
-from ..errors import ConfigError, PreemptError
+from ..errors import ConfigError, PreemptError, UnknownModelError
 from ..models import load_model
 from ..registry import ROLES, ModelConfig, get_model_config, load_registry, registry_files, user_registry_path
 from . import _common as c
@@ -129,10 +129,14 @@ def verify_cmd(
     failed = 0
     with c.handle_errors():
         torch_device = c.one_device(device)
+        # a registry that cannot be read is a setup error, reported once (exit 2), not a failure of each model
+        models = load_registry(registry or ())
         for name in names:  # each model is reported on its own; one broken row does not stop the others
             start = time.perf_counter()
             try:
-                cfg = get_model_config(name, registry or ())
+                if name not in models:
+                    raise UnknownModelError(name, sorted(models))
+                cfg = models[name]
                 model = load_model(cfg, device=torch_device, models_dir=models_dir)
                 with torch.inference_mode():
                     logits = model(torch.rand(2, *cfg.input_size, generator=torch.Generator().manual_seed(0)).to(torch_device))

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError, PreemptError, RegistryError, WeightsMismatchError
+from ..errors import ConfigError, PreemptError, RegistryError, UnreadableWeightsError, WeightsMismatchError
 from ..hub import hub_errors, read_weights
 from ..registry import ModelConfig, get_model_config, timm_pretrained_cfg
 from ._registry import create_arch, is_arch
@@ -133,9 +133,11 @@ def _build_net(cfg: ModelConfig, *, pretrained_timm: bool = False) -> nn.Module:
     """
     if is_arch(cfg.arch):
         try:
-            return create_arch(cfg.arch, num_classes=cfg.num_classes, **cfg.arch_args)
+            net = create_arch(cfg.arch, num_classes=cfg.num_classes, **cfg.arch_args)
         except (TypeError, ValueError) as e:
             raise _config_error(cfg, f"architecture {cfg.arch!r} rejects arch_args {dict(cfg.arch_args)}: {e}") from e
+        _check_input_channels(cfg, net)
+        return net
     try:
         import timm
     except ImportError as e:  # pragma: no cover - timm is a dependency
@@ -147,9 +149,67 @@ def _build_net(cfg: ModelConfig, *, pretrained_timm: bool = False) -> nn.Module:
         )
     name = cfg.source.location if pretrained_timm else cfg.arch
     try:
-        return timm.create_model(name, pretrained=pretrained_timm, num_classes=cfg.num_classes, **cfg.arch_args)
+        net = timm.create_model(name, pretrained=pretrained_timm, num_classes=cfg.num_classes, **cfg.arch_args)
     except TypeError as e:  # an unexpected keyword reaches the model's constructor
         raise _config_error(cfg, f"timm's {name!r} rejects arch_args {dict(cfg.arch_args)}: {e}") from e
+    _check_input_channels(cfg, net)
+    return net
+
+
+#: How many keys (or shape errors) a weights mismatch names; the rest are counted.
+_SHOWN_KEYS = 3
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0].strip() if lines else type(error).__name__
+
+
+def _some(keys: list[str]) -> str:
+    """The first few ``keys``, and how many more (a net of another architecture differs in hundreds)."""
+    shown = ", ".join(repr(k) for k in keys[:_SHOWN_KEYS])
+    return shown + (f" and {len(keys) - _SHOWN_KEYS} more" if len(keys) > _SHOWN_KEYS else "")
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "[" + ", ".join(map(str, t.shape)) + "]"
+
+
+def _state_mismatch(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> str:
+    """Why ``state`` does not load into a net whose state dict is ``expected``, in one short line: the first
+    few missing, unexpected and other-shape keys, with counts ("" when it fits). A missing BatchNorm
+    ``num_batches_tracked`` is no mismatch (``load_state_dict`` fills it in)."""
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = sorted(k for k in state if k not in expected)
+    shapes = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} of the architecture's {len(expected)} keys missing ({_some(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected key{'s' * (len(unexpected) != 1)} ({_some(unexpected)})")
+    if shapes:
+        shown = "; ".join(f"{k!r}: file {_shape(state[k])}, architecture {_shape(expected[k])}"
+                          for k in shapes[:_SHOWN_KEYS])  # fmt: skip
+        more = f" and {len(shapes) - _SHOWN_KEYS} more" if len(shapes) > _SHOWN_KEYS else ""
+        parts.append(f"{len(shapes)} tensor{'s' * (len(shapes) != 1)} of another shape ({shown}{more})")
+    if unexpected and len(unexpected) == len(state):
+        parts.append("none of the file's keys fit: weights of another architecture (or arch_args), or keys "
+                     "saved with a prefix")  # fmt: skip
+    return "; ".join(parts)
+
+
+def _cut(text: str, limit: int = 400) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check_input_channels(cfg: ModelConfig, net: nn.Module) -> None:
+    """Refuse a row whose ``input_size`` has another channel count than the net's first layer takes (it
+    would fail at the first forward pass, deep inside the net)."""
+    first = next((m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))), None)
+    if isinstance(first, nn.Conv2d) and first.in_channels != cfg.input_size[0]:
+        raise _config_error(cfg, f"input_size {list(cfg.input_size)} has {cfg.input_size[0]} channel(s), but "
+                                 f"architecture {cfg.arch!r} takes {first.in_channels}-channel images: fix "
+                                 "input_size (and mean/std), or the architecture's arch_args")  # fmt: skip
 
 
 def fuse_conv_bn(net: nn.Module) -> nn.Module:
@@ -205,8 +265,10 @@ def load_model(
 
     Raises:
         UnknownModelError, WeightsNotFoundError, OfflineWeightsError, HashMismatchError,
-        UnsafeWeightsError, WeightsMismatchError, ConfigError, RegistryError (a row the architecture
-        rejects, or a timm row whose num_classes differs from timm's pretrained head).
+        UnsafeWeightsError (``UnreadableWeightsError``: an empty, truncated or damaged file),
+        WeightsMismatchError, ConfigError, RegistryError (a row the architecture rejects, an input_size
+        with other channels than the architecture takes, or a timm row whose num_classes differs from
+        timm's pretrained head).
     """
     cfg = model if isinstance(model, ModelConfig) else get_model_config(model, registry)
     models_dir = Path(models_dir).expanduser() if models_dir is not None else None
@@ -225,15 +287,18 @@ def load_model(
         try:
             state = load(data)
         except Exception as e:  # safetensors raises its own SafetensorError for truncated/corrupt files
-            raise WeightsMismatchError(cfg.name, path, f"cannot read safetensors: {e}") from e
+            detail = _first_line(e).removeprefix("Error while deserializing: ").removeprefix("Error while deserializing header: ")
+            raise UnreadableWeightsError(cfg.name, path, f"safetensors cannot parse it: {detail}") from e
         del data
         net = _build_net(cfg)
         state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+        mismatch = _state_mismatch(net.state_dict(), state)  # torch's own message lists every key: kilobytes
+        if mismatch:
+            raise WeightsMismatchError(cfg.name, path, mismatch)
         try:
             net.load_state_dict(state, strict=True)
-        except RuntimeError as e:
-            first = str(e).strip().splitlines()
-            raise WeightsMismatchError(cfg.name, path, " ".join(line.strip() for line in first[:3])) from e
+        except RuntimeError as e:  # what the comparison above does not see (a module's own load hook)
+            raise WeightsMismatchError(cfg.name, path, _cut(" ".join(str(e).split()))) from e
         _logger.debug("loaded %s from %s (sha256 %s)", cfg.name, path, sha)
     net = fuse_conv_bn(net) if fuse else net.eval()
     wrapped = ImageModel(net, cfg, sha, weights_path=where, pin_verified=pin_verified).eval()

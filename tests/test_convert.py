@@ -1,0 +1,81 @@
+"""``preempt models convert``: refusals that name the file and say why, no torch warnings on stderr."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from preempt_cli.cli import app
+from preempt_cli.convert import convert_checkpoint
+from preempt_cli.errors import ConfigError
+
+pytestmark = pytest.mark.usefixtures("isolated_config")
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def _convert(tmp_path: Path, obj, *, raw_pickle: bool = False, **kw) -> str:
+    ckpt = tmp_path / "c.pt"
+    if raw_pickle:
+        ckpt.write_bytes(pickle.dumps(obj, protocol=4))
+    else:
+        torch.save(obj, ckpt)
+    with pytest.raises(ConfigError) as info:
+        convert_checkpoint(ckpt, tmp_path / "out.safetensors", **kw)
+    assert not (tmp_path / "out.safetensors").exists()
+    message = str(info.value)
+    assert str(ckpt) in message and "\n" not in message, message
+    return message
+
+
+@pytest.mark.parametrize("obj", [{}, {"state_dict": {}}], ids=["empty", "empty-state-dict"])
+def test_empty_checkpoint_is_refused(obj, tmp_path) -> None:
+    assert "nothing to convert" in _convert(tmp_path, obj)
+
+
+@pytest.mark.parametrize(
+    "obj, words",
+    [
+        ([torch.zeros(2)], "holds a list"),
+        ({"model": {"w": torch.zeros(2), "cfg": {"x": 1}}}, "entry 'model' is not a state dict"),
+        ({"a": {"b": {"c": torch.zeros(2)}}}, "--key"),
+        ({"w": torch.zeros(2).to_sparse()}, "dense tensors only"),
+        ({0: torch.zeros(2)}, "not a name (0)"),
+    ],
+    ids=["list", "mixed", "nested", "sparse", "int-key"],
+)
+def test_checkpoints_without_a_plain_state_dict_name_the_file(obj, words, tmp_path) -> None:
+    assert words in _convert(tmp_path, obj)
+
+
+def test_missing_key_names_the_file(tmp_path) -> None:
+    assert "no entry 'nope'" in _convert(tmp_path, {"state_dict": {"w": torch.zeros(2)}}, key="nope")
+
+
+def test_malicious_pickle_names_the_disallowed_global(tmp_path) -> None:
+    message = _convert(tmp_path, {"w": torch.zeros(2), "x": _Evil()})
+    assert "posix.system" in message or "nt.system" in message, message
+    assert "refused by torch.load(weights_only=True)" in message
+
+
+def test_other_protocol_pickles_are_explained_without_torch_warnings(tmp_path) -> None:
+    ckpt = tmp_path / "p4.pt"
+    ckpt.write_bytes(pickle.dumps({"w": 1}, protocol=4))
+    result = CliRunner().invoke(app, ["models", "convert", str(ckpt), str(tmp_path / "o.safetensors")])
+    assert result.exit_code == 2, result.output
+    assert "Warning" not in result.stderr and result.stderr.count("\n") == 1, result.stderr
+    assert str(ckpt) in result.stderr and "protocol 4" in result.stderr
+    with warnings.catch_warnings(record=True) as caught:  # pytest would hide them from stderr: look for them
+        warnings.simplefilter("always")
+        with pytest.raises(ConfigError):
+            convert_checkpoint(ckpt, tmp_path / "o.safetensors")
+    assert not [w for w in caught if issubclass(w.category, UserWarning)], [str(w.message) for w in caught]

@@ -1,0 +1,179 @@
+"""Malformed registries: one ``error: FILE: reason`` line and exit 2, never an internal error; row validation
+(types, base cycles and order, source schemes); ``models verify`` reports a registry setup error once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from preempt_cli.cli import app
+from preempt_cli.errors import RegistryError
+from preempt_cli.registry import load_registry, parse_source, register_model
+
+pytestmark = pytest.mark.usefixtures("isolated_config")
+
+BASE = 'base = "preempt-resnet20-at"\n'
+
+
+def _write(path: Path, data: str | bytes) -> Path:
+    if isinstance(data, bytes):
+        path.write_bytes(data)
+    else:
+        path.write_text(data)
+    return path
+
+
+def _safetensors_bytes() -> bytes:
+    import torch
+    from safetensors.torch import save
+
+    return save({"w": torch.zeros(2, 3)})
+
+
+# -- files that are no registry --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "content, words",
+    [
+        (b"\xff\xfe[models]", "UTF-16"),
+        (b"[models.x]\ndescription = \"caf\xe9\"\n", "not UTF-8"),
+        ("models = 3\n", "'models' must be a table"),
+        ("classes = 3\n", "'classes' must be a table"),
+        ("[classes]\ncifar = 3\n", "class set 'cifar' must be a list"),
+    ],
+    ids=["utf16", "latin1", "models-int", "classes-int", "class-set-int"],
+)
+def test_malformed_registry_is_one_line_naming_the_file(content, words, tmp_path) -> None:
+    path = _write(tmp_path / "bad.toml", content)
+    with pytest.raises(RegistryError) as info:
+        load_registry([path])
+    assert str(path) in str(info.value) and words in str(info.value)
+    result = CliRunner().invoke(app, ["models", "list", "--registry", str(path)])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(f"error: {path}: ") and result.stderr.count("\n") == 1, result.stderr
+    assert "internal error" not in result.stderr
+
+
+def test_weights_passed_as_registry_are_recognised(tmp_path) -> None:
+    path = _write(tmp_path / "w.safetensors", _safetensors_bytes())
+    with pytest.raises(RegistryError, match="not a TOML registry but a safetensors weights file") as info:
+        load_registry([path])
+    assert str(path) in str(info.value)
+
+
+def test_a_directory_as_registry_is_called_a_directory(tmp_path) -> None:
+    with pytest.raises(RegistryError, match="is a directory") as info:
+        load_registry([tmp_path])
+    assert "not found" not in str(info.value)
+    with pytest.raises(RegistryError, match="registry file not found"):
+        load_registry([tmp_path / "absent.toml"])
+
+
+def test_register_model_refuses_a_registry_with_models_not_a_table(tmp_path) -> None:
+    path = _write(tmp_path / "r.toml", "models = 3\n")
+    with pytest.raises(RegistryError, match="'models' must be a table"):
+        register_model("x", {"arch": "cifar_resnet20", "source": "x.safetensors"}, path)
+
+
+# -- row validation --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "line, words",
+    [
+        ("dataset = 7", "dataset must be a non-empty string"),
+        ('dataset = ""', "dataset must be a non-empty string"),
+        ("paper_name = 5", "paper_name must be a string"),
+        ("notes = [1]", "notes must be a string"),
+        ("description = 1.5", "description must be a string"),
+        ('arch = ""', "arch must be a non-empty string"),
+        ("source = 5", "source must be a string"),
+        ("sha256 = 5", "sha256 must be 64 hex digits"),
+        ("role = 3", "role must be one of"),
+        ('base = 3\narch = "cifar_resnet20"\nsource = "x.safetensors"', "base must be a model name"),
+    ],
+)
+def test_row_fields_of_the_wrong_type_are_refused(line, words, tmp_path) -> None:
+    base = "" if line.startswith("base") else BASE
+    path = _write(tmp_path / "r.toml", f"[models.t]\n{base}{line}\n")
+    with pytest.raises(RegistryError, match=words) as info:
+        load_registry([path])
+    assert str(path) in str(info.value) and "'t'" in str(info.value)
+
+
+def test_empty_free_text_clears_an_inherited_value(tmp_path) -> None:
+    path = _write(tmp_path / "r.toml", f'[models.a]\n{BASE}notes = "get it"\n[models.b]\nbase = "a"\nnotes = ""\n')
+    models = load_registry([path])
+    assert models["a"].notes == "get it" and models["b"].notes == ""
+
+
+@pytest.mark.parametrize(
+    "text, cycle",
+    [
+        ('[models.x]\nbase = "y"\n[models.y]\nbase = "x"\n', "x -> y -> x"),
+        ('[models.x]\nbase = "x"\n', "x -> x"),
+        ('[models.w]\nbase = "x"\n[models.x]\nbase = "y"\n[models.y]\nbase = "z"\n[models.z]\nbase = "x"\n',
+         "x -> y -> z -> x"),
+    ],
+    ids=["two", "self", "three"],
+)
+def test_base_cycles_are_named(text, cycle, tmp_path) -> None:
+    path = _write(tmp_path / "r.toml", text)
+    with pytest.raises(RegistryError, match="cycle") as info:
+        load_registry([path])
+    assert cycle in str(info.value) and "is not defined" not in str(info.value)
+
+
+def test_base_may_be_written_after_the_row_naming_it(tmp_path) -> None:
+    path = _write(tmp_path / "r.toml", f'[models.a]\nbase = "b"\nrole = "classifier"\n[models.b]\n{BASE}dataset = "mine"\n')
+    models = load_registry([path])
+    assert models["a"].dataset == "mine" and models["a"].arch == models["preempt-resnet20-at"].arch
+
+
+def test_a_row_naming_itself_extends_the_lower_row(tmp_path) -> None:
+    path = _write(tmp_path / "r.toml", '[models.preempt-resnet20-at]\nbase = "preempt-resnet20-at"\ndataset = "x"\n')
+    cfg = load_registry([path])["preempt-resnet20-at"]
+    assert cfg.dataset == "x" and cfg.arch == "cifar_resnet20"
+
+
+@pytest.mark.parametrize("source", ["ftp://foo/bar.safetensors", "https://example.com/w.safetensors", "s3://b/k"])
+def test_unknown_url_schemes_are_refused(source, tmp_path) -> None:
+    with pytest.raises(ValueError, match="hf://ORG/REPO/FILE"):
+        parse_source(source)
+    path = _write(tmp_path / "r.toml", f'[models.t]\n{BASE}source = "{source}"\n')
+    with pytest.raises(RegistryError) as info:
+        load_registry([path])
+    message = str(info.value)
+    assert source.split("://")[0] + "://" in message and "timm:MODEL" in message and "file:PATH" in message
+    # paths and the accepted forms still parse
+    assert parse_source("file:///abs/w.safetensors").kind == "file"
+    assert parse_source("models/w.safetensors").kind == "file"
+    assert parse_source("hf://org/repo/w.safetensors").kind == "hf"
+
+
+# -- models verify: a registry that cannot be read is a setup error -------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["syntax", "missing", "directory", "utf16"])
+def test_models_verify_reports_a_broken_registry_once_with_exit_2(kind, tmp_path) -> None:
+    registry = {
+        "syntax": lambda: _write(tmp_path / "syntax.toml", "[models\n"),
+        "missing": lambda: tmp_path / "nonexist.toml",
+        "directory": lambda: tmp_path,
+        "utf16": lambda: _write(tmp_path / "u.toml", b"\xff\xfe[models]"),
+    }[kind]()
+    result = CliRunner().invoke(app, ["models", "verify", "preempt-resnet20-at", "preempt-resnet20-std",
+                                      "--registry", str(registry)])  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert result.stderr.count("error:") == 1, result.stderr
+    assert result.stderr.startswith(f"error: {registry}: "), result.stderr
+
+
+def test_models_verify_unknown_name_is_still_a_failure_of_that_model(tmp_path) -> None:
+    result = CliRunner().invoke(app, ["models", "verify", "nope", "preempt-resnet20-at"])
+    assert result.exit_code == 1, result.output
+    assert "error: nope: unknown model 'nope'" in result.stderr
+    assert "ok  preempt-resnet20-at" in result.stdout
