@@ -446,7 +446,7 @@ def bench_gpu_variants(key: str, ours: ImageModel, x: torch.Tensor, seeds: list[
     finally:
         torch.backends.cudnn.benchmark = saved
     # torch.compile at the best batch of each precision of --compile-precisions: bf16's under "compile"
-    # (as before 0.9.1), fp32's under "compile_fp32" (fused elementwise kernels, TF32 convolutions as eager's)
+    # (as before 0.10.0), fp32's under "compile_fp32" (fused elementwise kernels, TF32 convolutions as eager's)
     for compile_precision in args.compile_precisions if key in args.compile_backbones else ():
         best_p = result.get(f"best_{compile_precision}")
         if not best_p:

@@ -60,7 +60,7 @@ def _launched_as_the_package() -> None:
     from .. import __main__ as package_main
 
     launcher = sys.modules.get("__main__")
-    # pip's launcher calls the package's main (this one, in launchers written before 0.9.1)
+    # pip's launcher calls the package's main (this one, in launchers written before 0.10.0)
     launched = getattr(launcher, "main", None) in (main, package_main.main)
     if launcher is not None and getattr(launcher, "__spec__", None) is None and launched:
         launcher.__spec__ = importlib.util.find_spec("preempt_cli.__main__")
