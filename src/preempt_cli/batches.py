@@ -20,6 +20,8 @@ from typing import Any, Callable, Generic, Protocol, Sequence, TypeVar
 
 import torch
 
+from .errors import error_chain
+
 __all__ = ["QueuedTransfer", "ComputeThread"]
 
 #: How often the compute thread, with a batch on the device and none waiting, looks again whether the
@@ -79,12 +81,8 @@ def _done(handle: Launched) -> bool:
 def _fail(future: Future, error: BaseException) -> None:
     """Give ``error`` to ``future`` without what its finished frames hold: the tensors of a failed attempt
     (an out-of-memory error's activations) must not stay alive on the device while the next batches run."""
-    seen: set[int] = set()
-    e: BaseException | None = error
-    while e is not None and id(e) not in seen:  # the chain of causes holds frames too
-        seen.add(id(e))
+    for e in error_chain(error):  # the errors it was raised from hold frames too
         traceback.clear_frames(e.__traceback__)
-        e = e.__cause__ or e.__context__
     future.set_exception(error)
 
 

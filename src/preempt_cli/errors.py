@@ -8,6 +8,7 @@ The CLI maps them to an ``Error:`` line and an exit code (see ``preempt_cli.cli`
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterator
 
 __all__ = [
     "PreemptError",
@@ -25,6 +26,9 @@ __all__ = [
     "LabelError",
     "MissingDependencyError",
     "reason_of",
+    "first_line",
+    "clip",
+    "error_chain",
 ]
 
 
@@ -180,3 +184,25 @@ def reason_of(error: Exception, path: Path) -> str:
     reason = getattr(error, "reason", None) or str(error)
     prefix = f"{path}: "
     return reason[len(prefix) :] if reason.startswith(prefix) else reason
+
+
+def first_line(error: BaseException) -> str:
+    """``error``'s first line of message (its type's name when it has none): libraries' messages run on."""
+    lines = str(error).strip().splitlines()
+    return lines[0].strip() if lines else type(error).__name__
+
+
+def clip(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, ``...`` marking the cut, for a one-line message."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def error_chain(error: BaseException) -> Iterator[BaseException]:
+    """``error`` and the errors it was raised from or while handling (``__cause__``, else
+    ``__context__``), innermost last; each once, should the chain loop."""
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__

@@ -19,6 +19,8 @@ from .errors import (
     UnreadableWeightsError,
     UnsafeWeightsError,
     WeightsNotFoundError,
+    error_chain,
+    first_line,
 )
 from .imageio import atomic_write
 from .registry import ModelConfig
@@ -107,11 +109,6 @@ def _local_candidates(cfg: ModelConfig, models_dir: Path | None) -> list[Path]:
     return candidates
 
 
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0].strip() if lines else type(error).__name__
-
-
 def _is_network_error(error: BaseException) -> bool:
     """Connection, proxy, TLS and timeout failures, whichever HTTP library huggingface_hub or timm uses."""
     top = type(error).__module__.split(".")[0]
@@ -129,15 +126,6 @@ def _unreachable(model: str, src: str, reason: str) -> OfflineWeightsError:
         f"({reason}). Check the network connection (or the proxy: HTTPS_PROXY) and try again, or point the "
         "model at a local file with --registry.",
     )
-    return error
-
-
-def _root_cause(error: BaseException) -> BaseException:
-    """The innermost exception ``error`` was raised from (huggingface_hub wraps the connection error)."""
-    seen = {id(error)}
-    while (inner := error.__cause__ or error.__context__) is not None and id(inner) not in seen:
-        seen.add(id(inner))
-        error = inner
     return error
 
 
@@ -169,8 +157,8 @@ def hub_errors(cfg: ModelConfig) -> Iterator[None]:
         if _hf_offline():
             reason = "HF_HUB_OFFLINE is set"
         else:  # huggingface_hub's own message is a paragraph; the connection error it wraps says why
-            cause = _root_cause(e)
-            why = f"{type(cause).__name__}: {_first_line(cause)}" if cause is not e else _first_line(e)
+            *_, cause = error_chain(e)  # the innermost: huggingface_hub wraps the connection error
+            why = f"{type(cause).__name__}: {first_line(cause)}" if cause is not e else first_line(e)
             reason = f"the Hub cannot be reached: {why}"
         raise _unreachable(cfg.name, src, reason) from e
     except GatedRepoError as e:
@@ -194,15 +182,15 @@ def hub_errors(cfg: ModelConfig) -> Iterator[None]:
                 f"The Hub refused access (HTTP {status}): log in ('hf auth login') or set HF_TOKEN with access "
                 "to the repository."
             )) from e  # fmt: skip
-        reason = f"the Hub answered HTTP {status}" if status else f"the Hub failed: {_first_line(e)}"
+        reason = f"the Hub answered HTTP {status}" if status else f"the Hub failed: {first_line(e)}"
         raise _unreachable(cfg.name, src, reason) from e
     except HFValidationError as e:
         where = cfg.registry_file or "registry"
-        raise RegistryError(where, f"model {cfg.name!r}: {src} is not a valid Hub source: {_first_line(e)}") from e
+        raise RegistryError(where, f"model {cfg.name!r}: {src} is not a valid Hub source: {first_line(e)}") from e
     except Exception as e:
         if not _is_network_error(e):
             raise
-        raise _unreachable(cfg.name, src, f"the Hub cannot be reached: {type(e).__name__}: {_first_line(e)}") from e
+        raise _unreachable(cfg.name, src, f"the Hub cannot be reached: {type(e).__name__}: {first_line(e)}") from e
 
 
 def _hf_download(cfg: ModelConfig) -> Path:

@@ -22,7 +22,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from .errors import RegistryError, UnknownModelError
+from .errors import RegistryError, UnknownModelError, clip
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -197,10 +197,9 @@ def _floats(value: Any, path: Path, name: str, key: str) -> tuple[float, ...] | 
     raise RegistryError(path, f"model {name!r}: {key} must be a list of numbers or \"none\", got {value!r}")
 
 
-def _short(value: Any, limit: int = 60) -> str:
-    """``repr(value)``, cut to about ``limit`` characters for a one-line message."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+def _short(value: Any) -> str:
+    """``repr(value)``, cut for a one-line message."""
+    return clip(repr(value), 60)
 
 
 def _is_int(value: Any) -> bool:

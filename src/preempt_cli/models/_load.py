@@ -11,7 +11,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError, PreemptError, RegistryError, UnreadableWeightsError, WeightsMismatchError
+from ..errors import (
+    ConfigError,
+    PreemptError,
+    RegistryError,
+    UnreadableWeightsError,
+    WeightsMismatchError,
+    clip,
+    first_line,
+)
 from ..hub import hub_errors, read_weights
 from ..registry import ModelConfig, get_model_config, timm_pretrained_cfg
 from ._registry import create_arch, is_arch
@@ -160,11 +168,6 @@ def _build_net(cfg: ModelConfig, *, pretrained_timm: bool = False) -> nn.Module:
 _SHOWN_KEYS = 3
 
 
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0].strip() if lines else type(error).__name__
-
-
 def _some(keys: list[str]) -> str:
     """The first few ``keys``, and how many more (a net of another architecture differs in hundreds)."""
     shown = ", ".join(repr(k) for k in keys[:_SHOWN_KEYS])
@@ -196,10 +199,6 @@ def _state_mismatch(expected: dict[str, torch.Tensor], state: dict[str, torch.Te
         parts.append("none of the file's keys fit: weights of another architecture (or arch_args), or keys "
                      "saved with a prefix")  # fmt: skip
     return "; ".join(parts)
-
-
-def _cut(text: str, limit: int = 400) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _check_input_channels(cfg: ModelConfig, net: nn.Module) -> None:
@@ -287,7 +286,7 @@ def load_model(
         try:
             state = load(data)
         except Exception as e:  # safetensors raises its own SafetensorError for truncated/corrupt files
-            detail = _first_line(e).removeprefix("Error while deserializing: ").removeprefix("Error while deserializing header: ")
+            detail = first_line(e).removeprefix("Error while deserializing: ").removeprefix("Error while deserializing header: ")
             raise UnreadableWeightsError(cfg.name, path, f"safetensors cannot parse it: {detail}") from e
         del data
         net = _build_net(cfg)
@@ -298,7 +297,7 @@ def load_model(
         try:
             net.load_state_dict(state, strict=True)
         except RuntimeError as e:  # what the comparison above does not see (a module's own load hook)
-            raise WeightsMismatchError(cfg.name, path, _cut(" ".join(str(e).split()))) from e
+            raise WeightsMismatchError(cfg.name, path, clip(" ".join(str(e).split()), 400)) from e
         _logger.debug("loaded %s from %s (sha256 %s)", cfg.name, path, sha)
     net = fuse_conv_bn(net) if fuse else net.eval()
     wrapped = ImageModel(net, cfg, sha, weights_path=where, pin_verified=pin_verified).eval()
