@@ -41,6 +41,7 @@ __all__ = [
     "DefendedSet",
     "Evaluator",
     "check_jpeg_quality",
+    "check_reversion_options",
     "jpeg_roundtrip",
     "json_dumps",
     "mcnemar_exact",
@@ -233,7 +234,7 @@ class AttackSpec:
         if unknown:
             raise ConfigError(f"attack {kind} does not take {', '.join(sorted(unknown))}")
         spec = cls(kind, tuple(sorted(options.items())))
-        _ = spec.limit
+        _ = spec.limit  # refuses a limit= that is no whole number >= 1
         spec.build(None, check_only=True)
         return spec
 
@@ -334,6 +335,20 @@ def check_jpeg_quality(quality: int, option: str = "JPEG quality") -> None:
     if isinstance(quality, bool) or not isinstance(quality, int) or not lo <= quality <= hi:
         raise ConfigError(f"{option} must be a whole number in {lo}..{hi} (Pillow's JPEG quality scale), "
                           f"got {quality!r}")  # fmt: skip
+
+
+def check_reversion_options(flip_fraction: float, jpeg_quality: int, reverter_labels: str) -> None:
+    """Refuse settings of :func:`reversion_protocol` that cannot work (the CLI checks them before any model
+    loads).
+
+    Raises:
+        ConfigError: a flip fraction outside [0, 1], a JPEG quality outside 1..100, or unknown reverter labels.
+    """
+    if not 0 <= flip_fraction <= 1:
+        raise ConfigError(f"--flip-fraction must be in [0, 1], got {flip_fraction:g}")
+    check_jpeg_quality(jpeg_quality, "--jpeg-quality")
+    if reverter_labels not in REVERTER_LABELS:
+        raise ConfigError(f"--reversion-labels must be one of {', '.join(REVERTER_LABELS)}, got {reverter_labels!r}")
 
 
 def jpeg_roundtrip(images: torch.Tensor, quality: int = 50) -> torch.Tensor:
@@ -847,11 +862,7 @@ def reversion_protocol(
     p-values and discordant counts are in the results.
     """
     ds = evaluator.dataset
-    if not 0 <= flip_fraction <= 1:
-        raise ConfigError("--flip-fraction must be in [0, 1]")
-    check_jpeg_quality(jpeg_quality, "--jpeg-quality")
-    if reverter_labels not in REVERTER_LABELS:
-        raise ConfigError(f"reverter labels must be one of {', '.join(REVERTER_LABELS)}, got {reverter_labels!r}")
+    check_reversion_options(flip_fraction, jpeg_quality, reverter_labels)
     protector = evaluator._protector(defense)
     eps = protector.config.eps
     seeds = [content_seed(ds.hwc(i)) for i in range(len(ds))]

@@ -265,9 +265,17 @@ def one_device(spec: str) -> torch.device:
     return devices[0]
 
 
-def print_json(obj: Any) -> None:
-    """One JSON object per line on stdout."""
-    print_line(json.dumps(obj, sort_keys=False, default=str))
+def print_json(obj: Any, *, allow_nan: bool = True) -> None:
+    """One JSON object per line on stdout (``allow_nan=False``: strict JSON, a NaN raises ``ValueError``)."""
+    print_line(json.dumps(obj, sort_keys=False, default=str, allow_nan=allow_nan))
+
+
+def given_on_command_line(ctx: typer.Context, options: dict[str, str]) -> list[str]:
+    """The options of ``options`` (parameter name: option) typed on the command line, not defaults nor
+    taken from the environment."""
+    # by name: typer vendors its own copy of click, whose ParameterSource is not click's
+    return [option for name, option in options.items()
+            if getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"]  # fmt: skip
 
 
 def print_line(text: str, end: str = "\n") -> None:

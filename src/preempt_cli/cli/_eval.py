@@ -13,11 +13,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsed
 from rich.table import Table
 
 from ..evaluate import (
-    REVERTER_LABELS,
     AttackSpec,
     DefenseSpec,
     Evaluator,
-    check_jpeg_quality,
+    check_reversion_options,
     json_dumps,
     load_dataset,
     reversion_protocol,
@@ -49,11 +48,6 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
-
-
-def _print_json(obj: Any) -> None:
-    """One strict JSON object on a line of stdout (a value not measured is ``null``, never ``NaN``)."""
-    c.print_line(json_dumps(obj, default=str))
 
 
 def _write_report(out: Path, rows: list[dict[str, Any]], evaluator: Evaluator, defenses: list[DefenseSpec],
@@ -115,10 +109,7 @@ def _check_ignored(ctx: typer.Context, reversion: bool) -> None:
     Raises:
         ConfigError: such an option was given.
     """
-    options = GRID_ONLY if reversion else REVERSION_ONLY
-    # by name: typer vendors its own copy of click, whose ParameterSource is not click's
-    given = [opt for name, opt in options.items()
-             if getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"]  # fmt: skip
+    given = c.given_on_command_line(ctx, GRID_ONLY if reversion else REVERSION_ONLY)
     if not given:
         return
     them = "it" if len(given) == 1 else "them"
@@ -220,12 +211,7 @@ def eval_cmd(
             raise ConfigError("--reversion takes exactly one fp defense")
         _check_ignored(ctx, reversion)
         if reversion:
-            check_jpeg_quality(jpeg_quality, "--jpeg-quality")
-            if not 0 <= flip_fraction <= 1:
-                raise ConfigError(f"--flip-fraction must be in [0, 1], got {flip_fraction:g}")
-            if reversion_labels not in REVERTER_LABELS:
-                raise ConfigError(f"--reversion-labels must be one of {', '.join(REVERTER_LABELS)}, got "
-                                  f"{reversion_labels!r}")  # fmt: skip
+            check_reversion_options(flip_fraction, jpeg_quality, reversion_labels)
         _check_outputs(data, out, csv_path)
         torch_device = _setup_torch(device)
         load = _model_cache(torch_device, models_dir, registry)
@@ -245,7 +231,7 @@ def eval_cmd(
                                         reverter_labels=reversion_labels)  # fmt: skip
             (out / "reversion.json").write_text(json_dumps(result, indent=1))
             if json_out:
-                _print_json(result)
+                c.print_json(result, allow_nan=False)  # strict: a value not measured is null
             else:
                 for name, res in result["victims"].items():
                     table = Table(title=f"{name}: clean accuracy (%) — {result['labels']}", header_style="bold",
@@ -271,7 +257,7 @@ def eval_cmd(
             for row in evaluator.grid(victim, defenses, attacks):
                 rows.append(row)
                 if json_out:
-                    _print_json(row)
+                    c.print_json(row, allow_nan=False)
                 progress.advance(task)
         (out / "results.json").write_text(json_dumps(rows, indent=1))
         if csv_path is not None:

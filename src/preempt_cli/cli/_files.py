@@ -463,9 +463,7 @@ def _check_white_box(ctx: typer.Context) -> None:
     Raises:
         ConfigError: such an option was given.
     """
-    # by name: typer vendors its own copy of click, whose ParameterSource is not click's
-    given = [opt for name, opt in WHITE_BOX_RECORDED.items()
-             if getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"]  # fmt: skip
+    given = c.given_on_command_line(ctx, WHITE_BOX_RECORDED)
     if given:
         them = "it" if len(given) == 1 else "them"
         raise ConfigError(f"--white-box takes {', '.join(given)} from each file's metadata; drop {them} "
