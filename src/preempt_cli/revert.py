@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 import torch
 
+from .engine import ForeBackConfig
 from .inputs import REVERTED_SUFFIX
 from .protect import Protector
 
@@ -55,10 +56,9 @@ def white_box_settings(meta: dict[str, Any]) -> dict[str, Any]:
     keys = ("eps", "eta", "forward_steps", "backward_steps", "samples", "sample_projection", "inner_steps")
     settings = {k: meta[k] for k in keys}
     try:
-        passes = (int(settings["forward_steps"]) + int(settings["backward_steps"])) * int(settings["samples"]) \
-            * int(settings["inner_steps"])  # fmt: skip
-    except (TypeError, ValueError, OverflowError):
-        passes = 0  # not numbers: the settings' own check says what is wrong with them
+        passes = ForeBackConfig(**settings).passes_per_image
+    except (TypeError, ValueError):  # settings no defense has: building the reversion says what is wrong
+        passes = 0
     if passes > MAX_RECORDED_PASSES:
         raise ValueError(f"its metadata asks for {passes:,} backbone passes per image (steps x samples), more "
                          f"than the {MAX_RECORDED_PASSES:,} a white-box reversion takes from a file (edited?)")
