@@ -166,12 +166,6 @@ def read_preempt_metadata_file(path: Path) -> dict[str, Any] | None:
     return parse_preempt_metadata(read_png_text(path, key=METADATA_KEY).get(METADATA_KEY))
 
 
-def _has_preempt_metadata(path: Path) -> bool:
-    """Whether ``path`` carries preempt's metadata (False for a file that cannot be read: it fails later,
-    with its reason, when it is decoded)."""
-    return read_preempt_metadata_file(path) is not None
-
-
 # What makes two runs' outputs of one original differ. A re-run with other values must not keep an output
 # made with the old ones: a protect with the public model, then with one's own key (the README's order),
 # would otherwise keep the public-key outputs, which anyone holding that model can attack. The backbone is
@@ -442,7 +436,8 @@ class Protector:
             return None
         marker = next((m for m in self.skip_markers if item.path.stem.endswith(m)), None)
         # the name alone does not make an output: a photo of the user's may be named holiday.protected.png
-        if marker and item.path.suffix.lower() == ".png" and _has_preempt_metadata(item.path):
+        # (a file that cannot be read has no metadata here: it fails with its reason when decoded)
+        if marker and item.path.suffix.lower() == ".png" and read_preempt_metadata_file(item.path) is not None:
             return FileResult(item.path, "skipped", output=output,
                               reason=f"already a preempt output ({marker}.png with preempt's metadata; "
                                      f"--overwrite processes it again)")  # fmt: skip
@@ -925,24 +920,24 @@ def run_on_devices(protectors: Sequence[Protector], items: Iterable[InputFile],
     for t in threads:
         t.start()
     running = len(threads)
+    interrupt: KeyboardInterrupt | None = None
     try:
         while running:
-            kind, payload = results.get()
-            if kind == "done":
-                running -= 1
-            elif kind == "error":
-                raise payload
-            else:
-                yield payload
-    except KeyboardInterrupt:
-        interrupted.set()  # each device's run finishes the files it is writing, and they are still reported
-        while running:
-            kind, payload = results.get()
-            if kind == "done":
-                running -= 1
-            elif kind == "result":
-                yield payload
-        raise
+            try:
+                kind, payload = results.get()
+                if kind == "done":
+                    running -= 1
+                elif kind == "result":
+                    yield payload
+                elif interrupt is None:  # a worker's error; once interrupted, the interrupt is what is raised
+                    raise payload
+            except KeyboardInterrupt as e:
+                if interrupt is not None:  # again, while the devices stop: stop now
+                    raise
+                interrupt = e
+                interrupted.set()  # each device's run finishes the files it is writing, still reported here
+        if interrupt is not None:
+            raise interrupt
     finally:
         stop.set()
         while any(t.is_alive() for t in threads):  # unblock workers waiting on a full queue
