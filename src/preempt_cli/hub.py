@@ -59,6 +59,11 @@ _ZIP_MAGIC = b"PK\x03\x04"
 _PICKLE_STARTS = tuple(bytes([0x80, proto]) for proto in range(2, 6))
 
 
+def looks_like_checkpoint(head: bytes) -> bool:
+    """Whether a file starting with ``head`` is a PyTorch checkpoint (zip or pickle), by its first bytes."""
+    return head.startswith(_ZIP_MAGIC) or head.startswith(_PICKLE_STARTS)
+
+
 def check_safetensors_header(model: str, path: Path) -> None:
     """Refuse files that are not safetensors (pickles, zip checkpoints, damaged files) before anything parses
     them.
@@ -79,7 +84,7 @@ def _check_header(model: str, path: Path, head: bytes, size: int) -> None:
     header_len = int.from_bytes(head[:8], "little")
     if len(head) < 9 or head[8:9] != b"{" or header_len > 100_000_000:  # no safetensors header: what is it?
         # (checked only now: a header length such as 0x280 starts with the bytes of a pickle's PROTO 2)
-        if head.startswith(_ZIP_MAGIC) or head.startswith(_PICKLE_STARTS):
+        if looks_like_checkpoint(head):
             raise UnsafeWeightsError(model, path)  # a PyTorch checkpoint: `preempt models convert` reads it
         if size == 0:
             raise UnreadableWeightsError(model, path, "the file is empty")

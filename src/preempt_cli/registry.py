@@ -358,9 +358,11 @@ def _parse_row(
 
 def _binary_kind(data: bytes) -> str | None:
     """What a file passed as a registry is, when it is recognisably weights rather than text."""
+    from .hub import looks_like_checkpoint  # here: hub imports this module
+
     if len(data) > 9 and b"\0" in data[:8] and data[8:9] == b"{" and int.from_bytes(data[:8], "little") <= len(data) - 8:
         return "a safetensors weights file"
-    if data[:4] == b"PK\x03\x04" or data[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05"):
+    if looks_like_checkpoint(data[:4]):
         return "a PyTorch checkpoint"
     return None
 
