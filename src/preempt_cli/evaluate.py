@@ -348,7 +348,8 @@ def check_reversion_options(flip_fraction: float, jpeg_quality: int, reverter_la
         raise ConfigError(f"--flip-fraction must be in [0, 1], got {flip_fraction:g}")
     check_jpeg_quality(jpeg_quality, "--jpeg-quality")
     if reverter_labels not in REVERTER_LABELS:
-        raise ConfigError(f"--reversion-labels must be one of {', '.join(REVERTER_LABELS)}, got {reverter_labels!r}")
+        raise ConfigError(f"reverter labels (--reversion-labels) must be one of {', '.join(REVERTER_LABELS)}, got "
+                          f"{reverter_labels!r}")  # fmt: skip
 
 
 def jpeg_roundtrip(images: torch.Tensor, quality: int = 50) -> torch.Tensor:
