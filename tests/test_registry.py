@@ -168,6 +168,10 @@ def test_preempt_registry_env_names_the_user_registry(isolated_config: Path, tmp
     # A PREEMPT_REGISTRY that does not exist is simply no user registry.
     monkeypatch.setenv("PREEMPT_REGISTRY", str(tmp_path / "absent.toml"))
     assert "my-robust" not in load_registry()
+    # A folder there is a mistake to name, not "no registry": it used to be skipped silently.
+    monkeypatch.setenv("PREEMPT_REGISTRY", str(tmp_path / "elsewhere"))
+    with pytest.raises(RegistryError, match="PREEMPT_REGISTRY is a directory"):
+        load_registry()
 
 
 def test_extra_registry_with_base_inheritance(isolated_config: Path, tmp_path) -> None:

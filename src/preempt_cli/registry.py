@@ -507,6 +507,10 @@ def registry_files(extra: Iterable[Path | str] = ()) -> list[Path]:
     user = user_registry_path()
     if user.is_file():
         files.append(user)
+    elif user.exists():  # missing is fine (``models add`` creates it); a folder there is a mistake to name
+        source = "PREEMPT_REGISTRY" if os.environ.get("PREEMPT_REGISTRY") else "the user registry"
+        kind = "a directory" if user.is_dir() else "not a regular file"
+        raise RegistryError(user, f"{source} is {kind}, not a registry file (a TOML file)")
     for p in extra:
         p = Path(p).expanduser()
         if p.is_dir():
