@@ -4,12 +4,14 @@ fails (kept, never silently taken for this run's result)."""
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
 
 from conftest import TEST_DEVICE, make_tiny_model, write_random_pngs
 from preempt_cli import ForeBackConfig, Protector, RunOptions, collect_inputs
+from preempt_cli.imageio import read_png_text
 from preempt_cli.protect import differing_settings
 from preempt_cli.revert import Reverter
 
@@ -106,3 +108,14 @@ def test_differing_settings_shows_values_apart_and_never_fails() -> None:
     assert differing_settings({"classifier": "c-renamed", "classifier_sha256": "a" * 64}, now) == []
     assert differing_settings({"classifier": "c", "classifier_sha256": "b" * 64}, now) == [
         f"classifier c (sha256 {'b' * 12}) -> c (sha256 {'a' * 12})"]
+
+
+def test_outputs_record_nothing_of_the_original_s_name_or_folder(tmp_path: Path) -> None:
+    # A protected file is made to be published: its metadata must not carry the private name it had.
+    folder = tmp_path / "private-folder"
+    write_random_pngs(folder, n=1, name="private-name{i}.png")
+    assert {s for s, _ in _run(_protector(), folder).values()} == {"done"}
+    (output,) = folder.glob("*.protected.png")
+    text = json.dumps(read_png_text(output))
+    assert '\\"tool\\": \\"preempt\\"' in text  # the metadata chunk is there, as JSON inside the text chunk
+    assert "private-name" not in text and "private-folder" not in text

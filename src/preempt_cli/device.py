@@ -25,7 +25,8 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
     try:
         device = torch.device(spec)
     except RuntimeError as e:
-        raise ConfigError(f"unknown device {spec!r}: use auto, cpu, cuda or cuda:I") from e
+        raise ConfigError(f"unknown device {spec!r}: use auto, cpu, cuda, cuda:I, mps, a list such as cuda:0,cuda:1, "
+                          "or all") from e
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(f"device {spec!r} requested but CUDA is not available on this machine")

@@ -399,7 +399,6 @@ class Protector:
             **self.run_settings(),
             "label": pending.label,
             "label_name": self.backbone.config.class_name(pending.label) if pending.label is not None else None,
-            "source_file": pending.item.path.name,
             "source_sha256": pending.picture.source_sha256,
             **pending.extra,
         }

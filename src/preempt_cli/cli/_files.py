@@ -286,7 +286,9 @@ def _check_run(out_dir: Path | None, max_pixels: int, json_out: bool, print0: bo
 PROTECT_EPILOG = """\
 [bold]Examples[/]
 
-  preempt protect ./photos --backbone preact18 --classifier resnext29-augmix
+  preempt protect ./photos
+
+  preempt protect ./photos --backbone preact18 --classifier resnext29-augmix   (the paper's models)
 
   preempt protect img.jpg -b cifar10-resnet20-pgdat-a -c cifar10-resnet18-std --models-dir ../shared/models
 
