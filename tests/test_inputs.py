@@ -251,3 +251,142 @@ def test_one_file_under_several_names_keeps_the_real_name(tmp_path: Path) -> Non
     (folder / "b.png").symlink_to(tmp_path / "elsewhere.png")
     (folder / "c.png").symlink_to(tmp_path / "elsewhere.png")
     assert [i.path.name for i in collect_inputs([folder]) if i.path.exists()] == ["b.png"]
+
+
+def _preempt_png(path: Path) -> Path:
+    """A PNG carrying preempt's metadata chunk, as an earlier run's output does."""
+    from PIL import Image, PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("preempt", "{}")
+    Image.new("RGB", (2, 2)).save(path, pnginfo=info)
+    return path
+
+
+def test_an_output_that_is_another_input_of_the_run_is_refused_unless_it_is_an_earlier_output(tmp_path: Path) -> None:
+    """``protect a.png a.protected.png --overwrite``, a.protected.png a user's original: the run replaced it."""
+    from preempt_cli.inputs import collect_inputs
+
+    (tmp_path / "a.png").write_bytes(b"cat")
+    (tmp_path / "a.protected.png").write_bytes(b"dog")
+    out = _outputs(collect_inputs([tmp_path / "a.png", tmp_path / "a.protected.png"]))
+    reason = out[str(tmp_path / "a.png")]
+    assert isinstance(reason, str) and f"would replace input {tmp_path / 'a.protected.png'}" in reason
+    assert out[str(tmp_path / "a.protected.png")] == tmp_path / "a.protected.protected.png"
+    # named through a linked folder, the same file
+    (tmp_path / "link").symlink_to(tmp_path)
+    out = _outputs(collect_inputs([tmp_path / "a.png", tmp_path / "link" / "a.protected.png"]))
+    assert "would replace input" in out[str(tmp_path / "a.png")]
+    # into an --out-dir that holds an input
+    out = _outputs(collect_inputs([tmp_path / "a.png", tmp_path / "a.protected.png"]), out_dir=tmp_path)
+    assert "would replace input" in out[str(tmp_path / "a.png")]
+    # an earlier run's output named beside its original (a shell glob after a run): re-runs judge it
+    _preempt_png(tmp_path / "a.protected.png")
+    out = _outputs(collect_inputs([tmp_path / "a.png", tmp_path / "a.protected.png"]))
+    assert out[str(tmp_path / "a.png")] == tmp_path / "a.protected.png"
+    # the input itself, through a linked folder
+    out = assign_outputs(collect_inputs([tmp_path / "link" / "a.png"]), suffix="", out_dir=tmp_path)
+    assert "would replace the input" in next(iter(out.values()))
+
+
+def test_one_path_given_as_a_string_is_one_path_not_its_characters(tmp_path: Path, monkeypatch) -> None:
+    from preempt_cli.inputs import as_input_files, collect_inputs
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "x.png").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    assert [i.path for i in collect_inputs("in")] == [Path("in/x.png")]
+    assert [i.path for i in collect_inputs(tmp_path / "in")] == [tmp_path / "in" / "x.png"]
+    # what Protector.run takes: inputs as they are, paths expanded, nothing stays nothing
+    items = collect_inputs("in")
+    assert as_input_files(items) == items == as_input_files(["in"]) == as_input_files("in")
+    assert as_input_files([]) == []
+    with pytest.raises(TypeError, match="not both"):
+        as_input_files([*items, "in"])
+
+
+def _tree(root: Path) -> list[Path]:
+    """An ImageFolder tree of 24 empty files in 3 class folders."""
+    files = []
+    for name in ("airplane", "bird", "cat"):
+        (root / name).mkdir(parents=True)
+        for i in range(8):
+            files.append(root / name / f"{i:05d}.png")
+            files[-1].write_bytes(b"")
+    return files
+
+
+def test_shards_split_the_same_outputs_alike_however_the_inputs_are_named(tmp_path: Path, monkeypatch) -> None:
+    """``protect src -o D --shard 1/2`` + ``protect src/* -o D --shard 2/2`` covered 18 of 24 files, and
+    relative + absolute lists on stdin 19 of 24: the key was the path as typed, or under the folder given."""
+    import io
+
+    from preempt_cli.inputs import collect_inputs, in_shard
+
+    work = tmp_path / "work"
+    files = _tree(work / "src")
+    monkeypatch.chdir(work)
+    relative = "".join(f"{f.relative_to(work)}\n" for f in files)
+    absolute = "".join(f"{f}\n" for f in reversed(files))
+    ways = {  # each: the arguments, and stdin
+        "src": (["src"], ""), "./src/": (["./src/"], ""), "absolute": ([str(work / "src")], ""),
+        "src/*": (sorted(str(p) for p in Path("src").glob("*")), ""),
+        "children reversed": (sorted((str(p) for p in Path("src").glob("*")), reverse=True), ""),
+        "stdin relative": (["-"], relative), "stdin absolute": (["-"], absolute),
+    }  # fmt: skip
+
+    def shard(args: list[str], stdin: str, out_dir: Path | None, k: int) -> set[Path]:
+        items = collect_inputs(args, stdin=io.StringIO(stdin))
+        outputs = assign_outputs(items, suffix=".protected", out_dir=out_dir)
+        return {i.path.resolve() for i in items if in_shard(i, (k, 2), outputs[i])}
+
+    # in place: every way names the same outputs
+    for k in (1, 2):
+        parts = {name: shard(args, stdin, None, k) for name, (args, stdin) in ways.items()}
+        assert len({frozenset(p) for p in parts.values()}) == 1, parts
+    first = shard(["src"], "", None, 1)
+    assert 0 < len(first) < 24 and first | shard(["-"], absolute, None, 2) == set(files)
+    # with --out-dir: a folder and its subfolders mirror the same tree; given relative or absolute, and from
+    # another place (../..), the out-dir is the same folder
+    (work / "a" / "b").mkdir(parents=True)
+    one = shard(["src"], "", Path("D"), 1)
+    monkeypatch.chdir(work / "a" / "b")
+    other = shard(sorted(str(p) for p in Path("../../src").glob("*")), "", work / "D", 2)
+    assert one | other == set(files) and not one & other
+
+
+def test_a_stem_shared_on_disk_keeps_the_extension_whichever_files_a_run_is_given(tmp_path: Path) -> None:
+    """``ls | xargs -n1 preempt protect`` named same.jpg's output same.protected.png, then same.png failed
+    ("made from other content"), while ``preempt protect .`` wrote same.jpg.protected.png."""
+    for name in ("same.jpg", "same.PNG", "alone.png", "notes.txt", "alone.txt"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "alone.jpg").mkdir()  # a folder, not an image beside alone.png
+    assert _outputs([InputFile(tmp_path / "same.jpg")]) == {str(tmp_path / "same.jpg"): tmp_path / "same.jpg.protected.png"}
+    assert _outputs([InputFile(tmp_path / "same.PNG", tmp_path)], out_dir=tmp_path / "o") == {
+        str(tmp_path / "same.PNG"): tmp_path / "o" / "same.PNG.protected.png"}  # fmt: skip
+    assert _outputs([InputFile(tmp_path / "alone.png")]) == {str(tmp_path / "alone.png"): tmp_path / "alone.protected.png"}
+
+
+def test_a_link_to_a_folder_is_not_followed_and_is_logged(tmp_path: Path) -> None:
+    import logging
+
+    from preempt_cli.inputs import collect_inputs
+
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    (tmp_path / "in" / "sub" / "x.png").write_bytes(b"")
+    (tmp_path / "in" / "loop").symlink_to(tmp_path / "in")
+    (tmp_path / "in" / ".hidden").symlink_to(tmp_path / "in")
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("preempt_cli.inputs")
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        assert [i.path for i in collect_inputs([tmp_path / "in"])] == [tmp_path / "in" / "sub" / "x.png"]
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    assert [r.getMessage() for r in records] == [f"{tmp_path / 'in' / 'loop'}: a link to a folder, not followed "
+                                                 f"(name it to include its images)"]  # fmt: skip

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import collections
+import functools
 import glob
 import hashlib
+import logging
 import os
 import sys
 from dataclasses import dataclass
@@ -14,8 +16,10 @@ from typing import Iterable, TextIO
 from .errors import ConfigError
 from .imageio import IMAGE_SUFFIXES
 
-__all__ = ["InputFile", "collect_inputs", "output_path", "assign_outputs", "parse_shard", "in_shard", "OUTPUT_MARKERS",
-           "PROTECTED_SUFFIX", "REVERTED_SUFFIX"]
+__all__ = ["InputFile", "collect_inputs", "as_input_files", "output_path", "assign_outputs", "parse_shard", "in_shard",
+           "shard_key", "OUTPUT_MARKERS", "PROTECTED_SUFFIX", "REVERTED_SUFFIX"]
+
+_logger = logging.getLogger(__name__)
 
 #: The default name parts of protect's and revert's outputs: ``<stem>.protected.png``, ``<stem>.reverted.png``.
 PROTECTED_SUFFIX, REVERTED_SUFFIX = ".protected", ".reverted"
@@ -51,12 +55,21 @@ def _is_output(path: Path, markers: tuple[str, ...]) -> bool:
 
 def _walk(folder: Path, markers: tuple[str, ...]) -> list[Path]:
     """The image files under ``folder``, sorted. A symbolic link that leads nowhere (its target gone, or a
-    loop) is taken too, as a file it cannot read is: it fails with that reason instead of vanishing."""
-    return sorted(
-        p for p in folder.rglob("*")
-        if p.suffix.lower() in IMAGE_SUFFIXES and (p.is_file() or _is_broken_link(p)) and not _is_output(p, markers)
-        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    )  # fmt: skip
+    loop) is taken too, as a file it cannot read is: it fails with that reason instead of vanishing. Links
+    to folders are not followed (they can loop, or lead out of the tree): each is logged at ``-v``."""
+    found = []
+    for p in folder.rglob("*"):
+        image = p.suffix.lower() in IMAGE_SUFFIXES
+        if image and (p.is_file() or _is_broken_link(p)):
+            if not _is_output(p, markers) and not _is_hidden(p, folder):
+                found.append(p)
+        elif p.is_symlink() and p.is_dir() and not _is_hidden(p, folder):
+            _logger.info("%s: a link to a folder, not followed (name it to include its images)", p)
+    return sorted(found)
+
+
+def _is_hidden(path: Path, folder: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(folder).parts)
 
 
 def _is_broken_link(path: Path) -> bool:
@@ -76,9 +89,11 @@ def _listed(text: str) -> list[str]:
 
 
 def collect_inputs(
-    args: Iterable[str | Path], *, stdin: TextIO | None = None, skip_markers: tuple[str, ...] = OUTPUT_MARKERS
+    args: Iterable[str | os.PathLike[str]] | str | os.PathLike[str], *, stdin: TextIO | None = None,
+    skip_markers: tuple[str, ...] = OUTPUT_MARKERS,
 ) -> list[InputFile]:
-    """Expand files, folders (recursive, sorted, hidden entries skipped), globs and ``-`` (paths on stdin).
+    """Expand files, folders (recursive, sorted, hidden entries and links to folders skipped), globs and
+    ``-`` (paths on stdin). ``args`` is a list of paths, or one path (``collect_inputs("photos")``).
 
     A file named directly (or a pattern that matches nothing) is kept even if it does not exist or is not
     an image, so that it gets its own error later; so is a broken symbolic link in a folder. Folder walks
@@ -89,7 +104,8 @@ def collect_inputs(
     Raises:
         ConfigError: no argument was given.
     """
-    args = list(args)
+    # one path, not the list of its characters (iterating "photos" would walk "p", "h", ... and "/")
+    args = [args] if isinstance(args, (str, os.PathLike)) else list(args)
     if not args:
         raise ConfigError("no input paths given")
     folders: list[Path] = []
@@ -108,7 +124,26 @@ def collect_inputs(
     return [found[index] for index in sorted(chosen.values())]
 
 
-def _collect(args: list[str | Path], stdin: TextIO | None, skip_markers: tuple[str, ...],
+def as_input_files(items: Iterable[InputFile | str | os.PathLike[str]] | str | os.PathLike[str]) -> list[InputFile]:
+    """``items`` as inputs: :class:`InputFile` items as they are, paths (or one path) expanded by
+    :func:`collect_inputs`; an empty list stays empty.
+
+    Raises:
+        TypeError: inputs and paths mixed (give paths alone, or ``collect_inputs`` of them).
+        ConfigError: see :func:`collect_inputs`.
+    """
+    if isinstance(items, (str, os.PathLike)):
+        return collect_inputs(items)
+    items = list(items)
+    paths = [i for i in items if not isinstance(i, InputFile)]
+    if not paths:
+        return items  # type: ignore[return-value]  # all InputFile
+    if len(paths) < len(items):
+        raise TypeError("give InputFile items (from collect_inputs) or paths, not both in one list")
+    return collect_inputs(paths)
+
+
+def _collect(args: list[str | os.PathLike[str]], stdin: TextIO | None, skip_markers: tuple[str, ...],
              folders: list[Path]) -> list[InputFile]:  # fmt: skip
     """The inputs of ``args`` (see :func:`collect_inputs`); the folders given are added to ``folders``."""
     found: list[InputFile] = []
@@ -174,51 +209,96 @@ def _output_text(item: InputFile, suffix: str, out_dir: Path | None, full_name: 
     return os.path.join(str(out_dir), folder, name)
 
 
+def _resolved(path: str) -> str:
+    """``path`` absolute, the links of its folder resolved, case-folded: one key for a file however it is
+    named (relative or absolute, through a linked folder, in another case on macOS and Windows). The file's
+    own link is kept: writing an output over a link replaces the link, not what it points to."""
+    folder, name = os.path.split(path)
+    if name in ("", ".", ".."):
+        return _real_folder(os.path.abspath(path)).casefold()
+    return os.path.join(_real_folder(os.path.abspath(folder or ".")), name).casefold()
+
+
+@functools.lru_cache(maxsize=4096)
+def _real_folder(absolute: str) -> str:
+    # once per folder, not per file: a run keys thousands of files of a few folders (links are taken as
+    # they were when first seen by this process)
+    return os.path.realpath(absolute)
+
+
+def _image_siblings(folder: str, listings: dict[str, dict[str, set[str]]]) -> dict[str, set[str]]:
+    """The image files of ``folder`` on disk by case-folded stem (their case-folded names), listed once
+    per folder into ``listings``; empty where it cannot be listed."""
+    if folder not in listings:
+        stems: dict[str, set[str]] = collections.defaultdict(set)
+        try:
+            with os.scandir(folder or ".") as entries:
+                for entry in entries:
+                    stem, extension = os.path.splitext(entry.name)
+                    if extension.lower() in IMAGE_SUFFIXES and not entry.is_dir():
+                        stems[stem.casefold()].add(entry.name.casefold())
+        except OSError:
+            pass
+        listings[folder] = stems
+    return listings[folder]
+
+
+def _is_preempt_file(path: Path) -> bool:
+    """Whether ``path`` is a PNG carrying preempt's metadata (an output of an earlier run)."""
+    from .imageio import read_png_text
+    from .protect import METADATA_KEY  # here: protect imports this module
+
+    return METADATA_KEY in read_png_text(path, key=METADATA_KEY)
+
+
 def assign_outputs(items: list[InputFile], *, suffix: str, out_dir: Path | None) -> dict[InputFile, Path | str]:
     """Output path of every input, or why it gets none.
 
     With ``out_dir``, one folder's tree is mirrored in it; several folders each go under their own name
-    (``out_dir/photos/...``), so that their files of the same name do not meet. Inputs of one folder that
-    share a stem (``a.jpg``, ``a.png``) keep their extension in the name (``a.jpg.protected.png``). Names
-    are compared case-folded, as case-insensitive file systems (macOS, Windows) see them. An output that
-    would still be written for two inputs (files of the same name named directly or from stdin, or folders
-    of the same name, with ``--out-dir``) is refused for every input concerned: silently keeping the last
-    one written would lose the others' results. (An output can land on another input only if that input is
-    named like an output: those are skipped, or remade with ``--overwrite``.)
+    (``out_dir/photos/...``), so that their files of the same name do not meet. An input with an image of
+    the same stem beside it on disk (``a.jpg``, ``a.png``), or sharing a stem with another input of the run
+    in one output folder, keeps its extension in the name (``a.jpg.protected.png``): the name does not
+    depend on which of them a run was given. Names are compared case-folded, as case-insensitive file
+    systems (macOS, Windows) see them, and through linked folders. An output that would still be written
+    for two inputs (files of the same name named directly or from stdin, or folders of the same name, with
+    ``--out-dir``) is refused for every input concerned: silently keeping the last one written would lose
+    the others' results. An output that is the input itself, or another existing input of the run that is
+    not an earlier output (a PNG with preempt's metadata, which re-runs judge), is refused too: writing it
+    would destroy an original, with or without ``--overwrite``.
     """
+    listings: dict[str, dict[str, set[str]]] = {}
 
-    absolute_folders: dict[str, str] = {}
-
-    def key(path: str) -> str:
-        # abspath once per folder, not once per file (a run names thousands of files of a few folders)
-        folder, name = os.path.split(path)
-        if name in ("", ".", ".."):
-            return os.path.abspath(path).casefold()
-        if folder not in absolute_folders:
-            absolute_folders[folder] = os.path.abspath(folder or ".")
-        return os.path.join(absolute_folders[folder], name).casefold()
+    def has_sibling(item: InputFile) -> bool:
+        path = str(item.path)
+        names = _image_siblings(os.path.dirname(path), listings).get(item.path.stem.casefold(), set())
+        return any(name != item.path.name.casefold() for name in names)
 
     # the folders given, not those of this shard's items: every shard of a job must name outputs alike
     # (and those without images too: see collect_inputs)
     several_roots = any(item.among_folders for item in items) or len({i.root for i in items if i.root is not None}) > 1
     first = {item: _output_text(item, suffix, out_dir, False, several_roots) for item in items}
-    first_keys = {item: key(p) for item, p in first.items()}
+    first_keys = {item: _resolved(p) for item, p in first.items()}
     counts = collections.Counter(first_keys.values())
     chosen: dict[InputFile, tuple[str, str]] = {}
     for item, p in first.items():
-        if counts[first_keys[item]] > 1:
+        if counts[first_keys[item]] > 1 or has_sibling(item):
             p = _output_text(item, suffix, out_dir, True, several_roots)
-            chosen[item] = (p, key(p))
+            chosen[item] = (p, _resolved(p))
         else:
             chosen[item] = (p, first_keys[item])
     owners: dict[str, list[InputFile]] = collections.defaultdict(list)
     for item, (_, k) in chosen.items():
         owners[k].append(item)
+    inputs = {_resolved(str(item.path)): item for item in items}
     result: dict[InputFile, Path | str] = {}
     for item, (p, k) in chosen.items():
         others = [o for o in owners[k] if o is not item]
-        if k == key(str(item.path)):
+        replaced = inputs.get(k)
+        if replaced is item:
             result[item] = f"output {Path(p)} would replace the input; change --suffix"
+        elif replaced is not None and os.path.lexists(replaced.path) and not _is_preempt_file(replaced.path):
+            result[item] = (f"its output {Path(p)} would replace input {replaced.path}, which is not a preempt "
+                            f"output: rename one, or change --suffix or --out-dir")  # fmt: skip
         elif others:
             other = others[0]
             if out_dir is None:
@@ -255,10 +335,25 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     return k, n
 
 
-def in_shard(item: InputFile, shard: tuple[int, int] | None) -> bool:
-    """Whether ``item`` belongs to shard K of N: a stable hash of its path, the same on every machine."""
+def shard_key(item: InputFile, output: Path | str | None = None) -> str:
+    """What ``--shard`` hashes: the path of the item's ``output`` (see :func:`assign_outputs`) where it has
+    one, else of the input itself; absolute, its folder's links resolved, case-folded.
+
+    So runs that write the same outputs split them alike, however they name the inputs: relative or
+    absolute paths, ``src`` or ``src/*`` (with ``--out-dir``, both mirror ``src``'s subfolders), a folder
+    or its files listed on stdin, in any order; and inputs copied to each node's own disk still split
+    alike when the outputs go to one shared folder. The machines of a job array must see that folder at
+    the same path.
+    """
+    return _resolved(str(output if isinstance(output, Path) else item.path))
+
+
+def in_shard(item: InputFile, shard: tuple[int, int] | None, output: Path | str | None = None) -> bool:
+    """Whether ``item`` belongs to shard K of N: a stable hash of :func:`shard_key`, the same on every
+    machine. ``output``: the item's entry in :func:`assign_outputs` (without it, the input's path is hashed,
+    which splits a run otherwise: give it wherever the outputs are known)."""
     if shard is None:
         return True
     k, n = shard
-    digest = hashlib.sha256(item.relative.as_posix().encode() if item.root else str(item.path).encode())
+    digest = hashlib.sha256(os.fsencode(shard_key(item, output)))
     return int.from_bytes(digest.digest()[:8], "big") % n == k - 1
