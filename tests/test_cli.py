@@ -1257,3 +1257,34 @@ def test_results_that_cannot_reach_stdout_are_a_clear_error(monkeypatch: pytest.
         c.print_line("out.png")
     monkeypatch.setattr("sys.stdout", io.StringIO())
     c.print_line("out.png")  # and a working stdout gets the line
+
+
+def test_protect_input_handling_of_a_black_box_test(tmp_path: Path, registry: Path) -> None:
+    """An original among the inputs is never replaced by another input's output (``--overwrite`` did);
+    an empty list on stdin is nothing to do, not a usage error; shards of ``src`` and ``src/*`` into one
+    --out-dir cover every file once (18 of 24 did)."""
+    folder = tmp_path / "e"
+    _images(folder, n=1, name="a.png")
+    _images(folder, n=1, name="a.protected.png", seed=1)  # a user's original, no preempt metadata
+    before = _digest([folder / "a.protected.png"])
+    for extra in ([], ["--overwrite"]):
+        r = run(["protect", str(folder / "a.png"), str(folder / "a.protected.png"), *FAST, "--labels", "backbone",
+                 "--json", *extra], registry)  # fmt: skip
+        rows = {Path(row["input"]).name: row for row in map(json.loads, r.stdout.splitlines())}
+        assert r.exit_code == 1 and rows["a.png"]["status"] == "failed", r.output
+        assert f"would replace input {folder / 'a.protected.png'}" in rows["a.png"]["reason"]
+        assert _digest([folder / "a.protected.png"]) == before
+    r = run(["protect", "-", *FAST, "--labels", "backbone"], registry, input="")
+    assert r.exit_code == 0 and "No image paths on stdin: nothing to protect." in r.stderr, r.output
+    (tmp_path / "empty").mkdir()
+    assert run(["protect", str(tmp_path / "empty"), *FAST, "--labels", "backbone"], registry).exit_code == 2
+    for name in ("airplane", "bird"):
+        _images(tmp_path / "src" / name, n=4, seed=len(name))
+    out = tmp_path / "D"
+    first = run(["protect", str(tmp_path / "src"), *FAST, "--labels", "backbone", "-o", str(out), "--shard", "1/2"],
+                registry)  # fmt: skip
+    children = [str(p) for p in sorted((tmp_path / "src").iterdir())]
+    second = run(["protect", *children, *FAST, "--labels", "backbone", "-o", str(out), "--shard", "2/2"], registry)
+    assert first.exit_code == second.exit_code == 0, first.output + second.output
+    assert len(first.stdout.splitlines()) + len(second.stdout.splitlines()) == 8
+    assert len(list(out.rglob("*.protected.png"))) == 8

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 import time
@@ -263,9 +264,17 @@ def _collect(paths: list[str], skip_markers: tuple[str, ...] = OUTPUT_MARKERS, *
         items = [i for i in items if not (i.root is not None and i.path.suffix.lower() == ".png"
                                           and i.path.stem.endswith(suffix)
                                           and METADATA_KEY in read_png_text(i.path, key=METADATA_KEY))]  # fmt: skip
-    if not items:
+    if not items and any(p != "-" for p in paths):
         raise ConfigError("no images found in the given paths")
+    # only ``-``, and nothing listed: a pipeline that found nothing (new) has nothing to do, not an error
     return items
+
+
+def _nothing_listed(verb: str, quiet: bool) -> None:
+    """End a run given only ``-`` that read no image paths from stdin: exit 0, with a note."""
+    if not quiet:
+        c.stderr.print(f"No image paths on stdin: nothing to {verb}.", markup=False)
+    raise typer.Exit(c.EXIT_OK)
 
 
 def _check_run(out_dir: Path | None, max_pixels: int, json_out: bool, print0: bool) -> None:
@@ -343,6 +352,8 @@ def protect(
         if classifier is not None and classifier == backbone:
             _logger.warning("classifier and backbone are the same model; the method expects them to differ")
         items = _collect(paths, suffix=suffix)
+        if not items:
+            _nothing_listed("protect", quiet)
         devices = resolve_devices(device)
         if any(d.type == "cpu" for d in devices):
             torch.set_num_threads(default_cpu_threads())
@@ -521,6 +532,8 @@ def revert(
         elif backbone is None:
             raise ConfigError("pass --white-box, or --backbone NAME for a black-box reversion")
         items = _collect(paths, skip_markers=Reverter.skip_markers, suffix=suffix)
+        if not items:
+            _nothing_listed("revert", quiet)
         model = _model_cache(_setup_torch(device), models_dir, registry)
 
         def runs() -> Iterator[FileResult]:
@@ -542,7 +555,10 @@ def revert(
             # outputs named over every input (all shards, all defenses): per group, two groups' files of
             # one name (two folders protected with other seeds) would get one output
             outputs = assign_outputs(items, suffix=options.suffix, out_dir=options.out_dir)
-            for meta, problem, skip, group in _white_box_groups([i for i in items if in_shard(i, options.shard)]):
+            # the shard taken here, by the outputs (see in_shard); each group's run takes all it is given
+            mine = [i for i in items if in_shard(i, options.shard, outputs[i])]
+            group_options = dataclasses.replace(options, shard=None)
+            for meta, problem, skip, group in _white_box_groups(mine):
                 if meta is None:
                     for item in group:
                         yield FileResult(item.path, "skipped" if skip else "failed", reason=problem)
@@ -554,7 +570,7 @@ def revert(
                         yield FileResult(item.path, "failed", reason=f"cannot rebuild the recorded defense: {e}")
                     continue
                 try:
-                    yield from reverter.run(group, options, outputs=outputs)
+                    yield from reverter.run(group, group_options, outputs=outputs)
                 finally:
                     reverter.close()
 
