@@ -239,21 +239,24 @@ class Picture:
 
 
 def _read_capped(path: Path, max_pixels: int) -> bytes:
-    """The file's bytes, read once: refused unread when it is a device, or larger than any image of at
-    most ``max_pixels`` pixels (:func:`max_file_bytes`) needs; at most that many bytes read from a pipe."""
+    """The file's bytes, read once: refused unread when it is not a regular file (a device, a FIFO, a
+    socket), or larger than any image of at most ``max_pixels`` pixels (:func:`max_file_bytes`) needs."""
     cap = max_file_bytes(max_pixels)
     raise_it = "raise the limit with --max-pixels if the file is trusted"
     try:
         _refuse_special(path, os.stat(path).st_mode)  # before opening: a device is not even opened
-        with open(path, "rb", buffering=0) as f:
-            info = os.fstat(f.fileno())  # what was opened, should the name have changed meanwhile
+        # O_NONBLOCK: should the name have become a FIFO meanwhile, opening it does not wait for a writer
+        # (which blocked the whole run); the fstat below refuses it
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+        with open(fd, "rb", buffering=0) as f:
+            info = os.fstat(fd)  # what was opened, should the name have changed meanwhile
             _refuse_special(path, info.st_mode)
-            regular = stat.S_ISREG(info.st_mode)
-            if regular and info.st_size > cap:
+            os.set_blocking(fd, True)
+            if info.st_size > cap:
                 raise ImageReadError(path, f"file too large: {info.st_size:,} bytes, more than an image within "
                                            f"the pixel limit of {max_pixels:,} can take (at most {cap:,} bytes; {raise_it})")  # fmt: skip
             chunks, total = [], 0
-            want = info.st_size + 1 if regular else 1 << 20  # a regular file in one read, and its end seen
+            want = info.st_size + 1  # the file in one read, and its end seen
             while total <= cap:
                 chunk = f.read(min(max(want, 1 << 20), cap + 1 - total))
                 if not chunk:
@@ -262,9 +265,8 @@ def _read_capped(path: Path, max_pixels: int) -> bytes:
                 total += len(chunk)
                 want = 0
             if total > cap:
-                raise ImageReadError(path, f"{'file grew past' if regular else 'more than'} {cap:,} bytes, more "
-                                           f"than an image within the pixel limit of {max_pixels:,} can take "
-                                           f"({raise_it})")  # fmt: skip
+                raise ImageReadError(path, f"file grew past {cap:,} bytes, more than an image within the pixel "
+                                           f"limit of {max_pixels:,} can take ({raise_it})")  # fmt: skip
             return b"".join(chunks)  # one read: that same object, not a copy
     except ImageReadError:
         raise
@@ -285,13 +287,17 @@ def _read_capped(path: Path, max_pixels: int) -> bytes:
 
 
 def _refuse_special(path: Path, mode: int) -> None:
-    """Refuse what cannot hold an image of bounded size (a pipe can: it is read up to the cap)."""
+    """Refuse what is not a regular file: a device or a pipe can be endless, and a FIFO nobody writes to
+    would hold the run forever."""
     if stat.S_ISDIR(mode):
         raise ImageReadError(path, "is a directory")
+    if stat.S_ISFIFO(mode):
+        raise ImageReadError(path, "is a FIFO (named pipe), not a regular file")
+    if stat.S_ISREG(mode):
+        return
     kind = ("a character device" if stat.S_ISCHR(mode) else "a block device" if stat.S_ISBLK(mode)
             else "a socket" if stat.S_ISSOCK(mode) else None)  # fmt: skip
-    if kind:
-        raise ImageReadError(path, f"is {kind}, not an image file")
+    raise ImageReadError(path, f"is {kind}, not an image file" if kind else "not a regular file")
 
 
 def _open(path: Path, max_pixels: int) -> tuple[Image.Image, str]:
