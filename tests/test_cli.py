@@ -845,7 +845,8 @@ def test_an_output_that_cannot_be_written_fails_its_file_alone(tmp_path: Path, t
         by_folder[r.input.parent.name].append(r)
     assert [r.status for r in by_folder["ok"]] == ["done"] * 2
     assert [r.status for r in by_folder["blocked"]] == ["failed"] * 2
-    assert all(r.reason.startswith("cannot write") and r.output is None for r in by_folder["blocked"])
+    assert all(r.reason.startswith(f"output {tmp_path / 'out' / 'blocked' / r.input.name.replace('.png', '.protected.png')}: "
+                                   "cannot write: ") and r.output is None for r in by_folder["blocked"])  # fmt: skip
     assert sorted(p.name for p in (tmp_path / "out" / "ok").iterdir()) == ["img0.protected.png", "img1.protected.png"]
 
 
@@ -1288,3 +1289,34 @@ def test_protect_input_handling_of_a_black_box_test(tmp_path: Path, registry: Pa
     assert first.exit_code == second.exit_code == 0, first.output + second.output
     assert len(first.stdout.splitlines()) + len(second.stdout.splitlines()) == 8
     assert len(list(out.rglob("*.protected.png"))) == 8
+
+
+@pytest.mark.parametrize("io", ["threads", "processes"])
+def test_an_output_another_run_writes_meanwhile_is_not_replaced(tmp_path: Path, tiny_backbone,
+                                                                 monkeypatch: pytest.MonkeyPatch, io: str) -> None:  # fmt: skip
+    """Two runs with other settings on the same outputs both reported every file done, and the files held
+    one run's settings: a run replaces only the outputs it found (--overwrite, or an empty leftover)."""
+    from preempt_cli import ForeBackConfig, Protector, collect_inputs
+
+    _images(tmp_path / "in", n=3)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "img2.protected.png").write_bytes(b"")  # an empty leftover: redone, replaced
+    real_decoded = Protector._decoded
+
+    def another_run_writes(self, item, output, options, picture):  # between this run's choice and its write
+        if item.path.name == "img0.png":
+            output.write_bytes(b"the other run's output")
+        return real_decoded(self, item, output, options, picture)
+
+    monkeypatch.setattr(Protector, "_decoded", another_run_writes)
+    with Protector(tiny_backbone, labels="backbone", config=ForeBackConfig(samples=1)) as protector:
+        results = {r.input.name: r for r in protector.run(collect_inputs([tmp_path / "in"]),
+                                                          RunOptions(out_dir=out, io=io, workers=2))}  # fmt: skip
+    assert results["img0.png"].status == "failed" and results["img0.png"].output is None
+    assert results["img0.png"].reason == (f"output {out / 'img0.protected.png'}: appeared while this run was "
+                                          "writing it (another run?); left as is")  # fmt: skip
+    assert (out / "img0.protected.png").read_bytes() == b"the other run's output"
+    assert results["img1.png"].status == results["img2.png"].status == "done"
+    assert Image.open(out / "img2.protected.png").size == (32, 32)
+    assert sorted(p.name for p in out.iterdir()) == [f"img{i}.protected.png" for i in range(3)]

@@ -717,3 +717,55 @@ def test_read_images_hashes_each_picture_where_it_decodes(tmp_path: Path) -> Non
     assert vars(travelled)["content_seed"] == picture.content_seed
     other = picture.with_color(255 - picture.color)
     assert other.content_seed == imageio.content_seed(255 - picture.color) != picture.content_seed
+
+
+def test_a_new_output_that_appears_while_it_is_written_is_left_as_is(tmp_path, monkeypatch) -> None:
+    """Two runs writing the same outputs with other settings: the second replaced the first's files
+    silently, both reporting every file done. An output that was not there when the run chose to write
+    it is not replaced: that file fails, naming the output, and what appeared keeps its bytes."""
+    import errno
+
+    pic = _picture(tmp_path)
+    target = tmp_path / "out" / "a.protected.png"
+    target.parent.mkdir()
+    target.write_bytes(b"the other run's output")
+    (reason, _), = imageio.write_pngs([(target, pic, pic.color, {}, False, False)])  # fmt: skip
+    assert reason == f"output {target}: appeared while this run was writing it (another run?); left as is"
+    assert target.read_bytes() == b"the other run's output"
+    assert _temp_leftovers(target.parent) == []
+    fresh = tmp_path / "out" / "b.protected.png"  # nothing there: written
+    assert imageio.write_pngs([(fresh, pic, pic.color, {}, False, False)]) == [(None, 0)]
+    assert read_image(fresh).size == pic.size and _temp_leftovers(target.parent) == []
+    write_png(target, pic, replace=True)  # an output the run chose to replace (--overwrite) is replaced
+    assert read_image(target).size == pic.size
+
+    def no_links(src, dst):  # FAT, some network file systems
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(imageio.os, "link", no_links)
+    write_png(tmp_path / "out" / "c.png", pic, replace=False)  # renamed instead
+    assert read_image(tmp_path / "out" / "c.png").size == pic.size and _temp_leftovers(target.parent) == []
+
+
+def test_output_names_up_to_255_bytes_are_written_and_longer_ones_named_in_the_error(tmp_path) -> None:
+    """The temporary file's name (``.NAME.xxxxxxxx.tmp``) went past 255 bytes for outputs of 242 to 255
+    bytes, which failed with an error naming the input."""
+    pic = _picture(tmp_path)
+    longest = tmp_path / ("é" * 120 + ".protected.png")  # 254 bytes in UTF-8
+    assert len(os.fsencode(longest.name)) == 254
+    assert imageio.write_pngs([(longest, pic, pic.color, {}, False, False)]) == [(None, 0)]
+    assert read_image(longest).size == pic.size and _temp_leftovers(tmp_path) == []
+    too_long = tmp_path / ("x" * 250 + ".protected.png")
+    (reason, _), = imageio.write_pngs([(too_long, pic, pic.color, {}, False, False)])  # fmt: skip
+    assert reason.startswith(f"output {too_long}: name is 264 bytes long, more than the 255")
+    assert "--suffix" in reason and sorted(p.name for p in tmp_path.iterdir()) == sorted([longest.name, "src.png"])
+
+
+def test_a_write_error_names_the_output(tmp_path) -> None:
+    """`cannot write: Permission denied` beside the input's name did not say which file could not be written."""
+    pic = _picture(tmp_path)
+    (tmp_path / "blocker").write_text("a file where the output folder would go")
+    target = tmp_path / "blocker" / "a.png"
+    (reason, _), = imageio.write_pngs([(target, pic, pic.color, {}, False, True)])  # fmt: skip
+    assert reason.startswith(f"output {target}: cannot write: ")
+

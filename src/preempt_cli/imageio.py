@@ -11,6 +11,7 @@ start in a tenth of a second instead of the second and a half that importing tor
 
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
 import io
@@ -555,27 +556,58 @@ def new_file_mode() -> int:
     return 0o666 & ~mask
 
 
+#: The longest file name most file systems take, in bytes (NAME_MAX of ext4, XFS, btrfs, APFS, NTFS's 255
+#: UTF-16 units being at least as many).
+NAME_MAX = 255
+#: What ``mkstemp`` adds around a temporary file's name part here: ``.`` + ``.XXXXXXXX`` + ``.tmp``.
+_TEMP_NAME_EXTRA = 1 + 9 + 4
+#: errno values of a file system that makes no hard links (FAT, some network file systems).
+_NO_HARD_LINKS = {getattr(errno, name) for name in ("EPERM", "ENOTSUP", "EOPNOTSUPP", "EMLINK", "EXDEV", "ENOSYS")
+                  if hasattr(errno, name)}  # fmt: skip
+
+
+def _temp_prefix(name: str) -> str:
+    """``.NAME.``, ``NAME`` cut so that the temporary file's whole name fits in :data:`NAME_MAX` bytes
+    (an output named with 242 to 255 bytes is legal; its temporary file must be too)."""
+    while len(os.fsencode(name)) > NAME_MAX - _TEMP_NAME_EXTRA:
+        name = name[:-1]
+    return f".{name}."
+
+
 @contextmanager
-def atomic_write(path: Path, *, fsync: bool = True) -> Iterator[BinaryIO]:
+def atomic_write(path: Path, *, fsync: bool = True, replace: bool = True) -> Iterator[BinaryIO]:
     """A binary file to write ``path`` through: a temporary file beside it, flushed to disk (``fsync``) and
     renamed over ``path`` only when the block completes, removed otherwise. Without ``fsync`` a power loss
     right after the rename can leave ``path`` empty (never a half-written file under its name otherwise).
 
+    ``replace=False``: ``path`` did not exist when the caller decided to write it, and is not replaced
+    should it appear meanwhile (another run writing the same outputs): :class:`ImageWriteError` then, and
+    the file that appeared is left as it is (where the file system makes no hard links, it is replaced).
+
     Raises:
-        ImageWriteError: the folder cannot be created or written.
+        ImageWriteError: the folder cannot be created or written, the name is too long, or (``replace``
+            False) ``path`` appeared while it was being written.
     """
+    name_bytes = len(os.fsencode(path.name))
+    if name_bytes > NAME_MAX:
+        raise ImageWriteError(path, f"name is {name_bytes} bytes long, more than the {NAME_MAX} a file name can "
+                                    "have (use a shorter --suffix, or rename the input)")  # fmt: skip
     tmp_name = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp_name = tempfile.mkstemp(prefix=_temp_prefix(path.name), suffix=".tmp", dir=path.parent)
         os.chmod(tmp_name, new_file_mode())
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
             if fsync:
                 os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-        tmp_name = None
+        if replace or not _link_new(tmp_name, path):
+            os.replace(tmp_name, path)
+            tmp_name = None
+        # else linked: the temporary name goes (below)
+    except ImageWriteError:
+        raise
     except OSError as e:
         raise ImageWriteError(path, f"cannot write: {e.strerror or e}") from e
     finally:
@@ -586,6 +618,21 @@ def atomic_write(path: Path, *, fsync: bool = True) -> Iterator[BinaryIO]:
                 pass
 
 
+def _link_new(tmp_name: str, path: Path) -> bool:
+    """Put the finished temporary file at ``path`` too, only if nothing is there (a hard link fails if
+    something is, where a rename would replace it); False where the file system makes no hard links (the
+    caller renames instead)."""
+    try:
+        os.link(tmp_name, path)
+    except FileExistsError:
+        raise ImageWriteError(path, "appeared while this run was writing it (another run?); left as is") from None
+    except OSError as e:
+        if e.errno in _NO_HARD_LINKS:
+            return False
+        raise
+    return True
+
+
 def write_png(
     path: Path | str,
     picture: Picture,
@@ -593,21 +640,23 @@ def write_png(
     text: Mapping[str, str] | None = None,
     *,
     fsync: bool = True,
+    replace: bool = True,
 ) -> None:
     """Write ``picture`` (with ``color`` replacing its colour channels) as a lossless PNG, atomically.
 
     The PNG goes to a temporary file beside ``path`` and is renamed over it only once complete (and, with
-    ``fsync``, on disk). ``text`` entries become PNG text chunks.
+    ``fsync``, on disk). ``text`` entries become PNG text chunks. ``replace=False``: ``path`` is new, and
+    a file that appears there meanwhile is not replaced (see :func:`atomic_write`).
 
     Raises:
-        ImageWriteError: the folder cannot be created or written.
+        ImageWriteError: the folder cannot be created or written, or ``path`` appeared (``replace`` False).
     """
     path = Path(path)
     color = picture.color if color is None else color
     info = PngImagePlugin.PngInfo()
     for key, value in (text or {}).items():
         info.add_itxt(key, value)
-    with atomic_write(path, fsync=fsync) as f:
+    with atomic_write(path, fsync=fsync, replace=replace) as f:
         _to_pil(picture, color).save(f, format="PNG", pnginfo=info, icc_profile=picture.icc_profile)
 
 
@@ -627,14 +676,16 @@ def read_images(paths: Sequence[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> l
     return out
 
 
-def write_pngs(tasks: Sequence[tuple[Path, Picture, np.ndarray, Mapping[str, str], bool]]) -> list[tuple[str | None, int]]:
-    """:func:`write_png` for each (path, picture, colour, text, fsync); per file, the reason it failed (or
-    None) and its :func:`level_distance` to the picture. A chunk of an I/O worker process's work."""
+def write_pngs(tasks: Sequence[tuple[Path, Picture, np.ndarray, Mapping[str, str], bool, bool]]) -> list[tuple[str | None, int]]:
+    """:func:`write_png` for each (path, picture, colour, text, fsync, replace); per file, the reason it
+    failed (or None) and its :func:`level_distance` to the picture. A chunk of an I/O worker process's work."""
     out: list[tuple[str | None, int]] = []
-    for path, picture, color, text, fsync in tasks:
+    for path, picture, color, text, fsync, replace in tasks:
         try:
-            write_png(path, picture, color, text, fsync=fsync)
+            write_png(path, picture, color, text, fsync=fsync, replace=replace)
             out.append((None, level_distance(color, picture.color)))
+        except ImageWriteError as e:  # reported beside the input's name: this one names the output
+            out.append((f"output {path}: {reason_of(e, path)}", 0))
         except PreemptError as e:
             out.append((reason_of(e, path), 0))
         except Exception as e:  # an encoder's own error, or memory: this file fails, not the chunk around it

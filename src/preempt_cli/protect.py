@@ -23,6 +23,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import stat
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -540,14 +541,16 @@ class Protector:
         return computed
 
     def _write(self, pending: _Pending, levels: np.ndarray, before: float, after: float, label: int,
-               seconds: float, fsync: bool = True) -> FileResult:  # fmt: skip
+               seconds: float, fsync: bool = True, replace: bool = True) -> FileResult:  # fmt: skip
         """Write one output (on a worker thread)."""
-        outcome = write_pngs([self._write_task(pending, levels, label, fsync)])[0]
+        outcome = write_pngs([self._write_task(pending, levels, label, fsync, replace)])[0]
         return self._finish_write(pending, before, after, label, seconds, outcome)
 
-    def _write_task(self, pending: _Pending, levels: np.ndarray, label: int, fsync: bool) -> tuple:
-        """One task of :func:`~preempt_cli.imageio.write_pngs`: the output, its picture, levels and text."""
-        return pending.output, pending.picture, levels, self._output_text(pending, label), fsync
+    def _write_task(self, pending: _Pending, levels: np.ndarray, label: int, fsync: bool, replace: bool) -> tuple:
+        """One task of :func:`~preempt_cli.imageio.write_pngs`: the output, its picture, levels and text;
+        ``replace``: whether the output existed when the run chose to write it (else one that appears
+        meanwhile, another run's, is not replaced)."""
+        return pending.output, pending.picture, levels, self._output_text(pending, label), fsync, replace
 
     def _output_text(self, pending: _Pending, label: int) -> dict[str, str]:
         """The PNG text chunks of an output: preempt's metadata as JSON."""
@@ -602,20 +605,23 @@ class Protector:
                 for (i, item, _), result in zip(existing, judged):
                     verdicts[i] = (item, result)
         todo: list[InputFile] = []
+        replacing: set[Path] = set()  # outputs there when judged (--overwrite, or empty): replaced
         for item, verdict in verdicts:
             if verdict is None:
                 todo.append(item)
+                if os.path.lexists(outputs[item]):
+                    replacing.add(outputs[item])  # type: ignore[arg-type]  # a Path: no reason of its own
             else:
                 yield verdict  # type: ignore[misc]  # every Path was judged above
         if not todo:
             return
         processes = self._process_pool(options) if self._io_processes(options) else None
         if processes is not None:
-            yield from self._run_pipeline(todo, outputs, options, _ProcessIO(self, options, processes))
+            yield from self._run_pipeline(todo, outputs, options, _ProcessIO(self, options, processes, replacing))
             return
         pool = ThreadPoolExecutor(options.workers, thread_name_prefix="preempt-io")
         try:
-            yield from self._run_pipeline(todo, outputs, options, _ThreadIO(self, options, pool))
+            yield from self._run_pipeline(todo, outputs, options, _ThreadIO(self, options, pool, replacing))
         finally:  # stopped early (Ctrl-C, an error, a caller that stops iterating): drop the queued work
             pool.shutdown(wait=True, cancel_futures=True)
 
@@ -635,7 +641,6 @@ class Protector:
         if self._processes is None or self._processes_size != options.workers or broken:
             self.close()
             import multiprocessing
-            import os
 
             # forkserver: workers fork from a clean server process (no CUDA context, no threads of ours),
             # which imports the codecs once (without torch: see imageio), and the caller's main module
@@ -791,14 +796,16 @@ class _ThreadIO:
 
     decode_chunk = 1
 
-    def __init__(self, protector: Protector, options: RunOptions, pool: ThreadPoolExecutor) -> None:
-        self.protector, self.options, self.pool = protector, options, pool
+    def __init__(self, protector: Protector, options: RunOptions, pool: ThreadPoolExecutor,
+                 replacing: set[Path]) -> None:  # fmt: skip
+        self.protector, self.options, self.pool, self.replacing = protector, options, pool, replacing
 
     def decode(self, items: list[tuple[InputFile, Path]]) -> list[Future]:
         return [self.pool.submit(self.protector._prepare, item, output, self.options) for item, output in items]
 
     def write(self, jobs: list[tuple[_Pending, np.ndarray, float, float, int, float]]) -> list[Future]:
-        return [self.pool.submit(self.protector._write, p, levels, before, after, label, seconds, self.options.fsync)
+        return [self.pool.submit(self.protector._write, p, levels, before, after, label, seconds, self.options.fsync,
+                                 p.output in self.replacing)
                 for p, levels, before, after, label, seconds in jobs]  # fmt: skip
 
 
@@ -827,8 +834,9 @@ class _ProcessIO:
 
     decode_chunk = 32
 
-    def __init__(self, protector: Protector, options: RunOptions, pool: ProcessPoolExecutor) -> None:
-        self.protector, self.options, self.pool = protector, options, pool
+    def __init__(self, protector: Protector, options: RunOptions, pool: ProcessPoolExecutor,
+                 replacing: set[Path]) -> None:  # fmt: skip
+        self.protector, self.options, self.pool, self.replacing = protector, options, pool, replacing
 
     def _submit(self, fn: Callable[..., Any], *args: Any) -> Future:
         try:
@@ -855,7 +863,8 @@ class _ProcessIO:
         parts: list[_Part] = []
         for start in range(0, len(jobs), size):
             chunk = jobs[start : start + size]
-            tasks = [self.protector._write_task(p, levels, label, self.options.fsync) for p, levels, _, _, label, _ in chunk]
+            tasks = [self.protector._write_task(p, levels, label, self.options.fsync, p.output in self.replacing)
+                     for p, levels, _, _, label, _ in chunk]  # fmt: skip
             future = self._submit(write_pngs, tasks)
             parts += [_Part(future, i, partial(self.protector._finish_write, p, before, after, label, seconds), p.item.path)
                       for i, (p, _, before, after, label, seconds) in enumerate(chunk)]  # fmt: skip
