@@ -1291,6 +1291,57 @@ def test_protect_input_handling_of_a_black_box_test(tmp_path: Path, registry: Pa
     assert len(list(out.rglob("*.protected.png"))) == 8
 
 
+def _start_a_long_run(tmp_path: Path, registry: Path, n: int = 600) -> tuple["subprocess.Popen", dict[Path, str]]:
+    """``preempt protect --io processes --workers 2 --json`` on ``n`` small images, once it has written
+    its first output (a run mid-way), with the digests of its originals."""
+    import subprocess
+    import sys
+
+    originals = _images(tmp_path / "in", n=n, size=(16, 16))
+    proc = subprocess.Popen([sys.executable, "-m", "preempt_cli", "protect", str(tmp_path / "in"), "-o",
+                             str(tmp_path / "out"), *FAST, "--labels", "backbone", "--io", "processes", "--workers",
+                             "2", "--json", "--registry", str(registry)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_child_env())  # fmt: skip
+    first = proc.stdout.readline()
+    assert first, proc.communicate(timeout=60)[1].decode()
+    proc.first_line = first  # type: ignore[attr-defined]
+    return proc, _digest(originals)
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "SIGKILL"), reason="POSIX signals")
+def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path: Path, registry: Path) -> None:
+    """SIGTERM (timeout, Slurm, Kubernetes) killed the run mid-write: partial temporary files, no
+    results for the files written, and I/O worker processes left running, holding stderr open."""
+    import signal
+
+    proc, originals = _start_a_long_run(tmp_path, registry)
+    proc.send_signal(signal.SIGTERM)
+    rest, err = proc.communicate(timeout=60)  # ends: no process of the run holds the pipes
+    assert proc.returncode == 128 + signal.SIGTERM, err.decode()
+    assert "interrupted by SIGTERM" in err.decode()
+    rows = [json.loads(line) for line in (proc.first_line + rest).decode().splitlines()]
+    on_disk = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert on_disk and not [n for n in on_disk if n.endswith(".tmp")]
+    assert sorted(Path(r["output"]).name for r in rows if r["status"] == "done") == on_disk
+    assert len(on_disk) < len(originals)  # stopped mid-way
+    assert _digest(list(originals)) == originals
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "SIGKILL"), reason="POSIX signals")
+def test_no_process_of_a_killed_run_survives_it(tmp_path: Path, registry: Path) -> None:
+    """kill -9 of the main process left its I/O workers (and the forkserver, the resource tracker)
+    running for minutes, holding stderr open: ``preempt ... 2>&1 | cat`` never ended."""
+    import signal
+    import subprocess
+
+    proc, _ = _start_a_long_run(tmp_path, registry)
+    proc.send_signal(signal.SIGKILL)
+    try:
+        proc.communicate(timeout=20)  # both pipes reach their end once every process holding them is gone
+    except subprocess.TimeoutExpired:
+        pytest.fail("processes of the killed run still hold its stdout or stderr after 20 s")
+
+
 @pytest.mark.parametrize("io", ["threads", "processes"])
 def test_an_output_another_run_writes_meanwhile_is_not_replaced(tmp_path: Path, tiny_backbone,
                                                                  monkeypatch: pytest.MonkeyPatch, io: str) -> None:  # fmt: skip

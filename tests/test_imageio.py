@@ -769,3 +769,25 @@ def test_a_write_error_names_the_output(tmp_path) -> None:
     (reason, _), = imageio.write_pngs([(target, pic, pic.color, {}, False, True)])  # fmt: skip
     assert reason.startswith(f"output {target}: cannot write: ")
 
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX processes")
+def test_an_io_worker_ends_when_its_main_process_does(tmp_path) -> None:
+    """Workers of a main process killed (kill -9) waited for work forever, holding its stderr open."""
+    import subprocess
+    import sys
+    import time
+
+    main = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    worker = subprocess.Popen([sys.executable, "-c", f"from preempt_cli.imageio import start_io_worker\n"
+                                                     f"start_io_worker({main.pid})\nimport time; time.sleep(60)"])  # fmt: skip
+    try:
+        time.sleep(1)
+        assert worker.poll() is None  # the main process lives: so does the worker
+        main.kill()
+        main.wait()
+        worker.wait(timeout=10)
+    finally:
+        for proc in (main, worker):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()

@@ -53,6 +53,7 @@ __all__ = [
     "write_pngs",
     "level_distance",
     "ignore_interrupts",
+    "start_io_worker",
     "IMAGE_SUFFIXES",
     "DEFAULT_MAX_PIXELS",
     "max_file_bytes",
@@ -694,11 +695,47 @@ def write_pngs(tasks: Sequence[tuple[Path, Picture, np.ndarray, Mapping[str, str
 
 
 def ignore_interrupts() -> None:
-    """Start of an I/O worker process: Ctrl-C reaches the whole process group, and the main process is
-    the one that stops the run (cancelling the queued work), not each worker with a traceback of its own."""
+    """Start of an I/O worker process: Ctrl-C reaches the whole process group (and a closed terminal's
+    SIGHUP), and the main process is the one that stops the run (cancelling the queued work), not each
+    worker with a traceback of its own. (SIGTERM stays deadly: the pool stops its workers with it.)"""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
+def start_io_worker(main_pid: int) -> None:
+    """Start of an I/O worker process of the process ``main_pid``: interrupts ignored
+    (:func:`ignore_interrupts`), and the worker ends when that process does. A main process killed (kill
+    -9, or SIGTERM before it could stop its pool) left its workers waiting for work forever, and with them
+    the forkserver and the resource tracker, holding its stderr open: ``preempt ... 2>&1 | cat`` never
+    ended."""
+    import threading
+
+    ignore_interrupts()
+    threading.Thread(target=_exit_when_gone, args=(main_pid,), name="preempt-watch-main", daemon=True).start()
+
+
+def _exit_when_gone(pid: int) -> None:
+    import select
+    import time
+
+    try:
+        watch = os.pidfd_open(pid)  # readable once the process has ended (Linux >= 5.3)
+    except (AttributeError, OSError):
+        watch = None
+    if watch is not None:
+        select.select([watch], [], [])
+        os._exit(1)
+    if os.name == "nt":  # os.kill would end the process there (no forkserver workers there anyway)
+        return
+    while True:  # elsewhere: ask every half second
+        try:
+            os.kill(pid, 0)
+        except OSError:  # gone (or its pid reused by another user's process: not ours to signal)
+            os._exit(1)
+        time.sleep(0.5)
 
 
 def level_distance(levels: np.ndarray, color: np.ndarray) -> int:

@@ -45,7 +45,7 @@ from .imageio import (
     DEFAULT_MAX_PIXELS,
     Picture,
     content_seed,
-    ignore_interrupts,
+    start_io_worker,
     levels_to_float,
     nhwc_levels_to_arrays,
     quantize_batch,
@@ -649,7 +649,8 @@ class Protector:
             try:
                 context = multiprocessing.get_context("forkserver")  # ValueError where there is none (Windows)
                 context.set_forkserver_preload(["__main__", "preempt_cli.imageio"])
-                pool = ProcessPoolExecutor(options.workers, mp_context=context, initializer=ignore_interrupts)
+                pool = ProcessPoolExecutor(options.workers, mp_context=context, initializer=start_io_worker,
+                                           initargs=(os.getpid(),))  # the workers end with this process
                 pool.submit(os.getpid).result(timeout=300)  # started, or why not
             except Exception as e:
                 if pool is not None:

@@ -124,14 +124,33 @@ def error_line(message: str) -> None:
         print(f"error: {message}", file=sys.stderr, flush=True)
 
 
+#: Signals that stop a command as Ctrl-C does: SIGTERM is what ``timeout``, Slurm, Kubernetes and systemd
+#: send, SIGHUP what a closed terminal sends (without a handler either killed the run mid-write, leaving
+#: temporary files, and its I/O worker processes).
+_STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+class _Stop:
+    """What stopped a command: the first stop signal's number (None: none came)."""
+
+    signum: int | None = None
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal's number, as shells report a command the signal killed (130 for Ctrl-C)."""
+        return EXIT_INTERRUPTED if self.signum is None else 128 + self.signum
+
+
 @contextmanager
-def _stop_on_interrupt() -> Iterator[None]:
+def _stop_on_interrupt() -> Iterator[_Stop]:
     """Ctrl-C in stages. The first stops the command (``KeyboardInterrupt``): a run finishes the files being
     written, so that none is left half-written. Another press while it does so says that it is stopping,
     instead of interrupting that clean-up (which left threads running into the interpreter's exit: a C++
-    abort, exit 134); a third quits at once (temporary files may be left; a re-run redoes those files)."""
+    abort, exit 134); a third quits at once (temporary files may be left; a re-run redoes those files).
+    SIGTERM and SIGHUP count as presses; the one that came first sets the exit code (see :class:`_Stop`)."""
+    stop = _Stop()
     if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
-        yield
+        yield stop
         return
     presses = 0
 
@@ -139,6 +158,7 @@ def _stop_on_interrupt() -> Iterator[None]:
         nonlocal presses
         presses += 1
         if presses == 1:
+            stop.signum = signum
             raise KeyboardInterrupt
         # os.write, not print: a handler that prints while the main thread is printing raises "reentrant call"
         if presses == 2:
@@ -146,23 +166,25 @@ def _stop_on_interrupt() -> Iterator[None]:
             return
         restore_cursor = b"\x1b[?25h" if stderr.is_terminal else b""  # the progress bar hid it
         os.write(2, restore_cursor + b"preempt: quit before the files being written were finished\n")
-        os._exit(EXIT_INTERRUPTED)
+        os._exit(stop.exit_code)
 
-    previous = signal.signal(signal.SIGINT, on_interrupt)
+    previous = {signum: signal.signal(signum, on_interrupt) for signum in _STOP_SIGNALS}
     try:
-        yield
+        yield stop
     finally:
         if not presses:  # once interrupted, the stages last until the process has exited (its threads joined)
-            signal.signal(signal.SIGINT, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
 
 @contextmanager
 def handle_errors(interrupted: str = "outputs written so far are complete; run again to do the rest",
                   ) -> Iterator[None]:  # fmt: skip
-    """Turn library errors into one ``error:`` line on stderr and the table's exit code; Ctrl-C in stages
-    (see :func:`_stop_on_interrupt`), then ``interrupted`` says what a re-run does."""
+    """Turn library errors into one ``error:`` line on stderr and the table's exit code; Ctrl-C (SIGTERM,
+    SIGHUP) in stages (see :func:`_stop_on_interrupt`), then ``interrupted`` says what a re-run does."""
+    stop = _Stop()
     try:
-        with _stop_on_interrupt():
+        with _stop_on_interrupt() as stop:
             yield
     except (typer.Exit, typer.Abort):
         raise
@@ -173,8 +195,9 @@ def handle_errors(interrupted: str = "outputs written so far are complete; run a
         raise typer.Exit(EXIT_BROKEN_PIPE) from None
     except KeyboardInterrupt:
         # outputs written so far are complete (atomic writes); a re-run skips them and does the rest
-        error_line(f"interrupted: {interrupted}")
-        raise typer.Exit(EXIT_INTERRUPTED) from None
+        by = "" if stop.signum in (None, signal.SIGINT) else f" by {signal.Signals(stop.signum).name}"
+        error_line(f"interrupted{by}: {interrupted}")
+        raise typer.Exit(stop.exit_code) from None
     except PreemptError as e:
         if debug_enabled():
             raise
