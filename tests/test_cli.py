@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -1291,7 +1292,7 @@ def test_protect_input_handling_of_a_black_box_test(tmp_path: Path, registry: Pa
     assert len(list(out.rglob("*.protected.png"))) == 8
 
 
-def _start_a_long_run(tmp_path: Path, registry: Path, n: int = 600) -> tuple["subprocess.Popen", dict[Path, str]]:
+def _start_a_long_run(tmp_path: Path, registry: Path, n: int = 600) -> tuple[subprocess.Popen, dict[Path, str]]:
     """``preempt protect --io processes --workers 2 --json`` on ``n`` small images, once it has written
     its first output (a run mid-way), with the digests of its originals."""
     import subprocess
