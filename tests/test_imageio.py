@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 import struct
 import zlib
 from pathlib import Path
@@ -509,28 +510,73 @@ def test_a_device_is_refused_unread(monkeypatch) -> None:
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes")
-def test_a_fifo_is_refused_unread_even_with_nobody_writing_to_it(tmp_path, monkeypatch) -> None:
-    """A FIFO named as an input blocked its worker in open() (nobody writes to it) and with it the whole
-    run, Ctrl-C included: it is refused, also when the name became a FIFO after it was looked at."""
+def test_a_pipe_is_read_up_to_the_limit(tmp_path, monkeypatch) -> None:
     import threading
 
+    monkeypatch.setattr(imageio, "_MIN_FILE_BYTES", 4096)
+    monkeypatch.setattr(imageio, "_FILE_METADATA_BYTES", 4096)
+    Image.fromarray(_gradient()).save(tmp_path / "a.png")
+    data = (tmp_path / "a.png").read_bytes()
+    cap = imageio.max_file_bytes(32 * 24)
+    assert cap > len(data)
+
+    def feed(fifo: Path, payload: bytes) -> None:
+        try:
+            with open(fifo, "wb") as f:
+                f.write(payload)
+        except BrokenPipeError:  # the reader stopped at the limit
+            pass
+
+    for name, payload in (("fits.png", data), ("endless.png", data + bytes(cap))):  # (bounded, for the test)
+        fifo = tmp_path / name
+        os.mkfifo(fifo)
+        writer = threading.Thread(target=feed, args=(fifo, payload), daemon=True)
+        writer.start()
+        if len(payload) > cap:
+            err = _assert_read_error(fifo, "--max-pixels", max_pixels=32 * 24)
+            assert f"grew past {cap:,} bytes" in err.reason
+        else:
+            picture = read_image(fifo, max_pixels=32 * 24)
+            assert picture.size == (32, 24) and picture.source_sha256 == __import__("hashlib").sha256(data).hexdigest()
+        writer.join(10)
+        assert not writer.is_alive()
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes")
+def test_a_fifo_nobody_writes_to_fails_instead_of_waiting_forever(tmp_path, monkeypatch) -> None:
+    """A FIFO named as an input blocked its worker in open() (nobody writes to it) and with it the whole
+    run, Ctrl-C included: it now fails after a bounded wait, saying why; pipes with a writer are still read
+    (above), also one whose writer takes longer than that wait to write."""
+    import threading
+
+    monkeypatch.setattr(imageio, "FIFO_WRITER_WAIT", 0.2)
     fifo = tmp_path / "fifo.png"
     os.mkfifo(fifo)
-    Image.fromarray(_gradient()).save(tmp_path / "a.png")
-    real_stat, regular = os.stat, os.stat(tmp_path / "a.png")
-    for stat_says_regular in (False, True):
-        if stat_says_regular:  # as if a regular file had been there when looked at: the open must not block
-            monkeypatch.setattr(imageio.os, "stat", lambda p, *a, **k: regular if Path(p) == fifo else real_stat(p, *a, **k))
-        errors: list[BaseException] = []
-        reader = threading.Thread(target=lambda: errors.append(_assert_read_error(fifo, "fifo", "not a regular file")),
-                                  daemon=True)  # fmt: skip
-        reader.start()
-        reader.join(10)
-        if reader.is_alive():  # blocked in open(): a writer end lets it go, so the test fails instead of hanging
-            os.close(os.open(fifo, os.O_RDWR))
-            pytest.fail("reading a FIFO nobody writes to blocked")
-        assert len(errors) == 1 and errors[0].reason == "is a FIFO (named pipe), not a regular file"
+    errors: list[BaseException] = []
+    reader = threading.Thread(target=lambda: errors.append(_assert_read_error(fifo, "fifo", "nothing written")),
+                              daemon=True)  # fmt: skip
+    reader.start()
+    reader.join(10)
+    if reader.is_alive():  # blocked in open(): a writer end lets it go, so the test fails instead of hanging
+        os.close(os.open(fifo, os.O_RDWR))
+        pytest.fail("reading a FIFO nobody writes to blocked")
+    assert len(errors) == 1
 
+    # a writer that holds the pipe open but writes only after the wait: read, not refused
+    Image.fromarray(_gradient()).save(tmp_path / "a.png")
+    data = (tmp_path / "a.png").read_bytes()
+    slow = tmp_path / "slow.png"
+    os.mkfifo(slow)
+
+    def write_late() -> None:
+        with open(slow, "wb") as f:
+            time.sleep(0.6)
+            f.write(data)
+
+    writer = threading.Thread(target=write_late, daemon=True)
+    writer.start()
+    assert read_image(slow).size == (32, 24)
+    writer.join(10)
 
 def test_an_error_without_a_message_still_gives_a_reason(tmp_path, monkeypatch) -> None:
     # the tester saw `cannot decode: MemoryError: ` (nothing after the colon)

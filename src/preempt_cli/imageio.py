@@ -241,23 +241,31 @@ class Picture:
 
 
 def _read_capped(path: Path, max_pixels: int) -> bytes:
-    """The file's bytes, read once: refused unread when it is not a regular file (a device, a FIFO, a
-    socket), or larger than any image of at most ``max_pixels`` pixels (:func:`max_file_bytes`) needs."""
+    """The file's bytes, read once: refused unread when it is a device or a socket, or larger than any
+    image of at most ``max_pixels`` pixels (:func:`max_file_bytes`) needs. A pipe (``<(curl ...)``, a FIFO)
+    is read up to that size; one nobody writes to fails after :data:`FIFO_WRITER_WAIT` seconds instead of
+    holding the run forever."""
     cap = max_file_bytes(max_pixels)
     raise_it = "raise the limit with --max-pixels if the file is trusted"
     try:
         _refuse_special(path, os.stat(path).st_mode)  # before opening: a device is not even opened
-        # O_NONBLOCK: should the name have become a FIFO meanwhile, opening it does not wait for a writer
-        # (which blocked the whole run); the fstat below refuses it
+        # O_NONBLOCK: opening a FIFO does not wait for a writer (a blocking open of one nobody writes to
+        # held the whole run): _first_bytes_of_a_pipe waits a bounded time instead
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
         with open(fd, "rb", buffering=0) as f:
             info = os.fstat(fd)  # what was opened, should the name have changed meanwhile
             _refuse_special(path, info.st_mode)
+            chunks, total = [], 0
+            if stat.S_ISFIFO(info.st_mode):
+                first = _first_bytes_of_a_pipe(fd)
+                if first is None:
+                    raise ImageReadError(path, f"a pipe with nothing written to it within {FIFO_WRITER_WAIT:g} s "
+                                               "(no program writes to this FIFO)")  # fmt: skip
+                chunks, total = [first], len(first)
             os.set_blocking(fd, True)
             if info.st_size > cap:
                 raise ImageReadError(path, f"file too large: {info.st_size:,} bytes, more than an image within "
                                            f"the pixel limit of {max_pixels:,} can take (at most {cap:,} bytes; {raise_it})")  # fmt: skip
-            chunks, total = [], 0
             want = info.st_size + 1  # the file in one read, and its end seen
             while total <= cap:
                 chunk = f.read(min(max(want, 1 << 20), cap + 1 - total))
@@ -288,14 +296,34 @@ def _read_capped(path: Path, max_pixels: int) -> bytes:
         raise ImageReadError(path, f"cannot read: {e.strerror or _error_text(e)}") from e
 
 
+#: Seconds a FIFO named as an input may wait for a program to open it for writing (one that has it open
+#: already, as ``<(...)`` does, is waited for as long as it writes).
+FIFO_WRITER_WAIT = 5.0
+
+
+def _first_bytes_of_a_pipe(fd: int) -> bytes | None:
+    """The first bytes of the pipe open (non-blocking) at ``fd`` (empty: a writer holds it, nothing written
+    yet), or None where no program writes to it within :data:`FIFO_WRITER_WAIT` seconds.
+
+    poll() waits for data, or for a writer that came and left; after that, a read tells a pipe nobody
+    writes to (0 bytes, end of file) from one whose writer is still to write (EAGAIN)."""
+    import select
+
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        poller.poll(FIFO_WRITER_WAIT * 1000)
+    try:
+        return os.read(fd, 1 << 16) or None
+    except BlockingIOError:
+        return b""
+
+
 def _refuse_special(path: Path, mode: int) -> None:
-    """Refuse what is not a regular file: a device or a pipe can be endless, and a FIFO nobody writes to
-    would hold the run forever."""
+    """Refuse a device or a socket (endless, or not data at all); a pipe is read up to the size cap."""
     if stat.S_ISDIR(mode):
         raise ImageReadError(path, "is a directory")
-    if stat.S_ISFIFO(mode):
-        raise ImageReadError(path, "is a FIFO (named pipe), not a regular file")
-    if stat.S_ISREG(mode):
+    if stat.S_ISREG(mode) or stat.S_ISFIFO(mode):
         return
     kind = ("a character device" if stat.S_ISCHR(mode) else "a block device" if stat.S_ISBLK(mode)
             else "a socket" if stat.S_ISSOCK(mode) else None)  # fmt: skip
