@@ -2,7 +2,9 @@
 
 The Python API (the ``preempt`` command is a thin layer over it)::
 
-    from preempt_cli import load_model, Protector, ForeBackConfig, collect_inputs, RunOptions
+    from preempt_cli import load_model, Protector, ForeBackConfig, collect_inputs, RunOptions  # protect
+    from preempt_cli import Reverter  # revert
+    from preempt_cli import Evaluator, load_dataset, DefenseSpec, AttackSpec, reversion_protocol  # eval
 
 The names below load their module on first use (PEP 562), so that importing one torch-free module of
 the package (``preempt_cli.imageio`` in the I/O worker processes) does not import torch.
@@ -22,6 +24,11 @@ _EXPORTS = {
     "ForeBackConfig": "engine",
     "parse_eps": "engine",
     "PreemptError": "errors",
+    "AttackSpec": "evaluate",
+    "DefenseSpec": "evaluate",
+    "Evaluator": "evaluate",
+    "load_dataset": "evaluate",
+    "reversion_protocol": "evaluate",
     "Picture": "imageio",
     "read_image": "imageio",
     "write_png": "imageio",
@@ -32,6 +39,7 @@ _EXPORTS = {
     "FileResult": "protect",
     "Protector": "protect",
     "RunOptions": "protect",
+    "Reverter": "revert",
     "ModelConfig": "registry",
     "get_model_config": "registry",
     "list_models": "registry",
@@ -42,11 +50,13 @@ __all__ = ["__version__", *_EXPORTS]
 if TYPE_CHECKING:
     from .engine import PRESETS, FastPreemption, ForeBackConfig, parse_eps
     from .errors import PreemptError
+    from .evaluate import AttackSpec, DefenseSpec, Evaluator, load_dataset, reversion_protocol
     from .imageio import Picture, read_image, write_png
     from .inputs import InputFile, collect_inputs
     from .models import ImageModel, load_model
     from .protect import FileResult, Protector, RunOptions
     from .registry import ModelConfig, get_model_config, list_models
+    from .revert import Reverter
 
 
 def __getattr__(name: str) -> Any:

@@ -10,7 +10,7 @@ backbone ``f_b`` shapes a perturbation inside the L-inf ball of radius ``eps`` a
 
 The N samples of a step run as one batch (all images of a batch together), and gradients are taken with
 respect to the input only. Each image's noise depends only on the seed and its own noise seed (derived
-from the image content by the file pipeline), so an image's result does not depend on which other images
+from the image's own pixels: :func:`content_seeds`), so an image's result does not depend on which other images
 share its batch, nor on the batch size: images at the backbone's input size draw it from a counter-based
 hash of (seed, noise seed, step, sample, pixel), computed for the whole batch at once and bit-identical on
 CPU and CUDA; images the backbone resizes (photos) from one generator per image and sample.
@@ -20,19 +20,22 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import asdict, dataclass, replace
+import numbers
+from dataclasses import asdict, dataclass, field, fields, replace
 from fractions import Fraction
 from typing import Any, Iterator, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .device import to_device
-from .errors import ConfigError
+from .errors import ConfigError, InputError
+from .imageio import content_seed
 
 __all__ = ["ForeBackConfig", "FastPreemption", "PRESETS", "PRECISIONS", "COMPILE_MODES", "parse_eps", "default_eps", "eval_mode", "project",
-           "native_bf16", "resolve_precision"]
+           "native_bf16", "resolve_precision", "content_seeds", "check_seed", "check_images", "check_batch", "MAX_SEED"]
 
 #: Named settings. ``paper``: Table 3 of the paper. ``mspd``: the authors' later public code, which also
 #: projects each FGSM sample around the current iterate before the outer projection.
@@ -101,6 +104,45 @@ def hash_noise(keys: torch.Tensor, numel: int, eps: float, *, block: int,
     return out
 
 
+def content_seeds(x: torch.Tensor) -> list[int]:
+    """Each image's noise seed from its own pixels, as the file pipeline derives it: ``x`` [B, C, H, W] in
+    [0, 1] is read back as the 8-bit levels it holds exactly (a tensor decoded from an 8-bit file, or
+    ``levels / 255``), else as 16-bit levels, and hashed as :func:`~preempt_cli.imageio.content_seed` hashes
+    a decoded file's; other values (off both grids) hash their float32 bytes. So a tensor decoded from a
+    file gets that file's noise, and an image's result never depends on its place in a batch. (A 16-bit
+    file whose levels are all multiples of 257 reads as 8-bit and gets other noise than ``protect`` gives it.)
+    """
+    seeds = []
+    for image in x.detach().to("cpu", torch.float32):
+        hwc = image.permute(1, 2, 0)
+        for max_value, dtype in ((255, np.uint8), (65535, np.uint16)):
+            levels = hwc.mul(max_value).round_().clamp_(0, max_value)
+            if torch.equal(levels.div(max_value), hwc):  # exactly the floats imageio.levels_to_float makes
+                seeds.append(content_seed(levels.numpy().astype(dtype)))
+                break
+        else:
+            seeds.append(content_seed(hwc.numpy()))
+    return seeds
+
+
+#: Seeds are 64-bit: a larger one (or a negative one) would draw the same noise as the seed it wraps to.
+MAX_SEED = (1 << 64) - 1
+
+
+def check_seed(seed: Any) -> int:
+    """``seed`` as an int in [0, :data:`MAX_SEED`].
+
+    Raises:
+        ConfigError: not an int (a float, a string or a bool was silently truncated, and recorded as given),
+            or out of range.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise ConfigError(f"seed must be an int, got {seed!r} ({type(seed).__name__})")
+    if not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"seed must be in 0..2**64-1, got {seed}")
+    return int(seed)
+
+
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[None]:
     """Run ``model`` with every submodule in eval mode (BatchNorm on its running statistics, never updating
@@ -123,13 +165,14 @@ def default_eps(dataset: str) -> float:
 
 def parse_eps(text: str | float) -> float:
     """An L-inf budget as a float in (0, 1]: a fraction ``8/255`` (taken as written), a number below 1
-    (``0.0314``), or a number from 1 to 255 read as that many 8-bit levels (``8`` = 8/255, ``1`` = 1/255).
+    (``0.0314``), or a whole number from 1 to 255 read as that many 8-bit levels (``8`` = 8/255, ``1`` = 1/255).
 
     A bare ``1`` means one level, not the whole range: no one protects a photo with a budget that lets
     every pixel take any value, and reading it as 1.0 destroyed images without a word.
 
     Raises:
-        ConfigError: not a number or fraction, or out of range (above 255 levels, or a fraction above 1).
+        ConfigError: not a number or fraction, a number of levels that is not whole (``1.5``), or out of
+            range (above 255 levels, or a fraction above 1).
     """
     if isinstance(text, (int, float)):
         value, written_as_fraction = float(text), False
@@ -142,6 +185,9 @@ def parse_eps(text: str | float) -> float:
     if not math.isfinite(value) or value <= 0:
         raise ConfigError(f"eps must be positive, got {text!r}")
     if value >= 1 and not written_as_fraction:  # "8" means 8/255
+        if value != int(value):  # 1.5 levels: a typo for 1.5/255, or for 0.15? Neither is safe to guess
+            raise ConfigError(f"eps {text!r}: a value of 1 or more is a whole number of levels (8 = 8/255); "
+                              "write a fraction like 3/510 or a number below 1")  # fmt: skip
         if value > 255:
             raise ConfigError(f"eps {text!r} is more than 255 levels: use a fraction like 8/255")
         value /= 255
@@ -152,7 +198,13 @@ def parse_eps(text: str | float) -> float:
 
 @dataclass(frozen=True)
 class ForeBackConfig:
-    """Settings of Algorithm 1. Defaults are the paper's (Table 3) for CIFAR-10."""
+    """Settings of Algorithm 1. Defaults are the paper's (Table 3) for CIFAR-10.
+
+    ``eps`` may be given as the CLI's ``--eps`` takes it (``"8/255"``, ``"8"``: :func:`parse_eps`).
+
+    Raises:
+        ConfigError: a setting of the wrong type (steps and samples are ints) or out of range.
+    """
 
     eps: float = 8 / 255
     eta: float = 0.7
@@ -161,8 +213,23 @@ class ForeBackConfig:
     samples: int = 20
     sample_projection: str = "original"  # "original" (paper) or "iterate" (mspd)
     inner_steps: int = 1  # 1 = FGSM samples (the method); K > 1 = averaged PGD-K samples (ablation)
+    #: the preset these settings started from (:meth:`from_preset` sets it; a protector records it), not
+    #: a setting: two configs of equal settings are equal whatever their names
+    preset: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
+        if isinstance(self.eps, str):  # "8/255", "8" or "0.0314", as the CLI's --eps takes it
+            object.__setattr__(self, "eps", parse_eps(self.eps))
+        for name in ("eps", "eta"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise ConfigError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+            object.__setattr__(self, name, float(value))
+        for name in ("forward_steps", "backward_steps", "samples", "inner_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ConfigError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+            object.__setattr__(self, name, int(value))
         if not 0 < self.eps <= 1:
             raise ConfigError(f"eps must be in (0, 1], got {self.eps}")
         if not (math.isfinite(self.eta) and self.eta > 0):  # NaN passes "<= 0" and then wrecks every pixel
@@ -184,10 +251,14 @@ class ForeBackConfig:
         the paper's budget for the backbone's ``dataset`` (:func:`default_eps`)."""
         if preset not in PRESETS:
             raise ConfigError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
+        names = [f.name for f in fields(cls) if f.name != "preset"]
+        unknown = sorted(set(overrides) - set(names))
+        if unknown:
+            raise ConfigError(f"unknown setting {', '.join(unknown)}: the settings are {', '.join(names)}")
         if overrides.get("eps") is None and dataset is not None:
             overrides["eps"] = default_eps(dataset)
         settings = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
-        return cls(**settings)
+        return cls(**settings, preset=preset)
 
     def with_(self, **changes: Any) -> "ForeBackConfig":
         return replace(self, **changes)
@@ -282,7 +353,7 @@ class FastPreemption:
     ) -> None:
         self.backbone = backbone
         self.config = config or ForeBackConfig.from_preset(dataset=getattr(getattr(backbone, "config", None), "dataset", None))
-        self.seed = int(seed)
+        self.seed = check_seed(seed)
         if device is None:
             param = next(backbone.parameters(), None)
             device = param.device if param is not None else torch.device("cpu")
@@ -433,26 +504,42 @@ class FastPreemption:
             del sample
         return self._outer_step(x_t, total.div_(cfg.samples), bounds, direction)
 
-    @torch.no_grad()
     def perturb(
         self, x: torch.Tensor, y: torch.Tensor, *, noise_seeds: Sequence[int] | None = None
     ) -> torch.Tensor:
         """Protect a batch.
 
         Args:
-            x: images, [B, C, H, W] float in [0, 1] (C = 1 or 3; any H, W the backbone accepts).
-            y: labels, [B] int64 (the classifier's, or ground truth).
-            noise_seeds: one int per image (default: the image's index in the batch).
+            x: images, [B, C, H, W] floats in [0, 1] (C = 1 or 3; any H, W the backbone accepts). Any float
+                dtype: the computation, and the result, are float32. Their values are not checked here (that
+                would wait for the device): :meth:`preempt_cli.protect.Protector.protect` checks them.
+            y: labels, [B] integers (the classifier's, or ground truth).
+            noise_seeds: one int per image (default: :func:`content_seeds`, from each image's own pixels, as
+                the file pipeline gives them: an image's result does not depend on its batch).
 
         Returns:
-            The protected images, same shape, within ``eps`` of ``x`` in L-inf and in [0, 1].
+            The protected images, float32, same shape, within ``eps`` of ``x`` in L-inf (up to float32
+            rounding) and in [0, 1]. Also inside ``torch.inference_mode()``, which this leaves for the
+            gradients it takes.
+
+        Raises:
+            InputError: ``x`` or ``y`` is not a tensor, or of the wrong dtype or shape.
         """
-        if x.ndim != 4:
-            raise ValueError(f"expected NCHW images, got shape {tuple(x.shape)}")
-        if y.shape != (x.shape[0],):
-            raise ValueError(f"expected {x.shape[0]} labels, got shape {tuple(y.shape)}")
+        check_batch(x, y)
+        with torch.inference_mode(False), torch.no_grad():
+            return self._perturb(x, y, noise_seeds)
+
+    def _perturb(self, x: torch.Tensor, y: torch.Tensor, noise_seeds: Sequence[int] | None) -> torch.Tensor:
         x0 = x.to(self.device, torch.float32)
         y = y.to(self.device, torch.long)
+        if x0.is_inference():  # made under torch.inference_mode(): autograd cannot use it, a copy it can
+            x0 = x0.clone()
+        if y.is_inference():
+            y = y.clone()
+        if x0.shape[0] == 0:
+            return x0.clone()
+        if noise_seeds is None:
+            noise_seeds = content_seeds(x0)
         bounds = _ball(x0.unsqueeze(1), self.config.eps)
         x_t = x0.clone()
         directions = [-1.0] * self.config.forward_steps + [+1.0] * self.config.backward_steps
@@ -470,3 +557,35 @@ class FastPreemption:
             for source, direction in zip(noise_sources, directions):
                 x_t = step(x_t, bounds, labels, source, direction=direction)
         return x_t
+
+
+def check_images(x: Any) -> None:
+    """Refuse images :meth:`FastPreemption.perturb` cannot take, by their type, dtype and shape alone (not
+    their values: that would wait for the device).
+
+    Raises:
+        InputError: ``x`` is not a floating-point [B, C, H, W] tensor.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise InputError(f"images must be a torch.Tensor [B, C, H, W] of floats in [0, 1], got {type(x).__name__}"
+                         " (for a numpy array: torch.from_numpy(a))")  # fmt: skip
+    if x.ndim != 4:
+        raise InputError(f"images must be a [B, C, H, W] tensor (NCHW), got shape {tuple(x.shape)}"
+                         + (" (one image: add a batch dimension with x[None])" if x.ndim == 3 else ""))  # fmt: skip
+    if not x.is_floating_point():
+        raise InputError(f"images must be float in [0, 1], got dtype {x.dtype}; for uint8 use x.float() / 255")
+
+
+def check_batch(x: Any, y: Any) -> None:
+    """:func:`check_images`, and refuse labels that are not one integer per image.
+
+    Raises:
+        InputError: ``x`` is not a floating-point [B, C, H, W] tensor, or ``y`` not an integer [B] tensor.
+    """
+    check_images(x)
+    if not isinstance(y, torch.Tensor):
+        raise InputError(f"labels must be a torch.Tensor of class indices, got {type(y).__name__}")
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise InputError(f"labels must be integer class indices, got dtype {y.dtype}")
+    if tuple(y.shape) != (x.shape[0],):
+        raise InputError(f"expected {x.shape[0]} labels (one per image), got shape {tuple(y.shape)}")

@@ -24,6 +24,7 @@ __all__ = [
     "ImageReadError",
     "ImageWriteError",
     "LabelError",
+    "InputError",
     "MissingDependencyError",
     "reason_of",
     "first_line",
@@ -169,6 +170,11 @@ class ImageWriteError(PreemptError, OSError):
 
 class LabelError(PreemptError, ValueError):
     """Ground-truth labels are missing or invalid."""
+
+
+class InputError(PreemptError, ValueError, TypeError):
+    """Images or labels handed to the Python API that it cannot take: a wrong type, dtype, shape or value
+    (a ``ValueError`` and a ``TypeError``: catch either)."""
 
 
 class MissingDependencyError(PreemptError, ImportError):

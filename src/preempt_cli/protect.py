@@ -36,10 +36,10 @@ import numpy as np
 import torch
 
 from . import __version__
-from .engine import FastPreemption, ForeBackConfig, eval_mode
+from .engine import FastPreemption, ForeBackConfig, check_batch, check_images, check_seed, eval_mode
 from .batches import ComputeThread, QueuedTransfer
 from .device import default_io_workers, to_device
-from .errors import ConfigError, LabelError, reason_of
+from .errors import ConfigError, InputError, LabelError, reason_of
 from .hub import sha256_file
 from .imageio import (
     DEFAULT_MAX_PIXELS,
@@ -131,11 +131,23 @@ class RunOptions:
     #: Processes start from a fork server that imports the ``__main__`` module again: a script that uses
     #: them needs the ``if __name__ == "__main__":`` guard, as with any multiprocessing code.
     io: str = "threads"
+    #: (K, N): only the inputs of shard K of N, K from 1 to N (``--shard K/N``; see ``inputs.in_shard``)
     shard: tuple[int, int] | None = None
-    #: (i, k): of the inputs (after ``shard``), take every k-th starting at i (one device worker's share)
+    #: (i, k): of the inputs (after ``shard``), take every k-th starting at i (one device worker's share),
+    #: i from 0 to k - 1
     partition: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
+        if self.shard is not None and not _int_pair_within(self.shard, low=1, high_offset=0):
+            raise ConfigError(f"shard must be (K, N) with 1 <= K <= N (K counts from 1), got {self.shard!r}")
+        if self.partition is not None and not _int_pair_within(self.partition, low=0, high_offset=1):
+            raise ConfigError(f"partition must be (i, k) with 0 <= i < k, got {self.partition!r}")
+        for name in ("max_pixels", "workers") + (("batch_size",) if self.batch_size is not None else ()):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{name} must be an int, got {value!r}")
+        if self.max_pixels < 1:
+            raise ConfigError(f"--max-pixels must be >= 1, got {self.max_pixels}")
         if self.io not in ("auto", "threads", "processes"):
             raise ConfigError(f"--io must be auto, threads or processes, got {self.io!r}")
         if self.batch_size is not None and self.batch_size < 1:
@@ -144,6 +156,12 @@ class RunOptions:
             raise ConfigError("--workers must be >= 1")
         if not self.suffix or "/" in self.suffix or "\\" in self.suffix:
             raise ConfigError(f"invalid --suffix {self.suffix!r}: it must be non-empty with no path separator")
+
+
+def _int_pair_within(pair: Any, *, low: int, high_offset: int) -> bool:
+    """Whether ``pair`` is two ints (a, b) with low <= a <= b - high_offset."""
+    return (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in pair)
+            and low <= pair[0] <= pair[1] - high_offset)  # fmt: skip
 
 
 def parse_preempt_metadata(raw: str | None) -> dict[str, Any] | None:
@@ -289,16 +307,31 @@ class _Pending:
 class Protector:
     """Fast Preemption applied to files (and tensors).
 
+    Each image's noise comes from the seed and a hash of the image's own pixels, never from its place in
+    a batch: protecting a batch gives the same bits as protecting its images one by one, and a tensor
+    decoded from a file (``Picture.to_tensor``) gets the bits :meth:`run` writes for that file (before
+    rounding). The float output of :meth:`protect` is within ``eps`` of the input up to float32 rounding;
+    a file :meth:`run` saves is exactly within ``floor(eps * 255)`` levels of the original (8-bit).
+
+    One protector may be shared by threads (:meth:`protect` and :meth:`run` alike, with ``compile="off"``):
+    no state it keeps between calls changes a result, so each call gives the bits it would give alone.
+
     Args:
-        backbone: the robust model that shapes the perturbation (the user-side key).
+        backbone: the robust model that shapes the perturbation (the user-side key): an
+            :class:`~preempt_cli.models.ImageModel`, as :func:`~preempt_cli.models.load_model` gives.
         classifier: labels the images (argmax); ``None`` with ``labels="classifier"`` uses the backbone.
         config: Algorithm 1 settings.
-        seed: base seed; the same seed, device and input give the same output bits.
+        seed: base seed, an int in 0..2**64-1; the same seed, device and input give the same output bits.
         labels: ``"classifier"``, ``"backbone"``, ``"folders"`` (ImageFolder parent folder names), or a
             :class:`~preempt_cli.labels.LabelMap` read from a CSV/JSON file.
-        preset: name of the preset the config came from (recorded in the metadata).
+        preset: name of the preset the config came from (recorded in the metadata); default: the one
+            :meth:`ForeBackConfig.from_preset` made it from.
         precision: ``fp32``, ``bf16`` or ``auto`` for the backbone's passes (see :class:`FastPreemption`).
         compile: ``off`` or a ``torch.compile`` mode for the backbone (see :class:`FastPreemption`).
+
+    Raises:
+        TypeError: a model that is not a loaded model (a name: load it with ``load_model``).
+        ConfigError: an invalid setting (a seed that is not an int in range, mismatched models, ...).
     """
 
     kind = "protected"
@@ -317,11 +350,17 @@ class Protector:
         precision: str = "fp32",
         compile: str = "off",
     ) -> None:
+        for role, model in (("backbone", backbone), ("classifier", classifier)):
+            if model is not None and not isinstance(model, torch.nn.Module):
+                raise TypeError(f"{role} must be a model, got {type(model).__name__} {model!r}: load it with "
+                                f"preempt_cli.load_model({model!r}, models_dir=...)")  # fmt: skip
+        if config is not None and not isinstance(config, ForeBackConfig):
+            raise TypeError(f"config must be a ForeBackConfig, got {type(config).__name__}")
         self.backbone = backbone
         self.classifier = classifier
         self.config = config or ForeBackConfig.from_preset(dataset=backbone.config.dataset)
-        self.seed = seed
-        self.preset = preset
+        self.seed = check_seed(seed)
+        self.preset = preset if preset is not None else self.config.preset
         if isinstance(labels, str) and labels not in ("classifier", "backbone", "folders"):
             raise ConfigError(f"labels must be classifier, backbone, folders or a label file, got {labels!r}")
         self.labels = labels
@@ -360,13 +399,45 @@ class Protector:
         return probs.gather(1, y.to(self.device).view(-1, 1)).squeeze(1)
 
     def transform(self, x: torch.Tensor, y: torch.Tensor, noise_seeds: Sequence[int] | None = None) -> torch.Tensor:
-        """The protected images of ``x`` with labels ``y``."""
+        """The protected images of ``x`` with labels ``y`` (see :meth:`FastPreemption.perturb`): their types
+        and shapes are checked, not their values (the pipeline's inner step: :meth:`protect` checks them)."""
         return self.engine.perturb(x, y, noise_seeds=noise_seeds)
 
     def protect(self, x: torch.Tensor, y: torch.Tensor | None = None, **kw: Any) -> torch.Tensor:
-        """Label (when ``y`` is None) and protect a batch of [0, 1] NCHW images."""
-        x = x.to(self.device)
+        """Label (when ``y`` is None) and protect a batch of images.
+
+        Args:
+            x: [B, C, H, W] floats in [0, 1] (float16, bfloat16 and float64 are computed, and returned, as
+                float32). For 8-bit images, ``x.float() / 255``.
+            y: labels, [B] integers in [0, classes); default: the classifier's.
+            noise_seeds: one int per image (default: from each image's pixels, see :class:`Protector`).
+
+        Returns:
+            The protected images, float32 [B, C, H, W] on the backbone's device (an empty batch: empty).
+
+        Raises:
+            InputError: ``x`` or ``y`` of the wrong type, dtype or shape, images with values outside
+                [0, 1] (or NaN), labels outside the backbone's classes.
+        """
+        check_images(x)
+        channels = self.backbone.config.input_size[0]
+        if x.shape[1] not in (1, channels):  # before the classifier fails on it, with its own words
+            raise InputError(f"images have {x.shape[1]} channels but the backbone takes {channels} (or 1)"
+                             + ("; NHWC images: x.permute(0, 3, 1, 2)" if x.shape[-1] in (1, channels) else ""))  # fmt: skip
+        if y is not None:
+            check_batch(x, y)
+        x = x.to(self.device, torch.float32)
+        if x.shape[0] == 0:
+            return x.clone()
+        low, high = (float(v) for v in torch.aminmax(x))
+        if not 0 <= low <= high <= 1:  # NaN fails every comparison
+            raise InputError(f"images must be floats in [0, 1], got values from {low:.4g} to {high:.4g}"
+                             + ("; for 0..255 values use x / 255" if 1 < high < math.inf else ""))  # fmt: skip
         y = self.predict(x) if y is None else y.to(self.device)
+        classes = self.backbone.config.num_classes
+        if not bool(((y >= 0) & (y < classes)).all()):
+            raise InputError(f"labels must be class indices in [0, {classes}), got values from "
+                             f"{int(y.min())} to {int(y.max())}")  # fmt: skip
         return self.transform(x, y, **kw)
 
     # -- metadata --------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from ..errors import (
     clip,
     first_line,
 )
+from ..device import resolve_device
 from ..hub import hub_errors, read_weights
 from ..registry import ModelConfig, get_model_config, timm_pretrained_cfg
 from ._registry import create_arch, is_arch
@@ -257,7 +258,8 @@ def load_model(
 
     Args:
         model: a registry name or a config.
-        device: where the model lives.
+        device: where the model lives: ``cpu``, ``cuda``, ``cuda:I``, ``mps`` or ``auto`` (see
+            :func:`~preempt_cli.device.resolve_device`).
         models_dir: folder holding local weights files (else ``PREEMPT_MODELS_DIR``).
         registry: extra registry files (override the built-in and user registries).
         verify_hash: check the registry's sha256 pin (on the bytes loaded).
@@ -269,6 +271,7 @@ def load_model(
         with other channels than the architecture takes, or a timm row whose num_classes differs from
         timm's pretrained head).
     """
+    device = resolve_device(device)  # before any loading: "cuda" without a GPU is a ConfigError, not torch's
     cfg = model if isinstance(model, ModelConfig) else get_model_config(model, registry)
     models_dir = Path(models_dir).expanduser() if models_dir is not None else None
     sha = None

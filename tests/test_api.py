@@ -1,0 +1,217 @@
+"""The Python API as a caller uses it: ``Protector.protect`` on tensors, its input checks, the settings'
+checks, and what the package exports."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import preempt_cli
+from conftest import TEST_DEVICE, make_tiny_model, write_random_pngs
+from preempt_cli import FastPreemption, ForeBackConfig, Protector, RunOptions, collect_inputs, parse_eps, read_image
+from preempt_cli.engine import content_seeds
+from preempt_cli.errors import ConfigError, InputError
+from preempt_cli.imageio import content_seed, quantize
+from preempt_cli.protect import read_preempt_metadata
+
+FAST = ForeBackConfig(samples=3)  # few samples: these tests check bits and errors, not protection
+
+
+@pytest.fixture
+def protector(tiny_backbone) -> Protector:
+    return Protector(tiny_backbone, config=FAST, seed=5)
+
+
+@pytest.fixture
+def images() -> torch.Tensor:
+    """8 CIFAR-size 8-bit images as [0, 1] floats (what a decoded file gives)."""
+    levels = torch.randint(0, 256, (8, 3, 32, 32), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    return (levels.float() / 255).to(TEST_DEVICE)
+
+
+# -- each image's noise comes from its own pixels, never its place in a batch ---------------------------------
+def test_protect_gives_an_image_the_same_bits_in_any_batch(protector, images) -> None:
+    batch = protector.protect(images)
+    one_by_one = torch.cat([protector.protect(images[i : i + 1]) for i in range(len(images))])
+    assert torch.equal(batch, one_by_one)
+    order = torch.tensor([5, 2, 7, 0, 1, 6, 3, 4])
+    assert torch.equal(protector.protect(images[order]), batch[order])
+    twice = protector.protect(images[[3, 3]])
+    assert torch.equal(twice[0], twice[1]) and torch.equal(twice[0], batch[3])
+
+
+def test_engine_defaults_to_content_seeds(tiny_backbone, images) -> None:
+    y = torch.arange(len(images), device=TEST_DEVICE) % 10
+    engine = FastPreemption(tiny_backbone, config=FAST, seed=2)
+    hwc = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    explicit = engine.perturb(images, y, noise_seeds=[content_seed(a) for a in hwc])
+    assert torch.equal(engine.perturb(images, y), explicit)
+    assert torch.equal(engine.perturb(images.flip(0), y.flip(0)), explicit.flip(0))
+
+
+def test_content_seeds_read_8_bit_16_bit_and_other_values() -> None:
+    levels8 = np.random.default_rng(0).integers(0, 256, (2, 5, 4, 3), dtype=np.uint8)
+    levels16 = np.random.default_rng(1).integers(0, 65536, (2, 5, 4, 3), dtype=np.uint16)
+    as_float = lambda a, m: torch.from_numpy(a.astype(np.int64)).permute(0, 3, 1, 2).float() / m  # noqa: E731
+    assert content_seeds(as_float(levels8, 255)) == [content_seed(a) for a in levels8]
+    assert content_seeds(as_float(levels16, 65535)) == [content_seed(a) for a in levels16]
+    other = torch.full((1, 3, 5, 4), 0.1234)
+    assert content_seeds(other) == [content_seed(np.full((5, 4, 3), 0.1234, dtype=np.float32))]
+
+
+def test_protecting_a_decoded_file_gives_the_pipelines_bits(tmp_path: Path, tiny_backbone) -> None:
+    write_random_pngs(tmp_path / "in", n=3)
+    protector = Protector(tiny_backbone, config=FAST, seed=9)
+    results = list(protector.run(collect_inputs([tmp_path / "in"]), RunOptions(out_dir=tmp_path / "out")))
+    assert [r.status for r in results] == ["done"] * 3
+    for result in results:
+        picture = read_image(result.input)
+        x = picture.to_tensor()[None].to(TEST_DEVICE)
+        expected = quantize(protector.protect(x)[0], picture.color, FAST.eps)
+        assert np.array_equal(read_image(result.output).color, expected), result.input.name
+
+
+# -- input checks ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (lambda x: (x * 255).to(torch.uint8), r"float in \[0, 1\].*x.float\(\) / 255"),
+        (lambda x: x * 255, r"\[0, 1\].*x / 255"),
+        (lambda x: x - 0.5, r"\[0, 1\]"),
+        (lambda x: torch.where(x > 0.5, torch.nan, x), r"\[0, 1\]"),
+        (lambda x: torch.where(x > 0.5, torch.inf, x), r"\[0, 1\]"),
+        (lambda x: x[0], r"\[B, C, H, W\].*x\[None\]"),
+        (lambda x: x.permute(0, 2, 3, 1), "channels.*permute"),
+        (lambda x: x.cpu().numpy(), "torch.Tensor"),
+        (lambda x: x.tolist(), "torch.Tensor"),
+    ],
+)
+def test_protect_refuses_images_it_cannot_protect(protector, images, bad, match) -> None:
+    with pytest.raises(InputError, match=match):
+        protector.protect(bad(images))
+
+
+@pytest.mark.parametrize(
+    "labels, match",
+    [([10], r"\[0, 10\)"), ([-1], r"\[0, 10\)"), (torch.tensor([1.0]), "integer"), ([1, 2], "expected 1 label")],
+)
+def test_protect_refuses_bad_labels(protector, images, labels, match) -> None:
+    y = labels if isinstance(labels, torch.Tensor) else torch.tensor(labels)
+    with pytest.raises(InputError, match=match):
+        protector.protect(images[:1], y)
+
+
+def test_input_errors_are_value_and_type_errors(protector) -> None:
+    with pytest.raises(ValueError):
+        protector.protect(torch.full((1, 3, 32, 32), 2.0))
+    with pytest.raises(TypeError):
+        protector.protect(np.zeros((1, 3, 32, 32), np.float32))
+
+
+def test_empty_batch_gives_an_empty_batch(protector) -> None:
+    out = protector.protect(torch.empty(0, 3, 32, 32))
+    assert out.shape == (0, 3, 32, 32) and out.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_other_float_dtypes_compute_in_float32(protector, images, dtype) -> None:
+    x = images.to(dtype)
+    out = protector.protect(x)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, protector.protect(x.float()))
+
+
+def test_protect_works_inside_inference_mode(protector, images) -> None:
+    expected = protector.protect(images)
+    with torch.inference_mode():
+        got = protector.protect(images.clone())
+    assert torch.equal(got, expected)
+
+
+# -- settings -------------------------------------------------------------------------------------------------
+def test_protector_refuses_a_model_name(tiny_backbone) -> None:
+    with pytest.raises(TypeError, match="load_model"):
+        Protector("cifar10-resnet20-pgdat-a")
+    with pytest.raises(TypeError, match="load_model"):
+        Protector(tiny_backbone, "cifar10-resnet18-std")
+
+
+@pytest.mark.parametrize("seed", [1.5, "1", True, -1, 2**64, 2**64 + 1])
+def test_protector_refuses_seeds_it_would_not_use_as_given(tiny_backbone, seed) -> None:
+    with pytest.raises(ConfigError, match="seed"):
+        Protector(tiny_backbone, seed=seed)
+
+
+def test_protector_takes_any_64_bit_seed(tiny_backbone) -> None:
+    assert Protector(tiny_backbone, seed=2**64 - 1).seed == 2**64 - 1
+    assert Protector(tiny_backbone, seed=np.int64(3)).seed == 3
+
+
+def test_load_model_on_a_missing_gpu_is_a_config_error() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ConfigError, match="CUDA is not available"):
+        preempt_cli.load_model("preempt-resnet20-at", device="cuda")
+
+
+def test_config_takes_eps_as_the_cli_does_and_refuses_non_int_counts() -> None:
+    assert ForeBackConfig(eps="8/255").eps == 8 / 255
+    assert ForeBackConfig(eps="4").eps == 4 / 255
+    for bad in (dict(samples=2.5), dict(samples=True), dict(forward_steps=1.0), dict(eps=[8]), dict(eta="0.7")):
+        with pytest.raises(ConfigError):
+            ForeBackConfig(**bad)
+    with pytest.raises(ConfigError, match="unknown setting nope.*samples"):
+        ForeBackConfig.from_preset(nope=1)
+
+
+@pytest.mark.parametrize("text", ["1.5", "8.5", 2.5])
+def test_parse_eps_refuses_a_fractional_number_of_levels(text) -> None:
+    with pytest.raises(ConfigError, match="whole number of levels"):
+        parse_eps(text)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(shard=(0, 4)), dict(shard=(5, 4)), dict(shard=(1, 0)), dict(shard=(1,)), dict(partition=(2, 2)),
+     dict(max_pixels=0), dict(max_pixels=1.5)],
+)  # fmt: skip
+def test_run_options_refuse_what_would_process_nothing_or_crash(options) -> None:
+    with pytest.raises(ConfigError):
+        RunOptions(**options)
+
+
+def test_run_options_take_every_shard() -> None:
+    assert RunOptions(shard=(1, 4)).shard == (1, 4) and RunOptions(shard=(4, 4)).shard == (4, 4)
+
+
+def test_a_preset_config_records_its_preset(tmp_path: Path, tiny_backbone) -> None:
+    protector = Protector(tiny_backbone, config=ForeBackConfig.from_preset("paper", samples=2))
+    assert protector.run_settings()["preset"] == "paper"
+    write_random_pngs(tmp_path / "in", n=1)
+    [result] = protector.run(collect_inputs([tmp_path / "in"]), RunOptions(out_dir=tmp_path / "out"))
+    assert read_preempt_metadata(read_image(result.output))["preset"] == "paper"
+    assert Protector(tiny_backbone, config=ForeBackConfig(samples=2)).run_settings()["preset"] is None
+    assert ForeBackConfig.from_preset("paper") == ForeBackConfig()  # the name is not a setting
+
+
+def test_the_package_exports_the_reversion_and_evaluation_api() -> None:
+    from preempt_cli.evaluate import Evaluator, reversion_protocol
+    from preempt_cli.revert import Reverter
+
+    assert preempt_cli.Reverter is Reverter
+    assert preempt_cli.Evaluator is Evaluator
+    assert preempt_cli.reversion_protocol is reversion_protocol
+    for name in ("load_dataset", "DefenseSpec", "AttackSpec"):
+        assert name in preempt_cli.__all__ and getattr(preempt_cli, name)
+
+
+def test_one_protector_shared_by_threads_gives_each_call_its_bits(protector, images) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    expected = protector.protect(images)
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda _: protector.protect(images), range(4)))
+    assert all(torch.equal(r, expected) for r in results)
