@@ -215,3 +215,19 @@ def test_one_protector_shared_by_threads_gives_each_call_its_bits(protector, ima
     with ThreadPoolExecutor(2) as pool:
         results = list(pool.map(lambda _: protector.protect(images), range(4)))
     assert all(torch.equal(r, expected) for r in results)
+
+
+def test_run_takes_paths_as_collect_inputs_gives_them(tmp_path) -> None:
+    # run() given paths (not InputFile items) failed with AttributeError; a plain str was walked per character
+    write_random_pngs(tmp_path / "in", n=2)
+    protector = Protector(make_tiny_model(0).to(TEST_DEVICE), labels="backbone", config=ForeBackConfig(samples=1))
+    for k, items in enumerate(([tmp_path / "in"], [str(tmp_path / "in")], str(tmp_path / "in"))):
+        results = list(protector.run(items, RunOptions(out_dir=tmp_path / f"out{k}")))
+        assert sorted(r.status for r in results) == ["done", "done"], results
+
+
+def test_reduce_overhead_off_a_gpu_compiles_as_default_and_says_so(caplog) -> None:
+    # its CUDA graphs need a GPU; on a CPU torch printed "No CUDA runtime is found" and went on silently
+    engine = FastPreemption(make_tiny_model(0), device="cpu", compile="reduce-overhead")
+    assert engine.compile == "default"
+    assert any("reduce-overhead" in r.getMessage() and "GPU" in r.getMessage() for r in caplog.records)

@@ -19,6 +19,7 @@ CPU and CUDA; images the backbone resizes (photos) from one generator per image 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import numbers
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -361,6 +362,13 @@ class FastPreemption:
         self.precision = resolve_precision(precision, self.device)
         if compile not in COMPILE_MODES:
             raise ConfigError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {compile!r}")
+        if compile == "reduce-overhead" and self.device.type != "cuda":
+            # its CUDA graphs need a GPU: elsewhere torch warns "No CUDA runtime is found" and compiles
+            # as ``default`` would; say so in our words instead
+            logging.getLogger(__name__).warning(
+                "--compile reduce-overhead replays CUDA graphs, which need a GPU: compiling as 'default' on %s",
+                self.device)
+            compile = "default"
         self.compile = compile
         self._net: nn.Module = backbone
         if compile != "off":

@@ -55,7 +55,7 @@ from .imageio import (
     stack_levels,
     write_pngs,
 )
-from .inputs import OUTPUT_MARKERS, PROTECTED_SUFFIX, InputFile, assign_outputs, in_shard
+from .inputs import OUTPUT_MARKERS, PROTECTED_SUFFIX, InputFile, as_input_files, assign_outputs, in_shard
 from .labels import LabelMap, folder_label, resolve_label
 from .models import ImageModel
 
@@ -648,20 +648,23 @@ class Protector:
             seconds=round(seconds, 6),
         )
 
-    def run(self, items: Iterable[InputFile], options: RunOptions | None = None, *,
+    def run(self, items: Iterable[InputFile | str | os.PathLike], options: RunOptions | None = None, *,
             outputs: Mapping[InputFile, Path | str] | None = None) -> Iterator[FileResult]:  # fmt: skip
         """Process files, yielding one result per input (done, skipped or failed), as they finish.
+
+        ``items``: :func:`~preempt_cli.inputs.collect_inputs`'s inputs, or paths (files, folders, globs),
+        which it expands.
 
         ``outputs``: the output of each item (:func:`~preempt_cli.inputs.assign_outputs`), when the items are
         part of a larger set run in several calls (``revert --white-box`` runs one per recorded defense):
         names assigned within each part alone could give two parts' files one output.
         """
         options = options or RunOptions()
-        items = list(items)
+        items = as_input_files(items)
         if outputs is None:
             outputs = assign_outputs(items, suffix=options.suffix, out_dir=options.out_dir)
         verdicts: list[tuple[InputFile, FileResult | Path | None]] = []
-        for position, item in enumerate(i for i in items if in_shard(i, options.shard)):
+        for position, item in enumerate(i for i in items if in_shard(i, options.shard, outputs[i])):
             if options.partition and position % options.partition[1] != options.partition[0]:
                 continue
             output = outputs[item]
