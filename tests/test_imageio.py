@@ -553,7 +553,7 @@ def test_a_fifo_nobody_writes_to_fails_instead_of_waiting_forever(tmp_path, monk
     fifo = tmp_path / "fifo.png"
     os.mkfifo(fifo)
     errors: list[BaseException] = []
-    reader = threading.Thread(target=lambda: errors.append(_assert_read_error(fifo, "fifo", "nothing written")),
+    reader = threading.Thread(target=lambda: errors.append(_assert_read_error(fifo, "fifo", "nobody wrote")),
                               daemon=True)  # fmt: skip
     reader.start()
     reader.join(10)
@@ -577,6 +577,15 @@ def test_a_fifo_nobody_writes_to_fails_instead_of_waiting_forever(tmp_path, monk
     writer.start()
     assert read_image(slow).size == (32, 24)
     writer.join(10)
+
+    # a writer that opens and closes it without writing (`<(true)`): an empty pipe, said so, at once
+    empty = tmp_path / "empty.png"
+    os.mkfifo(empty)
+    closer = threading.Thread(target=lambda: open(empty, "wb").close(), daemon=True)
+    closer.start()
+    time.sleep(0.1)
+    _assert_read_error(empty, "empty pipe")
+    closer.join(10)
 
 def test_an_error_without_a_message_still_gives_a_reason(tmp_path, monkeypatch) -> None:
     # the tester saw `cannot decode: MemoryError: ` (nothing after the colon)
@@ -837,3 +846,44 @@ def test_an_io_worker_ends_when_its_main_process_does(tmp_path) -> None:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def test_a_hard_link_answered_as_existing_by_nfs_or_refused_by_windows_fat(tmp_path, monkeypatch) -> None:
+    """Publishing a new output by a hard link: NFS may answer a retried link() that did succeed with
+    EEXIST (the output is then our own file, not another run's), and Windows reports a FAT volume's
+    missing hard links as EINVAL "Incorrect function" (renamed instead, not failed)."""
+    import errno
+
+    Image.fromarray(_gradient()).save(tmp_path / "in.png")
+    picture = read_image(tmp_path / "in.png")
+    real_link = os.link
+
+    def link_then_eexist(src, dst):
+        real_link(src, dst)
+        raise FileExistsError(errno.EEXIST, "File exists")
+
+    monkeypatch.setattr(imageio.os, "link", link_then_eexist)
+    write_png(tmp_path / "nfs.png", picture, replace=False)
+    assert read_image(tmp_path / "nfs.png").size == picture.size
+
+    def fat_on_windows(src, dst):
+        error = OSError(errno.EINVAL, "Incorrect function")
+        error.winerror = 1
+        raise error
+
+    monkeypatch.setattr(imageio.os, "link", fat_on_windows)
+    write_png(tmp_path / "fat.png", picture, replace=False)
+    assert read_image(tmp_path / "fat.png").size == picture.size
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_the_name_limit_is_checked_in_bytes_only_where_names_are_bytes(tmp_path, monkeypatch) -> None:
+    """APFS, HFS+ and NTFS count 255 characters, not bytes: a 100-character CJK name (314 bytes) is legal
+    there, and must not be refused by a count of bytes; only the file system's own refusal tells."""
+    pic = _picture(tmp_path)
+    monkeypatch.setattr(imageio.sys, "platform", "darwin")
+    cjk = tmp_path / ("写" * 100 + ".protected.png")
+    (reason, _), = imageio.write_pngs([(cjk, pic, pic.color, {}, False, False)])  # fmt: skip
+    # this test's file system (Linux) refuses it in turn: said in the same words, naming the output
+    assert reason == f"output {cjk}: name too long for this file system (use a shorter --suffix, or rename the input)"
+    assert _temp_leftovers(tmp_path) == []

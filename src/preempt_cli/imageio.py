@@ -18,6 +18,7 @@ import io
 import os
 import re
 import stat
+import sys
 import tempfile
 import warnings
 from contextlib import contextmanager
@@ -248,21 +249,21 @@ def _read_capped(path: Path, max_pixels: int) -> bytes:
     cap = max_file_bytes(max_pixels)
     raise_it = "raise the limit with --max-pixels if the file is trusted"
     try:
-        _refuse_special(path, os.stat(path).st_mode)  # before opening: a device is not even opened
+        looked_at = os.stat(path).st_mode
+        _refuse_special(path, looked_at)  # before opening: a device is not even opened
         # O_NONBLOCK: opening a FIFO does not wait for a writer (a blocking open of one nobody writes to
-        # held the whole run): _first_bytes_of_a_pipe waits a bounded time instead
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+        # held the whole run): _first_bytes_of_a_pipe waits a bounded time instead. Only for a FIFO: Windows
+        # has no non-blocking regular files, and a Linux file under a lease would fail instead of waiting.
+        pipe_flags = getattr(os, "O_NONBLOCK", 0) if stat.S_ISFIFO(looked_at) else 0
+        fd = os.open(path, os.O_RDONLY | pipe_flags | getattr(os, "O_BINARY", 0))
         with open(fd, "rb", buffering=0) as f:
             info = os.fstat(fd)  # what was opened, should the name have changed meanwhile
             _refuse_special(path, info.st_mode)
             chunks, total = [], 0
-            if stat.S_ISFIFO(info.st_mode):
-                first = _first_bytes_of_a_pipe(fd)
-                if first is None:
-                    raise ImageReadError(path, f"a pipe with nothing written to it within {FIFO_WRITER_WAIT:g} s "
-                                               "(no program writes to this FIFO)")  # fmt: skip
-                chunks, total = [first], len(first)
-            os.set_blocking(fd, True)
+            if stat.S_ISFIFO(info.st_mode) and pipe_flags:
+                chunks = [_first_bytes_of_a_pipe(path, fd)]
+                total = len(chunks[0])
+                os.set_blocking(fd, True)
             if info.st_size > cap:
                 raise ImageReadError(path, f"file too large: {info.st_size:,} bytes, more than an image within "
                                            f"the pixel limit of {max_pixels:,} can take (at most {cap:,} bytes; {raise_it})")  # fmt: skip
@@ -301,22 +302,34 @@ def _read_capped(path: Path, max_pixels: int) -> bytes:
 FIFO_WRITER_WAIT = 5.0
 
 
-def _first_bytes_of_a_pipe(fd: int) -> bytes | None:
-    """The first bytes of the pipe open (non-blocking) at ``fd`` (empty: a writer holds it, nothing written
-    yet), or None where no program writes to it within :data:`FIFO_WRITER_WAIT` seconds.
+def _first_bytes_of_a_pipe(path: Path, fd: int) -> bytes:
+    """The first bytes of the pipe ``path`` open (non-blocking) at ``fd``; empty where a writer holds it
+    and has written nothing yet (the caller's blocking reads wait for it).
 
     poll() waits for data, or for a writer that came and left; after that, a read tells a pipe nobody
-    writes to (0 bytes, end of file) from one whose writer is still to write (EAGAIN)."""
+    writes to (0 bytes, end of file) from one whose writer is still to write (EAGAIN).
+
+    Raises:
+        ImageReadError: no program opened the pipe for writing within :data:`FIFO_WRITER_WAIT` seconds, or
+            its writer closed it without writing.
+    """
     import select
 
+    events = []
     if hasattr(select, "poll"):
         poller = select.poll()
         poller.register(fd, select.POLLIN)
-        poller.poll(FIFO_WRITER_WAIT * 1000)
+        events = poller.poll(FIFO_WRITER_WAIT * 1000)
     try:
-        return os.read(fd, 1 << 16) or None
+        first = os.read(fd, 1 << 16)
     except BlockingIOError:
         return b""
+    if first:
+        return first
+    if events:
+        raise ImageReadError(path, "an empty pipe: its writer closed it without writing anything")
+    raise ImageReadError(path, f"a pipe nobody wrote to within {FIFO_WRITER_WAIT:g} s (no program writes to "
+                               "this FIFO)")  # fmt: skip
 
 
 def _refuse_special(path: Path, mode: int) -> None:
@@ -585,8 +598,8 @@ def new_file_mode() -> int:
     return 0o666 & ~mask
 
 
-#: The longest file name most file systems take, in bytes (NAME_MAX of ext4, XFS, btrfs, APFS, NTFS's 255
-#: UTF-16 units being at least as many).
+#: The longest file name most file systems take: 255 bytes on Linux (ext4, XFS, btrfs), 255 characters on
+#: APFS, HFS+ and NTFS, where a name of more bytes can be legal (see :func:`_name_max`).
 NAME_MAX = 255
 #: What ``mkstemp`` adds around a temporary file's name part here: ``.`` + ``.XXXXXXXX`` + ``.tmp``.
 _TEMP_NAME_EXTRA = 1 + 9 + 4
@@ -595,10 +608,22 @@ _NO_HARD_LINKS = {getattr(errno, name) for name in ("EPERM", "ENOTSUP", "EOPNOTS
                   if hasattr(errno, name)}  # fmt: skip
 
 
-def _temp_prefix(name: str) -> str:
-    """``.NAME.``, ``NAME`` cut so that the temporary file's whole name fits in :data:`NAME_MAX` bytes
-    (an output named with 242 to 255 bytes is legal; its temporary file must be too)."""
-    while len(os.fsencode(name)) > NAME_MAX - _TEMP_NAME_EXTRA:
+def _name_max(folder: Path) -> int | None:
+    """The longest file name, in bytes, that ``folder``'s file system takes, where names are counted in
+    bytes (Linux: 255 mostly, 143 on eCryptfs); None elsewhere (macOS and Windows count characters, and
+    only the file system's own refusal tells)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return int(os.pathconf(folder, "PC_NAME_MAX"))
+    except (OSError, ValueError):
+        return NAME_MAX
+
+
+def _temp_prefix(name: str, name_max: int) -> str:
+    """``.NAME.``, ``NAME`` cut so that the temporary file's whole name fits in ``name_max`` bytes (an
+    output named with 242 to 255 bytes is legal; its temporary file must be too)."""
+    while name and len(os.fsencode(name)) > name_max - _TEMP_NAME_EXTRA:
         name = name[:-1]
     return f".{name}."
 
@@ -617,14 +642,17 @@ def atomic_write(path: Path, *, fsync: bool = True, replace: bool = True) -> Ite
         ImageWriteError: the folder cannot be created or written, the name is too long, or (``replace``
             False) ``path`` appeared while it was being written.
     """
-    name_bytes = len(os.fsencode(path.name))
-    if name_bytes > NAME_MAX:
-        raise ImageWriteError(path, f"name is {name_bytes} bytes long, more than the {NAME_MAX} a file name can "
-                                    "have (use a shorter --suffix, or rename the input)")  # fmt: skip
+    shorter = "use a shorter --suffix, or rename the input"
     tmp_name = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=_temp_prefix(path.name), suffix=".tmp", dir=path.parent)
+        name_max = _name_max(path.parent)
+        name_bytes = len(os.fsencode(path.name))
+        if name_max is not None and name_bytes > name_max:
+            raise ImageWriteError(path, f"name is {name_bytes} bytes long, more than the {name_max} a file name "
+                                        f"can have here ({shorter})")  # fmt: skip
+        fd, tmp_name = tempfile.mkstemp(prefix=_temp_prefix(path.name, name_max or NAME_MAX), suffix=".tmp",
+                                        dir=path.parent)  # fmt: skip
         os.chmod(tmp_name, new_file_mode())
         with os.fdopen(fd, "wb") as f:
             yield f
@@ -638,6 +666,8 @@ def atomic_write(path: Path, *, fsync: bool = True, replace: bool = True) -> Ite
     except ImageWriteError:
         raise
     except OSError as e:
+        if e.errno == errno.ENAMETOOLONG:
+            raise ImageWriteError(path, f"name too long for this file system ({shorter})") from e
         raise ImageWriteError(path, f"cannot write: {e.strerror or e}") from e
     finally:
         if tmp_name is not None:
@@ -654,12 +684,23 @@ def _link_new(tmp_name: str, path: Path) -> bool:
     try:
         os.link(tmp_name, path)
     except FileExistsError:
+        # NFS may answer a retried link() that did succeed with EEXIST: then ``path`` is our own file
+        if _same_file(tmp_name, path):
+            return True
         raise ImageWriteError(path, "appeared while this run was writing it (another run?); left as is") from None
     except OSError as e:
-        if e.errno in _NO_HARD_LINKS:
+        # Windows reports a FAT or exFAT volume's missing hard links as "Incorrect function" (EINVAL)
+        if e.errno in _NO_HARD_LINKS or getattr(e, "winerror", None) in (1, 50):
             return False
         raise
     return True
+
+
+def _same_file(a: str | Path, b: str | Path) -> bool:
+    try:
+        return os.path.samestat(os.stat(a), os.stat(b))
+    except OSError:
+        return False
 
 
 def write_png(
