@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -1294,9 +1296,11 @@ def test_protect_input_handling_of_a_black_box_test(tmp_path: Path, registry: Pa
     assert len(list(out.rglob("*.protected.png"))) == 8
 
 
-def _start_a_long_run(tmp_path: Path, registry: Path, n: int = 600) -> tuple[subprocess.Popen, dict[Path, str]]:
+def _start_a_long_run(tmp_path: Path, registry: Path, n: int = 600, *,
+                      own_group: bool = False) -> tuple[subprocess.Popen, dict[Path, str]]:  # fmt: skip
     """``preempt protect --io processes --workers 2 --json`` on ``n`` small images, once it has written
-    its first output (a run mid-way), with the digests of its originals."""
+    its first output (a run mid-way), with the digests of its originals (``own_group``: the run leads a
+    process group of its own, as under ``timeout`` or a batch scheduler)."""
     import subprocess
     import sys
 
@@ -1304,7 +1308,10 @@ def _start_a_long_run(tmp_path: Path, registry: Path, n: int = 600) -> tuple[sub
     proc = subprocess.Popen([sys.executable, "-m", "preempt_cli", "protect", str(tmp_path / "in"), "-o",
                              str(tmp_path / "out"), *FAST, "--labels", "backbone", "--io", "processes", "--workers",
                              "2", "--json", "--registry", str(registry)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_child_env())  # fmt: skip
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_child_env(),
+                            start_new_session=own_group, bufsize=0)  # fmt: skip
+    # unbuffered: a buffered readline keeps the lines after the first in its buffer, which communicate()
+    # (reading the pipe itself) then never sees: files on disk looked unlisted
     first = proc.stdout.readline()
     assert first, proc.communicate(timeout=60)[1].decode()
     proc.first_line = first  # type: ignore[attr-defined]
@@ -1312,13 +1319,19 @@ def _start_a_long_run(tmp_path: Path, registry: Path, n: int = 600) -> tuple[sub
 
 
 @pytest.mark.skipif(not hasattr(__import__("signal"), "SIGKILL"), reason="POSIX signals")
-def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path: Path, registry: Path) -> None:
+@pytest.mark.parametrize("to", ["process", "group"])
+def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path: Path, registry: Path, to: str) -> None:
     """SIGTERM (timeout, Slurm, Kubernetes) killed the run mid-write: partial temporary files, no
-    results for the files written, and I/O worker processes left running, holding stderr open."""
+    results for the files written, and I/O worker processes left running, holding stderr open. Sent to
+    the whole process group (``timeout``, ``scancel``), it also killed the workers writing files, which
+    then failed ("worker process failed")."""
     import signal
 
-    proc, originals = _start_a_long_run(tmp_path, registry)
-    proc.send_signal(signal.SIGTERM)
+    proc, originals = _start_a_long_run(tmp_path, registry, own_group=to == "group")
+    if to == "group":
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        proc.send_signal(signal.SIGTERM)
     rest, err = proc.communicate(timeout=60)  # ends: no process of the run holds the pipes
     assert proc.returncode == 128 + signal.SIGTERM, err.decode()
     assert "interrupted by SIGTERM" in err.decode()
@@ -1326,6 +1339,7 @@ def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path: Path, registry: Path) -> N
     on_disk = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert on_disk and not [n for n in on_disk if n.endswith(".tmp")]
     assert sorted(Path(r["output"]).name for r in rows if r["status"] == "done") == on_disk
+    assert not [r for r in rows if r["status"] == "failed"]
     assert len(on_disk) < len(originals)  # stopped mid-way
     assert _digest(list(originals)) == originals
 
@@ -1374,3 +1388,55 @@ def test_an_output_another_run_writes_meanwhile_is_not_replaced(tmp_path: Path, 
     assert results["img1.png"].status == results["img2.png"].status == "done"
     assert Image.open(out / "img2.protected.png").size == (32, 32)
     assert sorted(p.name for p in out.iterdir()) == [f"img{i}.protected.png" for i in range(3)]
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "SIGHUP"), reason="POSIX signals")
+def test_a_signal_the_command_was_started_ignoring_stays_ignored(tmp_path: Path) -> None:
+    """``nohup preempt protect ... &``: SIGHUP ignored from the start must not become a stop (it did once
+    SIGHUP stopped a run as Ctrl-C does)."""
+    import signal
+    import sys
+
+    script = tmp_path / "nohup.py"
+    script.write_text(
+        "import pathlib, sys, time\n"
+        "from preempt_cli.cli._common import handle_errors\n"
+        "with handle_errors():\n"
+        f"    pathlib.Path({str(tmp_path / 'ready')!r}).touch()\n"
+        "    time.sleep(2)\n"
+        "print('survived')\n"
+    )
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=_child_env(), preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "ready").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGHUP)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and out.decode().strip() == "survived", err.decode()
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "SIGTERM"), reason="POSIX signals")
+def test_a_stop_while_a_result_is_listed_waits_until_it_is_listed(capsys) -> None:
+    """A stop raised in the middle of listing a result cut a JSON line in two (half written, the rest
+    left in stdout's buffer) or lost the line of a file on disk: it now takes effect once the line is out."""
+    import signal
+
+    import typer
+
+    from preempt_cli.cli import _common as c
+
+    listed = []
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        with pytest.raises(typer.Exit) as stopped:
+            with c.handle_errors():
+                with c.listing():
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    time.sleep(0.05)  # the handler has run by now: it must not have raised here
+                    listed.append("the line")
+                listed.append("after the listing")  # not reached: the stop takes effect as the listing ends
+    finally:  # a stopped command keeps its handlers until the process exits: not this test process
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    assert listed == ["the line"] and stopped.value.exit_code == 128 + signal.SIGTERM

@@ -722,7 +722,7 @@ class Protector:
             pool = None
             try:
                 context = multiprocessing.get_context("forkserver")  # ValueError where there is none (Windows)
-                context.set_forkserver_preload(["__main__", "preempt_cli.imageio"])
+                context.set_forkserver_preload(["__main__", "preempt_cli.imageio", "preempt_cli._forkserver"])
                 pool = ProcessPoolExecutor(options.workers, mp_context=context, initializer=start_io_worker,
                                            initargs=(os.getpid(),))  # the workers end with this process
                 pool.submit(os.getpid).result(timeout=300)  # started, or why not
@@ -816,11 +816,15 @@ class Protector:
                         yield FileResult(p.item.path, "failed", reason=f"processing failed: {type(e).__name__}: {e}")
                     continue
                 per_image = seconds / len(batch)  # each file's share of its batch's time
-                writes.extend(io.write([(p, *c, per_image) for p, c in zip(batch, computed)]))
+                io.write([(p, *c, per_image) for p, c in zip(batch, computed)], writes)
 
         def drain(block: bool) -> Iterator[FileResult]:
             while writes and (block or writes[0].done()):
-                yield writes.popleft().result()
+                # taken off the queue only once had: an interrupt while waiting for it (the main thread waits
+                # here most of a run's end) lost a written file's result, and stdout did not list that file
+                result = writes[0].result()
+                writes.popleft()
+                yield result
 
         try:
             submit_decodes()
@@ -878,10 +882,12 @@ class _ThreadIO:
     def decode(self, items: list[tuple[InputFile, Path]]) -> list[Future]:
         return [self.pool.submit(self.protector._prepare, item, output, self.options) for item, output in items]
 
-    def write(self, jobs: list[tuple[_Pending, np.ndarray, float, float, int, float]]) -> list[Future]:
-        return [self.pool.submit(self.protector._write, p, levels, before, after, label, seconds, self.options.fsync,
-                                 p.output in self.replacing)
-                for p, levels, before, after, label, seconds in jobs]  # fmt: skip
+    def write(self, jobs: list[tuple[_Pending, np.ndarray, float, float, int, float]], into: collections.deque) -> None:
+        """Submit the writes, each handle put ``into`` the queue as soon as it is submitted (an interrupt
+        between the two would leave a file written that the run does not report)."""
+        for p, levels, before, after, label, seconds in jobs:
+            into.append(self.pool.submit(self.protector._write, p, levels, before, after, label, seconds,
+                                         self.options.fsync, p.output in self.replacing))  # fmt: skip
 
 
 class _Part:
@@ -933,17 +939,17 @@ class _ProcessIO:
         return [_Part(future, i, partial(self.protector._decoded, item, output, self.options), item.path)
                 for i, (item, output) in enumerate(items)]  # fmt: skip
 
-    def write(self, jobs: list[tuple[_Pending, np.ndarray, float, float, int, float]]) -> list[_Part]:
+    def write(self, jobs: list[tuple[_Pending, np.ndarray, float, float, int, float]], into: collections.deque) -> None:
+        """Submit the writes in chunks, each chunk's handles put ``into`` the queue as soon as it is submitted
+        (see :meth:`_ThreadIO.write`)."""
         size = max(1, math.ceil(len(jobs) / self.options.workers))
-        parts: list[_Part] = []
         for start in range(0, len(jobs), size):
             chunk = jobs[start : start + size]
             tasks = [self.protector._write_task(p, levels, label, self.options.fsync, p.output in self.replacing)
                      for p, levels, _, _, label, _ in chunk]  # fmt: skip
             future = self._submit(write_pngs, tasks)
-            parts += [_Part(future, i, partial(self.protector._finish_write, p, before, after, label, seconds), p.item.path)
-                      for i, (p, _, before, after, label, seconds) in enumerate(chunk)]  # fmt: skip
-        return parts
+            into.extend(_Part(future, i, partial(self.protector._finish_write, p, before, after, label, seconds),
+                              p.item.path) for i, (p, _, before, after, label, seconds) in enumerate(chunk))  # fmt: skip
 
 
 

@@ -131,14 +131,49 @@ _STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "S
 
 
 class _Stop:
-    """What stopped a command: the first stop signal's number (None: none came)."""
+    """What stopped a command: the first stop signal's number (None: none came); and whether the main
+    thread is listing a result (see :func:`listing`), when the stop waits until that is done."""
 
     signum: int | None = None
+    listing: bool = False
+    deferred: bool = False
 
     @property
     def exit_code(self) -> int:
         """128 + the signal's number, as shells report a command the signal killed (130 for Ctrl-C)."""
         return EXIT_INTERRUPTED if self.signum is None else 128 + self.signum
+
+
+def _say(message: bytes) -> None:
+    """``message`` on stderr from a signal handler; a terminal hung up (the SIGHUP that stops the run) or a
+    closed pipe must not raise inside the clean-up the handler interrupted."""
+    try:
+        os.write(2, message)
+    except OSError:
+        pass
+
+
+#: The stop of the command running in this process (None: no command, as where the library is used).
+_current_stop: _Stop | None = None
+
+
+@contextmanager
+def listing() -> Iterator[None]:
+    """A result being listed on stdout: a stop (Ctrl-C, SIGTERM) that comes meanwhile takes effect once it
+    is listed. Raised in the middle, it cut a JSON line in two (half written, the rest left in the buffer)
+    or lost the line of a file on disk."""
+    stop = _current_stop
+    if stop is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    stop.listing = True
+    try:
+        yield
+    finally:
+        stop.listing = False
+        if stop.deferred:
+            stop.deferred = False
+            raise KeyboardInterrupt
 
 
 @contextmanager
@@ -147,7 +182,9 @@ def _stop_on_interrupt() -> Iterator[_Stop]:
     written, so that none is left half-written. Another press while it does so says that it is stopping,
     instead of interrupting that clean-up (which left threads running into the interpreter's exit: a C++
     abort, exit 134); a third quits at once (temporary files may be left; a re-run redoes those files).
-    SIGTERM and SIGHUP count as presses; the one that came first sets the exit code (see :class:`_Stop`)."""
+    SIGTERM and SIGHUP count as presses; the one that came first sets the exit code (see :class:`_Stop`).
+    A signal the command was started ignoring stays ignored: ``nohup`` (SIGHUP), a background job of a
+    script (SIGINT)."""
     stop = _Stop()
     if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
         yield stop
@@ -159,19 +196,26 @@ def _stop_on_interrupt() -> Iterator[_Stop]:
         presses += 1
         if presses == 1:
             stop.signum = signum
+            if stop.listing:  # raised once the result is listed (see listing)
+                stop.deferred = True
+                return
             raise KeyboardInterrupt
         # os.write, not print: a handler that prints while the main thread is printing raises "reentrant call"
         if presses == 2:
-            os.write(2, b"preempt: stopping, finishing the files being written (Ctrl-C again to quit at once)\n")
+            _say(b"preempt: stopping, finishing the files being written (Ctrl-C again to quit at once)\n")
             return
         restore_cursor = b"\x1b[?25h" if stderr.is_terminal else b""  # the progress bar hid it
-        os.write(2, restore_cursor + b"preempt: quit before the files being written were finished\n")
+        _say(restore_cursor + b"preempt: quit before the files being written were finished\n")
         os._exit(stop.exit_code)
 
-    previous = {signum: signal.signal(signum, on_interrupt) for signum in _STOP_SIGNALS}
+    global _current_stop
+    previous = {signum: signal.signal(signum, on_interrupt) for signum in _STOP_SIGNALS
+                if signal.getsignal(signum) is not signal.SIG_IGN}
+    _current_stop = stop
     try:
         yield stop
     finally:
+        _current_stop = None
         if not presses:  # once interrupted, the stages last until the process has exited (its threads joined)
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
@@ -196,7 +240,10 @@ def handle_errors(interrupted: str = "outputs written so far are complete; run a
     except KeyboardInterrupt:
         # outputs written so far are complete (atomic writes); a re-run skips them and does the rest
         by = "" if stop.signum in (None, signal.SIGINT) else f" by {signal.Signals(stop.signum).name}"
-        error_line(f"interrupted{by}: {interrupted}")
+        try:
+            error_line(f"interrupted{by}: {interrupted}")
+        except OSError:  # stderr was the terminal that hung up
+            pass
         raise typer.Exit(stop.exit_code) from None
     except PreemptError as e:
         if debug_enabled():

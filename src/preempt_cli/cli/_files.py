@@ -210,12 +210,16 @@ def _drive(results: Iterable[FileResult], total: int, *, verb: str, json_out: bo
     with progress:
         task = progress.add_task(verb.capitalize(), total=total, rate="")
 
+        listed: list[FileResult] = []  # the latest result on stdout
+
         def report(result: FileResult) -> None:
-            counts[result.status] += 1
-            if json_out:
-                c.print_json(result.as_dict())
-            elif result.status == "done":
-                c.print_line(str(result.output), end="\0" if print0 else "\n")
+            with c.listing():
+                if json_out:
+                    c.print_json(result.as_dict())
+                elif result.status == "done":
+                    c.print_line(str(result.output), end="\0" if print0 else "\n")
+                listed[:] = [result]
+                counts[result.status] += 1
             if result.status == "failed":
                 c.error_line(f"{result.input}: {result.reason}")
             elif result.status == "skipped" and not quiet and not json_out:
@@ -226,12 +230,16 @@ def _drive(results: Iterable[FileResult], total: int, *, verb: str, json_out: bo
                 progress.update(task, advance=1, rate=f"{rate:.1f} img/s")
 
         results = iter(results)
+        result: FileResult | None = None
         try:
             for result in results:
                 report(result)
         except KeyboardInterrupt:
             # Ctrl-C that came while this loop, not the run, held the thread: the run still has to stop as
-            # it does when the interrupt reaches it (finishing and reporting the files being written)
+            # it does when the interrupt reaches it (finishing and reporting the files being written); a
+            # result it came before the listing of is listed now (its file is on disk)
+            if result is not None and not (listed and listed[0] is result):
+                report(result)
             for result in finish_interrupted(results):
                 report(result)
             raise
