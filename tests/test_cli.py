@@ -1284,6 +1284,9 @@ def test_protect_input_handling_of_a_black_box_test(tmp_path: Path, registry: Pa
     assert r.exit_code == 0 and "No image paths on stdin: nothing to protect." in r.stderr, r.output
     (tmp_path / "empty").mkdir()
     assert run(["protect", str(tmp_path / "empty"), *FAST, "--labels", "backbone"], registry).exit_code == 2
+    # a folder listed on stdin is named as much as one on the command line: without images, a usage error
+    listed = run(["protect", "-", *FAST, "--labels", "backbone"], registry, input=f"{tmp_path / 'empty'}\n")
+    assert listed.exit_code == 2 and "no images found" in listed.stderr, listed.output
     for name in ("airplane", "bird"):
         _images(tmp_path / "src" / name, n=4, seed=len(name))
     out = tmp_path / "D"

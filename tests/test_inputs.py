@@ -338,7 +338,7 @@ def test_shards_split_the_same_outputs_alike_however_the_inputs_are_named(tmp_pa
     def shard(args: list[str], stdin: str, out_dir: Path | None, k: int) -> set[Path]:
         items = collect_inputs(args, stdin=io.StringIO(stdin))
         outputs = assign_outputs(items, suffix=".protected", out_dir=out_dir)
-        return {i.path.resolve() for i in items if in_shard(i, (k, 2), outputs[i])}
+        return {i.path.resolve() for i in items if in_shard(i, (k, 2), outputs[i], out_dir)}
 
     # in place: every way names the same outputs
     for k in (1, 2):
@@ -353,6 +353,17 @@ def test_shards_split_the_same_outputs_alike_however_the_inputs_are_named(tmp_pa
     monkeypatch.chdir(work / "a" / "b")
     other = shard(sorted(str(p) for p in Path("../../src").glob("*")), "", work / "D", 2)
     assert one | other == set(files) and not one & other
+
+    # a job array whose tasks copy the data to their own disk (or see it mounted elsewhere): each task's
+    # files are another path, the same outputs under it (they split anew by absolute path: 20 of 24, 5 twice)
+    monkeypatch.chdir(tmp_path)
+    for node in ("node1", "node2"):
+        _tree(tmp_path / node / "src")
+    for out_dir in (None, "D"):
+        parts = [{f.relative_to(tmp_path / node) for f in shard([str(tmp_path / node / "src")], "",
+                                                                  out_dir and tmp_path / node / out_dir, k)}
+                 for k, node in ((1, "node1"), (2, "node2"))]  # fmt: skip
+        assert parts[0] | parts[1] == {f.relative_to(work) for f in files} and not parts[0] & parts[1], out_dir
 
 
 def test_a_stem_shared_on_disk_keeps_the_extension_whichever_files_a_run_is_given(tmp_path: Path) -> None:

@@ -221,8 +221,8 @@ def _resolved(path: str) -> str:
 
 @functools.lru_cache(maxsize=4096)
 def _real_folder(absolute: str) -> str:
-    # once per folder, not per file: a run keys thousands of files of a few folders (links are taken as
-    # they were when first seen by this process)
+    # once per folder, not per file: a run keys thousands of files of a few folders (cleared by each
+    # assign_outputs, so links are taken as they are when a run starts)
     return os.path.realpath(absolute)
 
 
@@ -266,6 +266,7 @@ def assign_outputs(items: list[InputFile], *, suffix: str, out_dir: Path | None)
     not an earlier output (a PNG with preempt's metadata, which re-runs judge), is refused too: writing it
     would destroy an original, with or without ``--overwrite``.
     """
+    _real_folder.cache_clear()  # links as they are now: a long-lived process must not keep old ones
     listings: dict[str, dict[str, set[str]]] = {}
 
     def has_sibling(item: InputFile) -> bool:
@@ -335,25 +336,30 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     return k, n
 
 
-def shard_key(item: InputFile, output: Path | str | None = None) -> str:
-    """What ``--shard`` hashes: the path of the item's ``output`` (see :func:`assign_outputs`) where it has
-    one, else of the input itself; absolute, its folder's links resolved, case-folded.
+def shard_key(item: InputFile, output: Path | str | None = None, out_dir: Path | str | None = None) -> str:
+    """What ``--shard`` hashes: the item's ``output`` (see :func:`assign_outputs`; the input itself where
+    it has none) relative to ``out_dir``, or, in place, its last two parts (folder and file name);
+    case-folded, with ``/`` between parts.
 
-    So runs that write the same outputs split them alike, however they name the inputs: relative or
-    absolute paths, ``src`` or ``src/*`` (with ``--out-dir``, both mirror ``src``'s subfolders), a folder
-    or its files listed on stdin, in any order; and inputs copied to each node's own disk still split
-    alike when the outputs go to one shared folder. The machines of a job array must see that folder at
-    the same path.
+    So runs that write the same outputs split them alike however they name the inputs (relative or
+    absolute paths, ``src`` or ``src/*``, a folder or its files listed on stdin, in any order), and wherever
+    the files are: copied to each node's own disk, or mounted at another path on each. In place, two files
+    of one name in folders of one name share a key, and so a shard (each file is still in exactly one).
     """
-    return _resolved(str(output if isinstance(output, Path) else item.path))
+    path = output if isinstance(output, Path) else item.path
+    if out_dir is not None and isinstance(output, Path):
+        relative = os.path.relpath(os.path.abspath(path), os.path.abspath(out_dir))
+        return Path(relative).as_posix().casefold()
+    return "/".join(Path(os.path.abspath(path)).parts[-2:]).casefold()
 
 
-def in_shard(item: InputFile, shard: tuple[int, int] | None, output: Path | str | None = None) -> bool:
+def in_shard(item: InputFile, shard: tuple[int, int] | None, output: Path | str | None = None,
+             out_dir: Path | str | None = None) -> bool:  # fmt: skip
     """Whether ``item`` belongs to shard K of N: a stable hash of :func:`shard_key`, the same on every
-    machine. ``output``: the item's entry in :func:`assign_outputs` (without it, the input's path is hashed,
-    which splits a run otherwise: give it wherever the outputs are known)."""
+    machine. ``output``: the item's entry in :func:`assign_outputs`, and ``out_dir`` the run's (without
+    them, the input's path is hashed, which splits a run otherwise: give them wherever they are known)."""
     if shard is None:
         return True
     k, n = shard
-    digest = hashlib.sha256(os.fsencode(shard_key(item, output)))
+    digest = hashlib.sha256(os.fsencode(shard_key(item, output, out_dir)))
     return int.from_bytes(digest.digest()[:8], "big") % n == k - 1

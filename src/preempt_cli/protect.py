@@ -664,7 +664,7 @@ class Protector:
         if outputs is None:
             outputs = assign_outputs(items, suffix=options.suffix, out_dir=options.out_dir)
         verdicts: list[tuple[InputFile, FileResult | Path | None]] = []
-        for position, item in enumerate(i for i in items if in_shard(i, options.shard, outputs[i])):
+        for position, item in enumerate(i for i in items if in_shard(i, options.shard, outputs[i], options.out_dir)):
             if options.partition and position % options.partition[1] != options.partition[0]:
                 continue
             output = outputs[item]

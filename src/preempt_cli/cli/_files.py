@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 import sys
 import time
@@ -267,14 +268,19 @@ def _collect(paths: list[str], skip_markers: tuple[str, ...] = OUTPUT_MARKERS, *
     ``--suffix`` that carry preempt's metadata (else a second run with ``--suffix _safe --overwrite`` would
     protect ``a_safe.png`` again). Only those: an original that merely ends like the suffix
     (``banner-v2.png`` with ``--suffix -v2``) is still an input."""
-    items = collect_inputs(paths, skip_markers=skip_markers)
+    stdin = None
+    if "-" in paths:  # read here, to tell a list that named nothing from one whose paths held no image
+        stdin = io.StringIO(sys.stdin.read() if sys.stdin is not None else "")
+    items = collect_inputs(paths, skip_markers=skip_markers, stdin=stdin)
     if suffix and suffix not in skip_markers:
         items = [i for i in items if not (i.root is not None and i.path.suffix.lower() == ".png"
                                           and i.path.stem.endswith(suffix)
                                           and METADATA_KEY in read_png_text(i.path, key=METADATA_KEY))]  # fmt: skip
-    if not items and any(p != "-" for p in paths):
+    # only ``-``, and nothing listed: a pipeline that found nothing (new) has nothing to do, not an error;
+    # a folder listed on stdin without images is the usage error a folder named on the command line is
+    nothing_listed = all(p == "-" for p in paths) and stdin is not None and not stdin.getvalue().strip("\0 \t\r\n")
+    if not items and not nothing_listed:
         raise ConfigError("no images found in the given paths")
-    # only ``-``, and nothing listed: a pipeline that found nothing (new) has nothing to do, not an error
     return items
 
 
@@ -564,7 +570,7 @@ def revert(
             # one name (two folders protected with other seeds) would get one output
             outputs = assign_outputs(items, suffix=options.suffix, out_dir=options.out_dir)
             # the shard taken here, by the outputs (see in_shard); each group's run takes all it is given
-            mine = [i for i in items if in_shard(i, options.shard, outputs[i])]
+            mine = [i for i in items if in_shard(i, options.shard, outputs[i], options.out_dir)]
             group_options = dataclasses.replace(options, shard=None)
             for meta, problem, skip, group in _white_box_groups(mine):
                 if meta is None:
