@@ -243,14 +243,6 @@ def _image_siblings(folder: str, listings: dict[str, dict[str, set[str]]]) -> di
     return listings[folder]
 
 
-def _is_preempt_file(path: Path) -> bool:
-    """Whether ``path`` is a PNG carrying preempt's metadata (an output of an earlier run)."""
-    from .imageio import read_png_text
-    from .protect import METADATA_KEY  # here: protect imports this module
-
-    return METADATA_KEY in read_png_text(path, key=METADATA_KEY)
-
-
 def assign_outputs(items: list[InputFile], *, suffix: str, out_dir: Path | None) -> dict[InputFile, Path | str]:
     """Output path of every input, or why it gets none.
 
@@ -266,6 +258,8 @@ def assign_outputs(items: list[InputFile], *, suffix: str, out_dir: Path | None)
     not an earlier output (a PNG with preempt's metadata, which re-runs judge), is refused too: writing it
     would destroy an original, with or without ``--overwrite``.
     """
+    from .protect import has_preempt_metadata  # here: protect imports this module
+
     _real_folder.cache_clear()  # links as they are now: a long-lived process must not keep old ones
     listings: dict[str, dict[str, set[str]]] = {}
 
@@ -297,7 +291,7 @@ def assign_outputs(items: list[InputFile], *, suffix: str, out_dir: Path | None)
         replaced = inputs.get(k)
         if replaced is item:
             result[item] = f"output {Path(p)} would replace the input; change --suffix"
-        elif replaced is not None and os.path.lexists(replaced.path) and not _is_preempt_file(replaced.path):
+        elif replaced is not None and os.path.lexists(replaced.path) and not has_preempt_metadata(replaced.path):
             result[item] = (f"its output {Path(p)} would replace input {replaced.path}, which is not a preempt "
                             f"output: rename one, or change --suffix or --out-dir")  # fmt: skip
         elif others:

@@ -180,6 +180,12 @@ def read_preempt_metadata(picture: Picture) -> dict[str, Any] | None:
     return parse_preempt_metadata(picture.text.get(METADATA_KEY))
 
 
+def has_preempt_metadata(path: Path) -> bool:
+    """Whether ``path`` is a PNG carrying preempt's metadata chunk (an output of an earlier run; read without
+    decoding its pixels)."""
+    return METADATA_KEY in read_png_text(path, key=METADATA_KEY)
+
+
 def read_preempt_metadata_file(path: Path) -> dict[str, Any] | None:
     """preempt's metadata of a PNG file written by preempt (read without decoding its pixels), else None."""
     return parse_preempt_metadata(read_png_text(path, key=METADATA_KEY).get(METADATA_KEY))
@@ -950,7 +956,6 @@ class _ProcessIO:
             future = self._submit(write_pngs, tasks)
             into.extend(_Part(future, i, partial(self.protector._finish_write, p, before, after, label, seconds),
                               p.item.path) for i, (p, _, before, after, label, seconds) in enumerate(chunk))  # fmt: skip
-
 
 
 def finish_interrupted(run: Iterator[FileResult]) -> Iterator[FileResult]:

@@ -28,6 +28,7 @@ from ..protect import (
     Protector,
     RunOptions,
     finish_interrupted,
+    has_preempt_metadata,
     parse_preempt_metadata,
     run_on_devices,
 )
@@ -211,15 +212,16 @@ def _drive(results: Iterable[FileResult], total: int, *, verb: str, json_out: bo
     with progress:
         task = progress.add_task(verb.capitalize(), total=total, rate="")
 
-        listed: list[FileResult] = []  # the latest result on stdout
+        last_listed: FileResult | None = None  # the latest result on stdout
 
         def report(result: FileResult) -> None:
+            nonlocal last_listed
             with c.listing():
                 if json_out:
                     c.print_json(result.as_dict())
                 elif result.status == "done":
                     c.print_line(str(result.output), end="\0" if print0 else "\n")
-                listed[:] = [result]
+                last_listed = result
                 counts[result.status] += 1
             if result.status == "failed":
                 c.error_line(f"{result.input}: {result.reason}")
@@ -239,7 +241,7 @@ def _drive(results: Iterable[FileResult], total: int, *, verb: str, json_out: bo
             # Ctrl-C that came while this loop, not the run, held the thread: the run still has to stop as
             # it does when the interrupt reaches it (finishing and reporting the files being written); a
             # result it came before the listing of is listed now (its file is on disk)
-            if result is not None and not (listed and listed[0] is result):
+            if result is not None and result is not last_listed:
                 report(result)
             for result in finish_interrupted(results):
                 report(result)
@@ -275,7 +277,7 @@ def _collect(paths: list[str], skip_markers: tuple[str, ...] = OUTPUT_MARKERS, *
     if suffix and suffix not in skip_markers:
         items = [i for i in items if not (i.root is not None and i.path.suffix.lower() == ".png"
                                           and i.path.stem.endswith(suffix)
-                                          and METADATA_KEY in read_png_text(i.path, key=METADATA_KEY))]  # fmt: skip
+                                          and has_preempt_metadata(i.path))]  # fmt: skip
     # only ``-``, and nothing listed: a pipeline that found nothing (new) has nothing to do, not an error;
     # a folder listed on stdin without images is the usage error a folder named on the command line is
     nothing_listed = all(p == "-" for p in paths) and stdin is not None and not stdin.getvalue().strip("\0 \t\r\n")
@@ -301,8 +303,7 @@ def _check_run(out_dir: Path | None, max_pixels: int, json_out: bool, print0: bo
         raise ConfigError(f"--max-pixels must be >= 1 (got {max_pixels})")
     if json_out and print0:
         raise ConfigError("--print0 and --json exclude each other (JSON lines never hold a raw newline)")
-    if sys.stdout is None:  # ``>&-``: found before any work, not at the first result
-        raise ConfigError("stdout is closed: the results have nowhere to go (send them to /dev/null to drop them)")
+    c.check_stdout()  # ``>&-``: found before any work, not at the first result
     c.check_out_dir(out_dir)
 
 
