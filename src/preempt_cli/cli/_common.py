@@ -348,6 +348,16 @@ def given_on_command_line(ctx: typer.Context, options: dict[str, str]) -> list[s
             if getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"]  # fmt: skip
 
 
+def check_stdout() -> None:
+    """Refuse a stdout that is closed (started with ``>&-``): the results would have nowhere to go.
+
+    Raises:
+        ConfigError: stdout is closed.
+    """
+    if sys.stdout is None:
+        raise ConfigError("stdout is closed: the results have nowhere to go (send them to /dev/null to drop them)")
+
+
 def print_line(text: str, end: str = "\n") -> None:
     """One line on stdout (ended by ``end``: ``"\\0"`` for ``--print0``), flushed (a pipeline downstream sees
     each result as it comes). Plain writes, not rich's: rendering a line took ~35 us, a tenth of what an
@@ -356,8 +366,7 @@ def print_line(text: str, end: str = "\n") -> None:
     Raises:
         ConfigError: stdout is closed, or fails otherwise than by a reader gone (a full disk).
     """
-    if sys.stdout is None:  # started with stdout closed (``>&-``)
-        raise ConfigError("stdout is closed: the results have nowhere to go (send them to /dev/null to drop them)")
+    check_stdout()
     try:
         sys.stdout.write(text + end)
         sys.stdout.flush()
