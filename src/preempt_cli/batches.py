@@ -180,12 +180,11 @@ class ComputeThread(Generic[B, L, R]):
             except BaseException as e:  # the caller's to handle (or to re-raise: KeyboardInterrupt)
                 _fail(future, e)
                 continue
-            launch_s = time.perf_counter() - start
+            credit = 0.0
             if launched:  # launched within the oldest batch's time: the time is this batch's own
-                launched[0].debit += launch_s
-                launched.append(_InFlight(batch, future, handle, start, credit=launch_s))
-            else:
-                launched.append(_InFlight(batch, future, handle, start, credit=0.0))
+                credit = time.perf_counter() - start
+                launched[0].debit += credit
+            launched.append(_InFlight(batch, future, handle, start, credit=credit))
         while True:  # what was submitted after the stop
             try:
                 job = self._jobs.get_nowait()
