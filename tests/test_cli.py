@@ -1035,6 +1035,16 @@ def test_a_closed_pipe_stops_quietly_with_exit_141(tmp_path: Path, registry: Pat
     finally:
         os.close(write_end)
     assert (proc.returncode, proc.stderr.decode()) == (141, "")
+    # help and usage text are printed by Click before any command runs (`preempt --help | head -1`)
+    for args in (["--help"], ["protect", "--help"], ["--version"], []):
+        read_end, write_end = os.pipe()
+        os.close(read_end)
+        try:
+            proc = subprocess.run([sys.executable, "-m", "preempt_cli", *args], stdout=write_end,
+                                  stderr=subprocess.PIPE, env=_child_env(), timeout=300)  # fmt: skip
+        finally:
+            os.close(write_end)
+        assert (proc.returncode, proc.stderr.decode()) == (141, ""), args
     # a protect run stops at the first result it cannot print, with no error line
     from preempt_cli.cli import _common
 

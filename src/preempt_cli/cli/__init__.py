@@ -11,6 +11,7 @@ import typer
 
 from .. import __version__
 from . import _eval, _files, _models, _train
+from ._common import EXIT_BROKEN_PIPE
 
 app = typer.Typer(
     name="preempt",
@@ -50,7 +51,15 @@ def _root(
 def main() -> None:
     """Console entry point."""
     _launched_as_the_package()
-    app()
+    try:
+        app()
+    except SystemExit as exit_:
+        # Click and rich answer a closed stdout met outside the commands (``preempt --help | head -1``) with
+        # exit 1, raised while they handle the BrokenPipeError; exit as the commands do then (141: a closed
+        # pipe, not a failed input), so ``set -o pipefail`` scripts tell the two apart.
+        if exit_.code == 1 and isinstance(exit_.__context__, BrokenPipeError):
+            raise SystemExit(EXIT_BROKEN_PIPE) from None
+        raise
 
 
 def _launched_as_the_package() -> None:
