@@ -287,6 +287,14 @@ def test_an_output_that_is_another_input_of_the_run_is_refused_unless_it_is_an_e
     # the input itself, through a linked folder
     out = assign_outputs(collect_inputs([tmp_path / "link" / "a.png"]), suffix="", out_dir=tmp_path)
     assert "would replace the input" in next(iter(out.values()))
+    # an input that is a link to another input's output (the user's photo behind it), or to its own output
+    (tmp_path / "a.protected.png").write_bytes(b"dog")
+    (tmp_path / "dog.png").symlink_to(tmp_path / "a.protected.png")
+    out = _outputs(collect_inputs([tmp_path / "a.png", tmp_path / "dog.png"]))
+    assert f"would replace input {tmp_path / 'dog.png'}" in out[str(tmp_path / "a.png")]
+    (tmp_path / "b.protected.png").write_bytes(b"owl")
+    (tmp_path / "b.png").symlink_to(tmp_path / "b.protected.png")
+    assert "would replace the input" in _outputs(collect_inputs([tmp_path / "b.png"]))[str(tmp_path / "b.png")]
 
 
 def test_one_path_given_as_a_string_is_one_path_not_its_characters(tmp_path: Path, monkeypatch) -> None:

@@ -255,8 +255,8 @@ def assign_outputs(items: list[InputFile], *, suffix: str, out_dir: Path | None)
     for two inputs (files of the same name named directly or from stdin, or folders of the same name, with
     ``--out-dir``) is refused for every input concerned: silently keeping the last one written would lose
     the others' results. An output that is the input itself, or another existing input of the run that is
-    not an earlier output (a PNG with preempt's metadata, which re-runs judge), is refused too: writing it
-    would destroy an original, with or without ``--overwrite``.
+    not an earlier output (a PNG with preempt's metadata, which re-runs judge), is refused too, as is one
+    that an input links to: writing it would destroy an original, with or without ``--overwrite``.
     """
     from .protect import has_preempt_metadata  # here: protect imports this module
 
@@ -285,6 +285,8 @@ def assign_outputs(items: list[InputFile], *, suffix: str, out_dir: Path | None)
     for item, (_, k) in chosen.items():
         owners[k].append(item)
     inputs = {_resolved(str(item.path)): item for item in items}
+    # an input that is a link stands for the file it points to: an output written there replaces that file
+    inputs.update({os.path.realpath(item.path).casefold(): item for item in items if os.path.islink(item.path)})
     result: dict[InputFile, Path | str] = {}
     for item, (p, k) in chosen.items():
         others = [o for o in owners[k] if o is not item]
