@@ -478,7 +478,7 @@ def test_parse_eps_rejects(text) -> None:
 @pytest.mark.parametrize(
     "changes",
     [
-        dict(eps=0.0), dict(eps=-0.1), dict(eps=1.5), dict(eta=0.0), dict(eta=-1.0), dict(eta=float("nan")),
+        dict(eps=0.0), dict(eps=-0.1), dict(eps=1.5), dict(eps=1), dict(eps=8), dict(eta=0.0), dict(eta=-1.0), dict(eta=float("nan")),
         dict(eta=float("inf")), dict(eps=float("nan")),
         dict(forward_steps=-1), dict(backward_steps=-2), dict(forward_steps=0, backward_steps=0),
         dict(samples=0), dict(sample_projection="nearest"), dict(inner_steps=0),

@@ -215,3 +215,24 @@ def test_an_interrupted_eval_says_that_resume_keeps_the_finished_cells(tmp_path:
                                       "--attack", "pgd:steps=1", "--device", TEST_DEVICE_ARG, "--out",
                                       str(tmp_path / "ev"), "--registry", str(registry)])  # fmt: skip
     assert result.exit_code == 130 and "--resume" in result.output, result.output
+
+
+def test_load_dataset_refuses_16_bit_images_and_limits_that_are_not_whole(tmp_path: Path) -> None:
+    """16-bit files were wrapped modulo 256 into the uint8 dataset (35966 became 126): refused, naming the
+    file; ``limit=2.5`` failed inside slicing and ``limit=True`` meant 1."""
+    import numpy as np
+    from PIL import Image
+
+    from preempt_cli.evaluate import load_dataset
+
+    (tmp_path / "cat").mkdir()
+    Image.fromarray(np.full((4, 4), 35966, dtype=np.uint16)).save(tmp_path / "cat" / "0.png")
+    with pytest.raises(ConfigError, match=r"0\.png: a 16-bit image"):
+        load_dataset(tmp_path, classes=["cat"])
+    Image.new("RGB", (4, 4), (1, 2, 3)).save(tmp_path / "cat" / "0.png")
+    data = load_dataset(tmp_path, classes=["cat"])
+    assert data.images.dtype == torch.uint8 and data.images[0, :, 0, 0].tolist() == [1, 2, 3]
+    for limit in (2.5, True, 0, "1"):
+        with pytest.raises(ConfigError, match="limit"):
+            load_dataset(tmp_path, classes=["cat"], limit=limit)  # type: ignore[arg-type]
+    assert len(load_dataset(tmp_path, classes=["cat"], limit=5).images) == 1

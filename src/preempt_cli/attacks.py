@@ -16,6 +16,7 @@ import contextlib
 import inspect
 import logging
 import math
+import numbers
 from pathlib import Path
 from typing import Any, Iterator, Protocol, runtime_checkable
 
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .engine import eval_mode
+from .engine import int_eps_message, eval_mode
 from .errors import ConfigError, LabelError, MissingDependencyError
 
 __all__ = [
@@ -85,10 +86,13 @@ def _check_eps(eps: float, norm: str) -> float:
     """A positive finite budget (at most 1 for L-inf, where a larger one would be the whole cube).
 
     Raises:
-        ConfigError: not a number, not positive, not finite, or above 1 for L-inf.
+        ConfigError: not a number, not positive, not finite, or above 1 for L-inf, or an int for L-inf
+            (``eps=1``: one level, as the CLI reads it, or the whole cube? Neither is safe to guess).
     """
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise ConfigError(f"eps must be a number, got {eps!r}")
+    if norm == "Linf" and isinstance(eps, numbers.Integral):
+        raise ConfigError(int_eps_message(int(eps)))
     value = float(eps)
     if not math.isfinite(value) or value <= 0:
         raise ConfigError(f"eps must be positive and finite, got {eps!r}")

@@ -197,11 +197,19 @@ def parse_eps(text: str | float) -> float:
     return value
 
 
+def int_eps_message(eps: int) -> str:
+    # eps=1 is either one level (parse_eps, the CLI) or the whole range (a float 1.0): neither is safe to guess
+    return (f"eps={eps!r} is an int: give a fraction of the range ({eps}/255 for {eps} level"
+            f"{'s' if eps != 1 else ''}) or a string of levels ('{eps}')")  # fmt: skip
+
+
 @dataclass(frozen=True)
 class ForeBackConfig:
     """Settings of Algorithm 1. Defaults are the paper's (Table 3) for CIFAR-10.
 
-    ``eps`` may be given as the CLI's ``--eps`` takes it (``"8/255"``, ``"8"``: :func:`parse_eps`).
+    ``eps``: a float, a fraction of the [0, 1] range (``8 / 255``), or a string as the CLI's ``--eps``
+    takes it (``"8/255"``, ``"8"`` for 8 levels: :func:`parse_eps`). An int is refused: ``eps=1`` was read
+    as the whole range, where :func:`parse_eps` and the CLI read a bare 1 as one level.
 
     Raises:
         ConfigError: a setting of the wrong type (steps and samples are ints) or out of range.
@@ -221,6 +229,8 @@ class ForeBackConfig:
     def __post_init__(self) -> None:
         if isinstance(self.eps, str):  # "8/255", "8" or "0.0314", as the CLI's --eps takes it
             object.__setattr__(self, "eps", parse_eps(self.eps))
+        elif isinstance(self.eps, numbers.Integral) and not isinstance(self.eps, bool):
+            raise ConfigError(int_eps_message(self.eps))
         for name in ("eps", "eta"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real):

@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import math
+import numbers
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,12 +101,12 @@ def load_dataset(
     CIFAR-10 test images named by index, the first N of the test set).
 
     Raises:
-        ConfigError: no images, images of different sizes, or a bad limit.
+        ConfigError: no images, images of different sizes, images of more than 8 bits, or a bad limit.
         LabelError: a label is missing or not a class of the models.
     """
     root = Path(root)
-    if limit is not None and limit < 1:
-        raise ConfigError("--limit must be >= 1")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, numbers.Integral) or limit < 1):
+        raise ConfigError(f"limit must be a whole number >= 1, got {limit!r}")
     items = sorted(collect_inputs([root]), key=lambda i: (i.path.name, str(i.path)))
     if not items:
         raise ConfigError(f"no images found in {root}")
@@ -123,6 +124,8 @@ def load_dataset(
             label = list(classes).index(raw)
         else:
             label = int(raw)
+        if picture.max_value != 255:  # the evaluation's images are 8-bit (uint8), as the attacks round them
+            raise ConfigError(f"{item.path}: a 16-bit image; eval takes 8-bit images (convert them first)")
         pixels.append(torch.from_numpy(picture.color.astype(np.uint8)).permute(2, 0, 1))
         labels.append(label)
     shapes = {tuple(p.shape) for p in pixels}
