@@ -38,3 +38,34 @@ def test_reversion_labels_with_its_own_models() -> None:
     by_backbone = Reverter(backbone, labels="backbone", config=ForeBackConfig(samples=2))
     assert torch.equal(by_classifier.predict(x), classifier(x).argmax(1))
     assert torch.equal(by_backbone.predict(x), backbone(x).argmax(1))
+    # labels from folders or a label file label files; images given as tensors are labelled by the classifier
+    by_folders = Reverter(backbone, classifier, config=ForeBackConfig(samples=2), labels="folders")
+    assert torch.equal(by_folders.predict(x), classifier(x).argmax(1))
+    assert not torch.equal(classifier(x).argmax(1), backbone(x).argmax(1))  # the check tells the two apart
+
+
+def test_reverter_run_on_paths_reverts_protected_files_into_reverted_names(tmp_path) -> None:
+    """The library as ``preempt revert``: ``Reverter.run(["folder"])`` found no protected file (the walk left
+    them out as outputs) and, given an original, wrote ``a.protected.png`` holding a reverted image."""
+    from conftest import write_random_pngs
+    from preempt_cli import Protector, RunOptions
+    from preempt_cli.protect import read_preempt_metadata_file
+
+    backbone = make_tiny_model(0).to(TEST_DEVICE)
+    config = ForeBackConfig(samples=1, backward_steps=1)
+    write_random_pngs(tmp_path, n=2)
+    protected = [r.output for r in Protector(backbone, labels="backbone", config=config).run([tmp_path])]
+    assert [p.name for p in protected] == ["img0.protected.png", "img1.protected.png"]
+    reverter = Reverter(backbone, labels="backbone", config=config)
+    results = list(reverter.run(tmp_path))  # the originals and the protected files, as the CLI takes them
+    assert sorted(r.input.name for r in results if r.status == "done") == ["img0.png", "img0.protected.png",
+                                                                          "img1.png", "img1.protected.png"]  # fmt: skip
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert written == ["img0.png", "img0.protected.png", "img0.protected.reverted.png", "img0.reverted.png",
+                       "img1.png", "img1.protected.png", "img1.protected.reverted.png", "img1.reverted.png"]
+    assert all(read_preempt_metadata_file(tmp_path / f"img{i}.protected.png")["kind"] == "protected" for i in (0, 1))
+    assert read_preempt_metadata_file(tmp_path / "img0.protected.reverted.png")["kind"] == "reverted"
+    # a run again skips its outputs; a suffix given is kept
+    assert {r.status for r in reverter.run(tmp_path)} == {"skipped"}
+    list(reverter.run([tmp_path / "img0.protected.png"], RunOptions(suffix="_undone")))
+    assert (tmp_path / "img0.protected_undone.png").exists()

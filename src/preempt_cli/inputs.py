@@ -17,7 +17,7 @@ from .errors import ConfigError
 from .imageio import IMAGE_SUFFIXES
 
 __all__ = ["InputFile", "collect_inputs", "as_input_files", "output_path", "assign_outputs", "parse_shard", "in_shard",
-           "shard_key", "OUTPUT_MARKERS", "PROTECTED_SUFFIX", "REVERTED_SUFFIX"]
+           "shard_key", "without_suffixed_outputs", "OUTPUT_MARKERS", "PROTECTED_SUFFIX", "REVERTED_SUFFIX"]
 
 _logger = logging.getLogger(__name__)
 
@@ -124,23 +124,38 @@ def collect_inputs(
     return [found[index] for index in sorted(chosen.values())]
 
 
-def as_input_files(items: Iterable[InputFile | str | os.PathLike[str]] | str | os.PathLike[str]) -> list[InputFile]:
+def as_input_files(items: Iterable[InputFile | str | os.PathLike[str]] | str | os.PathLike[str], *,
+                   skip_markers: tuple[str, ...] = OUTPUT_MARKERS, suffix: str | None = None) -> list[InputFile]:  # fmt: skip
     """``items`` as inputs: :class:`InputFile` items as they are, paths (or one path) expanded by
-    :func:`collect_inputs`; an empty list stays empty.
+    :func:`collect_inputs` with ``skip_markers``, leaving out of folder walks the outputs named with
+    ``suffix`` too (:func:`without_suffixed_outputs`); an empty list stays empty.
 
     Raises:
         TypeError: inputs and paths mixed (give paths alone, or ``collect_inputs`` of them).
         ConfigError: see :func:`collect_inputs`.
     """
     if isinstance(items, (str, os.PathLike)):
-        return collect_inputs(items)
+        items = [items]
     items = list(items)
     paths = [i for i in items if not isinstance(i, InputFile)]
     if not paths:
         return items  # type: ignore[return-value]  # all InputFile
     if len(paths) < len(items):
         raise TypeError("give InputFile items (from collect_inputs) or paths, not both in one list")
-    return collect_inputs(paths)
+    return without_suffixed_outputs(collect_inputs(paths, skip_markers=skip_markers), suffix, skip_markers)
+
+
+def without_suffixed_outputs(items: list[InputFile], suffix: str | None, skip_markers: tuple[str, ...]) -> list[InputFile]:
+    """``items`` without the PNGs of folder walks named with this run's ``suffix`` that carry preempt's
+    metadata (else a second run with ``--suffix _safe --overwrite`` would protect ``a_safe.png`` again).
+    Only those: an original that merely ends like the suffix (``banner-v2.png`` with ``--suffix -v2``) is
+    still an input, and so is a file named directly."""
+    from .protect import has_preempt_metadata  # here: protect imports this module
+
+    if not suffix or suffix in skip_markers:  # the walk already left those out (by name alone)
+        return items
+    return [i for i in items if not (i.root is not None and i.path.suffix.lower() == ".png"
+                                     and i.path.stem.endswith(suffix) and has_preempt_metadata(i.path))]  # fmt: skip
 
 
 def _collect(args: list[str | os.PathLike[str]], stdin: TextIO | None, skip_markers: tuple[str, ...],

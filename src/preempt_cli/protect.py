@@ -18,6 +18,7 @@ Batch jobs use this module directly::
 from __future__ import annotations
 
 import collections
+import dataclasses
 import gc
 import itertools
 import json
@@ -118,7 +119,9 @@ class RunOptions:
     """How files are found, named and written."""
 
     out_dir: Path | None = None
-    suffix: str = PROTECTED_SUFFIX
+    #: the output name's marker (``a.protected.png``); None: the run's own (:attr:`Protector.output_suffix`:
+    #: ``.protected``, ``.reverted`` for :class:`~preempt_cli.revert.Reverter`)
+    suffix: str | None = None
     overwrite: bool = False
     batch_size: int | None = None  # images per batch at the backbone's input size; None = automatic
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -154,7 +157,8 @@ class RunOptions:
             raise ConfigError("--batch-size must be >= 1")
         if self.workers < 1:
             raise ConfigError("--workers must be >= 1")
-        if not self.suffix or "/" in self.suffix or "\\" in self.suffix:
+        if self.suffix is not None and (not isinstance(self.suffix, str) or not self.suffix
+                                        or "/" in self.suffix or "\\" in self.suffix):
             raise ConfigError(f"invalid --suffix {self.suffix!r}: it must be non-empty with no path separator")
 
 
@@ -341,6 +345,8 @@ class Protector:
     """
 
     kind = "protected"
+    #: The marker of this class's output names (``a.protected.png``), unless :class:`RunOptions` gives one.
+    output_suffix = PROTECTED_SUFFIX
     #: Names of files this class writes, never taken as inputs again (unless --overwrite).
     skip_markers: tuple[str, ...] = OUTPUT_MARKERS
 
@@ -392,8 +398,12 @@ class Protector:
     # -- tensors ---------------------------------------------------------------------------------------
     @torch.inference_mode()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """Labels by the classifier (or the backbone when ``labels="backbone"``)."""
-        model = self.classifier if (self.labels == "classifier" and self.classifier is not None) else self.backbone
+        """Labels by the classifier (by the backbone when ``labels="backbone"`` or no classifier is given).
+
+        With labels from folders or a label file, files take theirs from there; images given as tensors
+        without labels have no folder, and are labelled by the classifier as :meth:`protect` says (they
+        were labelled by the backbone)."""
+        model = self.classifier if (self.labels != "backbone" and self.classifier is not None) else self.backbone
         with eval_mode(model):
             return model(x.to(self.device)).argmax(dim=1)
 
@@ -654,6 +664,11 @@ class Protector:
             seconds=round(seconds, 6),
         )
 
+    def run_options(self, options: RunOptions | None = None) -> RunOptions:
+        """``options`` (default: :class:`RunOptions`'s) with this class's output suffix where none is given."""
+        options = options or RunOptions()
+        return options if options.suffix is not None else dataclasses.replace(options, suffix=self.output_suffix)
+
     def run(self, items: Iterable[InputFile | str | os.PathLike], options: RunOptions | None = None, *,
             outputs: Mapping[InputFile, Path | str] | None = None) -> Iterator[FileResult]:  # fmt: skip
         """Process files, yielding one result per input (done, skipped or failed), as they finish.
@@ -665,8 +680,8 @@ class Protector:
         part of a larger set run in several calls (``revert --white-box`` runs one per recorded defense):
         names assigned within each part alone could give two parts' files one output.
         """
-        options = options or RunOptions()
-        items = as_input_files(items)
+        options = self.run_options(options)
+        items = as_input_files(items, skip_markers=self.skip_markers, suffix=options.suffix)
         if outputs is None:
             outputs = assign_outputs(items, suffix=options.suffix, out_dir=options.out_dir)
         verdicts: list[tuple[InputFile, FileResult | Path | None]] = []
@@ -972,7 +987,7 @@ def finish_interrupted(run: Iterator[FileResult]) -> Iterator[FileResult]:
         return
 
 
-def run_on_devices(protectors: Sequence[Protector], items: Iterable[InputFile],
+def run_on_devices(protectors: Sequence[Protector], items: Iterable[InputFile | str | os.PathLike],
                    options: RunOptions | None = None) -> Iterator[FileResult]:  # fmt: skip
     """Process files with one worker thread per protector (typically one per GPU, each holding its own
     copies of the models), yielding results as they finish.
@@ -983,10 +998,10 @@ def run_on_devices(protectors: Sequence[Protector], items: Iterable[InputFile],
     """
     import queue
     import threading
-    from dataclasses import replace
 
-    options = options or RunOptions()
-    items = list(items)
+    options = protectors[0].run_options(options)
+    # expanded once here, not by each worker (each share is taken from the same list)
+    items = as_input_files(items, skip_markers=protectors[0].skip_markers, suffix=options.suffix)
     if len(protectors) == 1:
         yield from protectors[0].run(items, options)
         return
@@ -995,7 +1010,7 @@ def run_on_devices(protectors: Sequence[Protector], items: Iterable[InputFile],
 
     def work(index: int, protector: Protector) -> None:
         try:
-            run = protector.run(items, replace(options, partition=(index, len(protectors))))
+            run = protector.run(items, dataclasses.replace(options, partition=(index, len(protectors))))
             for result in run:
                 results.put(("result", result))
                 if interrupted.is_set():  # Ctrl-C: this device's run stops as a single one would

@@ -27,7 +27,8 @@ class Reverter(Protector):
     """
 
     kind = "reverted"
-    skip_markers = (REVERTED_SUFFIX,)
+    output_suffix = REVERTED_SUFFIX
+    skip_markers = (REVERTED_SUFFIX,)  # protected files are what it reverts
 
     def transform(self, x: torch.Tensor, y: torch.Tensor, noise_seeds: Sequence[int] | None = None) -> torch.Tensor:
         """``2 x - D(x)``, clipped to [0, 1] (it stays within eps of ``x``, as D(x) does)."""

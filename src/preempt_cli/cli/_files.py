@@ -19,7 +19,7 @@ from ..engine import PRESETS, ForeBackConfig, parse_eps
 from ..errors import ConfigError, PreemptError, UnknownModelError
 from ..imageio import DEFAULT_MAX_PIXELS, read_png_text
 from ..inputs import (OUTPUT_MARKERS, PROTECTED_SUFFIX, REVERTED_SUFFIX, InputFile, assign_outputs, collect_inputs,
-                      in_shard, parse_shard)  # fmt: skip
+                      in_shard, parse_shard, without_suffixed_outputs)  # fmt: skip
 from ..labels import LabelMap, read_label_file
 from ..models import ImageModel, load_model
 from ..protect import (
@@ -28,7 +28,6 @@ from ..protect import (
     Protector,
     RunOptions,
     finish_interrupted,
-    has_preempt_metadata,
     parse_preempt_metadata,
     run_on_devices,
 )
@@ -273,11 +272,7 @@ def _collect(paths: list[str], skip_markers: tuple[str, ...] = OUTPUT_MARKERS, *
     stdin = None
     if "-" in paths:  # read here, to tell a list that named nothing from one whose paths held no image
         stdin = io.StringIO(sys.stdin.read() if sys.stdin is not None else "")
-    items = collect_inputs(paths, skip_markers=skip_markers, stdin=stdin)
-    if suffix and suffix not in skip_markers:
-        items = [i for i in items if not (i.root is not None and i.path.suffix.lower() == ".png"
-                                          and i.path.stem.endswith(suffix)
-                                          and has_preempt_metadata(i.path))]  # fmt: skip
+    items = without_suffixed_outputs(collect_inputs(paths, skip_markers=skip_markers, stdin=stdin), suffix, skip_markers)
     # only ``-``, and nothing listed: a pipeline that found nothing (new) has nothing to do, not an error;
     # a folder listed on stdin without images is the usage error a folder named on the command line is
     nothing_listed = all(p == "-" for p in paths) and stdin is not None and not stdin.getvalue().strip("\0 \t\r\n")
