@@ -887,3 +887,20 @@ def test_the_name_limit_is_checked_in_bytes_only_where_names_are_bytes(tmp_path,
     # this test's file system (Linux) refuses it in turn: said in the same words, naming the output
     assert reason == f"output {cjk}: name too long for this file system (use a shorter --suffix, or rename the input)"
     assert _temp_leftovers(tmp_path) == []
+
+
+def test_write_png_refuses_colour_of_another_dtype_or_shape(tmp_path: Path) -> None:
+    """``write_png(path, picture, color=floats / 255)`` wrote a near-black image without a word (floats cast to
+    uint8), 16-bit levels cast to uint8 wrapped, and another size was written as given."""
+    from PIL import Image
+
+    from preempt_cli.imageio import read_image, write_png
+
+    Image.fromarray(np.arange(48, dtype=np.uint8).reshape(4, 4, 3)).save(tmp_path / "a.png")
+    picture = read_image(tmp_path / "a.png")
+    for bad in (picture.color.astype(np.float32) / 255, picture.color.astype(np.uint16), picture.color[:2]):
+        with pytest.raises(ValueError, match="does not fit"):
+            write_png(tmp_path / "out.png", picture, color=bad)
+        assert not (tmp_path / "out.png").exists()
+    write_png(tmp_path / "out.png", picture, color=255 - picture.color)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "out.png")), 255 - picture.color)

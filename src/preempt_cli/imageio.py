@@ -719,10 +719,12 @@ def write_png(
     a file that appears there meanwhile is not replaced (see :func:`atomic_write`).
 
     Raises:
+        ValueError: ``color`` of another shape or dtype than the picture's (floats in [0, 1], levels of
+            another bit depth or another size were written as garbage without a word).
         ImageWriteError: the folder cannot be created or written, or ``path`` appeared (``replace`` False).
     """
     path = Path(path)
-    color = picture.color if color is None else color
+    color = picture.color if color is None else picture.with_color(color).color  # checked as with_color does
     info = PngImagePlugin.PngInfo()
     for key, value in (text or {}).items():
         info.add_itxt(key, value)
