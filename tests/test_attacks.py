@@ -544,3 +544,43 @@ def test_autoattack_on_the_real_robust_model(robust_resnet20: nn.Module, cifar_b
     assert robust < clean  # it breaks some of the points the model gets right (measured: all four)
     assert accuracy(robust_resnet20, x_adv, y) == pytest.approx(robust)  # what it returns is what it counted
     assert_in_budget(x_adv, x, "Linf", LINF_EPS)
+
+
+class _GradientReference:
+    """A stand-in for the reference AutoAttack that takes a gradient, as each of its attacks does."""
+
+    def __init__(self, model, *, norm, eps, version, device, seed) -> None:
+        self.model, self.eps, self.verbose = model, eps, False
+
+    def run_standard_evaluation(self, x, y, *, batch_size=250, state_path=None):
+        x = x.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(F.cross_entropy(self.model(x), y), x)
+        return (x + self.eps * grad.sign()).clamp(0, 1).detach(), None
+
+
+def test_attacks_run_under_inference_mode_as_outside_it(tiny_backbone) -> None:
+    """``with torch.inference_mode(): PGD(...).perturb(x, y)`` failed with autograd's own error; Protector
+    and the engine already left inference mode for their gradients."""
+    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(TEST_DEVICE)
+    y = torch.tensor([1, 2, 3], device=TEST_DEVICE)
+    pgd = PGD(tiny_backbone, steps=3, seed=1)
+    expected = pgd.perturb(x, y)
+    with torch.inference_mode():
+        x_inf, y_inf = x.clone(), y.clone()  # inference tensors, as a caller's pipeline makes them
+        assert torch.equal(pgd.perturb(x_inf, y_inf), expected)
+    assert not torch.equal(expected, x)  # the attack moved: the comparison is not of two copies of x
+    attack = AutoAttack(tiny_backbone, eps=LINF_EPS)
+    attack._reference = types.SimpleNamespace(AutoAttack=_GradientReference)
+    expected = attack.perturb(x, y)
+    with torch.inference_mode():
+        assert torch.equal(attack.perturb(x.clone(), y.clone()), expected)
+
+
+def test_attack_inputs_are_checked_against_the_model(tiny_backbone) -> None:
+    import numpy as np
+
+    y = torch.zeros(2, dtype=torch.long, device=TEST_DEVICE)
+    with pytest.raises(ConfigError, match="4 channels but the model takes 3"):
+        PGD(tiny_backbone, steps=1).perturb(torch.rand(2, 4, 32, 32, device=TEST_DEVICE), y)
+    PGD(tiny_backbone, steps=1).perturb(torch.rand(2, 1, 32, 32, device=TEST_DEVICE), y)  # gray: the wrapper's
+    assert PGD(tiny_backbone, seed=np.int64(5)).seed == 5 and type(PGD(tiny_backbone, seed=np.int64(5)).seed) is int

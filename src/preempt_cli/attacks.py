@@ -107,9 +107,9 @@ def _check_int(name: str, value: int, minimum: int) -> int:
     Raises:
         ConfigError: not an integer or too small.
     """
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
+    return int(value)  # a numpy integer as the int it is
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -119,8 +119,9 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _check_batch(x: torch.Tensor, y: torch.Tensor) -> None:
-    """Images NCHW floating point in [0, 1] and one integer label per image.
+def _check_batch(x: torch.Tensor, y: torch.Tensor, model: nn.Module | None = None) -> None:
+    """Images NCHW floating point in [0, 1] and one integer label per image; with a loaded ``model``, of a
+    channel count it takes (its own, or 1).
 
     Raises:
         ConfigError: wrong shapes or types, or values outside [0, 1].
@@ -128,6 +129,9 @@ def _check_batch(x: torch.Tensor, y: torch.Tensor) -> None:
     """
     if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
         raise ConfigError("images must be a floating-point NCHW tensor")
+    input_size = getattr(getattr(model, "config", None), "input_size", None)
+    if input_size is not None and x.shape[1] not in (1, input_size[0]):
+        raise ConfigError(f"images have {x.shape[1]} channels but the model takes {input_size[0]} (or 1)")
     if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.is_floating_point() or y.dtype == torch.bool:
         raise ConfigError("labels must be a 1-D integer tensor")
     if y.shape[0] != x.shape[0]:
@@ -142,6 +146,11 @@ def _check_num_classes(y: torch.Tensor, logits: torch.Tensor) -> None:
     """Raises LabelError when a label is not a class of the model."""
     if y.numel() and int(y.max()) >= logits.shape[1]:
         raise LabelError(f"label {int(y.max())} is not a class of a model with {logits.shape[1]} outputs")
+
+
+def _autograd_usable(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each tensor, copied when it was made under ``torch.inference_mode()`` (autograd refuses those)."""
+    return tuple(t.clone() if t.is_inference() else t for t in tensors)
 
 
 def _l2_norms(t: torch.Tensor) -> torch.Tensor:
@@ -237,11 +246,14 @@ class PGD:
             ConfigError: ``x`` or ``y`` of the wrong shape or type, or ``x`` outside [0, 1].
             LabelError: a label that is not a class of the model.
         """
-        _check_batch(x, y)
+        _check_batch(x, y, self.model)
         if x.shape[0] == 0:
             return x.detach().clone()
-        x0 = x.detach().to(self.device, torch.float32)
-        y0 = y.detach().to(self.device, torch.long)
+        with torch.inference_mode(False):  # called under torch.inference_mode(): the gradients need autograd
+            return self._perturb(x, y)
+
+    def _perturb(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        x0, y0 = _autograd_usable(x.detach().to(self.device, torch.float32), y.detach().to(self.device, torch.long))
         generator = torch.Generator(device=self.device)
         generator.manual_seed(self.seed)
 
@@ -498,12 +510,17 @@ class AutoAttack:
         return aa
 
     def _perturb(self, x: torch.Tensor, y: torch.Tensor, *, report: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        _check_batch(x, y)
+        _check_batch(x, y, self.model)
         if x.shape[0] == 0:
             empty = torch.zeros(0, dtype=torch.bool)
             return x.detach().clone(), {"fooled": empty, "fooled_float": empty, "fooled_rounded_once": empty}
-        xc = x.detach().float().contiguous()
-        yc = y.detach().long().contiguous()
+        # under torch.inference_mode() too: the reference's gradients need autograd
+        with torch.inference_mode(False):
+            xc, yc = _autograd_usable(x.detach().float().contiguous(), y.detach().long().contiguous())
+            return self._attack(x, xc, yc, report=report)
+
+    def _attack(self, x: torch.Tensor, xc: torch.Tensor, yc: torch.Tensor, *, report: bool,
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
         with eval_mode(self.model), _own_rng(self.device):
             if self.quantize:
                 x_adv, flags = self._cascade_8bit(xc, yc)

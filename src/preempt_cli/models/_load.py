@@ -13,6 +13,7 @@ from torch import nn
 
 from ..errors import (
     ConfigError,
+    InputError,
     PreemptError,
     RegistryError,
     UnreadableWeightsError,
@@ -115,7 +116,7 @@ class ImageModel(nn.Module):
         if x.shape[1] == 1 and channels == 3:
             x = x.expand(-1, 3, -1, -1)
         elif x.shape[1] != channels:
-            raise ValueError(f"{self.name} takes {channels}-channel images, got {x.shape[1]} channels")
+            raise InputError(f"{self.name} takes {channels}-channel images (or 1), got {x.shape[1]} channels")
         if tuple(x.shape[-2:]) != self.input_hw:
             x = resize(x, self.input_hw)
         if self.mean is not None:
