@@ -87,6 +87,7 @@ def test_protecting_a_decoded_file_gives_the_pipelines_bits(tmp_path: Path, tiny
         (lambda x: x.permute(0, 2, 3, 1), "channels.*permute"),
         (lambda x: x.cpu().numpy(), "torch.Tensor"),
         (lambda x: x.tolist(), "torch.Tensor"),
+        (lambda x: x[:, :, :0], "height and width"),
     ],
 )
 def test_protect_refuses_images_it_cannot_protect(protector, images, bad, match) -> None:
@@ -124,6 +125,15 @@ def test_other_float_dtypes_compute_in_float32(protector, images, dtype) -> None
     assert torch.equal(out, protector.protect(x.float()))
 
 
+def test_an_input_that_requires_grad_is_protected_without_a_warning(protector, images) -> None:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warned of converting a tensor that requires grad to a scalar
+        got = protector.protect(images.clone().requires_grad_(True))
+    assert torch.equal(got, protector.protect(images))
+
+
 def test_protect_works_inside_inference_mode(protector, images) -> None:
     expected = protector.protect(images)
     with torch.inference_mode():
@@ -137,6 +147,29 @@ def test_protector_refuses_a_model_name(tiny_backbone) -> None:
         Protector("cifar10-resnet20-pgdat-a")
     with pytest.raises(TypeError, match="load_model"):
         Protector(tiny_backbone, "cifar10-resnet18-std")
+    # a bare net has no config (classes, input size): it failed with AttributeError
+    with pytest.raises(TypeError, match="loaded model.*Sequential"):
+        Protector(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3072, 10)))
+    with pytest.raises(TypeError, match="classifier must be a loaded model"):
+        Protector(tiny_backbone, torch.nn.Linear(3072, 10))
+
+
+def test_registry_and_device_given_as_one_string(tmp_path: Path, tiny_backbone) -> None:
+    """``load_model(name, registry="reg.toml")`` read the string's characters as files ("r: registry file
+    not found"); ``Evaluator(device="cpu")`` failed with AttributeError."""
+    from safetensors.torch import save_file
+
+    from preempt_cli.evaluate import Dataset, Evaluator
+    from preempt_cli.models import create_arch
+
+    net = create_arch("cifar_resnet20", num_classes=10, shortcut="pad_end")
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp_path / "t.safetensors"))
+    (tmp_path / "reg.toml").write_text('[models.one-string]\narch = "cifar_resnet20"\narch_args = { shortcut = '
+                                       '"pad_end" }\nclasses = "cifar10"\nsource = "file:t.safetensors"\n')  # fmt: skip
+    model = preempt_cli.load_model("one-string", registry=str(tmp_path / "reg.toml"))
+    assert model.name == "one-string"
+    data = Dataset(tmp_path, [], torch.zeros(0, 3, 32, 32, dtype=torch.uint8), torch.zeros(0, dtype=torch.long))
+    assert Evaluator(data, load=lambda name: tiny_backbone, device="cpu").device == torch.device("cpu")
 
 
 @pytest.mark.parametrize("seed", [1.5, "1", True, -1, 2**64, 2**64 + 1])

@@ -592,6 +592,8 @@ def check_images(x: Any) -> None:
                          + (" (one image: add a batch dimension with x[None])" if x.ndim == 3 else ""))  # fmt: skip
     if not x.is_floating_point():
         raise InputError(f"images must be float in [0, 1], got dtype {x.dtype}; for uint8 use x.float() / 255")
+    if x.shape[0] and 0 in x.shape[1:]:  # an empty batch is fine; an image without pixels is not an image
+        raise InputError(f"images must have channels, height and width, got shape {tuple(x.shape)}")
 
 
 def check_batch(x: Any, y: Any) -> None:

@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from .attacks import PGD, AutoAttack, robust_accuracy
+from .device import resolve_device
 from .engine import ForeBackConfig, parse_eps
 from .errors import ConfigError, LabelError
 from .imageio import atomic_write, content_seed, quantize_levels, read_image
@@ -409,7 +410,7 @@ class Evaluator:
     Args:
         dataset: the labelled images.
         load: returns a loaded model by registry name (cached by the caller as it likes).
-        device: where to compute.
+        device: where to compute (a ``torch.device`` or a name: ``cpu``, ``cuda:1``, ``auto``).
         out_dir: where defended sets (``defenses/``) and finished cells (``cells/``) are kept.
         resume: reuse what ``out_dir`` holds instead of recomputing it.
         batch_size: images per defense batch (default: 50 on CPU, 256 on GPU).
@@ -429,7 +430,7 @@ class Evaluator:
         dataset: Dataset,
         *,
         load: Callable[[str], ImageModel],
-        device: torch.device,
+        device: torch.device | str,
         out_dir: Path | None = None,
         resume: bool = False,
         batch_size: int | None = None,
@@ -437,10 +438,10 @@ class Evaluator:
     ) -> None:
         self.dataset = dataset
         self.load = load
-        self.device = device
+        self.device = resolve_device(device)
         self.out_dir = out_dir
         self.resume = resume
-        self.batch_size = batch_size or (256 if device.type == "cuda" else 50)
+        self.batch_size = batch_size or (256 if self.device.type == "cuda" else 50)
         self.attack_batch_size = attack_batch_size
         self._defended: dict[str, DefendedSet] = {}
         self._data_fingerprint: str | None = None

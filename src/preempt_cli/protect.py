@@ -366,6 +366,9 @@ class Protector:
             if model is not None and not isinstance(model, torch.nn.Module):
                 raise TypeError(f"{role} must be a model, got {type(model).__name__} {model!r}: load it with "
                                 f"preempt_cli.load_model({model!r}, models_dir=...)")  # fmt: skip
+            if model is not None and not isinstance(model, ImageModel):  # its config says classes and input
+                raise TypeError(f"{role} must be a loaded model (preempt_cli.load_model, or ImageModel(net, "
+                                f"config) for a net of your own), got a bare {type(model).__name__}")  # fmt: skip
         if config is not None and not isinstance(config, ForeBackConfig):
             raise TypeError(f"config must be a ForeBackConfig, got {type(config).__name__}")
         self.backbone = backbone
@@ -445,7 +448,7 @@ class Protector:
         x = x.to(self.device, torch.float32)
         if x.shape[0] == 0:
             return x.clone()
-        low, high = (float(v) for v in torch.aminmax(x))
+        low, high = (float(v) for v in torch.aminmax(x.detach()))  # a caller's requires_grad input: no warning
         if not 0 <= low <= high <= 1:  # NaN fails every comparison
             raise InputError(f"images must be floats in [0, 1], got values from {low:.4g} to {high:.4g}"
                              + ("; for 0..255 values use x / 255" if 1 < high < math.inf else ""))  # fmt: skip

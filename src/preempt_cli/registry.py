@@ -501,8 +501,10 @@ def _as_row(cfg: ModelConfig) -> dict[str, Any]:
     }
 
 
-def registry_files(extra: Iterable[Path | str] = ()) -> list[Path]:
-    """The registry files in effect, lowest precedence first."""
+def registry_files(extra: Iterable[Path | str] | Path | str = ()) -> list[Path]:
+    """The registry files in effect, lowest precedence first. ``extra``: files, or one file."""
+    if isinstance(extra, (str, os.PathLike)):  # one file, not the list of its characters ("r", "e", ...)
+        extra = [extra]
     files = [builtin_registry_path()]
     user = user_registry_path()
     if user.is_file():
@@ -521,7 +523,7 @@ def registry_files(extra: Iterable[Path | str] = ()) -> list[Path]:
     return files
 
 
-def load_registry(extra: Sequence[Path | str] = ()) -> dict[str, ModelConfig]:
+def load_registry(extra: Sequence[Path | str] | Path | str = ()) -> dict[str, ModelConfig]:
     """All registered models by name (built-in, user, then ``extra`` files).
 
     Raises:
@@ -532,13 +534,13 @@ def load_registry(extra: Sequence[Path | str] = ()) -> dict[str, ModelConfig]:
     return dict(_load_cached(key))
 
 
-def list_models(extra: Sequence[Path | str] = (), *, role: str | None = None) -> list[str]:
+def list_models(extra: Sequence[Path | str] | Path | str = (), *, role: str | None = None) -> list[str]:
     """Registered model names, sorted; optionally only those of one role."""
     models = load_registry(extra)
     return sorted(n for n, c in models.items() if role is None or c.role in (role, "any"))
 
 
-def get_model_config(name: str, extra: Sequence[Path | str] = ()) -> ModelConfig:
+def get_model_config(name: str, extra: Sequence[Path | str] | Path | str = ()) -> ModelConfig:
     """The config registered under ``name``.
 
     Raises:

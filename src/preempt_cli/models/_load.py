@@ -250,7 +250,7 @@ def load_model(
     *,
     device: torch.device | str = "cpu",
     models_dir: Path | str | None = None,
-    registry: Sequence[Path | str] = (),
+    registry: Sequence[Path | str] | Path | str = (),
     verify_hash: bool = True,
     fuse: bool = True,
 ) -> ImageModel:
@@ -262,7 +262,7 @@ def load_model(
         device: where the model lives: ``cpu``, ``cuda``, ``cuda:I``, ``mps`` or ``auto`` (see
             :func:`~preempt_cli.device.resolve_device`).
         models_dir: folder holding local weights files (else ``PREEMPT_MODELS_DIR``).
-        registry: extra registry files (override the built-in and user registries).
+        registry: extra registry files, or one (they override the built-in and user registries).
         verify_hash: check the registry's sha256 pin (on the bytes loaded).
 
     Raises:
