@@ -437,19 +437,45 @@ def test_revert_white_box_fails_files_of_a_defense_it_cannot_rebuild_and_goes_on
     meta = json.loads(Image.open(good).text["preempt"])
     broken = {"unknown-key": {**meta, "backbone": "no-such-model"},
               "no-eps": {k: v for k, v in meta.items() if k != "eps"}, "a-list": [meta],
-              "a-billion-samples": {**meta, "samples": 10**9}}  # fmt: skip
+              "a-billion-samples": {**meta, "samples": 10**9}, "no-seed": {k: v for k, v in meta.items() if k != "seed"},
+              "unknown-preset": {**meta, "preset": "nope"}, "not-json": "{not json"}  # fmt: skip
     for name, doc in broken.items():
         info = PngImagePlugin.PngInfo()
-        info.add_itxt("preempt", json.dumps(doc))
+        info.add_itxt("preempt", doc if isinstance(doc, str) else json.dumps(doc))
         Image.open(good).save(tmp_path / "r" / f"{name}.protected.png", pnginfo=info)
-    result = run(["revert", str(tmp_path / "r"), "--white-box", "--json", "--device", TEST_DEVICE_ARG], registry)
+    # files that cannot be read: each fails with its read's reason, not as a file without metadata
+    (tmp_path / "r" / "truncated.protected.png").write_bytes(good.read_bytes()[:100])
+    (tmp_path / "r" / "garbage.protected.png").write_bytes(b"garbage\n")
+    result = run(["revert", str(tmp_path / "r"), str(tmp_path / "gone.protected.png"), "--white-box", "--json",
+                  "--device", TEST_DEVICE_ARG], registry)  # fmt: skip
     rows = {Path(r["input"]).stem: r for r in map(json.loads, result.stdout.splitlines())}
     assert result.exit_code == 1 and rows["img0.protected"]["status"] == "done"
     assert "no-such-model" in rows["unknown-key.protected"]["reason"]
     assert "'eps'" in rows["no-eps.protected"]["reason"]
-    assert "no preempt metadata" in rows["a-list.protected"]["reason"]
+    assert "not a valid record" in rows["a-list.protected"]["reason"]
+    assert "not a valid record" in rows["not-json.protected"]["reason"]
     assert "passes per image" in rows["a-billion-samples.protected"]["reason"]  # refused, not run out of memory
-    assert all(rows[f"{n}.protected"]["status"] == "failed" for n in broken)
+    assert "records no seed" in rows["no-seed.protected"]["reason"]  # not reverted with seed 0 in silence
+    assert "unknown preset 'nope'" in rows["unknown-preset.protected"]["reason"]  # not copied into the output
+    assert rows["gone.protected"]["reason"] == "no such file"
+    assert "not an image" in rows["garbage.protected"]["reason"]
+    assert "metadata" not in rows["truncated.protected"]["reason"]
+    assert all(rows[f"{n}.protected"]["status"] == "failed" for n in [*broken, "gone", "garbage", "truncated"])
+
+
+def test_white_box_warns_of_other_weights_only_for_the_files_they_protected(tmp_path: Path, registry: Path) -> None:
+    from PIL import PngImagePlugin
+
+    _images(tmp_path / "r", n=2)
+    assert run(["protect", str(tmp_path / "r"), *FAST, "--labels", "backbone"], registry).exit_code == 0
+    edited = tmp_path / "r" / "img1.protected.png"
+    meta = json.loads(Image.open(edited).text["preempt"])
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt("preempt", json.dumps({**meta, "backbone_sha256": "0" * 64}))
+    Image.open(edited).save(edited, pnginfo=info)
+    result = run(["revert", str(tmp_path / "r"), "--white-box", "--device", TEST_DEVICE_ARG], registry)
+    assert result.exit_code == 0
+    assert "differs from the weights that protected 1 file(s)" in result.stderr  # it had counted 2
 
 
 def test_precision_is_recorded_and_white_box_reversion_follows_it(tmp_path: Path, registry: Path) -> None:

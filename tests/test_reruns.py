@@ -61,6 +61,26 @@ def test_rerun_with_other_settings_fails_and_keeps_the_old_output(tmp_path: Path
     assert all(p.read_bytes() != before[p] for p in outputs)
 
 
+def test_a_missing_or_piped_input_beside_its_output_fails_and_keeps_the_output(tmp_path: Path) -> None:
+    """``protect gone.png`` with ``gone.protected.png`` there: "skipped, output exists" and exit 0, as if done
+    (the original could not be hashed, so its bytes were not compared)."""
+    import os
+
+    write_random_pngs(tmp_path, n=1)
+    assert {s for s, _ in _run(_protector(), tmp_path).values()} == {"done"}
+    output = tmp_path / "img0.protected.png"
+    before = output.read_bytes()
+    (tmp_path / "img0.png").unlink()
+    results = list(_protector().run([str(tmp_path / "img0.png")]))
+    assert [(r.status, r.reason) for r in results] == [("failed", "no such file")]
+    assert output.read_bytes() == before
+    # a pipe at the original's place: read once, it would replace the output unasked
+    os.mkfifo(tmp_path / "img0.png")
+    (result,) = _protector().run([str(tmp_path / "img0.png")])
+    assert result.status == "failed" and "a pipe cannot be compared" in result.reason and "--overwrite" in result.reason
+    assert output.read_bytes() == before
+
+
 def test_a_renamed_model_with_the_same_weights_is_the_same_key(tmp_path: Path) -> None:
     write_random_pngs(tmp_path, n=1)
     _run(_protector(name="my-key"), tmp_path)

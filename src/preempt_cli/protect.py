@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .engine import FastPreemption, ForeBackConfig, check_batch, check_images, check_seed, eval_mode
+from .engine import PRESETS, FastPreemption, ForeBackConfig, check_batch, check_images, check_seed, eval_mode
 from .batches import ComputeThread, QueuedTransfer
 from .device import default_io_workers, to_device
 from .errors import ConfigError, InputError, LabelError, reason_of
@@ -245,6 +245,13 @@ def _sha256_or_none(path: Path) -> str | None:
         return None
 
 
+def _is_fifo(path: Path) -> bool:
+    try:
+        return stat.S_ISFIFO(path.stat().st_mode)
+    except OSError:
+        return False
+
+
 _long_lived_objects_frozen = False
 
 
@@ -376,6 +383,8 @@ class Protector:
         self.config = config or ForeBackConfig.from_preset(dataset=backbone.config.dataset)
         self.seed = check_seed(seed)
         self.preset = preset if preset is not None else self.config.preset
+        if self.preset is not None and self.preset not in PRESETS:  # recorded in every output: a name it has
+            raise ConfigError(f"unknown preset {self.preset!r}: choose one of {', '.join(PRESETS)}")
         if isinstance(labels, str) and labels not in ("classifier", "backbone", "folders"):
             raise ConfigError(f"labels must be classifier, backbone, folders or a label file, got {labels!r}")
         self.labels = labels
@@ -538,9 +547,10 @@ class Protector:
             return None
         return output
 
-    def _existing_output(self, item: InputFile, output: Path) -> FileResult:
+    def _existing_output(self, item: InputFile, output: Path) -> FileResult | None:
         """Skipped when ``output`` was made by this kind of run, with these settings, from ``item``'s
-        current bytes; failed otherwise (``--overwrite`` replaces it), saying why."""
+        current bytes; failed otherwise (``--overwrite`` replaces it), saying why; None (processed) when the
+        input is gone or cannot be read: its read fails with the reason, the output kept."""
         if output.is_dir():  # --overwrite cannot replace a folder: no advice to use it
             return FileResult(item.path, "failed", reason=f"output {output} is a folder: move it, or write the "
                                                           f"outputs elsewhere (--out-dir, --suffix)")  # fmt: skip
@@ -551,7 +561,14 @@ class Protector:
             return FileResult(item.path, "failed", reason=f"output {output} exists and is not a file preempt "
                                                           f"{self.kind}: move it, or {redo}")  # fmt: skip
         recorded, current = meta.get("source_sha256"), _sha256_or_none(item.path)
-        if isinstance(recorded, str) and current is not None and recorded != current:
+        if current is None:
+            # not a file whose bytes can be compared: a missing input with an output of its name had been
+            # "skipped" (exit 0), as if done; a pipe is read once, and would replace the output unasked
+            if _is_fifo(item.path):
+                return FileResult(item.path, "failed", reason=f"output {output} exists, and a pipe cannot be "
+                                                              f"compared with the original it was made from: {redo}")  # fmt: skip
+            return None
+        if isinstance(recorded, str) and recorded != current:
             # a re-run after the original was edited, or another input of the same name in an earlier run
             return FileResult(item.path, "failed", reason=(
                 f"output {output} exists but was made from other content (the original changed, or another "

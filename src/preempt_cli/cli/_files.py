@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemaini
 from ..device import default_cpu_threads, resolve_devices
 from ..engine import PRESETS, ForeBackConfig, parse_eps
 from ..errors import ConfigError, PreemptError, UnknownModelError
-from ..imageio import DEFAULT_MAX_PIXELS, read_png_text
+from ..imageio import DEFAULT_MAX_PIXELS, read_images, read_png_text
 from ..inputs import (OUTPUT_MARKERS, PROTECTED_SUFFIX, REVERTED_SUFFIX, InputFile, assign_outputs, collect_inputs,
                       in_shard, parse_shard, without_suffixed_outputs)  # fmt: skip
 from ..labels import LabelMap, read_label_file
@@ -427,8 +427,13 @@ def _white_box_groups(items: list[InputFile]) -> Iterator[WhiteBoxGroup]:
         problem = "no preempt metadata (not protected by preempt?): revert it black-box with --backbone NAME"
         skip = False
         if meta is None:
-            if raw is None and _may_be_an_original(item):
+            if raw is not None:  # edited or damaged: saying it has none would send the user looking elsewhere
+                problem = "preempt metadata that is not a valid record (edited or damaged): revert it black-box"
+            elif _may_be_an_original(item):
                 problem, skip = NOT_PROTECTED, True
+            else:  # named directly: a file gone, damaged or no image fails with its read's own reason
+                read = read_images([str(item.path)])[0]
+                problem = read if isinstance(read, str) else problem
         elif meta.get("kind") != "protected":
             problem = f"not a protected image (preempt metadata of a {meta.get('kind')!r} image)"
             meta, skip = None, item.root is not None
@@ -440,8 +445,10 @@ def _white_box_groups(items: list[InputFile]) -> Iterator[WhiteBoxGroup]:
                 meta, problem = None, f"preempt metadata without the setting {e.args[0]!r}: revert it black-box"
             except ValueError as e:
                 meta, problem = None, str(e)
+        # the weights' hashes too: files protected by other weights of one name are told apart, and counted
         key = f"{skip}:{problem}" if meta is None else json.dumps(
-            {k: meta.get(k) for k in ("backbone", "classifier", "labels", "seed", "preset")} | settings,
+            {k: meta.get(k) for k in ("backbone", "backbone_sha256", "classifier", "classifier_sha256", "labels",
+                                      "seed", "preset")} | settings,  # fmt: skip
             sort_keys=True, default=str,
         )  # fmt: skip
         groups.setdefault(key, (meta, problem, skip, []))[3].append(item)
@@ -464,8 +471,10 @@ def _white_box_reverter(meta: dict[str, Any], model: Callable[[str], Any], seed:
     clf = model(meta["classifier"]) if meta.get("classifier") else None
     settings = white_box_settings(meta)
     recorded_precision = settings.pop("precision")
-    if seed is None:  # files made before the seed was recorded: protect's default
-        seed = meta.get("seed", 0)
+    if seed is None:
+        if "seed" not in meta:  # every version records it: edited metadata, or another tool's
+            raise ValueError("the metadata records no seed: give the defender's with --seed")
+        seed = meta["seed"]
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"recorded seed {seed!r} is not an integer")
     return Reverter(bb, clf, config=ForeBackConfig(**settings), seed=seed,
