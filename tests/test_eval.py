@@ -86,11 +86,11 @@ def test_eval_grid_protection_raises_pgd_accuracy_and_writes_reports(tmp_path: P
 @needs_shared
 @pytest.mark.shared
 def test_reversion_protocol_on_real_models(tmp_path: Path) -> None:
-    # Measured: with 30% of the labels flipped, protection still *raises* clean accuracy (averaged FGSM
+    # (COMMON without its -c: flipped labels do not use a classifier, and the option is refused.) Measured: with 30% of the labels flipped, protection still *raises* clean accuracy (averaged FGSM
     # is a weak targeted attack), so the protocol's precondition needs every label wrong.
     def run(*extra: str) -> dict:
         result = invoke(["eval", str(CIFAR), "--limit", "100", "--reversion", "--flip-fraction", "1",
-                         "--victim", "cifar10-resnet20-pgdat-c", *COMMON, "--reversion-backbone", "cifar10-resnet20-pgdat-b",
+                         "--victim", "cifar10-resnet20-pgdat-c", *COMMON[:-2], "--reversion-backbone", "cifar10-resnet20-pgdat-b",
                          "--out", str(tmp_path), "--json", *extra])  # fmt: skip
         assert result.exit_code == 0, result.stderr
         assert (tmp_path / "reversion.json").is_file()
@@ -237,6 +237,8 @@ def test_reversion_reverters_label_the_protected_images_themselves(monkeypatch: 
     assert res["reverter_labels"] == expected
     if flip:
         assert not torch.equal(white[2], ds.labels)  # nor the true labels
+        # the defense's classifier, unused, is not reported as the one it labelled with
+        assert "classifier" not in res["defense"] and "ground-truth" in res["defense"]
     else:  # not the classifier's labels of the originals
         assert not torch.equal(white[2], predict(models["clf"], ds.images.float() / 255))
 

@@ -868,6 +868,10 @@ def reversion_protocol(
     """
     ds = evaluator.dataset
     check_reversion_options(flip_fraction, jpeg_quality, reverter_labels)
+    if flip_fraction > 0:  # labelled with flipped ground truth: its classifier, unused, is neither loaded nor
+        # reported (nor warned of as the victim's), and the results name the labels the defense used
+        options = {k: v for k, v in defense.options if k != "classifier"} | {"labels": GROUND_TRUTH[0]}
+        defense = DefenseSpec(defense.kind, tuple(sorted(options.items())))
     protector = evaluator._protector(defense)
     eps = protector.config.eps
     seeds = [content_seed(ds.hwc(i)) for i in range(len(ds))]

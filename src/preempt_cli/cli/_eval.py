@@ -212,6 +212,9 @@ def eval_cmd(
         _check_ignored(ctx, reversion)
         if reversion:
             check_reversion_options(flip_fraction, jpeg_quality, reversion_labels)
+            if flip_fraction > 0 and c.given_on_command_line(ctx, {"classifier": "-c/--classifier"}):
+                raise ConfigError("--flip-fraction labels the defense with flipped ground truth: it does not use "
+                                  "-c/--classifier; drop it (--reversion-classifier sets the black-box reverter's)")  # fmt: skip
         _check_outputs(data, out, csv_path)
         torch_device = _setup_torch(device)
         load = _model_cache(torch_device, models_dir, registry)
