@@ -86,6 +86,16 @@ def test_builtin_archs_are_known() -> None:
     assert skipped == ["convnext-l-convstem"]
 
 
+def test_a_row_of_an_unknown_architecture_says_so_before_looking_for_weights(tmp_path: Path) -> None:
+    """It told the user where to put weights that no file could make loadable."""
+    from preempt_cli.errors import ConfigError
+    from preempt_cli.models import load_model
+
+    with pytest.raises(ConfigError, match="neither built into preempt nor known to timm") as raised:
+        load_model("convnext-l-convstem", models_dir=tmp_path)
+    assert "--models-dir" not in str(raised.value)
+
+
 def test_builtin_rows_are_the_documented_ones() -> None:
     models = load_registry()
     a = models["cifar10-resnet20-pgdat-a"]

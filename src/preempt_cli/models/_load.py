@@ -134,6 +134,26 @@ def _config_error(cfg: ModelConfig, reason: str) -> PreemptError:
     return ConfigError(f"model {cfg.name!r}: {reason}")
 
 
+def _check_arch_known(cfg: ModelConfig) -> None:
+    """Refuse an architecture neither built in nor known to timm: before any weights are looked for, so that
+    a model no weights could make loadable is not met with advice on where to put its weights.
+
+    Raises:
+        ConfigError: the architecture is unknown (or timm is missing).
+    """
+    if is_arch(cfg.arch):
+        return
+    try:
+        import timm
+    except ImportError as e:  # pragma: no cover - timm is a dependency
+        raise ConfigError(f"architecture {cfg.arch!r} needs timm: pip install timm") from e
+    if not timm.is_model(cfg.arch.split(".")[0]):
+        raise ConfigError(
+            f"model {cfg.name!r}: architecture {cfg.arch!r} is neither built into preempt nor known to timm "
+            f"{timm.__version__}, so no weights file makes it loadable."
+        )
+
+
 def _build_net(cfg: ModelConfig, *, pretrained_timm: bool = False) -> nn.Module:
     """The bare network of ``cfg``: a preempt architecture, or any timm model by name.
 
@@ -148,15 +168,9 @@ def _build_net(cfg: ModelConfig, *, pretrained_timm: bool = False) -> nn.Module:
             raise _config_error(cfg, f"architecture {cfg.arch!r} rejects arch_args {dict(cfg.arch_args)}: {e}") from e
         _check_input_channels(cfg, net)
         return net
-    try:
-        import timm
-    except ImportError as e:  # pragma: no cover - timm is a dependency
-        raise ConfigError(f"architecture {cfg.arch!r} needs timm: pip install timm") from e
-    if not timm.is_model(cfg.arch.split(".")[0]):
-        raise ConfigError(
-            f"model {cfg.name!r}: architecture {cfg.arch!r} is neither built into preempt nor known to timm "
-            f"{timm.__version__}."
-        )
+    _check_arch_known(cfg)
+    import timm
+
     name = cfg.source.location if pretrained_timm else cfg.arch
     try:
         net = timm.create_model(name, pretrained=pretrained_timm, num_classes=cfg.num_classes, **cfg.arch_args)
@@ -281,6 +295,7 @@ def load_model(
         net = _load_timm_pretrained(cfg, verify_hash)
         where = str(cfg.source)
     else:
+        _check_arch_known(cfg)
         # one read: the bytes hashed (and checked against the pin) are the bytes loaded
         path, data, sha = read_weights(cfg, models_dir, verify_hash=verify_hash)
         pin_verified = bool(verify_hash and cfg.sha256)
