@@ -33,7 +33,8 @@ class Reverter(Protector):
     def transform(self, x: torch.Tensor, y: torch.Tensor, noise_seeds: Sequence[int] | None = None) -> torch.Tensor:
         """``2 x - D(x)``, clipped to [0, 1] (it stays within eps of ``x``, as D(x) does)."""
         twice = self.engine.perturb(x, y, noise_seeds=noise_seeds)
-        return (2 * x - twice).clamp_(0.0, 1.0)
+        # where the engine returned it (the backbone's device), as float32: x may be elsewhere, or half
+        return (2 * x.to(twice.device, torch.float32) - twice).clamp_(0.0, 1.0)
 
     def _extra_metadata(self, meta: dict[str, Any] | None) -> dict[str, Any]:
         if not meta:
