@@ -28,6 +28,9 @@ def test_reversion_is_twice_the_image_minus_the_defense_of_it() -> None:
     torch.testing.assert_close((reverted - x)[inside], -(defended - x)[inside], atol=1e-6, rtol=0)
     assert (defended - x).abs().max() > 0.5 * config.eps  # the defense moved: the check is not of zeros
     assert (reverted - x).abs().max() <= config.eps + 1e-6
+    # x in another dtype: computed, and returned, in float32 as the engine does (it came back as float64)
+    as_double = Reverter(backbone, labels="backbone", config=config, seed=7).transform(x.double(), y, noise_seeds=[1, 2, 3, 4])
+    assert as_double.dtype == torch.float32 and torch.equal(as_double, reverted)
 
 
 def test_reversion_labels_with_its_own_models() -> None:
