@@ -537,6 +537,30 @@ def test_help_shows_examples(command: list[str]) -> None:
     assert "Examples" in result.stdout
 
 
+def _help_examples(command: list[str]) -> list[str]:
+    """The examples of a command's help, each a paragraph joined into one line."""
+    text = CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": "400"}).stdout
+    lines = [line.strip() for line in text.split("Examples", 1)[1].splitlines()]
+    paragraphs = " ".join(line or "\n" for line in lines).split("\n")  # blank lines end a paragraph
+    examples = (" ".join(p.replace(" \\ ", " ").split()) for p in paragraphs)
+    return [e for e in examples if e.startswith(("preempt ", "find "))]
+
+
+@pytest.mark.parametrize("command", [[], ["protect"], ["revert"], ["eval"], ["keygen"], ["train"]])
+def test_help_examples_find_the_models_they_name(command: list[str]) -> None:
+    examples = _help_examples(command)
+    assert examples
+    for example in examples:
+        # the development models live in ../shared/models, which no default search path covers
+        if " cifar10-resnet" in example:
+            assert "--models-dir ../shared/models" in example, example
+        # the paper's models are RobustBench pickles, loadable once converted
+        if "preact18" in example:
+            assert "preempt models convert" in example, example
+    if command in ([], ["protect"]):
+        assert examples[0] == "preempt protect ./photos"  # the first example runs on a fresh install
+
+
 def test_several_device_workers_split_the_inputs_once(tmp_path: Path, registry: Path) -> None:
     _images(tmp_path / "one", n=5)
     _images(tmp_path / "two", n=5)

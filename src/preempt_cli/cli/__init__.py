@@ -21,7 +21,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
     epilog="[bold]Examples[/]\n\n  preempt protect ./photos\n\n"
-    "  preempt protect ./photos --backbone preact18 --classifier resnext29-augmix   (the paper's models)\n\n"
+    "  preempt protect ./photos --backbone preact18 --classifier resnext29-augmix\n"
+    "      (the paper's models: convert their weights first, see 'preempt models convert --help')\n\n"
     "  preempt revert ./photos --white-box\n\n  preempt models list",
     context_settings={"help_option_names": ["-h", "--help"]},
 )

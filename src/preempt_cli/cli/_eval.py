@@ -28,7 +28,8 @@ from ._files import BackboneOpt, ClassifierOpt, SeedOpt, _defaults, _model_cache
 EVAL_EPILOG = """\
 [bold]Examples[/]
 
-  preempt eval ../shared/data/cifar10/test --limit 200 -b cifar10-resnet20-pgdat-a -c cifar10-resnet18-std \\
+  preempt eval ../shared/data/cifar10/test --limit 200 --models-dir ../shared/models \\
+      -b cifar10-resnet20-pgdat-a -c cifar10-resnet18-std \\
       --victim cifar10-resnet20-pgdat-b --defense none --defense fp --attack pgd --attack aa:limit=50
 
   preempt eval DATA --victim V --defense fp:preset=mspd --defense bilevel:steps=100 --attack pgd:norm=L2,eps=0.5

@@ -307,11 +307,13 @@ PROTECT_EPILOG = """\
 
   preempt protect ./photos
 
-  preempt protect ./photos --backbone preact18 --classifier resnext29-augmix   (the paper's models)
+  preempt protect ./photos --backbone preact18 --classifier resnext29-augmix
+      (the paper's models: convert their weights first, see 'preempt models convert --help')
 
   preempt protect img.jpg -b cifar10-resnet20-pgdat-a -c cifar10-resnet18-std --models-dir ../shared/models
 
-  preempt protect ./dataset --labels folders -b cifar10-resnet20-pgdat-a --out-dir ./protected --json
+  preempt protect ./dataset --labels folders -b cifar10-resnet20-pgdat-a --out-dir ./protected --json \\
+      --models-dir ../shared/models
 
   find . -name '*.jpg' | preempt protect - -b my-key --labels backbone --shard 2/8 -q
 """
@@ -390,7 +392,8 @@ REVERT_EPILOG = """\
 
   preempt revert ./photos/*.protected.png --white-box
 
-  preempt revert img.protected.png --backbone cifar10-resnet20-pgdat-b --classifier cifar10-resnet18-std
+  preempt revert img.protected.png --backbone cifar10-resnet20-pgdat-b --classifier cifar10-resnet18-std \\
+      --models-dir ../shared/models
 
 With --white-box, the backbone, classifier, settings and seed come from each file's metadata; a folder walk
 skips the files without it (the originals), while files named directly fail.

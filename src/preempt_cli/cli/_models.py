@@ -168,7 +168,11 @@ def verify_cmd(
 
 @app.command(
     "convert",
-    epilog="[bold]Examples[/]\n\n  preempt models convert Gowal2021Improving_R18_ddpm_100m.pt preact18.safetensors",
+    epilog="[bold]Examples[/]\n\n  preempt models convert Gowal2021Improving_R18_ddpm_100m.pt "
+    "models/Gowal2021Improving_R18_ddpm_100m.safetensors\n\n"
+    # a model's weights are found by the file name of its registry row, not by the model's name
+    "Name the output as the model's registry row names its file (see 'preempt models show preact18'), and pass "
+    "its folder as --models-dir (or PREEMPT_MODELS_DIR).",
 )
 def convert_cmd(
     checkpoint: Annotated[Path, typer.Argument(help="A PyTorch checkpoint (.pt/.pth).")],

@@ -33,7 +33,8 @@ TRAIN_EPILOG = """\
 
   preempt train ../shared/data/cifar10/train-jpeg.zip --arch cifar_resnet20 --out my-backbone.safetensors
 
-  preempt train DATA.zip --base cifar10-resnet20-std --method fgsm-rs --epochs 5 --lr 0.05 --out robust.safetensors
+  preempt train DATA.zip --base cifar10-resnet20-std --method fgsm-rs --epochs 5 --lr 0.05 --out robust.safetensors \\
+      --models-dir ../shared/models
 
   preempt train DATA --arch cifar_resnet20 --method standard --epochs 30 --name my-classifier --out clf.safetensors
 
@@ -44,7 +45,8 @@ output file's stem), so 'preempt protect --backbone NAME' can use it at once.
 KEYGEN_EPILOG = """\
 [bold]Examples[/]
 
-  preempt keygen --base cifar10-resnet20-pgdat-a --data ../shared/data/cifar10/train-jpeg.zip --out my-key.safetensors
+  preempt keygen --base cifar10-resnet20-pgdat-a --data ../shared/data/cifar10/train-jpeg.zip \\
+      --out my-key.safetensors --models-dir ../shared/models
 
   preempt protect ./photos --backbone my-key
 
