@@ -16,11 +16,12 @@ Sections (each a markdown table in the output, all numbers also in one JSON file
 Run from the repository root (minutes to an hour on 2 CPU cores, depending on the sizes)::
 
     python benchmarks/bench_eval.py --out benchmarks/results
-    python benchmarks/bench_eval.py --sections fig9,table7 --ablation-images 100   # a part
+    python benchmarks/bench_eval.py --sections fig9,table7 --ablation-images 100 --out /tmp/bench-part  # a trial
     python benchmarks/bench_eval.py --sections table2 --update   # re-measure a part, keep the rest
 
 ``--update`` merges the sections run into the existing ``eval_tables.json``/``.md`` and leaves the others
-as they were measured (each section says when and with which sizes).
+as they were measured (each section says when and with which sizes); without it, a run writes its own
+sections alone, which in ``benchmarks/results`` (the default ``--out``) would replace the committed tables.
 
 Nothing here is tuned: the settings are the paper's (or the issue's) and the numbers are what they are.
 """
