@@ -1343,10 +1343,14 @@ def test_protect_input_handling_of_a_black_box_test(tmp_path: Path, registry: Pa
     r = run(["protect", "-", *FAST, "--labels", "backbone"], registry, input="")
     assert r.exit_code == 0 and "No image paths on stdin: nothing to protect." in r.stderr, r.output
     (tmp_path / "empty").mkdir()
-    assert run(["protect", str(tmp_path / "empty"), *FAST, "--labels", "backbone"], registry).exit_code == 2
+    named = run(["protect", str(tmp_path / "empty"), *FAST, "--labels", "backbone"], registry)
+    assert named.exit_code == 2 and f"error: no images found in {tmp_path / 'empty'}\n" in named.stderr
     # a folder listed on stdin is named as much as one on the command line: without images, a usage error
     listed = run(["protect", "-", *FAST, "--labels", "backbone"], registry, input=f"{tmp_path / 'empty'}\n")
-    assert listed.exit_code == 2 and "no images found" in listed.stderr, listed.output
+    assert listed.exit_code == 2 and f"no images found in {tmp_path / 'empty'}\n" in listed.stderr, listed.output
+    # many paths: the first few named, the others counted
+    many = run(["protect", *[str(tmp_path / "empty")] * 5, *FAST, "--labels", "backbone"], registry)
+    assert many.exit_code == 2 and many.stderr.rstrip().endswith(" and 2 more"), many.output
     for name in ("airplane", "bird"):
         _images(tmp_path / "src" / name, n=4, seed=len(name))
     out = tmp_path / "D"

@@ -19,7 +19,7 @@ from ..engine import PRESETS, ForeBackConfig, parse_eps
 from ..errors import ConfigError, PreemptError, UnknownModelError
 from ..imageio import DEFAULT_MAX_PIXELS, read_images, read_png_text
 from ..inputs import (OUTPUT_MARKERS, PROTECTED_SUFFIX, REVERTED_SUFFIX, InputFile, assign_outputs, collect_inputs,
-                      in_shard, parse_shard, without_suffixed_outputs)  # fmt: skip
+                      _listed, in_shard, parse_shard, without_suffixed_outputs)  # fmt: skip
 from ..labels import LabelMap, read_label_file
 from ..models import ImageModel, load_model
 from ..protect import (
@@ -277,8 +277,18 @@ def _collect(paths: list[str], skip_markers: tuple[str, ...] = OUTPUT_MARKERS, *
     # a folder listed on stdin without images is the usage error a folder named on the command line is
     nothing_listed = all(p == "-" for p in paths) and stdin is not None and not stdin.getvalue().strip("\0 \t\r\n")
     if not items and not nothing_listed:
-        raise ConfigError("no images found in the given paths")
+        raise ConfigError(f"no images found in {_some_of(paths, stdin)}")
     return items
+
+
+def _some_of(paths: list[str], stdin: io.StringIO | None, most: int = 3) -> str:
+    """The paths of a run, as given (those listed on stdin in place of ``-``), for a message: the first
+    ``most`` and how many more (a list on stdin may be long)."""
+    named: list[str] = []
+    for path in paths:
+        named.extend(_listed(stdin.getvalue()) if path == "-" and stdin is not None else [path])
+    shown = ", ".join(named[:most])
+    return shown if len(named) <= most else f"{shown} and {len(named) - most} more"
 
 
 def _nothing_listed(verb: str, quiet: bool) -> None:
