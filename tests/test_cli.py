@@ -1507,3 +1507,15 @@ def test_a_stop_while_a_result_is_listed_waits_until_it_is_listed(capsys) -> Non
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
     assert listed == ["the line"] and stopped.value.exit_code == 128 + signal.SIGTERM
+
+
+def test_globs_fail_as_the_readme_says(tmp_path: Path, registry: Path) -> None:
+    """A glob matching nothing fails as an input (exit 1), as does a non-image it matches; a glob of only
+    folders without images is a usage error naming it (exit 2)."""
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "d1").mkdir()
+    for pattern, reason in (("nothing*.png", "no file matches this pattern"), ("*.txt", "not an image")):
+        result = run(["protect", str(tmp_path / pattern), *FAST, "--labels", "backbone"], registry)
+        assert result.exit_code == 1 and reason in result.stderr, result.output
+    folders = run(["protect", str(tmp_path / "d*"), *FAST, "--labels", "backbone"], registry)
+    assert folders.exit_code == 2 and f"no images found in {tmp_path / 'd*'}" in folders.stderr, folders.output
