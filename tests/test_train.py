@@ -351,6 +351,20 @@ def test_cli_keygen_help_mentions_the_secret() -> None:
     assert result.exit_code == 0 and "secret" in result.output
 
 
+@pytest.mark.parametrize(
+    ("command", "defaults"),
+    [
+        (["train"], ["(default: 15 from scratch, 5 with --base)", "(default: 0.2 from scratch, 0.05 with --base)"]),
+        (["keygen"], ["Passes over the training data (default: 1)", "Peak learning rate (default: 0.02)"]),
+        (["eval"], ["Images per defense batch (default: 256 on a CUDA GPU, else 50)"]),
+    ],
+)
+def test_cli_help_gives_the_defaults(command: list[str], defaults: list[str]) -> None:
+    result = CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": "400"})
+    text = " ".join(result.stdout.replace("│", " ").split())
+    assert result.exit_code == 0 and all(d in text for d in defaults), text
+
+
 def test_cli_progress_names_the_epoch_a_resume_starts_at() -> None:
     from preempt_cli.cli._train import _reporter
 

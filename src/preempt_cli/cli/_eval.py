@@ -186,7 +186,8 @@ def eval_cmd(
     ] = 50,
     seed: SeedOpt = 0,
     device: c.DeviceOpt = "auto",
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Images per defense batch.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Images per defense batch (default: 256 "
+                                                      "on a CUDA GPU, else 50).")] = None,
     models_dir: c.ModelsDirOpt = None,
     registry: c.RegistryOpt = None,
     json_out: c.JsonOpt = False,

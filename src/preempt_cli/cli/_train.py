@@ -62,8 +62,18 @@ NameOpt = Annotated[
 ]
 NoRegisterOpt = Annotated[bool, typer.Option("--no-register", help="Do not add the result to the user registry.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing output file and registry entry.")]
-EpochsOpt = Annotated[Optional[int], typer.Option("--epochs", help="Passes over the training data.")]
-LrOpt = Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate.")]
+#: ``train``'s defaults of --epochs and --lr, from scratch and fine-tuning a --base.
+SCRATCH_EPOCHS, SCRATCH_LR = 15, 0.2
+FINE_TUNE_EPOCHS, FINE_TUNE_LR = 5, 0.05
+EpochsOpt = Annotated[Optional[int], typer.Option(
+    "--epochs", help=f"Passes over the training data (default: {SCRATCH_EPOCHS} from scratch, {FINE_TUNE_EPOCHS} "
+    "with --base).")]  # fmt: skip
+LrOpt = Annotated[Optional[float], typer.Option(
+    "--lr", help=f"Peak learning rate (default: {SCRATCH_LR:g} from scratch, {FINE_TUNE_LR:g} with --base).")]  # fmt: skip
+KeygenEpochsOpt = Annotated[Optional[int], typer.Option(
+    "--epochs", help=f"Passes over the training data (default: {KEYGEN_DEFAULTS.epochs}).")]  # fmt: skip
+KeygenLrOpt = Annotated[Optional[float], typer.Option(
+    "--lr", help=f"Peak learning rate (default: {KEYGEN_DEFAULTS.lr:g}).")]  # fmt: skip
 HoldoutOpt = Annotated[int, typer.Option("--holdout", help="Training images set aside to measure each epoch.")]
 EvalImagesOpt = Annotated[
     int, typer.Option("--eval-images", help="Held-out images measured each epoch (clean and PGD-10).")
@@ -218,8 +228,10 @@ def train_cmd(
             check_registrable(name or out.stem, overwrite=force)
         config = TrainConfig(
             method=method, eps=parse_eps(eps), step_size=parse_eps(step_size) if step_size else None,
-            attack_steps=attack_steps, epochs=(15 if base is None else 5) if epochs is None else epochs,
-            batch_size=batch_size, lr=(0.2 if base is None else 0.05) if lr is None else lr, schedule=schedule, weight_decay=weight_decay,
+            attack_steps=attack_steps,
+            epochs=(SCRATCH_EPOCHS if base is None else FINE_TUNE_EPOCHS) if epochs is None else epochs,
+            batch_size=batch_size, lr=(SCRATCH_LR if base is None else FINE_TUNE_LR) if lr is None else lr,
+            schedule=schedule, weight_decay=weight_decay,
             holdout=holdout, eval_images=eval_images, seed=seed, amp=amp, max_batches_per_epoch=max_batches,
         )  # fmt: skip
         started = time.perf_counter()
@@ -269,8 +281,8 @@ def keygen_cmd(
     out: OutOpt,
     base: Annotated[str, typer.Option("--base", help="The public robust model to derive your key from.")],
     data: Annotated[Path, typer.Option("--data", help="Training data (ImageFolder directory or zip).")],
-    epochs: EpochsOpt = None,
-    lr: LrOpt = None,
+    epochs: KeygenEpochsOpt = None,
+    lr: KeygenLrOpt = None,
     max_batches: MaxBatchesOpt = None,
     holdout: HoldoutOpt = 1000,
     eval_images: EvalImagesOpt = 500,
