@@ -373,8 +373,8 @@ class FastPreemption:
         if compile not in COMPILE_MODES:
             raise ConfigError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {compile!r}")
         if compile == "reduce-overhead" and self.device.type != "cuda":
-            # its CUDA graphs need a GPU: elsewhere torch warns "No CUDA runtime is found" and compiles
-            # as ``default`` would; say so in our words instead
+            # its CUDA graphs need a GPU: elsewhere torch compiles as ``default`` would without saying so
+            # (its "No CUDA runtime is found", where a CUDA toolkit is installed, comes at import, not here)
             logging.getLogger(__name__).warning(
                 "--compile reduce-overhead replays CUDA graphs, which need a GPU: compiling as 'default' on %s",
                 self.device)
