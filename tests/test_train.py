@@ -349,6 +349,9 @@ def test_cli_train_usage_errors(extra: list[str], message: str, colour_dir: Path
 def test_cli_keygen_help_mentions_the_secret() -> None:
     result = CliRunner().invoke(app, ["keygen", "--help"])
     assert result.exit_code == 0 and "secret" in result.output
+    # the example after it replaces what an earlier run with the default key wrote (else it fails on it)
+    wide = CliRunner().invoke(app, ["keygen", "--help"], env={"COLUMNS": "400"})
+    assert "preempt protect ./photos --backbone my-key --overwrite" in wide.output
 
 
 @pytest.mark.parametrize(

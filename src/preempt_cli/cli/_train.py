@@ -48,7 +48,7 @@ KEYGEN_EPILOG = """\
   preempt keygen --base cifar10-resnet20-pgdat-a --data ../shared/data/cifar10/train-jpeg.zip \\
       --out my-key.safetensors --models-dir ../shared/models
 
-  preempt protect ./photos --backbone my-key
+  preempt protect ./photos --backbone my-key --overwrite   (--overwrite: replaces the outputs of the default key)
 
 The secret seed comes from the operating system and is not stored: keep the weights file private, it is
 your key (in the paper's threat model, anyone holding it and your settings can revert your protected
