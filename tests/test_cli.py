@@ -1222,6 +1222,13 @@ def test_revert_help_describes_revert(registry: Path) -> None:
     assert "shapes the perturbation" not in text  # protect's description of its key
 
 
+def test_eval_help_describes_its_backbone_and_classifier(registry: Path) -> None:
+    text = " ".join(run(["eval", "--help"], registry, env={"COLUMNS": "400"}).output.replace("│", " ").split())
+    assert "Backbone of the fp and bilevel defenses that name none" in text
+    assert "default: the built-in preempt-resnet20-at" in text and "preempt-resnet20-std when the backbone" in text
+    assert "for protect" not in text and "shapes the perturbation" not in text
+
+
 # -- models: convert, list --------------------------------------------------------------------------------------
 def test_models_convert_never_overwrites_its_input_and_replaces_an_output_only_with_force(tmp_path: Path) -> None:
     net = create_arch("cifar_resnet20", num_classes=10)

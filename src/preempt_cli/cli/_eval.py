@@ -23,7 +23,13 @@ from ..evaluate import (
 )
 from ..errors import ConfigError, PreemptError
 from . import _common as c
-from ._files import BackboneOpt, ClassifierOpt, SeedOpt, _defaults, _model_cache, _setup_torch
+from ._files import SeedOpt, _defaults, _model_cache, _setup_torch, backbone_option, classifier_option
+
+# eval's own help: its -b/-c are the models of its defenses, with protect's defaults
+EvalBackboneOpt = backbone_option("Backbone of the fp and bilevel defenses that name none (see 'preempt models "
+                                  "list'; default: the built-in preempt-resnet20-at).")
+EvalClassifierOpt = classifier_option("Classifier of the fp and bilevel defenses that name none (default: the "
+                                      "built-in preempt-resnet20-std when the backbone is a CIFAR-10 model).")
 
 EVAL_EPILOG = """\
 [bold]Examples[/]
@@ -155,8 +161,8 @@ def eval_cmd(
     attack: Annotated[
         Optional[list[str]], typer.Option("--attack", help="Attack spec (repeatable; default: pgd).")
     ] = None,
-    backbone: BackboneOpt = None,
-    classifier: ClassifierOpt = None,
+    backbone: EvalBackboneOpt = None,
+    classifier: EvalClassifierOpt = None,
     labels_file: Annotated[Optional[Path], typer.Option("--labels-file", help="CSV/JSON of file,label.")] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", help="First N images, sorted by file name.")] = None,
     out: Annotated[Path, typer.Option("--out", help="Folder for the report, results and the resume state.")] = Path(

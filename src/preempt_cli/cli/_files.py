@@ -40,18 +40,24 @@ _logger = logging.getLogger("preempt_cli.cli")
 PathsArg = Annotated[
     list[str], typer.Argument(help="Image files, folders (recursive), globs, or - to read paths from stdin.")
 ]
-BackboneOpt = Annotated[
-    Optional[str],
-    typer.Option("--backbone", "-b", envvar="PREEMPT_BACKBONE", show_envvar=True,
-                 help="Robust model that shapes the perturbation: your key (see 'preempt models list'; "
-                 "default for protect: the built-in preempt-resnet20-at, which is public)."),
-]  # fmt: skip
-ClassifierOpt = Annotated[
-    Optional[str],
-    typer.Option("--classifier", "-c", envvar="PREEMPT_CLASSIFIER", show_envvar=True,
-                 help="Accurate model that labels the images (with --labels classifier; default for protect: "
-                 "the built-in preempt-resnet20-std when the backbone is a CIFAR-10 model)."),
-]  # fmt: skip
+
+
+def backbone_option(help: str) -> Any:
+    """``-b/--backbone`` (env ``PREEMPT_BACKBONE``), with the help of the command that takes it."""
+    return Annotated[Optional[str], typer.Option("--backbone", "-b", envvar="PREEMPT_BACKBONE", show_envvar=True,
+                                                 help=help)]  # fmt: skip
+
+
+def classifier_option(help: str) -> Any:
+    """``-c/--classifier`` (env ``PREEMPT_CLASSIFIER``), with the help of the command that takes it."""
+    return Annotated[Optional[str], typer.Option("--classifier", "-c", envvar="PREEMPT_CLASSIFIER", show_envvar=True,
+                                                 help=help)]  # fmt: skip
+
+
+BackboneOpt = backbone_option("Robust model that shapes the perturbation: your key (see 'preempt models list'; "
+                              "default: the built-in preempt-resnet20-at, which is public).")
+ClassifierOpt = classifier_option("Accurate model that labels the images (with --labels classifier; default: the "
+                                  "built-in preempt-resnet20-std when the backbone is a CIFAR-10 model).")
 LabelsOpt = Annotated[
     str,
     typer.Option("--labels", help="Where labels come from: classifier, backbone, folders (ImageFolder class "
@@ -87,18 +93,11 @@ OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existin
 RevertOverwriteOpt = Annotated[bool, typer.Option(
     "--overwrite", help="Replace existing outputs (also those made from other content); revert files that are "
     "reversions already when named directly (folder walks always leave out *.reverted.png).")]  # fmt: skip
-RevertBackboneOpt = Annotated[
-    Optional[str],
-    typer.Option("--backbone", "-b", envvar="PREEMPT_BACKBONE", show_envvar=True,
-                 help="Robust model of the reversion (black-box: one of the attacker's own; see 'preempt models "
-                 "list'). Refused with --white-box, which takes the one recorded in each file."),
-]  # fmt: skip
-RevertClassifierOpt = Annotated[
-    Optional[str],
-    typer.Option("--classifier", "-c", envvar="PREEMPT_CLASSIFIER", show_envvar=True,
-                 help="Model that labels the images (with --labels classifier). Refused with --white-box, which "
-                 "takes the one recorded in each file."),
-]  # fmt: skip
+RevertBackboneOpt = backbone_option("Robust model of the reversion (black-box: one of the attacker's own; see "
+                                    "'preempt models list'). Refused with --white-box, which takes the one recorded "
+                                    "in each file.")
+RevertClassifierOpt = classifier_option("Model that labels the images (with --labels classifier). Refused with "
+                                        "--white-box, which takes the one recorded in each file.")
 MaxPixelsOpt = Annotated[
     int, typer.Option("--max-pixels", help="Refuse larger images (decompression-bomb protection).")
 ]
