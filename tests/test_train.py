@@ -323,6 +323,28 @@ def test_cli_train_registers_a_backbone_that_protect_uses(colour_dir: Path, tmp_
     assert result.exit_code == 0, result.output
 
 
+def test_cli_train_counts_the_images_it_trains_on(colour_dir: Path, tmp_path: Path, isolated_config: Path) -> None:
+    # 72 images, 12 of them held out: it trains on 60 (it said 72)
+    args = ["train", str(colour_dir), "--arch", "cifar_resnet20", "--out", str(tmp_path / "n.safetensors"),
+            "--epochs", "1", "--max-batches", "1", "--batch-size", "8", "--holdout", "12", "--eval-images", "0",
+            "--amp", "off", "--no-register", "--device", "cpu"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "training on 60 images (12 held out; 3 classes) from " in result.stderr, result.stderr
+    # a holdout of every image is refused before that line (it would say 0)
+    result = CliRunner().invoke(app, [*args, "--holdout", "72", "--force"])
+    assert result.exit_code == 2 and "--holdout 72 leaves no training images" in result.stderr
+    assert "training on" not in result.stderr
+
+
+def test_training_images_line(colour_data) -> None:
+    from preempt_cli.cli._train import _training_images
+
+    assert colour_data.training_size(12) == len(colour_data) - 12
+    assert _training_images(colour_data, 0) == f"{len(colour_data):,} images"
+    assert _training_images(colour_data, 12, "3 classes") == f"{len(colour_data) - 12:,} images (12 held out; 3 classes)"
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [

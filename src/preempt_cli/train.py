@@ -84,13 +84,26 @@ class TrainData:
     def __len__(self) -> int:
         return int(self.labels.numel())
 
+    def training_size(self, holdout: int) -> int:
+        """How many images :meth:`split` leaves to train on once ``holdout`` are set aside.
+
+        Raises:
+            ConfigError: none would be left.
+        """
+        if holdout > 0 and holdout >= len(self):
+            raise ConfigError(f"--holdout {holdout} leaves no training images ({len(self)} in {self.source})")
+        return len(self) - max(holdout, 0)
+
     def split(self, holdout: int, seed: int = 0) -> tuple[TrainData, TrainData]:
         """(train, held-out): a fixed random ``holdout`` images are set aside (the same for every training
-        seed, so epochs of different runs are measured on the same images)."""
+        seed, so epochs of different runs are measured on the same images).
+
+        Raises:
+            ConfigError: ``holdout`` leaves no training images.
+        """
+        self.training_size(holdout)
         if holdout <= 0:
             return self, replace(self, images=self.images[:0], labels=self.labels[:0])
-        if holdout >= len(self):
-            raise ConfigError(f"--holdout {holdout} leaves no training images ({len(self)} in {self.source})")
         order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
         held, kept = order[:holdout].sort().values, order[holdout:].sort().values
         return (replace(self, images=self.images[kept], labels=self.labels[kept]),

@@ -17,6 +17,7 @@ from ..train import (
     KEYGEN_DEFAULTS,
     EpochStats,
     TrainConfig,
+    TrainData,
     TrainResult,
     arch_config,
     checkpoint_path,
@@ -80,6 +81,18 @@ EvalImagesOpt = Annotated[
 ]
 AmpOpt = Annotated[str, typer.Option("--amp", help="Mixed precision: auto (bf16 where native), bf16 or off.")]
 MaxBatchesOpt = Annotated[Optional[int], typer.Option("--max-batches", help="Stop each epoch after this many batches.")]
+
+
+def _training_images(dataset: TrainData, holdout: int, *more: str) -> str:
+    """``49,000 images (1,000 held out)``: the images trained on, not those loaded (``--holdout`` sets some
+    aside first), with ``more`` in the parentheses.
+
+    Raises:
+        ConfigError: ``holdout`` leaves no training images (before the line that would say 0).
+    """
+    notes = [f"{holdout:,} held out"] if holdout > 0 else []
+    notes += more
+    return f"{dataset.training_size(holdout):,} images" + (f" ({'; '.join(notes)})" if notes else "")
 
 
 def _reporter(json_out: bool, quiet: bool):
@@ -246,9 +259,9 @@ def train_cmd(
                                                dataset=dataset_name or _guess_dataset(dataset.classes, data),
                                                input_size=(3, *dataset.images.shape[2:]), name=name or out.stem)  # fmt: skip
         if not quiet and not json_out:
-            c.stderr.print(f"training on {len(dataset)} images ({len(dataset.classes)} classes) from {data}: "
-                           f"{config.describe()}, {resolve_amp(torch_device, amp)} autocast, on {torch_device}",
-                           markup=False)  # fmt: skip
+            images = _training_images(dataset, holdout, f"{len(dataset.classes)} classes")
+            c.stderr.print(f"training on {images} from {data}: {config.describe()}, "
+                           f"{resolve_amp(torch_device, amp)} autocast, on {torch_device}", markup=False)  # fmt: skip
         progress, callbacks = _reporter(json_out, quiet)
         with progress:
             result = train(dataset, out, config=config, base=base, arch=arch_cfg, models_dir=models_dir,
@@ -316,7 +329,7 @@ def keygen_cmd(
         model_cfg = get_model_config(base, registry or ())
         dataset = load_train_data(data, input_hw=model_cfg.input_size[1:], classes=model_cfg.classes)
         if not quiet and not json_out:
-            c.stderr.print(f"deriving a key from {base} on {len(dataset)} images: {config.describe()}, "
+            c.stderr.print(f"deriving a key from {base} on {_training_images(dataset, holdout)}: {config.describe()}, "
                            f"{resolve_amp(torch_device, amp)} autocast, on {torch_device}", markup=False)  # fmt: skip
         progress, callbacks = _reporter(json_out, quiet)
         with progress:
