@@ -136,8 +136,11 @@ def test_specs_parse() -> None:
     spec = DefenseSpec.parse("fp:preset=mspd,samples=4", {"backbone": "k", "classifier": "c"})
     assert spec.kind == "fast-preemption" and spec.get("preset") == "mspd" and spec.get("backbone") == "k"
     assert DefenseSpec.parse("folder:/tmp/x").get("path") == "/tmp/x"
-    with pytest.raises(ConfigError, match="needs a backbone"):
-        DefenseSpec.parse("bilevel")
+    # named as written (the spec takes bilevel and bi-level alike)
+    with pytest.raises(ConfigError, match=r"^defense bilevel needs a backbone \(--backbone or bilevel:backbone=NAME\)$"):
+        DefenseSpec.parse("Bilevel")
+    with pytest.raises(ConfigError, match="^defense fp does not take foo$"):
+        DefenseSpec.parse("fp:foo=1")
     pgd = AttackSpec.parse("pgd:norm=L2,eps=0.5,steps=5,limit=10")
     assert (pgd.norm, pgd.eps, pgd.limit) == ("L2", 0.5, 10)
     assert AttackSpec.parse("aa").name == "AA-standard Linf 8/255"

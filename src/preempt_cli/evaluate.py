@@ -173,7 +173,8 @@ class DefenseSpec:
     @classmethod
     def parse(cls, text: str, defaults: dict[str, str] | None = None) -> "DefenseSpec":
         head, _, rest = text.partition(":")
-        kind = _DEFENSE_ALIASES.get(head.strip().lower())
+        written = head.strip().lower()  # messages name the defense as the user spelt it (bilevel, not bi-level)
+        kind = _DEFENSE_ALIASES.get(written)
         if kind is None:
             raise ConfigError(f"unknown defense {head!r}: use none, fp, bilevel or folder:PATH")
         if kind == "folder":
@@ -184,13 +185,13 @@ class DefenseSpec:
             options = _parse_options(rest)
         unknown = set(options) - _DEFENSE_OPTIONS[kind]
         if unknown:
-            raise ConfigError(f"defense {kind} does not take {', '.join(sorted(unknown))}")
+            raise ConfigError(f"defense {written} does not take {', '.join(sorted(unknown))}")
         if kind in ("fast-preemption", "bi-level"):
             for key, value in (defaults or {}).items():
                 if value is not None:
                     options.setdefault(key, value)
             if "backbone" not in options:
-                raise ConfigError(f"defense {kind} needs a backbone (--backbone or {head}:backbone=NAME)")
+                raise ConfigError(f"defense {written} needs a backbone (--backbone or {written}:backbone=NAME)")
         return cls(kind, tuple(sorted(options.items())))
 
     def get(self, key: str, default: Any = None) -> Any:
