@@ -1260,6 +1260,11 @@ def test_models_convert_refuses_a_pickle_in_one_plain_line(tmp_path: Path) -> No
     assert "weights_only" in line and "only if you trust the file" in line
 
 
+def test_models_convert_help_gives_the_default_prefix_once() -> None:
+    text = " ".join(CliRunner().invoke(app, ["models", "convert", "--help"], env={"COLUMNS": "400"}).stdout.split())
+    assert "[default: module.]" in text and "(default: module.)" not in text
+
+
 def test_models_list_verbose_and_roles(registry: Path) -> None:
     verbose = run(["models", "list", "--verbose"], registry)
     assert verbose.exit_code == 0
