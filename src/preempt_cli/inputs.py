@@ -17,7 +17,7 @@ from .errors import ConfigError
 from .imageio import IMAGE_SUFFIXES
 
 __all__ = ["InputFile", "collect_inputs", "as_input_files", "output_path", "assign_outputs", "parse_shard", "in_shard",
-           "shard_key", "without_suffixed_outputs", "OUTPUT_MARKERS", "PROTECTED_SUFFIX", "REVERTED_SUFFIX"]
+           "shard_key", "paths_listed", "without_suffixed_outputs", "OUTPUT_MARKERS", "PROTECTED_SUFFIX", "REVERTED_SUFFIX"]
 
 _logger = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def _is_broken_link(path: Path) -> bool:
     return path.is_symlink() and not path.exists()
 
 
-def _listed(text: str) -> list[str]:
+def paths_listed(text: str) -> list[str]:
     """Paths read from stdin: NUL-separated (``find -print0``) or one per line, blank lines skipped. A line
     is taken as it is, or without its surrounding blanks when only that names an existing file."""
     if "\0" in text:
@@ -165,7 +165,7 @@ def _collect(args: list[str | os.PathLike[str]], stdin: TextIO | None, skip_mark
     for arg in args:
         text = str(arg)
         if text == "-":
-            listed = _listed((stdin if stdin is not None else sys.stdin).read())
+            listed = paths_listed((stdin if stdin is not None else sys.stdin).read())
             found.extend(_collect(listed, None, skip_markers, folders))
             continue
         path = Path(text).expanduser()

@@ -19,7 +19,7 @@ from ..engine import PRESETS, ForeBackConfig, parse_eps
 from ..errors import ConfigError, PreemptError, UnknownModelError
 from ..imageio import DEFAULT_MAX_PIXELS, read_images, read_png_text
 from ..inputs import (OUTPUT_MARKERS, PROTECTED_SUFFIX, REVERTED_SUFFIX, InputFile, assign_outputs, collect_inputs,
-                      _listed, in_shard, parse_shard, without_suffixed_outputs)  # fmt: skip
+                      in_shard, parse_shard, paths_listed, without_suffixed_outputs)  # fmt: skip
 from ..labels import LabelMap, read_label_file
 from ..models import ImageModel, load_model
 from ..protect import (
@@ -285,7 +285,7 @@ def _some_of(paths: list[str], stdin: io.StringIO | None, most: int = 3) -> str:
     ``most`` and how many more (a list on stdin may be long)."""
     named: list[str] = []
     for path in paths:
-        named.extend(_listed(stdin.getvalue()) if path == "-" and stdin is not None else [path])
+        named.extend(paths_listed(stdin.getvalue()) if path == "-" and stdin is not None else [path])
     shown = ", ".join(named[:most])
     return shown if len(named) <= most else f"{shown} and {len(named) - most} more"
 
