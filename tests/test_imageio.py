@@ -904,3 +904,23 @@ def test_write_png_refuses_colour_of_another_dtype_or_shape(tmp_path: Path) -> N
         assert not (tmp_path / "out.png").exists()
     write_png(tmp_path / "out.png", picture, color=255 - picture.color)
     assert np.array_equal(np.asarray(Image.open(tmp_path / "out.png")), 255 - picture.color)
+
+
+def test_png_text_of_a_pipe_is_empty_without_reading_it(tmp_path: Path) -> None:
+    """Whether an input is an earlier output (its metadata) was asked of a FIFO input by opening it: that
+    waited for a writer and consumed the bytes its own read needed."""
+    import threading
+
+    from preempt_cli.imageio import read_png_text
+
+    os.mkfifo(tmp_path / "pipe.png")
+    answers: list[dict] = []
+    asking = threading.Thread(target=lambda: answers.append(read_png_text(tmp_path / "pipe.png", key="preempt")),
+                              daemon=True)  # fmt: skip
+    asking.start()
+    asking.join(10)
+    if asking.is_alive():  # release the blocked open before failing
+        with open(tmp_path / "pipe.png", "wb"):
+            pass
+    assert answers == [{}]
+    assert read_png_text("/dev/null") == {}

@@ -816,12 +816,16 @@ def level_distance(levels: np.ndarray, color: np.ndarray) -> int:
 
 
 def read_png_text(path: Path | str, *, key: str | None = None) -> dict[str, str]:
-    """The text chunks of a PNG (empty for other formats or unreadable files).
+    """The text chunks of a PNG (empty for other formats, unreadable files, and anything but a regular file).
 
     With ``key``, a file whose chunk ``key`` precedes the image data (as Pillow, and so preempt, writes
     them) is answered without decoding its pixels.
     """
     try:
+        # a pipe would be waited on and its bytes consumed (the read of the input then finds them gone), a
+        # device read from: neither is a PNG a run wrote
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return {}
         with Image.open(path) as img:
             if img.format != "PNG":  # no text chunks to find: do not decode a JPEG for nothing
                 return {}
