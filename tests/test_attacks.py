@@ -261,6 +261,7 @@ def test_pgd_l2_step_is_the_normalized_gradient_projected(step_size: float) -> N
         dict(eps=math.inf),
         dict(eps=8),  # 8 meant 8/255: an L-inf eps above 1 is the whole cube
         dict(eps=1),  # one level (as the CLI reads it) or the whole cube: an int is refused
+        dict(step_size=1),
         dict(eps="8/255"),
         dict(steps=0),
         dict(steps=2.5),

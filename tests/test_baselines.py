@@ -118,6 +118,8 @@ def test_empty_batch() -> None:
         dict(eps=0),
         dict(eps=-0.1),
         dict(eps=1.5),
+        dict(eps=1),  # one level, or the whole range? an int is refused
+        dict(inner_step_size=2),
         dict(eps=math.nan),
         dict(eta=0),
         dict(eta=math.inf),

@@ -438,3 +438,11 @@ def test_zips_of_several_trees_are_refused_and_macos_extras_ignored(colour_dir: 
         z.writestr("train/red/._000.png", b"resource fork")
     loaded = load_train_data(mac, input_hw=(16, 16))
     assert torch.equal(loaded.images, colour_data.images) and torch.equal(loaded.labels, colour_data.labels)
+
+
+@pytest.mark.parametrize("settings", [dict(eps=1), dict(eps=8), dict(step_size=2)])
+def test_train_config_refuses_an_int_budget(settings) -> None:
+    """``TrainConfig(eps=1)`` trained against the whole [0, 1] range, then failed in the epoch's PGD check."""
+    with pytest.raises(ConfigError, match="is an int"):
+        TrainConfig(method="pgd", **settings)
+    TrainConfig(method="standard", eps=0)  # no budget at all is unambiguous

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .engine import int_eps_message, eval_mode
+from .engine import eval_mode, refuse_int_levels
 from .errors import ConfigError, LabelError, MissingDependencyError
 
 __all__ = [
@@ -86,13 +86,13 @@ def _check_eps(eps: float, norm: str) -> float:
     """A positive finite budget (at most 1 for L-inf, where a larger one would be the whole cube).
 
     Raises:
-        ConfigError: not a number, not positive, not finite, or above 1 for L-inf, or an int for L-inf
-            (``eps=1``: one level, as the CLI reads it, or the whole cube? Neither is safe to guess).
+        ConfigError: not a number, not positive, not finite, or above 1 for L-inf, or an int of 1 or more
+            for L-inf (:func:`~preempt_cli.engine.refuse_int_levels`).
     """
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise ConfigError(f"eps must be a number, got {eps!r}")
-    if norm == "Linf" and isinstance(eps, numbers.Integral):
-        raise ConfigError(int_eps_message(int(eps)))
+    if norm == "Linf":
+        refuse_int_levels("eps", eps)
     value = float(eps)
     if not math.isfinite(value) or value <= 0:
         raise ConfigError(f"eps must be positive and finite, got {eps!r}")
@@ -219,8 +219,10 @@ class PGD:
         self.steps = _check_int("steps", steps, 1)
         if step_size is None:
             step_size = self.eps / 4
-        if isinstance(step_size, bool) or not isinstance(step_size, (int, float)):
+        if isinstance(step_size, bool) or not isinstance(step_size, numbers.Real):
             raise ConfigError(f"step_size must be a number, got {step_size!r}")
+        if self.norm == "Linf":
+            refuse_int_levels("step_size", step_size)
         if not math.isfinite(step_size) or step_size <= 0:
             raise ConfigError(f"step_size must be positive and finite, got {step_size!r}")
         self.step_size = float(step_size)

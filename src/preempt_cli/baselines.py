@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .attacks import _check_int, PGD
-from .engine import project
+from .engine import project, refuse_int_levels
 from .errors import ConfigError
 
 __all__ = ["BiLevel", "BILEVEL_OPTIMIZERS"]
@@ -111,6 +111,8 @@ class BiLevel:
         if not isinstance(backbone, nn.Module):
             raise ConfigError(f"backbone must be a torch.nn.Module, got {type(backbone).__name__}")
         self.backbone = backbone
+        refuse_int_levels("eps", eps)
+        refuse_int_levels("inner_step_size", inner_step_size)
         self.eps = _positive_float("eps", eps, maximum=1.0)
         self.eta = _positive_float("eta", eta)
         self.steps = _check_int("steps", steps, 1)

@@ -35,7 +35,7 @@ from .device import to_device
 from .errors import ConfigError, InputError
 from .imageio import content_seed
 
-__all__ = ["ForeBackConfig", "FastPreemption", "PRESETS", "PRECISIONS", "COMPILE_MODES", "parse_eps", "default_eps", "eval_mode", "project",
+__all__ = ["ForeBackConfig", "FastPreemption", "PRESETS", "PRECISIONS", "COMPILE_MODES", "parse_eps", "refuse_int_levels", "default_eps", "eval_mode", "project",
            "native_bf16", "resolve_precision", "content_seeds", "check_seed", "check_images", "check_batch", "MAX_SEED"]
 
 #: Named settings. ``paper``: Table 3 of the paper. ``mspd``: the authors' later public code, which also
@@ -197,10 +197,17 @@ def parse_eps(text: str | float) -> float:
     return value
 
 
-def int_eps_message(eps: int) -> str:
-    # eps=1 is either one level (parse_eps, the CLI) or the whole range (a float 1.0): neither is safe to guess
-    return (f"eps={eps!r} is an int: give a fraction of the range ({eps}/255 for {eps} level"
-            f"{'s' if eps != 1 else ''}) or a string of levels ('{eps}')")  # fmt: skip
+def refuse_int_levels(name: str, value: Any) -> None:
+    """Refuse an int of 1 or more as an L-inf budget or step on [0, 1] images: ``1`` is one 8-bit level to
+    :func:`parse_eps` and the CLI, and the whole range as a fraction (every pixel free); neither is safe to
+    guess. Floats are fractions; 0 and negative ints are left to the caller's range check.
+
+    Raises:
+        ConfigError: ``value`` is such an int.
+    """
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1:
+        raise ConfigError(f"{name}={value!r} is an int: give a fraction of the range ({value}/255 for {value} "
+                          f"level{'s' if value != 1 else ''})")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -229,8 +236,7 @@ class ForeBackConfig:
     def __post_init__(self) -> None:
         if isinstance(self.eps, str):  # "8/255", "8" or "0.0314", as the CLI's --eps takes it
             object.__setattr__(self, "eps", parse_eps(self.eps))
-        elif isinstance(self.eps, numbers.Integral) and not isinstance(self.eps, bool):
-            raise ConfigError(int_eps_message(self.eps))
+        refuse_int_levels("eps", self.eps)
         for name in ("eps", "eta"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real):

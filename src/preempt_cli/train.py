@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .attacks import PGD
-from .engine import eval_mode, native_bf16
+from .engine import eval_mode, native_bf16, refuse_int_levels
 from .errors import ConfigError, ImageReadError
 from .hub import save_safetensors, sha256_file
 from .models import ImageModel, build_model, load_model
@@ -233,6 +233,8 @@ class TrainConfig:
             raise ConfigError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         if self.amp not in ("auto", "bf16", "off"):
             raise ConfigError(f"--amp must be auto, bf16 or off, got {self.amp!r}")
+        refuse_int_levels("eps", self.eps)
+        refuse_int_levels("step_size", self.step_size)
         if not 0 <= self.eps <= 1:
             raise ConfigError(f"eps must be in [0, 1], got {self.eps}")
         for name in ("epochs", "batch_size", "attack_steps", "eval_steps"):
