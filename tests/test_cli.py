@@ -446,8 +446,10 @@ def test_revert_white_box_fails_files_of_a_defense_it_cannot_rebuild_and_goes_on
     # files that cannot be read: each fails with its read's reason, not as a file without metadata
     (tmp_path / "r" / "truncated.protected.png").write_bytes(good.read_bytes()[:100])
     (tmp_path / "r" / "garbage.protected.png").write_bytes(b"garbage\n")
-    result = run(["revert", str(tmp_path / "r"), str(tmp_path / "gone.protected.png"), "--white-box", "--json",
-                  "--device", TEST_DEVICE_ARG], registry)  # fmt: skip
+    os.mkfifo(tmp_path / "piped.protected.png")  # as <(cat x.protected.png) is: read once, never twice
+    result = run(["revert", str(tmp_path / "r"), str(tmp_path / "gone.protected.png"),
+                  str(tmp_path / "piped.protected.png"), "--white-box", "--json", "--device", TEST_DEVICE_ARG],
+                 registry)  # fmt: skip
     rows = {Path(r["input"]).stem: r for r in map(json.loads, result.stdout.splitlines())}
     assert result.exit_code == 1 and rows["img0.protected"]["status"] == "done"
     assert "no-such-model" in rows["unknown-key.protected"]["reason"]
@@ -458,9 +460,10 @@ def test_revert_white_box_fails_files_of_a_defense_it_cannot_rebuild_and_goes_on
     assert "records no seed" in rows["no-seed.protected"]["reason"]  # not reverted with seed 0 in silence
     assert "unknown preset 'nope'" in rows["unknown-preset.protected"]["reason"]  # not copied into the output
     assert rows["gone.protected"]["reason"] == "no such file"
+    assert rows["piped.protected"]["reason"].startswith("a pipe: --white-box reads a file's metadata")
     assert "not an image" in rows["garbage.protected"]["reason"]
     assert "metadata" not in rows["truncated.protected"]["reason"]
-    assert all(rows[f"{n}.protected"]["status"] == "failed" for n in [*broken, "gone", "garbage", "truncated"])
+    assert all(rows[f"{n}.protected"]["status"] == "failed" for n in [*broken, "gone", "garbage", "truncated", "piped"])
 
 
 def test_white_box_warns_of_other_weights_only_for_the_files_they_protected(tmp_path: Path, registry: Path) -> None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import logging
+import os
+import stat
 import sys
 import time
 from pathlib import Path
@@ -424,7 +427,18 @@ def _may_be_an_original(item: InputFile) -> bool:
 WhiteBoxGroup = tuple[dict[str, Any] | None, str | None, bool, list[InputFile]]
 
 
-def _white_box_groups(items: list[InputFile]) -> Iterator[WhiteBoxGroup]:
+def _unreadable(path: Path, max_pixels: int) -> str | None:
+    """Why a file named for ``--white-box`` without preempt's metadata cannot be read at all (None: it can,
+    it just is no protected image). A pipe cannot: its metadata is read first, then its pixels, and a pipe
+    is read once."""
+    with contextlib.suppress(OSError):  # gone: read_images says so
+        if stat.S_ISFIFO(os.stat(path).st_mode):
+            return "a pipe: --white-box reads a file's metadata, then its pixels; save it to a file first"
+    read = read_images([str(path)], max_pixels)[0]  # its pixels decoded too: a truncated file fails only there
+    return read if isinstance(read, str) else None
+
+
+def _white_box_groups(items: list[InputFile], max_pixels: int) -> Iterator[WhiteBoxGroup]:
     """Group inputs by the defense recorded in their metadata: (metadata, why it cannot be used, whether
     its files are skipped rather than failed, files).
 
@@ -444,8 +458,7 @@ def _white_box_groups(items: list[InputFile]) -> Iterator[WhiteBoxGroup]:
             elif _may_be_an_original(item):
                 problem, skip = NOT_PROTECTED, True
             else:  # named directly: a file gone, damaged or no image fails with its read's own reason
-                read = read_images([str(item.path)])[0]
-                problem = read if isinstance(read, str) else problem
+                problem = _unreadable(item.path, max_pixels) or problem
         elif meta.get("kind") != "protected":
             problem = f"not a protected image (preempt metadata of a {meta.get('kind')!r} image)"
             meta, skip = None, item.root is not None
@@ -589,7 +602,7 @@ def revert(
             # the shard taken here, by the outputs (see in_shard); each group's run takes all it is given
             mine = [i for i in items if in_shard(i, options.shard, outputs[i], options.out_dir)]
             group_options = dataclasses.replace(options, shard=None)
-            for meta, problem, skip, group in _white_box_groups(mine):
+            for meta, problem, skip, group in _white_box_groups(mine, options.max_pixels):
                 if meta is None:
                     for item in group:
                         yield FileResult(item.path, "skipped" if skip else "failed", reason=problem)
