@@ -152,6 +152,8 @@ def test_protector_refuses_a_model_name(tiny_backbone) -> None:
         Protector(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3072, 10)))
     with pytest.raises(TypeError, match="classifier must be a loaded model"):
         Protector(tiny_backbone, torch.nn.Linear(3072, 10))
+    # a loaded model compiled by the caller passes its config through: it is one
+    assert Protector(torch.compile(tiny_backbone), labels="backbone").backbone.config is tiny_backbone.config
 
 
 def test_registry_and_device_given_as_one_string(tmp_path: Path, tiny_backbone) -> None:

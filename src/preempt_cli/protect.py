@@ -59,6 +59,7 @@ from .imageio import (
 from .inputs import OUTPUT_MARKERS, PROTECTED_SUFFIX, InputFile, as_input_files, assign_outputs, in_shard
 from .labels import LabelMap, folder_label, resolve_label
 from .models import ImageModel
+from .registry import ModelConfig
 
 __all__ = ["FileResult", "RunOptions", "Protector", "METADATA_KEY", "read_preempt_metadata", "content_seed",
            "run_on_devices"]
@@ -373,9 +374,12 @@ class Protector:
             if model is not None and not isinstance(model, torch.nn.Module):
                 raise TypeError(f"{role} must be a model, got {type(model).__name__} {model!r}: load it with "
                                 f"preempt_cli.load_model({model!r}, models_dir=...)")  # fmt: skip
-            if model is not None and not isinstance(model, ImageModel):  # its config says classes and input
+            # its ModelConfig says the classes, input size and dataset that labels, budgets and metadata need
+            # (an ImageModel, or one torch.compile wrapped, which passes its attributes through)
+            if model is not None and not isinstance(getattr(model, "config", None), ModelConfig):
                 raise TypeError(f"{role} must be a loaded model (preempt_cli.load_model, or ImageModel(net, "
-                                f"config) for a net of your own), got a bare {type(model).__name__}")  # fmt: skip
+                                f"ModelConfig(...)) for a net of your own), got a bare {type(model).__name__}; "
+                                f"FastPreemption takes bare nets")  # fmt: skip
         if config is not None and not isinstance(config, ForeBackConfig):
             raise TypeError(f"config must be a ForeBackConfig, got {type(config).__name__}")
         self.backbone = backbone
