@@ -240,10 +240,25 @@ def test_reversion_reverters_label_the_protected_images_themselves(monkeypatch: 
     assert res["reverter_labels"] == expected
     if flip:
         assert not torch.equal(white[2], ds.labels)  # nor the true labels
-        # the defense's classifier, unused, is not reported as the one it labelled with
-        assert "classifier" not in res["defense"] and "ground-truth" in res["defense"]
+        assert "labels=ground-truth" in res["defense"]  # the labels the defense used
     else:  # not the classifier's labels of the originals
         assert not torch.equal(white[2], predict(models["clf"], ds.images.float() / 255))
+
+
+def test_flipped_labels_neither_load_nor_warn_of_the_defense_s_classifier(caplog: pytest.LogCaptureFixture) -> None:
+    """With --flip-fraction the defense labels with flipped ground truth: its classifier was loaded, and
+    warned of as the defense's when it was also the victim, though nothing used it."""
+    models = tiny_models()
+    loaded: list[str] = []
+    ev = Evaluator(tiny_dataset(4), load=lambda name: loaded.append(name) or models[name], device=TEST_DEVICE,
+                   batch_size=4)  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="preempt_cli"):
+        reversion_protocol(ev, victims=["clf"], defense=fp_spec(), black_box_backbone="other", flip_fraction=1.0)
+    assert "clf" in loaded  # as the victim
+    assert not [r for r in caplog.records if "is the classifier of defense" in r.getMessage()]
+    loaded.clear()
+    reversion_protocol(ev, victims=["victim"], defense=fp_spec(), black_box_backbone="other", flip_fraction=1.0)
+    assert "clf" not in loaded
 
 
 def test_reversion_black_box_classifier_and_the_oracle_option(monkeypatch: pytest.MonkeyPatch) -> None:

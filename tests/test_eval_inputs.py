@@ -176,7 +176,9 @@ def test_a_damaged_resume_file_is_computed_again_with_a_warning_naming_it(
         (["--reversion", "--attack", "pgd"], "--reversion does not use --attack"),
         (["--reversion", "--csv", "{tmp}/x.csv", "--resume"], "--reversion does not use --csv, --resume"),
         (["--reversion", "--flip-fraction", "2"], "--flip-fraction must be in [0, 1]"),
-        (["--reversion", "--flip-fraction", "0.5", "-c", "z"], "it does not use -c/--classifier"),
+        (["--reversion", "--flip-fraction", "0.5", "-c", "z"], "it does not use a classifier (-c/--classifier)"),
+        (["--reversion", "--flip-fraction", "0.5", "--defense", "fp:classifier=z"],
+         "it does not use a classifier (--defense fp:classifier=z)"),
     ],
 )
 def test_eval_refuses_out_of_range_and_ignored_options(tmp_path: Path, args: list[str], message: str) -> None:

@@ -220,9 +220,13 @@ def eval_cmd(
         _check_ignored(ctx, reversion)
         if reversion:
             check_reversion_options(flip_fraction, jpeg_quality, reversion_labels)
-            if flip_fraction > 0 and c.given_on_command_line(ctx, {"classifier": "-c/--classifier"}):
-                raise ConfigError("--flip-fraction labels the defense with flipped ground truth: it does not use "
-                                  "-c/--classifier; drop it (--reversion-classifier sets the black-box reverter's)")  # fmt: skip
+            # a classifier given for the defense, on the command line or in its spec (not the default one)
+            named = c.given_on_command_line(ctx, {"classifier": "-c/--classifier"}) + [
+                f"--defense {d}" for d in (defense or []) if DefenseSpec.parse(d, {"backbone": backbone}).get("classifier")]
+            if flip_fraction > 0 and named:
+                raise ConfigError(f"--flip-fraction labels the defense with flipped ground truth: it does not use "
+                                  f"a classifier ({', '.join(named)}); drop it (--reversion-classifier sets the "
+                                  f"black-box reverter's)")  # fmt: skip
         _check_outputs(data, out, csv_path)
         torch_device = _setup_torch(device)
         load = _model_cache(torch_device, models_dir, registry)
