@@ -36,8 +36,8 @@ needs_shared = pytest.mark.skipif(
     not (CIFAR.is_dir() and MODELS.is_dir()), reason=f"{SHARED} (shared models/data) not found"
 )
 
-COMMON = ["--models-dir", str(MODELS), "--device", TEST_DEVICE_ARG, "-b", "cifar10-resnet20-pgdat-a",
-          "-c", "cifar10-resnet18-std"]  # fmt: skip
+COMMON_NO_CLASSIFIER = ["--models-dir", str(MODELS), "--device", TEST_DEVICE_ARG, "-b", "cifar10-resnet20-pgdat-a"]
+COMMON = [*COMMON_NO_CLASSIFIER, "-c", "cifar10-resnet18-std"]
 
 
 def invoke(args: list[str]):
@@ -86,11 +86,11 @@ def test_eval_grid_protection_raises_pgd_accuracy_and_writes_reports(tmp_path: P
 @needs_shared
 @pytest.mark.shared
 def test_reversion_protocol_on_real_models(tmp_path: Path) -> None:
-    # (COMMON without its -c: flipped labels do not use a classifier, and the option is refused.) Measured: with 30% of the labels flipped, protection still *raises* clean accuracy (averaged FGSM
+    # Without -c: flipped labels use no classifier, and the option is refused. Measured: with 30% of the labels flipped, protection still *raises* clean accuracy (averaged FGSM
     # is a weak targeted attack), so the protocol's precondition needs every label wrong.
     def run(*extra: str) -> dict:
         result = invoke(["eval", str(CIFAR), "--limit", "100", "--reversion", "--flip-fraction", "1",
-                         "--victim", "cifar10-resnet20-pgdat-c", *COMMON[:-2], "--reversion-backbone", "cifar10-resnet20-pgdat-b",
+                         "--victim", "cifar10-resnet20-pgdat-c", *COMMON_NO_CLASSIFIER, "--reversion-backbone", "cifar10-resnet20-pgdat-b",
                          "--out", str(tmp_path), "--json", *extra])  # fmt: skip
         assert result.exit_code == 0, result.stderr
         assert (tmp_path / "reversion.json").is_file()

@@ -247,6 +247,7 @@ def _sha256_or_none(path: Path) -> str | None:
 
 
 def _is_fifo(path: Path) -> bool:
+    """Whether ``path`` is a named pipe (false when it cannot be looked at)."""
     try:
         return stat.S_ISFIFO(path.stat().st_mode)
     except OSError:

@@ -23,7 +23,10 @@ __all__ = ["Reverter", "white_box_settings"]
 class Reverter(Protector):
     """Preemptive Reversion of protected images, with the attacker's backbone, classifier and settings.
 
-    Takes the same arguments as :class:`~preempt_cli.protect.Protector`.
+    Takes the same arguments as :class:`~preempt_cli.protect.Protector`. Its :meth:`run` takes paths as
+    ``preempt revert`` does (folder walks take the protected files, outputs are ``*.reverted.png``); inputs
+    collected beforehand need ``collect_inputs(paths, skip_markers=Reverter.skip_markers)``, since
+    :func:`~preempt_cli.inputs.collect_inputs` leaves protected files out of folder walks by default.
     """
 
     kind = "reverted"

@@ -357,7 +357,7 @@ def evaluate_accuracy(model: ImageModel, images: torch.Tensor, labels: torch.Ten
 
 
 def _trainable(base: str | ModelConfig | None, arch_cfg: ModelConfig | None, models_dir: Path | None,
-               registry: Sequence[Path | str], device: torch.device) -> ImageModel:  # fmt: skip
+               registry: Sequence[Path | str] | Path | str, device: torch.device) -> ImageModel:  # fmt: skip
     if base is not None:
         model = load_model(base, device="cpu", models_dir=models_dir, registry=registry, fuse=False)
     elif arch_cfg is not None:
@@ -454,7 +454,7 @@ def train(
     base: str | ModelConfig | None = None,
     arch: ModelConfig | None = None,
     models_dir: Path | str | None = None,
-    registry: Sequence[Path | str] = (),
+    registry: Sequence[Path | str] | Path | str = (),
     device: torch.device | str = "cpu",
     resume: bool = False,
     keep_checkpoint: bool = False,
@@ -607,7 +607,7 @@ def keygen(
     seed: int | None = None,
     config: TrainConfig = KEYGEN_DEFAULTS,
     models_dir: Path | str | None = None,
-    registry: Sequence[Path | str] = (),
+    registry: Sequence[Path | str] | Path | str = (),
     device: torch.device | str = "cpu",
     on_epoch: Callable[[EpochStats], None] | None = None,
     on_batch: Callable[[int, int], None] | None = None,

@@ -45,16 +45,16 @@ PathsArg = Annotated[
 ]
 
 
-def backbone_option(help: str) -> Any:
+def backbone_option(help_text: str) -> Any:
     """``-b/--backbone`` (env ``PREEMPT_BACKBONE``), with the help of the command that takes it."""
     return Annotated[Optional[str], typer.Option("--backbone", "-b", envvar="PREEMPT_BACKBONE", show_envvar=True,
-                                                 help=help)]  # fmt: skip
+                                                 help=help_text)]  # fmt: skip
 
 
-def classifier_option(help: str) -> Any:
+def classifier_option(help_text: str) -> Any:
     """``-c/--classifier`` (env ``PREEMPT_CLASSIFIER``), with the help of the command that takes it."""
     return Annotated[Optional[str], typer.Option("--classifier", "-c", envvar="PREEMPT_CLASSIFIER", show_envvar=True,
-                                                 help=help)]  # fmt: skip
+                                                 help=help_text)]  # fmt: skip
 
 
 BackboneOpt = backbone_option("Robust model that shapes the perturbation: your key (see 'preempt models list'; "
