@@ -925,3 +925,19 @@ def test_png_text_of_a_pipe_is_empty_without_reading_it(tmp_path: Path) -> None:
             pass
     assert not blocked and answers == [{}]
     assert read_png_text("/dev/null") == {}
+
+
+@pytest.mark.parametrize("color_type, channels", [(2, 3), (6, 4), (4, 2)])
+def test_a_png_of_16_bits_per_colour_channel_is_refused(tmp_path: Path, color_type: int, channels: int) -> None:
+    """Pillow decodes 48-bit RGB (and 64-bit RGBA, 32-bit gray with alpha) to 8 bits a channel: the output was
+    an 8-bit PNG, reported within 8 levels though 2059 of 65535 from the original."""
+    from preempt_cli.errors import ImageReadError
+    from preempt_cli.imageio import read_image
+
+    rows = b"".join(b"\x00" + bytes(range(2 * channels * 2)) for _ in range(2))  # 2x2, filter 0 per row
+    (tmp_path / "deep.png").write_bytes(_png_bytes(2, 2, depth=16, color_type=color_type, idat=rows))
+    with pytest.raises(ImageReadError, match="16 bits per colour channel"):
+        read_image(tmp_path / "deep.png")
+    rows8 = b"".join(b"\x00" + bytes(range(2 * channels)) for _ in range(2))
+    (tmp_path / "flat.png").write_bytes(_png_bytes(2, 2, depth=8, color_type=color_type, idat=rows8))
+    assert read_image(tmp_path / "flat.png").color.dtype == np.uint8  # 8 bits a channel: read as before

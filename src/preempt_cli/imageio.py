@@ -381,12 +381,19 @@ def read_image(path: Path | str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Pic
     palette images become RGB (RGBA if they have transparency), CMYK and other colour spaces become RGB.
 
     Raises:
-        ImageReadError: missing, empty, not an image, truncated or corrupt, too many pixels.
+        ImageReadError: missing, empty, not an image, truncated or corrupt, too many pixels, a PNG of 16
+            bits per colour channel (Pillow decodes it to 8).
     """
     path = Path(path)
     img, sha256 = _open(path, max_pixels)
     try:
         source_format = img.format or "unknown"
+        raw_mode = getattr(getattr(img, "png", None), "im_rawmode", None) or ""
+        if ";16" in raw_mode and not img.mode.startswith("I"):
+            # 48- and 64-bit colour (and 16-bit gray with alpha): Pillow keeps the top 8 bits of each sample,
+            # so the output would be 8-bit, and its budget would hold on that copy, not on the original
+            raise ImageReadError(path, "a PNG of 16 bits per colour channel, which Pillow decodes to 8: the "
+                                       "output would lose depth unseen; protect an 8-bit copy")  # fmt: skip
         text = {k: v for k, v in getattr(img, "text", {}).items() if isinstance(v, str)}
         icc = img.info.get("icc_profile")
         img.seek(0)
