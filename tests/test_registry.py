@@ -535,3 +535,39 @@ def test_inherited_relative_source_resolves_against_the_base_registry(tmp_path) 
     assert own.source_anchor == mine  # a source written in this file is relative to this file
     with pytest.raises(Exception, match="not found"):
         resolve_weights(own)
+
+
+def test_register_model_replaces_a_commented_header_and_keeps_the_next_rows_comments(tmp_path) -> None:
+    """``[models.mk]  # my key`` was not recognised (the re-registration then wrote a second table: invalid
+    TOML, after the training); the comment above the next row was removed with the row replaced."""
+    from preempt_cli.registry import check_registrable, register_model
+
+    target = tmp_path / "user.toml"
+    target.write_text('[models.mk]  # my key\narch = "cifar_resnet20"\nsource = "file:/old.safetensors"\n\n'
+                      '# --- my other important model (keep!) ---\n[models.other]\narch = "cifar_resnet20"\n'
+                      'source = "file:/o.safetensors"\n')  # fmt: skip
+    register_model("mk", {"arch": "cifar_resnet20", "source": "file:/new.safetensors"}, target, overwrite=True)
+    text = target.read_text()
+    assert "# --- my other important model (keep!) ---\n[models.other]" in text and text.count("[models.mk]") == 1
+    models = load_registry([target])
+    assert models["mk"].source.location == "/new.safetensors" and models["other"].source.location == "/o.safetensors"
+    # a row preempt cannot replace is found before any work, not after the training it would register
+    target.write_text('[models]\nmk = { arch = "cifar_resnet20", source = "file:/old.safetensors" }\n')
+    with pytest.raises(RegistryError, match="cannot replace"):
+        check_registrable("mk", target, overwrite=True)
+
+
+def test_registrations_at_once_keep_every_row(tmp_path) -> None:
+    """Two jobs registering at the same time each wrote back the file they had read: 49 of 80 rows were kept."""
+    import subprocess
+    import sys
+
+    target = tmp_path / "user.toml"
+    script = ("import sys\nfrom preempt_cli.registry import register_model\n"
+              "for i in range(15):\n"
+              "    register_model(f'{sys.argv[1]}{i}', {'arch': 'cifar_resnet20', 'source': 'file:/k.safetensors'}, "
+              f"__import__('pathlib').Path({str(target)!r}))\n")  # fmt: skip
+    jobs = [subprocess.Popen([sys.executable, "-c", script, tag]) for tag in ("a", "b")]
+    assert [job.wait(timeout=240) for job in jobs] == [0, 0]
+    names = set(load_registry([target]))
+    assert {f"{tag}{i}" for tag in "ab" for i in range(15)} <= names

@@ -13,6 +13,7 @@ A row may name a ``base`` row and change only some fields (e.g. a private key tr
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -20,7 +21,7 @@ import sys
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from .errors import RegistryError, UnknownModelError, clip
 
@@ -595,6 +596,11 @@ def check_registrable(name: str, path: Path | str | None = None, *, overwrite: b
     if not name or any(c not in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_." for c in name):
         raise RegistryError(path, f"invalid model name {name!r} (letters, digits, '-', '_', '.')")
     if overwrite:
+        # a row in a form that cannot be replaced is found now, not after the training it would register
+        if path.is_file() and name in _read_toml(path).get("models", {}):
+            if name in tomllib.loads(_without_row(path.read_text(encoding="utf-8"), name)).get("models", {}):
+                raise RegistryError(path, f"model {name!r} is written there in a form preempt cannot replace "
+                                          f"(not a [models.{name}] table): edit the file by hand")  # fmt: skip
         return path
     builtin = builtin_registry_path()
     if name in _builtin_names() and not (path.is_file() and path.resolve() == builtin.resolve()):
@@ -615,18 +621,65 @@ def register_model(name: str, row: Mapping[str, Any], path: Path | None = None, 
             is false, or the row is invalid.
     """
     path = check_registrable(name, path, overwrite=overwrite)
+    with _registry_lock(path):  # two jobs registering at once each kept only its own row
+        _register_locked(name, row, path, overwrite=overwrite)
+    _load_cached.cache_clear()
+    return path
+
+
+@contextlib.contextmanager
+def _registry_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path``'s read-modify-write, on a lock file beside it (the registry is
+    replaced, not rewritten, so a lock on the file itself would be on an inode no longer read). Where the
+    platform has no ``fcntl`` (Windows), there is no lock."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _without_row(text: str, name: str) -> str:
+    """``text`` without the ``[models.NAME]`` table (its header may carry a comment). Comment lines just
+    before the next table stay: they describe that one."""
+    headers = {f"[models.{_toml_key(name)}]", f"[models.{name}]", f'[models."{name}"]', f"[models.'{name}']"}
+    kept: list[str] = []
+    pending: list[str] = []  # comments and blank lines met while skipping: the next table's, if one follows
+    skipping = False
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("["):
+            if skipping:
+                kept.extend(pending)
+                pending = []
+            skipping = stripped.split("#", 1)[0].strip() in headers
+        if not skipping:
+            kept.append(line)
+        elif not stripped or stripped.startswith("#"):
+            pending.append(line)
+        else:
+            pending = []  # a key of the table removed: the comments before it were its own
+    return "\n".join(kept).rstrip() + "\n" if any(line.strip() for line in kept) else ""
+
+
+def _register_locked(name: str, row: Mapping[str, Any], path: Path, *, overwrite: bool) -> None:
     text = path.read_text(encoding="utf-8") if path.is_file() else ""
-    existing = _read_toml(path).get("models", {}) if text else {}
+    existing = tomllib.loads(text).get("models", {}) if text.strip() else {}
+    if name in existing and not overwrite:  # registered meanwhile by another job
+        raise RegistryError(path, f"model {name!r} is already registered here (overwrite it with --force)")
     header = f"[models.{_toml_key(name)}]"
     if name in existing:
-        lines, kept, skipping = text.splitlines(), [], False
-        for line in lines:
-            stripped = line.strip()
-            if stripped.startswith("["):
-                skipping = stripped in (header, f"[models.{name}]", f'[models."{name}"]', f"[models.'{name}']")
-            if not skipping:
-                kept.append(line)
-        text = "\n".join(kept).rstrip() + "\n" if kept else ""
+        text = _without_row(text, name)
+        if name in tomllib.loads(text).get("models", {}):  # e.g. ``mk = { ... }`` inside a [models] table
+            raise RegistryError(path, f"model {name!r} is written there in a form preempt cannot replace (not a "
+                                      f"[models.{name}] table): edit the file by hand")  # fmt: skip
     block = [header] + [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in row.items() if v is not None]
     new_text = (text.rstrip() + "\n\n" if text.strip() else "") + "\n".join(block) + "\n"
     try:  # validate before writing: a broken user registry would break every command
@@ -642,5 +695,3 @@ def register_model(name: str, row: Mapping[str, Any], path: Path | None = None, 
 
     with atomic_write(path) as f:  # a crash mid-write must not leave the user's registry truncated
         f.write(new_text.encode("utf-8"))
-    _load_cached.cache_clear()
-    return path
