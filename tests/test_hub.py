@@ -495,14 +495,14 @@ def test_hub_errors_are_one_line_naming_model_and_source(case, monkeypatch) -> N
 
 @pytest.mark.parametrize("case", ["private-401", "revision", "proxy", "server-500"])
 def test_timm_hub_errors_are_one_line(case, monkeypatch) -> None:
-    import timm
+    import huggingface_hub
 
     make, expected, words = _hub_failures()[case]
 
     def failing(*args, **kwargs):
         raise make()
 
-    monkeypatch.setattr(timm, "create_model", failing)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", failing)  # the safetensors of timm's Hub repository
     cfg = ModelConfig(name="tv", arch="resnet18", source=Source("timm", "resnet18.a1_in1k"), num_classes=1000,
                       input_size=(3, 224, 224))  # fmt: skip
     with pytest.raises(expected) as info:
@@ -670,3 +670,76 @@ def test_save_safetensors_writes_the_same_bytes_for_the_same_content(tmp_path) -
         for name, t in tensors.items():
             assert torch.equal(f.get_tensor(name), t)
     assert int.from_bytes((tmp_path / "m0.safetensors").read_bytes()[:8], "little") % 8 == 0
+
+
+def _timm_test_resnet_cfg() -> ModelConfig:
+    return ModelConfig(name="tr", arch="test_resnet", source=Source("timm", "test_resnet.r160_in1k"), num_classes=1000,
+                       input_size=(3, 160, 160))  # fmt: skip
+
+
+def test_timm_weights_load_from_the_hub_repositorys_safetensors(hf_cache, tmp_path) -> None:
+    import timm
+
+    reference = timm.create_model("test_resnet", pretrained=False)
+    torch.manual_seed(0)
+    state = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in reference.state_dict().items()}
+    save_file(state, str(tmp_path / "w.safetensors"))
+    make_hf_cache(hf_cache, "timm/test_resnet.r160_in1k", "model.safetensors", (tmp_path / "w.safetensors").read_bytes())
+    model = load_model(_timm_test_resnet_cfg(), fuse=False)
+    loaded = model.net.state_dict()
+    assert all(torch.equal(loaded[k].float(), v.float()) for k, v in state.items() if k in loaded)
+
+
+def test_timm_weights_that_are_only_a_pickle_are_refused_unread(hf_cache, tmp_path, monkeypatch) -> None:
+    """timm falls back to ``pytorch_model.bin`` (a pickle) where a repository has no safetensors; preempt
+    loads safetensors only, as its README says."""
+    import huggingface_hub
+    import timm
+    from huggingface_hub.errors import RemoteEntryNotFoundError
+
+    torch.save({"w": torch.zeros(1)}, tmp_path / "pytorch_model.bin")
+    make_hf_cache(hf_cache, "timm/test_resnet.r160_in1k", "pytorch_model.bin", (tmp_path / "pytorch_model.bin").read_bytes())
+    # offline with no safetensors cached: unreachable, not a pickle loaded
+    with pytest.raises(OfflineWeightsError):
+        load_model(_timm_test_resnet_cfg())
+    # online, the repository answers that it has no model.safetensors
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download",
+                        lambda *a, **k: (_ for _ in ()).throw(_http_error(RemoteEntryNotFoundError, 404)))  # fmt: skip
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: pytest.fail("timm was left to find the weights"))
+    with pytest.raises(WeightsNotFoundError, match="no model.safetensors.*safetensors only"):
+        load_model(_timm_test_resnet_cfg())
+
+
+def test_an_unknown_timm_tag_is_a_registry_error_not_timms_runtime_error() -> None:
+    cfg = ModelConfig(name="tbad", arch="test_vit", source=Source("timm", "test_vit.nosuchtag"), num_classes=1000,
+                      input_size=(3, 160, 160))  # fmt: skip
+    with pytest.raises(PreemptError, match="no pretrained weights 'test_vit.nosuchtag'"):
+        load_model(cfg)
+
+
+def test_a_cached_model_is_used_when_a_proxy_refuses_the_hub(tmp_path, monkeypatch, caplog) -> None:
+    """huggingface_hub re-raises a proxy's refusal instead of falling back to its cache: a model whose
+    weights were all cached failed, said to be "not in the local Hugging Face cache"."""
+    import logging
+
+    import httpx2
+    import huggingface_hub
+
+    cache = tmp_path / "hf" / "hub"
+    data = _tiny_safetensors(tmp_path / "src.safetensors").read_bytes()
+    make_hf_cache(cache, "org/tiny", "m.safetensors", data)
+    set_hf_cache(monkeypatch, cache, offline=False)
+    real = huggingface_hub.hf_hub_download
+
+    def behind_a_proxy(*args, **kwargs):
+        if not kwargs.get("local_files_only"):  # a proxy answers 403 to every request (no network is used)
+            raise httpx2.ProxyError("403 Forbidden")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", behind_a_proxy)
+    with caplog.at_level(logging.WARNING, logger="preempt_cli"):
+        path = resolve_weights(_hf_cfg("hf://org/tiny/m.safetensors"))
+    assert path.read_bytes() == data
+    assert any("cannot be reached" in r.getMessage() and "cached copy" in r.getMessage() for r in caplog.records)
+    with pytest.raises(OfflineWeightsError, match="ProxyError"):  # not cached: the proxy's refusal is the reason
+        resolve_weights(_hf_cfg("hf://org/other/m.safetensors"))

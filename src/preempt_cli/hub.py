@@ -7,6 +7,7 @@ Downloads go through ``huggingface_hub.hf_hub_download`` and so into its one sta
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,6 +26,8 @@ from .errors import (
 from .imageio import atomic_write
 from .registry import ModelConfig
 
+_logger = logging.getLogger(__name__)
+
 __all__ = [
     "models_dir_from_env",
     "resolve_weights",
@@ -33,6 +36,7 @@ __all__ = [
     "check_safetensors_header",
     "save_safetensors",
     "hub_errors",
+    "hub_download",
 ]
 
 MODELS_DIR_ENV = "PREEMPT_MODELS_DIR"
@@ -129,7 +133,7 @@ def _unreachable(model: str, src: str, reason: str) -> OfflineWeightsError:
     error.args = (
         f"weights of model {model!r} ({src}) are not in the local Hugging Face cache and cannot be downloaded "
         f"({reason}). Check the network connection (or the proxy: HTTPS_PROXY) and try again, or point the "
-        "model at a local file with --registry.",
+        "model at a local file with --registry (without a network, HF_HUB_OFFLINE=1 spares the Hub's retries).",
     )
     return error
 
@@ -199,11 +203,34 @@ def hub_errors(cfg: ModelConfig) -> Iterator[None]:
 
 
 def _hf_download(cfg: ModelConfig) -> Path:
+    src = cfg.source
+    return hub_download(cfg, src.location, src.filename, src.revision)
+
+
+def hub_download(cfg: ModelConfig, repo_id: str, filename: str, revision: str | None = None) -> Path:
+    """``hf_hub_download`` of a file of ``cfg``'s weights, its errors turned into preempt's
+    (:func:`hub_errors`). When the Hub cannot be reached, a copy in the cache is used, with a warning (that
+    copy of a branch may be older than the branch): huggingface_hub falls back to it for most connection
+    errors, not for a proxy's refusal, which failed runs whose weights were all cached.
+
+    Raises:
+        see :func:`hub_errors`.
+    """
     from huggingface_hub import hf_hub_download
 
-    src = cfg.source
-    with hub_errors(cfg):
-        return Path(hf_hub_download(repo_id=src.location, filename=src.filename, revision=src.revision))
+    try:
+        with hub_errors(cfg):
+            return Path(hf_hub_download(repo_id=repo_id, filename=filename, revision=revision))
+    except OfflineWeightsError as unreachable:
+        if _hf_offline():
+            raise
+        try:
+            cached = Path(hf_hub_download(repo_id=repo_id, filename=filename, revision=revision, local_files_only=True))
+        except Exception:  # not cached either: the first error says why it cannot be had
+            raise unreachable from None
+        _logger.warning("model %s: the Hub cannot be reached (%s): using the cached copy of %s", cfg.name,
+                        first_line(unreachable.__cause__ or unreachable), cfg.source)  # fmt: skip
+        return cached
     raise AssertionError("unreachable")  # pragma: no cover - hub_errors re-raises
 
 

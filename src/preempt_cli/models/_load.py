@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from functools import lru_cache
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -18,11 +18,12 @@ from ..errors import (
     RegistryError,
     UnreadableWeightsError,
     WeightsMismatchError,
+    WeightsNotFoundError,
     clip,
     first_line,
 )
 from ..device import resolve_device
-from ..hub import hub_errors, read_weights
+from ..hub import hub_download, hub_errors, read_weights
 from ..registry import ModelConfig, get_model_config, timm_pretrained_cfg
 from ._registry import create_arch, is_arch
 
@@ -154,7 +155,7 @@ def _check_arch_known(cfg: ModelConfig) -> None:
         )
 
 
-def _build_net(cfg: ModelConfig, *, pretrained_timm: bool = False) -> nn.Module:
+def _build_net(cfg: ModelConfig, *, pretrained_timm: bool = False, weights_file: Path | None = None) -> nn.Module:
     """The bare network of ``cfg``: a preempt architecture, or any timm model by name.
 
     Raises:
@@ -173,7 +174,10 @@ def _build_net(cfg: ModelConfig, *, pretrained_timm: bool = False) -> nn.Module:
 
     name = cfg.source.location if pretrained_timm else cfg.arch
     try:
-        net = timm.create_model(name, pretrained=pretrained_timm, num_classes=cfg.num_classes, **cfg.arch_args)
+        # pretrained weights from the safetensors file given (timm's own lookup could unpickle a .bin)
+        overlay = {"pretrained_cfg_overlay": {"file": str(weights_file), "source": ""}} if weights_file else {}
+        net = timm.create_model(name, pretrained=pretrained_timm, num_classes=cfg.num_classes, **cfg.arch_args,
+                                **overlay)  # fmt: skip
     except TypeError as e:  # an unexpected keyword reaches the model's constructor
         raise _config_error(cfg, f"timm's {name!r} rejects arch_args {dict(cfg.arch_args)}: {e}") from e
     _check_input_channels(cfg, net)
@@ -249,14 +253,52 @@ def _load_timm_pretrained(cfg: ModelConfig, verify_hash: bool) -> nn.Module:
     if cfg.sha256 and verify_hash:  # registry files refuse this; a hand-made config must not pass silently
         raise _config_error(cfg, "a sha256 pin cannot be checked on a timm: source (timm fetches and loads its own "
                                  "file); remove the pin, or use an hf:// or file: source")  # fmt: skip
-    pretrained = timm_pretrained_cfg(cfg.source.location)  # None for an unknown tag: timm.create_model says so
-    if pretrained is not None and pretrained.num_classes and pretrained.num_classes != cfg.num_classes:
+    _check_arch_known(cfg)
+    pretrained = timm_pretrained_cfg(cfg.source.location)
+    if pretrained is None:
+        raise _config_error(cfg, f"timm {_timm_version()} has no pretrained weights {cfg.source.location!r} "
+                                 "(an unknown model or tag)")  # fmt: skip
+    if pretrained.num_classes and pretrained.num_classes != cfg.num_classes:
         raise _config_error(cfg, f"num_classes = {cfg.num_classes}, but timm's pretrained {cfg.source.location!r} "
                                  f"has {pretrained.num_classes} classes: timm would replace its head with a random "
                                  "one. Remove num_classes (timm's is used) or fix it")  # fmt: skip
+    weights = _timm_safetensors(cfg, pretrained)
     with hub_errors(cfg):
-        return _build_net(cfg, pretrained_timm=True)
+        return _build_net(cfg, pretrained_timm=True, weights_file=weights)
     raise AssertionError("unreachable")  # pragma: no cover - hub_errors re-raises
+
+
+def _timm_version() -> str:
+    import timm
+
+    return timm.__version__
+
+
+def _timm_safetensors(cfg: ModelConfig, pretrained: Any) -> Path:
+    """timm's pretrained weights of ``cfg`` as the safetensors file of their Hub repository (through the
+    Hub's cache). Left to itself, timm falls back to a pickle (``pytorch_model.bin``, or a URL's checkpoint)
+    where a repository has no safetensors; preempt loads safetensors only.
+
+    Raises:
+        WeightsNotFoundError: timm's weights have no safetensors copy on the Hub.
+        OfflineWeightsError, ...: see :func:`~preempt_cli.hub.hub_errors`.
+    """
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    hub_id = getattr(pretrained, "hf_hub_id", None)
+    convert = ("preempt loads safetensors only: download them, convert them once ('preempt models convert'), "
+               "and register the file as a file: source")  # fmt: skip
+    if not hub_id:
+        raise WeightsNotFoundError(cfg.name, str(cfg.source), hint=f"timm has these weights only as a pickled "
+                                                                   f"checkpoint at a URL; {convert}.")  # fmt: skip
+    try:
+        return hub_download(cfg, hub_id, "model.safetensors")
+    except WeightsNotFoundError as e:
+        missing = e.__cause__
+        if not isinstance(missing, EntryNotFoundError) or isinstance(missing, LocalEntryNotFoundError):
+            raise  # no such repository, or access refused: said as for any Hub source
+        raise WeightsNotFoundError(cfg.name, str(cfg.source), hint=(
+            f"its Hub repository {hub_id} holds no model.safetensors (only a pickle); {convert}.")) from missing  # fmt: skip
 
 
 def load_model(
