@@ -395,6 +395,9 @@ MORE_INVALID_ROWS = {
     "timm-pin": ('arch = "resnet18"\nsource = "timm:resnet18.a1_in1k"\n' + f'sha256 = "{"a" * 64}"\n',
                  "sha256 pin cannot be checked on a timm: source"),  # fmt: skip
     "hf-bad-repo-id": ('arch = "x"\nsource = "hf://org/re..po/w.safetensors"\n', "not a valid Hub repo id"),
+    "hf-dotdot-file": ('arch = "x"\nsource = "hf://org/m/../m/w.safetensors"\n', "outside its repository"),
+    "mean-nan": (GOOD + "mean = [nan, 0.5, 0.5]\nstd = [0.2, 0.2, 0.2]\n", "must be finite"),
+    "std-inf": (GOOD + "mean = [0.5, 0.5, 0.5]\nstd = [0.2, inf, 0.2]\n", "must be finite"),
 }
 
 

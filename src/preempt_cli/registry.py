@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import re
 import sys
@@ -263,6 +264,8 @@ def _check_hf_source(name: str, source: Source, sha: Any, path: Path) -> None:
     except HFValidationError as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise RegistryError(path, f"model {name!r}: {source.location!r} is not a valid Hub repo id: {reason}") from e
+    if ".." in Path(source.filename or "").parts:  # the Hub refuses it only at download, with its own error
+        raise RegistryError(path, f"model {name!r}: {source} names a file outside its repository ('..')")
     if sha and not source.pinned_to_commit:
         _logger.warning(
             "%s: model %r pins a sha256 but its source %s follows %s, which can move: pin a commit (@<40-hex sha>)",
@@ -328,6 +331,9 @@ def _parse_row(
         if len(mean) != size[0] or len(std) != size[0]:
             raise RegistryError(path, f"model {name!r}: mean and std need {size[0]} values (one per input channel), "
                                       f"got {len(mean)} and {len(std)}")  # fmt: skip
+        if not all(math.isfinite(v) for v in (*mean, *std)):  # nan/inf in TOML: every pixel would be NaN or 0
+            raise RegistryError(path, f"model {name!r}: mean and std must be finite numbers, got {list(mean)} and "
+                                      f"{list(std)}")  # fmt: skip
         if any(s <= 0 for s in std):
             raise RegistryError(path, f"model {name!r}: std values must be positive, got {list(std)}")
     arch_args = row.get("arch_args", {})
