@@ -242,6 +242,13 @@ def test_corrupt_or_wrong_safetensors_is_a_mismatch(tmp_path) -> None:
     with pytest.raises(WeightsMismatchError) as info:
         load_model("other", registry=[registry])
     assert "'other'" in str(info.value) and "do not fit" in str(info.value)
+    # a float parameter stored as integers, of the right shape: it was cast without a word
+    state = {k: v.long() if k == "fc.weight" else v for k, v in net.state_dict().items()}
+    save_file(state, str(tmp_path / "ints.safetensors"))
+    registry.write_text('[models.ints]\narch = "cifar_resnet20"\narch_args = { shortcut = "pad_end" }\n'
+                        'source = "ints.safetensors"\n')  # fmt: skip
+    with pytest.raises(WeightsMismatchError, match="'fc.weight': file torch.int64"):
+        load_model("ints", registry=[registry])
 
 
 # -- the Hugging Face cache, offline ---------------------------------------------------------------------------

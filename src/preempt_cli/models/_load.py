@@ -215,6 +215,13 @@ def _state_mismatch(expected: dict[str, torch.Tensor], state: dict[str, torch.Te
                           for k in shapes[:_SHOWN_KEYS])  # fmt: skip
         more = f" and {len(shapes) - _SHOWN_KEYS} more" if len(shapes) > _SHOWN_KEYS else ""
         parts.append(f"{len(shapes)} tensor{'s' * (len(shapes) != 1)} of another shape ({shown}{more})")
+    # an integer (or bool) tensor where a float parameter goes: load_state_dict would cast it without a word
+    kinds = [k for k in expected if k in state and k not in shapes and expected[k].is_floating_point()
+             and not state[k].is_floating_point()]  # fmt: skip
+    if kinds:
+        shown = "; ".join(f"{k!r}: file {state[k].dtype}" for k in kinds[:_SHOWN_KEYS])
+        more = f" and {len(kinds) - _SHOWN_KEYS} more" if len(kinds) > _SHOWN_KEYS else ""
+        parts.append(f"{len(kinds)} float tensor{'s' * (len(kinds) != 1)} stored as integers ({shown}{more})")
     if unexpected and len(unexpected) == len(state):
         parts.append("none of the file's keys fit: weights of another architecture (or arch_args), or keys "
                      "saved with a prefix")  # fmt: skip
