@@ -574,3 +574,13 @@ def test_registrations_at_once_keep_every_row(tmp_path) -> None:
     assert [job.wait(timeout=240) for job in jobs] == [0, 0]
     names = set(load_registry([target]))
     assert {f"{tag}{i}" for tag in "ab" for i in range(15)} <= names
+
+
+def test_a_row_that_changes_the_class_count_of_its_base_drops_the_bases_class_names(tmp_path) -> None:
+    """``base = "cifar10-resnet20-pgdat-a"`` with ``num_classes = 100`` failed: "10 class names for 100
+    classes", names the row never gave (the base's, inherited)."""
+    path = _write(tmp_path / "r.toml", '[models.c100]\nbase = "cifar10-resnet20-pgdat-a"\nnum_classes = 100\n'
+                                       '[models.same]\nbase = "cifar10-resnet20-pgdat-a"\nnum_classes = 10\n')  # fmt: skip
+    models = load_registry([path])
+    assert models["c100"].num_classes == 100 and models["c100"].classes is None
+    assert models["same"].classes == models["cifar10-resnet20-pgdat-a"].classes  # same count: names kept

@@ -479,6 +479,8 @@ def _load_file(path: Path, rows: Mapping[str, Any], models: dict[str, ModelConfi
                 inherited.pop("sha256")  # the base's pin describes the base's file, not this new one
             if "source" not in row:
                 source_registry = base.source_anchor  # a relative path stays relative to where it was written
+            if "classes" not in row and row.get("num_classes", inherited.get("num_classes")) != inherited.get("num_classes"):
+                inherited.pop("classes", None)  # the base's names are of its classes, not of another count
             row = {**inherited, **{k: v for k, v in row.items() if k != "base"}}
         models[name] = _parse_row(name, row, path, class_sets, source_registry)
         done.add(name)
