@@ -750,3 +750,12 @@ def test_a_cached_model_is_used_when_a_proxy_refuses_the_hub(tmp_path, monkeypat
     assert any("cannot be reached" in r.getMessage() and "cached copy" in r.getMessage() for r in caplog.records)
     with pytest.raises(OfflineWeightsError, match="ProxyError"):  # not cached: the proxy's refusal is the reason
         resolve_weights(_hf_cfg("hf://org/other/m.safetensors"))
+
+
+def test_a_pin_in_capitals_matches(tmp_path) -> None:
+    """A hand-made ``ModelConfig(sha256=...)`` in capitals failed, showing the same hash twice."""
+    from preempt_cli.hub import read_weights
+
+    weights = _tiny_safetensors(tmp_path / "w.safetensors")
+    _, _, sha = read_weights(replace(_cfg(str(weights)), sha256=_sha(weights).upper()))
+    assert sha == _sha(weights)

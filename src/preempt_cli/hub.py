@@ -260,7 +260,7 @@ def _find_weights(cfg: ModelConfig, models_dir: Path | None) -> Path:
 
 
 def _check_pin(cfg: ModelConfig, path: Path, actual: str) -> None:
-    if actual == cfg.sha256:
+    if actual == (cfg.sha256 or "").lower():  # a hand-made config may give the hex in capitals
         return
     hint = ""
     rev = cfg.source.revision
