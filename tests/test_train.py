@@ -232,6 +232,24 @@ def test_bad_settings_are_refused(colour_data, tmp_path: Path) -> None:
         train(colour_data, tmp_path / "x.safetensors", config=_small(batch_size=500), arch=_arch(colour_data))
 
 
+@pytest.mark.parametrize("bad", [dict(lr=float("nan")), dict(lr=float("inf")), dict(weight_decay=float("nan")),
+                                 dict(weight_decay=-1.0), dict(step_size=float("nan"))])
+def test_non_finite_settings_are_refused(bad) -> None:
+    # NaN passed "lr <= 0" and trained NaN weights, which were written and registered
+    with pytest.raises(ConfigError, match="must be"):
+        TrainConfig(**bad)
+
+
+def test_weights_made_non_finite_by_the_last_step_are_not_written(colour_data, tmp_path: Path) -> None:
+    # the loss is finite before the one step, which takes the final layer past float32's range: the
+    # divergence check on the loss did not see it, and inf weights were written
+    out = tmp_path / "x.safetensors"
+    cfg = _small(epochs=1, lr=3e38, schedule="cosine", max_batches_per_epoch=1, holdout=0, eval_images=0)
+    with pytest.raises(ConfigError, match="training diverged at epoch 1: .* not finite .*not written"):
+        train(colour_data, out, config=cfg, arch=_arch(colour_data))
+    assert not out.exists() and not checkpoint_path(out).exists()
+
+
 @pytest.mark.parametrize("schedule", ["onecycle", "cosine"])
 def test_schedules_rise_and_fall_to_zero(schedule: str) -> None:
     cfg = TrainConfig(schedule=schedule, lr=0.1)
@@ -354,7 +372,11 @@ def test_training_images_line(colour_data) -> None:
         (["--arch", "cifar_resnet20", "--out", "x.pt"], "must be a .safetensors"),
         # values that once silently became the defaults (--epochs 0 trained 15 epochs)
         (["--arch", "cifar_resnet20", "--epochs", "0"], "epochs must be >= 1"),
-        (["--arch", "cifar_resnet20", "--lr", "0"], "lr must be positive"),
+        (["--arch", "cifar_resnet20", "--lr", "0"], "lr must be a positive number"),
+        # NaN passed the check "lr <= 0": it trained, wrote and registered NaN weights
+        (["--arch", "cifar_resnet20", "--lr", "nan"], "lr must be a positive number, got nan"),
+        (["--arch", "cifar_resnet20", "--weight-decay", "nan"], "weight-decay must be a number >= 0"),
+        (["--arch", "cifar_resnet20", "--weight-decay", "-1"], "weight-decay must be a number >= 0"),
         (["--arch", "cifar_resnet20", "--input-size", "0"], "--input-size must be >= 1"),
         # options of a from-scratch model, which a --base ignored without a word
         (["--base", "cifar10-resnet20-pgdat-a", "--input-size", "32"], "--input-size: only with --arch"),

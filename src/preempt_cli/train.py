@@ -240,8 +240,17 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "attack_steps", "eval_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0 or self.holdout < 0 or self.eval_images < 0:
-            raise ConfigError("lr must be positive; holdout and eval-images must be >= 0")
+        # NaN passes every comparison, and a NaN or infinite rate trains NaN weights that then get saved
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"lr must be a positive number, got {self.lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ConfigError(f"weight-decay must be a number >= 0, got {self.weight_decay}")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.step_size is not None and not 0 < self.step_size <= 1:
+            raise ConfigError(f"step-size must be in (0, 1], got {self.step_size}")
+        if self.holdout < 0 or self.eval_images < 0:
+            raise ConfigError("holdout and eval-images must be >= 0")
         if not 0 <= self.warmup < 1:
             raise ConfigError(f"warmup must be in [0, 1), got {self.warmup}")
         if self.max_batches_per_epoch is not None and self.max_batches_per_epoch < 1:
@@ -560,6 +569,8 @@ def train(
             loss_sum += batch_loss * len(y)
             if on_batch:
                 on_batch(b + 1, per_epoch)
+        # the loss checked above is the one before each step: the last step can still make the weights NaN
+        _refuse_non_finite(model, f"at epoch {epoch + 1}")
         clean = pgd = None
         if len(held_y):
             clean, pgd = evaluate_accuracy(model, held_x, held_y, eps=config.eps or 8 / 255,
@@ -572,11 +583,21 @@ def train(
             on_epoch(stats)
 
     model.eval()
+    _refuse_non_finite(model, f"after epoch {config.epochs}")  # e.g. a checkpoint written before this check
     meta = _metadata(model, config, getattr(base, "name", base), history, metadata or {})
     save_safetensors(dict(model.net.state_dict()), output, meta)
     if not keep_checkpoint and ckpt.exists():
         ckpt.unlink()
     return TrainResult(output, sha256_file(output), config, history, meta)
+
+
+def _refuse_non_finite(model: ImageModel, when: str) -> None:
+    """Raise when a weight or buffer of ``model`` is NaN or infinite: such a model would be written,
+    registered and then used, predicting the same class whatever the input."""
+    bad = [k for k, v in model.net.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ConfigError(f"training diverged {when}: {len(bad)} tensors of weights are not finite ({bad[0]}, ...); "
+                          "not written; lower --lr")  # fmt: skip
 
 
 def _cpu_like(generator: torch.Generator, t: torch.Tensor) -> torch.Generator:
