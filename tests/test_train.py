@@ -109,6 +109,21 @@ def test_data_errors_are_clear(tmp_path: Path) -> None:
         load_train_data(tmp_path / "bad")
 
 
+def test_16_bit_grayscale_is_scaled_not_clipped(tmp_path: Path) -> None:
+    # convert("RGB") clipped 0..65535 to 255: a 16-bit photo trained as nearly white
+    levels = np.array([[0, 128, 129, 32896], [40000, 65407, 65408, 65535]], np.uint16)
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        Image.fromarray(levels).save(tmp_path / cls / "g.png")
+    assert Image.open(tmp_path / "a" / "g.png").mode.startswith("I")
+    data = load_train_data(tmp_path)
+    expected = np.round(levels / 257).astype(np.uint8)
+    assert (data.images[0] == torch.from_numpy(expected)[None]).all(), data.images[0, 0]
+    Image.fromarray(levels.astype(np.float32)).save(tmp_path / "b" / "f.tiff")  # no range to scale from
+    with pytest.raises(ImageReadError, match="mode F"):
+        load_train_data(tmp_path)
+
+
 def test_held_out_split_is_fixed_and_disjoint(colour_data) -> None:
     train_a, held_a = colour_data.split(12)
     train_b, held_b = colour_data.split(12)

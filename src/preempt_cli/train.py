@@ -44,6 +44,7 @@ from .attacks import PGD
 from .engine import eval_mode, native_bf16, refuse_int_levels
 from .errors import ConfigError, ImageReadError
 from .hub import save_safetensors, sha256_file
+from .imageio import _GRAY16_MODES
 from .models import ImageModel, build_model, load_model
 from .registry import ModelConfig, Source
 
@@ -110,13 +111,28 @@ class TrainData:
                 replace(self, images=self.images[held], labels=self.labels[held]))  # fmt: skip
 
 
+def _to_8_bits(im: Image.Image, name: str) -> Image.Image:
+    """``im`` as 8-bit grayscale when it is 16-bit (or 32-bit integer) grayscale, scaled: Pillow's
+    ``convert`` clips those values to 255, so a 16-bit photo came out nearly white."""
+    if im.mode in _GRAY16_MODES or im.mode == "I":
+        arr = np.asarray(im).astype(np.int64)
+        if arr.size and (arr.min() < 0 or arr.max() > 65535):  # as protect reads them: 16-bit or nothing
+            raise ImageReadError(name, "32-bit integer images with values outside 0..65535 are not supported")
+        return Image.fromarray(((arr + 128) // 257).astype(np.uint8), "L")  # round(v / 257): 65535 -> 255
+    if im.mode == "F":  # no range to scale from: 0..1 and 0..255 are both found
+        raise ImageReadError(name, "floating-point images (mode F) are not supported")
+    return im
+
+
 def _decode(data: bytes, name: str, size: tuple[int, int] | None) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as im:
-            im = im.convert("RGB")
+            im = _to_8_bits(im, name).convert("RGB")
             if size is not None and im.size != (size[1], size[0]):
                 im = im.resize((size[1], size[0]), Image.Resampling.BICUBIC)
             return np.asarray(im, dtype=np.uint8)
+    except ImageReadError:
+        raise
     except Exception as e:  # PIL raises many types for damaged files
         raise ImageReadError(name, f"cannot decode training image: {e}") from e
 
