@@ -445,6 +445,49 @@ def test_cli_resume_never_retrains_a_finished_model(colour_dir: Path, tmp_path: 
     assert out.read_bytes() == b"a finished model"
 
 
+def test_cli_a_checkpoint_is_resumed_or_overwritten_only_when_asked(colour_dir: Path, tmp_path: Path,
+                                                                   isolated_config: Path) -> None:  # fmt: skip
+    # a re-run without --resume started over at epoch 1, overwrote the checkpoint and deleted it, silently
+    out = tmp_path / "net.safetensors"
+    checkpoint_path(out).write_bytes(b"an interrupted run's checkpoint")
+    args = ["train", str(colour_dir), "--arch", "cifar_resnet20", "--out", str(out), "--epochs", "1",
+            "--max-batches", "1", "--batch-size", "8", "--holdout", "0", "--eval-images", "0", "--amp", "off",
+            "--no-register", "--device", "cpu", "-q"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert f"a checkpoint of an interrupted run is at {checkpoint_path(out)}: --resume continues it, --force " \
+           "starts over" in result.stderr  # fmt: skip
+    assert checkpoint_path(out).read_bytes() == b"an interrupted run's checkpoint" and not out.exists()
+    result = CliRunner().invoke(app, [*args, "--force"])
+    assert result.exit_code == 0, result.output
+    assert out.is_file() and not checkpoint_path(out).exists()
+
+
+@pytest.mark.parametrize(("command", "says"), [
+    ("train", "interrupted: run the same command with --resume to continue after the last finished epoch"),
+    ("keygen", "interrupted: keygen keeps no checkpoint (it would hold the secret seed's state): a re-run starts over"),
+])  # fmt: skip
+def test_cli_interrupt_says_what_a_re_run_does(command: str, says: str, colour_dir: Path, tmp_path: Path,
+                                               isolated_config: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    # both said "run again to do the rest", and a plain re-run of train started over
+    import preempt_cli.cli._train as cli_train
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_train, command, interrupted)
+    out = str(tmp_path / "o.safetensors")
+    common = ["--holdout", "0", "--eval-images", "0", "--no-register", "--device", "cpu"]
+    if command == "train":
+        args = ["train", str(colour_dir), "--arch", "cifar_resnet20", "--out", out, *common]
+    else:
+        args = ["keygen", "--base", "cifar10-resnet20-pgdat-a", "--data", str(colour_dir), "--out", out, *common]
+        monkeypatch.setattr(cli_train, "get_model_config", lambda name, reg: arch_config(
+            "cifar_resnet20", classes=("blue", "green", "red"), input_size=(3, 16, 16)))  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code != 0 and says in result.stderr, result.output
+
+
 def test_keygen_leaves_no_checkpoint_even_when_interrupted(colour_data, tmp_path: Path) -> None:
     # a checkpoint holds the secret-seeded generator's state: an interrupted keygen must not leave one
     _, reg = _colour_base(colour_data, tmp_path, epochs=1)

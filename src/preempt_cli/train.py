@@ -602,7 +602,7 @@ def train(
     _refuse_non_finite(model, f"after epoch {config.epochs}")  # e.g. a checkpoint written before this check
     meta = _metadata(model, config, getattr(base, "name", base), history, metadata or {})
     save_safetensors(dict(model.net.state_dict()), output, meta)
-    if not keep_checkpoint and ckpt.exists():
+    if checkpoints and not keep_checkpoint and ckpt.exists():  # (not another run's, which keygen never wrote)
         ckpt.unlink()
     return TrainResult(output, sha256_file(output), config, history, meta)
 

@@ -63,6 +63,13 @@ NameOpt = Annotated[
 ]
 NoRegisterOpt = Annotated[bool, typer.Option("--no-register", help="Do not add the result to the user registry.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing output file and registry entry.")]
+TrainForceOpt = Annotated[bool, typer.Option(
+    "--force", help="Overwrite an existing output file and registry entry; without --resume, start over from an "
+    "interrupted run's checkpoint.")]  # fmt: skip
+#: what a re-run after Ctrl-C does: train continues from the checkpoint of the last finished epoch, keygen
+#: keeps none (it would hold the secret-seeded generator's state)
+TRAIN_INTERRUPTED = "run the same command with --resume to continue after the last finished epoch"
+KEYGEN_INTERRUPTED = "keygen keeps no checkpoint (it would hold the secret seed's state): a re-run starts over"
 #: ``train``'s defaults of --epochs and --lr, from scratch and fine-tuning a --base.
 SCRATCH_EPOCHS, SCRATCH_LR = 15, 0.2
 FINE_TUNE_EPOCHS, FINE_TUNE_LR = 5, 0.05
@@ -125,10 +132,16 @@ def _reporter(json_out: bool, quiet: bool):
     return progress, {"on_batch": on_batch, "on_epoch": on_epoch, "on_epoch_start": on_epoch_start}
 
 
-def _check_output(out: Path, force: bool, resume: bool) -> Path:
+def _check_output(out: Path, force: bool, resume: bool, *, checkpoints: bool = True) -> Path:
+    """``out``, checked before any data is read. ``checkpoints``: the command resumes from checkpoints
+    (train; keygen keeps none)."""
     out = out.expanduser()
     if out.suffix != ".safetensors":
         raise ConfigError(f"{out}: the output must be a .safetensors file")
+    ckpt = checkpoint_path(out)
+    if checkpoints and ckpt.is_file() and not resume and not force:  # a plain re-run would start over and overwrite it
+        raise ConfigError(f"a checkpoint of an interrupted run is at {ckpt}: --resume continues it, --force "
+                          "starts over")  # fmt: skip
     if out.exists() and not force:
         if not resume:
             raise ConfigError(f"{out} exists; pass --force to overwrite it")
@@ -215,8 +228,9 @@ def train_cmd(
         Optional[str], typer.Option("--role", help="Registry role (default: backbone for adversarial training, else classifier).")
     ] = None,
     no_register: NoRegisterOpt = False,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from the checkpoint beside --out.")] = False,
-    force: ForceOpt = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the checkpoint beside --out "
+                                         "(OUT.ckpt, written after every epoch).")] = False,
+    force: TrainForceOpt = False,
     device: c.DeviceOpt = "auto",
     models_dir: c.ModelsDirOpt = None,
     registry: c.RegistryOpt = None,
@@ -226,7 +240,7 @@ def train_cmd(
 ) -> None:
     """Train a backbone (adversarial training) or a classifier, from scratch or from a base model."""
     c.setup_logging(verbose, quiet)
-    with c.handle_errors():
+    with c.handle_errors(interrupted=TRAIN_INTERRUPTED):
         if (base is None) == (arch is None):
             raise ConfigError("give exactly one of --base NAME (fine-tune) or --arch ARCH (from scratch)")
         if base is not None:  # a base brings its own architecture, input size and dataset
@@ -316,8 +330,8 @@ def keygen_cmd(
 ) -> None:
     """Derive your private backbone (key) from a public robust model by a short secret-seeded fine-tune."""
     c.setup_logging(verbose, quiet)
-    with c.handle_errors():
-        out = _check_output(out, force, False)
+    with c.handle_errors(interrupted=KEYGEN_INTERRUPTED):
+        out = _check_output(out, force, False, checkpoints=False)
         if not no_register:  # a name that cannot be registered fails now, not after training
             check_registrable(name or out.stem, overwrite=force)
         config = TrainConfig(**(asdict(KEYGEN_DEFAULTS) | {
