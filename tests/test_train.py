@@ -7,6 +7,7 @@ suffice to show that training learns, and runs take about a second.
 from __future__ import annotations
 
 import json
+import os
 import zipfile
 from pathlib import Path
 
@@ -486,6 +487,45 @@ def test_cli_interrupt_says_what_a_re_run_does(command: str, says: str, colour_d
             "cifar_resnet20", classes=("blue", "green", "red"), input_size=(3, 16, 16)))  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code != 0 and says in result.stderr, result.output
+
+
+@pytest.mark.parametrize(("out", "message"), [
+    ("folder.safetensors", "folder.safetensors is a folder: name the .safetensors file to write"),
+    ("file/x.safetensors", "file is a file, not a folder"),
+    ("file/sub/x.safetensors", "file is a file, not a folder"),
+    ("locked/x.safetensors", "cannot write in"),
+])  # fmt: skip
+@pytest.mark.parametrize("command", ["train", "keygen"])
+def test_cli_an_unwritable_output_fails_before_training(command: str, out: str, message: str, colour_dir: Path,
+                                                         tmp_path: Path, isolated_config: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    # each failed after the whole training, with exit 1 ("cannot write: File exists" under a file)
+    (tmp_path / "folder.safetensors").mkdir()
+    (tmp_path / "file").write_bytes(b"")
+    (tmp_path / "locked").mkdir(mode=0o500)
+    if out.startswith("locked") and os.access(tmp_path / "locked", os.W_OK):  # root writes in it anyway
+        def denied(*args, **kwargs):
+            raise PermissionError(13, "Permission denied")
+
+        monkeypatch.setattr("preempt_cli.cli._train.tempfile.mkstemp", denied)
+    target = str(tmp_path / out)
+    if command == "train":
+        args = ["train", str(colour_dir), "--arch", "cifar_resnet20", "--out", target, "--force"]
+    else:
+        args = ["keygen", "--base", "no-such-model", "--data", str(colour_dir), "--out", target, "--force"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and message in result.stderr, result.output
+    assert len(result.stderr.strip().splitlines()) == 1 and "training on" not in result.stderr
+
+
+def test_cli_output_folders_are_made_when_missing(colour_dir: Path, tmp_path: Path, isolated_config: Path) -> None:
+    out = tmp_path / "new" / "sub" / "x.safetensors"
+    args = ["train", str(colour_dir), "--arch", "cifar_resnet20", "--out", str(out), "--epochs", "1",
+            "--max-batches", "1", "--batch-size", "8", "--holdout", "0", "--eval-images", "0", "--amp", "off",
+            "--no-register", "--device", "cpu", "-q"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0 and out.is_file(), result.output
+    assert [p.name for p in out.parent.iterdir()] == ["x.safetensors"]  # no probe left behind
 
 
 def test_keygen_leaves_no_checkpoint_even_when_interrupted(colour_data, tmp_path: Path) -> None:

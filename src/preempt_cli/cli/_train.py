@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -138,6 +140,7 @@ def _check_output(out: Path, force: bool, resume: bool, *, checkpoints: bool = T
     out = out.expanduser()
     if out.suffix != ".safetensors":
         raise ConfigError(f"{out}: the output must be a .safetensors file")
+    _check_writable(out)
     ckpt = checkpoint_path(out)
     if checkpoints and ckpt.is_file() and not resume and not force:  # a plain re-run would start over and overwrite it
         raise ConfigError(f"a checkpoint of an interrupted run is at {ckpt}: --resume continues it, --force "
@@ -149,6 +152,29 @@ def _check_output(out: Path, force: bool, resume: bool, *, checkpoints: bool = T
             raise ConfigError(f"--resume: {out} is finished (no checkpoint {checkpoint_path(out).name} beside "
                               "it); pass --force to train it again")  # fmt: skip
     return out
+
+
+def _check_writable(out: Path) -> None:
+    """Refuse an output that could not be written, now rather than when the whole training is done: a
+    folder, one under a file, or one in a folder this process cannot write (a temporary file is created
+    and removed there; missing folders are not created yet, their nearest existing one is tried).
+
+    Raises:
+        ConfigError: one line saying which.
+    """
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder: name the .safetensors file to write")
+    folder = out.parent
+    while not folder.exists() and folder != folder.parent:  # created when the weights are written
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ConfigError(f"--out {out}: {folder} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".preempt-write-test.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ConfigError(f"--out {out}: cannot write in {folder} ({e.strerror or e})") from None
 
 
 def _register(result: TrainResult, name: str, role: str, base_cfg: Any, force: bool) -> Path:
