@@ -394,6 +394,8 @@ def test_training_images_line(colour_data) -> None:
         (["--arch", "cifar_resnet20", "--weight-decay", "nan"], "weight-decay must be a number >= 0"),
         (["--arch", "cifar_resnet20", "--weight-decay", "-1"], "weight-decay must be a number >= 0"),
         (["--arch", "cifar_resnet20", "--input-size", "0"], "--input-size must be >= 1"),
+        # refused only at registration, once the weights were written (a re-run then said they exist)
+        (["--arch", "cifar_resnet20", "--role", "foo"], "--role must be one of backbone, classifier, victim, any"),
         # options of a from-scratch model, which a --base ignored without a word
         (["--base", "cifar10-resnet20-pgdat-a", "--input-size", "32"], "--input-size: only with --arch"),
         (["--base", "cifar10-resnet20-pgdat-a", "--arch-arg", "shortcut=pad_end"], "--arch-arg: only with --arch"),
@@ -404,6 +406,7 @@ def test_cli_train_usage_errors(extra: list[str], message: str, colour_dir: Path
     args = ["train", str(colour_dir), "--out", str(tmp_path / "o.safetensors"), *extra]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2 and message in result.output
+    assert not (tmp_path / "o.safetensors").exists() and "training on" not in result.output
 
 
 def test_cli_keygen_help_mentions_the_secret() -> None:
@@ -516,6 +519,19 @@ def test_cli_an_unwritable_output_fails_before_training(command: str, out: str, 
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2 and message in result.stderr, result.output
     assert len(result.stderr.strip().splitlines()) == 1 and "training on" not in result.stderr
+
+
+def test_cli_a_row_the_registry_refuses_fails_before_training(colour_dir: Path, tmp_path: Path, isolated_config: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    import preempt_cli.cli._train as cli_train
+
+    real = cli_train._registry_row
+    monkeypatch.setattr(cli_train, "_registry_row", lambda *a: real(*a) | {"num_classes": 0})  # any invalid row
+    out = tmp_path / "x.safetensors"
+    result = CliRunner().invoke(app, ["train", str(colour_dir), "--arch", "cifar_resnet20", "--out", str(out)])
+    assert result.exit_code == 2 and "cannot register the result as 'x': model 'x': num_classes must be" in result.stderr
+    assert "training on" not in result.stderr and not out.exists()
+    assert not (isolated_config / "preempt" / "models.toml").exists()
 
 
 def test_cli_output_folders_are_made_when_missing(colour_dir: Path, tmp_path: Path, isolated_config: Path) -> None:

@@ -13,8 +13,8 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
 from ..engine import parse_eps
-from ..errors import ConfigError
-from ..registry import check_registrable, get_model_config, register_model, user_registry_path
+from ..errors import ConfigError, RegistryError
+from ..registry import ROLES, check_registrable, get_model_config, register_model, user_registry_path
 from ..train import (
     KEYGEN_DEFAULTS,
     EpochStats,
@@ -177,9 +177,8 @@ def _check_writable(out: Path) -> None:
         raise ConfigError(f"--out {out}: cannot write in {folder} ({e.strerror or e})") from None
 
 
-def _register(result: TrainResult, name: str, role: str, base_cfg: Any, force: bool) -> Path:
-    cfg = base_cfg
-    row = {
+def _registry_row(cfg: Any, output: Path, sha256: str, role: str, description: str) -> dict[str, Any]:
+    return {
         "arch": cfg.arch,
         "arch_args": dict(cfg.arch_args) or None,
         "dataset": cfg.dataset,
@@ -188,11 +187,32 @@ def _register(result: TrainResult, name: str, role: str, base_cfg: Any, force: b
         "std": list(cfg.std) if cfg.std else "none",
         "classes": list(cfg.classes) if cfg.classes else None,
         "num_classes": cfg.num_classes,
-        "source": f"file:{result.output.resolve()}",
-        "sha256": result.sha256,
+        "source": f"file:{output.resolve()}",
+        "sha256": sha256,
         "role": role,
-        "description": result.metadata.get("training", ""),
+        "description": description,
     }
+
+
+def _check_role(role: str | None) -> None:
+    if role is not None and role not in ROLES:
+        raise ConfigError(f"--role must be one of {', '.join(ROLES)}, got {role!r}")
+
+
+def _check_registration(name: str, role: str, cfg: Any, out: Path) -> None:
+    """Register the row the run will register, with a placeholder hash, in a throwaway registry: a row the
+    registry would refuse (an empty --dataset, say) fails now, not once the weights are written (when a
+    re-run says they exist). A name clash is :func:`check_registrable`'s."""
+    with tempfile.TemporaryDirectory(prefix="preempt-check-") as tmp:
+        try:
+            register_model(name, _registry_row(cfg, out, "0" * 64, role, ""), Path(tmp) / "models.toml",
+                           overwrite=True)  # fmt: skip
+        except RegistryError as e:
+            raise ConfigError(f"cannot register the result as {name!r}: {e.reason}") from None
+
+
+def _register(result: TrainResult, name: str, role: str, base_cfg: Any, force: bool) -> Path:
+    row = _registry_row(base_cfg, result.output, result.sha256, role, result.metadata.get("training", ""))
     return register_model(name, row, overwrite=force)
 
 
@@ -276,9 +296,11 @@ def train_cmd(
                 raise ConfigError(f"{', '.join(given)}: only with --arch (a --base model brings its own)")
         if input_size is not None and input_size < 1:
             raise ConfigError(f"--input-size must be >= 1, got {input_size}")
+        _check_role(role)
         out = _check_output(out, force, resume)
         if not no_register:  # a name that cannot be registered fails now, not after training
             check_registrable(name or out.stem, overwrite=force)
+        role = role or ("classifier" if method == "standard" else "backbone")
         config = TrainConfig(
             method=method, eps=parse_eps(eps), step_size=parse_eps(step_size) if step_size else None,
             attack_steps=attack_steps,
@@ -298,6 +320,8 @@ def train_cmd(
             arch_cfg = model_cfg = arch_config(arch, classes=dataset.classes, arch_args=_arch_args(arch_arg or []),
                                                dataset=dataset_name or _guess_dataset(dataset.classes, data),
                                                input_size=(3, *dataset.images.shape[2:]), name=name or out.stem)  # fmt: skip
+        if not no_register:
+            _check_registration(name or out.stem, role, model_cfg, out)
         if not quiet and not json_out:
             images = _training_images(dataset, holdout, f"{len(dataset.classes)} classes")
             c.stderr.print(f"training on {images} from {data}: {config.describe()}, "
@@ -306,8 +330,8 @@ def train_cmd(
         with progress:
             result = train(dataset, out, config=config, base=base, arch=arch_cfg, models_dir=models_dir,
                            registry=registry or (), device=torch_device, resume=resume, **callbacks)  # fmt: skip
-        _finish(result, name=name, register=not no_register, role=role or ("classifier" if method == "standard" else "backbone"),
-                model_cfg=model_cfg, force=force, json_out=json_out, quiet=quiet, started=started)  # fmt: skip
+        _finish(result, name=name, register=not no_register, role=role, model_cfg=model_cfg, force=force,
+                json_out=json_out, quiet=quiet, started=started)  # fmt: skip
 
 
 def _guess_dataset(classes: tuple[str, ...], data: Path) -> str:
@@ -368,6 +392,8 @@ def keygen_cmd(
         torch_device = _setup_torch(device)
         model_cfg = get_model_config(base, registry or ())
         dataset = load_train_data(data, input_hw=model_cfg.input_size[1:], classes=model_cfg.classes)
+        if not no_register:
+            _check_registration(name or out.stem, "backbone", model_cfg, out)
         if not quiet and not json_out:
             c.stderr.print(f"deriving a key from {base} on {_training_images(dataset, holdout)}: {config.describe()}, "
                            f"{resolve_amp(torch_device, amp)} autocast, on {torch_device}", markup=False)  # fmt: skip
