@@ -306,6 +306,19 @@ def test_keygen_derives_distinct_keys_and_never_stores_the_seed(colour_data, tmp
         assert b"123456789" not in raw and b"987654321" not in raw
         assert "secret seed (not stored)" in r.metadata["training"]
         assert not checkpoint_path(r.output).exists()
+    assert k1.config.seed == 123456789  # the caller's own seed is theirs to see
+
+
+def test_keygen_returns_no_secret_seed(colour_data, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the result's config held the seed drawn from the OS (its repr printed it): the CLI, weights and
+    # registry never hold it, so neither may the API's result
+    import preempt_cli.train as train_module
+
+    _, reg = _colour_base(colour_data, tmp_path, epochs=1)
+    monkeypatch.setattr(train_module, "new_secret_seed", lambda: 5555555555555)
+    key = keygen("colour-base", colour_data, tmp_path / "k.safetensors", config=_keygen_config(max_batches_per_epoch=1),
+                 registry=[reg])  # fmt: skip
+    assert key.config.seed is None and "5555555555555" not in repr(key)
 
 
 # -- registry -------------------------------------------------------------------------------------------------

@@ -237,7 +237,7 @@ class TrainConfig:
     holdout: int = 1000
     eval_images: int = 500
     eval_steps: int = 10
-    seed: int = 0
+    seed: int = 0  # None only in the result of a keygen whose seed was secret
     reinit_last: bool = False  # re-initialize the final linear layer (keygen)
     amp: str = "auto"  # "auto" (bf16 where the hardware runs it natively), "bf16", "off"
     max_batches_per_epoch: int | None = None  # shorter epochs (keygen, tests)
@@ -652,14 +652,21 @@ def keygen(
 ) -> TrainResult:
     """Derive a private backbone from the public ``base``: a short adversarial fine-tune whose data order,
     augmentation, attack starts and re-initialized final layer all come from a secret ``seed`` (a fresh
-    one from the OS when None). The seed is never written anywhere: the weights file *is* the key."""
-    seed = new_secret_seed() if seed is None else seed
+    one from the OS when None). The seed is never written anywhere: the weights file *is* the key.
+
+    The result's ``config.seed`` is ``seed`` when given, else None: the drawn seed is not returned either
+    (a repr of the result, a log of it, would hold it)."""
+    secret = seed is None
+    seed = new_secret_seed() if secret else seed
     config = replace(config, seed=seed)
-    return train(data, output, config=config, base=base, models_dir=models_dir, registry=registry, device=device,
+    result = train(data, output, config=config, base=base, models_dir=models_dir, registry=registry, device=device,
                  checkpoints=False,
                  metadata={"training": f"preempt keygen: {config.describe()} from {getattr(base, 'name', base)}, "
                            "final layer re-initialized; secret seed (not stored)"},
                  on_epoch=on_epoch, on_batch=on_batch, on_epoch_start=on_epoch_start)  # fmt: skip
+    if secret:
+        result.config = replace(result.config, seed=None)  # type: ignore[arg-type]
+    return result
 
 
 def arch_config(arch: str, *, classes: Sequence[str], input_size: tuple[int, int, int] = (3, 32, 32),
