@@ -230,14 +230,45 @@ def test_interrupted_run_resumes_to_the_same_weights(colour_data, tmp_path: Path
     # a checkpoint of other settings is refused rather than silently mixed in
     with pytest.raises(Stop):
         train(colour_data, out.with_name("x.safetensors"), config=cfg, arch=_arch(colour_data), on_epoch=stop_after_first)
-    with pytest.raises(ConfigError, match="other settings"):
+    with pytest.raises(ConfigError, match=r"other settings \(epochs 3 there, 4 here\)"):  # which ones, named
         train(colour_data, out.with_name("x.safetensors"), config=_small(epochs=4, eval_images=0),
               arch=_arch(colour_data), resume=True)  # fmt: skip
     # and so is one made on other images, even as many of them
     other = type(colour_data)(colour_data.source, colour_data.images.flip(0), colour_data.labels.flip(0),
                               colour_data.classes)  # fmt: skip
-    with pytest.raises(ConfigError, match="other settings"):
+    with pytest.raises(ConfigError, match=r"other settings \(the training images\)"):
         train(other, out.with_name("x.safetensors"), config=cfg, arch=_arch(colour_data), resume=True)
+
+
+def test_a_damaged_checkpoint_is_named_with_what_to_do(colour_data, tmp_path: Path) -> None:
+    # a resume said "internal error: SafetensorError ..." or "internal error: KeyError: 'rng'", naming no file
+    from preempt_cli.hub import save_safetensors
+
+    cfg = _small(epochs=2, eval_images=0, max_batches_per_epoch=1)
+    out = tmp_path / "x.safetensors"
+
+    class Stop(Exception):
+        pass
+
+    def stop(stats) -> None:
+        raise Stop
+
+    with pytest.raises(Stop):
+        train(colour_data, out, config=cfg, arch=_arch(colour_data), on_epoch=stop)
+    ckpt = checkpoint_path(out)
+    whole = ckpt.read_bytes()
+    with safe_open(str(ckpt), "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k).clone() for k in f.keys() if k != "rng"}  # not views of the file
+    damaged = {"truncated": lambda: ckpt.write_bytes(whole[: len(whole) // 2]),
+               "no rng": lambda: save_safetensors(tensors, ckpt, meta)}  # fmt: skip
+    for name, damage in damaged.items():
+        damage()
+        with pytest.raises(ConfigError) as err:
+            train(colour_data, out, config=cfg, arch=_arch(colour_data), resume=True)
+        message = str(err.value)
+        assert message.startswith(f"{ckpt}: damaged checkpoint (") and "--force" in message, (name, message)
+        assert "\n" not in message and not out.exists()
 
 
 def test_bad_settings_are_refused(colour_data, tmp_path: Path) -> None:

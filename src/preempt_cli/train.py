@@ -430,22 +430,55 @@ def _save_checkpoint(path: Path, model: ImageModel, opt: torch.optim.Optimizer, 
 
 def _load_checkpoint(path: Path, model: ImageModel, opt: torch.optim.Optimizer, generator: torch.Generator,
                      fingerprint: str) -> tuple[int, list[EpochStats]]:  # fmt: skip
+    """Restore the run saved in ``path``: (epochs done, their statistics).
+
+    Raises:
+        ConfigError: the checkpoint is of a run with other settings (named), or damaged.
+    """
     from safetensors import safe_open
 
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("fingerprint") != fingerprint:
-            raise ConfigError(f"{path}: checkpoint of a run with other settings; delete it or drop --resume")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    device = next(model.parameters()).device
-    model.net.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    params = dict(model.net.named_parameters())
-    for key, value in tensors.items():
-        if key.startswith("momentum."):
-            opt.state[params[key[9:]]]["momentum_buffer"] = value.to(device)
-    generator.set_state(tensors["rng"])
-    history = [EpochStats(**h) for h in json.loads(meta.get("history", "[]"))]
-    return int(meta["epoch"]), history
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("fingerprint") != fingerprint:
+                raise ConfigError(f"{path}: checkpoint of a run with other settings "
+                                  f"({_differences(meta.get('fingerprint'), fingerprint)}); resume with those settings, or "
+                                  "delete it (or run with --force instead of --resume) to start over")  # fmt: skip
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        device = next(model.parameters()).device
+        model.net.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        params = dict(model.net.named_parameters())
+        for key, value in tensors.items():
+            if key.startswith("momentum."):
+                opt.state[params[key[9:]]]["momentum_buffer"] = value.to(device)
+        generator.set_state(tensors["rng"])
+        history = [EpochStats(**h) for h in json.loads(meta.get("history", "[]"))]
+        return int(meta["epoch"]), history
+    except ConfigError:
+        raise
+    except Exception as e:  # safetensors, torch and json raise many types for a damaged file
+        reason = f"missing {e}" if isinstance(e, KeyError) else str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"{path}: damaged checkpoint ({reason}); delete it, or run with --force instead of "
+                          "--resume, to start over") from None  # fmt: skip
+
+
+def _differences(saved: str | None, now: str) -> str:
+    """What differs between the fingerprint of a checkpoint's run and this run's, e.g.
+    ``epochs 3 there, 4 here``."""
+    try:
+        old, new = json.loads(saved or "{}"), json.loads(now)
+    except ValueError:
+        return "unreadable settings"
+    labels = {"data": "the training images", "n": "the number of training images", "base": "the base model",
+              "arch": "the architecture"}  # fmt: skip
+    found = []
+    for key in sorted(set(old.get("config", {})) | set(new["config"])):
+        a, b = old.get("config", {}).get(key), new["config"].get(key)
+        if a != b:
+            option = {"max_batches_per_epoch": "max-batches"}.get(key, key.replace("_", "-"))
+            found.append(f"{option} {a} there, {b} here")
+    found += [labels[k] for k in labels if old.get(k) != new.get(k)]
+    return "; ".join(found) or "unknown"
 
 
 def _metadata(model: ImageModel, cfg: TrainConfig, base: str | None, history: list[EpochStats], extra: dict[str, str]) -> dict[str, str]:
