@@ -620,6 +620,21 @@ def test_zips_of_several_trees_are_refused_and_macos_extras_ignored(colour_dir: 
     assert torch.equal(loaded.images, colour_data.images) and torch.equal(loaded.labels, colour_data.labels)
 
 
+def test_hidden_folders_and_files_are_not_classes_or_images(colour_dir: Path, tmp_path: Path, colour_data) -> None:
+    # .ipynb_checkpoints/ became a fourth class of an --arch model (protect skips hidden entries)
+    import shutil
+
+    folder = tmp_path / "data"
+    shutil.copytree(colour_dir, folder)
+    (folder / ".ipynb_checkpoints").mkdir()
+    shutil.copy(folder / "red" / "000.png", folder / ".ipynb_checkpoints" / "000-checkpoint.png")
+    shutil.copy(folder / "red" / "000.png", folder / "red" / ".hidden.png")
+    zipped = _zip_of(folder, tmp_path / "data.zip")
+    for source in (folder, zipped):
+        loaded = load_train_data(source, input_hw=(16, 16))
+        assert loaded.classes == colour_data.classes and torch.equal(loaded.images, colour_data.images), source
+
+
 @pytest.mark.parametrize("settings", [dict(eps=1), dict(eps=8), dict(step_size=2)])
 def test_train_config_refuses_an_int_budget(settings) -> None:
     """``TrainConfig(eps=1)`` trained against the whole [0, 1] range, then failed in the epoch's PGD check."""

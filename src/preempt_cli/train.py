@@ -137,6 +137,12 @@ def _decode(data: bytes, name: str, size: tuple[int, int] | None) -> np.ndarray:
         raise ImageReadError(name, f"cannot decode training image: {e}") from e
 
 
+def _hidden(part: str) -> bool:
+    """A hidden entry (``.ipynb_checkpoints``, ``._name`` resource forks) or macOS's ``__MACOSX``: never a
+    class or an image of the set (protect skips them too)."""
+    return part.startswith(".") or part == "__MACOSX"
+
+
 def load_train_data(
     source: Path | str, *, input_hw: Sequence[int] | None = None, classes: Sequence[str] | None = None, workers: int = 4
 ) -> TrainData:
@@ -156,15 +162,16 @@ def load_train_data(
     if source.is_dir():
         for path in sorted(source.rglob("*")):
             rel = path.relative_to(source)
-            if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and len(rel.parts) == 2:
+            if (path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and len(rel.parts) == 2
+                    and not any(_hidden(p) for p in rel.parts)):  # fmt: skip
                 entries.append((rel.parts[0], str(path)))
         read = lambda name: Path(name).read_bytes()  # noqa: E731
         archive = None
     elif source.is_file() and zipfile.is_zipfile(source):
         archive = zipfile.ZipFile(source)
-        # macOS's archiver adds __MACOSX/ and ._name resource forks: not images of the set
+        # macOS's archiver adds __MACOSX/ and ._name resource forks: not images of the set (nor hidden ones)
         names = sorted(n for n in archive.namelist() if not n.endswith("/") and n.lower().endswith(IMAGE_SUFFIXES)
-                       and not n.startswith("__MACOSX/") and not n.rsplit("/", 1)[-1].startswith("._"))  # fmt: skip
+                       and not any(_hidden(p) for p in n.split("/")))  # fmt: skip
         depths = {len(n.split("/")) for n in names}
         if not names or not depths <= {2, 3} or len(depths) != 1:
             raise ConfigError(f"{source}: expected an ImageFolder layout <class>/<file> (or <top>/<class>/<file>)")
