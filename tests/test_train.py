@@ -401,6 +401,25 @@ def test_cli_train_registers_a_backbone_that_protect_uses(colour_dir: Path, tmp_
     assert result.exit_code == 0, result.output
 
 
+def test_cli_no_register_over_a_registered_file_warns_of_its_pin(colour_dir: Path, tmp_path: Path,
+                                                                  isolated_config: Path) -> None:  # fmt: skip
+    # --force --no-register replaced a registered file silently: protect then called it corrupt
+    out = tmp_path / "pinned.safetensors"
+    args = ["train", str(colour_dir), "--arch", "cifar_resnet20", "--out", str(out), "--epochs", "1",
+            "--max-batches", "1", "--batch-size", "8", "--holdout", "0", "--eval-images", "0", "--amp", "off",
+            "--device", "cpu"]  # fmt: skip
+    assert CliRunner().invoke(app, [*args, "-q"]).exit_code == 0
+    result = CliRunner().invoke(app, [*args, "--seed", "1", "--force", "--no-register"])
+    assert result.exit_code == 0, result.output
+    warning = [line for line in result.stderr.splitlines() if "pins the old sha256" in line]
+    assert warning == [f"warning: the registered model 'pinned' pins the old sha256 of {out}, which the new file "
+                       "does not match (loading it fails as corrupt); drop --no-register to update it"], result.stderr
+    # the same weights again: the pin matches, nothing to say
+    assert CliRunner().invoke(app, [*args, "--force", "-q"]).exit_code == 0
+    result = CliRunner().invoke(app, [*args, "--force", "--no-register"])
+    assert result.exit_code == 0 and "pins the old sha256" not in result.stderr
+
+
 def test_cli_train_counts_the_images_it_trains_on(colour_dir: Path, tmp_path: Path, isolated_config: Path) -> None:
     # 72 images, 12 of them held out: it trains on 60 (it said 72)
     args = ["train", str(colour_dir), "--arch", "cifar_resnet20", "--out", str(tmp_path / "n.safetensors"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import time
@@ -13,8 +14,8 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
 from ..engine import parse_eps
-from ..errors import ConfigError, RegistryError
-from ..registry import ROLES, check_registrable, get_model_config, register_model, user_registry_path
+from ..errors import ConfigError, PreemptError, RegistryError
+from ..registry import ROLES, check_registrable, get_model_config, load_registry, register_model, user_registry_path
 from ..train import (
     KEYGEN_DEFAULTS,
     EpochStats,
@@ -30,6 +31,8 @@ from ..train import (
 )
 from . import _common as c
 from ._files import _setup_torch
+
+_logger = logging.getLogger(__name__)
 
 TRAIN_EPILOG = """\
 [bold]Examples[/]
@@ -216,12 +219,35 @@ def _register(result: TrainResult, name: str, role: str, base_cfg: Any, force: b
     return register_model(name, row, overwrite=force)
 
 
+def _warn_stale_pins(result: TrainResult, registry: list[Path] | None, models_dir: Path | None) -> None:
+    """Warn of registered rows that load the file just written but pin another sha256 (``--force
+    --no-register`` over a registered model): loading them would now fail as if the file were corrupt."""
+    from ..hub import _local_candidates
+
+    try:
+        models = load_registry(registry or ())
+    except PreemptError:  # a broken registry is reported by the commands that read it
+        return
+    written = result.output.resolve()
+    for name, cfg in sorted(models.items()):
+        if cfg.source.kind != "file" or not cfg.sha256 or cfg.sha256 == result.sha256:
+            continue
+        found = next((p for p in _local_candidates(cfg, models_dir) if p.is_file()), None)
+        if found is not None and found.resolve() == written:
+            how = "drop --no-register" if name == result.output.stem else f"use --name {name} instead of --no-register"
+            _logger.warning("the registered model %r pins the old sha256 of %s, which the new file does not match "
+                            "(loading it fails as corrupt); %s to update it", name, result.output, how)  # fmt: skip
+
+
 def _finish(result: TrainResult, *, name: str | None, register: bool, role: str, model_cfg: Any, force: bool,
-            json_out: bool, quiet: bool, started: float) -> None:  # fmt: skip
+            json_out: bool, quiet: bool, started: float, registry: list[Path] | None = None,
+            models_dir: Path | None = None) -> None:  # fmt: skip
     registered = None
     name = name or result.output.stem
     if register:
         registered = _register(result, name, role, model_cfg, force)
+    else:
+        _warn_stale_pins(result, registry, models_dir)
     final = result.final
     summary = {"event": "done", "output": str(result.output), "sha256": result.sha256,
                "name": name if register else None, "registry": str(registered) if registered else None,
@@ -331,7 +357,7 @@ def train_cmd(
             result = train(dataset, out, config=config, base=base, arch=arch_cfg, models_dir=models_dir,
                            registry=registry or (), device=torch_device, resume=resume, **callbacks)  # fmt: skip
         _finish(result, name=name, register=not no_register, role=role, model_cfg=model_cfg, force=force,
-                json_out=json_out, quiet=quiet, started=started)  # fmt: skip
+                json_out=json_out, quiet=quiet, started=started, registry=registry, models_dir=models_dir)  # fmt: skip
 
 
 def _guess_dataset(classes: tuple[str, ...], data: Path) -> str:
@@ -402,7 +428,7 @@ def keygen_cmd(
             result = keygen(base, dataset, out, seed=secret_seed, config=config, models_dir=models_dir,
                             registry=registry or (), device=torch_device, **callbacks)  # fmt: skip
         _finish(result, name=name, register=not no_register, role="backbone", model_cfg=model_cfg, force=force,
-                json_out=json_out, quiet=quiet, started=started)  # fmt: skip
+                json_out=json_out, quiet=quiet, started=started, registry=registry, models_dir=models_dir)  # fmt: skip
 
 
 __all__ = ["train_cmd", "keygen_cmd", "TRAIN_EPILOG", "KEYGEN_EPILOG", "user_registry_path"]
