@@ -106,8 +106,18 @@ def test_data_errors_are_clear(tmp_path: Path) -> None:
     bad = tmp_path / "bad" / "cat"
     bad.mkdir(parents=True)
     (bad / "broken.png").write_bytes(b"not a png")
+    # one class trained a model that answers it whatever the input ("1 classes")
+    with pytest.raises(ConfigError, match=r"1 class folder \(cat\); training needs at least 2"):
+        load_train_data(tmp_path / "bad")
+    (tmp_path / "bad" / "dog").mkdir()
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "bad" / "dog" / "ok.png")
     with pytest.raises(ImageReadError, match="broken.png"):
         load_train_data(tmp_path / "bad")
+    # a member of a zip is named with the zip (it was named alone, as if it were a file)
+    zipped = _zip_of(tmp_path / "bad", tmp_path / "bad.zip")
+    with pytest.raises(ImageReadError) as err:
+        load_train_data(zipped)
+    assert str(err.value).startswith(f"{zipped}:train/cat/broken.png: "), str(err.value)
 
 
 def test_16_bit_grayscale_is_scaled_not_clipped(tmp_path: Path) -> None:
@@ -420,6 +430,26 @@ def test_cli_no_register_over_a_registered_file_warns_of_its_pin(colour_dir: Pat
     assert result.exit_code == 0 and "pins the old sha256" not in result.stderr
 
 
+def test_training_description_names_shortened_epochs() -> None:
+    # the weights' and registry's "training" said "5 epochs" of a run cut to one batch each by --max-batches
+    assert ", 5 epochs of at most 1 batch, " in _small(epochs=5, max_batches_per_epoch=1).describe()
+    assert ", 5 epochs, " in _small(epochs=5).describe()
+
+
+def test_cli_keygen_on_too_few_images_says_what_to_change(colour_dir: Path, tmp_path: Path, isolated_config: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    # it said "fewer than one batch of 128", though keygen has no --batch-size
+    import preempt_cli.cli._train as cli_train
+
+    monkeypatch.setattr(cli_train, "get_model_config", lambda name, reg: arch_config(
+        "cifar_resnet20", classes=("blue", "green", "red"), input_size=(3, 16, 16)))  # fmt: skip
+    result = CliRunner().invoke(app, ["keygen", "--base", "colour-base", "--data", str(colour_dir), "--out",
+                                      str(tmp_path / "k.safetensors"), "--holdout", "12", "--no-register"])  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert (f"{colour_dir}: keygen trains in batches of 128, and 60 images (12 held out) are fewer: give more data "
+            "or lower --holdout") in result.stderr, result.stderr  # fmt: skip
+
+
 def test_cli_train_counts_the_images_it_trains_on(colour_dir: Path, tmp_path: Path, isolated_config: Path) -> None:
     # 72 images, 12 of them held out: it trains on 60 (it said 72)
     args = ["train", str(colour_dir), "--arch", "cifar_resnet20", "--out", str(tmp_path / "n.safetensors"),
@@ -427,7 +457,9 @@ def test_cli_train_counts_the_images_it_trains_on(colour_dir: Path, tmp_path: Pa
             "--amp", "off", "--no-register", "--device", "cpu"]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert "training on 60 images (12 held out; 3 classes) from " in result.stderr, result.stderr
+    # and with --max-batches, says that each epoch trains on fewer (it said 60 and trained on 8)
+    assert "training on 60 images (12 held out; 3 classes; at most 1 batch of 8 per epoch) from " in result.stderr, \
+        result.stderr
     # a holdout of every image is refused before that line (it would say 0)
     result = CliRunner().invoke(app, [*args, "--holdout", "72", "--force"])
     assert result.exit_code == 2 and "--holdout 72 leaves no training images" in result.stderr
@@ -542,7 +574,7 @@ def test_cli_interrupt_says_what_a_re_run_does(command: str, says: str, colour_d
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli_train, command, interrupted)
+    monkeypatch.setattr(cli_train, "load_train_data", interrupted)  # Ctrl-C while reading the data
     out = str(tmp_path / "o.safetensors")
     common = ["--holdout", "0", "--eval-images", "0", "--no-register", "--device", "cpu"]
     if command == "train":

@@ -166,6 +166,7 @@ def load_train_data(
                     and not any(_hidden(p) for p in rel.parts)):  # fmt: skip
                 entries.append((rel.parts[0], str(path)))
         read = lambda name: Path(name).read_bytes()  # noqa: E731
+        label = str
         archive = None
     elif source.is_file() and zipfile.is_zipfile(source):
         archive = zipfile.ZipFile(source)
@@ -181,6 +182,7 @@ def load_train_data(
                               "<top>/<class>/<file> tree: zip the one to train on")  # fmt: skip
         entries = [(n.split("/")[-2], n) for n in names]
         read = archive.read
+        label = lambda name: f"{source}:{name}"  # noqa: E731  (a member is named with its zip)
     elif source.exists():
         raise ConfigError(f"{source}: neither a folder nor a zip file")
     else:
@@ -193,6 +195,8 @@ def load_train_data(
         if unknown:
             raise ConfigError(f"{source}: class folders {unknown[:5]} are not classes of the model {list(classes)[:10]}")
         names = tuple(classes)
+    elif len(found) < 2:  # one class: a model that answers it whatever the input, nothing learnt
+        raise ConfigError(f"{source}: {len(found)} class folder ({found[0]}); training needs at least 2")
     else:
         names = tuple(found)
     index = {c: i for i, c in enumerate(names)}
@@ -200,10 +204,10 @@ def load_train_data(
     if archive is not None:
         archive.close()
     if input_hw is None:
-        input_hw = _decode(raw[0], entries[0][1], None).shape[:2]
+        input_hw = _decode(raw[0], label(entries[0][1]), None).shape[:2]
     size = (int(input_hw[0]), int(input_hw[1]))
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        arrays = list(pool.map(lambda a: _decode(a[0], a[1], size), zip(raw, (n for _, n in entries))))
+        arrays = list(pool.map(lambda a: _decode(a[0], a[1], size), zip(raw, (label(n) for _, n in entries))))
     images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
     labels = torch.tensor([index[c] for c, _ in entries], dtype=torch.int64)
     return TrainData(source, images, labels, names)
@@ -300,7 +304,10 @@ class TrainConfig:
             how = f"fast adversarial training (FGSM-RS, L-inf {self.eps * 255:.4g}/255, step {self.effective_step_size * 255:.4g}/255)"
         else:
             how = f"PGD-AT (L-inf {self.eps * 255:.4g}/255, {self.attack_steps} steps of {self.effective_step_size * 255:.4g}/255)"
-        return f"{how}, {self.epochs} epoch{'s' if self.epochs != 1 else ''}, {self.schedule} lr {self.lr:g}, batch {self.batch_size}, wd {self.weight_decay:g}"
+        epochs = f"{self.epochs} epoch{'s' if self.epochs != 1 else ''}"
+        if self.max_batches_per_epoch:  # shorter epochs: a run of the same epochs that is not the same training
+            epochs += f" of at most {self.max_batches_per_epoch} batch{'es' if self.max_batches_per_epoch != 1 else ''}"
+        return f"{how}, {epochs}, {self.schedule} lr {self.lr:g}, batch {self.batch_size}, wd {self.weight_decay:g}"
 
 
 @dataclass

@@ -107,6 +107,13 @@ def _training_images(dataset: TrainData, holdout: int, *more: str) -> str:
     return f"{dataset.training_size(holdout):,} images" + (f" ({'; '.join(notes)})" if notes else "")
 
 
+def _per_epoch(config: TrainConfig) -> list[str]:
+    """``at most 1 batch of 16 per epoch`` where --max-batches cuts the epochs short (the images line
+    counted them all, though each epoch trains on fewer)."""
+    m = config.max_batches_per_epoch
+    return [f"at most {m} batch{'es' if m != 1 else ''} of {config.batch_size} per epoch"] if m else []
+
+
 def _reporter(json_out: bool, quiet: bool):
     """A progress bar per epoch and one line per finished epoch: (the progress display, the callbacks to
     pass to :func:`~preempt_cli.train.train` by name)."""
@@ -349,7 +356,7 @@ def train_cmd(
         if not no_register:
             _check_registration(name or out.stem, role, model_cfg, out)
         if not quiet and not json_out:
-            images = _training_images(dataset, holdout, f"{len(dataset.classes)} classes")
+            images = _training_images(dataset, holdout, f"{len(dataset.classes)} classes", *_per_epoch(config))
             c.stderr.print(f"training on {images} from {data}: {config.describe()}, "
                            f"{resolve_amp(torch_device, amp)} autocast, on {torch_device}", markup=False)  # fmt: skip
         progress, callbacks = _reporter(json_out, quiet)
@@ -418,10 +425,14 @@ def keygen_cmd(
         torch_device = _setup_torch(device)
         model_cfg = get_model_config(base, registry or ())
         dataset = load_train_data(data, input_hw=model_cfg.input_size[1:], classes=model_cfg.classes)
+        if dataset.training_size(holdout) < config.batch_size:  # keygen has no --batch-size to lower
+            raise ConfigError(f"{data}: keygen trains in batches of {config.batch_size}, and "
+                              f"{_training_images(dataset, holdout)} are fewer: give more data or lower --holdout")  # fmt: skip
         if not no_register:
             _check_registration(name or out.stem, "backbone", model_cfg, out)
         if not quiet and not json_out:
-            c.stderr.print(f"deriving a key from {base} on {_training_images(dataset, holdout)}: {config.describe()}, "
+            c.stderr.print(f"deriving a key from {base} on {_training_images(dataset, holdout, *_per_epoch(config))}: "
+                           f"{config.describe()}, "
                            f"{resolve_amp(torch_device, amp)} autocast, on {torch_device}", markup=False)  # fmt: skip
         progress, callbacks = _reporter(json_out, quiet)
         with progress:
