@@ -78,7 +78,8 @@ _FILE_METADATA_BYTES = 16 << 20
 #: ...and never less than this, so that a small --max-pixels refuses no ordinary file on its size alone.
 _MIN_FILE_BYTES = 64 << 20
 
-_GRAY16_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
+#: Pillow's modes of 16-bit grayscale (read as 16-bit, scaled where 8 bits are needed)
+GRAY16_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
 
 
 def max_file_bytes(max_pixels: int) -> int:
@@ -426,7 +427,7 @@ def _colour_space(mode: str) -> str:
 
 def _split(img: Image.Image, path: Path) -> tuple[np.ndarray, np.ndarray | None, str]:
     mode = img.mode
-    if mode in _GRAY16_MODES or mode == "I":
+    if mode in GRAY16_MODES or mode == "I":
         if "transparency" in img.info:  # PNG tRNS: one grey level transparent; a 16-bit alpha has no mode
             raise ImageReadError(path, "16-bit grayscale with a transparent level (tRNS) is not supported: "
                                        "its transparency would be lost")  # fmt: skip

@@ -44,7 +44,7 @@ from .attacks import PGD
 from .engine import eval_mode, native_bf16, refuse_int_levels
 from .errors import ConfigError, ImageReadError
 from .hub import save_safetensors, sha256_file
-from .imageio import _GRAY16_MODES
+from .imageio import GRAY16_MODES
 from .models import ImageModel, build_model, load_model
 from .registry import ModelConfig, Source
 
@@ -114,7 +114,7 @@ class TrainData:
 def _to_8_bits(im: Image.Image, name: str) -> Image.Image:
     """``im`` as 8-bit grayscale when it is 16-bit (or 32-bit integer) grayscale, scaled: Pillow's
     ``convert`` clips those values to 255, so a 16-bit photo came out nearly white."""
-    if im.mode in _GRAY16_MODES or im.mode == "I":
+    if im.mode in GRAY16_MODES or im.mode == "I":
         arr = np.asarray(im).astype(np.int64)
         if arr.size and (arr.min() < 0 or arr.max() > 65535):  # as protect reads them: 16-bit or nothing
             raise ImageReadError(name, "32-bit integer images with values outside 0..65535 are not supported")
