@@ -37,6 +37,7 @@ __all__ = [
     "save_safetensors",
     "hub_errors",
     "hub_download",
+    "local_candidates",
 ]
 
 MODELS_DIR_ENV = "PREEMPT_MODELS_DIR"
@@ -101,7 +102,10 @@ def _check_header(model: str, path: Path, head: bytes, size: int) -> None:
                                                   f"the file has {size}")  # fmt: skip
 
 
-def _local_candidates(cfg: ModelConfig, models_dir: Path | None) -> list[Path]:
+def local_candidates(cfg: ModelConfig, models_dir: Path | None) -> list[Path]:
+    """The paths where a ``file:`` source's weights are looked for, in order: as given when absolute, else
+    under ``models_dir``, ``PREEMPT_MODELS_DIR``, the folder of the registry that wrote the row, and the
+    package's own weights."""
     raw = Path(cfg.source.location).expanduser()
     if raw.is_absolute():
         return [raw]
@@ -243,7 +247,7 @@ def _hf_offline() -> bool:
 def _find_weights(cfg: ModelConfig, models_dir: Path | None) -> Path:
     kind = cfg.source.kind
     if kind == "file":
-        candidates = _local_candidates(cfg, models_dir)
+        candidates = local_candidates(cfg, models_dir)
         path = next((p for p in candidates if p.is_file()), None)
         if path is None:
             hint = (

@@ -229,7 +229,7 @@ def _register(result: TrainResult, name: str, role: str, base_cfg: Any, force: b
 def _warn_stale_pins(result: TrainResult, registry: list[Path] | None, models_dir: Path | None) -> None:
     """Warn of registered rows that load the file just written but pin another sha256 (``--force
     --no-register`` over a registered model): loading them would now fail as if the file were corrupt."""
-    from ..hub import _local_candidates
+    from ..hub import local_candidates
 
     try:
         models = load_registry(registry or ())
@@ -239,7 +239,7 @@ def _warn_stale_pins(result: TrainResult, registry: list[Path] | None, models_di
     for name, cfg in sorted(models.items()):
         if cfg.source.kind != "file" or not cfg.sha256 or cfg.sha256 == result.sha256:
             continue
-        found = next((p for p in _local_candidates(cfg, models_dir) if p.is_file()), None)
+        found = next((p for p in local_candidates(cfg, models_dir) if p.is_file()), None)
         if found is not None and found.resolve() == written:
             how = "drop --no-register" if name == result.output.stem else f"use --name {name} instead of --no-register"
             _logger.warning("the registered model %r pins the old sha256 of %s, which the new file does not match "
