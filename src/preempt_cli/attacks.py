@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .engine import eval_mode, refuse_int_levels
+from .engine import autograd_usable, eval_mode, refuse_int_levels
 from .errors import ConfigError, LabelError, MissingDependencyError
 
 __all__ = [
@@ -148,11 +148,6 @@ def _check_num_classes(y: torch.Tensor, logits: torch.Tensor) -> None:
         raise LabelError(f"label {int(y.max())} is not a class of a model with {logits.shape[1]} outputs")
 
 
-def _autograd_usable(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Each tensor, copied when it was made under ``torch.inference_mode()`` (autograd refuses those)."""
-    return tuple(t.clone() if t.is_inference() else t for t in tensors)
-
-
 def _l2_norms(t: torch.Tensor) -> torch.Tensor:
     """Per-image L2 norms, shaped [N, 1, 1, 1] for broadcasting."""
     return t.flatten(1).norm(p=2, dim=1).view(-1, 1, 1, 1)
@@ -255,7 +250,7 @@ class PGD:
             return self._perturb(x, y)
 
     def _perturb(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        x0, y0 = _autograd_usable(x.detach().to(self.device, torch.float32), y.detach().to(self.device, torch.long))
+        x0, y0 = autograd_usable(x.detach().to(self.device, torch.float32), y.detach().to(self.device, torch.long))
         generator = torch.Generator(device=self.device)
         generator.manual_seed(self.seed)
 
@@ -518,7 +513,7 @@ class AutoAttack:
             return x.detach().clone(), {"fooled": empty, "fooled_float": empty, "fooled_rounded_once": empty}
         # under torch.inference_mode() too: the reference's gradients need autograd
         with torch.inference_mode(False):
-            xc, yc = _autograd_usable(x.detach().float().contiguous(), y.detach().long().contiguous())
+            xc, yc = autograd_usable(x.detach().float().contiguous(), y.detach().long().contiguous())
             return self._attack(x, xc, yc, report=report)
 
     def _attack(self, x: torch.Tensor, xc: torch.Tensor, yc: torch.Tensor, *, report: bool,

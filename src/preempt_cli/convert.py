@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import warnings
 from pathlib import Path
@@ -12,6 +11,7 @@ import torch
 
 from .errors import ConfigError
 from .hub import save_safetensors, sha256_file
+from .imageio import same_file
 
 __all__ = ["convert_checkpoint"]
 
@@ -85,13 +85,6 @@ def _load_refusal(checkpoint: Path, error: Exception, protocol: str | None = Non
     return f"{checkpoint}: cannot be loaded safely with weights_only=True ({detail}): not a PyTorch checkpoint?"
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:  # one of them does not exist
-        return False
-
-
 def convert_checkpoint(
     checkpoint: Path,
     output: Path,
@@ -111,7 +104,7 @@ def convert_checkpoint(
             state dict in it, or two keys that are the same once a prefix is stripped.
         ImageWriteError: the output cannot be written.
     """
-    if _same_file(checkpoint, output) or (not output.exists() and checkpoint.absolute() == output.absolute()):
+    if same_file(checkpoint, output) or (not output.exists() and checkpoint.absolute() == output.absolute()):
         raise ConfigError(f"{output}: is the checkpoint itself; name another output file")
     if output.exists() and not overwrite:
         raise ConfigError(f"{output}: exists; pass --force to replace it")

@@ -36,7 +36,7 @@ from .errors import ConfigError, InputError
 from .imageio import content_seed
 
 __all__ = ["ForeBackConfig", "FastPreemption", "PRESETS", "PRECISIONS", "COMPILE_MODES", "parse_eps", "refuse_int_levels", "default_eps", "eval_mode", "project",
-           "native_bf16", "resolve_precision", "content_seeds", "check_seed", "check_images", "check_batch", "MAX_SEED"]
+           "native_bf16", "resolve_precision", "content_seeds", "check_seed", "autograd_usable", "check_images", "check_batch", "MAX_SEED"]
 
 #: Named settings. ``paper``: Table 3 of the paper. ``mspd``: the authors' later public code, which also
 #: projects each FGSM sample around the current iterate before the outer projection.
@@ -556,10 +556,7 @@ class FastPreemption:
     def _perturb(self, x: torch.Tensor, y: torch.Tensor, noise_seeds: Sequence[int] | None) -> torch.Tensor:
         x0 = x.to(self.device, torch.float32)
         y = y.to(self.device, torch.long)
-        if x0.is_inference():  # made under torch.inference_mode(): autograd cannot use it, a copy it can
-            x0 = x0.clone()
-        if y.is_inference():
-            y = y.clone()
+        x0, y = autograd_usable(x0, y)
         if x0.shape[0] == 0:
             return x0.clone()
         if noise_seeds is None:
@@ -581,6 +578,12 @@ class FastPreemption:
             for source, direction in zip(noise_sources, directions):
                 x_t = step(x_t, bounds, labels, source, direction=direction)
         return x_t
+
+
+def autograd_usable(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each tensor, copied when it was made under ``torch.inference_mode()``: autograd cannot use those, a
+    copy made outside that mode it can."""
+    return tuple(t.clone() if t.is_inference() else t for t in tensors)
 
 
 def check_images(x: Any) -> None:

@@ -55,6 +55,8 @@ __all__ = [
     "level_distance",
     "ignore_interrupts",
     "start_io_worker",
+    "same_file",
+    "is_fifo",
     "IMAGE_SUFFIXES",
     "DEFAULT_MAX_PIXELS",
     "max_file_bytes",
@@ -693,7 +695,7 @@ def _link_new(tmp_name: str, path: Path) -> bool:
         os.link(tmp_name, path)
     except FileExistsError:
         # NFS may answer a retried link() that did succeed with EEXIST: then ``path`` is our own file
-        if _same_file(tmp_name, path):
+        if same_file(tmp_name, path):
             return True
         raise ImageWriteError(path, "appeared while this run was writing it (another run?); left as is") from None
     except OSError as e:
@@ -704,9 +706,18 @@ def _link_new(tmp_name: str, path: Path) -> bool:
     return True
 
 
-def _same_file(a: str | Path, b: str | Path) -> bool:
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """Whether ``a`` and ``b`` are one file (false when either cannot be looked at)."""
     try:
-        return os.path.samestat(os.stat(a), os.stat(b))
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def is_fifo(path: str | Path) -> bool:
+    """Whether ``path`` is a named pipe, which can be read only once (false when it cannot be looked at)."""
+    try:
+        return stat.S_ISFIFO(os.stat(path).st_mode)
     except OSError:
         return False
 

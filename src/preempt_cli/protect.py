@@ -46,7 +46,7 @@ from .imageio import (
     DEFAULT_MAX_PIXELS,
     Picture,
     content_seed,
-    start_io_worker,
+    is_fifo,
     levels_to_float,
     nhwc_levels_to_arrays,
     quantize_batch,
@@ -54,6 +54,7 @@ from .imageio import (
     read_images,
     read_png_text,
     stack_levels,
+    start_io_worker,
     write_pngs,
 )
 from .inputs import OUTPUT_MARKERS, PROTECTED_SUFFIX, InputFile, as_input_files, assign_outputs, in_shard
@@ -244,14 +245,6 @@ def _sha256_or_none(path: Path) -> str | None:
         return sha256_file(path)
     except OSError:  # gone or unreadable: its own read reports that
         return None
-
-
-def _is_fifo(path: Path) -> bool:
-    """Whether ``path`` is a named pipe (false when it cannot be looked at)."""
-    try:
-        return stat.S_ISFIFO(path.stat().st_mode)
-    except OSError:
-        return False
 
 
 _long_lived_objects_frozen = False
@@ -569,7 +562,7 @@ class Protector:
         if current is None:
             # not a file whose bytes can be compared: a missing input with an output of its name had been
             # "skipped" (exit 0), as if done; a pipe is read once, and would replace the output unasked
-            if _is_fifo(item.path):
+            if is_fifo(item.path):
                 return FileResult(item.path, "failed", reason=f"output {output} exists, and a pipe cannot be "
                                                               f"compared with the original it was made from: {redo}")  # fmt: skip
             return None

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import io
 import logging
-import os
-import stat
 import sys
 import time
 from pathlib import Path
@@ -20,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemaini
 from ..device import default_cpu_threads, resolve_devices
 from ..engine import PRESETS, ForeBackConfig, parse_eps
 from ..errors import ConfigError, PreemptError, UnknownModelError
-from ..imageio import DEFAULT_MAX_PIXELS, read_images, read_png_text
+from ..imageio import DEFAULT_MAX_PIXELS, is_fifo, read_images, read_png_text
 from ..inputs import (OUTPUT_MARKERS, PROTECTED_SUFFIX, REVERTED_SUFFIX, InputFile, assign_outputs, collect_inputs,
                       in_shard, parse_shard, paths_listed, without_suffixed_outputs)  # fmt: skip
 from ..labels import LabelMap, read_label_file
@@ -431,9 +428,8 @@ def _unreadable(path: Path, max_pixels: int) -> str | None:
     """Why a file named for ``--white-box`` without preempt's metadata cannot be read at all (None: it can,
     it just is no protected image). A pipe cannot: its metadata is read first, then its pixels, and a pipe
     is read once."""
-    with contextlib.suppress(OSError):  # gone: read_images says so
-        if stat.S_ISFIFO(os.stat(path).st_mode):
-            return "a pipe: --white-box reads a file's metadata, then its pixels; save it to a file first"
+    if is_fifo(path):  # (gone: read_images says so)
+        return "a pipe: --white-box reads a file's metadata, then its pixels; save it to a file first"
     read = read_images([str(path)], max_pixels)[0]  # its pixels decoded too: a truncated file fails only there
     return read if isinstance(read, str) else None
 
