@@ -1382,14 +1382,16 @@ def _start_a_long_run(tmp_path: Path, registry: Path, n: int = 600, *,
                       own_group: bool = False) -> tuple[subprocess.Popen, dict[Path, str]]:  # fmt: skip
     """``preempt protect --io processes --workers 2 --json`` on ``n`` small images, once it has written
     its first output (a run mid-way), with the digests of its originals (``own_group``: the run leads a
-    process group of its own, as under ``timeout`` or a batch scheduler)."""
+    process group of its own, as under ``timeout`` or a batch scheduler). Batches of 8: with the default
+    batch (256) an H100 finished all 600 images between the first output and the signal, so the run was
+    no longer mid-way; 75 batches are not done in the moment a signal takes."""
     import subprocess
     import sys
 
     originals = _images(tmp_path / "in", n=n, size=(16, 16))
     proc = subprocess.Popen([sys.executable, "-m", "preempt_cli", "protect", str(tmp_path / "in"), "-o",
                              str(tmp_path / "out"), *FAST, "--labels", "backbone", "--io", "processes", "--workers",
-                             "2", "--json", "--registry", str(registry)],
+                             "2", "--batch-size", "8", "--json", "--registry", str(registry)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_child_env(),
                             start_new_session=own_group, bufsize=0)  # fmt: skip
     # unbuffered: a buffered readline keeps the lines after the first in its buffer, which communicate()
