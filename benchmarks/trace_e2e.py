@@ -49,7 +49,6 @@ from bench_protect import (  # noqa: E402
     load_backbones,
     load_images,
     log,
-    make_protector,
     rate,
     sync,
     timed,
@@ -57,6 +56,9 @@ from bench_protect import (  # noqa: E402
 from preempt_cli import ForeBackConfig, Protector, RunOptions, collect_inputs  # noqa: E402
 from preempt_cli.device import resolve_device  # noqa: E402
 import preempt_cli.protect as protect_module  # noqa: E402
+
+#: The pipeline's own piece size, before --min-piece changes it
+DEFAULT_MIN_PIECE = protect_module._MIN_PIECE
 
 
 #: The name of a batch's span in :func:`host_trace`'s profile.
@@ -296,6 +298,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host-trace", action="store_true",
                    help="also run the engine and one pipeline run under the profiler with host activities "
                         "(CUDA runtime calls, what each thread did in the device's longest idle gaps)")
+    p.add_argument("--compile", default="off", choices=["off", "default", "reduce-overhead", "max-autotune"],
+                   help="torch.compile the backbone, for the engine alone and the pipeline alike (reduce-overhead: "
+                        "CUDA graphs, which take the host's launches of each batch off the compute thread)")
+    p.add_argument("--min-piece", type=int, default=DEFAULT_MIN_PIECE,
+                   help="the run's first and last batches go in pieces of at least this many images "
+                        f"(default {DEFAULT_MIN_PIECE}; a batch's size or more: no pieces)")
     p.add_argument("--gc-freeze", choices=["auto", "on", "off"], default="auto",
                    help="on: gc.freeze() before the runs; off: keep the pipeline from freezing (where it does)")
     args = p.parse_args(argv)
@@ -305,10 +313,11 @@ def main(argv: list[str] | None = None) -> int:
     workers = [int(w) for w in args.workers.split(",") if w.strip()]
     cfg = ForeBackConfig()
     model = load_backbones(["resnet20"], args.models_dir, device)["resnet20"][0]
-    protector = make_protector(model, cfg)
+    protector = Protector(model, None, labels="backbone", config=cfg, compile=args.compile)
+    protect_module._MIN_PIECE = args.min_piece
     out: dict[str, Any] = {"benchmark": "trace_e2e", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                            "files": args.files, "batch_size": args.batch_size, "gc_freeze": args.gc_freeze,
-                           "queued": args.queued,
+                           "queued": args.queued, "compile": args.compile, "min_piece": args.min_piece,
                            "source": str(Path(protect_module.__file__).parent)}  # fmt: skip
 
     with tempfile.TemporaryDirectory(prefix="trace-e2e-") as tmp:
@@ -374,7 +383,9 @@ def main(argv: list[str] | None = None) -> int:
             out["pipeline"][label] = entry
         protector.close()
 
-    print(f"trace_e2e on {out['device']}: {args.files} PNGs of 32x32, batch {args.batch_size}, ResNet-20 fp32")
+    print(f"trace_e2e on {out['device']}: {args.files} PNGs of 32x32, batch {args.batch_size}, ResNet-20 fp32"
+          + (f", compile {args.compile}" if args.compile != "off" else "")
+          + (f", pieces of >= {args.min_piece}" if args.min_piece != DEFAULT_MIN_PIECE else ""))
     e = out["engine"]
     print(f"engine alone: {e['images_per_s']:.0f} images/s ({e['median_s']:.3f} s); device {e['device']}")
     for duty, r in out["engine_with_busy_thread"].items():
