@@ -14,6 +14,7 @@ from preempt_cli.models import create_arch, is_arch
 from preempt_cli.registry import (
     ModelConfig,
     Source,
+    builtin_class_sets,
     builtin_registry_path,
     get_model_config,
     list_models,
@@ -584,3 +585,12 @@ def test_a_row_that_changes_the_class_count_of_its_base_drops_the_bases_class_na
     models = load_registry([path])
     assert models["c100"].num_classes == 100 and models["c100"].classes is None
     assert models["same"].classes == models["cifar10-resnet20-pgdat-a"].classes  # same count: names kept
+
+
+def test_builtin_class_sets_are_the_registry_files_own() -> None:
+    """``train`` names a dataset by the built-in class set its folders match; the sets come from
+    models.toml's [classes], as tuples in the file's order, and every built-in row's names are one of them."""
+    sets = builtin_class_sets()
+    assert sets["cifar10"] == CIFAR10
+    named = {cfg.classes for cfg in load_registry().values() if cfg.classes}
+    assert named and named <= set(sets.values())

@@ -37,6 +37,7 @@ __all__ = [
     "list_attacks",
     "create_attack",
     "robust_accuracy",
+    "check_int",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -101,7 +102,7 @@ def _check_eps(eps: float, norm: str) -> float:
     return value
 
 
-def _check_int(name: str, value: int, minimum: int) -> int:
+def check_int(name: str, value: int, minimum: int) -> int:
     """An integer of at least ``minimum``.
 
     Raises:
@@ -211,7 +212,7 @@ class PGD:
         self.model = model
         self.norm = _check_norm(norm)
         self.eps = _check_eps(eps, self.norm)
-        self.steps = _check_int("steps", steps, 1)
+        self.steps = check_int("steps", steps, 1)
         if step_size is None:
             step_size = self.eps / 4
         if isinstance(step_size, bool) or not isinstance(step_size, numbers.Real):
@@ -221,10 +222,10 @@ class PGD:
         if not math.isfinite(step_size) or step_size <= 0:
             raise ConfigError(f"step_size must be positive and finite, got {step_size!r}")
         self.step_size = float(step_size)
-        self.restarts = _check_int("restarts", restarts, 1)
+        self.restarts = check_int("restarts", restarts, 1)
         self.random_start = bool(random_start)
         self.quantize = bool(quantize)
-        self.seed = _check_int("seed", seed, 0)
+        self.seed = check_int("seed", seed, 0)
         self.device = torch.device(device) if device is not None else _model_device(model)
 
     def __repr__(self) -> str:
@@ -453,9 +454,9 @@ class AutoAttack:
                 f"unsupported AutoAttack version {version!r}: choose one of {', '.join(AUTOATTACK_VERSIONS)}"
             )
         self.version = version
-        self.seed = _check_int("seed", seed, 0)
+        self.seed = check_int("seed", seed, 0)
         self.device = torch.device(device) if device is not None else _model_device(model)
-        self.batch_size = _check_int("batch_size", batch_size, 1)
+        self.batch_size = check_int("batch_size", batch_size, 1)
         self.verbose = bool(verbose)
         self.state_path = Path(state_path) if state_path is not None else None
         self.quantize = bool(quantize)
@@ -642,7 +643,7 @@ def robust_accuracy(
         ConfigError: an invalid batch size, no images, or images/labels of the wrong shape or range.
         LabelError: a label that is not a class of the model.
     """
-    _check_int("batch_size", batch_size, 1)
+    check_int("batch_size", batch_size, 1)
     _check_batch(x, y)
     n = x.shape[0]
     if n == 0:

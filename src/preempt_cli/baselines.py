@@ -23,7 +23,7 @@ import math
 import torch
 from torch import nn
 
-from .attacks import _check_int, PGD
+from .attacks import check_int, PGD
 from .engine import project, refuse_int_levels
 from .errors import ConfigError
 
@@ -115,15 +115,15 @@ class BiLevel:
         refuse_int_levels("inner_step_size", inner_step_size)
         self.eps = _positive_float("eps", eps, maximum=1.0)
         self.eta = _positive_float("eta", eta)
-        self.steps = _check_int("steps", steps, 1)
-        self.inner_steps = _check_int("inner_steps", inner_steps, 1)
+        self.steps = check_int("steps", steps, 1)
+        self.inner_steps = check_int("inner_steps", inner_steps, 1)
         self.inner_step_size = (
             self.eps / 4 if inner_step_size is None else _positive_float("inner_step_size", inner_step_size)
         )
         if optimizer not in BILEVEL_OPTIMIZERS:
             raise ConfigError(f"unknown optimizer {optimizer!r}: choose one of {', '.join(BILEVEL_OPTIMIZERS)}")
         self.optimizer = optimizer
-        self.seed = _check_int("seed", seed, 0)
+        self.seed = check_int("seed", seed, 0)
         if device is None:
             tensor = next(itertools.chain(backbone.parameters(), backbone.buffers()), None)
             device = tensor.device if tensor is not None else torch.device("cpu")

@@ -36,6 +36,7 @@ __all__ = [
     "Source",
     "parse_source",
     "builtin_registry_path",
+    "builtin_class_sets",
     "user_registry_path",
     "load_registry",
     "list_models",
@@ -417,6 +418,15 @@ def _read_toml(path: Path) -> dict[str, Any]:
         if not (isinstance(names, list) and names and all(isinstance(c, str) for c in names)):
             raise RegistryError(path, f"class set {set_name!r} must be a list of class names, got {_short(names)}")
     return doc
+
+
+def builtin_class_sets() -> dict[str, tuple[str, ...]]:
+    """The class sets of the built-in registry (``[classes]``: e.g. ``cifar10``), by name.
+
+    Raises:
+        RegistryError: the built-in registry cannot be read (a broken install).
+    """
+    return {name: tuple(names) for name, names in _read_toml(builtin_registry_path()).get("classes", {}).items()}
 
 
 @lru_cache(maxsize=32)

@@ -369,10 +369,10 @@ def train_cmd(
 
 def _guess_dataset(classes: tuple[str, ...], data: Path) -> str:
     """The built-in class set the data's classes match (e.g. cifar10), else the data's name."""
-    from ..registry import _read_toml, builtin_registry_path
+    from ..registry import builtin_class_sets
 
-    for set_name, names in _read_toml(builtin_registry_path()).get("classes", {}).items():
-        if tuple(names) == tuple(classes):
+    for set_name, names in builtin_class_sets().items():
+        if names == tuple(classes):
             return set_name
     return Path(data).stem
 
