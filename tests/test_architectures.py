@@ -165,6 +165,34 @@ def test_resize_equals_antialiased_interpolate_with_its_gradient(shape, size) ->
     assert y.grad is not None
 
 
+def test_resize_matrix_is_read_off_in_blocks_with_the_same_bits(monkeypatch) -> None:
+    """The resize matrix was read off the whole identity of the input's side at once: 12.8 GB for a
+    40000-pixel panorama, and no run at all for a 100000x20 strip. Read a block of rows at a time, it
+    holds the same bits (each row is an image of the batch, resized alone)."""
+    from preempt_cli.models import _load
+
+    whole = _load._resize_matrix(700, 32, torch.device("cpu"))
+    _load._resize_matrix.cache_clear()
+    monkeypatch.setattr(_load, "_RESIZE_MATRIX_ELEMENTS", 2 * 700 * 9)  # blocks of 9 rows, the last of 7
+    try:
+        blocks = _load._resize_matrix(700, 32, torch.device("cpu"))
+    finally:
+        _load._resize_matrix.cache_clear()
+    assert blocks.shape == (32, 700) and torch.equal(blocks, whole)
+
+
+def test_a_very_long_side_is_resized_by_interpolate_itself(monkeypatch) -> None:
+    """Beyond ``_RESIZE_MATRIX_MAX_SIDE`` (a panorama, a strip) the matrices would cost the side squared:
+    ``resize`` calls the direct kernel, which is the same function."""
+    from preempt_cli.models import _load
+
+    monkeypatch.setattr(_load, "_RESIZE_MATRIX_MAX_SIDE", 600)
+    monkeypatch.setattr(_load, "_resize_matrix", lambda *a: pytest.fail("matrix built for a side over the limit"))
+    x = torch.rand(1, 3, 20, 700, generator=torch.Generator().manual_seed(0))
+    ref = F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False, antialias=True)
+    assert torch.equal(_load.resize(x, (32, 32)), ref)
+
+
 # -- DeepMind nets as RobustBench builds them (DMWideResNet, DMPreActResNet) ------------------------------------------
 # The expected keys and shapes below are read off robustbench/model_zoo/architectures/dm_wide_resnet.py, so that a
 # converted RobustBench checkpoint (Bartoldson2024Adversarial_WRN-94-16, Gowal2021Improving_R18_ddpm_100m) loads
