@@ -150,6 +150,55 @@ def test_exif_orientation_is_applied(tmp_path) -> None:
     assert read_image(out).size == (20, 40)
 
 
+
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF", "WEBP", "JPEG"])
+def test_every_exif_orientation_is_applied_as_pillow_does(tmp_path, fmt: str) -> None:
+    """Orientations 1 to 8 in each container's own EXIF (a PNG's eXIf, a TIFF's tags, WebP's and JPEG's
+    EXIF blocks) give the image ``ImageOps.exif_transpose`` gives, upright."""
+    from PIL import ImageOps
+
+    arr = np.random.default_rng(0).integers(0, 256, (6, 10, 3)).astype(np.uint8)
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        path = tmp_path / f"o{orientation}.{fmt.lower()}"
+        extra = {"lossless": True} if fmt == "WEBP" else {"quality": 100} if fmt == "JPEG" else {}
+        Image.fromarray(arr).save(path, format=fmt, exif=exif.tobytes(), **extra)
+        with Image.open(path) as img:
+            expected = np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
+        assert np.array_equal(read_image(path).color, expected), (fmt, orientation)
+        assert read_image(path).size == ((10, 6) if orientation < 5 else (6, 10))
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_an_orientation_in_xmp_alone_is_not_applied(tmp_path, fmt: str) -> None:
+    """Browsers turn an image by its EXIF orientation only. Pillow's ``exif_transpose`` also took
+    ``tiff:Orientation`` from XMP when EXIF had none: a 64x48 photo that browsers show 64x48 was written
+    48x64, rotated against it. EXIF still wins where both are there."""
+    from PIL import PngImagePlugin
+
+    arr = np.random.default_rng(1).integers(0, 256, (48, 64, 3)).astype(np.uint8)
+    xmp = ('<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+           '<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF>'
+           '</x:xmpmeta>')  # fmt: skip
+    path = tmp_path / f"xmp.{fmt.lower()}"
+    if fmt == "PNG":
+        info = PngImagePlugin.PngInfo()
+        info.add_itxt("XML:com.adobe.xmp", xmp)
+        Image.fromarray(arr).save(path, pnginfo=info)
+    else:
+        Image.fromarray(arr).save(path, quality=100, xmp=xmp.encode())
+    with Image.open(path) as img:
+        assert img.getexif().get(0x0112) == 6  # Pillow's view: turned
+    assert read_image(path).size == (64, 48)
+    exif = Image.Exif()
+    exif[0x0112] = 3
+    both = tmp_path / "both.jpg"
+    Image.fromarray(arr).save(both, quality=100, xmp=xmp.encode(), exif=exif.tobytes())
+    turned = read_image(both)  # EXIF's 180 degrees, not XMP's 90
+    with Image.open(both) as img:
+        assert np.array_equal(turned.color, np.asarray(img.convert("RGB"))[::-1, ::-1])
+
 # -- modes and formats --------------------------------------------------------------------------------------
 
 
@@ -941,3 +990,55 @@ def test_a_png_of_16_bits_per_colour_channel_is_refused(tmp_path: Path, color_ty
     rows8 = b"".join(b"\x00" + bytes(range(2 * channels)) for _ in range(2))
     (tmp_path / "flat.png").write_bytes(_png_bytes(2, 2, depth=8, color_type=color_type, idat=rows8))
     assert read_image(tmp_path / "flat.png").color.dtype == np.uint8  # 8 bits a channel: read as before
+
+
+def _tiff_16(path: Path, samples: np.ndarray) -> None:
+    """An uncompressed little-endian TIFF of 16 bits per sample (H x W x 3 or 4), written by hand: Pillow
+    cannot save one."""
+    import struct
+
+    h, w, c = samples.shape
+    depths = struct.pack("<" + "H" * c, *[16] * c)
+    pixels = samples.astype("<u2").tobytes()
+    tags = [(256, 3, 1, w), (257, 3, 1, h), (258, 3, c, 8), (259, 3, 1, 1), (262, 3, 1, 2),
+            (273, 4, 1, 8 + len(depths)), (277, 3, 1, c), (278, 3, 1, h), (279, 4, 1, len(pixels)),
+            (284, 3, 1, 1)] + ([(338, 3, 1, 2)] if c == 4 else [])  # fmt: skip
+    ifd = struct.pack("<H", len(tags)) + b"".join(
+        struct.pack("<HHI", tag, kind, count) + (struct.pack("<HH", value, 0) if kind == 3 and count == 1
+                                                 else struct.pack("<I", value))  # fmt: skip
+        for tag, kind, count, value in tags) + struct.pack("<I", 0)
+    path.write_bytes(b"II*\x00" + struct.pack("<I", 8 + len(depths) + len(pixels)) + depths + pixels + ifd)
+
+
+@pytest.mark.parametrize("channels", [3, 4])
+def test_a_tiff_of_16_bits_per_colour_channel_is_refused(tmp_path: Path, channels: int) -> None:
+    """As a 48-bit PNG: Pillow decodes a 16-bit RGB(A) TIFF to 8 bits a channel. It was protected as an
+    8-bit output, exit 0 (and a 64-bit RGBA one's alpha lost its low bits), with nothing said."""
+    from PIL import Image
+
+    from preempt_cli.errors import ImageReadError
+    from preempt_cli.imageio import read_image
+
+    samples = np.random.default_rng(0).integers(0, 65536, (5, 6, channels)).astype(np.uint16)
+    _tiff_16(tmp_path / "deep.tif", samples)
+    with Image.open(tmp_path / "deep.tif") as img:  # the file is what it claims: Pillow reads it, to 8 bits
+        assert np.array_equal(np.asarray(img), (samples >> 8).astype(np.uint8))
+    with pytest.raises(ImageReadError, match="a TIFF of 16 bits per colour channel"):
+        read_image(tmp_path / "deep.tif")
+
+
+def test_a_ppm_of_more_than_8_bits_is_refused_and_16_bit_gray_kept(tmp_path: Path) -> None:
+    """A PPM whose maximum is over 255 was scaled to 8 bits unseen; a 16-bit PGM is 16-bit gray, kept."""
+    from preempt_cli.errors import ImageReadError
+    from preempt_cli.imageio import read_image
+
+    levels = np.random.default_rng(0).integers(0, 1001, (4, 5, 3)).astype(">u2")
+    (tmp_path / "deep.ppm").write_bytes(b"P6\n5 4\n1000\n" + levels.tobytes())
+    with pytest.raises(ImageReadError, match="a PPM of up to 1000 levels per channel"):
+        read_image(tmp_path / "deep.ppm")
+    (tmp_path / "flat.ppm").write_bytes(b"P6\n5 4\n255\n" + (levels // 4).astype(np.uint8).tobytes())
+    assert read_image(tmp_path / "flat.ppm").color.dtype == np.uint8
+    (tmp_path / "gray.pgm").write_bytes(b"P5\n5 4\n65535\n" + (levels[:, :, 0].astype(np.uint32) * 65)
+                                        .astype(">u2").tobytes())  # fmt: skip
+    gray = read_image(tmp_path / "gray.pgm")
+    assert gray.color.dtype == np.uint16 and np.array_equal(gray.color[:, :, 0], levels[:, :, 0] * 65)

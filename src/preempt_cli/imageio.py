@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Iterator, Mapping, Sequence
 
 import numpy as np
-from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from .errors import ImageReadError, ImageWriteError, PreemptError, reason_of
 
@@ -384,24 +384,26 @@ def read_image(path: Path | str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Pic
     palette images become RGB (RGBA if they have transparency), CMYK and other colour spaces become RGB.
 
     Raises:
-        ImageReadError: missing, empty, not an image, truncated or corrupt, too many pixels, a PNG of 16
-            bits per colour channel (Pillow decodes it to 8).
+        ImageReadError: missing, empty, not an image, truncated or corrupt, too many pixels, a PNG, TIFF
+            or PPM of more than 8 bits per colour channel (Pillow decodes it to 8).
     """
     path = Path(path)
     img, sha256 = _open(path, max_pixels)
     try:
         source_format = img.format or "unknown"
-        raw_mode = getattr(getattr(img, "png", None), "im_rawmode", None) or ""
-        if ";16" in raw_mode and not img.mode.startswith("I"):
+        deeper = _deeper_than_decoded(img)
+        if deeper:
             # 48- and 64-bit colour (and 16-bit gray with alpha): Pillow keeps the top 8 bits of each sample,
             # so the output would be 8-bit, and its budget would hold on that copy, not on the original
-            raise ImageReadError(path, "a PNG of 16 bits per colour channel, which Pillow decodes to 8: the "
+            raise ImageReadError(path, f"a {source_format} of {deeper}, which Pillow decodes to 8 bits: the "
                                        "output would lose depth unseen; protect an 8-bit copy")  # fmt: skip
         text = {k: v for k, v in getattr(img, "text", {}).items() if isinstance(v, str)}
         icc = img.info.get("icc_profile")
         img.seek(0)
         img.load()  # may check a frame's or tile's size (GIF, TIFF, ICO) against Pillow's limit: see below
-        img = ImageOps.exif_transpose(img) or img
+        upright = _UPRIGHT.get(_exif_orientation(img))
+        if upright is not None:
+            img = img.transpose(upright)
         source_mode = img.mode
         color, alpha, mode = _split(img, path)
         if _colour_space(source_mode) != _colour_space(mode):
@@ -417,6 +419,56 @@ def read_image(path: Path | str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Pic
     finally:
         img.close()
     return Picture(path, color, alpha, mode, source_mode, source_format, icc, text, sha256)
+
+
+#: EXIF orientation -> the transposition that shows the image upright (as ``ImageOps.exif_transpose``).
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _exif_orientation(img: Image.Image) -> int | None:
+    """The file's EXIF orientation (None: none, or EXIF that cannot be parsed), read from where Pillow
+    reads EXIF (an EXIF block, a PNG's ``Raw profile type exif`` text, a TIFF's own tags), and not from XMP.
+    ``ImageOps.exif_transpose`` also takes ``tiff:Orientation`` from XMP when EXIF has none, which browsers
+    ignore: such a file was written rotated against how browsers show the original."""
+    raw = img.info.get("exif")
+    try:
+        if raw is None and isinstance(img.info.get("Raw profile type exif"), str):
+            raw = bytes.fromhex("".join(img.info["Raw profile type exif"].split("\n")[3:]))
+        if raw is None:
+            tags = getattr(img, "tag_v2", None)  # a TIFF: its orientation is one of its own tags
+            value = tags.get(0x0112) if tags is not None else None
+        else:
+            exif = Image.Exif()
+            exif.load(raw)
+            value = exif.get(0x0112)
+    except (SyntaxError, ValueError, TypeError, KeyError, IndexError, OSError, EOFError):  # broken EXIF: upright
+        return None
+    return value if isinstance(value, int) else None
+
+
+def _deeper_than_decoded(img: Image.Image) -> str | None:
+    """How the file's samples are deeper than the 8 bits Pillow decodes them to (before ``load``), or None:
+    16 bits per colour channel in a PNG or TIFF (a raw mode ``RGB;16B``, ``RGBA;16L``...), a PPM whose
+    maximum is over 255. 16-bit grayscale decodes to a mode of its own (``I;16``, ``I``), kept."""
+    if img.mode.startswith(("I", "F")):
+        return None
+    raw_modes = [getattr(getattr(img, "png", None), "im_rawmode", None) or ""]
+    for tile in getattr(img, "tile", None) or ():
+        args = tile[3] if len(tile) > 3 else None
+        if tile[0] == "ppm" and isinstance(args, tuple) and len(args) > 1 and isinstance(args[1], int):
+            if args[1] > 255:
+                return f"up to {args[1]} levels per channel (more than 8 bits)"
+        raw_modes.append(args if isinstance(args, str) else args[0] if isinstance(args, tuple) and args
+                         and isinstance(args[0], str) else "")  # fmt: skip
+    return "16 bits per colour channel" if any(";16" in m for m in raw_modes) else None
 
 
 def _colour_space(mode: str) -> str:
