@@ -1378,6 +1378,22 @@ def test_protect_input_handling_of_a_black_box_test(tmp_path: Path, registry: Pa
     assert len(list(out.rglob("*.protected.png"))) == 8
 
 
+def test_a_file_of_several_frames_is_protected_with_a_warning(tmp_path: Path, registry: Path) -> None:
+    """Its first frame is protected, and stderr (and --json) say that the other frames are not in the
+    output: a multi-page scan lost its pages 2 and later without a word."""
+    from PIL import Image
+
+    frames = [Image.fromarray(np.full((16, 16, 3), 50 * i, np.uint8)) for i in range(1, 3)]
+    frames[0].save(tmp_path / "scan.tif", save_all=True, append_images=frames[1:])
+    result = run(["protect", str(tmp_path / "scan.tif"), *FAST, "--labels", "backbone", "--json"], registry)
+    assert result.exit_code == 0, result.output
+    (row,) = [json.loads(line) for line in result.stdout.splitlines()]
+    note = "has 2 frames (an animation or a multi-page file): only the first is protected"
+    assert row["status"] == "done" and row["warnings"] == [note]
+    assert f"warning: {tmp_path / 'scan.tif'}: {note}" in result.stderr.splitlines()
+    with Image.open(tmp_path / "scan.protected.png") as out:
+        assert getattr(out, "n_frames", 1) == 1 and out.size == (16, 16)
+
 def _start_a_long_run(tmp_path: Path, registry: Path, n: int = 600, *,
                       own_group: bool = False) -> tuple[subprocess.Popen, dict[Path, str]]:  # fmt: skip
     """``preempt protect --io processes --workers 2 --json`` on ``n`` small images, once it has written

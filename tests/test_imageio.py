@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 import struct
 import zlib
 from pathlib import Path
@@ -480,8 +481,11 @@ def test_decompression_bomb_is_refused(tmp_path) -> None:
     # Above Pillow's warning threshold (~89 Mpx) but under its hard limit: still refused, in the same words.
     big = tmp_path / "big.png"
     big.write_bytes(_png_bytes(10_000, 10_000))
-    err = _assert_read_error(big, "decompression")
+    with warnings.catch_warnings(record=True) as caught:  # Pillow's own multi-line warning: not printed
+        warnings.simplefilter("always")
+        err = _assert_read_error(big, "decompression")
     assert err.reason.startswith(f"10000x10000 = 100,000,000 pixels exceeds the limit of {limit:,} (")
+    assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
     # Our own limit, given explicitly, on an ordinary image.
     small = tmp_path / "small.png"
     Image.fromarray(_gradient()).save(small)
@@ -991,6 +995,20 @@ def test_a_png_of_16_bits_per_colour_channel_is_refused(tmp_path: Path, color_ty
     (tmp_path / "flat.png").write_bytes(_png_bytes(2, 2, depth=8, color_type=color_type, idat=rows8))
     assert read_image(tmp_path / "flat.png").color.dtype == np.uint8  # 8 bits a channel: read as before
 
+
+@pytest.mark.parametrize("name, extra", [("anim.png", {}), ("anim.webp", {"lossless": True}), ("pages.tif", {}),
+                                         ("anim.gif", {})])  # fmt: skip
+def test_the_first_frame_is_read_and_the_others_are_named(tmp_path: Path, name: str, extra: dict) -> None:
+    """An animated PNG or WebP, or a multi-page TIFF (a scanned document), became its first frame without a
+    word (even at -v): the picture says how many frames the file has."""
+    frames = [np.full((6, 8, 3), 40 * i, np.uint8) for i in range(1, 4)]
+    first, *rest = [Image.fromarray(f) for f in frames]
+    first.save(tmp_path / name, save_all=True, append_images=rest, **extra)
+    picture = read_image(tmp_path / name)
+    assert np.array_equal(picture.color, frames[0])
+    assert picture.notes == ("has 3 frames (an animation or a multi-page file): only the first is protected",)
+    first.save(tmp_path / f"one{Path(name).suffix}")
+    assert read_image(tmp_path / f"one{Path(name).suffix}").notes == ()
 
 def _tiff_16(path: Path, samples: np.ndarray) -> None:
     """An uncompressed little-endian TIFF of 16 bits per sample (H x W x 3 or 4), written by hand: Pillow

@@ -176,8 +176,10 @@ def _declared_size(data: bytes) -> tuple[int, int] | None:
             if not accepted or isinstance(accepted, str):
                 continue
             try:
-                with factory(io.BytesIO(data), "") as img:
-                    return img.size
+                with warnings.catch_warnings():  # the size is what is wanted: not Pillow's warning of it
+                    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                    with factory(io.BytesIO(data), "") as img:
+                        return img.size
             except Exception:  # not this format (or it checks for bombs itself): the next one
                 continue
     except Exception:  # Pillow's internals moved: the message's pixel count serves
@@ -208,6 +210,7 @@ class Picture:
     icc_profile: bytes | None = None
     text: dict[str, str] = field(default_factory=dict)
     source_sha256: str | None = None  # of the file's bytes as read: which original an output was made from
+    notes: tuple[str, ...] = ()  # what the reader saw that a user should hear of (a file's other frames)
 
     @property
     def max_value(self) -> int:
@@ -241,7 +244,7 @@ class Picture:
         if color.shape != self.color.shape or color.dtype != self.color.dtype:
             raise ValueError(f"colour {color.shape}/{color.dtype} does not fit {self.color.shape}/{self.color.dtype}")
         return Picture(self.path, color, self.alpha, self.mode, self.source_mode, self.source_format,
-                       self.icc_profile, dict(self.text), self.source_sha256)  # fmt: skip
+                       self.icc_profile, dict(self.text), self.source_sha256, self.notes)  # fmt: skip
 
 
 def _read_capped(path: Path, max_pixels: int) -> bytes:
@@ -378,7 +381,8 @@ def _open(path: Path, max_pixels: int) -> tuple[Image.Image, str]:
 
 
 def read_image(path: Path | str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Picture:
-    """Read any image Pillow reads, upright (EXIF orientation applied), first frame of animations.
+    """Read any image Pillow reads, upright (EXIF orientation applied), the first frame of animations and
+    of multi-page files (said in :attr:`Picture.notes`).
 
     Grayscale stays grayscale, 16-bit grayscale stays 16-bit, alpha is split off and kept exactly,
     palette images become RGB (RGBA if they have transparency), CMYK and other colour spaces become RGB.
@@ -399,6 +403,10 @@ def read_image(path: Path | str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Pic
                                        "output would lose depth unseen; protect an 8-bit copy")  # fmt: skip
         text = {k: v for k, v in getattr(img, "text", {}).items() if isinstance(v, str)}
         icc = img.info.get("icc_profile")
+        frames = getattr(img, "n_frames", 1)
+        # an animation's other frames, a scan's other pages: not in the output, which says so
+        notes = ((f"has {frames} frames (an animation or a multi-page file): only the first is protected",)
+                 if frames > 1 else ())  # fmt: skip
         img.seek(0)
         img.load()  # may check a frame's or tile's size (GIF, TIFF, ICO) against Pillow's limit: see below
         upright = _UPRIGHT.get(_exif_orientation(img))
@@ -418,7 +426,7 @@ def read_image(path: Path | str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Pic
         raise ImageReadError(path, f"corrupt or truncated image data ({_error_text(e)})") from e
     finally:
         img.close()
-    return Picture(path, color, alpha, mode, source_mode, source_format, icc, text, sha256)
+    return Picture(path, color, alpha, mode, source_mode, source_format, icc, text, sha256, notes)
 
 
 #: EXIF orientation -> the transposition that shows the image upright (as ``ImageOps.exif_transpose``).

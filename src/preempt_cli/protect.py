@@ -106,6 +106,7 @@ class FileResult:
     linf: float | None = None  # L-inf distance of the written file to the input, in [0, 1] units
     linf_levels: int | None = None  # the same in integer levels of the file (of 255 or 65535)
     seconds: float | None = None  # compute time of this image (its share of its batch)
+    warnings: list[str] | None = None  # what a done file's user should know (its other frames were left out)
 
     @property
     def ok(self) -> bool:
@@ -680,6 +681,7 @@ class Protector:
             linf=linf_levels / pending.picture.max_value,
             linf_levels=linf_levels,
             seconds=round(seconds, 6),
+            warnings=list(pending.picture.notes) or None,
         )
 
     def run_options(self, options: RunOptions | None = None) -> RunOptions:

@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import threading
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Iterator, Optional
@@ -107,6 +108,12 @@ def setup_logging(verbose: int, quiet: bool) -> None:
     root.addHandler(handler)
     root.setLevel(level)
     root.propagate = False
+    # Every image's size is checked against preempt's own limit (--max-pixels), which says so in one line
+    # naming the file. Pillow's multi-line warning beside it was turned into an error only inside
+    # catch_warnings, whose filters threads reading files at once can undo: it leaked to stderr.
+    from PIL import Image
+
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 def one_line(text: str) -> str:

@@ -225,6 +225,8 @@ def _drive(results: Iterable[FileResult], total: int, *, verb: str, json_out: bo
                 c.error_line(f"{result.input}: {result.reason}")
             elif result.status == "skipped" and not quiet and not json_out:
                 _logger.info("skipped %s: %s", result.input, result.reason)
+            for note in result.warnings or ():
+                _logger.warning("%s: %s", c.one_line(str(result.input)), note)
             if show_progress:
                 elapsed = time.perf_counter() - start
                 rate = counts["done"] / elapsed if elapsed > 0 else 0.0
