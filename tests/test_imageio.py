@@ -1010,6 +1010,48 @@ def test_the_first_frame_is_read_and_the_others_are_named(tmp_path: Path, name: 
     first.save(tmp_path / f"one{Path(name).suffix}")
     assert read_image(tmp_path / f"one{Path(name).suffix}").notes == ()
 
+def test_a_pngs_gamma_chromaticities_srgb_and_every_resolution_are_kept(tmp_path: Path) -> None:
+    """gAMA, cHRM and sRGB say how a PNG's values are shown, as an ICC profile does (which was kept): a
+    gamma of 1.0 dropped moved a level of 64 to about 136 in browsers that apply it. The print resolution
+    (pHYs, JFIF density) was dropped too, changing a 300-dpi scan's printed size. Both are kept; a turned
+    image's resolution turns with it."""
+    import struct
+
+    from PIL import PngImagePlugin
+
+    arr = np.random.default_rng(0).integers(0, 256, (20, 24, 3)).astype(np.uint8)
+    info = PngImagePlugin.PngInfo()
+    info.add(b"gAMA", struct.pack(">I", 100000))
+    info.add(b"cHRM", struct.pack(">8I", 31270, 32900, 64000, 33000, 30000, 60000, 15000, 6000))
+    Image.fromarray(arr).save(tmp_path / "g.png", pnginfo=info, dpi=(300, 150))
+    Image.fromarray(arr).save(tmp_path / "s.png", pnginfo=_with_chunk(b"sRGB", b"\x01"))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(arr).save(tmp_path / "r.jpg", dpi=(300, 100), exif=exif.tobytes(), quality=95)
+    for name, expected in (("g.png", {"gamma": 1.0, "chromaticity": (0.3127, 0.329, 0.64, 0.33, 0.3, 0.6, 0.15, 0.06)}),
+                           ("s.png", {"srgb": 1}), ("r.jpg", {})):  # fmt: skip
+        write_png(tmp_path / f"{name}.out.png", read_image(tmp_path / name))
+        with Image.open(tmp_path / name) as src, Image.open(tmp_path / f"{name}.out.png") as out:
+            assert {k: out.info.get(k) for k in ("gamma", "chromaticity", "srgb") if k in out.info} == expected
+            x, y = src.info.get("dpi", (None, None))
+            if name == "r.jpg":  # turned upright by 90 degrees: x and y swap
+                x, y = y, x
+            if x is None:
+                assert "dpi" not in out.info
+            else:
+                assert out.info["dpi"] == pytest.approx((x, y), abs=0.01)
+    cmyk = tmp_path / "c.jpg"  # another colour space: its colour chunks (none here) and profile are not kept
+    Image.fromarray(arr).convert("CMYK").save(cmyk, dpi=(72, 72))
+    assert read_image(cmyk).colour_chunks == () and read_image(cmyk).dpi == (72, 72)
+
+
+def _with_chunk(cid: bytes, data: bytes):
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add(cid, data)
+    return info
+
 def _tiff_16(path: Path, samples: np.ndarray) -> None:
     """An uncompressed little-endian TIFF of 16 bits per sample (H x W x 3 or 4), written by hand: Pillow
     cannot save one."""

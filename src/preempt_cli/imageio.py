@@ -211,6 +211,11 @@ class Picture:
     text: dict[str, str] = field(default_factory=dict)
     source_sha256: str | None = None  # of the file's bytes as read: which original an output was made from
     notes: tuple[str, ...] = ()  # what the reader saw that a user should hear of (a file's other frames)
+    # how the colour values are to be shown, from a PNG original (gAMA, cHRM, sRGB chunks as written), and
+    # the print resolution (dots per inch, upright): kept, as the ICC profile, so the output shows and prints
+    # as the original did
+    colour_chunks: tuple[tuple[bytes, bytes], ...] = ()
+    dpi: tuple[float, float] | None = None
 
     @property
     def max_value(self) -> int:
@@ -244,7 +249,8 @@ class Picture:
         if color.shape != self.color.shape or color.dtype != self.color.dtype:
             raise ValueError(f"colour {color.shape}/{color.dtype} does not fit {self.color.shape}/{self.color.dtype}")
         return Picture(self.path, color, self.alpha, self.mode, self.source_mode, self.source_format,
-                       self.icc_profile, dict(self.text), self.source_sha256, self.notes)  # fmt: skip
+                       self.icc_profile, dict(self.text), self.source_sha256, self.notes, self.colour_chunks,
+                       self.dpi)  # fmt: skip
 
 
 def _read_capped(path: Path, max_pixels: int) -> bytes:
@@ -409,15 +415,19 @@ def read_image(path: Path | str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Pic
                  if frames > 1 else ())  # fmt: skip
         img.seek(0)
         img.load()  # may check a frame's or tile's size (GIF, TIFF, ICO) against Pillow's limit: see below
+        colour_chunks = _png_colour_chunks(img.info) if source_format == "PNG" else ()
+        dpi = _dpi(img.info)
         upright = _UPRIGHT.get(_exif_orientation(img))
         if upright is not None:
             img = img.transpose(upright)
+            if dpi is not None and upright in _SWAPS_AXES:
+                dpi = (dpi[1], dpi[0])
         source_mode = img.mode
         color, alpha, mode = _split(img, path)
         if _colour_space(source_mode) != _colour_space(mode):
             # a CMYK (or Lab, YCbCr) profile describes the source's numbers, not the RGB ones written:
             # kept, it would be an invalid iCCP chunk and shift colours in viewers that honour it
-            icc = None
+            icc, colour_chunks = None, ()
     except ImageReadError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # not an OSError: own words
@@ -426,7 +436,8 @@ def read_image(path: Path | str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Pic
         raise ImageReadError(path, f"corrupt or truncated image data ({_error_text(e)})") from e
     finally:
         img.close()
-    return Picture(path, color, alpha, mode, source_mode, source_format, icc, text, sha256, notes)
+    return Picture(path, color, alpha, mode, source_mode, source_format, icc, text, sha256, notes, colour_chunks,
+                   dpi)  # fmt: skip
 
 
 #: EXIF orientation -> the transposition that shows the image upright (as ``ImageOps.exif_transpose``).
@@ -439,6 +450,44 @@ _UPRIGHT = {
     7: Image.Transpose.TRANSVERSE,
     8: Image.Transpose.ROTATE_90,
 }
+
+
+#: Transpositions that swap width and height (and so a resolution's x and y).
+_SWAPS_AXES = {Image.Transpose.TRANSPOSE, Image.Transpose.ROTATE_270, Image.Transpose.TRANSVERSE,
+               Image.Transpose.ROTATE_90}  # fmt: skip
+
+
+def _png_colour_chunks(info: Mapping[str, object]) -> tuple[tuple[bytes, bytes], ...]:
+    """A PNG's gAMA, cHRM and sRGB chunks, rebuilt from what Pillow read of them (it keeps them as
+    numbers: ``gamma``, ``chromaticity``, ``srgb``), to be written into the output. Without them a gamma
+    of 1.0 showed a level of 64 at about 136 in browsers that apply it, and at 64 in the output."""
+    import struct
+
+    chunks: list[tuple[bytes, bytes]] = []
+    try:
+        gamma = info.get("gamma")
+        if isinstance(gamma, (int, float)) and 0 < gamma * 100000 < 2**31:
+            chunks.append((b"gAMA", struct.pack(">I", round(gamma * 100000))))
+        chromaticity = info.get("chromaticity")
+        if isinstance(chromaticity, tuple) and len(chromaticity) == 8:
+            chunks.append((b"cHRM", struct.pack(">8I", *(round(v * 100000) for v in chromaticity))))
+        srgb = info.get("srgb")
+        if isinstance(srgb, int) and 0 <= srgb <= 3:
+            chunks.append((b"sRGB", bytes([srgb])))
+    except (struct.error, TypeError, ValueError, OverflowError):  # values no PNG chunk holds: left out
+        return ()
+    return tuple(chunks)
+
+
+def _dpi(info: Mapping[str, object]) -> tuple[float, float] | None:
+    """The print resolution Pillow read (PNG's pHYs, JPEG's JFIF or EXIF density, TIFF's, ...), when it
+    is one a PNG can hold."""
+    dpi = info.get("dpi")
+    if isinstance(dpi, tuple) and len(dpi) == 2 and all(isinstance(v, (int, float)) for v in dpi):
+        x, y = (float(v) for v in dpi)
+        if 0 < x < 1e6 and 0 < y < 1e6:  # finite, and a pixels-per-metre count that fits the chunk
+            return (x, y)
+    return None
 
 
 def _exif_orientation(img: Image.Image) -> int | None:
@@ -805,10 +854,13 @@ def write_png(
     path = Path(path)
     color = picture.color if color is None else picture.with_color(color).color  # checked as with_color does
     info = PngImagePlugin.PngInfo()
+    for cid, data in picture.colour_chunks:  # Pillow writes them before the image data, where they belong
+        info.add(cid, data)
     for key, value in (text or {}).items():
         info.add_itxt(key, value)
+    extra = {"dpi": picture.dpi} if picture.dpi is not None else {}
     with atomic_write(path, fsync=fsync, replace=replace) as f:
-        _to_pil(picture, color).save(f, format="PNG", pnginfo=info, icc_profile=picture.icc_profile)
+        _to_pil(picture, color).save(f, format="PNG", pnginfo=info, icc_profile=picture.icc_profile, **extra)
 
 
 def read_images(paths: Sequence[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> list[Picture | str]:
