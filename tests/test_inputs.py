@@ -158,6 +158,25 @@ def test_paths_from_stdin_one_per_line_or_nul_separated(tmp_path: Path) -> None:
     assert collect_inputs(["-", str(tmp_path / "plain.png")], stdin=io.StringIO("")) != []
 
 
+def test_a_path_listed_on_stdin_is_never_a_pattern(tmp_path: Path) -> None:
+    """``find ... -print0 | preempt protect -0 -``: a listed file named ``q?.png``, gone since, was taken
+    as a pattern and replaced unseen by ``qq.png`` (exit 0); a listed ``*1*.png`` expanded to two files.
+    Listed paths are taken as they are, and a missing one fails as missing; arguments still expand."""
+    import io
+
+    from preempt_cli.inputs import collect_inputs
+
+    for name in ("qq.png", "a1.png", "b1.png"):
+        (tmp_path / name).write_bytes(b"x")
+    listed = f"{tmp_path}/q?.png\0{tmp_path}/*1*.png\0"
+    found = collect_inputs(["-"], stdin=io.StringIO(listed))
+    assert [i.path for i in found] == [tmp_path / "q?.png", tmp_path / "*1*.png"]
+    assert not any(i.path.exists() for i in found)  # each fails as missing when read
+    assert [i.path.name for i in collect_inputs([f"{tmp_path}/*1*.png"])] == ["a1.png", "b1.png"]
+    (tmp_path / "-").write_bytes(b"x")  # a file named "-", listed: that file, not stdin again
+    assert [i.path.name for i in collect_inputs(["-"], stdin=io.StringIO(f"{tmp_path}/-\n"))] == ["-"]
+
+
 @pytest.mark.parametrize(
     "path, root",
     [("photos/a/b.png", "photos"), ("b.png", "."), ("/data/x/y/z.png", "/data"), ("/z.png", "/"),

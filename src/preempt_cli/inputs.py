@@ -93,7 +93,8 @@ def collect_inputs(
     skip_markers: tuple[str, ...] = OUTPUT_MARKERS,
 ) -> list[InputFile]:
     """Expand files, folders (recursive, sorted, hidden entries and links to folders skipped), globs and
-    ``-`` (paths on stdin). ``args`` is a list of paths, or one path (``collect_inputs("photos")``).
+    ``-`` (paths on stdin, taken as they are: a listed name is never a pattern). ``args`` is a list of
+    paths, or one path (``collect_inputs("photos")``).
 
     A file named directly (or a pattern that matches nothing) is kept even if it does not exist or is not
     an image, so that it gets its own error later; so is a broken symbolic link in a folder. Folder walks
@@ -159,20 +160,24 @@ def without_suffixed_outputs(items: list[InputFile], suffix: str | None, skip_ma
 
 
 def _collect(args: list[str | os.PathLike[str]], stdin: TextIO | None, skip_markers: tuple[str, ...],
-             folders: list[Path]) -> list[InputFile]:  # fmt: skip
-    """The inputs of ``args`` (see :func:`collect_inputs`); the folders given are added to ``folders``."""
+             folders: list[Path], *, patterns: bool = True) -> list[InputFile]:  # fmt: skip
+    """The inputs of ``args`` (see :func:`collect_inputs`); the folders given are added to ``folders``.
+    ``patterns``: a missing path with glob characters is a pattern the shell passed on (arguments), not
+    one of a list of paths (stdin)."""
     found: list[InputFile] = []
     for arg in args:
         text = str(arg)
-        if text == "-":
+        if text == "-" and patterns:
             listed = paths_listed((stdin if stdin is not None else sys.stdin).read())
-            found.extend(_collect(listed, None, skip_markers, folders))
+            # paths, as find and ls write them: a listed file gone since fails as missing; taken as a
+            # pattern, it was replaced unseen by whatever files its name matched (q?.png: qq.png)
+            found.extend(_collect(listed, None, skip_markers, folders, patterns=False))
             continue
         path = Path(text).expanduser()
         if path.is_dir():
             folders.append(path)
             found.extend(InputFile(p, path) for p in _walk(path, skip_markers))
-        elif not path.exists() and glob.has_magic(text):
+        elif patterns and not path.exists() and glob.has_magic(text):
             # A pattern the shell passed on as is matched nothing: kept as an input of its own, it fails
             # with that reason while the other arguments are processed.
             matches = sorted(Path(m) for m in glob.glob(text, recursive=True)) or [path]
