@@ -266,3 +266,61 @@ def test_reduce_overhead_off_a_gpu_compiles_as_default_and_says_so(caplog) -> No
     engine = FastPreemption(make_tiny_model(0), device="cpu", compile="reduce-overhead")
     assert engine.compile == "default"
     assert any("reduce-overhead" in r.getMessage() and "GPU" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "SIGINT") or __import__("os").name != "posix",
+                    reason="POSIX signals")  # fmt: skip
+@pytest.mark.parametrize("io", ["threads", "processes"])
+def test_an_interrupt_during_a_batch_writes_that_batch_and_starts_no_other(tmp_path: Path, tiny_backbone, io: str,
+                                                                           monkeypatch) -> None:  # fmt: skip
+    """Ctrl-C (SIGTERM in the command) while a batch computes: a batch cannot be cut short, so the run waited
+    for it (a large photo on a CPU: seconds), then threw its result away; the files were lost and the
+    wait wasted. The batch is now written and reported before the interrupt goes on; no later batch starts."""
+    import os
+    import signal
+    import threading
+
+    import preempt_cli.batches as batches_module
+
+    write_random_pngs(tmp_path / "in", n=6)
+    protector = Protector(tiny_backbone, labels="backbone", config=ForeBackConfig(samples=2))
+    started, release, batches = threading.Event(), threading.Event(), []
+    transform = protector.transform
+
+    def slow_transform(*args, **kw):  # the compute thread's batch: held until the interrupt has come
+        batches.append(args[0].shape[0])
+        started.set()
+        release.wait(30)
+        return transform(*args, **kw)
+
+    protector.transform = slow_transform
+
+    def interrupt() -> None:
+        started.wait(30)
+        os.kill(os.getpid(), signal.SIGINT)  # to the main thread, which waits for the batch
+
+    # the batch goes on once the run has taken the interrupt (at the latest after 5 s: code that never
+    # cancels the batches still waiting then shows what it does with them)
+    cancel_pending = batches_module.ComputeThread.cancel_pending
+
+    def cancelled(compute) -> None:
+        cancel_pending(compute)
+        release.set()
+
+    monkeypatch.setattr(batches_module.ComputeThread, "cancel_pending", cancelled, raising=False)
+    threading.Thread(target=interrupt, daemon=True).start()
+    deadline = threading.Timer(5, release.set)
+    deadline.daemon = True
+    deadline.start()
+    results = []
+    with pytest.raises(KeyboardInterrupt):
+        for result in protector.run([tmp_path / "in"], RunOptions(out_dir=tmp_path / "out", batch_size=2, io=io,
+                                                                  workers=2)):  # fmt: skip
+            results.append(result)
+    release.set()
+    deadline.cancel()
+    protector.close()
+    written = sorted(p.name for p in (tmp_path / "out").rglob("*.png"))
+    assert batches == [2] and [r.status for r in results] == ["done", "done"], [(r.status, r.reason) for r in results]
+    assert written == sorted(r.output.name for r in results)
+    assert not [p for p in (tmp_path / "out").rglob("*") if p.name.endswith(".tmp")]

@@ -241,7 +241,7 @@ with _stop_on_interrupt():
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 130, done.stderr
     assert done.stdout.split("\n")[:2] == ["stopping", "still finishing"] and "never" not in done.stdout
-    assert "finishing the files being written" in done.stderr and "quit before" in done.stderr
+    assert "finishing the files being computed and written" in done.stderr and "quit before" in done.stderr
 
 
 def test_the_default_budget_is_the_papers_for_the_backbones_dataset(registry: Path) -> None:

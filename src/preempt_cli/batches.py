@@ -136,6 +136,11 @@ class ComputeThread(Generic[B, L, R]):
         self._jobs.put((batch, future))
         return future
 
+    def cancel_pending(self) -> None:
+        """Cancel the batches not launched yet, without waiting: those launched still finish (a batch on
+        the device cannot be cut short), and their futures give their results."""
+        self._cancelled.set()
+
     def shutdown(self, *, cancel_futures: bool = True) -> None:
         """Stop after the batches submitted so far (with ``cancel_futures``: after those already launched,
         cancelling the others), and wait for the thread."""

@@ -26,7 +26,7 @@ import logging
 import math
 import os
 import stat
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from functools import partial
@@ -848,14 +848,24 @@ class Protector:
         def collect(block: bool) -> Iterator[FileResult]:
             while computing and (block or computing[0][1].done()):
                 block = False  # wait for the oldest batch only
-                batch, future = computing.popleft()
+                batch, future = computing[0]
                 try:
+                    # left in the queue while waited for: an interrupt meanwhile still finds it (see below)
                     computed, seconds = future.result()
+                except CancelledError:  # never started, as the run was interrupted: not a failure
+                    computing.popleft()
+                    continue
                 except Exception as e:  # a failing batch must not stop the run: report each of its files
+                    computing.popleft()
                     _logger.debug("batch failed", exc_info=True)
                     for p in batch:
                         yield FileResult(p.item.path, "failed", reason=f"processing failed: {type(e).__name__}: {e}")
                     continue
+                except BaseException:
+                    if future.done():  # the batch's own interrupt (raised in its computation): no results
+                        computing.popleft()
+                    raise  # else an interrupt of this wait: the batch is still the device's (see below)
+                computing.popleft()
                 per_image = seconds / len(batch)  # each file's share of its batch's time
                 io.write([(p, *c, per_image) for p, c in zip(batch, computed)], writes)
 
@@ -907,6 +917,12 @@ class Protector:
             for handle in decoded:
                 getattr(handle, "future", handle).cancel()  # a file's decode, or its worker's chunk
             decoded.clear()
+            # A batch the device has started cannot be cut short: the run waits for it anyway (a large photo
+            # on a CPU: seconds), and then threw it away. Its files are written and reported instead; the
+            # batches not started are dropped.
+            compute.cancel_pending()
+            while computing:
+                yield from collect(block=True)
             yield from drain(block=True)
             raise
 

@@ -209,7 +209,7 @@ def _stop_on_interrupt() -> Iterator[_Stop]:
             raise KeyboardInterrupt
         # os.write, not print: a handler that prints while the main thread is printing raises "reentrant call"
         if presses == 2:
-            _say(b"preempt: stopping, finishing the files being written (Ctrl-C again to quit at once)\n")
+            _say(b"preempt: stopping, finishing the files being computed and written (Ctrl-C again to quit at once)\n")
             return
         restore_cursor = b"\x1b[?25h" if stderr.is_terminal else b""  # the progress bar hid it
         _say(restore_cursor + b"preempt: quit before the files being written were finished\n")
