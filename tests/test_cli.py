@@ -1394,6 +1394,24 @@ def test_a_file_of_several_frames_is_protected_with_a_warning(tmp_path: Path, re
     with Image.open(tmp_path / "scan.protected.png") as out:
         assert getattr(out, "n_frames", 1) == 1 and out.size == (16, 16)
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+def test_a_full_stderr_does_not_turn_the_exit_code_into_a_failure(tmp_path: Path, registry: Path) -> None:
+    """A cron job's stderr on a full disk: every file was written, then the summary failed to print and
+    the run exited 1 ("some inputs failed", which none had) with an internal error. The exit code now says
+    how the inputs went (0; 1 with a missing input), and the outputs are all there."""
+    import subprocess
+    import sys
+
+    _images(tmp_path / "in", n=2)
+    command = [sys.executable, "-m", "preempt_cli", "protect", str(tmp_path / "in"), "-o", str(tmp_path / "out"),
+               *FAST, "--labels", "backbone", "--registry", str(registry)]  # fmt: skip
+    with open("/dev/full", "w") as full:
+        ok = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=full, env=_child_env(), timeout=120)
+        missing = subprocess.run([*command, str(tmp_path / "gone.png")], stdout=subprocess.DEVNULL, stderr=full,
+                                 env=_child_env(), timeout=120)  # fmt: skip
+    assert ok.returncode == 0 and missing.returncode == 1
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["img0.protected.png", "img1.protected.png"]
+
 def _start_a_long_run(tmp_path: Path, registry: Path, n: int = 600, *,
                       own_group: bool = False) -> tuple[subprocess.Popen, dict[Path, str]]:  # fmt: skip
     """``preempt protect --io processes --workers 2 --json`` on ``n`` small images, once it has written

@@ -125,10 +125,13 @@ def one_line(text: str) -> str:
 def error_line(message: str) -> None:
     """``error: MESSAGE`` on stderr (red on a terminal), on one line."""
     message = one_line(message)
-    if stderr.is_terminal:
-        stderr.print(f"[bold red]error[/]: {escape(message)}")
-    else:
-        print(f"error: {message}", file=sys.stderr, flush=True)
+    try:
+        if stderr.is_terminal:
+            stderr.print(f"[bold red]error[/]: {escape(message)}")
+        else:
+            print(f"error: {message}", file=sys.stderr, flush=True)
+    except OSError:  # stderr on a full disk (a cron job's log), or closed: nowhere to say it; the exit code does
+        pass
 
 
 #: Signals that stop a command as Ctrl-C does: SIGTERM is what ``timeout``, Slurm, Kubernetes and systemd

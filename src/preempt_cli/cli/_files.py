@@ -252,11 +252,14 @@ def _drive(results: Iterable[FileResult], total: int, *, verb: str, json_out: bo
         # photos on a CPU take seconds each: "0.0 images/s" would say nothing
         rate = "" if not counts["done"] else (f" ({per_second:.1f} images/s)" if per_second >= 1
                                               else f" ({elapsed / counts['done']:.1f} s per image)")  # fmt: skip
-        c.stderr.print(
-            f"{verb.capitalize()} {counts['done']}, skipped {counts['skipped']}, failed {counts['failed']} "
-            f"in {elapsed:.1f} s{rate}.",
-            markup=False,
-        )
+        try:
+            c.stderr.print(
+                f"{verb.capitalize()} {counts['done']}, skipped {counts['skipped']}, failed {counts['failed']} "
+                f"in {elapsed:.1f} s{rate}.",
+                markup=False,
+            )
+        except OSError:  # stderr on a full disk: the run did its work, and its exit code says how it went
+            pass
     return c.EXIT_FAILURES if counts["failed"] else c.EXIT_OK
 
 
