@@ -109,6 +109,8 @@ def test_rerun_skips_and_overwrite_redoes(tmp_path: Path, registry: Path) -> Non
     out = tmp_path / "p" / "img0.protected.png"
     direct = run(["protect", str(out), *FAST, "--labels", "backbone", "--json"], registry)
     assert json.loads(direct.stdout)["status"] == "skipped"
+    # with no output: it named img0.protected.protected.png, which does not exist, as if it did
+    assert "output" not in json.loads(direct.stdout)
     # ... by its metadata, not its name alone: a photo of the user's so named is an original
     mine = tmp_path / "mine" / "holiday.protected.png"
     mine.parent.mkdir()

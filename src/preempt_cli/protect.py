@@ -536,7 +536,9 @@ class Protector:
         # the name alone does not make an output: a photo of the user's may be named holiday.protected.png
         # (a file that cannot be read has no metadata here: it fails with its reason when decoded)
         if marker and item.path.suffix.lower() == ".png" and read_preempt_metadata_file(item.path) is not None:
-            return FileResult(item.path, "skipped", output=output,
+            # no output: the one it would have (a.protected.protected.png) does not exist, and --json
+            # listed it as if it did
+            return FileResult(item.path, "skipped",
                               reason=f"already a preempt output ({marker}.png with preempt's metadata; "
                                      f"--overwrite processes it again)")  # fmt: skip
         try:
