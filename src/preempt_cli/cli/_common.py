@@ -114,6 +114,10 @@ def setup_logging(verbose: int, quiet: bool) -> None:
     from PIL import Image
 
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+    # Pillow's complaints about broken EXIF or TIFF tags ("Corrupt EXIF data", "tag 274 had too many
+    # entries"): two lines each that name no file, about metadata an output does not keep (a broken
+    # orientation is read as none)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.TiffImagePlugin")
 
 
 def one_line(text: str) -> str:
