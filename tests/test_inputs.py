@@ -428,3 +428,14 @@ def test_a_link_to_a_folder_is_not_followed_and_is_logged(tmp_path: Path) -> Non
         logger.setLevel(old_level)
     assert [r.getMessage() for r in records] == [f"{tmp_path / 'in' / 'loop'}: a link to a folder, not followed "
                                                  f"(name it to include its images)"]  # fmt: skip
+
+
+def test_folder_walks_take_jfif_avif_and_jpeg_2000(tmp_path: Path) -> None:
+    """A folder holding only photo.jfif and x.avif exited 2 with "no images found", though Pillow reads
+    both when they are named directly."""
+    from preempt_cli.inputs import collect_inputs
+
+    for name in ("photo.jfif", "x.avif", "scan.jp2", "scan2.j2k", "notes.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    assert sorted(i.path.name for i in collect_inputs([tmp_path])) == ["photo.jfif", "scan.jp2", "scan2.j2k",
+                                                                         "x.avif"]  # fmt: skip

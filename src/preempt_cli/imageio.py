@@ -64,9 +64,12 @@ __all__ = [
 ]
 
 #: File suffixes picked up when a folder is given (any file Pillow reads is accepted when named directly).
+#: A format this Pillow cannot read (AVIF, JPEG 2000 where built without them) fails with that reason,
+#: rather than being passed over without a word.
 IMAGE_SUFFIXES = frozenset(
-    {".png", ".jpg", ".jpeg", ".jpe", ".webp", ".tif", ".tiff", ".bmp", ".gif", ".ppm", ".pgm", ".pbm", ".tga"}
-)
+    {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".tif", ".tiff", ".bmp", ".gif", ".ppm", ".pgm", ".pbm",
+     ".tga", ".avif", ".jp2", ".j2k"}
+)  # fmt: skip
 
 #: Pillow's own decompression-bomb threshold (about 89 megapixels).
 DEFAULT_MAX_PIXELS = int(Image.MAX_IMAGE_PIXELS or 89_478_485)
