@@ -181,6 +181,26 @@ def test_resize_matrix_is_read_off_in_blocks_with_the_same_bits(monkeypatch) -> 
     assert blocks.shape == (32, 700) and torch.equal(blocks, whole)
 
 
+def test_the_resize_matrix_is_read_off_on_the_cpu_for_any_device(monkeypatch) -> None:
+    """The CUDA kernel refuses the scales of a big photo into a 32x32 model (too much shared memory): the
+    matrix is read off on the CPU, then moved to the device."""
+    from preempt_cli.models import _load
+
+    seen, interpolate = set(), F.interpolate
+
+    def recording(x, *args, **kw):
+        seen.add(x.device.type)
+        return interpolate(x, *args, **kw)
+
+    monkeypatch.setattr(_load.F, "interpolate", recording)
+    _load._resize_matrix.cache_clear()
+    try:
+        matrix = _load._resize_matrix(300, 8, torch.device("meta"))
+    finally:
+        _load._resize_matrix.cache_clear()
+    assert seen == {"cpu"} and matrix.device.type == "meta" and matrix.shape == (8, 300)
+
+
 def test_a_very_long_side_is_resized_by_interpolate_itself(monkeypatch) -> None:
     """Beyond ``_RESIZE_MATRIX_MAX_SIDE`` (a panorama, a strip) the matrices would cost the side squared:
     ``resize`` calls the direct kernel, which is the same function."""

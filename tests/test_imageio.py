@@ -1040,9 +1040,58 @@ def test_a_pngs_gamma_chromaticities_srgb_and_every_resolution_are_kept(tmp_path
                 assert "dpi" not in out.info
             else:
                 assert out.info["dpi"] == pytest.approx((x, y), abs=0.01)
-    cmyk = tmp_path / "c.jpg"  # another colour space: its colour chunks (none here) and profile are not kept
+    cmyk = tmp_path / "c.jpg"  # another colour space, the same resolution
     Image.fromarray(arr).convert("CMYK").save(cmyk, dpi=(72, 72))
-    assert read_image(cmyk).colour_chunks == () and read_image(cmyk).dpi == (72, 72)
+    assert read_image(cmyk).dpi == (72, 72)
+
+
+def test_a_resolution_is_kept_as_the_file_states_it(tmp_path: Path) -> None:
+    """A TIFF's resolution (a rational) was dropped; a JPEG whose EXIF states none got Pillow's 72 dpi,
+    and one without a unit was read as inches."""
+    arr = np.zeros((4, 6, 3), np.uint8)
+    Image.fromarray(arr).save(tmp_path / "scan.tif", dpi=(300, 300))
+    assert read_image(tmp_path / "scan.tif").dpi == (300.0, 300.0)
+    for name, tags in (("none.jpg", {}), ("no-unit.jpg", {0x0128: 1, 0x011A: 300, 0x011B: 300}),
+                       ("inch.jpg", {0x0128: 2, 0x011A: 300, 0x011B: 150}),
+                       ("cm.jpg", {0x0128: 3, 0x011A: 100, 0x011B: 100})):  # fmt: skip
+        exif = Image.Exif()
+        exif[0x0112] = 1
+        for tag, value in tags.items():
+            exif[tag] = value
+        Image.fromarray(arr).save(tmp_path / name, exif=exif.tobytes())  # no JFIF density unit
+    assert read_image(tmp_path / "none.jpg").dpi is None
+    assert read_image(tmp_path / "no-unit.jpg").dpi is None
+    assert read_image(tmp_path / "inch.jpg").dpi == (300.0, 150.0)
+    assert read_image(tmp_path / "cm.jpg").dpi == pytest.approx((254.0, 254.0))
+
+
+def test_a_16_bit_bmp_and_a_cameras_mpo_jpeg_read_as_before(tmp_path: Path) -> None:
+    """A 5-6-5 BMP is 16 bits a pixel, not a channel: read, not refused as deep colour. A camera's MPO
+    JPEG holds a preview as its second frame: no warning of frames left out."""
+    import struct
+
+    pixels = np.array([[0xF800, 0x07E0], [0x001F, 0xFFFF]], "<u2")  # red, green, blue, white
+    header = struct.pack("<IiiHHIIiiII", 40, 2, -2, 1, 16, 3, pixels.nbytes, 2835, 2835, 0, 0)
+    masks = struct.pack("<III", 0xF800, 0x07E0, 0x001F)
+    body = header + masks + pixels.tobytes()
+    (tmp_path / "565.bmp").write_bytes(b"BM" + struct.pack("<IHHI", 14 + len(body), 0, 0, 14 + 40 + 12) + body)
+    color = read_image(tmp_path / "565.bmp").color
+    assert color.dtype == np.uint8 and color[0, 0].tolist() == [255, 0, 0] and color[1, 1].tolist() == [255] * 3
+    photo = Image.fromarray(np.full((8, 8, 3), 90, np.uint8))
+    photo.save(tmp_path / "camera.jpg", format="MPO", save_all=True, append_images=[photo.resize((4, 4))])
+    picture = read_image(tmp_path / "camera.jpg")
+    assert picture.source_format == "MPO" and picture.notes == () and picture.size == (8, 8)
+
+
+def test_a_plain_ppm_of_more_than_8_bits_is_refused(tmp_path: Path) -> None:
+    """P3 (plain text) decodes through another Pillow decoder than P6: it was cut to 8 bits unseen."""
+    from preempt_cli.errors import ImageReadError
+
+    (tmp_path / "deep.ppm").write_bytes(b"P3\n2 1\n65535\n0 1000 65535 300 2 3\n")
+    with pytest.raises(ImageReadError, match="a PPM of up to 65535 levels per channel"):
+        read_image(tmp_path / "deep.ppm")
+    (tmp_path / "flat.ppm").write_bytes(b"P3\n2 1\n255\n0 100 255 30 2 3\n")
+    assert read_image(tmp_path / "flat.ppm").color[0, 0].tolist() == [0, 100, 255]
 
 
 def _with_chunk(cid: bytes, data: bytes):

@@ -61,6 +61,7 @@ __all__ = [
     "DEFAULT_MAX_PIXELS",
     "max_file_bytes",
     "display_name",
+    "quiet_pillow_warnings",
 ]
 
 #: File suffixes picked up when a folder is given (any file Pillow reads is accepted when named directly).
@@ -414,12 +415,13 @@ def read_image(path: Path | str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Pic
         icc = img.info.get("icc_profile")
         frames = getattr(img, "n_frames", 1)
         # an animation's other frames, a scan's other pages: not in the output, which says so
+        # (a camera's MPO JPEG holds a preview or a depth map as its second frame: not content of its own)
         notes = ((f"has {frames} frames (an animation or a multi-page file): only the first is protected",)
-                 if frames > 1 else ())  # fmt: skip
+                 if frames > 1 and source_format != "MPO" else ())  # fmt: skip
         img.seek(0)
         img.load()  # may check a frame's or tile's size (GIF, TIFF, ICO) against Pillow's limit: see below
         colour_chunks = _png_colour_chunks(img.info) if source_format == "PNG" else ()
-        dpi = _dpi(img.info)
+        dpi = _dpi(img)
         upright = _UPRIGHT.get(_exif_orientation(img))
         if upright is not None:
             img = img.transpose(upright)
@@ -482,15 +484,31 @@ def _png_colour_chunks(info: Mapping[str, object]) -> tuple[tuple[bytes, bytes],
     return tuple(chunks)
 
 
-def _dpi(info: Mapping[str, object]) -> tuple[float, float] | None:
-    """The print resolution Pillow read (PNG's pHYs, JPEG's JFIF or EXIF density, TIFF's, ...), when it
-    is one a PNG can hold."""
-    dpi = info.get("dpi")
-    if isinstance(dpi, tuple) and len(dpi) == 2 and all(isinstance(v, (int, float)) for v in dpi):
-        x, y = (float(v) for v in dpi)
-        if 0 < x < 1e6 and 0 < y < 1e6:  # finite, and a pixels-per-metre count that fits the chunk
-            return (x, y)
-    return None
+def _dpi(img: Image.Image) -> tuple[float, float] | None:
+    """The print resolution the file states (PNG's pHYs, TIFF's, a JPEG's JFIF density or EXIF resolution),
+    when it is one a PNG can hold. Of a JPEG, only one stated with its unit: Pillow gives 72 dpi to a
+    JPEG whose EXIF has no resolution, and reads a resolution without a unit as inches."""
+    value: object = img.info.get("dpi")
+    if img.format in ("JPEG", "MPO") and img.info.get("jfif_unit") not in (1, 2):
+        value = None
+        raw = img.info.get("exif")
+        try:
+            if isinstance(raw, bytes):
+                exif = Image.Exif()
+                exif.load(raw)
+                unit, x, y = exif.get(0x0128), exif.get(0x011A), exif.get(0x011B)  # ResolutionUnit, X/YResolution
+                if unit in (2, 3) and x:  # inches, centimetres
+                    per_inch = 2.54 if unit == 3 else 1.0
+                    value = (float(x) * per_inch, float(y or x) * per_inch)
+        except (SyntaxError, ValueError, TypeError, KeyError, IndexError, OSError, EOFError, ZeroDivisionError):
+            value = None
+    if not isinstance(value, tuple) or len(value) != 2:
+        return None
+    try:
+        x, y = (float(v) for v in value)  # TIFF's and EXIF's are rationals (IFDRational)
+    except (TypeError, ValueError, ZeroDivisionError):
+        return None
+    return (x, y) if 0 < x < 1e6 and 0 < y < 1e6 else None  # finite, and pixels per metre a chunk holds
 
 
 def _exif_orientation(img: Image.Image) -> int | None:
@@ -515,20 +533,26 @@ def _exif_orientation(img: Image.Image) -> int | None:
 
 
 def _deeper_than_decoded(img: Image.Image) -> str | None:
-    """How the file's samples are deeper than the 8 bits Pillow decodes them to (before ``load``), or None:
-    16 bits per colour channel in a PNG or TIFF (a raw mode ``RGB;16B``, ``RGBA;16L``...), a PPM whose
-    maximum is over 255. 16-bit grayscale decodes to a mode of its own (``I;16``, ``I``), kept."""
+    """How the file's colour samples are deeper than the 8 bits Pillow decodes them to (before ``load``),
+    or None: a PNG or TIFF of 16 bits per colour channel, a PPM (binary or plain) whose maximum is over 255.
+    16-bit grayscale decodes to a mode of its own (``I;16``, ``I``), kept; a 16-bit BMP is 5-6-5 bits a
+    pixel, which 8 bits a channel hold."""
     if img.mode.startswith(("I", "F")):
         return None
-    raw_modes = [getattr(getattr(img, "png", None), "im_rawmode", None) or ""]
-    for tile in getattr(img, "tile", None) or ():
-        args = tile[3] if len(tile) > 3 else None
-        if tile[0] == "ppm" and isinstance(args, tuple) and len(args) > 1 and isinstance(args[1], int):
-            if args[1] > 255:
+    if img.format == "PNG":
+        raw_mode = getattr(getattr(img, "png", None), "im_rawmode", None) or ""
+        return "16 bits per colour channel" if ";16" in raw_mode else None
+    if img.format == "TIFF":
+        depth = getattr(img, "tag_v2", {}).get(258)  # BitsPerSample: one per sample, or one for all
+        depths = [d for d in (depth if isinstance(depth, tuple) else (depth,)) if isinstance(d, int)]
+        return f"{max(depths)} bits per colour channel" if depths and max(depths) > 8 else None
+    if img.format == "PPM":
+        for tile in getattr(img, "tile", None) or ():
+            args = tile[3] if len(tile) > 3 else None
+            if tile[0] in ("ppm", "ppm_plain") and isinstance(args, tuple) and len(args) > 1 \
+                    and isinstance(args[1], int) and args[1] > 255:  # fmt: skip
                 return f"up to {args[1]} levels per channel (more than 8 bits)"
-        raw_modes.append(args if isinstance(args, str) else args[0] if isinstance(args, tuple) and args
-                         and isinstance(args[0], str) else "")  # fmt: skip
-    return "16 bits per colour channel" if any(";16" in m for m in raw_modes) else None
+    return None
 
 
 def _colour_space(mode: str) -> str:
@@ -910,6 +934,19 @@ def ignore_interrupts() -> None:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
+def quiet_pillow_warnings() -> None:
+    """Keep Pillow's warnings about files off stderr, process-wide (the commands and their I/O worker
+    processes; a library caller keeps Pillow's defaults unless it calls this):
+
+    - ``DecompressionBombWarning``: every image's size is checked against preempt's own limit, which says
+      so in one line naming the file; turned into an error only inside ``catch_warnings``, whose filters
+      threads reading files at once can undo, it leaked as Pillow's multi-line warning beside that line;
+    - broken EXIF or TIFF tags ("Corrupt EXIF data", "tag 274 had too many entries"): two lines each that
+      name no file, about metadata an output does not keep (a broken orientation is read as none)."""
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.TiffImagePlugin")
+
+
 def start_io_worker(main_pid: int) -> None:
     """Start of an I/O worker process of the process ``main_pid``: interrupts ignored
     (:func:`ignore_interrupts`), and the worker ends when that process does. A main process killed (kill
@@ -919,6 +956,7 @@ def start_io_worker(main_pid: int) -> None:
     import threading
 
     ignore_interrupts()
+    quiet_pillow_warnings()  # as the command that started it: these workers decode its files
     threading.Thread(target=_exit_when_gone, args=(main_pid,), name="preempt-watch-main", daemon=True).start()
 
 

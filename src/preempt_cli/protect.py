@@ -847,7 +847,9 @@ class Protector:
                 # stays bounded
                 yield from collect(block=len(computing) > in_flight)
 
-        def collect(block: bool) -> Iterator[FileResult]:
+        def collect(block: bool, finishing: bool = False) -> Iterator[FileResult]:
+            """Write the batches the device has finished (``block``: waiting for the oldest). ``finishing``:
+            the run was interrupted, and a batch that was itself interrupted is dropped, not raised again."""
             while computing and (block or computing[0][1].done()):
                 block = False  # wait for the oldest batch only
                 batch, future = computing[0]
@@ -863,9 +865,11 @@ class Protector:
                     for p in batch:
                         yield FileResult(p.item.path, "failed", reason=f"processing failed: {type(e).__name__}: {e}")
                     continue
-                except BaseException:
-                    if future.done():  # the batch's own interrupt (raised in its computation): no results
-                        computing.popleft()
+                except BaseException as e:
+                    if future.done() and not future.cancelled() and future.exception() is e:
+                        computing.popleft()  # the batch's own interrupt (raised in its computation): no results
+                        if finishing:
+                            continue
                     raise  # else an interrupt of this wait: the batch is still the device's (see below)
                 computing.popleft()
                 per_image = seconds / len(batch)  # each file's share of its batch's time
@@ -923,8 +927,8 @@ class Protector:
             # on a CPU: seconds), and then threw it away. Its files are written and reported instead; the
             # batches not started are dropped.
             compute.cancel_pending()
-            while computing:
-                yield from collect(block=True)
+            while computing:  # (another interrupt here, the library's second Ctrl-C: stop now)
+                yield from collect(block=True, finishing=True)
             yield from drain(block=True)
             raise
 

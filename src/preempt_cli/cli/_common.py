@@ -9,7 +9,6 @@ import os
 import signal
 import sys
 import threading
-import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Iterator, Optional
@@ -22,7 +21,7 @@ from rich.markup import escape
 from rich.progress import Progress
 
 from ..device import resolve_devices
-from ..imageio import UNPRINTABLE
+from ..imageio import UNPRINTABLE, quiet_pillow_warnings
 from ..errors import (
     ConfigError,
     HashMismatchError,
@@ -108,16 +107,7 @@ def setup_logging(verbose: int, quiet: bool) -> None:
     root.addHandler(handler)
     root.setLevel(level)
     root.propagate = False
-    # Every image's size is checked against preempt's own limit (--max-pixels), which says so in one line
-    # naming the file. Pillow's multi-line warning beside it was turned into an error only inside
-    # catch_warnings, whose filters threads reading files at once can undo: it leaked to stderr.
-    from PIL import Image
-
-    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
-    # Pillow's complaints about broken EXIF or TIFF tags ("Corrupt EXIF data", "tag 274 had too many
-    # entries"): two lines each that name no file, about metadata an output does not keep (a broken
-    # orientation is read as none)
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.TiffImagePlugin")
+    quiet_pillow_warnings()
 
 
 def one_line(text: str) -> str:

@@ -35,8 +35,9 @@ _logger = logging.getLogger(__name__)
 #: Identity rows resized at once by :func:`_resize_matrix` (times 2 columns and the input's side, in floats):
 #: the whole identity of a 40000-pixel panorama's side took 12.8 GB, and a 100000x20 strip could not run.
 _RESIZE_MATRIX_ELEMENTS = 1 << 22
-#: Beyond this side :func:`resize` calls ``F.interpolate`` itself: reading the matrix off the identity
-#: costs the side squared (about 0.3 s at 16384 on a CPU), and so long an image is rare.
+#: Beyond this side :func:`resize` calls ``F.interpolate`` itself on a CPU: reading the matrix off the
+#: identity costs the side squared (1.4 s at 16384, 9 s at 40000 on a 2-core CPU), and so long an image is
+#: rare. On a GPU the matrix is still used (its kernel refuses such scales: see :func:`_resize_matrix`).
 _RESIZE_MATRIX_MAX_SIDE = 16384
 
 
@@ -44,20 +45,23 @@ _RESIZE_MATRIX_MAX_SIDE = 16384
 def _resize_matrix(size_in: int, size_out: int, device: torch.device) -> torch.Tensor:
     """[size_out, size_in]: the 1-D antialiased bilinear resize of ``F.interpolate`` as a matrix (read off
     by resizing the identity along one axis, a block of its rows at a time: each row is an image of the
-    batch, resized alone, so the blocks give the same bits as the whole identity at once)."""
+    batch, resized alone, so the blocks give the same bits as the whole identity at once), on ``device``.
+
+    Read off on the CPU whatever the device: the CUDA kernel keeps an output's weights in shared memory,
+    and refuses the large scales of a big photo into a small model ("Too much shared memory required")."""
     with torch.inference_mode(False), torch.no_grad():  # a normal tensor: autograd may save it later
         step = max(1, _RESIZE_MATRIX_ELEMENTS // (2 * size_in))
         blocks = []
         for start in range(0, size_in, step):
             count = min(step, size_in - start)
-            eye = torch.zeros(count, size_in, device=device)
-            eye[torch.arange(count, device=device), torch.arange(start, start + count, device=device)] = 1
+            eye = torch.zeros(count, size_in)
+            eye[torch.arange(count), torch.arange(start, start + count)] = 1
             # one image per input row, two columns wide: a width of 1 would make the layout ambiguous
             # (contiguous and channels-last at once) and send interpolate down another kernel
             eye = eye.view(count, 1, size_in, 1).expand(-1, -1, -1, 2).contiguous()
             rows = F.interpolate(eye, size=(size_out, 2), mode="bilinear", align_corners=False, antialias=True)
             blocks.append(rows[:, 0, :, 0])
-        return torch.cat(blocks).t().contiguous()
+        return torch.cat(blocks).t().contiguous().to(device)
 
 
 def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -68,8 +72,9 @@ def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     ``F.interpolate``'s scatter, about 10x faster on CPU at 512x512 -> 32x32 with N = 20 samples. The
     resize stays in fp32 under autocast: bf16 would round the pixels themselves."""
     h, w = x.shape[-2:]
-    # small changes: the direct kernel is as fast; very long sides: the matrices cost their side squared
-    if h * w < 4 * size[0] * size[1] or max(h, w) > _RESIZE_MATRIX_MAX_SIDE:
+    # small changes: the direct kernel is as fast; very long sides on a CPU: the matrices cost their side
+    # squared, and the CPU kernel takes any scale
+    if h * w < 4 * size[0] * size[1] or (max(h, w) > _RESIZE_MATRIX_MAX_SIDE and x.device.type == "cpu"):
         return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
     with torch.autocast(x.device.type, enabled=False):
         x = x.float()
