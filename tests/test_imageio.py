@@ -1083,6 +1083,16 @@ def test_a_16_bit_bmp_and_a_cameras_mpo_jpeg_read_as_before(tmp_path: Path) -> N
     assert picture.source_format == "MPO" and picture.notes == () and picture.size == (8, 8)
 
 
+def test_a_broken_colour_chunk_fails_in_words(tmp_path: Path) -> None:
+    """A PNG with a short gAMA chunk made Pillow's open raise a bare ValueError ("cannot decode:
+    ValueError ..."): it is a corrupt file, and says so."""
+    rows = b"\x00" + bytes(6)  # 2x1 RGB, filter 0
+    data = _png_bytes(2, 1, depth=8, color_type=2, idat=rows)
+    at = data.index(b"IDAT") - 4
+    gama = struct.pack(">I", 2) + b"gAMA" + b"\x00\x01" + struct.pack(">I", zlib.crc32(b"gAMA\x00\x01"))
+    (tmp_path / "short.png").write_bytes(data[:at] + gama + data[at:])
+    _assert_read_error(tmp_path / "short.png", "corrupt or truncated image data")
+
 def test_a_plain_ppm_of_more_than_8_bits_is_refused(tmp_path: Path) -> None:
     """P3 (plain text) decodes through another Pillow decoder than P6: it was cut to 8 bits unseen."""
     from preempt_cli.errors import ImageReadError

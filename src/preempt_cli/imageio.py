@@ -380,6 +380,8 @@ def _open(path: Path, max_pixels: int) -> tuple[Image.Image, str]:
         raise ImageReadError(path, _bomb_reason(e, max_pixels, data)) from None
     except OSError as e:
         raise ImageReadError(path, f"cannot open: {_error_text(e)}") from e
+    except (SyntaxError, ValueError, EOFError) as e:  # Pillow's errors for a broken header (a short gAMA chunk)
+        raise ImageReadError(path, f"corrupt or truncated image data ({_error_text(e)})") from e
     width, height = img.size
     if width * height > max_pixels:
         img.close()
