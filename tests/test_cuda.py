@@ -302,6 +302,19 @@ def test_resize_inside_the_model_matches_the_cpu(photos_dir: Path, resnet20) -> 
     torch.testing.assert_close(cuda, cpu, atol=1e-3, rtol=1e-3)
 
 
+def test_a_long_photo_resizes_into_a_32x32_model_on_cuda() -> None:
+    """Scales of hundreds (a 20000-pixel side into 32): CUDA's antialiased kernel keeps an output's weights
+    in shared memory and refuses them, so the resize matrices are read off on the CPU; the resize and its
+    gradient on CUDA match the CPU's."""
+    from preempt_cli.models._load import resize
+
+    x = torch.rand(1, 3, 300, 20000, generator=torch.Generator().manual_seed(0))
+    x_cuda = x.to(CUDA).requires_grad_(True)
+    out = resize(x_cuda, (32, 32))
+    torch.testing.assert_close(out.cpu(), resize(x, (32, 32)), atol=1e-5, rtol=1e-5)
+    out.sum().backward()
+    assert x_cuda.grad is not None and bool(torch.isfinite(x_cuda.grad).all())
+
 def test_device_all_means_every_gpu() -> None:
     assert resolve_devices("all") == [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
     assert resolve_devices("cuda:0,cpu") == [CUDA, torch.device("cpu")]
