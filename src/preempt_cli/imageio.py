@@ -944,7 +944,8 @@ def quiet_pillow_warnings() -> None:
       so in one line naming the file; turned into an error only inside ``catch_warnings``, whose filters
       threads reading files at once can undo, it leaked as Pillow's multi-line warning beside that line;
     - broken EXIF or TIFF tags ("Corrupt EXIF data", "tag 274 had too many entries"): two lines each that
-      name no file, about metadata an output does not keep (a broken orientation is read as none)."""
+      name no file, about metadata an output does not keep (its orientation is read as before: what
+      Pillow can make of it, else none)."""
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.TiffImagePlugin")
 
