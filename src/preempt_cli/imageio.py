@@ -423,8 +423,9 @@ def read_image(path: Path | str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Pic
         img.seek(0)
         img.load()  # may check a frame's or tile's size (GIF, TIFF, ICO) against Pillow's limit: see below
         colour_chunks = _png_colour_chunks(img.info) if source_format == "PNG" else ()
-        dpi = _dpi(img)
-        upright = _UPRIGHT.get(_exif_orientation(img))
+        exif = _exif_block(img.info)  # parsed once: the resolution and the orientation are read from it
+        dpi = _dpi(img, exif)
+        upright = _UPRIGHT.get(_exif_orientation(img, exif))
         if upright is not None:
             img = img.transpose(upright)
             if dpi is not None and upright in _SWAPS_AXES:
@@ -486,24 +487,36 @@ def _png_colour_chunks(info: Mapping[str, object]) -> tuple[tuple[bytes, bytes],
     return tuple(chunks)
 
 
-def _dpi(img: Image.Image) -> tuple[float, float] | None:
+def _exif_block(info: Mapping[str, object]) -> Image.Exif | None:
+    """The file's EXIF block, parsed: from an EXIF block, or a PNG's ``Raw profile type exif`` text
+    (None: it has neither; an empty one: what it has cannot be parsed, and so says nothing)."""
+    raw = info.get("exif")
+    exif = Image.Exif()
+    try:
+        if raw is None and isinstance(info.get("Raw profile type exif"), str):
+            raw = bytes.fromhex("".join(info["Raw profile type exif"].split("\n")[3:]))  # type: ignore[union-attr]
+        if raw is None:
+            return None
+        exif.load(raw)
+    except (SyntaxError, ValueError, TypeError, KeyError, IndexError, OSError, EOFError):  # broken EXIF
+        return Image.Exif()
+    return exif
+
+
+def _dpi(img: Image.Image, exif: Image.Exif | None) -> tuple[float, float] | None:
     """The print resolution the file states (PNG's pHYs, TIFF's, a JPEG's JFIF density or EXIF resolution),
     when it is one a PNG can hold. Of a JPEG, only one stated with its unit: Pillow gives 72 dpi to a
     JPEG whose EXIF has no resolution, and reads a resolution without a unit as inches."""
     value: object = img.info.get("dpi")
     if img.format in ("JPEG", "MPO") and img.info.get("jfif_unit") not in (1, 2):
         value = None
-        raw = img.info.get("exif")
-        try:
-            if isinstance(raw, bytes):
-                exif = Image.Exif()
-                exif.load(raw)
-                unit, x, y = exif.get(0x0128), exif.get(0x011A), exif.get(0x011B)  # ResolutionUnit, X/YResolution
-                if unit in (2, 3) and x:  # inches, centimetres
-                    per_inch = 2.54 if unit == 3 else 1.0
-                    value = (float(x) * per_inch, float(y or x) * per_inch)
-        except (SyntaxError, ValueError, TypeError, KeyError, IndexError, OSError, EOFError, ZeroDivisionError):
-            value = None
+        unit, x, y = (exif.get(0x0128), exif.get(0x011A), exif.get(0x011B)) if exif is not None else (None,) * 3
+        if unit in (2, 3) and x:  # ResolutionUnit inches or centimetres, X/YResolution
+            per_inch = 2.54 if unit == 3 else 1.0
+            try:
+                value = (float(x) * per_inch, float(y or x) * per_inch)
+            except (TypeError, ValueError, ZeroDivisionError):
+                value = None
     if not isinstance(value, tuple) or len(value) != 2:
         return None
     try:
@@ -513,24 +526,16 @@ def _dpi(img: Image.Image) -> tuple[float, float] | None:
     return (x, y) if 0 < x < 1e6 and 0 < y < 1e6 else None  # finite, and pixels per metre a chunk holds
 
 
-def _exif_orientation(img: Image.Image) -> int | None:
-    """The file's EXIF orientation (None: none, or EXIF that cannot be parsed), read from where Pillow
-    reads EXIF (an EXIF block, a PNG's ``Raw profile type exif`` text, a TIFF's own tags), and not from XMP.
-    ``ImageOps.exif_transpose`` also takes ``tiff:Orientation`` from XMP when EXIF has none, which browsers
-    ignore: such a file was written rotated against how browsers show the original."""
-    raw = img.info.get("exif")
-    try:
-        if raw is None and isinstance(img.info.get("Raw profile type exif"), str):
-            raw = bytes.fromhex("".join(img.info["Raw profile type exif"].split("\n")[3:]))
-        if raw is None:
-            tags = getattr(img, "tag_v2", None)  # a TIFF: its orientation is one of its own tags
-            value = tags.get(0x0112) if tags is not None else None
-        else:
-            exif = Image.Exif()
-            exif.load(raw)
-            value = exif.get(0x0112)
-    except (SyntaxError, ValueError, TypeError, KeyError, IndexError, OSError, EOFError):  # broken EXIF: upright
-        return None
+def _exif_orientation(img: Image.Image, exif: Image.Exif | None) -> int | None:
+    """The file's EXIF orientation (None: none, or EXIF that cannot be parsed), from its EXIF block
+    (:func:`_exif_block`) or, without one, a TIFF's own tags, and not from XMP. ``ImageOps.exif_transpose``
+    also takes ``tiff:Orientation`` from XMP when EXIF has none, which browsers ignore: such a file was
+    written rotated against how browsers show the original."""
+    if exif is not None:
+        value = exif.get(0x0112)
+    else:
+        tags = getattr(img, "tag_v2", None)  # a TIFF: its orientation is one of its own tags
+        value = tags.get(0x0112) if tags is not None else None
     return value if isinstance(value, int) else None
 
 
