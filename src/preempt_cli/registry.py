@@ -616,9 +616,7 @@ def check_registrable(name: str, path: Path | str | None = None, *, overwrite: b
     if overwrite:
         # a row in a form that cannot be replaced is found now, not after the training it would register
         if path.is_file() and name in _read_toml(path).get("models", {}):
-            if name in tomllib.loads(_without_row(path.read_text(encoding="utf-8"), name)).get("models", {}):
-                raise RegistryError(path, f"model {name!r} is written there in a form preempt cannot replace "
-                                          f"(not a [models.{name}] table): edit the file by hand")  # fmt: skip
+            _text_without_row(path, path.read_text(encoding="utf-8"), name)
         return path
     builtin = builtin_registry_path()
     if name in _builtin_names() and not (path.is_file() and path.resolve() == builtin.resolve()):
@@ -687,6 +685,20 @@ def _without_row(text: str, name: str) -> str:
     return "\n".join(kept).rstrip() + "\n" if any(line.strip() for line in kept) else ""
 
 
+def _text_without_row(path: Path, text: str, name: str) -> str:
+    """``path``'s ``text`` without the row of ``name`` (see :func:`_without_row`).
+
+    Raises:
+        RegistryError: the row is there in a form that cannot be removed so (``mk = { ... }`` inside a
+            ``[models]`` table, say).
+    """
+    without = _without_row(text, name)
+    if name in tomllib.loads(without).get("models", {}):
+        raise RegistryError(path, f"model {name!r} is written there in a form preempt cannot replace (not a "
+                                  f"[models.{name}] table): edit the file by hand")  # fmt: skip
+    return without
+
+
 def _register_locked(name: str, row: Mapping[str, Any], path: Path, *, overwrite: bool) -> None:
     text = path.read_text(encoding="utf-8") if path.is_file() else ""
     existing = tomllib.loads(text).get("models", {}) if text.strip() else {}
@@ -694,10 +706,7 @@ def _register_locked(name: str, row: Mapping[str, Any], path: Path, *, overwrite
         raise RegistryError(path, f"model {name!r} is already registered here (overwrite it with --force)")
     header = f"[models.{_toml_key(name)}]"
     if name in existing:
-        text = _without_row(text, name)
-        if name in tomllib.loads(text).get("models", {}):  # e.g. ``mk = { ... }`` inside a [models] table
-            raise RegistryError(path, f"model {name!r} is written there in a form preempt cannot replace (not a "
-                                      f"[models.{name}] table): edit the file by hand")  # fmt: skip
+        text = _text_without_row(path, text, name)
     block = [header] + [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in row.items() if v is not None]
     new_text = (text.rstrip() + "\n\n" if text.strip() else "") + "\n".join(block) + "\n"
     try:  # validate before writing: a broken user registry would break every command
