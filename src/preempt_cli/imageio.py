@@ -62,6 +62,7 @@ __all__ = [
     "max_file_bytes",
     "display_name",
     "quiet_pillow_warnings",
+    "gray16_levels",
 ]
 
 #: File suffixes picked up when a folder is given (any file Pillow reads is accepted when named directly).
@@ -570,18 +571,33 @@ def _colour_space(mode: str) -> str:
     return mode
 
 
+def gray16_levels(img: Image.Image, path: Path | str) -> np.ndarray | None:
+    """The levels (H x W, uint16) of a 16-bit grayscale image, or of a 32-bit integer one whose values fit
+    16 bits; None for an image of another mode.
+
+    Raises:
+        ImageReadError: a 32-bit integer image with values outside 0..65535, or a floating-point one (mode
+            F: no range to scale from, 0..1 and 0..255 are both found).
+    """
+    if img.mode == "F":
+        raise ImageReadError(path, "floating-point images (mode F) are not supported")
+    if img.mode not in GRAY16_MODES and img.mode != "I":
+        return None
+    arr = np.asarray(img)
+    if img.mode == "I" and arr.size and (arr.min() < 0 or arr.max() > 65535):
+        raise ImageReadError(path, "32-bit integer images with values outside 0..65535 are not supported")
+    return arr.astype(np.uint16)
+
+
 def _split(img: Image.Image, path: Path) -> tuple[np.ndarray, np.ndarray | None, str]:
     mode = img.mode
-    if mode in GRAY16_MODES or mode == "I":
-        if "transparency" in img.info:  # PNG tRNS: one grey level transparent; a 16-bit alpha has no mode
-            raise ImageReadError(path, "16-bit grayscale with a transparent level (tRNS) is not supported: "
-                                       "its transparency would be lost")  # fmt: skip
-        arr = np.asarray(img)
-        if mode == "I" and (arr.min() < 0 or arr.max() > 65535):
-            raise ImageReadError(path, "32-bit integer images with values outside 0..65535 are not supported")
-        return arr.astype(np.uint16)[:, :, None], None, "I;16"
-    if mode == "F":
-        raise ImageReadError(path, "floating-point images (mode F) are not supported")
+    if (mode in GRAY16_MODES or mode == "I") and "transparency" in img.info:
+        # PNG tRNS: one grey level transparent; a 16-bit alpha has no mode
+        raise ImageReadError(path, "16-bit grayscale with a transparent level (tRNS) is not supported: "
+                                   "its transparency would be lost")  # fmt: skip
+    levels = gray16_levels(img, path)
+    if levels is not None:
+        return levels[:, :, None], None, "I;16"
     if mode == "1":
         img, mode = img.convert("L"), "L"
     if mode in ("P", "PA"):

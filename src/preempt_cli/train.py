@@ -44,7 +44,7 @@ from .attacks import PGD
 from .engine import eval_mode, native_bf16, refuse_int_levels
 from .errors import ConfigError, ImageReadError
 from .hub import save_safetensors, sha256_file
-from .imageio import GRAY16_MODES
+from .imageio import gray16_levels
 from .models import ImageModel, build_model, load_model
 from .registry import ModelConfig, Source
 
@@ -113,15 +113,12 @@ class TrainData:
 
 def _to_8_bits(im: Image.Image, name: str) -> Image.Image:
     """``im`` as 8-bit grayscale when it is 16-bit (or 32-bit integer) grayscale, scaled: Pillow's
-    ``convert`` clips those values to 255, so a 16-bit photo came out nearly white."""
-    if im.mode in GRAY16_MODES or im.mode == "I":
-        arr = np.asarray(im).astype(np.int64)
-        if arr.size and (arr.min() < 0 or arr.max() > 65535):  # as protect reads them: 16-bit or nothing
-            raise ImageReadError(name, "32-bit integer images with values outside 0..65535 are not supported")
-        return Image.fromarray(((arr + 128) // 257).astype(np.uint8), "L")  # round(v / 257): 65535 -> 255
-    if im.mode == "F":  # no range to scale from: 0..1 and 0..255 are both found
-        raise ImageReadError(name, "floating-point images (mode F) are not supported")
-    return im
+    ``convert`` clips those values to 255, so a 16-bit photo came out nearly white. Read as protect reads
+    them (:func:`~preempt_cli.imageio.gray16_levels`): 16-bit or nothing."""
+    levels = gray16_levels(im, name)
+    if levels is None:
+        return im
+    return Image.fromarray(((levels.astype(np.int64) + 128) // 257).astype(np.uint8), "L")  # round(v / 257)
 
 
 def _decode(data: bytes, name: str, size: tuple[int, int] | None) -> np.ndarray:
