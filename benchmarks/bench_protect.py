@@ -229,8 +229,8 @@ def load_backbones(keys: list[str], models_dir: Path, device: torch.device) -> d
     return out
 
 
-def make_protector(model: ImageModel, cfg: ForeBackConfig, precision: str = "fp32") -> Protector:
-    return Protector(model, None, labels="backbone", config=cfg, precision=precision)
+def make_protector(model: ImageModel, cfg: ForeBackConfig, precision: str = "fp32", cuda_graphs: bool = False) -> Protector:
+    return Protector(model, None, labels="backbone", config=cfg, precision=precision, cuda_graphs=cuda_graphs)
 
 
 def engine_run(protector: Protector, x: torch.Tensor, y: torch.Tensor, seeds: list[int], batch: int) -> torch.Tensor:
@@ -510,7 +510,7 @@ def bench_photos(ours: ImageModel, ref: ImageModel, args: argparse.Namespace, cf
 # -- 4. end to end: files in, PNGs out --------------------------------------------------------------------
 def bench_end_to_end(ours: ImageModel, paths: list[Path], args: argparse.Namespace, cfg: ForeBackConfig,
                      device: torch.device) -> dict[str, Any]:  # fmt: skip
-    protector = make_protector(ours, cfg)
+    protector = make_protector(ours, cfg, cuda_graphs=args.cuda_graphs)
     with tempfile.TemporaryDirectory(prefix="bench-protect-") as tmp:
         src = Path(tmp) / "in"
         src.mkdir()
@@ -558,6 +558,7 @@ def bench_end_to_end(ours: ImageModel, paths: list[Path], args: argparse.Namespa
         io_costs = file_costs([i.path for i in items[:200]], Path(tmp) / "io")
         result: dict[str, Any] = {
             "backbone": REAL_BACKBONE,
+            "cuda_graphs": protector.cuda_graphs,
             "engine_only": rate(t_engine, len(items)),
             "pipeline": rate(t_pipe, len(items)),
             "pipeline_done": statuses.count("done"),
@@ -589,7 +590,7 @@ def bench_end_to_end(ours: ImageModel, paths: list[Path], args: argparse.Namespa
                 cmd = [sys.executable, "-m", "preempt_cli", "protect", str(folder), "--backbone", REAL_BACKBONE,
                        "--labels", "backbone", "--models-dir", str(args.models_dir), "--out-dir",
                        str(Path(tmp) / "cli"), "--overwrite", "--quiet", "--device", str(device), "--batch-size",
-                       str(args.batch_size)]  # fmt: skip
+                       str(args.batch_size)] + (["--cuda-graphs"] if args.cuda_graphs else [])  # fmt: skip
                 times: list[float] = []
                 for _ in range(args.repeats):  # no warm-up: every call pays the start-up, as a user does
                     start = time.perf_counter()
@@ -945,6 +946,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="on CUDA: backbones whose compiled engine is timed (default preact18)")  # fmt: skip
     p.add_argument("--e2e-switch-interval", type=float, default=None,
                    help="also time --io processes end to end under this sys.setswitchinterval (seconds; an experiment)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="end to end: the engine alone, the pipeline and the CLI replay each batch as a CUDA graph")
     p.add_argument("--e2e-images", type=int, default=None,
                    help="PNG files for the end-to-end part (default --images; beyond the 932 test images, copies)")
     p.add_argument("--accuracy-compile", default="",

@@ -301,6 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", default="off", choices=["off", "default", "reduce-overhead", "max-autotune"],
                    help="torch.compile the backbone, for the engine alone and the pipeline alike (reduce-overhead: "
                         "CUDA graphs, which take the host's launches of each batch off the compute thread)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="replay each batch as a CUDA graph (eager kernels, one launch), for the engine alone and the "
+                        "pipeline alike")
     p.add_argument("--min-piece", type=int, default=DEFAULT_MIN_PIECE,
                    help="the run's first and last batches go in pieces of at least this many images "
                         f"(default {DEFAULT_MIN_PIECE}; a batch's size or more: no pieces)")
@@ -313,11 +316,12 @@ def main(argv: list[str] | None = None) -> int:
     workers = [int(w) for w in args.workers.split(",") if w.strip()]
     cfg = ForeBackConfig()
     model = load_backbones(["resnet20"], args.models_dir, device)["resnet20"][0]
-    protector = Protector(model, None, labels="backbone", config=cfg, compile=args.compile)
+    protector = Protector(model, None, labels="backbone", config=cfg, compile=args.compile, cuda_graphs=args.cuda_graphs)
     protect_module._MIN_PIECE = args.min_piece
     out: dict[str, Any] = {"benchmark": "trace_e2e", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                            "files": args.files, "batch_size": args.batch_size, "gc_freeze": args.gc_freeze,
-                           "queued": args.queued, "compile": args.compile, "min_piece": args.min_piece,
+                           "queued": args.queued, "compile": args.compile, "cuda_graphs": protector.cuda_graphs,
+                           "min_piece": args.min_piece,
                            "source": str(Path(protect_module.__file__).parent)}  # fmt: skip
 
     with tempfile.TemporaryDirectory(prefix="trace-e2e-") as tmp:
@@ -381,13 +385,21 @@ def main(argv: list[str] | None = None) -> int:
                     log(f"pipeline {label} under the profiler with host activities")
                     entry["host_trace"] = host_trace(lambda: trace.run(items, options), device)
             out["pipeline"][label] = entry
+        if protector.cuda_graphs:  # whether the graphs were used, or given up (and why)
+            graphed = {"engine": protector.engine._graphed, **{f"pipeline-{k}": g for k, g in protector._graphed.items()}}
+            out["graphs"] = {name: {"captures": g.captures, "replays": g.replays, "failure": g.failure}
+                             for name, g in graphed.items()}  # fmt: skip
         protector.close()
 
     print(f"trace_e2e on {out['device']}: {args.files} PNGs of 32x32, batch {args.batch_size}, ResNet-20 fp32"
           + (f", compile {args.compile}" if args.compile != "off" else "")
+          + (", CUDA graphs" if protector.cuda_graphs else "")
           + (f", pieces of >= {args.min_piece}" if args.min_piece != DEFAULT_MIN_PIECE else ""))
     e = out["engine"]
     print(f"engine alone: {e['images_per_s']:.0f} images/s ({e['median_s']:.3f} s); device {e['device']}")
+    for name, g in out.get("graphs", {}).items():
+        print(f"CUDA graphs of {name}: {g['captures']} captured, {g['replays']} replays"
+              + (f"; given up: {g['failure']}" if g["failure"] else ""))
     for duty, r in out["engine_with_busy_thread"].items():
         print(f"engine, a thread holding the GIL {float(duty):.0%}: {r['images_per_s']:.0f} images/s = {r['vs_engine']:.2f}")
     for label, r in out["pipeline"].items():

@@ -1572,3 +1572,20 @@ def test_globs_fail_as_the_readme_says(tmp_path: Path, registry: Path) -> None:
         assert result.exit_code == 1 and reason in result.stderr, result.output
     folders = run(["protect", str(tmp_path / "d*"), *FAST, "--labels", "backbone"], registry)
     assert folders.exit_code == 2 and f"no images found in {tmp_path / 'd*'}" in folders.stderr, folders.output
+
+
+def test_protect_with_cuda_graphs_writes_what_it_writes_without(tmp_path: Path, registry: Path) -> None:
+    _images(tmp_path / "in", n=6)
+    outputs = {}
+    for flag in ("--no-cuda-graphs", "--cuda-graphs"):
+        result = run(["protect", str(tmp_path / "in"), *FAST, "--labels", "backbone", "--batch-size", "2", flag,
+                      "-o", str(tmp_path / flag)], registry)  # fmt: skip
+        assert result.exit_code == 0, result.output
+        # off a GPU the flag does nothing, and says so
+        assert ("needs a GPU" in result.stderr) == (flag == "--cuda-graphs" and TEST_DEVICE.type != "cuda")
+        outputs[flag] = {p.name: np.asarray(Image.open(p)) for p in (tmp_path / flag).glob("*.png")}
+    assert len(outputs["--cuda-graphs"]) == 6 and outputs["--cuda-graphs"].keys() == outputs["--no-cuda-graphs"].keys()
+    assert all(np.array_equal(a, outputs["--no-cuda-graphs"][name]) for name, a in outputs["--cuda-graphs"].items())
+    refused = run(["protect", str(tmp_path / "in"), *FAST, "--labels", "backbone", "--cuda-graphs", "--compile",
+                   "default", "-o", str(tmp_path / "never")], registry)  # fmt: skip
+    assert refused.exit_code != 0 and "reduce-overhead" in refused.stderr and not (tmp_path / "never").exists()

@@ -19,7 +19,7 @@ from PIL import Image
 from conftest import CIFAR10_CLASSES, load_cifar_images, make_tiny_model, write_random_pngs
 from preempt_cli import ForeBackConfig, Protector, RunOptions, collect_inputs, load_model
 from preempt_cli.device import resolve_devices
-from preempt_cli.engine import FastPreemption
+from preempt_cli.engine import FastPreemption, noise_keys
 from preempt_cli.protect import content_seed, read_preempt_metadata, run_on_devices
 from preempt_cli.imageio import levels_to_float, quantize_batch, read_image, stack_levels
 
@@ -61,6 +61,12 @@ def resnet20(shared_models_dir: Path) -> dict[str, torch.nn.Module]:
             for d in ("cpu", "cuda:0")}  # fmt: skip
 
 
+def _keys(engine: FastPreemption, seeds) -> torch.Tensor:
+    """The noise keys of images of these noise seeds, [B, steps, samples], on the engine's device."""
+    cfg = engine.config
+    return noise_keys(engine.image_keys(seeds).to(engine.device), cfg.forward_steps + cfg.backward_steps, cfg.samples)
+
+
 def _agree(a: torch.Tensor, b: torch.Tensor) -> float:
     """Fraction of pixels equal up to float rounding."""
     return float(((a.cpu() - b.cpu()).abs() <= 1e-5).float().mean())
@@ -71,8 +77,10 @@ def test_cuda_computes_what_the_cpu_computes(batch, resnet20) -> None:
     cfg = ForeBackConfig()
     engines = {d: FastPreemption(m, config=cfg, seed=5) for d, m in resnet20.items()}
     # The noise is integer arithmetic: the same bits on both devices, for every step
-    for step in range(cfg.forward_steps + cfg.backward_steps):
-        noise = {d: e._noise(x.to(d), e._noise_keys(len(x), None)[:, step]).cpu() for d, e in engines.items()}
+    steps = cfg.forward_steps + cfg.backward_steps
+    keys = {d: noise_keys(e.image_keys(range(len(x))).to(d), steps, cfg.samples) for d, e in engines.items()}
+    for step in range(steps):
+        noise = {d: e._noise(x.to(d), keys[d][:, step]).cpu() for d, e in engines.items()}
         assert torch.equal(noise["cpu"], noise["cuda:0"]), step
     out = {d: e.perturb(x, y) for d, e in engines.items()}
     assert out["cuda:0"].device.type == "cuda"
@@ -96,8 +104,8 @@ def test_cuda_results_are_reproducible_and_batch_invariant(batch, resnet20) -> N
     b = FastPreemption(model, seed=2).perturb(x, y, noise_seeds=seeds)
     assert torch.equal(a, b)  # same seed, same device, same input: the same bits
     # An image's noise does not depend on its batch; its result only up to float rounding of batched kernels.
-    alone = engine._noise(x[3:5].to(CUDA), engine._noise_keys(2, seeds[3:5])[:, 0])
-    together = engine._noise(x.to(CUDA), engine._noise_keys(len(x), seeds)[:, 0])
+    alone = engine._noise(x[3:5].to(CUDA), _keys(engine, seeds[3:5])[:, 0])
+    together = engine._noise(x.to(CUDA), _keys(engine, seeds)[:, 0])
     assert torch.equal(alone, together[3:5])
     single = torch.cat([engine.perturb(x[i : i + 1], y[i : i + 1], noise_seeds=[seeds[i]]) for i in range(len(x))])
     share = _agree(single, a)
@@ -194,27 +202,34 @@ def test_pipeline_on_cuda_writes_what_each_batch_computes(tmp_path: Path, resnet
             assert np.array_equal(written, expected), path.name
 
 
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "cuda-graphs"])
 @pytest.mark.parametrize("labels", ["backbone", "folders"])
-def test_queueing_a_batch_never_waits_for_the_device(tmp_path: Path, resnet20, labels: str) -> None:
+def test_queueing_a_batch_never_waits_for_the_device(tmp_path: Path, resnet20, labels: str, graphs: bool) -> None:
     """``Protector._compute`` queues a batch on the GPU without one synchronising call (labels from a
     model or known, noise keys, levels and results all travel asynchronously): only then can the next
-    batch be queued while this one computes. Its results are those of the tensor API."""
+    batch be queued while this one computes; with ``cuda_graphs``, a replay neither. Its results are those
+    of the tensor API."""
     from preempt_cli.protect import _Pending
     from preempt_cli.imageio import read_images
 
     _pngs(tmp_path / "in" / "airplane", 8)  # a class folder (--labels folders)
-    protector = Protector(resnet20["cuda:0"], labels=labels, config=ForeBackConfig(samples=4))
+    protector = Protector(resnet20["cuda:0"], labels=labels, config=ForeBackConfig(samples=4), cuda_graphs=graphs)
     items = collect_inputs([tmp_path / "in"])
     pictures = read_images([str(item.path) for item in items])
     batch = [_Pending(item, tmp_path / f"{i}.out.png", pic, protector._file_label(item))
              for i, (item, pic) in enumerate(zip(items, pictures))]  # fmt: skip
-    protector._compute(batch).results()  # warm-up: cuDNN and the allocator set themselves up
+    # warm-up: cuDNN and the allocator set themselves up; with graphs, the second call captures
+    for _ in range(2 if graphs else 1):
+        protector._compute(batch).results()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         launched = protector._compute(batch)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+    if graphs:
+        [graphed] = protector._graphed.values()
+        assert (graphed.captures, graphed.replays, graphed.failure) == (1, 1, None)
     computed = launched.results()
     x = levels_to_float(stack_levels([p.color for p in pictures], CUDA), 255)
     y = protector.predict(x).clone() if labels == "backbone" else torch.zeros(8, dtype=torch.long, device=CUDA)
@@ -237,6 +252,44 @@ def test_batches_queued_two_at_a_time_write_what_one_at_a_time_writes(tmp_path: 
         assert [r.status for r in results] == ["done"] * 40
     for one in sorted((tmp_path / "q1").glob("*.png")):
         assert np.array_equal(np.asarray(Image.open(one)), np.asarray(Image.open(tmp_path / "q2" / one.name))), one.name
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("settings", ["strict", "protect's"])
+def test_cuda_graphs_write_the_files_eager_kernels_write(tmp_path: Path, resnet20, precision: str,
+                                                          settings: str) -> None:  # fmt: skip
+    """A run in CUDA graphs (``--cuda-graphs``) writes the very files of a run without, in strict fp32 and
+    with the settings ``preempt protect`` runs with (TF32, cuDNN's heuristic kernels): a replay runs the
+    kernels the capture recorded, which are the eager ones of that shape. The first and last batches'
+    pieces (of 64 images: a shape of its own) are captured too."""
+    _pngs(tmp_path / "in", 300)
+    items = collect_inputs([tmp_path / "in"])
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cudnn.deterministic)
+    if settings != "strict":
+        torch.backends.cudnn.allow_tf32, torch.backends.cudnn.deterministic = True, False  # torch's defaults
+    try:
+        for graphs in (False, True):
+            protector = Protector(resnet20["cuda:0"], labels="backbone", config=ForeBackConfig(samples=20),
+                                  precision=precision, cuda_graphs=graphs)  # fmt: skip
+            results = list(protector.run(items, RunOptions(out_dir=tmp_path / f"graphs-{graphs}")))
+            assert [r.status for r in results] == ["done"] * 300
+            if graphs:
+                [graphed] = protector._graphed.values()
+                assert graphed.failure is None and graphed.captures >= 1 and graphed.replays >= 2, vars(graphed)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cudnn.deterministic = saved
+    for eager in sorted((tmp_path / "graphs-False").glob("*.png")):
+        graphed_file = tmp_path / "graphs-True" / eager.name
+        assert np.array_equal(np.asarray(Image.open(eager)), np.asarray(Image.open(graphed_file))), eager.name
+
+
+def test_an_engine_in_cuda_graphs_gives_the_eager_bits(batch, resnet20) -> None:
+    x, y = batch
+    eager = FastPreemption(resnet20["cuda:0"], seed=6)
+    graphed = FastPreemption(resnet20["cuda:0"], seed=6, cuda_graphs=True)
+    for x_part, y_part in ((x, y), (x, y), (x.flip(0), y.flip(0)), (x[:3], y[:3]), (x[:3], y[:3]), (x[:3], y[:3])):
+        assert torch.equal(graphed.perturb(x_part, y_part), eager.perturb(x_part, y_part))
+    assert (graphed._graphed.captures, graphed._graphed.replays, graphed._graphed.failure) == (2, 2, None)
 
 
 def test_a_transfer_from_the_gpu_waits_for_the_work_before_it() -> None:

@@ -33,10 +33,11 @@ from torch import nn
 
 from .device import to_device
 from .errors import ConfigError, InputError
+from .graphs import GraphedFunction
 from .imageio import content_seed
 
 __all__ = ["ForeBackConfig", "FastPreemption", "PRESETS", "PRECISIONS", "COMPILE_MODES", "parse_eps", "refuse_int_levels", "default_eps", "eval_mode", "project",
-           "native_bf16", "resolve_precision", "content_seeds", "check_seed", "autograd_usable", "check_images", "check_batch", "MAX_SEED"]
+           "native_bf16", "resolve_precision", "content_seeds", "check_seed", "autograd_usable", "check_images", "check_batch", "check_cuda_graphs", "MAX_SEED"]
 
 #: Named settings. ``paper``: Table 3 of the paper. ``mspd``: the authors' later public code, which also
 #: projects each FGSM sample around the current iterate before the outer projection.
@@ -356,6 +357,11 @@ class FastPreemption:
             (the first batch, and again for a last, smaller one), so it pays only on long runs of
             equal-size images; results match eager up to float rounding (a gradient sign near zero can
             differ), not bit for bit.
+        cuda_graphs: on a GPU, replay each batch shape's kernels as one CUDA graph (captured the second
+            time a shape comes; see :mod:`preempt_cli.graphs`), taking the launches of some 700 kernels per
+            batch off the host. The same kernels run, so the same bits come out. Images the backbone
+            resizes (photos) run eagerly. Off a GPU it does nothing (with a warning); it excludes
+            ``compile`` (``reduce-overhead`` is compiled kernels in CUDA graphs).
     """
 
     def __init__(
@@ -367,6 +373,7 @@ class FastPreemption:
         device: torch.device | str | None = None,
         precision: str = "fp32",
         compile: str = "off",
+        cuda_graphs: bool = False,
     ) -> None:
         self.backbone = backbone
         self.config = config or ForeBackConfig.from_preset(dataset=getattr(getattr(backbone, "config", None), "dataset", None))
@@ -390,6 +397,9 @@ class FastPreemption:
         if compile != "off":
             # dynamic=False: one specialised graph per batch shape (a run sees one or two shapes)
             self._net = torch.compile(backbone, mode=None if compile == "default" else compile, dynamic=False)
+        self.cuda_graphs = check_cuda_graphs(cuda_graphs, compile, self.device)
+        self._graphed = GraphedFunction(lambda *a: (self.perturb_keyed(*a),), self.device, name="the engine") \
+            if self.cuda_graphs else None  # fmt: skip
 
     # -- noise -----------------------------------------------------------------------------------------
     def _image_seeds(self, count: int, noise_seeds: Sequence[int] | None) -> list[int]:
@@ -403,12 +413,11 @@ class FastPreemption:
         g.manual_seed(seed % (1 << 63))
         return g
 
-    def _noise_keys(self, count: int, noise_seeds: Sequence[int] | None) -> torch.Tensor:
-        """The keys of the images' noise at every cascade step and sample, [B, steps, N] (:func:`noise_keys`),
-        from the base seed and each image's noise seed mixed into 64 bits; one upload per batch."""
-        keys = [(self.seed * 0x9E3779B97F4A7C15 + s) & ((1 << 64) - 1) for s in self._image_seeds(count, noise_seeds)]
-        image_keys = to_device(torch.tensor([[k & _MASK32, k >> 32] for k in keys], dtype=torch.int64), self.device)
-        return noise_keys(image_keys, self.config.forward_steps + self.config.backward_steps, self.config.samples)
+    def image_keys(self, noise_seeds: Sequence[int]) -> torch.Tensor:
+        """The images' 64-bit noise keys, [B, 2] int64 (low and high 32 bits) on the host, from the base seed
+        and each image's noise seed: what :meth:`perturb_keyed` takes."""
+        keys = [(self.seed * 0x9E3779B97F4A7C15 + int(s)) & ((1 << 64) - 1) for s in noise_seeds]
+        return torch.tensor([[k & _MASK32, k >> 32] for k in keys], dtype=torch.int64).view(-1, 2)
 
     def _sample_generators(self, count: int, noise_seeds: Sequence[int] | None) -> list[list[torch.Generator]]:
         """One generator per image and sample (full-resolution images): any chunk of samples then draws
@@ -427,7 +436,7 @@ class FastPreemption:
         return out
 
     def _noise(self, like: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """U(-eps, eps) noise, [B, S, C, H, W], from one step's keys ([B, S]: a slice of :meth:`_noise_keys`)."""
+        """U(-eps, eps) noise, [B, S, C, H, W], from one step's keys ([B, S]: a slice of :func:`noise_keys`)."""
         block = NOISE_BLOCK_ELEMENTS.get(self.device.type, NOISE_BLOCK_ELEMENTS["cpu"])
         noise = hash_noise(keys, like[0].numel(), self.config.eps, block=block, dtype=like.dtype)
         return noise.view(like.shape[0], keys.shape[1], *like.shape[1:])
@@ -561,23 +570,56 @@ class FastPreemption:
             return x0.clone()
         if noise_seeds is None:
             noise_seeds = content_seeds(x0)
+        input_hw = getattr(self.backbone, "input_hw", None)
+        if input_hw is None or tuple(x0.shape[-2:]) == tuple(input_hw):  # at the backbone's input size
+            image_keys = to_device(self.image_keys(self._image_seeds(x0.shape[0], noise_seeds)), self.device)
+            if self._graphed is not None:
+                return self._graphed(x0, y, image_keys)[0]
+            return self.perturb_keyed(x0, y, image_keys)
+        # resized by the model (photos): one noise stream per image and sample
+        generators = self._sample_generators(x0.shape[0], noise_seeds)
         bounds = _ball(x0.unsqueeze(1), self.config.eps)
         x_t = x0.clone()
         directions = [-1.0] * self.config.forward_steps + [+1.0] * self.config.backward_steps
-        input_hw = getattr(self.backbone, "input_hw", None)
-        if input_hw is not None and tuple(x0.shape[-2:]) != tuple(input_hw):  # resized by the model: photos
-            step, labels = self._step_in_chunks, y
-            generators = self._sample_generators(x0.shape[0], noise_seeds)
-            noise_sources: list[Any] = [generators] * len(directions)  # one stream per image and sample
-        else:
-            step, labels = self._step, y.repeat_interleave(self.config.samples)
-            keys = self._noise_keys(x0.shape[0], noise_seeds)
-            noise_sources = [keys[:, i] for i in range(len(directions))]
         # in train mode, BatchNorm would mix the images of a batch (and update its statistics)
         with eval_mode(self.backbone):
-            for source, direction in zip(noise_sources, directions):
-                x_t = step(x_t, bounds, labels, source, direction=direction)
+            for direction in directions:
+                x_t = self._step_in_chunks(x_t, bounds, y, generators, direction=direction)
         return x_t
+
+    def perturb_keyed(self, x: torch.Tensor, y: torch.Tensor, image_keys: torch.Tensor) -> torch.Tensor:
+        """:meth:`perturb` of images at the backbone's input size, their noise from ``image_keys`` ([B, 2] int64
+        on the device, as :meth:`image_keys` gives them): tensors in, a tensor out, and nothing that waits for
+        the device, so that a CUDA graph can capture it (see :mod:`preempt_cli.graphs`). Nothing is checked."""
+        with torch.inference_mode(False), torch.no_grad():
+            x0, y = autograd_usable(x.to(self.device, torch.float32), y.to(self.device, torch.long))
+            cfg = self.config
+            bounds = _ball(x0.unsqueeze(1), cfg.eps)
+            keys = noise_keys(image_keys, cfg.forward_steps + cfg.backward_steps, cfg.samples)
+            labels = y.repeat_interleave(cfg.samples)
+            directions = [-1.0] * cfg.forward_steps + [+1.0] * cfg.backward_steps
+            x_t = x0.clone()
+            with eval_mode(self.backbone):  # in train mode, BatchNorm would mix the images of a batch
+                for i, direction in enumerate(directions):
+                    x_t = self._step(x_t, bounds, labels, keys[:, i], direction=direction)
+            return x_t
+
+
+def check_cuda_graphs(cuda_graphs: Any, compile: str, device: torch.device) -> bool:
+    """Whether CUDA graphs are used: ``cuda_graphs`` on a GPU, without ``compile``.
+
+    Raises:
+        ConfigError: ``cuda_graphs`` is not a bool, or comes with a ``compile`` mode.
+    """
+    if not isinstance(cuda_graphs, bool):
+        raise ConfigError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
+    if cuda_graphs and compile != "off":
+        raise ConfigError(f"CUDA graphs replay the eager kernels; with --compile {compile} use --compile "
+                          "reduce-overhead (compiled kernels in CUDA graphs) instead")  # fmt: skip
+    if cuda_graphs and device.type != "cuda":
+        logging.getLogger(__name__).warning("--cuda-graphs needs a GPU: running eagerly on %s", device)
+        return False
+    return cuda_graphs
 
 
 def autograd_usable(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -41,6 +41,7 @@ from .engine import PRESETS, FastPreemption, ForeBackConfig, check_batch, check_
 from .batches import ComputeThread, QueuedTransfer
 from .device import default_io_workers, to_device
 from .errors import ConfigError, InputError, LabelError, reason_of
+from .graphs import GraphedFunction
 from .hub import sha256_file
 from .imageio import (
     DEFAULT_MAX_PIXELS,
@@ -341,6 +342,8 @@ class Protector:
             :meth:`ForeBackConfig.from_preset` made it from.
         precision: ``fp32``, ``bf16`` or ``auto`` for the backbone's passes (see :class:`FastPreemption`).
         compile: ``off`` or a ``torch.compile`` mode for the backbone (see :class:`FastPreemption`).
+        cuda_graphs: on a GPU, replay each batch's device work (labels, confidences, the cascade, the
+            rounding) as one CUDA graph per batch shape (see :mod:`preempt_cli.graphs`); the same bits.
 
     Raises:
         TypeError: a model that is not a loaded model (a name: load it with ``load_model``).
@@ -364,6 +367,7 @@ class Protector:
         preset: str | None = None,
         precision: str = "fp32",
         compile: str = "off",
+        cuda_graphs: bool = False,
     ) -> None:
         for role, model in (("backbone", backbone), ("classifier", classifier)):
             if model is not None and not isinstance(model, torch.nn.Module):
@@ -400,7 +404,10 @@ class Protector:
                               "different order: a label of one would be another class for the other")  # fmt: skip
         self.device = next(backbone.parameters()).device
         self.engine = FastPreemption(backbone, config=self.config, seed=seed, device=self.device, precision=precision,
-                                     compile=compile)  # fmt: skip
+                                     compile=compile, cuda_graphs=cuda_graphs)  # fmt: skip
+        self.cuda_graphs = self.engine.cuda_graphs
+        # a batch's device work as CUDA graphs, per (labels from a model, levels' maximum) (see _compute)
+        self._graphed: dict[tuple[bool, int], GraphedFunction] = {}
         self.precision = self.engine.precision
         self._batch_cap: dict[tuple[int, ...], int] = {}
         self._processes: ProcessPoolExecutor | None = None
@@ -604,25 +611,51 @@ class Protector:
         :class:`~preempt_cli.batches.ComputeThread`); its results come from the returned handle."""
         colors = [p.picture.color for p in batch]
         seeds = [p.picture.content_seed for p in batch]  # hashed where the files were decoded
-        reference = stack_levels(colors, self.device)  # None: 8- and 16-bit pictures of one size
-        if reference is not None:
-            max_value = batch[0].picture.max_value
-            x = levels_to_float(reference, max_value)
-        else:
-            x = to_device(torch.stack([p.picture.to_tensor() for p in batch]), self.device)
         known = [p.label for p in batch]
-        if None in known:  # labels from a model: for every file of a run (see _file_label)
-            y = self.predict(x).clone()  # a normal tensor (autograd refuses inference ones), left on the device
-        else:
-            y = to_device(torch.tensor(known), self.device)
-        before = self.confidence(x, y)
-        x_new = self.transform(x, y, noise_seeds=seeds)
+        # labels from a model (None) for every file of a run, or from folders or a file (see _file_label)
+        y = None if None in known else to_device(torch.tensor(known), self.device)
+        reference = stack_levels(colors, self.device)  # None: 8- and 16-bit pictures of one size
         if reference is None:  # rounded image by image, on each one's grid (waits for the device)
-            levels, saved = quantize_batch(x_new, colors, self.config.eps)
+            x = to_device(torch.stack([p.picture.to_tensor() for p in batch]), self.device)
+            y = self.predict(x).clone() if y is None else y
+            before = self.confidence(x, y)
+            levels, saved = quantize_batch(self.transform(x, y, noise_seeds=seeds), colors, self.config.eps)
             return _Launched(QueuedTransfer([_stats(before, self.confidence(saved, y), y)]), levels)
-        device_levels, saved = quantize_batch_on_device(x_new, reference, self.config.eps, max_value)
+        max_value = batch[0].picture.max_value
+        if self.cuda_graphs and tuple(reference.shape[-2:]) == tuple(self.backbone.input_hw):
+            return self._compute_graphed(reference, y, max_value, seeds)
+        perturb = partial(self.transform, noise_seeds=seeds)
+        return _Launched(QueuedTransfer(list(self._device_work(reference, y, max_value, perturb))))
+
+    def _compute_graphed(self, reference: torch.Tensor, y: torch.Tensor | None, max_value: int,
+                         seeds: list[int]) -> _Launched:  # fmt: skip
+        """:meth:`_compute` of a batch at the backbone's input size, its device work replayed as a CUDA graph
+        (one launch instead of some 1,000)."""
+        predicted = y is None
+        graphed = self._graphed.get((predicted, max_value))
+        if graphed is None:
+            def work(levels: torch.Tensor, y: torch.Tensor, image_keys: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                perturb = partial(self.engine.perturb_keyed, image_keys=image_keys)
+                return self._device_work(levels, None if predicted else y, max_value, perturb)
+
+            graphed = self._graphed[(predicted, max_value)] = GraphedFunction(work, self.device, name="a batch")
+        if y is None:  # a placeholder: the graph's labels come from the model
+            y = torch.zeros(reference.shape[0], dtype=torch.long, device=self.device)
+        image_keys = to_device(self.engine.image_keys(seeds), self.device)
+        return _Launched(QueuedTransfer(list(graphed(reference, y, image_keys))))
+
+    def _device_work(self, levels: torch.Tensor, y: torch.Tensor | None, max_value: int,
+                     perturb: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """A batch's work on the device, from its levels [B, C, H, W] (uint8, or int32 for 16-bit) to per image
+        the confidences before and after and the label ([3, B] float64: one transfer), and the levels to
+        save, NHWC; labels from the model when ``y`` is None; ``perturb(x, y)``: the protected images.
+        Nothing here waits for the device (on a GPU, nor does ``perturb_keyed``: a CUDA graph replays it)."""
+        x = levels_to_float(levels, max_value)
+        y = self.predict(x).clone() if y is None else y  # clone: a normal tensor (autograd refuses inference ones)
+        before = self.confidence(x, y)
+        device_levels, saved = quantize_batch_on_device(perturb(x, y), levels, self.config.eps, max_value)
         stats = _stats(before, self.confidence(saved, y), y)
-        return _Launched(QueuedTransfer([stats, device_levels.permute(0, 2, 3, 1).contiguous()]))
+        return stats, device_levels.permute(0, 2, 3, 1).contiguous()
 
     def _compute_with_backoff(self, batch: list[_Pending]) -> _Launched:
         try:

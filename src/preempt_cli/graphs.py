@@ -1,0 +1,170 @@
+"""CUDA graphs: a function of tensors captured once per input shape, then replayed with one launch.
+
+A batch of the Fore-Back cascade is some 700-1,000 small kernels (ResNet-20, F1-B2, N = 20, with the
+labels, confidences and rounding of ``preempt protect``). On an H100 the host needs 25-30 ms to queue them
+while nothing else runs, and 95-120 ms in the middle of a run of files, when the I/O takes the GIL, for a
+batch the device computes in about 100 ms: the host, not the device, sets the pace
+(benchmarks/RESULTS.md). A CUDA graph replays all of a batch's kernels with one launch, so the host's
+share of a batch is a few copies.
+
+:class:`GraphedFunction` captures a graph for an input shape the second time it sees that shape: the
+first batch of a shape runs as it would without graphs, so shapes seen once (the last batch of a run)
+cost nothing; the second runs eagerly once more (the warm-up capture needs, whose results are that
+batch's) and is captured; later ones replay. A replay runs the very kernels the eager function runs on
+that shape, so it gives the same bits. The graphs of one function share one memory pool: they hold the
+memory of the largest, not the sum.
+
+What a captured function may do: tensor operations on the device only. Nothing may wait for the device
+(``.item()``, ``bool(tensor)``, ``.cpu()``), allocate pinned memory or draw from a random generator, and
+its Python control flow must not depend on tensor values: a graph replays what happened at capture.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Callable, Sequence
+
+import torch
+
+__all__ = ["GraphedFunction", "MAX_GRAPHS"]
+
+_logger = logging.getLogger(__name__)
+
+#: Input shapes captured per function at most; others run eagerly. A run of files sees one or two batch
+#: shapes per image size (full batches, and the pieces of the first and last: see protect._MIN_PIECE).
+MAX_GRAPHS = 8
+
+_Key = tuple[tuple[tuple[int, ...], tuple[int, ...], torch.dtype], ...]
+
+
+def _key(inputs: Sequence[torch.Tensor]) -> _Key:
+    # strides too: the kernels chosen (and the static inputs' layout) follow them
+    return tuple((tuple(t.shape), t.stride(), t.dtype) for t in inputs)
+
+
+class _Graph:
+    """One captured shape: its static inputs and outputs, and how to replay it."""
+
+    __slots__ = ("inputs", "outputs", "replay")
+
+    def __init__(self, inputs: list[torch.Tensor], outputs: tuple[torch.Tensor, ...], replay: Callable[[], None]) -> None:
+        self.inputs, self.outputs, self.replay = inputs, outputs, replay
+
+
+class GraphedFunction:
+    """``fn`` (tensors in, a tuple of tensors out), replayed as CUDA graphs, one per input shape.
+
+    Calls give what ``fn`` gives, as new tensors (copies of the graph's outputs, so that a later call does
+    not overwrite them). A function that cannot be captured (an operation that waits for the device, say)
+    is run eagerly from then on, after one warning; the call that found it out still gives its result.
+    One instance may be shared by threads: calls are serialised, and a call on another stream waits for
+    the previous one.
+
+    Args:
+        fn: the function; its inputs and outputs are tensors on ``device``.
+        device: a CUDA device. On any other device ``fn`` runs eagerly (no graphs), unless ``emulate``.
+        name: what a warning calls the function.
+        emulate: capture and replay by calling ``fn`` on the static inputs (no CUDA), so that the copies in
+            and out, the shapes' bookkeeping and the fallback can be tested on a CPU.
+    """
+
+    def __init__(self, fn: Callable[..., tuple[torch.Tensor, ...]], device: torch.device | str, *,
+                 name: str = "function", emulate: bool = False) -> None:  # fmt: skip
+        self.fn, self.device, self.name, self.emulate = fn, torch.device(device), name, emulate
+        self.enabled = emulate or self.device.type == "cuda"
+        self._seen: set[_Key] = set()
+        self._graphs: dict[_Key, _Graph] = {}
+        self._pool: tuple[int, int] | None = None
+        self._stream: torch.cuda.Stream | None = None
+        self._last_call: torch.cuda.Event | None = None
+        self._lock = threading.Lock()
+        #: Counters, for tests and benchmarks: graphs captured, and calls answered by a replay.
+        self.captures = 0
+        self.replays = 0
+        #: Why graphs were given up (None while they are used).
+        self.failure: str | None = None
+
+    def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if not self.enabled:
+            return self.fn(*inputs)
+        key = _key(inputs)
+        with self._lock:
+            if self.failure is None and key not in self._graphs and key in self._seen and len(self._graphs) < MAX_GRAPHS:
+                return self._capture(key, inputs)
+            graph = self._graphs.get(key)
+            if graph is None:
+                self._seen.add(key)
+                return self.fn(*inputs)
+            self._wait_for_last_call()
+            for static, value in zip(graph.inputs, inputs):
+                static.copy_(value)
+            graph.replay()
+            outputs = tuple(t.clone() for t in graph.outputs)
+            self._mark_call()
+            self.replays += 1
+            return outputs
+
+    # -- capture ---------------------------------------------------------------------------------------
+    def _capture(self, key: _Key, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """Run ``fn`` eagerly on this call's inputs (the warm-up a capture needs: this call's result), then
+        capture it for their shape; if the capture fails, give up graphs and still return the result."""
+        self._wait_for_last_call()
+        static = [t.clone() for t in inputs]  # clone keeps a dense tensor's strides
+        result = tuple(self._warm_up(static))
+        try:
+            self._graphs[key] = self._record(static)
+        except Exception as e:  # this call's result is in hand: the run goes on without graphs
+            self.failure = f"{type(e).__name__}: {e}"
+            self._graphs.clear()
+            _logger.warning("CUDA graphs of %s given up, running it eagerly: %s", self.name, self.failure)
+        else:
+            self.captures += 1
+        self._mark_call()
+        return result
+
+    def _warm_up(self, static: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        if self.emulate:
+            return tuple(t.clone() for t in self.fn(*static))
+        current = torch.cuda.current_stream(self.device)
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)
+        # on the capture stream (as torch's make_graphed_callables warms up): libraries set up their
+        # per-stream state (cuBLAS workspaces) there before the capture, not during it
+        self._stream.wait_stream(current)
+        with torch.cuda.stream(self._stream):
+            result = self.fn(*static)
+        current.wait_stream(self._stream)
+        for t in result:
+            t.record_stream(current)  # used there next: its memory must not go back to the capture stream before
+        return tuple(result)
+
+    def _record(self, static: list[torch.Tensor]) -> _Graph:
+        if self.emulate:  # a "replay" calls fn on the static inputs and copies its results into the outputs
+            outputs = tuple(t.clone() for t in self.fn(*static))
+
+            def replay() -> None:
+                for out, new in zip(outputs, self.fn(*static)):
+                    out.copy_(new)
+
+            return _Graph(static, outputs, replay)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: another thread's calls during the capture (a second GPU's worker allocating pinned
+        # memory) are not errors of this capture
+        with torch.cuda.graph(graph, pool=self._pool, stream=self._stream, capture_error_mode="thread_local"):
+            outputs = tuple(self.fn(*static))
+        if self._pool is None:
+            self._pool = graph.pool()  # the next shapes' graphs reuse this one's memory
+        return _Graph(static, outputs, graph.replay)
+
+    # -- ordering between calls ------------------------------------------------------------------------
+    def _wait_for_last_call(self) -> None:
+        """On a CUDA device: this call's stream waits until the previous call (maybe another thread's, on
+        another stream) has copied the static outputs, before the static inputs are overwritten."""
+        if self._last_call is not None:
+            torch.cuda.current_stream(self.device).wait_event(self._last_call)
+
+    def _mark_call(self) -> None:
+        if not self.emulate:
+            self._last_call = torch.cuda.Event()
+            self._last_call.record(torch.cuda.current_stream(self.device))
