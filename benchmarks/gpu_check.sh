@@ -18,7 +18,7 @@ set -u -o pipefail
 OUT=${1:?usage: gpu_check.sh OUT_DIR [SHARED_COPY]}
 SHARED_COPY=${2:-}
 DEVICE=${DEVICE:-cuda}
-TESTS=${TESTS:-tests/test_engine.py tests/test_cuda.py tests/test_batches.py tests/test_protect_real.py tests/test_cli.py tests/test_eval.py tests/test_baselines.py tests/test_attacks.py tests/test_revert.py tests/test_reruns.py}
+TESTS=${TESTS:-tests/test_engine.py tests/test_cuda.py tests/test_graphs.py tests/test_batches.py tests/test_protect_real.py tests/test_cli.py tests/test_eval.py tests/test_baselines.py tests/test_attacks.py tests/test_revert.py tests/test_reruns.py}
 mkdir -p "$OUT"
 if [ -n "$SHARED_COPY" ] && [ ! -e ../shared ]; then
     ln -s "$(realpath "$SHARED_COPY")" ../shared
