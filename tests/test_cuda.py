@@ -292,6 +292,38 @@ def test_an_engine_in_cuda_graphs_gives_the_eager_bits(batch, resnet20) -> None:
     assert (graphed._graphed.captures, graphed._graphed.replays, graphed._graphed.failure) == (2, 2, None)
 
 
+_FAILED_CAPTURE = """
+import torch
+from preempt_cli.graphs import GraphCaptureError, GraphedFunction
+
+graphed = GraphedFunction(lambda a: (a * 2 + a.sum().item(),), torch.device("cuda"), name="a sync")
+x = torch.rand(8, device="cuda")
+print("eager", bool(torch.equal(graphed(x)[0], x * 2 + x.sum().item())))
+for call in (2, 3):
+    try:
+        graphed(x)
+    except GraphCaptureError as e:
+        print("refused", call, str(e).splitlines()[0])
+print("stream back", torch.cuda.current_stream() == torch.cuda.default_stream())
+"""
+
+
+def test_a_capture_that_waits_for_the_device_is_refused_from_then_on() -> None:
+    """A real failed capture (``.item()`` inside), in a process of its own: PyTorch's allocator cannot be
+    trusted after one, so it would not be in this one. The call and every later one fail, saying what to
+    do, and the thread has its stream back."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _FAILED_CAPTURE], capture_output=True, text=True, timeout=120)
+    lines = done.stdout.splitlines()
+    assert lines[0] == "eager True", done.stdout + done.stderr[-2000:]
+    for call, line in zip((2, 3), lines[1:3]):
+        assert line.startswith(f"refused {call} CUDA graphs could not capture a sync (") and line.endswith(
+            "run without --cuda-graphs"), line
+    assert lines[3] == "stream back True"
+
+
 def test_a_transfer_from_the_gpu_waits_for_the_work_before_it() -> None:
     from preempt_cli.batches import QueuedTransfer
 

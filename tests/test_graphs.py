@@ -24,7 +24,7 @@ from conftest import TEST_DEVICE, write_random_pngs
 from preempt_cli import FastPreemption, ForeBackConfig, Protector, RunOptions, collect_inputs
 from preempt_cli.engine import check_cuda_graphs
 from preempt_cli.errors import ConfigError
-from preempt_cli.graphs import MAX_GRAPHS, GraphedFunction
+from preempt_cli.graphs import MAX_GRAPHS, GraphCaptureError, GraphedFunction
 
 FAST = ForeBackConfig(samples=3)
 ON_CUDA = TEST_DEVICE.type == "cuda"
@@ -84,26 +84,60 @@ def test_only_so_many_shapes_are_captured() -> None:
     assert graphed.captures == MAX_GRAPHS
 
 
-def test_a_capture_that_fails_gives_the_result_and_graphs_up(caplog) -> None:
+def test_a_capture_that_fails_stops_every_later_call() -> None:
+    # PyTorch cannot clean up after a capture that failed (other than for memory): going on eagerly would
+    # go on in a state it does not trust, so this call and all later ones fail, saying what to do
     calls = []
 
     def flaky(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         calls.append(len(calls))
         if len(calls) == 3:  # the capture (after the first call and the warm-up)
-            raise RuntimeError("operation not permitted when stream is capturing")
+            raise RuntimeError("operation not permitted when stream is capturing\nmore lines of CUDA's")
         return _toy(a, b)
 
     graphed = _graphed(flaky, name="the toy")
-    results = []
+    a, b = _inputs(4, 0)
+    graphed(a, b)
+    for _ in range(2):
+        with pytest.raises(GraphCaptureError, match=r"^CUDA graphs could not capture the toy \(RuntimeError: "
+                           r"operation not permitted when stream is capturing\); run without --cuda-graphs$"):
+            graphed(a, b)
+    assert len(calls) == 3 and graphed.captures == 0
+    if ON_CUDA:  # the thread has its own stream back
+        assert torch.cuda.current_stream() == torch.cuda.default_stream()
+
+
+def test_a_shape_without_memory_for_its_graph_stays_eager(caplog) -> None:
+    emulated_capture = [False]
+
+    def capturing() -> bool:
+        return torch.cuda.is_current_stream_capturing() if ON_CUDA else emulated_capture[0]
+
+    def hungry(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(a) == 4 and capturing():  # a graph of 4 rows does not fit
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore")
+        return _toy(a, b)
+
+    graphed = _graphed(hungry, name="the toy")
+    if not ON_CUDA:
+        record = graphed._record
+
+        def emulated_record(static):
+            emulated_capture[0] = True
+            try:
+                return record(static)
+            finally:
+                emulated_capture[0] = False
+
+        graphed._record = emulated_record
     with caplog.at_level(logging.WARNING, logger="preempt_cli.graphs"):
-        for seed in range(4):
-            a, b = _inputs(4, seed)
-            results.append(graphed(a, b))
-            assert torch.equal(results[-1][0], _toy(a, b)[0]), seed
-    assert graphed.captures == 0 and graphed.replays == 0 and "not permitted" in graphed.failure
-    assert len(calls) == 5  # the last two calls ran eagerly, once each
-    [record] = [r for r in caplog.records if r.name == "preempt_cli.graphs"]
-    assert "CUDA graphs of the toy given up" in record.getMessage()
+        for rows in (4, 4, 4, 4, 3, 3, 3):
+            a, b = _inputs(rows, rows)
+            assert torch.equal(graphed(a, b)[0], _toy(a, b)[0]), rows
+    assert graphed.captures == 1 and graphed.replays == 1 and graphed.failure is None  # the 3-row shape
+    [warning] = [r.getMessage() for r in caplog.records if r.name == "preempt_cli.graphs"]
+    assert "no memory for a CUDA graph of the toy of shape (4, 5): that shape runs eagerly" in warning
+    assert "\n" not in warning
 
 
 @pytest.mark.skipif(ON_CUDA, reason="off a GPU only")

@@ -449,7 +449,9 @@ class FastPreemption:
             torch.compiler.cudagraph_mark_step_begin()
         with torch.enable_grad():
             if self.precision == "bf16":
-                with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                # no cache of cast weights: one forward per context gains nothing from it, and a CUDA graph
+                # must not keep casts made at capture (torch's make_graphed_callables refuses cached autocast)
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=False):
                     logits = self._net(xs)
             else:
                 logits = self._net(xs)

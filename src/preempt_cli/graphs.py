@@ -17,6 +17,12 @@ memory of the largest, not the sum.
 What a captured function may do: tensor operations on the device only. Nothing may wait for the device
 (``.item()``, ``bool(tensor)``, ``.cpu()``), allocate pinned memory or draw from a random generator, and
 its Python control flow must not depend on tensor values: a graph replays what happened at capture.
+
+A capture that fails otherwise than for want of memory leaves PyTorch's allocator in a state it cannot
+leave (its own comment in ``CUDAGraph::reset``): :class:`GraphCaptureError` then fails that call and every
+later one, and says to run without graphs. Only one capture may run in a process at a time (PyTorch's
+rule; its capture also empties the allocator's cache, which fails during another capture), so captures,
+and :func:`empty_cache`, take one lock.
 """
 
 from __future__ import annotations
@@ -27,13 +33,31 @@ from typing import Callable, Sequence
 
 import torch
 
-__all__ = ["GraphedFunction", "MAX_GRAPHS"]
+__all__ = ["GraphedFunction", "GraphCaptureError", "MAX_GRAPHS", "empty_cache"]
 
 _logger = logging.getLogger(__name__)
 
 #: Input shapes captured per function at most; others run eagerly. A run of files sees one or two batch
 #: shapes per image size (full batches, and the pieces of the first and last: see protect._MIN_PIECE).
 MAX_GRAPHS = 8
+
+#: Held by every capture of the process, and by :func:`empty_cache`.
+_CAPTURE_LOCK = threading.Lock()
+
+
+class GraphCaptureError(RuntimeError):
+    """A CUDA graph could not be captured, and the process's CUDA state is no longer trusted."""
+
+
+def empty_cache() -> None:
+    """``torch.cuda.empty_cache()``, never during a capture (where it fails)."""
+    with _CAPTURE_LOCK:
+        torch.cuda.empty_cache()
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [""])[0]
+
 
 _Key = tuple[tuple[tuple[int, ...], tuple[int, ...], torch.dtype], ...]
 
@@ -56,10 +80,11 @@ class GraphedFunction:
     """``fn`` (tensors in, a tuple of tensors out), replayed as CUDA graphs, one per input shape.
 
     Calls give what ``fn`` gives, as new tensors (copies of the graph's outputs, so that a later call does
-    not overwrite them). A function that cannot be captured (an operation that waits for the device, say)
-    is run eagerly from then on, after one warning; the call that found it out still gives its result.
-    One instance may be shared by threads: calls are serialised, and a call on another stream waits for
-    the previous one.
+    not overwrite them). A shape whose capture runs out of memory runs eagerly from then on (one warning;
+    that call still gives its result, from the warm-up). A capture that fails otherwise (an operation that
+    waits for the device, say) raises :class:`GraphCaptureError`, then and at every later call. One
+    instance may be shared by threads: calls are serialised, and a call on another stream waits for the
+    previous one.
 
     Args:
         fn: the function; its inputs and outputs are tensors on ``device``.
@@ -74,6 +99,7 @@ class GraphedFunction:
         self.fn, self.device, self.name, self.emulate = fn, torch.device(device), name, emulate
         self.enabled = emulate or self.device.type == "cuda"
         self._seen: set[_Key] = set()
+        self._eager: set[_Key] = set()  # shapes whose capture ran out of memory
         self._graphs: dict[_Key, _Graph] = {}
         self._pool: tuple[int, int] | None = None
         self._stream: torch.cuda.Stream | None = None
@@ -82,7 +108,7 @@ class GraphedFunction:
         #: Counters, for tests and benchmarks: graphs captured, and calls answered by a replay.
         self.captures = 0
         self.replays = 0
-        #: Why graphs were given up (None while they are used).
+        #: Why a capture failed (None while none has).
         self.failure: str | None = None
 
     def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -90,7 +116,9 @@ class GraphedFunction:
             return self.fn(*inputs)
         key = _key(inputs)
         with self._lock:
-            if self.failure is None and key not in self._graphs and key in self._seen and len(self._graphs) < MAX_GRAPHS:
+            if self.failure is not None:
+                raise GraphCaptureError(self.failure)
+            if key in self._seen and key not in self._graphs and key not in self._eager and len(self._graphs) < MAX_GRAPHS:
                 return self._capture(key, inputs)
             graph = self._graphs.get(key)
             if graph is None:
@@ -108,16 +136,22 @@ class GraphedFunction:
     # -- capture ---------------------------------------------------------------------------------------
     def _capture(self, key: _Key, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """Run ``fn`` eagerly on this call's inputs (the warm-up a capture needs: this call's result), then
-        capture it for their shape; if the capture fails, give up graphs and still return the result."""
+        capture it for their shape."""
         self._wait_for_last_call()
         static = [t.clone() for t in inputs]  # clone keeps a dense tensor's strides
-        result = tuple(self._warm_up(static))
+        result = tuple(self._warm_up(static))  # an error here (out of memory) is the call's, as eagerly
         try:
-            self._graphs[key] = self._record(static)
-        except Exception as e:  # this call's result is in hand: the run goes on without graphs
-            self.failure = f"{type(e).__name__}: {e}"
+            with _CAPTURE_LOCK:
+                self._graphs[key] = self._record(static)
+        except torch.cuda.OutOfMemoryError as e:  # the capture ended cleanly: this shape stays eager
+            self._eager.add(key)
+            _logger.warning("no memory for a CUDA graph of %s of shape %s: that shape runs eagerly (%s)",
+                            self.name, tuple(inputs[0].shape), _first_line(e))  # fmt: skip
+        except Exception as e:
+            self.failure = (f"CUDA graphs could not capture {self.name} ({type(e).__name__}: {_first_line(e)}); "
+                            "run without --cuda-graphs")  # fmt: skip
             self._graphs.clear()
-            _logger.warning("CUDA graphs of %s given up, running it eagerly: %s", self.name, self.failure)
+            raise GraphCaptureError(self.failure) from e
         else:
             self.captures += 1
         self._mark_call()
@@ -150,9 +184,11 @@ class GraphedFunction:
             return _Graph(static, outputs, replay)
         graph = torch.cuda.CUDAGraph()
         # thread_local: another thread's calls during the capture (a second GPU's worker allocating pinned
-        # memory) are not errors of this capture
-        with torch.cuda.graph(graph, pool=self._pool, stream=self._stream, capture_error_mode="thread_local"):
-            outputs = tuple(self.fn(*static))
+        # memory) are not errors of this capture. The outer stream context gives this thread its stream
+        # back even when the capture fails (torch.cuda.graph's own then stays entered).
+        with torch.cuda.stream(self._stream):
+            with torch.cuda.graph(graph, pool=self._pool, stream=self._stream, capture_error_mode="thread_local"):
+                outputs = tuple(self.fn(*static))
         if self._pool is None:
             self._pool = graph.pool()  # the next shapes' graphs reuse this one's memory
         return _Graph(static, outputs, graph.replay)

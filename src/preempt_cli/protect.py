@@ -41,7 +41,7 @@ from .engine import PRESETS, FastPreemption, ForeBackConfig, check_batch, check_
 from .batches import ComputeThread, QueuedTransfer
 from .device import default_io_workers, to_device
 from .errors import ConfigError, InputError, LabelError, reason_of
-from .graphs import GraphedFunction
+from .graphs import GraphedFunction, empty_cache
 from .hub import sha256_file
 from .imageio import (
     DEFAULT_MAX_PIXELS,
@@ -665,8 +665,8 @@ class Protector:
                 raise
         # Retry outside the except block: the exception's traceback holds the frames of the failed attempt,
         # and with them its activations; inside the block the retry ran out of memory again, down to batch 1
-        # (seen on an H100 under a memory cap).
-        torch.cuda.empty_cache()
+        # (seen on an H100 under a memory cap). Not during another thread's CUDA-graph capture: it fails there.
+        empty_cache()
         half = len(batch) // 2
         p = batch[0].picture
         self._batch_cap[(p.channels, p.size[1], p.size[0])] = half
