@@ -1,10 +1,10 @@
 """CUDA graphs (``--cuda-graphs``): what a graph replays is what the eager code computes.
 
 On a CPU the graphs are emulated (:class:`GraphedFunction` with ``emulate=True``: a "replay" calls the
-function on the static inputs), which checks the copies in and out, the shapes' bookkeeping and the
-fallback; with ``PREEMPT_TEST_DEVICE=cuda`` the same tests capture and replay real graphs. What the
-emulation cannot show, that the captured functions never wait for the device, is checked on fake tensors:
-an operation that reads a value back to the host has no fake result.
+function on the static inputs), which checks the copies in and out, the shapes' bookkeeping and what
+happens when a capture fails; with ``PREEMPT_TEST_DEVICE=cuda`` the same tests capture and replay real
+graphs. What the emulation cannot show, that the captured functions never wait for the device, is
+checked on fake tensors: an operation that reads a value back to the host has no fake result.
 """
 
 from __future__ import annotations

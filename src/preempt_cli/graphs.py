@@ -9,8 +9,8 @@ share of a batch is a few copies.
 
 :class:`GraphedFunction` captures a graph for an input shape the second time it sees that shape: the
 first batch of a shape runs as it would without graphs, so shapes seen once (the last batch of a run)
-cost nothing; the second runs eagerly once more (the warm-up capture needs, whose results are that
-batch's) and is captured; later ones replay. A replay runs the very kernels the eager function runs on
+cost nothing; the second also runs eagerly (the warm-up a capture needs; its results are that batch's),
+and is then captured; later ones replay. A replay runs the very kernels the eager function runs on
 that shape, so it gives the same bits. The graphs of one function share one memory pool: they hold the
 memory of the largest, not the sum.
 
