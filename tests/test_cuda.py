@@ -352,10 +352,12 @@ def test_workers_on_cuda_and_cpu_write_each_file_once(tmp_path: Path, resnet20) 
                                   np.asarray(Image.open(tmp_path / d / name)))  # fmt: skip
 
 
-def test_a_real_out_of_memory_halves_the_batch(tmp_path: Path, resnet20) -> None:
-    """Cap this process's share of the GPU so that 64 images x 20 samples do not fit but a few do."""
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "cuda-graphs"])
+def test_a_real_out_of_memory_halves_the_batch(tmp_path: Path, resnet20, graphs: bool) -> None:
+    """Cap this process's share of the GPU so that 64 images x 20 samples do not fit but a few do. With CUDA
+    graphs, a graph that does not fit beside the eager memory leaves its shape eager: every file is done."""
     _pngs(tmp_path / "in", 64)
-    protector = Protector(resnet20["cuda:0"], labels="backbone", config=ForeBackConfig())
+    protector = Protector(resnet20["cuda:0"], labels="backbone", config=ForeBackConfig(), cuda_graphs=graphs)
     x4 = torch.rand(4, 3, 32, 32, device=CUDA)
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
