@@ -9,7 +9,9 @@ checked on fake tensors: an operation that reads a value back to the host has no
 
 from __future__ import annotations
 
+import gc
 import logging
+import weakref
 from functools import partial
 from pathlib import Path
 
@@ -22,7 +24,7 @@ from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTens
 import preempt_cli.protect as protect_module
 from conftest import TEST_DEVICE, write_random_pngs
 from preempt_cli import FastPreemption, ForeBackConfig, Protector, RunOptions, collect_inputs
-from preempt_cli.engine import check_cuda_graphs
+from preempt_cli.engine import check_cuda_graphs, graphed_perturb
 from preempt_cli.errors import ConfigError
 from preempt_cli.graphs import MAX_GRAPHS, GraphCaptureError, GraphedFunction
 
@@ -179,8 +181,8 @@ def test_the_captured_functions_never_read_values_back(tiny_backbone, tiny_class
 
 def _graphed_engine(backbone, **kw) -> FastPreemption:
     engine = FastPreemption(backbone, cuda_graphs=ON_CUDA, **kw)
-    if not ON_CUDA:
-        engine._graphed = GraphedFunction(lambda *a: (engine.perturb_keyed(*a),), TEST_DEVICE, emulate=True)
+    if not ON_CUDA:  # the engine's own graphed function, emulated
+        engine._graphed = GraphedFunction(graphed_perturb(engine).fn, TEST_DEVICE, emulate=True)
     return engine
 
 
@@ -245,6 +247,29 @@ def test_a_run_in_graphs_writes_the_eager_files(tmp_path: Path, tiny_backbone, t
     assert runs["graphs"][0].keys() == runs["eager"][0].keys() and len(runs["eager"][0]) == 16
     for name, pixels in runs["eager"][0].items():
         assert np.array_equal(runs["graphs"][0][name], pixels), name
+
+
+def test_graphs_do_not_keep_their_engine_or_protector_alive(tiny_backbone, graphs_in_protect, tmp_path: Path) -> None:
+    # Their device memory goes with them when the caller lets go, not at a later garbage collection (or
+    # never: a run freezes the objects alive at its start, see protect.freeze_long_lived_objects)
+    write_random_pngs(tmp_path / "in", n=6)
+    gc.collect()
+    gc.disable()
+    try:
+        engine = _graphed_engine(tiny_backbone, config=FAST)
+        x, y = torch.rand(2, 3, 32, 32, device=TEST_DEVICE), torch.zeros(2, dtype=torch.long, device=TEST_DEVICE)
+        for _ in range(3):
+            engine.perturb(x, y)
+        protector = graphs_in_protect(tiny_backbone, config=FAST, labels="backbone")
+        list(protector.run(collect_inputs([tmp_path / "in"]), RunOptions(out_dir=tmp_path / "out", batch_size=2,
+                                                                         io="threads")))  # fmt: skip
+        assert engine._graphed.replays == 1 and sum(g.replays for g in protector._graphed.values()) >= 1
+        protector.close()
+        refs = [weakref.ref(engine), weakref.ref(protector), weakref.ref(protector.engine)]
+        del engine, protector
+        assert [r() for r in refs] == [None, None, None]
+    finally:
+        gc.enable()
 
 
 # -- settings ---------------------------------------------------------------------------------------------------

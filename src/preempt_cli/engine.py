@@ -22,6 +22,7 @@ import contextlib
 import logging
 import math
 import numbers
+import weakref
 from dataclasses import asdict, dataclass, field, fields, replace
 from fractions import Fraction
 from typing import Any, Iterator, Sequence
@@ -398,8 +399,7 @@ class FastPreemption:
             # dynamic=False: one specialised graph per batch shape (a run sees one or two shapes)
             self._net = torch.compile(backbone, mode=None if compile == "default" else compile, dynamic=False)
         self.cuda_graphs = check_cuda_graphs(cuda_graphs, compile, self.device)
-        self._graphed = GraphedFunction(lambda *a: (self.perturb_keyed(*a),), self.device, name="the engine") \
-            if self.cuda_graphs else None  # fmt: skip
+        self._graphed = graphed_perturb(self) if self.cuda_graphs else None
 
     # -- noise -----------------------------------------------------------------------------------------
     def _image_seeds(self, count: int, noise_seeds: Sequence[int] | None) -> list[int]:
@@ -605,6 +605,19 @@ class FastPreemption:
                 for i, direction in enumerate(directions):
                     x_t = self._step(x_t, bounds, labels, keys[:, i], direction=direction)
             return x_t
+
+
+def graphed_perturb(engine: FastPreemption) -> GraphedFunction:
+    """``engine.perturb_keyed`` as CUDA graphs. The function holds the engine weakly: the engine, and with it
+    its graphs' device memory, goes when its last user lets go of it, not at some later garbage collection
+    (or never, once ``protect`` has frozen the objects alive at the start of a run: see
+    :func:`~preempt_cli.protect.freeze_long_lived_objects`)."""
+    engine_ref = weakref.ref(engine)
+
+    def perturb_keyed(x: torch.Tensor, y: torch.Tensor, image_keys: torch.Tensor) -> tuple[torch.Tensor]:
+        return (engine_ref().perturb_keyed(x, y, image_keys),)
+
+    return GraphedFunction(perturb_keyed, engine.device, name="the engine")
 
 
 def check_cuda_graphs(cuda_graphs: Any, compile: str, device: torch.device) -> bool:

@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import stat
+import weakref
 from concurrent.futures import CancelledError, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -634,9 +635,13 @@ class Protector:
         predicted = y is None
         graphed = self._graphed.get((predicted, max_value))
         if graphed is None:
+            # the protector held weakly (see engine.graphed_perturb): its graphs' memory goes with it
+            protector = weakref.ref(self)
+
             def work(levels: torch.Tensor, y: torch.Tensor, image_keys: torch.Tensor) -> tuple[torch.Tensor, ...]:
-                perturb = partial(self.engine.perturb_keyed, image_keys=image_keys)
-                return self._device_work(levels, None if predicted else y, max_value, perturb)
+                me = protector()
+                perturb = partial(me.engine.perturb_keyed, image_keys=image_keys)
+                return me._device_work(levels, None if predicted else y, max_value, perturb)
 
             graphed = self._graphed[(predicted, max_value)] = GraphedFunction(work, self.device, name="a batch")
         if y is None:  # a placeholder: the graph's labels come from the model
