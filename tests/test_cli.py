@@ -1589,3 +1589,16 @@ def test_protect_with_cuda_graphs_writes_what_it_writes_without(tmp_path: Path, 
     refused = run(["protect", str(tmp_path / "in"), *FAST, "--labels", "backbone", "--cuda-graphs", "--compile",
                    "default", "-o", str(tmp_path / "never")], registry)  # fmt: skip
     assert refused.exit_code != 0 and "reduce-overhead" in refused.stderr and not (tmp_path / "never").exists()
+
+
+def test_a_missing_path_listed_on_stdin_is_no_such_file_even_with_glob_characters(tmp_path: Path,
+                                                                                   registry: Path) -> None:  # fmt: skip
+    # the same missing name given as an argument is a pattern that matched nothing; listed, it is a path
+    _images(tmp_path / "in", n=1)
+    missing = tmp_path / "in" / "q?.png"
+    listed = run(["protect", "-", *FAST, "--labels", "backbone", "--json"], registry,
+                 input=f"{missing}\n{tmp_path / 'in' / 'img0.png'}\n")  # fmt: skip
+    rows = {Path(r["input"]).name: r for r in map(json.loads, listed.stdout.splitlines())}
+    assert listed.exit_code == 1 and rows["q?.png"]["reason"] == "no such file" and rows["img0.png"]["status"] == "done"
+    argument = run(["protect", str(missing), *FAST, "--labels", "backbone", "--json"], registry)
+    assert argument.exit_code == 1 and json.loads(argument.stdout)["reason"] == "no file matches this pattern"

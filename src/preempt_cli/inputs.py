@@ -36,6 +36,9 @@ class InputFile:
     #: several folders were given with it (counted even if some hold no image): with ``--out-dir``, each
     #: folder's files go under the folder's name
     among_folders: bool = False
+    #: a pattern (an argument with glob characters) that matched nothing: kept as an input so that it
+    #: fails alone, saying so, while the other arguments are processed
+    unmatched_pattern: bool = False
 
     @property
     def relative(self) -> Path:
@@ -180,7 +183,9 @@ def _collect(args: list[str | os.PathLike[str]], stdin: TextIO | None, skip_mark
         elif patterns and not path.exists() and glob.has_magic(text):
             # A pattern the shell passed on as is matched nothing: kept as an input of its own, it fails
             # with that reason while the other arguments are processed.
-            matches = sorted(Path(m) for m in glob.glob(text, recursive=True)) or [path]
+            matches = sorted(Path(m) for m in glob.glob(text, recursive=True))
+            if not matches:
+                found.append(InputFile(path, unmatched_pattern=True))
             for m in matches:
                 if m.is_dir():
                     folders.append(m)

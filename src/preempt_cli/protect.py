@@ -595,6 +595,8 @@ class Protector:
     def _decoded(self, item: InputFile, output: Path, options: RunOptions, picture: Picture | str) -> _Pending | FileResult:
         """What to do with a decoded file (``picture``; a string: why it could not be read)."""
         if isinstance(picture, str):
+            if item.unmatched_pattern and picture == "no such file":  # (the reader cannot tell the two apart)
+                picture = "no file matches this pattern"
             return FileResult(item.path, "failed", reason=picture)
         try:
             meta = read_preempt_metadata(picture)
