@@ -229,7 +229,8 @@ def load_backbones(keys: list[str], models_dir: Path, device: torch.device) -> d
     return out
 
 
-def make_protector(model: ImageModel, cfg: ForeBackConfig, precision: str = "fp32", cuda_graphs: bool = False) -> Protector:
+def make_protector(model: ImageModel, cfg: ForeBackConfig, precision: str = "fp32",
+                   cuda_graphs: bool = False) -> Protector:  # fmt: skip
     return Protector(model, None, labels="backbone", config=cfg, precision=precision, cuda_graphs=cuda_graphs)
 
 

@@ -316,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     workers = [int(w) for w in args.workers.split(",") if w.strip()]
     cfg = ForeBackConfig()
     model = load_backbones(["resnet20"], args.models_dir, device)["resnet20"][0]
-    protector = Protector(model, None, labels="backbone", config=cfg, compile=args.compile, cuda_graphs=args.cuda_graphs)
+    protector = Protector(model, None, labels="backbone", config=cfg, compile=args.compile,
+                          cuda_graphs=args.cuda_graphs)  # fmt: skip
     protect_module._MIN_PIECE = args.min_piece
     out: dict[str, Any] = {"benchmark": "trace_e2e", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                            "files": args.files, "batch_size": args.batch_size, "gc_freeze": args.gc_freeze,
@@ -386,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
                     entry["host_trace"] = host_trace(lambda: trace.run(items, options), device)
             out["pipeline"][label] = entry
         if protector.cuda_graphs:  # whether the graphs were used, or given up (and why)
-            graphed = {"engine": protector.engine._graphed, **{f"pipeline-{k}": g for k, g in protector._graphed.items()}}
+            graphed = {"engine": protector.engine._graphed,
+                       **{f"pipeline-{k}": g for k, g in protector._graphed.items()}}  # fmt: skip
             out["graphs"] = {name: {"captures": g.captures, "replays": g.replays, "failure": g.failure}
                              for name, g in graphed.items()}  # fmt: skip
         protector.close()

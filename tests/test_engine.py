@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from conftest import TEST_DEVICE, make_tiny_model
 from preempt_cli import engine as engine_module
-from preempt_cli.engine import PRESETS, FastPreemption, ForeBackConfig, native_bf16, noise_keys, parse_eps, project, resolve_precision
+from preempt_cli.engine import (PRESETS, FastPreemption, ForeBackConfig, native_bf16, noise_keys, parse_eps, project,
+                                resolve_precision)  # fmt: skip
 from preempt_cli.errors import ConfigError
 
 # float32 slack for "within eps": x0 +- eps is itself rounded to float32.
@@ -261,7 +262,8 @@ def test_backward_step_moves_against_the_predicted_attack(tiny_backbone, cifar_b
     # Same from a later iterate x_t (after a forward step), one backward step taken by the engine.
     x_t = FastPreemption(tiny_backbone, config=cfg.with_(forward_steps=1, backward_steps=0)).perturb(x, y)
     bounds = ((x - cfg.eps).clamp(min=0).unsqueeze(1), (x + cfg.eps).clamp(max=1).unsqueeze(1))
-    x_next = engine._step(x_t, bounds, y.repeat_interleave(cfg.samples), _keys(engine, range(len(x)))[:, 0], direction=+1.0)
+    keys = _keys(engine, range(len(x)))[:, 0]
+    x_next = engine._step(x_t, bounds, y.repeat_interleave(cfg.samples), keys, direction=+1.0)
     grad_t = _input_grad(tiny_backbone, x_t, y)
     fgsm_t = project(x_t + cfg.eps * grad_t.sign(), x, cfg.eps)
     assert (_ce(tiny_backbone, x_next, y) < _ce(tiny_backbone, fgsm_t, y)).all()

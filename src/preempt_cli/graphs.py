@@ -72,7 +72,8 @@ class _Graph:
 
     __slots__ = ("inputs", "outputs", "replay")
 
-    def __init__(self, inputs: list[torch.Tensor], outputs: tuple[torch.Tensor, ...], replay: Callable[[], None]) -> None:
+    def __init__(self, inputs: list[torch.Tensor], outputs: tuple[torch.Tensor, ...],
+                 replay: Callable[[], None]) -> None:  # fmt: skip
         self.inputs, self.outputs, self.replay = inputs, outputs, replay
 
 
@@ -118,7 +119,8 @@ class GraphedFunction:
         with self._lock:
             if self.failure is not None:
                 raise GraphCaptureError(self.failure)
-            if key in self._seen and key not in self._graphs and key not in self._eager and len(self._graphs) < MAX_GRAPHS:
+            capturable = key not in self._graphs and key not in self._eager and len(self._graphs) < MAX_GRAPHS
+            if capturable and key in self._seen:  # its second call
                 return self._capture(key, inputs)
             graph = self._graphs.get(key)
             if graph is None:

@@ -652,7 +652,8 @@ class Protector:
         return _Launched(QueuedTransfer(list(graphed(reference, y, image_keys))))
 
     def _device_work(self, levels: torch.Tensor, y: torch.Tensor | None, max_value: int,
-                     perturb: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+                     perturb: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                     ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """A batch's work on the device, from its levels [B, C, H, W] (uint8, or int32 for 16-bit) to per image
         the confidences before and after and the label ([3, B] float64: one transfer), and the levels to
         save, NHWC; labels from the model when ``y`` is None; ``perturb(x, y)``: the protected images.
