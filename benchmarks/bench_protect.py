@@ -234,6 +234,14 @@ def make_protector(model: ImageModel, cfg: ForeBackConfig, precision: str = "fp3
     return Protector(model, None, labels="backbone", config=cfg, precision=precision, cuda_graphs=cuda_graphs)
 
 
+def graph_counts(protector: Protector) -> dict[str, dict[str, Any]]:
+    """Whether ``--cuda-graphs`` was used: per graphed function (the engine's, the pipeline's per labels
+    source and bit depth), its captures and replays, or why a capture failed."""
+    graphed = {"engine": protector.engine._graphed, **{f"pipeline-{k}": g for k, g in protector._graphed.items()}}
+    return {name: {"captures": g.captures, "replays": g.replays, "failure": g.failure}
+            for name, g in graphed.items() if g is not None}  # fmt: skip
+
+
 def engine_run(protector: Protector, x: torch.Tensor, y: torch.Tensor, seeds: list[int], batch: int) -> torch.Tensor:
     """Our engine over ``x`` in batches of ``batch`` images."""
     outs = []
@@ -562,6 +570,7 @@ def bench_end_to_end(ours: ImageModel, paths: list[Path], args: argparse.Namespa
         result: dict[str, Any] = {
             "backbone": REAL_BACKBONE,
             "cuda_graphs": protector.cuda_graphs,
+            "graphs": graph_counts(protector),
             "engine_only": rate(t_engine, len(items)),
             "pipeline": rate(t_pipe, len(items)),
             "pipeline_done": statuses.count("done"),

@@ -29,7 +29,9 @@ if [ -n "$SHARED_COPY" ] && [ -d "$SHARED_COPY/site" ]; then SITE=":$(realpath "
 export PYTHONPATH="$PWD/src$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 LOG="$OUT/log.txt"
 T0=$(date +%s)
+WORST=0  # the exit status: the worst of the steps'
 say() { echo "[t=$(( $(date +%s) - T0 ))s] $*" | tee -a "$LOG"; }
+step() { say "$1: exit $2"; [ "$2" -gt "$WORST" ] && WORST=$2; return 0; }
 
 {
     date -u
@@ -42,7 +44,7 @@ if [ -z "${SKIP_TESTS:-}" ]; then
     say "tests on $DEVICE: tests/test_graphs.py tests/test_cuda.py"
     PREEMPT_TEST_DEVICE=$DEVICE timeout "${TEST_TIMEOUT:-150}" "$PY" -m pytest -q -p no:cacheprovider -rfEs \
         --durations=8 tests/test_graphs.py tests/test_cuda.py 2>&1 | tee "$OUT/pytest.log" | tail -25
-    say "tests: exit ${PIPESTATUS[0]}"
+    step tests "${PIPESTATUS[0]}"
 fi
 
 for pair in $(seq 1 "${PAIRS:-2}"); do
@@ -53,14 +55,15 @@ for pair in $(seq 1 "${PAIRS:-2}"); do
         timeout "${TRACE_TIMEOUT:-75}" "$PY" benchmarks/trace_e2e.py --device "$DEVICE" --files "${FILES:-2048}" \
             --batch-size 256 --workers 4 --queued 2 --gil-duty= --repeats 3 $graphs --json-out "$OUT/$name.json" \
             2>>"$OUT/trace.err" | grep -v '^{' | tee -a "$LOG"
-        say "exit ${PIPESTATUS[0]}"
+        step "$name" "${PIPESTATUS[0]}"
     done
 done
 
-[ -n "${SKIP_BENCH:-}" ] && exit 0
+[ -n "${SKIP_BENCH:-}" ] && exit "$WORST"
 say "bench_protect end to end with --cuda-graphs"
 timeout "${BENCH_TIMEOUT:-150}" "$PY" benchmarks/bench_protect.py --device "$DEVICE" --backbones resnet20 \
     --skip-reference --skip-bilevel --skip-photos --no-bf16 --batch-sweep=, --compile-modes=, --accuracy-images 0 \
     --images 512 --e2e-images "${E2E_IMAGES:-2048}" --cuda-graphs --json-out "$OUT/bench_e2e_graphs.json" \
     2>>"$OUT/bench.err" | tee -a "$LOG" | tail -30
-say "bench: exit ${PIPESTATUS[0]}"
+step bench "${PIPESTATUS[0]}"
+exit "$WORST"

@@ -46,6 +46,7 @@ from bench_protect import (  # noqa: E402
     cifar_paths,
     engine_run,
     engine_warmup,
+    graph_counts,
     load_backbones,
     load_images,
     log,
@@ -386,11 +387,8 @@ def main(argv: list[str] | None = None) -> int:
                     log(f"pipeline {label} under the profiler with host activities")
                     entry["host_trace"] = host_trace(lambda: trace.run(items, options), device)
             out["pipeline"][label] = entry
-        if protector.cuda_graphs:  # whether the graphs were used, or given up (and why)
-            graphed = {"engine": protector.engine._graphed,
-                       **{f"pipeline-{k}": g for k, g in protector._graphed.items()}}  # fmt: skip
-            out["graphs"] = {name: {"captures": g.captures, "replays": g.replays, "failure": g.failure}
-                             for name, g in graphed.items()}  # fmt: skip
+        if protector.cuda_graphs:  # whether the graphs were used, or failed (and why)
+            out["graphs"] = graph_counts(protector)
         protector.close()
 
     print(f"trace_e2e on {out['device']}: {args.files} PNGs of 32x32, batch {args.batch_size}, ResNet-20 fp32"
@@ -401,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"engine alone: {e['images_per_s']:.0f} images/s ({e['median_s']:.3f} s); device {e['device']}")
     for name, g in out.get("graphs", {}).items():
         print(f"CUDA graphs of {name}: {g['captures']} captured, {g['replays']} replays"
-              + (f"; given up: {g['failure']}" if g["failure"] else ""))
+              + (f"; failed: {g['failure']}" if g["failure"] else ""))
     for duty, r in out["engine_with_busy_thread"].items():
         print(f"engine, a thread holding the GIL {float(duty):.0%}: {r['images_per_s']:.0f} images/s = {r['vs_engine']:.2f}")
     for label, r in out["pipeline"].items():

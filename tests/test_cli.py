@@ -1602,3 +1602,8 @@ def test_a_missing_path_listed_on_stdin_is_no_such_file_even_with_glob_character
     assert listed.exit_code == 1 and rows["q?.png"]["reason"] == "no such file" and rows["img0.png"]["status"] == "done"
     argument = run(["protect", str(missing), *FAST, "--labels", "backbone", "--json"], registry)
     assert argument.exit_code == 1 and json.loads(argument.stdout)["reason"] == "no file matches this pattern"
+
+
+def test_revert_white_box_says_a_pattern_matched_nothing(tmp_path: Path, registry: Path) -> None:
+    result = run(["revert", str(tmp_path / "gone*.png"), "--white-box", "--json"], registry)
+    assert result.exit_code == 1 and json.loads(result.stdout)["reason"].startswith("no file matches this pattern"), result.output

@@ -20,7 +20,8 @@ its Python control flow must not depend on tensor values: a graph replays what h
 
 A capture that fails otherwise than for want of memory leaves PyTorch's allocator in a state it cannot
 leave (its own comment in ``CUDAGraph::reset``): :class:`GraphCaptureError` then fails that call and every
-later one, and says to run without graphs. Only one capture may run in a process at a time (PyTorch's
+later call of any graphed function in the process, and says to run without graphs (work that never used
+graphs, such as photos the backbone resizes, goes on). Only one capture may run in a process at a time (PyTorch's
 rule; its capture also empties the allocator's cache, which fails during another capture), so captures,
 and :func:`empty_cache`, take one lock.
 """
@@ -43,6 +44,8 @@ MAX_GRAPHS = 8
 
 #: Held by every capture of the process, and by :func:`empty_cache`.
 _CAPTURE_LOCK = threading.Lock()
+#: Why a capture of this process failed (see the module's docstring); None while none has.
+_process_failure: str | None = None
 
 
 class GraphCaptureError(RuntimeError):
@@ -83,7 +86,8 @@ class GraphedFunction:
     Calls give what ``fn`` gives, as new tensors (copies of the graph's outputs, so that a later call does
     not overwrite them). A shape whose capture runs out of memory runs eagerly from then on (one warning;
     that call still gives its result, from the warm-up). A capture that fails otherwise (an operation that
-    waits for the device, say) raises :class:`GraphCaptureError`, then and at every later call. One
+    waits for the device, say) raises :class:`GraphCaptureError`, then and at every later call of any
+    instance. One
     instance may be shared by threads: calls are serialised, and a call on another stream waits for the
     previous one.
 
@@ -117,8 +121,8 @@ class GraphedFunction:
             return self.fn(*inputs)
         key = _key(inputs)
         with self._lock:
-            if self.failure is not None:
-                raise GraphCaptureError(self.failure)
+            if self.failure is not None or _process_failure is not None:
+                raise GraphCaptureError(self.failure or _process_failure)
             capturable = key not in self._graphs and key not in self._eager and len(self._graphs) < MAX_GRAPHS
             if capturable and key in self._seen:  # its second call
                 return self._capture(key, inputs)
@@ -139,6 +143,7 @@ class GraphedFunction:
     def _capture(self, key: _Key, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """Run ``fn`` eagerly on this call's inputs (the warm-up a capture needs: this call's result), then
         capture it for their shape."""
+        global _process_failure
         self._wait_for_last_call()
         static = [t.clone() for t in inputs]  # clone keeps a dense tensor's strides
         result = tuple(self._warm_up(static))  # an error here (out of memory) is the call's, as eagerly
@@ -152,6 +157,7 @@ class GraphedFunction:
         except Exception as e:
             self.failure = (f"CUDA graphs could not capture {self.name} ({type(e).__name__}: {_first_line(e)}); "
                             "run without --cuda-graphs")  # fmt: skip
+            _process_failure = _process_failure or self.failure
             self._graphs.clear()
             raise GraphCaptureError(self.failure) from e
         else:

@@ -17,7 +17,8 @@ from .errors import ConfigError
 from .imageio import IMAGE_SUFFIXES
 
 __all__ = ["InputFile", "collect_inputs", "as_input_files", "output_path", "assign_outputs", "parse_shard", "in_shard",
-           "shard_key", "paths_listed", "without_suffixed_outputs", "OUTPUT_MARKERS", "PROTECTED_SUFFIX", "REVERTED_SUFFIX"]
+           "shard_key", "paths_listed", "without_suffixed_outputs", "read_failure", "OUTPUT_MARKERS", "PROTECTED_SUFFIX",
+           "REVERTED_SUFFIX"]
 
 _logger = logging.getLogger(__name__)
 
@@ -195,6 +196,12 @@ def _collect(args: list[str | os.PathLike[str]], stdin: TextIO | None, skip_mark
         else:
             found.append(InputFile(path))
     return found
+
+
+def read_failure(item: InputFile, reason: str) -> str:
+    """Why ``item`` could not be read, from the reader's ``reason``: a command-line pattern that matched
+    nothing says so, where the reader (which gets a path, not where it came from) says "no such file"."""
+    return "no file matches this pattern" if item.unmatched_pattern and reason == "no such file" else reason
 
 
 def _root_name(root: Path) -> str:

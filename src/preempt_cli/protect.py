@@ -59,7 +59,8 @@ from .imageio import (
     start_io_worker,
     write_pngs,
 )
-from .inputs import OUTPUT_MARKERS, PROTECTED_SUFFIX, InputFile, as_input_files, assign_outputs, in_shard
+from .inputs import (OUTPUT_MARKERS, PROTECTED_SUFFIX, InputFile, as_input_files, assign_outputs, in_shard,
+                     read_failure)  # fmt: skip
 from .labels import LabelMap, folder_label, resolve_label
 from .models import ImageModel
 from .registry import ModelConfig
@@ -438,6 +439,11 @@ class Protector:
         and shapes are checked, not their values (the pipeline's inner step: :meth:`protect` checks them)."""
         return self.engine.perturb(x, y, noise_seeds=noise_seeds)
 
+    def transform_keyed(self, x: torch.Tensor, y: torch.Tensor, image_keys: torch.Tensor) -> torch.Tensor:
+        """:meth:`transform` of images at the backbone's input size, their noise from ``image_keys`` (see
+        :meth:`FastPreemption.perturb_keyed`): nothing waits for the device, so a CUDA graph captures it."""
+        return self.engine.perturb_keyed(x, y, image_keys)
+
     def protect(self, x: torch.Tensor, y: torch.Tensor | None = None, **kw: Any) -> torch.Tensor:
         """Label (when ``y`` is None) and protect a batch of images.
 
@@ -595,9 +601,7 @@ class Protector:
     def _decoded(self, item: InputFile, output: Path, options: RunOptions, picture: Picture | str) -> _Pending | FileResult:
         """What to do with a decoded file (``picture``; a string: why it could not be read)."""
         if isinstance(picture, str):
-            if item.unmatched_pattern and picture == "no such file":  # (the reader cannot tell the two apart)
-                picture = "no file matches this pattern"
-            return FileResult(item.path, "failed", reason=picture)
+            return FileResult(item.path, "failed", reason=read_failure(item, picture))
         try:
             meta = read_preempt_metadata(picture)
             if meta and meta.get("kind") == self.kind and not options.overwrite:
@@ -642,7 +646,7 @@ class Protector:
 
             def work(levels: torch.Tensor, y: torch.Tensor, image_keys: torch.Tensor) -> tuple[torch.Tensor, ...]:
                 me = protector()
-                perturb = partial(me.engine.perturb_keyed, image_keys=image_keys)
+                perturb = partial(me.transform_keyed, image_keys=image_keys)
                 return me._device_work(levels, None if predicted else y, max_value, perturb)
 
             graphed = self._graphed[(predicted, max_value)] = GraphedFunction(work, self.device, name="a batch")

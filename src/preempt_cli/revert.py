@@ -35,14 +35,22 @@ class Reverter(Protector):
 
     def transform(self, x: torch.Tensor, y: torch.Tensor, noise_seeds: Sequence[int] | None = None) -> torch.Tensor:
         """``2 x - D(x)``, clipped to [0, 1] (it stays within eps of ``x``, as D(x) does)."""
-        twice = self.engine.perturb(x, y, noise_seeds=noise_seeds)
-        # where the engine returned it (the backbone's device), as float32: x may be elsewhere, or half
-        return (2 * x.to(twice.device, torch.float32) - twice).clamp_(0.0, 1.0)
+        return _reflected(x, self.engine.perturb(x, y, noise_seeds=noise_seeds))
+
+    def transform_keyed(self, x: torch.Tensor, y: torch.Tensor, image_keys: torch.Tensor) -> torch.Tensor:
+        """:meth:`transform` from the images' noise keys (what a CUDA graph of a batch captures)."""
+        return _reflected(x, self.engine.perturb_keyed(x, y, image_keys))
 
     def _extra_metadata(self, meta: dict[str, Any] | None) -> dict[str, Any]:
         if not meta:
             return {}
         return {"protected_with": {k: meta.get(k) for k in ("backbone", "backbone_sha256", "classifier", "preset")}}
+
+
+def _reflected(x: torch.Tensor, twice: torch.Tensor) -> torch.Tensor:
+    """``2 x - twice``, clipped to [0, 1]: ``x`` moved as far from ``twice`` (D(x)) as D moved it."""
+    # where the engine returned it (the backbone's device), as float32: x may be elsewhere, or half
+    return (2 * x.to(twice.device, torch.float32) - twice).clamp_(0.0, 1.0)
 
 
 #: The most backbone passes per image that ``revert --white-box`` takes from a file's metadata: 1,000x the

@@ -19,7 +19,7 @@ from ..engine import PRESETS, ForeBackConfig, parse_eps
 from ..errors import ConfigError, PreemptError, UnknownModelError
 from ..imageio import DEFAULT_MAX_PIXELS, is_fifo, read_images, read_png_text
 from ..inputs import (OUTPUT_MARKERS, PROTECTED_SUFFIX, REVERTED_SUFFIX, InputFile, assign_outputs, collect_inputs,
-                      in_shard, parse_shard, paths_listed, without_suffixed_outputs)  # fmt: skip
+                      in_shard, parse_shard, paths_listed, read_failure, without_suffixed_outputs)  # fmt: skip
 from ..labels import LabelMap, read_label_file
 from ..models import ImageModel, load_model
 from ..protect import (
@@ -435,14 +435,14 @@ def _may_be_an_original(item: InputFile) -> bool:
 WhiteBoxGroup = tuple[dict[str, Any] | None, str | None, bool, list[InputFile]]
 
 
-def _unreadable(path: Path, max_pixels: int) -> str | None:
+def _unreadable(item: InputFile, max_pixels: int) -> str | None:
     """Why a file named for ``--white-box`` without preempt's metadata cannot be read at all (None: it can,
     it just is no protected image). A pipe cannot: its metadata is read first, then its pixels, and a pipe
     is read once."""
-    if is_fifo(path):  # (gone: read_images says so)
+    if is_fifo(item.path):  # (gone: read_images says so)
         return "a pipe: --white-box reads a file's metadata, then its pixels; save it to a file first"
-    read = read_images([str(path)], max_pixels)[0]  # its pixels decoded too: a truncated file fails only there
-    return read if isinstance(read, str) else None
+    read = read_images([str(item.path)], max_pixels)[0]  # its pixels decoded too: a truncated file fails only there
+    return read_failure(item, read) if isinstance(read, str) else None
 
 
 def _white_box_groups(items: list[InputFile], max_pixels: int) -> Iterator[WhiteBoxGroup]:
@@ -465,7 +465,7 @@ def _white_box_groups(items: list[InputFile], max_pixels: int) -> Iterator[White
             elif _may_be_an_original(item):
                 problem, skip = NOT_PROTECTED, True
             else:  # named directly: a file gone, damaged or no image fails with its read's own reason
-                problem = _unreadable(item.path, max_pixels) or problem
+                problem = _unreadable(item, max_pixels) or problem
         elif meta.get("kind") != "protected":
             problem = f"not a protected image (preempt metadata of a {meta.get('kind')!r} image)"
             meta, skip = None, item.root is not None
