@@ -8,6 +8,7 @@ Reusable helpers (importable from tests as ``from conftest import ...``):
 * :func:`make_tiny_model` builds a small 2-conv CNN wrapped in :class:`ImageModel` (any input size,
   class count, optional mean/std), deterministically from a seed.
 * :func:`load_cifar_images` reads CIFAR-10 test PNGs from the shared folder into a float tensor + labels.
+* :func:`engine_noise_keys` gives the noise keys an engine draws for given noise seeds.
 * :class:`StandInDevice` stands in for a GPU's asynchronous work on any machine: ``queue(seconds, payload)``
   returns a :class:`QueuedWork` (``done()``, ``ready_at``, ``payload``) at once, each queued piece runs after
   the ones before it, and ``wait(work)`` sleeps until it is done.
@@ -160,6 +161,15 @@ def tiny_backbone() -> ImageModel:
 def tiny_classifier() -> ImageModel:
     """Another tiny CNN (seed 1), e.g. as a classifier distinct from ``tiny_backbone``; on the test device."""
     return make_tiny_model(1, name="tiny-classifier").to(TEST_DEVICE)
+
+
+def engine_noise_keys(engine: Any, seeds: Sequence[int]) -> torch.Tensor:
+    """The noise keys a :class:`~preempt_cli.engine.FastPreemption` draws for images of these noise seeds,
+    [B, steps, samples], on its device (a step's keys: ``[:, step]``)."""
+    from preempt_cli.engine import noise_keys
+
+    cfg = engine.config
+    return noise_keys(engine.image_keys(seeds).to(engine.device), cfg.forward_steps + cfg.backward_steps, cfg.samples)
 
 
 def write_random_pngs(folder: Path, n: int = 4, size: tuple[int, int] = (32, 32), *, name: str = "img{i}.png",

@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import CIFAR10_CLASSES, load_cifar_images, make_tiny_model, write_random_pngs
+from conftest import CIFAR10_CLASSES, engine_noise_keys, load_cifar_images, make_tiny_model, write_random_pngs
 from preempt_cli import ForeBackConfig, Protector, RunOptions, collect_inputs, load_model
 from preempt_cli.device import resolve_devices
-from preempt_cli.engine import FastPreemption, noise_keys
+from preempt_cli.engine import FastPreemption
 from preempt_cli.protect import content_seed, read_preempt_metadata, run_on_devices
 from preempt_cli.imageio import levels_to_float, quantize_batch, read_image, stack_levels
 
@@ -61,12 +61,6 @@ def resnet20(shared_models_dir: Path) -> dict[str, torch.nn.Module]:
             for d in ("cpu", "cuda:0")}  # fmt: skip
 
 
-def _keys(engine: FastPreemption, seeds) -> torch.Tensor:
-    """The noise keys of images of these noise seeds, [B, steps, samples], on the engine's device."""
-    cfg = engine.config
-    return noise_keys(engine.image_keys(seeds).to(engine.device), cfg.forward_steps + cfg.backward_steps, cfg.samples)
-
-
 def _agree(a: torch.Tensor, b: torch.Tensor) -> float:
     """Fraction of pixels equal up to float rounding."""
     return float(((a.cpu() - b.cpu()).abs() <= 1e-5).float().mean())
@@ -78,7 +72,7 @@ def test_cuda_computes_what_the_cpu_computes(batch, resnet20) -> None:
     engines = {d: FastPreemption(m, config=cfg, seed=5) for d, m in resnet20.items()}
     # The noise is integer arithmetic: the same bits on both devices, for every step
     steps = cfg.forward_steps + cfg.backward_steps
-    keys = {d: noise_keys(e.image_keys(range(len(x))).to(d), steps, cfg.samples) for d, e in engines.items()}
+    keys = {d: engine_noise_keys(e, range(len(x))) for d, e in engines.items()}
     for step in range(steps):
         noise = {d: e._noise(x.to(d), keys[d][:, step]).cpu() for d, e in engines.items()}
         assert torch.equal(noise["cpu"], noise["cuda:0"]), step
@@ -104,8 +98,8 @@ def test_cuda_results_are_reproducible_and_batch_invariant(batch, resnet20) -> N
     b = FastPreemption(model, seed=2).perturb(x, y, noise_seeds=seeds)
     assert torch.equal(a, b)  # same seed, same device, same input: the same bits
     # An image's noise does not depend on its batch; its result only up to float rounding of batched kernels.
-    alone = engine._noise(x[3:5].to(CUDA), _keys(engine, seeds[3:5])[:, 0])
-    together = engine._noise(x.to(CUDA), _keys(engine, seeds)[:, 0])
+    alone = engine._noise(x[3:5].to(CUDA), engine_noise_keys(engine, seeds[3:5])[:, 0])
+    together = engine._noise(x.to(CUDA), engine_noise_keys(engine, seeds)[:, 0])
     assert torch.equal(alone, together[3:5])
     single = torch.cat([engine.perturb(x[i : i + 1], y[i : i + 1], noise_seeds=[seeds[i]]) for i in range(len(x))])
     share = _agree(single, a)

@@ -9,20 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TEST_DEVICE, make_tiny_model
+from conftest import TEST_DEVICE, engine_noise_keys, make_tiny_model
 from preempt_cli import engine as engine_module
-from preempt_cli.engine import (PRESETS, FastPreemption, ForeBackConfig, native_bf16, noise_keys, parse_eps, project,
-                                resolve_precision)  # fmt: skip
+from preempt_cli.engine import PRESETS, FastPreemption, ForeBackConfig, native_bf16, parse_eps, project, resolve_precision
 from preempt_cli.errors import ConfigError
 
 # float32 slack for "within eps": x0 +- eps is itself rounded to float32.
 TOL = 1e-6
-
-
-def _keys(engine: FastPreemption, seeds) -> torch.Tensor:
-    """The noise keys of images of these noise seeds, [B, steps, samples], on the engine's device."""
-    cfg = engine.config
-    return noise_keys(engine.image_keys(seeds).to(engine.device), cfg.forward_steps + cfg.backward_steps, cfg.samples)
 
 
 def _ce(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -142,7 +135,7 @@ def test_noise_is_uniform_in_budget_and_per_image(tiny_backbone, monkeypatch) ->
     cfg = ForeBackConfig(eps=8 / 255, samples=16)
     engine = FastPreemption(tiny_backbone, config=cfg, seed=2, device=TEST_DEVICE)
     like = torch.zeros(3, 3, 32, 32, device=TEST_DEVICE)
-    keys = _keys(engine, [10, 11, 12])  # [images, steps, samples]
+    keys = engine_noise_keys(engine, [10, 11, 12])  # [images, steps, samples]
     assert keys.shape == (3, cfg.forward_steps + cfg.backward_steps, 16)
     noise = engine._noise(like, keys[:, 0])
     assert noise.shape == (3, 16, 3, 32, 32) and noise.dtype == torch.float32
@@ -158,7 +151,7 @@ def test_noise_is_uniform_in_budget_and_per_image(tiny_backbone, monkeypatch) ->
     assert r.abs().max() < 0.1, r.abs().max()
     # The same per-image seed draws the same noise whatever the batch, any samples of it alone the same,
     # and the block size (memory) changes nothing.
-    single = engine._noise(like[:1], _keys(engine, [11])[:, 0])
+    single = engine._noise(like[:1], engine_noise_keys(engine, [11])[:, 0])
     assert torch.equal(single[0], noise[1])
     assert torch.equal(engine._noise(like, keys[:, 0, 5:9]), noise[:, 5:9])
     monkeypatch.setitem(engine_module.NOISE_BLOCK_ELEMENTS, TEST_DEVICE.type, 1000)  # element and sample blocks
@@ -166,8 +159,8 @@ def test_noise_is_uniform_in_budget_and_per_image(tiny_backbone, monkeypatch) ->
     # Other step, base seed or image seed: other noise
     assert not torch.equal(engine._noise(like, keys[:, 1]), noise)
     other_seed = FastPreemption(tiny_backbone, config=cfg, seed=3, device=TEST_DEVICE)
-    assert not torch.equal(other_seed._noise(like, _keys(other_seed, [10, 11, 12])[:, 0]), noise)
-    assert not torch.equal(engine._noise(like[:1], _keys(engine, [13])[:, 0])[0], noise[1])
+    assert not torch.equal(other_seed._noise(like, engine_noise_keys(other_seed, [10, 11, 12])[:, 0]), noise)
+    assert not torch.equal(engine._noise(like[:1], engine_noise_keys(engine, [13])[:, 0])[0], noise[1])
     with pytest.raises(ValueError, match="noise seeds"):
         engine.perturb(like, torch.zeros(3, dtype=torch.long, device=TEST_DEVICE), noise_seeds=[1, 2])
 
@@ -262,7 +255,7 @@ def test_backward_step_moves_against_the_predicted_attack(tiny_backbone, cifar_b
     # Same from a later iterate x_t (after a forward step), one backward step taken by the engine.
     x_t = FastPreemption(tiny_backbone, config=cfg.with_(forward_steps=1, backward_steps=0)).perturb(x, y)
     bounds = ((x - cfg.eps).clamp(min=0).unsqueeze(1), (x + cfg.eps).clamp(max=1).unsqueeze(1))
-    keys = _keys(engine, range(len(x)))[:, 0]
+    keys = engine_noise_keys(engine, range(len(x)))[:, 0]
     x_next = engine._step(x_t, bounds, y.repeat_interleave(cfg.samples), keys, direction=+1.0)
     grad_t = _input_grad(tiny_backbone, x_t, y)
     fgsm_t = project(x_t + cfg.eps * grad_t.sign(), x, cfg.eps)

@@ -26,7 +26,7 @@ import preempt_cli.protect as protect_module
 from conftest import TEST_DEVICE, write_random_pngs
 from preempt_cli import FastPreemption, ForeBackConfig, Protector, RunOptions, collect_inputs
 from preempt_cli.revert import Reverter
-from preempt_cli.engine import check_cuda_graphs, graphed_perturb
+from preempt_cli.engine import check_cuda_graphs
 from preempt_cli.errors import ConfigError
 from preempt_cli.graphs import MAX_GRAPHS, GraphCaptureError, GraphedFunction
 
@@ -196,7 +196,7 @@ def test_the_captured_functions_never_read_values_back(tiny_backbone, tiny_class
 def _graphed_engine(backbone, **kw) -> FastPreemption:
     engine = FastPreemption(backbone, cuda_graphs=ON_CUDA, **kw)
     if not ON_CUDA:  # the engine's own graphed function, emulated
-        engine._graphed = GraphedFunction(graphed_perturb(engine).fn, TEST_DEVICE, emulate=True)
+        engine._graphed = GraphedFunction(FastPreemption._graph_body, TEST_DEVICE, owner=engine, emulate=True)
     return engine
 
 

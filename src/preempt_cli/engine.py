@@ -22,7 +22,6 @@ import contextlib
 import logging
 import math
 import numbers
-import weakref
 from dataclasses import asdict, dataclass, field, fields, replace
 from fractions import Fraction
 from typing import Any, Iterator, Sequence
@@ -286,6 +285,12 @@ class ForeBackConfig:
         return asdict(self)
 
     @property
+    def step_directions(self) -> list[float]:
+        """The cascade's steps in order: -1 for each forward step (descend the loss), then +1 for each
+        backward step (attack)."""
+        return [-1.0] * self.forward_steps + [+1.0] * self.backward_steps
+
+    @property
     def passes_per_image(self) -> int:
         """Forward+backward passes of the backbone per image."""
         return (self.forward_steps + self.backward_steps) * self.samples * self.inner_steps
@@ -399,7 +404,8 @@ class FastPreemption:
             # dynamic=False: one specialised graph per batch shape (a run sees one or two shapes)
             self._net = torch.compile(backbone, mode=None if compile == "default" else compile, dynamic=False)
         self.cuda_graphs = check_cuda_graphs(cuda_graphs, compile, self.device)
-        self._graphed = graphed_perturb(self) if self.cuda_graphs else None
+        self._graphed = GraphedFunction(FastPreemption._graph_body, self.device, owner=self, name="the engine") \
+            if self.cuda_graphs else None  # fmt: skip
 
     # -- noise -----------------------------------------------------------------------------------------
     def _image_seeds(self, count: int, noise_seeds: Sequence[int] | None) -> list[int]:
@@ -572,8 +578,7 @@ class FastPreemption:
             return x0.clone()
         if noise_seeds is None:
             noise_seeds = content_seeds(x0)
-        input_hw = getattr(self.backbone, "input_hw", None)
-        if input_hw is None or tuple(x0.shape[-2:]) == tuple(input_hw):  # at the backbone's input size
+        if self.at_input_size(x0):
             image_keys = to_device(self.image_keys(self._image_seeds(x0.shape[0], noise_seeds)), self.device)
             if self._graphed is not None:
                 return self._graphed(x0, y, image_keys)[0]
@@ -582,12 +587,17 @@ class FastPreemption:
         generators = self._sample_generators(x0.shape[0], noise_seeds)
         bounds = _ball(x0.unsqueeze(1), self.config.eps)
         x_t = x0.clone()
-        directions = [-1.0] * self.config.forward_steps + [+1.0] * self.config.backward_steps
         # in train mode, BatchNorm would mix the images of a batch (and update its statistics)
         with eval_mode(self.backbone):
-            for direction in directions:
+            for direction in self.config.step_directions:
                 x_t = self._step_in_chunks(x_t, bounds, y, generators, direction=direction)
         return x_t
+
+    def at_input_size(self, x: torch.Tensor) -> bool:
+        """Whether images ``x`` [B, C, H, W] are at the backbone's input size (or it has none): those go
+        through :meth:`perturb_keyed`; others the backbone resizes (photos), with noise of their own."""
+        input_hw = getattr(self.backbone, "input_hw", None)
+        return input_hw is None or tuple(x.shape[-2:]) == tuple(input_hw)
 
     def perturb_keyed(self, x: torch.Tensor, y: torch.Tensor, image_keys: torch.Tensor) -> torch.Tensor:
         """:meth:`perturb` of images at the backbone's input size, their noise from ``image_keys`` ([B, 2] int64
@@ -599,25 +609,15 @@ class FastPreemption:
             bounds = _ball(x0.unsqueeze(1), cfg.eps)
             keys = noise_keys(image_keys, cfg.forward_steps + cfg.backward_steps, cfg.samples)
             labels = y.repeat_interleave(cfg.samples)
-            directions = [-1.0] * cfg.forward_steps + [+1.0] * cfg.backward_steps
             x_t = x0.clone()
             with eval_mode(self.backbone):  # in train mode, BatchNorm would mix the images of a batch
-                for i, direction in enumerate(directions):
+                for i, direction in enumerate(cfg.step_directions):
                     x_t = self._step(x_t, bounds, labels, keys[:, i], direction=direction)
             return x_t
 
-
-def graphed_perturb(engine: FastPreemption) -> GraphedFunction:
-    """``engine.perturb_keyed`` as CUDA graphs. The function holds the engine weakly: the engine, and with it
-    its graphs' device memory, goes when its last user lets go of it, not at some later garbage collection
-    (or never, once ``protect`` has frozen the objects alive at the start of a run: see
-    :func:`~preempt_cli.protect.freeze_long_lived_objects`)."""
-    engine_ref = weakref.ref(engine)
-
-    def perturb_keyed(x: torch.Tensor, y: torch.Tensor, image_keys: torch.Tensor) -> tuple[torch.Tensor]:
-        return (engine_ref().perturb_keyed(x, y, image_keys),)
-
-    return GraphedFunction(perturb_keyed, engine.device, name="the engine")
+    def _graph_body(self, x: torch.Tensor, y: torch.Tensor, image_keys: torch.Tensor) -> tuple[torch.Tensor]:
+        """What the engine's CUDA graphs capture: :meth:`perturb_keyed`, its output as a tuple."""
+        return (self.perturb_keyed(x, y, image_keys),)
 
 
 def check_cuda_graphs(cuda_graphs: Any, compile: str, device: torch.device) -> bool:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from typing import Callable, Sequence
 
 import torch
@@ -87,12 +88,16 @@ class GraphedFunction:
     not overwrite them). A shape whose capture runs out of memory runs eagerly from then on (one warning;
     that call still gives its result, from the warm-up). A capture that fails otherwise (an operation that
     waits for the device, say) raises :class:`GraphCaptureError`, then and at every later call of any
-    instance. One
-    instance may be shared by threads: calls are serialised, and a call on another stream waits for the
-    previous one.
+    instance. One instance may be shared by threads: calls are serialised, and a call on another stream
+    waits for the previous one.
 
     Args:
-        fn: the function; its inputs and outputs are tensors on ``device``.
+        fn: the function; its inputs and outputs are tensors on ``device``. With ``owner``, it is called as
+            ``fn(owner, *inputs)``.
+        owner: the object ``fn`` works for (an engine, a protector; typically it holds this instance), held
+            weakly: it, and with it its graphs' device memory, goes when its last user lets go of it, not
+            at some later garbage collection, or never, once a run has frozen the objects alive at its
+            start (see :func:`~preempt_cli.protect.freeze_long_lived_objects`).
         device: a CUDA device. On any other device ``fn`` runs eagerly (no graphs), unless ``emulate``.
         name: what a warning calls the function.
         emulate: capture and replay by calling ``fn`` on the static inputs (no CUDA), so that the copies in
@@ -100,8 +105,9 @@ class GraphedFunction:
     """
 
     def __init__(self, fn: Callable[..., tuple[torch.Tensor, ...]], device: torch.device | str, *,
-                 name: str = "function", emulate: bool = False) -> None:  # fmt: skip
+                 owner: object | None = None, name: str = "function", emulate: bool = False) -> None:  # fmt: skip
         self.fn, self.device, self.name, self.emulate = fn, torch.device(device), name, emulate
+        self._owner = weakref.ref(owner) if owner is not None else None
         self.enabled = emulate or self.device.type == "cuda"
         self._seen: set[_Key] = set()
         self._eager: set[_Key] = set()  # shapes whose capture ran out of memory
@@ -118,7 +124,7 @@ class GraphedFunction:
 
     def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if not self.enabled:
-            return self.fn(*inputs)
+            return self._run(inputs)
         key = _key(inputs)
         with self._lock:
             if self.failure is not None or _process_failure is not None:
@@ -129,7 +135,7 @@ class GraphedFunction:
             graph = self._graphs.get(key)
             if graph is None:
                 self._seen.add(key)
-                return self.fn(*inputs)
+                return self._run(inputs)
             self._wait_for_last_call()
             for static, value in zip(graph.inputs, inputs):
                 static.copy_(value)
@@ -138,6 +144,10 @@ class GraphedFunction:
             self._mark_call()
             self.replays += 1
             return outputs
+
+    def _run(self, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """``fn`` on ``inputs``, eagerly (or, during a capture, recorded)."""
+        return self.fn(*inputs) if self._owner is None else self.fn(self._owner(), *inputs)
 
     # -- capture ---------------------------------------------------------------------------------------
     def _capture(self, key: _Key, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -167,7 +177,7 @@ class GraphedFunction:
 
     def _warm_up(self, static: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         if self.emulate:
-            return tuple(t.clone() for t in self.fn(*static))
+            return tuple(t.clone() for t in self._run(static))
         current = torch.cuda.current_stream(self.device)
         if self._stream is None:
             self._stream = torch.cuda.Stream(self.device)
@@ -175,7 +185,7 @@ class GraphedFunction:
         # per-stream state (cuBLAS workspaces) there before the capture, not during it
         self._stream.wait_stream(current)
         with torch.cuda.stream(self._stream):
-            result = self.fn(*static)
+            result = self._run(static)
         current.wait_stream(self._stream)
         for t in result:
             t.record_stream(current)  # used there next: its memory must not go back to the capture stream before
@@ -183,10 +193,10 @@ class GraphedFunction:
 
     def _record(self, static: list[torch.Tensor]) -> _Graph:
         if self.emulate:  # a "replay" calls fn on the static inputs and copies its results into the outputs
-            outputs = tuple(t.clone() for t in self.fn(*static))
+            outputs = tuple(t.clone() for t in self._run(static))
 
             def replay() -> None:
-                for out, new in zip(outputs, self.fn(*static)):
+                for out, new in zip(outputs, self._run(static)):
                     out.copy_(new)
 
             return _Graph(static, outputs, replay)
@@ -196,7 +206,7 @@ class GraphedFunction:
         # back even when the capture fails (torch.cuda.graph's own then stays entered).
         with torch.cuda.stream(self._stream):
             with torch.cuda.graph(graph, pool=self._pool, stream=self._stream, capture_error_mode="thread_local"):
-                outputs = tuple(self.fn(*static))
+                outputs = tuple(self._run(static))
         if self._pool is None:
             self._pool = graph.pool()  # the next shapes' graphs reuse this one's memory
         return _Graph(static, outputs, graph.replay)

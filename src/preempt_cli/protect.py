@@ -26,7 +26,6 @@ import logging
 import math
 import os
 import stat
-import weakref
 from concurrent.futures import CancelledError, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -629,7 +628,7 @@ class Protector:
             levels, saved = quantize_batch(self.transform(x, y, noise_seeds=seeds), colors, self.config.eps)
             return _Launched(QueuedTransfer([_stats(before, self.confidence(saved, y), y)]), levels)
         max_value = batch[0].picture.max_value
-        if self.cuda_graphs and tuple(reference.shape[-2:]) == tuple(self.backbone.input_hw):
+        if self.cuda_graphs and self.engine.at_input_size(reference):
             return self._compute_graphed(reference, y, max_value, seeds)
         perturb = partial(self.transform, noise_seeds=seeds)
         return _Launched(QueuedTransfer(list(self._device_work(reference, y, max_value, perturb))))
@@ -641,19 +640,20 @@ class Protector:
         predicted = y is None
         graphed = self._graphed.get((predicted, max_value))
         if graphed is None:
-            # the protector held weakly (see engine.graphed_perturb): its graphs' memory goes with it
-            protector = weakref.ref(self)
-
-            def work(levels: torch.Tensor, y: torch.Tensor, image_keys: torch.Tensor) -> tuple[torch.Tensor, ...]:
-                me = protector()
-                perturb = partial(me.transform_keyed, image_keys=image_keys)
-                return me._device_work(levels, None if predicted else y, max_value, perturb)
-
-            graphed = self._graphed[(predicted, max_value)] = GraphedFunction(work, self.device, name="a batch")
+            body = partial(Protector._graph_body, predicted=predicted, max_value=max_value)
+            graphed = self._graphed[(predicted, max_value)] = GraphedFunction(body, self.device, owner=self,
+                                                                              name="a batch")  # fmt: skip
         if y is None:  # a placeholder: the graph's labels come from the model
             y = torch.zeros(reference.shape[0], dtype=torch.long, device=self.device)
         image_keys = to_device(self.engine.image_keys(seeds), self.device)
         return _Launched(QueuedTransfer(list(graphed(reference, y, image_keys))))
+
+    def _graph_body(self, levels: torch.Tensor, y: torch.Tensor, image_keys: torch.Tensor, *, predicted: bool,
+                    max_value: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """What a batch's CUDA graph captures: :meth:`_device_work`, with labels from the model when
+        ``predicted`` (``y`` is then a placeholder) and :meth:`transform_keyed`."""
+        perturb = partial(self.transform_keyed, image_keys=image_keys)
+        return self._device_work(levels, None if predicted else y, max_value, perturb)
 
     def _device_work(self, levels: torch.Tensor, y: torch.Tensor | None, max_value: int,
                      perturb: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
