@@ -19,13 +19,7 @@ OUT=${1:?usage: gpu_check.sh OUT_DIR [SHARED_COPY]}
 SHARED_COPY=${2:-}
 DEVICE=${DEVICE:-cuda}
 TESTS=${TESTS:-tests/test_engine.py tests/test_cuda.py tests/test_graphs.py tests/test_batches.py tests/test_protect_real.py tests/test_cli.py tests/test_eval.py tests/test_baselines.py tests/test_attacks.py tests/test_revert.py tests/test_reruns.py}
-mkdir -p "$OUT"
-if [ -n "$SHARED_COPY" ] && [ ! -e ../shared ]; then
-    ln -s "$(realpath "$SHARED_COPY")" ../shared
-fi
-SITE=""
-if [ -n "$SHARED_COPY" ] && [ -d "$SHARED_COPY/site" ]; then SITE=":$(realpath "$SHARED_COPY/site")"; fi
-export PYTHONPATH="$PWD/src$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+. "$(dirname "$0")/gpu_env.sh"
 PY=${PY:-python3}
 
 {

@@ -20,13 +20,7 @@ OUT=${1:?usage: gpu_graphs.sh OUT_DIR [SHARED_COPY]}
 SHARED_COPY=${2:-}
 DEVICE=${DEVICE:-cuda}
 PY=${PY:-python3}
-mkdir -p "$OUT"
-if [ -n "$SHARED_COPY" ] && [ ! -e ../shared ]; then
-    ln -s "$(realpath "$SHARED_COPY")" ../shared
-fi
-SITE=""
-if [ -n "$SHARED_COPY" ] && [ -d "$SHARED_COPY/site" ]; then SITE=":$(realpath "$SHARED_COPY/site")"; fi
-export PYTHONPATH="$PWD/src$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+. "$(dirname "$0")/gpu_env.sh"
 LOG="$OUT/log.txt"
 T0=$(date +%s)
 WORST=0  # the exit status: the worst of the steps'
