@@ -72,10 +72,10 @@ from torch import nn
 
 from bench_pipeline import PipelineTrace, median_split  # noqa: E402 (benchmarks/ is on sys.path)
 from preempt_cli import ForeBackConfig, Protector, RunOptions, collect_inputs, load_model, read_image
-from preempt_cli.device import default_cpu_threads, resolve_device
+from preempt_cli.device import default_cpu_threads, resolve_device, tune_malloc
 from preempt_cli.engine import native_bf16
 from preempt_cli.models import ImageModel, build_model
-from preempt_cli.models._load import fuse_conv_bn
+from preempt_cli.models._fusion import fuse_model
 from preempt_cli.models.dm_resnet import CIFAR10_MEAN, CIFAR10_STD
 from preempt_cli.protect import content_seed
 from preempt_cli.registry import get_model_config
@@ -185,8 +185,9 @@ def as_reference_model(model: ImageModel) -> ImageModel:
 
 
 def as_engine_model(model: ImageModel, device: torch.device) -> ImageModel:
-    """What ``load_model`` gives the engine: BN folded, frozen, channels-last."""
-    model.net = fuse_conv_bn(model.net.eval())
+    """What ``load_model`` gives the engine: BN folded, convolutions fused with their ReLU, frozen,
+    channels-last."""
+    model.net = fuse_model(model.net.eval())
     model = model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -895,6 +896,7 @@ def print_table(results: dict[str, Any]) -> None:
     title = (
         f"preempt protect benchmark: {m['cpu_model']} ({m['torch_threads']} threads), "
         f"{m['device_name'] or 'CPU'}, torch {m['torch']}"
+        + ("" if "malloc_tuned" not in m else f", malloc {'tuned' if m['malloc_tuned'] else 'default'}")
     )
     peak = results.get("peak", {})
     caption = "; ".join(f"{k} matmul peak {v['gflops']} GFLOP/s" for k, v in peak.items() if isinstance(v, dict))
@@ -968,6 +970,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="run the batch/precision/compile part on the CPU too (it runs on CUDA anyway)")
     p.add_argument("--json-out", type=Path, default=None,
                    help="also write the results here, rewritten after each part (kept if a later part fails)")  # fmt: skip
+    p.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
+                   help="CPU: glibc malloc as `preempt` sets it (tuned: freed blocks kept; device.tune_malloc) or "
+                        "left as the system's (default); engine and reference run under the same one")  # fmt: skip
     p.add_argument("--accuracy-images", type=int, default=932,
                    help="test images for the fp32-vs-bf16 robust-accuracy check (0: skip; default 932)")
     return p.parse_args(argv)
@@ -978,6 +983,8 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads or default_cpu_threads())
+        # as `preempt` does on a CPU (device.configure_cpu); the reference loop runs in this process too
+        args.malloc_tuned = tune_malloc() if args.malloc == "tuned" else False
     args.images = args.images or (512 if device.type == "cuda" else 64)
     args.batch_size = args.batch_size or (256 if device.type == "cuda" else 16)
     keys = [k.strip() for k in args.backbones.split(",") if k.strip()]
@@ -992,6 +999,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
 
     results: dict[str, Any] = {"benchmark": "bench_protect", "machine": machine_info(device)}
+    if device.type == "cpu":
+        results["machine"]["malloc_tuned"] = args.malloc_tuned
     results["settings"] = {
         "config": cfg.as_dict(), "passes_per_image": cfg.passes_per_image, "repeats": args.repeats,
         "images": args.images, "ref_images": args.ref_images, "batch_size": args.batch_size, "backbones": keys,

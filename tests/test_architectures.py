@@ -341,7 +341,7 @@ def test_dm_preact_resnet18_shortcut_takes_the_raw_padded_input() -> None:
 
 
 def test_dm_preact_resnet18_forward_and_fusing() -> None:
-    from preempt_cli.models._load import fuse_conv_bn
+    from preempt_cli.models._fusion import fuse_conv_bn
 
     torch.manual_seed(0)
     net = _randomized(create_arch("dm_preact_resnet18", num_classes=10))

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import ctypes
+import logging
 import os
+import platform
 
 import torch
 
 from .errors import ConfigError
 
-__all__ = ["resolve_device", "resolve_devices", "default_cpu_threads", "default_io_workers", "to_device"]
+__all__ = ["resolve_device", "resolve_devices", "default_cpu_threads", "default_io_workers", "configure_cpu",
+           "tune_malloc", "to_device"]
+
+_logger = logging.getLogger(__name__)
 
 
 def resolve_device(spec: str | torch.device = "auto") -> torch.device:
@@ -67,6 +73,60 @@ def default_cpu_threads() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover - not Linux
         return max(1, os.cpu_count() or 1)
+
+
+def configure_cpu() -> None:
+    """Set up this process for work on the CPU: :func:`default_cpu_threads` threads for torch, and
+    :func:`tune_malloc`. What ``preempt`` commands do before computing on the CPU; batch jobs that use the
+    Python API on a CPU may call it too."""
+    torch.set_num_threads(default_cpu_threads())
+    tune_malloc()
+
+
+#: glibc's ``mallopt`` parameters (malloc.h) and the values :func:`tune_malloc` sets
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_THRESHOLD = 32 << 20  # glibc's largest (64-bit): blocks above it are still mapped and unmapped
+_TRIM_THRESHOLD = 1 << 30
+#: variables with which a user chooses the allocator's behaviour (or another allocator) for themselves
+_USER_ALLOCATOR_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "LD_PRELOAD")
+_malloc_tuned: bool | None = None
+
+
+def tune_malloc() -> bool:
+    """Keep freed memory of up to 32 MiB blocks in this process (glibc), instead of returning it to the system.
+
+    The engine allocates tensors of a few to 32 MiB (activations and their gradients) hundreds of times per
+    batch. glibc maps such blocks freshly and unmaps them when freed, or trims them off its heap, so every
+    use touches new pages: the kernel zeroes each one at its first write. Keeping them saves that: about
+    12% of the engine's time on a CPU (ResNet-20 pgdat-a, 2-core Xeon: 38.5 against 44.1 ms per image).
+    PyTorch's CPU tuning guide gives the same advice as jemalloc or tcmalloc, preloaded.
+
+    Changes nothing, and returns False, off glibc, or where the user chose for themselves: one of
+    ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_TOP_PAD_``, ``LD_PRELOAD`` is set, or
+    ``PREEMPT_TUNE_MALLOC=0``. The cost is memory kept after a peak, up to 1 GiB free at the heap's top.
+    Process-wide; the first call decides, later ones return its result.
+    """
+    global _malloc_tuned
+    if _malloc_tuned is None:
+        _malloc_tuned = _tune_malloc()
+    return _malloc_tuned
+
+
+def _tune_malloc() -> bool:
+    if os.environ.get("PREEMPT_TUNE_MALLOC", "1").strip() == "0" or any(os.environ.get(v) for v in _USER_ALLOCATOR_VARIABLES):
+        return False
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # pragma: no cover - glibc always has it
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    # setting either also stops glibc's own raising of the mmap threshold (to the largest block freed)
+    tuned = mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD) == 1 and mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD) == 1
+    _logger.debug("glibc malloc %s: blocks up to %d MiB kept after free", "tuned" if tuned else "not tuned",
+                  _MMAP_THRESHOLD >> 20)  # fmt: skip
+    return tuned
 
 
 def default_io_workers() -> int:

@@ -14,7 +14,7 @@ import torch
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
-from ..device import default_cpu_threads, resolve_devices
+from ..device import configure_cpu, resolve_devices
 from ..engine import PRESETS, ForeBackConfig, parse_eps
 from ..errors import ConfigError, PreemptError, UnknownModelError
 from ..imageio import DEFAULT_MAX_PIXELS, is_fifo, read_images, read_png_text
@@ -140,7 +140,7 @@ def _setup_torch(device_spec: str) -> torch.device:
     """The one device of revert, eval, train and keygen (of a list or ``all``: the first), with CPU threads set."""
     device = c.one_device(device_spec)
     if device.type == "cpu":
-        torch.set_num_threads(default_cpu_threads())
+        configure_cpu()
     return device
 
 
@@ -388,7 +388,7 @@ def protect(
             _nothing_listed("protect", quiet)
         devices = resolve_devices(device)
         if any(d.type == "cpu" for d in devices):
-            torch.set_num_threads(default_cpu_threads())
+            configure_cpu()
         protectors = [  # one worker per device, each with its own copies of the models
             Protector(_load(backbone, d, models_dir, registry),
                       _load(classifier, d, models_dir, registry) if label_source == "classifier" else None,

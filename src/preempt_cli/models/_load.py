@@ -25,9 +25,10 @@ from ..errors import (
 from ..device import resolve_device
 from ..hub import hub_download, hub_errors, read_weights
 from ..registry import ModelConfig, get_model_config, timm_pretrained_cfg
+from ._fusion import fuse_model
 from ._registry import create_arch, is_arch
 
-__all__ = ["ImageModel", "load_model", "build_model", "fuse_conv_bn", "resize"]
+__all__ = ["ImageModel", "load_model", "build_model", "resize"]
 
 _logger = logging.getLogger(__name__)
 
@@ -260,19 +261,6 @@ def _check_input_channels(cfg: ModelConfig, net: nn.Module) -> None:
                                  "input_size (and mean/std), or the architecture's arch_args")  # fmt: skip
 
 
-def fuse_conv_bn(net: nn.Module) -> nn.Module:
-    """Fold eval-mode BatchNorm layers into the convolutions that feed them (the same function, fewer
-    passes over memory: about 1.4x faster gradients on CPU). Nets that torch.fx cannot trace are returned
-    unchanged."""
-    from torch.fx.experimental.optimization import fuse
-
-    try:
-        return fuse(net.eval())
-    except Exception as e:  # tracing is best effort; the unfused net is always correct
-        _logger.debug("not fusing %s: %s", type(net).__name__, e)
-        return net
-
-
 def build_model(cfg: ModelConfig) -> ImageModel:
     """The wrapped model of ``cfg`` with freshly initialized weights (tests, training from scratch)."""
     return ImageModel(_build_net(cfg), cfg)
@@ -340,7 +328,8 @@ def load_model(
     fuse: bool = True,
 ) -> ImageModel:
     """Load a registered model for inference: weights loaded, eval mode, parameters frozen, BatchNorm
-    folded into convolutions (``fuse``), channels-last memory layout.
+    folded into convolutions and convolutions fused with their ReLU (``fuse``: :mod:`._fusion`),
+    channels-last memory layout.
 
     Args:
         model: a registry name or a config.
@@ -389,7 +378,7 @@ def load_model(
         except RuntimeError as e:  # what the comparison above does not see (a module's own load hook)
             raise WeightsMismatchError(cfg.name, path, clip(" ".join(str(e).split()), 400)) from e
         _logger.debug("loaded %s from %s (sha256 %s)", cfg.name, path, sha)
-    net = fuse_conv_bn(net) if fuse else net.eval()
+    net = fuse_model(net) if fuse else net.eval()
     wrapped = ImageModel(net, cfg, sha, weights_path=where, pin_verified=pin_verified).eval()
     for p in wrapped.parameters():
         p.requires_grad_(False)

@@ -1,0 +1,245 @@
+"""Convolutions fused with their ReLU (``models._fusion``): the same logits and input gradients, bit for bit,
+as the net with only its BatchNorm folded; the fused path where it applies and the plain one elsewhere."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from preempt_cli import FastPreemption, ForeBackConfig, load_model
+from preempt_cli.models import create_arch
+from preempt_cli.models._fusion import ConvReLU2d, fuse_conv_bn, fuse_conv_relu, fuse_model
+
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
+
+
+def _randomized(net: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial BatchNorm statistics (folding must matter), eval mode."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.copy_(torch.rand(module.num_features, generator=gen) * 0.4 - 0.2)
+                module.running_var.copy_(torch.rand(module.num_features, generator=gen) + 0.5)
+                module.weight.copy_(torch.rand(module.num_features, generator=gen) + 0.5)
+    return net.eval()
+
+
+def _logits_and_input_grad(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    xs = x.clone().requires_grad_(True)
+    logits = net(xs)
+    (grad,) = torch.autograd.grad(F.cross_entropy(logits, y, reduction="sum"), xs)
+    return logits.detach(), grad
+
+
+def _fused_pair(net: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(BatchNorm folded only, folded and fused), both frozen and channels-last, as load_model gives them."""
+    pair = []
+    for fuse in (fuse_conv_bn, fuse_model):
+        model = fuse(copy.deepcopy(net)).to(memory_format=torch.channels_last)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        pair.append(model)
+    return pair[0], pair[1]
+
+
+@pytest.fixture(scope="module")
+def resnet20_pair() -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(0)
+    return _fused_pair(_randomized(create_arch("cifar_resnet20", num_classes=10)))
+
+
+def test_resnet20_every_relu_is_fused_and_the_state_dict_is_unchanged(resnet20_pair) -> None:
+    folded, fused = resnet20_pair
+    # 19 ReLUs: the stem's, and two per block (9 blocks), the second after the residual addition
+    kinds = [m for m in fused.modules() if isinstance(m, ConvReLU2d)]
+    assert len(kinds) == 19
+    code = fused.code
+    assert "relu" not in code and " + " not in code, code
+    assert list(fused.state_dict()) == list(folded.state_dict())
+    for key, value in folded.state_dict().items():
+        assert torch.equal(fused.state_dict()[key], value)
+
+
+@pytest.mark.parametrize("batch", [1, 2, 40])
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format])
+def test_resnet20_logits_and_input_gradients_equal_bit_for_bit(resnet20_pair, batch, memory_format) -> None:
+    folded, fused = resnet20_pair
+    gen = torch.Generator().manual_seed(batch)
+    x = torch.rand(batch, 3, 32, 32, generator=gen).contiguous(memory_format=memory_format)
+    y = torch.randint(0, 10, (batch,), generator=gen)
+    logits, grad = _logits_and_input_grad(fused, x, y)
+    want_logits, want_grad = _logits_and_input_grad(folded, x, y)
+    assert torch.equal(logits, want_logits)
+    assert torch.equal(grad, want_grad)
+    assert grad.abs().sum() > 0
+
+
+def test_fused_path_is_taken_on_cpu_and_the_plain_one_elsewhere(resnet20_pair, monkeypatch) -> None:
+    """The oneDNN kernel runs for float32 gradients on a CPU; bf16 autocast, float64 and a batch PyTorch runs
+    without oneDNN take the separate operations, with the unfused net's results."""
+    folded, fused = resnet20_pair
+    calls = []
+    real = torch.ops.mkldnn._convolution_pointwise
+
+    class Spy:
+        def __call__(self, *args):
+            calls.append("relu")
+            return real(*args)
+
+        def binary(self, *args):
+            calls.append("add+relu")
+            return real.binary(*args)
+
+    import preempt_cli.models._fusion as fusion
+
+    monkeypatch.setattr(fusion.torch.ops.mkldnn, "_convolution_pointwise", Spy())
+    x = torch.rand(8, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    y = torch.zeros(8, dtype=torch.long)
+    _logits_and_input_grad(fused, x, y)
+    assert calls.count("relu") == 10 and calls.count("add+relu") == 9
+    calls.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad():
+            assert torch.equal(fused(x), folded(x))
+    one = x[:1]  # PyTorch's own convolution takes its Slow2d kernel here; so does the fused net
+    assert torch.equal(_logits_and_input_grad(fused, one, y[:1])[1], _logits_and_input_grad(folded, one, y[:1])[1])
+    assert calls == []
+    double = copy.deepcopy(fused).double()
+    assert torch.equal(double(x.double()), copy.deepcopy(folded).double()(x.double()))
+    assert calls == []
+
+
+def test_weight_gradients_match_the_unfused_net() -> None:
+    """Not what the engine needs (its parameters are frozen), but a ConvReLU2d is a Conv2d: training it works."""
+    torch.manual_seed(1)
+    net = _randomized(create_arch("cifar_resnet20", num_classes=10))
+    folded, fused = (f(copy.deepcopy(net)) for f in (fuse_conv_bn, fuse_model))
+    x = torch.rand(6, 3, 32, 32)
+    y = torch.arange(6)
+    grads = []
+    for model in (folded, fused):
+        for p in model.parameters():  # the folded biases too, which fx's fusing creates without
+            p.requires_grad_(True)
+        loss = F.cross_entropy(model(x), y)
+        grads.append(torch.autograd.grad(loss, list(model.parameters())))
+    for got, want in zip(grads[1], grads[0]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+class _Patterns(nn.Module):
+    """What fx graphs of other nets hold: ReLU modules (in place too), the residual on either side, a method
+    call; and what must not be fused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.act = nn.ReLU(inplace=True)
+        self.b = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.c = nn.Conv2d(8, 8, 3, padding=1)
+        self.shared = nn.Conv2d(8, 8, 1)  # called twice: left alone
+        self.reflect = nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect")  # left alone
+        self.kept = nn.Conv2d(8, 8, 3, padding=1)  # its output is used twice: left alone
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.a(x))
+        h = F.relu(h + self.b(h))  # residual on the left
+        h = (self.c(h) + h).relu()  # a method call
+        h = torch.relu(self.shared(h))
+        h = F.relu(self.shared(h))
+        h = F.relu(self.reflect(h))
+        k = self.kept(h)
+        h = F.relu(k) + k
+        return self.fc(h.mean(dim=(2, 3)))
+
+
+def test_patterns_fused_and_left_alone() -> None:
+    torch.manual_seed(2)
+    net = _Patterns().eval()
+    traced = torch.fx.symbolic_trace(copy.deepcopy(net))
+    fused = fuse_conv_relu(traced)
+    assert sorted(name for name, m in fused.named_modules() if isinstance(m, ConvReLU2d)) == ["a", "b", "c"]
+    assert type(fused.shared) is nn.Conv2d and type(fused.reflect) is nn.Conv2d and type(fused.kept) is nn.Conv2d
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        x = torch.rand(4, 3, 16, 16).contiguous(memory_format=memory_format)
+        y = torch.arange(4)
+        got, want = _logits_and_input_grad(fused, x, y), _logits_and_input_grad(net, x, y)
+        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-6)
+
+
+def test_untraceable_net_is_returned_unfused() -> None:
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            return F.relu(self.conv(x)) if x.sum() > 0 else x  # data-dependent: fx cannot trace it
+
+    net = Branchy()
+    assert fuse_model(net) is net
+
+
+def test_real_backbone_engine_gives_the_unfused_engines_bits(shared_models_dir, cifar_batch) -> None:
+    """``load_model`` fuses; the engine's protected images are those of the BatchNorm-folded net (0.14.0's)."""
+    x, y = (t.cpu() for t in cifar_batch)
+    fused = load_model("cifar10-resnet20-pgdat-a", models_dir=shared_models_dir)
+    folded = load_model("cifar10-resnet20-pgdat-a", models_dir=shared_models_dir, fuse=False)
+    folded.net = fuse_conv_bn(folded.net)
+    folded = folded.to(memory_format=torch.channels_last)
+    assert sum(isinstance(m, ConvReLU2d) for m in fused.modules()) == 19
+    assert not any(isinstance(m, ConvReLU2d) for m in folded.modules())
+    config = ForeBackConfig.from_preset("paper", dataset="cifar10")
+    out = FastPreemption(fused, config=config, seed=3).perturb(x, y)
+    want = FastPreemption(folded, config=config, seed=3).perturb(x, y)
+    assert torch.equal(out, want)
+    assert not torch.equal(out, x)
+
+
+# -- the allocator ---------------------------------------------------------------------------------------------
+
+_FAULTS_SCRIPT = textwrap.dedent(
+    """
+    import resource, sys, torch
+    from preempt_cli.device import tune_malloc
+    tuned = tune_malloc()
+    assert tune_malloc() is tuned  # the first call decides
+    def churn():  # a pass's activations: held together, then freed together
+        for _ in range(3):
+            held = [torch.empty(16 << 20 >> 2).fill_(1.0) for _ in range(8)]  # 8 x 16 MiB
+            del held
+    churn()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    churn()
+    print(tuned, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    """
+)
+
+
+def _faults(**env: str) -> tuple[bool, int]:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "PREEMPT_TUNE_MALLOC"}
+    environ.pop("LD_PRELOAD", None)
+    out = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT], env={**environ, **env}, capture_output=True,
+                         text=True, timeout=120, check=True).stdout.split()  # fmt: skip
+    return out[0] == "True", int(out[1])
+
+
+@pytest.mark.skipif(sys.platform != "linux" or os.confstr("CS_GNU_LIBC_VERSION") is None, reason="glibc only")
+def test_tune_malloc_keeps_freed_blocks_and_respects_the_users_choice() -> None:
+    # 3 x 8 blocks of 16 MiB = 4096 pages each: kept, no page is touched for the first time again
+    tuned, faults = _faults()
+    assert tuned and faults < 500, faults
+    # a user's own setting (here: give back all but 128 KiB) is left alone, and with it every page faults again
+    tuned, faults = _faults(MALLOC_TRIM_THRESHOLD_="131072")
+    assert not tuned and faults > 2 * 8 * 4096, faults
+    assert _faults(PREEMPT_TUNE_MALLOC="0")[0] is False
