@@ -96,6 +96,25 @@ def test_pad_shortcut_puts_zero_channels_where_asked() -> None:
     assert end.sum(dim=(0, 2, 3)).tolist() == [4, 4, 4, 4, 0, 0, 0, 0]
 
 
+@pytest.mark.parametrize("mode", ["pad_both", "pad_end"])
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format])
+def test_pad_shortcut_gradient_is_autograds_in_the_inputs_layout(mode, memory_format) -> None:
+    """The shortcut's own backward gives the gradient autograd gives through slice and pad, bit for bit, but in
+    the input's layout (autograd's is NCHW), and a traced net holds the shortcut as one node."""
+    shortcut = PadShortcut(16, 32, stride=2, mode=mode)
+    x = torch.rand(3, 16, 8, 8).contiguous(memory_format=memory_format).requires_grad_(True)
+    upstream = torch.randn(3, 32, 4, 4)
+    (grad,) = torch.autograd.grad(shortcut(x), x, upstream)
+    plain = F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, *shortcut.pad))
+    (want,) = torch.autograd.grad(plain, x, upstream)
+    assert torch.equal(grad, want)
+    assert grad.is_contiguous(memory_format=memory_format)
+    assert torch.equal(shortcut(x), plain)
+    traced = torch.fx.symbolic_trace(create_arch("cifar_resnet20").eval())
+    assert [n.target.__name__ for n in traced.graph.nodes if n.op == "call_function" and "pad" in str(n.target)] \
+        == ["pad_shortcut", "pad_shortcut"]  # fmt: skip
+
+
 def test_shortcut_variants_differ_with_the_same_weights() -> None:
     torch.manual_seed(0)
     both = create_arch("cifar_resnet20", shortcut="pad_both").eval()

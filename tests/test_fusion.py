@@ -218,10 +218,17 @@ _FAULTS_SCRIPT = textwrap.dedent(
         for _ in range(3):
             held = [torch.empty(16 << 20 >> 2).fill_(1.0) for _ in range(8)]  # 8 x 16 MiB
             del held
-    churn()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    churn()
-    print(tuned, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    def work():  # in a thread of its own, as Protector.run computes: warm up, then count
+        churn()
+        before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+        churn()
+        counted.append(resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before)
+    import threading
+    counted = []
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+    print(tuned, counted[0])
     """
 )
 
@@ -241,5 +248,5 @@ def test_tune_malloc_keeps_freed_blocks_and_respects_the_users_choice() -> None:
     assert tuned and faults < 500, faults
     # a user's own setting (here: give back all but 128 KiB) is left alone, and with it every page faults again
     tuned, faults = _faults(MALLOC_TRIM_THRESHOLD_="131072")
-    assert not tuned and faults > 2 * 8 * 4096, faults
+    assert not tuned and faults > 8 * 4096, faults
     assert _faults(PREEMPT_TUNE_MALLOC="0")[0] is False

@@ -84,11 +84,12 @@ def configure_cpu() -> None:
 
 
 #: glibc's ``mallopt`` parameters (malloc.h) and the values :func:`tune_malloc` sets
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
 _MMAP_THRESHOLD = 32 << 20  # glibc's largest (64-bit): blocks above it are still mapped and unmapped
 _TRIM_THRESHOLD = 1 << 30
 #: variables with which a user chooses the allocator's behaviour (or another allocator) for themselves
-_USER_ALLOCATOR_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "LD_PRELOAD")
+_USER_ALLOCATOR_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_ARENA_MAX",
+                             "LD_PRELOAD")  # fmt: skip
 _malloc_tuned: bool | None = None
 
 
@@ -97,14 +98,20 @@ def tune_malloc() -> bool:
 
     The engine allocates tensors of a few to 32 MiB (activations and their gradients) hundreds of times per
     batch. glibc maps such blocks freshly and unmaps them when freed, or trims them off its heap, so every
-    use touches new pages: the kernel zeroes each one at its first write. Keeping them saves that: about
-    12% of the engine's time on a CPU (ResNet-20 pgdat-a, 2-core Xeon: 38.5 against 44.1 ms per image).
-    PyTorch's CPU tuning guide gives the same advice as jemalloc or tcmalloc, preloaded.
+    use touches new pages, which the kernel zeroes at their first write: 130,000 page faults per batch of
+    16 CIFAR-10 images, about a fifth of the fp32 engine's time on 2 CPU cores. Three settings keep them:
+    blocks up to 32 MiB come from the heap, the heap keeps up to 1 GiB free at its top, and every thread
+    allocates from the one main heap. The last is for the compute thread of :meth:`Protector.run
+    <preempt_cli.protect.Protector.run>`: a thread's own arena unmaps each of its heaps once empty, whatever
+    the trim threshold (``preempt protect`` of 512 CIFAR-10 PNGs on 2 cores: 2.1-3.0 million page faults
+    without it, 0.2 million with it). PyTorch's CPU tuning guide gives the same advice as jemalloc or
+    tcmalloc, preloaded.
 
     Changes nothing, and returns False, off glibc, or where the user chose for themselves: one of
-    ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_TOP_PAD_``, ``LD_PRELOAD`` is set, or
-    ``PREEMPT_TUNE_MALLOC=0``. The cost is memory kept after a peak, up to 1 GiB free at the heap's top.
-    Process-wide; the first call decides, later ones return its result.
+    ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_TOP_PAD_``, ``MALLOC_ARENA_MAX``,
+    ``LD_PRELOAD`` is set, or ``PREEMPT_TUNE_MALLOC=0``. The cost is memory kept after a peak (up to 1 GiB
+    free), and threads that wait for one another's allocations (few and large here). Process-wide; threads
+    that already allocated keep their arena; the first call decides, later ones return its result.
     """
     global _malloc_tuned
     if _malloc_tuned is None:
@@ -122,8 +129,9 @@ def _tune_malloc() -> bool:
     except (OSError, AttributeError):  # pragma: no cover - glibc always has it
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    # setting either also stops glibc's own raising of the mmap threshold (to the largest block freed)
-    tuned = mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD) == 1 and mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD) == 1
+    # setting either threshold also stops glibc's own raising of the mmap threshold (to the largest block freed)
+    settings = ((_M_TRIM_THRESHOLD, _TRIM_THRESHOLD), (_M_MMAP_THRESHOLD, _MMAP_THRESHOLD), (_M_ARENA_MAX, 1))
+    tuned = all(mallopt(param, value) == 1 for param, value in settings)
     _logger.debug("glibc malloc %s: blocks up to %d MiB kept after free", "tuned" if tuned else "not tuned",
                   _MMAP_THRESHOLD >> 20)  # fmt: skip
     return tuned

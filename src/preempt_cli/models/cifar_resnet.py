@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._layout import memory_layout
 from ._registry import register_arch
 
 __all__ = ["CifarResNet", "BasicBlock", "PadShortcut", "ShortcutType"]
@@ -50,11 +51,34 @@ class PadShortcut(nn.Module):
             self.pad = (0, extra)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x[:, :, :: self.stride, :: self.stride]
-        return F.pad(x, (0, 0, 0, 0, *self.pad))
+        return pad_shortcut(x, self.stride, self.pad)
 
     def extra_repr(self) -> str:
         return f"stride={self.stride}, pad={self.pad}"
+
+
+@torch.fx.wrap  # one node in a traced graph: fx would otherwise record the slice and pad, and lose the backward
+def pad_shortcut(x: torch.Tensor, stride: int, pad: tuple[int, int]) -> torch.Tensor:
+    """``x[:, :, ::stride, ::stride]`` with ``pad`` zero channels before and after."""
+    return _PadShortcutFunction.apply(x, stride, pad)
+
+
+class _PadShortcutFunction(torch.autograd.Function):
+    """The shortcut, whose gradient keeps the input's memory layout. Autograd's own (through the slice's
+    backward) comes back in NCHW for a channels-last input, and every pass over it and a channels-last
+    tensor after it is slower: about 3% of the engine's time on 2 CPU cores (ResNet-20, 0.15.0)."""
+
+    @staticmethod
+    def forward(ctx, x, stride, pad):  # type: ignore[override]
+        ctx.meta = (x.shape, stride, pad, memory_layout(x))
+        return F.pad(x[:, :, ::stride, ::stride], (0, 0, 0, 0, *pad))
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        shape, stride, pad, layout = ctx.meta
+        grad_x = torch.empty(shape, dtype=grad.dtype, device=grad.device, memory_format=layout).zero_()
+        grad_x[:, :, ::stride, ::stride] = grad[:, pad[0] : grad.shape[1] - pad[1]]
+        return grad_x, None, None
 
 
 class BasicBlock(nn.Module):
