@@ -4,7 +4,8 @@
 What it measures (medians over ``--repeats`` timed runs, each after a warm-up):
 
 1. **engine vs reference**: our engine (``Protector.transform``: batched images x N samples, gradients
-   with respect to the input only, BatchNorm folded, channels-last) against a *reference* written below
+   with respect to the input only, BatchNorm folded, convolutions fused with their ReLU, channels-last)
+   against a *reference* written below
    that follows the authors' public code literally: one image at a time, its N noisy copies as one batch,
    full autograd including weight gradients (``requires_grad=True`` parameters, ``loss.backward()``,
    then ``x.grad``), fp32, NCHW, BatchNorm not folded. Both run Algorithm 1 with the paper's settings
@@ -34,6 +35,11 @@ What it measures (medians over ``--repeats`` timed runs, each after a warm-up):
    bf16 with its peak GPU memory; at the fastest bf16 batch, cuDNN autotuning; at the fastest batch of each
    of ``--compile-precisions`` (bf16 and fp32), each ``torch.compile`` mode of ``--compile-modes`` (warm-up,
    i.e. compile, time apart; the share of pixels equal to eager's at that precision).
+9. **fusion** (``--unfused``): the engine against the same net with only its BatchNorm folded (as before
+   0.15.0), timed in turns, and whether their protected images are equal.
+10. **allocator** (CPU): glibc malloc as ``preempt`` tunes it (``device.tune_malloc``) unless ``--malloc
+   default``; it holds for the whole process, reference included, so compare the two in separate runs.
+
 Output: a table on stdout, then ONE final line of JSON with every number and the machine (CPU model,
 cores, torch version, threads, GPU name). Progress goes to stderr.
 
@@ -75,7 +81,7 @@ from preempt_cli import ForeBackConfig, Protector, RunOptions, collect_inputs, l
 from preempt_cli.device import default_cpu_threads, resolve_device, tune_malloc
 from preempt_cli.engine import native_bf16
 from preempt_cli.models import ImageModel, build_model
-from preempt_cli.models._fusion import fuse_model
+from preempt_cli.models._fusion import ConvReLU2d, fuse_conv_bn, fuse_model
 from preempt_cli.models.dm_resnet import CIFAR10_MEAN, CIFAR10_STD
 from preempt_cli.protect import content_seed
 from preempt_cli.registry import get_model_config
@@ -184,10 +190,11 @@ def as_reference_model(model: ImageModel) -> ImageModel:
     return model.to(memory_format=torch.contiguous_format)
 
 
-def as_engine_model(model: ImageModel, device: torch.device) -> ImageModel:
-    """What ``load_model`` gives the engine: BN folded, convolutions fused with their ReLU, frozen,
+def as_engine_model(model: ImageModel, device: torch.device, fuse: Callable[[nn.Module], nn.Module] = fuse_model
+                    ) -> ImageModel:  # fmt: skip
+    """What ``load_model`` gives the engine: BN folded, convolutions fused with their ReLU (``fuse``), frozen,
     channels-last."""
-    model.net = fuse_model(model.net.eval())
+    model.net = fuse(model.net.eval())
     model = model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -303,6 +310,9 @@ def bench_engine_vs_reference(
         r16["speedup_vs_fp32"] = round(result["engine"]["median_s"] / r16["median_s"], 3)
         result["engine_bf16"] = r16
 
+    if args.unfused:
+        result["fusion"] = bench_fusion(key, protector, ref, x, y, seeds, args, cfg, device)
+
     if not args.skip_reference:
         k = min(args.ref_images, x.shape[0])
         imgs = [x[i : i + 1] for i in range(k)]
@@ -324,6 +334,26 @@ def bench_engine_vs_reference(
         result["speedup"] = round(result["reference"]["ms_per_image"] / result["engine"]["ms_per_image"], 2)
         if "engine_bf16" in result:
             result["speedup_bf16"] = round(result["reference"]["ms_per_image"] / result["engine_bf16"]["ms_per_image"], 2)
+    return result
+
+
+def bench_fusion(key: str, fused: Protector, ref: ImageModel, x: torch.Tensor, y: torch.Tensor, seeds: list[int],
+                 args: argparse.Namespace, cfg: ForeBackConfig, device: torch.device) -> dict[str, Any]:  # fmt: skip
+    """The engine with convolutions fused with their ReLU (0.15.0) against the net with only its BatchNorm
+    folded (before): timed in turns, ``--repeats`` runs each, in this process; and whether their protected
+    images are equal (they should be, bit for bit)."""
+    unfused = make_protector(as_engine_model(copy.deepcopy(ref), device, fuse=fuse_conv_bn), cfg)
+    runs = {"fused": fused, "unfused": unfused}
+    log(f"{key}: engine fused and BatchNorm-folded only, in turns")
+    outs = {name: engine_run(p, x, y, seeds, args.batch_size) for name, p in runs.items()}  # also the warm-up
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(args.repeats):
+        for name, p in runs.items():
+            times[name] += timed(partial(engine_run, p, x, y, seeds, args.batch_size), device, 1, warmup=lambda: None)
+    result = {name: rate(t, x.shape[0]) for name, t in times.items()}
+    result["fused_convolutions"] = sum(isinstance(m, ConvReLU2d) for m in fused.engine.backbone.modules())
+    result["speedup"] = round(result["unfused"]["median_s"] / result["fused"]["median_s"], 3)
+    result["outputs_equal"] = bool(torch.equal(outs["fused"], outs["unfused"]))
     return result
 
 
@@ -806,6 +836,11 @@ def table_rows(results: dict[str, Any]) -> list[list[str]]:
             vs_ref = f"; {r['speedup_bf16']}x the reference" if "speedup_bf16" in r else ""
             row("engine --precision bf16", key, r["engine_bf16"],
                 check(r["engine_bf16"]) + f"; {r['engine_bf16']['speedup_vs_fp32']}x vs fp32" + vs_ref)  # fmt: skip
+        if "fusion" in r:
+            f = r["fusion"]
+            row("engine, fused (in turns)", key, f["fused"], f"{f['fused_convolutions']} convolutions fused with their ReLU")
+            row("engine, BN folded only (in turns)", key, f["unfused"],
+                f"fused {f['speedup']}x faster; outputs {'equal' if f['outputs_equal'] else 'DIFFER'}")  # fmt: skip
         if "reference" in r:
             note = check(r["reference"]) + f"; engine {r['speedup']}x faster"
             row("reference (authors' style)", key, r["reference"], note)
@@ -970,6 +1005,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="run the batch/precision/compile part on the CPU too (it runs on CUDA anyway)")
     p.add_argument("--json-out", type=Path, default=None,
                    help="also write the results here, rewritten after each part (kept if a later part fails)")  # fmt: skip
+    p.add_argument("--unfused", action="store_true",
+                   help="also time the engine with the net only BatchNorm-folded (before 0.15.0), in turns with the "
+                        "fused one, and compare their outputs")  # fmt: skip
     p.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
                    help="CPU: glibc malloc as `preempt` sets it (tuned: freed blocks kept; device.tune_malloc) or "
                         "left as the system's (default); engine and reference run under the same one")  # fmt: skip

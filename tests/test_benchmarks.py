@@ -84,7 +84,7 @@ def test_bench_protect_runs_every_part_on_a_few_images(tmp_path: Path) -> None:
         [sys.executable, str(BENCHMARKS / "bench_protect.py"), "--backbones", "resnet20", "--images", "4",
          "--ref-images", "1", "--bilevel-images", "1", "--bilevel-steps", "1", "--bilevel-inner", "1",
          "--repeats", "1", "--accuracy-images", "0", "--e2e-images", "8", "--matmul-size", "256",
-         "--batch-size", "4", "--skip-photos", "--device", "cpu", "--json-out", str(out)],
+         "--batch-size", "4", "--skip-photos", "--device", "cpu", "--unfused", "--json-out", str(out)],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
@@ -92,6 +92,9 @@ def test_bench_protect_runs_every_part_on_a_few_images(tmp_path: Path) -> None:
     assert json.loads(done.stdout.strip().splitlines()[-1]) == report  # the JSON line is the file's content
     engine = report["engine_vs_reference"]["resnet20"]
     assert engine["engine"]["check"]["within_budget"] and engine["speedup"] > 0
+    fusion = engine["fusion"]  # the fused net protects as the BatchNorm-folded one did, bit for bit
+    assert fusion["outputs_equal"] and fusion["fused_convolutions"] == 19 and fusion["speedup"] > 0
+    assert isinstance(report["machine"]["malloc_tuned"], bool)  # what it does: tests/test_fusion.py
     assert engine["reference"]["check"]["within_budget"]
     e2e = report["end_to_end"]
     assert e2e["pipeline_done"] == 8 and e2e["pngs_written"] == 8

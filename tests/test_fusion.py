@@ -84,8 +84,8 @@ def test_resnet20_logits_and_input_gradients_equal_bit_for_bit(resnet20_pair, ba
 
 
 def test_fused_path_is_taken_on_cpu_and_the_plain_one_elsewhere(resnet20_pair, monkeypatch) -> None:
-    """The oneDNN kernel runs for float32 gradients on a CPU; bf16 autocast, float64 and a batch PyTorch runs
-    without oneDNN take the separate operations, with the unfused net's results."""
+    """The oneDNN kernel runs for float32 gradients on a CPU; bf16 autocast, float64, a strided view and a
+    batch PyTorch runs without oneDNN take the separate operations, with the unfused net's results."""
     folded, fused = resnet20_pair
     calls = []
     real = torch.ops.mkldnn._convolution_pointwise
@@ -116,6 +116,9 @@ def test_fused_path_is_taken_on_cpu_and_the_plain_one_elsewhere(resnet20_pair, m
     double = copy.deepcopy(fused).double()
     assert torch.equal(double(x.double()), copy.deepcopy(folded).double()(x.double()))
     assert calls == []
+    strided = x.transpose(2, 3)  # dense in neither layout: the stem's convolution goes the plain way, the rest fuse
+    assert torch.equal(_logits_and_input_grad(fused, strided, y)[1], _logits_and_input_grad(folded, strided, y)[1])
+    assert calls.count("relu") == 9 and calls.count("add+relu") == 9
 
 
 def test_weight_gradients_match_the_unfused_net() -> None:

@@ -98,14 +98,14 @@ def tune_malloc() -> bool:
 
     The engine allocates tensors of a few to 32 MiB (activations and their gradients) hundreds of times per
     batch. glibc maps such blocks freshly and unmaps them when freed, or trims them off its heap, so every
-    use touches new pages, which the kernel zeroes at their first write: 130,000 page faults per batch of
-    16 CIFAR-10 images, about a fifth of the fp32 engine's time on 2 CPU cores. Three settings keep them:
-    blocks up to 32 MiB come from the heap, the heap keeps up to 1 GiB free at its top, and every thread
-    allocates from the one main heap. The last is for the compute thread of :meth:`Protector.run
+    use touches new pages, which the kernel zeroes at their first write. Three settings keep them: blocks up
+    to 32 MiB come from the heap, the heap keeps up to 1 GiB free at its top, and every thread allocates
+    from the one main heap. The last is for the compute thread of :meth:`Protector.run
     <preempt_cli.protect.Protector.run>`: a thread's own arena unmaps each of its heaps once empty, whatever
-    the trim threshold (``preempt protect`` of 512 CIFAR-10 PNGs on 2 cores: 2.1-3.0 million page faults
-    without it, 0.2 million with it). PyTorch's CPU tuning guide gives the same advice as jemalloc or
-    tcmalloc, preloaded.
+    the trim threshold. ``preempt protect`` of 512 CIFAR-10 PNGs on 2 Xeon cores (0.15.0): 2.9-3.0 million
+    page faults and 23.4 s untuned, 0.2 million and 20.8-21.0 s tuned; the fp32 engine alone 43.3 against
+    34.8-35.7 ms per image (``benchmarks/RESULTS.md``). PyTorch's CPU tuning guide gives the same advice as
+    jemalloc or tcmalloc, preloaded.
 
     Changes nothing, and returns False, off glibc, or where the user chose for themselves: one of
     ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_TOP_PAD_``, ``MALLOC_ARENA_MAX``,

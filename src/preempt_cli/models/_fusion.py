@@ -80,8 +80,9 @@ class ConvReLU2d(nn.Conv2d):
                 and x.dim() == 4 and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
                 and not torch.is_autocast_enabled("cpu")
                 and not torch.compiler.is_compiling()  # Inductor fuses by itself, from the plain operations
-                and (residual is None or (residual.dtype == torch.float32 and residual.device == x.device
-                                          and residual.shape == _conv_shape(x, weight, self)))
+                and _dense(x) and (residual is None or (residual.dtype == torch.float32 and residual.device == x.device
+                                                        and residual.shape == _conv_shape(x, weight, self)
+                                                        and _dense(residual)))
                 and _aten_uses_onednn(x, self))  # fmt: skip
 
     def extra_repr(self) -> str:
@@ -131,6 +132,11 @@ def _conv_shape(x: torch.Tensor, weight: torch.Tensor, conv: nn.Conv2d) -> torch
     spatial = [(size + 2 * p - d * (k - 1) - 1) // s + 1
                for size, k, s, p, d in zip(x.shape[2:], weight.shape[2:], conv.stride, conv.padding, conv.dilation)]
     return torch.Size([x.shape[0], weight.shape[0], *spatial])
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Contiguous in either layout: what oneDNN's kernels take as they are (a strided view goes the plain way)."""
+    return t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)
 
 
 def _aten_uses_onednn(x: torch.Tensor, conv: nn.Conv2d) -> bool:
