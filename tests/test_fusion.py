@@ -253,3 +253,16 @@ def test_tune_malloc_keeps_freed_blocks_and_respects_the_users_choice() -> None:
     tuned, faults = _faults(MALLOC_TRIM_THRESHOLD_="131072")
     assert not tuned and faults > 8 * 4096, faults
     assert _faults(PREEMPT_TUNE_MALLOC="0")[0] is False
+
+
+def test_compiling_a_fused_net_traces_it_whole(resnet20_pair) -> None:
+    """Under torch.compile a ConvReLU2d is the plain convolution, addition and ReLU, decided before anything
+    that would break the graph; the CIFAR ResNet's shortcut with its own backward traces too."""
+    _, fused = resnet20_pair
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    x = torch.rand(4, 3, 32, 32).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    explanation = torch._dynamo.explain(fused)(x)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
+    torch._dynamo.reset()

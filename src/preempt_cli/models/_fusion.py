@@ -75,11 +75,12 @@ class ConvReLU2d(nn.Conv2d):
 
     def _fusable(self, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
         """Whether oneDNN's fused convolution computes what the separate operations would."""
+        if torch.compiler.is_compiling():  # first: Inductor fuses by itself, and the rest would break its graph
+            return False
         weight = self.weight
         return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
                 and x.dim() == 4 and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
                 and not torch.is_autocast_enabled("cpu")
-                and not torch.compiler.is_compiling()  # Inductor fuses by itself, from the plain operations
                 and _dense(x) and (residual is None or (residual.dtype == torch.float32 and residual.device == x.device
                                                         and residual.shape == _conv_shape(x, weight, self)
                                                         and _dense(residual)))
