@@ -180,6 +180,40 @@ def test_patterns_fused_and_left_alone() -> None:
         torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-6)
 
 
+class _SelfAdd(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        return F.relu(h + h)  # the convolution would be its own residual
+
+
+class _InPlaceBetween(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x * 1.0
+        h = self.conv(x)
+        t = self.act(x)  # changes the convolution's input before the addition: the convolution cannot move down
+        return F.relu(h + t)
+
+
+@pytest.mark.parametrize("net_class", [_SelfAdd, _InPlaceBetween])
+def test_patterns_whose_fusing_would_change_the_result_are_left_alone(net_class) -> None:
+    torch.manual_seed(3)
+    net = net_class().eval()
+    fused = fuse_conv_relu(torch.fx.symbolic_trace(copy.deepcopy(net)))
+    assert not any(isinstance(m, ConvReLU2d) for m in fused.modules())
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(fused(x), net(x))
+
+
 def test_untraceable_net_is_returned_unfused() -> None:
     class Branchy(nn.Module):
         def __init__(self) -> None:
@@ -221,17 +255,19 @@ _FAULTS_SCRIPT = textwrap.dedent(
         for _ in range(3):
             held = [torch.empty(16 << 20 >> 2).fill_(1.0) for _ in range(8)]  # 8 x 16 MiB
             del held
-    def work():  # in a thread of its own, as Protector.run computes: warm up, then count
-        churn()
-        before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
-        churn()
-        counted.append(resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before)
+    def work():  # in a thread of its own, as Protector.run computes: warm up, then count each of 3 churns
+        for _ in range(3):
+            churn()
+        for _ in range(3):
+            before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+            churn()
+            counted.append(resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before)
     import threading
     counted = []
     thread = threading.Thread(target=work)
     thread.start()
     thread.join()
-    print(tuned, counted[0])
+    print(tuned, min(counted))  # the heap settles; a block may first land beyond its end
     """
 )
 
@@ -253,6 +289,8 @@ def test_tune_malloc_keeps_freed_blocks_and_respects_the_users_choice() -> None:
     tuned, faults = _faults(MALLOC_TRIM_THRESHOLD_="131072")
     assert not tuned and faults > 8 * 4096, faults
     assert _faults(PREEMPT_TUNE_MALLOC="0")[0] is False
+    assert _faults(MALLOC_MMAP_MAX_="0")[0] is False  # any MALLOC_* variable
+    assert _faults(GLIBC_TUNABLES="glibc.malloc.arena_max=4")[0] is False
 
 
 def test_compiling_a_fused_net_traces_it_whole(resnet20_pair) -> None:

@@ -87,9 +87,6 @@ def configure_cpu() -> None:
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
 _MMAP_THRESHOLD = 32 << 20  # glibc's largest (64-bit): blocks above it are still mapped and unmapped
 _TRIM_THRESHOLD = 1 << 30
-#: variables with which a user chooses the allocator's behaviour (or another allocator) for themselves
-_USER_ALLOCATOR_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_ARENA_MAX",
-                             "LD_PRELOAD")  # fmt: skip
 _malloc_tuned: bool | None = None
 
 
@@ -99,19 +96,21 @@ def tune_malloc() -> bool:
     The engine allocates tensors of a few to 32 MiB (activations and their gradients) hundreds of times per
     batch. glibc maps such blocks freshly and unmaps them when freed, or trims them off its heap, so every
     use touches new pages, which the kernel zeroes at their first write. Three settings keep them: blocks up
-    to 32 MiB come from the heap, the heap keeps up to 1 GiB free at its top, and every thread allocates
-    from the one main heap. The last is for the compute thread of :meth:`Protector.run
-    <preempt_cli.protect.Protector.run>`: a thread's own arena unmaps each of its heaps once empty, whatever
-    the trim threshold. ``preempt protect`` of 512 CIFAR-10 PNGs on 2 Xeon cores (0.15.0): 2.9-3.0 million
-    page faults and 23.4 s untuned, 0.2 million and 20.8-21.0 s tuned; the fp32 engine alone 43.3 against
-    34.8-35.7 ms per image (``benchmarks/RESULTS.md``). PyTorch's CPU tuning guide gives the same advice as
-    jemalloc or tcmalloc, preloaded.
+    to 32 MiB come from the heap, the heap keeps up to 1 GiB free at its top, and threads created from now on
+    allocate from the main heap. The last is for the compute thread of :meth:`Protector.run
+    <preempt_cli.protect.Protector.run>`: a thread's own arena is made of heaps of at most 64 MiB, and glibc
+    unmaps such a heap once it is empty, whatever the trim threshold. ``preempt protect`` of 512 CIFAR-10
+    PNGs on 2 Xeon cores (0.15.0): 2.9-3.0 million page faults and 23.4 s untuned, 1.5-3.7 million with
+    only the two thresholds set, 0.2 million and 20.8-21.0 s with all three; the fp32 engine alone 43.3
+    against 34.8-35.7 ms per image (``benchmarks/RESULTS.md``). PyTorch's CPU tuning guide gives the same
+    advice as jemalloc or tcmalloc, preloaded.
 
-    Changes nothing, and returns False, off glibc, or where the user chose for themselves: one of
-    ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_TOP_PAD_``, ``MALLOC_ARENA_MAX``,
-    ``LD_PRELOAD`` is set, or ``PREEMPT_TUNE_MALLOC=0``. The cost is memory kept after a peak (up to 1 GiB
-    free), and threads that wait for one another's allocations (few and large here). Process-wide; threads
-    that already allocated keep their arena; the first call decides, later ones return its result.
+    Call it before starting threads: glibc gives a new thread the arena of one that has ended, whatever the
+    limit. Changes nothing, and returns False, off glibc, or where the user chose for themselves: a
+    ``MALLOC_*`` variable, ``glibc.malloc`` tunables in ``GLIBC_TUNABLES``, ``LD_PRELOAD`` (another
+    allocator), or ``PREEMPT_TUNE_MALLOC=0``. The cost is memory kept after a peak (up to 1 GiB free; 145-210
+    MB more at the peak of the run above), and threads that wait for one another's allocations (few and
+    large here). Process-wide; the first call decides, later ones return its result.
     """
     global _malloc_tuned
     if _malloc_tuned is None:
@@ -119,10 +118,14 @@ def tune_malloc() -> bool:
     return _malloc_tuned
 
 
+def _users_allocator_choice() -> bool:
+    env = os.environ
+    return (env.get("PREEMPT_TUNE_MALLOC", "1").strip() == "0" or bool(env.get("LD_PRELOAD"))
+            or any(name.startswith("MALLOC_") for name in env) or "glibc.malloc." in env.get("GLIBC_TUNABLES", ""))  # fmt: skip
+
+
 def _tune_malloc() -> bool:
-    if os.environ.get("PREEMPT_TUNE_MALLOC", "1").strip() == "0" or any(os.environ.get(v) for v in _USER_ALLOCATOR_VARIABLES):
-        return False
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if _users_allocator_choice() or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt
@@ -130,11 +133,13 @@ def _tune_malloc() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     # setting either threshold also stops glibc's own raising of the mmap threshold (to the largest block freed)
-    settings = ((_M_TRIM_THRESHOLD, _TRIM_THRESHOLD), (_M_MMAP_THRESHOLD, _MMAP_THRESHOLD), (_M_ARENA_MAX, 1))
-    tuned = all(mallopt(param, value) == 1 for param, value in settings)
-    _logger.debug("glibc malloc %s: blocks up to %d MiB kept after free", "tuned" if tuned else "not tuned",
-                  _MMAP_THRESHOLD >> 20)  # fmt: skip
-    return tuned
+    settings = {"M_TRIM_THRESHOLD": (_M_TRIM_THRESHOLD, _TRIM_THRESHOLD), "M_MMAP_THRESHOLD": (_M_MMAP_THRESHOLD, _MMAP_THRESHOLD),
+                "M_ARENA_MAX": (_M_ARENA_MAX, 1)}  # fmt: skip
+    refused = [name for name, (param, value) in settings.items() if mallopt(param, value) != 1]
+    if refused:  # never seen: the values are within glibc's limits
+        _logger.warning("glibc refused mallopt %s; the allocator is tuned in part", ", ".join(refused))
+    _logger.debug("glibc malloc tuned: blocks up to %d MiB kept after free", _MMAP_THRESHOLD >> 20)
+    return not refused
 
 
 def default_io_workers() -> int:

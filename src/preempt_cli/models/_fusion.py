@@ -183,11 +183,15 @@ def fuse_conv_relu(gm: fx.GraphModule) -> fx.GraphModule:
         elif (isinstance(source, fx.Node) and source.op == "call_function" and source.target in _ADD_FUNCTIONS
               and len(source.args) == 2 and not source.kwargs and len(source.users) == 1):  # fmt: skip
             left, right = source.args
-            if plain_conv(left) and isinstance(right, fx.Node):
+            if plain_conv(left) and isinstance(right, fx.Node) and right is not left:
                 conv_node, residual = left, right
-            elif plain_conv(right) and isinstance(left, fx.Node):
+            elif plain_conv(right) and isinstance(left, fx.Node) and left is not right:
                 conv_node, residual = right, left
             else:
+                continue
+            # the convolution moves down to the addition (after the residual is computed): nothing between
+            # may change its input in place
+            if not _mutation_free(conv_node.next, source, modules):
                 continue
         else:
             continue
@@ -206,6 +210,34 @@ def fuse_conv_relu(gm: fx.GraphModule) -> fx.GraphModule:
         gm.recompile()
     _logger.debug("fused %d convolutions with their ReLU in %s", fused, type(gm).__name__)
     return gm
+
+
+#: functions that change their first argument in place (besides the ``*_`` and ``inplace=True`` ones)
+_IN_PLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+                       operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift,
+                       operator.irshift, operator.imatmul, operator.setitem}  # fmt: skip
+
+
+def _mutation_free(first: fx.Node, end: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether the nodes from ``first`` up to (not including) ``end`` change no tensor in place, as far as
+    the graph shows: no ``*_`` method or function, no ``inplace=True``, no in-place operator, and no call of
+    a module other than a :mod:`torch.nn` one without an ``inplace`` flag set. Anything else might."""
+    node = first
+    while node is not end:
+        if node.op == "call_method" and node.target.endswith("_"):
+            return False
+        if node.op == "call_function":
+            name = getattr(node.target, "__name__", "")
+            if (node.target in _IN_PLACE_FUNCTIONS or (name.endswith("_") and not name.startswith("_"))
+                    or node.kwargs.get("inplace") or (node.target in _RELU_FUNCTIONS and any(a is True for a in node.args[1:]))):  # fmt: skip
+                return False
+        if node.op == "call_module":
+            module = modules.get(node.target)
+            if not (type(module).__module__.startswith("torch.nn.") or isinstance(module, ConvReLU2d)) \
+                    or getattr(module, "inplace", False):  # fmt: skip
+                return False
+        node = node.next
+    return True
 
 
 def _is_relu(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
