@@ -436,3 +436,15 @@ def test_folder_walks_take_jfif_avif_and_jpeg_2000(tmp_path: Path) -> None:
         (tmp_path / name).write_bytes(b"x")
     assert sorted(i.path.name for i in collect_inputs([tmp_path])) == ["photo.jfif", "scan.jp2", "scan2.j2k",
                                                                          "x.avif"]  # fmt: skip
+
+
+def test_folder_walk_leaves_out_hidden_entries_and_macos_resource_forks(tmp_path: Path) -> None:
+    """Protect walks a folder as train reads a set: hidden entries and macOS's __MACOSX folder (an unzipped
+    archive's resource forks) are left out, by one rule (inputs.is_hidden_name)."""
+    from preempt_cli.inputs import collect_inputs
+
+    for rel in ["cat/a.png", "cat/.b.png", ".cache/c.png", "__MACOSX/cat/._a.png", "__MACOSX/cat/a.png", "x__MACOSX/d.png"]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    found = collect_inputs([tmp_path])
+    assert sorted(i.path.relative_to(tmp_path).as_posix() for i in found) == ["cat/a.png", "x__MACOSX/d.png"]

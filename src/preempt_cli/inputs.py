@@ -16,7 +16,7 @@ from typing import Iterable, TextIO
 from .errors import ConfigError
 from .imageio import IMAGE_SUFFIXES
 
-__all__ = ["InputFile", "collect_inputs", "as_input_files", "output_path", "assign_outputs", "parse_shard", "in_shard",
+__all__ = ["InputFile", "collect_inputs", "as_input_files", "is_hidden_name", "output_path", "assign_outputs", "parse_shard", "in_shard",
            "shard_key", "paths_listed", "without_suffixed_outputs", "read_failure", "OUTPUT_MARKERS", "PROTECTED_SUFFIX",
            "REVERTED_SUFFIX"]
 
@@ -73,7 +73,13 @@ def _walk(folder: Path, markers: tuple[str, ...]) -> list[Path]:
 
 
 def _is_hidden(path: Path, folder: Path) -> bool:
-    return any(part.startswith(".") for part in path.relative_to(folder).parts)
+    return any(is_hidden_name(part) for part in path.relative_to(folder).parts)
+
+
+def is_hidden_name(part: str) -> bool:
+    """A hidden entry (``.ipynb_checkpoints``, ``._name`` resource forks) or macOS's ``__MACOSX`` folder of
+    resource forks: folder walks leave them out (protect's, and train's of an ImageFolder set)."""
+    return part.startswith(".") or part == "__MACOSX"
 
 
 def _is_broken_link(path: Path) -> bool:

@@ -45,6 +45,7 @@ from .engine import eval_mode, native_bf16, refuse_int_levels
 from .errors import ConfigError, ImageReadError
 from .hub import save_safetensors, sha256_file
 from .imageio import gray16_levels
+from .inputs import is_hidden_name
 from .models import ImageModel, build_model, load_model
 from .registry import ModelConfig, Source
 
@@ -134,12 +135,6 @@ def _decode(data: bytes, name: str, size: tuple[int, int] | None) -> np.ndarray:
         raise ImageReadError(name, f"cannot decode training image: {e}") from e
 
 
-def _hidden(part: str) -> bool:
-    """A hidden entry (``.ipynb_checkpoints``, ``._name`` resource forks) or macOS's ``__MACOSX``: never a
-    class or an image of the set (protect skips them too)."""
-    return part.startswith(".") or part == "__MACOSX"
-
-
 def load_train_data(
     source: Path | str, *, input_hw: Sequence[int] | None = None, classes: Sequence[str] | None = None, workers: int = 4
 ) -> TrainData:
@@ -160,7 +155,7 @@ def load_train_data(
         for path in sorted(source.rglob("*")):
             rel = path.relative_to(source)
             if (path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and len(rel.parts) == 2
-                    and not any(_hidden(p) for p in rel.parts)):  # fmt: skip
+                    and not any(is_hidden_name(p) for p in rel.parts)):  # fmt: skip
                 entries.append((rel.parts[0], str(path)))
         read = lambda name: Path(name).read_bytes()  # noqa: E731
         label = str
@@ -169,7 +164,7 @@ def load_train_data(
         archive = zipfile.ZipFile(source)
         # macOS's archiver adds __MACOSX/ and ._name resource forks: not images of the set (nor hidden ones)
         names = sorted(n for n in archive.namelist() if not n.endswith("/") and n.lower().endswith(IMAGE_SUFFIXES)
-                       and not any(_hidden(p) for p in n.split("/")))  # fmt: skip
+                       and not any(is_hidden_name(p) for p in n.split("/")))  # fmt: skip
         depths = {len(n.split("/")) for n in names}
         if not names or not depths <= {2, 3} or len(depths) != 1:
             raise ConfigError(f"{source}: expected an ImageFolder layout <class>/<file> (or <top>/<class>/<file>)")
