@@ -15,6 +15,7 @@ the convolution, addition and ReLU as separate operations, exactly as the unfuse
 
 from __future__ import annotations
 
+import functools
 import logging
 import operator
 
@@ -75,12 +76,12 @@ class ConvReLU2d(nn.Conv2d):
 
     def _fusable(self, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
         """Whether oneDNN's fused convolution computes what the separate operations would."""
-        if torch.compiler.is_compiling():  # first: Inductor fuses by itself, and the rest would break its graph
+        if _compiling():  # first: Inductor fuses by itself, and the rest would break its graph
             return False
         weight = self.weight
         return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-                and x.dim() == 4 and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
-                and not torch.is_autocast_enabled("cpu")
+                and x.dim() == 4 and _onednn_fusion_available() and torch.backends.mkldnn.enabled
+                and not _cpu_autocast_enabled()
                 and _dense(x) and (residual is None or (residual.dtype == torch.float32 and residual.device == x.device
                                                         and residual.shape == _conv_shape(x, weight, self)
                                                         and _dense(residual)))
@@ -144,12 +145,34 @@ def _aten_uses_onednn(x: torch.Tensor, conv: nn.Conv2d) -> bool:
     """Whether PyTorch's own convolution would run oneDNN here: where it would not (a batch of one image on
     a CPU takes its ``Slow2d`` kernel), the fused one would round differently, and results must not depend
     on whether the net was fused."""
-    select = getattr(torch._C, "_select_conv_backend", None)
-    if select is None:  # pragma: no cover - a torch without it: keep the unfused path, whose results are known
+    try:
+        backend = torch._C._select_conv_backend(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation,
+                                                False, [0, 0], conv.groups, None)  # fmt: skip
+    except (AttributeError, TypeError, RuntimeError):  # pragma: no cover - another torch: the plain path, known
         return False
-    backend = select(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, False, [0, 0],
-                     conv.groups, None)  # fmt: skip
     return backend == torch._C._ConvBackend.Mkldnn
+
+
+@functools.cache
+def _onednn_fusion_available() -> bool:
+    """oneDNN, and the fused convolution operator (what Inductor calls) in this torch build."""
+    try:
+        torch.ops.mkldnn._convolution_pointwise.binary  # noqa: B018 (an operator missing raises here)
+    except (AttributeError, RuntimeError):  # pragma: no cover - a torch without it
+        return False
+    return torch.backends.mkldnn.is_available()
+
+
+def _compiling() -> bool:
+    is_compiling = getattr(torch.compiler, "is_compiling", None)  # torch >= 2.3
+    return bool(is_compiling()) if is_compiling is not None else torch._dynamo.is_compiling()
+
+
+def _cpu_autocast_enabled() -> bool:
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # pragma: no cover - torch < 2.4 takes no device
+        return torch.is_autocast_cpu_enabled()
 
 
 def fuse_conv_relu(gm: fx.GraphModule) -> fx.GraphModule:
