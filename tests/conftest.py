@@ -9,6 +9,7 @@ Reusable helpers (importable from tests as ``from conftest import ...``):
   class count, optional mean/std), deterministically from a seed.
 * :func:`load_cifar_images` reads CIFAR-10 test PNGs from the shared folder into a float tensor + labels.
 * :func:`engine_noise_keys` gives the noise keys an engine draws for given noise seeds.
+* :func:`randomized_batchnorm` gives a net's BatchNorm layers non-trivial statistics, in eval mode.
 * :class:`StandInDevice` stands in for a GPU's asynchronous work on any machine: ``queue(seconds, payload)``
   returns a :class:`QueuedWork` (``done()``, ``ready_at``, ``payload``) at once, each queued piece runs after
   the ones before it, and ``wait(work)`` sleeps until it is done.
@@ -161,6 +162,20 @@ def tiny_backbone() -> ImageModel:
 def tiny_classifier() -> ImageModel:
     """Another tiny CNN (seed 1), e.g. as a classifier distinct from ``tiny_backbone``; on the test device."""
     return make_tiny_model(1, name="tiny-classifier").to(TEST_DEVICE)
+
+
+def randomized_batchnorm(net: nn.Module, seed: int = 0) -> nn.Module:
+    """``net`` in eval mode with non-trivial BatchNorm statistics and affine parameters (so that eval mode,
+    and folding BatchNorm into convolutions, matter); convolutions as initialised."""
+    gen = torch.Generator().manual_seed(seed)
+    ranges = {"weight": (0.5, 1.5), "bias": (-0.1, 0.1), "running_mean": (-0.2, 0.2), "running_var": (0.5, 2.0)}
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                for key, (lo, hi) in ranges.items():
+                    t = getattr(module, key)
+                    t.copy_(torch.rand(t.shape, generator=gen) * (hi - lo) + lo)
+    return net.eval()
 
 
 def engine_noise_keys(engine: Any, seeds: Sequence[int]) -> torch.Tensor:

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import randomized_batchnorm
 from preempt_cli.models import create_arch, is_arch, list_archs
 from preempt_cli.models.cifar_resnet import PadShortcut
 
@@ -292,19 +293,6 @@ def test_dm_preact_resnet18_keys_and_shapes_are_robustbench_s() -> None:
     assert got == expected
 
 
-def _randomized(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Non-trivial BatchNorm statistics and affine parameters (eval mode matters); convolutions as initialised."""
-    gen = torch.Generator().manual_seed(seed)
-    ranges = {"weight": (0.5, 1.5), "bias": (-0.1, 0.1), "running_mean": (-0.2, 0.2), "running_var": (0.5, 2.0)}
-    with torch.no_grad():
-        for module in net.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                for key, (lo, hi) in ranges.items():
-                    t = getattr(module, key)
-                    t.copy_(torch.rand(t.shape, generator=gen) * (hi - lo) + lo)
-    return net.eval()
-
-
 def _reference_dm_wrn_10_1(sd: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """DMWideResNet's forward written out with functional ops, from the reference's definition."""
 
@@ -325,7 +313,7 @@ def _reference_dm_wrn_10_1(sd: dict[str, torch.Tensor], x: torch.Tensor) -> torc
 
 
 def test_dm_wide_resnet_computes_the_reference_function() -> None:
-    net = _randomized(create_arch("dm_wide_resnet", depth=10, width=1))
+    net = randomized_batchnorm(create_arch("dm_wide_resnet", depth=10, width=1))
     sd = net.state_dict()
     net.load_state_dict({k: v.clone() for k, v in sd.items()}, strict=True)  # a checkpoint with these keys loads
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
@@ -344,7 +332,7 @@ def test_dm_wide_resnet_computes_the_reference_function() -> None:
 def test_dm_preact_resnet18_shortcut_takes_the_raw_padded_input() -> None:
     from preempt_cli.models.dm_resnet import DMPreActBlock
 
-    block = _randomized(DMPreActBlock(4, 8, stride=2, act=torch.nn.SiLU))
+    block = randomized_batchnorm(DMPreActBlock(4, 8, stride=2, act=torch.nn.SiLU))
     sd = block.state_dict()
     x = torch.rand(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))
 
@@ -363,7 +351,7 @@ def test_dm_preact_resnet18_forward_and_fusing() -> None:
     from preempt_cli.models._fusion import fuse_conv_bn
 
     torch.manual_seed(0)
-    net = _randomized(create_arch("dm_preact_resnet18", num_classes=10))
+    net = randomized_batchnorm(create_arch("dm_preact_resnet18", num_classes=10))
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         out = net(x)

@@ -14,23 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import randomized_batchnorm
 from preempt_cli import FastPreemption, ForeBackConfig, load_model
 from preempt_cli.models import create_arch
 from preempt_cli.models._fusion import ConvReLU2d, fuse_conv_bn, fuse_conv_relu, fuse_model
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
-
-
-def _randomized(net: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial BatchNorm statistics (folding must matter), eval mode."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in net.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.running_mean.copy_(torch.rand(module.num_features, generator=gen) * 0.4 - 0.2)
-                module.running_var.copy_(torch.rand(module.num_features, generator=gen) + 0.5)
-                module.weight.copy_(torch.rand(module.num_features, generator=gen) + 0.5)
-    return net.eval()
 
 
 def _logits_and_input_grad(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,7 +43,7 @@ def _fused_pair(net: nn.Module) -> tuple[nn.Module, nn.Module]:
 @pytest.fixture(scope="module")
 def resnet20_pair() -> tuple[nn.Module, nn.Module]:
     torch.manual_seed(0)
-    return _fused_pair(_randomized(create_arch("cifar_resnet20", num_classes=10)))
+    return _fused_pair(randomized_batchnorm(create_arch("cifar_resnet20", num_classes=10)))
 
 
 def test_resnet20_every_relu_is_fused_and_the_state_dict_is_unchanged(resnet20_pair) -> None:
@@ -124,7 +113,7 @@ def test_fused_path_is_taken_on_cpu_and_the_plain_one_elsewhere(resnet20_pair, m
 def test_weight_gradients_match_the_unfused_net() -> None:
     """Not what the engine needs (its parameters are frozen), but a ConvReLU2d is a Conv2d: training it works."""
     torch.manual_seed(1)
-    net = _randomized(create_arch("cifar_resnet20", num_classes=10))
+    net = randomized_batchnorm(create_arch("cifar_resnet20", num_classes=10))
     folded, fused = (f(copy.deepcopy(net)) for f in (fuse_conv_bn, fuse_model))
     x = torch.rand(6, 3, 32, 32)
     y = torch.arange(6)
@@ -203,7 +192,19 @@ class _InPlaceBetween(nn.Module):
         return F.relu(h + t)
 
 
-@pytest.mark.parametrize("net_class", [_SelfAdd, _InPlaceBetween])
+class _InPlaceFunctionBetween(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x * 1.0
+        h = self.conv(x)
+        t = F.hardtanh(x, -0.5, 0.5, True)  # another in-place function (fx records its flag by keyword)
+        return F.relu(h + t)
+
+
+@pytest.mark.parametrize("net_class", [_SelfAdd, _InPlaceBetween, _InPlaceFunctionBetween])
 def test_patterns_whose_fusing_would_change_the_result_are_left_alone(net_class) -> None:
     torch.manual_seed(3)
     net = net_class().eval()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import platform
@@ -83,13 +84,12 @@ def configure_cpu() -> None:
     tune_malloc()
 
 
-#: glibc's ``mallopt`` parameters (malloc.h) and the values :func:`tune_malloc` sets
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
-_MMAP_THRESHOLD = 32 << 20  # glibc's largest (64-bit): blocks above it are still mapped and unmapped
-_TRIM_THRESHOLD = 1 << 30
-_malloc_tuned: bool | None = None
+#: what :func:`tune_malloc` sets: glibc's ``mallopt`` parameter (malloc.h) and value, by name. 32 MiB is the
+#: largest mmap threshold glibc takes on 64 bits: blocks above it are still mapped and unmapped
+_MALLOPT_SETTINGS = {"M_TRIM_THRESHOLD": (-1, 1 << 30), "M_MMAP_THRESHOLD": (-3, 32 << 20), "M_ARENA_MAX": (-8, 1)}
 
 
+@functools.cache
 def tune_malloc() -> bool:
     """Keep freed memory of up to 32 MiB blocks in this process (glibc), instead of returning it to the system.
 
@@ -112,19 +112,6 @@ def tune_malloc() -> bool:
     MB more at the peak of the run above), and threads that wait for one another's allocations (few and
     large here). Process-wide; the first call decides, later ones return its result.
     """
-    global _malloc_tuned
-    if _malloc_tuned is None:
-        _malloc_tuned = _tune_malloc()
-    return _malloc_tuned
-
-
-def _users_allocator_choice() -> bool:
-    env = os.environ
-    return (env.get("PREEMPT_TUNE_MALLOC", "1").strip() == "0" or bool(env.get("LD_PRELOAD"))
-            or any(name.startswith("MALLOC_") for name in env) or "glibc.malloc." in env.get("GLIBC_TUNABLES", ""))  # fmt: skip
-
-
-def _tune_malloc() -> bool:
     if _users_allocator_choice() or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     try:
@@ -133,13 +120,18 @@ def _tune_malloc() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     # setting either threshold also stops glibc's own raising of the mmap threshold (to the largest block freed)
-    settings = {"M_TRIM_THRESHOLD": (_M_TRIM_THRESHOLD, _TRIM_THRESHOLD), "M_MMAP_THRESHOLD": (_M_MMAP_THRESHOLD, _MMAP_THRESHOLD),
-                "M_ARENA_MAX": (_M_ARENA_MAX, 1)}  # fmt: skip
-    refused = [name for name, (param, value) in settings.items() if mallopt(param, value) != 1]
+    refused = [name for name, (param, value) in _MALLOPT_SETTINGS.items() if mallopt(param, value) != 1]
     if refused:  # never seen: the values are within glibc's limits
         _logger.warning("glibc refused mallopt %s; the allocator is tuned in part", ", ".join(refused))
-    _logger.debug("glibc malloc tuned: blocks up to %d MiB kept after free", _MMAP_THRESHOLD >> 20)
+    else:
+        _logger.debug("glibc malloc tuned: %s", _MALLOPT_SETTINGS)
     return not refused
+
+
+def _users_allocator_choice() -> bool:
+    env = os.environ
+    return (env.get("PREEMPT_TUNE_MALLOC", "1").strip() == "0" or bool(env.get("LD_PRELOAD"))
+            or any(name.startswith("MALLOC_") for name in env) or "glibc.malloc." in env.get("GLIBC_TUNABLES", ""))  # fmt: skip
 
 
 def default_io_workers() -> int:

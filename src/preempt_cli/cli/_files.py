@@ -137,7 +137,8 @@ ShardOpt = Annotated[
 
 
 def _setup_torch(device_spec: str) -> torch.device:
-    """The one device of revert, eval, train and keygen (of a list or ``all``: the first), with CPU threads set."""
+    """The one device of revert, eval, train and keygen (of a list or ``all``: the first), with the CPU
+    configured (threads, allocator: :func:`~preempt_cli.device.configure_cpu`) where it is the device."""
     device = c.one_device(device_spec)
     if device.type == "cpu":
         configure_cpu()

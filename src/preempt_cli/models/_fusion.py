@@ -22,6 +22,7 @@ import operator
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.fx.operator_schemas import normalize_function
 
 from ._layout import memory_layout
 
@@ -251,8 +252,11 @@ def _mutation_free(first: fx.Node, end: fx.Node, modules: dict[str, nn.Module]) 
             return False
         if node.op == "call_function":
             name = getattr(node.target, "__name__", "")
+            # the flag by keyword however the graph passes it (fx's tracer does by keyword; a graph built by
+            # hand may not); operators have no signature to bind, and no flag
+            call = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True)
             if (node.target in _IN_PLACE_FUNCTIONS or (name.endswith("_") and not name.startswith("_"))
-                    or node.kwargs.get("inplace") or (node.target in _RELU_FUNCTIONS and any(a is True for a in node.args[1:]))):  # fmt: skip
+                    or (call.kwargs if call is not None else node.kwargs).get("inplace")):  # fmt: skip
                 return False
         if node.op == "call_module":
             module = modules.get(node.target)
