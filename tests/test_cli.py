@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -1607,3 +1608,60 @@ def test_a_missing_path_listed_on_stdin_is_no_such_file_even_with_glob_character
 def test_revert_white_box_says_a_pattern_matched_nothing(tmp_path: Path, registry: Path) -> None:
     result = run(["revert", str(tmp_path / "gone*.png"), "--white-box", "--json"], registry)
     assert result.exit_code == 1 and json.loads(result.stdout)["reason"].startswith("no file matches this pattern"), result.output
+
+
+def test_a_name_too_long_to_look_up_fails_alone_however_it_is_given(tmp_path: Path, registry: Path) -> None:
+    """A name over the file system's 255 bytes cannot even be looked at (ENAMETOOLONG): it is one input that
+    fails with its reason, named on the command line or on stdin, and the batch goes on."""
+    (good,) = _images(tmp_path / "in", n=1)
+    too_long = str(tmp_path / ("a" * 300 + ".png"))
+    for args, listing in (([too_long, str(good)], None), (["-"], f"{too_long}\n{good}\n")):
+        out = tmp_path / f"out{len(args)}"
+        result = run(["protect", *args, *FAST, "--labels", "backbone", "-o", str(out), "--json"], registry,
+                     input=listing)  # fmt: skip
+        assert result.exit_code == 1, result.output
+        rows = {r["input"]: r for r in map(json.loads, result.stdout.splitlines())}
+        assert rows[str(good)]["status"] == "done" and (out / "img0.protected.png").is_file()
+        assert rows[too_long]["status"] == "failed" and "too long" in rows[too_long]["reason"]
+        assert "internal error" not in result.stderr
+
+
+def test_an_out_dir_whose_folder_name_is_too_long_is_refused_before_any_work(tmp_path: Path, registry: Path) -> None:
+    _images(tmp_path / "in", n=1)
+    out = tmp_path / ("b" * 300) / "sub"
+    result = run(["protect", str(tmp_path / "in"), "--labels", "backbone", "-b", "no-such-model", "-o", str(out)],
+                 registry)  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert "a folder name of 300 bytes, more than the 255" in result.stderr
+
+
+def test_an_image_piped_in_place_of_a_list_of_paths_is_a_usage_error(tmp_path: Path, registry: Path) -> None:
+    (good,) = _images(tmp_path, n=1)
+    result = run(["protect", "-", *FAST, "--labels", "backbone"], registry, input=good.read_bytes())
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("error: stdin holds PNG image data, not a list of paths")
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not list(tmp_path.glob("*.protected.png"))
+
+
+@pytest.mark.skipif(os.name != "posix" or sys.platform == "darwin", reason="names of bytes that are not UTF-8")
+def test_a_name_that_is_not_utf8_is_read_from_stdin_byte_for_byte(tmp_path: Path, registry: Path) -> None:
+    """stdin is read as bytes and decoded as the file system decodes names, whatever the locale's codec."""
+    (good,) = _images(tmp_path, n=1)
+    odd = tmp_path / os.fsdecode(b"caf\xe9.png")
+    good.rename(odd)
+    result = run(["protect", "-", *FAST, "--labels", "backbone"], registry, input=os.fsencode(str(odd)) + b"\n")
+    assert result.exit_code == 0, result.output
+    output = tmp_path / os.fsdecode(b"caf\xe9.protected.png")
+    assert output.is_file()
+    assert result.stdout_bytes == os.fsencode(str(output)) + b"\n"  # its own bytes, for the next command
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="Linux's /proc")
+@pytest.mark.parametrize(("where", "kernel"), [("/proc/x", "/proc"), ("/dev/fd/x", "/proc"), ("/dev/x", "/dev")])
+def test_an_out_dir_in_a_kernel_folder_is_refused_before_any_work(tmp_path: Path, registry: Path, where: str,
+                                                                   kernel: str) -> None:  # fmt: skip
+    _images(tmp_path / "in", n=1)
+    result = run(["protect", str(tmp_path / "in"), "--labels", "backbone", "-b", "no-such-model", "-o", where], registry)
+    assert result.exit_code == 2, result.output
+    assert f"--out-dir {where}: it leads into {kernel}, the kernel's, which holds no files" in result.stderr

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from preempt_cli.inputs import InputFile, assign_outputs, output_path
+from preempt_cli.inputs import InputFile, assign_outputs, kernel_folder, output_path
 
 
 def _outputs(items: list[InputFile], out_dir: Path | None = None) -> dict[str, Path | str]:
@@ -448,3 +448,22 @@ def test_folder_walk_leaves_out_hidden_entries_and_macos_resource_forks(tmp_path
         (tmp_path / rel).write_bytes(b"")
     found = collect_inputs([tmp_path])
     assert sorted(i.path.relative_to(tmp_path).as_posix() for i in found) == ["cat/a.png", "x__MACOSX/d.png"]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="Linux's /proc")
+def test_an_input_in_a_kernel_folder_gets_no_output_beside_it(tmp_path: Path) -> None:
+    """``<(cmd)`` is /dev/fd/63, a link into /proc; /dev/stdin is in /dev: nothing can be written beside
+    them (root could litter /dev), so they are refused before the work, with the way out."""
+    read_end, write_end = os.pipe()
+    try:
+        pipe = Path(f"/dev/fd/{read_end}")
+        out = _outputs([InputFile(pipe), InputFile(Path("/dev/stdin")), InputFile(tmp_path / "a.png")])
+        assert out[str(pipe)] == "no folder to write the output beside (/proc is the kernel's): give --out-dir"
+        assert out["/dev/stdin"] == "no folder to write the output beside (/dev is the kernel's): give --out-dir"
+        assert out[str(tmp_path / "a.png")] == tmp_path / "a.protected.png"
+        assert _outputs([InputFile(pipe)], out_dir=tmp_path)[str(pipe)] == tmp_path / f"{read_end}.protected.png"
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    assert [kernel_folder(p) for p in ("/proc/self", "/sys", "/dev/null", "/dev/shm/x", "/devices", str(tmp_path))] == [
+        "/proc", "/sys", "/dev", None, None, None]

@@ -765,7 +765,7 @@ def new_file_mode() -> int:
 
 
 #: The longest file name most file systems take: 255 bytes on Linux (ext4, XFS, btrfs), 255 characters on
-#: APFS, HFS+ and NTFS, where a name of more bytes can be legal (see :func:`_name_max`).
+#: APFS, HFS+ and NTFS, where a name of more bytes can be legal (see :func:`name_max`).
 NAME_MAX = 255
 #: What ``mkstemp`` adds around a temporary file's name part here: ``.`` + ``.XXXXXXXX`` + ``.tmp``.
 _TEMP_NAME_EXTRA = 1 + 9 + 4
@@ -774,7 +774,7 @@ _NO_HARD_LINKS = {getattr(errno, name) for name in ("EPERM", "ENOTSUP", "EOPNOTS
                   if hasattr(errno, name)}  # fmt: skip
 
 
-def _name_max(folder: Path) -> int | None:
+def name_max(folder: Path) -> int | None:
     """The longest file name, in bytes, that ``folder``'s file system takes, where names are counted in
     bytes (Linux: 255 mostly, 143 on eCryptfs); None elsewhere (macOS and Windows count characters, and
     only the file system's own refusal tells)."""
@@ -812,12 +812,12 @@ def atomic_write(path: Path, *, fsync: bool = True, replace: bool = True) -> Ite
     tmp_name = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        name_max = _name_max(path.parent)
+        longest = name_max(path.parent)
         name_bytes = len(os.fsencode(path.name))
-        if name_max is not None and name_bytes > name_max:
-            raise ImageWriteError(path, f"name is {name_bytes} bytes long, more than the {name_max} a file name "
+        if longest is not None and name_bytes > longest:
+            raise ImageWriteError(path, f"name is {name_bytes} bytes long, more than the {longest} a file name "
                                         f"can have here ({shorter})")  # fmt: skip
-        fd, tmp_name = tempfile.mkstemp(prefix=_temp_prefix(path.name, name_max or NAME_MAX), suffix=".tmp",
+        fd, tmp_name = tempfile.mkstemp(prefix=_temp_prefix(path.name, longest or NAME_MAX), suffix=".tmp",
                                         dir=path.parent)  # fmt: skip
         os.chmod(tmp_name, new_file_mode())
         with os.fdopen(fd, "wb") as f:

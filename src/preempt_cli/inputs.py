@@ -64,10 +64,10 @@ def _walk(folder: Path, markers: tuple[str, ...]) -> list[Path]:
     found = []
     for p in folder.rglob("*"):
         image = p.suffix.lower() in IMAGE_SUFFIXES
-        if image and (p.is_file() or _is_broken_link(p)):
+        if image and (os.path.isfile(p) or _is_broken_link(p)):
             if not _is_output(p, markers) and not _is_hidden(p, folder):
                 found.append(p)
-        elif p.is_symlink() and p.is_dir() and not _is_hidden(p, folder):
+        elif os.path.islink(p) and os.path.isdir(p) and not _is_hidden(p, folder):
             _logger.info("%s: a link to a folder, not followed (name it to include its images)", p)
     return sorted(found)
 
@@ -83,7 +83,31 @@ def is_hidden_name(part: str) -> bool:
 
 
 def _is_broken_link(path: Path) -> bool:
-    return path.is_symlink() and not path.exists()
+    return os.path.islink(path) and not os.path.exists(path)
+
+
+#: How the image formats preempt reads begin (BMP's two letters with its zero reserved field, which no list
+#: of names has): a list of paths that starts so is an image piped in by mistake (``cat a.png | preempt
+#: protect -``), whose bytes would otherwise become thousands of nonsense names.
+_IMAGE_MAGIC = ((b"\x89PNG\r\n\x1a\n", 0, "PNG"), (b"\xff\xd8\xff", 0, "JPEG"), (b"GIF8", 0, "GIF"),
+                (b"II*\x00", 0, "TIFF"), (b"MM\x00*", 0, "TIFF"), (b"WEBP", 8, "WebP"), (b"ftypavif", 4, "AVIF"),
+                (b"\x00\x00\x00\x0cjP  ", 0, "JPEG 2000"), (b"\xff\x4f\xff\x51", 0, "JPEG 2000"))  # fmt: skip
+
+
+def path_list_text(data: bytes, source: str = "stdin") -> str:
+    """``data``, a list of paths read as bytes (from stdin), as text: each name decoded as the file system
+    decodes names (``os.fsdecode``: a name that is not UTF-8 keeps its bytes, whatever the locale).
+
+    Raises:
+        ConfigError: ``data`` is an image, not a list of paths.
+    """
+    kind = next((name for magic, at, name in _IMAGE_MAGIC if data[at : at + len(magic)] == magic), None)
+    if kind is None and data[:2] == b"BM" and data[6:10] == b"\0\0\0\0":
+        kind = "BMP"
+    if kind is not None:
+        raise ConfigError(f"{source} holds {kind} image data, not a list of paths: '-' reads the paths of the "
+                          f"images, one per line (or NUL-separated); save the image to a file and name that")  # fmt: skip
+    return os.fsdecode(data)
 
 
 def paths_listed(text: str) -> list[str]:
@@ -94,7 +118,7 @@ def paths_listed(text: str) -> list[str]:
     paths = []
     for line in text.splitlines():
         if line.strip():
-            paths.append(line if Path(line).exists() or not Path(line.strip()).exists() else line.strip())
+            paths.append(line if os.path.exists(line) or not os.path.exists(line.strip()) else line.strip())
     return paths
 
 
@@ -129,8 +153,8 @@ def collect_inputs(
     # its output is named after it, not after whichever link sorts first
     chosen: dict[Path, int] = {}
     for index, item in enumerate(found):
-        key = item.path.resolve() if item.path.exists() else item.path.absolute()
-        if key not in chosen or (found[chosen[key]].path.is_symlink() and not item.path.is_symlink()):
+        key = item.path.resolve() if os.path.exists(item.path) else item.path.absolute()
+        if key not in chosen or (os.path.islink(found[chosen[key]].path) and not os.path.islink(item.path)):
             chosen[key] = index
     return [found[index] for index in sorted(chosen.values())]
 
@@ -184,17 +208,17 @@ def _collect(args: list[str | os.PathLike[str]], stdin: TextIO | None, skip_mark
             found.extend(_collect(listed, None, skip_markers, folders, patterns=False))
             continue
         path = Path(text).expanduser()
-        if path.is_dir():
+        if os.path.isdir(path):
             folders.append(path)
             found.extend(InputFile(p, path) for p in _walk(path, skip_markers))
-        elif patterns and not path.exists() and glob.has_magic(text):
+        elif patterns and not os.path.exists(path) and glob.has_magic(text):
             # A pattern the shell passed on as is matched nothing: kept as an input of its own, it fails
             # with that reason while the other arguments are processed.
             matches = sorted(Path(m) for m in glob.glob(text, recursive=True))
             if not matches:
                 found.append(InputFile(path, unmatched_pattern=True))
             for m in matches:
-                if m.is_dir():
+                if os.path.isdir(m):
                     folders.append(m)
                     found.extend(InputFile(p, m) for p in _walk(m, skip_markers))
                 else:
@@ -329,7 +353,11 @@ def assign_outputs(items: list[InputFile], *, suffix: str, out_dir: Path | None)
     for item, (p, k) in chosen.items():
         others = [o for o in owners[k] if o is not item]
         replaced = inputs.get(k)
-        if replaced is item:
+        if out_dir is None and (kernel := kernel_folder(os.path.dirname(os.path.abspath(item.path)))):
+            # /dev/fd/63 of `<(cmd)`, /dev/stdin: said before the work, where writing would fail after it
+            # (or, for root, litter /dev)
+            result[item] = f"no folder to write the output beside ({kernel} is the kernel's): give --out-dir"
+        elif replaced is item:
             result[item] = f"output {Path(p)} would replace the input; change --suffix"
         elif replaced is not None and os.path.lexists(replaced.path) and not has_preempt_metadata(replaced.path):
             result[item] = (f"its output {Path(p)} would replace input {replaced.path}, which is not a preempt "
@@ -351,6 +379,22 @@ def assign_outputs(items: list[InputFile], *, suffix: str, out_dir: Path | None)
         else:
             result[item] = Path(p)
     return result
+
+
+#: Folders of the kernel's (Linux), which hold devices and processes, not anyone's files; ``/dev/shm`` is
+#: the exception, a file system in memory for files.
+KERNEL_FOLDERS = ("/proc", "/dev", "/sys")
+
+
+def kernel_folder(path: str | os.PathLike[str]) -> str | None:
+    """Which of :data:`KERNEL_FOLDERS` ``path`` leads into (``/dev/fd/63`` of ``<(cmd)`` leads into
+    ``/proc``), or None."""
+    real = os.path.realpath(path)
+
+    def under(top: str) -> bool:
+        return real == top or real.startswith(top + "/")
+
+    return None if under("/dev/shm") else next((top for top in KERNEL_FOLDERS if under(top)), None)
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:

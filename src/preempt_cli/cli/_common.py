@@ -21,7 +21,8 @@ from rich.markup import escape
 from rich.progress import Progress
 
 from ..device import resolve_devices
-from ..imageio import UNPRINTABLE, quiet_pillow_warnings
+from ..imageio import UNPRINTABLE, name_max, quiet_pillow_warnings
+from ..inputs import kernel_folder
 from ..errors import (
     ConfigError,
     HashMismatchError,
@@ -313,17 +314,25 @@ def check_out_dir(path: Path | None, option: str = "--out-dir") -> None:
         return
     path = path.expanduser()
     existing = path
-    while not existing.exists() and existing != existing.parent:
-        if existing.is_symlink():  # a link to nowhere: creating the folder would fail on every file
+    # os.path's tests, not Path's: they say False where the name cannot even be looked up (too long)
+    while not os.path.exists(existing) and existing != existing.parent:
+        if os.path.islink(existing):  # a link to nowhere: creating the folder would fail on every file
             raise ConfigError(f"{option} {path}: {existing} is a symbolic link to {os.readlink(existing)}, "
                               f"which does not exist")  # fmt: skip
         existing = existing.parent
-    if existing.exists() and not existing.is_dir():
+    if kernel := kernel_folder(existing):
+        raise ConfigError(f"{option} {path}: it leads into {kernel}, the kernel's, which holds no files")
+    if os.path.exists(existing) and not os.path.isdir(existing):
         where = "" if existing == path else f" ({existing} is a file)"
         raise ConfigError(f"{option} {path}: not a folder{where}")
     if not os.access(existing, os.W_OK | os.X_OK):
         what = "cannot be written" if existing == path else f"cannot be created ({existing} is not writable)"
         raise ConfigError(f"{option} {path}: {what}")
+    longest = name_max(existing)
+    for part in path.relative_to(existing).parts if longest is not None else ():
+        if len(os.fsencode(part)) > longest:  # else every file fails, each blaming its own name
+            raise ConfigError(f"{option} {path}: a folder name of {len(os.fsencode(part))} bytes, more than the "
+                              f"{longest} a name can have here")  # fmt: skip
 
 
 def one_device(spec: str) -> torch.device:
@@ -371,8 +380,20 @@ def print_line(text: str, end: str = "\n") -> None:
         ConfigError: stdout is closed, or fails otherwise than by a reader gone (a full disk).
     """
     check_stdout()
+    line = text + end
     try:
-        sys.stdout.write(text + end)
+        try:
+            sys.stdout.write(line)
+        except UnicodeEncodeError:
+            # a name whose bytes are not of stdout's codec (os.fsdecode keeps them as surrogates): written
+            # as those bytes, as ls and find write it, so that the next command of the pipeline finds it
+            raw = getattr(sys.stdout, "buffer", None)
+            encoding = sys.stdout.encoding or "utf-8"
+            if raw is None:
+                sys.stdout.write(line.encode(encoding, "backslashreplace").decode(encoding))
+            else:
+                sys.stdout.flush()
+                raw.write(line.encode(encoding, "surrogateescape"))
         sys.stdout.flush()
     except BrokenPipeError:  # the reader went away: handle_errors stops quietly
         raise

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ from ..engine import PRESETS, ForeBackConfig, parse_eps
 from ..errors import ConfigError, PreemptError, UnknownModelError
 from ..imageio import DEFAULT_MAX_PIXELS, is_fifo, read_images, read_png_text
 from ..inputs import (OUTPUT_MARKERS, PROTECTED_SUFFIX, REVERTED_SUFFIX, InputFile, assign_outputs, collect_inputs,
-                      in_shard, parse_shard, paths_listed, read_failure, without_suffixed_outputs)  # fmt: skip
+                      in_shard, parse_shard, path_list_text, paths_listed, read_failure, without_suffixed_outputs)  # fmt: skip
 from ..labels import LabelMap, read_label_file
 from ..models import ImageModel, load_model
 from ..protect import (
@@ -281,7 +282,7 @@ def _collect(paths: list[str], skip_markers: tuple[str, ...] = OUTPUT_MARKERS, *
     (``banner-v2.png`` with ``--suffix -v2``) is still an input."""
     stdin = None
     if "-" in paths:  # read here, to tell a list that named nothing from one whose paths held no image
-        stdin = io.StringIO(sys.stdin.read() if sys.stdin is not None else "")
+        stdin = io.StringIO(_stdin_text())
     items = without_suffixed_outputs(collect_inputs(paths, skip_markers=skip_markers, stdin=stdin), suffix, skip_markers)
     # only ``-``, and nothing listed: a pipeline that found nothing (new) has nothing to do, not an error;
     # a folder listed on stdin without images is the usage error a folder named on the command line is
@@ -289,6 +290,15 @@ def _collect(paths: list[str], skip_markers: tuple[str, ...] = OUTPUT_MARKERS, *
     if not items and not nothing_listed:
         raise ConfigError(f"no images found in {_some_of(paths, stdin)}")
     return items
+
+
+def _stdin_text() -> str:
+    """The list of paths on stdin, read as bytes (a name that is not UTF-8 keeps its bytes, whatever the
+    locale; an image piped in by mistake is told apart: see :func:`path_list_text`)."""
+    if sys.stdin is None:  # no stdin at all (a daemon, pythonw): an empty list
+        return ""
+    raw = getattr(sys.stdin, "buffer", None)
+    return path_list_text(raw.read() if raw is not None else os.fsencode(sys.stdin.read()))
 
 
 def _some_of(paths: list[str], stdin: io.StringIO | None, most: int = 3) -> str:
