@@ -13,10 +13,12 @@ from safetensors.torch import save_file
 
 from conftest import set_hf_cache
 from preempt_cli.errors import (
+    ConfigError,
     HashMismatchError,
     OfflineWeightsError,
     PreemptError,
     RegistryError,
+    UnreadableWeightsError,
     UnsafeWeightsError,
     WeightsMismatchError,
     WeightsNotFoundError,
@@ -759,3 +761,43 @@ def test_a_pin_in_capitals_matches(tmp_path) -> None:
     weights = _tiny_safetensors(tmp_path / "w.safetensors")
     _, _, sha = read_weights(replace(_cfg(str(weights)), sha256=_sha(weights).upper()))
     assert sha == _sha(weights)
+
+
+def test_a_timm_source_builds_timms_model_or_is_refused(tmp_path, hf_cache) -> None:
+    """An arch of preempt's own on a timm: row was built instead of timm's model, with random weights that
+    `models verify` called ok; another timm name was ignored. Both are refused, in a registry file and in a
+    config made by hand."""
+    registry = tmp_path / "models.toml"
+    for arch in ("cifar_resnet20", "resnet18"):
+        registry.write_text(f'[models.t2]\narch = "{arch}"\nsource = "timm:test_resnet.r160_in1k"\n')
+        with pytest.raises(RegistryError, match=f"loads timm's 'test_resnet': arch must be 'test_resnet', not '{arch}'"):
+            get_model_config("t2", [registry])
+        with pytest.raises(ConfigError, match="arch must be 'test_resnet'"):
+            load_model(replace(_timm_test_resnet_cfg(), arch=arch))
+    for arch in ("test_resnet", "test_resnet.r160_in1k"):  # the model, with or without the tag
+        registry.write_text(f'[models.t2]\narch = "{arch}"\nsource = "timm:test_resnet.r160_in1k"\n')
+        assert get_model_config("t2", [registry]).arch == arch
+
+
+@pytest.mark.parametrize("damage", ["pickle", "truncated", "other keys"])
+def test_a_damaged_timm_file_in_the_cache_is_refused_in_one_line(hf_cache, tmp_path, damage: str) -> None:
+    """What a file: or hf:// source gets: a pickle refused unread, with the way to convert it; a damaged
+    file or one of another net in a line, not safetensors' or torch's own errors (kilobytes of keys)."""
+    import timm
+
+    path = tmp_path / "model.safetensors"
+    state = timm.create_model("test_resnet", pretrained=False).state_dict()
+    if damage == "pickle":
+        torch.save(state, path)
+    elif damage == "truncated":
+        save_file(state, str(path))
+        path.write_bytes(path.read_bytes()[:-100])
+    else:
+        save_file({f"other.{k}": v.contiguous() for k, v in state.items()}, str(path))
+    make_hf_cache(hf_cache, "timm/test_resnet.r160_in1k", "model.safetensors", path.read_bytes())
+    expected = {"pickle": UnsafeWeightsError, "truncated": UnreadableWeightsError, "other keys": WeightsMismatchError}
+    with pytest.raises(expected[damage]) as info:
+        load_model(_timm_test_resnet_cfg())
+    assert "\n" not in str(info.value) and len(str(info.value)) < 700
+    if damage == "pickle":
+        assert "preempt models convert" in str(info.value)

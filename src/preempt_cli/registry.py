@@ -231,6 +231,16 @@ def timm_pretrained_cfg(model: str) -> Any:
         return None
 
 
+def timm_arch_mismatch(arch: str, location: str) -> str | None:
+    """Why ``arch`` cannot be the architecture of the ``timm:`` source ``location`` (``name.tag``), or None.
+    timm builds the model the source names; an ``arch`` of preempt's own would be built instead, with
+    random weights, and any other name would be ignored."""
+    model = location.split(".")[0]
+    if arch in (model, location):
+        return None
+    return f"source timm:{location} loads timm's {model!r}: arch must be {model!r}, not {arch!r}"
+
+
 def _timm_defaults(name: str, row: Mapping[str, Any], source: Source, path: Path) -> dict[str, Any]:
     """The classes, input size and normalization a ``timm:`` row leaves out, from timm's pretrained config:
     timm drops a pretrained head of another size, so a guessed class count would be a random head."""
@@ -300,6 +310,9 @@ def _parse_row(
     if sha is not None and not (isinstance(sha, str) and re.fullmatch(r"[0-9a-fA-F]{64}", sha)):
         raise RegistryError(path, f"model {name!r}: sha256 must be 64 hex digits (a string)")
     if source.kind == "timm":
+        mismatch = timm_arch_mismatch(arch, source.location)
+        if mismatch:
+            raise RegistryError(path, f"model {name!r}: {mismatch}")
         if sha:
             raise RegistryError(path, f"model {name!r}: a sha256 pin cannot be checked on a timm: source (timm "
                                       "fetches and loads its own file); remove the pin, or register the weights "

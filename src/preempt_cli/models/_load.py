@@ -9,6 +9,7 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import nn
 
 from ..errors import (
@@ -23,8 +24,8 @@ from ..errors import (
     first_line,
 )
 from ..device import resolve_device
-from ..hub import hub_download, hub_errors, read_weights
-from ..registry import ModelConfig, get_model_config, timm_pretrained_cfg
+from ..hub import check_safetensors_header, hub_download, hub_errors, read_weights
+from ..registry import ModelConfig, get_model_config, timm_arch_mismatch, timm_pretrained_cfg
 from ._fusion import fuse_model
 from ._registry import create_arch, is_arch
 
@@ -270,6 +271,9 @@ def _load_timm_pretrained(cfg: ModelConfig, verify_hash: bool) -> nn.Module:
     if cfg.sha256 and verify_hash:  # registry files refuse this; a hand-made config must not pass silently
         raise _config_error(cfg, "a sha256 pin cannot be checked on a timm: source (timm fetches and loads its own "
                                  "file); remove the pin, or use an hf:// or file: source")  # fmt: skip
+    mismatch = timm_arch_mismatch(cfg.arch, cfg.source.location)  # a registry file refuses it already
+    if mismatch:
+        raise _config_error(cfg, mismatch)
     _check_arch_known(cfg)
     pretrained = timm_pretrained_cfg(cfg.source.location)
     if pretrained is None:
@@ -280,8 +284,15 @@ def _load_timm_pretrained(cfg: ModelConfig, verify_hash: bool) -> nn.Module:
                                  f"has {pretrained.num_classes} classes: timm would replace its head with a random "
                                  "one. Remove num_classes (timm's is used) or fix it")  # fmt: skip
     weights = _timm_safetensors(cfg, pretrained)
+    check_safetensors_header(cfg.name, weights)  # a pickle or a damaged file in the cache: refused as any other
     with hub_errors(cfg):
-        return _build_net(cfg, pretrained_timm=True, weights_file=weights)
+        try:
+            return _build_net(cfg, pretrained_timm=True, weights_file=weights)
+        except RuntimeError as e:  # load_state_dict's: torch's message lists every key, kilobytes of them
+            raise WeightsMismatchError(cfg.name, weights, clip(" ".join(str(e).split()), 400)) from e
+        except SafetensorError as e:  # a damaged file whose header looked whole
+            detail = first_line(e).removeprefix("Error while deserializing: ").removeprefix("Error while deserializing header: ")
+            raise UnreadableWeightsError(cfg.name, weights, f"safetensors cannot parse it: {detail}") from e
     raise AssertionError("unreachable")  # pragma: no cover - hub_errors re-raises
 
 
