@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 from conftest import TEST_DEVICE, TEST_DEVICE_ARG, QueuedWork, StandInDevice, write_random_pngs
 from preempt_cli.cli import app
 from preempt_cli.errors import ConfigError
+from preempt_cli.inputs import collect_inputs, parse_shard, read_failure
 from preempt_cli.models import create_arch
 from preempt_cli.protect import RunOptions
 
@@ -1665,3 +1666,121 @@ def test_an_out_dir_in_a_kernel_folder_is_refused_before_any_work(tmp_path: Path
     result = run(["protect", str(tmp_path / "in"), "--labels", "backbone", "-b", "no-such-model", "-o", where], registry)
     assert result.exit_code == 2, result.output
     assert f"--out-dir {where}: it leads into {kernel}, the kernel's, which holds no files" in result.stderr
+
+
+def _with_preempt_text(source: Path, target: Path, text: str) -> Path:
+    """``source``'s pixels saved at ``target`` with ``text`` as preempt's metadata chunk."""
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("preempt", text)
+    Image.open(source).save(target, pnginfo=info)
+    return target
+
+
+def test_metadata_made_to_break_a_parser_fails_only_its_file(tmp_path: Path, registry: Path) -> None:
+    """A 4 KB PNG whose preempt chunk nests 1,500 arrays (RecursionError in json), or records a backbone
+    that is no name, ended whole protect and revert runs with an internal error."""
+    good, other = _images(tmp_path / "in", n=2)
+    nested = _with_preempt_text(other, tmp_path / "in" / "nested.protected.png", "[" * 1500)
+    meta = {"kind": "protected", "backbone": None, "eps": 8 / 255, "eta": 0.7, "forward_steps": 1,
+            "backward_steps": 2, "samples": 3, "sample_projection": "original", "inner_steps": 1, "seed": 0}  # fmt: skip
+    nameless = _with_preempt_text(other, tmp_path / "in" / "nameless.protected.png", json.dumps(meta))
+    result = run(["protect", str(nested), str(good), *FAST, "--labels", "backbone", "-o", str(tmp_path / "p")], registry)
+    assert result.exit_code == 0, result.output  # an image like any other: its chunk decides nothing here
+    assert (tmp_path / "p" / "img0.protected.png").is_file() and (tmp_path / "p" / "nested.protected.protected.png").is_file()
+    assert run(["protect", str(good), *FAST, "--labels", "backbone"], registry).exit_code == 0
+    result = run(["revert", str(nested), str(nameless), str(tmp_path / "in" / "img0.protected.png"), "--white-box",
+                  "--json", "--device", TEST_DEVICE_ARG, "-o", str(tmp_path / "r")], registry)  # fmt: skip
+    assert result.exit_code == 1, result.output
+    rows = {Path(r["input"]).name: r for r in map(json.loads, result.stdout.splitlines())}
+    assert rows["img0.protected.png"]["status"] == "done"
+    assert "not a valid record" in rows["nested.protected.png"]["reason"]
+    assert "recorded backbone None is not a model name" in rows["nameless.protected.png"]["reason"]
+    assert "internal error" not in result.stderr
+
+
+def test_an_empty_input_path_is_a_usage_error_not_the_current_folder(tmp_path: Path, registry: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    _images(tmp_path / "sub", n=1)
+    monkeypatch.chdir(tmp_path)
+    result = run(["protect", "", *FAST, "--labels", "backbone"], registry)
+    assert result.exit_code == 2 and "an empty input path (an unset variable?)" in result.stderr
+    assert not list(tmp_path.rglob("*.protected.png"))
+
+
+def test_a_quoted_tilde_out_dir_is_checked_and_written_at_home(tmp_path: Path, registry: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    (good,) = _images(tmp_path / "in", n=1)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert run(["protect", str(good), *FAST, "--labels", "backbone", "-o", "~/out"], registry).exit_code == 0
+    assert (tmp_path / "home" / "out" / "img0.protected.png").is_file() and not (tmp_path / "~").exists()
+    result = run(["protect", str(good), *FAST, "--labels", "backbone", "-o", "-"], registry)
+    assert result.exit_code == 2 and "'-' is no folder" in result.stderr and not (tmp_path / "-").exists()
+
+
+def test_a_folder_the_walk_cannot_list_fails_as_an_input(tmp_path: Path) -> None:
+    """A path past 4,096 bytes deep in a tree (os.scandir: ENAMETOOLONG) ended the run in rglob; now the
+    folder fails, saying why, and the rest of the tree is taken."""
+    (shallow,) = _images(tmp_path / "tree", n=1)
+    deep = tmp_path / "tree"
+    fd = os.open(deep, os.O_RDONLY)
+    try:  # built with *at calls, each name short: the whole path is past PATH_MAX
+        for _ in range(25):
+            os.mkdir("d" * 200, dir_fd=fd)
+            fd, old = os.open("d" * 200, os.O_RDONLY, dir_fd=fd), fd
+            os.close(old)
+    finally:
+        os.close(fd)
+    items = {item.path == shallow: item for item in collect_inputs([tmp_path / "tree"])}
+    assert len(items) == 2 and items[True].unlisted is None and items[False].unlisted == "File name too long"
+    assert read_failure(items[False], "cannot read: File name too long") == (
+        "a folder that cannot be listed (File name too long): its images are left out")
+
+
+def test_a_label_file_that_is_not_utf8_is_a_one_line_usage_error(tmp_path: Path, registry: Path) -> None:
+    (good,) = _images(tmp_path, n=1)
+    labels = tmp_path / "labels.csv"
+    labels.write_bytes(b"file,label\ncaf\xe9.png,cat\n")  # what Excel saves in a Windows code page
+    result = run(["protect", str(good), *FAST, "--labels", str(labels)], registry)
+    assert result.exit_code == 2 and f"error: {labels}: not UTF-8 text (line 2); save it as UTF-8" in result.stderr
+    nested = tmp_path / "labels.json"
+    nested.write_text("[" * 100_000)
+    result = run(["protect", str(good), *FAST, "--labels", str(nested)], registry)
+    assert result.exit_code == 2 and f"{nested}: not valid JSON" in result.stderr, result.output
+
+
+def test_an_output_cut_short_is_made_again_not_skipped(tmp_path: Path, registry: Path) -> None:
+    (good,) = _images(tmp_path, n=1)
+    assert run(["protect", str(good), *FAST, "--labels", "backbone"], registry).exit_code == 0
+    output = tmp_path / "img0.protected.png"
+    whole = output.read_bytes()
+    output.write_bytes(whole[: len(whole) // 2])  # its metadata chunk, which comes first, is whole
+    result = run(["protect", str(good), *FAST, "--labels", "backbone"], registry)
+    assert result.exit_code == 0 and "is cut short: it is made again" in result.stderr
+    assert output.read_bytes() == whole  # the same seed: the same file
+    result = run(["protect", str(good), *FAST, "--labels", "backbone"], registry)
+    assert "skipped 1" in result.stderr
+
+
+def test_shards_are_ascii_digits_only() -> None:
+    for text in ("1_0/2_0", "\u0661/\u0662", "1/2/3", "a/b"):
+        with pytest.raises(ConfigError, match="--shard must look like K/N"):
+            parse_shard(text)
+    assert parse_shard(" 2 / 4 ") == (2, 4)
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/fd"), reason="/dev/fd")
+def test_labels_can_come_from_a_pipe(tmp_path: Path, registry: Path) -> None:
+    """``--labels <(make-labels)``: /dev/fd/N is a pipe, no regular file, and was refused as no label file."""
+    (good,) = _images(tmp_path, n=1)
+    read_end, write_end = os.pipe()
+    os.write(write_end, b"file,label\nimg0.png,3\n")
+    os.close(write_end)
+    try:
+        result = run(["protect", str(good), *FAST, "--labels", f"/dev/fd/{read_end}", "--json"], registry)
+    finally:
+        os.close(read_end)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["label"] == 3

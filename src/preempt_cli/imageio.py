@@ -870,6 +870,21 @@ def same_file(a: str | Path, b: str | Path) -> bool:
         return False
 
 
+#: How every whole PNG ends: its IEND chunk (length 0, type, CRC).
+_PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+
+
+def png_is_whole(path: str | Path) -> bool:
+    """Whether the PNG at ``path`` ends as a whole one does (its IEND chunk): a file cut short (a full disk,
+    an interrupted copy) does not. False when it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(-len(_PNG_END), os.SEEK_END)
+            return f.read() == _PNG_END
+    except (OSError, ValueError):
+        return False
+
+
 def is_fifo(path: str | Path) -> bool:
     """Whether ``path`` is a named pipe, which can be read only once (false when it cannot be looked at)."""
     try:

@@ -8,6 +8,7 @@ import glob
 import hashlib
 import logging
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,8 @@ class InputFile:
     #: a pattern (an argument with glob characters) that matched nothing: kept as an input so that it
     #: fails alone, saying so, while the other arguments are processed
     unmatched_pattern: bool = False
+    #: a folder of a walk that could not be listed, and why: kept as an input so that the run says so
+    unlisted: str | None = None
 
     @property
     def relative(self) -> Path:
@@ -57,23 +60,29 @@ def _is_output(path: Path, markers: tuple[str, ...]) -> bool:
     return path.suffix.lower() == ".png" and any(path.stem.endswith(m) for m in markers)
 
 
-def _walk(folder: Path, markers: tuple[str, ...]) -> list[Path]:
+def _walk(folder: Path, markers: tuple[str, ...]) -> list[InputFile]:
     """The image files under ``folder``, sorted. A symbolic link that leads nowhere (its target gone, or a
-    loop) is taken too, as a file it cannot read is: it fails with that reason instead of vanishing. Links
-    to folders are not followed (they can loop, or lead out of the tree): each is logged at ``-v``."""
+    loop) is taken too, as a file it cannot read is: it fails with that reason instead of vanishing. So is
+    a folder of the tree that cannot be listed (a path past 4,096 bytes, no permission): its images would
+    vanish unseen. Links to folders are not followed (they can loop, or lead out of the tree): each is
+    logged at ``-v``. Hidden entries are left out (see :func:`is_hidden_name`)."""
     found = []
-    for p in folder.rglob("*"):
-        image = p.suffix.lower() in IMAGE_SUFFIXES
-        if image and (os.path.isfile(p) or _is_broken_link(p)):
-            if not _is_output(p, markers) and not _is_hidden(p, folder):
-                found.append(p)
-        elif os.path.islink(p) and os.path.isdir(p) and not _is_hidden(p, folder):
-            _logger.info("%s: a link to a folder, not followed (name it to include its images)", p)
-    return sorted(found)
-
-
-def _is_hidden(path: Path, folder: Path) -> bool:
-    return any(is_hidden_name(part) for part in path.relative_to(folder).parts)
+    unlisted: list[OSError] = []
+    for top, folders, files in os.walk(folder, onerror=unlisted.append):
+        here = Path(top)
+        for name in folders:
+            if not is_hidden_name(name) and os.path.islink(here / name):
+                _logger.info("%s: a link to a folder, not followed (name it to include its images)", here / name)
+        folders[:] = [name for name in folders if not is_hidden_name(name)]
+        for name in files:
+            p = here / name
+            if is_hidden_name(name) or os.path.splitext(name)[1].lower() not in IMAGE_SUFFIXES or _is_output(p, markers):
+                continue
+            if os.path.isfile(p) or _is_broken_link(p) or _cannot_look_at(p):
+                found.append(InputFile(p, folder))
+    found.extend(InputFile(Path(e.filename), folder, unlisted=e.strerror or str(e)) for e in unlisted
+                 if e.filename is not None and not isinstance(e, FileNotFoundError))  # gone since: nothing lost
+    return sorted(found, key=lambda item: item.path)
 
 
 def is_hidden_name(part: str) -> bool:
@@ -84,6 +93,18 @@ def is_hidden_name(part: str) -> bool:
 
 def _is_broken_link(path: Path) -> bool:
     return os.path.islink(path) and not os.path.exists(path)
+
+
+def _cannot_look_at(path: Path) -> bool:
+    """Whether a name a folder listed cannot be looked at (a path of more than 4,096 bytes, deep in a tree):
+    taken as an input, it fails with that reason instead of vanishing from the run."""
+    try:
+        os.lstat(path)
+    except FileNotFoundError:  # gone since it was listed
+        return False
+    except OSError:
+        return True
+    return False
 
 
 #: How the image formats preempt reads begin (BMP's two letters with its zero reserved field, which no list
@@ -137,12 +158,14 @@ def collect_inputs(
     else the first occurrence wins, and it keeps its own place in the order.
 
     Raises:
-        ConfigError: no argument was given.
+        ConfigError: no argument was given, or an empty one.
     """
     # one path, not the list of its characters (iterating "photos" would walk "p", "h", ... and "/")
     args = [args] if isinstance(args, (str, os.PathLike)) else list(args)
     if not args:
         raise ConfigError("no input paths given")
+    if any(os.fspath(a) == "" for a in args):  # as Path("") it would be the current folder, walked whole
+        raise ConfigError("an empty input path (an unset variable?): name the files or folders to process")
     folders: list[Path] = []
     found = _collect(args, stdin, skip_markers, folders)
     # Several folders given: an empty one counts too, so that its neighbours' outputs do not move once it
@@ -210,7 +233,7 @@ def _collect(args: list[str | os.PathLike[str]], stdin: TextIO | None, skip_mark
         path = Path(text).expanduser()
         if os.path.isdir(path):
             folders.append(path)
-            found.extend(InputFile(p, path) for p in _walk(path, skip_markers))
+            found.extend(_walk(path, skip_markers))
         elif patterns and not os.path.exists(path) and glob.has_magic(text):
             # A pattern the shell passed on as is matched nothing: kept as an input of its own, it fails
             # with that reason while the other arguments are processed.
@@ -220,7 +243,7 @@ def _collect(args: list[str | os.PathLike[str]], stdin: TextIO | None, skip_mark
             for m in matches:
                 if os.path.isdir(m):
                     folders.append(m)
-                    found.extend(InputFile(p, m) for p in _walk(m, skip_markers))
+                    found.extend(_walk(m, skip_markers))
                 else:
                     found.append(InputFile(m))
         else:
@@ -231,6 +254,8 @@ def _collect(args: list[str | os.PathLike[str]], stdin: TextIO | None, skip_mark
 def read_failure(item: InputFile, reason: str) -> str:
     """Why ``item`` could not be read, from the reader's ``reason``: a command-line pattern that matched
     nothing says so, where the reader (which gets a path, not where it came from) says "no such file"."""
+    if item.unlisted is not None:
+        return f"a folder that cannot be listed ({item.unlisted}): its images are left out"
     return "no file matches this pattern" if item.unmatched_pattern and reason == "no such file" else reason
 
 
@@ -405,10 +430,10 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     """
     if text is None:
         return None
-    try:
-        k, n = (int(v) for v in text.split("/"))
-    except ValueError:
-        raise ConfigError(f"--shard must look like K/N (e.g. 1/4), got {text!r}") from None
+    match = re.fullmatch(r"\s*([0-9]+)\s*/\s*([0-9]+)\s*", text)  # digits only: int() also takes 1_0 and ٣
+    if match is None:
+        raise ConfigError(f"--shard must look like K/N (e.g. 1/4), got {text!r}")
+    k, n = int(match[1]), int(match[2])
     if not 1 <= k <= n:
         raise ConfigError(f"--shard K/N needs 1 <= K <= N, got {text!r}")
     return k, n

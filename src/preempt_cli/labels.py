@@ -11,7 +11,7 @@ import csv
 import json
 from pathlib import Path
 
-from .errors import LabelError
+from .errors import LabelError, first_line
 from .inputs import InputFile
 from .registry import ModelConfig
 
@@ -70,12 +70,15 @@ def read_label_file(path: Path | str) -> LabelMap:
         text = path.read_text(encoding="utf-8-sig")
     except OSError as e:
         raise LabelError(f"cannot read label file {path}: {e.strerror or e}") from e
+    except UnicodeDecodeError as e:  # e.g. a CSV that Excel saved in a Windows code page
+        line = e.object[: e.start].count(b"\n") + 1
+        raise LabelError(f"{path}: not UTF-8 text (line {line}); save it as UTF-8") from e
     entries: dict[str, str | int] = {}
     if path.suffix.lower() == ".json":
         try:
             doc = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise LabelError(f"{path}: not valid JSON ({e})") from e
+        except (ValueError, RecursionError) as e:  # RecursionError: nested past the parser's depth
+            raise LabelError(f"{path}: not valid JSON ({first_line(e)})") from e
         if isinstance(doc, dict):
             entries = {str(k): v for k, v in doc.items()}
         elif isinstance(doc, list) and all(isinstance(r, dict) for r in doc):

@@ -47,8 +47,10 @@ from .imageio import (
     DEFAULT_MAX_PIXELS,
     Picture,
     content_seed,
+    display_name,
     is_fifo,
     levels_to_float,
+    png_is_whole,
     nhwc_levels_to_arrays,
     quantize_batch,
     quantize_batch_on_device,
@@ -179,7 +181,7 @@ def parse_preempt_metadata(raw: str | None) -> dict[str, Any] | None:
         return None
     try:
         meta = json.loads(raw)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # not JSON; or nested past the parser's depth (a file made to break it)
         return None
     return meta if isinstance(meta, dict) else None
 
@@ -574,6 +576,10 @@ class Protector:
             # not ours (a file of the user's, a leftover): it does not show that this input was done
             return FileResult(item.path, "failed", reason=f"output {output} exists and is not a file preempt "
                                                           f"{self.kind}: move it, or {redo}")  # fmt: skip
+        if not png_is_whole(output):  # ours, cut short (its metadata comes first): made again, as an empty one is
+            _logger.warning("%s: output %s is cut short: it is made again", display_name(item.path),
+                            display_name(output))  # fmt: skip
+            return None
         recorded, current = meta.get("source_sha256"), _sha256_or_none(item.path)
         if current is None:
             # not a file whose bytes can be compared: a missing input with an output of its name had been

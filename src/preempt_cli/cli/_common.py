@@ -296,11 +296,14 @@ def print_table(table: Any) -> None:
 
 
 def folder_path(value: str) -> Path:
-    """An output folder's path as given. An empty value (``-o "$OUT"`` with ``OUT`` unset) is refused:
-    as ``Path("")`` it would silently mean the current folder."""
+    """An output folder's path, ``~`` expanded as in input paths (a quoted ``'~/out'``: the folder checked
+    is the folder written). An empty value (``-o "$OUT"`` with ``OUT`` unset) is refused: as ``Path("")``
+    it would silently mean the current folder; so is ``-``, which elsewhere means stdout."""
     if not value:
         raise typer.BadParameter("empty (an unset variable?): give a folder, or leave the option out")
-    return Path(value)
+    if value == "-":
+        raise typer.BadParameter("'-' is no folder: outputs are files; give a folder (./- if you mean one named so)")
+    return Path(value).expanduser()
 
 
 def check_out_dir(path: Path | None, option: str = "--out-dir") -> None:

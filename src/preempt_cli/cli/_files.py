@@ -150,7 +150,7 @@ def _labels(value: str) -> str | LabelMap:
     if value in ("classifier", "backbone", "folders"):
         return value
     path = Path(value).expanduser()
-    if not path.is_file():
+    if not (os.path.isfile(path) or is_fifo(path)):  # a pipe too: --labels <(make-labels)
         raise ConfigError(f"--labels must be classifier, backbone, folders or a label file; {value!r} is none")
     return read_label_file(path)
 
@@ -506,6 +506,10 @@ def _white_box_reverter(meta: dict[str, Any], model: Callable[[str], Any], seed:
     Raises:
         PreemptError, TypeError, ValueError: a recorded model cannot be loaded, or a setting is not valid.
     """
+    for role in ("backbone", "classifier"):  # edited metadata: a number or null is no model's name
+        name = meta.get(role)
+        if (role == "backbone" or name is not None) and not (isinstance(name, str) and name):
+            raise ValueError(f"recorded {role} {name!r} is not a model name (edited metadata?): revert it black-box")
     bb = model(meta["backbone"])
     if meta.get("backbone_sha256") and bb.weights_sha256 and meta["backbone_sha256"] != bb.weights_sha256:
         _logger.warning("backbone %s differs from the weights that protected %d file(s)", bb.name, files)
