@@ -1636,13 +1636,18 @@ def test_an_out_dir_whose_folder_name_is_too_long_is_refused_before_any_work(tmp
     assert "a folder name of 300 bytes, more than the 255" in result.stderr
 
 
-def test_an_image_piped_in_place_of_a_list_of_paths_is_a_usage_error(tmp_path: Path, registry: Path) -> None:
+def test_an_image_piped_in_place_of_a_list_of_paths_is_a_usage_error(tmp_path: Path, registry: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     (good,) = _images(tmp_path, n=1)
     result = run(["protect", "-", *FAST, "--labels", "backbone"], registry, input=good.read_bytes())
     assert result.exit_code == 2, result.output
     assert result.stderr.startswith("error: stdin holds PNG image data, not a list of paths")
     assert len(result.stderr.strip().splitlines()) == 1
     assert not list(tmp_path.glob("*.protected.png"))
+    good.rename(tmp_path / "GIF89a.png")  # a list whose first file is named as a GIF starts is a list
+    monkeypatch.chdir(tmp_path)
+    result = run(["protect", "-", *FAST, "--labels", "backbone"], registry, input="GIF89a.png\n")
+    assert result.exit_code == 0 and (tmp_path / "GIF89a.protected.png").is_file(), result.output
 
 
 @pytest.mark.skipif(os.name != "posix" or sys.platform == "darwin", reason="names of bytes that are not UTF-8")

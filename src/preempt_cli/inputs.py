@@ -125,7 +125,8 @@ def path_list_text(data: bytes, source: str = "stdin") -> str:
     kind = next((name for magic, at, name in _IMAGE_MAGIC if data[at : at + len(magic)] == magic), None)
     if kind is None and data[:2] == b"BM" and data[6:10] == b"\0\0\0\0":
         kind = "BMP"
-    if kind is not None:
+    first = re.split(b"[\0\n]", data, maxsplit=1)[0]
+    if kind is not None and not os.path.lexists(first):  # a list whose first file is named GIF89a.png is one
         raise ConfigError(f"{source} holds {kind} image data, not a list of paths: '-' reads the paths of the "
                           f"images, one per line (or NUL-separated); save the image to a file and name that")  # fmt: skip
     return os.fsdecode(data)
