@@ -79,3 +79,25 @@ def test_other_protocol_pickles_are_explained_without_torch_warnings(tmp_path) -
         with pytest.raises(ConfigError):
             convert_checkpoint(ckpt, tmp_path / "o.safetensors")
     assert not [w for w in caught if issubclass(w.category, UserWarning)], [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize(("output", "force", "message"), [
+    (".", True, ".: is a folder: name the .safetensors file to write (e.g. ok.safetensors)"),
+    ("sub", False, "sub: is a folder: name the .safetensors file to write (e.g. sub/ok.safetensors)"),
+    ("sub", True, "sub: is a folder: name the .safetensors file to write (e.g. sub/ok.safetensors)"),
+    ("ok.pt/x.safetensors", False, "ok.pt/x.safetensors: ok.pt is a file, not a folder"),
+    ("ok.pt/new/x.safetensors", False, "ok.pt/new/x.safetensors: ok.pt is a file, not a folder"),
+])  # fmt: skip
+def test_an_output_that_is_a_folder_or_under_a_file_is_a_usage_error_before_any_work(
+    output: str, force: bool, message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # "cannot write: Device or resource busy" (onto .) or "Is a directory", exit 1, once the checkpoint was read
+    monkeypatch.chdir(tmp_path)
+    torch.save({"w": torch.zeros(2)}, tmp_path / "ok.pt")
+    (tmp_path / "sub").mkdir()
+    loads: list[object] = []
+    monkeypatch.setattr(torch, "load", lambda *a, **kw: loads.append(a))
+    result = CliRunner().invoke(app, ["models", "convert", "ok.pt", output, *(["--force"] if force else [])])
+    assert result.exit_code == 2, result.output
+    assert result.stderr == f"error: {message}\n" and not loads
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["ok.pt", "sub"]

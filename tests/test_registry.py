@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import re
+import stat
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,10 +18,12 @@ from preempt_cli.registry import (
     Source,
     builtin_class_sets,
     builtin_registry_path,
+    check_registrable,
     get_model_config,
     list_models,
     load_registry,
     parse_source,
+    register_model,
     registry_files,
     user_registry_path,
     with_source,
@@ -176,13 +180,93 @@ def test_preempt_registry_env_names_the_user_registry(isolated_config: Path, tmp
     assert user_registry_path() == env_file
     models = load_registry()
     assert "my-robust" in models and "from-xdg" not in models
-    # A PREEMPT_REGISTRY that does not exist is simply no user registry.
+    # A PREEMPT_REGISTRY that does not exist is an error naming it, as a missing --registry file is (a typo
+    # dropped its models without a word: "unknown model")
     monkeypatch.setenv("PREEMPT_REGISTRY", str(tmp_path / "absent.toml"))
-    assert "my-robust" not in load_registry()
+    absent = re.escape(str(tmp_path / "absent.toml"))
+    with pytest.raises(RegistryError, match=f"^{absent}: PREEMPT_REGISTRY names no file"):
+        load_registry()
     # A folder there is a mistake to name, not "no registry": it used to be skipped silently.
     monkeypatch.setenv("PREEMPT_REGISTRY", str(tmp_path / "elsewhere"))
     with pytest.raises(RegistryError, match="PREEMPT_REGISTRY is a directory"):
         load_registry()
+
+
+def test_a_preempt_registry_naming_no_file_is_refused_by_reading_and_registering(tmp_path, monkeypatch) -> None:
+    # a typo in PREEMPT_REGISTRY said only "unknown model 'k1'", as if the file had no such row
+    from typer.testing import CliRunner
+
+    from preempt_cli.cli import app
+
+    typo = tmp_path / "typo.toml"
+    monkeypatch.setenv("PREEMPT_REGISTRY", str(typo))
+    result = CliRunner().invoke(app, ["models", "show", "k1"])
+    assert result.exit_code == 2, result.output
+    assert result.stderr == (f"error: {typo}: PREEMPT_REGISTRY names no file (registry file not found): correct it, "
+                             "create the file (an empty one is an empty registry), or unset PREEMPT_REGISTRY\n")  # fmt: skip
+    # as a --registry file naming none is (with the user registry in the config dir, which may be missing)
+    monkeypatch.delenv("PREEMPT_REGISTRY")
+    result = CliRunner().invoke(app, ["models", "show", "k1", "--registry", str(typo)])
+    assert result.exit_code == 2 and result.stderr == f"error: {typo}: registry file not found\n", result.output
+    # registering there (train, keygen) is refused before their work, and creates nothing
+    monkeypatch.setenv("PREEMPT_REGISTRY", str(typo))
+    with pytest.raises(RegistryError, match="PREEMPT_REGISTRY names no file"):
+        check_registrable("k1")
+    assert not typo.exists()
+    typo.write_text("")  # created: an empty registry, which registering fills
+    assert "k1" not in load_registry()
+    register_model("k1", {"arch": "cifar_resnet20", "source": "file:/keys/k1.safetensors"})
+    assert get_model_config("k1").registry_file == typo
+
+
+def test_registering_writes_through_a_linked_user_registry_and_keeps_its_mode(isolated_config: Path, tmp_path) -> None:
+    # a registry kept in a dotfiles repository and linked into the config dir: registering replaced the link
+    # by a file of its own, readable by all (0644), and the private (0600) file it led to got no row
+    real = _write(tmp_path / "dotfiles" / "models.toml", "# my keys\n")
+    real.chmod(0o600)
+    link = isolated_config / "preempt" / "models.toml"
+    link.parent.mkdir()
+    link.symlink_to(real)
+    row = {"arch": "cifar_resnet20", "source": "file:/keys/k1.safetensors"}
+    assert register_model("k1", row) == link
+    assert link.is_symlink() and link.resolve() == real.resolve()
+    assert stat.S_IMODE(real.stat().st_mode) == 0o600
+    assert real.read_text().startswith("# my keys\n") and "[models.k1]" in real.read_text()
+    assert get_model_config("k1").source.location == "/keys/k1.safetensors"
+    assert [p.name for p in link.parent.iterdir()] == ["models.toml"]  # no lock nor probe left beside the link
+    # a link to a file not yet made (a fresh checkout of the dotfiles): the file is made where it leads
+    link.unlink()
+    link.symlink_to(tmp_path / "new" / "models.toml")
+    register_model("k2", {**row, "source": "file:/keys/k2.safetensors"})
+    assert link.is_symlink() and "[models.k2]" in (tmp_path / "new" / "models.toml").read_text()
+    # a plain file keeps its mode too
+    plain = _write(tmp_path / "plain.toml", "")
+    plain.chmod(0o640)
+    register_model("k3", row, plain)
+    assert stat.S_IMODE(plain.stat().st_mode) == 0o640 and "[models.k3]" in plain.read_text()
+
+
+@pytest.mark.parametrize("fails", ["lock", "write"])
+def test_a_registry_unwritable_after_its_check_is_a_one_line_registry_error(fails: str, tmp_path, monkeypatch) -> None:
+    # checked before the work, the folder may still change before the result is registered: the lock's
+    # mkdir raised a bare NotADirectoryError ("internal error"), the write an ImageWriteError (exit 1)
+    import preempt_cli.registry as registry
+
+    monkeypatch.setattr(registry, "_check_writable", lambda path: None, raising=False)  # the check passed
+    if fails == "lock":
+        (tmp_path / "afile").write_bytes(b"")  # a file where the registry's folder should be
+        path, reason = tmp_path / "afile" / "models.toml", "cannot be written: cannot create its lock file"
+    else:
+        path, reason = tmp_path / "models.toml", "cannot write: Permission denied"
+
+        def denied(*args, **kwargs):  # root writes anywhere: refuse the write's temporary file
+            raise PermissionError(13, "Permission denied")
+
+        monkeypatch.setattr(tempfile, "mkstemp", denied)
+    with pytest.raises(RegistryError) as info:
+        register_model("k1", {"arch": "cifar_resnet20", "source": "file:/keys/k1.safetensors"}, path)
+    assert str(info.value).startswith(f"{path}: {reason}") and "\n" not in str(info.value), str(info.value)
+    assert not path.exists()
 
 
 def test_extra_registry_with_base_inheritance(isolated_config: Path, tmp_path) -> None:

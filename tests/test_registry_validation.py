@@ -57,6 +57,17 @@ def test_malformed_registry_is_one_line_naming_the_file(content, words, tmp_path
     assert "internal error" not in result.stderr
 
 
+@pytest.mark.parametrize("command", [["list"], ["show", "h2"], ["verify", "h2"]], ids=["list", "show", "verify"])
+def test_models_commands_print_registry_warnings_as_warnings(command: list[str], tmp_path) -> None:
+    # the models commands set up no logging: the line came bare, without the "warning: " of the other commands
+    path = _write(tmp_path / "reg.toml", '[models.h2]\narch = "cifar_resnet20"\nsource = "hf://a/b/c.safetensors"\n'
+                                         f'sha256 = "{"a" * 64}"\n')  # fmt: skip
+    result = CliRunner().invoke(app, ["models", *command, "--registry", str(path)])
+    lines = [line for line in result.stderr.splitlines() if "pins a sha256" in line]
+    assert lines == [f"warning: {path}: model 'h2' pins a sha256 but its source hf://a/b/c.safetensors follows the "
+                     "main branch, which can move: pin a commit (@<40-hex sha>)"], result.stderr  # fmt: skip
+
+
 def test_weights_passed_as_registry_are_recognised(tmp_path) -> None:
     path = _write(tmp_path / "w.safetensors", _safetensors_bytes())
     with pytest.raises(RegistryError, match="not a TOML registry but a safetensors weights file") as info:

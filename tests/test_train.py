@@ -616,6 +616,49 @@ def test_cli_an_unwritable_output_fails_before_training(command: str, out: str, 
     assert len(result.stderr.strip().splitlines()) == 1 and "training on" not in result.stderr
 
 
+@pytest.mark.parametrize("blocked", ["file", "unwritable"])
+@pytest.mark.parametrize("command", ["train", "keygen"])
+def test_cli_a_registry_that_cannot_be_written_fails_before_training(command: str, blocked: str, colour_dir: Path,
+                                                                   tmp_path: Path, isolated_config: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    # XDG_CONFIG_HOME naming a file: the weights were written, then "internal error: NotADirectoryError"
+    # (exit 2), and a re-run said that they exist
+    import tempfile
+
+    if blocked == "file":
+        (tmp_path / "afile").write_bytes(b"")
+        monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "afile"))
+        registry, reason = tmp_path / "afile" / "preempt" / "models.toml", f"{tmp_path / 'afile'} is a file, not a folder"
+    else:
+        config = isolated_config / "preempt"
+        config.mkdir()
+        registry, reason = config / "models.toml", f"in {config} (Permission denied)"
+        real = tempfile.mkstemp
+
+        def denied(*args, **kwargs):  # root writes anywhere: refuse the config folder alone
+            if Path(kwargs.get("dir", "")) == config:
+                raise PermissionError(13, "Permission denied")
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(tempfile, "mkstemp", denied)
+    out = tmp_path / "k.safetensors"
+    small = ["--epochs", "1", "--max-batches", "1", "--holdout", "0", "--eval-images", "0", "--amp", "off",
+             "--device", "cpu", "-q"]  # fmt: skip
+    if command == "train":
+        args = ["train", str(colour_dir), "--arch", "cifar_resnet20", "--batch-size", "8", *small]
+    else:
+        args = ["keygen", "--base", "no-such-model", "--data", str(colour_dir), *small]
+    result = CliRunner().invoke(app, [*args, "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert result.stderr == (f"error: {registry}: cannot be written{'' if blocked == 'unwritable' else ':'} {reason}; "
+                             "name a registry you can write with PREEMPT_REGISTRY, or pass --no-register\n"), result.stderr
+    assert not out.exists() and not checkpoint_path(out).exists()
+    # --no-register trains, as the message says
+    if command == "train":
+        result = CliRunner().invoke(app, [*args, "--out", str(out), "--no-register"])
+        assert result.exit_code == 0 and out.is_file(), result.output
+
+
 def test_cli_a_row_the_registry_refuses_fails_before_training(colour_dir: Path, tmp_path: Path, isolated_config: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     import preempt_cli.cli._train as cli_train

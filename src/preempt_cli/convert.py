@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import warnings
 from pathlib import Path
@@ -100,12 +101,20 @@ def convert_checkpoint(
     ``output`` is replaced only with ``overwrite``; the checkpoint itself never.
 
     Raises:
-        ConfigError: ``output`` is the checkpoint, or exists without ``overwrite``; unreadable checkpoint, no
-            state dict in it, or two keys that are the same once a prefix is stripped.
+        ConfigError: ``output`` is the checkpoint, a folder, under a file, or exists without ``overwrite``;
+            unreadable checkpoint, no state dict in it, or two keys that are the same once a prefix is stripped.
         ImageWriteError: the output cannot be written.
     """
     if same_file(checkpoint, output) or (not output.exists() and checkpoint.absolute() == output.absolute()):
         raise ConfigError(f"{output}: is the checkpoint itself; name another output file")
+    if output.is_dir():  # else "exists", or with --force a rename onto it failing once the checkpoint is read
+        raise ConfigError(f"{output}: is a folder: name the .safetensors file to write (e.g. "
+                          f"{output / checkpoint.with_suffix('.safetensors').name})")  # fmt: skip
+    folder = output.parent
+    while not os.path.exists(folder) and folder != folder.parent:  # missing folders are created, as for train
+        folder = folder.parent
+    if not os.path.isdir(folder):
+        raise ConfigError(f"{output}: {folder} is a file, not a folder")
     if output.exists() and not overwrite:
         raise ConfigError(f"{output}: exists; pass --force to replace it")
     if checkpoint.is_dir():

@@ -795,10 +795,12 @@ def _temp_prefix(name: str, name_max: int) -> str:
 
 
 @contextmanager
-def atomic_write(path: Path, *, fsync: bool = True, replace: bool = True) -> Iterator[BinaryIO]:
+def atomic_write(path: Path, *, fsync: bool = True, replace: bool = True, mode: int | None = None) -> Iterator[BinaryIO]:
     """A binary file to write ``path`` through: a temporary file beside it, flushed to disk (``fsync``) and
     renamed over ``path`` only when the block completes, removed otherwise. Without ``fsync`` a power loss
     right after the rename can leave ``path`` empty (never a half-written file under its name otherwise).
+    ``mode``: the permission bits the file gets (default: a new file's, see :func:`new_file_mode`), set
+    before anything is written (a private file's content is never readable by others, even for a moment).
 
     ``replace=False``: ``path`` did not exist when the caller decided to write it, and is not replaced
     should it appear meanwhile (another run writing the same outputs): :class:`ImageWriteError` then, and
@@ -819,7 +821,7 @@ def atomic_write(path: Path, *, fsync: bool = True, replace: bool = True) -> Ite
                                         f"can have here ({shorter})")  # fmt: skip
         fd, tmp_name = tempfile.mkstemp(prefix=_temp_prefix(path.name, longest or NAME_MAX), suffix=".tmp",
                                         dir=path.parent)  # fmt: skip
-        os.chmod(tmp_name, new_file_mode())
+        os.chmod(tmp_name, new_file_mode() if mode is None else mode)
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()

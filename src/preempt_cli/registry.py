@@ -18,13 +18,15 @@ import logging
 import math
 import os
 import re
+import stat
 import sys
+import tempfile
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
-from .errors import RegistryError, UnknownModelError, clip
+from .errors import ImageWriteError, RegistryError, UnknownModelError, clip
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -533,18 +535,36 @@ def _as_row(cfg: ModelConfig) -> dict[str, Any]:
     }
 
 
+def _existing_user_registry() -> Path | None:
+    """The user registry file, or None where the default one (in the config dir) does not exist yet.
+
+    Raises:
+        RegistryError: ``PREEMPT_REGISTRY`` names no file (a typo would otherwise drop its models without a
+            word, as a missing ``--registry`` file does not), or the user registry is a folder or not a
+            regular file.
+    """
+    user = user_registry_path()
+    named = bool(os.environ.get("PREEMPT_REGISTRY"))
+    if user.is_file():
+        return user
+    if user.exists():  # a folder there is a mistake to name, not "no registry"
+        kind = "a directory" if user.is_dir() else "not a regular file"
+        raise RegistryError(user, f"{'PREEMPT_REGISTRY' if named else 'the user registry'} is {kind}, not a "
+                                  "registry file (a TOML file)")  # fmt: skip
+    if named:  # the default one is created by the first train or keygen; a file named is meant to exist
+        raise RegistryError(user, "PREEMPT_REGISTRY names no file (registry file not found): correct it, create "
+                                  "the file (an empty one is an empty registry), or unset PREEMPT_REGISTRY")  # fmt: skip
+    return None
+
+
 def registry_files(extra: Iterable[Path | str] | Path | str = ()) -> list[Path]:
     """The registry files in effect, lowest precedence first. ``extra``: files, or one file."""
     if isinstance(extra, (str, os.PathLike)):  # one file, not the list of its characters ("r", "e", ...)
         extra = [extra]
     files = [builtin_registry_path()]
-    user = user_registry_path()
-    if user.is_file():
+    user = _existing_user_registry()
+    if user is not None:
         files.append(user)
-    elif user.exists():  # missing is fine (``models add`` creates it); a folder there is a mistake to name
-        source = "PREEMPT_REGISTRY" if os.environ.get("PREEMPT_REGISTRY") else "the user registry"
-        kind = "a directory" if user.is_dir() else "not a regular file"
-        raise RegistryError(user, f"{source} is {kind}, not a registry file (a TOML file)")
     for p in extra:
         p = Path(p).expanduser()
         if p.is_dir():
@@ -615,15 +635,61 @@ def _builtin_names() -> set[str]:
     return set(_read_toml(builtin_registry_path()).get("models", {}))
 
 
+def _link_target(path: Path) -> Path:
+    """The file a write to the registry ``path`` changes: where a symbolic link leads (a registry kept in a
+    dotfiles repository), not the link, which renaming a new file into place would replace."""
+    return Path(os.path.realpath(path))
+
+
+def _check_writable(path: Path) -> None:
+    """Refuse a registry file that could not be written, before the work whose result it would hold (a
+    trained model): a folder or a looping link there, a file where its folder should be, or a folder this
+    process cannot write (a temporary file is created and removed there; missing folders are not created
+    yet, their nearest existing one is tried).
+
+    Raises:
+        RegistryError: one line saying which.
+    """
+    target = _link_target(path)
+    if os.path.islink(target):  # realpath stops at a loop
+        raise RegistryError(path, "is a symbolic link that leads to no file (a loop): point it at a file")
+    if os.path.exists(target) and not os.path.isfile(target):
+        kind = "a directory" if os.path.isdir(target) else "not a regular file"
+        raise RegistryError(path, f"is {kind}, not a registry file (a TOML file)")
+    folder = target.parent
+    while not os.path.exists(folder) and folder != folder.parent:  # created when the registry is written
+        folder = folder.parent
+    if not os.path.isdir(folder):
+        raise RegistryError(path, f"cannot be written: {folder} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".preempt-write-test.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise RegistryError(path, f"cannot be written in {folder} ({e.strerror or e})") from None
+
+
 def check_registrable(name: str, path: Path | str | None = None, *, overwrite: bool = False) -> Path:
     """Check, before any work is done, that ``register_model(name, ..., path, overwrite=overwrite)`` can
     succeed: a valid name, not a built-in model's (unless ``overwrite``), not already in ``path`` (unless
-    ``overwrite``). Returns the registry file that would be written (default: the user registry).
+    ``overwrite``), and a registry file that can be written. Returns the registry file that would be written
+    (default: the user registry).
 
     Raises:
-        RegistryError: the name is invalid, a built-in model's, or already registered there.
+        RegistryError: the name is invalid, a built-in model's, or already registered there; the registry
+            file cannot be written; ``PREEMPT_REGISTRY`` names no file.
     """
-    path = Path(path).expanduser() if path is not None else user_registry_path()
+    if path is None:
+        _existing_user_registry()  # a PREEMPT_REGISTRY naming no file is refused here too
+        path = user_registry_path()
+        try:
+            _check_writable(path)
+        except RegistryError as e:  # the user did not name this file: say how to register elsewhere
+            raise RegistryError(path, f"{e.reason}; name a registry you can write with PREEMPT_REGISTRY, or "
+                                      "pass --no-register") from None  # fmt: skip
+    else:
+        path = Path(path).expanduser()
+        _check_writable(path)
     if not name or any(c not in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_." for c in name):
         raise RegistryError(path, f"invalid model name {name!r} (letters, digits, '-', '_', '.')")
     if overwrite:
@@ -645,13 +711,17 @@ def register_model(name: str, row: Mapping[str, Any], path: Path | None = None, 
     registry; other rows and comments are kept. Returns the file written. A name that is not a TOML bare key
     (``key.v2``) is written quoted (``[models."key.v2"]``).
 
+    A registry that is a symbolic link is written through: its target changes, keeping its permissions
+    (it lists where private keys are).
+
     Raises:
         RegistryError: the name is invalid, a built-in model's or already registered here and ``overwrite``
-            is false, or the row is invalid.
+            is false, the row is invalid, or the file cannot be written.
     """
     path = check_registrable(name, path, overwrite=overwrite)
-    with _registry_lock(path):  # two jobs registering at once each kept only its own row
-        _register_locked(name, row, path, overwrite=overwrite)
+    target = _link_target(path)  # a link is written through, not replaced by a file of its own
+    with _registry_lock(target):  # two jobs registering at once each kept only its own row
+        _register_locked(name, row, target, overwrite=overwrite)
     _load_cached.cache_clear()
     return path
 
@@ -666,8 +736,14 @@ def _registry_lock(path: Path) -> Iterator[None]:
     except ImportError:  # pragma: no cover - Windows
         yield
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(f".{path.name}.lock"), "a") as lock:
+    lock_path = path.with_name(f".{path.name}.lock")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(lock_path, "a")
+    except OSError as e:  # checked before the work, but the folder may have changed since
+        raise RegistryError(path, f"cannot be written: cannot create its lock file {lock_path} "
+                                  f"({e.strerror or e})") from None  # fmt: skip
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
@@ -713,7 +789,12 @@ def _text_without_row(path: Path, text: str, name: str) -> str:
 
 
 def _register_locked(name: str, row: Mapping[str, Any], path: Path, *, overwrite: bool) -> None:
-    text = path.read_text(encoding="utf-8") if path.is_file() else ""
+    try:
+        existed = path.is_file()
+        text = path.read_text(encoding="utf-8") if existed else ""
+        mode = stat.S_IMODE(path.stat().st_mode) if existed else None  # kept: a private registry stays private
+    except (OSError, UnicodeDecodeError) as e:
+        raise RegistryError(path, f"cannot be read: {getattr(e, 'strerror', None) or e}") from None
     existing = tomllib.loads(text).get("models", {}) if text.strip() else {}
     if name in existing and not overwrite:  # registered meanwhile by another job
         raise RegistryError(path, f"model {name!r} is already registered here (overwrite it with --force)")
@@ -733,5 +814,8 @@ def _register_locked(name: str, row: Mapping[str, Any], path: Path, *, overwrite
         raise RegistryError(path, f"registering {name!r} would not give valid TOML: {e}") from e
     from .imageio import atomic_write  # not at the top: `preempt models list` need not import Pillow
 
-    with atomic_write(path) as f:  # a crash mid-write must not leave the user's registry truncated
-        f.write(new_text.encode("utf-8"))
+    try:
+        with atomic_write(path, mode=mode) as f:  # a crash mid-write must not leave the user's registry truncated
+            f.write(new_text.encode("utf-8"))
+    except ImageWriteError as e:  # a setup error (exit 2), as the registry's other errors, not a failed input
+        raise RegistryError(path, e.reason) from None

@@ -23,6 +23,12 @@ app = typer.Typer(
 )
 
 
+@app.callback()
+def _models() -> None:
+    # the logging of the other commands: a registry's warnings read "warning: FILE: ...", not a bare line
+    c.setup_logging(0, False)
+
+
 def _row(cfg: ModelConfig) -> dict[str, Any]:
     return {
         "name": cfg.name,
