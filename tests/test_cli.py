@@ -1789,3 +1789,11 @@ def test_labels_can_come_from_a_pipe(tmp_path: Path, registry: Path) -> None:
         os.close(read_end)
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["label"] == 3
+
+
+def test_an_eps_under_one_level_warns_that_8_bit_outputs_equal_their_originals(tmp_path: Path, registry: Path) -> None:
+    (good,) = _images(tmp_path, n=1)
+    result = run(["protect", str(good), *FAST, "--labels", "backbone", "--eps", "0.003"], registry)
+    assert result.exit_code == 0
+    assert "warning: eps 0.003 is under one level of an 8-bit image (1/255)" in result.stderr
+    assert "warning" not in run(["protect", str(good), *FAST, "--labels", "backbone", "--overwrite"], registry).stderr

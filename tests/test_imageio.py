@@ -1161,3 +1161,60 @@ def test_a_ppm_of_more_than_8_bits_is_refused_and_16_bit_gray_kept(tmp_path: Pat
                                         .astype(">u2").tobytes())  # fmt: skip
     gray = read_image(tmp_path / "gray.pgm")
     assert gray.color.dtype == np.uint16 and np.array_equal(gray.color[:, :, 0], levels[:, :, 0] * 65)
+
+
+def test_a_tiff_is_turned_by_its_own_orientation_tag_alone_and_its_resolution_with_it(tmp_path) -> None:
+    """Pillow's TIFF plugin turns a TIFF as it loads it, taking the orientation from XMP too, and deletes
+    the tag: an XMP-only TIFF was written rotated, and a tagged one kept its resolution's axes unswapped."""
+    from PIL import ImageOps, TiffImagePlugin
+
+    arr = np.random.default_rng(2).integers(0, 256, (48, 40, 3)).astype(np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(arr).save(tmp_path / "o6.tif", exif=exif.tobytes(), dpi=(72, 144))
+    turned = read_image(tmp_path / "o6.tif")
+    with Image.open(tmp_path / "o6.tif") as img:
+        assert np.array_equal(turned.color, np.asarray(ImageOps.exif_transpose(img)))
+    assert turned.size == (48, 40) and turned.dpi == pytest.approx((144, 72))
+    xmp = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+           b'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>')
+    tags = TiffImagePlugin.ImageFileDirectory_v2()
+    tags[700] = xmp
+    tags.tagtype[700] = 1
+    Image.fromarray(arr).save(tmp_path / "xmp6.tif", tiffinfo=tags)
+    as_stored = read_image(tmp_path / "xmp6.tif")
+    assert as_stored.size == (40, 48) and np.array_equal(as_stored.color, arr)
+    assert as_stored.dpi is None  # no resolution tags: not Pillow's default of 1 dpi (a 40-inch print)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_a_low_depth_gray_pngs_transparent_level_becomes_alpha(tmp_path, bits: int) -> None:
+    """Pillow scales a 2- or 4-bit PNG's pixels to 0..255 but reports its tRNS grey as stored: compared as
+    they were, no pixel was transparent in the output."""
+    levels = np.random.default_rng(3).integers(0, 2**bits, (16, 16)).astype(np.uint8)
+    top = 2**bits - 1
+    rows = b"".join(b"\0" + np.packbits(np.unpackbits(r[:, None], axis=1)[:, 8 - bits :].ravel()).tobytes()
+                    for r in levels)  # fmt: skip
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    path = tmp_path / f"g{bits}.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 16, 16, bits, 0, 0, 0, 0))
+                     + chunk(b"tRNS", struct.pack(">H", top)) + chunk(b"IDAT", zlib.compress(rows))
+                     + chunk(b"IEND", b""))  # fmt: skip
+    picture = read_image(path)
+    assert picture.mode == "LA"
+    assert np.array_equal(picture.alpha == 0, levels == top) and (levels == top).any()
+    assert np.array_equal(picture.color[:, :, 0], (levels.astype(np.int64) * 255 // top).astype(np.uint8))
+
+
+def test_an_sgi_of_16_bits_a_channel_is_refused(tmp_path) -> None:
+    """Pillow decodes an SGI of 2 bytes a sample to 8 bits, as it does 48-bit PNGs and TIFFs."""
+    arr = np.random.default_rng(4).integers(0, 65536, (8, 8, 3)).astype(np.uint16)
+    Image.fromarray((arr >> 8).astype(np.uint8)).save(tmp_path / "rgb24.sgi", format="SGI")
+    assert read_image(tmp_path / "rgb24.sgi").mode == "RGB"  # 8 bits: read as it is
+    header = struct.pack(">hBBHHHHiI", 474, 0, 2, 3, 8, 8, 3, 0, 65535).ljust(512, b"\0")
+    (tmp_path / "rgb48.sgi").write_bytes(header + b"".join(arr[::-1, :, c].astype(">u2").tobytes() for c in range(3)))
+    with pytest.raises(ImageReadError, match="a SGI of 16 bits per channel, which Pillow decodes to 8 bits"):
+        read_image(tmp_path / "rgb48.sgi")

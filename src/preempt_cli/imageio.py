@@ -399,7 +399,7 @@ def read_image(path: Path | str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Pic
 
     Raises:
         ImageReadError: missing, empty, not an image, truncated or corrupt, too many pixels, a PNG, TIFF
-            or PPM of more than 8 bits per colour channel (Pillow decodes it to 8).
+            PPM or SGI of more than 8 bits per colour channel (Pillow decodes it to 8).
     """
     path = Path(path)
     img, sha256 = _open(path, max_pixels)
@@ -411,6 +411,7 @@ def read_image(path: Path | str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Pic
             # so the output would be 8-bit, and its budget would hold on that copy, not on the original
             raise ImageReadError(path, f"a {source_format} of {deeper}, which Pillow decodes to 8 bits: the "
                                        "output would lose depth unseen; protect an 8-bit copy")  # fmt: skip
+        gray_transparency = _low_depth_gray_transparency(img)  # before a PNG's text, which loads it
         text = {k: v for k, v in getattr(img, "text", {}).items() if isinstance(v, str)}
         icc = img.info.get("icc_profile")
         frames = getattr(img, "n_frames", 1)
@@ -419,11 +420,21 @@ def read_image(path: Path | str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Pic
         notes = ((f"has {frames} frames (an animation or a multi-page file): only the first is protected",)
                  if frames > 1 and source_format != "MPO" else ())  # fmt: skip
         img.seek(0)
+        tiff_orientation = None
+        if source_format == "TIFF":
+            # Pillow's TIFF plugin turns a TIFF upright as it loads it, and deletes its orientation tag; it
+            # takes the orientation from XMP too, which browsers do not. Read here, and kept from Pillow:
+            # applied below as for any other file (its resolution's axes swapped with it).
+            tiff_orientation = _exif_orientation(img, _exif_block(img.info))
+            img.getexif().pop(0x0112, None)
         img.load()  # may check a frame's or tile's size (GIF, TIFF, ICO) against Pillow's limit: see below
+        if gray_transparency is not None:
+            img.info["transparency"] = gray_transparency
         colour_chunks = _png_colour_chunks(img.info) if source_format == "PNG" else ()
         exif = _exif_block(img.info)  # parsed once: the resolution and the orientation are read from it
         dpi = _dpi(img, exif)
-        upright = _UPRIGHT.get(_exif_orientation(img, exif))
+        orientation = tiff_orientation if source_format == "TIFF" else _exif_orientation(img, exif)
+        upright = _UPRIGHT.get(orientation)
         if upright is not None:
             img = img.transpose(upright)
             if dpi is not None and upright in _SWAPS_AXES:
@@ -501,6 +512,19 @@ def _exif_block(info: Mapping[str, object]) -> Image.Exif | None:
     return exif
 
 
+def _low_depth_gray_transparency(img: Image.Image) -> int | None:
+    """The transparent grey of a 2- or 4-bit grayscale PNG (tRNS) in the 0..255 levels Pillow decodes its
+    pixels to, or None. Pillow scales those pixels (a 2-bit 3 becomes 255), not the tRNS value it reports
+    (3): compared as they are, no pixel matched, and transparent pixels came out opaque."""
+    raw_mode = getattr(getattr(img, "png", None), "im_rawmode", None) or ""
+    transparency = img.info.get("transparency")
+    match = re.fullmatch(r"L;([24])I?", raw_mode)
+    if match is None or not isinstance(transparency, int):
+        return None
+    top = 2 ** int(match[1]) - 1
+    return transparency * 255 // top if 0 <= transparency <= top else None
+
+
 def _dpi(img: Image.Image, exif: Image.Exif | None) -> tuple[float, float] | None:
     """The print resolution the file states (PNG's pHYs, TIFF's, a JPEG's JFIF density or EXIF resolution),
     when it is one a PNG can hold. Of a JPEG, only one stated with its unit: Pillow gives 72 dpi to a
@@ -515,6 +539,8 @@ def _dpi(img: Image.Image, exif: Image.Exif | None) -> tuple[float, float] | Non
                 value = (float(x) * per_inch, float(y or x) * per_inch)
             except (TypeError, ValueError, ZeroDivisionError):
                 value = None
+    if img.format == "TIFF" and 0x011A not in getattr(img, "tag_v2", {}):
+        value = None  # no XResolution: Pillow's dpi is a default of 1, not the file's
     if not isinstance(value, tuple) or len(value) != 2:
         return None
     try:
@@ -551,6 +577,11 @@ def _deeper_than_decoded(img: Image.Image) -> str | None:
         depth = getattr(img, "tag_v2", {}).get(258)  # BitsPerSample: one per sample, or one for all
         depths = [d for d in (depth if isinstance(depth, tuple) else (depth,)) if isinstance(d, int)]
         return f"{max(depths)} bits per colour channel" if depths and max(depths) > 8 else None
+    if img.format == "SGI":  # 2 bytes a sample (gray too: Pillow decodes it to mode L)
+        for tile in getattr(img, "tile", None) or ():
+            args = tile[3] if len(tile) > 3 else None
+            if tile[0] == "SGI16" or (tile[0] == "sgi_rle" and isinstance(args, tuple) and args[-1] == 2):
+                return "16 bits per channel"
     if img.format == "PPM":
         for tile in getattr(img, "tile", None) or ():
             args = tile[3] if len(tile) > 3 else None

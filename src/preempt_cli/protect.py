@@ -405,6 +405,9 @@ class Protector:
                 classifier.config.classes != backbone.config.classes:  # fmt: skip
             raise ConfigError(f"classifier {classifier.name} and backbone {backbone.name} name their classes in a "
                               "different order: a label of one would be another class for the other")  # fmt: skip
+        if self.config.eps * 255 < 1:  # the files' levels round it away: the run would "protect" nothing
+            _logger.warning("eps %.4g is under one level of an 8-bit image (1/255): 8-bit outputs will equal "
+                            "their originals", self.config.eps)  # fmt: skip
         self.device = next(backbone.parameters()).device
         self.engine = FastPreemption(backbone, config=self.config, seed=seed, device=self.device, precision=precision,
                                      compile=compile, cuda_graphs=cuda_graphs)  # fmt: skip
