@@ -324,3 +324,17 @@ def test_an_interrupt_during_a_batch_writes_that_batch_and_starts_no_other(tmp_p
     assert batches == [2] and [r.status for r in results] == ["done", "done"], [(r.status, r.reason) for r in results]
     assert written == sorted(r.output.name for r in results)
     assert not [p for p in (tmp_path / "out").rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_predict_and_confidence_refuse_what_protect_refuses(tiny_backbone) -> None:
+    """A uint8 batch gave labels of its 0..255 values, and labels as a list an AttributeError."""
+    from preempt_cli import ForeBackConfig, Protector
+    from preempt_cli.errors import InputError
+
+    protector = Protector(tiny_backbone, labels="backbone", config=ForeBackConfig(samples=2))
+    x = torch.rand(2, 3, 32, 32)
+    with pytest.raises(InputError, match="for uint8 use x.float"):
+        protector.predict((x * 255).to(torch.uint8))
+    with pytest.raises(InputError, match="labels must be a torch.Tensor"):
+        protector.confidence(x, [0, 1])
+    assert protector.confidence(x, protector.predict(x)).shape == (2,)

@@ -1797,3 +1797,52 @@ def test_an_eps_under_one_level_warns_that_8_bit_outputs_equal_their_originals(t
     assert result.exit_code == 0
     assert "warning: eps 0.003 is under one level of an 8-bit image (1/255)" in result.stderr
     assert "warning" not in run(["protect", str(good), *FAST, "--labels", "backbone", "--overwrite"], registry).stderr
+
+
+def test_a_label_file_edited_since_is_a_changed_setting_on_a_rerun(tmp_path: Path, registry: Path) -> None:
+    """Re-runs compared the label file's name, not the labels: an edited file's outputs were skipped as
+    done, still pushed toward the old classes."""
+    images = _images(tmp_path / "in", n=2)
+    labels = tmp_path / "labels.csv"
+    labels.write_text("file,label\nimg0.png,0\nimg1.png,1\n")
+    args = ["protect", str(tmp_path / "in"), *FAST, "--labels", str(labels), "--json"]
+    assert run(args, registry).exit_code == 0
+    assert {json.loads(r)["status"] for r in run(args, registry).stdout.splitlines()} == {"skipped"}
+    labels.write_text("file,label\nimg0.png,0\nimg1.png,2\n")
+    result = run(args, registry)
+    rows = {Path(r["input"]).name: r for r in map(json.loads, result.stdout.splitlines())}
+    assert result.exit_code == 1 and rows["img0.png"]["status"] == "skipped"
+    assert rows["img1.png"]["status"] == "failed" and "(label " in rows["img1.png"]["reason"], rows["img1.png"]
+    assert "--overwrite" in rows["img1.png"]["reason"]
+    redone = run([*args, "--overwrite"], registry)
+    assert redone.exit_code == 0 and json.loads(Image.open(images[1].with_name("img1.protected.png")).text["preempt"])["label"] == 2
+
+
+def test_a_run_asking_for_other_workers_leaves_the_pool_of_another_run_alone(tiny_backbone) -> None:
+    """One Protector shared by threads: a run with --workers 3 shut down the worker processes of a run with
+    2 under way ("cannot schedule new futures after shutdown"). Each number of workers has its pool."""
+    from preempt_cli import ForeBackConfig, Protector
+
+    with Protector(tiny_backbone, labels="backbone", config=ForeBackConfig(samples=2)) as protector:
+        two = protector._process_pool(RunOptions(io="processes", workers=2))
+        three = protector._process_pool(RunOptions(io="processes", workers=3))
+        assert two is not three and two.submit(os.getpid).result(timeout=60) != os.getpid()
+        assert protector._process_pool(RunOptions(io="processes", workers=2)) is two  # kept for later runs
+    assert protector._processes is None and protector._pools == {}
+
+
+def test_each_run_of_a_protector_batches_by_its_own_batch_size(tmp_path: Path, tiny_backbone,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    from preempt_cli import ForeBackConfig, Protector
+
+    _images(tmp_path / "in", n=12)
+    sizes: list[int] = []
+    compute = Protector._compute
+    monkeypatch.setattr(Protector, "_compute", lambda self, batch: sizes.append(len(batch)) or compute(self, batch))
+    protector = Protector(tiny_backbone, labels="backbone", config=ForeBackConfig(samples=2))
+    for batch_size, out in ((2, "a"), (6, "b")):
+        sizes.clear()
+        results = list(protector.run(collect_inputs([tmp_path / "in"]), RunOptions(out_dir=tmp_path / out,
+                                                                                  batch_size=batch_size)))  # fmt: skip
+        assert [r.status for r in results] == ["done"] * 12
+        assert max(sizes) == batch_size, (batch_size, sizes)  # the second run took the first one's 2

@@ -388,7 +388,7 @@ def test_images_the_model_resizes_go_in_chunks_that_equal_the_per_sample_loop(cf
                                                                                monkeypatch) -> None:  # fmt: skip
     # Photos take the chunked step: the same algorithm, with at most SAMPLE_CHUNK_ELEMENTS per pass.
     x, y = _photo_batch()
-    one_per_chunk = 2 * x[0].numel() * len(x) - 1
+    one_per_chunk = 2 * x[0].numel() - 1  # one sample of one image per pass
     monkeypatch.setitem(engine_module.SAMPLE_CHUNK_ELEMENTS, TEST_DEVICE.type, one_per_chunk)
     g = torch.Generator().manual_seed(7)
     steps = cfg.forward_steps + cfg.backward_steps
@@ -396,11 +396,13 @@ def test_images_the_model_resizes_go_in_chunks_that_equal_the_per_sample_loop(cf
               for _ in range(steps)]  # fmt: skip
     served = iter(noises)
     current: list[torch.Tensor] = []
+    image_of: dict[int, int] = {}  # an image's row of generators (the same list in every pass) -> its index
 
     def fake_sample_noise(self, like, generators, samples):
-        if samples.start == 0:
+        first = image_of.setdefault(id(generators[0]), len(image_of))
+        if samples.start == 0 and first == 0:  # a step begins
             current[:] = [next(served)]
-        return current[0][:, samples.start : samples.stop].clone()
+        return current[0][first : first + len(generators), samples.start : samples.stop].clone()
 
     monkeypatch.setattr(FastPreemption, "_sample_noise", fake_sample_noise)
     rows: list[int] = []
@@ -410,7 +412,7 @@ def test_images_the_model_resizes_go_in_chunks_that_equal_the_per_sample_loop(cf
     finally:
         handle.remove()
     assert next(served, None) is None
-    assert max(rows) == len(x)  # one sample of each image per pass, never all N
+    assert max(rows) == 1  # one sample of one image per pass, never all N
     assert sum(rows) == len(x) * cfg.passes_per_image
     torch.testing.assert_close(out, _reference_perturb(tiny_backbone, x, y, cfg, noises), atol=1e-6, rtol=0)
 
@@ -428,6 +430,20 @@ def test_the_chunk_size_never_changes_a_photos_result(tiny_backbone, monkeypatch
     torch.testing.assert_close(alone[0], whole[1], atol=1e-6, rtol=0)
     other_seed = FastPreemption(tiny_backbone, config=cfg, seed=4).perturb(x, y, noise_seeds=[11, 12])
     assert not torch.equal(other_seed, whole)
+
+
+def test_a_photos_bits_do_not_depend_on_how_many_photos_share_its_batch(tiny_backbone, monkeypatch) -> None:
+    """The chunks of an image's samples were sized by the whole batch: a photo alone and the same photo in
+    a batch of three (a larger --batch-size, another shard) summed its samples in other groups, and its
+    file differed by a level in places."""
+    x, y = _photo_batch(3)
+    cfg = ForeBackConfig(samples=6)
+    monkeypatch.setitem(engine_module.SAMPLE_CHUNK_ELEMENTS, TEST_DEVICE.type, 4 * x[0].numel())
+    batch = FastPreemption(tiny_backbone, config=cfg, seed=3).perturb(x, y, noise_seeds=[11, 12, 13])
+    for i in range(3):
+        alone = FastPreemption(tiny_backbone, config=cfg, seed=3).perturb(x[i : i + 1], y[i : i + 1],
+                                                                           noise_seeds=[11 + i])  # fmt: skip
+        assert torch.equal(alone[0], batch[i]), i
 
 
 def test_grayscale_input_through_rgb_backbone(tiny_backbone) -> None:

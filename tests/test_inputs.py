@@ -467,3 +467,17 @@ def test_an_input_in_a_kernel_folder_gets_no_output_beside_it(tmp_path: Path) ->
         os.close(write_end)
     assert [kernel_folder(p) for p in ("/proc/self", "/sys", "/dev/null", "/dev/shm/x", "/devices", str(tmp_path))] == [
         "/proc", "/sys", "/dev", None, None, None]
+
+
+def test_paths_as_bytes_are_paths(tmp_path: Path) -> None:
+    """``run([b"photos"])`` said "no such file" for a folder there (``str(b"...")``), and ``run(b"photos")``
+    raised a TypeError: bytes are a name as the OS gives it."""
+    from preempt_cli.inputs import collect_inputs
+
+    (tmp_path / "in").mkdir()
+    for name in ("a.png", "b.png"):
+        (tmp_path / "in" / name).write_bytes(b"")
+    expected = collect_inputs([tmp_path / "in"])
+    assert len(expected) == 2
+    assert collect_inputs(os.fsencode(tmp_path / "in")) == expected
+    assert collect_inputs([os.fsencode(tmp_path / "in")]) == expected

@@ -145,7 +145,7 @@ def paths_listed(text: str) -> list[str]:
 
 
 def collect_inputs(
-    args: Iterable[str | os.PathLike[str]] | str | os.PathLike[str], *, stdin: TextIO | None = None,
+    args: Iterable[str | bytes | os.PathLike[str]] | str | bytes | os.PathLike[str], *, stdin: TextIO | None = None,
     skip_markers: tuple[str, ...] = OUTPUT_MARKERS,
 ) -> list[InputFile]:
     """Expand files, folders (recursive, sorted, hidden entries and links to folders skipped), globs and
@@ -162,10 +162,10 @@ def collect_inputs(
         ConfigError: no argument was given, or an empty one.
     """
     # one path, not the list of its characters (iterating "photos" would walk "p", "h", ... and "/")
-    args = [args] if isinstance(args, (str, os.PathLike)) else list(args)
+    args = [args] if isinstance(args, (str, bytes, os.PathLike)) else list(args)
     if not args:
         raise ConfigError("no input paths given")
-    if any(os.fspath(a) == "" for a in args):  # as Path("") it would be the current folder, walked whole
+    if any(os.fsdecode(a) == "" for a in args):  # as Path("") it would be the current folder, walked whole
         raise ConfigError("an empty input path (an unset variable?): name the files or folders to process")
     folders: list[Path] = []
     found = _collect(args, stdin, skip_markers, folders)
@@ -193,7 +193,7 @@ def as_input_files(items: Iterable[InputFile | str | os.PathLike[str]] | str | o
         TypeError: inputs and paths mixed (give paths alone, or ``collect_inputs`` of them).
         ConfigError: see :func:`collect_inputs`.
     """
-    if isinstance(items, (str, os.PathLike)):
+    if isinstance(items, (str, bytes, os.PathLike)):
         items = [items]
     items = list(items)
     paths = [i for i in items if not isinstance(i, InputFile)]
@@ -224,7 +224,7 @@ def _collect(args: list[str | os.PathLike[str]], stdin: TextIO | None, skip_mark
     one of a list of paths (stdin)."""
     found: list[InputFile] = []
     for arg in args:
-        text = str(arg)
+        text = os.fsdecode(arg)  # str, bytes (a name as the OS gives it) or a Path
         if text == "-" and patterns:
             listed = paths_listed((stdin if stdin is not None else sys.stdin).read())
             # paths, as find and ls write them: a listed file gone since fails as missing; taken as a

@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import stat
+import threading
 from concurrent.futures import CancelledError, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -415,9 +416,12 @@ class Protector:
         # a batch's device work as CUDA graphs, per (labels from a model, levels' maximum) (see _compute)
         self._graphed: dict[tuple[bool, int], GraphedFunction] = {}
         self.precision = self.engine.precision
-        self._batch_cap: dict[tuple[int, ...], int] = {}
-        self._processes: ProcessPoolExecutor | None = None
-        self._processes_size = 0
+        self._batch_cap: dict[tuple[int, ...], int] = {}  # images per batch an image shape ran out of memory above
+        # worker processes by their number: a run asking for another number (another thread's, sharing
+        # this Protector) gets a pool of its own, rather than the pool under the other run shut down
+        self._pools: dict[int, ProcessPoolExecutor] = {}
+        self._pools_lock = threading.Lock()
+        self._last_workers = 0
 
     # -- tensors ---------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -427,13 +431,15 @@ class Protector:
         With labels from folders or a label file, files take theirs from there; images given as tensors
         without labels have no folder, and are labelled by the classifier as :meth:`protect` says (they
         were labelled by the backbone)."""
+        check_images(x)  # a uint8 batch gave labels of its 0..255 values, without a word
         model = self.classifier if (self.labels != "backbone" and self.classifier is not None) else self.backbone
         with eval_mode(model):
             return model(x.to(self.device)).argmax(dim=1)
 
     @torch.inference_mode()
     def confidence(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Backbone softmax probability of ``y``."""
+        """Backbone softmax probability of ``y`` (types and shapes checked, as :meth:`transform`'s)."""
+        check_batch(x, y)
         with eval_mode(self.backbone):
             probs = self.backbone(x.to(self.device)).softmax(dim=1)
         return probs.gather(1, y.to(self.device).view(-1, 1)).squeeze(1)
@@ -532,18 +538,16 @@ class Protector:
         return resolve_label(raw, self.backbone.config, str(item.path))
 
     def _batch_limit(self, picture: Picture, options: RunOptions) -> int:
+        """Images of ``picture``'s shape per batch: by this run's ``batch_size`` (each run's own, for a
+        Protector that runs again), and never more than ran out of device memory before."""
         c, h, w = picture.channels, picture.size[1], picture.size[0]
-        key = (c, h, w)
-        if key in self._batch_cap:
-            return self._batch_cap[key]
         bh, bw = self.backbone.input_hw
         if options.batch_size is not None:
             limit = max(1, options.batch_size * bh * bw // (h * w))
         else:
             budget = _GPU_BATCH_ELEMENTS if self.device.type == "cuda" else _CPU_BATCH_ELEMENTS
             limit = max(1, min(1024, budget // (self.config.samples * 3 * h * w)))
-        self._batch_cap[key] = limit
-        return limit
+        return min(limit, self._batch_cap.get((c, h, w), limit))
 
     def _skip_reason(self, item: InputFile, output: Path, options: RunOptions) -> FileResult | Path | None:
         """Why ``item`` is not processed (skipped), None when it is, or its existing output, which
@@ -597,6 +601,13 @@ class Protector:
                 f"output {output} exists but was made from other content (the original changed, or another "
                 f"file of this name was {self.kind} into it): {redo}"))  # fmt: skip
         changed = differing_settings(meta, self.run_settings())
+        try:  # a label file (or folder) edited since: the output was pushed toward another class
+            label = self._file_label(item)
+        except LabelError:  # none now: its read says so
+            return None
+        if label is not None and isinstance(meta.get("label"), int) and meta["label"] != label:
+            names = self.backbone.config.class_name
+            changed.append(f"label {names(meta['label'])} -> {names(label)}")
         if changed:
             return FileResult(item.path, "failed", reason=f"output {output} exists but was made with other "
                                                           f"settings ({'; '.join(changed)}): {redo}")  # fmt: skip
@@ -808,9 +819,21 @@ class Protector:
         Raises:
             ConfigError: ``io="processes"`` and no worker process starts.
         """
-        broken = self._processes is not None and getattr(self._processes, "_broken", False)
-        if self._processes is None or self._processes_size != options.workers or broken:
-            self.close()
+        with self._pools_lock:
+            return self._process_pool_locked(options)
+
+    @property
+    def _processes(self) -> ProcessPoolExecutor | None:
+        """The pool of the latest run that asked for one (tests, benchmarks)."""
+        return self._pools.get(self._last_workers)
+
+    def _process_pool_locked(self, options: RunOptions) -> ProcessPoolExecutor | None:
+        self._last_workers = options.workers
+        current = self._pools.get(options.workers)
+        if current is None or getattr(current, "_broken", False):
+            if current is not None:  # its workers are being torn down already: not waited for
+                current.shutdown(wait=False, cancel_futures=True)
+                del self._pools[options.workers]
             import multiprocessing
 
             # forkserver: workers fork from a clean server process (no CUDA context, no threads of ours),
@@ -830,15 +853,16 @@ class Protector:
                     raise ConfigError(f"--io processes: cannot start worker processes ({type(e).__name__}: {e})") from e
                 _logger.warning("cannot start I/O worker processes (%s: %s); using threads", type(e).__name__, e)
                 return None
-            self._processes, self._processes_size = pool, options.workers
-        return self._processes
+            self._pools[options.workers] = pool
+        return self._pools[options.workers]
 
     def close(self) -> None:
         """Stop the worker processes, if any (they also stop when the interpreter exits)."""
-        if self._processes is not None:
+        with self._pools_lock:
+            pools, self._pools = list(self._pools.values()), {}
+        for pool in pools:
             # a pool whose worker died cannot be waited for (its workers are being torn down already)
-            self._processes.shutdown(wait=not getattr(self._processes, "_broken", False), cancel_futures=True)
-            self._processes = None
+            pool.shutdown(wait=not getattr(pool, "_broken", False), cancel_futures=True)
 
     def __enter__(self) -> "Protector":
         return self
