@@ -1,6 +1,6 @@
 """``preempt eval``: what it writes (strict JSON, ``null`` for values not measured), the inputs it refuses
-(attack ``limit=``, ``--jpeg-quality``, options a run would ignore) and damaged ``--resume`` state, on tiny
-models (no ``../shared``)."""
+(attack ``limit=``, ``--jpeg-quality``, options a run would ignore, defense values), damaged ``--resume``
+state, what a ``folder:`` defense takes, and its own output inside the data, on tiny models (no ``../shared``)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
@@ -53,7 +55,7 @@ def test_a_folder_defense_time_is_null_not_nan_in_every_output(tmp_path: Path, r
     data, prot, out, csv_path = tmp_path / "data", tmp_path / "prot", tmp_path / "ev", tmp_path / "rows.csv"
     for i, cls in enumerate(("cat", "dog")):
         write_random_pngs(data / cls, n=2, seed=i)
-    shutil.copytree(data, prot)  # images "protected elsewhere": no time of theirs is measured here
+        write_random_pngs(prot / cls, n=2, seed=10 + i)  # "protected elsewhere": no time of theirs is measured here
     args = ["eval", str(data), "--victim", "tiny-victim", "-b", "tiny-victim", "--defense", f"folder:{prot}",
             "--attack", "pgd:steps=1", "--device", TEST_DEVICE_ARG, "--json", "--csv", str(csv_path), "--out",
             str(out), "--registry", str(registry)]  # fmt: skip
@@ -239,3 +241,150 @@ def test_load_dataset_refuses_16_bit_images_and_limits_that_are_not_whole(tmp_pa
         with pytest.raises(ConfigError, match="limit"):
             load_dataset(tmp_path, classes=["cat"], limit=limit)  # type: ignore[arg-type]
     assert len(load_dataset(tmp_path, classes=["cat"], limit=5).images) == 1
+
+
+# -- 5. a folder defense takes defended images, never the originals ---------------------------------------------
+def _protect(registry: Path, *args: str) -> None:
+    result = invoke(["protect", *args, "--samples", "1", "-b", "tiny-victim", "--labels", "backbone", "--device",
+                     TEST_DEVICE_ARG, "-q", "--registry", str(registry)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+
+
+def test_a_folder_defense_takes_preempt_s_outputs_never_the_originals_beside_them(tmp_path: Path,
+                                                                                  registry: Path) -> None:  # fmt: skip
+    """Two classes of three protected in a copy of the data: eval took the third's originals, left in the
+    copy, for defended images (n=6, no word). An image without an output is an error, as one without any
+    file is, even where its unmarked file there is not a byte copy; an output is found under any suffix."""
+    data, prot = tmp_path / "data", tmp_path / "prot"
+    for i, cls in enumerate(("cat", "dog", "ship")):
+        write_random_pngs(data / cls, n=2, seed=i)
+    shutil.copytree(data, prot)
+    write_random_pngs(prot / "ship", n=1, seed=9)  # ship/img0.png: no copy, but no preempt output either
+    _protect(registry, str(prot / "cat"), str(prot / "dog"))
+    args = ["eval", str(data), "--victim", "tiny-victim", "--defense", f"folder:{prot}", "--attack", "pgd:steps=1",
+            "--device", TEST_DEVICE_ARG, "--json", "--out", str(tmp_path / "ev"),
+            "--registry", str(registry)]  # fmt: skip
+    result = invoke(args)
+    assert result.exit_code == 2
+    (line,) = result.stderr.splitlines()
+    assert line == (f"error: folder defense: no output of preempt protect made from {Path('ship', 'img0.png')} in "
+                    f"{prot} (2 of the 6 images have none)")  # fmt: skip
+
+    shutil.copy(data / "ship" / "img0.png", prot / "ship" / "img0.png")
+    _protect(registry, str(prot / "ship"), "--suffix", "_safe")  # found by the original its metadata records
+    result = invoke(args)
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["n"] == 6
+    (cache,) = (tmp_path / "ev" / "defenses").glob("*.pt")
+    defended = torch.load(cache, weights_only=True)["images"]
+    order = sorted(data.rglob("*.png"), key=lambda p: (p.name, str(p)))  # the dataset's order
+    suffix = {"cat": ".protected", "dog": ".protected", "ship": "_safe"}
+    for image, original in zip(defended, order):
+        output = prot / original.parent.name / f"{original.stem}{suffix[original.parent.name]}.png"
+        assert torch.equal(image.permute(1, 2, 0), torch.from_numpy(np.array(Image.open(output))))
+        assert not torch.equal(image.permute(1, 2, 0), torch.from_numpy(np.array(Image.open(original))))
+
+
+def test_a_folder_defense_of_another_tool_refuses_copies_of_the_originals(tmp_path: Path) -> None:
+    """In a folder without preempt's outputs, another tool's files of the images' names are the defended
+    images; one with the original's pixels (a copy, byte for byte or saved again) is an error."""
+    from preempt_cli.evaluate import load_dataset
+
+    data, other = tmp_path / "data", tmp_path / "other"
+    write_random_pngs(data / "cat", n=2, seed=0)
+    write_random_pngs(other / "cat", n=2, seed=5)
+    dataset = load_dataset(data, classes=["cat"])
+    spec = DefenseSpec.parse(f"folder:{other}")
+
+    def evaluator() -> Evaluator:  # its resume state in the folder
+        return Evaluator(dataset, load={}.__getitem__, device=TEST_DEVICE, out_dir=other / "ev", resume=True)
+
+    def defend() -> torch.Tensor:
+        return evaluator().defend(spec).images
+
+    key = evaluator().defense_key(spec)
+    assert torch.equal(defend(), load_dataset(other, classes=["cat"]).images)  # its resume state written there
+    write_random_pngs(other / "ev", n=1, name=f"perturbation_{spec.key}.png")  # and a report's map
+    assert evaluator().defense_key(spec) == key  # neither changes what the folder holds: --resume reuses it
+    shutil.copy(data / "cat" / "img1.png", other / "cat" / "img1.png")
+    message = f"^folder defense: {other / 'cat' / 'img1.png'} has the pixels of {data / 'cat' / 'img1.png'}: a copy of"
+    with pytest.raises(ConfigError, match=message):
+        defend()
+    Image.open(data / "cat" / "img1.png").save(other / "cat" / "img1.png", compress_level=0)  # other bytes
+    assert (other / "cat" / "img1.png").read_bytes() != (data / "cat" / "img1.png").read_bytes()
+    with pytest.raises(ConfigError, match=message):
+        defend()
+
+
+# -- 6. defense values are read when parsed ----------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--defense", "fp:samples=abc"], "--defense fp:samples=abc: samples must be a whole number >= 1, got 'abc'"),
+        (["--defense", "fp:samples=0"], "--defense fp:samples=0: samples must be a whole number >= 1, got '0'"),
+        (["--defense", "fp:seed=abc"], "--defense fp:seed=abc: seed must be a whole number >= 0, got 'abc'"),
+        (["--defense", "fp:seed=18446744073709551616"], "seed must be in 0..2**64-1"),
+        (["--defense", "fp:forward=1.5"], "--defense fp:forward=1.5: forward must be a whole number >= 0, got '1.5'"),
+        (["--defense", "fp:forward=0,backward=0"], "at least one forward or backward step is needed"),
+        (["--defense", "fp:eta=-1"], "--defense fp:eta=-1: eta must be a positive number"),
+        (["--defense", "fp:eps=9000"], "--defense fp:eps=9000: eps '9000' is more than 255 levels"),
+        (["--defense", "fp:preset=fast"], "--defense fp:preset=fast: unknown preset 'fast'"),
+        (["--defense", "fp:precision=fp16"], "--defense fp:precision=fp16: precision must be one of fp32, bf16, auto, "
+                                             "got 'fp16'"),
+        (["--defense", "fp:compile=yes"], "compile must be one of off, default, reduce-overhead, max-autotune"),
+        (["--defense", "fp:labels=guess"], "--defense fp:labels=guess: labels must be one of classifier, backbone"),
+        (["--defense", "fp:classifier="], "--defense fp:classifier=: classifier= needs a value"),
+        (["--defense", "bilevel:eta=abc"], "--defense bilevel:eta=abc: eta must be a number, got 'abc'"),
+        (["--defense", "bilevel:steps=0"], "--defense bilevel:steps=0: steps must be a whole number >= 1, got '0'"),
+        (["--defense", "bilevel:inner_steps=x"], "inner_steps must be a whole number >= 1, got 'x'"),
+        (["--defense", "bilevel:optimizer=adam"], "optimizer must be one of sign, rmsprop, got 'adam'"),
+        (["--defense", "folder:{tmp}/nowhere"], "--defense folder:{tmp}/nowhere: {tmp}/nowhere is not a folder"),
+        (["--seed", "-1"], "--seed: seed must be in 0..2**64-1, got -1"),
+    ],
+)
+def test_a_bad_defense_value_is_a_usage_error_before_any_model_loads(tmp_path: Path, args: list[str],
+                                                                     message: str) -> None:  # fmt: skip
+    """Such values ended the run with "internal error: ValueError", after the models loaded and the earlier
+    defenses ran; the victim here does not exist, so any later check would name it instead."""
+    args, message = [a.replace("{tmp}", str(tmp_path)) for a in args], message.replace("{tmp}", str(tmp_path))
+    result = invoke(["eval", str(tmp_path), "--victim", "no-such-model", "-b", "y", "--out", str(tmp_path / "o"),
+                     "--defense", "none", *args])  # fmt: skip
+    assert result.exit_code == 2
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("error: ") and message in line and "no-such-model" not in line
+    if args[0] == "--defense" and not args[1].startswith("folder"):  # the library refuses them, as said
+        with pytest.raises(ConfigError) as refused:
+            DefenseSpec.parse(args[1], {"backbone": "bb"})
+        assert line.endswith(f": {refused.value}")
+
+
+def test_defense_values_are_read_as_their_types() -> None:
+    spec = DefenseSpec.parse("fp:eps=4,eta=0.5,forward=0,backward=3,samples=2,inner_steps=2,seed=7", {"backbone": "bb"})
+    assert (spec.value("seed"), spec.value("samples"), spec.value("eps")) == (7, 2, 4 / 255)
+    config = spec.settings("cifar10")
+    assert (config.eps, config.eta, config.forward_steps, config.backward_steps) == (4 / 255, 0.5, 0, 3)
+    assert (config.samples, config.inner_steps) == (2, 2)
+    assert DefenseSpec.parse("fp", {"backbone": "bb"}).value("seed", 0) == 0
+
+
+# -- 7. eval's output inside the data -----------------------------------------------------------------------------
+@pytest.mark.parametrize("out", [None, "cat/ev", "."])
+def test_eval_s_output_in_the_data_folder_is_never_read_as_data(
+    tmp_path: Path, registry: Path, monkeypatch: pytest.MonkeyPatch, out: str | None
+) -> None:
+    """Run in the data folder, eval wrote its report (a perturbation map, a PNG) into the data, and every later
+    run failed on it ("preempt-eval/perturbation_....png: unknown class 'preempt-eval'"), whatever --out."""
+    data = tmp_path / "data"
+    write_random_pngs(data / "cat", n=2)
+    write_random_pngs(data / "dog", n=2, seed=1)
+    monkeypatch.chdir(data)
+    args = ["eval", ".", "--victim", "tiny-victim", "-b", "tiny-victim", "--defense", "none", "--defense",
+            "fp:samples=1,labels=backbone", "--attack", "pgd:steps=1", "--device", TEST_DEVICE_ARG, "--json",
+            "--registry", str(registry), *(["--out", out] if out else [])]  # fmt: skip
+    first = invoke(args)
+    assert first.exit_code == 0, first.stderr
+    assert len(list(Path(out or "preempt-eval").glob("perturbation_*.png"))) == 1  # an image in the data folder
+    for extra in (["--resume"], []):
+        again = invoke([*args, *extra])
+        assert again.exit_code == 0, again.stderr
+        assert [json.loads(row)["n"] for row in again.stdout.splitlines()] == [4, 4]

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import numbers
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,13 +27,15 @@ from PIL import Image
 
 from .attacks import PGD, AutoAttack, robust_accuracy
 from .device import resolve_device
-from .engine import ForeBackConfig, parse_eps
+from .baselines import BILEVEL_OPTIMIZERS
+from .engine import COMPILE_MODES, PRECISIONS, ForeBackConfig, check_seed, parse_eps
 from .errors import ConfigError, LabelError
+from .hub import sha256_file
 from .imageio import atomic_write, content_seed, quantize_levels, read_image
-from .inputs import PROTECTED_SUFFIX, REVERTED_SUFFIX, collect_inputs
+from .inputs import PROTECTED_SUFFIX, REVERTED_SUFFIX, InputFile, collect_inputs
 from .labels import read_label_file
 from .models import ImageModel
-from .protect import Protector
+from .protect import Protector, read_preempt_metadata_file
 from .revert import Reverter
 
 __all__ = [
@@ -44,9 +47,11 @@ __all__ = [
     "Evaluator",
     "check_jpeg_quality",
     "check_reversion_options",
+    "is_eval_output",
     "jpeg_roundtrip",
     "json_dumps",
     "mcnemar_exact",
+    "perturbation_map_name",
     "reversion_protocol",
     "reversion_verdicts",
 ]
@@ -58,6 +63,9 @@ GROUND_TRUTH = ("ground-truth", "gt", "truth")
 
 #: The qualities Pillow's JPEG encoder is given by the blind reversion (libjpeg's scale; 0 means 1 there).
 JPEG_QUALITY_RANGE = (1, 100)
+
+#: The names of the perturbation maps of a report (``perturbation_<spec key>.png``): the only images eval writes.
+_PERTURBATION_MAP = re.compile(r"perturbation_[0-9a-f]{16}\.png")
 
 
 def json_dumps(obj: Any, **kwargs: Any) -> str:
@@ -74,6 +82,18 @@ def _finite_or_none(row: dict[str, Any]) -> dict[str, Any]:
 
 
 # -- data -------------------------------------------------------------------------------------------------
+def perturbation_map_name(spec: "DefenseSpec") -> str:
+    """The file name of the perturbation map of ``spec`` in eval's output folder."""
+    return f"perturbation_{spec.key}.png"
+
+
+def is_eval_output(path: Path) -> bool:
+    """Whether ``path`` is an image eval writes (a perturbation map). Such files are never data, wherever
+    ``--out`` put them: the default ``preempt-eval`` is inside the data when eval runs in the data folder,
+    and so is any ``--out`` pointing there, of this run or an earlier one."""
+    return _PERTURBATION_MAP.fullmatch(path.name) is not None
+
+
 @dataclass
 class Dataset:
     """Labelled images of one size: uint8 NCHW pixels and int64 labels, in a deterministic order."""
@@ -99,7 +119,8 @@ def load_dataset(
     """An ImageFolder directory (labels from folder names) or files with a labels CSV/JSON.
 
     Files are ordered by file name (then path), so ``limit`` takes "the first N" deterministically (for
-    CIFAR-10 test images named by index, the first N of the test set).
+    CIFAR-10 test images named by index, the first N of the test set). Folder walks leave out eval's own
+    perturbation maps (:func:`is_eval_output`) and preempt's outputs (``*.protected.png``, ``*.reverted.png``).
 
     Raises:
         ConfigError: no images, images of different sizes, images of more than 8 bits, or a bad limit.
@@ -108,7 +129,8 @@ def load_dataset(
     root = Path(root)
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, numbers.Integral) or limit < 1):
         raise ConfigError(f"limit must be a whole number >= 1, got {limit!r}")
-    items = sorted(collect_inputs([root]), key=lambda i: (i.path.name, str(i.path)))
+    found = [i for i in collect_inputs([root]) if not is_eval_output(i.path)]
+    items = sorted(found, key=lambda i: (i.path.name, str(i.path)))
     if not items:
         raise ConfigError(f"no images found in {root}")
     items = items[:limit] if limit else items
@@ -157,9 +179,58 @@ _DEFENSE_OPTIONS = {
 }  # fmt: skip
 
 
+def _whole_number(key: str, text: str, minimum: int) -> int:
+    """An option's text as a whole number of at least ``minimum``.
+
+    Raises:
+        ConfigError: naming the option and its text, when it is no such number.
+    """
+    try:
+        value = int(text)
+    except ValueError:
+        raise ConfigError(f"{key} must be a whole number >= {minimum}, got {text!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{key} must be a whole number >= {minimum}, got {text!r}")
+    return value
+
+
+def _number(key: str, text: str) -> float:
+    """An option's text as a number (its range is the defense's to check).
+
+    Raises:
+        ConfigError: naming the option and its text, when it is not a number.
+    """
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"{key} must be a number, got {text!r}") from None
+
+
+#: How the fp and bilevel options that are not names are read: a number's type and least value, a choice's
+#: values. :meth:`DefenseSpec.parse` reads every one given, so that a bad value is a usage error before any
+#: model loads; the defenses read them through :meth:`DefenseSpec.value`.
+_DEFENSE_VALUES: dict[str, Callable[[str, str], Any]] = {
+    "eps": lambda key, text: parse_eps(text),
+    "eta": _number,
+    "forward": lambda key, text: _whole_number(key, text, 0),
+    "backward": lambda key, text: _whole_number(key, text, 0),
+    "samples": lambda key, text: _whole_number(key, text, 1),
+    "inner_steps": lambda key, text: _whole_number(key, text, 1),
+    "steps": lambda key, text: _whole_number(key, text, 1),
+    "seed": lambda key, text: check_seed(_whole_number(key, text, 0)),
+}
+_DEFENSE_CHOICES: dict[str, tuple[str, ...]] = {
+    "labels": ("classifier", "backbone", *GROUND_TRUTH),
+    "precision": PRECISIONS,
+    "compile": COMPILE_MODES,
+    "optimizer": BILEVEL_OPTIMIZERS,
+}
+
+
 @dataclass(frozen=True)
 class DefenseSpec:
-    """A defense to compare: ``none``, ``fp[:k=v,...]``, ``bilevel[:k=v,...]`` or ``folder:PATH``.
+    """A defense to compare: ``none``, ``fp[:k=v,...]``, ``bilevel[:k=v,...]`` or ``folder:PATH``. Values are
+    read when the text is parsed, so that a bad one is refused before any work (:meth:`value` gives them typed).
 
     ``fp`` options: backbone, classifier, labels (classifier|ground-truth|backbone), preset, eps, eta,
     forward, backward, samples, inner_steps, seed, precision (fp32|bf16|auto), compile (off|default|
@@ -172,6 +243,12 @@ class DefenseSpec:
 
     @classmethod
     def parse(cls, text: str, defaults: dict[str, str] | None = None) -> "DefenseSpec":
+        """``text`` as a spec; ``defaults`` (backbone, classifier, seed) fill in what an fp or bilevel defense omits.
+
+        Raises:
+            ConfigError: an unknown defense or option, a missing backbone or path, or a bad value (naming the
+                option and the value).
+        """
         head, _, rest = text.partition(":")
         written = head.strip().lower()  # messages name the defense as the user spelt it (bilevel, not bi-level)
         kind = _DEFENSE_ALIASES.get(written)
@@ -192,10 +269,58 @@ class DefenseSpec:
                     options.setdefault(key, value)
             if "backbone" not in options:
                 raise ConfigError(f"defense {written} needs a backbone (--backbone or {written}:backbone=NAME)")
-        return cls(kind, tuple(sorted(options.items())))
+        elif kind == "folder" and not options.get("path"):
+            raise ConfigError("folder defense needs a path: folder:PATH")
+        spec = cls(kind, tuple(sorted(options.items())))
+        spec._check_values()
+        return spec
+
+    def _check_values(self) -> None:
+        """Read every option of an fp or bilevel defense as the defense will, and its settings of Algorithm 1
+        together (at least one forward or backward step).
+
+        Raises:
+            ConfigError: an option without a value, or a value of the wrong type, out of range or not one of
+                its choices, naming the option and the value.
+        """
+        if self.kind not in ("fast-preemption", "bi-level"):
+            return
+        for key, text in self.options:
+            if not text:
+                raise ConfigError(f"{key}= needs a value")
+            if key in _DEFENSE_CHOICES and text not in _DEFENSE_CHOICES[key]:
+                raise ConfigError(f"{key} must be one of {', '.join(_DEFENSE_CHOICES[key])}, got {text!r}")
+            self.value(key)
+        self.settings()
 
     def get(self, key: str, default: Any = None) -> Any:
         return dict(self.options).get(key, default)
+
+    def value(self, key: str, default: Any = None) -> Any:
+        """Option ``key`` read as its type (a whole number, a number, eps as a fraction of the range; names
+        and choices as written), or ``default`` when it is not given.
+
+        Raises:
+            ConfigError: a value that is not of its type, or below its least value.
+        """
+        text = self.get(key)
+        if text is None:
+            return default
+        read = _DEFENSE_VALUES.get(key)
+        return read(key, text) if read else text
+
+    def settings(self, dataset: str | None = None) -> ForeBackConfig:
+        """The settings of Algorithm 1 this spec gives (fp; bilevel takes its eps from them): its preset with
+        the options given; without ``eps=``, the paper's budget for the backbone's ``dataset``.
+
+        Raises:
+            ConfigError: an unknown preset, or a value of the wrong type or out of range.
+        """
+        return ForeBackConfig.from_preset(
+            self.get("preset", "paper"), dataset=dataset, eps=self.value("eps"), eta=self.value("eta"),
+            forward_steps=self.value("forward"), backward_steps=self.value("backward"),
+            samples=self.value("samples"), inner_steps=self.value("inner_steps"),
+        )  # fmt: skip
 
     @property
     def name(self) -> str:
@@ -394,15 +519,40 @@ def _state_sha256(model: torch.nn.Module) -> str:
 _RESUME_FORMAT = 2
 
 
+#: Part of a ``folder`` defense's resume key, raised when the same folder gives other images. 2 (after
+#: 0.15.0): an image is matched to what preempt protect made from it, never to a copy of itself (1 took the
+#: originals copied beside the outputs for defended images).
+_FOLDER_FORMAT = 2
+
+
+def _folder_images(folder: Path) -> list[InputFile]:
+    """What a ``folder`` defense can take from ``folder``: its folder walk, less reversions and eval's own
+    perturbation maps."""
+    return [i for i in collect_inputs([folder], skip_markers=(REVERTED_SUFFIX,)) if not is_eval_output(i.path)]
+
+
 def _folder_fingerprint(folder: Path) -> list[list[Any]]:
-    """Relative path, size and modification time of every file under ``folder``."""
+    """Relative path, size and modification time of every image a ``folder`` defense can take from
+    ``folder`` (eval's results and resume state, with ``--out`` inside it, do not change it between runs)."""
     if not folder.is_dir():
         return []
-    rows = []
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        stat = path.stat()
-        rows.append([path.relative_to(folder).as_posix(), stat.st_size, stat.st_mtime_ns])
+    rows: list[list[Any]] = []
+    for item in _folder_images(folder):
+        try:
+            stat = item.path.stat()
+        except OSError:  # a link leading nowhere: its name alone (reading it fails, saying why)
+            rows.append([item.relative.as_posix()])
+            continue
+        rows.append([item.relative.as_posix(), stat.st_size, stat.st_mtime_ns])
     return rows
+
+
+def _sha256_or_none(path: Path) -> str | None:
+    """The sha256 of a file's bytes; None when it cannot be read (a dataset held in memory)."""
+    try:
+        return sha256_file(path)
+    except OSError:
+        return None
 
 
 class Evaluator:
@@ -489,7 +639,7 @@ class Evaluator:
         parts: list[Any] = [_RESUME_FORMAT, spec.kind, spec.options, self.data_fingerprint,
                             [[name, self._model_fingerprint(name)] for _, name in self._defense_models(spec)]]  # fmt: skip
         if spec.kind == "folder":
-            parts.append(_folder_fingerprint(Path(spec.get("path"))))
+            parts += [_FOLDER_FORMAT, _folder_fingerprint(Path(spec.get("path")))]
         return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
     def _warn_white_box(self, victim_name: str, spec: DefenseSpec) -> None:
@@ -518,17 +668,8 @@ class Evaluator:
         classifier = self.load(spec.get("classifier")) if (labels == "classifier" and spec.get("classifier")) else None
         if labels == "classifier" and classifier is None:
             raise ConfigError(f"defense {spec.name} labels with a classifier: give --classifier or classifier=NAME")
-        config = ForeBackConfig.from_preset(
-            spec.get("preset", "paper"),
-            dataset=backbone.config.dataset,
-            eps=parse_eps(spec.get("eps")) if spec.get("eps") else None,
-            eta=float(spec.get("eta")) if spec.get("eta") else None,
-            forward_steps=int(spec.get("forward")) if spec.get("forward") is not None else None,
-            backward_steps=int(spec.get("backward")) if spec.get("backward") is not None else None,
-            samples=int(spec.get("samples")) if spec.get("samples") else None,
-            inner_steps=int(spec.get("inner_steps")) if spec.get("inner_steps") else None,
-        )
-        return cls(backbone, classifier, config=config, seed=int(spec.get("seed", 0)),
+        config = spec.settings(backbone.config.dataset)
+        return cls(backbone, classifier, config=config, seed=spec.value("seed", 0),
                    labels="backbone" if labels == "backbone" else "classifier", preset=spec.get("preset", "paper"),
                    precision=spec.get("precision", "fp32"), compile=spec.get("compile", "off"))  # fmt: skip
 
@@ -563,9 +704,8 @@ class Evaluator:
         else:
             from .baselines import BiLevel
 
-            casts = {"eta": float, "steps": int, "inner_steps": int, "optimizer": str}
-            kwargs = {k: cast(spec.get(k)) for k, cast in casts.items() if spec.get(k) is not None}
-            bilevel = BiLevel(protector.backbone, eps=eps, seed=int(spec.get("seed", 0)), device=self.device, **kwargs)
+            kwargs = {k: spec.value(k) for k in ("eta", "steps", "inner_steps", "optimizer") if spec.get(k) is not None}
+            bilevel = BiLevel(protector.backbone, eps=eps, seed=spec.value("seed", 0), device=self.device, **kwargs)
 
             def fn(x: torch.Tensor, sl: slice) -> torch.Tensor:
                 return bilevel.perturb(x, labels(x, sl))
@@ -574,28 +714,77 @@ class Evaluator:
         return DefendedSet(spec, images, seconds, 0.0, meta={"eps": eps})
 
     def _folder_defense(self, spec: DefenseSpec) -> DefendedSet:
+        """The images of ``folder:PATH``, one per image of the dataset: the output ``preempt protect`` made
+        from it (found by the original's sha256 its metadata records, whatever its ``--suffix``, name or
+        place in PATH; an output older than 0.5.0, which records none, by its name ``<stem>.protected.png``)
+        or, in a folder holding no output of preempt, another tool's file of the image's relative path,
+        name or stem (named ``<stem>.protected.png`` or as the image, at its place first).
+
+        Raises:
+            ConfigError: PATH is not a folder; an image has no defended image there (in a folder of
+                preempt's outputs, a file without preempt's metadata is an original copied beside them,
+                never taken), has outputs of several runs none of which has its name, or has one with its
+                own pixels (a copy of the original); an image there is not of the dataset's size.
+        """
         folder = Path(spec.get("path"))
         if not folder.is_dir():
             raise ConfigError(f"folder defense: {folder} is not a folder")
-        index: dict[str, Path] = {}
-        for item in collect_inputs([folder], skip_markers=(REVERTED_SUFFIX,)):
+        outputs: dict[str, list[InputFile]] = {}  # preempt protect's outputs, by the sha256 of their original
+        output_names: dict[str, Path] = {}  # and by name
+        old_outputs: dict[str, Path] = {}  # by name: outputs older than 0.5.0 record no original
+        others: dict[str, Path] = {}  # by name: files without preempt's metadata
+        for item in _folder_images(folder):
+            meta = read_preempt_metadata_file(item.path) if item.path.suffix.lower() == ".png" else None
+            if meta is not None and meta.get("kind", "protected") != "protected":
+                continue  # a reversion under another suffix: not a defended image
+            if meta is not None and isinstance(meta.get("source_sha256"), str):
+                outputs.setdefault(meta["source_sha256"], []).append(item)
+                index = output_names
+            else:
+                index = others if meta is None else old_outputs
             for key in (item.relative.as_posix(), item.path.name, item.path.stem):
                 index.setdefault(key, item.path)
-        images = []
+        # a folder of preempt's outputs: a file there of an image's own name is the original copied beside them
+        by_name = old_outputs if (outputs or old_outputs) else others
+        found: list[Path] = []
+        missing: list[tuple[Path, list[str]]] = []
         for path in self.dataset.paths:
             rel = path.relative_to(self.dataset.root)
             protected = f"{path.stem}{PROTECTED_SUFFIX}"
-            candidates = [rel.with_name(f"{protected}.png").as_posix(), rel.as_posix(),
-                          f"{protected}.png", path.name, protected, path.stem]  # fmt: skip
-            found = next((index[c] for c in candidates if c in index), None)
-            if found is None:
-                raise ConfigError(f"folder defense: no image for {rel} in {folder}")
-            pic = read_image(found)
-            images.append(torch.from_numpy(pic.color.astype(np.uint8)).permute(2, 0, 1))
-        stacked = torch.stack(images)
-        if stacked.shape != self.dataset.images.shape:
-            raise ConfigError(f"folder defense: images in {folder} do not match the dataset's size")
-        return DefendedSet(spec, stacked, None, 0.0)  # protected elsewhere: its time is not measured here
+            names = [rel.with_name(f"{protected}.png").as_posix(), rel.as_posix(),
+                     f"{protected}.png", path.name, protected, path.stem]  # fmt: skip
+            made = outputs.get(_sha256_or_none(path) or "", []) if outputs else []
+            if made:  # one output, whatever its name; of several (runs with other settings), the one of its names
+                named = {key: i.path for i in made for key in (i.relative.as_posix(), i.path.name, i.path.stem)}
+                match = next((named[n] for n in names if n in named), made[0].path if len(made) == 1 else None)
+                if match is None:
+                    raise ConfigError(f"folder defense: {made[0].path} and {made[1].path} were both protected "
+                                      f"from {rel}: keep one of them in {folder}")  # fmt: skip
+            else:
+                match = next((by_name[n] for n in names if n in by_name), None)
+                if match is None:
+                    missing.append((rel, names))
+            found.append(match)
+        if missing:
+            rel, names = missing[0]
+            if by_name is others:
+                what = f"no image for {rel}"
+            else:  # an output of this image's name, made from another file (the data was edited since)
+                other = output_names.get(names[0])  # at the image's place: a name alone may be another folder's
+                what = f"no output of preempt protect made from {rel}" + (f" ({other} was made from another file)"
+                                                                          if other else "")  # fmt: skip
+            more = f" ({len(missing)} of the {len(found)} images have none)" if len(missing) > 1 else ""
+            raise ConfigError(f"folder defense: {what} in {folder}{more}")
+        images = []
+        for path, original, pixels in zip(found, self.dataset.paths, self.dataset.images):
+            image = torch.from_numpy(read_image(path).color.astype(np.uint8)).permute(2, 0, 1)
+            if image.shape != pixels.shape:
+                raise ConfigError(f"folder defense: {path} does not match the dataset's size")
+            if torch.equal(image, pixels):
+                raise ConfigError(f"folder defense: {path} has the pixels of {original}: a copy of the original, "
+                                  "not a defended image")  # fmt: skip
+            images.append(image)
+        return DefendedSet(spec, torch.stack(images), None, 0.0)  # protected elsewhere: its time is not measured here
 
     def defend(self, spec: DefenseSpec) -> DefendedSet:
         """The defended images of ``spec`` (computed once, cached on disk when ``out_dir`` is set)."""

@@ -19,8 +19,10 @@ from ..evaluate import (
     check_reversion_options,
     json_dumps,
     load_dataset,
+    perturbation_map_name,
     reversion_protocol,
 )
+from ..engine import check_seed
 from ..errors import ConfigError, PreemptError
 from . import _common as c
 from ._files import SeedOpt, _defaults, _model_cache, _setup_torch, backbone_option, classifier_option
@@ -76,7 +78,7 @@ def _write_report(out: Path, rows: list[dict[str, Any]], evaluator: Evaluator, d
         if spec.kind == "none":
             continue
         defended = evaluator.defend(spec)
-        name = f"perturbation_{spec.key}.png"
+        name = perturbation_map_name(spec)
         eps = defended.meta.get("eps") or max(defended.linf, 1 / 255)
         save_perturbation_figure(out / name, evaluator.dataset.images[:8].float() / 255,
                                  defended.images[:8].float() / 255, eps)  # fmt: skip
@@ -84,6 +86,22 @@ def _write_report(out: Path, rows: list[dict[str, Any]], evaluator: Evaluator, d
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _defense(text: str, defaults: dict[str, str]) -> DefenseSpec:
+    """``--defense TEXT`` parsed, its values read; a value that does not parse is a usage error naming the
+    option.
+
+    Raises:
+        ConfigError: unknown defense, option or value, or a folder defense whose folder does not exist.
+    """
+    try:
+        spec = DefenseSpec.parse(text, defaults)
+    except PreemptError as e:
+        raise ConfigError(f"--defense {text}: {e}") from e
+    if spec.kind == "folder" and not Path(spec.get("path")).is_dir():
+        raise ConfigError(f"--defense {text}: {spec.get('path')} is not a folder")
+    return spec
 
 
 def _attack(text: str) -> AttackSpec:
@@ -208,8 +226,12 @@ def eval_cmd(
             else "finished cells are kept in --out; run again with --resume to do the rest")  # fmt: skip
     with c.handle_errors(interrupted=hint):
         backbone, classifier = _defaults(backbone, classifier, "classifier", registry, required=False)  # the built-in models
+        try:
+            check_seed(seed)
+        except ConfigError as e:
+            raise ConfigError(f"--seed: {e}") from e
         defaults = {"backbone": backbone, "classifier": classifier, "seed": str(seed)}
-        defenses = [DefenseSpec.parse(d, defaults) for d in (defense or (["fp"] if reversion else ["none", "fp"]))]
+        defenses = [_defense(d, defaults) for d in (defense or (["fp"] if reversion else ["none", "fp"]))]
         attacks = [_attack(a) for a in (attack or ["pgd"])]
         if batch_size is not None and batch_size < 1:
             raise ConfigError("--batch-size must be >= 1")
