@@ -735,3 +735,56 @@ def test_train_config_refuses_an_int_budget(settings) -> None:
     with pytest.raises(ConfigError, match="is an int"):
         TrainConfig(method="pgd", **settings)
     TrainConfig(method="standard", eps=0)  # no budget at all is unambiguous
+
+
+def test_the_images_measured_each_epoch_are_of_every_class(tmp_path: Path) -> None:
+    """The held-out split was sorted by index, so the first --eval-images of it, the ones measured, were of
+    the first classes only (500 of 1000 held out of CIFAR-10: none of frog, horse, ship, truck)."""
+    from preempt_cli.train import TrainData
+
+    labels = torch.arange(10).repeat_interleave(100)  # loaded in class order, as folders are
+    data = TrainData(tmp_path, torch.zeros(1000, 3, 2, 2, dtype=torch.uint8), labels, tuple(f"c{i}" for i in range(10)))
+    _, held = data.split(200)
+    assert torch.equal(held.labels, data.split(200)[1].labels)  # a fixed split ...
+    assert set(held.labels[:50].tolist()) == set(range(10))  # ... whose first images are of every class
+
+
+def test_one_class_is_refused_with_a_base_model_too(tmp_path: Path, colour_dir: Path) -> None:
+    """With a base model (train --base, keygen) the classes are the model's: a folder of one of them
+    trained, reported 100%, and registered a key that answers that class whatever the input."""
+    only = tmp_path / "only" / "red"
+    only.mkdir(parents=True)
+    for p in sorted((colour_dir / "red").iterdir())[:4]:
+        (only / p.name).write_bytes(p.read_bytes())
+    with pytest.raises(ConfigError, match=r"1 class folder \(red\); training needs at least 2"):
+        load_train_data(tmp_path / "only", classes=("blue", "green", "red"))
+
+
+def test_cli_an_image_training_cannot_decode_is_a_usage_error(colour_dir: Path, tmp_path: Path,
+                                                               isolated_config: Path) -> None:  # fmt: skip
+    """Nothing is trained: exit 2 (exit 1 says some inputs failed and the rest were done), in one line
+    without Pillow's name for an in-memory buffer."""
+    data = tmp_path / "data"
+    for cls in ("red", "blue"):
+        (data / cls).mkdir(parents=True)
+        for p in sorted((colour_dir / cls).iterdir())[:8]:
+            (data / cls / p.name).write_bytes(p.read_bytes())
+    (data / "red" / "zz_bad.png").write_bytes(b"not an image at all")
+    result = CliRunner().invoke(app, ["train", str(data), "--arch", "cifar_resnet20", "--out",
+                                      str(tmp_path / "k.safetensors"), "--epochs", "1", "--holdout", "0",
+                                      "--eval-images", "0", "--amp", "off", "--no-register"])  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert "zz_bad.png: cannot decode training image: not an image Pillow can read" in result.stderr
+    assert "BytesIO" not in result.stderr and not (tmp_path / "k.safetensors").exists()
+
+
+def test_cli_train_writes_its_output_path_on_stdout_and_the_summary_on_stderr(colour_dir: Path, tmp_path: Path,
+                                                                             isolated_config: Path) -> None:  # fmt: skip
+    out = tmp_path / "k.safetensors"
+    args = ["train", str(colour_dir), "--arch", "cifar_resnet20", "--out", str(out), "--epochs", "1",
+            "--batch-size", "16", "--holdout", "12", "--eval-images", "8", "--amp", "off", "--no-register"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"{out}\n" and "Trained in" in result.stderr
+    quiet = CliRunner().invoke(app, [*args, "--force", "-q"])
+    assert quiet.exit_code == 0 and quiet.stdout == f"{out}\n" and quiet.stderr == ""

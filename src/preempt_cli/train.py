@@ -38,11 +38,11 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from .attacks import PGD
 from .engine import eval_mode, native_bf16, refuse_int_levels
-from .errors import ConfigError, ImageReadError
+from .errors import ConfigError, ImageReadError, first_line
 from .hub import save_safetensors, sha256_file
 from .imageio import gray16_levels
 from .inputs import is_hidden_name
@@ -107,7 +107,9 @@ class TrainData:
         if holdout <= 0:
             return self, replace(self, images=self.images[:0], labels=self.labels[:0])
         order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
-        held, kept = order[:holdout].sort().values, order[holdout:].sort().values
+        # the held-out images in their random order: the first --eval-images of them are the ones measured,
+        # and in index order (the data's class order) they were nearly all of the first few classes
+        held, kept = order[:holdout], order[holdout:].sort().values
         return (replace(self, images=self.images[kept], labels=self.labels[kept]),
                 replace(self, images=self.images[held], labels=self.labels[held]))  # fmt: skip
 
@@ -131,8 +133,10 @@ def _decode(data: bytes, name: str, size: tuple[int, int] | None) -> np.ndarray:
             return np.asarray(im, dtype=np.uint8)
     except ImageReadError:
         raise
+    except UnidentifiedImageError:  # its message names an in-memory buffer (<_io.BytesIO object at 0x...>)
+        raise ImageReadError(name, "cannot decode training image: not an image Pillow can read") from None
     except Exception as e:  # PIL raises many types for damaged files
-        raise ImageReadError(name, f"cannot decode training image: {e}") from e
+        raise ImageReadError(name, f"cannot decode training image: {first_line(e)}") from e
 
 
 def load_train_data(
@@ -182,13 +186,13 @@ def load_train_data(
     if not entries:
         raise ConfigError(f"{source}: no images found (expected ROOT/<class>/<image>)")
     found = sorted({c for c, _ in entries})
+    if len(found) < 2:  # one class: a model that answers it whatever the input, nothing learnt (a base too)
+        raise ConfigError(f"{source}: {len(found)} class folder ({found[0]}); training needs at least 2")
     if classes is not None:
         unknown = [c for c in found if c not in classes]
         if unknown:
             raise ConfigError(f"{source}: class folders {unknown[:5]} are not classes of the model {list(classes)[:10]}")
         names = tuple(classes)
-    elif len(found) < 2:  # one class: a model that answers it whatever the input, nothing learnt
-        raise ConfigError(f"{source}: {len(found)} class folder ({found[0]}); training needs at least 2")
     else:
         names = tuple(found)
     index = {c: i for i, c in enumerate(names)}

@@ -14,7 +14,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
 from ..engine import parse_eps
-from ..errors import ConfigError, PreemptError, RegistryError
+from ..errors import ConfigError, ImageReadError, PreemptError, RegistryError
 from ..registry import ROLES, check_registrable, get_model_config, load_registry, register_model, user_registry_path
 from ..train import (
     KEYGEN_DEFAULTS,
@@ -164,6 +164,19 @@ def _check_output(out: Path, force: bool, resume: bool, *, checkpoints: bool = T
     return out
 
 
+def _load_data(data: Path, **kwargs: Any) -> TrainData:
+    """:func:`load_train_data`, a file it cannot decode a usage error (exit 2): nothing is trained, where
+    exit 1 says that some inputs failed and the rest were done.
+
+    Raises:
+        ConfigError: see :func:`load_train_data`; a training image that cannot be decoded.
+    """
+    try:
+        return load_train_data(data, **kwargs)
+    except ImageReadError as e:
+        raise ConfigError(f"{e}; nothing was trained: fix or remove the file") from e
+
+
 def _check_writable(out: Path) -> None:
     """Refuse an output that could not be written, now rather than when the whole training is done: a
     folder, one under a file, or one in a folder this process cannot write (a temporary file is created
@@ -263,10 +276,12 @@ def _finish(result: TrainResult, *, name: str | None, register: bool, role: str,
                "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
     if json_out:
         c.print_json(summary)
-    elif not quiet:
-        c.stdout.print(f"wrote {result.output} (sha256 {result.sha256[:12]}...) in {summary['seconds']:.0f} s", markup=False)
+        return
+    c.print_line(str(result.output))  # the result, as protect's output paths (also with -q)
+    if not quiet:  # the summary on stderr, as protect's
+        c.stderr.print(f"Trained in {summary['seconds']:.0f} s (sha256 {result.sha256[:12]}...)", markup=False)
         if registered:
-            c.stdout.print(f"registered as {name!r} in {registered}", markup=False)
+            c.stderr.print(f"Registered as {name!r} in {registered}", markup=False)
 
 
 def train_cmd(
@@ -346,10 +361,10 @@ def train_cmd(
         torch_device = _setup_torch(device)
         if base is not None:
             model_cfg = get_model_config(base, registry or ())
-            dataset = load_train_data(data, input_hw=model_cfg.input_size[1:], classes=model_cfg.classes)
+            dataset = _load_data(data, input_hw=model_cfg.input_size[1:], classes=model_cfg.classes)
             arch_cfg = None
         else:
-            dataset = load_train_data(data, input_hw=(input_size, input_size) if input_size is not None else None)
+            dataset = _load_data(data, input_hw=(input_size, input_size) if input_size is not None else None)
             arch_cfg = model_cfg = arch_config(arch, classes=dataset.classes, arch_args=_arch_args(arch_arg or []),
                                                dataset=dataset_name or _guess_dataset(dataset.classes, data),
                                                input_size=(3, *dataset.images.shape[2:]), name=name or out.stem)  # fmt: skip
@@ -424,7 +439,7 @@ def keygen_cmd(
         started = time.perf_counter()
         torch_device = _setup_torch(device)
         model_cfg = get_model_config(base, registry or ())
-        dataset = load_train_data(data, input_hw=model_cfg.input_size[1:], classes=model_cfg.classes)
+        dataset = _load_data(data, input_hw=model_cfg.input_size[1:], classes=model_cfg.classes)
         if dataset.training_size(holdout) < config.batch_size:  # keygen has no --batch-size to lower
             raise ConfigError(f"{data}: keygen trains in batches of {config.batch_size}, and "
                               f"{_training_images(dataset, holdout)} are fewer: give more data or lower --holdout")  # fmt: skip
