@@ -479,3 +479,52 @@ def test_attack_cells_attack_the_defended_images(monkeypatch: pytest.MonkeyPatch
     assert torch.equal((given[0] * 255).round(), defended[:5].float())  # the defended images, not the originals
     assert torch.equal((torch.cat(attacked) * 255).round(), defended[:5].float())
     assert row["n"] == 5 and row["clean_acc"] == 100.0
+
+
+def test_rows_of_a_classifier_ablation_or_of_two_folders_of_one_name_are_told_apart() -> None:
+    """The classifier was left out of a defense's name, and a folder defense was named by its last part:
+    the rows of such a grid could not be attributed."""
+    a, b = (DefenseSpec.parse(f"fp:backbone=bb,classifier={c}") for c in ("clf", "clf2"))
+    assert a.name != b.name and "classifier=clf2" in b.name
+    assert DefenseSpec.parse("folder:a/protected").name != DefenseSpec.parse("folder:b/protected").name
+
+
+def test_autoattack_attacks_8_bit_images_in_both_norms() -> None:
+    """AutoAttack L2 rows were float images, beside PGD-L2's rounded ones, in a report calling all 8-bit."""
+    model = make_tiny_model(4, name="victim")
+    for norm in ("Linf", "L2"):
+        attack = AttackSpec.parse(f"aa:norm={norm}").build(model, batch_size=4)
+        assert attack.quantize, norm
+
+
+def test_clean_accuracy_is_measured_in_eval_mode_whatever_the_callers_model(tmp_path: Path) -> None:
+    """A clean cell called the victim as it came; robust_accuracy puts it in eval mode. A model loaded by a
+    caller's ``load`` in train mode gave BatchNorm batch statistics there."""
+
+    class BatchNormVictim(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm, self.head = nn.BatchNorm2d(3), nn.Linear(3, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.norm(x).mean(dim=(2, 3)))
+
+    torch.manual_seed(0)
+    victim = BatchNormVictim().to(TEST_DEVICE)
+    victim.norm.running_mean.fill_(5.0)  # far from the batch: eval and train mode answer otherwise
+    ds = tiny_dataset(8)
+    expected = victim.eval()(ds.images.float().div(255).to(TEST_DEVICE)).argmax(1).cpu()
+    victim.train()
+    row = tiny_evaluator(ds, {"victim": victim}).cell("victim", DefenseSpec("none"), None)
+    assert row["clean_acc"] == round(100 * (expected == ds.labels).float().mean().item(), 2)
+    assert victim.training  # given back as it came
+
+
+def test_a_bilevel_set_is_kept_for_the_batch_size_it_was_made_with() -> None:
+    """Bi-Level draws its random starts per batch: a --resume with another --batch-size reused images made
+    with the first one. Fast Preemption's images do not depend on their batch, and keep their key."""
+    ds, models = tiny_dataset(4), tiny_models()
+    bilevel = DefenseSpec.parse("bilevel:backbone=bb")
+    keys = {size: Evaluator(ds, load=models.__getitem__, device=TEST_DEVICE, batch_size=size) for size in (2, 4)}
+    assert keys[2].defense_key(bilevel) != keys[4].defense_key(bilevel)
+    assert keys[2].defense_key(fp_spec()) == keys[4].defense_key(fp_spec())

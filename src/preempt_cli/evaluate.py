@@ -28,7 +28,7 @@ from PIL import Image
 from .attacks import PGD, AutoAttack, robust_accuracy
 from .device import resolve_device
 from .baselines import BILEVEL_OPTIMIZERS
-from .engine import COMPILE_MODES, PRECISIONS, ForeBackConfig, check_seed, parse_eps
+from .engine import COMPILE_MODES, PRECISIONS, ForeBackConfig, check_seed, eval_mode, parse_eps
 from .errors import ConfigError, LabelError
 from .hub import sha256_file
 from .imageio import atomic_write, content_seed, quantize_levels, read_image
@@ -328,10 +328,10 @@ class DefenseSpec:
             return str(self.get("name"))
         if self.kind == "none":
             return "none"
-        if self.kind == "folder":
-            return f"folder:{Path(self.get('path')).name}"
-        shown = {k: v for k, v in self.options if k not in ("classifier",)}
-        return f"{'FP' if self.kind == 'fast-preemption' else 'Bi-Level'}({', '.join(f'{k}={v}' for k, v in shown.items())})"
+        if self.kind == "folder":  # as given: two folders of one name (a/protected, b/protected) are two rows
+            return f"folder:{self.get('path')}"
+        # every option, the classifier too: rows of a classifier ablation were named alike
+        return f"{'FP' if self.kind == 'fast-preemption' else 'Bi-Level'}({', '.join(f'{k}={v}' for k, v in self.options)})"
 
     @property
     def key(self) -> str:
@@ -344,7 +344,7 @@ class AttackSpec:
     ``autoattack[:version=standard,norm=Linf,eps=8/255]`` (alias ``aa``); both take ``limit=N`` (attack
     only the first N images) and ``seed``.
 
-    Both attack 8-bit images: PGD rounds each restart's result (both norms), AutoAttack (L-inf) rounds
+    Both attack 8-bit images, in both norms: PGD rounds each restart's result, AutoAttack rounds
     after every attack of its cascade and attacks the points rounding restored again with the next one
     (:class:`~preempt_cli.attacks.AutoAttack` ``quantize``); success is judged on the rounded images."""
 
@@ -431,9 +431,10 @@ class AttackSpec:
         _ = self.eps
         if check_only:
             return None
-        # L-inf: an 8-bit attack, rounded after every attack of the cascade (not once at its end: see AutoAttack)
+        # an 8-bit attack, rounded after every attack of the cascade (not once at its end: see AutoAttack), in
+        # L2 too: its rows were float images, beside PGD-L2's rounded ones and a report saying "8-bit" of all
         return AutoAttack(model, norm=self.norm, eps=self.eps, version=version, seed=seed, batch_size=batch_size,
-                          quantize=self.norm == "Linf")  # fmt: skip
+                          quantize=True)  # fmt: skip
 
 
 # -- defenses -------------------------------------------------------------------------------------------
@@ -516,7 +517,7 @@ def _state_sha256(model: torch.nn.Module) -> str:
 #: Part of every resume key (defenses, and so the cells that attack them): raised when the same spec text
 #: computes something else. 2 (0.6.0): a bare ``eps=1`` is one level, no longer the whole range, and photos
 #: draw their noise per sample.
-_RESUME_FORMAT = 2
+_RESUME_FORMAT = 3  # 3 (0.16.0): AutoAttack L2 rounds to 8 bits as L-inf does; rows name every option
 
 
 #: Part of a ``folder`` defense's resume key, raised when the same folder gives other images. 2 (after
@@ -640,6 +641,8 @@ class Evaluator:
                             [[name, self._model_fingerprint(name)] for _, name in self._defense_models(spec)]]  # fmt: skip
         if spec.kind == "folder":
             parts += [_FOLDER_FORMAT, _folder_fingerprint(Path(spec.get("path")))]
+        elif spec.kind == "bi-level":  # its random starts are drawn per batch: another batch size, other images
+            parts.append(self.batch_size)
         return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
     def _warn_white_box(self, victim_name: str, spec: DefenseSpec) -> None:
@@ -872,7 +875,7 @@ class Evaluator:
     def cell(self, victim_name: str, spec: DefenseSpec, attack: AttackSpec | None) -> dict[str, Any]:
         """Clean (and robust, with an attack) accuracy of one victim on one defense's images.
 
-        An L-inf AutoAttack row also carries ``robust_acc_float`` (the reference's criterion: a point is
+        An AutoAttack row also carries ``robust_acc_float`` (the reference's criterion: a point is
         fooled once an unrounded output fools it) and ``robust_acc_rounded_once`` (the cascade's float result
         rounded once at the end, as preempt 0.4.0 and earlier reported it: biased upward), from the same run.
         """
@@ -893,7 +896,7 @@ class Evaluator:
         start = time.perf_counter()
         extra: dict[str, Any] = {}
         if attack is None:
-            with torch.inference_mode():
+            with torch.inference_mode(), eval_mode(victim):  # as robust_accuracy does: a caller's model may train
                 correct = torch.cat([victim(x[i:i + 500]).argmax(1) == y[i:i + 500] for i in range(0, n, 500)])
             clean, robust = correct.float().mean().item(), None
         else:
@@ -1130,7 +1133,7 @@ def reversion_protocol(
         accs, correct = {}, {}
         for stage, images in stages.items():
             x = _to_float(images, evaluator.device)
-            with torch.inference_mode():
+            with torch.inference_mode(), eval_mode(victim):
                 pred = torch.cat([victim(x[i:i + 500]).argmax(1) for i in range(0, len(x), 500)])
             correct[stage] = pred.cpu() == ds.labels
             accs[stage] = round(100 * correct[stage].float().mean().item(), 2)
