@@ -1846,3 +1846,16 @@ def test_each_run_of_a_protector_batches_by_its_own_batch_size(tmp_path: Path, t
                                                                                   batch_size=batch_size)))  # fmt: skip
         assert [r.status for r in results] == ["done"] * 12
         assert max(sizes) == batch_size, (batch_size, sizes)  # the second run took the first one's 2
+
+
+@pytest.mark.parametrize(("args", "line"), [
+    (["protect", "--bogus"], "error: No such option: --bogus"),
+    (["protect"], "error: Missing argument 'paths' (see 'preempt protect --help')"),
+    (["models", "show"], "error: Missing argument 'name' (see 'preempt models show --help')"),
+    (["bogus"], "error: No such command 'bogus' (see 'preempt --help')"),
+])  # fmt: skip
+def test_usage_errors_of_the_parser_are_one_line_too(args: list[str], line: str) -> None:
+    """Typer drew click's usage errors as a rich panel of five lines, into pipes and logs too."""
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2
+    assert result.stderr.startswith(line) and len(result.stderr.splitlines()) == 1, result.stderr

@@ -7,11 +7,27 @@ import importlib.util
 import sys
 from typing import Annotated, Optional
 
+import click
 import typer
+import typer.rich_utils
 
 from .. import __version__
 from . import _eval, _files, _models, _train
 from ._common import EXIT_BROKEN_PIPE
+
+def _usage_error_line(error: click.ClickException) -> None:
+    """Click's usage errors (an unknown option, a missing argument, a bad value) in one line on stderr, as
+    preempt's own errors are, instead of rich's panel of five lines (also drawn into a pipe or a log)."""
+    if type(error).__name__ == "NoArgsIsHelpError":  # the help was shown: nothing to add
+        return
+    ctx = getattr(error, "ctx", None)
+    hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+    message = " ".join(error.format_message().split())
+    sys.stderr.write(f"error: {message.rstrip('.') if hint else message}{hint}\n")
+
+
+# Typer formats click's usage errors with this function (it looks it up when one happens)
+typer.rich_utils.rich_format_error = _usage_error_line
 
 app = typer.Typer(
     name="preempt",
