@@ -1824,10 +1824,13 @@ def test_a_run_asking_for_other_workers_leaves_the_pool_of_another_run_alone(tin
     from preempt_cli import ForeBackConfig, Protector
 
     with Protector(tiny_backbone, labels="backbone", config=ForeBackConfig(samples=2)) as protector:
-        two = protector._process_pool(RunOptions(io="processes", workers=2))
+        two = protector._process_pool(RunOptions(io="processes", workers=2), use=True)  # a run under way
         three = protector._process_pool(RunOptions(io="processes", workers=3))
         assert two is not three and two.submit(os.getpid).result(timeout=60) != os.getpid()
-        assert protector._process_pool(RunOptions(io="processes", workers=2)) is two  # kept for later runs
+        assert protector._process_pool(RunOptions(io="processes", workers=3)) is three  # kept for later runs
+        protector._pool_users[2] -= 1  # the run ends
+        protector._process_pool(RunOptions(io="processes", workers=1))
+        assert set(protector._pools) == {1}  # pools of other sizes that no run uses are not kept
     assert protector._processes is None and protector._pools == {}
 
 
@@ -1859,3 +1862,31 @@ def test_usage_errors_of_the_parser_are_one_line_too(args: list[str], line: str)
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2
     assert result.stderr.startswith(line) and len(result.stderr.splitlines()) == 1, result.stderr
+
+
+def test_a_name_stdouts_codec_cannot_write_is_written_as_its_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An ASCII (or code-page) stdout and a name of other letters ended the run after its outputs were
+    written; the name goes out as the file system's bytes, as ls writes it."""
+    import io
+
+    from preempt_cli.cli import _common
+
+    raw = io.BytesIO()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(raw, encoding="ascii"))
+    _common.print_line("out/caf\u00e9.protected.png")
+    assert raw.getvalue() == "out/caf\u00e9.protected.png\n".encode()
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/fd"), reason="/dev/fd")
+def test_json_labels_can_come_from_a_pipe_too(tmp_path: Path, registry: Path) -> None:
+    """A pipe's name has no .json: its content says it is JSON (it was parsed as CSV)."""
+    (good,) = _images(tmp_path, n=1)
+    read_end, write_end = os.pipe()
+    os.write(write_end, b'{"img0.png": 4}')
+    os.close(write_end)
+    try:
+        result = run(["protect", str(good), *FAST, "--labels", f"/dev/fd/{read_end}", "--json"], registry)
+    finally:
+        os.close(read_end)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["label"] == 4

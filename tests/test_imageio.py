@@ -1218,3 +1218,15 @@ def test_an_sgi_of_16_bits_a_channel_is_refused(tmp_path) -> None:
     (tmp_path / "rgb48.sgi").write_bytes(header + b"".join(arr[::-1, :, c].astype(">u2").tobytes() for c in range(3)))
     with pytest.raises(ImageReadError, match="a SGI of 16 bits per channel, which Pillow decodes to 8 bits"):
         read_image(tmp_path / "rgb48.sgi")
+
+
+def test_a_png_with_bytes_after_its_end_is_whole(tmp_path) -> None:
+    """Some tools append bytes after IEND: such an output is whole, not cut short (a re-run replaced it)."""
+    path = tmp_path / "a.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(path)
+    whole = path.read_bytes()
+    assert imageio.png_is_whole(path)
+    path.write_bytes(whole + b"trailer")
+    assert imageio.png_is_whole(path)
+    path.write_bytes(whole[:-20])
+    assert not imageio.png_is_whole(path)

@@ -481,3 +481,18 @@ def test_paths_as_bytes_are_paths(tmp_path: Path) -> None:
     assert len(expected) == 2
     assert collect_inputs(os.fsencode(tmp_path / "in")) == expected
     assert collect_inputs([os.fsencode(tmp_path / "in")]) == expected
+
+
+def test_a_list_is_told_from_an_image_by_more_than_its_first_letters(tmp_path: Path, monkeypatch) -> None:
+    """Only bytes that start an image, and a first line that names no file, make image data: a list of
+    /images/WEBP/... (WebP needs RIFF first), or whose first line ends in \\r, is a list."""
+    from preempt_cli.errors import ConfigError
+    from preempt_cli.inputs import path_list_text
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "GIF89a.png").write_bytes(b"")
+    for listing in (b"GIF89a.png\r\nb.png\r\n", b"/images/WEBP/gone.webp\n"):
+        assert path_list_text(listing) == listing.decode()
+    for image in (b"GIF89a\x20\x00\x20\x00rest", b"RIFF\x10\x00\x00\x00WEBPVP8 "):
+        with pytest.raises(ConfigError, match="image data, not a list of paths"):
+            path_list_text(image)

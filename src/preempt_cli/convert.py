@@ -105,9 +105,9 @@ def convert_checkpoint(
             unreadable checkpoint, no state dict in it, or two keys that are the same once a prefix is stripped.
         ImageWriteError: the output cannot be written.
     """
-    if same_file(checkpoint, output) or (not output.exists() and checkpoint.absolute() == output.absolute()):
+    if same_file(checkpoint, output) or (not os.path.exists(output) and checkpoint.absolute() == output.absolute()):
         raise ConfigError(f"{output}: is the checkpoint itself; name another output file")
-    if output.is_dir():  # else "exists", or with --force a rename onto it failing once the checkpoint is read
+    if os.path.isdir(output):  # else "exists", or with --force a rename onto it failing once the checkpoint is read
         raise ConfigError(f"{output}: is a folder: name the .safetensors file to write (e.g. "
                           f"{output / checkpoint.with_suffix('.safetensors').name})")  # fmt: skip
     folder = output.parent
@@ -115,9 +115,9 @@ def convert_checkpoint(
         folder = folder.parent
     if not os.path.isdir(folder):
         raise ConfigError(f"{output}: {folder} is a file, not a folder")
-    if output.exists() and not overwrite:
+    if os.path.exists(output) and not overwrite:
         raise ConfigError(f"{output}: exists; pass --force to replace it")
-    if checkpoint.is_dir():
+    if os.path.isdir(checkpoint):
         raise ConfigError(f"{checkpoint}: is a directory, not a checkpoint file")
     with warnings.catch_warnings(record=True) as caught:  # torch's UserWarnings speak to developers, not users
         warnings.simplefilter("always")

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import numbers
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -30,12 +31,11 @@ from .device import resolve_device
 from .baselines import BILEVEL_OPTIMIZERS
 from .engine import COMPILE_MODES, PRECISIONS, ForeBackConfig, check_seed, eval_mode, parse_eps
 from .errors import ConfigError, LabelError
-from .hub import sha256_file
-from .imageio import atomic_write, content_seed, quantize_levels, read_image
+from .imageio import atomic_write, content_seed, display_name, quantize_levels, read_image
 from .inputs import PROTECTED_SUFFIX, REVERTED_SUFFIX, InputFile, collect_inputs
 from .labels import read_label_file
 from .models import ImageModel
-from .protect import Protector, read_preempt_metadata_file
+from .protect import Protector, read_preempt_metadata_file, regular_file_sha256
 from .revert import Reverter
 
 __all__ = [
@@ -329,7 +329,7 @@ class DefenseSpec:
         if self.kind == "none":
             return "none"
         if self.kind == "folder":  # as given: two folders of one name (a/protected, b/protected) are two rows
-            return f"folder:{self.get('path')}"
+            return f"folder:{display_name(self.get('path'))}"  # its bytes shown, as tables and CSV can write them
         # every option, the classifier too: rows of a classifier ablation were named alike
         return f"{'FP' if self.kind == 'fast-preemption' else 'Bi-Level'}({', '.join(f'{k}={v}' for k, v in self.options)})"
 
@@ -517,7 +517,12 @@ def _state_sha256(model: torch.nn.Module) -> str:
 #: Part of every resume key (defenses, and so the cells that attack them): raised when the same spec text
 #: computes something else. 2 (0.6.0): a bare ``eps=1`` is one level, no longer the whole range, and photos
 #: draw their noise per sample.
-_RESUME_FORMAT = 3  # 3 (0.16.0): AutoAttack L2 rounds to 8 bits as L-inf does; rows name every option
+_RESUME_FORMAT = 2
+
+#: Part of every cell's resume key besides :data:`_RESUME_FORMAT`: raised when the same cell computes or
+#: names something else (a defended set, kept under its own key, is not computed again for it).
+#: 1 (0.16.0): AutoAttack L2 rounds to 8 bits as L-inf does; rows name every option of a defense.
+_CELL_FORMAT = 1
 
 
 #: Part of a ``folder`` defense's resume key, raised when the same folder gives other images. 2 (after
@@ -546,14 +551,6 @@ def _folder_fingerprint(folder: Path) -> list[list[Any]]:
             continue
         rows.append([item.relative.as_posix(), stat.st_size, stat.st_mtime_ns])
     return rows
-
-
-def _sha256_or_none(path: Path) -> str | None:
-    """The sha256 of a file's bytes; None when it cannot be read (a dataset held in memory)."""
-    try:
-        return sha256_file(path)
-    except OSError:
-        return None
 
 
 class Evaluator:
@@ -730,7 +727,7 @@ class Evaluator:
                 own pixels (a copy of the original); an image there is not of the dataset's size.
         """
         folder = Path(spec.get("path"))
-        if not folder.is_dir():
+        if not os.path.isdir(folder):
             raise ConfigError(f"folder defense: {folder} is not a folder")
         outputs: dict[str, list[InputFile]] = {}  # preempt protect's outputs, by the sha256 of their original
         output_names: dict[str, Path] = {}  # and by name
@@ -756,7 +753,7 @@ class Evaluator:
             protected = f"{path.stem}{PROTECTED_SUFFIX}"
             names = [rel.with_name(f"{protected}.png").as_posix(), rel.as_posix(),
                      f"{protected}.png", path.name, protected, path.stem]  # fmt: skip
-            made = outputs.get(_sha256_or_none(path) or "", []) if outputs else []
+            made = outputs.get(regular_file_sha256(path) or "", []) if outputs else []
             if made:  # one output, whatever its name; of several (runs with other settings), the one of its names
                 named = {key: i.path for i in made for key in (i.relative.as_posix(), i.path.name, i.path.stem)}
                 match = next((named[n] for n in names if n in named), made[0].path if len(made) == 1 else None)
@@ -880,8 +877,8 @@ class Evaluator:
         rounded once at the end, as preempt 0.4.0 and earlier reported it: biased upward), from the same run.
         """
         self._warn_white_box(victim_name, spec)
-        parts = [_RESUME_FORMAT, victim_name, self._model_fingerprint(victim_name), self.defense_key(spec),
-                 attack and [attack.kind, attack.options]]  # fmt: skip
+        parts = [_RESUME_FORMAT, _CELL_FORMAT, victim_name, self._model_fingerprint(victim_name),
+                 self.defense_key(spec), attack and [attack.kind, attack.options]]  # fmt: skip
         key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
         path = self.out_dir / "cells" / f"{key}.json" if self.out_dir else None
         if path is not None and self.resume and path.is_file():

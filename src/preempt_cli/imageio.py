@@ -907,14 +907,20 @@ def same_file(a: str | Path, b: str | Path) -> bool:
 _PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 
 
+#: How far from a PNG's end its IEND chunk is looked for: some tools append bytes after it.
+_PNG_END_WINDOW = 4096
+
+
 def png_is_whole(path: str | Path) -> bool:
-    """Whether the PNG at ``path`` ends as a whole one does (its IEND chunk): a file cut short (a full disk,
-    an interrupted copy) does not. False when it cannot be read."""
+    """Whether the PNG at ``path`` holds the chunk that ends a whole one (IEND), in its last few KB (bytes
+    some tool appended after it are left alone): a file cut short (a full disk, an interrupted copy) does
+    not. False when it cannot be read."""
     try:
         with open(path, "rb") as f:
-            f.seek(-len(_PNG_END), os.SEEK_END)
-            return f.read() == _PNG_END
-    except (OSError, ValueError):
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - _PNG_END_WINDOW))
+            return _PNG_END in f.read()
+    except OSError:
         return False
 
 

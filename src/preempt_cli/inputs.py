@@ -111,13 +111,14 @@ def _cannot_look_at(path: Path) -> bool:
 #: of names has): a list of paths that starts so is an image piped in by mistake (``cat a.png | preempt
 #: protect -``), whose bytes would otherwise become thousands of nonsense names.
 _IMAGE_MAGIC = ((b"\x89PNG\r\n\x1a\n", 0, "PNG"), (b"\xff\xd8\xff", 0, "JPEG"), (b"GIF8", 0, "GIF"),
-                (b"II*\x00", 0, "TIFF"), (b"MM\x00*", 0, "TIFF"), (b"WEBP", 8, "WebP"), (b"ftypavif", 4, "AVIF"),
+                (b"II*\x00", 0, "TIFF"), (b"MM\x00*", 0, "TIFF"), (b"ftypavif", 4, "AVIF"),
                 (b"\x00\x00\x00\x0cjP  ", 0, "JPEG 2000"), (b"\xff\x4f\xff\x51", 0, "JPEG 2000"))  # fmt: skip
 
 
-def path_list_text(data: bytes, source: str = "stdin") -> str:
+def path_list_text(data: bytes, source: str = "stdin", encoding: str | None = None) -> str:
     """``data``, a list of paths read as bytes (from stdin), as text: each name decoded as the file system
-    decodes names (``os.fsdecode``: a name that is not UTF-8 keeps its bytes, whatever the locale).
+    decodes names (``os.fsdecode``: on POSIX a name that is not UTF-8 keeps its bytes, whatever the locale),
+    or with ``encoding`` (Windows, whose pipes carry the console's code page, not the file system's UTF-8).
 
     Raises:
         ConfigError: ``data`` is an image, not a list of paths.
@@ -125,11 +126,14 @@ def path_list_text(data: bytes, source: str = "stdin") -> str:
     kind = next((name for magic, at, name in _IMAGE_MAGIC if data[at : at + len(magic)] == magic), None)
     if kind is None and data[:2] == b"BM" and data[6:10] == b"\0\0\0\0":
         kind = "BMP"
+    if kind is None and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        kind = "WebP"
     first = re.split(b"[\0\n]", data, maxsplit=1)[0]
-    if kind is not None and not os.path.lexists(first):  # a list whose first file is named GIF89a.png is one
+    named = os.path.lexists(first) or os.path.lexists(first.strip())  # a line of a list may end in \r
+    if kind is not None and not named:  # a list whose first file is named GIF89a.png is one
         raise ConfigError(f"{source} holds {kind} image data, not a list of paths: '-' reads the paths of the "
                           f"images, one per line (or NUL-separated); save the image to a file and name that")  # fmt: skip
-    return os.fsdecode(data)
+    return os.fsdecode(data) if encoding is None else data.decode(encoding, errors="replace")
 
 
 def paths_listed(text: str) -> list[str]:

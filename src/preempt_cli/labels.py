@@ -60,7 +60,8 @@ class LabelMap:
 
 def read_label_file(path: Path | str) -> LabelMap:
     """Read labels from CSV (columns file,label; a header row is optional) or JSON (``{file: label}`` or
-    a list of ``{"file": ..., "label": ...}``).
+    a list of ``{"file": ..., "label": ...}``): by the name's ``.json``, or, for a name without ``.csv``
+    (a pipe), by a first character ``{`` or ``[``.
 
     Raises:
         LabelError: missing, unreadable or malformed file.
@@ -74,7 +75,8 @@ def read_label_file(path: Path | str) -> LabelMap:
         line = e.object[: e.start].count(b"\n") + 1
         raise LabelError(f"{path}: not UTF-8 text (line {line}); save it as UTF-8") from e
     entries: dict[str, str | int] = {}
-    if path.suffix.lower() == ".json":
+    # JSON by its name, or by its first character where the name says nothing (a pipe: --labels <(cmd))
+    if path.suffix.lower() == ".json" or (path.suffix.lower() != ".csv" and text.lstrip()[:1] in ("{", "[")):
         try:
             doc = json.loads(text)
         except (ValueError, RecursionError) as e:  # RecursionError: nested past the parser's depth

@@ -242,7 +242,7 @@ def differing_settings(recorded: Mapping[str, Any], current: Mapping[str, Any]) 
     return changed
 
 
-def _sha256_or_none(path: Path) -> str | None:
+def regular_file_sha256(path: Path) -> str | None:
     """The sha256 of a regular file's bytes; None for anything else (a device such as /dev/zero would be
     read forever; its own read refuses it, with the reason) or a file gone or unreadable."""
     try:
@@ -421,6 +421,7 @@ class Protector:
         # this Protector) gets a pool of its own, rather than the pool under the other run shut down
         self._pools: dict[int, ProcessPoolExecutor] = {}
         self._pools_lock = threading.Lock()
+        self._pool_users: dict[int, int] = {}  # runs using each pool
         self._last_workers = 0
 
     # -- tensors ---------------------------------------------------------------------------------------
@@ -587,7 +588,7 @@ class Protector:
             _logger.warning("%s: output %s is cut short: it is made again", display_name(item.path),
                             display_name(output))  # fmt: skip
             return None
-        recorded, current = meta.get("source_sha256"), _sha256_or_none(item.path)
+        recorded, current = meta.get("source_sha256"), regular_file_sha256(item.path)
         if current is None:
             # not a file whose bytes can be compared: a missing input with an output of its name had been
             # "skipped" (exit 0), as if done; a pipe is read once, and would replace the output unasked
@@ -797,9 +798,13 @@ class Protector:
                 yield verdict  # type: ignore[misc]  # every Path was judged above
         if not todo:
             return
-        processes = self._process_pool(options) if self._io_processes(options) else None
+        processes = self._process_pool(options, use=True) if self._io_processes(options) else None
         if processes is not None:
-            yield from self._run_pipeline(todo, outputs, options, _ProcessIO(self, options, processes, replacing))
+            try:
+                yield from self._run_pipeline(todo, outputs, options, _ProcessIO(self, options, processes, replacing))
+            finally:
+                with self._pools_lock:
+                    self._pool_users[options.workers] -= 1
             return
         pool = ThreadPoolExecutor(options.workers, thread_name_prefix="preempt-io")
         try:
@@ -812,15 +817,22 @@ class Protector:
             return self.device.type == "cuda" and options.workers >= 4
         return options.io == "processes"
 
-    def _process_pool(self, options: RunOptions) -> ProcessPoolExecutor | None:
+    def _process_pool(self, options: RunOptions, *, use: bool = False) -> ProcessPoolExecutor | None:
         """Worker processes for decoding and encoding, started once and kept for later runs; None where
-        they cannot start and ``io`` is ``auto`` (the run then uses threads).
+        they cannot start and ``io`` is ``auto`` (the run then uses threads). ``use``: a run takes the pool
+        (and gives it back, counted in ``_pool_users``); a pool of another size that no run uses is shut down
+        then, so that runs of many sizes do not keep every pool they ever started.
 
         Raises:
             ConfigError: ``io="processes"`` and no worker process starts.
         """
         with self._pools_lock:
-            return self._process_pool_locked(options)
+            for workers in [w for w in self._pools if w != options.workers and not self._pool_users.get(w)]:
+                self._pools.pop(workers).shutdown(wait=False, cancel_futures=True)
+            pool = self._process_pool_locked(options)
+            if pool is not None and use:
+                self._pool_users[options.workers] = self._pool_users.get(options.workers, 0) + 1
+            return pool
 
     @property
     def _processes(self) -> ProcessPoolExecutor | None:

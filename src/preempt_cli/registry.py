@@ -545,10 +545,10 @@ def _existing_user_registry() -> Path | None:
     """
     user = user_registry_path()
     named = bool(os.environ.get("PREEMPT_REGISTRY"))
-    if user.is_file():
+    if os.path.isfile(user):
         return user
-    if user.exists():  # a folder there is a mistake to name, not "no registry"
-        kind = "a directory" if user.is_dir() else "not a regular file"
+    if os.path.exists(user):  # a folder there is a mistake to name, not "no registry"
+        kind = "a directory" if os.path.isdir(user) else "not a regular file"
         raise RegistryError(user, f"{'PREEMPT_REGISTRY' if named else 'the user registry'} is {kind}, not a "
                                   "registry file (a TOML file)")  # fmt: skip
     if named:  # the default one is created by the first train or keygen; a file named is meant to exist
@@ -567,10 +567,10 @@ def registry_files(extra: Iterable[Path | str] | Path | str = ()) -> list[Path]:
         files.append(user)
     for p in extra:
         p = Path(p).expanduser()
-        if p.is_dir():
+        if os.path.isdir(p):
             raise RegistryError(p, "is a directory, not a registry file (a TOML file)")
-        if not p.is_file():
-            raise RegistryError(p, "registry file not found" if not p.exists() else "not a regular file")
+        if not os.path.isfile(p):
+            raise RegistryError(p, "registry file not found" if not os.path.exists(p) else "not a regular file")
         files.append(p)
     return files
 

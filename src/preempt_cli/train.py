@@ -26,6 +26,7 @@ import io
 import json
 import logging
 import math
+import os
 import secrets
 import time
 import zipfile
@@ -155,7 +156,7 @@ def load_train_data(
     """
     source = Path(source).expanduser()
     entries: list[tuple[str, str]] = []  # (class, member name)
-    if source.is_dir():
+    if os.path.isdir(source):
         for path in sorted(source.rglob("*")):
             rel = path.relative_to(source)
             if (path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and len(rel.parts) == 2
@@ -164,7 +165,7 @@ def load_train_data(
         read = lambda name: Path(name).read_bytes()  # noqa: E731
         label = str
         archive = None
-    elif source.is_file() and zipfile.is_zipfile(source):
+    elif os.path.isfile(source) and zipfile.is_zipfile(source):
         archive = zipfile.ZipFile(source)
         # macOS's archiver adds __MACOSX/ and ._name resource forks: not images of the set (nor hidden ones)
         names = sorted(n for n in archive.namelist() if not n.endswith("/") and n.lower().endswith(IMAGE_SUFFIXES)
@@ -179,7 +180,7 @@ def load_train_data(
         entries = [(n.split("/")[-2], n) for n in names]
         read = archive.read
         label = lambda name: f"{source}:{name}"  # noqa: E731  (a member is named with its zip)
-    elif source.exists():
+    elif os.path.exists(source):
         raise ConfigError(f"{source}: neither a folder nor a zip file")
     else:
         raise ConfigError(f"{source}: no such file or folder")

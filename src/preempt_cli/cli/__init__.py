@@ -7,7 +7,6 @@ import importlib.util
 import sys
 from typing import Annotated, Optional
 
-import click
 import typer
 import typer.rich_utils
 
@@ -15,12 +14,19 @@ from .. import __version__
 from . import _eval, _files, _models, _train
 from ._common import EXIT_BROKEN_PIPE
 
-def _usage_error_line(error: click.ClickException) -> None:
+_rich_format_error = typer.rich_utils.rich_format_error
+
+
+def _usage_error_line(error: Exception) -> None:
     """Click's usage errors (an unknown option, a missing argument, a bad value) in one line on stderr, as
-    preempt's own errors are, instead of rich's panel of five lines (also drawn into a pipe or a log)."""
+    preempt's own errors are, instead of rich's panel of five lines (also drawn into a pipe or a log).
+    (``error`` is a ClickException of the click that Typer bundles, not necessarily the installed one.)"""
     if type(error).__name__ == "NoArgsIsHelpError":  # the help was shown: nothing to add
         return
     ctx = getattr(error, "ctx", None)
+    if ctx is not None and ctx.find_root().info_name != "preempt":  # another Typer app in this process
+        _rich_format_error(error)
+        return
     hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
     message = " ".join(error.format_message().split())
     sys.stderr.write(f"error: {message.rstrip('.') if hint else message}{hint}\n")

@@ -396,7 +396,11 @@ def print_line(text: str, end: str = "\n") -> None:
                 sys.stdout.write(line.encode(encoding, "backslashreplace").decode(encoding))
             else:
                 sys.stdout.flush()
-                raw.write(line.encode(encoding, "surrogateescape"))
+                try:
+                    data = line.encode(encoding, "surrogateescape")
+                except UnicodeEncodeError:  # a name stdout's codec has no letters for (ASCII, a code page)
+                    data = os.fsencode(line)
+                raw.write(data)
         sys.stdout.flush()
     except BrokenPipeError:  # the reader went away: handle_errors stops quietly
         raise

@@ -99,7 +99,7 @@ def _defense(text: str, defaults: dict[str, str]) -> DefenseSpec:
         spec = DefenseSpec.parse(text, defaults)
     except PreemptError as e:
         raise ConfigError(f"--defense {text}: {e}") from e
-    if spec.kind == "folder" and not Path(spec.get("path")).is_dir():
+    if spec.kind == "folder" and not os.path.isdir(spec.get("path")):
         raise ConfigError(f"--defense {text}: {spec.get('path')} is not a folder")
     return spec
 
@@ -152,11 +152,11 @@ def _check_outputs(data: Path, out: Path, csv_path: Path | None) -> None:
     Raises:
         ConfigError: one of them.
     """
-    if not data.exists():
+    if not os.path.exists(data):
         raise ConfigError(f"{data}: no such folder")
     c.check_out_dir(out, "--out")
     if csv_path is not None:
-        if csv_path.is_dir():
+        if os.path.isdir(csv_path):
             raise ConfigError(f"--csv {csv_path}: is a folder; name the CSV file to write")
         try:
             csv_path.parent.mkdir(parents=True, exist_ok=True)

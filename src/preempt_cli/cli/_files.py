@@ -298,7 +298,10 @@ def _stdin_text() -> str:
     if sys.stdin is None:  # no stdin at all (a daemon, pythonw): an empty list
         return ""
     raw = getattr(sys.stdin, "buffer", None)
-    return path_list_text(raw.read() if raw is not None else os.fsencode(sys.stdin.read()))
+    if raw is None:
+        return path_list_text(os.fsencode(sys.stdin.read()))
+    # Windows: a pipe carries the console's code page, which stdin's own codec reads (os.fsdecode is UTF-8)
+    return path_list_text(raw.read(), encoding=(sys.stdin.encoding or "utf-8") if os.name == "nt" else None)
 
 
 def _some_of(paths: list[str], stdin: io.StringIO | None, most: int = 3) -> str:

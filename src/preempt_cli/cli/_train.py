@@ -152,13 +152,13 @@ def _check_output(out: Path, force: bool, resume: bool, *, checkpoints: bool = T
         raise ConfigError(f"{out}: the output must be a .safetensors file")
     _check_writable(out)
     ckpt = checkpoint_path(out)
-    if checkpoints and ckpt.is_file() and not resume and not force:  # a plain re-run would start over and overwrite it
+    if checkpoints and os.path.isfile(ckpt) and not resume and not force:  # a plain re-run would start over and overwrite it
         raise ConfigError(f"a checkpoint of an interrupted run is at {ckpt}: --resume continues it, --force "
                           "starts over")  # fmt: skip
-    if out.exists() and not force:
+    if os.path.exists(out) and not force:
         if not resume:
             raise ConfigError(f"{out} exists; pass --force to overwrite it")
-        if not checkpoint_path(out).is_file():  # a finished run deletes its checkpoint: training would restart
+        if not os.path.isfile(checkpoint_path(out)):  # a finished run deletes its checkpoint: training would restart
             raise ConfigError(f"--resume: {out} is finished (no checkpoint {checkpoint_path(out).name} beside "
                               "it); pass --force to train it again")  # fmt: skip
     return out
@@ -185,12 +185,12 @@ def _check_writable(out: Path) -> None:
     Raises:
         ConfigError: one line saying which.
     """
-    if out.is_dir():
+    if os.path.isdir(out):
         raise ConfigError(f"--out {out} is a folder: name the .safetensors file to write")
     folder = out.parent
-    while not folder.exists() and folder != folder.parent:  # created when the weights are written
+    while not os.path.exists(folder) and folder != folder.parent:  # created when the weights are written
         folder = folder.parent
-    if not folder.is_dir():
+    if not os.path.isdir(folder):
         raise ConfigError(f"--out {out}: {folder} is a file, not a folder")
     try:
         fd, probe = tempfile.mkstemp(prefix=".preempt-write-test.", dir=folder)
