@@ -591,7 +591,7 @@ def test_cli_interrupt_says_what_a_re_run_does(command: str, says: str, colour_d
     ("folder.safetensors", "folder.safetensors is a folder: name the .safetensors file to write"),
     ("file/x.safetensors", "file is a file, not a folder"),
     ("file/sub/x.safetensors", "file is a file, not a folder"),
-    ("locked/x.safetensors", "cannot write in"),
+    ("locked/x.safetensors", "no file can be created in"),
 ])  # fmt: skip
 @pytest.mark.parametrize("command", ["train", "keygen"])
 def test_cli_an_unwritable_output_fails_before_training(command: str, out: str, message: str, colour_dir: Path,
@@ -632,7 +632,7 @@ def test_cli_a_registry_that_cannot_be_written_fails_before_training(command: st
     else:
         config = isolated_config / "preempt"
         config.mkdir()
-        registry, reason = config / "models.toml", f"in {config} (Permission denied)"
+        registry, reason = config / "models.toml", f"no file can be created in {config} (Permission denied)"
         real = tempfile.mkstemp
 
         def denied(*args, **kwargs):  # root writes anywhere: refuse the config folder alone
@@ -650,7 +650,7 @@ def test_cli_a_registry_that_cannot_be_written_fails_before_training(command: st
         args = ["keygen", "--base", "no-such-model", "--data", str(colour_dir), *small]
     result = CliRunner().invoke(app, [*args, "--out", str(out)])
     assert result.exit_code == 2, result.output
-    assert result.stderr == (f"error: {registry}: cannot be written{'' if blocked == 'unwritable' else ':'} {reason}; "
+    assert result.stderr == (f"error: {registry}: cannot be written: {reason}; "
                              "name a registry you can write with PREEMPT_REGISTRY, or pass --no-register\n"), result.stderr
     assert not out.exists() and not checkpoint_path(out).exists()
     # --no-register trains, as the message says

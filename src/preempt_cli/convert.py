@@ -12,7 +12,7 @@ import torch
 
 from .errors import ConfigError
 from .hub import save_safetensors, sha256_file
-from .imageio import same_file
+from .imageio import folder_write_problem, same_file
 
 __all__ = ["convert_checkpoint"]
 
@@ -110,11 +110,9 @@ def convert_checkpoint(
     if os.path.isdir(output):  # else "exists", or with --force a rename onto it failing once the checkpoint is read
         raise ConfigError(f"{output}: is a folder: name the .safetensors file to write (e.g. "
                           f"{output / checkpoint.with_suffix('.safetensors').name})")  # fmt: skip
-    folder = output.parent
-    while not os.path.exists(folder) and folder != folder.parent:  # missing folders are created, as for train
-        folder = folder.parent
-    if not os.path.isdir(folder):
-        raise ConfigError(f"{output}: {folder} is a file, not a folder")
+    problem = folder_write_problem(output)  # missing folders are created, as for train
+    if problem:
+        raise ConfigError(f"{output}: {problem}")
     if os.path.exists(output) and not overwrite:
         raise ConfigError(f"{output}: exists; pass --force to replace it")
     if os.path.isdir(checkpoint):

@@ -825,6 +825,25 @@ def _temp_prefix(name: str, name_max: int) -> str:
     return f".{name}."
 
 
+def folder_write_problem(path: Path) -> str | None:
+    """Why no file could be written at ``path`` (its missing folders created first), or None: a file where
+    one of its folders should be, or a folder this process cannot write (a temporary file is created and
+    removed there). Missing folders are not created here; their nearest existing one is tried. For checks
+    before work whose result ``path`` would hold (a trained model, a registry row)."""
+    folder = path.parent
+    while not os.path.exists(folder) and folder != folder.parent:
+        folder = folder.parent
+    if not os.path.isdir(folder):
+        return f"{folder} is a file, not a folder"
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".preempt-write-test.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        return f"no file can be created in {folder} ({e.strerror or e})"
+    return None
+
+
 @contextmanager
 def atomic_write(path: Path, *, fsync: bool = True, replace: bool = True, mode: int | None = None) -> Iterator[BinaryIO]:
     """A binary file to write ``path`` through: a temporary file beside it, flushed to disk (``fsync``) and

@@ -20,7 +20,6 @@ import os
 import re
 import stat
 import sys
-import tempfile
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
@@ -656,17 +655,11 @@ def _check_writable(path: Path) -> None:
     if os.path.exists(target) and not os.path.isfile(target):
         kind = "a directory" if os.path.isdir(target) else "not a regular file"
         raise RegistryError(path, f"is {kind}, not a registry file (a TOML file)")
-    folder = target.parent
-    while not os.path.exists(folder) and folder != folder.parent:  # created when the registry is written
-        folder = folder.parent
-    if not os.path.isdir(folder):
-        raise RegistryError(path, f"cannot be written: {folder} is a file, not a folder")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".preempt-write-test.", dir=folder)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise RegistryError(path, f"cannot be written in {folder} ({e.strerror or e})") from None
+    from .imageio import folder_write_problem  # not at the top: `preempt models list` need not import Pillow
+
+    problem = folder_write_problem(target)  # its missing folders are created when the registry is written
+    if problem:
+        raise RegistryError(path, f"cannot be written: {problem}")
 
 
 def check_registrable(name: str, path: Path | str | None = None, *, overwrite: bool = False) -> Path:

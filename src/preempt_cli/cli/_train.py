@@ -14,6 +14,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
 from ..engine import parse_eps
+from ..imageio import folder_write_problem
 from ..errors import ConfigError, ImageReadError, PreemptError, RegistryError
 from ..registry import ROLES, check_registrable, get_model_config, load_registry, register_model, user_registry_path
 from ..train import (
@@ -187,17 +188,9 @@ def _check_writable(out: Path) -> None:
     """
     if os.path.isdir(out):
         raise ConfigError(f"--out {out} is a folder: name the .safetensors file to write")
-    folder = out.parent
-    while not os.path.exists(folder) and folder != folder.parent:  # created when the weights are written
-        folder = folder.parent
-    if not os.path.isdir(folder):
-        raise ConfigError(f"--out {out}: {folder} is a file, not a folder")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".preempt-write-test.", dir=folder)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise ConfigError(f"--out {out}: cannot write in {folder} ({e.strerror or e})") from None
+    problem = folder_write_problem(out)  # its missing folders are created when the weights are written
+    if problem:
+        raise ConfigError(f"--out {out}: {problem}")
 
 
 def _registry_row(cfg: Any, output: Path, sha256: str, role: str, description: str) -> dict[str, Any]:
