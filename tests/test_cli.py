@@ -1890,3 +1890,30 @@ def test_json_labels_can_come_from_a_pipe_too(tmp_path: Path, registry: Path) ->
         os.close(read_end)
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["label"] == 4
+
+
+@pytest.mark.parametrize(("eps", "said"), [("1e400", "invalid eps '1e400'"), ("nan", "invalid eps 'nan'")])
+def test_an_eps_past_floats_is_a_usage_error(tmp_path: Path, registry: Path, eps: str, said: str) -> None:
+    """1e400 ended the run with an internal OverflowError from Fraction -> float."""
+    (good,) = _images(tmp_path, n=1)
+    result = run(["protect", str(good), *FAST, "--labels", "backbone", "--eps", eps], registry)
+    assert result.exit_code == 2 and said in result.stderr and "internal" not in result.stderr
+
+
+def test_white_box_reversion_checks_seed_and_precision_before_any_work(tmp_path: Path, registry: Path) -> None:
+    """They were checked per group of files after the models loaded: every file failed, exit 1."""
+    _images(tmp_path, n=1)
+    for option, value, said in (("--seed", "-1", "seed must be in 0..2**64-1"),
+                                ("--precision", "fp16", "precision must be one of fp32, bf16, auto")):  # fmt: skip
+        result = run(["revert", str(tmp_path), "--white-box", option, value, "--device", TEST_DEVICE_ARG], registry)
+        assert result.exit_code == 2 and said in result.stderr, result.output
+
+
+def test_preempt_debug_shows_the_traceback_and_keeps_the_exit_code(tmp_path: Path, registry: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """With PREEMPT_DEBUG=1 a usage error left as a traceback, exit 1; it is still exit 2, with the traceback."""
+    (good,) = _images(tmp_path, n=1)
+    monkeypatch.setenv("PREEMPT_DEBUG", "1")
+    result = run(["protect", str(good), *FAST, "--labels", "backbone", "--eps", "0"], registry)
+    assert result.exit_code == 2
+    assert "Traceback" in result.stderr and result.stderr.rstrip().endswith("error: eps must be positive, got '0'")

@@ -178,15 +178,18 @@ def parse_eps(text: str | float) -> float:
     """
     if isinstance(text, (int, float)):
         value, written_as_fraction = float(text), False
+        at_least_one = value >= 1
     else:
         try:
-            value = float(Fraction(text.strip()))
-        except (ValueError, ZeroDivisionError) as e:
+            exact = Fraction(text.strip())
+            value = float(exact)
+        except (ValueError, ZeroDivisionError, OverflowError) as e:  # OverflowError: 1e400
             raise ConfigError(f"invalid eps {text!r}: use a fraction like 8/255 or a number like 0.0314") from e
         written_as_fraction = "/" in text
+        at_least_one = exact >= 1  # as written: 0.99999999999999999 rounds to the float 1.0, one level
     if not math.isfinite(value) or value <= 0:
         raise ConfigError(f"eps must be positive, got {text!r}")
-    if value >= 1 and not written_as_fraction:  # "8" means 8/255
+    if at_least_one and not written_as_fraction:  # "8" means 8/255
         if value != int(value):  # 1.5 levels: a typo for 1.5/255, or for 0.15? Neither is safe to guess
             raise ConfigError(f"eps {text!r}: a value of 1 or more is a whole number of levels (8 = 8/255); "
                               "write a fraction like 3/510 or a number below 1")  # fmt: skip

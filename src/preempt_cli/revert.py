@@ -74,6 +74,7 @@ def white_box_settings(meta: dict[str, Any]) -> dict[str, Any]:
         passes = 0
     if passes > MAX_RECORDED_PASSES:
         raise ValueError(f"its metadata asks for {passes:,} backbone passes per image (steps x samples), more "
-                         f"than the {MAX_RECORDED_PASSES:,} a white-box reversion takes from a file (edited?)")
+                         f"than the {MAX_RECORDED_PASSES:,} a white-box reversion takes from a file (edited, or made with "
+                         f"settings past that cap: revert it black-box with them)")
     settings["precision"] = meta.get("precision", "fp32")  # files of preempt < 0.2 were made in fp32
     return settings

@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import threading
+import traceback
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Iterator, Optional
@@ -251,14 +252,14 @@ def handle_errors(interrupted: str = "outputs written so far are complete; run a
             pass
         raise typer.Exit(stop.exit_code) from None
     except PreemptError as e:
-        if debug_enabled():
-            raise
+        if debug_enabled():  # the traceback too, and the same exit code: a usage error stays 2
+            traceback.print_exc(file=sys.stderr)
         error_line(str(e))
         code = next((c for t, c in ERROR_EXIT_CODES.items() if isinstance(e, t)), EXIT_USAGE)
         raise typer.Exit(code) from None
     except Exception as e:  # an internal error: say so plainly, traceback on request
         if debug_enabled():
-            raise
+            traceback.print_exc(file=sys.stderr)
         error_line(f"internal error: {type(e).__name__}: {e} (set PREEMPT_DEBUG=1 for the traceback)")
         raise typer.Exit(EXIT_USAGE) from None
 

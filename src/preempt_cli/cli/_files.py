@@ -16,7 +16,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
 from ..device import configure_cpu, resolve_devices
-from ..engine import PRESETS, ForeBackConfig, parse_eps
+from ..engine import PRECISIONS, PRESETS, ForeBackConfig, check_seed, parse_eps
 from ..errors import ConfigError, PreemptError, UnknownModelError
 from ..imageio import DEFAULT_MAX_PIXELS, is_fifo, read_images, read_png_text
 from ..inputs import (OUTPUT_MARKERS, PROTECTED_SUFFIX, REVERTED_SUFFIX, InputFile, assign_outputs, collect_inputs,
@@ -598,6 +598,10 @@ def revert(
                              **_workers(workers))  # fmt: skip
         if white_box:
             _check_white_box(ctx)
+            if seed is not None:  # before any work, as protect and a black-box reversion check them
+                check_seed(seed)
+            if precision is not None and precision not in PRECISIONS:
+                raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         elif backbone is None:
             raise ConfigError("pass --white-box, or --backbone NAME for a black-box reversion")
         items = _collect(paths, skip_markers=Reverter.skip_markers, suffix=suffix)
