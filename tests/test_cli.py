@@ -1777,18 +1777,20 @@ def test_shards_are_ascii_digits_only() -> None:
 
 
 @pytest.mark.skipif(not os.path.isdir("/dev/fd"), reason="/dev/fd")
-def test_labels_can_come_from_a_pipe(tmp_path: Path, registry: Path) -> None:
-    """``--labels <(make-labels)``: /dev/fd/N is a pipe, no regular file, and was refused as no label file."""
+@pytest.mark.parametrize(("text", "label"), [(b"file,label\nimg0.png,3\n", 3), (b'{"img0.png": 4}', 4)])
+def test_labels_can_come_from_a_pipe(tmp_path: Path, registry: Path, text: bytes, label: int) -> None:
+    """``--labels <(make-labels)``: /dev/fd/N is a pipe, no regular file, and was refused as no label file;
+    its name has no .json, so its content says whether it is JSON (JSON was parsed as CSV)."""
     (good,) = _images(tmp_path, n=1)
     read_end, write_end = os.pipe()
-    os.write(write_end, b"file,label\nimg0.png,3\n")
+    os.write(write_end, text)
     os.close(write_end)
     try:
         result = run(["protect", str(good), *FAST, "--labels", f"/dev/fd/{read_end}", "--json"], registry)
     finally:
         os.close(read_end)
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["label"] == 3
+    assert json.loads(result.stdout)["label"] == label
 
 
 def test_an_eps_under_one_level_warns_that_8_bit_outputs_equal_their_originals(tmp_path: Path, registry: Path) -> None:
@@ -1875,21 +1877,6 @@ def test_a_name_stdouts_codec_cannot_write_is_written_as_its_bytes(monkeypatch: 
     monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(raw, encoding="ascii"))
     _common.print_line("out/caf\u00e9.protected.png")
     assert raw.getvalue() == "out/caf\u00e9.protected.png\n".encode()
-
-
-@pytest.mark.skipif(not os.path.isdir("/dev/fd"), reason="/dev/fd")
-def test_json_labels_can_come_from_a_pipe_too(tmp_path: Path, registry: Path) -> None:
-    """A pipe's name has no .json: its content says it is JSON (it was parsed as CSV)."""
-    (good,) = _images(tmp_path, n=1)
-    read_end, write_end = os.pipe()
-    os.write(write_end, b'{"img0.png": 4}')
-    os.close(write_end)
-    try:
-        result = run(["protect", str(good), *FAST, "--labels", f"/dev/fd/{read_end}", "--json"], registry)
-    finally:
-        os.close(read_end)
-    assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["label"] == 4
 
 
 @pytest.mark.parametrize(("eps", "said"), [("1e400", "invalid eps '1e400'"), ("nan", "invalid eps 'nan'")])
