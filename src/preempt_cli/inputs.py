@@ -383,7 +383,8 @@ def assign_outputs(items: list[InputFile], *, suffix: str, out_dir: Path | None)
     for item, (p, k) in chosen.items():
         others = [o for o in owners[k] if o is not item]
         replaced = inputs.get(k)
-        if out_dir is None and (kernel := kernel_folder(os.path.dirname(os.path.abspath(item.path)))):
+        # the folder resolved once per run (_real_folder), not once per file
+        if out_dir is None and (kernel := _kernel_top(_real_folder(os.path.dirname(os.path.abspath(item.path))))):
             # /dev/fd/63 of `<(cmd)`, /dev/stdin: said before the work, where writing would fail after it
             # (or, for root, litter /dev)
             result[item] = f"no folder to write the output beside ({kernel} is the kernel's): give --out-dir"
@@ -419,7 +420,11 @@ KERNEL_FOLDERS = ("/proc", "/dev", "/sys")
 def kernel_folder(path: str | os.PathLike[str]) -> str | None:
     """Which of :data:`KERNEL_FOLDERS` ``path`` leads into (``/dev/fd/63`` of ``<(cmd)`` leads into
     ``/proc``), or None."""
-    real = os.path.realpath(path)
+    return _kernel_top(os.path.realpath(path))
+
+
+def _kernel_top(real: str) -> str | None:
+    """:func:`kernel_folder` of a path already resolved (no links left)."""
 
     def under(top: str) -> bool:
         return real == top or real.startswith(top + "/")
