@@ -3,6 +3,7 @@ checks, and what the package exports."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -211,7 +212,8 @@ def test_parse_eps_refuses_a_fractional_number_of_levels(text) -> None:
 @pytest.mark.parametrize(
     "options",
     [dict(shard=(0, 4)), dict(shard=(5, 4)), dict(shard=(1, 0)), dict(shard=(1,)), dict(partition=(2, 2)),
-     dict(max_pixels=0), dict(max_pixels=1.5)],
+     dict(max_pixels=0), dict(max_pixels=1.5), dict(suffix="x" * 251), dict(suffix="a\0b"),
+     pytest.param(dict(suffix="é" * 126), marks=pytest.mark.skipif(sys.platform != "linux", reason="names in bytes"))],
 )  # fmt: skip
 def test_run_options_refuse_what_would_process_nothing_or_crash(options) -> None:
     with pytest.raises(ConfigError):
@@ -220,6 +222,11 @@ def test_run_options_refuse_what_would_process_nothing_or_crash(options) -> None
 
 def test_run_options_take_every_shard() -> None:
     assert RunOptions(shard=(1, 4)).shard == (1, 4) and RunOptions(shard=(4, 4)).shard == (4, 4)
+
+
+def test_run_options_take_the_longest_suffix_a_name_can_hold() -> None:
+    # a one-letter stem and .png: 255 bytes in all (a longer suffix failed every file, one by one)
+    assert RunOptions(suffix="x" * 250).suffix == "x" * 250 and RunOptions(suffix="é" * 125).suffix == "é" * 125
 
 
 def test_a_preset_config_records_its_preset(tmp_path: Path, tiny_backbone) -> None:

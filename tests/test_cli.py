@@ -1187,6 +1187,18 @@ def test_a_folder_walk_leaves_out_outputs_of_the_chosen_suffix(tmp_path: Path, r
     assert statuses == {"img0.png": "skipped", "banner_safe.png": "done"}
 
 
+@pytest.mark.parametrize("command", [["protect", "-b", "no-such-model", "--suffix", ".reverted"],
+                                     ["revert", "--white-box", "--suffix", ".protected"],
+                                     ["protect", "-b", "no-such-model", "--suffix", "x" * 251]])  # fmt: skip
+def test_a_suffix_no_output_could_take_is_refused_before_any_work(tmp_path: Path, registry: Path, command) -> None:
+    # the other command's marker (revert did nothing, exit 0: its inputs looked like its outputs), or longer
+    # than any name (every file failed alone); an unknown model would be the error if models loaded first
+    _images(tmp_path, n=1)
+    result = run([command[0], str(tmp_path), *command[1:]], registry)
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "--suffix" in result.stderr and "no-such-model" not in result.stderr
+
+
 @pytest.mark.parametrize("where", ["afile", "afile/sub"])
 def test_an_unusable_out_dir_is_refused_before_any_work(tmp_path: Path, registry: Path, where: str) -> None:
     _images(tmp_path / "in", n=1)

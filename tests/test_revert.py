@@ -72,3 +72,32 @@ def test_reverter_run_on_paths_reverts_protected_files_into_reverted_names(tmp_p
     assert {r.status for r in reverter.run(tmp_path)} == {"skipped"}
     list(reverter.run([tmp_path / "img0.protected.png"], RunOptions(suffix="_undone")))
     assert (tmp_path / "img0.protected_undone.png").exists()
+
+
+def test_a_revert_suffix_that_protected_names_end_with_still_takes_them(tmp_path) -> None:
+    """``revert --suffix d``: ``a.protected.png`` ends like the suffix and carries preempt's metadata, and the
+    folder walk left it out as if it were a reverted output: the run did nothing, with exit 0. Only
+    outputs of the run's own kind are left out, and a second run skips what the first wrote."""
+    from conftest import write_random_pngs
+    from preempt_cli import Protector, RunOptions
+    from preempt_cli.errors import ConfigError
+    from preempt_cli.protect import read_preempt_metadata_file
+
+    backbone = make_tiny_model(0).to(TEST_DEVICE)
+    config = ForeBackConfig(samples=1, backward_steps=1)
+    write_random_pngs(tmp_path, n=1)
+    list(Protector(backbone, labels="backbone", config=config).run([tmp_path]))
+    reverter = Reverter(backbone, labels="backbone", config=config)
+    first = {r.input.name: r.status for r in reverter.run(tmp_path, RunOptions(suffix="d"))}
+    assert first == {"img0.png": "done", "img0.protected.png": "done"}
+    assert read_preempt_metadata_file(tmp_path / "img0.protectedd.png")["kind"] == "reverted"
+    again = {r.input.name: r.status for r in reverter.run(tmp_path, RunOptions(suffix="d"))}
+    assert again == {"img0.png": "skipped", "img0.protected.png": "skipped"}  # img0d.png, img0.protectedd.png out
+    # the other command's marker names its outputs: refused before any work
+    for runner, marker in ((reverter, ".protected"), (Protector(backbone, labels="backbone", config=config), ".reverted")):
+        try:
+            list(runner.run(tmp_path, RunOptions(suffix=marker)))
+        except ConfigError as error:
+            assert f"--suffix {marker} marks the outputs of preempt" in str(error)
+        else:
+            raise AssertionError(f"{marker} was taken")

@@ -188,10 +188,11 @@ def collect_inputs(
 
 
 def as_input_files(items: Iterable[InputFile | str | os.PathLike[str]] | str | os.PathLike[str], *,
-                   skip_markers: tuple[str, ...] = OUTPUT_MARKERS, suffix: str | None = None) -> list[InputFile]:  # fmt: skip
+                   skip_markers: tuple[str, ...] = OUTPUT_MARKERS, suffix: str | None = None,
+                   kind: str | None = None) -> list[InputFile]:  # fmt: skip
     """``items`` as inputs: :class:`InputFile` items as they are, paths (or one path) expanded by
-    :func:`collect_inputs` with ``skip_markers``, leaving out of folder walks the outputs named with
-    ``suffix`` too (:func:`without_suffixed_outputs`); an empty list stays empty.
+    :func:`collect_inputs` with ``skip_markers``, leaving out of folder walks the outputs of this ``kind``
+    of run named with ``suffix`` too (:func:`without_suffixed_outputs`); an empty list stays empty.
 
     Raises:
         TypeError: inputs and paths mixed (give paths alone, or ``collect_inputs`` of them).
@@ -205,20 +206,29 @@ def as_input_files(items: Iterable[InputFile | str | os.PathLike[str]] | str | o
         return items  # type: ignore[return-value]  # all InputFile
     if len(paths) < len(items):
         raise TypeError("give InputFile items (from collect_inputs) or paths, not both in one list")
-    return without_suffixed_outputs(collect_inputs(paths, skip_markers=skip_markers), suffix, skip_markers)
+    return without_suffixed_outputs(collect_inputs(paths, skip_markers=skip_markers), suffix, skip_markers, kind)
 
 
-def without_suffixed_outputs(items: list[InputFile], suffix: str | None, skip_markers: tuple[str, ...]) -> list[InputFile]:
+def without_suffixed_outputs(items: list[InputFile], suffix: str | None, skip_markers: tuple[str, ...],
+                             kind: str | None = None) -> list[InputFile]:  # fmt: skip
     """``items`` without the PNGs of folder walks named with this run's ``suffix`` that carry preempt's
-    metadata (else a second run with ``--suffix _safe --overwrite`` would protect ``a_safe.png`` again).
-    Only those: an original that merely ends like the suffix (``banner-v2.png`` with ``--suffix -v2``) is
-    still an input, and so is a file named directly."""
-    from .protect import has_preempt_metadata  # here: protect imports this module
+    metadata (else a second run with ``--suffix _safe --overwrite`` would protect ``a_safe.png`` again);
+    with ``kind`` (``"protected"``, ``"reverted"``), only those whose metadata says they are outputs of
+    that kind of run: revert's inputs are protect's outputs, and ``revert --suffix d`` must still take
+    ``a.protected.png``. Only those: an original that merely ends like the suffix (``banner-v2.png`` with
+    ``--suffix -v2``) is still an input, and so is a file named directly."""
+    from .protect import read_preempt_metadata_file  # here: protect imports this module
 
     if not suffix or suffix in skip_markers:  # the walk already left those out (by name alone)
         return items
-    return [i for i in items if not (i.root is not None and i.path.suffix.lower() == ".png"
-                                     and i.path.stem.endswith(suffix) and has_preempt_metadata(i.path))]  # fmt: skip
+
+    def is_output(item: InputFile) -> bool:
+        if item.root is None or item.path.suffix.lower() != ".png" or not item.path.stem.endswith(suffix):
+            return False
+        meta = read_preempt_metadata_file(item.path)
+        return meta is not None and (kind is None or meta.get("kind") == kind)
+
+    return [i for i in items if not is_output(i)]
 
 
 def _collect(args: list[str | os.PathLike[str]], stdin: TextIO | None, skip_markers: tuple[str, ...],

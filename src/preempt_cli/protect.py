@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import stat
+import sys
 import threading
 from concurrent.futures import CancelledError, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -46,6 +47,7 @@ from .graphs import GraphedFunction, empty_cache
 from .hub import sha256_file
 from .imageio import (
     DEFAULT_MAX_PIXELS,
+    NAME_MAX,
     Picture,
     content_seed,
     display_name,
@@ -165,9 +167,27 @@ class RunOptions:
             raise ConfigError("--batch-size must be >= 1")
         if self.workers < 1:
             raise ConfigError("--workers must be >= 1")
-        if self.suffix is not None and (not isinstance(self.suffix, str) or not self.suffix
+        if self.suffix is not None and (not isinstance(self.suffix, str) or not self.suffix or "\0" in self.suffix
                                         or "/" in self.suffix or "\\" in self.suffix):
             raise ConfigError(f"invalid --suffix {self.suffix!r}: it must be non-empty with no path separator")
+        if self.suffix is not None and (length := _name_length(self.suffix)) + len("a.png") > NAME_MAX:
+            # no output name could hold it: refused once, not as a failure of every file
+            raise ConfigError(f"--suffix is {length} {'bytes' if _NAMES_IN_BYTES else 'characters'} long: "
+                              f"with a stem of one letter and .png, more than the {NAME_MAX} a file name can have")  # fmt: skip
+
+
+#: Linux counts the length of file names in bytes of their encoding; macOS and Windows in characters
+_NAMES_IN_BYTES = sys.platform.startswith("linux")
+
+
+def _name_length(name: str) -> int:
+    """Length of ``name`` as this platform's file systems count it (see :data:`NAME_MAX`)."""
+    if not _NAMES_IN_BYTES:
+        return len(name)
+    try:
+        return len(os.fsencode(name))
+    except UnicodeEncodeError:  # not encodable: as long as it would be in UTF-8 with its escapes
+        return len(name.encode("utf-8", "surrogatepass"))
 
 
 def _int_pair_within(pair: Any, *, low: int, high_offset: int) -> bool:
@@ -752,10 +772,23 @@ class Protector:
             warnings=list(pending.picture.notes) or None,
         )
 
-    def run_options(self, options: RunOptions | None = None) -> RunOptions:
-        """``options`` (default: :class:`RunOptions`'s) with this class's output suffix where none is given."""
+    @classmethod
+    def run_options(cls, options: RunOptions | None = None) -> RunOptions:
+        """``options`` (default: :class:`RunOptions`'s) with this class's output suffix where none is given.
+
+        Raises:
+            ConfigError: a suffix that is the other command's output marker.
+        """
         options = options or RunOptions()
-        return options if options.suffix is not None else dataclasses.replace(options, suffix=self.output_suffix)
+        if options.suffix is None:
+            return dataclasses.replace(options, suffix=cls.output_suffix)
+        if options.suffix in OUTPUT_MARKERS and options.suffix != cls.output_suffix:
+            # revert's outputs named a.protected.protected.png would be taken for protected files (and
+            # protect's a.reverted.png left out of revert's folder walks)
+            owner = "protect" if options.suffix == PROTECTED_SUFFIX else "revert"
+            raise ConfigError(f"--suffix {options.suffix} marks the outputs of preempt {owner}: "
+                              f"choose another suffix for {cls.kind} files")  # fmt: skip
+        return options
 
     def run(self, items: Iterable[InputFile | str | os.PathLike], options: RunOptions | None = None, *,
             outputs: Mapping[InputFile, Path | str] | None = None) -> Iterator[FileResult]:  # fmt: skip
@@ -769,7 +802,7 @@ class Protector:
         names assigned within each part alone could give two parts' files one output.
         """
         options = self.run_options(options)
-        items = as_input_files(items, skip_markers=self.skip_markers, suffix=options.suffix)
+        items = as_input_files(items, skip_markers=self.skip_markers, suffix=options.suffix, kind=self.kind)
         if outputs is None:
             outputs = assign_outputs(items, suffix=options.suffix, out_dir=options.out_dir)
         verdicts: list[tuple[InputFile, FileResult | Path | None]] = []
@@ -1133,7 +1166,8 @@ def run_on_devices(protectors: Sequence[Protector], items: Iterable[InputFile | 
 
     options = protectors[0].run_options(options)
     # expanded once here, not by each worker (each share is taken from the same list)
-    items = as_input_files(items, skip_markers=protectors[0].skip_markers, suffix=options.suffix)
+    items = as_input_files(items, skip_markers=protectors[0].skip_markers, suffix=options.suffix,
+                           kind=protectors[0].kind)  # fmt: skip
     if len(protectors) == 1:
         yield from protectors[0].run(items, options)
         return

@@ -275,7 +275,8 @@ def _workers(workers: int | None) -> dict[str, int]:
     return {} if workers is None else {"workers": workers}
 
 
-def _collect(paths: list[str], skip_markers: tuple[str, ...] = OUTPUT_MARKERS, *, suffix: str = "") -> list[InputFile]:
+def _collect(paths: list[str], skip_markers: tuple[str, ...] = OUTPUT_MARKERS, *, suffix: str = "",
+             kind: str | None = None) -> list[InputFile]:  # fmt: skip
     """The inputs; folder walks leave out preempt's outputs: the usual names, and PNGs named with this run's
     ``--suffix`` that carry preempt's metadata (else a second run with ``--suffix _safe --overwrite`` would
     protect ``a_safe.png`` again). Only those: an original that merely ends like the suffix
@@ -283,7 +284,8 @@ def _collect(paths: list[str], skip_markers: tuple[str, ...] = OUTPUT_MARKERS, *
     stdin = None
     if "-" in paths:  # read here, to tell a list that named nothing from one whose paths held no image
         stdin = io.StringIO(_stdin_text())
-    items = without_suffixed_outputs(collect_inputs(paths, skip_markers=skip_markers, stdin=stdin), suffix, skip_markers)
+    items = without_suffixed_outputs(collect_inputs(paths, skip_markers=skip_markers, stdin=stdin), suffix, skip_markers,
+                                     kind)  # fmt: skip
     # only ``-``, and nothing listed: a pipeline that found nothing (new) has nothing to do, not an error;
     # a folder listed on stdin without images is the usage error a folder named on the command line is
     nothing_listed = all(p == "-" for p in paths) and stdin is not None and not stdin.getvalue().strip("\0 \t\r\n")
@@ -391,13 +393,13 @@ def protect(
         config = _config(preset, eps, eta, forward, backward, samples, backbone=backbone or DEFAULT_BACKBONE,
                          registry=registry)  # fmt: skip
         label_source = _labels(labels)
-        options = RunOptions(out_dir=out_dir, suffix=suffix, overwrite=overwrite, batch_size=batch_size,
-                             max_pixels=max_pixels, shard=parse_shard(shard), fsync=fsync, io=io,
-                             **_workers(workers))  # fmt: skip
+        options = Protector.run_options(RunOptions(out_dir=out_dir, suffix=suffix, overwrite=overwrite,
+                                                   batch_size=batch_size, max_pixels=max_pixels,
+                                                   shard=parse_shard(shard), fsync=fsync, io=io, **_workers(workers)))  # fmt: skip
         backbone, classifier = _defaults(backbone, classifier, label_source, registry)
         if classifier is not None and classifier == backbone:
             _logger.warning("classifier and backbone are the same model; the method expects them to differ")
-        items = _collect(paths, suffix=suffix)
+        items = _collect(paths, suffix=suffix, kind=Protector.kind)
         if not items:
             _nothing_listed("protect", quiet)
         devices = resolve_devices(device)
@@ -593,9 +595,9 @@ def revert(
     c.setup_logging(verbose, quiet)
     with c.handle_errors():
         _check_run(out_dir, max_pixels, json_out, print0)
-        options = RunOptions(out_dir=out_dir, suffix=suffix, overwrite=overwrite, batch_size=batch_size,
-                             max_pixels=max_pixels, shard=parse_shard(shard), fsync=fsync, io=io,
-                             **_workers(workers))  # fmt: skip
+        options = Reverter.run_options(RunOptions(out_dir=out_dir, suffix=suffix, overwrite=overwrite,
+                                                  batch_size=batch_size, max_pixels=max_pixels,
+                                                  shard=parse_shard(shard), fsync=fsync, io=io, **_workers(workers)))  # fmt: skip
         if white_box:
             _check_white_box(ctx)
             if seed is not None:  # before any work, as protect and a black-box reversion check them
@@ -604,7 +606,7 @@ def revert(
                 raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         elif backbone is None:
             raise ConfigError("pass --white-box, or --backbone NAME for a black-box reversion")
-        items = _collect(paths, skip_markers=Reverter.skip_markers, suffix=suffix)
+        items = _collect(paths, skip_markers=Reverter.skip_markers, suffix=suffix, kind=Reverter.kind)
         if not items:
             _nothing_listed("revert", quiet)
         model = _model_cache(_setup_torch(device), models_dir, registry)
