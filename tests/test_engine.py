@@ -446,6 +446,35 @@ def test_a_photos_bits_do_not_depend_on_how_many_photos_share_its_batch(tiny_bac
         assert torch.equal(alone[0], batch[i]), i
 
 
+def test_more_samples_than_a_pass_holds_go_in_chunks_of_the_same_noise(tiny_backbone, monkeypatch) -> None:
+    """Images at the input size took all N samples in one pass, whatever N: a large --samples ended in an
+    out-of-memory kill. Beyond one pass they go in chunks of samples, sized by the image alone, with the
+    same (hashed) noise: the result equals the one-pass result but for the order of the sum, and an
+    image's bits do not depend on its batch."""
+    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(4)).to(TEST_DEVICE)
+    y = torch.tensor([1, 4, 7], device=TEST_DEVICE)
+    cfg = ForeBackConfig(samples=7)
+    whole = FastPreemption(tiny_backbone, config=cfg, seed=3).perturb(x, y, noise_seeds=[11, 12, 13])
+    monkeypatch.setattr(engine_module, "MIN_SAMPLES_PER_PASS", 1)
+    monkeypatch.setitem(engine_module.SAMPLE_PASS_ELEMENTS, TEST_DEVICE.type, 3 * x[0].numel())  # 3 samples
+    rows: list[int] = []
+    handle = tiny_backbone.register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[0]))
+    try:
+        chunked = FastPreemption(tiny_backbone, config=cfg, seed=3).perturb(x, y, noise_seeds=[11, 12, 13])
+    finally:
+        handle.remove()
+    assert max(rows) == 3 and sum(rows) == len(x) * cfg.passes_per_image  # never all 7 (or 21) at once
+    torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=0)
+    assert not torch.equal(chunked, x)
+    for i in range(3):
+        alone = FastPreemption(tiny_backbone, config=cfg, seed=3).perturb(x[i : i + 1], y[i : i + 1],
+                                                                           noise_seeds=[11 + i])  # fmt: skip
+        assert torch.equal(alone[0], chunked[i]), i
+    # up to one pass, the step is the one it was (the default settings' bits are unchanged)
+    monkeypatch.setitem(engine_module.SAMPLE_PASS_ELEMENTS, TEST_DEVICE.type, 7 * x[0].numel())
+    assert torch.equal(FastPreemption(tiny_backbone, config=cfg, seed=3).perturb(x, y, noise_seeds=[11, 12, 13]), whole)
+
+
 def test_grayscale_input_through_rgb_backbone(tiny_backbone) -> None:
     x = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(1)).to(TEST_DEVICE)
     cfg = ForeBackConfig(samples=3)

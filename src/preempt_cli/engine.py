@@ -54,6 +54,15 @@ PRESETS: dict[str, dict[str, Any]] = {
 #: sample per pass would leave it waiting on kernel launches). Results do not depend on these values.
 SAMPLE_CHUNK_ELEMENTS: dict[str, int] = {"cpu": 1 << 25, "cuda": 1 << 28}
 
+#: Images at the backbone's input size go through the backbone this many elements (images x samples x C x
+#: H x W) at a time by default, per device type: 16 CIFAR images x 20 samples on a CPU, 16x that on a GPU
+#: (what ``Protector`` batches by; see there). An image whose samples alone need more goes through in
+#: chunks of samples (at least :data:`MIN_SAMPLES_PER_PASS`), so that a large N takes longer instead of all
+#: the memory: at N = 100,000 one CIFAR image's activations in ResNet-20 were 130 GB.
+SAMPLE_PASS_ELEMENTS: dict[str, int] = {"cpu": 16 * 20 * 3 * 32 * 32, "cuda": 16 * 16 * 20 * 3 * 32 * 32}
+#: Samples per pass never fewer than this (an ImageNet-size image at the paper's N = 20 goes in one pass).
+MIN_SAMPLES_PER_PASS = 64
+
 #: Images at the backbone's input size draw their noise in blocks of at most this many elements (images x
 #: samples x C x H x W; int64 while hashed), per device type: a CPU block stays in cache, and a GPU batch
 #: of 256 CIFAR-10 images at N = 20 is one block. Results do not depend on these values.
@@ -511,9 +520,29 @@ class FastPreemption:
         times: at full resolution (photos) this elementwise traffic, not the backbone, is most of the time.
         """
         # bounds: [B, 1, C, H, W], the eps-ball around the original intersected with [0, 1]
-        sample = self._noise(x_t, keys).add_(x_t.unsqueeze(1)).clamp_(0.0, 1.0)
-        self._move_samples(sample, y_rep, x_t, bounds, direction)
-        return self._outer_step(x_t, sample.mean(dim=1), bounds, direction)
+        samples, numel = keys.shape[1], x_t[0].numel()
+        budget = SAMPLE_PASS_ELEMENTS.get(self.device.type, SAMPLE_PASS_ELEMENTS["cpu"])
+        # sized by the image alone (as in _step_in_chunks): a batch's size never changes an image's bits
+        chunk = max(MIN_SAMPLES_PER_PASS, budget // numel)
+        if samples <= chunk:
+            sample = self._noise(x_t, keys).add_(x_t.unsqueeze(1)).clamp_(0.0, 1.0)
+            self._move_samples(sample, y_rep, x_t, bounds, direction)
+            return self._outer_step(x_t, sample.mean(dim=1), bounds, direction)
+        # more samples than one pass holds: chunks of them, keeping only their sum; the hashed noise of a
+        # chunk of keys is that of the same samples drawn whole
+        images = max(1, budget // (chunk * numel))
+        labels = y_rep.view(x_t.shape[0], samples)
+        total = torch.zeros_like(x_t)
+        for lo in range(0, x_t.shape[0], images):
+            part = slice(lo, lo + images)
+            x_part, bounds_part = x_t[part], (bounds[0][part], bounds[1][part])
+            for first in range(0, samples, chunk):
+                picked = slice(first, min(samples, first + chunk))
+                sample = self._noise(x_part, keys[part, picked]).add_(x_part.unsqueeze(1)).clamp_(0.0, 1.0)
+                self._move_samples(sample, labels[part, picked].reshape(-1), x_part, bounds_part, direction)
+                total[part].add_(sample.sum(dim=1))
+                del sample
+        return self._outer_step(x_t, total.div_(samples), bounds, direction)
 
     def _outer_step(self, x_t: torch.Tensor, mean_sample: torch.Tensor, bounds: tuple[torch.Tensor, torch.Tensor],
                     direction: float) -> torch.Tensor:  # fmt: skip

@@ -39,7 +39,8 @@ import numpy as np
 import torch
 
 from . import __version__
-from .engine import PRESETS, FastPreemption, ForeBackConfig, check_batch, check_images, check_seed, eval_mode
+from .engine import (PRESETS, SAMPLE_PASS_ELEMENTS, FastPreemption, ForeBackConfig, check_batch, check_images, check_seed,
+                     eval_mode)  # fmt: skip
 from .batches import ComputeThread, QueuedTransfer
 from .device import default_io_workers, to_device
 from .errors import ConfigError, InputError, LabelError, reason_of
@@ -82,8 +83,8 @@ METADATA_KEY = "preempt"
 #: 2 cores), and 16x that on a GPU (256 CIFAR images: PreActResNet-18 then took 17 GiB in fp32 on an
 #: H100, and the rate was flat from 64 to 512 images; larger models that run out of memory back off to
 #: half the batch).
-_CPU_BATCH_ELEMENTS = 16 * 20 * 3 * 32 * 32
-_GPU_BATCH_ELEMENTS = 16 * _CPU_BATCH_ELEMENTS
+_CPU_BATCH_ELEMENTS = SAMPLE_PASS_ELEMENTS["cpu"]
+_GPU_BATCH_ELEMENTS = SAMPLE_PASS_ELEMENTS["cuda"]
 #: Image sizes waiting at once for their batches to fill; beyond, the oldest partial batch is computed.
 _MAX_PARTIAL_BATCHES = 16
 #: The run's first and last batches go in pieces of at least this many images (up to 4 pieces; ResNet-20
