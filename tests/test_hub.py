@@ -801,3 +801,63 @@ def test_a_damaged_timm_file_in_the_cache_is_refused_in_one_line(hf_cache, tmp_p
     assert "\n" not in str(info.value) and len(str(info.value)) < 700
     if damage == "pickle":
         assert "preempt models convert" in str(info.value)
+
+
+_SAVED_FOR = {"arch": "cifar_resnet20", "shortcut": "pad_end", "mean": "none", "std": "none", "input_size": "32",
+              "num_classes": "10", "dataset": "cifar10",
+              "classes": "airplane,automobile,bird,cat,deer,dog,frog,horse,ship,truck"}  # as the shared files  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "row, said",
+    [
+        # the natural row for a robust ResNet-20 file: the standard one's base, whose shortcut and ImageNet
+        # normalization it inherits (15.5% clean accuracy instead of 86.5, and `verify` said ok)
+        ('base = "cifar10-resnet20-std"', ["arch_args.shortcut 'pad_end' in the file, 'pad_both' in the row",
+                                           "mean none in the file, [0.485, 0.456, 0.406] in the row"]),
+        ('base = "cifar10-resnet20-pgdat-a"\nclasses = ["truck", "ship", "horse", "frog", "dog", "deer", "cat", '
+         '"bird", "automobile", "airplane"]', ["classes [airplane, automobile, bird, ... (10)] in the file"]),
+        ('base = "cifar10-resnet20-pgdat-a"\ninput_size = 64', ["input_size [32] in the file, [64] in the row"]),
+        ('base = "cifar10-resnet20-pgdat-a"\ndataset = "svhn"', ["dataset 'cifar10' in the file, 'svhn' in the row"]),
+        ('base = "cifar10-resnet20-pgdat-a"\nmean = [0.5, 0.5, 0.5]\nstd = [0.25, 0.25, 0.25]',
+         ["mean none in the file, [0.5, 0.5, 0.5] in the row"]),
+    ],
+    ids=["shortcut-and-normalization", "class-order", "input-size", "dataset", "normalization"],
+)
+def test_weights_whose_own_metadata_contradicts_their_row_are_refused(tmp_path, row, said) -> None:
+    from preempt_cli.errors import WeightsMetadataMismatchError
+
+    net = create_arch("cifar_resnet20", shortcut="pad_end")
+    save_file(net.state_dict(), str(tmp_path / "k.safetensors"), metadata=_SAVED_FOR)
+    registry = tmp_path / "r.toml"
+    registry.write_text(f'[models.k]\n{row}\nsource = "file:k.safetensors"\n')
+    with pytest.raises(WeightsMetadataMismatchError) as info:
+        load_model("k", registry=registry)
+    assert all(s in str(info.value) for s in said), str(info.value)
+    assert "were saved for another registry row" in str(info.value) and isinstance(info.value, WeightsMismatchError)
+    # the row that matches loads, written in other forms (input_size as [C, H, W], the dataset's spelling)
+    registry.write_text('[models.k]\nbase = "cifar10-resnet20-pgdat-a"\ninput_size = [3, 32, 32]\n'
+                        'dataset = "CIFAR-10"\nsource = "file:k.safetensors"\n')  # fmt: skip
+    assert load_model("k", registry=registry).config.arch_args["shortcut"] == "pad_end"
+
+
+def test_metadata_another_tool_wrote_is_left_alone(tmp_path) -> None:
+    # only what preempt's files record, in their forms: a third party's "arch" or "mean" prose is no claim
+    net = create_arch("cifar_resnet20", shortcut="pad_end")
+    save_file(net.state_dict(), str(tmp_path / "k.safetensors"),
+              metadata={"format": "pt", "arch": "ResNet-20 (PNI)", "mean": "per-channel", "classes": ""})  # fmt: skip
+    registry = tmp_path / "r.toml"
+    registry.write_text('[models.k]\nbase = "cifar10-resnet20-pgdat-a"\nsource = "file:k.safetensors"\n')
+    assert load_model("k", registry=registry).name == "k"
+
+
+def test_a_mean_and_std_for_a_net_that_normalizes_itself_are_refused(tmp_path) -> None:
+    # dm_* nets hold their normalization as buffers: the wrapper's would normalize twice, silently
+    from preempt_cli.errors import RegistryError
+    from preempt_cli.models import build_model
+
+    registry = tmp_path / "r.toml"
+    registry.write_text('[models.p]\narch = "dm_preact_resnet18"\nmean = [0.5, 0.5, 0.5]\nstd = [0.2, 0.2, 0.2]\n'
+                        'source = "file:p.safetensors"\n')  # fmt: skip
+    with pytest.raises(RegistryError, match='normalizes its input itself .*set mean = "none"'):
+        build_model(get_model_config("p", registry))

@@ -645,6 +645,34 @@ def test_register_model_replaces_a_commented_header_and_keeps_the_next_rows_comm
         check_registrable("mk", target, overwrite=True)
 
 
+@pytest.mark.parametrize("notes", ['"""\n[1] trained on a subset\n"""', "'''\n[models.other]\n'''",
+                                   '"""a \\""" [x]\n[2] ok"""', '"[ not a table"'])  # fmt: skip
+def test_register_model_replaces_a_row_whose_strings_hold_lines_like_headers(tmp_path, notes) -> None:
+    """A line of a multi-line string that starts with ``[`` was taken for a table header: the row was cut
+    there, and the re-registration (``train --force``) ended in an internal TOMLDecodeError."""
+    from preempt_cli.registry import register_model
+
+    target = tmp_path / "user.toml"
+    other = '# keep\n[models.other]\narch = "cifar_resnet20"\nsource = "file:/o.safetensors"\nnotes = """\n[3]\n"""\n'
+    target.write_text(f'[models.mk]\narch = "cifar_resnet20"\nsource = "file:/old.safetensors"\nnotes = {notes}\n\n{other}')
+    register_model("mk", {"arch": "cifar_resnet20", "source": "file:/new.safetensors"}, target, overwrite=True)
+    models = load_registry([target])
+    assert models["mk"].source.location == "/new.safetensors" and models["mk"].notes == ""
+    assert models["other"].notes == "[3]\n" and "# keep\n[models.other]" in target.read_text()
+
+
+def test_a_row_that_cannot_be_removed_line_by_line_is_refused_with_the_file_kept(tmp_path) -> None:
+    # a dotted-key form the line-based removal cannot take apart: refused, nothing written
+    from preempt_cli.registry import check_registrable
+
+    target = tmp_path / "user.toml"
+    text = '[models.mk]\narch = "cifar_resnet20"\nsource = "file:/old.safetensors"\n[models.mk.arch_args]\nshortcut = "pad_end"\n'
+    target.write_text(text)
+    with pytest.raises(RegistryError, match="edit the file by hand"):
+        check_registrable("mk", target, overwrite=True)
+    assert target.read_text() == text
+
+
 def test_registrations_at_once_keep_every_row(tmp_path) -> None:
     """Two jobs registering at the same time each wrote back the file they had read: 49 of 80 rows were kept."""
     import subprocess

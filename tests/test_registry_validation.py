@@ -105,6 +105,10 @@ def test_register_model_refuses_a_registry_with_models_not_a_table(tmp_path) -> 
         ("sha256 = 5", "sha256 must be 64 hex digits"),
         ("role = 3", "role must be one of"),
         ('base = 3\narch = "cifar_resnet20"\nsource = "x.safetensors"', "base must be a model name"),
+        ('arch_args = { checkpoint_path = "/k.pth" }', "arch_args cannot set checkpoint_path"),
+        ("arch_args = { pretrained = true, pretrained_cfg_overlay = {} }", "cannot set pretrained, pretrained_cfg_overlay"),
+        ("arch_args = { drop = nan }", "arch_args must hold finite numbers"),
+        ("arch_args = { sizes = [1.0, inf] }", "arch_args must hold finite numbers"),
     ],
 )
 def test_row_fields_of_the_wrong_type_are_refused(line, words, tmp_path) -> None:
@@ -113,6 +117,22 @@ def test_row_fields_of_the_wrong_type_are_refused(line, words, tmp_path) -> None
     with pytest.raises(RegistryError, match=words) as info:
         load_registry([path])
     assert str(path) in str(info.value) and "'t'" in str(info.value)
+
+
+def test_a_row_with_an_empty_name_is_refused(tmp_path) -> None:
+    # no command could name it, and every unknown name's "did you mean" offered it as ", "
+    path = _write(tmp_path / "r.toml", f'[models.""]\n{BASE}')
+    with pytest.raises(RegistryError, match="empty name"):
+        load_registry([path])
+
+
+def test_a_registry_saved_with_a_byte_order_mark_is_read_and_rewritten_without_it(tmp_path) -> None:
+    # Windows editors write one: "not valid TOML: Invalid statement (at line 1, column 1)", and as
+    # PREEMPT_REGISTRY it broke every command
+    path = _write(tmp_path / "r.toml", b"\xef\xbb\xbf[models.t]\n" + BASE.encode())
+    assert load_registry([path])["t"].arch == "cifar_resnet20"
+    register_model("u", {"arch": "cifar_resnet20", "source": "file:/u.safetensors"}, path)
+    assert not path.read_bytes().startswith(b"\xef\xbb\xbf") and set(load_registry([path])) >= {"t", "u"}
 
 
 def test_empty_free_text_clears_an_inherited_value(tmp_path) -> None:

@@ -19,6 +19,7 @@ __all__ = [
     "OfflineWeightsError",
     "HashMismatchError",
     "UnsafeWeightsError",
+    "WeightsMetadataMismatchError",
     "UnreadableWeightsError",
     "WeightsMismatchError",
     "ImageReadError",
@@ -142,6 +143,16 @@ class WeightsMismatchError(PreemptError, ValueError):
         self.model = model
         self.path = path
         super().__init__(f"weights of model {model!r} at {path} do not fit its architecture: {reason}")
+
+
+class WeightsMetadataMismatchError(WeightsMismatchError):
+    """A weights file's own metadata (architecture, preprocessing, classes) contradicts its registry row."""
+
+    def __init__(self, model: str, path: Path, reason: str) -> None:
+        self.model = model
+        self.path = path
+        PreemptError.__init__(self, f"weights of model {model!r} at {path} were saved for another registry "
+                                    f"row: {reason}")  # fmt: skip
 
 
 class ImageReadError(PreemptError, OSError):

@@ -285,9 +285,27 @@ def _check_hf_source(name: str, source: Source, sha: Any, path: Path) -> None:
         )
 
 
+#: Keyword arguments of ``timm.create_model`` that load weights or choose them: never from ``arch_args``.
+_WEIGHT_LOADING_ARGS = frozenset({"pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path",
+                                  "cache_dir"})  # fmt: skip
+
+
+def _all_finite(value: Any) -> bool:
+    """Whether every float in ``value`` (a TOML value: tables and arrays looked into) is finite."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, Mapping):
+        return all(_all_finite(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_all_finite(v) for v in value)
+    return True
+
+
 def _parse_row(
     name: str, row: Mapping[str, Any], path: Path, class_sets: Mapping[str, Any], source_registry: Path | None = None
 ) -> ModelConfig:
+    if not name.strip():  # [models.""]: no command could name it, and every "did you mean" offered it
+        raise RegistryError(path, "a model has an empty name ([models.\"\"])")
     known = {
         "arch", "source", "dataset", "input_size", "mean", "std", "num_classes", "classes", "arch_args",
         "sha256", "role", "description", "paper_name", "notes", "base",
@@ -354,6 +372,13 @@ def _parse_row(
     arch_args = row.get("arch_args", {})
     if not isinstance(arch_args, Mapping):
         raise RegistryError(path, f"model {name!r}: arch_args must be a table (e.g. {{ depth = 28 }}), got {arch_args!r}")
+    loaders = sorted(_WEIGHT_LOADING_ARGS & set(arch_args))
+    if loaders:
+        # timm.create_model takes them: a checkpoint_path loads a pickle over the row's source and pin
+        raise RegistryError(path, f"model {name!r}: arch_args cannot set {', '.join(loaders)}: a model's weights "
+                                  "come from its source (and are checked against its sha256)")  # fmt: skip
+    if not _all_finite(arch_args):
+        raise RegistryError(path, f"model {name!r}: arch_args must hold finite numbers, got {dict(arch_args)}")
     role = row.get("role", "any")
     if not isinstance(role, str) or role not in ROLES:
         raise RegistryError(path, f"model {name!r}: role must be one of {', '.join(ROLES)}")
@@ -417,7 +442,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise RegistryError(path, f"not a TOML registry but {binary}: name weights in a registry row's source, "
                                   "and pass the registry (.toml) with --registry")  # fmt: skip
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")  # a byte-order mark (Windows editors) is no TOML: left out
     except UnicodeDecodeError as e:
         raise RegistryError(path, _not_text(data, e)) from e
     try:
@@ -688,7 +713,7 @@ def check_registrable(name: str, path: Path | str | None = None, *, overwrite: b
     if overwrite:
         # a row in a form that cannot be replaced is found now, not after the training it would register
         if path.is_file() and name in _read_toml(path).get("models", {}):
-            _text_without_row(path, path.read_text(encoding="utf-8"), name)
+            _text_without_row(path, path.read_text(encoding="utf-8-sig"), name)
         return path
     builtin = builtin_registry_path()
     if name in _builtin_names() and not (path.is_file() and path.resolve() == builtin.resolve()):
@@ -751,8 +776,17 @@ def _without_row(text: str, name: str) -> str:
     kept: list[str] = []
     pending: list[str] = []  # comments and blank lines met while skipping: the next table's, if one follows
     skipping = False
+    string_end: str | None = None  # inside a multi-line string: its closing quotes (its lines are no headers)
     for line in text.splitlines():
         stripped = line.strip()
+        in_string = string_end is not None
+        string_end = _multiline_string_end(line, string_end)
+        if in_string:
+            if not skipping:
+                kept.append(line)
+            else:
+                pending = []  # a value of the table removed
+            continue
         if stripped.startswith("["):
             if skipping:
                 kept.extend(pending)
@@ -767,24 +801,81 @@ def _without_row(text: str, name: str) -> str:
     return "\n".join(kept).rstrip() + "\n" if any(line.strip() for line in kept) else ""
 
 
+def _without_empty_models(doc: dict[str, Any]) -> dict[str, Any]:
+    """``doc`` without a ``models`` table that is empty (the last row removed may take its header along)."""
+    return {k: v for k, v in doc.items() if not (k == "models" and not v)}
+
+
+def _multiline_string_end(line: str, string_end: str | None) -> str | None:
+    """After ``line``: the closing quotes of the multi-line string it leaves open (three double or three
+    single quotes), else None; ``string_end``: the one open before it. Quotes in comments and one-line
+    strings do not count."""
+    i = 0
+    while i < len(line):
+        if string_end is not None:
+            end = line.find(string_end, i)
+            if end < 0:
+                return string_end
+            while end > 0 and string_end == '"""' and _escaped(line, end):
+                end = line.find(string_end, end + 1)
+                if end < 0:
+                    return string_end
+            i, string_end = end + 3, None
+            while i < len(line) and line[i] == line[i - 1]:  # up to two quotes more belong to the string
+                i += 1
+            continue
+        c = line[i]
+        if c == "#":
+            return None
+        if line.startswith(('"""', "'''"), i):
+            string_end, i = line[i : i + 3], i + 3
+            continue
+        if c in "\"'":  # a one-line string: to its closing quote
+            j = i + 1
+            while j < len(line) and not (line[j] == c and not (c == '"' and _escaped(line, j))):
+                j += 1
+            i = j + 1
+            continue
+        i += 1
+    return string_end
+
+
+def _escaped(line: str, index: int) -> bool:
+    """Whether the character at ``index`` follows an odd number of backslashes (a basic string's escape)."""
+    count = 0
+    while index - count - 1 >= 0 and line[index - count - 1] == "\\":
+        count += 1
+    return count % 2 == 1
+
+
 def _text_without_row(path: Path, text: str, name: str) -> str:
-    """``path``'s ``text`` without the row of ``name`` (see :func:`_without_row`).
+    """``path``'s ``text`` without the row of ``name`` (see :func:`_without_row`), checked: the rest of the
+    file must read as it did.
 
     Raises:
         RegistryError: the row is there in a form that cannot be removed so (``mk = { ... }`` inside a
-            ``[models]`` table, say).
+            ``[models]`` table, say), or removing it would change the rest of the file.
     """
+    by_hand = "edit the file by hand"
     without = _without_row(text, name)
-    if name in tomllib.loads(without).get("models", {}):
+    try:
+        before, after = tomllib.loads(text), tomllib.loads(without)
+    except tomllib.TOMLDecodeError as e:
+        raise RegistryError(path, f"model {name!r} cannot be removed from it line by line ({e}): {by_hand}") from None
+    if name in after.get("models", {}):
         raise RegistryError(path, f"model {name!r} is written there in a form preempt cannot replace (not a "
-                                  f"[models.{name}] table): edit the file by hand")  # fmt: skip
+                                  f"[models.{name}] table): {by_hand}")  # fmt: skip
+    expected = {**before, "models": {k: v for k, v in before.get("models", {}).items() if k != name}}
+    if _without_empty_models(after) != _without_empty_models(expected):
+        raise RegistryError(path, f"model {name!r} cannot be removed from it line by line without changing "
+                                  f"other entries: {by_hand}")  # fmt: skip
     return without
 
 
 def _register_locked(name: str, row: Mapping[str, Any], path: Path, *, overwrite: bool) -> None:
     try:
         existed = path.is_file()
-        text = path.read_text(encoding="utf-8") if existed else ""
+        text = path.read_text(encoding="utf-8-sig") if existed else ""  # rewritten without a byte-order mark
         mode = stat.S_IMODE(path.stat().st_mode) if existed else None  # kept: a private registry stays private
     except (OSError, UnicodeDecodeError) as e:
         raise RegistryError(path, f"cannot be read: {getattr(e, 'strerror', None) or e}") from None

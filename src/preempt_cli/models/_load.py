@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import math
+import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +21,7 @@ from ..errors import (
     PreemptError,
     RegistryError,
     UnreadableWeightsError,
+    WeightsMetadataMismatchError,
     WeightsMismatchError,
     WeightsNotFoundError,
     clip,
@@ -27,7 +31,7 @@ from ..device import resolve_device
 from ..hub import check_safetensors_header, hub_download, hub_errors, read_weights
 from ..registry import ModelConfig, get_model_config, timm_arch_mismatch, timm_pretrained_cfg
 from ._fusion import fuse_model
-from ._registry import create_arch, is_arch
+from ._registry import arch_defaults, create_arch, is_arch
 
 __all__ = ["ImageModel", "load_model", "build_model", "resize"]
 
@@ -252,9 +256,98 @@ def _state_mismatch(expected: dict[str, torch.Tensor], state: dict[str, torch.Te
     return "; ".join(parts)
 
 
+def _file_metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of safetensors ``data`` (empty when absent or not text)."""
+    try:
+        header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+    except ValueError:  # safetensors' own parse says what is wrong
+        return {}
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return {k: v for k, v in meta.items() if isinstance(v, str)} if isinstance(meta, dict) else {}
+
+
+def _floats_or_none(text: str) -> tuple[float, ...] | None:
+    return None if text.strip().lower() == "none" else tuple(float(v) for v in text.split(","))
+
+
+def _metadata_mismatch(cfg: ModelConfig, meta: Mapping[str, str]) -> str:
+    """How a weights file's own metadata contradicts ``cfg`` ("" when it does not). preempt's files (the
+    shared ones, ``preempt train``'s) record the architecture and its arguments, the normalization, input
+    size, classes and dataset they were saved with; weights loaded under a row with another shortcut,
+    normalization or class order load without an error, and give wrong answers. Values another tool
+    wrote in a form not read here are left alone."""
+    found: list[str] = []
+
+    def compare(key: str, file_value: Any, row_value: Any) -> None:
+        if file_value != row_value:
+            found.append(f"{key} {_shown(file_value)} in the file, {_shown(row_value)} in the row")
+
+    if "arch" in meta and is_arch(meta["arch"]):
+        compare("arch", meta["arch"], cfg.arch)
+    if is_arch(cfg.arch) and meta.get("arch", cfg.arch) == cfg.arch:
+        recorded: dict[str, Any] = {}
+        try:
+            recorded = dict(json.loads(meta["arch_args"])) if "arch_args" in meta else {}
+        except (ValueError, TypeError):
+            pass
+        if "shortcut" in meta:
+            recorded.setdefault("shortcut", meta["shortcut"])
+        effective = {**arch_defaults(cfg.arch), **cfg.arch_args}
+        for key, value in recorded.items():
+            if key in effective:
+                compare(f"arch_args.{key}", value, effective[key])
+    for key in ("mean", "std"):
+        try:
+            file_value = _floats_or_none(meta[key]) if key in meta else ...
+        except ValueError:
+            continue
+        row_value = getattr(cfg, key)
+        if file_value is not ... and not _close(file_value, row_value):
+            found.append(f"{key} {_shown(file_value)} in the file, {_shown(row_value)} in the row")
+    if "input_size" in meta:
+        try:
+            size = tuple(int(v) for v in meta["input_size"].split(","))
+        except ValueError:
+            size = ()
+        if len(size) in (1, 3):
+            row_size = cfg.input_size if len(size) == 3 else (cfg.input_size[1],)
+            compare("input_size", list(size), list(row_size))
+    if meta.get("num_classes", "").isdigit():
+        compare("num_classes", int(meta["num_classes"]), cfg.num_classes)
+    if meta.get("classes") and cfg.classes:
+        compare("classes", meta["classes"].split(","), list(cfg.classes))
+    datasets = [re.sub(r"[^0-9a-z]", "", d.casefold()) for d in (meta.get("dataset", ""), cfg.dataset)]
+    if all(d and d != "unknown" for d in datasets) and datasets[0] != datasets[1]:
+        found.append(f"dataset {meta['dataset']!r} in the file, {cfg.dataset!r} in the row")
+    if not found:
+        return ""
+    return "; ".join(found) + " (fix the row, or its base, to match the weights)"
+
+
+def _close(a: tuple[float, ...] | None, b: tuple[float, ...] | None) -> bool:
+    """Whether two normalizations are the same (files record them to 6 significant digits)."""
+    if a is None or b is None:
+        return a is None and b is None
+    return len(a) == len(b) and all(math.isclose(x, y, rel_tol=1e-4, abs_tol=1e-6) for x, y in zip(a, b))
+
+
+def _shown(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, tuple):
+        value = list(value)
+    if isinstance(value, list) and len(value) > 4:
+        return "[" + ", ".join(map(str, value[:3])) + f", ... ({len(value)})]"
+    return repr(value) if isinstance(value, str) else str(value)
+
+
 def _check_input_channels(cfg: ModelConfig, net: nn.Module) -> None:
     """Refuse a row whose ``input_size`` has another channel count than the net's first layer takes (it
-    would fail at the first forward pass, deep inside the net)."""
+    would fail at the first forward pass, deep inside the net), or that gives a mean and std to a net
+    that normalizes its input itself (it would be normalized twice, without an error)."""
+    if getattr(net, "normalizes_input", False) and cfg.mean is not None:
+        raise _config_error(cfg, f"architecture {cfg.arch!r} normalizes its input itself (with the mean and std "
+                                 'its weights hold): set mean = "none" and std = "none"')  # fmt: skip
     first = next((m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))), None)
     if isinstance(first, nn.Conv2d) and first.in_channels != cfg.input_size[0]:
         raise _config_error(cfg, f"input_size {list(cfg.input_size)} has {cfg.input_size[0]} channel(s), but "
@@ -378,6 +471,9 @@ def load_model(
         except Exception as e:  # safetensors raises its own SafetensorError for truncated/corrupt files
             detail = first_line(e).removeprefix("Error while deserializing: ").removeprefix("Error while deserializing header: ")
             raise UnreadableWeightsError(cfg.name, path, f"safetensors cannot parse it: {detail}") from e
+        mismatch = _metadata_mismatch(cfg, _file_metadata(data))
+        if mismatch:
+            raise WeightsMetadataMismatchError(cfg.name, path, mismatch)
         del data
         net = _build_net(cfg)
         state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}

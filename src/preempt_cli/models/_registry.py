@@ -18,7 +18,7 @@ from typing import Any, Callable, TypeVar
 
 from torch import nn
 
-__all__ = ["register_arch", "create_arch", "list_archs", "is_arch"]
+__all__ = ["register_arch", "create_arch", "list_archs", "is_arch", "arch_defaults"]
 
 ArchFn = TypeVar("ArchFn", bound=Callable[..., nn.Module])
 
@@ -62,6 +62,14 @@ def create_arch(name: str, **kwargs: Any) -> nn.Module:
             f"unknown architecture {name!r}; known architectures: {', '.join(list_archs())}"
         ) from None
     return fn(**kwargs)
+
+
+def arch_defaults(name: str) -> dict[str, Any]:
+    """The keyword arguments of architecture ``name``'s builder that have defaults, with those defaults."""
+    import inspect
+
+    params = inspect.signature(_arch_entrypoints[name]).parameters.values()
+    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
 
 
 def list_archs() -> list[str]:

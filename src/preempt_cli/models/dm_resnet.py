@@ -55,6 +55,9 @@ def _same_pad(x: torch.Tensor, stride: int) -> torch.Tensor:
 class _Normalize(nn.Module):
     """Shared by both nets: the ``mean``/``std`` buffers (``[C, 1, 1]``, in the state dict)."""
 
+    #: the net normalizes its input itself: the wrapper must not (see ``models._load``)
+    normalizes_input = True
+
     def _init_normalize(self, mean: Sequence[float], std: Sequence[float]) -> None:
         if len(mean) != len(std) or not mean:
             raise ValueError(f"mean and std need one value per input channel, got {list(mean)} and {list(std)}")
