@@ -528,3 +528,33 @@ def test_a_bilevel_set_is_kept_for_the_batch_size_it_was_made_with() -> None:
     keys = {size: Evaluator(ds, load=models.__getitem__, device=TEST_DEVICE, batch_size=size) for size in (2, 4)}
     assert keys[2].defense_key(bilevel) != keys[4].defense_key(bilevel)
     assert keys[2].defense_key(fp_spec()) == keys[4].defense_key(fp_spec())
+
+
+def test_models_of_other_classes_than_the_datas_labels_are_refused() -> None:
+    """The data's labels were read in the first victim's class order and scored every victim by it: a
+    victim listing its classes in another order scored 5% where it scored 90%, and a 20-class victim was
+    scored against 10-class labels, without a word."""
+    import dataclasses
+
+    names = tuple(f"c{i}" for i in range(10))
+    named = {}
+    for key, classes in (("victim", names), ("reversed", names[::-1])):
+        model = make_tiny_model(4, name=key)
+        model.config = dataclasses.replace(model.config, classes=classes)
+        named[key] = model
+    twenty = make_tiny_model(5, name="twenty", num_classes=20)
+    ds = dataclasses.replace(tiny_dataset(), classes=names)
+    evaluator = tiny_evaluator(ds, {**tiny_models(), **named, "twenty": twenty})
+    assert evaluator.load("victim") is named["victim"]
+    with pytest.raises(ConfigError, match=r"reversed names its classes in another order .*\[c9, c8, c7, \.\.\. \(10\)\]"):
+        evaluator.load("reversed")
+    with pytest.raises(ConfigError, match="twenty has 20 classes, the data's labels 10"):
+        evaluator.load("twenty")
+    # labels as indices (a label file of numbers): the first model's count decides
+    by_index = tiny_evaluator(tiny_dataset(), {**tiny_models(), "twenty": twenty})
+    by_index.load("victim")
+    with pytest.raises(ConfigError, match="twenty has 20 classes, the data's labels 10"):
+        by_index.load("twenty")
+    with pytest.raises(ConfigError, match="label 12 of the data is no class of victim"):
+        tiny_evaluator(tiny_dataset(labels=torch.tensor([0, 1, 2, 3, 4, 12])), tiny_models()).load("victim")
+    assert ds.subset(2).classes == names

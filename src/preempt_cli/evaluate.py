@@ -102,6 +102,8 @@ class Dataset:
     paths: list[Path]
     images: torch.Tensor
     labels: torch.Tensor
+    #: the class names that label i stands for (the models' order it was read in); None: labels are indices
+    classes: tuple[str, ...] | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -110,7 +112,11 @@ class Dataset:
         return self.images[i].permute(1, 2, 0).contiguous().numpy()
 
     def subset(self, n: int) -> "Dataset":
-        return Dataset(self.root, self.paths[:n], self.images[:n], self.labels[:n])
+        return Dataset(self.root, self.paths[:n], self.images[:n], self.labels[:n], self.classes)
+
+
+def _class_list(names: Sequence[str]) -> str:
+    return "[" + ", ".join(names[:3]) + (f", ... ({len(names)})]" if len(names) > 3 else "]")
 
 
 def load_dataset(
@@ -154,7 +160,8 @@ def load_dataset(
     shapes = {tuple(p.shape) for p in pixels}
     if len(shapes) > 1:
         raise ConfigError(f"eval needs images of one size and mode; {root} has {len(shapes)} ({sorted(shapes)[:3]})")
-    return Dataset(root, [i.path for i in items], torch.stack(pixels), torch.tensor(labels))
+    return Dataset(root, [i.path for i in items], torch.stack(pixels), torch.tensor(labels),
+                   tuple(classes) if classes else None)  # fmt: skip
 
 
 # -- specs ------------------------------------------------------------------------------------------------
@@ -586,7 +593,7 @@ class Evaluator:
         attack_batch_size: int = 250,
     ) -> None:
         self.dataset = dataset
-        self.load = load
+        self._load_model = load
         self.device = resolve_device(device)
         self.out_dir = out_dir
         self.resume = resume
@@ -597,6 +604,39 @@ class Evaluator:
         self._model_fingerprints: dict[str, str] = {}
         self._defense_keys: dict[str, str] = {}
         self._warned: set[tuple[str, str, str]] = set()
+        self._num_classes: int | None = None  # of the first model loaded, where the data names no classes
+
+    def load(self, name: str) -> ImageModel:
+        """The model ``name``, from the ``load`` given, checked to label the data's classes.
+
+        Raises:
+            ConfigError: the model has other classes than the data's labels (or the first model's).
+        """
+        model = self._load_model(name)
+        self._check_classes(model)
+        return model
+
+    def _check_classes(self, model: ImageModel) -> None:
+        """Refuse a model whose class i is not the data's class i: every label would be another class for it
+        (a victim with its class list in another order was scored 5% where it scored 90%, and its place in
+        the list of victims decided which)."""
+        config = getattr(model, "config", None)
+        if config is None:  # a bare module (tests): nothing to compare
+            return
+        names = tuple(config.classes) if config.classes else None
+        data = self.dataset
+        if data.classes is not None and names is not None and names != data.classes:
+            raise ConfigError(f"{model.name} names its classes in another order or other names than the data's "
+                              f"labels were read with ({_class_list(names)} against {_class_list(data.classes)}): "
+                              "evaluate models of the same classes together")  # fmt: skip
+        expected = len(data.classes) if data.classes is not None else self._num_classes
+        if expected is not None and config.num_classes != expected:
+            raise ConfigError(f"{model.name} has {config.num_classes} classes, the data's labels {expected} "
+                              "(the classes of the first model): evaluate models of the same classes together")  # fmt: skip
+        self._num_classes = config.num_classes
+        if len(data.labels) and int(data.labels.max()) >= config.num_classes:
+            raise ConfigError(f"label {int(data.labels.max())} of the data is no class of {model.name} "
+                              f"({config.num_classes} classes)")  # fmt: skip
 
     # -- fingerprints (what the resume state is keyed by) -----------------------------------------------------
     @property
@@ -618,7 +658,7 @@ class Evaluator:
         return self._model_fingerprints[name]
 
     @staticmethod
-    def _defense_models(spec: DefenseSpec) -> list[tuple[str, str]]:
+    def defense_models(spec: DefenseSpec) -> list[tuple[str, str]]:
         """(role, name) of the models a defense computes with."""
         if spec.kind not in ("fast-preemption", "bi-level"):
             return []
@@ -635,7 +675,7 @@ class Evaluator:
 
     def _compute_defense_key(self, spec: DefenseSpec) -> str:
         parts: list[Any] = [_RESUME_FORMAT, spec.kind, spec.options, self.data_fingerprint,
-                            [[name, self._model_fingerprint(name)] for _, name in self._defense_models(spec)]]  # fmt: skip
+                            [[name, self._model_fingerprint(name)] for _, name in self.defense_models(spec)]]  # fmt: skip
         if spec.kind == "folder":
             parts += [_FOLDER_FORMAT, _folder_fingerprint(Path(spec.get("path")))]
         elif spec.kind == "bi-level":  # its random starts are drawn per batch: another batch size, other images
@@ -644,7 +684,7 @@ class Evaluator:
 
     def _warn_white_box(self, victim_name: str, spec: DefenseSpec) -> None:
         """One warning per victim, defense and role when the victim is a model the defense computes with."""
-        for role, name in self._defense_models(spec):
+        for role, name in self.defense_models(spec):
             if (victim_name, spec.key, role) in self._warned:
                 continue
             if name == victim_name or self._model_fingerprint(name) == self._model_fingerprint(victim_name):

@@ -255,11 +255,12 @@ def eval_cmd(
 
         first = load(victim[0])
         dataset = load_dataset(data, classes=first.config.classes, labels_file=labels_file, limit=limit)
-        for name in victim:
-            load(name)
-        out.mkdir(parents=True, exist_ok=True)
         evaluator = Evaluator(dataset, load=load, device=torch_device, out_dir=out, resume=resume,
                               batch_size=batch_size)  # fmt: skip
+        # every model before any work: one of other classes is refused now, not after the defenses ran
+        for name in [*victim, *(n for d in defenses for _, n in Evaluator.defense_models(d))]:
+            evaluator.load(name)
+        out.mkdir(parents=True, exist_ok=True)
         if reversion:
             result = reversion_protocol(evaluator, victims=victim, defense=defenses[0],
                                         black_box_backbone=reversion_backbone, jpeg_quality=jpeg_quality,
