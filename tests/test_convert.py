@@ -50,15 +50,41 @@ def test_empty_checkpoint_is_refused(obj, tmp_path) -> None:
         ({"a": {"b": {"c": torch.zeros(2)}}}, "--key"),
         ({"w": torch.zeros(2).to_sparse()}, "dense tensors only"),
         ({0: torch.zeros(2)}, "not a name (0)"),
+        # one of several state dicts was taken without a word (the plain weights where the EMA ones were meant)
+        ({"model": {"w": torch.zeros(2)}, "ema": {"w": torch.ones(2)}, "epoch": 200}, "several state dicts ('model', 'ema')"),
+        ({"state_dict": {"w": torch.zeros(2)}, "state_dict_ema": {"w": torch.ones(2)}},
+         "several state dicts ('state_dict', 'state_dict_ema'); name the one to convert with --key"),
+        # '__metadata__': a file safetensors could not read, and exit 0
+        ({"a": torch.zeros(2), "module.__metadata__": torch.zeros(2)}, "tensor 'module.__metadata__' would be named"),
     ],
-    ids=["list", "mixed", "nested", "sparse", "int-key"],
+    ids=["list", "mixed", "nested", "sparse", "int-key", "model-and-ema", "state-dict-and-ema", "metadata-key"],
 )
 def test_checkpoints_without_a_plain_state_dict_name_the_file(obj, words, tmp_path) -> None:
     assert words in _convert(tmp_path, obj)
 
 
+def test_a_quantized_tensor_is_refused_with_its_name(tmp_path) -> None:
+    # it was an internal KeyError (safetensors has no quantized dtypes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch deprecates making quantized tensors
+        q = torch.quantize_per_tensor(torch.zeros(4), 0.1, 0, torch.qint8)
+    assert "tensor 'q' is quantized (qint8)" in _convert(tmp_path, {"q": q, "w": torch.zeros(2)})
+
+
 def test_missing_key_names_the_file(tmp_path) -> None:
     assert "no entry 'nope'" in _convert(tmp_path, {"state_dict": {"w": torch.zeros(2)}}, key="nope")
+    # a flat state dict of hundreds of keys: a few named, the rest counted (all 116 were listed)
+    message = _convert(tmp_path, {f"layer{i}.weight": torch.zeros(1) for i in range(116)}, key="nope")
+    assert message.endswith("(entries: layer0.weight, layer1.weight, layer2.weight, layer3.weight, layer4.weight, "
+                            "layer5.weight, layer6.weight, layer7.weight and 108 more)")  # fmt: skip
+
+
+def test_the_state_dict_named_with_key_is_converted_when_there_are_several(tmp_path) -> None:
+    from safetensors.torch import load_file
+
+    torch.save({"model": {"w": torch.zeros(2)}, "ema": {"w": torch.ones(2)}}, tmp_path / "c.pt")
+    convert_checkpoint(tmp_path / "c.pt", tmp_path / "o.safetensors", key="ema")
+    assert torch.equal(load_file(tmp_path / "o.safetensors")["w"], torch.ones(2))
 
 
 def test_malicious_pickle_names_the_disallowed_global(tmp_path) -> None:

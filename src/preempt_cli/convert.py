@@ -27,17 +27,36 @@ def _describe(obj: Any) -> str:
     return f"a {type(obj).__name__}"
 
 
+def _entries(obj: dict) -> str:
+    """A checkpoint's entry names for a message: the first few, and how many more (a flat state dict has
+    hundreds)."""
+    names = [str(k) for k in obj]
+    return ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+
+
+def _is_state_dict(value: Any) -> bool:
+    return (isinstance(value, dict) and bool(value)
+            and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items()))  # fmt: skip
+
+
 def _find_state(obj: Any, key: str | None, checkpoint: Path) -> dict[str, torch.Tensor]:
     if key is not None:
         if not isinstance(obj, dict) or key not in obj:
-            entries = f" (entries: {', '.join(map(str, obj))})" if isinstance(obj, dict) else f" (it holds {_describe(obj)})"
+            entries = f" (entries: {_entries(obj)})" if isinstance(obj, dict) else f" (it holds {_describe(obj)})"
             raise ConfigError(f"{checkpoint}: no entry {key!r} in the checkpoint{entries}")
         obj, where = obj[key], f"entry {key!r}"
     elif isinstance(obj, dict) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        found = next((k for k in _STATE_KEYS if k in obj and isinstance(obj[k], dict)), None)
-        if found is None:
+        # every entry that could be the weights: the usual names, and any other state dict of tensors
+        # ({"model": ..., "ema": ...}, {"state_dict": ..., "state_dict_ema": ...})
+        candidates = [k for k in obj if (k in _STATE_KEYS and isinstance(obj[k], dict)) or _is_state_dict(obj[k])]
+        if len(candidates) > 1:
+            # robust checkpoints are often evaluated with their EMA weights: picking one would be a guess
+            raise ConfigError(f"{checkpoint}: the checkpoint holds several state dicts "
+                              f"({', '.join(map(repr, candidates))}); name the one to convert with --key")  # fmt: skip
+        if not candidates:
             raise ConfigError(f"{checkpoint}: cannot find the state dict in the checkpoint (entries: "
-                              f"{', '.join(map(str, obj))}); name it with --key")  # fmt: skip
+                              f"{_entries(obj)}); name it with --key")  # fmt: skip
+        found = candidates[0]
         obj, where = obj[found], f"entry {found!r}"
     else:
         where = "checkpoint"
@@ -53,6 +72,11 @@ def _find_state(obj: Any, key: str | None, checkpoint: Path) -> dict[str, torch.
     if odd is not None:
         raise ConfigError(f"{checkpoint}: tensor {odd!r} is {str(obj[odd].layout).removeprefix('torch.')}; "
                           "safetensors holds dense tensors only: make it dense (.to_dense()) first")  # fmt: skip
+    quantized = next((k for k, v in obj.items() if v.is_quantized), None)
+    if quantized is not None:
+        raise ConfigError(f"{checkpoint}: tensor {quantized!r} is quantized "
+                          f"({str(obj[quantized].dtype).removeprefix('torch.')}); safetensors holds plain tensors "
+                          "only: dequantize the model (.dequantize()) first")  # fmt: skip
     return obj
 
 
@@ -139,5 +163,8 @@ def convert_checkpoint(
                               f"{', '.join(repr(p) for p in strip_prefixes if p)} is stripped; convert with "
                               "--strip-prefix '' (or --key naming one state dict)")  # fmt: skip
         clean[name], origin[name] = tensor.detach(), key
+    if "__metadata__" in clean:  # safetensors' own header entry: a tensor of that name made the file unreadable
+        raise ConfigError(f"{checkpoint}: tensor {origin['__metadata__']!r} would be named '__metadata__', a name "
+                          "safetensors keeps for itself: rename it first")  # fmt: skip
     save_safetensors(clean, output, {"converted_from": checkpoint.name})
     return len(clean), sha256_file(output)
