@@ -1335,6 +1335,19 @@ def test_eval_csv_folder_is_created_and_victim_names_are_whole(tmp_path: Path, r
     assert row.split()[0] == victim
 
 
+def test_eval_results_that_cannot_be_written_fail_after_they_are_shown(tmp_path: Path, registry: Path) -> None:
+    # results.json was written with a bare write_text before the table: a file in the way (or a full disk)
+    # was an internal error, with nothing shown, after all the work
+    _images(tmp_path / "data" / "cat", n=2)
+    (tmp_path / "o" / "results.json").mkdir(parents=True)
+    result = run(["eval", str(tmp_path / "data"), "--victim", "tiny-key", "--defense", "none", "--attack",
+                  "pgd:steps=1", "--out", str(tmp_path / "o"), "--device", TEST_DEVICE_ARG], registry)  # fmt: skip
+    assert result.exit_code == 1 and "internal error" not in result.stderr
+    assert f"{tmp_path / 'o' / 'results.json'}: cannot write: Is a directory" in result.stderr
+    assert "PGD" in result.stdout  # the table
+    assert not [p.name for p in (tmp_path / "o").iterdir() if p.name.endswith(".tmp")]
+
+
 def test_results_that_cannot_reach_stdout_are_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     """``>&-`` (stdout closed) and ``> /dev/full`` were internal errors (AttributeError, OSError)."""
     import errno

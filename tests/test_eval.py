@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 
 import pytest
@@ -558,3 +559,27 @@ def test_models_of_other_classes_than_the_datas_labels_are_refused() -> None:
     with pytest.raises(ConfigError, match="label 12 of the data is no class of victim"):
         tiny_evaluator(tiny_dataset(labels=torch.tensor([0, 1, 2, 3, 4, 12])), tiny_models()).load("victim")
     assert ds.subset(2).classes == names
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_FSIZE and SIGXFSZ as Linux has them")
+def test_a_defense_cache_that_does_not_fit_on_disk_is_a_write_error_naming_it(tmp_path: Path) -> None:
+    """torch.save into the cache on a full disk raised torch's RuntimeError ("[enforce fail at
+    inline_container.cc] unexpected pos"), an internal error naming no file."""
+    import subprocess
+
+    script = f"""
+import resource, signal, sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from test_eval import tiny_dataset, tiny_evaluator, tiny_models, fp_spec
+from preempt_cli.errors import ImageWriteError
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing
+resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))  # a short write inside torch's zip writer
+try:
+    tiny_evaluator(tiny_dataset(), tiny_models(), out_dir=__import__("pathlib").Path({str(tmp_path)!r})).defend(fp_spec())
+except ImageWriteError as e:
+    print(e)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "defenses" in done.stdout and "cannot write: File too large" in done.stdout, done.stdout
+    assert not list(tmp_path.rglob("*.tmp"))

@@ -840,8 +840,11 @@ class Evaluator:
             _logger.info("computing defense %s on %d images", spec.name, len(self.dataset))
             result = self._compute_defense(spec)
             if cache is not None:
+                # serialized first: torch's writer turns a full disk into a RuntimeError that names no file
+                buffer = io.BytesIO()
+                torch.save({"images": result.images, "seconds_per_image": result.seconds_per_image}, buffer)
                 with atomic_write(cache) as f:  # --resume must never find a truncated cache
-                    torch.save({"images": result.images, "seconds_per_image": result.seconds_per_image}, f)
+                    f.write(buffer.getbuffer())
         self._quality(result)
         self._defended[key] = result
         return result

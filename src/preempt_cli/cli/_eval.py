@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 from pathlib import Path
@@ -24,6 +25,7 @@ from ..evaluate import (
 )
 from ..engine import check_seed
 from ..errors import ConfigError, PreemptError
+from ..imageio import atomic_write
 from . import _common as c
 from ._files import SeedOpt, _defaults, _model_cache, _setup_torch, backbone_option, classifier_option
 
@@ -84,8 +86,23 @@ def _write_report(out: Path, rows: list[dict[str, Any]], evaluator: Evaluator, d
                                  defended.images[:8].float() / 255, eps)  # fmt: skip
         lines += [f"### {spec.name}", "", f"![{spec.name}]({name})", ""]
     path = out / "report.md"
-    path.write_text("\n".join(lines) + "\n")
+    _write_text(path, "\n".join(lines) + "\n")
     return path
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write a result file whole or not at all, a failure one line naming it (exit 1)."""
+    with atomic_write(path) as f:
+        f.write(text.encode("utf-8"))
+
+
+def _csv_text(rows: list[dict[str, Any]]) -> str:
+    buffer = io.StringIO(newline="")
+    fields = list(dict.fromkeys(k for r in rows for k in r))  # AutoAttack rows have more columns
+    writer = csv.DictWriter(buffer, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
 
 
 def _defense(text: str, defaults: dict[str, str]) -> DefenseSpec:
@@ -267,7 +284,7 @@ def eval_cmd(
                                         flip_fraction=flip_fraction, seed=seed,
                                         black_box_classifier=reversion_classifier,
                                         reverter_labels=reversion_labels)  # fmt: skip
-            (out / "reversion.json").write_text(json_dumps(result, indent=1))
+            # shown first: a file that cannot be written must not lose what was computed (nothing resumes it)
             if json_out:
                 c.print_json(result, allow_nan=False)  # strict: a value not measured is null
             else:
@@ -284,6 +301,7 @@ def eval_cmd(
                         table.add_row(stage, f"{acc:.2f}", "" if p_value is None else f"{p_value:.2g}",
                                       res["verdict"].get(stage, ""), result["reverter_labels"].get(stage, ""))  # fmt: skip
                     c.print_table(table)
+            _write_text(out / "reversion.json", json_dumps(result, indent=1))
             raise typer.Exit(c.EXIT_OK)
 
         total = len(defenses) * len(victim) * len(attacks)
@@ -297,14 +315,6 @@ def eval_cmd(
                 if json_out:
                     c.print_json(row, allow_nan=False)
                 progress.advance(task)
-        (out / "results.json").write_text(json_dumps(rows, indent=1))
-        if csv_path is not None:
-            with csv_path.open("w", newline="") as f:
-                fields = list(dict.fromkeys(k for r in rows for k in r))  # AutoAttack rows have more columns
-                writer = csv.DictWriter(f, fieldnames=fields)
-                writer.writeheader()
-                writer.writerows(rows)
-        report = _write_report(out, rows, evaluator, defenses, "preempt eval")
         if not json_out:
             table = Table(header_style="bold", show_edge=False)
             cols = ["victim", "defense", "attack", "n", "clean_acc", "robust_acc", "seconds_per_image", "linf", "ssim"]
@@ -315,6 +325,11 @@ def eval_cmd(
             for r in rows:
                 table.add_row(*(_fmt(r.get(k)) for k in cols))
             c.print_table(table)
+        # after the table: a file that cannot be written fails the run (exit 1) with the results shown
+        _write_text(out / "results.json", json_dumps(rows, indent=1))
+        if csv_path is not None:
+            _write_text(csv_path, _csv_text(rows))
+        report = _write_report(out, rows, evaluator, defenses, "preempt eval")
         if not quiet:
             c.stderr.print(f"Report: {report}", markup=False)
     raise typer.Exit(c.EXIT_OK)
