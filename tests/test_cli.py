@@ -248,6 +248,41 @@ with _stop_on_interrupt():
     assert "finishing the files being computed and written" in done.stderr and "quit before" in done.stderr
 
 
+def test_ctrl_c_once_the_command_is_over_or_before_it_starts_prints_no_traceback(tmp_path: Path) -> None:
+    """A press while the interpreter exited after a finished run (torch's atexit clean-up) printed
+    "Exception ignored in atexit callback ... KeyboardInterrupt"; one while the CLI imported torch ended it
+    with exit 130 and nothing said."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "over.py"
+    script.write_text("""
+import atexit, os, signal, sys
+sys.argv = ["preempt", "models", "list", "--json"]
+atexit.register(lambda: os.kill(os.getpid(), signal.SIGINT))  # a press during the exit's clean-up
+from preempt_cli.cli import main
+main()
+""")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert '"name": "preempt-resnet20-at"' in done.stdout
+    starting = tmp_path / "starting.py"
+    starting.write_text("""
+import builtins, sys
+real_import = builtins.__import__
+def interrupted(name, *args, **kwargs):
+    if name == "cli":  # the press arrives while preempt_cli.cli (torch) is imported
+        raise KeyboardInterrupt
+    return real_import(name, *args, **kwargs)
+builtins.__import__ = interrupted
+from preempt_cli.__main__ import main
+main()
+""")
+    done = subprocess.run([sys.executable, str(starting)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 130
+    assert done.stderr == "error: interrupted: before the command started, nothing was done\n"
+
+
 def test_the_default_budget_is_the_papers_for_the_backbones_dataset(registry: Path) -> None:
     from preempt_cli.cli._files import _config
 
@@ -482,7 +517,40 @@ def test_white_box_warns_of_other_weights_only_for_the_files_they_protected(tmp_
     Image.open(edited).save(edited, pnginfo=info)
     result = run(["revert", str(tmp_path / "r"), "--white-box", "--device", TEST_DEVICE_ARG], registry)
     assert result.exit_code == 0
-    assert "differs from the weights that protected 1 file(s)" in result.stderr  # it had counted 2
+    assert "backbone tiny-key differs from the weights that protected 1 file(s)" in result.stderr  # had counted 2
+    # the classifier's weights too (they were not compared: the reversion passed for white-box silently)
+    _images(tmp_path / "c", n=1)
+    assert run(["protect", str(tmp_path / "c"), *FAST, "-c", "tiny-labeller-unpinned"], registry).exit_code == 0
+    edited = tmp_path / "c" / "img0.protected.png"
+    meta = json.loads(Image.open(edited).text["preempt"])
+    assert meta["classifier"] == "tiny-labeller-unpinned" and meta["classifier_sha256"]
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt("preempt", json.dumps({**meta, "classifier_sha256": "0" * 64}))
+    Image.open(edited).save(edited, pnginfo=info)
+    result = run(["revert", str(edited), "--white-box", "--device", TEST_DEVICE_ARG], registry)
+    assert result.exit_code == 0
+    assert "classifier tiny-labeller-unpinned differs from the weights that protected 1 file(s)" in result.stderr
+    assert "backbone" not in result.stderr
+
+
+def test_a_model_that_failed_to_load_is_tried_once_per_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a white-box reversion asks for its recorded models once per group of settings: a model missing from
+    # the Hub's cache took 24 s of retries each time
+    from preempt_cli.cli import _files
+    from preempt_cli.errors import UnknownModelError
+
+    calls: list[str] = []
+
+    def failing(name, *args):
+        calls.append(name)
+        raise UnknownModelError(name, [])
+
+    monkeypatch.setattr(_files, "_load", failing)
+    load = _files._model_cache(torch.device("cpu"), None, None)
+    for _ in range(3):
+        with pytest.raises(UnknownModelError):
+            load("deit-b")
+    assert calls == ["deit-b"]
 
 
 def test_precision_is_recorded_and_white_box_reversion_follows_it(tmp_path: Path, registry: Path) -> None:

@@ -101,3 +101,21 @@ def test_a_revert_suffix_that_protected_names_end_with_still_takes_them(tmp_path
             assert f"--suffix {marker} marks the outputs of preempt" in str(error)
         else:
             raise AssertionError(f"{marker} was taken")
+
+
+def test_protect_skips_a_reversions_output_whatever_its_name(tmp_path) -> None:
+    """``revert --suffix .rv`` wrote ``a.protected.rv.png``; a protect of the folder then protected that
+    reversion output (into ``a.protected.rv.protected.png``): only outputs of its own kind were skipped."""
+    from conftest import write_random_pngs
+    from preempt_cli import Protector, RunOptions
+
+    backbone = make_tiny_model(0).to(TEST_DEVICE)
+    config = ForeBackConfig(samples=1, backward_steps=1)
+    write_random_pngs(tmp_path, n=1)
+    protector = Protector(backbone, labels="backbone", config=config)
+    list(protector.run([tmp_path]))
+    list(Reverter(backbone, labels="backbone", config=config).run([tmp_path / "img0.protected.png"], RunOptions(suffix=".rv")))
+    results = {r.input.name: r for r in protector.run([tmp_path])}
+    assert results["img0.protected.rv.png"].status == "skipped"
+    assert results["img0.protected.rv.png"].reason == "already reverted by preempt (its output; --overwrite protects it anyway)"
+    assert not (tmp_path / "img0.protected.rv.protected.png").exists()

@@ -11,6 +11,7 @@ def main() -> None:
     try:
         from .cli import main as run_cli
     except KeyboardInterrupt:
+        sys.stderr.write("error: interrupted: before the command started, nothing was done\n")  # as later presses say
         sys.exit(130)
     run_cli()
 

@@ -380,6 +380,10 @@ class Protector:
     output_suffix = PROTECTED_SUFFIX
     #: Names of files this class writes, never taken as inputs again (unless --overwrite).
     skip_markers: tuple[str, ...] = OUTPUT_MARKERS
+    #: files whose metadata says they are outputs of these kinds of run are skipped, whatever their names
+    #: (a reversion's output under ``revert --suffix .rv`` is no original to protect)
+    skipped_kinds: tuple[str, ...] = ("protected", "reverted")
+    verb = "protects"
 
     def __init__(
         self,
@@ -645,8 +649,9 @@ class Protector:
             return FileResult(item.path, "failed", reason=read_failure(item, picture))
         try:
             meta = read_preempt_metadata(picture)
-            if meta and meta.get("kind") == self.kind and not options.overwrite:
-                return FileResult(item.path, "skipped", reason=f"already {self.kind} by preempt")
+            if meta and meta.get("kind") in self.skipped_kinds and not options.overwrite:
+                extra = "" if meta["kind"] == self.kind else f" (its output; --overwrite {self.verb} it anyway)"
+                return FileResult(item.path, "skipped", reason=f"already {meta['kind']} by preempt{extra}")
             return _Pending(item, output, picture, self._file_label(item), self._extra_metadata(meta))
         except LabelError as e:
             return FileResult(item.path, "failed", reason=reason_of(e, item.path))

@@ -24,7 +24,8 @@ class Reverter(Protector):
     """Preemptive Reversion of protected images, with the attacker's backbone, classifier and settings.
 
     Takes the same arguments as :class:`~preempt_cli.protect.Protector`. Its :meth:`run` takes paths as
-    ``preempt revert`` does (folder walks take the protected files, outputs are ``*.reverted.png``); inputs
+    ``preempt revert`` does (folder walks take the protected files, and every other image but reversion
+    outputs: a black-box attacker's copies often carry no metadata; outputs are ``*.reverted.png``); inputs
     collected beforehand need ``collect_inputs(paths, skip_markers=Reverter.skip_markers)``, since
     :func:`~preempt_cli.inputs.collect_inputs` leaves protected files out of folder walks by default.
     """
@@ -32,6 +33,8 @@ class Reverter(Protector):
     kind = "reverted"
     output_suffix = REVERTED_SUFFIX
     skip_markers = (REVERTED_SUFFIX,)  # protected files are what it reverts
+    skipped_kinds = ("reverted",)
+    verb = "reverts"
 
     def transform(self, x: torch.Tensor, y: torch.Tensor, noise_seeds: Sequence[int] | None = None) -> torch.Tensor:
         """``2 x - D(x)``, clipped to [0, 1] (it stays within eps of ``x``, as D(x) does)."""

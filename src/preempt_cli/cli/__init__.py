@@ -83,6 +83,20 @@ def main() -> None:
         if exit_.code == 1 and isinstance(exit_.__context__, BrokenPipeError):
             raise SystemExit(EXIT_BROKEN_PIPE) from None
         raise
+    finally:
+        _ignore_interrupts_at_exit()
+
+
+def _ignore_interrupts_at_exit() -> None:
+    """The command is over: a Ctrl-C while the interpreter exits (torch's atexit clean-up) printed
+    "Exception ignored in atexit callback ... KeyboardInterrupt" after a run that had finished. Only where
+    no press came: after one, the command's stages of Ctrl-C (see ``_common``) last until the exit."""
+    import signal
+    import threading
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    if main_thread and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _launched_as_the_package() -> None:

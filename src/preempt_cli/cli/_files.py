@@ -192,12 +192,21 @@ def _load(name: str, device: torch.device, models_dir: Path | None, registry: li
 
 
 def _model_cache(device: torch.device, models_dir: Path | None, registry: list[Path] | None) -> Callable[[str], ImageModel]:
-    """A loader that loads each registered model once."""
+    """A loader that loads each registered model once, and tries a model that failed to load only once (a
+    white-box reversion asks for the recorded models once per group of settings: each try of a model
+    missing from the Hub's cache took 24 s of retries)."""
     cache: dict[str, ImageModel] = {}
+    failed: dict[str, PreemptError] = {}
 
     def load(name: str) -> ImageModel:
+        if name in failed:
+            raise failed[name]
         if name not in cache:
-            cache[name] = _load(name, device, models_dir, registry)
+            try:
+                cache[name] = _load(name, device, models_dir, registry)
+            except PreemptError as e:
+                failed[name] = e
+                raise
         return cache[name]
 
     return load
@@ -516,11 +525,13 @@ def _white_box_reverter(meta: dict[str, Any], model: Callable[[str], Any], seed:
         if (role == "backbone" or name is not None) and not (isinstance(name, str) and name):
             raise ValueError(f"recorded {role} {name!r} is not a model name (edited metadata?): revert it black-box")
     bb = model(meta["backbone"])
-    if meta.get("backbone_sha256") and bb.weights_sha256 and meta["backbone_sha256"] != bb.weights_sha256:
-        _logger.warning("backbone %s differs from the weights that protected %d file(s)", bb.name, files)
     # Ground-truth labels of the defender are not the attacker's to have: without a recorded
     # classifier, the attacker labels with the backbone.
     clf = model(meta["classifier"]) if meta.get("classifier") else None
+    for role, loaded in (("backbone", bb), ("classifier", clf)):  # the same names, other weights: no white box
+        recorded = meta.get(f"{role}_sha256")
+        if loaded is not None and recorded and loaded.weights_sha256 and recorded != loaded.weights_sha256:
+            _logger.warning("%s %s differs from the weights that protected %d file(s)", role, loaded.name, files)
     settings = white_box_settings(meta)
     recorded_precision = settings.pop("precision")
     if seed is None:
