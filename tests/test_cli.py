@@ -1818,6 +1818,39 @@ def test_a_quoted_tilde_out_dir_is_checked_and_written_at_home(tmp_path: Path, r
     assert result.exit_code == 2 and "'-' is no folder" in result.stderr and not (tmp_path / "-").exists()
 
 
+def test_a_quoted_tilde_is_the_home_folder_for_eval_and_convert_too(tmp_path: Path, registry: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    # eval checked $HOME/evt and wrote ./~/evt (the bug 0.16.0 fixed for protect -o); convert wrote ./~/c...
+    _images(tmp_path / "data" / "cat", n=2)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    result = run(["eval", "data", "--victim", "tiny-key", "--defense", "none", "--attack", "pgd:steps=1", "--out",
+                  "~/evt", "--csv", "~/rows.csv", "--device", TEST_DEVICE_ARG, "-q"], registry)  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    assert (tmp_path / "home" / "evt" / "results.json").is_file() and (tmp_path / "home" / "rows.csv").is_file()
+    torch.save({"w": torch.zeros(2)}, tmp_path / "home" / "c.pt")
+    assert CliRunner().invoke(app, ["models", "convert", "~/c.pt", "~/c.safetensors"]).exit_code == 0
+    assert (tmp_path / "home" / "c.safetensors").is_file() and not (tmp_path / "~").exists()
+
+
+def test_a_tilde_name_that_is_no_home_is_a_file_name(tmp_path: Path, registry: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """``~x.png`` (a file of that name; no user x) ended the whole run with "internal error: RuntimeError:
+    Could not determine home directory", named or listed on stdin; a listed ``~root/a.png`` was taken as
+    /root/a.png, where stdin's paths are taken as they are."""
+    (img,) = _images(tmp_path, n=1)
+    os.rename(img, tmp_path / "~nosuchuser.png")
+    monkeypatch.chdir(tmp_path)
+    for args, listing in ((["~nosuchuser.png"], None), (["-"], "~nosuchuser.png\n")):
+        result = run(["protect", *args, *FAST, "--labels", "backbone", "--json", "--overwrite"], registry, input=listing)
+        assert result.exit_code == 0, result.stderr
+        assert json.loads(result.stdout)["output"] == "~nosuchuser.protected.png"
+    listed = run(["protect", "-", *FAST, "--labels", "backbone", "--json"], registry, input="~root/a.png\n")
+    assert listed.exit_code == 1 and json.loads(listed.stdout)["input"] == "~root/a.png"
+    missing = run(["protect", "~nosuchuser/a.png", *FAST, "--labels", "backbone"], registry)
+    assert missing.exit_code == 1 and "~nosuchuser/a.png: no such file" in missing.stderr
+
+
 def test_a_folder_the_walk_cannot_list_fails_as_an_input(tmp_path: Path) -> None:
     """A path past 4,096 bytes deep in a tree (os.scandir: ENAMETOOLONG) ended the run in rglob; now the
     folder fails, saying why, and the rest of the tree is taken."""
@@ -1957,6 +1990,10 @@ def test_usage_errors_of_the_parser_are_one_line_too(args: list[str], line: str)
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2
     assert result.stderr.startswith(line) and len(result.stderr.splitlines()) == 1, result.stderr
+    # as `python -m preempt_cli` too (the program's name is not the command's: it drew the panel)
+    named = CliRunner().invoke(app, args, prog_name="python -m preempt_cli")
+    assert named.exit_code == 2 and len(named.stderr.splitlines()) == 1, named.stderr
+    assert named.stderr.startswith(line.replace("'preempt ", "'python -m preempt_cli "))
 
 
 def test_a_name_stdouts_codec_cannot_write_is_written_as_its_bytes(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -496,3 +496,34 @@ def test_a_list_is_told_from_an_image_by_more_than_its_first_letters(tmp_path: P
     for image in (b"GIF89a\x20\x00\x20\x00rest", b"RIFF\x10\x00\x00\x00WEBPVP8 "):
         with pytest.raises(ConfigError, match="image data, not a list of paths"):
             path_list_text(image)
+
+
+@pytest.mark.parametrize("fmt, name", [("PPM", "PPM"), ("TGA", "TGA"), ("ICO", "ICO"), ("SGI", "SGI"), ("PCX", "PCX")])
+def test_images_without_a_signature_of_their_own_are_no_list_either(fmt: str, name: str) -> None:
+    # they were taken for lists: a PPM's binary lines became four nonsense names, an ICO's 46, failing one by one
+    import io
+
+    from PIL import Image
+
+    from preempt_cli.errors import ConfigError
+    from preempt_cli.inputs import path_list_text
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(buffer, format=fmt)
+    with pytest.raises(ConfigError, match=f"stdin holds {name} image data, not a list of paths"):
+        path_list_text(buffer.getvalue())
+    assert path_list_text(b"a.ppm\nb.tga\n") == "a.ppm\nb.tga\n"  # a plain list stays one
+
+
+def test_folder_walks_take_every_image_format_pillow_reads_by_its_usual_suffix(tmp_path: Path) -> None:
+    # README: "anything Pillow reads"; a folder holding only an .sgi was "no images found"
+    from PIL import Image
+
+    from preempt_cli.inputs import collect_inputs
+
+    image = Image.new("RGB", (8, 8))
+    for suffix, fmt in ((".sgi", "SGI"), (".rgb", "SGI"), (".ico", "ICO"), (".pcx", "PCX"), (".pnm", "PPM"),
+                        (".qoi", "QOI"), (".dib", "BMP")):  # fmt: skip
+        image.save(tmp_path / f"a{suffix}", format=fmt)
+    assert sorted(i.path.suffix for i in collect_inputs([tmp_path])) == sorted(
+        [".sgi", ".rgb", ".ico", ".pcx", ".pnm", ".qoi", ".dib"])

@@ -135,6 +135,8 @@ def test_list_models_by_role() -> None:
     assert "cifar10-resnet20-std" in backbones  # role "any" fits every role
     assert "cifar10-resnet18-std" not in backbones  # a classifier
     assert "cifar10-resnet18-std" in list_models(role="classifier")
+    with pytest.raises(ValueError, match="unknown role 'bogus'"):  # it listed the rows of role any
+        list_models(role="bogus")
 
 
 # -- user registry and --registry files ------------------------------------------------------------------------

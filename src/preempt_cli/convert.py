@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from ._paths import expand_home
 from .errors import ConfigError
 from .hub import save_safetensors, sha256_file
 from .imageio import folder_write_problem, same_file
@@ -129,6 +130,7 @@ def convert_checkpoint(
             unreadable checkpoint, no state dict in it, or two keys that are the same once a prefix is stripped.
         ImageWriteError: the output cannot be written.
     """
+    checkpoint, output = expand_home(checkpoint), expand_home(output)  # a quoted '~/x', as for train's output
     if same_file(checkpoint, output) or (not os.path.exists(output) and checkpoint.absolute() == output.absolute()):
         raise ConfigError(f"{output}: is the checkpoint itself; name another output file")
     if os.path.isdir(output):  # else "exists", or with --force a rename onto it failing once the checkpoint is read

@@ -23,6 +23,7 @@ from .errors import (
     error_chain,
     first_line,
 )
+from ._paths import expand_home
 from .imageio import atomic_write
 from .registry import ModelConfig
 
@@ -46,7 +47,7 @@ MODELS_DIR_ENV = "PREEMPT_MODELS_DIR"
 def models_dir_from_env() -> Path | None:
     """The models dir named by ``PREEMPT_MODELS_DIR``, if set."""
     value = os.environ.get(MODELS_DIR_ENV)
-    return Path(value).expanduser() if value else None
+    return expand_home(value) if value else None
 
 
 def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
@@ -106,7 +107,7 @@ def local_candidates(cfg: ModelConfig, models_dir: Path | None) -> list[Path]:
     """The paths where a ``file:`` source's weights are looked for, in order: as given when absolute, else
     under ``models_dir``, ``PREEMPT_MODELS_DIR``, the folder of the registry that wrote the row, and the
     package's own weights."""
-    raw = Path(cfg.source.location).expanduser()
+    raw = expand_home(cfg.source.location)
     if raw.is_absolute():
         return [raw]
     candidates = []

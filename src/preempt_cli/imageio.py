@@ -68,8 +68,9 @@ __all__ = [
 #: A format this Pillow cannot read (AVIF, JPEG 2000 where built without them) fails with that reason,
 #: rather than being passed over without a word.
 IMAGE_SUFFIXES = frozenset(
-    {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".tif", ".tiff", ".bmp", ".gif", ".ppm", ".pgm", ".pbm",
-     ".tga", ".avif", ".jp2", ".j2k"}
+    {".png", ".apng", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".tif", ".tiff", ".bmp", ".dib", ".gif", ".ppm",
+     ".pgm", ".pbm", ".pnm", ".tga", ".avif", ".jp2", ".j2k", ".jpf", ".jpx", ".sgi", ".rgb", ".rgba", ".bw",
+     ".ico", ".pcx", ".qoi"}
 )  # fmt: skip
 
 #: Pillow's own decompression-bomb threshold (about 89 megapixels).

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Iterable, TextIO
 
 from .errors import ConfigError
+from ._paths import expand_home
 from .imageio import IMAGE_SUFFIXES
 
 __all__ = ["InputFile", "collect_inputs", "as_input_files", "is_hidden_name", "output_path", "assign_outputs", "parse_shard", "in_shard",
@@ -128,12 +129,30 @@ def path_list_text(data: bytes, source: str = "stdin", encoding: str | None = No
         kind = "BMP"
     if kind is None and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         kind = "WebP"
+    if kind is None:  # the formats without a signature above (Netpbm, TGA, ICO, ...): as Pillow knows them
+        kind = _pillow_format(data)
     first = re.split(b"[\0\n]", data, maxsplit=1)[0]
     named = os.path.lexists(first) or os.path.lexists(first.strip())  # a line of a list may end in \r
     if kind is not None and not named:  # a list whose first file is named GIF89a.png is one
         raise ConfigError(f"{source} holds {kind} image data, not a list of paths: '-' reads the paths of the "
                           f"images, one per line (or NUL-separated); save the image to a file and name that")  # fmt: skip
     return os.fsdecode(data) if encoding is None else data.decode(encoding, errors="replace")
+
+
+def _pillow_format(data: bytes) -> str | None:
+    """The image format Pillow identifies ``data`` as (from its header alone), else None."""
+    import io
+    import warnings
+
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a header Pillow finds odd: no image either way
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                return image.format or "image"
+        except Exception:  # not an image (what a list of paths is), or one Pillow refuses: not identified
+            return None
 
 
 def paths_listed(text: str) -> list[str]:
@@ -245,7 +264,7 @@ def _collect(args: list[str | os.PathLike[str]], stdin: TextIO | None, skip_mark
             # pattern, it was replaced unseen by whatever files its name matched (q?.png: qq.png)
             found.extend(_collect(listed, None, skip_markers, folders, patterns=False))
             continue
-        path = Path(text).expanduser()
+        path = expand_home(text) if patterns else Path(text)  # a listed path is taken as it is
         if os.path.isdir(path):
             folders.append(path)
             found.extend(_walk(path, skip_markers))

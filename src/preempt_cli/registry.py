@@ -25,6 +25,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
+from ._paths import expand_home
 from .errors import ImageWriteError, RegistryError, UnknownModelError, clip
 
 if sys.version_info >= (3, 11):
@@ -190,7 +191,7 @@ def user_config_dir() -> Path:
 def user_registry_path() -> Path:
     """The user registry: ``$PREEMPT_REGISTRY`` or ``<config dir>/models.toml`` (may not exist)."""
     env = os.environ.get("PREEMPT_REGISTRY")
-    return Path(env).expanduser() if env else user_config_dir() / "models.toml"
+    return expand_home(env) if env else user_config_dir() / "models.toml"
 
 
 def _floats(value: Any, path: Path, name: str, key: str) -> tuple[float, ...] | None:
@@ -590,7 +591,7 @@ def registry_files(extra: Iterable[Path | str] | Path | str = ()) -> list[Path]:
     if user is not None:
         files.append(user)
     for p in extra:
-        p = Path(p).expanduser()
+        p = expand_home(p)
         if os.path.isdir(p):
             raise RegistryError(p, "is a directory, not a registry file (a TOML file)")
         if not os.path.isfile(p):
@@ -611,7 +612,13 @@ def load_registry(extra: Sequence[Path | str] | Path | str = ()) -> dict[str, Mo
 
 
 def list_models(extra: Sequence[Path | str] | Path | str = (), *, role: str | None = None) -> list[str]:
-    """Registered model names, sorted; optionally only those of one role."""
+    """Registered model names, sorted; optionally only those of one role (with those of role ``any``).
+
+    Raises:
+        ValueError: ``role`` is none of :data:`ROLES` (it listed the rows of role any, as if valid).
+    """
+    if role is not None and role not in ROLES:
+        raise ValueError(f"unknown role {role!r}: use one of {', '.join(ROLES)}")
     models = load_registry(extra)
     return sorted(n for n, c in models.items() if role is None or c.role in (role, "any"))
 
@@ -706,7 +713,7 @@ def check_registrable(name: str, path: Path | str | None = None, *, overwrite: b
             raise RegistryError(path, f"{e.reason}; name a registry you can write with PREEMPT_REGISTRY, or "
                                       "pass --no-register") from None  # fmt: skip
     else:
-        path = Path(path).expanduser()
+        path = expand_home(path)
         _check_writable(path)
     if not name or any(c not in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_." for c in name):
         raise RegistryError(path, f"invalid model name {name!r} (letters, digits, '-', '_', '.')")

@@ -45,6 +45,7 @@ from .attacks import PGD
 from .engine import eval_mode, native_bf16, refuse_int_levels
 from .errors import ConfigError, ImageReadError, first_line
 from .hub import save_safetensors, sha256_file
+from ._paths import expand_home
 from .imageio import gray16_levels
 from .inputs import is_hidden_name
 from .models import ImageModel, build_model, load_model
@@ -154,7 +155,7 @@ def load_train_data(
         ConfigError: the source is missing, empty, or its classes do not match the model's.
         ImageReadError: a file cannot be decoded.
     """
-    source = Path(source).expanduser()
+    source = expand_home(source)
     entries: list[tuple[str, str]] = []  # (class, member name)
     if os.path.isdir(source):
         for path in sorted(source.rglob("*")):
@@ -555,8 +556,8 @@ def train(
         ConfigError: bad settings, or data whose classes the model does not have.
     """
     device = torch.device(device)
-    output = Path(output).expanduser()
-    models_dir = Path(models_dir).expanduser() if models_dir is not None else None
+    output = expand_home(output)
+    models_dir = expand_home(models_dir) if models_dir is not None else None
     with torch.random.fork_rng(devices=[]):  # a seeded initialization that leaves the caller's RNG alone
         torch.manual_seed(config.seed)
         model = _trainable(base, arch, models_dir, registry, device)

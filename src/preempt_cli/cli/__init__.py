@@ -24,7 +24,8 @@ def _usage_error_line(error: Exception) -> None:
     if type(error).__name__ == "NoArgsIsHelpError":  # the help was shown: nothing to add
         return
     ctx = getattr(error, "ctx", None)
-    if ctx is not None and ctx.find_root().info_name != "preempt":  # another Typer app in this process
+    # another Typer app in this process (the name of the command, not the program: python -m preempt_cli)
+    if ctx is not None and ctx.find_root().command.name != "preempt":
         _rich_format_error(error)
         return
     hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""

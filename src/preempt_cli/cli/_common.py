@@ -22,6 +22,7 @@ from rich.markup import escape
 from rich.progress import Progress
 
 from ..device import resolve_devices
+from .._paths import expand_home
 from ..imageio import UNPRINTABLE, name_max, quiet_pillow_warnings
 from ..inputs import kernel_folder
 from ..errors import (
@@ -304,7 +305,7 @@ def folder_path(value: str) -> Path:
         raise typer.BadParameter("empty (an unset variable?): give a folder, or leave the option out")
     if value == "-":
         raise typer.BadParameter("'-' is no folder: outputs are files; give a folder (./- if you mean one named so)")
-    return Path(value).expanduser()
+    return expand_home(value)
 
 
 def check_out_dir(path: Path | None, option: str = "--out-dir") -> None:
@@ -316,7 +317,7 @@ def check_out_dir(path: Path | None, option: str = "--out-dir") -> None:
     """
     if path is None:
         return
-    path = path.expanduser()
+    path = expand_home(path)
     existing = path
     # os.path's tests, not Path's: they say False where the name cannot even be looked up (too long)
     while not os.path.exists(existing) and existing != existing.parent:

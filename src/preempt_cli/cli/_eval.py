@@ -25,6 +25,7 @@ from ..evaluate import (
 )
 from ..engine import check_seed
 from ..errors import ConfigError, PreemptError
+from .._paths import expand_home
 from ..imageio import atomic_write
 from . import _common as c
 from ._files import SeedOpt, _defaults, _model_cache, _setup_torch, backbone_option, classifier_option
@@ -47,7 +48,7 @@ EVAL_EPILOG = """\
   preempt eval DATA --reversion --victim V -b KEY -c weak-classifier --reversion-backbone OTHER
 
 Defenses: none | fp[:backbone=,classifier=,labels=classifier|ground-truth|backbone,preset=,eps=,eta=,forward=,
-backward=,samples=,inner_steps=,seed=,name=] | bilevel[:steps=100,eta=0.1,inner_steps=20,optimizer=sign|rmsprop,...]
+backward=,samples=,inner_steps=,seed=,precision=,compile=,name=] | bilevel[:steps=100,eta=0.1,inner_steps=20,optimizer=sign|rmsprop,...]
 | folder:PATH.  Attacks: pgd[:norm=Linf|L2,eps=,steps=20,step_size=,restarts=,limit=,seed=] |
 aa[:version=standard|rand,norm=,eps=,limit=,seed=].
 """
@@ -191,7 +192,7 @@ def eval_cmd(
     data: Annotated[Path, typer.Argument(help="ImageFolder directory, or a folder of files with --labels-file.")],
     victim: Annotated[list[str], typer.Option("--victim", help="Victim model (repeatable).")],
     defense: Annotated[
-        Optional[list[str]], typer.Option("--defense", help="Defense spec (repeatable; default: none and fp).")
+        Optional[list[str]], typer.Option("--defense", help="Defense spec (repeatable; default: none and fp, with --reversion fp).")
     ] = None,
     attack: Annotated[
         Optional[list[str]], typer.Option("--attack", help="Attack spec (repeatable; default: pgd).")
@@ -237,6 +238,9 @@ def eval_cmd(
 ) -> None:
     """Measure victim clean and robust accuracy before/after protection, reversion, quality and time."""
     c.setup_logging(verbose, quiet)
+    # a quoted '~/x' as the shell would have expanded it: the folder checked must be the folder written
+    data, out = expand_home(data), expand_home(out)
+    labels_file, csv_path = (expand_home(p) if p is not None else None for p in (labels_file, csv_path))
     # what a re-run does: only --resume reuses the grid's finished cells (a plain run computes all again);
     # the reversion protocol keeps nothing
     hint = ("nothing is kept; run again" if reversion

@@ -18,6 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemaini
 from ..device import configure_cpu, resolve_devices
 from ..engine import PRECISIONS, PRESETS, ForeBackConfig, check_seed, parse_eps
 from ..errors import ConfigError, PreemptError, UnknownModelError
+from .._paths import expand_home
 from ..imageio import DEFAULT_MAX_PIXELS, is_fifo, read_images, read_png_text
 from ..inputs import (OUTPUT_MARKERS, PROTECTED_SUFFIX, REVERTED_SUFFIX, InputFile, assign_outputs, collect_inputs,
                       in_shard, parse_shard, path_list_text, paths_listed, read_failure, without_suffixed_outputs)  # fmt: skip
@@ -149,7 +150,7 @@ def _setup_torch(device_spec: str) -> torch.device:
 def _labels(value: str) -> str | LabelMap:
     if value in ("classifier", "backbone", "folders"):
         return value
-    path = Path(value).expanduser()
+    path = expand_home(value)
     if not (os.path.isfile(path) or is_fifo(path)):  # a pipe too: --labels <(make-labels)
         raise ConfigError(f"--labels must be classifier, backbone, folders or a label file; {value!r} is none")
     return read_label_file(path)

@@ -76,7 +76,7 @@ _VERBOSE_COLUMNS: list[tuple[str, Any]] = [
 @app.command("list", epilog="[bold]Examples[/]\n\n  preempt models list\n\n  preempt models list --role backbone --json"
              "\n\n  preempt models list --verbose")
 def list_cmd(
-    role: Annotated[Optional[str], typer.Option("--role", help="Only backbone, classifier or victim.")] = None,
+    role: Annotated[Optional[str], typer.Option("--role", help="Only backbone, classifier or victim models (with the rows of role any, which serve as all three).")] = None,
     registry: c.RegistryOpt = None,
     json_out: c.JsonOpt = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="More columns: classes, mean/std, revision, "

@@ -14,6 +14,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
 from ..engine import parse_eps
+from .._paths import expand_home
 from ..imageio import folder_write_problem
 from ..errors import ConfigError, ImageReadError, PreemptError, RegistryError
 from ..registry import ROLES, check_registrable, get_model_config, load_registry, register_model, user_registry_path
@@ -148,7 +149,7 @@ def _reporter(json_out: bool, quiet: bool):
 def _check_output(out: Path, force: bool, resume: bool, *, checkpoints: bool = True) -> Path:
     """``out``, checked before any data is read. ``checkpoints``: the command resumes from checkpoints
     (train; keygen keeps none)."""
-    out = out.expanduser()
+    out = expand_home(out)
     if out.suffix != ".safetensors":
         raise ConfigError(f"{out}: the output must be a .safetensors file")
     _check_writable(out)

@@ -27,6 +27,7 @@ from ..errors import (
     clip,
     first_line,
 )
+from .._paths import expand_home
 from ..device import resolve_device
 from ..hub import check_safetensors_header, hub_download, hub_errors, read_weights
 from ..registry import ModelConfig, get_model_config, timm_arch_mismatch, timm_pretrained_cfg
@@ -452,7 +453,7 @@ def load_model(
     """
     device = resolve_device(device)  # before any loading: "cuda" without a GPU is a ConfigError, not torch's
     cfg = model if isinstance(model, ModelConfig) else get_model_config(model, registry)
-    models_dir = Path(models_dir).expanduser() if models_dir is not None else None
+    models_dir = expand_home(models_dir) if models_dir is not None else None
     sha = None
     pin_verified = False
     if cfg.source.kind == "timm":
