@@ -290,6 +290,19 @@ def test_empty_cache_offline_says_what_to_do(hf_cache) -> None:
         resolve_weights(_hf_cfg(f"hf://org/absent/model.safetensors@{COMMIT}"))
 
 
+def test_a_cache_entry_whose_blob_is_gone_is_called_damaged(hf_cache, tmp_path) -> None:
+    # "not in the local Hugging Face cache" alone: the user looked for a download that was there
+    data = _tiny_safetensors(tmp_path / "src.safetensors").read_bytes()
+    pointer = make_hf_cache(hf_cache, "org/tiny", "model.safetensors", data)
+    os.unlink(pointer.resolve())
+    with pytest.raises(OfflineWeightsError) as info:
+        resolve_weights(_hf_cfg("hf://org/tiny/model.safetensors"))
+    message = str(info.value)
+    assert f"The cache holds a damaged entry: {pointer} links to " in message
+    assert f"delete {hf_cache / 'models--org--tiny'} and download the weights again" in message
+    assert "\n" not in message
+
+
 def test_offline_cache_without_the_requested_file(hf_cache, tmp_path) -> None:
     data = _tiny_safetensors(tmp_path / "src.safetensors").read_bytes()
     make_hf_cache(hf_cache, "org/tiny", "a.safetensors", data)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -227,6 +228,11 @@ def hub_download(cfg: ModelConfig, repo_id: str, filename: str, revision: str | 
         with hub_errors(cfg):
             return Path(hf_hub_download(repo_id=repo_id, filename=filename, revision=revision))
     except OfflineWeightsError as unreachable:
+        dangling = _dangling_cache_entry(repo_id, filename, revision)
+        if dangling is not None:  # "not in the cache" alone sent users looking for a download that was there
+            unreachable.args = (f"{unreachable.args[0]} The cache holds a damaged entry: {dangling} links to "
+                                f"{os.readlink(dangling)}, which is missing; delete "
+                                f"{dangling.parents[2]} and download the weights again.",)  # fmt: skip
         if _hf_offline():
             raise
         try:
@@ -237,6 +243,21 @@ def hub_download(cfg: ModelConfig, repo_id: str, filename: str, revision: str | 
                         first_line(unreachable.__cause__ or unreachable), cfg.source)  # fmt: skip
         return cached
     raise AssertionError("unreachable")  # pragma: no cover - hub_errors re-raises
+
+
+def _dangling_cache_entry(repo_id: str, filename: str, revision: str | None) -> Path | None:
+    """The snapshot file of ``filename`` in the Hub's cache when it is a link to a blob that is gone (a cache
+    cleaned by hand, a copy that lost its blobs), else None."""
+    from huggingface_hub import constants
+
+    repo = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
+    ref = revision or "main"
+    try:
+        commit = ref if re.fullmatch(r"[0-9a-f]{40}", ref) else (repo / "refs" / ref).read_text().strip()
+    except (OSError, ValueError):
+        return None
+    entry = repo / "snapshots" / commit / filename
+    return entry if os.path.islink(entry) and not os.path.exists(entry) else None
 
 
 def _hf_offline() -> bool:
