@@ -126,6 +126,8 @@ def timed(
 
 def rate(times: list[float], images: int) -> dict[str, Any]:
     """Median seconds over runs of ``images`` images -> ms/image, images/s (plus the raw runs and the fastest)."""
+    if images < 1 or not times:  # parse_args refuses the options that lead here
+        raise ValueError(f"a rate needs images and runs, got {images} image(s) and {len(times)} run(s)")
     med = statistics.median(times)
     return {
         "images": images,
@@ -256,6 +258,27 @@ def engine_run(protector: Protector, x: torch.Tensor, y: torch.Tensor, seeds: li
     for i in range(0, x.shape[0], batch):
         outs.append(protector.transform(x[i : i + batch], y[i : i + batch], noise_seeds=seeds[i : i + batch]))
     return torch.cat(outs)
+
+
+def on_worker_thread(fn: Callable[[], Any]) -> Any:
+    """``fn()`` on a new thread, waited for: where ``Protector.run`` computes (see ``batches.ComputeThread``)."""
+    import threading
+
+    outcome: list[Any] = []
+    failure: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            outcome.append(fn())
+        except BaseException as e:  # re-raised on the caller's thread
+            failure.append(e)
+
+    worker = threading.Thread(target=body, name="bench-engine")
+    worker.start()
+    worker.join()
+    if failure:
+        raise failure[0]
+    return outcome[0]
 
 
 def engine_warmup(protector: Protector, x: torch.Tensor, y: torch.Tensor, seeds: list[int], batch: int) -> None:
@@ -441,11 +464,12 @@ def bench_gpu_variants(key: str, ours: ImageModel, x: torch.Tensor, seeds: list[
     result: dict[str, Any] = {"backbone": BACKBONES[key], "images": x.shape[0], "sweep": []}
     flops = count_flops(ours)
     # fp32 convolutions run as TF32 on the GPU's matrix units unless cudnn.allow_tf32 is off
-    peak_of = {"fp32": (peak.get("tf32") or peak["fp32"])["gflops"], "bf16": (peak.get("bf16") or peak["fp32"])["gflops"]}
+    peak_of = {"fp32": "tf32" if "tf32" in peak else "fp32", "bf16": "bf16" if "bf16" in peak else "fp32"}
 
     def add_flops(r: dict[str, Any], precision: str) -> None:
-        a = achieved(flops, cfg, r["images_per_s"], peak_of[precision])
-        r["gflops"], r["fraction_of_peak"] = a["gflops"], a["fraction_of_fp32_peak"]
+        kind = peak_of[precision]
+        a = achieved(flops, cfg, r["images_per_s"], peak[kind]["gflops"], kind)
+        r["gflops"], r["fraction_of_peak"], r["peak"] = a["gflops"], a["fraction_of_peak"], kind
 
     eager_out: dict[tuple[str, int], torch.Tensor] = {}
     for precision in ("fp32", "bf16"):
@@ -567,18 +591,22 @@ def bench_end_to_end(ours: ImageModel, paths: list[Path], args: argparse.Namespa
         x, seeds = load_images([i.path for i in items])
         x = x.to(device)
         y = protector.predict(x).clone()  # a normal tensor (not an inference one)
-        log(f"end to end: engine alone on {len(items)} images")
-        t_engine = timed(lambda: engine_run(protector, x, y, seeds, args.batch_size), device, args.repeats,
-                         lambda: engine_warmup(protector, x, y, seeds, args.batch_size))  # fmt: skip
+        # on a thread of its own, as Protector.run (and so the CLI) computes: timed on the main thread, the
+        # engine ran under other conditions (OpenMP's waiting threads, malloc's arena) than the pipeline it
+        # is the baseline of, and the ratio measured more than the cost of the files
+        log(f"end to end: engine alone on {len(items)} images (on a worker thread)")
+        t_engine = timed(lambda: on_worker_thread(lambda: engine_run(protector, x, y, seeds, args.batch_size)),
+                         device, args.repeats,
+                         lambda: on_worker_thread(lambda: engine_warmup(protector, x, y, seeds, args.batch_size)))  # fmt: skip
 
         log(f"end to end: Protector.run on a folder of {len(items)} PNGs")
-        statuses: list[str] = []
+        statuses: dict[str, list[str]] = {}
         trace = PipelineTrace(protector)  # where each run's time goes (see bench_pipeline.py)
         splits: dict[str, list[dict[str, float]]] = {"threads": [], "no_fsync": [], "processes": [], "switch": []}
 
         def run_pipeline(variant: str, run_options: RunOptions) -> None:
             outcomes, split = trace.run(items, run_options)
-            statuses[:] = [r.status for r in outcomes]
+            statuses[variant] = [r.status for r in outcomes]
             splits[variant].append(split)
 
         t_pipe = timed(partial(run_pipeline, "threads", options), device, args.repeats)
@@ -603,8 +631,9 @@ def bench_end_to_end(ours: ImageModel, paths: list[Path], args: argparse.Namespa
             "cuda_graphs": protector.cuda_graphs,
             "graphs": graph_counts(protector),
             "engine_only": rate(t_engine, len(items)),
+            "engine_only_on": "a worker thread, as Protector.run computes",
             "pipeline": rate(t_pipe, len(items)),
-            "pipeline_done": statuses.count("done"),
+            "pipeline_done": statuses["threads"].count("done"),  # the run reported beside it
             "pngs_written": len(written),
         }
         engine_rate = result["engine_only"]["images_per_s"]
@@ -694,6 +723,7 @@ def bench_bilevel(key: str, ours: ImageModel, x: torch.Tensor, fp_ms_per_image: 
         "steps": args.bilevel_steps,
         "inner_steps": args.bilevel_inner,
         "passes_per_image": bl.passes_per_image,
+        "batch": x.shape[0],  # images per batch: the ratio to the engine depends on it (equal by default)
     }
     result.update(rate(timed(run, device, args.repeats, lambda: warm.perturb(x, y)), x.shape[0]))
     result["check"] = budget(x, out, cfg.eps)
@@ -708,7 +738,20 @@ def bench_bilevel(key: str, ours: ImageModel, x: torch.Tensor, fp_ms_per_image: 
 
 # -- 6. FLOPs and the machine's peak ---------------------------------------------------------------------
 def count_flops(model: ImageModel, hw: tuple[int, int] = (32, 32)) -> dict[str, int]:
-    """FLOPs of one forward and of one backward (w.r.t. the input only, and with weight gradients) of one image."""
+    """FLOPs of one forward and of one backward (w.r.t. the input only, and with weight gradients) of one image.
+
+    Counted with oneDNN off: a fused convolution-ReLU (``models._fusion``) runs oneDNN's own operator, which
+    ``FlopCounterMode`` does not count (PreActResNet-18's forward came out 27% low); off, the same
+    convolutions run as ``aten.convolution``, which it counts."""
+    enabled = torch.backends.mkldnn.enabled  # set directly: mkldnn.flags() warns about Intel GPUs' TF32
+    torch.backends.mkldnn.enabled = False
+    try:
+        return _count_flops(model, hw)
+    finally:
+        torch.backends.mkldnn.enabled = enabled
+
+
+def _count_flops(model: ImageModel, hw: tuple[int, int]) -> dict[str, int]:
     from torch.utils.flop_counter import FlopCounterMode
 
     m = copy.deepcopy(model).cpu().to(memory_format=torch.contiguous_format).eval()
@@ -765,17 +808,20 @@ def bench_peak(device: torch.device, args: argparse.Namespace) -> dict[str, Any]
         peak["note"] = f"cuDNN convolutions may use TF32 (cudnn.allow_tf32={torch.backends.cudnn.allow_tf32})"
     else:
         peak["fp32"] = matmul_peak(device, size, runs)
+        if native_bf16(device):  # AMX / AVX512-BF16: bf16 runs have their own, higher peak
+            peak["bf16"] = matmul_peak(device, size, runs, torch.bfloat16)
     return peak
 
 
-def achieved(flops: dict[str, int], cfg: ForeBackConfig, images_per_s: float, peak_gflops: float,
+def achieved(flops: dict[str, int], cfg: ForeBackConfig, images_per_s: float, peak_gflops: float, peak_kind: str,
              full_backward: bool = False) -> dict[str, Any]:  # fmt: skip
-    """GFLOP/s of the engine (input-only backward) or the reference (backward with weight gradients)."""
+    """GFLOP/s of the engine (input-only backward) or the reference (backward with weight gradients), and
+    their fraction of the ``peak_kind`` (fp32, tf32, bf16) matmul peak ``peak_gflops``."""
     per_pass = flops["forward"] + flops["backward_full" if full_backward else "backward_input"]
     per_image = (cfg.forward_steps + cfg.backward_steps) * cfg.samples * per_pass
     gflops = per_image * images_per_s / 1e9
-    return {"gflop_per_image": round(per_image / 1e9, 3), "gflops": round(gflops, 2),
-            "fraction_of_fp32_peak": round(gflops / peak_gflops, 4) if peak_gflops else None}  # fmt: skip
+    return {"gflop_per_image": round(per_image / 1e9, 3), "gflops": round(gflops, 2), "peak": peak_kind,
+            "fraction_of_peak": round(gflops / peak_gflops, 4) if peak_gflops else None}  # fmt: skip
 
 
 # -- machine and output ----------------------------------------------------------------------------------
@@ -830,7 +876,8 @@ def table_rows(results: dict[str, Any]) -> list[list[str]]:
         fl = results.get("flops", {}).get(key, {})
         gf = ""
         if fl.get("engine"):
-            gf = f"; {fl['engine']['gflops']:.1f} GFLOP/s ({100 * fl['engine']['fraction_of_fp32_peak']:.1f}% of peak)"
+            gf = (f"; {fl['engine']['gflops']:.1f} GFLOP/s ({100 * fl['engine']['fraction_of_peak']:.1f}% of the "
+                  f"{fl['engine']['peak']} peak)")  # fmt: skip
         row("engine", key, r["engine"], check(r["engine"]) + gf)
         if "engine_bf16" in r:
             vs_ref = f"; {r['speedup_bf16']}x the reference" if "speedup_bf16" in r else ""
@@ -851,7 +898,7 @@ def table_rows(results: dict[str, Any]) -> list[list[str]]:
             else:
                 row(f"GPU engine {r['precision']} batch {r['batch_size']}", key, r,
                     check(r) + f"; {r['peak_memory_gib']} GiB peak; {r['gflops'] / 1000:.2f} TFLOP/s = "
-                    f"{100 * r['fraction_of_peak']:.1f}% of the {'TF32' if r['precision'] == 'fp32' else 'bf16'} matmul peak")  # fmt: skip
+                    f"{100 * r['fraction_of_peak']:.1f}% of the {r['peak']} matmul peak")  # fmt: skip
         extra = [("cudnn.benchmark", g["cudnn_benchmark"])] if "cudnn_benchmark" in g else []
         extra += [(f"torch.compile {m}", r) for m, r in g.get("compile", {}).items()]
         extra += [(f"torch.compile {m}", r) for m, r in g.get("compile_fp32", {}).items()]
@@ -969,7 +1016,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="engine batch in images (default 16 on CPU, 256 on CUDA)")  # fmt: skip
     p.add_argument("--backbones", default="resnet20,preact18",
                    help="comma-separated: resnet20, preact18, dm-preact18 (default: resnet20,preact18)")  # fmt: skip
-    p.add_argument("--bilevel-images", type=int, default=2, help="images for Bi-Level (default 2)")
+    p.add_argument("--bilevel-images", type=int, default=None,
+                   help="images for Bi-Level, run as one batch (default: the engine's --batch-size, so that the "
+                        "ratio compares equal batching; before 0.17.0 it was 2)")
     p.add_argument("--bilevel-steps", type=int, default=100,
                    help="Bi-Level outer steps (default 100; lower only to smoke-test)")  # fmt: skip
     p.add_argument("--bilevel-inner", type=int, default=20, help="Bi-Level PGD iterations per step (default 20)")
@@ -1013,7 +1062,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "left as the system's (default); engine and reference run under the same one")  # fmt: skip
     p.add_argument("--accuracy-images", type=int, default=932,
                    help="test images for the fp32-vs-bf16 robust-accuracy check (0: skip; default 932)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for option in ("repeats", "images", "ref_images", "bilevel_images", "batch_size", "e2e_images"):
+        value = getattr(args, option)
+        if value is not None and value < 1:  # a rate of no images divided by zero
+            p.error(f"--{option.replace('_', '-')} must be at least 1, got {value}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1025,6 +1079,7 @@ def main(argv: list[str] | None = None) -> int:
         args.malloc_tuned = tune_malloc() if args.malloc == "tuned" else False
     args.images = args.images or (512 if device.type == "cuda" else 64)
     args.batch_size = args.batch_size or (256 if device.type == "cuda" else 16)
+    args.bilevel_images = args.bilevel_images or args.batch_size
     keys = [k.strip() for k in args.backbones.split(",") if k.strip()]
     args.batch_sweep = [int(v) for v in args.batch_sweep.split(",") if v.strip()]
     args.compile_modes = [m.strip() for m in args.compile_modes.split(",") if m.strip()]
@@ -1050,9 +1105,8 @@ def main(argv: list[str] | None = None) -> int:
                             args.models_dir, device)  # fmt: skip
 
     results["peak"] = bench_peak(device, args)
-    peak_fp32 = results["peak"]["fp32"]["gflops"]
-    if device.type == "cuda" and torch.backends.cudnn.allow_tf32:  # fp32 convolutions run as TF32
-        peak_fp32 = results["peak"]["tf32"]["gflops"]
+    peak_kind = "tf32" if device.type == "cuda" and torch.backends.cudnn.allow_tf32 else "fp32"  # convolutions as TF32
+    peak_fp32 = results["peak"][peak_kind]["gflops"]
 
     results["engine_vs_reference"] = {}
     results["flops"] = {}
@@ -1062,9 +1116,10 @@ def main(argv: list[str] | None = None) -> int:
         results["engine_vs_reference"][key] = r
         flops = count_flops(ours)
         fl: dict[str, Any] = {"per_image_pass": flops}
-        fl["engine"] = achieved(flops, cfg, r["engine"]["images_per_s"], peak_fp32)
+        fl["engine"] = achieved(flops, cfg, r["engine"]["images_per_s"], peak_fp32, peak_kind)
         if "reference" in r:
-            fl["reference"] = achieved(flops, cfg, r["reference"]["images_per_s"], peak_fp32, full_backward=True)
+            fl["reference"] = achieved(flops, cfg, r["reference"]["images_per_s"], peak_fp32, peak_kind,
+                                       full_backward=True)  # fmt: skip
         results["flops"][key] = fl
 
     checkpoint(results, args)

@@ -1925,6 +1925,9 @@ def test_an_eps_under_one_level_warns_that_8_bit_outputs_equal_their_originals(t
     assert result.exit_code == 0
     assert "warning: eps 0.003 is under one level of an 8-bit image (1/255)" in result.stderr
     assert "warning" not in run(["protect", str(good), *FAST, "--labels", "backbone", "--overwrite"], registry).stderr
+    # METHOD.md's rule eta x (T-> + T<-) > 1, not enforced nor said (0.3 x 3 = 0.9)
+    weak = run(["protect", str(good), *FAST, "--labels", "backbone", "--eta", "0.3", "--overwrite"], registry)
+    assert weak.exit_code == 0 and "warning: eta x (forward + backward steps) = 0.9 is not above 1" in weak.stderr
 
 
 def test_a_label_file_edited_since_is_a_changed_setting_on_a_rerun(tmp_path: Path, registry: Path) -> None:

@@ -583,3 +583,30 @@ except ImageWriteError as e:
     assert done.returncode == 0, done.stderr
     assert "defenses" in done.stdout and "cannot write: File too large" in done.stdout, done.stdout
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_an_attack_without_eps_takes_the_victims_budget() -> None:
+    """The attack's eps defaulted to 8/255 for every dataset: an ImageNet victim's protection (4/255) was
+    attacked with twice its budget unless eps was given by hand (METHOD.md: the same budget)."""
+    import dataclasses
+
+    imagenet = make_tiny_model(4, name="victim")
+    imagenet.config = dataclasses.replace(imagenet.config, dataset="imagenet-1k")
+    ds = tiny_dataset()
+    rows = {}
+    for name, models in (("cifar", tiny_models()), ("imagenet", {**tiny_models(), "victim": imagenet})):
+        evaluator = tiny_evaluator(ds, models)
+        rows[name] = evaluator.cell("victim", DefenseSpec.parse("none"), AttackSpec.parse("pgd:steps=2"))
+    assert rows["cifar"]["attack"] == "PGD-2 Linf 8/255" and rows["imagenet"]["attack"] == "PGD-2 Linf 4/255"
+    given = tiny_evaluator(ds, {**tiny_models(), "victim": imagenet}).cell(
+        "victim", DefenseSpec.parse("none"), AttackSpec.parse("pgd:steps=2,eps=8/255"))
+    assert given["attack"] == "PGD-2 Linf 8/255"  # given: kept
+
+
+@pytest.mark.parametrize("text", ["pgd:steps=0", "pgd:restarts=0", "pgd:norm=L3", "pgd:norm=L2,eps=-1", "pgd:seed=-1",
+                                  "pgd:steps=abc", "pgd:step_size=x", "aa:norm=L3", "aa:seed=-2"])  # fmt: skip
+def test_attack_values_are_refused_when_parsed(text: str) -> None:
+    # they parsed (names like "PGD--1 Linf 8/255"), and failed in the cell, after the defense was computed;
+    # steps=abc was a plain ValueError
+    with pytest.raises(ConfigError):
+        AttackSpec.parse(text)

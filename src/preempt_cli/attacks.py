@@ -71,7 +71,7 @@ class Attack(Protocol):
 # -- validation helpers --------------------------------------------------------------------------------------
 
 
-def _check_norm(norm: str) -> str:
+def check_norm(norm: str) -> str:
     """``"Linf"``/``"L2"`` (any case) -> the canonical spelling.
 
     Raises:
@@ -83,7 +83,7 @@ def _check_norm(norm: str) -> str:
     return canonical
 
 
-def _check_eps(eps: float, norm: str) -> float:
+def check_attack_eps(eps: float, norm: str) -> float:
     """A positive finite budget (at most 1 for L-inf, where a larger one would be the whole cube).
 
     Raises:
@@ -210,8 +210,8 @@ class PGD:
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
-        self.norm = _check_norm(norm)
-        self.eps = _check_eps(eps, self.norm)
+        self.norm = check_norm(norm)
+        self.eps = check_attack_eps(eps, self.norm)
         self.steps = check_int("steps", steps, 1)
         if step_size is None:
             step_size = self.eps / 4
@@ -447,8 +447,8 @@ class AutoAttack:
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
-        self.norm = _check_norm(norm)
-        self.eps = _check_eps(eps, self.norm)
+        self.norm = check_norm(norm)
+        self.eps = check_attack_eps(eps, self.norm)
         if version not in AUTOATTACK_VERSIONS:
             raise ConfigError(
                 f"unsupported AutoAttack version {version!r}: choose one of {', '.join(AUTOATTACK_VERSIONS)}"

@@ -518,6 +518,10 @@ class FastPreemption:
         The N samples of each image live in one [B, N, C, H, W] buffer that is updated in place, and the
         per-image quantities (the iterate, the budget's bounds) broadcast over N instead of being copied N
         times: at full resolution (photos) this elementwise traffic, not the backbone, is most of the time.
+
+        Each noisy copy ``x_t + delta_n`` is clipped to [0, 1] before its gradient: the model sees images,
+        as a PGD random start is clipped (METHOD.md's step 1 does not clip; the README gives the measured
+        difference).
         """
         # bounds: [B, 1, C, H, W], the eps-ball around the original intersected with [0, 1]
         samples, numel = keys.shape[1], x_t[0].numel()

@@ -26,10 +26,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .attacks import PGD, AutoAttack, robust_accuracy
+from .attacks import PGD, AutoAttack, check_attack_eps, check_int, check_norm, robust_accuracy
 from .device import resolve_device
 from .baselines import BILEVEL_OPTIMIZERS
-from .engine import COMPILE_MODES, PRECISIONS, ForeBackConfig, check_seed, eval_mode, parse_eps
+from .engine import COMPILE_MODES, PRECISIONS, ForeBackConfig, check_seed, default_eps, eval_mode, parse_eps
 from .errors import ConfigError, LabelError
 from .imageio import atomic_write, content_seed, display_name, quantize_levels, read_image
 from .inputs import PROTECTED_SUFFIX, REVERTED_SUFFIX, InputFile, collect_inputs
@@ -378,6 +378,15 @@ class AttackSpec:
     def get(self, key: str, default: Any = None) -> Any:
         return dict(self.options).get(key, default)
 
+    def for_dataset(self, dataset: str) -> "AttackSpec":
+        """This attack with, where no ``eps`` is given in L-inf, the budget of ``dataset``'s images that the
+        defense uses too (4/255 for ImageNet: an 8/255 default attacked a 4/255 defense with twice its
+        budget); CIFAR-10's 8/255 is the default already."""
+        budget = default_eps(dataset)
+        if self.norm != "Linf" or self.get("eps") is not None or abs(budget - 8 / 255) < 1e-12:
+            return self
+        return AttackSpec(self.kind, tuple(sorted({**dict(self.options), "eps": f"{round(budget * 255)}/255"}.items())))
+
     @property
     def norm(self) -> str:
         return {"linf": "Linf", "l2": "L2"}.get(str(self.get("norm", "Linf")).lower(), str(self.get("norm")))
@@ -423,19 +432,39 @@ class AttackSpec:
         shown = f"{round(eps * 255)}/255" if self.norm == "Linf" and abs(eps * 255 - round(eps * 255)) < 1e-6 else f"{eps:g}"
         return f"{label} {shown}" + (f" (first {self.limit})" if self.limit else "")
 
+    def _whole(self, key: str, default: int) -> int:
+        value = self.get(key, default)
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"attack {self.kind}: {key} must be a whole number, got {value!r}") from None
+
     def build(self, model: torch.nn.Module | None, *, check_only: bool = False, batch_size: int = 250) -> Any:
-        seed = int(self.get("seed", 0))
+        """The attack on ``model``; with ``check_only``, only its settings checked (``parse`` does, so that a
+        bad value is refused before any defense is computed).
+
+        Raises:
+            ConfigError: a setting the attack refuses (steps or restarts below 1, an unknown norm, ...).
+        """
+        seed = self._whole("seed", 0)
         if self.kind == "pgd":
-            steps = int(self.get("steps", 20))
+            steps = self._whole("steps", 20)
             step_size = self.get("step_size")
-            step = parse_eps(step_size) if (step_size and self.norm == "Linf") else (float(step_size) if step_size else None)
+            try:
+                step = parse_eps(step_size) if (step_size and self.norm == "Linf") else (float(step_size) if step_size else None)
+            except ValueError:
+                raise ConfigError(f"attack pgd: invalid step_size {step_size!r}") from None
             kwargs = dict(norm=self.norm, eps=self.eps, steps=steps, step_size=step,
-                          restarts=int(self.get("restarts", 1)), quantize=True, seed=seed)  # fmt: skip
-            return None if check_only else PGD(model, **kwargs)
+                          restarts=self._whole("restarts", 1), quantize=True, seed=seed)  # fmt: skip
+            # built on a stand-in model to check the values: PGD's own checks, before any work
+            attack = PGD(model if model is not None else torch.nn.Identity(), **kwargs)
+            return None if check_only else attack
         version = str(self.get("version", "standard"))
         if version not in ("standard", "rand"):
             raise ConfigError(f"AutoAttack version must be standard or rand, got {version!r}")
-        _ = self.eps
+        check_norm(self.norm)
+        check_attack_eps(self.eps, self.norm)
+        check_int("seed", seed, 0)
         if check_only:
             return None
         # an 8-bit attack, rounded after every attack of the cascade (not once at its end: see AutoAttack), in
@@ -920,6 +949,8 @@ class Evaluator:
         rounded once at the end, as preempt 0.4.0 and earlier reported it: biased upward), from the same run.
         """
         self._warn_white_box(victim_name, spec)
+        if attack is not None:  # the victim's budget where the spec gives none
+            attack = attack.for_dataset(getattr(getattr(self.load(victim_name), "config", None), "dataset", ""))
         parts = [_RESUME_FORMAT, _CELL_FORMAT, victim_name, self._model_fingerprint(victim_name),
                  self.defense_key(spec), attack and [attack.kind, attack.options]]  # fmt: skip
         key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]

@@ -434,6 +434,11 @@ class Protector:
         if self.config.eps * 255 < 1:  # the files' levels round it away: the run would "protect" nothing
             _logger.warning("eps %.4g is under one level of an 8-bit image (1/255): 8-bit outputs will equal "
                             "their originals", self.config.eps)  # fmt: skip
+        reach = self.config.eta * (self.config.forward_steps + self.config.backward_steps)
+        if reach <= 1:  # METHOD.md's rule for the settings: below it the steps cannot add up to the budget
+            _logger.warning("eta x (forward + backward steps) = %.3g is not above 1, as the method's settings "
+                            "need (the paper's: 0.7 x 3 = 2.1): the cascade cannot move an image the whole "
+                            "budget", reach)  # fmt: skip
         self.device = next(backbone.parameters()).device
         self.engine = FastPreemption(backbone, config=self.config, seed=seed, device=self.device, precision=precision,
                                      compile=compile, cuda_graphs=cuda_graphs)  # fmt: skip
