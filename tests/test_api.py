@@ -345,3 +345,111 @@ def test_predict_and_confidence_refuse_what_protect_refuses(tiny_backbone) -> No
     with pytest.raises(InputError, match="labels must be a torch.Tensor"):
         protector.confidence(x, [0, 1])
     assert protector.confidence(x, protector.predict(x)).shape == (2,)
+
+
+# -- 0.17.0: the API's arguments checked where the CLI's were -----------------------------------------------
+def test_bad_arguments_of_the_api_are_preempt_errors_naming_them(tmp_path: Path, tiny_backbone) -> None:
+    from preempt_cli.errors import ConfigError, InputError, PreemptError
+    from preempt_cli.evaluate import Dataset, Evaluator
+
+    with pytest.raises(ConfigError, match="labels must be classifier, backbone, folders or a LabelMap"):
+        Protector(tiny_backbone, labels=None)  # the run failed deep inside (AttributeError)
+    protector = Protector(tiny_backbone, labels="backbone", config=ForeBackConfig(samples=1))
+    x = torch.rand(2, 3, 32, 32, device=TEST_DEVICE)
+    for seeds, said in (([1], "1 noise seeds for 2 images"), ([-1, 2], "0..2\\*\\*64-1"), ([1.9, 2], "0..2\\*\\*64-1"),
+                        ("ab", "sequence of whole numbers")):  # fmt: skip
+        with pytest.raises(InputError, match=said):
+            protector.protect(x, noise_seeds=seeds)
+    # -100 is cross_entropy's ignored label: that image took no step, silently (now it fails as -1 does)
+    with pytest.raises((IndexError, RuntimeError)):
+        protector.transform(x, torch.tensor([-100, 1], device=TEST_DEVICE))
+    with pytest.raises(InputError, match=r"float images in \[0, 1\], got a torch.uint8 tensor .*x.float\(\) / 255"):
+        tiny_backbone((x * 255).byte())
+    assert tiny_backbone(x.double()).dtype == torch.float32
+    data = Dataset(tmp_path, [tmp_path / "a.png"] * 2, (x.cpu() * 255).byte(), torch.tensor([0, 1]))
+    for bad in (dict(batch_size=-1), dict(batch_size=0), dict(attack_batch_size=0)):
+        with pytest.raises(ConfigError, match="must be a whole number >= 1"):
+            Evaluator(data, load=lambda n: tiny_backbone, device="cpu", **bad)
+    with pytest.raises(ConfigError, match="uint8 \\[N, C, H, W\\] tensor"):  # float: divided by 255 twice
+        Evaluator(Dataset(tmp_path, data.paths, data.images.float() / 255, data.labels), load=None, device="cpu")
+    with pytest.raises(ConfigError, match="2 integer class indices"):
+        Evaluator(Dataset(tmp_path, data.paths, data.images, torch.tensor([0])), load=None, device="cpu")
+    assert Evaluator(data, load=None, device="cpu", out_dir=str(tmp_path / "o")).out_dir == tmp_path / "o"
+    for bad in (3, None):
+        with pytest.raises(ConfigError, match="registry name or a ModelConfig"):
+            preempt_cli.load_model(bad)
+    with pytest.raises(PreemptError):
+        read_image(tmp_path / "a.png", max_pixels=1.5)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_a_torch_device_is_checked_as_a_name_is() -> None:
+    from preempt_cli.device import resolve_device
+    from preempt_cli.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="CUDA is not available"):
+        resolve_device(torch.device("cuda"))  # torch's error came only after the weights were read
+    with pytest.raises(ConfigError, match="unsupported device 'meta'"):
+        resolve_device(torch.device("meta"))
+
+
+def test_models_are_float32_whatever_torchs_default_dtype() -> None:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        model = preempt_cli.load_model("preempt-resnet20-at")
+        out = Protector(model, config=ForeBackConfig(samples=1)).protect(torch.rand(1, 3, 32, 32, dtype=torch.float32))
+    finally:
+        torch.set_default_dtype(previous)
+    assert out.dtype == torch.float32 and all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_run_options_refuse_values_that_did_something_else(tmp_path: Path, tiny_backbone, monkeypatch) -> None:
+    from preempt_cli.errors import ConfigError
+    from preempt_cli.protect import run_on_devices
+
+    for bad, said in ((dict(out_dir=3), "out_dir must be a folder's path"), (dict(out_dir=""), "out_dir must be"),
+                      (dict(overwrite="no"), "overwrite must be True or False"), (dict(fsync=1), "fsync must be")):  # fmt: skip
+        with pytest.raises(ConfigError, match=said):
+            RunOptions(**bad)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert RunOptions(out_dir="~/x").out_dir == tmp_path / "home" / "x"
+    write_random_pngs(tmp_path / "in", n=2)
+    (tmp_path / "afile").write_text("")
+    protector = Protector(tiny_backbone, labels="backbone", config=ForeBackConfig(samples=1))
+    with pytest.raises(ConfigError, match="not a folder"):  # each file failed after its work
+        list(protector.run([tmp_path / "in"], RunOptions(out_dir=tmp_path / "afile")))
+    with pytest.raises(ConfigError, match="at least one protector"):
+        list(run_on_devices([], [tmp_path / "in"]))
+    with pytest.raises(ConfigError, match="partition is run_on_devices'"):  # silently replaced
+        list(run_on_devices([protector, protector], [tmp_path / "in"], RunOptions(partition=(0, 2))))
+    items = collect_inputs([tmp_path / "in"])
+    results = list(protector.run([items[0], items[0], items[1]], RunOptions(out_dir=tmp_path / "out")))
+    assert sorted(r.status for r in results) == ["done", "done"]  # once each (the twin failed as "another run?")
+
+
+def test_freezing_long_lived_objects_does_not_keep_the_callers_garbage(monkeypatch) -> None:
+    """gc.freeze() took a reference cycle that was already garbage (not yet collected) out of collection for
+    the life of the process: a batch job's 200 MB were kept."""
+    import gc
+    import weakref
+
+    from preempt_cli import protect as protect_module
+
+    class Cycle:
+        def __init__(self) -> None:
+            self.me = self
+
+    monkeypatch.setattr(protect_module, "_long_lived_objects_frozen", False)
+    was_enabled = gc.isenabled()
+    gc.disable()  # the cycle stays uncollected until the freeze, as it may between two collections
+    try:
+        garbage = Cycle()
+        ref = weakref.ref(garbage)
+        del garbage
+        protect_module.freeze_long_lived_objects()
+    finally:
+        gc.unfreeze()
+        if was_enabled:
+            gc.enable()
+    assert ref() is None

@@ -613,6 +613,40 @@ def test_a_backbone_left_in_train_mode_runs_in_eval_mode_and_gets_its_mode_back(
     assert all(m.training for m in model.modules())
 
 
+def test_threads_sharing_a_training_model_keep_its_eval_mode_until_the_last_leaves() -> None:
+    """The first thread to leave eval_mode gave a training model its train mode back while another was still
+    inside: that thread's BatchNorm then took batch statistics (47 of 48 shared-protector results differed,
+    and the running statistics changed for good)."""
+    import threading
+
+    from preempt_cli.engine import eval_mode
+
+    model = torch.nn.Sequential(torch.nn.BatchNorm2d(3), torch.nn.Dropout()).train()
+    first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+    seen: list[bool] = []
+
+    def first() -> None:
+        with eval_mode(model):
+            first_in.set()
+            second_in.wait(10)
+        first_out.set()
+
+    def second() -> None:
+        first_in.wait(10)
+        with eval_mode(model):
+            second_in.set()
+            first_out.wait(10)
+            seen.append(any(m.training for m in model.modules()))  # the first has left; this one has not
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert seen == [False]
+    assert all(m.training for m in model.modules())  # back once both left
+
+
 def test_a_classifier_naming_the_classes_in_another_order_is_refused(tiny_backbone, tiny_classifier) -> None:
     from dataclasses import replace
 

@@ -24,8 +24,10 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
     Raises:
         ConfigError: the device is unknown or not available.
     """
-    if isinstance(spec, torch.device):
-        return spec
+    if isinstance(spec, torch.device):  # checked as a name is: torch.device("cuda") without a GPU failed late
+        spec = str(spec)
+    if not isinstance(spec, str):
+        raise ConfigError(f"device must be a name (auto, cpu, cuda, cuda:I, mps) or a torch.device, got {spec!r}")
     spec = spec.strip().lower()
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

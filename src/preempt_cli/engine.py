@@ -22,6 +22,7 @@ import contextlib
 import logging
 import math
 import numbers
+import threading
 from dataclasses import asdict, dataclass, field, fields, replace
 from fractions import Fraction
 from typing import Any, Iterator, Sequence
@@ -69,6 +70,8 @@ MIN_SAMPLES_PER_PASS = 64
 NOISE_BLOCK_ELEMENTS: dict[str, int] = {"cpu": 1 << 20, "cuda": 1 << 24}
 
 _MASK32 = 0xFFFFFFFF
+#: An ``ignore_index`` no label takes (a label outside the classes then fails, as -1 does).
+_NO_IGNORED_LABEL = -(1 << 62)
 
 
 def _mix32_(x: torch.Tensor) -> torch.Tensor:
@@ -158,15 +161,34 @@ def check_seed(seed: Any) -> int:
 def eval_mode(model: nn.Module) -> Iterator[None]:
     """Run ``model`` with every submodule in eval mode (BatchNorm on its running statistics, never updating
     them; dropout off), then give the modules that were training their mode back. A model already in eval
-    mode (as loaded) is not touched, so a compiled one is not specialised again."""
-    training = [m for m in model.modules() if m.training]
-    for m in training:
-        m.training = False
+    mode (as loaded) is not touched, so a compiled one is not specialised again.
+
+    Threads that share a model share its eval mode: the modes come back when the last of them leaves (the
+    first to leave gave a training model its train mode back while another thread was still computing with
+    it: its BatchNorm then mixed that thread's images and updated its running statistics)."""
+    key = id(model)
+    with _EVAL_MODE_LOCK:
+        users, turned = _EVAL_MODE_USERS.get(key, (0, []))
+        if users == 0:
+            turned = [m for m in model.modules() if m.training]
+            for m in turned:
+                m.training = False
+        _EVAL_MODE_USERS[key] = (users + 1, turned)
     try:
         yield
     finally:
-        for m in training:
-            m.training = True
+        with _EVAL_MODE_LOCK:
+            users, turned = _EVAL_MODE_USERS.pop(key)
+            if users > 1:
+                _EVAL_MODE_USERS[key] = (users - 1, turned)
+            else:
+                for m in turned:
+                    m.training = True
+
+
+_EVAL_MODE_LOCK = threading.Lock()
+#: id of a model inside eval_mode -> (how many callers are, the modules the first one turned to eval mode)
+_EVAL_MODE_USERS: dict[int, tuple[int, list[nn.Module]]] = {}
 
 
 def default_eps(dataset: str) -> float:
@@ -421,10 +443,23 @@ class FastPreemption:
 
     # -- noise -----------------------------------------------------------------------------------------
     def _image_seeds(self, count: int, noise_seeds: Sequence[int] | None) -> list[int]:
-        seeds = [int(s) for s in noise_seeds] if noise_seeds is not None else list(range(count))
+        """One noise seed per image, each a whole number in 0..2**64-1 (as ``seed``: -1 aliased 2**64-1,
+        and 1.9 was taken as 1).
+
+        Raises:
+            InputError: another count of seeds than images, or a seed that is no such number.
+        """
+        if noise_seeds is None:
+            return list(range(count))
+        if isinstance(noise_seeds, (str, bytes)) or not hasattr(noise_seeds, "__len__"):
+            raise InputError(f"noise_seeds must be a sequence of whole numbers, one per image, got {noise_seeds!r}")
+        seeds = list(noise_seeds.tolist() if isinstance(noise_seeds, torch.Tensor) else noise_seeds)
         if len(seeds) != count:
-            raise ValueError(f"{len(seeds)} noise seeds for {count} images")
-        return seeds
+            raise InputError(f"{len(seeds)} noise seeds for {count} images")
+        for s in seeds:
+            if isinstance(s, bool) or not isinstance(s, numbers.Integral) or not 0 <= s <= MAX_SEED:
+                raise InputError(f"noise seeds must be whole numbers in 0..2**64-1, got {s!r}")
+        return [int(s) for s in seeds]
 
     def _generator(self, seed: int) -> torch.Generator:
         g = torch.Generator(device=self.device)
@@ -473,7 +508,8 @@ class FastPreemption:
                     logits = self._net(xs)
             else:
                 logits = self._net(xs)
-            loss = F.cross_entropy(logits.float(), ys, reduction="sum")
+            # no label is ignored: cross_entropy's default ignores -100, and that image then took no step
+            loss = F.cross_entropy(logits.float(), ys, reduction="sum", ignore_index=_NO_IGNORED_LABEL)
             (grad,) = torch.autograd.grad(loss, xs)
         return grad
 

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ._paths import expand_home
 from .attacks import PGD, AutoAttack, check_attack_eps, check_int, check_norm, robust_accuracy
 from .device import resolve_device
 from .baselines import BILEVEL_OPTIMIZERS
@@ -115,6 +116,25 @@ class Dataset:
         return Dataset(self.root, self.paths[:n], self.images[:n], self.labels[:n], self.classes)
 
 
+def _check_dataset(dataset: Any) -> None:
+    """Refuse what is not a :class:`Dataset` of uint8 NCHW images with one integer label each (float images
+    were divided by 255 again: a clean accuracy of 12.5% for 87.5%).
+
+    Raises:
+        ConfigError: the dataset is not so.
+    """
+    images, labels = getattr(dataset, "images", None), getattr(dataset, "labels", None)
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.ndim != 4:
+        what = f"{images.dtype} tensor of shape {tuple(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ConfigError(f"dataset images must be a uint8 [N, C, H, W] tensor of 8-bit levels (as load_dataset "
+                          f"gives), got a {what}")  # fmt: skip
+    if (not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.dtype == torch.bool
+            or tuple(labels.shape) != (images.shape[0],)):  # fmt: skip
+        what = f"{labels.dtype} tensor of shape {tuple(labels.shape)}" if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise ConfigError(f"dataset labels must be {images.shape[0]} integer class indices (one per image), got "
+                          f"a {what}")  # fmt: skip
+
+
 def _class_list(names: Sequence[str]) -> str:
     return "[" + ", ".join(names[:3]) + (f", ... ({len(names)})]" if len(names) > 3 else "]")
 
@@ -130,7 +150,8 @@ def load_dataset(
 
     Raises:
         ConfigError: no images, images of different sizes, images of more than 8 bits, or a bad limit.
-        LabelError: a label is missing or not a class of the models.
+        LabelError: a label is missing or not a class of the models (a class name with ``classes=None``).
+        ImageReadError: a file that cannot be read as an image (``root`` itself missing: "no such file").
     """
     root = Path(root)
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, numbers.Integral) or limit < 1):
@@ -621,10 +642,15 @@ class Evaluator:
         batch_size: int | None = None,
         attack_batch_size: int = 250,
     ) -> None:
+        _check_dataset(dataset)
+        for name, value in (("batch_size", batch_size), ("attack_batch_size", attack_batch_size)):
+            # a negative batch ran no batch at all: uninitialized memory was scored as the defended images
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
+                raise ConfigError(f"{name} must be a whole number >= 1, got {value!r}")
         self.dataset = dataset
         self._load_model = load
         self.device = resolve_device(device)
-        self.out_dir = out_dir
+        self.out_dir = expand_home(out_dir) if out_dir is not None else None  # a str too, as RunOptions takes
         self.resume = resume
         self.batch_size = batch_size or (256 if self.device.type == "cuda" else 50)
         self.attack_batch_size = attack_batch_size
@@ -1132,6 +1158,9 @@ def reversion_protocol(
     """
     ds = evaluator.dataset
     check_reversion_options(flip_fraction, jpeg_quality, reverter_labels)
+    check_seed(seed)  # -1 and an alpha of 2 were taken
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 < alpha < 1:
+        raise ConfigError(f"alpha (the tests' significance level) must be in (0, 1), got {alpha!r}")
     if flip_fraction > 0:  # labelled with flipped ground truth: its classifier, unused, is neither loaded nor
         # reported (nor warned of as the victim's), and the results name the labels the defense used
         options = {k: v for k, v in defense.options if k != "classifier"} | {"labels": GROUND_TRUTH[0]}

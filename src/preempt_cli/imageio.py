@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import io
+import numbers
 import os
 import re
 import stat
@@ -29,7 +30,7 @@ from typing import TYPE_CHECKING, BinaryIO, Iterator, Mapping, Sequence
 import numpy as np
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
-from .errors import ImageReadError, ImageWriteError, PreemptError, reason_of
+from .errors import ConfigError, ImageReadError, ImageWriteError, PreemptError, reason_of
 
 if TYPE_CHECKING:
     import torch
@@ -365,7 +366,8 @@ def _open(path: Path, max_pixels: int) -> tuple[Image.Image, str]:
     if not data:
         raise ImageReadError(path, "empty file (0 bytes)")
     # Pillow's own bomb check reads a process-wide limit: lift it to ours (ours is checked below), so
-    # that --max-pixels can allow more than Pillow's default; only ever raised, so threads agree
+    # that --max-pixels can allow more than Pillow's default; only ever raised, so threads agree. It stays
+    # raised for the process (Pillow has no limit per call): said where max_pixels is documented
     if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
         Image.MAX_IMAGE_PIXELS = max_pixels
     try:
@@ -403,6 +405,9 @@ def read_image(path: Path | str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Pic
             PPM or SGI of more than 8 bits per colour channel (Pillow decodes it to 8).
     """
     path = Path(path)
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, numbers.Integral) or max_pixels < 1:
+        # a float was stored into Pillow's limit, 0 and -1 taken
+        raise ConfigError(f"max_pixels must be a whole number >= 1, got {max_pixels!r}")
     img, sha256 = _open(path, max_pixels)
     try:
         source_format = img.format or "unknown"

@@ -221,8 +221,8 @@ def as_input_files(items: Iterable[InputFile | str | os.PathLike[str]] | str | o
         items = [items]
     items = list(items)
     paths = [i for i in items if not isinstance(i, InputFile)]
-    if not paths:
-        return items  # type: ignore[return-value]  # all InputFile
+    if not paths:  # all InputFile; one given twice would be processed twice into one output
+        return list(dict.fromkeys(items))  # type: ignore[arg-type]
     if len(paths) < len(items):
         raise TypeError("give InputFile items (from collect_inputs) or paths, not both in one list")
     return without_suffixed_outputs(collect_inputs(paths, skip_markers=skip_markers), suffix, skip_markers, kind)

@@ -45,6 +45,7 @@ from .batches import ComputeThread, QueuedTransfer
 from .device import default_io_workers, to_device
 from .errors import ConfigError, InputError, LabelError, reason_of
 from .graphs import GraphedFunction, empty_cache
+from ._paths import expand_home
 from .hub import sha256_file
 from .imageio import (
     DEFAULT_MAX_PIXELS,
@@ -135,6 +136,8 @@ class RunOptions:
     suffix: str | None = None
     overwrite: bool = False
     batch_size: int | None = None  # images per batch at the backbone's input size; None = automatic
+    #: images of more pixels fail unread (decompression bombs); above Pillow's own limit, that limit
+    #: (``PIL.Image.MAX_IMAGE_PIXELS``, process-wide: Pillow has none per call) is raised to it for the process
     max_pixels: int = DEFAULT_MAX_PIXELS
     workers: int = field(default_factory=default_io_workers)  # decoding/encoding threads or processes
     #: flush each output to disk before it is renamed into place; off, a power loss can leave empty
@@ -152,6 +155,14 @@ class RunOptions:
     partition: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
+        if self.out_dir is not None:
+            if not isinstance(self.out_dir, (str, os.PathLike)) or not os.fspath(self.out_dir):
+                # 3 wrote into ./3/, "" into the current folder
+                raise ConfigError(f"out_dir must be a folder's path, got {self.out_dir!r}")
+            self.out_dir = expand_home(self.out_dir)  # '~/out' as collect_inputs and load_model read it
+        for name in ("overwrite", "fsync"):
+            if not isinstance(getattr(self, name), bool):  # "no" is true: outputs were replaced unasked
+                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.shard is not None and not _int_pair_within(self.shard, low=1, high_offset=0):
             raise ConfigError(f"shard must be (K, N) with 1 <= K <= N (K counts from 1), got {self.shard!r}")
         if self.partition is not None and not _int_pair_within(self.partition, low=0, high_offset=1):
@@ -284,11 +295,14 @@ def freeze_long_lived_objects() -> None:
     it does; a run's per-file objects trigger a full collection every few thousand files, and each one
     walks all of them while holding the GIL (117-176 ms measured in runs of 2048 files on an H100
     machine, 147 ms on a 2-core EPYC): a pause in which no batch is launched and no file collected.
-    Frozen, they are skipped (``gc.freeze``); objects made later are collected as before. Only reference
-    cycles already unreachable at the first call are kept for good.
+    Frozen, they are skipped (``gc.freeze``); objects made later are collected as before. A collection
+    first frees what is already garbage (a frozen unreachable cycle would be kept for good).
     """
     global _long_lived_objects_frozen
     if not _long_lived_objects_frozen:
+        # collected first: a cycle already unreachable (a caller's garbage, not yet collected) was frozen
+        # with the rest, and so kept for the life of the process
+        gc.collect()
         gc.freeze()
         _long_lived_objects_frozen = True
 
@@ -417,8 +431,11 @@ class Protector:
         self.preset = preset if preset is not None else self.config.preset
         if self.preset is not None and self.preset not in PRESETS:  # recorded in every output: a name it has
             raise ConfigError(f"unknown preset {self.preset!r}: choose one of {', '.join(PRESETS)}")
-        if isinstance(labels, str) and labels not in ("classifier", "backbone", "folders"):
-            raise ConfigError(f"labels must be classifier, backbone, folders or a label file, got {labels!r}")
+        if (labels not in ("classifier", "backbone", "folders") if isinstance(labels, str)
+                else not isinstance(labels, LabelMap)):  # fmt: skip
+            # None, a number or a list passed, and the run failed deep inside (AttributeError)
+            raise ConfigError(f"labels must be classifier, backbone, folders or a LabelMap (a label file: "
+                              f"labels.read_label_file), got {labels!r}")  # fmt: skip
         self.labels = labels
         if labels == "classifier" and classifier is None:
             self.labels = "backbone"
@@ -791,6 +808,9 @@ class Protector:
             ConfigError: a suffix that is the other command's output marker.
         """
         options = options or RunOptions()
+        if options.out_dir is not None and os.path.exists(options.out_dir) and not os.path.isdir(options.out_dir):
+            # each file failed after its work ("cannot write: File exists"); the CLI refuses it up front too
+            raise ConfigError(f"out_dir {options.out_dir}: not a folder")
         if options.suffix is None:
             return dataclasses.replace(options, suffix=cls.output_suffix)
         if options.suffix in OUTPUT_MARKERS and options.suffix != cls.output_suffix:
@@ -808,7 +828,8 @@ class Protector:
         ``items``: :func:`~preempt_cli.inputs.collect_inputs`'s inputs, or paths (files, folders, globs),
         which it expands.
 
-        ``outputs``: the output of each item (:func:`~preempt_cli.inputs.assign_outputs`), when the items are
+        ``outputs``: the output of each item (:func:`~preempt_cli.inputs.assign_outputs`: a ``Path``, or a
+        ``str`` saying why the item gets none, which fails it with that reason), when the items are
         part of a larger set run in several calls (``revert --white-box`` runs one per recorded defense):
         names assigned within each part alone could give two parts' files one output.
         """
@@ -1171,10 +1192,19 @@ def run_on_devices(protectors: Sequence[Protector], items: Iterable[InputFile | 
     Worker i takes every k-th input (after ``options.shard``) starting at i, so the split is deterministic
     and each output is written exactly once; outputs, names and skips are as in :meth:`Protector.run`.
     GPU kernels run outside the GIL, so threads keep several devices busy.
+
+    Raises:
+        ConfigError: no protector, or ``options.partition`` given (the split across devices is this
+            function's to make: it was silently replaced).
     """
     import queue
     import threading
 
+    if not protectors:
+        raise ConfigError("run_on_devices needs at least one protector (one per device)")
+    if options is not None and options.partition is not None:
+        raise ConfigError("options.partition is run_on_devices' to set (one share per protector): leave it out, "
+                          "or use options.shard to split the inputs across jobs")  # fmt: skip
     options = protectors[0].run_options(options)
     # expanded once here, not by each worker (each share is taken from the same list)
     items = as_input_files(items, skip_markers=protectors[0].skip_markers, suffix=options.suffix,

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from ._paths import expand_home
-from .errors import ImageWriteError, RegistryError, UnknownModelError, clip
+from .errors import ConfigError, ImageWriteError, RegistryError, UnknownModelError, clip
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -618,7 +618,7 @@ def list_models(extra: Sequence[Path | str] | Path | str = (), *, role: str | No
         ValueError: ``role`` is none of :data:`ROLES` (it listed the rows of role any, as if valid).
     """
     if role is not None and role not in ROLES:
-        raise ValueError(f"unknown role {role!r}: use one of {', '.join(ROLES)}")
+        raise ConfigError(f"unknown role {role!r}: use one of {', '.join(ROLES)}")
     models = load_registry(extra)
     return sorted(n for n, c in models.items() if role is None or c.role in (role, "any"))
 
