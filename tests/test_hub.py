@@ -874,3 +874,15 @@ def test_a_mean_and_std_for_a_net_that_normalizes_itself_are_refused(tmp_path) -
                         'source = "file:p.safetensors"\n')  # fmt: skip
     with pytest.raises(RegistryError, match='normalizes its input itself .*set mean = "none"'):
         build_model(get_model_config("p", registry))
+
+
+def test_class_names_holding_commas_match_the_files_joined_list(tmp_path) -> None:
+    # preempt train joins class names with commas: a folder named "boots, rubber" must still load
+    net = create_arch("cifar_resnet20", num_classes=3, shortcut="pad_end")
+    names = ["boots, rubber", "hats", "socks"]
+    save_file(net.state_dict(), str(tmp_path / "k.safetensors"),
+              metadata={"arch": "cifar_resnet20", "num_classes": "3", "classes": ",".join(names)})  # fmt: skip
+    registry = tmp_path / "r.toml"
+    registry.write_text('[models.k]\narch = "cifar_resnet20"\narch_args = { shortcut = "pad_end" }\nnum_classes = 3\n'
+                        f'classes = {names!r}\nsource = "file:k.safetensors"\n'.replace("'", '"'))  # fmt: skip
+    assert load_model("k", registry=registry).config.classes == tuple(names)

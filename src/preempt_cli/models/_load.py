@@ -325,8 +325,10 @@ def _metadata_mismatch(cfg: ModelConfig, meta: Mapping[str, str]) -> str:
             compare("input_size", list(size), list(row_size))
     if meta.get("num_classes", "").isdigit():
         compare("num_classes", int(meta["num_classes"]), cfg.num_classes)
-    if meta.get("classes") and cfg.classes:
-        compare("classes", meta["classes"].split(","), list(cfg.classes))
+    # compared joined, as files write them: a class name may hold a comma
+    if meta.get("classes") and cfg.classes and meta["classes"] != ",".join(cfg.classes):
+        found.append(f"classes {_shown(meta['classes'].split(','))} in the file, {_shown(list(cfg.classes))} in "
+                     "the row")  # fmt: skip
     datasets = [re.sub(r"[^0-9a-z]", "", d.casefold()) for d in (meta.get("dataset", ""), cfg.dataset)]
     if all(d and d != "unknown" for d in datasets) and datasets[0] != datasets[1]:
         found.append(f"dataset {meta['dataset']!r} in the file, {cfg.dataset!r} in the row")
