@@ -413,6 +413,8 @@ def test_run_options_refuse_values_that_did_something_else(tmp_path: Path, tiny_
         with pytest.raises(ConfigError, match=said):
             RunOptions(**bad)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "~" / "x").mkdir(parents=True)  # left by an earlier mistake: outputs still go home
     assert RunOptions(out_dir="~/x").out_dir == tmp_path / "home" / "x"
     write_random_pngs(tmp_path / "in", n=2)
     (tmp_path / "afile").write_text("")
@@ -441,7 +443,7 @@ def test_freezing_long_lived_objects_does_not_keep_the_callers_garbage(monkeypat
             self.me = self
 
     monkeypatch.setattr(protect_module, "_long_lived_objects_frozen", False)
-    was_enabled = gc.isenabled()
+    was_enabled, was_frozen = gc.isenabled(), gc.get_freeze_count()
     gc.disable()  # the cycle stays uncollected until the freeze, as it may between two collections
     try:
         garbage = Cycle()
@@ -450,6 +452,8 @@ def test_freezing_long_lived_objects_does_not_keep_the_callers_garbage(monkeypat
         protect_module.freeze_long_lived_objects()
     finally:
         gc.unfreeze()
+        if was_frozen:  # as the process had it: an earlier run froze its objects (tests count them)
+            gc.freeze()
         if was_enabled:
             gc.enable()
     assert ref() is None

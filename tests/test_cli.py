@@ -266,6 +266,20 @@ main()
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stderr == "", done.stderr
     assert '"name": "preempt-resnet20-at"' in done.stdout
+    # only at the exit: a caller of main() that goes on (a notebook) keeps its Ctrl-C
+    again = tmp_path / "again.py"
+    again.write_text("""
+import signal, sys
+sys.argv = ["preempt", "models", "list"]
+from preempt_cli.cli import main
+try:
+    main()
+except SystemExit:
+    pass
+print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+""")
+    done = subprocess.run([sys.executable, str(again)], capture_output=True, text=True, timeout=120)
+    assert done.stdout.splitlines()[-1] == "True", done.stdout
     starting = tmp_path / "starting.py"
     starting.write_text("""
 import builtins, sys
@@ -1373,7 +1387,7 @@ def test_precision_help_gives_measured_figures() -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--attack", "pgd:steps=abc"], "--attack pgd:steps=abc: invalid value"),
+        (["--attack", "pgd:steps=abc"], "--attack pgd:steps=abc: steps must be a whole number, got 'abc'"),
         (["--attack", "fgsm"], "use pgd or aa"),
         (["--csv", "{tmp}/afile/x.csv"], "--csv"),
     ],
@@ -1385,6 +1399,22 @@ def test_eval_usage_errors_exit_2(tmp_path: Path, registry: Path, args: list[str
     assert result.exit_code == 2 and message in result.stderr and "internal error" not in result.stderr
     missing = run(["eval", str(tmp_path / "nope"), "--victim", "tiny-key"], registry)
     assert missing.exit_code == 2 and f"{tmp_path / 'nope'}: no such folder" in missing.stderr
+
+
+def test_eval_loads_before_any_work_only_the_models_the_run_uses(tmp_path: Path, registry: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    # a reversion with flipped labels uses no classifier: the default one (here unloadable) was loaded
+    # up front and ended the run; a black-box reverter's backbone is checked up front too
+    _images(tmp_path / "data" / "cat", n=2)
+    monkeypatch.setenv("PREEMPT_CLASSIFIER", "no-such-classifier")
+    args = ["eval", str(tmp_path / "data"), "--victim", "tiny-key", "-b", "tiny-key", "--defense", "fp:samples=1",
+            "--reversion", "--flip-fraction", "1", "--out", str(tmp_path / "o"), "--device", TEST_DEVICE_ARG, "-q"]  # fmt: skip
+    result = run([*args, "--reversion-backbone", "tiny-labeller-unpinned"], registry)
+    assert result.exit_code == 0, result.stderr
+    missing = run([*args[:-5], "--out", str(tmp_path / "o2"), *args[-3:], "--reversion-backbone", "no-such-backbone"],
+                  registry)  # fmt: skip
+    assert missing.exit_code == 2 and "no-such-backbone" in missing.stderr
+    assert not (tmp_path / "o2").exists()  # refused before the defense ran (or its folder was made)
 
 
 def test_eval_csv_folder_is_created_and_victim_names_are_whole(tmp_path: Path, registry: Path) -> None:

@@ -79,6 +79,15 @@ def test_missing_key_names_the_file(tmp_path) -> None:
                             "layer5.weight, layer6.weight, layer7.weight and 108 more)")  # fmt: skip
 
 
+def test_a_dict_of_other_tensors_beside_the_state_dict_is_no_second_candidate(tmp_path) -> None:
+    from safetensors.torch import load_file
+
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "normalizer": {"mean": torch.zeros(3), "std": torch.ones(3)},
+                "epoch": 3}, tmp_path / "c.pt")  # fmt: skip
+    convert_checkpoint(tmp_path / "c.pt", tmp_path / "o.safetensors")
+    assert set(load_file(tmp_path / "o.safetensors")) == {"w"}
+
+
 def test_the_state_dict_named_with_key_is_converted_when_there_are_several(tmp_path) -> None:
     from safetensors.torch import load_file
 

@@ -675,6 +675,21 @@ def test_a_row_that_cannot_be_removed_line_by_line_is_refused_with_the_file_kept
     assert target.read_text() == text
 
 
+@pytest.mark.parametrize("broken, said", [("[models.other\n", "cannot be removed from it line by line: edit"),
+                                           ("", "without changing other entries: edit")])  # fmt: skip
+def test_a_removal_that_would_break_or_change_the_rest_is_refused(tmp_path, monkeypatch, broken, said) -> None:
+    # the guard behind the line-based removal: text that no longer parses, or parses to other entries
+    from preempt_cli import registry as registry_module
+
+    target = tmp_path / "user.toml"
+    text = '[models.mk]\narch = "cifar_resnet20"\nsource = "file:/a.safetensors"\n\n[models.other]\narch = "x"\nsource = "file:/o.safetensors"\n'
+    target.write_text(text)
+    monkeypatch.setattr(registry_module, "_without_row", lambda text, name: broken)
+    with pytest.raises(RegistryError, match=said):
+        registry_module.check_registrable("mk", target, overwrite=True)
+    assert target.read_text() == text
+
+
 def test_registrations_at_once_keep_every_row(tmp_path) -> None:
     """Two jobs registering at the same time each wrote back the file they had read: 49 of 80 rows were kept."""
     import subprocess

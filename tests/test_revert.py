@@ -93,14 +93,17 @@ def test_a_revert_suffix_that_protected_names_end_with_still_takes_them(tmp_path
     assert read_preempt_metadata_file(tmp_path / "img0.protectedd.png")["kind"] == "reverted"
     again = {r.input.name: r.status for r in reverter.run(tmp_path, RunOptions(suffix="d"))}
     assert again == {"img0.png": "skipped", "img0.protected.png": "skipped"}  # img0d.png, img0.protectedd.png out
-    # the other command's marker names its outputs: refused before any work
-    for runner, marker in ((reverter, ".protected"), (Protector(backbone, labels="backbone", config=config), ".reverted")):
+    # a suffix ending with the other command's marker names its outputs: refused before any work
+    # (_v.reverted was taken: protect wrote img0_v.reverted.png, which revert's walks then left out)
+    protector = Protector(backbone, labels="backbone", config=config)
+    for runner, suffix, marker in ((reverter, ".protected", ".protected"), (protector, ".reverted", ".reverted"),
+                                   (protector, "_v.reverted", ".reverted"), (reverter, "-x.protected", ".protected")):  # fmt: skip
         try:
-            list(runner.run(tmp_path, RunOptions(suffix=marker)))
+            list(runner.run(tmp_path, RunOptions(suffix=suffix)))
         except ConfigError as error:
-            assert f"--suffix {marker} marks the outputs of preempt" in str(error)
+            assert f"--suffix {suffix} ends with {marker}, which marks the outputs of preempt" in str(error)
         else:
-            raise AssertionError(f"{marker} was taken")
+            raise AssertionError(f"{suffix} was taken")
 
 
 def test_protect_skips_a_reversions_output_whatever_its_name(tmp_path) -> None:
@@ -117,5 +120,5 @@ def test_protect_skips_a_reversions_output_whatever_its_name(tmp_path) -> None:
     list(Reverter(backbone, labels="backbone", config=config).run([tmp_path / "img0.protected.png"], RunOptions(suffix=".rv")))
     results = {r.input.name: r for r in protector.run([tmp_path])}
     assert results["img0.protected.rv.png"].status == "skipped"
-    assert results["img0.protected.rv.png"].reason == "already reverted by preempt (its output; --overwrite protects it anyway)"
+    assert results["img0.protected.rv.png"].reason == "already reverted by preempt (a reversion's output; --overwrite protects it anyway)"
     assert not (tmp_path / "img0.protected.rv.protected.png").exists()

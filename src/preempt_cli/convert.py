@@ -47,9 +47,14 @@ def _find_state(obj: Any, key: str | None, checkpoint: Path) -> dict[str, torch.
             raise ConfigError(f"{checkpoint}: no entry {key!r} in the checkpoint{entries}")
         obj, where = obj[key], f"entry {key!r}"
     elif isinstance(obj, dict) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        # every entry that could be the weights: the usual names, and any other state dict of tensors
-        # ({"model": ..., "ema": ...}, {"state_dict": ..., "state_dict_ema": ...})
-        candidates = [k for k in obj if (k in _STATE_KEYS and isinstance(obj[k], dict)) or _is_state_dict(obj[k])]
+        # every entry that could be the weights: the usual names, with the other state dicts of the same
+        # keys beside them ({"model": ..., "ema": ...}, {"state_dict": ..., "state_dict_ema": ...}); without
+        # a usual name, any state dict (a {"normalizer": {"mean", "std"}} beside "state_dict" is no twin)
+        named = [k for k in obj if k in _STATE_KEYS and isinstance(obj[k], dict)]
+        keys = [set(obj[k]) for k in named]
+        candidates = named + [k for k in obj if k not in named and _is_state_dict(obj[k]) and set(obj[k]) in keys]
+        if not named:
+            candidates = [k for k in obj if _is_state_dict(obj[k])]
         if len(candidates) > 1:
             # robust checkpoints are often evaluated with their EMA weights: picking one would be a guess
             raise ConfigError(f"{checkpoint}: the checkpoint holds several state dicts "
@@ -130,7 +135,8 @@ def convert_checkpoint(
             unreadable checkpoint, no state dict in it, or two keys that are the same once a prefix is stripped.
         ImageWriteError: the output cannot be written.
     """
-    checkpoint, output = expand_home(checkpoint), expand_home(output)  # a quoted '~/x', as for train's output
+    # a quoted '~/x', as for train's output
+    checkpoint, output = expand_home(checkpoint), expand_home(output, existing_literal=False)
     if same_file(checkpoint, output) or (not os.path.exists(output) and checkpoint.absolute() == output.absolute()):
         raise ConfigError(f"{output}: is the checkpoint itself; name another output file")
     if os.path.isdir(output):  # else "exists", or with --force a rename onto it failing once the checkpoint is read

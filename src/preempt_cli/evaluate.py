@@ -368,9 +368,10 @@ class DefenseSpec:
 
 @dataclass(frozen=True)
 class AttackSpec:
-    """An attack: ``pgd[:norm=Linf,eps=8/255,steps=20,step_size=2/255,restarts=1]`` or
-    ``autoattack[:version=standard,norm=Linf,eps=8/255]`` (alias ``aa``); both take ``limit=N`` (attack
-    only the first N images) and ``seed``.
+    """An attack: ``pgd[:norm=Linf,eps=,steps=20,step_size=eps/4,restarts=1]`` or
+    ``autoattack[:version=standard,norm=Linf,eps=]`` (alias ``aa``); both take ``limit=N`` (attack only
+    the first N images) and ``seed``. Without ``eps``: in L-inf the victim's dataset's budget, as the
+    defense's (8/255 CIFAR-10, 4/255 ImageNet: :meth:`for_dataset`), in L2 0.5.
 
     Both attack 8-bit images, in both norms: PGD rounds each restart's result, AutoAttack rounds
     after every attack of its cascade and attacks the points rounding restored again with the next one
@@ -458,7 +459,7 @@ class AttackSpec:
         try:
             return int(value)
         except (TypeError, ValueError):
-            raise ConfigError(f"attack {self.kind}: {key} must be a whole number, got {value!r}") from None
+            raise ConfigError(f"{key} must be a whole number, got {value!r}") from None
 
     def build(self, model: torch.nn.Module | None, *, check_only: bool = False, batch_size: int = 250) -> Any:
         """The attack on ``model``; with ``check_only``, only its settings checked (``parse`` does, so that a
@@ -474,7 +475,7 @@ class AttackSpec:
             try:
                 step = parse_eps(step_size) if (step_size and self.norm == "Linf") else (float(step_size) if step_size else None)
             except ValueError:
-                raise ConfigError(f"attack pgd: invalid step_size {step_size!r}") from None
+                raise ConfigError(f"invalid step_size {step_size!r}") from None
             kwargs = dict(norm=self.norm, eps=self.eps, steps=steps, step_size=step,
                           restarts=self._whole("restarts", 1), quantize=True, seed=seed)  # fmt: skip
             # built on a stand-in model to check the values: PGD's own checks, before any work
@@ -650,7 +651,8 @@ class Evaluator:
         self.dataset = dataset
         self._load_model = load
         self.device = resolve_device(device)
-        self.out_dir = expand_home(out_dir) if out_dir is not None else None  # a str too, as RunOptions takes
+        # a str too, as RunOptions takes it
+        self.out_dir = expand_home(out_dir, existing_literal=False) if out_dir is not None else None
         self.resume = resume
         self.batch_size = batch_size or (256 if self.device.type == "cuda" else 50)
         self.attack_batch_size = attack_batch_size

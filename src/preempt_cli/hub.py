@@ -228,11 +228,12 @@ def hub_download(cfg: ModelConfig, repo_id: str, filename: str, revision: str | 
         with hub_errors(cfg):
             return Path(hf_hub_download(repo_id=repo_id, filename=filename, revision=revision))
     except OfflineWeightsError as unreachable:
-        dangling = _dangling_cache_entry(repo_id, filename, revision)
-        if dangling is not None:  # "not in the cache" alone sent users looking for a download that was there
-            unreachable.args = (f"{unreachable.args[0]} The cache holds a damaged entry: {dangling} links to "
-                                f"{os.readlink(dangling)}, which is missing; delete "
-                                f"{dangling.parents[2]} and download the weights again.",)  # fmt: skip
+        damaged = _dangling_cache_entry(repo_id, filename, revision)
+        if damaged is not None:  # "not in the cache" alone sent users looking for a download that was there
+            entry, repo = damaged
+            unreachable.args = (f"{unreachable.args[0]} The cache holds a damaged entry: {entry} links to "
+                                f"{os.readlink(entry)}, which is missing; delete {repo} and download the weights "
+                                "again.",)  # fmt: skip
         if _hf_offline():
             raise
         try:
@@ -245,9 +246,9 @@ def hub_download(cfg: ModelConfig, repo_id: str, filename: str, revision: str | 
     raise AssertionError("unreachable")  # pragma: no cover - hub_errors re-raises
 
 
-def _dangling_cache_entry(repo_id: str, filename: str, revision: str | None) -> Path | None:
-    """The snapshot file of ``filename`` in the Hub's cache when it is a link to a blob that is gone (a cache
-    cleaned by hand, a copy that lost its blobs), else None."""
+def _dangling_cache_entry(repo_id: str, filename: str, revision: str | None) -> tuple[Path, Path] | None:
+    """The snapshot file of ``filename`` in the Hub's cache and its repository's folder, when the file is a
+    link to a blob that is gone (a cache cleaned by hand, a copy that lost its blobs); else None."""
     from huggingface_hub import constants
 
     repo = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
@@ -257,7 +258,7 @@ def _dangling_cache_entry(repo_id: str, filename: str, revision: str | None) -> 
     except (OSError, ValueError):
         return None
     entry = repo / "snapshots" / commit / filename
-    return entry if os.path.islink(entry) and not os.path.exists(entry) else None
+    return (entry, repo) if os.path.islink(entry) and not os.path.exists(entry) else None
 
 
 def _hf_offline() -> bool:

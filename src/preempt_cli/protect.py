@@ -159,7 +159,8 @@ class RunOptions:
             if not isinstance(self.out_dir, (str, os.PathLike)) or not os.fspath(self.out_dir):
                 # 3 wrote into ./3/, "" into the current folder
                 raise ConfigError(f"out_dir must be a folder's path, got {self.out_dir!r}")
-            self.out_dir = expand_home(self.out_dir)  # '~/out' as collect_inputs and load_model read it
+            # '~/out' as collect_inputs and load_model read it
+            self.out_dir = expand_home(self.out_dir, existing_literal=False)
         for name in ("overwrite", "fsync"):
             if not isinstance(getattr(self, name), bool):  # "no" is true: outputs were replaced unasked
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
@@ -503,7 +504,8 @@ class Protector:
         return self.engine.perturb_keyed(x, y, image_keys)
 
     def protect(self, x: torch.Tensor, y: torch.Tensor | None = None, **kw: Any) -> torch.Tensor:
-        """Label (when ``y`` is None) and protect a batch of images.
+        """Label (when ``y`` is None) and protect a batch of images (a :class:`~preempt_cli.revert.Reverter`
+        reverts it: ``2 x - D(x)``, labelled with its own labeller).
 
         Args:
             x: [B, C, H, W] floats in [0, 1] (float16, bfloat16 and float64 are computed, and returned, as
@@ -672,7 +674,7 @@ class Protector:
         try:
             meta = read_preempt_metadata(picture)
             if meta and meta.get("kind") in self.skipped_kinds and not options.overwrite:
-                extra = "" if meta["kind"] == self.kind else f" (its output; --overwrite {self.verb} it anyway)"
+                extra = "" if meta["kind"] == self.kind else f" (a reversion's output; --overwrite {self.verb} it anyway)"
                 return FileResult(item.path, "skipped", reason=f"already {meta['kind']} by preempt{extra}")
             return _Pending(item, output, picture, self._file_label(item), self._extra_metadata(meta))
         except LabelError as e:
@@ -813,12 +815,14 @@ class Protector:
             raise ConfigError(f"out_dir {options.out_dir}: not a folder")
         if options.suffix is None:
             return dataclasses.replace(options, suffix=cls.output_suffix)
-        if options.suffix in OUTPUT_MARKERS and options.suffix != cls.output_suffix:
-            # revert's outputs named a.protected.protected.png would be taken for protected files (and
-            # protect's a.reverted.png left out of revert's folder walks)
-            owner = "protect" if options.suffix == PROTECTED_SUFFIX else "revert"
-            raise ConfigError(f"--suffix {options.suffix} marks the outputs of preempt {owner}: "
-                              f"choose another suffix for {cls.kind} files")  # fmt: skip
+        other = next((m for m in OUTPUT_MARKERS if m != cls.output_suffix and options.suffix.endswith(m)), None)
+        if other is not None:
+            # names ending so are the other command's outputs to folder walks: revert's outputs named
+            # a.protected.protected.png would be taken for protected files, and protect's a_v.reverted.png
+            # left out of revert's walks
+            owner = "protect" if other == PROTECTED_SUFFIX else "revert"
+            raise ConfigError(f"--suffix {options.suffix} ends with {other}, which marks the outputs of preempt "
+                              f"{owner}: choose another suffix for {cls.kind} files")  # fmt: skip
         return options
 
     def run(self, items: Iterable[InputFile | str | os.PathLike], options: RunOptions | None = None, *,

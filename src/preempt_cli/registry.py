@@ -615,7 +615,7 @@ def list_models(extra: Sequence[Path | str] | Path | str = (), *, role: str | No
     """Registered model names, sorted; optionally only those of one role (with those of role ``any``).
 
     Raises:
-        ValueError: ``role`` is none of :data:`ROLES` (it listed the rows of role any, as if valid).
+        ConfigError: ``role`` is none of :data:`ROLES` (it listed the rows of role any, as if valid).
     """
     if role is not None and role not in ROLES:
         raise ConfigError(f"unknown role {role!r}: use one of {', '.join(ROLES)}")
@@ -867,8 +867,8 @@ def _text_without_row(path: Path, text: str, name: str) -> str:
     without = _without_row(text, name)
     try:
         before, after = tomllib.loads(text), tomllib.loads(without)
-    except tomllib.TOMLDecodeError as e:
-        raise RegistryError(path, f"model {name!r} cannot be removed from it line by line ({e}): {by_hand}") from None
+    except tomllib.TOMLDecodeError:  # (where in the rewritten text would mean nothing to the user)
+        raise RegistryError(path, f"model {name!r} cannot be removed from it line by line: {by_hand}") from None
     if name in after.get("models", {}):
         raise RegistryError(path, f"model {name!r} is written there in a form preempt cannot replace (not a "
                                   f"[models.{name}] table): {by_hand}")  # fmt: skip

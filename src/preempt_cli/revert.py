@@ -36,12 +36,6 @@ class Reverter(Protector):
     skipped_kinds = ("reverted",)
     verb = "reverts"
 
-    def protect(self, x: torch.Tensor, y: torch.Tensor | None = None, **kw: Any) -> torch.Tensor:
-        """Label (when ``y`` is None, with this reverter's own labeller) and revert a batch of protected
-        images, ``2 x - D(x)`` (Algorithm 2); arguments, checks and errors as
-        :meth:`Protector.protect <preempt_cli.protect.Protector.protect>`."""
-        return super().protect(x, y, **kw)
-
     def transform(self, x: torch.Tensor, y: torch.Tensor, noise_seeds: Sequence[int] | None = None) -> torch.Tensor:
         """``2 x - D(x)``, clipped to [0, 1] (it stays within eps of ``x``, as D(x) does)."""
         return _reflected(x, self.engine.perturb(x, y, noise_seeds=noise_seeds))

@@ -556,7 +556,7 @@ def train(
         ConfigError: bad settings, or data whose classes the model does not have.
     """
     device = torch.device(device)
-    output = expand_home(output)
+    output = expand_home(output, existing_literal=False)
     models_dir = expand_home(models_dir) if models_dir is not None else None
     with torch.random.fork_rng(devices=[]):  # a seeded initialization that leaves the caller's RNG alone
         torch.manual_seed(config.seed)

@@ -3,8 +3,11 @@ one library call and prints; results on stdout, progress and errors on stderr)."
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
+import signal
 import sys
+import threading
 from typing import Annotated, Optional
 
 import typer
@@ -90,14 +93,23 @@ def main() -> None:
 
 def _ignore_interrupts_at_exit() -> None:
     """The command is over: a Ctrl-C while the interpreter exits (torch's atexit clean-up) printed
-    "Exception ignored in atexit callback ... KeyboardInterrupt" after a run that had finished. Only where
-    no press came: after one, the command's stages of Ctrl-C (see ``_common``) last until the exit."""
-    import signal
-    import threading
+    "Exception ignored in atexit callback ... KeyboardInterrupt" after a run that had finished. So the
+    exit ignores it: an atexit handler registered now runs before those registered earlier (torch's), and
+    only at the exit (a caller of ``main`` that goes on keeps its Ctrl-C). Not after a press during the
+    command: its stages of Ctrl-C (see ``_common``) last until the exit."""
+    global _exit_handler_registered
+    if not _exit_handler_registered:
+        atexit.register(_ignore_interrupts)
+        _exit_handler_registered = True
 
+
+def _ignore_interrupts() -> None:
     main_thread = threading.current_thread() is threading.main_thread()
     if main_thread and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+_exit_handler_registered = False
 
 
 def _launched_as_the_package() -> None:

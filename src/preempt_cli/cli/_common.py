@@ -305,7 +305,7 @@ def folder_path(value: str) -> Path:
         raise typer.BadParameter("empty (an unset variable?): give a folder, or leave the option out")
     if value == "-":
         raise typer.BadParameter("'-' is no folder: outputs are files; give a folder (./- if you mean one named so)")
-    return expand_home(value)
+    return expand_home(value, existing_literal=False)
 
 
 def check_out_dir(path: Path | None, option: str = "--out-dir") -> None:
@@ -317,7 +317,7 @@ def check_out_dir(path: Path | None, option: str = "--out-dir") -> None:
     """
     if path is None:
         return
-    path = expand_home(path)
+    path = expand_home(path, existing_literal=False)
     existing = path
     # os.path's tests, not Path's: they say False where the name cannot even be looked up (too long)
     while not os.path.exists(existing) and existing != existing.parent:

@@ -239,8 +239,9 @@ def eval_cmd(
     """Measure victim clean and robust accuracy before/after protection, reversion, quality and time."""
     c.setup_logging(verbose, quiet)
     # a quoted '~/x' as the shell would have expanded it: the folder checked must be the folder written
-    data, out = expand_home(data), expand_home(out)
-    labels_file, csv_path = (expand_home(p) if p is not None else None for p in (labels_file, csv_path))
+    data, out = expand_home(data), expand_home(out, existing_literal=False)
+    labels_file = expand_home(labels_file) if labels_file is not None else None
+    csv_path = expand_home(csv_path, existing_literal=False) if csv_path is not None else None
     # what a re-run does: only --resume reuses the grid's finished cells (a plain run computes all again);
     # the reversion protocol keeps nothing
     hint = ("nothing is kept; run again" if reversion
@@ -278,8 +279,12 @@ def eval_cmd(
         dataset = load_dataset(data, classes=first.config.classes, labels_file=labels_file, limit=limit)
         evaluator = Evaluator(dataset, load=load, device=torch_device, out_dir=out, resume=resume,
                               batch_size=batch_size)  # fmt: skip
-        # every model before any work: one of other classes is refused now, not after the defenses ran
-        for name in [*victim, *(n for d in defenses for _, n in Evaluator.defense_models(d))]:
+        # every model the run uses, before any work: one of other classes is refused now, not after the
+        # defenses ran (a reversion with flipped labels uses no classifier: it is not loaded)
+        used = [(role, n) for d in defenses for role, n in Evaluator.defense_models(d)
+                if not (reversion and flip_fraction > 0 and role == "classifier")]  # fmt: skip
+        reverters = [*(reversion_backbone or []), *([reversion_classifier] if reversion_classifier else [])]
+        for name in dict.fromkeys([*victim, *(n for _, n in used), *(reverters if reversion else [])]):
             evaluator.load(name)
         out.mkdir(parents=True, exist_ok=True)
         if reversion:

@@ -149,7 +149,7 @@ def _reporter(json_out: bool, quiet: bool):
 def _check_output(out: Path, force: bool, resume: bool, *, checkpoints: bool = True) -> Path:
     """``out``, checked before any data is read. ``checkpoints``: the command resumes from checkpoints
     (train; keygen keeps none)."""
-    out = expand_home(out)
+    out = expand_home(out, existing_literal=False)
     if out.suffix != ".safetensors":
         raise ConfigError(f"{out}: the output must be a .safetensors file")
     _check_writable(out)

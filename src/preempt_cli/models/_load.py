@@ -144,14 +144,15 @@ class ImageModel(nn.Module):
         return self.config.input_size[1], self.config.input_size[2]
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
-        """[0, 1] images of any size and 1 or 3 channels -> the net's normalized input (float32, the net's)."""
+        """[0, 1] images of any size and 1 or 3 channels -> the net's normalized input, in the net's dtype."""
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
             # torch's own errors named the bias's type, or 32 "channels" for one image without a batch
             what = f"a {x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
             raise InputError(f"{self.name} takes [N, C, H, W] float images in [0, 1], got {what}"
                              + (" (for uint8: x.float() / 255)" if isinstance(x, torch.Tensor) and x.dtype == torch.uint8 else ""))  # fmt: skip
-        if x.dtype != torch.float32:
-            x = x.float()
+        dtype = self.mean.dtype if self.mean is not None else next((p.dtype for p in self.net.parameters()), x.dtype)
+        if x.dtype != dtype:  # float64 images into a float32 net (a net cast with .half() takes half images)
+            x = x.to(dtype)
         channels = self.config.input_size[0]
         if x.shape[1] == 1 and channels == 3:
             x = x.expand(-1, 3, -1, -1)
@@ -305,8 +306,8 @@ def _metadata_mismatch(cfg: ModelConfig, meta: Mapping[str, str]) -> str:
             recorded.setdefault("shortcut", meta["shortcut"])
         effective = {**arch_defaults(cfg.arch), **cfg.arch_args}
         for key, value in recorded.items():
-            if key in effective:
-                compare(f"arch_args.{key}", value, effective[key])
+            if key in effective:  # as JSON values: a default tuple is the file's list
+                compare(f"arch_args.{key}", value, _as_json(effective[key]))
     for key in ("mean", "std"):
         try:
             file_value = _floats_or_none(meta[key]) if key in meta else ...
@@ -331,10 +332,21 @@ def _metadata_mismatch(cfg: ModelConfig, meta: Mapping[str, str]) -> str:
                      "the row")  # fmt: skip
     datasets = [re.sub(r"[^0-9a-z]", "", d.casefold()) for d in (meta.get("dataset", ""), cfg.dataset)]
     if all(d and d != "unknown" for d in datasets) and datasets[0] != datasets[1]:
-        found.append(f"dataset {meta['dataset']!r} in the file, {cfg.dataset!r} in the row")
+        # a name only (a row may evaluate CIFAR-10 weights on CIFAR-10-C): said, not refused; the budget
+        # of a run comes from the row's
+        _logger.warning("model %s: its weights were saved for dataset %r, its registry row says %r", cfg.name,
+                        meta["dataset"], cfg.dataset)  # fmt: skip
     if not found:
         return ""
     return "; ".join(found) + " (fix the row, or its base, to match the weights)"
+
+
+def _as_json(value: Any) -> Any:
+    """``value`` as it would read back from JSON (tuples as lists), where it can be written as JSON."""
+    try:
+        return json.loads(json.dumps(value))
+    except (TypeError, ValueError):
+        return value
 
 
 def _close(a: tuple[float, ...] | None, b: tuple[float, ...] | None) -> bool:
