@@ -378,6 +378,9 @@ def test_bad_arguments_of_the_api_are_preempt_errors_naming_them(tmp_path: Path,
     for bad in (3, None):
         with pytest.raises(ConfigError, match="registry name or a ModelConfig"):
             preempt_cli.load_model(bad)
+    for kwargs, said in ((dict(device="gpu"), "unknown device 'gpu'"), (dict(config={"samples": 2}), "must be a ForeBackConfig")):
+        with pytest.raises(ConfigError, match=said):  # torch's RuntimeError; an AttributeError deep inside
+            FastPreemption(tiny_backbone, **kwargs)
     with pytest.raises(PreemptError):
         read_image(tmp_path / "a.png", max_pixels=1.5)
 

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .device import to_device
+from .device import resolve_device, to_device
 from .errors import ConfigError, InputError
 from .graphs import GraphedFunction
 from .imageio import content_seed
@@ -415,13 +415,17 @@ class FastPreemption:
         compile: str = "off",
         cuda_graphs: bool = False,
     ) -> None:
+        if not isinstance(backbone, nn.Module):
+            raise ConfigError(f"backbone must be a torch.nn.Module (load_model's), got {type(backbone).__name__}")
+        if config is not None and not isinstance(config, ForeBackConfig):  # a dict failed deep inside
+            raise ConfigError(f"config must be a ForeBackConfig (ForeBackConfig(**settings)), got {type(config).__name__}")
         self.backbone = backbone
         self.config = config or ForeBackConfig.from_preset(dataset=getattr(getattr(backbone, "config", None), "dataset", None))
         self.seed = check_seed(seed)
         if device is None:
             param = next(backbone.parameters(), None)
             device = param.device if param is not None else torch.device("cpu")
-        self.device = torch.device(device)
+        self.device = resolve_device(device)  # a name checked ("gpu" was torch's RuntimeError)
         self.precision = resolve_precision(precision, self.device)
         if compile not in COMPILE_MODES:
             raise ConfigError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {compile!r}")
