@@ -1861,6 +1861,11 @@ def test_a_quoted_tilde_is_the_home_folder_for_eval_and_convert_too(tmp_path: Pa
     torch.save({"w": torch.zeros(2)}, tmp_path / "home" / "c.pt")
     assert CliRunner().invoke(app, ["models", "convert", "~/c.pt", "~/c.safetensors"]).exit_code == 0
     assert (tmp_path / "home" / "c.safetensors").is_file() and not (tmp_path / "~").exists()
+    # where preempt < 0.17 wrote it (./~/evt), a resume says that it does not read it, and where to move it
+    (tmp_path / "~" / "evt").mkdir(parents=True)
+    resumed = run(["eval", "data", "--victim", "tiny-key", "--defense", "none", "--attack", "pgd:steps=1", "--out",
+                   "~/evt", "--resume", "--device", TEST_DEVICE_ARG], registry)  # fmt: skip
+    assert resumed.exit_code == 0 and f"it is not resumed; move it to {tmp_path / 'home' / 'evt'}" in resumed.stderr
 
 
 def test_a_tilde_name_that_is_no_home_is_a_file_name(tmp_path: Path, registry: Path,
@@ -1877,6 +1882,7 @@ def test_a_tilde_name_that_is_no_home_is_a_file_name(tmp_path: Path, registry: P
         assert json.loads(result.stdout)["output"] == "~nosuchuser.protected.png"
     listed = run(["protect", "-", *FAST, "--labels", "backbone", "--json"], registry, input="~root/a.png\n")
     assert listed.exit_code == 1 and json.loads(listed.stdout)["input"] == "~root/a.png"
+    assert "its ~ was not expanded" in json.loads(listed.stdout)["reason"]  # 0.16.0 expanded it: say so
     missing = run(["protect", "~nosuchuser/a.png", *FAST, "--labels", "backbone"], registry)
     assert missing.exit_code == 1 and "~nosuchuser/a.png: no such file" in missing.stderr
 
@@ -2067,3 +2073,28 @@ def test_preempt_debug_shows_the_traceback_and_keeps_the_exit_code(tmp_path: Pat
     result = run(["protect", str(good), *FAST, "--labels", "backbone", "--eps", "0"], registry)
     assert result.exit_code == 2
     assert "Traceback" in result.stderr and result.stderr.rstrip().endswith("error: eps must be positive, got '0'")
+
+
+def test_a_row_set_up_otherwise_for_the_same_weights_is_another_model_on_a_rerun(tmp_path: Path, registry: Path) -> None:
+    """Outputs recorded the backbone's weights alone: after a registry row was fixed (another shortcut,
+    normalization or class order for the same file), a re-run skipped the outputs made under the old row
+    and white-box revert used the new one without a word. 0.17.0's outputs record the row's setup too."""
+    _images(tmp_path / "p", n=1)
+    assert run(["protect", str(tmp_path / "p"), *FAST, "--labels", "backbone"], registry).exit_code == 0
+    meta = json.loads(Image.open(tmp_path / "p" / "img0.protected.png").text["preempt"])
+    assert len(meta["backbone_setup"]) == 16
+    fixed = tmp_path / "fixed.toml"  # the registry with tiny-key's weights fed with another normalization
+    text = registry.read_text().replace('"file:key.safetensors"', f'"file:{registry.parent}/key.safetensors"')
+    normalized = '[models.tiny-key]\nmean = [0.5, 0.5, 0.5]\nstd = [0.25, 0.25, 0.25]\n'
+    fixed.write_text(text.replace("[models.tiny-key]\n", normalized))
+
+    def run_fixed(args: list[str]):
+        return CliRunner().invoke(app, [*args, "--registry", str(fixed)], catch_exceptions=False)
+
+    again = run_fixed(["protect", str(tmp_path / "p"), *FAST, "--labels", "backbone", "--json"])
+    assert again.stdout, again.stderr
+    row = json.loads(again.stdout)
+    assert row["status"] == "failed" and "backbone_setup" in row["reason"], row
+    reverted = run_fixed(["revert", str(tmp_path / "p" / "img0.protected.png"), "--white-box", "--device", TEST_DEVICE_ARG])
+    assert reverted.exit_code == 0, reverted.stderr
+    assert "backbone tiny-key is set up otherwise (registry row" in reverted.stderr

@@ -546,19 +546,28 @@ def test_models_of_other_classes_than_the_datas_labels_are_refused() -> None:
     twenty = make_tiny_model(5, name="twenty", num_classes=20)
     ds = dataclasses.replace(tiny_dataset(), classes=names)
     evaluator = tiny_evaluator(ds, {**tiny_models(), **named, "twenty": twenty})
-    assert evaluator.load("victim") is named["victim"]
+    assert evaluator.load_victim("victim") is named["victim"]
     with pytest.raises(ConfigError, match=r"reversed names its classes in another order .*\[c9, c8, c7, \.\.\. \(10\)\]"):
-        evaluator.load("reversed")
+        evaluator.load_victim("reversed")
     with pytest.raises(ConfigError, match="twenty has 20 classes, the data's labels 10"):
-        evaluator.load("twenty")
+        evaluator.load_victim("twenty")
     # labels as indices (a label file of numbers): the first model's count decides
     by_index = tiny_evaluator(tiny_dataset(), {**tiny_models(), "twenty": twenty})
-    by_index.load("victim")
+    by_index.load_victim("victim")
     with pytest.raises(ConfigError, match="twenty has 20 classes, the data's labels 10"):
-        by_index.load("twenty")
+        by_index.load_victim("twenty")
     with pytest.raises(ConfigError, match="label 12 of the data is no class of victim"):
-        tiny_evaluator(tiny_dataset(labels=torch.tensor([0, 1, 2, 3, 4, 12])), tiny_models()).load("victim")
+        tiny_evaluator(tiny_dataset(labels=torch.tensor([0, 1, 2, 3, 4, 12])), tiny_models()).load_victim("victim")
     assert ds.subset(2).classes == names
+    # a defense labelling with its own models protects data of other classes too (0.17.0 refused it at
+    # first: any eval of non-CIFAR-10 data with the default defenses); with the ground truth it may not
+    assert evaluator.load("reversed") is named["reversed"]
+    other_clf = make_tiny_model(1, name="clf")
+    other_clf.config = dataclasses.replace(other_clf.config, classes=names[::-1])
+    mixed = tiny_evaluator(ds, {**tiny_models(), **named, "bb": named["reversed"], "clf": other_clf})
+    assert mixed.defend(fp_spec()).images.shape == ds.images.shape
+    with pytest.raises(ConfigError, match="reversed names its classes in another order"):
+        mixed.defend(fp_spec(labels="ground-truth"))
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_FSIZE and SIGXFSZ as Linux has them")

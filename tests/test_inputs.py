@@ -522,8 +522,9 @@ def test_folder_walks_take_every_image_format_pillow_reads_by_its_usual_suffix(t
     from preempt_cli.inputs import collect_inputs
 
     image = Image.new("RGB", (8, 8))
-    for suffix, fmt in ((".sgi", "SGI"), (".rgb", "SGI"), (".ico", "ICO"), (".pcx", "PCX"), (".pnm", "PPM"),
-                        (".qoi", "QOI"), (".dib", "BMP")):  # fmt: skip
+    for suffix, fmt in ((".sgi", "SGI"), (".ico", "ICO"), (".pcx", "PCX"), (".pnm", "PPM"), (".qoi", "QOI"),
+                        (".dib", "BMP")):  # fmt: skip
         image.save(tmp_path / f"a{suffix}", format=fmt)
+    (tmp_path / "texture.rgb").write_bytes(bytes(3072))  # a raw pixel dump by SGI's other name: left out
     assert sorted(i.path.suffix for i in collect_inputs([tmp_path])) == sorted(
-        [".sgi", ".rgb", ".ico", ".pcx", ".pnm", ".qoi", ".dib"])
+        [".sgi", ".ico", ".pcx", ".pnm", ".qoi", ".dib"])

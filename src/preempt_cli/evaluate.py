@@ -664,12 +664,19 @@ class Evaluator:
         self._num_classes: int | None = None  # of the first model loaded, where the data names no classes
 
     def load(self, name: str) -> ImageModel:
-        """The model ``name``, from the ``load`` given, checked to label the data's classes.
+        """The model ``name``, from the ``load`` given."""
+        return self._load_model(name)
+
+    def load_victim(self, name: str) -> ImageModel:
+        """The model ``name``, checked to label the data's classes, as a model scored against the data's
+        labels (a victim) or protecting with them (a defense labelled with the ground truth) must. A
+        defense that labels with its own classifier or backbone needs not: it protects data of other
+        classes too.
 
         Raises:
-            ConfigError: the model has other classes than the data's labels (or the first model's).
+            ConfigError: the model has other classes than the data's labels (or the first victim's).
         """
-        model = self._load_model(name)
+        model = self.load(name)
         self._check_classes(model)
         return model
 
@@ -760,8 +767,9 @@ class Evaluator:
         return lambda x, sl: protector.predict(x)
 
     def _protector(self, spec: DefenseSpec, cls: type[Protector] = Protector) -> Protector:
-        backbone = self.load(spec.get("backbone"))
         labels = spec.get("labels", "classifier")
+        # protecting with the data's labels, the backbone must name the data's classes as the labels do
+        backbone = (self.load_victim if labels in GROUND_TRUTH else self.load)(spec.get("backbone"))
         classifier = self.load(spec.get("classifier")) if (labels == "classifier" and spec.get("classifier")) else None
         if labels == "classifier" and classifier is None:
             raise ConfigError(f"defense {spec.name} labels with a classifier: give --classifier or classifier=NAME")
@@ -988,7 +996,7 @@ class Evaluator:
             if row is not None:
                 return row
         defended = self.defend(spec)
-        victim = self.load(victim_name)
+        victim = self.load_victim(victim_name)
         n = min(attack.limit, len(self.dataset)) if (attack and attack.limit) else len(self.dataset)
         x = _to_float(defended.images[:n], self.device)
         y = self.dataset.labels[:n].to(self.device)
@@ -1231,7 +1239,7 @@ def reversion_protocol(
     }  # fmt: skip
     for victim_name in victims:
         evaluator._warn_white_box(victim_name, defense)
-        victim = evaluator.load(victim_name)
+        victim = evaluator.load_victim(victim_name)
         accs, correct = {}, {}
         for stage, images in stages.items():
             x = _to_float(images, evaluator.device)

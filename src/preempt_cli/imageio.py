@@ -66,12 +66,12 @@ __all__ = [
 ]
 
 #: File suffixes picked up when a folder is given (any file Pillow reads is accepted when named directly).
+#: Not SGI's other names (.rgb, .rgba, .bw): raw pixel dumps go by them, and walks would fail them.
 #: A format this Pillow cannot read (AVIF, JPEG 2000 where built without them) fails with that reason,
 #: rather than being passed over without a word.
 IMAGE_SUFFIXES = frozenset(
     {".png", ".apng", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".tif", ".tiff", ".bmp", ".dib", ".gif", ".ppm",
-     ".pgm", ".pbm", ".pnm", ".tga", ".avif", ".jp2", ".j2k", ".jpf", ".jpx", ".sgi", ".rgb", ".rgba", ".bw",
-     ".ico", ".pcx", ".qoi"}
+     ".pgm", ".pbm", ".pnm", ".tga", ".avif", ".jp2", ".j2k", ".jpf", ".jpx", ".sgi", ".ico", ".pcx", ".qoi"}
 )  # fmt: skip
 
 #: Pillow's own decompression-bomb threshold (about 89 megapixels).

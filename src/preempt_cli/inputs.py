@@ -290,7 +290,12 @@ def read_failure(item: InputFile, reason: str) -> str:
     nothing says so, where the reader (which gets a path, not where it came from) says "no such file"."""
     if item.unlisted is not None:
         return f"a folder that cannot be listed ({item.unlisted}): its images are left out"
-    return "no file matches this pattern" if item.unmatched_pattern and reason == "no such file" else reason
+    if item.unmatched_pattern and reason == "no such file":
+        return "no file matches this pattern"
+    if reason == "no such file" and item.root is None and str(item.path).startswith("~"):
+        # a list on stdin is taken as it is (before 0.17.0 its ~ was expanded), as the shell leaves ~x
+        return "no such file (its ~ was not expanded: no such user, or a path listed on stdin, taken as it is)"
+    return reason
 
 
 def _root_name(root: Path) -> str:

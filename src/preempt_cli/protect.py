@@ -242,8 +242,15 @@ def read_preempt_metadata_file(path: Path) -> dict[str, Any] | None:
 # compared by its weights' sha256 where both runs know it. Left out: the precision (``--precision auto``
 # picks by hardware, and bf16 keeps the result: see benchmarks/RESULTS.md) and the preset's name (its
 # values are compared).
-_RUN_SETTINGS = ("backbone", "classifier", "labels", "eps", "eta", "forward_steps", "backward_steps", "samples",
-                 "sample_projection", "inner_steps", "seed")  # fmt: skip
+_RUN_SETTINGS = ("backbone", "backbone_setup", "classifier", "classifier_setup", "labels", "eps", "eta",
+                 "forward_steps", "backward_steps", "samples", "sample_projection", "inner_steps", "seed")  # fmt: skip
+
+
+def _setup_sha256(model: Any) -> str | None:
+    """The digest of how ``model``'s registry row builds and feeds its weights (see
+    :attr:`~preempt_cli.registry.ModelConfig.setup_sha256`); None without a row (tests' bare modules)."""
+    config = getattr(model, "config", None)
+    return getattr(config, "setup_sha256", None) if config is not None else None
 
 
 def differing_settings(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
@@ -549,8 +556,10 @@ class Protector:
         return {
             "backbone": self.backbone.name,
             "backbone_sha256": self.backbone.weights_sha256,
+            "backbone_setup": _setup_sha256(self.backbone),
             "classifier": labeller.name if labeller is not None else None,
             "classifier_sha256": getattr(labeller, "weights_sha256", None),
+            "classifier_setup": _setup_sha256(labeller),
             "labels": self.labels if isinstance(self.labels, str) else f"file:{self.labels.source.name}",
             "preset": self.preset,
             "eps": cfg.eps,

@@ -149,6 +149,19 @@ class ModelConfig:
         """The registry file a relative ``file:`` source resolves against."""
         return self.source_registry or self.registry_file
 
+    @property
+    def setup_sha256(self) -> str:
+        """A digest (16 hex digits) of how the row builds and feeds its weights: architecture and its
+        arguments, input size, normalization and classes. Outputs record it beside the weights' sha256: the
+        same file under a row fixed since (another shortcut, normalization or class order) is another
+        model, whose outputs a re-run must redo."""
+        import hashlib
+        import json
+
+        setup = [self.arch, dict(self.arch_args), list(self.input_size), self.mean and list(self.mean),
+                 self.std and list(self.std), self.num_classes, self.classes and list(self.classes)]  # fmt: skip
+        return hashlib.sha256(json.dumps(setup, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
     def class_name(self, index: int) -> str:
         """Human-readable class name of ``index`` (the index itself when names are unknown)."""
         if self.classes and 0 <= index < len(self.classes):
@@ -377,7 +390,8 @@ def _parse_row(
     if loaders:
         # timm.create_model takes them: a checkpoint_path loads a pickle over the row's source and pin
         raise RegistryError(path, f"model {name!r}: arch_args cannot set {', '.join(loaders)}: a model's weights "
-                                  "come from its source (and are checked against its sha256)")  # fmt: skip
+                                  "come from its source (and are checked against its sha256): convert them to "
+                                  "safetensors and give source = \"file:PATH\"")  # fmt: skip
     if not _all_finite(arch_args):
         raise RegistryError(path, f"model {name!r}: arch_args must hold finite numbers, got {dict(arch_args)}")
     role = row.get("role", "any")

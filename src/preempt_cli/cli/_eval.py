@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import math
 import os
 from pathlib import Path
@@ -29,6 +30,8 @@ from .._paths import expand_home
 from ..imageio import atomic_write
 from . import _common as c
 from ._files import SeedOpt, _defaults, _model_cache, _setup_torch, backbone_option, classifier_option
+
+_logger = logging.getLogger(__name__)
 
 # eval's own help: its -b/-c are the models of its defenses, with protect's defaults
 EvalBackboneOpt = backbone_option("Backbone of the fp and bilevel defenses that name none (see 'preempt models "
@@ -239,7 +242,12 @@ def eval_cmd(
     """Measure victim clean and robust accuracy before/after protection, reversion, quality and time."""
     c.setup_logging(verbose, quiet)
     # a quoted '~/x' as the shell would have expanded it: the folder checked must be the folder written
-    data, out = expand_home(data), expand_home(out, existing_literal=False)
+    home_out = expand_home(out, existing_literal=False)
+    if resume and home_out != out and os.path.isdir(out):
+        # preempt < 0.17 wrote a quoted '~/x' into ./~/x: a resume from ~/x would not see it
+        _logger.warning("--out %s: %s also exists (preempt before 0.17.0 wrote a quoted ~ there): it is not "
+                        "resumed; move it to %s to resume it", out, os.path.abspath(out), home_out)  # fmt: skip
+    data, out = expand_home(data), home_out
     labels_file = expand_home(labels_file) if labels_file is not None else None
     csv_path = expand_home(csv_path, existing_literal=False) if csv_path is not None else None
     # what a re-run does: only --resume reuses the grid's finished cells (a plain run computes all again);
@@ -279,12 +287,14 @@ def eval_cmd(
         dataset = load_dataset(data, classes=first.config.classes, labels_file=labels_file, limit=limit)
         evaluator = Evaluator(dataset, load=load, device=torch_device, out_dir=out, resume=resume,
                               batch_size=batch_size)  # fmt: skip
-        # every model the run uses, before any work: one of other classes is refused now, not after the
-        # defenses ran (a reversion with flipped labels uses no classifier: it is not loaded)
+        # every model the run uses, before any work: a victim of other classes than the data's is refused
+        # now, not after the defenses ran (a reversion with flipped labels uses no classifier: not loaded)
+        for name in victim:
+            evaluator.load_victim(name)
         used = [(role, n) for d in defenses for role, n in Evaluator.defense_models(d)
                 if not (reversion and flip_fraction > 0 and role == "classifier")]  # fmt: skip
         reverters = [*(reversion_backbone or []), *([reversion_classifier] if reversion_classifier else [])]
-        for name in dict.fromkeys([*victim, *(n for _, n in used), *(reverters if reversion else [])]):
+        for name in dict.fromkeys([*(n for _, n in used), *(reverters if reversion else [])]):
             evaluator.load(name)
         out.mkdir(parents=True, exist_ok=True)
         if reversion:

@@ -530,9 +530,12 @@ def _white_box_reverter(meta: dict[str, Any], model: Callable[[str], Any], seed:
     # classifier, the attacker labels with the backbone.
     clf = model(meta["classifier"]) if meta.get("classifier") else None
     for role, loaded in (("backbone", bb), ("classifier", clf)):  # the same names, other weights: no white box
-        recorded = meta.get(f"{role}_sha256")
+        recorded, setup = meta.get(f"{role}_sha256"), meta.get(f"{role}_setup")
         if loaded is not None and recorded and loaded.weights_sha256 and recorded != loaded.weights_sha256:
             _logger.warning("%s %s differs from the weights that protected %d file(s)", role, loaded.name, files)
+        elif loaded is not None and setup and setup != loaded.config.setup_sha256:  # a row fixed since
+            _logger.warning("%s %s is set up otherwise (registry row: architecture, normalization or classes) "
+                            "than the model that protected %d file(s)", role, loaded.name, files)  # fmt: skip
     settings = white_box_settings(meta)
     recorded_precision = settings.pop("precision")
     if seed is None:

@@ -338,7 +338,8 @@ def _metadata_mismatch(cfg: ModelConfig, meta: Mapping[str, str]) -> str:
                         meta["dataset"], cfg.dataset)  # fmt: skip
     if not found:
         return ""
-    return "; ".join(found) + " (fix the row, or its base, to match the weights)"
+    return "; ".join(found) + (" (fix the row, or its base, to match the weights; then redo what the old row "
+                               "made: protect --overwrite, a fresh eval --out)")  # fmt: skip
 
 
 def _as_json(value: Any) -> Any:
