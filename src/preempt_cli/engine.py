@@ -25,7 +25,7 @@ import numbers
 import threading
 from dataclasses import asdict, dataclass, field, fields, replace
 from fractions import Fraction
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -572,20 +572,12 @@ class FastPreemption:
             sample = self._noise(x_t, keys).add_(x_t.unsqueeze(1)).clamp_(0.0, 1.0)
             self._move_samples(sample, y_rep, x_t, bounds, direction)
             return self._outer_step(x_t, sample.mean(dim=1), bounds, direction)
-        # more samples than one pass holds: chunks of them, keeping only their sum; the hashed noise of a
-        # chunk of keys is that of the same samples drawn whole
-        images = max(1, budget // (chunk * numel))
+        # more samples than one pass holds: chunks of them; the hashed noise of a chunk of keys is that of
+        # the same samples drawn whole
         labels = y_rep.view(x_t.shape[0], samples)
-        total = torch.zeros_like(x_t)
-        for lo in range(0, x_t.shape[0], images):
-            part = slice(lo, lo + images)
-            x_part, bounds_part = x_t[part], (bounds[0][part], bounds[1][part])
-            for first in range(0, samples, chunk):
-                picked = slice(first, min(samples, first + chunk))
-                sample = self._noise(x_part, keys[part, picked]).add_(x_part.unsqueeze(1)).clamp_(0.0, 1.0)
-                self._move_samples(sample, labels[part, picked].reshape(-1), x_part, bounds_part, direction)
-                total[part].add_(sample.sum(dim=1))
-                del sample
+        total = self._sample_sum_in_chunks(x_t, bounds, direction, samples, chunk, budget,
+                                           noise=lambda part, picked: self._noise(x_t[part], keys[part, picked]),
+                                           labels=lambda part, picked: labels[part, picked].reshape(-1))  # fmt: skip
         return self._outer_step(x_t, total.div_(samples), bounds, direction)
 
     def _outer_step(self, x_t: torch.Tensor, mean_sample: torch.Tensor, bounds: tuple[torch.Tensor, torch.Tensor],
@@ -615,18 +607,45 @@ class FastPreemption:
         # together: sized by the whole batch, the chunks (and so the order of their sum, and the result's
         # bits) depended on how many images shared the batch.
         chunk = max(1, min(cfg.samples, budget // numel))
-        images = max(1, budget // (chunk * numel))
+
+        def noise(part: slice, picked: slice) -> torch.Tensor:
+            return self._sample_noise(x_t[part], generators[part], range(picked.start, picked.stop))
+
+        def labels(part: slice, picked: slice) -> torch.Tensor:
+            return y[part].repeat_interleave(picked.stop - picked.start)
+
+        total = self._sample_sum_in_chunks(x_t, bounds, direction, cfg.samples, chunk, budget, noise=noise,
+                                           labels=labels)  # fmt: skip
+        return self._outer_step(x_t, total.div_(cfg.samples), bounds, direction)
+
+    def _sample_sum_in_chunks(
+        self,
+        x_t: torch.Tensor,
+        bounds: tuple[torch.Tensor, torch.Tensor],
+        direction: float,
+        samples: int,
+        chunk: int,
+        budget: int,
+        *,
+        noise: Callable[[slice, slice], torch.Tensor],
+        labels: Callable[[slice, slice], torch.Tensor],
+    ) -> torch.Tensor:
+        """The sum over each image's ``samples`` moved samples, [B, C, H, W], computed ``chunk`` samples of
+        as many images as ``budget`` elements hold at a time. ``noise(images, samples)`` draws the noise of
+        those images and samples ([b, k, C, H, W]); ``labels(images, samples)`` gives their labels ([b * k]).
+        The chunks are sized by the caller from the image alone, so a batch never changes an image's bits."""
+        images = max(1, budget // (chunk * x_t[0].numel()))
         total = torch.zeros_like(x_t)
         for lo in range(0, x_t.shape[0], images):
             part = slice(lo, lo + images)
             x_part, bounds_part = x_t[part], (bounds[0][part], bounds[1][part])
-            for first in range(0, cfg.samples, chunk):
-                samples = range(first, min(cfg.samples, first + chunk))
-                sample = self._sample_noise(x_part, generators[part], samples).add_(x_part.unsqueeze(1)).clamp_(0.0, 1.0)
-                self._move_samples(sample, y[part].repeat_interleave(len(samples)), x_part, bounds_part, direction)
+            for first in range(0, samples, chunk):
+                picked = slice(first, min(samples, first + chunk))
+                sample = noise(part, picked).add_(x_part.unsqueeze(1)).clamp_(0.0, 1.0)
+                self._move_samples(sample, labels(part, picked), x_part, bounds_part, direction)
                 total[part].add_(sample.sum(dim=1))
                 del sample
-        return self._outer_step(x_t, total.div_(cfg.samples), bounds, direction)
+        return total
 
     def perturb(
         self, x: torch.Tensor, y: torch.Tensor, *, noise_seeds: Sequence[int] | None = None
