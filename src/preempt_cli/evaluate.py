@@ -123,16 +123,19 @@ def _check_dataset(dataset: Any) -> None:
     Raises:
         ConfigError: the dataset is not so.
     """
+    def described(value: Any) -> str:
+        if isinstance(value, torch.Tensor):
+            return f"{value.dtype} tensor of shape {tuple(value.shape)}"
+        return type(value).__name__
+
     images, labels = getattr(dataset, "images", None), getattr(dataset, "labels", None)
     if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.ndim != 4:
-        what = f"{images.dtype} tensor of shape {tuple(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
         raise ConfigError(f"dataset images must be a uint8 [N, C, H, W] tensor of 8-bit levels (as load_dataset "
-                          f"gives), got a {what}")  # fmt: skip
+                          f"gives), got a {described(images)}")  # fmt: skip
     if (not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.dtype == torch.bool
             or tuple(labels.shape) != (images.shape[0],)):  # fmt: skip
-        what = f"{labels.dtype} tensor of shape {tuple(labels.shape)}" if isinstance(labels, torch.Tensor) else type(labels).__name__
         raise ConfigError(f"dataset labels must be {images.shape[0]} integer class indices (one per image), got "
-                          f"a {what}")  # fmt: skip
+                          f"a {described(labels)}")  # fmt: skip
 
 
 def _class_list(names: Sequence[str]) -> str:
