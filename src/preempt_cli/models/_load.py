@@ -290,8 +290,9 @@ def _metadata_mismatch(cfg: ModelConfig, meta: Mapping[str, str]) -> str:
     wrote in a form not read here are left alone."""
     found: list[str] = []
 
-    def compare(key: str, file_value: Any, row_value: Any) -> None:
-        if file_value != row_value:
+    def compare(key: str, file_value: Any, row_value: Any, same: bool | None = None) -> None:
+        """Note the two values where they differ (``same``: the caller's own judgement of that)."""
+        if not (file_value == row_value if same is None else same):
             found.append(f"{key} {_shown(file_value)} in the file, {_shown(row_value)} in the row")
 
     if "arch" in meta and is_arch(meta["arch"]):
@@ -313,9 +314,8 @@ def _metadata_mismatch(cfg: ModelConfig, meta: Mapping[str, str]) -> str:
             file_value = _floats_or_none(meta[key]) if key in meta else ...
         except ValueError:
             continue
-        row_value = getattr(cfg, key)
-        if file_value is not ... and not _close(file_value, row_value):
-            found.append(f"{key} {_shown(file_value)} in the file, {_shown(row_value)} in the row")
+        if file_value is not ...:
+            compare(key, file_value, getattr(cfg, key), same=_close(file_value, getattr(cfg, key)))
     if "input_size" in meta:
         try:
             size = tuple(int(v) for v in meta["input_size"].split(","))
@@ -326,10 +326,8 @@ def _metadata_mismatch(cfg: ModelConfig, meta: Mapping[str, str]) -> str:
             compare("input_size", list(size), list(row_size))
     if meta.get("num_classes", "").isdigit():
         compare("num_classes", int(meta["num_classes"]), cfg.num_classes)
-    # compared joined, as files write them: a class name may hold a comma
-    if meta.get("classes") and cfg.classes and meta["classes"] != ",".join(cfg.classes):
-        found.append(f"classes {_shown(meta['classes'].split(','))} in the file, {_shown(list(cfg.classes))} in "
-                     "the row")  # fmt: skip
+    if meta.get("classes") and cfg.classes:  # compared joined, as files write them: a name may hold a comma
+        compare("classes", meta["classes"].split(","), list(cfg.classes), same=meta["classes"] == ",".join(cfg.classes))
     datasets = [re.sub(r"[^0-9a-z]", "", d.casefold()) for d in (meta.get("dataset", ""), cfg.dataset)]
     if all(d and d != "unknown" for d in datasets) and datasets[0] != datasets[1]:
         # a name only (a row may evaluate CIFAR-10 weights on CIFAR-10-C): said, not refused; the budget
