@@ -32,7 +32,8 @@ What it measures (medians over ``--repeats`` timed runs, each after a warm-up):
    pgdat-c, ``--accuracy-images`` test images) of bf16 protection against fp32's (bar: within 0.5 point).
 
 8. **GPU variants** (on CUDA, or anywhere with ``--variants``): the engine over ``--batch-sweep`` in fp32 and
-   bf16 with its peak GPU memory; at the fastest bf16 batch, cuDNN autotuning; at the fastest batch of each
+   bf16 with its peak GPU memory; at the fastest bf16 batch, cuDNN autotuning (on CUDA only: elsewhere it
+   changes nothing); at the fastest batch of each
    of ``--compile-precisions`` (bf16 and fp32), each ``torch.compile`` mode of ``--compile-modes`` (warm-up,
    i.e. compile, time apart; the share of pixels equal to eager's at that precision).
 9. **fusion** (``--unfused``): the engine against the same net with only its BatchNorm folded (as before
@@ -453,6 +454,12 @@ def _engine_rate(protector: Protector, x: torch.Tensor, y: torch.Tensor, seeds: 
     return r, out[0]
 
 
+def variant_name(device_type: str) -> str:
+    """How the batch/precision/compile part names its rows: the "GPU variants" run on a CPU too (``--variants``),
+    and a CPU's rows must not read as a GPU's."""
+    return "GPU engine" if device_type == "cuda" else f"{device_type.upper()} engine"
+
+
 def bench_gpu_variants(key: str, ours: ImageModel, x: torch.Tensor, seeds: list[int], args: argparse.Namespace,
                        cfg: ForeBackConfig, device: torch.device, peak: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
     """The engine on a GPU over batch sizes and precisions; then, at the fastest bf16 batch, cuDNN autotuning
@@ -462,6 +469,7 @@ def bench_gpu_variants(key: str, ours: ImageModel, x: torch.Tensor, seeds: list[
     x = x.to(device)
     y = make_protector(ours, cfg).predict(x).clone()
     result: dict[str, Any] = {"backbone": BACKBONES[key], "images": x.shape[0], "sweep": []}
+    what = variant_name(device.type)
     flops = count_flops(ours)
     # fp32 convolutions run as TF32 on the GPU's matrix units unless cudnn.allow_tf32 is off
     peak_of = {"fp32": "tf32" if "tf32" in peak else "fp32", "bf16": "bf16" if "bf16" in peak else "fp32"}
@@ -474,7 +482,7 @@ def bench_gpu_variants(key: str, ours: ImageModel, x: torch.Tensor, seeds: list[
     eager_out: dict[tuple[str, int], torch.Tensor] = {}
     for precision in ("fp32", "bf16"):
         for batch in args.batch_sweep:
-            log(f"{key}: GPU engine {precision}, batch {batch}")
+            log(f"{key}: {what} {precision}, batch {batch}")
             row: dict[str, Any] = {"precision": precision, "batch_size": batch}
             try:
                 r, out = _engine_rate(make_protector(ours, cfg, precision), x, y, seeds, batch, args, device)
@@ -502,13 +510,15 @@ def bench_gpu_variants(key: str, ours: ImageModel, x: torch.Tensor, seeds: list[
     saved = torch.backends.cudnn.benchmark
     try:
         torch.backends.cudnn.benchmark = True
-        log(f"{key}: GPU engine {precision}, batch {batch}, cudnn.benchmark")
-        r, out = _engine_rate(make_protector(ours, cfg, precision), x, y, seeds, batch, args, device)
-        r.update(precision=precision, batch_size=batch,
-                 pixels_equal_to_eager=agree(out, eager_out[(precision, batch)]),
-                 speedup_vs_eager=round(best["median_s"] / r["median_s"], 3))  # fmt: skip
-        add_flops(r, precision)
-        result["cudnn_benchmark"] = r
+        # cuDNN's autotuning changes nothing off CUDA: timing it there would only report the machine's noise
+        if device.type == "cuda":
+            log(f"{key}: {what} {precision}, batch {batch}, cudnn.benchmark")
+            r, out = _engine_rate(make_protector(ours, cfg, precision), x, y, seeds, batch, args, device)
+            r.update(precision=precision, batch_size=batch,
+                     pixels_equal_to_eager=agree(out, eager_out[(precision, batch)]),
+                     speedup_vs_eager=round(best["median_s"] / r["median_s"], 3))  # fmt: skip
+            add_flops(r, precision)
+            result["cudnn_benchmark"] = r
     finally:
         torch.backends.cudnn.benchmark = saved
     # torch.compile at the best batch of each precision of --compile-precisions: bf16's under "compile"
@@ -521,7 +531,7 @@ def bench_gpu_variants(key: str, ours: ImageModel, x: torch.Tensor, seeds: list[
         compiled: dict[str, Any] = {}
         result["compile" if compile_precision == "bf16" else f"compile_{compile_precision}"] = compiled
         for mode in args.compile_modes:
-            log(f"{key}: GPU engine {compile_precision}, batch {batch_p}, torch.compile mode {mode}")
+            log(f"{key}: {what} {compile_precision}, batch {batch_p}, torch.compile mode {mode}")
             try:
                 protector = Protector(ours, None, labels="backbone", config=cfg, precision=compile_precision,
                                       compile=mode)  # fmt: skip
@@ -891,22 +901,24 @@ def table_rows(results: dict[str, Any]) -> list[list[str]]:
         if "reference" in r:
             note = check(r["reference"]) + f"; engine {r['speedup']}x faster"
             row("reference (authors' style)", key, r["reference"], note)
+    what = variant_name(results.get("machine", {}).get("device") or "cuda")
     for key, g in results.get("gpu", {}).items():
         for r in g.get("sweep", []):
             if "error" in r:
-                rows.append([f"GPU engine {r['precision']} batch {r['batch_size']}", key, "", "", "", r["error"]])
+                rows.append([f"{what} {r['precision']} batch {r['batch_size']}", key, "", "", "", r["error"]])
             else:
-                row(f"GPU engine {r['precision']} batch {r['batch_size']}", key, r,
-                    check(r) + f"; {r['peak_memory_gib']} GiB peak; {r['gflops'] / 1000:.2f} TFLOP/s = "
+                memory = f"; {r['peak_memory_gib']} GiB peak" if r.get("peak_memory_gib") is not None else ""
+                row(f"{what} {r['precision']} batch {r['batch_size']}", key, r,
+                    check(r) + f"{memory}; {r['gflops'] / 1000:.2f} TFLOP/s = "
                     f"{100 * r['fraction_of_peak']:.1f}% of the {r['peak']} matmul peak")  # fmt: skip
         extra = [("cudnn.benchmark", g["cudnn_benchmark"])] if "cudnn_benchmark" in g else []
         extra += [(f"torch.compile {m}", r) for m, r in g.get("compile", {}).items()]
         extra += [(f"torch.compile {m}", r) for m, r in g.get("compile_fp32", {}).items()]
         for name, r in extra:
             if "error" in r:
-                rows.append([f"GPU engine + {name}", key, "", "", "", r["error"]])
+                rows.append([f"{what} + {name}", key, "", "", "", r["error"]])
                 continue
-            row(f"GPU engine {r['precision']} b{r['batch_size']} + {name}", key, r,
+            row(f"{what} {r['precision']} b{r['batch_size']} + {name}", key, r,
                 check(r) + f"; {r['speedup_vs_eager']}x eager; warm-up {r['warmup_s']} s; "
                 f"{100 * r['pixels_equal_to_eager']:.2f}% pixels = eager")  # fmt: skip
     for victim, a in results.get("precision_accuracy", {}).get("victims", {}).items():
@@ -1035,13 +1047,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-cli", action="store_true", help="in the end-to-end part, no `preempt protect` subprocess")
     p.add_argument("--no-bf16", dest="bf16", action="store_false", help="do not time --precision bf16 (timed where native)")
     p.add_argument("--batch-sweep", default="64,128,256,512",
-                   help="on CUDA: engine batch sizes (images) timed in fp32 and bf16 (default 64,128,256,512)")  # fmt: skip
+                   help="on CUDA or with --variants: engine batch sizes (images) timed in fp32 and bf16 (default 64,128,256,512)")  # fmt: skip
     p.add_argument("--compile-modes", default="default,reduce-overhead",
-                   help="on CUDA: torch.compile modes timed at the best batch ('' for none)")  # fmt: skip
+                   help="on CUDA or with --variants: torch.compile modes timed at the best batch ('' for none)")  # fmt: skip
     p.add_argument("--compile-precisions", default="bf16,fp32",
-                   help="on CUDA: precisions whose compiled engine is timed, each at its best batch (default bf16,fp32)")  # fmt: skip
+                   help="on CUDA or with --variants: precisions whose compiled engine is timed, each at its best batch (default bf16,fp32)")  # fmt: skip
     p.add_argument("--compile-backbones", default="preact18",
-                   help="on CUDA: backbones whose compiled engine is timed (default preact18)")  # fmt: skip
+                   help="on CUDA or with --variants: backbones whose compiled engine is timed (default preact18)")  # fmt: skip
     p.add_argument("--e2e-switch-interval", type=float, default=None,
                    help="also time --io processes end to end under this sys.setswitchinterval (seconds; an experiment)")
     p.add_argument("--cuda-graphs", action="store_true",

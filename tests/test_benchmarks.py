@@ -84,7 +84,8 @@ def test_bench_protect_runs_every_part_on_a_few_images(tmp_path: Path) -> None:
         [sys.executable, str(BENCHMARKS / "bench_protect.py"), "--backbones", "resnet20", "--images", "4",
          "--ref-images", "1", "--bilevel-images", "1", "--bilevel-steps", "1", "--bilevel-inner", "1",
          "--repeats", "1", "--accuracy-images", "0", "--e2e-images", "8", "--matmul-size", "256",
-         "--batch-size", "4", "--skip-photos", "--device", "cpu", "--unfused", "--json-out", str(out)],
+         "--batch-size", "4", "--skip-photos", "--device", "cpu", "--unfused", "--json-out", str(out),
+         "--variants", "--batch-sweep", "4", "--compile-modes", ""],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
@@ -105,6 +106,18 @@ def test_bench_protect_runs_every_part_on_a_few_images(tmp_path: Path) -> None:
     assert 0 < flops["engine"]["fraction_of_peak"] and flops["engine"]["peak"] == "fp32"
     assert report["bilevel"]["resnet20"]["batch"] == 1
     assert e2e["engine_only_on"].startswith("a worker thread")
+    # --variants on a CPU: its rows say so, and cuDNN's autotuning (a no-op there) is not timed
+    variants = report["gpu"]["resnet20"]
+    assert [(r["precision"], r["batch_size"]) for r in variants["sweep"]] == [("fp32", 4), ("bf16", 4)]
+    assert all(r["check"]["within_budget"] for r in variants["sweep"]) and "cudnn_benchmark" not in variants
+    sys.path.insert(0, str(BENCHMARKS))  # the table's rows as printed (rich wraps them in a narrow terminal)
+    try:
+        import bench_protect
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    rows = [r for r in bench_protect.table_rows(report) if r[0].startswith(("CPU engine", "GPU engine"))]
+    assert [r[0] for r in rows] == ["CPU engine fp32 batch 4", "CPU engine bf16 batch 4"]
+    assert not any("GiB" in r[-1] for r in rows)  # no GPU memory to report
 
 
 def test_flops_are_counted_through_fused_convolutions() -> None:
