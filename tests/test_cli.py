@@ -1378,6 +1378,30 @@ def test_models_list_verbose_and_roles(registry: Path) -> None:
     assert bogus.exit_code == 2 and "backbone, classifier, victim" in bogus.stderr and not bogus.stdout
 
 
+def test_models_commands_take_quiet(registry: Path, tmp_path: Path) -> None:
+    """-q as in the other commands: results on stdout, nothing else on stderr but errors."""
+    # a row pinning a sha256 on a moving Hub revision: a warning, on stderr, unless -q
+    warns = tmp_path / "warns.toml"
+    warns.write_text(registry.read_text() + f'\n[models.moving]\nbase = "tiny-key"\nsource = "hf://org/repo/w.safetensors"'
+                     f'\nsha256 = "{"1" * 64}"\n')  # fmt: skip
+    loud = run(["models", "list"], warns)
+    assert loud.exit_code == 0 and "registries:" in loud.stderr and "pin a commit" in loud.stderr
+    quiet = run(["models", "list", "-q"], warns)
+    assert quiet.exit_code == 0 and quiet.stderr == "" and quiet.stdout == loud.stdout
+    # verify -q: nothing for a model that passes, the error line for one that fails, the exit code for both
+    ok = run(["models", "verify", "tiny-key", "-q"], registry)
+    assert (ok.exit_code, ok.stdout, ok.stderr) == (0, "", "")
+    failed = run(["models", "verify", "tiny-key", "tiny-labeller", "-q"], registry)
+    assert failed.exit_code == 1 and failed.stdout == ""
+    (line,) = failed.stderr.splitlines()
+    assert line.startswith("error: tiny-labeller: ")
+    # convert -q: the output's path alone, for a script to take
+    torch.save({"w": torch.ones(2)}, tmp_path / "ckpt.pt")
+    out = tmp_path / "w.safetensors"
+    converted = CliRunner().invoke(app, ["models", "convert", str(tmp_path / "ckpt.pt"), str(out), "-q"])
+    assert converted.exit_code == 0 and converted.stdout == f"{out}\n" and out.is_file()
+
+
 def test_precision_help_gives_measured_figures() -> None:
     result = CliRunner().invoke(app, ["protect", "--help"], env={"COLUMNS": "400"})
     assert "1.8x" not in result.stdout and "H100" in result.stdout

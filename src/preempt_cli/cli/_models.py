@@ -81,8 +81,11 @@ def list_cmd(
     json_out: c.JsonOpt = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="More columns: classes, mean/std, revision, "
                                           "sha256 pin, registry file.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="The table only: no registry files or warnings on "
+                                        "stderr; errors only.")] = False,
 ) -> None:
     """List registered models."""
+    c.setup_logging(0, quiet)
     with c.handle_errors():
         if role is not None and role not in ROLES:
             raise ConfigError(f"unknown --role {role!r}: use {', '.join(ROLES[:-1])} or {ROLES[-1]}")
@@ -99,8 +102,9 @@ def list_cmd(
         for m in rows:
             table.add_row(*(value(m) for _, value in columns))
         c.print_table(table)
-        files = ", ".join(str(p) for p in registry_files(registry or ()))
-        c.stderr.print(f"registries: {files} (user registry: {user_registry_path()})", markup=False)
+        if not quiet:
+            files = ", ".join(str(p) for p in registry_files(registry or ()))
+            c.stderr.print(f"registries: {files} (user registry: {user_registry_path()})", markup=False)
 
 
 @app.command("show", epilog="[bold]Examples[/]\n\n  preempt models show cifar10-resnet20-pgdat-a")
@@ -130,8 +134,11 @@ def verify_cmd(
     registry: c.RegistryOpt = None,
     device: c.DeviceOpt = "cpu",
     json_out: c.JsonOpt = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Failures only: no line for a model that passes "
+                                        "(the exit code says whether all did).")] = False,
 ) -> None:
     """Check a model: find its weights, verify the sha256 pin, load them, run one forward pass."""
+    c.setup_logging(0, quiet)
     failed = 0
     with c.handle_errors():
         torch_device = c.one_device(device)
@@ -153,7 +160,7 @@ def verify_cmd(
                        "pinned": model.pin_verified, "seconds": round(time.perf_counter() - start, 3)}  # fmt: skip
                 if json_out:
                     c.print_json(row)
-                else:
+                elif not quiet:
                     if model.pin_verified:
                         pin = "sha256 matches pin"
                     elif cfg.source.kind == "timm":
@@ -191,8 +198,11 @@ def convert_cmd(
                                 "the default).")
     ] = ["module."],  # noqa: B006 - typer reads the default
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output (never the checkpoint).")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="The output's path only, for scripts; no "
+                                        "warnings.")] = False,
 ) -> None:
     """Convert a PyTorch checkpoint to safetensors, loading it with torch.load(weights_only=True)."""
+    c.setup_logging(0, quiet)
     with c.handle_errors():
         n, sha = convert_checkpoint(checkpoint, output, key=key, strip_prefixes=tuple(strip_prefix), overwrite=force)
-        c.stdout.print(f"{output} ({n} tensors, sha256 {sha})", markup=False)
+        c.stdout.print(str(output) if quiet else f"{output} ({n} tensors, sha256 {sha})", markup=False)
