@@ -164,6 +164,20 @@ def test_ctrl_c_stops_with_exit_130_and_leaves_only_whole_files(tmp_path: Path, 
     assert sorted(p.name for p in (tmp_path / "in").iterdir()) == ["img0.png", "img1.png", "img2.png"]
 
 
+def test_a_folder_without_images_named_beside_files_is_warned_about(tmp_path: Path, registry: Path) -> None:
+    """A folder named like an image (``x.png/``), or one left empty, among inputs that were found went
+    unnoticed, even at -v: it is named on stderr, the run goes on."""
+    (image,) = _images(tmp_path / "in", n=1)
+    (tmp_path / "x.png").mkdir()
+    result = run(["protect", str(tmp_path / "x.png"), str(image), *FAST, "--labels", "backbone"], registry)
+    assert result.exit_code == 0 and (tmp_path / "in" / "img0.protected.png").is_file()
+    assert f"warning: {tmp_path / 'x.png'}: a folder without images" in result.stderr
+    assert run(["protect", str(tmp_path / "x.png"), str(image), *FAST, "--labels", "backbone", "-q",
+                "--overwrite"], registry).stderr == ""  # fmt: skip
+    alone = run(["protect", str(tmp_path / "x.png"), *FAST, "--labels", "backbone"], registry)
+    assert alone.exit_code == 2 and alone.stderr.splitlines() == [f"error: no images found in {tmp_path / 'x.png'}"]
+
+
 def test_a_folder_in_the_way_of_an_output_fails_without_advising_overwrite(tmp_path: Path, registry: Path) -> None:
     _images(tmp_path / "p", n=1)
     (tmp_path / "p" / "img0.protected.png").mkdir()  # --overwrite cannot replace a folder
@@ -195,6 +209,9 @@ def test_ctrl_c_lists_every_output_it_leaves_on_disk(tmp_path: Path, registry: P
     on_disk = sorted(p.name for p in out.iterdir())
     assert len(on_disk) == 8 and all(n.endswith(".protected.png") for n in on_disk)  # no temporary files
     assert sorted(Path(line).name for line in result.stdout.splitlines()) == on_disk
+    # the summary says what the interrupted run did, before the line that says it stopped
+    summary, stopped = result.stderr.splitlines()[-2:]
+    assert summary.startswith("Protected 8, skipped 0, failed 0 in ") and stopped.startswith("error: interrupted")
 
 
 def test_an_interrupt_while_the_caller_holds_the_thread_still_reports_the_files_written(
@@ -229,7 +246,7 @@ def test_ctrl_c_in_stages_stops_then_waits_then_quits(tmp_path: Path) -> None:
 import os, signal, time
 from preempt_cli.cli._common import _stop_on_interrupt
 
-with _stop_on_interrupt():
+with _stop_on_interrupt("stopping: finishing the batch"):
     try:
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(5)
@@ -246,6 +263,8 @@ with _stop_on_interrupt():
     assert done.returncode == 130, done.stderr
     assert done.stdout.split("\n")[:2] == ["stopping", "still finishing"] and "never" not in done.stdout
     assert "finishing the files being computed and written" in done.stderr and "quit before" in done.stderr
+    # the first press is answered at once (finishing a large photo takes a minute: silent, it looked hung)
+    assert done.stderr.splitlines()[0] == "preempt: stopping: finishing the batch"
 
 
 def test_ctrl_c_once_the_command_is_over_or_before_it_starts_prints_no_traceback(tmp_path: Path) -> None:
@@ -1604,6 +1623,7 @@ def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path: Path, registry: Path, to: 
     rest, err = proc.communicate(timeout=60)  # ends: no process of the run holds the pipes
     assert proc.returncode == 128 + signal.SIGTERM, err.decode()
     assert "interrupted by SIGTERM" in err.decode()
+    assert err.decode().count("preempt (SIGTERM): stopping: finishing the files being computed") == 1
     rows = [json.loads(line) for line in (proc.first_line + rest).decode().splitlines()]
     on_disk = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert on_disk and not [n for n in on_disk if n.endswith(".tmp")]

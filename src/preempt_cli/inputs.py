@@ -192,6 +192,12 @@ def collect_inputs(
         raise ConfigError("an empty input path (an unset variable?): name the files or folders to process")
     folders: list[Path] = []
     found = _collect(args, stdin, skip_markers, folders)
+    if found:  # (with nothing found at all, the caller's error says so)
+        seen = {os.path.abspath(i.root) for i in found if i.root is not None}
+        for folder in folders:
+            if os.path.abspath(folder) not in seen:  # named among files that were found, it went unnoticed
+                seen.add(os.path.abspath(folder))
+                _logger.warning("%s: a folder without images: nothing in it is processed", folder)
     # Several folders given: an empty one counts too, so that its neighbours' outputs do not move once it
     # holds images (a re-run would not find them)
     if len({os.path.abspath(f) for f in folders}) > 1:

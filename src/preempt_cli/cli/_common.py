@@ -151,6 +151,12 @@ class _Stop:
         return EXIT_INTERRUPTED if self.signum is None else 128 + self.signum
 
 
+def _line_start() -> bytes:
+    """Where a line said from a signal handler starts: on a terminal, over the progress bar's line (the
+    bar draws itself again below it), not after its text."""
+    return b"\r\x1b[2K" if stderr.is_terminal else b""
+
+
 def _say(message: bytes) -> None:
     """``message`` on stderr from a signal handler; a terminal hung up (the SIGHUP that stops the run) or a
     closed pipe must not raise inside the clean-up the handler interrupted."""
@@ -184,11 +190,12 @@ def listing() -> Iterator[None]:
 
 
 @contextmanager
-def _stop_on_interrupt() -> Iterator[_Stop]:
+def _stop_on_interrupt(stopping: str | None = None) -> Iterator[_Stop]:
     """Ctrl-C in stages. The first stops the command (``KeyboardInterrupt``): a run finishes the files being
     written, so that none is left half-written. Another press while it does so says that it is stopping,
     instead of interrupting that clean-up (which left threads running into the interpreter's exit: a C++
     abort, exit 134); a third quits at once (temporary files may be left; a re-run redoes those files).
+    ``stopping``, if given, is said at the first press: a command that finishes work before it stops.
     SIGTERM and SIGHUP count as presses; the one that came first sets the exit code (see :class:`_Stop`).
     A signal the command was started ignoring stays ignored: ``nohup`` (SIGHUP), a background job of a
     script (SIGINT)."""
@@ -203,13 +210,17 @@ def _stop_on_interrupt() -> Iterator[_Stop]:
         presses += 1
         if presses == 1:
             stop.signum = signum
+            if stopping:
+                by = "" if signum == signal.SIGINT else f" ({signal.Signals(signum).name})"
+                _say(_line_start() + f"preempt{by}: {stopping}\n".encode(errors="replace"))
             if stop.listing:  # raised once the result is listed (see listing)
                 stop.deferred = True
                 return
             raise KeyboardInterrupt
         # os.write, not print: a handler that prints while the main thread is printing raises "reentrant call"
         if presses == 2:
-            _say(b"preempt: stopping, finishing the files being computed and written (Ctrl-C again to quit at once)\n")
+            _say(_line_start() + b"preempt: stopping, finishing the files being computed and written (Ctrl-C again "
+                 b"to quit at once)\n")  # fmt: skip
             return
         restore_cursor = b"\x1b[?25h" if stderr.is_terminal else b""  # the progress bar hid it
         _say(restore_cursor + b"preempt: quit before the files being written were finished\n")
@@ -230,12 +241,13 @@ def _stop_on_interrupt() -> Iterator[_Stop]:
 
 @contextmanager
 def handle_errors(interrupted: str = "outputs written so far are complete; run again to do the rest",
-                  ) -> Iterator[None]:  # fmt: skip
+                  stopping: str | None = None) -> Iterator[None]:  # fmt: skip
     """Turn library errors into one ``error:`` line on stderr and the table's exit code; Ctrl-C (SIGTERM,
-    SIGHUP) in stages (see :func:`_stop_on_interrupt`), then ``interrupted`` says what a re-run does."""
+    SIGHUP) in stages (see :func:`_stop_on_interrupt`; ``stopping`` is said at the first), then
+    ``interrupted`` says what a re-run does."""
     stop = _Stop()
     try:
-        with _stop_on_interrupt() as stop:
+        with _stop_on_interrupt(stopping) as stop:
             yield
     except (typer.Exit, typer.Abort):
         raise

@@ -13,7 +13,8 @@ from typing import Annotated, Any, Callable, Iterable, Iterator, Optional
 
 import torch
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, SpinnerColumn, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 
 from ..device import configure_cpu, resolve_devices
 from ..engine import PRECISIONS, PRESETS, ForeBackConfig, check_seed, parse_eps
@@ -220,9 +221,11 @@ def _drive(results: Iterable[FileResult], total: int, *, verb: str, json_out: bo
     counts = {"done": 0, "skipped": 0, "failed": 0}
     start = time.perf_counter()
     show_progress = c.stderr.is_terminal and not quiet
+    # the bar moves once a file: a 24-megapixel photo on a CPU is a minute at 0/1, so the spinner and the
+    # elapsed time show the run is alive
     progress = c.progress_bar(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), quiet=quiet,
+        SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(), quiet=quiet,
     )  # fmt: skip
     with progress:
         task = progress.add_task(verb.capitalize(), total=total, rate="")
@@ -245,12 +248,11 @@ def _drive(results: Iterable[FileResult], total: int, *, verb: str, json_out: bo
             for note in result.warnings or ():
                 _logger.warning("%s: %s", c.one_line(str(result.input)), note)
             if show_progress:
-                elapsed = time.perf_counter() - start
-                rate = counts["done"] / elapsed if elapsed > 0 else 0.0
-                progress.update(task, advance=1, rate=f"{rate:.1f} img/s")
+                progress.update(task, advance=1, rate=_rate(counts["done"], time.perf_counter() - start, "img/s", "s/img"))
 
         results = iter(results)
         result: FileResult | None = None
+        interrupted = False
         try:
             for result in results:
                 report(result)
@@ -262,22 +264,39 @@ def _drive(results: Iterable[FileResult], total: int, *, verb: str, json_out: bo
                 report(result)
             for result in finish_interrupted(results):
                 report(result)
-            raise
-    elapsed = time.perf_counter() - start
-    if not quiet:
-        per_second = counts["done"] / elapsed if elapsed > 0 else 0.0
-        # photos on a CPU take seconds each: "0.0 images/s" would say nothing
-        rate = "" if not counts["done"] else (f" ({per_second:.1f} images/s)" if per_second >= 1
-                                              else f" ({elapsed / counts['done']:.1f} s per image)")  # fmt: skip
-        try:
-            c.stderr.print(
-                f"{verb.capitalize()} {counts['done']}, skipped {counts['skipped']}, failed {counts['failed']} "
-                f"in {elapsed:.1f} s{rate}.",
-                markup=False,
-            )
-        except OSError:  # stderr on a full disk: the run did its work, and its exit code says how it went
-            pass
+            interrupted = True
+    if not quiet:  # an interrupted run's too: what it did, before the error line that says it stopped
+        _summary(verb, counts, time.perf_counter() - start)
+    if interrupted:
+        raise KeyboardInterrupt
     return c.EXIT_FAILURES if counts["failed"] else c.EXIT_OK
+
+
+#: Said at the first Ctrl-C (or SIGTERM): finishing a batch can take minutes (a 24-megapixel photo on a CPU),
+#: and a run that stopped answering looked hung.
+STOPPING = "stopping: finishing the files being computed and written (Ctrl-C twice more to quit at once)"
+
+
+def _rate(done: int, elapsed: float, per_second: str, per_item: str) -> str:
+    """``done`` files in ``elapsed`` seconds as a rate: photos on a CPU take seconds each, where "0.0 img/s"
+    would say nothing."""
+    if not done or elapsed <= 0:
+        return ""
+    return f"{done / elapsed:.1f} {per_second}" if done >= elapsed else f"{elapsed / done:.1f} {per_item}"
+
+
+def _summary(verb: str, counts: dict[str, int], elapsed: float) -> None:
+    rate = _rate(counts["done"], elapsed, "images/s", "s per image")
+    _note(f"{verb.capitalize()} {counts['done']}, skipped {counts['skipped']}, failed {counts['failed']} "
+          f"in {elapsed:.1f} s{f' ({rate})' if rate else ''}.")  # fmt: skip
+
+
+def _note(line: str) -> None:
+    """A line on stderr (above a progress bar on a terminal)."""
+    try:
+        c.stderr.print(line, markup=False, highlight=False)
+    except OSError:  # stderr on a full disk: the run did its work, and its exit code says how it went
+        pass
 
 
 def _workers(workers: int | None) -> dict[str, int]:
@@ -398,7 +417,7 @@ def protect(
 ) -> None:
     """Protect images with Fast Preemption; writes <stem>.protected.png next to each original."""
     c.setup_logging(verbose, quiet)
-    with c.handle_errors():
+    with c.handle_errors(stopping=STOPPING):
         _check_run(out_dir, max_pixels, json_out, print0)
         config = _config(preset, eps, eta, forward, backward, samples, backbone=backbone or DEFAULT_BACKBONE,
                          registry=registry)  # fmt: skip
@@ -608,7 +627,7 @@ def revert(
 ) -> None:
     """Preemptive Reversion (x~ = 2 x^r - D(x^r)): white-box with the same backbone, black-box with another."""
     c.setup_logging(verbose, quiet)
-    with c.handle_errors():
+    with c.handle_errors(stopping=STOPPING):
         _check_run(out_dir, max_pixels, json_out, print0)
         options = Reverter.run_options(RunOptions(out_dir=out_dir, suffix=suffix, overwrite=overwrite,
                                                   batch_size=batch_size, max_pixels=max_pixels,
