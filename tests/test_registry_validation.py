@@ -208,3 +208,36 @@ def test_models_verify_unknown_name_is_still_a_failure_of_that_model(tmp_path) -
     assert result.exit_code == 1, result.output
     assert "error: nope: unknown model 'nope'" in result.stderr
     assert "ok  preempt-resnet20-at" in result.stdout
+
+
+# -- timm that cannot be imported --------------------------------------------------------------------------------
+
+
+class _BrokenTimm:
+    """An import of timm that fails as with a torchvision built for another torch."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "timm" or name.startswith("timm."):
+            raise RuntimeError("operator torchvision::nms does not exist")
+        return None
+
+
+def test_a_timm_model_with_a_broken_timm_is_a_config_error_naming_the_cause(monkeypatch) -> None:
+    """A torchvision of another torch makes ``import timm`` raise RuntimeError: it was "internal error:
+    RuntimeError: operator torchvision::nms does not exist", exit 2, with nothing about timm."""
+    import sys
+
+    from preempt_cli import load_model
+    from preempt_cli.errors import ConfigError
+
+    for name in [m for m in sys.modules if m == "timm" or m.startswith("timm.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(sys, "meta_path", [_BrokenTimm(), *sys.meta_path])
+    with pytest.raises(ConfigError) as info:
+        load_model("deit-b", device="cpu")
+    message = str(info.value)
+    assert "needs timm, which cannot be imported (RuntimeError: operator torchvision::nms" in message
+    assert "built-in architectures do not need it" in message
+    result = CliRunner().invoke(app, ["models", "verify", "deit-b", "preempt-resnet20-at"])
+    assert result.exit_code == 1 and "internal error" not in result.stderr  # the built-in one still loads
+    assert "ok  preempt-resnet20-at" in result.stdout and "deit-b" in result.stderr

@@ -892,7 +892,8 @@ class Protector:
 
     def _io_processes(self, options: RunOptions) -> bool:
         if options.io == "auto":  # a GPU outruns what threads (one GIL) decode and encode, given CPUs to spare
-            return self.device.type == "cuda" and options.workers >= 4
+            # ... where worker processes can start: without a fork server (Windows) every run warned about it
+            return self.device.type == "cuda" and options.workers >= 4 and _has_forkserver()
         return options.io == "processes"
 
     def _process_pool(self, options: RunOptions, *, use: bool = False) -> ProcessPoolExecutor | None:
@@ -931,7 +932,10 @@ class Protector:
             # once, not once per worker (not at all for the ``preempt`` command: see cli.main)
             pool = None
             try:
-                context = multiprocessing.get_context("forkserver")  # ValueError where there is none (Windows)
+                if not _has_forkserver():
+                    raise ConfigError("this platform has no fork server to start them from (Windows): use --io "
+                                      "threads")  # fmt: skip
+                context = multiprocessing.get_context("forkserver")
                 context.set_forkserver_preload(["__main__", "preempt_cli.imageio", "preempt_cli._forkserver"])
                 pool = ProcessPoolExecutor(options.workers, mp_context=context, initializer=start_io_worker,
                                            initargs=(os.getpid(),))  # the workers end with this process
@@ -1099,6 +1103,13 @@ class Protector:
                 yield from collect(block=True, finishing=True)
             yield from drain(block=True)
             raise
+
+
+def _has_forkserver() -> bool:
+    """Whether worker processes can start as :class:`_ProcessIO` starts them (not on Windows)."""
+    import multiprocessing
+
+    return "forkserver" in multiprocessing.get_all_start_methods()
 
 
 class _ThreadIO:

@@ -238,7 +238,7 @@ def timm_pretrained_cfg(model: str) -> Any:
     """timm's pretrained config of ``model`` (``name.tag``), offline; None when timm does not know it."""
     try:
         from timm.models import get_pretrained_cfg
-    except ImportError:  # pragma: no cover - timm is a dependency
+    except Exception:  # missing, or broken (a torchvision of another torch): loading the model says which
         return None
     try:
         return get_pretrained_cfg(model)

@@ -184,10 +184,7 @@ def _check_arch_known(cfg: ModelConfig) -> None:
     """
     if is_arch(cfg.arch):
         return
-    try:
-        import timm
-    except ImportError as e:  # pragma: no cover - timm is a dependency
-        raise ConfigError(f"architecture {cfg.arch!r} needs timm: pip install timm") from e
+    timm = _import_timm(f"architecture {cfg.arch!r}")
     if not timm.is_model(cfg.arch.split(".")[0]):
         raise ConfigError(
             f"model {cfg.name!r}: architecture {cfg.arch!r} is neither built into preempt nor known to timm "
@@ -210,7 +207,7 @@ def _build_net(cfg: ModelConfig, *, pretrained_timm: bool = False, weights_file:
         _check_input_channels(cfg, net)
         return net.float()  # float32 whatever torch's default dtype (set to float64, the net was built in it)
     _check_arch_known(cfg)
-    import timm
+    timm = _import_timm(f"architecture {cfg.arch!r}")
 
     name = cfg.source.location if pretrained_timm else cfg.arch
     try:
@@ -414,9 +411,35 @@ def _load_timm_pretrained(cfg: ModelConfig, verify_hash: bool) -> nn.Module:
 
 
 def _timm_version() -> str:
-    import timm
+    return _import_timm("timm's weights").__version__
 
-    return timm.__version__
+
+def _import_timm(needed_by: str) -> Any:
+    """The ``timm`` module, for ``needed_by`` (what the message names).
+
+    Raises:
+        ConfigError: timm is missing, or its import fails: a torchvision built for another torch (pip pairs
+            a CPU torch from one index with torchvision from another) raises RuntimeError ("operator
+            torchvision::nms does not exist"), which read as preempt's own internal error.
+    """
+    try:
+        import timm
+    except ImportError as e:
+        raise ConfigError(f"{needed_by} needs timm, which is not installed: pip install timm") from e
+    except Exception as e:  # a broken install: say which, and that the built-in models do not need it
+        reason = f"{type(e).__name__}: {first_line(e)}"
+        hint = ""
+        if "torchvision" in reason:
+            from importlib.metadata import PackageNotFoundError, version
+
+            try:
+                hint = (f"; torchvision {version('torchvision')} does not match torch {torch.__version__}: install "
+                        f"the torchvision built for this torch, or uninstall torchvision")  # fmt: skip
+            except PackageNotFoundError:
+                pass
+        raise ConfigError(f"{needed_by} needs timm, which cannot be imported ({reason}){hint} "
+                          f"(preempt's built-in architectures do not need it)") from e  # fmt: skip
+    return timm
 
 
 def _timm_safetensors(cfg: ModelConfig, pretrained: Any) -> Path:
