@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from conftest import TEST_DEVICE, TEST_DEVICE_ARG, QueuedWork, StandInDevice, write_random_pngs
+from preempt_cli import __version__
 from preempt_cli.cli import app
 from preempt_cli.errors import ConfigError
 from preempt_cli.inputs import collect_inputs, parse_shard, read_failure
@@ -1047,6 +1048,28 @@ def test_io_auto_falls_back_to_threads_when_processes_cannot_start(tmp_path: Pat
                                                                         overwrite=True)))  # fmt: skip
 
 
+def test_io_auto_on_a_gpu_without_a_fork_server_takes_threads_without_a_warning(tmp_path: Path, tiny_backbone,
+                                                                               monkeypatch: pytest.MonkeyPatch,
+                                                                               caplog) -> None:  # fmt: skip
+    """Windows has no fork server: ``auto`` chose worker processes on a GPU all the same, and every run
+    warned that they could not start. It takes threads there; ``--io processes`` says why it cannot."""
+    import multiprocessing
+    from types import SimpleNamespace
+
+    from preempt_cli import ForeBackConfig, Protector, collect_inputs
+
+    on_a_gpu = SimpleNamespace(device=torch.device("cuda"))
+    options = RunOptions(io="auto", workers=4)
+    assert Protector._io_processes(on_a_gpu, options)  # here (Linux): worker processes
+    monkeypatch.setattr(multiprocessing, "get_all_start_methods", lambda: ["spawn"])  # as on Windows
+    assert not Protector._io_processes(on_a_gpu, options)
+    _images(tmp_path / "in", n=2)
+    protector = Protector(tiny_backbone, labels="backbone", config=ForeBackConfig(samples=1))
+    with pytest.raises(ConfigError, match="no fork server to start them from"):
+        list(protector.run(collect_inputs([tmp_path / "in"]), RunOptions(out_dir=tmp_path / "out", io="processes")))
+    assert "using threads" not in caplog.text
+
+
 def test_a_dead_io_worker_fails_only_the_files_it_held(tmp_path: Path, tiny_backbone) -> None:
     import os
     import signal
@@ -1114,6 +1137,18 @@ def test_images_of_many_sizes_are_computed_as_they_come_not_all_held_to_the_end(
 
 
 # -- streams: redirected stdout, pipes, unwrapped tables and logs, NUL-terminated paths -----------------------
+def test_version_is_answered_without_importing_torch() -> None:
+    """`preempt --version` took 1.3-2.7 s, nearly all of it importing torch, before printing one line."""
+    import subprocess
+
+    code = ("import sys; sys.argv = ['preempt', '--version']; from preempt_cli.__main__ import main; main(); "
+            "print('torch' in sys.modules)")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_child_env(), timeout=120)
+    assert done.returncode == 0 and done.stdout.splitlines() == [f"preempt {__version__}", "False"], done.stderr
+    # the same line as the full CLI gives (where --version comes with other arguments)
+    assert CliRunner().invoke(app, ["--version"]).stdout == f"preempt {__version__}\n"
+
+
 def _child_env() -> dict[str, str]:
     """The environment of a ``preempt`` child process: no setting that would change what rich sees."""
     import os
@@ -1172,6 +1207,12 @@ def test_the_progress_bar_moves_stdout_above_it_only_when_stdout_is_a_terminal(m
         def isatty(self) -> bool:
             return True
 
+    from rich.console import Console
+
+    # a bar is drawn only on a terminal (elsewhere, and with -q, there is no Progress at all)
+    assert isinstance(_common.progress_bar(quiet=False), _common._NoProgress)  # pytest's stderr: not one
+    monkeypatch.setattr(_common, "stderr", Console(file=io.StringIO(), force_terminal=True))
+    assert isinstance(_common.progress_bar(quiet=True), _common._NoProgress)
     monkeypatch.setattr(sys, "stdout", io.StringIO())
     assert _common.progress_bar(quiet=False).live._redirect_stdout is False
     monkeypatch.setattr(sys, "stdout", Tty())

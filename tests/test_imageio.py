@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import PIL
 from PIL import Image, features
 
 from preempt_cli import imageio
@@ -26,6 +27,8 @@ from preempt_cli.imageio import (
     stack_levels,
     write_png,
 )
+
+_PILLOW = tuple(int(part) for part in PIL.__version__.split(".")[:2])
 
 #: Mode each shared photo must keep (the JPEGs are RGB).
 PHOTO_MODES = {
@@ -190,7 +193,9 @@ def test_an_orientation_in_xmp_alone_is_not_applied(tmp_path, fmt: str) -> None:
     else:
         Image.fromarray(arr).save(path, quality=100, xmp=xmp.encode())
     with Image.open(path) as img:
-        assert img.getexif().get(0x0112) == 6  # Pillow's view: turned
+        pillow_turns = img.getexif().get(0x0112) == 6
+    # Pillow's own view since 11.3 (XMP's orientation in its EXIF): turned; the older ones do not read it
+    assert pillow_turns or _PILLOW < (11, 3)
     assert read_image(path).size == (64, 48)
     exif = Image.Exif()
     exif[0x0112] = 3
@@ -350,7 +355,14 @@ def test_a_transparent_colour_png_keeps_its_transparency_as_alpha(mode: str, tmp
 
 
 def test_16bit_gray_with_a_transparent_level_is_refused_not_made_opaque(tmp_path) -> None:
-    Image.fromarray((_gradient()[..., 0].astype(np.uint16) * 257).astype("<u2")).save(tmp_path / "t.png", transparency=0)
+    # written by hand: Pillow before 10.3 cannot save this mode with a transparency (the file is valid PNG)
+    data = _png_bytes(2, 1, depth=16, color_type=0, idat=b"\x00" + bytes([0, 0, 0x80, 0x80]))
+    at = data.index(b"IDAT") - 4
+    trns = b"tRNS" + bytes(2)  # level 0 is transparent
+    data = data[:at] + struct.pack(">I", 2) + trns + struct.pack(">I", zlib.crc32(trns)) + data[at:]
+    (tmp_path / "t.png").write_bytes(data)
+    with Image.open(tmp_path / "t.png") as img:
+        assert img.mode.startswith("I") and img.info.get("transparency") == 0  # what the file is
     _assert_read_error(tmp_path / "t.png", "transparen")
 
 
@@ -1091,7 +1103,8 @@ def test_a_broken_colour_chunk_fails_in_words(tmp_path: Path) -> None:
     at = data.index(b"IDAT") - 4
     gama = struct.pack(">I", 2) + b"gAMA" + b"\x00\x01" + struct.pack(">I", zlib.crc32(b"gAMA\x00\x01"))
     (tmp_path / "short.png").write_bytes(data[:at] + gama + data[at:])
-    _assert_read_error(tmp_path / "short.png", "corrupt or truncated image data")
+    # (Pillow before 12 refuses the file at open: "not an image Pillow can read (unknown or corrupt format)")
+    _assert_read_error(tmp_path / "short.png", "corrupt")
 
 def test_a_plain_ppm_of_more_than_8_bits_is_refused(tmp_path: Path) -> None:
     """P3 (plain text) decodes through another Pillow decoder than P6: it was cut to 8 bits unseen."""

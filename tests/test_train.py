@@ -526,9 +526,15 @@ def test_cli_help_gives_the_defaults(command: list[str], defaults: list[str]) ->
     assert result.exit_code == 0 and all(d in text for d in defaults), text
 
 
-def test_cli_progress_names_the_epoch_a_resume_starts_at() -> None:
+def test_cli_progress_names_the_epoch_a_resume_starts_at(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    from rich.console import Console
+
+    from preempt_cli.cli import _common
     from preempt_cli.cli._train import _reporter
 
+    monkeypatch.setattr(_common, "stderr", Console(file=io.StringIO(), force_terminal=True))  # a bar is drawn
     progress, callbacks = _reporter(json_out=False, quiet=False)
     callbacks["on_epoch_start"](3)  # a run resumed after epoch 2
     callbacks["on_batch"](1, 5)

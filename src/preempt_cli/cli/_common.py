@@ -286,15 +286,42 @@ def _silence_stdout() -> None:
         pass
 
 
-def progress_bar(*columns: Any, quiet: bool) -> Progress:
+def progress_bar(*columns: Any, quiet: bool) -> Progress | _NoProgress:
     """A progress bar on stderr, shown only on a terminal and without ``--quiet``.
 
     Results printed while it runs stay on stdout: rich moves stdout writes above the bar only when stdout
     is that terminal too; redirected (``> file``, ``| cat``), stdout is left alone, else its lines would go
     to the terminal instead of the file. Writes to stderr are moved above the bar (the same stream).
     """
-    return Progress(*columns, console=stderr, transient=True, disable=quiet or not stderr.is_terminal,
-                    redirect_stdout=_is_tty(sys.stdout), redirect_stderr=True)  # fmt: skip
+    if quiet or not stderr.is_terminal:
+        # no Progress at all: rich before 14.3 wrote an empty line to stderr when a disabled one stopped (a
+        # stray line in a -q run's log, and an error on a full disk)
+        return _NoProgress()
+    return Progress(*columns, console=stderr, transient=True, redirect_stdout=_is_tty(sys.stdout),
+                    redirect_stderr=True)  # fmt: skip
+
+
+class _NoProgress:
+    """What :func:`progress_bar` gives where no bar is shown: the calls of a :class:`~rich.progress.Progress`
+    that the commands make, doing nothing."""
+
+    def __enter__(self) -> _NoProgress:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+    def add_task(self, *args: Any, **kwargs: Any) -> int:
+        return 0
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def advance(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def remove_task(self, *args: Any, **kwargs: Any) -> None:
+        return None
 
 
 def print_table(table: Any) -> None:
