@@ -74,6 +74,15 @@ def test_eval_grid_protection_raises_pgd_accuracy_and_writes_reports(tmp_path: P
     assert (tmp_path / "rows.csv").read_text().count("\n") == 5
     report = (out / "report.md").read_text()
     assert "PGD-10" in report and "LPIPS unavailable" in report
+    # what the figures were computed with, beside them (a release that rounds otherwise gives other figures)
+    from preempt_cli import __version__
+
+    run = json.loads((out / "run.json").read_text())
+    assert run["preempt"] == __version__ and run["torch"] == torch.__version__ and run["images"] == 48
+    assert set(run["weights_sha256"]) == {"cifar10-resnet20-pgdat-b", "cifar10-resnet20-pgdat-a",
+                                          "cifar10-resnet18-std"}  # fmt: skip
+    assert all(len(sha) == 64 for sha in run["weights_sha256"].values())
+    assert f"Computed by preempt {__version__}" in report and run["data_fingerprint"] in report
     maps = list(out.glob("perturbation_*.png"))
     assert len(maps) == 1 and Image.open(maps[0]).size[0] > 32
 
@@ -94,7 +103,7 @@ def test_reversion_protocol_on_real_models(tmp_path: Path) -> None:
                          "--victim", "cifar10-resnet20-pgdat-c", *COMMON_NO_CLASSIFIER, "--reversion-backbone", "cifar10-resnet20-pgdat-b",
                          "--out", str(tmp_path), "--json", *extra])  # fmt: skip
         assert result.exit_code == 0, result.stderr
-        assert (tmp_path / "reversion.json").is_file()
+        assert json.loads((tmp_path / "reversion.json").read_text())["run"]["images"] == 100
         return json.loads(result.stdout)
 
     # The attacker's own labels (the protocol of the paper and of `preempt revert`): labels of x^r by the

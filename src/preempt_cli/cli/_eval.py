@@ -65,13 +65,22 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _run_record(evaluator: Evaluator, models: list[str]) -> dict[str, Any]:
+    """:meth:`Evaluator.provenance` (the rows name the victims, defenses with all their options, and
+    attacks)."""
+    return evaluator.provenance(models)
+
+
 def _write_report(out: Path, rows: list[dict[str, Any]], evaluator: Evaluator, defenses: list[DefenseSpec],
-                  title: str) -> Path:  # fmt: skip
+                  title: str, run: dict[str, Any]) -> Path:  # fmt: skip
     from ..quality import save_perturbation_figure
 
     lines = [f"# {title}", "", f"Data: `{evaluator.dataset.root}` ({len(evaluator.dataset)} images). "
              "Accuracies in %; robust accuracy on 8-bit adversarial examples crafted against each victim within "
-             "eps of the image they start from.", ""]  # fmt: skip
+             "eps of the image they start from.", "",
+             f"Computed by preempt {run['preempt']} (torch {run['torch']}) on {run['device']}, finished "
+             f"{run['finished']}; data fingerprint {run['data_fingerprint']}. The weights' sha256 are in "
+             "`run.json`.", ""]  # fmt: skip
     cols = ["victim", "defense", "attack", "n", "clean_acc", "robust_acc", "seconds_per_image", "linf", "ssim", "lpips"]
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_fmt(r.get(k)) for k in cols) + " |" for r in rows]
@@ -297,6 +306,8 @@ def eval_cmd(
         for name in dict.fromkeys([*(n for _, n in used), *(reverters if reversion else [])]):
             evaluator.load(name)
         out.mkdir(parents=True, exist_ok=True)
+        # what the results were computed with, kept beside them (written with them, at the end)
+        involved = [*victim, *(n for _, n in used), *(reverters if reversion else [])]
         if reversion:
             result = reversion_protocol(evaluator, victims=victim, defense=defenses[0],
                                         black_box_backbone=reversion_backbone, jpeg_quality=jpeg_quality,
@@ -320,7 +331,8 @@ def eval_cmd(
                         table.add_row(stage, f"{acc:.2f}", "" if p_value is None else f"{p_value:.2g}",
                                       res["verdict"].get(stage, ""), result["reverter_labels"].get(stage, ""))  # fmt: skip
                     c.print_table(table)
-            _write_text(out / "reversion.json", json_dumps(result, indent=1))
+            _write_text(out / "reversion.json", json_dumps({**result, "run": _run_record(evaluator, involved)},
+                                                           indent=1))  # fmt: skip
             raise typer.Exit(c.EXIT_OK)
 
         total = len(defenses) * len(victim) * len(attacks)
@@ -345,10 +357,12 @@ def eval_cmd(
                 table.add_row(*(_fmt(r.get(k)) for k in cols))
             c.print_table(table)
         # after the table: a file that cannot be written fails the run (exit 1) with the results shown
+        run = _run_record(evaluator, involved)
         _write_text(out / "results.json", json_dumps(rows, indent=1))
+        _write_text(out / "run.json", json_dumps(run, indent=1))
         if csv_path is not None:
             _write_text(csv_path, _csv_text(rows))
-        report = _write_report(out, rows, evaluator, defenses, "preempt eval")
+        report = _write_report(out, rows, evaluator, defenses, "preempt eval", run)
         if not quiet:
             c.stderr.print(f"Report: {report}", markup=False)
     raise typer.Exit(c.EXIT_OK)
