@@ -901,7 +901,7 @@ def table_rows(results: dict[str, Any]) -> list[list[str]]:
         if "reference" in r:
             note = check(r["reference"]) + f"; engine {r['speedup']}x faster"
             row("reference (authors' style)", key, r["reference"], note)
-    what = variant_name(results.get("machine", {}).get("device") or "cuda")
+    what = variant_name(torch.device(results.get("machine", {}).get("device") or "cuda").type)  # cuda:0 too
     for key, g in results.get("gpu", {}).items():
         for r in g.get("sweep", []):
             if "error" in r:

@@ -82,15 +82,23 @@ def test_eval_grid_protection_raises_pgd_accuracy_and_writes_reports(tmp_path: P
     assert set(run["weights_sha256"]) == {"cifar10-resnet20-pgdat-b", "cifar10-resnet20-pgdat-a",
                                           "cifar10-resnet18-std"}  # fmt: skip
     assert all(len(sha) == 64 for sha in run["weights_sha256"].values())
-    assert f"Computed by preempt {__version__}" in report and run["data_fingerprint"] in report
+    assert f"Run by preempt {__version__}" in report and run["data_fingerprint"] in report
+    assert run["resumed"] == {"defenses": 0, "cells": 0} and [o["preempt"] for o in run["computed_by"]] == [__version__]
     maps = list(out.glob("perturbation_*.png"))
     assert len(maps) == 1 and Image.open(maps[0]).size[0] > 32
 
     # --resume reuses the finished cells: same rows, no recomputation of the defense.
     (out / "defenses").rename(out / "moved")  # a recomputation would now be needed if cells were not reused
+    for cell_file in (out / "cells").glob("*.json"):  # as if another release had computed them
+        cell_file.write_text(cell_file.read_text().replace(f'"preempt": "{__version__}"', '"preempt": "0.0.1"'))
     again = invoke([*args, "--resume"])
     assert again.exit_code == 0
     assert [json.loads(x)["robust_acc"] for x in again.stdout.splitlines()] == [r["robust_acc"] for r in rows]
+    # ... and the record names who computed them, not the run that resumed them
+    resumed = json.loads((out / "run.json").read_text())
+    assert resumed["resumed"] == {"defenses": 0, "cells": 4} and resumed["preempt"] == __version__
+    assert [o["preempt"] for o in resumed["computed_by"]] == ["0.0.1"]
+    assert "4 cells and 0 defended sets were resumed" in (out / "report.md").read_text()
 
 
 @needs_shared

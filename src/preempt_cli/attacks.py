@@ -18,7 +18,7 @@ import logging
 import math
 import numbers
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol, runtime_checkable
+from typing import Any, Iterator, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -173,9 +173,8 @@ class PGD:
     attacks 8-bit images: L-inf clips the rounded levels to those within ``eps`` of ``x`` (for ``x`` on the
     8-bit grid: ``floor(eps * 255)`` levels); L2 rounds to the nearest levels, else to those of the
     perturbation scaled down just enough (``s * (adv - x)``, the largest scale whose levels fit), else
-    rounds toward ``x``, else (only possible when ``x`` is off the grid) keeps the unrounded image,
-    whichever first lies within ``eps``. Success and loss for the choice across restarts are judged on
-    the rounded images.
+    (only possible when ``x`` is off the grid) keeps the unrounded image. Success and loss for the choice
+    across restarts are judged on the rounded images.
 
     Args:
         model: a classifier taking [0, 1] images and returning logits.
@@ -336,8 +335,9 @@ def _quantize_8bit(adv: torch.Tensor, x: torch.Tensor, norm: str, eps: float) ->
     L-inf clips the rounded levels to those within ``eps`` of ``x`` (an empty interval, only possible for
     ``x`` off the grid and ``eps`` under one level, keeps the unrounded value). L2 takes the nearest levels
     where they lie within ``eps``; else the nearest levels of ``x + s * (adv - x)`` for the largest scale
-    ``s`` in [0, 1] found (by bisection) whose levels do; else the levels rounded toward ``x``; else the
-    unrounded image (only possible for ``x`` off the grid).
+    ``s`` in [0, 1] found (by bisection) whose levels do; else (only possible for ``x`` off the grid, whose
+    nearest levels, those of ``s = 0``, are then the nearest grid point to it and lie outside ``eps``) the
+    unrounded image.
 
     An L2 attack ends on the sphere, and rounding each of its thousands of pixels to the nearest level
     pushes almost every image just past ``eps`` (CIFAR-10 at 0.5: 503 of 518). Rounding those toward ``x``
@@ -353,32 +353,34 @@ def _quantize_8bit(adv: torch.Tensor, x: torch.Tensor, norm: str, eps: float) ->
         clipped = torch.minimum(torch.maximum(nearest, low), high) / _LEVELS
         return torch.where(low <= high, clipped, a).to(adv.dtype)
     limit = eps * (1 + 1e-6)
-
-    def fits(candidate: torch.Tensor) -> torch.Tensor:
-        return _l2_norms(candidate - xd).view(-1) <= limit
-
-    x_levels = torch.round(xd * _LEVELS)
-    toward_x = (x_levels + torch.trunc(a * _LEVELS - x_levels)).clamp(0, _LEVELS)
     out = a.clone()
-    pending = torch.ones(a.shape[0], dtype=torch.bool, device=a.device)
-    for candidate in (nearest / _LEVELS, _scaled_to_fit(xd, a - xd, fits), toward_x / _LEVELS):
-        ok = pending & fits(candidate)
-        out[ok] = candidate[ok]
-        pending &= ~ok
+    rounded = nearest / _LEVELS
+    pending = _l2_norms(rounded - xd).view(-1) > limit
+    out[~pending] = rounded[~pending]
+    if pending.any():  # bisected only where the nearest levels overshoot
+        rows = pending.nonzero().view(-1)
+        scaled, fits = _scaled_to_fit(xd[rows], a[rows] - xd[rows], limit)
+        out[rows[fits]] = scaled[fits]
+        pending[rows[fits]] = False
     if pending.any():
         _logger.debug("quantize: %d images kept unrounded (not on the 8-bit grid)", int(pending.sum()))
     return out.to(adv.dtype)
 
 
-def _scaled_to_fit(x: torch.Tensor, delta: torch.Tensor, fits: Callable[[torch.Tensor], torch.Tensor],
-                   iterations: int = 30) -> torch.Tensor:  # fmt: skip
+def _scaled_to_fit(x: torch.Tensor, delta: torch.Tensor, limit: float,
+                   iterations: int = 30) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """The 8-bit levels of ``x + s * delta`` for each image's largest scale ``s`` in [0, 1] that bisection
-    finds with ``fits`` (float64; 30 halvings bring ``s`` within 1e-9 of that boundary). The levels' norm
-    is not exactly monotone in ``s``; bisection keeps a scale whose levels fit, which is all that counts."""
+    finds with levels within ``limit`` of ``x`` (L2, float64; 30 halvings bring ``s`` within 1e-9 of that
+    boundary), and whether they are (not where ``x`` is off the grid and its own nearest levels are outside
+    ``limit``). The levels' norm is not exactly monotone in ``s``; bisection keeps a scale whose levels fit,
+    which is all that counts."""
     shape = (-1,) + (1,) * (x.dim() - 1)
 
     def levels(scale: torch.Tensor) -> torch.Tensor:
         return torch.round((x + scale.view(shape) * delta) * _LEVELS).clamp(0, _LEVELS) / _LEVELS
+
+    def fits(candidate: torch.Tensor) -> torch.Tensor:
+        return _l2_norms(candidate - x).view(-1) <= limit
 
     low = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)  # fits where x is on the grid
     high = torch.ones_like(low)
@@ -386,7 +388,8 @@ def _scaled_to_fit(x: torch.Tensor, delta: torch.Tensor, fits: Callable[[torch.T
         middle = (low + high) / 2
         ok = fits(levels(middle))
         low, high = torch.where(ok, middle, low), torch.where(ok, high, middle)
-    return levels(low)
+    result = levels(low)
+    return result, fits(result)
 
 
 # -- AutoAttack -------------------------------------------------------------------------------------------

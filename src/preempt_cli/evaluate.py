@@ -583,7 +583,7 @@ _RESUME_FORMAT = 2
 #: Part of every cell's resume key besides :data:`_RESUME_FORMAT`: raised when the same cell computes or
 #: names something else (a defended set, kept under its own key, is not computed again for it).
 #: 1 (0.16.0): AutoAttack L2 rounds to 8 bits as L-inf does; rows name every option of a defense.
-#: 2 (0.18.0): L2 rounding keeps the budget (an L2 cell of 1 read 2.7-3.1 points high).
+#: 2 (0.18.0): L2 rounding keeps the budget (an L2 cell of 1 read 1.1-3.1 points high).
 _CELL_FORMAT = 2
 
 
@@ -661,6 +661,8 @@ class Evaluator:
         self.batch_size = batch_size or (256 if self.device.type == "cuda" else 50)
         self.attack_batch_size = attack_batch_size
         self._defended: dict[str, DefendedSet] = {}
+        #: who computed each defended set and cell this evaluator gave: (resumed, computed_by); see provenance
+        self._origins: dict[str, list[tuple[bool, dict[str, str]]]] = {"defenses": [], "cells": []}
         self._data_fingerprint: str | None = None
         self._model_fingerprints: dict[str, str] = {}
         self._defense_keys: dict[str, str] = {}
@@ -903,28 +905,33 @@ class Evaluator:
         cache = self.out_dir / "defenses" / f"{key}.pt" if self.out_dir else None
         saved = self._load_defense(cache) if (cache is not None and self.resume and cache.is_file()) else None
         if saved is not None:
-            result = DefendedSet(spec, *saved, 0.0)
+            images, seconds, computed_by = saved
+            result = DefendedSet(spec, images, seconds, 0.0)
+            self._origins["defenses"].append((True, computed_by))
             _logger.info("resumed defense %s from %s", spec.name, cache)
         else:
             _logger.info("computing defense %s on %d images", spec.name, len(self.dataset))
             result = self._compute_defense(spec)
+            self._origins["defenses"].append((False, self.computed_by()))
             if cache is not None:
                 # serialized first: torch's writer turns a full disk into a RuntimeError that names no file
                 buffer = io.BytesIO()
-                torch.save({"images": result.images, "seconds_per_image": result.seconds_per_image}, buffer)
+                torch.save({"images": result.images, "seconds_per_image": result.seconds_per_image,
+                            "computed_by": self.computed_by()}, buffer)  # fmt: skip
                 with atomic_write(cache) as f:  # --resume must never find a truncated cache
                     f.write(buffer.getbuffer())
         self._quality(result)
         self._defended[key] = result
         return result
 
-    def _load_defense(self, cache: Path) -> tuple[torch.Tensor, float | None] | None:
-        """The images and seconds per image a resume file holds; None, with a warning naming the file, when
-        it cannot be read or does not hold this dataset's defended images (the defense is then computed again
-        and the file replaced)."""
+    def _load_defense(self, cache: Path) -> tuple[torch.Tensor, float | None, dict[str, str]] | None:
+        """The images, seconds per image and :meth:`computed_by` a resume file holds; None, with a warning
+        naming the file, when it cannot be read or does not hold this dataset's defended images (the defense
+        is then computed again and the file replaced)."""
         try:
             saved = torch.load(cache, map_location="cpu", weights_only=True)
             images, seconds = saved["images"], saved["seconds_per_image"]
+            computed_by = _computed_by_record(saved.get("computed_by"))
             if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8:
                 raise ValueError("no uint8 images in it")
             if images.shape != self.dataset.images.shape:
@@ -935,7 +942,7 @@ class Evaluator:
             self._warn_broken(cache, e, "defense")
             return None
         seconds = None if seconds is None or not math.isfinite(seconds) else float(seconds)
-        return images, seconds
+        return images, seconds, computed_by
 
     @staticmethod
     def _warn_broken(path: Path, error: BaseException, what: str) -> None:
@@ -998,6 +1005,7 @@ class Evaluator:
         if path is not None and self.resume and path.is_file():
             row = self._load_cell(path)
             if row is not None:
+                self._origins["cells"].append((True, _computed_by_record(row.pop("computed_by", None))))
                 return row
         defended = self.defend(spec)
         victim = self.load_victim(victim_name)
@@ -1030,8 +1038,9 @@ class Evaluator:
             "attack_seconds": round(time.perf_counter() - start, 2),
             **{k: v for k, v in defended.summary().items() if k != "defense"},
         }
+        self._origins["cells"].append((False, self.computed_by()))
         if path is not None:
-            text = json_dumps(row, indent=1)
+            text = json_dumps({**row, "computed_by": self.computed_by()}, indent=1)
             with atomic_write(path) as f:  # --resume must never find a truncated cell
                 f.write(text.encode())
         return row
@@ -1044,11 +1053,10 @@ class Evaluator:
                 for attack in attacks or [None]:
                     yield self.cell(victim, spec, attack)
 
-    def provenance(self, models: Sequence[str] = ()) -> dict[str, Any]:
-        """What a result was computed with, to be kept beside it: the versions (preempt's own decides how
-        attacks round, see :data:`_CELL_FORMAT`), the device, the data (its folder and fingerprint) and the
-        sha256 of each of ``models``' weights. A figure without these could not be told apart from one
-        computed by another release."""
+    def computed_by(self) -> dict[str, str]:
+        """What computes here: preempt's version (its own decides how attacks round, see
+        :data:`_CELL_FORMAT`), torch's, and the device. Kept in every defended set and cell written to
+        ``out_dir``, so that a resumed result names the run that computed it, not the one that resumed it."""
         import platform
 
         from . import __version__
@@ -1058,18 +1066,38 @@ class Evaluator:
             device += f" ({torch.cuda.get_device_name(self.device)})"
         else:
             device += f" ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+        return {"preempt": __version__, "torch": torch.__version__, "device": device}
+
+    def provenance(self, models: Sequence[str] = ()) -> dict[str, Any]:
+        """What this evaluator's results were computed with, to be kept beside them: this process's
+        :meth:`computed_by` (and Python, the platform), the data (its folder and fingerprint), the sha256 of
+        each of ``models``' weights, and how many defended sets and cells were resumed from ``out_dir``, with
+        every distinct :meth:`computed_by` of what it gave. A figure without these could not be told apart
+        from one computed by another release."""
+        import platform
+
+        origins = [origin for kind in ("defenses", "cells") for _, origin in self._origins[kind]]
         return {
-            "preempt": __version__,
-            "torch": torch.__version__,
+            **self.computed_by(),
             "python": platform.python_version(),
             "platform": platform.platform(),
-            "device": device,
             "data": str(self.dataset.root),
             "images": len(self.dataset),
             "data_fingerprint": self.data_fingerprint,
             "weights_sha256": {name: self._model_fingerprint(name) for name in dict.fromkeys(models)},
+            "resumed": {kind: sum(resumed for resumed, _ in self._origins[kind]) for kind in ("defenses", "cells")},
+            "computed_by": [dict(t) for t in dict.fromkeys(tuple(sorted(o.items())) for o in origins)],
             "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
+
+
+def _computed_by_record(value: Any) -> dict[str, str]:
+    """A resume file's ``computed_by``, as :meth:`Evaluator.computed_by` wrote it (``unknown`` where the file
+    has none or something else)."""
+    keys = ("preempt", "torch", "device")
+    if isinstance(value, dict) and all(isinstance(value.get(k), str) for k in keys):
+        return {k: value[k] for k in keys}
+    return dict.fromkeys(keys, "unknown")
 
 
 class _Reporting:

@@ -197,7 +197,8 @@ def collect_inputs(
         for folder in folders:
             if os.path.abspath(folder) not in seen:  # named among files that were found, it went unnoticed
                 seen.add(os.path.abspath(folder))
-                _logger.warning("%s: a folder without images: nothing in it is processed", folder)
+                _logger.warning("%s: a folder without images to process (preempt's outputs are left out): nothing "
+                                "in it is processed", folder)  # fmt: skip
     # Several folders given: an empty one counts too, so that its neighbours' outputs do not move once it
     # holds images (a re-run would not find them)
     if len({os.path.abspath(f) for f in folders}) > 1:

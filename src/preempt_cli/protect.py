@@ -144,7 +144,8 @@ class RunOptions:
     #: outputs (which a re-run redoes), and slow disks stop limiting a fast GPU
     fsync: bool = True
     #: where files are decoded and encoded: ``threads``, ``processes`` (no shared GIL: for small images on
-    #: a GPU), or ``auto`` (processes when computing on CUDA with 4 or more workers; the CLI's default).
+    #: a GPU), or ``auto`` (processes when computing on CUDA with 4 or more workers, where a fork server can
+    #: start them, so not on Windows; the CLI's default).
     #: Processes start from a fork server that imports the ``__main__`` module again: a script that uses
     #: them needs the ``if __name__ == "__main__":`` guard, as with any multiprocessing code.
     io: str = "threads"

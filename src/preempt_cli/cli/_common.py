@@ -219,8 +219,8 @@ def _stop_on_interrupt(stopping: str | None = None) -> Iterator[_Stop]:
             raise KeyboardInterrupt
         # os.write, not print: a handler that prints while the main thread is printing raises "reentrant call"
         if presses == 2:
-            _say(_line_start() + b"preempt: stopping, finishing the files being computed and written (Ctrl-C again "
-                 b"to quit at once)\n")  # fmt: skip
+            _say(_line_start() + b"preempt: still stopping, finishing the files being computed and written (Ctrl-C "
+                 b"again to quit at once)\n")  # fmt: skip
             return
         restore_cursor = b"\x1b[?25h" if stderr.is_terminal else b""  # the progress bar hid it
         _say(restore_cursor + b"preempt: quit before the files being written were finished\n")

@@ -65,10 +65,14 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _run_record(evaluator: Evaluator, models: list[str]) -> dict[str, Any]:
-    """:meth:`Evaluator.provenance` (the rows name the victims, defenses with all their options, and
-    attacks)."""
-    return evaluator.provenance(models)
+def _resumed_text(run: dict[str, Any]) -> str:
+    """What a resumed run took from earlier runs, and what computed it (empty when it computed all)."""
+    resumed = run["resumed"]
+    if not any(resumed.values()):
+        return ""
+    by = "; ".join(f"preempt {o['preempt']} (torch {o['torch']}) on {o['device']}" for o in run["computed_by"])
+    return (f"{resumed['cells']} cells and {resumed['defenses']} defended sets were resumed from `--out`; the "
+            f"results were computed by: {by}. ")
 
 
 def _write_report(out: Path, rows: list[dict[str, Any]], evaluator: Evaluator, defenses: list[DefenseSpec],
@@ -78,9 +82,9 @@ def _write_report(out: Path, rows: list[dict[str, Any]], evaluator: Evaluator, d
     lines = [f"# {title}", "", f"Data: `{evaluator.dataset.root}` ({len(evaluator.dataset)} images). "
              "Accuracies in %; robust accuracy on 8-bit adversarial examples crafted against each victim within "
              "eps of the image they start from.", "",
-             f"Computed by preempt {run['preempt']} (torch {run['torch']}) on {run['device']}, finished "
-             f"{run['finished']}; data fingerprint {run['data_fingerprint']}. The weights' sha256 are in "
-             "`run.json`.", ""]  # fmt: skip
+             f"Run by preempt {run['preempt']} (torch {run['torch']}) on {run['device']}, finished "
+             f"{run['finished']}; data fingerprint {run['data_fingerprint']}. {_resumed_text(run)}The weights' "
+             "sha256 are in `run.json`.", ""]  # fmt: skip
     cols = ["victim", "defense", "attack", "n", "clean_acc", "robust_acc", "seconds_per_image", "linf", "ssim", "lpips"]
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_fmt(r.get(k)) for k in cols) + " |" for r in rows]
@@ -331,7 +335,7 @@ def eval_cmd(
                         table.add_row(stage, f"{acc:.2f}", "" if p_value is None else f"{p_value:.2g}",
                                       res["verdict"].get(stage, ""), result["reverter_labels"].get(stage, ""))  # fmt: skip
                     c.print_table(table)
-            _write_text(out / "reversion.json", json_dumps({**result, "run": _run_record(evaluator, involved)},
+            _write_text(out / "reversion.json", json_dumps({**result, "run": evaluator.provenance(involved)},
                                                            indent=1))  # fmt: skip
             raise typer.Exit(c.EXIT_OK)
 
@@ -357,7 +361,7 @@ def eval_cmd(
                 table.add_row(*(_fmt(r.get(k)) for k in cols))
             c.print_table(table)
         # after the table: a file that cannot be written fails the run (exit 1) with the results shown
-        run = _run_record(evaluator, involved)
+        run = evaluator.provenance(involved)
         _write_text(out / "results.json", json_dumps(rows, indent=1))
         _write_text(out / "run.json", json_dumps(run, indent=1))
         if csv_path is not None:

@@ -121,7 +121,8 @@ FsyncOpt = Annotated[
 IoOpt = Annotated[
     str,
     typer.Option("--io", help="Decode and encode files on threads, in processes (no shared GIL: faster for "
-                 "small images on a GPU), or auto (processes when computing on a GPU with 4+ workers)."),
+                 "small images on a GPU), or auto (processes when computing on a GPU with 4+ workers, where a fork server can start "
+                 "them: not on Windows)."),
 ]  # fmt: skip
 CompileOpt = Annotated[
     str,
