@@ -1066,7 +1066,8 @@ class Evaluator:
             device += f" ({torch.cuda.get_device_name(self.device)})"
         else:
             device += f" ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-        return {"preempt": __version__, "torch": torch.__version__, "device": device}
+        # plain str: torch.__version__ is a TorchVersion, which a weights-only torch.load of the cache refuses
+        return {"preempt": __version__, "torch": str(torch.__version__), "device": device}
 
     def provenance(self, models: Sequence[str] = ()) -> dict[str, Any]:
         """What this evaluator's results were computed with, to be kept beside them: this process's
