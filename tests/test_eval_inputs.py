@@ -164,6 +164,25 @@ def test_a_damaged_resume_file_is_computed_again_with_a_warning_naming_it(
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]
 
 
+def test_a_resumed_run_names_who_computed_what_it_took(tmp_path: Path) -> None:
+    """run.json credited results taken from --out to the run that resumed them (another release, another
+    device); each defended set and cell now keeps its own record, and provenance() counts and names them."""
+    first = _evaluator(tmp_path, resume=False)
+    first.cell("victim", FP, None)
+    assert first.provenance(["victim"])["resumed"] == {"defenses": 0, "cells": 0}
+    (cache,) = (tmp_path / "defenses").glob("*")
+    assert torch.load(cache, weights_only=True)["computed_by"] == first.computed_by()  # readable weights-only
+    (cell,) = (tmp_path / "cells").glob("*")
+    cell.write_text(cell.read_text().replace(first.computed_by()["device"], "cuda:0 (a GPU)"))
+    again = _evaluator(tmp_path, resume=True)
+    again.defend(FP)
+    row = again.cell("victim", FP, None)
+    assert "computed_by" not in row  # the row is the row
+    record = again.provenance(["victim"])
+    assert record["resumed"] == {"defenses": 1, "cells": 1}
+    assert sorted(o["device"] for o in record["computed_by"]) == sorted([first.computed_by()["device"], "cuda:0 (a GPU)"])
+
+
 # -- 4. --jpeg-quality, and options a run would ignore --------------------------------------------------------
 @pytest.mark.parametrize(
     ("args", "message"),
