@@ -10,9 +10,9 @@ where the lowest versions that install are higher (pip builds no old sdist there
 
 from __future__ import annotations
 
-import re
-import sys
 from pathlib import Path
+
+from packaging.requirements import Requirement  # pytest's own dependency: in the venv that runs this
 
 try:
     import tomllib
@@ -24,19 +24,19 @@ OVERRIDES = {"torch": "2.14.1", "torchvision": "0.29.1"}
 
 
 def constraints(pyproject: Path) -> list[str]:
-    lines = []
-    for requirement in tomllib.loads(pyproject.read_text())["project"]["dependencies"]:
-        spec, _, marker = requirement.partition(";")
-        if marker.strip() and "python_version < '3.11'" in marker and sys.version_info >= (3, 11):
-            continue  # (tomli) not installed here
-        match = re.fullmatch(r"\s*([A-Za-z0-9_.-]+)\s*>=\s*([0-9][0-9.]*)\s*", spec)
-        if match is None:
-            raise SystemExit(f"{pyproject}: {requirement!r} is not of the form name>=X (a floor alone, which "
-                             f"CI installs to test it): give its floor")
-        name, floor = match.groups()
-        lines.append(f"{name}=={OVERRIDES.get(name.lower(), floor)}")
-    lines += [f"{name}=={version}" for name, version in OVERRIDES.items() if not any(l.startswith(f"{name}==") for l in lines)]
-    return lines
+    lines, names = [], set()
+    for text in tomllib.loads(pyproject.read_text())["project"]["dependencies"]:
+        requirement = Requirement(text)
+        if requirement.marker is not None and not requirement.marker.evaluate():
+            continue  # not installed on this Python (tomli from 3.11 on)
+        floors = [s.version for s in requirement.specifier if s.operator == ">="]
+        if len(floors) != 1 or len(requirement.specifier) != 1:
+            raise SystemExit(f"{pyproject}: {text!r} is not of the form name>=X (a floor alone, which CI installs "
+                             f"to test it): give its floor")
+        name = requirement.name.lower()
+        names.add(name)
+        lines.append(f"{requirement.name}=={OVERRIDES.get(name, floors[0])}")
+    return lines + [f"{name}=={version}" for name, version in OVERRIDES.items() if name not in names]
 
 
 if __name__ == "__main__":
