@@ -663,6 +663,7 @@ class Evaluator:
         self._defended: dict[str, DefendedSet] = {}
         #: who computed each defended set and cell this evaluator gave: (resumed, computed_by); see provenance
         self._origins: dict[str, list[tuple[bool, dict[str, str]]]] = {"defenses": [], "cells": []}
+        self._computed_by: dict[str, str] | None = None
         self._data_fingerprint: str | None = None
         self._model_fingerprints: dict[str, str] = {}
         self._defense_keys: dict[str, str] = {}
@@ -912,12 +913,13 @@ class Evaluator:
         else:
             _logger.info("computing defense %s on %d images", spec.name, len(self.dataset))
             result = self._compute_defense(spec)
-            self._origins["defenses"].append((False, self.computed_by()))
+            computed_by = self.computed_by()
+            self._origins["defenses"].append((False, computed_by))
             if cache is not None:
                 # serialized first: torch's writer turns a full disk into a RuntimeError that names no file
                 buffer = io.BytesIO()
                 torch.save({"images": result.images, "seconds_per_image": result.seconds_per_image,
-                            "computed_by": self.computed_by()}, buffer)  # fmt: skip
+                            "computed_by": computed_by}, buffer)  # fmt: skip
                 with atomic_write(cache) as f:  # --resume must never find a truncated cache
                     f.write(buffer.getbuffer())
         self._quality(result)
@@ -1038,9 +1040,10 @@ class Evaluator:
             "attack_seconds": round(time.perf_counter() - start, 2),
             **{k: v for k, v in defended.summary().items() if k != "defense"},
         }
-        self._origins["cells"].append((False, self.computed_by()))
+        computed_by = self.computed_by()
+        self._origins["cells"].append((False, computed_by))
         if path is not None:
-            text = json_dumps({**row, "computed_by": self.computed_by()}, indent=1)
+            text = json_dumps({**row, "computed_by": computed_by}, indent=1)
             with atomic_write(path) as f:  # --resume must never find a truncated cell
                 f.write(text.encode())
         return row
@@ -1056,18 +1059,21 @@ class Evaluator:
     def computed_by(self) -> dict[str, str]:
         """What computes here: preempt's version (its own decides how attacks round, see
         :data:`_CELL_FORMAT`), torch's, and the device. Kept in every defended set and cell written to
-        ``out_dir``, so that a resumed result names the run that computed it, not the one that resumed it."""
-        import platform
+        ``out_dir``, so that a resumed result names the run that computed it, not the one that resumed it.
+        Found once per evaluator (a copy each call)."""
+        if self._computed_by is None:
+            import platform
 
-        from . import __version__
+            from . import __version__
 
-        device = str(self.device)
-        if self.device.type == "cuda":
-            device += f" ({torch.cuda.get_device_name(self.device)})"
-        else:
-            device += f" ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-        # plain str: torch.__version__ is a TorchVersion, which a weights-only torch.load of the cache refuses
-        return {"preempt": __version__, "torch": str(torch.__version__), "device": device}
+            device = str(self.device)
+            if self.device.type == "cuda":
+                device += f" ({torch.cuda.get_device_name(self.device)})"
+            else:
+                device += f" ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+            # plain str: torch.__version__ is a TorchVersion, which a weights-only torch.load of the cache refuses
+            self._computed_by = {"preempt": __version__, "torch": str(torch.__version__), "device": device}
+        return dict(self._computed_by)
 
     def provenance(self, models: Sequence[str] = ()) -> dict[str, Any]:
         """What this evaluator's results were computed with, to be kept beside them: this process's

@@ -121,8 +121,8 @@ FsyncOpt = Annotated[
 IoOpt = Annotated[
     str,
     typer.Option("--io", help="Decode and encode files on threads, in processes (no shared GIL: faster for "
-                 "small images on a GPU), or auto (processes when computing on a GPU with 4+ workers, where a fork server can start "
-                 "them: not on Windows)."),
+                 "small images on a GPU), or auto (processes when computing on a GPU with 4+ workers, where a fork "
+                 "server can start them: not on Windows)."),
 ]  # fmt: skip
 CompileOpt = Annotated[
     str,
@@ -221,7 +221,6 @@ def _drive(results: Iterable[FileResult], total: int, *, verb: str, json_out: bo
     JSON lines), progress and summary (stderr); return the exit code."""
     counts = {"done": 0, "skipped": 0, "failed": 0}
     start = time.perf_counter()
-    show_progress = c.stderr.is_terminal and not quiet
     # the bar moves once a file: a 24-megapixel photo on a CPU is a minute at 0/1, so the spinner and the
     # elapsed time show the run is alive
     progress = c.progress_bar(
@@ -248,8 +247,8 @@ def _drive(results: Iterable[FileResult], total: int, *, verb: str, json_out: bo
                 _logger.info("skipped %s: %s", result.input, result.reason)
             for note in result.warnings or ():
                 _logger.warning("%s: %s", c.one_line(str(result.input)), note)
-            if show_progress:
-                progress.update(task, advance=1, rate=_rate(counts["done"], time.perf_counter() - start, "img/s", "s/img"))
+            # (a no-op where no bar is shown: see progress_bar)
+            progress.update(task, advance=1, rate=_rate(counts["done"], time.perf_counter() - start, "img/s", "s/img"))
 
         results = iter(results)
         result: FileResult | None = None
