@@ -104,20 +104,26 @@ def test_every_photo_round_trips(tmp_path: Path) -> None:
 
 def test_a_file_is_protected_alike_alone_and_among_others(tmp_path: Path) -> None:
     """A file's output does not depend on the other files of its run: its noise comes from the seed and its
-    own pixels, and the backbone's batched passes compute each image on its own. On a CPU that holds to the
-    bit (also measured with 300 files in batches of 256, 100 and 1); on CUDA batched kernels may round an
-    image differently at another batch size, so a gradient sign may flip somewhere (>= 99% pixels equal)."""
+    own pixels, and the backbone's batched passes compute each image on its own. Among other files at the
+    same batch size that holds to the bit on every device. Across batch sizes it holds to the bit on a CPU
+    (also measured with 300 files in batches of 256, 100 and 1); on CUDA another batch size may run other
+    kernels, which round an image differently and can flip a gradient's sign near zero (an H100 kept
+    97.9-100% of the values of these files at batches of 3 and 1: benchmarks/RESULTS.md). That is reported
+    there, not bounded here."""
     backbone = load_model("cifar10-resnet20-pgdat-a", models_dir=MODELS, device=TEST_DEVICE)
     protector = Protector(backbone, labels="backbone", config=ForeBackConfig.from_preset("paper"), seed=0)
-    items = sorted(collect_inputs([CIFAR / "cat"]), key=lambda i: i.path.name)[:10]
+    cats = sorted(collect_inputs([CIFAR / "cat"]), key=lambda i: i.path.name)
+    items, others = cats[:10], cats[10:15]
     pixels: dict[str, dict[str, np.ndarray]] = {}
-    for name, batch_size, run_items in (("10", 10, items), ("3", 3, items), ("alone", 1, items[4:5])):
+    runs = (("10", 10, items), ("10, half of them others", 10, items[:5] + others), ("3", 3, items),
+            ("alone", 1, items[4:5]))  # fmt: skip
+    for name, batch_size, run_items in runs:
         results = list(protector.run(run_items, RunOptions(out_dir=tmp_path / name, batch_size=batch_size)))
         assert [r.status for r in results] == ["done"] * len(run_items)
         pixels[name] = {r.input.name: np.asarray(Image.open(r.output)) for r in results}
+    shared = [i.path.name for i in items[:5]]  # at the same places of a batch of the same size
+    assert all(np.array_equal(pixels["10, half of them others"][f], pixels["10"][f]) for f in shared)
     equal = [np.mean(pixels[name][f] == pixels["10"][f]) for name in ("3", "alone") for f in pixels[name]]
     assert len(equal) == 11
     if TEST_DEVICE.type == "cpu":
         assert min(equal) == 1.0, equal
-    else:
-        assert min(equal) >= 0.99, equal

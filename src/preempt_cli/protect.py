@@ -503,7 +503,9 @@ class Protector:
 
     def transform(self, x: torch.Tensor, y: torch.Tensor, noise_seeds: Sequence[int] | None = None) -> torch.Tensor:
         """The protected images of ``x`` with labels ``y`` (see :meth:`FastPreemption.perturb`): their types
-        and shapes are checked, not their values (the pipeline's inner step: :meth:`protect` checks them)."""
+        and shapes are checked, not their values (the pipeline's inner step: :meth:`protect` checks them).
+        On CUDA a label outside the classes is a device-side assert, after which the process cannot use the
+        GPU: labels from elsewhere go through :meth:`protect`."""
         return self.engine.perturb(x, y, noise_seeds=noise_seeds)
 
     def transform_keyed(self, x: torch.Tensor, y: torch.Tensor, image_keys: torch.Tensor) -> torch.Tensor:
