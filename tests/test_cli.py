@@ -317,6 +317,31 @@ main()
     assert done.stderr == "error: interrupted: before the command started, nothing was done\n"
 
 
+@pytest.mark.parametrize("where", ["building the command", "parsing its arguments"])
+def test_ctrl_c_while_typer_sets_the_command_up_is_said_as_before_it_started(tmp_path: Path, where: str) -> None:
+    """Between the import and the command's own handling of Ctrl-C, Typer builds the command (a press there
+    ended with a traceback of typing's internals) and parses the arguments (Typer's silent exit 130)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "setup.py"
+    script.write_text(f"""
+import sys
+import typer.main
+from preempt_cli.cli import _common, main
+def pressed(*args, **kwargs):
+    raise KeyboardInterrupt
+if {where!r} == "building the command":
+    typer.main.get_command = pressed
+else:  # protect's first call, before its errors are handled
+    _common.setup_logging = pressed
+sys.argv = ["preempt", "protect", {str(tmp_path)!r}]
+main()
+""")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stderr) == (130, "error: interrupted: before the command started, nothing was done\n")
+
+
 def test_the_default_budget_is_the_papers_for_the_backbones_dataset(registry: Path) -> None:
     from preempt_cli.cli._files import _config
 
@@ -818,6 +843,71 @@ if __name__ == "__main__":
     done = subprocess.run([sys.executable, str(launcher)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["[]", "preempt_cli.__main__"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads a process's signal mask in /proc (Linux)")
+def test_io_worker_processes_start_safe_from_an_early_ctrl_c(tmp_path: Path) -> None:
+    """A Ctrl-C in a run's first second reaches the whole process group. The fork server started with
+    SIGINT held (a press while Python started in it printed "Fatal Python error: init_import_site"), and a
+    worker starting for a pool already closed fails quietly (a traceback of multiprocessing's internals)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "start.py"
+    script.write_text(f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from multiprocessing import forkserver
+from conftest import make_tiny_model
+from preempt_cli import Protector, RunOptions
+
+def held(pid):
+    line = next(l for l in open(f"/proc/{{pid}}/status") if l.startswith("SigBlk:"))
+    return bool(int(line.split()[1], 16) >> 1 & 1)  # bit 1: SIGINT (2)
+
+def in_worker():
+    import os, sys
+    return sys.excepthook.__name__, held(os.getpid())
+
+if __name__ == "__main__":  # the fork server imports this file too
+    with Protector(make_tiny_model(0), labels="backbone") as protector:
+        pool = protector._process_pool(RunOptions(io="processes", workers=1))
+        print(held(forkserver._forkserver._forkserver_pid), held("self"), *pool.submit(in_worker).result(timeout=120))
+""")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    # held in the fork server; let go in this process and (start_io_worker) in the workers
+    assert done.stdout.split() == ["True", "False", "quiet_for_a_closed_pool", "False"]
+
+
+def test_a_worker_started_for_a_closed_pool_fails_quietly(capsys: pytest.CaptureFixture[str]) -> None:
+    """What such a worker meets: the pool's semaphore, released by its owner before the worker opened it."""
+    import gc
+    import multiprocessing
+    import pickle
+    from multiprocessing import context
+
+    from preempt_cli.imageio import quiet_for_a_closed_pool
+
+    lock = multiprocessing.get_context("forkserver").Lock()
+    context.set_spawning_popen(object())  # as when a process object is sent to a new worker
+    try:
+        sent = pickle.dumps(lock)
+    finally:
+        context.set_spawning_popen(None)
+    del lock
+    gc.collect()  # the owner lets go of it (unlinked)
+    errors = []
+    for payload in (sent, b"not a pickle"):
+        try:
+            pickle.loads(payload)
+        except Exception as e:
+            errors.append(e)
+    assert isinstance(errors[0], FileNotFoundError)
+    quiet_for_a_closed_pool(type(errors[0]), errors[0], errors[0].__traceback__)
+    assert capsys.readouterr().err == ""
+    quiet_for_a_closed_pool(type(errors[1]), errors[1], errors[1].__traceback__)  # any other: printed
+    assert "Traceback" in capsys.readouterr().err
 
 
 def test_files_hold_what_the_tensor_api_gives_their_batch(tmp_path: Path, tiny_backbone) -> None:

@@ -21,7 +21,8 @@ def main() -> None:
     try:
         from .cli import main as run_cli
     except KeyboardInterrupt:
-        sys.stderr.write("error: interrupted: before the command started, nothing was done\n")  # as later presses say
+        # as the CLI says it (cli._common.INTERRUPTED_BEFORE_START), which this import did not reach
+        sys.stderr.write("error: interrupted: before the command started, nothing was done\n")
         sys.exit(130)
     run_cli()
 

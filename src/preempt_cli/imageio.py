@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from types import TracebackType
 from typing import TYPE_CHECKING, BinaryIO, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -1031,6 +1032,8 @@ def ignore_interrupts() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):  # held while the pool started (protect._interrupts_held): let go
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def quiet_pillow_warnings() -> None:
@@ -1058,6 +1061,28 @@ def start_io_worker(main_pid: int) -> None:
     ignore_interrupts()
     quiet_pillow_warnings()  # as the command that started it: these workers decode its files
     threading.Thread(target=_exit_when_gone, args=(main_pid,), name="preempt-watch-main", daemon=True).start()
+
+
+def quiet_for_a_closed_pool(kind: type[BaseException], error: BaseException, tb: TracebackType | None) -> None:
+    """``sys.excepthook`` of the forkserver of the I/O worker processes (its forked children inherit it):
+    quiet for a worker that starts for a pool the main process has already closed, else Python's own.
+
+    The forkserver prints a worker's failed start-up through ``sys.excepthook``. A Ctrl-C in the first
+    second of a run closes the pool while workers are still starting, and each of those could no longer
+    open the pool's semaphores (FileNotFoundError, in multiprocessing's ``SemLock.__setstate__``): a
+    traceback of multiprocessing's internals came after preempt had said that it stopped. Nothing of the
+    run is lost there; any other failure is printed as before."""
+    if not _started_for_a_closed_pool(error, tb):
+        sys.__excepthook__(kind, error, tb)
+
+
+def _started_for_a_closed_pool(error: BaseException, tb: TracebackType | None) -> bool:
+    import traceback
+
+    if not isinstance(error, FileNotFoundError):
+        return False
+    frames = traceback.extract_tb(tb)
+    return bool(frames) and frames[-1].name == "__setstate__" and os.path.basename(frames[-1].filename) == "synchronize.py"
 
 
 def _exit_when_gone(pid: int) -> None:

@@ -28,6 +28,7 @@ import os
 import stat
 import sys
 import threading
+from contextlib import contextmanager
 from concurrent.futures import CancelledError, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -940,9 +941,11 @@ class Protector:
                                       "threads")  # fmt: skip
                 context = multiprocessing.get_context("forkserver")
                 context.set_forkserver_preload(["__main__", "preempt_cli.imageio", "preempt_cli._forkserver"])
-                pool = ProcessPoolExecutor(options.workers, mp_context=context, initializer=start_io_worker,
-                                           initargs=(os.getpid(),))  # the workers end with this process
-                pool.submit(os.getpid).result(timeout=300)  # started, or why not
+                with _interrupts_held():
+                    pool = ProcessPoolExecutor(options.workers, mp_context=context, initializer=start_io_worker,
+                                               initargs=(os.getpid(),))  # the workers end with this process
+                    started = pool.submit(os.getpid)
+                started.result(timeout=300)  # started, or why not
             except Exception as e:
                 if pool is not None:
                     pool.shutdown(wait=False, cancel_futures=True)
@@ -1106,6 +1109,29 @@ class Protector:
                 yield from collect(block=True, finishing=True)
             yield from drain(block=True)
             raise
+
+
+@contextmanager
+def _interrupts_held() -> Iterator[None]:
+    """SIGINT held (blocked: not lost) in this thread, and so in the processes it starts meanwhile, the fork
+    server and multiprocessing's resource tracker. A Ctrl-C reaches the terminal's whole process group, and
+    one that came while Python was starting in them printed "Fatal Python error: init_import_site ...
+    KeyboardInterrupt" under preempt's own words (they ignore SIGINT once started). A press meanwhile
+    reaches this process when the block ends. SIGTERM is not held: the pool stops its workers with it."""
+    import signal
+    from multiprocessing import resource_tracker
+
+    if not hasattr(signal, "pthread_sigmask"):  # Windows (no fork server either)
+        yield
+        return
+    # The resource tracker holds SIGINT and SIGTERM itself while it starts, then lets both go in this
+    # thread, which ended the hold before the fork server started: it starts first
+    resource_tracker.ensure_running()
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _has_forkserver() -> bool:

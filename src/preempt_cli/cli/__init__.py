@@ -8,14 +8,14 @@ import importlib.util
 import signal
 import sys
 import threading
-from typing import Annotated, Optional
+from typing import Annotated, NoReturn, Optional
 
 import typer
 import typer.rich_utils
 
 from .. import __version__
-from . import _eval, _files, _models, _train
-from ._common import EXIT_BROKEN_PIPE
+from . import _common, _eval, _files, _models, _train
+from ._common import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED
 
 _rich_format_error = typer.rich_utils.rich_format_error
 
@@ -78,17 +78,38 @@ def _root(
 def main() -> None:
     """Console entry point."""
     _launched_as_the_package()
+    _common.command_started = False
     try:
         app()
+    except KeyboardInterrupt:  # while Typer builds the command, before its own handling of Ctrl-C
+        _interrupted_before_start()
     except SystemExit as exit_:
         # Click and rich answer a closed stdout met outside the commands (``preempt --help | head -1``) with
         # exit 1, raised while they handle the BrokenPipeError; exit as the commands do then (141: a closed
         # pipe, not a failed input), so ``set -o pipefail`` scripts tell the two apart.
         if exit_.code == 1 and isinstance(exit_.__context__, BrokenPipeError):
             raise SystemExit(EXIT_BROKEN_PIPE) from None
+        # Typer ends a Ctrl-C while it parses the arguments with a silent exit 130; later presses say what
+        # they stopped, and so does this one
+        if exit_.code == EXIT_INTERRUPTED and not _common.command_started and _from_an_interrupt(exit_):
+            _interrupted_before_start()
         raise
     finally:
         _ignore_interrupts_at_exit()
+
+
+def _from_an_interrupt(error: BaseException) -> bool:
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, KeyboardInterrupt):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _interrupted_before_start() -> NoReturn:
+    _common.error_line(_common.INTERRUPTED_BEFORE_START)
+    raise SystemExit(EXIT_INTERRUPTED) from None
 
 
 def _ignore_interrupts_at_exit() -> None:

@@ -239,12 +239,22 @@ def _stop_on_interrupt(stopping: str | None = None) -> Iterator[_Stop]:
                 signal.signal(signum, handler)
 
 
+#: Said of a Ctrl-C that comes before a command has begun its work (see :func:`handle_errors`).
+INTERRUPTED_BEFORE_START = "interrupted: before the command started, nothing was done"
+
+#: Whether a command of this process has begun its work (entered :func:`handle_errors`); until then a
+#: Ctrl-C is said as :data:`INTERRUPTED_BEFORE_START` (``preempt_cli.cli.main``).
+command_started = False
+
+
 @contextmanager
 def handle_errors(interrupted: str = "outputs written so far are complete; run again to do the rest",
                   stopping: str | None = None) -> Iterator[None]:  # fmt: skip
     """Turn library errors into one ``error:`` line on stderr and the table's exit code; Ctrl-C (SIGTERM,
     SIGHUP) in stages (see :func:`_stop_on_interrupt`; ``stopping`` is said at the first), then
     ``interrupted`` says what a re-run does."""
+    global command_started
+    command_started = True
     stop = _Stop()
     try:
         with _stop_on_interrupt(stopping) as stop:
