@@ -156,7 +156,11 @@ def budget(x0: torch.Tensor, x_adv: torch.Tensor, eps: float) -> dict[str, Any]:
 # -- the reference: Algorithm 1 as the authors' public code writes it -----------------------------------
 def reference_protect_one(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: ForeBackConfig) -> torch.Tensor:
     """Fast Preemption on ONE image ``x`` [1, C, H, W], the straightforward way: the N noisy copies are
-    one batch, ``loss.backward()`` through a model whose parameters require grad, then ``x.grad``."""
+    one batch, ``loss.backward()`` through a model whose parameters require grad, then ``x.grad``. Each
+    FGSM sample is projected around the original (``paper``), or first around the current iterate
+    (``sample_projection="iterate"``: ``mspd``, the authors' later code), as the engine does."""
+    if cfg.inner_steps != 1:
+        raise ValueError("the reference takes FGSM samples only (inner_steps=1)")
     eps, n = cfg.eps, cfg.samples
     x_ori = x.clone().detach()
     x_t = x_ori.clone()
@@ -172,6 +176,8 @@ def reference_protect_one(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cf
         loss.backward()
         grad = x_noisy.grad.detach()
         x_s = x_noisy.detach() + direction * eps * grad.sign()
+        if cfg.sample_projection == "iterate":
+            x_s = torch.min(torch.max(x_s, x_t - eps), x_t + eps)
         x_s = torch.min(torch.max(x_s, x_ori - eps), x_ori + eps).clamp(0, 1)
         delta = x_s.mean(dim=0, keepdim=True) - x_t
         x_t = x_t - direction * cfg.eta * delta  # forward: x + eta*delta_r; backward: x - eta*delta_a

@@ -165,3 +165,45 @@ def test_trace_e2e_traces_each_part_of_a_run(tmp_path: Path) -> None:
     host = report["pipeline"]["processes-2-q1"]["host_trace"]
     if "profile_all_threads" in host["experimental"]:  # the compute thread starts after the profiler
         assert len(host["threads"]["compute"]) == 1
+
+
+@pytest.mark.parametrize("preset", ["paper", "mspd"])
+def test_the_reference_loop_equals_the_engine_with_the_same_noise(preset: str, monkeypatch) -> None:
+    """bench_protect's reference (the authors' code written out) and the engine, served the same noise, give
+    the same images for every preset: the reference ignored ``sample_projection`` and ran mspd's settings
+    with the paper's projection of the samples around the original (a fifth of the pixels differed)."""
+    from conftest import TEST_DEVICE, make_tiny_model
+    from preempt_cli import FastPreemption, ForeBackConfig
+
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import bench_protect
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    model = make_tiny_model(0).to(TEST_DEVICE)
+    cfg = ForeBackConfig.from_preset(preset, samples=4)
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(2, 3, 32, 32, generator=g).to(TEST_DEVICE)
+    y = torch.tensor([1, 7], device=TEST_DEVICE)
+    steps = cfg.forward_steps + cfg.backward_steps
+    noises = [torch.empty(2, cfg.samples, 3, 32, 32).uniform_(-cfg.eps, cfg.eps, generator=g).to(TEST_DEVICE)
+              for _ in range(steps)]  # fmt: skip
+    served = iter(noises)
+    monkeypatch.setattr(FastPreemption, "_noise", lambda self, like, keys: next(served).clone())
+    engine = FastPreemption(model, config=cfg).perturb(x, y)
+
+    class Served:  # what the reference's torch.empty_like(...).uniform_(-eps, eps) draws: the same noise
+        def __init__(self, noise: torch.Tensor) -> None:
+            self.noise = noise
+
+        def uniform_(self, low: float, high: float) -> torch.Tensor:
+            return self.noise.clone()
+
+    for i in range(2):
+        per_step = iter([noise[i] for noise in noises])
+        with monkeypatch.context() as m:
+            m.setattr(bench_protect.torch, "empty_like", lambda t, *a, **k: Served(next(per_step)))
+            reference = bench_protect.reference_protect_one(model, x[i : i + 1], y[i : i + 1], cfg)
+        assert next(per_step, None) is None  # one draw per step
+        torch.testing.assert_close(reference[0], engine[i], atol=1e-5, rtol=0)
+    assert not torch.equal(engine, x)
