@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import gc
+import hashlib
 import itertools
 import json
 import logging
@@ -47,12 +48,12 @@ from .device import default_io_workers, to_device
 from .errors import ConfigError, InputError, LabelError, reason_of
 from .graphs import GraphedFunction, empty_cache
 from ._paths import expand_home
-from .hub import sha256_file
 from .imageio import (
     DEFAULT_MAX_PIXELS,
     NAME_MAX,
     Picture,
     content_seed,
+    file_digests,
     display_name,
     is_fifo,
     levels_to_float,
@@ -287,12 +288,24 @@ def differing_settings(recorded: Mapping[str, Any], current: Mapping[str, Any]) 
 def regular_file_sha256(path: Path) -> str | None:
     """The sha256 of a regular file's bytes; None for anything else (a device such as /dev/zero would be
     read forever; its own read refuses it, with the reason) or a file gone or unreadable."""
+    digests = regular_file_digests(path)
+    return None if digests is None else digests[0]
+
+
+def regular_file_digests(path: Path) -> tuple[str, bytes] | None:
+    """:func:`~preempt_cli.imageio.file_digests` of a regular file (as :func:`regular_file_sha256`)."""
     try:
         if not stat.S_ISREG(path.stat().st_mode):
             return None
-        return sha256_file(path)
+        return file_digests(path)
     except OSError:  # gone or unreadable: its own read reports that
         return None
+
+
+def label_digest(label: int, source_label_key: bytes) -> str:
+    """What an output records of the label a file or folder gave it: a digest keyed by its original's
+    bytes (see :func:`~preempt_cli.imageio.source_label_key`), which a re-run compares."""
+    return hashlib.blake2b(str(int(label)).encode(), key=source_label_key, digest_size=16).hexdigest()
 
 
 _long_lived_objects_frozen = False
@@ -583,11 +596,17 @@ class Protector:
             "version": __version__,
             "kind": self.kind,
             **self.run_settings(),
-            "label": pending.label,
-            "label_name": self.backbone.config.class_name(pending.label) if pending.label is not None else None,
             "source_sha256": pending.picture.source_sha256,
+            # not the label, which the file is published with (see label_digest); a model's is not recorded
+            **({"label_digest": label_digest(pending.label, pending.picture.source_label_key)}
+               if self._labels_from_files and pending.label is not None and pending.picture.source_label_key
+               else {}),  # fmt: skip
             **pending.extra,
         }
+
+    @property
+    def _labels_from_files(self) -> bool:
+        return isinstance(self.labels, LabelMap) or self.labels == "folders"
 
     # -- files -----------------------------------------------------------------------------------------
     def _file_label(self, item: InputFile) -> int | None:
@@ -650,7 +669,8 @@ class Protector:
             _logger.warning("%s: output %s is cut short: it is made again", display_name(item.path),
                             display_name(output))  # fmt: skip
             return None
-        recorded, current = meta.get("source_sha256"), regular_file_sha256(item.path)
+        recorded, digests = meta.get("source_sha256"), regular_file_digests(item.path)
+        current, label_key = digests if digests is not None else (None, None)
         if current is None:
             # not a file whose bytes can be compared: a missing input with an output of its name had been
             # "skipped" (exit 0), as if done; a pipe is read once, and would replace the output unasked
@@ -668,8 +688,11 @@ class Protector:
             label = self._file_label(item)
         except LabelError:  # none now: its read says so
             return None
-        if label is not None and isinstance(meta.get("label"), int) and meta["label"] != label:
-            names = self.backbone.config.class_name
+        names = self.backbone.config.class_name
+        if label is not None and isinstance(meta.get("label_digest"), str):
+            if meta["label_digest"] != label_digest(label, label_key):
+                changed.append(f"label now {names(label)}")
+        elif label is not None and isinstance(meta.get("label"), int) and meta["label"] != label:  # before 0.19.0
             changed.append(f"label {names(meta['label'])} -> {names(label)}")
         if changed:
             return FileResult(item.path, "failed", reason=f"output {output} exists but was made with other "
