@@ -213,7 +213,7 @@ def main() -> None:
         ev = evaluator(args.ablation_images, "ablation")
         specs = [fp("F0-B3", forward=0, backward=3), fp("F1-B2", forward=1, backward=2),
                  fp("F3-B0", forward=3, backward=0), fp("F1-B1 (mspd)", preset="mspd"),
-                 fp("F0-B100", forward=0, backward=100)]  # fmt: skip
+                 fp("F0-B100", forward=0, backward=100), fp("F100-B0", forward=100, backward=0)]  # fmt: skip
         rows = list(ev.grid(VICTIMS[:2], [DefenseSpec("none"), *specs], [pgd]))
         section("fig9", "Step ablation (Fig. 9)", rows)
     if "table7" in sections:
