@@ -441,6 +441,31 @@ def test_labels_from_folders_and_csv(tmp_path: Path, registry: Path) -> None:
     assert labels == {"cat": 6, "ship": 9}
 
 
+def test_labels_from_folders_whichever_way_the_files_are_named(tmp_path: Path, registry: Path) -> None:
+    # each class folder given (`data/*`), or the files listed on stdin: each file's class is the folder holding
+    # it. Both failed every file with "--labels folders needs inputs inside class folders", though each was
+    _images(tmp_path / "data" / "cat", n=1)
+    _images(tmp_path / "data" / "ship", n=2)
+
+    def labels(result) -> dict[str, str]:
+        assert result.exit_code == 0, result.stderr
+        return {Path(r["input"]).parent.name: r["label_name"] for r in map(json.loads, result.stdout.splitlines())}
+
+    folders = [str(tmp_path / "data" / "cat"), str(tmp_path / "data" / "ship")]
+    by_folder = run(["protect", *folders, *FAST, "--labels", "folders", "--json", "-o", str(tmp_path / "a")], registry)
+    assert labels(by_folder) == {"cat": "cat", "ship": "ship"}
+    listing = f"{tmp_path / 'data' / 'cat' / 'img0.png'}\n{tmp_path / 'data' / 'ship' / 'img1.png'}\n"
+    listed = run(["protect", "-", *FAST, "--labels", "folders", "--json", "-o", str(tmp_path / "b")], registry,
+                 input=listing)  # fmt: skip
+    assert labels(listed) == {"cat": "cat", "ship": "ship"}
+    # a folder of photos, not of classes: its name is no class, and the error says where the label came from
+    _images(tmp_path / "holiday", n=1)
+    flat = run(["protect", str(tmp_path / "holiday"), *FAST, "--labels", "folders"], registry)
+    assert flat.exit_code == 1
+    assert "unknown class 'holiday'" in flat.stderr, flat.stderr
+    assert "--labels folders takes a file's class from its folder (ROOT/<class>/<file>)" in flat.stderr
+
+
 def test_shards_partition_the_inputs(tmp_path: Path, registry: Path) -> None:
     _images(tmp_path / "many", n=6)
     seen = []

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 from .errors import LabelError, first_line
@@ -115,16 +116,22 @@ def read_label_file(path: Path | str) -> LabelMap:
 
 
 def folder_label(item: InputFile) -> str:
-    """The ImageFolder label of ``item``: the name of its class folder (the first folder under the root).
+    """The ImageFolder label of ``item``: the name of its class folder. For a file inside a subfolder of a
+    folder argument (``ROOT/<class>/<file>``, given ``ROOT``), that subfolder: the first folder under the
+    root; for any other file, the folder holding it: a class folder given itself (``ROOT/*`` names each
+    one, as ``--shard`` and ``--out-dir`` take alike), a file named directly, or listed on stdin
+    (``find ROOT -name '*.png' | preempt protect - --labels folders``). Those failed, saying that the file
+    was not inside a class folder.
 
     Raises:
-        LabelError: the file was not found inside a folder argument.
+        LabelError: the file is in no folder (the file system's root).
     """
-    if item.root is None or item.relative.parent == Path("."):
-        raise LabelError(
-            f"{item.path}: --labels folders needs inputs inside class folders (ROOT/<class>/<file>)"
-        )
-    return item.relative.parts[0]
+    if item.root is not None and item.relative.parent != Path("."):
+        return item.relative.parts[0]
+    folder = Path(os.path.abspath(item.path)).parent.name
+    if not folder:
+        raise LabelError(f"{item.path}: --labels folders needs inputs inside class folders (ROOT/<class>/<file>)")
+    return folder
 
 
 def resolve_label(label: str | int, cfg: ModelConfig, where: str) -> int:

@@ -615,6 +615,11 @@ class Protector:
             raw = self.labels.lookup(item)
         elif self.labels == "folders":
             raw = folder_label(item)
+            try:
+                return resolve_label(raw, self.backbone.config, str(item.path))
+            except LabelError as e:  # a folder of photos given alone: its own name is no class
+                raise LabelError(f"{e}: --labels folders takes a file's class from its folder "
+                                 "(ROOT/<class>/<file>)") from None  # fmt: skip
         else:
             return None
         return resolve_label(raw, self.backbone.config, str(item.path))
