@@ -600,6 +600,21 @@ def test_cli_resume_never_retrains_a_finished_model(colour_dir: Path, tmp_path: 
     assert out.read_bytes() == b"a finished model"
 
 
+def test_cli_resume_without_a_checkpoint_says_it_starts_over(colour_dir: Path, tmp_path: Path,
+                                                             isolated_config: Path) -> None:  # fmt: skip
+    # --resume where no checkpoint is (a typo in --out, a relative --out from another folder) trained from
+    # epoch 1 without a word, and finished as if it had continued
+    out = tmp_path / "net.safetensors"
+    args = ["train", str(colour_dir), "--arch", "cifar_resnet20", "--out", str(out), "--epochs", "1",
+            "--max-batches", "1", "--batch-size", "8", "--holdout", "0", "--eval-images", "0", "--amp", "off",
+            "--no-register", "--device", "cpu", "--resume"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert f"--resume: no checkpoint at {checkpoint_path(out)} (nothing to continue): training starts at " \
+           "epoch 1" in result.stderr, result.stderr  # fmt: skip
+    assert out.is_file()
+
+
 def test_cli_a_checkpoint_is_resumed_or_overwritten_only_when_asked(colour_dir: Path, tmp_path: Path,
                                                                    isolated_config: Path) -> None:  # fmt: skip
     # a re-run without --resume started over at epoch 1, overwrote the checkpoint and deleted it, silently

@@ -340,6 +340,9 @@ def train_cmd(
             raise ConfigError(f"--input-size must be >= 1, got {input_size}")
         _check_role(role)
         out = _check_output(out, force, resume)
+        if resume and not os.path.isfile(checkpoint_path(out)):  # a typo in --out, another folder: not silently
+            _logger.warning("--resume: no checkpoint at %s (nothing to continue): training starts at epoch 1",
+                            checkpoint_path(out))  # fmt: skip
         if not no_register:  # a name that cannot be registered fails now, not after training
             check_registrable(name or out.stem, overwrite=force)
         role = role or ("classifier" if method == "standard" else "backbone")
