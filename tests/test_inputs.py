@@ -126,6 +126,17 @@ def test_a_name_shared_by_entries_with_different_labels_is_ambiguous_not_first_c
         read_label_file(_label_file(tmp_path, "a.png,cat\na.png,dog\n"))
 
 
+def test_keys_without_an_extension_keep_their_folders(tmp_path: Path) -> None:
+    # "cat/00003" (ImageNet's synset/id lists, ids without extension): unique keys were found only through the
+    # stem, which the other class's file of that number shares, and failed as "ambiguous"
+    from preempt_cli.labels import read_label_file
+
+    labels = read_label_file(_label_file(tmp_path, "n01440764/val_0001,0\nn01443537/val_0001,1\n"))
+    data = tmp_path / "val"
+    assert labels.lookup(InputFile(data / "n01440764/val_0001.JPEG", data)) == "0"
+    assert labels.lookup(InputFile(data / "n01443537/val_0001.png")) == "1"
+
+
 def test_a_pattern_matching_nothing_fails_alone_and_the_other_arguments_go_on(tmp_path: Path) -> None:
     from preempt_cli.errors import ImageReadError
     from preempt_cli.imageio import read_image

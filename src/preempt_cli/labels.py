@@ -1,8 +1,8 @@
 """Ground-truth labels: from a CSV or JSON file, or from ImageFolder folder names.
 
 Labels may be class indices or class names. A file's label is looked up by the longest trailing part of
-its path that the file lists, then by stem, so that ``cat/00003.png``, ``00003.png`` and ``00003`` all work
-as keys, whatever folder the files are given from.
+its path that the file lists (with or without its extension), then by stem, so that ``cat/00003.png``,
+``cat/00003``, ``00003.png`` and ``00003`` all work as keys, whatever folder the files are given from.
 """
 
 from __future__ import annotations
@@ -49,7 +49,11 @@ class LabelMap:
     def lookup(self, item: InputFile) -> str | int:
         """The label of ``item``. Raises ``LabelError`` when the file has none, or only an ambiguous one."""
         parts = item.path.parts
-        for key in [Path(*parts[i:]).as_posix() for i in range(len(parts))] + [item.path.stem]:
+        # each trailing part as listed with its extension or without (``cat/00003``: ImageNet's synset/id
+        # lists), longest first; the stem alone comes last
+        tails = [Path(*parts[i:]) for i in range(len(parts))]
+        keys = dict.fromkeys(k for t in tails for k in (t.as_posix(), t.with_suffix("").as_posix()))
+        for key in keys:
             found = self._exact.get(key, self._by_key.get(key))
             if found is _AMBIGUOUS:
                 raise LabelError(f"label of {item.path} is ambiguous in {self.source}: several entries end in "
