@@ -90,6 +90,23 @@ def test_folder_and_zip_load_the_same_images(colour_dir: Path, tmp_path: Path, c
     assert (red[:, 0].mean() > red[:, 1].mean() + 100).item()
 
 
+def test_the_images_train_at_the_size_most_of_them_have(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A photo sorted first among 16x16 images set the size of every image, and the model's: it trained at
+    the photo's size (60x the time on real data) and was registered so. Now the most common size wins, and
+    the odd ones are said."""
+    root = _colour_images(tmp_path / "set", per_class=4, size=16)
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(root / "blue" / "000-a-photo.png")  # first in file order
+    with caplog.at_level("WARNING", logger="preempt_cli"):
+        data = load_train_data(root)
+    assert data.images.shape == (13, 3, 16, 16)
+    assert "1 of 13 training images are not 16x16, the most common size" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="preempt_cli"):
+        assert load_train_data(root, input_hw=(8, 8)).images.shape == (13, 3, 8, 8)  # the size asked: nothing said
+        assert load_train_data(_colour_images(tmp_path / "even", per_class=2)).images.shape[2:] == (16, 16)
+    assert caplog.text == ""
+
+
 def test_model_classes_fix_the_label_indices_and_unknown_folders_fail(colour_dir: Path) -> None:
     data = load_train_data(colour_dir, input_hw=(16, 16), classes=("red", "green", "blue", "gray"))
     assert data.classes == ("red", "green", "blue", "gray")

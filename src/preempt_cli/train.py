@@ -21,6 +21,7 @@ resuming never unpickles anything.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import io
 import json
@@ -181,6 +182,26 @@ def _decode_all(raw: list[bytes], names: list[str], size: tuple[int, int], worke
     return arrays  # type: ignore[return-value]  # every entry set: no error
 
 
+def _common_size(raw: list[bytes], source: Path) -> tuple[int, int]:
+    """The (height, width) most of the images have (the first in file order among equals), read from their
+    headers; a warning when some differ, as they are resized to it. It was the first file's size: one
+    photo sorted first among 32x32 images trained at its 512x512 (60x the time) and registered that size."""
+    sizes: collections.Counter[tuple[int, int]] = collections.Counter()
+    for data in raw:
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                sizes[(im.height, im.width)] += 1
+        except Exception:  # its decoding says why, naming the file
+            continue
+    if not sizes:
+        return _decode(raw[0], str(source), None).shape[:2]  # raises the first file's reason
+    (height, width), count = sizes.most_common(1)[0]  # ties: the first seen (Counter keeps insertion order)
+    if count < len(raw):
+        _logger.warning("%s: %d of %d training images are not %dx%d, the most common size: they are resized to "
+                        "it (--input-size sets another)", source, len(raw) - count, len(raw), width, height)  # fmt: skip
+    return height, width
+
+
 def load_train_data(
     source: Path | str, *, input_hw: Sequence[int] | None = None, classes: Sequence[str] | None = None, workers: int = 4
 ) -> TrainData:
@@ -242,7 +263,7 @@ def load_train_data(
     if archive is not None:
         archive.close()
     if input_hw is None:
-        input_hw = _decode(raw[0], label(entries[0][1]), None).shape[:2]
+        input_hw = _common_size(raw, source)
     size = (int(input_hw[0]), int(input_hw[1]))
     arrays = _decode_all(raw, [label(n) for _, n in entries], size, workers)
     images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
