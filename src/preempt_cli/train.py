@@ -206,8 +206,8 @@ def load_train_data(
     source: Path | str, *, input_hw: Sequence[int] | None = None, classes: Sequence[str] | None = None, workers: int = 4
 ) -> TrainData:
     """An ImageFolder directory ``ROOT/<class>/<file>`` or a zip of one (optionally under one top folder,
-    e.g. ``train/<class>/<file>``), decoded into memory and resized to ``input_hw`` (default: the size of
-    the first image) where needed.
+    e.g. ``train/<class>/<file>``), decoded into memory and resized to ``input_hw`` (default: the size
+    most of them have, see :func:`_common_size`) where needed.
 
     Labels are class-folder names; with ``classes`` (the model's class names) they are mapped to the model's
     indices, and a folder that is not one of them is an error. Files are taken in sorted order.

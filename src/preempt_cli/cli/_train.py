@@ -303,7 +303,7 @@ def train_cmd(
     holdout: HoldoutOpt = 1000,
     eval_images: EvalImagesOpt = 500,
     input_size: Annotated[
-        Optional[int], typer.Option("--input-size", help="From scratch: train at SIZE x SIZE (default: the images' size).")
+        Optional[int], typer.Option("--input-size", help="From scratch: train at SIZE x SIZE (default: the size most of the images have).")
     ] = None,
     dataset_name: Annotated[
         Optional[str], typer.Option("--dataset", help="Dataset name recorded in the registry (default: guessed).")
