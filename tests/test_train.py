@@ -165,9 +165,9 @@ for trial in range(15):
     signal.setitimer(signal.ITIMER_REAL, random.uniform(0.02, whole))
     try:
         load_train_data(data, input_hw=(2, 2))
+        signal.setitimer(signal.ITIMER_REAL, 0)  # in the try: an alarm after a load that came back first
     except KeyboardInterrupt:
         pass
-    signal.setitimer(signal.ITIMER_REAL, 0)
     faulthandler.cancel_dump_traceback_later()
 print("every interrupted load came back")
 """
