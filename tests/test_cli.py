@@ -2183,6 +2183,14 @@ def test_a_label_file_edited_since_is_a_changed_setting_on_a_rerun(tmp_path: Pat
     redone = run([*args, "--overwrite"], registry)
     assert redone.exit_code == 0
     assert {json.loads(r)["status"] for r in run(args, registry).stdout.splitlines()} == {"skipped"}
+    # the same labels from a renamed file (or a pipe) are the same setting: each file's label is compared
+    labels.rename(tmp_path / "renamed.csv")
+    renamed = [a if a != str(labels) else str(tmp_path / "renamed.csv") for a in args]
+    assert {json.loads(r)["status"] for r in run(renamed, registry).stdout.splitlines()} == {"skipped"}
+    from preempt_cli.protect import differing_settings  # outputs of 0.18.0 and earlier named the file
+
+    assert differing_settings({"labels": "file:old.csv"}, {"labels": "file"}) == []
+    assert differing_settings({"labels": "file:old.csv"}, {"labels": "folders"}) == ["labels file:old.csv -> folders"]
 
 
 @pytest.mark.parametrize("labels", ["file", "folders", "backbone"])

@@ -270,6 +270,8 @@ def differing_settings(recorded: Mapping[str, Any], current: Mapping[str, Any]) 
         by_hash = key in ("backbone", "classifier") and bool(recorded.get(sha)) and bool(current.get(sha))
         if by_hash:
             same = recorded[sha] == current[sha]  # a renamed model is the same; retrained, another
+        elif key == "labels" and key in recorded and key in current:  # "file:NAME" before 0.19.0
+            same = str(recorded[key]).partition(":")[0] == str(current[key]).partition(":")[0]
         elif key in recorded and key in current:
             same = recorded[key] == current[key]
         else:
@@ -577,7 +579,9 @@ class Protector:
             "classifier": labeller.name if labeller is not None else None,
             "classifier_sha256": getattr(labeller, "weights_sha256", None),
             "classifier_setup": _setup_sha256(labeller),
-            "labels": self.labels if isinstance(self.labels, str) else f"file:{self.labels.source.name}",
+            # a label file's name is not recorded: each file's label is (see label_digest), and the same
+            # labels from a renamed file or a pipe (--labels <(...)) are the same setting
+            "labels": self.labels if isinstance(self.labels, str) else "file",
             "preset": self.preset,
             "eps": cfg.eps,
             "eta": cfg.eta,
