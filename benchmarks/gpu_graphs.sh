@@ -10,7 +10,8 @@
 #
 # Usage, from the repository root:  bash benchmarks/gpu_graphs.sh OUT_DIR [SHARED_COPY]
 # (SHARED_COPY as for gpu_check.sh: a copy of ../shared, linked as ../shared where the machine has none.)
-# Knobs: DEVICE (cuda), FILES (2048), PAIRS (2: trace runs without/with graphs), TEST_TIMEOUT (150 s),
+# Knobs: DEVICE (cuda), FILES (2048), WORKERS (4: trace_e2e's I/O workers; 8 is protect's default on 16 CPUs),
+# PAIRS (2: trace runs without/with graphs), TEST_TIMEOUT (150 s),
 # TRACE_TIMEOUT (75 s each), BENCH_TIMEOUT (150 s), E2E_IMAGES (2048), SKIP_TESTS, SKIP_BENCH. All of it
 # takes about 8 minutes on an H100, more than one call may run (600 s): split it in two calls, e.g.
 #   PAIRS=1 SKIP_BENCH=1 bash benchmarks/gpu_graphs.sh "$OUT" .devslim      (tests, one pair: ~5 min)
@@ -47,7 +48,7 @@ for pair in $(seq 1 "${PAIRS:-2}"); do
         say "trace_e2e ${graphs:-(eager)} ($pair)"
         # shellcheck disable=SC2086
         timeout "${TRACE_TIMEOUT:-75}" "$PY" benchmarks/trace_e2e.py --device "$DEVICE" --files "${FILES:-2048}" \
-            --batch-size 256 --workers 4 --queued 2 --gil-duty= --repeats 3 $graphs --json-out "$OUT/$name.json" \
+            --batch-size 256 --workers "${WORKERS:-4}" --queued 2 --gil-duty= --repeats 3 $graphs --json-out "$OUT/$name.json" \
             2>>"$OUT/trace.err" | grep -v '^{' | tee -a "$LOG"
         step "$name" "${PIPESTATUS[0]}"
     done
