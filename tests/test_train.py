@@ -69,6 +69,12 @@ def colour_data(colour_dir: Path):
     return load_train_data(colour_dir, input_hw=(16, 16))
 
 
+def _one_batch_train(data: Path, out: Path) -> list[str]:
+    """``preempt train`` arguments for one batch of one epoch, from scratch (the CLI tests' quick run)."""
+    return ["train", str(data), "--arch", "cifar_resnet20", "--out", str(out), "--epochs", "1", "--max-batches",
+            "1", "--batch-size", "8", "--holdout", "0", "--eval-images", "0", "--amp", "off", "--device", "cpu"]  # fmt: skip
+
+
 def _small(**kw) -> TrainConfig:
     settings = dict(method="standard", epochs=2, batch_size=16, lr=0.05, holdout=12, eval_images=12,
                     eval_steps=2, amp="off")  # fmt: skip
@@ -482,9 +488,7 @@ def test_cli_no_register_over_a_registered_file_warns_of_its_pin(colour_dir: Pat
                                                                   isolated_config: Path) -> None:  # fmt: skip
     # --force --no-register replaced a registered file silently: protect then called it corrupt
     out = tmp_path / "pinned.safetensors"
-    args = ["train", str(colour_dir), "--arch", "cifar_resnet20", "--out", str(out), "--epochs", "1",
-            "--max-batches", "1", "--batch-size", "8", "--holdout", "0", "--eval-images", "0", "--amp", "off",
-            "--device", "cpu"]  # fmt: skip
+    args = _one_batch_train(colour_dir, out)
     assert CliRunner().invoke(app, [*args, "-q"]).exit_code == 0
     result = CliRunner().invoke(app, [*args, "--seed", "1", "--force", "--no-register"])
     assert result.exit_code == 0, result.output
@@ -622,9 +626,7 @@ def test_cli_resume_without_a_checkpoint_says_it_starts_over(colour_dir: Path, t
     # --resume where no checkpoint is (a typo in --out, a relative --out from another folder) trained from
     # epoch 1 without a word, and finished as if it had continued
     out = tmp_path / "net.safetensors"
-    args = ["train", str(colour_dir), "--arch", "cifar_resnet20", "--out", str(out), "--epochs", "1",
-            "--max-batches", "1", "--batch-size", "8", "--holdout", "0", "--eval-images", "0", "--amp", "off",
-            "--no-register", "--device", "cpu", "--resume"]  # fmt: skip
+    args = [*_one_batch_train(colour_dir, out), "--no-register", "--resume"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert f"--resume: no checkpoint at {checkpoint_path(out)} (nothing to continue): training starts at " \
@@ -637,9 +639,7 @@ def test_cli_a_checkpoint_is_resumed_or_overwritten_only_when_asked(colour_dir: 
     # a re-run without --resume started over at epoch 1, overwrote the checkpoint and deleted it, silently
     out = tmp_path / "net.safetensors"
     checkpoint_path(out).write_bytes(b"an interrupted run's checkpoint")
-    args = ["train", str(colour_dir), "--arch", "cifar_resnet20", "--out", str(out), "--epochs", "1",
-            "--max-batches", "1", "--batch-size", "8", "--holdout", "0", "--eval-images", "0", "--amp", "off",
-            "--no-register", "--device", "cpu", "-q"]  # fmt: skip
+    args = [*_one_batch_train(colour_dir, out), "--no-register", "-q"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2, result.output
     assert f"a checkpoint of an interrupted run is at {checkpoint_path(out)}: --resume continues it, --force " \
@@ -762,9 +762,7 @@ def test_cli_a_row_the_registry_refuses_fails_before_training(colour_dir: Path, 
 
 def test_cli_output_folders_are_made_when_missing(colour_dir: Path, tmp_path: Path, isolated_config: Path) -> None:
     out = tmp_path / "new" / "sub" / "x.safetensors"
-    args = ["train", str(colour_dir), "--arch", "cifar_resnet20", "--out", str(out), "--epochs", "1",
-            "--max-batches", "1", "--batch-size", "8", "--holdout", "0", "--eval-images", "0", "--amp", "off",
-            "--no-register", "--device", "cpu", "-q"]  # fmt: skip
+    args = [*_one_batch_train(colour_dir, out), "--no-register", "-q"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0 and out.is_file(), result.output
     assert [p.name for p in out.parent.iterdir()] == ["x.safetensors"]  # no probe left behind
