@@ -405,12 +405,16 @@ def source_label_key(data: bytes) -> bytes:
     given the labels, reversion recovered 73-100% of the accuracy protection had taken). A plain hash of a
     class index is guessed in 10 tries, and the original's sha256 is in the metadata too; this key needs
     the original's bytes, which the defender has on a re-run and the attacker does not."""
-    return hashlib.blake2b(data, digest_size=32, person=b"preempt-label").digest()
+    return _label_key_hash(data).digest()
+
+
+def _label_key_hash(data: bytes = b"") -> "hashlib._Hash":
+    return hashlib.blake2b(data, digest_size=32, person=b"preempt-label")
 
 
 def file_digests(path: Path, chunk_size: int = 1 << 20) -> tuple[str, bytes]:
     """The sha256 (hex) and :func:`source_label_key` of a file's bytes, read once."""
-    sha256, key = hashlib.sha256(), hashlib.blake2b(digest_size=32, person=b"preempt-label")
+    sha256, key = hashlib.sha256(), _label_key_hash()
     with path.open("rb") as f:
         while chunk := f.read(chunk_size):
             sha256.update(chunk)

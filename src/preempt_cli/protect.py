@@ -48,6 +48,7 @@ from .device import default_io_workers, to_device
 from .errors import ConfigError, InputError, LabelError, reason_of
 from .graphs import GraphedFunction, empty_cache
 from ._paths import expand_home
+from .hub import sha256_file
 from .imageio import (
     DEFAULT_MAX_PIXELS,
     NAME_MAX,
@@ -290,16 +291,19 @@ def differing_settings(recorded: Mapping[str, Any], current: Mapping[str, Any]) 
 def regular_file_sha256(path: Path) -> str | None:
     """The sha256 of a regular file's bytes; None for anything else (a device such as /dev/zero would be
     read forever; its own read refuses it, with the reason) or a file gone or unreadable."""
-    digests = regular_file_digests(path)
-    return None if digests is None else digests[0]
+    return _if_regular_file(path, sha256_file)
 
 
 def regular_file_digests(path: Path) -> tuple[str, bytes] | None:
     """:func:`~preempt_cli.imageio.file_digests` of a regular file (as :func:`regular_file_sha256`)."""
+    return _if_regular_file(path, file_digests)
+
+
+def _if_regular_file(path: Path, read: Callable[[Path], Any]) -> Any:
     try:
         if not stat.S_ISREG(path.stat().st_mode):
             return None
-        return file_digests(path)
+        return read(path)
     except OSError:  # gone or unreadable: its own read reports that
         return None
 
@@ -678,8 +682,12 @@ class Protector:
             _logger.warning("%s: output %s is cut short: it is made again", display_name(item.path),
                             display_name(output))  # fmt: skip
             return None
-        recorded, digests = meta.get("source_sha256"), regular_file_digests(item.path)
-        current, label_key = digests if digests is not None else (None, None)
+        # the label's key only where a file's label is compared (below); a model's is not recorded
+        recorded, label_key = meta.get("source_sha256"), None
+        if self._labels_from_files:
+            current, label_key = regular_file_digests(item.path) or (None, None)
+        else:
+            current = regular_file_sha256(item.path)
         if current is None:
             # not a file whose bytes can be compared: a missing input with an output of its name had been
             # "skipped" (exit 0), as if done; a pipe is read once, and would replace the output unasked
@@ -1145,11 +1153,12 @@ class Protector:
 
 @contextmanager
 def _interrupts_held() -> Iterator[None]:
-    """SIGINT held (blocked: not lost) in this thread, and so in the processes it starts meanwhile, the fork
-    server and multiprocessing's resource tracker. A Ctrl-C reaches the terminal's whole process group, and
-    one that came while Python was starting in them printed "Fatal Python error: init_import_site ...
-    KeyboardInterrupt" under preempt's own words (they ignore SIGINT once started). A press meanwhile
-    reaches this process when the block ends. SIGTERM is not held: the pool stops its workers with it."""
+    """SIGINT held (blocked: not lost) in this thread, and so in the processes it starts meanwhile: the fork
+    server (and the workers it forks, which let go of it). A Ctrl-C reaches the terminal's whole process
+    group, and one that came while Python was starting in the fork server printed "Fatal Python error:
+    init_import_site ... KeyboardInterrupt" under preempt's own words (it ignores SIGINT once started). A
+    press meanwhile reaches this process when the block ends. SIGTERM is not held: the pool stops its
+    workers with it."""
     import signal
     from multiprocessing import resource_tracker
 
