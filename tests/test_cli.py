@@ -1122,9 +1122,152 @@ def test_an_output_that_cannot_be_written_fails_its_file_alone(tmp_path: Path, t
         by_folder[r.input.parent.name].append(r)
     assert [r.status for r in by_folder["ok"]] == ["done"] * 2
     assert [r.status for r in by_folder["blocked"]] == ["failed"] * 2
-    assert all(r.reason.startswith(f"output {tmp_path / 'out' / 'blocked' / r.input.name.replace('.png', '.protected.png')}: "
-                                   "cannot write: ") and r.output is None for r in by_folder["blocked"])  # fmt: skip
+    # known before their compute: the output folder is probed
+    assert all(r.reason == f"output {tmp_path / 'out' / 'blocked' / r.input.name.replace('.png', '.protected.png')}: "
+                           f"not attempted: {tmp_path / 'out' / 'blocked'} is a file, not a folder" and r.output is None
+               for r in by_folder["blocked"])  # fmt: skip
     assert sorted(p.name for p in (tmp_path / "out" / "ok").iterdir()) == ["img0.protected.png", "img1.protected.png"]
+
+
+def _fail_writes_in(monkeypatch: pytest.MonkeyPatch, folders: list[Path], io: str, error_number: int,
+                    marker: Path) -> None:  # fmt: skip
+    """Writes of outputs in ``folders`` fail with ``OSError(error_number)`` (see ``_write_faults``), on I/O
+    threads or in I/O worker processes; each failure creates ``marker``."""
+    from functools import partial
+
+    import _write_faults
+
+    from preempt_cli import imageio, protect
+
+    names = tuple(str(f) for f in folders)
+    if io == "processes":  # the workers unpickle the function by name: a module of its own
+        monkeypatch.setattr(protect, "write_pngs", partial(_write_faults.write_pngs_failing, names, error_number,
+                                                           str(marker)))  # fmt: skip
+    else:
+        monkeypatch.setattr(imageio, "write_png", _write_faults.failing_write_png(names, error_number,
+                                                                                  imageio.write_png, str(marker)))  # fmt: skip
+
+
+def _computed(monkeypatch: pytest.MonkeyPatch, failed_write: Path | None = None) -> list[Path]:
+    """The inputs computed (``Protector._compute`` wrapped), in order. With ``failed_write``, the second batch
+    is taken from the device only once a write has failed (that file exists) and half a second more: a
+    batch outlasts a write, as it does with real models and images (tiny ones race the writes)."""
+    from preempt_cli import Protector
+
+    computed: list[Path] = []
+    real_compute, real_finish = Protector._compute, Protector._finish_batch
+    finished = [0]
+
+    def compute(self: Protector, batch: list) -> object:
+        computed.extend(p.item.path for p in batch)
+        return real_compute(self, batch)
+
+    def finish(self: Protector, batch: list, launched: object) -> object:
+        finished[0] += 1
+        if finished[0] == 2 and failed_write is not None:
+            deadline = time.monotonic() + 60
+            while not failed_write.exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.5)  # the failure noted meanwhile
+        return real_finish(self, batch, launched)
+
+    monkeypatch.setattr(Protector, "_compute", compute)
+    monkeypatch.setattr(Protector, "_finish_batch", finish)
+    return computed
+
+
+@pytest.mark.parametrize(("kind", "io"), [("protect", "threads"), ("protect", "processes"), ("revert", "threads")])
+def test_after_a_write_finds_the_disk_full_its_file_system_s_files_fail_uncomputed(
+        tmp_path: Path, tiny_backbone, monkeypatch: pytest.MonkeyPatch, kind: str, io: str) -> None:  # fmt: skip
+    """A full disk failed every later file after its compute (100 CIFAR PNGs on a 500 KB tmpfs: 75 computed
+    to fail "No space left on device"). After such a write, the files whose outputs lie on the same file
+    system fail before they are computed, saying why; another file system's go on."""
+    import errno
+
+    import preempt_cli.protect as protect
+    from preempt_cli import ForeBackConfig, Protector, Reverter, collect_inputs
+
+    full, same, other = tmp_path / "in" / "a_full", tmp_path / "in" / "b_same_fs", tmp_path / "in" / "c_other_fs"
+    originals = _images(full, n=16) + _images(same, n=3) + _images(other, n=3)
+    before = _digest(originals)
+    marker = tmp_path / "a-write-failed"
+    _fail_writes_in(monkeypatch, [full], io, errno.ENOSPC, marker)
+    real_file_system = protect._file_system_of
+    monkeypatch.setattr(protect, "_file_system_of",
+                        lambda folder: -1 if folder.name == "c_other_fs" else real_file_system(folder))  # fmt: skip
+    computed = _computed(monkeypatch, failed_write=marker)
+    cls = Reverter if kind == "revert" else Protector
+    with cls(tiny_backbone, labels="backbone", config=ForeBackConfig(samples=2)) as runner:
+        results = list(runner.run(collect_inputs([tmp_path / "in"], skip_markers=cls.skip_markers),
+                                  RunOptions(batch_size=1, io=io, workers=2)))  # fmt: skip
+    by_folder: dict[str, list] = {}
+    for r in results:
+        by_folder.setdefault(r.input.parent.name, []).append(r)
+    said = (f"not attempted: no space left on the file system of {full} (an earlier write there failed); free "
+            "space and re-run")  # fmt: skip
+    assert [r.status for r in by_folder["a_full"]] == ["failed"] * 16
+    written = [r for r in by_folder["a_full"] if r.reason != said]
+    assert all(r.reason.startswith(f"output {full}") and r.reason.endswith(": cannot write: No space left on device")
+               for r in written)  # fmt: skip
+    # the first batch, and those taken into the compute before the failure was known: no more
+    assert 1 <= len(written) <= 4 and sorted(p for p in computed if p.parent == full) == sorted(r.input for r in written)
+    assert [(r.status, r.reason) for r in by_folder["b_same_fs"]] == [("failed", said)] * 3  # its st_dev is a_full's
+    assert [r.status for r in by_folder["c_other_fs"]] == ["done"] * 3 and all(r.output.is_file() for r in by_folder["c_other_fs"])
+    assert not [p for p in computed if p.parent == same]
+    assert _digest(originals) == before and not list(full.glob(".*.tmp"))  # originals kept, no temporary files
+
+
+def test_protect_on_a_full_disk_reports_each_file_and_exits_1(tmp_path: Path, registry: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    import errno
+
+    _images(tmp_path / "full", n=6)
+    marker = tmp_path / "a-write-failed"
+    _fail_writes_in(monkeypatch, [tmp_path / "full"], "threads", errno.ENOSPC, marker)
+    computed = _computed(monkeypatch, failed_write=marker)
+    result = run(["protect", str(tmp_path / "full"), *FAST, "--labels", "backbone", "--batch-size", "1", "--io",
+                  "threads", "--workers", "2"], registry)  # fmt: skip
+    assert result.exit_code == 1, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 6 and len(computed) <= 4  # one line a file; the rest not computed
+    assert sum(line.endswith(f"not attempted: no space left on the file system of {tmp_path / 'full'} (an earlier "
+                             "write there failed); free space and re-run") for line in errors) == 6 - len(computed)  # fmt: skip
+    assert "Protected 0, skipped 0, failed 6 in" in result.stderr
+
+
+@pytest.mark.parametrize("io", ["threads", "processes"])
+def test_an_output_folder_that_cannot_take_a_file_fails_its_files_uncomputed(
+        tmp_path: Path, tiny_backbone, monkeypatch: pytest.MonkeyPatch, io: str) -> None:  # fmt: skip
+    """Outputs on a read-only file system: all 100 CIFAR PNGs were computed, then failed "Read-only file
+    system". Each output folder is probed once, before any compute; its files fail unread, saying why."""
+    import errno
+    import tempfile
+
+    from preempt_cli import ForeBackConfig, Protector, collect_inputs
+
+    locked, ok = tmp_path / "in" / "locked", tmp_path / "in" / "ok"
+    originals = _images(locked, n=3) + _images(ok, n=2)
+    before = _digest(originals)
+    probes: dict[Path, int] = {}
+    real_mkstemp = tempfile.mkstemp
+
+    def mkstemp(*args: object, dir: str | None = None, **kw: object) -> tuple[int, str]:  # noqa: A002
+        if str(kw.get("prefix", "")).startswith(".preempt-write-test."):
+            probes[Path(dir)] = probes.get(Path(dir), 0) + 1
+        if dir is not None and Path(dir) == locked:  # as a read-only mount answers root too
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        return real_mkstemp(*args, dir=dir, **kw)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    computed = _computed(monkeypatch)
+    with Protector(tiny_backbone, labels="backbone", config=ForeBackConfig(samples=2)) as protector:
+        results = list(protector.run(collect_inputs([tmp_path / "in"]), RunOptions(batch_size=1, io=io, workers=2)))
+    failed = sorted((r.input.name, r.reason) for r in results if r.status == "failed")
+    assert failed == [(f"img{i}.png", f"output {locked / f'img{i}.protected.png'}: not attempted: no file can be "
+                                      f"created in {locked} (Read-only file system)") for i in range(3)]  # fmt: skip
+    assert sorted(r.input for r in results if r.status == "done") == sorted(computed) == originals[3:]
+    assert probes == {locked: 1, ok: 1}  # once per output folder
+    assert _digest(originals) == before
 
 
 @pytest.mark.parametrize("why", ["sandbox", "no-forkserver"])
@@ -2167,7 +2310,7 @@ def test_an_eps_under_one_level_warns_that_8_bit_outputs_equal_their_originals(t
 def test_a_label_file_edited_since_is_a_changed_setting_on_a_rerun(tmp_path: Path, registry: Path) -> None:
     """Re-runs compared the label file's name, not the labels: an edited file's outputs were skipped as
     done, still pushed toward the old classes."""
-    images = _images(tmp_path / "in", n=2)
+    _images(tmp_path / "in", n=2)
     labels = tmp_path / "labels.csv"
     labels.write_text("file,label\nimg0.png,0\nimg1.png,1\n")
     args = ["protect", str(tmp_path / "in"), *FAST, "--labels", str(labels), "--json"]

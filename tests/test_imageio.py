@@ -849,12 +849,12 @@ def test_a_new_output_that_appears_while_it_is_written_is_left_as_is(tmp_path, m
     target = tmp_path / "out" / "a.protected.png"
     target.parent.mkdir()
     target.write_bytes(b"the other run's output")
-    (reason, _), = imageio.write_pngs([(target, pic, pic.color, {}, False, False)])  # fmt: skip
+    (reason, _, _), = imageio.write_pngs([(target, pic, pic.color, {}, False, False)])  # fmt: skip
     assert reason == f"output {target}: appeared while this run was writing it (another run?); left as is"
     assert target.read_bytes() == b"the other run's output"
     assert _temp_leftovers(target.parent) == []
     fresh = tmp_path / "out" / "b.protected.png"  # nothing there: written
-    assert imageio.write_pngs([(fresh, pic, pic.color, {}, False, False)]) == [(None, 0)]
+    assert imageio.write_pngs([(fresh, pic, pic.color, {}, False, False)]) == [(None, 0, None)]
     assert read_image(fresh).size == pic.size and _temp_leftovers(target.parent) == []
     write_png(target, pic, replace=True)  # an output the run chose to replace (--overwrite) is replaced
     assert read_image(target).size == pic.size
@@ -873,10 +873,10 @@ def test_output_names_up_to_255_bytes_are_written_and_longer_ones_named_in_the_e
     pic = _picture(tmp_path)
     longest = tmp_path / ("é" * 120 + ".protected.png")  # 254 bytes in UTF-8
     assert len(os.fsencode(longest.name)) == 254
-    assert imageio.write_pngs([(longest, pic, pic.color, {}, False, False)]) == [(None, 0)]
+    assert imageio.write_pngs([(longest, pic, pic.color, {}, False, False)]) == [(None, 0, None)]
     assert read_image(longest).size == pic.size and _temp_leftovers(tmp_path) == []
     too_long = tmp_path / ("x" * 250 + ".protected.png")
-    (reason, _), = imageio.write_pngs([(too_long, pic, pic.color, {}, False, False)])  # fmt: skip
+    (reason, _, _), = imageio.write_pngs([(too_long, pic, pic.color, {}, False, False)])  # fmt: skip
     assert reason.startswith(f"output {too_long}: name is 264 bytes long, more than the 255")
     assert "--suffix" in reason and sorted(p.name for p in tmp_path.iterdir()) == sorted([longest.name, "src.png"])
 
@@ -886,8 +886,35 @@ def test_a_write_error_names_the_output(tmp_path) -> None:
     pic = _picture(tmp_path)
     (tmp_path / "blocker").write_text("a file where the output folder would go")
     target = tmp_path / "blocker" / "a.png"
-    (reason, _), = imageio.write_pngs([(target, pic, pic.color, {}, False, True)])  # fmt: skip
+    (reason, _, _), = imageio.write_pngs([(target, pic, pic.color, {}, False, True)])  # fmt: skip
     assert reason.startswith(f"output {target}: cannot write: ")
+
+
+def test_a_write_error_keeps_the_system_s_error_number(tmp_path, monkeypatch) -> None:
+    """A full disk (ENOSPC while the bytes go out) is told apart from other write errors by its number, also
+    from a worker process's outcome: protect stops writing to that file system (the rest is not computed)."""
+    import errno
+
+    pic = _picture(tmp_path)
+    (tmp_path / "out").mkdir()
+
+    class FullDisk:  # what Pillow meets writing to a full disk
+        def save(self, f, **kwargs) -> None:
+            f.write(b"\x89PNG\r\n\x1a\n")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with monkeypatch.context() as m:
+        m.setattr(imageio, "_to_pil", lambda picture, color: FullDisk())
+        target = tmp_path / "out" / "a.png"
+        assert imageio.write_pngs([(target, pic, pic.color, {}, False, True)]) == [
+            (f"output {target}: cannot write: {os.strerror(errno.ENOSPC)}", 0, errno.ENOSPC)]
+        with pytest.raises(ImageWriteError) as info:
+            write_png(target, pic)
+        assert info.value.errno == errno.ENOSPC and not target.exists() and _temp_leftovers(target.parent) == []
+    (tmp_path / "blocker").write_text("a file where the output folder would go")
+    (_, _, number), = imageio.write_pngs([(tmp_path / "blocker" / "a.png", pic, pic.color, {}, False, True)])  # fmt: skip
+    assert number is not None and number != errno.ENOSPC  # the folder's own error (EEXIST, ENOTDIR)
+    assert imageio.write_pngs([(target, pic, pic.color, {}, False, True)]) == [(None, 0, None)]
 
 
 @pytest.mark.skipif(os.name == "nt", reason="POSIX processes")
@@ -948,7 +975,7 @@ def test_the_name_limit_is_checked_in_bytes_only_where_names_are_bytes(tmp_path,
     pic = _picture(tmp_path)
     monkeypatch.setattr(imageio.sys, "platform", "darwin")
     cjk = tmp_path / ("写" * 100 + ".protected.png")
-    (reason, _), = imageio.write_pngs([(cjk, pic, pic.color, {}, False, False)])  # fmt: skip
+    (reason, _, _), = imageio.write_pngs([(cjk, pic, pic.color, {}, False, False)])  # fmt: skip
     # this test's file system (Linux) refuses it in turn: said in the same words, naming the output
     assert reason == f"output {cjk}: name too long for this file system (use a shorter --suffix, or rename the input)"
     assert _temp_leftovers(tmp_path) == []

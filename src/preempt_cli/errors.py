@@ -168,12 +168,14 @@ class ImageReadError(PreemptError, OSError):
 
 
 class ImageWriteError(PreemptError, OSError):
-    """An output file cannot be written."""
+    """An output file cannot be written; ``errno``: the operating system's error number where it said why
+    (``errno.ENOSPC``: the disk is full), else None."""
 
-    def __init__(self, path: Path | str, reason: str) -> None:
+    def __init__(self, path: Path | str, reason: str, errno: int | None = None) -> None:
         self.path = Path(path)
         self.reason = reason
         super().__init__(f"{path}: {reason}")
+        self.errno = errno
 
     def __str__(self) -> str:
         return f"{self.path}: {self.reason}"

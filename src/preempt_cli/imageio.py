@@ -921,7 +921,7 @@ def atomic_write(path: Path, *, fsync: bool = True, replace: bool = True, mode: 
     except OSError as e:
         if e.errno == errno.ENAMETOOLONG:
             raise ImageWriteError(path, f"name too long for this file system ({shorter})") from e
-        raise ImageWriteError(path, f"cannot write: {e.strerror or e}") from e
+        raise ImageWriteError(path, f"cannot write: {e.strerror or e}", errno=e.errno) from e
     finally:
         if tmp_name is not None:
             try:
@@ -1034,20 +1034,22 @@ def read_images(paths: Sequence[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> l
     return out
 
 
-def write_pngs(tasks: Sequence[tuple[Path, Picture, np.ndarray, Mapping[str, str], bool, bool]]) -> list[tuple[str | None, int]]:
+def write_pngs(tasks: Sequence[tuple[Path, Picture, np.ndarray, Mapping[str, str], bool, bool]],
+               ) -> list[tuple[str | None, int, int | None]]:  # fmt: skip
     """:func:`write_png` for each (path, picture, colour, text, fsync, replace); per file, the reason it
-    failed (or None) and its :func:`level_distance` to the picture. A chunk of an I/O worker process's work."""
-    out: list[tuple[str | None, int]] = []
+    failed (or None), its :func:`level_distance` to the picture, and the operating system's error number of
+    a failed write (``errno.ENOSPC``: the disk is full; else None). A chunk of an I/O worker process's work."""
+    out: list[tuple[str | None, int, int | None]] = []
     for path, picture, color, text, fsync, replace in tasks:
         try:
             write_png(path, picture, color, text, fsync=fsync, replace=replace)
-            out.append((None, level_distance(color, picture.color)))
+            out.append((None, level_distance(color, picture.color), None))
         except ImageWriteError as e:  # reported beside the input's name: this one names the output
-            out.append((f"output {path}: {reason_of(e, path)}", 0))
+            out.append((f"output {path}: {reason_of(e, path)}", 0, e.errno))
         except PreemptError as e:
-            out.append((reason_of(e, path), 0))
+            out.append((reason_of(e, path), 0, None))
         except Exception as e:  # an encoder's own error, or memory: this file fails, not the chunk around it
-            out.append((f"cannot encode: {_typed_error_text(e)}", 0))
+            out.append((f"cannot encode: {_typed_error_text(e)}", 0, None))
     return out
 
 

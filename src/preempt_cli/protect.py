@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import errno
 import gc
 import hashlib
 import itertools
@@ -56,6 +57,7 @@ from .imageio import (
     content_seed,
     file_digests,
     display_name,
+    folder_write_problem,
     is_fifo,
     levels_to_float,
     png_is_whole,
@@ -375,6 +377,82 @@ class _Launched:
         arrays = self.levels if self.levels is not None else nhwc_levels_to_arrays(levels[0])
         before, after, labels = stats.tolist()
         return [(lv, b, a, int(lab)) for lv, b, a, lab in zip(arrays, before, after, labels)]
+
+
+#: Write errors after which a run writes nothing more to that file system: later outputs there would fail
+#: alike, each after its compute (a full disk of 100 CIFAR-10 outputs: 75 computed only to fail). What each
+#: says, of the folder whose write failed, and what to do.
+_FILE_SYSTEM_ERRORS = {
+    errno.ENOSPC: ("no space left on the file system of {}", "free space and re-run"),
+    errno.EROFS: ("the file system of {} is read-only", "make it writable, or write elsewhere (--out-dir), and re-run"),
+    **({errno.EDQUOT: ("disk quota exceeded on the file system of {}", "free space and re-run")}
+       if hasattr(errno, "EDQUOT") else {}),  # not on Windows
+}  # fmt: skip
+
+
+def _file_system_of(folder: Path) -> int | None:
+    """The device number (``st_dev``) of the file system that holds ``folder``, or would once it is created
+    (its nearest existing folder's); None when none can be looked at."""
+    while True:
+        try:
+            return os.stat(folder).st_dev
+        except FileNotFoundError:
+            if folder == folder.parent:
+                return None
+            folder = folder.parent
+        except (OSError, ValueError):  # unreadable; a name the system refuses
+            return None
+
+
+class _OutputFolders:
+    """What one run knows of where its outputs go, so that a file whose output cannot be written fails
+    before its compute, not after: each output folder is probed once (a file created and removed there:
+    :func:`~preempt_cli.imageio.folder_write_problem`), and a write that fails as a full (ENOSPC, EDQUOT) or
+    read-only (EROFS) file system stops the run's writes to that file system (the outputs in folders of the
+    same ``st_dev``); other file systems go on. Its methods may be called from any thread."""
+
+    def __init__(self) -> None:
+        self._problems: dict[Path, str | None] = {}  # per output folder: why no file can be created there
+        self._file_systems: dict[Path, int | None] = {}  # per output folder: its file system's st_dev
+        self._stopped: dict[int, str] = {}  # st_dev -> why its outputs are not attempted
+
+    def problem(self, output: Path) -> str | None:
+        """Why ``output`` cannot be written (its folder probed, once per folder), as a file's reason; None
+        when it can."""
+        folder = output.parent
+        if folder not in self._problems:
+            self._problems[folder] = folder_write_problem(output)  # missing folders: their nearest existing one
+        problem = self._problems[folder]
+        return None if problem is None else f"output {output}: not attempted: {problem}"
+
+    def wrote(self, output: Path, outcome: tuple[str | None, int, int | None]) -> None:
+        """Take note of a write's outcome (:func:`~preempt_cli.imageio.write_pngs`'): one that failed as a
+        full or read-only file system stops the later writes there."""
+        error, _, number = outcome
+        if error is None or number not in _FILE_SYSTEM_ERRORS:
+            return
+        device = self._file_system(output.parent)
+        if device is not None and device not in self._stopped:
+            what, advice = _FILE_SYSTEM_ERRORS[number]
+            self._stopped.setdefault(device, f"not attempted: {what.format(output.parent)} (an earlier write "
+                                             f"there failed); {advice}")  # fmt: skip
+
+    def stopped(self, output: Path) -> str | None:
+        """Why ``output`` is not attempted (an earlier write failed on its file system), as a file's reason;
+        None when it is."""
+        if not self._stopped:  # (most runs: no look at the file system)
+            return None
+        device = self._file_system(output.parent)
+        return None if device is None else self._stopped.get(device)
+
+    def _file_system(self, folder: Path) -> int | None:
+        if folder not in self._file_systems:
+            self._file_systems[folder] = _file_system_of(folder)
+        return self._file_systems[folder]
+
+
+class _NotAttempted(Exception):
+    """A batch left uncomputed: its outputs' file system was found full or read-only (see _OutputFolders)."""
 
 
 @dataclass
@@ -818,9 +896,12 @@ class Protector:
         return computed
 
     def _write(self, pending: _Pending, levels: np.ndarray, before: float, after: float, label: int,
-               seconds: float, fsync: bool = True, replace: bool = True) -> FileResult:  # fmt: skip
-        """Write one output (on a worker thread)."""
+               seconds: float, fsync: bool = True, replace: bool = True,
+               folders: _OutputFolders | None = None) -> FileResult:  # fmt: skip
+        """Write one output (on a worker thread), its outcome noted in the run's ``folders``."""
         outcome = write_pngs([self._write_task(pending, levels, label, fsync, replace)])[0]
+        if folders is not None:  # as soon as it failed: the files not yet computed need not be
+            folders.wrote(pending.output, outcome)
         return self._finish_write(pending, before, after, label, seconds, outcome)
 
     def _write_task(self, pending: _Pending, levels: np.ndarray, label: int, fsync: bool, replace: bool) -> tuple:
@@ -836,9 +917,9 @@ class Protector:
         return {METADATA_KEY: json.dumps(meta, sort_keys=True), "Software": f"preempt {__version__}"}
 
     def _finish_write(self, pending: _Pending, before: float, after: float, label: int, seconds: float,
-                      outcome: tuple[str | None, int]) -> FileResult:  # fmt: skip
+                      outcome: tuple[str | None, int, int | None]) -> FileResult:  # fmt: skip
         """The result of an output, from what :func:`~preempt_cli.imageio.write_pngs` said of it."""
-        error, linf_levels = outcome
+        error, linf_levels, _ = outcome
         if error is not None:
             return FileResult(pending.item.path, "failed", reason=error)
         return FileResult(
@@ -885,6 +966,12 @@ class Protector:
         ``items``: :func:`~preempt_cli.inputs.collect_inputs`'s inputs, or paths (files, folders, globs),
         which it expands.
 
+        Outputs that cannot be written fail before their compute: each output folder is tried once (a file
+        created and removed there), its files failing as ``output PATH: not attempted: WHY``; once a write
+        finds a file system full (ENOSPC, EDQUOT) or read-only (EROFS), the files still to come whose outputs
+        lie on it fail as ``not attempted: ...`` (those being computed already are written, or fail to be);
+        other file systems go on.
+
         ``outputs``: the output of each item (:func:`~preempt_cli.inputs.assign_outputs`: a ``Path``, or a
         ``str`` saying why the item gets none, which fails it with that reason), when the items are
         part of a larger set run in several calls (``revert --white-box`` runs one per recorded defense):
@@ -911,8 +998,13 @@ class Protector:
                     verdicts[i] = (item, result)
         todo: list[InputFile] = []
         replacing: set[Path] = set()  # outputs there when judged (--overwrite, or empty): replaced
+        folders = _OutputFolders()
         for item, verdict in verdicts:
-            if verdict is None:
+            if verdict is None and (problem := folders.problem(outputs[item])) is not None:  # type: ignore[arg-type]
+                # an output folder that cannot take a file (read-only, not a folder): each of its files failed
+                # after its compute ("cannot write: Read-only file system")
+                yield FileResult(item.path, "failed", reason=problem)
+            elif verdict is None:
                 todo.append(item)
                 if os.path.lexists(outputs[item]):
                     replacing.add(outputs[item])  # type: ignore[arg-type]  # a Path: no reason of its own
@@ -923,14 +1015,15 @@ class Protector:
         processes = self._process_pool(options, use=True) if self._io_processes(options) else None
         if processes is not None:
             try:
-                yield from self._run_pipeline(todo, outputs, options, _ProcessIO(self, options, processes, replacing))
+                yield from self._run_pipeline(todo, outputs, options,
+                                              _ProcessIO(self, options, processes, replacing, folders))  # fmt: skip
             finally:
                 with self._pools_lock:
                     self._pool_users[options.workers] -= 1
             return
         pool = ThreadPoolExecutor(options.workers, thread_name_prefix="preempt-io")
         try:
-            yield from self._run_pipeline(todo, outputs, options, _ThreadIO(self, options, pool, replacing))
+            yield from self._run_pipeline(todo, outputs, options, _ThreadIO(self, options, pool, replacing, folders))
         finally:  # stopped early (Ctrl-C, an error, a caller that stops iterating): drop the queued work
             pool.shutdown(wait=True, cancel_futures=True)
 
@@ -1016,12 +1109,19 @@ class Protector:
         # thread goes on collecting decoded files and written results meanwhile: on a GPU, that per-file
         # bookkeeping otherwise adds to the compute time instead of hiding behind it.
         freeze_long_lived_objects()
-        compute = ComputeThread(self._compute_with_backoff, self._finish_batch, depth=self._queued_batches(),
-                                initializer=self._start_compute_thread)  # fmt: skip
+        compute = ComputeThread(partial(self._launch_batch, io.folders), self._finish_batch,
+                                depth=self._queued_batches(), initializer=self._start_compute_thread)  # fmt: skip
         try:
             yield from self._pipeline(todo, outputs, options, io, compute)
         finally:
             compute.shutdown(cancel_futures=True)
+
+    def _launch_batch(self, folders: _OutputFolders, batch: list[_Pending]) -> _Launched:
+        """:meth:`_compute_with_backoff`, unless every output of the batch lies on a file system that a write
+        found full or read-only while the batch waited its turn (:class:`_NotAttempted`)."""
+        if all(folders.stopped(p.output) is not None for p in batch):
+            raise _NotAttempted
+        return self._compute_with_backoff(batch)
 
     def _queued_batches(self) -> int:
         return _QUEUED_BATCHES if self.device.type == "cuda" else 1
@@ -1044,6 +1144,7 @@ class Protector:
         queued_all = False
         in_flight = compute.depth + 1  # batches on the device, and the next one waiting
         sent = 0  # images sent to the device so far
+        folders = io.folders  # what the writes found of the file systems: files there fail uncomputed
 
         def submit_decodes() -> None:
             nonlocal queued_all
@@ -1052,10 +1153,26 @@ class Protector:
                 if not chunk:
                     queued_all = True
                     return
-                decoded.extend(io.decode([(item, outputs[item]) for item in chunk]))
+                jobs = []
+                for item in chunk:
+                    if (reason := folders.stopped(outputs[item])) is not None:  # type: ignore[arg-type]
+                        decoded.append(_done(FileResult(item.path, "failed", reason=reason)))  # not even decoded
+                    else:
+                        jobs.append((item, outputs[item]))
+                if jobs:
+                    decoded.extend(io.decode(jobs))
 
         def flush(batch: list[_Pending], last: bool = False) -> Iterator[FileResult]:
             nonlocal sent
+            kept = []  # files that waited in a partial batch while a write failed there fail uncomputed
+            for p in batch:
+                if (reason := folders.stopped(p.output)) is None:
+                    kept.append(p)
+                else:
+                    yield FileResult(p.item.path, "failed", reason=reason)
+            if not kept:
+                return
+            batch = kept
             sent += len(batch)
             size = _piece_size(len(batch)) if last else len(batch)
             for start in range(0, len(batch), size):
@@ -1076,6 +1193,11 @@ class Protector:
                     computed, seconds = future.result()
                 except CancelledError:  # never started, as the run was interrupted: not a failure
                     computing.popleft()
+                    continue
+                except _NotAttempted:  # its outputs' file system was found full or read-only: not computed
+                    computing.popleft()
+                    for p in batch:
+                        yield FileResult(p.item.path, "failed", reason=folders.stopped(p.output) or "not attempted")
                     continue
                 except Exception as e:  # a failing batch must not stop the run: report each of its files
                     computing.popleft()
@@ -1108,6 +1230,9 @@ class Protector:
                 submit_decodes()
                 if isinstance(prepared, FileResult):
                     yield prepared
+                    continue
+                if (reason := folders.stopped(prepared.output)) is not None:  # decoded before a write failed
+                    yield FileResult(prepared.item.path, "failed", reason=reason)
                     continue
                 pic = prepared.picture
                 key = (pic.channels, pic.size[1], pic.size[0])
@@ -1151,6 +1276,13 @@ class Protector:
             raise
 
 
+def _done(result: Any) -> Future:
+    """A handle of the pipeline's queues that already holds ``result``."""
+    future: Future = Future()
+    future.set_result(result)
+    return future
+
+
 @contextmanager
 def _interrupts_held() -> Iterator[None]:
     """SIGINT held (blocked: not lost) in this thread, and so in the processes it starts meanwhile: the fork
@@ -1187,9 +1319,10 @@ class _ThreadIO:
 
     decode_chunk = 1
 
-    def __init__(self, protector: Protector, options: RunOptions, pool: ThreadPoolExecutor,
-                 replacing: set[Path]) -> None:  # fmt: skip
+    def __init__(self, protector: Protector, options: RunOptions, pool: ThreadPoolExecutor, replacing: set[Path],
+                 folders: _OutputFolders) -> None:  # fmt: skip
         self.protector, self.options, self.pool, self.replacing = protector, options, pool, replacing
+        self.folders = folders  # the run's: each write's outcome is noted there
 
     def decode(self, items: list[tuple[InputFile, Path]]) -> list[Future]:
         return [self.pool.submit(self.protector._prepare, item, output, self.options) for item, output in items]
@@ -1199,7 +1332,7 @@ class _ThreadIO:
         between the two would leave a file written that the run does not report)."""
         for p, levels, before, after, label, seconds in jobs:
             into.append(self.pool.submit(self.protector._write, p, levels, before, after, label, seconds,
-                                         self.options.fsync, p.output in self.replacing))  # fmt: skip
+                                         self.options.fsync, p.output in self.replacing, self.folders))  # fmt: skip
 
 
 class _Part:
@@ -1227,9 +1360,10 @@ class _ProcessIO:
 
     decode_chunk = 32
 
-    def __init__(self, protector: Protector, options: RunOptions, pool: ProcessPoolExecutor,
-                 replacing: set[Path]) -> None:  # fmt: skip
+    def __init__(self, protector: Protector, options: RunOptions, pool: ProcessPoolExecutor, replacing: set[Path],
+                 folders: _OutputFolders) -> None:  # fmt: skip
         self.protector, self.options, self.pool, self.replacing = protector, options, pool, replacing
+        self.folders = folders  # the run's: each write's outcome is noted there
 
     def _submit(self, fn: Callable[..., Any], *args: Any) -> Future:
         try:
@@ -1260,8 +1394,17 @@ class _ProcessIO:
             tasks = [self.protector._write_task(p, levels, label, self.options.fsync, p.output in self.replacing)
                      for p, levels, _, _, label, _ in chunk]  # fmt: skip
             future = self._submit(write_pngs, tasks)
+            # noted as soon as the chunk is back (on the pool's thread), not once the run takes its results
+            future.add_done_callback(partial(self._wrote, [p.output for p, *_ in chunk]))
             into.extend(_Part(future, i, partial(self.protector._finish_write, p, before, after, label, seconds),
                               p.item.path) for i, (p, _, before, after, label, seconds) in enumerate(chunk))  # fmt: skip
+
+    def _wrote(self, outputs: list[Path], future: Future) -> None:
+        """Note a chunk's outcomes in the run's folders (a chunk whose worker died wrote nothing)."""
+        if future.cancelled() or future.exception() is not None:
+            return
+        for output, outcome in zip(outputs, future.result()):
+            self.folders.wrote(output, outcome)
 
 
 def finish_interrupted(run: Iterator[FileResult]) -> Iterator[FileResult]:
