@@ -298,6 +298,19 @@ def test_cuda_graphs_setting_is_checked(tiny_backbone, caplog) -> None:
         assert check_cuda_graphs(True, "off", torch.device("cpu")) is False
     assert "needs a GPU" in caplog.text
     assert check_cuda_graphs(False, "off", TEST_DEVICE) is False
+
+
+@pytest.mark.parametrize("device", sorted({"cpu", str(TEST_DEVICE)}))
+def test_cuda_graphs_with_compile_reduce_overhead_are_refused_saying_what_to_drop(tiny_backbone, monkeypatch,
+                                                                                 device: str) -> None:  # fmt: skip
+    # it told the user to "use --compile reduce-overhead instead" of the reduce-overhead they gave (on a CPU,
+    # of "--compile default", the mode it had made of theirs), and compiled the backbone before refusing
+    monkeypatch.setattr(torch, "compile", lambda *a, **k: pytest.fail("compiled before the settings were checked"))
+    with pytest.raises(ConfigError) as refused:
+        FastPreemption(tiny_backbone, device=device, cuda_graphs=True, compile="reduce-overhead")
+    message = str(refused.value)
+    assert "drop --cuda-graphs" in message and "--compile default" not in message, message
+    assert "use --compile reduce-overhead" not in message, message
     if ON_CUDA:
         assert check_cuda_graphs(True, "off", TEST_DEVICE) is True
 

@@ -429,6 +429,8 @@ class FastPreemption:
         self.precision = resolve_precision(precision, self.device)
         if compile not in COMPILE_MODES:
             raise ConfigError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {compile!r}")
+        # the mode asked for, before a CPU's reduce-overhead becomes default (and before any compiling)
+        self.cuda_graphs = check_cuda_graphs(cuda_graphs, compile, self.device)
         if compile == "reduce-overhead" and self.device.type != "cuda":
             # its CUDA graphs need a GPU: elsewhere torch compiles as ``default`` would without saying so
             # (its "No CUDA runtime is found", where a CUDA toolkit is installed, comes at import, not here)
@@ -441,7 +443,6 @@ class FastPreemption:
         if compile != "off":
             # dynamic=False: one specialised graph per batch shape (a run sees one or two shapes)
             self._net = torch.compile(backbone, mode=None if compile == "default" else compile, dynamic=False)
-        self.cuda_graphs = check_cuda_graphs(cuda_graphs, compile, self.device)
         self._graphed = GraphedFunction(FastPreemption._graph_body, self.device, owner=self, name="the engine") \
             if self.cuda_graphs else None  # fmt: skip
 
@@ -730,6 +731,9 @@ def check_cuda_graphs(cuda_graphs: Any, compile: str, device: torch.device) -> b
     """
     if not isinstance(cuda_graphs, bool):
         raise ConfigError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
+    if cuda_graphs and compile == "reduce-overhead":  # it was told to use the one it was given
+        raise ConfigError("--compile reduce-overhead already replays its compiled kernels in CUDA graphs: drop "
+                          "--cuda-graphs, which replays the eager kernels")  # fmt: skip
     if cuda_graphs and compile != "off":
         raise ConfigError(f"CUDA graphs replay the eager kernels; with --compile {compile} use --compile "
                           "reduce-overhead (compiled kernels in CUDA graphs) instead")  # fmt: skip
