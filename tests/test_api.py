@@ -465,3 +465,72 @@ def test_freezing_long_lived_objects_does_not_keep_the_callers_garbage(monkeypat
         if was_enabled:
             gc.enable()
     assert ref() is None
+
+
+# -- 0.19.x review of the API as a batch job meets it ----------------------------------------------------------
+def test_a_reversion_is_not_in_the_autograd_graph_of_its_input(tiny_backbone, images) -> None:
+    """``Reverter.protect`` of an input that requires grad gave an output in the caller's autograd graph
+    (``requires_grad``, a ``grad_fn``: ``.numpy()`` refused it), where ``Protector.protect`` gives a plain one."""
+    from preempt_cli import Reverter
+
+    reverter = Reverter(tiny_backbone, config=FAST, seed=5)
+    x = images[:2].clone().requires_grad_(True)
+    got = reverter.protect(x)
+    assert not got.requires_grad and got.grad_fn is None
+    assert torch.equal(got, reverter.protect(images[:2]))
+    got.cpu().numpy()  # as a batch job saves it
+    assert x.grad is None and x.requires_grad
+
+
+def test_what_the_protector_refuses_on_purpose_is_a_preempt_error(tmp_path: Path, tiny_backbone) -> None:
+    """A model name where a loaded model goes, a config of settings as a dict, paths mixed with inputs: plain
+    TypeErrors, which a batch job's ``except PreemptError`` let through (still TypeErrors)."""
+    from preempt_cli.errors import PreemptError
+
+    for make in (lambda: Protector("cifar10-resnet20-pgdat-a"),
+                 lambda: Protector(torch.nn.Linear(3, 10)),
+                 lambda: Protector(tiny_backbone, config={"samples": 2})):  # fmt: skip
+        with pytest.raises(PreemptError) as caught:
+            make()
+        assert isinstance(caught.value, TypeError)
+    write_random_pngs(tmp_path / "in", n=1)
+    protector = Protector(tiny_backbone, config=FAST)
+    mixed = [*collect_inputs([tmp_path / "in"]), tmp_path / "in"]
+    with pytest.raises(PreemptError, match="not both") as caught:
+        list(protector.run(mixed, RunOptions(out_dir=tmp_path / "out")))
+    assert isinstance(caught.value, TypeError)
+
+
+def test_a_model_name_that_is_no_string_is_a_config_error() -> None:
+    """``get_model_config(3)`` failed with AttributeError ('int' object has no attribute 'lower'), where
+    ``load_model(3)`` says what is wrong."""
+    from preempt_cli import get_model_config
+    from preempt_cli.errors import ConfigError
+
+    for bad in (3, None, Path("preempt-resnet20-at")):
+        with pytest.raises(ConfigError, match="model name must be a string"):
+            get_model_config(bad)
+
+
+def test_write_png_refuses_colours_it_cannot_write_with_a_preempt_error(tmp_path: Path) -> None:
+    """Float colours (a protected tensor as it comes) were a plain ValueError; a list or a tensor an
+    AttributeError."""
+    from preempt_cli import write_png
+    from preempt_cli.errors import InputError
+
+    path = write_random_pngs(tmp_path, n=1)[0]
+    picture = read_image(path)
+    for bad in (picture.color.astype(np.float32) / 255, picture.color.tolist(), torch.from_numpy(picture.color.copy())):
+        with pytest.raises(InputError, match="colour"):
+            write_png(tmp_path / "out.png", picture, bad)
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_protect_names_its_noise_seeds_argument(protector, images) -> None:
+    """``protect(x, y, **kw)`` hid ``noise_seeds`` from signatures and type checkers; a misspelt keyword was
+    refused by ``transform``, a method the caller never called."""
+    import inspect
+
+    assert "noise_seeds" in inspect.signature(Protector.protect).parameters
+    with pytest.raises(TypeError, match="protect"):
+        protector.protect(images[:1], noise_seed=[1])

@@ -186,8 +186,9 @@ class LabelError(PreemptError, ValueError):
 
 
 class InputError(PreemptError, ValueError, TypeError):
-    """Images or labels handed to the Python API that it cannot take: a wrong type, dtype, shape or value
-    (a ``ValueError`` and a ``TypeError``: catch either)."""
+    """Images, labels or other objects handed to the Python API that it cannot take: a wrong type, dtype,
+    shape or value (a model name where a loaded model goes, colours of another shape than the picture's;
+    a ``ValueError`` and a ``TypeError``: catch either)."""
 
 
 class MissingDependencyError(PreemptError, ImportError):

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, BinaryIO, Iterator, Mapping, Sequence
 import numpy as np
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
-from .errors import ConfigError, ImageReadError, ImageWriteError, PreemptError, reason_of
+from .errors import ConfigError, ImageReadError, ImageWriteError, InputError, PreemptError, reason_of
 
 try:
     import fcntl
@@ -266,9 +266,17 @@ class Picture:
         return content_seed(self.color)
 
     def with_color(self, color: np.ndarray) -> "Picture":
-        """A copy with other colour values (same shape and dtype), everything else kept."""
+        """A copy with other colour values (same shape and dtype), everything else kept.
+
+        Raises:
+            InputError: ``color`` is not a numpy array of the picture's shape and dtype (a ``ValueError``,
+                and a ``TypeError``).
+        """
+        if not isinstance(color, np.ndarray):  # a list or a tensor failed with AttributeError ('shape')
+            raise InputError(f"colour must be a numpy array {self.color.shape}/{self.color.dtype} (HWC levels), "
+                             f"got {type(color).__name__}")  # fmt: skip
         if color.shape != self.color.shape or color.dtype != self.color.dtype:
-            raise ValueError(f"colour {color.shape}/{color.dtype} does not fit {self.color.shape}/{self.color.dtype}")
+            raise InputError(f"colour {color.shape}/{color.dtype} does not fit {self.color.shape}/{self.color.dtype}")
         return Picture(self.path, color, self.alpha, self.mode, self.source_mode, self.source_format,
                        self.icc_profile, dict(self.text), self.source_sha256, self.notes, self.colour_chunks,
                        self.dpi, self.source_label_key)  # fmt: skip
@@ -1168,8 +1176,8 @@ def write_png(
     a file that appears there meanwhile is not replaced (see :func:`atomic_write`).
 
     Raises:
-        ValueError: ``color`` of another shape or dtype than the picture's (floats in [0, 1], levels of
-            another bit depth or another size were written as garbage without a word).
+        InputError: ``color`` not a numpy array of the picture's shape and dtype (floats in [0, 1], levels
+            of another bit depth or another size were written as garbage without a word); a ``ValueError``.
         ImageWriteError: the folder cannot be created or written, or ``path`` appeared (``replace`` False).
     """
     path = Path(path)

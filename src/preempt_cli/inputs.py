@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, TextIO
 
-from .errors import ConfigError
+from .errors import ConfigError, InputError
 from ._paths import expand_home
 from .imageio import IMAGE_SUFFIXES
 
@@ -221,7 +221,8 @@ def as_input_files(items: Iterable[InputFile | str | os.PathLike[str]] | str | o
     of run named with ``suffix`` too (:func:`without_suffixed_outputs`); an empty list stays empty.
 
     Raises:
-        TypeError: inputs and paths mixed (give paths alone, or ``collect_inputs`` of them).
+        InputError: inputs and paths mixed (give paths alone, or ``collect_inputs`` of them); a
+            ``TypeError`` too.
         ConfigError: see :func:`collect_inputs`.
     """
     if isinstance(items, (str, bytes, os.PathLike)):
@@ -231,7 +232,7 @@ def as_input_files(items: Iterable[InputFile | str | os.PathLike[str]] | str | o
     if not paths:  # all InputFile; one given twice would be processed twice into one output
         return list(dict.fromkeys(items))  # type: ignore[arg-type]
     if len(paths) < len(items):
-        raise TypeError("give InputFile items (from collect_inputs) or paths, not both in one list")
+        raise InputError("give InputFile items (from collect_inputs) or paths, not both in one list")
     return without_suffixed_outputs(collect_inputs(paths, skip_markers=skip_markers), suffix, skip_markers, kind)
 
 

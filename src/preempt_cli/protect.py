@@ -492,7 +492,8 @@ class Protector:
             rounding) as one CUDA graph per batch shape (see :mod:`preempt_cli.graphs`); the same bits.
 
     Raises:
-        TypeError: a model that is not a loaded model (a name: load it with ``load_model``).
+        InputError: a model that is not a loaded model (a name: load it with ``load_model``), or a
+            ``config`` that is not a :class:`ForeBackConfig` (a ``TypeError`` too, as before).
         ConfigError: an invalid setting (a seed that is not an int in range, mismatched models, ...).
     """
 
@@ -521,16 +522,16 @@ class Protector:
     ) -> None:
         for role, model in (("backbone", backbone), ("classifier", classifier)):
             if model is not None and not isinstance(model, torch.nn.Module):
-                raise TypeError(f"{role} must be a model, got {type(model).__name__} {model!r}: load it with "
+                raise InputError(f"{role} must be a model, got {type(model).__name__} {model!r}: load it with "
                                 f"preempt_cli.load_model({model!r}, models_dir=...)")  # fmt: skip
             # its ModelConfig says the classes, input size and dataset that labels, budgets and metadata need
             # (an ImageModel, or one torch.compile wrapped, which passes its attributes through)
             if model is not None and not isinstance(getattr(model, "config", None), ModelConfig):
-                raise TypeError(f"{role} must be a loaded model (preempt_cli.load_model, or ImageModel(net, "
+                raise InputError(f"{role} must be a loaded model (preempt_cli.load_model, or ImageModel(net, "
                                 f"ModelConfig(...)) for a net of your own), got a bare {type(model).__name__}; "
                                 f"FastPreemption takes bare nets")  # fmt: skip
         if config is not None and not isinstance(config, ForeBackConfig):
-            raise TypeError(f"config must be a ForeBackConfig, got {type(config).__name__}")
+            raise InputError(f"config must be a ForeBackConfig, got {type(config).__name__}")
         self.backbone = backbone
         self.classifier = classifier
         self.config = config or ForeBackConfig.from_preset(dataset=backbone.config.dataset)
@@ -611,7 +612,8 @@ class Protector:
         :meth:`FastPreemption.perturb_keyed`): nothing waits for the device, so a CUDA graph captures it."""
         return self.engine.perturb_keyed(x, y, image_keys)
 
-    def protect(self, x: torch.Tensor, y: torch.Tensor | None = None, **kw: Any) -> torch.Tensor:
+    def protect(self, x: torch.Tensor, y: torch.Tensor | None = None, *,
+                noise_seeds: Sequence[int] | None = None) -> torch.Tensor:
         """Label (when ``y`` is None) and protect a batch of images (a :class:`~preempt_cli.revert.Reverter`
         reverts it: ``2 x - D(x)``, labelled with its own labeller).
 
@@ -626,7 +628,8 @@ class Protector:
 
         Raises:
             InputError: ``x`` or ``y`` of the wrong type, dtype or shape, images with values outside
-                [0, 1] (or NaN), labels outside the backbone's classes.
+                [0, 1] (or NaN), labels outside the backbone's classes, ``noise_seeds`` that are not one
+                whole number in 0..2**64-1 per image.
         """
         check_images(x)
         channels = self.backbone.config.input_size[0]
@@ -647,7 +650,7 @@ class Protector:
         if not bool(((y >= 0) & (y < classes)).all()):
             raise InputError(f"labels must be class indices in [0, {classes}), got values from "
                              f"{int(y.min())} to {int(y.max())}")  # fmt: skip
-        return self.transform(x, y, **kw)
+        return self.transform(x, y, noise_seeds=noise_seeds)
 
     # -- metadata --------------------------------------------------------------------------------------
     def run_settings(self) -> dict[str, Any]:

@@ -642,7 +642,11 @@ def get_model_config(name: str, extra: Sequence[Path | str] | Path | str = ()) -
 
     Raises:
         UnknownModelError: no registry has that name.
+        ConfigError: ``name`` is not a string (it failed with AttributeError).
+        RegistryError: see :func:`load_registry`.
     """
+    if not isinstance(name, str):
+        raise ConfigError(f"model name must be a string, got {name!r} ({type(name).__name__})")
     models = load_registry(extra)
     try:
         return models[name]

@@ -52,8 +52,9 @@ class Reverter(Protector):
 
 def _reflected(x: torch.Tensor, twice: torch.Tensor) -> torch.Tensor:
     """``2 x - twice``, clipped to [0, 1]: ``x`` moved as far from ``twice`` (D(x)) as D moved it."""
-    # where the engine returned it (the backbone's device), as float32: x may be elsewhere, or half
-    return (2 * x.to(twice.device, torch.float32) - twice).clamp_(0.0, 1.0)
+    # where the engine returned it (the backbone's device), as float32: x may be elsewhere, or half; detached,
+    # as D(x) is: a caller's x that requires grad gave an output in its autograd graph (no .numpy())
+    return (2 * x.detach().to(twice.device, torch.float32) - twice).clamp_(0.0, 1.0)
 
 
 #: The most backbone passes per image that ``revert --white-box`` takes from a file's metadata: 1,000x the
