@@ -523,13 +523,13 @@ class Protector:
         for role, model in (("backbone", backbone), ("classifier", classifier)):
             if model is not None and not isinstance(model, torch.nn.Module):
                 raise InputError(f"{role} must be a model, got {type(model).__name__} {model!r}: load it with "
-                                f"preempt_cli.load_model({model!r}, models_dir=...)")  # fmt: skip
+                                 f"preempt_cli.load_model({model!r}, models_dir=...)")  # fmt: skip
             # its ModelConfig says the classes, input size and dataset that labels, budgets and metadata need
             # (an ImageModel, or one torch.compile wrapped, which passes its attributes through)
             if model is not None and not isinstance(getattr(model, "config", None), ModelConfig):
                 raise InputError(f"{role} must be a loaded model (preempt_cli.load_model, or ImageModel(net, "
-                                f"ModelConfig(...)) for a net of your own), got a bare {type(model).__name__}; "
-                                f"FastPreemption takes bare nets")  # fmt: skip
+                                 f"ModelConfig(...)) for a net of your own), got a bare {type(model).__name__}; "
+                                 f"FastPreemption takes bare nets")  # fmt: skip
         if config is not None and not isinstance(config, ForeBackConfig):
             raise InputError(f"config must be a ForeBackConfig, got {type(config).__name__}")
         self.backbone = backbone
