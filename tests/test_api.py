@@ -534,3 +534,14 @@ def test_protect_names_its_noise_seeds_argument(protector, images) -> None:
     assert "noise_seeds" in inspect.signature(Protector.protect).parameters
     with pytest.raises(TypeError, match="protect"):
         protector.protect(images[:1], noise_seed=[1])
+
+
+def test_run_options_that_are_no_run_options_are_an_input_error(protector, tmp_path: Path) -> None:
+    """A dict of options (``run(paths, {"out_dir": ...})``) failed with AttributeError ('dict' object has no
+    attribute 'out_dir'), which a batch job's ``except PreemptError`` missed."""
+    from preempt_cli.errors import InputError, PreemptError
+
+    with pytest.raises(InputError, match="options must be a RunOptions .*got dict") as caught:
+        list(protector.run([tmp_path], {"out_dir": tmp_path / "out"}))
+    assert isinstance(caught.value, PreemptError) and isinstance(caught.value, TypeError)
+    assert not (tmp_path / "out").exists()

@@ -945,7 +945,12 @@ class Protector:
 
         Raises:
             ConfigError: a suffix that is the other command's output marker.
+            InputError: ``options`` that are not a :class:`RunOptions` (a dict of them failed with
+                AttributeError); a ``TypeError`` too.
         """
+        if options is not None and not isinstance(options, RunOptions):
+            raise InputError(f"options must be a RunOptions (RunOptions(out_dir=..., ...)), got "
+                             f"{type(options).__name__}")  # fmt: skip
         options = options or RunOptions()
         if options.out_dir is not None and os.path.exists(options.out_dir) and not os.path.isdir(options.out_dir):
             # each file failed after its work ("cannot write: File exists"); the CLI refuses it up front too
