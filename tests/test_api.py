@@ -545,3 +545,14 @@ def test_run_options_that_are_no_run_options_are_an_input_error(protector, tmp_p
         list(protector.run([tmp_path], {"out_dir": tmp_path / "out"}))
     assert isinstance(caught.value, PreemptError) and isinstance(caught.value, TypeError)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flag", ["verify_hash", "fuse"])
+def test_load_model_switches_that_are_no_bools_are_a_config_error(flag: str) -> None:
+    """``load_model(verify_hash="no")`` took the string for true without a word (the pin checked, where the
+    caller asked for none); the switches are now checked before anything is read."""
+    from preempt_cli import load_model
+    from preempt_cli.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"{flag} must be True or False, got 'no'"):
+        load_model("no-such-model", **{flag: "no"})

@@ -504,6 +504,9 @@ def load_model(
     device = resolve_device(device)  # before any loading: "cuda" without a GPU is a ConfigError, not torch's
     if not isinstance(model, (str, ModelConfig)):
         raise ConfigError(f"model must be a registry name or a ModelConfig, got {model!r}")
+    for name, flag in (("verify_hash", verify_hash), ("fuse", fuse)):
+        if not isinstance(flag, bool):  # "no" or "false" is true: a pin left unchecked without a word
+            raise ConfigError(f"{name} must be True or False, got {flag!r}")
     cfg = model if isinstance(model, ModelConfig) else get_model_config(model, registry)
     models_dir = expand_home(models_dir) if models_dir is not None else None
     sha = None
