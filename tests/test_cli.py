@@ -1205,13 +1205,19 @@ def test_after_a_write_finds_the_disk_full_its_file_system_s_files_fail_uncomput
         by_folder.setdefault(r.input.parent.name, []).append(r)
     said = (f"not attempted: no space left on the file system of {full} (an earlier write there failed); free "
             "space and re-run")  # fmt: skip
+    suffix = cls.run_options(RunOptions()).suffix
+
+    def not_attempted(r) -> str:  # naming the file's own output, as a failed write does
+        return f"output {r.input.with_name(r.input.stem + suffix + '.png')}: {said}"
+
     assert [r.status for r in by_folder["a_full"]] == ["failed"] * 16
-    written = [r for r in by_folder["a_full"] if r.reason != said]
+    written = [r for r in by_folder["a_full"] if r.reason != not_attempted(r)]
     assert all(r.reason.startswith(f"output {full}") and r.reason.endswith(": cannot write: No space left on device")
                for r in written)  # fmt: skip
     # the first batch, and those taken into the compute before the failure was known: no more
     assert 1 <= len(written) <= 4 and sorted(p for p in computed if p.parent == full) == sorted(r.input for r in written)
-    assert [(r.status, r.reason) for r in by_folder["b_same_fs"]] == [("failed", said)] * 3  # its st_dev is a_full's
+    assert [(r.status, r.reason) for r in by_folder["b_same_fs"]] == [  # its st_dev is a_full's
+        ("failed", not_attempted(r)) for r in by_folder["b_same_fs"]]
     assert [r.status for r in by_folder["c_other_fs"]] == ["done"] * 3 and all(r.output.is_file() for r in by_folder["c_other_fs"])
     assert not [p for p in computed if p.parent == same]
     assert _digest(originals) == before and not list(full.glob(".*.tmp"))  # originals kept, no temporary files
@@ -1230,8 +1236,8 @@ def test_protect_on_a_full_disk_reports_each_file_and_exits_1(tmp_path: Path, re
     assert result.exit_code == 1, result.output
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 6 and len(computed) <= 4  # one line a file; the rest not computed
-    assert sum(line.endswith(f"not attempted: no space left on the file system of {tmp_path / 'full'} (an earlier "
-                             "write there failed); free space and re-run") for line in errors) == 6 - len(computed)  # fmt: skip
+    assert sum(line.endswith(f".protected.png: not attempted: no space left on the file system of {tmp_path / 'full'} "
+                             "(an earlier write there failed); free space and re-run") for line in errors) == 6 - len(computed)  # fmt: skip
     assert "Protected 0, skipped 0, failed 6 in" in result.stderr
 
 
@@ -1268,6 +1274,66 @@ def test_an_output_folder_that_cannot_take_a_file_fails_its_files_uncomputed(
     assert sorted(r.input for r in results if r.status == "done") == sorted(computed) == originals[3:]
     assert probes == {locked: 1, ok: 1}  # once per output folder
     assert _digest(originals) == before
+
+
+def test_the_devices_of_one_run_probe_each_output_folder_once(tmp_path: Path, tiny_backbone,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """run_on_devices: each device's run probed every output folder again (concurrently: a probe file per
+    device in each folder), and learnt on its own that a file system was full (the others went on computing
+    files to fail). The devices share what they find (a shared stop: see the white-box test below)."""
+    import copy
+    import errno
+    import tempfile
+
+    from preempt_cli import ForeBackConfig, Protector, collect_inputs
+    from preempt_cli.protect import run_on_devices
+
+    locked, ok = tmp_path / "in" / "locked", tmp_path / "in" / "ok"
+    _images(locked, n=3)
+    _images(ok, n=3)
+    probes: dict[Path, int] = {}
+    real_mkstemp = tempfile.mkstemp
+
+    def mkstemp(*args: object, dir: str | None = None, **kw: object) -> tuple[int, str]:  # noqa: A002
+        if str(kw.get("prefix", "")).startswith(".preempt-write-test."):
+            probes[Path(dir)] = probes.get(Path(dir), 0) + 1
+            time.sleep(0.05)  # the devices judge their shares at once
+        if dir is not None and Path(dir) == locked:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        return real_mkstemp(*args, dir=dir, **kw)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    devices = [Protector(copy.deepcopy(tiny_backbone), labels="backbone", config=ForeBackConfig(samples=2))
+               for _ in range(2)]  # fmt: skip
+    results = list(run_on_devices(devices, collect_inputs([tmp_path / "in"]), RunOptions(batch_size=1, io="threads",
+                                                                                         workers=2)))  # fmt: skip
+    for device in devices:
+        device.close()
+    assert sorted((r.input.parent.name, r.status) for r in results) == [("locked", "failed")] * 3 + [("ok", "done")] * 3
+    assert probes == {locked: 1, ok: 1}
+
+
+def test_revert_white_box_stops_every_defense_s_writes_to_a_full_disk(tmp_path: Path, registry: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """revert --white-box runs once per recorded defense: each run learnt anew that the disk was full, its
+    first files computed only to fail. A file system found full stops the later defenses' files too."""
+    import errno
+
+    for day, seed in (("day1", "1"), ("day2", "2")):
+        _images(tmp_path / day, n=3, seed=int(seed))
+        assert run(["protect", str(tmp_path / day), *FAST, "--labels", "backbone", "--seed", seed], registry).exit_code == 0
+    out = tmp_path / "out"
+    marker = tmp_path / "a-write-failed"
+    _fail_writes_in(monkeypatch, [out / "day1", out / "day2"], "threads", errno.ENOSPC, marker)
+    computed = _computed(monkeypatch, failed_write=marker)
+    result = run(["revert", str(tmp_path / "day1"), str(tmp_path / "day2"), "--white-box", "-o", str(out),
+                  "--batch-size", "1", "--io", "threads", "--workers", "2", "--device", TEST_DEVICE_ARG], registry)  # fmt: skip
+    assert result.exit_code == 1, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    not_attempted = [line for line in errors if ": not attempted: no space left on the file system of " in line]
+    assert len(errors) == 6 and len(not_attempted) == 6 - len(computed)
+    assert len({p.parent for p in computed}) == 1  # the first defense's files alone: the other's none
+    assert "Reverted 0, skipped 6, failed 6 in" in result.stderr  # (skipped: the originals beside them)
 
 
 @pytest.mark.parametrize("why", ["sandbox", "no-forkserver"])

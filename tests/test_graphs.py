@@ -298,6 +298,8 @@ def test_cuda_graphs_setting_is_checked(tiny_backbone, caplog) -> None:
         assert check_cuda_graphs(True, "off", torch.device("cpu")) is False
     assert "needs a GPU" in caplog.text
     assert check_cuda_graphs(False, "off", TEST_DEVICE) is False
+    if ON_CUDA:
+        assert check_cuda_graphs(True, "off", TEST_DEVICE) is True
 
 
 @pytest.mark.parametrize("device", sorted({"cpu", str(TEST_DEVICE)}))
@@ -311,6 +313,3 @@ def test_cuda_graphs_with_compile_reduce_overhead_are_refused_saying_what_to_dro
     message = str(refused.value)
     assert "drop --cuda-graphs" in message and "--compile default" not in message, message
     assert "use --compile reduce-overhead" not in message, message
-    if ON_CUDA:
-        assert check_cuda_graphs(True, "off", TEST_DEVICE) is True
-

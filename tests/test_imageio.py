@@ -1485,3 +1485,44 @@ def test_two_processes_writing_the_same_output_never_take_each_others_temporarie
     assert [w.returncode for w in writers] == [0, 0], errors
     assert target.read_bytes() in (b"x" * 20000, b"y" * 20000)
     assert not stale.exists() and _temp_leftovers(tmp_path) == []
+
+
+def test_a_folder_probe_is_never_left_in_the_folder(tmp_path, monkeypatch) -> None:
+    """folder_write_problem's probe file was removed only after its close: a close that failed (NFS reports
+    deferred errors there) or a Ctrl-C between the two (protect probes every output folder before its
+    compute) left a ``.preempt-write-test.XXXXXXXX`` in the user's folder for good."""
+    import errno
+
+    real_close = os.close
+    for error in (OSError(errno.EIO, os.strerror(errno.EIO)), KeyboardInterrupt()):
+
+        def close(fd: int, error: BaseException = error) -> None:
+            real_close(fd)
+            raise error
+
+        with monkeypatch.context() as m:
+            m.setattr(imageio.os, "close", close)
+            if isinstance(error, OSError):
+                problem = imageio.folder_write_problem(tmp_path / "a.png")
+            else:
+                with pytest.raises(KeyboardInterrupt):
+                    imageio.folder_write_problem(tmp_path / "a.png")
+        if isinstance(error, OSError):
+            assert problem == f"no file can be created in {tmp_path} (Input/output error)"
+        assert list(tmp_path.iterdir()) == []
+    assert imageio.folder_write_problem(tmp_path / "new" / "a.png") is None and list(tmp_path.iterdir()) == []
+
+
+def test_a_folder_that_is_a_link_to_nowhere_cannot_be_written(tmp_path) -> None:
+    """A dangling symbolic link where an output's folder goes passed the check (its parent was probed), and
+    the write failed after the work ("File exists": mkdir does not follow it): protect computed each of its
+    files to fail, train trained for hours. It is a problem found before."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "sub").symlink_to(tmp_path / "gone")
+    for path in (tmp_path / "out" / "sub" / "a.png", tmp_path / "out" / "sub" / "deeper" / "a.png"):
+        assert imageio.folder_write_problem(path) == (f"{tmp_path / 'out' / 'sub'} is a symbolic link to nowhere "
+                                                      "(its target does not exist)")  # fmt: skip
+    with pytest.raises(ImageWriteError, match="File exists"):  # what the write would meet
+        write_png(tmp_path / "out" / "sub" / "a.png", _picture(tmp_path))
+    (tmp_path / "gone").mkdir()
+    assert imageio.folder_write_problem(tmp_path / "out" / "sub" / "a.png") is None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -139,3 +140,27 @@ def test_outputs_record_nothing_of_the_original_s_name_or_folder(tmp_path: Path)
     text = json.dumps(read_png_text(output))
     assert '\\"tool\\": \\"preempt\\"' in text  # the metadata chunk is there, as JSON inside the text chunk
     assert "private-name" not in text and "private-folder" not in text
+
+
+@pytest.mark.skipif(os.name == "nt", reason="flock: POSIX only (no cleaning on Windows)")
+def test_a_rerun_that_skips_an_output_removes_the_temporaries_a_killed_write_of_it_left(tmp_path: Path,
+                                                                                      monkeypatch) -> None:  # fmt: skip
+    """A run killed while it replaced an output (--overwrite) left the output's temporary file, and a re-run
+    that skipped the output (done) kept it for good: only a write of the output removed it. The skip removes
+    it too, as the write would (unlocked, unchanged for 2 s, named exactly so); nothing else is touched."""
+    import time
+
+    from preempt_cli import imageio
+
+    write_random_pngs(tmp_path, n=2)
+    assert {s for s, _ in _run(_protector(), tmp_path).values()} == {"done"}
+    old = time.time() - 60
+    left = [tmp_path / ".img0.protected.png.k3_x9zqw.tmp", tmp_path / ".img1.protected.png.abcdefgh.tmp"]
+    kept = [tmp_path / ".img0.protected.png.notours.tmp", tmp_path / ".img9.protected.png.abcdefgh.tmp"]
+    for temp in left + kept:
+        temp.write_bytes(b"\x89PNG cut short")
+        os.utime(temp, (old, old))
+    monkeypatch.setattr(imageio, "_listings", {})  # as a new process (this one listed the folder as it wrote)
+    again = _run(_protector(), tmp_path)
+    assert {s for s, _ in again.values()} == {"skipped"}, again
+    assert not any(p.exists() for p in left) and all(p.exists() for p in kept)

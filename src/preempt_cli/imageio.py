@@ -881,18 +881,22 @@ def _temp_prefix(name: str, name_max: int) -> str:
 
 def folder_write_problem(path: Path) -> str | None:
     """Why no file could be written at ``path`` (its missing folders created first), or None: a file where
-    one of its folders should be, or a folder this process cannot write (a temporary file is created and
-    removed there). Missing folders are not created here; their nearest existing one is tried. For checks
+    one of its folders should be, a symbolic link to nowhere there, or a folder this process cannot write (a
+    temporary file is created and removed there). Missing folders are not created here; their nearest existing one is tried. For checks
     before work whose result ``path`` would hold (a trained model, a registry row)."""
     folder = path.parent
     while not os.path.exists(folder) and folder != folder.parent:
+        if os.path.islink(folder):  # creating the folder would fail ("File exists") after the work
+            return f"{folder} is a symbolic link to nowhere (its target does not exist)"
         folder = folder.parent
     if not os.path.isdir(folder):
         return f"{folder} is a file, not a folder"
     try:
         fd, probe = tempfile.mkstemp(prefix=".preempt-write-test.", dir=folder)
-        os.close(fd)
-        os.unlink(probe)
+        try:
+            os.close(fd)
+        finally:  # also when the close fails or a Ctrl-C comes: a probe is never left in the user's folder
+            os.unlink(probe)
     except OSError as e:
         return f"no file can be created in {folder} ({e.strerror or e})"
     return None
@@ -943,6 +947,13 @@ def _remove_stale_temps(path: Path, prefix: str) -> None:
     if removed:
         _logger.info("removed %d temporary file%s left by an interrupted write of %s", removed,
                      "s" * (removed > 1), display_name(path))
+
+
+def remove_stale_temps(path: Path) -> None:
+    """Remove the temporary files that writers of ``path`` killed mid-write left beside it, as its next write
+    does (see :func:`_remove_stale_temps`): for an output a re-run skips, which no write of its own cleans.
+    Never raises."""
+    _remove_stale_temps(path, _temp_prefix(path.name, name_max(path.parent) or NAME_MAX))
 
 
 def _temp_names(folder: Path, prefix: str) -> list[str]:

@@ -61,6 +61,7 @@ from .imageio import (
     is_fifo,
     levels_to_float,
     png_is_whole,
+    remove_stale_temps,
     nhwc_levels_to_arrays,
     quantize_batch,
     quantize_batch_on_device,
@@ -409,20 +410,23 @@ class _OutputFolders:
     before its compute, not after: each output folder is probed once (a file created and removed there:
     :func:`~preempt_cli.imageio.folder_write_problem`), and a write that fails as a full (ENOSPC, EDQUOT) or
     read-only (EROFS) file system stops the run's writes to that file system (the outputs in folders of the
-    same ``st_dev``); other file systems go on. Its methods may be called from any thread."""
+    same ``st_dev``); other file systems go on. Its methods may be called from any thread; the runs of one
+    call (:func:`run_on_devices`' devices, the defenses of ``revert --white-box``) share one."""
 
     def __init__(self) -> None:
         self._problems: dict[Path, str | None] = {}  # per output folder: why no file can be created there
         self._file_systems: dict[Path, int | None] = {}  # per output folder: its file system's st_dev
         self._stopped: dict[int, str] = {}  # st_dev -> why its outputs are not attempted
+        self._probing = threading.Lock()  # runs judging at once (devices) probe a folder once
 
     def problem(self, output: Path) -> str | None:
         """Why ``output`` cannot be written (its folder probed, once per folder), as a file's reason; None
         when it can."""
         folder = output.parent
-        if folder not in self._problems:
-            self._problems[folder] = folder_write_problem(output)  # missing folders: their nearest existing one
-        problem = self._problems[folder]
+        with self._probing:
+            if folder not in self._problems:
+                self._problems[folder] = folder_write_problem(output)  # missing folders: their nearest existing one
+            problem = self._problems[folder]
         return None if problem is None else f"output {output}: not attempted: {problem}"
 
     def wrote(self, output: Path, outcome: tuple[str | None, int, int | None]) -> None:
@@ -443,7 +447,8 @@ class _OutputFolders:
         if not self._stopped:  # (most runs: no look at the file system)
             return None
         device = self._file_system(output.parent)
-        return None if device is None else self._stopped.get(device)
+        reason = None if device is None else self._stopped.get(device)
+        return None if reason is None else f"output {output}: {reason}"
 
     def _file_system(self, folder: Path) -> int | None:
         if folder not in self._file_systems:
@@ -795,6 +800,7 @@ class Protector:
         if changed:
             return FileResult(item.path, "failed", reason=f"output {output} exists but was made with other "
                                                           f"settings ({'; '.join(changed)}): {redo}")  # fmt: skip
+        remove_stale_temps(output)  # what a killed write of it left: removed as its write would (none comes)
         return FileResult(item.path, "skipped", output=output, reason=f"output exists: {output} ({redo})")
 
     def _prepare(self, item: InputFile, output: Path, options: RunOptions) -> _Pending | FileResult:
@@ -968,7 +974,8 @@ class Protector:
         return options
 
     def run(self, items: Iterable[InputFile | str | os.PathLike], options: RunOptions | None = None, *,
-            outputs: Mapping[InputFile, Path | str] | None = None) -> Iterator[FileResult]:  # fmt: skip
+            outputs: Mapping[InputFile, Path | str] | None = None,
+            folders: _OutputFolders | None = None) -> Iterator[FileResult]:  # fmt: skip
         """Process files, yielding one result per input (done, skipped or failed), as they finish.
 
         ``items``: :func:`~preempt_cli.inputs.collect_inputs`'s inputs, or paths (files, folders, globs),
@@ -983,7 +990,9 @@ class Protector:
         ``outputs``: the output of each item (:func:`~preempt_cli.inputs.assign_outputs`: a ``Path``, or a
         ``str`` saying why the item gets none, which fails it with that reason), when the items are
         part of a larger set run in several calls (``revert --white-box`` runs one per recorded defense):
-        names assigned within each part alone could give two parts' files one output.
+        names assigned within each part alone could give two parts' files one output. ``folders``: what the
+        other runs of such a call found of the output folders (an ``_OutputFolders``, shared: a folder is
+        probed once, and a file system found full stops them all).
         """
         options = self.run_options(options)
         items = as_input_files(items, skip_markers=self.skip_markers, suffix=options.suffix, kind=self.kind)
@@ -1006,7 +1015,7 @@ class Protector:
                     verdicts[i] = (item, result)
         todo: list[InputFile] = []
         replacing: set[Path] = set()  # outputs there when judged (--overwrite, or empty): replaced
-        folders = _OutputFolders()
+        folders = _OutputFolders() if folders is None else folders
         for item, verdict in verdicts:
             if verdict is None and (problem := folders.problem(outputs[item])) is not None:  # type: ignore[arg-type]
                 # an output folder that cannot take a file (read-only, not a folder): each of its files failed
@@ -1457,12 +1466,14 @@ def run_on_devices(protectors: Sequence[Protector], items: Iterable[InputFile | 
     if len(protectors) == 1:
         yield from protectors[0].run(items, options)
         return
+    folders = _OutputFolders()  # the devices' outputs share folders and file systems: one probe each, one stop
     results: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=256)
     stop, interrupted = threading.Event(), threading.Event()
 
     def work(index: int, protector: Protector) -> None:
         try:
-            run = protector.run(items, dataclasses.replace(options, partition=(index, len(protectors))))
+            run = protector.run(items, dataclasses.replace(options, partition=(index, len(protectors))),
+                                folders=folders)  # fmt: skip
             for result in run:
                 results.put(("result", result))
                 if interrupted.is_set():  # Ctrl-C: this device's run stops as a single one would

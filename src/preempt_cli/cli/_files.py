@@ -30,6 +30,7 @@ from ..protect import (
     FileResult,
     Protector,
     RunOptions,
+    _OutputFolders,
     finish_interrupted,
     parse_preempt_metadata,
     run_on_devices,
@@ -667,6 +668,7 @@ def revert(
             # the shard taken here, by the outputs (see in_shard); each group's run takes all it is given
             mine = [i for i in items if in_shard(i, options.shard, outputs[i], options.out_dir)]
             group_options = dataclasses.replace(options, shard=None)
+            folders = _OutputFolders()  # the groups' outputs share folders: one probe each, one stop of a full disk
             for meta, problem, skip, group in _white_box_groups(mine, options.max_pixels):
                 if meta is None:
                     for item in group:
@@ -679,7 +681,7 @@ def revert(
                         yield FileResult(item.path, "failed", reason=f"cannot rebuild the recorded defense: {e}")
                     continue
                 try:
-                    yield from reverter.run(group, group_options, outputs=outputs)
+                    yield from reverter.run(group, group_options, outputs=outputs, folders=folders)
                 finally:
                     reverter.close()
 
