@@ -882,8 +882,9 @@ def _temp_prefix(name: str, name_max: int) -> str:
 def folder_write_problem(path: Path) -> str | None:
     """Why no file could be written at ``path`` (its missing folders created first), or None: a file where
     one of its folders should be, a symbolic link to nowhere there, or a folder this process cannot write (a
-    temporary file is created and removed there). Missing folders are not created here; their nearest existing one is tried. For checks
-    before work whose result ``path`` would hold (a trained model, a registry row)."""
+    temporary file is created and removed there). Missing folders are not created here; their nearest
+    existing one is tried. For checks before work whose result ``path`` would hold (a protected image, a
+    trained model, a registry row)."""
     folder = path.parent
     while not os.path.exists(folder) and folder != folder.parent:
         if os.path.islink(folder):  # creating the folder would fail ("File exists") after the work
