@@ -636,3 +636,65 @@ def test_attack_values_are_refused_when_parsed(text: str) -> None:
     # steps=abc was a plain ValueError
     with pytest.raises(ConfigError):
         AttackSpec.parse(text)
+
+
+def test_rows_of_attacks_of_other_restarts_step_sizes_or_seeds_are_told_apart(tmp_path: Path) -> None:
+    """An attack's name left out its step size, restarts and seed: ``--attack pgd --attack pgd:restarts=5
+    --attack pgd:seed=1`` gave three rows named "PGD-20 Linf 8/255". The defaults keep their names, and a
+    resumed cell is named as the run resuming it names it (the key decides what it holds)."""
+    texts = ["pgd", "pgd:restarts=5", "pgd:step_size=1/255", "pgd:seed=1", "pgd:limit=3",
+             "pgd:restarts=5,seed=1,limit=3", "pgd:norm=L2", "pgd:norm=L2,step_size=0.1", "aa", "aa:seed=1"]  # fmt: skip
+    names = [AttackSpec.parse(t).name for t in texts]
+    assert len(set(names)) == len(names), names
+    assert AttackSpec.parse("pgd:step_size=2/255,restarts=1,seed=0").name == AttackSpec.parse("pgd").name
+    assert AttackSpec.parse("pgd").name == "PGD-20 Linf 8/255"
+    assert AttackSpec.parse("aa:limit=50").name == "AA-standard Linf 8/255 (first 50)"
+
+    ds, models, attack = tiny_dataset(4), tiny_models(), AttackSpec.parse("pgd:steps=1,restarts=2")
+    row = tiny_evaluator(ds, models, out_dir=tmp_path).cell("victim", DefenseSpec("none"), attack)
+    assert row["attack"] == attack.name
+    (cell,) = (tmp_path / "cells").glob("*.json")
+    cell.write_text(cell.read_text().replace(attack.name, "PGD-1 Linf 8/255"))  # as an earlier release named it
+    again = tiny_evaluator(ds, models, out_dir=tmp_path, resume=True).cell("victim", DefenseSpec("none"), attack)
+    assert again["attack"] == attack.name and again["robust_acc"] == row["robust_acc"]
+
+
+def test_resume_does_not_reuse_what_the_same_weights_made_under_a_row_set_up_otherwise(tmp_path: Path) -> None:
+    """The resume keys held a model's weights (the file's sha256) but not how its registry row feeds them:
+    after fixing a row (its normalization, its shortcut) ``--resume`` gave the cells of the broken row."""
+    ds = tiny_dataset(16)
+    x = ds.images.float() / 255
+    models = tiny_models()
+    fixed = {**models, "victim": make_tiny_model(4, name="victim", mean=(0.9, 0.1, 0.5), std=(0.05, 0.3, 0.1)),
+             "bb": make_tiny_model(0, name="bb", mean=(0.9, 0.1, 0.5), std=(0.05, 0.3, 0.1))}  # fmt: skip
+    fixed = {k: m.to(TEST_DEVICE) for k, m in fixed.items()}
+    for name in ("victim", "bb"):  # the same weights file under both rows
+        models[name].weights_sha256 = fixed[name].weights_sha256 = f"{name}-file"
+    labels = predict(fixed["victim"], x)
+    assert not torch.equal(predict(models["victim"], x), labels)  # the row changes what the victim answers
+    data = Dataset(ds.root, ds.paths, ds.images, labels)
+    none = DefenseSpec("none")
+    before = tiny_evaluator(data, models, out_dir=tmp_path, resume=True).cell("victim", none, None)["clean_acc"]
+    assert before < 100
+    assert tiny_evaluator(data, fixed, out_dir=tmp_path, resume=True).cell("victim", none, None)["clean_acc"] == 100.0
+    spec, out = fp_spec(labels="backbone"), tmp_path / "fp"
+    first = tiny_evaluator(data, models, out_dir=out, resume=True).defend(spec)
+    refixed = tiny_evaluator(data, {**models, "bb": fixed["bb"]}, out_dir=out, resume=True).defend(spec)
+    assert not torch.equal(first.images, refixed.images)
+    assert len(list((out / "defenses").glob("*.pt"))) == 2
+    # the setups are recorded beside the weights' sha256
+    run = tiny_evaluator(data, fixed).provenance(["victim"])
+    assert run["setup_sha256"] == {"victim": fixed["victim"].config.setup_sha256}
+
+
+def test_a_resumed_defense_keeps_its_budget_for_the_perturbation_maps(tmp_path: Path) -> None:
+    """A resumed defended set lost its budget: the report drew its perturbation maps over [-linf, linf]
+    instead of [-eps, eps], another figure than an uninterrupted run's wherever the defense did not use
+    the whole budget."""
+    spec = fp_spec(eta="0.1", forward="1", backward="0")  # moves an image a fraction of its budget
+    ds, models = tiny_dataset(4), tiny_models()
+    computed = tiny_evaluator(ds, models, out_dir=tmp_path).defend(spec)
+    assert 0 < computed.linf < computed.meta["eps"]
+    resumed = tiny_evaluator(ds, models, out_dir=tmp_path, resume=True).defend(spec)
+    assert torch.equal(resumed.images, computed.images)
+    assert resumed.meta == computed.meta

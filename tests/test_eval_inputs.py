@@ -407,3 +407,41 @@ def test_eval_s_output_in_the_data_folder_is_never_read_as_data(
         again = invoke([*args, *extra])
         assert again.exit_code == 0, again.stderr
         assert [json.loads(row)["n"] for row in again.stdout.splitlines()] == [4, 4]
+
+
+# -- 8. the data's size, its labels, and the units of the table --------------------------------------------------
+def test_a_limit_above_the_data_is_warned_of_and_a_negative_label_refused(tmp_path: Path,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    """``--limit 1000`` on 932 images evaluated 932 without a word; a JSON label of -1 was taken, scored as
+    wrong by every model (the reversion protocol) or refused by the first attack, after the defenses ran."""
+    from preempt_cli.errors import LabelError
+    from preempt_cli.evaluate import load_dataset
+
+    write_random_pngs(tmp_path / "data" / "cat", n=2, seed=0)
+    with caplog.at_level(logging.WARNING, logger="preempt_cli"):
+        assert len(load_dataset(tmp_path / "data", classes=["cat"], limit=5)) == 2
+    assert any("limit 5 is more than the 2 images" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="preempt_cli"):
+        load_dataset(tmp_path / "data", classes=["cat"], limit=2)
+    assert not caplog.records
+
+    flat = tmp_path / "flat"
+    write_random_pngs(flat, n=2, seed=1)
+    names = sorted(p.name for p in flat.iterdir())
+    (tmp_path / "labels.json").write_text(json.dumps({names[0]: 0, names[1]: -1}))
+    with pytest.raises(LabelError, match="label -1 is no class index"):
+        load_dataset(flat, classes=None, labels_file=tmp_path / "labels.json")
+
+
+def test_the_table_and_the_report_say_the_units_of_their_columns(tmp_path: Path, registry: Path) -> None:
+    """The table's accuracies had no unit, and no output said what linf was measured in ([0, 1] or levels)."""
+    write_random_pngs(tmp_path / "data" / "cat", n=2, seed=0)
+    args = ["eval", str(tmp_path / "data"), "--victim", "tiny-victim", "-b", "tiny-victim", "--defense", "none",
+            "--attack", "pgd:steps=1", "--device", TEST_DEVICE_ARG, "--out", str(tmp_path / "ev"), "--registry",
+            str(registry)]  # fmt: skip
+    result = CliRunner().invoke(app, args, catch_exceptions=False, env={"COLUMNS": "400"})  # no header cut short
+    assert result.exit_code == 0, result.stderr
+    table = " ".join(result.stdout.split())
+    assert "clean acc (%)" in table and "robust acc (%)" in table and "in [0, 1] units" in table
+    assert "in [0, 1] units" in (tmp_path / "ev" / "report.md").read_text()

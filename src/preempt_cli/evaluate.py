@@ -148,12 +148,14 @@ def load_dataset(
     """An ImageFolder directory (labels from folder names) or files with a labels CSV/JSON.
 
     Files are ordered by file name (then path), so ``limit`` takes "the first N" deterministically (for
-    CIFAR-10 test images named by index, the first N of the test set). Folder walks leave out eval's own
+    CIFAR-10 test images named by index, the first N of the test set); a limit above the number of images
+    takes them all, with a warning. Folder walks leave out eval's own
     perturbation maps (:func:`is_eval_output`) and preempt's outputs (``*.protected.png``, ``*.reverted.png``).
 
     Raises:
         ConfigError: no images, images of different sizes, images of more than 8 bits, or a bad limit.
-        LabelError: a label is missing or not a class of the models (a class name with ``classes=None``).
+        LabelError: a label is missing, negative, or not a class of the models (a class name with
+            ``classes=None``).
         ImageReadError: a file that cannot be read as an image (``root`` itself missing: "no such file").
     """
     root = Path(root)
@@ -163,6 +165,9 @@ def load_dataset(
     items = sorted(found, key=lambda i: (i.path.name, str(i.path)))
     if not items:
         raise ConfigError(f"no images found in {root}")
+    if limit and limit > len(items):  # the rows say n; a table of "the first 1000" was of 932 without a word
+        _logger.warning("limit %d is more than the %d images in %s: all %d are evaluated", limit, len(items), root,
+                        len(items))  # fmt: skip
     items = items[:limit] if limit else items
     label_map = read_label_file(labels_file) if labels_file else None
     pixels, labels = [], []
@@ -177,6 +182,8 @@ def load_dataset(
             label = list(classes).index(raw)
         else:
             label = int(raw)
+        if label < 0:  # a JSON -1: scored as wrong by every model, or refused only after the defenses ran
+            raise LabelError(f"{item.path}: label {label} is no class index (they start at 0)")
         if picture.max_value != 255:  # the evaluation's images are 8-bit (uint8), as the attacks round them
             raise ConfigError(f"{item.path}: a 16-bit image; eval takes 8-bit images (convert them first)")
         pixels.append(torch.from_numpy(picture.color.astype(np.uint8)).permute(2, 0, 1))
@@ -449,13 +456,45 @@ class AttackSpec:
 
     @property
     def name(self) -> str:
+        """The row's name: kind, steps or version, norm and budget, then in parentheses every other setting
+        that is not the default (PGD's step size and restarts, the seed) and the limit, so that rows of two
+        attacks are never named alike (``pgd`` and ``pgd:restarts=5`` were both "PGD-20 Linf 8/255")."""
+
+        def budget(value: float) -> str:
+            levels = value * 255
+            return f"{round(levels)}/255" if self.norm == "Linf" and abs(levels - round(levels)) < 1e-6 else f"{value:g}"
+
+        notes = []
         if self.kind == "pgd":
-            label = f"PGD-{self.get('steps', 20)} {self.norm}"
+            label = f"PGD-{self._whole('steps', 20)} {self.norm}"
+            step = self._step_size()
+            if step is not None and abs(step - self.eps / 4) > 1e-12:
+                notes.append(f"step {budget(step)}")
+            restarts = self._whole("restarts", 1)
+            if restarts != 1:
+                notes.append(f"{restarts} restarts")
         else:
             label = f"AA-{self.get('version', 'standard')} {self.norm}"
-        eps = self.eps
-        shown = f"{round(eps * 255)}/255" if self.norm == "Linf" and abs(eps * 255 - round(eps * 255)) < 1e-6 else f"{eps:g}"
-        return f"{label} {shown}" + (f" (first {self.limit})" if self.limit else "")
+        seed = self._whole("seed", 0)
+        if seed != 0:
+            notes.append(f"seed {seed}")
+        if self.limit:
+            notes.append(f"first {self.limit}")
+        return f"{label} {budget(self.eps)}" + (f" ({', '.join(notes)})" if notes else "")
+
+    def _step_size(self) -> float | None:
+        """PGD's ``step_size=`` as a number (L-inf: in levels as eps is, ``2`` = 2/255); None: not given.
+
+        Raises:
+            ConfigError: not a number.
+        """
+        step_size = self.get("step_size")
+        if not step_size:
+            return None
+        try:
+            return parse_eps(step_size) if self.norm == "Linf" else float(step_size)
+        except ValueError:
+            raise ConfigError(f"invalid step_size {step_size!r}") from None
 
     def _whole(self, key: str, default: int) -> int:
         value = self.get(key, default)
@@ -474,12 +513,7 @@ class AttackSpec:
         seed = self._whole("seed", 0)
         if self.kind == "pgd":
             steps = self._whole("steps", 20)
-            step_size = self.get("step_size")
-            try:
-                step = parse_eps(step_size) if (step_size and self.norm == "Linf") else (float(step_size) if step_size else None)
-            except ValueError:
-                raise ConfigError(f"invalid step_size {step_size!r}") from None
-            kwargs = dict(norm=self.norm, eps=self.eps, steps=steps, step_size=step,
+            kwargs = dict(norm=self.norm, eps=self.eps, steps=steps, step_size=self._step_size(),
                           restarts=self._whole("restarts", 1), quantize=True, seed=seed)  # fmt: skip
             # built on a stand-in model to check the values: PGD's own checks, before any work
             attack = PGD(model if model is not None else torch.nn.Identity(), **kwargs)
@@ -628,9 +662,11 @@ class Evaluator:
 
     What ``out_dir`` keeps is keyed by everything that decides it: the spec, a fingerprint of the data
     (sha256 of the pixels, their shape and the labels) and the weights of every model involved (the
-    ``weights_sha256`` a loaded model records, else a sha256 of its state), plus, for a ``folder``
+    ``weights_sha256`` a loaded model records, else a sha256 of its state) with how its registry row sets
+    them up (``setup_sha256``: architecture, normalization, input size, classes), plus, for a ``folder``
     defense, the names, sizes and modification times of the folder's files. Another data folder of the
-    same size, or retrained weights under the same name, are computed afresh, never reused.
+    same size, retrained weights under the same name, or the same weights under a row fixed since, are
+    computed afresh, never reused.
 
     A victim that is the defense's backbone or classifier (same name or same weights) is evaluated, with a
     warning: that is a white-box setting, not the paper's transferable one.
@@ -728,6 +764,18 @@ class Evaluator:
             self._model_fingerprints[name] = getattr(model, "weights_sha256", None) or _state_sha256(model)
         return self._model_fingerprints[name]
 
+    def _model_setup(self, name: str) -> str | None:
+        """The digest of how the model's registry row builds and feeds its weights (architecture and its
+        arguments, input size, normalization, classes: ``ModelConfig.setup_sha256``); None for a model
+        without a row (a bare module)."""
+        return getattr(getattr(self.load(name), "config", None), "setup_sha256", None)
+
+    def _model_identity(self, name: str) -> list[Any]:
+        """What a resume key holds of a model: its weights' fingerprint and its row's setup. The same weights
+        file under a row fixed since (another normalization or shortcut) is another model: its cells were
+        reused by ``--resume``."""
+        return [self._model_fingerprint(name), self._model_setup(name)]
+
     @staticmethod
     def defense_models(spec: DefenseSpec) -> list[tuple[str, str]]:
         """(role, name) of the models a defense computes with."""
@@ -746,7 +794,7 @@ class Evaluator:
 
     def _compute_defense_key(self, spec: DefenseSpec) -> str:
         parts: list[Any] = [_RESUME_FORMAT, spec.kind, spec.options, self.data_fingerprint,
-                            [[name, self._model_fingerprint(name)] for _, name in self.defense_models(spec)]]  # fmt: skip
+                            [[name, *self._model_identity(name)] for _, name in self.defense_models(spec)]]  # fmt: skip
         if spec.kind == "folder":
             parts += [_FOLDER_FORMAT, _folder_fingerprint(Path(spec.get("path")))]
         elif spec.kind == "bi-level":  # its random starts are drawn per batch: another batch size, other images
@@ -907,7 +955,7 @@ class Evaluator:
         saved = self._load_defense(cache) if (cache is not None and self.resume and cache.is_file()) else None
         if saved is not None:
             images, seconds, computed_by = saved
-            result = DefendedSet(spec, images, seconds, 0.0)
+            result = DefendedSet(spec, images, seconds, 0.0, meta=self._defense_meta(spec))
             self._origins["defenses"].append((True, computed_by))
             _logger.info("resumed defense %s from %s", spec.name, cache)
         else:
@@ -925,6 +973,14 @@ class Evaluator:
         self._quality(result)
         self._defended[key] = result
         return result
+
+    def _defense_meta(self, spec: DefenseSpec) -> dict[str, Any]:
+        """What a defended set records besides its images, for one resumed as for one computed: the budget of
+        an fp or bilevel defense (its perturbation maps span [-eps, eps]; a resumed set had none, and its
+        maps spanned its largest change instead, another figure than an uninterrupted run's)."""
+        if spec.kind not in ("fast-preemption", "bi-level"):
+            return {}
+        return {"eps": spec.settings(self.load(spec.get("backbone")).config.dataset).eps}
 
     def _load_defense(self, cache: Path) -> tuple[torch.Tensor, float | None, dict[str, str]] | None:
         """The images, seconds per image and :meth:`computed_by` a resume file holds; None, with a warning
@@ -1000,7 +1056,7 @@ class Evaluator:
         self._warn_white_box(victim_name, spec)
         if attack is not None:  # the victim's budget where the spec gives none
             attack = attack.for_dataset(getattr(getattr(self.load(victim_name), "config", None), "dataset", ""))
-        parts = [_RESUME_FORMAT, _CELL_FORMAT, victim_name, self._model_fingerprint(victim_name),
+        parts = [_RESUME_FORMAT, _CELL_FORMAT, victim_name, *self._model_identity(victim_name),
                  self.defense_key(spec), attack and [attack.kind, attack.options]]  # fmt: skip
         key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
         path = self.out_dir / "cells" / f"{key}.json" if self.out_dir else None
@@ -1008,6 +1064,8 @@ class Evaluator:
             row = self._load_cell(path)
             if row is not None:
                 self._origins["cells"].append((True, _computed_by_record(row.pop("computed_by", None))))
+                # named as this release names them: the key decides what was computed, not how a row is named
+                row.update(victim=victim_name, defense=spec.name, attack=attack.name if attack else "none")
                 return row
         defended = self.defend(spec)
         victim = self.load_victim(victim_name)
@@ -1078,9 +1136,9 @@ class Evaluator:
     def provenance(self, models: Sequence[str] = ()) -> dict[str, Any]:
         """What this evaluator's results were computed with, to be kept beside them: this process's
         :meth:`computed_by` (and Python, the platform), the data (its folder and fingerprint), the sha256 of
-        each of ``models``' weights, and how many defended sets and cells were resumed from ``out_dir``, with
-        every distinct :meth:`computed_by` of what it gave. A figure without these could not be told apart
-        from one computed by another release."""
+        each of ``models``' weights and the digest of its row's setup, and how many defended sets and cells
+        were resumed from ``out_dir``, with every distinct :meth:`computed_by` of what it gave. A figure
+        without these could not be told apart from one computed by another release."""
         import platform
 
         origins = [origin for kind in ("defenses", "cells") for _, origin in self._origins[kind]]
@@ -1092,6 +1150,7 @@ class Evaluator:
             "images": len(self.dataset),
             "data_fingerprint": self.data_fingerprint,
             "weights_sha256": {name: self._model_fingerprint(name) for name in dict.fromkeys(models)},
+            "setup_sha256": {name: self._model_setup(name) for name in dict.fromkeys(models)},
             "resumed": {kind: sum(resumed for resumed, _ in self._origins[kind]) for kind in ("defenses", "cells")},
             "computed_by": [dict(t) for t in dict.fromkeys(tuple(sorted(o.items())) for o in origins)],
             "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -57,6 +57,13 @@ aa[:version=standard|rand,norm=,eps=,limit=,seed=].
 """
 
 
+#: What the table's columns other than the accuracies hold, and in which units (the table's caption, and
+#: the report's).
+UNITS = ("Seconds per image: the defense's time per image (labelling included, model loading not); linf: its "
+         "largest change of a pixel, in [0, 1] units (8/255 = 0.03137); ssim (and lpips): between original and "
+         "defended images, the mean over the images.")
+
+
 def _fmt(value: Any) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
@@ -81,7 +88,7 @@ def _write_report(out: Path, rows: list[dict[str, Any]], evaluator: Evaluator, d
 
     lines = [f"# {title}", "", f"Data: `{evaluator.dataset.root}` ({len(evaluator.dataset)} images). "
              "Accuracies in %; robust accuracy on 8-bit adversarial examples crafted against each victim within "
-             "eps of the image they start from.", "",
+             f"eps of the image they start from. {UNITS}", "",
              f"Run by preempt {run['preempt']} (torch {run['torch']}) on {run['device']}, finished "
              f"{run['finished']}; data fingerprint {run['data_fingerprint']}. {_resumed_text(run)}The weights' "
              "sha256 are in `run.json`.", ""]  # fmt: skip
@@ -351,11 +358,12 @@ def eval_cmd(
                     c.print_json(row, allow_nan=False)
                 progress.advance(task)
         if not json_out:
-            table = Table(header_style="bold", show_edge=False)
+            table = Table(header_style="bold", show_edge=False, caption=UNITS)
             cols = ["victim", "defense", "attack", "n", "clean_acc", "robust_acc", "seconds_per_image", "linf", "ssim"]
             for col in cols:  # names (victim, defense, attack) whole, on one line: numbers give way first
                 name = col in cols[:3]
-                table.add_column(col.replace("_", " "), justify="left" if name else "right", no_wrap=name,
+                header = col.replace("_", " ") + (" (%)" if col.endswith("_acc") else "")
+                table.add_column(header, justify="left" if name else "right", no_wrap=name,
                                  overflow="fold" if name else "ellipsis")  # fmt: skip
             for r in rows:
                 table.add_row(*(_fmt(r.get(k)) for k in cols))
