@@ -382,6 +382,12 @@ def set_hf_cache(monkeypatch: pytest.MonkeyPatch, cache: Path, *, offline: bool 
 
 
 @pytest.fixture(autouse=True)
+def _no_log_file_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ``PREEMPT_LOG`` of the shell running the tests would log every test's run there."""
+    monkeypatch.delenv("PREEMPT_LOG", raising=False)
+
+
+@pytest.fixture(autouse=True)
 def _no_network_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests never reach a model hub, whatever the environment says."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -1476,7 +1477,7 @@ def _child_env() -> dict[str, str]:
     import os
 
     drop = {"FORCE_COLOR", "NO_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE", "COLUMNS", "PREEMPT_DEVICE",
-            "PREEMPT_BACKBONE", "PREEMPT_CLASSIFIER", "PREEMPT_DEBUG"}  # fmt: skip
+            "PREEMPT_BACKBONE", "PREEMPT_CLASSIFIER", "PREEMPT_DEBUG", "PREEMPT_LOG"}  # fmt: skip
     return {**{k: v for k, v in os.environ.items() if k not in drop}, "TERM": "xterm-256color"}
 
 
@@ -2541,3 +2542,176 @@ def test_a_row_set_up_otherwise_for_the_same_weights_is_another_model_on_a_rerun
     reverted = run_fixed(["revert", str(tmp_path / "p" / "img0.protected.png"), "--white-box", "--device", TEST_DEVICE_ARG])
     assert reverted.exit_code == 0, reverted.stderr
     assert "backbone tiny-key is set up otherwise (registry row" in reverted.stderr
+
+
+# -- --log FILE ------------------------------------------------------------------------------------------------
+_LOG_HEAD = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d \[(\d+)\] (debug|info|warning|error): ")
+
+
+def _log_lines(path: Path, pid: int | None = None) -> list[str]:
+    """The lines of a ``--log`` file as ``level: message``, once each is checked to be whole (a timestamp,
+    a process id, ``pid`` where given, and a level) and plain (no escape codes, no rich markup)."""
+    text = path.read_text(encoding="utf-8")
+    assert text.endswith("\n") and "\x1b" not in text and "[bold" not in text and "[/]" not in text
+    lines = []
+    for line in text.splitlines():
+        head = _LOG_HEAD.match(line)
+        assert head, line
+        assert pid is None or int(head.group(1)) == pid, line
+        lines.append(f"{head.group(2)}: {line[head.end():]}")
+    return lines
+
+
+def test_a_log_file_holds_the_whole_run_whatever_q_says_and_stdout_is_unchanged(tmp_path: Path,
+                                                                                registry: Path) -> None:  # fmt: skip
+    _images(tmp_path / "in", n=2)
+    broken = tmp_path / "in" / "broken.png"
+    broken.write_bytes(b"not a png")
+    log = tmp_path / "logs" / "array" / "run.log"  # its folders are created
+    args = ["protect", str(tmp_path / "in"), *FAST, "--labels", "backbone", "--overwrite"]
+    for quiet in ([], ["-q"]):
+        plain = run([*args, *quiet], registry)
+        logged = run([*args, *quiet, "--log", str(log)], registry)
+        assert plain.exit_code == logged.exit_code == 1
+        assert logged.stdout_bytes == plain.stdout_bytes and logged.stdout.count(".protected.png\n") == 2
+    lines = _log_lines(log, pid=os.getpid())
+    starts = [i for i, line in enumerate(lines) if line.startswith(f"info: preempt {__version__} (Python ")]
+    assert len(starts) == 2 and starts[0] == 0  # appended: the second run after the first
+    for run_lines, quiet in ((lines[starts[0]:starts[1]], []), (lines[starts[1]:], ["-q"])):
+        assert run_lines[1] == f"info: command line: preempt {' '.join([*args, *quiet, '--log', str(log)])} --registry {registry}"
+        settings = [line for line in run_lines if line.startswith("debug: settings of protect: {")]
+        assert len(settings) == 1 and f'"quiet": {"true" if quiet else "false"}' in settings[0]
+        assert f"error: {broken}: not an image Pillow can read (unknown or corrupt format)" in run_lines
+        assert sum(line.startswith("info: Protected 2, skipped 0, failed 1 in ") for line in run_lines) == 1
+        assert sum(line.startswith("debug: stdout: ") and line.endswith(".protected.png") for line in run_lines) == 2
+        assert any(line.startswith("debug: loaded tiny-key from ") for line in run_lines)  # the library's records
+        assert run_lines[-1].startswith("warning: exit code 1 (some inputs failed) after ")
+
+
+def test_a_log_file_that_cannot_be_opened_is_a_usage_error_before_any_work(tmp_path: Path, registry: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    from preempt_cli.cli import _files
+
+    (image,) = _images(tmp_path / "in", n=1)
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setattr(_files, "_load", lambda *a, **k: pytest.fail("a model was loaded"))
+    for log, why in ((tmp_path / "a-file" / "logs" / "run.log", f"({tmp_path / 'a-file'} is a file)"),
+                     (tmp_path / "a-file" / "run.log", f"cannot create its folder {tmp_path / 'a-file'} (it is a file)"),
+                     (tmp_path, "is a folder")):  # fmt: skip
+        # given last, it is still read first: the other options' usage errors come after it
+        result = run(["protect", str(image), *FAST, "--labels", "backbone", "--samples", "many", "--log", str(log)],
+                     registry)  # fmt: skip
+        assert result.exit_code == 2 and result.stdout == ""
+        assert len(result.stderr.splitlines()) == 1 and f"{log}: " in result.stderr and why in result.stderr, result.stderr
+        assert "'--log'" in result.stderr
+    assert sorted(p.name for p in (tmp_path / "in").iterdir()) == ["img0.png"]
+    assert (tmp_path / "a-file").read_text() == ""
+
+
+_APPENDER = """
+import pathlib, sys, time
+from preempt_cli.cli._logfile import open_log_file
+log = open_log_file(pathlib.Path(sys.argv[1]))
+tag = sys.argv[2]
+pathlib.Path(sys.argv[3], tag).touch()  # ready
+while not pathlib.Path(sys.argv[3], "go").exists():
+    time.sleep(0.001)
+for i in range(300):  # records of 3 lines, 12 KB: more than a pipe's atomic 4 KB
+    log.say("\\n".join(f"{tag} {i} {j} " + tag * 4000 for j in range(3)))
+log.close()
+"""
+
+
+def test_processes_appending_to_one_log_file_leave_whole_lines_and_records(tmp_path: Path) -> None:
+    log, flags = tmp_path / "shared.log", tmp_path / "flags"
+    flags.mkdir()
+    writers = [subprocess.Popen([sys.executable, "-c", _APPENDER, str(log), tag, str(flags)], env=_child_env())
+               for tag in "AB"]  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not ((flags / "A").exists() and (flags / "B").exists()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        (flags / "go").touch()  # both write at once
+        assert [w.wait(timeout=120) for w in writers] == [0, 0]
+    finally:
+        for w in writers:
+            w.kill()
+    lines = _log_lines(log)
+    assert len(lines) == 2 * 300 * 3
+    seen = {"A": 0, "B": 0}
+    for at in range(0, len(lines), 3):  # each record's 3 lines together, each line whole
+        tag, i = lines[at].split()[1], seen[lines[at].split()[1]]
+        assert lines[at:at + 3] == [f"info: {tag} {i} {j} " + tag * 4000 for j in range(3)]
+        seen[tag] += 1
+    assert seen == {"A": 300, "B": 300}
+
+
+def test_preempt_log_names_the_log_file(tmp_path: Path, registry: Path) -> None:
+    log = tmp_path / "env.log"
+    result = run(["models", "list", "-q"], registry, env={"PREEMPT_LOG": str(log)})
+    assert result.exit_code == 0 and result.stderr == "" and "tiny-key" in result.stdout
+    lines = _log_lines(log)
+    assert lines[1] == f"info: command line: preempt models list -q --registry {registry}"
+    assert f"info: environment: PREEMPT_LOG={log}" in lines and "debug: from the environment: log (PREEMPT_LOG)" in lines
+    assert any(line.startswith("debug: stdout: ") and "tiny-key " in line for line in lines)  # the results too
+    assert any(line.startswith("info: registries: ") for line in lines)  # kept from stderr by -q
+    assert lines[-1].startswith("info: exit code 0 (all done) after ")
+    refused = run(["models", "list"], registry, env={"PREEMPT_LOG": str(tmp_path)})
+    assert refused.exit_code == 2 and "PREEMPT_LOG" in refused.stderr and "is a folder" in refused.stderr
+
+
+def test_a_log_file_records_ctrl_c_usage_and_internal_errors_with_their_exit_codes(tmp_path: Path, registry: Path,
+                                                                                   monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    from preempt_cli import Protector
+    from preempt_cli.cli import _files
+
+    _images(tmp_path / "in", n=2)
+    args = ["protect", str(tmp_path / "in"), *FAST, "--labels", "backbone"]
+
+    def logged(extra: list[str], code: int, log: Path) -> list[str]:
+        result = run([*args, *extra, "--log", str(log)], registry)
+        assert result.exit_code == code, result.output
+        return _log_lines(log)
+
+    def interrupted(self, batch):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Protector, "_compute", interrupted)
+        lines = logged(["-q"], 130, tmp_path / "ctrl-c.log")
+    assert "error: interrupted: outputs written so far are complete; run again to do the rest" in lines
+    assert lines[-1].startswith("error: exit code 130 (interrupted) after ")
+    # usage errors: one the parser meets before --log is read (the log is opened to say it), one after
+    lines = logged(["--sampels", "3"], 2, tmp_path / "typo.log")
+    assert lines[1].startswith("info: command line: preempt protect ") and "--sampels 3" in lines[1]
+    assert lines[2].startswith("error: No such option: --sampels") and lines[3].startswith("error: exit code 2 (usage")
+    lines = logged(["--samples", "many"], 2, tmp_path / "value.log")
+    assert any(line.startswith("error: Invalid value for '--samples'") for line in lines)
+    assert lines[-1].startswith("error: exit code 2 (usage")
+    # an internal error: one line on stderr, its traceback in the file
+    monkeypatch.setattr(_files, "_labels", lambda value: (_ for _ in ()).throw(RuntimeError("boom")))
+    result = run([*args, "--log", str(tmp_path / "internal.log")], registry)
+    assert result.exit_code == 2
+    assert result.stderr == "error: internal error: RuntimeError: boom (set PREEMPT_DEBUG=1 for the traceback)\n"
+    lines = _log_lines(tmp_path / "internal.log")
+    assert "error: Traceback (most recent call last):" in lines and "error: RuntimeError: boom" in lines
+    assert lines[-1].startswith("error: exit code 2 (usage, setup or internal error)")
+
+
+def test_io_worker_processes_leave_the_log_file_to_the_main_process(tmp_path: Path, registry: Path) -> None:
+    _images(tmp_path / "in", n=4)
+    log = tmp_path / "run.log"
+    result = run(["protect", str(tmp_path / "in"), *FAST, "--labels", "backbone", "--io", "processes",
+                  "--workers", "2", "--log", str(log)], registry)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    lines = _log_lines(log, pid=os.getpid())  # whole lines, all of this process
+    assert lines[-1].startswith("info: exit code 0 (all done)")
+
+
+def test_a_log_file_keeps_keygen_s_secret_seed_out(tmp_path: Path, registry: Path) -> None:
+    log = tmp_path / "keygen.log"
+    result = run(["keygen", "--out", str(tmp_path / "key.safetensors"), "--base", "tiny-key", "--data",
+                  str(tmp_path / "none"), "--secret-seed", "987654321", "--log", str(log)], registry)  # fmt: skip
+    assert result.exit_code == 2
+    text = log.read_text()
+    assert "987654321" not in text and "--secret-seed '(secret)'" in text and '"secret_seed": "(secret)"' in text

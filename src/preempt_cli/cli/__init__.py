@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import atexit
 import importlib.util
+import logging
 import signal
 import sys
 import threading
-from typing import Annotated, NoReturn, Optional
+import traceback
+from typing import Annotated, Any, NoReturn, Optional
 
 import typer
+import typer.core
 import typer.rich_utils
 
 from .. import __version__
-from . import _common, _eval, _files, _models, _train
+from . import _common, _eval, _files, _logfile, _models, _train
 from ._common import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED
 
 _rich_format_error = typer.rich_utils.rich_format_error
@@ -33,13 +36,40 @@ def _usage_error_line(error: Exception) -> None:
         return
     hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
     message = " ".join(error.format_message().split())
-    sys.stderr.write(f"error: {message.rstrip('.') if hint else message}{hint}\n")
+    line = f"error: {message.rstrip('.') if hint else message}{hint}"
+    _logfile.usage_error(line)
+    sys.stderr.write(f"{line}\n")
 
 
 # Typer formats click's usage errors with this function (it looks it up when one happens)
 typer.rich_utils.rich_format_error = _usage_error_line
 
+
+class _Preempt(typer.core.TyperGroup):
+    """The ``preempt`` command: each run ends its ``--log`` file with its exit code (the commands open it,
+    see ``_common.LogOpt``), whichever way it ends: an exit code, Ctrl-C, an error escaping the commands."""
+
+    def main(self, args: Any = None, *more: Any, **kwargs: Any) -> Any:
+        _logfile.begin(list(sys.argv[1:] if args is None else args))
+        try:
+            result = super().main(args, *more, **kwargs)
+        except SystemExit as exit_:
+            code = _common.exit_status(exit_)
+            _logfile.end(code, _common.exit_meaning(code))
+            raise
+        except KeyboardInterrupt:  # as main() ends it
+            _logfile.end(EXIT_INTERRUPTED, _common.exit_meaning(EXIT_INTERRUPTED))
+            raise
+        except BaseException:  # Python ends the process with the traceback and 1
+            _logfile.say(traceback.format_exc(), logging.ERROR)
+            _logfile.end(1)
+            raise
+        _logfile.end(result if isinstance(result, int) else _common.EXIT_OK)  # standalone_mode=False
+        return result
+
+
 app = typer.Typer(
+    cls=_Preempt,
     name="preempt",
     help="Protect images against adversarial attacks before publishing them (Fast Preemption).",
     no_args_is_help=True,
@@ -87,7 +117,7 @@ def main() -> None:
         # Click and rich answer a closed stdout met outside the commands (``preempt --help | head -1``) with
         # exit 1, raised while they handle the BrokenPipeError; exit as the commands do then (141: a closed
         # pipe, not a failed input), so ``set -o pipefail`` scripts tell the two apart.
-        if exit_.code == 1 and isinstance(exit_.__context__, BrokenPipeError):
+        if _common.exit_status(exit_) == EXIT_BROKEN_PIPE and exit_.code != EXIT_BROKEN_PIPE:
             raise SystemExit(EXIT_BROKEN_PIPE) from None
         # Typer ends a Ctrl-C while it parses the arguments with a silent exit 130; later presses say what
         # they stopped, and so does this one

@@ -40,6 +40,7 @@ from ..errors import (
     WeightsMismatchError,
     WeightsNotFoundError,
 )
+from . import _logfile
 
 # Exit codes, as pip and ruff: 0 all done, 1 some inputs failed, 2 usage, configuration or setup error.
 EXIT_OK = 0
@@ -51,6 +52,36 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a command stopped by Ct
 # reports for a tool killed by SIGPIPE (``find / | head -1``) keeps ``set -o pipefail`` scripts truthful
 # without claiming, as 1 would, that some inputs failed.
 EXIT_BROKEN_PIPE = 141
+
+#: What each exit code means, for the last line of a ``--log`` file.
+EXIT_MEANINGS = {EXIT_OK: "all done", EXIT_FAILURES: "some inputs failed", EXIT_USAGE: "usage, setup or internal error",
+                 EXIT_INTERRUPTED: "interrupted", EXIT_BROKEN_PIPE: "stdout closed by its reader"}  # fmt: skip
+
+
+def exit_status(exit_: SystemExit) -> int:
+    """The exit code of a command that ended with ``exit_``: Click's and rich's 1 for a closed stdout met
+    outside the commands (``preempt --help | head -1``) is 141, as the commands exit then (see ``main``)."""
+    code = exit_.code
+    if code is None:
+        return EXIT_OK
+    if not isinstance(code, int):  # sys.exit("message"): Python prints it and exits 1
+        return 1
+    if code == 1 and isinstance(exit_.__context__, BrokenPipeError):
+        return EXIT_BROKEN_PIPE
+    return code
+
+
+def exit_meaning(code: int) -> str:
+    """What exit code ``code`` means (128 + N: stopped by signal N)."""
+    if code in EXIT_MEANINGS:
+        return EXIT_MEANINGS[code]
+    if 128 < code < 128 + 65:
+        try:
+            return f"stopped by {signal.Signals(code - 128).name}"
+        except ValueError:
+            pass
+    return ""
+
 
 #: One table maps library errors to exit codes (anything else is an internal error: 2, with a hint).
 ERROR_EXIT_CODES: dict[type[BaseException], int] = {
@@ -96,7 +127,8 @@ class _PlainFormatter(logging.Formatter):
 
 def setup_logging(verbose: int, quiet: bool) -> None:
     """Route the library's logging to stderr: through rich on a terminal, as plain unwrapped lines to a pipe
-    or a file (rich pads and wraps its log lines to 80 columns there, breaking long paths)."""
+    or a file (rich pads and wraps its log lines to 80 columns there, breaking long paths); and, with
+    ``--log``, all of it to that file (see :mod:`._logfile`)."""
     level = logging.ERROR if quiet else logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
     root = logging.getLogger("preempt_cli")
     root.handlers.clear()
@@ -107,8 +139,12 @@ def setup_logging(verbose: int, quiet: bool) -> None:
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(_PlainFormatter("%(message)s"))
+    handler.setLevel(level)
     root.addHandler(handler)
-    root.setLevel(level)
+    log_file = _logfile.current()
+    if log_file is not None:
+        root.addHandler(log_file)
+    root.setLevel(logging.DEBUG if log_file is not None else level)
     root.propagate = False
     quiet_pillow_warnings()
 
@@ -120,8 +156,9 @@ def one_line(text: str) -> str:
 
 
 def error_line(message: str) -> None:
-    """``error: MESSAGE`` on stderr (red on a terminal), on one line."""
+    """``error: MESSAGE`` on stderr (red on a terminal), on one line; and into the ``--log`` file."""
     message = one_line(message)
+    _logfile.say(message, logging.ERROR)
     try:
         if stderr.is_terminal:
             stderr.print(f"[bold red]error[/]: {escape(message)}")
@@ -129,6 +166,19 @@ def error_line(message: str) -> None:
             print(f"error: {message}", file=sys.stderr, flush=True)
     except OSError:  # stderr on a full disk (a cron job's log), or closed: nowhere to say it; the exit code does
         pass
+
+
+def note(line: str, *, shown: bool = True) -> None:
+    """A line for the user on stderr (above a progress bar on a terminal; not ``shown`` with ``-q``), and
+    always into the ``--log`` file: a summary, a note."""
+    _logfile.say(line)
+    if shown:
+        stderr.print(line, markup=False, highlight=False)
+
+
+def log_only(line: str, level: int = logging.INFO) -> None:
+    """A line into the ``--log`` file alone (what stderr leaves out with ``-q`` or ``--json``)."""
+    _logfile.say(line, level)
 
 
 #: Signals that stop a command as Ctrl-C does: SIGTERM is what ``timeout``, Slurm, Kubernetes and systemd
@@ -157,11 +207,13 @@ def _line_start() -> bytes:
     return b"\r\x1b[2K" if stderr.is_terminal else b""
 
 
-def _say(message: bytes) -> None:
-    """``message`` on stderr from a signal handler; a terminal hung up (the SIGHUP that stops the run) or a
-    closed pipe must not raise inside the clean-up the handler interrupted."""
+def _say(message: str, start: bytes | None = None) -> None:
+    """``message``, a line, on stderr from a signal handler (after ``start``: by default
+    :func:`_line_start`), and into the ``--log`` file; a terminal hung up (the SIGHUP that stops the run)
+    or a closed pipe must not raise inside the clean-up the handler interrupted."""
+    _logfile.say(message, logging.WARNING)
     try:
-        os.write(2, message)
+        os.write(2, (_line_start() if start is None else start) + f"{message}\n".encode(errors="replace"))
     except OSError:
         pass
 
@@ -208,22 +260,24 @@ def _stop_on_interrupt(stopping: str | None = None) -> Iterator[_Stop]:
     def on_interrupt(signum: int, frame: Any) -> None:
         nonlocal presses
         presses += 1
+        _logfile.say(f"{signal.Signals(signum).name} received ({presses} so far)", logging.WARNING)
         if presses == 1:
             stop.signum = signum
             if stopping:
                 by = "" if signum == signal.SIGINT else f" ({signal.Signals(signum).name})"
-                _say(_line_start() + f"preempt{by}: {stopping}\n".encode(errors="replace"))
+                _say(f"preempt{by}: {stopping}")
             if stop.listing:  # raised once the result is listed (see listing)
                 stop.deferred = True
                 return
             raise KeyboardInterrupt
         # os.write, not print: a handler that prints while the main thread is printing raises "reentrant call"
         if presses == 2:
-            _say(_line_start() + b"preempt: still stopping, finishing the files being computed and written (Ctrl-C "
-                 b"again to quit at once)\n")  # fmt: skip
+            _say("preempt: still stopping, finishing the files being computed and written (Ctrl-C again to quit "
+                 "at once)")  # fmt: skip
             return
         restore_cursor = b"\x1b[?25h" if stderr.is_terminal else b""  # the progress bar hid it
-        _say(restore_cursor + b"preempt: quit before the files being written were finished\n")
+        _say("preempt: quit before the files being written were finished", start=restore_cursor)
+        _logfile.end(stop.exit_code, exit_meaning(stop.exit_code))
         os._exit(stop.exit_code)
 
     global _current_stop
@@ -255,6 +309,7 @@ def handle_errors(interrupted: str = "outputs written so far are complete; run a
     ``interrupted`` says what a re-run does."""
     global command_started
     command_started = True
+    _logfile.settings()
     stop = _Stop()
     try:
         with _stop_on_interrupt(stopping) as stop:
@@ -277,12 +332,14 @@ def handle_errors(interrupted: str = "outputs written so far are complete; run a
     except PreemptError as e:
         if debug_enabled():  # the traceback too, and the same exit code: a usage error stays 2
             traceback.print_exc(file=sys.stderr)
+        _logfile.say(traceback.format_exc(), logging.DEBUG)
         error_line(str(e))
         code = next((c for t, c in ERROR_EXIT_CODES.items() if isinstance(e, t)), EXIT_USAGE)
         raise typer.Exit(code) from None
-    except Exception as e:  # an internal error: say so plainly, traceback on request
+    except Exception as e:  # an internal error: say so plainly, traceback on request (always in a --log file)
         if debug_enabled():
             traceback.print_exc(file=sys.stderr)
+        _logfile.say(traceback.format_exc(), logging.ERROR)
         error_line(f"internal error: {type(e).__name__}: {e} (set PREEMPT_DEBUG=1 for the traceback)")
         raise typer.Exit(EXIT_USAGE) from None
 
@@ -425,6 +482,18 @@ def check_stdout() -> None:
         raise ConfigError("stdout is closed: the results have nowhere to go (send them to /dev/null to drop them)")
 
 
+def print_result(text: str) -> None:
+    """A result line on stdout through rich (``models show``, ``verify``, ``convert``), and into the
+    ``--log`` file at debug level."""
+    _log_result(text)
+    stdout.print(text, markup=False)
+
+
+def _log_result(text: str) -> None:
+    if _logfile.current() is not None:  # the results too, at debug level
+        _logfile.say("\n".join(f"stdout: {line}" for line in text.splitlines() or [""]), logging.DEBUG)
+
+
 def print_line(text: str, end: str = "\n") -> None:
     """One line on stdout (ended by ``end``: ``"\\0"`` for ``--print0``), flushed (a pipeline downstream sees
     each result as it comes). Plain writes, not rich's: rendering a line took ~35 us, a tenth of what an
@@ -434,6 +503,7 @@ def print_line(text: str, end: str = "\n") -> None:
         ConfigError: stdout is closed, or fails otherwise than by a reader gone (a full disk).
     """
     check_stdout()
+    _log_result(text)
     line = text + end
     try:
         try:
@@ -485,3 +555,28 @@ DevicesOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object per result on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary; errors only.")]
 VerboseOpt = Annotated[int, typer.Option("--verbose", "-v", count=True, help="More log output (-vv: debug).")]
+
+
+def _log_option(ctx: typer.Context, value: Optional[str]) -> Optional[str]:
+    """``--log FILE``: opened (appending) as soon as it is read, before the other options, so that their
+    usage errors are recorded too; one that cannot be opened is a usage error (exit 2)."""
+    if value is None or ctx.resilient_parsing:  # resilient: shell completion, nothing runs
+        return value
+    if not value:
+        raise typer.BadParameter("empty (an unset variable?): give a file, or leave the option out")
+    if value == "-":
+        raise typer.BadParameter("'-' is no file: the log goes to a file (./- if you mean one named so)")
+    try:
+        _logfile.start(expand_home(value, existing_literal=False), ctx)
+    except ConfigError as e:
+        raise typer.BadParameter(str(e)) from None  # Click names PREEMPT_LOG beside --log
+    return value
+
+
+LogOpt = Annotated[
+    Optional[str],
+    typer.Option("--log", metavar="FILE", envvar="PREEMPT_LOG", show_envvar=True, is_eager=True, callback=_log_option,
+                 help="Append a full log to FILE (its folder created): the version, command line and settings, "
+                 "every log line at debug level and every error, warning and summary line, whatever -q/-v say for "
+                 "stderr, and the exit code; timestamped, whole lines (several runs can share one file)."),
+]  # fmt: skip

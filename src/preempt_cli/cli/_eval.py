@@ -258,6 +258,7 @@ def eval_cmd(
     json_out: c.JsonOpt = False,
     quiet: c.QuietOpt = False,
     verbose: c.VerboseOpt = 0,
+    log: c.LogOpt = None,
 ) -> None:
     """Measure victim clean and robust accuracy before/after protection, reversion, quality and time."""
     c.setup_logging(verbose, quiet)
@@ -375,6 +376,5 @@ def eval_cmd(
         if csv_path is not None:
             _write_text(csv_path, _csv_text(rows))
         report = _write_report(out, rows, evaluator, defenses, "preempt eval", run)
-        if not quiet:
-            c.stderr.print(f"Report: {report}", markup=False)
+        c.note(f"Report: {report}", shown=not quiet)
     raise typer.Exit(c.EXIT_OK)

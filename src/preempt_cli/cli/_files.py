@@ -145,6 +145,7 @@ def _setup_torch(device_spec: str) -> torch.device:
     """The one device of revert, eval, train and keygen (of a list or ``all``: the first), with the CPU
     configured (threads, allocator: :func:`~preempt_cli.device.configure_cpu`) where it is the device."""
     device = c.one_device(device_spec)
+    _logger.debug("computing on %s", device)
     if device.type == "cpu":
         configure_cpu()
     return device
@@ -244,8 +245,11 @@ def _drive(results: Iterable[FileResult], total: int, *, verb: str, json_out: bo
                 counts[result.status] += 1
             if result.status == "failed":
                 c.error_line(f"{result.input}: {result.reason}")
-            elif result.status == "skipped" and not quiet and not json_out:
-                _logger.info("skipped %s: %s", result.input, result.reason)
+            elif result.status == "skipped":
+                if quiet or json_out:  # said in the --log file alone
+                    c.log_only(f"skipped {c.one_line(str(result.input))}: {result.reason}")
+                else:
+                    _logger.info("skipped %s: %s", result.input, result.reason)
             for note in result.warnings or ():
                 _logger.warning("%s: %s", c.one_line(str(result.input)), note)
             # (a no-op where no bar is shown: see progress_bar)
@@ -266,8 +270,9 @@ def _drive(results: Iterable[FileResult], total: int, *, verb: str, json_out: bo
             for result in finish_interrupted(results):
                 report(result)
             interrupted = True
-    if not quiet:  # an interrupted run's too: what it did, before the error line that says it stopped
-        _summary(verb, counts, time.perf_counter() - start)
+    # an interrupted run's too: what it did, before the error line that says it stopped (with -q, in the
+    # --log file alone)
+    _summary(verb, counts, time.perf_counter() - start, quiet)
     if interrupted:
         raise KeyboardInterrupt
     return c.EXIT_FAILURES if counts["failed"] else c.EXIT_OK
@@ -286,16 +291,16 @@ def _rate(done: int, elapsed: float, per_second: str, per_item: str) -> str:
     return f"{done / elapsed:.1f} {per_second}" if done >= elapsed else f"{elapsed / done:.1f} {per_item}"
 
 
-def _summary(verb: str, counts: dict[str, int], elapsed: float) -> None:
+def _summary(verb: str, counts: dict[str, int], elapsed: float, quiet: bool = False) -> None:
     rate = _rate(counts["done"], elapsed, "images/s", "s per image")
     _note(f"{verb.capitalize()} {counts['done']}, skipped {counts['skipped']}, failed {counts['failed']} "
-          f"in {elapsed:.1f} s{f' ({rate})' if rate else ''}.")  # fmt: skip
+          f"in {elapsed:.1f} s{f' ({rate})' if rate else ''}.", shown=not quiet)  # fmt: skip
 
 
-def _note(line: str) -> None:
-    """A line on stderr (above a progress bar on a terminal)."""
+def _note(line: str, *, shown: bool = True) -> None:
+    """A line on stderr (above a progress bar on a terminal; not ``shown``: in the --log file alone)."""
     try:
-        c.stderr.print(line, markup=False, highlight=False)
+        c.note(line, shown=shown)
     except OSError:  # stderr on a full disk: the run did its work, and its exit code says how it went
         pass
 
@@ -348,8 +353,7 @@ def _some_of(paths: list[str], stdin: io.StringIO | None, most: int = 3) -> str:
 
 def _nothing_listed(verb: str, quiet: bool) -> None:
     """End a run given only ``-`` that read no image paths from stdin: exit 0, with a note."""
-    if not quiet:
-        c.stderr.print(f"No image paths on stdin: nothing to {verb}.", markup=False)
+    c.note(f"No image paths on stdin: nothing to {verb}.", shown=not quiet)
     raise typer.Exit(c.EXIT_OK)
 
 
@@ -415,6 +419,7 @@ def protect(
     print0: Print0Opt = False,
     quiet: c.QuietOpt = False,
     verbose: c.VerboseOpt = 0,
+    log: c.LogOpt = None,
 ) -> None:
     """Protect images with Fast Preemption; writes <stem>.protected.png next to each original."""
     c.setup_logging(verbose, quiet)
@@ -433,6 +438,9 @@ def protect(
         if not items:
             _nothing_listed("protect", quiet)
         devices = resolve_devices(device)
+        _logger.debug("protecting %d file(s) on %s with %s and %s (labels: %s, seed %d, precision %s): %s", len(items),
+                      ", ".join(map(str, devices)), backbone, classifier or "no classifier", labels, seed, precision,
+                      config.as_dict())  # fmt: skip
         if any(d.type == "cpu" for d in devices):
             configure_cpu()
         protectors = [  # one worker per device, each with its own copies of the models
@@ -625,6 +633,7 @@ def revert(
     print0: Print0Opt = False,
     quiet: c.QuietOpt = False,
     verbose: c.VerboseOpt = 0,
+    log: c.LogOpt = None,
 ) -> None:
     """Preemptive Reversion (x~ = 2 x^r - D(x^r)): white-box with the same backbone, black-box with another."""
     c.setup_logging(verbose, quiet)

@@ -83,6 +83,7 @@ def list_cmd(
                                           "sha256 pin, registry file.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="The table only: no registry files or warnings on "
                                         "stderr; errors only.")] = False,
+    log: c.LogOpt = None,
 ) -> None:
     """List registered models."""
     c.setup_logging(0, quiet)
@@ -102,9 +103,8 @@ def list_cmd(
         for m in rows:
             table.add_row(*(value(m) for _, value in columns))
         c.print_table(table)
-        if not quiet:
-            files = ", ".join(str(p) for p in registry_files(registry or ()))
-            c.stderr.print(f"registries: {files} (user registry: {user_registry_path()})", markup=False)
+        files = ", ".join(str(p) for p in registry_files(registry or ()))
+        c.note(f"registries: {files} (user registry: {user_registry_path()})", shown=not quiet)
 
 
 @app.command("show", epilog="[bold]Examples[/]\n\n  preempt models show cifar10-resnet20-pgdat-a")
@@ -112,6 +112,7 @@ def show_cmd(
     name: Annotated[str, typer.Argument(help="Registered model name.")],
     registry: c.RegistryOpt = None,
     json_out: c.JsonOpt = False,
+    log: c.LogOpt = None,
 ) -> None:
     """Show one model's registry entry."""
     with c.handle_errors():
@@ -121,7 +122,7 @@ def show_cmd(
             return
         for key, value in row.items():
             if value not in (None, "", [], {}):
-                c.stdout.print(f"{key:12} {value}", markup=False)
+                c.print_result(f"{key:12} {value}")
 
 
 @app.command(
@@ -136,6 +137,7 @@ def verify_cmd(
     json_out: c.JsonOpt = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Failures only: no line for a model that passes "
                                         "(the exit code says whether all did).")] = False,
+    log: c.LogOpt = None,
 ) -> None:
     """Check a model: find its weights, verify the sha256 pin, load them, run one forward pass."""
     c.setup_logging(0, quiet)
@@ -167,7 +169,7 @@ def verify_cmd(
                         pin = "timm's own weights, no sha256 check"
                     else:
                         pin = "no sha256 pin"
-                    c.stdout.print(f"ok  {name}: {model.weights_path} ({pin}; forward {tuple(logits.shape)})", markup=False)
+                    c.print_result(f"ok  {name}: {model.weights_path} ({pin}; forward {tuple(logits.shape)})")
             except Exception as e:
                 if not isinstance(e, PreemptError) and c.debug_enabled():
                     raise
@@ -200,9 +202,10 @@ def convert_cmd(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output (never the checkpoint).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="The output's path only, for scripts; no "
                                         "warnings.")] = False,
+    log: c.LogOpt = None,
 ) -> None:
     """Convert a PyTorch checkpoint to safetensors, loading it with torch.load(weights_only=True)."""
     c.setup_logging(0, quiet)
     with c.handle_errors():
         n, sha = convert_checkpoint(checkpoint, output, key=key, strip_prefixes=tuple(strip_prefix), overwrite=force)
-        c.stdout.print(str(output) if quiet else f"{output} ({n} tensors, sha256 {sha})", markup=False)
+        c.print_result(str(output) if quiet else f"{output} ({n} tensors, sha256 {sha})")

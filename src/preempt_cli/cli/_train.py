@@ -137,11 +137,11 @@ def _reporter(json_out: bool, quiet: bool):
             state["task"] = None
         if json_out:
             c.print_json({"event": "epoch", **asdict(stats)})
-        elif not quiet:
+        else:  # with -q, in the --log file alone
             held = (f", held-out clean {stats.heldout_clean:.2f}% PGD-10 {stats.heldout_pgd:.2f}%"
                     if stats.heldout_clean is not None else "")  # fmt: skip
-            c.stderr.print(f"epoch {stats.epoch}: loss {stats.train_loss:.4f}, train acc {stats.train_acc:.2f}%"
-                           f"{held} ({stats.seconds:.0f} s)", markup=False)  # fmt: skip
+            c.note(f"epoch {stats.epoch}: loss {stats.train_loss:.4f}, train acc {stats.train_acc:.2f}%"
+                   f"{held} ({stats.seconds:.0f} s)", shown=not quiet)  # fmt: skip
 
     return progress, {"on_batch": on_batch, "on_epoch": on_epoch, "on_epoch_start": on_epoch_start}
 
@@ -272,10 +272,10 @@ def _finish(result: TrainResult, *, name: str | None, register: bool, role: str,
         c.print_json(summary)
         return
     c.print_line(str(result.output))  # the result, as protect's output paths (also with -q)
-    if not quiet:  # the summary on stderr, as protect's
-        c.stderr.print(f"Trained in {summary['seconds']:.0f} s (sha256 {result.sha256[:12]}...)", markup=False)
-        if registered:
-            c.stderr.print(f"Registered as {name!r} in {registered}", markup=False)
+    # the summary on stderr, as protect's (with -q, in the --log file alone)
+    c.note(f"Trained in {summary['seconds']:.0f} s (sha256 {result.sha256[:12]}...)", shown=not quiet)
+    if registered:
+        c.note(f"Registered as {name!r} in {registered}", shown=not quiet)
 
 
 def train_cmd(
@@ -325,6 +325,7 @@ def train_cmd(
     json_out: c.JsonOpt = False,
     quiet: c.QuietOpt = False,
     verbose: c.VerboseOpt = 0,
+    log: c.LogOpt = None,
 ) -> None:
     """Train a backbone (adversarial training) or a classifier, from scratch or from a base model."""
     c.setup_logging(verbose, quiet)
@@ -367,10 +368,9 @@ def train_cmd(
                                                input_size=(3, *dataset.images.shape[2:]), name=name or out.stem)  # fmt: skip
         if not no_register:
             _check_registration(name or out.stem, role, model_cfg, out)
-        if not quiet and not json_out:
-            images = _training_images(dataset, holdout, f"{len(dataset.classes)} classes", *_per_epoch(config))
-            c.stderr.print(f"training on {images} from {data}: {config.describe()}, "
-                           f"{resolve_amp(torch_device, amp)} autocast, on {torch_device}", markup=False)  # fmt: skip
+        images = _training_images(dataset, holdout, f"{len(dataset.classes)} classes", *_per_epoch(config))
+        c.note(f"training on {images} from {data}: {config.describe()}, {resolve_amp(torch_device, amp)} autocast, "
+               f"on {torch_device}", shown=not quiet and not json_out)  # fmt: skip
         progress, callbacks = _reporter(json_out, quiet)
         with progress:
             result = train(dataset, out, config=config, base=base, arch=arch_cfg, models_dir=models_dir,
@@ -422,6 +422,7 @@ def keygen_cmd(
     json_out: c.JsonOpt = False,
     quiet: c.QuietOpt = False,
     verbose: c.VerboseOpt = 0,
+    log: c.LogOpt = None,
 ) -> None:
     """Derive your private backbone (key) from a public robust model by a short secret-seeded fine-tune."""
     c.setup_logging(verbose, quiet)
@@ -442,10 +443,9 @@ def keygen_cmd(
                               f"{_training_images(dataset, holdout)} are fewer: give more data or lower --holdout")  # fmt: skip
         if not no_register:
             _check_registration(name or out.stem, "backbone", model_cfg, out)
-        if not quiet and not json_out:
-            c.stderr.print(f"deriving a key from {base} on {_training_images(dataset, holdout, *_per_epoch(config))}: "
-                           f"{config.describe()}, "
-                           f"{resolve_amp(torch_device, amp)} autocast, on {torch_device}", markup=False)  # fmt: skip
+        c.note(f"deriving a key from {base} on {_training_images(dataset, holdout, *_per_epoch(config))}: "
+               f"{config.describe()}, {resolve_amp(torch_device, amp)} autocast, on {torch_device}",
+               shown=not quiet and not json_out)  # fmt: skip
         progress, callbacks = _reporter(json_out, quiet)
         with progress:
             result = keygen(base, dataset, out, seed=secret_seed, config=config, models_dir=models_dir,
