@@ -2715,3 +2715,67 @@ def test_a_log_file_keeps_keygen_s_secret_seed_out(tmp_path: Path, registry: Pat
     assert result.exit_code == 2
     text = log.read_text()
     assert "987654321" not in text and "--secret-seed '(secret)'" in text and '"secret_seed": "(secret)"' in text
+
+
+@pytest.fixture
+def library_logger():
+    """The ``preempt_cli`` logger as a process that never ran the CLI has it (level NOTSET, no handlers,
+    propagating), its state put back after the test."""
+    import logging
+
+    logger = logging.getLogger("preempt_cli")
+    saved = logger.level, list(logger.handlers), logger.propagate
+    logger.setLevel(logging.NOTSET)
+    logger.handlers.clear()
+    logger.propagate = True
+    yield logger
+    logger.setLevel(saved[0])
+    logger.handlers[:] = saved[1]
+    logger.propagate = saved[2]
+
+
+def test_a_log_file_leaves_the_library_s_logger_as_a_run_without_one_does(tmp_path: Path, registry: Path,
+                                                                          library_logger) -> None:  # fmt: skip
+    """A process that goes on (a user's Python, the tests) must not keep the logger at debug after a --log
+    run: the caller's handlers got every debug record of the library from then on."""
+    import logging
+
+    (image,) = _images(tmp_path / "in", n=1)
+    mine = logging.Handler()  # a caller's own handler, of no level
+    for args in (["protect", str(image), "--samples", "many"],  # a usage error: no setup_logging
+                 ["models", "list", "-q"]):  # fmt: skip
+        for handlers, level in (([], logging.NOTSET), ([mine], logging.INFO)):
+            after = []
+            for log in ([], ["--log", str(tmp_path / "run.log")]):
+                library_logger.handlers[:] = handlers
+                library_logger.setLevel(level)
+                run([*args, *log], registry)
+                after.append((library_logger.level, mine.level))
+            assert after[1] == after[0], (args, handlers)  # the caller's handler left as it was too
+            assert after[1][0] != logging.DEBUG and after[1][1] == logging.NOTSET, (args, handlers)
+    assert sum("exit code 2" in line for line in _log_lines(tmp_path / "run.log")) == 2
+
+
+def test_stderr_with_vv_is_the_same_with_or_without_a_log_file(tmp_path: Path, registry: Path) -> None:
+    """The lines a --log file adds (the devices, the resolved settings) are the file's: -vv's stderr is
+    what it was before --log existed."""
+    (image,) = _images(tmp_path / "in", n=1)
+    args = ["protect", str(image), *FAST, "--labels", "backbone", "--overwrite", "-vv"]
+    for log in ([], ["--log", str(tmp_path / "run.log")]):
+        result = run([*args, *log], registry)
+        assert result.exit_code == 0, result.output
+        assert "debug: loaded tiny-key from " in result.stderr  # -vv's debug lines, the library's
+        assert "debug: protecting " not in result.stderr and "debug: computing on " not in result.stderr
+    assert any(line.startswith("debug: protecting 1 file(s) on ") for line in _log_lines(tmp_path / "run.log"))
+
+
+def test_a_log_file_holds_a_table_shown_on_a_terminal(tmp_path: Path, registry: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    from rich.console import Console
+
+    from preempt_cli.cli import _common
+
+    monkeypatch.setattr(_common, "stdout", Console(force_terminal=True, soft_wrap=True, highlight=False))
+    result = run(["models", "list", "--log", str(tmp_path / "run.log")], registry)
+    assert result.exit_code == 0 and "tiny-key" in result.stdout
+    assert any(line.startswith("debug: stdout: ") and "tiny-key " in line for line in _log_lines(tmp_path / "run.log"))

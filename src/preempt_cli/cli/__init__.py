@@ -64,7 +64,8 @@ class _Preempt(typer.core.TyperGroup):
             _logfile.say(traceback.format_exc(), logging.ERROR)
             _logfile.end(1)
             raise
-        _logfile.end(result if isinstance(result, int) else _common.EXIT_OK)  # standalone_mode=False
+        code = result if isinstance(result, int) else _common.EXIT_OK  # standalone_mode=False
+        _logfile.end(code, _common.exit_meaning(code))
         return result
 
 

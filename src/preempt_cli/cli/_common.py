@@ -142,8 +142,9 @@ def setup_logging(verbose: int, quiet: bool) -> None:
     handler.setLevel(level)
     root.addHandler(handler)
     log_file = _logfile.current()
-    if log_file is not None:
+    if log_file is not None:  # the logger at debug for the file while the run lasts, at level after it
         root.addHandler(log_file)
+        log_file.level_after = level
     root.setLevel(logging.DEBUG if log_file is not None else level)
     root.propagate = False
     quiet_pillow_warnings()
@@ -396,11 +397,17 @@ def print_table(table: Any) -> None:
     without the blanks that pad each line to the table's width."""
     if stdout.is_terminal:
         stdout.print(table)
+        if _logfile.current() is not None:  # the --log file has the results as a pipe would
+            _log_result(_unwrapped(table))
         return
+    print_line(_unwrapped(table))
+
+
+def _unwrapped(table: Any) -> str:
     wide = Console(file=io.StringIO(), width=UNWRAPPED_WIDTH, highlight=False, soft_wrap=True, color_system=None)
     with wide.capture() as captured:
         wide.print(table)
-    print_line("\n".join(line.rstrip() for line in captured.get().splitlines()))
+    return "\n".join(line.rstrip() for line in captured.get().splitlines())
 
 
 def folder_path(value: str) -> Path:
@@ -578,5 +585,6 @@ LogOpt = Annotated[
     typer.Option("--log", metavar="FILE", envvar="PREEMPT_LOG", show_envvar=True, is_eager=True, callback=_log_option,
                  help="Append a full log to FILE (its folder created): the version, command line and settings, "
                  "every log line at debug level and every error, warning and summary line, whatever -q/-v say for "
-                 "stderr, and the exit code; timestamped, whole lines (several runs can share one file)."),
+                 "stderr, the results, and the exit code; timestamped, whole lines (several runs can share one "
+                 "file)."),
 ]  # fmt: skip

@@ -145,7 +145,7 @@ def _setup_torch(device_spec: str) -> torch.device:
     """The one device of revert, eval, train and keygen (of a list or ``all``: the first), with the CPU
     configured (threads, allocator: :func:`~preempt_cli.device.configure_cpu`) where it is the device."""
     device = c.one_device(device_spec)
-    _logger.debug("computing on %s", device)
+    c.log_only(f"computing on {device}", logging.DEBUG)  # the --log file's (-vv's stderr is as before)
     if device.type == "cpu":
         configure_cpu()
     return device
@@ -438,9 +438,9 @@ def protect(
         if not items:
             _nothing_listed("protect", quiet)
         devices = resolve_devices(device)
-        _logger.debug("protecting %d file(s) on %s with %s and %s (labels: %s, seed %d, precision %s): %s", len(items),
-                      ", ".join(map(str, devices)), backbone, classifier or "no classifier", labels, seed, precision,
-                      config.as_dict())  # fmt: skip
+        c.log_only(f"protecting {len(items)} file(s) on {', '.join(map(str, devices))} with {backbone} and "
+                   f"{classifier or 'no classifier'} (labels: {labels}, seed {seed}, precision {precision}): "
+                   f"{config.as_dict()}", logging.DEBUG)  # the --log file's (-vv's stderr is as before)
         if any(d.type == "cpu" for d in devices):
             configure_cpu()
         protectors = [  # one worker per device, each with its own copies of the models

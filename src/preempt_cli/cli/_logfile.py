@@ -44,6 +44,10 @@ class LogFile(logging.Handler):
         super().__init__(logging.DEBUG)
         self.path = path
         self._fd: int | None = fd
+        #: the level the library's logger is left at when the log closes: the one it had, or the one
+        #: ``setup_logging`` gave it for stderr (a log must not leave it at debug for a later run, or for
+        #: the caller's own handlers, in a process that goes on)
+        self.level_after = logging.NOTSET
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -145,9 +149,7 @@ def start(path: Path, context: Any = None) -> LogFile:
     if _run.argv is None:
         _run.argv, _run.started = sys.argv[1:], time.monotonic()
     library = logging.getLogger(_LIBRARY)
-    for handler in library.handlers:  # the stderr handler keeps the level -q/-v gave the logger
-        if handler.level == logging.NOTSET:
-            handler.setLevel(library.level)
+    log.level_after = library.level
     library.addHandler(log)
     library.setLevel(logging.DEBUG)
     torch = sys.modules.get("torch")
@@ -263,9 +265,7 @@ def _log_named(argv: list[str]) -> str | None:
 def _detach(log: LogFile) -> None:
     library = logging.getLogger(_LIBRARY)
     library.removeHandler(log)
-    levels = [h.level for h in library.handlers if h.level != logging.NOTSET]
-    if levels:  # back to the level of the handlers left (records none of them takes are not made)
-        library.setLevel(min(levels))
+    library.setLevel(log.level_after)  # records the handlers left do not take are not made
     log.close()
 
 
