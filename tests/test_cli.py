@@ -1891,6 +1891,9 @@ def test_protect_input_handling_of_a_black_box_test(tmp_path: Path, registry: Pa
         assert _digest([folder / "a.protected.png"]) == before
     r = run(["protect", "-", *FAST, "--labels", "backbone"], registry, input="")
     assert r.exit_code == 0 and "No image paths on stdin: nothing to protect." in r.stderr, r.output
+    # an empty list saved by Notepad: its byte order mark alone (failed as a file named U+FEFF, exit 1)
+    bom = run(["protect", "-", *FAST, "--labels", "backbone"], registry, input="\ufeff\r\n")
+    assert bom.exit_code == 0 and "No image paths on stdin: nothing to protect." in bom.stderr, bom.output
     (tmp_path / "empty").mkdir()
     named = run(["protect", str(tmp_path / "empty"), *FAST, "--labels", "backbone"], registry)
     assert named.exit_code == 2 and f"error: no images found in {tmp_path / 'empty'}\n" in named.stderr

@@ -166,6 +166,41 @@ def test_paths_from_stdin_one_per_line_or_nul_separated(tmp_path: Path) -> None:
     assert collect_inputs(["-", str(tmp_path / "plain.png")], stdin=io.StringIO("")) != []
 
 
+def test_a_line_of_a_list_on_stdin_ends_at_a_newline_alone(tmp_path: Path) -> None:
+    """``ls | preempt protect -``: a name holding \\r, \\f, \\x1d, U+0085 or U+2028 (all legal in a file
+    name, and where str.splitlines breaks a line) was cut in two, each part failing as "no such file".
+    A CRLF list still works, its \\r dropped also where the file is missing (the error names the file)."""
+    import io
+
+    from preempt_cli.inputs import collect_inputs
+
+    names = ["cr\rx.png", "ff\fx.png", "gs\x1dx.png", "nel\x85x.png", "ls\u2028x.png", "plain.png"]
+    for n in names:
+        (tmp_path / n).write_bytes(b"x")
+    listed = "".join(f"{tmp_path}/{n}\n" for n in names)
+    assert [i.path.name for i in collect_inputs(["-"], stdin=io.StringIO(listed))] == names
+    crlf = f"{tmp_path}/plain.png\r\n{tmp_path}/gone.png\r\n"
+    assert [i.path.name for i in collect_inputs(["-"], stdin=io.StringIO(crlf))] == ["plain.png", "gone.png"]
+
+
+def test_a_byte_order_mark_before_a_list_on_stdin_is_no_part_of_its_first_name(tmp_path: Path) -> None:
+    """A list saved by Notepad or PowerShell starts with U+FEFF: its first file failed as "no such file",
+    the mark invisible in the error. It is dropped, unless a file's name does start with it."""
+    import io
+
+    from preempt_cli.inputs import collect_inputs
+
+    for n in ("plain.png", "b.png"):
+        (tmp_path / n).write_bytes(b"x")
+    for sep in ("\r\n", "\0"):
+        listed = f"\ufeff{tmp_path}/plain.png{sep}{tmp_path}/b.png{sep}"
+        assert [i.path for i in collect_inputs(["-"], stdin=io.StringIO(listed))] == [tmp_path / "plain.png",
+                                                                                        tmp_path / "b.png"]
+    (tmp_path / "\ufeffodd.png").write_bytes(b"x")  # a name that does start with one: taken as it is
+    listed = f"{tmp_path}/\ufeffodd.png\n"
+    assert [i.path.name for i in collect_inputs(["-"], stdin=io.StringIO(listed))] == ["\ufeffodd.png"]
+
+
 def test_a_path_listed_on_stdin_is_never_a_pattern(tmp_path: Path) -> None:
     """``find ... -print0 | preempt protect -0 -``: a listed file named ``q?.png``, gone since, was taken
     as a pattern and replaced unseen by ``qq.png`` (exit 0); a listed ``*1*.png`` expanded to two files.

@@ -157,11 +157,19 @@ def _pillow_format(data: bytes) -> str | None:
 
 def paths_listed(text: str) -> list[str]:
     """Paths read from stdin: NUL-separated (``find -print0``) or one per line, blank lines skipped. A line
-    is taken as it is, or without its surrounding blanks when only that names an existing file."""
+    is taken as it is, or without its surrounding blanks when only that names an existing file (a CRLF
+    list's \r too, also where the file is missing). Lines end at \n alone: a name may hold any other
+    character ``str.splitlines`` breaks at (\r, \f, U+0085, U+2028, ...), as ``ls`` lists it. A byte order
+    mark before the first path (a list saved by Windows' Notepad or PowerShell) is dropped unless a file's
+    name starts with it: invisible in the error, it failed a file that exists as "no such file"."""
+    if text.startswith("\ufeff") and not os.path.lexists(re.split("[\0\n]", text, maxsplit=1)[0]):
+        text = text[1:]
     if "\0" in text:
         return [p for p in text.split("\0") if p]
     paths = []
-    for line in text.splitlines():
+    for line in text.split("\n"):
+        if line.endswith("\r") and not os.path.lexists(line):
+            line = line[:-1]
         if line.strip():
             paths.append(line if os.path.exists(line) or not os.path.exists(line.strip()) else line.strip())
     return paths

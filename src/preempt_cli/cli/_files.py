@@ -323,7 +323,7 @@ def _collect(paths: list[str], skip_markers: tuple[str, ...] = OUTPUT_MARKERS, *
                                      kind)  # fmt: skip
     # only ``-``, and nothing listed: a pipeline that found nothing (new) has nothing to do, not an error;
     # a folder listed on stdin without images is the usage error a folder named on the command line is
-    nothing_listed = all(p == "-" for p in paths) and stdin is not None and not stdin.getvalue().strip("\0 \t\r\n")
+    nothing_listed = all(p == "-" for p in paths) and stdin is not None and not paths_listed(stdin.getvalue())
     if not items and not nothing_listed:
         raise ConfigError(f"no images found in {_some_of(paths, stdin)}")
     return items
