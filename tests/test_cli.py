@@ -1579,6 +1579,41 @@ def test_a_closed_pipe_stops_quietly_with_exit_141(tmp_path: Path, registry: Pat
     assert result.exit_code == 141 and "error" not in result.stderr
 
 
+def test_a_closed_stderr_leaves_the_exit_code_to_the_run(tmp_path: Path, registry: Path) -> None:
+    """``preempt protect ... 2>&1 >results | head -1``: once stderr's reader had gone, the summary line
+    (rich's) pointed stdout at /dev/null and exited 141, "stdout closed by its reader", after a run that
+    had done every file (with -q, no summary, the same run exited 0). The run keeps its own exit code."""
+    import os
+    import subprocess
+    import sys
+
+    _images(tmp_path / "in", n=2)
+    (tmp_path / "in" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(40))
+    for extra, code in (([], 1), (["-q"], 1)):
+        read_end, write_end = os.pipe()
+        os.close(read_end)  # as `2>&1 >results | head -1` once head has exited
+        try:
+            proc = subprocess.run([sys.executable, "-m", "preempt_cli", "protect", str(tmp_path / "in"), *FAST,
+                                   "--labels", "backbone", "--json", "--overwrite", *extra, "--registry",
+                                   str(registry)], stdout=subprocess.PIPE, stderr=write_end, env=_child_env(),
+                                  timeout=300)  # fmt: skip
+        finally:
+            os.close(write_end)
+        rows = [json.loads(line) for line in proc.stdout.decode().splitlines()]
+        assert proc.returncode == code, (extra, proc.returncode, rows)
+        assert sorted(r["status"] for r in rows) == ["done", "done", "failed"]
+    (tmp_path / "in" / "broken.png").unlink()
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "preempt_cli", "protect", str(tmp_path / "in"), *FAST,
+                               "--labels", "backbone", "--overwrite", "--registry", str(registry)],
+                              stdout=subprocess.PIPE, stderr=write_end, env=_child_env(), timeout=300)  # fmt: skip
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 0 and len(proc.stdout.decode().splitlines()) == 2, proc
+
+
 def test_tables_and_logs_to_a_pipe_are_not_wrapped(tmp_path: Path, registry: Path) -> None:
     names = [json.loads(x)["name"] for x in run(["models", "list", "--json"], registry).stdout.splitlines()]
     table = run(["models", "list"], registry, env={"COLUMNS": "60"})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import logging
@@ -99,8 +100,24 @@ ERROR_EXIT_CODES: dict[type[BaseException], int] = {
     ImageWriteError: EXIT_FAILURES,
 }
 
+
+
+class _StderrConsole(Console):
+    """rich's Console, for stderr. rich answers a broken pipe by pointing *stdout* at /dev/null and exiting 1
+    (read as 141, "stdout closed by its reader"), whichever stream broke: a reader of stderr gone
+    (``preempt protect ... 2>&1 >results | head -1``) turned a finished run's 0 or 1 into 141 at its summary
+    line (with ``-q``, which prints none, the run kept its 0 or 1), and ``train`` stopped at its first epoch
+    line, its later output sent to /dev/null. Here it is an ``OSError`` that :func:`note` drops, as
+    :func:`error_line` drops its own: nothing more can be said there; stdout and the exit code still say how
+    the run went."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True  # nothing more is said there
+        raise BrokenPipeError(errno.EPIPE, "stderr closed by its reader")
+
+
 stdout = Console(soft_wrap=True, highlight=False)
-stderr = Console(stderr=True, soft_wrap=True, highlight=False)
+stderr = _StderrConsole(stderr=True, soft_wrap=True, highlight=False)
 
 #: Width of tables written to a pipe or file: wide enough that no row is wrapped or cut (a terminal's own
 #: width is used on a terminal).
@@ -174,7 +191,10 @@ def note(line: str, *, shown: bool = True) -> None:
     always into the ``--log`` file: a summary, a note."""
     _logfile.say(line)
     if shown:
-        stderr.print(line, markup=False, highlight=False)
+        try:
+            stderr.print(line, markup=False, highlight=False)
+        except OSError:  # stderr closed or on a full disk: nowhere to say it (as error_line); the run goes on
+            pass
 
 
 def log_only(line: str, level: int = logging.INFO) -> None:
