@@ -2817,3 +2817,41 @@ def test_a_log_file_holds_a_table_shown_on_a_terminal(tmp_path: Path, registry: 
     result = run(["models", "list", "--log", str(tmp_path / "run.log")], registry)
     assert result.exit_code == 0 and "tiny-key" in result.stdout
     assert any(line.startswith("debug: stdout: ") and "tiny-key " in line for line in _log_lines(tmp_path / "run.log"))
+
+
+def test_a_log_file_that_fills_up_says_so_once_and_its_next_record_starts_a_line(tmp_path: Path, monkeypatch,
+                                                                                  capsys) -> None:  # fmt: skip
+    """``--log`` on a full file system stopped mid-record without a word (exit 0, the last line
+    ``... stdout: {"inpu``, no exit line). The first failed write is said once on stderr, and a record after
+    one cut short starts on a line of its own."""
+    import errno
+
+    from preempt_cli.cli import _logfile
+
+    log = _logfile.open_log_file(tmp_path / "run.log")
+    real_write = os.write
+    full = [True]
+
+    def write(fd: int, data: bytes) -> int:  # a disk that takes 10 bytes, then none
+        if fd != log._fd or not full[0]:
+            return real_write(fd, data)
+        if not getattr(write, "took", False):
+            write.took = True  # type: ignore[attr-defined]
+            return real_write(fd, data[:10])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    try:
+        log.say("first record, whole")
+        monkeypatch.setattr(_logfile.os, "write", write)
+        log.say("second record, cut short")
+        log.say("third record, lost")
+        full[0] = False  # space freed
+        log.say("fourth record")
+    finally:
+        log.close()
+    warned = [line for line in capsys.readouterr().err.splitlines() if "--log" in line]
+    assert warned == [f"warning: --log {tmp_path / 'run.log'}: cannot write (No space left on device); the log is "
+                      "incomplete from here"]  # fmt: skip
+    lines = (tmp_path / "run.log").read_text().splitlines()
+    assert len(lines) == 3 and lines[0].endswith("info: first record, whole") and len(lines[1]) == 10
+    assert lines[2].endswith("info: fourth record")

@@ -37,13 +37,15 @@ def _plain(line: str) -> str:
 
 class LogFile(logging.Handler):
     """Writes the records of the library's loggers, and the lines the CLI says (:meth:`say`), to a file
-    opened for appending (see the module's doc). A write that fails (a full disk) is dropped: the log
-    must not fail the run it records."""
+    opened for appending (see the module's doc). A write that fails (a full disk) is dropped, and said
+    once on stderr: the log must not fail the run it records, nor end without a word."""
 
     def __init__(self, path: Path, fd: int) -> None:
         super().__init__(logging.DEBUG)
         self.path = path
         self._fd: int | None = fd
+        self._cut = False  # a record was cut short by a failed write: the next one starts on a line of its own
+        self._warned = False  # a failed write was said on stderr (once)
         #: the level the library's logger is left at when the log closes: the one it had, or the one
         #: ``setup_logging`` gave it for stderr (a log must not leave it at debug for a later run, or for
         #: the caller's own handlers, in a process that goes on)
@@ -68,12 +70,22 @@ class LogFile(logging.Handler):
         stamp = datetime.datetime.fromtimestamp(time.time() if created is None else created).astimezone()
         head = f"{stamp.isoformat(timespec='milliseconds')} [{os.getpid()}] {logging.getLevelName(level).lower()}: "
         data = "".join(f"{head}{_plain(line)}\n" for line in text.splitlines() or [""])
-        raw = data.encode("utf-8", "backslashreplace")
+        raw = (b"\n" if self._cut else b"") + data.encode("utf-8", "backslashreplace")
+        whole = len(raw)
         try:
             while raw:  # one write on a local file system; the loop covers a short one (a disk filling up)
                 raw = raw[os.write(fd, raw):]
-        except OSError:  # a full disk: the run goes on without its log
-            pass
+            self._cut = False
+        except OSError as e:  # a full disk: the run goes on, its log incomplete (said once)
+            self._cut = self._cut or len(raw) < whole
+            if not self._warned:
+                self._warned = True
+                try:
+                    sys.stderr.write(f"warning: --log {_plain(str(self.path))}: cannot write ({e.strerror or e}); "
+                                     "the log is incomplete from here\n")  # fmt: skip
+                    sys.stderr.flush()
+                except (OSError, ValueError):  # stderr closed too
+                    pass
 
     def close(self) -> None:
         fd, self._fd = self._fd, None
