@@ -2384,6 +2384,16 @@ def test_shards_are_ascii_digits_only() -> None:
     assert parse_shard(" 2 / 4 ") == (2, 4)
 
 
+def test_a_shard_counted_from_0_says_how_a_job_array_numbered_so_counts() -> None:
+    """``--shard 0/4`` (Slurm numbers array tasks from 0) said only "needs 1 <= K <= N"."""
+    with pytest.raises(ConfigError, match=re.escape("counts K from 1, got '0/4' (a job array numbered from 0: "
+                                                    "--shard $((SLURM_ARRAY_TASK_ID + 1))/4)")):  # fmt: skip
+        parse_shard("0/4")
+    for text in ("5/4", "0/0"):
+        with pytest.raises(ConfigError, match="needs 1 <= K <= N"):
+            parse_shard(text)
+
+
 @pytest.mark.skipif(not os.path.isdir("/dev/fd"), reason="/dev/fd")
 @pytest.mark.parametrize(("text", "label"), [(b"file,label\nimg0.png,3\n", 3), (b'{"img0.png": 4}', 4)])
 def test_labels_can_come_from_a_pipe(tmp_path: Path, registry: Path, text: bytes, label: int) -> None:

@@ -494,6 +494,9 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     if match is None:
         raise ConfigError(f"--shard must look like K/N (e.g. 1/4), got {text!r}")
     k, n = int(match[1]), int(match[2])
+    if k == 0 and n > 0:  # a job array numbered from 0 (Slurm's default, xargs' slots)
+        raise ConfigError(f"--shard K/N counts K from 1, got {text!r} (a job array numbered from 0: "
+                          f"--shard $((SLURM_ARRAY_TASK_ID + 1))/{n})")  # fmt: skip
     if not 1 <= k <= n:
         raise ConfigError(f"--shard K/N needs 1 <= K <= N, got {text!r}")
     return k, n
