@@ -12,6 +12,7 @@ start in a tenth of a second instead of the second and a half that importing tor
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import io
@@ -277,9 +278,7 @@ class Picture:
                              f"got {type(color).__name__}")  # fmt: skip
         if color.shape != self.color.shape or color.dtype != self.color.dtype:
             raise InputError(f"colour {color.shape}/{color.dtype} does not fit {self.color.shape}/{self.color.dtype}")
-        return Picture(self.path, color, self.alpha, self.mode, self.source_mode, self.source_format,
-                       self.icc_profile, dict(self.text), self.source_sha256, self.notes, self.colour_chunks,
-                       self.dpi, self.source_label_key)  # fmt: skip
+        return dataclasses.replace(self, color=color, text=dict(self.text))  # every other field kept, a new field too
 
 
 def _read_capped(path: Path, max_pixels: int) -> bytes:

@@ -436,7 +436,7 @@ class _OutputFolders:
         if error is None or number not in _FILE_SYSTEM_ERRORS:
             return
         device = self._file_system(output.parent)
-        if device is not None and device not in self._stopped:
+        if device is not None:  # the first failure there says why (another thread's may come at once)
             what, advice = _FILE_SYSTEM_ERRORS[number]
             self._stopped.setdefault(device, f"not attempted: {what.format(output.parent)} (an earlier write "
                                              f"there failed); {advice}")  # fmt: skip

@@ -101,7 +101,6 @@ ERROR_EXIT_CODES: dict[type[BaseException], int] = {
 }
 
 
-
 class _StderrConsole(Console):
     """rich's Console, for stderr. rich answers a broken pipe by pointing *stdout* at /dev/null and exiting 1
     (read as 141, "stdout closed by its reader"), whichever stream broke: a reader of stderr gone

@@ -293,16 +293,8 @@ def _rate(done: int, elapsed: float, per_second: str, per_item: str) -> str:
 
 def _summary(verb: str, counts: dict[str, int], elapsed: float, quiet: bool = False) -> None:
     rate = _rate(counts["done"], elapsed, "images/s", "s per image")
-    _note(f"{verb.capitalize()} {counts['done']}, skipped {counts['skipped']}, failed {counts['failed']} "
-          f"in {elapsed:.1f} s{f' ({rate})' if rate else ''}.", shown=not quiet)  # fmt: skip
-
-
-def _note(line: str, *, shown: bool = True) -> None:
-    """A line on stderr (above a progress bar on a terminal; not ``shown``: in the --log file alone)."""
-    try:
-        c.note(line, shown=shown)
-    except OSError:  # stderr on a full disk: the run did its work, and its exit code says how it went
-        pass
+    c.note(f"{verb.capitalize()} {counts['done']}, skipped {counts['skipped']}, failed {counts['failed']} "
+           f"in {elapsed:.1f} s{f' ({rate})' if rate else ''}.", shown=not quiet)  # fmt: skip
 
 
 def _workers(workers: int | None) -> dict[str, int]:
