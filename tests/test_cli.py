@@ -1145,8 +1145,8 @@ def _fail_writes_in(monkeypatch: pytest.MonkeyPatch, folders: list[Path], io: st
         monkeypatch.setattr(protect, "write_pngs", partial(_write_faults.write_pngs_failing, names, error_number,
                                                            str(marker)))  # fmt: skip
     else:
-        monkeypatch.setattr(imageio, "write_png", _write_faults.failing_write_png(names, error_number,
-                                                                                  imageio.write_png, str(marker)))  # fmt: skip
+        monkeypatch.setattr(imageio, "_png_in_temporary", _write_faults.failing_png_writes(
+            names, error_number, imageio._png_in_temporary, str(marker)))  # fmt: skip
 
 
 def _computed(monkeypatch: pytest.MonkeyPatch, failed_write: Path | None = None) -> list[Path]:

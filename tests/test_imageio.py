@@ -917,6 +917,104 @@ def test_a_write_error_keeps_the_system_s_error_number(tmp_path, monkeypatch) ->
     assert imageio.write_pngs([(target, pic, pic.color, {}, False, True)]) == [(None, 0, None)]
 
 
+def test_written_together_each_output_is_on_disk_before_its_name_and_the_flushes_overlap(tmp_path, monkeypatch) -> None:
+    """A worker's chunk flushed its files to disk one after another, each waiting for a journal commit of
+    its own. They are now flushed at once: two flushes meet (a barrier of two that one-at-a-time flushes
+    never pass), and still every output is on disk before it gets its name."""
+    import threading
+
+    pic = _picture(tmp_path)
+    meet = threading.Barrier(2, timeout=5)
+    met: list[bool] = []
+    synced: set[tuple[int, int]] = set()
+    placed_unsynced: list[str] = []
+    real_fsync, real_link = os.fsync, os.link
+
+    def fsync(fd: int) -> None:
+        if not met:
+            try:
+                meet.wait()  # one flush at a time: the first waits alone, and the barrier breaks
+                met.append(True)
+                meet.abort()  # two met: the others go on
+            except threading.BrokenBarrierError:
+                pass
+        real_fsync(fd)
+        st = os.fstat(fd)
+        synced.add((st.st_dev, st.st_ino))
+
+    def link(src, dst, **kwargs) -> None:
+        st = os.stat(src)
+        if (st.st_dev, st.st_ino) not in synced:
+            placed_unsynced.append(str(dst))
+        real_link(src, dst, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "link", link)
+    targets = [tmp_path / "out" / f"{i}.png" for i in range(40)]  # more than are written together
+    outcomes = imageio.write_pngs([(t, pic, pic.color, {}, True, False) for t in targets])
+    assert outcomes == [(None, 0, None)] * 40
+    assert met, "the flushes to disk were made one after another"
+    assert placed_unsynced == [] and len(synced) == 40
+    assert all(read_image(t).color.tobytes() == pic.color.tobytes() for t in targets)
+    assert _temp_leftovers(tmp_path / "out") == []
+
+
+def test_a_file_whose_flush_fails_fails_alone_and_an_interrupt_leaves_no_temporary(tmp_path, monkeypatch) -> None:
+    """Among files written together, one whose flush to disk fails (EIO) is reported with its error and
+    leaves nothing; the others are written. A Ctrl-C while the group's PNGs are being made leaves neither
+    temporaries nor outputs of the files not yet in place."""
+    import errno
+
+    pic = _picture(tmp_path)
+    real_fsync = os.fsync
+    bad = tmp_path / "out" / "3.png"
+
+    def fsync(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").startswith(str(tmp_path / "out" / ".3.png.")):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    targets = [tmp_path / "out" / f"{i}.png" for i in range(6)]
+    outcomes = imageio.write_pngs([(t, pic, pic.color, {}, True, False) for t in targets])
+    assert outcomes[3] == (f"output {bad}: cannot write: {os.strerror(errno.EIO)}", 0, errno.EIO)
+    assert outcomes[:3] + outcomes[4:] == [(None, 0, None)] * 5
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(t.name for t in targets if t != bad)
+
+    real_start, started = imageio._png_in_temporary, []
+
+    def interrupted(path, *args):
+        if len(started) == 4:
+            raise KeyboardInterrupt
+        started.append(path)
+        return real_start(path, *args)
+
+    monkeypatch.setattr(imageio, "_png_in_temporary", interrupted)
+    later = [tmp_path / "later" / f"{i}.png" for i in range(8)]
+    with pytest.raises(KeyboardInterrupt):
+        imageio.write_pngs([(t, pic, pic.color, {}, True, False) for t in later])
+    assert len(started) == 4 and list((tmp_path / "later").iterdir()) == []
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork")
+def test_files_are_written_together_in_a_process_forked_after_its_parent_did(tmp_path) -> None:
+    """The threads that flush files at once are not copied into a forked child: it makes its own (a copy of
+    the parent's pool would take the work and never do it)."""
+    import multiprocessing
+
+    pic = _picture(tmp_path)
+    imageio.write_pngs([(tmp_path / "parent" / f"{i}.png", pic, pic.color, {}, True, False) for i in range(4)])
+    child = multiprocessing.get_context("fork").Process(
+        target=imageio.write_pngs, args=([(tmp_path / "child" / f"{i}.png", pic, pic.color, {}, True, False)
+                                          for i in range(4)],))  # fmt: skip
+    child.start()
+    child.join(timeout=30)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("the forked child waited forever on its parent's threads")
+    assert child.exitcode == 0 and len(list((tmp_path / "child").iterdir())) == 4
+
+
 @pytest.mark.skipif(os.name == "nt", reason="POSIX processes")
 def test_an_io_worker_ends_when_its_main_process_does(tmp_path) -> None:
     """Workers of a main process killed (kill -9) waited for work forever, holding its stderr open."""

@@ -26,6 +26,8 @@ import tempfile
 import threading
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as wait_for_futures
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -1058,6 +1060,81 @@ def _unlock_temp(lock: tuple[int, tuple[int, int]] | None) -> None:
         os.close(lock_fd)
 
 
+class _Temporary:
+    """The temporary file beside ``path`` that a write of ``path`` goes through (see :func:`atomic_write`),
+    from its creation (the stale ones of dead writers removed first, its lock taken, its mode set) to its
+    renaming into place (:meth:`place`) or removal (:meth:`discard`, which always comes last). Raises the
+    operating system's errors as they are: :func:`_write_errors` words them."""
+
+    def __init__(self, path: Path, mode: int | None = None) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        longest = name_max(path.parent)
+        name_bytes = len(os.fsencode(path.name))
+        if longest is not None and name_bytes > longest:
+            raise ImageWriteError(path, f"name is {name_bytes} bytes long, more than the {longest} a file name "
+                                        f"can have here ({_SHORTER})")  # fmt: skip
+        prefix = _temp_prefix(path.name, longest or NAME_MAX)
+        _remove_stale_temps(path, prefix)
+        fd, self.name, self._lock = _new_temp(path.parent, prefix)
+        self.file: BinaryIO = os.fdopen(fd, "wb")
+        try:
+            os.chmod(self.name, new_file_mode() if mode is None else mode)
+        except BaseException:
+            self.discard()
+            raise
+
+    def flush(self, fsync: bool) -> None:
+        """Hand what was written to the operating system and, with ``fsync``, have it on disk."""
+        self.file.flush()
+        if fsync:
+            os.fsync(self.file.fileno())
+
+    def place(self, replace: bool) -> None:
+        """Put the file at ``path`` (see :func:`atomic_write` for ``replace``)."""
+        self.file.close()
+        if replace or not _link_new(self.name, self.path):
+            os.replace(self.name, self.path)
+            self.name = None
+        # else linked: the temporary name goes (discard)
+
+    def discard(self) -> None:
+        """Close the file, remove its temporary name where it is left, let go of its lock (once more: nothing)."""
+        try:
+            self.file.close()
+        except OSError:  # its last bytes not written: the file goes anyway
+            pass
+        if self.name is not None:
+            try:
+                os.unlink(self.name)
+            except OSError:
+                pass
+            self.name = None
+        _unlock_temp(self._lock)
+        self._lock = None
+
+
+_SHORTER = "use a shorter --suffix, or rename the input"
+
+
+def _write_error(path: Path, e: OSError) -> ImageWriteError:
+    """What an operating system's error in a write of ``path`` means for the user."""
+    if e.errno == errno.ENAMETOOLONG:
+        return ImageWriteError(path, f"name too long for this file system ({_SHORTER})")
+    return ImageWriteError(path, f"cannot write: {e.strerror or e}", errno=e.errno)
+
+
+@contextmanager
+def _write_errors(path: Path) -> Iterator[None]:
+    """The operating system's errors inside the block as :class:`ImageWriteError` for ``path``."""
+    try:
+        yield
+    except ImageWriteError:
+        raise
+    except OSError as e:
+        raise _write_error(path, e) from e
+
+
 @contextmanager
 def atomic_write(path: Path, *, fsync: bool = True, replace: bool = True, mode: int | None = None) -> Iterator[BinaryIO]:
     """A binary file to write ``path`` through: a temporary file beside it, flushed to disk (``fsync``) and
@@ -1077,42 +1154,14 @@ def atomic_write(path: Path, *, fsync: bool = True, replace: bool = True, mode: 
         ImageWriteError: the folder cannot be created or written, the name is too long, or (``replace``
             False) ``path`` appeared while it was being written.
     """
-    shorter = "use a shorter --suffix, or rename the input"
-    tmp_name = None
-    lock = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        longest = name_max(path.parent)
-        name_bytes = len(os.fsencode(path.name))
-        if longest is not None and name_bytes > longest:
-            raise ImageWriteError(path, f"name is {name_bytes} bytes long, more than the {longest} a file name "
-                                        f"can have here ({shorter})")  # fmt: skip
-        prefix = _temp_prefix(path.name, longest or NAME_MAX)
-        _remove_stale_temps(path, prefix)
-        fd, tmp_name, lock = _new_temp(path.parent, prefix)
-        with os.fdopen(fd, "wb") as f:  # closed should the chmod fail (its descriptor was left open)
-            os.chmod(tmp_name, new_file_mode() if mode is None else mode)
-            yield f
-            f.flush()
-            if fsync:
-                os.fsync(f.fileno())
-        if replace or not _link_new(tmp_name, path):
-            os.replace(tmp_name, path)
-            tmp_name = None
-        # else linked: the temporary name goes (below)
-    except ImageWriteError:
-        raise
-    except OSError as e:
-        if e.errno == errno.ENAMETOOLONG:
-            raise ImageWriteError(path, f"name too long for this file system ({shorter})") from e
-        raise ImageWriteError(path, f"cannot write: {e.strerror or e}", errno=e.errno) from e
-    finally:
-        if tmp_name is not None:
-            try:
-                os.unlink(tmp_name)
-            except OSError:
-                pass
-        _unlock_temp(lock)
+    with _write_errors(path):
+        temp = _Temporary(path, mode)
+        try:
+            yield temp.file
+            temp.flush(fsync)
+            temp.place(replace)
+        finally:
+            temp.discard()
 
 
 def _link_new(tmp_name: str, path: Path) -> bool:
@@ -1192,6 +1241,19 @@ def write_png(
         ImageWriteError: the folder cannot be created or written, or ``path`` appeared (``replace`` False).
     """
     path = Path(path)
+    temp = _png_in_temporary(path, picture, color, text)
+    try:
+        with _write_errors(path):
+            temp.flush(fsync)
+            temp.place(replace)
+    finally:
+        temp.discard()
+
+
+def _png_in_temporary(path: Path, picture: Picture, color: np.ndarray | None,
+                      text: Mapping[str, str] | None) -> _Temporary:  # fmt: skip
+    """``picture`` (``color`` its colour channels) encoded as a PNG into a new temporary file beside ``path``,
+    not yet flushed: the first half of :func:`write_png` (raises as it does)."""
     color = picture.color if color is None else picture.with_color(color).color  # checked as with_color does
     info = PngImagePlugin.PngInfo()
     for cid, data in picture.colour_chunks:  # Pillow writes them before the image data, where they belong
@@ -1199,8 +1261,15 @@ def write_png(
     for key, value in (text or {}).items():
         info.add_itxt(key, value)
     extra = {"dpi": picture.dpi} if picture.dpi is not None else {}
-    with atomic_write(path, fsync=fsync, replace=replace) as f:
-        _to_pil(picture, color).save(f, format="PNG", pnginfo=info, icc_profile=picture.icc_profile, **extra)
+    with _write_errors(path):
+        temp = _Temporary(path)
+        try:
+            _to_pil(picture, color).save(temp.file, format="PNG", pnginfo=info, icc_profile=picture.icc_profile,
+                                         **extra)  # fmt: skip
+        except BaseException:
+            temp.discard()
+            raise
+    return temp
 
 
 def read_images(paths: Sequence[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> list[Picture | str]:
@@ -1219,23 +1288,100 @@ def read_images(paths: Sequence[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> l
     return out
 
 
+#: How many outputs :func:`write_pngs` has open at once: their PNGs are written, then all flushed to disk
+#: at once (two descriptors each while open).
+_WRITTEN_TOGETHER = 32
+#: Threads flushing those files to disk at once. On ext4, one fsync after another each waited for a
+#: journal commit of its own; at once, they share commits and the disk's queue: 32 outputs of 32x32 were
+#: written in 0.42-0.44 ms each instead of 0.71-1.17, with 20-30% less CPU time (2-core Xeon, 2026-11-27).
+_FLUSHING_THREADS = 8
+
+_flushing_pool: tuple[int, ThreadPoolExecutor] | None = None  # (the process that made it, the pool)
+_flushing_pool_lock = threading.Lock()
+
+
 def write_pngs(tasks: Sequence[tuple[Path, Picture, np.ndarray, Mapping[str, str], bool, bool]],
                ) -> list[tuple[str | None, int, int | None]]:  # fmt: skip
     """:func:`write_png` for each (path, picture, colour, text, fsync, replace); per file, the reason it
     failed (or None), its :func:`level_distance` to the picture, and the operating system's error number of
-    a failed write (``errno.ENOSPC``: the disk is full; else None). A chunk of an I/O worker process's work."""
+    a failed write (``errno.ENOSPC``: the disk is full; else None). A chunk of an I/O worker process's work.
+
+    Each file is written as :func:`write_png` writes one (on disk before its rename, with ``fsync``), but
+    up to :data:`_WRITTEN_TOGETHER` at a time, their flushes to disk made at once."""
     out: list[tuple[str | None, int, int | None]] = []
-    for path, picture, color, text, fsync, replace in tasks:
-        try:
-            write_png(path, picture, color, text, fsync=fsync, replace=replace)
-            out.append((None, level_distance(color, picture.color), None))
-        except ImageWriteError as e:  # reported beside the input's name: this one names the output
-            out.append((f"output {path}: {reason_of(e, path)}", 0, e.errno))
-        except PreemptError as e:
-            out.append((reason_of(e, path), 0, None))
-        except Exception as e:  # an encoder's own error, or memory: this file fails, not the chunk around it
-            out.append((f"cannot encode: {_typed_error_text(e)}", 0, None))
+    for start in range(0, len(tasks), _WRITTEN_TOGETHER):
+        out += _write_together(tasks[start : start + _WRITTEN_TOGETHER])
     return out
+
+
+def _write_together(tasks: Sequence[tuple[Path, Picture, np.ndarray, Mapping[str, str], bool, bool]],
+                    ) -> list[tuple[str | None, int, int | None]]:  # fmt: skip
+    """:func:`write_pngs` of a few files: every PNG into its temporary file, the flushes to disk at once,
+    then each renamed into place. A file that fails at one step fails alone."""
+    outcomes: list[tuple[str | None, int, int | None] | None] = [None] * len(tasks)
+    temps: dict[int, _Temporary] = {}
+    try:
+        for i, (path, picture, color, text, _, _) in enumerate(tasks):
+            try:
+                temps[i] = _png_in_temporary(path, picture, color, text)
+            except Exception as e:  # an encoder's own error, or memory: this file fails, not the others
+                outcomes[i] = _failed_write(path, e)
+        flushing = [i for i in temps if tasks[i][4]]
+        for i, error in zip(flushing, _flush_at_once([temps[i] for i in flushing])):
+            if error is not None:
+                outcomes[i] = _failed_write(tasks[i][0], _write_error(tasks[i][0], error))
+                temps.pop(i).discard()
+        for i, temp in temps.items():
+            path, picture, color, _, _, replace = tasks[i]
+            try:
+                with _write_errors(path):
+                    temp.place(replace)  # flushed on closing, without fsync
+                outcomes[i] = (None, level_distance(color, picture.color), None)
+            except Exception as e:
+                outcomes[i] = _failed_write(path, e)
+    finally:  # also on an interrupt: no temporary file of this process is left behind
+        for temp in temps.values():
+            temp.discard()
+    return outcomes  # type: ignore[return-value]  # every task has its outcome
+
+
+def _failed_write(path: Path, e: Exception) -> tuple[str, int, int | None]:
+    """:func:`write_pngs`' outcome of a file that could not be written."""
+    if isinstance(e, ImageWriteError):  # reported beside the input's name: this one names the output
+        return f"output {path}: {reason_of(e, path)}", 0, e.errno
+    if isinstance(e, PreemptError):
+        return reason_of(e, path), 0, None
+    return f"cannot encode: {_typed_error_text(e)}", 0, None
+
+
+def _flush_at_once(temps: Sequence[_Temporary]) -> list[OSError | None]:
+    """``flush(fsync=True)`` of each file, on threads of their own (:data:`_FLUSHING_THREADS`): the error of
+    each (or None). Returns (or raises an interrupt) only once every flush is over: a file is closed only then."""
+    if len(temps) <= 1:
+        return [_flush_error(temp) for temp in temps]
+    futures = [_flushing_threads().submit(_flush_error, temp) for temp in temps]
+    try:
+        return [future.result() for future in futures]
+    finally:
+        wait_for_futures(futures)
+
+
+def _flush_error(temp: _Temporary) -> OSError | None:
+    try:
+        temp.flush(True)
+    except OSError as e:
+        return e
+    return None
+
+
+def _flushing_threads() -> ThreadPoolExecutor:
+    """This process's threads for :func:`_flush_at_once`, made on first use. A process forked from one that
+    had them gets its own: a pool's threads are not copied into a child, which would wait on them forever."""
+    global _flushing_pool
+    with _flushing_pool_lock:
+        if _flushing_pool is None or _flushing_pool[0] != os.getpid():
+            _flushing_pool = (os.getpid(), ThreadPoolExecutor(_FLUSHING_THREADS, thread_name_prefix="preempt-fsync"))
+        return _flushing_pool[1]
 
 
 def ignore_interrupts() -> None:
