@@ -2865,3 +2865,33 @@ def test_a_log_file_that_fills_up_says_so_once_and_its_next_record_starts_a_line
     lines = (tmp_path / "run.log").read_text().splitlines()
     assert len(lines) == 3 and lines[0].endswith("info: first record, whole") and len(lines[1]) == 10
     assert lines[2].endswith("info: fourth record")
+
+
+def test_files_past_pillows_own_limit_keep_their_metadata_under_a_raised_max_pixels(tmp_path: Path, registry: Path,
+                                                                                   monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """Pillow refuses to open an image of more than twice its process-wide limit (89 Mpx by default) before
+    a run's first decode raises that limit to --max-pixels: so the metadata read before it found none.
+    A 200-megapixel scan protected with --max-pixels 300000000 then failed its white-box reversion as
+    "no preempt metadata (not protected by preempt?)", and a re-run of protect or revert failed it as
+    "exists and is not a file preempt protected" instead of skipping it. Here a limit of 400 pixels stands
+    in for Pillow's default: the 32x32 test images (1,024 pixels) are past twice it."""
+    (image,) = _images(tmp_path / "big", n=1)
+    protected, reverted = image.with_name("img0.protected.png"), image.with_name("img0.protected.reverted.png")
+    raised = ["--max-pixels", "5000"]
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 400)
+    assert run(["protect", str(image), *FAST, "--labels", "backbone", *raised], registry).exit_code == 0
+    for args, status in ((["protect", str(image), *FAST, "--labels", "backbone"], "skipped"),
+                         (["revert", str(protected), "--white-box", "--device", TEST_DEVICE_ARG], "done"),
+                         (["revert", str(protected), "--white-box", "--device", TEST_DEVICE_ARG], "skipped")):  # fmt: skip
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 400)  # as a new process finds it: each run raises it
+        result = run([*args, *raised, "--json"], registry)
+        rows = [json.loads(line) for line in result.stdout.splitlines()]
+        assert result.exit_code == 0 and [r["status"] for r in rows] == [status], (args, result.output)
+    assert json.loads(Image.open(reverted).text["preempt"])["kind"] == "reverted"
+    # the library alike (Protector.run judges an existing output by its metadata before any decode)
+    from preempt_cli import ForeBackConfig, Protector, load_model
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 400)
+    protector = Protector(load_model("tiny-key", registry=[registry], device=TEST_DEVICE), labels="backbone",
+                          config=ForeBackConfig.from_preset("paper", samples=3))  # fmt: skip
+    assert [r.status for r in protector.run([image], RunOptions(max_pixels=5000))] == ["skipped"]

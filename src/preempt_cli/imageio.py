@@ -56,6 +56,7 @@ __all__ = [
     "read_image",
     "write_png",
     "read_png_text",
+    "lift_pillow_pixel_limit",
     "atomic_write",
     "quantize",
     "quantize_batch",
@@ -383,17 +384,23 @@ def _refuse_special(path: Path, mode: int) -> None:
     raise ImageReadError(path, f"is {kind}, not an image file" if kind else "not a regular file")
 
 
+def lift_pillow_pixel_limit(max_pixels: int) -> None:
+    """Raise Pillow's own decompression-bomb limit to ``max_pixels``, so that ``--max-pixels`` can allow
+    more than Pillow's default. Pillow's check reads a process-wide limit (it has none per call), and refuses
+    even to open an image of more than twice it: a run lifts it before it reads any file, its metadata
+    included (a protected 200-megapixel scan's text chunks were found missing). Only ever raised, so that
+    threads agree; it stays raised for the process (said where max_pixels is documented)."""
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+
+
 def _open(path: Path, max_pixels: int) -> tuple[Image.Image, str, bytes]:
     """The image, opened from the file's bytes read once (see :func:`_read_capped`), and the sha256 and
     :func:`source_label_key` of those same bytes."""
     data = _read_capped(path, max_pixels)
     if not data:
         raise ImageReadError(path, "empty file (0 bytes)")
-    # Pillow's own bomb check reads a process-wide limit: lift it to ours (ours is checked below), so
-    # that --max-pixels can allow more than Pillow's default; only ever raised, so threads agree. It stays
-    # raised for the process (Pillow has no limit per call): said where max_pixels is documented
-    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
-        Image.MAX_IMAGE_PIXELS = max_pixels
+    lift_pillow_pixel_limit(max_pixels)  # ours is checked below
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -60,6 +60,7 @@ from .imageio import (
     folder_write_problem,
     is_fifo,
     levels_to_float,
+    lift_pillow_pixel_limit,
     png_is_whole,
     remove_stale_temps,
     nhwc_levels_to_arrays,
@@ -995,6 +996,7 @@ class Protector:
         probed once, and a file system found full stops them all).
         """
         options = self.run_options(options)
+        lift_pillow_pixel_limit(options.max_pixels)  # before the metadata of inputs and outputs is read
         items = as_input_files(items, skip_markers=self.skip_markers, suffix=options.suffix, kind=self.kind)
         if outputs is None:
             outputs = assign_outputs(items, suffix=options.suffix, out_dir=options.out_dir)
@@ -1460,6 +1462,7 @@ def run_on_devices(protectors: Sequence[Protector], items: Iterable[InputFile | 
         raise ConfigError("options.partition is run_on_devices' to set (one share per protector): leave it out, "
                           "or use options.shard to split the inputs across jobs")  # fmt: skip
     options = protectors[0].run_options(options)
+    lift_pillow_pixel_limit(options.max_pixels)  # before the walk reads the metadata of suffixed outputs
     # expanded once here, not by each worker (each share is taken from the same list)
     items = as_input_files(items, skip_markers=protectors[0].skip_markers, suffix=options.suffix,
                            kind=protectors[0].kind)  # fmt: skip

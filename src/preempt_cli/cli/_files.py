@@ -20,7 +20,7 @@ from ..device import configure_cpu, resolve_devices
 from ..engine import PRECISIONS, PRESETS, ForeBackConfig, check_seed, parse_eps
 from ..errors import ConfigError, PreemptError, UnknownModelError
 from .._paths import expand_home
-from ..imageio import DEFAULT_MAX_PIXELS, is_fifo, read_images, read_png_text
+from ..imageio import DEFAULT_MAX_PIXELS, is_fifo, lift_pillow_pixel_limit, read_images, read_png_text
 from ..inputs import (OUTPUT_MARKERS, PROTECTED_SUFFIX, REVERTED_SUFFIX, InputFile, assign_outputs, collect_inputs,
                       in_shard, parse_shard, path_list_text, paths_listed, read_failure, without_suffixed_outputs)  # fmt: skip
 from ..labels import LabelMap, read_label_file
@@ -359,6 +359,8 @@ def _check_run(out_dir: Path | None, max_pixels: int, json_out: bool, print0: bo
         raise ConfigError(f"--max-pixels must be >= 1 (got {max_pixels})")
     if json_out and print0:
         raise ConfigError("--print0 and --json exclude each other (JSON lines never hold a raw newline)")
+    # before any file is read: the walks and revert --white-box read metadata before the first decode
+    lift_pillow_pixel_limit(max_pixels)
     c.check_stdout()  # ``>&-``: found before any work, not at the first result
     c.check_out_dir(out_dir)
 
