@@ -2895,3 +2895,27 @@ def test_files_past_pillows_own_limit_keep_their_metadata_under_a_raised_max_pix
     protector = Protector(load_model("tiny-key", registry=[registry], device=TEST_DEVICE), labels="backbone",
                           config=ForeBackConfig.from_preset("paper", samples=3))  # fmt: skip
     assert [r.status for r in protector.run([image], RunOptions(max_pixels=5000))] == ["skipped"]
+
+
+def test_a_log_file_holds_the_settings_each_reversion_ran_with(tmp_path: Path, registry: Path) -> None:
+    """The README's --log holds "the settings as resolved (defaults included) with the devices and models";
+    revert's held only its options as given (eps null, and nothing of the defenses --white-box read from
+    the files): a researcher's log could not say with which budget, steps, seed or models a reversion ran."""
+    _images(tmp_path / "r", n=1)
+    assert run(["protect", str(tmp_path / "r"), *FAST, "--labels", "backbone", "--seed", "4"], registry).exit_code == 0
+    protected = tmp_path / "r" / "img0.protected.png"
+    log = tmp_path / "run.log"
+    white = run(["revert", str(protected), "--white-box", "-o", str(tmp_path / "wb"), "--log", str(log), "-vv",
+                 "--device", TEST_DEVICE_ARG], registry)  # fmt: skip
+    black = run(["revert", str(protected), "-b", "tiny-key", "-c", "tiny-labeller-unpinned", "--eta", "0.9",
+                 "-o", str(tmp_path / "bb"), "--log", str(log), "--device", TEST_DEVICE_ARG], registry)  # fmt: skip
+    assert white.exit_code == 0 and black.exit_code == 0, white.output + black.output
+    assert "debug: reverting" not in white.stderr  # the file's line: -vv's stderr is as before
+    lines = [line for line in _log_lines(log) if line.startswith("debug: reverting ")]
+    assert len(lines) == 2, _log_lines(log)
+    assert lines[0].startswith(f"debug: reverting 1 file(s) white-box on {TEST_DEVICE} with the defense recorded in them: "
+                               "tiny-key and no classifier (labels: backbone, seed 4, precision fp32): {'eps': 0.0313")  # fmt: skip
+    assert "'samples': 3" in lines[0] and "'preset': 'paper'" in lines[0]
+    assert lines[1].startswith(f"debug: reverting 1 file(s) on {TEST_DEVICE} with tiny-key and tiny-labeller-unpinned "
+                               "(labels: classifier, seed 0, precision fp32): {'eps': 0.0313")  # fmt: skip
+    assert "'eta': 0.9" in lines[1] and "'samples': 20" in lines[1]

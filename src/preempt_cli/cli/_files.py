@@ -571,6 +571,19 @@ def _white_box_reverter(meta: dict[str, Any], model: Callable[[str], Any], seed:
                     precision=precision or recorded_precision, compile=compile)  # fmt: skip
 
 
+def _log_reversion(reverter: Reverter, files: int, white_box: bool) -> None:
+    """Say in the --log file (alone) the settings a reversion runs with, as resolved: the budget a
+    black-box one takes from its backbone's dataset, and the defense --white-box read from its files."""
+    settings = reverter.run_settings()
+    # the preset as recorded: a white-box config, built from the recorded values, names none
+    config = reverter.config.as_dict() | {"preset": reverter.preset}
+    how = " white-box" if white_box else ""
+    source = " with the defense recorded in them:" if white_box else " with"
+    c.log_only(f"reverting {files} file(s){how} on {reverter.device}{source} {settings['backbone']} and "
+               f"{settings['classifier'] or 'no classifier'} (labels: {settings['labels']}, seed {reverter.seed}, "
+               f"precision {reverter.precision}): {config}", logging.DEBUG)  # fmt: skip
+
+
 #: Options a white-box reversion takes from each file's metadata instead (parameter: option).
 WHITE_BOX_RECORDED = {"backbone": "--backbone", "classifier": "--classifier", "labels": "--labels",
                       "preset": "--preset", "eps": "--eps", "eta": "--eta", "forward": "--forward",
@@ -660,6 +673,7 @@ def revert(
                 reverter = Reverter(model(backbone), clf, config=config, seed=0 if seed is None else seed,
                                     labels=label_source, preset=preset, precision=precision or "fp32",
                                     compile=compile)  # fmt: skip
+                _log_reversion(reverter, len(items), white_box=False)
                 try:
                     yield from reverter.run(items, options)
                 finally:
@@ -683,6 +697,7 @@ def revert(
                     for item in group:
                         yield FileResult(item.path, "failed", reason=f"cannot rebuild the recorded defense: {e}")
                     continue
+                _log_reversion(reverter, len(group), white_box=True)
                 try:
                     yield from reverter.run(group, group_options, outputs=outputs, folders=folders)
                 finally:
