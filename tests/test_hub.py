@@ -304,6 +304,34 @@ def test_a_cache_entry_whose_blob_is_gone_is_called_damaged(hf_cache, tmp_path) 
     assert "\n" not in message
 
 
+@pytest.mark.parametrize("damage", ["header cut", "end cut", "bytes changed"])
+def test_a_damaged_copy_in_the_hub_cache_names_the_folder_to_delete(hf_cache, tmp_path, damage: str) -> None:
+    # huggingface_hub uses a cached file as it is, unchecked, whether online or not: "fetch or copy it
+    # again" and "download it again" could not be followed, each run reading the same damaged bytes
+    data = _tiny_safetensors(tmp_path / "src.safetensors").read_bytes()
+    pointer = make_hf_cache(hf_cache, "org/tiny", "m.safetensors", data)
+    damaged = {"header cut": data[:20], "end cut": data[:-4], "bytes changed": data[:-1] + b"\x7f"}[damage]
+    pointer.resolve().write_bytes(damaged)
+    cfg = _hf_cfg(f"hf://org/tiny/m.safetensors@{COMMIT}", sha256=_sha(tmp_path / "src.safetensors"))
+    if damage == "end cut":  # the header is whole: safetensors' parse finds it
+        cfg = replace(cfg, sha256=None)
+    with pytest.raises(UnsafeWeightsError if damage != "bytes changed" else HashMismatchError) as info:
+        load_model(cfg)
+    message = str(info.value)
+    assert f"delete {hf_cache / 'models--org--tiny'}" in message, message
+    assert "copy it again" not in message and "download it again, or fix the pin" not in message, message
+    assert "\n" not in message
+
+
+def test_a_pin_that_the_hub_cache_copy_does_not_match_but_is_intact_is_not_called_damaged(hf_cache, tmp_path) -> None:
+    # the blob is named by the sha256 the Hub gave: the copy is what the commit holds, so the pin is wrong
+    data = _tiny_safetensors(tmp_path / "src.safetensors").read_bytes()
+    make_hf_cache(hf_cache, "org/tiny", "m.safetensors", data)
+    with pytest.raises(HashMismatchError) as info:
+        resolve_weights(_hf_cfg(f"hf://org/tiny/m.safetensors@{COMMIT}", sha256="b" * 64))
+    assert "delete" not in str(info.value)
+
+
 def test_offline_cache_without_the_requested_file(hf_cache, tmp_path) -> None:
     data = _tiny_safetensors(tmp_path / "src.safetensors").read_bytes()
     make_hf_cache(hf_cache, "org/tiny", "a.safetensors", data)

@@ -125,14 +125,15 @@ class UnreadableWeightsError(UnsafeWeightsError):
     truncated, damaged or of another format. Refused as every file that is not safetensors is (so a caller
     catching :class:`UnsafeWeightsError` catches it), with a reason of its own: converting cannot help."""
 
-    def __init__(self, model: str, path: Path, detail: str) -> None:
+    def __init__(self, model: str, path: Path, detail: str, hint: str = "") -> None:
         self.model = model
         self.path = path
         self.detail = detail
         PreemptError.__init__(  # not UnsafeWeightsError's message, which advises converting a checkpoint
             self,
-            f"weights of model {model!r} at {path} are not a readable safetensors file ({detail}): it is damaged "
-            "or truncated (an interrupted download or copy?) or of another format; fetch or copy it again",
+            f"weights of model {model!r} at {path} are not a readable safetensors file ({detail}): "
+            + (hint or "it is damaged or truncated (an interrupted download or copy?) or of another format; fetch "
+               "or copy it again"),
         )
 
 

@@ -38,6 +38,8 @@ __all__ = [
     "check_safetensors_header",
     "save_safetensors",
     "hub_errors",
+    "hub_cache_repo",
+    "damaged_cache_copy_hint",
     "hub_download",
     "local_candidates",
 ]
@@ -94,14 +96,51 @@ def _check_header(model: str, path: Path, head: bytes, size: int) -> None:
         if looks_like_checkpoint(head):
             raise UnsafeWeightsError(model, path)  # a PyTorch checkpoint: `preempt models convert` reads it
         if size == 0:
-            raise UnreadableWeightsError(model, path, "the file is empty")
-        if len(head) < 9:
-            raise UnreadableWeightsError(model, path, f"the file is {size} byte{'s' * (size != 1)} long, too "
-                                                      "short for a safetensors header")  # fmt: skip
-        raise UnreadableWeightsError(model, path, "it does not start with a safetensors header")
-    if 8 + header_len > size:
-        raise UnreadableWeightsError(model, path, f"truncated: its header alone needs {8 + header_len} bytes, "
-                                                  f"the file has {size}")  # fmt: skip
+            detail = "the file is empty"
+        elif len(head) < 9:
+            detail = f"the file is {size} byte{'s' * (size != 1)} long, too short for a safetensors header"
+        else:
+            detail = "it does not start with a safetensors header"
+    elif 8 + header_len > size:
+        detail = f"truncated: its header alone needs {8 + header_len} bytes, the file has {size}"
+    else:
+        return
+    raise UnreadableWeightsError(model, path, detail, hint=damaged_cache_copy_hint(path))
+
+
+def hub_cache_repo(path: Path) -> Path | None:
+    """The Hugging Face cache's folder of the repository (``.../models--ORG--NAME``) whose snapshot holds
+    ``path``, or None for a file elsewhere."""
+    from huggingface_hub import constants
+
+    cache = Path(constants.HF_HUB_CACHE).absolute()
+    try:
+        parts = Path(path).absolute().relative_to(cache).parts
+    except ValueError:
+        return None
+    if len(parts) < 4 or parts[1] != "snapshots":  # models--ORG--NAME/snapshots/COMMIT/FILE
+        return None
+    return cache / parts[0]
+
+
+def damaged_cache_copy_hint(path: Path) -> str:
+    """What to do about a damaged file that is the Hugging Face cache's copy ("" for a file elsewhere).
+    huggingface_hub uses a cached file as it is, unchecked, offline or not: running again, or "downloading
+    again", reads the same damaged bytes until the cached copy is gone."""
+    repo = hub_cache_repo(path)
+    if repo is None:
+        return ""
+    return (f"the Hugging Face cache's copy is damaged or truncated (an interrupted download or copy?), and is "
+            f"used as it is, never downloaded again: delete {repo} and run again with network access")  # fmt: skip
+
+
+def _damaged_cache_copy(path: Path, actual: str) -> bool:
+    """Whether ``path``, a file of the Hugging Face cache, no longer holds the bytes the Hub served: the cache
+    names the blob of a (Git LFS) weights file by its sha256, the hash the Hub gave."""
+    if hub_cache_repo(path) is None:
+        return False
+    blob = Path(os.path.realpath(path)).name
+    return bool(re.fullmatch(r"[0-9a-f]{64}", blob)) and blob != actual
 
 
 def local_candidates(cfg: ModelConfig, models_dir: Path | None) -> list[Path]:
@@ -291,7 +330,10 @@ def _check_pin(cfg: ModelConfig, path: Path, actual: str) -> None:
         return
     hint = ""
     rev = cfg.source.revision
-    if cfg.source.kind == "hf" and not cfg.source.pinned_to_commit:
+    if _damaged_cache_copy(path, actual):  # not upstream's change nor a wrong pin: the copy is not the Hub's file
+        served = Path(os.path.realpath(path)).name
+        hint = f"It is not the file the Hub served (sha256 {served}): {damaged_cache_copy_hint(path)}."
+    elif cfg.source.kind == "hf" and not cfg.source.pinned_to_commit:
         hint = (f"The source follows {f'the revision {rev!r}' if rev else 'the main branch'}, not a commit: "
                 "the file may have changed upstream; pin a commit (@<40-hex sha>) once you trust the new file.")  # fmt: skip
     raise HashMismatchError(cfg.name, path, cfg.sha256 or "", actual, hint=hint)

@@ -29,7 +29,7 @@ from ..errors import (
 )
 from .._paths import expand_home
 from ..device import resolve_device
-from ..hub import check_safetensors_header, hub_download, hub_errors, read_weights
+from ..hub import check_safetensors_header, damaged_cache_copy_hint, hub_download, hub_errors, read_weights
 from ..registry import ModelConfig, get_model_config, timm_arch_mismatch, timm_pretrained_cfg
 from ._fusion import fuse_model
 from ._registry import arch_defaults, create_arch, is_arch
@@ -406,7 +406,8 @@ def _load_timm_pretrained(cfg: ModelConfig, verify_hash: bool) -> nn.Module:
             raise WeightsMismatchError(cfg.name, weights, clip(" ".join(str(e).split()), 400)) from e
         except SafetensorError as e:  # a damaged file whose header looked whole
             detail = first_line(e).removeprefix("Error while deserializing: ").removeprefix("Error while deserializing header: ")
-            raise UnreadableWeightsError(cfg.name, weights, f"safetensors cannot parse it: {detail}") from e
+            raise UnreadableWeightsError(cfg.name, weights, f"safetensors cannot parse it: {detail}",
+                                         hint=damaged_cache_copy_hint(weights)) from e
     raise AssertionError("unreachable")  # pragma: no cover - hub_errors re-raises
 
 
@@ -526,7 +527,8 @@ def load_model(
             state = load(data)
         except Exception as e:  # safetensors raises its own SafetensorError for truncated/corrupt files
             detail = first_line(e).removeprefix("Error while deserializing: ").removeprefix("Error while deserializing header: ")
-            raise UnreadableWeightsError(cfg.name, path, f"safetensors cannot parse it: {detail}") from e
+            raise UnreadableWeightsError(cfg.name, path, f"safetensors cannot parse it: {detail}",
+                                         hint=damaged_cache_copy_hint(path)) from e
         mismatch = _metadata_mismatch(cfg, _file_metadata(data))
         if mismatch:
             raise WeightsMetadataMismatchError(cfg.name, path, mismatch)
