@@ -141,6 +141,21 @@ def test_missing_local_file_says_to_pass_models_dir(tmp_path) -> None:
     assert info.value.path == tmp_path / "models" / "absent.safetensors"
 
 
+def test_a_source_naming_a_folder_is_called_a_folder_not_missing(tmp_path, monkeypatch) -> None:
+    # "not found at DIR" of a folder that is there sent the user looking for what exists
+    folder = tmp_path / "models" / "keys"
+    folder.mkdir(parents=True)
+    for cfg, models_dir in ((_cfg(str(folder)), None), (_cfg("keys"), tmp_path / "models")):
+        with pytest.raises(WeightsNotFoundError) as info:
+            resolve_weights(cfg, models_dir)
+        message = str(info.value)
+        assert f"{folder} is a folder, not a weights file" in message and "not found" not in message, message
+    # a file further down the search order is still taken
+    weights = _tiny_safetensors(tmp_path / "env" / "keys")
+    monkeypatch.setenv("PREEMPT_MODELS_DIR", str(tmp_path / "env"))
+    assert resolve_weights(_cfg("keys"), tmp_path / "models") == weights
+
+
 def test_missing_shared_model_without_models_dir_is_explained() -> None:
     with pytest.raises(WeightsNotFoundError, match="--models-dir"):
         load_model("cifar10-resnet20-pgdat-a")

@@ -71,9 +71,12 @@ class UnknownModelError(PreemptError, KeyError):
 class WeightsNotFoundError(PreemptError, FileNotFoundError):
     """A local weights file does not exist."""
 
-    def __init__(self, model: str, path: Path | str, hint: str = "") -> None:
+    def __init__(self, model: str, path: Path | str, hint: str = "", *, reason: str = "") -> None:
         self.model = model
         self.path = path  # a str for a remote source (hf://...), kept as written
+        if reason:  # something else is there (a folder): "not found at" it would be untrue
+            super().__init__(f"weights of model {model!r}: {reason}" + (f". {hint}" if hint else ""))
+            return
         super().__init__(
             f"weights of model {model!r} not found at {path}. "
             + (hint or "Pass --models-dir DIR (or set PREEMPT_MODELS_DIR) to the folder holding them.")

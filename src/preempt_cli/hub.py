@@ -311,6 +311,11 @@ def _find_weights(cfg: ModelConfig, models_dir: Path | None) -> Path:
     if kind == "file":
         candidates = local_candidates(cfg, models_dir)
         path = next((p for p in candidates if p.is_file()), None)
+        folder = next((p for p in candidates if p.is_dir()), None)
+        if path is None and folder is not None:  # "not found at" a folder that is there: say what it is
+            raise WeightsNotFoundError(cfg.name, folder, reason=(
+                f"{folder} is a folder, not a weights file: the source names the .safetensors file itself "
+                f"(the folder holding it is --models-dir or {MODELS_DIR_ENV})"))  # fmt: skip
         if path is None:
             hint = (
                 f"Looked in: {', '.join(str(p.parent) for p in candidates)}. Pass --models-dir DIR "
