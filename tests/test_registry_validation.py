@@ -241,3 +241,16 @@ def test_a_timm_model_with_a_broken_timm_is_a_config_error_naming_the_cause(monk
     result = CliRunner().invoke(app, ["models", "verify", "deit-b", "preempt-resnet20-at"])
     assert result.exit_code == 1 and "internal error" not in result.stderr  # the built-in one still loads
     assert "ok  preempt-resnet20-at" in result.stdout and "deit-b" in result.stderr
+
+
+def test_a_dotted_model_name_written_unquoted_says_to_quote_it(tmp_path) -> None:
+    # [models.key.v2] is the row "key" holding a table "v2": "model 'key': unknown field(s) v2" named a model
+    # the user never wrote, and not the quoting that registers such a name (as register_model writes it)
+    registry = tmp_path / "mine.toml"
+    registry.write_text('[models.key.v2]\nbase = "cifar10-resnet20-pgdat-a"\n')
+    with pytest.raises(RegistryError) as info:
+        load_registry([registry])
+    assert '[models."key.v2"]' in str(info.value), str(info.value)
+    registry.write_text('[models.key]\nbase = "cifar10-resnet20-pgdat-a"\nsha265 = "ab"\n')  # a plain misspelling
+    with pytest.raises(RegistryError, match=r"unknown field\(s\) sha265$"):
+        load_registry([registry])

@@ -325,6 +325,11 @@ def _parse_row(
         "sha256", "role", "description", "paper_name", "notes", "base",
     }  # fmt: skip
     unknown = set(row) - known
+    tables = sorted(k for k in unknown if isinstance(row[k], dict))
+    if tables:  # [models.key.v2] nests a table "v2" in the row "key": a name holding a dot must be quoted
+        dotted = _toml_key(f"{name}.{tables[0]}")
+        raise RegistryError(path, f"model {name!r}: unknown field(s) {', '.join(sorted(unknown))}: for a model "
+                                  f"named {name}.{tables[0]}, quote the name in its header: [models.{dotted}]")  # fmt: skip
     if unknown:
         raise RegistryError(path, f"model {name!r}: unknown field(s) {', '.join(sorted(unknown))}")
     for required in ("arch", "source"):
