@@ -254,9 +254,10 @@ def _hf_download(cfg: ModelConfig) -> Path:
 
 def hub_download(cfg: ModelConfig, repo_id: str, filename: str, revision: str | None = None) -> Path:
     """``hf_hub_download`` of a file of ``cfg``'s weights, its errors turned into preempt's
-    (:func:`hub_errors`). When the Hub cannot be reached, a copy in the cache is used, with a warning (that
-    copy of a branch may be older than the branch): huggingface_hub falls back to it for most connection
-    errors, not for a proxy's refusal, which failed runs whose weights were all cached.
+    (:func:`hub_errors`). When the Hub cannot be reached, a copy in the cache is used (that copy of a branch
+    may be older than the branch): huggingface_hub falls back to it itself, without a word, for most
+    connection errors; for the others (a proxy's refusal, which failed runs whose weights were all cached)
+    it raises, and the copy is used here, with a warning.
 
     Raises:
         see :func:`hub_errors`.
