@@ -560,6 +560,8 @@ def test_training_images_line(colour_data) -> None:
         (["--arch", "cifar_resnet20", "--weight-decay", "nan"], "weight-decay must be a number >= 0"),
         (["--arch", "cifar_resnet20", "--weight-decay", "-1"], "weight-decay must be a number >= 0"),
         (["--arch", "cifar_resnet20", "--input-size", "0"], "--input-size must be >= 1"),
+        # it named an option that does not exist (--max-batches-per-epoch)
+        (["--arch", "cifar_resnet20", "--max-batches", "0"], "max-batches must be >= 1, got 0"),
         # refused only at registration, once the weights were written (a re-run then said they exist)
         (["--arch", "cifar_resnet20", "--role", "foo"], "--role must be one of backbone, classifier, victim, any"),
         # options of a from-scratch model, which a --base ignored without a word
@@ -874,3 +876,38 @@ def test_cli_train_writes_its_output_path_on_stdout_and_the_summary_on_stderr(co
     assert result.stdout == f"{out}\n" and "Trained in" in result.stderr
     quiet = CliRunner().invoke(app, [*args, "--force", "-q"])
     assert quiet.exit_code == 0 and quiet.stdout == f"{out}\n" and quiet.stderr == ""
+
+
+# -- seeds, damaged data, the key file ---------------------------------------------------------------------------
+@pytest.mark.parametrize("seed", [-5, -987654321, 2**64 + 987654321])
+def test_seeds_outside_64_bits_are_refused(seed: int) -> None:
+    """torch takes a seed modulo 2**64 (-5 made the same key as 2**64 - 5) and fails beyond it."""
+    with pytest.raises(ConfigError, match=r"seed must be a whole number from 0 to 2\*\*64 - 1") as e:
+        TrainConfig(seed=seed)
+    assert str(abs(seed)) not in str(e.value)  # keygen's seed is a secret: never echoed
+    TrainConfig(seed=2**64 - 1)
+
+
+@pytest.mark.parametrize("command", ["train", "keygen"])
+def test_cli_a_seed_outside_64_bits_is_a_usage_error_before_the_data_is_read(command: str, colour_dir: Path,
+                                                                           tmp_path: Path, isolated_config: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    # it read the data and loaded the base, then failed as "internal error: ValueError: Overflow when
+    # unpacking long long"
+    import preempt_cli.cli._train as cli_train
+
+    def not_read(*args, **kwargs):
+        raise AssertionError("the data was read")
+
+    monkeypatch.setattr(cli_train, "load_train_data", not_read)
+    out = tmp_path / "o.safetensors"
+    seed = str(2**64 + 12345)
+    if command == "train":
+        args = [*_one_batch_train(colour_dir, out), "--seed", seed]
+    else:
+        args = ["keygen", "--base", "cifar10-resnet20-pgdat-a", "--data", str(colour_dir), "--out", str(out),
+                "--secret-seed", seed]  # fmt: skip
+    result = CliRunner().invoke(app, [*args, "--no-register"])
+    assert result.exit_code == 2, result.output
+    assert "seed must be a whole number from 0 to 2**64 - 1" in result.stderr, result.stderr
+    assert "internal error" not in result.stderr and seed not in result.stderr and not out.exists()

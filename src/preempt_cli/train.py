@@ -338,8 +338,9 @@ class TrainConfig:
             raise ConfigError("holdout and eval-images must be >= 0")
         if not 0 <= self.warmup < 1:
             raise ConfigError(f"warmup must be in [0, 1), got {self.warmup}")
-        if self.max_batches_per_epoch is not None and self.max_batches_per_epoch < 1:
-            raise ConfigError("max-batches-per-epoch must be >= 1")
+        if self.max_batches_per_epoch is not None and self.max_batches_per_epoch < 1:  # the CLI's --max-batches
+            raise ConfigError(f"max-batches must be >= 1, got {self.max_batches_per_epoch}")
+        _check_seed(self.seed)
 
     @property
     def effective_step_size(self) -> float:
@@ -366,6 +367,17 @@ class TrainConfig:
         if self.max_batches_per_epoch:  # shorter epochs: a run of the same epochs that is not the same training
             epochs += f" of at most {self.max_batches_per_epoch} batch{'es' if self.max_batches_per_epoch != 1 else ''}"
         return f"{how}, {epochs}, {self.schedule} lr {self.lr:g}, batch {self.batch_size}, wd {self.weight_decay:g}"
+
+
+#: torch takes seeds of 64 bits, modulo 2**64: -5 seeded as 2**64 - 5 did (the same key from two seeds)
+SEED_LIMIT = 2**64
+
+
+def _check_seed(seed: int | None) -> None:
+    """Refuse a seed torch would fail on (beyond 64 bits) or take for another (negative). The message
+    leaves the value out: keygen's seed is a secret. None: a keygen result's, whose seed is not kept."""
+    if seed is not None and not 0 <= seed < SEED_LIMIT:
+        raise ConfigError("seed must be a whole number from 0 to 2**64 - 1")
 
 
 @dataclass

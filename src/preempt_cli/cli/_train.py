@@ -433,7 +433,9 @@ def keygen_cmd(
         config = TrainConfig(**(asdict(KEYGEN_DEFAULTS) | {
             "epochs": KEYGEN_DEFAULTS.epochs if epochs is None else epochs,
             "lr": KEYGEN_DEFAULTS.lr if lr is None else lr, "amp": amp,
-            "max_batches_per_epoch": max_batches, "holdout": holdout, "eval_images": eval_images}))  # fmt: skip
+            "max_batches_per_epoch": max_batches, "holdout": holdout, "eval_images": eval_images}
+            # a seed of yours is checked now, before the data is read (keygen sets it, see there)
+            | ({"seed": secret_seed} if secret_seed is not None else {})))  # fmt: skip
         started = time.perf_counter()
         torch_device = _setup_torch(device)
         model_cfg = get_model_config(base, registry or ())
