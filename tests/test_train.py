@@ -911,3 +911,49 @@ def test_cli_a_seed_outside_64_bits_is_a_usage_error_before_the_data_is_read(com
     assert result.exit_code == 2, result.output
     assert "seed must be a whole number from 0 to 2**64 - 1" in result.stderr, result.stderr
     assert "internal error" not in result.stderr and seed not in result.stderr and not out.exists()
+def _stored_zip_of(folder: Path, target: Path) -> Path:
+    """A zip of ``folder`` whose members are stored uncompressed, so a damaged byte is found by its CRC."""
+    with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_STORED) as z:
+        for p in sorted(folder.rglob("*")):
+            if p.is_file():
+                z.write(p, f"train/{p.relative_to(folder).as_posix()}")
+    return target
+
+
+def test_a_training_image_that_cannot_be_read_is_named(colour_dir: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    # a damaged zip member (a bad download) and a file the process may not read were internal errors
+    # ("BadZipFile: Bad CRC-32 ...", "PermissionError"), naming neither the zip nor the folder
+    damaged = _stored_zip_of(colour_dir, tmp_path / "damaged.zip")
+    with zipfile.ZipFile(damaged) as z:
+        member = z.getinfo("train/blue/003.png")
+    raw = bytearray(damaged.read_bytes())
+    raw[member.header_offset + 30 + len(member.filename) + len(member.extra) + 40] ^= 0xFF
+    damaged.write_bytes(bytes(raw))
+    with pytest.raises(ImageReadError, match=r"damaged\.zip:train/blue/003\.png.*cannot read training image: "
+                                             r"Bad CRC-32"):  # fmt: skip
+        load_train_data(damaged, input_hw=(16, 16))
+    real = Path.read_bytes
+
+    def denied(path: Path) -> bytes:
+        if path.name == "005.png" and path.parent.name == "red":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    with pytest.raises(ImageReadError, match=r"red/005\.png.*cannot read training image: Permission denied"):
+        load_train_data(colour_dir, input_hw=(16, 16))
+
+
+def test_cli_a_damaged_zip_is_a_usage_error(colour_dir: Path, tmp_path: Path, isolated_config: Path) -> None:
+    damaged = _stored_zip_of(colour_dir, tmp_path / "damaged.zip")
+    with zipfile.ZipFile(damaged) as z:
+        member = z.getinfo("train/green/000.png")
+    raw = bytearray(damaged.read_bytes())
+    raw[member.header_offset + 30 + len(member.filename) + len(member.extra) + 40] ^= 0xFF
+    damaged.write_bytes(bytes(raw))
+    out = tmp_path / "o.safetensors"
+    result = CliRunner().invoke(app, [*_one_batch_train(damaged, out), "--no-register"])
+    assert result.exit_code == 2, result.output
+    assert f"{damaged}:train/green/000.png: cannot read training image: Bad CRC-32" in result.stderr, result.stderr
+    assert "internal error" not in result.stderr and not out.exists()

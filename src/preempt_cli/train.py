@@ -32,6 +32,7 @@ import secrets
 import threading
 import time
 import zipfile
+import zlib
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -202,6 +203,23 @@ def _common_size(raw: list[bytes], source: Path) -> tuple[int, int]:
     return height, width
 
 
+def _read_image_bytes(read: Callable[[str], bytes], name: str, shown: str) -> bytes:
+    """``read(name)``, a file that cannot be read an :class:`ImageReadError` naming it as ``shown``: a damaged
+    zip member (a partial download fails its CRC, or inflating it) or a file this process may not read
+    were internal errors that named neither the zip nor the file.
+
+    Raises:
+        ImageReadError: ``name`` cannot be read.
+    """
+    try:
+        return read(name)
+    except OSError as e:
+        reason = e.strerror or first_line(e)
+    except (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError, NotImplementedError) as e:
+        reason = first_line(e)  # a damaged member; an encrypted one, or one of an unsupported compression
+    raise ImageReadError(shown, f"cannot read training image: {reason}") from None
+
+
 def load_train_data(
     source: Path | str, *, input_hw: Sequence[int] | None = None, classes: Sequence[str] | None = None, workers: int = 4
 ) -> TrainData:
@@ -214,7 +232,7 @@ def load_train_data(
 
     Raises:
         ConfigError: the source is missing, empty, or its classes do not match the model's.
-        ImageReadError: a file cannot be decoded.
+        ImageReadError: a file cannot be read or decoded.
     """
     source = expand_home(source)
     entries: list[tuple[str, str]] = []  # (class, member name)
@@ -259,9 +277,11 @@ def load_train_data(
     else:
         names = tuple(found)
     index = {c: i for i, c in enumerate(names)}
-    raw = [read(name) for _, name in entries]  # zip reads are not thread-safe; decoding is
-    if archive is not None:
-        archive.close()
+    try:
+        raw = [_read_image_bytes(read, name, label(name)) for _, name in entries]  # zip reads are not thread-safe
+    finally:  # closed when a member cannot be read too
+        if archive is not None:
+            archive.close()
     if input_hw is None:
         input_hw = _common_size(raw, source)
     size = (int(input_hw[0]), int(input_hw[1]))
