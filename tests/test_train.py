@@ -957,3 +957,28 @@ def test_cli_a_damaged_zip_is_a_usage_error(colour_dir: Path, tmp_path: Path, is
     assert result.exit_code == 2, result.output
     assert f"{damaged}:train/green/000.png: cannot read training image: Bad CRC-32" in result.stderr, result.stderr
     assert "internal error" not in result.stderr and not out.exists()
+def _keygen_args(tmp_path: Path, out: Path) -> list[str]:
+    """``preempt keygen`` of one batch from a colour base registered in ``tmp_path`` (keygen trains in
+    batches of 128: 132 images)."""
+    data = _colour_images(tmp_path / "colours132", per_class=44)
+    base_out, reg = _colour_base(load_train_data(data, input_hw=(16, 16)), tmp_path, epochs=1)
+    return ["keygen", "--base", "colour-base", "--registry", str(reg), "--data", str(data), "--out", str(out),
+            "--max-batches", "1", "--holdout", "0", "--eval-images", "0", "--amp", "off", "--device", "cpu", "-q"]  # fmt: skip
+
+
+def test_cli_keygen_writes_a_key_only_its_owner_can_read(tmp_path: Path, isolated_config: Path) -> None:
+    # the key was written 0644 (0666 less the umask): readable by every user of the machine, though it is the
+    # secret ("keep it private")
+    out = tmp_path / "key.safetensors"
+    args = _keygen_args(tmp_path, out)
+    old = os.umask(0o022)
+    try:
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        assert oct(out.stat().st_mode & 0o777) == oct(0o600)
+        result = CliRunner().invoke(app, [*args, "--force"])  # a new key over an old one: private too
+        assert result.exit_code == 0, result.output
+        assert oct(out.stat().st_mode & 0o777) == oct(0o600)
+    finally:
+        os.umask(old)
+    assert get_model_config("key").source.location == str(out.resolve())  # registered, usable at once

@@ -621,6 +621,7 @@ def train(
     resume: bool = False,
     keep_checkpoint: bool = False,
     checkpoints: bool = True,
+    private: bool = False,
     metadata: dict[str, str] | None = None,
     on_epoch: Callable[[EpochStats], None] | None = None,
     on_batch: Callable[[int, int], None] | None = None,
@@ -638,6 +639,8 @@ def train(
         keep_checkpoint: keep the checkpoint after the run (else it is deleted once the weights are written).
         checkpoints: write a checkpoint after every epoch (``keygen`` writes none: one holds the state of the
             secret-seeded generator, and an interrupted run would leave it on disk).
+        private: write the weights readable by their owner alone (mode ``0o600``; ``keygen``'s key), not with
+            a new file's permissions (``0o666`` less the umask: readable by every user, as a model to share).
         metadata: extra metadata entries for the weights file.
         on_epoch: called with each epoch's statistics.
         on_batch: called with (batch, batches) of the current epoch.
@@ -738,7 +741,7 @@ def train(
     model.eval()
     _refuse_non_finite(model, f"after epoch {config.epochs}")  # e.g. a checkpoint written before this check
     meta = _metadata(model, config, getattr(base, "name", base), history, metadata or {})
-    save_safetensors(dict(model.net.state_dict()), output, meta)
+    save_safetensors(dict(model.net.state_dict()), output, meta, mode=PRIVATE_FILE_MODE if private else None)
     if checkpoints and not keep_checkpoint and ckpt.exists():  # (not another run's, which keygen never wrote)
         ckpt.unlink()
     return TrainResult(output, sha256_file(output), config, history, meta)
@@ -768,6 +771,10 @@ KEYGEN_DEFAULTS = TrainConfig(
 )  # fmt: skip
 
 
+#: the key's permissions: read and written by its owner alone, as ssh-keygen writes a private key
+PRIVATE_FILE_MODE = 0o600
+
+
 def new_secret_seed() -> int:
     """A seed from the operating system's secure random source (63 bits)."""
     return secrets.randbits(63)
@@ -789,7 +796,8 @@ def keygen(
 ) -> TrainResult:
     """Derive a private backbone from the public ``base``: a short adversarial fine-tune whose data order,
     augmentation, attack starts and re-initialized final layer all come from a secret ``seed`` (a fresh
-    one from the OS when None). The seed is never written anywhere: the weights file *is* the key.
+    one from the OS when None). The seed is never written anywhere: the weights file *is* the key, written
+    readable by its owner alone (mode ``0o600``).
 
     The result's ``config.seed`` is ``seed`` when given, else None: the drawn seed is not returned either
     (a repr of the result, a log of it, would hold it)."""
@@ -797,7 +805,7 @@ def keygen(
     seed = new_secret_seed() if secret else seed
     config = replace(config, seed=seed)
     result = train(data, output, config=config, base=base, models_dir=models_dir, registry=registry, device=device,
-                 checkpoints=False,
+                 checkpoints=False, private=True,
                  metadata={"training": f"preempt keygen: {config.describe()} from {getattr(base, 'name', base)}, "
                            "final layer re-initialized; secret seed (not stored)"},
                  on_epoch=on_epoch, on_batch=on_batch, on_epoch_start=on_epoch_start)  # fmt: skip
