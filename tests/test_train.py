@@ -911,6 +911,8 @@ def test_cli_a_seed_outside_64_bits_is_a_usage_error_before_the_data_is_read(com
     assert result.exit_code == 2, result.output
     assert "seed must be a whole number from 0 to 2**64 - 1" in result.stderr, result.stderr
     assert "internal error" not in result.stderr and seed not in result.stderr and not out.exists()
+
+
 def _stored_zip_of(folder: Path, target: Path) -> Path:
     """A zip of ``folder`` whose members are stored uncompressed, so a damaged byte is found by its CRC."""
     with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_STORED) as z:
@@ -957,6 +959,8 @@ def test_cli_a_damaged_zip_is_a_usage_error(colour_dir: Path, tmp_path: Path, is
     assert result.exit_code == 2, result.output
     assert f"{damaged}:train/green/000.png: cannot read training image: Bad CRC-32" in result.stderr, result.stderr
     assert "internal error" not in result.stderr and not out.exists()
+
+
 def _keygen_args(tmp_path: Path, out: Path) -> list[str]:
     """``preempt keygen`` of one batch from a colour base registered in ``tmp_path`` (keygen trains in
     batches of 128: 132 images)."""
@@ -982,3 +986,31 @@ def test_cli_keygen_writes_a_key_only_its_owner_can_read(tmp_path: Path, isolate
     finally:
         os.umask(old)
     assert get_model_config("key").source.location == str(out.resolve())  # registered, usable at once
+
+
+@pytest.mark.parametrize("command", ["train", "keygen"])
+def test_cli_an_output_that_appears_while_training_is_not_replaced(command: str, colour_dir: Path, tmp_path: Path,
+                                                                   isolated_config: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    # a second run writing the same --out (a script started twice) replaced the first one's key when it
+    # finished, then failed to register it ("already registered"): the first key was lost and its
+    # registry row pinned a sha256 the file no longer had
+    import preempt_cli.train as train_module
+
+    out = tmp_path / "k.safetensors"
+    if command == "train":
+        args = [*_one_batch_train(colour_dir, out), "-q"]
+    else:
+        args = _keygen_args(tmp_path, out)
+    real = train_module._refuse_non_finite
+
+    def another_run_writes_it(model, when: str) -> None:  # called once training is done, before the write
+        out.write_bytes(b"another run's key")
+        real(model, when)
+
+    monkeypatch.setattr(train_module, "_refuse_non_finite", another_run_writes_it)
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code != 0, result.output
+    assert "appeared while this run was writing it" in result.stderr, result.stderr
+    assert out.read_bytes() == b"another run's key"
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".k.safetensors")]

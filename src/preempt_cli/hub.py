@@ -404,20 +404,22 @@ def _unshared(tensors: dict) -> dict:
 
 
 def save_safetensors(tensors: dict, path: Path, metadata: dict[str, str] | None = None, *,
-                     mode: int | None = None) -> None:  # fmt: skip
+                     mode: int | None = None, replace: bool = True) -> None:  # fmt: skip
     """Write ``tensors`` to ``path`` as safetensors, atomically (:func:`~preempt_cli.imageio.atomic_write`: a
     temporary file beside it, flushed to disk and renamed into place only once complete, then the folder
     flushed), so an interrupted write never leaves a truncated weights file.
     Tensors sharing memory (tied weights) are written as copies; the file gets the permissions of a new file
     (``0o666`` less the umask), or ``mode`` (``0o600`` for a secret key, set before anything is written).
+    ``replace=False``: ``path`` did not exist when the caller decided to write it, and a file that appeared
+    there meanwhile (another run's) is left as it is.
 
     Raises:
-        ImageWriteError: the file cannot be written.
+        ImageWriteError: the file cannot be written, or (``replace`` False) appeared meanwhile.
     """
     from safetensors.torch import save
 
     data = _canonical_header(save(_unshared(tensors), metadata=metadata))
-    with atomic_write(path, mode=mode) as f:
+    with atomic_write(path, mode=mode, replace=replace) as f:
         f.write(data)
     _fsync_dir(path.parent)
 

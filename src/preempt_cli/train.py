@@ -622,6 +622,7 @@ def train(
     keep_checkpoint: bool = False,
     checkpoints: bool = True,
     private: bool = False,
+    overwrite: bool = True,
     metadata: dict[str, str] | None = None,
     on_epoch: Callable[[EpochStats], None] | None = None,
     on_batch: Callable[[int, int], None] | None = None,
@@ -641,6 +642,8 @@ def train(
             secret-seeded generator, and an interrupted run would leave it on disk).
         private: write the weights readable by their owner alone (mode ``0o600``; ``keygen``'s key), not with
             a new file's permissions (``0o666`` less the umask: readable by every user, as a model to share).
+        overwrite: replace a file at ``output``; False (the CLI without ``--force``, which found none there):
+            one that appeared during the training (another run writing it) is left as it is.
         metadata: extra metadata entries for the weights file.
         on_epoch: called with each epoch's statistics.
         on_batch: called with (batch, batches) of the current epoch.
@@ -649,6 +652,7 @@ def train(
 
     Raises:
         ConfigError: bad settings, or data whose classes the model does not have.
+        ImageWriteError: the weights cannot be written, or (``overwrite`` False) ``output`` appeared meanwhile.
     """
     device = torch.device(device)
     output = expand_home(output, existing_literal=False)
@@ -741,7 +745,8 @@ def train(
     model.eval()
     _refuse_non_finite(model, f"after epoch {config.epochs}")  # e.g. a checkpoint written before this check
     meta = _metadata(model, config, getattr(base, "name", base), history, metadata or {})
-    save_safetensors(dict(model.net.state_dict()), output, meta, mode=PRIVATE_FILE_MODE if private else None)
+    save_safetensors(dict(model.net.state_dict()), output, meta, mode=PRIVATE_FILE_MODE if private else None,
+                     replace=overwrite)  # fmt: skip
     if checkpoints and not keep_checkpoint and ckpt.exists():  # (not another run's, which keygen never wrote)
         ckpt.unlink()
     return TrainResult(output, sha256_file(output), config, history, meta)
@@ -790,6 +795,7 @@ def keygen(
     models_dir: Path | str | None = None,
     registry: Sequence[Path | str] | Path | str = (),
     device: torch.device | str = "cpu",
+    overwrite: bool = True,
     on_epoch: Callable[[EpochStats], None] | None = None,
     on_batch: Callable[[int, int], None] | None = None,
     on_epoch_start: Callable[[int], None] | None = None,
@@ -800,12 +806,12 @@ def keygen(
     readable by its owner alone (mode ``0o600``).
 
     The result's ``config.seed`` is ``seed`` when given, else None: the drawn seed is not returned either
-    (a repr of the result, a log of it, would hold it)."""
+    (a repr of the result, a log of it, would hold it). ``overwrite``: see :func:`train`."""
     secret = seed is None
     seed = new_secret_seed() if secret else seed
     config = replace(config, seed=seed)
     result = train(data, output, config=config, base=base, models_dir=models_dir, registry=registry, device=device,
-                 checkpoints=False, private=True,
+                 checkpoints=False, private=True, overwrite=overwrite,
                  metadata={"training": f"preempt keygen: {config.describe()} from {getattr(base, 'name', base)}, "
                            "final layer re-initialized; secret seed (not stored)"},
                  on_epoch=on_epoch, on_batch=on_batch, on_epoch_start=on_epoch_start)  # fmt: skip

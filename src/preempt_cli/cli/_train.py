@@ -373,8 +373,10 @@ def train_cmd(
                f"on {torch_device}", shown=not quiet and not json_out)  # fmt: skip
         progress, callbacks = _reporter(json_out, quiet)
         with progress:
+            # without --force, a file that another run wrote at --out meanwhile is not replaced
             result = train(dataset, out, config=config, base=base, arch=arch_cfg, models_dir=models_dir,
-                           registry=registry or (), device=torch_device, resume=resume, **callbacks)  # fmt: skip
+                           registry=registry or (), device=torch_device, resume=resume, overwrite=force,
+                           **callbacks)  # fmt: skip
         _finish(result, name=name, register=not no_register, role=role, model_cfg=model_cfg, force=force,
                 json_out=json_out, quiet=quiet, started=started, registry=registry, models_dir=models_dir)  # fmt: skip
 
@@ -450,8 +452,9 @@ def keygen_cmd(
                shown=not quiet and not json_out)  # fmt: skip
         progress, callbacks = _reporter(json_out, quiet)
         with progress:
+            # without --force, a key that another run wrote at --out meanwhile is not replaced (nor lost)
             result = keygen(base, dataset, out, seed=secret_seed, config=config, models_dir=models_dir,
-                            registry=registry or (), device=torch_device, **callbacks)  # fmt: skip
+                            registry=registry or (), device=torch_device, overwrite=force, **callbacks)  # fmt: skip
         _finish(result, name=name, register=not no_register, role="backbone", model_cfg=model_cfg, force=force,
                 json_out=json_out, quiet=quiet, started=started, registry=registry, models_dir=models_dir)  # fmt: skip
 
