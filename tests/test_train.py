@@ -1014,3 +1014,22 @@ def test_cli_an_output_that_appears_while_training_is_not_replaced(command: str,
     assert "appeared while this run was writing it" in result.stderr, result.stderr
     assert out.read_bytes() == b"another run's key"
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".k.safetensors")]
+
+
+def test_cli_resume_over_weights_written_before_their_checkpoint_was_removed(colour_dir: Path, tmp_path: Path,
+                                                                            isolated_config: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    # a run stopped between writing its weights and removing its checkpoint: --resume finishes it, replacing
+    # the weights it found (they were there when it started: not another run's)
+    import preempt_cli.cli._train as cli_train
+
+    out = tmp_path / "net.safetensors"
+    args = [*_one_batch_train(colour_dir, out), "--no-register", "-q"]
+    real = cli_train.train
+    monkeypatch.setattr(cli_train, "train", lambda *a, **kw: real(*a, **kw, keep_checkpoint=True))
+    assert CliRunner().invoke(app, args).exit_code == 0
+    assert out.is_file() and checkpoint_path(out).is_file()
+    monkeypatch.setattr(cli_train, "train", real)
+    result = CliRunner().invoke(app, [*args, "--resume"])
+    assert result.exit_code == 0, result.output
+    assert out.is_file() and not checkpoint_path(out).exists()

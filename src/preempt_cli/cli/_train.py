@@ -341,6 +341,9 @@ def train_cmd(
             raise ConfigError(f"--input-size must be >= 1, got {input_size}")
         _check_role(role)
         out = _check_output(out, force, resume)
+        # what the weights may replace: a file there now (--force, or --resume finishing a run stopped between
+        # writing them and removing its checkpoint), not one another run writes there meanwhile
+        replaceable = force or os.path.exists(out)
         if resume and not os.path.isfile(checkpoint_path(out)):  # a typo in --out, another folder: not silently
             _logger.warning("--resume: no checkpoint at %s (nothing to continue): training starts at epoch 1",
                             checkpoint_path(out))  # fmt: skip
@@ -373,9 +376,8 @@ def train_cmd(
                f"on {torch_device}", shown=not quiet and not json_out)  # fmt: skip
         progress, callbacks = _reporter(json_out, quiet)
         with progress:
-            # without --force, a file that another run wrote at --out meanwhile is not replaced
             result = train(dataset, out, config=config, base=base, arch=arch_cfg, models_dir=models_dir,
-                           registry=registry or (), device=torch_device, resume=resume, overwrite=force,
+                           registry=registry or (), device=torch_device, resume=resume, overwrite=replaceable,
                            **callbacks)  # fmt: skip
         _finish(result, name=name, register=not no_register, role=role, model_cfg=model_cfg, force=force,
                 json_out=json_out, quiet=quiet, started=started, registry=registry, models_dir=models_dir)  # fmt: skip
