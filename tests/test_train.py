@@ -1033,3 +1033,20 @@ def test_cli_resume_over_weights_written_before_their_checkpoint_was_removed(col
     result = CliRunner().invoke(app, [*args, "--resume"])
     assert result.exit_code == 0, result.output
     assert out.is_file() and not checkpoint_path(out).exists()
+
+
+@pytest.mark.parametrize("command", ["train", "keygen"])
+def test_cli_an_output_name_that_cannot_be_registered_says_to_give_one(command: str, colour_dir: Path,
+                                                                        tmp_path: Path, isolated_config: Path) -> None:  # fmt: skip
+    # "--out 'my key.safetensors'" said "invalid model name 'my key'" of a name the user never gave
+    out = tmp_path / "my key.safetensors"
+    if command == "train":
+        args = _one_batch_train(colour_dir, out)
+    else:
+        args = ["keygen", "--base", "cifar10-resnet20-pgdat-a", "--data", str(colour_dir), "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert result.stderr == (f"error: --out {out}: its stem 'my key' cannot be a model's name (letters, digits, "
+                             "'-', '_', '.'): give one with --name, or pass --no-register\n"), result.stderr
+    result = CliRunner().invoke(app, [*args, "--name", "bad name"])  # a name given is named as before
+    assert result.exit_code == 2 and "invalid model name 'bad name'" in result.stderr, result.stderr

@@ -717,6 +717,15 @@ def _check_writable(path: Path) -> None:
         raise RegistryError(path, f"cannot be written: {problem}")
 
 
+#: what a model's name is made of, as messages say it
+MODEL_NAME_CHARACTERS = "letters, digits, '-', '_', '.'"
+
+
+def valid_model_name(name: str) -> bool:
+    """Whether ``name`` can name a model in a registry: one or more letters, digits, ``-``, ``_``, ``.``."""
+    return bool(name) and all(c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_." for c in name)
+
+
 def check_registrable(name: str, path: Path | str | None = None, *, overwrite: bool = False) -> Path:
     """Check, before any work is done, that ``register_model(name, ..., path, overwrite=overwrite)`` can
     succeed: a valid name, not a built-in model's (unless ``overwrite``), not already in ``path`` (unless
@@ -738,8 +747,8 @@ def check_registrable(name: str, path: Path | str | None = None, *, overwrite: b
     else:
         path = expand_home(path)
         _check_writable(path)
-    if not name or any(c not in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_." for c in name):
-        raise RegistryError(path, f"invalid model name {name!r} (letters, digits, '-', '_', '.')")
+    if not valid_model_name(name):
+        raise RegistryError(path, f"invalid model name {name!r} ({MODEL_NAME_CHARACTERS})")
     if overwrite:
         # a row in a form that cannot be replaced is found now, not after the training it would register
         if path.is_file() and name in _read_toml(path).get("models", {}):

@@ -17,7 +17,16 @@ from ..engine import parse_eps
 from .._paths import expand_home
 from ..imageio import folder_write_problem
 from ..errors import ConfigError, ImageReadError, PreemptError, RegistryError
-from ..registry import ROLES, check_registrable, get_model_config, load_registry, register_model, user_registry_path
+from ..registry import (
+    MODEL_NAME_CHARACTERS,
+    ROLES,
+    check_registrable,
+    get_model_config,
+    load_registry,
+    register_model,
+    user_registry_path,
+    valid_model_name,
+)
 from ..train import (
     KEYGEN_DEFAULTS,
     EpochStats,
@@ -216,6 +225,21 @@ def _check_role(role: str | None) -> None:
         raise ConfigError(f"--role must be one of {', '.join(ROLES)}, got {role!r}")
 
 
+def _check_name(name: str | None, out: Path, force: bool) -> None:
+    """Check that the result can be registered under ``name``, or without one under ``out``'s stem, which
+    the user did not give as a name: its refusal says so, and what to do (the registry's said "invalid model
+    name 'my key'" of ``--out 'my key.safetensors'``).
+
+    Raises:
+        ConfigError: ``out``'s stem cannot be a model's name.
+        RegistryError: see :func:`check_registrable`.
+    """
+    if name is None and not valid_model_name(out.stem):
+        raise ConfigError(f"--out {out}: its stem {out.stem!r} cannot be a model's name ({MODEL_NAME_CHARACTERS}): "
+                          "give one with --name, or pass --no-register")  # fmt: skip
+    check_registrable(name or out.stem, overwrite=force)
+
+
 def _check_registration(name: str, role: str, cfg: Any, out: Path) -> None:
     """Register the row the run will register, with a placeholder hash, in a throwaway registry: a row the
     registry would refuse (an empty --dataset, say) fails now, not once the weights are written (when a
@@ -348,7 +372,7 @@ def train_cmd(
             _logger.warning("--resume: no checkpoint at %s (nothing to continue): training starts at epoch 1",
                             checkpoint_path(out))  # fmt: skip
         if not no_register:  # a name that cannot be registered fails now, not after training
-            check_registrable(name or out.stem, overwrite=force)
+            _check_name(name, out, force)
         role = role or ("classifier" if method == "standard" else "backbone")
         config = TrainConfig(
             method=method, eps=parse_eps(eps), step_size=parse_eps(step_size) if step_size else None,
@@ -433,7 +457,7 @@ def keygen_cmd(
     with c.handle_errors(interrupted=KEYGEN_INTERRUPTED):
         out = _check_output(out, force, False, checkpoints=False)
         if not no_register:  # a name that cannot be registered fails now, not after training
-            check_registrable(name or out.stem, overwrite=force)
+            _check_name(name, out, force)
         config = TrainConfig(**(asdict(KEYGEN_DEFAULTS) | {
             "epochs": KEYGEN_DEFAULTS.epochs if epochs is None else epochs,
             "lr": KEYGEN_DEFAULTS.lr if lr is None else lr, "amp": amp,
