@@ -439,7 +439,7 @@ def keygen_cmd(
     amp: AmpOpt = "auto",
     secret_seed: Annotated[
         Optional[int], typer.Option("--secret-seed", help="Use this seed instead of a fresh random one (tests, "
-                                    "reproducible demos; a known seed makes a known key).")
+                                    "reproducible demos; a known seed makes a known key, on the same threads and precision).")
     ] = None,
     name: NameOpt = None,
     no_register: NoRegisterOpt = False,
