@@ -1015,6 +1015,33 @@ def test_files_are_written_together_in_a_process_forked_after_its_parent_did(tmp
     assert child.exitcode == 0 and len(list((tmp_path / "child").iterdir())) == 4
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts this process's descriptors in /proc")
+def test_files_written_together_under_a_low_limit_of_open_files(tmp_path) -> None:
+    """Files written together hold two descriptors each until they are in place: under ``ulimit -n 64``,
+    a worker's chunk of 40 outputs failed its last ones as "Too many open files", where one file at a time
+    wrote them all. The group now ends with the files already open, and the next starts where it stopped."""
+    import subprocess
+    import sys
+
+    Image.fromarray(_gradient()).save(tmp_path / "src.png")
+    script = f"""
+import os, resource, sys
+from pathlib import Path
+from preempt_cli import imageio
+picture = imageio.read_image(Path({str(tmp_path / "src.png")!r}))
+# room for 12 more descriptors: 6 files open at once, not 32
+open_now = len(os.listdir("/proc/self/fd"))
+resource.setrlimit(resource.RLIMIT_NOFILE, (open_now + 12, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+outcomes = imageio.write_pngs([(Path({str(tmp_path / "out")!r}) / f"{{i}}.png", picture, picture.color, {{}}, True, False)
+                               for i in range(40)])
+print([o for o in outcomes if o[0] is not None])
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+    assert len(list((tmp_path / "out").glob("*.png"))) == 40 and _temp_leftovers(tmp_path / "out") == []
+
+
 @pytest.mark.skipif(os.name == "nt", reason="POSIX processes")
 def test_an_io_worker_ends_when_its_main_process_does(tmp_path) -> None:
     """Workers of a main process killed (kill -9) waited for work forever, holding its stderr open."""

@@ -1316,15 +1316,19 @@ def write_pngs(tasks: Sequence[tuple[Path, Picture, np.ndarray, Mapping[str, str
     Each file is written as :func:`write_png` writes one (on disk before its rename, with ``fsync``), but
     up to :data:`_WRITTEN_TOGETHER` at a time, their flushes to disk made at once."""
     out: list[tuple[str | None, int, int | None]] = []
-    for start in range(0, len(tasks), _WRITTEN_TOGETHER):
-        out += _write_together(tasks[start : start + _WRITTEN_TOGETHER])
+    while len(out) < len(tasks):  # each group writes at least its first file (see _write_together)
+        out += _write_together(tasks[len(out) : len(out) + _WRITTEN_TOGETHER])
     return out
 
 
 def _write_together(tasks: Sequence[tuple[Path, Picture, np.ndarray, Mapping[str, str], bool, bool]],
                     ) -> list[tuple[str | None, int, int | None]]:  # fmt: skip
     """:func:`write_pngs` of a few files: every PNG into its temporary file, the flushes to disk at once,
-    then each renamed into place. A file that fails at one step fails alone."""
+    then each renamed into place. A file that fails at one step fails alone.
+
+    The outcomes of the first files of ``tasks``, at least one: a file that finds no descriptor left for
+    its temporary file (a low ``ulimit -n``) while others are open ends the group there, and is left to
+    the next group, which starts with it once these are closed."""
     outcomes: list[tuple[str | None, int, int | None] | None] = [None] * len(tasks)
     temps: dict[int, _Temporary] = {}
     try:
@@ -1332,6 +1336,9 @@ def _write_together(tasks: Sequence[tuple[Path, Picture, np.ndarray, Mapping[str
             try:
                 temps[i] = _png_in_temporary(path, picture, color, text)
             except Exception as e:  # an encoder's own error, or memory: this file fails, not the others
+                if temps and _out_of_descriptors(e):
+                    del outcomes[i:]
+                    break
                 outcomes[i] = _failed_write(path, e)
         flushing = [i for i in temps if tasks[i][4]]
         for i, error in zip(flushing, _flush_at_once([temps[i] for i in flushing])):
@@ -1349,7 +1356,12 @@ def _write_together(tasks: Sequence[tuple[Path, Picture, np.ndarray, Mapping[str
     finally:  # also on an interrupt: no temporary file of this process is left behind
         for temp in temps.values():
             temp.discard()
-    return outcomes  # type: ignore[return-value]  # every task has its outcome
+    return outcomes  # type: ignore[return-value]  # every task taken has its outcome
+
+
+def _out_of_descriptors(e: Exception) -> bool:
+    """Whether ``e`` says that this process (EMFILE) or the system (ENFILE) has no file descriptor left."""
+    return isinstance(e, OSError) and e.errno in (errno.EMFILE, errno.ENFILE)
 
 
 def _failed_write(path: Path, e: Exception) -> tuple[str, int, int | None]:
