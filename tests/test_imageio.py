@@ -1042,6 +1042,34 @@ print([o for o in outcomes if o[0] is not None])
     assert len(list((tmp_path / "out").glob("*.png"))) == 40 and _temp_leftovers(tmp_path / "out") == []
 
 
+def test_files_are_written_together_while_the_interpreter_shuts_down(tmp_path) -> None:
+    """``write_pngs`` in an ``atexit`` handler (or a daemon thread still at work when the program ends):
+    the threads that flush files at once take no more work then, and the whole chunk raised RuntimeError
+    ("cannot schedule new futures after interpreter shutdown") where one file at a time wrote them. The
+    flushes the threads refuse are made in the calling thread."""
+    import subprocess
+    import sys
+
+    Image.fromarray(_gradient()).save(tmp_path / "src.png")
+    script = f"""
+import atexit
+from pathlib import Path
+from preempt_cli import imageio
+picture = imageio.read_image(Path({str(tmp_path / "src.png")!r}))
+
+def write(folder):
+    return imageio.write_pngs([(Path({str(tmp_path)!r}) / folder / f"{{i}}.png", picture, picture.color, {{}}, True, True)
+                               for i in range(4)])
+
+atexit.register(lambda: print(write("at_exit")))
+write("before")  # the threads made before
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "Error" not in done.stderr, done.stderr
+    assert done.stdout.strip() == str([(None, 0, None)] * 4)
+    assert len(list((tmp_path / "at_exit").glob("*.png"))) == 4 and _temp_leftovers(tmp_path / "at_exit") == []
+
+
 @pytest.mark.skipif(os.name == "nt", reason="POSIX processes")
 def test_an_io_worker_ends_when_its_main_process_does(tmp_path) -> None:
     """Workers of a main process killed (kill -9) waited for work forever, holding its stderr open."""

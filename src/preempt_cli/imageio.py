@@ -26,7 +26,7 @@ import tempfile
 import threading
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_for_futures
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -1375,14 +1375,29 @@ def _failed_write(path: Path, e: Exception) -> tuple[str, int, int | None]:
 
 def _flush_at_once(temps: Sequence[_Temporary]) -> list[OSError | None]:
     """``flush(fsync=True)`` of each file, on threads of their own (:data:`_FLUSHING_THREADS`): the error of
-    each (or None). Returns (or raises an interrupt) only once every flush is over: a file is closed only then."""
+    each (or None). Returns (or raises an interrupt) only once every flush is over: a file is closed only then.
+    The flushes that the threads do not take (see :func:`_flushes_submitted`) are made in this thread."""
     if len(temps) <= 1:
         return [_flush_error(temp) for temp in temps]
-    futures = [_flushing_threads().submit(_flush_error, temp) for temp in temps]
+    futures = _flushes_submitted(temps)
     try:
-        return [future.result() for future in futures]
+        refused = [_flush_error(temp) for temp in temps[len(futures) :]]
+        return [future.result() for future in futures] + refused
     finally:
         wait_for_futures(futures)
+
+
+def _flushes_submitted(temps: Sequence[_Temporary]) -> list[Future]:
+    """The flushes of the first files of ``temps`` that the flushing threads took: all of them, unless the
+    threads refuse work (RuntimeError): once the interpreter shuts down (``write_pngs`` in an ``atexit``
+    handler, or in a daemon thread still at work when the program ends), or where no thread can be started."""
+    futures: list[Future] = []
+    try:
+        for temp in temps:
+            futures.append(_flushing_threads().submit(_flush_error, temp))
+    except RuntimeError:
+        pass
+    return futures
 
 
 def _flush_error(temp: _Temporary) -> OSError | None:
