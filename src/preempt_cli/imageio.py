@@ -1300,7 +1300,7 @@ def read_images(paths: Sequence[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> l
 _WRITTEN_TOGETHER = 32
 #: Threads flushing those files to disk at once. On ext4, one fsync after another each waited for a
 #: journal commit of its own; at once, they share commits and the disk's queue: 32 outputs of 32x32 were
-#: written in 0.42-0.44 ms each instead of 0.71-1.17, with 20-30% less CPU time (2-core Xeon, 2026-11-27).
+#: written in 0.32-0.44 ms each instead of 0.45-1.28, with 15-30% less CPU time (2-core Xeon, 2026-11-27).
 _FLUSHING_THREADS = 8
 
 _flushing_pool: ThreadPoolExecutor | None = None
