@@ -2656,6 +2656,47 @@ def test_a_log_file_that_cannot_be_opened_is_a_usage_error_before_any_work(tmp_p
     assert (tmp_path / "a-file").read_text() == ""
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes")
+def test_a_log_file_that_is_a_pipe_nothing_reads_is_a_usage_error_and_one_that_is_read_gets_the_log(
+        tmp_path: Path, registry: Path) -> None:  # fmt: skip
+    """``--log`` naming a named pipe with no reader waited forever at its opening, before any work."""
+    import threading
+
+    (image,) = _images(tmp_path / "in", n=1)
+    fifo = tmp_path / "log.fifo"
+    os.mkfifo(fifo)
+    started = time.monotonic()
+    result = run(["protect", str(image), *FAST, "--log", str(fifo)], registry)
+    assert result.exit_code == 2 and time.monotonic() - started < 30
+    assert len(result.stderr.splitlines()) == 1 and f"{fifo}: a named pipe that nothing reads" in result.stderr
+
+    fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # a reader from now on
+    got, done = bytearray(), threading.Event()
+
+    def drain() -> None:
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except BlockingIOError:  # a writer, nothing written yet
+                chunk = None
+            if chunk:
+                got.extend(chunk)
+            elif done.is_set():
+                return
+            else:
+                time.sleep(0.01)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    try:
+        result = run(["protect", str(image), *FAST, "--labels", "backbone", "--log", str(fifo)], registry)
+    finally:
+        done.set()
+        reader.join(timeout=30)
+        os.close(fd)
+    assert result.exit_code == 0 and b"exit code 0" in got, result.stderr
+
+
 _APPENDER = """
 import pathlib, sys, time
 from preempt_cli.cli._logfile import open_log_file

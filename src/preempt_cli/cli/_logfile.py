@@ -12,11 +12,13 @@ control characters are escaped, as on stderr. Only the CLI installs it (the libr
 from __future__ import annotations
 
 import datetime
+import errno
 import json
 import logging
 import os
 import platform
 import shlex
+import stat
 import sys
 import time
 from pathlib import Path
@@ -119,11 +121,24 @@ def open_log_file(path: Path) -> LogFile:
     if os.path.isdir(path):
         raise ConfigError(f"{shown}: is a folder; name a file in it")
     flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)  # no child process inherits it
+    # A named pipe that nothing reads would hold the opening until something does: refused at once instead
+    no_wait = getattr(os, "O_NONBLOCK", 0)
     try:
-        fd = os.open(path, flags, 0o666)
+        fd = os.open(path, flags | no_wait, 0o666)
     except OSError as e:
+        if e.errno == errno.ENXIO and stat.S_ISFIFO(_mode_of(path)):
+            raise ConfigError(f"{shown}: a named pipe that nothing reads (start its reader first)") from e
         raise ConfigError(f"{shown}: cannot be opened for appending ({e.strerror or e})") from e
+    if no_wait:
+        os.set_blocking(fd, True)  # a reader slower than the run makes it wait, as a file system does
     return LogFile(path, fd)
+
+
+def _mode_of(path: Path) -> int:
+    try:
+        return os.stat(path).st_mode
+    except OSError:
+        return 0
 
 
 class _Run:
