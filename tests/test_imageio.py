@@ -205,6 +205,25 @@ def test_an_orientation_in_xmp_alone_is_not_applied(tmp_path, fmt: str) -> None:
     with Image.open(both) as img:
         assert np.array_equal(turned.color, np.asarray(img.convert("RGB"))[::-1, ::-1])
 
+
+def test_an_orientation_in_a_png_raw_exif_profile_is_not_applied(tmp_path) -> None:
+    """ImageMagick keeps a PNG's EXIF as a ``Raw profile type exif`` text chunk, which browsers do not read
+    (they turn a PNG by its eXIf chunk alone), and Pillow's ``getexif`` does: a photo browsers show 64x48
+    was written 48x64, rotated against it."""
+    from PIL import PngImagePlugin
+
+    arr = np.random.default_rng(2).integers(0, 256, (48, 64, 3)).astype(np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    raw = exif.tobytes().hex()
+    text = f"\nexif\n{len(raw) // 2:8d}\n" + "\n".join(raw[i : i + 72] for i in range(0, len(raw), 72)) + "\n"
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Raw profile type exif", text, zip=True)
+    Image.fromarray(arr).save(tmp_path / "magick.png", pnginfo=info)
+    with Image.open(tmp_path / "magick.png") as img:
+        assert img.getexif().get(0x0112) == 6  # what Pillow reads of it
+    assert np.array_equal(read_image(tmp_path / "magick.png").color, arr)  # as browsers show it
+
 # -- modes and formats --------------------------------------------------------------------------------------
 
 

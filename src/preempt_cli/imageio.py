@@ -559,13 +559,13 @@ def _png_colour_chunks(info: Mapping[str, object]) -> tuple[tuple[bytes, bytes],
 
 
 def _exif_block(info: Mapping[str, object]) -> Image.Exif | None:
-    """The file's EXIF block, parsed: from an EXIF block, or a PNG's ``Raw profile type exif`` text
-    (None: it has neither; an empty one: what it has cannot be parsed, and so says nothing)."""
+    """The file's EXIF block, parsed (None: it has none; an empty one: what it has cannot be parsed, and so
+    says nothing). Not a PNG's ``Raw profile type exif`` text chunk (ImageMagick's), which Pillow's
+    ``getexif`` reads and browsers do not: its orientation turned the output against how they show the
+    original."""
     raw = info.get("exif")
     exif = Image.Exif()
     try:
-        if raw is None and isinstance(info.get("Raw profile type exif"), str):
-            raw = bytes.fromhex("".join(info["Raw profile type exif"].split("\n")[3:]))  # type: ignore[union-attr]
         if raw is None:
             return None
         exif.load(raw)
