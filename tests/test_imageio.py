@@ -401,6 +401,81 @@ def test_cmyk_becomes_rgb(tmp_path) -> None:
     assert pic.mode == "RGB" and pic.source_mode == "CMYK" and pic.channels == 3
 
 
+def _cmyk_profile() -> bytes:
+    """A minimal ICC v2 CMYK printer profile (A2B0 alone: a lut8 on a grid of 2 points, PCS Lab) whose inks
+    are not the naive ones: full black (K) is a dark warm grey, cyan a green-blue, as a press's are."""
+    from PIL import ImageCms
+
+    corners = []
+    for c in (0, 1):  # the grid's first channel varies slowest
+        for m in (0, 1):
+            for y in (0, 1):
+                for k in (0, 1):
+                    rgb = np.array([0.97 - 0.87 * c, 0.93 - 0.73 * m, 0.85 - 0.70 * y])
+                    corners.append(rgb * 0.25 + 0.08 if k else rgb)
+    rgb = Image.fromarray((np.clip(corners, 0, 1) * 255).round().astype(np.uint8).reshape(1, 16, 3))
+    lab = ImageCms.profileToProfile(rgb, ImageCms.createProfile("sRGB"), ImageCms.createProfile("LAB"),
+                                    outputMode="LAB")  # fmt: skip
+    lab_bytes = (np.asarray(lab) ^ np.array([0, 128, 128], np.uint8)).tobytes()  # Pillow's a, b are signed
+    identity = b"".join(struct.pack(">i", 65536 if i % 4 == 0 else 0) for i in range(9))
+    ramp = bytes(range(256))
+    lut = b"mft1" + bytes(4) + bytes([4, 3, 2, 0]) + identity + ramp * 4 + lab_bytes + ramp * 3
+    white = struct.pack(">3i", 63190, 65536, 54061)  # D50
+    desc = b"test CMYK\0"
+    tags = [(b"desc", b"desc" + bytes(4) + struct.pack(">I", len(desc)) + desc + bytes(79)),
+            (b"wtpt", b"XYZ " + bytes(4) + white), (b"cprt", b"text" + bytes(4) + b"none\0"), (b"A2B0", lut)]
+    offset = 128 + 4 + 12 * len(tags)
+    table, body = struct.pack(">I", len(tags)), b""
+    for signature, data in tags:
+        data += bytes(-len(data) % 4)
+        table += signature + struct.pack(">II", offset + len(body), len(data))
+        body += data
+    header = (struct.pack(">I", offset + len(body)) + b"lcms" + bytes([2, 0x10, 0, 0]) + b"prtrCMYKLab "
+              + bytes(12) + b"acsp" + bytes(28) + white + bytes(48))  # fmt: skip
+    return header + table + body
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".tif"])
+def test_a_cmyk_photo_is_converted_through_its_colour_profile(tmp_path, suffix: str) -> None:
+    """A CMYK original is shown by colour-managed viewers through its ICC profile. Converted without it,
+    the output's colours were not those: its black (K) came out 0, where the profile's is a grey of 69-77
+    (a print's ink on paper). The output is that conversion, tagged sRGB."""
+    from PIL import ImageCms
+    import io
+
+    profile = _cmyk_profile()
+    cmyk = Image.fromarray(_gradient()).convert("CMYK")
+    path = tmp_path / f"c{suffix}"
+    cmyk.save(path, icc_profile=profile, **({"quality": 100} if suffix == ".jpg" else {}))
+    with Image.open(path) as img:
+        shown = ImageCms.profileToProfile(img, ImageCms.ImageCmsProfile(io.BytesIO(profile)),
+                                          ImageCms.createProfile("sRGB"), outputMode="RGB")  # fmt: skip
+        naive = np.asarray(img.convert("RGB")).astype(int)
+    pic = read_image(path)
+    assert pic.mode == "RGB" and pic.source_mode == "CMYK" and pic.notes == ()
+    assert np.array_equal(pic.color, np.asarray(shown))
+    assert np.abs(pic.color.astype(int) - naive).max() > 40  # the two conversions differ: a real test
+    assert pic.icc_profile is None and pic.colour_chunks == ((b"sRGB", b"\x00"),)
+    write_png(tmp_path / "out.png", pic)
+    with Image.open(tmp_path / "out.png") as out:
+        assert out.info.get("srgb") == 0 and "icc_profile" not in out.info
+
+
+def test_a_cmyk_photo_whose_profile_cannot_be_applied_says_so(tmp_path) -> None:
+    """A profile that is not a CMYK one (or is broken) cannot convert the image: it is converted uncorrected,
+    as before, and the file's warning says that its colours may differ."""
+    from PIL import ImageCms
+
+    rgb_profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    for name, profile in (("rgb-profile.tif", rgb_profile), ("broken.tif", b"not a profile" * 20)):
+        Image.fromarray(_gradient()).convert("CMYK").save(tmp_path / name, icc_profile=profile)
+        pic = read_image(tmp_path / name)
+        assert pic.icc_profile is None and pic.colour_chunks == ()
+        assert len(pic.notes) == 1 and "colour profile" in pic.notes[0] and "colours may differ" in pic.notes[0]
+    Image.fromarray(_gradient()).convert("CMYK").save(tmp_path / "untagged.tif")
+    assert read_image(tmp_path / "untagged.tif").notes == ()  # converted as viewers convert it: nothing to say
+
+
 # -- quantize -----------------------------------------------------------------------------------------------
 
 

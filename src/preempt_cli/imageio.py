@@ -454,7 +454,8 @@ def read_image(path: Path | str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Pic
     of multi-page files (said in :attr:`Picture.notes`).
 
     Grayscale stays grayscale, 16-bit grayscale stays 16-bit, alpha is split off and kept exactly,
-    palette images become RGB (RGBA if they have transparency), CMYK and other colour spaces become RGB.
+    palette images become RGB (RGBA if they have transparency), CMYK and other colour spaces become RGB (CMYK
+    through its ICC profile, see :func:`_cmyk_as_srgb`).
 
     Raises:
         ImageReadError: missing, empty, not an image, truncated or corrupt, too many pixels, a PNG, TIFF
@@ -502,11 +503,14 @@ def read_image(path: Path | str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Pic
             if dpi is not None and upright in _SWAPS_AXES:
                 dpi = (dpi[1], dpi[0])
         source_mode = img.mode
-        color, alpha, mode = _split(img, path)
+        managed, colour_note = _cmyk_as_srgb(img, icc) if source_mode == "CMYK" else (None, None)
+        color, alpha, mode = _split(img if managed is None else managed, path)
         if _colour_space(source_mode) != _colour_space(mode):
             # a CMYK (or Lab, YCbCr) profile describes the source's numbers, not the RGB ones written:
             # kept, it would be an invalid iCCP chunk and shift colours in viewers that honour it
-            icc, colour_chunks = None, ()
+            icc, colour_chunks = None, (_SRGB_CHUNKS if managed is not None else ())
+        if colour_note is not None:
+            notes += (colour_note,)
     except ImageReadError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # not an OSError: own words
@@ -517,6 +521,36 @@ def read_image(path: Path | str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Pic
         img.close()
     return Picture(path, color, alpha, mode, source_mode, source_format, icc, text, sha256, notes, colour_chunks,
                    dpi, label_key)  # fmt: skip
+
+
+#: The PNG chunk saying that an output's colour values are sRGB (rendering intent perceptual): what a CMYK
+#: original converted through its colour profile is written with.
+_SRGB_CHUNKS = ((b"sRGB", bytes([0])),)
+
+
+def _cmyk_as_srgb(img: Image.Image, icc: bytes | None) -> tuple[Image.Image | None, str | None]:
+    """A CMYK image converted to sRGB through its ICC profile, as colour-managed viewers show it, or None
+    (then converted uncorrected, by :func:`_split`), and what a user should hear of that.
+
+    Colour-managed viewers show a CMYK file through its profile (a press's inks on paper: its black is a
+    dark grey, not 0); Pillow's plain conversion is the naive one that browsers give an untagged file, so a
+    file without a profile is converted so with nothing to say."""
+    if not icc:
+        return None, None
+    uncorrected = "converted to RGB uncorrected: colours may differ from the original as viewers show it"
+    try:
+        from PIL import ImageCms
+    except ImportError:  # a Pillow built without littlecms
+        return None, f"its CMYK colour profile cannot be applied (this Pillow has no colour management): {uncorrected}"
+    try:
+        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        if profile.profile.xcolor_space.strip() != "CMYK":
+            return None, f"its colour profile is not a CMYK one ({profile.profile.xcolor_space.strip()}): {uncorrected}"
+        srgb = ImageCms.createProfile("sRGB")
+        return ImageCms.profileToProfile(img, profile, srgb, renderingIntent=ImageCms.Intent.PERCEPTUAL,
+                                         outputMode="RGB"), None  # fmt: skip
+    except (ImageCms.PyCMSError, OSError, ValueError, TypeError) as e:  # a broken or unusable profile
+        return None, f"its colour profile cannot be applied ({_error_text(e)}): {uncorrected}"
 
 
 #: EXIF orientation -> the transposition that shows the image upright (as ``ImageOps.exif_transpose``).
