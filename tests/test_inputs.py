@@ -448,6 +448,21 @@ def test_a_stem_shared_on_disk_keeps_the_extension_whichever_files_a_run_is_give
     assert _outputs([InputFile(tmp_path / "alone.png")]) == {str(tmp_path / "alone.png"): tmp_path / "alone.protected.png"}
 
 
+def test_an_output_beside_the_originals_does_not_rename_another_original_s_output(tmp_path: Path) -> None:
+    """``z.jpeg``'s output ``z.protected.png`` shares a stem with the original ``z.protected.tif``: counted as
+    an image beside it, it made a re-run name that file's output ``z.protected.tif.protected.png`` where the
+    first run had written ``z.protected.protected.png``, and protect it again, into a second output."""
+    for name in ("z.jpeg", "z.protected.tif"):
+        (tmp_path / name).write_bytes(b"")
+    items = [InputFile(tmp_path / "z.jpeg", tmp_path), InputFile(tmp_path / "z.protected.tif", tmp_path)]
+    first = _outputs(items)
+    assert first == {str(tmp_path / "z.jpeg"): tmp_path / "z.protected.png",
+                     str(tmp_path / "z.protected.tif"): tmp_path / "z.protected.protected.png"}  # fmt: skip
+    for output in first.values():
+        Path(output).write_bytes(b"")  # the first run's outputs
+    assert _outputs(items) == first
+
+
 def test_a_link_to_a_folder_is_not_followed_and_is_logged(tmp_path: Path) -> None:
     import logging
 

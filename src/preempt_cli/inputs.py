@@ -390,7 +390,8 @@ def assign_outputs(items: list[InputFile], *, suffix: str, out_dir: Path | None)
 
     With ``out_dir``, one folder's tree is mirrored in it; several folders each go under their own name
     (``out_dir/photos/...``), so that their files of the same name do not meet. An input with an image of
-    the same stem beside it on disk (``a.jpg``, ``a.png``), or sharing a stem with another input of the run
+    the same stem beside it on disk (``a.jpg``, ``a.png``; not a file named as an output, ``*<suffix>.png``),
+    or sharing a stem with another input of the run
     in one output folder, keeps its extension in the name (``a.jpg.protected.png``): the name does not
     depend on which of them a run was given. Names are compared case-folded, as case-insensitive file
     systems (macOS, Windows) see them, and through linked folders. An output that would still be written
@@ -405,10 +406,14 @@ def assign_outputs(items: list[InputFile], *, suffix: str, out_dir: Path | None)
     _real_folder.cache_clear()  # links as they are now: a long-lived process must not keep old ones
     listings: dict[str, dict[str, set[str]]] = {}
 
+    # this run's outputs (and an earlier run's) beside their originals are no images of another original:
+    # counted, `z.jpeg`'s output z.protected.png renamed the output of `z.protected.tif` on a re-run
+    output_ending = f"{suffix}.png".casefold()
+
     def has_sibling(item: InputFile) -> bool:
         path = str(item.path)
         names = _image_siblings(os.path.dirname(path), listings).get(item.path.stem.casefold(), set())
-        return any(name != item.path.name.casefold() for name in names)
+        return any(name != item.path.name.casefold() and not name.endswith(output_ending) for name in names)
 
     # the folders given, not those of this shard's items: every shard of a job must name outputs alike
     # (and those without images too: see collect_inputs)
