@@ -92,11 +92,13 @@ OutDirOpt = Annotated[
     Optional[Path],
     typer.Option("--out-dir", "-o", parser=c.folder_path, help="Write outputs here, mirroring the input tree."),
 ]
-OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs (also those made from other content); "
-                                  "process preempt outputs named directly (folder walks always leave them out).")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs (also those made from other "
+                                  "content or with other settings); process preempt outputs named directly (folder "
+                                  "walks always leave them out).")]
 RevertOverwriteOpt = Annotated[bool, typer.Option(
-    "--overwrite", help="Replace existing outputs (also those made from other content); revert files that are "
-    "reversions already when named directly (folder walks always leave out *.reverted.png).")]  # fmt: skip
+    "--overwrite", help="Replace existing outputs (also those made from other content or with other settings); "
+    "revert files that are reversions already when named directly (folder walks always leave out "
+    "*.reverted.png).")]  # fmt: skip
 RevertBackboneOpt = backbone_option("Robust model of the reversion (black-box: one of the attacker's own; see "
                                     "'preempt models list'). Refused with --white-box, which takes the one recorded "
                                     "in each file.")
