@@ -798,6 +798,48 @@ def test_read_png_text_of_other_files_is_empty(tmp_path) -> None:
     assert read_png_text(tmp_path / "plain.jpg") == {}
 
 
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _png_with_text_after_the_pixels(path: Path, width: int, height: int, texts: dict[str, str]) -> None:
+    """An RGBA PNG of zeros whose text chunks (tEXt) follow its image data, as some tools write them."""
+    rows = zlib.compressobj(9)
+    raw = b"".join(rows.compress(b"\0" * (1 + 4 * width)) for _ in range(height)) + rows.flush()
+    after = b"".join(_png_chunk(b"tEXt", k.encode("latin-1") + b"\0" + v.encode("latin-1")) for k, v in texts.items())
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 6, 0, 0, 0))
+                     + _png_chunk(b"IDAT", raw) + after + _png_chunk(b"IEND", b""))
+
+
+def test_read_png_text_finds_text_after_the_pixels_without_decoding_them(tmp_path, monkeypatch) -> None:
+    # It decoded the whole image to reach them: whatever its size (up to twice Pillow's limit, past any
+    # --max-pixels), 0.7 GB and a second for a crafted 170-megapixel PNG of 0.6 MB, for each file asked about
+    _png_with_text_after_the_pixels(tmp_path / "a.png", 2000, 1500, {"other": "x", "preempt": "{}"})
+    _png_with_text_after_the_pixels(tmp_path / "none.png", 2000, 1500, {})
+
+    from PIL import ImageFile
+
+    def no_decoding(*args: object) -> None:
+        raise AssertionError("pixels decoded to read text chunks")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    assert read_png_text(tmp_path / "a.png", key="preempt") == {"other": "x", "preempt": "{}"}
+    assert read_png_text(tmp_path / "a.png") == {"other": "x", "preempt": "{}"}
+    assert read_png_text(tmp_path / "none.png", key="preempt") == {}
+    monkeypatch.undo()  # and what Pillow reads in them, pixels decoded
+    with Image.open(tmp_path / "a.png") as img:
+        img.load()
+        assert img.text == {"other": "x", "preempt": "{}"}
+
+
+def test_read_png_text_of_a_cut_png_holds_what_precedes_the_cut(tmp_path) -> None:
+    _png_with_text_after_the_pixels(tmp_path / "a.png", 64, 64, {"preempt": "{}"})
+    data = (tmp_path / "a.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: data.index(b"tEXt") + 6])
+    assert read_png_text(tmp_path / "cut.png", key="preempt") == {}
+
+
 # -- atomic writes ------------------------------------------------------------------------------------------
 
 

@@ -21,6 +21,7 @@ import numbers
 import os
 import re
 import stat
+import struct
 import sys
 import tempfile
 import threading
@@ -1567,7 +1568,37 @@ def read_png_text(path: Path | str, *, key: str | None = None) -> dict[str, str]
                 return {}
             if key is not None and isinstance(img.info.get(key), str):
                 return {k: v for k, v in img.info.items() if isinstance(v, str)}
-            img.load()
-            return {k: v for k, v in getattr(img, "text", {}).items() if isinstance(v, str)}
+            return {k: v for k, v in _png_text_past_the_pixels(img).items() if isinstance(v, str)}
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         return {}
+
+
+#: The chunks that hold a PNG's text.
+_PNG_TEXT_CHUNKS = (b"tEXt", b"zTXt", b"iTXt")
+
+
+def _png_text_past_the_pixels(img: Image.Image) -> dict[str, str | bytes]:
+    """The text chunks of an opened PNG, those after its image data too, read without decoding a pixel.
+
+    ``img.load()`` reached them by decoding the whole image, whatever its size: up to twice Pillow's limit,
+    past any ``--max-pixels`` (a crafted PNG of 170 megapixels of one colour, 0.6 MB on disk, took 0.7 GB
+    and a second for each file it was asked about). The chunks are walked instead, each text chunk read by
+    Pillow's own parser (its limits on compressed text included), the image data skipped unread. A file
+    cut short holds the chunks before the cut.
+    """
+    stream, fp = img.png, img.fp  # Pillow's chunk reader, past the chunks before the image data
+    fp.seek(img.tile[0][2] - 8)  # back to the first image data chunk's header
+    while True:
+        try:
+            kind, position, length = stream.read()
+        except struct.error:  # the file ends: cut short, or without IEND
+            break
+        if kind == b"IEND":
+            break
+        if kind in _PNG_TEXT_CHUNKS and length <= PngImagePlugin.MAX_TEXT_CHUNK:
+            try:
+                stream.call(kind, position, length)
+            except EOFError:  # the chunk is cut short
+                break
+        fp.seek(position + length + 4)  # past its data and CRC, read or not
+    return stream.im_text
