@@ -1735,6 +1735,38 @@ def test_error_lines_stay_one_line_whatever_the_file_name(tmp_path: Path, regist
     assert "\x1b" not in result.stderr
 
 
+
+def test_log_lines_stay_one_line_whatever_the_file_name(tmp_path: Path, registry: Path) -> None:
+    # the -v lines naming a file (skipped, a link not followed) wrote its name as it is: an escape code in
+    # it reached the terminal (a window title set, colours), a newline split the line
+    folder = tmp_path / "in"
+    write_random_pngs(folder, 1, name="a\x1b]0;title\x07\nb.png")
+    (folder / "link\x1b[31m").symlink_to(tmp_path)  # a link to a folder, not followed
+    args = ["protect", str(folder), *FAST, "--labels", "backbone", "-v"]
+    assert run(args, registry).exit_code == 0
+    result = run(args, registry)  # the file skipped: its output exists
+    assert result.exit_code == 0 and "skipped" in result.stderr and "link\\x1b[31m" in result.stderr, result.stderr
+    assert "\x1b" not in result.stderr and "\x07" not in result.stderr
+    assert "a\\x1b]0;title\\x07\\nb.png" in result.stderr
+
+
+def test_results_on_a_terminal_show_names_escaped(tmp_path: Path, registry: Path, monkeypatch) -> None:
+    # the output paths on stdout, written as they are (for a pipe), sent an escape code of a crafted file
+    # name to the terminal showing them: quoted there as ls quotes them, as they are for a pipe
+    from preempt_cli.cli import _common
+
+    folder = tmp_path / "in"
+    write_random_pngs(folder, 1, name="a\x1b]0;title\x07.png")
+    args = ["protect", str(folder), *FAST, "--labels", "backbone", "-q"]
+    monkeypatch.setattr(_common, "stdout_is_terminal", lambda: True)
+    result = run([*args, "-o", str(tmp_path / "out")], registry)
+    assert result.exit_code == 0 and "\x1b" not in result.stdout and "\x07" not in result.stdout, result.stdout
+    assert result.stdout == f"$'{tmp_path}/out/a\\E]0;title\\a.protected.png'\n"
+    monkeypatch.setattr(_common, "stdout_is_terminal", lambda: False)
+    result = run([*args, "-o", str(tmp_path / "piped")], registry)
+    assert result.stdout == f"{tmp_path}/piped/a\x1b]0;title\x07.protected.png\n"
+
+
 def test_revert_help_describes_revert(registry: Path) -> None:
     text = " ".join(run(["revert", "--help"], registry).output.replace("│", " ").split())
     assert "reversion" in text and "folder walks always leave out *.reverted.png" in text

@@ -134,7 +134,21 @@ def _is_tty(stream: Any) -> bool:
         return False
 
 
-class _PlainFormatter(logging.Formatter):
+def stdout_is_terminal() -> bool:
+    """Whether the results on stdout are shown on a terminal (not sent to a pipe or a file)."""
+    return _is_tty(sys.stdout)
+
+
+class _OneLineFormatter(logging.Formatter):
+    """The message with its control characters escaped (:func:`one_line`), as the ``error:`` lines: a file
+    name in it (a file skipped, a link not followed) must not reach a terminal as an escape code, nor split
+    the line. A traceback (``exc_info``, at ``-vv``) keeps its lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return one_line(super().formatMessage(record))
+
+
+class _PlainFormatter(_OneLineFormatter):
     """``level: message`` on one line, as the ``error:`` lines (for logs written to a pipe or a file)."""
 
     def format(self, record: logging.LogRecord) -> str:
@@ -151,7 +165,7 @@ def setup_logging(verbose: int, quiet: bool) -> None:
     handler: logging.Handler
     if stderr.is_terminal:
         handler = RichHandler(console=stderr, show_time=False, show_path=False, markup=False)
-        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.setFormatter(_OneLineFormatter("%(message)s"))
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(_PlainFormatter("%(message)s"))

@@ -20,7 +20,7 @@ from ..device import configure_cpu, resolve_devices
 from ..engine import PRECISIONS, PRESETS, ForeBackConfig, check_seed, parse_eps
 from ..errors import ConfigError, PreemptError, UnknownModelError
 from .._paths import expand_home
-from ..imageio import DEFAULT_MAX_PIXELS, is_fifo, lift_pillow_pixel_limit, read_images, read_png_text
+from ..imageio import DEFAULT_MAX_PIXELS, display_name, is_fifo, lift_pillow_pixel_limit, read_images, read_png_text
 from ..inputs import (OUTPUT_MARKERS, PROTECTED_SUFFIX, REVERTED_SUFFIX, InputFile, assign_outputs, collect_inputs,
                       in_shard, parse_shard, path_list_text, paths_listed, read_failure, without_suffixed_outputs)  # fmt: skip
 from ..labels import LabelMap, read_label_file
@@ -235,6 +235,9 @@ def _drive(results: Iterable[FileResult], total: int, *, verb: str, json_out: bo
         task = progress.add_task(verb.capitalize(), total=total, rate="")
 
         last_listed: FileResult | None = None  # the latest result on stdout
+        # a name as it is for the next command of a pipeline; on a terminal, quoted where it holds control
+        # characters, as ls quotes it: a crafted name's escape codes must not reach the terminal
+        shown = display_name if c.stdout_is_terminal() else str
 
         def report(result: FileResult) -> None:
             nonlocal last_listed
@@ -242,7 +245,7 @@ def _drive(results: Iterable[FileResult], total: int, *, verb: str, json_out: bo
                 if json_out:
                     c.print_json(result.as_dict())
                 elif result.status == "done":
-                    c.print_line(str(result.output), end="\0" if print0 else "\n")
+                    c.print_line(shown(result.output), end="\0" if print0 else "\n")
                 last_listed = result
                 counts[result.status] += 1
             if result.status == "failed":
