@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -1050,3 +1051,31 @@ def test_cli_an_output_name_that_cannot_be_registered_says_to_give_one(command: 
                              "'-', '_', '.'): give one with --name, or pass --no-register\n"), result.stderr
     result = CliRunner().invoke(app, [*args, "--name", "bad name"])  # a name given is named as before
     assert result.exit_code == 2 and "invalid model name 'bad name'" in result.stderr, result.stderr
+
+
+def test_a_zip_that_inflates_like_a_bomb_is_refused_before_its_members_are_read(colour_dir: Path, tmp_path: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    # every member was inflated into memory as it declared itself: a 1 MB zip of members of zeros took
+    # gigabytes (each up to its declared size, all of them kept) before any was found to be no image
+    bomb = _zip_of(colour_dir, tmp_path / "bomb.zip")
+    with zipfile.ZipFile(bomb, "a", compression=zipfile.ZIP_DEFLATED) as z:
+        z.writestr("train/red/zeros.bmp", bytes(96 << 20))
+    read = zipfile.ZipFile.read
+
+    def no_inflating_the_bomb(self: zipfile.ZipFile, name: str, *args: object) -> bytes:
+        assert not name.endswith("zeros.bmp"), "the bomb was inflated"
+        return read(self, name, *args)
+
+    monkeypatch.setattr(zipfile.ZipFile, "read", no_inflating_the_bomb)
+    with pytest.raises(ConfigError, match=r"bomb\.zip: its images inflate to 100,.* bytes from .*\(a zip bomb\?\)"):
+        load_train_data(bomb, input_hw=(16, 16))
+
+
+def test_a_training_image_of_more_pixels_than_the_limit_is_refused_undecoded(colour_dir: Path, tmp_path: Path) -> None:
+    # decoded up to twice Pillow's limit (179 megapixels: gigabytes on each of the decoding threads), where
+    # protect refuses what is over the limit itself
+    data = tmp_path / "data"
+    shutil.copytree(colour_dir, data)
+    Image.new("1", (9500, 9500)).save(data / "red" / "huge.png")  # 90 megapixels in a few kilobytes
+    with pytest.raises(ImageReadError, match=r"huge\.png.*9500x9500 = 90,250,000 pixels exceeds the limit"):
+        load_train_data(data, input_hw=(16, 16))

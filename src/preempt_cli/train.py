@@ -48,7 +48,7 @@ from .engine import eval_mode, native_bf16, refuse_int_levels
 from .errors import ConfigError, ImageReadError, first_line
 from .hub import save_safetensors, sha256_file
 from ._paths import expand_home
-from .imageio import gray16_levels
+from .imageio import DEFAULT_MAX_PIXELS, gray16_levels, max_file_bytes
 from .inputs import is_hidden_name
 from .models import ImageModel, build_model, load_model
 from .registry import ModelConfig, Source
@@ -131,6 +131,7 @@ def _to_8_bits(im: Image.Image, name: str) -> Image.Image:
 def _decode(data: bytes, name: str, size: tuple[int, int] | None) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as im:
+            _refuse_too_many_pixels(im, name)
             im = _to_8_bits(im, name).convert("RGB")
             if size is not None and im.size != (size[1], size[0]):
                 im = im.resize((size[1], size[0]), Image.Resampling.BICUBIC)
@@ -141,6 +142,49 @@ def _decode(data: bytes, name: str, size: tuple[int, int] | None) -> np.ndarray:
         raise ImageReadError(name, "cannot decode training image: not an image Pillow can read") from None
     except Exception as e:  # PIL raises many types for damaged files
         raise ImageReadError(name, f"cannot decode training image: {first_line(e)}") from e
+
+
+def _refuse_too_many_pixels(im: Image.Image, name: str) -> None:
+    """Refuse, undecoded, an image of more pixels than protect takes by default: Pillow decodes up to twice
+    its limit (179 megapixels, gigabytes on each decoding thread) and a crafted PNG of that many is a few
+    kilobytes.
+
+    Raises:
+        ImageReadError: the image is over the limit.
+    """
+    width, height = im.size
+    if width * height > DEFAULT_MAX_PIXELS:
+        raise ImageReadError(name, f"training image of {width}x{height} = {width * height:,} pixels exceeds the "
+                                   f"limit of {DEFAULT_MAX_PIXELS:,} (decompression-bomb protection)")  # fmt: skip
+
+
+#: How much more than its compressed members a zip of training images may inflate to (beyond
+#: :data:`_ZIP_SLACK_BYTES`): image files are compressed already (PNG, JPEG, WebP: deflate gains about
+#: nothing; BMP or PPM photos a few times), where a zip bomb's members of one byte repeated inflate 1,000x.
+_MAX_ZIP_RATIO = 100
+_ZIP_SLACK_BYTES = 64 << 20
+
+
+def _refuse_a_zip_bomb(archive: zipfile.ZipFile, names: Sequence[str], source: Path) -> None:
+    """Refuse a zip whose members ``names`` would inflate to more than a file of an image can hold, or to
+    far more than image files do, before any is read: each is inflated into memory as its size in the zip
+    says, and all are kept until decoded.
+
+    Raises:
+        ImageReadError: a member is larger than any image within the pixel limit can take.
+        ConfigError: the members inflate more than :data:`_MAX_ZIP_RATIO` times.
+    """
+    members = [archive.getinfo(n) for n in names]
+    cap = max_file_bytes(DEFAULT_MAX_PIXELS)
+    for member in members:
+        if member.file_size > cap:
+            raise ImageReadError(f"{source}:{member.filename}", f"{member.file_size:,} bytes inflated, more than an "
+                                 f"image within the pixel limit of {DEFAULT_MAX_PIXELS:,} can take (at most {cap:,})")  # fmt: skip
+    inflated, compressed = sum(m.file_size for m in members), sum(m.compress_size for m in members)
+    if inflated > _MAX_ZIP_RATIO * compressed + _ZIP_SLACK_BYTES:
+        raise ConfigError(f"{source}: its images inflate to {inflated:,} bytes from {compressed:,} in the zip, over "
+                          f"{_MAX_ZIP_RATIO}x, which image files never do (a zip bomb?); if it is trusted, unzip it "
+                          "and give the folder")  # fmt: skip
 
 
 def _decode_all(raw: list[bytes], names: list[str], size: tuple[int, int], workers: int) -> list[np.ndarray]:
@@ -231,8 +275,9 @@ def load_train_data(
     indices, and a folder that is not one of them is an error. Files are taken in sorted order.
 
     Raises:
-        ConfigError: the source is missing, empty, or its classes do not match the model's.
-        ImageReadError: a file cannot be read or decoded.
+        ConfigError: the source is missing, empty, or its classes do not match the model's; a zip that
+            inflates as no image files do (see :func:`_refuse_a_zip_bomb`).
+        ImageReadError: a file cannot be read or decoded, or has more pixels than protect takes by default.
     """
     source = expand_home(source)
     entries: list[tuple[str, str]] = []  # (class, member name)
@@ -257,6 +302,7 @@ def load_train_data(
         if len(tops) > 1:  # train/ and test/ in one zip: merged by class name, the test set would be trained on
             raise ConfigError(f"{source}: several top folders ({', '.join(sorted(tops))}); expected one "
                               "<top>/<class>/<file> tree: zip the one to train on")  # fmt: skip
+        _refuse_a_zip_bomb(archive, names, source)
         entries = [(n.split("/")[-2], n) for n in names]
         read = archive.read
         label = lambda name: f"{source}:{name}"  # noqa: E731  (a member is named with its zip)
