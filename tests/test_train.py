@@ -1071,6 +1071,7 @@ def test_a_zip_that_inflates_like_a_bomb_is_refused_before_its_members_are_read(
         load_train_data(bomb, input_hw=(16, 16))
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # Pillow's own, a library caller's to keep
 def test_a_training_image_of_more_pixels_than_the_limit_is_refused_undecoded(colour_dir: Path, tmp_path: Path) -> None:
     # decoded up to twice Pillow's limit (179 megapixels: gigabytes on each of the decoding threads), where
     # protect refuses what is over the limit itself
