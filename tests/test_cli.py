@@ -562,7 +562,8 @@ def test_revert_white_box_fails_files_of_a_defense_it_cannot_rebuild_and_goes_on
     broken = {"unknown-key": {**meta, "backbone": "no-such-model"},
               "no-eps": {k: v for k, v in meta.items() if k != "eps"}, "a-list": [meta],
               "a-billion-samples": {**meta, "samples": 10**9}, "no-seed": {k: v for k, v in meta.items() if k != "seed"},
-              "unknown-preset": {**meta, "preset": "nope"}, "not-json": "{not json"}  # fmt: skip
+              "unknown-preset": {**meta, "preset": "nope"}, "a-dict-preset": {**meta, "preset": {"eps": 1}},
+              "not-json": "{not json"}  # fmt: skip
     for name, doc in broken.items():
         info = PngImagePlugin.PngInfo()
         info.add_itxt("preempt", doc if isinstance(doc, str) else json.dumps(doc))
@@ -583,6 +584,7 @@ def test_revert_white_box_fails_files_of_a_defense_it_cannot_rebuild_and_goes_on
     assert "passes per image" in rows["a-billion-samples.protected"]["reason"]  # refused, not run out of memory
     assert "records no seed" in rows["no-seed.protected"]["reason"]  # not reverted with seed 0 in silence
     assert "unknown preset 'nope'" in rows["unknown-preset.protected"]["reason"]  # not copied into the output
+    assert "unknown preset {'eps': 1}" in rows["a-dict-preset.protected"]["reason"]  # not "unhashable type"
     assert rows["gone.protected"]["reason"] == "no such file"
     assert rows["piped.protected"]["reason"].startswith("a pipe: --white-box reads a file's metadata")
     assert "not an image" in rows["garbage.protected"]["reason"]

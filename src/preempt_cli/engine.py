@@ -301,7 +301,7 @@ class ForeBackConfig:
     def from_preset(cls, preset: str = "paper", *, dataset: str | None = None, **overrides: Any) -> "ForeBackConfig":
         """The named preset with some settings overridden (``None`` values are ignored); without ``eps``,
         the paper's budget for the backbone's ``dataset`` (:func:`default_eps`)."""
-        if preset not in PRESETS:
+        if not (isinstance(preset, str) and preset in PRESETS):  # a name, not a dict of settings
             raise ConfigError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
         names = [f.name for f in fields(cls) if f.name != "preset"]
         unknown = sorted(set(overrides) - set(names))

@@ -543,7 +543,8 @@ class Protector:
         self.config = config or ForeBackConfig.from_preset(dataset=backbone.config.dataset)
         self.seed = check_seed(seed)
         self.preset = preset if preset is not None else self.config.preset
-        if self.preset is not None and self.preset not in PRESETS:  # recorded in every output: a name it has
+        # recorded in every output: a name it has (edited metadata may give a dict, which no set holds)
+        if self.preset is not None and not (isinstance(self.preset, str) and self.preset in PRESETS):
             raise ConfigError(f"unknown preset {self.preset!r}: choose one of {', '.join(PRESETS)}")
         if (labels not in ("classifier", "backbone", "folders") if isinstance(labels, str)
                 else not isinstance(labels, LabelMap)):  # fmt: skip
