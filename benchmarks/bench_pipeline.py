@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import os
 import shutil
@@ -35,12 +36,21 @@ from typing import Any, ContextManager, NamedTuple, Sequence
 
 import torch
 
-from preempt_cli import ForeBackConfig, Protector, RunOptions, collect_inputs
-from preempt_cli.device import default_io_workers
-from preempt_cli.models import ImageModel
-from preempt_cli.registry import ModelConfig, Source
-
 REPO = Path(__file__).resolve().parents[1]
+try:
+    importlib.import_module("preempt_cli.protect")
+except ImportError:  # not installed and no PYTHONPATH=src (a lent GPU machine): the source tree beside this script
+    if not (REPO / "src" / "preempt_cli").is_dir():
+        raise
+    for _name in [m for m in sys.modules if m.split(".")[0] == "preempt_cli"]:
+        del sys.modules[_name]
+    sys.path.insert(0, str(REPO / "src"))
+# trace_e2e.py and bench_protect.py import this module before preempt_cli: the same holds for them.
+from preempt_cli import ForeBackConfig, Protector, RunOptions, collect_inputs  # noqa: E402
+from preempt_cli.device import default_io_workers  # noqa: E402
+from preempt_cli.models import ImageModel  # noqa: E402
+from preempt_cli.registry import ModelConfig, Source  # noqa: E402
+
 CIFAR = REPO.parent / "shared" / "data" / "cifar10" / "test"
 
 
@@ -252,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--io", default="threads,processes", help="comma-separated I/O modes")
     p.add_argument("--queued", type=int, choices=(1, 2), default=2, help="batches queued on the stand-in device "
                    "at once (2: what a GPU gets; 1: each batch waited for before the next is queued)")  # fmt: skip
+    p.add_argument("--json-out", type=Path, default=None, help="also write the JSON line's report to this file")
     args = p.parse_args(argv)
     args.io = [m.strip() for m in args.io.split(",") if m.strip()]
     torch.set_num_threads(1)  # the stand-in needs none; leave the CPUs to the pipeline
@@ -276,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{io:<10} {sp['wall_s']:>8.3f} {sp['head_s']:>7.3f} {sp['compute_s']:>8.3f} {sp['between_s']:>8.3f} "
                   f"{sp['tail_s']:>7.3f}")  # fmt: skip
     print(json.dumps(results))
+    if args.json_out:
+        args.json_out.write_text(json.dumps(results, indent=1))
     return 0
 
 

@@ -53,10 +53,12 @@ def test_overlapping_spans_count_once(bench_pipeline) -> None:
 
 @pytest.mark.parametrize("queued", [1, 2])
 def test_bench_pipeline_splits_each_run_into_its_parts(bench_pipeline, capsys: pytest.CaptureFixture,
-                                                       queued: int) -> None:  # fmt: skip
+                                                       tmp_path: Path, queued: int) -> None:  # fmt: skip
     assert bench_pipeline.main(["--files", "40", "--batch-size", "16", "--repeats", "1", "--workers", "2",
-                                "--engine-ms", "2", "--io", "threads,processes", "--queued", str(queued)]) == 0  # fmt: skip
+                                "--engine-ms", "2", "--io", "threads,processes", "--queued", str(queued),
+                                "--json-out", str(tmp_path / "pipe.json")]) == 0  # fmt: skip
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert json.loads((tmp_path / "pipe.json").read_text()) == report
     assert set(report["modes"]) == {"threads", "processes"} and report["queued"] == queued
     for mode in report["modes"].values():
         split = mode["split_s"]
@@ -70,6 +72,39 @@ def test_bench_pipeline_splits_each_run_into_its_parts(bench_pipeline, capsys: p
     processes = report["modes"]["processes"]
     assert processes["workers_cpu_ms_per_file"] > 0  # the workers' CPU time is read from /proc
     assert processes["projected_files_per_s"] <= report["engine_images_per_s"]
+
+
+@pytest.mark.parametrize("script", ["bench_pipeline.py", "trace_e2e.py", "bench_protect.py"])
+def test_the_benchmarks_import_the_source_tree_where_nothing_is_installed(script: str) -> None:
+    """A lent GPU machine has no preempt_cli installed, and a command of a GPU call may not set PYTHONPATH=src
+    (bench_pipeline.py then stopped at its first import): the scripts take the source tree beside them."""
+    src = str(BENCHMARKS.parent / "src")
+    code = f"""
+import importlib.abc, runpy, sys
+src = {src!r}
+
+class NotInstalled(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "preempt_cli" and src not in sys.path:
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+        return None
+
+sys.meta_path.insert(0, NotInstalled())
+sys.path = [{str(BENCHMARKS)!r}] + [p for p in sys.path if p != src]  # as `python benchmarks/{script}` starts
+sys.argv = [{script!r}, "--help"]
+try:
+    runpy.run_path({str(BENCHMARKS / script)!r}, run_name="__main__")
+except SystemExit as end:
+    assert not end.code, end.code
+import preempt_cli
+print(preempt_cli.__file__)
+"""
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=BENCHMARKS.parent)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == str(Path(src) / "preempt_cli" / "__init__.py")
 
 
 def test_bench_protect_runs_every_part_on_a_few_images(tmp_path: Path) -> None:
