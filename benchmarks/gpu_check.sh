@@ -13,7 +13,9 @@
 # Runs from the source tree (PYTHONPATH=src): nothing is installed. Environment knobs, for a dry run on a
 # CPU: DEVICE (cuda), TESTS (the test files), BENCH_ARGS (extra benchmark arguments), TEST_TIMEOUT (210 s),
 # BENCH_TIMEOUT (330 s), PIPELINE_ARGS (bench_pipeline's arguments; "skip" for none), TRACE_ARGS
-# (trace_e2e's arguments; "skip" for none), TRACE_TIMEOUT (240 s).
+# (trace_e2e's arguments; "skip" for none), TRACE_TIMEOUT (240 s), PACK (a .tgz outside OUT_DIR to pack it into
+# after each step: it writes 11 files, and a lent machine brings back 8; see gpu_env.sh). Its timeouts add up to
+# 900 s, more than one call may run (600 s): on a lent machine, split it (TESTS, BENCH_ARGS, PIPELINE_ARGS=skip, ...).
 set -u -o pipefail
 OUT=${1:?usage: gpu_check.sh OUT_DIR [SHARED_COPY]}
 SHARED_COPY=${2:-}
@@ -28,6 +30,7 @@ PY=${PY:-python3}
     "$PY" -c "import torch, timm, typer; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'timm', timm.__version__, 'typer', typer.__version__); print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no CUDA')"
     nproc
 } 2>&1 | tee "$OUT/machine.txt"
+pack
 
 echo "== tests on $DEVICE: $TESTS"
 start=$(date +%s)
@@ -35,6 +38,7 @@ start=$(date +%s)
 PREEMPT_TEST_DEVICE=$DEVICE timeout "${TEST_TIMEOUT:-210}" "$PY" -m pytest -q -p no:cacheprovider -rfEs \
     --durations=12 --junitxml="$OUT/pytest-$DEVICE.xml" $TESTS 2>&1 | tee "$OUT/pytest-$DEVICE.log"
 echo "tests: exit ${PIPESTATUS[0]} after $(( $(date +%s) - start )) s" | tee -a "$OUT/pytest-$DEVICE.log"
+pack
 
 echo "== bench_protect on $DEVICE"
 start=$(date +%s)
@@ -44,6 +48,7 @@ timeout "${BENCH_TIMEOUT:-330}" "$PY" benchmarks/bench_protect.py --device "$DEV
     | tee "$OUT/bench_protect_$DEVICE.txt"
 echo "bench: exit ${PIPESTATUS[0]} after $(( $(date +%s) - start )) s" | tee -a "$OUT/bench_protect_$DEVICE.err"
 tail -5 "$OUT/bench_protect_$DEVICE.err"
+pack
 
 if [ "${PIPELINE_ARGS:-}" != "skip" ]; then
     echo "== bench_pipeline (stand-in engine, this machine's CPUs)"
@@ -51,6 +56,7 @@ if [ "${PIPELINE_ARGS:-}" != "skip" ]; then
     timeout 120 "$PY" benchmarks/bench_pipeline.py ${PIPELINE_ARGS:-} 2>"$OUT/bench_pipeline.err" \
         | tee "$OUT/bench_pipeline.txt"
     echo "pipeline: exit ${PIPESTATUS[0]}" | tee -a "$OUT/bench_pipeline.err"
+    pack
 fi
 
 if [ "${TRACE_ARGS:-}" != "skip" ]; then
@@ -60,4 +66,5 @@ if [ "${TRACE_ARGS:-}" != "skip" ]; then
         ${TRACE_ARGS:---workers 4 --queued 2,1 --gil-duty 0.1} --json-out "$OUT/trace_e2e_$DEVICE.json" \
         2>"$OUT/trace_e2e_$DEVICE.err" | grep -v '^{' | tee "$OUT/trace_e2e_$DEVICE.txt"
     echo "trace: exit ${PIPESTATUS[0]}" | tee -a "$OUT/trace_e2e_$DEVICE.err"
+    pack
 fi

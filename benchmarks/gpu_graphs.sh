@@ -11,7 +11,7 @@
 # Usage, from the repository root:  bash benchmarks/gpu_graphs.sh OUT_DIR [SHARED_COPY]
 # (SHARED_COPY as for gpu_check.sh: a copy of ../shared, linked as ../shared where the machine has none.)
 # Knobs: DEVICE (cuda), FILES (2048), WORKERS (4: trace_e2e's I/O workers; 8 is protect's default on 16 CPUs),
-# PAIRS (2: trace runs without/with graphs), TEST_TIMEOUT (150 s),
+# PAIRS (2: trace runs without/with graphs), PACK (a .tgz outside OUT_DIR to pack it into: see gpu_env.sh), TEST_TIMEOUT (150 s),
 # TRACE_TIMEOUT (75 s each), BENCH_TIMEOUT (150 s), E2E_IMAGES (2048), SKIP_TESTS, SKIP_BENCH. All of it
 # takes about 8 minutes on an H100, more than one call may run (600 s): split it in two calls, e.g.
 #   PAIRS=1 SKIP_BENCH=1 bash benchmarks/gpu_graphs.sh "$OUT" .devslim      (tests, one pair: ~5 min)
@@ -26,7 +26,7 @@ LOG="$OUT/log.txt"
 T0=$(date +%s)
 WORST=0  # the exit status: the worst of the steps'
 say() { echo "[t=$(( $(date +%s) - T0 ))s] $*" | tee -a "$LOG"; }
-step() { say "$1: exit $2"; [ "$2" -gt "$WORST" ] && WORST=$2; return 0; }
+step() { say "$1: exit $2"; [ "$2" -gt "$WORST" ] && WORST=$2; pack; }
 
 {
     date -u
@@ -34,6 +34,7 @@ step() { say "$1: exit $2"; [ "$2" -gt "$WORST" ] && WORST=$2; return 0; }
     "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda); print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no CUDA')"
     nproc
 } 2>&1 | tee "$OUT/machine.txt"
+pack
 
 if [ -z "${SKIP_TESTS:-}" ]; then
     say "tests on $DEVICE: tests/test_graphs.py tests/test_cuda.py"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -170,6 +171,34 @@ def test_flops_are_counted_through_fused_convolutions() -> None:
     counted = count_flops(ours)
     assert counted == count_flops(reference)
     assert counted["forward"] == counted["backward_input"] == 1_110_845_440
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="bash scripts")
+def test_the_gpu_scripts_parse_and_the_next_call_stops_at_once_without_its_pieces(tmp_path: Path) -> None:
+    """GPU time is scarce: a piece missing on the lent machine (a test that cannot find ../shared skips; no
+    preempt_cli where nothing is installed) stops gpu_next.sh before any step, naming it, with the log and
+    a run.tgz in OUT; a SHARED_COPY that is not there is said, not linked (a dangling link stays on a warm
+    machine and kept the right copy from being linked by the next call)."""
+    import shutil
+    import subprocess
+
+    for script in sorted(BENCHMARKS.glob("gpu_*.sh")):
+        assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0, script
+    repo = tmp_path / "repo"  # a tree with the scripts and neither src/ nor ../shared
+    (repo / "benchmarks").mkdir(parents=True)
+    for script in ("gpu_next.sh", "gpu_env.sh", "gpu_graphs.sh"):
+        shutil.copy(BENCHMARKS / script, repo / "benchmarks" / script)
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run(["bash", "benchmarks/gpu_next.sh", str(out), ".no-such-copy"], cwd=repo, timeout=120,
+                          capture_output=True, text=True, env=dict(env, DEVICE="cpu", PY=sys.executable,
+                                                                   WORK=str(work)))  # fmt: skip
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert "SHARED_COPY '.no-such-copy' is not a folder here" in done.stderr
+    assert not (tmp_path / "shared").exists() and not (tmp_path / "shared").is_symlink()
+    log = (out / "log.txt").read_text()
+    assert "MISSING: preempt_cli" in log and "cifar10/test holds 0 PNGs" in log and "pgdat_a.safetensors is missing" in log
+    assert "1-alike" not in log and sorted(p.name for p in out.iterdir()) == ["log.txt", "run.tgz"]
 
 
 def test_trace_e2e_traces_each_part_of_a_run(tmp_path: Path) -> None:
