@@ -834,10 +834,16 @@ def test_read_png_text_finds_text_after_the_pixels_without_decoding_them(tmp_pat
 
 
 def test_read_png_text_of_a_cut_png_holds_what_precedes_the_cut(tmp_path) -> None:
-    _png_with_text_after_the_pixels(tmp_path / "a.png", 64, 64, {"preempt": "{}"})
+    # cut in a text chunk's data, in its CRC, in the next chunk's header, or without IEND: the chunks whole
+    # before the cut are read (a cut in a chunk's data lost them all, Pillow's read of it raising OSError)
+    _png_with_text_after_the_pixels(tmp_path / "a.png", 64, 64, {"other": "x", "preempt": "{}"})
     data = (tmp_path / "a.png").read_bytes()
-    (tmp_path / "cut.png").write_bytes(data[: data.index(b"tEXt") + 6])
-    assert read_png_text(tmp_path / "cut.png", key="preempt") == {}
+    second = data.rindex(b"tEXt")  # the preempt chunk's type
+    for where, end in (("in its data", second + 6), ("in its CRC", second + 4 + len(b"preempt\0{}") + 2),
+                       ("in its header", second - 2), ("without IEND", len(data) - 12)):
+        (tmp_path / "cut.png").write_bytes(data[:end])
+        expected = {"other": "x"} if where in ("in its data", "in its header") else {"other": "x", "preempt": "{}"}
+        assert read_png_text(tmp_path / "cut.png", key="preempt") == expected, where
 
 
 # -- atomic writes ------------------------------------------------------------------------------------------

@@ -1555,8 +1555,9 @@ def level_distance(levels: np.ndarray, color: np.ndarray) -> int:
 def read_png_text(path: Path | str, *, key: str | None = None) -> dict[str, str]:
     """The text chunks of a PNG (empty for other formats, unreadable files, and anything but a regular file).
 
-    With ``key``, a file whose chunk ``key`` precedes the image data (as Pillow, and so preempt, writes
-    them) is answered without decoding its pixels.
+    No pixel is decoded. With ``key``, a file whose chunk ``key`` precedes the image data (as Pillow, and
+    so preempt, writes them) is answered from the chunks before it; otherwise the chunks after it are read
+    too (:func:`_png_text_past_the_pixels`). A file cut short holds the text chunks whole before the cut.
     """
     try:
         # a pipe would be waited on and its bytes consumed (the read of the input then finds them gone), a
@@ -1598,7 +1599,7 @@ def _png_text_past_the_pixels(img: Image.Image) -> dict[str, str | bytes]:
         if kind in _PNG_TEXT_CHUNKS and length <= PngImagePlugin.MAX_TEXT_CHUNK:
             try:
                 stream.call(kind, position, length)
-            except EOFError:  # the chunk is cut short
+            except OSError:  # the chunk is cut short (Pillow's "Truncated File Read"): the ones before it stand
                 break
         fp.seek(position + length + 4)  # past its data and CRC, read or not
     return stream.im_text
