@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from .attacks import PGD
-from .engine import eval_mode, native_bf16, refuse_int_levels
+from .engine import MAX_SEED, eval_mode, native_bf16, refuse_int_levels
 from .errors import ConfigError, ImageReadError, first_line
 from .hub import save_safetensors, sha256_file
 from ._paths import expand_home
@@ -435,14 +435,12 @@ class TrainConfig:
         return f"{how}, {epochs}, {self.schedule} lr {self.lr:g}, batch {self.batch_size}, wd {self.weight_decay:g}"
 
 
-#: torch takes seeds of 64 bits, modulo 2**64: -5 seeded as 2**64 - 5 did (the same key from two seeds)
-SEED_LIMIT = 2**64
-
-
 def _check_seed(seed: int | None) -> None:
-    """Refuse a seed torch would fail on (beyond 64 bits) or take for another (negative). The message
-    leaves the value out: keygen's seed is a secret. None: a keygen result's, whose seed is not kept."""
-    if seed is not None and not 0 <= seed < SEED_LIMIT:
+    """Refuse a seed torch would fail on (beyond 64 bits) or take for another (negative: torch takes seeds
+    modulo 2**64, and -5 made the same key as 2**64 - 5). :func:`~preempt_cli.engine.check_seed`'s range,
+    but the message leaves the value out: keygen's seed is a secret. None: a keygen result's, whose seed is
+    not kept."""
+    if seed is not None and not 0 <= seed <= MAX_SEED:
         raise ConfigError("seed must be a whole number from 0 to 2**64 - 1")
 
 
