@@ -18,7 +18,6 @@ import logging
 import os
 import platform
 import shlex
-import stat
 import sys
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Any
 
 from .. import __version__
 from ..errors import ConfigError
-from ..imageio import UNPRINTABLE
+from ..imageio import UNPRINTABLE, is_fifo
 
 _LIBRARY = "preempt_cli"
 
@@ -126,19 +125,12 @@ def open_log_file(path: Path) -> LogFile:
     try:
         fd = os.open(path, flags | no_wait, 0o666)
     except OSError as e:
-        if e.errno == errno.ENXIO and stat.S_ISFIFO(_mode_of(path)):
+        if e.errno == errno.ENXIO and is_fifo(path):
             raise ConfigError(f"{shown}: a named pipe that nothing reads (start its reader first)") from e
         raise ConfigError(f"{shown}: cannot be opened for appending ({e.strerror or e})") from e
     if no_wait:
         os.set_blocking(fd, True)  # a reader slower than the run makes it wait, as a file system does
     return LogFile(path, fd)
-
-
-def _mode_of(path: Path) -> int:
-    try:
-        return os.stat(path).st_mode
-    except OSError:
-        return 0
 
 
 class _Run:
