@@ -134,13 +134,13 @@ def damaged_cache_copy_hint(path: Path) -> str:
             f"used as it is, never downloaded again: delete {repo} and run again with network access")  # fmt: skip
 
 
-def _damaged_cache_copy(path: Path, actual: str) -> bool:
-    """Whether ``path``, a file of the Hugging Face cache, no longer holds the bytes the Hub served: the cache
-    names the blob of a (Git LFS) weights file by its sha256, the hash the Hub gave."""
+def _served_sha256(path: Path) -> str | None:
+    """The sha256 the Hub gave for ``path``, a file of the Hugging Face cache (which names the blob of a Git
+    LFS weights file by it), or None (a file elsewhere, or a blob named otherwise)."""
     if hub_cache_repo(path) is None:
-        return False
+        return None
     blob = Path(os.path.realpath(path)).name
-    return bool(re.fullmatch(r"[0-9a-f]{64}", blob)) and blob != actual
+    return blob if re.fullmatch(r"[0-9a-f]{64}", blob) else None
 
 
 def local_candidates(cfg: ModelConfig, models_dir: Path | None) -> list[Path]:
@@ -336,8 +336,8 @@ def _check_pin(cfg: ModelConfig, path: Path, actual: str) -> None:
         return
     hint = ""
     rev = cfg.source.revision
-    if _damaged_cache_copy(path, actual):  # not upstream's change nor a wrong pin: the copy is not the Hub's file
-        served = Path(os.path.realpath(path)).name
+    served = _served_sha256(path)
+    if served is not None and served != actual:  # not upstream's change nor a wrong pin: not the Hub's file
         hint = f"It is not the file the Hub served (sha256 {served}): {damaged_cache_copy_hint(path)}."
     elif cfg.source.kind == "hf" and not cfg.source.pinned_to_commit:
         hint = (f"The source follows {f'the revision {rev!r}' if rev else 'the main branch'}, not a commit: "
