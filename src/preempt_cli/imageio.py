@@ -1106,7 +1106,9 @@ class _Temporary:
     """The temporary file beside ``path`` that a write of ``path`` goes through (see :func:`atomic_write`),
     from its creation (the stale ones of dead writers removed first, its lock taken, its mode set) to its
     renaming into place (:meth:`place`) or removal (:meth:`discard`, which always comes last). Raises the
-    operating system's errors as they are: :func:`_write_errors` words them."""
+    operating system's errors as they are (:func:`_write_errors` words them), and :class:`ImageWriteError`
+    where it has words of its own: a name too long for the folder, a file that appeared at ``path`` (see
+    :func:`_link_new`)."""
 
     def __init__(self, path: Path, mode: int | None = None) -> None:
         self.path = path
@@ -1335,7 +1337,8 @@ def read_images(paths: Sequence[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> l
 _WRITTEN_TOGETHER = 32
 #: Threads flushing those files to disk at once. On ext4, one fsync after another each waited for a
 #: journal commit of its own; at once, they share commits and the disk's queue: 32 outputs of 32x32 were
-#: written in 0.32-0.44 ms each instead of 0.45-1.28, with 15-30% less CPU time (2-core Xeon, 2026-11-27).
+#: written in 0.32-0.41 ms each instead of 0.45-1.28, with 15-30% less CPU time (2-core Xeon, 2026-11-27;
+#: benchmarks/RESULTS.md).
 _FLUSHING_THREADS = 8
 
 _flushing_pool: ThreadPoolExecutor | None = None
@@ -1375,16 +1378,17 @@ def _write_together(tasks: Sequence[tuple[Path, Picture, np.ndarray, Mapping[str
                     del outcomes[i:]
                     break
                 outcomes[i] = _failed_write(path, e)
-        flushing = [i for i in temps if tasks[i][4]]
-        for i, error in zip(flushing, _flush_at_once([temps[i] for i in flushing])):
+        fsynced = [i for i in temps if tasks[i][4]]  # the files whose task asks for fsync
+        for i, error in zip(fsynced, _flush_at_once([temps[i] for i in fsynced])):
             if error is not None:
-                outcomes[i] = _failed_write(tasks[i][0], _write_error(tasks[i][0], error))
+                path = tasks[i][0]
+                outcomes[i] = _failed_write(path, _write_error(path, error))
                 temps.pop(i).discard()
         for i, temp in temps.items():
             path, picture, color, _, _, replace = tasks[i]
             try:
                 with _write_errors(path):
-                    temp.place(replace)  # flushed on closing, without fsync
+                    temp.place(replace)  # closing flushes those without fsync to the operating system
                 outcomes[i] = (None, level_distance(color, picture.color), None)
             except Exception as e:
                 outcomes[i] = _failed_write(path, e)
