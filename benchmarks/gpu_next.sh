@@ -20,7 +20,7 @@
 #   of ../shared: data/cifar10/test and models/cifar10_resnet20_pgdat_a.safetensors are all it needs), with
 #   timeout_s 560
 #   dry run on a CPU (a few minutes on 2 cores):
-#     DEVICE=cpu FILES=48 PIPE_FILES=256 bash benchmarks/gpu_next.sh /tmp/next-out .devslim
+#     DEVICE=cpu FILES=32 PIPE_FILES=256 bash benchmarks/gpu_next.sh /tmp/next-out .devslim
 # Knobs: DEVICE (cuda), PY (python3), BUDGET (480 s), FILES (2048), PIPE_FILES (2048), WORKERS (8), PAIRS (2),
 # WORK (/tmp/gpu-next: emptied first; not inside OUT_DIR).
 set -u -o pipefail
