@@ -1349,7 +1349,8 @@ def write_pngs(tasks: Sequence[tuple[Path, Picture, np.ndarray, Mapping[str, str
                ) -> list[tuple[str | None, int, int | None]]:  # fmt: skip
     """:func:`write_png` for each (path, picture, colour, text, fsync, replace); per file, the reason it
     failed (or None), its :func:`level_distance` to the picture, and the operating system's error number of
-    a failed write (``errno.ENOSPC``: the disk is full; else None). A chunk of an I/O worker process's work.
+    a failed write (``errno.ENOSPC``: the disk is full; else None). A chunk of an I/O worker process's work
+    (``--io processes``), or the one file of an I/O thread's (``--io threads``): both write as this does.
 
     Each file is written as :func:`write_png` writes one (on disk before its rename, with ``fsync``), but
     up to :data:`_WRITTEN_TOGETHER` at a time, their flushes to disk made at once."""
