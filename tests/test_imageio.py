@@ -1440,6 +1440,48 @@ def test_a_plain_ppm_of_more_than_8_bits_is_refused(tmp_path: Path) -> None:
     assert read_image(tmp_path / "flat.ppm").color[0, 0].tolist() == [0, 100, 255]
 
 
+def _png_chunk_types(path: Path) -> list[bytes]:
+    """The chunk types of a PNG, in order."""
+    import struct
+
+    data, pos, kinds = path.read_bytes(), 8, []
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        kinds.append(kind)
+        pos += 12 + length
+    return kinds
+
+
+def test_a_pngs_cicp_colour_code_points_are_kept_before_its_pixels(tmp_path: Path) -> None:
+    """cICP (PNG, third edition) says a PNG's values are Display P3, BT.2100 PQ or HLG, before any ICC
+    profile; Pillow skips it, so outputs of a Display P3 PNG were shown as sRGB, in duller colours. It is
+    kept (before the image data, as the standard wants); one after the image data, where no viewer reads
+    it, is not."""
+    import struct
+    import zlib
+
+    arr = np.random.default_rng(0).integers(0, 256, (20, 24, 3)).astype(np.uint8)
+    p3 = bytes([12, 13, 0, 1])  # Display P3 primaries, the sRGB transfer function, RGB, full range
+    Image.fromarray(arr).save(tmp_path / "p3.png", pnginfo=_with_chunk(b"cICP", p3))
+    write_png(tmp_path / "out.png", read_image(tmp_path / "p3.png"))
+    kinds = _png_chunk_types(tmp_path / "out.png")
+    assert kinds.count(b"cICP") == 1 and kinds.index(b"cICP") < kinds.index(b"IDAT")
+    data = (tmp_path / "out.png").read_bytes()
+    at = data.index(b"cICP")
+    assert data[at + 4 : at + 8] == p3
+    assert read_image(tmp_path / "out.png").color.tobytes() == arr.tobytes()
+
+    # after the image data, where the standard does not allow it (viewers ignore it there): not taken
+    plain = tmp_path / "plain.png"
+    Image.fromarray(arr).save(plain)
+    data = plain.read_bytes()
+    end = data.index(b"IEND") - 4
+    late = data[:end] + struct.pack(">I", 4) + b"cICP" + p3 + struct.pack(">I", zlib.crc32(b"cICP" + p3)) + data[end:]
+    (tmp_path / "late.png").write_bytes(late)
+    write_png(tmp_path / "late-out.png", read_image(tmp_path / "late.png"))
+    assert b"cICP" not in _png_chunk_types(tmp_path / "late-out.png")
+
+
 def _with_chunk(cid: bytes, data: bytes):
     from PIL import PngImagePlugin
 

@@ -406,6 +406,8 @@ def _open(path: Path, max_pixels: int) -> tuple[Image.Image, str, bytes]:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
+        if img.format == "PNG":
+            img.info["cicp"] = _png_cicp(data)
     except UnidentifiedImageError:
         raise ImageReadError(path, "not an image Pillow can read (unknown or corrupt format)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -571,10 +573,27 @@ _SWAPS_AXES = {Image.Transpose.TRANSPOSE, Image.Transpose.ROTATE_270, Image.Tran
                Image.Transpose.ROTATE_90}  # fmt: skip
 
 
+def _png_cicp(data: bytes) -> bytes | None:
+    """The four bytes of a PNG's cICP chunk (the colour primaries, transfer function, matrix and range of
+    Display P3, BT.2100 PQ or HLG images, which take precedence over an ICC profile), found in ``data``
+    before the image data; None where there is none. Pillow skips this chunk, and reads no other copy."""
+    pos = 8  # past the signature
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        if kind in (b"IDAT", b"IEND"):
+            return None
+        if kind == b"cICP":
+            body = data[pos + 8 : pos + 12]
+            return body if length == 4 and len(body) == 4 else None
+        pos += 12 + length
+    return None
+
+
 def _png_colour_chunks(info: Mapping[str, object]) -> tuple[tuple[bytes, bytes], ...]:
-    """A PNG's gAMA, cHRM and sRGB chunks, rebuilt from what Pillow read of them (it keeps them as
-    numbers: ``gamma``, ``chromaticity``, ``srgb``), to be written into the output. Without them a gamma
-    of 1.0 showed a level of 64 at about 136 in browsers that apply it, and at 64 in the output."""
+    """A PNG's gAMA, cHRM, sRGB and cICP chunks, rebuilt from what Pillow read of them (it keeps them as
+    numbers: ``gamma``, ``chromaticity``, ``srgb``; ``cicp``, put there by :func:`_open`), to be written
+    into the output. Without them a gamma of 1.0 showed a level of 64 at about 136 in browsers that apply
+    it, and at 64 in the output; a Display P3 image was shown as sRGB."""
     import struct
 
     chunks: list[tuple[bytes, bytes]] = []
@@ -588,6 +607,9 @@ def _png_colour_chunks(info: Mapping[str, object]) -> tuple[tuple[bytes, bytes],
         srgb = info.get("srgb")
         if isinstance(srgb, int) and 0 <= srgb <= 3:
             chunks.append((b"sRGB", bytes([srgb])))
+        cicp = info.get("cicp")
+        if isinstance(cicp, bytes) and len(cicp) == 4:
+            chunks.append((b"cICP", cicp))
     except (struct.error, TypeError, ValueError, OverflowError):  # values no PNG chunk holds: left out
         return ()
     return tuple(chunks)
