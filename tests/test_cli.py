@@ -1316,6 +1316,83 @@ def test_the_devices_of_one_run_probe_each_output_folder_once(tmp_path: Path, ti
     assert probes == {locked: 1, ok: 1}
 
 
+def _two_devices(tiny_backbone) -> list:
+    import copy
+
+    from preempt_cli import ForeBackConfig, Protector
+
+    return [Protector(copy.deepcopy(tiny_backbone), labels="backbone", config=ForeBackConfig(samples=1))
+            for _ in range(2)]  # fmt: skip
+
+
+def _device_threads() -> list:
+    import threading
+
+    return [t for t in threading.enumerate() if t.name.startswith("preempt-device-")]
+
+
+def _run_on_devices_in_a_thread(devices, paths, options) -> tuple[list, list]:
+    """run_on_devices' results and what it raised, consumed on a thread that a hung run leaves behind
+    (daemon) instead of hanging the tests."""
+    import threading
+
+    from preempt_cli.protect import run_on_devices
+
+    results: list = []
+    raised: list = []
+
+    def consume() -> None:
+        try:
+            for result in run_on_devices(devices, collect_inputs(paths), options):
+                results.append(result)
+        except BaseException as e:  # noqa: B036  # what the run ends with, a Ctrl-C included
+            raised.append(e)
+
+    consumer = threading.Thread(target=consume, daemon=True)
+    consumer.start()
+    consumer.join(timeout=60)
+    for device in devices:
+        if not consumer.is_alive():
+            device.close()
+    assert not consumer.is_alive(), "run_on_devices hung"
+    return results, raised
+
+
+@pytest.mark.parametrize("kind", ["result", "the end"])
+def test_an_interrupt_just_after_the_caller_has_a_device_s_message_loses_nothing(
+        tmp_path: Path, tiny_backbone, monkeypatch: pytest.MonkeyPatch, kind: str) -> None:  # fmt: skip
+    """run_on_devices: a Ctrl-C lands between any two steps of the caller's thread. queue.Queue.get took a
+    message off before its notify() ran Python code, and an interrupt there lost the message: a result (a
+    file on disk that stdout did not list), or a worker's "done", after which the run waited for good for a
+    device that had ended (the "interrupt race in the queue wait"). A message is now taken off once handled,
+    and the workers count their own end."""
+    from preempt_cli.protect import _DeviceMessages
+
+    fired: list = []
+    real_oldest = _DeviceMessages.oldest
+
+    def interrupted_after_reading(self):  # the handler's KeyboardInterrupt, just after the read
+        message = real_oldest(self)
+        if (message[0] if message is not None else "the end") == kind and not fired:
+            fired.append(message)
+            raise KeyboardInterrupt
+        return message
+
+    monkeypatch.setattr(_DeviceMessages, "oldest", interrupted_after_reading)
+    write_random_pngs(tmp_path / "in", n=40, name="img{i:02d}.png")
+    out = tmp_path / "out"
+    devices = _two_devices(tiny_backbone)
+    results, raised = _run_on_devices_in_a_thread(devices, [tmp_path / "in"],
+                                                  RunOptions(out_dir=out, batch_size=2, io="threads", workers=2))  # fmt: skip
+    assert fired and len(raised) == 1 and isinstance(raised[0], KeyboardInterrupt)
+    on_disk = sorted(p.name for p in out.iterdir()) if out.exists() else []
+    assert all(n.endswith(".protected.png") for n in on_disk)  # no temporary files
+    assert sorted(r.output.name for r in results if r.status == "done") == on_disk
+    assert not [r for r in results if r.status == "failed"]
+    assert len(results) == 40 if kind == "the end" else len(results) < 40  # the run stopped mid-way
+    assert not _device_threads()
+
+
 def test_revert_white_box_stops_every_defense_s_writes_to_a_full_disk(tmp_path: Path, registry: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     """revert --white-box runs once per recorded defense: each run learnt anew that the disk was full, its

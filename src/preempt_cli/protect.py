@@ -1441,6 +1441,46 @@ def finish_interrupted(run: Iterator[FileResult]) -> Iterator[FileResult]:
         return
 
 
+class _DeviceMessages:
+    """What the device workers of :func:`run_on_devices` send the caller's thread (results, the error
+    that ended a run), oldest first, and how many workers still run.
+
+    The caller takes a message off only once it has handled it: it reads :meth:`oldest`, handles it, then
+    calls ``pending.popleft()`` itself (a method of ours would start a Python frame, where a signal handler
+    runs, between the two). A Ctrl-C's ``KeyboardInterrupt`` lands between any two steps of the main thread;
+    ``queue.Queue.get`` took the message off before its ``notify()`` ran Python code, and one landing there
+    lost that message: a result (a file on disk that stdout did not list) or a worker's "done", after which
+    the run waited for good for a worker that had ended. The workers count their own end here (no message
+    to lose)."""
+
+    def __init__(self, workers: int, bound: int = 256) -> None:
+        self.pending: collections.deque[tuple[str, Any]] = collections.deque()
+        self.running = workers
+        self._bound = bound  # a caller that takes results slowly holds the workers back, not memory
+        self._changed = threading.Condition()
+
+    def put(self, message: tuple[str, Any], stop: threading.Event) -> None:
+        """Send ``message`` (a worker), once there is room for it or the run stops."""
+        with self._changed:
+            while len(self.pending) >= self._bound and not stop.is_set():
+                self._changed.wait(0.05)  # polled: the caller makes room without a call of ours
+            self.pending.append(message)
+            self._changed.notify_all()
+
+    def worker_ended(self) -> None:
+        with self._changed:
+            self.running -= 1
+            self._changed.notify_all()
+
+    def oldest(self) -> tuple[str, Any] | None:
+        """The oldest message, left in place, once there is one (None: every worker has ended and every
+        message was taken). An interrupt while waiting takes nothing."""
+        with self._changed:
+            while not self.pending and self.running:
+                self._changed.wait()
+            return self.pending[0] if self.pending else None
+
+
 def run_on_devices(protectors: Sequence[Protector], items: Iterable[InputFile | str | os.PathLike],
                    options: RunOptions | None = None) -> Iterator[FileResult]:  # fmt: skip
     """Process files with one worker thread per protector (typically one per GPU, each holding its own
@@ -1454,9 +1494,6 @@ def run_on_devices(protectors: Sequence[Protector], items: Iterable[InputFile | 
         ConfigError: no protector, or ``options.partition`` given (the split across devices is this
             function's to make: it was silently replaced).
     """
-    import queue
-    import threading
-
     if not protectors:
         raise ConfigError("run_on_devices needs at least one protector (one per device)")
     if options is not None and options.partition is not None:
@@ -1471,7 +1508,7 @@ def run_on_devices(protectors: Sequence[Protector], items: Iterable[InputFile | 
         yield from protectors[0].run(items, options)
         return
     folders = _OutputFolders()  # the devices' outputs share folders and file systems: one probe each, one stop
-    results: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=256)
+    messages = _DeviceMessages(len(protectors))
     stop, interrupted = threading.Event(), threading.Event()
 
     def work(index: int, protector: Protector) -> None:
@@ -1479,34 +1516,39 @@ def run_on_devices(protectors: Sequence[Protector], items: Iterable[InputFile | 
             run = protector.run(items, dataclasses.replace(options, partition=(index, len(protectors))),
                                 folders=folders)  # fmt: skip
             for result in run:
-                results.put(("result", result))
+                messages.put(("result", result), stop)
                 if interrupted.is_set():  # Ctrl-C: this device's run stops as a single one would
                     for result in finish_interrupted(run):
-                        results.put(("result", result))
+                        messages.put(("result", result), stop)
                     return
                 if stop.is_set():
                     return
         except BaseException as e:  # re-raised in the caller's thread
-            results.put(("error", e))
+            messages.put(("error", e), stop)
         finally:
-            results.put(("done", None))
+            messages.worker_ended()
 
     threads = [threading.Thread(target=work, args=(i, p), name=f"preempt-device-{i}", daemon=True)
                for i, p in enumerate(protectors)]  # fmt: skip
     for t in threads:
         t.start()
-    running = len(threads)
     interrupt: KeyboardInterrupt | None = None
     try:
-        while running:
+        while True:
             try:
-                kind, payload = results.get()
-                if kind == "done":
-                    running -= 1
-                elif kind == "result":
-                    yield payload
-                elif interrupt is None:  # a worker's error; once interrupted, the interrupt is what is raised
+                message = messages.oldest()
+                if message is None:
+                    break
+                kind, payload = message
+                if kind == "error" and interrupt is None:  # once interrupted, the interrupt is what is raised
                     raise payload
+                if kind == "result":
+                    try:
+                        yield payload  # (an interrupt thrown in here comes after the caller had the result)
+                    finally:
+                        messages.pending.popleft()
+                else:
+                    messages.pending.popleft()
             except KeyboardInterrupt as e:
                 if interrupt is not None:  # again, while the devices stop: stop now
                     raise
@@ -1515,9 +1557,6 @@ def run_on_devices(protectors: Sequence[Protector], items: Iterable[InputFile | 
         if interrupt is not None:
             raise interrupt
     finally:
-        stop.set()
-        while any(t.is_alive() for t in threads):  # unblock workers waiting on a full queue
-            try:
-                results.get(timeout=0.1)
-            except queue.Empty:
-                pass
+        stop.set()  # (workers waiting for room in the messages go on, and stop at their next result)
+        for t in threads:
+            t.join()
