@@ -1393,6 +1393,38 @@ def test_an_interrupt_just_after_the_caller_has_a_device_s_message_loses_nothing
     assert not _device_threads()
 
 
+def test_a_device_whose_run_fails_fails_its_files_and_the_others_finish(
+        tmp_path: Path, tiny_backbone, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """run_on_devices: a device whose run raised (its process pool not starting, a device fault) ended the
+    whole run with an internal error: the other devices' files written meanwhile were never listed, and
+    which files were left undone was not said. That device's files now fail with the reason, and the other
+    devices finish theirs."""
+    from preempt_cli import Protector
+
+    write_random_pngs(tmp_path / "in", n=12, name="img{i:02d}.png")
+    out = tmp_path / "out"
+    devices = _two_devices(tiny_backbone)
+    real_run = Protector.run
+
+    def a_run_that_fails_on_the_second_device(self, *args, **kw):
+        if self is devices[1]:
+            raise RuntimeError("the device fell off the bus")
+        yield from real_run(self, *args, **kw)
+
+    monkeypatch.setattr(Protector, "run", a_run_that_fails_on_the_second_device)
+    results, raised = _run_on_devices_in_a_thread(devices, [tmp_path / "in"],
+                                                  RunOptions(out_dir=out, batch_size=2, io="threads", workers=2))  # fmt: skip
+    assert raised == []
+    assert sorted(r.input.name for r in results) == [f"img{i:02d}.png" for i in range(12)]  # each once
+    failed = [r for r in results if r.status == "failed"]
+    assert sorted(r.input.name for r in failed) == [f"img{i:02d}.png" for i in range(1, 12, 2)]  # device 1's share
+    assert {r.reason for r in failed} == {"the run on cpu failed: RuntimeError: the device fell off the bus"}
+    on_disk = sorted(p.name for p in out.iterdir())
+    assert sorted(r.output.name for r in results if r.status == "done") == on_disk
+    assert on_disk == [f"img{i:02d}.protected.png" for i in range(0, 12, 2)]
+    assert not _device_threads()
+
+
 def test_revert_white_box_stops_every_defense_s_writes_to_a_full_disk(tmp_path: Path, registry: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     """revert --white-box runs once per recorded defense: each run learnt anew that the disk was full, its

@@ -1002,9 +1002,7 @@ class Protector:
         if outputs is None:
             outputs = assign_outputs(items, suffix=options.suffix, out_dir=options.out_dir)
         verdicts: list[tuple[InputFile, FileResult | Path | None]] = []
-        for position, item in enumerate(i for i in items if in_shard(i, options.shard, outputs[i], options.out_dir)):
-            if options.partition and position % options.partition[1] != options.partition[0]:
-                continue
+        for item in _share(items, outputs, options):
             output = outputs[item]
             if isinstance(output, str):  # no output of its own (see assign_outputs)
                 verdicts.append((item, FileResult(item.path, "failed", reason=output)))
@@ -1296,6 +1294,13 @@ class Protector:
             raise
 
 
+def _share(items: list[InputFile], outputs: Mapping[InputFile, Path | str], options: RunOptions) -> Iterator[InputFile]:
+    """The items of a run's shard (``options.shard``) and, of those, its device's (``options.partition``)."""
+    for position, item in enumerate(i for i in items if in_shard(i, options.shard, outputs[i], options.out_dir)):
+        if not options.partition or position % options.partition[1] == options.partition[0]:
+            yield item
+
+
 def _done(result: Any) -> Future:
     """A handle of the pipeline's queues that already holds ``result``."""
     future: Future = Future()
@@ -1488,7 +1493,8 @@ def run_on_devices(protectors: Sequence[Protector], items: Iterable[InputFile | 
 
     Worker i takes every k-th input (after ``options.shard``) starting at i, so the split is deterministic
     and each output is written exactly once; outputs, names and skips are as in :meth:`Protector.run`.
-    GPU kernels run outside the GIL, so threads keep several devices busy.
+    GPU kernels run outside the GIL, so threads keep several devices busy. A device whose run raises fails
+    the files of its share that it had not reported, with the error as their reason; the others go on.
 
     Raises:
         ConfigError: no protector, or ``options.partition`` given (the split across devices is this
@@ -1511,18 +1517,30 @@ def run_on_devices(protectors: Sequence[Protector], items: Iterable[InputFile | 
     messages = _DeviceMessages(len(protectors))
     stop, interrupted = threading.Event(), threading.Event()
 
+    # assigned once for all the devices: each fails the files of its share that it never reported
+    outputs = assign_outputs(items, suffix=options.suffix, out_dir=options.out_dir)
+
     def work(index: int, protector: Protector) -> None:
+        share = dataclasses.replace(options, partition=(index, len(protectors)))
+        reported: set[Path] = set()
         try:
-            run = protector.run(items, dataclasses.replace(options, partition=(index, len(protectors))),
-                                folders=folders)  # fmt: skip
+            run = protector.run(items, share, outputs=outputs, folders=folders)
             for result in run:
+                reported.add(result.input)
                 messages.put(("result", result), stop)
                 if interrupted.is_set():  # Ctrl-C: this device's run stops as a single one would
                     for result in finish_interrupted(run):
+                        reported.add(result.input)
                         messages.put(("result", result), stop)
                     return
                 if stop.is_set():
                     return
+        except Exception as e:  # this device's failure, not the run's: the other devices go on
+            _logger.debug("the run on %s failed", protector.device, exc_info=True)
+            reason = f"the run on {protector.device} failed: {type(e).__name__}: {e}"
+            for item in _share(items, outputs, share):
+                if item.path not in reported:
+                    messages.put(("result", FileResult(item.path, "failed", reason=reason)), stop)
         except BaseException as e:  # re-raised in the caller's thread
             messages.put(("error", e), stop)
         finally:
