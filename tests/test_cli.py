@@ -318,6 +318,31 @@ main()
     assert done.stderr == "error: interrupted: before the command started, nothing was done\n"
 
 
+@pytest.mark.skipif(not hasattr(__import__("signal"), "pthread_sigmask"), reason="POSIX signal masks")
+def test_ctrl_c_while_torch_imports_numpy_ends_the_command(tmp_path: Path) -> None:
+    """torch's C code imports numpy and drops an error raised meanwhile: a Ctrl-C that landed there (about
+    0.6 s after the start) was lost, and the command ran to its end with exit 0 (numpy unusable from torch).
+    The press is held until the CLI is imported, then ends it as one before the command does."""
+    script = tmp_path / "numpy_import.py"
+    script.write_text("""
+import os, signal, sys
+class PressDuringNumpysImport:
+    def find_spec(self, name, path=None, target=None):
+        if name == "numpy":  # imported first by torch's C code (torch._C)
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+sys.meta_path.insert(0, PressDuringNumpysImport())
+sys.argv = ["preempt", "models", "list", "--json"]
+from preempt_cli.__main__ import main
+main()
+""")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 130, (done.returncode, done.stderr[-2000:])
+    assert done.stderr == "error: interrupted: before the command started, nothing was done\n"
+    assert done.stdout == ""
+
+
 @pytest.mark.parametrize("where", ["building the command", "parsing its arguments"])
 def test_ctrl_c_while_typer_sets_the_command_up_is_said_as_before_it_started(tmp_path: Path, where: str) -> None:
     """Between the import and the command's own handling of Ctrl-C, Typer builds the command (a press there

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
+from typing import Callable
 
 
 def main() -> None:
@@ -19,12 +21,27 @@ def main() -> None:
             sys.exit(141)
         return
     try:
-        from .cli import main as run_cli
+        run_cli = _import_cli()
     except KeyboardInterrupt:
         # as the CLI says it (cli._common.INTERRUPTED_BEFORE_START), which this import did not reach
         sys.stderr.write("error: interrupted: before the command started, nothing was done\n")
         sys.exit(130)
     run_cli()
+
+
+def _import_cli() -> Callable[[], None]:
+    """The CLI's entry point, imported with Ctrl-C held until it is in: torch's C code imports numpy and
+    drops an error raised meanwhile, so a press that landed there was lost (the command then ran, numpy
+    unusable from torch). A press held is delivered once the import is over, as a KeyboardInterrupt here."""
+    hold = hasattr(signal, "pthread_sigmask")
+    if hold:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        from .cli import main as run_cli
+    finally:
+        if hold:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    return run_cli
 
 
 if __name__ == "__main__":
