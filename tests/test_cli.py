@@ -3128,3 +3128,41 @@ def test_a_log_file_holds_the_settings_each_reversion_ran_with(tmp_path: Path, r
     assert lines[1].startswith(f"debug: reverting 1 file(s) on {TEST_DEVICE} with tiny-key and tiny-labeller-unpinned "
                                "(labels: classifier, seed 0, precision fp32): {'eps': 0.0313")  # fmt: skip
     assert "'eta': 0.9" in lines[1] and "'samples': 20" in lines[1]
+
+
+def _option_metavars() -> dict[str, dict[str, str]]:
+    """Each option that takes a value: its metavar as the help shows it, per command (``models verify``...)."""
+    import typer.main
+
+    root = typer.main.get_command(app)
+    ctx = root.make_context("preempt", ["--help"], resilient_parsing=True)
+    shown: dict[str, dict[str, str]] = {}
+
+    def walk(command, path: str) -> None:
+        for name, sub in getattr(command, "commands", {}).items():
+            walk(sub, f"{path} {name}".strip())
+        for param in command.params if not hasattr(command, "commands") else ():
+            if param.param_type_name == "option" and not param.is_flag and not param.count:
+                shown.setdefault(param.opts[0], {})[path] = param.display_type_rich(ctx)
+
+    walk(root, "")
+    return shown
+
+
+def test_options_show_one_metavar_per_kind_of_value_across_commands() -> None:
+    """The help named the same value three ways (--out-dir <Path>, --models-dir <path>, --log FILE) and a
+    repeatable option as a list (--registry <list[Path]>, --victim <list[str]>), as if it took several values
+    at once: each occurrence takes one (--registry A --registry B)."""
+    shown = _option_metavars()
+    for option, by_command in shown.items():
+        if option != "--out":  # the same in every command (--out: see below)
+            assert len(set(by_command.values())) == 1, (option, by_command)
+        assert not any(m.startswith("<list") for m in by_command.values()), (option, by_command)
+    expected = {"--models-dir": "DIR", "--out-dir": "DIR", "--registry": "FILE", "--log": "FILE", "--csv": "FILE",
+                "--labels-file": "FILE", "--backbone": "NAME", "--classifier": "NAME", "--victim": "NAME",
+                "--base": "NAME", "--reversion-backbone": "NAME", "--reversion-classifier": "NAME",
+                "--defense": "SPEC", "--attack": "SPEC", "--arch-arg": "KEY=VALUE", "--strip-prefix": "PREFIX",
+                "--shard": "K/N"}  # fmt: skip
+    assert {option: next(iter(shown[option].values())) for option in expected} == expected
+    # --out: a folder for eval, a weights file for train and keygen
+    assert shown["--out"] == {"eval": "DIR", "train": "FILE", "keygen": "FILE"}

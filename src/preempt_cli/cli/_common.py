@@ -574,6 +574,7 @@ ModelsDirOpt = Annotated[
     Optional[Path],
     typer.Option(
         "--models-dir",
+        metavar="DIR",
         envvar="PREEMPT_MODELS_DIR",
         help="Folder holding local weights files named in the registry.",
         show_envvar=True,
@@ -581,7 +582,7 @@ ModelsDirOpt = Annotated[
 ]
 RegistryOpt = Annotated[
     Optional[list[Path]],
-    typer.Option("--registry", help="Extra registry file (TOML) adding or overriding models; repeatable."),
+    typer.Option("--registry", metavar="FILE", help="Extra registry file (TOML) adding or overriding models; repeatable."),
 ]
 DeviceOpt = Annotated[
     str, typer.Option("--device", help="auto, cpu, cuda or cuda:I (a list or all, as protect takes: the first "

@@ -213,28 +213,28 @@ def _check_outputs(data: Path, out: Path, csv_path: Path | None) -> None:
 def eval_cmd(
     ctx: typer.Context,
     data: Annotated[Path, typer.Argument(help="ImageFolder directory, or a folder of files with --labels-file.")],
-    victim: Annotated[list[str], typer.Option("--victim", help="Victim model (repeatable).")],
+    victim: Annotated[list[str], typer.Option("--victim", metavar="NAME", help="Victim model (repeatable).")],
     defense: Annotated[
-        Optional[list[str]], typer.Option("--defense", help="Defense spec (repeatable; default: none and fp, with --reversion fp).")
+        Optional[list[str]], typer.Option("--defense", metavar="SPEC", help="Defense spec (repeatable; default: none and fp, with --reversion fp).")
     ] = None,
     attack: Annotated[
-        Optional[list[str]], typer.Option("--attack", help="Attack spec (repeatable; default: pgd).")
+        Optional[list[str]], typer.Option("--attack", metavar="SPEC", help="Attack spec (repeatable; default: pgd).")
     ] = None,
     backbone: EvalBackboneOpt = None,
     classifier: EvalClassifierOpt = None,
-    labels_file: Annotated[Optional[Path], typer.Option("--labels-file", help="CSV/JSON of file,label.")] = None,
+    labels_file: Annotated[Optional[Path], typer.Option("--labels-file", metavar="FILE", help="CSV/JSON of file,label.")] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", help="First N images, sorted by file name.")] = None,
-    out: Annotated[Path, typer.Option("--out", help="Folder for the report, results and the resume state.")] = Path(
+    out: Annotated[Path, typer.Option("--out", metavar="DIR", help="Folder for the report, results and the resume state.")] = Path(
         "preempt-eval"
     ),
     resume: Annotated[bool, typer.Option("--resume", help="Reuse finished defenses and cells in --out.")] = False,
-    csv_path: Annotated[Optional[Path], typer.Option("--csv", help="Also write the rows as CSV.")] = None,
+    csv_path: Annotated[Optional[Path], typer.Option("--csv", metavar="FILE", help="Also write the rows as CSV.")] = None,
     reversion: Annotated[bool, typer.Option("--reversion", help="Run the reversion protocol instead.")] = False,
     reversion_backbone: Annotated[
-        Optional[list[str]], typer.Option("--reversion-backbone", help="Black-box attacker's backbone (repeatable: one stage each).")
+        Optional[list[str]], typer.Option("--reversion-backbone", metavar="NAME", help="Black-box attacker's backbone (repeatable: one stage each).")
     ] = None,
     reversion_classifier: Annotated[
-        Optional[str], typer.Option("--reversion-classifier", help="Black-box attacker's own classifier (default: "
+        Optional[str], typer.Option("--reversion-classifier", metavar="NAME", help="Black-box attacker's own classifier (default: "
                                     "the white-box attacker's labeller, with its own backbone).")
     ] = None,
     reversion_labels: Annotated[

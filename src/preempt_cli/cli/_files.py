@@ -48,13 +48,13 @@ PathsArg = Annotated[
 
 def backbone_option(help_text: str) -> Any:
     """``-b/--backbone`` (env ``PREEMPT_BACKBONE``), with the help of the command that takes it."""
-    return Annotated[Optional[str], typer.Option("--backbone", "-b", envvar="PREEMPT_BACKBONE", show_envvar=True,
+    return Annotated[Optional[str], typer.Option("--backbone", "-b", metavar="NAME", envvar="PREEMPT_BACKBONE", show_envvar=True,
                                                  help=help_text)]  # fmt: skip
 
 
 def classifier_option(help_text: str) -> Any:
     """``-c/--classifier`` (env ``PREEMPT_CLASSIFIER``), with the help of the command that takes it."""
-    return Annotated[Optional[str], typer.Option("--classifier", "-c", envvar="PREEMPT_CLASSIFIER", show_envvar=True,
+    return Annotated[Optional[str], typer.Option("--classifier", "-c", metavar="NAME", envvar="PREEMPT_CLASSIFIER", show_envvar=True,
                                                  help=help_text)]  # fmt: skip
 
 
@@ -90,7 +90,7 @@ BatchOpt = Annotated[
 ]  # fmt: skip
 OutDirOpt = Annotated[
     Optional[Path],
-    typer.Option("--out-dir", "-o", parser=c.folder_path, help="Write outputs here, mirroring the input tree."),
+    typer.Option("--out-dir", "-o", metavar="DIR", parser=c.folder_path, help="Write outputs here, mirroring the input tree."),
 ]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs (also those made from other "
                                   "content or with other settings); process preempt outputs named directly (folder "
@@ -139,7 +139,7 @@ CudaGraphsOpt = Annotated[
 ]  # fmt: skip
 ShardOpt = Annotated[
     Optional[str],
-    typer.Option("--shard", help="Process only shard K of N (K/N): a stable partition for job arrays."),
+    typer.Option("--shard", metavar="K/N", help="Process only shard K of N (K/N): a stable partition for job arrays."),
 ]
 
 

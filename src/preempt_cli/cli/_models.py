@@ -196,7 +196,7 @@ def convert_cmd(
         Optional[str], typer.Option("--key", help="Entry holding the state dict (default: state_dict/model/…).")
     ] = None,
     strip_prefix: Annotated[
-        list[str], typer.Option("--strip-prefix", help="Prefix to remove from keys; repeatable (those given replace "
+        list[str], typer.Option("--strip-prefix", metavar="PREFIX", help="Prefix to remove from keys; repeatable (those given replace "
                                 "the default).")
     ] = ["module."],  # noqa: B006 - typer reads the default
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output (never the checkpoint).")] = False,

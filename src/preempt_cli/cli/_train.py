@@ -73,7 +73,7 @@ images; measured here, reversion fails with or without it: see benchmarks/RESULT
 """
 
 DataArg = Annotated[Path, typer.Argument(help="Training data: an ImageFolder directory or a zip of one.")]
-OutOpt = Annotated[Path, typer.Option("--out", "-o", help="The weights file to write (.safetensors).")]
+OutOpt = Annotated[Path, typer.Option("--out", "-o", metavar="FILE", help="The weights file to write (.safetensors).")]
 NameOpt = Annotated[
     Optional[str], typer.Option("--name", help="Register the result under this name (default: the file's stem).")
 ]
@@ -305,12 +305,12 @@ def _finish(result: TrainResult, *, name: str | None, register: bool, role: str,
 def train_cmd(
     data: DataArg,
     out: OutOpt,
-    base: Annotated[Optional[str], typer.Option("--base", help="Registered model to fine-tune.")] = None,
+    base: Annotated[Optional[str], typer.Option("--base", metavar="NAME", help="Registered model to fine-tune.")] = None,
     arch: Annotated[
         Optional[str], typer.Option("--arch", help="Architecture to train from scratch (e.g. cifar_resnet20, or a timm name).")
     ] = None,
     arch_arg: Annotated[
-        Optional[list[str]], typer.Option("--arch-arg", help="KEY=VALUE passed to the architecture; repeatable.")
+        Optional[list[str]], typer.Option("--arch-arg", metavar="KEY=VALUE", help="KEY=VALUE passed to the architecture; repeatable.")
     ] = None,
     method: Annotated[str, typer.Option("--method", help="standard, fgsm-rs (fast AT) or pgd (PGD-AT).")] = "fgsm-rs",
     eps: Annotated[str, typer.Option("--eps", help="L-inf budget of adversarial training, e.g. 8/255 (a whole "
@@ -429,8 +429,8 @@ def _arch_args(items: list[str]) -> dict[str, Any]:
 
 def keygen_cmd(
     out: OutOpt,
-    base: Annotated[str, typer.Option("--base", help="The public robust model to derive your key from.")],
-    data: Annotated[Path, typer.Option("--data", help="Training data (ImageFolder directory or zip).")],
+    base: Annotated[str, typer.Option("--base", metavar="NAME", help="The public robust model to derive your key from.")],
+    data: Annotated[Path, typer.Option("--data", metavar="DATA", help="Training data (ImageFolder directory or zip).")],
     epochs: KeygenEpochsOpt = None,
     lr: KeygenLrOpt = None,
     max_batches: MaxBatchesOpt = None,
