@@ -3166,3 +3166,17 @@ def test_options_show_one_metavar_per_kind_of_value_across_commands() -> None:
     assert {option: next(iter(shown[option].values())) for option in expected} == expected
     # --out: a folder for eval, a weights file for train and keygen
     assert shown["--out"] == {"eval": "DIR", "train": "FILE", "keygen": "FILE"}
+
+
+@pytest.mark.parametrize("command", [["models", "verify", "tiny-key"], ["models", "convert"]])
+def test_models_verify_and_convert_take_verbose_as_the_other_commands(tmp_path: Path, registry: Path,
+                                                                     command: list[str]) -> None:
+    """`-v` was "No such option" in `models verify` and `models convert` alone, which -q both take."""
+    if command[1] == "convert":
+        torch.save({"state_dict": {"module.w": torch.zeros(2)}}, tmp_path / "c.pt")
+        command = [*command, str(tmp_path / "c.pt"), str(tmp_path / "c.safetensors")]
+    result = CliRunner().invoke(app, [*command, "-vv", "--registry", str(registry)] if command[1] == "verify"
+                                else [*command, "-vv"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    if command[1] == "verify":  # -vv: the library's debug lines, as in protect
+        assert "debug: loaded tiny-key from" in result.stderr, result.stderr

@@ -137,10 +137,11 @@ def verify_cmd(
     json_out: c.JsonOpt = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Failures only: no line for a model that passes "
                                         "(the exit code says whether all did).")] = False,
+    verbose: c.VerboseOpt = 0,
     log: c.LogOpt = None,
 ) -> None:
     """Check a model: find its weights, verify the sha256 pin, load them, run one forward pass."""
-    c.setup_logging(0, quiet)
+    c.setup_logging(verbose, quiet)
     failed = 0
     with c.handle_errors():
         torch_device = c.one_device(device)
@@ -202,10 +203,11 @@ def convert_cmd(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output (never the checkpoint).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="The output's path only, for scripts; no "
                                         "warnings.")] = False,
+    verbose: c.VerboseOpt = 0,
     log: c.LogOpt = None,
 ) -> None:
     """Convert a PyTorch checkpoint to safetensors, loading it with torch.load(weights_only=True)."""
-    c.setup_logging(0, quiet)
+    c.setup_logging(verbose, quiet)
     with c.handle_errors():
         n, sha = convert_checkpoint(checkpoint, output, key=key, strip_prefixes=tuple(strip_prefix), overwrite=force)
         c.print_result(str(output) if quiet else f"{output} ({n} tensors, sha256 {sha})")
