@@ -3180,3 +3180,12 @@ def test_models_verify_and_convert_take_verbose_as_the_other_commands(tmp_path: 
     assert result.exit_code == 0, result.output
     if command[1] == "verify":  # -vv: the library's debug lines, as in protect
         assert "debug: loaded tiny-key from" in result.stderr, result.stderr
+
+
+def test_short_version_option_as_pip_and_ruff() -> None:
+    """`preempt -V` was "No such option", where pip and ruff answer it as --version."""
+    assert CliRunner().invoke(app, ["-V"]).stdout == f"preempt {__version__}\n"
+    code = ("import sys; sys.argv = ['preempt', '-V']; from preempt_cli.__main__ import main; main(); "
+            "print('torch' in sys.modules)")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_child_env(), timeout=120)
+    assert done.returncode == 0 and done.stdout.splitlines() == [f"preempt {__version__}", "False"], done.stderr

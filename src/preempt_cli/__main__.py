@@ -11,7 +11,8 @@ from typing import Callable
 def main() -> None:
     """Console entry point. The CLI's imports (torch) take a second or two; Ctrl-C meanwhile ends the
     command as Ctrl-C does later (exit 130), not with a traceback of the import machinery."""
-    if sys.argv[1:] == ["--version"]:  # what a script asks first, answered without importing torch (~1.5 s)
+    # what a script asks first (-V as pip and ruff take it), answered without importing torch (~1.5 s)
+    if sys.argv[1:] in (["--version"], ["-V"]):
         from . import __version__
 
         try:
