@@ -846,6 +846,22 @@ def test_read_png_text_of_a_cut_png_holds_what_precedes_the_cut(tmp_path) -> Non
         assert read_png_text(tmp_path / "cut.png", key="preempt") == expected, where
 
 
+def test_read_png_text_of_a_png_broken_after_its_text_holds_the_text_before(tmp_path) -> None:
+    # cut in a chunk's type (IEND's included), or a chunk type that is no name: Pillow's read raises
+    # SyntaxError ("broken PNG file"), and every text chunk was lost, those whole before it too; 0.20.0,
+    # which decoded the pixels, kept them (Pillow's own walk past the pixels stops there)
+    _png_with_text_after_the_pixels(tmp_path / "a.png", 64, 64, {"other": "x", "preempt": "{}"})
+    data = (tmp_path / "a.png").read_bytes()
+    second = data.rindex(b"tEXt")  # the preempt chunk's type
+    cases = (("in its type", data[: second + 2], {"other": "x"}),
+             ("in IEND's type", data[:-6], {"other": "x", "preempt": "{}"}),
+             ("a broken type", data[:second] + b"t\0Xt" + data[second + 4 :], {"other": "x"}))  # fmt: skip
+    for where, cut, expected in cases:
+        (tmp_path / "cut.png").write_bytes(cut)
+        assert read_png_text(tmp_path / "cut.png", key="preempt") == expected, where
+        assert read_png_text(tmp_path / "cut.png") == expected, where
+
+
 # -- atomic writes ------------------------------------------------------------------------------------------
 
 

@@ -1612,15 +1612,15 @@ def _png_text_past_the_pixels(img: Image.Image) -> dict[str, str | bytes]:
     past any ``--max-pixels`` (a crafted PNG of 170 megapixels of one colour, 0.6 MB on disk, took 0.7 GB
     and a second for each file it was asked about). The chunks are walked instead, each text chunk read by
     Pillow's own parser (its limits on compressed text included), the image data skipped unread. A file
-    cut short holds the chunks before the cut.
+    cut short, or broken after its image data, holds the chunks whole before the cut or the break.
     """
     stream, fp = img.png, img.fp  # Pillow's chunk reader, past the chunks before the image data
     fp.seek(img.tile[0][2] - 8)  # back to the first image data chunk's header
     while True:
         try:
             kind, position, length = stream.read()
-        except struct.error:  # the file ends: cut short, or without IEND
-            break
+        except (struct.error, SyntaxError):  # the file ends (cut short, or without IEND), or a chunk's type is
+            break  # no name (cut in it, or broken): Pillow's own walk past the pixels stops there too
         if kind == b"IEND":
             break
         if kind in _PNG_TEXT_CHUNKS and length <= PngImagePlugin.MAX_TEXT_CHUNK:
