@@ -3143,7 +3143,9 @@ def _option_metavars() -> dict[str, dict[str, str]]:
             walk(sub, f"{path} {name}".strip())
         for param in command.params if not hasattr(command, "commands") else ():
             if param.param_type_name == "option" and not param.is_flag and not param.count:
-                shown.setdefault(param.opts[0], {})[path] = param.display_type_rich(ctx)
+                # typer >= 0.29 shows a metavar through display_type_rich; earlier ones through click's own
+                show = getattr(param, "display_type_rich", None) or param.make_metavar
+                shown.setdefault(param.opts[0], {})[path] = show(ctx)
 
     walk(root, "")
     return shown
