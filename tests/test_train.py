@@ -914,12 +914,17 @@ def test_cli_a_seed_outside_64_bits_is_a_usage_error_before_the_data_is_read(com
     assert "internal error" not in result.stderr and seed not in result.stderr and not out.exists()
 
 
-def _stored_zip_of(folder: Path, target: Path) -> Path:
-    """A zip of ``folder`` whose members are stored uncompressed, so a damaged byte is found by its CRC."""
+def _zip_damaged_in(folder: Path, target: Path, member: str) -> Path:
+    """A zip of ``folder`` whose members are stored uncompressed, one byte of ``member``'s data flipped (a
+    bad download): found by its CRC when the member is read."""
     with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_STORED) as z:
         for p in sorted(folder.rglob("*")):
             if p.is_file():
                 z.write(p, f"train/{p.relative_to(folder).as_posix()}")
+        info = z.getinfo(member)
+    raw = bytearray(target.read_bytes())
+    raw[info.header_offset + 30 + len(info.filename) + len(info.extra) + 40] ^= 0xFF  # past its local header
+    target.write_bytes(bytes(raw))
     return target
 
 
@@ -927,12 +932,7 @@ def test_a_training_image_that_cannot_be_read_is_named(colour_dir: Path, tmp_pat
                                                        monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     # a damaged zip member (a bad download) and a file the process may not read were internal errors
     # ("BadZipFile: Bad CRC-32 ...", "PermissionError"), naming neither the zip nor the folder
-    damaged = _stored_zip_of(colour_dir, tmp_path / "damaged.zip")
-    with zipfile.ZipFile(damaged) as z:
-        member = z.getinfo("train/blue/003.png")
-    raw = bytearray(damaged.read_bytes())
-    raw[member.header_offset + 30 + len(member.filename) + len(member.extra) + 40] ^= 0xFF
-    damaged.write_bytes(bytes(raw))
+    damaged = _zip_damaged_in(colour_dir, tmp_path / "damaged.zip", "train/blue/003.png")
     with pytest.raises(ImageReadError, match=r"damaged\.zip:train/blue/003\.png.*cannot read training image: "
                                              r"Bad CRC-32"):  # fmt: skip
         load_train_data(damaged, input_hw=(16, 16))
@@ -949,12 +949,7 @@ def test_a_training_image_that_cannot_be_read_is_named(colour_dir: Path, tmp_pat
 
 
 def test_cli_a_damaged_zip_is_a_usage_error(colour_dir: Path, tmp_path: Path, isolated_config: Path) -> None:
-    damaged = _stored_zip_of(colour_dir, tmp_path / "damaged.zip")
-    with zipfile.ZipFile(damaged) as z:
-        member = z.getinfo("train/green/000.png")
-    raw = bytearray(damaged.read_bytes())
-    raw[member.header_offset + 30 + len(member.filename) + len(member.extra) + 40] ^= 0xFF
-    damaged.write_bytes(bytes(raw))
+    damaged = _zip_damaged_in(colour_dir, tmp_path / "damaged.zip", "train/green/000.png")
     out = tmp_path / "o.safetensors"
     result = CliRunner().invoke(app, [*_one_batch_train(damaged, out), "--no-register"])
     assert result.exit_code == 2, result.output
