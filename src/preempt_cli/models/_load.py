@@ -381,6 +381,14 @@ def build_model(cfg: ModelConfig) -> ImageModel:
     return ImageModel(_build_net(cfg), cfg)
 
 
+def _unparsable(model: str, path: Path, error: Exception) -> UnreadableWeightsError:
+    """A weights file whose header looked whole that safetensors cannot parse (damaged), with safetensors'
+    reason and, for the Hugging Face cache's copy, what to do about it."""
+    detail = first_line(error).removeprefix("Error while deserializing: ").removeprefix("Error while deserializing header: ")
+    return UnreadableWeightsError(model, path, f"safetensors cannot parse it: {detail}",
+                                  hint=damaged_cache_copy_hint(path))  # fmt: skip
+
+
 def _load_timm_pretrained(cfg: ModelConfig, verify_hash: bool) -> nn.Module:
     if cfg.sha256 and verify_hash:  # registry files refuse this; a hand-made config must not pass silently
         raise _config_error(cfg, "a sha256 pin cannot be checked on a timm: source (timm fetches and loads its own "
@@ -405,9 +413,7 @@ def _load_timm_pretrained(cfg: ModelConfig, verify_hash: bool) -> nn.Module:
         except RuntimeError as e:  # load_state_dict's: torch's message lists every key, kilobytes of them
             raise WeightsMismatchError(cfg.name, weights, clip(" ".join(str(e).split()), 400)) from e
         except SafetensorError as e:  # a damaged file whose header looked whole
-            detail = first_line(e).removeprefix("Error while deserializing: ").removeprefix("Error while deserializing header: ")
-            raise UnreadableWeightsError(cfg.name, weights, f"safetensors cannot parse it: {detail}",
-                                         hint=damaged_cache_copy_hint(weights)) from e
+            raise _unparsable(cfg.name, weights, e) from e
     raise AssertionError("unreachable")  # pragma: no cover - hub_errors re-raises
 
 
@@ -526,9 +532,7 @@ def load_model(
         try:
             state = load(data)
         except Exception as e:  # safetensors raises its own SafetensorError for truncated/corrupt files
-            detail = first_line(e).removeprefix("Error while deserializing: ").removeprefix("Error while deserializing header: ")
-            raise UnreadableWeightsError(cfg.name, path, f"safetensors cannot parse it: {detail}",
-                                         hint=damaged_cache_copy_hint(path)) from e
+            raise _unparsable(cfg.name, path, e) from e
         mismatch = _metadata_mismatch(cfg, _file_metadata(data))
         if mismatch:
             raise WeightsMetadataMismatchError(cfg.name, path, mismatch)
