@@ -594,8 +594,6 @@ def _png_colour_chunks(info: Mapping[str, object]) -> tuple[tuple[bytes, bytes],
     numbers: ``gamma``, ``chromaticity``, ``srgb``; ``cicp``, put there by :func:`_open`), to be written
     into the output. Without them a gamma of 1.0 showed a level of 64 at about 136 in browsers that apply
     it, and at 64 in the output; a Display P3 image was shown as sRGB."""
-    import struct
-
     chunks: list[tuple[bytes, bytes]] = []
     try:
         gamma = info.get("gamma")
