@@ -21,10 +21,11 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 from rich.progress import Progress
+from rich.text import Text
 
 from ..device import resolve_devices
 from .._paths import expand_home
-from ..imageio import UNPRINTABLE, name_max, quiet_pillow_warnings
+from ..imageio import UNPRINTABLE, display_name, name_max, quiet_pillow_warnings
 from ..inputs import kernel_folder
 from ..errors import (
     ConfigError,
@@ -201,7 +202,9 @@ def error_line(message: str) -> None:
 
 def note(line: str, *, shown: bool = True) -> None:
     """A line for the user on stderr (above a progress bar on a terminal; not ``shown`` with ``-q``), and
-    always into the ``--log`` file: a summary, a note."""
+    always into the ``--log`` file: a summary, a note. Its control characters are escaped, as the
+    ``error:`` lines': it names files and registries (``Report: DIR``, ``registries: FILE``)."""
+    line = one_line(line)
     _logfile.say(line)
     if shown:
         try:
@@ -436,6 +439,13 @@ def print_table(table: Any) -> None:
     print_line(_unwrapped(table))
 
 
+def table_cell(value: str) -> Text:
+    """A string for a rich table (a cell, a title): its control characters escaped (a registry copied from
+    elsewhere may hold escape codes, and a newline would split the row) and its brackets kept as written
+    (rich reads a plain string as markup: a name's ``[bold]`` would vanish, ``[link=...]`` become a link)."""
+    return Text(one_line(value))
+
+
 def _unwrapped(table: Any) -> str:
     wide = Console(file=io.StringIO(), width=UNWRAPPED_WIDTH, highlight=False, soft_wrap=True, color_system=None)
     with wide.capture() as captured:
@@ -524,9 +534,17 @@ def check_stdout() -> None:
 
 def print_result(text: str) -> None:
     """A result line on stdout through rich (``models show``, ``verify``, ``convert``), and into the
-    ``--log`` file at debug level."""
+    ``--log`` file at debug level. Its control characters are escaped: it shows registry strings (a
+    name, a description, a weights path) that must not reach a terminal as escape codes, nor split the line."""
+    text = one_line(text)
     _log_result(text)
     stdout.print(text, markup=False)
+
+
+def shown_path(path: str | os.PathLike[str]) -> str:
+    """A result's path for stdout: as it is for the next command of a pipeline; on a terminal quoted where
+    it holds control characters, as ``ls`` quotes it (a crafted name's escape codes must not reach it)."""
+    return display_name(path) if stdout_is_terminal() else os.fspath(path)
 
 
 def _log_result(text: str) -> None:

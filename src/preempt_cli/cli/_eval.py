@@ -331,8 +331,8 @@ def eval_cmd(
                 c.print_json(result, allow_nan=False)  # strict: a value not measured is null
             else:
                 for name, res in result["victims"].items():
-                    table = Table(title=f"{name}: clean accuracy (%) — {result['labels']}", header_style="bold",
-                                  caption=result["test"])  # fmt: skip
+                    table = Table(title=c.table_cell(f"{name}: clean accuracy (%) — {result['labels']}"),
+                                  header_style="bold", caption=result["test"])  # fmt: skip
                     table.add_column("stage")
                     table.add_column("clean acc", justify="right")
                     table.add_column("p", justify="right")
@@ -340,8 +340,9 @@ def eval_cmd(
                     table.add_column("reverter labels")
                     for stage, acc in res["clean_acc"].items():
                         p_value = res["p_value"].get(stage)
-                        table.add_row(stage, f"{acc:.2f}", "" if p_value is None else f"{p_value:.2g}",
-                                      res["verdict"].get(stage, ""), result["reverter_labels"].get(stage, ""))  # fmt: skip
+                        cells = (stage, f"{acc:.2f}", "" if p_value is None else f"{p_value:.2g}",
+                                 res["verdict"].get(stage, ""), result["reverter_labels"].get(stage, ""))  # fmt: skip
+                        table.add_row(*map(c.table_cell, cells))
                     c.print_table(table)
             _write_text(out / "reversion.json", json_dumps({**result, "run": evaluator.provenance(involved)},
                                                            indent=1))  # fmt: skip
@@ -367,7 +368,7 @@ def eval_cmd(
                 table.add_column(header, justify="left" if name else "right", no_wrap=name,
                                  overflow="fold" if name else "ellipsis")  # fmt: skip
             for r in rows:
-                table.add_row(*(_fmt(r.get(k)) for k in cols))
+                table.add_row(*(c.table_cell(_fmt(r.get(k))) for k in cols))
             c.print_table(table)
         # after the table: a file that cannot be written fails the run (exit 1) with the results shown
         run = evaluator.provenance(involved)

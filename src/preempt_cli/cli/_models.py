@@ -101,7 +101,7 @@ def list_cmd(
         for header, _ in columns:  # names whole, on one line; others fold on a narrow terminal
             table.add_column(header, no_wrap=header == "name", overflow="fold")
         for m in rows:
-            table.add_row(*(value(m) for _, value in columns))
+            table.add_row(*(c.table_cell(value(m)) for _, value in columns))
         c.print_table(table)
         files = ", ".join(str(p) for p in registry_files(registry or ()))
         c.note(f"registries: {files} (user registry: {user_registry_path()})", shown=not quiet)
@@ -210,4 +210,7 @@ def convert_cmd(
     c.setup_logging(verbose, quiet)
     with c.handle_errors():
         n, sha = convert_checkpoint(checkpoint, output, key=key, strip_prefixes=tuple(strip_prefix), overwrite=force)
-        c.print_result(str(output) if quiet else f"{output} ({n} tensors, sha256 {sha})")
+        if quiet:  # the path alone, for scripts: as protect lists its outputs
+            c.print_line(c.shown_path(output))
+        else:
+            c.print_result(f"{output} ({n} tensors, sha256 {sha})")

@@ -295,7 +295,7 @@ def _finish(result: TrainResult, *, name: str | None, register: bool, role: str,
     if json_out:
         c.print_json(summary)
         return
-    c.print_line(str(result.output))  # the result, as protect's output paths (also with -q)
+    c.print_line(c.shown_path(result.output))  # the result, as protect's output paths (also with -q)
     # the summary on stderr, as protect's (with -q, in the --log file alone)
     c.note(f"Trained in {summary['seconds']:.0f} s (sha256 {result.sha256[:12]}...)", shown=not quiet)
     if registered:

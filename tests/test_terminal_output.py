@@ -1,0 +1,123 @@
+"""What reaches the terminal: strings the user's files hold (a registry's names and descriptions, a PNG's
+metadata, file names) come out escaped and bounded, never as escape codes, rich markup or a megabyte."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+from typer.testing import CliRunner
+
+from preempt_cli.cli import _common, app
+
+#: A model name that would colour the terminal red, clear it (CSI as the C1 byte), ring, return and
+#: start a new line, and that holds rich markup.
+EVIL_NAME = "evil\x1b[31mRED\x9b2J[bold]B[/bold]\x07x\ry\nz"
+#: Control characters none of the output may hold (a line's own end aside).
+CONTROLS = ("\x1b", "\x9b", "\x07", "\r")
+
+
+def _toml_string(text: str) -> str:
+    return json.dumps(text)  # a JSON string is a TOML basic string (\uXXXX escapes included)
+
+
+@pytest.fixture()
+def evil_registry(tmp_path: Path) -> Path:
+    path = tmp_path / "models.toml"
+    path.write_text(f"""
+[models.{_toml_string(EVIL_NAME)}]
+arch = "cifar_resnet20"
+source = {_toml_string("file:w" + chr(0x1B) + "]8;;http://x" + chr(7) + "link.safetensors")}
+description = {_toml_string("d" + chr(0x1B) + "[2Jclear [link=http://evil]click[/link]")}
+notes = {_toml_string("n" + chr(0x9B) + "31m")}
+classes = "cifar10"
+""")
+    return path
+
+
+def _invoke(args: list[str]):
+    return CliRunner().invoke(app, args, catch_exceptions=False)
+
+
+def _the_evil_row(text: str) -> list[str]:
+    return [line for line in text.splitlines() if "evil" in line]
+
+
+def test_models_list_escapes_registry_strings_and_reads_no_markup_in_them(evil_registry: Path) -> None:
+    result = _invoke(["models", "list", "--verbose", "--registry", str(evil_registry)])  # to a pipe
+    assert result.exit_code == 0, result.output
+    assert not any(ch in result.stdout for ch in CONTROLS)
+    row = _the_evil_row(result.stdout)
+    assert len(row) == 1  # the newline of the name did not split its row
+    assert "evil\\x1b[31mRED\\x9b2J[bold]B[/bold]\\x07x\\ry\\nz" in row[0]  # escaped, its brackets as written
+    assert "w\\x1b]8;;http://x\\x07link.safetensors" in row[0]
+
+
+def test_models_list_on_a_terminal_escapes_registry_strings(evil_registry: Path, monkeypatch) -> None:
+    terminal = Console(file=io.StringIO(), force_terminal=True, width=400, soft_wrap=True, highlight=False)
+    monkeypatch.setattr(_common, "stdout", terminal)
+    assert _invoke(["models", "list", "--registry", str(evil_registry)]).exit_code == 0
+    shown = terminal.file.getvalue()
+    # rich's own codes (the bold header) aside, none of the registry's: no red, no hyperlink, no C1 CSI
+    assert "\x1b[31m" not in shown and "\x1b]8;" not in shown and "\x9b" not in shown and "\x07" not in shown
+    assert "[bold]B[/bold]" in shown and "\\x1b[31mRED" in shown
+
+
+def test_models_show_escapes_registry_strings(evil_registry: Path) -> None:
+    result = _invoke(["models", "show", EVIL_NAME, "--registry", str(evil_registry)])
+    assert result.exit_code == 0, result.output
+    assert not any(ch in result.stdout for ch in CONTROLS)
+    lines = result.stdout.splitlines()
+    assert lines[0] == "name         evil\\x1b[31mRED\\x9b2J[bold]B[/bold]\\x07x\\ry\\nz"  # one line, as written
+    assert "description  d\\x1b[2Jclear [link=http://evil]click[/link]" in lines
+    assert "notes        n\\x9b31m" in lines
+
+
+def test_models_json_keeps_registry_strings_whole_and_escaped(evil_registry: Path) -> None:
+    result = _invoke(["models", "list", "--json", "--registry", str(evil_registry)])
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert EVIL_NAME in [row["name"] for row in rows]  # whole, for a program
+    assert not any(ch in result.stdout for ch in (*CONTROLS, "\x9b"))  # json.dumps escapes them
+
+
+def test_notes_escape_the_file_names_they_hold(evil_registry: Path, tmp_path: Path) -> None:
+    named = tmp_path / "reg\x1b[31m.toml"
+    named.write_bytes(evil_registry.read_bytes())
+    result = _invoke(["models", "list", "--registry", str(named)])
+    assert result.exit_code == 0, result.output
+    assert "\x1b" not in result.stderr and "reg\\x1b[31m.toml" in result.stderr
+
+
+def test_convert_quiet_quotes_its_output_name_on_a_terminal(tmp_path: Path, monkeypatch) -> None:
+    torch.save({"w": torch.zeros(2)}, tmp_path / "ckpt.pt")
+    out = tmp_path / "o\x1b[31m.safetensors"
+    monkeypatch.setattr(_common, "stdout_is_terminal", lambda: True)
+    result = _invoke(["models", "convert", str(tmp_path / "ckpt.pt"), str(out), "-q"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"$'{tmp_path}/o\\E[31m.safetensors'\n"
+
+
+def test_eval_tables_escape_model_names_and_read_no_markup_in_them(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from conftest import TEST_DEVICE_ARG, write_random_pngs
+    from preempt_cli.models import create_arch
+
+    write_random_pngs(tmp_path / "data" / "cat", n=2)
+    torch.manual_seed(0)
+    net = create_arch("cifar_resnet20", num_classes=10, shortcut="pad_end")
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    victim = "v[bold]B[/bold]\x1b[31m"
+    (tmp_path / "models.toml").write_text(f'[models.{_toml_string(victim)}]\narch = "cifar_resnet20"\n'
+                                          'arch_args = { shortcut = "pad_end" }\nclasses = "cifar10"\n'
+                                          'source = "file:w.safetensors"\n')  # fmt: skip
+    result = _invoke(["eval", str(tmp_path / "data"), "--victim", victim, "--defense", "none", "--attack",
+                      "pgd:steps=1", "--out", str(tmp_path / "o"), "--device", TEST_DEVICE_ARG,
+                      "--registry", str(tmp_path / "models.toml")])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    (row,) = [line for line in result.stdout.splitlines() if "PGD" in line]
+    assert row.split()[0] == "v[bold]B[/bold]\\x1b[31m" and "\x1b" not in result.stdout
