@@ -9,10 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image, PngImagePlugin
 from rich.console import Console
 from typer.testing import CliRunner
 
 from preempt_cli.cli import _common, app
+from preempt_cli.protect import METADATA_KEY, differing_settings
 
 #: A model name that would colour the terminal red, clear it (CSI as the C1 byte), ring, return and
 #: start a new line, and that holds rich markup.
@@ -121,3 +123,44 @@ def test_eval_tables_escape_model_names_and_read_no_markup_in_them(tmp_path: Pat
     assert result.exit_code == 0, result.output
     (row,) = [line for line in result.stdout.splitlines() if "PGD" in line]
     assert row.split()[0] == "v[bold]B[/bold]\\x1b[31m" and "\x1b" not in result.stdout
+
+
+# -- metadata of an edited PNG -----------------------------------------------------------------------------------
+
+#: A recorded model name of a megabyte, ending in an escape code.
+HUGE_NAME = "x" * 1_000_000 + "\x1b[31m"
+
+
+def _protected_png(path: Path, **recorded) -> Path:
+    meta = {"kind": "protected", "backbone": "tiny", "eps": 8 / 255, "eta": 1 / 255, "forward_steps": 1,
+            "backward_steps": 1, "samples": 1, "sample_projection": "original", "inner_steps": 1, "seed": 0,
+            **recorded}  # fmt: skip
+    info = PngImagePlugin.PngInfo()
+    info.add_text(METADATA_KEY, json.dumps(meta))
+    Image.new("RGB", (8, 8)).save(path, pnginfo=info)
+    return path
+
+
+@pytest.mark.parametrize("json_out", [False, True])
+def test_a_white_box_reversion_shows_a_recorded_model_name_cut_and_escaped(tmp_path: Path, json_out: bool) -> None:
+    png = _protected_png(tmp_path / "a.protected.png", backbone=HUGE_NAME)
+    result = _invoke(["revert", "--white-box", str(png), "--device", "cpu", "-o", str(tmp_path / "out"),
+                      *(["--json"] if json_out else [])])  # fmt: skip
+    assert result.exit_code == 1
+    said = json.loads(result.stdout)["reason"] if json_out else result.stderr
+    assert len(said) < 1000 and "\x1b" not in said
+    assert f"unknown model {'x' * 80!r}… (1,000,005 characters)" in said
+
+
+def test_a_recorded_setting_of_an_earlier_output_is_shown_cut() -> None:
+    changed = differing_settings({"backbone": HUGE_NAME, "seed": 0}, {"backbone": "tiny-key", "seed": 0})
+    assert changed == [f"backbone {'x' * 80!r}… (1,000,005 characters) -> tiny-key"]
+
+
+def test_excerpt_and_value_text_cut_long_values_and_escape_control_characters() -> None:
+    from preempt_cli.errors import excerpt, value_text
+
+    assert excerpt("tiny-key") == "'tiny-key'" and value_text("tiny-key") == "tiny-key" and value_text(None) == "None"
+    assert excerpt("a\x1b[31m") == value_text("a\x1b[31m") == "'a\\x1b[31m'"
+    assert excerpt("é" * 81) == f"{'é' * 80!r}… (81 characters)"
+    assert excerpt(list(range(100))).endswith("… (390 characters)") and len(excerpt(list(range(100)))) < 110

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .device import resolve_device, to_device
-from .errors import ConfigError, InputError
+from .errors import ConfigError, InputError, excerpt
 from .graphs import GraphedFunction
 from .imageio import content_seed
 
@@ -151,9 +151,9 @@ def check_seed(seed: Any) -> int:
             or out of range.
     """
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise ConfigError(f"seed must be an int, got {seed!r} ({type(seed).__name__})")
+        raise ConfigError(f"seed must be an int, got {excerpt(seed)} ({type(seed).__name__})")
     if not 0 <= seed <= MAX_SEED:
-        raise ConfigError(f"seed must be in 0..2**64-1, got {seed}")
+        raise ConfigError(f"seed must be in 0..2**64-1, got {excerpt(seed)}")
     return int(seed)
 
 
@@ -215,20 +215,20 @@ def parse_eps(text: str | float) -> float:
             exact = Fraction(text.strip())
             value = float(exact)
         except (ValueError, ZeroDivisionError, OverflowError) as e:  # OverflowError: 1e400
-            raise ConfigError(f"invalid eps {text!r}: use a fraction like 8/255 or a number like 0.0314") from e
+            raise ConfigError(f"invalid eps {excerpt(text)}: use a fraction like 8/255 or a number like 0.0314") from e
         written_as_fraction = "/" in text
         at_least_one = exact >= 1  # as written: 0.99999999999999999 rounds to the float 1.0, one level
     if not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"eps must be positive, got {text!r}")
+        raise ConfigError(f"eps must be positive, got {excerpt(text)}")
     if at_least_one and not written_as_fraction:  # "8" means 8/255
         if value != int(value):  # 1.5 levels: a typo for 1.5/255, or for 0.15? Neither is safe to guess
-            raise ConfigError(f"eps {text!r}: a value of 1 or more is a whole number of levels (8 = 8/255); "
+            raise ConfigError(f"eps {excerpt(text)}: a value of 1 or more is a whole number of levels (8 = 8/255); "
                               "write a fraction like 3/510 or a number below 1")  # fmt: skip
         if value > 255:
-            raise ConfigError(f"eps {text!r} is more than 255 levels: use a fraction like 8/255")
+            raise ConfigError(f"eps {excerpt(text)} is more than 255 levels: use a fraction like 8/255")
         value /= 255
     if value > 1:
-        raise ConfigError(f"eps must be at most 1 (255/255), got {text!r}")
+        raise ConfigError(f"eps must be at most 1 (255/255), got {excerpt(text)}")
     return value
 
 
@@ -275,12 +275,12 @@ class ForeBackConfig:
         for name in ("eps", "eta"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
-                raise ConfigError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+                raise ConfigError(f"{name} must be a number, got {excerpt(value)} ({type(value).__name__})")
             object.__setattr__(self, name, float(value))
         for name in ("forward_steps", "backward_steps", "samples", "inner_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-                raise ConfigError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+                raise ConfigError(f"{name} must be an int, got {excerpt(value)} ({type(value).__name__})")
             object.__setattr__(self, name, int(value))
         if not 0 < self.eps <= 1:
             raise ConfigError(f"eps must be in (0, 1], got {self.eps}")
@@ -291,7 +291,7 @@ class ForeBackConfig:
         if self.forward_steps + self.backward_steps == 0:
             raise ConfigError("at least one forward or backward step is needed")
         if self.samples < 1:
-            raise ConfigError(f"samples must be >= 1, got {self.samples}")
+            raise ConfigError(f"samples must be >= 1, got {excerpt(self.samples)}")
         if self.sample_projection not in ("original", "iterate"):
             raise ConfigError("sample_projection must be 'original' or 'iterate'")
         if self.inner_steps < 1:
@@ -302,7 +302,7 @@ class ForeBackConfig:
         """The named preset with some settings overridden (``None`` values are ignored); without ``eps``,
         the paper's budget for the backbone's ``dataset`` (:func:`default_eps`)."""
         if not (isinstance(preset, str) and preset in PRESETS):  # a name, not a dict of settings
-            raise ConfigError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
+            raise ConfigError(f"unknown preset {excerpt(preset)}: choose one of {', '.join(PRESETS)}")
         names = [f.name for f in fields(cls) if f.name != "preset"]
         unknown = sorted(set(overrides) - set(names))
         if unknown:
@@ -349,7 +349,7 @@ def native_bf16(device: torch.device) -> bool:
 def resolve_precision(precision: str, device: torch.device) -> str:
     """``fp32`` or ``bf16``: what ``precision`` (fp32, bf16 or auto) means on ``device``."""
     if precision not in PRECISIONS:
-        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {excerpt(precision)}")
     if precision == "auto":
         return "bf16" if native_bf16(torch.device(device)) else "fp32"
     return precision

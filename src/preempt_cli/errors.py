@@ -28,6 +28,8 @@ __all__ = [
     "InputError",
     "MissingDependencyError",
     "reason_of",
+    "excerpt",
+    "value_text",
     "first_line",
     "clip",
     "error_chain",
@@ -60,7 +62,7 @@ class UnknownModelError(PreemptError, KeyError):
         close = [k for k in known if name.lower() in k.lower() or k.lower() in name.lower()]
         hint = f" Did you mean {', '.join(close[:3])}?" if close else ""
         super().__init__(
-            f"unknown model {name!r}.{hint} Run 'preempt models list' to see the registered models, "
+            f"unknown model {excerpt(name)}.{hint} Run 'preempt models list' to see the registered models, "
             "or add one with --registry FILE."
         )
 
@@ -219,6 +221,27 @@ def first_line(error: BaseException) -> str:
 def clip(text: str, limit: int) -> str:
     """``text`` cut to ``limit`` characters, ``...`` marking the cut, for a one-line message."""
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+#: The most characters of a value read from a file that a message shows (see :func:`excerpt`).
+EXCERPT_CHARS = 80
+
+
+def excerpt(value: object, limit: int = EXCERPT_CHARS) -> str:
+    """``value`` for a message, as ``repr`` writes it (quoted, control characters escaped), a long one cut to
+    its first ``limit`` characters, ``…`` and its length: a value read from a file (a model name in an
+    edited PNG's metadata) can be a megabyte, which a message must not pour onto the terminal or the log."""
+    if isinstance(value, str):  # cut before repr: a megabyte is not escaped whole to show 80 characters
+        return repr(value) if len(value) <= limit else f"{value[:limit]!r}… ({len(value):,} characters)"
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text):,} characters)"
+
+
+def value_text(value: object) -> str:
+    """``str(value)`` for a message where it is short and printable (a setting: ``0.0314``, ``tiny-key``),
+    else its :func:`excerpt` (quoted, escaped, cut): a setting read from a file may be neither."""
+    text = str(value)
+    return text if len(text) <= EXCERPT_CHARS and text.isprintable() else excerpt(value)
 
 
 def error_chain(error: BaseException) -> Iterator[BaseException]:

@@ -46,7 +46,7 @@ from .engine import (PRESETS, SAMPLE_PASS_ELEMENTS, FastPreemption, ForeBackConf
                      eval_mode)  # fmt: skip
 from .batches import ComputeThread, QueuedTransfer
 from .device import default_io_workers, to_device
-from .errors import ConfigError, InputError, LabelError, reason_of
+from .errors import ConfigError, InputError, LabelError, excerpt, reason_of, value_text
 from .graphs import GraphedFunction, empty_cache
 from ._paths import expand_home
 from .hub import sha256_file
@@ -267,7 +267,7 @@ def differing_settings(recorded: Mapping[str, Any], current: Mapping[str, Any]) 
 
     def show(meta: Mapping[str, Any], key: str) -> str:
         value = meta[key]
-        return f"{value * 255:.4g}/255" if key == "eps" and isinstance(value, float) else str(value)
+        return f"{value * 255:.4g}/255" if key == "eps" and isinstance(value, float) else value_text(value)
 
     changed = []
     for key in _RUN_SETTINGS:
@@ -287,7 +287,7 @@ def differing_settings(recorded: Mapping[str, Any], current: Mapping[str, Any]) 
         if was == now and by_hash:  # one name, other weights: tell them apart by their hashes
             was, now = f"{was} (sha256 {recorded[sha][:12]})", f"{now} (sha256 {current[sha][:12]})"
         elif was == now:  # values too close to show apart (eps 0.031372 and 8/255)
-            was, now = repr(recorded[key]), repr(current[key])
+            was, now = excerpt(recorded[key]), excerpt(current[key])
         changed.append(f"{key} {was} -> {now}")
     return changed
 
@@ -545,7 +545,7 @@ class Protector:
         self.preset = preset if preset is not None else self.config.preset
         # recorded in every output: a name it has (edited metadata may give a dict, which no set holds)
         if self.preset is not None and not (isinstance(self.preset, str) and self.preset in PRESETS):
-            raise ConfigError(f"unknown preset {self.preset!r}: choose one of {', '.join(PRESETS)}")
+            raise ConfigError(f"unknown preset {excerpt(self.preset)}: choose one of {', '.join(PRESETS)}")
         if (labels not in ("classifier", "backbone", "folders") if isinstance(labels, str)
                 else not isinstance(labels, LabelMap)):  # fmt: skip
             # None, a number or a list passed, and the run failed deep inside (AttributeError)

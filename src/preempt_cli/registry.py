@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from ._paths import expand_home
-from .errors import ConfigError, ImageWriteError, RegistryError, UnknownModelError, clip
+from .errors import ConfigError, ImageWriteError, RegistryError, UnknownModelError, clip, excerpt
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -651,7 +651,7 @@ def get_model_config(name: str, extra: Sequence[Path | str] | Path | str = ()) -
         RegistryError: see :func:`load_registry`.
     """
     if not isinstance(name, str):
-        raise ConfigError(f"model name must be a string, got {name!r} ({type(name).__name__})")
+        raise ConfigError(f"model name must be a string, got {excerpt(name)} ({type(name).__name__})")
     models = load_registry(extra)
     try:
         return models[name]

@@ -45,7 +45,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .attacks import PGD
 from .engine import MAX_SEED, eval_mode, native_bf16, refuse_int_levels
-from .errors import ConfigError, ImageReadError, first_line
+from .errors import ConfigError, ImageReadError, clip, first_line, value_text
 from .hub import save_safetensors, sha256_file
 from ._paths import expand_home
 from .imageio import DEFAULT_MAX_PIXELS, gray16_levels, max_file_bytes
@@ -606,6 +606,7 @@ def _load_checkpoint(path: Path, model: ImageModel, opt: torch.optim.Optimizer, 
         raise
     except Exception as e:  # safetensors, torch and json raise many types for a damaged file
         reason = f"missing {e}" if isinstance(e, KeyError) else str(e).splitlines()[0] if str(e) else type(e).__name__
+        reason = clip(reason, 200)  # it can quote the file's metadata (a key of its history), of any length
         raise ConfigError(f"{path}: damaged checkpoint ({reason}); delete it, or run with --force instead of "
                           "--resume, to start over") from None  # fmt: skip
 
@@ -624,7 +625,8 @@ def _differences(saved: str | None, now: str) -> str:
         a, b = old.get("config", {}).get(key), new["config"].get(key)
         if a != b:
             option = {"max_batches_per_epoch": "max-batches"}.get(key, key.replace("_", "-"))
-            found.append(f"{option} {a} there, {b} here")
+            # the checkpoint's side is its file's to say: shown escaped and cut (see value_text)
+            found.append(f"{value_text(option)} {value_text(a)} there, {value_text(b)} here")
     found += [labels[k] for k in labels if old.get(k) != new.get(k)]
     return "; ".join(found) or "unknown"
 

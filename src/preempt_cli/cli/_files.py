@@ -18,7 +18,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, SpinnerColumn, TextCol
 
 from ..device import configure_cpu, resolve_devices
 from ..engine import PRECISIONS, PRESETS, ForeBackConfig, check_seed, parse_eps
-from ..errors import ConfigError, PreemptError, UnknownModelError
+from ..errors import ConfigError, PreemptError, UnknownModelError, excerpt
 from .._paths import expand_home
 from ..imageio import DEFAULT_MAX_PIXELS, display_name, is_fifo, lift_pillow_pixel_limit, read_images, read_png_text
 from ..inputs import (OUTPUT_MARKERS, PROTECTED_SUFFIX, REVERTED_SUFFIX, InputFile, assign_outputs, collect_inputs,
@@ -520,7 +520,7 @@ def _white_box_groups(items: list[InputFile], max_pixels: int) -> Iterator[White
             else:  # named directly: a file gone, damaged or no image fails with its read's own reason
                 problem = _unreadable(item, max_pixels) or problem
         elif meta.get("kind") != "protected":
-            problem = f"not a protected image (preempt metadata of a {meta.get('kind')!r} image)"
+            problem = f"not a protected image (preempt metadata of a {excerpt(meta.get('kind'))} image)"
             meta, skip = None, item.root is not None
         else:
             try:
@@ -551,7 +551,7 @@ def _white_box_reverter(meta: dict[str, Any], model: Callable[[str], Any], seed:
     for role in ("backbone", "classifier"):  # edited metadata: a number or null is no model's name
         name = meta.get(role)
         if (role == "backbone" or name is not None) and not (isinstance(name, str) and name):
-            raise ValueError(f"recorded {role} {name!r} is not a model name (edited metadata?): revert it black-box")
+            raise ValueError(f"recorded {role} {excerpt(name)} is not a model name (edited metadata?): revert it black-box")
     bb = model(meta["backbone"])
     # Ground-truth labels of the defender are not the attacker's to have: without a recorded
     # classifier, the attacker labels with the backbone.
@@ -570,7 +570,7 @@ def _white_box_reverter(meta: dict[str, Any], model: Callable[[str], Any], seed:
             raise ValueError("the metadata records no seed: give the defender's with --seed")
         seed = meta["seed"]
         if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"recorded seed {seed!r} is not an integer")
+            raise ValueError(f"recorded seed {excerpt(seed)} is not an integer")
     return Reverter(bb, clf, config=ForeBackConfig(**settings), seed=seed,
                     labels="classifier" if clf is not None else "backbone", preset=meta.get("preset"),
                     precision=precision or recorded_precision, compile=compile)  # fmt: skip
