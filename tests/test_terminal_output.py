@@ -164,3 +164,16 @@ def test_excerpt_and_value_text_cut_long_values_and_escape_control_characters() 
     assert excerpt("a\x1b[31m") == value_text("a\x1b[31m") == "'a\\x1b[31m'"
     assert excerpt("é" * 81) == f"{'é' * 80!r}… (81 characters)"
     assert excerpt(list(range(100))).endswith("… (390 characters)") and len(excerpt(list(range(100)))) < 110
+
+
+# -- standalone_mode=False -------------------------------------------------------------------------------------
+
+
+def test_a_usage_error_of_a_caller_in_python_is_logged_with_the_exit_code_of_the_command_line(tmp_path: Path) -> None:
+    log = tmp_path / "run.log"
+    with pytest.raises(Exception) as raised:  # Click's usage error, for the caller to handle
+        app(["models", "show", "--log", str(log)], standalone_mode=False)
+    assert raised.value.exit_code == 2
+    lines = [line.split(": ", 1)[1] for line in log.read_text().splitlines()]
+    assert lines[-2].startswith("Missing argument 'name'") and "Traceback" not in log.read_text()
+    assert lines[-1].startswith("exit code 2 (usage, setup or internal error) after ")

@@ -34,11 +34,23 @@ def _usage_error_line(error: Exception) -> None:
     if ctx is not None and ctx.find_root().command.name != "preempt":
         _rich_format_error(error)
         return
-    hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-    message = " ".join(error.format_message().split())
-    line = f"error: {message.rstrip('.') if hint else message}{hint}"
+    line = _usage_error_text(error)
     _logfile.usage_error(line)
     sys.stderr.write(f"{line}\n")
+
+
+def _usage_error_text(error: Exception) -> str:
+    """``error: MESSAGE (see 'preempt CMD --help')``: a usage error of the parser, on one line."""
+    ctx = getattr(error, "ctx", None)
+    hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+    message = " ".join(error.format_message().split())
+    return f"error: {message.rstrip('.') if hint else message}{hint}"
+
+
+def _is_click_exception(error: BaseException) -> bool:
+    """Whether ``error`` is one of Click's (a usage error, exit 2): by name, as the click that Typer bundles
+    is not necessarily the installed one."""
+    return any(cls.__name__ == "ClickException" for cls in type(error).__mro__)
 
 
 # Typer formats click's usage errors with this function (it looks it up when one happens)
@@ -60,9 +72,15 @@ class _Preempt(typer.core.TyperGroup):
         except KeyboardInterrupt:  # as main() ends it
             _logfile.end(EXIT_INTERRUPTED, _common.exit_meaning(EXIT_INTERRUPTED))
             raise
-        except BaseException:  # Python ends the process with the traceback and 1
-            _logfile.say(traceback.format_exc(), logging.ERROR)
-            _logfile.end(1)
+        except BaseException as e:
+            if _is_click_exception(e):
+                # standalone_mode=False (a caller in Python): Click raises its usage error instead of printing it
+                # and exiting with its code (2); the log says it as the command line's run does, not "exit 1"
+                _logfile.usage_error(_usage_error_text(e))
+                _logfile.end(e.exit_code, _common.exit_meaning(e.exit_code))
+            else:  # Python ends the process with the traceback and 1
+                _logfile.say(traceback.format_exc(), logging.ERROR)
+                _logfile.end(1)
             raise
         code = result if isinstance(result, int) else _common.EXIT_OK  # standalone_mode=False
         _logfile.end(code, _common.exit_meaning(code))
