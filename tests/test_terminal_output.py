@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import typer
 from PIL import Image, PngImagePlugin
 from rich.console import Console
 from typer.testing import CliRunner
@@ -177,3 +178,12 @@ def test_a_usage_error_of_a_caller_in_python_is_logged_with_the_exit_code_of_the
     lines = [line.split(": ", 1)[1] for line in log.read_text().splitlines()]
     assert lines[-2].startswith("Missing argument 'name'") and "Traceback" not in log.read_text()
     assert lines[-1].startswith("exit code 2 (usage, setup or internal error) after ")
+
+
+def test_a_usage_error_escapes_what_was_typed(capsys) -> None:
+    from preempt_cli.cli import _usage_error_line
+
+    # Click 8.1 quotes an unknown option as it was typed (typer 0.29's own copy escapes it)
+    _usage_error_line(typer.BadParameter("No such option: --\x1b[31mx"))
+    assert capsys.readouterr().err == "error: Invalid value: No such option: --\\x1b[31mx\n"
+

@@ -40,10 +40,12 @@ def _usage_error_line(error: Exception) -> None:
 
 
 def _usage_error_text(error: Exception) -> str:
-    """``error: MESSAGE (see 'preempt CMD --help')``: a usage error of the parser, on one line."""
+    """``error: MESSAGE (see 'preempt CMD --help')``: a usage error of the parser, on one line, its control
+    characters escaped: some Clicks (8.1) quote an unknown option as it was typed, and a script's arguments
+    can be file names."""
     ctx = getattr(error, "ctx", None)
     hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-    message = " ".join(error.format_message().split())
+    message = _common.one_line(" ".join(error.format_message().split()))
     return f"error: {message.rstrip('.') if hint else message}{hint}"
 
 
