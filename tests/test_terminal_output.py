@@ -187,3 +187,24 @@ def test_a_usage_error_escapes_what_was_typed(capsys) -> None:
     _usage_error_line(typer.BadParameter("No such option: --\x1b[31mx"))
     assert capsys.readouterr().err == "error: Invalid value: No such option: --\\x1b[31mx\n"
 
+
+def test_a_label_file_error_quotes_its_contents_cut(tmp_path: Path) -> None:
+    from preempt_cli.errors import LabelError
+    from preempt_cli.labels import read_label_file
+
+    labels = tmp_path / "labels.csv"
+    labels.write_text(f"a.png,cat\na.png,{'d' * 100_000}\n")
+    with pytest.raises(LabelError) as raised:
+        read_label_file(labels)
+    assert str(raised.value) == (f"{labels}: row 2 gives a.png the label {'d' * 80!r}… (100,000 characters), an "
+                                 "earlier row 'cat'")  # fmt: skip
+
+
+def test_a_label_file_with_a_field_past_the_csv_limit_is_a_label_error(tmp_path: Path) -> None:
+    from preempt_cli.errors import LabelError
+    from preempt_cli.labels import read_label_file
+
+    labels = tmp_path / "labels.csv"
+    labels.write_text(f"a.png,{'d' * 200_000}\n")  # csv refuses a field over 128 KiB: it was an internal error
+    with pytest.raises(LabelError, match=r"labels.csv: not valid CSV \(field larger than field limit"):
+        read_label_file(labels)

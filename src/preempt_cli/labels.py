@@ -12,7 +12,7 @@ import json
 import os
 from pathlib import Path
 
-from .errors import LabelError, first_line
+from .errors import LabelError, excerpt, first_line, value_text
 from .inputs import InputFile
 from .registry import ModelConfig
 
@@ -93,12 +93,15 @@ def read_label_file(path: Path | str) -> LabelMap:
                 f = next((row[c] for c in _FILE_COLUMNS if c in row), None)
                 lab = next((row[c] for c in _LABEL_COLUMNS if c in row), None)
                 if f is None or lab is None:
-                    raise LabelError(f"{path}: each entry needs a file and a label field, got {row}")
+                    raise LabelError(f"{path}: each entry needs a file and a label field, got {excerpt(row)}")
                 entries[str(f)] = lab
         else:
             raise LabelError(f"{path}: expected an object {{file: label}} or a list of objects")
     else:
-        rows = [r for r in csv.reader(text.splitlines()) if r and any(c.strip() for c in r)]
+        try:
+            rows = [r for r in csv.reader(text.splitlines()) if r and any(c.strip() for c in r)]
+        except csv.Error as e:  # a field past csv's limit (128 KiB): an internal error before
+            raise LabelError(f"{path}: not valid CSV ({first_line(e)})") from e
         if rows and rows[0][0].strip().lower() in _FILE_COLUMNS:
             header = [c.strip().lower() for c in rows[0]]
             fi = header.index(rows[0][0].strip().lower())
@@ -106,16 +109,17 @@ def read_label_file(path: Path | str) -> LabelMap:
             rows = [[r[fi], r[li]] if len(r) > max(fi, li) else r for r in rows[1:]]
         for n, row in enumerate(rows, 1):
             if len(row) < 2:
-                raise LabelError(f"{path}: row {n} needs two columns (file,label), got {row}")
+                raise LabelError(f"{path}: row {n} needs two columns (file,label), got {excerpt(row)}")
             file, label = row[0].strip(), row[1].strip()
             if entries.get(file, label) != label:
-                raise LabelError(f"{path}: row {n} gives {file} the label {label!r}, an earlier row {entries[file]!r}")
+                raise LabelError(f"{path}: row {n} gives {value_text(file)} the label {excerpt(label)}, an earlier row "
+                                  f"{excerpt(entries[file])}")  # fmt: skip
             entries[file] = label
     if not entries:
         raise LabelError(f"{path}: no labels found")
     for key, value in entries.items():
         if not isinstance(value, (str, int)) or isinstance(value, bool):
-            raise LabelError(f"{path}: label of {key} must be a class index or name, got {value!r}")
+            raise LabelError(f"{path}: label of {value_text(key)} must be a class index or name, got {excerpt(value)}")
     return LabelMap(entries, path)
 
 
