@@ -2249,6 +2249,42 @@ def test_an_output_another_run_writes_meanwhile_is_not_replaced(tmp_path: Path, 
     assert sorted(p.name for p in out.iterdir()) == [f"img{i}.protected.png" for i in range(3)]
 
 
+@pytest.mark.parametrize("io", ["threads", "processes"])
+def test_an_output_another_run_makes_meanwhile_with_these_settings_is_skipped(
+        tmp_path: Path, tiny_backbone, monkeypatch: pytest.MonkeyPatch, io: str) -> None:  # fmt: skip
+    """Two job-array tasks given the same shard (a requeued task whose first run still goes): each file
+    the other run wrote first failed, "appeared while this run was writing it", and the run exited 1,
+    though that file is what a re-run skips (this input, these settings). It is now skipped as a re-run
+    skips it; an output made otherwise still fails (the test above)."""
+    from preempt_cli import ForeBackConfig, Protector, collect_inputs
+
+    _images(tmp_path / "in", n=3)
+    first, out = tmp_path / "first", tmp_path / "out"
+    options = {"io": io, "workers": 2}
+    with Protector(tiny_backbone, labels="backbone", config=ForeBackConfig(samples=1)) as protector:
+        list(protector.run(collect_inputs([tmp_path / "in"]), RunOptions(out_dir=first, **options)))
+    made_first = (first / "img0.protected.png").read_bytes()
+    real_decoded = Protector._decoded
+
+    def another_run_writes(self, item, output, options, picture):  # between this run's choice and its write
+        if item.path.name == "img0.png":
+            output.parent.mkdir(parents=True, exist_ok=True)
+            output.write_bytes(made_first)
+        return real_decoded(self, item, output, options, picture)
+
+    monkeypatch.setattr(Protector, "_decoded", another_run_writes)
+    with Protector(tiny_backbone, labels="backbone", config=ForeBackConfig(samples=1)) as protector:
+        results = {r.input.name: r for r in protector.run(collect_inputs([tmp_path / "in"]),
+                                                          RunOptions(out_dir=out, **options))}  # fmt: skip
+    made = out / "img0.protected.png"
+    assert results["img0.png"].status == "skipped", results["img0.png"].reason
+    assert results["img0.png"].output == made
+    assert results["img0.png"].reason == f"output exists: {made} (made meanwhile by another run with these settings)"
+    assert made.read_bytes() == made_first
+    assert results["img1.png"].status == results["img2.png"].status == "done"
+    assert sorted(p.name for p in out.iterdir()) == [f"img{i}.protected.png" for i in range(3)]
+
+
 @pytest.mark.skipif(not hasattr(__import__("signal"), "SIGHUP"), reason="POSIX signals")
 def test_a_signal_the_command_was_started_ignoring_stays_ignored(tmp_path: Path) -> None:
     """``nohup preempt protect ... &``: SIGHUP ignored from the start must not become a stop (it did once

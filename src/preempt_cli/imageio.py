@@ -1238,7 +1238,9 @@ def _link_new(tmp_name: str, path: Path) -> bool:
         # NFS may answer a retried link() that did succeed with EEXIST: then ``path`` is our own file
         if same_file(tmp_name, path):
             return True
-        raise ImageWriteError(path, "appeared while this run was writing it (another run?); left as is") from None
+        # errno EEXIST: the caller can tell this from other failures (the output may be the one it would write)
+        raise ImageWriteError(path, "appeared while this run was writing it (another run?); left as is",
+                              errno=errno.EEXIST) from None
     except OSError as e:
         # Windows reports a FAT or exFAT volume's missing hard links as "Incorrect function" (EINVAL)
         if e.errno in _NO_HARD_LINKS or getattr(e, "winerror", None) in (1, 50):

@@ -930,7 +930,9 @@ class Protector:
     def _finish_write(self, pending: _Pending, before: float, after: float, label: int, seconds: float,
                       outcome: tuple[str | None, int, int | None]) -> FileResult:  # fmt: skip
         """The result of an output, from what :func:`~preempt_cli.imageio.write_pngs` said of it."""
-        error, linf_levels, _ = outcome
+        error, linf_levels, number = outcome
+        if error is not None and number == errno.EEXIST:  # another run wrote it first
+            return self._made_meanwhile(pending) or FileResult(pending.item.path, "failed", reason=error)
         if error is not None:
             return FileResult(pending.item.path, "failed", reason=error)
         return FileResult(
@@ -946,6 +948,16 @@ class Protector:
             seconds=round(seconds, 6),
             warnings=list(pending.picture.notes) or None,
         )
+
+    def _made_meanwhile(self, pending: _Pending) -> FileResult | None:
+        """Skipped, where the output that another run put in place while this one computed it is one a
+        re-run would skip (made from this input, with these settings: two tasks of a job array given the same
+        shard); None otherwise (the caller fails the file: that output is left as it is)."""
+        judged = self._existing_output(pending.item, pending.output)
+        if judged is None or judged.status != "skipped":
+            return None
+        return FileResult(pending.item.path, "skipped", output=pending.output,
+                          reason=f"output exists: {pending.output} (made meanwhile by another run with these settings)")
 
     @classmethod
     def run_options(cls, options: RunOptions | None = None) -> RunOptions:
