@@ -269,6 +269,38 @@ with _stop_on_interrupt("stopping: finishing the batch"):
     assert done.stderr.splitlines()[0] == "preempt: stopping: finishing the batch"
 
 
+@pytest.mark.parametrize("signame, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_a_stop_that_also_ends_the_reader_of_stdout_exits_as_a_stop(tmp_path: Path, signame: str, code: int) -> None:
+    """``preempt protect ... --json | jq``, Ctrl-C (or scancel's SIGTERM to the whole step): the reader
+    ends with preempt, whose listing of the files it finished meanwhile then hits the closed pipe. That
+    exited 141 ("stdout closed by its reader", also in the --log file), without the line that says the
+    run was interrupted and what a re-run does: the stop's own code and line now."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "stop_and_reader_gone.py"
+    script.write_text(f"""
+import os, signal, sys, time
+import typer
+from preempt_cli.cli._common import handle_errors
+
+try:
+    with handle_errors(stopping="stopping"):
+        try:
+            os.kill(os.getpid(), signal.{signame})
+            time.sleep(5)
+        except KeyboardInterrupt:  # a run finishes the files being written, then lists them
+            pass
+        raise BrokenPipeError(32, "Broken pipe")  # the reader was stopped too
+except typer.Exit as e:
+    sys.exit(e.exit_code)
+""")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == code, done.stderr
+    assert done.stderr.splitlines()[-1].startswith("error: interrupted"), done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_ctrl_c_once_the_command_is_over_or_before_it_starts_prints_no_traceback(tmp_path: Path) -> None:
     """A press while the interpreter exited after a finished run (torch's atexit clean-up) printed
     "Exception ignored in atexit callback ... KeyboardInterrupt"; one while the CLI imported torch ended it

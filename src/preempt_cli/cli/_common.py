@@ -13,7 +13,7 @@ import threading
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Iterator, Optional
+from typing import Annotated, Any, Iterator, NoReturn, Optional
 
 import torch
 import typer
@@ -357,15 +357,11 @@ def handle_errors(interrupted: str = "outputs written so far are complete; run a
         # The reader of stdout went away: stop quietly, as Unix tools do. Pointing stdout at /dev/null keeps
         # the interpreter's final flush from failing again (the recipe of Python's signal module docs).
         _silence_stdout()
+        if stop.signum is not None:  # the Ctrl-C (SIGTERM) that stopped the run ended its reader too
+            _interrupted_exit(stop, interrupted)
         raise typer.Exit(EXIT_BROKEN_PIPE) from None
     except KeyboardInterrupt:
-        # outputs written so far are complete (atomic writes); a re-run skips them and does the rest
-        by = "" if stop.signum in (None, signal.SIGINT) else f" by {signal.Signals(stop.signum).name}"
-        try:
-            error_line(f"interrupted{by}: {interrupted}")
-        except OSError:  # stderr was the terminal that hung up
-            pass
-        raise typer.Exit(stop.exit_code) from None
+        _interrupted_exit(stop, interrupted)
     except PreemptError as e:
         if debug_enabled():  # the traceback too, and the same exit code: a usage error stays 2
             traceback.print_exc(file=sys.stderr)
@@ -379,6 +375,17 @@ def handle_errors(interrupted: str = "outputs written so far are complete; run a
         _logfile.say(traceback.format_exc(), logging.ERROR)
         error_line(f"internal error: {type(e).__name__}: {e} (set PREEMPT_DEBUG=1 for the traceback)")
         raise typer.Exit(EXIT_USAGE) from None
+
+
+def _interrupted_exit(stop: _Stop, interrupted: str) -> NoReturn:
+    """Say that the command was interrupted (``interrupted``: what a re-run does) and exit with the stop's
+    code: outputs written so far are complete (atomic writes); a re-run skips them and does the rest."""
+    by = "" if stop.signum in (None, signal.SIGINT) else f" by {signal.Signals(stop.signum).name}"
+    try:
+        error_line(f"interrupted{by}: {interrupted}")
+    except OSError:  # stderr was the terminal that hung up
+        pass
+    raise typer.Exit(stop.exit_code) from None
 
 
 def _silence_stdout() -> None:
