@@ -38,9 +38,12 @@ from typing import Any
 
 import torch
 
-from preempt_cli.device import resolve_device
-from preempt_cli.evaluate import AttackSpec, DefenseSpec, Evaluator, load_dataset, reversion_protocol
-from preempt_cli.models import load_model
+import _checkout  # benchmarks/ is on sys.path
+
+_checkout.put_checkout_src_first()  # the checkout's code, installed or not (no PYTHONPATH=src needed)
+from preempt_cli.device import resolve_device  # noqa: E402
+from preempt_cli.evaluate import AttackSpec, DefenseSpec, Evaluator, load_dataset, reversion_protocol  # noqa: E402
+from preempt_cli.models import load_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"

@@ -47,6 +47,9 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _checkout  # noqa: E402
+
+_checkout.put_checkout_src_first()  # the checkout's code, installed or not (no PYTHONPATH=src needed)
 from bench_eval import machine, merge_update, table  # noqa: E402
 
 from preempt_cli.evaluate import AttackSpec, DefenseSpec, Evaluator, load_dataset, reversion_protocol  # noqa: E402

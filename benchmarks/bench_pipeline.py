@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import json
 import os
 import shutil
@@ -36,21 +35,15 @@ from typing import Any, ContextManager, NamedTuple, Sequence
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-try:
-    importlib.import_module("preempt_cli.protect")
-except ImportError:  # not installed and no PYTHONPATH=src (a lent GPU machine): the source tree beside this script
-    if not (REPO / "src" / "preempt_cli").is_dir():
-        raise
-    for _name in [m for m in sys.modules if m.split(".")[0] == "preempt_cli"]:
-        del sys.modules[_name]
-    sys.path.insert(0, str(REPO / "src"))
-# trace_e2e.py and bench_protect.py import this module before preempt_cli: the same holds for them.
+import _checkout  # benchmarks/ is on sys.path
+
+_checkout.put_checkout_src_first()  # the checkout's code, installed or not (no PYTHONPATH=src needed)
 from preempt_cli import ForeBackConfig, Protector, RunOptions, collect_inputs  # noqa: E402
 from preempt_cli.device import default_io_workers  # noqa: E402
 from preempt_cli.models import ImageModel  # noqa: E402
 from preempt_cli.registry import ModelConfig, Source  # noqa: E402
 
+REPO = Path(__file__).resolve().parents[1]
 CIFAR = REPO.parent / "shared" / "data" / "cifar10" / "test"
 
 

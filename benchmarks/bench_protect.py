@@ -77,7 +77,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench_pipeline import PipelineTrace, median_split  # noqa: E402 (benchmarks/ is on sys.path)
+import _checkout  # benchmarks/ is on sys.path
+
+_checkout.put_checkout_src_first()  # the checkout's code, installed or not (no PYTHONPATH=src needed)
+from bench_pipeline import PipelineTrace, median_split  # noqa: E402
 from preempt_cli import ForeBackConfig, Protector, RunOptions, collect_inputs, load_model, read_image
 from preempt_cli.device import default_cpu_threads, resolve_device, tune_malloc
 from preempt_cli.engine import native_bf16

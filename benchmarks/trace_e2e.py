@@ -21,7 +21,7 @@ longest idle gaps. ``--gc-freeze on|off`` runs with the long-lived objects froze
 freezing them, for an A/B of that alone. Output: a summary on stdout and one JSON line (also ``--json-out``).
 Measured runs: ``results/gpu-h100/run6`` (see RESULTS.md).
 
-    PYTHONPATH=src python benchmarks/trace_e2e.py --device cuda --files 2048
+    python benchmarks/trace_e2e.py --device cuda --files 2048
 """
 
 from __future__ import annotations
@@ -40,6 +40,9 @@ from typing import Any, Callable, ContextManager
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _checkout  # noqa: E402
+
+_checkout.put_checkout_src_first()  # the checkout's code, installed or not (no PYTHONPATH=src needed)
 from bench_pipeline import PipelineTrace, covered  # noqa: E402
 from bench_protect import (  # noqa: E402
     SHARED,

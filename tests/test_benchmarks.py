@@ -75,37 +75,69 @@ def test_bench_pipeline_splits_each_run_into_its_parts(bench_pipeline, capsys: p
     assert processes["projected_files_per_s"] <= report["engine_images_per_s"]
 
 
-@pytest.mark.parametrize("script", ["bench_pipeline.py", "trace_e2e.py", "bench_protect.py"])
-def test_the_benchmarks_import_the_source_tree_where_nothing_is_installed(script: str) -> None:
-    """A lent GPU machine has no preempt_cli installed, and a command of a GPU call may not set PYTHONPATH=src
-    (bench_pipeline.py then stopped at its first import): the scripts take the source tree beside them."""
-    src = str(BENCHMARKS.parent / "src")
-    code = f"""
-import importlib.abc, runpy, sys
-src = {src!r}
+BENCHMARK_SCRIPTS = sorted(p.name for p in BENCHMARKS.glob("*.py") if not p.name.startswith("_"))
 
-class NotInstalled(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] == "preempt_cli" and src not in sys.path:
-            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
-        return None
+# Started in the interpreter below, it reports at exit where preempt_cli came from ("-": never imported).
+_REPORT_PREEMPT_CLI_AT_EXIT = """
+import atexit, sys
 
-sys.meta_path.insert(0, NotInstalled())
-sys.path = [{str(BENCHMARKS)!r}] + [p for p in sys.path if p != src]  # as `python benchmarks/{script}` starts
-sys.argv = [{script!r}, "--help"]
-try:
-    runpy.run_path({str(BENCHMARKS / script)!r}, run_name="__main__")
-except SystemExit as end:
-    assert not end.code, end.code
-import preempt_cli
-print(preempt_cli.__file__)
+def _report():
+    module = sys.modules.get("preempt_cli")
+    sys.stderr.write("\\npreempt_cli from: %s\\n" % (getattr(module, "__file__", None) or "-"))
+
+atexit.register(_report)
 """
+
+
+@pytest.fixture(scope="module")
+def python_without_preempt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An interpreter with this one's packages (torch, ...) and no preempt_cli: a virtual environment whose
+    one .pth lists this interpreter's site-packages. Python reads the .pth files of its own site-packages
+    only, so an install of preempt_cli there (an editable one, as in CI: a .pth of its own) is not seen,
+    as on a lent GPU machine where nothing is installed."""
+    import site
+    import sysconfig
+    import venv
+
+    site_dirs = [Path(d) for d in [*site.getsitepackages(), site.getusersitepackages()] if Path(d).is_dir()]
+    installed = [d for d in site_dirs if (d / "preempt_cli" / "__init__.py").is_file()]
+    if installed:
+        pytest.skip(f"preempt_cli is installed as a package (not editable) in {installed[0]}, beside torch")
+    env = tmp_path_factory.mktemp("no-preempt-venv")
+    venv.EnvBuilder(with_pip=False, symlinks=os.name != "nt").create(env)
+    python = env / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+    own_site = Path(sysconfig.get_path("purelib", vars={"base": str(env), "platbase": str(env)}))
+    assert own_site.is_dir(), own_site  # the environment's site-packages, as venv made it
+    (own_site / "this_interpreters_packages.pth").write_text("".join(f"{d}\n" for d in site_dirs))
+    (own_site / "sitecustomize.py").write_text(_REPORT_PREEMPT_CLI_AT_EXIT)
+    return python
+
+
+def _run_python(python: Path, *args: str, cwd: Path | None = None):
     import subprocess
 
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          cwd=BENCHMARKS.parent)  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}  # no PYTHONPATH=src
+    # -E: PYTHON* variables ignored all the same; -s: no user site-packages (-I would also leave out the
+    # script's folder, which `python benchmarks/NAME.py` puts first on sys.path)
+    return subprocess.run([str(python), "-E", "-s", *args], capture_output=True, text=True, timeout=300,
+                          cwd=cwd, env=env)  # fmt: skip
+
+
+@pytest.mark.parametrize("script", BENCHMARK_SCRIPTS)
+def test_every_benchmark_imports_the_checkouts_source_where_nothing_is_installed(
+    python_without_preempt: Path, tmp_path: Path, script: str
+) -> None:
+    """A lent GPU machine has no preempt_cli installed and a command may not set PYTHONPATH=src:
+    bench_eval.py and bench_keys.py stopped at their first import of preempt_cli. Every script takes the
+    checkout's src/ beside it, from any working folder (and before another checkout's install)."""
+    not_installed = _run_python(python_without_preempt, "-c", "import preempt_cli.protect", cwd=tmp_path)
+    assert not_installed.returncode != 0 and "ModuleNotFoundError" in not_installed.stderr  # the premise
+
+    done = _run_python(python_without_preempt, str(BENCHMARKS / script), "--help", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip().splitlines()[-1] == str(Path(src) / "preempt_cli" / "__init__.py")
+    assert "usage:" in done.stdout
+    imported_from = Path(done.stderr.strip().splitlines()[-1].removeprefix("preempt_cli from: "))
+    assert imported_from == BENCHMARKS.parent / "src" / "preempt_cli" / "__init__.py"
 
 
 def test_bench_protect_runs_every_part_on_a_few_images(tmp_path: Path) -> None:
