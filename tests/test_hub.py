@@ -803,6 +803,7 @@ def test_a_cached_model_is_used_when_a_proxy_refuses_the_hub(tmp_path, monkeypat
         return real(*args, **kwargs)
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", behind_a_proxy)
+    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", behind_a_proxy)  # preempt's one request first
     with caplog.at_level(logging.WARNING, logger="preempt_cli"):
         path = resolve_weights(_hf_cfg("hf://org/tiny/m.safetensors"))
     assert path.read_bytes() == data

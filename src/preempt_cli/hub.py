@@ -178,7 +178,7 @@ def _unreachable(model: str, src: str, reason: str) -> OfflineWeightsError:
     error.args = (
         f"weights of model {model!r} ({src}) are not in the local Hugging Face cache and cannot be downloaded "
         f"({reason}). Check the network connection (or the proxy: HTTPS_PROXY) and try again, or point the "
-        "model at a local file with --registry (without a network, HF_HUB_OFFLINE=1 spares the Hub's retries).",
+        "model at a local file with --registry.",
     )
     return error
 
@@ -257,7 +257,8 @@ def hub_download(cfg: ModelConfig, repo_id: str, filename: str, revision: str | 
     (:func:`hub_errors`). When the Hub cannot be reached, a copy in the cache is used (that copy of a branch
     may be older than the branch): huggingface_hub falls back to it itself, without a word, for most
     connection errors; for the others (a proxy's refusal, which failed runs whose weights were all cached)
-    it raises, and the copy is used here, with a warning.
+    it raises, and the copy is used here, with a warning. With nothing cached, a Hub out of reach is said at
+    once (:func:`_ask_the_hub_once_if_nothing_is_cached`), not after huggingface_hub's retries.
 
     Raises:
         see :func:`hub_errors`.
@@ -266,6 +267,7 @@ def hub_download(cfg: ModelConfig, repo_id: str, filename: str, revision: str | 
 
     try:
         with hub_errors(cfg):
+            _ask_the_hub_once_if_nothing_is_cached(repo_id, filename, revision)
             return Path(hf_hub_download(repo_id=repo_id, filename=filename, revision=revision))
     except OfflineWeightsError as unreachable:
         damaged = _dangling_cache_entry(repo_id, filename, revision)
@@ -284,6 +286,28 @@ def hub_download(cfg: ModelConfig, repo_id: str, filename: str, revision: str | 
                         first_line(unreachable.__cause__ or unreachable), cfg.source)  # fmt: skip
         return cached
     raise AssertionError("unreachable")  # pragma: no cover - hub_errors re-raises
+
+
+def _ask_the_hub_once_if_nothing_is_cached(repo_id: str, filename: str, revision: str | None) -> None:
+    """With nothing in the cache, one request for the file's metadata (``HF_HUB_ETAG_TIMEOUT``, no retries)
+    before ``hf_hub_download``; a network error (no DNS, connection refused, timeout, proxy) is raised at
+    once, for :func:`hub_errors` to say.
+
+    Where the Hub cannot be reached and nothing is cached, ``hf_hub_download`` (huggingface_hub 2.x) asks
+    again with retries: 5 more requests, 60 s each at most, 1 + 2 + 4 + 8 + 8 s apart: 23 s before the
+    error without DNS, minutes where packets are dropped. With a cached copy it falls back to it at once,
+    and with ``HF_HUB_OFFLINE`` it asks nothing: both are left to it. Any other answer (a file that is not
+    there, a refusal, a server's error) is left to ``hf_hub_download`` too, which meets it again and says it
+    as before (a server's 5xx still gets its retries)."""
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE or isinstance(try_to_load_from_cache(repo_id, filename, revision=revision), str):
+        return
+    try:
+        get_hf_file_metadata(hf_hub_url(repo_id, filename, revision=revision), timeout=constants.HF_HUB_ETAG_TIMEOUT)
+    except Exception as e:
+        if _is_network_error(e):
+            raise
 
 
 def _dangling_cache_entry(repo_id: str, filename: str, revision: str | None) -> tuple[Path, Path] | None:
