@@ -129,7 +129,7 @@ def test_every_benchmark_imports_the_checkouts_source_where_nothing_is_installed
 ) -> None:
     """A lent GPU machine has no preempt_cli installed and a command may not set PYTHONPATH=src:
     bench_eval.py and bench_keys.py stopped at their first import of preempt_cli. Every script takes the
-    checkout's src/ beside it, from any working folder (and before another checkout's install)."""
+    checkout's src/ beside it, from any working folder."""
     not_installed = _run_python(python_without_preempt, "-c", "import preempt_cli.protect", cwd=tmp_path)
     assert not_installed.returncode != 0 and "ModuleNotFoundError" in not_installed.stderr  # the premise
 
