@@ -269,6 +269,67 @@ with _stop_on_interrupt("stopping: finishing the batch"):
     assert done.stderr.splitlines()[0] == "preempt: stopping: finishing the batch"
 
 
+class _ReaderGoesAway(__import__("io").StringIO):
+    """A stdout whose reader takes ``lines`` lines, then goes away (``| head -1``)."""
+
+    def __init__(self, lines: int) -> None:
+        super().__init__()
+        self.lines = lines
+
+    def write(self, text: str) -> int:
+        if self.getvalue().count("\n") >= self.lines:
+            raise BrokenPipeError(32, "Broken pipe")
+        return super().write(text)
+
+
+def _a_run_stopped_mid_way(n: int = 4):
+    """Results of a run as ``Protector.run`` gives them: ``n`` files, then, stopped (the ``KeyboardInterrupt``
+    its caller throws in), the file it was writing then."""
+    from preempt_cli.protect import FileResult
+
+    try:
+        for i in range(n):
+            yield FileResult(Path(f"{i}.png"), "done", output=Path(f"{i}.protected.png"))
+    except KeyboardInterrupt:
+        yield FileResult(Path("late.png"), "done", output=Path("late.protected.png"))
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_a_run_whose_stdout_reader_goes_away_says_what_it_did(monkeypatch: pytest.MonkeyPatch, capsys,
+                                                              quiet: bool) -> None:
+    """``preempt protect ... | head -1`` stopped with no summary at all: how far it got was not said. The
+    summary now counts every file it wrote (those it finished after the reader went away too), unless -q."""
+    from preempt_cli.cli import _files
+
+    monkeypatch.setattr("sys.stdout", _ReaderGoesAway(lines=1))
+    with pytest.raises(BrokenPipeError):  # handle_errors turns it into exit 141
+        _files._drive(_a_run_stopped_mid_way(), 4, verb="protected", json_out=False, quiet=quiet)
+    summary = [line for line in capsys.readouterr().err.splitlines() if line.startswith("Protected")]
+    # 0.png listed, 1.png met the closed pipe, late.png was being written
+    assert [line.split(" in ")[0] for line in summary] == ([] if quiet else ["Protected 3, skipped 0, failed 0"])
+
+
+@pytest.mark.parametrize("written", [0, 2])
+def test_a_stop_before_any_output_says_nothing_was_written(tmp_path: Path, registry: Path,
+                                                          monkeypatch: pytest.MonkeyPatch, written: int) -> None:
+    """A Ctrl-C before protect wrote anything (while the models loaded, or in the first batch) said
+    "outputs written so far are complete", and the user looked for outputs that were not there."""
+    from preempt_cli.cli import _files
+
+    def stopped_run(protectors, items, options):
+        yield from list(_a_run_stopped_mid_way(written))[:written]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_files, "run_on_devices", stopped_run)
+    _images(tmp_path / "in", n=1)
+    result = run(["protect", str(tmp_path / "in"), *FAST, "--labels", "backbone"], registry)
+    assert result.exit_code == 130, result.output
+    said = ("no output was written; run again to do the rest" if not written
+            else "outputs written so far are complete; run again to do the rest")  # fmt: skip
+    assert result.stderr.splitlines()[-1] == f"error: interrupted: {said}"
+    assert f"Protected {written}, skipped 0, failed 0" in result.stderr
+
+
 @pytest.mark.parametrize("signame, code", [("SIGINT", 130), ("SIGTERM", 143)])
 def test_a_stop_that_also_ends_the_reader_of_stdout_exits_as_a_stop(tmp_path: Path, signame: str, code: int) -> None:
     """``preempt protect ... --json | jq``, Ctrl-C (or scancel's SIGTERM to the whole step): the reader
@@ -2103,10 +2164,26 @@ def test_results_that_cannot_reach_stdout_are_a_clear_error(monkeypatch: pytest.
     with pytest.raises(ConfigError, match="stdout is closed"):
         c.print_line("out.png")
     monkeypatch.setattr("sys.stdout", Full())
-    with pytest.raises(ConfigError, match="cannot write the results to stdout: No space left on device"):
+    with pytest.raises(c.StdoutWriteError, match="cannot write the results to stdout: No space left on device"):
         c.print_line("out.png")
     monkeypatch.setattr("sys.stdout", io.StringIO())
     c.print_line("out.png")  # and a working stdout gets the line
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+@pytest.mark.parametrize("command", [["protect", "--json"], ["models", "show", "tiny-key"]])
+def test_results_sent_to_a_full_device_fail_the_run_with_exit_1(tmp_path: Path, registry: Path,
+                                                                 command: list[str]) -> None:
+    """``> /dev/full`` exited 2, the code of a usage or setup error, though the command line was right (and
+    ``models show`` said it as an internal error): a full disk fails the run, exit 1, naming stdout and why."""
+    if command[0] == "protect":
+        _images(tmp_path / "in", n=1)
+        command = [*command, str(tmp_path / "in"), *FAST, "--labels", "backbone"]
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, "-m", "preempt_cli", *command, "--registry", str(registry)],
+                              stdout=full, stderr=subprocess.PIPE, text=True, env=_child_env(), timeout=120)  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.splitlines()[-1] == "error: cannot write the results to stdout: No space left on device"
 
 
 def test_protect_input_handling_of_a_black_box_test(tmp_path: Path, registry: Path) -> None:
@@ -2748,8 +2825,8 @@ def test_each_run_of_a_protector_batches_by_its_own_batch_size(tmp_path: Path, t
 
 @pytest.mark.parametrize(("args", "line"), [
     (["protect", "--bogus"], "error: No such option: --bogus"),
-    (["protect"], "error: Missing argument 'paths' (see 'preempt protect --help')"),
-    (["models", "show"], "error: Missing argument 'name' (see 'preempt models show --help')"),
+    (["protect"], "error: Missing argument 'PATH...' (see 'preempt protect --help')"),
+    (["models", "show"], "error: Missing argument 'NAME' (see 'preempt models show --help')"),
     (["bogus"], "error: No such command 'bogus' (see 'preempt --help')"),
 ])  # fmt: skip
 def test_usage_errors_of_the_parser_are_one_line_too(args: list[str], line: str) -> None:
@@ -3004,7 +3081,7 @@ def test_a_log_file_records_ctrl_c_usage_and_internal_errors_with_their_exit_cod
     with monkeypatch.context() as patch:
         patch.setattr(Protector, "_compute", interrupted)
         lines = logged(["-q"], 130, tmp_path / "ctrl-c.log")
-    assert "error: interrupted: outputs written so far are complete; run again to do the rest" in lines
+    assert "error: interrupted: no output was written; run again to do the rest" in lines
     assert lines[-1].startswith("error: exit code 130 (interrupted) after ")
     # usage errors: one the parser meets before --log is read (the log is opened to say it), one after
     lines = logged(["--sampels", "3"], 2, tmp_path / "typo.log")
@@ -3217,6 +3294,43 @@ def _option_metavars() -> dict[str, dict[str, str]]:
 
     walk(root, "")
     return shown
+
+
+def _argument_help() -> dict[str, list[tuple[str, str, str | None]]]:
+    """Each command's arguments as its help shows them: (usage line piece, name in the Arguments panel, type
+    column: None where the installed Typer shows none, as 0.28 never does from this API)."""
+    import typer.main
+
+    root = typer.main.get_command(app)
+    ctx = root.make_context("preempt", ["--help"], resilient_parsing=True)
+    shown: dict[str, list[tuple[str, str, str | None]]] = {}
+
+    def walk(command, path: str) -> None:
+        for name, sub in getattr(command, "commands", {}).items():
+            walk(sub, f"{path} {name}".strip())
+        for param in command.params:
+            if param.param_type_name == "argument":
+                # typer >= 0.29 names it through display_name_raw, 0.28 through its metavar
+                name = getattr(param, "display_name_raw", None) or param.metavar or param.name
+                show_type = getattr(param, "display_type_rich", None)
+                piece = " ".join(param.get_usage_pieces(ctx))
+                shown.setdefault(path, []).append((piece, name, show_type(ctx) if show_type else None))
+
+    walk(root, "")
+    return shown
+
+
+def test_arguments_show_their_metavar_as_the_options_do() -> None:
+    """Arguments were missed by the options' clean-up: the usage line said ``{paths}...`` and ``{data}``,
+    the help ``<list[str]>`` (as if one value held a list) and ``<path>`` beside them. Each now shows one
+    metavar, the README's, in the usage line and the help alike."""
+    expected = {"protect": ["PATH..."], "revert": ["PATH..."], "eval": ["DATA"], "train": ["DATA"],
+                "models show": ["NAME"], "models verify": ["NAME..."], "models convert": ["CHECKPOINT", "OUTPUT"]}  # fmt: skip
+    shown = _argument_help()
+    assert {path: [piece for piece, _, _ in arguments] for path, arguments in shown.items()} == expected
+    for path, arguments in shown.items():
+        for piece, name, type_column in arguments:
+            assert name == piece and type_column is None, (path, piece, name, type_column)
 
 
 def test_options_show_one_metavar_per_kind_of_value_across_commands() -> None:

@@ -176,7 +176,7 @@ def test_a_usage_error_of_a_caller_in_python_is_logged_with_the_exit_code_of_the
         app(["models", "show", "--log", str(log)], standalone_mode=False)
     assert raised.value.exit_code == 2
     lines = [line.split(": ", 1)[1] for line in log.read_text().splitlines()]
-    assert lines[-2].startswith("Missing argument 'name'") and "Traceback" not in log.read_text()
+    assert lines[-2].startswith("Missing argument 'NAME'") and "Traceback" not in log.read_text()
     assert lines[-1].startswith("exit code 2 (usage, setup or internal error) after ")
 
 

@@ -59,9 +59,38 @@ def _is_click_exception(error: BaseException) -> bool:
 typer.rich_utils.rich_format_error = _usage_error_line
 
 
+class _MetavarArgument(typer.core.TyperArgument):
+    """An argument shown by its metavar alone (``PATH...``, ``NAME``, ``DATA``), as the options show theirs
+    (``DIR``, ``FILE``, ``NAME``): Typer put the argument's name in braces in the usage line
+    (``{paths}...``) and its Python type beside the metavar in the help (``<list[str]>``: as if it took a
+    list in one value; ``<path>``). The metavar holds the ``...`` of a repeatable argument, as Click's do."""
+
+    def get_usage_pieces(self, ctx: Any) -> list[str]:
+        return [self.metavar if self.required else f"[{self.metavar}]"]
+
+    def display_type_rich(self, ctx: Any) -> None:
+        """No Python type in the help's type column (Typer 0.29 and later; 0.28 shows Click's type name)."""
+        return None
+
+
+def _show_arguments_by_metavar(command: Any) -> None:
+    """Show the arguments of ``command`` and its subcommands that are given a metavar by it alone (see
+    :class:`_MetavarArgument`). Typer builds every argument as a ``TyperArgument``, with no way to name
+    another class."""
+    for sub in getattr(command, "commands", {}).values():
+        _show_arguments_by_metavar(sub)
+    for param in command.params:
+        if type(param) is typer.core.TyperArgument and param.metavar is not None:
+            param.__class__ = _MetavarArgument
+
+
 class _Preempt(typer.core.TyperGroup):
     """The ``preempt`` command: each run ends its ``--log`` file with its exit code (the commands open it,
     see ``_common.LogOpt``), whichever way it ends: an exit code, Ctrl-C, an error escaping the commands."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _show_arguments_by_metavar(self)
 
     def main(self, args: Any = None, *more: Any, **kwargs: Any) -> Any:
         _logfile.begin(list(sys.argv[1:] if args is None else args))

@@ -85,8 +85,15 @@ def exit_meaning(code: int) -> str:
     return ""
 
 
+class StdoutWriteError(PreemptError):
+    """The results cannot be written to stdout (``> /dev/full``, a full disk): the run failed where it
+    was (exit 1), not at its use (exit 2 says the command line or the setup is wrong; a re-run with the
+    same command line on a disk with room works)."""
+
+
 #: One table maps library errors to exit codes (anything else is an internal error: 2, with a hint).
 ERROR_EXIT_CODES: dict[type[BaseException], int] = {
+    StdoutWriteError: EXIT_FAILURES,
     ConfigError: EXIT_USAGE,
     RegistryError: EXIT_USAGE,
     UnknownModelError: EXIT_USAGE,
@@ -225,12 +232,14 @@ _STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "S
 
 
 class _Stop:
-    """What stopped a command: the first stop signal's number (None: none came); and whether the main
-    thread is listing a result (see :func:`listing`), when the stop waits until that is done."""
+    """What stopped a command: the first stop signal's number (None: none came); whether the main
+    thread is listing a result (see :func:`listing`), when the stop waits until that is done; and whether
+    the command has written an output yet (see :func:`output_written`)."""
 
     signum: int | None = None
     listing: bool = False
     deferred: bool = False
+    outputs_written: bool = False
 
     @property
     def exit_code(self) -> int:
@@ -257,6 +266,18 @@ def _say(message: str, start: bytes | None = None) -> None:
 
 #: The stop of the command running in this process (None: no command, as where the library is used).
 _current_stop: _Stop | None = None
+
+
+def output_written() -> None:
+    """Record that the running command has written an output: a stop then says that the outputs written
+    so far are complete, and before it that nothing was written (see :func:`handle_errors`)."""
+    if _current_stop is not None:
+        _current_stop.outputs_written = True
+
+
+def stop_signalled() -> bool:
+    """Whether a stop signal (Ctrl-C, SIGTERM, SIGHUP) has come to the running command."""
+    return _current_stop is not None and _current_stop.signum is not None
 
 
 @contextmanager
@@ -338,12 +359,18 @@ INTERRUPTED_BEFORE_START = "interrupted: before the command started, nothing was
 command_started = False
 
 
+#: Said of a stop of protect or revert that came before they wrote any output (see :func:`handle_errors`).
+NOTHING_WRITTEN = "no output was written; run again to do the rest"
+
+
 @contextmanager
 def handle_errors(interrupted: str = "outputs written so far are complete; run again to do the rest",
-                  stopping: str | None = None) -> Iterator[None]:  # fmt: skip
+                  stopping: str | None = None, nothing_written: str | None = None) -> Iterator[None]:  # fmt: skip
     """Turn library errors into one ``error:`` line on stderr and the table's exit code; Ctrl-C (SIGTERM,
     SIGHUP) in stages (see :func:`_stop_on_interrupt`; ``stopping`` is said at the first), then
-    ``interrupted`` says what a re-run does."""
+    ``interrupted`` says what a re-run does; ``nothing_written``, if given, says it instead where the
+    command has recorded no output (:func:`output_written`): "outputs written so far are complete" of a
+    stop before the first output sent the user looking for files that were not there."""
     global command_started
     command_started = True
     _logfile.settings()
@@ -351,17 +378,12 @@ def handle_errors(interrupted: str = "outputs written so far are complete; run a
     try:
         with _stop_on_interrupt(stopping) as stop:
             yield
+    except (KeyboardInterrupt, BrokenPipeError) as e:
+        if nothing_written is not None and not stop.outputs_written:
+            interrupted = nothing_written
+        _end_stopped(e, stop, interrupted)
     except (typer.Exit, typer.Abort):
         raise
-    except BrokenPipeError:
-        # The reader of stdout went away: stop quietly, as Unix tools do. Pointing stdout at /dev/null keeps
-        # the interpreter's final flush from failing again (the recipe of Python's signal module docs).
-        _silence_stdout()
-        if stop.signum is not None:  # the Ctrl-C (SIGTERM) that stopped the run ended its reader too
-            _interrupted_exit(stop, interrupted)
-        raise typer.Exit(EXIT_BROKEN_PIPE) from None
-    except KeyboardInterrupt:
-        _interrupted_exit(stop, interrupted)
     except PreemptError as e:
         if debug_enabled():  # the traceback too, and the same exit code: a usage error stays 2
             traceback.print_exc(file=sys.stderr)
@@ -375,6 +397,19 @@ def handle_errors(interrupted: str = "outputs written so far are complete; run a
         _logfile.say(traceback.format_exc(), logging.ERROR)
         error_line(f"internal error: {type(e).__name__}: {e} (set PREEMPT_DEBUG=1 for the traceback)")
         raise typer.Exit(EXIT_USAGE) from None
+
+
+def _end_stopped(error: KeyboardInterrupt | BrokenPipeError, stop: _Stop, interrupted: str) -> NoReturn:
+    """Exit a command that a stop signal (``KeyboardInterrupt``) or the reader of stdout going away
+    (``BrokenPipeError``) ended."""
+    if isinstance(error, BrokenPipeError):
+        # The reader of stdout went away: stop quietly, as Unix tools do. Pointing stdout at /dev/null keeps
+        # the interpreter's final flush from failing again (the recipe of Python's signal module docs).
+        _silence_stdout()
+        if stop.signum is None:
+            raise typer.Exit(EXIT_BROKEN_PIPE) from None
+        # else the Ctrl-C (SIGTERM) that stopped the run ended its reader too
+    _interrupted_exit(stop, interrupted)
 
 
 def _interrupted_exit(stop: _Stop, interrupted: str) -> NoReturn:
@@ -545,7 +580,12 @@ def print_result(text: str) -> None:
     name, a description, a weights path) that must not reach a terminal as escape codes, nor split the line."""
     text = one_line(text)
     _log_result(text)
-    stdout.print(text, markup=False)
+    try:
+        stdout.print(text, markup=False)
+    except BrokenPipeError:  # the reader went away: handle_errors stops quietly
+        raise
+    except OSError as e:  # a full disk: as print_line says it, not an internal error
+        raise _stdout_failed(e) from e
 
 
 def shown_path(path: str | os.PathLike[str]) -> str:
@@ -565,7 +605,8 @@ def print_line(text: str, end: str = "\n") -> None:
     H100 spends on a small image.
 
     Raises:
-        ConfigError: stdout is closed, or fails otherwise than by a reader gone (a full disk).
+        ConfigError: stdout is closed.
+        StdoutWriteError: stdout fails otherwise than by a reader gone (a full disk).
     """
     check_stdout()
     _log_result(text)
@@ -591,7 +632,11 @@ def print_line(text: str, end: str = "\n") -> None:
     except BrokenPipeError:  # the reader went away: handle_errors stops quietly
         raise
     except OSError as e:
-        raise ConfigError(f"cannot write the results to stdout: {e.strerror or e}") from e
+        raise _stdout_failed(e) from e
+
+
+def _stdout_failed(error: OSError) -> StdoutWriteError:
+    return StdoutWriteError(f"cannot write the results to stdout: {error.strerror or error}")
 
 
 # -- options shared by several commands ---------------------------------------------------------------
@@ -619,7 +664,8 @@ DevicesOpt = Annotated[
                  envvar="PREEMPT_DEVICE", show_envvar=True),
 ]  # fmt: skip
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object per result on stdout.")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary; errors only.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress, summary, notes or warnings on stderr, "
+                                        "only errors; the results still go to stdout.")]
 VerboseOpt = Annotated[int, typer.Option("--verbose", "-v", count=True, help="More log output (-vv: debug).")]
 
 

@@ -42,7 +42,8 @@ from . import _common as c
 _logger = logging.getLogger("preempt_cli.cli")
 
 PathsArg = Annotated[
-    list[str], typer.Argument(help="Image files, folders (recursive), globs, or - to read paths from stdin.")
+    list[str],
+    typer.Argument(metavar="PATH...", help="Image files, folders (recursive), globs, or - to read paths from stdin."),
 ]
 
 
@@ -234,20 +235,31 @@ def _drive(results: Iterable[FileResult], total: int, *, verb: str, json_out: bo
     with progress:
         task = progress.add_task(verb.capitalize(), total=total, rate="")
 
-        last_listed: FileResult | None = None  # the latest result on stdout
+        last_reported: FileResult | None = None  # the latest result counted (and listed on stdout)
+        closed_stdout: BrokenPipeError | None = None  # the reader of stdout went away: results are counted only
         # a name as it is for the next command of a pipeline; on a terminal, quoted where it holds control
         # characters, as ls quotes it: a crafted name's escape codes must not reach the terminal
         shown = display_name if c.stdout_is_terminal() else str
 
+        def list_result(result: FileResult) -> None:
+            if json_out:
+                c.print_json(result.as_dict())
+            elif result.status == "done":
+                c.print_line(shown(result.output), end="\0" if print0 else "\n")
+
         def report(result: FileResult) -> None:
-            nonlocal last_listed
+            nonlocal last_reported, closed_stdout
             with c.listing():
-                if json_out:
-                    c.print_json(result.as_dict())
-                elif result.status == "done":
-                    c.print_line(shown(result.output), end="\0" if print0 else "\n")
-                last_listed = result
+                # counted before it is listed: a file whose line meets a closed stdout is on disk all the same
                 counts[result.status] += 1
+                last_reported = result
+                if result.status == "done":
+                    c.output_written()
+                if closed_stdout is None:
+                    try:
+                        list_result(result)
+                    except BrokenPipeError as e:  # the run stops once this result is told (see below)
+                        closed_stdout = e
             if result.status == "failed":
                 c.error_line(f"{result.input}: {result.reason}")
             elif result.status == "skipped":
@@ -266,18 +278,25 @@ def _drive(results: Iterable[FileResult], total: int, *, verb: str, json_out: bo
         try:
             for result in results:
                 report(result)
+                if closed_stdout is not None and not c.stop_signalled():
+                    break  # stopped below as by a stop (a run a stop reached stops itself: its results come on)
         except KeyboardInterrupt:
             # Ctrl-C that came while this loop, not the run, held the thread: the run still has to stop as
             # it does when the interrupt reaches it (finishing and reporting the files being written); a
             # result it came before the listing of is listed now (its file is on disk)
-            if result is not None and result is not last_listed:
-                report(result)
-            for result in finish_interrupted(results):
+            if result is not None and result is not last_reported:
                 report(result)
             interrupted = True
-    # an interrupted run's too: what it did, before the error line that says it stopped (with -q, in the
-    # --log file alone)
+        if interrupted or closed_stdout is not None:
+            # a stop (or a reader of stdout gone: no more batches) finishes the files being written, whose
+            # results count in the summary (listed where stdout still takes them)
+            for result in finish_interrupted(results):
+                report(result)
+    # a stopped run's too: what it did, before the error line that says it stopped (with -q, in the --log
+    # file alone)
     _summary(verb, counts, time.perf_counter() - start, quiet)
+    if closed_stdout is not None:  # (after a Ctrl-C too: handle_errors points stdout at /dev/null first)
+        raise closed_stdout
     if interrupted:
         raise KeyboardInterrupt
     return c.EXIT_FAILURES if counts["failed"] else c.EXIT_OK
@@ -422,7 +441,7 @@ def protect(
 ) -> None:
     """Protect images with Fast Preemption; writes <stem>.protected.png next to each original."""
     c.setup_logging(verbose, quiet)
-    with c.handle_errors(stopping=STOPPING):
+    with c.handle_errors(stopping=STOPPING, nothing_written=c.NOTHING_WRITTEN):
         _check_run(out_dir, max_pixels, json_out, print0)
         config = _config(preset, eps, eta, forward, backward, samples, backbone=backbone or DEFAULT_BACKBONE,
                          registry=registry)  # fmt: skip
@@ -649,7 +668,7 @@ def revert(
 ) -> None:
     """Preemptive Reversion (x~ = 2 x^r - D(x^r)): white-box with the same backbone, black-box with another."""
     c.setup_logging(verbose, quiet)
-    with c.handle_errors(stopping=STOPPING):
+    with c.handle_errors(stopping=STOPPING, nothing_written=c.NOTHING_WRITTEN):
         _check_run(out_dir, max_pixels, json_out, print0)
         options = Reverter.run_options(RunOptions(out_dir=out_dir, suffix=suffix, overwrite=overwrite,
                                                   batch_size=batch_size, max_pixels=max_pixels,

@@ -81,8 +81,8 @@ def list_cmd(
     json_out: c.JsonOpt = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="More columns: classes, mean/std, revision, "
                                           "sha256 pin, registry file.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="The table only: no registry files or warnings on "
-                                        "stderr; errors only.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="The table alone: on stderr only errors (no "
+                                        "registry files or warnings).")] = False,
     log: c.LogOpt = None,
 ) -> None:
     """List registered models."""
@@ -109,7 +109,7 @@ def list_cmd(
 
 @app.command("show", epilog="[bold]Examples[/]\n\n  preempt models show cifar10-resnet20-pgdat-a")
 def show_cmd(
-    name: Annotated[str, typer.Argument(help="Registered model name.")],
+    name: Annotated[str, typer.Argument(metavar="NAME", help="Registered model name.")],
     registry: c.RegistryOpt = None,
     json_out: c.JsonOpt = False,
     log: c.LogOpt = None,
@@ -130,7 +130,7 @@ def show_cmd(
     epilog="[bold]Examples[/]\n\n  preempt models verify cifar10-resnet20-pgdat-a --models-dir ../shared/models",
 )
 def verify_cmd(
-    names: Annotated[list[str], typer.Argument(help="Registered model names.")],
+    names: Annotated[list[str], typer.Argument(metavar="NAME...", help="Registered model names.")],
     models_dir: c.ModelsDirOpt = None,
     registry: c.RegistryOpt = None,
     device: c.DeviceOpt = "cpu",
@@ -191,8 +191,8 @@ def verify_cmd(
     "its folder as --models-dir (or PREEMPT_MODELS_DIR).",
 )
 def convert_cmd(
-    checkpoint: Annotated[Path, typer.Argument(help="A PyTorch checkpoint (.pt/.pth).")],
-    output: Annotated[Path, typer.Argument(help="The safetensors file to write.")],
+    checkpoint: Annotated[Path, typer.Argument(metavar="CHECKPOINT", help="A PyTorch checkpoint (.pt/.pth).")],
+    output: Annotated[Path, typer.Argument(metavar="OUTPUT", help="The safetensors file to write.")],
     key: Annotated[
         Optional[str], typer.Option("--key", help="Entry holding the state dict (default: state_dict/model/…).")
     ] = None,

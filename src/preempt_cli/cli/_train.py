@@ -72,7 +72,7 @@ your key (in the paper's threat model, anyone holding it and your settings can r
 images; measured here, reversion fails with or without it: see benchmarks/RESULTS.md).
 """
 
-DataArg = Annotated[Path, typer.Argument(help="Training data: an ImageFolder directory or a zip of one.")]
+DataArg = Annotated[Path, typer.Argument(metavar="DATA", help="Training data: an ImageFolder directory or a zip of one.")]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", metavar="FILE", help="The weights file to write (.safetensors).")]
 NameOpt = Annotated[
     Optional[str], typer.Option("--name", help="Register the result under this name (default: the file's stem).")
