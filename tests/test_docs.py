@@ -1,0 +1,181 @@
+"""The documentation against the code, so that an example never names what the code lacks.
+
+Every ``preempt ...`` command that README.md, benchmarks/README.md and benchmarks/RESULTS.md give (in code
+blocks and inline code) and every command's ``--help`` examples name only options of that command; every
+option README.md names anywhere is one of some command; README's Python examples compile and import only
+names that exist; the benchmark commands the docs give name only their script's options; ``--json``'s keys
+are the ones README lists. Nothing here runs a model: the examples themselves were run by hand (see the
+CHANGELOG), these keep their names from drifting.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import importlib
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from preempt_cli.cli import app
+from preempt_cli.protect import FileResult
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ("README.md", "benchmarks/README.md", "benchmarks/RESULTS.md")
+#: options README names that belong to other tools (pip's --upgrade)
+OTHER_TOOLS_OPTIONS = {"--upgrade"}
+ROOT_COMMAND = typer.main.get_command(app)
+
+
+def _read(name: str) -> str:
+    return (ROOT / name).read_text(encoding="utf-8")
+
+
+def _fenced(text: str, languages: tuple[str, ...]) -> list[str]:
+    """The code blocks of ``text`` in one of ``languages`` ("" for a block without one)."""
+    return [body for lang, body in re.findall(r"^```(\w*)\n(.*?)^```", text, re.S | re.M) if lang in languages]
+
+
+def _preempt_commands(text: str) -> list[str]:
+    """The ``preempt ...`` command lines of a Markdown text: in shell blocks (continued lines joined, comments
+    cut, pipelines split) and in inline code."""
+    commands = []
+    for block in _fenced(text, ("", "bash", "sh", "console")):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = re.sub(r"\s#.*", "", line)
+            commands += [c.strip() for c in re.split(r"\s\|\s|&&|;", line) if c.strip().startswith("preempt ")]
+    prose = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M).replace("\\\n", " ")
+    for span in re.findall(r"`([^`]+)`", prose):
+        span = " ".join(span.split())
+        if span.startswith("preempt ") and span.split()[1] in ROOT_COMMAND.commands:
+            commands.append(span)
+    return commands
+
+
+def _options(command: object) -> set[str]:
+    return {o for p in command.params for o in (*p.opts, *getattr(p, "secondary_opts", ()))}  # type: ignore[attr-defined]
+
+
+def _unknown_options(line: str) -> tuple[str, list[str]]:
+    """The command a ``preempt ...`` line runs, and the options it names that the command lacks. Synopses are
+    taken too: ``[--eps 8/255]``, ``(--white-box | --backbone NAME)``, ``-v/--verbose``."""
+    words = shlex.split(line.replace("'", " ").replace('"', " "))[1:]
+    command, path = ROOT_COMMAND, ["preempt"]
+    while hasattr(command, "commands") and words and words[0] in command.commands:  # typer 0.29 vendors click
+        path.append(words[0])
+        command = command.commands[words.pop(0)]
+    known = _options(command) | {"-h", "--help"}
+    unknown = []
+    for word in words:
+        for token in re.split(r"[/|]", word.strip("()[],")):
+            token = token.split("=")[0]
+            if not token.startswith("-") or token == "-" or re.fullmatch(r"-\d.*", token):
+                continue  # an argument, stdin, a negative number
+            if re.fullmatch(r"-[a-zA-Z]{2,}", token):  # -vv, -q0: a cluster of short options
+                unknown += [token] if any(f"-{c}" not in known for c in token[1:]) else []
+            elif token not in known:
+                unknown.append(token)
+    return " ".join(path), unknown
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_documented_commands_name_only_options_they_have(doc: str) -> None:
+    commands = _preempt_commands(_read(doc))
+    if doc == "README.md":
+        assert len(commands) >= 20  # the extraction finds the Quick start's and the reference's commands
+    bad = [(line, *_unknown_options(line)) for line in commands]
+    assert [b for b in bad if b[2]] == []
+
+
+def _help_examples(command: list[str]) -> list[str]:
+    """The ``preempt ...`` commands of a command's help examples: each paragraph starting with ``preempt`` or
+    ``find`` joined into one line, its parenthesized note cut, its pipeline split."""
+    text = CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": "400"}).stdout
+    lines = [line.strip() for line in text.split("Examples", 1)[1].splitlines()]
+    paragraphs = " ".join(line or "\n" for line in lines).split("\n")  # blank lines end a paragraph
+    examples = (" ".join(p.replace(" \\ ", " ").split()).split(" (")[0] for p in paragraphs)
+    return [c for e in examples if e.startswith(("preempt ", "find ")) for c in re.split(r"\s\|\s", e)
+            if c.startswith("preempt ")]  # fmt: skip
+
+
+@pytest.mark.parametrize("command", [[], ["protect"], ["revert"], ["eval"], ["train"], ["keygen"], ["models", "list"],
+                                     ["models", "show"], ["models", "verify"], ["models", "convert"]])  # fmt: skip
+def test_help_examples_name_only_options_they_have(command: list[str]) -> None:
+    examples = _help_examples(command)
+    assert examples, command
+    assert [(e, _unknown_options(e)[1]) for e in examples if _unknown_options(e)[1]] == []
+
+
+def _all_options() -> set[str]:
+    found: set[str] = set()
+
+    def walk(command: object) -> None:
+        found.update(_options(command))
+        for sub in getattr(command, "commands", {}).values():
+            walk(sub)
+
+    walk(ROOT_COMMAND)
+    return found
+
+
+def test_every_option_the_readme_names_exists() -> None:
+    """The option tables and the prose name options outside any ``preempt ...`` line (``--fsync/--no-fsync``,
+    ``--reversion-classifier NAME``): each is an option of some command."""
+    text = _read("README.md")
+    prose = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+    code = [*re.findall(r"`([^`]+)`", prose), *_fenced(text, ("", "bash", "sh"))]
+    named = set(re.findall(r"(?<![\w.-])(--[a-z][a-z0-9-]*)", "\n".join(code)))
+    assert len(named) > 40
+    assert sorted(named - _all_options() - OTHER_TOOLS_OPTIONS) == []
+
+
+def _imported_names(source: str) -> list[tuple[str, str]]:
+    tree = ast.parse(source)
+    return [(node.module, alias.name) for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+            and node.module and node.module.startswith("preempt_cli") for alias in node.names]  # fmt: skip
+
+
+def test_readme_python_examples_compile_and_import_what_exists() -> None:
+    blocks = _fenced(_read("README.md"), ("python",))
+    assert blocks
+    imports = []
+    for block in blocks:
+        compile(block, "README.md", "exec")
+        imports += _imported_names(block)
+    # the package's own docstring gives the imports of the API too
+    docstring = importlib.import_module("preempt_cli").__doc__
+    imports += _imported_names("\n".join(line.strip() for line in docstring.splitlines()
+                                        if line.strip().startswith("from preempt_cli")))
+    assert len(imports) > 15
+    missing = [f"{m}.{n}" for m, n in imports if not hasattr(importlib.import_module(m), n)]
+    assert missing == []
+
+
+_SCRIPTS = ("bench_protect", "bench_pipeline", "bench_eval", "bench_keys", "trace_e2e")
+
+
+def test_documented_benchmark_commands_name_only_their_options() -> None:
+    defined = {s: set(re.findall(r"add_argument\(\s*\"(--[a-z0-9-]+)\"", _read(f"benchmarks/{s}.py"))) | {"--help"}
+               for s in _SCRIPTS}  # fmt: skip
+    assert all(len(options) > 3 for options in defined.values()), defined
+    docs = [*DOCS, *(str(p.relative_to(ROOT)) for p in sorted((ROOT / "benchmarks").glob("*.sh")))]
+    bad, seen = [], 0
+    for doc in docs:
+        text = _read(doc).replace("\\\n", " ")
+        for script, args in re.findall(rf"({'|'.join(_SCRIPTS)})\.py([^\n`|>#]*)", text):
+            seen += 1
+            named = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", args))
+            bad += [(doc, script, option) for option in sorted(named - defined[script])]
+    assert seen > 20
+    assert bad == []
+
+
+def test_readme_lists_every_json_key_of_a_result() -> None:
+    text = " ".join(_read("README.md").split())
+    paragraph = text[text.index("JSON lines with `--json`") :][:700]
+    keys = [f.name for f in dataclasses.fields(FileResult)]
+    assert [k for k in keys if f"`{k}`" not in paragraph] == []
