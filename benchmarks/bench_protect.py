@@ -49,7 +49,7 @@ Run from the repository root::
     . .venv/bin/activate
     python benchmarks/bench_protect.py                      # full run (minutes on 2 CPU cores)
     python benchmarks/bench_protect.py --images 8 --ref-images 2 --bilevel-images 1 --repeats 1 \\
-        --bilevel-steps 3 --bilevel-inner 2                 # smoke test (seconds)
+        --bilevel-steps 3 --bilevel-inner 2 --accuracy-images 8   # smoke test (minutes)
     python benchmarks/bench_protect.py --device cuda        # GPU
 
 The engine's numbers depend on the batch size (``--batch-size``; default 16 images on CPU, 256 on CUDA).

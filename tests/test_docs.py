@@ -179,3 +179,19 @@ def test_readme_lists_every_json_key_of_a_result() -> None:
     paragraph = text[text.index("JSON lines with `--json`") :][:700]
     keys = [f.name for f in dataclasses.fields(FileResult)]
     assert [k for k in keys if f"`{k}`" not in paragraph] == []
+
+
+def test_documented_bench_protect_smoke_test_limits_every_image_count() -> None:
+    """The smoke test the docs give ran the bf16 accuracy check on all 932 images where bf16 is native (over
+    5 minutes on 2 cores, "a minute or two" said the docs): each option counting images is set."""
+    counts = set(re.findall(r"add_argument\(\s*\"(--[a-z0-9-]*images)\"", _read("benchmarks/bench_protect.py")))
+    assert {"--images", "--accuracy-images", "--e2e-images"} <= counts
+    smoke = []
+    for doc in ("benchmarks/README.md", "benchmarks/bench_protect.py"):
+        text = _read(doc).replace("\\\n", " ")
+        smoke += [line for line in text.splitlines() if "bench_protect.py --images 8" in line]
+    assert len(smoke) == 2
+    for line in smoke:
+        named = set(re.findall(r"--[a-z0-9-]*images", line))
+        # --e2e-images defaults to --images; the reference and Bi-Level parts take their own
+        assert counts - {"--e2e-images"} <= named, line
