@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import shutil
+import time
 import zipfile
 from pathlib import Path
 
@@ -1075,3 +1076,144 @@ def test_a_training_image_of_more_pixels_than_the_limit_is_refused_undecoded(col
     Image.new("1", (9500, 9500)).save(data / "red" / "huge.png")  # 90 megapixels in a few kilobytes
     with pytest.raises(ImageReadError, match=r"huge\.png.*9500x9500 = 90,250,000 pixels exceeds the limit"):
         load_train_data(data, input_hw=(16, 16))
+
+
+# -- the weights and their registration: both or neither ------------------------------------------------------
+@pytest.fixture
+def stop_handlers_restored():
+    """A stopped command keeps its signal handlers until the process exits: not this test process."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    yield
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("at", ["weights written", "registering"])
+@pytest.mark.parametrize("command", ["train", "keygen"])
+def test_cli_a_stop_after_the_weights_are_written_still_registers_them(
+        command: str, at: str, signum: int, colour_dir: Path, tmp_path: Path, isolated_config: Path,
+        monkeypatch: pytest.MonkeyPatch, stop_handlers_restored) -> None:  # fmt: skip
+    # a Ctrl-C (SIGTERM) between writing the weights and registering them left them unregistered: the key
+    # unknown to --backbone, and the message said "a re-run starts over" (which refused: the file exists)
+    import preempt_cli.cli._train as cli_train
+    import preempt_cli.train as train_module
+
+    out = tmp_path / "k.safetensors"
+    args = [*_one_batch_train(colour_dir, out), "-q"] if command == "train" else _keygen_args(tmp_path, out)
+
+    def stop_now() -> None:
+        os.kill(os.getpid(), signum)
+        time.sleep(0.05)  # the handler has run by now
+
+    def save_then_stop(tensors, path, *a, **kw):
+        real_save(tensors, path, *a, **kw)
+        if path == out:  # (not train's checkpoint)
+            stop_now()
+
+    def stop_then_register(name, row, path=None, **kw):
+        if path is None:  # the user registry (not the check before training, in a registry of its own)
+            stop_now()
+        return real_register(name, row, path, **kw)
+
+    real_save, real_register = train_module.save_safetensors, cli_train.register_model
+    if at == "weights written":
+        monkeypatch.setattr(train_module, "save_safetensors", save_then_stop)
+    else:
+        monkeypatch.setattr(cli_train, "register_model", stop_then_register)
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 128 + signum, result.output
+    by = "" if signum == signal.SIGINT else " by SIGTERM"
+    assert result.stderr.splitlines()[-1] == (f"error: interrupted{by}: {out} was written and registered as 'k': "
+                                              "nothing is left to do"), result.stderr  # fmt: skip
+    from preempt_cli.hub import sha256_file
+
+    cfg = get_model_config("k")
+    assert cfg.source.location == str(out.resolve()) and cfg.sha256 == sha256_file(out)
+
+
+@pytest.mark.parametrize("command", ["train", "keygen"])
+def test_cli_a_registration_that_fails_after_the_weights_are_written_names_them(
+        command: str, colour_dir: Path, tmp_path: Path, isolated_config: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    # the user registry edited by hand while the key trained: the error named the registry alone, and the
+    # key written was left unregistered, unmentioned
+    import preempt_cli.train as train_module
+
+    out = tmp_path / "k.safetensors"
+    args = [*_one_batch_train(colour_dir, out), "-q"] if command == "train" else _keygen_args(tmp_path, out)
+    user = isolated_config / "preempt" / "models.toml"
+    user.parent.mkdir()
+    user.write_text("# mine\n")
+    edited = "# mine\n[models.half-written\narch = \n"
+    real_save = train_module.save_safetensors
+
+    def save_then_edit(tensors, path, *a, **kw):
+        real_save(tensors, path, *a, **kw)
+        if path == out:  # (not train's checkpoint)
+            user.write_text(edited)
+
+    monkeypatch.setattr(train_module, "save_safetensors", save_then_edit)
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    row_file = tmp_path / "k.registry.toml"
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"error: {user}: not valid TOML: ") and line.endswith(
+        f"; the weights were written to {out} but not registered: their row is in {row_file} (use it with "
+        f"--registry {row_file}, or copy it into your registry)"), line  # fmt: skip
+    assert user.read_text() == edited  # the user's file as they left it
+    from preempt_cli.hub import sha256_file
+
+    user.write_text("# mine\n")  # fixed: the row file is then a registry to use at once
+    cfg = load_registry([row_file])["k"]
+    assert cfg.source.location == str(out.resolve()) and cfg.sha256 == sha256_file(out)
+
+
+def test_cli_a_row_file_already_there_is_kept(colour_dir: Path, tmp_path: Path, isolated_config: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    # where the row would be saved, a file of the user's: left as it is, the row said in the error instead
+    import preempt_cli.cli._train as cli_train
+
+    out = tmp_path / "k.safetensors"
+    (tmp_path / "k.registry.toml").write_text("mine")
+
+    def registered_meanwhile(name, row, path=None, **kw):
+        if path is not None:  # the check before training, in a registry of its own
+            return real_register(name, row, path, **kw)
+        raise RegistryError(isolated_config / "preempt" / "models.toml", f"model {name!r} is already registered here")
+
+    real_register = cli_train.register_model
+
+    monkeypatch.setattr(cli_train, "register_model", registered_meanwhile)
+    result = CliRunner().invoke(app, [*_one_batch_train(colour_dir, out), "-q"])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.endswith(f"the weights were written to {out} but not registered (their row could not be "
+                                  f"saved: {tmp_path / 'k.registry.toml'} exists): add a [models.k] row with "
+                                  f"source = \"file:{out.resolve()}\" to your registry\n"), result.stderr  # fmt: skip
+    assert (tmp_path / "k.registry.toml").read_text() == "mine" and out.is_file()
+
+
+def test_stops_held_take_effect_when_the_block_is_done(stop_handlers_restored) -> None:
+    from preempt_cli._signals import stops_held
+
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with stops_held():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # the handler has run by now: it must not have raised here
+            done.append("the block")
+        done.append("after it")  # not reached: the stop takes effect as the block ends
+    assert done == ["the block"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler in place again
+    with pytest.raises(KeyboardInterrupt):  # a user who insists: the third one is delivered at once
+        with stops_held():
+            for _ in range(3):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)
+            done.append("not reached")
+    with pytest.raises(ValueError, match="its own error"):  # a block that fails keeps its error
+        with stops_held():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            raise ValueError("its own error")
+    assert done == ["the block"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler

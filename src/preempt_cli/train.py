@@ -48,6 +48,7 @@ from .engine import MAX_SEED, eval_mode, native_bf16, refuse_int_levels
 from .errors import ConfigError, ImageReadError, clip, first_line, value_text
 from .hub import save_safetensors, sha256_file
 from ._paths import expand_home
+from ._signals import stops_held
 from .imageio import DEFAULT_MAX_PIXELS, gray16_levels, max_file_bytes
 from .inputs import is_hidden_name
 from .models import ImageModel, build_model, load_model
@@ -673,6 +674,7 @@ def train(
     on_epoch: Callable[[EpochStats], None] | None = None,
     on_batch: Callable[[int, int], None] | None = None,
     on_epoch_start: Callable[[int], None] | None = None,
+    on_written: Callable[[TrainResult], None] | None = None,
 ) -> TrainResult:
     """Train a model on ``data`` and write its weights to ``output`` (safetensors with metadata).
 
@@ -695,6 +697,9 @@ def train(
         on_batch: called with (batch, batches) of the current epoch.
         on_epoch_start: called with each epoch's number (from 1; after a resume, the first epoch not done)
             before its first batch.
+        on_written: called with the result once the weights are written (to register them). A stop signal
+            (Ctrl-C, SIGTERM) that comes from the start of the write to its return takes effect after it:
+            see :func:`~preempt_cli._signals.stops_held`.
 
     Raises:
         ConfigError: bad settings, or data whose classes the model does not have.
@@ -791,11 +796,17 @@ def train(
     model.eval()
     _refuse_non_finite(model, f"after epoch {config.epochs}")  # e.g. a checkpoint written before this check
     meta = _metadata(model, config, getattr(base, "name", base), history, metadata or {})
-    save_safetensors(dict(model.net.state_dict()), output, meta, mode=PRIVATE_FILE_MODE if private else None,
-                     replace=overwrite)  # fmt: skip
-    if checkpoints and not keep_checkpoint and ckpt.exists():  # (not another run's, which keygen never wrote)
-        ckpt.unlink()
-    return TrainResult(output, sha256_file(output), config, history, meta)
+    # a stop between writing the weights and registering them (on_written) left them on disk unregistered,
+    # unknown to --backbone: both are done before it takes effect (a stop during the write waits for it too)
+    with stops_held():
+        save_safetensors(dict(model.net.state_dict()), output, meta, mode=PRIVATE_FILE_MODE if private else None,
+                         replace=overwrite)  # fmt: skip
+        if checkpoints and not keep_checkpoint and ckpt.exists():  # (not another run's, which keygen never wrote)
+            ckpt.unlink()
+        result = TrainResult(output, sha256_file(output), config, history, meta)
+        if on_written:
+            on_written(result)
+    return result
 
 
 def _refuse_non_finite(model: ImageModel, when: str) -> None:
@@ -845,6 +856,7 @@ def keygen(
     on_epoch: Callable[[EpochStats], None] | None = None,
     on_batch: Callable[[int, int], None] | None = None,
     on_epoch_start: Callable[[int], None] | None = None,
+    on_written: Callable[[TrainResult], None] | None = None,
 ) -> TrainResult:
     """Derive a private backbone from the public ``base``: a short adversarial fine-tune whose data order,
     augmentation, attack starts and re-initialized final layer all come from a secret ``seed`` (a fresh
@@ -852,7 +864,7 @@ def keygen(
     readable by its owner alone (mode ``0o600``).
 
     The result's ``config.seed`` is ``seed`` when given, else None: the drawn seed is not returned either
-    (a repr of the result, a log of it, would hold it). ``overwrite``: see :func:`train`."""
+    (a repr of the result, a log of it, would hold it). ``overwrite``, ``on_written``: see :func:`train`."""
     secret = seed is None
     seed = new_secret_seed() if secret else seed
     config = replace(config, seed=seed)
@@ -860,10 +872,23 @@ def keygen(
                  checkpoints=False, private=True, overwrite=overwrite,
                  metadata={"training": f"preempt keygen: {config.describe()} from {getattr(base, 'name', base)}, "
                            "final layer re-initialized; secret seed (not stored)"},
-                 on_epoch=on_epoch, on_batch=on_batch, on_epoch_start=on_epoch_start)  # fmt: skip
+                 on_epoch=on_epoch, on_batch=on_batch, on_epoch_start=on_epoch_start,
+                 on_written=_without_seed(on_written) if secret else on_written)  # fmt: skip
     if secret:
         result.config = replace(result.config, seed=None)  # type: ignore[arg-type]
     return result
+
+
+def _without_seed(on_written: Callable[[TrainResult], None] | None) -> Callable[[TrainResult], None] | None:
+    """``on_written``, called with a result whose config holds no seed: a drawn secret seed is returned to
+    no one (see :func:`keygen`)."""
+    if on_written is None:
+        return None
+
+    def call(result: TrainResult) -> None:
+        on_written(replace(result, config=replace(result.config, seed=None)))  # type: ignore[arg-type]
+
+    return call
 
 
 def arch_config(arch: str, *, classes: Sequence[str], input_size: tuple[int, int, int] = (3, 32, 32),

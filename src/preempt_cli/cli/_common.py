@@ -25,6 +25,7 @@ from rich.text import Text
 
 from ..device import resolve_devices
 from .._paths import expand_home
+from .._signals import STOP_SIGNALS
 from ..imageio import UNPRINTABLE, display_name, name_max, quiet_pillow_warnings
 from ..inputs import kernel_folder
 from ..errors import (
@@ -228,7 +229,7 @@ def log_only(line: str, level: int = logging.INFO) -> None:
 #: Signals that stop a command as Ctrl-C does: SIGTERM is what ``timeout``, Slurm, Kubernetes and systemd
 #: send, SIGHUP what a closed terminal sends (without a handler either killed the run mid-write, leaving
 #: temporary files, and its I/O worker processes).
-_STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+_STOP_SIGNALS = STOP_SIGNALS
 
 
 class _Stop:
@@ -354,6 +355,16 @@ def _stop_on_interrupt(stopping: str | None = None) -> Iterator[_Stop]:
 #: Said of a Ctrl-C that comes before a command has begun its work (see :func:`handle_errors`).
 INTERRUPTED_BEFORE_START = "interrupted: before the command started, nothing was done"
 
+
+class CommandRun:
+    """A command under :func:`handle_errors`: what a stop (Ctrl-C, SIGTERM) then says (``interrupted``),
+    which the command changes as its work gets done (once its output is written and registered, "a re-run
+    starts over" is no longer true)."""
+
+    def __init__(self, interrupted: str) -> None:
+        self.interrupted = interrupted
+
+
 #: Whether a command of this process has begun its work (entered :func:`handle_errors`); until then a
 #: Ctrl-C is said as :data:`INTERRUPTED_BEFORE_START` (``preempt_cli.cli.main``).
 command_started = False
@@ -365,20 +376,23 @@ NOTHING_WRITTEN = "no output was written; run again to do the rest"
 
 @contextmanager
 def handle_errors(interrupted: str = "outputs written so far are complete; run again to do the rest",
-                  stopping: str | None = None, nothing_written: str | None = None) -> Iterator[None]:  # fmt: skip
+                  stopping: str | None = None, nothing_written: str | None = None) -> Iterator[CommandRun]:  # fmt: skip
     """Turn library errors into one ``error:`` line on stderr and the table's exit code; Ctrl-C (SIGTERM,
     SIGHUP) in stages (see :func:`_stop_on_interrupt`; ``stopping`` is said at the first), then
-    ``interrupted`` says what a re-run does; ``nothing_written``, if given, says it instead where the
-    command has recorded no output (:func:`output_written`): "outputs written so far are complete" of a
-    stop before the first output sent the user looking for files that were not there."""
+    ``interrupted`` says what a re-run does (the command may change it: see :class:`CommandRun`);
+    ``nothing_written``, if given, says it instead where the command has recorded no output
+    (:func:`output_written`): "outputs written so far are complete" of a stop before the first output sent
+    the user looking for files that were not there."""
     global command_started
     command_started = True
     _logfile.settings()
     stop = _Stop()
+    run = CommandRun(interrupted)
     try:
         with _stop_on_interrupt(stopping) as stop:
-            yield
+            yield run
     except (KeyboardInterrupt, BrokenPipeError) as e:
+        interrupted = run.interrupted
         if nothing_written is not None and not stop.outputs_written:
             interrupted = nothing_written
         _end_stopped(e, stop, interrupted)

@@ -8,7 +8,7 @@ import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Callable, Optional
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
@@ -252,9 +252,57 @@ def _check_registration(name: str, role: str, cfg: Any, out: Path) -> None:
             raise ConfigError(f"cannot register the result as {name!r}: {e.reason}") from None
 
 
-def _register(result: TrainResult, name: str, role: str, base_cfg: Any, force: bool) -> Path:
+def _on_written(run: c.CommandRun, *, name: str, register: bool, role: str, model_cfg: Any,
+                force: bool) -> Callable[[TrainResult], None]:  # fmt: skip
+    """What the run does once its weights are written, before a stop (Ctrl-C, SIGTERM) meanwhile takes
+    effect (see :func:`~preempt_cli.train.train`): register them, and say so if stopped from then on."""
+
+    def written(result: TrainResult) -> None:
+        if register:
+            _register(result, name, role, model_cfg, force)
+            run.interrupted = f"{result.output} was written and registered as {name!r}: nothing is left to do"
+        else:
+            run.interrupted = f"{result.output} was written: nothing is left to do"
+
+    return written
+
+
+def row_file_path(out: Path) -> Path:
+    """Where the registry row of weights that could not be registered is saved: ``KEY.registry.toml``."""
+    return out.with_name(f"{out.stem}.registry.toml")
+
+
+def _register(result: TrainResult, name: str, role: str, base_cfg: Any, force: bool) -> None:
+    """Register the weights just written in the user registry. A registration that fails now (the registry
+    edited meanwhile, the name registered by another run) leaves the weights written: the error names them,
+    and the registry file their row was saved to instead, to use or copy.
+
+    Raises:
+        RegistryError: the registration failed.
+    """
     row = _registry_row(base_cfg, result.output, result.sha256, role, result.metadata.get("training", ""))
-    return register_model(name, row, overwrite=force)
+    try:
+        register_model(name, row, overwrite=force)
+    except RegistryError as e:
+        raise RegistryError(e.path, f"{e.reason}; {_save_row_elsewhere(result.output, name, row)}") from None
+
+
+def _save_row_elsewhere(out: Path, name: str, row: dict[str, Any]) -> str:
+    """Save the row of ``out``, not registered, to :func:`row_file_path` (never over a file there); what
+    to do then, said as the end of the registration's error."""
+    not_registered = f"the weights were written to {out} but not registered"
+    row_file = row_file_path(out)
+    if os.path.lexists(row_file):
+        saved = f"{row_file} exists"
+    else:
+        try:
+            register_model(name, row, row_file, overwrite=True)  # a new file: nothing in it to replace
+            return f"{not_registered}: their row is in {row_file} (use it with --registry {row_file}, or copy it " \
+                   "into your registry)"  # fmt: skip
+        except RegistryError as e:
+            saved = e.reason
+    return (f"{not_registered} (their row could not be saved: {saved}): add a [models.{name}] row with "
+            f"source = \"file:{out.resolve()}\" to your registry")  # fmt: skip
 
 
 def _warn_stale_pins(result: TrainResult, registry: list[Path] | None, models_dir: Path | None) -> None:
@@ -277,14 +325,11 @@ def _warn_stale_pins(result: TrainResult, registry: list[Path] | None, models_di
                             "(loading it fails as corrupt); %s to update it", name, result.output, how)  # fmt: skip
 
 
-def _finish(result: TrainResult, *, name: str | None, register: bool, role: str, model_cfg: Any, force: bool,
-            json_out: bool, quiet: bool, started: float, registry: list[Path] | None = None,
+def _finish(result: TrainResult, *, name: str | None, register: bool, json_out: bool, quiet: bool, started: float, registry: list[Path] | None = None,
             models_dir: Path | None = None) -> None:  # fmt: skip
-    registered = None
+    registered = user_registry_path() if register else None  # (registered once the weights were written)
     name = name or result.output.stem
-    if register:
-        registered = _register(result, name, role, model_cfg, force)
-    else:
+    if not register:
         _warn_stale_pins(result, registry, models_dir)
     final = result.final
     summary = {"event": "done", "output": str(result.output), "sha256": result.sha256,
@@ -353,7 +398,7 @@ def train_cmd(
 ) -> None:
     """Train a backbone (adversarial training) or a classifier, from scratch or from a base model."""
     c.setup_logging(verbose, quiet)
-    with c.handle_errors(interrupted=TRAIN_INTERRUPTED):
+    with c.handle_errors(interrupted=TRAIN_INTERRUPTED) as run:
         if (base is None) == (arch is None):
             raise ConfigError("give exactly one of --base NAME (fine-tune) or --arch ARCH (from scratch)")
         if base is not None:  # a base brings its own architecture, input size and dataset
@@ -400,11 +445,13 @@ def train_cmd(
                f"on {torch_device}", shown=not quiet and not json_out)  # fmt: skip
         progress, callbacks = _reporter(json_out, quiet)
         with progress:
+            written = _on_written(run, name=name or out.stem, register=not no_register, role=role,
+                                  model_cfg=model_cfg, force=force)  # fmt: skip
             result = train(dataset, out, config=config, base=base, arch=arch_cfg, models_dir=models_dir,
                            registry=registry or (), device=torch_device, resume=resume, overwrite=replaceable,
-                           **callbacks)  # fmt: skip
-        _finish(result, name=name, register=not no_register, role=role, model_cfg=model_cfg, force=force,
-                json_out=json_out, quiet=quiet, started=started, registry=registry, models_dir=models_dir)  # fmt: skip
+                           on_written=written, **callbacks)  # fmt: skip
+        _finish(result, name=name, register=not no_register, json_out=json_out, quiet=quiet, started=started,
+                registry=registry, models_dir=models_dir)  # fmt: skip
 
 
 def _guess_dataset(classes: tuple[str, ...], data: Path) -> str:
@@ -454,7 +501,7 @@ def keygen_cmd(
 ) -> None:
     """Derive your private backbone (key) from a public robust model by a short secret-seeded fine-tune."""
     c.setup_logging(verbose, quiet)
-    with c.handle_errors(interrupted=KEYGEN_INTERRUPTED):
+    with c.handle_errors(interrupted=KEYGEN_INTERRUPTED) as run:
         out = _check_output(out, force, False, checkpoints=False)
         if not no_register:  # a name that cannot be registered fails now, not after training
             _check_name(name, out, force)
@@ -479,10 +526,13 @@ def keygen_cmd(
         progress, callbacks = _reporter(json_out, quiet)
         with progress:
             # without --force, a key that another run wrote at --out meanwhile is not replaced (nor lost)
+            written = _on_written(run, name=name or out.stem, register=not no_register, role="backbone",
+                                  model_cfg=model_cfg, force=force)  # fmt: skip
             result = keygen(base, dataset, out, seed=secret_seed, config=config, models_dir=models_dir,
-                            registry=registry or (), device=torch_device, overwrite=force, **callbacks)  # fmt: skip
-        _finish(result, name=name, register=not no_register, role="backbone", model_cfg=model_cfg, force=force,
-                json_out=json_out, quiet=quiet, started=started, registry=registry, models_dir=models_dir)  # fmt: skip
+                            registry=registry or (), device=torch_device, overwrite=force, on_written=written,
+                            **callbacks)  # fmt: skip
+        _finish(result, name=name, register=not no_register, json_out=json_out, quiet=quiet, started=started,
+                registry=registry, models_dir=models_dir)  # fmt: skip
 
 
 __all__ = ["train_cmd", "keygen_cmd", "TRAIN_EPILOG", "KEYGEN_EPILOG", "user_registry_path"]
