@@ -559,7 +559,7 @@ def test_register_model_refuses_a_builtin_name_unless_forced(tmp_path) -> None:
     row = {"arch": "cifar_resnet20", "source": "file:/keys/k.safetensors"}
     with pytest.raises(RegistryError, match="built-in model") as info:
         register_model("preempt-resnet20-at", row, target)
-    assert "--force" in str(info.value) and not target.exists()
+    assert "--overwrite" in str(info.value) and not target.exists()
     with pytest.raises(RegistryError, match="built-in model"):
         check_registrable("cifar10-resnet20-pgdat-a", target)
     assert register_model("preempt-resnet20-at", row, target, overwrite=True) == target

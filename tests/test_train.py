@@ -352,7 +352,7 @@ def test_a_damaged_checkpoint_is_named_with_what_to_do(colour_data, tmp_path: Pa
         with pytest.raises(ConfigError) as err:
             train(colour_data, out, config=cfg, arch=_arch(colour_data), resume=True)
         message = str(err.value)
-        assert message.startswith(f"{ckpt}: damaged checkpoint (") and "--force" in message, (name, message)
+        assert message.startswith(f"{ckpt}: damaged checkpoint (") and "--overwrite" in message, (name, message)
         assert "\n" not in message and not out.exists()
 
 
@@ -621,7 +621,7 @@ def test_cli_resume_never_retrains_a_finished_model(colour_dir: Path, tmp_path: 
     out.write_bytes(b"a finished model")  # no checkpoint beside it: nothing to resume
     args = ["train", str(colour_dir), "--arch", "cifar_resnet20", "--out", str(out), "--resume", "--no-register"]
     result = CliRunner().invoke(app, args)
-    assert result.exit_code == 2 and "is finished" in result.output and "--force" in result.output
+    assert result.exit_code == 2 and "is finished" in result.output and "--overwrite" in result.output
     assert out.read_bytes() == b"a finished model"
 
 
@@ -646,8 +646,8 @@ def test_cli_a_checkpoint_is_resumed_or_overwritten_only_when_asked(colour_dir: 
     args = [*_one_batch_train(colour_dir, out), "--no-register", "-q"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2, result.output
-    assert f"a checkpoint of an interrupted run is at {checkpoint_path(out)}: --resume continues it, --force " \
-           "starts over" in result.stderr  # fmt: skip
+    assert f"a checkpoint of an interrupted run is at {checkpoint_path(out)}: --resume continues it, " \
+           "--overwrite starts over" in result.stderr  # fmt: skip
     assert checkpoint_path(out).read_bytes() == b"an interrupted run's checkpoint" and not out.exists()
     result = CliRunner().invoke(app, [*args, "--force"])
     assert result.exit_code == 0, result.output
@@ -1217,3 +1217,27 @@ def test_stops_held_take_effect_when_the_block_is_done(stop_handlers_restored) -
             time.sleep(0.05)
             raise ValueError("its own error")
     assert done == ["the block"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.parametrize("command", ["train", "keygen"])
+def test_cli_overwrite_replaces_the_output_as_protect_names_it_and_force_still_does(
+        command: str, colour_dir: Path, tmp_path: Path, isolated_config: Path) -> None:  # fmt: skip
+    # train and keygen took --force where protect takes --overwrite: a script passing protect's flag failed
+    # ("No such option: --overwrite")
+    out = tmp_path / "k.safetensors"
+    args = [*_one_batch_train(colour_dir, out), "-q"] if command == "train" else _keygen_args(tmp_path, out)
+    assert CliRunner().invoke(app, args).exit_code == 0
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and result.stderr == f"error: {out} exists; pass --overwrite to replace it\n"
+    for flag in ("--overwrite", "--force"):
+        before = out.stat().st_mtime_ns
+        result = CliRunner().invoke(app, [*args, flag])
+        assert result.exit_code == 0, (flag, result.output)
+        assert out.stat().st_mtime_ns != before and get_model_config("k").sha256 == _sha256(out)
+    assert "--overwrite,--force" in CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "120"}).stdout
+
+
+def _sha256(path: Path) -> str:
+    from preempt_cli.hub import sha256_file
+
+    return sha256_file(path)

@@ -757,9 +757,9 @@ def check_registrable(name: str, path: Path | str | None = None, *, overwrite: b
     builtin = builtin_registry_path()
     if name in _builtin_names() and not (path.is_file() and path.resolve() == builtin.resolve()):
         raise RegistryError(path, f"{name!r} is a built-in model; registering it would hide the built-in one from "
-                                  "every command: choose another name (--name), or pass --force to replace it")  # fmt: skip
+                                  "every command: choose another name (--name), or pass --overwrite to replace it")  # fmt: skip
     if path.is_file() and name in _read_toml(path).get("models", {}):
-        raise RegistryError(path, f"model {name!r} is already registered here (overwrite it with --force)")
+        raise RegistryError(path, f"model {name!r} is already registered here (replace it with --overwrite)")
     return path
 
 
@@ -920,7 +920,7 @@ def _register_locked(name: str, row: Mapping[str, Any], path: Path, *, overwrite
         raise RegistryError(path, f"cannot be read: {getattr(e, 'strerror', None) or e}") from None
     existing = tomllib.loads(text).get("models", {}) if text.strip() else {}
     if name in existing and not overwrite:  # registered meanwhile by another job
-        raise RegistryError(path, f"model {name!r} is already registered here (overwrite it with --force)")
+        raise RegistryError(path, f"model {name!r} is already registered here (replace it with --overwrite)")
     header = f"[models.{_toml_key(name)}]"
     if name in existing:
         text = _text_without_row(path, text, name)

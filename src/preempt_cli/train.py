@@ -592,7 +592,7 @@ def _load_checkpoint(path: Path, model: ImageModel, opt: torch.optim.Optimizer, 
             if meta.get("fingerprint") != fingerprint:
                 raise ConfigError(f"{path}: checkpoint of a run with other settings "
                                   f"({_differences(meta.get('fingerprint'), fingerprint)}); resume with those settings, or "
-                                  "delete it (or run with --force instead of --resume) to start over")  # fmt: skip
+                                  "delete it (or run with --overwrite instead of --resume) to start over")  # fmt: skip
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         device = next(model.parameters()).device
         model.net.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
@@ -608,7 +608,7 @@ def _load_checkpoint(path: Path, model: ImageModel, opt: torch.optim.Optimizer, 
     except Exception as e:  # safetensors, torch and json raise many types for a damaged file
         reason = f"missing {e}" if isinstance(e, KeyError) else str(e).splitlines()[0] if str(e) else type(e).__name__
         reason = clip(reason, 200)  # it can quote the file's metadata (a key of its history), of any length
-        raise ConfigError(f"{path}: damaged checkpoint ({reason}); delete it, or run with --force instead of "
+        raise ConfigError(f"{path}: damaged checkpoint ({reason}); delete it, or run with --overwrite instead of "
                           "--resume, to start over") from None  # fmt: skip
 
 
@@ -690,7 +690,7 @@ def train(
             secret-seeded generator, and an interrupted run would leave it on disk).
         private: write the weights readable by their owner alone (mode ``0o600``; ``keygen``'s key), not with
             a new file's permissions (``0o666`` less the umask: readable by every user, as a model to share).
-        overwrite: replace a file at ``output``; False (the CLI without ``--force``, which found none there):
+        overwrite: replace a file at ``output``; False (the CLI without ``--overwrite``, which found none there):
             one that appeared during the training (another run writing it) is left as it is.
         metadata: extra metadata entries for the weights file.
         on_epoch: called with each epoch's statistics.

@@ -78,10 +78,12 @@ NameOpt = Annotated[
     Optional[str], typer.Option("--name", help="Register the result under this name (default: the file's stem).")
 ]
 NoRegisterOpt = Annotated[bool, typer.Option("--no-register", help="Do not add the result to the user registry.")]
-ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing output file and registry entry.")]
+#: --overwrite, as protect names it; --force, the name these commands gave it first, still works
+ForceOpt = Annotated[bool, typer.Option(
+    "--overwrite", "--force", help="Replace an existing output file and registry entry (--force: its former name).")]  # fmt: skip
 TrainForceOpt = Annotated[bool, typer.Option(
-    "--force", help="Overwrite an existing output file and registry entry; without --resume, start over from an "
-    "interrupted run's checkpoint.")]  # fmt: skip
+    "--overwrite", "--force", help="Replace an existing output file and registry entry; without --resume, start "
+    "over from an interrupted run's checkpoint (--force: its former name).")]  # fmt: skip
 #: what a re-run after Ctrl-C does: train continues from the checkpoint of the last finished epoch, keygen
 #: keeps none (it would hold the secret-seeded generator's state)
 TRAIN_INTERRUPTED = "run the same command with --resume to continue after the last finished epoch"
@@ -164,14 +166,14 @@ def _check_output(out: Path, force: bool, resume: bool, *, checkpoints: bool = T
     _check_writable(out)
     ckpt = checkpoint_path(out)
     if checkpoints and os.path.isfile(ckpt) and not resume and not force:  # a plain re-run would start over and overwrite it
-        raise ConfigError(f"a checkpoint of an interrupted run is at {ckpt}: --resume continues it, --force "
-                          "starts over")  # fmt: skip
+        raise ConfigError(f"a checkpoint of an interrupted run is at {ckpt}: --resume continues it, "
+                          "--overwrite starts over")  # fmt: skip
     if os.path.exists(out) and not force:
         if not resume:
-            raise ConfigError(f"{out} exists; pass --force to overwrite it")
+            raise ConfigError(f"{out} exists; pass --overwrite to replace it")
         if not os.path.isfile(checkpoint_path(out)):  # a finished run deletes its checkpoint: training would restart
             raise ConfigError(f"--resume: {out} is finished (no checkpoint {checkpoint_path(out).name} beside "
-                              "it); pass --force to train it again")  # fmt: skip
+                              "it); pass --overwrite to train it again")  # fmt: skip
     return out
 
 
@@ -306,7 +308,7 @@ def _save_row_elsewhere(out: Path, name: str, row: dict[str, Any]) -> str:
 
 
 def _warn_stale_pins(result: TrainResult, registry: list[Path] | None, models_dir: Path | None) -> None:
-    """Warn of registered rows that load the file just written but pin another sha256 (``--force
+    """Warn of registered rows that load the file just written but pin another sha256 (``--overwrite
     --no-register`` over a registered model): loading them would now fail as if the file were corrupt."""
     from ..hub import local_candidates
 
@@ -410,7 +412,7 @@ def train_cmd(
             raise ConfigError(f"--input-size must be >= 1, got {input_size}")
         _check_role(role)
         out = _check_output(out, force, resume)
-        # what the weights may replace: a file there now (--force, or --resume finishing a run stopped between
+        # what the weights may replace: a file there now (--overwrite, or --resume finishing a run stopped between
         # writing them and removing its checkpoint), not one another run writes there meanwhile
         replaceable = force or os.path.exists(out)
         if resume and not os.path.isfile(checkpoint_path(out)):  # a typo in --out, another folder: not silently
@@ -525,7 +527,7 @@ def keygen_cmd(
                shown=not quiet and not json_out)  # fmt: skip
         progress, callbacks = _reporter(json_out, quiet)
         with progress:
-            # without --force, a key that another run wrote at --out meanwhile is not replaced (nor lost)
+            # without --overwrite, a key that another run wrote at --out meanwhile is not replaced (nor lost)
             written = _on_written(run, name=name or out.stem, register=not no_register, role="backbone",
                                   model_cfg=model_cfg, force=force)  # fmt: skip
             result = keygen(base, dataset, out, seed=secret_seed, config=config, models_dir=models_dir,
