@@ -14,9 +14,9 @@ export PREEMPT_MODELS_DIR=../shared/models
 mkdir -p "$OUT"
 
 time preempt train "$DATA" --base cifar10-resnet20-pgdat-a --method fgsm-rs --epochs 2 --lr 0.02 \
-    --schedule cosine --seed 0 --no-register --force --out "$OUT/preempt_resnet20_at.safetensors"
+    --schedule cosine --seed 0 --no-register --overwrite --out "$OUT/preempt_resnet20_at.safetensors"
 time preempt train "$DATA" --base cifar10-resnet20-std --method standard --epochs 1 --lr 0.01 \
-    --schedule cosine --seed 0 --no-register --force --out "$OUT/preempt_resnet20_std.safetensors"
+    --schedule cosine --seed 0 --no-register --overwrite --out "$OUT/preempt_resnet20_std.safetensors"
 sha256sum "$OUT"/*.safetensors
 
 # After pinning the sha256 values in models.toml: test accuracy of the shipped models.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import stat
@@ -723,3 +724,51 @@ def test_builtin_class_sets_are_the_registry_files_own() -> None:
     assert sets["cifar10"] == CIFAR10
     named = {cfg.classes for cfg in load_registry().values() if cfg.classes}
     assert named and named <= set(sets.values())
+
+
+@pytest.mark.parametrize(("edited", "said"), [
+    ("# mine\n[models.half\n", "not valid TOML: Expected ']'"),
+    ("models = 3\n", "'models' must be a table ([models.NAME]), got 3"),
+])  # fmt: skip
+def test_a_registry_edited_by_hand_while_registering_is_refused_and_left_as_it_is(tmp_path, monkeypatch, edited,
+                                                                                   said) -> None:  # fmt: skip
+    """Checked before the work, the registry was read again under the lock unchecked: a hand edit meanwhile
+    (a half-done one) ended in an internal TOMLDecodeError or TypeError instead of naming the file."""
+    from preempt_cli import registry as registry_module
+
+    target = _write(tmp_path / "user.toml", "# mine\n")
+    real_lock = registry_module._registry_lock
+
+    @contextlib.contextmanager
+    def edited_then_locked(path):
+        target.write_text(edited)  # between the check and the lock
+        with real_lock(path):
+            yield
+
+    monkeypatch.setattr(registry_module, "_registry_lock", edited_then_locked)
+    with pytest.raises(RegistryError, match=re.escape(said)) as info:
+        register_model("k", {"arch": "cifar_resnet20", "source": "file:/k.safetensors"}, target)
+    assert info.value.path == target and "\n" not in str(info.value)
+    assert target.read_text() == edited
+
+
+def test_a_registry_read_while_others_register_is_never_half_written(tmp_path) -> None:
+    """Registrations replace the file whole (under a lock, atomically): a reader meanwhile sees the rows of
+    before or of after, never a file cut short (threads here; processes in the test above)."""
+    import threading
+
+    target = _write(tmp_path / "user.toml", "# mine\n")
+    row = {"arch": "cifar_resnet20", "source": "file:/k.safetensors", "description": "x" * 2000}
+    names = [f"k{i}" for i in range(40)]
+    writers = [threading.Thread(target=lambda part: [register_model(n, row, target) for n in part], args=(part,))
+               for part in (names[::2], names[1::2])]  # fmt: skip
+    for writer in writers:
+        writer.start()
+    seen = 0
+    while any(writer.is_alive() for writer in writers):
+        rows = set(load_registry([target])) & set(names)  # raises on a file cut short
+        assert len(rows) >= seen  # rows are never lost either
+        seen = len(rows)
+    for writer in writers:
+        writer.join()
+    assert set(names) <= set(load_registry([target]))

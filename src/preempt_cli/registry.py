@@ -457,6 +457,15 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise RegistryError(path, "is a directory, not a registry file (a TOML file)") from e
     except OSError as e:
         raise RegistryError(path, f"cannot be read: {e.strerror or e}") from e
+    return _parse_registry(path, data)
+
+
+def _parse_registry(path: Path, data: bytes) -> dict[str, Any]:
+    """The TOML document of ``data``, the registry file ``path``'s bytes: see :func:`_read_toml`.
+
+    Raises:
+        RegistryError: ``data`` is not UTF-8, not TOML, or not shaped as a registry.
+    """
     binary = _binary_kind(data)
     if binary:
         raise RegistryError(path, f"not a TOML registry but {binary}: name weights in a registry row's source, "
@@ -914,11 +923,14 @@ def _text_without_row(path: Path, text: str, name: str) -> str:
 def _register_locked(name: str, row: Mapping[str, Any], path: Path, *, overwrite: bool) -> None:
     try:
         existed = path.is_file()
-        text = path.read_text(encoding="utf-8-sig") if existed else ""  # rewritten without a byte-order mark
+        data = path.read_bytes() if existed else b""
         mode = stat.S_IMODE(path.stat().st_mode) if existed else None  # kept: a private registry stays private
-    except (OSError, UnicodeDecodeError) as e:
-        raise RegistryError(path, f"cannot be read: {getattr(e, 'strerror', None) or e}") from None
-    existing = tomllib.loads(text).get("models", {}) if text.strip() else {}
+    except OSError as e:
+        raise RegistryError(path, f"cannot be read: {e.strerror or e}") from None
+    # checked again under the lock: the file may have been edited by hand since check_registrable read it (a
+    # half-done edit raised TOMLDecodeError here, an internal error); it is left as it is
+    existing = _parse_registry(path, data).get("models", {})
+    text = data.decode("utf-8-sig")  # rewritten without a byte-order mark
     if name in existing and not overwrite:  # registered meanwhile by another job
         raise RegistryError(path, f"model {name!r} is already registered here (replace it with --overwrite)")
     header = f"[models.{_toml_key(name)}]"
