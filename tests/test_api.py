@@ -556,3 +556,23 @@ def test_load_model_switches_that_are_no_bools_are_a_config_error(flag: str) -> 
 
     with pytest.raises(ConfigError, match=f"{flag} must be True or False, got 'no'"):
         load_model("no-such-model", **{flag: "no"})
+
+
+# -- 0.21.x review of the API as a batch job meets it ----------------------------------------------------------
+def test_a_rerun_tells_apart_the_weights_of_nets_without_a_file(tmp_path: Path) -> None:
+    """A net of the caller's in an ``ImageModel`` (or timm's own weights) has no weights file, so no sha256
+    was recorded: a re-run with other weights under the same name skipped the old outputs as done."""
+    write_random_pngs(tmp_path / "in", n=1)
+
+    def statuses(backbone, classifier=None, out="out") -> list[str]:
+        protector = Protector(backbone, classifier, config=FAST)
+        return [f"{r.status} {r.reason}" for r in protector.run([tmp_path / "in"], RunOptions(out_dir=tmp_path / out))]
+
+    assert statuses(make_tiny_model(0)) == ["done "]
+    assert statuses(make_tiny_model(0))[0].startswith("skipped")  # the same weights: done already
+    assert statuses(make_tiny_model(0, name="renamed"))[0].startswith("skipped")  # as a renamed file is the same
+    [retrained] = statuses(make_tiny_model(1))
+    assert retrained.startswith("failed") and "other settings (backbone tiny-cnn (sha256" in retrained
+    assert statuses(make_tiny_model(0), make_tiny_model(2, name="c"), out="c") == ["done "]
+    [relabelled] = statuses(make_tiny_model(0), make_tiny_model(3, name="c"), out="c")
+    assert relabelled.startswith("failed") and "classifier c (sha256" in relabelled

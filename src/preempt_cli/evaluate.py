@@ -35,7 +35,7 @@ from .errors import ConfigError, LabelError
 from .imageio import atomic_write, content_seed, display_name, quantize_levels, read_image
 from .inputs import PROTECTED_SUFFIX, REVERTED_SUFFIX, InputFile, collect_inputs
 from .labels import read_label_file
-from .models import ImageModel
+from .models import ImageModel, weights_sha256
 from .protect import Protector, read_preempt_metadata_file, regular_file_sha256
 from .revert import Reverter
 
@@ -599,16 +599,6 @@ def _to_float(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     return images.to(device).float().div_(255)
 
 
-def _state_sha256(model: torch.nn.Module) -> str:
-    """sha256 of a model's state (names, dtypes, shapes and bytes of every tensor)."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().cpu().contiguous().reshape(-1)
-        digest.update(json.dumps([name, str(t.dtype), list(tensor.shape)]).encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 #: Part of every resume key (defenses, and so the cells that attack them): raised when the same spec text
 #: computes something else. 2 (0.6.0): a bare ``eps=1`` is one level, no longer the whole range, and photos
 #: draw their noise per sample.
@@ -761,7 +751,7 @@ class Evaluator:
         """The weights' sha256 a loaded model records, else a sha256 of its state (tests, in-memory models)."""
         if name not in self._model_fingerprints:
             model = self.load(name)
-            self._model_fingerprints[name] = getattr(model, "weights_sha256", None) or _state_sha256(model)
+            self._model_fingerprints[name] = weights_sha256(model)
         return self._model_fingerprints[name]
 
     def _model_setup(self, name: str) -> str | None:

@@ -75,7 +75,7 @@ from .imageio import (
 from .inputs import (OUTPUT_MARKERS, PROTECTED_SUFFIX, InputFile, as_input_files, assign_outputs, in_shard,
                      read_failure)  # fmt: skip
 from .labels import LabelMap, folder_label, resolve_label
-from .models import ImageModel
+from .models import ImageModel, weights_sha256
 from .registry import ModelConfig
 
 __all__ = ["FileResult", "RunOptions", "Protector", "METADATA_KEY", "read_preempt_metadata", "content_seed",
@@ -585,6 +585,7 @@ class Protector:
         self._pools_lock = threading.Lock()
         self._pool_users: dict[int, int] = {}  # runs using each pool
         self._last_workers = 0
+        self._weights_digests: dict[int, str] = {}  # by id() of the backbone and classifier (see _weights_sha256)
 
     # -- tensors ---------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -666,10 +667,10 @@ class Protector:
         labeller = self.classifier if (self.labels == "classifier" and self.classifier) else None
         return {
             "backbone": self.backbone.name,
-            "backbone_sha256": self.backbone.weights_sha256,
+            "backbone_sha256": self._weights_sha256(self.backbone),
             "backbone_setup": _setup_sha256(self.backbone),
             "classifier": labeller.name if labeller is not None else None,
-            "classifier_sha256": getattr(labeller, "weights_sha256", None),
+            "classifier_sha256": self._weights_sha256(labeller),
             "classifier_setup": _setup_sha256(labeller),
             # a label file's name is not recorded: each file's label is (see label_digest), and the same
             # labels from a renamed file or a pipe (--labels <(...)) are the same setting
@@ -685,6 +686,18 @@ class Protector:
             "seed": self.seed,
             "precision": self.precision,
         }
+
+    def _weights_sha256(self, model: torch.nn.Module | None) -> str | None:
+        """What tells ``model``'s weights apart (:func:`~preempt_cli.models.weights_sha256`): its file's
+        sha256, else its state's, found once per protector. Without a file (a net of the caller's, timm's own
+        weights) nothing was recorded, and a re-run with other weights under the same name skipped the
+        outputs of the old ones as done."""
+        if model is None:
+            return None
+        digest = self._weights_digests.get(id(model))
+        if digest is None:  # two threads may both compute it: the same value
+            digest = self._weights_digests[id(model)] = weights_sha256(model)
+        return digest
 
     def metadata(self, pending: _Pending) -> dict[str, Any]:
         return {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -374,6 +375,25 @@ def _check_input_channels(cfg: ModelConfig, net: nn.Module) -> None:
         raise _config_error(cfg, f"input_size {list(cfg.input_size)} has {cfg.input_size[0]} channel(s), but "
                                  f"architecture {cfg.arch!r} takes {first.in_channels}-channel images: fix "
                                  "input_size (and mean/std), or the architecture's arch_args")  # fmt: skip
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """What tells ``model``'s weights apart: the sha256 of the file they were loaded from
+    (:attr:`ImageModel.weights_sha256`), else a sha256 of its state (:func:`state_sha256`: a net of the
+    caller's, timm's own weights), so that other weights under one name are never taken for the same."""
+    return getattr(model, "weights_sha256", None) or state_sha256(model)
+
+
+def state_sha256(model: nn.Module) -> str:
+    """sha256 of a model's state (names, dtypes, shapes and bytes of every tensor of its ``state_dict``);
+    a model compiled with ``torch.compile`` gives its own model's (the same weights)."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile prefixes every name with "_orig_mod."
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(json.dumps([name, str(t.dtype), list(tensor.shape)]).encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def build_model(cfg: ModelConfig) -> ImageModel:
