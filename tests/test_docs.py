@@ -155,6 +155,16 @@ def test_readme_python_examples_compile_and_import_what_exists() -> None:
     assert missing == []
 
 
+def test_readme_example_of_a_net_of_your_own_runs() -> None:
+    """Wrapping a user's ``nn.Module`` was said only in an error message ("ImageModel(net, ModelConfig(...))"),
+    whose ``ModelConfig`` needs a ``source``, a ``Source`` that nothing exported: README shows it whole."""
+    [block] = [b for b in _fenced(_read("README.md"), ("python",)) if "ImageModel(net, config)" in b]
+    namespace: dict = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    protected = namespace["x_protected"]
+    assert protected.shape == (2, 3, 48, 40) and 0 <= float(protected.min()) <= float(protected.max()) <= 1
+
+
 _SCRIPTS = ("bench_protect", "bench_pipeline", "bench_eval", "bench_keys", "trace_e2e")
 
 

@@ -102,6 +102,23 @@ class ImageModel(nn.Module):
     Normalization and resizing belong here, never to the caller: a grayscale batch is repeated to RGB, a
     batch of another size is resized to the model's input size with antialiased bilinear interpolation
     (differentiable, so gradients reach the image at its own resolution), then ``(x - mean) / std``.
+
+    :func:`load_model` gives one; a net of your own is wrapped directly (README, "From Python")::
+
+        ImageModel(net, ModelConfig(name="my-net", arch="my-net", source=Source("file", "my-net.safetensors"),
+                                    input_size=(3, 32, 32), num_classes=10, mean=(...), std=(...)))
+
+    Args:
+        net: takes ``[B, *config.input_size]`` images, normalized by ``config.mean`` and ``config.std``
+            (``None``: raw [0, 1]), and returns ``[B, config.num_classes]`` logits. Protecting runs it in
+            eval mode and takes gradients with respect to the images only, whatever its mode and
+            ``requires_grad``.
+        config: its name, input size, normalization, classes and ``dataset`` (``imagenet...``: a default
+            budget of 4/255, else 8/255); ``source`` is where :func:`load_model` finds its weights, unread here.
+        weights_sha256: the sha256 of the file the weights were loaded from; without one, a protector
+            records the sha256 of the net's state (:func:`weights_sha256`).
+        weights_path, pin_verified: where the weights came from, and whether their sha256 was checked
+            against the registry's pin (:func:`load_model` sets them).
     """
 
     def __init__(
