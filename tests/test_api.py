@@ -576,3 +576,17 @@ def test_a_rerun_tells_apart_the_weights_of_nets_without_a_file(tmp_path: Path) 
     assert statuses(make_tiny_model(0), make_tiny_model(2, name="c"), out="c") == ["done "]
     [relabelled] = statuses(make_tiny_model(0), make_tiny_model(3, name="c"), out="c")
     assert relabelled.startswith("failed") and "classifier c (sha256" in relabelled
+
+
+def test_the_package_exports_every_error_class_and_nothing_private() -> None:
+    """``from preempt_cli import InputError`` failed: of the errors README names, only PreemptError was exported."""
+    import inspect
+
+    from preempt_cli import errors
+
+    classes = [n for n in errors.__all__ if inspect.isclass(getattr(errors, n))]
+    assert {"ConfigError", "InputError", "ImageReadError", "UnknownModelError", "WeightsNotFoundError"} <= set(classes)
+    for name in classes:
+        assert name in preempt_cli.__all__ and getattr(preempt_cli, name) is getattr(errors, name), name
+    assert not [n for n in preempt_cli.__all__ if n.startswith("_") and n != "__version__"]
+    assert all(getattr(preempt_cli, n) is not None for n in preempt_cli.__all__)

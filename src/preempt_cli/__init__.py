@@ -5,6 +5,7 @@ The Python API (the ``preempt`` command is a thin layer over it)::
     from preempt_cli import load_model, Protector, ForeBackConfig, collect_inputs, RunOptions  # protect
     from preempt_cli import Reverter  # revert
     from preempt_cli import Evaluator, load_dataset, DefenseSpec, AttackSpec, reversion_protocol  # eval
+    from preempt_cli import PreemptError, InputError, ImageReadError  # errors: every class of preempt_cli.errors
 
 The names below load their module on first use (PEP 562), so that importing one torch-free module of
 the package (``preempt_cli.imageio`` in the I/O worker processes) does not import torch.
@@ -24,6 +25,21 @@ _EXPORTS = {
     "ForeBackConfig": "engine",
     "parse_eps": "engine",
     "PreemptError": "errors",
+    "ConfigError": "errors",
+    "InputError": "errors",
+    "ImageReadError": "errors",
+    "ImageWriteError": "errors",
+    "LabelError": "errors",
+    "RegistryError": "errors",
+    "UnknownModelError": "errors",
+    "WeightsNotFoundError": "errors",
+    "OfflineWeightsError": "errors",
+    "HashMismatchError": "errors",
+    "UnsafeWeightsError": "errors",
+    "UnreadableWeightsError": "errors",
+    "WeightsMismatchError": "errors",
+    "WeightsMetadataMismatchError": "errors",
+    "MissingDependencyError": "errors",
     "AttackSpec": "evaluate",
     "DefenseSpec": "evaluate",
     "Evaluator": "evaluate",
@@ -49,7 +65,10 @@ __all__ = ["__version__", *_EXPORTS]
 
 if TYPE_CHECKING:
     from .engine import PRESETS, FastPreemption, ForeBackConfig, parse_eps
-    from .errors import PreemptError
+    from .errors import (ConfigError, HashMismatchError, ImageReadError, ImageWriteError, InputError, LabelError,
+                         MissingDependencyError, OfflineWeightsError, PreemptError, RegistryError, UnknownModelError,
+                         UnreadableWeightsError, UnsafeWeightsError, WeightsMetadataMismatchError,
+                         WeightsMismatchError, WeightsNotFoundError)
     from .evaluate import AttackSpec, DefenseSpec, Evaluator, load_dataset, reversion_protocol
     from .imageio import Picture, read_image, write_png
     from .inputs import InputFile, collect_inputs
