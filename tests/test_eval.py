@@ -698,3 +698,23 @@ def test_a_resumed_defense_keeps_its_budget_for_the_perturbation_maps(tmp_path: 
     resumed = tiny_evaluator(ds, models, out_dir=tmp_path, resume=True).defend(spec)
     assert torch.equal(resumed.images, computed.images)
     assert resumed.meta == computed.meta
+
+
+def test_resume_does_not_reuse_an_attack_cell_of_another_attack_batch_size(tmp_path: Path) -> None:
+    """PGD draws its random starts per batch of the points it attacks (a generator seeded at each batch), so
+    an image's start depends on the attack's batch size; the cell's resume key left it out, and a run with
+    ``attack_batch_size=3`` resumed the cell of one with 250. Clean cells do not depend on it."""
+    ds, models = tiny_dataset(8), tiny_models()
+    attack, none = AttackSpec.parse("pgd:steps=1"), DefenseSpec("none")
+
+    def run(batch: int, attack: AttackSpec | None) -> Evaluator:
+        ev = tiny_evaluator(ds, models, out_dir=tmp_path, resume=True, attack_batch_size=batch)
+        ev.cell("victim", none, attack)
+        return ev
+
+    assert run(250, attack).provenance()["resumed"]["cells"] == 0
+    assert run(250, attack).provenance()["resumed"]["cells"] == 1  # the same batch size: reused
+    assert run(3, attack).provenance()["resumed"]["cells"] == 0  # another one: computed afresh
+    assert len(list((tmp_path / "cells").glob("*.json"))) == 2
+    run(250, None)
+    assert run(3, None).provenance()["resumed"]["cells"] == 1  # a clean cell attacks nothing

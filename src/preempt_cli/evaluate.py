@@ -1046,8 +1046,10 @@ class Evaluator:
         self._warn_white_box(victim_name, spec)
         if attack is not None:  # the victim's budget where the spec gives none
             attack = attack.for_dataset(getattr(getattr(self.load(victim_name), "config", None), "dataset", ""))
+        # an attack's batch size is part of what it computes: PGD (and AutoAttack) draw their random starts
+        # per batch of the points attacked, so another batch size starts an image elsewhere
         parts = [_RESUME_FORMAT, _CELL_FORMAT, victim_name, *self._model_identity(victim_name),
-                 self.defense_key(spec), attack and [attack.kind, attack.options]]  # fmt: skip
+                 self.defense_key(spec), attack and [attack.kind, attack.options, self.attack_batch_size]]  # fmt: skip
         key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
         path = self.out_dir / "cells" / f"{key}.json" if self.out_dir else None
         if path is not None and self.resume and path.is_file():
