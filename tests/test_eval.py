@@ -718,3 +718,46 @@ def test_resume_does_not_reuse_an_attack_cell_of_another_attack_batch_size(tmp_p
     assert len(list((tmp_path / "cells").glob("*.json"))) == 2
     run(250, None)
     assert run(3, None).provenance()["resumed"]["cells"] == 1  # a clean cell attacks nothing
+
+
+def test_the_run_record_holds_what_runs_it_again() -> None:
+    """``run.json`` named the data folder and a fingerprint, the models' sha256, but not which image files,
+    the batch sizes (a Bi-Level set and PGD's random starts depend on them), the other packages' versions,
+    nor the settings a defense or attack left to its defaults, its seed among them: a reader could check a
+    figure but not compute it again."""
+    ds, models = tiny_dataset(4), tiny_models()
+    ev = tiny_evaluator(ds, models, attack_batch_size=3)
+    fp, bilevel = fp_spec(seed="5"), DefenseSpec("bi-level", (("backbone", "bb"), ("labels", "backbone"), ("steps", "1")))
+    for spec in (DefenseSpec("none"), fp, bilevel):
+        ev.cell("victim", spec, AttackSpec.parse("pgd:steps=1"))
+    run = ev.provenance(["victim"])
+    assert run["image_files"] == ["000.png", "001.png", "002.png", "003.png"]
+    assert (run["batch_size"], run["attack_batch_size"]) == (4, 3)
+    assert set(run["packages"]) == {"timm", "numpy", "pyautoattack"}
+    defenses = {d["kind"]: d for d in run["defenses"]}
+    assert defenses["none"] == {"name": "none", "kind": "none", "options": {}}
+    assert defenses["fast-preemption"]["seed"] == 5 and defenses["fast-preemption"]["eta"] == 0.7  # paper preset
+    assert defenses["fast-preemption"]["samples"] == 2 and defenses["fast-preemption"]["precision"] == "fp32"
+    assert {k: defenses["bi-level"][k] for k in ("seed", "steps", "inner_steps", "eta", "optimizer", "batch_size")} == {
+        "seed": 0, "steps": 1, "inner_steps": 20, "eta": 0.1, "optimizer": "sign", "batch_size": 4}
+    (attack,) = run["attacks"]
+    assert attack == {"name": "PGD-1 Linf 8/255", "kind": "pgd", "norm": "Linf", "eps": pytest.approx(8 / 255),
+                      "seed": 0, "limit": None, "steps": 1, "step_size": pytest.approx(2 / 255), "restarts": 1}
+    # the reversion protocol records its own settings, the seed of its flipped labels among them
+    res = reversion_protocol(tiny_evaluator(ds, models), victims=["victim"], defense=fp_spec(),
+                             black_box_backbone="other", flip_fraction=0.5, seed=7)  # fmt: skip
+    assert res["settings"]["seed"] == 7 and res["settings"]["flip_fraction"] == 0.5
+    assert res["settings"]["defense"]["labels"] == "ground-truth"  # flipped ground truth, as it protected
+
+
+@needs_shared
+@pytest.mark.shared
+def test_eval_records_its_command_options_in_run_json(tmp_path: Path) -> None:
+    args = ["eval", str(CIFAR), "--limit", "2", "--victim", "cifar10-resnet20-pgdat-b", *COMMON, "--defense", "none",
+            "--attack", "pgd:steps=1", "--out", str(tmp_path), "-q", "--seed", "3"]  # fmt: skip
+    assert invoke(args).exit_code == 0
+    run = json.loads((tmp_path / "run.json").read_text())
+    options = run["command_options"]
+    assert options["limit"] == 2 and options["seed"] == 3 and options["attack"] == ["pgd:steps=1"]
+    assert options["data"] == str(CIFAR) and options["batch_size"] is None  # as given; the one used is beside it
+    assert run["batch_size"] in (50, 256)  # the default of the device it ran on

@@ -482,6 +482,19 @@ class AttackSpec:
             notes.append(f"first {self.limit}")
         return f"{label} {budget(self.eps)}" + (f" ({', '.join(notes)})" if notes else "")
 
+    def settings(self) -> dict[str, Any]:
+        """Every setting this attack runs with, its defaults filled in (the seed of its random starts too):
+        what a reader needs to run it again, kept in ``run.json``."""
+        record: dict[str, Any] = {"name": self.name, "kind": self.kind, "norm": self.norm, "eps": self.eps,
+                                  "seed": self._whole("seed", 0), "limit": self.limit}  # fmt: skip
+        if self.kind == "pgd":
+            step = self._step_size()
+            record.update(steps=self._whole("steps", 20), step_size=self.eps / 4 if step is None else step,
+                          restarts=self._whole("restarts", 1))  # fmt: skip
+        else:
+            record["version"] = str(self.get("version", "standard"))
+        return record
+
     def _step_size(self) -> float | None:
         """PGD's ``step_size=`` as a number (L-inf: in levels as eps is, ``2`` = 2/255); None: not given.
 
@@ -695,6 +708,8 @@ class Evaluator:
         self._defense_keys: dict[str, str] = {}
         self._warned: set[tuple[str, str, str]] = set()
         self._num_classes: int | None = None  # of the first model loaded, where the data names no classes
+        #: the settings of every defense and attack a cell was given for, by name (see provenance)
+        self._settings: dict[str, dict[str, dict[str, Any]]] = {"defenses": {}, "attacks": {}}
 
     def load(self, name: str) -> ImageModel:
         """The model ``name``, from the ``load`` given."""
@@ -964,6 +979,30 @@ class Evaluator:
         self._defended[key] = result
         return result
 
+    def defense_settings(self, spec: DefenseSpec) -> dict[str, Any]:
+        """Every setting ``spec`` computes with, its defaults filled in (the seed of its noise or random
+        starts too): what a reader needs to run it again, kept in ``run.json``. An fp defense: the settings
+        of Algorithm 1 of its preset and options; a bilevel one: its budget and BiLevel's steps."""
+        record: dict[str, Any] = {"name": spec.name, "kind": spec.kind, "options": dict(spec.options)}
+        if spec.kind not in ("fast-preemption", "bi-level"):
+            return record
+        config = spec.settings(self.load(spec.get("backbone")).config.dataset)
+        record.update(labels=spec.get("labels", "classifier"), seed=spec.value("seed", 0), eps=config.eps)
+        if spec.kind == "fast-preemption":
+            record.update(preset=spec.get("preset", "paper"), eta=config.eta, forward=config.forward_steps,
+                          backward=config.backward_steps, samples=config.samples, inner_steps=config.inner_steps,
+                          sample_projection=config.sample_projection, precision=spec.get("precision", "fp32"),
+                          compile=spec.get("compile", "off"))  # fmt: skip
+        else:
+            import inspect
+
+            from .baselines import BiLevel
+
+            defaults = inspect.signature(BiLevel).parameters  # what _compute_defense leaves to BiLevel
+            record.update({k: spec.value(k, defaults[k].default) for k in ("eta", "steps", "inner_steps", "optimizer")})
+            record["batch_size"] = self.batch_size  # its random starts are drawn per batch
+        return record
+
     def _defense_meta(self, spec: DefenseSpec) -> dict[str, Any]:
         """What a defended set records besides its images, for one resumed as for one computed: the budget of
         an fp or bilevel defense (its perturbation maps span [-eps, eps]; a resumed set had none, and its
@@ -1046,6 +1085,8 @@ class Evaluator:
         self._warn_white_box(victim_name, spec)
         if attack is not None:  # the victim's budget where the spec gives none
             attack = attack.for_dataset(getattr(getattr(self.load(victim_name), "config", None), "dataset", ""))
+            self._settings["attacks"].setdefault(attack.name, attack.settings())
+        self._settings["defenses"].setdefault(spec.name, self.defense_settings(spec))
         # an attack's batch size is part of what it computes: PGD (and AutoAttack) draw their random starts
         # per batch of the points attacked, so another batch size starts an image elsewhere
         parts = [_RESUME_FORMAT, _CELL_FORMAT, victim_name, *self._model_identity(victim_name),
@@ -1129,24 +1170,60 @@ class Evaluator:
         """What this evaluator's results were computed with, to be kept beside them: this process's
         :meth:`computed_by` (and Python, the platform), the data (its folder and fingerprint), the sha256 of
         each of ``models``' weights and the digest of its row's setup, and how many defended sets and cells
-        were resumed from ``out_dir``, with every distinct :meth:`computed_by` of what it gave. A figure
-        without these could not be told apart from one computed by another release."""
+        were resumed from ``out_dir``, with every distinct :meth:`computed_by` of what it gave; the images
+        by file (relative to the data folder), the batch sizes, the versions of the other packages that
+        compute, and the settings (seeds included, defaults filled in) of every defense and attack a cell was
+        computed or resumed for. A figure without these could not be told apart from one computed by
+        another release, or run again."""
         import platform
 
         origins = [origin for kind in ("defenses", "cells") for _, origin in self._origins[kind]]
         return {
             **self.computed_by(),
+            "packages": _package_versions(),
             "python": platform.python_version(),
             "platform": platform.platform(),
             "data": str(self.dataset.root),
             "images": len(self.dataset),
+            "image_files": [_relative(path, self.dataset.root) for path in self.dataset.paths],
             "data_fingerprint": self.data_fingerprint,
+            "batch_size": self.batch_size,
+            "attack_batch_size": self.attack_batch_size,
+            "defenses": list(self._settings["defenses"].values()),
+            "attacks": list(self._settings["attacks"].values()),
             "weights_sha256": {name: self._model_fingerprint(name) for name in dict.fromkeys(models)},
             "setup_sha256": {name: self._model_setup(name) for name in dict.fromkeys(models)},
             "resumed": {kind: sum(resumed for resumed, _ in self._origins[kind]) for kind in ("defenses", "cells")},
             "computed_by": [dict(t) for t in dict.fromkeys(tuple(sorted(o.items())) for o in origins)],
             "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
+
+
+#: Packages besides torch whose version can change a figure: timm builds the timm models, numpy reads the
+#: images, pyautoattack is AutoAttack.
+_RESULT_PACKAGES = ("timm", "numpy", "pyautoattack")
+
+
+def _package_versions() -> dict[str, str | None]:
+    """The installed version of each of :data:`_RESULT_PACKAGES` (None: not installed), from the
+    installed distributions, without importing them."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions: dict[str, str | None] = {}
+    for name in _RESULT_PACKAGES:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def _relative(path: Path, root: Path) -> str:
+    """``path`` relative to the data folder ``root`` (as given, where it is not inside it)."""
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
 
 
 def _computed_by_record(value: Any) -> dict[str, str]:
@@ -1352,6 +1429,10 @@ def reversion_protocol(
         "reverter_labels": reverter_notes,
         "test": f"Exact two-sided McNemar test against the protected stage (original: the precondition), "
                 f"alpha {alpha:g}",
+        # what runs it again: the flips' seed is the protocol's own, not the defense's
+        "settings": {"seed": seed, "flip_fraction": flip_fraction, "jpeg_quality": jpeg_quality, "alpha": alpha,
+                     "reverter_labels": reverter_labels, "black_box_backbones": others,
+                     "black_box_classifier": black_box_classifier, "defense": evaluator.defense_settings(defense)},
         "victims": {},
     }  # fmt: skip
     for victim_name in victims:

@@ -91,7 +91,8 @@ def _write_report(out: Path, rows: list[dict[str, Any]], evaluator: Evaluator, d
              f"eps of the image they start from. {UNITS}", "",
              f"Run by preempt {run['preempt']} (torch {run['torch']}) on {run['device']}, finished "
              f"{run['finished']}; data fingerprint {run['data_fingerprint']}. {_resumed_text(run)}The weights' "
-             "sha256 are in `run.json`.", ""]  # fmt: skip
+             "sha256, the image files, the batch sizes and every defense's and attack's settings (seeds "
+             "included) are in `run.json`.", ""]  # fmt: skip
     cols = ["victim", "defense", "attack", "n", "clean_acc", "robust_acc", "seconds_per_image", "linf", "ssim", "lpips"]
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_fmt(r.get(k)) for k in cols) + " |" for r in rows]
@@ -184,6 +185,17 @@ def _check_ignored(ctx: typer.Context, reversion: bool) -> None:
                           f"reversion.json and computes everything afresh); drop {them}")  # fmt: skip
     verb = "applies" if len(given) == 1 else "apply"
     raise ConfigError(f"{', '.join(given)} only {verb} with --reversion; drop {them} (or add --reversion)")
+
+
+def _command_options(ctx: typer.Context) -> dict[str, Any]:
+    """The command's arguments and options as this run read them (defaults included), for ``run.json``:
+    what runs it again."""
+    def plain(value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return str(value) if isinstance(value, os.PathLike) else value
+
+    return {name: plain(value) for name, value in ctx.params.items()}
 
 
 def _check_outputs(data: Path, out: Path, csv_path: Path | None) -> None:
@@ -344,8 +356,8 @@ def eval_cmd(
                                  res["verdict"].get(stage, ""), result["reverter_labels"].get(stage, ""))  # fmt: skip
                         table.add_row(*map(c.table_cell, cells))
                     c.print_table(table)
-            _write_text(out / "reversion.json", json_dumps({**result, "run": evaluator.provenance(involved)},
-                                                           indent=1))  # fmt: skip
+            run = {**evaluator.provenance(involved), "command_options": _command_options(ctx)}
+            _write_text(out / "reversion.json", json_dumps({**result, "run": run}, indent=1))
             raise typer.Exit(c.EXIT_OK)
 
         total = len(defenses) * len(victim) * len(attacks)
@@ -371,7 +383,7 @@ def eval_cmd(
                 table.add_row(*(c.table_cell(_fmt(r.get(k))) for k in cols))
             c.print_table(table)
         # after the table: a file that cannot be written fails the run (exit 1) with the results shown
-        run = evaluator.provenance(involved)
+        run = {**evaluator.provenance(involved), "command_options": _command_options(ctx)}
         _write_text(out / "results.json", json_dumps(rows, indent=1))
         _write_text(out / "run.json", json_dumps(run, indent=1))
         if csv_path is not None:
