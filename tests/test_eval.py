@@ -761,3 +761,14 @@ def test_eval_records_its_command_options_in_run_json(tmp_path: Path) -> None:
     assert options["limit"] == 2 and options["seed"] == 3 and options["attack"] == ["pgd:steps=1"]
     assert options["data"] == str(CIFAR) and options["batch_size"] is None  # as given; the one used is beside it
     assert run["batch_size"] in (50, 256)  # the default of the device it ran on
+
+
+def test_the_report_says_how_wide_an_accuracy_s_interval_is_at_its_n() -> None:
+    """The grid tests no row against another, and report.md said nothing of n: `--limit 8` gave "87.5 ->
+    100" as if it were a finding. It now gives the widest Wilson 95% interval at the smallest n of its rows."""
+    from preempt_cli.cli._eval import _precision_note
+
+    small = _precision_note([{"n": 932}, {"n": 8}])
+    assert "on 8 images" in small and "±28.5 points" in small and "not tested" in small
+    assert "±3.2 points" in _precision_note([{"n": 932}])
+    assert _precision_note([]) == ""

@@ -72,6 +72,28 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+#: The z of a two-sided 95% interval.
+_Z95 = 1.959964
+
+
+def _widest_interval(n: int) -> float:
+    """Half the width, in points, of the Wilson 95% interval of an accuracy measured on ``n`` images, at
+    its widest (an accuracy of 50%)."""
+    z2 = _Z95**2
+    return 100 * _Z95 * math.sqrt(0.25 / n + z2 / (4 * n * n)) / (1 + z2 / n)
+
+
+def _precision_note(rows: list[dict[str, Any]]) -> str:
+    """How far the report's accuracies can be trusted: the grid runs no test between its rows (a few images,
+    `--limit 8`, read as a gain of 12.5 points), so the report says the interval of its smallest n."""
+    n = min((r["n"] for r in rows if isinstance(r.get("n"), int) and r["n"] > 0), default=0)
+    if not n:
+        return ""
+    return (f"Each accuracy is a fraction of n images: on {n} images its 95% confidence interval (Wilson) is up "
+            f"to ±{_widest_interval(n):.1f} points wide each way. The rows are not tested against each other; a "
+            "difference between two rows within that width may be noise.")
+
+
 def _resumed_text(run: dict[str, Any]) -> str:
     """What a resumed run took from earlier runs, and what computed it (empty when it computed all)."""
     resumed = run["resumed"]
@@ -99,6 +121,9 @@ def _write_report(out: Path, rows: list[dict[str, Any]], evaluator: Evaluator, d
     notes = sorted({r["lpips_note"] for r in rows if r.get("lpips_note")})
     if notes:
         lines += ["", *notes]
+    precision = _precision_note(rows)
+    if precision:
+        lines += ["", precision]
     lines += ["", "## Perturbation maps", "", "Rows: original, defended, perturbation map (Eq. 14: delta mapped "
               "from [-eps, eps] to [0, 1], NTSC gray).", ""]  # fmt: skip
     for spec in defenses:
