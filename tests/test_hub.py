@@ -269,6 +269,64 @@ def test_corrupt_or_wrong_safetensors_is_a_mismatch(tmp_path) -> None:
         load_model("ints", registry=[registry])
 
 
+
+@pytest.mark.parametrize(("key", "value", "said"), [
+    ("fc.weight", float("nan"), "'fc.weight': 1 of 640 values NaN or inf"),
+    ("conv1.weight", float("inf"), "'conv1.weight': 1 of 432 values NaN or inf"),
+    ("bn1.running_var", float("nan"), "'bn1.running_var': 1 of 16 values NaN or inf"),
+    ("bn1.running_var", -0.5, "'bn1.running_var': a negative variance (-0.5)"),
+    ("fc.bias", 1e39, "'fc.bias': 1 of 10 values NaN or inf"),  # finite in float64, inf once loaded as float32
+], ids=["nan", "inf", "nan-statistic", "negative-variance", "float64-overflow"])  # fmt: skip
+def test_weights_holding_nan_inf_or_a_negative_variance_are_refused(tmp_path, key, value, said) -> None:
+    """They loaded without a word and gave NaN gradients: protect wrote images perturbed by nothing useful
+    and called them protected (a NaN in a BatchNorm statistic even passed 'models verify')."""
+    from preempt_cli.errors import NonFiniteWeightsError
+
+    state = {k: v.clone() for k, v in _random_resnet20(0).state_dict().items()}
+    if value == 1e39:
+        state[key] = state[key].double()
+    state[key].view(-1)[0] = value
+    save_file(state, str(tmp_path / "bad.safetensors"))
+    cfg = ModelConfig(name="bad", arch="cifar_resnet20", arch_args={"shortcut": "pad_end"},
+                      source=Source("file", str(tmp_path / "bad.safetensors")))  # fmt: skip
+    with pytest.raises(NonFiniteWeightsError) as info:
+        load_model(cfg)
+    message = str(info.value)
+    assert said in message and str(tmp_path / "bad.safetensors") in message and "\n" not in message
+    assert isinstance(info.value, WeightsMismatchError)  # exit 2, as a file that does not fit
+    state[key].view(-1)[0] = 1.0  # the same file with a plain value loads
+    save_file(state, str(tmp_path / "bad.safetensors"))
+    assert isinstance(load_model(cfg), ImageModel)
+
+
+def test_a_timm_model_with_nan_weights_is_refused_but_not_for_its_other_buffers(hf_cache, tmp_path) -> None:
+    import timm
+
+    from preempt_cli.errors import NonFiniteWeightsError
+
+    state = dict(timm.create_model("test_resnet", pretrained=False).state_dict())
+    key = next(k for k, v in state.items() if k.endswith(".weight") and v.is_floating_point())
+    state[key] = state[key].clone()
+    state[key].view(-1)[0] = float("nan")
+    save_file(state, str(tmp_path / "w.safetensors"))
+    make_hf_cache(hf_cache, "timm/test_resnet.r160_in1k", "model.safetensors", (tmp_path / "w.safetensors").read_bytes())
+    with pytest.raises(NonFiniteWeightsError, match=f"{key!r}: 1 of"):
+        load_model(_timm_test_resnet_cfg())
+
+
+def test_only_learned_tensors_are_checked_for_non_finite_values() -> None:
+    """A buffer that is no parameter nor BatchNorm statistic may hold -inf on purpose (an attention mask)."""
+    from preempt_cli.models._load import _learned_tensor_names, _unusable_values
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    net.register_buffer("mask", torch.full((2,), float("-inf")))
+    state = net.state_dict()
+    learned = _learned_tensor_names(net)
+    assert learned == {"0.weight", "0.bias", "1.weight", "1.bias", "1.running_mean", "1.running_var"}
+    assert _unusable_values(state, learned) == ""
+    state["1.running_mean"] = torch.tensor([0.0, float("nan"), 0.0, float("inf")])
+    assert _unusable_values(state, learned) == "'1.running_mean': 2 of 4 values NaN or inf"
+
 # -- the Hugging Face cache, offline ---------------------------------------------------------------------------
 
 
@@ -749,6 +807,7 @@ def test_timm_weights_load_from_the_hub_repositorys_safetensors(hf_cache, tmp_pa
     reference = timm.create_model("test_resnet", pretrained=False)
     torch.manual_seed(0)
     state = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in reference.state_dict().items()}
+    state = {k: v.abs() if k.endswith("running_var") else v for k, v in state.items()}  # a variance is >= 0
     save_file(state, str(tmp_path / "w.safetensors"))
     make_hf_cache(hf_cache, "timm/test_resnet.r160_in1k", "model.safetensors", (tmp_path / "w.safetensors").read_bytes())
     model = load_model(_timm_test_resnet_cfg(), fuse=False)

@@ -20,6 +20,7 @@ __all__ = [
     "HashMismatchError",
     "UnsafeWeightsError",
     "WeightsMetadataMismatchError",
+    "NonFiniteWeightsError",
     "UnreadableWeightsError",
     "WeightsMismatchError",
     "ImageReadError",
@@ -159,6 +160,19 @@ class WeightsMetadataMismatchError(WeightsMismatchError):
         self.path = path
         PreemptError.__init__(self, f"weights of model {model!r} at {path} were saved for another registry "
                                     f"row: {reason}")  # fmt: skip
+
+
+class NonFiniteWeightsError(WeightsMismatchError):
+    """A weights file that loads but holds values no trained model has: NaN or inf, or a BatchNorm running
+    variance below zero. Such a model's gradients are NaN: protecting with it wrote images that protect
+    nothing, and said they were protected."""
+
+    def __init__(self, model: str, path: Path | str, reason: str) -> None:
+        self.model = model
+        self.path = path
+        PreemptError.__init__(self, f"weights of model {model!r} at {path} are unusable: {reason} (a training "
+                                    "that diverged, or a damaged file or conversion?); fetch, convert or train "
+                                    "them again")  # fmt: skip
 
 
 class ImageReadError(PreemptError, OSError):

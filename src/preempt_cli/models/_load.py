@@ -19,6 +19,7 @@ from torch import nn
 from ..errors import (
     ConfigError,
     InputError,
+    NonFiniteWeightsError,
     PreemptError,
     RegistryError,
     UnreadableWeightsError,
@@ -283,6 +284,43 @@ def _state_mismatch(expected: dict[str, torch.Tensor], state: dict[str, torch.Te
     return "; ".join(parts)
 
 
+def _learned_tensor_names(net: nn.Module) -> set[str]:
+    """The state-dict names of ``net``'s parameters and BatchNorm running statistics: what training makes.
+    Other buffers are left out: a model may keep an attention mask of -inf there on purpose."""
+    names = {name for name, _ in net.named_parameters(remove_duplicate=False)}
+    for prefix, module in net.named_modules():
+        if isinstance(module, nn.modules.batchnorm._NormBase):
+            names.update(f"{prefix}.{stat}".lstrip(".") for stat in ("running_mean", "running_var"))
+    return names
+
+
+def _unusable_values(state: Mapping[str, torch.Tensor], learned: set[str]) -> str:
+    """Which of the ``learned`` tensors of ``state`` hold values no trained model has, in one short line (""
+    when none): NaN or inf, or a BatchNorm running variance below zero (its square root is NaN). Such weights
+    load without an error and give NaN gradients: ``protect`` wrote images perturbed by nothing useful, and
+    called them protected."""
+    found = []
+    for key, tensor in state.items():
+        if key not in learned or not tensor.is_floating_point():
+            continue
+        bad = int((~torch.isfinite(tensor)).sum())
+        if bad:
+            found.append(f"{key!r}: {bad} of {tensor.numel()} values NaN or inf")
+        elif key.endswith("running_var") and bool((tensor < 0).any()):
+            found.append(f"{key!r}: a negative variance ({float(tensor.min()):.3g})")
+    if not found:
+        return ""
+    more = f" and {len(found) - _SHOWN_KEYS} more tensors" if len(found) > _SHOWN_KEYS else ""
+    return "; ".join(found[:_SHOWN_KEYS]) + more
+
+
+def _check_usable_values(cfg: ModelConfig, path: Path | str, net: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Refuse weights ``state`` for ``net`` with NaN, inf or negative variances (see :func:`_unusable_values`)."""
+    problem = _unusable_values(state, _learned_tensor_names(net))
+    if problem:
+        raise NonFiniteWeightsError(cfg.name, path, problem)
+
+
 def _file_metadata(data: bytes) -> dict[str, str]:
     """The ``__metadata__`` of safetensors ``data`` (empty when absent or not text)."""
     try:
@@ -446,7 +484,9 @@ def _load_timm_pretrained(cfg: ModelConfig, verify_hash: bool) -> nn.Module:
     check_safetensors_header(cfg.name, weights)  # a pickle or a damaged file in the cache: refused as any other
     with hub_errors(cfg):
         try:
-            return _build_net(cfg, pretrained_timm=True, weights_file=weights)
+            net = _build_net(cfg, pretrained_timm=True, weights_file=weights)
+            _check_usable_values(cfg, weights, net, net.state_dict())
+            return net
         except RuntimeError as e:  # load_state_dict's: torch's message lists every key, kilobytes of them
             raise WeightsMismatchError(cfg.name, weights, clip(" ".join(str(e).split()), 400)) from e
         except SafetensorError as e:  # a damaged file whose header looked whole
@@ -541,7 +581,8 @@ def load_model(
     Raises:
         UnknownModelError, WeightsNotFoundError, OfflineWeightsError, HashMismatchError,
         UnsafeWeightsError (``UnreadableWeightsError``: an empty, truncated or damaged file),
-        WeightsMismatchError, ConfigError, RegistryError (a row the architecture rejects, an input_size
+        WeightsMismatchError (``NonFiniteWeightsError``: NaN, inf or a negative BatchNorm variance in the
+        weights), ConfigError, RegistryError (a row the architecture rejects, an input_size
         with other channels than the architecture takes, or a timm row whose num_classes differs from
         timm's pretrained head).
     """
@@ -579,6 +620,7 @@ def load_model(
         mismatch = _state_mismatch(net.state_dict(), state)  # torch's own message lists every key: kilobytes
         if mismatch:
             raise WeightsMismatchError(cfg.name, path, mismatch)
+        _check_usable_values(cfg, path, net, state)
         try:
             net.load_state_dict(state, strict=True)
         except RuntimeError as e:  # what the comparison above does not see (a module's own load hook)
