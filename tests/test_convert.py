@@ -136,3 +136,76 @@ def test_an_output_that_is_a_folder_or_under_a_file_is_a_usage_error_before_any_
     assert result.exit_code == 2, result.output
     assert result.stderr == f"error: {message}\n" and not loads
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["ok.pt", "sub"]
+
+
+class _CreatesAFile:
+    """A pickle whose loading would create ``path``: the proof that no pickled code ran."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch '{self.path}'",))
+
+
+@pytest.mark.parametrize("form", ["zip", "raw-pickle-2"])
+def test_a_malicious_pickle_does_not_run_and_is_one_line(form, tmp_path) -> None:
+    marker = tmp_path / "pwned"
+    ckpt = tmp_path / "evil.pt"
+    obj = {"w": 1.0, "x": _CreatesAFile(marker)}
+    if form == "zip":
+        torch.save(obj, ckpt)
+    else:
+        ckpt.write_bytes(pickle.dumps(obj, protocol=2))
+    result = CliRunner().invoke(app, ["models", "convert", str(ckpt), str(tmp_path / "o.safetensors")])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
+    assert "refused by torch.load(weights_only=True)" in result.stderr and "system" in result.stderr
+    assert not marker.exists() and not (tmp_path / "o.safetensors").exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
+def test_a_fifo_or_device_is_refused_without_waiting_on_it(tmp_path) -> None:
+    """torch.load opened a FIFO and waited for a writer forever (and read /dev/zero without end)."""
+    import threading
+
+    fifo = tmp_path / "c.pt"
+    os.mkfifo(fifo)
+    (tmp_path / "link.pt").symlink_to(fifo)
+    outcome: dict[str, BaseException] = {}
+
+    def convert(path: Path) -> None:
+        try:
+            convert_checkpoint(path, tmp_path / "o.safetensors")
+        except BaseException as e:  # noqa: BLE001 - handed to the test's thread
+            outcome[str(path)] = e
+
+    fifo_kind = "a FIFO (a named pipe)"
+    for path, kind in ((fifo, fifo_kind), (tmp_path / "link.pt", fifo_kind), (Path(os.devnull), "a device")):
+        worker = threading.Thread(target=convert, args=(path,), daemon=True)
+        worker.start()
+        worker.join(10)
+        if worker.is_alive():  # release the blocked open, so that the test run can end
+            with open(fifo, "wb"):
+                pass
+            worker.join(10)
+            pytest.fail(f"convert_checkpoint({path}) waited on it")
+        error = outcome[str(path)]
+        assert isinstance(error, ConfigError) and str(error) == f"{path}: is {kind}, not a checkpoint file", error
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_a_symbolic_link_loop_and_a_folder_are_one_line(tmp_path) -> None:
+    (tmp_path / "loop.pt").symlink_to(tmp_path / "loop.pt")
+    (tmp_path / "dir.pt").mkdir()
+    with pytest.raises(ConfigError, match=r"loop\.pt: cannot be read: Too many levels of symbolic links"):
+        convert_checkpoint(tmp_path / "loop.pt", tmp_path / "o.safetensors")
+    with pytest.raises(ConfigError, match=r"dir\.pt: is a directory, not a checkpoint file"):
+        convert_checkpoint(tmp_path / "dir.pt", tmp_path / "o.safetensors")
+    with pytest.raises(ConfigError, match=r"none\.pt: no such file"):
+        convert_checkpoint(tmp_path / "none.pt", tmp_path / "o.safetensors")
+
+
+def test_a_meta_tensor_is_refused_with_its_name(tmp_path) -> None:
+    # it was an internal NotImplementedError ("Cannot copy out of meta tensor; no data!")
+    message = _convert(tmp_path, {"w": torch.zeros(2), "m": torch.zeros(2, device="meta")})
+    assert "tensor 'm' holds no values (a meta tensor" in message

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -78,6 +79,10 @@ def _find_state(obj: Any, key: str | None, checkpoint: Path) -> dict[str, torch.
     if odd is not None:
         raise ConfigError(f"{checkpoint}: tensor {odd!r} is {str(obj[odd].layout).removeprefix('torch.')}; "
                           "safetensors holds dense tensors only: make it dense (.to_dense()) first")  # fmt: skip
+    empty = next((k for k, v in obj.items() if v.is_meta), None)
+    if empty is not None:  # it was an internal error ("Cannot copy out of meta tensor")
+        raise ConfigError(f"{checkpoint}: tensor {empty!r} holds no values (a meta tensor: saved from a model "
+                          "built without its weights); save the state dict of the loaded model instead")  # fmt: skip
     quantized = next((k for k, v in obj.items() if v.is_quantized), None)
     if quantized is not None:
         raise ConfigError(f"{checkpoint}: tensor {quantized!r} is quantized "
@@ -116,6 +121,36 @@ def _load_refusal(checkpoint: Path, error: Exception, protocol: str | None = Non
     return f"{checkpoint}: cannot be loaded safely with weights_only=True ({detail}): not a PyTorch checkpoint?"
 
 
+def _open_checkpoint(checkpoint: Path) -> BinaryIO:
+    """``checkpoint`` opened for reading, once checked to be a regular file. Opened without blocking, then
+    checked on the open file: torch.load opened a FIFO (or a link to one) and waited for a writer, forever,
+    and read a device such as /dev/zero without end.
+
+    Raises:
+        ConfigError: no such file, a folder, not a regular file, or it cannot be opened.
+    """
+    try:
+        fd = os.open(checkpoint, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except FileNotFoundError:
+        raise ConfigError(f"{checkpoint}: no such file") from None
+    except IsADirectoryError:  # Windows cannot open a folder
+        raise ConfigError(f"{checkpoint}: is a directory, not a checkpoint file") from None
+    except OSError as e:  # a looping link, no permission
+        raise ConfigError(f"{checkpoint}: cannot be read: {e.strerror or e}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise ConfigError(f"{checkpoint}: is {_file_kind(mode)}, not a checkpoint file")
+    return os.fdopen(fd, "rb")
+
+
+def _file_kind(mode: int) -> str:
+    """What a file that is no regular file is, by its ``st_mode``, for a message."""
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (a named pipe)"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"))  # fmt: skip
+    return next((kind for is_kind, kind in kinds if is_kind(mode)), "not a regular file")
+
+
 def convert_checkpoint(
     checkpoint: Path,
     output: Path,
@@ -147,14 +182,10 @@ def convert_checkpoint(
         raise ConfigError(f"{output}: {problem}")
     if os.path.exists(output) and not overwrite:
         raise ConfigError(f"{output}: exists; pass --force to replace it")
-    if os.path.isdir(checkpoint):
-        raise ConfigError(f"{checkpoint}: is a directory, not a checkpoint file")
-    with warnings.catch_warnings(record=True) as caught:  # torch's UserWarnings speak to developers, not users
-        warnings.simplefilter("always")
+    with _open_checkpoint(checkpoint) as f, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # torch's UserWarnings speak to developers, not users
         try:
-            obj = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise ConfigError(f"{checkpoint}: no such file") from None
+            obj = torch.load(f, map_location="cpu", weights_only=True)
         except Exception as e:  # weights_only refusals are UnpicklingError; corrupt files vary
             protocol = next((m.group(1) for w in caught if (m := _PROTOCOL.search(str(w.message)))), None)
             raise ConfigError(_load_refusal(checkpoint, e, protocol)) from e
