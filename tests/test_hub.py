@@ -156,6 +156,59 @@ def test_a_source_naming_a_folder_is_called_a_folder_not_missing(tmp_path, monke
     assert resolve_weights(_cfg("keys"), tmp_path / "models") == weights
 
 
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
+def test_a_source_naming_a_fifo_or_a_broken_link_says_what_is_there(tmp_path, monkeypatch) -> None:
+    # "not found at" a file that is there (a FIFO, a looping or dangling link) sent the user looking for it
+    os.mkfifo(tmp_path / "fifo.safetensors")
+    (tmp_path / "loop.safetensors").symlink_to(tmp_path / "loop.safetensors")
+    (tmp_path / "dangling.safetensors").symlink_to(tmp_path / "gone.safetensors")
+    said = {"fifo": "is a FIFO (a named pipe), not a weights file",
+            "loop": "cannot be read: Too many levels of symbolic links",
+            "dangling": f"is a symbolic link to {tmp_path / 'gone.safetensors'}, which is missing"}  # fmt: skip
+    for name, words in said.items():
+        with pytest.raises(WeightsNotFoundError) as info:
+            load_model(_cfg(f"{name}.safetensors"), models_dir=tmp_path)
+        message = str(info.value)
+        assert f"{tmp_path / name}.safetensors {words}" in message and "not found" not in message, message
+    # a file further down the search order is still taken
+    weights = _tiny_safetensors(tmp_path / "env" / "fifo.safetensors")
+    monkeypatch.setenv("PREEMPT_MODELS_DIR", str(tmp_path / "env"))
+    assert resolve_weights(_cfg("fifo.safetensors"), tmp_path) == weights
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
+def test_a_fifo_swapped_in_after_the_weights_were_found_is_refused_without_waiting(tmp_path, monkeypatch) -> None:
+    """The file found is replaced by a FIFO before it is opened: a blocking open waited for a writer, forever."""
+    import threading
+
+    import preempt_cli.hub as hub
+
+    fifo = tmp_path / "k.safetensors"
+    os.mkfifo(fifo)
+    monkeypatch.setattr(hub, "_find_weights", lambda cfg, models_dir: fifo)
+    for name, read in (("read_weights", lambda: hub.read_weights(_cfg(str(fifo)))),
+                       ("check_safetensors_header", lambda: hub.check_safetensors_header("tiny", fifo))):  # fmt: skip
+        outcome: list[BaseException] = []
+
+        def run(read=read, outcome=outcome) -> None:
+            try:
+                read()
+            except BaseException as e:  # noqa: BLE001 - handed to the test's thread
+                outcome.append(e)
+
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        worker.join(10)
+        if worker.is_alive():  # release the blocked open, so that the test run can end
+            with open(fifo, "wb"):
+                pass
+            worker.join(10)
+            pytest.fail(f"{name} waited on a FIFO")
+        assert isinstance(outcome[0], WeightsNotFoundError), outcome
+        assert f"{fifo} is a FIFO (a named pipe), not a weights file" in str(outcome[0])
+
+
 def test_missing_shared_model_without_models_dir_is_explained() -> None:
     with pytest.raises(WeightsNotFoundError, match="--models-dir"):
         load_model("cifar10-resnet20-pgdat-a")

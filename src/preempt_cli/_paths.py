@@ -4,9 +4,10 @@
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
-__all__ = ["expand_home"]
+__all__ = ["expand_home", "file_kind", "open_regular_file"]
 
 
 def expand_home(path: str | os.PathLike[str], *, existing_literal: bool = True) -> Path:
@@ -24,3 +25,27 @@ def expand_home(path: str | os.PathLike[str], *, existing_literal: bool = True) 
         return Path(text).expanduser()
     except RuntimeError:
         return Path(text)
+
+
+def file_kind(mode: int) -> str:
+    """What a file that is no regular file is, by its ``st_mode``, for a message ("a FIFO (a named pipe)")."""
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (a named pipe)"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"))  # fmt: skip
+    return next((kind for is_kind, kind in kinds if is_kind(mode)), "not a regular file")
+
+
+def open_regular_file(path: Path) -> tuple[int | None, int]:
+    """``(fd, st_mode)``: ``path`` opened read-only, and what it is. Opened without blocking, then looked at on
+    the open file, so that what is checked is what is read: a blocking open of a FIFO waits for a writer,
+    forever, and a regular file checked by name could be a FIFO by the time it is opened. ``fd`` is None (and
+    nothing is left open) where the file is no regular file; ``st_mode`` says what it is (:func:`file_kind`).
+
+    Raises:
+        OSError: it cannot be opened (missing, a looping link, no permission).
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    mode = os.fstat(fd).st_mode
+    if stat.S_ISREG(mode):
+        return fd, mode
+    os.close(fd)
+    return None, mode

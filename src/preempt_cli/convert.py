@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import os
 import re
-import stat
 import warnings
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
 
-from ._paths import expand_home
+from ._paths import expand_home, file_kind, open_regular_file
 from .errors import ConfigError
 from .hub import save_safetensors, sha256_file
 from .imageio import folder_write_problem, same_file
@@ -122,33 +121,23 @@ def _load_refusal(checkpoint: Path, error: Exception, protocol: str | None = Non
 
 
 def _open_checkpoint(checkpoint: Path) -> BinaryIO:
-    """``checkpoint`` opened for reading, once checked to be a regular file. Opened without blocking, then
-    checked on the open file: torch.load opened a FIFO (or a link to one) and waited for a writer, forever,
-    and read a device such as /dev/zero without end.
+    """``checkpoint`` opened for reading, checked on the open file to be a regular file: torch.load opened a
+    FIFO (or a link to one) and waited for a writer, forever, and read a device such as /dev/zero without end.
 
     Raises:
         ConfigError: no such file, a folder, not a regular file, or it cannot be opened.
     """
     try:
-        fd = os.open(checkpoint, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+        fd, mode = open_regular_file(checkpoint)
     except FileNotFoundError:
         raise ConfigError(f"{checkpoint}: no such file") from None
     except IsADirectoryError:  # Windows cannot open a folder
         raise ConfigError(f"{checkpoint}: is a directory, not a checkpoint file") from None
     except OSError as e:  # a looping link, no permission
         raise ConfigError(f"{checkpoint}: cannot be read: {e.strerror or e}") from None
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
-        os.close(fd)
-        raise ConfigError(f"{checkpoint}: is {_file_kind(mode)}, not a checkpoint file")
+    if fd is None:
+        raise ConfigError(f"{checkpoint}: is {file_kind(mode)}, not a checkpoint file")
     return os.fdopen(fd, "rb")
-
-
-def _file_kind(mode: int) -> str:
-    """What a file that is no regular file is, by its ``st_mode``, for a message."""
-    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (a named pipe)"), (stat.S_ISSOCK, "a socket"),
-             (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"))  # fmt: skip
-    return next((kind for is_kind, kind in kinds if is_kind(mode)), "not a regular file")
 
 
 def convert_checkpoint(

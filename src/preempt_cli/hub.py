@@ -12,7 +12,7 @@ import os
 import re
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 from .errors import (
     HashMismatchError,
@@ -24,7 +24,7 @@ from .errors import (
     error_chain,
     first_line,
 )
-from ._paths import expand_home
+from ._paths import expand_home, file_kind, open_regular_file
 from .imageio import atomic_write
 from .registry import ModelConfig
 
@@ -82,8 +82,9 @@ def check_safetensors_header(model: str, path: Path) -> None:
     Raises:
         UnsafeWeightsError: the file is a pickle or zip checkpoint; :class:`UnreadableWeightsError` (a
             subclass) when it is no checkpoint either (empty, truncated, damaged).
+        WeightsNotFoundError: the file is gone, or no regular file (a FIFO).
     """
-    with path.open("rb") as f:
+    with _open_weights(model, path) as f:
         head = f.read(9)
         size = os.fstat(f.fileno()).st_size
     _check_header(model, path, head, size)
@@ -331,6 +332,35 @@ def _hf_offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
+def _what_is_there(path: Path) -> str:
+    """What ``path``, something that is no regular file nor folder, is: for a message ("is a FIFO (a named
+    pipe), not a weights file")."""
+    try:
+        return f"is {file_kind(os.stat(path).st_mode)}, not a weights file"
+    except FileNotFoundError:
+        return f"is a symbolic link to {os.readlink(path)}, which is missing"
+    except OSError as e:  # a looping link
+        return f"cannot be read: {e.strerror or e}"
+
+
+def _open_weights(model: str, path: Path) -> BinaryIO:
+    """The weights file ``path`` of ``model`` opened for reading, refused unread where it is no regular file
+    by the time it is opened (a FIFO swapped in for it: a blocking open waited for a writer, forever).
+
+    Raises:
+        WeightsNotFoundError: ``path`` is gone, cannot be opened, or is no regular file.
+    """
+    try:
+        fd, mode = open_regular_file(path)
+    except FileNotFoundError:
+        raise WeightsNotFoundError(model, path) from None
+    except OSError as e:
+        raise WeightsNotFoundError(model, path, reason=f"{path} cannot be read: {e.strerror or e}") from None
+    if fd is None:
+        raise WeightsNotFoundError(model, path, reason=f"{path} is {file_kind(mode)}, not a weights file")
+    return os.fdopen(fd, "rb")
+
+
 def _find_weights(cfg: ModelConfig, models_dir: Path | None) -> Path:
     kind = cfg.source.kind
     if kind == "file":
@@ -341,6 +371,9 @@ def _find_weights(cfg: ModelConfig, models_dir: Path | None) -> Path:
             raise WeightsNotFoundError(cfg.name, folder, reason=(
                 f"{folder} is a folder, not a weights file: the source names the .safetensors file itself "
                 f"(the folder holding it is --models-dir or {MODELS_DIR_ENV})"))  # fmt: skip
+        other = next((p for p in candidates if os.path.lexists(p)), None)
+        if path is None and other is not None:  # a FIFO, a looping or dangling link: "not found" was untrue
+            raise WeightsNotFoundError(cfg.name, other, reason=f"{other} {_what_is_there(other)}")
         if path is None:
             hint = (
                 f"Looked in: {', '.join(str(p.parent) for p in candidates)}. Pass --models-dir DIR "
@@ -399,7 +432,7 @@ def read_weights(cfg: ModelConfig, models_dir: Path | None = None, *, verify_has
         The errors of :func:`resolve_weights`.
     """
     path = _find_weights(cfg, models_dir)
-    with path.open("rb") as f:
+    with _open_weights(cfg.name, path) as f:
         data = f.read()
     _check_header(cfg.name, path, data[:9], len(data))
     actual = hashlib.sha256(data).hexdigest()
