@@ -119,6 +119,31 @@ def test_row_fields_of_the_wrong_type_are_refused(line, words, tmp_path) -> None
     assert str(path) in str(info.value) and "'t'" in str(info.value)
 
 
+
+@pytest.mark.parametrize("written", ["{hex}", "{HEX}", "sha256:{hex}", "SHA256:{HEX}", " sha256:{hex}\n"],
+                         ids=["hex", "capitals", "prefixed", "prefixed-capitals", "spaces"])  # fmt: skip
+def test_a_pin_with_a_sha256_prefix_or_in_capitals_is_read_as_its_hex(written, tmp_path) -> None:
+    # "sha256:HEX" (pip's --hash, OCI digests) was refused as "must be 64 hex digits", naming nothing
+    digest = "0123456789abcdef" * 4
+    value = written.format(hex=digest, HEX=digest.upper()).replace("\n", "\\n")
+    path = _write(tmp_path / "r.toml", f'[models.t]\n{BASE}sha256 = "{value}"\n')
+    assert load_registry([path])["t"].sha256 == digest
+
+
+@pytest.mark.parametrize(("value", "said"), [
+    ('"' + "a" * 63 + '"', "got '" + "a" * 63 + "' (63 characters)"),
+    ('"md5:' + "a" * 64 + '"', "(68 characters)"),
+    ('"' + "g" * 64 + '"', "(64 characters)"),
+    ('""', "got '' (0 characters)"),
+    ("5", "got 5"),
+])  # fmt: skip
+def test_a_pin_that_is_no_sha256_is_refused_saying_what_was_given(value, said, tmp_path) -> None:
+    path = _write(tmp_path / "r.toml", f"[models.t]\n{BASE}sha256 = {value}\n")
+    with pytest.raises(RegistryError) as info:
+        load_registry([path])
+    message = str(info.value)
+    assert message.startswith(f"{path}: model 't': sha256 must be 64 hex digits") and said in message, message
+
 def test_a_row_with_an_empty_name_is_refused(tmp_path) -> None:
     # no command could name it, and every unknown name's "did you mean" offered it as ", "
     path = _write(tmp_path / "r.toml", f'[models.""]\n{BASE}')

@@ -315,6 +315,28 @@ def _all_finite(value: Any) -> bool:
     return True
 
 
+#: A sha256 pin as a row may write it: 64 hex digits, in either case, after an optional ``sha256:`` (the form
+#: of pip's ``--hash`` and of OCI digests).
+_PIN = re.compile(r"(?:sha256:)?([0-9a-f]{64})", re.IGNORECASE)
+
+
+def _pin(value: Any, path: Path, name: str) -> str | None:
+    """The ``sha256`` of a row as 64 lower-case hex digits (None when absent).
+
+    Raises:
+        RegistryError: anything else, named with what was given and how long it is.
+    """
+    if value is None:
+        return None
+    match = _PIN.fullmatch(value.strip()) if isinstance(value, str) else None
+    if match is None:
+        # whole up to a prefixed pin's length and more: a cut pin would hide where it is wrong
+        given = f"{clip(repr(value), 100)} ({len(value)} characters)" if isinstance(value, str) else _short(value)
+        raise RegistryError(path, f"model {name!r}: sha256 must be 64 hex digits (a string, 'sha256:' before them "
+                                  f"allowed), got {given}")  # fmt: skip
+    return match.group(1).lower()
+
+
 def _parse_row(
     name: str, row: Mapping[str, Any], path: Path, class_sets: Mapping[str, Any], source_registry: Path | None = None
 ) -> ModelConfig:
@@ -344,9 +366,7 @@ def _parse_row(
         source = parse_source(row["source"])
     except ValueError as e:
         raise RegistryError(path, f"model {name!r}: {e}") from e
-    sha = row.get("sha256")
-    if sha is not None and not (isinstance(sha, str) and re.fullmatch(r"[0-9a-fA-F]{64}", sha)):
-        raise RegistryError(path, f"model {name!r}: sha256 must be 64 hex digits (a string)")
+    sha = _pin(row.get("sha256"), path, name)
     if source.kind == "timm":
         mismatch = timm_arch_mismatch(arch, source.location)
         if mismatch:
@@ -413,7 +433,7 @@ def _parse_row(
         num_classes=num_classes,
         classes=tuple(classes) if classes else None,
         arch_args=dict(arch_args),
-        sha256=str(sha).lower() if sha else None,
+        sha256=sha,
         role=role,
         description=texts["description"],
         paper_name=texts["paper_name"],
