@@ -449,6 +449,24 @@ def test_a_damaged_copy_in_the_hub_cache_names_the_folder_to_delete(hf_cache, tm
     assert "\n" not in message
 
 
+def test_an_unpinned_hub_cache_copy_changed_since_its_download_is_refused(hf_cache, tmp_path) -> None:
+    # huggingface_hub names the blob by the sha256 it served and uses it unchecked: without a pin, a copy
+    # changed since (one weight's byte) was loaded as the model, without a word
+    save_file(_random_resnet20(0).state_dict(), str(tmp_path / "r20.safetensors"))
+    data = (tmp_path / "r20.safetensors").read_bytes()
+    pointer = make_hf_cache(hf_cache, "org/r20", "r20.safetensors", data)
+    cfg = ModelConfig(name="r20", arch="cifar_resnet20", arch_args={"shortcut": "pad_end"},
+                      source=Source("hf", "org/r20", "r20.safetensors", COMMIT))  # fmt: skip
+    assert load_model(cfg).weights_sha256 == hashlib.sha256(data).hexdigest()  # the intact copy loads
+    pointer.resolve().write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    with pytest.raises(UnreadableWeightsError) as info:
+        load_model(cfg)
+    message = str(info.value)
+    assert f"not the {hashlib.sha256(data).hexdigest()} of the file the Hub served" in message, message
+    assert f"delete {hf_cache / 'models--org--r20'}" in message and "\n" not in message
+    assert isinstance(load_model(cfg, verify_hash=False), ImageModel)  # the way past it, as for a pin
+
+
 def test_a_pin_that_the_hub_cache_copy_does_not_match_but_is_intact_is_not_called_damaged(hf_cache, tmp_path) -> None:
     # the blob is named by the sha256 the Hub gave: the copy is what the commit holds, so the pin is wrong
     data = _tiny_safetensors(tmp_path / "src.safetensors").read_bytes()

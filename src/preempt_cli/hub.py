@@ -426,7 +426,8 @@ def resolve_weights(cfg: ModelConfig, models_dir: Path | None = None, *, verify_
 def read_weights(cfg: ModelConfig, models_dir: Path | None = None, *, verify_hash: bool = True) -> tuple[Path, bytes, str]:
     """``(path, data, sha256)``: the weights file of ``cfg`` read once into memory, checked to be safetensors
     and hashed; the pin (``verify_hash``) is checked against those same bytes, so what is loaded from ``data``
-    is exactly what was verified, whatever happens to the file meanwhile.
+    is exactly what was verified, whatever happens to the file meanwhile. Without a pin, a file of the Hugging
+    Face cache is checked against the sha256 the Hub served (:func:`_check_served`).
 
     Raises:
         The errors of :func:`resolve_weights`.
@@ -438,7 +439,24 @@ def read_weights(cfg: ModelConfig, models_dir: Path | None = None, *, verify_has
     actual = hashlib.sha256(data).hexdigest()
     if verify_hash and cfg.sha256:
         _check_pin(cfg, path, actual)
+    elif verify_hash:
+        _check_served(cfg, path, actual)
     return path, data, actual
+
+
+def _check_served(cfg: ModelConfig, path: Path, actual: str) -> None:
+    """Refuse a file of the Hugging Face cache whose bytes are not those the Hub served (its blob is named by
+    their sha256), pin or no pin: huggingface_hub uses a cached copy unchecked, so a copy damaged or changed
+    since its download was loaded as the model.
+
+    Raises:
+        UnreadableWeightsError: the copy is not the file served, with the folder to delete.
+    """
+    served = _served_sha256(path)
+    if served is not None and served != actual:
+        raise UnreadableWeightsError(cfg.name, path, f"its sha256 is {actual}, not the {served} of the file the "
+                                                     "Hub served: changed since its download",
+                                     hint=damaged_cache_copy_hint(path))  # fmt: skip
 
 
 def _unshared(tensors: dict) -> dict:
