@@ -347,6 +347,35 @@ def test_predict_and_confidence_refuse_what_protect_refuses(tiny_backbone) -> No
     assert protector.confidence(x, protector.predict(x)).shape == (2,)
 
 
+def test_images_the_api_cannot_take_are_input_errors_at_every_entry_point(tmp_path: Path, tiny_backbone) -> None:
+    """README: images or labels of the wrong type, dtype, shape or value raise InputError. The quality
+    metrics, BiLevel and Evaluator's data raised a bare ConfigError (a caller catching that still does), with
+    no hint (a uint8 batch now is told x.float() / 255); Protector and Reverter raised InputError already."""
+    from preempt_cli import Reverter
+    from preempt_cli.baselines import BiLevel
+    from preempt_cli.evaluate import Dataset, Evaluator
+    from preempt_cli.quality import lpips_distance, perturbation_map, save_perturbation_figure, ssim
+
+    x = torch.rand(2, 3, 32, 32)
+    x8 = (x * 255).to(torch.uint8)
+    was_config_error = {
+        "ssim": lambda: ssim(x8, x8),
+        "perturbation_map": lambda: perturbation_map(x8, x8, 8 / 255),
+        "lpips_distance": lambda: lpips_distance(x8, x8),
+        "save_perturbation_figure": lambda: save_perturbation_figure(tmp_path / "f.png", x8, x8, 8 / 255),
+        "BiLevel.perturb": lambda: BiLevel(tiny_backbone).perturb(x8, torch.tensor([0, 1])),
+    }
+    for entry, run in was_config_error.items():
+        with pytest.raises(InputError, match=r"for uint8 use x\.float\(\) / 255") as caught:
+            run()
+        assert isinstance(caught.value, ConfigError), entry
+    with pytest.raises(InputError, match="uint8 \\[N, C, H, W\\] tensor") as caught:  # float: divided by 255 twice
+        Evaluator(Dataset(tmp_path, [tmp_path / "a.png"] * 2, x, torch.tensor([0, 1])), load=None, device="cpu")
+    assert isinstance(caught.value, ConfigError)
+    with pytest.raises(InputError, match=r"for uint8 use x\.float\(\) / 255"):
+        Reverter(tiny_backbone, labels="backbone").protect(x8)
+
+
 # -- 0.17.0: the API's arguments checked where the CLI's were -----------------------------------------------
 def test_bad_arguments_of_the_api_are_preempt_errors_naming_them(tmp_path: Path, tiny_backbone) -> None:
     from preempt_cli.errors import ConfigError, InputError, PreemptError

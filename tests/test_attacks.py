@@ -30,7 +30,7 @@ from preempt_cli.attacks import (
     list_attacks,
     robust_accuracy,
 )
-from preempt_cli.errors import ConfigError, LabelError, MissingDependencyError
+from preempt_cli.errors import ConfigError, InputError, LabelError, MissingDependencyError
 
 HW = 16
 LINF_EPS = 8 / 255
@@ -333,6 +333,47 @@ def test_invalid_inputs_raise(tiny_backbone) -> None:
     with pytest.raises(LabelError):
         attack.perturb(x, torch.tensor([0, -1]))
     assert attack.perturb(x[:0], torch.tensor([], dtype=torch.long)).shape == (0, 3, 32, 32)
+
+
+#: Batches the attacks cannot take, each with what their message must say: the engine's words and hints.
+BAD_BATCHES = [
+    pytest.param(lambda x, y: (x.numpy(), y), "torch.from_numpy", id="numpy images"),
+    pytest.param(lambda x, y: ((x * 255).to(torch.uint8), y), r"x\.float\(\) / 255", id="uint8 images"),
+    pytest.param(lambda x, y: (x[0], y[:1]), r"x\[None\]", id="one image without a batch dimension"),
+    pytest.param(lambda x, y: (x * 2 - 1, y), "not normalized ones", id="normalized images"),
+    pytest.param(lambda x, y: (x * 255, y), "x / 255", id="0..255 float images"),
+    pytest.param(lambda x, y: (x, y.float()), "integer class indices", id="float labels"),
+    pytest.param(lambda x, y: (x, y.tolist()), "labels must be a torch.Tensor", id="labels in a list"),
+    pytest.param(lambda x, y: (x, y[:1]), "expected 2 labels", id="too few labels"),
+]
+
+
+@pytest.mark.parametrize(("make_bad", "message"), BAD_BATCHES)
+@pytest.mark.parametrize("entry", ["PGD.perturb", "AutoAttack.perturb", "robust_accuracy"])
+def test_bad_batches_raise_input_errors_that_callers_of_config_error_still_catch(
+    tiny_backbone, entry: str, make_bad, message: str
+) -> None:
+    """README: images or labels of the wrong type, dtype, shape or value raise InputError (a ValueError and a
+    TypeError), with the engine's hints; the attacks raised a bare ConfigError, which callers may catch."""
+    x, y = make_bad(torch.rand(2, 3, 32, 32), torch.tensor([0, 1]))
+    run = {
+        "PGD.perturb": lambda: PGD(tiny_backbone, steps=1).perturb(x, y),
+        "AutoAttack.perturb": lambda: AutoAttack(tiny_backbone, eps=LINF_EPS).perturb(x, y),
+        "robust_accuracy": lambda: robust_accuracy(tiny_backbone, PGD(tiny_backbone, steps=1), x, y),
+    }[entry]
+    with pytest.raises(InputError, match=message) as caught:
+        run()
+    assert isinstance(caught.value, ConfigError) and isinstance(caught.value, TypeError)
+
+
+@pytest.mark.parametrize("labels", [[0, -1], [0, 10]], ids=["negative", "past the 10 classes"])
+def test_labels_of_no_class_raise_input_errors_that_callers_of_label_error_still_catch(tiny_backbone, labels) -> None:
+    x, y = torch.rand(2, 3, 32, 32, device=TEST_DEVICE), torch.tensor(labels, device=TEST_DEVICE)
+    for run in (lambda: PGD(tiny_backbone, steps=1).perturb(x, y),
+                lambda: robust_accuracy(tiny_backbone, PGD(tiny_backbone, steps=1), x, y)):  # fmt: skip
+        with pytest.raises(InputError) as caught:
+            run()
+        assert isinstance(caught.value, LabelError)
 
 
 # -- registry ---------------------------------------------------------------------------------------------

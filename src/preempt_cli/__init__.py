@@ -27,6 +27,8 @@ _EXPORTS = {
     "PreemptError": "errors",
     "ConfigError": "errors",
     "InputError": "errors",
+    "InputConfigError": "errors",
+    "InputLabelError": "errors",
     "ImageReadError": "errors",
     "ImageWriteError": "errors",
     "LabelError": "errors",
@@ -65,10 +67,10 @@ __all__ = ["__version__", *_EXPORTS]
 
 if TYPE_CHECKING:
     from .engine import PRESETS, FastPreemption, ForeBackConfig, parse_eps
-    from .errors import (ConfigError, HashMismatchError, ImageReadError, ImageWriteError, InputError, LabelError,
-                         MissingDependencyError, OfflineWeightsError, PreemptError, RegistryError, UnknownModelError,
-                         UnreadableWeightsError, UnsafeWeightsError, WeightsMetadataMismatchError,
-                         WeightsMismatchError, WeightsNotFoundError)
+    from .errors import (ConfigError, HashMismatchError, ImageReadError, ImageWriteError, InputConfigError,
+                         InputError, InputLabelError, LabelError, MissingDependencyError, OfflineWeightsError,
+                         PreemptError, RegistryError, UnknownModelError, UnreadableWeightsError, UnsafeWeightsError,
+                         WeightsMetadataMismatchError, WeightsMismatchError, WeightsNotFoundError)
     from .evaluate import AttackSpec, DefenseSpec, Evaluator, load_dataset, reversion_protocol
     from .imageio import Picture, read_image, write_png
     from .inputs import InputFile, collect_inputs

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .engine import autograd_usable, eval_mode, refuse_int_levels
-from .errors import ConfigError, LabelError, MissingDependencyError
+from .engine import autograd_usable, check_batch, check_channels, check_unit_range, eval_mode, refuse_int_levels
+from .errors import ConfigError, InputConfigError, InputLabelError, MissingDependencyError
 
 __all__ = [
     "Attack",
@@ -121,32 +121,28 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 def _check_batch(x: torch.Tensor, y: torch.Tensor, model: nn.Module | None = None) -> None:
-    """Images NCHW floating point in [0, 1] and one integer label per image; with a loaded ``model``, of a
-    channel count it takes (its own, or 1).
+    """Images NCHW floating point in [0, 1] and one integer label (>= 0) per image; with a loaded ``model``,
+    of a channel count it takes (its own, or 1). The engine's checks, in their words (a uint8 batch is told
+    ``x.float() / 255``), raising errors that are also what this module raised before.
 
     Raises:
-        ConfigError: wrong shapes or types, or values outside [0, 1].
-        LabelError: negative labels.
+        InputConfigError: wrong types, dtypes or shapes, or values outside [0, 1] (an ``InputError`` and a
+            ``ConfigError``).
+        InputLabelError: negative labels (an ``InputError`` and a ``LabelError``).
     """
-    if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
-        raise ConfigError("images must be a floating-point NCHW tensor")
+    check_batch(x, y, error=InputConfigError)
     input_size = getattr(getattr(model, "config", None), "input_size", None)
-    if input_size is not None and x.shape[1] not in (1, input_size[0]):
-        raise ConfigError(f"images have {x.shape[1]} channels but the model takes {input_size[0]} (or 1)")
-    if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.is_floating_point() or y.dtype == torch.bool:
-        raise ConfigError("labels must be a 1-D integer tensor")
-    if y.shape[0] != x.shape[0]:
-        raise ConfigError(f"got {x.shape[0]} images but {y.shape[0]} labels")
-    if x.numel() and (x.min() < 0 or x.max() > 1 or torch.isnan(x).any()):
-        raise ConfigError("images must hold values in [0, 1] (models normalize inside their wrapper)")
+    if input_size is not None:
+        check_channels(x, input_size[0], model="the model", error=InputConfigError)
+    check_unit_range(x, error=InputConfigError)
     if y.numel() and y.min() < 0:
-        raise LabelError(f"labels must be class indices >= 0, got {int(y.min())}")
+        raise InputLabelError(f"labels must be class indices >= 0, got {int(y.min())}")
 
 
 def _check_num_classes(y: torch.Tensor, logits: torch.Tensor) -> None:
-    """Raises LabelError when a label is not a class of the model."""
+    """Raises InputLabelError (a LabelError) when a label is not a class of the model."""
     if y.numel() and int(y.max()) >= logits.shape[1]:
-        raise LabelError(f"label {int(y.max())} is not a class of a model with {logits.shape[1]} outputs")
+        raise InputLabelError(f"label {int(y.max())} is not a class of a model with {logits.shape[1]} outputs")
 
 
 def _l2_norms(t: torch.Tensor) -> torch.Tensor:
@@ -242,8 +238,9 @@ class PGD:
         Returns a new tensor on ``x``'s device with ``x``'s dtype; ``x`` is not modified.
 
         Raises:
-            ConfigError: ``x`` or ``y`` of the wrong shape or type, or ``x`` outside [0, 1].
-            LabelError: a label that is not a class of the model.
+            InputConfigError: ``x`` or ``y`` of the wrong type, dtype or shape, or ``x`` outside [0, 1] (an
+                ``InputError``, and the ``ConfigError`` it was before 0.22.0).
+            InputLabelError: a label that is not a class of the model (an ``InputError`` and a ``LabelError``).
         """
         _check_batch(x, y, self.model)
         if x.shape[0] == 0:
@@ -511,9 +508,10 @@ class AutoAttack:
         Returns a new tensor on ``x``'s device with ``x``'s dtype (8-bit levels with ``quantize``).
 
         Raises:
-            ConfigError: ``x`` or ``y`` of the wrong shape or type, ``x`` outside [0, 1], or a state file
-                the reference refuses to resume from.
-            LabelError: negative labels.
+            InputConfigError: ``x`` or ``y`` of the wrong type, dtype or shape, or ``x`` outside [0, 1] (an
+                ``InputError``, and the ``ConfigError`` it was before 0.22.0).
+            ConfigError: a state file the reference refuses to resume from.
+            InputLabelError: negative labels (an ``InputError`` and a ``LabelError``).
         """
         return self._perturb(x, y, report=False)[0]
 
@@ -675,14 +673,16 @@ def robust_accuracy(
         for points not attacked), on ``x``'s device.
 
     Raises:
-        ConfigError: an invalid batch size, no images, or images/labels of the wrong shape or range.
-        LabelError: a label that is not a class of the model.
+        ConfigError: an invalid batch size.
+        InputConfigError: no images, or images or labels of the wrong type, dtype, shape or range (an
+            ``InputError``, and the ``ConfigError`` it was before 0.22.0).
+        InputLabelError: a label that is not a class of the model (an ``InputError`` and a ``LabelError``).
     """
     check_int("batch_size", batch_size, 1)
     _check_batch(x, y)
     n = x.shape[0]
     if n == 0:
-        raise ConfigError("robust accuracy needs at least one image")
+        raise InputConfigError("robust accuracy needs at least one image")
     device = _model_device(model)
     y_cpu = y.detach().long().cpu()
     clean_ok = torch.zeros(n, dtype=torch.bool)

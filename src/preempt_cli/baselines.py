@@ -31,7 +31,7 @@ import math
 import torch
 from torch import nn
 
-from .attacks import check_int, PGD
+from .attacks import _check_batch, check_int, PGD
 from .engine import project, refuse_int_levels
 from .errors import ConfigError
 
@@ -181,17 +181,12 @@ class BiLevel:
             in L-inf and in [0, 1]. ``x`` is not modified.
 
         Raises:
-            ConfigError: ``x`` or ``y`` of the wrong shape or type, or ``x`` outside [0, 1].
-            LabelError: a negative label, or one that is not a class of the backbone.
+            InputConfigError: ``x`` or ``y`` of the wrong type, dtype or shape, or ``x`` outside [0, 1] (an
+                ``InputError``, and the ``ConfigError`` it was before 0.22.0).
+            InputLabelError: a negative label, or one that is not a class of the backbone (an ``InputError``
+                and a ``LabelError``).
         """
-        if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
-            raise ConfigError("images must be a floating-point NCHW tensor")
-        if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.is_floating_point() or y.dtype == torch.bool:
-            raise ConfigError("labels must be a 1-D integer tensor")
-        if y.shape[0] != x.shape[0]:
-            raise ConfigError(f"got {x.shape[0]} images but {y.shape[0]} labels")
-        if x.numel() and (torch.isnan(x).any() or x.min() < 0 or x.max() > 1):
-            raise ConfigError("images must hold values in [0, 1] (models normalize inside their wrapper)")
+        _check_batch(x, y, self.backbone)  # the attacks' checks: the inner PGD makes them again on x_t
         if x.shape[0] == 0:
             return x.detach().clone()
 

@@ -38,7 +38,8 @@ from .graphs import GraphedFunction
 from .imageio import content_seed
 
 __all__ = ["ForeBackConfig", "FastPreemption", "PRESETS", "PRECISIONS", "COMPILE_MODES", "parse_eps", "refuse_int_levels", "default_eps", "eval_mode", "project",
-           "native_bf16", "resolve_precision", "content_seeds", "check_seed", "autograd_usable", "check_images", "check_batch", "check_cuda_graphs", "MAX_SEED"]
+           "native_bf16", "resolve_precision", "content_seeds", "check_seed", "autograd_usable", "check_images", "check_batch", "check_channels",
+           "check_unit_range", "check_cuda_graphs", "MAX_SEED"]
 
 #: Named settings. ``paper``: Table 3 of the paper. ``mspd``: the authors' later public code, which also
 #: projects each FGSM sample around the current iterate before the outer projection.
@@ -749,35 +750,76 @@ def autograd_usable(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(t.clone() if t.is_inference() else t for t in tensors)
 
 
-def check_images(x: Any) -> None:
+def check_images(x: Any, *, error: type[InputError] = InputError) -> None:
     """Refuse images :meth:`FastPreemption.perturb` cannot take, by their type, dtype and shape alone (not
     their values: that would wait for the device).
+
+    ``error`` is the class raised: :class:`~preempt_cli.errors.InputConfigError` where an API refused such
+    images with ``ConfigError`` before (the attacks, the quality metrics), so its callers still catch it.
 
     Raises:
         InputError: ``x`` is not a floating-point [B, C, H, W] tensor.
     """
     if not isinstance(x, torch.Tensor):
-        raise InputError(f"images must be a torch.Tensor [B, C, H, W] of floats in [0, 1], got {type(x).__name__}"
-                         " (for a numpy array: torch.from_numpy(a))")  # fmt: skip
+        raise error(f"images must be a torch.Tensor [B, C, H, W] of floats in [0, 1], got {type(x).__name__}"
+                    " (for a numpy array: torch.from_numpy(a))")  # fmt: skip
     if x.ndim != 4:
-        raise InputError(f"images must be a [B, C, H, W] tensor (NCHW), got shape {tuple(x.shape)}"
-                         + (" (one image: add a batch dimension with x[None])" if x.ndim == 3 else ""))  # fmt: skip
+        raise error(f"images must be a [B, C, H, W] tensor (NCHW), got shape {tuple(x.shape)}"
+                    + (" (one image: add a batch dimension with x[None])" if x.ndim == 3 else ""))  # fmt: skip
     if not x.is_floating_point():
-        raise InputError(f"images must be float in [0, 1], got dtype {x.dtype}; for uint8 use x.float() / 255")
+        raise error(f"images must be float in [0, 1], got dtype {x.dtype}; for uint8 use x.float() / 255")
     if x.shape[0] and 0 in x.shape[1:]:  # an empty batch is fine; an image without pixels is not an image
-        raise InputError(f"images must have channels, height and width, got shape {tuple(x.shape)}")
+        raise error(f"images must have channels, height and width, got shape {tuple(x.shape)}")
 
 
-def check_batch(x: Any, y: Any) -> None:
-    """:func:`check_images`, and refuse labels that are not one integer per image.
+def check_batch(x: Any, y: Any, *, error: type[InputError] = InputError) -> None:
+    """:func:`check_images`, and refuse labels that are not one integer per image (``error``: as there).
 
     Raises:
         InputError: ``x`` is not a floating-point [B, C, H, W] tensor, or ``y`` not an integer [B] tensor.
     """
-    check_images(x)
+    check_images(x, error=error)
     if not isinstance(y, torch.Tensor):
-        raise InputError(f"labels must be a torch.Tensor of class indices, got {type(y).__name__}")
+        raise error(f"labels must be a torch.Tensor of class indices, got {type(y).__name__}")
     if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-        raise InputError(f"labels must be integer class indices, got dtype {y.dtype}")
+        raise error(f"labels must be integer class indices, got dtype {y.dtype}")
     if tuple(y.shape) != (x.shape[0],):
-        raise InputError(f"expected {x.shape[0]} labels (one per image), got shape {tuple(y.shape)}")
+        raise error(f"expected {x.shape[0]} labels (one per image), got shape {tuple(y.shape)}")
+
+
+def check_channels(x: torch.Tensor, channels: int, *, model: str = "the backbone",
+                   error: type[InputError] = InputError) -> None:  # fmt: skip
+    """Refuse [B, C, H, W] images ``x`` of another channel count than ``channels``, or 1 (gray, which the
+    model wrappers repeat); ``model`` names what takes them, for the message; ``error``: as in
+    :func:`check_images`.
+
+    Raises:
+        InputError: ``x`` has another count of channels.
+    """
+    if x.shape[1] not in (1, channels):  # before the model fails on it, with its own words
+        raise error(f"images have {x.shape[1]} channels but {model} takes {channels} (or 1)"
+                    + ("; NHWC images: x.permute(0, 3, 1, 2)" if x.shape[-1] in (1, channels) else ""))  # fmt: skip
+
+
+def check_unit_range(x: torch.Tensor, *, error: type[InputError] = InputError) -> None:
+    """Refuse images ``x`` with a value outside [0, 1], or NaN (this waits for the device); ``error``: as in
+    :func:`check_images`.
+
+    Raises:
+        InputError: a value outside [0, 1] or NaN.
+    """
+    if x.numel() == 0:
+        return
+    low, high = (float(v) for v in torch.aminmax(x.detach()))  # a caller's requires_grad input: no warning
+    if not 0 <= low <= high <= 1:  # NaN fails every comparison
+        raise error(f"images must be floats in [0, 1], got values from {low:.4g} to {high:.4g}"
+                    + _unit_range_hint(low, high))
+
+
+def _unit_range_hint(low: float, high: float) -> str:
+    """What images of values from ``low`` to ``high`` most likely are, for :func:`check_unit_range`'s message."""
+    if 1 < high < math.inf:
+        return "; for 0..255 values use x / 255"
+    if low < 0:  # mean/std-normalized images, as a torchvision pipeline gives them
+        return "; give [0, 1] images, not normalized ones (the models normalize inside their wrapper)"
+    return ""

@@ -27,6 +27,8 @@ __all__ = [
     "ImageWriteError",
     "LabelError",
     "InputError",
+    "InputConfigError",
+    "InputLabelError",
     "MissingDependencyError",
     "reason_of",
     "excerpt",
@@ -209,6 +211,18 @@ class InputError(PreemptError, ValueError, TypeError):
     """Images, labels or other objects handed to the Python API that it cannot take: a wrong type, dtype,
     shape or value (a model name where a loaded model goes, colours of another shape than the picture's;
     a ``ValueError`` and a ``TypeError``: catch either)."""
+
+
+class InputConfigError(InputError, ConfigError):
+    """Images or other objects that an API which refused them with :class:`ConfigError` before 0.22.0 cannot
+    take (the attacks, :class:`~preempt_cli.baselines.BiLevel`, the quality metrics, ``Evaluator``'s data):
+    an :class:`InputError`, as README says, and still a :class:`ConfigError`, so that a caller catching that
+    catches it as it did."""
+
+
+class InputLabelError(InputError, LabelError):
+    """Labels of a value that is no class (negative, or past the model's classes) handed to an API that
+    refused them with :class:`LabelError` before: an :class:`InputError`, and still a :class:`LabelError`."""
 
 
 class MissingDependencyError(PreemptError, ImportError):

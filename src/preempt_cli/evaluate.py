@@ -31,7 +31,7 @@ from .attacks import PGD, AutoAttack, check_attack_eps, check_int, check_norm, r
 from .device import resolve_device
 from .baselines import BILEVEL_OPTIMIZERS
 from .engine import COMPILE_MODES, PRECISIONS, ForeBackConfig, check_seed, default_eps, eval_mode, parse_eps
-from .errors import ConfigError, LabelError
+from .errors import ConfigError, InputConfigError, LabelError
 from .imageio import atomic_write, content_seed, display_name, quantize_levels, read_image
 from .inputs import PROTECTED_SUFFIX, REVERTED_SUFFIX, InputFile, collect_inputs
 from .labels import read_label_file
@@ -121,7 +121,7 @@ def _check_dataset(dataset: Any) -> None:
     were divided by 255 again: a clean accuracy of 12.5% for 87.5%).
 
     Raises:
-        ConfigError: the dataset is not so.
+        InputConfigError: the dataset is not so (an ``InputError``, and the ``ConfigError`` it was before 0.22.0).
     """
     def described(value: Any) -> str:
         if isinstance(value, torch.Tensor):
@@ -130,12 +130,12 @@ def _check_dataset(dataset: Any) -> None:
 
     images, labels = getattr(dataset, "images", None), getattr(dataset, "labels", None)
     if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.ndim != 4:
-        raise ConfigError(f"dataset images must be a uint8 [N, C, H, W] tensor of 8-bit levels (as load_dataset "
-                          f"gives), got a {described(images)}")  # fmt: skip
+        raise InputConfigError(f"dataset images must be a uint8 [N, C, H, W] tensor of 8-bit levels (as "
+                               f"load_dataset gives), got a {described(images)}")  # fmt: skip
     if (not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.dtype == torch.bool
             or tuple(labels.shape) != (images.shape[0],)):  # fmt: skip
-        raise ConfigError(f"dataset labels must be {images.shape[0]} integer class indices (one per image), got "
-                          f"a {described(labels)}")  # fmt: skip
+        raise InputConfigError(f"dataset labels must be {images.shape[0]} integer class indices (one per image), "
+                               f"got a {described(labels)}")  # fmt: skip
 
 
 def _class_list(names: Sequence[str]) -> str:

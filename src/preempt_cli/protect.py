@@ -42,8 +42,8 @@ import numpy as np
 import torch
 
 from . import __version__
-from .engine import (PRESETS, SAMPLE_PASS_ELEMENTS, FastPreemption, ForeBackConfig, check_batch, check_images, check_seed,
-                     eval_mode)  # fmt: skip
+from .engine import (PRESETS, SAMPLE_PASS_ELEMENTS, FastPreemption, ForeBackConfig, check_batch, check_channels,
+                     check_images, check_seed, check_unit_range, eval_mode)  # fmt: skip
 from .batches import ComputeThread, QueuedTransfer
 from .device import default_io_workers, to_device
 from .errors import ConfigError, InputError, LabelError, excerpt, reason_of, value_text
@@ -640,19 +640,13 @@ class Protector:
                 whole number in 0..2**64-1 per image.
         """
         check_images(x)
-        channels = self.backbone.config.input_size[0]
-        if x.shape[1] not in (1, channels):  # before the classifier fails on it, with its own words
-            raise InputError(f"images have {x.shape[1]} channels but the backbone takes {channels} (or 1)"
-                             + ("; NHWC images: x.permute(0, 3, 1, 2)" if x.shape[-1] in (1, channels) else ""))  # fmt: skip
+        check_channels(x, self.backbone.config.input_size[0])  # before the classifier fails on it, in its words
         if y is not None:
             check_batch(x, y)
         x = x.to(self.device, torch.float32)
         if x.shape[0] == 0:
             return x.clone()
-        low, high = (float(v) for v in torch.aminmax(x.detach()))  # a caller's requires_grad input: no warning
-        if not 0 <= low <= high <= 1:  # NaN fails every comparison
-            raise InputError(f"images must be floats in [0, 1], got values from {low:.4g} to {high:.4g}"
-                             + ("; for 0..255 values use x / 255" if 1 < high < math.inf else ""))  # fmt: skip
+        check_unit_range(x)
         y = self.predict(x) if y is None else y.to(self.device)
         classes = self.backbone.config.num_classes
         if not bool(((y >= 0) & (y < classes)).all()):

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from .errors import ConfigError, MissingDependencyError
+from .engine import check_images
+from .errors import ConfigError, InputConfigError, MissingDependencyError
 from .imageio import atomic_write
 
 __all__ = [
@@ -50,17 +51,22 @@ _SSIM_K1 = 0.01
 _SSIM_K2 = 0.03
 
 
-def _check_pair(x: torch.Tensor, y: torch.Tensor, what: str = "images") -> None:
-    """Two floating-point NCHW tensors of the same shape.
+def _check_pair(x: torch.Tensor, y: torch.Tensor) -> None:
+    """Two floating-point NCHW tensors of the same shape (the engine's checks, in their words).
 
     Raises:
-        ConfigError: otherwise.
+        InputConfigError: otherwise (an ``InputError``, and the ``ConfigError`` it was before 0.22.0).
     """
-    for t in (x, y):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4 or not t.is_floating_point():
-            raise ConfigError(f"{what} must be floating-point NCHW tensors")
+    check_images(x, error=InputConfigError)
+    check_images(y, error=InputConfigError)
     if x.shape != y.shape:
-        raise ConfigError(f"{what} must have the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+        raise InputConfigError(f"images must have the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+
+
+def _check_gray_or_rgb(x: torch.Tensor, what: str) -> None:
+    """Raises InputConfigError for images of another count of channels than 1 or 3 (``what`` needs those)."""
+    if x.shape[1] not in (1, 3):
+        raise InputConfigError(f"{what} need 1 or 3 channels, got {x.shape[1]}")
 
 
 def _gaussian_window(size: int, sigma: float, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -88,8 +94,9 @@ def ssim(x: torch.Tensor, y: torch.Tensor, *, data_range: float = 1.0) -> torch.
         [B] SSIM values in ``x``'s dtype (1 for identical images; symmetric in ``x`` and ``y``).
 
     Raises:
-        ConfigError: shapes that differ or are not NCHW, images smaller than 11x11, or a
-            non-positive ``data_range``.
+        InputConfigError: images that are not floating-point NCHW tensors of one shape, or smaller than
+            11x11 (an ``InputError``, and the ``ConfigError`` it was before 0.22.0).
+        ConfigError: a non-positive ``data_range``.
     """
     _check_pair(x, y)
     if not (isinstance(data_range, (int, float)) and not isinstance(data_range, bool)) or not (
@@ -98,7 +105,7 @@ def ssim(x: torch.Tensor, y: torch.Tensor, *, data_range: float = 1.0) -> torch.
         raise ConfigError(f"data_range must be positive and finite, got {data_range!r}")
     b, c, h, w = x.shape
     if h < _SSIM_WINDOW or w < _SSIM_WINDOW:
-        raise ConfigError(f"SSIM needs images of at least {_SSIM_WINDOW}x{_SSIM_WINDOW} pixels, got {h}x{w}")
+        raise InputConfigError(f"SSIM needs images of at least {_SSIM_WINDOW}x{_SSIM_WINDOW} pixels, got {h}x{w}")
     if b == 0:  # no pairs, no values (the maps below cannot be shaped for an empty batch)
         return x.new_empty((0,))
     a = x.detach().to(torch.float64).reshape(b * c, 1, h, w)
@@ -238,12 +245,13 @@ def lpips_distance(
         [B] distances, float32, on ``x``'s device.
 
     Raises:
-        ConfigError: shapes that differ or are not NCHW with 1 or 3 channels, or an unknown ``net``.
+        InputConfigError: images that are not floating-point NCHW tensors of one shape with 1 or 3 channels
+            (an ``InputError``, and the ``ConfigError`` it was before 0.22.0).
+        ConfigError: an unknown ``net``.
         LpipsUnavailableError: LPIPS cannot run offline here (a :class:`MissingDependencyError`).
     """
     _check_pair(x, y)
-    if x.shape[1] not in (1, 3):
-        raise ConfigError(f"LPIPS needs 1 or 3 channels, got {x.shape[1]}")
+    _check_gray_or_rgb(x, "LPIPS images")
     if model is None:
         model = load_lpips(net)
     device = next((t.device for t in model.parameters()), torch.device("cpu"))
@@ -278,11 +286,12 @@ def perturbation_map(x: torch.Tensor, x_protected: torch.Tensor, eps: float) -> 
         [B, 1, H, W] float32 maps in [0, 1], on ``x``'s device.
 
     Raises:
-        ConfigError: shapes that differ or are not NCHW with 1 or 3 channels, or ``eps`` not positive.
+        InputConfigError: images that are not floating-point NCHW tensors of one shape with 1 or 3 channels
+            (an ``InputError``, and the ``ConfigError`` it was before 0.22.0).
+        ConfigError: ``eps`` not positive.
     """
     _check_pair(x, x_protected)
-    if x.shape[1] not in (1, 3):
-        raise ConfigError(f"perturbation maps need 1 or 3 channels, got {x.shape[1]}")
+    _check_gray_or_rgb(x, "perturbation maps")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps > 0):
         raise ConfigError(f"eps must be positive and finite, got {eps!r}")
     delta = x_protected.detach().to(x.device, torch.float32) - x.detach().to(torch.float32)
@@ -334,7 +343,9 @@ def save_perturbation_figure(
         ``path`` as a :class:`~pathlib.Path`.
 
     Raises:
-        ConfigError: mismatched or empty images, or an invalid ``eps``, ``max_images``, ``scale`` or ``gap``.
+        InputConfigError: images as :func:`perturbation_map` refuses them, or none (an ``InputError``, and the
+            ``ConfigError`` it was before 0.22.0).
+        ConfigError: an invalid ``eps``, ``max_images``, ``scale`` or ``gap``.
         ImageWriteError: the file or its folder cannot be written.
     """
     for name, value, minimum in (("max_images", max_images, 1), ("scale", scale, 1), ("gap", gap, 0)):
@@ -343,7 +354,7 @@ def save_perturbation_figure(
     maps = perturbation_map(originals, protected, eps)  # validates shapes, channels and eps
     n = min(originals.shape[0], max_images)
     if n == 0:
-        raise ConfigError("no images to draw")
+        raise InputConfigError("no images to draw")
     rows = [
         _to_rgb_uint8(originals[:n], scale),
         _to_rgb_uint8(protected[:n], scale),
