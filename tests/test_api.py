@@ -3,6 +3,7 @@ checks, and what the package exports."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -439,6 +440,45 @@ def test_models_are_float32_whatever_torchs_default_dtype() -> None:
     finally:
         torch.set_default_dtype(previous)
     assert out.dtype == torch.float32 and all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def _argument_types(cls: type, name: str) -> tuple[object, ...]:
+    """The types a type checker takes for ``cls(name=...)`` (the package ships py.typed): a dataclass field
+    that is a descriptor takes what its ``__set__`` takes (mypy and pyright read it so), other arguments
+    their annotation."""
+    import typing
+
+    hint = typing.get_type_hints(cls).get(name) if dataclasses.is_dataclass(cls) else None
+    if hint is not None and hasattr(hint, "__set__"):
+        hint = typing.get_type_hints(hint.__set__)["value"]
+    elif hint is None:
+        hint = typing.get_type_hints(cls.__init__)[name]
+    return typing.get_args(hint) or (hint,)
+
+
+def test_out_dir_is_typed_to_take_a_str_as_readme_passes_it_and_kept_a_path(tmp_path: Path) -> None:
+    """README passes RunOptions(out_dir="out"), which a mypy user was told is no ``Path | None``."""
+    import copy
+    import os
+    import pickle
+
+    from preempt_cli.errors import ConfigError
+    from preempt_cli.evaluate import Dataset, Evaluator
+
+    for cls in (RunOptions, Evaluator):
+        assert {str, os.PathLike[str], type(None)} <= set(_argument_types(cls, "out_dir")), cls
+    options = RunOptions(out_dir="out")
+    assert options.out_dir == Path("out") and type(options.out_dir) is type(Path("out"))
+    assert dataclasses.replace(options, overwrite=True).out_dir == Path("out")
+    for kept in (copy.copy(options), pickle.loads(pickle.dumps(options))):  # as the worker processes get it
+        assert kept.out_dir == Path("out") and kept == options
+    options.out_dir = str(tmp_path)  # set later: kept a Path too
+    assert options.out_dir == tmp_path and RunOptions().out_dir is None
+    data = Dataset(tmp_path, [tmp_path / "a.png"], torch.zeros(1, 3, 8, 8, dtype=torch.uint8), torch.tensor([0]))
+    assert Evaluator(data, load=None, device="cpu", out_dir=os.fspath(tmp_path)).out_dir == tmp_path
+    with pytest.raises(ConfigError, match="out_dir must be a folder's path") as caught:  # a TypeError before
+        Evaluator(data, load=None, device="cpu", out_dir=3)  # type: ignore[arg-type]
+    assert isinstance(caught.value, TypeError)
 
 
 def test_run_options_refuse_values_that_did_something_else(tmp_path: Path, tiny_backbone, monkeypatch) -> None:

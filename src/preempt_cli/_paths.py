@@ -6,8 +6,11 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
+from typing import Any, overload
 
-__all__ = ["expand_home", "file_kind", "open_regular_file"]
+from .errors import InputConfigError
+
+__all__ = ["expand_home", "file_kind", "open_regular_file", "output_folder", "OutputFolderField"]
 
 
 def expand_home(path: str | os.PathLike[str], *, existing_literal: bool = True) -> Path:
@@ -49,3 +52,51 @@ def open_regular_file(path: Path) -> tuple[int | None, int]:
         return fd, mode
     os.close(fd)
     return None, mode
+
+
+def output_folder(value: Any, name: str = "out_dir") -> Path | None:
+    """``value``, the path of a folder to write into (a ``str`` or ``os.PathLike``), as a Path with a
+    leading ``~`` expanded (as :func:`~preempt_cli.inputs.collect_inputs` and ``load_model`` read one);
+    None stays None. ``name`` names the argument in the message.
+
+    Raises:
+        InputConfigError: anything else, or an empty path (a ``ConfigError``, as ``RunOptions`` raised, and
+            a ``TypeError``, as ``Evaluator`` did).
+    """
+    if value is None:
+        return None
+    if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+        # 3 wrote into ./3/, "" into the current folder
+        raise InputConfigError(f"{name} must be a folder's path, got {value!r}")
+    return expand_home(value, existing_literal=False)
+
+
+class OutputFolderField:
+    """A dataclass field holding :func:`output_folder` of what it is set to, None by default.
+
+    Set from a ``str`` or ``os.PathLike[str]`` (README passes ``RunOptions(out_dir="out")``), read as a
+    ``Path``. A descriptor, so that type checkers take the ``__init__`` argument's type from :meth:`__set__`
+    and the attribute's from :meth:`__get__` (mypy and pyright do for dataclass fields): a plain
+    ``Path | None`` field refused the documented ``str``, a ``str | Path`` one made every read a union.
+    """
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, instance: None, owner: type) -> None: ...
+
+    @overload
+    def __get__(self, instance: object, owner: type) -> Path | None: ...
+
+    def __get__(self, instance: object | None, owner: type) -> Path | None:
+        if instance is None:
+            return None  # what dataclass reads as the field's default
+        try:
+            # kept under the field's own name: vars(), copy and pickle see the Path
+            return instance.__dict__[self.name]  # type: ignore[no-any-return]
+        except KeyError:
+            raise AttributeError(self.name) from None
+
+    def __set__(self, instance: object, value: str | os.PathLike[str] | None) -> None:
+        instance.__dict__[self.name] = output_folder(value, self.name)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ._paths import expand_home
+from ._paths import output_folder
 from .attacks import PGD, AutoAttack, check_attack_eps, check_int, check_norm, robust_accuracy
 from .device import resolve_device
 from .baselines import BILEVEL_OPTIMIZERS
@@ -659,7 +659,8 @@ class Evaluator:
         dataset: the labelled images.
         load: returns a loaded model by registry name (cached by the caller as it likes).
         device: where to compute (a ``torch.device`` or a name: ``cpu``, ``cuda:1``, ``auto``).
-        out_dir: where defended sets (``defenses/``) and finished cells (``cells/``) are kept.
+        out_dir: where defended sets (``defenses/``) and finished cells (``cells/``) are kept (a ``str`` or
+            ``os.PathLike``, kept as a ``Path``: :attr:`out_dir`).
         resume: reuse what ``out_dir`` holds instead of recomputing it.
         batch_size: images per defense batch (default: 50 on CPU, 256 on GPU).
 
@@ -681,7 +682,7 @@ class Evaluator:
         *,
         load: Callable[[str], ImageModel],
         device: torch.device | str,
-        out_dir: Path | None = None,
+        out_dir: str | os.PathLike[str] | None = None,
         resume: bool = False,
         batch_size: int | None = None,
         attack_batch_size: int = 250,
@@ -694,8 +695,8 @@ class Evaluator:
         self.dataset = dataset
         self._load_model = load
         self.device = resolve_device(device)
-        # a str too, as RunOptions takes it
-        self.out_dir = expand_home(out_dir, existing_literal=False) if out_dir is not None else None
+        # a str too, as RunOptions takes it; kept as a Path
+        self.out_dir: Path | None = output_folder(out_dir)
         self.resume = resume
         self.batch_size = batch_size or (256 if self.device.type == "cuda" else 50)
         self.attack_batch_size = attack_batch_size

@@ -48,7 +48,7 @@ from .batches import ComputeThread, QueuedTransfer
 from .device import default_io_workers, to_device
 from .errors import ConfigError, InputError, LabelError, excerpt, reason_of, value_text
 from .graphs import GraphedFunction, empty_cache
-from ._paths import expand_home
+from ._paths import OutputFolderField
 from .hub import sha256_file
 from .imageio import (
     DEFAULT_MAX_PIXELS,
@@ -137,7 +137,9 @@ class FileResult:
 class RunOptions:
     """How files are found, named and written."""
 
-    out_dir: Path | None = None
+    #: the folder outputs are written to (None: beside their inputs); given as a ``str`` or ``os.PathLike``,
+    #: it is read as a ``Path``, ``~`` expanded
+    out_dir: OutputFolderField = OutputFolderField()
     #: the output name's marker (``a.protected.png``); None: the run's own (:attr:`Protector.output_suffix`:
     #: ``.protected``, ``.reverted`` for :class:`~preempt_cli.revert.Reverter`)
     suffix: str | None = None
@@ -163,12 +165,6 @@ class RunOptions:
     partition: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
-        if self.out_dir is not None:
-            if not isinstance(self.out_dir, (str, os.PathLike)) or not os.fspath(self.out_dir):
-                # 3 wrote into ./3/, "" into the current folder
-                raise ConfigError(f"out_dir must be a folder's path, got {self.out_dir!r}")
-            # '~/out' as collect_inputs and load_model read it
-            self.out_dir = expand_home(self.out_dir, existing_literal=False)
         for name in ("overwrite", "fsync"):
             if not isinstance(getattr(self, name), bool):  # "no" is true: outputs were replaced unasked
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
