@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 import warnings
@@ -908,6 +909,41 @@ def test_write_into_a_file_parent_fails_cleanly(tmp_path) -> None:
     assert isinstance(info.value, OSError)
     assert blocker.read_text() == "a file, not a folder"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker", "src.png"]
+
+
+def test_read_and_write_errors_fill_the_fields_of_the_oserror_they_are(tmp_path, monkeypatch) -> None:
+    """ImageReadError and ImageWriteError are OSErrors: code reading ``e.filename`` (or ``e.errno``, for a
+    read) found None, as if no file were involved. Their message stays the same."""
+    missing = tmp_path / "missing.png"
+    with pytest.raises(OSError) as info:
+        read_image(missing)
+    assert (info.value.filename, info.value.errno) == (str(missing), errno.ENOENT)
+    assert str(info.value) == f"{missing}: no such file" and info.value.strerror == "no such file"
+    with pytest.raises(OSError) as info:
+        read_image(str(tmp_path))  # a str path: filename is what was given
+    assert (info.value.filename, info.value.errno) == (str(tmp_path), errno.EISDIR)
+    garbage = tmp_path / "garbage.png"
+    garbage.write_bytes(b"not an image at all")
+    with pytest.raises(ImageReadError) as info:
+        read_image(garbage)
+    assert info.value.filename == str(garbage) and info.value.errno is None  # the system said nothing
+
+    pic = _picture(tmp_path)
+    monkeypatch.setattr(imageio.sys, "platform", "darwin")  # the file system's own refusal, as on macOS
+    too_long = tmp_path / ("写" * 100 + ".png")
+    with pytest.raises(ImageWriteError, match="name too long") as info:
+        write_png(too_long, pic)
+    assert (info.value.filename, info.value.errno) == (str(too_long), errno.ENAMETOOLONG)
+
+    class DiskFull:
+        def save(self, f, **kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(imageio, "_to_pil", lambda picture, color: DiskFull())
+    with pytest.raises(OSError) as info:
+        write_png(tmp_path / "out.png", pic)
+    assert (info.value.filename, info.value.errno) == (str(tmp_path / "out.png"), errno.ENOSPC)
+    assert str(info.value) == f"{tmp_path / 'out.png'}: cannot write: No space left on device"
 
 
 def test_failure_while_saving_keeps_the_old_file_and_no_partial_output(tmp_path, monkeypatch) -> None:

@@ -7,6 +7,7 @@ The CLI maps them to an ``Error:`` line and an exit code (see ``preempt_cli.cli`
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Iterator
 
@@ -177,30 +178,32 @@ class NonFiniteWeightsError(WeightsMismatchError):
                                     "them again")  # fmt: skip
 
 
-class ImageReadError(PreemptError, OSError):
-    """An input file cannot be read as an image."""
-
-    def __init__(self, path: Path | str, reason: str) -> None:
-        self.path = Path(path)
-        self.reason = reason
-        super().__init__(f"{path}: {reason}")
-
-    def __str__(self) -> str:
-        return f"{self.path}: {self.reason}"
-
-
-class ImageWriteError(PreemptError, OSError):
-    """An output file cannot be written; ``errno``: the operating system's error number where it said why
-    (``errno.ENOSPC``: the disk is full), else None."""
+class _FileError(PreemptError, OSError):
+    """A file that cannot be read or written: ``path`` (a Path) and ``reason``, and the fields of the
+    ``OSError`` it is, for code that reads them: ``filename`` (``path`` as given, a str), ``strerror``
+    (``reason``), ``errno`` (the operating system's error number where it said why, else None)."""
 
     def __init__(self, path: Path | str, reason: str, errno: int | None = None) -> None:
         self.path = Path(path)
         self.reason = reason
         super().__init__(f"{path}: {reason}")
+        # OSError sets these only from (errno, strerror, filename) arguments, which would make its own str()
         self.errno = errno
+        self.strerror = reason
+        self.filename = os.fspath(path)
 
     def __str__(self) -> str:
         return f"{self.path}: {self.reason}"
+
+
+class ImageReadError(_FileError):
+    """An input file cannot be read as an image; ``errno``: the operating system's error number where it
+    said why (``errno.ENOENT``: no such file), else None (not an image, too large)."""
+
+
+class ImageWriteError(_FileError):
+    """An output file cannot be written; ``errno``: the operating system's error number where it said why
+    (``errno.ENOSPC``: the disk is full), else None."""
 
 
 class LabelError(PreemptError, ValueError):

@@ -331,12 +331,13 @@ def _read_capped(path: Path, max_pixels: int) -> bytes:
                 target = display_name(os.readlink(path))
             except OSError:
                 target = "?"
-            raise ImageReadError(path, f"broken symbolic link: its target {target} does not exist") from None
-        raise ImageReadError(path, "no such file") from None
+            raise ImageReadError(path, f"broken symbolic link: its target {target} does not exist",
+                                 errno=errno.ENOENT) from None  # fmt: skip
+        raise ImageReadError(path, "no such file", errno=errno.ENOENT) from None
     except IsADirectoryError:
-        raise ImageReadError(path, "is a directory") from None
+        raise ImageReadError(path, "is a directory", errno=errno.EISDIR) from None
     except OSError as e:
-        raise ImageReadError(path, f"cannot read: {e.strerror or _error_text(e)}") from e
+        raise ImageReadError(path, f"cannot read: {e.strerror or _error_text(e)}", errno=e.errno) from e
 
 
 #: Seconds a FIFO named as an input may wait for a program to open it for writing (one that has it open
@@ -377,7 +378,7 @@ def _first_bytes_of_a_pipe(path: Path, fd: int) -> bytes:
 def _refuse_special(path: Path, mode: int) -> None:
     """Refuse a device or a socket (endless, or not data at all); a pipe is read up to the size cap."""
     if stat.S_ISDIR(mode):
-        raise ImageReadError(path, "is a directory")
+        raise ImageReadError(path, "is a directory", errno=errno.EISDIR)
     if stat.S_ISREG(mode) or stat.S_ISFIFO(mode):
         return
     kind = ("a character device" if stat.S_ISCHR(mode) else "a block device" if stat.S_ISBLK(mode)
@@ -414,7 +415,7 @@ def _open(path: Path, max_pixels: int) -> tuple[Image.Image, str, bytes]:
         # over Pillow's limit, which is at least ours: our words, our limit (not Pillow's twice-as-high one)
         raise ImageReadError(path, _bomb_reason(e, max_pixels, data)) from None
     except OSError as e:
-        raise ImageReadError(path, f"cannot open: {_error_text(e)}") from e
+        raise ImageReadError(path, f"cannot open: {_error_text(e)}", errno=e.errno) from e
     except (SyntaxError, ValueError, EOFError) as e:  # Pillow's errors for a broken header (a short gAMA chunk)
         raise ImageReadError(path, f"corrupt or truncated image data ({_error_text(e)})") from e
     width, height = img.size
@@ -1184,7 +1185,7 @@ _SHORTER = "use a shorter --suffix, or rename the input"
 def _write_error(path: Path, e: OSError) -> ImageWriteError:
     """What an operating system's error in a write of ``path`` means for the user."""
     if e.errno == errno.ENAMETOOLONG:
-        return ImageWriteError(path, f"name too long for this file system ({_SHORTER})")
+        return ImageWriteError(path, f"name too long for this file system ({_SHORTER})", errno=e.errno)
     return ImageWriteError(path, f"cannot write: {e.strerror or e}", errno=e.errno)
 
 
