@@ -41,6 +41,7 @@ _EXPORTS = {
     "UnreadableWeightsError": "errors",
     "WeightsMismatchError": "errors",
     "WeightsMetadataMismatchError": "errors",
+    "NonFiniteWeightsError": "errors",
     "MissingDependencyError": "errors",
     "AttackSpec": "evaluate",
     "DefenseSpec": "evaluate",
@@ -68,9 +69,9 @@ __all__ = ["__version__", *_EXPORTS]
 if TYPE_CHECKING:
     from .engine import PRESETS, FastPreemption, ForeBackConfig, parse_eps
     from .errors import (ConfigError, HashMismatchError, ImageReadError, ImageWriteError, InputConfigError,
-                         InputError, InputLabelError, LabelError, MissingDependencyError, OfflineWeightsError,
-                         PreemptError, RegistryError, UnknownModelError, UnreadableWeightsError, UnsafeWeightsError,
-                         WeightsMetadataMismatchError, WeightsMismatchError, WeightsNotFoundError)
+                         InputError, InputLabelError, LabelError, MissingDependencyError, NonFiniteWeightsError,
+                         OfflineWeightsError, PreemptError, RegistryError, UnknownModelError, UnreadableWeightsError,
+                         UnsafeWeightsError, WeightsMetadataMismatchError, WeightsMismatchError, WeightsNotFoundError)
     from .evaluate import AttackSpec, DefenseSpec, Evaluator, load_dataset, reversion_protocol
     from .imageio import Picture, read_image, write_png
     from .inputs import InputFile, collect_inputs
