@@ -322,6 +322,22 @@ def test_corrupt_or_wrong_safetensors_is_a_mismatch(tmp_path) -> None:
         load_model("ints", registry=[registry])
 
 
+@pytest.mark.parametrize(("dtype", "said"), [
+    (torch.complex64, "1 float tensor stored as complex numbers ('w': file torch.complex64)"),
+    (torch.int64, "1 float tensor stored as integers ('w': file torch.int64)"),
+    (torch.bool, "1 float tensor stored as booleans ('w': file torch.bool)"),
+])  # fmt: skip
+def test_a_float_tensor_of_another_dtype_is_named_by_its_dtype(dtype, said) -> None:
+    """complex64 weights were said to be 'float tensors stored as integers'. (The function is called directly:
+    safetensors before 0.7, the floor's, cannot store complex64.)"""
+    from preempt_cli.models._load import _state_mismatch
+
+    assert _state_mismatch({"w": torch.zeros(2)}, {"w": torch.zeros(2, dtype=dtype)}) == said
+    mixed = _state_mismatch({"a": torch.zeros(2), "b": torch.zeros(2)},
+                            {"a": torch.zeros(2, dtype=torch.complex64), "b": torch.zeros(2, dtype=torch.int8)})  # fmt: skip
+    assert "2 float tensors stored as other types than float" in mixed and "integers" not in mixed
+
+
 
 @pytest.mark.parametrize(("key", "value", "said"), [
     ("fc.weight", float("nan"), "'fc.weight': 1 of 640 values NaN or inf"),

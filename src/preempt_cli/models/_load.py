@@ -254,6 +254,17 @@ def _shape(t: torch.Tensor) -> str:
     return "[" + ", ".join(map(str, t.shape)) + "]"
 
 
+def _stored_as(dtypes: set[torch.dtype]) -> str:
+    """What non-float ``dtypes`` are, for a message: "integers" said so of complex64 weights too."""
+    if all(d == torch.bool for d in dtypes):
+        return "booleans"
+    if all(not d.is_complex and d != torch.bool for d in dtypes):
+        return "integers"
+    if all(d.is_complex for d in dtypes):
+        return "complex numbers"
+    return "other types than float"
+
+
 def _state_mismatch(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> str:
     """Why ``state`` does not load into a net whose state dict is ``expected``, in one short line: the first
     few missing, unexpected and other-shape keys, with counts ("" when it fits). A missing BatchNorm
@@ -271,13 +282,15 @@ def _state_mismatch(expected: dict[str, torch.Tensor], state: dict[str, torch.Te
                           for k in shapes[:_SHOWN_KEYS])  # fmt: skip
         more = f" and {len(shapes) - _SHOWN_KEYS} more" if len(shapes) > _SHOWN_KEYS else ""
         parts.append(f"{len(shapes)} tensor{'s' * (len(shapes) != 1)} of another shape ({shown}{more})")
-    # an integer (or bool) tensor where a float parameter goes: load_state_dict would cast it without a word
+    # an integer, bool or complex tensor where a float parameter goes: load_state_dict would cast it without
+    # a word (dropping a complex tensor's imaginary part)
     kinds = [k for k in expected if k in state and k not in shapes and expected[k].is_floating_point()
              and not state[k].is_floating_point()]  # fmt: skip
     if kinds:
         shown = "; ".join(f"{k!r}: file {state[k].dtype}" for k in kinds[:_SHOWN_KEYS])
         more = f" and {len(kinds) - _SHOWN_KEYS} more" if len(kinds) > _SHOWN_KEYS else ""
-        parts.append(f"{len(kinds)} float tensor{'s' * (len(kinds) != 1)} stored as integers ({shown}{more})")
+        stored = _stored_as({state[k].dtype for k in kinds})
+        parts.append(f"{len(kinds)} float tensor{'s' * (len(kinds) != 1)} stored as {stored} ({shown}{more})")
     if unexpected and len(unexpected) == len(state):
         parts.append("none of the file's keys fit: weights of another architecture (or arch_args), or keys "
                      "saved with a prefix")  # fmt: skip
