@@ -209,3 +209,23 @@ def test_a_meta_tensor_is_refused_with_its_name(tmp_path) -> None:
     # it was an internal NotImplementedError ("Cannot copy out of meta tensor; no data!")
     message = _convert(tmp_path, {"w": torch.zeros(2), "m": torch.zeros(2, device="meta")})
     assert "tensor 'm' holds no values (a meta tensor" in message
+
+
+@pytest.mark.parametrize("members", [["hello.txt"], ["archive/version"], []], ids=["flat", "no-pickle", "empty"])
+def test_a_zip_that_is_no_checkpoint_says_so_in_plain_words(members, tmp_path) -> None:
+    """Its reason was torch's '[enforce fail at inline_container.cc:180] .'; torch's detail is kept for --log."""
+    import zipfile
+
+    ckpt = tmp_path / "c.pt"
+    with zipfile.ZipFile(ckpt, "w") as archive:
+        for name in members:
+            archive.writestr(name, "3")
+    log = tmp_path / "run.log"
+    result = CliRunner().invoke(app, ["models", "convert", str(ckpt), str(tmp_path / "o.safetensors"),
+                                      "--log", str(log)])  # fmt: skip
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
+    assert result.stderr == f"error: {ckpt}: a zip archive, but not a PyTorch checkpoint (no data.pkl in it)\n"
+    assert "direct cause" in log.read_text()  # torch's own reason, in the traceback the log keeps
+    # a real checkpoint (a zip too) still converts
+    torch.save({"w": torch.zeros(2)}, ckpt)
+    assert convert_checkpoint(ckpt, tmp_path / "o.safetensors")[0] == 1

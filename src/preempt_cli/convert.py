@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -120,6 +121,21 @@ def _load_refusal(checkpoint: Path, error: Exception, protocol: str | None = Non
     return f"{checkpoint}: cannot be loaded safely with weights_only=True ({detail}): not a PyTorch checkpoint?"
 
 
+def _is_zip_without_pickle(f: BinaryIO) -> bool:
+    """Whether the open file ``f`` is a zip archive without the ``data.pkl`` record of torch.save's format
+    (``<folder>/data.pkl``): for such a file torch says only ``[enforce fail at inline_container.cc:...]``."""
+    try:
+        f.seek(0)
+        if not zipfile.is_zipfile(f):
+            return False
+        f.seek(0)
+        with zipfile.ZipFile(f) as archive:
+            names = archive.namelist()
+    except (OSError, zipfile.BadZipFile, ValueError):  # unreadable or damaged: torch's own reason stands
+        return False
+    return not any(name == "data.pkl" or name.endswith("/data.pkl") for name in names)
+
+
 def _open_checkpoint(checkpoint: Path) -> BinaryIO:
     """``checkpoint`` opened for reading, checked on the open file to be a regular file: torch.load opened a
     FIFO (or a link to one) and waited for a writer, forever, and read a device such as /dev/zero without end.
@@ -176,6 +192,9 @@ def convert_checkpoint(
         try:
             obj = torch.load(f, map_location="cpu", weights_only=True)
         except Exception as e:  # weights_only refusals are UnpicklingError; corrupt files vary
+            if _is_zip_without_pickle(f):  # torch's detail stays in the traceback (PREEMPT_DEBUG, --log)
+                raise ConfigError(f"{checkpoint}: a zip archive, but not a PyTorch checkpoint (no data.pkl in "
+                                  "it)") from e  # fmt: skip
             protocol = next((m.group(1) for w in caught if (m := _PROTOCOL.search(str(w.message)))), None)
             raise ConfigError(_load_refusal(checkpoint, e, protocol)) from e
     state = _find_state(obj, key, checkpoint)
