@@ -229,3 +229,27 @@ def test_a_zip_that_is_no_checkpoint_says_so_in_plain_words(members, tmp_path) -
     # a real checkpoint (a zip too) still converts
     torch.save({"w": torch.zeros(2)}, ckpt)
     assert convert_checkpoint(ckpt, tmp_path / "o.safetensors")[0] == 1
+
+
+def test_key_takes_a_dotted_path_to_a_nested_state_dict(tmp_path) -> None:
+    """--key reached top-level entries only: {"a": {"b": {state dict}}} could not be converted."""
+    from safetensors.torch import load_file
+
+    nested = {"a": {"b": {"w": torch.ones(2)}, "x.y": {"z": {"w": torch.full((2,), 3.0)}}},
+              "model.ema": {"w": torch.full((2,), 2.0)}, "model": {"ema": {"w": torch.zeros(2)}}}  # fmt: skip
+    torch.save(nested, tmp_path / "c.pt")
+    for key, value in (("a.b", 1.0), ("model.ema", 2.0), ("a.x.y.z", 3.0)):  # an exact name before a path
+        convert_checkpoint(tmp_path / "c.pt", tmp_path / "o.safetensors", key=key, overwrite=True)
+        assert torch.equal(load_file(tmp_path / "o.safetensors")["w"], torch.full((2,), value)), key
+
+
+@pytest.mark.parametrize(("key", "said"), [
+    ("a.c", "no entry 'c' in entry 'a' (entries: b, n)"),
+    ("q.b", "no entry 'q.b' in the checkpoint (entries: a, epoch)"),
+    ("epoch.b", "entry 'epoch' holds an int, no entries: cannot take 'b' in it"),
+    ("a", "the entry 'a' is not a state dict of tensors (it holds a dict of 2 entries ('b': dict, 'n': int)); "
+          "name an entry inside it with --key a.NAME"),
+])  # fmt: skip
+def test_a_dotted_key_that_leads_nowhere_names_the_entries_where_it_fails(key, said, tmp_path) -> None:
+    message = _convert(tmp_path, {"a": {"b": {"w": torch.zeros(2)}, "n": 3}, "epoch": 4}, key=key)
+    assert message.endswith(said), message

@@ -26,7 +26,8 @@ def _describe(obj: Any) -> str:
     if isinstance(obj, dict):
         kinds = ", ".join(f"{k!r}: {type(v).__name__}" for k, v in list(obj.items())[:5])
         return f"a dict of {len(obj)} entr{'y' if len(obj) == 1 else 'ies'} ({kinds}{', ...' if len(obj) > 5 else ''})"
-    return f"a {type(obj).__name__}"
+    name = type(obj).__name__
+    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"  # "an int", not "a int"
 
 
 def _entries(obj: dict) -> str:
@@ -41,12 +42,43 @@ def _is_state_dict(value: Any) -> bool:
             and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items()))  # fmt: skip
 
 
+def _longest_entry_name(obj: dict, parts: list[str]) -> int:
+    """How many of the dotted ``parts`` make the longest name of an entry of ``obj`` (0: none does): a key may
+    hold dots itself ("model.ema")."""
+    for n in range(len(parts), 0, -1):
+        if ".".join(parts[:n]) in obj:
+            return n
+    return 0
+
+
+def _entry_at(obj: Any, key: str, checkpoint: Path) -> Any:
+    """The entry ``key`` names: a top-level entry of that exact name, else a dotted path to a nested one
+    (``a.b`` for ``{"a": {"b": ...}}``), each step taking the longest name that is an entry.
+
+    Raises:
+        ConfigError: no such entry, naming the entries where the path ends, or a step into a non-dict.
+    """
+    if not isinstance(obj, dict):
+        raise ConfigError(f"{checkpoint}: no entry {key!r} in the checkpoint (it holds {_describe(obj)})")
+    if key in obj:  # an exact name first: "model.ema" may be one entry
+        return obj[key]
+    parts, taken = key.split("."), []
+    while parts:
+        n = _longest_entry_name(obj, parts)
+        where = f"entry {'.'.join(taken)!r}" if taken else "the checkpoint"
+        if n == 0:
+            raise ConfigError(f"{checkpoint}: no entry {'.'.join(parts)!r} in {where} (entries: {_entries(obj)})")
+        name = ".".join(parts[:n])
+        obj, taken, parts = obj[name], taken + [name], parts[n:]
+        if parts and not isinstance(obj, dict):
+            raise ConfigError(f"{checkpoint}: entry {'.'.join(taken)!r} holds {_describe(obj)}, no entries: "
+                              f"cannot take {'.'.join(parts)!r} in it")  # fmt: skip
+    return obj
+
+
 def _find_state(obj: Any, key: str | None, checkpoint: Path) -> dict[str, torch.Tensor]:
     if key is not None:
-        if not isinstance(obj, dict) or key not in obj:
-            entries = f" (entries: {_entries(obj)})" if isinstance(obj, dict) else f" (it holds {_describe(obj)})"
-            raise ConfigError(f"{checkpoint}: no entry {key!r} in the checkpoint{entries}")
-        obj, where = obj[key], f"entry {key!r}"
+        obj, where = _entry_at(obj, key, checkpoint), f"entry {key!r}"
     elif isinstance(obj, dict) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
         # every entry that could be the weights: the usual names, with the other state dicts of the same
         # keys beside them ({"model": ..., "ema": ...}, {"state_dict": ..., "state_dict_ema": ...}); without
@@ -69,6 +101,8 @@ def _find_state(obj: Any, key: str | None, checkpoint: Path) -> dict[str, torch.
         where = "checkpoint"
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         hint = "; name the entry holding the state dict with --key" if where == "checkpoint" and isinstance(obj, dict) else ""
+        if key is not None and isinstance(obj, dict) and any(isinstance(v, dict) for v in obj.values()):
+            hint = f"; name an entry inside it with --key {key}.NAME"
         raise ConfigError(f"{checkpoint}: the {where} is not a state dict of tensors (it holds {_describe(obj)}){hint}")
     if not obj:
         raise ConfigError(f"{checkpoint}: the {where} holds no tensors (an empty state dict): nothing to convert")

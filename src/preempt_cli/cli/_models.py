@@ -194,7 +194,9 @@ def convert_cmd(
     checkpoint: Annotated[Path, typer.Argument(metavar="CHECKPOINT", help="A PyTorch checkpoint (.pt/.pth).")],
     output: Annotated[Path, typer.Argument(metavar="OUTPUT", help="The safetensors file to write.")],
     key: Annotated[
-        Optional[str], typer.Option("--key", help="Entry holding the state dict (default: state_dict/model/…).")
+        Optional[str], typer.Option("--key", help="Entry holding the state dict (default: state_dict/model/…); a "
+                                    "nested one by its dotted path (a.b for {a: {b: ...}}), an entry named "
+                                    "with dots itself (model.ema) matched first.")
     ] = None,
     strip_prefix: Annotated[
         list[str], typer.Option("--strip-prefix", metavar="PREFIX", help="Prefix to remove from keys; repeatable (those given replace "
