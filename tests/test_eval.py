@@ -687,6 +687,17 @@ def test_resume_does_not_reuse_what_the_same_weights_made_under_a_row_set_up_oth
     assert run["setup_sha256"] == {"victim": fixed["victim"].config.setup_sha256}
 
 
+def test_the_run_record_says_whether_a_weights_sha256_is_a_file_s_or_a_state_s() -> None:
+    """timm's own weights (no file) record their state's sha256, which run.json labelled as a file's."""
+    from preempt_cli.models import state_sha256
+
+    models = tiny_models()
+    models["victim"].weights_sha256 = "f" * 64  # as load_model sets it from the weights file
+    run = tiny_evaluator(tiny_dataset(), models).provenance(["victim", "bb"])
+    assert run["weights_sha256"] == {"victim": "f" * 64, "bb": state_sha256(models["bb"])}
+    assert run["weights_sha256_of"] == {"victim": "file", "bb": "state"}
+
+
 def test_a_resumed_defense_keeps_its_budget_for_the_perturbation_maps(tmp_path: Path) -> None:
     """A resumed defended set lost its budget: the report drew its perturbation maps over [-linf, linf]
     instead of [-eps, eps], another figure than an uninterrupted run's wherever the defense did not use

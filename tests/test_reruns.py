@@ -164,3 +164,26 @@ def test_a_rerun_that_skips_an_output_removes_the_temporaries_a_killed_write_of_
     again = _run(_protector(), tmp_path)
     assert {s for s, _ in again.values()} == {"skipped"}, again
     assert not any(p.exists() for p in left) and all(p.exists() for p in kept)
+
+
+def test_outputs_say_whether_a_model_s_sha256_is_its_file_s_or_its_state_s(tmp_path: Path) -> None:
+    """A net without a weights file (timm's own weights) records its state's sha256, which was labelled as a
+    file's: a reader looked for a file of that sha256 that cannot exist."""
+    from preempt_cli.models import state_sha256
+    from preempt_cli.protect import read_preempt_metadata_file
+
+    write_random_pngs(tmp_path, n=1)
+    backbone = _protector().backbone
+    classifier = make_tiny_model(7, name="no-file").to(TEST_DEVICE)  # as timm's own weights: no file sha256
+    protector = Protector(backbone, classifier, config=ForeBackConfig(**FAST), seed=0)
+    assert {s for s, _ in _run(protector, tmp_path).values()} == {"done"}
+    (output,) = tmp_path.glob("*.protected.png")
+    meta = read_preempt_metadata_file(output)
+    assert (meta["backbone_sha256"], meta["backbone_sha256_of"]) == (backbone.weights_sha256, "file")
+    assert (meta["classifier_sha256"], meta["classifier_sha256_of"]) == (state_sha256(classifier), "state")
+    # an output of an older version, without the new keys, is still these settings
+    older = {k: v for k, v in meta.items() if not k.endswith("_sha256_of")}
+    assert differing_settings(older, protector.run_settings()) == []
+    # a reversion output says which its protector's was
+    reverter = Reverter(backbone, config=ForeBackConfig(**FAST), labels="backbone", seed=0)
+    assert reverter._extra_metadata(meta)["protected_with"]["backbone_sha256_of"] == "file"

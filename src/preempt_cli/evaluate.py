@@ -35,7 +35,7 @@ from .errors import ConfigError, InputConfigError, LabelError
 from .imageio import atomic_write, content_seed, display_name, quantize_levels, read_image
 from .inputs import PROTECTED_SUFFIX, REVERTED_SUFFIX, InputFile, collect_inputs
 from .labels import read_label_file
-from .models import ImageModel, weights_sha256
+from .models import ImageModel, weights_sha256, weights_sha256_of
 from .protect import Protector, read_preempt_metadata_file, regular_file_sha256
 from .revert import Reverter
 
@@ -706,6 +706,8 @@ class Evaluator:
         self._computed_by: dict[str, str] | None = None
         self._data_fingerprint: str | None = None
         self._model_fingerprints: dict[str, str] = {}
+        #: what each of those hashes: "file" or "state" (:func:`~preempt_cli.models.weights_sha256_of`)
+        self._model_fingerprints_of: dict[str, str] = {}
         self._defense_keys: dict[str, str] = {}
         self._warned: set[tuple[str, str, str]] = set()
         self._num_classes: int | None = None  # of the first model loaded, where the data names no classes
@@ -768,7 +770,14 @@ class Evaluator:
         if name not in self._model_fingerprints:
             model = self.load(name)
             self._model_fingerprints[name] = weights_sha256(model)
+            self._model_fingerprints_of[name] = weights_sha256_of(model)
         return self._model_fingerprints[name]
+
+    def _model_fingerprint_of(self, name: str) -> str:
+        """What :meth:`_model_fingerprint` of ``name`` hashes: its weights file (``"file"``) or, for timm's own
+        weights and in-memory models, its state (``"state"``)."""
+        self._model_fingerprint(name)
+        return self._model_fingerprints_of[name]
 
     def _model_setup(self, name: str) -> str | None:
         """The digest of how the model's registry row builds and feeds its weights (architecture and its
@@ -1193,6 +1202,8 @@ class Evaluator:
             "defenses": list(self._settings["defenses"].values()),
             "attacks": list(self._settings["attacks"].values()),
             "weights_sha256": {name: self._model_fingerprint(name) for name in dict.fromkeys(models)},
+            # a state's sha256 (timm's own weights) is no file's: say which each is
+            "weights_sha256_of": {name: self._model_fingerprint_of(name) for name in dict.fromkeys(models)},
             "setup_sha256": {name: self._model_setup(name) for name in dict.fromkeys(models)},
             "resumed": {kind: sum(resumed for resumed, _ in self._origins[kind]) for kind in ("defenses", "cells")},
             "computed_by": [dict(t) for t in dict.fromkeys(tuple(sorted(o.items())) for o in origins)],

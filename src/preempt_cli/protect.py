@@ -75,7 +75,7 @@ from .imageio import (
 from .inputs import (OUTPUT_MARKERS, PROTECTED_SUFFIX, InputFile, as_input_files, assign_outputs, in_shard,
                      read_failure)  # fmt: skip
 from .labels import LabelMap, folder_label, resolve_label
-from .models import ImageModel, weights_sha256
+from .models import ImageModel, weights_sha256, weights_sha256_of
 from .registry import ModelConfig
 
 __all__ = ["FileResult", "RunOptions", "Protector", "METADATA_KEY", "read_preempt_metadata", "content_seed",
@@ -658,9 +658,12 @@ class Protector:
         return {
             "backbone": self.backbone.name,
             "backbone_sha256": self._weights_sha256(self.backbone),
+            # its weights file's sha256, or its state's (timm's own weights): no file has the latter
+            "backbone_sha256_of": weights_sha256_of(self.backbone),
             "backbone_setup": _setup_sha256(self.backbone),
             "classifier": labeller.name if labeller is not None else None,
             "classifier_sha256": self._weights_sha256(labeller),
+            "classifier_sha256_of": weights_sha256_of(labeller) if labeller is not None else None,
             "classifier_setup": _setup_sha256(labeller),
             # a label file's name is not recorded: each file's label is (see label_digest), and the same
             # labels from a renamed file or a pipe (--labels <(...)) are the same setting

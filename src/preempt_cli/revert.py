@@ -47,7 +47,8 @@ class Reverter(Protector):
     def _extra_metadata(self, meta: dict[str, Any] | None) -> dict[str, Any]:
         if not meta:
             return {}
-        return {"protected_with": {k: meta.get(k) for k in ("backbone", "backbone_sha256", "classifier", "preset")}}
+        keys = ("backbone", "backbone_sha256", "backbone_sha256_of", "classifier", "preset")
+        return {"protected_with": {k: meta.get(k) for k in keys}}
 
 
 def _reflected(x: torch.Tensor, twice: torch.Tensor) -> torch.Tensor:

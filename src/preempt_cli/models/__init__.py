@@ -3,7 +3,7 @@
 images of any size."""
 
 from . import cifar_resnet, dm_resnet, preact_resnet, resnet_cifar, resnext, wide_resnet  # noqa: F401 (register)
-from ._load import ImageModel, build_model, load_model, state_sha256, weights_sha256
+from ._load import ImageModel, build_model, load_model, state_sha256, weights_sha256, weights_sha256_of
 from ._registry import create_arch, is_arch, list_archs, register_arch
 
-__all__ = ["ImageModel", "build_model", "load_model", "state_sha256", "weights_sha256", "create_arch", "is_arch", "list_archs", "register_arch"]
+__all__ = ["ImageModel", "build_model", "load_model", "state_sha256", "weights_sha256", "weights_sha256_of", "create_arch", "is_arch", "list_archs", "register_arch"]

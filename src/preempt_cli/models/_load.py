@@ -452,6 +452,13 @@ def weights_sha256(model: nn.Module) -> str:
     return getattr(model, "weights_sha256", None) or state_sha256(model)
 
 
+def weights_sha256_of(model: nn.Module) -> str:
+    """What :func:`weights_sha256` of ``model`` hashes: ``"file"``, the bytes of the weights file it was loaded
+    from, or ``"state"``, its state (:func:`state_sha256`), which no file's sha256 equals: a record must say
+    which, or timm's own weights look like a file that cannot be found."""
+    return "file" if getattr(model, "weights_sha256", None) else "state"
+
+
 def state_sha256(model: nn.Module) -> str:
     """sha256 of a model's state (names, dtypes, shapes and bytes of every tensor of its ``state_dict``);
     a model compiled with ``torch.compile`` gives its own model's (the same weights)."""
