@@ -2617,6 +2617,16 @@ def test_a_quoted_tilde_is_the_home_folder_for_eval_and_convert_too(tmp_path: Pa
                   "~/evt", "--csv", "~/rows.csv", "--device", TEST_DEVICE_ARG, "-q"], registry)  # fmt: skip
     assert result.exit_code == 0, result.stderr
     assert (tmp_path / "home" / "evt" / "results.json").is_file() and (tmp_path / "home" / "rows.csv").is_file()
+    # run.json keeps the options as typed, and the paths as this run read and wrote them (a '~' or a relative
+    # path says nothing once the run's shell and folder are gone)
+    run_json = json.loads((tmp_path / "home" / "evt" / "run.json").read_text())
+    assert run_json["command_options"]["out"] == "~/evt"
+    resolved = run_json["resolved_paths"]
+    assert resolved["labels_file"] is None and all(os.path.isabs(resolved[k]) for k in ("data", "out", "csv_path"))
+    assert {k: os.path.realpath(resolved[k]) for k in ("data", "out", "csv_path")} == {  # a /tmp link (macOS)
+        "data": os.path.realpath(tmp_path / "data"), "out": os.path.realpath(tmp_path / "home" / "evt"),
+        "csv_path": os.path.realpath(tmp_path / "home" / "rows.csv")}  # fmt: skip
+    assert run_json["weights_sha256_of"] == {"tiny-key": "file"}
     torch.save({"w": torch.zeros(2)}, tmp_path / "home" / "c.pt")
     assert CliRunner().invoke(app, ["models", "convert", "~/c.pt", "~/c.safetensors"]).exit_code == 0
     assert (tmp_path / "home" / "c.safetensors").is_file() and not (tmp_path / "~").exists()

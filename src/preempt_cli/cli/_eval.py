@@ -223,6 +223,13 @@ def _command_options(ctx: typer.Context) -> dict[str, Any]:
     return {name: plain(value) for name, value in ctx.params.items()}
 
 
+def _resolved_paths(**paths: Path | None) -> dict[str, str | None]:
+    """The paths of ``run.json``'s ``command_options`` (DATA, ``--out``...) as this run read and wrote them:
+    ``~`` expanded and absolute. The options keep what was typed, which a ``~`` or a relative path leaves
+    unknown once the run's shell and folder are gone."""
+    return {name: None if path is None else os.path.abspath(path) for name, path in paths.items()}
+
+
 def _check_outputs(data: Path, out: Path, csv_path: Path | None) -> None:
     """Problems found before any model loads: a missing DATA folder, an output folder or CSV file that
     cannot be written (the CSV's folder is created).
@@ -308,6 +315,7 @@ def eval_cmd(
     data, out = expand_home(data), home_out
     labels_file = expand_home(labels_file) if labels_file is not None else None
     csv_path = expand_home(csv_path, existing_literal=False) if csv_path is not None else None
+    paths = _resolved_paths(data=data, out=out, labels_file=labels_file, csv_path=csv_path)
     # what a re-run does: only --resume reuses the grid's finished cells (a plain run computes all again);
     # the reversion protocol keeps nothing
     hint = ("nothing is kept; run again" if reversion
@@ -381,7 +389,8 @@ def eval_cmd(
                                  res["verdict"].get(stage, ""), result["reverter_labels"].get(stage, ""))  # fmt: skip
                         table.add_row(*map(c.table_cell, cells))
                     c.print_table(table)
-            run = {**evaluator.provenance(involved), "command_options": _command_options(ctx)}
+            run = {**evaluator.provenance(involved), "command_options": _command_options(ctx),
+                   "resolved_paths": paths}
             _write_text(out / "reversion.json", json_dumps({**result, "run": run}, indent=1))
             raise typer.Exit(c.EXIT_OK)
 
@@ -408,7 +417,8 @@ def eval_cmd(
                 table.add_row(*(c.table_cell(_fmt(r.get(k))) for k in cols))
             c.print_table(table)
         # after the table: a file that cannot be written fails the run (exit 1) with the results shown
-        run = {**evaluator.provenance(involved), "command_options": _command_options(ctx)}
+        run = {**evaluator.provenance(involved), "command_options": _command_options(ctx),
+               "resolved_paths": paths}
         _write_text(out / "results.json", json_dumps(rows, indent=1))
         _write_text(out / "run.json", json_dumps(run, indent=1))
         if csv_path is not None:
