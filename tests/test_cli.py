@@ -1250,6 +1250,28 @@ def test_an_output_that_cannot_be_written_fails_its_file_alone(tmp_path: Path, t
     assert sorted(p.name for p in (tmp_path / "out" / "ok").iterdir()) == ["img0.protected.png", "img1.protected.png"]
 
 
+def test_a_file_that_appears_where_an_output_folder_goes_fails_its_files_by_name(tmp_path: Path, tiny_backbone,
+                                                                               monkeypatch) -> None:  # fmt: skip
+    """A file that appears where an output folder goes after the folder was probed (another process) failed
+    each of its files with "cannot write: File exists", mkdir's errno EEXIST, which the run took for another
+    run having written the output first. The reason names the folder and the file in the way."""
+    from preempt_cli import ForeBackConfig, Protector, collect_inputs, protect
+
+    _images(tmp_path / "in" / "blocked", n=2)
+    blocked = tmp_path / "out" / "blocked"
+    blocked.parent.mkdir()
+    blocked.write_text("a file where the output folder would go")
+    monkeypatch.setattr(protect, "folder_write_problem", lambda path: None)  # the probe came before the file
+    with Protector(tiny_backbone, labels="backbone", config=ForeBackConfig(samples=2)) as protector:
+        results = list(protector.run(collect_inputs([tmp_path / "in"]), RunOptions(out_dir=tmp_path / "out",
+                                                                                  io="threads", workers=2)))  # fmt: skip
+    assert [r.status for r in results] == ["failed"] * 2
+    assert all(r.reason == f"output {blocked / r.input.name.replace('.png', '.protected.png')}: cannot create folder "
+                           f"{blocked}: {blocked} is a file, not a folder" and r.output is None
+               for r in results)  # fmt: skip
+    assert blocked.read_text() == "a file where the output folder would go"
+
+
 def _fail_writes_in(monkeypatch: pytest.MonkeyPatch, folders: list[Path], io: str, error_number: int,
                     marker: Path) -> None:  # fmt: skip
     """Writes of outputs in ``folders`` fail with ``OSError(error_number)`` (see ``_write_faults``), on I/O
@@ -2118,6 +2140,21 @@ def test_eval_loads_before_any_work_only_the_models_the_run_uses(tmp_path: Path,
                   registry)  # fmt: skip
     assert missing.exit_code == 2 and "no-such-backbone" in missing.stderr
     assert not (tmp_path / "o2").exists()  # refused before the defense ran (or its folder was made)
+
+
+@pytest.mark.parametrize("csv_name", ["afile/r.csv", "afile/sub/r.csv"])
+def test_eval_csv_under_a_file_names_the_file_in_its_way(tmp_path: Path, csv_name: str) -> None:
+    """``--csv`` in a folder that a file stands in the way of said "cannot create its folder (Not a
+    directory)", naming neither the folder nor the file, where the file was deeper than its parent."""
+    from preempt_cli.cli._eval import _check_outputs
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "afile").write_text("a file, not a folder")
+    csv_path = tmp_path / csv_name
+    with pytest.raises(ConfigError) as raised:
+        _check_outputs(tmp_path / "data", tmp_path / "out", csv_path)
+    assert str(raised.value) == (f"--csv {csv_path}: cannot create folder {csv_path.parent}: {tmp_path / 'afile'} "
+                                 "is a file, not a folder")  # fmt: skip
 
 
 def test_eval_csv_folder_is_created_and_victim_names_are_whole(tmp_path: Path, registry: Path) -> None:

@@ -905,7 +905,7 @@ def test_write_into_a_file_parent_fails_cleanly(tmp_path) -> None:
     target = blocker / "out.png"
     with pytest.raises(ImageWriteError) as info:
         write_png(target, pic)
-    assert str(target) in str(info.value) and "cannot write" in str(info.value)
+    assert str(info.value) == f"{target}: cannot create folder {blocker}: {blocker} is a file, not a folder"
     assert isinstance(info.value, OSError)
     assert blocker.read_text() == "a file, not a folder"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker", "src.png"]
@@ -1081,7 +1081,7 @@ def test_a_write_error_names_the_output(tmp_path) -> None:
     (tmp_path / "blocker").write_text("a file where the output folder would go")
     target = tmp_path / "blocker" / "a.png"
     (reason, _, _), = imageio.write_pngs([(target, pic, pic.color, {}, False, True)])  # fmt: skip
-    assert reason.startswith(f"output {target}: cannot write: ")
+    assert reason == f"output {target}: cannot create folder {target.parent}: {target.parent} is a file, not a folder"
 
 
 def test_a_write_error_keeps_the_system_s_error_number(tmp_path, monkeypatch) -> None:
@@ -1925,7 +1925,24 @@ def test_a_folder_that_is_a_link_to_nowhere_cannot_be_written(tmp_path) -> None:
     for path in (tmp_path / "out" / "sub" / "a.png", tmp_path / "out" / "sub" / "deeper" / "a.png"):
         assert imageio.folder_write_problem(path) == (f"{tmp_path / 'out' / 'sub'} is a symbolic link to nowhere "
                                                       "(its target does not exist)")  # fmt: skip
-    with pytest.raises(ImageWriteError, match="File exists"):  # what the write would meet
+    with pytest.raises(ImageWriteError, match="is a symbolic link to nowhere") as raised:  # what the write meets
         write_png(tmp_path / "out" / "sub" / "a.png", _picture(tmp_path))
+    assert raised.value.errno == errno.ENOTDIR
     (tmp_path / "gone").mkdir()
     assert imageio.folder_write_problem(tmp_path / "out" / "sub" / "a.png") is None
+
+
+@pytest.mark.parametrize("output, blocker", [("out/a.png", "out"), ("out/sub/a.png", "out"),
+                                             ("out/sub/deeper/a.png", "out")])  # fmt: skip
+def test_a_file_where_an_output_folder_goes_is_named_and_is_no_file_exists(tmp_path, output: str,
+                                                                          blocker: str) -> None:  # fmt: skip
+    """A file where an output's folder goes failed the write with "cannot write: File exists" and errno
+    EEXIST (mkdir's, for the folder), which a run reads as its output written first by another run. The
+    error names the folder and the file in the way, with errno ENOTDIR."""
+    (tmp_path / blocker).write_text("a file, not a folder")
+    path = tmp_path / output
+    with pytest.raises(ImageWriteError) as raised:
+        write_png(path, _picture(tmp_path))
+    assert str(raised.value) == f"{path}: cannot create folder {path.parent}: {tmp_path / blocker} is a file, not a folder"
+    assert raised.value.errno == errno.ENOTDIR and raised.value.filename == str(path)
+    assert (tmp_path / blocker).read_text() == "a file, not a folder"

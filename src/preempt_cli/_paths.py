@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from pathlib import Path
@@ -10,7 +11,8 @@ from typing import Any, overload
 
 from .errors import InputConfigError
 
-__all__ = ["expand_home", "file_kind", "open_regular_file", "output_folder", "OutputFolderField"]
+__all__ = ["expand_home", "file_kind", "folder_blocker", "make_folders", "open_regular_file", "output_folder",
+           "OutputFolderField"]
 
 
 def expand_home(path: str | os.PathLike[str], *, existing_literal: bool = True) -> Path:
@@ -35,6 +37,40 @@ def file_kind(mode: int) -> str:
     kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (a named pipe)"), (stat.S_ISSOCK, "a socket"),
              (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"))  # fmt: skip
     return next((kind for is_kind, kind in kinds if is_kind(mode)), "not a regular file")
+
+
+def folder_blocker(folder: Path) -> str | None:
+    """What stands where ``folder`` or a missing folder above it would be created, or None: a file (``out`` of
+    ``out/sub``: "out is a file, not a folder") or a symbolic link to nowhere. Nothing is created here."""
+    existing = folder
+    # os.path's tests, not Path's: they say False where the name cannot even be looked up (under a file)
+    while not os.path.exists(existing) and existing != existing.parent:
+        if os.path.islink(existing):  # exists() follows it: a link to nowhere is "missing", yet mkdir fails on it
+            return f"{existing} is a symbolic link to nowhere (its target does not exist)"
+        existing = existing.parent
+    if not os.path.isdir(existing):
+        return f"{existing} is a file, not a folder"
+    return None
+
+
+def make_folders(folder: Path) -> None:
+    """Create ``folder`` and the missing folders above it (none where it exists).
+
+    Raises:
+        NotADirectoryError: a file or a link to nowhere stands where one of them goes; errno ENOTDIR, and a
+            ``strerror`` that says so ("cannot create folder out/sub: out is a file, not a folder"). mkdir
+            answers "File exists" (EEXIST) there, which a writer takes for its output having appeared
+            meanwhile (another run's), and which names neither the folder nor the file in the way.
+        OSError: the folder cannot be created for another reason (no permission, a full disk).
+    """
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        if e.errno not in (errno.EEXIST, errno.ENOTDIR):
+            raise
+        # the file may be gone by now (another process): still no EEXIST, which says the output exists
+        blocker = folder_blocker(folder) or "something that is not a folder was in the way"
+        raise NotADirectoryError(errno.ENOTDIR, f"cannot create folder {folder}: {blocker}") from e
 
 
 def open_regular_file(path: Path) -> tuple[int | None, int]:

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, BinaryIO, Iterator, Mapping, Sequence
 import numpy as np
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
+from ._paths import folder_blocker, make_folders
 from .errors import ConfigError, ImageReadError, ImageWriteError, InputError, PreemptError, reason_of
 
 try:
@@ -949,13 +950,12 @@ def folder_write_problem(path: Path) -> str | None:
     temporary file is created and removed there). Missing folders are not created here; their nearest
     existing one is tried. For checks before work whose result ``path`` would hold (a protected image, a
     trained model, a registry row)."""
+    blocker = folder_blocker(path.parent)  # creating the folder would fail after the work
+    if blocker is not None:
+        return blocker
     folder = path.parent
     while not os.path.exists(folder) and folder != folder.parent:
-        if os.path.islink(folder):  # creating the folder would fail ("File exists") after the work
-            return f"{folder} is a symbolic link to nowhere (its target does not exist)"
         folder = folder.parent
-    if not os.path.isdir(folder):
-        return f"{folder} is a file, not a folder"
     try:
         fd, probe = tempfile.mkstemp(prefix=".preempt-write-test.", dir=folder)
         try:
@@ -1133,7 +1133,10 @@ class _Temporary:
 
     def __init__(self, path: Path, mode: int | None = None) -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            make_folders(path.parent)
+        except NotADirectoryError as e:  # ENOTDIR, never EEXIST: that says another run wrote ``path`` first
+            raise ImageWriteError(path, e.strerror, errno=e.errno) from e
         longest = name_max(path.parent)
         name_bytes = len(os.fsencode(path.name))
         if longest is not None and name_bytes > longest:

@@ -25,7 +25,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
-from ._paths import expand_home
+from ._paths import expand_home, make_folders
 from .errors import ConfigError, ImageWriteError, RegistryError, UnknownModelError, clip, excerpt
 
 if sys.version_info >= (3, 11):
@@ -824,7 +824,7 @@ def _registry_lock(path: Path) -> Iterator[None]:
         return
     lock_path = path.with_name(f".{path.name}.lock")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_folders(path.parent)  # a file in its way: named, not "File exists"
         lock = open(lock_path, "a")
     except OSError as e:  # checked before the work, but the folder may have changed since
         raise RegistryError(path, f"cannot be written: cannot create its lock file {lock_path} "

@@ -26,7 +26,7 @@ from ..evaluate import (
 )
 from ..engine import check_seed
 from ..errors import ConfigError, PreemptError
-from .._paths import expand_home
+from .._paths import expand_home, make_folders
 from ..imageio import atomic_write
 from . import _common as c
 from ._files import SeedOpt, _defaults, _model_cache, _setup_torch, backbone_option, classifier_option
@@ -244,10 +244,9 @@ def _check_outputs(data: Path, out: Path, csv_path: Path | None) -> None:
         if os.path.isdir(csv_path):
             raise ConfigError(f"--csv {csv_path}: is a folder; name the CSV file to write")
         try:
-            csv_path.parent.mkdir(parents=True, exist_ok=True)
-        except FileExistsError as e:
-            raise ConfigError(f"--csv {csv_path}: cannot create its folder: {csv_path.parent} or a folder above "
-                              "it is a file") from e  # fmt: skip
+            make_folders(csv_path.parent)
+        except NotADirectoryError as e:  # says which folder, and what is in its way
+            raise ConfigError(f"--csv {csv_path}: {e.strerror}") from e
         except OSError as e:
             raise ConfigError(f"--csv {csv_path}: cannot create its folder ({e.strerror})") from e
         if not os.access(csv_path.parent, os.W_OK | os.X_OK):
@@ -362,7 +361,10 @@ def eval_cmd(
         reverters = [*(reversion_backbone or []), *([reversion_classifier] if reversion_classifier else [])]
         for name in dict.fromkeys([*(n for _, n in used), *(reverters if reversion else [])]):
             evaluator.load(name)
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            make_folders(out)
+        except OSError as e:  # checked before the models loaded, but the folder may have changed since
+            raise ConfigError(f"--out {out}: {e.strerror or e}") from e
         # what the results were computed with, kept beside them (written with them, at the end)
         involved = [*victim, *(n for _, n in used), *(reverters if reversion else [])]
         if reversion:
