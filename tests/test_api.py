@@ -659,3 +659,66 @@ def test_the_package_exports_every_error_class_and_nothing_private() -> None:
         assert name in preempt_cli.__all__ and getattr(preempt_cli, name) is getattr(errors, name), name
     assert not [n for n in preempt_cli.__all__ if n.startswith("_") and n != "__version__"]
     assert all(getattr(preempt_cli, n) is not None for n in preempt_cli.__all__)
+
+
+def _errors_as_raised() -> list[BaseException]:
+    """One error of each exception class of ``preempt_cli.errors.__all__`` (and the errors of preempt's own
+    that other modules define), made with representative arguments as preempt raises them."""
+    import errno
+
+    from preempt_cli import errors
+    from preempt_cli.cli._common import StdoutWriteError
+    from preempt_cli.quality import LpipsUnavailableError
+
+    path = Path("models") / "m.safetensors"
+    return [
+        errors.PreemptError("something went wrong"),
+        errors.ConfigError("--eps 2: more than 1"),
+        errors.RegistryError("models.toml", "line 3: no arch"),
+        errors.UnknownModelError("resnet", ["preempt-resnet20-at", "preempt-resnet20-std"]),
+        errors.WeightsNotFoundError("m", path),
+        errors.WeightsNotFoundError("m", "hf://org/repo/m.safetensors", "download it", reason="a folder is there"),
+        errors.OfflineWeightsError("m", "hf://org/repo/m.safetensors", "HF_HUB_OFFLINE is set"),
+        errors.HashMismatchError("m", path, "ab" * 32, "cd" * 32),
+        errors.UnsafeWeightsError("m", path),
+        errors.WeightsMetadataMismatchError("m", path, "saved for 100 classes"),
+        errors.NonFiniteWeightsError("m", path, "3 NaN values"),
+        errors.UnreadableWeightsError("m", path, "header too short", "fetch it again"),
+        errors.WeightsMismatchError("m", path, "missing key fc.weight"),
+        errors.ImageReadError("in/a.png", "no such file", errno=errno.ENOENT),
+        errors.ImageReadError(Path("in/b.png"), "not an image"),
+        errors.ImageWriteError("out/a.png", "cannot write: No space left on device", errno=errno.ENOSPC),
+        errors.LabelError("no label for in/a.png"),
+        errors.InputError("images must be a uint8 array"),
+        errors.InputConfigError("eps must be a number"),
+        errors.InputLabelError("label 12 is not a class of the model"),
+        errors.MissingDependencyError("lpips", "LPIPS"),
+        StdoutWriteError("cannot write the results to stdout: No space left on device"),
+        LpipsUnavailableError("the lpips package is missing"),
+    ]
+
+
+#: The fields of the standard exceptions, kept outside an error's __dict__, that code reads.
+_STANDARD_FIELDS = {OSError: ("errno", "strerror", "filename", "filename2"), ImportError: ("msg", "name", "path")}
+
+
+def test_every_error_class_survives_pickling_with_its_fields_and_message() -> None:
+    """Errors with an ``__init__`` of their own (ImageReadError(path, reason), UnknownModelError(name, known))
+    could not be unpickled: pickle re-created them with their message alone, and a ProcessPoolExecutor's
+    caller got a TypeError in place of the error its worker raised."""
+    import copy
+    import inspect
+    import pickle
+
+    from preempt_cli import errors
+
+    made = _errors_as_raised()
+    public = {getattr(errors, n) for n in errors.__all__ if inspect.isclass(getattr(errors, n))}
+    assert public <= {type(e) for e in made}, "an error class to add to _errors_as_raised"
+    for error in made:
+        for back in (pickle.loads(pickle.dumps(error)), copy.deepcopy(error)):
+            assert type(back) is type(error) and str(back) == str(error) and back.args == error.args, error
+            assert vars(back) == vars(error), error
+            for base, fields in _STANDARD_FIELDS.items():
+                if isinstance(error, base):
+                    assert [getattr(back, f) for f in fields] == [getattr(error, f) for f in fields], error

@@ -41,7 +41,43 @@ __all__ = [
 
 
 class PreemptError(Exception):
-    """Base class of every error raised by preempt on purpose."""
+    """Base class of every error raised by preempt on purpose.
+
+    Each one can be pickled (sent from a worker process, copied): as it was, its fields and message
+    included, whatever its class's ``__init__`` takes (see :meth:`__reduce__`)."""
+
+    def __reduce__(self) -> tuple:
+        # Pickle's default re-creates an error as ``type(self)(*self.args)``: ``args`` holds the message alone,
+        # which an ``__init__`` taking (path, reason) refused with TypeError, in the process that unpickled
+        # it (a ProcessPoolExecutor's caller), hiding the error. Re-created without calling ``__init__``, from
+        # its args and its state instead: the fields it set, and those of the standard error it also is.
+        return _unpickled_error, (type(self), self.args), _error_state(self)
+
+
+#: The fields that the standard exceptions keep outside an error's ``__dict__`` (in C), which a pickled
+#: error must carry too: an ``OSError``'s ``errno`` and ``filename``, an ``ImportError``'s ``msg``.
+_BUILTIN_FIELDS: tuple[tuple[type[BaseException], tuple[str, ...]], ...] = (
+    (OSError, ("errno", "strerror", "filename", "filename2")),
+    (ImportError, ("msg", "name", "path")),
+)
+
+
+def _error_state(error: BaseException) -> dict[str, object]:
+    """What :func:`_unpickled_error`'s error gets set (``BaseException.__setstate__`` sets each as an
+    attribute): ``error``'s ``__dict__`` and the fields it has of the standard exceptions it is."""
+    state = dict(vars(error))
+    for base, fields in _BUILTIN_FIELDS:
+        if isinstance(error, base):
+            # only those set: an OSError's str() is "[Errno None] None: None" once its filename is set, to None too
+            state.update((name, value) for name in fields if (value := getattr(error, name)) is not None)
+    return state
+
+
+def _unpickled_error(cls: type[PreemptError], args: tuple) -> PreemptError:
+    """An error of class ``cls`` with ``args``, its ``__init__`` not called (see :meth:`PreemptError.__reduce__`)."""
+    error = cls.__new__(cls)
+    error.args = args
+    return error
 
 
 class ConfigError(PreemptError, ValueError):
