@@ -738,6 +738,69 @@ def test_white_box_warns_of_other_weights_only_for_the_files_they_protected(tmp_
     assert "backbone" not in result.stderr
 
 
+def _white_box_warnings(meta: dict, models: dict, caplog: pytest.LogCaptureFixture, state_digests=None) -> str:
+    """The warnings of :func:`_white_box_reverter` rebuilding the defense of ``meta`` from ``models``."""
+    from preempt_cli.cli import _files
+
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="preempt_cli"):
+        more = () if state_digests is None else (state_digests,)
+        _files._white_box_reverter(meta, models.__getitem__, None, None, "off", 1, *more).close()
+    return caplog.text
+
+
+def _state_record() -> dict:
+    """The run settings recorded by a tiny-key backbone without a file: its state's sha256."""
+    from conftest import make_tiny_model
+    from preempt_cli import ForeBackConfig, Protector
+
+    meta = Protector(make_tiny_model(0, name="tiny-key"), labels="backbone", config=ForeBackConfig(samples=2)).run_settings()
+    assert meta["backbone_sha256_of"] == "state"
+    return meta
+
+
+def test_white_box_tells_other_weights_of_a_model_without_a_file(caplog: pytest.LogCaptureFixture) -> None:
+    # a model without a file (timm's own weights, a net of the caller's) records its state's sha256: it was
+    # compared with the loaded model's file's, of which it has none, so other weights were never told
+    from conftest import make_tiny_model
+
+    meta = _state_record()
+    assert "backbone tiny-key differs from the weights that protected 1 file(s)" in _white_box_warnings(
+        meta, {"tiny-key": make_tiny_model(1, name="tiny-key")}, caplog)  # fmt: skip
+    assert "differs" not in _white_box_warnings(meta, {"tiny-key": make_tiny_model(0, name="tiny-key")}, caplog)
+
+
+def test_white_box_compares_a_state_s_sha256_with_the_state_of_a_model_now_from_a_file(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    # the same weights now from a file (timm's own weights, converted): a state's sha256 is no file's, and
+    # the file's was compared with it, warning that the weights differ
+    from conftest import make_tiny_model
+    from preempt_cli.cli import _files
+    from preempt_cli.models import state_sha256
+
+    meta = _state_record()
+    from_file, other = make_tiny_model(0, name="tiny-key"), make_tiny_model(1, name="tiny-key")
+    from_file.weights_sha256 = other.weights_sha256 = "f" * 64
+    assert "differs" not in _white_box_warnings(meta, {"tiny-key": from_file}, caplog)
+    assert "differs" in _white_box_warnings(meta, {"tiny-key": other}, caplog)
+    # computed once per model in a run, and only where a record asks for it
+    hashed: list = []
+    monkeypatch.setattr(_files, "state_sha256", lambda m: hashed.append(m) or state_sha256(m))
+    digests: dict = {}
+    for seed in range(2):  # two groups of files
+        assert "differs" not in _white_box_warnings({**meta, "seed": seed}, {"tiny-key": from_file}, caplog, digests)
+    assert hashed == [from_file]
+    by_file = {**meta, "backbone_sha256": "f" * 64, "backbone_sha256_of": "file"}
+    assert "differs" not in _white_box_warnings(by_file, {"tiny-key": from_file}, caplog) and len(hashed) == 1
+    assert "differs" in _white_box_warnings({**by_file, "backbone_sha256": "e" * 64}, {"tiny-key": from_file}, caplog)
+    # a file's sha256 cannot be compared with a model without a file; a record older than _sha256_of is
+    # compared with a file's sha256, as it was
+    assert "differs" not in _white_box_warnings(by_file, {"tiny-key": make_tiny_model(1, name="tiny-key")}, caplog)
+    old = {k: v for k, v in meta.items() if k != "backbone_sha256_of"}
+    assert "differs" not in _white_box_warnings(old, {"tiny-key": make_tiny_model(1, name="tiny-key")}, caplog)
+    assert "differs" in _white_box_warnings(old, {"tiny-key": from_file}, caplog) and len(hashed) == 1
+
+
 def test_a_model_that_failed_to_load_is_tried_once_per_run(monkeypatch: pytest.MonkeyPatch) -> None:
     # a white-box reversion asks for its recorded models once per group of settings: a model missing from
     # the Hub's cache took 24 s of retries each time

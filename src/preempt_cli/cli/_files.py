@@ -24,7 +24,7 @@ from ..imageio import DEFAULT_MAX_PIXELS, display_name, is_fifo, lift_pillow_pix
 from ..inputs import (OUTPUT_MARKERS, PROTECTED_SUFFIX, REVERTED_SUFFIX, InputFile, assign_outputs, collect_inputs,
                       in_shard, parse_shard, path_list_text, paths_listed, read_failure, without_suffixed_outputs)  # fmt: skip
 from ..labels import LabelMap, read_label_file
-from ..models import ImageModel, load_model
+from ..models import ImageModel, load_model, state_sha256
 from ..protect import (
     METADATA_KEY,
     FileResult,
@@ -559,10 +559,28 @@ def _white_box_groups(items: list[InputFile], max_pixels: int) -> Iterator[White
     yield from groups.values()
 
 
+def _other_weights(meta: dict[str, Any], role: str, loaded: Any, state_digests: dict[Any, str]) -> bool:
+    """Whether ``loaded`` holds other weights than the ``role`` that protected a file, by the sha256 recorded
+    compared with the loaded model's of the same thing (``<role>_sha256_of``): a file's with its weights
+    file's, a state's (a model without a file: timm's own weights, a net of the caller's) with its state's.
+    The state's is computed only where a record asks for it, once per model (``state_digests``: seconds for a
+    large one). A file's cannot be compared with a model without one; a record older than ``_sha256_of``
+    is compared with the loaded model's file's (where it has one), as it was."""
+    recorded = meta.get(f"{role}_sha256")
+    if not recorded:
+        return False
+    if meta.get(f"{role}_sha256_of") == "state":  # no file's sha256 equals it: a model without a file went unchecked
+        if loaded not in state_digests:
+            state_digests[loaded] = state_sha256(loaded)
+        return recorded != state_digests[loaded]
+    return bool(loaded.weights_sha256) and recorded != loaded.weights_sha256
+
+
 def _white_box_reverter(meta: dict[str, Any], model: Callable[[str], Any], seed: int | None, precision: str | None,
-                        compile: str, files: int) -> Reverter:  # fmt: skip
+                        compile: str, files: int, state_digests: dict[Any, str] | None = None) -> Reverter:  # fmt: skip
     """The defense recorded in a protected file, as its attacker would run it again: its models, settings
-    and seed (``seed`` and ``precision``, where given, replace the recorded ones).
+    and seed (``seed`` and ``precision``, where given, replace the recorded ones). ``state_digests``: the
+    loaded models' state sha256 found so far in the run (see :func:`_other_weights`).
 
     Raises:
         PreemptError, TypeError, ValueError: a recorded model cannot be loaded, or a setting is not valid.
@@ -575,9 +593,10 @@ def _white_box_reverter(meta: dict[str, Any], model: Callable[[str], Any], seed:
     # Ground-truth labels of the defender are not the attacker's to have: without a recorded
     # classifier, the attacker labels with the backbone.
     clf = model(meta["classifier"]) if meta.get("classifier") else None
+    state_digests = {} if state_digests is None else state_digests
     for role, loaded in (("backbone", bb), ("classifier", clf)):  # the same names, other weights: no white box
-        recorded, setup = meta.get(f"{role}_sha256"), meta.get(f"{role}_setup")
-        if loaded is not None and recorded and loaded.weights_sha256 and recorded != loaded.weights_sha256:
+        setup = meta.get(f"{role}_setup")
+        if loaded is not None and _other_weights(meta, role, loaded, state_digests):
             _logger.warning("%s %s differs from the weights that protected %d file(s)", role, loaded.name, files)
         elif loaded is not None and setup and setup != loaded.config.setup_sha256:  # a row fixed since
             _logger.warning("%s %s is set up otherwise (registry row: architecture, normalization or classes) "
@@ -710,13 +729,14 @@ def revert(
             mine = [i for i in items if in_shard(i, options.shard, outputs[i], options.out_dir)]
             group_options = dataclasses.replace(options, shard=None)
             folders = _OutputFolders()  # the groups' outputs share folders: one probe each, one stop of a full disk
+            state_digests: dict[Any, str] = {}  # the loaded models' state sha256, where a group's record asks
             for meta, problem, skip, group in _white_box_groups(mine, options.max_pixels):
                 if meta is None:
                     for item in group:
                         yield FileResult(item.path, "skipped" if skip else "failed", reason=problem)
                     continue
                 try:
-                    reverter = _white_box_reverter(meta, model, seed, precision, compile, len(group))
+                    reverter = _white_box_reverter(meta, model, seed, precision, compile, len(group), state_digests)
                 except (PreemptError, TypeError, ValueError) as e:  # these files fail; other defenses go on
                     for item in group:
                         yield FileResult(item.path, "failed", reason=f"cannot rebuild the recorded defense: {e}")
