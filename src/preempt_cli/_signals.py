@@ -7,7 +7,9 @@ import threading
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-#: The signals that stop a command: Ctrl-C, ``kill``, and the terminal hanging up.
+#: The signals that stop a command as Ctrl-C does: SIGTERM is what ``kill``, ``timeout``, Slurm, Kubernetes and
+#: systemd send, SIGHUP what a closed terminal sends (without a handler either killed the run mid-write,
+#: leaving temporary files, and its I/O worker processes).
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 #: The signals during a hold that deliver it at once: a user who insists can still stop a step that hangs.

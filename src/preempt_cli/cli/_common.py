@@ -26,7 +26,7 @@ from rich.text import Text
 from ..device import resolve_devices
 from .._paths import expand_home
 from .._signals import STOP_SIGNALS
-from ..imageio import UNPRINTABLE, display_name, name_max, quiet_pillow_warnings
+from ..imageio import display_name, name_max, quiet_pillow_warnings
 from ..inputs import kernel_folder
 from ..errors import (
     ConfigError,
@@ -44,6 +44,7 @@ from ..errors import (
     WeightsNotFoundError,
 )
 from . import _logfile
+from ._logfile import one_line
 
 # Exit codes, as pip and ruff: 0 all done, 1 some inputs failed, 2 usage, configuration or setup error.
 EXIT_OK = 0
@@ -189,12 +190,6 @@ def setup_logging(verbose: int, quiet: bool) -> None:
     quiet_pillow_warnings()
 
 
-def one_line(text: str) -> str:
-    """``text`` with its control characters escaped (``\\n``, ``\\x1b``): a file name holding a newline
-    must not split an error into two lines for whoever parses them, nor an escape code reach a terminal."""
-    return UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape", "backslashreplace").decode("ascii"), text)
-
-
 def error_line(message: str) -> None:
     """``error: MESSAGE`` on stderr (red on a terminal), on one line; and into the ``--log`` file."""
     message = one_line(message)
@@ -224,12 +219,6 @@ def note(line: str, *, shown: bool = True) -> None:
 def log_only(line: str, level: int = logging.INFO) -> None:
     """A line into the ``--log`` file alone (what stderr leaves out with ``-q`` or ``--json``)."""
     _logfile.say(line, level)
-
-
-#: Signals that stop a command as Ctrl-C does: SIGTERM is what ``timeout``, Slurm, Kubernetes and systemd
-#: send, SIGHUP what a closed terminal sends (without a handler either killed the run mid-write, leaving
-#: temporary files, and its I/O worker processes).
-_STOP_SIGNALS = STOP_SIGNALS
 
 
 class _Stop:
@@ -340,7 +329,7 @@ def _stop_on_interrupt(stopping: str | None = None) -> Iterator[_Stop]:
         os._exit(stop.exit_code)
 
     global _current_stop
-    previous = {signum: signal.signal(signum, on_interrupt) for signum in _STOP_SIGNALS
+    previous = {signum: signal.signal(signum, on_interrupt) for signum in STOP_SIGNALS
                 if signal.getsignal(signum) is not signal.SIG_IGN}
     _current_stop = stop
     try:

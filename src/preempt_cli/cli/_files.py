@@ -20,7 +20,7 @@ from ..device import configure_cpu, resolve_devices
 from ..engine import PRECISIONS, PRESETS, ForeBackConfig, check_seed, parse_eps
 from ..errors import ConfigError, PreemptError, UnknownModelError, excerpt
 from .._paths import expand_home
-from ..imageio import DEFAULT_MAX_PIXELS, display_name, is_fifo, lift_pillow_pixel_limit, read_images, read_png_text
+from ..imageio import DEFAULT_MAX_PIXELS, is_fifo, lift_pillow_pixel_limit, read_images, read_png_text
 from ..inputs import (OUTPUT_MARKERS, PROTECTED_SUFFIX, REVERTED_SUFFIX, InputFile, assign_outputs, collect_inputs,
                       in_shard, parse_shard, path_list_text, paths_listed, read_failure, without_suffixed_outputs)  # fmt: skip
 from ..labels import LabelMap, read_label_file
@@ -237,15 +237,11 @@ def _drive(results: Iterable[FileResult], total: int, *, verb: str, json_out: bo
 
         last_reported: FileResult | None = None  # the latest result counted (and listed on stdout)
         closed_stdout: BrokenPipeError | None = None  # the reader of stdout went away: results are counted only
-        # a name as it is for the next command of a pipeline; on a terminal, quoted where it holds control
-        # characters, as ls quotes it: a crafted name's escape codes must not reach the terminal
-        shown = display_name if c.stdout_is_terminal() else str
-
         def list_result(result: FileResult) -> None:
             if json_out:
                 c.print_json(result.as_dict())
             elif result.status == "done":
-                c.print_line(shown(result.output), end="\0" if print0 else "\n")
+                c.print_line(c.shown_path(result.output), end="\0" if print0 else "\n")
 
         def report(result: FileResult) -> None:
             nonlocal last_reported, closed_stdout

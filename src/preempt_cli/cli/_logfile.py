@@ -30,10 +30,11 @@ from ..imageio import UNPRINTABLE, is_fifo
 _LIBRARY = "preempt_cli"
 
 
-def _plain(line: str) -> str:
-    """``line`` with its control characters escaped (as ``_common.one_line``: a name holding ``\\x1b`` must
-    not reach a terminal that shows the log)."""
-    return UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape", "backslashreplace").decode("ascii"), line)
+def one_line(text: str) -> str:
+    """``text`` with its control characters escaped (``\\n``, ``\\x1b``): a file name holding a newline
+    must not split an error into two lines for whoever parses them, nor an escape code reach a terminal (that
+    shows the log, or the ``error:`` lines of ``_common``, which uses this one)."""
+    return UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape", "backslashreplace").decode("ascii"), text)
 
 
 class LogFile(logging.Handler):
@@ -70,7 +71,7 @@ class LogFile(logging.Handler):
             return
         stamp = datetime.datetime.fromtimestamp(time.time() if created is None else created).astimezone()
         head = f"{stamp.isoformat(timespec='milliseconds')} [{os.getpid()}] {logging.getLevelName(level).lower()}: "
-        data = "".join(f"{head}{_plain(line)}\n" for line in text.splitlines() or [""])
+        data = "".join(f"{head}{one_line(line)}\n" for line in text.splitlines() or [""])
         raw = (b"\n" if self._cut else b"") + data.encode("utf-8", "backslashreplace")
         whole = len(raw)
         try:
@@ -82,7 +83,7 @@ class LogFile(logging.Handler):
             if not self._warned:
                 self._warned = True
                 try:
-                    sys.stderr.write(f"warning: --log {_plain(str(self.path))}: cannot write ({e.strerror or e}); "
+                    sys.stderr.write(f"warning: --log {one_line(str(self.path))}: cannot write ({e.strerror or e}); "
                                      "the log is incomplete from here\n")  # fmt: skip
                     sys.stderr.flush()
                 except (OSError, ValueError):  # stderr closed too
@@ -104,19 +105,19 @@ def open_log_file(path: Path) -> LogFile:
     Raises:
         ConfigError: the file cannot be opened for appending (says the file and why).
     """
-    shown = _plain(str(path))
+    shown = one_line(str(path))
     folder = path.parent
     if not os.path.isdir(folder):
         existing = folder
         while not os.path.lexists(existing) and existing != existing.parent:
             existing = existing.parent
         if os.path.lexists(existing) and not os.path.isdir(existing):
-            why = "it is a file" if existing == folder else f"{_plain(str(existing))} is a file"
-            raise ConfigError(f"{shown}: cannot create its folder {_plain(str(folder))} ({why})")
+            why = "it is a file" if existing == folder else f"{one_line(str(existing))} is a file"
+            raise ConfigError(f"{shown}: cannot create its folder {one_line(str(folder))} ({why})")
         try:
             os.makedirs(folder, exist_ok=True)
         except OSError as e:
-            raise ConfigError(f"{shown}: cannot create its folder {_plain(str(folder))} ({e.strerror or e})") from e
+            raise ConfigError(f"{shown}: cannot create its folder {one_line(str(folder))} ({e.strerror or e})") from e
     if os.path.isdir(path):
         raise ConfigError(f"{shown}: is a folder; name a file in it")
     flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)  # no child process inherits it
