@@ -81,14 +81,14 @@ import _checkout  # benchmarks/ is on sys.path
 
 _checkout.put_checkout_src_first()  # the checkout's code, installed or not (no PYTHONPATH=src needed)
 from bench_pipeline import PipelineTrace, median_split  # noqa: E402
-from preempt_cli import ForeBackConfig, Protector, RunOptions, collect_inputs, load_model, read_image
-from preempt_cli.device import default_cpu_threads, resolve_device, tune_malloc
-from preempt_cli.engine import native_bf16
-from preempt_cli.models import ImageModel, build_model
-from preempt_cli.models._fusion import ConvReLU2d, fuse_conv_bn, fuse_model
-from preempt_cli.models.dm_resnet import CIFAR10_MEAN, CIFAR10_STD
-from preempt_cli.protect import content_seed
-from preempt_cli.registry import get_model_config
+from preempt_cli import ForeBackConfig, Protector, RunOptions, collect_inputs, load_model, read_image  # noqa: E402
+from preempt_cli.device import default_cpu_threads, resolve_device, tune_malloc  # noqa: E402
+from preempt_cli.engine import native_bf16  # noqa: E402
+from preempt_cli.models import ImageModel, build_model  # noqa: E402
+from preempt_cli.models._fusion import ConvReLU2d, fuse_conv_bn, fuse_model  # noqa: E402
+from preempt_cli.models.dm_resnet import CIFAR10_MEAN, CIFAR10_STD  # noqa: E402
+from preempt_cli.protect import content_seed  # noqa: E402
+from preempt_cli.registry import get_model_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

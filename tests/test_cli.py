@@ -1326,8 +1326,8 @@ def test_a_file_that_appears_where_an_output_folder_goes_fails_its_files_by_name
     blocked.write_text("a file where the output folder would go")
     monkeypatch.setattr(protect, "folder_write_problem", lambda path: None)  # the probe came before the file
     with Protector(tiny_backbone, labels="backbone", config=ForeBackConfig(samples=2)) as protector:
-        results = list(protector.run(collect_inputs([tmp_path / "in"]), RunOptions(out_dir=tmp_path / "out",
-                                                                                  io="threads", workers=2)))  # fmt: skip
+        options = RunOptions(out_dir=tmp_path / "out", io="threads", workers=2)
+        results = list(protector.run(collect_inputs([tmp_path / "in"]), options))
     assert [r.status for r in results] == ["failed"] * 2
     assert all(r.reason == f"output {blocked / r.input.name.replace('.png', '.protected.png')}: cannot create folder "
                            f"{blocked}: {blocked} is a file, not a folder" and r.output is None
@@ -2281,7 +2281,8 @@ def test_results_sent_to_a_full_device_fail_the_run_with_exit_1(tmp_path: Path, 
         command = [*command, str(tmp_path / "in"), *FAST, "--labels", "backbone"]
     with open("/dev/full", "w") as full:
         done = subprocess.run([sys.executable, "-m", "preempt_cli", *command, "--registry", str(registry)],
-                              stdout=full, stderr=subprocess.PIPE, text=True, env=_child_env(), timeout=120)  # fmt: skip
+                              stdout=full, stderr=subprocess.PIPE, text=True, env=_child_env(),
+                              timeout=120)  # fmt: skip
     assert done.returncode == 1, done.stderr
     assert done.stderr.splitlines()[-1] == "error: cannot write the results to stdout: No space left on device"
 
@@ -3435,7 +3436,8 @@ def test_arguments_show_their_metavar_as_the_options_do() -> None:
     the help ``<list[str]>`` (as if one value held a list) and ``<path>`` beside them. Each now shows one
     metavar, the README's, in the usage line and the help alike."""
     expected = {"protect": ["PATH..."], "revert": ["PATH..."], "eval": ["DATA"], "train": ["DATA"],
-                "models show": ["NAME"], "models verify": ["NAME..."], "models convert": ["CHECKPOINT", "OUTPUT"]}  # fmt: skip
+                "models show": ["NAME"], "models verify": ["NAME..."],
+                "models convert": ["CHECKPOINT", "OUTPUT"]}  # fmt: skip
     shown = _argument_help()
     assert {path: [piece for piece, _, _ in arguments] for path, arguments in shown.items()} == expected
     for path, arguments in shown.items():

@@ -57,7 +57,8 @@ def _preempt_commands(text: str) -> list[str]:
 
 
 def _options(command: object) -> set[str]:
-    return {o for p in command.params for o in (*p.opts, *getattr(p, "secondary_opts", ()))}  # type: ignore[attr-defined]
+    params = command.params  # type: ignore[attr-defined]
+    return {o for p in params for o in (*p.opts, *getattr(p, "secondary_opts", ()))}
 
 
 def _unknown_options(line: str) -> tuple[str, list[str]]:

@@ -738,7 +738,8 @@ def test_the_run_record_holds_what_runs_it_again() -> None:
     figure but not compute it again."""
     ds, models = tiny_dataset(4), tiny_models()
     ev = tiny_evaluator(ds, models, attack_batch_size=3)
-    fp, bilevel = fp_spec(seed="5"), DefenseSpec("bi-level", (("backbone", "bb"), ("labels", "backbone"), ("steps", "1")))
+    fp = fp_spec(seed="5")
+    bilevel = DefenseSpec("bi-level", (("backbone", "bb"), ("labels", "backbone"), ("steps", "1")))
     for spec in (DefenseSpec("none"), fp, bilevel):
         ev.cell("victim", spec, AttackSpec.parse("pgd:steps=1"))
     run = ev.provenance(["victim"])

@@ -334,7 +334,8 @@ def test_a_float_tensor_of_another_dtype_is_named_by_its_dtype(dtype, said) -> N
 
     assert _state_mismatch({"w": torch.zeros(2)}, {"w": torch.zeros(2, dtype=dtype)}) == said
     mixed = _state_mismatch({"a": torch.zeros(2), "b": torch.zeros(2)},
-                            {"a": torch.zeros(2, dtype=torch.complex64), "b": torch.zeros(2, dtype=torch.int8)})  # fmt: skip
+                            {"a": torch.zeros(2, dtype=torch.complex64),
+                             "b": torch.zeros(2, dtype=torch.int8)})  # fmt: skip
     assert "2 float tensors stored as other types than float" in mixed and "integers" not in mixed
 
 
@@ -378,7 +379,8 @@ def test_a_timm_model_with_nan_weights_is_refused_but_not_for_its_other_buffers(
     state[key] = state[key].clone()
     state[key].view(-1)[0] = float("nan")
     save_file(state, str(tmp_path / "w.safetensors"))
-    make_hf_cache(hf_cache, "timm/test_resnet.r160_in1k", "model.safetensors", (tmp_path / "w.safetensors").read_bytes())
+    data = (tmp_path / "w.safetensors").read_bytes()
+    make_hf_cache(hf_cache, "timm/test_resnet.r160_in1k", "model.safetensors", data)
     with pytest.raises(NonFiniteWeightsError, match=f"{key!r}: 1 of"):
         load_model(_timm_test_resnet_cfg())
 

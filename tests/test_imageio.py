@@ -1943,6 +1943,7 @@ def test_a_file_where_an_output_folder_goes_is_named_and_is_no_file_exists(tmp_p
     path = tmp_path / output
     with pytest.raises(ImageWriteError) as raised:
         write_png(path, _picture(tmp_path))
-    assert str(raised.value) == f"{path}: cannot create folder {path.parent}: {tmp_path / blocker} is a file, not a folder"
+    blocked = f"{tmp_path / blocker} is a file, not a folder"
+    assert str(raised.value) == f"{path}: cannot create folder {path.parent}: {blocked}"
     assert raised.value.errno == errno.ENOTDIR and raised.value.filename == str(path)
     assert (tmp_path / blocker).read_text() == "a file, not a folder"

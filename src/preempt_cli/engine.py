@@ -38,8 +38,8 @@ from .graphs import GraphedFunction
 from .imageio import content_seed
 
 __all__ = ["ForeBackConfig", "FastPreemption", "PRESETS", "PRECISIONS", "COMPILE_MODES", "parse_eps", "refuse_int_levels", "default_eps", "eval_mode", "project",
-           "native_bf16", "resolve_precision", "content_seeds", "check_seed", "autograd_usable", "check_images", "check_batch", "check_channels",
-           "check_unit_range", "check_cuda_graphs", "MAX_SEED"]
+           "native_bf16", "resolve_precision", "content_seeds", "check_seed", "autograd_usable", "check_images",
+           "check_batch", "check_channels", "check_unit_range", "check_cuda_graphs", "MAX_SEED"]
 
 #: Named settings. ``paper``: Table 3 of the paper. ``mspd``: the authors' later public code, which also
 #: projects each FGSM sample around the current iterate before the outer projection.

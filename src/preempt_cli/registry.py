@@ -786,7 +786,8 @@ def check_registrable(name: str, path: Path | str | None = None, *, overwrite: b
     builtin = builtin_registry_path()
     if name in _builtin_names() and not (path.is_file() and path.resolve() == builtin.resolve()):
         raise RegistryError(path, f"{name!r} is a built-in model; registering it would hide the built-in one from "
-                                  "every command: choose another name (--name), or pass --overwrite to replace it")  # fmt: skip
+                                  "every command: choose another name (--name), or pass --overwrite to replace "
+                                  "it")  # fmt: skip
     if path.is_file() and name in _read_toml(path).get("models", {}):
         raise RegistryError(path, f"model {name!r} is already registered here (replace it with --overwrite)")
     return path

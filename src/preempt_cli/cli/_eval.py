@@ -255,7 +255,8 @@ def _check_outputs(data: Path, out: Path, csv_path: Path | None) -> None:
 
 def eval_cmd(
     ctx: typer.Context,
-    data: Annotated[Path, typer.Argument(metavar="DATA", help="ImageFolder directory, or a folder of files with --labels-file.")],
+    data: Annotated[Path, typer.Argument(metavar="DATA", help="ImageFolder directory, or a folder of files with "
+                                         "--labels-file.")],
     victim: Annotated[list[str], typer.Option("--victim", metavar="NAME", help="Victim model (repeatable).")],
     defense: Annotated[
         Optional[list[str]], typer.Option("--defense", metavar="SPEC", help="Defense spec (repeatable; default: none and fp, with --reversion fp).")

@@ -584,7 +584,8 @@ def _white_box_reverter(meta: dict[str, Any], model: Callable[[str], Any], seed:
     for role in ("backbone", "classifier"):  # edited metadata: a number or null is no model's name
         name = meta.get(role)
         if (role == "backbone" or name is not None) and not (isinstance(name, str) and name):
-            raise ValueError(f"recorded {role} {excerpt(name)} is not a model name (edited metadata?): revert it black-box")
+            raise ValueError(f"recorded {role} {excerpt(name)} is not a model name (edited metadata?): revert it "
+                             "black-box")
     bb = model(meta["backbone"])
     # Ground-truth labels of the defender are not the attacker's to have: without a recorded
     # classifier, the attacker labels with the backbone.

@@ -72,7 +72,8 @@ your key (in the paper's threat model, anyone holding it and your settings can r
 images; measured here, reversion fails with or without it: see benchmarks/RESULTS.md).
 """
 
-DataArg = Annotated[Path, typer.Argument(metavar="DATA", help="Training data: an ImageFolder directory or a zip of one.")]
+DataArg = Annotated[Path, typer.Argument(metavar="DATA",
+                                         help="Training data: an ImageFolder directory or a zip of one.")]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", metavar="FILE", help="The weights file to write (.safetensors).")]
 NameOpt = Annotated[
     Optional[str], typer.Option("--name", help="Register the result under this name (default: the file's stem).")
@@ -80,7 +81,8 @@ NameOpt = Annotated[
 NoRegisterOpt = Annotated[bool, typer.Option("--no-register", help="Do not add the result to the user registry.")]
 #: --overwrite, as protect names it; --force, the name these commands gave it first, still works
 ForceOpt = Annotated[bool, typer.Option(
-    "--overwrite", "--force", help="Replace an existing output file and registry entry (--force: its former name).")]  # fmt: skip
+    "--overwrite", "--force", help="Replace an existing output file and registry entry (--force: its former "
+    "name).")]  # fmt: skip
 TrainForceOpt = Annotated[bool, typer.Option(
     "--overwrite", "--force", help="Replace an existing output file and registry entry; without --resume, start "
     "over from an interrupted run's checkpoint (--force: its former name).")]  # fmt: skip
@@ -327,8 +329,8 @@ def _warn_stale_pins(result: TrainResult, registry: list[Path] | None, models_di
                             "(loading it fails as corrupt); %s to update it", name, result.output, how)  # fmt: skip
 
 
-def _finish(result: TrainResult, *, name: str | None, register: bool, json_out: bool, quiet: bool, started: float, registry: list[Path] | None = None,
-            models_dir: Path | None = None) -> None:  # fmt: skip
+def _finish(result: TrainResult, *, name: str | None, register: bool, json_out: bool, quiet: bool, started: float,
+            registry: list[Path] | None = None, models_dir: Path | None = None) -> None:  # fmt: skip
     registered = user_registry_path() if register else None  # (registered once the weights were written)
     name = name or result.output.stem
     if not register:

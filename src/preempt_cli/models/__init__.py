@@ -6,4 +6,5 @@ from . import cifar_resnet, dm_resnet, preact_resnet, resnet_cifar, resnext, wid
 from ._load import ImageModel, build_model, load_model, state_sha256, weights_sha256, weights_sha256_of
 from ._registry import create_arch, is_arch, list_archs, register_arch
 
-__all__ = ["ImageModel", "build_model", "load_model", "state_sha256", "weights_sha256", "weights_sha256_of", "create_arch", "is_arch", "list_archs", "register_arch"]
+__all__ = ["ImageModel", "build_model", "load_model", "state_sha256", "weights_sha256", "weights_sha256_of",
+           "create_arch", "is_arch", "list_archs", "register_arch"]
