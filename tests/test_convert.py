@@ -138,6 +138,24 @@ def test_an_output_that_is_a_folder_or_under_a_file_is_a_usage_error_before_any_
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["ok.pt", "sub"]
 
 
+@pytest.mark.parametrize("flag", ["--overwrite", "--force"])
+def test_convert_replaces_an_output_with_overwrite_as_protect_names_it_or_its_former_name(
+    flag: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """protect, train and keygen replace an output with --overwrite: convert takes it too, --force still."""
+    from safetensors.torch import load_file
+
+    monkeypatch.chdir(tmp_path)
+    torch.save({"w": torch.ones(2)}, tmp_path / "ok.pt")
+    (tmp_path / "out.safetensors").write_bytes(b"old")
+    refused = CliRunner().invoke(app, ["models", "convert", "ok.pt", "out.safetensors"])
+    assert refused.exit_code == 2 and "pass --overwrite to replace it" in refused.stderr, refused.output
+    assert (tmp_path / "out.safetensors").read_bytes() == b"old"
+    result = CliRunner().invoke(app, ["models", "convert", "ok.pt", "out.safetensors", flag])
+    assert result.exit_code == 0, result.output
+    assert torch.equal(load_file(tmp_path / "out.safetensors")["w"], torch.ones(2))
+
+
 class _CreatesAFile:
     """A pickle whose loading would create ``path``: the proof that no pickled code ran."""
 

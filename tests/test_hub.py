@@ -209,6 +209,39 @@ def test_a_fifo_swapped_in_after_the_weights_were_found_is_refused_without_waiti
         assert f"{fifo} is a FIFO (a named pipe), not a weights file" in str(outcome[0])
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
+def test_a_fifo_swapped_in_after_the_header_check_is_refused_by_the_pin_check_without_waiting(tmp_path,
+                                                                                             monkeypatch) -> None:
+    """resolve_weights checks the header, then hashes the file for its pin: a FIFO swapped in between the two
+    made the hash's blocking open wait for a writer, forever."""
+    import threading
+
+    import preempt_cli.hub as hub
+
+    fifo = tmp_path / "k.safetensors"
+    os.mkfifo(fifo)
+    monkeypatch.setattr(hub, "_find_weights", lambda cfg, models_dir: fifo)
+    monkeypatch.setattr(hub, "check_safetensors_header", lambda model, path: None)  # it passed, then the swap
+    outcome: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            hub.resolve_weights(_cfg(str(fifo), sha256="0" * 64))
+        except BaseException as e:  # noqa: BLE001 - handed to the test's thread
+            outcome.append(e)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(10)
+    if worker.is_alive():  # release the blocked open, so that the test run can end
+        with open(fifo, "wb"):
+            pass
+        worker.join(10)
+        pytest.fail("resolve_weights waited on a FIFO")
+    assert isinstance(outcome[0], WeightsNotFoundError), outcome
+    assert f"{fifo} is a FIFO (a named pipe), not a weights file" in str(outcome[0])
+
+
 def test_missing_shared_model_without_models_dir_is_explained() -> None:
     with pytest.raises(WeightsNotFoundError, match="--models-dir"):
         load_model("cifar10-resnet20-pgdat-a")

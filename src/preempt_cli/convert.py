@@ -213,14 +213,14 @@ def convert_checkpoint(
     checkpoint, output = expand_home(checkpoint), expand_home(output, existing_literal=False)
     if same_file(checkpoint, output) or (not os.path.exists(output) and checkpoint.absolute() == output.absolute()):
         raise ConfigError(f"{output}: is the checkpoint itself; name another output file")
-    if os.path.isdir(output):  # else "exists", or with --force a rename onto it failing once the checkpoint is read
+    if os.path.isdir(output):  # else "exists", or with --overwrite a rename onto it failing once the checkpoint is read
         raise ConfigError(f"{output}: is a folder: name the .safetensors file to write (e.g. "
                           f"{output / checkpoint.with_suffix('.safetensors').name})")  # fmt: skip
     problem = folder_write_problem(output)  # missing folders are created, as for train
     if problem:
         raise ConfigError(f"{output}: {problem}")
     if os.path.exists(output) and not overwrite:
-        raise ConfigError(f"{output}: exists; pass --force to replace it")
+        raise ConfigError(f"{output}: exists; pass --overwrite to replace it")
     with _open_checkpoint(checkpoint) as f, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")  # torch's UserWarnings speak to developers, not users
         try:

@@ -55,10 +55,15 @@ def models_dir_from_env() -> Path | None:
 
 def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
     """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
     with path.open("rb") as f:
-        while chunk := f.read(chunk_size):
-            digest.update(chunk)
+        return sha256_stream(f, chunk_size)
+
+
+def sha256_stream(f: BinaryIO, chunk_size: int = 1 << 20) -> str:
+    """Hex sha256 of what is left to read of the open file ``f``, read in chunks."""
+    digest = hashlib.sha256()
+    while chunk := f.read(chunk_size):
+        digest.update(chunk)
     return digest.hexdigest()
 
 
@@ -419,7 +424,8 @@ def resolve_weights(cfg: ModelConfig, models_dir: Path | None = None, *, verify_
     path = _find_weights(cfg, models_dir)
     check_safetensors_header(cfg.name, path)
     if verify_hash and cfg.sha256:
-        _check_pin(cfg, path, sha256_file(path))
+        with _open_weights(cfg.name, path) as f:  # not by name: a FIFO swapped in since the header check
+            _check_pin(cfg, path, sha256_stream(f))
     return path
 
 

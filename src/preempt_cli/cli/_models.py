@@ -202,7 +202,8 @@ def convert_cmd(
         list[str], typer.Option("--strip-prefix", metavar="PREFIX", help="Prefix to remove from keys; repeatable (those given replace "
                                 "the default).")
     ] = ["module."],  # noqa: B006 - typer reads the default
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing output (never the checkpoint).")] = False,
+    force: Annotated[bool, typer.Option("--overwrite", "--force", help="Replace an existing output (never the "
+                                        "checkpoint); --force: its former name.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="The output's path only, for scripts; no "
                                         "warnings.")] = False,
     verbose: c.VerboseOpt = 0,
