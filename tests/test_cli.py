@@ -2107,7 +2107,7 @@ def test_models_convert_never_overwrites_its_input_and_replaces_an_output_only_w
     out = tmp_path / "out.safetensors"
     out.write_bytes(b"keep me")
     result = CliRunner().invoke(app, ["models", "convert", str(ckpt), str(out)])
-    assert result.exit_code == 2 and "--force" in result.stderr and out.read_bytes() == b"keep me"
+    assert result.exit_code == 2 and "--overwrite" in result.stderr and out.read_bytes() == b"keep me"
     assert CliRunner().invoke(app, ["models", "convert", str(ckpt), str(out), "--force"]).exit_code == 0
     assert out.read_bytes() != b"keep me"
 
