@@ -156,6 +156,17 @@ def test_convert_replaces_an_output_with_overwrite_as_protect_names_it_or_its_fo
     assert torch.equal(load_file(tmp_path / "out.safetensors")["w"], torch.ones(2))
 
 
+def test_an_empty_checkpoint_is_said_to_be_empty(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.load of a 0-byte file fails with EOFError, which was shown as "(EOFError): not a PyTorch
+    checkpoint?": a download or copy that wrote nothing is said as such, and nothing is written."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty.pt").write_bytes(b"")
+    result = CliRunner().invoke(app, ["models", "convert", "empty.pt", "out.safetensors"])
+    assert result.exit_code == 2, result.output
+    assert result.stderr == "error: empty.pt: is empty (0 bytes), not a checkpoint file\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.pt"]
+
+
 class _CreatesAFile:
     """A pickle whose loading would create ``path``: the proof that no pickled code ran."""
 

@@ -175,7 +175,7 @@ def _open_checkpoint(checkpoint: Path) -> BinaryIO:
     FIFO (or a link to one) and waited for a writer, forever, and read a device such as /dev/zero without end.
 
     Raises:
-        ConfigError: no such file, a folder, not a regular file, or it cannot be opened.
+        ConfigError: no such file, a folder, not a regular file, empty, or it cannot be opened.
     """
     try:
         fd, mode = open_regular_file(checkpoint)
@@ -187,6 +187,9 @@ def _open_checkpoint(checkpoint: Path) -> BinaryIO:
         raise ConfigError(f"{checkpoint}: cannot be read: {e.strerror or e}") from None
     if fd is None:
         raise ConfigError(f"{checkpoint}: is {file_kind(mode)}, not a checkpoint file")
+    if os.fstat(fd).st_size == 0:  # torch says "(EOFError)" of it: a download or copy that wrote nothing
+        os.close(fd)
+        raise ConfigError(f"{checkpoint}: is empty (0 bytes), not a checkpoint file")
     return os.fdopen(fd, "rb")
 
 
