@@ -10,6 +10,7 @@ Reusable helpers (importable from tests as ``from conftest import ...``):
 * :func:`load_cifar_images` reads CIFAR-10 test PNGs from the shared folder into a float tensor + labels.
 * :func:`engine_noise_keys` gives the noise keys an engine draws for given noise seeds.
 * :func:`randomized_batchnorm` gives a net's BatchNorm layers non-trivial statistics, in eval mode.
+* :func:`raised_without_waiting_on` runs a call that must not block on a FIFO, and gives what it raised.
 * :class:`StandInDevice` stands in for a GPU's asynchronous work on any machine: ``queue(seconds, payload)``
   returns a :class:`QueuedWork` (``done()``, ``ready_at``, ``payload``) at once, each queued piece runs after
   the ones before it, and ``wait(work)`` sleeps until it is done.
@@ -367,6 +368,29 @@ def isolated_config(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytes
     monkeypatch.delenv("PREEMPT_MODELS_DIR", raising=False)
     set_hf_cache(monkeypatch, hf_cache, offline=True)
     return config_home
+
+
+def raised_without_waiting_on(fifo: Path, call: Any, what: str) -> BaseException | None:
+    """What ``call()`` raised (None if it returned), the test failed where it still waits after 10 s: a blocking
+    open of the FIFO ``fifo`` waits for a writer, forever; opening it for writing then releases the call, so
+    that the test run can end. ``what`` names the call in the failure."""
+    outcome: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            call()
+        except BaseException as e:  # noqa: BLE001 - handed to the test's thread
+            outcome.append(e)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(10)
+    if worker.is_alive():
+        with open(fifo, "wb"):
+            pass
+        worker.join(10)
+        pytest.fail(f"{what} waited on a FIFO")
+    return outcome[0] if outcome else None
 
 
 def set_hf_cache(monkeypatch: pytest.MonkeyPatch, cache: Path, *, offline: bool = True) -> None:

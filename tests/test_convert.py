@@ -11,6 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from conftest import raised_without_waiting_on
 from preempt_cli.cli import app
 from preempt_cli.convert import convert_checkpoint
 from preempt_cli.errors import ConfigError
@@ -195,30 +196,13 @@ def test_a_malicious_pickle_does_not_run_and_is_one_line(form, tmp_path) -> None
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
 def test_a_fifo_or_device_is_refused_without_waiting_on_it(tmp_path) -> None:
     """torch.load opened a FIFO and waited for a writer forever (and read /dev/zero without end)."""
-    import threading
-
     fifo = tmp_path / "c.pt"
     os.mkfifo(fifo)
     (tmp_path / "link.pt").symlink_to(fifo)
-    outcome: dict[str, BaseException] = {}
-
-    def convert(path: Path) -> None:
-        try:
-            convert_checkpoint(path, tmp_path / "o.safetensors")
-        except BaseException as e:  # noqa: BLE001 - handed to the test's thread
-            outcome[str(path)] = e
-
     fifo_kind = "a FIFO (a named pipe)"
     for path, kind in ((fifo, fifo_kind), (tmp_path / "link.pt", fifo_kind), (Path(os.devnull), "a device")):
-        worker = threading.Thread(target=convert, args=(path,), daemon=True)
-        worker.start()
-        worker.join(10)
-        if worker.is_alive():  # release the blocked open, so that the test run can end
-            with open(fifo, "wb"):
-                pass
-            worker.join(10)
-            pytest.fail(f"convert_checkpoint({path}) waited on it")
-        error = outcome[str(path)]
+        error = raised_without_waiting_on(fifo, lambda path=path: convert_checkpoint(path, tmp_path / "o.safetensors"),
+                                          f"convert_checkpoint({path})")  # fmt: skip
         assert isinstance(error, ConfigError) and str(error) == f"{path}: is {kind}, not a checkpoint file", error
     assert not (tmp_path / "o.safetensors").exists()
 

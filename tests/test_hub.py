@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import set_hf_cache
+from conftest import raised_without_waiting_on, set_hf_cache
 from preempt_cli.errors import (
     ConfigError,
     HashMismatchError,
@@ -180,8 +180,6 @@ def test_a_source_naming_a_fifo_or_a_broken_link_says_what_is_there(tmp_path, mo
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
 def test_a_fifo_swapped_in_after_the_weights_were_found_is_refused_without_waiting(tmp_path, monkeypatch) -> None:
     """The file found is replaced by a FIFO before it is opened: a blocking open waited for a writer, forever."""
-    import threading
-
     import preempt_cli.hub as hub
 
     fifo = tmp_path / "k.safetensors"
@@ -189,24 +187,9 @@ def test_a_fifo_swapped_in_after_the_weights_were_found_is_refused_without_waiti
     monkeypatch.setattr(hub, "_find_weights", lambda cfg, models_dir: fifo)
     for name, read in (("read_weights", lambda: hub.read_weights(_cfg(str(fifo)))),
                        ("check_safetensors_header", lambda: hub.check_safetensors_header("tiny", fifo))):  # fmt: skip
-        outcome: list[BaseException] = []
-
-        def run(read=read, outcome=outcome) -> None:
-            try:
-                read()
-            except BaseException as e:  # noqa: BLE001 - handed to the test's thread
-                outcome.append(e)
-
-        worker = threading.Thread(target=run, daemon=True)
-        worker.start()
-        worker.join(10)
-        if worker.is_alive():  # release the blocked open, so that the test run can end
-            with open(fifo, "wb"):
-                pass
-            worker.join(10)
-            pytest.fail(f"{name} waited on a FIFO")
-        assert isinstance(outcome[0], WeightsNotFoundError), outcome
-        assert f"{fifo} is a FIFO (a named pipe), not a weights file" in str(outcome[0])
+        error = raised_without_waiting_on(fifo, read, name)
+        assert isinstance(error, WeightsNotFoundError), error
+        assert f"{fifo} is a FIFO (a named pipe), not a weights file" in str(error)
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
@@ -214,32 +197,16 @@ def test_a_fifo_swapped_in_after_the_header_check_is_refused_by_the_pin_check_wi
                                                                                              monkeypatch) -> None:
     """resolve_weights checks the header, then hashes the file for its pin: a FIFO swapped in between the two
     made the hash's blocking open wait for a writer, forever."""
-    import threading
-
     import preempt_cli.hub as hub
 
     fifo = tmp_path / "k.safetensors"
     os.mkfifo(fifo)
     monkeypatch.setattr(hub, "_find_weights", lambda cfg, models_dir: fifo)
     monkeypatch.setattr(hub, "check_safetensors_header", lambda model, path: None)  # it passed, then the swap
-    outcome: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            hub.resolve_weights(_cfg(str(fifo), sha256="0" * 64))
-        except BaseException as e:  # noqa: BLE001 - handed to the test's thread
-            outcome.append(e)
-
-    worker = threading.Thread(target=run, daemon=True)
-    worker.start()
-    worker.join(10)
-    if worker.is_alive():  # release the blocked open, so that the test run can end
-        with open(fifo, "wb"):
-            pass
-        worker.join(10)
-        pytest.fail("resolve_weights waited on a FIFO")
-    assert isinstance(outcome[0], WeightsNotFoundError), outcome
-    assert f"{fifo} is a FIFO (a named pipe), not a weights file" in str(outcome[0])
+    error = raised_without_waiting_on(fifo, lambda: hub.resolve_weights(_cfg(str(fifo), sha256="0" * 64)),
+                                      "resolve_weights")  # fmt: skip
+    assert isinstance(error, WeightsNotFoundError), error
+    assert f"{fifo} is a FIFO (a named pipe), not a weights file" in str(error)
 
 
 def test_missing_shared_model_without_models_dir_is_explained() -> None:
