@@ -299,11 +299,12 @@ def test_a_run_whose_stdout_reader_goes_away_says_what_it_did(monkeypatch: pytes
                                                               quiet: bool) -> None:
     """``preempt protect ... | head -1`` stopped with no summary at all: how far it got was not said. The
     summary now counts every file it wrote (those it finished after the reader went away too), unless -q."""
-    from preempt_cli.cli import _files
+    from preempt_cli.cli import _common, _files
 
     monkeypatch.setattr("sys.stdout", _ReaderGoesAway(lines=1))
     with pytest.raises(BrokenPipeError):  # handle_errors turns it into exit 141
-        _files._drive(_a_run_stopped_mid_way(), 4, verb="protected", json_out=False, quiet=quiet)
+        _files._drive(_a_run_stopped_mid_way(), 4, run=_common.CommandRun(_common.NOTHING_WRITTEN), verb="protected",
+                      json_out=False, quiet=quiet)  # fmt: skip
     summary = [line for line in capsys.readouterr().err.splitlines() if line.startswith("Protected")]
     # 0.png listed, 1.png met the closed pipe, late.png was being written
     assert [line.split(" in ")[0] for line in summary] == ([] if quiet else ["Protected 3, skipped 0, failed 0"])

@@ -222,14 +222,12 @@ def log_only(line: str, level: int = logging.INFO) -> None:
 
 
 class _Stop:
-    """What stopped a command: the first stop signal's number (None: none came); whether the main
-    thread is listing a result (see :func:`listing`), when the stop waits until that is done; and whether
-    the command has written an output yet (see :func:`output_written`)."""
+    """What stopped a command: the first stop signal's number (None: none came); and whether the main
+    thread is listing a result (see :func:`listing`), when the stop waits until that is done."""
 
     signum: int | None = None
     listing: bool = False
     deferred: bool = False
-    outputs_written: bool = False
 
     @property
     def exit_code(self) -> int:
@@ -256,13 +254,6 @@ def _say(message: str, start: bytes | None = None) -> None:
 
 #: The stop of the command running in this process (None: no command, as where the library is used).
 _current_stop: _Stop | None = None
-
-
-def output_written() -> None:
-    """Record that the running command has written an output: a stop then says that the outputs written
-    so far are complete, and before it that nothing was written (see :func:`handle_errors`)."""
-    if _current_stop is not None:
-        _current_stop.outputs_written = True
 
 
 def stop_signalled() -> bool:
@@ -359,19 +350,19 @@ class CommandRun:
 command_started = False
 
 
-#: Said of a stop of protect or revert that came before they wrote any output (see :func:`handle_errors`).
+#: What a stop of a command that writes outputs says (see :func:`handle_errors`) once one is written ...
+OUTPUTS_COMPLETE = "outputs written so far are complete; run again to do the rest"
+#: ... and before (protect and revert): "outputs written so far are complete" of a stop before the first
+#: output sent the user looking for files that were not there.
 NOTHING_WRITTEN = "no output was written; run again to do the rest"
 
 
 @contextmanager
-def handle_errors(interrupted: str = "outputs written so far are complete; run again to do the rest",
-                  stopping: str | None = None, nothing_written: str | None = None) -> Iterator[CommandRun]:  # fmt: skip
+def handle_errors(interrupted: str = OUTPUTS_COMPLETE, stopping: str | None = None) -> Iterator[CommandRun]:
     """Turn library errors into one ``error:`` line on stderr and the table's exit code; Ctrl-C (SIGTERM,
     SIGHUP) in stages (see :func:`_stop_on_interrupt`; ``stopping`` is said at the first), then
-    ``interrupted`` says what a re-run does (the command may change it: see :class:`CommandRun`);
-    ``nothing_written``, if given, says it instead where the command has recorded no output
-    (:func:`output_written`): "outputs written so far are complete" of a stop before the first output sent
-    the user looking for files that were not there."""
+    ``interrupted`` says what a re-run does (the command may change it as its work gets done: see
+    :class:`CommandRun`)."""
     global command_started
     command_started = True
     _logfile.settings()
@@ -381,10 +372,7 @@ def handle_errors(interrupted: str = "outputs written so far are complete; run a
         with _stop_on_interrupt(stopping) as stop:
             yield run
     except (KeyboardInterrupt, BrokenPipeError) as e:
-        interrupted = run.interrupted
-        if nothing_written is not None and not stop.outputs_written:
-            interrupted = nothing_written
-        _end_stopped(e, stop, interrupted)
+        _end_stopped(e, stop, run.interrupted)
     except (typer.Exit, typer.Abort):
         raise
     except PreemptError as e:

@@ -220,10 +220,12 @@ def _model_cache(device: torch.device, models_dir: Path | None, registry: list[P
     return load
 
 
-def _drive(results: Iterable[FileResult], total: int, *, verb: str, json_out: bool, quiet: bool,
+def _drive(results: Iterable[FileResult], total: int, *, run: c.CommandRun, verb: str, json_out: bool, quiet: bool,
            print0: bool = False) -> int:  # fmt: skip
     """Print results as they come (stdout: output paths, one a line or NUL-terminated with ``print0``, or
-    JSON lines), progress and summary (stderr); return the exit code."""
+    JSON lines), progress and summary (stderr); return the exit code. ``run``, begun saying
+    :data:`~._common.NOTHING_WRITTEN` of a stop, says :data:`~._common.OUTPUTS_COMPLETE` from the first output
+    written."""
     counts = {"done": 0, "skipped": 0, "failed": 0}
     start = time.perf_counter()
     # the bar moves once a file: a 24-megapixel photo on a CPU is a minute at 0/1, so the spinner and the
@@ -250,7 +252,7 @@ def _drive(results: Iterable[FileResult], total: int, *, verb: str, json_out: bo
                 counts[result.status] += 1
                 last_reported = result
                 if result.status == "done":
-                    c.output_written()
+                    run.interrupted = c.OUTPUTS_COMPLETE
                 if closed_stdout is None:
                     try:
                         list_result(result)
@@ -437,7 +439,7 @@ def protect(
 ) -> None:
     """Protect images with Fast Preemption; writes <stem>.protected.png next to each original."""
     c.setup_logging(verbose, quiet)
-    with c.handle_errors(stopping=STOPPING, nothing_written=c.NOTHING_WRITTEN):
+    with c.handle_errors(c.NOTHING_WRITTEN, stopping=STOPPING) as run:
         _check_run(out_dir, max_pixels, json_out, print0)
         config = _config(preset, eps, eta, forward, backward, samples, backbone=backbone or DEFAULT_BACKBONE,
                          registry=registry)  # fmt: skip
@@ -465,7 +467,7 @@ def protect(
             for d in devices
         ]  # fmt: skip
         try:
-            code = _drive(run_on_devices(protectors, items, options), len(items), verb="protected",
+            code = _drive(run_on_devices(protectors, items, options), len(items), run=run, verb="protected",
                           json_out=json_out, quiet=quiet, print0=print0)  # fmt: skip
         finally:
             for protector in protectors:
@@ -684,7 +686,7 @@ def revert(
 ) -> None:
     """Preemptive Reversion (x~ = 2 x^r - D(x^r)): white-box with the same backbone, black-box with another."""
     c.setup_logging(verbose, quiet)
-    with c.handle_errors(stopping=STOPPING, nothing_written=c.NOTHING_WRITTEN):
+    with c.handle_errors(c.NOTHING_WRITTEN, stopping=STOPPING) as run:
         _check_run(out_dir, max_pixels, json_out, print0)
         options = Reverter.run_options(RunOptions(out_dir=out_dir, suffix=suffix, overwrite=overwrite,
                                                   batch_size=batch_size, max_pixels=max_pixels,
@@ -744,5 +746,5 @@ def revert(
                 finally:
                     reverter.close()
 
-        code = _drive(runs(), len(items), verb="reverted", json_out=json_out, quiet=quiet, print0=print0)
+        code = _drive(runs(), len(items), run=run, verb="reverted", json_out=json_out, quiet=quiet, print0=print0)
     raise typer.Exit(code)
