@@ -784,3 +784,16 @@ def test_the_report_says_how_wide_an_accuracy_s_interval_is_at_its_n() -> None:
     assert "on 8 images" in small and "±28.5 points" in small and "not tested" in small
     assert "±3.2 points" in _precision_note([{"n": 932}])
     assert _precision_note([]) == ""
+
+
+def test_a_bilevel_defense_is_not_warned_about_fast_preemption_s_step_rule(caplog: pytest.LogCaptureFixture) -> None:
+    """Bi-Level takes only its budget from Algorithm 1's settings; its own eta went into them too, and the
+    paper's eta=0.1 for Bi-Level, written out, was warned about as Fast Preemption's (0.1 x 3 steps < 1)."""
+    ev = tiny_evaluator(tiny_dataset(4), tiny_models())
+    spec = DefenseSpec.parse("bilevel:backbone=bb,labels=backbone,eta=0.1,steps=1,inner_steps=1")
+    with caplog.at_level(logging.WARNING, logger="preempt_cli"):
+        defended = ev.defend(spec)
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert defended.meta["eps"] == pytest.approx(8 / 255)
+    assert ev.defense_settings(spec)["eta"] == 0.1
+

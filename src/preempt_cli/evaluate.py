@@ -844,6 +844,8 @@ class Evaluator:
         if labels == "classifier" and classifier is None:
             raise ConfigError(f"defense {spec.name} labels with a classifier: give --classifier or classifier=NAME")
         config = spec.settings(backbone.config.dataset)
+        if spec.kind == "bi-level":  # only its budget is Algorithm 1's: its eta and inner steps are BiLevel's own
+            config = ForeBackConfig.from_preset(dataset=backbone.config.dataset, eps=config.eps)
         return cls(backbone, classifier, config=config, seed=spec.value("seed", 0),
                    labels="backbone" if labels == "backbone" else "classifier", preset=spec.get("preset", "paper"),
                    precision=spec.get("precision", "fp32"), compile=spec.get("compile", "off"))  # fmt: skip
