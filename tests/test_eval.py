@@ -797,3 +797,19 @@ def test_a_bilevel_defense_is_not_warned_about_fast_preemption_s_step_rule(caplo
     assert defended.meta["eps"] == pytest.approx(8 / 255)
     assert ev.defense_settings(spec)["eta"] == 0.1
 
+
+def test_lpips_that_fails_to_build_is_a_note_not_a_failed_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """lpips_status checks that the pieces are there; building LPIPS can still fail (a damaged checkpoint,
+    a torchvision the package does not fit). That stopped eval after the defense was computed, and again
+    at every --resume; it is now reported as LPIPS being unavailable, as a missing piece is."""
+    from preempt_cli import quality
+
+    def broken(net: str = "alex", **kwargs: object) -> nn.Module:
+        raise quality.LpipsUnavailableError("building LPIPS (alex) failed: RuntimeError: damaged checkpoint")
+
+    monkeypatch.setattr(quality, "lpips_status", lambda net="alex": (True, ""))
+    monkeypatch.setattr(quality, "load_lpips", broken)
+    ev = tiny_evaluator(tiny_dataset(4), tiny_models())
+    defended = ev.defend(fp_spec())
+    assert defended.lpips is None
+    assert "damaged checkpoint" in defended.lpips_note and defended.ssim is not None

@@ -1071,7 +1071,7 @@ class Evaluator:
         return _finite_or_none(row)
 
     def _quality(self, result: DefendedSet) -> None:
-        from .quality import load_lpips, lpips_distance, lpips_status, ssim
+        from .quality import LpipsUnavailableError, load_lpips, lpips_distance, lpips_status, ssim
 
         orig = self.dataset.images.float().div(255)
         new = result.images.float().div(255)
@@ -1080,7 +1080,11 @@ class Evaluator:
         result.ssim = float(torch.cat([ssim(orig[i:i + 256], new[i:i + 256]) for i in range(0, len(orig), 256)]).mean())
         ok, why = lpips_status()
         if ok:
-            net = load_lpips()  # built once, not per chunk
+            try:  # the pieces are there, but building can still fail (a damaged checkpoint, another torchvision)
+                net = load_lpips()  # built once, not per chunk
+            except LpipsUnavailableError as e:
+                ok, why = False, e.reason
+        if ok:
             result.lpips = float(torch.cat([lpips_distance(orig[i:i + 64], new[i:i + 64], model=net)
                                             for i in range(0, len(orig), 64)]).mean())  # fmt: skip
         else:
