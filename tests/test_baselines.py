@@ -171,3 +171,35 @@ def test_real_robust_backbone_lowers_loss(optimizer: str, cifar_batch: tuple[tor
     assert (out - x).abs().max() <= EPS + 1e-6
     before, after = _loss(model, x, y), _loss(model, out, y)
     assert (after < 0.8 * before).all()  # e.g. 0.12 -> 0.04 and 0.68 -> 0.30 with "sign"
+
+
+def test_each_outer_step_moves_against_the_inner_pgd_attack(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The update as METHOD.md gives it: PGD-K (random start, step eps/4, budget eps around x_t, the given
+    labels) predicts an attack on x_t, and x_{t+1} = clip(x_t - eta * (PGD(x_t) - x_t)) to the eps-ball
+    around the ORIGINAL x and to [0, 1]."""
+    from preempt_cli import baselines
+    from preempt_cli.engine import project
+
+    calls: list[tuple[baselines.PGD, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    original = baselines.PGD.perturb
+
+    def spy(attack: baselines.PGD, x_t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        x_adv = original(attack, x_t, labels)
+        calls.append((attack, x_t.clone(), labels.clone(), x_adv.clone()))
+        return x_adv
+
+    monkeypatch.setattr(baselines.PGD, "perturb", spy)
+    model = make_tiny_model(0)
+    x, y = _batch(n=4, seed=3)
+    eta = 0.3
+    out = BiLevel(model, eta=eta, steps=3, inner_steps=2).perturb(x, y)
+    assert len(calls) == 3
+    x_t = x
+    for attack, attacked, labels, x_adv in calls:
+        assert (attack.norm, attack.eps, attack.steps, attack.random_start) == ("Linf", EPS, 2, True)
+        assert attack.step_size == pytest.approx(EPS / 4)
+        assert torch.equal(labels, y)
+        assert torch.allclose(attacked, x_t, atol=1e-7)  # PGD attacks the current iterate, not x
+        x_t = project(x_t - eta * (x_adv - x_t), x, EPS)
+    assert torch.allclose(out, x_t, atol=1e-6)
+    assert len({attack.seed for attack, *_ in calls}) == 3  # a fresh random start at every outer step
