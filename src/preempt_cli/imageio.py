@@ -1577,10 +1577,29 @@ def _exit_when_gone(pid: int) -> None:
         time.sleep(0.5)
 
 
+#: :func:`level_distance` compares this many values at a time.
+_DISTANCE_BLOCK_ELEMENTS = 1 << 18
+
+
 def level_distance(levels: np.ndarray, color: np.ndarray) -> int:
-    """L-inf distance of two pictures' colour arrays, in integer levels."""
-    diff = np.abs(levels.astype(np.int64) - color.astype(np.int64))
-    return int(diff.max()) if diff.size else 0
+    """L-inf distance of two pictures' colour arrays (of one shape), in integer levels.
+
+    A block of values at a time, unsigned levels as the larger minus the smaller in their own dtype: int64
+    copies of the whole arrays took 558 MiB and 0.8 s for a 12-megapixel photo (1 MiB and 0.08 s now),
+    in the writer, while the next photo computed."""
+    if levels.shape != color.shape:
+        raise ValueError(f"level arrays of different shapes: {levels.shape} and {color.shape}")
+    flat_levels, flat_color = levels.reshape(-1), color.reshape(-1)  # views of the pictures' contiguous arrays
+    same_unsigned = levels.dtype == color.dtype and levels.dtype.kind == "u"
+    worst = 0
+    for start in range(0, flat_levels.size, _DISTANCE_BLOCK_ELEMENTS):
+        a = flat_levels[start : start + _DISTANCE_BLOCK_ELEMENTS]
+        b = flat_color[start : start + _DISTANCE_BLOCK_ELEMENTS]
+        if same_unsigned:  # no wrap-around: the larger minus the smaller
+            worst = max(worst, int(np.subtract(np.maximum(a, b), np.minimum(a, b)).max()))
+        else:
+            worst = max(worst, int(np.abs(a.astype(np.int64) - b.astype(np.int64)).max()))
+    return worst
 
 
 def read_png_text(path: Path | str, *, key: str | None = None) -> dict[str, str]:
