@@ -1267,6 +1267,50 @@ def test_the_first_and_last_batches_go_in_pieces_that_write_what_whole_batches_w
 
 
 @pytest.mark.parametrize("io", ["threads", "processes"])
+def test_photos_are_decoded_only_as_far_ahead_as_their_bytes_allow(
+        tmp_path: Path, tiny_backbone, io: str, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """Files are decoded ahead of the device by their bytes, not 64 whatever their size: a folder of
+    12-megapixel photos held 2.3 GB of decoded files waiting while a CPU computed one photo a minute.
+    Here the bound is lowered to two of these photos' worth, and a batch is one photo."""
+    import preempt_cli.protect as protect
+    from preempt_cli import ForeBackConfig, Protector, collect_inputs
+
+    write_random_pngs(tmp_path / "in", n=10, size=(128, 128), name="img{i:02d}.png")
+    monkeypatch.setattr(protect, "_DECODED_AHEAD_BYTES", 2 * 128 * 128 * 3, raising=False)
+    submitted, finished, held = 0, 0, []  # files sent to be decoded; files computed; files held per batch
+
+    def counted(decode):
+        def decode_counted(self, items: list) -> list:
+            nonlocal submitted
+            submitted += len(items)
+            return decode(self, items)
+
+        return decode_counted
+
+    for io_class in (protect._ThreadIO, protect._ProcessIO):
+        monkeypatch.setattr(io_class, "decode", counted(io_class.decode))
+    real_compute = Protector._compute
+
+    def compute(self: Protector, batch: list) -> list:  # on a CPU a batch computes here, one after another
+        nonlocal finished
+        held.append(submitted - finished)  # decoding or decoded, waiting, and this batch's
+        out = real_compute(self, batch)
+        finished += len(batch)
+        return out
+
+    monkeypatch.setattr(Protector, "_compute", compute)
+    monkeypatch.setattr(Protector, "transform", lambda self, x, y, noise_seeds=None: x)  # the pipeline's test
+    # 20 samples of 128x128: one photo per batch
+    with Protector(tiny_backbone, labels="backbone", config=ForeBackConfig(samples=20)) as protector:
+        results = list(protector.run(collect_inputs([tmp_path / "in"]), RunOptions(out_dir=tmp_path / "out", io=io,
+                                                                                  workers=2, fsync=False)))  # fmt: skip
+    assert [r.status for r in results] == ["done"] * 10 and len(held) == 10
+    # two decoded ahead (threads; processes decode in chunks of up to two, so three), this batch and two
+    # queued behind it (the batches the device holds, and one more)
+    assert max(held) <= (5 if io == "threads" else 6), held
+
+
+@pytest.mark.parametrize("io", ["threads", "processes"])
 def test_a_failing_batch_fails_its_files_and_the_run_goes_on(tmp_path: Path, tiny_backbone, io: str,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     from preempt_cli import ForeBackConfig, Protector, collect_inputs

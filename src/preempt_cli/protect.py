@@ -95,6 +95,10 @@ _CPU_BATCH_ELEMENTS = SAMPLE_PASS_ELEMENTS["cpu"]
 _GPU_BATCH_ELEMENTS = SAMPLE_PASS_ELEMENTS["cuda"]
 #: Image sizes waiting at once for their batches to fill; beyond, the oldest partial batch is computed.
 _MAX_PARTIAL_BATCHES = 16
+#: Files decoded ahead of the device hold about this many bytes of levels at most (never fewer files than
+#: two batches): 64 files were decoded ahead whatever their size, 2.3 GB of 12-megapixel photos (17 GB of
+#: 89-megapixel scans) waiting while a CPU computed one photo a minute. 64 CIFAR-size files take 200 KB.
+_DECODED_AHEAD_BYTES = 256 << 20
 #: The run's first and last batches go in pieces of at least this many images (up to 4 pieces; ResNet-20
 #: computes batches of 64 at 92% of its rate at 256 on an H100). The first piece goes to the device as
 #: soon as its files are decoded, not once a whole batch is; the files of one piece of the last batch are
@@ -340,6 +344,11 @@ def _piece_size(images: int) -> int:
     """Images per piece of a batch of ``images`` computed in pieces (see ``_MIN_PIECE``)."""
     pieces = min(4, images // _MIN_PIECE)
     return math.ceil(images / pieces) if pieces > 1 else images
+
+
+def _levels_bytes(picture: Picture) -> int:
+    """The bytes a decoded picture's levels take (its colour and alpha)."""
+    return picture.color.nbytes + (picture.alpha.nbytes if picture.alpha is not None else 0)
 
 
 def _stats(before: torch.Tensor, after: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -1169,9 +1178,10 @@ class Protector:
     def _pipeline(self, todo: list[InputFile], outputs: dict[InputFile, Path | str], options: RunOptions,
                   io: "_ThreadIO | _ProcessIO", compute: ComputeThread) -> Iterator[FileResult]:  # fmt: skip
         # decode at least two batches ahead, so that a GPU never waits for the next batch's files; the
-        # bound follows the batch size of the latest image (small for large photos: they are big)
-        min_prefetch = max(64, 4 * options.workers)
-        prefetch = min_prefetch
+        # bound follows the batch size and the bytes of the latest image (few large photos: they are big),
+        # and before the first is decoded, sizes unknown, as many files as the workers decode at once
+        max_prefetch = max(64, 4 * options.workers)
+        prefetch = options.workers
         decoded: collections.deque[Any] = collections.deque()  # handles: .result() -> _Pending | FileResult
         writes: collections.deque[Any] = collections.deque()  # handles: .done(), .result() -> FileResult
         computing: collections.deque[tuple[list[_Pending], Future]] = collections.deque()
@@ -1185,7 +1195,8 @@ class Protector:
         def submit_decodes() -> None:
             nonlocal queued_all
             while len(decoded) < prefetch:
-                chunk = list(itertools.islice(queue, io.decode_chunk))
+                # a chunk of a worker process's files no larger than the bound (of small images, 32 at a time)
+                chunk = list(itertools.islice(queue, min(io.decode_chunk, prefetch)))
                 if not chunk:
                     queued_all = True
                     return
@@ -1275,7 +1286,7 @@ class Protector:
                 bucket = buckets.setdefault(key, [])
                 bucket.append(prepared)
                 limit = self._batch_limit(pic, options)
-                prefetch = max(min_prefetch, 2 * limit)
+                prefetch = max(2 * limit, min(max_prefetch, _DECODED_AHEAD_BYTES // _levels_bytes(pic)))
                 if sent < limit:  # the run's first batch, in pieces: the device starts after the first piece
                     limit = _piece_size(limit)
                 if len(bucket) >= limit:
