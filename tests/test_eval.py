@@ -279,6 +279,19 @@ def test_flipped_labels_neither_load_nor_warn_of_the_defense_s_classifier(caplog
     assert "clf" not in loaded
 
 
+def test_flipped_labels_refuse_a_defense_that_declares_other_labels() -> None:
+    """``fp:labels=backbone`` with ``flip_fraction`` was protected with flipped ground truth instead, without a
+    word (only the results' defense name said so): labels the defense declares are refused, not replaced."""
+    ev = tiny_evaluator(tiny_dataset(4), tiny_models())
+    for labels in ("backbone", "classifier"):
+        with pytest.raises(ConfigError, match=f"flipped ground truth, not labels={labels}"):
+            reversion_protocol(ev, victims=["victim"], defense=fp_spec(labels=labels), black_box_backbone=None,
+                               flip_fraction=0.5)  # fmt: skip
+    res = reversion_protocol(ev, victims=["victim"], defense=fp_spec(labels="ground-truth"), black_box_backbone=None,
+                             flip_fraction=0.5)  # fmt: skip
+    assert res["labels"] == "ground truth with 50% of labels flipped"
+
+
 def test_reversion_black_box_classifier_and_the_oracle_option(monkeypatch: pytest.MonkeyPatch) -> None:
     models = tiny_models()
     ds = tiny_dataset(6)

@@ -200,6 +200,8 @@ def test_a_resumed_run_names_who_computed_what_it_took(tmp_path: Path) -> None:
         (["--reversion", "--flip-fraction", "0.5", "-c", "z"], "it does not use a classifier (-c/--classifier)"),
         (["--reversion", "--flip-fraction", "0.5", "--defense", "fp:classifier=z"],
          "it does not use a classifier (--defense fp:classifier=z)"),
+        (["--reversion", "--flip-fraction", "0.5", "--defense", "fp:labels=backbone"],
+         "--flip-fraction labels the defense with flipped ground truth, not labels=backbone; drop labels="),
     ],
 )
 def test_eval_refuses_out_of_range_and_ignored_options(tmp_path: Path, args: list[str], message: str) -> None:

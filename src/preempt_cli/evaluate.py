@@ -576,15 +576,22 @@ def check_jpeg_quality(quality: int, option: str = "JPEG quality") -> None:
                           f"got {quality!r}")  # fmt: skip
 
 
-def check_reversion_options(flip_fraction: float, jpeg_quality: int, reverter_labels: str) -> None:
+def check_reversion_options(flip_fraction: float, jpeg_quality: int, reverter_labels: str,
+                            defense: DefenseSpec | None = None) -> None:  # fmt: skip
     """Refuse settings of :func:`reversion_protocol` that cannot work (the CLI checks them before any model
     loads).
 
     Raises:
-        ConfigError: a flip fraction outside [0, 1], a JPEG quality outside 1..100, or unknown reverter labels.
+        ConfigError: a flip fraction outside [0, 1], a JPEG quality outside 1..100, unknown reverter labels, or
+            a flip fraction above 0 with a ``defense`` that declares labels other than the ground truth.
     """
     if not 0 <= flip_fraction <= 1:
         raise ConfigError(f"--flip-fraction must be in [0, 1], got {flip_fraction:g}")
+    declared = defense.get("labels") if defense is not None else None
+    if flip_fraction > 0 and declared is not None and declared not in GROUND_TRUTH:
+        # the flips replace the defense's labels: labels=backbone was protected with flipped ground truth unsaid
+        raise ConfigError(f"--flip-fraction labels the defense with flipped ground truth, not labels={declared}; "
+                          f"drop labels={declared} (or --flip-fraction)")  # fmt: skip
     check_jpeg_quality(jpeg_quality, "--jpeg-quality")
     if reverter_labels not in REVERTER_LABELS:
         raise ConfigError(f"reverter labels (--reversion-labels) must be one of {', '.join(REVERTER_LABELS)}, got "
@@ -1379,7 +1386,7 @@ def reversion_protocol(
     p-values and discordant counts are in the results.
     """
     ds = evaluator.dataset
-    check_reversion_options(flip_fraction, jpeg_quality, reverter_labels)
+    check_reversion_options(flip_fraction, jpeg_quality, reverter_labels, defense)
     check_seed(seed)  # -1 and an alpha of 2 were taken
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 < alpha < 1:
         raise ConfigError(f"alpha (the tests' significance level) must be in (0, 1), got {alpha!r}")

@@ -337,7 +337,7 @@ def eval_cmd(
             raise ConfigError("--reversion takes exactly one fp defense")
         _check_ignored(ctx, reversion)
         if reversion:
-            check_reversion_options(flip_fraction, jpeg_quality, reversion_labels)
+            check_reversion_options(flip_fraction, jpeg_quality, reversion_labels, defenses[0])
             # a classifier given for the defense, on the command line or in its spec (not the default one)
             named = c.given_on_command_line(ctx, {"classifier": "-c/--classifier"}) + [
                 f"--defense {d}" for d in (defense or []) if DefenseSpec.parse(d, {"backbone": backbone}).get("classifier")]
