@@ -292,6 +292,19 @@ def test_flipped_labels_refuse_a_defense_that_declares_other_labels() -> None:
     assert res["labels"] == "ground truth with 50% of labels flipped"
 
 
+def test_a_black_box_reverter_holding_the_key_is_refused() -> None:
+    """``--reversion-backbone`` naming the defense's own backbone (or its weights under another name) made a
+    "black-box reversion" stage that held the key: a white-box reversion reported as black-box."""
+    models = tiny_models()
+    models["bb-copy"] = make_tiny_model(0, name="bb-copy").to(TEST_DEVICE)  # the key's weights, renamed
+    ev = tiny_evaluator(tiny_dataset(4), models)
+    for other in ("bb", ["other", "bb-copy"]):
+        with pytest.raises(ConfigError, match="is the defense's backbone"):
+            reversion_protocol(ev, victims=["victim"], defense=fp_spec(), black_box_backbone=other, flip_fraction=1.0)
+    res = reversion_protocol(ev, victims=["victim"], defense=fp_spec(), black_box_backbone="other", flip_fraction=1.0)
+    assert "black-box reversion" in res["victims"]["victim"]["clean_acc"]
+
+
 def test_reversion_black_box_classifier_and_the_oracle_option(monkeypatch: pytest.MonkeyPatch) -> None:
     models = tiny_models()
     ds = tiny_dataset(6)

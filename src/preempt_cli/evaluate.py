@@ -1394,6 +1394,13 @@ def reversion_protocol(
         # reported (nor warned of as the victim's), and the results name the labels the defense used
         options = {k: v for k, v in defense.options if k != "classifier"} | {"labels": GROUND_TRUTH[0]}
         defense = DefenseSpec(defense.kind, tuple(sorted(options.items())))
+    others = [black_box_backbone] if isinstance(black_box_backbone, str) else list(black_box_backbone or [])
+    key = defense.get("backbone")
+    for other in others:  # before any work: the key's own weights would revert white-box under a black-box name
+        if key is not None and (other == key or evaluator._model_identity(other) == evaluator._model_identity(key)):
+            same = "" if other == key else f" ({key}'s weights)"
+            raise ConfigError(f"black-box backbone {other}{same} is the defense's backbone, the key: its reversion "
+                              f"is the white-box one; give a backbone the attacker could hold instead")  # fmt: skip
     protector = evaluator._protector(defense)
     eps = protector.config.eps
     seeds = [content_seed(ds.hwc(i)) for i in range(len(ds))]
@@ -1437,7 +1444,6 @@ def reversion_protocol(
     defender_note = "the defender's labels (oracle: the worst case for the defender)"
     stages["white-box reversion"] = revert_with(white_box)
     reverter_notes["white-box reversion"] = defender_note if reverter_labels == "defender" else _labeller(white_box)
-    others = [black_box_backbone] if isinstance(black_box_backbone, str) else list(black_box_backbone or [])
     for other in others:  # one stage per guessed backbone; named after it when there are several
         options = attacker | {"backbone": other}
         if black_box_classifier:
