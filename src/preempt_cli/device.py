@@ -81,7 +81,11 @@ def default_cpu_threads() -> int:
 def configure_cpu() -> None:
     """Set up this process for work on the CPU: :func:`default_cpu_threads` threads for torch, and
     :func:`tune_malloc`. What ``preempt`` commands do before computing on the CPU; batch jobs that use the
-    Python API on a CPU may call it too."""
+    Python API on a CPU may call it too.
+
+    How OpenMP's threads wait for one another it cannot set (``OMP_WAIT_POLICY``, read when torch is
+    imported): on cores shared with other busy processes, their spinning made the engine 2-8 times slower,
+    whichever thread called it (see the README's notes on the CPU)."""
     torch.set_num_threads(default_cpu_threads())
     tune_malloc()
 
