@@ -7,7 +7,8 @@ float images in [0, 1] and their integer labels to adversarial images of the sam
 model wrapper). Attacks keep no state between calls: the same inputs and seed give the same outputs.
 
 The registry maps names to attack classes (``ATTACKS``); :func:`create_attack` builds one by name, and
-:func:`robust_accuracy` runs one the way AutoAttack reports it (only clean-correct points are attacked).
+:func:`robust_accuracy` runs one the way AutoAttack reports it (only clean-correct points are attacked);
+:func:`robust_correctness` does the same and says which images were right, for paired tests on the same images.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ __all__ = [
     "list_attacks",
     "create_attack",
     "robust_accuracy",
+    "robust_correctness",
     "check_int",
 ]
 
@@ -666,7 +668,8 @@ def robust_accuracy(
 
     Only the points ``model`` classifies correctly are attacked (in batches of ``batch_size``); a point is
     robust when it is classified correctly both clean and after the attack. The attack usually targets
-    ``model`` itself, but may be built on another model (a transfer attack).
+    ``model`` itself, but may be built on another model (a transfer attack). :func:`robust_correctness`
+    gives the same run image by image.
 
     Returns:
         ``(clean_acc, robust_acc, x_adv)``: fractions in [0, 1], and the adversarial images (the clean image
@@ -677,6 +680,31 @@ def robust_accuracy(
         InputConfigError: no images, or images or labels of the wrong type, dtype, shape or range (an
             ``InputError``, and the ``ConfigError`` it was before 0.22.0).
         InputLabelError: a label that is not a class of the model (an ``InputError`` and a ``LabelError``).
+    """
+    clean_ok, robust_ok, x_adv = robust_correctness(model, attack, x, y, batch_size=batch_size)
+    return clean_ok.float().mean().item(), robust_ok.float().mean().item(), x_adv
+
+
+def robust_correctness(
+    model: nn.Module,
+    attack: Attack,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int = 250,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`robust_accuracy` image by image: which images ``model`` classifies correctly clean, and which
+    after ``attack`` (only the clean-correct ones are attacked, so a robust image is a clean-correct one).
+    What a paired test of two defenses on the same images needs (their accuracies alone do not say which
+    images changed).
+
+    Returns:
+        ``(clean_ok, robust_ok, x_adv)``: two bool CPU tensors of one entry per image, and the adversarial
+        images (the clean image for points not attacked), on ``x``'s device.
+
+    Raises:
+        ConfigError: an invalid batch size.
+        InputConfigError: no images, or images or labels of the wrong type, dtype, shape or range.
+        InputLabelError: a label that is not a class of the model.
     """
     check_int("batch_size", batch_size, 1)
     _check_batch(x, y)
@@ -714,4 +742,4 @@ def robust_accuracy(
         n,
         100 * robust_acc,
     )
-    return clean_acc, robust_acc, x_adv
+    return clean_ok, robust_ok, x_adv
