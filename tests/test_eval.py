@@ -74,6 +74,14 @@ def test_eval_grid_protection_raises_pgd_accuracy_and_writes_reports(tmp_path: P
     assert (tmp_path / "rows.csv").read_text().count("\n") == 5
     report = (out / "report.md").read_text()
     assert "PGD-10" in report and "LPIPS unavailable" in report
+    # each defense against none on the same images: the rows' difference, as images gained and lost, tested
+    paired = json.loads((out / "paired.json").read_text())
+    pairs = {(p["metric"], p["attack"].split(" ")[0]): p for p in paired["pairs"]}
+    pgd = pairs[("robust_acc", "PGD-10")]
+    assert pgd["gain_points"] == pytest.approx(fp_pgd["robust_acc"] - none_pgd["robust_acc"], abs=0.02)
+    assert pgd["gained"] - pgd["lost"] == round(pgd["gain_points"] * 48 / 100) and 0 <= pgd["p_value"] <= 1
+    assert set(pairs) == {("clean_acc", "PGD-10"), ("robust_acc", "PGD-10"), ("robust_acc", "AA-standard")}
+    assert "## Paired with no defense" in report
     # what the figures were computed with, beside them (a release that rounds otherwise gives other figures)
     from preempt_cli import __version__
 
@@ -99,6 +107,7 @@ def test_eval_grid_protection_raises_pgd_accuracy_and_writes_reports(tmp_path: P
     assert resumed["resumed"] == {"defenses": 0, "cells": 4} and resumed["preempt"] == __version__
     assert [o["preempt"] for o in resumed["computed_by"]] == ["0.0.1"]
     assert "4 cells and 0 defended sets were resumed" in (out / "report.md").read_text()
+    assert json.loads((out / "paired.json").read_text()) == paired  # from the per-image correctness the cells keep
 
 
 @needs_shared
@@ -499,11 +508,11 @@ def test_attack_cells_attack_the_defended_images(monkeypatch: pytest.MonkeyPatch
     labels = predict(models["victim"], defended.float() / 255)
     ds = Dataset(ds0.root, ds0.paths, ds0.images, labels)
 
-    given: list[torch.Tensor] = []  # what robust_accuracy is given
+    given: list[torch.Tensor] = []  # what robust_correctness is given
     attacked: list[torch.Tensor] = []  # what the attack is given
-    real_robust_accuracy = evaluate_module.robust_accuracy
+    real_robust_correctness = evaluate_module.robust_correctness
 
-    def recording_robust_accuracy(model, attack, x, y, batch_size=250):
+    def recording_robust_correctness(model, attack, x, y, batch_size=250):
         given.append(x.detach().cpu().clone())
         original_perturb = attack.perturb
 
@@ -512,9 +521,9 @@ def test_attack_cells_attack_the_defended_images(monkeypatch: pytest.MonkeyPatch
             return original_perturb(xb, yb)
 
         attack.perturb = perturb
-        return real_robust_accuracy(model, attack, x, y, batch_size=batch_size)
+        return real_robust_correctness(model, attack, x, y, batch_size=batch_size)
 
-    monkeypatch.setattr(evaluate_module, "robust_accuracy", recording_robust_accuracy)
+    monkeypatch.setattr(evaluate_module, "robust_correctness", recording_robust_correctness)
     ev = tiny_evaluator(ds, models)
     assert torch.equal(ev.defend(fp_spec()).images, defended)
     row = ev.cell("victim", fp_spec(), AttackSpec.parse("pgd:steps=2,limit=5"))
@@ -839,3 +848,36 @@ def test_lpips_that_fails_to_build_is_a_note_not_a_failed_run(monkeypatch: pytes
     defended = ev.defend(fp_spec())
     assert defended.lpips is None
     assert "damaged checkpoint" in defended.lpips_note and defended.ssim is not None
+
+
+def test_a_clean_grid_pairs_clean_accuracy_and_a_grid_without_none_pairs_nothing(tmp_path: Path) -> None:
+    """paired_with_none on a grid without attacks tests clean accuracy alone, from the images' correctness
+    the cells measured (here: the victim's answers, predicted again); without a ``none`` defense there is
+    nothing to pair with, and the report says so instead of a table."""
+    from preempt_cli.cli._eval import _paired_lines
+
+    models = tiny_models(victim=level_sum_classifier())  # its answer moves with the pixels a defense changes
+    ds0 = tiny_dataset(8)
+    defended = tiny_evaluator(ds0, models).defend(fp_spec()).images
+    before = predict(models["victim"], ds0.images.float() / 255)
+    after = predict(models["victim"], defended.float() / 255)
+    labels = torch.where(torch.arange(8) % 2 == 0, before, after)  # where they differ: even images lost, odd gained
+    ds = Dataset(ds0.root, ds0.paths, ds0.images, labels)
+    ev = tiny_evaluator(ds, models, out_dir=tmp_path)
+    rows = list(ev.grid(["victim"], [DefenseSpec("none"), fp_spec()], []))
+    (pair,) = ev.paired_with_none()
+    none_ok, defended_ok = before == labels, after == labels
+    assert (pair["metric"], pair["attack"], pair["n"]) == ("clean_acc", "none", 8)
+    assert (pair["gained"], pair["lost"], pair["p_value"]) == mcnemar_exact(none_ok, defended_ok)
+    assert pair["gained"] == int((before != after)[1::2].sum()) and pair["lost"] == int((before != after)[::2].sum())
+    assert pair["gained"] and pair["lost"] and pair["gain_points"] == round(100 * (pair["gained"] - pair["lost"]) / 8, 2)
+    assert (pair["none_acc"], pair["defense_acc"]) == (rows[0]["clean_acc"], rows[1]["clean_acc"])
+    for path in (tmp_path / "cells").glob("*.json"):
+        cell = json.loads(path.read_text())
+        assert cell["robust_correct"] is None
+        assert cell["clean_correct"] == "".join("1" if ok else "0" for ok in (none_ok if cell["defense"] == "none"
+                                                                            else defended_ok).tolist())  # fmt: skip
+    alone = tiny_evaluator(ds, models)
+    list(alone.grid(["victim"], [fp_spec()], []))
+    assert alone.paired_with_none() == []
+    assert "No paired test: the run has no `none` defense to pair with." in _paired_lines([], [fp_spec()])

@@ -447,3 +447,109 @@ def test_the_table_and_the_report_say_the_units_of_their_columns(tmp_path: Path,
     table = " ".join(result.stdout.split())
     assert "clean acc (%)" in table and "robust acc (%)" in table and "in [0, 1] units" in table
     assert "in [0, 1] units" in (tmp_path / "ev" / "report.md").read_text()
+
+
+# -- 9. each defense paired with none on the same images ------------------------------------------------------
+class _LevelSum(torch.nn.Module):
+    """A victim whose answer moves with any change of the pixels: the sum of the 8-bit levels, mod 10. Its
+    gradient is zero (kept in the graph only so that PGD runs)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        levels = torch.round(x * 255).flatten(1).sum(1).long()
+        return torch.nn.functional.one_hot(levels % 10, 10).float() + 0 * x.flatten(1).sum(1, keepdim=True)
+
+
+def _bits(text: str) -> torch.Tensor:
+    return torch.tensor([b == "1" for b in text], dtype=torch.bool)
+
+
+def test_each_defense_is_tested_against_none_on_the_same_images_and_a_resume_keeps_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """report.md gave each cell's accuracy with its Wilson interval, and no cell kept which images it got
+    right: what protection buys, a difference on the same images, was not tested. Each defense is now paired
+    with none (per victim, clean and each attack): gained and lost images and the exact McNemar p, from the
+    per-image correctness each cell file keeps; a cell resumed from a file that keeps none says n/a, why."""
+    from conftest import tiny_config
+    from preempt_cli.evaluate import mcnemar_exact
+    from preempt_cli.models import ImageModel
+
+    victim = ImageModel(_LevelSum(), tiny_config("sum-victim")).eval().to(TEST_DEVICE)
+    monkeypatch.setattr("preempt_cli.cli._eval._model_cache", lambda *args: {"sum-victim": victim}.__getitem__)
+    data, prot, out = tmp_path / "data", tmp_path / "prot", tmp_path / "ev"
+    prot.mkdir()
+    rng = np.random.default_rng(1)
+    labels, expected = {}, {"gained": 0, "lost": 0}
+    for i, path in enumerate(write_random_pngs(data, n=24)):
+        levels = np.asarray(Image.open(path)).astype(np.int64)
+        changed = np.clip(levels + rng.integers(-2, 3, levels.shape), 0, 255)
+        Image.fromarray(changed.astype(np.uint8)).save(prot / path.name)  # another tool's defended image
+        before, after = int(levels.sum() % 10), int(changed.sum() % 10)
+        # the originals' answer on every third image, the defended ones' on the others: where the two differ,
+        # the first is right only without the defense (lost), the others only with it (gained)
+        labels[path.name] = before if i % 3 == 0 else after
+        if before != after:
+            expected["lost" if i % 3 == 0 else "gained"] += 1
+    assert expected["gained"] > expected["lost"] > 2
+    (tmp_path / "labels.json").write_text(json.dumps(labels))
+    args = ["eval", str(data), "--labels-file", str(tmp_path / "labels.json"), "--victim", "sum-victim",
+            "--defense", "none", "--defense", f"folder:{prot}", "--attack", "pgd:steps=1", "--attack",
+            "pgd:steps=1,limit=10", "--device", TEST_DEVICE_ARG, "--out", str(out)]  # fmt: skip
+    result = invoke(args)
+    assert result.exit_code == 0, result.stderr
+
+    paired = strict_loads((out / "paired.json").read_text())
+    assert "McNemar" in paired["test"]
+    pairs = paired["pairs"]
+    full, limited = "PGD-1 Linf 8/255", "PGD-1 Linf 8/255 (first 10)"
+    assert [(p["metric"], p["attack"], p["n"]) for p in pairs] == [("clean_acc", full, 24), ("robust_acc", full, 24),
+                                                                   ("robust_acc", limited, 10)]  # fmt: skip
+    assert (pairs[0]["gained"], pairs[0]["lost"]) == (expected["gained"], expected["lost"])
+    assert pairs[0]["gain_points"] == round(100 * (expected["gained"] - expected["lost"]) / 24, 2)
+    cells = {(c["defense"], c["attack"]): c for c in (strict_loads(p.read_text()) for p in (out / "cells").glob("*"))}
+    defense = f"folder:{prot}"
+    rows = {(r["defense"], r["attack"]): r for r in strict_loads((out / "results.json").read_text())}
+    report = (out / "report.md").read_text()
+    assert "## Paired with no defense" in report
+    for pair in pairs:
+        key = "clean_correct" if pair["metric"] == "clean_acc" else "robust_correct"
+        none_ok = _bits(cells[("none", pair["attack"])][key])
+        defended_ok = _bits(cells[(defense, pair["attack"])][key])
+        assert len(none_ok) == len(defended_ok) == pair["n"]
+        assert pair["gained"] == int((defended_ok & ~none_ok).sum())
+        assert pair["lost"] == int((none_ok & ~defended_ok).sum())
+        assert (pair["gained"], pair["lost"], pair["p_value"]) == mcnemar_exact(none_ok, defended_ok)
+        assert pair["none_acc"] == rows[("none", pair["attack"])][pair["metric"]] and pair["not_tested"] is None
+        assert pair["defense_acc"] == rows[(defense, pair["attack"])][pair["metric"]]
+        metric = "clean" if pair["metric"] == "clean_acc" else f"robust, {pair['attack']}"
+        (line,) = [x for x in report.splitlines() if x.startswith(f"| sum-victim | {defense} | {metric} |")]
+        assert line.endswith(f"| {pair['gain_points']:+.2f} | {pair['gained']} | {pair['lost']} | "
+                             f"{pair['p_value']:.2g} |")  # fmt: skip
+    assert not [r for r in strict_loads((out / "results.json").read_text()) if "clean_correct" in r]  # rows stay rows
+
+    # --resume: the same pairs from the files; a none cell of 0.22.0 (accuracies only) makes its pairs n/a,
+    # naming the file; a cell whose correctness does not give its accuracy is damaged: computed again
+    assert invoke([*args, "--resume"]).exit_code == 0
+    assert strict_loads((out / "paired.json").read_text())["pairs"] == pairs
+    old = next(p for p in (out / "cells").glob("*") if strict_loads(p.read_text())["defense"] == "none"
+               and strict_loads(p.read_text())["attack"] == full)  # fmt: skip
+    old.write_text(json.dumps({k: v for k, v in strict_loads(old.read_text()).items()
+                               if k not in ("clean_correct", "robust_correct")}))  # fmt: skip
+    edited = next(p for p in (out / "cells").glob("*") if strict_loads(p.read_text())["attack"] == limited
+                  and strict_loads(p.read_text())["defense"] == defense)  # fmt: skip
+    cell = strict_loads(edited.read_text())
+    flipped = "".join("1" if b == "0" else "0" for b in cell["clean_correct"])
+    edited.write_text(json.dumps({**cell, "clean_correct": flipped}))
+    again = invoke([*args, "--resume"])
+    assert again.exit_code == 0, again.stderr
+    assert str(edited) in " ".join(again.stderr.split()) and "damaged" in again.stderr
+    assert strict_loads((out / "run.json").read_text())["resumed"]["cells"] == 3
+    resumed = strict_loads((out / "paired.json").read_text())["pairs"]
+    assert resumed[2] == pairs[2]  # computed again: the same images, the same test
+    for pair in resumed[:2]:
+        assert pair["gained"] is pair["lost"] is pair["p_value"] is pair["gain_points"] is None
+        assert old.name in pair["not_tested"] and "no per-image correctness" in pair["not_tested"]
+        assert pair["none_acc"] == rows[("none", full)][pair["metric"]]
+    report = (out / "report.md").read_text()
+    assert f"n/a: {resumed[0]['not_tested']}" in report
+    assert f"| sum-victim | {defense} | clean | 24 |" in report and "| n/a | - | - | n/a |" in report

@@ -4,7 +4,8 @@ For every victim x defense x attack *cell*: the victim's clean accuracy on the d
 robust accuracy on adversarial examples crafted against it, starting from the defended image and within
 eps of *that* image, on 8-bit images. Per defense: time per image, L-inf, SSIM and LPIPS (where available)
 between original and defended images. Defended image sets and finished cells are saved under the output
-folder, so an interrupted run resumes without recomputing them.
+folder, so an interrupted run resumes without recomputing them, each cell with its images' correctness: each
+defense is tested against no defense on the same images (:meth:`Evaluator.paired_with_none`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 from PIL import Image
 
 from ._paths import output_folder
-from .attacks import PGD, AutoAttack, check_attack_eps, check_int, check_norm, robust_accuracy
+from .attacks import PGD, AutoAttack, check_attack_eps, check_int, check_norm, robust_correctness
 from .device import resolve_device
 from .baselines import BILEVEL_OPTIMIZERS
 from .engine import COMPILE_MODES, PRECISIONS, ForeBackConfig, check_seed, default_eps, eval_mode, parse_eps
@@ -52,6 +53,7 @@ __all__ = [
     "jpeg_roundtrip",
     "json_dumps",
     "mcnemar_exact",
+    "PAIRED_TEST",
     "perturbation_map_name",
     "reversion_protocol",
     "reversion_verdicts",
@@ -630,6 +632,62 @@ _RESUME_FORMAT = 2
 #: 2 (0.18.0): L2 rounding keeps the budget (an L2 cell of 1 read 1.1-3.1 points high).
 _CELL_FORMAT = 2
 
+#: Keys of a cell's resume file that hold its images' correctness, one character per image in the data's
+#: order ("1": right, "0": wrong); robust: None for a clean cell. Cell files of 0.22.0 and earlier lack them.
+_CLEAN_CORRECT, _ROBUST_CORRECT = "clean_correct", "robust_correct"
+
+#: What :meth:`Evaluator.paired_with_none` computes, as its results and the report say it.
+PAIRED_TEST = ("Exact two-sided McNemar test (a sign test on the images whose correctness differs) of each "
+               "defense against none, for the same victim and attack, on the same images")  # fmt: skip
+
+
+def _bits(correct: torch.Tensor) -> str:
+    """Per-image correctness as a cell file keeps it: "1" or "0" per image."""
+    return "".join("1" if right else "0" for right in correct.tolist())
+
+
+def _from_bits(bits: str | None) -> torch.Tensor | None:
+    """What :func:`_bits` wrote, as a bool tensor (None: not kept)."""
+    return None if bits is None else torch.tensor([b == "1" for b in bits], dtype=torch.bool)
+
+
+def _check_correctness(row: dict[str, Any]) -> None:
+    """Refuse a cell file whose per-image correctness (where it keeps any) is not one "0"/"1" per image, does
+    not give its accuracies, or has a robust image that was wrong clean: a paired test on it would be of
+    other images than the row's.
+
+    Raises:
+        ValueError: saying which.
+    """
+    n = row["n"]
+    for key, acc_key in ((_CLEAN_CORRECT, "clean_acc"), (_ROBUST_CORRECT, "robust_acc")):
+        bits, acc = row.get(key), row.get(acc_key)
+        if bits is None:
+            if key == _ROBUST_CORRECT and acc is not None and row.get(_CLEAN_CORRECT) is not None:
+                raise ValueError(f"{acc_key} without {key}")
+            continue
+        if not isinstance(bits, str) or re.fullmatch(r"[01]*", bits) is None or len(bits) != n:
+            raise ValueError(f"{key} is not one 0 or 1 per image of its {n}")
+        # 0.01: the row's accuracy is a float32 mean rounded to 2 decimals
+        if not isinstance(acc, (int, float)) or abs(100 * bits.count("1") / n - acc) > 0.01:
+            raise ValueError(f"{key} gives {100 * bits.count('1') / n:.2f}%, its {acc_key} {acc}")
+    robust, clean = row.get(_ROBUST_CORRECT), row.get(_CLEAN_CORRECT)
+    if robust is not None and (clean is None or any(r == "1" and c == "0" for r, c in zip(robust, clean))):
+        raise ValueError(f"{_ROBUST_CORRECT} has images {_CLEAN_CORRECT} has wrong")
+
+
+@dataclass
+class _GivenCell:
+    """A cell an :class:`Evaluator` gave: its row and its images' correctness (None where its resume file kept
+    none; ``missing`` says why)."""
+
+    victim: str
+    spec: DefenseSpec
+    row: dict[str, Any]
+    clean: torch.Tensor | None
+    robust: torch.Tensor | None
+    missing: str = ""
+
 
 #: Part of a ``folder`` defense's resume key, raised when the same folder gives other images. 2 (after
 #: 0.15.0): an image is matched to what preempt protect made from it, never to a copy of itself (1 took the
@@ -720,6 +778,8 @@ class Evaluator:
         self._num_classes: int | None = None  # of the first model loaded, where the data names no classes
         #: the settings of every defense and attack a cell was given for, by name (see provenance)
         self._settings: dict[str, dict[str, dict[str, Any]]] = {"defenses": {}, "attacks": {}}
+        #: every cell given, with its images' correctness (see paired_with_none)
+        self._given: list[_GivenCell] = []
 
     def load(self, name: str) -> ImageModel:
         """The model ``name``, from the ``load`` given."""
@@ -1072,6 +1132,7 @@ class Evaluator:
             missing = [k for k in ("victim", "defense", "attack", "n", "clean_acc", "robust_acc") if k not in row]
             if missing:
                 raise ValueError(f"no {', '.join(missing)}")
+            _check_correctness(row)
         except Exception as e:  # truncated or edited: the entry is recomputed
             self._warn_broken(path, e, "cell")
             return None
@@ -1119,9 +1180,18 @@ class Evaluator:
         if path is not None and self.resume and path.is_file():
             row = self._load_cell(path)
             if row is not None:
-                self._origins["cells"].append((True, _computed_by_record(row.pop("computed_by", None))))
+                computed_by = _computed_by_record(row.pop("computed_by", None))
+                self._origins["cells"].append((True, computed_by))
+                clean_bits, robust_bits = row.pop(_CLEAN_CORRECT, None), row.pop(_ROBUST_CORRECT, None)
                 # named as this release names them: the key decides what was computed, not how a row is named
                 row.update(victim=victim_name, defense=spec.name, attack=attack.name if attack else "none")
+                given = _GivenCell(victim_name, spec, row, _from_bits(clean_bits), _from_bits(robust_bits))
+                if given.clean is None:  # a cell file of 0.22.0 or earlier: its accuracies only
+                    given.missing = (f"the cell ({spec.name}, {row['attack']}) was resumed from {path.name} (computed "
+                                     f"by preempt {computed_by['preempt']}), which keeps no per-image correctness "
+                                     "(cell files of 0.22.0 and earlier keep none); run without --resume to measure "
+                                     "it")  # fmt: skip
+                self._given.append(given)
                 return row
         defended = self.defend(spec)
         victim = self.load_victim(victim_name)
@@ -1130,15 +1200,18 @@ class Evaluator:
         y = self.dataset.labels[:n].to(self.device)
         start = time.perf_counter()
         extra: dict[str, Any] = {}
+        robust_ok: torch.Tensor | None = None
         if attack is None:
             with torch.inference_mode(), eval_mode(victim):  # as robust_accuracy does: a caller's model may train
-                correct = torch.cat([victim(x[i:i + 500]).argmax(1) == y[i:i + 500] for i in range(0, n, 500)])
-            clean, robust = correct.float().mean().item(), None
+                clean_ok = torch.cat([victim(x[i:i + 500]).argmax(1) == y[i:i + 500] for i in range(0, n, 500)]).cpu()
+            clean, robust = clean_ok.float().mean().item(), None
         else:
             model_attack = attack.build(victim, batch_size=self.attack_batch_size)
             if getattr(model_attack, "quantize", False) and hasattr(model_attack, "perturb_report"):
                 model_attack = _Reporting(model_attack)
-            clean, robust, _ = robust_accuracy(victim, model_attack, x, y, batch_size=self.attack_batch_size)
+            # image by image: the paired test against no defense needs which images each cell got right
+            clean_ok, robust_ok, _ = robust_correctness(victim, model_attack, x, y, batch_size=self.attack_batch_size)
+            clean, robust = clean_ok.float().mean().item(), robust_ok.float().mean().item()
             if isinstance(model_attack, _Reporting):
                 clean_count = round(clean * n)
                 for flag, column in (("fooled_float", "robust_acc_float"), ("fooled_rounded_once", "robust_acc_rounded_once")):
@@ -1156,8 +1229,11 @@ class Evaluator:
         }
         computed_by = self.computed_by()
         self._origins["cells"].append((False, computed_by))
+        self._given.append(_GivenCell(victim_name, spec, row, clean_ok, robust_ok))
         if path is not None:
-            text = json_dumps({**row, "computed_by": computed_by}, indent=1)
+            correctness = {_CLEAN_CORRECT: _bits(clean_ok),
+                           _ROBUST_CORRECT: None if robust_ok is None else _bits(robust_ok)}  # fmt: skip
+            text = json_dumps({**row, "computed_by": computed_by, **correctness}, indent=1)
             with atomic_write(path) as f:  # --resume must never find a truncated cell
                 f.write(text.encode())
         return row
@@ -1169,6 +1245,45 @@ class Evaluator:
             for victim in victims:
                 for attack in attacks or [None]:
                     yield self.cell(victim, spec, attack)
+
+    def paired_with_none(self) -> list[dict[str, Any]]:
+        """Each defense against no defense (``none``) on the same images, from the cells this evaluator gave:
+        per victim and defense, clean accuracy (from its cell of the most images) and the robust accuracy
+        under each attack, each paired with the ``none`` cell of the same victim and attack. What protection
+        buys is a difference on the same images: this tests it (:data:`PAIRED_TEST`), where the rows'
+        accuracies alone cannot.
+
+        Returns one record per victim, defense and metric, in the order the cells were given: ``victim``,
+        ``defense``, ``metric`` (``clean_acc`` or ``robust_acc``), ``attack`` (the cell's: the attack, or
+        ``none`` for a cell without one; clean accuracy is measured before it attacks), ``n``,
+        ``none_acc`` and ``defense_acc`` (the rows'), then from the images' correctness ``gain_points``
+        (defense minus none), ``gained`` (images right only with the defense), ``lost`` (right only without
+        it) and ``p_value`` (of :func:`mcnemar_exact`); these four are None where either cell keeps no
+        per-image correctness (resumed from a file of 0.22.0 or earlier), and ``not_tested`` says why
+        (None where tested). A defense without a ``none`` cell of its victim and attack has no record.
+        """
+        baseline: dict[tuple[str, str], _GivenCell] = {}
+        for given in self._given:
+            if given.spec.kind == "none":
+                baseline.setdefault((given.victim, given.row["attack"]), given)
+        cleans: dict[tuple[str, str], tuple[_GivenCell, _GivenCell]] = {}  # the cell of most images
+        robusts: dict[tuple[str, str], list[tuple[_GivenCell, _GivenCell]]] = {}
+        for given in self._given:
+            none = baseline.get((given.victim, given.row["attack"]))
+            if given.spec.kind == "none" or none is None:
+                continue
+            key = (given.victim, given.spec.key)
+            if key not in cleans or given.row["n"] > cleans[key][0].row["n"]:
+                cleans[key] = (given, none)
+            if given.row["robust_acc"] is not None:
+                pairs = robusts.setdefault(key, [])
+                if all(p[0].row["attack"] != given.row["attack"] for p in pairs):  # a cell given twice: once
+                    pairs.append((given, none))
+        records = []
+        for key, (given, none) in cleans.items():
+            records.append(_paired_record(given, none, "clean_acc"))
+            records += [_paired_record(g, b, "robust_acc") for g, b in robusts.get(key, [])]
+        return records
 
     def computed_by(self) -> dict[str, str]:
         """What computes here: preempt's version (its own decides how attacks round, see
@@ -1302,6 +1417,28 @@ def mcnemar_exact(before: torch.Tensor, after: torch.Tensor) -> tuple[int, int, 
         return gained, lost, 1.0
     tail = sum(comb(n, i) for i in range(min(gained, lost) + 1))
     return gained, lost, min(1.0, 2 * tail / 2**n)
+
+
+def _paired_record(given: _GivenCell, none: _GivenCell, metric: str) -> dict[str, Any]:
+    """One record of :meth:`Evaluator.paired_with_none`: ``given``'s ``metric`` against ``none``'s."""
+    record: dict[str, Any] = {"victim": given.victim, "defense": given.spec.name, "metric": metric,
+                              "attack": given.row["attack"], "n": given.row["n"], "none_acc": none.row[metric],
+                              "defense_acc": given.row[metric], "gain_points": None, "gained": None, "lost": None,
+                              "p_value": None, "not_tested": None}  # fmt: skip
+    def correct(cell: _GivenCell) -> torch.Tensor | None:
+        return cell.clean if metric == "clean_acc" else cell.robust
+
+    absent = [(side, cell) for side, cell in (("none", none), ("the defense's", given)) if correct(cell) is None]
+    if absent:
+        record["not_tested"] = "; ".join(cell.missing or f"{side} cell keeps no per-image correctness"
+                                         for side, cell in absent)  # fmt: skip
+    elif none.row["n"] != given.row["n"]:  # the same attack attacks as many images of each: never, but say so
+        record["not_tested"] = f"none was measured on {none.row['n']} images, the defense on {given.row['n']}"
+    else:
+        gained, lost, p = mcnemar_exact(correct(none), correct(given))
+        record.update(gain_points=round(100 * (gained - lost) / given.row["n"], 2), gained=gained, lost=lost,
+                      p_value=p)  # fmt: skip
+    return record
 
 
 def reversion_verdicts(

@@ -15,6 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsed
 from rich.table import Table
 
 from ..evaluate import (
+    PAIRED_TEST,
     AttackSpec,
     DefenseSpec,
     Evaluator,
@@ -83,15 +84,47 @@ def _widest_interval(n: int) -> float:
     return 100 * _Z95 * math.sqrt(0.25 / n + z2 / (4 * n * n)) / (1 + z2 / n)
 
 
-def _precision_note(rows: list[dict[str, Any]]) -> str:
-    """How far the report's accuracies can be trusted: the grid runs no test between its rows (a few images,
-    `--limit 8`, read as a gain of 12.5 points), so the report says the interval of its smallest n."""
+def _precision_note(rows: list[dict[str, Any]], paired: bool = False) -> str:
+    """How far the report's accuracies can be trusted: the rows are not tested against each other (a few
+    images, `--limit 8`, read as a gain of 12.5 points), so the report says the interval of its smallest n;
+    ``paired``: those against no defense are, in the report's next section."""
     n = min((r["n"] for r in rows if isinstance(r.get("n"), int) and r["n"] > 0), default=0)
     if not n:
         return ""
+    tested = " (except each defense against none: paired on the same images below)" if paired else ""
     return (f"Each accuracy is a fraction of n images: on {n} images its 95% confidence interval (Wilson) is up "
-            f"to ±{_widest_interval(n):.1f} points wide each way. The rows are not tested against each other; a "
-            "difference between two rows within that width may be noise.")
+            f"to ±{_widest_interval(n):.1f} points wide each way. The rows are not tested against each other"
+            f"{tested}; a difference between two rows within that width may be noise.")
+
+
+def _paired_lines(paired: list[dict[str, Any]], defenses: list[DefenseSpec]) -> list[str]:
+    """The report's section "Paired with no defense": one row per victim, defense and metric of
+    :meth:`Evaluator.paired_with_none`, and why any was not tested."""
+    lines = ["## Paired with no defense", ""]
+    if not paired:
+        why = ("the run has no `none` defense to pair with" if not any(d.kind == "none" for d in defenses)
+               else "the run has no defense besides `none`")  # fmt: skip
+        return [*lines, f"No paired test: {why}.", ""]
+    lines += ["What each defense buys, tested on the same images (also in `paired.json`). Metric: clean accuracy, "
+              "or robust accuracy under the attack named. gain: defense minus none, in points; gained: images "
+              "right only with the defense; lost: images right only without it; p: "
+              f"{PAIRED_TEST[0].lower()}{PAIRED_TEST[1:]}, not corrected for the number of tests in the table.",
+              ""]  # fmt: skip
+    cols = ["victim", "defense", "metric", "n", "none (%)", "defense (%)", "gain", "gained", "lost", "p"]
+    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    reasons: list[str] = []
+    for r in paired:
+        metric = "clean" if r["metric"] == "clean_acc" else f"robust, {r['attack']}"
+        if r["not_tested"] is None:
+            tested = [f"{r['gain_points']:+.2f}", str(r["gained"]), str(r["lost"]), f"{r['p_value']:.2g}"]
+        else:
+            reasons.append(r["not_tested"])
+            tested = ["n/a", "-", "-", "n/a"]
+        cells = [r["victim"], r["defense"], metric, str(r["n"]), _fmt(r["none_acc"]), _fmt(r["defense_acc"]), *tested]
+        lines.append("| " + " | ".join(cells) + " |")
+    if reasons:
+        lines += ["", *(f"n/a: {reason}" for reason in dict.fromkeys(reasons))]
+    return [*lines, ""]
 
 
 def _resumed_text(run: dict[str, Any]) -> str:
@@ -105,7 +138,7 @@ def _resumed_text(run: dict[str, Any]) -> str:
 
 
 def _write_report(out: Path, rows: list[dict[str, Any]], evaluator: Evaluator, defenses: list[DefenseSpec],
-                  title: str, run: dict[str, Any]) -> Path:  # fmt: skip
+                  title: str, run: dict[str, Any], paired: list[dict[str, Any]]) -> Path:  # fmt: skip
     from ..quality import save_perturbation_figure
 
     lines = [f"# {title}", "", f"Data: `{evaluator.dataset.root}` ({len(evaluator.dataset)} images). "
@@ -121,10 +154,11 @@ def _write_report(out: Path, rows: list[dict[str, Any]], evaluator: Evaluator, d
     notes = sorted({r["lpips_note"] for r in rows if r.get("lpips_note")})
     if notes:
         lines += ["", *notes]
-    precision = _precision_note(rows)
+    precision = _precision_note(rows, paired=bool(paired))
     if precision:
         lines += ["", precision]
-    lines += ["", "## Perturbation maps", "", "Rows: original, defended, perturbation map (Eq. 14: delta mapped "
+    lines += ["", *_paired_lines(paired, defenses)]
+    lines += ["## Perturbation maps", "", "Rows: original, defended, perturbation map (Eq. 14: delta mapped "
               "from [-eps, eps] to [0, 1], NTSC gray).", ""]  # fmt: skip
     for spec in defenses:
         if spec.kind == "none":
@@ -422,10 +456,12 @@ def eval_cmd(
         # after the table: a file that cannot be written fails the run (exit 1) with the results shown
         run = {**evaluator.provenance(involved), "command_options": _command_options(ctx),
                "resolved_paths": paths}
+        paired = evaluator.paired_with_none()
         _write_text(out / "results.json", json_dumps(rows, indent=1))
+        _write_text(out / "paired.json", json_dumps({"test": PAIRED_TEST, "pairs": paired}, indent=1))
         _write_text(out / "run.json", json_dumps(run, indent=1))
         if csv_path is not None:
             _write_text(csv_path, _csv_text(rows))
-        report = _write_report(out, rows, evaluator, defenses, "preempt eval", run)
+        report = _write_report(out, rows, evaluator, defenses, "preempt eval", run, paired)
         c.note(f"Report: {report}", shown=not quiet)
     raise typer.Exit(c.EXIT_OK)
