@@ -881,3 +881,31 @@ def test_a_clean_grid_pairs_clean_accuracy_and_a_grid_without_none_pairs_nothing
     list(alone.grid(["victim"], [fp_spec()], []))
     assert alone.paired_with_none() == []
     assert "No paired test: the run has no `none` defense to pair with." in _paired_lines([], [fp_spec()])
+
+
+def test_a_resumed_cell_whose_correctness_is_not_exactly_its_own_is_computed_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A cell file's per-image correctness was checked against its accuracy within 0.01 points (one image of
+    10,000 passed), a NaN accuracy passed every check, and a file of fewer images than the cell's (its bits
+    and accuracy agreeing) was trusted: its pairs were tested on other images than the none cell's. The
+    accuracy must now be exactly what the bits give, and n the cell's; anything else is recomputed."""
+    ds, models = tiny_dataset(10000), tiny_models()
+    row = tiny_evaluator(ds, models, out_dir=tmp_path).cell("victim", DefenseSpec("none"), None)
+    (path,) = (tmp_path / "cells").glob("*.json")
+    cell = json.loads(path.read_text())
+    bits = cell["clean_correct"]
+    half = bits[:5000]
+    edits = {
+        "fewer images": {"n": 5000, "clean_correct": half, "clean_acc": round(100 * half.count("1") / 5000, 2)},
+        "NaN accuracy": {"clean_acc": float("nan")},
+        "one image flipped": {"clean_correct": ("0" if bits[0] == "1" else "1") + bits[1:]},
+    }
+    for what, edit in edits.items():
+        path.write_text(json.dumps({**cell, **edit}))  # json writes the NaN, as Python's json reads it
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="preempt_cli"):
+            again = tiny_evaluator(ds, models, out_dir=tmp_path, resume=True).cell("victim", DefenseSpec("none"), None)
+        assert [r for r in caplog.records if "damaged" in r.getMessage()], what
+        assert (again["n"], again["clean_acc"]) == (row["n"], row["clean_acc"]), what
+        path.write_text(json.dumps(cell))

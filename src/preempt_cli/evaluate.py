@@ -651,15 +651,22 @@ def _from_bits(bits: str | None) -> torch.Tensor | None:
     return None if bits is None else torch.tensor([b == "1" for b in bits], dtype=torch.bool)
 
 
-def _check_correctness(row: dict[str, Any]) -> None:
-    """Refuse a cell file whose per-image correctness (where it keeps any) is not one "0"/"1" per image, does
-    not give its accuracies, or has a robust image that was wrong clean: a paired test on it would be of
-    other images than the row's.
+def _percent(correct: torch.Tensor) -> float:
+    """A cell's accuracy from its images' correctness, as its row gives it: the float32 mean, in percent,
+    rounded to 2 decimals (exact and the same everywhere: a sum of ones, one division)."""
+    return round(100 * correct.float().mean().item(), 2)
+
+
+def _check_correctness(row: dict[str, Any], n: int) -> None:
+    """Refuse a cell file that is not of the cell's ``n`` images, or whose per-image correctness (where it
+    keeps any) is not one "0"/"1" per image, does not give its accuracies exactly, or has a robust image that
+    was wrong clean: a paired test on it would be of other images than the row's.
 
     Raises:
         ValueError: saying which.
     """
-    n = row["n"]
+    if isinstance(row["n"], bool) or not isinstance(row["n"], int) or row["n"] != n:
+        raise ValueError(f"n is {row['n']!r}, not the cell's {n} images")
     for key, acc_key in ((_CLEAN_CORRECT, "clean_acc"), (_ROBUST_CORRECT, "robust_acc")):
         bits, acc = row.get(key), row.get(acc_key)
         if bits is None:
@@ -668,9 +675,9 @@ def _check_correctness(row: dict[str, Any]) -> None:
             continue
         if not isinstance(bits, str) or re.fullmatch(r"[01]*", bits) is None or len(bits) != n:
             raise ValueError(f"{key} is not one 0 or 1 per image of its {n}")
-        # 0.01: the row's accuracy is a float32 mean rounded to 2 decimals
-        if not isinstance(acc, (int, float)) or abs(100 * bits.count("1") / n - acc) > 0.01:
-            raise ValueError(f"{key} gives {100 * bits.count('1') / n:.2f}%, its {acc_key} {acc}")
+        # computed as the row's was: a NaN, or an image changed (0.01 points of 10,000), is another number
+        if isinstance(acc, bool) or not isinstance(acc, (int, float)) or _percent(_from_bits(bits)) != acc:
+            raise ValueError(f"{key} gives {_percent(_from_bits(bits))}%, its {acc_key} {acc}")
     robust, clean = row.get(_ROBUST_CORRECT), row.get(_CLEAN_CORRECT)
     if robust is not None and (clean is None or any(r == "1" and c == "0" for r, c in zip(robust, clean))):
         raise ValueError(f"{_ROBUST_CORRECT} has images {_CLEAN_CORRECT} has wrong")
@@ -1122,9 +1129,10 @@ class Evaluator:
         _logger.warning("--resume: %s is unreadable or damaged (%s: %s); computing that %s again and "
                         "replacing the file", path, type(error).__name__, reason, what)  # fmt: skip
 
-    def _load_cell(self, path: Path) -> dict[str, Any] | None:
+    def _load_cell(self, path: Path, n: int) -> dict[str, Any] | None:
         """A finished cell's row from its resume file; None, with a warning naming the file, when it cannot
-        be read or is not a row (the cell is then computed again and the file replaced)."""
+        be read or is not a row of the cell's ``n`` images (the cell is then computed again and the file
+        replaced)."""
         try:
             row = json.loads(path.read_text())
             if not isinstance(row, dict):
@@ -1132,7 +1140,7 @@ class Evaluator:
             missing = [k for k in ("victim", "defense", "attack", "n", "clean_acc", "robust_acc") if k not in row]
             if missing:
                 raise ValueError(f"no {', '.join(missing)}")
-            _check_correctness(row)
+            _check_correctness(row, n)
         except Exception as e:  # truncated or edited: the entry is recomputed
             self._warn_broken(path, e, "cell")
             return None
@@ -1177,8 +1185,9 @@ class Evaluator:
                  self.defense_key(spec), attack and [attack.kind, attack.options, self.attack_batch_size]]  # fmt: skip
         key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
         path = self.out_dir / "cells" / f"{key}.json" if self.out_dir else None
+        n = min(attack.limit, len(self.dataset)) if (attack and attack.limit) else len(self.dataset)
         if path is not None and self.resume and path.is_file():
-            row = self._load_cell(path)
+            row = self._load_cell(path, n)
             if row is not None:
                 computed_by = _computed_by_record(row.pop("computed_by", None))
                 self._origins["cells"].append((True, computed_by))
@@ -1195,7 +1204,6 @@ class Evaluator:
                 return row
         defended = self.defend(spec)
         victim = self.load_victim(victim_name)
-        n = min(attack.limit, len(self.dataset)) if (attack and attack.limit) else len(self.dataset)
         x = _to_float(defended.images[:n], self.device)
         y = self.dataset.labels[:n].to(self.device)
         start = time.perf_counter()
@@ -1204,16 +1212,16 @@ class Evaluator:
         if attack is None:
             with torch.inference_mode(), eval_mode(victim):  # as robust_accuracy does: a caller's model may train
                 clean_ok = torch.cat([victim(x[i:i + 500]).argmax(1) == y[i:i + 500] for i in range(0, n, 500)]).cpu()
-            clean, robust = clean_ok.float().mean().item(), None
+            robust = None
         else:
             model_attack = attack.build(victim, batch_size=self.attack_batch_size)
             if getattr(model_attack, "quantize", False) and hasattr(model_attack, "perturb_report"):
                 model_attack = _Reporting(model_attack)
             # image by image: the paired test against no defense needs which images each cell got right
             clean_ok, robust_ok, _ = robust_correctness(victim, model_attack, x, y, batch_size=self.attack_batch_size)
-            clean, robust = clean_ok.float().mean().item(), robust_ok.float().mean().item()
+            robust = _percent(robust_ok)
             if isinstance(model_attack, _Reporting):
-                clean_count = round(clean * n)
+                clean_count = int(clean_ok.sum())
                 for flag, column in (("fooled_float", "robust_acc_float"), ("fooled_rounded_once", "robust_acc_rounded_once")):
                     extra[column] = round(100 * (clean_count - model_attack.count(flag)) / n, 2)
         row = {
@@ -1221,8 +1229,8 @@ class Evaluator:
             "defense": spec.name,
             "attack": attack.name if attack else "none",
             "n": n,
-            "clean_acc": round(100 * clean, 2),
-            "robust_acc": round(100 * robust, 2) if robust is not None else None,
+            "clean_acc": _percent(clean_ok),
+            "robust_acc": robust,
             **extra,
             "attack_seconds": round(time.perf_counter() - start, 2),
             **{k: v for k, v in defended.summary().items() if k != "defense"},
