@@ -1278,11 +1278,13 @@ def test_photos_are_decoded_only_as_far_ahead_as_their_bytes_allow(
     write_random_pngs(tmp_path / "in", n=10, size=(128, 128), name="img{i:02d}.png")
     monkeypatch.setattr(protect, "_DECODED_AHEAD_BYTES", 2 * 128 * 128 * 3, raising=False)
     submitted, finished, held = 0, 0, []  # files sent to be decoded; files computed; files held per batch
+    chunks = []  # files per decode call (a worker process's chunk)
 
     def counted(decode):
         def decode_counted(self, items: list) -> list:
             nonlocal submitted
             submitted += len(items)
+            chunks.append(len(items))
             return decode(self, items)
 
         return decode_counted
@@ -1305,9 +1307,11 @@ def test_photos_are_decoded_only_as_far_ahead_as_their_bytes_allow(
         results = list(protector.run(collect_inputs([tmp_path / "in"]), RunOptions(out_dir=tmp_path / "out", io=io,
                                                                                   workers=2, fsync=False)))  # fmt: skip
     assert [r.status for r in results] == ["done"] * 10 and len(held) == 10
-    # two decoded ahead (threads; processes decode in chunks of up to two, so three), this batch and two
-    # queued behind it (the batches the device holds, and one more)
-    assert max(held) <= (5 if io == "threads" else 6), held
+    # two decoded ahead, this batch and two queued behind it (the batches the device holds, and one more)
+    assert max(held) <= 5, held
+    # the two files the bound allows go one to each worker, decoded at once: a chunk of both went to one
+    # worker process, which decoded them one after the other while the other idled (the device waiting)
+    assert max(chunks) == 1, chunks
 
 
 @pytest.mark.parametrize("io", ["threads", "processes"])

@@ -1195,8 +1195,9 @@ class Protector:
         def submit_decodes() -> None:
             nonlocal queued_all
             while len(decoded) < prefetch:
-                # a chunk of a worker process's files no larger than the bound (of small images, 32 at a time)
-                chunk = list(itertools.islice(queue, min(io.decode_chunk, prefetch)))
+                # a worker process's chunk: its share of the bound, so that all of them decode at once (a chunk
+                # of the whole bound, a few photos, went to one worker while the others idled); 32 small images
+                chunk = list(itertools.islice(queue, min(io.decode_chunk, max(1, prefetch // options.workers))))
                 if not chunk:
                     queued_all = True
                     return
