@@ -910,3 +910,15 @@ def test_a_resumed_cell_whose_correctness_is_not_exactly_its_own_is_computed_aga
         assert [r for r in caplog.records if "damaged" in r.getMessage()], what
         assert (again["n"], again["clean_acc"]) == (row["n"], row["clean_acc"]), what
         path.write_text(json.dumps(cell))
+
+
+def test_paired_records_are_of_the_cells_as_computed_not_of_rows_a_caller_changed() -> None:
+    """paired_with_none kept the very dicts cell() returned: a caller that changed a row (a renamed defense,
+    accuracies as fractions) changed the paired records too, which then disagreed with the images' bits."""
+    models = tiny_models()
+    ev = tiny_evaluator(tiny_dataset(8), models)
+    rows = list(ev.grid(["victim"], [DefenseSpec("none"), fp_spec()], []))
+    expected = ev.paired_with_none()
+    for row in rows:
+        row.update(defense="renamed", clean_acc=row["clean_acc"] / 100, attack="changed", n=0)
+    assert ev.paired_with_none() == expected

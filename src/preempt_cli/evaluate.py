@@ -1194,7 +1194,8 @@ class Evaluator:
                 clean_bits, robust_bits = row.pop(_CLEAN_CORRECT, None), row.pop(_ROBUST_CORRECT, None)
                 # named as this release names them: the key decides what was computed, not how a row is named
                 row.update(victim=victim_name, defense=spec.name, attack=attack.name if attack else "none")
-                given = _GivenCell(victim_name, spec, row, _from_bits(clean_bits), _from_bits(robust_bits))
+                # a copy: a caller may change the row it is given
+                given = _GivenCell(victim_name, spec, dict(row), _from_bits(clean_bits), _from_bits(robust_bits))
                 if given.clean is None:  # a cell file of 0.22.0 or earlier: its accuracies only
                     given.missing = (f"the cell ({spec.name}, {row['attack']}) was resumed from {path.name} (computed "
                                      f"by preempt {computed_by['preempt']}), which keeps no per-image correctness "
@@ -1237,7 +1238,7 @@ class Evaluator:
         }
         computed_by = self.computed_by()
         self._origins["cells"].append((False, computed_by))
-        self._given.append(_GivenCell(victim_name, spec, row, clean_ok, robust_ok))
+        self._given.append(_GivenCell(victim_name, spec, dict(row), clean_ok, robust_ok))  # a copy, as above
         if path is not None:
             correctness = {_CLEAN_CORRECT: _bits(clean_ok),
                            _ROBUST_CORRECT: None if robust_ok is None else _bits(robust_ok)}  # fmt: skip
