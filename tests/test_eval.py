@@ -23,6 +23,7 @@ from preempt_cli.evaluate import (
     Dataset,
     DefenseSpec,
     Evaluator,
+    holm_adjusted,
     mcnemar_exact,
     reversion_protocol,
     reversion_verdicts,
@@ -359,6 +360,17 @@ def test_reversion_defender_labels_follow_the_declared_source(monkeypatch: pytes
     assert res["labels"] == note
     # The white-box attacker has no ground truth: it labels with the backbone (as `preempt revert`).
     assert res["reverter_labels"]["white-box reversion"] == ("classifier clf" if labels == "classifier" else "backbone bb")
+
+
+def test_holm_adjusted_is_holms_step_down() -> None:
+    """Holm's adjustment by its definition: sorted p's times m, m - 1, ..., made monotone, capped at 1, given
+    back in the input's order (the worked example of Holm's method with m = 4)."""
+    assert holm_adjusted([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm_adjusted([0.5, 0.9]) == [1.0, 1.0] and holm_adjusted([0.2]) == [0.2] and holm_adjusted([]) == []
+    ps = [0.001, 0.2, 0.01, 0.01, 0.6]
+    adjusted = holm_adjusted(ps)
+    assert all(p <= a <= min(1.0, 5 * p) for p, a in zip(ps, adjusted))  # between raw and Bonferroni
+    assert adjusted[2] == adjusted[3] == pytest.approx(0.04)  # ties: the larger of the two steps, for both
 
 
 def test_mcnemar_exact_and_reversion_verdicts() -> None:
@@ -869,6 +881,7 @@ def test_a_clean_grid_pairs_clean_accuracy_and_a_grid_without_none_pairs_nothing
     none_ok, defended_ok = before == labels, after == labels
     assert (pair["metric"], pair["attack"], pair["n"]) == ("clean_acc", "none", 8)
     assert (pair["gained"], pair["lost"], pair["p_value"]) == mcnemar_exact(none_ok, defended_ok)
+    assert pair["p_holm"] == pair["p_value"]  # one test: nothing to adjust for
     assert pair["gained"] == int((before != after)[1::2].sum()) and pair["lost"] == int((before != after)[::2].sum())
     assert pair["gained"] and pair["lost"]
     assert pair["gain_points"] == round(100 * (pair["gained"] - pair["lost"]) / 8, 2)

@@ -471,7 +471,7 @@ def test_each_defense_is_tested_against_none_on_the_same_images_and_a_resume_kee
     with none (per victim, clean and each attack): gained and lost images and the exact McNemar p, from the
     per-image correctness each cell file keeps; a cell resumed from a file that keeps none says n/a, why."""
     from conftest import tiny_config
-    from preempt_cli.evaluate import mcnemar_exact
+    from preempt_cli.evaluate import holm_adjusted, mcnemar_exact
     from preempt_cli.models import ImageModel
 
     victim = ImageModel(_LevelSum(), tiny_config("sum-victim")).eval().to(TEST_DEVICE)
@@ -524,7 +524,8 @@ def test_each_defense_is_tested_against_none_on_the_same_images_and_a_resume_kee
         metric = "clean" if pair["metric"] == "clean_acc" else f"robust, {pair['attack']}"
         (line,) = [x for x in report.splitlines() if x.startswith(f"| sum-victim | {defense} | {metric} |")]
         assert line.endswith(f"| {pair['gain_points']:+.2f} | {pair['gained']} | {pair['lost']} | "
-                             f"{pair['p_value']:.2g} |")  # fmt: skip
+                             f"{pair['p_value']:.2g} | {pair['p_holm']:.2g} |")  # fmt: skip
+    assert [p["p_holm"] for p in pairs] == holm_adjusted([p["p_value"] for p in pairs])
     assert not [r for r in strict_loads((out / "results.json").read_text()) if "clean_correct" in r]  # rows stay rows
 
     # --resume: the same pairs from the files; a none cell of 0.22.0 (accuracies only) makes its pairs n/a,
@@ -547,9 +548,9 @@ def test_each_defense_is_tested_against_none_on_the_same_images_and_a_resume_kee
     resumed = strict_loads((out / "paired.json").read_text())["pairs"]
     assert resumed[2] == pairs[2]  # computed again: the same images, the same test
     for pair in resumed[:2]:
-        assert pair["gained"] is pair["lost"] is pair["p_value"] is pair["gain_points"] is None
+        assert pair["gained"] is pair["lost"] is pair["p_value"] is pair["gain_points"] is pair["p_holm"] is None
         assert old.name in pair["not_tested"] and "no per-image correctness" in pair["not_tested"]
         assert pair["none_acc"] == rows[("none", full)][pair["metric"]]
     report = (out / "report.md").read_text()
     assert f"n/a: {resumed[0]['not_tested']}" in report
-    assert f"| sum-victim | {defense} | clean | 24 |" in report and "| n/a | - | - | n/a |" in report
+    assert f"| sum-victim | {defense} | clean | 24 |" in report and "| n/a | - | - | n/a | n/a |" in report

@@ -52,6 +52,7 @@ __all__ = [
     "is_eval_output",
     "jpeg_roundtrip",
     "json_dumps",
+    "holm_adjusted",
     "mcnemar_exact",
     "PAIRED_TEST",
     "perturbation_map_name",
@@ -1267,9 +1268,12 @@ class Evaluator:
         ``none`` for a cell without one; clean accuracy is measured before it attacks), ``n``,
         ``none_acc`` and ``defense_acc`` (the rows'), then from the images' correctness ``gain_points``
         (defense minus none), ``gained`` (images right only with the defense), ``lost`` (right only without
-        it) and ``p_value`` (of :func:`mcnemar_exact`); these four are None where either cell keeps no
-        per-image correctness (resumed from a file of 0.22.0 or earlier), and ``not_tested`` says why
-        (None where tested). A defense without a ``none`` cell of its victim and attack has no record.
+        it), ``p_value`` (of :func:`mcnemar_exact`) and ``p_holm`` (``p_value`` adjusted by
+        :func:`holm_adjusted` over every record tested here: a table of many tests finds some below 0.05
+        by chance, and a ``p_holm`` below a level keeps the chance of any false finding in the table below
+        it); these five are None where either cell keeps no per-image correctness (resumed from a file of
+        0.22.0 or earlier), and ``not_tested`` says why (None where tested). A defense without a ``none``
+        cell of its victim and attack has no record.
         """
         baseline: dict[tuple[str, str], _GivenCell] = {}
         for given in self._given:
@@ -1292,6 +1296,9 @@ class Evaluator:
         for key, (given, none) in cleans.items():
             records.append(_paired_record(given, none, "clean_acc"))
             records += [_paired_record(g, b, "robust_acc") for g, b in robusts.get(key, [])]
+        tested = [r for r in records if r["p_value"] is not None]
+        for record, adjusted in zip(tested, holm_adjusted([r["p_value"] for r in tested])):
+            record["p_holm"] = adjusted
         return records
 
     def computed_by(self) -> dict[str, str]:
@@ -1428,12 +1435,26 @@ def mcnemar_exact(before: torch.Tensor, after: torch.Tensor) -> tuple[int, int, 
     return gained, lost, min(1.0, 2 * tail / 2**n)
 
 
+def holm_adjusted(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjustment of ``p_values`` (one family of tests), in their order: the i-th smallest
+    of m is multiplied by m - i + 1, made no smaller than the adjusted ones before it, and capped at 1.
+    Rejecting where an adjusted p is below alpha keeps the chance of any false rejection in the family
+    below alpha, whatever the tests' dependence (Holm 1979); it never rejects less than Bonferroni."""
+    m = len(p_values)
+    adjusted = [0.0] * m
+    running = 0.0
+    for rank, i in enumerate(sorted(range(m), key=lambda i: p_values[i])):
+        running = max(running, min(1.0, (m - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
+
+
 def _paired_record(given: _GivenCell, none: _GivenCell, metric: str) -> dict[str, Any]:
     """One record of :meth:`Evaluator.paired_with_none`: ``given``'s ``metric`` against ``none``'s."""
     record: dict[str, Any] = {"victim": given.victim, "defense": given.spec.name, "metric": metric,
                               "attack": given.row["attack"], "n": given.row["n"], "none_acc": none.row[metric],
                               "defense_acc": given.row[metric], "gain_points": None, "gained": None, "lost": None,
-                              "p_value": None, "not_tested": None}  # fmt: skip
+                              "p_value": None, "p_holm": None, "not_tested": None}  # fmt: skip
     def correct(cell: _GivenCell) -> torch.Tensor | None:
         return cell.clean if metric == "clean_acc" else cell.robust
 

@@ -108,18 +108,20 @@ def _paired_lines(paired: list[dict[str, Any]], defenses: list[DefenseSpec]) -> 
     lines += ["What each defense buys, tested on the same images (also in `paired.json`). Metric: clean accuracy, "
               "or robust accuracy under the attack named. gain: defense minus none, in points; gained: images "
               "right only with the defense; lost: images right only without it; p: "
-              f"{PAIRED_TEST[0].lower()}{PAIRED_TEST[1:]}, not corrected for the number of tests in the table.",
+              f"{PAIRED_TEST[0].lower()}{PAIRED_TEST[1:]}; p (Holm): p adjusted by Holm's method for the "
+              "number of tests in the table (below 0.05: a gain or loss that stands with all of them read at once).",
               ""]  # fmt: skip
-    cols = ["victim", "defense", "metric", "n", "none (%)", "defense (%)", "gain", "gained", "lost", "p"]
+    cols = ["victim", "defense", "metric", "n", "none (%)", "defense (%)", "gain", "gained", "lost", "p", "p (Holm)"]
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     reasons: list[str] = []
     for r in paired:
         metric = "clean" if r["metric"] == "clean_acc" else f"robust, {r['attack']}"
         if r["not_tested"] is None:
-            tested = [f"{r['gain_points']:+.2f}", str(r["gained"]), str(r["lost"]), f"{r['p_value']:.2g}"]
+            tested = [f"{r['gain_points']:+.2f}", str(r["gained"]), str(r["lost"]), f"{r['p_value']:.2g}",
+                      f"{r['p_holm']:.2g}"]
         else:
             reasons.append(r["not_tested"])
-            tested = ["n/a", "-", "-", "n/a"]
+            tested = ["n/a", "-", "-", "n/a", "n/a"]
         cells = [r["victim"], r["defense"], metric, str(r["n"]), _fmt(r["none_acc"]), _fmt(r["defense_acc"]), *tested]
         lines.append("| " + " | ".join(cells) + " |")
     if reasons:
