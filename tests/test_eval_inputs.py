@@ -526,6 +526,10 @@ def test_each_defense_is_tested_against_none_on_the_same_images_and_a_resume_kee
         assert line.endswith(f"| {pair['gain_points']:+.2f} | {pair['gained']} | {pair['lost']} | "
                              f"{pair['p_value']:.2g} | {pair['p_holm']:.2g} |")  # fmt: skip
     assert [p["p_holm"] for p in pairs] == holm_adjusted([p["p_value"] for p in pairs])
+    stands = [p for p in pairs if p["p_holm"] < 0.05]
+    gains, losses = sum(p["gained"] > p["lost"] for p in stands), sum(p["gained"] < p["lost"] for p in stands)
+    assert (f"Paired with no defense: 3 tests; {gains} gains and {losses} losses stand (Holm-adjusted p < 0.05; "
+            "see the report)") in " ".join(result.stderr.split())  # fmt: skip
     assert not [r for r in strict_loads((out / "results.json").read_text()) if "clean_correct" in r]  # rows stay rows
 
     # --resume: the same pairs from the files; a none cell of 0.22.0 (accuracies only) makes its pairs n/a,
@@ -553,4 +557,5 @@ def test_each_defense_is_tested_against_none_on_the_same_images_and_a_resume_kee
         assert pair["none_acc"] == rows[("none", full)][pair["metric"]]
     report = (out / "report.md").read_text()
     assert f"n/a: {resumed[0]['not_tested']}" in report
+    assert "Paired with no defense: 1 test, 2 not tested;" in " ".join(again.stderr.split())
     assert f"| sum-victim | {defense} | clean | 24 |" in report and "| n/a | - | - | n/a | n/a |" in report

@@ -129,6 +129,20 @@ def _paired_lines(paired: list[dict[str, Any]], defenses: list[DefenseSpec]) -> 
     return [*lines, ""]
 
 
+def _paired_summary(paired: list[dict[str, Any]], alpha: float = 0.05) -> str | None:
+    """One line under the table: how many of the paired tests against none find a gain, or a loss, that
+    stands with all of them read at once (Holm-adjusted p below ``alpha``); the pairs are in the report."""
+    tested = [r for r in paired if r["p_holm"] is not None]
+    if not tested:
+        return None
+    gains = sum(r["p_holm"] < alpha and r["gained"] > r["lost"] for r in tested)
+    losses = sum(r["p_holm"] < alpha and r["gained"] < r["lost"] for r in tested)
+    untested = f", {len(paired) - len(tested)} not tested" if len(tested) < len(paired) else ""
+    tests = f"{len(tested)} test" + ("s" if len(tested) != 1 else "")
+    return (f"Paired with no defense: {tests}{untested}; {gains} gains and {losses} losses stand "
+            f"(Holm-adjusted p < {alpha:g}; see the report)")
+
+
 def _resumed_text(run: dict[str, Any]) -> str:
     """What a resumed run took from earlier runs, and what computed it (empty when it computed all)."""
     resumed = run["resumed"]
@@ -465,5 +479,7 @@ def eval_cmd(
         if csv_path is not None:
             _write_text(csv_path, _csv_text(rows))
         report = _write_report(out, rows, evaluator, defenses, "preempt eval", run, paired)
+        if (summary := _paired_summary(paired)) is not None:
+            c.note(summary, shown=not quiet)
         c.note(f"Report: {report}", shown=not quiet)
     raise typer.Exit(c.EXIT_OK)
