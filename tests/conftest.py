@@ -11,6 +11,7 @@ Reusable helpers (importable from tests as ``from conftest import ...``):
 * :func:`engine_noise_keys` gives the noise keys an engine draws for given noise seeds.
 * :func:`randomized_batchnorm` gives a net's BatchNorm layers non-trivial statistics, in eval mode.
 * :func:`raised_without_waiting_on` runs a call that must not block on a FIFO, and gives what it raised.
+* :class:`LiveBuffers` counts the tensor buffers of at least a given size alive at once while torch computes.
 * :class:`StandInDevice` stands in for a GPU's asynchronous work on any machine: ``queue(seconds, payload)``
   returns a :class:`QueuedWork` (``done()``, ``ready_at``, ``payload``) at once, each queued piece runs after
   the ones before it, and ``wait(work)`` sleeps until it is done.
@@ -27,6 +28,7 @@ import os
 import threading
 import time
 import types
+import weakref
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -35,6 +37,8 @@ import pytest
 import torch
 from PIL import Image
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from preempt_cli.models import ImageModel
 from preempt_cli.registry import ModelConfig, Source
@@ -177,6 +181,41 @@ def randomized_batchnorm(net: nn.Module, seed: int = 0) -> nn.Module:
                     t = getattr(module, key)
                     t.copy_(torch.rand(t.shape, generator=gen) * (hi - lo) + lo)
     return net.eval()
+
+
+class LiveBuffers(TorchDispatchMode):
+    """Within ``with LiveBuffers(min_bytes) as live:``, the tensor buffers (storages) of at least ``min_bytes``
+    that torch's operators make, alive at once: ``live.count()`` now, ``live.peak`` the most after any operator
+    (``track(t)`` adds one made before). A buffer is alive while any tensor of it is, in Python or inside
+    torch (autograd's saved tensors, a gradient being computed). Views and in-place results are the buffer
+    they are of. The count does not depend on timing, only on which buffers the code keeps."""
+
+    def __init__(self, min_bytes: int) -> None:
+        super().__init__()
+        self.min_bytes = min_bytes
+        self.peak = 0
+        self._buffers: dict[int, list[weakref.ref]] = {}  # storage address -> its tensors
+
+    def track(self, t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        if storage.nbytes() < self.min_bytes:
+            return
+        refs = self._buffers.get(storage.data_ptr())
+        if refs is None or not any(r() is not None for r in refs):  # a new buffer (or a freed one's address)
+            refs = self._buffers[storage.data_ptr()] = []
+        refs.append(weakref.ref(t))
+
+    def count(self) -> int:
+        self._buffers = {k: refs for k, refs in self._buffers.items() if any(r() is not None for r in refs)}
+        return len(self._buffers)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.track(t)
+        self.peak = max(self.peak, self.count())
+        return out
 
 
 def engine_noise_keys(engine: Any, seeds: Sequence[int]) -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -12,11 +13,12 @@ import pytest
 import torch
 
 import preempt_cli
-from conftest import TEST_DEVICE, make_tiny_model, write_random_pngs
+from conftest import TEST_DEVICE, LiveBuffers, make_tiny_model, write_random_pngs
 from preempt_cli import FastPreemption, ForeBackConfig, Protector, RunOptions, collect_inputs, parse_eps, read_image
 from preempt_cli.engine import content_seeds
 from preempt_cli.errors import ConfigError, InputError
-from preempt_cli.imageio import content_seed, quantize
+from preempt_cli import protect as protect_module
+from preempt_cli.imageio import content_seed, quantize, stack_levels
 from preempt_cli.protect import read_preempt_metadata
 
 FAST = ForeBackConfig(samples=3)  # few samples: these tests check bits and errors, not protection
@@ -43,6 +45,25 @@ def test_protect_gives_an_image_the_same_bits_in_any_batch(protector, images) ->
     assert torch.equal(protector.protect(images[order]), batch[order])
     twice = protector.protect(images[[3, 3]])
     assert torch.equal(twice[0], twice[1]) and torch.equal(twice[0], batch[3])
+
+
+def test_a_photo_is_rounded_to_levels_without_its_float_copy(protector, monkeypatch) -> None:
+    """The pipeline decodes a photo's levels into floats to protect them, then rounds the protected floats back
+    to levels: it held the floats while rounding (12 bytes a pixel), which needs only the protected ones."""
+    color = np.random.default_rng(0).integers(0, 256, (120, 160, 3), dtype=np.uint8)
+    levels = stack_levels([color], TEST_DEVICE)
+    live_when_rounding: list[int] = []
+    rounding = protect_module.quantize_batch_on_device
+
+    def counted(*args, **kwargs):
+        live_when_rounding.append(live.count())
+        return rounding(*args, **kwargs)
+
+    monkeypatch.setattr(protect_module, "quantize_batch_on_device", counted)
+    with LiveBuffers(levels.numel() * 4) as live:  # buffers of the photo's size in float32
+        stats, saved = protector._device_work(levels, None, 255, partial(protector.transform, noise_seeds=[1]))
+    assert live_when_rounding == [1]  # the protected floats alone
+    assert saved.shape == (1, 120, 160, 3) and (saved.cpu().numpy().astype(int) - color).max() <= 8
 
 
 def test_engine_defaults_to_content_seeds(tiny_backbone, images) -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TEST_DEVICE, engine_noise_keys, make_tiny_model
+from conftest import TEST_DEVICE, LiveBuffers, engine_noise_keys, make_tiny_model
 from preempt_cli import engine as engine_module
 from preempt_cli.engine import PRESETS, FastPreemption, ForeBackConfig, native_bf16, parse_eps, project, resolve_precision
 from preempt_cli.errors import ConfigError
@@ -254,7 +254,7 @@ def test_backward_step_moves_against_the_predicted_attack(tiny_backbone, cifar_b
 
     # Same from a later iterate x_t (after a forward step), one backward step taken by the engine.
     x_t = FastPreemption(tiny_backbone, config=cfg.with_(forward_steps=1, backward_steps=0)).perturb(x, y)
-    bounds = ((x - cfg.eps).clamp(min=0).unsqueeze(1), (x + cfg.eps).clamp(max=1).unsqueeze(1))
+    bounds = engine_module._Ball(x.unsqueeze(1), cfg.eps)
     keys = engine_noise_keys(engine, range(len(x)))[:, 0]
     x_next = engine._step(x_t, bounds, y.repeat_interleave(cfg.samples), keys, direction=+1.0)
     grad_t = _input_grad(tiny_backbone, x_t, y)
@@ -444,6 +444,42 @@ def test_a_photos_bits_do_not_depend_on_how_many_photos_share_its_batch(tiny_bac
         alone = FastPreemption(tiny_backbone, config=cfg, seed=3).perturb(x[i : i + 1], y[i : i + 1],
                                                                            noise_seeds=[11 + i])  # fmt: skip
         assert torch.equal(alone[0], batch[i]), i
+
+
+def test_a_photo_is_protected_with_five_buffers_of_its_size_at_most(tiny_backbone, monkeypatch) -> None:
+    """A photo's peak memory is the buffers of its size alive at once: the input, the iterate, the sum of the
+    samples, a sample and its gradient. The engine also held a copy of the input as the first iterate, the
+    budget's two bounds, and the outer step's two temporaries: 8 such buffers (96 bytes a pixel at 12 MP)."""
+    x, y = _photo_batch(1, 120, 160)
+    # one sample per pass, and its budget in blocks of a tenth of it, as a 12-megapixel photo goes
+    monkeypatch.setitem(engine_module.SAMPLE_CHUNK_ELEMENTS, TEST_DEVICE.type, x[0].numel())
+    monkeypatch.setitem(engine_module.BOUND_BLOCK_ELEMENTS, TEST_DEVICE.type, x[0].numel() // 10)
+    x_before = x.clone()
+    rows: list[int] = []
+    handle = tiny_backbone.register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[0]))
+    try:
+        with LiveBuffers(x[0].numel() * x.element_size()) as live:
+            live.track(x)
+            out = FastPreemption(tiny_backbone, config=ForeBackConfig(samples=3)).perturb(x, y, noise_seeds=[1])
+    finally:
+        handle.remove()
+    assert rows == [1] * 9  # the path a large photo takes: one sample at a time
+    assert live.peak <= 5
+    assert torch.equal(x, x_before)  # the input, the first iterate, is not written
+    assert (out - x).abs().max() <= ForeBackConfig().eps + TOL and not torch.equal(out, x)
+
+
+@pytest.mark.parametrize("cfg", list(REFERENCE_CONFIGS.values()), ids=list(REFERENCE_CONFIGS))
+def test_a_photos_budget_computed_in_blocks_gives_the_bits_of_the_whole(cfg, tiny_backbone, monkeypatch) -> None:
+    # A photo's budget is computed a block of rows at a time where it is clipped to (see BOUND_BLOCK_ELEMENTS):
+    # a block of one row and one of the whole photo give the same bits, as do photos cut into other blocks.
+    x, y = _photo_batch(2, 40, 56)
+    results = []
+    for block in (1, 7 * 56 * 3, x.numel() * cfg.samples):
+        monkeypatch.setitem(engine_module.BOUND_BLOCK_ELEMENTS, TEST_DEVICE.type, block)
+        results.append(FastPreemption(tiny_backbone, config=cfg, seed=3).perturb(x, y, noise_seeds=[11, 12]))
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+    assert (results[0] - x).abs().max() <= cfg.eps + TOL and not torch.equal(results[0], x)
 
 
 def test_more_samples_than_a_pass_holds_go_in_chunks_of_the_same_noise(tiny_backbone, monkeypatch) -> None:

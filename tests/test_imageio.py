@@ -16,6 +16,7 @@ import torch
 import PIL
 from PIL import Image, features
 
+from conftest import LiveBuffers
 from preempt_cli import imageio
 from preempt_cli.errors import ImageReadError, ImageWriteError
 from preempt_cli.imageio import (
@@ -23,6 +24,7 @@ from preempt_cli.imageio import (
     levels_to_float,
     quantize,
     quantize_batch,
+    quantize_batch_on_device,
     read_image,
     read_png_text,
     stack_levels,
@@ -520,6 +522,22 @@ def test_quantize_16bit() -> None:
     out = quantize(x + 0.0314, ref, 0.0314)
     assert out.dtype == np.uint16
     np.testing.assert_array_equal(out[0, :, 0], [int(np.floor(0.0314 * 65535)), 30000 + 2057, 65535])
+
+
+def test_rounding_a_photo_holds_two_buffers_of_its_size_beside_it() -> None:
+    # Rounding a photo's protected floats to levels within the budget held the levels, the original's levels as
+    # floats and a lower bound made from them: now the one copy of the original gives both bounds in turn.
+    rng = np.random.default_rng(2)
+    color = rng.integers(0, 256, (120, 160, 3), dtype=np.uint8)
+    reference = stack_levels([color], "cpu")
+    x = (reference.float() / 255 + torch.from_numpy(rng.uniform(-0.06, 0.06, reference.shape)).float()).clamp_(0, 1)
+    with LiveBuffers(x.numel() * x.element_size()) as live:
+        live.track(x)
+        small, saved = quantize_batch_on_device(x, reference, 8 / 255, 255)
+    assert live.peak <= 3  # x, the levels (returned as saved) and the copy of the original
+    expected = quantize(x[0], color, 8 / 255)
+    assert np.array_equal(small[0].permute(1, 2, 0).numpy(), expected)
+    assert np.abs(expected.astype(int) - color).max() == 8
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16])

@@ -65,6 +65,12 @@ SAMPLE_PASS_ELEMENTS: dict[str, int] = {"cpu": 16 * 20 * 3 * 32 * 32, "cuda": 16
 #: Samples per pass never fewer than this (an ImageNet-size image at the paper's N = 20 goes in one pass).
 MIN_SAMPLES_PER_PASS = 64
 
+#: Images the backbone resizes (photos) are clipped to their budget this many elements (images x samples x C
+#: x H x W) at a time, its bounds computed from the original image for each block instead of held: held, the
+#: two bounds of a 12-megapixel photo were 2 x 140 MiB of the 1.2 GB of tensors protecting it peaked at, and
+#: a CPU's block of them stays in cache. Results do not depend on these values.
+BOUND_BLOCK_ELEMENTS: dict[str, int] = {"cpu": 1 << 18, "cuda": 1 << 24}
+
 #: Images at the backbone's input size draw their noise in blocks of at most this many elements (images x
 #: samples x C x H x W; int64 while hashed), per device type: a CPU block stays in cache, and a GPU batch
 #: of 256 CIFAR-10 images at N = 20 is one block. Results do not depend on these values.
@@ -379,6 +385,40 @@ def _clip_(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     return torch.minimum(x, hi, out=x)
 
 
+class _Ball:
+    """The L-inf ball of radius ``eps`` around images ``center`` [B, 1, C, H, W] intersected with [0, 1]: where
+    their samples [B, k, C, H, W] and iterates may go (:meth:`clip_`).
+
+    Its bounds (:func:`_ball`) are held as two tensors of the images' size, or, with ``block`` (elements),
+    computed from ``center`` a block of rows at a time where they are used: the same values, and so the same
+    bits, without two full-size tensors for photos (see :data:`BOUND_BLOCK_ELEMENTS`).
+    """
+
+    def __init__(self, center: torch.Tensor, eps: float, *, block: int | None = None,
+                 bounds: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:  # fmt: skip
+        self.center, self.eps, self.block = center, eps, block
+        if block is None and bounds is None:
+            bounds = _ball(center, eps)
+        self.bounds = None if block is not None else bounds  # held: (low, high)
+
+    def part(self, images: slice) -> "_Ball":
+        """The ball of some of the images."""
+        held = None if self.bounds is None else (self.bounds[0][images], self.bounds[1][images])
+        return _Ball(self.center[images], self.eps, block=self.block, bounds=held)
+
+    def clip_(self, x: torch.Tensor) -> torch.Tensor:
+        """Clip ``x`` (of the center's shape, or broadcast to it) into the ball, in place."""
+        if self.bounds is not None:
+            return _clip_(x, *self.bounds)
+        rows = max(1, self.block // max(1, x[..., :1, :].numel()))  # whole rows of all images and samples
+        for top in range(0, x.shape[-2], rows):
+            part, center = x[..., top : top + rows, :], self.center[..., top : top + rows, :]
+            # _ball's bounds, one at a time
+            torch.maximum(part, (center - self.eps).clamp_(min=0.0), out=part)
+            torch.minimum(part, (center + self.eps).clamp_(max=1.0), out=part)
+        return x
+
+
 class FastPreemption:
     """Fast Preemption (Algorithm 1) with a given backbone.
 
@@ -519,15 +559,15 @@ class FastPreemption:
             (grad,) = torch.autograd.grad(loss, xs)
         return grad
 
-    def _move_samples(self, sample: torch.Tensor, y_rep: torch.Tensor, x_t: torch.Tensor,
-                      bounds: tuple[torch.Tensor, torch.Tensor], direction: float) -> None:  # fmt: skip
+    def _move_samples(self, sample: torch.Tensor, y_rep: torch.Tensor, x_t: torch.Tensor, bounds: _Ball,
+                      direction: float) -> None:  # fmt: skip
         """The FGSM (or PGD-K) moves of samples [B, k, C, H, W] along ``direction``, then their projections,
         in place."""
         cfg = self.config
         b, k, shape = sample.shape[0], sample.shape[1], sample.shape[2:]
         step_size = cfg.eps if cfg.inner_steps == 1 else 2.5 * cfg.eps / cfg.inner_steps
-        if cfg.inner_steps > 1:  # PGD samples stay within eps of where they started
-            start_lo, start_hi = _ball(sample, cfg.eps)
+        if cfg.inner_steps > 1:  # PGD samples stay within eps of where they started (blocked: a copy of them)
+            start = _Ball(sample if bounds.block is None else sample.clone(), cfg.eps, block=bounds.block)
         # channels-last is the layout oneDNN/cuDNN convolutions prefer; for inputs that the model resizes
         # first, the copy would only cost time at full resolution
         to_net = tuple(shape[-2:]) == tuple(getattr(self.backbone, "input_hw", ()))
@@ -540,16 +580,17 @@ class FastPreemption:
             sign = grad.sign_() if self.compile == "off" else grad.sign()
             del grad
             sample.add_(sign, alpha=direction * step_size)
+            del sign  # freed before the projections (and the next PGD step's gradient)
             if cfg.inner_steps > 1:
-                _clip_(sample, start_lo, start_hi)
+                start.clip_(sample)
         if cfg.sample_projection == "iterate":
-            _clip_(sample, *_ball(x_t.unsqueeze(1), cfg.eps))
-        _clip_(sample, *bounds)
+            _Ball(x_t.unsqueeze(1), cfg.eps, block=bounds.block).clip_(sample)
+        bounds.clip_(sample)
 
     def _step(
         self,
         x_t: torch.Tensor,
-        bounds: tuple[torch.Tensor, torch.Tensor],
+        bounds: _Ball,
         y_rep: torch.Tensor,
         keys: torch.Tensor,
         direction: float,
@@ -565,7 +606,7 @@ class FastPreemption:
         as a PGD random start is clipped (METHOD.md's step 1 does not clip; the README gives the measured
         difference).
         """
-        # bounds: [B, 1, C, H, W], the eps-ball around the original intersected with [0, 1]
+        # bounds: the eps-ball around the original [B, 1, C, H, W] intersected with [0, 1]
         samples, numel = keys.shape[1], x_t[0].numel()
         budget = SAMPLE_PASS_ELEMENTS.get(self.device.type, SAMPLE_PASS_ELEMENTS["cpu"])
         # sized by the image alone (as in _step_in_chunks): a batch's size never changes an image's bits
@@ -573,7 +614,9 @@ class FastPreemption:
         if samples <= chunk:
             sample = self._noise(x_t, keys).add_(x_t.unsqueeze(1)).clamp_(0.0, 1.0)
             self._move_samples(sample, y_rep, x_t, bounds, direction)
-            return self._outer_step(x_t, sample.mean(dim=1), bounds, direction)
+            mean = sample.mean(dim=1)
+            del sample
+            return self._outer_step(x_t, mean, bounds, direction)
         # more samples than one pass holds: chunks of them; the hashed noise of a chunk of keys is that of
         # the same samples drawn whole
         labels = y_rep.view(x_t.shape[0], samples)
@@ -582,17 +625,22 @@ class FastPreemption:
                                            labels=lambda part, picked: labels[part, picked].reshape(-1))  # fmt: skip
         return self._outer_step(x_t, total.div_(samples), bounds, direction)
 
-    def _outer_step(self, x_t: torch.Tensor, mean_sample: torch.Tensor, bounds: tuple[torch.Tensor, torch.Tensor],
+    def _outer_step(self, x_t: torch.Tensor, mean_sample: torch.Tensor, bounds: _Ball,
                     direction: float) -> torch.Tensor:  # fmt: skip
-        """The iterate's move from the samples' mean, projected onto the budget around the original."""
-        delta = mean_sample - x_t
-        # forward: x + eta * delta_r; backward: x - eta * delta_a  (delta points along the attack)
-        return _clip_(x_t - direction * self.config.eta * delta, bounds[0].squeeze(1), bounds[1].squeeze(1))
+        """The iterate's move from the samples' mean, projected onto the budget around the original: the new
+        iterate, in ``mean_sample``'s memory (``x_t`` is left as it was)."""
+        # forward: x + eta * delta_r; backward: x - eta * delta_a  (delta points along the attack). Each
+        # operation is the one x_t - direction * eta * (mean - x_t) makes, in place: the same bits without
+        # two more full-size temporaries (the peak of a photo's memory)
+        step = mean_sample.sub_(x_t).mul_(direction * self.config.eta)
+        x_next = torch.sub(x_t, step, out=step)
+        bounds.clip_(x_next.unsqueeze(1))
+        return x_next
 
     def _step_in_chunks(
         self,
         x_t: torch.Tensor,
-        bounds: tuple[torch.Tensor, torch.Tensor],
+        bounds: _Ball,
         y: torch.Tensor,
         generators: list[list[torch.Generator]],
         direction: float,
@@ -623,7 +671,7 @@ class FastPreemption:
     def _sample_sum_in_chunks(
         self,
         x_t: torch.Tensor,
-        bounds: tuple[torch.Tensor, torch.Tensor],
+        bounds: _Ball,
         direction: float,
         samples: int,
         chunk: int,
@@ -640,12 +688,14 @@ class FastPreemption:
         total = torch.zeros_like(x_t)
         for lo in range(0, x_t.shape[0], images):
             part = slice(lo, lo + images)
-            x_part, bounds_part = x_t[part], (bounds[0][part], bounds[1][part])
+            x_part, bounds_part = x_t[part], bounds.part(part)
             for first in range(0, samples, chunk):
                 picked = slice(first, min(samples, first + chunk))
                 sample = noise(part, picked).add_(x_part.unsqueeze(1)).clamp_(0.0, 1.0)
                 self._move_samples(sample, labels(part, picked), x_part, bounds_part, direction)
-                total[part].add_(sample.sum(dim=1))
+                # one sample (a large photo's chunk) is added as it is: its sum over one sample is a copy of
+                # it, as large as the photo, with the same bits
+                total[part].add_(sample[:, 0] if sample.shape[1] == 1 else sample.sum(dim=1))
                 del sample
         return total
 
@@ -689,8 +739,11 @@ class FastPreemption:
             return self.perturb_keyed(x0, y, image_keys)
         # resized by the model (photos): one noise stream per image and sample
         generators = self._sample_generators(x0.shape[0], noise_seeds)
-        bounds = _ball(x0.unsqueeze(1), self.config.eps)
-        x_t = x0.clone()
+        # the budget's bounds computed where used, and no copy of x0: each step's iterate is new (see
+        # _outer_step), so x0 is never written
+        block = BOUND_BLOCK_ELEMENTS.get(self.device.type, BOUND_BLOCK_ELEMENTS["cpu"])
+        bounds = _Ball(x0.unsqueeze(1), self.config.eps, block=block)
+        x_t = x0
         # in train mode, BatchNorm would mix the images of a batch (and update its statistics)
         with eval_mode(self.backbone):
             for direction in self.config.step_directions:
@@ -710,7 +763,7 @@ class FastPreemption:
         with torch.inference_mode(False), torch.no_grad():
             x0, y = autograd_usable(x.to(self.device, torch.float32), y.to(self.device, torch.long))
             cfg = self.config
-            bounds = _ball(x0.unsqueeze(1), cfg.eps)
+            bounds = _Ball(x0.unsqueeze(1), cfg.eps)
             keys = noise_keys(image_keys, cfg.forward_steps + cfg.backward_steps, cfg.samples)
             labels = y.repeat_interleave(cfg.samples)
             x_t = x0.clone()

@@ -787,9 +787,10 @@ def _clip_levels(x: torch.Tensor, reference: torch.Tensor, eps: float, max_value
     levels = x.detach().float().mul(max_value).round_()
     ref = reference.to(levels.device, torch.float32, copy=True)  # changed in place below
     # fmax/fmin, not maximum/minimum: a NaN (a broken model's gradient) becomes the budget's bound instead
-    # of passing through to level 0, so the budget holds whatever the engine computed.
-    levels = torch.fmax(levels, ref.sub(radius), out=levels)
-    return torch.fmin(levels, ref.add_(radius), out=levels).clamp_(0, max_value)
+    # of passing through to level 0, so the budget holds whatever the engine computed. Both bounds in the
+    # one copy (integers below 2^24 stay exact): a photo's rounding holds no other full-size buffer.
+    levels = torch.fmax(levels, ref.sub_(radius), out=levels)
+    return torch.fmin(levels, ref.add_(2 * radius), out=levels).clamp_(0, max_value)
 
 
 def quantize(x: torch.Tensor, reference: np.ndarray, eps: float) -> np.ndarray:

@@ -893,7 +893,9 @@ class Protector:
         x = levels_to_float(levels, max_value)
         y = self.predict(x).clone() if y is None else y  # clone: a normal tensor (autograd refuses inference ones)
         before = self.confidence(x, y)
-        device_levels, saved = quantize_batch_on_device(perturb(x, y), levels, self.config.eps, max_value)
+        protected = perturb(x, y)
+        del x  # not held while the rounding's buffers are made: a photo's x is 12 bytes a pixel
+        device_levels, saved = quantize_batch_on_device(protected, levels, self.config.eps, max_value)
         stats = _stats(before, self.confidence(saved, y), y)
         return stats, device_levels.permute(0, 2, 3, 1).contiguous()
 
