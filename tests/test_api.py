@@ -85,6 +85,31 @@ def test_content_seeds_read_8_bit_16_bit_and_other_values() -> None:
     assert content_seeds(other) == [content_seed(np.full((5, 4, 3), 0.1234, dtype=np.float32))]
 
 
+def test_content_seeds_of_a_mixed_batch_are_each_image_s_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The levels of a batch are read at once, on its device, and in parts of
+    ``CONTENT_SEED_CHUNK_ELEMENTS``: 8-bit, 16-bit and other images mixed in one batch (a NaN, a repeated
+    image, float64) each get the seed they get alone, in any part."""
+    from preempt_cli import engine
+
+    rng = np.random.default_rng(2)
+    levels8 = rng.integers(0, 256, (3, 6, 5, 3), dtype=np.uint8)
+    levels16 = rng.integers(0, 65536, (3, 6, 5, 3), dtype=np.uint16)
+    other = rng.random((2, 6, 5, 3), dtype=np.float32)
+    other[1, 0, 0, 0] = np.nan
+    expected = [content_seed(a) for a in (*levels8, *levels16, *other, levels8[0])]
+    as_float = lambda a, m: torch.from_numpy(a.astype(np.float64) / m).permute(0, 3, 1, 2).float()  # noqa: E731
+    x = torch.cat([as_float(levels8, 255), as_float(levels16, 65535), as_float(other, 1), as_float(levels8[:1], 255)])
+    order = torch.from_numpy(rng.permutation(len(x)))
+    x, expected = x[order].to(TEST_DEVICE), [expected[i] for i in order.tolist()]
+    assert content_seeds(x) == expected
+    assert content_seeds(x.double()) == expected
+    assert content_seeds(x[:0]) == []
+    monkeypatch.setattr(engine, "CONTENT_SEED_CHUNK_ELEMENTS", 200)  # parts of 2 images, and of 1
+    assert content_seeds(x) == expected
+    monkeypatch.setattr(engine, "CONTENT_SEED_CHUNK_ELEMENTS", 1)
+    assert content_seeds(x) == expected
+
+
 def test_protecting_a_decoded_file_gives_the_pipelines_bits(tmp_path: Path, tiny_backbone) -> None:
     write_random_pngs(tmp_path / "in", n=3)
     protector = Protector(tiny_backbone, config=FAST, seed=9)
