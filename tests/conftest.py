@@ -7,6 +7,8 @@ Reusable helpers (importable from tests as ``from conftest import ...``):
 
 * :func:`make_tiny_model` builds a small 2-conv CNN wrapped in :class:`ImageModel` (any input size,
   class count, optional mean/std), deterministically from a seed.
+* :func:`make_per_image_model` builds a small classifier whose output for an image is the same bits in any
+  batch (no matrix product or convolution), for bit-for-bit checks of per-image properties.
 * :func:`load_cifar_images` reads CIFAR-10 test PNGs from the shared folder into a float tensor + labels.
 * :func:`engine_noise_keys` gives the noise keys an engine draws for given noise seeds.
 * :func:`randomized_batchnorm` gives a net's BatchNorm layers non-trivial statistics, in eval mode.
@@ -154,6 +156,30 @@ def make_tiny_model(
     for p in model.parameters():
         p.requires_grad_(not frozen)
     return model
+
+
+class PerImageNet(nn.Module):
+    """A small nonlinear classifier whose output for an image is the same bits in any batch: elementwise
+    products summed over each image's own values, no matrix product or convolution (whose CPU and GPU
+    kernels can change in the last bit with the batch size: :class:`TinyCNN`'s logits do at batches of 1 or
+    3 against 8). What a test of a per-image property needs to compare bit for bit."""
+
+    def __init__(self, features: int, hidden: int = 8, num_classes: int = 10, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.w1 = nn.Parameter(torch.randn(hidden, features, generator=g) * 4 / features**0.5, requires_grad=False)
+        self.w2 = nn.Parameter(torch.randn(num_classes, hidden, generator=g), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = torch.tanh((x.flatten(1)[:, None, :] * self.w1).sum(-1))
+        return (hidden[:, None, :] * self.w2).sum(-1)
+
+
+def make_per_image_model(seed: int = 0, *, input_size: tuple[int, int, int] = (3, 16, 16),
+                         name: str = "per-image") -> ImageModel:  # fmt: skip
+    """:class:`PerImageNet` in :class:`ImageModel` (10 classes, raw [0, 1] input), eval mode, on the CPU."""
+    features = input_size[0] * input_size[1] * input_size[2]
+    return ImageModel(PerImageNet(features, seed=seed), tiny_config(name, input_size=input_size)).eval()
 
 
 @pytest.fixture

@@ -18,7 +18,8 @@ from typing import Iterator
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FAKE_AUTOATTACK_MODULE, TEST_DEVICE, FakeReferenceAutoAttack, ThresholdModel, make_tiny_model
+from conftest import (FAKE_AUTOATTACK_MODULE, TEST_DEVICE, FakeReferenceAutoAttack, ThresholdModel,
+                      make_per_image_model, make_tiny_model)
 from torch import nn
 
 from preempt_cli.attacks import (
@@ -29,6 +30,7 @@ from preempt_cli.attacks import (
     create_attack,
     list_attacks,
     robust_accuracy,
+    robust_correctness,
 )
 from preempt_cli.errors import ConfigError, InputError, LabelError, MissingDependencyError
 
@@ -141,6 +143,46 @@ def test_pgd_is_reproducible_by_seed_and_leaves_global_rng_alone(trained: nn.Mod
     assert not torch.equal(a, c)
     assert torch.equal(attack.perturb(x, y), c)  # no state carried between calls
     assert torch.equal(torch.random.get_rng_state(), state)
+
+
+@pytest.mark.parametrize(("norm", "eps"), [("Linf", LINF_EPS), ("L2", L2_EPS)])
+@pytest.mark.parametrize("quantize", [False, True])
+def test_pgd_gives_an_image_the_same_result_in_any_batch(norm: str, eps: float, quantize: bool) -> None:
+    """PGD drew its random starts from one generator per call, so an image started from the noise of its
+    place in the batch: another batch size, order or company (and so ``eval``'s ``--limit`` or attack batch
+    size) gave it another result, and restarts drew for the images still unfooled. Starts now come from each
+    image's pixels, the seed and the restart: with a model whose per-image outputs do not depend on the
+    batch, the same bits in any batch, and so the same per-image correctness."""
+    model = make_per_image_model().to(TEST_DEVICE)
+    g = torch.Generator().manual_seed(11)
+    x = (torch.randint(0, 256, (24, 3, HW, HW), generator=g).float() / 255).to(TEST_DEVICE)
+    with torch.no_grad():
+        y = model(x).argmax(1)  # all clean-correct: every image is attacked
+    attack = PGD(model, norm=norm, eps=eps, steps=1, step_size=eps / 8, restarts=3, quantize=quantize, seed=3)
+    whole = attack.perturb(x, y)
+    with torch.no_grad():
+        fooled = model(whole).argmax(1) != y
+    assert 0 < int(fooled.sum()) < len(y)  # restarts ran on a subset, and correctness can tell batchings apart
+    order = torch.randperm(len(y), generator=g).to(TEST_DEVICE)
+    for size in (1, 5, 7):
+        pieces = torch.empty_like(whole)
+        for chunk in order.split(size):
+            pieces[chunk] = attack.perturb(x[chunk], y[chunk])
+        if TEST_DEVICE.type == "cpu":
+            assert torch.equal(pieces, whole), size
+        with torch.no_grad():
+            assert torch.equal(model(pieces).argmax(1) != y, fooled), size
+    # the same through robust_correctness at two batch sizes, the images in another order
+    _, robust_a, adv_a = robust_correctness(model, attack, x, y, batch_size=4)
+    _, robust_b, adv_b = robust_correctness(model, attack, x[order], y[order], batch_size=9)
+    assert torch.equal(robust_a[order.cpu()], robust_b) and torch.equal(robust_a, ~fooled.cpu())
+    if TEST_DEVICE.type == "cpu":
+        assert torch.equal(adv_a[order], adv_b)
+    # the starts still follow the seed, and differ between restarts and between images of equal labels
+    other = PGD(model, norm=norm, eps=eps, steps=1, step_size=eps / 8, restarts=3, quantize=quantize, seed=4)
+    assert all(not torch.equal(a, b) for a, b in zip(other.perturb(x, y), whole))
+    keys = attack._start_keys(x)
+    assert keys.shape == (len(y), 3) and keys.unique().numel() == keys.numel()
 
 
 def test_pgd_touches_neither_weights_nor_modes() -> None:

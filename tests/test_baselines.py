@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import make_tiny_model
+from conftest import TEST_DEVICE, make_per_image_model, make_tiny_model
 from preempt_cli.baselines import BILEVEL_OPTIMIZERS, BiLevel
 from preempt_cli.errors import ConfigError, LabelError
 
@@ -64,6 +64,25 @@ def test_deterministic_by_seed(optimizer: str) -> None:
     c = BiLevel(model, optimizer=optimizer, seed=4, **FAST).perturb(x, y)
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("optimizer", BILEVEL_OPTIMIZERS)
+def test_an_image_gets_the_same_result_in_any_batch(optimizer: str) -> None:
+    """Bi-Level's inner PGD drew its random starts by an image's place in the batch, so an image's result
+    followed its batch (and ``eval`` keyed a Bi-Level set by the batch size). PGD's starts are per image now:
+    with a backbone whose per-image outputs do not depend on the batch, the same bits in any batch."""
+    model = make_per_image_model().to(TEST_DEVICE)
+    x, y = (t.to(TEST_DEVICE) for t in _batch(7))
+    bilevel = BiLevel(model, optimizer=optimizer, seed=3, **FAST)
+    whole = bilevel.perturb(x, y)
+    order = torch.tensor([4, 1, 6, 0, 3, 5, 2], device=TEST_DEVICE)
+    pieces = torch.empty_like(whole)
+    for chunk in order.split(3):
+        pieces[chunk] = bilevel.perturb(x[chunk], y[chunk])
+    if TEST_DEVICE.type == "cpu":
+        assert torch.equal(pieces, whole)
+    else:
+        torch.testing.assert_close(pieces, whole, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("optimizer", BILEVEL_OPTIMIZERS)

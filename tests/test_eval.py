@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import sys
@@ -14,8 +15,10 @@ from PIL import Image
 from torch import nn
 from typer.testing import CliRunner
 
-from conftest import FAKE_AUTOATTACK_MODULE, TEST_DEVICE, TEST_DEVICE_ARG, ThresholdModel, make_tiny_model
+from conftest import (FAKE_AUTOATTACK_MODULE, TEST_DEVICE, TEST_DEVICE_ARG, ThresholdModel, make_per_image_model,
+                      make_tiny_model)
 from preempt_cli import attacks as attacks_module
+from preempt_cli import evaluate as evaluate_module
 from preempt_cli.cli import app
 from preempt_cli.errors import ConfigError
 from preempt_cli.evaluate import (
@@ -585,14 +588,46 @@ def test_clean_accuracy_is_measured_in_eval_mode_whatever_the_callers_model(tmp_
     assert victim.training  # given back as it came
 
 
-def test_a_bilevel_set_is_kept_for_the_batch_size_it_was_made_with() -> None:
-    """Bi-Level draws its random starts per batch: a --resume with another --batch-size reused images made
-    with the first one. Fast Preemption's images do not depend on their batch, and keep their key."""
+def _key_of_0_23(parts: list) -> str:
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
+
+def _bilevel_key_of_0_23(ev: Evaluator, spec: DefenseSpec) -> str:
+    """The key 0.23.0 and earlier gave a Bi-Level set: it held the batch size (PGD drew its random starts by
+    an image's place in the batch)."""
+    models = [[name, *ev._model_identity(name)] for _, name in ev.defense_models(spec)]
+    return _key_of_0_23([evaluate_module._RESUME_FORMAT, spec.kind, spec.options, ev.data_fingerprint, models,
+                         ev.batch_size])  # fmt: skip
+
+
+def _cell_key_of_0_23(ev: Evaluator, victim: str, spec: DefenseSpec, attack: AttackSpec) -> str:
+    """The key 0.23.0 and earlier gave an attack's cell (its file's name): it held the attack batch size."""
+    return _key_of_0_23([evaluate_module._RESUME_FORMAT, evaluate_module._CELL_FORMAT, victim,
+                         *ev._model_identity(victim), ev.defense_key(spec),
+                         [attack.kind, attack.options, ev.attack_batch_size]])  # fmt: skip
+
+
+def test_a_bilevel_set_is_kept_whatever_the_batch_size_but_not_one_of_the_old_starts(tmp_path: Path) -> None:
+    """Bi-Level's inner PGD drew its random starts by an image's place in the batch, so a Bi-Level set was
+    kept per batch size. The starts are per image now, and so are its images (test_baselines): the key holds
+    how PGD draws its starts instead, so that a --resume with another --batch-size reuses the set, and never
+    one made with the old starts. Fast Preemption's images never depended on their batch."""
     ds, models = tiny_dataset(4), tiny_models()
-    bilevel = DefenseSpec.parse("bilevel:backbone=bb")
-    keys = {size: Evaluator(ds, load=models.__getitem__, device=TEST_DEVICE, batch_size=size) for size in (2, 4)}
-    assert keys[2].defense_key(bilevel) != keys[4].defense_key(bilevel)
-    assert keys[2].defense_key(fp_spec()) == keys[4].defense_key(fp_spec())
+    bilevel = DefenseSpec.parse("bilevel:backbone=bb,labels=backbone,steps=1,inner_steps=1")
+    evs = {size: Evaluator(ds, load=models.__getitem__, device=TEST_DEVICE, batch_size=size, out_dir=tmp_path,
+                           resume=True) for size in (2, 4)}  # fmt: skip
+    assert evs[2].defense_key(bilevel) == evs[4].defense_key(bilevel)
+    assert evs[2].defense_key(fp_spec()) == evs[4].defense_key(fp_spec())
+    settings = evs[4].defense_settings(bilevel)
+    assert settings["starts"] == "per-image" and "batch_size" not in settings
+    made = evs[4].defend(bilevel)
+    cache = tmp_path / "defenses" / f"{evs[4].defense_key(bilevel)}.pt"
+    assert cache.is_file()
+    # a set the old starts made, under the name 0.23.0 gave it, is not taken for one of the new starts
+    cache.rename(cache.with_name(f"{_bilevel_key_of_0_23(evs[4], bilevel)}.pt"))
+    again = Evaluator(ds, load=models.__getitem__, device=TEST_DEVICE, batch_size=4, out_dir=tmp_path, resume=True)
+    assert torch.equal(again.defend(bilevel).images, made.images)
+    assert again.provenance()["resumed"]["defenses"] == 0
 
 
 def test_models_of_other_classes_than_the_datas_labels_are_refused() -> None:
@@ -758,24 +793,52 @@ def test_a_resumed_defense_keeps_its_budget_for_the_perturbation_maps(tmp_path: 
     assert resumed.meta == computed.meta
 
 
-def test_resume_does_not_reuse_an_attack_cell_of_another_attack_batch_size(tmp_path: Path) -> None:
-    """PGD draws its random starts per batch of the points it attacks (a generator seeded at each batch), so
-    an image's start depends on the attack's batch size; the cell's resume key left it out, and a run with
-    ``attack_batch_size=3`` resumed the cell of one with 250. Clean cells do not depend on it."""
-    ds, models = tiny_dataset(8), tiny_models()
-    attack, none = AttackSpec.parse("pgd:steps=1"), DefenseSpec("none")
+def test_a_pgd_cell_is_the_same_at_any_attack_batch_size_and_one_of_the_old_starts_is_computed_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """PGD drew its random starts by an image's place in its batch (one generator per batch), so a cell
+    depended on the attack batch size (and on which images ``limit`` put together), and its resume key held
+    that size. The starts are per image now: the same images come out right at any attack batch size, a
+    cell is resumed at another one, and a cell file of the old starts, under the name 0.23.0 gave it, is
+    computed again rather than taken for one of the new. AutoAttack still draws per batch (the reference
+    code's): its cells stay per attack batch size. Clean cells attack nothing."""
+    victim = make_per_image_model(name="victim").to(TEST_DEVICE)  # its images' outputs do not follow the batch
+    images = tiny_dataset(16).images
+    labels = predict(victim, images.float().div(255))  # all clean-correct, so that every image is attacked
+    ds, models = tiny_dataset(16, labels=labels), tiny_models(victim=victim)
+    attack, none = AttackSpec.parse("pgd:steps=1,step_size=1/255,restarts=2"), DefenseSpec("none")
 
-    def run(batch: int, attack: AttackSpec | None) -> Evaluator:
-        ev = tiny_evaluator(ds, models, out_dir=tmp_path, resume=True, attack_batch_size=batch)
+    def run(batch: int, attack: AttackSpec | None, out: Path = tmp_path, resume: bool = True) -> Evaluator:
+        ev = tiny_evaluator(ds, models, out_dir=out, resume=resume, attack_batch_size=batch)
         ev.cell("victim", none, attack)
         return ev
 
+    def robust_correct(out: Path) -> str:
+        (cell,) = (out / "cells").glob("*.json")
+        return json.loads(cell.read_text())["robust_correct"]
+
     assert run(250, attack).provenance()["resumed"]["cells"] == 0
-    assert run(250, attack).provenance()["resumed"]["cells"] == 1  # the same batch size: reused
-    assert run(3, attack).provenance()["resumed"]["cells"] == 0  # another one: computed afresh
-    assert len(list((tmp_path / "cells").glob("*.json"))) == 2
+    assert run(3, attack).provenance()["resumed"]["cells"] == 1  # another attack batch size: the same cell
+    assert len(list((tmp_path / "cells").glob("*.json"))) == 1
+    assert "0" in robust_correct(tmp_path) and "1" in robust_correct(tmp_path)  # the attack fools some only
+    for batch in (3, 5):  # computed afresh at another batch size: the same images right
+        assert robust_correct(run(batch, attack, tmp_path / f"at-{batch}", resume=False).out_dir) == \
+            robust_correct(tmp_path)  # fmt: skip
+    assert run(250, attack).provenance()["attacks"][0]["starts"] == "per-image"
+    # a cell file of the old starts is not resumed
+    old = tmp_path / "old"
+    ev = run(250, attack, old)
+    (cell,) = (old / "cells").glob("*.json")
+    cell.rename(cell.with_name(f"{_cell_key_of_0_23(ev, 'victim', none, attack)}.json"))
+    assert run(250, attack, old).provenance()["resumed"]["cells"] == 0
+    # AutoAttack's cells stay per attack batch size; clean cells do not depend on it
+    monkeypatch.setattr(attacks_module, "_import_autoattack", lambda: FAKE_AUTOATTACK_MODULE)
+    aa = AttackSpec.parse("aa")
+    assert run(250, aa).provenance()["resumed"]["cells"] == 0
+    assert run(250, aa).provenance()["resumed"]["cells"] == 1  # the same batch size: reused
+    assert run(3, aa).provenance()["resumed"]["cells"] == 0  # another one: computed afresh
     run(250, None)
-    assert run(3, None).provenance()["resumed"]["cells"] == 1  # a clean cell attacks nothing
+    assert run(3, None).provenance()["resumed"]["cells"] == 1
 
 
 def test_the_run_record_holds_what_runs_it_again() -> None:
@@ -797,11 +860,12 @@ def test_the_run_record_holds_what_runs_it_again() -> None:
     assert defenses["none"] == {"name": "none", "kind": "none", "options": {}}
     assert defenses["fast-preemption"]["seed"] == 5 and defenses["fast-preemption"]["eta"] == 0.7  # paper preset
     assert defenses["fast-preemption"]["samples"] == 2 and defenses["fast-preemption"]["precision"] == "fp32"
-    assert {k: defenses["bi-level"][k] for k in ("seed", "steps", "inner_steps", "eta", "optimizer", "batch_size")} == {
-        "seed": 0, "steps": 1, "inner_steps": 20, "eta": 0.1, "optimizer": "sign", "batch_size": 4}
+    assert {k: defenses["bi-level"][k] for k in ("seed", "steps", "inner_steps", "eta", "optimizer", "starts")} == {
+        "seed": 0, "steps": 1, "inner_steps": 20, "eta": 0.1, "optimizer": "sign", "starts": "per-image"}
     (attack,) = run["attacks"]
     assert attack == {"name": "PGD-1 Linf 8/255", "kind": "pgd", "norm": "Linf", "eps": pytest.approx(8 / 255),
-                      "seed": 0, "limit": None, "steps": 1, "step_size": pytest.approx(2 / 255), "restarts": 1}
+                      "seed": 0, "limit": None, "steps": 1, "step_size": pytest.approx(2 / 255), "restarts": 1,
+                      "starts": "per-image"}  # how its random starts are drawn
     # the reversion protocol records its own settings, the seed of its flipped labels among them
     res = reversion_protocol(tiny_evaluator(ds, models), victims=["victim"], defense=fp_spec(),
                              black_box_backbone="other", flip_fraction=0.5, seed=7)  # fmt: skip

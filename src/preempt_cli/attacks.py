@@ -25,7 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .engine import autograd_usable, check_batch, check_channels, check_unit_range, eval_mode, refuse_int_levels
+from .device import to_device
+from .engine import (NOISE_BLOCK_ELEMENTS, autograd_usable, check_batch, check_channels, check_unit_range,
+                     content_seeds, eval_mode, hash_noise, noise_keys, refuse_int_levels, seeded_image_keys)
 from .errors import ConfigError, InputConfigError, InputLabelError, MissingDependencyError
 
 __all__ = [
@@ -55,6 +57,9 @@ AUTOATTACK_VERSIONS: tuple[str, ...] = ("standard", "rand")
 _LEVELS = 255
 #: Slack, in units of one 8-bit level, for float rounding when deciding which levels lie in the ball.
 _LEVEL_TOL = 1e-4
+#: The noise stream of PGD's random starts among those keyed as the engine keys its noise
+#: (:func:`~preempt_cli.engine.seeded_image_keys`; the engine's is 0): an image never starts from the engine's noise.
+_PGD_START_STREAM = 1
 
 
 @runtime_checkable
@@ -164,8 +169,20 @@ class PGD:
     adversarial example found, else the one with the highest loss, so more restarts never do worse; only
     images not yet fooled run again. Gradients are taken with respect to the input only (no weight
     gradients are computed, parameters are never touched) and the model runs in eval mode, its modes
-    restored afterwards. Random draws come from a ``torch.Generator`` on ``device`` seeded by ``seed`` at
-    every call, so results are reproducible and no global random state is used.
+    restored afterwards.
+
+    Random starts are per image (:attr:`starts`): an image's start at each restart is drawn from
+    ``seed``, the restart's index and the image's own pixels (its noise seed,
+    :func:`~preempt_cli.engine.content_seeds`), by the counter-based hash the engine draws its noise with
+    (:func:`~preempt_cli.engine.hash_noise`), for the whole batch at once. So an image's result depends only
+    on the image, its label, the model, the settings and the seed: not on its place in the batch, the batch
+    size, the other images of the batch, nor which of them a restart still attacks. Bit for bit where the
+    model's own outputs for an image do not depend on its batch; where they do (the matrix-product and
+    convolution kernels of a CPU or GPU library can change in the last bit with the batch size: on a CPU, a
+    small CNN's logits at batches of 1 or 3 against 8), up to what such differences move. No global random
+    state is used. (Up to 0.23.0 one generator seeded per call drew the starts of the whole batch, so they
+    followed an image's place in it.) L2 starts take their Gaussian direction as ``erfinv`` of such
+    uniform values (elementwise, so the same in any batch), and their radius from one more.
 
     With ``quantize=True`` the result is rounded to 8-bit levels (k / 255), as the evaluation protocol
     attacks 8-bit images: L-inf clips the rounded levels to those within ``eps`` of ``x`` (for ``x`` on the
@@ -191,6 +208,10 @@ class PGD:
     """
 
     name = "pgd"
+    #: How the random starts are drawn: per image, from its own pixels (see above). Records of results keep
+    #: it (``preempt eval``'s settings, and the keys of the cells it resumes), so that results of the starts
+    #: drawn by batch position (0.23.0 and earlier) are never taken for these.
+    starts = "per-image"
 
     def __init__(
         self,
@@ -252,8 +273,7 @@ class PGD:
 
     def _perturb(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         x0, y0 = autograd_usable(x.detach().to(self.device, torch.float32), y.detach().to(self.device, torch.long))
-        generator = torch.Generator(device=self.device)
-        generator.manual_seed(self.seed)
+        start_keys = self._start_keys(x0) if self.random_start else None
 
         best = x0.clone()
         best_loss = torch.full((x0.shape[0],), -math.inf, device=self.device)
@@ -265,7 +285,7 @@ class PGD:
                 if todo.numel() == 0:
                     break
                 xs, ys = x0[todo], y0[todo]
-                adv = self._run(xs, ys, generator)
+                adv = self._run(xs, ys, None if start_keys is None else start_keys[todo, restart])
                 if self.quantize:
                     adv = self._quantize(adv, xs)
                 with torch.no_grad():
@@ -285,9 +305,18 @@ class PGD:
                 )
         return best.to(x.device, x.dtype)
 
-    def _run(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """One restart: random start, then ``steps`` projected ascent steps."""
-        adv = self._project(x + self._random_start(x, generator), x) if self.random_start else x.clone()
+    def _start_keys(self, x: torch.Tensor) -> torch.Tensor:
+        """Each image's key of its random start at each restart, [B, restarts] int64 on ``device``, from the
+        seed and the image's own pixels, as the engine keys its noise. Hashed once per call: 6-12 ms for 256
+        CIFAR-10 images on a shared 2-core CPU, and drawing their starts 9-17 ms per restart (4 ms from one
+        generator), where PGD-20 on them took 12-16 s."""
+        image_keys = seeded_image_keys(self.seed, content_seeds(x), stream=_PGD_START_STREAM)
+        return noise_keys(to_device(image_keys, self.device), self.restarts, 1)[:, :, 0]
+
+    def _run(self, x: torch.Tensor, y: torch.Tensor, start_keys: torch.Tensor | None) -> torch.Tensor:
+        """One restart: random start (keyed per image by ``start_keys``, [B]), then ``steps`` projected
+        ascent steps."""
+        adv = self._project(x + self._random_start(x, start_keys), x) if start_keys is not None else x.clone()
         for step in range(self.steps):
             adv.requires_grad_(True)
             logits = self.model(adv)
@@ -303,14 +332,22 @@ class PGD:
                 adv = self._project(adv, x)
         return adv.detach()
 
-    def _random_start(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """A random offset inside the ball."""
-        if self.norm == "Linf":
-            u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            return (2 * u - 1) * self.eps
-        direction = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    def _random_start(self, x: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """A random offset inside the ball for each image, drawn from its key (``keys``: [B] int64): every
+        value a function of the key and the element's index alone, so an image draws the same offset in any
+        batch."""
+        block = NOISE_BLOCK_ELEMENTS.get(x.device.type, NOISE_BLOCK_ELEMENTS["cpu"])
+        numel = x[0].numel()
+        if self.norm == "Linf":  # uniform in [-eps, eps]
+            return hash_noise(keys[:, None], numel, self.eps, block=block, dtype=x.dtype).view(x.shape)
+        # L2: uniform values in [-1, 1) on a grid of 2^24, moved to the grid's midpoints (exact in float32):
+        # none is -1, whose erfinv is -inf. erfinv of them is Gaussian (up to sqrt(2), which the norm takes
+        # out), elementwise, so each value is the same in any batch; the last value gives the radius.
+        u = hash_noise(keys[:, None], numel + 1, 1.0, block=block, dtype=x.dtype).view(x.shape[0], numel + 1)
+        u.add_(2.0**-24)
+        direction = torch.erfinv(u[:, :numel]).view(x.shape)
         direction = direction / _l2_norms(direction).clamp_min(1e-12)
-        radius = torch.rand((x.shape[0], 1, 1, 1), generator=generator, device=x.device, dtype=x.dtype)
+        radius = u[:, numel:].add(1).mul_(0.5).view(-1, 1, 1, 1)  # uniform in (0, 1)
         return direction * radius * self.eps
 
     def _project(self, adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -442,6 +479,17 @@ class AutoAttack:
 
     The reference logs through the standard logger named ``auto-attack`` (its progress at DEBUG level when
     ``verbose``, its sanity-check warnings always); it never prints.
+
+    Unlike :class:`PGD`'s, its results depend on how the points are batched, which this wrapper leaves to the
+    reference: for each attack of the cascade and each batch of up to ``batch_size`` points still robust,
+    the reference reseeds torch's global generator with ``seed`` and draws for the batch as a whole (APGD's
+    random starts, also those of its restarts on the points of the batch not yet fooled, and Square's random
+    squares, whose positions all points of a batch share). So an image's result depends on which
+    points share its batch and on its place among them: on ``batch_size``, on the other images passed in and
+    their order, and on which points the earlier attacks left robust (with ``quantize``, each attack runs on
+    the points left robust after rounding). The same image and seed reproduce its result only with the same
+    images, in the same order, at the same batch size (and :func:`robust_correctness` passes only the
+    clean-correct images, in chunks of its own ``batch_size``).
 
     Args:
         model: a classifier taking [0, 1] images and returning logits.

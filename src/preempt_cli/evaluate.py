@@ -493,7 +493,7 @@ class AttackSpec:
         if self.kind == "pgd":
             step = self._step_size()
             record.update(steps=self._whole("steps", 20), step_size=self.eps / 4 if step is None else step,
-                          restarts=self._whole("restarts", 1))  # fmt: skip
+                          restarts=self._whole("restarts", 1), starts=PGD.starts)  # fmt: skip
         else:
             record["version"] = str(self.get("version", "standard"))
         return record
@@ -887,8 +887,11 @@ class Evaluator:
                             [[name, *self._model_identity(name)] for _, name in self.defense_models(spec)]]  # fmt: skip
         if spec.kind == "folder":
             parts += [_FOLDER_FORMAT, _folder_fingerprint(Path(spec.get("path")))]
-        elif spec.kind == "bi-level":  # its random starts are drawn per batch: another batch size, other images
-            parts.append(self.batch_size)
+        elif spec.kind == "bi-level":
+            # its inner PGD draws its random starts per image (PGD.starts), so its images no longer depend on
+            # the batch size, which the key held up to 0.23.0; a set of the starts drawn by batch position is
+            # not reused for them
+            parts.append(PGD.starts)
         return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
     def _warn_white_box(self, victim_name: str, spec: DefenseSpec) -> None:
@@ -1087,7 +1090,7 @@ class Evaluator:
 
             defaults = inspect.signature(BiLevel).parameters  # what _compute_defense leaves to BiLevel
             record.update({k: spec.value(k, defaults[k].default) for k in ("eta", "steps", "inner_steps", "optimizer")})
-            record["batch_size"] = self.batch_size  # its random starts are drawn per batch
+            record["starts"] = PGD.starts  # how its inner PGD draws its random starts: per image
         return record
 
     def _defense_meta(self, spec: DefenseSpec) -> dict[str, Any]:
@@ -1180,10 +1183,13 @@ class Evaluator:
             attack = attack.for_dataset(getattr(getattr(self.load(victim_name), "config", None), "dataset", ""))
             self._settings["attacks"].setdefault(attack.name, attack.settings())
         self._settings["defenses"].setdefault(spec.name, self.defense_settings(spec))
-        # an attack's batch size is part of what it computes: PGD (and AutoAttack) draw their random starts
-        # per batch of the points attacked, so another batch size starts an image elsewhere
+        # AutoAttack's batch size is part of what it computes: the reference draws its random starts per batch
+        # of the points attacked, so another batch size starts an image elsewhere. PGD draws them per image
+        # (PGD.starts, in its key instead: a cell of the starts drawn by batch position, by 0.23.0 and earlier,
+        # is computed again), the same at any batch size.
+        batching = PGD.starts if attack is not None and attack.kind == "pgd" else self.attack_batch_size
         parts = [_RESUME_FORMAT, _CELL_FORMAT, victim_name, *self._model_identity(victim_name),
-                 self.defense_key(spec), attack and [attack.kind, attack.options, self.attack_batch_size]]  # fmt: skip
+                 self.defense_key(spec), attack and [attack.kind, attack.options, batching]]  # fmt: skip
         key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
         path = self.out_dir / "cells" / f"{key}.json" if self.out_dir else None
         n = min(attack.limit, len(self.dataset)) if (attack and attack.limit) else len(self.dataset)
