@@ -26,13 +26,14 @@ deterministic cuDNN kernels: they check the algorithm, not the speed settings.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
 import types
 import weakref
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pytest
@@ -468,6 +469,19 @@ def set_hf_cache(monkeypatch: pytest.MonkeyPatch, cache: Path, *, offline: bool 
         return
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
+
+
+@pytest.fixture(autouse=True)
+def _library_logger_restored() -> Iterator[None]:
+    """The ``preempt_cli`` logger as it was before each test: a command run in the test process sets its
+    level, handlers and ``propagate = False`` (see ``cli._common``), which hid later tests' records from
+    ``caplog``, so that a test passed or failed by the tests run before it."""
+    logger = logging.getLogger("preempt_cli")
+    state = (logger.level, list(logger.handlers), logger.propagate, logger.disabled)
+    yield
+    logger.setLevel(state[0])
+    logger.handlers[:] = state[1]
+    logger.propagate, logger.disabled = state[2], state[3]
 
 
 @pytest.fixture(autouse=True)
