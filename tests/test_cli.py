@@ -1314,6 +1314,121 @@ def test_photos_are_decoded_only_as_far_ahead_as_their_bytes_allow(
     assert max(chunks) == 1, chunks
 
 
+class _CountedDecode:
+    """A file's decode handle (a thread's future, a worker's part) that notes when the pipeline takes it."""
+
+    def __init__(self, handle, taken) -> None:
+        self.handle, self.taken, self.future = handle, taken, getattr(handle, "future", handle)
+
+    def done(self) -> bool:
+        return self.handle.done()
+
+    def result(self):
+        self.taken()
+        return self.handle.result()
+
+
+def _count_decoded_ahead(monkeypatch: pytest.MonkeyPatch, cost) -> list[tuple[int, int]]:
+    """Patch both I/O modes' decode to note, after each queueing, the bytes (``cost(path)``) and the number
+    of files queued for decoding and not yet taken by the pipeline: the list returned."""
+    import preempt_cli.protect as protect
+
+    ahead: dict[str, int] = {}
+    seen: list[tuple[int, int]] = []
+
+    def counted(decode):
+        def decode_counted(self, items: list) -> list:
+            handles = decode(self, items)
+            for item, _ in items:
+                ahead[str(item.path)] = cost(item.path)
+            seen.append((sum(ahead.values()), len(ahead)))
+            return [_CountedDecode(h, lambda name=str(item.path): ahead.pop(name))
+                    for h, (item, _) in zip(handles, items)]  # fmt: skip
+
+        return decode_counted
+
+    for io_class in (protect._ThreadIO, protect._ProcessIO):
+        monkeypatch.setattr(io_class, "decode", counted(io_class.decode))
+    return seen
+
+
+@pytest.mark.parametrize("io", ["threads", "processes"])
+def test_the_bytes_decoded_ahead_are_bounded_whatever_the_order_of_sizes(
+        tmp_path: Path, tiny_backbone, io: str, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """The files decoded ahead of the device are bounded by their bytes, known from their headers before they
+    are queued: in 0.23.0 the bound followed the latest image decoded, so after a run of small images the
+    files queued (up to 64) could all be photos, decoded at once (2.3 GB of 12-megapixel photos). Here 40
+    small images come before 12 larger ones, and the bound is lowered to four of the larger ones' bytes."""
+    import preempt_cli.protect as protect
+    from preempt_cli import ForeBackConfig, Protector, collect_inputs
+
+    write_random_pngs(tmp_path / "in", n=40, size=(32, 32), name="a{i:02d}.png")
+    write_random_pngs(tmp_path / "in", n=12, size=(96, 96), name="b{i:02d}.png", seed=1)
+    large = 96 * 96 * 3
+    monkeypatch.setattr(protect, "_DECODED_AHEAD_BYTES", 4 * large)
+    seen = _count_decoded_ahead(monkeypatch, lambda path: large if path.name.startswith("b") else 32 * 32 * 3)
+    monkeypatch.setattr(Protector, "transform", lambda self, x, y, noise_seeds=None: x)  # the pipeline's test
+    # 20 samples: 16 small images a batch (two batches of them: 96 KiB, within the bound), one large one
+    with Protector(tiny_backbone, labels="backbone", config=ForeBackConfig(samples=20)) as protector:
+        results = list(protector.run(collect_inputs([tmp_path / "in"]), RunOptions(out_dir=tmp_path / "out", io=io,
+                                                                                  workers=2, fsync=False)))  # fmt: skip
+    assert [r.status for r in results] == ["done"] * 52
+    assert max(held for held, _ in seen) <= 4 * large, seen
+    assert max(files for _, files in seen) > 4  # small images still decode many at once
+
+
+@pytest.mark.parametrize("io", ["threads", "processes"])
+def test_files_past_the_decode_ahead_bound_still_go_two_batches_ahead(
+        tmp_path: Path, tiny_backbone, io: str, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """However large the files, two batches of them are decoded ahead (with a batch of one image, two files),
+    never more; files whose headers cannot be read fail as before, each on its own line, the run going on."""
+    import preempt_cli.protect as protect
+    from preempt_cli import ForeBackConfig, Protector, collect_inputs
+    from preempt_cli.imageio import read_images
+
+    write_random_pngs(tmp_path / "in", n=3, size=(64, 48), name="a{i}.png")
+    (tmp_path / "in" / "b_garbage.png").write_bytes(b"not an image" * 20)
+    (tmp_path / "in" / "c_empty.png").write_bytes(b"")
+    write_random_pngs(tmp_path / "in", n=2, size=(48, 64), name="d{i}.png", seed=1)
+    monkeypatch.setattr(protect, "_DECODED_AHEAD_BYTES", 1)
+    seen = _count_decoded_ahead(monkeypatch, lambda path: 0 if path.name[0] in "bc" else 64 * 48 * 3)
+    with Protector(tiny_backbone, labels="backbone", config=ForeBackConfig(samples=2)) as protector:
+        # batch_size 1 at the backbone's 32x32: one of these images a batch
+        options = RunOptions(out_dir=tmp_path / "out", io=io, workers=2, fsync=False, batch_size=1)
+        results = list(protector.run(collect_inputs([tmp_path / "in"]), options))
+    failed = [(r.input.name, r.reason) for r in results if r.status == "failed"]
+    expected = [(name, read_images([str(tmp_path / "in" / name)])[0]) for name in ("b_garbage.png", "c_empty.png")]
+    assert failed == expected
+    assert sorted(r.input.name for r in results if r.status == "done") == ["a0.png", "a1.png", "a2.png", "d0.png",
+                                                                           "d1.png"]  # fmt: skip
+    # two batches of one image each may wait: the bound never holds fewer
+    assert max(held for held, _ in seen) <= 2 * 64 * 48 * 3, seen
+
+
+def test_outputs_do_not_depend_on_the_decode_ahead_bound(tmp_path: Path, tiny_backbone,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """Bounding the files decoded ahead by bytes changes when files are decoded and how they are batched,
+    never an output: each image's noise comes from its own pixels."""
+    import preempt_cli.protect as protect
+    from preempt_cli import ForeBackConfig, Protector, collect_inputs
+    from preempt_cli.imageio import read_image
+
+    write_random_pngs(tmp_path / "in", n=20, size=(32, 32), name="a{i:02d}.png")
+    write_random_pngs(tmp_path / "in", n=4, size=(80, 64), name="b{i}.png", seed=1)
+    write_random_pngs(tmp_path / "in", n=6, size=(32, 32), name="c{i}.png", seed=2)
+    written = []
+    for bound in (protect._DECODED_AHEAD_BYTES, 80 * 64 * 3):
+        monkeypatch.setattr(protect, "_DECODED_AHEAD_BYTES", bound)
+        out = tmp_path / f"out{bound}"
+        with Protector(tiny_backbone, labels="backbone", config=ForeBackConfig(samples=2)) as protector:
+            results = list(protector.run(collect_inputs([tmp_path / "in"]), RunOptions(out_dir=out, workers=2,
+                                                                                      fsync=False)))  # fmt: skip
+        assert [r.status for r in results] == ["done"] * 30
+        written.append({p.name: read_image(p).color for p in out.glob("*.png")})
+    assert written[0].keys() == written[1].keys() and len(written[0]) == 30
+    assert all(np.array_equal(written[0][name], written[1][name]) for name in written[0])
+
+
 @pytest.mark.parametrize("io", ["threads", "processes"])
 def test_a_failing_batch_fails_its_files_and_the_run_goes_on(tmp_path: Path, tiny_backbone, io: str,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip

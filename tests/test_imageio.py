@@ -127,6 +127,86 @@ def test_photos_folder_has_the_documented_pictures(photos_dir) -> None:
     assert set(PHOTO_MODES) <= {p.name for p in photos_dir.iterdir()}
 
 
+# -- sizes from headers -------------------------------------------------------------------------------------
+
+
+def _header_cases(folder: Path) -> list[Path]:
+    """Files of the modes and formats read_image keeps apart, each a different size (width != height)."""
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (20, 36, 3), dtype=np.uint8)
+    gray = rgb[:, :, 0]
+    rotated = Image.Exif()
+    rotated[0x0112] = 6
+    cases = {
+        "rgb.png": (Image.fromarray(rgb), {}),
+        "rgba.png": (Image.fromarray(rng.integers(0, 256, (20, 36, 4), dtype=np.uint8)), {}),
+        "gray.png": (Image.fromarray(gray), {}),
+        "gray_alpha.png": (Image.fromarray(gray).convert("LA"), {}),
+        "gray_trns.png": (Image.fromarray(gray), {"transparency": int(gray[0, 0])}),
+        "rgb_trns.png": (Image.fromarray(rgb), {"transparency": tuple(int(v) for v in rgb[0, 0])}),
+        "palette.png": (Image.fromarray(rgb).quantize(16), {}),
+        "palette_trns.png": (Image.fromarray(rgb).quantize(16), {"transparency": 3}),
+        "bilevel.png": (Image.fromarray(gray).convert("1"), {}),
+        "gray16.png": (Image.fromarray((gray.astype(np.uint16) * 257)), {}),
+        "rotated.png": (Image.fromarray(rgb), {"exif": rotated.tobytes()}),
+        "rotated.jpg": (Image.fromarray(rgb), {"exif": rotated.tobytes()}),
+        "gray.jpg": (Image.fromarray(gray), {}),
+        "cmyk.jpg": (Image.fromarray(rgb).convert("CMYK"), {}),
+        "palette_trns.gif": (Image.fromarray(rgb).quantize(16), {"transparency": 3}),
+        "rgb.tif": (Image.fromarray(rgb), {}),
+        "rgba.tif": (Image.fromarray(rng.integers(0, 256, (20, 36, 4), dtype=np.uint8)), {}),
+        "gray16.tif": (Image.fromarray((gray.astype(np.uint16) * 257)), {}),
+        "rgb.bmp": (Image.fromarray(rgb), {}),
+        "rgb.ppm": (Image.fromarray(rgb), {}),
+    }
+    if features.check("webp"):
+        cases["rgba.webp"] = (Image.fromarray(rng.integers(0, 256, (20, 36, 4), dtype=np.uint8)), {"lossless": True})
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, (img, extra) in cases.items():
+        img.save(folder / name, **extra)
+    return [folder / name for name in cases]
+
+
+def test_decoded_size_from_the_header_is_what_read_image_gives(tmp_path: Path) -> None:
+    """The pipeline bounds the bytes of the files it decodes ahead by their headers, before decoding them:
+    each mode's header gives the picture's channels, upright height and width, and the bytes of its levels
+    and alpha."""
+    from preempt_cli.imageio import decoded_size
+
+    for path in _header_cases(tmp_path):
+        picture = read_image(path)
+        levels = picture.color.nbytes + (picture.alpha.nbytes if picture.alpha is not None else 0)
+        expected = (picture.channels, picture.size[1], picture.size[0], levels)
+        assert tuple(decoded_size(path)) == expected, path.name
+
+
+def test_decoded_size_of_the_shared_photos(photos_dir: Path) -> None:
+    from preempt_cli.imageio import decoded_size
+
+    for path in sorted(photos_dir.iterdir()):
+        picture = read_image(path)
+        levels = picture.color.nbytes + (picture.alpha.nbytes if picture.alpha is not None else 0)
+        assert tuple(decoded_size(path)) == (picture.channels, picture.size[1], picture.size[0], levels), path.name
+
+
+def test_decoded_size_of_files_that_fail_and_of_a_pipe(tmp_path: Path) -> None:
+    """A file whose read fails on its header costs nothing (its decode fails and says why); a pipe is not
+    opened (it is read once, by its decode): its size is unknown."""
+    from preempt_cli.imageio import NO_PIXELS, decoded_size
+
+    (tmp_path / "garbage.png").write_bytes(b"not an image at all" * 10)
+    (tmp_path / "empty.png").write_bytes(b"")
+    Image.new("RGB", (40, 30)).save(tmp_path / "big.png")
+    assert decoded_size(tmp_path / "garbage.png") == NO_PIXELS
+    assert decoded_size(tmp_path / "empty.png") == NO_PIXELS
+    assert decoded_size(tmp_path / "missing.png") == NO_PIXELS
+    assert decoded_size(tmp_path / "big.png", max_pixels=40 * 30 - 1) == NO_PIXELS
+    assert decoded_size(tmp_path / "big.png", max_pixels=40 * 30).nbytes == 40 * 30 * 3
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(tmp_path / "pipe.png")
+        assert decoded_size(tmp_path / "pipe.png") is None  # returned at once: nobody writes to it
+
+
 # -- EXIF orientation ---------------------------------------------------------------------------------------
 
 

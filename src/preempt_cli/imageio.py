@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, BinaryIO, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, BinaryIO, Iterator, Mapping, NamedTuple, Sequence
 
 import numpy as np
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
@@ -69,6 +69,9 @@ __all__ = [
     "stack_levels",
     "levels_to_float",
     "read_images",
+    "decoded_size",
+    "DecodedSize",
+    "NO_PIXELS",
     "write_pngs",
     "level_distance",
     "ignore_interrupts",
@@ -192,22 +195,34 @@ def _declared_size(data: bytes) -> tuple[int, int] | None:
     """The (width, height) a file's header declares, read as :func:`PIL.Image.open` does but without its
     bomb check (which hides the size); None when no format reads it so."""
     try:
-        Image.init()
-        prefix = data[:16]
-        for fmt in Image.ID:
+        with warnings.catch_warnings():  # the size is what is wanted: not Pillow's warning of it
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = _open_unchecked(io.BytesIO(data))
+        return None if img is None else img.size
+    except Exception:  # Pillow's internals moved: the message's pixel count serves
+        return None
+
+
+def _open_unchecked(fp: BinaryIO) -> Image.Image | None:
+    """The image in ``fp`` opened as :func:`PIL.Image.open` opens it (its header read, no pixel decoded),
+    the common formats tried first, but without its check of the size against the decompression-bomb
+    limit, whose warning a caller could only keep quiet through ``warnings.catch_warnings`` (undone by
+    other threads reading files at once); None when no format takes it."""
+    prefix = fp.read(16)
+    Image.preinit()
+    for all_formats in (False, True):
+        if all_formats:
+            Image.init()
+        for fmt in list(Image.ID):
             factory, accept = Image.OPEN[fmt]
             accepted = not accept or accept(prefix)
             if not accepted or isinstance(accepted, str):
                 continue
             try:
-                with warnings.catch_warnings():  # the size is what is wanted: not Pillow's warning of it
-                    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                    with factory(io.BytesIO(data), "") as img:
-                        return img.size
-            except Exception:  # not this format (or it checks for bombs itself): the next one
+                fp.seek(0)
+                return factory(fp, "")
+            except Exception:  # not this format (or a broken header): the next one
                 continue
-    except Exception:  # Pillow's internals moved: the message's pixel count serves
-        pass
     return None
 
 
@@ -1357,6 +1372,98 @@ def read_images(paths: Sequence[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> l
         except Exception as e:  # a decoder's own error, or memory: this file fails, not the chunk around it
             out.append(f"cannot decode: {_typed_error_text(e)}")
     return out
+
+
+class DecodedSize(NamedTuple):
+    """What :func:`read_image` makes of a file, known from its header: the picture's colour channels,
+    height and width (upright), and the bytes of its levels (colour and alpha, as :class:`Picture` holds
+    them)."""
+
+    channels: int
+    height: int
+    width: int
+    nbytes: int
+
+
+#: The size of a file whose read fails before any pixel is decoded (its header says so).
+NO_PIXELS = DecodedSize(0, 0, 0, 0)
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+#: PNG colour type -> (samples a pixel of the file, colour channels of its picture)
+_PNG_COLOUR_TYPES = {0: (1, 1), 2: (3, 3), 3: (3, 3), 4: (2, 1), 6: (4, 3)}
+
+
+def decoded_size(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedSize | None:
+    """What :func:`read_image` makes of the file at ``path`` (an upper bound of its bytes, exact for the
+    usual modes), from its header alone: no pixel is decoded, and a PNG's first chunks are all that is
+    read (a few microseconds; other formats through Pillow's header parsing, a few dozen). For bounding
+    the memory of the files decoded at once before decoding them.
+
+    :data:`NO_PIXELS` for a file whose read fails on what its header says (none Pillow reads, more pixels
+    than ``max_pixels``, none at all, or one that is not there); None where nothing is known without
+    reading it: not a regular file (a pipe is read once, by its decode)."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return None
+        with open(path, "rb") as f:
+            size = _png_decoded_size(f)
+            if size is None:
+                f.seek(0)
+                size = _pillow_decoded_size(f)
+    except Exception:  # gone, unreadable, a header no format takes: its decode fails and says why
+        return NO_PIXELS
+    if size.height * size.width > max_pixels or size.nbytes == 0:
+        return NO_PIXELS
+    return size
+
+
+def _png_decoded_size(f: BinaryIO) -> DecodedSize | None:
+    """:func:`decoded_size` of the PNG open at ``f``, from its chunks before the first IDAT (IHDR, and
+    whether it has tRNS: a transparent colour becomes an alpha channel); None when it is no PNG, or one
+    with an eXIf chunk (its orientation: Pillow reads it)."""
+    head = f.read(33)  # the signature and IHDR
+    if head[:8] != _PNG_SIGNATURE or head[12:16] != b"IHDR" or len(head) < 26:
+        return None
+    width, height, depth, colour_type = struct.unpack(">IIBB", head[16:26])
+    if colour_type not in _PNG_COLOUR_TYPES:
+        return None
+    transparent = False
+    f.seek(8 + 12 + struct.unpack(">I", head[8:12])[0])
+    while len(chunk := f.read(8)) == 8:
+        length, kind = struct.unpack(">I4s", chunk)
+        if kind in (b"IDAT", b"IEND"):
+            break
+        if kind == b"eXIf":
+            return None
+        transparent = transparent or kind == b"tRNS"
+        f.seek(length + 4, os.SEEK_CUR)  # the chunk's data and CRC
+    samples, channels = _PNG_COLOUR_TYPES[colour_type]
+    # 16-bit samples take two bytes (a palette's, and gray of 1-4 bits, one); a transparent colour, one more
+    per_pixel = samples * (2 if depth == 16 else 1) + (transparent and colour_type in (0, 2, 3))
+    return DecodedSize(channels, height, width, width * height * per_pixel)
+
+
+#: Pillow mode -> (colour channels of its picture, bytes a pixel of its levels and alpha), as _split keeps
+#: them; other modes become RGB. L, RGB and P with a transparent colour get an alpha channel (a byte more).
+_MODE_LEVELS = {"1": (1, 1), "L": (1, 1), "LA": (1, 2), "La": (1, 2), "P": (3, 3), "PA": (3, 4), "RGBA": (3, 4),
+                "RGBa": (3, 4), "I": (1, 2), **{mode: (1, 2) for mode in GRAY16_MODES}}  # fmt: skip
+
+
+def _pillow_decoded_size(f: BinaryIO) -> DecodedSize:
+    """:func:`decoded_size` of the file open at ``f``, from the header Pillow reads. Raises what a header
+    no format takes raises."""
+    img = _open_unchecked(f)
+    if img is None:
+        raise UnidentifiedImageError("no format reads it")
+    with img:
+        channels, per_pixel = _MODE_LEVELS.get(img.mode, (3, 3))
+        if img.mode in ("L", "RGB", "P") and "transparency" in img.info:
+            per_pixel += 1
+        width, height = img.size
+        orientation = _exif_orientation(img, _exif_block(img.info))
+        if _UPRIGHT.get(orientation) in _SWAPS_AXES:
+            width, height = height, width
+    return DecodedSize(channels, height, width, width * height * per_pixel)
 
 
 #: How many outputs :func:`write_pngs` has open at once: their PNGs are written, then all flushed to disk

@@ -22,7 +22,6 @@ import dataclasses
 import errno
 import gc
 import hashlib
-import itertools
 import json
 import logging
 import math
@@ -53,8 +52,10 @@ from .hub import sha256_file
 from .imageio import (
     DEFAULT_MAX_PIXELS,
     NAME_MAX,
+    DecodedSize,
     Picture,
     content_seed,
+    decoded_size,
     file_digests,
     display_name,
     folder_write_problem,
@@ -95,9 +96,12 @@ _CPU_BATCH_ELEMENTS = SAMPLE_PASS_ELEMENTS["cpu"]
 _GPU_BATCH_ELEMENTS = SAMPLE_PASS_ELEMENTS["cuda"]
 #: Image sizes waiting at once for their batches to fill; beyond, the oldest partial batch is computed.
 _MAX_PARTIAL_BATCHES = 16
-#: Files decoded ahead of the device hold about this many bytes of levels at most (never fewer files than
-#: two batches): 64 files were decoded ahead whatever their size, 2.3 GB of 12-megapixel photos (17 GB of
-#: 89-megapixel scans) waiting while a CPU computed one photo a minute. 64 CIFAR-size files take 200 KB.
+#: Files decoded ahead of the device hold at most this many bytes of levels (more only where two batches of
+#: one file take more, or that file alone does: it still goes), each file counted by the size its header
+#: gives before it is queued, whatever the order of sizes. 64 files were decoded ahead whatever their size:
+#: 2.3 GB of 12-megapixel photos (17 GB of 89-megapixel scans) waiting while a CPU computed one photo a
+#: minute; in 0.23.0 the bound followed the latest image decoded, and the 64 files queued after small ones
+#: could all be photos, decoded at once. 64 CIFAR-size files take 200 KB.
 _DECODED_AHEAD_BYTES = 256 << 20
 #: The run's first and last batches go in pieces of at least this many images (up to 4 pieces; ResNet-20
 #: computes batches of 64 at 92% of its rate at 256 on an H100). The first piece goes to the device as
@@ -344,11 +348,6 @@ def _piece_size(images: int) -> int:
     """Images per piece of a batch of ``images`` computed in pieces (see ``_MIN_PIECE``)."""
     pieces = min(4, images // _MIN_PIECE)
     return math.ceil(images / pieces) if pieces > 1 else images
-
-
-def _levels_bytes(picture: Picture) -> int:
-    """The bytes a decoded picture's levels take (its colour and alpha)."""
-    return picture.color.nbytes + (picture.alpha.nbytes if picture.alpha is not None else 0)
 
 
 def _stats(before: torch.Tensor, after: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -738,7 +737,10 @@ class Protector:
     def _batch_limit(self, picture: Picture, options: RunOptions) -> int:
         """Images of ``picture``'s shape per batch: by this run's ``batch_size`` (each run's own, for a
         Protector that runs again), and never more than ran out of device memory before."""
-        c, h, w = picture.channels, picture.size[1], picture.size[0]
+        return self._shape_batch_limit(picture.channels, picture.size[1], picture.size[0], options)
+
+    def _shape_batch_limit(self, c: int, h: int, w: int, options: RunOptions) -> int:
+        """:meth:`_batch_limit` of pictures of ``c`` channels, ``h`` x ``w`` pixels."""
         bh, bw = self.backbone.input_hw
         if options.batch_size is not None:
             limit = max(1, options.batch_size * bh * bw // (h * w))
@@ -746,6 +748,18 @@ class Protector:
             budget = _GPU_BATCH_ELEMENTS if self.device.type == "cuda" else _CPU_BATCH_ELEMENTS
             limit = max(1, min(1024, budget // (self.config.samples * 3 * h * w)))
         return min(limit, self._batch_cap.get((c, h, w), limit))
+
+    def _decode_ahead_cost(self, size: DecodedSize | None, options: RunOptions) -> tuple[int, int]:
+        """What a file of ``size`` (:func:`~preempt_cli.imageio.decoded_size`) counts for among the files
+        decoded ahead of the device, in bytes, and the most bytes those may hold with it queued: about
+        :data:`_DECODED_AHEAD_BYTES`, or two of its batches where those are more. A file of unknown size
+        (a pipe) counts as the whole bound: it is decoded with nothing else waiting."""
+        if size is None:
+            return _DECODED_AHEAD_BYTES, _DECODED_AHEAD_BYTES
+        if size.nbytes == 0:  # its read fails before decoding anything
+            return 0, _DECODED_AHEAD_BYTES
+        limit = self._shape_batch_limit(size.channels, size.height, size.width, options)
+        return size.nbytes, max(_DECODED_AHEAD_BYTES, 2 * limit * size.nbytes)
 
     def _skip_reason(self, item: InputFile, output: Path, options: RunOptions) -> FileResult | Path | None:
         """Why ``item`` is not processed (skipped), None when it is, or its existing output, which
@@ -1179,12 +1193,16 @@ class Protector:
 
     def _pipeline(self, todo: list[InputFile], outputs: dict[InputFile, Path | str], options: RunOptions,
                   io: "_ThreadIO | _ProcessIO", compute: ComputeThread) -> Iterator[FileResult]:  # fmt: skip
-        # decode at least two batches ahead, so that a GPU never waits for the next batch's files; the
-        # bound follows the batch size and the bytes of the latest image (few large photos: they are big),
-        # and before the first is decoded, sizes unknown, as many files as the workers decode at once
+        # decode at least two batches ahead, so that a GPU never waits for the next batch's files: as many
+        # files as two batches hold, or 64 (before the first is decoded, as many as the workers decode at
+        # once), and of those only as many as hold about _DECODED_AHEAD_BYTES of levels, each file's size
+        # read from its header before it is queued (few large photos: they are big, wherever they come)
         max_prefetch = max(64, 4 * options.workers)
         prefetch = options.workers
-        decoded: collections.deque[Any] = collections.deque()  # handles: .result() -> _Pending | FileResult
+        # (handle, bytes the file counts for): .result() -> _Pending | FileResult
+        decoded: collections.deque[tuple[Any, int]] = collections.deque()
+        ahead_bytes = 0  # what the files in `decoded` count for
+        upcoming: tuple[InputFile, int, int] | None = None  # the next file, its cost and bound: waiting to fit
         writes: collections.deque[Any] = collections.deque()  # handles: .done(), .result() -> FileResult
         computing: collections.deque[tuple[list[_Pending], Future]] = collections.deque()
         buckets: dict[tuple[int, ...], list[_Pending]] = {}  # partial batches, oldest first
@@ -1194,23 +1212,47 @@ class Protector:
         sent = 0  # images sent to the device so far
         folders = io.folders  # what the writes found of the file systems: files there fail uncomputed
 
+        def send(jobs: list[tuple[InputFile, Path | str]], costs: list[int]) -> None:
+            nonlocal ahead_bytes
+            if jobs:
+                decoded.extend(zip(io.decode(jobs), costs))
+                ahead_bytes += sum(costs)
+
         def submit_decodes() -> None:
-            nonlocal queued_all
-            while len(decoded) < prefetch:
+            nonlocal queued_all, upcoming
+            while len(decoded) < prefetch and not queued_all:
                 # a worker process's chunk: its share of the bound, so that all of them decode at once (a chunk
                 # of the whole bound, a few photos, went to one worker while the others idled); 32 small images
-                chunk = list(itertools.islice(queue, min(io.decode_chunk, max(1, prefetch // options.workers))))
-                if not chunk:
-                    queued_all = True
-                    return
-                jobs = []
-                for item in chunk:
-                    if (reason := folders.stopped(outputs[item])) is not None:  # type: ignore[arg-type]
-                        decoded.append(_done(FileResult(item.path, "failed", reason=reason)))  # not even decoded
-                    else:
-                        jobs.append((item, outputs[item]))
-                if jobs:
-                    decoded.extend(io.decode(jobs))
+                most = min(io.decode_chunk, max(1, prefetch // options.workers))
+                jobs: list[tuple[InputFile, Path | str]] = []
+                costs: list[int] = []
+                chunk_bytes = 0
+                for _ in range(most):
+                    if upcoming is None:
+                        item = next(queue, None)
+                        if item is None:
+                            queued_all = True
+                            break
+                        if (reason := folders.stopped(outputs[item])) is not None:  # type: ignore[arg-type]
+                            send(jobs, costs)  # those before it first: results in the files' order
+                            jobs, costs, chunk_bytes = [], [], 0
+                            # not even decoded
+                            decoded.append((_done(FileResult(item.path, "failed", reason=reason)), 0))
+                            continue
+                        size = decoded_size(item.path, options.max_pixels)
+                        upcoming = (item, *self._decode_ahead_cost(size, options))
+                    item, cost, bound = upcoming
+                    held = ahead_bytes + chunk_bytes
+                    if held and held + cost > bound:  # it waits for files to be taken (one always goes)
+                        send(jobs, costs)
+                        return
+                    if jobs and chunk_bytes + cost > bound // options.workers:  # this chunk holds its share
+                        break
+                    jobs.append((item, outputs[item]))
+                    costs.append(cost)
+                    chunk_bytes += cost
+                    upcoming = None
+                send(jobs, costs)
 
         def flush(batch: list[_Pending], last: bool = False) -> Iterator[FileResult]:
             nonlocal sent
@@ -1276,7 +1318,9 @@ class Protector:
         try:
             submit_decodes()
             while decoded:
-                prepared = decoded.popleft().result()
+                handle, cost = decoded.popleft()
+                ahead_bytes -= cost
+                prepared = handle.result()
                 submit_decodes()
                 if isinstance(prepared, FileResult):
                     yield prepared
@@ -1289,7 +1333,7 @@ class Protector:
                 bucket = buckets.setdefault(key, [])
                 bucket.append(prepared)
                 limit = self._batch_limit(pic, options)
-                prefetch = max(2 * limit, min(max_prefetch, _DECODED_AHEAD_BYTES // _levels_bytes(pic)))
+                prefetch = max(2 * limit, max_prefetch)  # files; their bytes are bounded as they are queued
                 if sent < limit:  # the run's first batch, in pieces: the device starts after the first piece
                     limit = _piece_size(limit)
                 if len(bucket) >= limit:
@@ -1313,7 +1357,7 @@ class Protector:
         except KeyboardInterrupt:
             # Ctrl-C: nothing more is decoded or computed, but the files already being written are finished
             # and reported, so that the results name every output on disk (a re-run skips those silently)
-            for handle in decoded:
+            for handle, _ in decoded:
                 getattr(handle, "future", handle).cancel()  # a file's decode, or its worker's chunk
             decoded.clear()
             # A batch the device has started cannot be cut short: the run waits for it anyway (a large photo
