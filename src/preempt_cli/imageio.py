@@ -1395,9 +1395,10 @@ _PNG_COLOUR_TYPES = {0: (1, 1), 2: (3, 3), 3: (3, 3), 4: (2, 1), 6: (4, 3)}
 
 def decoded_size(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedSize | None:
     """What :func:`read_image` makes of the file at ``path`` (an upper bound of its bytes, exact for the
-    usual modes), from its header alone: no pixel is decoded, and a PNG's first chunks are all that is
-    read (a few microseconds; other formats through Pillow's header parsing, a few dozen). For bounding
-    the memory of the files decoded at once before decoding them.
+    usual modes), from its header alone: no pixel is decoded. A PNG's chunks before its pixels, or a JPEG's
+    segments, are read directly (15-25 microseconds), other files (and those with EXIF) through Pillow's
+    header parsing (70 microseconds for a JPEG: its quantization tables parsed in Python). For bounding the
+    memory of the files decoded at once before decoding them.
 
     :data:`NO_PIXELS` for a file whose read fails on what its header says (none Pillow reads, more pixels
     than ``max_pixels``, none at all, or one that is not there); None where nothing is known without
@@ -1406,10 +1407,11 @@ def decoded_size(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Deco
         if not stat.S_ISREG(os.stat(path).st_mode):
             return None
         with open(path, "rb") as f:
-            size = _png_decoded_size(f)
-            if size is None:
+            size = None
+            for read_header in (_png_decoded_size, _jpeg_decoded_size, _pillow_decoded_size):
                 f.seek(0)
-                size = _pillow_decoded_size(f)
+                if (size := read_header(f)) is not None:
+                    break
     except Exception:  # gone, unreadable, a header no format takes: its decode fails and says why
         return NO_PIXELS
     if size.height * size.width > max_pixels or size.nbytes == 0:
@@ -1443,6 +1445,41 @@ def _png_decoded_size(f: BinaryIO) -> DecodedSize | None:
     return DecodedSize(channels, height, width, width * height * per_pixel)
 
 
+#: JPEG start-of-frame markers (baseline, extended, progressive, lossless; Huffman or arithmetic coded)
+_JPEG_FRAMES = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+#: JPEG components -> (colour channels of its picture, bytes a pixel): gray, YCbCr, CMYK (made RGB)
+_JPEG_COMPONENTS = {1: (1, 1), 3: (3, 3), 4: (3, 3)}
+
+
+def _jpeg_decoded_size(f: BinaryIO) -> DecodedSize | None:
+    """:func:`decoded_size` of the JPEG open at ``f``, from its start-of-frame segment; None when it is no
+    JPEG, one with EXIF (its orientation: Pillow reads it), or one whose frame this does not read (12-bit
+    samples, a height given after the pixels)."""
+    if f.read(3) != b"\xff\xd8\xff":
+        return None
+    f.seek(2)
+    while len(marker := f.read(2)) == 2 and marker[0] == 0xFF:
+        kind = marker[1]
+        while kind == 0xFF:  # fill bytes before a marker
+            kind = f.read(1)[0]
+        if kind in (0x01, *range(0xD0, 0xD8)):  # no length
+            continue
+        if kind in (0xD9, 0xDA):  # the end, or the pixels, before any frame
+            return None
+        length = struct.unpack(">H", f.read(2))[0]
+        segment = f.read(min(length - 2, 8))
+        if kind == 0xE1 and segment.startswith(b"Exif\0\0"):
+            return None
+        if kind in _JPEG_FRAMES:
+            precision, height, width, components = struct.unpack(">BHHB", segment[:6])
+            if precision != 8 or height == 0 or components not in _JPEG_COMPONENTS:
+                return None
+            channels, per_pixel = _JPEG_COMPONENTS[components]
+            return DecodedSize(channels, height, width, width * height * per_pixel)
+        f.seek(length - 2 - len(segment), os.SEEK_CUR)
+    return None
+
+
 #: Pillow mode -> (colour channels of its picture, bytes a pixel of its levels and alpha), as _split keeps
 #: them; other modes become RGB. L, RGB and P with a transparent colour get an alpha channel (a byte more).
 _MODE_LEVELS = {"1": (1, 1), "L": (1, 1), "LA": (1, 2), "La": (1, 2), "P": (3, 3), "PA": (3, 4), "RGBA": (3, 4),
@@ -1450,8 +1487,10 @@ _MODE_LEVELS = {"1": (1, 1), "L": (1, 1), "LA": (1, 2), "La": (1, 2), "P": (3, 3
 
 
 def _pillow_decoded_size(f: BinaryIO) -> DecodedSize:
-    """:func:`decoded_size` of the file open at ``f``, from the header Pillow reads. Raises what a header
-    no format takes raises."""
+    """:func:`decoded_size` of the file open at ``f``, from the header Pillow reads.
+
+    Raises:
+        UnidentifiedImageError: no format takes it (and what a broken header raises)."""
     img = _open_unchecked(f)
     if img is None:
         raise UnidentifiedImageError("no format reads it")
