@@ -1,6 +1,7 @@
 """Writes that fail as on a full or read-only disk, for tests: in this process (``failing_png_writes``, set
 with monkeypatch) and in I/O worker processes (``write_pngs_failing``, which a worker unpickles by name:
-this module imports nothing heavy, so a worker imports it at once).
+this module imports nothing heavy, so a worker imports it at once); and slow writes (``write_pngs_slowly``,
+in either), as a PNG encoder slower than the device makes them.
 
 A failing output starts as a real one does (its temporary file beside it, see
 :func:`~preempt_cli.imageio.write_png`), and its first bytes are written before the error, as when a disk
@@ -9,6 +10,7 @@ fills up mid-file."""
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any, Callable, Collection
 
@@ -46,3 +48,13 @@ def write_pngs_failing(folders: Collection[str], error_number: int, marker: str 
         return imageio.write_pngs(tasks)
     finally:
         imageio._png_in_temporary = real
+
+
+def write_pngs_slowly(seconds: float, gate: str | None, tasks: Any) -> Any:
+    """:func:`~preempt_cli.imageio.write_pngs`, each task ``seconds`` late, and none before the file ``gate``
+    exists (at most 30 s): on I/O threads or in I/O worker processes alike."""
+    deadline = time.monotonic() + 30
+    while gate is not None and not os.path.exists(gate) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(seconds * len(tasks))
+    return imageio.write_pngs(tasks)

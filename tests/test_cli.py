@@ -1405,10 +1405,123 @@ def test_files_past_the_decode_ahead_bound_still_go_two_batches_ahead(
     assert max(held for held, _ in seen) <= 2 * 64 * 48 * 3, seen
 
 
+def _count_pending_writes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Patch both I/O modes' write to note, after each batch's writes join the pipeline's queue, how many
+    writes that queue holds (their results not yet taken): the list returned."""
+    import preempt_cli.protect as protect
+
+    seen: list[int] = []
+
+    def counted(write):
+        def write_counted(self, jobs: list, *rest) -> None:
+            write(self, jobs, *rest)
+            seen.append(len(rest[-1]))  # the queue the handles were put into
+
+        return write_counted
+
+    for io_class in (protect._ThreadIO, protect._ProcessIO):
+        monkeypatch.setattr(io_class, "write", counted(io_class.write))
+    return seen
+
+
+@pytest.mark.parametrize("io", ["threads", "processes"])
+@pytest.mark.parametrize("bound_files", [3, 0])
+def test_the_outputs_waiting_to_be_written_are_bounded_by_their_bytes(
+        tmp_path: Path, tiny_backbone, io: str, bound_files: int, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """A device faster than the PNG encoders (a GPU with photos) left every batch it computed waiting to be
+    written, its outputs in memory (2 GB for 16 photos). The writes pending are now bounded by their bytes:
+    the oldest are waited for before more join them; one batch's writes may still wait while the next is
+    computed (a bound below one batch: two batches pending, never more). Results come in the files' order."""
+    from functools import partial
+
+    import _write_faults
+
+    import preempt_cli.protect as protect
+    from preempt_cli import ForeBackConfig, Protector, collect_inputs
+
+    write_random_pngs(tmp_path / "in", n=10, size=(64, 48), name="a{i}.png")
+    held = 2 * 64 * 48 * 3  # an output's levels and its picture's
+    monkeypatch.setattr(protect, "_WRITES_PENDING_BYTES", bound_files * held)
+    monkeypatch.setattr(protect, "write_pngs", partial(_write_faults.write_pngs_slowly, 0.2, None))
+    monkeypatch.setattr(Protector, "transform", lambda self, x, y, noise_seeds=None: x)  # a device that keeps up
+    seen = _count_pending_writes(monkeypatch)
+    with Protector(tiny_backbone, labels="backbone", config=ForeBackConfig(samples=2)) as protector:
+        # batch_size 1 at the backbone's 32x32: one of these images a batch
+        options = RunOptions(out_dir=tmp_path / "out", io=io, workers=2, fsync=False, batch_size=1)
+        results = list(protector.run(collect_inputs([tmp_path / "in"]), options))
+    assert [(r.input.name, r.status) for r in results] == [(f"a{i}.png", "done") for i in range(10)]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [f"a{i}.protected.png" for i in range(10)]
+    assert max(seen) <= max(bound_files, 2), seen
+    if bound_files == 0:  # a batch is still written while the next one computes
+        assert max(seen) == 2, seen
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX signals")
+@pytest.mark.parametrize("io", ["threads", "processes"])
+def test_an_interrupt_while_waiting_for_the_writes_still_writes_the_batch_computed(
+        tmp_path: Path, tiny_backbone, io: str, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """Ctrl-C while the run waits for the oldest writes before writing a computed batch (the writes pending
+    at their bound): that batch is still written and reported, as one the device had finished always was;
+    every output on disk is in the results."""
+    import signal
+    import threading
+    from functools import partial
+
+    import _write_faults
+
+    import preempt_cli.batches as batches_module
+    import preempt_cli.protect as protect
+    from preempt_cli import ForeBackConfig, Protector, collect_inputs
+
+    write_random_pngs(tmp_path / "in", n=8, size=(32, 32), name="a{i}.png")
+    gate = tmp_path / "writes may go"
+    monkeypatch.setattr(protect, "_WRITES_PENDING_BYTES", 1)  # two batches' writes pending at most
+    monkeypatch.setattr(protect, "write_pngs", partial(_write_faults.write_pngs_slowly, 0, str(gate)))
+    started = []
+    third_done = threading.Event()
+
+    def counted_transform(self, x, y, noise_seeds=None):
+        started.append(x.shape[0])
+        if len(started) == 4:  # the third batch is computed: the run waits for the writes to take it
+            third_done.set()
+        return x
+
+    monkeypatch.setattr(Protector, "transform", counted_transform)
+
+    def interrupt() -> None:
+        if third_done.wait(30):
+            time.sleep(0.5)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    cancel_pending = batches_module.ComputeThread.cancel_pending
+
+    def cancelled(compute) -> None:  # the writes go on once the run has taken the interrupt
+        cancel_pending(compute)
+        gate.touch()
+
+    monkeypatch.setattr(batches_module.ComputeThread, "cancel_pending", cancelled, raising=False)
+    threading.Thread(target=interrupt, daemon=True).start()
+    deadline = threading.Timer(20, gate.touch)
+    deadline.daemon = True
+    deadline.start()
+    results = []
+    with Protector(tiny_backbone, labels="backbone", config=ForeBackConfig(samples=2)) as protector:
+        options = RunOptions(out_dir=tmp_path / "out", io=io, workers=2, fsync=False, batch_size=1)
+        with pytest.raises(KeyboardInterrupt):
+            for result in protector.run(collect_inputs([tmp_path / "in"]), options):
+                results.append(result)
+    deadline.cancel()
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert all(r.status == "done" for r in results), [(r.status, r.reason) for r in results]
+    # the two batches pending and the one waiting for them, at least
+    assert len(results) >= 3 and written == sorted(r.output.name for r in results), (results, written)
+
+
 def test_outputs_do_not_depend_on_the_decode_ahead_bound(tmp_path: Path, tiny_backbone,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
-    """Bounding the files decoded ahead by bytes changes when files are decoded and how they are batched,
-    never an output: each image's noise comes from its own pixels."""
+    """Bounding the files decoded ahead by bytes changes when files are decoded and how they are batched (and
+    bounding the writes pending, when batches are written), never an output: each image's noise comes from
+    its own pixels."""
     import preempt_cli.protect as protect
     from preempt_cli import ForeBackConfig, Protector, collect_inputs
     from preempt_cli.imageio import read_image
@@ -1419,6 +1532,7 @@ def test_outputs_do_not_depend_on_the_decode_ahead_bound(tmp_path: Path, tiny_ba
     written = []
     for bound in (protect._DECODED_AHEAD_BYTES, 80 * 64 * 3):
         monkeypatch.setattr(protect, "_DECODED_AHEAD_BYTES", bound)
+        monkeypatch.setattr(protect, "_WRITES_PENDING_BYTES", bound)
         out = tmp_path / f"out{bound}"
         with Protector(tiny_backbone, labels="backbone", config=ForeBackConfig(samples=2)) as protector:
             results = list(protector.run(collect_inputs([tmp_path / "in"]), RunOptions(out_dir=out, workers=2,

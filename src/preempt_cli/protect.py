@@ -103,6 +103,13 @@ _MAX_PARTIAL_BATCHES = 16
 #: minute; in 0.23.0 the bound followed the latest image decoded, and the 64 files queued after small ones
 #: could all be photos, decoded at once. 64 CIFAR-size files take 200 KB.
 _DECODED_AHEAD_BYTES = 256 << 20
+#: The outputs computed and waiting to be written (each its levels and its picture) hold at most this many
+#: bytes when a batch's outputs join them (more only where two of its batches take more: one batch is
+#: written while the next computes, and a batch over the bound still goes): before, the oldest writes are
+#: waited for, and the device waits with them. Unbounded, a device faster than the PNG encoders (a GPU with
+#: photos: a 12-megapixel output takes ~4.8 s of CPU to encode) left every batch computed waiting, its
+#: outputs in memory (2 GB for 16 photos with a stand-in engine of 1 s a photo).
+_WRITES_PENDING_BYTES = 256 << 20
 #: The run's first and last batches go in pieces of at least this many images (up to 4 pieces; ResNet-20
 #: computes batches of 64 at 92% of its rate at 256 on an H100). The first piece goes to the device as
 #: soon as its files are decoded, not once a whole batch is; the files of one piece of the last batch are
@@ -1203,7 +1210,8 @@ class Protector:
         decoded: collections.deque[tuple[Any, int]] = collections.deque()
         ahead_bytes = 0  # what the files in `decoded` count for
         upcoming: tuple[InputFile, int, int] | None = None  # the next file, its cost and bound: waiting to fit
-        writes: collections.deque[Any] = collections.deque()  # handles: .done(), .result() -> FileResult
+        # (handle, bytes its output holds until written): .done(), .result() -> FileResult
+        writes: collections.deque[tuple[Any, int]] = collections.deque()
         computing: collections.deque[tuple[list[_Pending], Future]] = collections.deque()
         buckets: dict[tuple[int, ...], list[_Pending]] = {}  # partial batches, oldest first
         queue = iter(todo)
@@ -1303,16 +1311,30 @@ class Protector:
                         if finishing:
                             continue
                     raise  # else an interrupt of this wait: the batch is still the device's (see below)
+                costs = [_output_bytes(p, levels) for p, (levels, *_) in zip(batch, computed)]
+                # the batch stays queued while the writes before it finish: an interrupt meanwhile still finds it
+                yield from make_room(sum(costs))
                 computing.popleft()
                 per_image = seconds / len(batch)  # each file's share of its batch's time
-                io.write([(p, *c, per_image) for p, c in zip(batch, computed)], writes)
+                io.write([(p, *c, per_image) for p, c in zip(batch, computed)], costs, writes)
 
-        def drain(block: bool) -> Iterator[FileResult]:
-            while writes and (block or writes[0].done()):
+        def make_room(cost: int) -> Iterator[FileResult]:
+            """Wait for the oldest writes (their results given, as :func:`drain` gives them) until a batch's
+            outputs of ``cost`` bytes fit among those pending (see ``_WRITES_PENDING_BYTES``)."""
+            bound = max(_WRITES_PENDING_BYTES, 2 * cost)
+            pending = sum(b for _, b in writes)
+            while writes and pending + cost > bound:
+                pending -= writes[0][1]
+                yield from drain(block=True, most=1)
+
+        def drain(block: bool, most: int | None = None) -> Iterator[FileResult]:
+            taken = 0
+            while writes and (block or writes[0][0].done()) and (most is None or taken < most):
                 # taken off the queue only once had: an interrupt while waiting for it (the main thread waits
                 # here most of a run's end) lost a written file's result, and stdout did not list that file
-                result = writes[0].result()
+                result = writes[0][0].result()
                 writes.popleft()
+                taken += 1
                 yield result
 
         try:
@@ -1377,6 +1399,12 @@ def _share(items: list[InputFile], outputs: Mapping[InputFile, Path | str], opti
             yield item
 
 
+def _output_bytes(pending: _Pending, levels: np.ndarray) -> int:
+    """The bytes an output waiting to be written holds: its levels and its picture's."""
+    alpha = pending.picture.alpha
+    return levels.nbytes + pending.picture.color.nbytes + (0 if alpha is None else alpha.nbytes)
+
+
 def _done(result: Any) -> Future:
     """A handle of the pipeline's queues that already holds ``result``."""
     future: Future = Future()
@@ -1428,12 +1456,14 @@ class _ThreadIO:
     def decode(self, items: list[tuple[InputFile, Path]]) -> list[Future]:
         return [self.pool.submit(self.protector._prepare, item, output, self.options) for item, output in items]
 
-    def write(self, jobs: list[tuple[_Pending, np.ndarray, float, float, int, float]], into: collections.deque) -> None:
-        """Submit the writes, each handle put ``into`` the queue as soon as it is submitted (an interrupt
-        between the two would leave a file written that the run does not report)."""
-        for p, levels, before, after, label, seconds in jobs:
-            into.append(self.pool.submit(self.protector._write, p, levels, before, after, label, seconds,
-                                         self.options.fsync, p.output in self.replacing, self.folders))  # fmt: skip
+    def write(self, jobs: list[tuple[_Pending, np.ndarray, float, float, int, float]], costs: list[int],
+              into: collections.deque) -> None:  # fmt: skip
+        """Submit the writes, each handle put ``into`` the queue with its job's cost (bytes) as soon as it is
+        submitted (an interrupt between the two would leave a file written that the run does not report)."""
+        for (p, levels, before, after, label, seconds), cost in zip(jobs, costs):
+            handle = self.pool.submit(self.protector._write, p, levels, before, after, label, seconds,
+                                      self.options.fsync, p.output in self.replacing, self.folders)  # fmt: skip
+            into.append((handle, cost))
 
 
 class _Part:
@@ -1486,9 +1516,10 @@ class _ProcessIO:
         return [_Part(future, i, partial(self.protector._decoded, item, output, self.options), item.path)
                 for i, (item, output) in enumerate(items)]  # fmt: skip
 
-    def write(self, jobs: list[tuple[_Pending, np.ndarray, float, float, int, float]], into: collections.deque) -> None:
-        """Submit the writes in chunks, each chunk's handles put ``into`` the queue as soon as it is submitted
-        (see :meth:`_ThreadIO.write`)."""
+    def write(self, jobs: list[tuple[_Pending, np.ndarray, float, float, int, float]], costs: list[int],
+              into: collections.deque) -> None:  # fmt: skip
+        """Submit the writes in chunks, each chunk's handles put ``into`` the queue with their jobs' costs as
+        soon as it is submitted (see :meth:`_ThreadIO.write`)."""
         size = max(1, math.ceil(len(jobs) / self.options.workers))
         for start in range(0, len(jobs), size):
             chunk = jobs[start : start + size]
@@ -1497,8 +1528,10 @@ class _ProcessIO:
             future = self._submit(write_pngs, tasks)
             # noted as soon as the chunk is back (on the pool's thread), not once the run takes its results
             future.add_done_callback(partial(self._wrote, [p.output for p, *_ in chunk]))
-            into.extend(_Part(future, i, partial(self.protector._finish_write, p, before, after, label, seconds),
-                              p.item.path) for i, (p, _, before, after, label, seconds) in enumerate(chunk))  # fmt: skip
+            into.extend((_Part(future, i, partial(self.protector._finish_write, p, before, after, label, seconds),
+                               p.item.path), cost)
+                        for i, ((p, _, before, after, label, seconds), cost)
+                        in enumerate(zip(chunk, costs[start : start + size])))  # fmt: skip
 
     def _wrote(self, outputs: list[Path], future: Future) -> None:
         """Note a chunk's outcomes in the run's folders (a chunk whose worker died wrote nothing)."""
