@@ -272,6 +272,11 @@ class Picture:
     def channels(self) -> int:
         return self.color.shape[2]
 
+    @property
+    def nbytes(self) -> int:
+        """The bytes its levels take (colour and alpha): what :func:`decoded_size` gives from the header."""
+        return self.color.nbytes + (0 if self.alpha is None else self.alpha.nbytes)
+
     def to_tensor(self) -> torch.Tensor:
         """The colour channels as float32 CHW in [0, 1]."""
         import torch
@@ -1376,8 +1381,7 @@ def read_images(paths: Sequence[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> l
 
 class DecodedSize(NamedTuple):
     """What :func:`read_image` makes of a file, known from its header: the picture's colour channels,
-    height and width (upright), and the bytes of its levels (colour and alpha, as :class:`Picture` holds
-    them)."""
+    height and width (upright), and the bytes of its levels (colour and alpha: :attr:`Picture.nbytes`)."""
 
     channels: int
     height: int

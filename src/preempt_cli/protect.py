@@ -1401,8 +1401,7 @@ def _share(items: list[InputFile], outputs: Mapping[InputFile, Path | str], opti
 
 def _output_bytes(pending: _Pending, levels: np.ndarray) -> int:
     """The bytes an output waiting to be written holds: its levels and its picture's."""
-    alpha = pending.picture.alpha
-    return levels.nbytes + pending.picture.color.nbytes + (0 if alpha is None else alpha.nbytes)
+    return levels.nbytes + pending.picture.nbytes
 
 
 def _done(result: Any) -> Future:
