@@ -28,12 +28,13 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 import time
 import types
 import weakref
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import pytest
@@ -457,6 +458,34 @@ def raised_without_waiting_on(fifo: Path, call: Any, what: str) -> BaseException
         worker.join(10)
         pytest.fail(f"{what} waited on a FIFO")
     return outcome[0] if outcome else None
+
+
+def interrupt_run_once(started: threading.Event, release: Callable[[], None], monkeypatch: pytest.MonkeyPatch, *,
+                       deadline: float, after: float = 0.0) -> threading.Timer:  # fmt: skip
+    """Ctrl-C for a ``Protector.run`` in this process: SIGINT (to the main thread, which runs it) once
+    ``started`` is set and ``after`` seconds more; ``release`` is called once the run has taken the interrupt
+    (when it cancels the batches not started, ``ComputeThread.cancel_pending``), or at the latest after
+    ``deadline`` seconds (code that never cancels them then shows what it does with them). Returns the
+    deadline's timer, to cancel once the run is over."""
+    import preempt_cli.batches as batches_module
+
+    def interrupt() -> None:
+        if started.wait(30):
+            time.sleep(after)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    cancel_pending = batches_module.ComputeThread.cancel_pending
+
+    def cancelled(compute: Any) -> None:
+        cancel_pending(compute)
+        release()
+
+    monkeypatch.setattr(batches_module.ComputeThread, "cancel_pending", cancelled, raising=False)
+    threading.Thread(target=interrupt, daemon=True).start()
+    timer = threading.Timer(deadline, release)
+    timer.daemon = True
+    timer.start()
+    return timer
 
 
 def set_hf_cache(monkeypatch: pytest.MonkeyPatch, cache: Path, *, offline: bool = True) -> None:

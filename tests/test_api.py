@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import preempt_cli
-from conftest import TEST_DEVICE, LiveBuffers, make_tiny_model, write_random_pngs
+from conftest import TEST_DEVICE, LiveBuffers, interrupt_run_once, make_tiny_model, write_random_pngs
 from preempt_cli import FastPreemption, ForeBackConfig, Protector, RunOptions, collect_inputs, parse_eps, read_image
 from preempt_cli.engine import content_seeds
 from preempt_cli.errors import ConfigError, InputError
@@ -330,11 +330,7 @@ def test_an_interrupt_during_a_batch_writes_that_batch_and_starts_no_other(tmp_p
     """Ctrl-C (SIGTERM in the command) while a batch computes: a batch cannot be cut short, so the run waited
     for it (a large photo on a CPU: seconds), then threw its result away; the files were lost and the
     wait wasted. The batch is now written and reported before the interrupt goes on; no later batch starts."""
-    import os
-    import signal
     import threading
-
-    import preempt_cli.batches as batches_module
 
     write_random_pngs(tmp_path / "in", n=6)
     protector = Protector(tiny_backbone, labels="backbone", config=ForeBackConfig(samples=2))
@@ -349,23 +345,9 @@ def test_an_interrupt_during_a_batch_writes_that_batch_and_starts_no_other(tmp_p
 
     protector.transform = slow_transform
 
-    def interrupt() -> None:
-        started.wait(30)
-        os.kill(os.getpid(), signal.SIGINT)  # to the main thread, which waits for the batch
-
-    # the batch goes on once the run has taken the interrupt (at the latest after 5 s: code that never
-    # cancels the batches still waiting then shows what it does with them)
-    cancel_pending = batches_module.ComputeThread.cancel_pending
-
-    def cancelled(compute) -> None:
-        cancel_pending(compute)
-        release.set()
-
-    monkeypatch.setattr(batches_module.ComputeThread, "cancel_pending", cancelled, raising=False)
-    threading.Thread(target=interrupt, daemon=True).start()
-    deadline = threading.Timer(5, release.set)
-    deadline.daemon = True
-    deadline.start()
+    # the interrupt comes to the main thread, which waits for the batch; the batch goes on once the run has
+    # taken it (at the latest after 5 s)
+    deadline = interrupt_run_once(started, release.set, monkeypatch, deadline=5)
     results = []
     with pytest.raises(KeyboardInterrupt):
         for result in protector.run([tmp_path / "in"], RunOptions(out_dir=tmp_path / "out", batch_size=2, io=io,

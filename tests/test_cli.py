@@ -18,7 +18,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from conftest import TEST_DEVICE, TEST_DEVICE_ARG, QueuedWork, StandInDevice, write_random_pngs
+from conftest import TEST_DEVICE, TEST_DEVICE_ARG, QueuedWork, StandInDevice, interrupt_run_once, write_random_pngs
 from preempt_cli import __version__
 from preempt_cli.cli import app
 from preempt_cli.errors import ConfigError
@@ -1463,13 +1463,11 @@ def test_an_interrupt_while_waiting_for_the_writes_still_writes_the_batch_comput
     """Ctrl-C while the run waits for the oldest writes before writing a computed batch (the writes pending
     at their bound): that batch is still written and reported, as one the device had finished always was;
     every output on disk is in the results."""
-    import signal
     import threading
     from functools import partial
 
     import _write_faults
 
-    import preempt_cli.batches as batches_module
     import preempt_cli.protect as protect
     from preempt_cli import ForeBackConfig, Protector, collect_inputs
 
@@ -1488,22 +1486,8 @@ def test_an_interrupt_while_waiting_for_the_writes_still_writes_the_batch_comput
 
     monkeypatch.setattr(Protector, "transform", counted_transform)
 
-    def interrupt() -> None:
-        if third_done.wait(30):
-            time.sleep(0.5)
-            os.kill(os.getpid(), signal.SIGINT)
-
-    cancel_pending = batches_module.ComputeThread.cancel_pending
-
-    def cancelled(compute) -> None:  # the writes go on once the run has taken the interrupt
-        cancel_pending(compute)
-        gate.touch()
-
-    monkeypatch.setattr(batches_module.ComputeThread, "cancel_pending", cancelled, raising=False)
-    threading.Thread(target=interrupt, daemon=True).start()
-    deadline = threading.Timer(20, gate.touch)
-    deadline.daemon = True
-    deadline.start()
+    # the writes go on once the run has taken the interrupt
+    deadline = interrupt_run_once(third_done, gate.touch, monkeypatch, deadline=20, after=0.5)
     results = []
     with Protector(tiny_backbone, labels="backbone", config=ForeBackConfig(samples=2)) as protector:
         options = RunOptions(out_dir=tmp_path / "out", io=io, workers=2, fsync=False, batch_size=1)
