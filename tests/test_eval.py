@@ -999,3 +999,67 @@ def test_paired_records_are_of_the_cells_as_computed_not_of_rows_a_caller_change
     for row in rows:
         row.update(defense="renamed", clean_acc=row["clean_acc"] / 100, attack="changed", n=0)
     assert ev.paired_with_none() == expected
+
+
+def test_defenses_are_tested_against_each_other_on_the_same_images_in_a_holm_family_of_their_own() -> None:
+    """paired_with_none tested each defense against none only: whether Fast Preemption's robust accuracy
+    differs from Bi-Level's on the same images could not be asked. paired_between_defenses tests every pair
+    of defenses other than none (the second given against the first), from cells whose correctness is
+    written here by hand: clean accuracy once, from the pair's cells of the most images; robust accuracy per
+    attack both were attacked with; n/a naming a resumed cell that keeps no correctness; Holm's adjustment
+    over these tests alone, the tests against none keeping theirs."""
+    from preempt_cli.evaluate import _GivenCell
+
+    ev = tiny_evaluator(tiny_dataset(8), tiny_models())
+    none, a, b, c = (DefenseSpec("none"), *(DefenseSpec("folder", (("path", p),)) for p in ("a", "b", "c")))
+
+    def given(victim: str, spec: DefenseSpec, attack: str, clean: str | None, robust: str | None,
+              missing: str = "") -> _GivenCell:  # fmt: skip
+        def bits(text: str | None) -> torch.Tensor | None:
+            return None if text is None else torch.tensor([ch == "1" for ch in text])
+
+        def acc(text: str | None, otherwise: float) -> float:  # a resumed file's row: its accuracies alone
+            return otherwise if text is None else round(100 * text.count("1") / len(text), 2)
+
+        row = {"victim": victim, "defense": spec.name, "attack": attack, "n": 4 if attack == "short" else 8,
+               "clean_acc": acc(clean, 50.0), "robust_acc": acc(robust, 25.0)}
+        return _GivenCell(victim, spec, row, bits(clean), bits(robust), missing)
+
+    old = "the cell (folder:b, short) was resumed from old.json, which keeps no per-image correctness"
+    ev._given = [
+        given("v", none, "short", "1111", "1000"), given("v", none, "long", "11110000", "10000000"),
+        # a's shorter cell first: clean accuracy is still paired from the longer one
+        given("v", a, "short", "1111", "1100"), given("v", a, "long", "11111111", "11110000"),
+        given("v", b, "short", None, None, missing=old), given("v", b, "long", "11000000", "10000000"),
+        given("v", c, "long", "11100000", "11000000"),  # no short cell: its pairs have no robust record of it
+        given("v", c, "long", "00000000", "00000000"),  # a cell given twice: paired once, the first
+        given("w", a, "long", "11111111", "11111111"),  # one defense on w: nothing to pair there
+    ]  # fmt: skip
+    against_none = ev.paired_with_none()
+    between = ev.paired_between_defenses()
+    assert ev.paired_with_none() == against_none  # the families are adjusted apart: neither changes the other
+    assert [p["p_holm"] for p in against_none if p["p_value"] is not None] == holm_adjusted(
+        [p["p_value"] for p in against_none if p["p_value"] is not None])
+
+    got = [(r["victim"], r["first"], r["second"], r["metric"], r["attack"], r["n"], r["first_acc"], r["second_acc"],
+            r["gain_points"], r["gained"], r["lost"], r["p_value"]) for r in between]  # fmt: skip
+    # by hand: second minus first; gained: right only with the second; p: 2 * P(Binomial(d, 1/2) <= min) capped
+    assert got == [
+        ("v", "folder:a", "folder:b", "clean_acc", "long", 8, 100.0, 25.0, -75.0, 0, 6, 2 / 2**6),
+        ("v", "folder:a", "folder:b", "robust_acc", "short", 4, 50.0, 25.0, None, None, None, None),
+        ("v", "folder:a", "folder:b", "robust_acc", "long", 8, 50.0, 12.5, -37.5, 0, 3, 2 / 2**3),
+        ("v", "folder:a", "folder:c", "clean_acc", "long", 8, 100.0, 37.5, -62.5, 0, 5, 2 / 2**5),
+        ("v", "folder:a", "folder:c", "robust_acc", "long", 8, 50.0, 25.0, -25.0, 0, 2, 2 / 2**2),
+        ("v", "folder:b", "folder:c", "clean_acc", "long", 8, 25.0, 37.5, 12.5, 1, 0, 1.0),
+        ("v", "folder:b", "folder:c", "robust_acc", "long", 8, 12.5, 25.0, 12.5, 1, 0, 1.0),
+    ]  # fmt: skip
+    assert between[1]["not_tested"] == old and all(r["not_tested"] is None for r in between if r is not between[1])
+    assert between[1]["p_holm"] is None
+    # Holm over the six tested here, by hand: 1/32 x 6, 1/16 x 5, 1/4 x 4, then capped at 1
+    assert [r["p_holm"] for r in between if r["p_value"] is not None] == pytest.approx(
+        [0.1875, 1.0, 0.3125, 1.0, 1.0, 1.0])
+    assert list(between[0]) == ["victim", "first", "second", "metric", "attack", "n", "first_acc", "second_acc",
+                                "gain_points", "gained", "lost", "p_value", "p_holm", "not_tested"]  # fmt: skip
+
+    ev._given = [cell for cell in ev._given if cell.spec.kind == "none" or cell.spec is a]
+    assert ev.paired_between_defenses() == []  # one defense besides none

@@ -5,7 +5,8 @@ robust accuracy on adversarial examples crafted against it, starting from the de
 eps of *that* image, on 8-bit images. Per defense: time per image, L-inf, SSIM and LPIPS (where available)
 between original and defended images. Defended image sets and finished cells are saved under the output
 folder, so an interrupted run resumes without recomputing them, each cell with its images' correctness: each
-defense is tested against no defense on the same images (:meth:`Evaluator.paired_with_none`).
+defense is tested against no defense on the same images (:meth:`Evaluator.paired_with_none`), and the defenses
+against each other (:meth:`Evaluator.paired_between_defenses`).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ __all__ = [
     "holm_adjusted",
     "mcnemar_exact",
     "PAIRED_TEST",
+    "PAIRED_BETWEEN_TEST",
     "perturbation_map_name",
     "reversion_protocol",
     "reversion_verdicts",
@@ -641,6 +643,11 @@ _CLEAN_CORRECT, _ROBUST_CORRECT = "clean_correct", "robust_correct"
 PAIRED_TEST = ("Exact two-sided McNemar test (a sign test on the images whose correctness differs) of each "
                "defense against none, for the same victim and attack, on the same images")  # fmt: skip
 
+#: What :meth:`Evaluator.paired_between_defenses` computes, as its results and the report say it.
+PAIRED_BETWEEN_TEST = ("Exact two-sided McNemar test (a sign test on the images whose correctness differs) of "
+                       "each pair of defenses other than none, the one given second against the one given first, "
+                       "for the same victim and attack, on the same images")  # fmt: skip
+
 
 def _bits(correct: torch.Tensor) -> str:
     """Per-image correctness as a cell file keeps it: "1" or "0" per image."""
@@ -786,7 +793,7 @@ class Evaluator:
         self._num_classes: int | None = None  # of the first model loaded, where the data names no classes
         #: the settings of every defense and attack a cell was given for, by name (see provenance)
         self._settings: dict[str, dict[str, dict[str, Any]]] = {"defenses": {}, "attacks": {}}
-        #: every cell given, with its images' correctness (see paired_with_none)
+        #: every cell given, with its images' correctness (see paired_with_none, paired_between_defenses)
         self._given: list[_GivenCell] = []
 
     def load(self, name: str) -> ImageModel:
@@ -1277,7 +1284,8 @@ class Evaluator:
         it), ``p_value`` (of :func:`mcnemar_exact`) and ``p_holm`` (``p_value`` adjusted by
         :func:`holm_adjusted` over every record tested here: a table of many tests finds some below 0.05
         by chance, and a ``p_holm`` below a level keeps the chance of any false finding in the table below
-        it); these five are None where either cell keeps no per-image correctness (resumed from a file of
+        it; the defenses against each other, :meth:`paired_between_defenses`, are a family of their own); these
+        five are None where either cell keeps no per-image correctness (resumed from a file of
         0.22.0 or earlier), and ``not_tested`` says why (None where tested). A defense without a ``none``
         cell of its victim and attack has no record.
         """
@@ -1302,9 +1310,56 @@ class Evaluator:
         for key, (given, none) in cleans.items():
             records.append(_paired_record(given, none, "clean_acc"))
             records += [_paired_record(g, b, "robust_acc") for g, b in robusts.get(key, [])]
-        tested = [r for r in records if r["p_value"] is not None]
-        for record, adjusted in zip(tested, holm_adjusted([r["p_value"] for r in tested])):
-            record["p_holm"] = adjusted
+        _holm_over(records)
+        return records
+
+    def paired_between_defenses(self) -> list[dict[str, Any]]:
+        """The defenses other than ``none`` against each other on the same images, from the cells this
+        evaluator gave (:data:`PAIRED_BETWEEN_TEST`): per victim and unordered pair of its defenses, clean
+        accuracy (from the two defenses' cells of one attack, that of the most images) and the robust accuracy
+        under each attack both were attacked with. Whether Fast Preemption's robust accuracy differs from
+        Bi-Level's is a difference on the same images, as what protection buys is (:meth:`paired_with_none`).
+
+        Each pair is ordered as the defenses were first given to this evaluator (``preempt eval``: the order
+        of ``--defense``): ``first`` before ``second``, and every difference is the second minus the first.
+        Returns one record per victim, pair and metric, by victim, then pair, then clean before robust (each
+        attack in the order the first defense's cells were given): ``victim``, ``first`` and ``second`` (the
+        defenses' names), ``metric``, ``attack``, ``n``, ``first_acc`` and ``second_acc`` (the rows'), then from
+        the images' correctness ``gain_points`` (second minus first, in points), ``gained`` (images right only
+        with the second), ``lost`` (right only with the first), ``p_value`` (of :func:`mcnemar_exact`) and
+        ``p_holm``, and ``not_tested``: as the records of :meth:`paired_with_none`, a robust image being one
+        right clean and under the attack, and with the same None where a cell keeps no per-image correctness
+        (resumed from a file of 0.22.0 or earlier), ``not_tested`` saying why. ``p_holm`` is ``p_value``
+        adjusted by :func:`holm_adjusted` over the records tested here: a family of its own, apart from the
+        tests against none (whose ``p_holm`` this leaves as it is). A pair has no record on a victim where
+        the two have no cell of one attack (or both of none) there; fewer than two defenses other than
+        ``none``: no record at all.
+        """
+        cells: dict[tuple[str, str, str], _GivenCell] = {}  # a cell given twice: once, as paired_with_none
+        defenses: dict[str, str] = {}  # spec key -> name, in the order first given (a dict keeps it)
+        victims: dict[str, None] = {}
+        for given in self._given:
+            if given.spec.kind == "none":
+                continue
+            cells.setdefault((given.victim, given.spec.key, given.row["attack"]), given)
+            defenses.setdefault(given.spec.key, given.spec.name)
+            victims.setdefault(given.victim)
+        order = list(defenses)
+        records = []
+        for victim in victims:
+            for i, first_key in enumerate(order):
+                firsts = [c for (v, k, _), c in cells.items() if v == victim and k == first_key]
+                for second_key in order[i + 1:]:
+                    both = [(c, cells[(victim, second_key, c.row["attack"])]) for c in firsts
+                            if (victim, second_key, c.row["attack"]) in cells]  # fmt: skip
+                    if not both:
+                        continue
+                    # clean accuracy is measured before any attack: once, from the two cells of the most images
+                    clean = max(both, key=lambda pair: pair[0].row["n"])  # the first given of them on a tie
+                    records.append(_between_record(*clean, "clean_acc"))
+                    records += [_between_record(first, second, "robust_acc") for first, second in both
+                                if first.row["robust_acc"] is not None and second.row["robust_acc"] is not None]
+        _holm_over(records)
         return records
 
     def computed_by(self) -> dict[str, str]:
@@ -1455,26 +1510,53 @@ def holm_adjusted(p_values: list[float]) -> list[float]:
     return adjusted
 
 
-def _paired_record(given: _GivenCell, none: _GivenCell, metric: str) -> dict[str, Any]:
-    """One record of :meth:`Evaluator.paired_with_none`: ``given``'s ``metric`` against ``none``'s."""
-    record: dict[str, Any] = {"victim": given.victim, "defense": given.spec.name, "metric": metric,
-                              "attack": given.row["attack"], "n": given.row["n"], "none_acc": none.row[metric],
-                              "defense_acc": given.row[metric], "gain_points": None, "gained": None, "lost": None,
-                              "p_value": None, "p_holm": None, "not_tested": None}  # fmt: skip
+def _paired_test(before: _GivenCell, after: _GivenCell, metric: str, cells: tuple[str, str],
+                 names: tuple[str, str]) -> dict[str, Any]:  # fmt: skip
+    """The paired test of ``after``'s ``metric`` against ``before``'s on the same images, as a paired record
+    holds it: ``gain_points`` (after minus before), ``gained`` (right only ``after``), ``lost`` (right only
+    ``before``), ``p_value``, ``p_holm`` (None: the family's to adjust) and ``not_tested`` (why not; None where
+    tested). ``cells`` and ``names`` name the two cells in a reason, as "<cell> cell keeps..." and "<name> was
+    measured on..."."""
+    result: dict[str, Any] = {"gain_points": None, "gained": None, "lost": None, "p_value": None, "p_holm": None,
+                              "not_tested": None}  # fmt: skip
     def correct(cell: _GivenCell) -> torch.Tensor | None:
         return cell.clean if metric == "clean_acc" else cell.robust
 
-    absent = [(side, cell) for side, cell in (("none", none), ("the defense's", given)) if correct(cell) is None]
+    absent = [(side, cell) for side, cell in zip(cells, (before, after)) if correct(cell) is None]
     if absent:
-        record["not_tested"] = "; ".join(cell.missing or f"{side} cell keeps no per-image correctness"
+        result["not_tested"] = "; ".join(cell.missing or f"{side} cell keeps no per-image correctness"
                                          for side, cell in absent)  # fmt: skip
-    elif none.row["n"] != given.row["n"]:  # the same attack attacks as many images of each: never, but say so
-        record["not_tested"] = f"none was measured on {none.row['n']} images, the defense on {given.row['n']}"
+    elif before.row["n"] != after.row["n"]:  # the same attack attacks as many images of each: never, but say so
+        result["not_tested"] = f"{names[0]} was measured on {before.row['n']} images, {names[1]} on {after.row['n']}"
     else:
-        gained, lost, p = mcnemar_exact(correct(none), correct(given))
-        record.update(gain_points=round(100 * (gained - lost) / given.row["n"], 2), gained=gained, lost=lost,
+        gained, lost, p = mcnemar_exact(correct(before), correct(after))
+        result.update(gain_points=round(100 * (gained - lost) / after.row["n"], 2), gained=gained, lost=lost,
                       p_value=p)  # fmt: skip
-    return record
+    return result
+
+
+def _paired_record(given: _GivenCell, none: _GivenCell, metric: str) -> dict[str, Any]:
+    """One record of :meth:`Evaluator.paired_with_none`: ``given``'s ``metric`` against ``none``'s."""
+    return {"victim": given.victim, "defense": given.spec.name, "metric": metric, "attack": given.row["attack"],
+            "n": given.row["n"], "none_acc": none.row[metric], "defense_acc": given.row[metric],
+            **_paired_test(none, given, metric, ("none", "the defense's"), ("none", "the defense"))}  # fmt: skip
+
+
+def _between_record(first: _GivenCell, second: _GivenCell, metric: str) -> dict[str, Any]:
+    """One record of :meth:`Evaluator.paired_between_defenses`: ``second``'s ``metric`` against ``first``'s."""
+    names = (first.spec.name, second.spec.name)
+    return {"victim": first.victim, "first": names[0], "second": names[1], "metric": metric,
+            "attack": first.row["attack"], "n": first.row["n"], "first_acc": first.row[metric],
+            "second_acc": second.row[metric],
+            **_paired_test(first, second, metric, (f"the {names[0]}", f"the {names[1]}"), names)}  # fmt: skip
+
+
+def _holm_over(records: list[dict[str, Any]]) -> None:
+    """Set ``p_holm`` of every record tested (``p_value`` not None): its ``p_value`` adjusted by
+    :func:`holm_adjusted` over those records, one family."""
+    tested = [r for r in records if r["p_value"] is not None]
+    for record, adjusted in zip(tested, holm_adjusted([r["p_value"] for r in tested])):
+        record["p_holm"] = adjusted
 
 
 def reversion_verdicts(
