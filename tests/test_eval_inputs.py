@@ -559,3 +559,87 @@ def test_each_defense_is_tested_against_none_on_the_same_images_and_a_resume_kee
     assert f"n/a: {resumed[0]['not_tested']}" in report
     assert "Paired with no defense: 1 test, 2 not tested;" in " ".join(again.stderr.split())
     assert f"| sum-victim | {defense} | clean | 24 |" in report and "| n/a | - | - | n/a | n/a |" in report
+
+
+def test_two_defenses_are_tested_against_each_other_in_paired_json_and_the_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each defense was tested against none only: a run comparing two defenses (Fast Preemption and Bi-Level)
+    could not say whether their accuracies differ on the same images. With two defenses besides none,
+    paired.json holds the pairs of defenses too (``between_defenses``, next to the unchanged ``pairs``) and
+    report.md a section "Defenses against each other", their own Holm family; a run of one defense has
+    neither."""
+    from conftest import tiny_config
+    from preempt_cli.evaluate import PAIRED_BETWEEN_TEST, PAIRED_TEST, holm_adjusted, mcnemar_exact
+    from preempt_cli.models import ImageModel
+
+    victim = ImageModel(_LevelSum(), tiny_config("sum-victim")).eval().to(TEST_DEVICE)
+    monkeypatch.setattr("preempt_cli.cli._eval._model_cache", lambda *args: {"sum-victim": victim}.__getitem__)
+    data, first, second, out = tmp_path / "data", tmp_path / "first", tmp_path / "second", tmp_path / "ev"
+    first.mkdir(), second.mkdir()
+    rng = np.random.default_rng(2)
+    labels, expected = {}, {"gained": 0, "lost": 0}
+    for i, path in enumerate(write_random_pngs(data, n=24)):
+        levels = np.asarray(Image.open(path)).astype(np.int64)
+        answers = []
+        for folder in (first, second):  # two other tools' defended images
+            changed = np.clip(levels + rng.integers(-2, 3, levels.shape), 0, 255)
+            Image.fromarray(changed.astype(np.uint8)).save(folder / path.name)
+            answers.append(int(changed.sum() % 10))
+        # the first defense's answer on every third image, the second's on the others: where the two differ,
+        # the first is right only with the first defense (lost), the others only with the second (gained)
+        labels[path.name] = answers[0] if i % 3 == 0 else answers[1]
+        if answers[0] != answers[1]:
+            expected["lost" if i % 3 == 0 else "gained"] += 1
+    assert expected["gained"] > expected["lost"] > 2
+    (tmp_path / "labels.json").write_text(json.dumps(labels))
+    args = ["eval", str(data), "--labels-file", str(tmp_path / "labels.json"), "--victim", "sum-victim",
+            "--defense", "none", "--defense", f"folder:{first}", "--defense", f"folder:{second}", "--attack",
+            "pgd:steps=1", "--device", TEST_DEVICE_ARG, "--out", str(out)]  # fmt: skip
+    result = invoke(args)
+    assert result.exit_code == 0, result.stderr
+
+    paired = strict_loads((out / "paired.json").read_text())
+    assert list(paired) == ["test", "pairs", "between_test", "between_defenses"]  # the old keys first, unchanged
+    assert paired["test"] == PAIRED_TEST and paired["between_test"] == PAIRED_BETWEEN_TEST
+    assert [(p["defense"], p["metric"]) for p in paired["pairs"]] == [
+        (f"folder:{d}", m) for d in (first, second) for m in ("clean_acc", "robust_acc")]
+    between = paired["between_defenses"]
+    full = "PGD-1 Linf 8/255"
+    assert [(p["first"], p["second"], p["metric"], p["attack"], p["n"]) for p in between] == [
+        (f"folder:{first}", f"folder:{second}", metric, full, 24) for metric in ("clean_acc", "robust_acc")]
+    assert (between[0]["gained"], between[0]["lost"]) == (expected["gained"], expected["lost"])
+    assert between[0]["gain_points"] == round(100 * (expected["gained"] - expected["lost"]) / 24, 2)
+    cells = {c["defense"]: c for c in (strict_loads(p.read_text()) for p in (out / "cells").glob("*"))}
+    rows = {r["defense"]: r for r in strict_loads((out / "results.json").read_text())}
+    report = (out / "report.md").read_text()
+    assert "## Defenses against each other" in report and "the defenses against each other: paired" in report
+    for pair in between:
+        key = "clean_correct" if pair["metric"] == "clean_acc" else "robust_correct"
+        first_ok, second_ok = _bits(cells[pair["first"]][key]), _bits(cells[pair["second"]][key])
+        assert (pair["gained"], pair["lost"], pair["p_value"]) == mcnemar_exact(first_ok, second_ok)
+        assert (pair["first_acc"], pair["second_acc"]) == (rows[pair["first"]][pair["metric"]],
+                                                           rows[pair["second"]][pair["metric"]])  # fmt: skip
+        metric = "clean" if pair["metric"] == "clean_acc" else f"robust, {full}"
+        assert (f"| sum-victim | folder:{first} | folder:{second} | {metric} | 24 | {pair['first_acc']:.4g} | "
+                f"{pair['second_acc']:.4g} | {pair['gain_points']:+.2f} | {pair['gained']} | {pair['lost']} | "
+                f"{pair['p_value']:.2g} | {pair['p_holm']:.2g} |") in report.splitlines()  # fmt: skip
+    assert [p["p_holm"] for p in between] == holm_adjusted([p["p_value"] for p in between])
+    assert [p["p_holm"] for p in paired["pairs"]] == holm_adjusted([p["p_value"] for p in paired["pairs"]])
+    stand = sum(p["p_holm"] < 0.05 for p in between)
+    stderr = " ".join(result.stderr.split())
+    assert (f"Defenses against each other: 2 tests; {stand} difference{'s' if stand != 1 else ''} "
+            f"{'stand' if stand != 1 else 'stands'} (Holm-adjusted p < 0.05; see the report)") in stderr
+    assert stderr.index("Paired with no defense:") < stderr.index("Defenses against each other:")
+    # --resume: the same records, from the correctness the cell files keep
+    assert invoke([*args, "--resume"]).exit_code == 0
+    assert strict_loads((out / "paired.json").read_text())["between_defenses"] == between
+
+    # one defense besides none: paired.json as before, no section and no line
+    single_args = [*args[:10], *args[12:]]
+    assert single_args[9] == f"folder:{first}" and single_args[-2:] == ["--out", str(out)]
+    single = invoke([*single_args[:-1], str(tmp_path / "single")])
+    assert single.exit_code == 0, single.stderr
+    assert list(strict_loads((tmp_path / "single" / "paired.json").read_text())) == ["test", "pairs"]
+    assert "Defenses against each other" not in (tmp_path / "single" / "report.md").read_text()
+    assert "Defenses against each other" not in single.stderr

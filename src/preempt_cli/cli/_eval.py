@@ -15,6 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsed
 from rich.table import Table
 
 from ..evaluate import (
+    PAIRED_BETWEEN_TEST,
     PAIRED_TEST,
     AttackSpec,
     DefenseSpec,
@@ -84,14 +85,17 @@ def _widest_interval(n: int) -> float:
     return 100 * _Z95 * math.sqrt(0.25 / n + z2 / (4 * n * n)) / (1 + z2 / n)
 
 
-def _precision_note(rows: list[dict[str, Any]], paired: bool = False) -> str:
+def _precision_note(rows: list[dict[str, Any]], paired: bool = False, between: bool = False) -> str:
     """How far the report's accuracies can be trusted: the rows are not tested against each other (a few
     images, `--limit 8`, read as a gain of 12.5 points), so the report says the interval of its smallest n;
-    ``paired``: those against no defense are, in the report's next section."""
+    ``paired``: those against no defense are, in the report's next section; ``between``: and the defenses
+    against each other, in the one after it."""
     n = min((r["n"] for r in rows if isinstance(r.get("n"), int) and r["n"] > 0), default=0)
     if not n:
         return ""
-    tested = " (except each defense against none: paired on the same images below)" if paired else ""
+    tested = [what for what, shown in (("each defense against none", paired),
+                                       ("the defenses against each other", between)) if shown]  # fmt: skip
+    tested = f" (except {' and '.join(tested)}: paired on the same images below)" if tested else ""
     return (f"Each accuracy is a fraction of n images: on {n} images its 95% confidence interval (Wilson) is up "
             f"to ±{_widest_interval(n):.1f} points wide each way. The rows are not tested against each other"
             f"{tested}; a difference between two rows within that width may be noise.")
@@ -115,14 +119,49 @@ def _paired_lines(paired: list[dict[str, Any]], defenses: list[DefenseSpec]) -> 
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     reasons: list[str] = []
     for r in paired:
-        metric = "clean" if r["metric"] == "clean_acc" else f"robust, {r['attack']}"
-        if r["not_tested"] is None:
-            tested = [f"{r['gain_points']:+.2f}", str(r["gained"]), str(r["lost"]), f"{r['p_value']:.2g}",
-                      f"{r['p_holm']:.2g}"]
-        else:
-            reasons.append(r["not_tested"])
-            tested = ["n/a", "-", "-", "n/a", "n/a"]
-        cells = [r["victim"], r["defense"], metric, str(r["n"]), _fmt(r["none_acc"]), _fmt(r["defense_acc"]), *tested]
+        cells = [r["victim"], r["defense"], _metric_text(r), str(r["n"]), _fmt(r["none_acc"]), _fmt(r["defense_acc"]),
+                 *_test_cells(r, reasons)]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    if reasons:
+        lines += ["", *(f"n/a: {reason}" for reason in dict.fromkeys(reasons))]
+    return [*lines, ""]
+
+
+def _metric_text(record: dict[str, Any]) -> str:
+    """A paired record's metric as the report's tables name it."""
+    return "clean" if record["metric"] == "clean_acc" else f"robust, {record['attack']}"
+
+
+def _test_cells(record: dict[str, Any], reasons: list[str]) -> list[str]:
+    """A paired record's difference, gained, lost, p and p (Holm) as the report's tables give them; n/a where
+    it was not tested, its reason added to ``reasons``."""
+    if record["not_tested"] is not None:
+        reasons.append(record["not_tested"])
+        return ["n/a", "-", "-", "n/a", "n/a"]
+    return [f"{record['gain_points']:+.2f}", str(record["gained"]), str(record["lost"]), f"{record['p_value']:.2g}",
+            f"{record['p_holm']:.2g}"]  # fmt: skip
+
+
+def _between_lines(between: list[dict[str, Any]]) -> list[str]:
+    """The report's section "Defenses against each other": one row per victim, pair of defenses and metric of
+    :meth:`Evaluator.paired_between_defenses`, and why any was not tested."""
+    lines = ["## Defenses against each other", ""]
+    if not between:
+        return [*lines, "No paired test: no two defenses were measured with the same victim and attack.", ""]
+    lines += ["The defenses other than none against each other, tested on the same images (also in `paired.json`, "
+              "under `between_defenses`). First and second: the pair's defenses in the order `--defense` gave them. "
+              "difference: second minus first, in points; gained: images right only with the second; lost: images "
+              f"right only with the first; p: {PAIRED_BETWEEN_TEST[0].lower()}{PAIRED_BETWEEN_TEST[1:]}; p (Holm): "
+              "p adjusted by Holm's method for the number of tests in this table, a family of its own apart from "
+              "the table against none (below 0.05: a difference that stands with all of them read at once).",
+              ""]  # fmt: skip
+    cols = ["victim", "first", "second", "metric", "n", "first (%)", "second (%)", "difference", "gained", "lost",
+            "p", "p (Holm)"]  # fmt: skip
+    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    reasons: list[str] = []
+    for r in between:
+        cells = [r["victim"], r["first"], r["second"], _metric_text(r), str(r["n"]), _fmt(r["first_acc"]),
+                 _fmt(r["second_acc"]), *_test_cells(r, reasons)]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     if reasons:
         lines += ["", *(f"n/a: {reason}" for reason in dict.fromkeys(reasons))]
@@ -143,6 +182,19 @@ def _paired_summary(paired: list[dict[str, Any]], alpha: float = 0.05) -> str | 
             f"(Holm-adjusted p < {alpha:g}; see the report)")
 
 
+def _between_summary(between: list[dict[str, Any]], alpha: float = 0.05) -> str | None:
+    """The sibling of :func:`_paired_summary` for the defenses against each other: how many of their tests
+    find a difference that stands with all of them read at once (Holm-adjusted p below ``alpha``)."""
+    tested = [r for r in between if r["p_holm"] is not None]
+    if not tested:
+        return None
+    stand = sum(r["p_holm"] < alpha and r["gained"] != r["lost"] for r in tested)
+    untested = f", {len(between) - len(tested)} not tested" if len(tested) < len(between) else ""
+    tests = f"{len(tested)} test" + ("s" if len(tested) != 1 else "")
+    return (f"Defenses against each other: {tests}{untested}; {stand} difference{'s' if stand != 1 else ''} "
+            f"{'stand' if stand != 1 else 'stands'} (Holm-adjusted p < {alpha:g}; see the report)")
+
+
 def _resumed_text(run: dict[str, Any]) -> str:
     """What a resumed run took from earlier runs, and what computed it (empty when it computed all)."""
     resumed = run["resumed"]
@@ -154,7 +206,9 @@ def _resumed_text(run: dict[str, Any]) -> str:
 
 
 def _write_report(out: Path, rows: list[dict[str, Any]], evaluator: Evaluator, defenses: list[DefenseSpec],
-                  title: str, run: dict[str, Any], paired: list[dict[str, Any]]) -> Path:  # fmt: skip
+                  title: str, run: dict[str, Any], paired: list[dict[str, Any]],
+                  between: list[dict[str, Any]] | None = None) -> Path:  # fmt: skip
+    """report.md in ``out``; ``between`` (None: no section): the defenses against each other."""
     from ..quality import save_perturbation_figure
 
     lines = [f"# {title}", "", f"Data: `{evaluator.dataset.root}` ({len(evaluator.dataset)} images). "
@@ -170,10 +224,12 @@ def _write_report(out: Path, rows: list[dict[str, Any]], evaluator: Evaluator, d
     notes = sorted({r["lpips_note"] for r in rows if r.get("lpips_note")})
     if notes:
         lines += ["", *notes]
-    precision = _precision_note(rows, paired=bool(paired))
+    precision = _precision_note(rows, paired=bool(paired), between=bool(between))
     if precision:
         lines += ["", precision]
     lines += ["", *_paired_lines(paired, defenses)]
+    if between is not None:
+        lines += _between_lines(between)
     lines += ["## Perturbation maps", "", "Rows: original, defended, perturbation map (Eq. 14: delta mapped "
               "from [-eps, eps] to [0, 1], NTSC gray).", ""]  # fmt: skip
     for spec in defenses:
@@ -473,13 +529,21 @@ def eval_cmd(
         run = {**evaluator.provenance(involved), "command_options": _command_options(ctx),
                "resolved_paths": paths}
         paired = evaluator.paired_with_none()
+        # the defenses against each other: only where two were evaluated besides none (paired.json keeps its keys)
+        between = (evaluator.paired_between_defenses()
+                   if len({d.key for d in defenses if d.kind != "none"}) >= 2 else None)  # fmt: skip
+        tests = {"test": PAIRED_TEST, "pairs": paired}
+        if between is not None:
+            tests |= {"between_test": PAIRED_BETWEEN_TEST, "between_defenses": between}
         _write_text(out / "results.json", json_dumps(rows, indent=1))
-        _write_text(out / "paired.json", json_dumps({"test": PAIRED_TEST, "pairs": paired}, indent=1))
+        _write_text(out / "paired.json", json_dumps(tests, indent=1))
         _write_text(out / "run.json", json_dumps(run, indent=1))
         if csv_path is not None:
             _write_text(csv_path, _csv_text(rows))
-        report = _write_report(out, rows, evaluator, defenses, "preempt eval", run, paired)
+        report = _write_report(out, rows, evaluator, defenses, "preempt eval", run, paired, between)
         if (summary := _paired_summary(paired)) is not None:
+            c.note(summary, shown=not quiet)
+        if between is not None and (summary := _between_summary(between)) is not None:
             c.note(summary, shown=not quiet)
         c.note(f"Report: {report}", shown=not quiet)
     raise typer.Exit(c.EXIT_OK)
