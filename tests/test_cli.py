@@ -3726,6 +3726,33 @@ def test_options_show_one_metavar_per_kind_of_value_across_commands() -> None:
     assert shown["--out"] == {"eval": "DIR", "train": "FILE", "keygen": "FILE"}
 
 
+@pytest.mark.parametrize("command", [["protect"], ["revert"], ["eval"], ["train"], ["keygen"], ["models", "list"],
+                                     ["models", "verify"], ["models", "convert"]])  # fmt: skip
+def test_flags_show_no_value_in_the_help(command: list[str]) -> None:
+    """Typer 0.29 put a type beside every flag, ``--json <bool>``, ``--overwrite <bool>``, and beside the
+    counted ``-v``, ``--verbose <int>``: as if they took a value (``--json true``, ``-v 2``, which read the
+    value as a path). A flag is named alone, as the README names it."""
+    text = CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": "200"}).stdout
+    rows = [line for line in text.splitlines() if re.search(r"│ +(\*\s+)?--", line)]
+    assert any("--help" in row for row in rows), text
+    assert [row for row in rows if "<bool>" in row] == []
+    assert [row for row in rows if re.search(r"--verbose\s.*<int>", row)] == []
+    # options that take a value keep theirs (Typer 0.28 names the type as Click does)
+    samples = [row for row in rows if re.search(r"--samples\s", row)]
+    assert command[0] not in ("protect", "revert") or re.search(r"<int>|INTEGER", samples[0]), samples
+
+
+def test_eval_help_says_what_its_seed_seeds() -> None:
+    """eval's --seed said protect's "Seed of the noise; same seed + device = same output": it is the seed of the
+    defenses whose spec sets none (and of the reversion's flipped labels), not the attacks' (their spec's seed=),
+    and an AutoAttack row does not reproduce on another batch whatever the seed."""
+    import typer.main
+
+    [seed] = [p for p in typer.main.get_command(app).commands["eval"].params if "--seed" in p.opts]
+    assert "same seed + device = same output" not in seed.help
+    assert "defense" in seed.help and "seed=" in seed.help, seed.help
+
+
 @pytest.mark.parametrize("command", [["models", "verify", "tiny-key"], ["models", "convert"]])
 def test_models_verify_and_convert_take_verbose_as_the_other_commands(tmp_path: Path, registry: Path,
                                                                      command: list[str]) -> None:

@@ -206,3 +206,28 @@ def test_documented_bench_protect_smoke_test_limits_every_image_count() -> None:
         named = set(re.findall(r"--[a-z0-9-]*images", line))
         # --e2e-images defaults to --images; the reference and Bi-Level parts take their own
         assert counts - {"--e2e-images"} <= named, line
+
+
+def _help_texts() -> list[tuple[str, str]]:
+    """(command, text) of every command's help and epilog and every option's and argument's help."""
+    found: list[tuple[str, str]] = []
+
+    def walk(command: object, path: str) -> None:
+        texts = (getattr(command, "help", None), getattr(command, "epilog", None))
+        found.extend((path, text) for text in texts if text)
+        found.extend((f"{path} {param.opts[0]}", param.help) for param in command.params  # type: ignore[attr-defined]
+                     if getattr(param, "help", None))  # fmt: skip
+        for name, sub in getattr(command, "commands", {}).items():
+            walk(sub, f"{path} {name}")
+
+    walk(ROOT_COMMAND, "preempt")
+    return found
+
+
+def test_help_texts_hold_no_markdown_code() -> None:
+    """eval's --reversion-labels said "as `preempt revert`": the help is not Markdown, and showed the backticks
+    as they are. The help quotes a command as the others do ('preempt models list')."""
+    texts = _help_texts()
+    assert len(texts) > 100
+    assert [(where, text) for where, text in texts if "`" in text] == []
+

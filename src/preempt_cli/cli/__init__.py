@@ -73,15 +73,35 @@ class _MetavarArgument(typer.core.TyperArgument):
         return None
 
 
+class _FlagOption(typer.core.TyperOption):
+    """A flag (``--json``, ``--overwrite/--no-...``) or a counted option (``-v``, ``-vv``) shown by its names
+    alone: Typer 0.29 put a type beside them, ``--json <bool>``, ``--verbose <int>``, as if they took a value
+    (``--json true`` and ``-v 2`` read the value as a path)."""
+
+    def display_type_rich(self, ctx: Any) -> None:
+        return None
+
+
 def _show_arguments_by_metavar(command: Any) -> None:
     """Show the arguments of ``command`` and its subcommands that are given a metavar by it alone (see
-    :class:`_MetavarArgument`). Typer builds every argument as a ``TyperArgument``, with no way to name
-    another class."""
+    :class:`_MetavarArgument`), and its flags by their names alone (:class:`_FlagOption`). Typer builds every
+    argument as a ``TyperArgument`` and every option as a ``TyperOption``, with no way to name another class."""
     for sub in getattr(command, "commands", {}).values():
         _show_arguments_by_metavar(sub)
     for param in command.params:
         if type(param) is typer.core.TyperArgument and param.metavar is not None:
             param.__class__ = _MetavarArgument
+        elif type(param) is typer.core.TyperOption and (param.is_flag or param.count):
+            param.__class__ = _FlagOption
+    make_help_option = command.get_help_option
+
+    def get_help_option(ctx: Any) -> Any:  # -h/--help, made when a help is first shown
+        option = make_help_option(ctx)
+        if type(option) is typer.core.TyperOption:
+            option.__class__ = _FlagOption
+        return option
+
+    command.get_help_option = get_help_option
 
 
 class _Preempt(typer.core.TyperGroup):

@@ -31,7 +31,7 @@ from ..errors import ConfigError, PreemptError
 from .._paths import expand_home, make_folders
 from ..imageio import atomic_write
 from . import _common as c
-from ._files import SeedOpt, _defaults, _model_cache, _setup_torch, backbone_option, classifier_option
+from ._files import _defaults, _model_cache, _setup_torch, backbone_option, classifier_option
 
 _logger = logging.getLogger(__name__)
 
@@ -40,6 +40,10 @@ EvalBackboneOpt = backbone_option("Backbone of the fp and bilevel defenses that 
                                   "list'; default: the built-in preempt-resnet20-at).")
 EvalClassifierOpt = classifier_option("Classifier of the fp and bilevel defenses that name none (default: the "
                                       "built-in preempt-resnet20-std when the backbone is a CIFAR-10 model).")
+# protect's "same seed + device = same output" is not eval's: its attacks take the seed of their own spec
+EvalSeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the fp and bilevel defenses whose spec sets no "
+                                          "seed= (and of --flip-fraction's flips); an attack's is its spec's seed= "
+                                          "(default 0).")]
 
 EVAL_EPILOG = """\
 [bold]Examples[/]
@@ -389,7 +393,7 @@ def eval_cmd(
     ] = None,
     reversion_labels: Annotated[
         str, typer.Option("--reversion-labels", help="Who labels the protected images for a reversion: own (each "
-                          "reverter its own labeller, as `preempt revert`) or defender (the defender's labels: an "
+                          "reverter its own labeller, as 'preempt revert') or defender (the defender's labels: an "
                           "oracle, the worst case for the defender).")
     ] = "own",
     flip_fraction: Annotated[
@@ -399,7 +403,7 @@ def eval_cmd(
         int, typer.Option("--jpeg-quality", help="Reversion: quality (1-100, Pillow's scale) of the blind JPEG "
                           "reversion, the stage JPEG-<quality>.")
     ] = 50,
-    seed: SeedOpt = 0,
+    seed: EvalSeedOpt = 0,
     device: c.DeviceOpt = "auto",
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Images per defense batch (default: 256 "
                                                       "on a CUDA GPU, else 50).")] = None,

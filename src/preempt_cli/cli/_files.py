@@ -82,7 +82,7 @@ SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the noise; same se
 PrecisionOpt = Annotated[
     str,
     typer.Option("--precision", help="Backbone passes in fp32, bf16 (autocast; 1.4-1.6x the fp32 rate measured "
-                 "on an H100, 1.8-2.0x on a CPU with AVX512-BF16), or auto (bf16 where native)."),
+                 "on an H100, 1.8-2.0x on a CPU with AVX512-BF16, 2.1-2.6x with AMX), or auto (bf16 where native)."),
 ]  # fmt: skip
 BatchOpt = Annotated[
     Optional[int],
