@@ -128,7 +128,8 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=932, help="images for Table 1 / Table 5 PGD cells")
     ap.add_argument("--aa-images", type=int, default=100, help="images for AutoAttack cells")
     ap.add_argument("--aa-victims", default="cifar10-resnet20-pgdat-b", help="comma-separated")
-    ap.add_argument("--bilevel-images", type=int, default=100, help="Bi-Level costs ~5 s/image on 2 CPU cores")
+    ap.add_argument("--bilevel-images", type=int, default=100,
+                    help="Bi-Level took 2.4 s/image on 2 CPU cores (results/eval_tables.md)")
     ap.add_argument("--ablation-images", type=int, default=200)
     ap.add_argument("--reversion-images", type=int, default=200)
     ap.add_argument("--device", default="auto")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The next GPU call (benchmarks/RESULTS.md, first section), prepared to run once, in one command: about
+# The next GPU call (benchmarks/RESULTS.md, in the section of 0.21.0), prepared to run once, in one command: about
 # 3-4 minutes on an H100 after the machine's start, never more than BUDGET (480 s).
 #   0. the machine, and every piece the steps need: python3 with torch (and CUDA where DEVICE is cuda),
 #      pytest, preempt_cli from src/, ../shared (linked from SHARED_COPY) with the CIFAR-10 test PNGs and

@@ -231,3 +231,13 @@ def test_help_texts_hold_no_markdown_code() -> None:
     assert len(texts) > 100
     assert [(where, text) for where, text in texts if "`" in text] == []
 
+
+def test_benchmarks_readme_names_every_folder_of_raw_results() -> None:
+    """benchmarks/README.md listed the raw outputs' folders as `cpu-epyc/`, `gpu-h100/`, `gpu-h200/` after the
+    runs of 0.14.0 to 0.24.0 went into `cpu-xeon/`: a reader looking for the latest CPU runs was sent elsewhere."""
+    text = _read("benchmarks/README.md")
+    [listing] = re.findall(r"raw outputs in `results/` \(([^)]*)\)", text)
+    committed = {p.name for p in (ROOT / "benchmarks" / "results").iterdir()
+                 if p.is_dir() and p.name not in ("cache", "models")}  # (cache, models: a run's own, not committed)
+    assert len(committed) >= 4
+    assert sorted(committed - set(re.findall(r"`([\w.-]+)/`", listing))) == []
