@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import typer
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -471,6 +472,9 @@ def test_cli_train_registers_a_backbone_that_protect_uses(colour_dir: Path, tmp_
     assert result.exit_code == 0, result.output
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert lines[0]["event"] == "epoch" and lines[-1]["event"] == "done" and lines[-1]["name"] == "my-key"
+    # the help says what --json prints (it said the other commands' "one JSON object per result")
+    [json_help] = [p.help for p in typer.main.get_command(app).commands["train"].params if "--json" in p.opts]
+    assert sorted(e for e in {line["event"] for line in lines} if f'"event": "{e}"' not in json_help) == []
     cfg = get_model_config("my-key")
     assert cfg.role == "backbone" and cfg.input_size == (3, 16, 16) and cfg.classes == ("blue", "green", "red")
     # usable at once as a backbone

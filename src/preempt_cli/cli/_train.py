@@ -86,6 +86,9 @@ ForceOpt = Annotated[bool, typer.Option(
 TrainForceOpt = Annotated[bool, typer.Option(
     "--overwrite", "--force", help="Replace an existing output file and registry entry; without --resume, start "
     "over from an interrupted run's checkpoint (--force: its former name).")]  # fmt: skip
+#: train and keygen print an object per epoch, then a summary: not the other commands' "one per result"
+TrainJsonOpt = Annotated[bool, typer.Option("--json", help='Print one JSON object per epoch ("event": "epoch") '
+                                            'and a last one ("event": "done") on stdout.')]  # fmt: skip
 #: what a re-run after Ctrl-C does: train continues from the checkpoint of the last finished epoch, keygen
 #: keeps none (it would hold the secret-seeded generator's state)
 TRAIN_INTERRUPTED = "run the same command with --resume to continue after the last finished epoch"
@@ -395,7 +398,7 @@ def train_cmd(
     device: c.DeviceOpt = "auto",
     models_dir: c.ModelsDirOpt = None,
     registry: c.RegistryOpt = None,
-    json_out: c.JsonOpt = False,
+    json_out: TrainJsonOpt = False,
     quiet: c.QuietOpt = False,
     verbose: c.VerboseOpt = 0,
     log: c.LogOpt = None,
@@ -498,7 +501,7 @@ def keygen_cmd(
     device: c.DeviceOpt = "auto",
     models_dir: c.ModelsDirOpt = None,
     registry: c.RegistryOpt = None,
-    json_out: c.JsonOpt = False,
+    json_out: TrainJsonOpt = False,
     quiet: c.QuietOpt = False,
     verbose: c.VerboseOpt = 0,
     log: c.LogOpt = None,
