@@ -21,27 +21,33 @@ def main() -> None:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             sys.exit(141)
         return
+    from ._signals import stop_as_interrupts, stop_exit_code, stopped_by
+
+    stop_as_interrupts()  # SIGTERM (scancel, timeout) meanwhile: said as Ctrl-C is, not a silent kill
     try:
         run_cli = _import_cli()
     except KeyboardInterrupt:
         # as the CLI says it (cli._common.INTERRUPTED_BEFORE_START), which this import did not reach
-        sys.stderr.write("error: interrupted: before the command started, nothing was done\n")
-        sys.exit(130)
+        sys.stderr.write(f"error: interrupted{stopped_by()}: before the command started, nothing was done\n")
+        sys.exit(stop_exit_code())
     run_cli()
 
 
 def _import_cli() -> Callable[[], None]:
-    """The CLI's entry point, imported with Ctrl-C held until it is in: torch's C code imports numpy and
-    drops an error raised meanwhile, so a press that landed there was lost (the command then ran, numpy
-    unusable from torch). A press held is delivered once the import is over, as a KeyboardInterrupt here."""
+    """The CLI's entry point, imported with Ctrl-C (SIGTERM, SIGHUP) held until it is in: torch's C code
+    imports numpy and drops an error raised meanwhile, so a press that landed there was lost (the command
+    then ran, numpy unusable from torch). A press held is delivered once the import is over, as a
+    KeyboardInterrupt here."""
+    from ._signals import STOP_SIGNALS
+
     hold = hasattr(signal, "pthread_sigmask")
     if hold:
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        signal.pthread_sigmask(signal.SIG_BLOCK, set(STOP_SIGNALS))
     try:
         from .cli import main as run_cli
     finally:
         if hold:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, set(STOP_SIGNALS))
     return run_cli
 
 

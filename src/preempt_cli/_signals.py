@@ -58,3 +58,45 @@ def stops_held() -> Iterator[None]:
     release()
     if held:
         signal.raise_signal(caught[0])
+
+
+#: The stop signal that ended the command before it began (see :func:`stop_as_interrupts`), None if none did.
+stopped_before_start: int | None = None
+
+
+def stop_as_interrupts() -> None:
+    """Until a command installs its own handlers, SIGTERM and SIGHUP end the process as Ctrl-C does then, a
+    KeyboardInterrupt that the entry point reports, noting the signal in :data:`stopped_before_start` (its
+    exit code is 128 + its number). Their default action killed the process at once with nothing said:
+    a Slurm job cancelled while torch was imported left no line in its log. A signal ignored (``nohup``'s
+    SIGHUP) or given a handler by whoever started the process is left as it is. For the ``preempt``
+    command's entry point only: a program importing the library keeps its signals."""
+    for signum in STOP_SIGNALS:
+        if signum != signal.SIGINT and signal.getsignal(signum) is signal.SIG_DFL:
+            signal.signal(signum, _interrupt)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    global stopped_before_start
+    stopped_before_start = signum
+    raise KeyboardInterrupt
+
+
+def restore_default_stops() -> None:
+    """Hand SIGTERM and SIGHUP back to their default action (the process's exit: a KeyboardInterrupt then
+    would be "Exception ignored in atexit callback")."""
+    for signum in STOP_SIGNALS:
+        if signal.getsignal(signum) is _interrupt:
+            signal.signal(signum, signal.SIG_DFL)
+
+
+def stop_exit_code() -> int:
+    """The exit code of a command stopped before it began: 128 + the signal's number, as shells report it
+    (130 for Ctrl-C)."""
+    return 128 + (stopped_before_start or signal.SIGINT)
+
+
+def stopped_by() -> str:
+    """" by SIGTERM" (or SIGHUP) of a command stopped before it began, as the later stops say it; "" for
+    Ctrl-C."""
+    return "" if stopped_before_start in (None, signal.SIGINT) else f" by {signal.Signals(stopped_before_start).name}"

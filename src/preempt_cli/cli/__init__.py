@@ -16,7 +16,7 @@ import typer
 import typer.core
 import typer.rich_utils
 
-from .. import __version__
+from .. import __version__, _signals
 from . import _common, _eval, _files, _logfile, _models, _train
 from ._common import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED
 
@@ -210,8 +210,9 @@ def _from_an_interrupt(error: BaseException) -> bool:
 
 
 def _interrupted_before_start() -> NoReturn:
-    _common.error_line(_common.INTERRUPTED_BEFORE_START)
-    raise SystemExit(EXIT_INTERRUPTED) from None
+    by = _signals.stopped_by()  # SIGTERM, SIGHUP: see _signals.stop_as_interrupts
+    _common.error_line(_common.INTERRUPTED_BEFORE_START.replace("interrupted", f"interrupted{by}", 1))
+    raise SystemExit(_signals.stop_exit_code()) from None
 
 
 def _ignore_interrupts_at_exit() -> None:
@@ -230,6 +231,8 @@ def _ignore_interrupts() -> None:
     main_thread = threading.current_thread() is threading.main_thread()
     if main_thread and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if main_thread:  # SIGTERM and SIGHUP kill the exit as they would any process's
+        _signals.restore_default_stops()
 
 
 _exit_handler_registered = False
