@@ -13,6 +13,7 @@ Reusable helpers (importable from tests as ``from conftest import ...``):
 * :func:`engine_noise_keys` gives the noise keys an engine draws for given noise seeds.
 * :func:`randomized_batchnorm` gives a net's BatchNorm layers non-trivial statistics, in eval mode.
 * :func:`raised_without_waiting_on` runs a call that must not block on a FIFO, and gives what it raised.
+* :class:`CudaLikeDivision` divides floats by a number as CUDA does (times its reciprocal), on the CPU.
 * :class:`LiveBuffers` counts the tensor buffers of at least a given size alive at once while torch computes.
 * :class:`StandInDevice` stands in for a GPU's asynchronous work on any machine: ``queue(seconds, payload)``
   returns a :class:`QueuedWork` (``done()``, ``ready_at``, ``payload``) at once, each queued piece runs after
@@ -209,6 +210,21 @@ def randomized_batchnorm(net: nn.Module, seed: int = 0) -> nn.Module:
                     t = getattr(module, key)
                     t.copy_(torch.rand(t.shape, generator=gen) * (hi - lo) + lo)
     return net.eval()
+
+
+class CudaLikeDivision(TorchDispatchMode):
+    """Divides float32 tensors by a Python number as CUDA does: times the number's float32 reciprocal (torch's
+    ``div_true_kernel_cuda`` takes a host scalar divisor so: ``levels / 255`` is a last bit off for 126 of the
+    256 levels), where the CPU divides. A division by a tensor passes through, as on either device. For CPU
+    tests of what a GPU's division would change."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if (func in (torch.ops.aten.div.Tensor, torch.ops.aten.div_.Tensor) and not kwargs
+                and isinstance(args[1], (int, float)) and args[0].dtype == torch.float32):  # fmt: skip
+            reciprocal = float(np.float32(1) / np.float32(args[1]))
+            return args[0].mul_(reciprocal) if func is torch.ops.aten.div_.Tensor else args[0].mul(reciprocal)
+        return func(*args, **kwargs)
 
 
 class LiveBuffers(TorchDispatchMode):

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import preempt_cli
-from conftest import TEST_DEVICE, LiveBuffers, interrupt_run_once, make_tiny_model, write_random_pngs
+from conftest import (TEST_DEVICE, CudaLikeDivision, LiveBuffers, interrupt_run_once, make_tiny_model,
+                      write_random_pngs)
 from preempt_cli import FastPreemption, ForeBackConfig, Protector, RunOptions, collect_inputs, parse_eps, read_image
 from preempt_cli.engine import content_seeds
 from preempt_cli.errors import ConfigError, InputError
@@ -108,6 +109,22 @@ def test_content_seeds_of_a_mixed_batch_are_each_image_s_own(monkeypatch: pytest
     assert content_seeds(x) == expected
     monkeypatch.setattr(engine, "CONTENT_SEED_CHUNK_ELEMENTS", 1)
     assert content_seeds(x) == expected
+
+
+def test_content_seeds_read_a_decoded_file_s_levels_as_cuda_divides() -> None:
+    """A tensor decoded on the host (``Picture.to_tensor``: levels / 255 divided exactly) and sent to a GPU
+    gets its file's seed there too. The levels were checked with ``levels / 255`` on the tensor's device,
+    where CUDA multiplies by the reciprocal: half the levels were a bit off, and the image got the seed of
+    its float bytes, other noise on a GPU than on the CPU (emulated here on the CPU)."""
+    levels8 = np.arange(256 * 3, dtype=np.int64).reshape(16, 16, 3) % 256  # every level
+    levels16 = np.random.default_rng(3).integers(0, 65536, (16, 16, 3), dtype=np.uint16)
+    x8 = torch.from_numpy(levels8).permute(2, 0, 1).float().div(255)[None]  # exactly divided, as decoded
+    x16 = torch.from_numpy(levels16.astype(np.int64)).permute(2, 0, 1).float().div(65535)[None]
+    with CudaLikeDivision():
+        as_cuda_divides = torch.arange(256.0).div(255)
+        seeds = content_seeds(torch.cat([x8, x16]))
+    assert int(as_cuda_divides.ne(torch.arange(256.0).div(255)).sum()) == 126  # the emulation is CUDA's
+    assert seeds == [content_seed(levels8.astype(np.uint8)), content_seed(levels16)]
 
 
 def test_protecting_a_decoded_file_gives_the_pipelines_bits(tmp_path: Path, tiny_backbone) -> None:

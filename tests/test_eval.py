@@ -15,8 +15,8 @@ from PIL import Image
 from torch import nn
 from typer.testing import CliRunner
 
-from conftest import (FAKE_AUTOATTACK_MODULE, TEST_DEVICE, TEST_DEVICE_ARG, ThresholdModel, make_per_image_model,
-                      make_tiny_model)
+from conftest import (FAKE_AUTOATTACK_MODULE, TEST_DEVICE, TEST_DEVICE_ARG, CudaLikeDivision, ThresholdModel,
+                      make_per_image_model, make_tiny_model)
 from preempt_cli import attacks as attacks_module
 from preempt_cli import evaluate as evaluate_module
 from preempt_cli.cli import app
@@ -543,9 +543,9 @@ def test_attack_cells_attack_the_defended_images(monkeypatch: pytest.MonkeyPatch
     assert torch.equal(ev.defend(fp_spec()).images, defended)
     row = ev.cell("victim", fp_spec(), AttackSpec.parse("pgd:steps=2,limit=5"))
     assert len(given) == 1
-    # compared as levels: on CUDA x / 255 multiplies by the reciprocal, one ulp off the CPU's quotient
-    assert torch.equal((given[0] * 255).round(), defended[:5].float())  # the defended images, not the originals
-    assert torch.equal((torch.cat(attacked) * 255).round(), defended[:5].float())
+    # the CPU's floats on every device (a GPU's x / 255, a product with the reciprocal, was a bit off them)
+    assert torch.equal(given[0], defended[:5].float() / 255)  # the defended images, not the originals
+    assert torch.equal(torch.cat(attacked), defended[:5].float() / 255)
     assert row["n"] == 5 and row["clean_acc"] == 100.0
 
 
@@ -1063,3 +1063,13 @@ def test_defenses_are_tested_against_each_other_on_the_same_images_in_a_holm_fam
 
     ev._given = [cell for cell in ev._given if cell.spec.kind == "none" or cell.spec is a]
     assert ev.paired_between_defenses() == []  # one defense besides none
+
+
+def test_the_evaluated_images_are_the_same_floats_on_every_device() -> None:
+    """``eval`` sent its 8-bit images to the device as ``x / 255``, which a GPU computes as a product with
+    the reciprocal (emulated here on the CPU): other floats than the CPU's, off the 8-bit grid PGD reads an
+    image's levels from for its random starts, so a GPU drew other starts for the same images."""
+    images = (torch.arange(3 * 16 * 16) % 256).to(torch.uint8).view(1, 3, 16, 16)  # every level
+    with CudaLikeDivision():
+        x = evaluate_module._to_float(images, torch.device("cpu"))
+    assert torch.equal(x, images.float() / 255)

@@ -16,7 +16,7 @@ import torch
 import PIL
 from PIL import Image, features
 
-from conftest import LiveBuffers
+from conftest import CudaLikeDivision, LiveBuffers
 from preempt_cli import imageio
 from preempt_cli.errors import ImageReadError, ImageWriteError
 from preempt_cli.imageio import (
@@ -1151,6 +1151,23 @@ def test_stacked_levels_give_the_pictures_tensors(dtype: str) -> None:
     assert stacked.shape == (3, 3, 6, 4) and not stacked.is_floating_point()
     x = levels_to_float(stacked, pictures[0].max_value)
     assert x.is_contiguous() and torch.equal(x, torch.stack([p.to_tensor() for p in pictures]))
+
+
+@pytest.mark.parametrize("dtype", ["u1", "u2"])
+def test_levels_become_the_pictures_floats_as_cuda_divides_too(dtype: str) -> None:
+    """The pipeline turns a batch's levels into floats on its device, and rounds the protected images back to
+    levels and floats there: on a GPU, ``levels / 255`` multiplied by the reciprocal, a last bit off
+    ``Picture.to_tensor``'s floats for 126 of the 256 levels (emulated here on the CPU), so that a GPU
+    protected other floats than the CPU did, and called the rounded ones what the files hold."""
+    max_value = np.iinfo(dtype).max
+    # every 8-bit level (16-bit: every multiple of 257, the same floats)
+    color = (np.arange(16 * 16 * 3).reshape(16, 16, 3) * 257 % (max_value + 1)).astype(dtype)
+    picture = Picture(Path("a.png"), color, None, "RGB", "RGB", "PNG")
+    levels = stack_levels([color], "cpu")
+    with CudaLikeDivision():
+        x = levels_to_float(levels, max_value)
+        _, saved = quantize_batch_on_device(x, levels, 8 / 255, max_value)
+    assert torch.equal(x[0], picture.to_tensor()) and torch.equal(saved[0], picture.to_tensor())
 
 
 def test_read_images_hashes_each_picture_where_it_decodes(tmp_path: Path) -> None:

@@ -23,6 +23,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from conftest import CudaLikeDivision, make_tiny_model
+from preempt_cli import train as train_module
 from preempt_cli.cli import app
 from preempt_cli.errors import ConfigError, ImageReadError, RegistryError
 from preempt_cli.models import load_model
@@ -32,6 +34,7 @@ from preempt_cli.train import (
     TrainConfig,
     _adversarial,
     arch_config,
+    evaluate_accuracy,
     augment,
     checkpoint_path,
     keygen,
@@ -1245,3 +1248,20 @@ def _sha256(path: Path) -> str:
     from preempt_cli.hub import sha256_file
 
     return sha256_file(path)
+
+
+def test_the_pgd_accuracy_attacks_the_same_floats_on_every_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The held-out images went to the device as ``x / 255``, which a GPU computes as a product with the
+    reciprocal (emulated here on the CPU): other floats than the CPU's, from which PGD draws other starts."""
+    attacked: list[torch.Tensor] = []
+
+    class Recording(train_module.PGD):
+        def perturb(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            attacked.append(x.clone())
+            return x
+
+    monkeypatch.setattr(train_module, "PGD", Recording)
+    images = (torch.arange(2 * 3 * 16 * 16) % 256).to(torch.uint8).view(2, 3, 16, 16)  # every level
+    with CudaLikeDivision():
+        evaluate_accuracy(make_tiny_model(0, input_size=(3, 16, 16)), images, torch.tensor([1, 2]), steps=1)
+    assert len(attacked) == 1 and torch.equal(attacked[0], images.float() / 255)

@@ -35,7 +35,7 @@ from torch import nn
 from .device import resolve_device, to_device
 from .errors import ConfigError, InputError, excerpt
 from .graphs import GraphedFunction
-from .imageio import content_seed
+from .imageio import content_seed, divide_levels_
 
 __all__ = ["ForeBackConfig", "FastPreemption", "PRESETS", "PRECISIONS", "COMPILE_MODES", "parse_eps", "refuse_int_levels", "default_eps", "eval_mode", "project",
            "native_bf16", "resolve_precision", "content_seeds", "check_seed", "autograd_usable", "check_images",
@@ -139,8 +139,10 @@ def content_seeds(x: torch.Tensor) -> list[int]:
     [0, 1] is read back as the 8-bit levels it holds exactly (a tensor decoded from an 8-bit file, or
     ``levels / 255``), else as 16-bit levels, and hashed as :func:`~preempt_cli.imageio.content_seed` hashes
     a decoded file's; other values (off both grids) hash their float32 bytes. So a tensor decoded from a
-    file gets that file's noise, and an image's result never depends on its place in a batch. (A 16-bit
-    file whose levels are all multiples of 257 reads as 8-bit and gets other noise than ``protect`` gives it.)
+    file gets that file's noise, on any device, and an image's result never depends on its place in a batch.
+    (A 16-bit file whose levels are all multiples of 257 reads as 8-bit and gets other noise than ``protect``
+    gives it. Levels divided on a GPU by a number, ``levels.cuda() / 255``, are not all exact there: CUDA
+    multiplies by the reciprocal, a bit off for 126 of the 256 levels, so they read as other values.)
 
     The levels are read for many images at once, on ``x``'s device (:data:`CONTENT_SEED_CHUNK_ELEMENTS` at a
     time), and only the hashing runs image by image: 256 CIFAR-10 images take 6 ms on a shared 2-core CPU,
@@ -166,8 +168,8 @@ def _content_seeds(x: torch.Tensor) -> list[int]:
     for max_value, dtype, as_dtype in ((255, torch.uint8, np.uint8), (65535, torch.int32, np.uint16)):
         part = x if rest.numel() == x.shape[0] else x[rest]
         levels = part.mul(max_value).round_().clamp_(0, max_value)
-        # exactly the floats imageio.levels_to_float makes
-        exact = torch.eq(levels.div(max_value), part).flatten(1).all(1)
+        # exactly the floats Picture.to_tensor makes, on any device (a GPU's levels / 255 is not: divide_levels_)
+        exact = torch.eq(divide_levels_(levels.clone(), max_value), part).flatten(1).all(1)
         found = exact.nonzero().squeeze(1)
         hwc_levels = levels.to(dtype)[found].permute(0, 2, 3, 1).contiguous().cpu().numpy()
         for i, image in zip(rest[found].tolist(), hwc_levels):

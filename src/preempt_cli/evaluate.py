@@ -34,7 +34,7 @@ from .device import resolve_device
 from .baselines import BILEVEL_OPTIMIZERS
 from .engine import COMPILE_MODES, PRECISIONS, ForeBackConfig, check_seed, default_eps, eval_mode, parse_eps
 from .errors import ConfigError, InputConfigError, LabelError
-from .imageio import atomic_write, content_seed, display_name, quantize_levels, read_image
+from .imageio import atomic_write, content_seed, display_name, levels_to_float, quantize_levels, read_image
 from .inputs import PROTECTED_SUFFIX, REVERTED_SUFFIX, InputFile, collect_inputs
 from .labels import read_label_file
 from .models import ImageModel, weights_sha256, weights_sha256_of
@@ -621,7 +621,9 @@ def jpeg_roundtrip(images: torch.Tensor, quality: int = 50) -> torch.Tensor:
 
 
 def _to_float(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return images.to(device).float().div_(255)
+    """8-bit ``images`` as [0, 1] floats on ``device``: the same floats on every device (a GPU's x / 255 is
+    not), so that PGD's random starts, drawn from an image's levels, are too."""
+    return levels_to_float(images.to(device), 255)
 
 
 #: Part of every resume key (defenses, and so the cells that attack them): raised when the same spec text

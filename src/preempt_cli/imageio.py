@@ -68,6 +68,7 @@ __all__ = [
     "quantize_levels",
     "stack_levels",
     "levels_to_float",
+    "divide_levels_",
     "read_images",
     "decoded_size",
     "DecodedSize",
@@ -844,10 +845,21 @@ def stack_levels(colors: Sequence[np.ndarray], device: torch.device | str) -> to
 
 
 def levels_to_float(levels: torch.Tensor, max_value: int) -> torch.Tensor:
-    """Integer levels [B, C, H, W] as contiguous float32 in [0, 1] (the values of ``Picture.to_tensor``)."""
+    """Integer levels [B, C, H, W] as contiguous float32 in [0, 1] (the values of ``Picture.to_tensor``, on
+    any device: see :func:`divide_levels_`)."""
     import torch
 
-    return levels.to(torch.float32, memory_format=torch.contiguous_format).div_(max_value)
+    return divide_levels_(levels.to(torch.float32, memory_format=torch.contiguous_format), max_value)
+
+
+def divide_levels_(levels: torch.Tensor, max_value: int) -> torch.Tensor:
+    """Float ``levels`` divided by ``max_value`` in place, correctly rounded on every device: the floats of
+    ``Picture.to_tensor``. CUDA divides by a number as a product with its reciprocal (torch's kernel takes a
+    host scalar divisor so), a last bit off for 126 of the 256 8-bit levels: the divisor is a tensor on
+    ``levels``' device, which CUDA divides by (the CPU gives the same bits either way)."""
+    import torch
+
+    return levels.div_(torch.full((), max_value, dtype=levels.dtype, device=levels.device))
 
 
 def quantize_batch(x: torch.Tensor, references: Sequence[np.ndarray], eps: float,
@@ -886,7 +898,7 @@ def quantize_batch_on_device(x: torch.Tensor, reference_levels: torch.Tensor, ep
 
     clipped = _clip_levels(x, reference_levels, eps, max_value)
     small = clipped.to(torch.uint8 if max_value == 255 else torch.int32)
-    return small, clipped.div_(max_value)
+    return small, divide_levels_(clipped, max_value)
 
 
 def levels_to_host(levels: torch.Tensor) -> list[np.ndarray]:

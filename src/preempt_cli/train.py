@@ -49,7 +49,7 @@ from .errors import ConfigError, ImageReadError, clip, first_line, value_text
 from .hub import save_safetensors, sha256_file
 from ._paths import expand_home
 from ._signals import stops_held
-from .imageio import DEFAULT_MAX_PIXELS, gray16_levels, max_file_bytes
+from .imageio import DEFAULT_MAX_PIXELS, gray16_levels, levels_to_float, max_file_bytes
 from .inputs import is_hidden_name
 from .models import ImageModel, build_model, load_model
 from .registry import ModelConfig, Source
@@ -518,7 +518,7 @@ def evaluate_accuracy(model: ImageModel, images: torch.Tensor, labels: torch.Ten
     """(clean, PGD) accuracy in % of ``model`` on uint8 ``images``: PGD L-inf ``eps``, ``steps`` steps of
     eps/4 from a random start, on 8-bit images."""
     with eval_mode(model):
-        x = images.to(device).float().div_(255)
+        x = levels_to_float(images.to(device), 255)  # the same floats on every device: PGD draws its starts from them
         y = labels.to(device)
         clean = _clean_accuracy(model, x, y, batch_size)
         pgd = PGD(model, eps=eps, steps=steps, quantize=True, seed=0, device=device)
