@@ -187,7 +187,7 @@ def test_pipeline_on_cuda_writes_what_each_batch_computes(tmp_path: Path, resnet
     assert [r.status for r in results] == ["done"] * 24
     for first in range(0, 24, 8):  # the same batches (8 files each, in order), computed one at a time
         pictures = [read_image(p) for p in originals[first : first + 8]]
-        # the pipeline's inputs, built as it builds them (CUDA's x / 255 is one ulp off the CPU's)
+        # the pipeline's inputs, built as it builds them (the CPU's floats: see levels_to_float)
         x = levels_to_float(stack_levels([p.color for p in pictures], CUDA), 255)
         y = protector.predict(x).clone()
         x_new = protector.transform(x, y, noise_seeds=[content_seed(p.color) for p in pictures])
@@ -407,3 +407,138 @@ def test_a_long_photo_resizes_into_a_32x32_model_on_cuda() -> None:
 def test_device_all_means_every_gpu() -> None:
     assert resolve_devices("all") == [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
     assert resolve_devices("cuda:0,cpu") == [CUDA, torch.device("cpu")]
+
+
+# -- what changed since the last GPU run (0.19.0), each against the CPU: bit for bit where the code says so ------
+def test_hashed_noise_and_its_keys_are_the_same_bits_on_cuda_and_the_cpu() -> None:
+    """``noise_keys`` and ``hash_noise`` (the engine's noise, PGD's starts) are integer arithmetic and one
+    float rounding: the same bits on both devices, for keys at the ends of their range, in blocks of any size."""
+    from preempt_cli.engine import hash_noise, noise_keys, seeded_image_keys
+
+    image_keys = seeded_image_keys(2**64 - 1, [0, 1, 2**64 - 1, 12345], stream=1)
+    keys = {d: noise_keys(image_keys.to(d), 3, 5) for d in ("cpu", "cuda:0")}
+    assert torch.equal(keys["cpu"], keys["cuda:0"].cpu())
+    assert int(keys["cpu"].min()) >= 0 and int(keys["cpu"].max()) < 2**32
+    for eps, block in ((EPS, 1 << 20), (1.0, 1000), (0.3, 7)):
+        noise = {d: hash_noise(k[:, 1], 3 * 17 * 13, eps, block=block) for d, k in keys.items()}
+        assert torch.equal(noise["cpu"], noise["cuda:0"].cpu()), (eps, block)
+        assert noise["cpu"].abs().max() <= eps
+
+
+def _picture_floats(levels: np.ndarray) -> torch.Tensor:
+    """``levels`` (HWC) as the CHW floats ``Picture.to_tensor`` gives, on the CPU."""
+    return torch.from_numpy(levels.astype(np.float32)).permute(2, 0, 1).contiguous().div_(np.iinfo(levels.dtype).max)
+
+
+def test_content_seeds_on_cuda_are_the_cpu_s() -> None:
+    """A tensor decoded on the host and sent to the GPU gets its file's seed there: its levels were checked
+    with CUDA's ``levels / 255`` (a product with the reciprocal, a bit off for 126 of the 256 levels), and half
+    its pixels read as other values. Floats off the grids hash their bytes on both devices alike."""
+    from preempt_cli.engine import content_seeds
+
+    rng = np.random.default_rng(7)
+    levels8 = (np.arange(16 * 16 * 3) % 256).reshape(16, 16, 3).astype(np.uint8)  # every level
+    levels16 = rng.integers(0, 65536, (16, 16, 3), dtype=np.uint16)
+    other = rng.random((16, 16, 3), dtype=np.float32)
+    x = torch.stack([_picture_floats(levels8), _picture_floats(levels16), torch.from_numpy(other).permute(2, 0, 1)])
+    expected = [content_seed(levels8), content_seed(levels16), content_seed(other)]
+    assert content_seeds(x) == expected
+    assert content_seeds(x.to(CUDA)) == expected
+
+
+@pytest.mark.parametrize("max_value", [255, 65535])
+def test_levels_become_the_cpu_s_floats_on_cuda(max_value: int) -> None:
+    """The pipeline's levels -> floats on the device, and the rounded levels' floats (what the files hold):
+    ``Picture.to_tensor``'s floats, every level, where CUDA's ``levels / 255`` is a bit off for 126 of 256."""
+    from preempt_cli.imageio import quantize_batch_on_device
+
+    levels = torch.arange(max_value + 1, dtype=torch.int32).view(1, 1, 1, -1)
+    if max_value == 255:
+        levels = levels.to(torch.uint8)
+    cpu = levels_to_float(levels, max_value)
+    assert torch.equal(cpu, levels.double().div(max_value).float())  # correctly rounded
+    cuda = levels_to_float(levels.to(CUDA), max_value)
+    assert torch.equal(cuda.cpu(), cpu)
+    _, saved = quantize_batch_on_device(cuda, levels.to(CUDA), EPS, max_value)
+    assert torch.equal(saved.cpu(), cpu)
+
+
+@pytest.mark.parametrize("norm", ["Linf", "L2"])
+def test_pgd_starts_on_cuda_are_each_image_s_own_and_the_cpu_s(norm: str) -> None:
+    """PGD draws each image's start from its pixels (the CPU's seeds: see above), the seed and the restart,
+    by the engine's hash: an L-inf start is the same bits on both devices and in any batch. An L2 start
+    divides by each image's norm, a sum whose order on CUDA may follow the batch size: equal up to rounding."""
+    from preempt_cli.attacks import PGD
+
+    levels = torch.randint(0, 256, (8, 3, 32, 32), generator=torch.Generator().manual_seed(3), dtype=torch.uint8)
+    x = levels.float() / 255
+    attacks = {d: PGD(make_tiny_model(0).to(d), norm=norm, eps=EPS if norm == "Linf" else 0.5, restarts=2, seed=4)
+               for d in ("cpu", "cuda:0")}  # fmt: skip
+    keys = {d: a._start_keys(x.to(d)) for d, a in attacks.items()}
+    assert torch.equal(keys["cpu"], keys["cuda:0"].cpu())
+    attack, x_cuda = attacks["cuda:0"], x.to(CUDA)
+    for restart in range(2):
+        whole = attack._random_start(x_cuda, keys["cuda:0"][:, restart])
+        for size in (1, 3):
+            pieces = torch.cat([attack._random_start(x_cuda[i : i + size], keys["cuda:0"][i : i + size, restart])
+                                for i in range(0, len(x), size)])  # fmt: skip
+            if norm == "Linf":
+                assert torch.equal(pieces, whole), (restart, size)
+            else:
+                torch.testing.assert_close(pieces, whole, rtol=1e-5, atol=1e-7)
+        on_cpu = attacks["cpu"]._random_start(x, keys["cpu"][:, restart])
+        if norm == "Linf":
+            assert torch.equal(whole.cpu(), on_cpu)
+        else:  # erfinv is the CPU's or CUDA's own
+            torch.testing.assert_close(whole.cpu(), on_cpu, rtol=1e-4, atol=1e-6)
+
+
+def test_outer_step_in_place_and_blocked_bounds_give_the_cpu_s_bits_on_cuda() -> None:
+    """The outer step runs in place in the samples' mean, and a photo's budget is computed a block of rows at a
+    time where it is clipped to: elementwise operations only, so on CUDA the bits of the out-of-place step
+    with held bounds, and of the CPU's."""
+    from preempt_cli import engine as engine_module
+
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.rand(2, 3, 40, 56, generator=g)
+    x_t = (x0 + (torch.rand(x0.shape, generator=g) - 0.5) * 2 * EPS).clamp(0, 1)
+    mean = (x_t + (torch.rand(x0.shape, generator=g) - 0.5) * 4 * EPS).clamp(0, 1)
+    samples = (x0.unsqueeze(1) + (torch.rand(2, 4, 3, 40, 56, generator=g) - 0.5) * 4 * EPS).clamp(0, 1)
+    cfg = ForeBackConfig()
+    reference = {}
+    for d in ("cpu", "cuda:0"):
+        engine = FastPreemption(make_tiny_model(0).to(d), config=cfg, device=d)
+        lo, hi = engine_module._ball(x0.to(d).unsqueeze(1), cfg.eps)
+        for direction in (-1.0, 1.0):
+            # the step as 0.19.0 computed it: out of place, with held bounds
+            old = engine_module._clip_(x_t.to(d) - direction * cfg.eta * (mean.to(d) - x_t.to(d)), lo.squeeze(1),
+                                       hi.squeeze(1))  # fmt: skip
+            reference.setdefault(direction, old.cpu())
+            assert torch.equal(old.cpu(), reference[direction]), (d, direction)
+            for block in (None, 1, 7 * 56 * 3, 1 << 24):
+                ball = engine_module._Ball(x0.to(d).unsqueeze(1), cfg.eps, block=block)
+                x_in, mean_in = x_t.to(d), mean.to(d).clone()
+                new = engine._outer_step(x_in, mean_in, ball, direction)
+                assert torch.equal(new.cpu(), reference[direction]), (d, direction, block)
+                assert new.data_ptr() == mean_in.data_ptr() and torch.equal(x_in.cpu(), x_t)  # in place; x_t kept
+                clipped = ball.clip_(samples.to(d).clone())
+                assert torch.equal(clipped.cpu(), engine_module._clip_(samples.clone(), lo.cpu(), hi.cpu()))
+
+
+def test_a_photo_on_cuda_is_protected_alike_in_any_bound_blocks_and_its_input_kept(monkeypatch) -> None:
+    """A photo's budget computed in blocks (``BOUND_BLOCK_ELEMENTS``, 2^24 elements on CUDA) gives the bits
+    of one row at a time and of the whole; the input, the first iterate without a copy, is never written."""
+    from preempt_cli import engine as engine_module
+
+    x = torch.rand(2, 3, 40, 56, generator=torch.Generator().manual_seed(5)).to(CUDA)
+    y = torch.tensor([1, 2], device=CUDA)
+    x_before = x.clone()
+    cfg = ForeBackConfig(samples=3)
+    results = []
+    for block in (engine_module.BOUND_BLOCK_ELEMENTS["cuda"], 56 * 3, x.numel() * cfg.samples):
+        monkeypatch.setitem(engine_module.BOUND_BLOCK_ELEMENTS, "cuda", block)
+        engine = FastPreemption(make_tiny_model(0).to(CUDA), config=cfg, seed=3)
+        results.append(engine.perturb(x, y, noise_seeds=[11, 12]))
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+    assert torch.equal(x, x_before)
+    assert (results[0] - x).abs().max() <= cfg.eps + 1e-6 and not torch.equal(results[0], x)

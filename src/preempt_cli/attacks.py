@@ -179,7 +179,8 @@ class PGD:
     size, the other images of the batch, nor which of them a restart still attacks. Bit for bit where the
     model's own outputs for an image do not depend on its batch; where they do (the matrix-product and
     convolution kernels of a CPU or GPU library can change in the last bit with the batch size: on a CPU, a
-    small CNN's logits at batches of 1 or 3 against 8), up to what such differences move. No global random
+    small CNN's logits at batches of 1 or 3 against 8), up to what such differences move; on CUDA so may L2's
+    per-image norms (sums whose order a GPU's reduction kernel can choose by the batch size). No global random
     state is used. (Up to 0.23.0 one generator seeded per call drew the starts of the whole batch, so they
     followed an image's place in it.) L2 starts take their Gaussian direction as ``erfinv`` of such
     uniform values (elementwise, so the same in any batch), and their radius from one more.
