@@ -188,6 +188,27 @@ def test_a_usage_error_escapes_what_was_typed(capsys) -> None:
     assert capsys.readouterr().err == "error: Invalid value: No such option: --\\x1b[31mx\n"
 
 
+def test_an_error_line_cuts_a_long_reason_and_keeps_what_it_names(capsys) -> None:
+    """An ``error:`` line had no bound: an exception's message of 10 kB (a decoder's, a value in it) went
+    whole to the terminal and the log. Its reason is cut to its first ``ERROR_REASON_CHARS`` characters (as
+    escaped), the cut marked ``…`` with the reason's length; the name of the file it is about, and a hint
+    after it, are said whole."""
+    long_name = "/photos/" + "n" * 2000 + ".png"
+    _common.error_line("cannot decode: " + "x" * 10_000)
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: cannot decode: xxx") and line.endswith("x… (10,015 characters)")
+    assert len(line) <= len("error: ") + _common.ERROR_REASON_CHARS + len("… (10,015 characters)")
+    _common.error_line("bad\x1b[31m" * 2000, head=long_name, tail="set PREEMPT_DEBUG=1 for the traceback")
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: {long_name}: bad\\x1b[31mbad") and "\x1b" not in line
+    assert line.endswith("… (16,000 characters) (set PREEMPT_DEBUG=1 for the traceback)")
+    reason = line[len(f"error: {long_name}: ") : -len("… (16,000 characters) (set PREEMPT_DEBUG=1 for the traceback)")]
+    assert _common.ERROR_REASON_CHARS - 4 < len(reason) <= _common.ERROR_REASON_CHARS
+    assert _common.one_line("bad\x1b[31m" * 2000).startswith(reason) and reason.count("\\x") == reason.count("\\x1b")
+    _common.error_line("short: as it was")  # a short line is unchanged
+    assert capsys.readouterr().err == "error: short: as it was\n"
+
+
 def test_a_label_file_error_quotes_its_contents_cut(tmp_path: Path) -> None:
     from preempt_cli.errors import LabelError
     from preempt_cli.labels import read_label_file

@@ -190,9 +190,22 @@ def setup_logging(verbose: int, quiet: bool) -> None:
     quiet_pillow_warnings()
 
 
-def error_line(message: str) -> None:
-    """``error: MESSAGE`` on stderr (red on a terminal), on one line; and into the ``--log`` file."""
-    message = one_line(message)
+#: An ``error:`` line says at most this many characters of its reason (as escaped), then ``…`` and the
+#: reason's length: an exception's message can hold text of any size (a decoder's, a value read from a file),
+#: and 10 kB of it flooded the terminal and the ``--log`` file. What the line is about (a file's or a model's
+#: name) is said whole before it: a path is bounded by the system (``PATH_MAX``).
+ERROR_REASON_CHARS = 1000
+
+
+def error_line(message: str, *, head: str | None = None, tail: str | None = None) -> None:
+    """``error: [HEAD: ]MESSAGE[ (TAIL)]`` on stderr (red on a terminal), on one line; and into the ``--log``
+    file. ``head`` (what the error is about: a file's or a model's name) and ``tail`` (a hint) are said whole,
+    ``message`` (the reason) cut to :data:`ERROR_REASON_CHARS` characters (:func:`cut_reason`)."""
+    message = cut_reason(message)
+    if head is not None:
+        message = f"{one_line(head)}: {message}"
+    if tail is not None:
+        message = f"{message} ({one_line(tail)})"
     _logfile.say(message, logging.ERROR)
     try:
         if stderr.is_terminal:
@@ -201,6 +214,24 @@ def error_line(message: str) -> None:
             print(f"error: {message}", file=sys.stderr, flush=True)
     except OSError:  # stderr on a full disk (a cron job's log), or closed: nowhere to say it; the exit code does
         pass
+
+
+def cut_reason(text: str, limit: int = ERROR_REASON_CHARS) -> str:
+    """``text`` on one line (:func:`one_line`); where that takes more than ``limit`` characters, as many of
+    its escaped characters as fit in ``limit`` (an escape such as ``\\x1b`` is never split), ``…`` and the
+    length of ``text``."""
+    escaped = one_line(text[: limit + 1])  # escaping only lengthens: one character more tells a cut
+    if len(escaped) <= limit:
+        return escaped
+    kept: list[str] = []
+    used = 0
+    for char in text[:limit]:
+        piece = one_line(char)
+        if used + len(piece) > limit:
+            break
+        kept.append(piece)
+        used += len(piece)
+    return f"{''.join(kept)}… ({len(text):,} characters)"
 
 
 def note(line: str, *, shown: bool = True) -> None:
@@ -386,7 +417,7 @@ def handle_errors(interrupted: str = OUTPUTS_COMPLETE, stopping: str | None = No
         if debug_enabled():
             traceback.print_exc(file=sys.stderr)
         _logfile.say(traceback.format_exc(), logging.ERROR)
-        error_line(f"internal error: {type(e).__name__}: {e} (set PREEMPT_DEBUG=1 for the traceback)")
+        error_line(str(e), head=f"internal error: {type(e).__name__}", tail="set PREEMPT_DEBUG=1 for the traceback")
         raise typer.Exit(EXIT_USAGE) from None
 
 

@@ -259,7 +259,7 @@ def _drive(results: Iterable[FileResult], total: int, *, run: c.CommandRun, verb
                     except BrokenPipeError as e:  # the run stops once this result is told (see below)
                         closed_stdout = e
             if result.status == "failed":
-                c.error_line(f"{result.input}: {result.reason}")
+                c.error_line(str(result.reason), head=str(result.input))
             elif result.status == "skipped":
                 if quiet or json_out:  # said in the --log file alone
                     c.log_only(f"skipped {c.one_line(str(result.input))}: {result.reason}")

@@ -178,7 +178,7 @@ def verify_cmd(
                 message = str(e) if isinstance(e, PreemptError) else f"internal error: {type(e).__name__}: {e}"
                 if json_out:
                     c.print_json({"name": name, "ok": False, "error": message})
-                c.error_line(f"{name}: {message}")
+                c.error_line(message, head=name)
     raise typer.Exit(c.EXIT_FAILURES if failed else c.EXIT_OK)
 
 
