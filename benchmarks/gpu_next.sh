@@ -5,7 +5,9 @@
 #      pytest, preempt_cli from src/, ../shared (linked from SHARED_COPY) with the CIFAR-10 test PNGs and
 #      the pgdat-a ResNet-20. A missing piece stops the call at once, naming it (a test that cannot find
 #      ../shared skips, and a skip would waste the call);
-#   1. tests/test_protect_real.py -k alike on DEVICE: the same-shape check mended in 0.19.0, never run on CUDA;
+#   1. on DEVICE, tests/test_protect_real.py -k alike (the same-shape check mended in 0.19.0) and the 8 checks of
+#      tests/test_cuda.py of the paths changed since (hashed noise, content seeds, levels to floats, PGD's
+#      per-image starts, the in-place outer step and blocked bounds): none of them has run on CUDA yet;
 #   2. tests/test_cli.py -k "disk_full or cannot_take" on DEVICE: 0.20.0's full and read-only output folders;
 #   3. gpu_graphs.sh with WORKERS I/O workers, neither its tests nor its bench: trace_e2e eager and with
 #      --cuda-graphs, PAIRS pairs (FILES PNGs, ResNet-20, batch 256, --io processes, 2 batches queued);
@@ -150,7 +152,8 @@ fi
 pack
 
 s=$(left 120 300 30)
-fits "1-alike" "$s" 30 && pytest_step 1-alike "$s" tests/test_protect_real.py -k alike
+fits "1-alike" "$s" 30 && pytest_step 1-alike "$s" tests/test_protect_real.py tests/test_cuda.py \
+    -k "alike or same_bits_on_cuda or on_cuda_are or cpu_s_floats or cpu_s_bits or any_bound_blocks"
 s=$(left 120 270 30)
 fits "2-cli" "$s" 30 && pytest_step 2-cli "$s" tests/test_cli.py -k "disk_full or cannot_take"
 
