@@ -477,18 +477,28 @@ def raised_without_waiting_on(fifo: Path, call: Any, what: str) -> BaseException
 
 
 def interrupt_run_once(started: threading.Event, release: Callable[[], None], monkeypatch: pytest.MonkeyPatch, *,
-                       deadline: float, after: float = 0.0) -> threading.Timer:  # fmt: skip
+                       deadline: float, after: float = 0.0, to_thread: bool = False) -> threading.Timer:  # fmt: skip
     """Ctrl-C for a ``Protector.run`` in this process: SIGINT (to the main thread, which runs it) once
     ``started`` is set and ``after`` seconds more; ``release`` is called once the run has taken the interrupt
-    (when it cancels the batches not started, ``ComputeThread.cancel_pending``), or at the latest after
-    ``deadline`` seconds (code that never cancels them then shows what it does with them). Returns the
-    deadline's timer, to cancel once the run is over."""
+    (when it cancels the batches not started, ``ComputeThread.cancel_pending``), or at the latest
+    ``deadline`` seconds after ``started`` (code that never cancels them then shows what it does with them;
+    counted from the run's start, a run slow to start on a busy machine was released before the signal).
+    ``to_thread``: the signal goes to the interrupting thread, whose C handler then takes it: the main
+    thread, blocked, is not woken, as by a Ctrl-C that lands just before it blocks or that the kernel hands
+    to another of the process's threads. Returns the deadline's timer, to cancel once the run is over."""
     import preempt_cli.batches as batches_module
+
+    timer = threading.Timer(deadline, release)
+    timer.daemon = True
 
     def interrupt() -> None:
         if started.wait(30):
+            timer.start()
             time.sleep(after)
-            os.kill(os.getpid(), signal.SIGINT)
+            if to_thread:
+                signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+            else:
+                os.kill(os.getpid(), signal.SIGINT)
 
     cancel_pending = batches_module.ComputeThread.cancel_pending
 
@@ -498,9 +508,6 @@ def interrupt_run_once(started: threading.Event, release: Callable[[], None], mo
 
     monkeypatch.setattr(batches_module.ComputeThread, "cancel_pending", cancelled, raising=False)
     threading.Thread(target=interrupt, daemon=True).start()
-    timer = threading.Timer(deadline, release)
-    timer.daemon = True
-    timer.start()
     return timer
 
 

@@ -31,6 +31,7 @@ import sys
 import threading
 from contextlib import contextmanager
 from concurrent.futures import CancelledError, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeoutError
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from functools import partial
@@ -120,6 +121,9 @@ _MIN_PIECE = 64
 #: for, so the device does not idle while the host prepares a batch (see batches.ComputeThread). 1 on a
 #: CPU, where queueing a batch is computing it.
 _QUEUED_BATCHES = 2
+#: How often the main thread, waiting for a batch or a file, wakes to take a Ctrl-C that did not wake it
+#: (see :func:`_wait`).
+_WAKE_S = 0.1
 
 
 @dataclass
@@ -1290,6 +1294,7 @@ class Protector:
                 batch, future = computing[0]
                 try:
                     # left in the queue while waited for: an interrupt meanwhile still finds it (see below)
+                    _wait(future)
                     computed, seconds = future.result()
                 except CancelledError:  # never started, as the run was interrupted: not a failure
                     computing.popleft()
@@ -1332,6 +1337,7 @@ class Protector:
             while writes and (block or writes[0][0].done()) and (most is None or taken < most):
                 # taken off the queue only once had: an interrupt while waiting for it (the main thread waits
                 # here most of a run's end) lost a written file's result, and stdout did not list that file
+                _wait(writes[0][0])
                 result = writes[0][0].result()
                 writes.popleft()
                 taken += 1
@@ -1340,7 +1346,9 @@ class Protector:
         try:
             submit_decodes()
             while decoded:
-                handle, cost = decoded.popleft()
+                handle, cost = decoded[0]
+                _wait(handle)  # left in the queue while waited for: an interrupt meanwhile cancels it with the rest
+                decoded.popleft()
                 ahead_bytes -= cost
                 prepared = handle.result()
                 submit_decodes()
@@ -1409,6 +1417,22 @@ def _done(result: Any) -> Future:
     future: Future = Future()
     future.set_result(result)
     return future
+
+
+def _wait(handle: Any) -> None:
+    """Return once ``handle`` (a future, or a :class:`_Part` of one) is done, waking every ``_WAKE_S``.
+
+    A Ctrl-C whose signal came just before the main thread blocked waiting (or reached another of the
+    process's threads) does not wake it, and Python raises the ``KeyboardInterrupt`` only where the main
+    thread runs again: a run waiting for a batch took the interrupt once the batch was done (a large photo
+    on a CPU: seconds), after the next batch had started, which the run then waited for too. Waking, the
+    main thread takes it (raised here, the handle left as it was)."""
+    future = getattr(handle, "future", handle)
+    while not future.done():
+        try:
+            future.exception(_WAKE_S)  # waits, but never raises the future's own error
+        except (FutureTimeoutError, CancelledError):  # not done yet (or cancelled meanwhile: done)
+            pass
 
 
 @contextmanager
