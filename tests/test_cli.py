@@ -1875,6 +1875,61 @@ def test_an_interrupt_just_after_the_caller_has_a_device_s_message_loses_nothing
     assert not _device_threads()
 
 
+@pytest.mark.skipif(not hasattr(__import__("signal"), "pthread_kill"), reason="POSIX thread signals")
+def test_a_ctrl_c_that_does_not_wake_the_caller_of_several_devices_is_taken_at_once(
+        tmp_path: Path, tiny_backbone, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """run_on_devices: the caller's thread waited for the devices' next message with no time limit, so a
+    Ctrl-C that did not wake it (one that came just before it blocked, or that the kernel gave another of
+    the process's threads) was taken only once a device's batch was done: no "stopping" for seconds on a
+    CPU. Its wait now wakes every 0.1 s, as a single device's run does."""
+    import signal
+    import threading
+
+    from preempt_cli import Protector
+    from preempt_cli.protect import run_on_devices
+
+    write_random_pngs(tmp_path / "in", n=4, name="img{i:02d}.png")
+    devices = _two_devices(tiny_backbone)
+    started, release = threading.Event(), threading.Event()
+    real_transform = Protector.transform
+
+    def held_transform(self, *args, **kw):  # every device's batch: held until released
+        started.set()
+        release.wait(30)
+        return real_transform(self, *args, **kw)
+
+    monkeypatch.setattr(Protector, "transform", held_transform)
+    taken: list[float] = []
+
+    def handler(signum, frame):  # runs where the main thread runs Python code again
+        taken.append(time.monotonic())
+        raise KeyboardInterrupt
+
+    sent: list[float] = []
+
+    def interrupt() -> None:  # to this thread: the main thread, blocked, is not woken by it
+        if started.wait(30):
+            time.sleep(0.2)  # the caller is waiting for a message by now
+            sent.append(time.monotonic())
+            signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+            time.sleep(3)
+            release.set()  # the batches go on: the run can end (taking the interrupt then, if not before)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        threading.Thread(target=interrupt, daemon=True).start()
+        with pytest.raises(KeyboardInterrupt):
+            list(run_on_devices(devices, collect_inputs([tmp_path / "in"]),
+                                RunOptions(out_dir=tmp_path / "out", batch_size=2, io="threads", workers=1)))
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        release.set()
+        for device in devices:
+            device.close()
+    assert sent and taken and taken[0] - sent[0] < 1.5, (sent, taken)  # not the 3 s the batches were held
+    assert not _device_threads()
+
+
 def test_a_device_whose_run_fails_fails_its_files_and_the_others_finish(
         tmp_path: Path, tiny_backbone, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     """run_on_devices: a device whose run raised (its process pool not starting, a device fault) ended the

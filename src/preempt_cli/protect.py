@@ -1611,10 +1611,11 @@ class _DeviceMessages:
 
     def oldest(self) -> tuple[str, Any] | None:
         """The oldest message, left in place, once there is one (None: every worker has ended and every
-        message was taken). An interrupt while waiting takes nothing."""
+        message was taken). An interrupt while waiting takes nothing; the wait wakes every ``_WAKE_S`` to take
+        one that did not wake it (see :func:`_wait`)."""
         with self._changed:
             while not self.pending and self.running:
-                self._changed.wait()
+                self._changed.wait(_WAKE_S)
             return self.pending[0] if self.pending else None
 
 
