@@ -81,6 +81,9 @@ class _FlagOption(typer.core.TyperOption):
     def display_type_rich(self, ctx: Any) -> None:
         return None
 
+    def make_metavar(self, *args: Any, **kwargs: Any) -> str:  # Typer 0.28's help shows this in the type column
+        return ""
+
 
 def _show_arguments_by_metavar(command: Any) -> None:
     """Show the arguments of ``command`` and its subcommands that are given a metavar by it alone (see
