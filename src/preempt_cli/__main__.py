@@ -21,15 +21,17 @@ def main() -> None:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             sys.exit(141)
         return
-    from ._signals import stop_as_interrupts, stop_exit_code, stopped_by
+    from . import _signals
 
-    stop_as_interrupts()  # SIGTERM (scancel, timeout) meanwhile: said as Ctrl-C is, not a silent kill
+    _signals.stop_as_interrupts()  # SIGTERM (scancel, timeout) meanwhile: said as Ctrl-C is, not a silent kill
     try:
         run_cli = _import_cli()
     except KeyboardInterrupt:
         # as the CLI says it (cli._common.INTERRUPTED_BEFORE_START), which this import did not reach
-        sys.stderr.write(f"error: interrupted{stopped_by()}: before the command started, nothing was done\n")
-        sys.exit(stop_exit_code())
+        stopped = _signals.stopped_before_start
+        by = _signals.said_by(stopped)
+        sys.stderr.write(f"error: interrupted{by}: before the command started, nothing was done\n")
+        sys.exit(_signals.exit_code(stopped))
     run_cli()
 
 

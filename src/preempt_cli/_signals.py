@@ -90,13 +90,13 @@ def restore_default_stops() -> None:
             signal.signal(signum, signal.SIG_DFL)
 
 
-def stop_exit_code() -> int:
-    """The exit code of a command stopped before it began: 128 + the signal's number, as shells report it
-    (130 for Ctrl-C)."""
-    return 128 + (stopped_before_start or signal.SIGINT)
+def exit_code(signum: int | None) -> int:
+    """The exit code of a command that the stop signal ``signum`` ended (None: Ctrl-C's): 128 + its number,
+    as shells report it (130 for Ctrl-C)."""
+    return 128 + (signum or signal.SIGINT)
 
 
-def stopped_by() -> str:
-    """" by SIGTERM" (or SIGHUP) of a command stopped before it began, as the later stops say it; "" for
-    Ctrl-C."""
-    return "" if stopped_before_start in (None, signal.SIGINT) else f" by {signal.Signals(stopped_before_start).name}"
+def said_by(signum: int | None) -> str:
+    """How an ``interrupted`` line names the stop signal ``signum``: " by SIGTERM" (or SIGHUP); "" for Ctrl-C
+    (or None)."""
+    return "" if signum in (None, signal.SIGINT) else f" by {signal.Signals(signum).name}"

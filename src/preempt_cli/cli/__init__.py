@@ -213,9 +213,10 @@ def _from_an_interrupt(error: BaseException) -> bool:
 
 
 def _interrupted_before_start() -> NoReturn:
-    by = _signals.stopped_by()  # SIGTERM, SIGHUP: see _signals.stop_as_interrupts
+    stopped = _signals.stopped_before_start  # SIGTERM, SIGHUP: see _signals.stop_as_interrupts
+    by = _signals.said_by(stopped)
     _common.error_line(_common.INTERRUPTED_BEFORE_START.replace("interrupted", f"interrupted{by}", 1))
-    raise SystemExit(_signals.stop_exit_code()) from None
+    raise SystemExit(_signals.exit_code(stopped)) from None
 
 
 def _ignore_interrupts_at_exit() -> None:

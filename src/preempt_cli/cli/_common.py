@@ -25,6 +25,7 @@ from rich.text import Text
 
 from ..device import resolve_devices
 from .._paths import expand_home
+from .. import _signals
 from .._signals import STOP_SIGNALS
 from ..imageio import display_name, name_max, quiet_pillow_warnings
 from ..inputs import kernel_folder
@@ -263,7 +264,7 @@ class _Stop:
     @property
     def exit_code(self) -> int:
         """128 + the signal's number, as shells report a command the signal killed (130 for Ctrl-C)."""
-        return EXIT_INTERRUPTED if self.signum is None else 128 + self.signum
+        return _signals.exit_code(self.signum)
 
 
 def _line_start() -> bytes:
@@ -437,9 +438,8 @@ def _end_stopped(error: KeyboardInterrupt | BrokenPipeError, stop: _Stop, interr
 def _interrupted_exit(stop: _Stop, interrupted: str) -> NoReturn:
     """Say that the command was interrupted (``interrupted``: what a re-run does) and exit with the stop's
     code: outputs written so far are complete (atomic writes); a re-run skips them and does the rest."""
-    by = "" if stop.signum in (None, signal.SIGINT) else f" by {signal.Signals(stop.signum).name}"
     try:
-        error_line(f"interrupted{by}: {interrupted}")
+        error_line(f"interrupted{_signals.said_by(stop.signum)}: {interrupted}")
     except OSError:  # stderr was the terminal that hung up
         pass
     raise typer.Exit(stop.exit_code) from None
