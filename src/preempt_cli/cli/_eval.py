@@ -8,7 +8,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Callable, Optional
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
@@ -120,12 +120,17 @@ def _paired_lines(paired: list[dict[str, Any]], defenses: list[DefenseSpec]) -> 
               "number of tests in the table (below 0.05: a gain or loss that stands with all of them read at once).",
               ""]  # fmt: skip
     cols = ["victim", "defense", "metric", "n", "none (%)", "defense (%)", "gain", "gained", "lost", "p", "p (Holm)"]
-    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    return lines + _records_table(cols, paired, lambda r: [r["victim"], r["defense"], _metric_text(r), str(r["n"]),
+                                                           _fmt(r["none_acc"]), _fmt(r["defense_acc"])])
+
+
+def _records_table(cols: list[str], records: list[dict[str, Any]],
+                   leading: Callable[[dict[str, Any]], list[str]]) -> list[str]:  # fmt: skip
+    """A table of paired records: per record its ``leading`` cells then its test's (:func:`_test_cells`), and
+    under the table why any was not tested."""
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     reasons: list[str] = []
-    for r in paired:
-        cells = [r["victim"], r["defense"], _metric_text(r), str(r["n"]), _fmt(r["none_acc"]), _fmt(r["defense_acc"]),
-                 *_test_cells(r, reasons)]  # fmt: skip
-        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["| " + " | ".join([*leading(r), *_test_cells(r, reasons)]) + " |" for r in records]
     if reasons:
         lines += ["", *(f"n/a: {reason}" for reason in dict.fromkeys(reasons))]
     return [*lines, ""]
@@ -161,42 +166,38 @@ def _between_lines(between: list[dict[str, Any]]) -> list[str]:
               ""]  # fmt: skip
     cols = ["victim", "first", "second", "metric", "n", "first (%)", "second (%)", "difference", "gained", "lost",
             "p", "p (Holm)"]  # fmt: skip
-    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    reasons: list[str] = []
-    for r in between:
-        cells = [r["victim"], r["first"], r["second"], _metric_text(r), str(r["n"]), _fmt(r["first_acc"]),
-                 _fmt(r["second_acc"]), *_test_cells(r, reasons)]  # fmt: skip
-        lines.append("| " + " | ".join(cells) + " |")
-    if reasons:
-        lines += ["", *(f"n/a: {reason}" for reason in dict.fromkeys(reasons))]
-    return [*lines, ""]
+    return lines + _records_table(cols, between, lambda r: [r["victim"], r["first"], r["second"], _metric_text(r),
+                                                            str(r["n"]), _fmt(r["first_acc"]), _fmt(r["second_acc"])])
 
 
 def _paired_summary(paired: list[dict[str, Any]], alpha: float = 0.05) -> str | None:
     """One line under the table: how many of the paired tests against none find a gain, or a loss, that
     stands with all of them read at once (Holm-adjusted p below ``alpha``); the pairs are in the report."""
-    tested = [r for r in paired if r["p_holm"] is not None]
+    tested, tests = _tests_counted(paired)
     if not tested:
         return None
     gains = sum(r["p_holm"] < alpha and r["gained"] > r["lost"] for r in tested)
     losses = sum(r["p_holm"] < alpha and r["gained"] < r["lost"] for r in tested)
-    untested = f", {len(paired) - len(tested)} not tested" if len(tested) < len(paired) else ""
-    tests = f"{len(tested)} test" + ("s" if len(tested) != 1 else "")
-    return (f"Paired with no defense: {tests}{untested}; {gains} gains and {losses} losses stand "
+    return (f"Paired with no defense: {tests}; {gains} gains and {losses} losses stand "
             f"(Holm-adjusted p < {alpha:g}; see the report)")
 
 
 def _between_summary(between: list[dict[str, Any]], alpha: float = 0.05) -> str | None:
     """The sibling of :func:`_paired_summary` for the defenses against each other: how many of their tests
     find a difference that stands with all of them read at once (Holm-adjusted p below ``alpha``)."""
-    tested = [r for r in between if r["p_holm"] is not None]
+    tested, tests = _tests_counted(between)
     if not tested:
         return None
     stand = sum(r["p_holm"] < alpha and r["gained"] != r["lost"] for r in tested)
-    untested = f", {len(between) - len(tested)} not tested" if len(tested) < len(between) else ""
-    tests = f"{len(tested)} test" + ("s" if len(tested) != 1 else "")
-    return (f"Defenses against each other: {tests}{untested}; {stand} difference{'s' if stand != 1 else ''} "
+    return (f"Defenses against each other: {tests}; {stand} difference{'s' if stand != 1 else ''} "
             f"{'stand' if stand != 1 else 'stands'} (Holm-adjusted p < {alpha:g}; see the report)")
+
+
+def _tests_counted(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
+    """The paired records tested (Holm-adjusted p given), and "N tests[, M not tested]" of ``records``."""
+    tested = [r for r in records if r["p_holm"] is not None]
+    untested = f", {len(records) - len(tested)} not tested" if len(tested) < len(records) else ""
+    return tested, f"{len(tested)} test" + ("s" if len(tested) != 1 else "") + untested
 
 
 def _resumed_text(run: dict[str, Any]) -> str:
