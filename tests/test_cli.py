@@ -614,6 +614,37 @@ def test_shards_partition_the_inputs(tmp_path: Path, registry: Path) -> None:
     assert sum(len(s) for s in seen) == 6 and len(set().union(*seen)) == 6
 
 
+def test_the_progress_bar_of_a_shard_counts_the_shards_files(tmp_path: Path, registry: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """A shard's bar counted every input of the job: a finished shard 1/8 stopped at 1/8 of its end, its
+    time left 8 times too long. Its total is the files the shard takes, for protect and revert alike."""
+    from preempt_cli.cli import _common
+
+    totals: list[int] = []
+
+    class Recorded(_common._NoProgress):
+        def add_task(self, *args, total: int | None = None, **kwargs) -> int:
+            totals.append(total)
+            return 0
+
+    monkeypatch.setattr(_common, "progress_bar", lambda *columns, quiet: Recorded())
+    _images(tmp_path / "many", n=6)
+    for args in ([], ["-o", str(tmp_path / "out")]):
+        for k in (1, 2, 3):
+            totals.clear()
+            r = run(["protect", str(tmp_path / "many"), *FAST, "--labels", "backbone", "--shard", f"{k}/3", "--json",
+                     *args], registry)  # fmt: skip
+            assert r.exit_code == 0, r.output
+            assert totals == [len(r.stdout.splitlines())], (args, k)
+    reverts = (["--white-box"], ["-b", "tiny-key", "--labels", "backbone"])
+    for k, how in ((1, reverts[0]), (2, reverts[0]), (3, reverts[1])):
+        totals.clear()
+        r = run(["revert", str(tmp_path / "many"), "--device", TEST_DEVICE_ARG, "--shard", f"{k}/3", "--json", *how],
+                registry)  # fmt: skip
+        assert r.exit_code == 0, r.output
+        assert totals == [len(r.stdout.splitlines())], (how, k)
+
+
 def test_revert_white_box_uses_the_recorded_key(tmp_path: Path, registry: Path) -> None:
     _images(tmp_path / "r", n=2)
     assert run(["protect", str(tmp_path / "r"), *FAST, "-c", "tiny-labeller-unpinned"], registry).exit_code == 0

@@ -1620,7 +1620,8 @@ class _DeviceMessages:
 
 
 def run_on_devices(protectors: Sequence[Protector], items: Iterable[InputFile | str | os.PathLike],
-                   options: RunOptions | None = None) -> Iterator[FileResult]:  # fmt: skip
+                   options: RunOptions | None = None, *,
+                   outputs: Mapping[InputFile, Path | str] | None = None) -> Iterator[FileResult]:  # fmt: skip
     """Process files with one worker thread per protector (typically one per GPU, each holding its own
     copies of the models), yielding results as they finish.
 
@@ -1628,6 +1629,7 @@ def run_on_devices(protectors: Sequence[Protector], items: Iterable[InputFile | 
     and each output is written exactly once; outputs, names and skips are as in :meth:`Protector.run`.
     GPU kernels run outside the GIL, so threads keep several devices busy. A device whose run raises fails
     the files of its share that it had not reported, with the error as their reason; the others go on.
+    ``outputs``: the output of each item where the caller assigned them already (see :meth:`Protector.run`).
 
     Raises:
         ConfigError: no protector, or ``options.partition`` given (the split across devices is this
@@ -1644,14 +1646,15 @@ def run_on_devices(protectors: Sequence[Protector], items: Iterable[InputFile | 
     items = as_input_files(items, skip_markers=protectors[0].skip_markers, suffix=options.suffix,
                            kind=protectors[0].kind)  # fmt: skip
     if len(protectors) == 1:
-        yield from protectors[0].run(items, options)
+        yield from protectors[0].run(items, options, outputs=outputs)
         return
     folders = _OutputFolders()  # the devices' outputs share folders and file systems: one probe each, one stop
     messages = _DeviceMessages(len(protectors))
     stop, interrupted = threading.Event(), threading.Event()
 
     # assigned once for all the devices: each fails the files of its share that it never reported
-    outputs = assign_outputs(items, suffix=options.suffix, out_dir=options.out_dir)
+    if outputs is None:
+        outputs = assign_outputs(items, suffix=options.suffix, out_dir=options.out_dir)
 
     def work(index: int, protector: Protector) -> None:
         share = dataclasses.replace(options, partition=(index, len(protectors)))

@@ -319,6 +319,17 @@ def _summary(verb: str, counts: dict[str, int], elapsed: float, quiet: bool = Fa
            f"in {elapsed:.1f} s{f' ({rate})' if rate else ''}.", shown=not quiet)  # fmt: skip
 
 
+def _in_shard(items: list[InputFile], options: RunOptions) -> tuple[int, dict[InputFile, Path | str] | None]:
+    """How many of ``items`` the run's ``--shard`` takes (the progress bar's total: all the inputs' put a
+    shard's finished bar at 1/N of its end, and its time left at N times the real one), and the outputs
+    assigned to tell that (for the run, which would otherwise assign them again); without one, all of them
+    and None."""
+    if options.shard is None:
+        return len(items), None
+    outputs = assign_outputs(items, suffix=options.suffix, out_dir=options.out_dir)
+    return sum(in_shard(item, options.shard, outputs[item], options.out_dir) for item in items), outputs
+
+
 def _workers(workers: int | None) -> dict[str, int]:
     """``RunOptions`` keyword for ``--workers`` (none: its default, one thread per CPU)."""
     return {} if workers is None else {"workers": workers}
@@ -457,6 +468,7 @@ def protect(
         c.log_only(f"protecting {len(items)} file(s) on {', '.join(map(str, devices))} with {backbone} and "
                    f"{classifier or 'no classifier'} (labels: {labels}, seed {seed}, precision {precision}): "
                    f"{config.as_dict()}", logging.DEBUG)  # the --log file's (-vv's stderr is as before)
+        total, outputs = _in_shard(items, options)
         if any(d.type == "cpu" for d in devices):
             configure_cpu()
         protectors = [  # one worker per device, each with its own copies of the models
@@ -467,8 +479,8 @@ def protect(
             for d in devices
         ]  # fmt: skip
         try:
-            code = _drive(run_on_devices(protectors, items, options), len(items), run=run, verb="protected",
-                          json_out=json_out, quiet=quiet, print0=print0)  # fmt: skip
+            code = _drive(run_on_devices(protectors, items, options, outputs=outputs), total, run=run,
+                          verb="protected", json_out=json_out, quiet=quiet, print0=print0)  # fmt: skip
         finally:
             for protector in protectors:
                 protector.close()
@@ -702,6 +714,7 @@ def revert(
         items = _collect(paths, skip_markers=Reverter.skip_markers, suffix=suffix, kind=Reverter.kind)
         if not items:
             _nothing_listed("revert", quiet)
+        total, outputs = _in_shard(items, options)
         model = _model_cache(_setup_torch(device), models_dir, registry)
 
         def runs() -> Iterator[FileResult]:
@@ -717,15 +730,16 @@ def revert(
                                     compile=compile)  # fmt: skip
                 _log_reversion(reverter, len(items), white_box=False)
                 try:
-                    yield from reverter.run(items, options)
+                    yield from reverter.run(items, options, outputs=outputs)
                 finally:
                     reverter.close()
                 return
             # outputs named over every input (all shards, all defenses): per group, two groups' files of
             # one name (two folders protected with other seeds) would get one output
-            outputs = assign_outputs(items, suffix=options.suffix, out_dir=options.out_dir)
+            named = outputs if outputs is not None else assign_outputs(items, suffix=options.suffix,
+                                                                       out_dir=options.out_dir)  # fmt: skip
             # the shard taken here, by the outputs (see in_shard); each group's run takes all it is given
-            mine = [i for i in items if in_shard(i, options.shard, outputs[i], options.out_dir)]
+            mine = [i for i in items if in_shard(i, options.shard, named[i], options.out_dir)]
             group_options = dataclasses.replace(options, shard=None)
             folders = _OutputFolders()  # the groups' outputs share folders: one probe each, one stop of a full disk
             state_digests: dict[Any, str] = {}  # the loaded models' state sha256, where a group's record asks
@@ -742,9 +756,9 @@ def revert(
                     continue
                 _log_reversion(reverter, len(group), white_box=True)
                 try:
-                    yield from reverter.run(group, group_options, outputs=outputs, folders=folders)
+                    yield from reverter.run(group, group_options, outputs=named, folders=folders)
                 finally:
                     reverter.close()
 
-        code = _drive(runs(), len(items), run=run, verb="reverted", json_out=json_out, quiet=quiet, print0=print0)
+        code = _drive(runs(), total, run=run, verb="reverted", json_out=json_out, quiet=quiet, print0=print0)
     raise typer.Exit(code)
