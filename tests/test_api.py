@@ -170,6 +170,26 @@ def test_protect_refuses_bad_labels(protector, images, labels, match) -> None:
         protector.protect(images[:1], y)
 
 
+def test_the_range_error_tells_normalized_images_from_0_to_255_ones(protector, images) -> None:
+    """Mean/std-normalized images reach above 1 as well as below 0 (CIFAR-10's mean and std: about -2 to 2.1):
+    they were told to divide by 255, which gave images of about -0.008 to 0.008 and the same error again."""
+    mean = torch.tensor([0.4914, 0.4822, 0.4465], device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor([0.2470, 0.2435, 0.2616], device=images.device).view(1, 3, 1, 1)
+    with pytest.raises(InputError, match="not normalized ones") as caught:
+        protector.protect((images - mean) / std)
+    assert "x / 255" not in str(caught.value)
+    with pytest.raises(InputError, match=r"for 0\.\.255 values use x / 255"):
+        protector.protect(images * 255)
+
+
+def test_a_gray_model_s_channel_error_names_its_one_channel_once() -> None:
+    gray = Protector(make_tiny_model(input_size=(1, 32, 32)), labels="backbone", config=FAST)
+    with pytest.raises(InputError, match=r"the backbone takes 1$"):
+        gray.protect(torch.rand(1, 3, 32, 32))
+    with pytest.raises(InputError, match=r"takes 3 \(or 1\)"):
+        Protector(make_tiny_model(), labels="backbone", config=FAST).protect(torch.rand(1, 2, 32, 32))
+
+
 def test_input_errors_are_value_and_type_errors(protector) -> None:
     with pytest.raises(ValueError):
         protector.protect(torch.full((1, 3, 32, 32), 2.0))

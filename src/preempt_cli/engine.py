@@ -885,7 +885,8 @@ def check_channels(x: torch.Tensor, channels: int, *, model: str = "the backbone
         InputError: ``x`` has another count of channels.
     """
     if x.shape[1] not in (1, channels):  # before the model fails on it, with its own words
-        raise error(f"images have {x.shape[1]} channels but {model} takes {channels} (or 1)"
+        raise error(f"images have {x.shape[1]} channels but {model} takes {channels}"
+                    + (" (or 1)" if channels != 1 else "")  # a gray model was said to take "1 (or 1)"
                     + ("; NHWC images: x.permute(0, 3, 1, 2)" if x.shape[-1] in (1, channels) else ""))  # fmt: skip
 
 
@@ -906,8 +907,8 @@ def check_unit_range(x: torch.Tensor, *, error: type[InputError] = InputError) -
 
 def _unit_range_hint(low: float, high: float) -> str:
     """What images of values from ``low`` to ``high`` most likely are, for :func:`check_unit_range`'s message."""
+    if -math.inf < low < 0:  # mean/std-normalized images, as a torchvision pipeline gives them (above 1 too)
+        return "; give [0, 1] images, not normalized ones (the models normalize inside their wrapper)"
     if 1 < high < math.inf:
         return "; for 0..255 values use x / 255"
-    if low < 0:  # mean/std-normalized images, as a torchvision pipeline gives them
-        return "; give [0, 1] images, not normalized ones (the models normalize inside their wrapper)"
     return ""
