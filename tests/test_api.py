@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import preempt_cli
-from conftest import (TEST_DEVICE, CudaLikeDivision, LiveBuffers, interrupt_run_once, make_tiny_model,
+from conftest import (TEST_DEVICE, CudaLikeDivision, LiveBuffers, interrupt_run_once, make_tiny_model, tiny_config,
                       write_random_pngs)
 from preempt_cli import FastPreemption, ForeBackConfig, Protector, RunOptions, collect_inputs, parse_eps, read_image
 from preempt_cli.engine import content_seeds
@@ -224,6 +224,46 @@ def test_protect_works_inside_inference_mode(protector, images) -> None:
     with torch.inference_mode():
         got = protector.protect(images.clone())
     assert torch.equal(got, expected)
+
+
+class _ParameterFree(torch.nn.Module):
+    """A net of one's own without parameters: logits from each channel's mean and its square."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = x.mean(dim=(2, 3))
+        return torch.cat([m, m * m, -m, m.sin()], dim=1)[:, :10]
+
+
+def test_a_net_without_parameters_is_a_backbone_and_classifier() -> None:
+    """README: any nn.Module returning [B, classes] logits, once wrapped in an ImageModel; the Protector took its
+    device from its first parameter, and one without any raised a bare StopIteration."""
+    from preempt_cli import ImageModel, Reverter
+
+    model = ImageModel(_ParameterFree(), tiny_config("parameter-free", mean=(0.5,) * 3, std=(0.25,) * 3))
+    x = torch.rand(2, 3, 32, 32)
+    for cls in (Protector, Reverter):
+        out = cls(model, model, config=FAST, seed=1).protect(x)
+        assert out.shape == x.shape and (out - x).abs().max() <= FAST.eps + 1e-6
+    assert torch.equal(Protector(model, config=FAST, seed=1).protect(x),
+                       FastPreemption(model, config=FAST, seed=1).perturb(x, model(x).argmax(dim=1)))
+
+
+@pytest.mark.parametrize("net, says", [
+    (lambda: make_tiny_model(num_classes=5).net, "returns 5 logits per image"),
+    (lambda: torch.nn.Sequential(make_tiny_model().net, torch.nn.Flatten(0)), r"returns logits of shape \(20,\)"),
+], ids=["other-class-count", "not-one-row-per-image"])
+def test_a_net_whose_logits_are_not_its_configs_classes_is_a_config_error(net, says) -> None:
+    """A net of 5 classes wrapped with a config of 10: its labels were taken for the caller's ("labels must be
+    class indices"), or passed unseen; one returning [B * classes] raised IndexError from inside the protector."""
+    from preempt_cli import ImageModel
+
+    model = ImageModel(net(), tiny_config("mine"))
+    protector = Protector(model, labels="backbone", config=FAST)
+    x = torch.rand(2, 3, 32, 32)
+    for call in (lambda: protector.protect(x), lambda: protector.predict(x),
+                 lambda: protector.confidence(x, torch.tensor([0, 1]))):
+        with pytest.raises(ConfigError, match=f"model mine {says}.*num_classes 10"):
+            call()
 
 
 # -- settings -------------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .device import to_device
+from .device import model_device, to_device
 from .engine import (NOISE_BLOCK_ELEMENTS, autograd_usable, check_batch, check_channels, check_unit_range,
                      content_seeds, eval_mode, hash_noise, noise_keys, refuse_int_levels, seeded_image_keys)
 from .errors import ConfigError, InputConfigError, InputLabelError, MissingDependencyError
@@ -118,13 +118,6 @@ def check_int(name: str, value: int, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return int(value)  # a numpy integer as the int it is
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    """Where the model's first parameter (or buffer) lives; the CPU for a model with neither."""
-    for tensor in (*model.parameters(), *model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
 
 
 def _check_batch(x: torch.Tensor, y: torch.Tensor, model: nn.Module | None = None) -> None:
@@ -247,7 +240,7 @@ class PGD:
         self.random_start = bool(random_start)
         self.quantize = bool(quantize)
         self.seed = check_int("seed", seed, 0)
-        self.device = torch.device(device) if device is not None else _model_device(model)
+        self.device = torch.device(device) if device is not None else model_device(model)
 
     def __repr__(self) -> str:
         return (
@@ -538,7 +531,7 @@ class AutoAttack:
             )
         self.version = version
         self.seed = check_int("seed", seed, 0)
-        self.device = torch.device(device) if device is not None else _model_device(model)
+        self.device = torch.device(device) if device is not None else model_device(model)
         self.batch_size = check_int("batch_size", batch_size, 1)
         self.verbose = bool(verbose)
         self.state_path = Path(state_path) if state_path is not None else None
@@ -760,7 +753,7 @@ def robust_correctness(
     n = x.shape[0]
     if n == 0:
         raise InputConfigError("robust accuracy needs at least one image")
-    device = _model_device(model)
+    device = model_device(model)
     y_cpu = y.detach().long().cpu()
     clean_ok = torch.zeros(n, dtype=torch.bool)
     with eval_mode(model), torch.no_grad():

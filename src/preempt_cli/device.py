@@ -13,7 +13,7 @@ import torch
 from .errors import ConfigError
 
 __all__ = ["resolve_device", "resolve_devices", "default_cpu_threads", "default_io_workers", "configure_cpu",
-           "tune_malloc", "to_device"]
+           "tune_malloc", "to_device", "model_device"]
 
 _logger = logging.getLogger(__name__)
 
@@ -46,6 +46,14 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
     elif device.type not in ("cpu", "cuda", "mps"):
         raise ConfigError(f"unsupported device {spec!r}")
     return device
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where ``model``'s first parameter (or, for a net without parameters, buffer) lives; the CPU for a model
+    with neither."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
 
 
 def resolve_devices(spec: str) -> list[torch.device]:

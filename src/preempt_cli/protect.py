@@ -45,7 +45,7 @@ from . import __version__
 from .engine import (PRESETS, SAMPLE_PASS_ELEMENTS, FastPreemption, ForeBackConfig, check_batch, check_channels,
                      check_images, check_seed, check_unit_range, eval_mode)  # fmt: skip
 from .batches import ComputeThread, QueuedTransfer
-from .device import default_io_workers, to_device
+from .device import default_io_workers, model_device, to_device
 from .errors import ConfigError, InputError, LabelError, excerpt, reason_of, value_text
 from .graphs import GraphedFunction, empty_cache
 from ._paths import OutputFolderField
@@ -485,6 +485,25 @@ class _Pending:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def _checked_logits(model: ImageModel, logits: torch.Tensor, images: int) -> torch.Tensor:
+    """``logits``, which ``model`` gave for ``images`` images, once they are what its config says: one row of
+    ``num_classes`` per image (a net of one's own wrapped with another config's classes had its labels taken
+    for the caller's, or passed unseen).
+
+    Raises:
+        ConfigError: logits of another shape than ``[images, num_classes]``.
+    """
+    classes = model.config.num_classes
+    if logits.ndim == 2 and logits.shape[0] == images and logits.shape[1] != classes:
+        raise ConfigError(f"model {model.name} returns {logits.shape[1]} logits per image but its ModelConfig says "
+                          f"num_classes {classes}: wrap it with the config of the classes it outputs")  # fmt: skip
+    if logits.ndim != 2 or logits.shape[0] != images:
+        raise ConfigError(f"model {model.name} returns logits of shape {tuple(logits.shape)} for {images} images, "
+                          f"not [{images}, num_classes {classes}]: a backbone or classifier gives one row of "
+                          f"logits per image")  # fmt: skip
+    return logits
+
+
 class Protector:
     """Fast Preemption applied to files (and tensors).
 
@@ -586,7 +605,7 @@ class Protector:
             _logger.warning("eta x (forward + backward steps) = %.3g is not above 1, as the method's settings "
                             "need (the paper's: 0.7 x 3 = 2.1): the cascade cannot move an image the whole "
                             "budget", reach)  # fmt: skip
-        self.device = next(backbone.parameters()).device
+        self.device = model_device(backbone)  # a net of one's own may have no parameters
         self.engine = FastPreemption(backbone, config=self.config, seed=seed, device=self.device, precision=precision,
                                      compile=compile, cuda_graphs=cuda_graphs)  # fmt: skip
         self.cuda_graphs = self.engine.cuda_graphs
@@ -613,14 +632,14 @@ class Protector:
         check_images(x)  # a uint8 batch gave labels of its 0..255 values, without a word
         model = self.classifier if (self.labels != "backbone" and self.classifier is not None) else self.backbone
         with eval_mode(model):
-            return model(x.to(self.device)).argmax(dim=1)
+            return _checked_logits(model, model(x.to(self.device)), x.shape[0]).argmax(dim=1)
 
     @torch.inference_mode()
     def confidence(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Backbone softmax probability of ``y`` (types and shapes checked, as :meth:`transform`'s)."""
         check_batch(x, y)
         with eval_mode(self.backbone):
-            probs = self.backbone(x.to(self.device)).softmax(dim=1)
+            probs = _checked_logits(self.backbone, self.backbone(x.to(self.device)), x.shape[0]).softmax(dim=1)
         return probs.gather(1, y.to(self.device).view(-1, 1)).squeeze(1)
 
     def transform(self, x: torch.Tensor, y: torch.Tensor, noise_seeds: Sequence[int] | None = None) -> torch.Tensor:
@@ -653,6 +672,7 @@ class Protector:
             InputError: ``x`` or ``y`` of the wrong type, dtype or shape, images with values outside
                 [0, 1] (or NaN), labels outside the backbone's classes, ``noise_seeds`` that are not one
                 whole number in 0..2**64-1 per image.
+            ConfigError: a model (labelling ``x``) whose logits are not ``[B, num_classes]`` of its config.
         """
         check_images(x)
         check_channels(x, self.backbone.config.input_size[0])  # before the classifier fails on it, in its words
