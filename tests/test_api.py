@@ -550,6 +550,24 @@ def test_a_torch_device_is_checked_as_a_name_is() -> None:
         resolve_device(torch.device("meta"))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_a_net_of_another_dtype_is_wrapped_with_its_normalization(dtype) -> None:
+    """A net cast before it is wrapped (``net.double()``, ``net.bfloat16()``) took its images in the dtype of
+    the wrapper's mean and std, float32, and failed in its first layer ("Input type (float) and bias type
+    (double) should be the same"); a net without mean and std, or a wrapper cast whole, worked."""
+    from preempt_cli import ImageModel
+
+    net = make_tiny_model().net.to(dtype)
+    model = ImageModel(net, tiny_config("cast", mean=(0.5,) * 3, std=(0.25,) * 3))
+    x = torch.rand(2, 3, 32, 32)
+    assert model(x).dtype == dtype
+    float32 = ImageModel(make_tiny_model().net, tiny_config("float32", mean=(0.5,) * 3, std=(0.25,) * 3))
+    tolerance = 1e-5 if dtype == torch.float64 else 0.1
+    assert torch.allclose(model(x).float(), float32(x), atol=tolerance)
+    out = Protector(model, labels="backbone", config=FAST).protect(x)
+    assert out.dtype == torch.float32 and (out - x).abs().max() <= FAST.eps + 1e-6
+
+
 def test_models_are_float32_whatever_torchs_default_dtype() -> None:
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)

@@ -169,7 +169,10 @@ class ImageModel(nn.Module):
             what = f"a {x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
             raise InputError(f"{self.name} takes [N, C, H, W] float images in [0, 1], got {what}"
                              + (" (for uint8: x.float() / 255)" if isinstance(x, torch.Tensor) and x.dtype == torch.uint8 else ""))  # fmt: skip
-        dtype = self.mean.dtype if self.mean is not None else next((p.dtype for p in self.net.parameters()), x.dtype)
+        net_dtype = next((p.dtype for p in self.net.parameters() if p.is_floating_point()), None)
+        # normalized in the mean's dtype (float32, unless the wrapper was cast whole), then given to the net in its
+        # own: a net cast before it was wrapped (net.double()) took float32 images, and failed on them
+        dtype = self.mean.dtype if self.mean is not None else net_dtype or x.dtype
         if x.dtype != dtype:  # float64 images into a float32 net (a net cast with .half() takes half images)
             x = x.to(dtype)
         channels = self.config.input_size[0]
@@ -181,6 +184,8 @@ class ImageModel(nn.Module):
             x = resize(x, self.input_hw)
         if self.mean is not None:
             x = (x - self.mean) / self.std
+        if net_dtype is not None and x.dtype != net_dtype:
+            x = x.to(net_dtype)
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
