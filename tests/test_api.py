@@ -310,6 +310,18 @@ def test_protector_takes_any_64_bit_seed(tiny_backbone) -> None:
     assert Protector(tiny_backbone, seed=np.int64(3)).seed == 3
 
 
+def test_load_model_leaves_the_callers_random_numbers_alone() -> None:
+    """A net is built with random weights before its file's are loaded over them: those draws advanced the
+    caller's global generator, so ``torch.manual_seed(0); load_model(...); torch.rand(...)`` drew other
+    numbers than without the load (the attacks and training already kept to their own generators)."""
+    torch.manual_seed(0)
+    expected = torch.rand(4)
+    torch.manual_seed(0)
+    model = preempt_cli.load_model("preempt-resnet20-at")
+    assert torch.equal(torch.rand(4), expected)
+    assert model.pin_verified  # the weights are the file's, not the draws'
+
+
 def test_load_model_on_a_missing_gpu_is_a_config_error() -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")

@@ -7,7 +7,7 @@ import json
 import logging
 import math
 import re
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -621,8 +621,12 @@ def load_model(
     models_dir = expand_home(models_dir) if models_dir is not None else None
     sha = None
     pin_verified = False
+    # the net's random initial weights, which its file's replace, are drawn from a generator of their own: they
+    # advanced the caller's (torch.manual_seed(0); load_model(...); torch.rand(...) drew other numbers)
+    own_rng = partial(torch.random.fork_rng, devices=[])
     if cfg.source.kind == "timm":
-        net = _load_timm_pretrained(cfg, verify_hash)
+        with own_rng():
+            net = _load_timm_pretrained(cfg, verify_hash)
         where = str(cfg.source)
     else:
         _check_arch_known(cfg)
@@ -640,7 +644,8 @@ def load_model(
         if mismatch:
             raise WeightsMetadataMismatchError(cfg.name, path, mismatch)
         del data
-        net = _build_net(cfg)
+        with own_rng():
+            net = _build_net(cfg)
         state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
         mismatch = _state_mismatch(net.state_dict(), state)  # torch's own message lists every key: kilobytes
         if mismatch:
