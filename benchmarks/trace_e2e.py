@@ -27,6 +27,7 @@ Measured runs: ``results/gpu-h100/run6`` (see RESULTS.md).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import shutil
@@ -315,8 +316,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="on: gc.freeze() before the runs; off: keep the pipeline from freezing (where it does)")
     args = p.parse_args(argv)
     device = resolve_device(args.device)
-    if args.gc_freeze == "off" and hasattr(protect_module, "freeze_long_lived_objects"):
-        protect_module.freeze_long_lived_objects = lambda: None
+    if args.gc_freeze == "off" and hasattr(protect_module, "long_lived_objects_frozen"):
+        protect_module.long_lived_objects_frozen = contextlib.nullcontext
     workers = [int(w) for w in args.workers.split(",") if w.strip()]
     cfg = ForeBackConfig()
     model = load_backbones(["resnet20"], args.models_dir, device)["resnet20"][0]

@@ -658,7 +658,7 @@ def test_run_options_refuse_values_that_did_something_else(tmp_path: Path, tiny_
 
 def test_freezing_long_lived_objects_does_not_keep_the_callers_garbage(monkeypatch) -> None:
     """gc.freeze() took a reference cycle that was already garbage (not yet collected) out of collection for
-    the life of the process: a batch job's 200 MB were kept."""
+    the life of the process: a batch job's 200 MB were kept. The first run of a process collects it first."""
     import gc
     import weakref
 
@@ -668,20 +668,43 @@ def test_freezing_long_lived_objects_does_not_keep_the_callers_garbage(monkeypat
         def __init__(self) -> None:
             self.me = self
 
-    monkeypatch.setattr(protect_module, "_long_lived_objects_frozen", False)
-    was_enabled, was_frozen = gc.isenabled(), gc.get_freeze_count()
+    monkeypatch.setattr(protect_module, "_garbage_collected_once", False)
+    was_enabled = gc.isenabled()
     gc.disable()  # the cycle stays uncollected until the freeze, as it may between two collections
     try:
         garbage = Cycle()
         ref = weakref.ref(garbage)
         del garbage
-        protect_module.freeze_long_lived_objects()
+        with protect_module.long_lived_objects_frozen():
+            assert ref() is None  # collected before the freeze, not held for the run
     finally:
-        gc.unfreeze()
-        if was_frozen:  # as the process had it: an earlier run froze its objects (tests count them)
-            gc.freeze()
         if was_enabled:
             gc.enable()
+
+
+def test_a_run_leaves_the_callers_objects_collectable_after_it(tmp_path: Path, tiny_backbone) -> None:
+    """A run froze the objects alive at its start for the rest of the process (gc.freeze): a caller's object in
+    a reference cycle, alive then and dropped after the run (a notebook's, a service's), was never freed."""
+    import gc
+    import weakref
+
+    class Cycle:
+        def __init__(self) -> None:
+            self.me = self
+
+    write_random_pngs(tmp_path / "in", n=2)
+    frozen_before = gc.get_freeze_count()
+    kept = Cycle()
+    ref = weakref.ref(kept)
+    protector = Protector(tiny_backbone, labels="backbone", config=ForeBackConfig(samples=1))
+    frozen_during = []
+    for _ in protector.run(collect_inputs([tmp_path / "in"]), RunOptions(out_dir=tmp_path / "out")):
+        frozen_during.append(gc.get_freeze_count())
+    assert gc.get_freeze_count() == frozen_before
+    if frozen_before == 0:  # a process that froze nothing: the run froze what was alive (its GC pauses)
+        assert min(frozen_during) > 0
+    del kept
+    gc.collect()
     assert ref() is None
 
 

@@ -1206,19 +1206,21 @@ def test_files_hold_what_the_tensor_api_gives_their_batch(tmp_path: Path, tiny_b
             assert got.dtype == picture.color.dtype and np.array_equal(got, expected), picture.path.name
 
 
-def test_a_run_freezes_the_long_lived_objects_once(tmp_path: Path, tiny_backbone) -> None:
+def test_a_run_freezes_the_long_lived_objects_while_it_goes_on(tmp_path: Path, tiny_backbone, monkeypatch) -> None:
     import gc
 
     from preempt_cli import ForeBackConfig, Protector, collect_inputs, protect
 
     write_random_pngs(tmp_path / "in", n=2)
-    list(Protector(tiny_backbone, labels="backbone", config=ForeBackConfig(samples=1)).run(
-        collect_inputs([tmp_path / "in"]), RunOptions(out_dir=tmp_path / "out")))
-    frozen = gc.get_freeze_count()
-    assert protect._long_lived_objects_frozen and frozen > 0
-    list(Protector(tiny_backbone, labels="backbone", config=ForeBackConfig(samples=1)).run(
-        collect_inputs([tmp_path / "in"]), RunOptions(out_dir=tmp_path / "out", overwrite=True)))
-    assert gc.get_freeze_count() == frozen  # once per process: objects of later runs stay collectable
+    assert gc.get_freeze_count() == 0  # as the runs of the tests before left it
+    collected = []
+    monkeypatch.setattr(gc, "collect", lambda *a: collected.append(a) or 0)
+    for rerun in (False, True):
+        frozen_during = [gc.get_freeze_count() for _ in Protector(
+            tiny_backbone, labels="backbone", config=ForeBackConfig(samples=1)).run(
+            collect_inputs([tmp_path / "in"]), RunOptions(out_dir=tmp_path / "out", overwrite=rerun))]
+        assert min(frozen_during) > 0 and gc.get_freeze_count() == 0
+    assert protect._garbage_collected_once and len(collected) <= 1  # one full collection per process at most
 
 
 @pytest.mark.parametrize("queued", [1, 2])

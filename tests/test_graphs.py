@@ -267,7 +267,7 @@ def test_a_run_in_graphs_writes_the_eager_files(tmp_path: Path, tiny_backbone, t
 
 def test_graphs_do_not_keep_their_engine_or_protector_alive(tiny_backbone, graphs_in_protect, tmp_path: Path) -> None:
     # Their device memory goes with them when the caller lets go, not at a later garbage collection (or
-    # never: a run freezes the objects alive at its start, see protect.freeze_long_lived_objects)
+    # not while a run goes on: it freezes the objects alive at its start, see protect.long_lived_objects_frozen)
     write_random_pngs(tmp_path / "in", n=6)
     gc.collect()
     gc.disable()

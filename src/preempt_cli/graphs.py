@@ -96,8 +96,8 @@ class GraphedFunction:
             ``fn(owner, *inputs)``.
         owner: the object ``fn`` works for (an engine, a protector; typically it holds this instance), held
             weakly: it, and with it its graphs' device memory, goes when its last user lets go of it, not
-            at some later garbage collection, or never, once a run has frozen the objects alive at its
-            start (see :func:`~preempt_cli.protect.freeze_long_lived_objects`).
+            at some later garbage collection, or not before the runs end, which freeze the objects alive at
+            their start (see :func:`~preempt_cli.protect.long_lived_objects_frozen`).
         device: a CUDA device. On any other device ``fn`` runs eagerly (no graphs), unless ``emulate``.
         name: what a warning calls the function.
         emulate: capture and replay by calling ``fn`` on the static inputs (no CUDA), so that the copies in

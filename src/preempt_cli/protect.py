@@ -18,6 +18,7 @@ Batch jobs use this module directly::
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import errno
 import gc
@@ -333,26 +334,50 @@ def label_digest(label: int, source_label_key: bytes) -> str:
     return hashlib.blake2b(str(int(label)).encode(), key=source_label_key, digest_size=16).hexdigest()
 
 
-_long_lived_objects_frozen = False
+_gc_lock = threading.Lock()
+#: runs of this process going on, and whether the first of them froze the objects alive then (see below)
+_runs_going_on = 0
+_runs_froze = False
+#: whether a run of this process has collected the garbage there was before its freeze (once per process)
+_garbage_collected_once = False
 
 
-def freeze_long_lived_objects() -> None:
-    """Take the objects alive now out of the garbage collector's full collections, once per process.
+@contextlib.contextmanager
+def long_lived_objects_frozen() -> Iterator[None]:
+    """While runs go on, the objects alive at the first one's start are out of the garbage collector's full
+    collections; when the last run ends, they are back in them, as they were.
 
     A process that has imported torch and loaded models holds some 400,000 objects that live as long as
     it does; a run's per-file objects trigger a full collection every few thousand files, and each one
     walks all of them while holding the GIL (117-176 ms measured in runs of 2048 files on an H100
     machine, 147 ms on a 2-core EPYC): a pause in which no batch is launched and no file collected.
-    Frozen, they are skipped (``gc.freeze``); objects made later are collected as before. A collection
-    first frees what is already garbage (a frozen unreachable cycle would be kept for good).
+    Frozen, they are skipped (``gc.freeze``); objects made later are collected as before. The first run of a
+    process first frees what is already garbage (a caller's unreachable cycle would be held for the run).
+
+    They are unfrozen after (``gc.unfreeze``): frozen for good, a caller's object in a reference cycle (a
+    notebook's, a service's) that was alive at the run's start and dropped after it was never freed. Where
+    objects are frozen already at the start (the caller's own ``gc.freeze()``), the collector is left alone.
     """
-    global _long_lived_objects_frozen
-    if not _long_lived_objects_frozen:
-        # collected first: a cycle already unreachable (a caller's garbage, not yet collected) was frozen
-        # with the rest, and so kept for the life of the process
-        gc.collect()
-        gc.freeze()
-        _long_lived_objects_frozen = True
+    global _runs_going_on, _runs_froze, _garbage_collected_once
+    with _gc_lock:
+        if _runs_going_on == 0:
+            _runs_froze = gc.get_freeze_count() == 0
+            if _runs_froze:
+                if not _garbage_collected_once:
+                    # a cycle already unreachable (a caller's garbage, not yet collected) would be frozen with
+                    # the rest, and kept for the run: collected once per process, a full collection's cost
+                    gc.collect()
+                    _garbage_collected_once = True
+                gc.freeze()
+        _runs_going_on += 1
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _runs_going_on -= 1
+            if _runs_going_on == 0 and _runs_froze:
+                gc.unfreeze()
+                _runs_froze = False
 
 
 def _piece_size(images: int) -> int:
@@ -1200,13 +1225,13 @@ class Protector:
         # The batches compute on a thread of their own (kernels and GPU waits release the GIL), so that this
         # thread goes on collecting decoded files and written results meanwhile: on a GPU, that per-file
         # bookkeeping otherwise adds to the compute time instead of hiding behind it.
-        freeze_long_lived_objects()
-        compute = ComputeThread(partial(self._launch_batch, io.folders), self._finish_batch,
-                                depth=self._queued_batches(), initializer=self._start_compute_thread)  # fmt: skip
-        try:
-            yield from self._pipeline(todo, outputs, options, io, compute)
-        finally:
-            compute.shutdown(cancel_futures=True)
+        with long_lived_objects_frozen():
+            compute = ComputeThread(partial(self._launch_batch, io.folders), self._finish_batch,
+                                    depth=self._queued_batches(), initializer=self._start_compute_thread)  # fmt: skip
+            try:
+                yield from self._pipeline(todo, outputs, options, io, compute)
+            finally:
+                compute.shutdown(cancel_futures=True)
 
     def _launch_batch(self, folders: _OutputFolders, batch: list[_Pending]) -> _Launched:
         """:meth:`_compute_with_backoff`, unless every output of the batch lies on a file system that a write
