@@ -302,7 +302,21 @@ def test_flipped_labels_refuse_a_defense_that_declares_other_labels() -> None:
                                flip_fraction=0.5)  # fmt: skip
     res = reversion_protocol(ev, victims=["victim"], defense=fp_spec(labels="ground-truth"), black_box_backbone=None,
                              flip_fraction=0.5)  # fmt: skip
-    assert res["labels"] == "ground truth with 50% of labels flipped"
+    assert res["labels"] == "ground truth with 50% of labels flipped (2 of 4 images)"
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_flip_fraction_flips_that_fraction_of_the_labels(monkeypatch: pytest.MonkeyPatch, seed: int) -> None:
+    """--flip-fraction 0.3 flipped each label with probability 0.3: a binomial number of them (2 to 8 of 20
+    for these seeds), while the results said "30% of labels flipped". It flips the nearest whole number of
+    images to the fraction, and says how many."""
+    ds = tiny_dataset(20)
+    spy = _Spy(monkeypatch, Protector)
+    res = reversion_protocol(tiny_evaluator(ds, tiny_models()), victims=["victim"], defense=fp_spec(),
+                             black_box_backbone=None, flip_fraction=0.3, seed=seed)  # fmt: skip
+    (defended,) = spy.by_backbone("bb")
+    assert int((defended[2] != ds.labels).sum()) == 6
+    assert res["labels"] == "ground truth with 30% of labels flipped (6 of 20 images)"
 
 
 def test_a_black_box_reverter_holding_the_key_is_refused() -> None:

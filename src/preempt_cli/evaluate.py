@@ -1621,7 +1621,8 @@ def reversion_protocol(
     report clean accuracy at every stage with a verdict per method.
 
     The defense labels the originals as ``defense`` declares (its classifier, its backbone or the ground
-    truth), or with ``flip_fraction`` > 0 with the ground truth, that fraction flipped.
+    truth), or with ``flip_fraction`` > 0 with the ground truth, that fraction of its labels flipped (the nearest
+    whole number of images, drawn with ``seed``; the results' ``labels`` says how many).
 
     A reversion runs the defense again on the protected image (Algorithm 2), and the defense labels its
     input itself: each reverter labels the *protected* images with its own labeller, as ``preempt revert``
@@ -1664,10 +1665,16 @@ def reversion_protocol(
     gen = torch.Generator().manual_seed(seed)
     source = defense.get("labels", "classifier")
     if flip_fraction > 0:
-        flip = torch.rand(len(ds), generator=gen) < flip_fraction
+        # exactly the fraction (the nearest whole number of images): those of the smallest draws. A draw below
+        # the fraction per image flipped a binomial number, said to be the fraction: 0.3 of 48 images flipped 18
+        # (37.5%). Every label flipped, the draws and offsets are as they were.
+        draws = torch.rand(len(ds), generator=gen)
+        flipped = min(len(ds), math.floor(flip_fraction * len(ds) + 0.5))
+        flip = torch.zeros(len(ds), dtype=torch.bool)
+        flip[draws.argsort(stable=True)[:flipped]] = True
         offset = torch.randint(1, protector.backbone.config.num_classes, (len(ds),), generator=gen)
         labels = torch.where(flip, (ds.labels + offset) % protector.backbone.config.num_classes, ds.labels)
-        label_note = f"ground truth with {flip_fraction:.0%} of labels flipped"
+        label_note = f"ground truth with {flip_fraction:.0%} of labels flipped ({flipped} of {len(ds)} images)"
         label_seconds = 0.0
     else:
         labelled = evaluator._labels_for(defense, protector)
