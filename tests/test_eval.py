@@ -906,9 +906,30 @@ def test_the_report_says_how_wide_an_accuracy_s_interval_is_at_its_n() -> None:
     from preempt_cli.cli._eval import _precision_note
 
     small = _precision_note([{"n": 932}, {"n": 8}])
-    assert "on 8 images" in small and "±28.5 points" in small and "not tested" in small
+    assert "on 8 images" in small and "±34.6 points" in small and "not tested" in small
     assert "±3.2 points" in _precision_note([{"n": 932}])
     assert _precision_note([]) == ""
+
+
+def _wilson(right: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """The Wilson score interval of ``right`` of ``n``, in points, from its textbook formula."""
+    p = right / n
+    center = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5 / (1 + z * z / n)
+    return 100 * (center - half), 100 * (center + half)
+
+
+@pytest.mark.parametrize("n", [1, 2, 8, 16, 40, 932])
+def test_the_report_s_interval_holds_every_accuracy_s_interval_each_way(n: int) -> None:
+    """"Up to ±X points each way" was the half-width at 50%, but an accuracy off 50% lies off its interval's
+    centre: 8 of 8 right is [67.6, 100], 32.4 points below where the report said ±28.5; 1 of 1, [20.7, 100].
+    X is now the farthest an accuracy measured on n images lies from either end of its interval."""
+    from preempt_cli.cli._eval import _precision_note
+
+    farthest = max(max(100 * k / n - _wilson(k, n)[0], _wilson(k, n)[1] - 100 * k / n) for k in range(n + 1))
+    note = _precision_note([{"n": n}])
+    assert f"on {n} image{'s' if n > 1 else ''} its 95% confidence interval" in note
+    assert f"±{farthest:.1f} points" in note
 
 
 def test_a_bilevel_defense_is_not_warned_about_fast_preemption_s_step_rule(caplog: pytest.LogCaptureFixture) -> None:

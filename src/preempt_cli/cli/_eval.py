@@ -83,10 +83,18 @@ _Z95 = 1.959964
 
 
 def _widest_interval(n: int) -> float:
-    """Half the width, in points, of the Wilson 95% interval of an accuracy measured on ``n`` images, at
-    its widest (an accuracy of 50%)."""
+    """The farthest, in points, that an accuracy measured on ``n`` images lies from either end of its Wilson
+    95% interval, over the n + 1 accuracies n images give. Not the half-width at 50%: off 50% the interval's
+    centre moves toward 50%, so one end lies farther (8 of 8 right: [67.6, 100], 32.4 points below, where
+    the half-width at 50% is 28.5)."""
     z2 = _Z95**2
-    return 100 * _Z95 * math.sqrt(0.25 / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    farthest = 0.0
+    for right in range(n + 1):
+        p = right / n
+        center = (p + z2 / (2 * n)) / (1 + z2 / n)
+        half = _Z95 * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+        farthest = max(farthest, center + half - p, p - (center - half))
+    return 100 * farthest
 
 
 def _precision_note(rows: list[dict[str, Any]], paired: bool = False, between: bool = False) -> str:
@@ -100,9 +108,9 @@ def _precision_note(rows: list[dict[str, Any]], paired: bool = False, between: b
     tested = [what for what, shown in (("each defense against none", paired),
                                        ("the defenses against each other", between)) if shown]  # fmt: skip
     tested = f" (except {' and '.join(tested)}: paired on the same images below)" if tested else ""
-    return (f"Each accuracy is a fraction of n images: on {n} images its 95% confidence interval (Wilson) is up "
-            f"to ±{_widest_interval(n):.1f} points wide each way. The rows are not tested against each other"
-            f"{tested}; a difference between two rows within that width may be noise.")
+    return (f"Each accuracy is a fraction of n images: on {n} image{'s' if n > 1 else ''} its 95% confidence "
+            f"interval (Wilson) reaches up to ±{_widest_interval(n):.1f} points from it. The rows are not tested "
+            f"against each other{tested}; a difference between two rows within that reach may be noise.")
 
 
 def _paired_lines(paired: list[dict[str, Any]], defenses: list[DefenseSpec]) -> list[str]:
