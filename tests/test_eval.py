@@ -317,6 +317,9 @@ def test_flip_fraction_flips_that_fraction_of_the_labels(monkeypatch: pytest.Mon
     (defended,) = spy.by_backbone("bb")
     assert int((defended[2] != ds.labels).sum()) == 6
     assert res["labels"] == "ground truth with 30% of labels flipped (6 of 20 images)"
+    one = reversion_protocol(tiny_evaluator(tiny_dataset(1), tiny_models()), victims=["victim"], defense=fp_spec(),
+                             black_box_backbone=None, flip_fraction=0.3, seed=seed)  # fmt: skip
+    assert one["labels"] == "ground truth with 30% of labels flipped (0 of 1 image)"
 
 
 def test_a_black_box_reverter_holding_the_key_is_refused() -> None:

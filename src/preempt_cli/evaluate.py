@@ -1674,7 +1674,8 @@ def reversion_protocol(
         flip[draws.argsort(stable=True)[:flipped]] = True
         offset = torch.randint(1, protector.backbone.config.num_classes, (len(ds),), generator=gen)
         labels = torch.where(flip, (ds.labels + offset) % protector.backbone.config.num_classes, ds.labels)
-        label_note = f"ground truth with {flip_fraction:.0%} of labels flipped ({flipped} of {len(ds)} images)"
+        label_note = (f"ground truth with {flip_fraction:.0%} of labels flipped ({flipped} of {len(ds)} "
+                      f"image{'s' if len(ds) != 1 else ''})")  # fmt: skip
         label_seconds = 0.0
     else:
         labelled = evaluator._labels_for(defense, protector)
