@@ -241,3 +241,30 @@ def test_benchmarks_readme_names_every_folder_of_raw_results() -> None:
                  if p.is_dir() and p.name not in ("cache", "models")}  # (cache, models: a run's own, not committed)
     assert len(committed) >= 4
     assert sorted(committed - set(re.findall(r"`([\w.-]+)/`", listing))) == []
+
+
+def test_changelog_follows_keep_a_changelog() -> None:
+    """0.5.0 to 0.19.0 had sections in the order they were written (`Fixed` before `Added` in 0.5.0, `Removed`
+    after `Fixed` in 0.9.0): Keep a Changelog's order is Added, Changed, Deprecated, Removed, Fixed, Security.
+    [Unreleased] comes first, then each version newest first with its date, none twice."""
+    order = ["Added", "Changed", "Deprecated", "Removed", "Fixed", "Security"]
+    headings = re.findall(r"^(##|###) (.*)$", _read("CHANGELOG.md"), re.M)
+    versions: list[tuple[str, list[str]]] = []
+    for level, title in headings:
+        if level == "##":
+            versions.append((title, []))
+        else:
+            versions[-1][1].append(title)
+    assert versions[0][0] == "[Unreleased]"
+    released = [re.fullmatch(r"\[(\d+)\.(\d+)\.(\d+)\] - (\d{4}-\d\d-\d\d)", title) for title, _ in versions[1:]]
+    assert None not in released, [t for (t, _), m in zip(versions[1:], released) if m is None]
+    numbers = [tuple(int(n) for n in m.groups()[:3]) for m in released if m]
+    dates = [m.group(4) for m in released if m]
+    assert numbers == sorted(set(numbers), reverse=True) and dates == sorted(dates, reverse=True)
+    # the standard kinds of change, each once and in order; a version's own notes (0.14.0's "Measured") after them
+    bad = []
+    for title, sections in versions:
+        kinds = [s for s in sections if s in order]
+        if kinds != sorted(set(kinds), key=order.index) or sections[: len(kinds)] != kinds:
+            bad.append((title, sections))
+    assert bad == []
