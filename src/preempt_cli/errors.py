@@ -2,7 +2,7 @@
 
 Each class derives from :class:`PreemptError` *and* from the standard exception a caller would expect
 (``FileNotFoundError``, ``ValueError``, ...), carries the fields that explain it, and says how to fix it.
-The CLI maps them to an ``Error:`` line and an exit code (see ``preempt_cli.cli``).
+The CLI maps them to an ``error:`` line on stderr and an exit code (see ``preempt_cli.cli``).
 """
 
 from __future__ import annotations
