@@ -4,7 +4,7 @@ Sections (each a markdown table in the output, all numbers also in one JSON file
 
 * ``table1``  end to end (paper Table 1): defenses none / Bi-Level / Fast Preemption x victims, PGD-20
   L-inf 8/255 and L2 0.5, AutoAttack standard on the first ``--aa-images``;
-* ``fig9``    step ablation: F0-B3, F1-B2, F3-B0, F1-B1 (mspd preset), F0-B100;
+* ``fig9``    step ablation: F0-B3, F1-B2, F3-B0, F1-B1 (mspd preset), F0-B100, F100-B0;
 * ``table7``  optimizer ablation: averaged FGSM vs averaged PGD samples, N = 1 vs N = 20;
 * ``table5``  classifier ablation: ground truth vs cifar10-resnet18-std vs cifar10-resnet20-std;
 * ``table2``  reversion protocol: white-box, black-box, JPEG-50, each reverter labelling the protected
