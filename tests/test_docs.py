@@ -261,6 +261,9 @@ def test_changelog_follows_keep_a_changelog() -> None:
     numbers = [tuple(int(n) for n in m.groups()[:3]) for m in released if m]
     dates = [m.group(4) for m in released if m]
     assert numbers == sorted(set(numbers), reverse=True) and dates == sorted(dates, reverse=True)
+    # the latest release is the version the package and pyproject.toml say
+    [project_version] = re.findall(r'^version = "([^"]+)"', _read("pyproject.toml"), re.M)
+    assert ".".join(map(str, numbers[0])) == project_version == importlib.import_module("preempt_cli").__version__
     # the standard kinds of change, each once and in order; a version's own notes (0.14.0's "Measured") after them
     bad = []
     for title, sections in versions:
