@@ -317,7 +317,7 @@ def test_a_stop_before_any_output_says_nothing_was_written(tmp_path: Path, regis
     "outputs written so far are complete", and the user looked for outputs that were not there."""
     from preempt_cli.cli import _files
 
-    def stopped_run(protectors, items, options):
+    def stopped_run(protectors, items, options, **kwargs):
         yield from list(_a_run_stopped_mid_way(written))[:written]
         raise KeyboardInterrupt
 
