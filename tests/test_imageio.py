@@ -149,6 +149,7 @@ def _header_cases(folder: Path) -> list[Path]:
         "bilevel.png": (Image.fromarray(gray).convert("1"), {}),
         "gray16.png": (Image.fromarray((gray.astype(np.uint16) * 257)), {}),
         "rotated.png": (Image.fromarray(rgb), {"exif": rotated.tobytes()}),
+        "late_exif.png": (Image.fromarray(rgb), {}),  # its eXIf after the pixels: added below
         "rotated.jpg": (Image.fromarray(rgb), {"exif": rotated.tobytes()}),
         "gray.jpg": (Image.fromarray(gray), {}),
         "progressive.jpg": (Image.fromarray(rgb), {"progressive": True}),
@@ -165,7 +166,16 @@ def _header_cases(folder: Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     for name, (img, extra) in cases.items():
         img.save(folder / name, **extra)
+    _add_png_chunk_after_the_pixels(folder / "late_exif.png", b"eXIf", rotated.tobytes()[6:])
     return [folder / name for name in cases]
+
+
+def _add_png_chunk_after_the_pixels(path: Path, kind: bytes, body: bytes) -> None:
+    """Insert a chunk into the PNG at ``path`` between its image data and its end (IEND)."""
+    data = path.read_bytes()
+    end = data.rindex(b"IEND") - 4  # the IEND chunk's length field
+    crc = struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+    path.write_bytes(data[:end] + struct.pack(">I", len(body)) + kind + body + crc + data[end:])
 
 
 def test_decoded_size_from_the_header_is_what_read_image_gives(tmp_path: Path,
@@ -317,6 +327,28 @@ def test_an_orientation_in_a_png_raw_exif_profile_is_not_applied(tmp_path) -> No
     with Image.open(tmp_path / "magick.png") as img:
         assert img.getexif().get(0x0112) == 6  # what Pillow reads of it
     assert np.array_equal(read_image(tmp_path / "magick.png").color, arr)  # as browsers show it
+
+
+def test_an_orientation_in_a_png_exif_chunk_after_the_pixels_is_not_applied(tmp_path) -> None:
+    """Browsers ignore an orientation that comes after a file's image data (CSS Images 3; the web platform
+    tests' "late EXIF data is ignored"): a PNG turns by an eXIf chunk before its IDAT only. Pillow reads a
+    late eXIf as it loads the pixels, and a photo browsers show 64x48 was written 48x64, rotated against it
+    (while the header read that sizes the batches took it as 64x48)."""
+    from preempt_cli.imageio import decoded_size
+
+    arr = np.random.default_rng(3).integers(0, 256, (48, 64, 3)).astype(np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(arr).save(tmp_path / "late.png")
+    _add_png_chunk_after_the_pixels(tmp_path / "late.png", b"eXIf", exif.tobytes()[6:])  # without "Exif\0\0"
+    with Image.open(tmp_path / "late.png") as img:
+        img.load()
+        assert img.getexif().get(0x0112) == 6  # what Pillow reads of it, once the pixels are loaded
+    picture = read_image(tmp_path / "late.png")
+    assert np.array_equal(picture.color, arr)  # as browsers show it
+    assert tuple(decoded_size(tmp_path / "late.png")) == (3, 48, 64, arr.nbytes)
+    Image.fromarray(arr).save(tmp_path / "early.png", exif=exif.tobytes())  # before the pixels: turned
+    assert np.array_equal(read_image(tmp_path / "early.png").color, np.rot90(arr, -1))
 
 # -- modes and formats --------------------------------------------------------------------------------------
 

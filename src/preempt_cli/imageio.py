@@ -501,6 +501,10 @@ def read_image(path: Path | str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Pic
             raise ImageReadError(path, f"a {source_format} of {deeper}, which Pillow decodes to 8 bits: the "
                                        "output would lose depth unseen; protect an 8-bit copy")  # fmt: skip
         gray_transparency = _low_depth_gray_transparency(img)  # before a PNG's text, which loads it
+        # A PNG's EXIF as its chunks before the image data give it, before its text loads the pixels: Pillow
+        # takes an eXIf after them too as it loads, which browsers ignore (CSS Images 3 ignores an orientation
+        # that comes after the image data): such a photo was written turned against how they show it.
+        exif_before_pixels = img.info.get("exif")
         text = {k: v for k, v in getattr(img, "text", {}).items() if isinstance(v, str)}
         icc = img.info.get("icc_profile")
         frames = getattr(img, "n_frames", 1)
@@ -520,7 +524,8 @@ def read_image(path: Path | str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Pic
         if gray_transparency is not None:
             img.info["transparency"] = gray_transparency
         colour_chunks = _png_colour_chunks(img.info) if source_format == "PNG" else ()
-        exif = _exif_block(img.info)  # parsed once: the resolution and the orientation are read from it
+        # parsed once: the resolution and the orientation are read from it
+        exif = _exif_block({"exif": exif_before_pixels} if source_format == "PNG" else img.info)
         dpi = _dpi(img, exif)
         orientation = tiff_orientation if source_format == "TIFF" else _exif_orientation(img, exif)
         upright = _UPRIGHT.get(orientation)
