@@ -1637,6 +1637,52 @@ def test_a_resolution_is_kept_as_the_file_states_it(tmp_path: Path) -> None:
     assert read_image(tmp_path / "cm.jpg").dpi == pytest.approx((254.0, 254.0))
 
 
+def _psd_bytes(planes: np.ndarray, colour_mode: int, layers: tuple[np.ndarray, ...] = ()) -> bytes:
+    """A Photoshop file of 8-bit ``planes`` (C x H x W: its composite image, uncompressed) in ``colour_mode``
+    (1 gray, 3 RGB, 4 CMYK), with ``layers`` (H x W x 3 RGB each, the picture's size) before it."""
+    channels, height, width = planes.shape
+    layer_info = struct.pack(">I", 0)  # no layers
+    if layers:
+        records, data = b"", b""
+        for i, layer in enumerate(layers):
+            records += struct.pack(">4iH", 0, 0, height, width, 3)
+            records += b"".join(struct.pack(">hI", c, height * width + 2) for c in range(3))
+            name = bytes([2]) + b"L%d" % i + b"\0"  # a Pascal string padded to 4 bytes
+            extra = struct.pack(">II", 0, 0) + name  # no mask, no blending ranges
+            records += b"8BIMnorm" + bytes([255, 0, 0, 0]) + struct.pack(">I", len(extra)) + extra
+            data += b"".join(struct.pack(">H", 0) + layer[:, :, c].tobytes() for c in range(3))
+        info = struct.pack(">h", len(layers)) + records + data
+        info += bytes(len(info) % 2)
+        section = struct.pack(">I", len(info)) + info + struct.pack(">I", 0)  # no global mask
+        layer_info = struct.pack(">I", len(section)) + section
+    header = b"8BPS" + struct.pack(">H6xHIIHH", 1, channels, height, width, 8, colour_mode)
+    no_palette_no_resources = struct.pack(">II", 0, 0)
+    return header + no_palette_no_resources + layer_info + struct.pack(">H", 0) + planes.astype(np.uint8).tobytes()
+
+
+def test_a_photoshop_file_is_read_as_its_composite_image(tmp_path: Path) -> None:
+    """Pillow opens a PSD at its composite image (the picture as Photoshop shows it), which it numbers 1,
+    before its layers (1..n): the seek to frame 0 of every read failed every PSD as "corrupt or truncated
+    image data (attempt to seek outside sequence)". Its layers are not frames left out: no warning."""
+    rng = np.random.default_rng(4)
+    composite = rng.integers(0, 256, (20, 36, 3), dtype=np.uint8)
+    layers = tuple(rng.integers(0, 256, (20, 36, 3), dtype=np.uint8) for _ in range(3))
+    (tmp_path / "flat.psd").write_bytes(_psd_bytes(composite.transpose(2, 0, 1), 3))
+    (tmp_path / "layers.psd").write_bytes(_psd_bytes(composite.transpose(2, 0, 1), 3, layers))
+    (tmp_path / "gray.psd").write_bytes(_psd_bytes(composite[None, :, :, 0], 1))
+    (tmp_path / "cmyk.psd").write_bytes(_psd_bytes(rng.integers(0, 256, (4, 20, 36), dtype=np.uint8), 4))
+    with Image.open(tmp_path / "layers.psd") as img:
+        assert img.n_frames == 3 and np.array_equal(np.asarray(img), composite)  # the file is as meant
+    for name in ("flat.psd", "layers.psd"):
+        picture = read_image(tmp_path / name)
+        assert picture.source_format == "PSD" and picture.mode == "RGB" and picture.notes == ()
+        assert np.array_equal(picture.color, composite), name
+        write_png(tmp_path / f"{name}.png", picture)
+        assert np.array_equal(read_image(tmp_path / f"{name}.png").color, composite)
+    assert np.array_equal(read_image(tmp_path / "gray.psd").color[:, :, 0], composite[:, :, 0])
+    assert read_image(tmp_path / "cmyk.psd").mode == "RGB"
+
+
 def test_a_16_bit_bmp_and_a_cameras_mpo_jpeg_read_as_before(tmp_path: Path) -> None:
     """A 5-6-5 BMP is 16 bits a pixel, not a channel: read, not refused as deep colour. A camera's MPO
     JPEG holds a preview as its second frame: no warning of frames left out."""

@@ -507,12 +507,17 @@ def read_image(path: Path | str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Pic
         exif_before_pixels = img.info.get("exif")
         text = {k: v for k, v in getattr(img, "text", {}).items() if isinstance(v, str)}
         icc = img.info.get("icc_profile")
+        first_frame = img.tell()  # 0, but a Photoshop file's composite image, numbered 1 before its layers
         frames = getattr(img, "n_frames", 1)
         # an animation's other frames, a scan's other pages: not in the output, which says so
-        # (a camera's MPO JPEG holds a preview or a depth map as its second frame: not content of its own)
+        # (a camera's MPO JPEG holds a preview or a depth map as its second frame: not content of its own; a
+        # PSD's layers are parts of its composite image, which is protected whole)
         notes = ((f"has {frames} frames (an animation or a multi-page file): only the first is protected",)
-                 if frames > 1 and source_format != "MPO" else ())  # fmt: skip
-        img.seek(0)
+                 if frames > 1 and source_format not in ("MPO", "PSD") else ())  # fmt: skip
+        # back to the first frame where counting them left another; a PSD refuses a seek to where it is
+        # ("attempt to seek outside sequence"): seek(0) failed every one, and seek(1) one without layers
+        if img.tell() != first_frame:
+            img.seek(first_frame)
         tiff_orientation = None
         if source_format == "TIFF":
             # Pillow's TIFF plugin turns a TIFF upright as it loads it, and deletes its orientation tag; it
