@@ -284,6 +284,19 @@ def write_random_pngs(folder: Path, n: int = 4, size: tuple[int, int] = (32, 32)
     return paths
 
 
+def avif_without_its_image() -> bytes:
+    """An AVIF whose primary item names no image in it: Pillow's AVIF plugin raises RuntimeError as it opens
+    it, none of the errors a broken file of the other formats raises. Needs a Pillow that writes AVIF."""
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((8, 12, 3), 90, np.uint8)).save(buf, format="AVIF")
+    data = bytearray(buf.getvalue())
+    primary = data.index(b"pitm") + 8  # past the box's type, version and flags: the primary item's ID
+    data[primary : primary + 2] = b"\x77\x77"
+    return bytes(data)
+
+
 class ThresholdModel(nn.Module):
     """Class 1 when the mean pixel exceeds ``t`` (a steep margin), else class 0."""
 

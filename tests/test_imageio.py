@@ -16,7 +16,7 @@ import torch
 import PIL
 from PIL import Image, features
 
-from conftest import CudaLikeDivision, LiveBuffers
+from conftest import CudaLikeDivision, LiveBuffers, avif_without_its_image
 from preempt_cli import imageio
 from preempt_cli.errors import ImageReadError, ImageWriteError
 from preempt_cli.imageio import (
@@ -965,6 +965,18 @@ def test_read_png_text_of_other_files_is_empty(tmp_path) -> None:
     assert read_png_text(tmp_path / "junk.png") == {}
     Image.fromarray(_gradient()).save(tmp_path / "plain.jpg")
     assert read_png_text(tmp_path / "plain.jpg") == {}
+
+
+@pytest.mark.skipif(not features.check("avif"), reason="this Pillow reads no AVIF")
+def test_read_png_text_of_a_file_any_plugin_fails_on_is_empty(tmp_path) -> None:
+    """A broken AVIF named like an output (``a.protected.png``, beside ``a.png``) raised Pillow's AVIF
+    plugin's RuntimeError out of read_png_text, and the whole protect run stopped with an internal error
+    (exit 2, no file protected): a file whose metadata cannot be read has none."""
+    (tmp_path / "broken.png").write_bytes(avif_without_its_image())
+    with pytest.raises(RuntimeError):
+        Image.open(tmp_path / "broken.png")
+    assert read_png_text(tmp_path / "broken.png") == {}
+    assert read_png_text(tmp_path / "broken.png", key="preempt") == {}
 
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TEST_DEVICE, make_tiny_model, write_random_pngs
+from conftest import TEST_DEVICE, avif_without_its_image, make_tiny_model, write_random_pngs
 from preempt_cli import ForeBackConfig, Protector, RunOptions, collect_inputs
 from preempt_cli.imageio import read_png_text
 from preempt_cli.protect import differing_settings
@@ -96,6 +96,23 @@ def test_a_foreign_file_in_the_outputs_place_fails(tmp_path: Path) -> None:
     assert result[image.name][0] == "failed" and "not a file preempt protected" in result[image.name][1]
     assert junk.read_bytes() == b"not an image of ours"
     assert _run(_protector(), tmp_path, overwrite=True)[image.name][0] == "done"
+
+
+def test_a_broken_file_of_any_format_in_an_outputs_place_fails_its_input_alone(tmp_path: Path) -> None:
+    """A broken AVIF in an output's place stopped the whole run with an internal error (Pillow's AVIF plugin
+    raises RuntimeError as it opens one): it fails its input as any foreign file does, and the others are done."""
+    from PIL import features
+
+    if not features.check("avif"):
+        pytest.skip("this Pillow reads no AVIF")
+    first, second = write_random_pngs(tmp_path, n=2)
+    junk = tmp_path / f"{first.stem}.protected.png"
+    broken = avif_without_its_image()
+    junk.write_bytes(broken)
+    result = _run(_protector(), tmp_path)
+    assert result[first.name][0] == "failed" and "not a file preempt protected" in result[first.name][1]
+    assert result[second.name] == ("done", "")
+    assert junk.read_bytes() == broken
 
 
 def test_a_reversion_output_is_judged_by_the_reverters_settings(tmp_path: Path) -> None:

@@ -1793,7 +1793,9 @@ def read_png_text(path: Path | str, *, key: str | None = None) -> dict[str, str]
             if key is not None and isinstance(img.info.get(key), str):
                 return {k: v for k, v in img.info.items() if isinstance(v, str)}
             return {k: v for k, v in _png_text_past_the_pixels(img).items() if isinstance(v, str)}
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+    except Exception:
+        # unreadable, broken or too large: no text. Any error, a plugin's own too: AVIF's RuntimeError stopped
+        # the whole run that met a broken AVIF named as an output
         return {}
 
 
