@@ -713,6 +713,37 @@ def test_corrupt_file_is_a_read_error(tmp_path) -> None:
     _assert_read_error(path, "not an image")
 
 
+def _tiff_whose_second_page_has_no_width() -> bytes:
+    """A two-page TIFF whose second page's ImageWidth tag is renamed away: Pillow's TIFF plugin raises
+    TypeError ("Missing dimensions") as it counts the pages."""
+    import io
+
+    buf = io.BytesIO()
+    pages = [Image.fromarray(_gradient()), Image.fromarray(_gradient()[::-1])]
+    pages[0].save(buf, format="TIFF", save_all=True, append_images=pages[1:])
+    data = bytearray(buf.getvalue())
+    first = struct.unpack_from("<I", data, 4)[0]
+    second = struct.unpack_from("<I", data, first + 2 + 12 * struct.unpack_from("<H", data, first)[0])[0]
+    for entry in range(struct.unpack_from("<H", data, second)[0]):
+        at = second + 2 + 12 * entry
+        if struct.unpack_from("<H", data, at)[0] == 256:  # ImageWidth
+            struct.pack_into("<H", data, at, 0x9999)
+    return bytes(data)
+
+
+def test_a_file_a_plugin_fails_on_with_its_own_error_is_a_read_error(tmp_path) -> None:
+    """Pillow's plugins raise errors of their own for some broken files (AVIF's RuntimeError, TIFF's
+    TypeError for a page without dimensions): read_image let them out, where its other broken files raise
+    ImageReadError naming the file (protect said "cannot decode: TypeError: Missing dimensions")."""
+    (tmp_path / "pages.tif").write_bytes(_tiff_whose_second_page_has_no_width())
+    with Image.open(tmp_path / "pages.tif") as img, pytest.raises(TypeError):
+        img.n_frames
+    _assert_read_error(tmp_path / "pages.tif", "corrupt", "missing dimensions")
+    if features.check("avif"):
+        (tmp_path / "broken.avif").write_bytes(avif_without_its_image())
+        _assert_read_error(tmp_path / "broken.avif", "corrupt", "failed to decode image")
+
+
 def test_text_file_named_jpg_is_a_read_error(tmp_path) -> None:
     path = tmp_path / "notes.jpg"
     path.write_text("this is not a picture\n" * 20)
@@ -1693,6 +1724,24 @@ def test_a_photoshop_file_is_read_as_its_composite_image(tmp_path: Path) -> None
         assert np.array_equal(read_image(tmp_path / f"{name}.png").color, composite)
     assert np.array_equal(read_image(tmp_path / "gray.psd").color[:, :, 0], composite[:, :, 0])
     assert read_image(tmp_path / "cmyk.psd").mode == "RGB"
+
+
+def test_a_photoshop_file_whose_layers_are_broken_is_read_as_its_whole_composite(tmp_path: Path) -> None:
+    """A PSD's layers are not read: a layer whose box reaches past the file's end made counting them (as
+    frames) raise struct.error, and a file whose composite image is whole failed with "cannot decode"."""
+    rng = np.random.default_rng(5)
+    composite = rng.integers(0, 256, (20, 36, 3), dtype=np.uint8)
+    layers = tuple(rng.integers(0, 256, (20, 36, 3), dtype=np.uint8) for _ in range(2))
+    data = bytearray(_psd_bytes(composite.transpose(2, 0, 1), 3, layers))
+    first_layer = 26 + 4 + 4 + 4 + 4 + 2  # header, no palette, no resources, section and layer info lengths, count
+    struct.pack_into(">i", data, first_layer + 8, 100_000)  # its bottom: far past the file's end
+    (tmp_path / "broken-layer.psd").write_bytes(data)
+    with Image.open(tmp_path / "broken-layer.psd") as img:
+        assert np.array_equal(np.asarray(img), composite)
+        with pytest.raises(struct.error):
+            img.n_frames
+    picture = read_image(tmp_path / "broken-layer.psd")
+    assert np.array_equal(picture.color, composite) and picture.notes == ()
 
 
 def test_a_16_bit_bmp_and_a_cameras_mpo_jpeg_read_as_before(tmp_path: Path) -> None:

@@ -307,6 +307,12 @@ class Picture:
         return dataclasses.replace(self, color=color, text=dict(self.text))  # every other field kept, a new field too
 
 
+#: What Pillow raises for a broken file besides OSError: its parsers' errors (a short chunk's SyntaxError,
+#: EOFError, struct.error, IndexError) and its plugins' own (a TIFF page without dimensions: TypeError; AVIF's
+#: decoder: RuntimeError). Not MemoryError, which says to use fewer workers (see read_images).
+_BROKEN_FILE_ERRORS = (SyntaxError, ValueError, EOFError, struct.error, IndexError, TypeError, RuntimeError)
+
+
 def _read_capped(path: Path, max_pixels: int) -> bytes:
     """The file's bytes, read once: refused unread when it is a device or a socket, or larger than any
     image of at most ``max_pixels`` pixels (:func:`max_file_bytes`) needs. A pipe (``<(curl ...)``, a FIFO)
@@ -438,7 +444,7 @@ def _open(path: Path, max_pixels: int) -> tuple[Image.Image, str, bytes]:
         raise ImageReadError(path, _bomb_reason(e, max_pixels, data)) from None
     except OSError as e:
         raise ImageReadError(path, f"cannot open: {_error_text(e)}", errno=e.errno) from e
-    except (SyntaxError, ValueError, EOFError) as e:  # Pillow's errors for a broken header (a short gAMA chunk)
+    except _BROKEN_FILE_ERRORS as e:  # a broken header (a short gAMA chunk, an AVIF without its image)
         raise ImageReadError(path, f"corrupt or truncated image data ({_error_text(e)})") from e
     width, height = img.size
     if width * height > max_pixels:
@@ -508,12 +514,13 @@ def read_image(path: Path | str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Pic
         text = {k: v for k, v in getattr(img, "text", {}).items() if isinstance(v, str)}
         icc = img.info.get("icc_profile")
         first_frame = img.tell()  # 0, but a Photoshop file's composite image, numbered 1 before its layers
-        frames = getattr(img, "n_frames", 1)
+        # a PSD's layers are parts of its composite image, which is protected whole: not counted as frames (nor
+        # read: a broken layer failed a file whose composite was whole)
+        frames = 1 if source_format == "PSD" else getattr(img, "n_frames", 1)
         # an animation's other frames, a scan's other pages: not in the output, which says so
-        # (a camera's MPO JPEG holds a preview or a depth map as its second frame: not content of its own; a
-        # PSD's layers are parts of its composite image, which is protected whole)
+        # (a camera's MPO JPEG holds a preview or a depth map as its second frame: not content of its own)
         notes = ((f"has {frames} frames (an animation or a multi-page file): only the first is protected",)
-                 if frames > 1 and source_format not in ("MPO", "PSD") else ())  # fmt: skip
+                 if frames > 1 and source_format != "MPO" else ())  # fmt: skip
         # back to the first frame where counting them left another; a PSD refuses a seek to where it is
         # ("attempt to seek outside sequence"): seek(0) failed every one, and seek(1) one without layers
         if img.tell() != first_frame:
@@ -551,7 +558,7 @@ def read_image(path: Path | str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Pic
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # not an OSError: own words
         raise ImageReadError(path, _bomb_reason(e, max_pixels)) from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:  # Pillow's errors for broken data
+    except (OSError, *_BROKEN_FILE_ERRORS) as e:  # broken data (a TIFF's page without dimensions too)
         raise ImageReadError(path, f"corrupt or truncated image data ({_error_text(e)})") from e
     finally:
         img.close()
