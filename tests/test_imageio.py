@@ -1744,6 +1744,19 @@ def test_a_photoshop_file_whose_layers_are_broken_is_read_as_its_whole_composite
     assert np.array_equal(picture.color, composite) and picture.notes == ()
 
 
+def test_a_photoshop_file_of_16_or_32_bits_a_channel_says_so(tmp_path: Path) -> None:
+    """Pillow reads PSDs of 8 bits a channel (and 1-bit ones) only: one of 16 or 32 bits, a usual working
+    file, was refused as "not an image Pillow can read (unknown or corrupt format)", as if broken."""
+    planes = np.zeros((3, 4, 6), np.uint8)
+    for bits in (16, 32):
+        data = bytearray(_psd_bytes(planes, 3))
+        struct.pack_into(">H", data, 22, bits)  # the header's depth
+        (tmp_path / f"deep{bits}.psd").write_bytes(data)
+        _assert_read_error(tmp_path / f"deep{bits}.psd", f"{bits} bits", "8-bit copy")
+    (tmp_path / "noise.psd").write_bytes(b"8BPS" + bytes(range(40)))  # not one: as before
+    _assert_read_error(tmp_path / "noise.psd", "not an image pillow can read")
+
+
 def test_a_16_bit_bmp_and_a_cameras_mpo_jpeg_read_as_before(tmp_path: Path) -> None:
     """A 5-6-5 BMP is 16 bits a pixel, not a channel: read, not refused as deep colour. A camera's MPO
     JPEG holds a preview as its second frame: no warning of frames left out."""

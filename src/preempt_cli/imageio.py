@@ -438,6 +438,10 @@ def _open(path: Path, max_pixels: int) -> tuple[Image.Image, str, bytes]:
         if img.format == "PNG":
             img.info["cicp"] = _png_cicp(data)
     except UnidentifiedImageError:
+        deep_psd = _psd_depth(data)
+        if deep_psd is not None:  # a usual working file, not a broken one
+            raise ImageReadError(path, f"a Photoshop file (PSD) of {deep_psd} bits a channel, which Pillow does not "
+                                       "read (only 8): protect an 8-bit copy") from None  # fmt: skip
         raise ImageReadError(path, "not an image Pillow can read (unknown or corrupt format)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         # over Pillow's limit, which is at least ours: our words, our limit (not Pillow's twice-as-high one)
@@ -454,6 +458,15 @@ def _open(path: Path, max_pixels: int) -> tuple[Image.Image, str, bytes]:
         img.close()
         raise ImageReadError(path, f"image has no pixels ({width}x{height})")
     return img, hashlib.sha256(data).hexdigest(), source_label_key(data)
+
+
+def _psd_depth(data: bytes) -> int | None:
+    """The bits a channel of the Photoshop file ``data`` is, where it is a PSD of 16 or 32 (which Pillow does
+    not read), else None."""
+    if len(data) < 26 or data[:6] != b"8BPS\x00\x01":  # the signature and version 1 (PSB, version 2: no)
+        return None
+    depth = struct.unpack(">H", data[22:24])[0]
+    return depth if depth in (16, 32) else None
 
 
 def source_label_key(data: bytes) -> bytes:
