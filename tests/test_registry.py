@@ -350,6 +350,21 @@ def test_unknown_model_is_a_helpful_error() -> None:
     assert "Did you mean" not in str(info.value)
 
 
+@pytest.mark.parametrize("typo, meant", [
+    ("preemt-resnet20-at", "preempt-resnet20-at"),  # a letter left out
+    ("cifar10-resnet20-pgdta-a", "cifar10-resnet20-pgdat-a"),  # two letters swapped
+    ("cifar10_resnet20_pgdat_a", "cifar10-resnet20-pgdat-a"),  # the weights file's stem, as named in the row
+    ("cifar10-resnet65-std", "cifar10-resnet56-std"),
+])  # fmt: skip
+def test_a_misspelt_model_name_suggests_the_model_meant(typo: str, meant: str) -> None:
+    # only names holding the typo whole (or held by it) were suggested: a letter wrong gave no suggestion
+    with pytest.raises(UnknownModelError) as info:
+        get_model_config(typo)
+    message = str(info.value)
+    suggested = message.partition("Did you mean ")[2].partition("?")[0].split(", ")
+    assert meant in suggested, message
+    assert len(suggested) <= 3, message
+
 GOOD = 'arch = "cifar_resnet20"\nsource = "file:w.safetensors"\n'
 
 INVALID_ROWS = {

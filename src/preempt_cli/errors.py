@@ -99,8 +99,8 @@ class UnknownModelError(PreemptError, KeyError):
     def __init__(self, name: str, known: list[str]) -> None:
         self.name = name
         self.known = known
-        close = [k for k in known if name.lower() in k.lower() or k.lower() in name.lower()]
-        hint = f" Did you mean {', '.join(close[:3])}?" if close else ""
+        close = _close_names(name, known)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
         super().__init__(
             f"unknown model {excerpt(name)}.{hint} Run 'preempt models list' to see the registered models, "
             "or add one with --registry FILE."
@@ -108,6 +108,25 @@ class UnknownModelError(PreemptError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0])
+
+
+def _close_names(name: str, known: list[str], most: int = 3) -> list[str]:
+    """The names of ``known`` that ``name`` may have meant, at most ``most``, '_' read as '-' (a weights file's
+    stem) and capitals as small letters: the name so read alone, else those holding it whole or held by it,
+    then those spelt alike (a letter left out, two swapped)."""
+    import difflib
+
+    def plain(text: str) -> str:
+        return text.lower().replace("_", "-")
+
+    typed = plain(name)
+    same = [k for k in known if plain(k) == typed]  # another case, or '_': that one alone is meant
+    if same:
+        return same[:most]
+    by_plain = {plain(k): k for k in known}
+    close = [k for k in known if typed in plain(k) or plain(k) in typed]
+    close += [by_plain[k] for k in difflib.get_close_matches(typed, list(by_plain), n=most, cutoff=0.8)]
+    return list(dict.fromkeys(close))[:most]
 
 
 class WeightsNotFoundError(PreemptError, FileNotFoundError):
