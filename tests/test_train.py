@@ -1020,6 +1020,31 @@ def test_cli_an_output_that_appears_while_training_is_not_replaced(command: str,
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".k.safetensors")]
 
 
+@pytest.mark.parametrize("command", ["train", "keygen"])
+def test_cli_an_output_that_is_a_link_to_nowhere_is_refused_before_training(command: str, colour_dir: Path,
+                                                                             tmp_path: Path, isolated_config: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    # a link whose target is missing (a key's link into a folder not mounted) was taken for no file: the whole
+    # training ran, then its weights were thrown away as "appeared while this run was writing it (another
+    # run?)", exit 1
+    import preempt_cli.cli._train as cli_train
+
+    out = tmp_path / "k.safetensors"
+    out.symlink_to(tmp_path / "gone" / "k.safetensors")
+    args = [*_one_batch_train(colour_dir, out), "-q"] if command == "train" else _keygen_args(tmp_path, out)
+    real = getattr(cli_train, command)
+    monkeypatch.setattr(cli_train, command, lambda *a, **kw: pytest.fail("trained for an output it cannot write"))
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert f"{out} is a symbolic link to {tmp_path / 'gone' / 'k.safetensors'}, which is missing" in result.stderr
+    assert "--overwrite" in result.stderr and os.path.islink(out)
+    monkeypatch.setattr(cli_train, command, real)
+    result = CliRunner().invoke(app, [*args, "--overwrite"])  # replaces the link with the weights
+    assert result.exit_code == 0, result.output
+    assert out.is_file() and not out.is_symlink()
+    assert get_model_config("k").source.location == str(out.resolve())
+
+
 def test_cli_resume_over_weights_written_before_their_checkpoint_was_removed(colour_dir: Path, tmp_path: Path,
                                                                             isolated_config: Path,
                                                                             monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip

@@ -169,6 +169,11 @@ def _check_output(out: Path, force: bool, resume: bool, *, checkpoints: bool = T
     if out.suffix != ".safetensors":
         raise ConfigError(f"{out}: the output must be a .safetensors file")
     _check_writable(out)
+    if os.path.islink(out) and not os.path.exists(out) and not force:
+        # exists() says no of it, yet the weights cannot be put there without replacing it: the whole training
+        # ran, then they were refused as if another run had written the output meanwhile
+        raise ConfigError(f"{out} is a symbolic link to {os.readlink(out)}, which is missing: pass --overwrite to "
+                          "replace the link with the weights, or remove it")  # fmt: skip
     ckpt = checkpoint_path(out)
     if checkpoints and os.path.isfile(ckpt) and not resume and not force:  # a plain re-run would start over and overwrite it
         raise ConfigError(f"a checkpoint of an interrupted run is at {ckpt}: --resume continues it, "
