@@ -157,6 +157,22 @@ def test_convert_replaces_an_output_with_overwrite_as_protect_names_it_or_its_fo
     assert torch.equal(load_file(tmp_path / "out.safetensors")["w"], torch.ones(2))
 
 
+def test_an_output_that_is_a_link_to_nowhere_is_replaced_only_with_overwrite(tmp_path: Path) -> None:
+    # exists() says no of a link whose target is missing: it was replaced by the weights without --overwrite
+    from safetensors.torch import load_file
+
+    torch.save({"w": torch.ones(2)}, tmp_path / "ok.pt")
+    out = tmp_path / "out.safetensors"
+    out.symlink_to(tmp_path / "gone" / "w.safetensors")
+    with pytest.raises(ConfigError) as info:
+        convert_checkpoint(tmp_path / "ok.pt", out)
+    message = str(info.value)
+    assert f"{out}: is a symbolic link to {tmp_path / 'gone' / 'w.safetensors'}, which is missing" in message
+    assert "--overwrite" in message and out.is_symlink()
+    convert_checkpoint(tmp_path / "ok.pt", out, overwrite=True)
+    assert not out.is_symlink() and torch.equal(load_file(out)["w"], torch.ones(2))
+
+
 def test_an_empty_checkpoint_is_said_to_be_empty(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """torch.load of a 0-byte file fails with EOFError, which was shown as "(EOFError): not a PyTorch
     checkpoint?": a download or copy that wrote nothing is said as such, and nothing is written."""

@@ -224,6 +224,9 @@ def convert_checkpoint(
         raise ConfigError(f"{output}: {problem}")
     if os.path.exists(output) and not overwrite:
         raise ConfigError(f"{output}: exists; pass --overwrite to replace it")
+    if os.path.islink(output) and not overwrite:  # exists() says no of it, yet writing the output replaces it
+        raise ConfigError(f"{output}: is a symbolic link to {os.readlink(output)}, which is missing; pass "
+                          "--overwrite to replace the link")  # fmt: skip
     with _open_checkpoint(checkpoint) as f, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")  # torch's UserWarnings speak to developers, not users
         try:
