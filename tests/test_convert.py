@@ -173,6 +173,19 @@ def test_an_output_that_is_a_link_to_nowhere_is_replaced_only_with_overwrite(tmp
     assert not out.is_symlink() and torch.equal(load_file(out)["w"], torch.ones(2))
 
 
+def test_a_safetensors_file_is_said_to_need_no_conversion(tmp_path: Path) -> None:
+    # it was "cannot be loaded safely with weights_only=True (Unsupported operand 16): not a PyTorch checkpoint?"
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.ones(2)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ConfigError) as info:
+        convert_checkpoint(tmp_path / "model.safetensors", tmp_path / "out.safetensors")
+    message = str(info.value)
+    assert f"{tmp_path / 'model.safetensors'}: is a safetensors file already, nothing to convert" in message
+    assert "weights_only" not in message and "\n" not in message
+    assert not (tmp_path / "out.safetensors").exists()
+
+
 def test_an_empty_checkpoint_is_said_to_be_empty(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """torch.load of a 0-byte file fails with EOFError, which was shown as "(EOFError): not a PyTorch
     checkpoint?": a download or copy that wrote nothing is said as such, and nothing is written."""

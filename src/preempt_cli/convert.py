@@ -170,6 +170,18 @@ def _is_zip_without_pickle(f: BinaryIO) -> bool:
     return not any(name == "data.pkl" or name.endswith("/data.pkl") for name in names)
 
 
+def _is_safetensors(f: BinaryIO) -> bool:
+    """Whether the open file ``f`` starts as a safetensors file does: an 8-byte little-endian header length
+    that the file holds, then the header's JSON object."""
+    try:
+        f.seek(0)
+        head = f.read(9)
+        size = os.fstat(f.fileno()).st_size
+    except (OSError, ValueError):
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= size - 8
+
+
 def _open_checkpoint(checkpoint: Path) -> BinaryIO:
     """``checkpoint`` opened for reading, checked on the open file to be a regular file: torch.load opened a
     FIFO (or a link to one) and waited for a writer, forever, and read a device such as /dev/zero without end.
@@ -232,6 +244,9 @@ def convert_checkpoint(
         try:
             obj = torch.load(f, map_location="cpu", weights_only=True)
         except Exception as e:  # weights_only refusals are UnpicklingError; corrupt files vary
+            if _is_safetensors(f):  # torch's "Unsupported operand 16" of its header: "not a checkpoint?"
+                raise ConfigError(f"{checkpoint}: is a safetensors file already, nothing to convert: name it as it "
+                                  "is in a registry row's source (source = \"file:PATH\")") from e  # fmt: skip
             if _is_zip_without_pickle(f):  # torch's detail stays in the traceback (PREEMPT_DEBUG, --log)
                 raise ConfigError(f"{checkpoint}: a zip archive, but not a PyTorch checkpoint (no data.pkl in "
                                   "it)") from e  # fmt: skip
