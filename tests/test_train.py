@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import shutil
 import time
 import zipfile
@@ -404,6 +405,24 @@ def _colour_base(colour_data, tmp_path: Path, epochs: int) -> tuple[Path, Path]:
                                    "std": "none", "classes": list(colour_data.classes),
                                    "source": f"file:{base_out}", "sha256": base.sha256}, reg)  # fmt: skip
     return base_out, reg
+
+
+def test_a_model_fine_tuned_from_a_private_key_is_written_private_too(colour_data, tmp_path: Path) -> None:
+    # train --base KEY wrote the model derived from the key, and its checkpoints, readable by every user
+    # (0644), though the key itself is kept readable by its owner alone
+    base_out, reg = _colour_base(colour_data, tmp_path, epochs=1)
+    old = os.umask(0o022)
+    try:
+        public = train(colour_data, tmp_path / "public.safetensors", config=_small(epochs=1), base="colour-base",
+                       registry=[reg], keep_checkpoint=True)  # fmt: skip
+        assert stat.S_IMODE(public.output.stat().st_mode) == 0o644  # a shared base: a model to share
+        os.chmod(base_out, 0o600)  # as keygen writes a key
+        derived = train(colour_data, tmp_path / "derived.safetensors", config=_small(epochs=1),
+                        base="colour-base", registry=[reg], keep_checkpoint=True)  # fmt: skip
+    finally:
+        os.umask(old)
+    assert oct(stat.S_IMODE(derived.output.stat().st_mode)) == oct(0o600)
+    assert oct(stat.S_IMODE(checkpoint_path(derived.output).stat().st_mode)) == oct(0o600)
 
 
 def _keygen_config(**kw) -> TrainConfig:

@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import secrets
+import stat
 import threading
 import time
 import zipfile
@@ -564,7 +565,7 @@ def checkpoint_path(output: Path) -> Path:
 
 
 def _save_checkpoint(path: Path, model: ImageModel, opt: torch.optim.Optimizer, generator: torch.Generator,
-                     epoch: int, history: list[EpochStats], fingerprint: str) -> None:  # fmt: skip
+                     epoch: int, history: list[EpochStats], fingerprint: str, *, mode: int | None = None) -> None:  # fmt: skip
     tensors = {f"model.{k}": v for k, v in model.net.state_dict().items()}
     names = {id(p): n for n, p in model.net.named_parameters()}
     for group in opt.param_groups:
@@ -574,7 +575,16 @@ def _save_checkpoint(path: Path, model: ImageModel, opt: torch.optim.Optimizer, 
                 tensors[f"momentum.{names[id(p)]}"] = buf
     tensors["rng"] = generator.get_state()
     meta = {"epoch": str(epoch), "history": json.dumps([asdict(h) for h in history]), "fingerprint": fingerprint}
-    save_safetensors(tensors, path, meta)
+    save_safetensors(tensors, path, meta, mode=mode)
+
+
+def _owner_only(path: str | None) -> bool:
+    """Whether the file ``path`` is readable by its owner alone (a key as :func:`keygen` writes it); False for
+    no file (timm's own weights), or one that cannot be looked at."""
+    try:
+        return path is not None and stat.S_IMODE(os.stat(path).st_mode) & 0o077 == 0
+    except (OSError, ValueError):
+        return False
 
 
 def _load_checkpoint(path: Path, model: ImageModel, opt: torch.optim.Optimizer, generator: torch.Generator,
@@ -690,6 +700,7 @@ def train(
             secret-seeded generator, and an interrupted run would leave it on disk).
         private: write the weights readable by their owner alone (mode ``0o600``; ``keygen``'s key), not with
             a new file's permissions (``0o666`` less the umask: readable by every user, as a model to share).
+            A ``base`` whose weights file only its owner can read (a key) makes it so, checkpoints included.
         overwrite: replace a file at ``output``; False (the CLI without ``--overwrite``, which found none there):
             one that appeared during the training (another run writing it) is left as it is.
         metadata: extra metadata entries for the weights file.
@@ -711,6 +722,11 @@ def train(
     with torch.random.fork_rng(devices=[]):  # a seeded initialization that leaves the caller's RNG alone
         torch.manual_seed(config.seed)
         model = _trainable(base, arch, models_dir, registry, device)
+    if not private and base is not None and _owner_only(model.weights_path):
+        # a model fine-tuned from a private key is as secret as the key: it was written readable by every user
+        _logger.info("the weights of %s are readable by their owner alone: %s and its checkpoints are written so "
+                     "too", model.config.name, output)  # fmt: skip
+        private = True
     mc = model.config
     if data.classes and mc.classes and tuple(data.classes) != tuple(mc.classes):
         raise ConfigError(f"data classes {list(data.classes)[:5]}... do not match model {mc.name} classes {list(mc.classes)[:5]}...")
@@ -789,7 +805,8 @@ def train(
         stats = EpochStats(epoch + 1, lr, loss_sum / seen, 100.0 * correct / seen, clean, pgd, time.perf_counter() - t0)
         history.append(stats)
         if checkpoints:
-            _save_checkpoint(ckpt, model, opt, generator, epoch + 1, history, fingerprint)
+            _save_checkpoint(ckpt, model, opt, generator, epoch + 1, history, fingerprint,
+                             mode=PRIVATE_FILE_MODE if private else None)  # fmt: skip
         if on_epoch:
             on_epoch(stats)
 
