@@ -527,6 +527,13 @@ def test_cli_no_register_over_a_registered_file_warns_of_its_pin(colour_dir: Pat
     assert CliRunner().invoke(app, [*args, "--force", "-q"]).exit_code == 0
     result = CliRunner().invoke(app, [*args, "--force", "--no-register"])
     assert result.exit_code == 0 and "pins the old sha256" not in result.stderr
+    # registered under another name: the row of the file's former weights was left stale without a word
+    result = CliRunner().invoke(app, [*args, "--seed", "2", "--force", "--name", "renamed"])
+    assert result.exit_code == 0, result.output
+    warning = [line for line in result.stderr.splitlines() if "pins the old sha256" in line]
+    assert warning == [f"warning: the registered model 'pinned' pins the old sha256 of {out}, which the new file "
+                       "does not match (loading it fails as corrupt); the new file is registered as 'renamed': "
+                       "remove the row of 'pinned', or register under its name to update it"], result.stderr
 
 
 def test_training_description_names_shortened_epochs() -> None:

@@ -317,9 +317,11 @@ def _save_row_elsewhere(out: Path, name: str, row: dict[str, Any]) -> str:
             f"source = \"file:{out.resolve()}\" to your registry")  # fmt: skip
 
 
-def _warn_stale_pins(result: TrainResult, registry: list[Path] | None, models_dir: Path | None) -> None:
-    """Warn of registered rows that load the file just written but pin another sha256 (``--overwrite
-    --no-register`` over a registered model): loading them would now fail as if the file were corrupt."""
+def _warn_stale_pins(result: TrainResult, registry: list[Path] | None, models_dir: Path | None,
+                     registered_as: str | None) -> None:  # fmt: skip
+    """Warn of registered rows that load the file just written but pin another sha256 (``--overwrite`` over a
+    registered model, with ``--no-register`` or registered under another name, ``registered_as``): loading
+    them would now fail as if the file were corrupt."""
     from ..hub import local_candidates
 
     try:
@@ -332,7 +334,13 @@ def _warn_stale_pins(result: TrainResult, registry: list[Path] | None, models_di
             continue
         found = next((p for p in local_candidates(cfg, models_dir) if p.is_file()), None)
         if found is not None and found.resolve() == written:
-            how = "drop --no-register" if name == result.output.stem else f"use --name {name} instead of --no-register"
+            if registered_as is not None:  # its row stays, pinning weights that are gone
+                how = (f"the new file is registered as {registered_as!r}: remove the row of {name!r}, or register "
+                       "under its name")  # fmt: skip
+            elif name == result.output.stem:
+                how = "drop --no-register"
+            else:
+                how = f"use --name {name} instead of --no-register"
             _logger.warning("the registered model %r pins the old sha256 of %s, which the new file does not match "
                             "(loading it fails as corrupt); %s to update it", name, result.output, how)  # fmt: skip
 
@@ -341,8 +349,7 @@ def _finish(result: TrainResult, *, name: str | None, register: bool, json_out: 
             registry: list[Path] | None = None, models_dir: Path | None = None) -> None:  # fmt: skip
     registered = user_registry_path() if register else None  # (registered once the weights were written)
     name = name or result.output.stem
-    if not register:
-        _warn_stale_pins(result, registry, models_dir)
+    _warn_stale_pins(result, registry, models_dir, name if register else None)  # (the row registered matches)
     final = result.final
     summary = {"event": "done", "output": str(result.output), "sha256": result.sha256,
                "name": name if register else None, "registry": str(registered) if registered else None,
