@@ -233,6 +233,21 @@ def test_sha256_pin(tmp_path) -> None:
     assert resolve_weights(_cfg(str(weights), sha256=wrong), verify_hash=False) == weights
 
 
+def test_a_local_file_that_fails_its_pin_names_the_registry_to_fix_not_a_download(tmp_path) -> None:
+    # a local file (a private key, made here and never uploaded) was told "download it again", and which of
+    # the registries in effect pins it was not said
+    weights = _tiny_safetensors(tmp_path / "key.safetensors")
+    registry = tmp_path / "keys.toml"
+    registry.write_text(f'[models.my-key]\narch = "cifar_resnet20"\nsource = "file:key.safetensors"\n'
+                        f'sha256 = "{"0" * 64}"\n')  # fmt: skip
+    with pytest.raises(HashMismatchError) as info:
+        resolve_weights(get_model_config("my-key", [registry]))
+    message = str(info.value)
+    assert "'my-key'" in message and str(weights) in message and _sha(weights) in message
+    assert f"fix the pin of its row in {registry}" in message, message
+    assert "download" not in message, message
+
+
 def test_load_model_checks_the_pin_before_loading(tmp_path, monkeypatch) -> None:
     net = create_arch("cifar_resnet20", shortcut="pad_end")
     save_file(net.state_dict(), str(tmp_path / "r20.safetensors"))

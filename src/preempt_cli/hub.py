@@ -404,6 +404,10 @@ def _check_pin(cfg: ModelConfig, path: Path, actual: str) -> None:
     elif cfg.source.kind == "hf" and not cfg.source.pinned_to_commit:
         hint = (f"The source follows {f'the revision {rev!r}' if rev else 'the main branch'}, not a commit: "
                 "the file may have changed upstream; pin a commit (@<40-hex sha>) once you trust the new file.")  # fmt: skip
+    elif cfg.source.kind == "file":  # nothing to download (a private key made here): which registry pins it
+        row = f" of its row in {cfg.registry_file}" if cfg.registry_file else ""
+        hint = (f"The file is corrupt or not the one registered (changed or replaced since): put the registered "
+                f"file back, or fix the pin{row}.")  # fmt: skip
     raise HashMismatchError(cfg.name, path, cfg.sha256 or "", actual, hint=hint)
 
 
