@@ -582,6 +582,23 @@ def test_register_model_refuses_a_builtin_name_unless_forced(tmp_path) -> None:
     assert load_registry([target])["preempt-resnet20-at"].source.location == "/keys/k.safetensors"
 
 
+def test_a_row_naming_a_path_that_is_not_utf8_is_a_registry_error_and_nothing_is_written(tmp_path) -> None:
+    # a folder named in another encoding (os.fsdecode gives it surrogates): keygen --out there stopped with
+    # "internal error: UnicodeEncodeError", a TOML registry holding UTF-8 text alone
+    from preempt_cli.registry import register_model
+
+    target = tmp_path / "user.toml"
+    register_model("other", {"arch": "cifar_resnet20", "source": "file:/o.safetensors"}, target)
+    before = target.read_bytes()
+    folder = os.fsdecode(b"/keys/\xffdir")
+    with pytest.raises(RegistryError) as info:
+        register_model("k", {"arch": "cifar_resnet20", "source": f"file:{folder}/k.safetensors"}, target)
+    message = str(info.value)
+    assert "'k'" in message and "not UTF-8" in message and str(target) in message, message
+    assert "\\udcff" in message, message  # where: escaped, as the line holding it
+    assert target.read_bytes() == before
+
+
 @pytest.mark.parametrize("name", ["key.v2", "a.b.c", "v1.0-final"])
 def test_register_model_with_a_dotted_name_reads_back(name: str, tmp_path) -> None:
     from preempt_cli.registry import register_model

@@ -968,10 +968,17 @@ def _register_locked(name: str, row: Mapping[str, Any], path: Path, *, overwrite
                                           **doc.get("classes", {})})  # fmt: skip
     except tomllib.TOMLDecodeError as e:
         raise RegistryError(path, f"registering {name!r} would not give valid TOML: {e}") from e
+    try:
+        encoded = new_text.encode("utf-8")
+    except UnicodeEncodeError as e:  # a file name in another encoding (os.fsdecode's surrogates): no TOML text
+        line = new_text[: e.start].count("\n")
+        raise RegistryError(path, f"the row of {name!r} holds text that is not UTF-8 (a file name in another "
+                                  "encoding?), which a TOML registry cannot hold: "
+                                  f"{excerpt(new_text.splitlines()[line])}") from None  # fmt: skip
     from .imageio import atomic_write  # not at the top: `preempt models list` need not import Pillow
 
     try:
         with atomic_write(path, mode=mode) as f:  # a crash mid-write must not leave the user's registry truncated
-            f.write(new_text.encode("utf-8"))
+            f.write(encoded)
     except ImageWriteError as e:  # a setup error (exit 2), as the registry's other errors, not a failed input
         raise RegistryError(path, e.reason) from None
