@@ -186,6 +186,22 @@ def test_a_safetensors_file_is_said_to_need_no_conversion(tmp_path: Path) -> Non
     assert not (tmp_path / "out.safetensors").exists()
 
 
+def test_a_checkpoint_named_in_another_encoding_converts(tmp_path: Path) -> None:
+    # its name, recorded in the output's metadata, held os.fsdecode's surrogates: "internal error:
+    # UnicodeEncodeError" once the checkpoint was read
+    from safetensors import safe_open
+
+    ckpt = tmp_path / os.fsdecode(b"\xffck.pt")
+    try:
+        torch.save({"w": torch.ones(2)}, ckpt)
+    except OSError:  # a file system that takes UTF-8 names alone (macOS)
+        pytest.skip("this file system refuses a file name that is not UTF-8")
+    convert_checkpoint(ckpt, tmp_path / "out.safetensors")
+    with safe_open(str(tmp_path / "out.safetensors"), "pt") as f:
+        assert torch.equal(f.get_tensor("w"), torch.ones(2))
+        assert f.metadata()["converted_from"] == "\\xffck.pt"  # the byte as Python escapes it
+
+
 def test_an_empty_checkpoint_is_said_to_be_empty(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """torch.load of a 0-byte file fails with EOFError, which was shown as "(EOFError): not a PyTorch
     checkpoint?": a download or copy that wrote nothing is said as such, and nothing is written."""

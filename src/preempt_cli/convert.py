@@ -268,5 +268,8 @@ def convert_checkpoint(
     if "__metadata__" in clean:  # safetensors' own header entry: a tensor of that name made the file unreadable
         raise ConfigError(f"{checkpoint}: tensor {origin['__metadata__']!r} would be named '__metadata__', a name "
                           "safetensors keeps for itself: rename it first")  # fmt: skip
-    save_safetensors(clean, output, {"converted_from": checkpoint.name})
+    # a name in another encoding holds os.fsdecode's surrogates, which the metadata (UTF-8 JSON) cannot: its
+    # bytes are written escaped
+    name = os.fsencode(checkpoint.name).decode("utf-8", "backslashreplace")
+    save_safetensors(clean, output, {"converted_from": name})
     return len(clean), sha256_file(output)
