@@ -1071,6 +1071,22 @@ def test_cli_an_output_that_is_a_link_to_nowhere_is_refused_before_training(comm
     assert get_model_config("k").source.location == str(out.resolve())
 
 
+def test_cli_a_class_folder_named_in_another_encoding_is_refused_before_training(tmp_path: Path,
+                                                                                   isolated_config: Path) -> None:  # fmt: skip
+    # its name (os.fsdecode's surrogates) went into the weights' metadata, which safetensors writes as UTF-8:
+    # "internal error: UnicodeEncodeError" once the whole training was done
+    data = _colour_images(tmp_path / "colours")
+    try:
+        (data / "red").rename(data / os.fsdecode(b"r\xe9d"))  # "réd" in Latin-1
+    except OSError:  # a file system that takes UTF-8 names alone (macOS)
+        pytest.skip("this file system refuses a file name that is not UTF-8")
+    out = tmp_path / "o.safetensors"
+    result = CliRunner().invoke(app, [*_one_batch_train(data, out), "--no-register"])
+    assert result.exit_code == 2, result.output
+    assert f"{data}: class folder 'r\\udce9d' is not named in UTF-8" in result.stderr, result.stderr
+    assert "internal error" not in result.stderr and "epoch 1" not in result.stderr and not out.exists()
+
+
 def test_cli_resume_over_weights_written_before_their_checkpoint_was_removed(colour_dir: Path, tmp_path: Path,
                                                                             isolated_config: Path,
                                                                             monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip

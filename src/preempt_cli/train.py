@@ -46,7 +46,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .attacks import PGD
 from .engine import MAX_SEED, eval_mode, native_bf16, refuse_int_levels
-from .errors import ConfigError, ImageReadError, clip, first_line, value_text
+from .errors import ConfigError, ImageReadError, clip, excerpt, first_line, value_text
 from .hub import save_safetensors, sha256_file
 from ._paths import expand_home
 from ._signals import stops_held
@@ -266,6 +266,16 @@ def _read_image_bytes(read: Callable[[str], bytes], name: str, shown: str) -> by
     raise ImageReadError(shown, f"cannot read training image: {reason}") from None
 
 
+def _is_utf8(text: str) -> bool:
+    """Whether ``text`` can be written as UTF-8 (a name ``os.fsdecode`` gave surrogates, in another encoding,
+    cannot)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def load_train_data(
     source: Path | str, *, input_hw: Sequence[int] | None = None, classes: Sequence[str] | None = None, workers: int = 4
 ) -> TrainData:
@@ -323,6 +333,11 @@ def load_train_data(
             raise ConfigError(f"{source}: class folders {unknown[:5]} are not classes of the model {list(classes)[:10]}")
         names = tuple(classes)
     else:
+        # the weights record their classes as UTF-8 text: a name in another encoding failed once trained
+        other = next((c for c in found if not _is_utf8(c)), None)
+        if other is not None:
+            raise ConfigError(f"{source}: class folder {excerpt(other)} is not named in UTF-8 (another encoding?): "
+                              "the model records its class names as text; rename the folder")  # fmt: skip
         names = tuple(found)
     index = {c: i for i, c in enumerate(names)}
     try:
