@@ -618,6 +618,9 @@ def test_cli_keygen_help_mentions_the_secret() -> None:
     # the example after it replaces what an earlier run with the default key wrote (else it fails on it)
     wide = CliRunner().invoke(app, ["keygen", "--help"], env={"COLUMNS": "400"})
     assert "preempt protect ./photos --backbone my-key --overwrite" in wide.output
+    # a seed typed on the command line is readable by every user in the process list while keygen runs, and
+    # kept in the shell's history: the option that takes one says so
+    assert "process list" in wide.output and "shell history" in wide.output, wide.output
 
 
 @pytest.mark.parametrize(

@@ -505,7 +505,9 @@ def keygen_cmd(
     amp: AmpOpt = "auto",
     secret_seed: Annotated[
         Optional[int], typer.Option("--secret-seed", help="Use this seed instead of a fresh random one (tests, "
-                                    "reproducible demos; a known seed makes a known key, on the same threads and precision).")
+                                    "reproducible demos; a known seed makes a known key, on the same threads and "
+                                    "precision). Typed here it is no secret: the process list shows it to every "
+                                    "user of the machine while keygen runs, and your shell history keeps it.")
     ] = None,
     name: NameOpt = None,
     no_register: NoRegisterOpt = False,
