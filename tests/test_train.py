@@ -1090,6 +1090,26 @@ def test_cli_a_class_folder_named_in_another_encoding_is_refused_before_training
     assert "internal error" not in result.stderr and "epoch 1" not in result.stderr and not out.exists()
 
 
+@pytest.mark.parametrize("command, option", [("train", "--name"), ("train", "--role"), ("keygen", "--name")])
+def test_cli_a_registry_option_with_no_register_is_refused_not_ignored(command: str, option: str, colour_dir: Path,
+                                                                        tmp_path: Path, isolated_config: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    # "--name my-key --no-register" trained, wrote the weights and registered nothing, without a word
+    import preempt_cli.cli._train as cli_train
+
+    out = tmp_path / "k.safetensors"
+    if command == "train":
+        args = _one_batch_train(colour_dir, out)
+    else:
+        args = ["keygen", "--base", "cifar10-resnet20-pgdat-a", "--data", str(colour_dir), "--out", str(out)]
+    value = "classifier" if option == "--role" else "my-key"
+    monkeypatch.setattr(cli_train, command, lambda *a, **kw: pytest.fail("trained"))
+    result = CliRunner().invoke(app, [*args, option, value, "--no-register"])
+    assert result.exit_code == 2, result.output
+    assert f"{option} is for the registry's row, and --no-register registers nothing" in result.stderr, result.stderr
+    assert not out.exists()
+
+
 def test_cli_resume_over_weights_written_before_their_checkpoint_was_removed(colour_dir: Path, tmp_path: Path,
                                                                             isolated_config: Path,
                                                                             monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip

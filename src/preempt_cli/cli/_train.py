@@ -232,6 +232,19 @@ def _registry_row(cfg: Any, output: Path, sha256: str, role: str, description: s
     }
 
 
+def _check_no_register(no_register: bool, given: dict[str, Any]) -> None:
+    """Refuse an option of the registry's row (``given``: option -> value, None when not given) beside
+    ``--no-register``: it was ignored without a word.
+
+    Raises:
+        ConfigError: one of them was given.
+    """
+    option = next((o for o, value in given.items() if value is not None), None)
+    if no_register and option is not None:
+        raise ConfigError(f"{option} is for the registry's row, and --no-register registers nothing: drop one of "
+                          "them")  # fmt: skip
+
+
 def _check_role(role: str | None) -> None:
     if role is not None and role not in ROLES:
         raise ConfigError(f"--role must be one of {', '.join(ROLES)}, got {role!r}")
@@ -428,6 +441,7 @@ def train_cmd(
         if input_size is not None and input_size < 1:
             raise ConfigError(f"--input-size must be >= 1, got {input_size}")
         _check_role(role)
+        _check_no_register(no_register, {"--name": name, "--role": role})
         out = _check_output(out, force, resume)
         # what the weights may replace: a file there now (--overwrite, or --resume finishing a run stopped between
         # writing them and removing its checkpoint), not one another run writes there meanwhile
@@ -523,6 +537,7 @@ def keygen_cmd(
     """Derive your private backbone (key) from a public robust model by a short secret-seeded fine-tune."""
     c.setup_logging(verbose, quiet)
     with c.handle_errors(interrupted=KEYGEN_INTERRUPTED) as run:
+        _check_no_register(no_register, {"--name": name})
         out = _check_output(out, force, False, checkpoints=False)
         if not no_register:  # a name that cannot be registered fails now, not after training
             _check_name(name, out, force)
