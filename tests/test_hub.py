@@ -919,6 +919,25 @@ def test_timm_weights_load_from_the_hub_repositorys_safetensors(hf_cache, tmp_pa
     assert all(torch.equal(loaded[k].float(), v.float()) for k, v in state.items() if k in loaded)
 
 
+def test_timm_weights_changed_in_the_cache_since_their_download_are_refused(hf_cache, tmp_path) -> None:
+    # as for an hf:// source: huggingface_hub uses a cached copy unchecked, and a timm: row cannot be pinned,
+    # so a copy changed since its download (one weight's byte) was loaded as timm's model without a word
+    import timm
+
+    state = timm.create_model("test_resnet", pretrained=False).state_dict()
+    save_file(state, str(tmp_path / "w.safetensors"))
+    data = (tmp_path / "w.safetensors").read_bytes()
+    pointer = make_hf_cache(hf_cache, "timm/test_resnet.r160_in1k", "model.safetensors", data)
+    load_model(_timm_test_resnet_cfg(), fuse=False)  # the intact copy loads
+    pointer.resolve().write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    with pytest.raises(UnreadableWeightsError) as info:
+        load_model(_timm_test_resnet_cfg(), fuse=False)
+    message = str(info.value)
+    assert "'tr'" in message and f"not the {hashlib.sha256(data).hexdigest()} of the file the Hub served" in message
+    assert f"delete {hf_cache / 'models--timm--test_resnet.r160_in1k'}" in message and "\n" not in message
+    load_model(_timm_test_resnet_cfg(), fuse=False, verify_hash=False)  # the way past it, as for an hf:// source
+
+
 def test_timm_weights_that_are_only_a_pickle_are_refused_unread(hf_cache, tmp_path, monkeypatch) -> None:
     """timm falls back to ``pytorch_model.bin`` (a pickle) where a repository has no safetensors; preempt
     loads safetensors only, as its README says."""

@@ -36,6 +36,7 @@ __all__ = [
     "read_weights",
     "sha256_file",
     "check_safetensors_header",
+    "check_served_copy",
     "save_safetensors",
     "hub_errors",
     "hub_cache_repo",
@@ -452,6 +453,19 @@ def read_weights(cfg: ModelConfig, models_dir: Path | None = None, *, verify_has
     elif verify_hash:
         _check_served(cfg, path, actual)
     return path, data, actual
+
+
+def check_served_copy(cfg: ModelConfig, path: Path) -> None:
+    """:func:`_check_served` of the file ``path`` (timm's weights, which timm reads itself from the Hugging Face
+    cache: a ``timm:`` row has no pin, and huggingface_hub uses the cached copy unchecked).
+
+    Raises:
+        UnreadableWeightsError: the copy is not the file served; WeightsNotFoundError: it is gone.
+    """
+    if _served_sha256(path) is None:  # not the cache's, or a blob not named by its sha256: nothing to compare
+        return
+    with _open_weights(cfg.name, path) as f:
+        _check_served(cfg, path, sha256_stream(f))
 
 
 def _check_served(cfg: ModelConfig, path: Path, actual: str) -> None:

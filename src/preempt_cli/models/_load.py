@@ -31,7 +31,14 @@ from ..errors import (
 )
 from .._paths import expand_home
 from ..device import resolve_device
-from ..hub import check_safetensors_header, damaged_cache_copy_hint, hub_download, hub_errors, read_weights
+from ..hub import (
+    check_safetensors_header,
+    check_served_copy,
+    damaged_cache_copy_hint,
+    hub_download,
+    hub_errors,
+    read_weights,
+)
 from ..registry import ModelConfig, get_model_config, timm_arch_mismatch, timm_pretrained_cfg
 from ._fusion import fuse_model
 from ._registry import arch_defaults, create_arch, is_arch
@@ -507,6 +514,8 @@ def _load_timm_pretrained(cfg: ModelConfig, verify_hash: bool) -> nn.Module:
                                  "one. Remove num_classes (timm's is used) or fix it")  # fmt: skip
     weights = _timm_safetensors(cfg, pretrained)
     check_safetensors_header(cfg.name, weights)  # a pickle or a damaged file in the cache: refused as any other
+    if verify_hash:  # a copy changed since its download is not timm's model, as for an hf:// source
+        check_served_copy(cfg, weights)
     with hub_errors(cfg):
         try:
             net = _build_net(cfg, pretrained_timm=True, weights_file=weights)
@@ -597,7 +606,8 @@ def load_model(
             :func:`~preempt_cli.device.resolve_device`).
         models_dir: folder holding local weights files (else ``PREEMPT_MODELS_DIR``).
         registry: extra registry files, or one (they override the built-in and user registries).
-        verify_hash: check the registry's sha256 pin (on the bytes loaded).
+        verify_hash: check the registry's sha256 pin (on the bytes loaded), and that a copy in the Hugging Face
+            cache (hf:// and timm: sources) is the file the Hub served.
         fuse: fold BatchNorm into the convolutions and fuse convolutions with their ReLU (faster). Folding
             rounds differently: logits move by about 1e-5, and a protected image may differ by a few levels
             on about 0.1% of pixels from one made with ``fuse=False``; the same seed gives the same bits
