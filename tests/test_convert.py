@@ -202,6 +202,24 @@ def test_a_checkpoint_named_in_another_encoding_converts(tmp_path: Path) -> None
         assert f.metadata()["converted_from"] == "\\xffck.pt"  # the byte as Python escapes it
 
 
+def test_a_checkpoint_only_its_owner_can_read_converts_to_a_file_only_its_owner_can_read(tmp_path: Path) -> None:
+    # a private key's checkpoint (0600) was converted to safetensors readable by every user (0644)
+    import stat
+
+    shared, private = tmp_path / "shared.pt", tmp_path / "private.pt"
+    for ckpt in (shared, private):
+        torch.save({"w": torch.ones(2)}, ckpt)
+    os.chmod(private, 0o600)
+    old = os.umask(0o022)
+    try:
+        convert_checkpoint(shared, tmp_path / "shared.safetensors")
+        convert_checkpoint(private, tmp_path / "private.safetensors")
+    finally:
+        os.umask(old)
+    assert oct(stat.S_IMODE((tmp_path / "shared.safetensors").stat().st_mode)) == oct(0o644)
+    assert oct(stat.S_IMODE((tmp_path / "private.safetensors").stat().st_mode)) == oct(0o600)
+
+
 def test_an_empty_checkpoint_is_said_to_be_empty(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """torch.load of a 0-byte file fails with EOFError, which was shown as "(EOFError): not a PyTorch
     checkpoint?": a download or copy that wrote nothing is said as such, and nothing is written."""

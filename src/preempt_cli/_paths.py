@@ -12,7 +12,7 @@ from typing import Any, overload
 from .errors import InputConfigError
 
 __all__ = ["expand_home", "file_kind", "folder_blocker", "make_folders", "open_regular_file", "output_folder",
-           "OutputFolderField"]
+           "owner_only", "OutputFolderField", "PRIVATE_FILE_MODE"]
 
 
 def expand_home(path: str | os.PathLike[str], *, existing_literal: bool = True) -> Path:
@@ -30,6 +30,16 @@ def expand_home(path: str | os.PathLike[str], *, existing_literal: bool = True) 
         return Path(text).expanduser()
     except RuntimeError:
         return Path(text)
+
+
+#: A private file's permissions: read and written by its owner alone, as ssh-keygen writes a private key.
+PRIVATE_FILE_MODE = 0o600
+
+
+def owner_only(mode: int) -> bool:
+    """Whether a file of ``st_mode`` ``mode`` is readable by its owner alone (a key, as ``keygen`` writes it):
+    what is made from it is written so too."""
+    return stat.S_IMODE(mode) & 0o077 == 0
 
 
 def file_kind(mode: int) -> str:

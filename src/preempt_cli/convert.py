@@ -11,7 +11,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from ._paths import expand_home, file_kind, open_regular_file
+from ._paths import PRIVATE_FILE_MODE, expand_home, file_kind, open_regular_file, owner_only
 from .errors import ConfigError
 from .hub import save_safetensors, sha256_file
 from .imageio import folder_write_problem, same_file
@@ -240,6 +240,7 @@ def convert_checkpoint(
         raise ConfigError(f"{output}: is a symbolic link to {os.readlink(output)}, which is missing; pass "
                           "--overwrite to replace the link")  # fmt: skip
     with _open_checkpoint(checkpoint) as f, warnings.catch_warnings(record=True) as caught:
+        private = owner_only(os.fstat(f.fileno()).st_mode)  # a key's checkpoint: its weights stay private
         warnings.simplefilter("always")  # torch's UserWarnings speak to developers, not users
         try:
             obj = torch.load(f, map_location="cpu", weights_only=True)
@@ -271,5 +272,5 @@ def convert_checkpoint(
     # a name in another encoding holds os.fsdecode's surrogates, which the metadata (UTF-8 JSON) cannot: its
     # bytes are written escaped
     name = os.fsencode(checkpoint.name).decode("utf-8", "backslashreplace")
-    save_safetensors(clean, output, {"converted_from": name})
+    save_safetensors(clean, output, {"converted_from": name}, mode=PRIVATE_FILE_MODE if private else None)
     return len(clean), sha256_file(output)

@@ -29,7 +29,6 @@ import logging
 import math
 import os
 import secrets
-import stat
 import threading
 import time
 import zipfile
@@ -48,7 +47,7 @@ from .attacks import PGD
 from .engine import MAX_SEED, eval_mode, native_bf16, refuse_int_levels
 from .errors import ConfigError, ImageReadError, clip, excerpt, first_line, value_text
 from .hub import save_safetensors, sha256_file
-from ._paths import expand_home
+from ._paths import PRIVATE_FILE_MODE, expand_home, owner_only
 from ._signals import stops_held
 from .imageio import DEFAULT_MAX_PIXELS, gray16_levels, levels_to_float, max_file_bytes
 from .inputs import is_hidden_name
@@ -597,7 +596,7 @@ def _owner_only(path: str | None) -> bool:
     """Whether the file ``path`` is readable by its owner alone (a key as :func:`keygen` writes it); False for
     no file (timm's own weights), or one that cannot be looked at."""
     try:
-        return path is not None and stat.S_IMODE(os.stat(path).st_mode) & 0o077 == 0
+        return path is not None and owner_only(os.stat(path).st_mode)
     except (OSError, ValueError):
         return False
 
@@ -863,10 +862,6 @@ KEYGEN_DEFAULTS = TrainConfig(
     method="fgsm-rs", epochs=1, batch_size=128, lr=0.02, schedule="cosine", holdout=1000, eval_images=500,
     reinit_last=True,
 )  # fmt: skip
-
-
-#: the key's permissions: read and written by its owner alone, as ssh-keygen writes a private key
-PRIVATE_FILE_MODE = 0o600
 
 
 def new_secret_seed() -> int:
