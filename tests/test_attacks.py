@@ -533,6 +533,41 @@ def test_autoattack_state_path_is_passed_through(trained: nn.Module, test_set, t
         assert_in_budget(x_adv, x[:4], "Linf", LINF_EPS)
 
 
+@pytest.mark.parametrize("quantize", [False, True])
+def test_autoattack_targets_every_other_class_of_a_model_of_fewer_than_ten(quantize: bool) -> None:
+    model = make_tiny_model(2, input_size=(3, 8, 8), num_classes=5)
+    x = torch.round(torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 255) / 255
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    attack = AutoAttack(model, eps=LINF_EPS, seed=1, quantize=quantize)
+    built = []
+    reference = attack._reference.AutoAttack
+
+    def recording(model, **kwargs):  # the reference class, the object built kept
+        built.append(reference(model, **kwargs))
+        return built[-1]
+
+    attack._reference = types.SimpleNamespace(AutoAttack=recording)
+    # the standard version's 9 target classes indexed past the 5 logits: an IndexError in APGD-T
+    x_adv = attack.perturb(x, y)
+    assert_in_budget(x_adv, x, "Linf", LINF_EPS)
+    assert [(aa.apgd_targeted.n_target_classes, aa.fab.n_target_classes) for aa in built] == [(4, 4)]
+    # a model of 10 classes keeps the reference's 9
+    assert reference(make_tiny_model(2, input_size=(3, 8, 8)), norm="Linf", eps=LINF_EPS, version="standard",
+                     device="cpu", seed=0).apgd_targeted.n_target_classes == 9  # fmt: skip
+
+
+@pytest.mark.parametrize(("version", "num_classes"), [("standard", 3), ("rand", 2)])
+def test_autoattack_refuses_a_model_of_too_few_classes_for_its_dlr_loss(version: str, num_classes: int) -> None:
+    # 2 classes: a threshold far out of reach, so that APGD-CE leaves the points to APGD-DLR
+    model = make_tiny_model(2, input_size=(3, 8, 8), num_classes=3) if num_classes == 3 else ThresholdModel(0.5)
+    x = torch.full((2, 3, 8, 8), 0.2)
+    with torch.no_grad():
+        y = model(x).argmax(1)  # points the model gets right: the reference attacks them
+    with pytest.raises(ConfigError, match=f"at least {num_classes + 1} classes"):
+        AutoAttack(model, eps=LINF_EPS, version=version).perturb(x, y)
+
+
 def test_autoattack_without_the_package_raises_missing_dependency(
     tiny_backbone, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -438,6 +438,11 @@ def _import_autoattack() -> Any:
     return pyautoattack
 
 
+#: The fewest classes a model needs for the reference's attacks on the DLR loss: APGD-DLR divides by the gap
+#: between the largest logit and the 3rd, APGD-T (targeted DLR) by that to the mean of the 3rd and 4th.
+_DLR_MIN_CLASSES = {"apgd-dlr": 3, "apgd-t": 4}
+
+
 @contextlib.contextmanager
 def _own_rng(device: torch.device) -> Iterator[None]:
     """Restore the global torch RNG states afterwards (the reference code reseeds them)."""
@@ -456,8 +461,11 @@ class AutoAttack:
     A thin wrapper: it builds ``pyautoattack.AutoAttack(model, norm=, eps=, version=, device=, seed=)`` at
     each call and returns the first element of ``run_standard_evaluation(x, y, batch_size=, state_path=)``.
     It only adds what the reference leaves to the caller: contiguous inputs, the model in eval mode
-    (modes restored afterwards), and the global torch RNG state restored afterwards (the reference
-    reseeds it). As in the reference, only points classified correctly are attacked, and each attack of
+    (modes restored afterwards), the global torch RNG state restored afterwards (the reference
+    reseeds it), and, for a model of fewer than 10 classes, as many target classes for APGD-T and FAB-T as
+    it has other classes (the standard version's 9, the others of a 10-class model, indexed past its logits;
+    a model of too few classes for the DLR loss, under 4 for ``standard`` and 3 for ``rand``, is refused).
+    As in the reference, only points classified correctly are attacked, and each attack of
     the version runs only on the points still robust; points that resist keep their clean value.
 
     With ``quantize=True`` the attack is an 8-bit one, judged as :class:`PGD` judges its restarts: after
@@ -577,11 +585,31 @@ class AutoAttack:
             return torch.cat([self.model(images[i : i + self.batch_size].to(self.device)).argmax(dim=1).cpu()
                               for i in range(0, images.shape[0], self.batch_size)])  # fmt: skip
 
-    def _reference_attack(self) -> Any:
+    def _reference_attack(self, images: torch.Tensor) -> Any:
+        """The reference's AutoAttack, its targeted attacks fitted to the number of classes of the model (read
+        from its logits for the first of ``images``).
+
+        Raises:
+            ConfigError: a model of too few classes for the version's DLR loss.
+        """
         aa = self._reference.AutoAttack(
             self.model, norm=self.norm, eps=self.eps, version=self.version, device=self.device, seed=self.seed
         )
         aa.verbose = self.verbose
+        with torch.no_grad():
+            num_classes = self.model(images[:1].to(self.device)).shape[1]
+        for attack in getattr(aa, "attacks_to_run", None) or []:
+            needed = _DLR_MIN_CLASSES.get(attack)
+            if needed is not None and num_classes < needed:
+                raise ConfigError(f"AutoAttack {self.version} needs a model of at least {needed} classes (its "
+                                  f"{attack.upper()} loss takes the {needed} largest logits); this one has "
+                                  f"{num_classes}")  # fmt: skip
+        # The standard version targets 9 classes, the others of a 10-class model; the reference takes the
+        # targets from the sorted logits and indexes past those of a model of fewer (an IndexError), where its
+        # own check advises as many targets as there are other classes.
+        for targeted in (getattr(aa, "apgd_targeted", None), getattr(aa, "fab", None)):
+            if targeted is not None and targeted.n_target_classes > num_classes - 1:
+                targeted.n_target_classes = num_classes - 1
         return aa
 
     def _perturb(self, x: torch.Tensor, y: torch.Tensor, *, report: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -609,7 +637,7 @@ class AutoAttack:
 
     def _run_reference(self, xc: torch.Tensor, yc: torch.Tensor) -> torch.Tensor:
         resuming = self.state_path is not None and self.state_path.exists()
-        aa = self._reference_attack()
+        aa = self._reference_attack(xc)
         try:
             x_adv, _ = aa.run_standard_evaluation(xc, yc, batch_size=self.batch_size, state_path=self.state_path)
         except ValueError as e:
@@ -630,7 +658,7 @@ class AutoAttack:
         fooled = torch.zeros(n, dtype=torch.bool)
         fooled_float = torch.zeros(n, dtype=torch.bool)
         fooled_once = torch.zeros(n, dtype=torch.bool)
-        aa = self._reference_attack()
+        aa = self._reference_attack(xc)
         robust_after = {"clean": pending.float().mean().item()}
         for attack in list(aa.attacks_to_run):
             todo = pending.nonzero().squeeze(1)
