@@ -460,6 +460,20 @@ def test_keygen_returns_no_secret_seed(colour_data, tmp_path: Path, monkeypatch:
     assert key.config.seed is None and "5555555555555" not in repr(key)
 
 
+def test_keygen_never_seeds_torchs_global_cuda_generators(colour_data, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    # torch.manual_seed(seed) for the initialization seeded every CUDA device's global generator too, and the
+    # fork around it gave back the CPU's alone: on a GPU machine torch.cuda.initial_seed() then returned the
+    # secret seed to anyone in the process, and the caller's own CUDA random state was reset
+    seeded: list[int] = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", seeded.append)
+    monkeypatch.setattr(torch.cuda, "manual_seed", seeded.append)
+    _, reg = _colour_base(colour_data, tmp_path, epochs=1)
+    keygen("colour-base", colour_data, tmp_path / "k.safetensors", seed=24681357, registry=[reg],
+           config=_keygen_config(max_batches_per_epoch=1))  # fmt: skip
+    assert seeded == []
+
+
 # -- registry -------------------------------------------------------------------------------------------------
 def test_register_model_adds_replaces_and_keeps_other_rows(tmp_path: Path) -> None:
     reg = tmp_path / "models.toml"

@@ -734,7 +734,9 @@ def train(
     output = expand_home(output, existing_literal=False)
     models_dir = expand_home(models_dir) if models_dir is not None else None
     with torch.random.fork_rng(devices=[]):  # a seeded initialization that leaves the caller's RNG alone
-        torch.manual_seed(config.seed)
+        # the CPU's generator alone (the net is built there): torch.manual_seed seeded every CUDA device's too, which
+        # the fork does not give back, so torch.cuda.initial_seed() told keygen's secret seed to the whole process
+        torch.default_generator.manual_seed(config.seed)
         model = _trainable(base, arch, models_dir, registry, device)
     if not private and base is not None and _owner_only(model.weights_path):
         # a model fine-tuned from a private key is as secret as the key: it was written readable by every user
