@@ -330,6 +330,47 @@ def test_interrupted_run_resumes_to_the_same_weights(colour_data, tmp_path: Path
         train(other, out.with_name("x.safetensors"), config=cfg, arch=_arch(colour_data), resume=True)
 
 
+def _dropout_net(num_classes: int = 10) -> torch.nn.Module:
+    """A tiny net with dropout, as timm's rexnet_100 and ghostnet_100 have by default."""
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                               torch.nn.Flatten(), torch.nn.Dropout(0.5), torch.nn.Linear(8, num_classes))  # fmt: skip
+
+
+def test_dropout_draws_from_the_runs_seed_and_resumes_to_the_same_weights(colour_data, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    # dropout draws from torch's global generator, which the run neither seeded nor checkpointed: the same
+    # --seed gave other weights from run to run (following whatever the caller drew before), a resumed run
+    # other weights than an uninterrupted one, and the run advanced the caller's generator
+    from preempt_cli.models import _registry
+
+    monkeypatch.setitem(_registry._arch_entrypoints, "dropout_net", _dropout_net)
+    arch = arch_config("dropout_net", classes=colour_data.classes, input_size=(3, 16, 16), name="dropout-net")
+    cfg = _small(epochs=2, eval_images=0)
+    torch.manual_seed(1)
+    a = train(colour_data, tmp_path / "a.safetensors", config=cfg, arch=arch)
+    torch.manual_seed(2)
+    callers = torch.get_rng_state()
+    b = train(colour_data, tmp_path / "b.safetensors", config=cfg, arch=arch)
+    assert torch.equal(torch.get_rng_state(), callers)  # the caller's generator is left where it was
+    wa, wb = load_file(str(a.output)), load_file(str(b.output))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first(stats) -> None:
+        if stats.epoch == 1:
+            raise Stop
+
+    out = tmp_path / "resumed.safetensors"
+    with pytest.raises(Stop):
+        train(colour_data, out, config=cfg, arch=arch, on_epoch=stop_after_first)
+    torch.manual_seed(3)  # another process, whose generator is elsewhere
+    train(colour_data, out, config=cfg, arch=arch, resume=True)
+    wr = load_file(str(out))
+    assert all(torch.equal(wa[k], wr[k]) for k in wa)
+
+
 def test_a_damaged_checkpoint_is_named_with_what_to_do(colour_data, tmp_path: Path) -> None:
     # a resume said "internal error: SafetensorError ..." or "internal error: KeyError: 'rng'", naming no file
     from preempt_cli.hub import save_safetensors

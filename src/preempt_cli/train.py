@@ -22,6 +22,7 @@ resuming never unpickles anything.
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import io
 import json
@@ -588,6 +589,11 @@ def _save_checkpoint(path: Path, model: ImageModel, opt: torch.optim.Optimizer, 
             if buf is not None:
                 tensors[f"momentum.{names[id(p)]}"] = buf
     tensors["rng"] = generator.get_state()
+    # torch's global generators, those of dropout and other stochastic layers (see _own_global_generators)
+    tensors["rng.global"] = torch.get_rng_state()
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
     meta = {"epoch": str(epoch), "history": json.dumps([asdict(h) for h in history]), "fingerprint": fingerprint}
     save_safetensors(tensors, path, meta, mode=mode)
 
@@ -625,6 +631,10 @@ def _load_checkpoint(path: Path, model: ImageModel, opt: torch.optim.Optimizer, 
             if key.startswith("momentum."):
                 opt.state[params[key[9:]]]["momentum_buffer"] = value.to(device)
         generator.set_state(tensors["rng"])
+        if "rng.global" in tensors:  # (a checkpoint of 0.25.0 or earlier has none: its run did not seed them)
+            torch.set_rng_state(tensors["rng.global"])
+        if "rng.cuda" in tensors and device.type == "cuda":
+            torch.cuda.set_rng_state(tensors["rng.cuda"], device)
         history = [EpochStats(**h) for h in json.loads(meta.get("history", "[]"))]
         return int(meta["epoch"]), history
     except ConfigError:
@@ -679,6 +689,39 @@ def _metadata(model: ImageModel, cfg: TrainConfig, base: str | None, history: li
     return meta | extra
 
 
+def _own_global_generators(train_fn: Callable[..., TrainResult]) -> Callable[..., TrainResult]:
+    """``train_fn`` run with torch's global generators (the CPU's, and the training device's where it is a GPU)
+    forked: the run seeds them from its seed, and the caller gets them back as they were.
+
+    Dropout and other stochastic layers (timm's ``rexnet_100`` and ``ghostnet_100`` have dropout by default)
+    draw from them: unseeded, the same seed gave other weights from run to run, a resumed run others than an
+    uninterrupted one, and each run advanced the caller's generators."""
+
+    @functools.wraps(train_fn)
+    def run(*args: Any, **kwargs: Any) -> TrainResult:
+        device = torch.device(kwargs.get("device", "cpu"))
+        with torch.random.fork_rng(devices=[_gpu_index(device)] if device.type == "cuda" else []):
+            return train_fn(*args, **kwargs)
+
+    return run
+
+
+def _seed_global_generators(seed: int, device: torch.device) -> None:
+    """Seed the global generators of the CPU and of ``device`` (a GPU) for the stochastic layers of a run of
+    ``seed``: from a seed derived from it, so that their draws are not those of the initialization or of the
+    run's own generator (seeded with ``seed`` itself)."""
+    derived = int.from_bytes(hashlib.sha256(f"preempt train: stochastic layers {seed}".encode()).digest()[:8], "little")
+    torch.default_generator.manual_seed(derived)
+    if device.type == "cuda":
+        torch.cuda.default_generators[_gpu_index(device)].manual_seed(derived)
+
+
+def _gpu_index(device: torch.device) -> int:
+    """The index of the CUDA device ``device`` (``cuda``: the current one)."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+@_own_global_generators
 def train(
     data: TrainData,
     output: Path | str,
@@ -733,11 +776,11 @@ def train(
     device = torch.device(device)
     output = expand_home(output, existing_literal=False)
     models_dir = expand_home(models_dir) if models_dir is not None else None
-    with torch.random.fork_rng(devices=[]):  # a seeded initialization that leaves the caller's RNG alone
-        # the CPU's generator alone (the net is built there): torch.manual_seed seeded every CUDA device's too, which
-        # the fork does not give back, so torch.cuda.initial_seed() told keygen's secret seed to the whole process
-        torch.default_generator.manual_seed(config.seed)
-        model = _trainable(base, arch, models_dir, registry, device)
+    # a seeded initialization (the global generators are the run's own: see _own_global_generators), on the CPU's
+    # generator alone, where the net is built: torch.manual_seed seeded every CUDA device's too, which the fork
+    # gave back only where training used it, so torch.cuda.initial_seed() told keygen's secret seed to the process
+    torch.default_generator.manual_seed(config.seed)
+    model = _trainable(base, arch, models_dir, registry, device)
     if not private and base is not None and _owner_only(model.weights_path):
         # a model fine-tuned from a private key is as secret as the key: it was written readable by every user
         _logger.info("the weights of %s are readable by their owner alone: %s and its checkpoints are written so "
@@ -752,6 +795,7 @@ def train(
     held_x, held_y = held.images[: config.eval_images], held.labels[: config.eval_images]
 
     generator = torch.Generator().manual_seed(config.seed)
+    _seed_global_generators(config.seed, device)  # (a resumed run's are restored from its checkpoint below)
     if config.reinit_last:
         fc = _last_linear(model)
         with torch.no_grad():

@@ -409,7 +409,8 @@ def train_cmd(
     dataset_name: Annotated[
         Optional[str], typer.Option("--dataset", help="Dataset name recorded in the registry (default: guessed).")
     ] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of initialization, data order and augmentation.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of initialization, data order, augmentation, attack "
+                                                     "starts and dropout.")] = 0,
     amp: AmpOpt = "auto",
     max_batches: MaxBatchesOpt = None,
     name: NameOpt = None,
