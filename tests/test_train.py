@@ -657,6 +657,8 @@ def test_training_images_line(colour_data) -> None:
         # options of a from-scratch model, which a --base ignored without a word
         (["--base", "cifar10-resnet20-pgdat-a", "--input-size", "32"], "--input-size: only with --arch"),
         (["--base", "cifar10-resnet20-pgdat-a", "--arch-arg", "shortcut=pad_end"], "--arch-arg: only with --arch"),
+        # a number no registry row can hold (its TOML is read back with finite floats only)
+        (["--arch", "cifar_resnet20", "--arch-arg", "drop_rate=nan"], "--arch-arg drop_rate: nan is not a finite"),
     ],
 )
 def test_cli_train_usage_errors(extra: list[str], message: str, colour_dir: Path, tmp_path: Path,
@@ -665,6 +667,27 @@ def test_cli_train_usage_errors(extra: list[str], message: str, colour_dir: Path
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2 and message in result.output
     assert not (tmp_path / "o.safetensors").exists() and "training on" not in result.output
+
+
+@pytest.mark.parametrize(
+    "item, value",
+    [
+        ("depth=20", 20), ("offset=-3", -3), ("width=08", 8),  # whole numbers as before
+        # a float reached timm as the text "0.1" (nn.Dropout(p="0.1") then fails), and true as the text "true"
+        ("drop_rate=0.1", 0.1), ("drop_rate=1e-3", 1e-3), ("pre_act=true", True), ("pre_act=false", False),
+        ("channels=[16, 32]", [16, 32]), ('name="a b"', "a b"),
+        ("shortcut=pad_end", "pad_end"), ("act=relu", "relu"), ("day=2020-01-01", "2020-01-01"),  # words as text
+        ("days=[2020-01-01]", "[2020-01-01]"),
+    ],
+)
+def test_cli_train_arch_arg_values_are_typed_as_a_registry_row_types_them(item: str, value: object) -> None:
+    """``--arch-arg KEY=VALUE`` gives the architecture what the same value in a registry row's ``arch_args``
+    would (TOML's integers, floats, booleans, strings and arrays); other text is passed as it is."""
+    from preempt_cli.cli._train import _arch_args
+
+    key = item.partition("=")[0]
+    parsed = _arch_args([item])[key]
+    assert parsed == value and type(parsed) is type(value)
 
 
 def test_cli_keygen_help_mentions_the_secret() -> None:

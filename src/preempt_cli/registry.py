@@ -45,6 +45,7 @@ __all__ = [
     "get_model_config",
     "register_model",
     "check_registrable",
+    "arch_arg_value",
     "DEFAULT_BACKBONE",
     "DEFAULT_CLASSIFIER",
 ]
@@ -313,6 +314,32 @@ def _all_finite(value: Any) -> bool:
     if isinstance(value, list):
         return all(_all_finite(v) for v in value)
     return True
+
+
+def arch_arg_value(text: str) -> Any:
+    """``text`` (a value of ``train --arch-arg KEY=VALUE``) as a row's ``arch_args`` would give it: TOML's integers,
+    floats, booleans, quoted strings and arrays, else the text as it is (a bare word: ``shortcut=pad_end``).
+    Whole numbers are integers also where TOML refuses them (``08``).
+
+    Raises:
+        ValueError: a number that is not finite (``nan``, ``inf``), which no row may hold.
+    """
+    if text.lstrip("-").isdigit():
+        return int(text)
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+    if not _plain(value):  # a TOML date or table (or an array holding one): as text
+        return text
+    if not _all_finite(value):
+        raise ValueError(f"{text} is not a finite number")
+    return value
+
+
+def _plain(value: Any) -> bool:
+    """A boolean, number or string, or an array of those."""
+    return isinstance(value, (bool, int, float, str)) or (isinstance(value, list) and all(map(_plain, value)))
 
 
 #: A sha256 pin as a row may write it: 64 hex digits, in either case, after an optional ``sha256:`` (the form

@@ -20,6 +20,7 @@ from ..errors import ConfigError, ImageReadError, PreemptError, RegistryError
 from ..registry import (
     MODEL_NAME_CHARACTERS,
     ROLES,
+    arch_arg_value,
     check_registrable,
     get_model_config,
     load_registry,
@@ -387,7 +388,10 @@ def train_cmd(
         Optional[str], typer.Option("--arch", help="Architecture to train from scratch (e.g. cifar_resnet20, or a timm name).")
     ] = None,
     arch_arg: Annotated[
-        Optional[list[str]], typer.Option("--arch-arg", metavar="KEY=VALUE", help="KEY=VALUE passed to the architecture; repeatable.")
+        Optional[list[str]], typer.Option(
+            "--arch-arg", metavar="KEY=VALUE",
+            help="KEY=VALUE passed to the architecture, VALUE read as in a registry row's arch_args (numbers, "
+                 "true/false, quoted text, arrays; other text as it is); repeatable.")
     ] = None,
     method: Annotated[str, typer.Option("--method", help="standard, fgsm-rs (fast AT) or pgd (PGD-AT).")] = "fgsm-rs",
     eps: Annotated[str, typer.Option("--eps", help="L-inf budget of adversarial training, e.g. 8/255 (a whole "
@@ -504,8 +508,15 @@ def _arch_args(items: list[str]) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--arch-arg expects KEY=VALUE, got {item!r}")
-        args[key.strip()] = int(value) if value.strip().lstrip("-").isdigit() else value.strip()
+        args[key.strip()] = _arch_arg_value(key.strip(), value.strip())
     return args
+
+
+def _arch_arg_value(key: str, text: str) -> Any:
+    try:
+        return arch_arg_value(text)
+    except ValueError as e:  # no registry row could hold it: refused before training, not after
+        raise ConfigError(f"--arch-arg {key}: {e}") from None
 
 
 def keygen_cmd(
