@@ -82,12 +82,13 @@ class BiLevel:
       behaves much as ``"sign"`` does.
 
     Randomness is only PGD's random start: outer step ``t`` runs PGD with a seed derived from ``seed`` and
-    ``t``, so the same inputs and seed give the same result. As in :class:`~preempt_cli.attacks.PGD`, the
-    random starts of a batch come from one generator, so an image's result depends on its batch (not on
-    global random state): results reproduce for the same batching on the same machine. (Even with a
-    generator per image they would not be batch-invariant: the convolutions of a batch of 1 and of 16 round
-    differently, and 2,000 signed steps amplify that.) Gradients are taken with respect to the input only; the backbone runs in eval
-    mode (its modes restored afterwards) and its parameters are never touched.
+    ``t``, and PGD draws each image's start from that seed and the image's own pixels
+    (:attr:`~preempt_cli.attacks.PGD.starts`), never from global random state. So the same inputs and seed
+    give the same result, and an image's result does not depend on the other images of its batch, their
+    order or the batch size: bit for bit where the backbone's outputs for an image do not depend on its
+    batch (a CPU's or GPU's convolution kernels can round the last bit differently at another batch size, and
+    2,000 signed steps can amplify that). Gradients are taken with respect to the input only; the backbone
+    runs in eval mode (its modes restored afterwards) and its parameters are never touched.
 
     Args:
         backbone: a model taking [0, 1] images (normalization inside), e.g. ``load_model(...)``.
