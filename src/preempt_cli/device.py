@@ -7,6 +7,7 @@ import functools
 import logging
 import os
 import platform
+from pathlib import Path, PurePosixPath
 
 import torch
 
@@ -79,11 +80,92 @@ def resolve_devices(spec: str) -> list[torch.device]:
 
 
 def default_cpu_threads() -> int:
-    """Threads for CPU work: the CPUs this process may use (cgroup/affinity aware)."""
+    """Threads for CPU work: the CPUs this process may use. That is its affinity mask (``taskset``, a Slurm
+    job's binding, a cpuset), capped by its cgroups' CPU quota rounded up (``docker --cpus``, a Kubernetes CPU
+    limit, systemd's ``CPUQuota``) and by ``SLURM_CPUS_PER_TASK`` (a Slurm job that is not bound to its CPUs).
+
+    A quota limits time, not which CPUs: a container given 2 CPUs of a 64-core host sees all 64 in its
+    mask, and 64 threads there take turns at two CPUs' worth of time, each waiting for the others at every
+    parallel operation."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
+        cpus = os.cpu_count() or 1
+    for limit in (_cgroup_cpu_limit(), _positive_int(os.environ.get("SLURM_CPUS_PER_TASK"))):
+        if limit is not None:
+            cpus = min(cpus, limit)
+    return max(1, cpus)
+
+
+#: where the kernel's files are read from: the root, but for the tests
+_ROOT = Path("/")
+
+
+def _cgroup_cpu_limit() -> int | None:
+    """Whole CPUs' worth of time this process's cgroups allow (each quota over its period, rounded up; the
+    lowest of its cgroup and those above it, in v2's hierarchy and v1's ``cpu`` one), or None where none is
+    set or can be read.
+
+    The cgroups are read from ``/proc/self/cgroup`` under ``/sys/fs/cgroup``, each path and its parents: in
+    a container with a cgroup namespace of its own, or whose cgroups are mounted at their root (v1), the
+    path it is given is not there, and its quota is at the root."""
+    try:
+        lines = (_ROOT / "proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    mount = _ROOT / "sys/fs/cgroup"
+    limits = []
+    for line in lines:
+        fields = line.split(":", 2)  # hierarchy id, controllers, path
+        if len(fields) != 3:
+            continue
+        controllers, path = fields[1], fields[2].strip().lstrip("/")
+        if controllers == "":  # v2: one hierarchy, its controllers' files in each cgroup
+            limits += [_v2_cpu_limit(d / "cpu.max") for d in _self_and_parents(mount, path)]
+        elif "cpu" in controllers.split(","):  # v1: the cpu controller's hierarchy, named as it is mounted
+            for name in dict.fromkeys((controllers, "cpu", "cpu,cpuacct")):
+                limits += [_v1_cpu_limit(d) for d in _self_and_parents(mount / name, path)]
+    return min((limit for limit in limits if limit is not None), default=None)
+
+
+def _self_and_parents(mount: Path, path: str) -> list[Path]:
+    parts = PurePosixPath(path).parts if path else ()
+    return [mount.joinpath(*parts[:n]) for n in range(len(parts), -1, -1)]
+
+
+def _v2_cpu_limit(cpu_max: Path) -> int | None:
+    """``cpu.max``: "QUOTA PERIOD" in microseconds, or "max PERIOD" for none."""
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+    except (OSError, ValueError):
+        return None
+    return _whole_cpus(quota, period)
+
+
+def _v1_cpu_limit(cgroup: Path) -> int | None:
+    """``cpu.cfs_quota_us`` (-1 for none) over ``cpu.cfs_period_us``."""
+    try:
+        quota = (cgroup / "cpu.cfs_quota_us").read_text()
+        period = (cgroup / "cpu.cfs_period_us").read_text()
+    except OSError:
+        return None
+    return _whole_cpus(quota, period)
+
+
+def _whole_cpus(quota: str, period: str) -> int | None:
+    """A quota over its period, rounded up (1.5 CPUs' worth of time keeps two threads busy part of the time)."""
+    quota_us, period_us = _positive_int(quota), _positive_int(period)
+    if quota_us is None or period_us is None:  # "max", -1: no quota
+        return None
+    return -(-quota_us // period_us)
+
+
+def _positive_int(text: str | None) -> int | None:
+    try:
+        value = int(text.strip()) if text is not None else 0
+    except ValueError:
+        return None
+    return value if value > 0 else None
 
 
 def configure_cpu() -> None:
