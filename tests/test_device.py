@@ -1,6 +1,7 @@
-"""How many CPU threads preempt takes (``device.default_cpu_threads``, ``default_io_workers``) in containers
-and batch jobs: the affinity mask, a cgroup's CPU quota and Slurm's count. The kernel's files are faked under a
-folder of the test's, the affinity mask by a stand-in for ``os.sched_getaffinity``."""
+"""How many CPU threads preempt takes (``device.default_cpu_threads``, ``default_io_workers``, ``configure_cpu``)
+in containers and batch jobs: the affinity mask, a cgroup's CPU quota, Slurm's count and the user's own
+``OMP_NUM_THREADS``. The kernel's files are faked under a folder of the test's, the affinity mask by a stand-in
+for ``os.sched_getaffinity``."""
 
 from __future__ import annotations
 
@@ -92,3 +93,34 @@ def test_slurm_cpus_per_task_caps_a_job_not_bound_to_its_cpus(monkeypatch: pytes
     assert device.default_cpu_threads() == _HOST_CPUS
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", "four")
     assert device.default_cpu_threads() == _HOST_CPUS
+
+
+@pytest.fixture
+def torch_threads_set(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """What configure_cpu passes to torch.set_num_threads (not passed on: the test process keeps its threads),
+    with the allocator left as it is."""
+    calls: list[int] = []
+    monkeypatch.setattr(device.torch, "set_num_threads", calls.append)
+    monkeypatch.setattr(device, "tune_malloc", lambda: False)
+    return calls
+
+
+@pytest.mark.parametrize(("name", "value"), [("OMP_NUM_THREADS", "1"), ("MKL_NUM_THREADS", "3"),
+                                             ("OMP_NUM_THREADS", "4,2")])  # fmt: skip
+def test_configure_cpu_leaves_the_users_thread_count(
+    monkeypatch: pytest.MonkeyPatch, torch_threads_set: list[int], name: str, value: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    device.configure_cpu()
+    assert torch_threads_set == []  # torch read the variable when imported; it stays
+
+
+@pytest.mark.parametrize("value", [None, "", "0", "many"])
+def test_configure_cpu_sets_the_threads_without_a_users_count(
+    monkeypatch: pytest.MonkeyPatch, torch_threads_set: list[int], value: str | None
+) -> None:
+    if value is not None:  # a value torch ignores (with a warning) is no choice
+        monkeypatch.setenv("OMP_NUM_THREADS", value)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2})
+    device.configure_cpu()
+    assert torch_threads_set == [3]

@@ -173,11 +173,23 @@ def configure_cpu() -> None:
     :func:`tune_malloc`. What ``preempt`` commands do before computing on the CPU; batch jobs that use the
     Python API on a CPU may call it too.
 
+    The thread count replaces any set before with ``torch.set_num_threads`` (call that after this one to
+    choose your own), but not one chosen with ``OMP_NUM_THREADS`` or ``MKL_NUM_THREADS``: where either holds
+    a count, torch's threads are left as torch read them (when imported).
+
     How OpenMP's threads wait for one another it cannot set (``OMP_WAIT_POLICY``, read when torch is
     imported): on cores shared with other busy processes, their spinning made the engine 2-8 times slower,
     whichever thread called it (see the README's notes on the CPU)."""
-    torch.set_num_threads(default_cpu_threads())
+    if not _users_thread_choice():
+        torch.set_num_threads(default_cpu_threads())
     tune_malloc()
+
+
+def _users_thread_choice() -> bool:
+    """Whether ``OMP_NUM_THREADS`` or ``MKL_NUM_THREADS`` holds a thread count (of a list, as "4,2" for nested
+    levels, the first), as torch reads them: other values it ignores, with a warning."""
+    return any(_positive_int(os.environ.get(name, "").split(",")[0]) is not None
+               for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"))  # fmt: skip
 
 
 #: what :func:`tune_malloc` sets: glibc's ``mallopt`` parameter (malloc.h) and value, by name. 32 MiB is the
