@@ -26,8 +26,8 @@ from preempt_cli.protect import FileResult
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ("README.md", "benchmarks/README.md", "benchmarks/RESULTS.md")
-#: options README names that belong to other tools (pip's --upgrade)
-OTHER_TOOLS_OPTIONS = {"--upgrade"}
+#: options README names that belong to other tools (pip's --upgrade, docker run's --cpus)
+OTHER_TOOLS_OPTIONS = {"--upgrade", "--cpus"}
 ROOT_COMMAND = typer.main.get_command(app)
 
 
