@@ -41,7 +41,7 @@ import torch
 import _checkout  # benchmarks/ is on sys.path
 
 _checkout.put_checkout_src_first()  # the checkout's code, installed or not (no PYTHONPATH=src needed)
-from preempt_cli.device import resolve_device  # noqa: E402
+from preempt_cli.device import default_cpu_threads, resolve_device  # noqa: E402
 from preempt_cli.evaluate import AttackSpec, DefenseSpec, Evaluator, load_dataset, reversion_protocol  # noqa: E402
 from preempt_cli.models import load_model  # noqa: E402
 
@@ -145,7 +145,7 @@ def main() -> None:
     sections = set(args.sections.split(","))
     device = resolve_device(args.device)
     if device.type == "cpu":
-        torch.set_num_threads(len(os.sched_getaffinity(0)))
+        torch.set_num_threads(default_cpu_threads())  # the CLI's count: affinity, cgroup quota, Slurm
     models: dict[str, Any] = {}
 
     def load(name: str):

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from dataclasses import replace
@@ -52,6 +51,7 @@ import _checkout  # noqa: E402
 _checkout.put_checkout_src_first()  # the checkout's code, installed or not (no PYTHONPATH=src needed)
 from bench_eval import machine, merge_update, table  # noqa: E402
 
+from preempt_cli.device import default_cpu_threads  # noqa: E402
 from preempt_cli.evaluate import AttackSpec, DefenseSpec, Evaluator, load_dataset, reversion_protocol  # noqa: E402
 from preempt_cli.models import load_model  # noqa: E402
 from preempt_cli.registry import get_model_config, register_model  # noqa: E402
@@ -96,7 +96,7 @@ def main() -> None:
                     help="own: each reverter labels the protected images itself (as `preempt revert`); defender: "
                     "the defender's labels (the old worst case)")
     args = ap.parse_args()
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    torch.set_num_threads(default_cpu_threads())  # the CLI's count: affinity, cgroup quota, Slurm
     if args.smoke:
         args.images = args.reversion_images = 24
     models_out = args.models_out or args.out / "models"
