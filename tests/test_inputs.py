@@ -116,14 +116,41 @@ def test_a_name_shared_by_entries_with_different_labels_is_ambiguous_not_first_c
     from preempt_cli.errors import LabelError
     from preempt_cli.labels import read_label_file
 
-    labels = read_label_file(_label_file(tmp_path, "cat/001.png,cat\ndog/001.png,dog\nx/7.png,3\ny/7.png,3\n"))
+    labels = read_label_file(_label_file(tmp_path, "a/cat/001.png,cat\nb/cat/001.png,dog\nx/s/7.png,3\ny/s/7.png,3\n"))
     with pytest.raises(LabelError, match="ambiguous"):
-        labels.lookup(InputFile(tmp_path / "bird/001.png", tmp_path))
+        labels.lookup(InputFile(tmp_path / "c/cat/001.png", tmp_path))
     with pytest.raises(LabelError, match="ambiguous"):
-        labels.lookup(InputFile(tmp_path / "001.jpg"))  # the stem too
-    assert labels.lookup(InputFile(tmp_path / "z/7.png", tmp_path)) == "3"  # shared, but the same label
+        labels.lookup(InputFile(tmp_path / "cat/001.jpg"))  # without the extension too
+    assert labels.lookup(InputFile(tmp_path / "z/s/7.png", tmp_path)) == "3"  # shared, but the same label
     with pytest.raises(LabelError, match="an earlier row"):
         read_label_file(_label_file(tmp_path, "a.png,cat\na.png,dog\n"))
+
+
+def test_a_file_the_label_file_leaves_out_never_takes_a_label_listed_for_another_folder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # class folders reuse file names (Caltech's image_0001.jpg in each): dog/1.png, missing from the file,
+    # took cat/1.png's label through the name they share, and was protected toward "cat" without a word
+    from preempt_cli.errors import LabelError
+    from preempt_cli.labels import read_label_file
+
+    labels = read_label_file(_label_file(tmp_path, "cat/1.png,cat\ncat/2.png,cat\ndog/2.png,dog\n"))
+    data = tmp_path / "data"
+    (data / "cat").mkdir(parents=True)
+    (data / "dog").mkdir()
+    for item in (InputFile(data / "dog/1.png", data), InputFile(data / "dog/1.jpg", data),
+                 InputFile(data / "dog/1.png")):  # fmt: skip
+        with pytest.raises(LabelError, match=r"no label for 1.* \(cat/1.png is listed, in another folder\)"):
+            labels.lookup(item)
+    monkeypatch.chdir(data / "dog")
+    with pytest.raises(LabelError, match="no label"):  # named by its name alone, from its folder
+        labels.lookup(InputFile(Path("1.png")))
+    monkeypatch.chdir(data / "cat")
+    assert labels.lookup(InputFile(Path("1.png"))) == "cat"
+    assert labels.lookup(InputFile(data / "cat/1.jpg", data)) == "cat"  # by stem, in its own folder
+    # a data set moved since its file was written (another root above the class folders) still matches
+    moved = read_label_file(_label_file(tmp_path, "/home/alice/data/cat/1.png,cat\n"))
+    assert moved.lookup(InputFile(tmp_path / "copy/cat/1.png")) == "cat"
+    assert moved.lookup(InputFile(tmp_path / "copy/cat/1.jpg", tmp_path / "copy")) == "cat"
 
 
 def test_keys_without_an_extension_keep_their_folders(tmp_path: Path) -> None:

@@ -2,7 +2,8 @@
 
 Labels may be class indices or class names. A file's label is looked up by the longest trailing part of
 its path that the file lists (with or without its extension), then by stem, so that ``cat/00003.png``,
-``cat/00003``, ``00003.png`` and ``00003`` all work as keys, whatever folder the files are given from.
+``cat/00003``, ``00003.png`` and ``00003`` all work as keys, whatever folder the files are given from. A key
+that names a folder is a file of that folder only: ``cat/00003.png`` is not ``dog/00003.png``'s label.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 from pathlib import Path
 
 from .errors import LabelError, excerpt, first_line, value_text
+from .imageio import IMAGE_SUFFIXES
 from .inputs import InputFile
 from .registry import ModelConfig
 
@@ -26,29 +28,45 @@ _AMBIGUOUS = object()
 
 
 class LabelMap:
-    """Labels keyed by path, matched on the longest trailing part of a file's path (``train/cat/1.png``
-    finds the entry ``cat/1.png``, then ``1.png``, then the stem ``1``). A shorter key that several entries
-    share with different labels (``cat/1.png`` and ``dog/1.png`` both end in ``1.png``) is ambiguous: a
-    file found only through it fails instead of getting the first entry's label."""
+    """Labels keyed by path, matched on the longest trailing part of a file's absolute path that an entry
+    ends in, with or without the extension (``train/cat/1.png`` finds the entry ``cat/1.png``, then
+    ``1.png``, then ``1``; the file ``cat/1.png`` finds the entry ``/data/train/cat/1.png``). An entry that
+    names folders matches only files in a folder of that name: ``dog/1.png``, which the file leaves out,
+    never takes ``cat/1.png``'s label through the name they share. A key that several entries share with
+    different labels (``a/cat/1.png`` and ``b/cat/1.png`` both end in ``cat/1.png``) is ambiguous: a file
+    found only through it fails instead of getting the first entry's label."""
 
     def __init__(self, entries: dict[str, str | int], source: Path) -> None:
         self.source = source
         self._exact: dict[str, str | int] = {}
         self._by_key: dict[str, object] = {}
+        # an entry's file name, and its stem, to the entry: named when a file of that name in another
+        # folder has no label (its entry names a folder, so is not that file's)
+        self._elsewhere: dict[str, str] = {}
         for key, label in entries.items():
             p = Path(key.replace("\\", "/"))
             self._exact[p.as_posix()] = label
-            for k in dict.fromkeys([Path(*p.parts[i:]).as_posix() for i in range(1, len(p.parts))] + [p.stem]):
+            # the entry whole, without its extension too (``cat/1`` finds ``cat/1.png``: the file converted
+            # to another format); each trailing part that keeps a folder, with or without it; not the
+            # name alone of an entry that names folders: another folder's file of that name is another file
+            whole = [p.with_suffix("").as_posix()] if p.suffix.lower() in IMAGE_SUFFIXES else []
+            trailing = [Path(*p.parts[i:]) for i in range(1, len(p.parts) - 1)]
+            trailing_keys = [k for t in trailing for k in (t.as_posix(), t.with_suffix("").as_posix())]
+            for k in dict.fromkeys(whole + trailing_keys):
                 known = self._by_key.setdefault(k, label)
                 if known is not _AMBIGUOUS and known != label:
                     self._by_key[k] = _AMBIGUOUS
+            if len(p.parts) > 1:
+                for name in (p.name, p.stem):
+                    self._elsewhere.setdefault(name, p.as_posix())
 
     def __len__(self) -> int:
         return len(self._exact)
 
     def lookup(self, item: InputFile) -> str | int:
         """The label of ``item``. Raises ``LabelError`` when the file has none, or only an ambiguous one."""
-        parts = item.path.parts
+        # absolute: `1.png`, named from its folder, is matched by that folder's name too
+        parts = Path(os.path.abspath(item.path)).parts
         # each trailing part as listed with its extension or without (``cat/00003``: ImageNet's synset/id
         # lists), longest first; the stem alone comes last
         tails = [Path(*parts[i:]) for i in range(len(parts))]
@@ -60,7 +78,9 @@ class LabelMap:
                                  f"{key!r} with different labels (give the paths relative to the input folder)")  # fmt: skip
             if found is not None:
                 return found  # type: ignore[return-value]
-        raise LabelError(f"no label for {item.path.name} in {self.source}")
+        other = self._elsewhere.get(item.path.name, self._elsewhere.get(item.path.stem))
+        where = f" ({other} is listed, in another folder)" if other is not None else ""
+        raise LabelError(f"no label for {item.path.name} in {self.source}{where}")
 
 
 def read_label_file(path: Path | str) -> LabelMap:
