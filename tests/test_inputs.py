@@ -153,6 +153,24 @@ def test_a_file_the_label_file_leaves_out_never_takes_a_label_listed_for_another
     assert moved.lookup(InputFile(tmp_path / "copy/cat/1.jpg", tmp_path / "copy")) == "cat"
 
 
+def test_a_csv_header_is_read_wherever_its_file_column_is(tmp_path: Path) -> None:
+    # "label,file", "class,path", "id,file,label" (an index column first): the header was taken for a row,
+    # each class name for a file's name, and every file failed as "no label"
+    from preempt_cli.errors import LabelError
+    from preempt_cli.labels import read_label_file
+
+    item = InputFile(tmp_path / "data/cat/1.png", tmp_path / "data")
+    for i, text in enumerate(("label,file\ncat,cat/1.png\n", "Class,Path\r\ncat,cat/1.png\r\n",
+                              "id,file,label\n7,cat/1.png,cat\n", "file,label\ncat/1.png,cat\n")):  # fmt: skip
+        path = tmp_path / f"labels{i}.csv"
+        path.write_text(text)
+        assert read_label_file(path).lookup(item) == "cat", text
+    short = tmp_path / "short.csv"
+    short.write_text("id,file,label\n7,cat/1.png\n")  # no label column in the row: not "7" labelled cat/1.png
+    with pytest.raises(LabelError, match="row 1 needs two columns"):
+        read_label_file(short)
+
+
 def test_keys_without_an_extension_keep_their_folders(tmp_path: Path) -> None:
     # "cat/00003" (ImageNet's synset/id lists, ids without extension): unique keys were found only through the
     # stem, which the other class's file of that number shares, and failed as "ambiguous"

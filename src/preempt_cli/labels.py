@@ -122,11 +122,15 @@ def read_label_file(path: Path | str) -> LabelMap:
             rows = [r for r in csv.reader(text.splitlines()) if r and any(c.strip() for c in r)]
         except csv.Error as e:  # a field past csv's limit (128 KiB): an internal error before
             raise LabelError(f"{path}: not valid CSV ({first_line(e)})") from e
-        if rows and rows[0][0].strip().lower() in _FILE_COLUMNS:
-            header = [c.strip().lower() for c in rows[0]]
-            fi = header.index(rows[0][0].strip().lower())
+        header = [c.strip().lower() for c in rows[0]] if rows else []
+        # a header: one that starts with the file's column, or names a file and a label column in any order
+        # ("label,file"; "id,file,label")
+        if header and (header[0] in _FILE_COLUMNS or (any(c in _FILE_COLUMNS for c in header)
+                                                      and any(c in _LABEL_COLUMNS for c in header))):  # fmt: skip
+            fi = next(i for i, c in enumerate(header) if c in _FILE_COLUMNS)
             li = next((header.index(c) for c in _LABEL_COLUMNS if c in header), 1)
-            rows = [[r[fi], r[li]] if len(r) > max(fi, li) else r for r in rows[1:]]
+            # a row without the label's column fails as one column short, not as the first two taken instead
+            rows = [[r[fi], r[li]] if len(r) > max(fi, li) else r[:1] for r in rows[1:]]
         for n, row in enumerate(rows, 1):
             if len(row) < 2:
                 raise LabelError(f"{path}: row {n} needs two columns (file,label), got {excerpt(row)}")
