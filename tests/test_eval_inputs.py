@@ -643,3 +643,24 @@ def test_two_defenses_are_tested_against_each_other_in_paired_json_and_the_repor
     assert list(strict_loads((tmp_path / "single" / "paired.json").read_text())) == ["test", "pairs"]
     assert "Defenses against each other" not in (tmp_path / "single" / "report.md").read_text()
     assert "Defenses against each other" not in single.stderr
+
+
+def test_eval_takes_a_class_name_in_another_case_or_with_spaces_as_protect_does(tmp_path: Path) -> None:
+    # a folder `Cat` (or a label file's " dog ") is the class cat for protect --labels folders, and was
+    # refused by eval as an unknown class: one data set, two verdicts
+    from preempt_cli.errors import LabelError
+    from preempt_cli.evaluate import load_dataset
+
+    classes = ["bird", "cat", "dog"]
+    write_random_pngs(tmp_path / "data" / "Cat", n=1, seed=0)
+    write_random_pngs(tmp_path / "data" / "DOG", n=1, seed=1)
+    assert sorted(load_dataset(tmp_path / "data", classes=classes).labels.tolist()) == [1, 2]
+    flat = tmp_path / "flat"
+    write_random_pngs(flat, n=2, seed=2)
+    names = sorted(p.name for p in flat.iterdir())
+    (tmp_path / "labels.csv").write_text(f"file,label\n{names[0]}, dog \n{names[1]},Bird\n")
+    dataset = load_dataset(flat, classes=classes, labels_file=tmp_path / "labels.csv")
+    assert dict(zip((p.name for p in dataset.paths), dataset.labels.tolist())) == {names[0]: 2, names[1]: 0}
+    write_random_pngs(tmp_path / "data" / "plane", n=1, seed=3)
+    with pytest.raises(LabelError, match="unknown class 'plane'"):
+        load_dataset(tmp_path / "data", classes=classes)

@@ -182,9 +182,12 @@ def load_dataset(
         if raw is None:
             raise LabelError(f"{item.path}: no label (use an ImageFolder layout ROOT/<class>/<file> or --labels-file)")
         if isinstance(raw, str) and not raw.strip().isdigit():
-            if not classes or raw not in classes:
+            # as protect reads a class name (ModelConfig.class_index): a folder `Cat` is the class cat there
+            known = list(classes or ())
+            named = [c.lower() for c in known]
+            if raw.strip().lower() not in named:
                 raise LabelError(f"{item.path}: unknown class {raw!r}")
-            label = list(classes).index(raw)
+            label = known.index(raw) if raw in known else named.index(raw.strip().lower())
         else:
             label = int(raw)
         if label < 0:  # a JSON -1: scored as wrong by every model, or refused only after the defenses ran
