@@ -37,6 +37,7 @@ from .errors import ConfigError, InputConfigError, LabelError
 from .imageio import atomic_write, content_seed, display_name, levels_to_float, quantize_levels, read_image
 from .inputs import PROTECTED_SUFFIX, REVERTED_SUFFIX, InputFile, collect_inputs
 from .labels import read_label_file
+from .registry import find_class
 from .models import ImageModel, weights_sha256, weights_sha256_of
 from .protect import Protector, read_preempt_metadata_file, regular_file_sha256
 from .revert import Reverter
@@ -148,9 +149,11 @@ def _class_list(names: Sequence[str]) -> str:
 
 
 def load_dataset(
-    root: Path | str, *, classes: Sequence[str] | None, labels_file: Path | str | None = None, limit: int | None = None
+    root: Path | str, *, classes: Sequence[str] | None, labels_file: Path | str | None = None, limit: int | None = None,
+    synsets: Sequence[str] | None = None,
 ) -> Dataset:
-    """An ImageFolder directory (labels from folder names) or files with a labels CSV/JSON.
+    """An ImageFolder directory (labels from folder names) or files with a labels CSV/JSON. A label is a class
+    index, a name of ``classes``, or a synset of ``synsets`` (ImageNet's folders: ``n01440764``).
 
     Files are ordered by file name (then path), so ``limit`` takes "the first N" deterministically (for
     CIFAR-10 test images named by index, the first N of the test set); a limit above the number of images
@@ -182,12 +185,15 @@ def load_dataset(
         if raw is None:
             raise LabelError(f"{item.path}: no label (use an ImageFolder layout ROOT/<class>/<file> or --labels-file)")
         if isinstance(raw, str) and not raw.strip().isdigit():
-            # as protect reads a class name (ModelConfig.class_index): a folder `Cat` is the class cat there
-            known = list(classes or ())
-            named = [c.lower() for c in known]
-            if raw.strip().lower() not in named:
+            # as protect reads a class name (ModelConfig.class_index): a folder `Cat` is the class cat there,
+            # an ImageNet folder `n01440764` its class tench
+            try:
+                found = find_class(raw, classes, synsets)
+            except ValueError as e:
+                raise LabelError(f"{item.path}: {e}") from None
+            if found is None:
                 raise LabelError(f"{item.path}: unknown class {raw!r}")
-            label = known.index(raw) if raw in known else named.index(raw.strip().lower())
+            label = found
         else:
             label = int(raw)
         if label < 0:  # a JSON -1: scored as wrong by every model, or refused only after the defenses ran
@@ -825,7 +831,7 @@ class Evaluator:
         config = getattr(model, "config", None)
         if config is None:  # a bare module (tests): nothing to compare
             return
-        names = tuple(config.classes) if config.classes else None
+        names = config.class_names
         data = self.dataset
         if data.classes is not None and names is not None and names != data.classes:
             raise ConfigError(f"{model.name} names its classes in another order or other names than the data's "

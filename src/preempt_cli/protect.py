@@ -618,8 +618,8 @@ class Protector:
                 f"classifier {classifier.name} has {classifier.config.num_classes} classes but backbone "
                 f"{backbone.name} has {backbone.config.num_classes}: they must label the same classes"
             )
-        if classifier is not None and None not in (classifier.config.classes, backbone.config.classes) and \
-                classifier.config.classes != backbone.config.classes:  # fmt: skip
+        if classifier is not None and None not in (classifier.config.class_names, backbone.config.class_names) and \
+                classifier.config.class_names != backbone.config.class_names:  # fmt: skip
             raise ConfigError(f"classifier {classifier.name} and backbone {backbone.name} name their classes in a "
                               "different order: a label of one would be another class for the other")  # fmt: skip
         if self.config.eps * 255 < 1:  # the files' levels round it away: the run would "protect" nothing

@@ -39,6 +39,8 @@ __all__ = [
     "parse_source",
     "builtin_registry_path",
     "builtin_class_sets",
+    "dataset_class_set",
+    "find_class",
     "user_registry_path",
     "load_registry",
     "list_models",
@@ -163,24 +165,102 @@ class ModelConfig:
                  self.std and list(self.std), self.num_classes, self.classes and list(self.classes)]  # fmt: skip
         return hashlib.sha256(json.dumps(setup, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
+    @property
+    def class_names(self) -> tuple[str, ...] | None:
+        """The names of the classes: the row's, else its dataset's as timm gives them (ImageNet-1k's, see
+        :func:`dataset_class_set`), else None."""
+        if self.classes:
+            return self.classes
+        known = dataset_class_set(self.dataset, self.num_classes)
+        return known.names if known else None
+
+    @property
+    def class_synsets(self) -> tuple[str, ...] | None:
+        """The WordNet synset of each class (``n01440764``: the folders of ImageNet's own layout) where the
+        row's dataset has them and the row names no classes of its own, else None."""
+        known = None if self.classes else dataset_class_set(self.dataset, self.num_classes)
+        return known.synsets if known else None
+
     def class_name(self, index: int) -> str:
         """Human-readable class name of ``index`` (the index itself when names are unknown)."""
-        if self.classes and 0 <= index < len(self.classes):
-            return self.classes[index]
+        names = self.class_names
+        if names and 0 <= index < len(names):
+            return names[index]
         return str(index)
 
     def class_index(self, label: str | int) -> int:
-        """Class index of a label given as index or name. Raises ``ValueError`` if unknown."""
+        """Class index of a label given as index, name or synset. Raises ``ValueError`` if unknown or ambiguous."""
         if isinstance(label, int) or (isinstance(label, str) and label.strip().lstrip("-").isdigit()):
             index = int(label)
             if not 0 <= index < self.num_classes:
                 raise ValueError(f"class index {index} out of range 0..{self.num_classes - 1}")
             return index
-        if self.classes:
-            lowered = [c.lower() for c in self.classes]
-            if label.strip().lower() in lowered:
-                return lowered.index(label.strip().lower())
-        raise ValueError(f"unknown class {label!r} for model {self.name} ({self.dataset})")
+        found = find_class(label, self.class_names, self.class_synsets)
+        if found is None:
+            raise ValueError(f"unknown class {label!r} for model {self.name} ({self.dataset})")
+        return found
+
+
+@dataclass(frozen=True)
+class ClassSet:
+    """A data set's classes in the order its models output them: names, and WordNet synsets."""
+
+    names: tuple[str, ...]
+    synsets: tuple[str, ...]
+
+
+#: The data sets whose class names and synsets timm ships (``timm.data.ImageNetInfo``), with their class count:
+#: a row of such a dataset with that many classes and no ``classes`` of its own takes them.
+_TIMM_CLASS_SETS = {"imagenet-1k": 1000}
+
+
+def dataset_class_set(dataset: str, num_classes: int) -> ClassSet | None:
+    """The classes of ``dataset`` as timm gives them (ImageNet-1k's: names such as ``tench, Tinca tinca`` and
+    synsets such as ``n01440764``) where it has ``num_classes`` classes; None for another data set or count,
+    or where timm cannot give them."""
+    if _TIMM_CLASS_SETS.get(dataset) != num_classes:
+        return None
+    return _timm_class_set(dataset)
+
+
+@lru_cache(maxsize=None)
+def _timm_class_set(dataset: str) -> ClassSet | None:
+    # read when a label is first resolved, not with the registry: importing timm takes seconds, which listing
+    # models or protecting with a CIFAR-10 model should not pay
+    try:
+        from timm.data import ImageNetInfo
+
+        info = ImageNetInfo(dataset)
+        synsets, names = tuple(info.label_names()), tuple(info.label_descriptions())
+    except Exception as e:  # missing or broken timm: labels may still be indices
+        _logger.warning("timm gives no class names for %s (%s): labels must be class indices", dataset, e)
+        return None
+    if len(synsets) != _TIMM_CLASS_SETS[dataset] or len(names) != len(synsets):
+        _logger.warning("timm gives %d class names for %s, not %d: labels must be class indices", len(synsets),
+                        dataset, _TIMM_CLASS_SETS[dataset])  # fmt: skip
+        return None
+    return ClassSet(names, synsets)
+
+
+def find_class(label: str, names: Sequence[str] | None, synsets: Sequence[str] | None = None) -> int | None:
+    """Index of the class that ``label`` names: a class name as written, else in another case, else a synset
+    (``n01440764``); None when it is none of them.
+
+    Raises:
+        ValueError: the name is several classes' (ImageNet's ``crane``, the bird and the machine), each
+            named with its synset where known, to be named by that instead.
+    """
+    text = label.strip()
+    for matches in ([i for i, c in enumerate(names or ()) if c == text],
+                    [i for i, c in enumerate(names or ()) if c.lower() == text.lower()],
+                    [i for i, c in enumerate(synsets or ()) if c.lower() == text.lower()]):  # fmt: skip
+        if len(matches) > 1:
+            which = ", ".join(f"{i} ({synsets[i]})" if synsets else str(i) for i in matches)
+            raise ValueError(f"class name {label!r} is ambiguous: it names classes {which}; give the index"
+                             + (" or the synset" if synsets else ""))  # fmt: skip
+        if matches:
+            return matches[0]
+    return None
 
 
 def builtin_registry_path() -> Path:

@@ -469,7 +469,8 @@ def eval_cmd(
         load = _model_cache(torch_device, models_dir, registry)
 
         first = load(victim[0])
-        dataset = load_dataset(data, classes=first.config.classes, labels_file=labels_file, limit=limit)
+        dataset = load_dataset(data, classes=first.config.class_names, labels_file=labels_file, limit=limit,
+                               synsets=first.config.class_synsets)  # fmt: skip
         evaluator = Evaluator(dataset, load=load, device=torch_device, out_dir=out, resume=resume,
                               batch_size=batch_size)  # fmt: skip
         # every model the run uses, before any work: a victim of other classes than the data's is refused

@@ -1,0 +1,116 @@
+"""Ground-truth labels of ImageNet-1k models: a WordNet synset (``n01440764``: the folders of ImageNet's own
+layout), a class name as timm gives it, or an index. The registry's ImageNet rows had no class names, so every
+file of ``ROOT/n01440764/...`` failed as an unknown class. Tiny images and tiny models only (no weights)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from conftest import TEST_DEVICE, make_tiny_model, write_random_pngs
+from preempt_cli import ForeBackConfig, Protector, RunOptions, collect_inputs
+from preempt_cli.errors import LabelError
+from preempt_cli.evaluate import load_dataset
+from preempt_cli.labels import folder_label, read_label_file, resolve_label
+from preempt_cli.registry import ModelConfig, Source, load_registry
+
+timm_data = pytest.importorskip("timm.data", reason="timm gives ImageNet's class names and synsets")
+
+
+def _imagenet_config(**changes) -> ModelConfig:
+    return ModelConfig(name="in1k", arch="tiny_cnn", source=Source("file", "in1k.safetensors"),
+                       dataset="imagenet-1k", num_classes=1000, **changes)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def imagenet() -> timm_data.ImageNetInfo:
+    return timm_data.ImageNetInfo("imagenet-1k")
+
+
+def test_imagenet_rows_resolve_synsets_timm_names_and_indices(imagenet) -> None:
+    synsets, names = imagenet.label_names(), imagenet.label_descriptions()
+    registry = load_registry()
+    for cfg in (registry["deit-b"], registry["convnext-l-convstem"], _imagenet_config()):
+        assert cfg.class_synsets == tuple(synsets) and cfg.class_names == tuple(names)
+        for index in (0, 1, 417, 999):
+            assert cfg.class_index(synsets[index]) == index
+            assert cfg.class_index(names[index]) == index
+            assert cfg.class_index(names[index].upper()) == index
+            assert cfg.class_index(str(index)) == index
+            assert cfg.class_name(index) == names[index]
+        assert cfg.class_index("n01440764") == 0  # ImageNet's first folder: the tench
+        with pytest.raises(ValueError, match="unknown class 'n99999999'"):
+            cfg.class_index("n99999999")
+
+
+def test_a_name_of_two_imagenet_classes_is_refused_naming_their_synsets(imagenet) -> None:
+    # timm names two classes "crane" (the bird and the machine): either one would label half the files wrongly
+    names = imagenet.label_descriptions()
+    twice = sorted({n for n in names if names.count(n) > 1})
+    assert twice, "timm's ImageNet names are all distinct now: this test has nothing to check"
+    cfg = _imagenet_config()
+    for name in twice:
+        indices = [i for i, n in enumerate(names) if n == name]
+        with pytest.raises(ValueError, match="ambiguous") as caught:
+            cfg.class_index(name)
+        for i in indices:
+            assert f"{i} ({imagenet.label_names()[i]})" in str(caught.value)
+            assert cfg.class_index(imagenet.label_names()[i]) == i
+
+
+def test_other_rows_keep_their_classes_and_get_no_synsets() -> None:
+    registry = load_registry()
+    cifar = registry["preempt-resnet20-at"]
+    assert cifar.class_synsets is None and cifar.class_names == cifar.classes
+    assert cifar.class_index("cat") == 3 and cifar.class_index("Cat") == 3 and cifar.class_name(3) == "cat"
+    with pytest.raises(ValueError, match="unknown class 'n01440764'"):
+        cifar.class_index("n01440764")
+    # names of its own win over timm's; another class count is no ImageNet-1k
+    own = _imagenet_config(classes=tuple(f"c{i}" for i in range(1000)))
+    assert own.class_synsets is None and own.class_index("c7") == 7 and own.class_name(7) == "c7"
+    for other in (dataclasses.replace(_imagenet_config(), num_classes=10), dataclasses.replace(cifar, dataset="x")):
+        assert other.class_names in (None, cifar.classes) and other.class_synsets is None
+
+
+def test_folders_and_label_files_in_imagenets_layout_label_each_file(tmp_path: Path, imagenet) -> None:
+    synsets, names = imagenet.label_names(), imagenet.label_descriptions()
+    for index in (0, 1, 999):
+        write_random_pngs(tmp_path / "val" / synsets[index], n=1, size=(8, 8), name=f"ILSVRC_{index}.png")
+    cfg = _imagenet_config()
+    items = collect_inputs([tmp_path / "val"])
+    assert {resolve_label(folder_label(i), cfg, str(i.path)) for i in items} == {0, 1, 999}
+    for item in items:
+        assert synsets[resolve_label(folder_label(item), cfg, str(item.path))] == item.path.parent.name
+    # a label file may name the synset, timm's name, or the index
+    (tmp_path / "labels.csv").write_text(f'file,label\n{synsets[0]}/ILSVRC_0,{synsets[0]}\n'
+                                         f'ILSVRC_1.png,"{names[1]}"\nILSVRC_999.png,999\n')  # fmt: skip
+    labels = read_label_file(tmp_path / "labels.csv")
+    assert {i.path.name: resolve_label(labels.lookup(i), cfg, str(i.path)) for i in items} == \
+        {"ILSVRC_0.png": 0, "ILSVRC_1.png": 1, "ILSVRC_999.png": 999}  # fmt: skip
+    with pytest.raises(LabelError, match="unknown class 'n99999999'"):
+        resolve_label("n99999999", cfg, "x.png")
+
+
+def test_eval_reads_imagenets_synset_folders(tmp_path: Path, imagenet) -> None:
+    synsets = imagenet.label_names()
+    for index in (0, 5, 999):
+        write_random_pngs(tmp_path / "val" / synsets[index], n=1, size=(8, 8), name=f"{index}.png")
+    cfg = _imagenet_config()
+    dataset = load_dataset(tmp_path / "val", classes=cfg.class_names, synsets=cfg.class_synsets)
+    labels = dict(zip((p.name for p in dataset.paths), dataset.labels.tolist()))
+    assert labels == {"0.png": 0, "5.png": 5, "999.png": 999}
+    assert dataset.classes == cfg.class_names
+
+
+def test_protect_labels_folders_runs_on_an_imagenet_model(tmp_path: Path, imagenet) -> None:
+    synsets, names = imagenet.label_names(), imagenet.label_descriptions()
+    write_random_pngs(tmp_path / "in" / synsets[0], n=1, size=(16, 16))
+    write_random_pngs(tmp_path / "in" / synsets[1], n=1, size=(16, 16), seed=1)
+    model = make_tiny_model(0, input_size=(3, 16, 16), num_classes=1000)
+    model.config = dataclasses.replace(model.config, dataset="imagenet-1k")
+    protector = Protector(model.to(TEST_DEVICE), config=ForeBackConfig(samples=2), labels="folders", seed=0)
+    results = list(protector.run(collect_inputs([tmp_path / "in"]), RunOptions(out_dir=tmp_path / "out")))
+    assert [r.status for r in results] == ["done", "done"], [r.reason for r in results]
+    assert sorted((r.label, r.label_name) for r in results) == [(0, names[0]), (1, names[1])]
