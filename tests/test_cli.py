@@ -667,6 +667,27 @@ def test_revert_white_box_uses_the_recorded_key(tmp_path: Path, registry: Path) 
         assert 0 < np.abs(a - b).max() <= EPS_LEVELS
 
 
+def test_revert_white_box_skips_a_reversions_output_named_directly(tmp_path: Path, registry: Path) -> None:
+    # both commands skip what preempt's metadata calls a reversion's output, unless --overwrite: a white-box
+    # reversion failed it (exit 1) where a black-box one skipped it, as the README says (exit 0)
+    _images(tmp_path / "r", n=1)
+    assert run(["protect", str(tmp_path / "r"), *FAST, "--labels", "backbone"], registry).exit_code == 0
+    white_box = ["--white-box", "--json", "--device", TEST_DEVICE_ARG]
+    assert run(["revert", str(tmp_path / "r"), *white_box], registry).exit_code == 0
+    for name in ("img0.protected.reverted.png", "img0.protected.rv.png"):  # (named as outputs or not)
+        reverted = tmp_path / "r" / name
+        if not reverted.exists():
+            reverted.write_bytes((tmp_path / "r" / "img0.protected.reverted.png").read_bytes())
+        result = run(["revert", str(reverted), *white_box], registry)
+        row = json.loads(result.stdout)
+        assert result.exit_code == 0 and row["status"] == "skipped", result.output
+        assert row["reason"].startswith("already reverted by preempt") and "error" not in result.stderr
+        # --overwrite asks for it: a white-box reversion cannot take it without a protected file's record
+        result = run(["revert", str(reverted), *white_box, "--overwrite"], registry)
+        row = json.loads(result.stdout)
+        assert result.exit_code == 1 and row["status"] == "failed" and "not a protected image" in row["reason"]
+
+
 def test_revert_white_box_reruns_the_recorded_defense_with_every_recorded_setting(tmp_path: Path,
                                                                                   registry: Path) -> None:  # fmt: skip
     # settings far from every default: a reverter that fell back to any default would differ

@@ -527,12 +527,13 @@ def _unreadable(item: InputFile, max_pixels: int) -> str | None:
     return read_failure(item, read) if isinstance(read, str) else None
 
 
-def _white_box_groups(items: list[InputFile], max_pixels: int) -> Iterator[WhiteBoxGroup]:
+def _white_box_groups(items: list[InputFile], max_pixels: int, overwrite: bool = False) -> Iterator[WhiteBoxGroup]:
     """Group inputs by the defense recorded in their metadata: (metadata, why it cannot be used, whether
     its files are skipped rather than failed, files).
 
     Files of a folder walk that are no protected images (the originals beside them, preempt's reverted
-    images) are skipped; files named directly fail with the reason."""
+    images) are skipped; files named directly fail with the reason, but reversion outputs, which both
+    commands skip unless ``overwrite`` asks for them."""
     import json
 
     groups: dict[str, WhiteBoxGroup] = {}
@@ -550,7 +551,12 @@ def _white_box_groups(items: list[InputFile], max_pixels: int) -> Iterator[White
                 problem = _unreadable(item, max_pixels) or problem
         elif meta.get("kind") != "protected":
             problem = f"not a protected image (preempt metadata of a {excerpt(meta.get('kind'))} image)"
-            meta, skip = None, item.root is not None
+            # a reversion's output named directly is skipped as a black-box reversion skips it (it failed, exit
+            # 1); --overwrite asks for it, which a white-box reversion cannot do without a protected file's record
+            skip = item.root is not None or (meta.get("kind") in Reverter.skipped_kinds and not overwrite)
+            if skip and item.root is None:
+                problem = "already reverted by preempt (a white-box reversion takes protected images)"
+            meta = None
         else:
             try:
                 settings = white_box_settings(meta)
@@ -743,7 +749,7 @@ def revert(
             group_options = dataclasses.replace(options, shard=None)
             folders = _OutputFolders()  # the groups' outputs share folders: one probe each, one stop of a full disk
             state_digests: dict[Any, str] = {}  # the loaded models' state sha256, where a group's record asks
-            for meta, problem, skip, group in _white_box_groups(mine, options.max_pixels):
+            for meta, problem, skip, group in _white_box_groups(mine, options.max_pixels, options.overwrite):
                 if meta is None:
                     for item in group:
                         yield FileResult(item.path, "skipped" if skip else "failed", reason=problem)
