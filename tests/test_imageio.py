@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import PIL
-from PIL import Image, features
+from PIL import Image, UnidentifiedImageError, features
 
 from conftest import CudaLikeDivision, LiveBuffers, avif_without_its_image
 from preempt_cli import imageio
@@ -738,7 +738,7 @@ def test_a_file_a_plugin_fails_on_with_its_own_error_is_a_read_error(tmp_path) -
     (tmp_path / "pages.tif").write_bytes(_tiff_whose_second_page_has_no_width())
     with Image.open(tmp_path / "pages.tif") as img, pytest.raises(TypeError):
         img.n_frames
-    _assert_read_error(tmp_path / "pages.tif", "corrupt", "missing dimensions")
+    _assert_read_error(tmp_path / "pages.tif", "corrupt")  # the reason is Pillow's own, which its versions word apart
     if features.check("avif"):
         (tmp_path / "broken.avif").write_bytes(avif_without_its_image())
         _assert_read_error(tmp_path / "broken.avif", "corrupt", "failed to decode image")
@@ -1736,7 +1736,12 @@ def test_a_photoshop_file_whose_layers_are_broken_is_read_as_its_whole_composite
     first_layer = 26 + 4 + 4 + 4 + 4 + 2  # header, no palette, no resources, section and layer info lengths, count
     struct.pack_into(">i", data, first_layer + 8, 100_000)  # its bottom: far past the file's end
     (tmp_path / "broken-layer.psd").write_bytes(data)
-    with Image.open(tmp_path / "broken-layer.psd") as img:
+    try:
+        img = Image.open(tmp_path / "broken-layer.psd")
+    except UnidentifiedImageError:  # an older Pillow (10.1, the floor) reads the layers as it opens the file
+        _assert_read_error(tmp_path / "broken-layer.psd", "not an image pillow can read")  # refused, not a crash
+        pytest.skip("this Pillow reads a PSD's layers as it opens the file: a broken layer fails the file")
+    with img:
         assert np.array_equal(np.asarray(img), composite)
         with pytest.raises(struct.error):
             img.n_frames
