@@ -295,20 +295,22 @@ def test_training_is_reproducible_and_seeded(colour_data, tmp_path: Path) -> Non
     assert not all(torch.equal(wa[k], wc[k]) for k in wa)
 
 
+class _Stop(Exception):
+    """Stops a run from its ``on_epoch`` callback, once its first epoch's checkpoint is written."""
+
+
+def _stop_after_first_epoch(stats) -> None:
+    if stats.epoch == 1:
+        raise _Stop
+
+
 def test_interrupted_run_resumes_to_the_same_weights(colour_data, tmp_path: Path) -> None:
     cfg = _small(epochs=3, eval_images=0)
     whole = train(colour_data, tmp_path / "whole.safetensors", config=cfg, arch=_arch(colour_data))
 
-    class Stop(Exception):
-        pass
-
-    def stop_after_first(stats) -> None:
-        if stats.epoch == 1:
-            raise Stop
-
     out = tmp_path / "resumed.safetensors"
-    with pytest.raises(Stop):
-        train(colour_data, out, config=cfg, arch=_arch(colour_data), on_epoch=stop_after_first)
+    with pytest.raises(_Stop):
+        train(colour_data, out, config=cfg, arch=_arch(colour_data), on_epoch=_stop_after_first_epoch)
     assert checkpoint_path(out).is_file() and not out.exists()
     epochs_run, epochs_started = [], []
     resumed = train(colour_data, out, config=cfg, arch=_arch(colour_data), resume=True,
@@ -318,8 +320,9 @@ def test_interrupted_run_resumes_to_the_same_weights(colour_data, tmp_path: Path
     w1, w2 = load_file(str(whole.output)), load_file(str(out))
     assert all(torch.equal(w1[k], w2[k]) for k in w1)
     # a checkpoint of other settings is refused rather than silently mixed in
-    with pytest.raises(Stop):
-        train(colour_data, out.with_name("x.safetensors"), config=cfg, arch=_arch(colour_data), on_epoch=stop_after_first)
+    with pytest.raises(_Stop):
+        train(colour_data, out.with_name("x.safetensors"), config=cfg, arch=_arch(colour_data),
+              on_epoch=_stop_after_first_epoch)  # fmt: skip
     with pytest.raises(ConfigError, match=r"other settings \(epochs 3 there, 4 here\)"):  # which ones, named
         train(colour_data, out.with_name("x.safetensors"), config=_small(epochs=4, eval_images=0),
               arch=_arch(colour_data), resume=True)  # fmt: skip
@@ -355,16 +358,9 @@ def test_dropout_draws_from_the_runs_seed_and_resumes_to_the_same_weights(colour
     wa, wb = load_file(str(a.output)), load_file(str(b.output))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
-    class Stop(Exception):
-        pass
-
-    def stop_after_first(stats) -> None:
-        if stats.epoch == 1:
-            raise Stop
-
     out = tmp_path / "resumed.safetensors"
-    with pytest.raises(Stop):
-        train(colour_data, out, config=cfg, arch=arch, on_epoch=stop_after_first)
+    with pytest.raises(_Stop):
+        train(colour_data, out, config=cfg, arch=arch, on_epoch=_stop_after_first_epoch)
     torch.manual_seed(3)  # another process, whose generator is elsewhere
     train(colour_data, out, config=cfg, arch=arch, resume=True)
     wr = load_file(str(out))
@@ -378,14 +374,8 @@ def test_a_damaged_checkpoint_is_named_with_what_to_do(colour_data, tmp_path: Pa
     cfg = _small(epochs=2, eval_images=0, max_batches_per_epoch=1)
     out = tmp_path / "x.safetensors"
 
-    class Stop(Exception):
-        pass
-
-    def stop(stats) -> None:
-        raise Stop
-
-    with pytest.raises(Stop):
-        train(colour_data, out, config=cfg, arch=_arch(colour_data), on_epoch=stop)
+    with pytest.raises(_Stop):
+        train(colour_data, out, config=cfg, arch=_arch(colour_data), on_epoch=_stop_after_first_epoch)
     ckpt = checkpoint_path(out)
     whole = ckpt.read_bytes()
     with safe_open(str(ckpt), "pt") as f:
