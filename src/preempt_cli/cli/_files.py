@@ -319,14 +319,13 @@ def _summary(verb: str, counts: dict[str, int], elapsed: float, quiet: bool = Fa
            f"in {elapsed:.1f} s{f' ({rate})' if rate else ''}.", shown=not quiet)  # fmt: skip
 
 
-def _in_shard(items: list[InputFile], options: RunOptions) -> tuple[int, dict[InputFile, Path | str] | None]:
+def _in_shard(items: list[InputFile], options: RunOptions) -> tuple[int, dict[InputFile, Path | str]]:
     """How many of ``items`` the run's ``--shard`` takes (the progress bar's total: all the inputs' put a
     shard's finished bar at 1/N of its end, and its time left at N times the real one), and the outputs
-    assigned to tell that (for the run, which would otherwise assign them again); without one, all of them
-    and None."""
-    if options.shard is None:
-        return len(items), None
+    assigned to tell that, which the run takes (it would otherwise assign them again)."""
     outputs = assign_outputs(items, suffix=options.suffix, out_dir=options.out_dir)
+    if options.shard is None:
+        return len(items), outputs
     return sum(in_shard(item, options.shard, outputs[item], options.out_dir) for item in items), outputs
 
 
@@ -740,12 +739,10 @@ def revert(
                 finally:
                     reverter.close()
                 return
-            # outputs named over every input (all shards, all defenses): per group, two groups' files of
-            # one name (two folders protected with other seeds) would get one output
-            named = outputs if outputs is not None else assign_outputs(items, suffix=options.suffix,
-                                                                       out_dir=options.out_dir)  # fmt: skip
-            # the shard taken here, by the outputs (see in_shard); each group's run takes all it is given
-            mine = [i for i in items if in_shard(i, options.shard, named[i], options.out_dir)]
+            # the outputs are named over every input (all shards, all defenses): per group, two groups' files
+            # of one name (two folders protected with other seeds) would get one output. The shard is taken
+            # here, by the outputs (see in_shard); each group's run takes all it is given
+            mine = [i for i in items if in_shard(i, options.shard, outputs[i], options.out_dir)]
             group_options = dataclasses.replace(options, shard=None)
             folders = _OutputFolders()  # the groups' outputs share folders: one probe each, one stop of a full disk
             state_digests: dict[Any, str] = {}  # the loaded models' state sha256, where a group's record asks
@@ -762,7 +759,7 @@ def revert(
                     continue
                 _log_reversion(reverter, len(group), white_box=True)
                 try:
-                    yield from reverter.run(group, group_options, outputs=named, folders=folders)
+                    yield from reverter.run(group, group_options, outputs=outputs, folders=folders)
                 finally:
                     reverter.close()
 
