@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import itertools
 import logging
 import os
 import platform
@@ -52,9 +53,8 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
 def model_device(model: torch.nn.Module) -> torch.device:
     """Where ``model``'s first parameter (or, for a net without parameters, buffer) lives; the CPU for a model
     with neither."""
-    for tensor in (*model.parameters(), *model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
+    first = next(itertools.chain(model.parameters(), model.buffers()), None)  # not every tensor gathered
+    return first.device if first is not None else torch.device("cpu")
 
 
 def resolve_devices(spec: str) -> list[torch.device]:

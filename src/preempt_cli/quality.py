@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from .device import model_device
 from .engine import check_images
 from .errors import ConfigError, InputConfigError, MissingDependencyError
 from .imageio import atomic_write
@@ -264,7 +265,7 @@ def lpips_distance(
     _check_gray_or_rgb(x, "LPIPS images")
     if model is None:
         model = load_lpips(net)
-    device = next((t.device for t in model.parameters()), torch.device("cpu"))
+    device = model_device(model)
     a = x.detach().to(device, torch.float32)
     b = y.detach().to(device, torch.float32)
     if a.shape[1] == 1:
