@@ -56,8 +56,50 @@ def test_a_name_of_two_imagenet_classes_is_refused_naming_their_synsets(imagenet
         with pytest.raises(ValueError, match="ambiguous") as caught:
             cfg.class_index(name)
         for i in indices:
-            assert f"{i} ({imagenet.label_names()[i]})" in str(caught.value)
+            assert f"{i} ({imagenet.label_names()[i]}: {names[i]})" in str(caught.value)
             assert cfg.class_index(imagenet.label_names()[i]) == i
+
+
+def _synonym_classes(names: list[str]) -> dict[str, list[int]]:
+    """Each synonym that timm's ImageNet names list (``tench`` and ``Tinca tinca`` of ``tench, Tinca tinca``), in
+    lower case, to the classes whose names list it."""
+    classes: dict[str, list[int]] = {}
+    for index, name in enumerate(names):
+        for synonym in dict.fromkeys(s.strip().lower() for s in name.split(",")):
+            classes.setdefault(synonym, []).append(index)
+    return classes
+
+
+def test_each_synonym_of_one_imagenet_class_names_it(imagenet) -> None:
+    # "tench" was an unknown class: only timm's whole name "tench, Tinca tinca" was one
+    names = imagenet.label_descriptions()
+    cfg = _imagenet_config()
+    assert cfg.class_index("tench") == 0 and cfg.class_index(" Tinca Tinca ") == 0
+    assert cfg.class_index("great white shark") == cfg.class_index("man-eater") == 2
+    synonyms = _synonym_classes(names)
+    unique = {synonym: found[0] for synonym, found in synonyms.items() if len(found) == 1}
+    assert len(unique) > 1000  # most classes have more than one
+    for synonym, index in unique.items():
+        assert cfg.class_index(synonym) == index and cfg.class_index(synonym.upper()) == index, synonym
+    for index, name in enumerate(names):  # timm's whole names still name their classes, save one another shares
+        if len(synonyms.get(name.lower(), [index])) == 1:
+            assert cfg.class_index(name) == index
+
+
+def test_a_synonym_of_several_imagenet_classes_is_refused_naming_their_synsets(imagenet) -> None:
+    synsets, names = imagenet.label_names(), imagenet.label_descriptions()
+    shared = {synonym: found for synonym, found in _synonym_classes(names).items() if len(found) > 1}
+    # "maillot" is class 638's whole name and a synonym of 639 (maillot, tank suit), "panda" the lesser and
+    # the giant panda's: either class may be the one meant (a list of each class's first synonym names both
+    # "maillot"), so neither is guessed
+    assert "maillot" in shared and "panda" in shared
+    cfg = _imagenet_config()
+    for synonym, indices in shared.items():
+        with pytest.raises(ValueError, match="ambiguous") as caught:
+            cfg.class_index(synonym)
+        assert all(f"{i} ({synsets[i]}: {names[i]})" in str(caught.value) for i in indices), str(caught.value)
+    with pytest.raises(LabelError, match="ambiguous"):
+        resolve_label("Panda", cfg, "x.png")
 
 
 def test_other_rows_keep_their_classes_and_get_no_synsets() -> None:
@@ -72,6 +114,14 @@ def test_other_rows_keep_their_classes_and_get_no_synsets() -> None:
     assert own.class_synsets is None and own.class_index("c7") == 7 and own.class_name(7) == "c7"
     for other in (dataclasses.replace(_imagenet_config(), num_classes=10), dataclasses.replace(cifar, dataset="x")):
         assert other.class_names in (None, cifar.classes) and other.class_synsets is None
+    # a row's own names are whole names, not lists of synonyms: "boots, rubber" (preempt train joins names
+    # with commas) is no class "boots"
+    boots = dataclasses.replace(cifar, classes=("boots, rubber", "hats", "Hats", *cifar.classes[3:]))
+    assert boots.class_index("Boots, Rubber") == 0 and boots.class_index("Hats") == 2
+    with pytest.raises(ValueError, match="unknown class 'boots'"):
+        boots.class_index("boots")
+    with pytest.raises(ValueError, match=r"'HATS' is ambiguous: it names classes 1, 2; give the index$"):
+        boots.class_index("HATS")
 
 
 def test_folders_and_label_files_in_imagenets_layout_label_each_file(tmp_path: Path, imagenet) -> None:
@@ -97,11 +147,16 @@ def test_eval_reads_imagenets_synset_folders(tmp_path: Path, imagenet) -> None:
     synsets = imagenet.label_names()
     for index in (0, 5, 999):
         write_random_pngs(tmp_path / "val" / synsets[index], n=1, size=(8, 8), name=f"{index}.png")
+    write_random_pngs(tmp_path / "val" / "goldfish", n=1, size=(8, 8), name="1.png")  # a synonym's folder
     cfg = _imagenet_config()
     dataset = load_dataset(tmp_path / "val", classes=cfg.class_names, synsets=cfg.class_synsets)
     labels = dict(zip((p.name for p in dataset.paths), dataset.labels.tolist()))
-    assert labels == {"0.png": 0, "5.png": 5, "999.png": 999}
+    assert labels == {"0.png": 0, "1.png": 1, "5.png": 5, "999.png": 999}
     assert dataset.classes == cfg.class_names
+    # a synonym of the spiny lobster and of the crayfish
+    write_random_pngs(tmp_path / "val" / "crawfish", n=1, size=(8, 8), name="123.png")
+    with pytest.raises(LabelError, match="crawfish.*ambiguous"):
+        load_dataset(tmp_path / "val", classes=cfg.class_names, synsets=cfg.class_synsets)
 
 
 def test_protect_labels_folders_runs_on_an_imagenet_model(tmp_path: Path, imagenet) -> None:
@@ -114,3 +169,4 @@ def test_protect_labels_folders_runs_on_an_imagenet_model(tmp_path: Path, imagen
     results = list(protector.run(collect_inputs([tmp_path / "in"]), RunOptions(out_dir=tmp_path / "out")))
     assert [r.status for r in results] == ["done", "done"], [r.reason for r in results]
     assert sorted((r.label, r.label_name) for r in results) == [(0, names[0]), (1, names[1])]
+

@@ -244,23 +244,46 @@ def _timm_class_set(dataset: str) -> ClassSet | None:
 
 def find_class(label: str, names: Sequence[str] | None, synsets: Sequence[str] | None = None) -> int | None:
     """Index of the class that ``label`` names: a class name as written, else in another case, else a synset
-    (``n01440764``); None when it is none of them.
+    (``n01440764``); None when it is none of them. Classes with synsets are WordNet's (ImageNet's, as timm
+    gives them), whose names list synonyms (``tench, Tinca tinca``): there a label is also any one synonym
+    (``tench``), each form in any case, and one that several classes share is ambiguous, a class's whole
+    name included (``maillot`` is one class's name and another's synonym).
 
     Raises:
-        ValueError: the name is several classes' (ImageNet's ``crane``, the bird and the machine), each
-            named with its synset where known, to be named by that instead.
+        ValueError: the name is several classes' (ImageNet's ``crane``, the bird and the machine; ``panda``,
+            the lesser and the giant), each named with its synset where known, to be named by that instead.
     """
     text = label.strip()
-    for matches in ([i for i, c in enumerate(names or ()) if c == text],
-                    [i for i, c in enumerate(names or ()) if c.lower() == text.lower()],
-                    [i for i, c in enumerate(synsets or ()) if c.lower() == text.lower()]):  # fmt: skip
+    if synsets:
+        tiers = [list(_wordnet_index(tuple(names or ()), tuple(synsets)).get(text.lower(), ()))]
+    else:
+        tiers = [[i for i, c in enumerate(names or ()) if c == text],
+                 [i for i, c in enumerate(names or ()) if c.lower() == text.lower()]]  # fmt: skip
+    for matches in tiers:
         if len(matches) > 1:
-            which = ", ".join(f"{i} ({synsets[i]})" if synsets else str(i) for i in matches)
+            if synsets:  # with the names, which say which synset is the one meant
+                named = names or ()
+                which = ", ".join(f"{i} ({synsets[i]}: {named[i]})" if i < len(named) else f"{i} ({synsets[i]})"
+                                  for i in matches)  # fmt: skip
+            else:
+                which = ", ".join(map(str, matches))
             raise ValueError(f"class name {label!r} is ambiguous: it names classes {which}; give the index"
                              + (" or the synset" if synsets else ""))  # fmt: skip
         if matches:
             return matches[0]
     return None
+
+
+@lru_cache(maxsize=4)
+def _wordnet_index(names: tuple[str, ...], synsets: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
+    """Each lower-case form that names a WordNet class (its whole name, each synonym the name lists, its synset)
+    to the classes it names, in order: built once, not for each of ImageNet's 50000 files."""
+    index: dict[str, list[int]] = {}
+    for i, synset in enumerate(synsets):
+        name = names[i] if i < len(names) else ""
+        for form in {f.strip().lower() for f in (name, *name.split(","), synset)} - {""}:
+            index.setdefault(form, []).append(i)
+    return {form: tuple(found) for form, found in index.items()}
 
 
 def builtin_registry_path() -> Path:
