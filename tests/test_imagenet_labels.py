@@ -170,3 +170,37 @@ def test_protect_labels_folders_runs_on_an_imagenet_model(tmp_path: Path, imagen
     assert [r.status for r in results] == ["done", "done"], [r.reason for r in results]
     assert sorted((r.label, r.label_name) for r in results) == [(0, names[0]), (1, names[1])]
 
+
+def test_imagenets_classes_are_read_when_a_label_is_first_resolved_not_by_models_show(monkeypatch, imagenet) -> None:
+    """Listing or showing the registry's ImageNet rows does not read timm's class lists (importing timm takes
+    seconds); ``models show`` printed ``classes: null`` for them, as for a row whose classes have no names."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from preempt_cli import registry
+    from preempt_cli.cli import app
+
+    reads = []
+
+    class CountedImageNetInfo(timm_data.ImageNetInfo):
+        def __init__(self, *args, **kwargs) -> None:
+            reads.append(args)
+            super().__init__(*args, **kwargs)
+
+    registry._timm_class_set.cache_clear()
+    monkeypatch.setattr(timm_data, "ImageNetInfo", CountedImageNetInfo)
+    try:
+        shown = json.loads(CliRunner().invoke(app, ["models", "show", "deit-b", "--json"]).stdout)
+        assert shown["classes"] is None and shown["classes_from"] == "timm" and shown["num_classes"] == 1000
+        human = CliRunner().invoke(app, ["models", "show", "deit-b"])
+        assert human.exit_code == 0, human.output
+        line = next(x for x in human.stdout.splitlines() if x.startswith("classes "))
+        assert "1000" in line and "timm" in line and imagenet.label_descriptions()[1] not in human.stdout
+        cifar = json.loads(CliRunner().invoke(app, ["models", "show", "preempt-resnet20-at", "--json"]).stdout)
+        assert cifar["classes_from"] == "registry" and cifar["classes"][3] == "cat"
+        assert reads == []
+        assert _imagenet_config().class_index("tench") == 0 and load_registry()["deit-b"].class_index("tench") == 0
+        assert reads == [("imagenet-1k",)]  # once, for every row
+    finally:
+        registry._timm_class_set.cache_clear()  # not a class set read through the stand-in

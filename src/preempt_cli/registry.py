@@ -166,6 +166,15 @@ class ModelConfig:
         return hashlib.sha256(json.dumps(setup, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     @property
+    def classes_from(self) -> str | None:
+        """Where :attr:`class_names` come from, told without reading them: ``"registry"`` (the row's own
+        ``classes``), ``"timm"`` (its dataset's, ImageNet-1k's, see :func:`dataset_class_set`), or None (no
+        names: labels are class indices)."""
+        if self.classes:
+            return "registry"
+        return "timm" if _takes_timm_classes(self.dataset, self.num_classes) else None
+
+    @property
     def class_names(self) -> tuple[str, ...] | None:
         """The names of the classes: the row's, else its dataset's as timm gives them (ImageNet-1k's, see
         :func:`dataset_class_set`), else None."""
@@ -218,9 +227,13 @@ def dataset_class_set(dataset: str, num_classes: int) -> ClassSet | None:
     """The classes of ``dataset`` as timm gives them (ImageNet-1k's: names such as ``tench, Tinca tinca`` and
     synsets such as ``n01440764``) where it has ``num_classes`` classes; None for another data set or count,
     or where timm cannot give them."""
-    if _TIMM_CLASS_SETS.get(dataset) != num_classes:
+    if not _takes_timm_classes(dataset, num_classes):
         return None
     return _timm_class_set(dataset)
+
+
+def _takes_timm_classes(dataset: str, num_classes: int) -> bool:
+    return _TIMM_CLASS_SETS.get(dataset) == num_classes
 
 
 @lru_cache(maxsize=None)

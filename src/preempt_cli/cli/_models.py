@@ -41,6 +41,7 @@ def _row(cfg: ModelConfig) -> dict[str, Any]:
         "std": list(cfg.std) if cfg.std else None,
         "num_classes": cfg.num_classes,
         "classes": list(cfg.classes) if cfg.classes else None,
+        "classes_from": cfg.classes_from,
         "source": str(cfg.source),
         "sha256": cfg.sha256,
         "paper_name": cfg.paper_name or None,
@@ -121,6 +122,11 @@ def show_cmd(
             c.print_json(row)
             return
         for key, value in row.items():
+            if key == "classes_from":  # said by the classes line
+                continue
+            if key == "classes" and row["classes_from"] == "timm":  # ImageNet's 1000: where they are, not all
+                value = (f"{row['num_classes']} of {row['dataset']}, from timm (timm.data.ImageNetInfo): labels by "
+                         "synset (n01440764), name, synonym (tench) or index")  # fmt: skip
             if value not in (None, "", [], {}):
                 c.print_result(f"{key:12} {value}")
 
