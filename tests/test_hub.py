@@ -7,6 +7,7 @@ import json
 import os
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -185,7 +186,11 @@ def test_a_fifo_swapped_in_after_the_weights_were_found_is_refused_without_waiti
     fifo = tmp_path / "k.safetensors"
     os.mkfifo(fifo)
     monkeypatch.setattr(hub, "_find_weights", lambda cfg, models_dir: fifo)
-    for name, read in (("read_weights", lambda: hub.read_weights(_cfg(str(fifo)))),
+    def load() -> None:
+        with hub.verified_weights(_cfg(str(fifo))):
+            pass
+
+    for name, read in (("verified_weights", load),
                        ("check_safetensors_header", lambda: hub.check_safetensors_header("tiny", fifo))):  # fmt: skip
         error = raised_without_waiting_on(fifo, read, name)
         assert isinstance(error, WeightsNotFoundError), error
@@ -256,6 +261,7 @@ def test_load_model_checks_the_pin_before_loading(tmp_path, monkeypatch) -> None
         f'[models.pinned]\narch = "cifar_resnet20"\narch_args = {{ shortcut = "pad_end" }}\n'
         f'source = "file:r20.safetensors"\nsha256 = "{"a" * 64}"\n'
     )
+    import safetensors
     import safetensors.torch
 
     def no_load(*args, **kwargs):
@@ -263,6 +269,7 @@ def test_load_model_checks_the_pin_before_loading(tmp_path, monkeypatch) -> None
 
     monkeypatch.setattr(safetensors.torch, "load_file", no_load)
     monkeypatch.setattr(safetensors.torch, "load", no_load)
+    monkeypatch.setattr(safetensors, "safe_open", no_load)
     with pytest.raises(HashMismatchError):
         load_model("pinned", registry=[registry])
 
@@ -617,36 +624,87 @@ def test_load_model_local_file_with_models_dir(tmp_path) -> None:
 # -- the bytes hashed are the bytes loaded ----------------------------------------------------------------------
 
 
-def test_weights_swapped_after_hashing_are_not_loaded(tmp_path, monkeypatch) -> None:
-    """The file is replaced between the pin check and the load (another process, a sync tool): the model
-    holds the weights that were checked, and its sha256 describes them."""
-    import safetensors.torch
-
-    good, evil = _random_resnet20(0), _random_resnet20(1)
+def _pinned_resnet20(tmp_path: Path) -> tuple[torch.nn.Module, Path, Path, str]:
+    """A resnet20's weights in ``k.safetensors`` and a registry row pinning them: (net, weights, registry, pin)."""
+    good = _random_resnet20(0)
     path = tmp_path / "k.safetensors"
     save_file(good.state_dict(), str(path))
     pin = _sha(path)
-    save_file(evil.state_dict(), str(tmp_path / "evil.safetensors"))
-    evil_bytes = (tmp_path / "evil.safetensors").read_bytes()
     registry = tmp_path / "r.toml"
     registry.write_text(f'[models.k]\narch = "cifar_resnet20"\narch_args = {{ shortcut = "pad_end" }}\n'
                         f'source = "file:k.safetensors"\nsha256 = "{pin}"\n')  # fmt: skip
+    return good, path, registry, pin
 
-    def swapping(real):
-        def load(*args, **kwargs):
-            path.write_bytes(evil_bytes)  # the swap happens after the hash, before the parse
+
+def _before_parsing(monkeypatch: pytest.MonkeyPatch, change: Any) -> None:
+    """Call ``change()`` after the weights file was hashed, as safetensors is about to parse it."""
+    import safetensors
+    import safetensors.torch
+
+    def changing(real):
+        def parse(*args, **kwargs):
+            change()
             return real(*args, **kwargs)
 
-        return load
+        return parse
 
-    monkeypatch.setattr(safetensors.torch, "load_file", swapping(safetensors.torch.load_file))
-    monkeypatch.setattr(safetensors.torch, "load", swapping(safetensors.torch.load))
+    for module, name in ((safetensors, "safe_open"), (safetensors.torch, "load_file"), (safetensors.torch, "load")):
+        monkeypatch.setattr(module, name, changing(getattr(module, name)))
+
+
+def test_weights_replaced_after_hashing_are_not_loaded(tmp_path, monkeypatch) -> None:
+    """The file is replaced between the pin check and the load (a download or ``cp`` to a temporary name,
+    then renamed over it): the model holds the weights that were checked, and its sha256 describes them."""
+    good, path, registry, pin = _pinned_resnet20(tmp_path)
+    save_file(_random_resnet20(1).state_dict(), str(tmp_path / "evil.safetensors"))
+    _before_parsing(monkeypatch, lambda: os.replace(tmp_path / "evil.safetensors", path))
     model = load_model("k", registry=[registry], fuse=False)
+    assert _sha(path) != pin  # the swap did happen
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(model(x), good(x), atol=1e-5, rtol=1e-5)
     assert model.weights_sha256 == pin
     assert model.pin_verified and model.weights_path == str(path)
+
+
+def test_weights_written_in_place_after_hashing_are_refused(tmp_path, monkeypatch) -> None:
+    """The file is written over in place between the pin check and the load (``cp`` onto it): the tensors are
+    mapped from the file, not read into memory, so what they hold is no longer what was hashed; the load is
+    refused, not given weights other than those its sha256 names."""
+    _, path, registry, _ = _pinned_resnet20(tmp_path)
+    save_file(_random_resnet20(1).state_dict(), str(tmp_path / "evil.safetensors"), metadata={"by": "someone else"})
+    evil = (tmp_path / "evil.safetensors").read_bytes()
+    inode = path.stat().st_ino
+
+    def write_in_place() -> None:
+        with path.open("r+b") as f:  # the same file, not a new one renamed over it
+            f.write(evil)
+        assert path.stat().st_ino == inode
+
+    _before_parsing(monkeypatch, write_in_place)
+    with pytest.raises(UnreadableWeightsError, match=r"'k' .*written to while it was being loaded.*run again"):
+        load_model("k", registry=[registry], fuse=False)
+
+
+def test_load_model_does_not_read_the_weights_file_into_memory(tmp_path) -> None:
+    """The file was read whole into a bytes object (to hash it, then parse it) and parsed into a second copy,
+    on top of the net's own weights: a model took three times its size to load. It is hashed in chunks, and
+    its tensors mapped from the file. Python's own allocations are traced (a bytes object is one; the tensors'
+    memory is not): their peak stays far below the file's size."""
+    import tracemalloc
+
+    net = create_arch("resnet18_cifar", num_classes=10)  # 44 MB of weights: far above the 1 MiB of a hash's chunk
+    path = tmp_path / "r18.safetensors"
+    save_file(net.state_dict(), str(path))
+    cfg = ModelConfig(name="r18", arch="resnet18_cifar", source=Source("file", str(path)), sha256=_sha(path))
+    tracemalloc.start()
+    try:
+        model = load_model(cfg, fuse=False)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert model.pin_verified
+    assert peak < path.stat().st_size / 4, f"{peak} bytes allocated by Python for a {path.stat().st_size}-byte file"
 
 
 def test_weights_sha256_of_an_unpinned_file_describes_the_loaded_bytes(tmp_path, monkeypatch) -> None:
@@ -996,11 +1054,11 @@ def test_a_cached_model_is_used_when_a_proxy_refuses_the_hub(tmp_path, monkeypat
 
 def test_a_pin_in_capitals_matches(tmp_path) -> None:
     """A hand-made ``ModelConfig(sha256=...)`` in capitals failed, showing the same hash twice."""
-    from preempt_cli.hub import read_weights
+    from preempt_cli.hub import verified_weights
 
     weights = _tiny_safetensors(tmp_path / "w.safetensors")
-    _, _, sha = read_weights(replace(_cfg(str(weights)), sha256=_sha(weights).upper()))
-    assert sha == _sha(weights)
+    with verified_weights(replace(_cfg(str(weights)), sha256=_sha(weights).upper())) as verified:
+        assert verified.sha256 == _sha(weights)
 
 
 def test_a_timm_source_builds_timms_model_or_is_refused(tmp_path, hf_cache) -> None:

@@ -33,7 +33,9 @@ _logger = logging.getLogger(__name__)
 __all__ = [
     "models_dir_from_env",
     "resolve_weights",
-    "read_weights",
+    "verified_weights",
+    "VerifiedWeights",
+    "unparsable_weights",
     "sha256_file",
     "check_safetensors_header",
     "check_served_copy",
@@ -417,7 +419,7 @@ def resolve_weights(cfg: ModelConfig, models_dir: Path | None = None, *, verify_
 
     Local relative paths are looked up in ``models_dir``, then ``PREEMPT_MODELS_DIR``, then the folder of
     the registry file that wrote the path (a ``base`` row's, when inherited), then the weights shipped with
-    preempt. To load the weights, use :func:`read_weights`, which hashes the very bytes it returns.
+    preempt. To load the weights, use :func:`verified_weights`, which loads the very file it hashed.
 
     Raises:
         WeightsNotFoundError: a local file is missing, or the Hub has no such file.
@@ -434,25 +436,101 @@ def resolve_weights(cfg: ModelConfig, models_dir: Path | None = None, *, verify_
     return path
 
 
-def read_weights(cfg: ModelConfig, models_dir: Path | None = None, *, verify_hash: bool = True) -> tuple[Path, bytes, str]:
-    """``(path, data, sha256)``: the weights file of ``cfg`` read once into memory, checked to be safetensors
-    and hashed; the pin (``verify_hash``) is checked against those same bytes, so what is loaded from ``data``
-    is exactly what was verified, whatever happens to the file meanwhile. Without a pin, a file of the Hugging
-    Face cache is checked against the sha256 the Hub served (:func:`_check_served`).
+class VerifiedWeights:
+    """What :func:`verified_weights` gives: the weights file's ``path``, its ``sha256``, its safetensors
+    ``metadata`` and its tensors (``state``, mapped from the file, not copied: copy what is kept)."""
+
+    def __init__(self, path: Path, sha256: str, metadata: dict[str, str], state: dict) -> None:
+        self.path = path
+        self.sha256 = sha256
+        self.metadata = metadata
+        self.state = state
+
+
+@contextmanager
+def verified_weights(cfg: ModelConfig, models_dir: Path | None = None, *,
+                     verify_hash: bool = True) -> Iterator[VerifiedWeights]:  # fmt: skip
+    """The weights file of ``cfg``, opened once, checked to be safetensors, hashed and checked against its pin
+    (``verify_hash``; without a pin, a file of the Hugging Face cache against the sha256 the Hub served:
+    :func:`_check_served`), then its tensors mapped from that same open file (safetensors' mmap), never read
+    whole into memory: the file is read twice from the page cache, but held once (a copy of it in a bytes
+    object, then a second in the tensors parsed from it, came on top of the net's own weights).
+
+    What is loaded must be what was hashed. A file renamed over the path meanwhile (a download, ``preempt
+    train``, ``cp`` to a temporary name then ``mv``) is not read: the tensors come from the file opened. A
+    file written in place meanwhile is refused as the block ends (the caller copies the tensors into its
+    net within it): its size, modification or change time moved since it was hashed. (Truncated in place
+    while mapped, the process gets a SIGBUS, as with any mmap of a file: what safetensors, timm and
+    huggingface_hub accept too.)
 
     Raises:
-        The errors of :func:`resolve_weights`.
+        The errors of :func:`resolve_weights`; UnreadableWeightsError: the file was written to while loaded, or
+        the header looked whole, but safetensors cannot parse the file (:func:`unparsable_weights`).
     """
+    from safetensors import SafetensorError, safe_open
+
     path = _find_weights(cfg, models_dir)
     with _open_weights(cfg.name, path) as f:
-        data = f.read()
-    _check_header(cfg.name, path, data[:9], len(data))
-    actual = hashlib.sha256(data).hexdigest()
-    if verify_hash and cfg.sha256:
-        _check_pin(cfg, path, actual)
-    elif verify_hash:
-        _check_served(cfg, path, actual)
-    return path, data, actual
+        before = os.fstat(f.fileno())
+        _check_header(cfg.name, path, f.read(9), before.st_size)
+        f.seek(0)
+        actual = sha256_stream(f)
+        if verify_hash and cfg.sha256:
+            _check_pin(cfg, path, actual)
+        elif verify_hash:
+            _check_served(cfg, path, actual)
+        opened = _same_open_file(f.fileno(), path)
+        try:
+            with safe_open(opened, framework="pt") as tensors:
+                state = {name: tensors.get_tensor(name) for name in tensors.keys()}  # noqa: SIM118 - no mapping
+                metadata = tensors.metadata() or {}
+        except SafetensorError as e:  # a truncated or damaged file whose header looked whole
+            raise unparsable_weights(cfg.name, path, e) from e
+        if opened == path and not _same_inode(before, os.stat(path)):  # read by name: what is at it now
+            raise _changed_while_loaded(cfg.name, path)
+        weights = VerifiedWeights(path, actual, metadata, state)
+        del state
+        yield weights
+        weights.state = {}  # the mapping goes with the last tensor
+        if _written_since(before, os.fstat(f.fileno())):
+            raise _changed_while_loaded(cfg.name, path)
+
+
+def _same_open_file(fd: int, path: Path) -> Path:
+    """A name of the very file open as ``fd``, for a library that opens a file by name: ``/proc/self/fd/N``
+    (Linux), or ``path`` itself elsewhere (the caller then checks that it names the same file)."""
+    proc = Path(f"/proc/self/fd/{fd}")
+    try:
+        return proc if _same_inode(os.fstat(fd), os.stat(proc)) else path
+    except OSError:
+        return path
+
+
+def _same_inode(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _written_since(before: os.stat_result, now: os.stat_result) -> bool:
+    """Whether the open file whose status was ``before`` has been written to since: its size or modification
+    time moved, or its change time, which no one sets back by hand (``cp -p`` restores the modification
+    time), unless a link to it came or went (a file renamed over its path or deleted: its bytes are as they
+    were)."""
+    if (now.st_size, now.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+        return True
+    return now.st_ctime_ns != before.st_ctime_ns and now.st_nlink == before.st_nlink
+
+
+def _changed_while_loaded(model: str, path: Path) -> UnreadableWeightsError:
+    return UnreadableWeightsError(model, path, "it was written to while it was being loaded, after its sha256 "
+                                               "was checked", hint="run again once nothing writes to it")  # fmt: skip
+
+
+def unparsable_weights(model: str, path: Path, error: Exception) -> UnreadableWeightsError:
+    """A weights file whose header looked whole that safetensors cannot parse (damaged), with safetensors'
+    reason and, for the Hugging Face cache's copy, what to do about it."""
+    detail = first_line(error).removeprefix("Error while deserializing: ").removeprefix("Error while deserializing header: ")
+    return UnreadableWeightsError(model, path, f"safetensors cannot parse it: {detail}",
+                                  hint=damaged_cache_copy_hint(path))  # fmt: skip
 
 
 def check_served_copy(cfg: ModelConfig, path: Path) -> None:

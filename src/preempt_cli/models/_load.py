@@ -22,7 +22,6 @@ from ..errors import (
     NonFiniteWeightsError,
     PreemptError,
     RegistryError,
-    UnreadableWeightsError,
     WeightsMetadataMismatchError,
     WeightsMismatchError,
     WeightsNotFoundError,
@@ -34,10 +33,10 @@ from ..device import resolve_device
 from ..hub import (
     check_safetensors_header,
     check_served_copy,
-    damaged_cache_copy_hint,
     hub_download,
     hub_errors,
-    read_weights,
+    unparsable_weights,
+    verified_weights,
 )
 from ..registry import ModelConfig, get_model_config, timm_arch_mismatch, timm_pretrained_cfg
 from ._fusion import fuse_model
@@ -346,16 +345,6 @@ def _check_usable_values(cfg: ModelConfig, path: Path | str, net: nn.Module, sta
         raise NonFiniteWeightsError(cfg.name, path, problem)
 
 
-def _file_metadata(data: bytes) -> dict[str, str]:
-    """The ``__metadata__`` of safetensors ``data`` (empty when absent or not text)."""
-    try:
-        header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
-    except ValueError:  # safetensors' own parse says what is wrong
-        return {}
-    meta = header.get("__metadata__") if isinstance(header, dict) else None
-    return {k: v for k, v in meta.items() if isinstance(v, str)} if isinstance(meta, dict) else {}
-
-
 def _floats_or_none(text: str) -> tuple[float, ...] | None:
     return None if text.strip().lower() == "none" else tuple(float(v) for v in text.split(","))
 
@@ -488,14 +477,6 @@ def build_model(cfg: ModelConfig) -> ImageModel:
     return ImageModel(_build_net(cfg), cfg)
 
 
-def _unparsable(model: str, path: Path, error: Exception) -> UnreadableWeightsError:
-    """A weights file whose header looked whole that safetensors cannot parse (damaged), with safetensors'
-    reason and, for the Hugging Face cache's copy, what to do about it."""
-    detail = first_line(error).removeprefix("Error while deserializing: ").removeprefix("Error while deserializing header: ")
-    return UnreadableWeightsError(model, path, f"safetensors cannot parse it: {detail}",
-                                  hint=damaged_cache_copy_hint(path))  # fmt: skip
-
-
 def _load_timm_pretrained(cfg: ModelConfig, verify_hash: bool) -> nn.Module:
     if cfg.sha256 and verify_hash:  # registry files refuse this; a hand-made config must not pass silently
         raise _config_error(cfg, "a sha256 pin cannot be checked on a timm: source (timm fetches and loads its own "
@@ -524,7 +505,7 @@ def _load_timm_pretrained(cfg: ModelConfig, verify_hash: bool) -> nn.Module:
         except RuntimeError as e:  # load_state_dict's: torch's message lists every key, kilobytes of them
             raise WeightsMismatchError(cfg.name, weights, clip(" ".join(str(e).split()), 400)) from e
         except SafetensorError as e:  # a damaged file whose header looked whole
-            raise _unparsable(cfg.name, weights, e) from e
+            raise unparsable_weights(cfg.name, weights, e) from e
     raise AssertionError("unreachable")  # pragma: no cover - hub_errors re-raises
 
 
@@ -640,31 +621,26 @@ def load_model(
         where = str(cfg.source)
     else:
         _check_arch_known(cfg)
-        # one read: the bytes hashed (and checked against the pin) are the bytes loaded
-        path, data, sha = read_weights(cfg, models_dir, verify_hash=verify_hash)
+        # one open file: the bytes hashed (and checked against the pin) are the bytes loaded, mapped, not read whole
+        with verified_weights(cfg, models_dir, verify_hash=verify_hash) as weights:
+            path, sha = weights.path, weights.sha256
+            where = str(path)
+            mismatch = _metadata_mismatch(cfg, weights.metadata)
+            if mismatch:
+                raise WeightsMetadataMismatchError(cfg.name, path, mismatch)
+            with own_rng():
+                net = _build_net(cfg)
+            state = {k: v.float() if v.is_floating_point() else v for k, v in weights.state.items()}
+            mismatch = _state_mismatch(net.state_dict(), state)  # torch's own message lists every key
+            if mismatch:
+                raise WeightsMismatchError(cfg.name, path, mismatch)
+            _check_usable_values(cfg, path, net, state)
+            try:
+                net.load_state_dict(state, strict=True)  # copies: the net keeps nothing of the mapped file
+            except RuntimeError as e:  # what the comparison above does not see (a module's own load hook)
+                raise WeightsMismatchError(cfg.name, path, clip(" ".join(str(e).split()), 400)) from e
+            del state
         pin_verified = bool(verify_hash and cfg.sha256)
-        where = str(path)
-        from safetensors.torch import load
-
-        try:
-            state = load(data)
-        except Exception as e:  # safetensors raises its own SafetensorError for truncated/corrupt files
-            raise _unparsable(cfg.name, path, e) from e
-        mismatch = _metadata_mismatch(cfg, _file_metadata(data))
-        if mismatch:
-            raise WeightsMetadataMismatchError(cfg.name, path, mismatch)
-        del data
-        with own_rng():
-            net = _build_net(cfg)
-        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-        mismatch = _state_mismatch(net.state_dict(), state)  # torch's own message lists every key: kilobytes
-        if mismatch:
-            raise WeightsMismatchError(cfg.name, path, mismatch)
-        _check_usable_values(cfg, path, net, state)
-        try:
-            net.load_state_dict(state, strict=True)
-        except RuntimeError as e:  # what the comparison above does not see (a module's own load hook)
-            raise WeightsMismatchError(cfg.name, path, clip(" ".join(str(e).split()), 400)) from e
         _logger.debug("loaded %s from %s (sha256 %s)", cfg.name, path, sha)
     net = fuse_model(net) if fuse else net.eval()
     wrapped = ImageModel(net, cfg, sha, weights_path=where, pin_verified=pin_verified).eval()
