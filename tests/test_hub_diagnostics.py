@@ -296,3 +296,49 @@ def test_a_reachable_hub_still_serves_the_download_and_its_cached_copy_serves_wh
     offline = _resolve_in_a_fresh_process(f"http://127.0.0.1:{closed_port}", "hf://org/near/w.safetensors", tmp_path,
                                           pin)  # fmt: skip
     assert offline.get("path") == str(cached) and offline["seconds"] < 10, offline
+
+
+def _cache_that_cannot_be_written(monkeypatch: pytest.MonkeyPatch, cache: Path) -> None:
+    """The Hub answers, but huggingface_hub cannot write ``cache`` (a shared read-only cache: its lock file is
+    refused); reading what the cache holds works. (Permissions are simulated: root may write anything.)"""
+    import errno
+
+    import huggingface_hub
+
+    real = huggingface_hub.hf_hub_download
+
+    def download(*args, local_files_only: bool = False, **kwargs):
+        if local_files_only:
+            return real(*args, local_files_only=True, **kwargs)
+        raise PermissionError(errno.EACCES, "Permission denied", str(cache / ".locks" / "models--org--repo"))
+
+    set_hf_cache(monkeypatch, cache, offline=False)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", lambda *a, **k: None)  # the Hub is there
+
+
+def test_a_hub_cache_that_cannot_be_written_is_said_in_one_line(tmp_path, monkeypatch) -> None:
+    """With nothing cached, huggingface_hub's PermissionError on its lock file was preempt's "internal error"."""
+    from preempt_cli.errors import ConfigError
+
+    _cache_that_cannot_be_written(monkeypatch, tmp_path / "hub")
+    cfg = ModelConfig(name="h", arch="cifar_resnet20", source=parse_source("hf://org/repo/m.safetensors"))
+    with pytest.raises(ConfigError) as info:
+        load_model(cfg)
+    message = str(info.value)
+    assert "\n" not in message and "'h'" in message and "hf://org/repo/m.safetensors" in message, message
+    assert str(tmp_path / "hub") in message and "Permission denied" in message and "HF_HUB_CACHE" in message
+
+
+def test_a_hub_cache_that_cannot_be_written_still_serves_its_copy(tmp_path, monkeypatch, caplog) -> None:
+    """A shared read-only cache that holds the weights: they are used, with a warning, as where the Hub cannot
+    be reached (huggingface_hub writes its refs and locks even for a file it holds)."""
+    from test_hub import make_hf_cache
+
+    make_hf_cache(tmp_path / "hub", "org/repo", "m.safetensors", _resnet20_bytes(tmp_path))
+    _cache_that_cannot_be_written(monkeypatch, tmp_path / "hub")
+    cfg = ModelConfig(name="h", arch="cifar_resnet20", arch_args={"shortcut": "pad_end"},
+                      source=parse_source("hf://org/repo/m.safetensors"))  # fmt: skip
+    model = load_model(cfg, fuse=False)
+    assert model.weights_path.startswith(str(tmp_path / "hub"))
+    assert any("cannot be written" in r.getMessage() for r in caplog.records)

@@ -6,6 +6,7 @@ Downloads go through ``huggingface_hub.hf_hub_download`` and so into its one sta
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import BinaryIO, Iterator
 
 from .errors import (
+    ConfigError,
     HashMismatchError,
     OfflineWeightsError,
     RegistryError,
@@ -202,6 +204,7 @@ def hub_errors(cfg: ModelConfig) -> Iterator[None]:
             a server error).
         WeightsNotFoundError: no such repository (or a private/gated one without access), revision or file.
         RegistryError: the source is not a valid Hub repo id.
+        ConfigError: the cache cannot be written (no permission, a read-only file system, a full disk).
     """
     from huggingface_hub.errors import (
         EntryNotFoundError,
@@ -251,9 +254,26 @@ def hub_errors(cfg: ModelConfig) -> Iterator[None]:
         where = cfg.registry_file or "registry"
         raise RegistryError(where, f"model {cfg.name!r}: {src} is not a valid Hub source: {first_line(e)}") from e
     except Exception as e:
+        if isinstance(e, OSError) and e.errno in _CACHE_ERRNOS and not _is_network_error(e):
+            raise _unusable_cache(cfg.name, src, e) from e
         if not _is_network_error(e):
             raise
         raise _unreachable(cfg.name, src, f"the Hub cannot be reached: {type(e).__name__}: {first_line(e)}") from e
+
+
+#: What huggingface_hub's own writes to its cache (lock files, blobs, refs) fail with on a folder that cannot be
+#: written: a shared read-only cache, another user's, a full disk.
+_CACHE_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT})
+
+
+def _unusable_cache(model: str, src: str, error: OSError) -> ConfigError:
+    """The error for a Hugging Face cache that cannot be written: it read as preempt's own internal error."""
+    from huggingface_hub import constants
+
+    return ConfigError(f"weights of model {model!r} ({src}): huggingface_hub cannot use its cache "
+                       f"{constants.HF_HUB_CACHE} ({type(error).__name__}: {first_line(error)}). Point HF_HUB_CACHE "
+                       "(or HF_HOME) at a folder you can write, or, for weights the cache holds already, set "
+                       "HF_HUB_OFFLINE=1 (which reads it without writing)")  # fmt: skip
 
 
 def _hf_download(cfg: ModelConfig) -> Path:
@@ -267,7 +287,8 @@ def hub_download(cfg: ModelConfig, repo_id: str, filename: str, revision: str | 
     may be older than the branch): huggingface_hub falls back to it itself, without a word, for most
     connection errors; for the others (a proxy's refusal, which failed runs whose weights were all cached)
     it raises, and the copy is used here, with a warning. With nothing cached, a Hub out of reach is said at
-    once (:func:`_ask_the_hub_once_if_nothing_is_cached`), not after huggingface_hub's retries.
+    once (:func:`_ask_the_hub_once_if_nothing_is_cached`), not after huggingface_hub's retries. A cache that
+    cannot be written (a shared read-only one) serves its copy too, with a warning.
 
     Raises:
         see :func:`hub_errors`.
@@ -293,6 +314,16 @@ def hub_download(cfg: ModelConfig, repo_id: str, filename: str, revision: str | 
             raise unreachable from None
         _logger.warning("model %s: the Hub cannot be reached (%s): using the cached copy of %s", cfg.name,
                         first_line(unreachable.__cause__ or unreachable), cfg.source)  # fmt: skip
+        return cached
+    except ConfigError as unwritable:  # a shared read-only cache: what it holds is usable without writing
+        if not isinstance(unwritable.__cause__, OSError):
+            raise
+        try:
+            cached = Path(hf_hub_download(repo_id=repo_id, filename=filename, revision=revision, local_files_only=True))
+        except Exception:
+            raise unwritable from None
+        _logger.warning("model %s: the Hugging Face cache cannot be written (%s): using its copy of %s", cfg.name,
+                        first_line(unwritable.__cause__), cfg.source)  # fmt: skip
         return cached
     raise AssertionError("unreachable")  # pragma: no cover - hub_errors re-raises
 
