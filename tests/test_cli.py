@@ -780,7 +780,10 @@ def test_revert_white_box_fails_files_of_a_defense_it_cannot_rebuild_and_goes_on
     assert all(rows[f"{n}.protected"]["status"] == "failed" for n in [*broken, "gone", "garbage", "truncated", "piped"])
 
 
-def test_white_box_warns_of_other_weights_only_for_the_files_they_protected(tmp_path: Path, registry: Path) -> None:
+def test_white_box_refuses_other_weights_only_for_the_files_they_protected(tmp_path: Path, registry: Path) -> None:
+    """A recorded model name that now loads other weights only warned, exit 0: a black-box reversion passed
+    for white-box, its result read as the key's. Those files now fail (exit 1) unless --allow-changed-models
+    runs them, with the warning; the other files are reverted either way."""
     from PIL import PngImagePlugin
 
     _images(tmp_path / "r", n=2)
@@ -790,9 +793,18 @@ def test_white_box_warns_of_other_weights_only_for_the_files_they_protected(tmp_
     info = PngImagePlugin.PngInfo()
     info.add_itxt("preempt", json.dumps({**meta, "backbone_sha256": "0" * 64}))
     Image.open(edited).save(edited, pnginfo=info)
-    result = run(["revert", str(tmp_path / "r"), "--white-box", "--device", TEST_DEVICE_ARG], registry)
-    assert result.exit_code == 0
-    assert "backbone tiny-key differs from the weights that protected 1 file(s)" in result.stderr  # had counted 2
+    white_box = ["revert", str(tmp_path / "r"), "--white-box", "--device", TEST_DEVICE_ARG]
+    result = run([*white_box, "--json"], registry)
+    rows = {Path(r["input"]).name: r for r in map(json.loads, result.stdout.splitlines())}
+    assert result.exit_code == 1 and rows["img0.protected.png"]["status"] == "done"
+    assert rows["img1.protected.png"]["status"] == "failed"
+    reason = rows["img1.protected.png"]["reason"]
+    assert "backbone tiny-key differs from the weights that protected 1 file(s)" in reason  # had counted 2
+    assert "black-box, not white-box" in reason and "--allow-changed-models" in reason
+    assert not (tmp_path / "r" / "img1.protected.reverted.png").exists()
+    allowed = run([*white_box, "--allow-changed-models"], registry)
+    assert allowed.exit_code == 0 and (tmp_path / "r" / "img1.protected.reverted.png").exists()
+    assert "backbone tiny-key differs from the weights that protected 1 file(s)" in allowed.stderr
     # the classifier's weights too (they were not compared: the reversion passed for white-box silently)
     _images(tmp_path / "c", n=1)
     assert run(["protect", str(tmp_path / "c"), *FAST, "-c", "tiny-labeller-unpinned"], registry).exit_code == 0
@@ -802,21 +814,47 @@ def test_white_box_warns_of_other_weights_only_for_the_files_they_protected(tmp_
     info = PngImagePlugin.PngInfo()
     info.add_itxt("preempt", json.dumps({**meta, "classifier_sha256": "0" * 64}))
     Image.open(edited).save(edited, pnginfo=info)
-    result = run(["revert", str(edited), "--white-box", "--device", TEST_DEVICE_ARG], registry)
-    assert result.exit_code == 0
-    assert "classifier tiny-labeller-unpinned differs from the weights that protected 1 file(s)" in result.stderr
-    assert "backbone" not in result.stderr
+    refused = run(["revert", str(edited), "--white-box", "--device", TEST_DEVICE_ARG], registry)
+    assert refused.exit_code == 1 and not (tmp_path / "c" / "img0.protected.reverted.png").exists()
+    assert "classifier tiny-labeller-unpinned differs from the weights that protected 1 file(s)" in refused.stderr
+    assert "backbone" not in refused.stderr
+    allowed = run(["revert", str(edited), "--white-box", "--allow-changed-models", "--device", TEST_DEVICE_ARG],
+                  registry)  # fmt: skip
+    assert allowed.exit_code == 0 and (tmp_path / "c" / "img0.protected.reverted.png").exists()
+    assert "classifier tiny-labeller-unpinned differs from the weights that protected 1 file(s)" in allowed.stderr
+
+
+def test_allow_changed_models_is_refused_without_white_box(tmp_path: Path, registry: Path) -> None:
+    # a black-box reversion compares no recorded weights: the flag would be silently ignored
+    (image,) = _images(tmp_path, n=1)
+    result = run(["revert", str(image), *FAST, "--labels", "backbone", "--allow-changed-models"], registry)
+    assert result.exit_code == 2 and "--allow-changed-models is for --white-box" in result.stderr
+    assert not (tmp_path / "img0.reverted.png").exists()
 
 
 def _white_box_warnings(meta: dict, models: dict, caplog: pytest.LogCaptureFixture, state_digests=None) -> str:
-    """The warnings of :func:`_white_box_reverter` rebuilding the defense of ``meta`` from ``models``."""
+    """The warnings of :func:`_white_box_reverter` rebuilding the defense of ``meta`` from ``models`` with
+    ``allow_changed_models`` (which it refuses without: see :func:`_white_box_refusal`)."""
     from preempt_cli.cli import _files
 
     caplog.clear()
     with caplog.at_level("WARNING", logger="preempt_cli"):
         more = () if state_digests is None else (state_digests,)
-        _files._white_box_reverter(meta, models.__getitem__, None, None, "off", 1, *more).close()
+        _files._white_box_reverter(meta, models.__getitem__, None, None, "off", 1, *more,
+                                   allow_changed_models=True).close()  # fmt: skip
     return caplog.text
+
+
+def _white_box_refusal(meta: dict, models: dict) -> str:
+    """Why :func:`_white_box_reverter` refuses to rebuild the defense of ``meta`` from ``models`` ("": it
+    does not)."""
+    from preempt_cli.cli import _files
+
+    try:
+        _files._white_box_reverter(meta, models.__getitem__, None, None, "off", 1).close()
+    except ValueError as error:
+        return str(error)
+    return ""
 
 
 def _state_record() -> dict:
@@ -838,6 +876,9 @@ def test_white_box_tells_other_weights_of_a_model_without_a_file(caplog: pytest.
     assert "backbone tiny-key differs from the weights that protected 1 file(s)" in _white_box_warnings(
         meta, {"tiny-key": make_tiny_model(1, name="tiny-key")}, caplog)  # fmt: skip
     assert "differs" not in _white_box_warnings(meta, {"tiny-key": make_tiny_model(0, name="tiny-key")}, caplog)
+    # refused without --allow-changed-models: a reversion with other weights is black-box
+    assert "differs from the weights" in _white_box_refusal(meta, {"tiny-key": make_tiny_model(1, name="tiny-key")})
+    assert _white_box_refusal(meta, {"tiny-key": make_tiny_model(0, name="tiny-key")}) == ""
 
 
 def test_white_box_compares_a_state_s_sha256_with_the_state_of_a_model_now_from_a_file(
@@ -3399,7 +3440,11 @@ def test_a_row_set_up_otherwise_for_the_same_weights_is_another_model_on_a_rerun
     assert again.stdout, again.stderr
     row = json.loads(again.stdout)
     assert row["status"] == "failed" and "backbone_setup" in row["reason"], row
-    reverted = run_fixed(["revert", str(tmp_path / "p" / "img0.protected.png"), "--white-box", "--device", TEST_DEVICE_ARG])
+    white_box = ["revert", str(tmp_path / "p" / "img0.protected.png"), "--white-box", "--device", TEST_DEVICE_ARG]
+    refused = run_fixed(white_box)  # not the recorded defense: a white-box reversion refuses it (warned, exit 0)
+    assert refused.exit_code == 1 and not (tmp_path / "p" / "img0.protected.reverted.png").exists()
+    assert "backbone tiny-key is set up otherwise (registry row" in refused.stderr
+    reverted = run_fixed([*white_box, "--allow-changed-models"])
     assert reverted.exit_code == 0, reverted.stderr
     assert "backbone tiny-key is set up otherwise (registry row" in reverted.stderr
 

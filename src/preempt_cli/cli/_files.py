@@ -574,31 +574,36 @@ def _white_box_groups(items: list[InputFile], max_pixels: int, overwrite: bool =
     yield from groups.values()
 
 
-def _other_weights(meta: dict[str, Any], role: str, loaded: Any, state_digests: dict[Any, str]) -> bool:
-    """Whether ``loaded`` holds other weights than the ``role`` that protected a file, by the sha256 recorded
-    compared with the loaded model's of the same thing (``<role>_sha256_of``): a file's with its weights
-    file's, a state's (a model without a file: timm's own weights, a net of the caller's) with its state's.
-    The state's is computed only where a record asks for it, once per model (``state_digests``: seconds for a
-    large one). A file's cannot be compared with a model without one; a record older than ``_sha256_of``
-    is compared with the loaded model's file's (where it has one), as it was."""
+def _other_weights(meta: dict[str, Any], role: str, loaded: Any, state_digests: dict[Any, str]) -> str | None:
+    """The sha256 of ``loaded`` where it holds other weights than the ``role`` that protected a file (None:
+    the same, or nothing to compare), by the sha256 recorded compared with the loaded model's of the same
+    thing (``<role>_sha256_of``): a file's with its weights file's, a state's (a model without a file: timm's
+    own weights, a net of the caller's) with its state's. The state's is computed only where a record asks
+    for it, once per model (``state_digests``: seconds for a large one). A file's cannot be compared with a
+    model without one; a record older than ``_sha256_of`` is compared with the loaded model's file's (where
+    it has one), as it was."""
     recorded = meta.get(f"{role}_sha256")
     if not recorded:
-        return False
+        return None
     if meta.get(f"{role}_sha256_of") == "state":  # no file's sha256 equals it: a model without a file went unchecked
         if loaded not in state_digests:
             state_digests[loaded] = state_sha256(loaded)
-        return recorded != state_digests[loaded]
-    return bool(loaded.weights_sha256) and recorded != loaded.weights_sha256
+        return state_digests[loaded] if recorded != state_digests[loaded] else None
+    return loaded.weights_sha256 if loaded.weights_sha256 and recorded != loaded.weights_sha256 else None
 
 
 def _white_box_reverter(meta: dict[str, Any], model: Callable[[str], Any], seed: int | None, precision: str | None,
-                        compile: str, files: int, state_digests: dict[Any, str] | None = None) -> Reverter:  # fmt: skip
+                        compile: str, files: int, state_digests: dict[Any, str] | None = None, *,
+                        allow_changed_models: bool = False) -> Reverter:  # fmt: skip
     """The defense recorded in a protected file, as its attacker would run it again: its models, settings
     and seed (``seed`` and ``precision``, where given, replace the recorded ones). ``state_digests``: the
-    loaded models' state sha256 found so far in the run (see :func:`_other_weights`).
+    loaded models' state sha256 found so far in the run (see :func:`_other_weights`). A recorded model name
+    that now loads other weights, or the same weights under a registry row set up otherwise, is refused: the
+    reversion would be black-box under a white-box name; ``allow_changed_models`` runs it, with a warning.
 
     Raises:
-        PreemptError, TypeError, ValueError: a recorded model cannot be loaded, or a setting is not valid.
+        PreemptError, TypeError, ValueError: a recorded model cannot be loaded or has changed, or a setting is
+            not valid.
     """
     for role in ("backbone", "classifier"):  # edited metadata: a number or null is no model's name
         name = meta.get(role)
@@ -610,13 +615,23 @@ def _white_box_reverter(meta: dict[str, Any], model: Callable[[str], Any], seed:
     # classifier, the attacker labels with the backbone.
     clf = model(meta["classifier"]) if meta.get("classifier") else None
     state_digests = {} if state_digests is None else state_digests
+    changed: list[str] = []
     for role, loaded in (("backbone", bb), ("classifier", clf)):  # the same names, other weights: no white box
         setup = meta.get(f"{role}_setup")
-        if loaded is not None and _other_weights(meta, role, loaded, state_digests):
-            _logger.warning("%s %s differs from the weights that protected %d file(s)", role, loaded.name, files)
+        other = None if loaded is None else _other_weights(meta, role, loaded, state_digests)
+        if other:
+            changed.append(f"{role} {loaded.name} differs from the weights that protected {files} file(s) (sha256 "
+                           f"{other[:12]}... loaded, {str(meta[f'{role}_sha256'])[:12]}... recorded)")  # fmt: skip
         elif loaded is not None and setup and setup != loaded.config.setup_sha256:  # a row fixed since
-            _logger.warning("%s %s is set up otherwise (registry row: architecture, normalization or classes) "
-                            "than the model that protected %d file(s)", role, loaded.name, files)  # fmt: skip
+            changed.append(f"{role} {loaded.name} is set up otherwise (registry row: architecture, normalization or "
+                           f"classes) than the model that protected {files} file(s)")  # fmt: skip
+    # a white-box reversion is the recorded defense run again; with other models it is a black-box one whose
+    # result (reverted or not) would be read as the key's: a warning scrolled past in a batch run with exit 0
+    if changed and not allow_changed_models:
+        raise ValueError(f"{'; '.join(changed)}: reverting with them would be black-box, not white-box (restore "
+                         "the recorded weights or registry row, or pass --allow-changed-models)")  # fmt: skip
+    for change in changed:
+        _logger.warning("%s", change)
     settings = white_box_settings(meta)
     recorded_precision = settings.pop("precision")
     if seed is None:
@@ -668,6 +683,10 @@ def revert(
     paths: PathsArg,
     white_box: Annotated[bool, typer.Option("--white-box", help="Use the backbone, classifier and settings "
                                             "recorded in each protected PNG (the attacker holds the key).")] = False,
+    allow_changed_models: Annotated[bool, typer.Option(
+        "--allow-changed-models", help="--white-box: revert with a recorded model name that now loads other weights "
+        "(sha256) or is set up otherwise (registry row) than the model that protected the file, with a warning "
+        "(refused by default: such a reversion is black-box).")] = False,
     backbone: RevertBackboneOpt = None,
     classifier: RevertClassifierOpt = None,
     labels: LabelsOpt = "classifier",
@@ -716,6 +735,8 @@ def revert(
                 raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         elif backbone is None:
             raise ConfigError("pass --white-box, or --backbone NAME for a black-box reversion")
+        elif allow_changed_models:  # a black-box reversion compares no weights: the flag would do nothing
+            raise ConfigError("--allow-changed-models is for --white-box, which compares the recorded models")
         items = _collect(paths, skip_markers=Reverter.skip_markers, suffix=suffix, kind=Reverter.kind)
         if not items:
             _nothing_listed("revert", quiet)
@@ -752,7 +773,8 @@ def revert(
                         yield FileResult(item.path, "skipped" if skip else "failed", reason=problem)
                     continue
                 try:
-                    reverter = _white_box_reverter(meta, model, seed, precision, compile, len(group), state_digests)
+                    reverter = _white_box_reverter(meta, model, seed, precision, compile, len(group), state_digests,
+                                                   allow_changed_models=allow_changed_models)
                 except (PreemptError, TypeError, ValueError) as e:  # these files fail; other defenses go on
                     for item in group:
                         yield FileResult(item.path, "failed", reason=f"cannot rebuild the recorded defense: {e}")
