@@ -824,6 +824,27 @@ def test_white_box_refuses_other_weights_only_for_the_files_they_protected(tmp_p
     assert "classifier tiny-labeller-unpinned differs from the weights that protected 1 file(s)" in allowed.stderr
 
 
+def test_white_box_checks_each_file_s_recorded_setup_not_its_group_s_first(tmp_path: Path, registry: Path) -> None:
+    """Files were grouped by their models' names and sha256 alone, and a group's first file's record checked
+    for all: a file protected under a registry row set up otherwise (``backbone_setup``), beside one made
+    under the current row, was reverted in silence as white-box."""
+    from PIL import PngImagePlugin
+
+    _images(tmp_path / "r", n=2)
+    assert run(["protect", str(tmp_path / "r"), *FAST, "--labels", "backbone"], registry).exit_code == 0
+    edited = tmp_path / "r" / "img1.protected.png"  # the second file of the walk: the first stood for both
+    meta = json.loads(Image.open(edited).text["preempt"])
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt("preempt", json.dumps({**meta, "backbone_setup": "0" * 16}))
+    Image.open(edited).save(edited, pnginfo=info)
+    result = run(["revert", str(tmp_path / "r"), "--white-box", "--json", "--device", TEST_DEVICE_ARG], registry)
+    rows = {Path(r["input"]).name: r for r in map(json.loads, result.stdout.splitlines())}
+    assert result.exit_code == 1 and rows["img0.protected.png"]["status"] == "done"
+    assert rows["img1.protected.png"]["status"] == "failed"
+    assert "backbone tiny-key is set up otherwise (registry row" in rows["img1.protected.png"]["reason"]
+    assert "protected 1 file(s)" in rows["img1.protected.png"]["reason"]
+
+
 def test_allow_changed_models_is_refused_without_white_box(tmp_path: Path, registry: Path) -> None:
     # a black-box reversion compares no recorded weights: the flag would be silently ignored
     (image,) = _images(tmp_path, n=1)

@@ -564,10 +564,12 @@ def _white_box_groups(items: list[InputFile], max_pixels: int, overwrite: bool =
                 meta, problem = None, f"preempt metadata without the setting {e.args[0]!r}: revert it black-box"
             except ValueError as e:
                 meta, problem = None, str(e)
-        # the weights' hashes too: files protected by other weights of one name are told apart, and counted
+        # the models' hashes and setups too: files protected by other weights of one name, or under a registry
+        # row set up otherwise, are told apart, checked and counted (one group's first file stood for them all)
+        models = [f"{role}{part}" for role in ("backbone", "classifier")
+                  for part in ("", "_sha256", "_sha256_of", "_setup")]  # fmt: skip
         key = f"{skip}:{problem}" if meta is None else json.dumps(
-            {k: meta.get(k) for k in ("backbone", "backbone_sha256", "classifier", "classifier_sha256", "labels",
-                                      "seed", "preset")} | settings,  # fmt: skip
+            {k: meta.get(k) for k in (*models, "labels", "seed", "preset")} | settings,
             sort_keys=True, default=str,
         )  # fmt: skip
         groups.setdefault(key, (meta, problem, skip, []))[3].append(item)
