@@ -122,3 +122,63 @@ def test_protect_skips_a_reversions_output_whatever_its_name(tmp_path) -> None:
     assert results["img0.protected.rv.png"].status == "skipped"
     assert results["img0.protected.rv.png"].reason == "already reverted by preempt (a reversion's output; --overwrite protects it anyway)"
     assert not (tmp_path / "img0.protected.rv.protected.png").exists()
+
+
+def test_white_box_with_the_real_key_is_deterministic_and_refuses_other_weights_of_its_name(
+        tmp_path, shared_models_dir, cifar_batch_paths, isolated_config) -> None:  # fmt: skip
+    """``preempt revert --white-box`` on real CIFAR-10 images protected with ``cifar10-resnet20-pgdat-a``:
+    the same bytes run after run (whatever the batching), outputs beside the protected files, originals
+    untouched; and where the registry's row of that name now loads other weights (pgdat-b's file), the files
+    fail rather than being reverted black-box as if white-box, unless --allow-changed-models."""
+    import hashlib
+    import json
+    import shutil
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from conftest import TEST_DEVICE_ARG
+    from preempt_cli.cli import app
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for path in cifar_batch_paths[:3]:
+        shutil.copy(path, folder / f"{path.parent.name}-{path.name}")
+    originals = {p.name: p.read_bytes() for p in folder.iterdir()}
+    common = ["--models-dir", str(shared_models_dir), "--device", TEST_DEVICE_ARG]
+
+    def cli(*args: str):
+        return CliRunner().invoke(app, [*args, *common], catch_exceptions=False)
+
+    protected = cli("protect", str(folder), "-b", "cifar10-resnet20-pgdat-a", "-c", "cifar10-resnet18-std",
+                    "-n", "2", "--backward", "1")  # fmt: skip
+    assert protected.exit_code == 0, protected.stderr
+
+    def digests(where) -> dict[str, str]:
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(where.glob("*.reverted.png"))}
+
+    first = cli("revert", str(folder), "--white-box", "--json")
+    assert first.exit_code == 0, first.stderr
+    done = [r for r in map(json.loads, first.stdout.splitlines()) if r["status"] == "done"]
+    assert sorted(Path(r["output"]).name for r in done) == sorted(f"{Path(n).stem}.protected.reverted.png"
+                                                                 for n in originals)  # fmt: skip
+    again = cli("revert", str(folder), "--white-box", "-o", str(tmp_path / "again"), "--batch-size", "1",
+                "--workers", "1")  # fmt: skip
+    assert again.exit_code == 0, again.stderr
+    assert digests(folder) == digests(tmp_path / "again") and len(digests(folder)) == 3
+    assert {p.name: p.read_bytes() for p in folder.glob("*") if p.name in originals} == originals
+    # the same name, other weights: pgdat-b's file under pgdat-a's row
+    swapped = tmp_path / "swapped.toml"
+    swapped.write_text('[models.cifar10-resnet20-pgdat-a]\nbase = "cifar10-resnet20-pgdat-b"\n')
+    out = tmp_path / "swapped"
+    refused = cli("revert", str(folder), "--white-box", "--registry", str(swapped), "-o", str(out), "--json")
+    rows = [json.loads(line) for line in refused.stdout.splitlines()]
+    assert refused.exit_code == 1 and {r["status"] for r in rows if "protected" in r["input"]} == {"failed"}
+    assert all("differs from the weights that protected 3 file(s)" in r["reason"] for r in rows
+               if r["status"] == "failed")  # fmt: skip
+    assert not digests(out)
+    allowed = cli("revert", str(folder), "--white-box", "--registry", str(swapped), "-o", str(out),
+                  "--allow-changed-models")  # fmt: skip
+    assert allowed.exit_code == 0 and len(digests(out)) == 3, allowed.stderr
+    assert "differs from the weights that protected 3 file(s)" in allowed.stderr
+    assert digests(out) != digests(folder)  # another backbone: another reversion
