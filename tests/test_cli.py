@@ -1102,6 +1102,65 @@ def test_out_of_memory_halves_the_batch_after_freeing_the_failed_attempt(tmp_pat
     assert protector._batch_cap[(3, 32, 32)] == 2
 
 
+def test_a_batch_size_that_ran_out_of_memory_is_never_allowed_again(tmp_path: Path, tiny_backbone,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    from preempt_cli import ForeBackConfig, Protector, RunOptions, collect_inputs
+
+    _images(tmp_path / "in", n=8)
+    protector = Protector(tiny_backbone, labels="backbone", config=ForeBackConfig(samples=2))
+    real_compute = Protector._compute
+    sizes: list[int] = []
+    # memory that comes and goes (another batch in flight, another process): the first three attempts run out
+    # of it, down to a batch of 2, and so does the second half's first attempt, a batch of 4, later
+    out_of_memory_at = {0, 1, 2, 6}
+
+    def compute(self: Protector, batch: list) -> list:
+        sizes.append(len(batch))
+        if len(sizes) - 1 in out_of_memory_at:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_compute(self, batch)
+
+    monkeypatch.setattr(Protector, "_compute", compute)
+    results = list(protector.run(collect_inputs([tmp_path / "in"]), RunOptions(out_dir=tmp_path / "out", batch_size=8)))
+    assert [r.status for r in results] == ["done"] * 8
+    assert sizes[:7] == [8, 4, 2, 1, 1, 2, 4]
+    # a batch of 2 ran out of memory: the later failure of a batch of 4 must not allow 2 again
+    assert protector._batch_cap[(3, 32, 32)] == 1
+
+
+def test_a_batch_that_runs_out_of_memory_midway_writes_the_bits_of_a_run_that_did_not(
+        tmp_path: Path, tiny_backbone, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    from preempt_cli import ForeBackConfig, Protector, RunOptions, collect_inputs
+    from preempt_cli.engine import FastPreemption
+
+    # images at the backbone's input size (hashed noise) and photos it resizes (a generator per sample,
+    # whose streams a failed attempt has advanced by a step)
+    _images(tmp_path / "in" / "small", n=4)
+    _images(tmp_path / "in" / "large", n=4, size=(48, 40), seed=1)
+    config = ForeBackConfig(samples=3)
+
+    def outputs(folder: str) -> dict[str, bytes]:
+        protector = Protector(tiny_backbone, labels="backbone", config=config)
+        results = list(protector.run(collect_inputs([tmp_path / "in"]), RunOptions(out_dir=tmp_path / folder)))
+        assert [r.status for r in results] == ["done"] * 8
+        return {p.name: p.read_bytes() for p in (tmp_path / folder).rglob("*.png")}
+
+    expected = outputs("plain")
+    real_loss_grad = FastPreemption._loss_grad
+    passes = {"several images": 0}
+
+    def loss_grad(self: FastPreemption, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+        if xs.shape[0] > config.samples:  # every pass of a batch of several images, after its first step
+            passes["several images"] += 1
+            if passes["several images"] % 2 == 0:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_loss_grad(self, xs, ys)
+
+    monkeypatch.setattr(FastPreemption, "_loss_grad", loss_grad)
+    assert outputs("retried") == expected
+    assert passes["several images"] >= 4  # both sizes ran out of memory midway
+
+
 def test_no_fsync_writes_the_same_files_and_empty_outputs_are_redone(tmp_path: Path, registry: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     import os

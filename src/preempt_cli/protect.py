@@ -981,7 +981,10 @@ class Protector:
         empty_cache()
         half = len(batch) // 2
         p = batch[0].picture
-        self._batch_cap[(p.channels, p.size[1], p.size[0])] = half
+        shape = (p.channels, p.size[1], p.size[0])
+        # never raised: a later, larger half that fails (memory comes and goes) allowed again a size that had
+        # already run out of memory
+        self._batch_cap[shape] = min(half, self._batch_cap.get(shape, half))
         _logger.warning("out of GPU memory with %d images per batch; retrying with %d", len(batch), half)
         return _Launched.joined([self._compute_with_backoff(batch[:half]), self._compute_with_backoff(batch[half:])])
 
