@@ -53,7 +53,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 #: resize's intermediates, would otherwise need about 2.5 x N x the photo in memory (7 GB for one
 #: 12-megapixel photo at N = 20, and the kernel kills a CPU process that runs out). 2^25 float32 elements
 #: are 128 MiB per buffer; a GPU gets 8x that, so that a photo's samples still go through in batches (one
-#: sample per pass would leave it waiting on kernel launches). Results do not depend on these values.
+#: sample per pass would leave it waiting on kernel launches). The noise does not depend on these values,
+#: but the bits do: the samples are summed a chunk at a time, and a last bit of that sum can flip a gradient's
+#: sign in a later step (one sample per pass instead of 3 changed 0.17% of a 2.9-megapixel photo's levels, by up
+#: to 2). Held at once: a chunk of samples and its gradient (up to 2 x 128 MiB on a CPU), and the input, the
+#: iterate and the samples' sum (3 buffers of the photo's size): 600 MB for a 10-megapixel photo.
 SAMPLE_CHUNK_ELEMENTS: dict[str, int] = {"cpu": 1 << 25, "cuda": 1 << 28}
 
 #: Images at the backbone's input size go through the backbone this many elements (images x samples x C x
