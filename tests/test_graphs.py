@@ -86,6 +86,26 @@ def test_calls_get_tensors_of_their_own() -> None:
     assert torch.equal(graphed(a, b)[0], kept)
 
 
+def test_a_replay_whose_outputs_cannot_be_copied_still_orders_the_next_call() -> None:
+    # the replay is queued on the device when copying its outputs runs out of memory: a later call (another
+    # thread's, on another stream) must still wait for it before it overwrites the graph's static inputs
+    graphed = _graphed(_toy)
+    a, b = _inputs(4, 0)
+    graphed(a, b), graphed(a, b)  # seen, then captured
+    marks = []
+    graphed._mark_call = lambda: marks.append(True)  # type: ignore[method-assign]
+
+    class _NoMemoryToCopy(torch.Tensor):
+        def clone(self, *args, **kwargs):
+            raise torch.cuda.OutOfMemoryError("no memory for the copy")
+
+    graph = next(iter(graphed._graphs.values()))
+    graph.outputs = tuple(t.as_subclass(_NoMemoryToCopy) for t in graph.outputs)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        graphed(a, b)
+    assert marks == [True]
+
+
 def test_only_so_many_shapes_are_captured() -> None:
     graphed = _graphed(_toy)
     for rows in range(1, MAX_GRAPHS + 3):

@@ -139,9 +139,11 @@ class GraphedFunction:
             self._wait_for_last_call()
             for static, value in zip(graph.inputs, inputs):
                 static.copy_(value)
-            graph.replay()
-            outputs = tuple(t.clone() for t in graph.outputs)
-            self._mark_call()
+            try:
+                graph.replay()
+                outputs = tuple(t.clone() for t in graph.outputs)
+            finally:  # the replay is queued even when a copy of its outputs runs out of memory: the next
+                self._mark_call()  # call (another stream's) must wait for it before overwriting its inputs
             self.replays += 1
             return outputs
 
