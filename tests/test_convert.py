@@ -329,3 +329,28 @@ def test_key_takes_a_dotted_path_to_a_nested_state_dict(tmp_path) -> None:
 def test_a_dotted_key_that_leads_nowhere_names_the_entries_where_it_fails(key, said, tmp_path) -> None:
     message = _convert(tmp_path, {"a": {"b": {"w": torch.zeros(2)}, "n": 3}, "epoch": 4}, key=key)
     assert message.endswith(said), message
+
+
+def test_an_output_that_appears_while_the_checkpoint_loads_is_left_as_it_is_without_overwrite(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The output was checked to be absent before the load, then written with a rename that replaced whatever
+    was there by then: another convert's result (or a user's file) that appeared meanwhile was overwritten
+    without --overwrite."""
+    from preempt_cli.errors import ImageWriteError
+
+    torch.save({"w": torch.ones(2)}, tmp_path / "ok.pt")
+    out = tmp_path / "out.safetensors"
+    real_load = torch.load
+
+    def load_while_another_run_writes_the_output(*args, **kwargs):
+        out.write_bytes(b"another run's weights")
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", load_while_another_run_writes_the_output)
+    with pytest.raises(ImageWriteError, match="appeared while this run was writing it"):
+        convert_checkpoint(tmp_path / "ok.pt", out)
+    assert out.read_bytes() == b"another run's weights"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.pt", "out.safetensors"]  # no temporary file left
+    convert_checkpoint(tmp_path / "ok.pt", out, overwrite=True)  # with --overwrite it is replaced, as asked
+    assert out.read_bytes() != b"another run's weights"

@@ -222,7 +222,8 @@ def convert_checkpoint(
     Raises:
         ConfigError: ``output`` is the checkpoint, a folder, under a file, or exists without ``overwrite``;
             unreadable checkpoint, no state dict in it, or two keys that are the same once a prefix is stripped.
-        ImageWriteError: the output cannot be written.
+        ImageWriteError: the output cannot be written, or (without ``overwrite``) appeared while the
+            checkpoint was read; it is left as it is.
     """
     # a quoted '~/x', as for train's output
     checkpoint, output = expand_home(checkpoint), expand_home(output, existing_literal=False)
@@ -272,5 +273,7 @@ def convert_checkpoint(
     # a name in another encoding holds os.fsdecode's surrogates, which the metadata (UTF-8 JSON) cannot: its
     # bytes are written escaped
     name = os.fsencode(checkpoint.name).decode("utf-8", "backslashreplace")
-    save_safetensors(clean, output, {"converted_from": name}, mode=PRIVATE_FILE_MODE if private else None)
+    # without overwrite, an output that appeared while the checkpoint loaded (another run's) is left as it is
+    save_safetensors(clean, output, {"converted_from": name}, mode=PRIVATE_FILE_MODE if private else None,
+                     replace=overwrite)  # fmt: skip
     return len(clean), sha256_file(output)
