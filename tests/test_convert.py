@@ -354,3 +354,18 @@ def test_an_output_that_appears_while_the_checkpoint_loads_is_left_as_it_is_with
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.pt", "out.safetensors"]  # no temporary file left
     convert_checkpoint(tmp_path / "ok.pt", out, overwrite=True)  # with --overwrite it is replaced, as asked
     assert out.read_bytes() != b"another run's weights"
+
+
+def test_a_torchscript_archive_is_named_as_such(tmp_path: Path) -> None:
+    """torch.load refuses a TorchScript archive with weights_only: the message was torch's "Cannot use
+    ``weights_only=True`` with TorchScript archives ...", then "not a PyTorch checkpoint?"."""
+    ckpt = tmp_path / "scripted.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch deprecates TorchScript
+        torch.jit.save(torch.jit.script(torch.nn.Linear(3, 2)), str(ckpt))
+    with pytest.raises(ConfigError) as info:
+        convert_checkpoint(ckpt, tmp_path / "out.safetensors")
+    message = str(info.value)
+    assert message.startswith(f"{ckpt}: is a TorchScript archive (torch.jit.save)") and "\n" not in message, message
+    assert "``" not in message and "not a PyTorch checkpoint?" not in message and "torch.jit.load" in message
+    assert not (tmp_path / "out.safetensors").exists()

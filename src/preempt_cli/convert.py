@@ -155,19 +155,35 @@ def _load_refusal(checkpoint: Path, error: Exception, protocol: str | None = Non
     return f"{checkpoint}: cannot be loaded safely with weights_only=True ({detail}): not a PyTorch checkpoint?"
 
 
-def _is_zip_without_pickle(f: BinaryIO) -> bool:
-    """Whether the open file ``f`` is a zip archive without the ``data.pkl`` record of torch.save's format
-    (``<folder>/data.pkl``): for such a file torch says only ``[enforce fail at inline_container.cc:...]``."""
+def _zip_names(f: BinaryIO) -> list[str] | None:
+    """The member names of the open file ``f`` where it is a zip archive, else None (also where it is
+    unreadable or damaged: torch's own reason stands then)."""
     try:
         f.seek(0)
         if not zipfile.is_zipfile(f):
-            return False
+            return None
         f.seek(0)
         with zipfile.ZipFile(f) as archive:
-            names = archive.namelist()
-    except (OSError, zipfile.BadZipFile, ValueError):  # unreadable or damaged: torch's own reason stands
-        return False
-    return not any(name == "data.pkl" or name.endswith("/data.pkl") for name in names)
+            return archive.namelist()
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return None
+
+
+def _has_record(names: list[str], record: str) -> bool:
+    """Whether a torch.save-style archive of member ``names`` holds ``record`` (``<folder>/record``)."""
+    return any(name == record or name.endswith(f"/{record}") for name in names)
+
+
+def _is_zip_without_pickle(names: list[str] | None) -> bool:
+    """Whether a zip archive of member ``names`` lacks the ``data.pkl`` record of torch.save's format
+    (``<folder>/data.pkl``): for such a file torch says only ``[enforce fail at inline_container.cc:...]``."""
+    return names is not None and not _has_record(names, "data.pkl")
+
+
+def _is_torchscript(names: list[str] | None) -> bool:
+    """Whether a zip archive of member ``names`` is a TorchScript archive (``torch.jit.save``), which
+    ``torch.load`` tells by its ``constants.pkl`` record and refuses with ``weights_only``."""
+    return names is not None and _has_record(names, "constants.pkl")
 
 
 def _is_safetensors(f: BinaryIO) -> bool:
@@ -249,9 +265,15 @@ def convert_checkpoint(
             if _is_safetensors(f):  # torch's "Unsupported operand 16" of its header: "not a checkpoint?"
                 raise ConfigError(f"{checkpoint}: is a safetensors file already, nothing to convert: name it as it "
                                   "is in a registry row's source (source = \"file:PATH\")") from e  # fmt: skip
-            if _is_zip_without_pickle(f):  # torch's detail stays in the traceback (PREEMPT_DEBUG, --log)
+            names = _zip_names(f)
+            if _is_zip_without_pickle(names):  # torch's detail stays in the traceback (PREEMPT_DEBUG, --log)
                 raise ConfigError(f"{checkpoint}: a zip archive, but not a PyTorch checkpoint (no data.pkl in "
                                   "it)") from e  # fmt: skip
+            if _is_torchscript(names):  # torch's reason read "Cannot use ``weights_only=True`` with ...", then
+                # "not a PyTorch checkpoint?"; loading one runs its code, so only a trusted file
+                raise ConfigError(f"{checkpoint}: is a TorchScript archive (torch.jit.save), not a checkpoint of "
+                                  "weights alone; only if you trust the file, load it with torch.jit.load in "
+                                  "Python, torch.save its state_dict() and convert that file") from e  # fmt: skip
             protocol = next((m.group(1) for w in caught if (m := _PROTOCOL.search(str(w.message)))), None)
             raise ConfigError(_load_refusal(checkpoint, e, protocol)) from e
     state = _find_state(obj, key, checkpoint)
