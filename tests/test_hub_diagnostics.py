@@ -342,3 +342,33 @@ def test_a_hub_cache_that_cannot_be_written_still_serves_its_copy(tmp_path, monk
     model = load_model(cfg, fuse=False)
     assert model.weights_path.startswith(str(tmp_path / "hub"))
     assert any("cannot be written" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("strip_prefixes", [("module.",), ("",)], ids=["default", "none-stripped"])
+def test_weights_whose_keys_all_carry_a_prefix_say_which_strip_prefix_converts_them_to_fit(
+    strip_prefixes, tmp_path
+) -> None:
+    """Weights converted from a DataParallel-wrapped wrapper (``module.model.`` keys, as RobustBench-style
+    checkpoints hold them) said only "keys saved with a prefix": the prefix is named, with the --strip-prefix
+    arguments that convert the checkpoint to keys that fit (``model.`` alone would leave ``module.`` on)."""
+    import re
+    import shlex
+
+    from preempt_cli.convert import convert_checkpoint
+
+    net = create_arch("cifar_resnet20", shortcut="pad_end")
+    torch.save({"state_dict": {f"module.model.{k}": v for k, v in net.state_dict().items()}}, tmp_path / "rb.pt")
+    convert_checkpoint(tmp_path / "rb.pt", tmp_path / "wrapped.safetensors", strip_prefixes=strip_prefixes)
+    registry = _registry(tmp_path, {"wrapped": "wrapped.safetensors"})
+    with pytest.raises(WeightsMismatchError, match="none of the file's keys fit") as info:
+        load_model("wrapped", registry=[registry])
+    message = str(info.value)
+    assert "\n" not in message and len(message) < 800, (len(message), message)
+    left = "model." if strip_prefixes == ("module.",) else "module.model."
+    assert f"every key of the file starts with {left!r}" in message, message
+    hint = re.search(r"preempt models convert ((?:--strip-prefix \S+ ?)+)", message)
+    assert hint, message
+    args = shlex.split(hint.group(1))
+    convert_checkpoint(tmp_path / "rb.pt", tmp_path / "wrapped.safetensors", strip_prefixes=tuple(args[1::2]),
+                       overwrite=True)  # fmt: skip
+    load_model("wrapped", registry=[registry])  # the hint's arguments give weights that fit

@@ -303,9 +303,32 @@ def _state_mismatch(expected: dict[str, torch.Tensor], state: dict[str, torch.Te
         stored = _stored_as({state[k].dtype for k in kinds})
         parts.append(f"{len(kinds)} float tensor{'s' * (len(kinds) != 1)} stored as {stored} ({shown}{more})")
     if unexpected and len(unexpected) == len(state):
-        parts.append("none of the file's keys fit: weights of another architecture (or arch_args), or keys "
-                     "saved with a prefix")  # fmt: skip
+        prefix = _extra_prefix(expected, state)
+        if prefix is None:
+            parts.append("none of the file's keys fit: weights of another architecture (or arch_args), or keys "
+                         "saved with a prefix")  # fmt: skip
+        else:
+            # the prefixes given to convert replace its default: "--strip-prefix model." alone would leave the
+            # "module." of a DataParallel-wrapped checkpoint on
+            strip = f"--strip-prefix {prefix}" if prefix.startswith("module.") else f"--strip-prefix module. " \
+                f"--strip-prefix {prefix} (those given replace the default module.)"
+            parts.append(f"none of the file's keys fit: every key of the file starts with {prefix!r}, which the "
+                         f"architecture's lack (weights saved from a wrapper); convert the checkpoint again with "
+                         f"preempt models convert {strip}")  # fmt: skip
     return "; ".join(parts)
+
+
+def _extra_prefix(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> str | None:
+    """The shortest dotted prefix that every key of ``state`` starts with and whose removal makes most of
+    them keys of ``expected`` ("model." of weights saved from a wrapper module), or None."""
+    first = next(iter(state), "")
+    for end in (i + 1 for i, char in enumerate(first) if char == "."):
+        prefix = first[:end]
+        if not all(k.startswith(prefix) for k in state):
+            return None
+        if 2 * sum(k[end:] in expected for k in state) > len(state):
+            return prefix
+    return None
 
 
 def _learned_tensor_names(net: nn.Module) -> set[str]:
