@@ -369,3 +369,15 @@ def test_a_torchscript_archive_is_named_as_such(tmp_path: Path) -> None:
     assert message.startswith(f"{ckpt}: is a TorchScript archive (torch.jit.save)") and "\n" not in message, message
     assert "``" not in message and "not a PyTorch checkpoint?" not in message and "torch.jit.load" in message
     assert not (tmp_path / "out.safetensors").exists()
+
+
+@pytest.mark.parametrize("dtype", ["complex32", "bits8"])
+def test_a_tensor_of_a_type_safetensors_cannot_hold_is_refused_with_its_name(dtype, tmp_path) -> None:
+    # it was "internal error: KeyError: torch.complex32" once the checkpoint was read
+    if not hasattr(torch, dtype):
+        pytest.skip(f"this torch has no {dtype}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch calls complex32 experimental
+        odd = torch.zeros(2, dtype=getattr(torch, dtype))
+    message = _convert(tmp_path, {"w": torch.zeros(2), "odd": odd})
+    assert f"tensor 'odd' is {dtype}, a type safetensors cannot hold" in message, message
