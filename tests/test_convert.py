@@ -381,3 +381,21 @@ def test_a_tensor_of_a_type_safetensors_cannot_hold_is_refused_with_its_name(dty
         odd = torch.zeros(2, dtype=getattr(torch, dtype))
     message = _convert(tmp_path, {"w": torch.zeros(2), "odd": odd})
     assert f"tensor 'odd' is {dtype}, a type safetensors cannot hold" in message, message
+
+
+@pytest.mark.parametrize("output", ["new/", "new/deeper/"])
+def test_an_output_ending_in_a_slash_names_a_folder_and_is_refused_before_any_work(
+    output: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Path() drops the trailing slash: the weights were written to a file named "new" (the folder meant)
+    monkeypatch.chdir(tmp_path)
+    torch.save({"w": torch.zeros(2)}, tmp_path / "ok.pt")
+    loads: list[object] = []
+    monkeypatch.setattr(torch, "load", lambda *a, **kw: loads.append(a))
+    result = CliRunner().invoke(app, ["models", "convert", "ok.pt", output])
+    assert result.exit_code == 2, result.output
+    assert result.stderr == (f"error: {output}: names a folder (it ends in /): name the .safetensors file to write "
+                             f"(e.g. {output}ok.safetensors)\n") and not loads  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.pt"]
+    with pytest.raises(ConfigError, match="names a folder"):  # the library, given the name as a string
+        convert_checkpoint(Path("ok.pt"), output)  # type: ignore[arg-type]

@@ -243,7 +243,7 @@ def _open_checkpoint(checkpoint: Path) -> BinaryIO:
 
 def convert_checkpoint(
     checkpoint: Path,
-    output: Path,
+    output: Path | str,
     *,
     key: str | None = None,
     strip_prefixes: tuple[str, ...] = ("module.",),
@@ -256,11 +256,14 @@ def convert_checkpoint(
     ``output`` is replaced only with ``overwrite``; the checkpoint itself never.
 
     Raises:
-        ConfigError: ``output`` is the checkpoint, a folder, under a file, or exists without ``overwrite``;
+        ConfigError: ``output`` is the checkpoint, a folder (or a name ending in a slash), under a file, or exists without ``overwrite``;
             unreadable checkpoint, no state dict in it, or two keys that are the same once a prefix is stripped.
         ImageWriteError: the output cannot be written, or (without ``overwrite``) appeared while the
             checkpoint was read; it is left as it is.
     """
+    if isinstance(output, str) and output.endswith(("/", os.sep)):  # Path() drops it: a file "new" for "new/"
+        raise ConfigError(f"{output}: names a folder (it ends in {output[-1]}): name the .safetensors file to write "
+                          f"(e.g. {output}{Path(checkpoint).with_suffix('.safetensors').name})")  # fmt: skip
     # a quoted '~/x', as for train's output
     checkpoint, output = expand_home(checkpoint), expand_home(output, existing_literal=False)
     if same_file(checkpoint, output) or (not os.path.exists(output) and checkpoint.absolute() == output.absolute()):

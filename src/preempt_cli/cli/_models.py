@@ -198,7 +198,8 @@ def verify_cmd(
 )
 def convert_cmd(
     checkpoint: Annotated[Path, typer.Argument(metavar="CHECKPOINT", help="A PyTorch checkpoint (.pt/.pth).")],
-    output: Annotated[Path, typer.Argument(metavar="OUTPUT", help="The safetensors file to write.")],
+    # a string: Path() would drop the trailing slash of a folder meant ("new/"), which convert refuses
+    output: Annotated[str, typer.Argument(metavar="OUTPUT", help="The safetensors file to write.")],
     key: Annotated[
         Optional[str], typer.Option("--key", help="Entry holding the state dict (default: state_dict/model/…); a "
                                     "nested one by its dotted path (a.b for {a: {b: ...}}), an entry named "
@@ -219,7 +220,8 @@ def convert_cmd(
     c.setup_logging(verbose, quiet)
     with c.handle_errors():
         n, sha = convert_checkpoint(checkpoint, output, key=key, strip_prefixes=tuple(strip_prefix), overwrite=force)
+        written = Path(output)
         if quiet:  # the path alone, for scripts: as protect lists its outputs
-            c.print_line(c.shown_path(output))
+            c.print_line(c.shown_path(written))
         else:
-            c.print_result(f"{output} ({n} tensors, sha256 {sha})")
+            c.print_result(f"{written} ({n} tensors, sha256 {sha})")
