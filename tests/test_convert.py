@@ -399,3 +399,17 @@ def test_an_output_ending_in_a_slash_names_a_folder_and_is_refused_before_any_wo
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.pt"]
     with pytest.raises(ConfigError, match="names a folder"):  # the library, given the name as a string
         convert_checkpoint(Path("ok.pt"), output)  # type: ignore[arg-type]
+
+
+def test_a_flat_state_dict_with_other_entries_is_not_sent_looking_for_a_key(tmp_path) -> None:
+    # it said "cannot find the state dict ...; name it with --key", where no entry holds one to name
+    message = _convert(tmp_path, {"conv.weight": torch.zeros(2), "conv.bias": torch.zeros(2), "epoch": 5, "arch": "x"})
+    assert "--key" not in message, message
+    assert message.endswith("the checkpoint holds tensors beside entries that are not ('epoch': int, 'arch': str), "
+                            "and no entry that is a state dict: save its tensors alone and convert that file")
+
+
+def test_a_state_dict_found_by_its_usual_name_that_nests_another_says_which_key_reaches_it(tmp_path) -> None:
+    # {"state_dict": {"model": {...}}} said only that entry 'state_dict' is not a state dict, with no way on
+    message = _convert(tmp_path, {"state_dict": {"model": {"w": torch.zeros(2)}}, "epoch": 5})
+    assert message.endswith("name an entry inside it with --key state_dict.NAME"), message

@@ -22,11 +22,15 @@ __all__ = ["convert_checkpoint"]
 _STATE_KEYS = ("state_dict", "model_state_dict", "model", "net", "ema")
 
 
+def _kinds(obj: dict) -> str:
+    """A few of a dict's entries with the types they hold, for a message: ``'epoch': int, 'arch': str``."""
+    return ", ".join(f"{k!r}: {type(v).__name__}" for k, v in list(obj.items())[:5]) + (", ..." if len(obj) > 5 else "")
+
+
 def _describe(obj: Any) -> str:
     """What a checkpoint entry holds, for a message: its type, and a few of a dict's entries."""
     if isinstance(obj, dict):
-        kinds = ", ".join(f"{k!r}: {type(v).__name__}" for k, v in list(obj.items())[:5])
-        return f"a dict of {len(obj)} entr{'y' if len(obj) == 1 else 'ies'} ({kinds}{', ...' if len(obj) > 5 else ''})"
+        return f"a dict of {len(obj)} entr{'y' if len(obj) == 1 else 'ies'} ({_kinds(obj)})"
     name = type(obj).__name__
     return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"  # "an int", not "a int"
 
@@ -78,6 +82,7 @@ def _entry_at(obj: Any, key: str, checkpoint: Path) -> Any:
 
 
 def _find_state(obj: Any, key: str | None, checkpoint: Path) -> dict[str, torch.Tensor]:
+    found = None  # the entry taken for the state dict where ``key`` names none
     if key is not None:
         obj, where = _entry_at(obj, key, checkpoint), f"entry {key!r}"
     elif isinstance(obj, dict) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -93,6 +98,12 @@ def _find_state(obj: Any, key: str | None, checkpoint: Path) -> dict[str, torch.
             # robust checkpoints are often evaluated with their EMA weights: picking one would be a guess
             raise ConfigError(f"{checkpoint}: the checkpoint holds several state dicts "
                               f"({', '.join(map(repr, candidates))}); name the one to convert with --key")  # fmt: skip
+        others = {k: v for k, v in obj.items() if not isinstance(v, torch.Tensor)}
+        if not candidates and len(others) < len(obj) and not any(isinstance(v, dict) for v in others.values()):
+            # a flat state dict with a few other entries ("epoch"): no entry holds the tensors, --key names none
+            raise ConfigError(f"{checkpoint}: the checkpoint holds tensors beside entries that are not "
+                              f"({_kinds(others)}), and no entry that is a state dict: "
+                              "save its tensors alone and convert that file")  # fmt: skip
         if not candidates:
             raise ConfigError(f"{checkpoint}: cannot find the state dict in the checkpoint (entries: "
                               f"{_entries(obj)}); name it with --key")  # fmt: skip
@@ -102,8 +113,9 @@ def _find_state(obj: Any, key: str | None, checkpoint: Path) -> dict[str, torch.
         where = "checkpoint"
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         hint = "; name the entry holding the state dict with --key" if where == "checkpoint" and isinstance(obj, dict) else ""
-        if key is not None and isinstance(obj, dict) and any(isinstance(v, dict) for v in obj.values()):
-            hint = f"; name an entry inside it with --key {key}.NAME"
+        taken = key if key is not None else found  # named, or found by its usual name ({"state_dict": {"model": ...}})
+        if taken is not None and isinstance(obj, dict) and any(isinstance(v, dict) for v in obj.values()):
+            hint = f"; name an entry inside it with --key {taken}.NAME"
         raise ConfigError(f"{checkpoint}: the {where} is not a state dict of tensors (it holds {_describe(obj)}){hint}")
     if not obj:
         raise ConfigError(f"{checkpoint}: the {where} holds no tensors (an empty state dict): nothing to convert")
@@ -256,8 +268,9 @@ def convert_checkpoint(
     ``output`` is replaced only with ``overwrite``; the checkpoint itself never.
 
     Raises:
-        ConfigError: ``output`` is the checkpoint, a folder (or a name ending in a slash), under a file, or exists without ``overwrite``;
-            unreadable checkpoint, no state dict in it, or two keys that are the same once a prefix is stripped.
+        ConfigError: ``output`` is the checkpoint, a folder (or a name ending in a slash), under a file, or
+            exists without ``overwrite``; unreadable checkpoint, no state dict in it, a tensor safetensors cannot
+            hold, or two keys that are the same once a prefix is stripped.
         ImageWriteError: the output cannot be written, or (without ``overwrite``) appeared while the
             checkpoint was read; it is left as it is.
     """
