@@ -626,24 +626,28 @@ def save_safetensors(tensors: dict, path: Path, metadata: dict[str, str] | None 
     """
     from safetensors.torch import save
 
-    data = _canonical_header(save(_unshared(tensors), metadata=metadata))
+    data = save(_unshared(tensors), metadata=metadata)
+    head, size = _canonical_header(data)
     with atomic_write(path, mode=mode, replace=replace) as f:
-        f.write(data)
+        f.write(head)
+        # a view, not a slice: joining the header to a copy of the rest held the file three times in memory
+        f.write(memoryview(data)[8 + size :])
     _fsync_dir(path.parent)
 
 
-def _canonical_header(data: bytes) -> bytes:
-    """``data`` (a safetensors file) with its JSON header's keys sorted. safetensors writes the metadata in
-    a hash map's order, which changes from run to run: two identical trainings gave files of different
-    sha256, so a registry pin could not confirm a reproduced model. The tensors' offsets count from the
-    end of the header, so a header of another length leaves them valid; it is padded with spaces to a
-    multiple of 8 bytes, as safetensors pads it."""
+def _canonical_header(data: bytes) -> tuple[bytes, int]:
+    """The start of ``data`` (a safetensors file) with its JSON header's keys sorted, its 8-byte length
+    included, and the length of the header it replaces: the tensors' bytes follow it unchanged. safetensors
+    writes the metadata in a hash map's order, which changes from run to run: two identical trainings gave
+    files of different sha256, so a registry pin could not confirm a reproduced model. The tensors' offsets
+    count from the end of the header, so a header of another length leaves them valid; it is padded with
+    spaces to a multiple of 8 bytes, as safetensors pads it."""
     import json
 
     size = int.from_bytes(data[:8], "little")
     header = json.dumps(json.loads(data[8 : 8 + size]), sort_keys=True, separators=(",", ":")).encode()
     header += b" " * (-len(header) % 8)
-    return len(header).to_bytes(8, "little") + header + data[8 + size :]
+    return len(header).to_bytes(8, "little") + header, size
 
 
 def _fsync_dir(folder: Path) -> None:
