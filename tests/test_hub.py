@@ -1195,8 +1195,8 @@ def test_class_names_holding_commas_match_the_files_joined_list(tmp_path) -> Non
 
 
 def test_save_safetensors_holds_one_copy_of_the_file_in_memory(tmp_path) -> None:
-    """The sorted header was joined to a slice of safetensors' bytes: two more copies of the whole file, 4.4 GB
-    beyond the weights for the WRN-94-16 that README says to convert."""
+    """The sorted header was joined to a slice of safetensors' bytes: three copies of the whole file at once,
+    4.4 GB beyond the weights for the WRN-94-16 (1.46 GB) that README says to convert."""
     import tracemalloc
 
     from preempt_cli.hub import save_safetensors
