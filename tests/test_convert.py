@@ -413,3 +413,33 @@ def test_a_state_dict_found_by_its_usual_name_that_nests_another_says_which_key_
     # {"state_dict": {"model": {...}}} said only that entry 'state_dict' is not a state dict, with no way on
     message = _convert(tmp_path, {"state_dict": {"model": {"w": torch.zeros(2)}}, "epoch": 5})
     assert message.endswith("name an entry inside it with --key state_dict.NAME"), message
+
+
+class _Calls:
+    """A pickle whose loading would call ``func(*args)``."""
+
+    def __init__(self, func, *args) -> None:
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return (self.func, self.args)
+
+
+@pytest.mark.parametrize(("func", "args", "name"), [
+    (os.system, ("true",), "system"),
+    (__import__("subprocess").call, (["true"],), "call"),  # pickled as commands.call (its Python 2 name)
+    (eval, ("1",), "eval"),
+])  # fmt: skip
+def test_a_pickle_that_would_run_commands_is_not_met_with_advice_to_load_it_unsafely(
+    func, args, name, tmp_path
+) -> None:
+    """The refusal of a checkpoint that would call os.system advised, as for any class it did not know, to load
+    it with weights_only=False "if you trust the file": that runs the command."""
+    message = _convert(tmp_path, {"w": torch.zeros(2), "x": _Calls(func, *args)})
+    assert "refused by torch.load(weights_only=True)" in message and name in message, message
+    assert "if you trust" not in message and "malicious" in message, message
+
+
+def test_a_pickle_of_an_unknown_class_still_says_how_to_convert_a_trusted_file(tmp_path) -> None:
+    message = _convert(tmp_path, {"w": torch.zeros(2), "args": __import__("argparse").Namespace(lr=0.1)})
+    assert "argparse.Namespace" in message and "only if you trust the file" in message and "malicious" not in message

@@ -167,11 +167,31 @@ _GLOBAL = re.compile(r"GLOBAL\s+([\w.]+)")
 _PROTOCOL = re.compile(r"Detected pickle protocol (\d+)")
 
 
+#: Modules whose functions run commands or code: a checkpoint of weights calls none of them (``commands``:
+#: how a protocol-2 pickle names ``subprocess``; ``nt``/``posix``: ``os`` as pickled on Windows/elsewhere).
+_CODE_RUNNING_MODULES = frozenset({"os", "posix", "nt", "sys", "subprocess", "commands", "runpy", "shutil", "pty",
+                                   "socket", "ctypes", "importlib", "code", "webbrowser"})  # fmt: skip
+#: Built-ins that do (torch names a built-in without its module: "eval").
+_CODE_RUNNING_BUILTINS = frozenset({"eval", "exec", "compile", "__import__", "open", "breakpoint"})
+
+
+def _runs_code(name: str) -> bool:
+    """Whether the global ``name`` a pickle asks for (``posix.system``, ``eval``) runs commands or code."""
+    module, _, attribute = name.rpartition(".")
+    if module in ("", "builtins", "__builtin__"):
+        return attribute in _CODE_RUNNING_BUILTINS
+    return module.partition(".")[0] in _CODE_RUNNING_MODULES
+
+
 def _load_refusal(checkpoint: Path, error: Exception, protocol: str | None = None) -> str:
     """One plain line for a checkpoint ``torch.load(weights_only=True)`` refused: torch's own message spans
     lines, with terminal escapes, and advises turning the protection off."""
     text = _ANSI.sub("", str(error))
     blocked = _GLOBAL.search(text)
+    if blocked and _runs_code(blocked.group(1)):  # no advice to load it unsafely "if you trust the file"
+        return (f"{checkpoint}: refused by torch.load(weights_only=True): loading it would call "
+                f"{blocked.group(1)}, which runs commands or code (no checkpoint of weights needs that): the file may "
+                "be malicious; never load it with weights_only=False")  # fmt: skip
     if blocked:  # torch names the callable it refused to import: say which, not torch's advice
         return (f"{checkpoint}: refused by torch.load(weights_only=True): it holds pickled objects other than "
                 f"tensors (it would import {blocked.group(1)}, which is not allowed); only if you trust the file, "
