@@ -443,3 +443,24 @@ def test_a_pickle_that_would_run_commands_is_not_met_with_advice_to_load_it_unsa
 def test_a_pickle_of_an_unknown_class_still_says_how_to_convert_a_trusted_file(tmp_path) -> None:
     message = _convert(tmp_path, {"w": torch.zeros(2), "args": __import__("argparse").Namespace(lr=0.1)})
     assert "argparse.Namespace" in message and "only if you trust the file" in message and "malicious" not in message
+
+
+@pytest.mark.parametrize("form", ["zip", "legacy", "pickle-2", "pickle-4"])
+def test_a_command_behind_a_harmless_class_or_another_protocol_is_still_called_possibly_malicious(
+    form, tmp_path
+) -> None:
+    """torch names the first global it refuses: a harmless class before os.system (or a protocol-4 pickle, refused
+    for its protocol) got the advice to load the file with weights_only=False where it is trusted."""
+    import argparse
+
+    obj = {"w": torch.zeros(2), "args": argparse.Namespace(lr=0.1), "x": _Calls(os.system, "true")}
+    ckpt = tmp_path / "c.pt"
+    if form in ("zip", "legacy"):
+        torch.save(obj, ckpt, _use_new_zipfile_serialization=form == "zip")
+    else:
+        ckpt.write_bytes(pickle.dumps({**obj, "w": 1.0}, protocol=int(form[-1])))
+    with pytest.raises(ConfigError) as info:
+        convert_checkpoint(ckpt, tmp_path / "out.safetensors")
+    message = str(info.value)
+    assert "system" in message and "malicious" in message and "if you trust" not in message, message
+    assert "where you trust it" not in message and not (tmp_path / "out.safetensors").exists()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import io
 import os
+import pickletools
 import re
 import warnings
 import zipfile
@@ -183,15 +185,72 @@ def _runs_code(name: str) -> bool:
     return module.partition(".")[0] in _CODE_RUNNING_MODULES
 
 
-def _load_refusal(checkpoint: Path, error: Exception, protocol: str | None = None) -> str:
+#: How much of a file that is no zip archive is searched for pickled globals: a legacy torch.save file's
+#: pickles come first and are small; its tensors' bytes follow.
+_PICKLE_SCAN_BYTES = 16 << 20
+_STRING_OPS = frozenset({"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING", "BINSTRING",
+                         "STRING"})  # fmt: skip
+
+
+def _globals_in_pickle(data: BinaryIO) -> list[str]:
+    """The globals the pickles in ``data`` ask for (``posix.system``), read with pickletools, which runs
+    nothing: ``GLOBAL``'s names, and ``STACK_GLOBAL``'s from the strings pushed or fetched from the memo before
+    it. Consecutive pickles are read until one fails to parse (a legacy file's tensor bytes)."""
+    found: list[str] = []
+    while True:
+        memo: dict[int, Any] = {}
+        recent: list[Any] = []  # what the last ops pushed: strings, None for anything else
+        try:
+            for op, arg, _ in pickletools.genops(data):
+                if op.name == "GLOBAL":
+                    found.append(str(arg).replace(" ", "."))
+                elif op.name == "STACK_GLOBAL" and len(recent) >= 2:
+                    found.append(f"{recent[-2]}.{recent[-1]}")
+                if op.name in _STRING_OPS:
+                    recent.append(arg)
+                elif op.name in ("GET", "BINGET", "LONG_BINGET"):
+                    recent.append(memo.get(arg))
+                elif op.name == "MEMOIZE":
+                    memo[len(memo)] = recent[-1] if recent else None
+                elif op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                    memo[arg] = recent[-1] if recent else None
+                elif op.name not in ("FRAME", "PROTO"):
+                    recent.append(None)
+                del recent[:-2]
+        except Exception:  # the end of the pickles, or no pickle: what was found stands
+            return found
+
+
+def _code_running_global(f: BinaryIO, zip_names: list[str] | None) -> str | None:
+    """The first global of the checkpoint open as ``f`` that runs commands or code (see :func:`_runs_code`),
+    or None: torch names only the first global it refuses, which may be a harmless class before it, and
+    refuses a pickle of protocol 4 and up for its protocol, before any global."""
+    try:
+        if zip_names is not None:
+            record = next((n for n in zip_names if n == "data.pkl" or n.endswith("/data.pkl")), None)
+            if record is None:
+                return None
+            f.seek(0)
+            with zipfile.ZipFile(f) as archive, archive.open(record) as pickled:
+                data: BinaryIO = io.BytesIO(pickled.read(_PICKLE_SCAN_BYTES))
+        else:
+            f.seek(0)
+            data = io.BytesIO(f.read(_PICKLE_SCAN_BYTES))
+    except (OSError, zipfile.BadZipFile, ValueError, RuntimeError):
+        return None
+    return next((name for name in _globals_in_pickle(data) if _runs_code(name)), None)
+
+
+def _load_refusal(checkpoint: Path, error: Exception, protocol: str | None = None, code: str | None = None) -> str:
     """One plain line for a checkpoint ``torch.load(weights_only=True)`` refused: torch's own message spans
     lines, with terminal escapes, and advises turning the protection off."""
     text = _ANSI.sub("", str(error))
     blocked = _GLOBAL.search(text)
-    if blocked and _runs_code(blocked.group(1)):  # no advice to load it unsafely "if you trust the file"
-        return (f"{checkpoint}: refused by torch.load(weights_only=True): loading it would call "
-                f"{blocked.group(1)}, which runs commands or code (no checkpoint of weights needs that): the file may "
-                "be malicious; never load it with weights_only=False")  # fmt: skip
+    code = code or (blocked.group(1) if blocked and _runs_code(blocked.group(1)) else None)
+    if code:  # no advice to load it unsafely "if you trust the file"
+        return (f"{checkpoint}: refused by torch.load(weights_only=True): loading it would call {code}, which "
+                "runs commands or code (no checkpoint of weights needs that): the file may be malicious; never "
+                "load it with weights_only=False")  # fmt: skip
     if blocked:  # torch names the callable it refused to import: say which, not torch's advice
         return (f"{checkpoint}: refused by torch.load(weights_only=True): it holds pickled objects other than "
                 f"tensors (it would import {blocked.group(1)}, which is not allowed); only if you trust the file, "
@@ -331,7 +390,7 @@ def convert_checkpoint(
                                   "weights alone; only if you trust the file, load it with torch.jit.load in "
                                   "Python, torch.save its state_dict() and convert that file") from e  # fmt: skip
             protocol = next((m.group(1) for w in caught if (m := _PROTOCOL.search(str(w.message)))), None)
-            raise ConfigError(_load_refusal(checkpoint, e, protocol)) from e
+            raise ConfigError(_load_refusal(checkpoint, e, protocol, _code_running_global(f, names))) from e
     state = _find_state(obj, key, checkpoint)
     clean: dict[str, torch.Tensor] = {}
     origin: dict[str, str] = {}
