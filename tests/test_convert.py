@@ -464,3 +464,30 @@ def test_a_command_behind_a_harmless_class_or_another_protocol_is_still_called_p
     message = str(info.value)
     assert "system" in message and "malicious" in message and "if you trust" not in message, message
     assert "where you trust it" not in message and not (tmp_path / "out.safetensors").exists()
+
+
+def test_convert_json_gives_the_sha256_a_registry_row_pins_and_the_row_verifies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sha256 for a row's pin was only in the human line: --json gives it, and a row pinning it verifies."""
+    import hashlib
+    import json
+
+    from preempt_cli.models import create_arch
+
+    monkeypatch.chdir(tmp_path)
+    net = create_arch("cifar_resnet20", shortcut="pad_end")
+    torch.save({"state_dict": {f"module.{k}": v for k, v in net.state_dict().items()}, "epoch": 3}, "rb.pt")
+    result = CliRunner().invoke(app, ["models", "convert", "rb.pt", "models/rb.safetensors", "--json"])
+    assert result.exit_code == 0, result.output
+    row = json.loads(result.stdout)
+    assert row == {"checkpoint": "rb.pt", "output": str(Path("models/rb.safetensors")),
+                   "tensors": len(net.state_dict()), "sha256": row["sha256"]}  # fmt: skip
+    assert row["sha256"] == hashlib.sha256((tmp_path / "models" / "rb.safetensors").read_bytes()).hexdigest()
+    (tmp_path / "r.toml").write_text('[models.rb]\narch = "cifar_resnet20"\narch_args = { shortcut = "pad_end" }\n'
+                                     'input_size = [3, 32, 32]\nmean = "none"\nstd = "none"\nclasses = "cifar10"\n'
+                                     f'source = "file:rb.safetensors"\nsha256 = "{row["sha256"]}"\n')  # fmt: skip
+    verified = CliRunner().invoke(app, ["models", "verify", "rb", "--registry", "r.toml", "--models-dir", "models",
+                                        "--json"])  # fmt: skip
+    assert verified.exit_code == 0, verified.output
+    assert json.loads(verified.stdout)["pinned"] is True

@@ -213,6 +213,8 @@ def convert_cmd(
                                         "checkpoint); --force: its former name.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="The output's path only, for scripts; no "
                                         "warnings.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object: checkpoint, output, tensors, "
+                                           "sha256 (for a registry row's pin).")] = False,
     verbose: c.VerboseOpt = 0,
     log: c.LogOpt = None,
 ) -> None:
@@ -221,7 +223,9 @@ def convert_cmd(
     with c.handle_errors():
         n, sha = convert_checkpoint(checkpoint, output, key=key, strip_prefixes=tuple(strip_prefix), overwrite=force)
         written = Path(output)
-        if quiet:  # the path alone, for scripts: as protect lists its outputs
+        if json_out:  # the pin a registry row takes, without reading it back out of the human line
+            c.print_json({"checkpoint": str(checkpoint), "output": str(written), "tensors": n, "sha256": sha})
+        elif quiet:  # the path alone, for scripts: as protect lists its outputs
             c.print_line(c.shown_path(written))
         else:
             c.print_result(f"{written} ({n} tensors, sha256 {sha})")
