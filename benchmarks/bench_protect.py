@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Speed of ``preempt``'s Fast Preemption engine, measured in one run on one machine.
 
-What it measures (medians over ``--repeats`` timed runs, each after a warm-up):
+What it measures (medians over ``--repeats`` timed runs, each after a warm-up; what a ratio compares is
+timed in turns, one run of each per round: see ``timed_in_turns``):
 
 1. **engine vs reference**: our engine (``Protector.transform``: batched images x N samples, gradients
    with respect to the input only, BatchNorm folded, convolutions fused with their ReLU, channels-last)
@@ -125,6 +126,23 @@ def timed(
         fn()
         sync(device)
         times.append(time.perf_counter() - start)
+    return times
+
+
+def timed_in_turns(runs: dict[str, tuple[Callable[[], Any], Callable[[], Any] | None]], device: torch.device,
+                   repeats: int) -> dict[str, list[float]]:  # fmt: skip
+    """Seconds of ``repeats`` calls of each of ``runs`` (name -> (fn, warm-up; None: a call of fn)), after
+    each one's warm-up, timed in turns: one call of each, then the next round. Their ratios are what is
+    reported (engine against reference, pipeline and CLI against engine): timed one after the other, a
+    change in the machine's load between them (another process starting or ending) fell on one side only
+    (on a shared 2-core machine the engine came out at 0.63x the reference on PreActResNet-18, where in
+    turns it was 1.4-1.7x)."""
+    for fn, warmup in runs.values():
+        (warmup or fn)()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, (fn, _) in runs.items():
+            times[name] += timed(fn, device, 1, warmup=lambda: None)
     return times
 
 
@@ -323,22 +341,40 @@ def bench_engine_vs_reference(
         nonlocal out
         out = engine_run(protector, x, y, seeds, args.batch_size)
 
-    warm = partial(engine_warmup, protector, x, y, seeds, args.batch_size)
-    result["engine"] = rate(timed(run_ours, device, args.repeats, warm), x.shape[0])
-    result["engine"]["check"] = budget(x, out, cfg.eps)
-    result["engine"]["backbone_keeps_label"] = round(float((protector.predict(out) == y).float().mean()), 4)
-
+    # name -> (timed call, its warm-up): timed in turns, so that their ratios compare like with like
+    runs: dict[str, tuple[Callable[[], Any], Callable[[], Any] | None]] = {
+        "engine": (run_ours, partial(engine_warmup, protector, x, y, seeds, args.batch_size))}
+    out16 = None
     if args.bf16 and native_bf16(device):
         log(f"{key}: engine with --precision bf16 (autocast for the backbone passes)")
         protector16 = make_protector(ours, cfg, "bf16")
-        out16 = None
 
         def run_bf16() -> None:
             nonlocal out16
             out16 = engine_run(protector16, x, y, seeds, args.batch_size)
 
-        warm16 = partial(engine_warmup, protector16, x, y, seeds, args.batch_size)
-        r16 = rate(timed(run_bf16, device, args.repeats, warm16), x.shape[0])
+        runs["engine_bf16"] = (run_bf16, partial(engine_warmup, protector16, x, y, seeds, args.batch_size))
+
+    k = min(args.ref_images, x.shape[0])
+    ref_out: list[torch.Tensor] = []
+    if not args.skip_reference:
+        imgs = [x[i : i + 1] for i in range(k)]
+        labs = [y[i : i + 1] for i in range(k)]
+        log(f"{key}: reference on {k} images, one at a time, in turns with the engine")
+        torch.manual_seed(0)
+
+        def run_ref() -> None:
+            nonlocal ref_out
+            ref_out = reference_protect(ref, imgs, labs, cfg)
+
+        runs["reference"] = (run_ref, partial(reference_protect, ref, imgs[:1], labs[:1], cfg))
+
+    times = timed_in_turns(runs, device, args.repeats)
+    result["engine"] = rate(times["engine"], x.shape[0])
+    result["engine"]["check"] = budget(x, out, cfg.eps)
+    result["engine"]["backbone_keeps_label"] = round(float((protector.predict(out) == y).float().mean()), 4)
+    if "engine_bf16" in times:
+        r16 = rate(times["engine_bf16"], x.shape[0])
         r16["check"] = budget(x, out16, cfg.eps)
         r16["speedup_vs_fp32"] = round(result["engine"]["median_s"] / r16["median_s"], 3)
         result["engine_bf16"] = r16
@@ -346,20 +382,8 @@ def bench_engine_vs_reference(
     if args.unfused:
         result["fusion"] = bench_fusion(key, protector, ref, x, y, seeds, args, cfg, device)
 
-    if not args.skip_reference:
-        k = min(args.ref_images, x.shape[0])
-        imgs = [x[i : i + 1] for i in range(k)]
-        labs = [y[i : i + 1] for i in range(k)]
-        log(f"{key}: reference on {k} images, one at a time")
-        torch.manual_seed(0)
-        ref_out: list[torch.Tensor] = []
-
-        def run_ref() -> None:
-            nonlocal ref_out
-            ref_out = reference_protect(ref, imgs, labs, cfg)
-
-        warm_ref = partial(reference_protect, ref, imgs[:1], labs[:1], cfg)
-        rr = rate(timed(run_ref, device, args.repeats, warm_ref), k)
+    if "reference" in times:
+        rr = rate(times["reference"], k)
         x_ref = torch.cat(ref_out)
         rr["check"] = budget(x[:k], x_ref, cfg.eps)
         rr["backbone_keeps_label"] = round(float((protector.predict(x_ref) == y[:k]).float().mean()), 4)
@@ -575,18 +599,21 @@ def bench_photos(ours: ImageModel, ref: ImageModel, args: argparse.Namespace, cf
 
     result: dict[str, Any] = {"backbone": REAL_BACKBONE, "photos": list(PHOTOS),
                               "sizes": [list(x.shape[1:]) for x in xs]}  # fmt: skip
-    result["engine"] = rate(timed(run_ours, device, args.repeats), len(xs))
-    result["engine"]["check"] = [budget(x, o, cfg.eps) for x, o in zip(xs, outs)]
+    runs: dict[str, tuple[Callable[[], Any], Callable[[], Any] | None]] = {"engine": (run_ours, None)}
+    ref_out: list[torch.Tensor] = []
     if not args.skip_reference:
-        log(f"photos: reference on {len(xs)} images")
+        log(f"photos: reference on {len(xs)} images, in turns with the engine")
         torch.manual_seed(0)
-        ref_out: list[torch.Tensor] = []
 
         def run_ref() -> None:
             ref_out[:] = reference_protect(ref, xs, ys, cfg)
 
-        result["reference"] = rate(timed(run_ref, device, args.repeats,
-                                         lambda: reference_protect(ref, xs[:1], ys[:1], cfg)), len(xs))  # fmt: skip
+        runs["reference"] = (run_ref, lambda: reference_protect(ref, xs[:1], ys[:1], cfg))
+    times = timed_in_turns(runs, device, args.repeats)
+    result["engine"] = rate(times["engine"], len(xs))
+    result["engine"]["check"] = [budget(x, o, cfg.eps) for x, o in zip(xs, outs)]
+    if "reference" in times:
+        result["reference"] = rate(times["reference"], len(xs))
         result["reference"]["check"] = [budget(x, o, cfg.eps) for x, o in zip(xs, ref_out)]
         result["speedup"] = round(result["reference"]["ms_per_image"] / result["engine"]["ms_per_image"], 2)
     return result
@@ -613,12 +640,11 @@ def bench_end_to_end(ours: ImageModel, paths: list[Path], args: argparse.Namespa
         # on a thread of its own, as Protector.run (and so the CLI) computes: timed on the main thread, the
         # engine ran under other conditions (OpenMP's waiting threads, malloc's arena) than the pipeline it
         # is the baseline of, and the ratio measured more than the cost of the files
-        log(f"end to end: engine alone on {len(items)} images (on a worker thread)")
-        t_engine = timed(lambda: on_worker_thread(lambda: engine_run(protector, x, y, seeds, args.batch_size)),
-                         device, args.repeats,
-                         lambda: on_worker_thread(lambda: engine_warmup(protector, x, y, seeds, args.batch_size)))  # fmt: skip
+        engine_alone = partial(engine_run, protector, x, y, seeds, args.batch_size)
+        engine_alone_warmup = partial(engine_warmup, protector, x, y, seeds, args.batch_size)
+        runs: dict[str, tuple[Callable[[], Any], Callable[[], Any] | None]] = {
+            "engine": (partial(on_worker_thread, engine_alone), partial(on_worker_thread, engine_alone_warmup))}
 
-        log(f"end to end: Protector.run on a folder of {len(items)} PNGs")
         statuses: dict[str, list[str]] = {}
         trace = PipelineTrace(protector)  # where each run's time goes (see bench_pipeline.py)
         splits: dict[str, list[dict[str, float]]] = {"threads": [], "no_fsync": [], "processes": [], "switch": []}
@@ -628,21 +654,44 @@ def bench_end_to_end(ours: ImageModel, paths: list[Path], args: argparse.Namespa
             statuses[variant] = [r.status for r in outcomes]
             splits[variant].append(split)
 
-        t_pipe = timed(partial(run_pipeline, "threads", options), device, args.repeats)
-        written = sorted((Path(tmp) / "out").rglob("*.png"))
-        log(f"end to end: Protector.run with fsync off ({len(items)} PNGs)")
-        t_no_sync = timed(partial(run_pipeline, "no_fsync", replace(options, fsync=False)), device, args.repeats)
-        log(f"end to end: Protector.run with --io processes ({len(items)} PNGs)")
-        t_processes = timed(partial(run_pipeline, "processes", replace(options, io="processes")), device, args.repeats)
-        t_switch = None
-        if args.e2e_switch_interval:  # an experiment: a thread waiting for the GIL asks for it sooner
-            log(f"end to end: Protector.run --io processes, switch interval {args.e2e_switch_interval * 1000:g} ms")
+        def run_pipeline_switch() -> None:  # an experiment: a thread waiting for the GIL asks for it sooner
             default_interval = sys.getswitchinterval()
             sys.setswitchinterval(args.e2e_switch_interval)
             try:
-                t_switch = timed(partial(run_pipeline, "switch", replace(options, io="processes")), device, args.repeats)
+                run_pipeline("switch", replace(options, io="processes"))
             finally:
                 sys.setswitchinterval(default_interval)
+
+        # each variant's first call (its warm-up) is the first of its splits
+        runs["threads"] = (partial(run_pipeline, "threads", options), None)
+        runs["no_fsync"] = (partial(run_pipeline, "no_fsync", replace(options, fsync=False)), None)
+        runs["processes"] = (partial(run_pipeline, "processes", replace(options, io="processes")), None)
+        variants = "I/O threads, fsync off, --io processes"
+        if args.e2e_switch_interval:
+            runs["switch"] = (run_pipeline_switch, None)
+            variants += f", --io processes with a switch interval of {args.e2e_switch_interval * 1000:g} ms"
+        if not args.skip_cli:
+            one = Path(tmp) / "one"
+            one.mkdir()
+            shutil.copy2(items[0].path, one / items[0].path.name)
+
+            def run_cli(folder: Path) -> None:
+                cmd = [sys.executable, "-m", "preempt_cli", "protect", str(folder), "--backbone", REAL_BACKBONE,
+                       "--labels", "backbone", "--models-dir", str(args.models_dir), "--out-dir",
+                       str(Path(tmp) / "cli"), "--overwrite", "--quiet", "--device", str(device), "--batch-size",
+                       str(args.batch_size)] + (["--cuda-graphs"] if args.cuda_graphs else [])  # fmt: skip
+                subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+
+            # no warm-up: every call pays the start-up, as a user does
+            runs["cli"] = (partial(run_cli, src), lambda: None)
+            runs["cli_one"] = (partial(run_cli, one), lambda: None)
+            variants += f"; `preempt protect` in a subprocess ({len(items)} images, and 1 for the start-up)"
+        log(f"end to end: the engine alone on {len(items)} images (on a worker thread) and Protector.run on a "
+            f"folder of them ({variants}), in turns")
+        times = timed_in_turns(runs, device, args.repeats)
+        t_engine, t_pipe, t_no_sync, t_processes = (times[k] for k in ("engine", "threads", "no_fsync", "processes"))
+        t_switch = times.get("switch")
+        written = sorted((Path(tmp) / "out").rglob("*.png"))
         protector.close()
         io_costs = file_costs([i.path for i in items[:200]], Path(tmp) / "io")
         result: dict[str, Any] = {
@@ -672,26 +721,8 @@ def bench_end_to_end(ours: ImageModel, paths: list[Path], args: argparse.Namespa
         # the timed runs (not the warm-up): head, compute, between batches, tail of the median one
         result["split_s"] = {k: median_split(v[1:]) for k, v in splits.items() if len(v) > 1}
 
-        if not args.skip_cli:
-            one = Path(tmp) / "one"
-            one.mkdir()
-            shutil.copy2(items[0].path, one / items[0].path.name)
-
-            def cli_seconds(folder: Path) -> list[float]:
-                cmd = [sys.executable, "-m", "preempt_cli", "protect", str(folder), "--backbone", REAL_BACKBONE,
-                       "--labels", "backbone", "--models-dir", str(args.models_dir), "--out-dir",
-                       str(Path(tmp) / "cli"), "--overwrite", "--quiet", "--device", str(device), "--batch-size",
-                       str(args.batch_size)] + (["--cuda-graphs"] if args.cuda_graphs else [])  # fmt: skip
-                times: list[float] = []
-                for _ in range(args.repeats):  # no warm-up: every call pays the start-up, as a user does
-                    start = time.perf_counter()
-                    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-                    times.append(time.perf_counter() - start)
-                return times
-
-            log(f"end to end: `preempt protect` subprocess ({len(items)} images, then 1 image for the start-up)")
-            t_cli = cli_seconds(src)
-            t_one = cli_seconds(one)
+        if "cli" in times:
+            t_cli, t_one = times["cli"], times["cli_one"]
             result["cli"] = rate(t_cli, len(items))
             result["cli_vs_engine"] = round(result["cli"]["images_per_s"] / engine_rate, 3)
             # the command's start-up (interpreter, torch, device, model, workers) is paid once per call;
