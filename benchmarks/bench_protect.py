@@ -680,7 +680,7 @@ def bench_end_to_end(ours: ImageModel, paths: list[Path], args: argparse.Namespa
                        "--labels", "backbone", "--models-dir", str(args.models_dir), "--out-dir",
                        str(Path(tmp) / "cli"), "--overwrite", "--quiet", "--device", str(device), "--batch-size",
                        str(args.batch_size)] + (["--cuda-graphs"] if args.cuda_graphs else [])  # fmt: skip
-                subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+                subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=cli_environment(device, args))
 
             # no warm-up: every call pays the start-up, as a user does
             runs["cli"] = (partial(run_cli, src), lambda: None)
@@ -734,6 +734,20 @@ def bench_end_to_end(ours: ImageModel, paths: list[Path], args: argparse.Namespa
                 result["cli_after_startup_images_per_s"] = round((len(items) - 1) / extra, 1)
                 result["cli_after_startup_vs_engine"] = round(result["cli_after_startup_images_per_s"] / engine_rate, 3)
     return result
+
+
+def cli_environment(device: torch.device, args: argparse.Namespace) -> dict[str, str]:
+    """The environment of the ``preempt protect`` subprocess, whose rate is compared with the engine's in this
+    process: on a CPU, this process's thread count (``OMP_NUM_THREADS``, which the command keeps) and
+    allocator (``PREEMPT_TUNE_MALLOC=0`` where this one left malloc as the system's). Without them the command
+    took every usable CPU (or the environment's ``OMP_NUM_THREADS``) and tuned malloc, whatever ``--threads``
+    and ``--malloc default`` gave the engine."""
+    env = dict(os.environ)
+    if device.type == "cpu":
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(torch.get_num_threads())
+        if not getattr(args, "malloc_tuned", True):
+            env["PREEMPT_TUNE_MALLOC"] = "0"
+    return env
 
 
 def file_costs(paths: list[Path], folder: Path) -> dict[str, float]:

@@ -357,10 +357,9 @@ def test_the_engine_and_the_reference_are_timed_in_turns(part: str, monkeypatch)
     assert result["reference"]["check"] and result["speedup"] > 0
 
 
-def test_the_engine_alone_the_pipeline_and_the_cli_are_timed_in_turns(monkeypatch) -> None:
-    """End to end, the pipeline's and the CLI's rates are reported as fractions of the engine alone's: each
-    repeat runs the engine alone, each pipeline variant and the CLI (on the folder, then on one image) once,
-    after the warm-ups (none for the CLI, which pays its start-up as a user does)."""
+def _end_to_end_with_stand_ins(monkeypatch, calls: list[str], cli_envs: list[dict[str, str]], **options):
+    """bench_protect's end-to-end part on 4 CIFAR-10 files with stand-ins for the engine, the pipeline and the
+    CLI's subprocess, which record their calls (``calls``) and the subprocess's environment (``cli_envs``)."""
     import argparse
 
     data = require_shared("data", "cifar10")
@@ -370,8 +369,6 @@ def test_the_engine_alone_the_pipeline_and_the_cli_are_timed_in_turns(monkeypatc
     finally:
         sys.path.remove(str(BENCHMARKS))
     from preempt_cli import ForeBackConfig
-
-    calls: list[str] = []
 
     class Trace:
         def __init__(self, protector) -> None:
@@ -383,6 +380,7 @@ def test_the_engine_alone_the_pipeline_and_the_cli_are_timed_in_turns(monkeypatc
 
     def subprocess_run(cmd, **kwargs):
         calls.append("cli " + Path(cmd[4]).name)  # the folder protected: "in" (all files) or "one"
+        cli_envs.append(kwargs.get("env"))
 
     protector = _RecordingProtector(calls)
     protector.close = lambda: None
@@ -390,10 +388,41 @@ def test_the_engine_alone_the_pipeline_and_the_cli_are_timed_in_turns(monkeypatc
     monkeypatch.setattr(bench_protect, "graph_counts", lambda protector: {})
     monkeypatch.setattr(bench_protect, "PipelineTrace", Trace)
     monkeypatch.setattr(bench_protect.subprocess, "run", subprocess_run)
-    args = argparse.Namespace(batch_size=4, repeats=2, e2e_images=4, e2e_switch_interval=None, skip_cli=False,
-                              models_dir=BENCHMARKS, cuda_graphs=False)  # fmt: skip
-    result = bench_protect.bench_end_to_end(None, bench_protect.cifar_paths(data, 4), args, ForeBackConfig(),
-                                            torch.device("cpu"))  # fmt: skip
+    args = argparse.Namespace(**{"batch_size": 4, "repeats": 2, "e2e_images": 4, "e2e_switch_interval": None,
+                                 "skip_cli": False, "models_dir": BENCHMARKS, "cuda_graphs": False, **options})
+    return bench_protect.bench_end_to_end(None, bench_protect.cifar_paths(data, 4), args, ForeBackConfig(),
+                                          torch.device("cpu"))  # fmt: skip
+
+
+def test_the_engine_alone_the_pipeline_and_the_cli_are_timed_in_turns(monkeypatch) -> None:
+    """End to end, the pipeline's and the CLI's rates are reported as fractions of the engine alone's: each
+    repeat runs the engine alone, each pipeline variant and the CLI (on the folder, then on one image) once,
+    after the warm-ups (none for the CLI, which pays its start-up as a user does)."""
+    calls: list[str] = []
+    result = _end_to_end_with_stand_ins(monkeypatch, calls, [])
     warmups = ["engine", "threads", "no_fsync", "processes"]
-    assert calls == warmups + (warmups + ["cli in", "cli one"]) * args.repeats
-    assert len(result["engine_only"]["runs_s"]) == len(result["cli"]["runs_s"]) == args.repeats
+    assert calls == warmups + (warmups + ["cli in", "cli one"]) * 2
+    assert len(result["engine_only"]["runs_s"]) == len(result["cli"]["runs_s"]) == 2
+
+
+@pytest.mark.parametrize(("threads", "malloc_tuned"), [(1, False), (2, True)])
+def test_the_cli_is_timed_with_the_threads_and_allocator_of_the_engine_it_is_compared_with(
+    monkeypatch, threads: int, malloc_tuned: bool
+) -> None:
+    """`preempt protect` took every usable CPU (or the environment's OMP_NUM_THREADS) and tuned malloc, whatever
+    --threads and --malloc default gave the engine alone in the benchmark's process: its ratio to the engine
+    compared two thread counts or allocators. Its subprocess now gets this process's count and allocator."""
+    envs: list[dict[str, str]] = []
+    monkeypatch.setenv("OMP_NUM_THREADS", str(3 - threads))  # another count than the benchmark's
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)  # as --threads does
+    try:
+        _end_to_end_with_stand_ins(monkeypatch, [], envs, malloc_tuned=malloc_tuned)
+    finally:
+        torch.set_num_threads(before)
+    assert len(envs) == 4 and all(env is not None for env in envs)  # the folder and one image, twice each
+    for env in envs:
+        assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == str(threads)
+        # --malloc default: the CLI leaves malloc as the system's too; tuned: as it does by itself
+        assert env.get("PREEMPT_TUNE_MALLOC") == ("0" if not malloc_tuned else os.environ.get("PREEMPT_TUNE_MALLOC"))
+        assert env["PATH"] == os.environ["PATH"]  # the rest of the environment as it was
