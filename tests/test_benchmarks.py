@@ -426,3 +426,44 @@ def test_the_cli_is_timed_with_the_threads_and_allocator_of_the_engine_it_is_com
         # --malloc default: the CLI leaves malloc as the system's too; tuned: as it does by itself
         assert env.get("PREEMPT_TUNE_MALLOC") == ("0" if not malloc_tuned else os.environ.get("PREEMPT_TUNE_MALLOC"))
         assert env["PATH"] == os.environ["PATH"]  # the rest of the environment as it was
+
+
+def test_bilevel_is_timed_in_turns_with_the_engine_on_the_same_images(monkeypatch) -> None:
+    """Bi-Level's time over Fast Preemption's divided its time by the engine's from the engine-vs-reference
+    part: other images and batches, minutes apart on a machine whose load changes. The engine now runs on
+    Bi-Level's images, as one batch, in turns with it."""
+    import argparse
+
+    import preempt_cli.baselines
+
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import bench_protect
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    from preempt_cli import ForeBackConfig
+
+    calls: list[str] = []
+    batches: list[int] = []
+
+    class BiLevel:
+        def __init__(self, model, *, eps, eta, steps, inner_steps) -> None:
+            self.passes_per_image = steps * inner_steps
+
+        def perturb(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            calls.append("bilevel")
+            return x.clone()
+
+    protector = _RecordingProtector(calls)
+    transform = protector.transform
+    protector.transform = lambda x, y, noise_seeds=None: batches.append(x.shape[0]) or transform(x, y)
+    monkeypatch.setattr(bench_protect, "make_protector", lambda *a, **k: protector)
+    monkeypatch.setattr(preempt_cli.baselines, "BiLevel", BiLevel)
+    args = argparse.Namespace(bilevel_images=3, bilevel_steps=2, bilevel_inner=2, repeats=2)
+    result = bench_protect.bench_bilevel("resnet20", None, torch.rand(8, 3, 32, 32), list(range(8)), args,
+                                         ForeBackConfig(), torch.device("cpu"))  # fmt: skip
+    assert calls == ["bilevel", "engine"] * 3  # the warm-ups, then the rounds
+    assert set(batches) == {3} and result["batch"] == 3  # Bi-Level's images, as one batch
+    assert len(result["engine"]["runs_s"]) == len(result["runs_s"]) == 2
+    expected = result["ms_per_image_at_100x20"] / result["engine"]["ms_per_image"]
+    assert result["bilevel_over_fp"] == pytest.approx(expected, abs=0.051)
