@@ -1,6 +1,7 @@
 """``preempt eval``: what it writes (strict JSON, ``null`` for values not measured), the inputs it refuses
 (attack ``limit=``, ``--jpeg-quality``, options a run would ignore, defense values), damaged ``--resume``
-state, what a ``folder:`` defense takes, and its own output inside the data, on tiny models (no ``../shared``)."""
+state, what a ``folder:`` defense takes, its own output inside the data, and images too small for SSIM, on tiny
+models (no ``../shared``)."""
 
 from __future__ import annotations
 
@@ -664,3 +665,48 @@ def test_eval_takes_a_class_name_in_another_case_or_with_spaces_as_protect_does(
     write_random_pngs(tmp_path / "data" / "plane", n=1, seed=3)
     with pytest.raises(LabelError, match="unknown class 'plane'"):
         load_dataset(tmp_path / "data", classes=classes)
+
+
+# -- 10. images SSIM cannot score ----------------------------------------------------------------------------
+def test_images_smaller_than_ssim_s_window_are_refused_before_any_defense_is_computed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every defended set is scored with SSIM, whose 11x11 window refused 8x8 images only once the defense had
+    been computed (the whole of it, then "SSIM needs images of at least 11x11", naming no file)."""
+    from preempt_cli.errors import InputConfigError
+
+    computed: list[str] = []
+    original = Evaluator._compute_defense
+
+    def compute(self: Evaluator, spec: DefenseSpec) -> Any:
+        computed.append(spec.name)
+        return original(self, spec)
+
+    monkeypatch.setattr(Evaluator, "_compute_defense", compute)
+    models = {"bb": make_tiny_model(0, name="bb").to(TEST_DEVICE)}
+    for height, width, refused in ((8, 8, True), (10, 16, True), (16, 10, True), (11, 11, False)):
+        images = torch.zeros(2, 3, height, width, dtype=torch.uint8)
+        ds = Dataset(Path("mem"), [Path("mem/a.png"), Path("mem/b.png")], images, torch.tensor([0, 1]))
+        evaluator = Evaluator(ds, load=models.__getitem__, device=TEST_DEVICE, batch_size=4)
+        computed.clear()
+        if not refused:
+            assert evaluator.defend(FP).ssim is not None and computed == [FP.name]
+            continue
+        with pytest.raises(InputConfigError, match=rf"^mem/a\.png and the 1 other images are {height}x{width} pixels: "
+                                                   r".*SSIM.* at least 11x11$"):  # fmt: skip
+            evaluator.defend(FP)
+        assert computed == []
+
+
+def test_eval_of_images_smaller_than_ssim_s_window_fails_at_once_naming_them(tmp_path: Path, registry: Path) -> None:
+    data, out = tmp_path / "data", tmp_path / "ev"
+    first, _ = write_random_pngs(data / "cat", n=2, size=(8, 8))
+    result = invoke(["eval", str(data), "--victim", "tiny-victim", "-b", "tiny-victim", "--defense",
+                     "fp:labels=backbone,samples=1,forward=1,backward=0", "--defense", "none", "--attack",
+                     "pgd:steps=1", "--device", TEST_DEVICE_ARG, "--out", str(out), "--registry", str(registry),
+                     "-q"])  # fmt: skip
+    assert result.exit_code == 2, result.output
+    (line,) = result.stderr.strip().splitlines()
+    assert str(first) in line and "8x8" in line and "11x11" in line and "Traceback" not in result.stderr
+    assert not (out / "defenses").exists()  # no defense was computed
+

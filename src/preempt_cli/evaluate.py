@@ -1059,8 +1059,32 @@ class Evaluator:
             images.append(image)
         return DefendedSet(spec, torch.stack(images), None, 0.0)  # protected elsewhere: its time is not measured here
 
+    def check_ssim_size(self) -> None:
+        """Refuse images SSIM cannot score: smaller than its 11x11 window. Every defended set is scored with
+        SSIM (:meth:`defend`), which refused such images only once the defense had been computed; a grid of
+        them ran its first defense to fail there.
+
+        Raises:
+            InputConfigError: naming the data's images (all of one size) and theirs.
+        """
+        from .quality import SSIM_WINDOW
+
+        height, width = self.dataset.images.shape[-2:]
+        if height >= SSIM_WINDOW and width >= SSIM_WINDOW:
+            return
+        paths = self.dataset.paths
+        which = str(paths[0]) if len(paths) == 1 else f"{paths[0]} and the {len(paths) - 1} other images"
+        raise InputConfigError(f"{which} {'is' if len(paths) == 1 else 'are'} {height}x{width} pixels: eval scores "
+                               f"every defense with SSIM, whose {SSIM_WINDOW}x{SSIM_WINDOW} window needs images of "
+                               f"at least {SSIM_WINDOW}x{SSIM_WINDOW}")  # fmt: skip
+
     def defend(self, spec: DefenseSpec) -> DefendedSet:
-        """The defended images of ``spec`` (computed once, cached on disk when ``out_dir`` is set)."""
+        """The defended images of ``spec`` (computed once, cached on disk when ``out_dir`` is set).
+
+        Raises:
+            InputConfigError: images SSIM cannot score (:meth:`check_ssim_size`), before the defense is computed.
+        """
+        self.check_ssim_size()
         key = self.defense_key(spec)
         if key in self._defended:
             return self._defended[key]

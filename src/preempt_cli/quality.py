@@ -47,7 +47,8 @@ _logger = logging.getLogger(__name__)
 
 # -- SSIM ---------------------------------------------------------------------------------------------------
 
-_SSIM_WINDOW = 11
+#: The side of :func:`ssim`'s Gaussian window: the least height and width of the images it scores.
+SSIM_WINDOW = 11
 _SSIM_SIGMA = 1.5
 _SSIM_K1 = 0.01
 _SSIM_K2 = 0.03
@@ -114,13 +115,13 @@ def ssim(x: torch.Tensor, y: torch.Tensor, *, data_range: float = 1.0) -> torch.
     ):
         raise ConfigError(f"data_range must be positive and finite, got {data_range!r}")
     b, c, h, w = x.shape
-    if h < _SSIM_WINDOW or w < _SSIM_WINDOW:
-        raise InputConfigError(f"SSIM needs images of at least {_SSIM_WINDOW}x{_SSIM_WINDOW} pixels, got {h}x{w}")
+    if h < SSIM_WINDOW or w < SSIM_WINDOW:
+        raise InputConfigError(f"SSIM needs images of at least {SSIM_WINDOW}x{SSIM_WINDOW} pixels, got {h}x{w}")
     if b == 0:  # no pairs, no values (the maps below cannot be shaped for an empty batch)
         return x.new_empty((0,))
     a = x.detach().to(torch.float64).reshape(b * c, 1, h, w)
     d = y.detach().to(a.device, torch.float64).reshape(b * c, 1, h, w)
-    g = _gaussian_window(_SSIM_WINDOW, _SSIM_SIGMA, dtype=a.dtype, device=a.device)
+    g = _gaussian_window(SSIM_WINDOW, _SSIM_SIGMA, dtype=a.dtype, device=a.device)
     gh, gw = g.view(1, 1, -1, 1), g.view(1, 1, 1, -1)
 
     def blur(t: torch.Tensor) -> torch.Tensor:  # separable Gaussian, valid positions only

@@ -473,6 +473,8 @@ def eval_cmd(
                                synsets=first.config.class_synsets)  # fmt: skip
         evaluator = Evaluator(dataset, load=load, device=torch_device, out_dir=out, resume=resume,
                               batch_size=batch_size)  # fmt: skip
+        if not reversion:  # every defense is scored with SSIM: images it cannot score fail now, not after one ran
+            evaluator.check_ssim_size()
         # every model the run uses, before any work: a victim of other classes than the data's is refused
         # now, not after the defenses ran (a reversion with flipped labels uses no classifier: not loaded)
         for name in victim:
