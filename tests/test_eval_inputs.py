@@ -667,7 +667,7 @@ def test_eval_takes_a_class_name_in_another_case_or_with_spaces_as_protect_does(
         load_dataset(tmp_path / "data", classes=classes)
 
 
-# -- 10. images SSIM cannot score ----------------------------------------------------------------------------
+# -- 10. images SSIM cannot score, and what a resumed report takes ----------------------------------------------
 def test_images_smaller_than_ssim_s_window_are_refused_before_any_defense_is_computed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -710,3 +710,37 @@ def test_eval_of_images_smaller_than_ssim_s_window_fails_at_once_naming_them(tmp
     assert str(first) in line and "8x8" in line and "11x11" in line and "Traceback" not in result.stderr
     assert not (out / "defenses").exists()  # no defense was computed
 
+
+def test_a_resumed_report_draws_its_maps_without_scoring_the_defended_images_again(
+    tmp_path: Path, registry: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A resume whose cells are all finished takes every row from them; its report's perturbation maps need the
+    defended images alone, but each set was scored again (SSIM and LPIPS over every image) to draw them."""
+    from preempt_cli import quality
+
+    data, out = tmp_path / "data", tmp_path / "ev"
+    write_random_pngs(data / "cat", n=3)
+    args = ["eval", str(data), "--victim", "tiny-victim", "-b", "tiny-victim", "--defense", "none", "--defense",
+            "fp:labels=backbone,samples=1,forward=1,backward=0", "--attack", "pgd:steps=1", "--device",
+            TEST_DEVICE_ARG, "--out", str(out), "--registry", str(registry), "-q"]  # fmt: skip
+    assert invoke(args).exit_code == 0
+    (figure,) = out.glob("perturbation_*.png")
+    drawn, rows = figure.read_bytes(), strict_loads((out / "results.json").read_text())
+
+    def scored(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the resumed defended images were scored again")
+
+    monkeypatch.setattr(quality, "ssim", scored)
+    monkeypatch.setattr(quality, "lpips_status", scored)
+    resumed = invoke([*args, "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert figure.read_bytes() == drawn and strict_loads((out / "results.json").read_text()) == rows
+
+
+def test_a_defended_set_taken_without_its_quality_is_scored_when_asked(tmp_path: Path) -> None:
+    first = _evaluator(tmp_path, resume=False).defend(FP)
+    again = _evaluator(tmp_path, resume=True)
+    images = again.defend(FP, quality=False)
+    assert torch.equal(images.images, first.images) and images.linf == first.linf and images.ssim is None
+    scored = again.defend(FP)
+    assert scored is images and (scored.ssim, scored.lpips_note) == (first.ssim, first.lpips_note)

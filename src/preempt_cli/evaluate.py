@@ -792,6 +792,7 @@ class Evaluator:
         self.batch_size = batch_size or (256 if self.device.type == "cuda" else 50)
         self.attack_batch_size = attack_batch_size
         self._defended: dict[str, DefendedSet] = {}
+        self._scored: set[str] = set()  # the keys of the defended sets whose SSIM and LPIPS were measured
         #: who computed each defended set and cell this evaluator gave: (resumed, computed_by); see provenance
         self._origins: dict[str, list[tuple[bool, dict[str, str]]]] = {"defenses": [], "cells": []}
         self._computed_by: dict[str, str] | None = None
@@ -1078,16 +1079,31 @@ class Evaluator:
                                f"every defense with SSIM, whose {SSIM_WINDOW}x{SSIM_WINDOW} window needs images of "
                                f"at least {SSIM_WINDOW}x{SSIM_WINDOW}")  # fmt: skip
 
-    def defend(self, spec: DefenseSpec) -> DefendedSet:
-        """The defended images of ``spec`` (computed once, cached on disk when ``out_dir`` is set).
+    def defend(self, spec: DefenseSpec, *, quality: bool = True) -> DefendedSet:
+        """The defended images of ``spec`` (computed once, cached on disk when ``out_dir`` is set), with their
+        L-inf and, with ``quality``, their SSIM and LPIPS (measured once). Without ``quality`` those two stay
+        None unless an earlier call measured them: a report's perturbation maps need a set's images alone,
+        and scoring every image again (LPIPS's network over all of them) for a set whose cells were all
+        resumed, their rows holding its scores, gave the maps nothing.
 
         Raises:
-            InputConfigError: images SSIM cannot score (:meth:`check_ssim_size`), before the defense is computed.
+            InputConfigError: with ``quality``, images SSIM cannot score (:meth:`check_ssim_size`), before the
+                defense is computed.
         """
-        self.check_ssim_size()
+        if quality:
+            self.check_ssim_size()
         key = self.defense_key(spec)
-        if key in self._defended:
-            return self._defended[key]
+        result = self._defended.get(key)
+        if result is None:
+            result = self._defended[key] = self._defended_set(spec, key)
+        if quality and key not in self._scored:
+            self._quality(result)
+            self._scored.add(key)
+        return result
+
+    def _defended_set(self, spec: DefenseSpec, key: str) -> DefendedSet:
+        """The defended set of ``spec`` (``key``: its :meth:`defense_key`), resumed from ``out_dir`` or computed
+        (and kept there), with its L-inf; its SSIM and LPIPS not measured."""
         cache = self.out_dir / "defenses" / f"{key}.pt" if self.out_dir else None
         saved = self._load_defense(cache) if (cache is not None and self.resume and cache.is_file()) else None
         if saved is not None:
@@ -1107,8 +1123,8 @@ class Evaluator:
                             "computed_by": computed_by}, buffer)  # fmt: skip
                 with atomic_write(cache) as f:  # --resume must never find a truncated cache
                     f.write(buffer.getbuffer())
-        self._quality(result)
-        self._defended[key] = result
+        levels = (result.images.long() - self.dataset.images.long()).abs().amax().item()
+        result.linf = levels / 255  # exact: measured on the integer levels
         return result
 
     def defense_settings(self, spec: DefenseSpec) -> dict[str, Any]:
@@ -1197,8 +1213,6 @@ class Evaluator:
 
         orig = self.dataset.images.float().div(255)
         new = result.images.float().div(255)
-        levels = (result.images.long() - self.dataset.images.long()).abs().amax().item()
-        result.linf = levels / 255  # exact: measured on the integer levels
         result.ssim = float(torch.cat([ssim(orig[i:i + 256], new[i:i + 256]) for i in range(0, len(orig), 256)]).mean())
         ok, why = lpips_status()
         if ok:

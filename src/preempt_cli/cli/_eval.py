@@ -248,7 +248,8 @@ def _write_report(out: Path, rows: list[dict[str, Any]], evaluator: Evaluator, d
     for spec in defenses:
         if spec.kind == "none":
             continue
-        defended = evaluator.defend(spec)
+        # its images only: a set whose cells were all resumed has its SSIM and LPIPS in their rows already
+        defended = evaluator.defend(spec, quality=False)
         name = perturbation_map_name(spec)
         eps = defended.meta.get("eps") or max(defended.linf, 1 / 255)
         save_perturbation_figure(out / name, evaluator.dataset.images[:8].float() / 255,
