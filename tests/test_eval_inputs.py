@@ -265,6 +265,35 @@ def test_load_dataset_refuses_16_bit_images_and_limits_that_are_not_whole(tmp_pa
     assert len(load_dataset(tmp_path, classes=["cat"], limit=5).images) == 1
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--victim", "x"], "--victim x is given twice: give it once"),
+        (["--defense", "none", "--defense", "none"], "--defense none is given twice: give it once"),
+        (["--defense", "fp", "--defense", "fp:seed=0"], "--defense fp and --defense fp:seed=0 are the same"),
+        (["--attack", "pgd", "--attack", "pgd:steps=20"], "--attack pgd and --attack pgd:steps=20 are the same"),
+        (["--attack", "aa", "--attack", "AA:version=standard"], "--attack aa and --attack AA:version=standard are"),
+    ],
+)
+def test_eval_refuses_a_victim_defense_or_attack_given_twice(tmp_path: Path, args: list[str], message: str) -> None:
+    """Each cell of a victim, defense or attack given twice was computed twice (an AutoAttack of hours again),
+    into two rows alike in the table, the results and the CSV."""
+    result = invoke(["eval", str(tmp_path), "--victim", "x", "-b", "y", "--out", str(tmp_path / "o"), *args])
+    assert result.exit_code == 2
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("error: ") and message in line
+
+
+def test_eval_takes_attacks_and_defenses_that_differ_in_one_setting(tmp_path: Path, registry: Path) -> None:
+    data = tmp_path / "data"
+    write_random_pngs(data / "cat", n=2)
+    result = invoke(["eval", str(data), "--victim", "tiny-victim", "--defense", "none", "--attack", "pgd:steps=1",
+                     "--attack", "pgd:steps=1,eps=4/255", "--attack", "pgd:steps=1,eps=8/255", "--device",
+                     TEST_DEVICE_ARG, "--out", str(tmp_path / "ev"), "--registry", str(registry), "-q"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert len(strict_loads((tmp_path / "ev" / "results.json").read_text())) == 3
+
+
 # -- 5. a folder defense takes defended images, never the originals ---------------------------------------------
 def _protect(registry: Path, *args: str) -> None:
     result = invoke(["protect", *args, "--samples", "1", "-b", "tiny-victim", "--labels", "backbone", "--device",

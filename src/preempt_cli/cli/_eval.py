@@ -8,7 +8,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional
+from typing import Annotated, Any, Callable, Optional, Sequence
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
@@ -305,6 +305,23 @@ def _attack(text: str) -> AttackSpec:
         raise ConfigError(f"--attack {text}: invalid value ({e})") from e
 
 
+def _check_distinct(option: str, given: Sequence[str], identities: Sequence[Any]) -> None:
+    """Refuse a repeatable option given twice for one thing (``--defense fp --defense fp:seed=0``, one fp
+    defense with the default seed): each of its cells was computed again, into a row like the first.
+    ``identities``: what each value of ``given`` is (a defense's key, an attack's settings, a victim's name).
+
+    Raises:
+        ConfigError: naming both values.
+    """
+    first: dict[Any, str] = {}
+    for text, identity in zip(given, identities):
+        if identity in first:
+            same = (f"{option} {text} is given twice" if text == first[identity]
+                    else f"{option} {first[identity]} and {option} {text} are the same")  # fmt: skip
+            raise ConfigError(f"{same}: give it once (its cells would be computed twice, into two rows alike)")
+        first[identity] = text
+
+
 #: Options of the reversion protocol only (parameter: option).
 REVERSION_ONLY = {"reversion_backbone": "--reversion-backbone", "reversion_classifier": "--reversion-classifier",
                   "reversion_labels": "--reversion-labels", "flip_fraction": "--flip-fraction",
@@ -456,6 +473,11 @@ def eval_cmd(
         if reversion and (len(defenses) != 1 or defenses[0].kind != "fast-preemption"):
             raise ConfigError("--reversion takes exactly one fp defense")
         _check_ignored(ctx, reversion)
+        _check_distinct("--victim", victim, victim)
+        _check_distinct("--defense", defense or [], [d.key for d in defenses])
+        # an attack by every setting it runs with (pgd is pgd:steps=20), and whether it takes the victim's budget
+        _check_distinct("--attack", attack or [],
+                        [(tuple(a.settings().items()), a.get("eps") is None) for a in attacks])  # fmt: skip
         if reversion:
             check_reversion_options(flip_fraction, jpeg_quality, reversion_labels, defenses[0])
             # a classifier given for the defense, on the command line or in its spec (not the default one)
