@@ -707,9 +707,9 @@ def test_images_smaller_than_ssim_s_window_are_refused_before_any_defense_is_com
     computed: list[str] = []
     original = Evaluator._compute_defense
 
-    def compute(self: Evaluator, spec: DefenseSpec) -> Any:
+    def compute(self: Evaluator, spec: DefenseSpec, count: int | None = None) -> Any:
         computed.append(spec.name)
-        return original(self, spec)
+        return original(self, spec, count)
 
     monkeypatch.setattr(Evaluator, "_compute_defense", compute)
     models = {"bb": make_tiny_model(0, name="bb").to(TEST_DEVICE)}
@@ -773,3 +773,31 @@ def test_a_defended_set_taken_without_its_quality_is_scored_when_asked(tmp_path:
     assert torch.equal(images.images, first.images) and images.linf == first.linf and images.ssim is None
     scored = again.defend(FP)
     assert scored is images and (scored.ssim, scored.lpips_note) == (first.ssim, first.lpips_note)
+
+
+def test_a_resumed_report_without_its_defended_sets_computes_only_the_images_its_maps_draw(
+    tmp_path: Path, registry: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every cell finished, ``defenses/`` gone (deleted for its size, or damaged): the report computed the
+    whole defense again to draw its map of 8 images; now the batches that hold them, the whole set's first."""
+    data, out = tmp_path / "data", tmp_path / "ev"
+    write_random_pngs(data / "cat", n=11)
+    args = ["eval", str(data), "--victim", "tiny-victim", "-b", "tiny-victim", "--defense",
+            "fp:labels=backbone,samples=1,forward=1,backward=0", "--attack", "pgd:steps=1", "--batch-size", "3",
+            "--device", TEST_DEVICE_ARG, "--out", str(out), "--registry", str(registry), "-q"]  # fmt: skip
+    assert invoke(args).exit_code == 0
+    (figure,) = out.glob("perturbation_*.png")
+    drawn = figure.read_bytes()
+    for cache in (out / "defenses").glob("*.pt"):
+        cache.unlink()
+    defended: list[int] = []
+    original = Evaluator._run_batches
+
+    def run_batches(self: Evaluator, images: torch.Tensor, fn: Any, eps: float) -> Any:
+        defended.append(len(images))
+        return original(self, images, fn, eps)
+
+    monkeypatch.setattr(Evaluator, "_run_batches", run_batches)
+    assert invoke([*args, "--resume"]).exit_code == 0
+    assert defended == [9]  # the 3 batches of 3 that hold the first 8 of the 11 images
+    assert figure.read_bytes() == drawn

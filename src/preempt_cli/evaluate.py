@@ -961,8 +961,10 @@ class Evaluator:
             torch.cuda.synchronize()
         return out, (time.perf_counter() - start) / max(1, len(images))
 
-    def _compute_defense(self, spec: DefenseSpec) -> DefendedSet:
-        ds = self.dataset
+    def _compute_defense(self, spec: DefenseSpec, count: int | None = None) -> DefendedSet:
+        """The defended set of ``spec``; with ``count``, of the data's first ``count`` images only (an fp or
+        bilevel defense: its batches those of the whole set's first ones)."""
+        ds = self.dataset if count is None else self.dataset.subset(count)
         if spec.kind == "none":
             return DefendedSet(spec, ds.images.clone(), 0.0, 0.0)
         if spec.kind == "folder":
@@ -1126,6 +1128,27 @@ class Evaluator:
         levels = (result.images.long() - self.dataset.images.long()).abs().amax().item()
         result.linf = levels / 255  # exact: measured on the integer levels
         return result
+
+    def map_images(self, spec: DefenseSpec, count: int = 8) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """What a perturbation map of ``spec`` draws: the data's first ``count`` images and their defended ones
+        (uint8), and the budget the map spans (Eq. 14: an fp or bilevel defense's eps; another's largest change
+        of a pixel, at least one level). The defended images are the set's (:meth:`defend`, its SSIM and LPIPS
+        not measured); where neither this evaluator nor ``out_dir`` holds the set (a resume whose cells were
+        all finished, ``defenses/`` deleted or damaged), an fp or bilevel defense computes only the batches
+        that hold them, the first batches of the whole set, rather than the whole set again for a figure."""
+        head = slice(0, min(count, len(self.dataset)))
+        key = self.defense_key(spec)
+        cache = self.out_dir / "defenses" / f"{key}.pt" if self.out_dir else None
+        held = key in self._defended or (cache is not None and self.resume and cache.is_file())
+        if held or spec.kind not in ("fast-preemption", "bi-level"):  # a folder's largest change is the set's
+            defended = self.defend(spec, quality=False)
+            eps = defended.meta.get("eps") or max(defended.linf, 1 / 255)
+            return self.dataset.images[head], defended.images[head], eps
+        batches = math.ceil(head.stop / self.batch_size)
+        _logger.info("computing defense %s on its first %d images, for its perturbation map", spec.name,
+                     min(batches * self.batch_size, len(self.dataset)))  # fmt: skip
+        leading = self._compute_defense(spec, count=min(batches * self.batch_size, len(self.dataset)))
+        return self.dataset.images[head], leading.images[head], leading.meta["eps"]
 
     def defense_settings(self, spec: DefenseSpec) -> dict[str, Any]:
         """Every setting ``spec`` computes with, its defaults filled in (the seed of its noise or random

@@ -248,12 +248,10 @@ def _write_report(out: Path, rows: list[dict[str, Any]], evaluator: Evaluator, d
     for spec in defenses:
         if spec.kind == "none":
             continue
-        # its images only: a set whose cells were all resumed has its SSIM and LPIPS in their rows already
-        defended = evaluator.defend(spec, quality=False)
+        # its first images only: a set whose cells were all resumed has its SSIM and LPIPS in their rows already
+        originals, defended, eps = evaluator.map_images(spec)
         name = perturbation_map_name(spec)
-        eps = defended.meta.get("eps") or max(defended.linf, 1 / 255)
-        save_perturbation_figure(out / name, evaluator.dataset.images[:8].float() / 255,
-                                 defended.images[:8].float() / 255, eps)  # fmt: skip
+        save_perturbation_figure(out / name, originals.float() / 255, defended.float() / 255, eps)
         lines += [f"### {spec.name}", "", f"![{spec.name}]({name})", ""]
     path = out / "report.md"
     _write_text(path, "\n".join(lines) + "\n")
