@@ -725,6 +725,9 @@ def test_images_smaller_than_ssim_s_window_are_refused_before_any_defense_is_com
                                                    r".*SSIM.* at least 11x11$"):  # fmt: skip
             evaluator.defend(FP)
         assert computed == []
+    empty = Dataset(Path("mem"), [], torch.zeros(0, 3, 8, 8, dtype=torch.uint8), torch.zeros(0, dtype=torch.long))
+    with pytest.raises(InputConfigError, match=r"^the images of mem are 8x8 pixels: "):  # no file to name
+        Evaluator(empty, load=models.__getitem__, device=TEST_DEVICE).check_ssim_size()
 
 
 def test_eval_of_images_smaller_than_ssim_s_window_fails_at_once_naming_them(tmp_path: Path, registry: Path) -> None:

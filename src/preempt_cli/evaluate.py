@@ -1076,7 +1076,8 @@ class Evaluator:
         if height >= SSIM_WINDOW and width >= SSIM_WINDOW:
             return
         paths = self.dataset.paths
-        which = str(paths[0]) if len(paths) == 1 else f"{paths[0]} and the {len(paths) - 1} other images"
+        which = (str(paths[0]) if len(paths) == 1 else f"{paths[0]} and the {len(paths) - 1} other images" if paths
+                 else f"the images of {self.dataset.root}")  # fmt: skip
         raise InputConfigError(f"{which} {'is' if len(paths) == 1 else 'are'} {height}x{width} pixels: eval scores "
                                f"every defense with SSIM, whose {SSIM_WINDOW}x{SSIM_WINDOW} window needs images of "
                                f"at least {SSIM_WINDOW}x{SSIM_WINDOW}")  # fmt: skip
