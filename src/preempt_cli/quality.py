@@ -33,6 +33,7 @@ from .imageio import atomic_write
 
 __all__ = [
     "ssim",
+    "SSIM_WINDOW",
     "LPIPS_NETS",
     "LpipsUnavailableError",
     "lpips_status",
