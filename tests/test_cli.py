@@ -997,11 +997,11 @@ def test_models_convert_refuses_code_and_writes_safetensors(tmp_path: Path) -> N
 
     class Evil:
         def __reduce__(self):
-            return (print, ("pwned",))
+            return (os.system, ("echo pwned",))
 
     torch.save({"x": Evil()}, tmp_path / "evil.pt")
     result = CliRunner().invoke(app, ["models", "convert", str(tmp_path / "evil.pt"), str(tmp_path / "e.safetensors")])
-    assert result.exit_code == 2 and "weights_only" in result.stderr
+    assert result.exit_code == 2 and "weights_only" in result.stderr and "malicious" in result.stderr
     assert not (tmp_path / "e.safetensors").exists()
 
 
@@ -2621,12 +2621,12 @@ def test_models_convert_never_overwrites_its_input_and_replaces_an_output_only_w
     assert out.read_bytes() != b"keep me"
 
 
-def test_models_convert_refuses_a_pickle_in_one_plain_line(tmp_path: Path) -> None:
-    class Evil:
-        def __reduce__(self):
-            return (print, ("pwned",))
+class _HyperParameters(dict):
+    """A dict subclass (as Lightning's AttributeDict): torch refuses it, and no inert stand-in can take it."""
 
-    torch.save({"x": Evil()}, tmp_path / "evil.pt")
+
+def test_models_convert_refuses_a_pickle_in_one_plain_line(tmp_path: Path) -> None:
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "hparams": _HyperParameters(lr=0.1)}, tmp_path / "evil.pt")
     result = CliRunner().invoke(app, ["models", "convert", str(tmp_path / "evil.pt"), str(tmp_path / "e.safetensors")])
     assert result.exit_code == 2
     (line,) = result.stderr.strip().splitlines()

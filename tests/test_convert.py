@@ -440,9 +440,112 @@ def test_a_pickle_that_would_run_commands_is_not_met_with_advice_to_load_it_unsa
     assert "if you trust" not in message and "malicious" in message, message
 
 
-def test_a_pickle_of_an_unknown_class_still_says_how_to_convert_a_trusted_file(tmp_path) -> None:
-    message = _convert(tmp_path, {"w": torch.zeros(2), "args": __import__("argparse").Namespace(lr=0.1)})
-    assert "argparse.Namespace" in message and "only if you trust the file" in message and "malicious" not in message
+class _HyperParameters(dict):
+    """A dict subclass (as Lightning's AttributeDict): its pickle fills it as a dict, which an inert stand-in for
+    it cannot take."""
+
+
+def test_a_pickle_of_an_unknown_class_no_stand_in_takes_still_says_how_to_convert_a_trusted_file(tmp_path) -> None:
+    message = _convert(tmp_path, {"state_dict": {"w": torch.zeros(2)}, "hparams": _HyperParameters(lr=0.1)})
+    assert "_HyperParameters" in message and "only if you trust the file" in message and "malicious" not in message
+
+
+class _TrainingState:
+    """A class of a training script's own, as pickled beside the weights: loading it must not run it."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker, self.epoch = str(marker), 7
+
+    def __setstate__(self, state: dict) -> None:
+        Path(state["marker"]).touch()  # the proof that the class itself was called
+        self.__dict__.update(state)
+
+
+@pytest.mark.parametrize("form", ["zip", "legacy"])
+@pytest.mark.parametrize("extra", ["numpy-float64", "argparse-namespace", "own-class", "all"])
+def test_harmless_extras_beside_the_state_dict_are_left_out_and_the_weights_convert(
+    extra: str, form: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A RobustBench-style training script saves its best accuracy (a numpy scalar), its argparse arguments or
+    objects of its own beside the state dict: torch.load(weights_only=True) refuses the whole file for them, and
+    so did convert. They are now loaded as inert stand-ins, left out of the output and named in one warning."""
+    import argparse
+
+    import numpy as np
+    from safetensors.torch import load_file
+
+    marker = tmp_path / "ran"
+    extras = {"numpy-float64": {"best_acc": np.float64(0.93)},
+              "argparse-namespace": {"args": argparse.Namespace(lr=0.1, arch="wrn-28-10")},
+              "own-class": {"train": _TrainingState(marker), "kind": _TrainingState}}  # fmt: skip
+    extras["all"] = {k: v for group in extras.values() for k, v in group.items()}
+    names = {"numpy-float64": ["scalar"], "argparse-namespace": ["argparse.Namespace"],
+             "own-class": ["test_convert._TrainingState"]}  # fmt: skip
+    names["all"] = [name for group in names.values() for name in group]
+    state = {"module.conv.weight": torch.randn(4, 3, 3, 3), "module.fc.bias": torch.arange(10.0)}
+    zip_format = form == "zip"
+    torch.save({"state_dict": state}, tmp_path / "plain.pt", _use_new_zipfile_serialization=zip_format)
+    torch.save({"state_dict": state, "epoch": 99, **extras[extra]}, tmp_path / "c.pt",
+               _use_new_zipfile_serialization=zip_format)  # fmt: skip
+    convert_checkpoint(tmp_path / "plain.pt", tmp_path / "plain.safetensors")
+    with caplog.at_level("WARNING", logger="preempt_cli.convert"):
+        convert_checkpoint(tmp_path / "c.pt", tmp_path / "c.safetensors")
+    plain, converted = load_file(tmp_path / "plain.safetensors"), load_file(tmp_path / "c.safetensors")
+    assert converted.keys() == plain.keys() == {"conv.weight", "fc.bias"}
+    assert all(torch.equal(converted[k], plain[k]) for k in plain)
+    assert not marker.exists()  # the training script's class was never called
+    warned = [r.getMessage() for r in caplog.records if "torch does not load safely" in r.getMessage()]
+    assert len(warned) == 1 and f"ignored {len(extras[extra])} entr" in warned[0], warned
+    assert all(name in warned[0] for name in names[extra]), warned
+
+
+def test_the_module_of_an_extra_s_class_is_never_imported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stand-in takes the place of the class: the module the pickle names (which could run anything when
+    imported) is not imported to find it."""
+    import sys
+    import types
+
+    from safetensors.torch import load_file
+
+    module = types.ModuleType("preempt_absent_training_module")
+    exec("class Config:\n    def __init__(self):\n        self.depth = 28\n", module.__dict__)
+    monkeypatch.setitem(sys.modules, module.__name__, module)  # only while the checkpoint is saved
+    torch.save({"state_dict": {"w": torch.ones(3)}, "config": module.Config()}, tmp_path / "c.pt")
+    monkeypatch.delitem(sys.modules, module.__name__)
+    convert_checkpoint(tmp_path / "c.pt", tmp_path / "c.safetensors")
+    assert module.__name__ not in sys.modules
+    assert torch.equal(load_file(tmp_path / "c.safetensors")["w"], torch.ones(3))
+
+
+class _Wrapper:
+    def __init__(self, state: dict) -> None:
+        self.state = state
+
+
+@pytest.mark.parametrize("obj", [
+    {"model": _Wrapper({"w": torch.zeros(2)}), "epoch": 3},
+    {"state_dict": {"w": torch.zeros(2)}, "ema": _Wrapper({"w": torch.ones(2)})},
+], ids=["alone", "beside-a-state-dict"])  # fmt: skip
+def test_tensors_inside_an_object_of_an_unknown_class_are_refused_not_guessed_around(obj, tmp_path) -> None:
+    """The stand-in for a class holds what it was given, not as the class would: weights inside it are not
+    taken, nor is another state dict taken in their place without --key."""
+    message = _convert(tmp_path, obj)
+    entry = "model" if "model" in obj else "ema"
+    assert f"entry '{entry}' holds tensors inside an object of class test_convert._Wrapper" in message, message
+    assert "only if you trust the file" in message and "--key" in message and "malicious" not in message
+
+
+def test_a_command_beside_harmless_extras_is_still_refused_as_possibly_malicious(tmp_path) -> None:
+    import argparse
+
+    import numpy as np
+
+    marker = tmp_path / "pwned"
+    obj = {"state_dict": {"w": torch.zeros(2)}, "best_acc": np.float64(0.5), "args": argparse.Namespace(lr=0.1),
+           "x": _CreatesAFile(marker)}  # fmt: skip
+    message = _convert(tmp_path, obj)
+    assert "system" in message and "malicious" in message and "if you trust" not in message, message
+    assert not marker.exists()
 
 
 @pytest.mark.parametrize("form", ["zip", "legacy", "pickle-2", "pickle-4"])
@@ -491,3 +594,13 @@ def test_convert_json_gives_the_sha256_a_registry_row_pins_and_the_row_verifies(
                                         "--json"])  # fmt: skip
     assert verified.exit_code == 0, verified.output
     assert json.loads(verified.stdout)["pinned"] is True
+
+
+def test_a_call_of_a_function_torch_does_not_allow_is_left_out_without_being_made(tmp_path, capfd) -> None:
+    """A stand-in takes a function's place as a class's: the pickle's call of print is never made."""
+    from safetensors.torch import load_file
+
+    torch.save({"state_dict": {"w": torch.ones(2)}, "x": _Calls(print, "pwned")}, tmp_path / "c.pt")
+    convert_checkpoint(tmp_path / "c.pt", tmp_path / "c.safetensors")
+    assert "pwned" not in capfd.readouterr().out
+    assert torch.equal(load_file(tmp_path / "c.safetensors")["w"], torch.ones(2))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import io
+import logging
 import os
 import pickletools
 import re
@@ -21,6 +22,8 @@ from .imageio import folder_write_problem, same_file
 
 __all__ = ["convert_checkpoint"]
 
+_logger = logging.getLogger(__name__)
+
 _STATE_KEYS = ("state_dict", "model_state_dict", "model", "net", "ema")
 
 
@@ -31,6 +34,8 @@ def _kinds(obj: dict) -> str:
 
 def _describe(obj: Any) -> str:
     """What a checkpoint entry holds, for a message: its type, and a few of a dict's entries."""
+    if isinstance(obj, _StandIn) or (isinstance(obj, type) and issubclass(obj, _StandIn)):
+        return f"an object of class {obj._global} (which torch does not load safely: not loaded)"
     if isinstance(obj, dict):
         return f"a dict of {len(obj)} entr{'y' if len(obj) == 1 else 'ies'} ({_kinds(obj)})"
     name = type(obj).__name__
@@ -221,15 +226,14 @@ def _globals_in_pickle(data: BinaryIO) -> list[str]:
             return found
 
 
-def _code_running_global(f: BinaryIO, zip_names: list[str] | None) -> str | None:
-    """The first global of the checkpoint open as ``f`` that runs commands or code (see :func:`_runs_code`),
-    or None: torch names only the first global it refuses, which may be a harmless class before it, and
-    refuses a pickle of protocol 4 and up for its protocol, before any global."""
+def _checkpoint_globals(f: BinaryIO, zip_names: list[str] | None) -> list[str]:
+    """The globals the pickles of the checkpoint open as ``f`` ask for, as pickled (``__builtin__.eval``);
+    none where they cannot be read."""
     try:
         if zip_names is not None:
             record = next((n for n in zip_names if n == "data.pkl" or n.endswith("/data.pkl")), None)
             if record is None:
-                return None
+                return []
             f.seek(0)
             with zipfile.ZipFile(f) as archive, archive.open(record) as pickled:
                 data: BinaryIO = io.BytesIO(pickled.read(_PICKLE_SCAN_BYTES))
@@ -237,8 +241,105 @@ def _code_running_global(f: BinaryIO, zip_names: list[str] | None) -> str | None
             f.seek(0)
             data = io.BytesIO(f.read(_PICKLE_SCAN_BYTES))
     except (OSError, zipfile.BadZipFile, ValueError, RuntimeError):
+        return []
+    return _globals_in_pickle(data)
+
+
+def _as_torch_names(name: str) -> str:
+    """The global ``name`` as torch's weights-only unpickler names it: a protocol-2 pickle written by Python 3
+    names some modules as Python 2 did (``__builtin__``, ``copy_reg``), which torch maps back."""
+    from torch import _utils
+
+    module, _, attribute = name.rpartition(".")
+    name_mapping, import_mapping = getattr(_utils, "NAME_MAPPING", {}), getattr(_utils, "IMPORT_MAPPING", {})
+    if (module, attribute) in name_mapping:
+        module, attribute = name_mapping[module, attribute]
+    elif module in import_mapping:
+        module = import_mapping[module]
+    return f"{module}.{attribute}"
+
+
+def _code_running_global(names: list[str]) -> str | None:
+    """The first of the globals ``names`` that runs commands or code (see :func:`_runs_code`), or None: torch
+    names only the first global it refuses, which may be a harmless class before it, and refuses a pickle of
+    protocol 4 and up for its protocol, before any global."""
+    return next((name for name in names if _runs_code(name) or _runs_code(_as_torch_names(name))), None)
+
+
+class _StandIn:
+    """What an object of a class torch does not load safely becomes: inert data in place of the class's own
+    code. The pickle makes it as it would the original (called, built with ``__new__``, given its state), and
+    it keeps what it was given, plain data and tensors, to tell whether the weights are inside it; nothing of
+    the original class, nor of its module, is imported or run."""
+
+    #: The global (``argparse.Namespace``) a subclass stands in for.
+    _global = ""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> _StandIn:
+        self = object.__new__(cls)
+        self._held = [args, kwargs]
+        return self
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # what __new__ kept is all there is
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        self._held.append(state)
+
+    def __repr__(self) -> str:
+        return f"<{self._global}: not loaded>"
+
+
+def _stand_in(name: str) -> type[_StandIn]:
+    """A class standing in for the global ``name`` (see :class:`_StandIn`)."""
+    return type(name.rpartition(".")[2] or name, (_StandIn,), {"_global": name, "__module__": __name__})
+
+
+def _load_with_stand_ins(f: BinaryIO, names: list[str]) -> Any:
+    """The checkpoint open as ``f`` loaded with ``torch.load(weights_only=True)`` once more, each of the globals
+    ``names`` that torch does not allow made an inert :class:`_StandIn` (torch's own allowed globals come before
+    them); None where it is refused still (a torch without ``safe_globals`` of named globals, a stand-in that
+    cannot take what the pickle does with it: a dict subclass filled as a dict, a tensor subclass)."""
+    safe_globals = getattr(torch.serialization, "safe_globals", None)
+    if safe_globals is None:
         return None
-    return next((name for name in _globals_in_pickle(data) if _runs_code(name)), None)
+    stand_ins = [(_stand_in(name), name) for name in sorted({_as_torch_names(n) for n in names})]
+    try:
+        f.seek(0)
+        with safe_globals(stand_ins):
+            return torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # the first refusal is the one said
+        _logger.debug("loading with stand-ins for %s failed: %s", ", ".join(sorted(set(names))), e)
+        return None
+
+
+def _stand_ins_in(obj: Any) -> list[tuple[str, str, bool]]:
+    """The stand-ins in the loaded checkpoint ``obj`` that no other stand-in holds: for each, the global it
+    stands in for, where it is (a dotted path of dict keys), and whether tensors are inside it."""
+    found: list[tuple[str, str, bool]] = []
+    seen: set[int] = set()
+    todo: list[tuple[Any, str, int | None]] = [(obj, "", None)]  # (object, path, index in found of its stand-in)
+    while todo:
+        item, path, inside = todo.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, torch.Tensor):
+            if inside is not None:
+                found[inside] = (*found[inside][:2], True)
+            continue
+        is_class = isinstance(item, type) and issubclass(item, _StandIn)
+        if inside is None and (is_class or isinstance(item, _StandIn)):
+            found.append((item._global, path, False))
+            inside = len(found) - 1
+        if isinstance(item, dict):
+            todo += [(k, path, inside) for k in item]
+            todo += [(v, f"{path}.{k}" if path else str(k), inside) for k, v in item.items()]
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            todo += [(v, path, inside) for v in item]
+        elif isinstance(item, _StandIn):
+            todo += [(v, path, inside) for v in item._held]
+    return found
 
 
 def _load_refusal(checkpoint: Path, error: Exception, protocol: str | None = None, code: str | None = None) -> str:
@@ -342,14 +443,18 @@ def convert_checkpoint(
 ) -> tuple[int, str]:
     """Write the state dict of ``checkpoint`` to ``output`` as safetensors; return (tensors, sha256).
 
-    The checkpoint is read with ``torch.load(weights_only=True)``, which refuses arbitrary pickled objects.
+    The checkpoint is read with ``torch.load(weights_only=True)``, which refuses arbitrary pickled objects. Where
+    it refuses some beside the weights (a numpy scalar, an ``argparse.Namespace``) and the pickles call nothing
+    that runs commands or code, it is read again with inert stand-ins for those classes, which are left out and
+    named in a logged warning.
     Tensors that share memory (tied weights) are written as separate copies, so every key loads. An existing
     ``output`` is replaced only with ``overwrite``; the checkpoint itself never.
 
     Raises:
         ConfigError: ``output`` is the checkpoint, a folder (or a name ending in a slash), under a file, or
             exists without ``overwrite``; unreadable checkpoint, no state dict in it, a tensor safetensors cannot
-            hold, or two keys that are the same once a prefix is stripped.
+            hold, tensors inside an object of a class torch does not load (without ``key``), or two keys that
+            are the same once a prefix is stripped.
         ImageWriteError: the output cannot be written, or (without ``overwrite``) appeared while the
             checkpoint was read; it is left as it is.
     """
@@ -390,7 +495,26 @@ def convert_checkpoint(
                                   "weights alone; only if you trust the file, load it with torch.jit.load in "
                                   "Python, torch.save its state_dict() and convert that file") from e  # fmt: skip
             protocol = next((m.group(1) for w in caught if (m := _PROTOCOL.search(str(w.message)))), None)
-            raise ConfigError(_load_refusal(checkpoint, e, protocol, _code_running_global(f, names))) from e
+            pickled = _checkpoint_globals(f, names)
+            code = _code_running_global(pickled)
+            # harmless extras beside the weights (a numpy best_acc, argparse's training args): loaded as inert
+            # stand-ins, never as their classes; a file that would run commands is refused whatever else it holds
+            obj = _load_with_stand_ins(f, pickled) if pickled and code is None else None
+            if obj is None:
+                raise ConfigError(_load_refusal(checkpoint, e, protocol, code)) from e
+    ignored = _stand_ins_in(obj)
+    holder = next(((name, path) for name, path, tensors in ignored if tensors), None)
+    if holder is not None and key is None:  # the weights may be in it: taking another state dict would be a guess
+        name, path = holder
+        where = f"entry {path!r}" if path else "the checkpoint"
+        raise ConfigError(f"{checkpoint}: {where} holds tensors inside an object of class {name}, which torch does "
+                          "not load safely (not loaded): if the state dict is in it, only if you trust the file, load "
+                          "it with weights_only=False in Python, torch.save its state dict alone and convert that "
+                          "file; if it is another entry, name that entry with --key")  # fmt: skip
+    if ignored:  # said before the state dict is looked for: where none is found, these are what it holds
+        _logger.warning("%s: ignored %d entr%s of classes torch does not load safely (not loaded, not converted): "
+                        "%s", checkpoint, len(ignored), "y" if len(ignored) == 1 else "ies",
+                        ", ".join(sorted({name for name, _, _ in ignored})))  # fmt: skip
     state = _find_state(obj, key, checkpoint)
     clean: dict[str, torch.Tensor] = {}
     origin: dict[str, str] = {}
