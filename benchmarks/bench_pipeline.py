@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import shutil
 import statistics
@@ -244,7 +245,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--engine-ms", type=float, default=0.39, help="stand-in engine time per image (default 0.39: "
                    "ResNet-20 fp32 on an H100)")  # fmt: skip
@@ -257,7 +258,21 @@ def main(argv: list[str] | None = None) -> int:
                    "at once (2: what a GPU gets; 1: each batch waited for before the next is queued)")  # fmt: skip
     p.add_argument("--json-out", type=Path, default=None, help="also write the JSON line's report to this file")
     args = p.parse_args(argv)
+    # refused here, in a line, rather than as a traceback after the files are copied (no runs: no median)
+    if not (math.isfinite(args.engine_ms) and args.engine_ms > 0):  # its rate, 1000 / engine_ms, is reported
+        p.error(f"--engine-ms must be a positive number of milliseconds, got {args.engine_ms}")
+    for option in ("files", "batch_size", "workers", "repeats"):
+        value = getattr(args, option)
+        if value < 1:
+            p.error(f"--{option.replace('_', '-')} must be at least 1, got {value}")
     args.io = [m.strip() for m in args.io.split(",") if m.strip()]
+    if not args.io or not set(args.io) <= {"threads", "processes"}:
+        p.error(f"--io takes threads and processes, comma-separated, got {','.join(args.io) or 'none'}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     torch.set_num_threads(1)  # the stand-in needs none; leave the CPUs to the pipeline
     results = run(args)
     print(f"pipeline vs a stand-in engine of {args.engine_ms} ms/image ({results['engine_images_per_s']} images/s), "

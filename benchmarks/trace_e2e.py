@@ -5,7 +5,8 @@
 (2048 32x32 PNGs, ResNet-20, ``--io processes``), and splits each run into head, compute and tail. This
 script asks why, on the same work, in one short run (device time is scarce):
 
-1. the engine alone, timed; and its device's busy time (kernels and copies, from the CUDA profiler);
+1. the engine alone, timed on a worker thread (where ``Protector.run`` computes; before, on the main
+   thread); and its device's busy time (kernels and copies, from the CUDA profiler);
 2. the pipeline, timed, with a trace of each run: when the first decode is submitted (after the run has
    named every output) and the first file decoded, when the first batch starts, each batch's wall time in
    the compute thread and the CPU time that thread used, the main thread's CPU time, the garbage
@@ -35,6 +36,7 @@ import sys
 import tempfile
 import threading
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, ContextManager
 
@@ -54,6 +56,7 @@ from bench_protect import (  # noqa: E402
     load_backbones,
     load_images,
     log,
+    on_worker_thread,
     rate,
     sync,
     timed,
@@ -285,7 +288,51 @@ def gil_holder(duty: float, stop: threading.Event, period_s: float = 0.001) -> N
         time.sleep(period_s - busy)
 
 
-def main(argv: list[str] | None = None) -> int:
+def trace_engine(protector: Protector, x: torch.Tensor, y: torch.Tensor, seeds: list[int], args: argparse.Namespace,
+                 device: torch.device) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:  # fmt: skip
+    """The engine alone on ``x``: its rate and its device's busy time (and host trace, with ``--host-trace``),
+    and its rate while another thread holds the GIL for each ``--gil-duty``. Every call runs on a worker
+    thread, as ``Protector.run`` computes (see ``bench_protect.on_worker_thread``): timed on the main thread,
+    the engine ran under other conditions (OpenMP's waiting threads, malloc's arena) than the pipeline it is
+    the baseline of."""
+
+    def engine() -> None:
+        on_worker_thread(partial(engine_run, protector, x, y, seeds, args.batch_size))
+
+    def warmup() -> None:
+        on_worker_thread(partial(engine_warmup, protector, x, y, seeds, args.batch_size))
+
+    log("engine alone (on a worker thread)")
+    alone = rate(timed(engine, device, args.repeats, warmup), x.shape[0])
+    alone["on"] = "a worker thread, as Protector.run computes"
+    alone["device"] = device_busy(engine, device)
+    if args.host_trace:
+        log("engine alone under the profiler with host activities")
+        alone["host_trace"] = host_trace(engine, device)
+
+    with_busy_thread: dict[str, dict[str, Any]] = {}
+    for duty in args.gil_duty:
+        log(f"engine alone, another thread holding the GIL {duty:.0%} of the time")
+        stop = threading.Event()
+        holder = threading.Thread(target=gil_holder, args=(duty, stop), daemon=True)
+        holder.start()
+        try:
+            t = timed(engine, device, args.repeats)
+        finally:
+            stop.set()
+            holder.join()
+        r = rate(t, x.shape[0])
+        r["vs_engine"] = round(r["images_per_s"] / alone["images_per_s"], 3)
+        with_busy_thread[f"{duty:g}"] = r
+    return alone, with_busy_thread
+
+
+def _comma_separated(text: str, convert: Callable[[str], Any]) -> list[Any]:
+    """The values of a comma-separated option (empty items skipped), each through ``convert``."""
+    return [convert(v.strip()) for v in text.split(",") if v.strip()]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto")
     p.add_argument("--files", type=int, default=2048)
@@ -315,10 +362,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gc-freeze", choices=["auto", "on", "off"], default="auto",
                    help="on: gc.freeze() before the runs; off: keep the pipeline from freezing (where it does)")
     args = p.parse_args(argv)
+    # refused here, in a line, rather than as a traceback after the model is loaded (no runs: no median)
+    for option in ("files", "batch_size", "repeats", "min_piece"):  # a piece of 0 images divides by zero
+        value = getattr(args, option)
+        if value < 1:
+            p.error(f"--{option.replace('_', '-')} must be at least 1, got {value}")
+    for option, convert, wanted in (("workers", int, "whole numbers of at least 1"),
+                                    ("queued", int, "whole numbers of at least 1"),
+                                    ("gil_duty", float, "shares from 0 to 1")):  # fmt: skip
+        flag = f"--{option.replace('_', '-')}"
+        try:
+            values = _comma_separated(getattr(args, option), convert)
+        except ValueError:
+            p.error(f"{flag} takes {wanted}, comma-separated, got {getattr(args, option)!r}")
+        if convert is int and (not values or min(values) < 1):
+            p.error(f"{flag} takes {wanted}, comma-separated, got {getattr(args, option)!r}")
+        if convert is float and not all(0 <= v <= 1 for v in values):  # also refuses nan
+            p.error(f"{flag} takes {wanted}, comma-separated, got {getattr(args, option)!r}")
+        setattr(args, option, values)
+    args.io = _comma_separated(args.io, str)
+    if not args.io or not set(args.io) <= {"threads", "processes"}:
+        p.error(f"--io takes threads and processes, comma-separated, got {','.join(args.io) or 'none'}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     device = resolve_device(args.device)
     if args.gc_freeze == "off" and hasattr(protect_module, "long_lived_objects_frozen"):
         protect_module.long_lived_objects_frozen = contextlib.nullcontext
-    workers = [int(w) for w in args.workers.split(",") if w.strip()]
+    workers, queued = args.workers, args.queued
     cfg = ForeBackConfig()
     model = load_backbones(["resnet20"], args.models_dir, device)["resnet20"][0]
     protector = Protector(model, None, labels="backbone", config=cfg, compile=args.compile,
@@ -326,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     protect_module._MIN_PIECE = args.min_piece
     out: dict[str, Any] = {"benchmark": "trace_e2e", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                            "files": args.files, "batch_size": args.batch_size, "gc_freeze": args.gc_freeze,
-                           "queued": args.queued, "compile": args.compile, "cuda_graphs": protector.cuda_graphs,
+                           "queued": ",".join(map(str, queued)), "compile": args.compile, "cuda_graphs": protector.cuda_graphs,
                            "min_piece": args.min_piece,
                            "source": str(Path(protect_module.__file__).parent)}  # fmt: skip
 
@@ -343,36 +416,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.gc_freeze == "on":
             gc.freeze()
 
-        def engine() -> None:
-            engine_run(protector, x, y, seeds, args.batch_size)
-
-        log("engine alone")
-        t_engine = timed(engine, device, args.repeats, lambda: engine_warmup(protector, x, y, seeds, args.batch_size))
-        out["engine"] = rate(t_engine, args.files)
-        out["engine"]["device"] = device_busy(engine, device)
-        if args.host_trace:
-            log("engine alone under the profiler with host activities")
-            out["engine"]["host_trace"] = host_trace(engine, device)
-
-        out["engine_with_busy_thread"] = {}
-        for duty in [float(d) for d in args.gil_duty.split(",") if d.strip()]:
-            log(f"engine alone, another thread holding the GIL {duty:.0%} of the time")
-            stop = threading.Event()
-            holder = threading.Thread(target=gil_holder, args=(duty, stop), daemon=True)
-            holder.start()
-            try:
-                t = timed(engine, device, args.repeats)
-            finally:
-                stop.set()
-                holder.join()
-            r = rate(t, args.files)
-            r["vs_engine"] = round(r["images_per_s"] / out["engine"]["images_per_s"], 3)
-            out["engine_with_busy_thread"][f"{duty:g}"] = r
+        out["engine"], out["engine_with_busy_thread"] = trace_engine(protector, x, y, seeds, args, device)
 
         trace = RunTrace(protector)
         out["pipeline"] = {}
-        runs = [(io, workers[0]) for io in args.io.split(",") if io.strip()] + [("processes", w) for w in workers[1:]]
-        queued = [int(q) for q in args.queued.split(",") if q.strip()]
+        runs = [(io, workers[0]) for io in args.io] + [("processes", w) for w in workers[1:]]
         for q, (io, count) in [(q, run) for run in runs for q in queued]:
             protect_module._QUEUED_BATCHES = q
             label = f"{io}-{count}" + (f"-q{q}" if len(queued) > 1 else "")
@@ -385,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
             entry = rate([t["wall_s"] for t in traces], args.files)
             entry["vs_engine"] = round(entry["images_per_s"] / out["engine"]["images_per_s"], 3)
             entry["trace"] = median
-            if io == args.io.split(",")[0].strip() and count == workers[0] and q == queued[0]:
+            if io == args.io[0] and count == workers[0] and q == queued[0]:
                 entry["device"] = device_busy(lambda: trace.run(items, options), device)
                 if args.host_trace:
                     log(f"pipeline {label} under the profiler with host activities")

@@ -467,3 +467,86 @@ def test_bilevel_is_timed_in_turns_with_the_engine_on_the_same_images(monkeypatc
     assert len(result["engine"]["runs_s"]) == len(result["runs_s"]) == 2
     expected = result["ms_per_image_at_100x20"] / result["engine"]["ms_per_image"]
     assert result["bilevel_over_fp"] == pytest.approx(expected, abs=0.051)
+
+
+def _import_benchmark(name: str):
+    """A script of benchmarks/ as a module (its imports find their neighbours; sys.path left as it was)."""
+    import importlib
+
+    path = list(sys.path)
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path[:] = path
+
+
+@pytest.mark.parametrize(("script", "argv", "refusal"), [
+    ("bench_pipeline", ["--repeats", "0"], "--repeats must be at least 1, got 0"),
+    ("bench_pipeline", ["--engine-ms", "0"], "--engine-ms must be a positive number of milliseconds, got 0.0"),
+    ("bench_pipeline", ["--engine-ms", "nan"], "--engine-ms must be a positive number"),
+    ("bench_pipeline", ["--files", "0"], "--files must be at least 1, got 0"),
+    ("bench_pipeline", ["--batch-size", "-4"], "--batch-size must be at least 1, got -4"),
+    ("bench_pipeline", ["--workers", "0"], "--workers must be at least 1, got 0"),
+    ("bench_pipeline", ["--io", "thread"], "--io takes threads and processes, comma-separated, got thread"),
+    ("bench_pipeline", ["--io", ","], "--io takes threads and processes, comma-separated, got none"),
+    ("trace_e2e", ["--repeats", "0"], "--repeats must be at least 1, got 0"),
+    ("trace_e2e", ["--files", "0"], "--files must be at least 1, got 0"),
+    ("trace_e2e", ["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    ("trace_e2e", ["--min-piece", "0"], "--min-piece must be at least 1, got 0"),
+    ("trace_e2e", ["--workers", "8,x"], "--workers takes whole numbers of at least 1, comma-separated, got '8,x'"),
+    ("trace_e2e", ["--workers", "0"], "--workers takes whole numbers of at least 1"),
+    ("trace_e2e", ["--workers", ""], "--workers takes whole numbers of at least 1"),
+    ("trace_e2e", ["--queued", "0,2"], "--queued takes whole numbers of at least 1"),
+    ("trace_e2e", ["--gil-duty", "0.1,1.5"], "--gil-duty takes shares from 0 to 1, comma-separated, got '0.1,1.5'"),
+    ("trace_e2e", ["--gil-duty", "nan"], "--gil-duty takes shares from 0 to 1"),
+    ("trace_e2e", ["--io", "processes,proc"], "--io takes threads and processes, comma-separated, got processes,proc"),
+])  # fmt: skip
+def test_the_pipeline_benchmarks_refuse_settings_that_cannot_run(script: str, argv: list[str], refusal: str,
+                                                                  capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+    """bench_pipeline.py and trace_e2e.py took any value: --repeats 0 ended in a traceback from the median of no
+    runs after the files were copied (or the model loaded), --engine-ms 0 in a division by zero, --gil-duty 1.5
+    in a negative sleep. They now refuse such values at once, in one line (exit 2), as bench_protect.py does."""
+    module = _import_benchmark(script)
+    with pytest.raises(SystemExit) as stopped:
+        module.parse_args(argv)
+    assert stopped.value.code == 2
+    assert f"error: {refusal}" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_the_pipeline_benchmarks_take_their_defaults_and_lists() -> None:
+    """What the refusals leave: the defaults, and comma-separated lists parsed into their values."""
+    pipeline = _import_benchmark("bench_pipeline").parse_args(["--engine-ms", "0.39", "--io", "processes"])
+    assert pipeline.engine_ms == 0.39 and pipeline.io == ["processes"] and pipeline.repeats >= 1
+    trace = _import_benchmark("trace_e2e").parse_args(["--workers", "8, 4", "--queued", "2,1", "--gil-duty", "0,1",
+                                                       "--io", "processes,threads"])  # fmt: skip
+    assert trace.workers == [8, 4] and trace.queued == [2, 1] and trace.gil_duty == [0.0, 1.0]
+    assert trace.io == ["processes", "threads"]
+
+
+def test_trace_e2e_runs_the_engine_alone_on_a_worker_thread(monkeypatch) -> None:
+    """trace_e2e.py timed the engine alone on the main thread, where Protector.run (and the CLI) computes on a
+    worker thread: its baseline ran under other conditions (OpenMP's waiting threads, malloc's arena) than the
+    pipeline compared with it, as bench_protect.py's did before 0.17.0. Every engine call (warm-ups, timed runs,
+    runs beside a thread holding the GIL) now runs on a worker thread. Times are not checked, only threads."""
+    import argparse
+    import threading
+
+    trace_e2e = _import_benchmark("trace_e2e")
+    threads: list[threading.Thread] = []
+
+    class OnWhichThread(_RecordingProtector):
+        def transform(self, x: torch.Tensor, y: torch.Tensor, noise_seeds=None) -> torch.Tensor:
+            threads.append(threading.current_thread())
+            return super().transform(x, y, noise_seeds)
+
+    calls: list[str] = []
+    args = argparse.Namespace(batch_size=2, repeats=2, host_trace=False, gil_duty=[0.0, 0.5])
+    engine, with_busy_thread = trace_e2e.trace_engine(OnWhichThread(calls), torch.rand(4, 3, 32, 32),
+                                                      torch.zeros(4, dtype=torch.long), [0, 1, 2, 3], args,
+                                                      torch.device("cpu"))  # fmt: skip
+    # 2 batches a run: the warm-up (one batch shape) and 2 timed runs alone, then each duty's warm-up and 2 runs
+    assert len(threads) == 1 + 2 * 2 + 2 * (3 * 2)
+    assert threading.main_thread() not in threads
+    assert engine["images"] == 4 and len(engine["runs_s"]) == 2 and engine["on"].startswith("a worker thread")
+    assert set(with_busy_thread) == {"0", "0.5"}
