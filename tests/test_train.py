@@ -13,6 +13,7 @@ import stat
 import shutil
 import time
 import zipfile
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -295,6 +296,32 @@ def test_training_is_reproducible_and_seeded(colour_data, tmp_path: Path) -> Non
     assert not all(torch.equal(wa[k], wc[k]) for k in wa)
 
 
+def test_each_epoch_reports_the_learning_rates_of_its_first_and_last_steps(colour_data, tmp_path: Path,
+                                                                          monkeypatch) -> None:  # fmt: skip
+    """An epoch's ``lr`` was the rate of its last step, though the schedule sets one at every step (one-cycle
+    rises, then falls, within an epoch): read as the epoch's rate, it said the epoch trained at the rate it
+    ended with. Each epoch now reports ``lr_first`` and ``lr_last``, the rates its first and last steps
+    trained with (as the optimizer had them), and no ``lr``."""
+    used: list[float] = []
+    step = torch.optim.SGD.step
+
+    def recording_step(self, *args, **kwargs):
+        assert len({g["lr"] for g in self.param_groups}) == 1  # every group steps at the schedule's rate
+        used.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", recording_step)
+    cfg = _small(epochs=3, schedule="onecycle", holdout=0, eval_images=0)
+    result = train(colour_data, tmp_path / "a.safetensors", config=cfg, arch=_arch(colour_data))
+    per_epoch = len(colour_data.labels) // cfg.batch_size
+    assert len(used) == 3 * per_epoch > 3
+    for stats in result.history:
+        steps = used[(stats.epoch - 1) * per_epoch : stats.epoch * per_epoch]
+        assert (stats.lr_first, stats.lr_last) == (steps[0], steps[-1])
+        assert stats.lr_first != stats.lr_last  # the schedule moves within each epoch
+        assert "lr" not in asdict(stats)
+
+
 class _Stop(Exception):
     """Stops a run from its ``on_epoch`` callback, once its first epoch's checkpoint is written."""
 
@@ -302,6 +329,28 @@ class _Stop(Exception):
 def _stop_after_first_epoch(stats) -> None:
     if stats.epoch == 1:
         raise _Stop
+
+
+def test_a_checkpoint_with_the_old_per_epoch_lr_resumes_with_both_rates(colour_data, tmp_path: Path) -> None:
+    """A checkpoint written before epochs reported ``lr_first`` and ``lr_last`` holds ``lr`` (the last step's) in
+    its history: it resumes, its epochs reporting the rates an uninterrupted run reports."""
+    from safetensors.torch import save_file
+
+    cfg = _small(epochs=2, schedule="onecycle", holdout=0, eval_images=0)
+    whole = train(colour_data, tmp_path / "whole.safetensors", config=cfg, arch=_arch(colour_data))
+    out = tmp_path / "resumed.safetensors"
+    with pytest.raises(_Stop):
+        train(colour_data, out, config=cfg, arch=_arch(colour_data), on_epoch=_stop_after_first_epoch)
+    ckpt = checkpoint_path(out)
+    with safe_open(str(ckpt), "pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(ckpt))
+    history = json.loads(meta["history"])
+    old = [{k: v for k, v in h.items() if k not in ("lr_first", "lr_last")} | {"lr": h["lr_last"]} for h in history]
+    save_file(tensors, str(ckpt), metadata=meta | {"history": json.dumps(old)})
+    resumed = train(colour_data, out, config=cfg, arch=_arch(colour_data), resume=True)
+    rates = [(h.epoch, h.lr_first, h.lr_last) for h in resumed.history]
+    assert rates == [(h.epoch, h.lr_first, h.lr_last) for h in whole.history]
 
 
 def test_interrupted_run_resumes_to_the_same_weights(colour_data, tmp_path: Path) -> None:
@@ -539,6 +588,8 @@ def test_cli_train_registers_a_backbone_that_protect_uses(colour_dir: Path, tmp_
     assert result.exit_code == 0, result.output
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert lines[0]["event"] == "epoch" and lines[-1]["event"] == "done" and lines[-1]["name"] == "my-key"
+    # the rates of the epoch's first and last steps, named so (its "lr" was the last step's alone)
+    assert lines[0]["lr_first"] != lines[0]["lr_last"] and "lr" not in lines[0]
     # the help says what --json prints (it said the other commands' "one JSON object per result")
     [json_help] = [p.help for p in typer.main.get_command(app).commands["train"].params if "--json" in p.opts]
     assert sorted(e for e in {line["event"] for line in lines} if f'"event": "{e}"' not in json_help) == []

@@ -463,8 +463,13 @@ def _check_seed(seed: int | None) -> None:
 
 @dataclass
 class EpochStats:
+    """One epoch's statistics. The schedule sets the learning rate at every step, so an epoch has no one
+    rate: ``lr_first`` and ``lr_last`` are those of its first and last steps (one-cycle's peak can fall
+    between them)."""
+
     epoch: int
-    lr: float
+    lr_first: float
+    lr_last: float
     train_loss: float
     train_acc: float
     heldout_clean: float | None
@@ -608,8 +613,10 @@ def _owner_only(path: str | None) -> bool:
 
 
 def _load_checkpoint(path: Path, model: ImageModel, opt: torch.optim.Optimizer, generator: torch.Generator,
-                     fingerprint: str) -> tuple[int, list[EpochStats]]:  # fmt: skip
-    """Restore the run saved in ``path``: (epochs done, their statistics).
+                     fingerprint: str, first_lr: Callable[[int], float]) -> tuple[int, list[EpochStats]]:  # fmt: skip
+    """Restore the run saved in ``path``: (epochs done, their statistics). ``first_lr(epoch)``: the learning
+    rate of that epoch's first step (from 1), for the statistics of a checkpoint of 0.26.0 or earlier, whose
+    ``lr`` is that of each epoch's last step.
 
     Raises:
         ConfigError: the checkpoint is of a run with other settings (named), or damaged.
@@ -635,7 +642,7 @@ def _load_checkpoint(path: Path, model: ImageModel, opt: torch.optim.Optimizer, 
             torch.set_rng_state(tensors["rng.global"])
         if "rng.cuda" in tensors and device.type == "cuda":
             torch.cuda.set_rng_state(tensors["rng.cuda"], device)
-        history = [EpochStats(**h) for h in json.loads(meta.get("history", "[]"))]
+        history = [EpochStats(**_epoch_stats_now(h, first_lr)) for h in json.loads(meta.get("history", "[]"))]
         return int(meta["epoch"]), history
     except ConfigError:
         raise
@@ -644,6 +651,15 @@ def _load_checkpoint(path: Path, model: ImageModel, opt: torch.optim.Optimizer, 
         reason = clip(reason, 200)  # it can quote the file's metadata (a key of its history), of any length
         raise ConfigError(f"{path}: damaged checkpoint ({reason}); delete it, or run with --overwrite instead of "
                           "--resume, to start over") from None  # fmt: skip
+
+
+def _epoch_stats_now(entry: dict[str, Any], first_lr: Callable[[int], float]) -> dict[str, Any]:
+    """An epoch's statistics from a checkpoint's history, in :class:`EpochStats`'s fields: one of 0.26.0 or
+    earlier has ``lr``, the rate of the epoch's last step, and no ``lr_first`` (the schedule's, recomputed)."""
+    if "lr" not in entry:
+        return entry
+    now = {k: v for k, v in entry.items() if k != "lr"}
+    return now | {"lr_first": first_lr(int(entry["epoch"])), "lr_last": entry["lr"]}
 
 
 def _differences(saved: str | None, now: str) -> str:
@@ -811,12 +827,6 @@ def train(
     fingerprint = json.dumps({"config": asdict(config) | {"amp": resolve_amp(torch.device(device), config.amp)},
                               "base": str(getattr(base, "name", base)), "arch": mc.arch, "n": len(train_set),
                               "data": data_digest.hexdigest()}, sort_keys=True)  # fmt: skip
-    ckpt = checkpoint_path(output)
-    start, history = 0, []
-    if resume and ckpt.is_file():
-        start, history = _load_checkpoint(ckpt, model, opt, generator, fingerprint)
-        _logger.info("resuming %s after epoch %d", output, start)
-
     n = len(train_set)
     per_epoch = n // config.batch_size
     if config.max_batches_per_epoch:
@@ -824,6 +834,17 @@ def train(
     if per_epoch < 1:
         raise ConfigError(f"{n} training images are fewer than one batch of {config.batch_size}")
     total = per_epoch * config.epochs
+
+    def step_lr(epoch: int, step: int) -> float:
+        """The learning rate of step ``step`` of epoch ``epoch`` (both from 0)."""
+        return config.learning_rate((epoch * per_epoch + step) / total)
+
+    ckpt = checkpoint_path(output)
+    start, history = 0, []
+    if resume and ckpt.is_file():
+        start, history = _load_checkpoint(ckpt, model, opt, generator, fingerprint, lambda e: step_lr(e - 1, 0))
+        _logger.info("resuming %s after epoch %d", output, start)
+
     images = train_set.images.pin_memory() if device.type == "cuda" else train_set.images
     for epoch in range(start, config.epochs):
         if on_epoch_start:
@@ -832,12 +853,13 @@ def train(
         order = torch.randperm(n, generator=generator)
         seen = correct = 0
         loss_sum = 0.0
+        lr_first = step_lr(epoch, 0)  # the rate its first step trains with (below), reported with the last's
         for b in range(per_epoch):
             idx = order[b * config.batch_size : (b + 1) * config.batch_size]
             x = images[idx].to(device, non_blocking=True).float().div_(255)
             y = train_set.labels[idx].to(device, non_blocking=True)
             x = augment(x, generator).contiguous(memory_format=torch.channels_last)
-            lr = config.learning_rate((epoch * per_epoch + b) / total)
+            lr = step_lr(epoch, b)
             for group in opt.param_groups:
                 group["lr"] = lr
             if config.method != "standard" and config.eps > 0:
@@ -862,7 +884,8 @@ def train(
         if len(held_y):
             clean, pgd = evaluate_accuracy(model, held_x, held_y, eps=config.eps or 8 / 255,
                                            steps=config.eval_steps, device=device)  # fmt: skip
-        stats = EpochStats(epoch + 1, lr, loss_sum / seen, 100.0 * correct / seen, clean, pgd, time.perf_counter() - t0)
+        stats = EpochStats(epoch + 1, lr_first, lr, loss_sum / seen, 100.0 * correct / seen, clean, pgd,
+                           time.perf_counter() - t0)  # fmt: skip
         history.append(stats)
         if checkpoints:
             _save_checkpoint(ckpt, model, opt, generator, epoch + 1, history, fingerprint,
