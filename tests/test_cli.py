@@ -1161,6 +1161,74 @@ def test_a_batch_that_runs_out_of_memory_midway_writes_the_bits_of_a_run_that_di
     assert passes["several images"] >= 4  # both sizes ran out of memory midway
 
 
+def _out_of_memory_alone(monkeypatch: pytest.MonkeyPatch, name: str) -> list[int]:
+    """``Protector._compute`` runs out of GPU memory for every batch holding the file ``name``, even alone (a
+    photo the device cannot hold, in a batch of smaller ones); the sizes of the batches computed, in order."""
+    from preempt_cli import Protector
+
+    real_compute = Protector._compute
+    sizes: list[int] = []
+
+    def compute(self: Protector, batch: list) -> object:
+        sizes.append(len(batch))
+        if any(p.item.path.name == name for p in batch):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_compute(self, batch)
+
+    monkeypatch.setattr(Protector, "_compute", compute)
+    return sizes
+
+
+@pytest.mark.parametrize(("kind", "io"), [("protect", "threads"), ("protect", "processes"), ("revert", "threads")])
+def test_an_image_out_of_memory_even_alone_fails_alone_and_its_batch_is_written(
+        tmp_path: Path, tiny_backbone, monkeypatch: pytest.MonkeyPatch, kind: str, io: str) -> None:  # fmt: skip
+    """A batch that ran out of GPU memory is halved down to single images; one image that ran out of it even
+    alone failed every file of its batch, the other half's, computed already, with it (8 files failed for
+    one). It fails alone; the others are written, bit for bit as in a run where nothing ran out of memory."""
+    from preempt_cli import ForeBackConfig, Protector, Reverter, collect_inputs
+
+    originals = _images(tmp_path / "in", n=8)
+    before = _digest(originals)
+    cls = Reverter if kind == "revert" else Protector
+
+    def outputs(folder: str) -> tuple[list, dict[str, bytes]]:
+        items = collect_inputs([tmp_path / "in"], skip_markers=cls.skip_markers)
+        with cls(tiny_backbone, labels="backbone", config=ForeBackConfig(samples=2)) as runner:
+            results = list(runner.run(items, RunOptions(out_dir=tmp_path / folder, batch_size=8, io=io, workers=2)))
+        return results, {p.name: p.read_bytes() for p in (tmp_path / folder).iterdir()}
+
+    _, expected = outputs("plain")
+    sizes = _out_of_memory_alone(monkeypatch, "img2.png")
+    results, written = outputs("short")
+    assert sizes == [8, 4, 2, 2, 1, 1, 4]  # 8 -> img0-3 -> img0-1, img2-3 -> img2 alone, img3; then img4-7
+    by_name = {r.input.name: r for r in results}
+    assert len(results) == 8 and by_name["img2.png"].status == "failed"
+    assert by_name["img2.png"].reason.startswith("out of GPU memory even alone (32x32 pixels): ")
+    assert "--device cpu" in by_name["img2.png"].reason and "--max-pixels" in by_name["img2.png"].reason
+    assert all(r.status == "done" for name, r in by_name.items() if name != "img2.png")
+    suffix = cls.run_options(RunOptions()).suffix
+    assert written == {k: v for k, v in expected.items() if k != f"img2{suffix}.png"}  # no temporary file either
+    assert len(expected) == 8 and _digest(originals) == before
+
+
+def test_protect_exits_1_naming_the_one_image_out_of_memory_even_alone(
+        tmp_path: Path, registry: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    originals = _images(tmp_path / "in", n=4)
+    args = [*FAST, "--labels", "backbone", "--batch-size", "4", "--io", "threads"]
+    assert run(["protect", str(tmp_path / "in"), *args, "--out-dir", str(tmp_path / "plain")], registry).exit_code == 0
+    _out_of_memory_alone(monkeypatch, "img1.png")
+    result = run(["protect", str(tmp_path / "in"), *args, "--out-dir", str(tmp_path / "short")], registry)
+    assert result.exit_code == 1, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: {originals[1]}: out of GPU memory even alone (32x32 pixels): free GPU memory or use "
+                      "another device (--device cpu); a lower --max-pixels refuses images this large before they are "
+                      "computed"]  # fmt: skip
+    assert "Protected 3, skipped 0, failed 1 in" in result.stderr
+    written = sorted(p.name for p in (tmp_path / "short").iterdir())
+    assert written == ["img0.protected.png", "img2.protected.png", "img3.protected.png"]  # no temporary file
+    assert all((tmp_path / "short" / name).read_bytes() == (tmp_path / "plain" / name).read_bytes() for name in written)
+
+
 def test_no_fsync_writes_the_same_files_and_empty_outputs_are_redone(tmp_path: Path, registry: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     import os

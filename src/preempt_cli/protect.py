@@ -47,7 +47,7 @@ from .engine import (PRESETS, SAMPLE_PASS_ELEMENTS, FastPreemption, ForeBackConf
                      check_images, check_seed, check_unit_range, eval_mode)  # fmt: skip
 from .batches import ComputeThread, QueuedTransfer
 from .device import default_io_workers, model_device, to_device
-from .errors import ConfigError, InputError, LabelError, excerpt, reason_of, value_text
+from .errors import ConfigError, InputError, LabelError, excerpt, first_line, reason_of, value_text
 from .graphs import GraphedFunction, empty_cache
 from ._paths import OutputFolderField
 from .hub import sha256_file
@@ -396,23 +396,32 @@ class _Launched:
     """A batch's results on their way from the device (:meth:`Protector._compute`): per image the
     confidence before and after and the label, and the rounded levels, NHWC (or, for a batch mixing 8- and
     16-bit pictures, one array per image, already on the host). Several of them joined: a batch computed in
-    halves after running out of memory."""
+    halves after running out of memory; one image that ran out of memory even alone is its failure's
+    reason (:meth:`failed`), so that the rest of its batch is still written."""
 
     def __init__(self, transfer: QueuedTransfer | None, levels: list[np.ndarray] | None = None,
-                 parts: Sequence["_Launched"] = ()) -> None:  # fmt: skip
-        self.transfer, self.levels, self.parts = transfer, levels, list(parts)
+                 parts: Sequence["_Launched"] = (), failure: str | None = None) -> None:  # fmt: skip
+        self.transfer, self.levels, self.parts, self.failure = transfer, levels, list(parts), failure
 
     @classmethod
     def joined(cls, parts: Sequence["_Launched"]) -> "_Launched":
         return cls(None, parts=parts)
+
+    @classmethod
+    def failed(cls, reason: str) -> "_Launched":
+        """One image that could not be computed, and why."""
+        return cls(None, failure=reason)
 
     def done(self) -> bool:
         if self.transfer is None:
             return all(p.done() for p in self.parts)
         return self.transfer.done()
 
-    def results(self) -> list[tuple[np.ndarray, float, float, int]]:
-        """Per image (levels HWC, confidence before, after, label), once they are on the host (waits)."""
+    def results(self) -> list[tuple[np.ndarray, float, float, int] | str]:
+        """Per image (levels HWC, confidence before, after, label), once they are on the host (waits); or,
+        for an image that could not be computed, the reason."""
+        if self.failure is not None:
+            return [self.failure]
         if self.transfer is None:
             return [r for p in self.parts for r in p.results()]
         stats, *levels = self.transfer.wait()
@@ -970,15 +979,23 @@ class Protector:
         return stats, device_levels.permute(0, 2, 3, 1).contiguous()
 
     def _compute_with_backoff(self, batch: list[_Pending]) -> _Launched:
+        """:meth:`_compute`, in halves (recursively) where the batch runs out of GPU memory; an image that
+        runs out of it even alone fails alone: the rest of its batch is computed and written all the same."""
         try:
             return self._compute(batch)
-        except torch.cuda.OutOfMemoryError:
-            if len(batch) == 1:
-                raise
+        except torch.cuda.OutOfMemoryError as e:
+            alone = len(batch) == 1
+            if alone:  # what torch says (the bytes it tried for) goes to the log: its message runs on for lines
+                _logger.debug("out of GPU memory with one image of %s: %s", batch[0].item.path, first_line(e))
         # Retry outside the except block: the exception's traceback holds the frames of the failed attempt,
         # and with them its activations; inside the block the retry ran out of memory again, down to batch 1
         # (seen on an H100 under a memory cap). Not during another thread's CUDA-graph capture: it fails there.
         empty_cache()
+        if alone:
+            width, height = batch[0].picture.size
+            return _Launched.failed(f"out of GPU memory even alone ({width}x{height} pixels): free GPU memory or "
+                                    "use another device (--device cpu); a lower --max-pixels refuses images this "
+                                    "large before they are computed")  # fmt: skip
         half = len(batch) // 2
         p = batch[0].picture
         shape = (p.channels, p.size[1], p.size[0])
@@ -988,13 +1005,15 @@ class Protector:
         _logger.warning("out of GPU memory with %d images per batch; retrying with %d", len(batch), half)
         return _Launched.joined([self._compute_with_backoff(batch[:half]), self._compute_with_backoff(batch[half:])])
 
-    def _finish_batch(self, batch: list[_Pending], launched: _Launched) -> list[tuple[np.ndarray, float, float, int]]:
+    def _finish_batch(self, batch: list[_Pending],
+                      launched: _Launched) -> list[tuple[np.ndarray, float, float, int] | FileResult]:  # fmt: skip
         """Per image of a batch queued by :meth:`_compute`: (levels, confidence before, after, label),
-        once the device has them."""
+        once the device has them; the failed result of an image that could not be computed."""
         computed = launched.results()
         if len(computed) != len(batch):
             raise RuntimeError(f"{len(computed)} results for a batch of {len(batch)}")
-        return computed
+        return [FileResult(p.item.path, "failed", reason=c) if isinstance(c, str) else c
+                for p, c in zip(batch, computed)]  # fmt: skip
 
     def _write(self, pending: _Pending, levels: np.ndarray, before: float, after: float, label: int,
                seconds: float, fsync: bool = True, replace: bool = True,
@@ -1364,12 +1383,18 @@ class Protector:
                         if finishing:
                             continue
                     raise  # else an interrupt of this wait: the batch is still the device's (see below)
-                costs = [_output_bytes(p, levels) for p, (levels, *_) in zip(batch, computed)]
+                # images that could not be computed even alone fail alone: the rest of the batch is written
+                failed = [c for c in computed if isinstance(c, FileResult)]
+                kept = [(p, c) for p, c in zip(batch, computed) if not isinstance(c, FileResult)]
+                costs = [_output_bytes(p, levels) for p, (levels, *_) in kept]
                 # the batch stays queued while the writes before it finish: an interrupt meanwhile still finds it
                 yield from make_room(sum(costs))
                 computing.popleft()
-                per_image = seconds / len(batch)  # each file's share of its batch's time
-                io.write([(p, *c, per_image) for p, c in zip(batch, computed)], costs, writes)
+                # reported among the writes (taken off the queue only once had, as they are): an interrupt
+                # while one is given neither loses nor repeats the others
+                writes.extend((_done(result), 0) for result in failed)
+                per_image = seconds / max(1, len(kept))  # each written file's share of its batch's time
+                io.write([(p, *c, per_image) for p, c in kept], costs, writes)
 
         def make_room(cost: int) -> Iterator[FileResult]:
             """Wait for the oldest writes (their results given, as :func:`drain` gives them) until a batch's
