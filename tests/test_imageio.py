@@ -1109,6 +1109,30 @@ def test_written_files_are_readable_as_umask_allows_not_private(tmp_path) -> Non
     assert stat.S_IMODE((tmp_path / "out.png").stat().st_mode) == 0o640
 
 
+@pytest.mark.skipif(os.name == "nt", reason="POSIX permission bits")
+@pytest.mark.parametrize(("original", "expected"), [
+    (0o600, 0o600),  # a private photo: its copy is as private
+    (0o640, 0o640),  # shared with its group alone: so is its copy
+    (0o644, 0o644),
+    (0o444, 0o644),  # read-only: the copy's owner bits are a new file's, so a re-run can replace it
+    (0o666, 0o644),  # never more than the umask allows
+])  # fmt: skip
+def test_a_copy_is_never_readable_by_more_users_than_its_original(tmp_path, original: int, expected: int) -> None:
+    import stat
+
+    source = tmp_path / "private.png"
+    Image.new("RGB", (5, 4), (10, 20, 30)).save(source)
+    os.chmod(source, original)
+    old = os.umask(0o022)
+    try:
+        picture = read_image(source)
+        write_png(tmp_path / "private.protected.png", picture)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "private.protected.png").stat().st_mode) == expected
+    assert stat.S_IMODE(source.stat().st_mode) == original  # the original's own mode is left as it was
+
+
 def test_write_into_a_file_parent_fails_cleanly(tmp_path) -> None:
     pic = _picture(tmp_path)
     blocker = tmp_path / "blocker"

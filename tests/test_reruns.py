@@ -204,3 +204,29 @@ def test_outputs_say_whether_a_model_s_sha256_is_its_file_s_or_its_state_s(tmp_p
     # a reversion output says which its protector's was
     reverter = Reverter(backbone, config=ForeBackConfig(**FAST), labels="backbone", seed=0)
     assert reverter._extra_metadata(meta)["protected_with"]["backbone_sha256_of"] == "file"
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX permission bits")
+@pytest.mark.parametrize("io", ["threads", "processes"])
+def test_a_private_original_gets_private_outputs(tmp_path: Path, io: str) -> None:
+    """A photo only its owner may read (0600) got a protected copy, and a reversion, every user of the machine
+    could read (0644 under the usual umask), though the copy shows the same picture."""
+    import stat
+
+    private, shared = write_random_pngs(tmp_path, n=2)
+    os.chmod(private, 0o600)
+    old = os.umask(0o022)
+    try:
+        assert {s for s, _ in _run(_protector(), tmp_path, io=io, workers=1).values()} == {"done"}
+        reverter = Reverter(make_tiny_model(3).to(TEST_DEVICE), labels="backbone", config=ForeBackConfig(**FAST))
+        results = list(reverter.run(sorted(tmp_path.glob("*.protected.png")), RunOptions(io=io, workers=1)))
+        assert {r.status for r in results} == {"done"}, results
+    finally:
+        os.umask(old)
+
+    def mode(name: str) -> int:
+        return stat.S_IMODE((tmp_path / name).stat().st_mode)
+
+    assert (mode(f"{private.stem}.protected.png"), mode(f"{private.stem}.protected.reverted.png")) == (0o600, 0o600)
+    assert (mode(f"{shared.stem}.protected.png"), mode(f"{shared.stem}.protected.reverted.png")) == (0o644, 0o644)
+    assert mode(private.name) == 0o600

@@ -259,6 +259,9 @@ class Picture:
     # a second digest of the file's bytes, never written anywhere: it keys what an output records of its
     # label (see source_label_key), which its published sha256 could not keep from a guess
     source_label_key: bytes | None = None
+    # the permission bits of the file read (None: a pipe, or an image not read from a file): its outputs
+    # are never readable by more users than it is (see derived_file_mode)
+    permissions: int | None = None
 
     @property
     def max_value(self) -> int:
@@ -313,8 +316,8 @@ class Picture:
 _BROKEN_FILE_ERRORS = (SyntaxError, ValueError, EOFError, struct.error, IndexError, TypeError, RuntimeError)
 
 
-def _read_capped(path: Path, max_pixels: int) -> bytes:
-    """The file's bytes, read once: refused unread when it is a device or a socket, or larger than any
+def _read_capped(path: Path, max_pixels: int) -> tuple[bytes, int | None]:
+    """The file's bytes, read once, and its permission bits (None for a pipe): refused unread when it is a device or a socket, or larger than any
     image of at most ``max_pixels`` pixels (:func:`max_file_bytes`) needs. A pipe (``<(curl ...)``, a FIFO)
     is read up to that size; one nobody writes to fails after :data:`FIFO_WRITER_WAIT` seconds instead of
     holding the run forever."""
@@ -350,7 +353,9 @@ def _read_capped(path: Path, max_pixels: int) -> bytes:
             if total > cap:
                 raise ImageReadError(path, f"file grew past {cap:,} bytes, more than an image within the pixel "
                                            f"limit of {max_pixels:,} can take ({raise_it})")  # fmt: skip
-            return b"".join(chunks)  # one read: that same object, not a copy
+            # a pipe's bits (0600 for every `<(cmd)`) say nothing of the image's privacy
+            permissions = stat.S_IMODE(info.st_mode) if stat.S_ISREG(info.st_mode) else None
+            return b"".join(chunks), permissions  # one read: that same object, not a copy
     except ImageReadError:
         raise
     except FileNotFoundError:
@@ -424,10 +429,10 @@ def lift_pillow_pixel_limit(max_pixels: int) -> None:
         Image.MAX_IMAGE_PIXELS = max_pixels
 
 
-def _open(path: Path, max_pixels: int) -> tuple[Image.Image, str, bytes]:
-    """The image, opened from the file's bytes read once (see :func:`_read_capped`), and the sha256 and
-    :func:`source_label_key` of those same bytes."""
-    data = _read_capped(path, max_pixels)
+def _open(path: Path, max_pixels: int) -> tuple[Image.Image, str, bytes, int | None]:
+    """The image, opened from the file's bytes read once (see :func:`_read_capped`), the sha256 and
+    :func:`source_label_key` of those same bytes, and the file's permission bits (None for a pipe)."""
+    data, permissions = _read_capped(path, max_pixels)
     if not data:
         raise ImageReadError(path, "empty file (0 bytes)")
     lift_pillow_pixel_limit(max_pixels)  # ours is checked below
@@ -457,7 +462,7 @@ def _open(path: Path, max_pixels: int) -> tuple[Image.Image, str, bytes]:
     if width == 0 or height == 0:
         img.close()
         raise ImageReadError(path, f"image has no pixels ({width}x{height})")
-    return img, hashlib.sha256(data).hexdigest(), source_label_key(data)
+    return img, hashlib.sha256(data).hexdigest(), source_label_key(data), permissions
 
 
 def _psd_depth(data: bytes) -> int | None:
@@ -510,7 +515,7 @@ def read_image(path: Path | str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Pic
     if isinstance(max_pixels, bool) or not isinstance(max_pixels, numbers.Integral) or max_pixels < 1:
         # a float was stored into Pillow's limit, 0 and -1 taken
         raise ConfigError(f"max_pixels must be a whole number >= 1, got {max_pixels!r}")
-    img, sha256, label_key = _open(path, max_pixels)
+    img, sha256, label_key, permissions = _open(path, max_pixels)
     try:
         source_format = img.format or "unknown"
         deeper = _deeper_than_decoded(img)
@@ -576,7 +581,7 @@ def read_image(path: Path | str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Pic
     finally:
         img.close()
     return Picture(path, color, alpha, mode, source_mode, source_format, icc, text, sha256, notes, colour_chunks,
-                   dpi, label_key)  # fmt: skip
+                   dpi, label_key, permissions)  # fmt: skip
 
 
 #: The PNG chunk saying that an output's colour values are sRGB (rendering intent perceptual): what a CMYK
@@ -977,6 +982,16 @@ def new_file_mode() -> int:
     return 0o666 & ~mask
 
 
+def derived_file_mode(source_permissions: int | None) -> int:
+    """The mode of a file made from another whose permission bits are ``source_permissions`` (a protected
+    or reverted copy of an image): a new file's (:func:`new_file_mode`), less the group's and others' bits
+    the source lacks. Its pixels show the same picture: a photo only its owner may read (0600) must not get a
+    copy every user of the machine can read (0644 under the usual umask). The owner's bits are a new file's
+    (a read-only original's copy can still be replaced). None: a new file's mode."""
+    mode = new_file_mode()
+    return mode if source_permissions is None else mode & ~(0o077 & ~source_permissions)
+
+
 #: The longest file name most file systems take: 255 bytes on Linux (ext4, XFS, btrfs), 255 characters on
 #: APFS, HFS+ and NTFS, where a name of more bytes can be legal (see :func:`name_max`).
 NAME_MAX = 255
@@ -1366,7 +1381,9 @@ def write_png(
 
     The PNG goes to a temporary file beside ``path`` and is renamed over it only once complete (and, with
     ``fsync``, on disk). ``text`` entries become PNG text chunks. ``replace=False``: ``path`` is new, and
-    a file that appears there meanwhile is not replaced (see :func:`atomic_write`).
+    a file that appears there meanwhile is not replaced (see :func:`atomic_write`). The file gets a new
+    file's mode, less what the picture's own file did not allow its group and others
+    (:func:`derived_file_mode`).
 
     Raises:
         InputError: ``color`` not a numpy array of the picture's shape and dtype (floats in [0, 1], levels
@@ -1395,7 +1412,7 @@ def _png_in_temporary(path: Path, picture: Picture, color: np.ndarray | None,
         info.add_itxt(key, value)
     extra = {"dpi": picture.dpi} if picture.dpi is not None else {}
     with _write_errors(path):
-        temp = _Temporary(path)
+        temp = _Temporary(path, derived_file_mode(picture.permissions))
         try:
             _to_pil(picture, color).save(temp.file, format="PNG", pnginfo=info, icc_profile=picture.icc_profile,
                                          **extra)  # fmt: skip
