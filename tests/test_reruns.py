@@ -230,3 +230,19 @@ def test_a_private_original_gets_private_outputs(tmp_path: Path, io: str) -> Non
     assert (mode(f"{private.stem}.protected.png"), mode(f"{private.stem}.protected.reverted.png")) == (0o600, 0o600)
     assert (mode(f"{shared.stem}.protected.png"), mode(f"{shared.stem}.protected.reverted.png")) == (0o644, 0o644)
     assert mode(private.name) == 0o600
+
+
+@pytest.mark.skipif(os.name == "nt", reason="symbolic links need privileges on Windows")
+def test_a_link_to_nowhere_at_an_output_is_kept_until_overwrite(tmp_path: Path) -> None:
+    """A link the user put where an output goes, whose target is missing now (a disk not mounted), was
+    silently replaced by a file, where a link to a file fails until ``--overwrite``."""
+    (original,) = write_random_pngs(tmp_path / "in", n=1)
+    link = original.with_name(f"{original.stem}.protected.png")
+    link.symlink_to(tmp_path / "unmounted" / "img0.protected.png")
+    before = original.read_bytes()
+    (result,) = _run(_protector(), tmp_path / "in").values()
+    assert result[0] == "failed" and "symbolic link to nowhere" in result[1] and "--overwrite" in result[1], result
+    assert link.is_symlink() and original.read_bytes() == before
+    (result,) = _run(_protector(), tmp_path / "in", overwrite=True).values()
+    assert result[0] == "done", result
+    assert not link.is_symlink() and link.is_file() and original.read_bytes() == before

@@ -843,8 +843,8 @@ class Protector:
         try:
             if output.stat().st_size == 0:  # what a crash (or a power loss without fsync) can leave: redo it
                 return None
-        except OSError:  # no output yet
-            return None
+        except OSError:  # no output yet, or a link of the user's to nowhere (a disk not mounted now): judged
+            return output if os.path.islink(output) else None
         return output
 
     def _existing_output(self, item: InputFile, output: Path) -> FileResult | None:
@@ -854,8 +854,11 @@ class Protector:
         if output.is_dir():  # --overwrite cannot replace a folder: no advice to use it
             return FileResult(item.path, "failed", reason=f"output {output} is a folder: move it, or write the "
                                                           f"outputs elsewhere (--out-dir, --suffix)")  # fmt: skip
-        meta = read_preempt_metadata_file(output)
         redo = "use --overwrite to replace it"
+        if os.path.islink(output) and not os.path.exists(output):  # the user's, which a write would replace unasked
+            return FileResult(item.path, "failed", reason=f"output {output} is a symbolic link to nowhere (its "
+                                                          f"target does not exist): move it, or {redo}")  # fmt: skip
+        meta = read_preempt_metadata_file(output)
         if meta is None or meta.get("kind", self.kind) != self.kind:
             # not ours (a file of the user's, a leftover): it does not show that this input was done
             return FileResult(item.path, "failed", reason=f"output {output} exists and is not a file preempt "
