@@ -399,7 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     protect_module._MIN_PIECE = args.min_piece
     out: dict[str, Any] = {"benchmark": "trace_e2e", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                            "files": args.files, "batch_size": args.batch_size, "gc_freeze": args.gc_freeze,
-                           "queued": ",".join(map(str, queued)), "compile": args.compile, "cuda_graphs": protector.cuda_graphs,
+                           "queued": ",".join(map(str, queued)), "compile": args.compile,
+                           "cuda_graphs": protector.cuda_graphs,
                            "min_piece": args.min_piece,
                            "source": str(Path(protect_module.__file__).parent)}  # fmt: skip
 

@@ -559,7 +559,8 @@ def _changed_while_loaded(model: str, path: Path) -> UnreadableWeightsError:
 def unparsable_weights(model: str, path: Path, error: Exception) -> UnreadableWeightsError:
     """A weights file whose header looked whole that safetensors cannot parse (damaged), with safetensors'
     reason and, for the Hugging Face cache's copy, what to do about it."""
-    detail = first_line(error).removeprefix("Error while deserializing: ").removeprefix("Error while deserializing header: ")
+    detail = first_line(error).removeprefix("Error while deserializing: ")
+    detail = detail.removeprefix("Error while deserializing header: ")
     return UnreadableWeightsError(model, path, f"safetensors cannot parse it: {detail}",
                                   hint=damaged_cache_copy_hint(path))  # fmt: skip
 

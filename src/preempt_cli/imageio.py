@@ -317,10 +317,10 @@ _BROKEN_FILE_ERRORS = (SyntaxError, ValueError, EOFError, struct.error, IndexErr
 
 
 def _read_capped(path: Path, max_pixels: int) -> tuple[bytes, int | None]:
-    """The file's bytes, read once, and its permission bits (None for a pipe): refused unread when it is a device or a socket, or larger than any
-    image of at most ``max_pixels`` pixels (:func:`max_file_bytes`) needs. A pipe (``<(curl ...)``, a FIFO)
-    is read up to that size; one nobody writes to fails after :data:`FIFO_WRITER_WAIT` seconds instead of
-    holding the run forever."""
+    """The file's bytes, read once, and its permission bits (None for a pipe): refused unread when it is a
+    device or a socket, or larger than any image of at most ``max_pixels`` pixels (:func:`max_file_bytes`)
+    needs. A pipe (``<(curl ...)``, a FIFO) is read up to that size; one nobody writes to fails after
+    :data:`FIFO_WRITER_WAIT` seconds instead of holding the run forever."""
     cap = max_file_bytes(max_pixels)
     raise_it = "raise the limit with --max-pixels if the file is trusted"
     try:

@@ -41,4 +41,5 @@ for (C,K,S,B) in [(16,16,32,320),(32,32,16,320),(64,64,8,320)]:
     T = B*(S//2)**2
     v = torch.randn(16,T,C); U = torch.randn(16,C,K)
     x = torch.randn(B,C,S,S).to(memory_format=torch.channels_last); w = torch.randn(K,C,3,3)
-    print(C,K,S, 'direct %.2f  bmm-only %.2f ms' % (bench(lambda: F.conv2d(x, w, padding=1)), bench(lambda: torch.bmm(v,U))))
+    direct, product = bench(lambda: F.conv2d(x, w, padding=1)), bench(lambda: torch.bmm(v, U))
+    print(C, K, S, 'direct %.2f  bmm-only %.2f ms' % (direct, product))
