@@ -305,3 +305,148 @@ def test_compiling_a_fused_net_traces_it_whole(resnet20_pair) -> None:
     explanation = torch._dynamo.explain(fused)(x)
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
     torch._dynamo.reset()
+
+
+# -- BatchNorm folding: every architecture, and what must not be folded ----------------------------------------
+
+
+def _wild_batchnorm(net: nn.Module, seed: int = 0) -> nn.Module:
+    """``net`` in eval mode with BatchNorm layers far from their initial state: means around 2, variances from
+    0.05 to 20, affine weights of either sign, eps 1e-3; every third layer without affine parameters, every
+    fifth without running statistics (it normalizes by the batch's, and must not be folded)."""
+    gen = torch.Generator().manual_seed(seed)
+    norms = [(name, m) for name, m in net.named_modules() if type(m) is nn.BatchNorm2d]
+    for i, (name, bn) in enumerate(norms):
+        if i % 5 == 4 or i % 3 == 2:
+            bn = nn.BatchNorm2d(bn.num_features, affine=i % 3 != 2, track_running_stats=i % 5 != 4, momentum=None)
+            parent, _, attr = name.rpartition(".")
+            setattr(net.get_submodule(parent) if parent else net, attr, bn)
+        bn.eps = 1e-3
+        with torch.no_grad():
+            if bn.track_running_stats:
+                bn.running_mean.copy_(torch.randn(bn.num_features, generator=gen) * 3 + 2)
+                bn.running_var.copy_(torch.rand(bn.num_features, generator=gen) * 20 + 0.05)
+            if bn.affine:
+                bn.weight.copy_(torch.randn(bn.num_features, generator=gen) * 1.5)
+                bn.bias.copy_(torch.randn(bn.num_features, generator=gen))
+    return net.eval()
+
+
+@pytest.mark.parametrize(
+    ("arch", "kwargs"),
+    [
+        ("cifar_resnet20", {"shortcut": "pad_end"}),
+        ("resnet18_cifar", {}),
+        ("preact_resnet18", {"preact_shortcut": False}),
+        ("wide_resnet", {"depth": 10, "widen_factor": 1}),
+        ("resnext29_32x4d", {"cardinality": 2, "base_width": 4}),
+        ("dm_wide_resnet", {"depth": 10, "width": 1, "activation": "relu"}),
+        ("dm_preact_resnet18", {}),
+    ],
+)
+def test_every_architecture_fused_computes_the_unfused_function(arch, kwargs) -> None:
+    """In float64, where rounding (about 1e-16 a step) is far below any error of the folding itself (a wrong
+    eps, sign or channel moves the logits by 1e-3 or more) and no ReLU flips its mask on a last bit: logits and
+    input gradients within 1e-10 of their largest value. The caller's net, its mode and its parameters stay as
+    they were; the fused net has parameters of its own, in eval mode, of the net's dtype."""
+    torch.manual_seed(4)
+    net = _wild_batchnorm(create_arch(arch, num_classes=10, **kwargs)).double()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    net.train()  # fused for inference whatever the caller's mode, which stays
+    fused = fuse_model(net)
+    assert net.training and not fused.training
+    net.eval()
+    batch_normalizing = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d) and not m.track_running_stats]
+    assert batch_normalizing and len(batch_normalizing) == sum(
+        isinstance(m, nn.BatchNorm2d) and not m.track_running_stats for m in fused.modules())
+    storages = {t.untyped_storage().data_ptr() for t in [*net.parameters(), *net.buffers()]}
+    assert not any(t.untyped_storage().data_ptr() in storages for t in [*fused.parameters(), *fused.buffers()])
+    assert {p.dtype for p in fused.parameters()} == {torch.float64}
+    gen = torch.Generator().manual_seed(5)
+    x = torch.rand(3, 3, 16, 16, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 10, (3,), generator=gen)
+    got, want = _logits_and_input_grad(fused, x, y), _logits_and_input_grad(net, x, y)
+    for g, w in zip(got, want):
+        assert (g - w).abs().max() <= 1e-10 * w.abs().max(), (g - w).abs().max() / w.abs().max()
+    for key, value in net.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+class _ConvCalledTwice(nn.Module):
+    def __init__(self, second_norm: bool) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.bn2 = nn.BatchNorm2d(4) if second_norm else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn2(self.conv(F.relu(self.bn1(self.conv(x)))))  # folding bn1 would change the second call too
+
+
+class _ConvWeightReadElsewhere(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(self.bn(self.conv(x)), self.conv.weight, padding=1)  # tied: reads the unfolded weight
+
+
+class _LinearNormOfAnotherDimension(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+        self.bn = nn.BatchNorm1d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.fc(x.mean(dim=3)))  # [N, 4, 4]: the Linear maps the last dimension, the norm dim 1
+
+
+@pytest.mark.parametrize("make_net", [lambda: _ConvCalledTwice(True), lambda: _ConvCalledTwice(False),
+                                      _ConvWeightReadElsewhere, _LinearNormOfAnotherDimension])  # fmt: skip
+def test_batchnorm_that_folding_would_get_wrong_is_left_alone(make_net) -> None:
+    torch.manual_seed(6)
+    net = _wild_batchnorm(make_net())
+    for bn in (m for m in net.modules() if isinstance(m, nn.BatchNorm1d)):
+        with torch.no_grad():
+            bn.running_mean.uniform_(-2, 2)
+            bn.running_var.uniform_(0.1, 5)
+    fused = fuse_model(copy.deepcopy(net))
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(fused(x), net(x))
+
+
+def test_a_number_added_before_the_relu_goes_the_plain_way() -> None:
+    class AddsAChannelCount(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.relu(self.conv(x) + x.size(1))  # traced: an addition of the convolution and an int node
+
+    net = AddsAChannelCount().eval()
+    fused = fuse_model(copy.deepcopy(net))
+    assert isinstance(fused.conv, ConvReLU2d)
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(fused(x), net(x))
+
+
+def test_real_weights_fused_keep_every_prediction(shared_models_dir, cifar_test_dir) -> None:
+    """100 real test images: the same top-1 class from the fused net as from the unfused one, and logits within
+    1e-5 of their largest (float32 rounds each of ~20 layers to ~6e-8: folding moves logits by ~4e-7 of it)."""
+    from conftest import cifar_test_files, load_cifar_images
+
+    files = cifar_test_files(cifar_test_dir)[:100]
+    x = load_cifar_images([path for path, _ in files])
+    for name in ("cifar10-resnet20-pgdat-a", "cifar10-resnet20-std"):
+        fused = load_model(name, models_dir=shared_models_dir)
+        plain = load_model(name, models_dir=shared_models_dir, fuse=False)
+        assert not any(p.requires_grad for p in fused.parameters())
+        with torch.no_grad():
+            got, want = fused(x), plain(x)
+        assert torch.equal(got.argmax(dim=1), want.argmax(dim=1))
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max()
