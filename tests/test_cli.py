@@ -2173,6 +2173,57 @@ def test_a_ctrl_c_that_does_not_wake_the_caller_of_several_devices_is_taken_at_o
     assert not _device_threads()
 
 
+def test_a_ctrl_c_starts_no_further_batch_on_any_device(tmp_path: Path, tiny_backbone,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """run_on_devices: a device's run took the caller's Ctrl-C only once it had its next result, after its
+    batch on the device was written: by then the batch queued behind it had started, and the run waited for
+    that one too (a large photo on a CPU: seconds, on each device). A single device's run takes it where it
+    waits (see protect._wait) and drops the batches not started; each device's run now does too."""
+    import threading
+
+    from preempt_cli import Protector
+    from preempt_cli.protect import _DeviceMessages
+
+    write_random_pngs(tmp_path / "in", n=12, name="img{i:02d}.png")
+    out = tmp_path / "out"
+    devices = _two_devices(tiny_backbone)
+    starts: list[tuple[int, float]] = []  # (device, when its batch started)
+    real_transform = Protector.transform
+
+    def slow_transform(self, *args, **kw):  # every batch, on its device's compute thread
+        starts.append((next(i for i, d in enumerate(devices) if d is self), time.monotonic()))
+        time.sleep(1.0)
+        return real_transform(self, *args, **kw)
+
+    monkeypatch.setattr(Protector, "transform", slow_transform)
+    interrupted_at: list[float] = []
+    real_oldest = _DeviceMessages.oldest
+
+    def ctrl_c_once_both_devices_compute(self):  # the caller's wait, where a Ctrl-C lands
+        if not interrupted_at:
+            deadline = time.monotonic() + 30
+            while {i for i, _ in starts} != {0, 1} and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.2)  # each run has queued its next batch behind the one computing
+            interrupted_at.append(time.monotonic())
+            raise KeyboardInterrupt
+        return real_oldest(self)
+
+    monkeypatch.setattr(_DeviceMessages, "oldest", ctrl_c_once_both_devices_compute)
+    results, raised = _run_on_devices_in_a_thread(devices, [tmp_path / "in"],
+                                                  RunOptions(out_dir=out, batch_size=1, io="threads", workers=1))  # fmt: skip
+    assert interrupted_at and len(raised) == 1 and isinstance(raised[0], KeyboardInterrupt)
+    assert sorted(i for i, when in starts if when < interrupted_at[0]) == [0, 1]
+    assert [i for i, when in starts if when > interrupted_at[0]] == []  # no batch started after the Ctrl-C
+    on_disk = sorted(p.name for p in out.iterdir()) if out.exists() else []
+    assert all(n.endswith(".protected.png") for n in on_disk)  # no temporary files
+    # the batches computing when it came are written, and listed
+    assert sorted(r.output.name for r in results if r.status == "done") == on_disk and len(on_disk) == 2
+    assert not [r for r in results if r.status == "failed"]
+    assert not _device_threads()
+    assert not [t for t in threading.enumerate() if t.name.startswith(("preempt-io", "preempt-compute"))]
+
+
 def test_a_device_whose_run_fails_fails_its_files_and_the_others_finish(
         tmp_path: Path, tiny_backbone, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     """run_on_devices: a device whose run raised (its process pool not starting, a device fault) ended the

@@ -1505,10 +1505,27 @@ def _wait(handle: Any) -> None:
     main thread takes it (raised here, the handle left as it was)."""
     future = getattr(handle, "future", handle)
     while not future.done():
+        _take_device_interrupt()
         try:
             future.exception(_WAKE_S)  # waits, but never raises the future's own error
         except (FutureTimeoutError, CancelledError):  # not done yet (or cancelled meanwhile: done)
             pass
+
+
+#: The Ctrl-C of :func:`run_on_devices`' caller, as each device worker's thread sees it: ``interrupted`` (the
+#: run's event) and ``taken`` (raised in this thread already). A signal reaches the main thread alone.
+_device_interrupt = threading.local()
+
+
+def _take_device_interrupt() -> None:
+    """Raise ``KeyboardInterrupt`` once in a device worker whose caller was interrupted, where its run waits
+    (see :func:`_wait`): there a single device's run takes a Ctrl-C and drops the batches not started. Taken
+    at the worker's next result instead, it came once the batch on the device was written, after the next
+    had started, which the run then waited for too (on each device)."""
+    interrupted = getattr(_device_interrupt, "interrupted", None)
+    if interrupted is not None and interrupted.is_set() and not _device_interrupt.taken:
+        _device_interrupt.taken = True  # once: a second one, while its run finishes, would stop that short
+        raise KeyboardInterrupt
 
 
 @contextmanager
@@ -1735,18 +1752,22 @@ def run_on_devices(protectors: Sequence[Protector], items: Iterable[InputFile | 
     def work(index: int, protector: Protector) -> None:
         share = dataclasses.replace(options, partition=(index, len(protectors)))
         reported: set[Path] = set()
+        _device_interrupt.interrupted, _device_interrupt.taken = interrupted, False
         try:
             run = protector.run(items, share, outputs=outputs, folders=folders)
             for result in run:
                 reported.add(result.input)
                 messages.put(("result", result), stop)
-                if interrupted.is_set():  # Ctrl-C: this device's run stops as a single one would
+                if interrupted.is_set() and not _device_interrupt.taken:  # Ctrl-C: as a single run stops
+                    _device_interrupt.taken = True
                     for result in finish_interrupted(run):
                         reported.add(result.input)
                         messages.put(("result", result), stop)
                     return
                 if stop.is_set():
                     return
+        except KeyboardInterrupt:  # the caller's Ctrl-C, taken where the run waited: its files being written
+            pass  # were finished and reported (the caller raises the interrupt)
         except Exception as e:  # this device's failure, not the run's: the other devices go on
             _logger.debug("the run on %s failed", protector.device, exc_info=True)
             reason = f"the run on {protector.device} failed: {type(e).__name__}: {e}"
