@@ -1075,6 +1075,22 @@ def test_resolve_devices() -> None:
         resolve_devices(" , ")
 
 
+def test_device_all_without_a_gpu_says_it_computes_on_the_cpu(tmp_path: Path, registry: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """``--device all`` (every GPU) on a node whose GPUs CUDA cannot see (a driver gone, CUDA_VISIBLE_DEVICES
+    empty, a CPU-only torch) computed on the CPU without a word: a run meant for 8 GPUs went on at a CPU's
+    pace. It still falls back to the CPU (``PREEMPT_DEVICE=all`` serves any machine), and says so."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    _images(tmp_path / "in", n=1)
+    fell_back = run(["protect", str(tmp_path / "in"), *FAST[:-2], "--device", "all", "--labels", "backbone"], registry)
+    assert fell_back.exit_code == 0, fell_back.output
+    notes = [line for line in fell_back.stderr.splitlines() if "--device all" in line]
+    assert len(notes) == 1 and "no GPU" in notes[0] and "CPU" in notes[0], fell_back.stderr
+    quiet = run(["protect", str(tmp_path / "in"), *FAST[:-2], "--device", "all", "--labels", "backbone", "-q",
+                 "--overwrite"], registry)  # fmt: skip
+    assert quiet.exit_code == 0 and quiet.stderr == ""
+
+
 def test_out_of_memory_halves_the_batch_after_freeing_the_failed_attempt(tmp_path: Path, tiny_backbone,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     import weakref

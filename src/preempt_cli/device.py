@@ -67,6 +67,8 @@ def resolve_devices(spec: str) -> list[torch.device]:
     spec = spec.strip().lower()
     if spec == "all":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:  # a run meant for every GPU of a node whose GPUs CUDA cannot see: not at a CPU's pace unsaid
+            _logger.warning("--device all: no GPU found (CUDA is not available); computing on the CPU")
         return [torch.device("cuda", i) for i in range(count)] or [torch.device("cpu")]
     devices = [resolve_device(part) for part in spec.split(",") if part.strip()]
     if not devices:
