@@ -5,10 +5,12 @@ for ``os.sched_getaffinity``."""
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from preempt_cli import device
 
@@ -124,3 +126,18 @@ def test_configure_cpu_sets_the_threads_without_a_users_count(
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2})
     device.configure_cpu()
     assert torch_threads_set == [3]
+
+
+def test_a_device_list_mixing_the_cpu_and_a_gpu_says_what_it_costs(monkeypatch, caplog) -> None:
+    """Allowed, but the CPU's fixed share sets the pace, and which device computes an image changes its bits."""
+    from preempt_cli.device import resolve_devices
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with caplog.at_level(logging.WARNING, logger="preempt_cli.device"):
+        assert resolve_devices("cuda:0,cuda:1") == [torch.device("cuda", 0), torch.device("cuda", 1)]
+        assert resolve_devices("cpu,cpu") == [torch.device("cpu")] * 2
+        assert not caplog.records
+        assert resolve_devices("cuda:0,cpu") == [torch.device("cuda", 0), torch.device("cpu")]
+    (record,) = caplog.records
+    assert "mixes device kinds" in record.getMessage() and "cuda:0,cpu" in record.getMessage()

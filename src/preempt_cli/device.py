@@ -78,6 +78,10 @@ def resolve_devices(spec: str) -> list[torch.device]:
     gpus = [d for d in devices if d.type != "cpu"]
     if len(set(gpus)) != len(gpus):
         raise ConfigError(f"device listed twice in {spec!r}")
+    if len({d.type for d in devices}) > 1:  # allowed (a GPU and the CPU beside it), but not without a word
+        _logger.warning("--device %s mixes device kinds: each takes a fixed share of the files, so the slowest sets "
+                        "the run's pace, and an image's output depends on which device computed it (their "
+                        "arithmetic differs in the last bits)", spec)  # fmt: skip
     return devices
 
 
