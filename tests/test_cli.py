@@ -455,10 +455,12 @@ def test_a_stop_while_typer_sets_the_command_up_is_said_as_before_it_started(tmp
                                                                               by: str) -> None:  # fmt: skip
     """Between the import and the command's own handling of Ctrl-C, Typer builds the command (a press there
     ended with a traceback of typing's internals) and parses the arguments (Typer's silent exit 130). A
-    SIGTERM there killed the process, saying nothing."""
+    SIGTERM there killed the process, saying nothing; said, its --log file ended "exit code 130
+    (interrupted)" of a process that exited 143, without the line that says it."""
     import subprocess
     import sys
 
+    log = tmp_path / "run.log"
     script = tmp_path / "setup.py"
     script.write_text(f"""
 import os, signal, sys
@@ -471,12 +473,45 @@ if {where!r} == "building the command":
     typer.main.get_command = pressed
 else:  # protect's first call, before its errors are handled
     _common.setup_logging = pressed
-sys.argv = ["preempt", "protect", {str(tmp_path)!r}]
+sys.argv = ["preempt", "protect", {str(tmp_path)!r}, "--log", {str(log)!r}]
 main()
 """)
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert (done.returncode, done.stderr) == (code, f"error: interrupted{by}: before the command started, "
                                                     "nothing was done\n")  # fmt: skip
+    if where == "parsing its arguments":  # (building the command comes before the log is opened)
+        said = [line.split("] ", 1)[1] for line in log.read_text().splitlines()]
+        assert said[-2] == f"error: interrupted{by}: before the command started, nothing was done", said
+        meaning = "interrupted" if code == 130 else f"stopped by {signame}"
+        assert said[-1].startswith(f"error: exit code {code} ({meaning}) after "), said
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM", "SIGHUP"])
+def test_a_stop_once_the_command_has_ended_leaves_its_exit_code(tmp_path: Path, signame: str) -> None:
+    """A Ctrl-C or SIGTERM (a Slurm job cancelled as the run finished) in the moment after the command had
+    ended, its summary said, went to the handler of a stop before the command: "interrupted by SIGTERM:
+    before the command started, nothing was done" of a finished run, exit 143, and no exit code in the
+    --log file. Its work is done: its exit code stands, and a line says the stop came late."""
+    log = tmp_path / "run.log"
+    script = tmp_path / "late.py"
+    script.write_text(f"""
+import os, signal, sys
+from preempt_cli.cli import _logfile
+from preempt_cli.__main__ import main
+real_end = _logfile.end
+def end(*args, **kwargs):  # the command is over: the group's main ends its log
+    os.kill(os.getpid(), signal.{signame})
+    return real_end(*args, **kwargs)
+_logfile.end = end
+sys.argv = ["preempt", "models", "list", "--json", "--log", {str(log)!r}]
+main()
+""")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == f"preempt: {signame} came after the command had ended: nothing was interrupted\n"
+    assert json.loads(done.stdout.splitlines()[0])["name"]
+    said = [line.split("] ", 1)[1] for line in log.read_text().splitlines()]
+    assert said[-1].startswith("info: exit code 0 (all done) after "), said
 
 
 def test_the_default_budget_is_the_papers_for_the_backbones_dataset(registry: Path) -> None:

@@ -116,10 +116,16 @@ class _Preempt(typer.core.TyperGroup):
         _show_arguments_by_metavar(self)
 
     def main(self, args: Any = None, *more: Any, **kwargs: Any) -> Any:
+        global _said_before_start
+        _said_before_start = False
         _logfile.begin(list(sys.argv[1:] if args is None else args))
         try:
             result = super().main(args, *more, **kwargs)
         except SystemExit as exit_:
+            if _stopped_while_parsing(exit_):  # its line and the stop's own code (143 for SIGTERM) in the log too
+                code = _interrupted_before_start_code()
+                _logfile.end(code, _common.exit_meaning(code))
+                raise SystemExit(code) from None
             code = _common.exit_status(exit_)
             _logfile.end(code, _common.exit_meaning(code))
             raise
@@ -182,8 +188,11 @@ def _root(
 
 def main() -> None:
     """Console entry point."""
+    global _said_before_start
     _launched_as_the_package()
     _common.command_started = False
+    _said_before_start = False
+    _common.hold_late_stops = True  # a stop once the command has ended leaves its exit code (see _common._late_stop)
     try:
         app()
     except KeyboardInterrupt:  # while Typer builds the command, before its own handling of Ctrl-C
@@ -195,12 +204,20 @@ def main() -> None:
         if _common.exit_status(exit_) == EXIT_BROKEN_PIPE and exit_.code != EXIT_BROKEN_PIPE:
             raise SystemExit(EXIT_BROKEN_PIPE) from None
         # Typer ends a Ctrl-C while it parses the arguments with a silent exit 130; later presses say what
-        # they stopped, and so does this one
-        if exit_.code == EXIT_INTERRUPTED and not _common.command_started and _from_an_interrupt(exit_):
+        # they stopped, and so does this one (said already where the group's main saw it)
+        if _stopped_while_parsing(exit_):
             _interrupted_before_start()
         raise
     finally:
+        _common.release_late_stops()
         _ignore_interrupts_at_exit()
+
+
+def _stopped_while_parsing(exit_: SystemExit) -> bool:
+    """Whether ``exit_`` is Typer's silent exit 130 of a stop that came before the command began (while
+    the arguments were parsed), not yet said."""
+    return (exit_.code == EXIT_INTERRUPTED and not _common.command_started and not _said_before_start
+            and _from_an_interrupt(exit_))  # fmt: skip
 
 
 def _from_an_interrupt(error: BaseException) -> bool:
@@ -213,10 +230,23 @@ def _from_an_interrupt(error: BaseException) -> bool:
 
 
 def _interrupted_before_start() -> NoReturn:
+    raise SystemExit(_interrupted_before_start_code()) from None
+
+
+def _interrupted_before_start_code() -> int:
+    """Say that a stop ended the command before it began (on stderr, and in the ``--log`` file where one is
+    open: it said "exit code 130" of a SIGTERM that exited 143, without this line), once; its exit code."""
+    global _said_before_start
     stopped = _signals.stopped_before_start  # SIGTERM, SIGHUP: see _signals.stop_as_interrupts
-    by = _signals.said_by(stopped)
-    _common.error_line(_common.INTERRUPTED_BEFORE_START.replace("interrupted", f"interrupted{by}", 1))
-    raise SystemExit(_signals.exit_code(stopped)) from None
+    if not _said_before_start:
+        _said_before_start = True
+        by = _signals.said_by(stopped)
+        _common.error_line(_common.INTERRUPTED_BEFORE_START.replace("interrupted", f"interrupted{by}", 1))
+    return _signals.exit_code(stopped)
+
+
+#: Whether this run's stop before the command began has been said (the group's main says it where a log is open).
+_said_before_start = False
 
 
 def _ignore_interrupts_at_exit() -> None:

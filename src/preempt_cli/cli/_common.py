@@ -361,7 +361,49 @@ def _stop_on_interrupt(stopping: str | None = None) -> Iterator[_Stop]:
         _current_stop = None
         if not presses:  # once interrupted, the stages last until the process has exited (its threads joined)
             for signum, handler in previous.items():
+                if hold_late_stops:  # the command's entry point gives them back (release_late_stops)
+                    _held_handlers.setdefault(signum, handler)
+                    handler = _late_stop
                 signal.signal(signum, handler)
+
+
+#: Set by the ``preempt`` command's entry point (``cli.main``) while it runs a command: a stop (Ctrl-C,
+#: SIGTERM, SIGHUP) that comes once the command has ended is then :func:`_late_stop`'s.
+hold_late_stops = False
+#: The handlers :func:`_late_stop` stands in for, by signal (:func:`release_late_stops` puts them back).
+_held_handlers: dict[int, Any] = {}
+#: The stop signals that came once the command had ended, in order.
+_late_stops: list[int] = []
+
+
+def _late_stop(signum: int, frame: Any) -> None:
+    """A stop that comes once the command has ended (its summary said, its exit code chosen), while the
+    process exits: its work is done, so its exit code stands, and a line says the stop came late. Given
+    back to the handler in place before (Python's, which raises ``KeyboardInterrupt``; the one that says a
+    stop before the command started), it was said as "interrupted: before the command started, nothing
+    was done", with exit 130 or 143 and no exit code in the ``--log`` file. The third quits at once."""
+    _late_stops.append(signum)
+    name = signal.Signals(signum).name
+    _logfile.say(f"{name} received after the command ended ({len(_late_stops)} so far)", logging.WARNING)
+    if len(_late_stops) == 1:
+        _say(f"preempt: {name} came after the command had ended: nothing was interrupted")
+    elif len(_late_stops) >= _signals.INSISTING:  # a user who insists: the exit stops at once
+        code = _signals.exit_code(_late_stops[0])
+        _logfile.end(code, exit_meaning(code))
+        os._exit(code)
+
+
+def release_late_stops() -> None:
+    """The command's entry point is done: its stop signals go back to the handlers they had (a caller of
+    it that goes on, a notebook, keeps its Ctrl-C)."""
+    global hold_late_stops
+    hold_late_stops = False
+    if threading.current_thread() is threading.main_thread():
+        for signum, handler in _held_handlers.items():
+            if signal.getsignal(signum) is _late_stop:
+                signal.signal(signum, handler)
+    _held_handlers.clear()
+    _late_stops.clear()
 
 
 #: Said of a Ctrl-C that comes before a command has begun its work (see :func:`handle_errors`).
