@@ -496,13 +496,13 @@ def test_a_stop_once_the_command_has_ended_leaves_its_exit_code(tmp_path: Path, 
     script = tmp_path / "late.py"
     script.write_text(f"""
 import os, signal, sys
-from preempt_cli.cli import _logfile
+from preempt_cli.cli import _common
 from preempt_cli.__main__ import main
-real_end = _logfile.end
-def end(*args, **kwargs):  # the command is over: the group's main ends its log
+real_exit_status = _common.exit_status
+def exit_status(*args, **kwargs):  # the command is over: the group's main reads its exit code
     os.kill(os.getpid(), signal.{signame})
-    return real_end(*args, **kwargs)
-_logfile.end = end
+    return real_exit_status(*args, **kwargs)
+_common.exit_status = exit_status
 sys.argv = ["preempt", "models", "list", "--json", "--log", {str(log)!r}]
 main()
 """)
@@ -512,6 +512,11 @@ main()
     assert json.loads(done.stdout.splitlines()[0])["name"]
     said = [line.split("] ", 1)[1] for line in log.read_text().splitlines()]
     assert said[-1].startswith("info: exit code 0 (all done) after "), said
+    if signame == "SIGTERM":  # one who insists (a third) still ends the exit at once, with the stop's code
+        script.write_text(script.read_text().replace("    os.kill(", "    for _ in range(3): os.kill("))
+        done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 143, done.stderr
+        assert "exit code 143 (stopped by SIGTERM)" in log.read_text().splitlines()[-1]
 
 
 def test_the_default_budget_is_the_papers_for_the_backbones_dataset(registry: Path) -> None:
