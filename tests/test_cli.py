@@ -449,14 +449,15 @@ main()
 
 
 @pytest.mark.parametrize("signame, code, by", [("SIGINT", 130, ""), ("SIGTERM", 143, " by SIGTERM")])
-@pytest.mark.parametrize("where", ["building the command", "parsing its arguments"])
+@pytest.mark.parametrize("where", ["building the command", "parsing its arguments", "logging its settings"])
 def test_a_stop_while_typer_sets_the_command_up_is_said_as_before_it_started(tmp_path: Path, where: str,
                                                                               signame: str, code: int,
                                                                               by: str) -> None:  # fmt: skip
     """Between the import and the command's own handling of Ctrl-C, Typer builds the command (a press there
     ended with a traceback of typing's internals) and parses the arguments (Typer's silent exit 130). A
     SIGTERM there killed the process, saying nothing; said, its --log file ended "exit code 130
-    (interrupted)" of a process that exited 143, without the line that says it."""
+    (interrupted)" of a process that exited 143, without the line that says it. One while the command logged
+    its settings, before its own handlers were in place, exited 130 saying nothing, SIGTERM's too."""
     import subprocess
     import sys
 
@@ -465,21 +466,23 @@ def test_a_stop_while_typer_sets_the_command_up_is_said_as_before_it_started(tmp
     script.write_text(f"""
 import os, signal, sys
 import typer.main
-from preempt_cli.cli import _common
+from preempt_cli.cli import _common, _logfile
 from preempt_cli.__main__ import main
 def pressed(*args, **kwargs):
     os.kill(os.getpid(), signal.{signame})
 if {where!r} == "building the command":
     typer.main.get_command = pressed
-else:  # protect's first call, before its errors are handled
+elif {where!r} == "parsing its arguments":  # protect's first call, before its errors are handled
     _common.setup_logging = pressed
+else:  # the first step of handle_errors
+    _logfile.settings = pressed
 sys.argv = ["preempt", "protect", {str(tmp_path)!r}, "--log", {str(log)!r}]
 main()
 """)
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert (done.returncode, done.stderr) == (code, f"error: interrupted{by}: before the command started, "
                                                     "nothing was done\n")  # fmt: skip
-    if where == "parsing its arguments":  # (building the command comes before the log is opened)
+    if where != "building the command":  # (which comes before the log is opened)
         said = [line.split("] ", 1)[1] for line in log.read_text().splitlines()]
         assert said[-2] == f"error: interrupted{by}: before the command started, nothing was done", said
         meaning = "interrupted" if code == 130 else f"stopped by {signame}"

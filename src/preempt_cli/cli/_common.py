@@ -438,12 +438,14 @@ def handle_errors(interrupted: str = OUTPUTS_COMPLETE, stopping: str | None = No
     ``interrupted`` says what a re-run does (the command may change it as its work gets done: see
     :class:`CommandRun`)."""
     global command_started
-    command_started = True
     _logfile.settings()
     stop = _Stop()
     run = CommandRun(interrupted)
     try:
         with _stop_on_interrupt(stopping) as stop:
+            # begun once its handlers are in place: a stop before (SIGTERM while the settings were logged) then
+            # ends it as one before it started, not with a silent exit 130 (Typer's, of any KeyboardInterrupt)
+            command_started = True
             yield run
     except (KeyboardInterrupt, BrokenPipeError) as e:
         _end_stopped(e, stop, run.interrupted)
