@@ -3767,6 +3767,14 @@ def test_a_log_file_that_cannot_be_opened_is_a_usage_error_before_any_work(tmp_p
         assert result.exit_code == 2 and result.stdout == ""
         assert len(result.stderr.splitlines()) == 1 and f"{log}: " in result.stderr and why in result.stderr, result.stderr
         assert "'--log'" in result.stderr
+    # a folder named so (a Path of it drops the /): the log went to a file named as the folder
+    for env, given in (({}, ["--log", f"{tmp_path / 'logs'}/"]), ({"PREEMPT_LOG": f"{tmp_path / 'logs'}/"}, [])):
+        result = run(["protect", str(image), *FAST, "--labels", "backbone", *given], registry, env=env)
+        assert result.exit_code == 2 and f"{tmp_path / 'logs'}/: names a folder; name a file in it" in result.stderr
+        assert not (tmp_path / "logs").exists()
+    # nor one opened to record a usage error that stopped the parser before --log was read
+    result = run(["protect", str(image), "--no-such-option", "--log", f"{tmp_path / 'logs'}/"], registry)
+    assert result.exit_code == 2 and not (tmp_path / "logs").exists()
     assert sorted(p.name for p in (tmp_path / "in").iterdir()) == ["img0.png"]
     assert (tmp_path / "a-file").read_text() == ""
 

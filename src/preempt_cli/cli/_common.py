@@ -745,6 +745,7 @@ def _log_option(ctx: typer.Context, value: Optional[str]) -> Optional[str]:
     if value == "-":
         raise typer.BadParameter("'-' is no file: the log goes to a file (./- if you mean one named so)")
     try:
+        _logfile.refuse_a_folder(value)
         _logfile.start(expand_home(value, existing_literal=False), ctx)
     except ConfigError as e:
         raise typer.BadParameter(str(e)) from None  # Click names PREEMPT_LOG beside --log

@@ -99,6 +99,18 @@ class LogFile(logging.Handler):
         super().close()
 
 
+def refuse_a_folder(value: str) -> None:
+    """Refuse a ``--log`` value that ends with a path separator (``--log logs/``): it names a folder, where a
+    :class:`~pathlib.Path` of it drops the separator, and the log went to a file named as the folder (which
+    then refused ``--log logs/run.log``: "cannot create its folder logs (it is a file)").
+
+    Raises:
+        ConfigError: ``value`` ends with a separator.
+    """
+    if value.endswith(tuple(sep for sep in (os.sep, os.altsep) if sep)):
+        raise ConfigError(f"{one_line(value)}: names a folder; name a file in it")
+
+
 def open_log_file(path: Path) -> LogFile:
     """A :class:`LogFile` appending to ``path``, its folder created where missing.
 
@@ -242,6 +254,7 @@ def end(code: int, meaning: str = "") -> None:
         target = _log_named(_run.argv or [])
         if target:
             try:
+                refuse_a_folder(target)
                 log = start(Path(os.path.expanduser(target)))
             except ConfigError:  # stderr said the usage error
                 pass
