@@ -3775,6 +3775,11 @@ def test_a_log_file_that_cannot_be_opened_is_a_usage_error_before_any_work(tmp_p
     # nor one opened to record a usage error that stopped the parser before --log was read
     result = run(["protect", str(image), "--no-such-option", "--log", f"{tmp_path / 'logs'}/"], registry)
     assert result.exit_code == 2 and not (tmp_path / "logs").exists()
+    # '-', refused, was then opened to record its own refusal: a file named - in the current folder
+    monkeypatch.chdir(tmp_path)
+    result = run(["protect", str(image), *FAST, "--labels", "backbone", "--log", "-"], registry)
+    assert result.exit_code == 2 and "'-' is no file" in result.stderr
+    assert not (tmp_path / "-").exists()
     assert sorted(p.name for p in (tmp_path / "in").iterdir()) == ["img0.png"]
     assert (tmp_path / "a-file").read_text() == ""
 

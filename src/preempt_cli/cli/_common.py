@@ -740,12 +740,8 @@ def _log_option(ctx: typer.Context, value: Optional[str]) -> Optional[str]:
     usage errors are recorded too; one that cannot be opened is a usage error (exit 2)."""
     if value is None or ctx.resilient_parsing:  # resilient: shell completion, nothing runs
         return value
-    if not value:
-        raise typer.BadParameter("empty (an unset variable?): give a file, or leave the option out")
-    if value == "-":
-        raise typer.BadParameter("'-' is no file: the log goes to a file (./- if you mean one named so)")
     try:
-        _logfile.refuse_a_folder(value)
+        _logfile.check_log_name(value)
         _logfile.start(expand_home(value, existing_literal=False), ctx)
     except ConfigError as e:
         raise typer.BadParameter(str(e)) from None  # Click names PREEMPT_LOG beside --log

@@ -99,14 +99,18 @@ class LogFile(logging.Handler):
         super().close()
 
 
-def refuse_a_folder(value: str) -> None:
-    """Refuse a ``--log`` value that ends with a path separator (``--log logs/``): it names a folder, where a
-    :class:`~pathlib.Path` of it drops the separator, and the log went to a file named as the folder (which
-    then refused ``--log logs/run.log``: "cannot create its folder logs (it is a file)").
+def check_log_name(value: str) -> None:
+    """Refuse a ``--log`` value that names no file: empty (an unset variable), ``-`` (not stdout), or ending
+    with a path separator (``--log logs/``: a folder, where a :class:`~pathlib.Path` of it drops the
+    separator, and the log went to a file named as the folder, which then refused ``--log logs/run.log``).
 
     Raises:
-        ConfigError: ``value`` ends with a separator.
+        ConfigError: ``value`` names no file (says why).
     """
+    if not value:
+        raise ConfigError("empty (an unset variable?): give a file, or leave the option out")
+    if value == "-":
+        raise ConfigError("'-' is no file: the log goes to a file (./- if you mean one named so)")
     if value.endswith(tuple(sep for sep in (os.sep, os.altsep) if sep)):
         raise ConfigError(f"{one_line(value)}: names a folder; name a file in it")
 
@@ -254,7 +258,7 @@ def end(code: int, meaning: str = "") -> None:
         target = _log_named(_run.argv or [])
         if target:
             try:
-                refuse_a_folder(target)
+                check_log_name(target)  # (refused, it may be the usage error: `--log -` made a file named -)
                 log = start(Path(os.path.expanduser(target)))
             except ConfigError:  # stderr said the usage error
                 pass
