@@ -21,6 +21,7 @@ from ..evaluate import (
     DefenseSpec,
     Evaluator,
     check_reversion_options,
+    format_p,
     json_dumps,
     load_dataset,
     perturbation_map_name,
@@ -155,8 +156,8 @@ def _test_cells(record: dict[str, Any], reasons: list[str]) -> list[str]:
     if record["not_tested"] is not None:
         reasons.append(record["not_tested"])
         return ["n/a", "-", "-", "n/a", "n/a"]
-    return [f"{record['gain_points']:+.2f}", str(record["gained"]), str(record["lost"]), f"{record['p_value']:.2g}",
-            f"{record['p_holm']:.2g}"]  # fmt: skip
+    return [f"{record['gain_points']:+.2f}", str(record["gained"]), str(record["lost"]), format_p(record["p_value"]),
+            format_p(record["p_holm"])]  # fmt: skip
 
 
 def _between_lines(between: list[dict[str, Any]]) -> list[str]:
@@ -531,7 +532,7 @@ def eval_cmd(
                     table.add_column("reverter labels")
                     for stage, acc in res["clean_acc"].items():
                         p_value = res["p_value"].get(stage)
-                        cells = (stage, f"{acc:.2f}", "" if p_value is None else f"{p_value:.2g}",
+                        cells = (stage, f"{acc:.2f}", "" if p_value is None else format_p(p_value),
                                  res["verdict"].get(stage, ""), result["reverter_labels"].get(stage, ""))  # fmt: skip
                         table.add_row(*map(c.table_cell, cells))
                     c.print_table(table)
