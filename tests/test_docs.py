@@ -3,9 +3,10 @@
 Every ``preempt ...`` command that README.md, benchmarks/README.md and benchmarks/RESULTS.md give (in code
 blocks and inline code) and every command's ``--help`` examples name only options of that command; every
 option README.md names anywhere is one of some command; README's Python examples compile and import only
-names that exist; the benchmark commands the docs give name only their script's options; ``--json``'s keys
-are the ones README lists. Nothing here runs a model: the examples themselves were run by hand (see the
-CHANGELOG), these keep their names from drifting.
+names that exist, and read only names they define; eval's spec synopses name only keys eval takes; the
+examples name only registered models; the benchmark commands the docs give name only their script's options;
+``--json``'s keys are the ones README lists. Nothing here runs a model: the examples themselves were run by hand
+(see the CHANGELOG), these keep their names from drifting.
 """
 
 from __future__ import annotations
@@ -20,6 +21,11 @@ from pathlib import Path
 import pytest
 import typer
 from typer.testing import CliRunner
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the backport the registry reads with too
+    import tomli as tomllib
 
 from preempt_cli.cli import app
 from preempt_cli.protect import FileResult
@@ -286,3 +292,75 @@ def test_benchmarks_readme_names_every_step_and_knob_of_gpu_check() -> None:
     assert {"TRACE_TIMEOUT", "PACK"} <= knobs and {"bench_protect.py", "trace_e2e.py"} <= scripts
     assert sorted(k for k in knobs if f"`{k}`" not in section) == []
     assert sorted(s for s in scripts if s not in section) == []
+
+
+def _spec_synopses(text: str) -> dict[str, set[str]]:
+    """The keys README's synopses of eval's specs give, ``fp[:backbone=,classifier=,...]``: kind -> keys."""
+    flat = " ".join(text.split())
+    found: dict[str, set[str]] = {}
+    for kind, body in re.findall(r"`(fp|bilevel|pgd|aa)\[:([^`\]]*)\]", flat):
+        found.setdefault(kind, set()).update(re.findall(r"(?:^|,)\s*([a-z_]+)=", body))
+    return found
+
+
+def test_readme_spec_synopses_name_the_keys_eval_takes() -> None:
+    """README gives eval's defenses and attacks as synopses (``pgd[:norm=Linf|L2,eps=,steps=20,...]``): each key
+    they name is one the spec parser takes (an unknown one is refused: "does not take"), and, for the defenses,
+    every key the parser takes is named."""
+    from preempt_cli.evaluate import _DEFENSE_OPTIONS, AttackSpec, ConfigError
+
+    synopses = _spec_synopses(_read("README.md"))
+    assert set(synopses) == {"fp", "bilevel", "pgd", "aa"}
+    assert synopses["fp"] == _DEFENSE_OPTIONS["fast-preemption"]
+    assert synopses["bilevel"] == _DEFENSE_OPTIONS["bi-level"]
+    refused = []
+    for kind in ("pgd", "aa"):
+        assert len(synopses[kind]) >= 4, synopses[kind]
+        for key in sorted(synopses[kind]):
+            try:
+                AttackSpec.parse(f"{kind}:{key}=x")
+            except ConfigError as error:  # a bad value is refused too: only "does not take" says the key is unknown
+                refused += [(kind, key)] if "does not take" in str(error) else []
+    assert refused == []
+
+
+def _documented_model_names(text: str) -> set[str]:
+    """The model names README's commands and Python give: ``-b``, ``--victim`` and the like, ``load_model("...")``."""
+    flat = text.replace("\\\n", " ")
+    options = r"-b|-c|--backbone|--classifier|--victim|--base|--reversion-backbone|--reversion-classifier"
+    names = set(re.findall(rf"(?<![\w-])(?:{options})[ =]([a-z][\w.-]*)", flat))
+    names |= set(re.findall(r"load_model\(\"([^\"]+)\"", flat))
+    names |= set(re.findall(r"models (?:show|verify) ([a-z][\w.-]*)", flat))
+    return names
+
+
+def test_readme_names_only_registered_models() -> None:
+    """A model README's examples name (``--victim cifar10-resnet20-pgdat-b``) is a row of the built-in registry;
+    the user's own key is the one name the examples make first (``keygen --out .../my-key.safetensors``)."""
+    from preempt_cli.registry import builtin_registry_path
+
+    registered = set(tomllib.loads(builtin_registry_path().read_text(encoding="utf-8"))["models"])
+    names = _documented_model_names(_read("README.md"))
+    assert {"preempt-resnet20-at", "cifar10-resnet20-pgdat-b"} <= names
+    assert sorted(names - registered - {"my-key"}) == []
+
+
+def test_readme_python_examples_use_only_names_they_define() -> None:
+    """The API example protected ``x``, which it never made: pasted as it stands it stopped at a NameError. Each
+    block is read as a script: every name it reads is imported, assigned or bound in it first, or a builtin."""
+    import builtins
+
+    undefined = []
+    for block in _fenced(_read("README.md"), ("python",)):
+        tree = ast.parse(block)
+        bound = set(dir(builtins))
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                bound |= {(alias.asname or alias.name).split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                bound.add(node.id)
+            elif isinstance(node, ast.arg):
+                bound.add(node.arg)
+        undefined += sorted({n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)
+                             and n.id not in bound})  # fmt: skip
+    assert undefined == []
