@@ -364,3 +364,11 @@ def test_readme_python_examples_use_only_names_they_define() -> None:
         undefined += sorted({n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)
                              and n.id not in bound})  # fmt: skip
     assert undefined == []
+
+
+def test_readme_says_where_eval_writes_by_default() -> None:
+    """README's eval example gives no --out, and README did not say that eval writes its report, results and resume
+    state into a folder of the working directory all the same: it names the default, which is the CLI's."""
+    [out] = [p for p in ROOT_COMMAND.commands["eval"].params if "--out" in p.opts]  # type: ignore[attr-defined]
+    text = " ".join(_read("README.md").split())
+    assert f"`--out DIR` (default `{out.default}`" in text
