@@ -8,7 +8,6 @@ import json
 import logging
 import math
 import sys
-import time
 from fractions import Fraction
 from pathlib import Path
 
@@ -454,13 +453,16 @@ def test_mcnemar_exact_is_the_binomial_tail_and_never_0(gained: int, lost: int) 
         assert abs(Fraction(p) - exact) <= exact * Fraction(1, 10**15)
 
 
-def test_mcnemar_exact_is_fast_on_many_discordant_images() -> None:
-    """One math.comb per term of the tail took 11 s for 5,000 discordant images each way (a set of 10,000
-    images or more, two defenses of similar accuracy); the terms are now built one from the last."""
-    start = time.perf_counter()
-    gained, lost, p = mcnemar_exact(*_discordant(10_000, 9_000))
-    assert time.perf_counter() - start < 5  # 0.06 s here; the old code took 40 s on a shared machine
-    assert (gained, lost) == (10_000, 9_000) and 0 < p < 1e-10
+def test_mcnemar_exact_holds_on_many_discordant_images() -> None:
+    """The tail's terms are built one from the last (one math.comb per term took 11 s for 5,000 discordant
+    images each way; how fast it is now is benchmark matter, not a test's): the same exact value as the
+    binomial sum, term by term, on thousands of discordant images."""
+    from fractions import Fraction
+
+    gained, lost, p = mcnemar_exact(*_discordant(1_500, 1_300))
+    n = gained + lost
+    exact = min(Fraction(1), 2 * Fraction(sum(math.comb(n, k) for k in range(min(gained, lost) + 1)), 2**n))
+    assert (gained, lost) == (1_500, 1_300) and p == pytest.approx(float(exact), rel=1e-12) and 0 < p < 0.01
 
 
 def test_p_values_past_the_floats_range_are_not_printed_as_0() -> None:
