@@ -17,6 +17,10 @@
 # after each step: it writes 11 files, and a lent machine brings back 8; see gpu_env.sh). Its timeouts add up to
 # 900 s, more than one call may run (600 s): on a lent machine, split it (TESTS, BENCH_ARGS, PIPELINE_ARGS=skip, ...).
 set -u -o pipefail
+case "${1:-}" in  # the header is the help; an option is never an output folder
+    -h|--help) sed -n '2,/^set -u/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -*) echo "$(basename "$0"): unknown option ${1} (usage: the header of $0, or --help)" >&2; exit 2 ;;
+esac
 OUT=${1:?usage: gpu_check.sh OUT_DIR [SHARED_COPY]}
 SHARED_COPY=${2:-}
 DEVICE=${DEVICE:-cuda}

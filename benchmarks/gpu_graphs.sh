@@ -17,6 +17,10 @@
 #   PAIRS=1 SKIP_BENCH=1 bash benchmarks/gpu_graphs.sh "$OUT" .devslim      (tests, one pair: ~5 min)
 #   SKIP_TESTS=1 PAIRS=1 bash benchmarks/gpu_graphs.sh "$OUT" .devslim      (one pair, the bench: ~4 min)
 set -u -o pipefail
+case "${1:-}" in  # the header is the help; an option is never an output folder
+    -h|--help) sed -n '2,/^set -u/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -*) echo "$(basename "$0"): unknown option ${1} (usage: the header of $0, or --help)" >&2; exit 2 ;;
+esac
 OUT=${1:?usage: gpu_graphs.sh OUT_DIR [SHARED_COPY]}
 SHARED_COPY=${2:-}
 DEVICE=${DEVICE:-cuda}

@@ -26,6 +26,10 @@
 # Knobs: DEVICE (cuda), PY (python3), BUDGET (480 s), FILES (2048), PIPE_FILES (2048), WORKERS (8), PAIRS (2),
 # WORK (/tmp/gpu-next: emptied first; not inside OUT_DIR).
 set -u -o pipefail
+case "${1:-}" in  # the header is the help; an option is never an output folder
+    -h|--help) sed -n '2,/^set -u/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -*) echo "$(basename "$0"): unknown option ${1} (usage: the header of $0, or --help)" >&2; exit 2 ;;
+esac
 FINAL=${1:?usage: gpu_next.sh OUT_DIR [SHARED_COPY]}
 SHARED_COPY=${2:-}
 DEVICE=${DEVICE:-cuda}

@@ -550,3 +550,18 @@ def test_trace_e2e_runs_the_engine_alone_on_a_worker_thread(monkeypatch) -> None
     assert threading.main_thread() not in threads
     assert engine["images"] == 4 and len(engine["runs_s"]) == 2 and engine["on"].startswith("a worker thread")
     assert set(with_busy_thread) == {"0", "0.5"}
+
+
+@pytest.mark.parametrize("script", ["gpu_check.sh", "gpu_graphs.sh", "gpu_next.sh"])
+def test_gpu_scripts_take_help_and_refuse_an_option_for_an_output_folder(script) -> None:
+    """``--help`` was taken for the output folder and the script started its runs (minutes of device time)."""
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    shown = subprocess.run(["bash", f"benchmarks/{script}", "--help"], cwd=repo, timeout=30, capture_output=True,
+                           text=True)  # fmt: skip
+    assert shown.returncode == 0 and "usage" in shown.stdout.lower(), shown
+    refused = subprocess.run(["bash", f"benchmarks/{script}", "--out"], cwd=repo, timeout=30, capture_output=True,
+                             text=True)  # fmt: skip
+    assert refused.returncode == 2 and "unknown option --out" in refused.stderr, refused
+    assert not (repo / "--help").exists() and not (repo / "--out").exists()
