@@ -1194,22 +1194,31 @@ def test_class_names_holding_commas_match_the_files_joined_list(tmp_path) -> Non
     assert load_model("k", registry=registry).config.classes == tuple(names)
 
 
-def test_save_safetensors_holds_one_copy_of_the_file_in_memory(tmp_path) -> None:
-    """The sorted header was joined to a slice of safetensors' bytes: three copies of the whole file at once,
-    4.4 GB beyond the weights for the WRN-94-16 (1.46 GB) that README says to convert."""
+def test_save_safetensors_holds_no_copy_of_the_file_beside_safetensors_own(tmp_path) -> None:
+    """The sorted header was joined to a slice of safetensors' bytes: two more copies of the whole file at once
+    beside safetensors' own, 4.4 GB beyond the weights for the WRN-94-16 (1.46 GB) that README says to convert.
+    What safetensors' ``save`` holds itself depends on its version (one copy in 0.8, two in 0.4): only what
+    writing the file adds to that is ours."""
     import tracemalloc
+
+    from safetensors.torch import save
 
     from preempt_cli.hub import save_safetensors
 
     tensors = {"w": torch.zeros(2**21)}  # 8 MiB
-    tracemalloc.start()
-    try:
-        save_safetensors(tensors, tmp_path / "w.safetensors", {"converted_from": "w.pt"})
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+
+    def peak_of(write) -> int:
+        tracemalloc.start()
+        try:
+            write()
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    own = peak_of(lambda: save(tensors, metadata={"converted_from": "w.pt"}))
+    peak = peak_of(lambda: save_safetensors(tensors, tmp_path / "w.safetensors", {"converted_from": "w.pt"}))
     size = (tmp_path / "w.safetensors").stat().st_size
-    assert peak < 1.5 * size, (peak, size)
+    assert peak < own + 0.5 * size, (peak, own, size)
     from safetensors.torch import load_file
 
     assert torch.equal(load_file(tmp_path / "w.safetensors")["w"], tensors["w"])
