@@ -45,6 +45,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from preempt_cli.device import default_cpu_threads
 from preempt_cli.models import ImageModel
 from preempt_cli.registry import ModelConfig, Source
 
@@ -65,6 +66,37 @@ def _test_device() -> torch.device:
 #: Where the tests compute (``$PREEMPT_TEST_DEVICE``, default cpu); ``TEST_DEVICE_ARG`` is its ``--device``.
 TEST_DEVICE = _test_device()
 TEST_DEVICE_ARG = str(TEST_DEVICE)
+
+
+# -- running the tests in parallel: ``python -m pytest -n auto`` (pytest-xdist) ----------------------------------
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto``: a worker per CPU this process may use, counted as preempt counts them for its threads
+    (affinity mask, cgroup quota, Slurm: xdist counts the machine's), at most 4: each worker imports torch and
+    loads its own models, and beyond 4 the longest real-model tests bound the run. None on CUDA: the GPU
+    checks provoke real out-of-memory errors and measure memory, which a worker beside them would upset."""
+    if TEST_DEVICE.type == "cuda":
+        return 0
+    return min(4, default_cpu_threads())
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config: pytest.Config) -> None:
+    """With ``-n``, the tests of one ``xdist_group`` run on one worker (``--dist loadgroup``, where the
+    command line names no other mode): test_protect_real's tests share the 932 images protected once."""
+    if getattr(config.option, "numprocesses", None) and config.option.dist == "no":
+        config.option.dist = "loadgroup"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if getattr(config.option, "tx", None) and not hasattr(config, "workerinput"):
+        # Before the workers start (and import torch, which reads it): OpenMP threads that wait for one
+        # another by spinning, as they do by default, slowed the engine 2-8 times on cores shared with other
+        # busy processes (the README's notes on the CPU), and here every worker is such a process.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 
 #: ``../shared`` relative to the repository root.
 SHARED_DIR = Path(__file__).resolve().parents[1].parent / "shared"

@@ -26,6 +26,7 @@ PHOTOS = SHARED / "data" / "photos"
 
 pytestmark = [
     pytest.mark.shared,
+    pytest.mark.xdist_group("protect_real"),  # with -n, on one worker: its fixture protects the 932 images once
     pytest.mark.skipif(not (CIFAR.is_dir() and MODELS.is_dir()), reason=f"{SHARED} (shared models/data) not found"),
 ]
 
