@@ -2799,12 +2799,13 @@ def test_models_convert_never_overwrites_its_input_and_replaces_an_output_only_w
     assert out.read_bytes() != b"keep me"
 
 
-class _HyperParameters(dict):
-    """A dict subclass (as Lightning's AttributeDict): torch refuses it, and no inert stand-in can take it."""
+class _SubclassedTensor(torch.Tensor):
+    """A tensor subclass: torch refuses it, and no inert stand-in can take its place."""
 
 
 def test_models_convert_refuses_a_pickle_in_one_plain_line(tmp_path: Path) -> None:
-    torch.save({"state_dict": {"w": torch.zeros(2)}, "hparams": _HyperParameters(lr=0.1)}, tmp_path / "evil.pt")
+    odd = torch.zeros(2).as_subclass(_SubclassedTensor)
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "odd": odd}, tmp_path / "evil.pt")
     result = CliRunner().invoke(app, ["models", "convert", str(tmp_path / "evil.pt"), str(tmp_path / "e.safetensors")])
     assert result.exit_code == 2
     (line,) = result.stderr.strip().splitlines()

@@ -438,14 +438,30 @@ def test_a_pickle_that_would_run_commands_is_not_met_with_advice_to_load_it_unsa
     assert "if you trust" not in message and "malicious" in message, message
 
 
-class _HyperParameters(dict):
-    """A dict subclass (as Lightning's AttributeDict): its pickle fills it as a dict, which an inert stand-in for
-    it cannot take."""
+class _SubclassedTensor(torch.Tensor):
+    """A tensor subclass: torch makes the tensor, then calls for the subclass, which no inert stand-in can be."""
 
 
-def test_a_pickle_of_an_unknown_class_no_stand_in_takes_still_says_how_to_convert_a_trusted_file(tmp_path) -> None:
-    message = _convert(tmp_path, {"state_dict": {"w": torch.zeros(2)}, "hparams": _HyperParameters(lr=0.1)})
-    assert "_HyperParameters" in message and "only if you trust the file" in message and "malicious" not in message
+class _SlottedDict(dict):
+    """A dict subclass with slots: its pickle gives their values as a tuple, which no stand-in for a dict takes."""
+
+    __slots__ = ("name",)
+
+
+def _slotted_dict() -> _SlottedDict:
+    hparams = _SlottedDict(lr=0.1)
+    hparams.name = "run-1"
+    return hparams
+
+
+@pytest.mark.parametrize("extra", [lambda: torch.zeros(2).as_subclass(_SubclassedTensor), _slotted_dict],
+                         ids=["tensor-subclass", "dict-subclass-with-slots"])  # fmt: skip
+def test_a_pickle_of_an_unknown_class_no_stand_in_takes_still_says_how_to_convert_a_trusted_file(
+    extra, tmp_path
+) -> None:
+    message = _convert(tmp_path, {"state_dict": {"w": torch.zeros(2)}, "hparams": extra()})
+    name = type(extra()).__name__
+    assert name in message and "only if you trust the file" in message and "malicious" not in message, message
 
 
 class _TrainingState:
@@ -602,3 +618,260 @@ def test_a_call_of_a_function_torch_does_not_allow_is_left_out_without_being_mad
     convert_checkpoint(tmp_path / "c.pt", tmp_path / "c.safetensors")
     assert "pwned" not in capfd.readouterr().out
     assert torch.equal(load_file(tmp_path / "c.safetensors")["w"], torch.ones(2))
+
+
+#: Lightning's AttributeDict as it is (a dict whose entries are also attributes), plus what records a call of the
+#: class's own code: its pickle is made with NEWOBJ (or REDUCE, with ``__reduce__``), then filled with SETITEMS.
+_ATTRIBUTE_DICT = '''
+CALLS = []
+
+
+class AttributeDict(dict):
+    def __getattr__(self, key):
+        try:
+            return self[key]
+        except KeyError as e:
+            raise AttributeError(key) from e
+
+    def __setattr__(self, key, val):
+        self[key] = val
+
+    def __delattr__(self, item):
+        del self[item]
+
+    def __setitem__(self, key, val):
+        CALLS.append(("__setitem__", key))
+        super().__setitem__(key, val)
+
+    def update(self, *args, **kwargs):
+        CALLS.append(("update", args, kwargs))
+        super().update(*args, **kwargs)
+
+
+class CalledAttributeDict(AttributeDict):
+    def __reduce__(self):
+        return (type(self), (), None, None, iter(self.items()))
+'''
+
+
+def _lightning_module(monkeypatch: pytest.MonkeyPatch, name: str = "lightning.fabric.utilities.data"):
+    """A module ``name`` holding a class as Lightning's AttributeDict, in sys.modules (its parents too) so that
+    torch.save pickles the class by that name; :func:`_forget` takes them out again. Lightning is never imported."""
+    import sys
+    import types
+
+    module = types.ModuleType(name)
+    exec(_ATTRIBUTE_DICT, module.__dict__)
+    parts = name.split(".")
+    for n in range(1, len(parts)):
+        monkeypatch.setitem(sys.modules, ".".join(parts[:n]), types.ModuleType(".".join(parts[:n])))
+    monkeypatch.setitem(sys.modules, name, module)
+    return module
+
+
+def _forget(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """The module ``name`` and its parents out of sys.modules: a load that needs the class must import it."""
+    import sys
+
+    parts = name.split(".")
+    for n in range(len(parts), 0, -1):
+        monkeypatch.delitem(sys.modules, ".".join(parts[:n]))
+
+
+def _imported_from(package: str) -> list[str]:
+    import sys
+
+    return [name for name in sys.modules if name == package or name.startswith(f"{package}.")]
+
+
+@pytest.mark.parametrize("form", ["zip", "legacy"])
+@pytest.mark.parametrize(("module_name", "made_by"), [
+    ("lightning.fabric.utilities.data", "NEWOBJ"),
+    ("pytorch_lightning.utilities.parsing", "NEWOBJ"),
+    ("lightning.fabric.utilities.data", "REDUCE"),
+])  # fmt: skip
+def test_a_lightning_checkpoint_s_hparams_are_left_out_and_its_state_dict_converts(
+    module_name: str, made_by: str, form: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A dict subclass beside the state dict (Lightning's hparams, an AttributeDict) refused the whole checkpoint:
+    torch fills no object but a plain dict with SETITEMS. It now stands in as the other extras do, filled as a dict
+    without the class's code or its module, left out and named. (torch.save pickles with protocol 2, as Lightning
+    saves; torch's safe loader reads no protocol 4.)"""
+    protocol = 2
+    import pickletools
+
+    from safetensors.torch import load_file
+
+    module = _lightning_module(monkeypatch, module_name)
+    cls = module.AttributeDict if made_by == "NEWOBJ" else module.CalledAttributeDict
+    hparams = cls(lr=0.1, arch="wrn-28-10", milestones=[100, 150])
+    state = {"model.conv.weight": torch.randn(4, 3, 3, 3), "model.bn.num_batches_tracked": torch.tensor(7),
+             "model.fc.bias": torch.arange(10.0).half()}  # fmt: skip
+    zip_format = form == "zip"
+    torch.save({"state_dict": state}, tmp_path / "plain.pt", _use_new_zipfile_serialization=zip_format)
+    torch.save({"epoch": 12, "global_step": 480, "state_dict": state, "hparams_name": "kwargs",
+                "hyper_parameters": hparams}, tmp_path / "c.ckpt", pickle_protocol=protocol,
+               _use_new_zipfile_serialization=zip_format)  # fmt: skip
+    ops = {op.name for op, _, _ in pickletools.genops(pickle.dumps(hparams, protocol=protocol))}
+    assert {made_by, "SETITEMS"} <= ops, ops  # the pickle is made as the test says
+    _forget(monkeypatch, module_name)
+    module.CALLS.clear()
+    convert_checkpoint(tmp_path / "plain.pt", tmp_path / "plain.safetensors", strip_prefixes=("model.",))
+    real_load, loads = torch.load, []
+
+    def load(*args, **kwargs):
+        named = [g[1] for g in torch.serialization.get_safe_globals() if isinstance(g, tuple)]  # (stand-in, name)
+        loads.append((kwargs.get("weights_only"), f"{module_name}.{cls.__name__}" in named))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", load)
+    with caplog.at_level("WARNING", logger="preempt_cli.convert"):
+        convert_checkpoint(tmp_path / "c.ckpt", tmp_path / "c.safetensors", strip_prefixes=("model.",))
+    # torch's safe loader as it is first, then with the stand-ins, both weights_only
+    assert loads == [(True, False), (True, True)], loads
+    plain, converted = load_file(tmp_path / "plain.safetensors"), load_file(tmp_path / "c.safetensors")
+    assert converted.keys() == plain.keys() == {"conv.weight", "bn.num_batches_tracked", "fc.bias"}
+    assert all(converted[k].dtype == plain[k].dtype and torch.equal(converted[k], plain[k]) for k in plain)
+    assert torch.equal(converted["conv.weight"], state["model.conv.weight"])
+    assert module.CALLS == [] and not _imported_from(module_name.partition(".")[0])  # nothing of it ran
+    warned = [r.getMessage() for r in caplog.records if "torch does not load safely" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].endswith(f"ignored 1 entry of classes torch does not load safely (not "
+                                                   f"loaded, not converted): {module_name}.{cls.__name__}"), warned
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_the_objects_a_pickle_fills_as_dicts_are_found_without_loading_it(
+    protocol: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Which classes get a stand-in for a dict is read from the pickle's ops (nothing loaded): the class named
+    once and fetched from the memo after (protocol 4 memoizes its name's strings too), nested, made by NEWOBJ or
+    REDUCE; a class whose objects are only given attributes (argparse's Namespace) is not taken for one."""
+    import argparse
+    import io
+    from collections import OrderedDict
+
+    from preempt_cli.convert import _filled_as_dicts
+
+    module = _lightning_module(monkeypatch)
+    pickled = pickle.dumps({"a": module.AttributeDict(x=1, inner=module.CalledAttributeDict(y=[2])),
+                            "b": module.AttributeDict(z=3), "args": argparse.Namespace(lr=0.1),
+                            "od": OrderedDict(w=1)}, protocol=protocol)  # fmt: skip
+    legacy_like = pickle.dumps(1, protocol=2) + pickled + pickle.dumps([], protocol=2)  # pickles one after another
+    for data in (pickled, legacy_like):
+        found = _filled_as_dicts(io.BytesIO(data))
+        assert {name for name in found if not name.startswith(("collections.", "builtins."))} == {
+            "lightning.fabric.utilities.data.AttributeDict", "lightning.fabric.utilities.data.CalledAttributeDict"}
+
+
+def test_a_lightning_checkpoint_pickled_with_protocol_4_is_refused_for_its_protocol(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch's safe loader reads no protocol 4 (FRAME), stand-ins or not: it is said, not taken for malice."""
+    module = _lightning_module(monkeypatch)
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "hyper_parameters": module.AttributeDict(lr=0.1)},
+               tmp_path / "c.pt", pickle_protocol=4)  # fmt: skip
+    _forget(monkeypatch, "lightning.fabric.utilities.data")
+    with pytest.raises(ConfigError) as info:
+        convert_checkpoint(tmp_path / "c.pt", tmp_path / "out.safetensors")
+    message = str(info.value)
+    assert "pickled with protocol 4" in message and "malicious" not in message, message
+    assert module.CALLS == [] and not _imported_from("lightning")
+
+
+def test_a_lightning_hparams_entry_is_named_as_its_class_wherever_it_is_never_taken_for_the_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its stand-in is filled as a dict, yet it is an object of a class not loaded, as the other stand-ins: tensors
+    inside it (in a dict entry, in a tuple, or the whole checkpoint) are refused unless --key names the state dict,
+    and --key naming it says what it is."""
+    import argparse
+
+    from safetensors.torch import load_file
+
+    module = _lightning_module(monkeypatch)
+    attribute_dict = module.AttributeDict
+    state = {"w": torch.ones(3)}
+    checkpoints = {
+        "nested": {"state_dict": state, "hyper_parameters": attribute_dict(
+            lr=0.1, args=argparse.Namespace(depth=28), inner=attribute_dict(widen=10))},
+        "tensors-inside": {"state_dict": state, "hparams": attribute_dict(ema={"w": torch.zeros(3)})},
+        "in-a-tuple": {"state_dict": state, "loops": (attribute_dict(w=torch.zeros(3)),)},
+        "whole": attribute_dict(state_dict=state),
+    }
+    for name, obj in checkpoints.items():
+        torch.save(obj, tmp_path / f"{name}.pt")
+    _forget(monkeypatch, "lightning.fabric.utilities.data")
+    cls = "lightning.fabric.utilities.data.AttributeDict"
+    convert_checkpoint(tmp_path / "nested.pt", tmp_path / "nested.safetensors")
+    assert torch.equal(load_file(tmp_path / "nested.safetensors")["w"], torch.ones(3))
+    said = {
+        ("nested", "hyper_parameters"): f"the entry 'hyper_parameters' is not a state dict of tensors (it holds an "
+                                        f"object of class {cls} (which torch does not load safely: not loaded))",
+        ("nested", "hyper_parameters.inner"): f"entry 'hyper_parameters' holds an object of class {cls} (which "
+                                              "torch does not load safely: not loaded), no entries",
+        ("tensors-inside", None): f"entry 'hparams' holds tensors inside an object of class {cls}",
+        ("in-a-tuple", None): f"entry 'loops' holds tensors inside an object of class {cls}",
+        ("whole", None): f"the checkpoint holds tensors inside an object of class {cls}",
+        ("whole", "state_dict"): f"no entry 'state_dict' in the checkpoint (it holds an object of class {cls}",
+    }
+    for (name, key), words in said.items():
+        with pytest.raises(ConfigError) as info:
+            convert_checkpoint(tmp_path / f"{name}.pt", tmp_path / "out.safetensors", key=key)
+        assert words in str(info.value), (name, key, str(info.value))
+    for name in ("tensors-inside", "in-a-tuple"):  # --key naming the state dict beside it converts
+        convert_checkpoint(tmp_path / f"{name}.pt", tmp_path / f"{name}.safetensors", key="state_dict")
+        assert load_file(tmp_path / f"{name}.safetensors").keys() == {"w"}
+    assert module.CALLS == [] and not _imported_from("lightning")
+
+
+def _legacy_checkpoint(pickled: bytes) -> bytes:
+    """A legacy torch.save file (no tensors) whose object is the pickle ``pickled``, written op by op."""
+    from torch.serialization import MAGIC_NUMBER, PROTOCOL_VERSION
+
+    head = [MAGIC_NUMBER, PROTOCOL_VERSION, {"protocol_version": PROTOCOL_VERSION, "little_endian": True}]
+    return b"".join(pickle.dumps(x, protocol=2) for x in head) + pickled + pickle.dumps([], protocol=2)
+
+
+def _text(value: str) -> bytes:
+    return pickle.BINUNICODE + len(value.encode()).to_bytes(4, "little") + value.encode()
+
+
+#: An AttributeDict made (NEWOBJ) and filled with one entry, as Lightning's hparams are pickled.
+_FILLED = (b"clightning.fabric.utilities.data\nAttributeDict\n" + pickle.EMPTY_TUPLE + pickle.NEWOBJ + pickle.MARK
+           + _text("lr") + _text("0.1") + pickle.SETITEMS)  # fmt: skip
+
+
+@pytest.mark.parametrize(("ops", "words"), [
+    # a method of the filled object fetched with getattr, then called: update({"a": "b"})
+    (b"cbuiltins\ngetattr\n" + _FILLED + _text("update") + pickle.TUPLE2 + pickle.REDUCE + pickle.EMPTY_DICT
+     + _text("a") + _text("b") + pickle.SETITEM + pickle.TUPLE1 + pickle.REDUCE, "refused by torch.load"),
+    (_FILLED + pickle.EMPTY_TUPLE + pickle.REDUCE, "refused by torch.load"),  # the filled object called
+    # the class filled, not an object of it
+    (b"clightning.fabric.utilities.data\nAttributeDict\n" + pickle.MARK + _text("k") + _text("v") + pickle.SETITEMS,
+     "refused by torch.load"),
+    # a command inside it
+    (b"clightning.fabric.utilities.data\nAttributeDict\n" + pickle.EMPTY_TUPLE + pickle.NEWOBJ + pickle.MARK
+     + _text("cmd") + b"cposix\nsystem\n" + _text("true") + pickle.TUPLE1 + pickle.REDUCE + pickle.SETITEMS,
+     "malicious"),
+    # attributes given before it is filled: the class's __setitem__ is not found among them
+    (_FILLED + pickle.EMPTY_DICT + _text("__setitem__") + b"cbuiltins\nprint\n" + pickle.SETITEM + pickle.BUILD
+     + _text("k") + _text("v") + pickle.SETITEM, "holds an object of class lightning.fabric.utilities.data."),
+], ids=["getattr-then-call", "called", "class-filled", "command-inside", "attributes-then-filled"])  # fmt: skip
+def test_a_dict_subclass_s_stand_in_smuggles_no_call(
+    ops: bytes, words: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture
+) -> None:
+    """Pickles written op by op to use the stand-in for Lightning's AttributeDict otherwise than to fill it: none
+    calls the class, its methods or anything else, each is refused (a command as possibly malicious), and
+    attributes given to it (a ``__setitem__``) change nothing of how it is filled."""
+    ckpt = tmp_path / "c.pt"
+    ckpt.write_bytes(_legacy_checkpoint(pickle.PROTO + b"\x02" + pickle.EMPTY_DICT + _text("hparams") + ops
+                                        + pickle.SETITEM + pickle.STOP))  # fmt: skip
+    module = _lightning_module(monkeypatch)
+    _forget(monkeypatch, "lightning.fabric.utilities.data")
+    with pytest.raises(ConfigError) as info:
+        convert_checkpoint(ckpt, tmp_path / "out.safetensors", key="hparams" if "object of class" in words else None)
+    message = str(info.value)
+    assert words in message and "\n" not in message, message
+    assert module.CALLS == [] and not _imported_from("lightning") and not (tmp_path / "out.safetensors").exists()
+    assert capfd.readouterr().out.count("k v") == 0  # print was never called with the entry

@@ -10,6 +10,7 @@ import pickletools
 import re
 import warnings
 import zipfile
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -226,23 +227,79 @@ def _globals_in_pickle(data: BinaryIO) -> list[str]:
             return found
 
 
-def _checkpoint_globals(f: BinaryIO, zip_names: list[str] | None) -> list[str]:
-    """The globals the pickles of the checkpoint open as ``f`` ask for, as pickled (``__builtin__.eval``);
-    none where they cannot be read."""
+#: Ops that change the object below what they take, which stays on the stack (a dict filled, a list extended).
+_IN_PLACE_OPS = frozenset({"SETITEM", "SETITEMS", "APPEND", "APPENDS", "ADDITEMS", "BUILD"})
+
+
+def _filled_as_dicts(data: BinaryIO) -> set[str]:
+    """The globals whose objects the pickles in ``data`` fill as dicts: ``SETITEM``/``SETITEMS`` on what calling
+    the global (``REDUCE``) or ``NEWOBJ`` of it made, as for a dict subclass (Lightning's ``AttributeDict``). The
+    pickles' stack is followed with pickletools, which runs nothing, each op taking and leaving as many items as
+    pickletools says; where it cannot be followed, what was found stands."""
+    filled: set[str] = set()
+    while True:
+        stack: list[Any] = []  # per item: ("global", name), ("made", name), a string pushed, or None
+        marks: list[int] = []  # where each open MARK is in the stack
+        memo: dict[int, Any] = {}
+        try:
+            for op, arg, _ in pickletools.genops(data):
+                if op.name == "MARK":
+                    marks.append(len(stack))
+                    continue
+                above: list[Any] = []  # what was pushed since the MARK an op takes
+                if pickletools.markobject in op.stack_before:
+                    start = marks.pop()
+                    above, stack[start:] = stack[start:], []
+                    count = op.stack_before.index(pickletools.markobject)
+                else:
+                    count = len(op.stack_before)
+                if count > len(stack):
+                    raise ValueError(f"{op.name} takes more than the stack holds")
+                taken, stack[len(stack) - count:] = stack[len(stack) - count:], []
+                if op.name == "GLOBAL":
+                    stack.append(("global", str(arg).replace(" ", ".")))
+                elif op.name == "STACK_GLOBAL":
+                    named = all(isinstance(t, str) for t in taken)
+                    stack.append(("global", f"{taken[0]}.{taken[1]}") if named else None)
+                elif op.name in ("REDUCE", "NEWOBJ", "NEWOBJ_EX", "OBJ"):  # the callable, then its arguments
+                    called = above[0] if op.name == "OBJ" and above else taken[0] if taken else None
+                    is_global = isinstance(called, tuple) and called[0] == "global"
+                    stack.append(("made", called[1]) if is_global else None)
+                elif op.name in _IN_PLACE_OPS:
+                    if op.name in ("SETITEM", "SETITEMS") and isinstance(taken[0], tuple) and taken[0][0] == "made":
+                        filled.add(taken[0][1])
+                    stack.append(taken[0])
+                elif op.name in _STRING_OPS:
+                    stack.append(arg)
+                elif op.name in ("GET", "BINGET", "LONG_BINGET"):
+                    stack.append(memo.get(arg))
+                elif op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                    memo[arg] = stack[-1] if stack else None
+                elif op.name in ("MEMOIZE", "DUP"):
+                    if op.name == "MEMOIZE":
+                        memo[len(memo)] = taken[0]
+                    stack += taken * len(op.stack_after)
+                else:
+                    stack += [None] * len(op.stack_after)
+        except Exception:  # the end of the pickles, or no pickle: what was found stands
+            return filled
+
+
+def _checkpoint_pickles(f: BinaryIO, zip_names: list[str] | None) -> bytes:
+    """The pickles of the checkpoint open as ``f``, to be read with pickletools (a zip archive's ``data.pkl``, or
+    the start of a legacy file); none where they cannot be read."""
     try:
         if zip_names is not None:
             record = next((n for n in zip_names if n == "data.pkl" or n.endswith("/data.pkl")), None)
             if record is None:
-                return []
+                return b""
             f.seek(0)
             with zipfile.ZipFile(f) as archive, archive.open(record) as pickled:
-                data: BinaryIO = io.BytesIO(pickled.read(_PICKLE_SCAN_BYTES))
-        else:
-            f.seek(0)
-            data = io.BytesIO(f.read(_PICKLE_SCAN_BYTES))
+                return pickled.read(_PICKLE_SCAN_BYTES)
+        f.seek(0)
+        return f.read(_PICKLE_SCAN_BYTES)
     except (OSError, zipfile.BadZipFile, ValueError, RuntimeError):
-        return []
-    return _globals_in_pickle(data)
+        return b""
 
 
 def _as_torch_names(name: str) -> str:
@@ -290,37 +347,92 @@ class _StandIn:
         return f"<{self._global}: not loaded>"
 
 
-def _stand_in(name: str) -> type[_StandIn]:
-    """A class standing in for the global ``name`` (see :class:`_StandIn`)."""
-    return type(name.rpartition(".")[2] or name, (_StandIn,), {"_global": name, "__module__": __name__})
+class _DictStandIn(_StandIn):
+    """The stand-in for a class whose objects the pickle fills as dicts (a dict subclass: Lightning's
+    ``AttributeDict``). torch fills a plain dict, ``OrderedDict`` or ``Counter`` alone, so making one gives a new
+    ``OrderedDict`` (which torch also lets take attributes, as its ``__dict__``), empty, to be filled; the
+    stand-in, made beside it and holding it, takes its place once the checkpoint is loaded. Nothing of the
+    original class runs: its ``__setitem__`` or ``update`` is never called, so the entries are as pickled."""
+
+    #: The stand-ins made in this load (one list per load's class).
+    _made: list[_DictStandIn]
+    #: The dict made with it, which the pickle fills.
+    _filled: OrderedDict[Any, Any]
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:  # type: ignore[misc]
+        filled: OrderedDict[Any, Any] = OrderedDict()
+        stand_in = _StandIn.__new__(cls, *args, **kwargs)
+        stand_in._held += [filled, vars(filled)]  # its entries and attributes, as the pickle fills them
+        stand_in._filled = filled
+        cls._made.append(stand_in)
+        return filled
 
 
-def _load_with_stand_ins(f: BinaryIO, names: list[str]) -> Any:
+def _stand_in(name: str, made: list[_DictStandIn] | None = None) -> type[_StandIn]:
+    """A class standing in for the global ``name`` (see :class:`_StandIn`); with ``made``, one whose objects the
+    pickle fills as dicts, each of them added to ``made`` (see :class:`_DictStandIn`)."""
+    if made is None:
+        return type(name.rpartition(".")[2] or name, (_StandIn,), {"_global": name, "__module__": __name__})
+    return type(name.rpartition(".")[2] or name, (_DictStandIn,),
+                {"_global": name, "_made": made, "__module__": __name__})  # fmt: skip
+
+
+def _put_back_stand_ins(obj: Any, made: dict[int, _DictStandIn]) -> Any:
+    """``obj`` with each dict a :class:`_DictStandIn` made (keyed by its id in ``made``) replaced by that stand-in
+    where ``--key`` could reach it (the checkpoint, or an entry of a dict in it): taken as a plain dict, it would be
+    described as one, and could be converted as the weights, its class never run to say what its entries mean."""
+    obj = made.get(id(obj), obj)
+    todo, seen = [obj], set()
+    while todo:
+        item = todo.pop()
+        if not isinstance(item, dict) or id(item) in seen:
+            continue
+        seen.add(id(item))
+        for k, v in item.items():  # replacing values leaves the keys as they are
+            if id(v) in made:
+                item[k] = made[id(v)]
+            else:
+                todo.append(v)
+    return obj
+
+
+def _load_with_stand_ins(f: BinaryIO, names: list[str], filled: set[str]) -> tuple[Any, dict[int, _DictStandIn]] | None:
     """The checkpoint open as ``f`` loaded with ``torch.load(weights_only=True)`` once more, each of the globals
     ``names`` that torch does not allow made an inert :class:`_StandIn` (torch's own allowed globals come before
-    them); None where it is refused still (a torch without ``safe_globals`` of named globals, a stand-in that
-    cannot take what the pickle does with it: a dict subclass filled as a dict, a tensor subclass)."""
+    them), those of ``filled`` one whose objects are filled as dicts (:class:`_DictStandIn`); with the stand-ins
+    for dicts, by the id of the dict each stands in for. None where it is refused still (a torch without
+    ``safe_globals`` of named globals, a stand-in that cannot take what the pickle does with it: a tensor
+    subclass, a dict subclass whose attributes are not pickled as a dict)."""
     safe_globals = getattr(torch.serialization, "safe_globals", None)
     if safe_globals is None:
         return None
-    stand_ins = [(_stand_in(name), name) for name in sorted({_as_torch_names(n) for n in names})]
+    made: list[_DictStandIn] = []
+    as_dicts = {_as_torch_names(n) for n in filled}
+    stand_ins = [(_stand_in(name, made if name in as_dicts else None), name)
+                 for name in sorted({_as_torch_names(n) for n in names})]  # fmt: skip
     try:
         f.seek(0)
         with safe_globals(stand_ins):
-            return torch.load(f, map_location="cpu", weights_only=True)
+            obj = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # the first refusal is the one said
         _logger.debug("loading with stand-ins for %s failed: %s", ", ".join(sorted(set(names))), e)
         return None
+    dicts = {id(stand_in._filled): stand_in for stand_in in made}
+    return _put_back_stand_ins(obj, dicts), dicts
 
 
-def _stand_ins_in(obj: Any) -> list[tuple[str, str, bool]]:
+def _stand_ins_in(obj: Any, dicts: dict[int, _DictStandIn] | None = None) -> list[tuple[str, str, bool]]:
     """The stand-ins in the loaded checkpoint ``obj`` that no other stand-in holds: for each, the global it
-    stands in for, where it is (a dotted path of dict keys), and whether tensors are inside it."""
+    stands in for, where it is (a dotted path of dict keys), and whether tensors are inside it. ``dicts``: the
+    stand-ins for dicts a :class:`_DictStandIn` made, by their ids, for those not put back in their place (in a
+    tuple)."""
     found: list[tuple[str, str, bool]] = []
     seen: set[int] = set()
     todo: list[tuple[Any, str, int | None]] = [(obj, "", None)]  # (object, path, index in found of its stand-in)
     while todo:
         item, path, inside = todo.pop()
+        if inside is None and dicts:  # inside its stand-in, the dict is walked for the tensors in it
+            item = dicts.get(id(item), item)
         if id(item) in seen:
             continue
         seen.add(id(item))
@@ -444,9 +556,9 @@ def convert_checkpoint(
     """Write the state dict of ``checkpoint`` to ``output`` as safetensors; return (tensors, sha256).
 
     The checkpoint is read with ``torch.load(weights_only=True)``, which refuses arbitrary pickled objects. Where
-    it refuses some beside the weights (a numpy scalar, an ``argparse.Namespace``) and the pickles call nothing
-    that runs commands or code, it is read again with inert stand-ins for those classes, which are left out and
-    named in a logged warning.
+    it refuses some beside the weights (a numpy scalar, an ``argparse.Namespace``, Lightning's ``AttributeDict``)
+    and the pickles call nothing that runs commands or code, it is read again with inert stand-ins for those
+    classes, which are left out and named in a logged warning.
     Tensors that share memory (tied weights) are written as separate copies, so every key loads. An existing
     ``output`` is replaced only with ``overwrite``; the checkpoint itself never.
 
@@ -479,6 +591,7 @@ def convert_checkpoint(
     with _open_checkpoint(checkpoint) as f, warnings.catch_warnings(record=True) as caught:
         private = owner_only(os.fstat(f.fileno()).st_mode)  # a key's checkpoint: its weights stay private
         warnings.simplefilter("always")  # torch's UserWarnings speak to developers, not users
+        dict_stand_ins: dict[int, _DictStandIn] = {}
         try:
             obj = torch.load(f, map_location="cpu", weights_only=True)
         except Exception as e:  # weights_only refusals are UnpicklingError; corrupt files vary
@@ -495,14 +608,19 @@ def convert_checkpoint(
                                   "weights alone; only if you trust the file, load it with torch.jit.load in "
                                   "Python, torch.save its state_dict() and convert that file") from e  # fmt: skip
             protocol = next((m.group(1) for w in caught if (m := _PROTOCOL.search(str(w.message)))), None)
-            pickled = _checkpoint_globals(f, names)
+            pickles = _checkpoint_pickles(f, names)
+            pickled = _globals_in_pickle(io.BytesIO(pickles))
             code = _code_running_global(pickled)
-            # harmless extras beside the weights (a numpy best_acc, argparse's training args): loaded as inert
-            # stand-ins, never as their classes; a file that would run commands is refused whatever else it holds
-            obj = _load_with_stand_ins(f, pickled) if pickled and code is None else None
-            if obj is None:
+            # harmless extras beside the weights (a numpy best_acc, argparse's training args, Lightning's hparams):
+            # loaded as inert stand-ins, never as their classes; a file that would run commands is refused whatever
+            # else it holds
+            loaded = None
+            if pickled and code is None:
+                loaded = _load_with_stand_ins(f, pickled, _filled_as_dicts(io.BytesIO(pickles)))
+            if loaded is None:
                 raise ConfigError(_load_refusal(checkpoint, e, protocol, code)) from e
-    ignored = _stand_ins_in(obj)
+            obj, dict_stand_ins = loaded
+    ignored = _stand_ins_in(obj, dict_stand_ins)
     holder = next(((name, path) for name, path, tensors in ignored if tensors), None)
     if holder is not None and key is None:  # the weights may be in it: taking another state dict would be a guess
         name, path = holder
