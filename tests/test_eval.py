@@ -423,6 +423,21 @@ def test_mcnemar_exact_and_reversion_verdicts() -> None:
     assert not met and "within noise" in verdicts["one"] and verdicts["one"].startswith("protocol not met")
 
 
+def test_reversion_verdicts_give_points_and_shares_of_the_drop_from_counts_rounded_half_to_even() -> None:
+    """The verdicts' "+x points" and "y% of the drop recovered" came from float32 means: 1 image of 160 back
+    read +0.63 points, and 28 of a drop of 160 (17.5%) 17%, as no row or paired test rounds them. They are
+    now percent() of the counts: 0.62 and 18%, 20 of 160 (12.5%) 12%, ties to the even last digit."""
+    n = 160
+    stages = {"original": torch.ones(n, dtype=torch.bool), "protected": torch.zeros(n, dtype=torch.bool)}
+    stages |= {str(back): torch.arange(n) < back for back in (1, 20, 28)}
+    verdicts, _, discordant, met = reversion_verdicts(stages)
+    assert met and discordant["1"] == [1, 0] and discordant["28"] == [28, 0]
+    assert verdicts["1"].startswith(f"within noise (+{float(round(Fraction(100, n), 2)):.2f} points, p=")
+    assert verdicts["1"].startswith("within noise (+0.62 points, p=")
+    assert verdicts["20"].startswith("reverted (12% of the drop recovered, p=")
+    assert verdicts["28"].startswith("reverted (18% of the drop recovered, p=")
+
+
 def _exact_mcnemar(gained: int, lost: int) -> Fraction:
     """The exact two-sided McNemar p-value as a fraction: 2 P(X <= min) for X ~ Binomial(gained + lost, 1/2)."""
     n = gained + lost
@@ -1059,6 +1074,76 @@ def test_a_clean_grid_pairs_clean_accuracy_and_a_grid_without_none_pairs_nothing
     list(alone.grid(["victim"], [fp_spec()], []))
     assert alone.paired_with_none() == []
     assert "No paired test: the run has no `none` defense to pair with." in _paired_lines([], [fp_spec()])
+
+
+def _one_right_only_defended(n: int) -> tuple[dict[str, nn.Module], Dataset]:
+    """Tiny models and ``n`` images whose labels the victim gets wrong on every image without a defense, and
+    right on one image only with :func:`fp_spec`'s: 1 of ``n`` right, and gained, on the defended images."""
+    models = tiny_models(victim=level_sum_classifier())  # its answer moves with the pixels a defense changes
+    ds0 = tiny_dataset(n)
+    defended = tiny_evaluator(ds0, models).defend(fp_spec()).images
+    before = predict(models["victim"], ds0.images.float() / 255)
+    after = predict(models["victim"], defended.float() / 255)
+    labels = torch.tensor([min({*range(10)} - {int(b), int(a)}) for b, a in zip(before, after)])  # neither's
+    (changed,) = (before != after).nonzero()[0].tolist()
+    labels[changed] = after[changed]
+    return models, Dataset(ds0.root, ds0.paths, ds0.images, labels)
+
+
+def test_one_count_is_one_figure_in_the_rows_the_paired_tests_and_the_report(tmp_path: Path) -> None:
+    """1 image of 160 is 0.625%: a row gave 0.63 (the float32 mean, rounded), the paired test's gain of the
+    same one image 0.62 (a float division, rounded), and the report showed both. Every figure is now the
+    exact count rounded half to even: 0.62 in the row, in results.json and the CSV, in the paired record and
+    in the report's table."""
+    import csv
+    import io
+
+    from preempt_cli.cli._eval import _csv_text, _paired_lines
+    from preempt_cli.evaluate import json_dumps
+
+    models, ds = _one_right_only_defended(160)
+    ev = tiny_evaluator(ds, models, out_dir=tmp_path)
+    none_row, fp_row = ev.grid(["victim"], [DefenseSpec("none"), fp_spec()], [])
+    (pair,) = ev.paired_with_none()
+    assert (none_row["clean_acc"], pair["gained"], pair["lost"], pair["n"]) == (0.0, 1, 0, 160)
+    assert fp_row["clean_acc"] == pair["defense_acc"] == pair["gain_points"] == float(round(Fraction(100, 160), 2))
+    assert json.loads(json_dumps([none_row, fp_row]))[1]["clean_acc"] == 0.62
+    assert [r["clean_acc"] for r in csv.DictReader(io.StringIO(_csv_text([none_row, fp_row])))] == ["0.0", "0.62"]
+    lines = _paired_lines([pair], [DefenseSpec("none"), fp_spec()])
+    (line,) = [line for line in lines if line.startswith(f"| victim | {fp_spec().name} |")]
+    assert "| 160 | 0 | 0.62 | +0.62 | 1 | 0 |" in line
+    resumed = tiny_evaluator(ds, models, out_dir=tmp_path, resume=True)  # the cell files hold the same figure
+    assert list(resumed.grid(["victim"], [DefenseSpec("none"), fp_spec()], [])) == [none_row, fp_row]
+    assert resumed.paired_with_none() == [pair]
+
+
+def test_a_cell_file_of_0_27_holding_a_tie_rounded_otherwise_is_resumed_and_reported_as_computed_now(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """preempt 0.27.0 wrote a cell's accuracy as the float32 mean rounded: 0.63 for 1 image of 160. Such a
+    file is still the cell's (its correctness gives that figure as 0.27.0 computed it), so it is resumed, not
+    computed again; its row gives the figure as this release computes it from the file's correctness, as an
+    uninterrupted run would."""
+    models, ds = _one_right_only_defended(160)
+    ev = tiny_evaluator(ds, models, out_dir=tmp_path)
+    list(ev.grid(["victim"], [DefenseSpec("none"), fp_spec()], []))
+    (path,) = [p for p in (tmp_path / "cells").glob("*.json") if json.loads(p.read_text())["defense"] != "none"]
+    cell = json.loads(path.read_text())
+    assert (cell["clean_correct"].count("1"), cell["clean_acc"]) == (1, 0.62)
+    written_by_0_27 = {**cell, "clean_acc": 0.63, "computed_by": {**cell["computed_by"], "preempt": "0.27.0"}}
+    path.write_text(json.dumps(written_by_0_27))
+    with caplog.at_level(logging.WARNING, logger="preempt_cli"):
+        resumed = tiny_evaluator(ds, models, out_dir=tmp_path, resume=True)
+        rows = list(resumed.grid(["victim"], [DefenseSpec("none"), fp_spec()], []))
+    assert not [r for r in caplog.records if "damaged" in r.getMessage()]
+    assert [was_resumed for was_resumed, _ in resumed._origins["cells"]] == [True, True]
+    assert rows[1]["clean_acc"] == 0.62
+    (pair,) = resumed.paired_with_none()
+    assert pair["defense_acc"] == pair["gain_points"] == 0.62
+    path.write_text(json.dumps({**cell, "clean_acc": 0.64}))  # neither figure of its correctness: computed again
+    with caplog.at_level(logging.WARNING, logger="preempt_cli"):
+        again = tiny_evaluator(ds, models, out_dir=tmp_path, resume=True).cell("victim", fp_spec(), None)
+    assert [r for r in caplog.records if "damaged" in r.getMessage()] and again["clean_acc"] == 0.62
 
 
 def test_a_resumed_cell_whose_correctness_is_not_exactly_its_own_is_computed_again(

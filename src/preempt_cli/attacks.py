@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._percent import percent
 from .device import model_device, to_device
 from .engine import (NOISE_BLOCK_ELEMENTS, autograd_usable, check_batch, check_channels, check_unit_range,
                      content_seeds, eval_mode, hash_noise, noise_keys, refuse_int_levels, seeded_image_keys)
@@ -800,16 +801,15 @@ def robust_correctness(
         with eval_mode(model), torch.no_grad():
             robust_ok[chunk] = model(adv.float().to(device)).argmax(dim=1).cpu() == y_cpu[chunk]
 
-    clean_acc = clean_ok.float().mean().item()
-    robust_acc = robust_ok.float().mean().item()
+    clean_count, robust_count = int(clean_ok.sum()), int(robust_ok.sum())
     _logger.info(
         "%s: clean %d/%d (%.2f%%), robust %d/%d (%.2f%%)",
         getattr(attack, "name", type(attack).__name__),
-        int(clean_ok.sum()),
+        clean_count,
         n,
-        100 * clean_acc,
-        int(robust_ok.sum()),
+        percent(clean_count, n),  # as eval's rows give them
+        robust_count,
         n,
-        100 * robust_acc,
+        percent(robust_count, n),
     )
     return clean_ok, robust_ok, x_adv

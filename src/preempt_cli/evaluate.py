@@ -30,6 +30,7 @@ import torch
 from PIL import Image
 
 from ._paths import output_folder
+from ._percent import percent
 from .attacks import PGD, AutoAttack, check_attack_eps, check_int, check_norm, robust_correctness
 from .device import resolve_device
 from .baselines import BILEVEL_OPTIMIZERS
@@ -674,8 +675,15 @@ def _from_bits(bits: str | None) -> torch.Tensor | None:
 
 
 def _percent(correct: torch.Tensor) -> float:
-    """A cell's accuracy from its images' correctness, as its row gives it: the float32 mean, in percent,
-    rounded to 2 decimals (exact and the same everywhere: a sum of ones, one division)."""
+    """A cell's accuracy from its images' correctness, as its row gives it: :func:`percent` of the images
+    right."""
+    return percent(int(correct.sum()), len(correct))
+
+
+def _percent_before_0_28(correct: torch.Tensor) -> float:
+    """:func:`_percent` as preempt 0.27.0 and earlier computed it, the float32 mean rounded: a cell file they
+    wrote holds it. It differs from :func:`_percent` only on a tie (1 image of 160: 0.63, not 0.62) or, above
+    about 2,000 images, by 0.01 points where the float32 mean was off."""
     return round(100 * correct.float().mean().item(), 2)
 
 
@@ -697,9 +705,14 @@ def _check_correctness(row: dict[str, Any], n: int) -> None:
             continue
         if not isinstance(bits, str) or re.fullmatch(r"[01]*", bits) is None or len(bits) != n:
             raise ValueError(f"{key} is not one 0 or 1 per image of its {n}")
-        # computed as the row's was: a NaN, or an image changed (0.01 points of 10,000), is another number
-        if isinstance(acc, bool) or not isinstance(acc, (int, float)) or _percent(_from_bits(bits)) != acc:
-            raise ValueError(f"{key} gives {_percent(_from_bits(bits))}%, its {acc_key} {acc}")
+        # computed as the row's was (as this release computes it, or as 0.27.0 and earlier did: such a cell is
+        # resumed, its figure computed again from its correctness): a NaN, or an image changed (0.01 points of
+        # 10,000), is another number. The old figure is never that of one image more or fewer up to 10,000
+        # images: it is off by 0.01 only where the exact one lies within float32's error of a rounding boundary
+        correct = _from_bits(bits)
+        if (isinstance(acc, bool) or not isinstance(acc, (int, float))
+                or acc not in (_percent(correct), _percent_before_0_28(correct))):  # fmt: skip
+            raise ValueError(f"{key} gives {_percent(correct)}%, its {acc_key} {acc}")
     robust, clean = row.get(_ROBUST_CORRECT), row.get(_CLEAN_CORRECT)
     if robust is not None and (clean is None or any(r == "1" and c == "0" for r, c in zip(robust, clean))):
         raise ValueError(f"{_ROBUST_CORRECT} has images {_CLEAN_CORRECT} has wrong")
@@ -1284,8 +1297,14 @@ class Evaluator:
                 clean_bits, robust_bits = row.pop(_CLEAN_CORRECT, None), row.pop(_ROBUST_CORRECT, None)
                 # named as this release names them: the key decides what was computed, not how a row is named
                 row.update(victim=victim_name, defense=spec.name, attack=attack.name if attack else "none")
+                clean_ok, robust_ok = _from_bits(clean_bits), _from_bits(robust_bits)
+                # as this release computes them (a cell of 0.27.0 or earlier may hold a tie rounded otherwise):
+                # a resumed run reports the figures an uninterrupted one does
+                for correct, acc_key in ((clean_ok, "clean_acc"), (robust_ok, "robust_acc")):
+                    if correct is not None:
+                        row[acc_key] = _percent(correct)
                 # a copy: a caller may change the row it is given
-                given = _GivenCell(victim_name, spec, dict(row), _from_bits(clean_bits), _from_bits(robust_bits))
+                given = _GivenCell(victim_name, spec, dict(row), clean_ok, robust_ok)
                 if given.clean is None:  # a cell file of 0.22.0 or earlier: its accuracies only
                     given.missing = (f"the cell ({spec.name}, {row['attack']}) was resumed from {path.name} (computed "
                                      f"by preempt {computed_by['preempt']}), which keeps no per-image correctness "
@@ -1314,7 +1333,7 @@ class Evaluator:
             if isinstance(model_attack, _Reporting):
                 clean_count = int(clean_ok.sum())
                 for flag, column in (("fooled_float", "robust_acc_float"), ("fooled_rounded_once", "robust_acc_rounded_once")):
-                    extra[column] = round(100 * (clean_count - model_attack.count(flag)) / n, 2)
+                    extra[column] = percent(clean_count - model_attack.count(flag), n)
         row = {
             "victim": victim_name,
             "defense": spec.name,
@@ -1624,7 +1643,7 @@ def _paired_test(before: _GivenCell, after: _GivenCell, metric: str, cells: tupl
         result["not_tested"] = f"{names[0]} was measured on {before.row['n']} images, {names[1]} on {after.row['n']}"
     else:
         gained, lost, p = mcnemar_exact(correct(before), correct(after))
-        result.update(gain_points=round(100 * (gained - lost) / after.row["n"], 2), gained=gained, lost=lost,
+        result.update(gain_points=percent(gained - lost, after.row["n"]), gained=gained, lost=lost,
                       p_value=p)  # fmt: skip
     return result
 
@@ -1663,8 +1682,10 @@ def reversion_verdicts(
     (``protected``: against ``original``; the others: against ``protected``), and per reversion stage the
     discordant counts ``[gained, lost]`` (images correct only after it, only before it).
     """
-    acc = {stage: 100 * c.float().mean().item() for stage, c in correct.items()}
-    orig, prot = acc["original"], acc["protected"]
+    # counts, not float means: the same images, so a count orders stages as accuracy does, and the points and
+    # share of the drop the verdicts give are percent()'s, rounded as every other figure
+    right = {stage: int(c.sum()) for stage, c in correct.items()}
+    orig, prot, n = right["original"], right["protected"], len(correct["original"])
     _, _, p_drop = mcnemar_exact(correct["original"], correct["protected"])
     met = prot < orig and p_drop < alpha
     verdicts: dict[str, str] = {}
@@ -1679,11 +1700,11 @@ def reversion_verdicts(
             why = ("did not lower clean accuracy" if prot >= orig
                    else f"lowered clean accuracy within noise, p={format_p(p_drop)}")  # fmt: skip
             verdicts[stage] = f"protocol not met (protection {why})"
-        elif acc[stage] > prot and p < alpha:
-            recovered = (acc[stage] - prot) / (orig - prot)
-            verdicts[stage] = f"reverted ({recovered:.0%} of the drop recovered, p={format_p(p)})"
-        elif acc[stage] > prot:
-            verdicts[stage] = f"within noise (+{acc[stage] - prot:.2f} points, p={format_p(p)})"
+        elif right[stage] > prot and p < alpha:
+            recovered = percent(right[stage] - prot, orig - prot, decimals=0)
+            verdicts[stage] = f"reverted ({recovered:.0f}% of the drop recovered, p={format_p(p)})"
+        elif right[stage] > prot:
+            verdicts[stage] = f"within noise (+{percent(right[stage] - prot, n):.2f} points, p={format_p(p)})"
         else:
             verdicts[stage] = f"distorted (accuracy did not climb back, p={format_p(p)})"
     return verdicts, p_values, discordant, met
@@ -1834,7 +1855,7 @@ def reversion_protocol(
             with torch.inference_mode(), eval_mode(victim):
                 pred = torch.cat([victim(x[i:i + 500]).argmax(1) for i in range(0, len(x), 500)])
             correct[stage] = pred.cpu() == ds.labels
-            accs[stage] = round(100 * correct[stage].float().mean().item(), 2)
+            accs[stage] = _percent(correct[stage])
         verdicts, p_values, discordant, met = reversion_verdicts(correct, alpha)
         results["victims"][victim_name] = {"clean_acc": accs, "verdict": verdicts, "p_value": p_values,
                                            "discordant": discordant, "precondition_met": met}  # fmt: skip
