@@ -1015,6 +1015,18 @@ def test_revert_needs_a_backbone_or_white_box(tmp_path: Path, registry: Path) ->
     assert result.exit_code == 2 and "--white-box" in result.stderr
 
 
+def test_revert_black_box_names_a_mistyped_backbone_before_loading_the_classifier(tmp_path: Path,
+                                                                                      registry: Path) -> None:
+    # as protect does: the backbone given is checked first, so its typo is the error, not the classifier's
+    # weights (tiny-labeller's pin does not match: loading it first would say "sha256")
+    _images(tmp_path, n=1)
+    result = run(["revert", str(tmp_path), "-b", "no-such-model", "-c", "tiny-labeller", "--device", TEST_DEVICE_ARG],
+                 registry)  # fmt: skip
+    assert result.exit_code == 2
+    assert "unknown model 'no-such-model'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_models_commands(registry: Path) -> None:
     listed = run(["models", "list", "--json"], registry)
     names = {json.loads(x)["name"] for x in listed.stdout.splitlines()}

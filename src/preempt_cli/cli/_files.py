@@ -752,8 +752,9 @@ def revert(
                     raise ConfigError("no classifier: pass --classifier NAME, or --labels backbone|folders|FILE")
                 config = _config(preset, eps, eta, forward, backward, samples, backbone=backbone,
                                  registry=registry)  # fmt: skip
+                key = model(backbone)  # first, as protect loads them: a mistyped backbone is the error reported
                 clf = model(classifier) if label_source == "classifier" else None
-                reverter = Reverter(model(backbone), clf, config=config, seed=0 if seed is None else seed,
+                reverter = Reverter(key, clf, config=config, seed=0 if seed is None else seed,
                                     labels=label_source, preset=preset, precision=precision or "fp32",
                                     compile=compile)  # fmt: skip
                 _log_reversion(reverter, len(items), white_box=False)
