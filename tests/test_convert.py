@@ -292,6 +292,21 @@ def test_a_meta_tensor_is_refused_with_its_name(tmp_path) -> None:
     assert "tensor 'm' holds no values (a meta tensor" in message
 
 
+@pytest.mark.parametrize("content", [b"junk\n", b"\x89PNG\r\n\x1a\n" + bytes(32)], ids=["text", "png"])
+def test_a_file_neither_zip_nor_pickle_says_it_is_no_checkpoint(content, tmp_path) -> None:
+    """Its reason was torch's detail of misreading it as a pickle: "(174812789)" of a text file, "(Unsupported
+    operand 137)" of a PNG, after "cannot be loaded safely", which reads as a safety problem."""
+    ckpt = tmp_path / "c.pt"
+    ckpt.write_bytes(content)
+    result = CliRunner().invoke(app, ["models", "convert", str(ckpt), str(tmp_path / "o.safetensors")])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
+    assert result.stderr.startswith(f"error: {ckpt}: not a PyTorch checkpoint (")
+    assert "safely" not in result.stderr and not (tmp_path / "o.safetensors").exists()
+    # torch.save's legacy format (a pickle, not a zip) still converts
+    torch.save({"w": torch.zeros(2)}, ckpt, _use_new_zipfile_serialization=False)
+    assert convert_checkpoint(ckpt, tmp_path / "o.safetensors")[0] == 1
+
+
 @pytest.mark.parametrize("members", [["hello.txt"], ["archive/version"], []], ids=["flat", "no-pickle", "empty"])
 def test_a_zip_that_is_no_checkpoint_says_so_in_plain_words(members, tmp_path) -> None:
     """Its reason was torch's '[enforce fail at inline_container.cc:180] .'; torch's detail is kept for --log."""

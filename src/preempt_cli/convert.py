@@ -522,6 +522,18 @@ def _is_safetensors(f: BinaryIO) -> bool:
     return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= size - 8
 
 
+def _may_be_legacy_checkpoint(f: BinaryIO) -> bool:
+    """Whether the open file ``f`` may be torch.save's format before zip archives (or a zip cut short): that
+    format starts with torch's magic number, pickled as protocol 2 or later do (``\\x80``) or 0 and 1 (``L``, a
+    long integer's opcode)."""
+    try:
+        f.seek(0)
+        head = f.read(2)
+    except (OSError, ValueError):
+        return True  # unknown: torch's own reason stands
+    return head[:1] in (b"\x80", b"L") or head == b"PK"
+
+
 def _open_checkpoint(checkpoint: Path) -> BinaryIO:
     """``checkpoint`` opened for reading, checked on the open file to be a regular file: torch.load opened a
     FIFO (or a link to one) and waited for a writer, forever, and read a device such as /dev/zero without end.
@@ -617,6 +629,11 @@ def convert_checkpoint(
             loaded = None
             if pickled and code is None:
                 loaded = _load_with_stand_ins(f, pickled, _filled_as_dicts(io.BytesIO(pickles)))
+            if loaded is None and code is None and names is None and not _may_be_legacy_checkpoint(f):
+                # torch's detail of misreading it as a pickle ("(174812789)" of a text file) says nothing, and
+                # "cannot be loaded safely" reads as a threat; a pickle that would run code is refused as such
+                raise ConfigError(f"{checkpoint}: not a PyTorch checkpoint (neither the zip archive torch.save "
+                                  "writes nor its older pickle format)") from e  # fmt: skip
             if loaded is None:
                 raise ConfigError(_load_refusal(checkpoint, e, protocol, code)) from e
             obj, dict_stand_ins = loaded
