@@ -696,6 +696,16 @@ def test_eval_takes_a_class_name_in_another_case_or_with_spaces_as_protect_does(
         load_dataset(tmp_path / "data", classes=classes)
 
 
+
+def test_eval_names_the_class_a_mistyped_folder_may_mean(tmp_path: Path) -> None:
+    # as protect's labels do: a folder `kat` said only "unknown class 'kat'"
+    from preempt_cli.errors import LabelError
+    from preempt_cli.evaluate import load_dataset
+
+    write_random_pngs(tmp_path / "data" / "kat", n=1, seed=0)
+    with pytest.raises(LabelError, match=r"unknown class 'kat'\. Did you mean 'cat'\?$"):
+        load_dataset(tmp_path / "data", classes=["bird", "cat", "dog"])
+
 # -- 10. images SSIM cannot score, and what a resumed report takes ----------------------------------------------
 def test_images_smaller_than_ssim_s_window_are_refused_before_any_defense_is_computed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

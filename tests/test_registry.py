@@ -482,6 +482,17 @@ def test_class_names_and_indices() -> None:
         bare.class_index("cat")
 
 
+
+def test_an_unknown_class_name_suggests_the_classes_meant() -> None:
+    # as a mistyped model name does: a label file's "kat" said only "unknown class 'kat'"
+    cfg = get_model_config("cifar10-resnet18-std")
+    with pytest.raises(ValueError, match=r"^unknown class 'kat' for model cifar10-resnet18-std \(cifar10\)\. "
+                                         r"Did you mean 'cat'\?$"):  # fmt: skip
+        cfg.class_index("kat")
+    with pytest.raises(ValueError) as nothing_close:
+        cfg.class_index("unicorn")
+    assert "Did you mean" not in str(nothing_close.value)
+
 # -- values checked when the registry is read -------------------------------------------------------------------
 
 MORE_INVALID_ROWS = {

@@ -123,6 +123,22 @@ def parse_source(text: str) -> Source:
     return Source("file", text)
 
 
+def close_classes(label: str, names: Sequence[str], most: int = 3) -> list[str]:
+    """The class names of ``names`` that ``label`` may have meant, at most ``most``: spelt alike to a name or,
+    for timm's ImageNet names, to one of the synonyms it lists ("tench, Tinca tinca"); each given whole, as it
+    is always taken. Alike: difflib's ratio 0.6 among a few names, short ones ("kat" for "cat"), 0.8 among
+    more, where 0.6 finds words that merely share letters ("boots": "bookcase")."""
+    import difflib
+
+    by_word: dict[str, str] = {}
+    for name in names:
+        for word in (name, *name.split(",")):
+            by_word.setdefault(word.strip().lower(), name)
+    cutoff = 0.6 if len(by_word) <= 100 else 0.8
+    close = difflib.get_close_matches(label.strip().lower(), list(by_word), n=most * 4, cutoff=cutoff)
+    return list(dict.fromkeys(by_word[word] for word in close))[:most]
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """One registry row: architecture, preprocessing, classes and weights source of a model."""
@@ -205,8 +221,10 @@ class ModelConfig:
                 raise ValueError(f"class index {index} out of range 0..{self.num_classes - 1}")
             return index
         found = find_class(label, self.class_names, self.class_synsets)
-        if found is None:
-            raise ValueError(f"unknown class {label!r} for model {self.name} ({self.dataset})")
+        if found is None:  # a typo in a label file or folder name: the classes meant, as for a model's name
+            close = close_classes(label, self.class_names or ())
+            hint = f". Did you mean {', '.join(repr(name) for name in close)}?" if close else ""
+            raise ValueError(f"unknown class {label!r} for model {self.name} ({self.dataset}){hint}")
         return found
 
 
