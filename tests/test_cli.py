@@ -644,6 +644,13 @@ def test_labels_from_folders_whichever_way_the_files_are_named(tmp_path: Path, r
     assert flat.exit_code == 1
     assert "unknown class 'holiday'" in flat.stderr, flat.stderr
     assert "--labels folders takes a file's class from its folder (ROOT/<class>/<file>)" in flat.stderr
+    # a class folder mistyped: the class meant, then the same note, as one sentence after the other
+    _images(tmp_path / "typo" / "ships", n=1)
+    typo = run(["protect", str(tmp_path / "typo"), *FAST, "--labels", "folders"], registry)
+    assert typo.exit_code == 1
+    assert "unknown class 'ships' for model tiny-key" in typo.stderr
+    assert "Did you mean 'ship'? --labels folders takes a file's class from its folder (ROOT/<class>/<file>)" \
+           in typo.stderr, typo.stderr
 
 
 def test_shards_partition_the_inputs(tmp_path: Path, registry: Path) -> None:

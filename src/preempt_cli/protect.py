@@ -793,7 +793,8 @@ class Protector:
             try:
                 return resolve_label(raw, self.backbone.config, str(item.path))
             except LabelError as e:  # a folder of photos given alone: its own name is no class
-                raise LabelError(f"{e}: --labels folders takes a file's class from its folder "
+                after = " " if str(e).endswith("?") else ": "  # after "Did you mean 'cat'?", a sentence of its own
+                raise LabelError(f"{e}{after}--labels folders takes a file's class from its folder "
                                  "(ROOT/<class>/<file>)") from None  # fmt: skip
         else:
             return None
