@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from conftest import TEST_DEVICE, LiveBuffers, engine_noise_keys, make_tiny_model
 from preempt_cli import engine as engine_module
 from preempt_cli.engine import PRESETS, FastPreemption, ForeBackConfig, native_bf16, parse_eps, project, resolve_precision
-from preempt_cli.errors import ConfigError
+from preempt_cli.errors import ConfigError, InputError
+from preempt_cli.imageio import levels_to_float
 
 # float32 slack for "within eps": x0 +- eps is itself rounded to float32.
 TOL = 1e-6
@@ -467,6 +468,47 @@ def test_a_photo_is_protected_with_five_buffers_of_its_size_at_most(tiny_backbon
     assert live.peak <= 5
     assert torch.equal(x, x_before)  # the input, the first iterate, is not written
     assert (out - x).abs().max() <= ForeBackConfig().eps + TOL and not torch.equal(out, x)
+
+
+def test_a_photo_from_its_levels_takes_four_buffers_of_its_size_at_most(tiny_backbone, monkeypatch) -> None:
+    """A caller of perturb holds its images, and the engine held them through every step as the center of the
+    budget: 5 float32 buffers of a photo's size at once. Given the levels, the engine makes the floats, frees
+    them once the first step has made the next iterate, and computes the bounds from the levels: 4."""
+    levels = torch.randint(0, 256, (1, 120, 160, 3), generator=torch.Generator().manual_seed(2),
+                           dtype=torch.uint8).permute(0, 3, 1, 2).to(TEST_DEVICE)  # fmt: skip
+    y = torch.tensor([3], device=TEST_DEVICE)
+    # one sample per pass, and its budget in blocks of a tenth of it, as a 12-megapixel photo goes
+    monkeypatch.setitem(engine_module.SAMPLE_CHUNK_ELEMENTS, TEST_DEVICE.type, levels[0].numel())
+    monkeypatch.setitem(engine_module.BOUND_BLOCK_ELEMENTS, TEST_DEVICE.type, levels[0].numel() // 10)
+    levels_before = levels.clone()
+    engine = FastPreemption(tiny_backbone, config=ForeBackConfig(samples=3))
+    with LiveBuffers(levels.numel() * 4) as live:
+        out = engine.perturb_levels(levels, 255, y, noise_seeds=[1])
+    assert live.peak <= 4
+    assert torch.equal(levels, levels_before)
+    assert torch.equal(out, engine.perturb(levels_to_float(levels, 255), y, noise_seeds=[1]))
+
+
+@pytest.mark.parametrize("cfg", list(REFERENCE_CONFIGS.values()), ids=list(REFERENCE_CONFIGS))
+def test_images_given_as_levels_get_the_bits_of_their_floats(cfg, tiny_backbone, monkeypatch) -> None:
+    # perturb_levels protects the floats levels_to_float makes, an 8-bit photo's budget computed from its levels
+    # (in the pipeline's NHWC layout, in blocks of any size): perturb's bits, as for 16-bit photos (whose floats
+    # stay the center) and images at the input size
+    g = torch.Generator().manual_seed(6)
+    photo8 = torch.randint(0, 256, (2, 40, 56, 3), generator=g, dtype=torch.uint8).permute(0, 3, 1, 2)
+    photo16 = torch.randint(0, 65536, (2, 3, 40, 56), generator=g, dtype=torch.int32)
+    small = torch.randint(0, 256, (2, 3, 32, 32), generator=g, dtype=torch.uint8)
+    y = torch.tensor([1, 4], device=TEST_DEVICE)
+    engine = FastPreemption(tiny_backbone, config=cfg, seed=3)
+    for levels, max_value in ((photo8, 255), (photo16, 65535), (small, 255)):
+        levels = levels.to(TEST_DEVICE)
+        expected = engine.perturb(levels_to_float(levels, max_value), y, noise_seeds=[11, 12])
+        assert not torch.equal(expected, levels_to_float(levels, max_value))
+        for block in (1, 7 * 56 * 3, levels.numel() * cfg.samples):
+            monkeypatch.setitem(engine_module.BOUND_BLOCK_ELEMENTS, TEST_DEVICE.type, block)
+            assert torch.equal(engine.perturb_levels(levels, max_value, y, noise_seeds=[11, 12]), expected)
+    with pytest.raises(InputError, match="integer"):
+        engine.perturb_levels(levels_to_float(photo8, 255).to(TEST_DEVICE), 255, y)
 
 
 @pytest.mark.parametrize("cfg", list(REFERENCE_CONFIGS.values()), ids=list(REFERENCE_CONFIGS))
