@@ -41,6 +41,7 @@ import _checkout  # benchmarks/ is on sys.path
 _checkout.put_checkout_src_first()  # the checkout's code, installed or not (no PYTHONPATH=src needed)
 from preempt_cli import ForeBackConfig, Protector, RunOptions, collect_inputs  # noqa: E402
 from preempt_cli.device import default_io_workers  # noqa: E402
+from preempt_cli.imageio import levels_to_float  # noqa: E402
 from preempt_cli.models import ImageModel  # noqa: E402
 from preempt_cli.registry import ModelConfig, Source  # noqa: E402
 
@@ -77,10 +78,11 @@ class StandInEngine(Protector):
     def confidence(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return torch.ones(x.shape[0])
 
-    def transform(self, x: torch.Tensor, y: torch.Tensor, noise_seeds: Sequence[int] | None = None) -> torch.Tensor:
+    def transform_levels(self, levels: torch.Tensor, max_value: int, y: torch.Tensor,
+                         noise_seeds: Sequence[int] | None = None) -> torch.Tensor:  # fmt: skip
         # the device starts the batch when it is free (after the batches queued before) or now
-        self._device_free_at = max(time.perf_counter(), self._device_free_at) + self.engine_ms * x.shape[0] / 1000
-        return x
+        self._device_free_at = max(time.perf_counter(), self._device_free_at) + self.engine_ms * levels.shape[0] / 1000
+        return levels_to_float(levels, max_value)
 
     def _queued_batches(self) -> int:
         return self.queued

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +17,9 @@ from conftest import (TEST_DEVICE, CudaLikeDivision, LiveBuffers, interrupt_run_
 from preempt_cli import FastPreemption, ForeBackConfig, Protector, RunOptions, collect_inputs, parse_eps, read_image
 from preempt_cli.engine import content_seeds
 from preempt_cli.errors import ConfigError, InputError
+from preempt_cli import engine as engine_module
 from preempt_cli import protect as protect_module
-from preempt_cli.imageio import content_seed, quantize, stack_levels
+from preempt_cli.imageio import content_seed, levels_to_float, quantize, quantize_batch, stack_levels
 from preempt_cli.protect import read_preempt_metadata
 
 FAST = ForeBackConfig(samples=3)  # few samples: these tests check bits and errors, not protection
@@ -62,9 +62,36 @@ def test_a_photo_is_rounded_to_levels_without_its_float_copy(protector, monkeypa
 
     monkeypatch.setattr(protect_module, "quantize_batch_on_device", counted)
     with LiveBuffers(levels.numel() * 4) as live:  # buffers of the photo's size in float32
-        stats, saved = protector._device_work(levels, None, 255, partial(protector.transform, noise_seeds=[1]))
+        stats, saved = protector._device_work(levels, None, 255,
+                                              lambda lv, y: protector.transform_levels(lv, 255, y, noise_seeds=[1]))
     assert live_when_rounding == [1]  # the protected floats alone
     assert saved.shape == (1, 120, 160, 3) and (saved.cpu().numpy().astype(int) - color).max() <= 8
+
+
+def test_the_pipeline_protects_a_photo_with_four_buffers_of_its_size_at_most(protector, tmp_path,
+                                                                             monkeypatch) -> None:  # fmt: skip
+    """The pipeline held a photo's floats (made from its levels, for its label and confidence) while the engine
+    protected them, and the engine held them as the center of the budget through every step: 5 float32 buffers
+    of the photo's size at once (the floats, the iterate, the samples' sum, a sample and its gradient). The
+    engine now makes them from the levels itself, frees them after the first step, and computes the budget from
+    the levels: 4, and the bits of the tensor API."""
+    from preempt_cli.protect import _Pending
+
+    path = write_random_pngs(tmp_path, n=1, size=(160, 120))[0]
+    [item] = collect_inputs([path])
+    picture = read_image(path)
+    numel = picture.color.size
+    # one sample per pass, and its budget in blocks of a tenth of it, as a 12-megapixel photo goes
+    monkeypatch.setitem(engine_module.SAMPLE_CHUNK_ELEMENTS, TEST_DEVICE.type, numel)
+    monkeypatch.setitem(engine_module.BOUND_BLOCK_ELEMENTS, TEST_DEVICE.type, numel // 10)
+    with LiveBuffers(numel * 4) as live:
+        [(levels, _, _, label)] = protector._compute([_Pending(item, tmp_path / "out.png", picture)]).results()
+    assert live.peak <= 4
+    x = levels_to_float(stack_levels([picture.color], TEST_DEVICE), 255)
+    protected = protector.transform(x, torch.tensor([label], device=TEST_DEVICE), noise_seeds=[picture.content_seed])
+    assert label == int(protector.predict(x)[0])
+    assert np.array_equal(levels, quantize_batch(protected, [picture.color], protector.config.eps)[0][0])
+    assert not np.array_equal(levels, picture.color)
 
 
 def test_engine_defaults_to_content_seeds(tiny_backbone, images) -> None:
@@ -433,7 +460,7 @@ def test_an_interrupt_during_a_batch_writes_that_batch_and_starts_no_other(tmp_p
     protector = Protector(tiny_backbone, labels="backbone", config=ForeBackConfig(samples=2))
     started, release, batches = threading.Event(), threading.Event(), []
     released_by_the_run: list[bool] = []  # True: the run, having taken the interrupt; False: the deadline
-    transform = protector.transform
+    transform = protector.transform_levels
 
     def slow_transform(*args, **kw):  # the compute thread's batch: held until the interrupt has come
         batches.append(args[0].shape[0])
@@ -445,7 +472,7 @@ def test_an_interrupt_during_a_batch_writes_that_batch_and_starts_no_other(tmp_p
         released_by_the_run.append(threading.current_thread() is threading.main_thread())
         release.set()
 
-    protector.transform = slow_transform
+    protector.transform_levels = slow_transform
 
     # the interrupt comes to the main thread, which waits for the batch; the batch goes on once the run has
     # taken it (at the latest 5 s after it started)

@@ -22,6 +22,7 @@ from conftest import TEST_DEVICE, TEST_DEVICE_ARG, QueuedWork, StandInDevice, in
 from preempt_cli import __version__
 from preempt_cli.cli import app
 from preempt_cli.errors import ConfigError
+from preempt_cli.imageio import levels_to_float
 from preempt_cli.inputs import collect_inputs, parse_shard, read_failure
 from preempt_cli.models import create_arch
 from preempt_cli.protect import RunOptions
@@ -1639,7 +1640,8 @@ def test_photos_are_decoded_only_as_far_ahead_as_their_bytes_allow(
         return out
 
     monkeypatch.setattr(Protector, "_compute", compute)
-    monkeypatch.setattr(Protector, "transform", lambda self, x, y, noise_seeds=None: x)  # the pipeline's test
+    monkeypatch.setattr(Protector, "transform_levels", lambda self, levels, max_value, y, noise_seeds=None:
+                        levels_to_float(levels, max_value))  # the pipeline's test
     # 20 samples of 128x128: one photo per batch
     with Protector(tiny_backbone, labels="backbone", config=ForeBackConfig(samples=20)) as protector:
         results = list(protector.run(collect_inputs([tmp_path / "in"]), RunOptions(out_dir=tmp_path / "out", io=io,
@@ -1705,7 +1707,8 @@ def test_the_bytes_decoded_ahead_are_bounded_whatever_the_order_of_sizes(
     large = 96 * 96 * 3
     monkeypatch.setattr(protect, "_DECODED_AHEAD_BYTES", 4 * large)
     seen = _count_decoded_ahead(monkeypatch, lambda path: large if path.name.startswith("b") else 32 * 32 * 3)
-    monkeypatch.setattr(Protector, "transform", lambda self, x, y, noise_seeds=None: x)  # the pipeline's test
+    monkeypatch.setattr(Protector, "transform_levels", lambda self, levels, max_value, y, noise_seeds=None:
+                        levels_to_float(levels, max_value))  # the pipeline's test
     # 20 samples: 16 small images a batch (two batches of them: 96 KiB, within the bound), one large one
     with Protector(tiny_backbone, labels="backbone", config=ForeBackConfig(samples=20)) as protector:
         results = list(protector.run(collect_inputs([tmp_path / "in"]), RunOptions(out_dir=tmp_path / "out", io=io,
@@ -1781,7 +1784,8 @@ def test_the_outputs_waiting_to_be_written_are_bounded_by_their_bytes(
     held = 2 * 64 * 48 * 3  # an output's levels and its picture's
     monkeypatch.setattr(protect, "_WRITES_PENDING_BYTES", bound_files * held)
     monkeypatch.setattr(protect, "write_pngs", partial(_write_faults.write_pngs_slowly, 0.2, None))
-    monkeypatch.setattr(Protector, "transform", lambda self, x, y, noise_seeds=None: x)  # a device that keeps up
+    monkeypatch.setattr(Protector, "transform_levels", lambda self, levels, max_value, y, noise_seeds=None:
+                        levels_to_float(levels, max_value))  # a device that keeps up
     seen = _count_pending_writes(monkeypatch)
     with Protector(tiny_backbone, labels="backbone", config=ForeBackConfig(samples=2)) as protector:
         # batch_size 1 at the backbone's 32x32: one of these images a batch
@@ -1816,13 +1820,13 @@ def test_an_interrupt_while_waiting_for_the_writes_still_writes_the_batch_comput
     started = []
     third_done = threading.Event()
 
-    def counted_transform(self, x, y, noise_seeds=None):
-        started.append(x.shape[0])
+    def counted_transform(self, levels, max_value, y, noise_seeds=None):
+        started.append(levels.shape[0])
         if len(started) == 4:  # the third batch is computed: the run waits for the writes to take it
             third_done.set()
-        return x
+        return levels_to_float(levels, max_value)
 
-    monkeypatch.setattr(Protector, "transform", counted_transform)
+    monkeypatch.setattr(Protector, "transform_levels", counted_transform)
 
     # the writes go on once the run has taken the interrupt
     deadline = interrupt_run_once(third_done, gate.touch, monkeypatch, deadline=20, after=0.5)
@@ -2212,14 +2216,14 @@ def test_a_ctrl_c_that_does_not_wake_the_caller_of_several_devices_is_taken_at_o
     write_random_pngs(tmp_path / "in", n=4, name="img{i:02d}.png")
     devices = _two_devices(tiny_backbone)
     started, release = threading.Event(), threading.Event()
-    real_transform = Protector.transform
+    real_transform = Protector.transform_levels
 
     def held_transform(self, *args, **kw):  # every device's batch: held until released
         started.set()
         release.wait(30)
         return real_transform(self, *args, **kw)
 
-    monkeypatch.setattr(Protector, "transform", held_transform)
+    monkeypatch.setattr(Protector, "transform_levels", held_transform)
     taken: list[float] = []
 
     def handler(signum, frame):  # runs where the main thread runs Python code again
@@ -2266,14 +2270,14 @@ def test_a_ctrl_c_starts_no_further_batch_on_any_device(tmp_path: Path, tiny_bac
     out = tmp_path / "out"
     devices = _two_devices(tiny_backbone)
     starts: list[tuple[int, float]] = []  # (device, when its batch started)
-    real_transform = Protector.transform
+    real_transform = Protector.transform_levels
 
     def slow_transform(self, *args, **kw):  # every batch, on its device's compute thread
         starts.append((next(i for i, d in enumerate(devices) if d is self), time.monotonic()))
         time.sleep(1.0)
         return real_transform(self, *args, **kw)
 
-    monkeypatch.setattr(Protector, "transform", slow_transform)
+    monkeypatch.setattr(Protector, "transform_levels", slow_transform)
     interrupted_at: list[float] = []
     real_oldest = _DeviceMessages.oldest
 

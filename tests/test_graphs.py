@@ -28,6 +28,7 @@ from preempt_cli import FastPreemption, ForeBackConfig, Protector, RunOptions, c
 from preempt_cli.revert import Reverter
 from preempt_cli.engine import check_cuda_graphs
 from preempt_cli.errors import ConfigError
+from preempt_cli.imageio import levels_to_float
 from preempt_cli.graphs import MAX_GRAPHS, GraphCaptureError, GraphedFunction
 
 FAST = ForeBackConfig(samples=3)
@@ -207,7 +208,7 @@ def test_the_captured_functions_never_read_values_back(tiny_backbone, tiny_class
     levels16 = torch.randint(0, 65536, (4, 3, 32, 32), dtype=torch.int32, device=TEST_DEVICE)
     for levels, max_value in ((levels8, 255), (levels16, 65535)):
         work = partial(protector._device_work, max_value=max_value,
-                       perturb=partial(engine.perturb_keyed, image_keys=keys))  # fmt: skip
+                       perturb=lambda lv, y, mv=max_value: engine.perturb_keyed(levels_to_float(lv, mv), y, keys))
         for stats, saved in (_no_host_reads(lambda lv: work(lv, None), levels),  # labels from the classifier
                              _no_host_reads(work, levels, y)):  # fmt: skip
             assert stats.shape == (3, 4) and saved.shape == (4, 32, 32, 3)

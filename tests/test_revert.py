@@ -7,6 +7,7 @@ import torch
 
 from conftest import TEST_DEVICE, make_tiny_model
 from preempt_cli import FastPreemption, ForeBackConfig
+from preempt_cli.imageio import levels_to_float
 from preempt_cli.revert import Reverter
 
 
@@ -182,3 +183,16 @@ def test_white_box_with_the_real_key_is_deterministic_and_refuses_other_weights_
     assert allowed.exit_code == 0 and len(digests(out)) == 3, allowed.stderr
     assert "differs from the weights that protected 3 file(s)" in allowed.stderr
     assert digests(out) != digests(folder)  # another backbone: another reversion
+
+
+def test_reverting_levels_gives_the_bits_of_reverting_their_floats() -> None:
+    # the pipeline reverts a file from its levels (transform_levels), a photo's floats not held meanwhile
+    backbone = make_tiny_model(0).to(TEST_DEVICE)
+    reverter = Reverter(backbone, labels="backbone", config=ForeBackConfig(samples=2), seed=7)
+    g = torch.Generator().manual_seed(4)
+    y = torch.tensor([2, 6], device=TEST_DEVICE)
+    for size in ((32, 32), (40, 56)):  # the backbone's input size, and a photo it resizes
+        levels = torch.randint(0, 256, (2, 3, *size), generator=g, dtype=torch.uint8).to(TEST_DEVICE)
+        expected = reverter.transform(levels_to_float(levels, 255), y, noise_seeds=[1, 2])
+        assert torch.equal(reverter.transform_levels(levels, 255, y, noise_seeds=[1, 2]), expected)
+        assert not torch.equal(expected, levels_to_float(levels, 255))

@@ -683,6 +683,13 @@ class Protector:
         GPU: labels from elsewhere go through :meth:`protect`."""
         return self.engine.perturb(x, y, noise_seeds=noise_seeds)
 
+    def transform_levels(self, levels: torch.Tensor, max_value: int, y: torch.Tensor,
+                         noise_seeds: Sequence[int] | None = None) -> torch.Tensor:  # fmt: skip
+        """:meth:`transform` of the images that integer ``levels`` [B, C, H, W] hold (``levels_to_float(levels,
+        max_value)``), the same bits: the file pipeline's step, whose caller holds no float copy of the images
+        meanwhile (a photo's floats are then the engine's alone: see :meth:`FastPreemption.perturb_levels`)."""
+        return self.engine.perturb_levels(levels, max_value, y, noise_seeds=noise_seeds)
+
     def transform_keyed(self, x: torch.Tensor, y: torch.Tensor, image_keys: torch.Tensor) -> torch.Tensor:
         """:meth:`transform` of images at the backbone's input size, their noise from ``image_keys`` (see
         :meth:`FastPreemption.perturb_keyed`): nothing waits for the device, so a CUDA graph captures it."""
@@ -941,7 +948,10 @@ class Protector:
         max_value = batch[0].picture.max_value
         if self.cuda_graphs and self.engine.at_input_size(reference):
             return self._compute_graphed(reference, y, max_value, seeds)
-        perturb = partial(self.transform, noise_seeds=seeds)
+
+        def perturb(levels: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return self.transform_levels(levels, max_value, y, noise_seeds=seeds)
+
         return _Launched(QueuedTransfer(list(self._device_work(reference, y, max_value, perturb))))
 
     def _compute_graphed(self, reference: torch.Tensor, y: torch.Tensor | None, max_value: int,
@@ -963,7 +973,9 @@ class Protector:
                     max_value: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """What a batch's CUDA graph captures: :meth:`_device_work`, with labels from the model when
         ``predicted`` (``y`` is then a placeholder) and :meth:`transform_keyed`."""
-        perturb = partial(self.transform_keyed, image_keys=image_keys)
+        def perturb(levels: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return self.transform_keyed(levels_to_float(levels, max_value), y, image_keys)
+
         return self._device_work(levels, None if predicted else y, max_value, perturb)
 
     def _device_work(self, levels: torch.Tensor, y: torch.Tensor | None, max_value: int,
@@ -971,13 +983,16 @@ class Protector:
                      ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """A batch's work on the device, from its levels [B, C, H, W] (uint8, or int32 for 16-bit) to per image
         the confidences before and after and the label ([3, B] float64: one transfer), and the levels to
-        save, NHWC; labels from the model when ``y`` is None; ``perturb(x, y)``: the protected images.
-        Nothing here waits for the device (on a GPU, nor does ``perturb_keyed``: a CUDA graph replays it)."""
+        save, NHWC; labels from the model when ``y`` is None; ``perturb(levels, y)``: the protected images of the
+        levels' floats. Nothing here waits for the device (on a GPU, nor does ``perturb_keyed``: a CUDA graph
+        replays it)."""
         x = levels_to_float(levels, max_value)
         y = self.predict(x).clone() if y is None else y  # clone: a normal tensor (autograd refuses inference ones)
         before = self.confidence(x, y)
-        protected = perturb(x, y)
-        del x  # not held while the rounding's buffers are made: a photo's x is 12 bytes a pixel
+        # not held while the images are protected (perturb makes them again: a photo's are then held only by
+        # the engine, until its first step) nor while the rounding's buffers are made: 12 bytes a pixel
+        del x
+        protected = perturb(levels, y)
         device_levels, saved = quantize_batch_on_device(protected, levels, self.config.eps, max_value)
         stats = _stats(before, self.confidence(saved, y), y)
         return stats, device_levels.permute(0, 2, 3, 1).contiguous()

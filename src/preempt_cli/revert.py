@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import torch
 
 from .engine import ForeBackConfig
+from .imageio import levels_to_float
 from .inputs import REVERTED_SUFFIX
 from .protect import Protector
 
@@ -39,6 +40,13 @@ class Reverter(Protector):
     def transform(self, x: torch.Tensor, y: torch.Tensor, noise_seeds: Sequence[int] | None = None) -> torch.Tensor:
         """``2 x - D(x)``, clipped to [0, 1] (it stays within eps of ``x``, as D(x) does)."""
         return _reflected(x, self.engine.perturb(x, y, noise_seeds=noise_seeds))
+
+    def transform_levels(self, levels: torch.Tensor, max_value: int, y: torch.Tensor,
+                         noise_seeds: Sequence[int] | None = None) -> torch.Tensor:  # fmt: skip
+        """:meth:`transform` of the images integer ``levels`` hold (see :meth:`Protector.transform_levels`): their
+        floats are made again for the reflection, not held while D(x) is computed."""
+        twice = self.engine.perturb_levels(levels, max_value, y, noise_seeds=noise_seeds)
+        return _reflected(levels_to_float(levels, max_value), twice)
 
     def transform_keyed(self, x: torch.Tensor, y: torch.Tensor, image_keys: torch.Tensor) -> torch.Tensor:
         """:meth:`transform` from the images' noise keys (what a CUDA graph of a batch captures)."""
