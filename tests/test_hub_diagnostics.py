@@ -4,6 +4,7 @@ mismatches in one short line, an input_size the architecture cannot take, the Hu
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -191,13 +192,15 @@ def _resolve_in_a_fresh_process(endpoint: str, source: str, tmp_path: Path, sha2
 
 
 @pytest.fixture
-def closed_port() -> int:
-    """A port of this machine that nothing listens on: a connection is refused at once (no network)."""
+def closed_port() -> Iterator[int]:
+    """A port of this machine that nothing listens on: a connection is refused at once (no network). Held
+    bound (not listening) for the test: a port let go at once could be taken by another socket meanwhile,
+    another worker's with ``pytest -n`` or ``silent_port``'s beside it, and then answer or stay silent."""
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        yield s.getsockname()[1]
 
 
 @pytest.fixture
