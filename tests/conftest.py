@@ -82,14 +82,6 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     return min(4, default_cpu_threads())
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_cmdline_main(config: pytest.Config) -> None:
-    """With ``-n``, the tests of one ``xdist_group`` run on one worker (``--dist loadgroup``, where the
-    command line names no other mode): test_protect_real's tests share the 932 images protected once."""
-    if getattr(config.option, "numprocesses", None) and config.option.dist == "no":
-        config.option.dist = "loadgroup"
-
-
 def pytest_configure(config: pytest.Config) -> None:
     if getattr(config.option, "tx", None) and not hasattr(config, "workerinput"):
         # Before the workers start (and import torch, which reads it): OpenMP threads that wait for one

@@ -26,7 +26,6 @@ PHOTOS = SHARED / "data" / "photos"
 
 pytestmark = [
     pytest.mark.shared,
-    pytest.mark.xdist_group("protect_real"),  # with -n, on one worker: its fixture protects the 932 images once
     pytest.mark.skipif(not (CIFAR.is_dir() and MODELS.is_dir()), reason=f"{SHARED} (shared models/data) not found"),
 ]
 
@@ -36,45 +35,36 @@ def _load(paths: list[Path]) -> torch.Tensor:
                        ).float().div(255)  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def protected_cifar(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def test_protecting_the_test_set_holds_the_budget_and_raises_the_victims_accuracy(tmp_path: Path) -> None:
+    """One test, not one per property: protecting the 932 images takes most of its time, and a fixture they
+    shared would be computed again by each worker of ``pytest -n`` that ran one of them."""
     torch.manual_seed(0)
     backbone = load_model("cifar10-resnet20-pgdat-a", models_dir=MODELS, device=TEST_DEVICE)
     classifier = load_model("cifar10-resnet18-std", models_dir=MODELS, device=TEST_DEVICE)
-    out = tmp_path_factory.mktemp("protected")
     items = sorted(collect_inputs([CIFAR]), key=lambda i: i.path.name)  # the first 932 test images, by index
     assert len(items) == 932
     protector = Protector(backbone, classifier, config=ForeBackConfig.from_preset("paper"), seed=0)
-    results = list(protector.run(items, RunOptions(out_dir=out)))
+    by_input = {r.input: r for r in protector.run(items, RunOptions(out_dir=tmp_path))}
+    results = [by_input[i.path] for i in items]
     assert [r.status for r in results].count("done") == 932, [r.reason for r in results if r.status != "done"][:3]
-    by_input = {r.input: r for r in results}
-    classes = backbone.config.classes
-    labels = torch.tensor([classes.index(i.path.parent.name) for i in items])
-    return {
-        "original": _load([i.path for i in items]),
-        "protected": _load([by_input[i.path].output for i in items]),
-        "labels": labels,
-        "results": [by_input[i.path] for i in items],
-    }
+    images = {"original": _load([i.path for i in items]), "protected": _load([r.output for r in results])}
 
-
-def test_protected_files_hold_the_budget(protected_cifar: dict) -> None:
-    diff = (protected_cifar["protected"] - protected_cifar["original"]).abs().mul(255).round()
+    # The budget: every pixel within 8 levels of its original, and a real perturbation, not a copy.
+    diff = (images["protected"] - images["original"]).abs().mul(255).round()
     assert diff.max().item() <= 8
-    assert diff.mean().item() > 1  # a real perturbation, not a copy
-    assert all(r.linf_levels <= 8 for r in protected_cifar["results"])
+    assert diff.mean().item() > 1
+    assert all(r.linf_levels <= 8 for r in results)
     # The backbone is more confident of the label after protection for almost every image.
-    gains = [r.confidence_after - r.confidence_before for r in protected_cifar["results"]]
+    gains = [r.confidence_after - r.confidence_before for r in results]
     assert np.mean([g > 0 for g in gains]) > 0.9
 
-
-def test_protection_raises_victim_clean_and_pgd_accuracy(protected_cifar: dict) -> None:
+    # What it buys an unseen victim, clean and under PGD-20.
     victim = load_model("cifar10-resnet20-pgdat-b", models_dir=MODELS, device=TEST_DEVICE)
-    y = protected_cifar["labels"]
+    y = torch.tensor([backbone.config.classes.index(i.path.parent.name) for i in items])
     accs = {}
     for name in ("original", "protected"):
         attack = PGD(victim, norm="Linf", eps=8 / 255, steps=20, step_size=2 / 255, quantize=True, seed=0)
-        accs[name] = robust_accuracy(victim, attack, protected_cifar[name], y, batch_size=200)[:2]
+        accs[name] = robust_accuracy(victim, attack, images[name], y, batch_size=200)[:2]
     clean_gain = 100 * (accs["protected"][0] - accs["original"][0])
     robust_gain = 100 * (accs["protected"][1] - accs["original"][1])
     print(f"victim pgdat-b: clean {accs['original'][0]:.4f} -> {accs['protected'][0]:.4f} ({clean_gain:+.2f}), "
