@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.27.0"
+__version__ = "0.28.0"
 
 #: public name -> the module that defines it
 _EXPORTS = {
