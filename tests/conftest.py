@@ -82,6 +82,14 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     return min(4, default_cpu_threads())
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """On an xdist worker (each collects all the tests, in one order), the ``slow`` tests first: xdist hands the
+    first tests out in turns, so the few that take minutes start at once, on different workers, instead of
+    last on one of them while the others wait."""
+    if hasattr(config, "workerinput"):
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: the rest keep their order
+
+
 def pytest_configure(config: pytest.Config) -> None:
     if getattr(config.option, "tx", None) and not hasattr(config, "workerinput"):
         # Before the workers start (and import torch, which reads it): OpenMP threads that wait for one

@@ -53,6 +53,7 @@ def invoke(args: list[str]):
 
 @needs_shared
 @pytest.mark.shared
+@pytest.mark.slow
 def test_eval_grid_protection_raises_pgd_accuracy_and_writes_reports(tmp_path: Path) -> None:
     out = tmp_path / "ev"
     args = ["eval", str(CIFAR), "--limit", "48", "--victim", "cifar10-resnet20-pgdat-b", *COMMON,
@@ -118,6 +119,7 @@ def test_eval_grid_protection_raises_pgd_accuracy_and_writes_reports(tmp_path: P
 
 @needs_shared
 @pytest.mark.shared
+@pytest.mark.slow
 def test_reversion_protocol_on_real_models(tmp_path: Path) -> None:
     # Without -c: flipped labels use no classifier, and the option is refused. Measured: with 30% of the labels flipped, protection still *raises* clean accuracy (averaged FGSM
     # is a weak targeted attack), so the protocol's precondition needs every label wrong.

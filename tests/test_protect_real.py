@@ -35,6 +35,7 @@ def _load(paths: list[Path]) -> torch.Tensor:
                        ).float().div(255)  # fmt: skip
 
 
+@pytest.mark.slow
 def test_protecting_the_test_set_holds_the_budget_and_raises_the_victims_accuracy(tmp_path: Path) -> None:
     """One test, not one per property: protecting the 932 images takes most of its time, and a fixture they
     shared would be computed again by each worker of ``pytest -n`` that ran one of them."""
