@@ -39,7 +39,7 @@ from .errors import ConfigError, InputConfigError, LabelError
 from .imageio import atomic_write, content_seed, display_name, levels_to_float, quantize_levels, read_image
 from .inputs import PROTECTED_SUFFIX, REVERTED_SUFFIX, InputFile, collect_inputs
 from .labels import read_label_file
-from .registry import close_classes, find_class
+from .registry import close_classes_hint, find_class
 from .models import ImageModel, weights_sha256, weights_sha256_of
 from .protect import Protector, read_preempt_metadata_file, regular_file_sha256
 from .revert import Reverter
@@ -196,9 +196,7 @@ def load_dataset(
             except ValueError as e:
                 raise LabelError(f"{item.path}: {e}") from None
             if found is None:  # a mistyped folder or label: the classes meant, as protect says them
-                close = close_classes(raw, classes or ())
-                hint = f". Did you mean {', '.join(repr(name) for name in close)}?" if close else ""
-                raise LabelError(f"{item.path}: unknown class {raw!r}{hint}")
+                raise LabelError(f"{item.path}: unknown class {raw!r}{close_classes_hint(raw, classes or ())}")
             label = found
         else:
             label = int(raw)

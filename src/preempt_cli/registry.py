@@ -139,6 +139,12 @@ def close_classes(label: str, names: Sequence[str], most: int = 3) -> list[str]:
     return list(dict.fromkeys(by_word[word] for word in close))[:most]
 
 
+def close_classes_hint(label: str, names: Sequence[str]) -> str:
+    """What an unknown class's message ends with: ". Did you mean 'cat'?" (:func:`close_classes`), or nothing."""
+    close = close_classes(label, names)
+    return f". Did you mean {', '.join(repr(name) for name in close)}?" if close else ""
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """One registry row: architecture, preprocessing, classes and weights source of a model."""
@@ -222,8 +228,7 @@ class ModelConfig:
             return index
         found = find_class(label, self.class_names, self.class_synsets)
         if found is None:  # a typo in a label file or folder name: the classes meant, as for a model's name
-            close = close_classes(label, self.class_names or ())
-            hint = f". Did you mean {', '.join(repr(name) for name in close)}?" if close else ""
+            hint = close_classes_hint(label, self.class_names or ())
             raise ValueError(f"unknown class {label!r} for model {self.name} ({self.dataset}){hint}")
         return found
 
